@@ -202,12 +202,16 @@ def record_counts(
     """Writes one ``REFUSALS_COUNTED`` record for each caller (and reason, per reason) whose
     counted refusals of this kind are due (:meth:`RefusalRecords.take_counts`), its count in
     ``claims.refusals_unrecorded`` and, per reason, the reason counted in
-    ``claims.counted_reason``. A record that cannot be written (the audit log is failing) is
+    ``claims.counted_reason``; the count of a bucket callers share (every role-less caller's:
+    :data:`~strongroom.runtime.callers.ROLELESS`) names it in ``claims.refusals_bucket`` and no
+    caller. A record that cannot be written (the audit log is failing) is
     logged, and its count kept for a later pass."""
     for caller, counted, count in records.take_counts(every=every):
         claims: dict[str, object] = {"refusals_unrecorded": count}
         if counted is not None:
             claims["counted_reason"] = counted
+        if not is_workload_id(caller):  # a bucket callers share (role-less ones): named
+            claims["refusals_bucket"] = caller
         try:
             audit.append(
                 AuditEvent(

@@ -56,7 +56,6 @@ from strongroom.keybroker.refusals import (
 from strongroom.keybroker.unwrap_first import UnwrapFirst
 from strongroom.oaep import OaepHash
 from strongroom.reasons import Reason
-from strongroom.runtime.callers import UNVERIFIED
 from strongroom.runtime.metrics import KEY_RELEASES
 
 log = logging.getLogger(__name__)
@@ -196,23 +195,27 @@ class ReleaseEngine:
         context["key_id"] = recordable_key_id(key_id)
         self._refused(exc, context)
 
-    def deny_unread(self, exc: StrongroomError, caller: Caller | None) -> None:
+    def deny_unread(self, exc: StrongroomError, caller: Caller | None, bucket: str) -> None:
         """Audits a release refused before its request was read: by the authoriser (an identity
         without the role), the per-identity cap, a busy data plane, or because it does not
         decode. The record has who asked, as far as the certificate says (None when it says
         nothing usable), and why; no request field.
 
-        These cost the caller nothing, so each caller has 64 of them recorded one by one and then
-        one a second (:mod:`strongroom.keybroker.refusals`); past that they are counted, and a
-        record once a minute, or the caller's next one recorded on its own, carries the count
-        (``claims.refusals_unrecorded``). Refusals of a request that was read have a budget per
+        These cost the caller nothing, so each ``bucket`` (the runtime's: the caller's SPIFFE ID,
+        or :data:`~strongroom.runtime.callers.ROLELESS` for every caller without a role or a
+        usable certificate together) has 64 of them recorded one by one and then one a second
+        (:mod:`strongroom.keybroker.refusals`); past that they are counted, and a record once a
+        minute, or the bucket's next one recorded on its own, carries the count
+        (``claims.refusals_unrecorded``; ``claims.refusals_bucket`` names a shared bucket, whose
+        count is of all its callers). Refusals of a request that was read have a budget per
         caller and reason (:meth:`release`)."""
         context: dict[str, Any] = {}
         if caller is not None:
             context["caller_spiffe_id"] = caller.spiffe_id
             context["caller_cert_serial"] = f"{caller.serial:x}"
-        who = caller.spiffe_id if caller is not None else UNVERIFIED
-        self._within_budget(self._unread_refusals, who, exc.reason, exc, context)
+        if caller is None or bucket != caller.spiffe_id:
+            context["claims"] = {"refusals_bucket": bucket}
+        self._within_budget(self._unread_refusals, bucket, exc.reason, exc, context)
 
     def _refused(self, exc: Exception, context: dict[str, Any]) -> None:
         """Audits a refusal of a request that was read: under the caller's budget for its
@@ -226,7 +229,7 @@ class ReleaseEngine:
         theirs = isinstance(refusal, StrongroomError) and callers_fault(refusal)
         if "decision_id" in context:
             if theirs:
-                self._unwrap_first.failed(who, context["caller_cert_serial"])
+                self._unwrap_first.failed(who, int(context["caller_cert_serial"], 16))
             self._audit_denial(exc, context)
         elif isinstance(refusal, AuditUnavailable):
             self._audit_denial(exc, context)
@@ -323,7 +326,8 @@ class ReleaseEngine:
         stored = self._policy_naming(caller, key_id, context)
         # 4. Evidence: signatures and chains to the pinned roots, as of now.
         verify_started = time.perf_counter()
-        with fetching_for(caller.spiffe_id):  # its VCEK fetches count against its budget
+        # Its VCEK fetches count against its certificate's budget and its SPIFFE ID's.
+        with fetching_for(caller.spiffe_id, caller.serial):
             claims: VerifiedClaims = verify_evidence(
                 request.evidence,
                 trust=self._trust,
@@ -344,7 +348,7 @@ class ReleaseEngine:
         pending = self._keys.begin_release(
             key_id, version, wrapped, target, timeout=self._hsm_timeout
         )
-        if self._unwrap_first.applies(caller.spiffe_id, context["caller_cert_serial"]):
+        if self._unwrap_first.applies(caller.spiffe_id, caller.serial):
             pending.result()  # a key that does not unwrap is refused before any record of it
         # Before the HSM's first connection its hashes are unknown: the record names the one used,
         # so it waits for the re-wrap then.

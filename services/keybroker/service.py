@@ -193,20 +193,23 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
             release_signing_key_id=outcome.signing_key_id,
         )
 
-    def release_refused_unread(self, exc: StrongroomError, context: grpc.ServicerContext) -> None:
+    def release_refused_unread(
+        self, exc: StrongroomError, context: grpc.ServicerContext, bucket: str
+    ) -> None:
         """Audits a ReleaseKey refused before this servicer ran (the runtime's refusal observer):
         an identity without the inference role, a caller with too many calls running at once
         (``server.max_unary_calls_per_identity``) or too many data-plane workers held, calls,
         streams and health waits together (``server.max_data_plane_workers_per_identity``),
         every data-plane worker busy (``DATA_PLANE_WORKERS_BUSY``), a request that does not
         decode. Every refusal of a release is audited, and these were only logged: an inference identity could send
-        any number of undecodable attempts the audit log never saw."""
+        any number of undecodable attempts the audit log never saw. ``bucket`` is whose budget
+        of such records it counts against, by the runtime's rule (every role-less caller in one)."""
         try:
             ident = caller_identity(context)
             caller: Caller | None = Caller(str(ident.spiffe_id), ident.serial, ident.public_key_der)
         except StrongroomError:  # no usable certificate: the record says so by naming no one
             caller = None
-        self._engine.deny_unread(exc, caller)
+        self._engine.deny_unread(exc, caller, bucket)
 
     def GenerateDataKey(
         self, request: pb.GenerateDataKeyRequest, context: grpc.ServicerContext

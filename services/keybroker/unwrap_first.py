@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 from strongroom.errors import REFUSAL_LINE
 from strongroom.keybroker.refusals import REASONS_PER_CALLER, REFUSAL_BURST, REFUSAL_RATE
+from strongroom.runtime.callers import certificate_bucket
 from strongroom.runtime.ratelimit import CallerBuckets
 
 _log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ _log = logging.getLogger(__name__)
 
 class UnwrapFirst:
     """Per caller certificate and SPIFFE ID, the failures after ``ALLOWED`` it may cause before
-    its releases unwrap first. A certificate is named by its SPIFFE ID and serial (hex)."""
+    its releases unwrap first. A certificate is named by its SPIFFE ID and serial."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._certificates = CallerBuckets(REFUSAL_RATE, REFUSAL_BURST, clock=clock)
@@ -48,24 +49,19 @@ class UnwrapFirst:
             REFUSAL_RATE * REASONS_PER_CALLER, REFUSAL_BURST * REASONS_PER_CALLER, clock=clock
         )
 
-    @staticmethod
-    def _certificate(spiffe_id: str, serial: str) -> str:
-        # A space is in neither a SPIFFE ID nor a hex serial: the pair cannot collide.
-        return f"{spiffe_id} {serial}"
-
-    def applies(self, spiffe_id: str, serial: str) -> bool:
+    def applies(self, spiffe_id: str, serial: int) -> bool:
         """Whether this caller's next release waits for its re-wrap before its ``ALLOWED``
         record."""
         return not (
-            self._certificates.available(self._certificate(spiffe_id, serial))
+            self._certificates.available(certificate_bucket(spiffe_id, serial))
             and self._identities.available(spiffe_id)
         )
 
-    def failed(self, spiffe_id: str, serial: str) -> None:
+    def failed(self, spiffe_id: str, serial: int) -> None:
         """Counts one release of this caller refused for its own fault after its ``ALLOWED``
         record; logs the switch when it puts the caller's releases on the slower path."""
         before = self.applies(spiffe_id, serial)
-        self._certificates.take(self._certificate(spiffe_id, serial))
+        self._certificates.take(certificate_bucket(spiffe_id, serial))
         self._identities.take(spiffe_id)
         if before or not self.applies(spiffe_id, serial):
             return
@@ -75,7 +71,7 @@ class UnwrapFirst:
             "wrapped data keys failed after ALLOWED; its answers are slower, not changed",
             extra={
                 "caller": spiffe_id,
-                "caller_cert_serial": serial,
+                "caller_cert_serial": f"{serial:x}",
                 # Every certificate of the SPIFFE ID (a whole fleet), or this one only.
                 "scope": "spiffe_id" if fleet else "certificate",
                 REFUSAL_LINE: True,

@@ -85,15 +85,13 @@ from strongroom.spiffe import SpiffeId
 
 log = logging.getLogger(__name__)
 
-UNVERIFIED = "unverified-certificate"
-"""Who asked, for a caller whose certificate yields no usable SPIFFE ID (the key broker's budget of
-unread refusals keys such callers on it). It cannot collide with a SPIFFE ID (no ``spiffe://``)."""
-
 ROLELESS = "roleless-callers"
 """The one bucket shared by every caller the authoriser grants no method that is not public: a
 certificate that yields no usable SPIFFE ID, and any SPIFFE ID no rule names (the CA signs for
 names the services give no role). Only public methods (health) admit them, so a holder of many
-such certificates cannot multiply its buckets. It cannot collide with a SPIFFE ID."""
+such certificates cannot multiply its buckets, in the limits or in the budgets of what their
+refusals write (the key broker's audit records, the refusal log lines). It cannot collide with a
+SPIFFE ID (no ``spiffe://``)."""
 
 TRUSTED_WAIT_SECONDS = 1.0
 """How long a wait for a request message admitted beyond its caller's data-plane bound may last
@@ -113,22 +111,40 @@ Grants = Callable[[SpiffeId], bool]
 (:meth:`~strongroom.pki.authz.SpiffeAuthorizer.grants_any`)."""
 
 
-def caller_key(context: grpc.ServicerContext, grants: Grants | None = None) -> str:
-    """The caller of this RPC for per-identity accounting: its verified SPIFFE ID.
+def bucket(spiffe_id: SpiffeId | None, grants: Grants | None = None) -> str:
+    """The bucket a caller counts in, the one rule of every per-caller budget and limit: its
+    verified SPIFFE ID, or :data:`ROLELESS` when its certificate yields none usable (no URI SAN
+    or several, one that does not parse, expired or not yet valid, a CA's) or when ``grants`` says
+    the authoriser grants it no method that is not public. Without ``grants`` every SPIFFE ID
+    counts on its own: only for a budget that no role-less caller reaches (the authoriser refused
+    it first). Many role-less identities (the CA signs for names no rule gives a role) thus buy
+    one bucket, not one each."""
+    if spiffe_id is None or (grants is not None and not grants(spiffe_id)):
+        return ROLELESS
+    return str(spiffe_id)
 
-    A caller without a usable identity counts in :data:`ROLELESS`, and so does one whose SPIFFE ID
-    ``grants`` says has no role (without ``grants``, every SPIFFE ID counts on its own); a peer
-    without any client certificate (a plaintext host, which only tests run) counts by its address.
-    """
+
+def certificate_bucket(spiffe_id: str, serial: int) -> str:
+    """The bucket of one certificate of a caller with a role, for a budget per certificate beneath
+    its SPIFFE ID's (:func:`bucket`): a fleet's replicas share one SPIFFE ID, each has its own
+    certificate, so one bad replica spends its own budget, not the fleet's. A holder of its
+    service's provisioner (or a replica renewing onto a new key) gets a new certificate, and a new
+    budget, at will: such a budget is always bounded by its SPIFFE ID's as well."""
+    # A space is in neither a SPIFFE ID nor a hex serial: no two certificates share a bucket.
+    return f"{spiffe_id} {serial:x}"
+
+
+def caller_key(context: grpc.ServicerContext, grants: Grants | None = None) -> str:
+    """The caller of this RPC for per-identity accounting: its :func:`bucket`, from the SPIFFE ID
+    the authoriser verified; a peer without any client certificate (a plaintext host, which only
+    tests run) counts by its address."""
     try:
-        spiffe_id = verified_caller(context).spiffe_id
+        spiffe_id: SpiffeId | None = verified_caller(context).spiffe_id
     except PeerUnauthenticated as exc:
         if exc.reason == Reason.NO_PEER_CERT:
             return f"peer:{context.peer()}"
-        return ROLELESS
-    if grants is not None and not grants(spiffe_id):
-        return ROLELESS
-    return str(spiffe_id)
+        spiffe_id = None
+    return bucket(spiffe_id, grants)
 
 
 def identify_by_role(grants: Grants) -> Identify:

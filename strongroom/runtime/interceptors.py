@@ -59,6 +59,7 @@ from strongroom.errors import (
 )
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.reasons import Reason
+from strongroom.runtime.callers import Identify, caller_key
 from strongroom.runtime.grpc_types import (
     HandlerInterceptor,
     RpcMethodHandler,
@@ -71,10 +72,12 @@ from strongroom.runtime.log_refusals import enter_rpc, leave_rpc
 
 log = logging.getLogger(__name__)
 
-RefusalObserver = Callable[[StrongroomError, grpc.ServicerContext], None]
+RefusalObserver = Callable[[StrongroomError, grpc.ServicerContext, str], None]
 """Told of a refusal of an RPC raised before the service's behaviour ran, with the call's context
-(its peer certificate): the request was not read, or not decoded. Called before the caller is
-answered; what it raises is logged, and the caller's answer stays the refusal."""
+(its peer certificate) and the bucket its caller counts in by the host's rule, the one its limits
+use (:func:`~strongroom.runtime.callers.bucket`: every role-less caller in one): the request was
+not read, or not decoded. Called before the caller is answered; what it raises is logged, and the
+caller's answer stays the refusal."""
 
 
 class _Call:
@@ -215,32 +218,47 @@ class ErrorMappingInterceptor(HandlerInterceptor):
 
     ``observers`` maps full method names (``/pkg.Service/Method``) to a :data:`RefusalObserver`,
     told of the refusals raised before the method's behaviour ran (for methods whose response is
-    one message; the request decoding must be in the chain, innermost, to tell when it ran).
+    one message; the request decoding must be in the chain, innermost, to tell when it ran), and
+    of the caller's bucket by ``identify`` (the host's: its limits' rule).
     """
 
-    def __init__(self, observers: Mapping[str, RefusalObserver] | None = None) -> None:
+    def __init__(
+        self,
+        observers: Mapping[str, RefusalObserver] | None = None,
+        identify: Identify = caller_key,
+    ) -> None:
         self._observers = dict(observers or {})
+        self._identify = identify
 
     def wrap_handler(
         self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> RpcMethodHandler:
         """``handler`` with its exceptions mapped to statuses."""
-        return _wrap_handler(handler, details.method, self._observers.get(details.method))
+        return _wrap_handler(
+            handler, details.method, self._observers.get(details.method), self._identify
+        )
 
 
 def _observe(
-    observer: RefusalObserver, failure: Exception, context: grpc.ServicerContext, method: str
+    observer: RefusalObserver,
+    failure: Exception,
+    context: grpc.ServicerContext,
+    method: str,
+    identify: Identify,
 ) -> None:
     if not isinstance(failure, StrongroomError):
         return  # a bug, not a refusal: INTERNAL, logged with its reference
     try:
-        observer(failure, context)
+        observer(failure, context, identify(context))
     except Exception:  # the refusal stands whatever the observer does
         log.exception("the refusal observer of %s failed", method)
 
 
 def _wrap_handler(
-    handler: RpcMethodHandler, method: str, observer: RefusalObserver | None = None
+    handler: RpcMethodHandler,
+    method: str,
+    observer: RefusalObserver | None = None,
+    identify: Identify = caller_key,
 ) -> RpcMethodHandler:
     # Undecodable messages of a request stream become a marker here (where gRPC deserialises
     # them) and are refused by RequestDecodingInterceptor, innermost: authorisation and stream
@@ -251,10 +269,11 @@ def _wrap_handler(
     # leaves it) gets neither the error's message nor its stack, only the status the caller got.
     #
     # Each call's refusal lines (the authoriser's, the limits', its own and the one here) are
-    # about its caller: enter_rpc says which call runs, for their budget (runtime.logs).
+    # about its caller: enter_rpc says which call runs, and names its caller by the host's rule
+    # (every role-less caller as one, as the limits count them), for their budget (runtime.logs).
     def unary_result(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
-            rpc = enter_rpc(context)
+            rpc = enter_rpc(context, identify)
             try:
                 try:
                     return fn(request, context)
@@ -270,7 +289,7 @@ def _wrap_handler(
         fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
     ) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            rpc = enter_rpc(context)
+            rpc = enter_rpc(context, identify)
             try:
                 try:
                     yield from fn(request, context)
@@ -287,21 +306,21 @@ def _wrap_handler(
 
     return rewrap_handler(
         handler,
-        unary_result if observer is None else _observed(observer, method),
+        unary_result if observer is None else _observed(observer, method, identify),
         stream_result,
         request_deserializer=_safe_deserializer(handler.request_deserializer),
     )
 
 
 def _observed(
-    observer: RefusalObserver, method: str
+    observer: RefusalObserver, method: str, identify: Identify
 ) -> Callable[[Callable[[Any, grpc.ServicerContext], Any]], Callable[..., Any]]:
     """The error mapping of a method with one response whose early refusals ``observer`` hears."""
 
     def wrap(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             observed = _Call()
-            rpc = enter_rpc(context)
+            rpc = enter_rpc(context, identify)
             token = _OBSERVED.set(observed)
             try:
                 try:
@@ -311,7 +330,7 @@ def _observed(
                 finally:
                     _OBSERVED.reset(token)
                 if not observed.reached:
-                    _observe(observer, failure, context, method)
+                    _observe(observer, failure, context, method, identify)
                 _handle(failure, context, method)
             finally:
                 leave_rpc(rpc)

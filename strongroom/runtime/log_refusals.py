@@ -6,7 +6,8 @@ a watchdog's cancelling of a call its caller stalled, which names that call with
 :data:`~strongroom.errors.REFUSAL_CALL` since it runs on a thread of its own) are written within a
 budget (:class:`RefusalLines`): any certificate of the CA, a role-less one included, chose how
 many of them the service wrote, two or three per refused call. The budget is
-per refused *call*, so that a call's lines are written all or none: each caller and reason has
+per refused *call*, so that a call's lines are written all or none: each caller (as its host's
+limits count it: every role-less identity together is one) and reason has
 :data:`REFUSED_CALLS_BURST` calls logged at once, then :data:`REFUSED_CALLS_PER_CALLER` a second,
 each caller :data:`REASONS_PER_CALLER` reasons' worth of them over all its reasons, and all
 callers together :data:`REFUSED_CALLS_PER_SECOND` a second (many identities buy no more lines).
@@ -34,7 +35,7 @@ from typing import Any
 import grpc
 
 from strongroom.errors import REFUSAL_CALL, REFUSAL_LINE
-from strongroom.runtime.callers import caller_key
+from strongroom.runtime.callers import Identify, caller_key
 from strongroom.runtime.ratelimit import CallerBuckets
 
 LOGGER = "strongroom.runtime.logs"
@@ -75,11 +76,33 @@ class _RpcLog:
 
 _RPC: ContextVar[_RpcLog | None] = ContextVar("strongroom_rpc_log", default=None)
 
+# How each running call's caller is named, by its host's rule (enter_rpc): for its own lines and
+# for a watchdog's lines about it, logged on a thread of their own. Gone with the call.
+_IDENTIFY: weakref.WeakKeyDictionary[Any, Identify] = weakref.WeakKeyDictionary()
+_IDENTIFY_LOCK = threading.Lock()
 
-def enter_rpc(context: grpc.ServicerContext) -> Token[_RpcLog | None]:
+
+def enter_rpc(
+    context: grpc.ServicerContext, identify: Identify = caller_key
+) -> Token[_RpcLog | None]:
     """Marks the RPC of ``context`` as the one this thread's refusal lines are about (the error
-    mapping does, around each call); :func:`leave_rpc` with the token when it ends."""
+    mapping does, around each call), its caller named by ``identify`` (its host's rule, that of
+    its limits: :func:`~strongroom.runtime.callers.bucket`, every role-less caller as one);
+    :func:`leave_rpc` with the token when it ends."""
+    if identify is not caller_key:
+        with _IDENTIFY_LOCK, contextlib.suppress(TypeError):  # TypeError: no weak reference
+            _IDENTIFY[context] = identify
     return _RPC.set(_RpcLog(context))
+
+
+def _caller_of(call: Any) -> str:
+    """The budget a line about ``call`` counts in: its caller by its host's rule."""
+    with _IDENTIFY_LOCK:
+        try:
+            identify = _IDENTIFY.get(call, caller_key)
+        except TypeError:  # a call that cannot be weakly referenced was never remembered
+            identify = caller_key
+    return identify(call)
 
 
 def leave_rpc(token: Token[_RpcLog | None]) -> None:
@@ -89,8 +112,9 @@ def leave_rpc(token: Token[_RpcLog | None]) -> None:
 
 class RefusalLines(logging.Filter):
     """Lets through every line but refusal lines (:data:`~strongroom.errors.REFUSAL_LINE`), which
-    are written within the budget the module describes, keyed on the RPC's caller (its verified
-    SPIFFE ID: :func:`~strongroom.runtime.callers.caller_key`) and the line's ``reason``; the rest
+    are written within the budget the module describes, keyed on the RPC's caller (the bucket its
+    host's limits count it in: its verified SPIFFE ID, every role-less caller as one,
+    :func:`~strongroom.runtime.callers.bucket`) and the line's ``reason``; the rest
     are counted and said in one WARNING per :data:`SUMMARY_SECONDS`. ``clock`` paces the budget."""
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -145,7 +169,7 @@ class RefusalLines(logging.Filter):
         caller = "-"
         if call is not None:
             try:
-                caller = caller_key(call)
+                caller = _caller_of(call)
             except Exception:  # a line is written or counted, never an error at its call site
                 caller = "(unidentified)"
         reason = str(getattr(record, "reason", "") or "")

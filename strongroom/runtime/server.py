@@ -170,7 +170,8 @@ class ServiceHost:
             per_identity=config.data_plane_workers_per_identity,
         )
         # Callers the authoriser grants no role count as one (they may call health only): N
-        # certificates of the CA with no role buy no N buckets.
+        # certificates of the CA with no role buy no N buckets. One rule for every limit here and
+        # for the refusal observers (the broker's audit budget of releases refused unread).
         authorizers = [i for i in interceptors if isinstance(i, SpiffeAuthorizer)]
         identify = (
             identify_by_role(lambda spiffe_id: any(a.grants_any(spiffe_id) for a in authorizers))
@@ -225,7 +226,7 @@ class ServiceHost:
                     [
                         MetricsInterceptor(),
                         *([tracing] if tracing is not None else []),
-                        ErrorMappingInterceptor(refusal_observers),
+                        ErrorMappingInterceptor(refusal_observers, identify),
                         *interceptors,
                         self.streams,
                         self.unary,

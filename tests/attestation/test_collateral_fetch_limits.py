@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -130,27 +130,25 @@ def test_a_report_that_does_not_name_its_product_is_refused_without_a_fetch(  # 
     assert server.requests == []
 
 
-def test_a_callers_vcek_fetches_are_budgeted_in_rate_not_only_in_number_at_once(  # type: ignore[no-untyped-def]
-    authority, sim_trust, server, tmp_path, monkeypatch
-) -> None:
-    """Fetches at once were bounded (COLLATERAL_FETCH_BUSY) and each failure remembered for a
-    minute, but a caller naming a new made-up chip in every report had KDS asked at its own pace.
-    Each caller now has a budget of fetches (burst, then a rate), refused past it with no request;
-    another caller, and fetches outside any caller's verification, are not held back."""
-    monkeypatch.setattr(fetch_budget, "VCEK_FETCH_BURST", 3)
-    now = [0.0]
+def _budgeted(server, tmp_path, sim_trust, now: list[float]) -> CollateralService:  # type: ignore[no-untyped-def]
+    """A collateral service asking ``fetch_budget``'s gate, paced by ``now``."""
     settings = FetchSettings(kds_url=server.url, pcs_url=server.url, retries=0)
-    service = CollateralService(
+    return CollateralService(
         CollateralCache(tmp_path, sim_trust),
         settings,
         vcek_fetch_gate=fetch_budget.VcekFetchBudget(lambda: now[0]),
     )
-    snp = authority.snp()
-    chips = iter(bytes([i + 1]) * 64 for i in range(100))
 
-    def ask(caller: str | None) -> str:
+
+def _asker(authority, service: CollateralService) -> Callable[[tuple[str, int] | None], str]:  # type: ignore[no-untyped-def]
+    """Asks for the VCEK of a report naming a new made-up chip, as the caller's certificate
+    (SPIFFE ID, serial) or outside any caller's verification (None): what it got."""
+    snp = authority.snp()
+    chips = iter(bytes([i % 250 + 1, i // 250]) * 32 for i in range(10_000))
+
+    def ask(caller: tuple[str, int] | None) -> str:
         report = parse_snp_report(snp.report(RD, measurement=MEAS, chip_id=next(chips)))
-        with fetch_budget.fetching_for(caller) if caller else contextlib.nullcontext():
+        with fetch_budget.fetching_for(*caller) if caller else contextlib.nullcontext():
             try:
                 service.snp_key_certificate(report)
             except StrongroomError as exc:
@@ -158,18 +156,82 @@ def test_a_callers_vcek_fetches_are_budgeted_in_rate_not_only_in_number_at_once(
                 return exc.reason
         return "vcek"
 
-    assert [ask("spiffe://t/a") for _ in range(5)] == ["VCEK_NOT_FOUND"] * 3 + [
+    return ask
+
+
+def test_a_callers_vcek_fetches_are_budgeted_in_rate_not_only_in_number_at_once(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path, monkeypatch
+) -> None:
+    """Fetches at once were bounded (COLLATERAL_FETCH_BUSY) and each failure remembered for a
+    minute, but a caller naming a new made-up chip in every report had KDS asked at its own pace.
+    Each caller (its SPIFFE ID, all its certificates together) now has a budget of fetches
+    (burst, then a rate), refused past it with no request; another caller, and fetches outside
+    any caller's verification, are not held back."""
+    monkeypatch.setattr(fetch_budget, "VCEK_FETCH_BURST", 3)
+    now = [0.0]
+    ask = _asker(authority, _budgeted(server, tmp_path, sim_trust, now))
+    fleet = iter(("spiffe://t/a", serial) for serial in range(1, 100))  # a certificate each
+    assert [ask(next(fleet)) for _ in range(5)] == ["VCEK_NOT_FOUND"] * 3 + [
         "COLLATERAL_FETCH_RATE_LIMITED"
     ] * 2
     assert len(server.requests) == 3  # the refused ones asked KDS nothing
-    assert ask("spiffe://t/b") == "VCEK_NOT_FOUND"  # another caller has its own budget
+    assert ask(("spiffe://t/b", 1)) == "VCEK_NOT_FOUND"  # another caller has its own budget
     assert ask(None) == "VCEK_NOT_FOUND"  # not a caller's verification: not budgeted
     now[0] += 1.0 / fetch_budget.VCEK_FETCH_RATE  # one more a second
-    assert [ask("spiffe://t/a") for _ in range(2)] == [
+    assert [ask(next(fleet)) for _ in range(2)] == [
         "VCEK_NOT_FOUND",
         "COLLATERAL_FETCH_RATE_LIMITED",
     ]
     assert len(server.requests) == 6
+
+
+def test_one_replica_cannot_spend_its_fleets_vcek_fetch_budget(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path
+) -> None:
+    """The budget was per SPIFFE ID, which a fleet's replicas share: one replica naming a
+    made-up chip in every report spent the fleet's 64 at once and then its one a second, and a
+    genuine replica on a new chip (or after a TCB update) had its VCEK fetch refused
+    COLLATERAL_FETCH_RATE_LIMITED for as long as that went on. Each certificate has 4 at once,
+    then one a minute, beneath its SPIFFE ID's 64 and one a second: the bad replica is refused
+    past its own, and the rest of the fleet still fetches (the documented numbers, unpatched)."""
+    now = [0.0]
+    ask = _asker(authority, _budgeted(server, tmp_path, sim_trust, now))
+    bad, other = ("spiffe://t/fleet", 0x2A), ("spiffe://t/fleet", 0x2B)
+    burst = fetch_budget.VCEK_FETCH_CERTIFICATE_BURST
+    flood = [ask(bad) for _ in range(fetch_budget.VCEK_FETCH_BURST + 8)]
+    assert flood == ["VCEK_NOT_FOUND"] * burst + ["COLLATERAL_FETCH_RATE_LIMITED"] * (
+        len(flood) - burst
+    )
+    assert len(server.requests) == burst
+    assert ask(other) == "VCEK_NOT_FOUND"  # before: COLLATERAL_FETCH_RATE_LIMITED
+    # A second later the bad replica still has nothing (one a minute), the fleet its one more.
+    now[0] += 1.0
+    assert ask(bad) == "COLLATERAL_FETCH_RATE_LIMITED"
+    now[0] += 1.0 / fetch_budget.VCEK_FETCH_CERTIFICATE_RATE
+    assert ask(bad) == "VCEK_NOT_FOUND"
+    assert ask(bad) == "COLLATERAL_FETCH_RATE_LIMITED"
+
+
+def test_a_replica_minting_certificates_is_bounded_by_its_spiffe_ids_budget(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path
+) -> None:
+    """A replica holding its service's provisioner (or renewing onto new keys) gets a budget
+    per certificate it mints: the SPIFFE ID's budget bounds them all, 64 at once as before; a
+    certificate refused there keeps its own budget whole (nothing was fetched)."""
+    now = [0.0]
+    ask = _asker(authority, _budgeted(server, tmp_path, sim_trust, now))
+    burst = fetch_budget.VCEK_FETCH_CERTIFICATE_BURST
+    minted = [
+        ("spiffe://t/fleet", 0x100 + i) for i in range(fetch_budget.VCEK_FETCH_BURST // burst)
+    ]
+    assert {ask(certificate) for certificate in minted for _ in range(burst)} == {"VCEK_NOT_FOUND"}
+    newest = ("spiffe://t/fleet", 0x200)
+    assert ask(newest) == "COLLATERAL_FETCH_RATE_LIMITED"
+    assert len(server.requests) == fetch_budget.VCEK_FETCH_BURST
+    now[0] += burst / fetch_budget.VCEK_FETCH_RATE  # the fleet's budget refills; not the minted
+    assert [ask(newest) for _ in range(burst + 1)] == ["VCEK_NOT_FOUND"] * burst + [
+        "COLLATERAL_FETCH_RATE_LIMITED"
+    ]
 
 
 def test_a_fetch_refused_busy_spends_none_of_the_callers_budget(  # type: ignore[no-untyped-def]
@@ -187,11 +249,11 @@ def test_a_fetch_refused_busy_spends_none_of_the_callers_budget(  # type: ignore
         vcek_fetch_gate=fetch_budget.VcekFetchBudget(lambda: 0.0),  # no refill meanwhile
     )
     snp = authority.snp()
-    fleet = "spiffe://t/fleet"
+    fleet = ("spiffe://t/fleet", 0x2A)
 
     def ask(chip: bytes) -> str:
         report = parse_snp_report(snp.report(RD, measurement=MEAS, chip_id=chip))
-        with fetch_budget.fetching_for(fleet):
+        with fetch_budget.fetching_for(*fleet):
             try:
                 service.snp_key_certificate(report)
             except StrongroomError as exc:

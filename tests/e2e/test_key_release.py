@@ -37,7 +37,9 @@ from strongroom.dev.devstack import DevStack
 from strongroom.dev.simulated import SimulatedAuthority, SimulatedSnp
 from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.challenge import ChallengeIssuer
+from strongroom.keybroker.refusals import REFUSAL_BURST
 from strongroom.pki import WorkloadIdentity
+from strongroom.runtime.callers import ROLELESS
 from strongroom.runtime.config import LoggingConfig
 from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
 from strongroom.runtime.logs import configure_logging
@@ -1101,6 +1103,52 @@ def test_refusals_counted_past_a_budget_are_recorded_when_the_broker_stops(
     assert refused[-1]["claims"] == {"refusals_unrecorded": 5}
 
 
+def test_callers_without_a_role_share_one_budget_of_audited_refusals(
+    step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path
+) -> None:
+    """The broker's budget of releases refused unread was per SPIFFE ID, while the runtime's
+    limits count every caller without a role as one: each identity no rule names (a holder of
+    a provisioner mints as many as it likes) had 64 records at once and one a second of its
+    own. They share one budget now, the runtime's bucket, told to the broker with the refusal;
+    a caller with another role (the publisher) keeps its own, and the log accounts for every
+    refusal, the shared count naming the bucket (claims.refusals_bucket) and no caller."""
+    root = stack_root(tmp_path_factory, "roleless-audit", simulated_tee_dir)
+    strangers, each = 3, 40  # 120 together, past the one budget; each within a budget of its own
+    with DevStack(root, step_ca_binary=step_ca_binary) as dev:
+        # Its budgets do not refill while the test runs.
+        broker = dev.start_in_process("keybroker", build_args={"monotonic": lambda: 1000.0})
+        callers = [dev.foreign_identity(dev.spiffe_id(f"nobody-{i}")) for i in range(strangers)]
+        for identity in [*callers, dev.identity("publisher")]:
+            release = dev.channel(identity, "keybroker").unary_unary(
+                RELEASE_KEY,
+                request_serializer=None,
+                response_deserializer=pb.ReleaseKeyResponse.FromString,
+            )
+            for _ in range(each):
+                with pytest.raises(grpc.RpcError) as info:
+                    release(b"", timeout=30)
+                assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+        broker.handle.close()
+        audit_path = dev.root / "state" / "keybroker" / "audit.log"
+        records = [json.loads(line) for line in audit_path.read_text().splitlines()]
+        publisher = dev.spiffe_id("publisher")
+    refused = [r for r in records if r["reason"] in ("PEER_NOT_ALLOWED", "REFUSALS_COUNTED")]
+    own = [r for r in refused if r["caller"]["spiffe_id"] == publisher]
+    assert [(r["reason"], r["claims"]) for r in own] == [("PEER_NOT_ALLOWED", {})] * each
+    shared = [r for r in refused if r["caller"]["spiffe_id"] != publisher]
+    assert {r["claims"]["refusals_bucket"] for r in shared} == {ROLELESS}
+    one_by_one = [r for r in shared if r["reason"] == "PEER_NOT_ALLOWED"]
+    # Before: all 120, each identity's 40 within its own 64.
+    assert len(one_by_one) == REFUSAL_BURST + 1  # the budget, then the first past it
+    # In turn: the second identity had what the first left, the third nothing of its own.
+    assert [r["caller"]["spiffe_id"] for r in one_by_one] == [dev.spiffe_id("nobody-0")] * each + [
+        dev.spiffe_id("nobody-1")
+    ] * (REFUSAL_BURST + 1 - each)
+    counted = sum(r["claims"].get("refusals_unrecorded", 0) for r in shared)
+    assert len(one_by_one) + counted == strangers * each
+    assert (shared[-1]["reason"], shared[-1]["caller"]["spiffe_id"]) == ("REFUSALS_COUNTED", None)
+
+
 def test_a_flood_of_refused_releases_logs_a_bounded_number_of_lines_and_audits_every_one(
     step_ca_binary: Path,
     tmp_path_factory: pytest.TempPathFactory,
@@ -1145,10 +1193,17 @@ def test_a_flood_of_refused_releases_logs_a_bounded_number_of_lines_and_audits_e
         for caller, _reason, calls in summary["by_caller_and_reason"]:
             counted[caller] = counted.get(caller, 0) + calls
     for spiffe_id in callers:
+        # The role-less caller's lines and counts are its bucket's, which names no caller.
+        roleless = spiffe_id == dev.spiffe_id("nobody")
         denied = [r for r in lines if r["msg"].startswith("denied RPC") and spiffe_id in r["msg"]]
         assert len(denied) == REFUSED_CALLS_BURST
-        assert counted[spiffe_id] == flood - REFUSED_CALLS_BURST
-        audited = [r for r in records if r["caller"]["spiffe_id"] == spiffe_id]
+        assert counted[ROLELESS if roleless else spiffe_id] == flood - REFUSED_CALLS_BURST
+        audited = [
+            r
+            for r in records
+            if r["caller"]["spiffe_id"] == spiffe_id
+            or (roleless and r["claims"].get("refusals_bucket") == ROLELESS)
+        ]
         one_by_one = [r for r in audited if r["reason"] == "PEER_NOT_ALLOWED"]
         by_count = sum(r["claims"].get("refusals_unrecorded", 0) for r in audited)
         assert len(one_by_one) + by_count == flood

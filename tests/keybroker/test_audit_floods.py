@@ -28,7 +28,7 @@ from strongroom.attestation.collateral_fetch import CollateralService, FetchSett
 from strongroom.attestation.release_signature import ReleaseSigner
 from strongroom.dev.simulated import SimulatedAuthority, SimulatedSnp
 from strongroom.errors import InvalidArgument, PermissionDenied, StrongroomError, Unavailable
-from strongroom.keybroker import refusals
+from strongroom.keybroker import fetch_budget, refusals
 from strongroom.keybroker.audit import AuditLog
 from strongroom.keybroker.challenge import ChallengeIssuer
 from strongroom.keybroker.errors import AuditUnavailable
@@ -328,6 +328,61 @@ def test_a_replica_minting_certificates_still_has_its_fleet_unwrap_first(broker:
         broker.data_key.dek
     )
     assert broker.records()[-1]["decision_id"] == outcome.decision_id
+
+
+@pytest.fixture
+def broker_kds(
+    km: KeyManager, sim_authority: SimulatedAuthority, tee_key: rsa.RSAPrivateKey, tmp_path: Path
+) -> Iterator[tuple[Broker, FakeCollateralServer]]:
+    """A broker with its own collateral service, its VCEK fetches budgeted as the broker's are
+    (``VcekFetchBudget``, its clock standing still): the CRLs cached, a loopback AMD KDS that
+    answers 404 for any chip a test has not given it."""
+    server = FakeCollateralServer()
+    cache = CollateralCache(tmp_path / "collateral", sim_authority.trust_store())
+    sim_authority.fill_cache(cache)
+    service = CollateralService(
+        cache,
+        FetchSettings(kds_url=server.url, pcs_url=server.url, retries=0),
+        vcek_fetch_gate=fetch_budget.VcekFetchBudget(lambda: 1000.0),
+    )
+    try:
+        with _broker(km, sim_authority, tee_key, tmp_path, service) as b:
+            yield b, server
+    finally:
+        server.close()
+
+
+def test_one_replica_naming_made_up_chips_cannot_hold_back_its_fleets_vcek_fetches(
+    broker_kds: tuple[Broker, FakeCollateralServer], sim_authority: SimulatedAuthority
+) -> None:
+    """The broker's VCEK fetch budget was keyed on the caller's SPIFFE ID, which a fleet's
+    replicas share: a replica sending reports of made-up chips spent the fleet's 64 fetches,
+    and a genuine replica started on a new machine was refused COLLATERAL_FETCH_RATE_LIMITED.
+    The release engine counts fetches per certificate first: the bad replica is refused past
+    its own 4 with nothing asked of KDS, and the new machine's VCEK is fetched and its key
+    released."""
+    b, kds = broker_kds
+    bad = _replica(b, 0x2A)
+    flood = fetch_budget.VCEK_FETCH_BURST + 4
+
+    def made_up_chip() -> str:
+        forged = dataclasses.replace(bad, platform=sim_authority.snp())  # a chip of its own
+        return forged.refuse(forged.request(certificates=())).reason
+
+    reasons = [made_up_chip() for _ in range(flood)]
+    own = fetch_budget.VCEK_FETCH_CERTIFICATE_BURST
+    assert reasons == ["VCEK_NOT_FOUND"] * own + ["COLLATERAL_FETCH_RATE_LIMITED"] * (flood - own)
+    assert len(kds.requests) == own
+    # A genuine replica on a machine new to the broker: its chip's VCEK is fetched.
+    fresh = dataclasses.replace(_replica(b, 0x2B), platform=sim_authority.snp())
+    kds.vcek("Milan", fresh.platform.chip_id, fresh.platform.tcb.components(),
+             fresh.platform.certificate_der)  # fmt: skip
+    outcome = fresh.engine.release(fresh.request(certificates=()), fresh.caller)
+    assert bound(fresh.ephemeral.decrypt(outcome.wrapped_data_key, OAEP_SHA1)) == b.data_key.dek
+    assert len(kds.requests) == own + 1
+    # Every refusal is in the log, by count past the budget.
+    b.engine.record_counted_refusals(every=True)
+    assert _accounted(b.records(), "COLLATERAL_FETCH_RATE_LIMITED") == flood - own
 
 
 def test_broker_failures_whose_records_the_log_refuses_are_still_accounted_for(

@@ -45,6 +45,7 @@ from strongroom.keybroker.refusals import callers_fault
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
 from strongroom.oaep import OaepHash
 from strongroom.pki.errors import PeerNotAllowed
+from strongroom.runtime.callers import ROLELESS
 from strongroom.runtime.secrets import Secret
 from tests.attestation.collateral_server import FakeCollateralServer
 from tests.keybroker.helpers import ec_spki_on_an_unsupported_curve, replace_keeping_mtime
@@ -517,8 +518,10 @@ def test_a_release_refused_before_it_was_read_is_audited_with_who_asked(
     the engine without a request: the record has the certificate's identity, when there is a
     usable one, and the reason; no request field."""
     engine, log = _real_audit_engine(authority, tmp_path)
-    engine.deny_unread(InvalidArgument("not protobuf", reason="MALFORMED_REQUEST"), CALLER)
-    engine.deny_unread(PermissionDenied("expired", reason="PEER_CERT_EXPIRED"), None)
+    engine.deny_unread(
+        InvalidArgument("not protobuf", reason="MALFORMED_REQUEST"), CALLER, CALLER.spiffe_id
+    )
+    engine.deny_unread(PermissionDenied("expired", reason="PEER_CERT_EXPIRED"), None, ROLELESS)
     first, second = [json.loads(line) for line in log.read_text().splitlines()]
     assert (first["decision"], first["reason"]) == ("denied", "MALFORMED_REQUEST")
     assert first["caller"]["spiffe_id"] == CALLER.spiffe_id
@@ -537,10 +540,10 @@ def test_refusals_counted_past_the_budget_reach_the_log_when_the_caller_slows_do
     engine, log = _real_audit_engine(authority, tmp_path, monotonic=lambda: now[0])
     stranger = Caller("spiffe://strongroom.test/stranger", 7, b"der")
     for _ in range(64 + 1 + 5):  # the burst, a counting record, 5 counted
-        engine.deny_unread(PeerNotAllowed("no inference role"), stranger)
+        engine.deny_unread(PeerNotAllowed("no inference role"), stranger, stranger.spiffe_id)
     now[0] += 10.0  # within the rate again: recorded one by one, before any counting is due
     for _ in range(3):
-        engine.deny_unread(PeerNotAllowed("no inference role"), stranger)
+        engine.deny_unread(PeerNotAllowed("no inference role"), stranger, stranger.spiffe_id)
     counted = [
         json.loads(line)["claims"].get("refusals_unrecorded")
         for line in log.read_text().splitlines()
@@ -559,7 +562,7 @@ def test_refusals_before_the_request_is_read_cannot_fill_the_audit_log(authority
 
     def refuse(times: int) -> None:
         for _ in range(times):
-            engine.deny_unread(PeerNotAllowed("no inference role"), stranger)
+            engine.deny_unread(PeerNotAllowed("no inference role"), stranger, stranger.spiffe_id)
 
     refuse(64 + 10)
     now[0] += 60.0  # the bucket refills 60, and a counting record is due again
@@ -574,7 +577,7 @@ def test_refusals_before_the_request_is_read_cannot_fill_the_audit_log(authority
     assert counted == [None] * 64 + [0] + [9] + [None] * 59 + [0]
     # Another caller has its own budget; so do the refusals of a request that was read
     # (engine.deny), per reason: 64 one by one, then a counting record.
-    engine.deny_unread(PeerNotAllowed("no inference role"), None)
+    engine.deny_unread(PeerNotAllowed("no inference role"), None, ROLELESS)
     for _ in range(70):
         engine.deny(
             InvalidArgument("bad", reason="EVIDENCE_MALFORMED"), CALLER, key_id="k1", report=b""
@@ -593,7 +596,7 @@ def test_a_caller_that_stops_while_over_its_budget_has_its_count_recorded(
     engine, log = _real_audit_engine(authority, tmp_path, monotonic=lambda: now[0])
     stranger = Caller("spiffe://strongroom.test/stranger", 7, b"der")
     for _ in range(64 + 1 + 500):  # the budget, the counting record, then 500 only counted
-        engine.deny_unread(PeerNotAllowed("no inference role"), stranger)
+        engine.deny_unread(PeerNotAllowed("no inference role"), stranger, stranger.spiffe_id)
 
     def counts() -> list[tuple[str, int]]:
         return [
@@ -608,7 +611,7 @@ def test_a_caller_that_stops_while_over_its_budget_has_its_count_recorded(
     engine.record_counted_refusals()
     assert counts() == [("REFUSALS_COUNTED", 500)]
     for _ in range(60 + 3):  # the minute's refill, recorded one by one, then 3 counted again
-        engine.deny_unread(PeerNotAllowed("no inference role"), stranger)
+        engine.deny_unread(PeerNotAllowed("no inference role"), stranger, stranger.spiffe_id)
     engine.record_counted_refusals(every=True)  # shutdown
     assert counts()[-1] == ("REFUSALS_COUNTED", 3)
     record = json.loads(log.read_text().splitlines()[-1])
@@ -630,7 +633,7 @@ def test_counts_whose_record_the_audit_log_refuses_are_kept_for_a_later_record(
     stranger = Caller("spiffe://strongroom.test/stranger", 7, b"der")
     context = {**ReleaseEngine._context(CALLER, b"report"), "key_id": "k1"}
     for _ in range(64 + 1 + 500):  # the budget, the counting record, then 500 only counted
-        engine.deny_unread(PeerNotAllowed("no inference role"), stranger)
+        engine.deny_unread(PeerNotAllowed("no inference role"), stranger, stranger.spiffe_id)
     for _ in range(64 + 1 + 7):
         engine._refused(InvalidArgument("bad", reason="NONCE_EXPIRED"), context)
     written = len(log.read_text().splitlines())
@@ -643,7 +646,7 @@ def test_counts_whose_record_the_audit_log_refuses_are_kept_for_a_later_record(
     now[0] += 60.0
     engine.record_counted_refusals()  # both counts are due: their records fail
     now[0] += 1.0  # a token each: these records are due one by one, with no count left
-    engine.deny_unread(PeerNotAllowed("no inference role"), stranger)
+    engine.deny_unread(PeerNotAllowed("no inference role"), stranger, stranger.spiffe_id)
     engine._refused(InvalidArgument("bad", reason="NONCE_EXPIRED"), context)
     monkeypatch.setattr(engine._audit, "append", real_append)
     assert len(log.read_text().splitlines()) == written  # nothing reached the log meanwhile

@@ -311,11 +311,12 @@ def test_one_identity_cannot_hold_every_worker_with_slow_unary_calls(
     """Streams were capped per identity, unary calls not: one identity's slow calls (a release
     waiting on the HSM, a Stat against a slow backend) could take every worker thread and queue
     everyone else. Its calls beyond the cap are refused at once; another identity is served; a
-    method's refusal observer (the key broker audits refused releases) hears of the refusal."""
-    observed: list[tuple[str, str]] = []
+    method's refusal observer (the key broker audits refused releases) hears of the refusal,
+    and of the caller's bucket by the limits' rule (role-less callers all in one)."""
+    observed: list[tuple[str, str, str]] = []
 
-    def observer(exc: StrongroomError, context: grpc.ServicerContext) -> None:
-        observed.append((exc.status_name, exc.reason))
+    def observer(exc: StrongroomError, context: grpc.ServicerContext, bucket: str) -> None:
+        observed.append((exc.status_name, exc.reason, bucket))
 
     running = mesh(
         observers={f"/{SERVICE}/Quick": observer}, max_workers=8, max_unary_calls_per_identity=2
@@ -333,12 +334,25 @@ def test_one_identity_cannot_hold_every_worker_with_slow_unary_calls(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "TOO_MANY_UNARY_CALLS_PER_IDENTITY",
         )
-    assert observed == [("RESOURCE_EXHAUSTED", "TOO_MANY_UNARY_CALLS_PER_IDENTITY")] * 2
+    # The observer is told whose bucket the refusal counts in, by the limits' rule.
+    assert (
+        observed
+        == [("RESOURCE_EXHAUSTED", "TOO_MANY_UNARY_CALLS_PER_IDENTITY", sid("inference"))] * 2
+    )
     assert other.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)(b"", timeout=30) == b"ok"
     running.slow.release.set()
     assert [f.result(timeout=30) for f in held] == [b"done", b"done"]
     assert running.host.unary.running(sid("inference")) == 0
     assert first.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)(b"", timeout=30) == b"ok"
+    # Identities no rule names: one bucket for the observer (the broker's audit budget), as for
+    # every limit, however many of them there are.
+    observed.clear()
+    for name in ("stranger-a", "stranger-b"):
+        stranger = running.caller(name).unary_unary(f"/{SERVICE}/Quick", _raw, _raw)
+        assert refusal(lambda: stranger(b"", timeout=30))[0] == (  # noqa: B023 (called at once)
+            grpc.StatusCode.PERMISSION_DENIED
+        )
+    assert observed == [("PERMISSION_DENIED", "PEER_NOT_ALLOWED", ROLELESS)] * 2
 
 
 def test_a_unary_call_is_released_however_it_ends(mesh: Callable[..., Mesh]) -> None:
@@ -413,7 +427,7 @@ def test_data_plane_calls_beyond_their_share_are_refused_at_once(
     worker comes back once the calls end."""
     observed: list[tuple[str, str]] = []
 
-    def observer(exc: StrongroomError, context: grpc.ServicerContext) -> None:
+    def observer(exc: StrongroomError, context: grpc.ServicerContext, bucket: str) -> None:
         observed.append((exc.status_name, exc.reason))
 
     running = mesh(observers={f"/{SERVICE}/Quick": observer}, max_workers=8)
@@ -1204,6 +1218,46 @@ def test_a_callers_flood_of_calls_the_watchdog_cancels_writes_its_budget_of_line
     (summary,) = [r for r in lines if r["msg"] == "refused calls not logged"]
     assert summary["by_caller_and_reason"] == [
         [str(sid("client")), "REQUEST_MESSAGE_TIMEOUT", calls - REFUSED_CALLS_BURST]
+    ]
+
+
+def test_identities_without_a_role_share_one_budget_of_refusal_lines(
+    mesh: Callable[..., Mesh], monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """The refusal lines' budget keyed callers on their SPIFFE ID, while every limit counts the
+    identities no rule names as one caller: each such identity (the CA signs for any) had its
+    own calls logged, so a holder of many spent everyone's lines a second. They share one budget
+    now, the limits' bucket, for the authoriser's denials and for the lines a watchdog writes
+    about their stalled health calls from a thread of its own."""
+    handler, stream = buffered_service_log(monkeypatch)  # a clock that never refills
+    running = mesh(health_request_wait_seconds=0.2)
+    strangers = [running.caller(f"stranger-{i}") for i in range(2)]
+    gate = threading.Event()
+    try:
+        for channel in strangers:
+            quick = channel.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)
+            for _ in range(REFUSED_CALLS_BURST):
+                assert refusal(lambda: quick(b"", timeout=30))[0] == (  # noqa: B023
+                    grpc.StatusCode.PERMISSION_DENIED
+                )
+            for _ in range(REFUSED_CALLS_BURST):
+                stalled = channel.stream_unary(f"/{HEALTH_SERVICE}/Check", _raw, _raw).future(
+                    never_sent(gate), timeout=10
+                )
+                assert refusal(stalled.result)[0] == grpc.StatusCode.CANCELLED
+                assert settled(lambda: running.host.shares.held_now() == 0)
+    finally:
+        gate.set()
+    handler.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    # Before: each identity's own 5 of each.
+    assert len([r for r in lines if r["msg"].startswith("denied RPC")]) == REFUSED_CALLS_BURST
+    cancelled = [r for r in lines if r["msg"] == "cancelling a call: no request message"]
+    assert len(cancelled) == REFUSED_CALLS_BURST
+    (summary,) = [r for r in lines if r["msg"] == "refused calls not logged"]
+    assert sorted(summary["by_caller_and_reason"]) == [
+        [ROLELESS, "PEER_NOT_ALLOWED", REFUSED_CALLS_BURST],
+        [ROLELESS, "REQUEST_MESSAGE_TIMEOUT", REFUSED_CALLS_BURST],
     ]
 
 

@@ -431,7 +431,7 @@ def test_refusals_before_the_behaviour_runs_are_observed_and_only_those() -> Non
     does not decode. The error mapping tells the method's observer of those, and of no other."""
     seen: list[tuple[str, str]] = []
 
-    def observer(exc: errors.StrongroomError, context: grpc.ServicerContext) -> None:
+    def observer(exc: errors.StrongroomError, context: grpc.ServicerContext, bucket: str) -> None:
         seen.append((exc.reason, exc.status_name))
         if exc.reason == "MALFORMED_REQUEST":
             raise RuntimeError("the observer fails")  # the refusal stands all the same
