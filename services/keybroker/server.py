@@ -417,6 +417,8 @@ def serve(config_path: Path | None) -> int:
         "keybroker",
         config_path,
         KeybrokerConfig,
-        lambda common, config, identity: build(common, config, identity=identity),
+        lambda common, config, identity, tracer: build(
+            common, config, identity=identity, tracer_provider=tracer
+        ),
         after_start=lambda broker: rotate_audit_on_sighup(broker.audit),
     )
