@@ -357,7 +357,8 @@ class ServiceHost:
         gRPC's stop cancels the calls still in flight after the grace, but a cancelled call's
         handler runs on until it returns: what a service does once stopped (the key broker's last
         audit records, then closing its log) ran beside handlers still deciding, whose records
-        then met a closed log. A handler stuck past the bound (a hung HSM) is left behind, logged.
+        then met a closed log. A handler stuck past the bound (an audit commit
+        whose fsync never returns on stalled storage; an HSM call times out) is left behind, logged.
         """
         waiter = threading.Thread(
             target=self._pool.shutdown,

@@ -65,7 +65,7 @@ def _hung_host(close: str = "") -> _Running:
 
     def call(request: bytes, context: grpc.ServicerContext) -> bytes:
         print("entered", flush=True)
-        never.wait()  # a handler stuck for good (an HSM that does not answer)
+        never.wait()  # a handler stuck for good (an audit commit on storage that stalled)
         return request
 
     handler = grpc.method_handlers_generic_handler(
