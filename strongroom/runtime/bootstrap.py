@@ -23,13 +23,16 @@ from strongroom.runtime.config import (
     LOOPBACK_NAMES,
     CommonConfig,
     IdentityConfig,
+    ServerConfig,
     load_service_config,
 )
 from strongroom.runtime.interceptors import RefusalObserver
+from strongroom.runtime.log_writer import FLUSH_SECONDS
 from strongroom.runtime.logs import configure_logging
 from strongroom.runtime.process import exit_abandoning, stop_on_early_signal
 from strongroom.runtime.secrets import require_private
 from strongroom.runtime.server import (
+    HANDLER_DRAIN_SECONDS,
     HEALTH_SERVICE,
     CallerChecks,
     MessageLimits,
@@ -37,7 +40,7 @@ from strongroom.runtime.server import (
     ServiceHost,
     ServiceSpec,
 )
-from strongroom.runtime.telemetry import Telemetry
+from strongroom.runtime.telemetry import TELEMETRY_SECONDS, Telemetry
 from strongroom.runtime.tracing import server_tracing_interceptor
 from strongroom.spiffe import identity_dns_name
 
@@ -46,9 +49,27 @@ log = logging.getLogger(__name__)
 REFLECTION_SERVICE = "grpc.reflection.v1alpha.ServerReflection"
 CLOSE_SECONDS = 3.0
 """How long a service's close may take once its host gave up on calls' handlers (a close that
-waits behind one of them would wait for good): with ``server.grace_seconds`` (20 s), the
-handlers' drain (5 s) and the log's flush, what a stop takes stays near the kubelet's 30 s."""
+waits behind one of them would wait for good); part of :func:`stop_seconds`."""
 _CLOSE_POLL = 0.1
+STOP_MARGIN_SECONDS = 4.0
+"""What an orchestrator's grace (the chart's ``terminationGracePeriodSeconds``, compose's
+``stop_grace_period``) leaves past :func:`stop_seconds`: the signal's way through the
+container's init, the interpreter's start and end around the stop."""
+
+
+def stop_seconds(server: ServerConfig) -> float:
+    """The longest a service takes from SIGTERM to its exit, every budget spent: the calls'
+    grace (``server.grace_seconds``), the handlers' drain, its close once calls were abandoned,
+    the log's flush, the telemetry's last export. Its orchestrator must wait that long and
+    :data:`STOP_MARGIN_SECONDS` more before it kills the process, or the log's last lines (what
+    the stop was waiting for) are lost: the chart's 30 s were less than 20 + 5 + 3 + 5 s."""
+    return (
+        server.grace_seconds
+        + HANDLER_DRAIN_SECONDS
+        + CLOSE_SECONDS
+        + FLUSH_SECONDS
+        + TELEMETRY_SECONDS
+    )
 
 
 def open_identity(config: IdentityConfig, *, serves: bool = True) -> WorkloadIdentity:

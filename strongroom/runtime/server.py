@@ -53,8 +53,8 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
 HANDLER_DRAIN_SECONDS = 5.0
 """How long :meth:`ServiceHost.stop` waits, after gRPC's own grace, for handlers of cancelled
 calls that are still running (each bounded by its own timeouts: HSM operations, collateral
-fetches, storage calls). The default grace (20 s) plus this stays inside the chart's 30 s
-``terminationGracePeriodSeconds``, with time left for what a service does once stopped."""
+fetches, storage calls); part of :func:`~strongroom.runtime.bootstrap.stop_seconds`, which the
+chart's ``terminationGracePeriodSeconds`` and compose's ``stop_grace_period`` must exceed."""
 HEALTH_SERVICE = _HEALTH
 # A health name that is SERVING for as long as the process serves at all, whatever its
 # dependencies say: for liveness probes, which must not restart a process waiting for its HSM.
