@@ -394,6 +394,8 @@ def serve(config_path: Path | None) -> int:
         "inference",
         config_path,
         InferenceConfig,
-        lambda common, config, identity: build(common, config, identity=identity),
+        lambda common, config, identity, tracer: build(
+            common, config, identity=identity, tracer_provider=tracer
+        ),
         after_start=lambda server: server.load_configured_models(),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -257,106 +258,115 @@ def build(
             recycle_after_operations=config.hsm_recycle_after_operations,
         )
     )
-    try:
+    # Until the broker is returned, whatever stops the build (an error, a SIGTERM while starting:
+    # stop_on_early_signal's SystemExit) closes what it opened: only AuditLog.open's failure
+    # closed the HSM, and anything later left both open (the HSM's module loaded, its worker
+    # running; the audit log's descriptor held).
+    undo = contextlib.ExitStack()
+    undo.callback(hsm.close)
+    with undo:
         audit = AuditLog.open(
             config.audit_log,
             audit_key,
             max_bytes=config.audit_max_bytes,
             rotate_bytes=config.audit_rotate_bytes,
         )
-    except BaseException:
-        hsm.close()
-        raise
-    keys = KeyManager(hsm)
-    keys.warn_modifiable_versions(timeout=config.hsm_operation_timeout_seconds)
-    policies = PolicyStore(
-        config.policies_dir,
-        trust_domain=identity.trust_domain,
-        production=common.production,
-        audit=audit,
-    )
-    collateral = collateral_service(config, trust, monotonic)
-    engine = ReleaseEngine(
-        keys=keys,
-        challenges=ChallengeIssuer(nonce_key, lifetime=config.challenge_lifetime_seconds),
-        policies=policies,
-        trust=trust,
-        audit=audit,
-        collateral=collateral,
-        signer=release_signer,
-        collateral_grace=timedelta(seconds=config.collateral_grace_seconds),
-        hsm_timeout=config.hsm_operation_timeout_seconds,
-        monotonic=monotonic,
-    )
-    key_service = KeyService(keys, policies, audit, clock=monotonic)
-    broker_servicer = KeyBrokerServicer(engine, keys, key_service)
-    admin_servicer = KeyAdminServicer(key_service)
-
-    def hsm_ready() -> str | None:
-        try:
-            hsm.check_health(timeout=2.0)
-        except StrongroomError as exc:
-            return f"HSM unavailable: {exc.message}"
-        return None
-
-    def audit_ready() -> str | None:
-        problem = audit.tamper_problem
-        return None if problem is None else f"audit log tampered with: {problem}"
-
-    def keys_ready() -> str | None:
-        unusable = keys.recheck_unusable(timeout=2.0)
-        if not unusable:
-            return None
-        return "keys the HSM cannot use: " + ", ".join(sorted(unusable))
-
-    provider = tracer_provider or make_tracer_provider(
-        "keybroker", common.tracing, identity=lambda: identity.credentials
-    )
-    host = build_host(
-        common,
-        identity=identity,
-        services=[
-            ServiceSpec(
-                KEYBROKER_SERVICE,
-                lambda s: pb_grpc.add_KeyBrokerServiceServicer_to_server(broker_servicer, s),
-                (hsm_ready, audit_ready, keys_ready),
-            ),
-            ServiceSpec(
-                KEYADMIN_SERVICE,
-                lambda s: pb_grpc.add_KeyAdminServiceServicer_to_server(admin_servicer, s),
-                (hsm_ready, audit_ready),
-            ),
-        ],
-        roles=RoleTable(ROLE_RULES),
-        tracer_provider=provider,
-        message_limits=MESSAGE_LIMITS,
-        # Refusals of a release the servicer never sees are audited too.
-        refusal_observers={RELEASE_KEY: broker_servicer.release_refused_unread},
-        control_plane=CONTROL_PLANE,
-    )
-    refresher = (
-        _Periodic(
-            collateral.refresh_due,
-            config.collateral_refresh_interval_seconds,
-            "collateral-refresh",
+        undo.callback(audit.close)
+        keys = KeyManager(hsm)
+        keys.warn_modifiable_versions(timeout=config.hsm_operation_timeout_seconds)
+        policies = PolicyStore(
+            config.policies_dir,
+            trust_domain=identity.trust_domain,
+            production=common.production,
+            audit=audit,
         )
-        if collateral is not None and config.collateral_fetch and not config.collateral_read_only
-        else None
-    )
-    broker = KeyBroker(
-        host=host,
-        hsm=hsm,
-        audit=audit,
-        keys=keys,
-        engine=engine,
-        key_service=key_service,
-        identity=identity,
-        refresher=refresher,
-    )
-    broker.counter = _Periodic(
-        broker.record_counted_refusals, LIMITED_RECORD_SECONDS, "refusal-counts"
-    )
-    return broker
+        collateral = collateral_service(config, trust, monotonic)
+        engine = ReleaseEngine(
+            keys=keys,
+            challenges=ChallengeIssuer(nonce_key, lifetime=config.challenge_lifetime_seconds),
+            policies=policies,
+            trust=trust,
+            audit=audit,
+            collateral=collateral,
+            signer=release_signer,
+            collateral_grace=timedelta(seconds=config.collateral_grace_seconds),
+            hsm_timeout=config.hsm_operation_timeout_seconds,
+            monotonic=monotonic,
+        )
+        key_service = KeyService(keys, policies, audit, clock=monotonic)
+        broker_servicer = KeyBrokerServicer(engine, keys, key_service)
+        admin_servicer = KeyAdminServicer(key_service)
+
+        def hsm_ready() -> str | None:
+            try:
+                hsm.check_health(timeout=2.0)
+            except StrongroomError as exc:
+                return f"HSM unavailable: {exc.message}"
+            return None
+
+        def audit_ready() -> str | None:
+            problem = audit.tamper_problem
+            return None if problem is None else f"audit log tampered with: {problem}"
+
+        def keys_ready() -> str | None:
+            unusable = keys.recheck_unusable(timeout=2.0)
+            if not unusable:
+                return None
+            return "keys the HSM cannot use: " + ", ".join(sorted(unusable))
+
+        provider = tracer_provider or make_tracer_provider(
+            "keybroker", common.tracing, identity=lambda: identity.credentials
+        )
+        host = build_host(
+            common,
+            identity=identity,
+            services=[
+                ServiceSpec(
+                    KEYBROKER_SERVICE,
+                    lambda s: pb_grpc.add_KeyBrokerServiceServicer_to_server(broker_servicer, s),
+                    (hsm_ready, audit_ready, keys_ready),
+                ),
+                ServiceSpec(
+                    KEYADMIN_SERVICE,
+                    lambda s: pb_grpc.add_KeyAdminServiceServicer_to_server(admin_servicer, s),
+                    (hsm_ready, audit_ready),
+                ),
+            ],
+            roles=RoleTable(ROLE_RULES),
+            tracer_provider=provider,
+            message_limits=MESSAGE_LIMITS,
+            # Refusals of a release the servicer never sees are audited too.
+            refusal_observers={RELEASE_KEY: broker_servicer.release_refused_unread},
+            control_plane=CONTROL_PLANE,
+        )
+        refresher = (
+            _Periodic(
+                collateral.refresh_due,
+                config.collateral_refresh_interval_seconds,
+                "collateral-refresh",
+            )
+            if collateral is not None
+            and config.collateral_fetch
+            and not config.collateral_read_only
+            else None
+        )
+        if refresher is not None:
+            undo.callback(refresher.stop)
+        broker = KeyBroker(
+            host=host,
+            hsm=hsm,
+            audit=audit,
+            keys=keys,
+            engine=engine,
+            key_service=key_service,
+            identity=identity,
+            refresher=refresher,
+        )
+        broker.counter = _Periodic(
+            broker.record_counted_refusals, LIMITED_RECORD_SECONDS, "refusal-counts"
+        )
+        undo.pop_all()  # the broker closes them now
+        return broker
 
 
 def rotate_audit_on_sighup(audit: AuditLog) -> None:
@@ -417,6 +427,8 @@ def serve(config_path: Path | None) -> int:
         "keybroker",
         config_path,
         KeybrokerConfig,
-        lambda common, config, identity: build(common, config, identity=identity),
+        lambda common, config, identity, tracer: build(
+            common, config, identity=identity, tracer_provider=tracer
+        ),
         after_start=lambda broker: rotate_audit_on_sighup(broker.audit),
     )

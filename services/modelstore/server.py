@@ -112,5 +112,7 @@ def serve(config_path: Path | None) -> int:
         "modelstore",
         config_path,
         ModelstoreConfig,
-        lambda common, config, identity: build(common, config, identity=identity),
+        lambda common, config, identity, tracer: build(
+            common, config, identity=identity, tracer_provider=tracer
+        ),
     )

@@ -24,14 +24,16 @@ from strongroom.runtime.config import (
     LOOPBACK_NAMES,
     CommonConfig,
     IdentityConfig,
+    ServerConfig,
     load_service_config,
 )
 from strongroom.runtime.interceptors import RefusalObserver
+from strongroom.runtime.log_writer import FLUSH_SECONDS
 from strongroom.runtime.logs import configure_logging
-from strongroom.runtime.metrics import install_meter_provider
 from strongroom.runtime.process import exit_abandoning, stop_on_early_signal
 from strongroom.runtime.secrets import require_private
 from strongroom.runtime.server import (
+    HANDLER_DRAIN_SECONDS,
     HEALTH_SERVICE,
     CallerChecks,
     MessageLimits,
@@ -39,6 +41,7 @@ from strongroom.runtime.server import (
     ServiceHost,
     ServiceSpec,
 )
+from strongroom.runtime.telemetry import TELEMETRY_SECONDS, Telemetry
 from strongroom.runtime.tracing import server_tracing_interceptor
 from strongroom.spiffe import identity_dns_name
 
@@ -47,9 +50,27 @@ log = logging.getLogger(__name__)
 REFLECTION_SERVICE = "grpc.reflection.v1alpha.ServerReflection"
 CLOSE_SECONDS = 3.0
 """How long a service's close may take once its host gave up on calls' handlers (a close that
-waits behind one of them would wait for good): with ``server.grace_seconds`` (20 s), the
-handlers' drain (5 s) and the log's flush, what a stop takes stays near the kubelet's 30 s."""
+waits behind one of them would wait for good); part of :func:`stop_seconds`."""
 _CLOSE_POLL = 0.1
+STOP_MARGIN_SECONDS = 4.0
+"""What an orchestrator's grace (the chart's ``terminationGracePeriodSeconds``, compose's
+``stop_grace_period``) leaves past :func:`stop_seconds`: the signal's way through the
+container's init, the interpreter's start and end around the stop."""
+
+
+def stop_seconds(server: ServerConfig) -> float:
+    """The longest a service takes from SIGTERM to its exit, every budget spent: the calls'
+    grace (``server.grace_seconds``), the handlers' drain, its close once calls were abandoned,
+    the log's flush, the telemetry's last export. Its orchestrator must wait that long and
+    :data:`STOP_MARGIN_SECONDS` more before it kills the process, or the log's last lines (what
+    the stop was waiting for) are lost: the chart's 30 s were less than 20 + 5 + 3 + 5 s."""
+    return (
+        server.grace_seconds
+        + HANDLER_DRAIN_SECONDS
+        + CLOSE_SECONDS
+        + FLUSH_SECONDS
+        + TELEMETRY_SECONDS
+    )
 
 
 def open_identity(config: IdentityConfig, *, serves: bool = True) -> WorkloadIdentity:
@@ -231,53 +252,75 @@ def run_service(
     service: str,
     config_path: Path | None,
     section_cls: type[C],
-    build: Callable[[CommonConfig, C, WorkloadIdentity], S],
+    build: Callable[[CommonConfig, C, WorkloadIdentity, TracerProvider], S],
     *,
     after_start: Callable[[S], None] | None = None,
 ) -> int:
-    """``strongroom serve SERVICE``: configure, enrol, build, serve until SIGTERM, drain, close."""
+    """``strongroom serve SERVICE``: configure, enrol, build (with the service's tracer
+    provider), serve until SIGTERM, drain, close; then write the log and end the telemetry."""
     common, section = load_service_config(config_path, service, section_cls)
     configure_logging(common.logging, service)
     stop_on_early_signal()
     abandoned = 0
+    telemetry: Telemetry | None = None
     # From here on, why the service stops is in its log, enrolment's failures included (a CA
     # root missing, a token refused, the identity not the configured one): they were printed by
     # the command line only, and the log said nothing of why the process had ended.
     try:
-        identity = open_identity(common.identity)
         try:
-            install_meter_provider(service, common.tracing, identity=lambda: identity.credentials)
-            if common.production:
-                refuse_loopback_names(identity)
-            running = build(common, section, identity)
+            identity = open_identity(common.identity)
             try:
-                running.host.run_until_signal(
-                    after_start=(lambda: after_start(running)) if after_start else None
+                telemetry = Telemetry.install(
+                    service, common.tracing, identity=lambda: identity.credentials
                 )
-            finally:
+                if common.production:
+                    refuse_loopback_names(identity)
+                running = build(common, section, identity, telemetry.tracer_provider)
                 try:
-                    _close(service, running)  # it stops its host too, when nothing did
+                    running.host.run_until_signal(
+                        after_start=(lambda: after_start(running)) if after_start else None
+                    )
                 finally:
-                    abandoned = running.host.abandoned
-        finally:
-            identity.close()
-    except StrongroomError as exc:
-        log.error("%s cannot run: %s", service, exc)
-        _exit_if_abandoned(abandoned)
-        raise
-    except OSError:
-        # The command line prints it as one line; the service's log keeps where it happened.
-        log.exception("%s stopped on an operating-system error", service)
-        _exit_if_abandoned(abandoned)
-        raise
-    except BaseException:
-        if abandoned:  # the interpreter would print it at exit, which never comes
-            log.exception("%s stopped on an unexpected error", service)
-        _exit_if_abandoned(abandoned)
-        raise
-    if abandoned:
-        exit_abandoning(abandoned)  # the pool's threads would hold the exit for good
+                    try:
+                        _close(service, running)  # it stops its host too, when nothing did
+                    finally:
+                        abandoned = running.host.abandoned
+            finally:
+                identity.close()
+        except StrongroomError as exc:
+            log.error("%s cannot run: %s", service, exc)
+            _exit_if_abandoned(abandoned)
+            raise
+        except OSError:
+            # The command line prints it as one line; the service's log keeps where it happened.
+            log.exception("%s stopped on an operating-system error", service)
+            _exit_if_abandoned(abandoned)
+            raise
+        except BaseException:
+            if abandoned:  # the interpreter would print it at exit, which never comes
+                log.exception("%s stopped on an unexpected error", service)
+            _exit_if_abandoned(abandoned)
+            raise
+        if abandoned:
+            exit_abandoning(abandoned)  # the pool's threads would hold the exit for good
+    finally:
+        # Not reached once calls were abandoned (that exit exports nothing: it has no time).
+        if telemetry is not None:
+            _end_telemetry(telemetry)
     return 0
+
+
+def _end_telemetry(telemetry: Telemetry) -> None:
+    """Writes the service's log, then ends ``telemetry`` within its budget (TELEMETRY_SECONDS).
+
+    OpenTelemetry's own exit handlers waited ~10 s per provider for a collector that does not
+    answer, and ran before ``logging.shutdown``: a stop that had used its grace met the
+    kubelet's SIGKILL there, the log's queued lines never written. The log comes first now (its
+    flush has its own budget, FLUSH_SECONDS); the lines logged after it, ``logging.shutdown``
+    writes at exit."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    telemetry.shutdown()
 
 
 def _exit_if_abandoned(abandoned: int) -> None:

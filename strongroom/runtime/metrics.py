@@ -56,9 +56,10 @@ def install_meter_provider(
     *,
     reader: MetricReader | None = None,
     identity: ClientIdentity | None = None,
+    shutdown_on_exit: bool = True,
 ) -> MeterProvider | None:
     """Installs the process's meter provider (OTLP when an endpoint is configured; ``identity``
-    as in :func:`~strongroom.runtime.tracing.make_tracer_provider`)."""
+    and ``shutdown_on_exit`` as in :func:`~strongroom.runtime.tracing.make_tracer_provider`)."""
     readers: list[MetricReader] = []
     if reader is not None:
         readers.append(reader)
@@ -72,7 +73,9 @@ def install_meter_provider(
     if not readers:
         return None
     provider = MeterProvider(
-        resource=Resource.create({"service.name": f"strongroom-{service}"}), metric_readers=readers
+        resource=Resource.create({"service.name": f"strongroom-{service}"}),
+        metric_readers=readers,
+        shutdown_on_exit=shutdown_on_exit,
     )
     metrics.set_meter_provider(provider)
     return provider

@@ -142,8 +142,8 @@ def exit_abandoning(calls: int, *, status: int = 0) -> NoReturn:
     without waiting for the ``calls`` handlers the server's stop gave up on.
 
     At exit, ``concurrent.futures`` joins every worker thread of the server's pool: past the
-    drain (:data:`~strongroom.runtime.server.HANDLER_DRAIN_SECONDS`), a hung handler (an HSM
-    that does not answer) held the process until the kubelet killed it at 30 s, its last log
+    drain (:data:`~strongroom.runtime.server.HANDLER_DRAIN_SECONDS`), a hung handler (an audit
+    commit on storage that stalled) held the process until the kubelet killed it at 30 s, its last log
     lines (queued for a slow collector) lost, and its exit handlers cut off wherever they were.
     Exit handlers (pending spans' export among them) do not run: each may wait on what hangs.
     The status is 0 (``status``: 1 when the service's close failed or did not finish): the

@@ -53,8 +53,8 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
 HANDLER_DRAIN_SECONDS = 5.0
 """How long :meth:`ServiceHost.stop` waits, after gRPC's own grace, for handlers of cancelled
 calls that are still running (each bounded by its own timeouts: HSM operations, collateral
-fetches, storage calls). The default grace (20 s) plus this stays inside the chart's 30 s
-``terminationGracePeriodSeconds``, with time left for what a service does once stopped."""
+fetches, storage calls); part of :func:`~strongroom.runtime.bootstrap.stop_seconds`, which the
+chart's ``terminationGracePeriodSeconds`` and compose's ``stop_grace_period`` must exceed."""
 HEALTH_SERVICE = _HEALTH
 # A health name that is SERVING for as long as the process serves at all, whatever its
 # dependencies say: for liveness probes, which must not restart a process waiting for its HSM.
@@ -358,7 +358,8 @@ class ServiceHost:
         gRPC's stop cancels the calls still in flight after the grace, but a cancelled call's
         handler runs on until it returns: what a service does once stopped (the key broker's last
         audit records, then closing its log) ran beside handlers still deciding, whose records
-        then met a closed log. A handler stuck past the bound (a hung HSM) is left behind, logged.
+        then met a closed log. A handler stuck past the bound (an audit commit
+        whose fsync never returns on stalled storage; an HSM call times out) is left behind, logged.
         """
         waiter = threading.Thread(
             target=self._pool.shutdown,

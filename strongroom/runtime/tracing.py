@@ -86,13 +86,16 @@ def make_tracer_provider(
     *,
     exporter: SpanExporter | None = None,
     identity: ClientIdentity | None = None,
+    shutdown_on_exit: bool = True,
 ) -> TracerProvider:
     """A provider exporting to ``exporter`` (tests) or to the configured OTLP endpoint, if any;
     ``identity`` is the client certificate of a TLS export without one configured (see
-    :func:`otlp_exporter_options`)."""
+    :func:`otlp_exporter_options`); ``shutdown_on_exit`` False: no exit handler shuts it down
+    (:class:`~strongroom.runtime.telemetry.Telemetry` does)."""
     provider = ServiceTracerProvider(
         resource=Resource.create({"service.name": f"strongroom-{service}"}),
         sampler=SERVER_SAMPLER,
+        shutdown_on_exit=shutdown_on_exit,
     )
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))

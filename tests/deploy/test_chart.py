@@ -23,6 +23,7 @@ from strongroom.inference.config import InferenceConfig
 from strongroom.keybroker.audit import load_signing_key
 from strongroom.keybroker.config import KeybrokerConfig
 from strongroom.modelstore.config import ModelstoreConfig
+from strongroom.runtime.bootstrap import STOP_MARGIN_SECONDS, stop_seconds
 from strongroom.runtime.config import SERVICES, load_service_config
 from strongroom.runtime.secrets import Secret
 from tests.certs import self_signed_pem
@@ -140,6 +141,26 @@ def test_every_deployment_has_a_disruption_budget(
     budgets = [p["spec"]["selector"]["matchLabels"] for p in kind(docs, "PodDisruptionBudget")]
     for dep in kind(docs, "Deployment"):
         assert dep["spec"]["selector"]["matchLabels"] in budgets, component(dep)
+
+
+def test_every_service_pod_is_given_the_longest_stop_before_it_is_killed(
+    rendered: tuple[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """The kubelet kills a pod ``terminationGracePeriodSeconds`` after its SIGTERM: the key
+    broker's and inference's 30 s were less than the calls' grace (20 s), the handlers' drain
+    (5 s), the close once calls were abandoned (3 s) and the log's flush (5 s), so a stop that
+    used them all was killed before its log's last lines were written. Each service's pod now
+    waits its longest stop (its grace as the service loads it from the rendered configuration)
+    and a margin."""
+    _, docs = rendered
+    configs = _configs(docs)
+    for service in SERVICES:
+        path = tmp_path / f"{service}.yaml"
+        path.write_text(configs[service])
+        common, _ = load_service_config(path, service, SECTION_CLASSES[service], environ={})
+        (dep,) = [d for d in kind(docs, "Deployment") if component(d) == service]
+        waits = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert waits >= stop_seconds(common.server) + STOP_MARGIN_SECONDS, service
 
 
 def test_no_secret_in_plain_environment_values(rendered: tuple[str, list[dict[str, Any]]]) -> None:

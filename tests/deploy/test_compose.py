@@ -19,6 +19,7 @@ from strongroom.cli.main import build_parser
 from strongroom.inference.config import InferenceConfig
 from strongroom.keybroker.config import KeybrokerConfig
 from strongroom.modelstore.config import ModelstoreConfig
+from strongroom.runtime.bootstrap import STOP_MARGIN_SECONDS, stop_seconds
 from strongroom.runtime.config import SERVICES, build, load_mapping, load_service_config
 from tests.deploy.conftest import DEPLOY, ROOT, load_compose
 
@@ -196,6 +197,29 @@ def test_service_configs_load_with_the_service_runtime(compose: dict[str, Any]) 
                 name,
                 path,
             )
+
+
+def _duration(text: str) -> float:
+    """Seconds in a compose duration (``1m30s``, ``40s``, ``500ms``)."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 0.000001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", text)
+    assert "".join(n + u for n, u in parts) == text, text
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_every_service_is_given_the_longest_stop_before_it_is_killed(
+    compose: dict[str, Any],
+) -> None:
+    """``docker-compose stop`` (or ``down``) kills a container ``stop_grace_period`` after its
+    SIGTERM, 10 s when unset: every service was killed half way through its calls' grace
+    (20 s), its log's last lines never written. Each now waits its longest stop (its grace as it
+    loads it from its configuration file) and a margin."""
+    for name in SERVICES:
+        common, _ = load_service_config(
+            _config_file(compose, name), name, SECTION_CLASSES[name], environ={}
+        )
+        waits = _duration(compose["services"][name].get("stop_grace_period", "10s"))
+        assert waits >= stop_seconds(common.server) + STOP_MARGIN_SECONDS, name
 
 
 def _paths(section: Any) -> list[Path]:

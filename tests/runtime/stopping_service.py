@@ -9,7 +9,9 @@ good once its host has stopped (behind the hung handler, as the key broker's ref
 behind an audit commit that never ends). ``starting``: logs ``LINES`` lines while it
 starts (more than a pipe holds), prints ``started``, and takes for ever to finish starting;
 ``starting-slow-close`` too, its identity's close then printing ``closing`` and waiting for a
-line on stdin before it logs ``identity closed``.
+line on stdin before it logs ``identity closed``. ``exporting PORT``: exports spans and metrics
+(plaintext OTLP) to the collector on loopback port ``PORT``, records a span and a metric, and
+prints its own port once serving.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import grpc
+from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.errors import Unavailable
 from strongroom.reasons import Reason
 from strongroom.runtime import bootstrap
-from strongroom.runtime.config import LoggingConfig, ServerConfig
+from strongroom.runtime.config import LoggingConfig, ServerConfig, TracingConfig
+from strongroom.runtime.metrics import RPC_DURATION
 from strongroom.runtime.server import ServiceHost, ServiceSpec
 
 SERVICE = "test.Hung"
@@ -61,7 +65,7 @@ def _hung_host(close: str = "") -> _Running:
 
     def call(request: bytes, context: grpc.ServicerContext) -> bytes:
         print("entered", flush=True)
-        never.wait()  # a handler stuck for good (an HSM that does not answer)
+        never.wait()  # a handler stuck for good (an audit commit on storage that stalled)
         return request
 
     handler = grpc.method_handlers_generic_handler(
@@ -85,18 +89,34 @@ def _starting() -> _Running:
     raise AssertionError("never started")
 
 
-def main(mode: str) -> int:
+def _exporting(tracer_provider: TracerProvider) -> _Running:
+    """A host with nothing to serve, once a span and a metric are waiting for their export."""
+    with tracer_provider.get_tracer(__name__).start_as_current_span("starting"):
+        RPC_DURATION.record(1.0, {"rpc.method": "/test.Exporting/Start", "rpc.status": "OK"})
+    host = ServiceHost(
+        listen="127.0.0.1:0", credentials=None, services=[], config=ServerConfig(grace_seconds=0.2)
+    )
+    return _Running(host)
+
+
+def main(mode: str, collector: str = "") -> int:
+    tracing = (
+        TracingConfig(otlp_endpoint=f"127.0.0.1:{collector}", otlp_insecure=True)
+        if collector
+        else TracingConfig()
+    )
     common = SimpleNamespace(
-        production=False, logging=LoggingConfig(format="json"), tracing=None, identity=None
+        production=False, logging=LoggingConfig(format="json"), tracing=tracing, identity=None
     )
     bootstrap.load_service_config = lambda *_: (common, None)  # type: ignore[assignment]
     slow = mode == "starting-slow-close"
     bootstrap.open_identity = lambda *_, **__: _Identity(slow)  # type: ignore[assignment]
-    bootstrap.install_meter_provider = lambda *_, **__: None  # type: ignore[assignment]
 
-    def build(*_: Any) -> _Running:
+    def build(_common: Any, _section: Any, _identity: Any, tracer: TracerProvider) -> _Running:
         if mode.startswith("hung"):
             return _hung_host(mode.removeprefix("hung").removeprefix("-close-"))
+        if mode == "exporting":
+            return _exporting(tracer)
         return _starting()
 
     def started(running: _Running) -> None:
@@ -106,4 +126,4 @@ def main(mode: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(*sys.argv[1:]))

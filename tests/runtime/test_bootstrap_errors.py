@@ -16,6 +16,7 @@ import pytest
 
 from strongroom.errors import StrongroomError
 from strongroom.runtime import bootstrap
+from strongroom.runtime.config import TracingConfig
 from tests.conftest import REPO
 
 
@@ -30,10 +31,9 @@ def test_an_os_error_that_stops_a_service_is_logged_with_its_traceback(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     identity = _Identity()
-    common = SimpleNamespace(production=False, logging=None, tracing=None, identity=None)
+    common = SimpleNamespace(production=False, logging=None, tracing=TracingConfig(), identity=None)
     monkeypatch.setattr(bootstrap, "load_service_config", lambda *a: (common, object()))
     monkeypatch.setattr(bootstrap, "configure_logging", lambda *a: None)
-    monkeypatch.setattr(bootstrap, "install_meter_provider", lambda *a, **k: None)
     monkeypatch.setattr(bootstrap, "open_identity", lambda *a: identity)
 
     def build(*args: Any) -> Any:

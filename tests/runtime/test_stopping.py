@@ -8,6 +8,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -16,15 +20,15 @@ from tests.conftest import REPO
 from tests.runtime.stopping_service import LINES, SERVICE
 
 
-def _start(mode: str) -> subprocess.Popen[str]:
+def _start(mode: str, *args: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.runtime.stopping_service", mode],
+        [sys.executable, "-m", "tests.runtime.stopping_service", mode, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
     )
 
 
@@ -143,3 +147,60 @@ def test_a_second_signal_while_a_starting_service_stops_does_not_cut_its_cleanup
     assert "identity closed" in [r["msg"] for r in lines]
     ignored = [r["signal"] for r in lines if r["msg"] == "signal received while stopping; ignored"]
     assert sorted(ignored) == sorted([signal.SIGINT, signal.SIGTERM])
+
+
+TRACES = "opentelemetry.proto.collector.trace.v1.TraceService"
+METRICS = "opentelemetry.proto.collector.metrics.v1.MetricsService"
+
+
+@contextmanager
+def _silent_collector() -> Iterator[tuple[int, list[str]]]:
+    """An OTLP collector on loopback that takes every export and never answers: its port, and
+    the services of the exports it received."""
+    received: list[str] = []
+    released = threading.Event()
+
+    def silent(service: str) -> grpc.GenericRpcHandler[Any, Any]:
+        def hold(_request: bytes, _context: grpc.ServicerContext) -> bytes:
+            received.append(service)
+            released.wait()
+            return b""
+
+        return grpc.method_handlers_generic_handler(
+            service, {"Export": grpc.unary_unary_rpc_method_handler(hold, _raw, _raw)}
+        )
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server.add_generic_rpc_handlers((silent(TRACES), silent(METRICS)))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port, received
+    finally:
+        released.set()
+        server.stop(0)
+
+
+def test_a_collector_that_never_answers_does_not_hold_the_exit_past_the_telemetry_budget() -> None:
+    """OpenTelemetry's providers shut down at exit, each waiting for its last export (~10 s
+    with a collector that takes it and never answers, the exporter's timeout: here an hour),
+    before ``logging.shutdown`` wrote the log: a stop that had used its grace met the kubelet's
+    SIGKILL there, its last lines lost. The service writes its log first now, gives both
+    exports TELEMETRY_SECONDS together, and exits without them, saying so in its last line."""
+    with _silent_collector() as (collector, received):
+        process = _start("exporting", str(collector), OTEL_EXPORTER_OTLP_TIMEOUT="3600")
+        try:
+            assert process.stdout is not None
+            int(process.stdout.readline())  # serving
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=60)  # a hang, not a speed: an hour
+        finally:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, stderr[-2000:]
+    lines = _log(stderr)
+    messages = [r["msg"] for r in lines]
+    assert "stopped" in messages
+    assert lines[-1]["level"] == "WARNING" and "did not finish" in lines[-1]["msg"]
+    assert lines[-1]["unexported"] == ["spans", "metrics"]
+    assert sorted(set(received)) == [METRICS, TRACES]
