@@ -123,6 +123,14 @@ class InferenceConfig:
     # How long LoadModel keeps retrying a load that fails with UNAVAILABLE (a store or broker
     # restarting); 0 answers the first UNAVAILABLE. The caller's own deadline still wins.
     load_retry_seconds: float = 30.0
+    # A configured model whose load failed for a reason that is not transient (a release the
+    # broker's policy denies, the model not yet published, a peer's certificate outside its
+    # dates, ...) is tried again after this many seconds, the wait doubling on each failure up
+    # to failed_load_retry_max_seconds (strongroom.inference.autoload); 0 leaves such a failure
+    # to an operator's LoadModel. At least 5: every replica of the fleet shares one identity,
+    # whose denied releases the broker records within a budget (1 a second per reason).
+    failed_load_retry_seconds: float = 30.0
+    failed_load_retry_max_seconds: float = 300.0
     # The largest model a load accepts (a single artifact, or all parts of a multi-part model
     # together), judged on its header or manifest before the key is released or a plaintext buffer
     # reserved (the store chooses both): a larger one is RESOURCE_EXHAUSTED ARTIFACT_TOO_LARGE.
@@ -219,6 +227,17 @@ class InferenceConfig:
             )
         if not 0 <= self.load_retry_seconds <= 3600:
             raise ConfigError("inference.load_retry_seconds must be between 0 and 3600")
+        if self.failed_load_retry_seconds != 0 and not 5 <= self.failed_load_retry_seconds <= 3600:
+            raise ConfigError("inference.failed_load_retry_seconds must be 0 or between 5 and 3600")
+        if (
+            not max(self.failed_load_retry_seconds, 5)
+            <= self.failed_load_retry_max_seconds
+            <= 86400
+        ):
+            raise ConfigError(
+                "inference.failed_load_retry_max_seconds must be between "
+                "failed_load_retry_seconds (at least 5) and 86400"
+            )
         if self.max_model_bytes < 1024:
             raise ConfigError("inference.max_model_bytes must be at least 1024")
         if self.max_graph_nodes < 1:

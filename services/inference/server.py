@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.metadata
 import logging
 import threading
@@ -27,12 +26,13 @@ from strongroom.attesters import (
 )
 from strongroom.client.cancel import CallScope, scoped_channel
 from strongroom.client.keyrelease import KeyReleaseClient, PinnedChannels
-from strongroom.errors import Aborted, FailedPrecondition, StrongroomError
+from strongroom.errors import FailedPrecondition, StrongroomError
+from strongroom.inference.autoload import ConfiguredLoads, RetrySchedule
 from strongroom.inference.config import InferenceConfig
 from strongroom.inference.control import CONTROL_SERVICE, ModelControlServicer
 from strongroom.inference.evidence_service import InferenceAttestationServicer
-from strongroom.inference.loader import ModelLoader, transient
-from strongroom.inference.models import ModelRepository, ModelState, ModelUnloaded
+from strongroom.inference.loader import ModelLoader
+from strongroom.inference.models import ModelRepository
 from strongroom.inference.oip import SERVICE_NAME as OIP_SERVICE
 from strongroom.inference.oip import OipServicer
 from strongroom.inference.oip import add_to_server as add_oip_to_server
@@ -124,6 +124,9 @@ class InferenceServer:
     config: InferenceConfig
     retry_initial: float = 1.0
     retry_max: float = 60.0
+    # Failures that are not transient (inference.failed_load_retry_seconds and its maximum).
+    slow_retry_initial: float = 30.0
+    slow_retry_max: float = 300.0
     _threads: list[threading.Thread] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
     # The configured models' loads: close() cancels it, which ends a load waiting for a model's
@@ -133,79 +136,35 @@ class InferenceServer:
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
     def load_configured_models(self, *, wait: bool = False) -> None:
-        """Loads the configured models in the background.
-
-        A load that fails because a dependency is unavailable (store, broker, HSM, collateral) or
-        busy (:func:`~strongroom.inference.loader.transient`) is retried with exponential
-        back-off, so start-up order does not matter; any other failure (a denied release, a
-        tampered artifact) leaves the model not ready with its reason, and is not retried: it
-        needs an operator. Neither is a model an operator unloaded meanwhile (its load, if it
-        waited for the model's lock, is aborted). :meth:`close` stops these loads where they are.
+        """Loads the configured models in the background, retrying their failures
+        (:mod:`strongroom.inference.autoload`): soon when a dependency is unavailable or busy,
+        so start-up order does not matter; slowly (``inference.failed_load_retry_seconds``)
+        when the cause may go away without anyone touching this server (a denied release, a
+        model not yet published, a peer's certificate outside its dates). A model an operator
+        unloads meanwhile is no longer retried (its load, if it waited for the model's lock, is
+        aborted). :meth:`close` stops these loads where they are.
         """
-
-        def still_failed(name: str, version: str) -> bool:
-            return self.repository.version_state(name, version) is ModelState.FAILED
+        schedule = RetrySchedule(
+            soon_initial=self.retry_initial,
+            soon_max=self.retry_max,
+            slow_initial=self.slow_retry_initial,
+            slow_max=self.slow_retry_max,
+        )
+        loads = ConfiguredLoads(
+            self.loader,
+            self.repository,
+            self.config.models,
+            schedule=schedule,
+            scope=self._loads,
+            stopping=self._stopping,
+        )
 
         def run() -> None:
             # Their failures stay listed while retried (the cap would make them read as unloaded).
             with contextlib.ExitStack() as retried:
                 for ref in self.config.models:
                     retried.enter_context(self.repository.retrying(ref.name, ref.version))
-                retry_all()
-
-        def retry_all() -> None:
-            pending = list(self.config.models)
-            delay = self.retry_initial
-            first = True
-            while pending and not self._stopping.is_set():
-                retry = []
-                for ref in pending:
-                    # A retry asks whether the version still waits for it once registered where
-                    # an unload aborts it (ModelLoader.load's retry_of).
-                    retry_of = (
-                        None if first else functools.partial(still_failed, ref.name, ref.version)
-                    )
-                    try:
-                        self.loader.load(
-                            ref.name,
-                            ref.version,
-                            header_sha256=ref.pin,
-                            scope=self._loads,
-                            retry_of=retry_of,
-                        )
-                    except ModelUnloaded:
-                        log.info(
-                            "model %s/%s was unloaded or loaded meanwhile: no longer retried",
-                            ref.name,
-                            ref.version,
-                        )
-                        continue
-                    except StrongroomError as exc:
-                        if self._stopping.is_set():
-                            log.info(
-                                "model %s/%s: load stopped, the server is shutting down",
-                                ref.name,
-                                ref.version,
-                            )
-                            return
-                        if isinstance(exc, Aborted):
-                            log.info("model %s/%s not loaded: %s", ref.name, ref.version, exc)
-                            continue
-                        if not transient(exc):
-                            log.error("model %s/%s not loaded: %s", ref.name, ref.version, exc)
-                            continue
-                        log.warning(
-                            "model %s/%s: %s; retrying in %.1fs", ref.name, ref.version, exc, delay
-                        )
-                        retry.append(ref)
-                    except Exception:  # one model's bug must not leave the rest unloaded
-                        log.exception(
-                            "model %s/%s not loaded: unexpected error", ref.name, ref.version
-                        )
-                pending, first = retry, False
-                if pending:
-                    self._stopping.wait(delay)
-                    delay = min(delay * 2, self.retry_max)
+                loads.run()
 
         thread = threading.Thread(target=run, name="model-loader", daemon=True)
         thread.start()
@@ -351,6 +310,8 @@ def build(
         repository=repository,
         loader=loader,
         config=config,
+        slow_retry_initial=config.failed_load_retry_seconds,
+        slow_retry_max=config.failed_load_retry_max_seconds,
         _closers=[broker_channels.close],
     )
 

@@ -48,6 +48,11 @@ MODEL_LOAD_DURATION = _meter.create_histogram(
     unit="s",
     description="Model load time (fetch, attest, release, decrypt, load), by outcome",
 )
+MODEL_LOAD_RETRIES = _meter.create_counter(
+    "strongroom.inference.model_load.retries",
+    description="Failed loads of configured models scheduled to be tried again, by model, reason "
+    "and schedule (soon: transient; slowly: a cause that may go away by itself)",
+)
 
 
 def install_meter_provider(

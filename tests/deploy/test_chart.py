@@ -649,6 +649,30 @@ def test_the_graph_node_budget_is_an_operator_value(
     assert section.runtime.max_graph_nodes == expected
 
 
+@pytest.mark.parametrize(
+    ("set_args", "expected"),
+    [
+        ((), (30.0, 300.0)),
+        (("inference.failedLoadRetrySeconds=0",), (0.0, 300.0)),
+        (
+            ("inference.failedLoadRetrySeconds=60", "inference.failedLoadRetryMaxSeconds=900"),
+            (60.0, 900.0),
+        ),
+    ],
+)
+def test_the_slow_load_retries_are_operator_values(
+    helm: str, tmp_path: Path, set_args: tuple[str, ...], expected: tuple[float, float]
+) -> None:
+    """``inference.failedLoadRetrySeconds`` and ``failedLoadRetryMaxSeconds`` reach the service's
+    ``failed_load_retry_seconds`` and ``failed_load_retry_max_seconds`` (its defaults when null;
+    0 turns the retries of failures that are not transient off)."""
+    path = tmp_path / "inference.yaml"
+    path.write_text(_configs(render(helm, set_args=set_args))["inference"])
+    _, section = load_service_config(path, "inference", InferenceConfig, environ={})
+    assert isinstance(section, InferenceConfig)
+    assert (section.failed_load_retry_seconds, section.failed_load_retry_max_seconds) == expected
+
+
 @pytest.mark.parametrize(("value", "expected"), [(None, False), ("false", False), ("true", True)])
 def test_the_unbound_upload_window_is_an_operator_value(
     helm: str, tmp_path: Path, value: str | None, expected: bool

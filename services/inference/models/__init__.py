@@ -18,6 +18,7 @@ from strongroom.inference.models._loaded import (
     session_options,
 )
 from strongroom.inference.models._repository import (
+    REPEAT_LOG_SECONDS,
     LoadFailure,
     ModelLoadFailed,
     ModelNotFound,
@@ -35,6 +36,7 @@ __all__ = [
     "DEFAULT_MAX_INFERENCE_MEMORY_BYTES",
     "MIN_INFERENCE_MEMORY_BYTES",
     "PLATFORM",
+    "REPEAT_LOG_SECONDS",
     "DataType",
     "LoadFailure",
     "LoadedModel",

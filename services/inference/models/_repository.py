@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 MAX_FAILED_LOADS = 64
 """Failed versions kept across all models; beyond it the oldest failure is dropped."""
 
+REPEAT_LOG_SECONDS = 3600.0
+"""How often a failure a retry waits for is logged in full again while its reason stays the
+same (between, at DEBUG)."""
+
 
 class ModelNotFound(NotFound):
     """No model (or no such version of it) is configured."""
@@ -145,6 +149,8 @@ class ModelRepository:
         self._failed: OrderedDict[tuple[str, str], None] = OrderedDict()
         # Versions whose loads wait to be retried (retrying()): their failures are not dropped.
         self._retrying: Counter[tuple[str, str]] = Counter()
+        # Of those, the reason of the failure last logged in full, and when (_log_failure).
+        self._failure_logged: dict[tuple[str, str], tuple[str, float]] = {}
         self._lock = threading.Lock()
         self._expected: frozenset[str] = frozenset()
         self._entries: Mapping[str, _Entry] = MappingProxyType({})
@@ -182,6 +188,9 @@ class ModelRepository:
         status = VersionStatus(version, ModelState.FAILED, failure)
         if not self._set_pending(name, version, status, replacing=loading):
             return
+        if not self._log_failure(name, version, error.reason):
+            log.debug("model load failed", extra={"model": name, "reason": error.reason})
+            return
         log.error(
             "model load failed",
             extra={
@@ -191,6 +200,22 @@ class ModelRepository:
                 "detail": error.message[:2000],
             },
         )
+
+    def _log_failure(self, name: str, version: str, reason: str) -> bool:
+        """Whether a failure of ``version`` is logged in full: always, unless a retry waits for
+        it (:meth:`retrying`) and its last failure logged had the same reason, less than
+        :data:`REPEAT_LOG_SECONDS` ago (a configured model retried for days logged its every
+        attempt at ERROR, the peer's message included)."""
+        key = (name, version)
+        now = time.monotonic()
+        with self._lock:
+            if key not in self._retrying:
+                return True
+            last = self._failure_logged.get(key)
+            if last is not None and last[0] == reason and now - last[1] < REPEAT_LOG_SECONDS:
+                return False
+            self._failure_logged[key] = (reason, now)
+            return True
 
     def withdraw(self, name: str, version: str, loading: VersionStatus) -> None:
         """Forgets a load that :meth:`begin_load` recorded but that will not run (it was aborted
@@ -219,6 +244,7 @@ class ModelRepository:
                 self._retrying[key] -= 1
                 if self._retrying[key] <= 0:
                     del self._retrying[key]
+                    self._failure_logged.pop(key, None)
                 self._enforce_cap()
 
     def publish(self, model: LoadedModel, *, loading: VersionStatus | None = None) -> None:

@@ -1,0 +1,239 @@
+"""The configured models (``inference.models``) loaded in the background, until they load.
+
+Each configured version is tried once at start, then again while it fails, on a schedule of its
+own:
+
+* **soon**, for a failure that is transient (:func:`~strongroom.inference.loader.transient`: a
+  peer unavailable, or busy with this identity's other calls): 1 s doubling to 60 s;
+* **slowly**, for any other failure whose cause may go away without anyone touching this server
+  (a release the broker's policy denies until an operator fixes the policy, a key version
+  disabled then enabled again, a model not yet published, an artifact damaged then published
+  again, a peer's certificate briefly outside its dates, a release-signing certificate not yet
+  valid by this clock): ``inference.failed_load_retry_seconds`` (30 s) doubling to
+  ``inference.failed_load_retry_max_seconds`` (300 s). Each wait is drawn between its delay and
+  half as long again, so a fleet started together spreads its retries out; and no wait is
+  shorter than its delay, so one replica's retries of one model never come faster than one per
+  ``failed_load_retry_seconds`` (what the broker's refusal budget is judged against: see
+  README "Faults");
+* **never**, for a failure only this server's own configuration can change
+  (:data:`NEEDS_OUR_CONFIGURATION`): each try would be a key release the broker granted, and
+  recorded as ``ALLOWED`` (never budgeted), before this server refused the answer. ``0`` for
+  ``failed_load_retry_seconds`` retries no slow failure (what the server did before).
+
+The retries of a version end when it loads, when an operator unloads it (or loads it: the
+failure the retry waits for is gone; see :meth:`ModelLoader.load`'s ``retry_of``), or when the
+server stops. A new configuration is a new server (the service reads it at start), so retries
+of a model the new one no longer lists end with the old one.
+
+A failure is logged once per change of its reason (ERROR, or WARNING for a transient one, with
+the peer's message), and while the reason stays the same at most once every
+:data:`~strongroom.inference.models.REPEAT_LOG_SECONDS` (an hour; with the attempts made
+since); each retry is counted in the
+``strongroom.inference.model_load.retries`` metric by model, reason and schedule, and the
+version's failure stays listed (ModelReady, ModelMetadata, readiness) with its reason meanwhile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from strongroom.client.cancel import CallScope
+from strongroom.errors import Aborted, StrongroomError
+from strongroom.inference.config import ModelRef
+from strongroom.inference.loader import ModelLoader, transient
+from strongroom.inference.models import (
+    REPEAT_LOG_SECONDS,
+    ModelRepository,
+    ModelState,
+    ModelUnloaded,
+)
+from strongroom.reasons import Reason
+from strongroom.runtime.metrics import MODEL_LOAD_RETRIES
+
+log = logging.getLogger(__name__)
+
+NEEDS_OUR_CONFIGURATION = frozenset(
+    {
+        Reason.RELEASE_SIGNING_KEY_UNKNOWN,
+        Reason.RELEASE_UNSIGNED,
+    }
+)
+"""Failures no retry can mend: the broker's answer was signed by a key this server does not
+trust, or not signed at all (``inference.release_signing_public_keys``,
+``allow_unsigned_releases``), which only a new configuration (a restart) changes; and each try
+costs the broker an ``ALLOWED`` audit record, which no refusal budget limits."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrySchedule:
+    """When failed loads of the configured models are tried again (seconds); ``slow_initial``
+    0: failures that are not transient are not retried."""
+
+    soon_initial: float = 1.0
+    soon_max: float = 60.0
+    slow_initial: float = 30.0
+    slow_max: float = 300.0
+
+    def retried(self, exc: StrongroomError) -> str | None:
+        """How a load that failed with ``exc`` is retried: ``soon``, ``slowly`` or None."""
+        if transient(exc):
+            return "soon"
+        if self.slow_initial <= 0 or exc.reason in NEEDS_OUR_CONFIGURATION:
+            return None
+        if isinstance(exc, ModelUnloaded | Aborted) or exc.reason == Reason.LOAD_CANCELLED:
+            return None
+        return "slowly"
+
+
+def spread(delay: float) -> float:
+    """A wait for ``delay``: between it and half as long again (never shorter, so the retries'
+    rate stays within what ``delay`` promises; spread, so a fleet's do not come together)."""
+    return delay * random.uniform(1.0, 1.5)  # noqa: S311 - spreading, not a secret
+
+
+@dataclasses.dataclass
+class _Version:
+    """One configured version's retries."""
+
+    ref: ModelRef
+    due: float = 0.0  # time.monotonic() of its next attempt
+    tried: bool = False
+    soon: float = 0.0  # the next delay of each schedule (0: not begun)
+    slow: float = 0.0
+    reason: str | None = None  # the last failure's, as logged
+    logged_at: float = 0.0
+    unlogged: int = 0  # failures of that reason since it was last logged
+
+    @property
+    def label(self) -> str:
+        return f"{self.ref.name}/{self.ref.version}"
+
+
+class ConfiguredLoads:
+    """Runs the loads of ``models`` until each has loaded, been unloaded, failed for good, or
+    ``stopping`` is set; ``scope`` (cancelled with the server) ends a load where it is."""
+
+    def __init__(
+        self,
+        loader: ModelLoader,
+        repository: ModelRepository,
+        models: Sequence[ModelRef],
+        *,
+        schedule: RetrySchedule,
+        scope: CallScope,
+        stopping: threading.Event,
+        wait: Callable[[float], float] = spread,
+    ) -> None:
+        self._loader = loader
+        self._repository = repository
+        self._pending = [_Version(ref) for ref in models]
+        self._schedule = schedule
+        self._scope = scope
+        self._stopping = stopping
+        self._wait = wait
+
+    def run(self) -> None:
+        """Loads until nothing is left to retry, or the server stops."""
+        while self._pending and not self._stopping.is_set():
+            now = time.monotonic()
+            for version in [v for v in self._pending if v.due <= now]:
+                if self._stopping.is_set():
+                    return
+                if not self._attempt(version):
+                    self._pending.remove(version)
+            if self._pending:
+                self._stopping.wait(max(0.0, min(v.due for v in self._pending) - time.monotonic()))
+
+    def _attempt(self, version: _Version) -> bool:
+        """Tries ``version`` once; whether it is to be tried again."""
+        ref = version.ref
+        # A retry asks whether the version still waits for it once registered where an unload
+        # aborts it (ModelLoader.load's retry_of).
+        retry_of = self._still_failed(ref) if version.tried else None
+        version.tried = True
+        try:
+            self._loader.load(
+                ref.name, ref.version, header_sha256=ref.pin, scope=self._scope, retry_of=retry_of
+            )
+        except ModelUnloaded:
+            log.info("model %s was unloaded or loaded meanwhile: no longer retried", version.label)
+            return False
+        except StrongroomError as exc:
+            if self._stopping.is_set():
+                log.info("model %s: load stopped, the server is shutting down", version.label)
+                return False
+            return self._failed(version, exc)
+        except Exception:  # one model's bug must not leave the rest unloaded
+            log.exception("model %s not loaded: unexpected error", version.label)
+            return False
+        if version.reason is not None:
+            log.info("model %s loaded after failing with %s", version.label, version.reason)
+        return False
+
+    def _still_failed(self, ref: ModelRef) -> Callable[[], bool]:
+        def still_failed() -> bool:
+            return self._repository.version_state(ref.name, ref.version) is ModelState.FAILED
+
+        return still_failed
+
+    def _failed(self, version: _Version, exc: StrongroomError) -> bool:
+        how = self._schedule.retried(exc)
+        if how is None:
+            if isinstance(exc, Aborted):
+                log.info("model %s not loaded: %s", version.label, exc)
+            elif exc.reason in NEEDS_OUR_CONFIGURATION:
+                log.error(
+                    "model %s not loaded, and not retried (only this server's configuration "
+                    "can change it): %s",
+                    version.label,
+                    exc,
+                    extra={"reason": exc.reason},
+                )
+            else:
+                log.error(
+                    "model %s not loaded: %s", version.label, exc, extra={"reason": exc.reason}
+                )
+            return False
+        schedule = self._schedule
+        if how == "soon":
+            delay = version.soon = (
+                schedule.soon_initial
+                if not version.soon
+                else min(version.soon * 2, schedule.soon_max)
+            )
+        else:
+            delay = version.slow = (
+                schedule.slow_initial
+                if not version.slow
+                else min(version.slow * 2, schedule.slow_max)
+            )
+        wait = self._wait(delay)
+        version.due = time.monotonic() + wait
+        MODEL_LOAD_RETRIES.add(1, {"model": version.ref.name, "reason": exc.reason, "retry": how})
+        self._log_failure(version, exc, how, wait)
+        return True
+
+    def _log_failure(self, version: _Version, exc: StrongroomError, how: str, wait: float) -> None:
+        """Logs ``exc`` if its reason differs from the last one logged, or that was logged
+        :data:`REPEAT_LOG_SECONDS` ago; counts it otherwise."""
+        now = time.monotonic()
+        if exc.reason == version.reason and now - version.logged_at < REPEAT_LOG_SECONDS:
+            version.unlogged += 1
+            return
+        level = logging.WARNING if how == "soon" else logging.ERROR
+        extra = {"reason": exc.reason, "retry": how, "failures_not_logged": version.unlogged}
+        log.log(
+            level,
+            "model %s not loaded: %s; retrying %s, in %.0fs",
+            version.label,
+            exc,
+            how,
+            wait,
+            extra=extra,
+        )
+        version.reason, version.logged_at, version.unlogged = exc.reason, now, 0

@@ -1,0 +1,209 @@
+"""Configured models load once the cause of a failure goes away, without anyone calling LoadModel.
+
+A failure that was not transient (a release the broker's policy denies, a model not yet
+published, ...) used to be final for a configured model: the server stayed not ready until an
+operator called LoadModel or restarted it. Such failures are now retried slowly
+(strongroom.inference.autoload); these tests shorten the schedule to fractions of a second.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
+from strongroom.client.publish import publish_model
+from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack.model import train
+from strongroom.errors import FailedPrecondition, PermissionDenied, Unavailable
+from strongroom.inference.autoload import RetrySchedule, spread
+from strongroom.inference.models import ModelState
+from strongroom.inference.server import InferenceServer
+from strongroom.reasons import Reason
+from strongroom.runtime.config import ConfigError
+from tests.e2e.test_resilience import wait_until
+
+OTHER_MEASUREMENT = "ab" * 48
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    return train(tmp_path / "m.onnx").path
+
+
+def _publish(stack: DevStack, path: Path, name: str, key_id: str) -> None:
+    publisher = stack.identity("publisher")
+    publish_model(
+        path,
+        name=name,
+        version="1",
+        key_id=key_id,
+        broker=stack.channel(publisher, "keybroker"),
+        store=stack.channel(publisher, "modelstore"),
+    )
+
+
+def _set_policy(stack: DevStack, key_id: str, document: str) -> None:
+    admin = kb_grpc.KeyAdminServiceStub(stack.channel(stack.identity("admin"), "keybroker"))
+    admin.SetReleasePolicy(
+        kb_pb.SetReleasePolicyRequest(key_id=key_id, policy_document=document), timeout=30
+    )
+
+
+def _start(stack: DevStack, *names: str) -> InferenceServer:
+    """An inference server configured with ``names`` (version 1), retrying slow failures every
+    0.2-0.6 s; its configured loads are not started yet."""
+    earlier = stack.services.pop("inference", None)
+    if earlier is not None:
+        earlier.stop()
+    section = {
+        **stack.default_section("inference"),
+        "models": [{"name": name, "version": "1"} for name in names],
+    }
+    inference: InferenceServer = stack.start_in_process("inference", section).handle
+    inference.slow_retry_initial, inference.slow_retry_max = 0.2, 0.4
+    return inference
+
+
+@pytest.fixture
+def stopped(stack: DevStack) -> Iterator[None]:
+    yield
+    earlier = stack.services.pop("inference", None)
+    if earlier is not None:
+        earlier.stop()
+
+
+def _failed_with(inference: InferenceServer, name: str) -> str | None:
+    for version in inference.repository.status(name).versions:
+        if version.state is ModelState.FAILED and version.failure is not None:
+            return version.failure.reason
+    return None
+
+
+def _attempts(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.getMessage() == "model load failed" and getattr(r, "model", None) == name
+    ]
+
+
+def test_a_model_published_after_the_server_started_loads_without_a_call(
+    stack: DevStack, model_path: Path, stopped: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store had no such model when the server started (NOT_FOUND): the model stayed
+    unloaded, and the server not ready, until someone called LoadModel or restarted it."""
+    stack.create_release_key(stack.identity("admin"), "later", policy_version="1")
+    inference = _start(stack, "later")
+    caplog.set_level(logging.DEBUG, logger="strongroom.inference")
+    inference.load_configured_models()
+    assert wait_until(lambda: len(_attempts(caplog, "later")) >= 3, 30), (
+        inference.repository.status("later")
+    )
+    assert _failed_with(inference, "later") == "MODEL_NOT_FOUND"
+    assert not inference.repository.server_ready()
+    _publish(stack, model_path, "later", "later")
+    assert wait_until(lambda: inference.repository.is_ready("later", "1"), 30), (
+        inference.repository.status("later")
+    )
+    assert inference.repository.server_ready()
+    (loader_thread,) = inference._threads
+    assert wait_until(lambda: not loader_thread.is_alive(), 30)
+    # Each failure of the same reason was logged once in full, however often it was retried.
+    attempts = _attempts(caplog, "later")
+    assert len([r for r in attempts if r.levelno == logging.ERROR]) == 1 < len(attempts)
+    retried = [
+        r
+        for r in caplog.records
+        if r.name == "strongroom.inference.autoload" and "retrying" in r.getMessage()
+    ]
+    assert len(retried) == 1 and retried[0].levelno == logging.ERROR
+    assert getattr(retried[0], "retry", None) == "slowly"
+    assert any("loaded after failing" in r.getMessage() for r in caplog.records)
+
+
+def test_a_release_the_policy_denied_loads_once_the_policy_is_fixed(
+    stack: DevStack, model_path: Path, stopped: None
+) -> None:
+    """A key release denied by the broker's policy (here: the VM's measurement not listed) was
+    final; the operator then fixed the policy, and the pod stayed unready for good."""
+    stack.create_release_key(stack.identity("admin"), "denied", policy_version="1")
+    _publish(stack, model_path, "denied", "denied")
+    _set_policy(stack, "denied", stack.simulated_policy("2", measurement=OTHER_MEASUREMENT))
+    inference = _start(stack, "denied")
+    inference.load_configured_models()
+    assert wait_until(lambda: _failed_with(inference, "denied") is not None, 30)
+    assert _failed_with(inference, "denied") == "MEASUREMENT_NOT_ALLOWED"
+    assert not inference.repository.is_ready("denied", "1")
+    _set_policy(stack, "denied", stack.simulated_policy("3"))
+    assert wait_until(lambda: inference.repository.is_ready("denied", "1"), 30), (
+        inference.repository.status("denied")
+    )
+
+
+def test_an_unload_stops_the_slow_retries(
+    stack: DevStack, model_path: Path, stopped: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator unloading a configured model that waits for a slow retry ends its retries:
+    publishing it afterwards loads nothing."""
+    stack.create_release_key(stack.identity("admin"), "dropped", policy_version="1")
+    inference = _start(stack, "dropped")
+    caplog.set_level(logging.DEBUG, logger="strongroom.inference")
+    inference.load_configured_models()
+    # It is retried (NOT_FOUND) ...
+    assert wait_until(lambda: len(_attempts(caplog, "dropped")) >= 2, 30)
+    assert wait_until(lambda: _failed_with(inference, "dropped") is not None, 30)
+    inference.loader.abort_queued("dropped", "1")  # as UnloadModel does
+    inference.repository.unload("dropped", "1")
+    # ... until the unload: the retries end, and publishing it afterwards loads nothing.
+    (loader_thread,) = inference._threads
+    assert wait_until(lambda: not loader_thread.is_alive(), 30)
+    attempts = len(_attempts(caplog, "dropped"))
+    _publish(stack, model_path, "dropped", "dropped")
+    assert not loader_thread.is_alive()
+    assert inference.repository.version_state("dropped", "1") is None
+    assert not inference.repository.is_ready("dropped")
+    assert len(_attempts(caplog, "dropped")) == attempts
+
+
+def test_failures_only_this_servers_configuration_changes_are_not_retried() -> None:
+    """A release answer signed by a key this server does not trust cannot change until its
+    configuration does, and each try is a release the broker granted and audited (ALLOWED,
+    never budgeted): not retried. Turning the slow retries off leaves every failure that is not
+    transient to an operator, as before."""
+    schedule = RetrySchedule()
+    unknown = FailedPrecondition("unknown key", reason=Reason.RELEASE_SIGNING_KEY_UNKNOWN)
+    denied = FailedPrecondition("denied", reason=Reason.MEASUREMENT_NOT_ALLOWED)
+    assert schedule.retried(unknown) is None
+    assert schedule.retried(denied) == "slowly"
+    assert (
+        schedule.retried(PermissionDenied("expired", reason=Reason.PEER_CERT_EXPIRED)) == "slowly"
+    )
+    assert schedule.retried(Unavailable("down", reason=Reason.KEY_RELEASE_UNAVAILABLE)) == "soon"
+    off = RetrySchedule(slow_initial=0)
+    assert off.retried(denied) is None
+    assert off.retried(Unavailable("down", reason=Reason.KEY_RELEASE_UNAVAILABLE)) == "soon"
+
+
+def test_slow_retries_are_spread_but_never_sooner_than_their_delay() -> None:
+    """The broker records a caller's refused releases one by one within a budget per reason
+    (1 a second): a replica's retries of one model never come faster than one per delay."""
+    waits = [spread(30.0) for _ in range(1000)]
+    assert all(30.0 <= w <= 45.0 for w in waits)
+    assert max(waits) - min(waits) > 5  # spread: a fleet started together does not retry together
+
+
+def test_the_slow_retry_settings_are_checked() -> None:
+    from strongroom.inference.config import InferenceConfig
+
+    base = {"model_store": "a:1", "key_broker": "b:1"}
+    config = InferenceConfig(**base)  # type: ignore[arg-type]
+    assert (config.failed_load_retry_seconds, config.failed_load_retry_max_seconds) == (30, 300)
+    InferenceConfig(**base, failed_load_retry_seconds=0)  # type: ignore[arg-type]
+    for bad in ({"failed_load_retry_seconds": 1}, {"failed_load_retry_max_seconds": 20}):
+        with pytest.raises(ConfigError, match="failed_load_retry"):
+            InferenceConfig(**base, **bad)  # type: ignore[arg-type]
