@@ -9,7 +9,6 @@ release policy, a tampered artifact, and a model written under another model's d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -151,8 +150,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _audit_records(root: Path) -> list[dict[str, Any]]:
-    path = root / "state" / "keybroker" / "audit.log"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from strongroom.dev.devstack import read_audit_records  # imported here, as in run()
+
+    # Read between two of the broker's writes: _wait_denied polls the log while it writes.
+    return read_audit_records(root / "state" / "keybroker" / "audit.log")
 
 
 def _last_release(root: Path) -> dict[str, Any]:

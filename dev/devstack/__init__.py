@@ -6,6 +6,7 @@ starts the services either in this process (tests) or as separate processes (the
 it makes is for development only: the configurations say ``mode: development``.
 """
 
+from strongroom.dev.devstack.audit import read_audit_records
 from strongroom.dev.devstack.stack import DevStack, RunningService
 
-__all__ = ["DevStack", "RunningService"]
+__all__ = ["DevStack", "RunningService", "read_audit_records"]

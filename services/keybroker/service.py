@@ -19,6 +19,7 @@ from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
 from strongroom.oaep import OaepHash
 from strongroom.pki.authz import caller_identity, verified_caller
 from strongroom.reasons import Reason
+from strongroom.runtime.gave_up import GaveUp, gave_up_on
 from strongroom.runtime.server import MessageLimits
 
 KEYBROKER_SERVICE = "strongroom.api.keybroker.v1.KeyBrokerService"
@@ -80,43 +81,23 @@ def _caller(context: grpc.ServicerContext) -> Caller:
     return Caller(str(ident.spiffe_id), ident.serial, ident.public_key_der)
 
 
-DEADLINE_TRANSIT = 1.0
-"""Seconds before the call's deadline (as this server reckons it) within which a call that ended
-is taken as its caller's deadline having passed. The server's deadline is the caller's plus the
-request's transit (gRPC sends the time left, which the server counts from the request's
-arrival), so a caller's deadline passes first, and its client ends the call as a cancellation
-would: the server saw the call end a few milliseconds before its own deadline (2 calls in 8 on
-an idle machine, more on a loaded one) and recorded CANCELLED what the caller saw as
-DEADLINE_EXCEEDED. A caller cancelling within this of its deadline is recorded so too."""
-
-
-def caller_gave_up(remaining: float | None, active: bool) -> StrongroomError | None:
-    """Why a call with ``remaining`` seconds before its deadline (None: none) and ``active`` or
-    not is no longer waited for (:class:`DeadlineExceeded`, :class:`Cancelled`); None if it is."""
-    if remaining is not None and (remaining <= 0 or (not active and remaining <= DEADLINE_TRANSIT)):
-        return DeadlineExceeded(
-            "the call's deadline passed before the policy could be written (the policy "
-            "directory's lock was held): nothing was stored; retry with a longer deadline"
-        )
-    if not active:
-        return Cancelled(
-            "the call was cancelled before the policy could be written: nothing was stored"
-        )
-    return None
-
-
 def _still_waited_for(context: grpc.ServicerContext) -> Callable[[], None]:
-    """A check that the call is still waited for: DeadlineExceeded once its deadline has passed,
-    Cancelled once its caller cancelled it (or it ended otherwise). A change made after its
+    """A check that the call is still waited for: DeadlineExceeded once its caller's deadline has
+    passed, Cancelled once its caller cancelled it (or it ended otherwise), as the runtime's rule
+    tells them apart (:func:`~strongroom.runtime.gave_up.gave_up`). A change made after its
     caller gave up went live while the caller had heard it failed."""
 
     def check() -> None:
-        # Whether it is active first: the deadline's time left, read after, then counts an end
-        # that came just before it (the caller's deadline, DEADLINE_TRANSIT).
-        active = context.is_active()
-        why = caller_gave_up(context.time_remaining(), active)
-        if why is not None:
-            raise why
+        why = gave_up_on(context)
+        if why is GaveUp.DEADLINE:
+            raise DeadlineExceeded(
+                "the call's deadline passed before the policy could be written (the policy "
+                "directory's lock was held): nothing was stored; retry with a longer deadline"
+            )
+        if why is GaveUp.CANCELLED:
+            raise Cancelled(
+                "the call was cancelled before the policy could be written: nothing was stored"
+            )
 
     return check
 

@@ -29,6 +29,7 @@ import grpc
 
 from strongroom.errors import Cancelled, StrongroomError
 from strongroom.reasons import Reason
+from strongroom.runtime.gave_up import GaveUp, gave_up
 
 __all__ = [
     "CallScope",
@@ -39,11 +40,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-DEADLINE_SLACK = 0.5
-"""A cancellation this close to the deadline (seconds) is the deadline's: a client whose
-deadline passes cancels the call itself, and that cancellation can reach the server just before
-the server's copy of the deadline passes (gRPC says nothing else about why a call ended)."""
 
 
 class _Cancellable(Protocol):
@@ -91,8 +87,9 @@ class CallScope:
 
     def error(self) -> StrongroomError:
         """What the operation ended with: CANCELLED ``LOAD_DEADLINE_EXCEEDED`` if the deadline
-        ended it (gRPC also cancels a call at its deadline: a cancellation within
-        :data:`DEADLINE_SLACK` of it counts as the deadline), else ``LOAD_CANCELLED``.
+        ended it (a client ends its call at its deadline as it would cancel it: a cancellation
+        within :data:`~strongroom.runtime.gave_up.DEADLINE_TRANSIT` of it counts as the
+        deadline, the rule every service judges by), else ``LOAD_CANCELLED``.
 
         Judged by when the scope was cancelled, not when this is asked: a step that notices a
         cancellation only after the deadline has passed still reports the cancellation."""
@@ -110,9 +107,8 @@ class CallScope:
         if self.deadline is None:
             return False
         cancelled_at = self._cancelled_at
-        if cancelled_at is None:
-            return time.monotonic() >= self.deadline
-        return cancelled_at >= self.deadline - DEADLINE_SLACK
+        at = time.monotonic() if cancelled_at is None else cancelled_at
+        return gave_up(self.deadline - at, active=cancelled_at is None) is GaveUp.DEADLINE
 
     def raise_if_ended(self) -> None:
         """Raises :meth:`error` if the scope has ended; a step that starts work checks it first."""

@@ -74,6 +74,7 @@ from strongroom.errors import (
     REFUSAL_CALL,
     REFUSAL_LINE,
     Cancelled,
+    DeadlineExceeded,
     InvalidArgument,
     ResourceExhausted,
 )
@@ -464,7 +465,7 @@ class UnaryGuard(HandlerInterceptor):
             request = read()
             read_one = True
             return request
-        except (Cancelled, InvalidArgument):
+        except (Cancelled, DeadlineExceeded, InvalidArgument):
             # A watchdog's cancel (under the lock, while the call is late or stalled, which it
             # stays until this wait ends) reaches the read as the call's cancellation or, in
             # about one run of three, first as the end of its request stream (gRPC completes

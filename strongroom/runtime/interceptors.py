@@ -53,6 +53,7 @@ from google.protobuf.message import DecodeError
 from strongroom.errors import (
     REFUSAL_LINE,
     Cancelled,
+    DeadlineExceeded,
     InvalidArgument,
     StrongroomError,
     caused_by_caller,
@@ -60,6 +61,7 @@ from strongroom.errors import (
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.reasons import Reason
 from strongroom.runtime.callers import Identify, caller_key
+from strongroom.runtime.gave_up import GaveUp, gave_up_on
 from strongroom.runtime.grpc_types import (
     HandlerInterceptor,
     RpcMethodHandler,
@@ -545,10 +547,10 @@ class PendingRequest:
         """The request message (decoded, or the marker of one that did not decode); waits for it
         within the caller's bounds when the call holds no data-plane worker already."""
         if self._wait is None:
-            return self._next()
-        return self._wait(context, self._method, self._next)
+            return self._next(context)
+        return self._wait(context, self._method, lambda: self._next(context))
 
-    def _next(self) -> Any:
+    def _next(self, context: grpc.ServicerContext) -> Any:
         try:
             return next(self._requests)
         except StopIteration:
@@ -557,9 +559,16 @@ class PendingRequest:
                 reason=Reason.MALFORMED_REQUEST,
             ) from None
         except grpc.RpcError:  # the RPC ended before its message was read
+            # What the log and the broker's audit of an unread ReleaseKey say: a caller whose
+            # deadline passed was recorded CANCELLED, as if it had called the call off.
+            if gave_up_on(context) is GaveUp.DEADLINE:
+                raise DeadlineExceeded(
+                    f"{self._method}: the caller's deadline passed before its request message "
+                    "was read"
+                ) from None
             raise Cancelled(
                 f"{self._method}: the call ended before its request message was read (cancelled, "
-                "past its deadline, or the message refused by gRPC: larger than the limit)"
+                "or the message refused by gRPC: larger than the limit)"
             ) from None
 
 

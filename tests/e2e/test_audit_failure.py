@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     import grpc
     from strongroom.api.keybroker.v1 import keybroker_pb2 as pb, keybroker_pb2_grpc as pb_grpc
     from strongroom.dev.simulated import SimulatedAuthority
-    from strongroom.dev.devstack import DevStack
+    from strongroom.dev.devstack import DevStack, read_audit_records
     from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
     from strongroom.attesters import SimulatedAttester, TeeType
     from strongroom.client.keyrelease import KeyReleaseClient
@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent(
             out["during"] = [exc.code().name, exc.details().split(":")[0]]
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         out["after"] = bind_data_key(client.release("k", generated.key_version, generated.wrapped_data_key).dek, "m", "1") == generated.data_key
-        out["records"] = [json.loads(l)["decision"] for l in audit.read_text().splitlines() if '"key_release"' in l]
+        out["records"] = [r["decision"] for r in read_audit_records(audit) if r["action"] == "key_release"]
     print(json.dumps(out))
     """
 )

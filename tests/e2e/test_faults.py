@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import json
 import os
 import threading
 import time
@@ -34,7 +33,7 @@ from strongroom.client.cancel import CallScope
 from strongroom.client.keyrelease import KeyReleaseClient, PinnedChannels
 from strongroom.client.publish import publish_model
 from strongroom.client.remote import peer_reason
-from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack import DevStack, read_audit_records
 from strongroom.dev.devstack.model import train
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
@@ -92,7 +91,7 @@ class Env:
 
     def audit(self) -> list[dict[str, Any]]:
         path = self.stack.root / "state" / "keybroker" / "audit.log"
-        return [json.loads(line) for line in path.read_text().splitlines()]
+        return read_audit_records(path)
 
 
 @pytest.fixture(scope="module")
@@ -415,6 +414,38 @@ def test_a_cancelled_load_model_stops_its_load_and_frees_the_model(
             control_pb.LoadModelRequest(name="faulty", version="cancelled"), timeout=60
         )
         assert inference.repository.is_ready("faulty", "cancelled")
+    finally:
+        stall.go_on.set()
+        env.stack.services.pop("inference").stop()
+
+
+def test_a_load_model_its_client_ends_just_before_its_deadline_is_the_deadlines(
+    env: Env, model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client ends its call at its own deadline as it would cancel it, and the server hears of
+    it before its own copy of the deadline, which is later by the request's transit. The load's
+    scope took a cancellation within 0.5 s of its deadline as the deadline's, the key broker one
+    within 1 s: a LoadModel ended 0.75 s before its deadline was recorded LOAD_CANCELLED, where
+    the broker would have said DEADLINE_EXCEEDED. Every service now judges by one rule
+    (strongroom.runtime.gave_up)."""
+    _publish(env, model_path, "ended-late")
+    stall = _stall_download(env, monkeypatch, "ended-late")
+    inference = env.stack.start_in_process("inference").handle
+    try:
+        control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
+        deadline = time.monotonic() + 30
+        call = control.LoadModel.future(
+            control_pb.LoadModelRequest(name="faulty", version="ended-late"), timeout=30
+        )
+        assert stall.stalled.wait(25)  # mid-download: the store holds back the last bytes
+        time.sleep(max(0.0, deadline - 0.75 - time.monotonic()))
+        call.cancel()
+        assert inference.loader._lock("faulty").acquire(CallScope(time.monotonic() + 60))
+        inference.loader._lock("faulty").release()
+        status = next(
+            v for v in inference.repository.status("faulty").versions if v.version == "ended-late"
+        )
+        assert status.failure is not None and status.failure.reason == "LOAD_DEADLINE_EXCEEDED"
     finally:
         stall.go_on.set()
         env.stack.services.pop("inference").stop()

@@ -4,7 +4,6 @@ answers and the re-wrap metric, over real mTLS to a broker on a real SoftHSM2 to
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import subprocess
@@ -22,8 +21,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from strongroom.api.keybroker.v1 import keybroker_pb2 as kb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.cli.main import main
-from strongroom.dev.devstack import DevStack
-from strongroom.files import shared_flock
+from strongroom.dev.devstack import DevStack, read_audit_records
 from strongroom.keybroker import lifecycle, refusals
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
@@ -320,13 +318,9 @@ def test_a_publisher_flooding_refused_rewraps_is_rate_limited(stack: DevStack) -
 
 
 def _audit(stack: DevStack) -> list[dict[str, Any]]:
-    """The broker's audit records, read between two of its writes: tests poll the log while the
-    broker writes it, and a read racing a write saw the first part of its line (one read in 40
-    racing a writer of 1 KB lines), a JSONDecodeError."""
-    path = stack.root / "state" / "keybroker" / "audit.log"
-    with path.open("rb") as log, shared_flock(log.fileno()):  # the broker writes under flock
-        data = log.read()
-    return [json.loads(line) for line in data.decode().splitlines()]
+    """The broker's audit records (read between two of its writes: tests poll the log while the
+    broker writes it)."""
+    return read_audit_records(stack.root / "state" / "keybroker" / "audit.log")
 
 
 def test_a_policy_change_expecting_a_version_replaces_only_that_version(stack: DevStack) -> None:

@@ -33,7 +33,7 @@ from strongroom.attestation.abi import snp as snp_abi
 from strongroom.attestation.binding import report_data_for
 from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.client.keyrelease import KeyReleaseClient
-from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack import DevStack, read_audit_records
 from strongroom.dev.simulated import SimulatedAuthority, SimulatedSnp
 from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.challenge import ChallengeIssuer
@@ -117,7 +117,7 @@ def make_world(stack: DevStack) -> World:
 
 
 def audit_records(world: World) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in world.audit_path.read_text().splitlines()]
+    return read_audit_records(world.audit_path)
 
 
 def test_simulated_vm_gets_the_publishers_data_key(world: World) -> None:
@@ -623,6 +623,49 @@ def test_a_release_by_an_identity_without_the_inference_role_is_audited(world: W
     assert added[0]["caller"]["spiffe_id"] == world.stack.spiffe_id("publisher")
 
 
+@pytest.mark.parametrize("gave_up", ["DEADLINE_EXCEEDED", "CANCELLED"])
+def test_a_release_whose_caller_gave_up_before_sending_its_request_is_audited_as_it_did(
+    world: World, gave_up: str
+) -> None:
+    """A ReleaseKey whose request never came was audited DENIED with CANCELLED however its
+    caller gave up: its client ends the call at its deadline as it would cancel it, and the
+    runtime read any end as a cancellation. The broker now audits DEADLINE_EXCEEDED when its
+    caller's deadline ended it (the one rule, strongroom.runtime.gave_up), CANCELLED when the
+    caller cancelled it well before."""
+    channel = world.stack.channel(world.inference_id, "keybroker")
+    # The channel's TLS handshake, made before the call's deadline starts.
+    pb_grpc.KeyBrokerServiceStub(channel).GetChallenge(
+        pb.GetChallengeRequest(key_id=KEY), timeout=30
+    )
+    sent = threading.Event()
+
+    def never_sent() -> Iterator[bytes]:
+        sent.wait(60)
+        return
+        yield b""
+
+    call = channel.stream_unary(RELEASE_KEY, None, None)
+    before = len(audit_records(world))
+    try:
+        if gave_up == "DEADLINE_EXCEEDED":
+            with pytest.raises(grpc.RpcError) as info:
+                call(never_sent(), timeout=2)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+        else:
+            future = call.future(never_sent(), timeout=600)
+            time.sleep(2)  # the broker's handler is waiting for the request by now
+            assert future.cancel()
+        for _ in range(1500):  # the broker hears of the end, then audits it
+            added = [r for r in audit_records(world)[before:] if r["action"] == "key_release"]
+            if added:
+                break
+            time.sleep(0.02)
+    finally:
+        sent.set()
+    assert [(r["decision"], r["reason"]) for r in added] == [("denied", gave_up)]
+    assert added[0]["caller"]["spiffe_id"] == world.stack.spiffe_id("inference")
+
+
 @pytest.fixture(scope="module")
 def narrow_world(
     step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path
@@ -1097,7 +1140,7 @@ def test_refusals_counted_past_a_budget_are_recorded_when_the_broker_stops(
                 release(b"", timeout=30)
         broker.close()
         audit_path = dev.root / "state" / "keybroker" / "audit.log"
-        records = [json.loads(line) for line in audit_path.read_text().splitlines()]
+        records = read_audit_records(audit_path)
     refused = [r for r in records if r["caller"]["spiffe_id"] == dev.spiffe_id("publisher")]
     assert [r["reason"] for r in refused] == ["PEER_NOT_ALLOWED"] * 65 + ["REFUSALS_COUNTED"]
     assert refused[-1]["claims"] == {"refusals_unrecorded": 5}
@@ -1183,10 +1226,7 @@ def test_a_flood_of_refused_releases_logs_a_bounded_number_of_lines_and_audits_e
                     release(b"", timeout=30)
         broker.close()  # writes the audit counts still held
         handler.close()  # writes the log's summary
-        records = [
-            json.loads(line)
-            for line in (dev.root / "state" / "keybroker" / "audit.log").read_text().splitlines()
-        ]
+        records = read_audit_records(dev.root / "state" / "keybroker" / "audit.log")
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     counted: dict[str, int] = {}
     for summary in (r for r in lines if r["msg"] == "refused calls not logged"):

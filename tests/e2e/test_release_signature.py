@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -36,7 +35,7 @@ from strongroom.attestation.release_signature import (
 from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.client.publish import publish_model
-from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack import DevStack, read_audit_records
 from strongroom.dev.devstack.model import train
 from strongroom.errors import FailedPrecondition, StrongroomError
 from strongroom.inference.config import InferenceConfig
@@ -382,7 +381,7 @@ def test_the_audit_record_names_the_key_that_signed_each_release(peer: Peer) -> 
     assert peer.release(lambda request, response: response) == peer.world.data_key
     answer = peer.servicer.seen[-1]
     assert len(answer.release_signing_key_id) == 32
-    records = [json.loads(line) for line in peer.world.audit_path.read_text().splitlines()]
+    records = read_audit_records(peer.world.audit_path)
     [record] = [r for r in records if r["decision_id"] == answer.decision_id]
     assert record["decision"] == "allowed"
     assert record["release_signing_key_id"] == answer.release_signing_key_id.hex()

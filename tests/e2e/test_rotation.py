@@ -24,7 +24,7 @@ from strongroom.artifact.keybinding import body_key
 from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.cli.main import main
 from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
-from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack import DevStack, read_audit_records
 from strongroom.dev.devstack.model import train
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import StrongroomError
@@ -136,7 +136,7 @@ def test_rotate_rewrap_disable_and_every_model_loads(
     audit = stack.root / "state" / "keybroker" / "audit.log"
     rewraps = [
         r
-        for r in map(json.loads, audit.read_text().splitlines())
+        for r in read_audit_records(audit)
         if r.get("action") == "rewrap" and r["key"]["id"] == KEY
     ]
     assert len(rewraps) == 3

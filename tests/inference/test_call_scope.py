@@ -5,14 +5,15 @@ from __future__ import annotations
 import threading
 import time
 
-from strongroom.client.cancel import DEADLINE_SLACK, CallScope
+from strongroom.client.cancel import CallScope
+from strongroom.runtime.gave_up import DEADLINE_TRANSIT
 
 
 def test_a_cancellation_as_the_deadline_arrives_is_the_deadline() -> None:
     """A client whose deadline passes cancels its call, and the server can hear of it just before
     its own copy of the deadline passes: the load was recorded LOAD_CANCELLED, as if an operator
     had cancelled it (tests/e2e/test_faults.py's deadline test failed so, now and then)."""
-    scope = CallScope(time.monotonic() + DEADLINE_SLACK / 2)
+    scope = CallScope(time.monotonic() + DEADLINE_TRANSIT / 2)
     scope.cancel()
     assert scope.error().reason == "LOAD_DEADLINE_EXCEEDED"
 
@@ -21,11 +22,11 @@ def test_a_cancellation_noticed_after_the_deadline_is_still_a_cancellation() -> 
     """The reason was judged when the error was raised: a load its caller cancelled, whose
     step noticed only after the deadline had passed (a release thread returning late), was
     recorded LOAD_DEADLINE_EXCEEDED."""
-    scope = CallScope(time.monotonic() + 2 * DEADLINE_SLACK)
+    scope = CallScope(time.monotonic() + 2 * DEADLINE_TRANSIT)
     scope.cancel()
     passed = threading.Event()
     while not scope.expired:
-        passed.wait(DEADLINE_SLACK / 10)
+        passed.wait(DEADLINE_TRANSIT / 10)
     assert scope.error().reason == "LOAD_CANCELLED"
 
 

@@ -9,7 +9,6 @@ fetching from a loopback KDS.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from strongroom.attestation.collateral import CollateralSource
 from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.attestation.collateral_fetch import CollateralService, FetchSettings
 from strongroom.attestation.release_signature import ReleaseSigner
+from strongroom.dev.devstack import read_audit_records
 from strongroom.dev.simulated import SimulatedAuthority, SimulatedSnp
 from strongroom.errors import InvalidArgument, PermissionDenied, StrongroomError, Unavailable
 from strongroom.keybroker import fetch_budget, refusals
@@ -91,7 +91,7 @@ class Broker:
         return info.value
 
     def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log.read_text().splitlines()]
+        return read_audit_records(self.log)
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from strongroom.attestation.release_signature import (
     ReleaseStatement,
     ReleaseVerifier,
 )
+from strongroom.dev.devstack import read_audit_records
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import InvalidArgument, PermissionDenied, StrongroomError, Unavailable
 from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
@@ -492,7 +493,7 @@ def test_a_request_refused_before_the_decision_is_audited_whatever_its_key_id(
     engine, log = _real_audit_engine(authority, tmp_path)
     refusal = InvalidArgument("evidence: tee_type is unspecified", reason="EVIDENCE_MALFORMED")
     engine.deny(refusal, CALLER, key_id=key_id, report=b"report")
-    [record] = [json.loads(line) for line in log.read_text().splitlines()]
+    [record] = read_audit_records(log)
     assert (record["decision"], record["reason"]) == ("denied", "EVIDENCE_MALFORMED")
     assert record["key"]["id"] is None
     assert record["caller"]["spiffe_id"] == CALLER.spiffe_id
@@ -505,7 +506,7 @@ def test_a_refusal_whose_context_the_log_refuses_is_still_recorded(authority, tm
     context = ReleaseEngine._context(CALLER, b"report")
     context |= {"key_id": "k1", "policy_version": "v" * 300}
     engine._audit_denial(InvalidArgument("no", reason="NONCE_EXPIRED"), context)
-    [record] = [json.loads(line) for line in log.read_text().splitlines()]
+    [record] = read_audit_records(log)
     assert (record["decision"], record["reason"]) == ("denied", "NONCE_EXPIRED")
     assert record["caller"]["spiffe_id"] == CALLER.spiffe_id
     assert record["evidence_sha256"] == context["evidence_sha256"]
@@ -522,7 +523,7 @@ def test_a_release_refused_before_it_was_read_is_audited_with_who_asked(
         InvalidArgument("not protobuf", reason="MALFORMED_REQUEST"), CALLER, CALLER.spiffe_id
     )
     engine.deny_unread(PermissionDenied("expired", reason="PEER_CERT_EXPIRED"), None, ROLELESS)
-    first, second = [json.loads(line) for line in log.read_text().splitlines()]
+    first, second = read_audit_records(log)
     assert (first["decision"], first["reason"]) == ("denied", "MALFORMED_REQUEST")
     assert first["caller"]["spiffe_id"] == CALLER.spiffe_id
     assert first["key"]["id"] is None and first["evidence_sha256"] is None
@@ -567,7 +568,7 @@ def test_refusals_before_the_request_is_read_cannot_fill_the_audit_log(authority
     refuse(64 + 10)
     now[0] += 60.0  # the bucket refills 60, and a counting record is due again
     refuse(60 + 1)
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+    records = read_audit_records(log)
     assert {(r["reason"], r["caller"]["spiffe_id"]) for r in records} == {
         ("PEER_NOT_ALLOWED", stranger.spiffe_id)
     }
@@ -582,7 +583,7 @@ def test_refusals_before_the_request_is_read_cannot_fill_the_audit_log(authority
         engine.deny(
             InvalidArgument("bad", reason="EVIDENCE_MALFORMED"), CALLER, key_id="k1", report=b""
         )
-    assert len(log.read_text().splitlines()) == len(records) + 1 + 64 + 1
+    assert len(read_audit_records(log)) == len(records) + 1 + 64 + 1
 
 
 def test_a_caller_that_stops_while_over_its_budget_has_its_count_recorded(
@@ -601,7 +602,7 @@ def test_a_caller_that_stops_while_over_its_budget_has_its_count_recorded(
     def counts() -> list[tuple[str, int]]:
         return [
             (r["reason"], r["claims"]["refusals_unrecorded"])
-            for r in map(json.loads, log.read_text().splitlines())
+            for r in read_audit_records(log)
             if r["reason"] == "REFUSALS_COUNTED"
         ]
 
@@ -614,7 +615,7 @@ def test_a_caller_that_stops_while_over_its_budget_has_its_count_recorded(
         engine.deny_unread(PeerNotAllowed("no inference role"), stranger, stranger.spiffe_id)
     engine.record_counted_refusals(every=True)  # shutdown
     assert counts()[-1] == ("REFUSALS_COUNTED", 3)
-    record = json.loads(log.read_text().splitlines()[-1])
+    record = read_audit_records(log)[-1]
     assert (record["decision"], record["caller"]["spiffe_id"]) == ("denied", stranger.spiffe_id)
     engine.record_counted_refusals(every=True)
     assert len(counts()) == 2  # nothing left to record
@@ -636,7 +637,7 @@ def test_counts_whose_record_the_audit_log_refuses_are_kept_for_a_later_record(
         engine.deny_unread(PeerNotAllowed("no inference role"), stranger, stranger.spiffe_id)
     for _ in range(64 + 1 + 7):
         engine._refused(InvalidArgument("bad", reason="NONCE_EXPIRED"), context)
-    written = len(log.read_text().splitlines())
+    written = len(read_audit_records(log))
     real_append = engine._audit.append
 
     def full(event: AuditEvent, **kwargs: Any) -> AuditRecord:
@@ -649,13 +650,13 @@ def test_counts_whose_record_the_audit_log_refuses_are_kept_for_a_later_record(
     engine.deny_unread(PeerNotAllowed("no inference role"), stranger, stranger.spiffe_id)
     engine._refused(InvalidArgument("bad", reason="NONCE_EXPIRED"), context)
     monkeypatch.setattr(engine._audit, "append", real_append)
-    assert len(log.read_text().splitlines()) == written  # nothing reached the log meanwhile
+    assert len(read_audit_records(log)) == written  # nothing reached the log meanwhile
     engine.record_counted_refusals(every=True)
     counted = {
         (r["caller"]["spiffe_id"], r["claims"].get("counted_reason")): r["claims"][
             "refusals_unrecorded"
         ]
-        for r in map(json.loads, log.read_text().splitlines()[written:])
+        for r in read_audit_records(log)[written:]
     }
     assert counted == {
         (stranger.spiffe_id, None): 500 + 1,
@@ -677,7 +678,7 @@ def test_each_decision_names_its_policy_document_and_a_hand_edit_is_recorded_bef
     audit = engine._audit
 
     def records() -> list[dict[str, Any]]:
-        return [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+        return read_audit_records(tmp_path / "audit.log")
 
     first = hashlib.sha256(POLICY.encode()).hexdigest()
     engine.release(_request(engine, authority), CALLER)
@@ -739,7 +740,7 @@ def test_refusals_the_budget_never_leaves_out(authority, tmp_path) -> None:
         InvalidArgument("bad", reason="NONCE_EXPIRED"), {**context, "policy_version": "v" * 300}
     )
     engine.record_counted_refusals(every=True)  # nothing left to count
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+    records = read_audit_records(log)
     reasons = [(r["reason"], r["decision_id"] == "d1") for r in records]
     assert reasons.count(("INTERNAL", False)) == 66
     assert reasons.count(("HSM_UNAVAILABLE", False)) == 66
@@ -787,7 +788,7 @@ def test_a_vcek_the_brokers_kds_url_serves_from_another_chain_is_audited_as_the_
             assert "the broker's kds_url" in info.value.message
     finally:
         server.close()
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+    records = read_audit_records(log)
     assert [r["reason"] for r in records] == ["VCEK_FETCHED_UNTRUSTED"] * 2
     assert server.url.removeprefix("http://") not in log.read_text()
     assert {(r["decision"], r["caller"]["spiffe_id"]) for r in records} == {
