@@ -9,9 +9,10 @@ import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -131,3 +132,18 @@ def buffered_service_log(
     monkeypatch.setattr("sys.stderr", stream)
     config = LoggingConfig(format=log_format)
     return configure_logging(config, service, clock=lambda: 0.0), stream
+
+
+def refused_calls_not_logged(lines: Iterable[Mapping[str, Any]]) -> Counter[tuple[str, str]]:
+    """The refused calls a JSON service log (its lines, parsed) counted and did not log, by
+    caller and reason, over all of its ``refused calls not logged`` summaries. The summary is
+    timed on the real clock (at most every SUMMARY_SECONDS, then at the close), whatever clock
+    paces the budget: a test that ran longer than that (a loaded machine) has two or more, each
+    with the calls counted since the one before."""
+    counted: Counter[tuple[str, str]] = Counter()
+    for line in lines:
+        if line["msg"] == "refused calls not logged":
+            counted.update(
+                {(caller, reason): n for caller, reason, n in line["by_caller_and_reason"]}
+            )
+    return counted

@@ -13,7 +13,7 @@ import io
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 
 import grpc
@@ -78,8 +78,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    return run_command(lambda: args.func(args))
+
+
+def run_command(command: Callable[[], int]) -> int:
+    """Runs ``command`` and returns its exit code: an expected failure (a service's refusal, a
+    :class:`~strongroom.errors.StrongroomError`, a file's ``OSError``) is printed as one line on
+    stderr, status 1, never a traceback."""
     try:
-        code: int = args.func(args)
+        code = command()
     except grpc.RpcError as exc:
         # A service refused: its status and message (REASON: text) say why; no traceback. First:
         # a channel's own refusal before the call (the server's identity unchecked or another's)

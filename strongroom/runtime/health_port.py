@@ -56,6 +56,7 @@ from strongroom.errors import InvalidArgument, NotFound, ResourceExhausted
 from strongroom.reasons import Reason
 from strongroom.runtime.health import HealthServicer
 from strongroom.runtime.interceptors import answer_aio
+from strongroom.runtime.listen import add_port
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ class PlaintextHealthPort:
                 ),
             )
         )
-        return server, server.add_insecure_port(listen)
+        return server, add_port(server, listen, None)
 
     def waiting(self) -> int:
         """Calls waiting for their request message now."""

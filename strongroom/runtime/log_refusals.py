@@ -136,6 +136,9 @@ class RefusalLines(logging.Filter):
         self._since = time.monotonic()
         self._timer: threading.Timer | None = None
         self._closed = False
+        # Held while a summary takes the counts and says them: the close, finding the counts
+        # taken by a timed summary still on its way to the log, waits for it to get there.
+        self._saying = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Whether ``record`` is written (a refusal line not written is counted)."""
@@ -225,8 +228,18 @@ class RefusalLines(logging.Filter):
                     timer.start()
                     self._timer = timer
 
-    def summarise(self) -> None:
-        """Says the refused calls not logged since the last summary, if any (one WARNING)."""
+    def summarise(self, wait: float | None = None) -> None:
+        """Says the refused calls not logged since the last summary, if any (one WARNING), once
+        a summary already being said has been (for ``wait`` seconds at most; None: as long as
+        it takes)."""
+        saying = self._saying.acquire(timeout=-1 if wait is None else wait)
+        try:
+            self._say()
+        finally:
+            if saying:
+                self._saying.release()
+
+    def _say(self) -> None:
         with self._lock:
             counted, self._counted = self._counted, Counter()
             now = time.monotonic()
@@ -247,8 +260,9 @@ class RefusalLines(logging.Filter):
             },
         )
 
-    def close(self) -> None:
-        """Says what is still counted; no summary is timed after this."""
+    def close(self, wait: float | None = None) -> None:
+        """Says what is still counted, once a timed summary being said has been (for ``wait``
+        seconds at most); no summary is timed after this."""
         with self._lock:
             self._closed = True
-        self.summarise()
+        self.summarise(wait)

@@ -283,7 +283,10 @@ class ServiceLog(logging.Handler):
         a flush that ran out: ``logging.shutdown`` flushes first)."""
         with self._state:
             deadline = self._budget()
-        self.refusals.close()
+            left = max(0.0, deadline - self._timer())
+        # A timed summary on its way to the log is waited for (within the budget): it had taken
+        # the counts, so the close found nothing to say, and the summary came after the end.
+        self.refusals.close(left)
         with self._state:
             self._wait_until(self._written, deadline)
             # The writer ends once the queue is written (or is left stuck, a daemon thread).

@@ -36,6 +36,7 @@ from strongroom.runtime.interceptors import (
     RefusalObserver,
     RequestDecodingInterceptor,
 )
+from strongroom.runtime.listen import add_port
 from strongroom.runtime.metrics import MetricsInterceptor
 from strongroom.runtime.streams import StreamGuard, StreamLimits
 
@@ -244,12 +245,7 @@ class ServiceHost:
             [*(s.name for s in self._services), HEALTH_SERVICE, reflection.SERVICE_NAME],
             self._server,
         )
-        if credentials is None:
-            self.port = self._server.add_insecure_port(listen)
-        else:
-            self.port = self._server.add_secure_port(listen, credentials)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {listen}")
+        self.port = add_port(self._server, listen, credentials)
         self._health_server: PlaintextHealthPort | None = None
         self.health_port: int | None = None
         if health_listen:

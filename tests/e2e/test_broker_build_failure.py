@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from strongroom.dev.devstack import DevStack
+from strongroom.errors import Unavailable
 from strongroom.keybroker.config import KeybrokerConfig
 from strongroom.keybroker.server import build
+from strongroom.reasons import Reason
 from strongroom.runtime.bootstrap import open_identity
 from strongroom.runtime.config import load_service_config
 from tests.conftest import stack_root
@@ -59,9 +61,9 @@ def test_a_broker_that_cannot_listen_closes_its_hsm_and_its_audit_log(stack: Dev
         )
         identity = open_identity(common.identity)
         try:
-            # grpcio raises it (ServiceHost's own OSError is for a port of 0 returned instead).
-            with pytest.raises(RuntimeError, match="Failed to bind"):
+            with pytest.raises(Unavailable) as refused:
                 build(common, config, identity=identity)
+            assert refused.value.reason == Reason.LISTEN_ADDRESS_IN_USE
             assert _open_descriptors_of(config.audit_log.resolve()) == []
             common, config = load_service_config(path, "keybroker", KeybrokerConfig, environ={})
             broker = build(common, config, identity=identity)  # was: HSM_ALREADY_OPEN

@@ -11,7 +11,8 @@ starts (more than a pipe holds), prints ``started``, and takes for ever to finis
 ``starting-slow-close`` too, its identity's close then printing ``closing`` and waiting for a
 line on stdin before it logs ``identity closed``. ``exporting PORT``: exports spans and metrics
 (plaintext OTLP) to the collector on loopback port ``PORT``, records a span and a metric, and
-prints its own port once serving.
+prints its own port once serving. ``listening PORT``: serves on loopback port ``PORT``
+(a test holds it: its start fails).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
+from strongroom.cli.main import run_command
 from strongroom.errors import Unavailable
 from strongroom.reasons import Reason
 from strongroom.runtime import bootstrap
@@ -99,10 +101,20 @@ def _exporting(tracer_provider: TracerProvider) -> _Running:
     return _Running(host)
 
 
+def _listening(port: str) -> _Running:
+    host = ServiceHost(
+        listen=f"127.0.0.1:{port}",
+        credentials=None,
+        services=[],
+        config=ServerConfig(grace_seconds=0.2),
+    )
+    return _Running(host)
+
+
 def main(mode: str, collector: str = "") -> int:
     tracing = (
         TracingConfig(otlp_endpoint=f"127.0.0.1:{collector}", otlp_insecure=True)
-        if collector
+        if mode == "exporting"
         else TracingConfig()
     )
     common = SimpleNamespace(
@@ -117,6 +129,8 @@ def main(mode: str, collector: str = "") -> int:
             return _hung_host(mode.removeprefix("hung").removeprefix("-close-"))
         if mode == "exporting":
             return _exporting(tracer)
+        if mode == "listening":
+            return _listening(collector)
         return _starting()
 
     def started(running: _Running) -> None:
@@ -126,4 +140,4 @@ def main(mode: str, collector: str = "") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:]))
+    sys.exit(run_command(lambda: main(*sys.argv[1:])))  # as ``strongroom serve`` ends

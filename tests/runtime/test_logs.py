@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from strongroom import errors
-from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST, enter_rpc, leave_rpc
+from strongroom.runtime.log_refusals import LOGGER, REFUSED_CALLS_BURST, enter_rpc, leave_rpc
 from strongroom.runtime.log_writer import FLUSH_SECONDS, ServiceLog
 from strongroom.runtime.logs import JsonFormatter
 from tests.conftest import REPO, buffered_service_log
@@ -277,6 +277,50 @@ def test_the_logs_own_lines_keep_their_logger_name(
     ]
     assert summary["logger"] == "strongroom.runtime.logs"
     assert json.loads(dropped)["logger"] == "strongroom.runtime.logs"
+
+
+def test_the_close_writes_a_timed_summary_that_was_being_said(
+    monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """The timed summary took the counts, then logged them: a close in between found nothing
+    to say and returned, the log written and ended before the summary reached it, so at exit
+    (``logging.shutdown``) the calls it counted were said nowhere. The close waits for it now.
+    The summary's thread is held inside its logging here until the close has had its chance
+    to return."""
+    handler, stream = buffered_service_log(monkeypatch)
+    monkeypatch.setattr("strongroom.runtime.log_refusals.SUMMARY_SECONDS", 0.0)  # said at once
+    saying, go = threading.Event(), threading.Event()
+
+    def hold(record: logging.LogRecord) -> bool:
+        if threading.current_thread().name == "refusal-log-summary":
+            saying.set()
+            go.wait(30)
+        return True
+
+    own = logging.getLogger(LOGGER)
+    own.addFilter(hold)
+    seen: list[str] = []
+
+    def close() -> None:
+        handler.close()
+        seen.append(stream.getvalue())  # what the log holds once its close returned
+
+    closer = threading.Thread(target=close)
+    try:
+        refusals = logging.getLogger("strongroom.test.refusals")
+        for _ in range(REFUSED_CALLS_BURST + 1):
+            refusals.info("rpc failed", extra={"reason": "NAME_EMPTY", errors.REFUSAL_LINE: True})
+        assert saying.wait(30)
+        closer.start()
+        closer.join(1.0)  # the close's chance to return early (it did, before the summary)
+    finally:
+        go.set()
+        if closer.ident is not None:
+            closer.join(30)
+        own.removeFilter(hold)
+    summaries = [json.loads(line) for line in seen[0].splitlines()]
+    (summary,) = [r for r in summaries if r["msg"] == "refused calls not logged"]
+    assert summary["by_caller_and_reason"] == [["-", "NAME_EMPTY", 1]]
 
 
 def test_a_line_naming_its_call_is_about_that_call_not_the_one_running_on_its_thread(

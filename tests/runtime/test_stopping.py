@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -98,6 +99,32 @@ def test_a_service_whose_close_waits_behind_an_abandoned_call_exits_once_the_clo
     (late,) = [r for r in lines if "did not finish" in r["msg"]]
     assert late["level"] == "ERROR"
     assert (lines[-1]["msg"], lines[-1]["abandoned"]) == ("exiting with 1 calls abandoned", 1)
+
+
+def test_a_service_whose_port_is_taken_says_so_in_its_last_line() -> None:
+    """grpcio (1.85) raises a RuntimeError, "Failed to bind to address", for a port another
+    process holds, where the host expected a port of 0 and had its own error: the service
+    stopped with a traceback on stderr and nothing in its log about why. Its last line names
+    the address now and says it is in use (LISTEN_ADDRESS_IN_USE), and the command fails with
+    one line, status 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        process = _start("listening", str(taken.getsockname()[1]))
+        try:
+            _, stderr = process.communicate(timeout=60)
+        finally:
+            process.kill()
+            process.wait()
+    assert process.returncode == 1, stderr[-2000:]
+    last = _log(stderr)[-1]
+    assert last["level"] == "ERROR"
+    assert last["msg"] == (
+        f"test cannot run: LISTEN_ADDRESS_IN_USE: cannot listen on {address}: the address is "
+        "in use (another process holds the port)"
+    )
+    assert "Traceback" not in stderr, stderr[-2000:]
 
 
 def test_sigterm_while_a_service_starts_loses_no_log_line() -> None:

@@ -21,7 +21,7 @@ from strongroom.runtime.config import ConfigError, ServerConfig
 from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
 from strongroom.runtime.server import HEALTH_SERVICE, ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import server_tracing_interceptor
-from tests.conftest import buffered_service_log
+from tests.conftest import buffered_service_log, refused_calls_not_logged
 
 SERVICE = "test.Streams"
 
@@ -454,7 +454,7 @@ def test_a_callers_downloads_it_stops_reading_write_its_budget_of_lines(
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     stopped = [r for r in lines if r["msg"].endswith("the client stopped reading")]
     assert len(stopped) == REFUSED_CALLS_BURST
-    (summary,) = [r for r in lines if r["msg"] == "refused calls not logged"]
-    ((caller, reason, counted),) = summary["by_caller_and_reason"]
+    # One summary, or more when the run took longer than their period (a loaded machine).
+    (((caller, reason), counted),) = refused_calls_not_logged(lines).items()
     assert caller.startswith("peer:")  # one caller: this channel's (plaintext: its address)
     assert (reason, counted) == ("STREAM_IDLE_TIMEOUT", calls - REFUSED_CALLS_BURST)
