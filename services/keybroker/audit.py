@@ -1026,13 +1026,17 @@ class AuditLog(Closing):
         that the files at the log's path still continue the chain this process knows (finishing
         a rotation it finds sealed; ``finishing``: one was just finished)."""
         opened = os.fstat(self._fd)
-        if not self._at_path(opened):
+        while not self._at_path(opened):
             # Not the file at the log's path: rotated (by this process before a failure, or by
             # another one) when it now sits under its sealed name with a sealed head; otherwise
-            # _check_same_file calls it tampering.
+            # _check_same_file calls it tampering. Again while it switches: another process may
+            # rotate the new log between this one's opening it and taking its lock.
+            held = (opened.st_dev, opened.st_ino)
             self._finish_rotation()
             opened = os.fstat(self._fd)
-            self._check_same_file(opened)
+            if (opened.st_dev, opened.st_ino) == held:
+                self._check_same_file(opened)
+                break
         size = opened.st_size
         if not self._stale and size == self._size and not self._head.changed():
             return

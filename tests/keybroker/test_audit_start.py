@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,53 @@ def _write_head(sealed: Path, signer: Ed25519PrivateKey, *, sealed_head: bool) -
         file.close()
     finally:
         os.close(dir_fd)
+
+
+# --- review: legitimate sequences that must not be tampering ------------------------------------
+
+
+@pytest.mark.parametrize("when", ["opening", "running"])
+def test_following_a_rotation_that_another_process_rotates_again_meanwhile(
+    log_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """A process following another's rotation opens the new log at the path and then waits for
+    its lock; the other process may rotate that one too meanwhile (it holds the lock). The
+    follower then held a file that was no longer at the path and called it replaced: tampering
+    (AUDIT_LOG_TAMPERED), found with a broker opening beside one rotating every few records.
+    It now follows that rotation too."""
+    other = AuditLog.open(log_path, key)
+    fill(other, 2)
+    follower = AuditLog.open(log_path, key) if when == "running" else None
+    if follower is not None:
+        assert follower.append(event(2)).seq == 2
+        other.rotate()  # the follower, idle, now holds a sealed file
+    real_open = os.open
+    rotations: list[int] = []
+    inside = threading.Lock()  # the other process's own opens are left alone
+
+    def open_then_rotated(path: object, *args: object, **kwargs: object) -> int:
+        fd = real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+        if path == log_path and len(rotations) < 2 and inside.acquire(blocking=False):
+            try:
+                # The other process commits and rotates the file just opened before its lock
+                # is taken (an open's own file, then the new log it follows the rotation to).
+                rotations.append(other.append(event(9)).seq)
+                other.rotate()
+            finally:
+                inside.release()
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_rotated)
+    try:
+        if follower is None:
+            follower = AuditLog.open(log_path, key)
+            assert follower.count == 4
+        else:
+            assert follower.append(event(3)).seq == 5
+        assert len(rotations) == 2
+    finally:
+        monkeypatch.undo()
+        other.close()
+        if follower is not None:
+            follower.close()
+    assert _series(log_path, key).intact
