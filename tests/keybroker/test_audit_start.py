@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from strongroom.errors import DataLoss
 from strongroom.keybroker import audit_head
 from strongroom.keybroker.audit import AuditLog, canonical_json, head_path, record_hash
+from strongroom.keybroker.audit_verify import verify_audit_paths
 
 from .test_audit import event, fill, lines
 from .test_audit_rotation import _CRASHES, RECORD, _rotated, _series
@@ -206,11 +207,20 @@ def test_a_missing_middle_file_is_tampering(
     assert f"seq {first}..{last} are missing" in _tampered(log_path, key, caplog)
 
 
-def test_a_sealed_file_without_its_head_is_tampering(
-    series: Path, log_path: Path, key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("name", ["audit.log.3-5", "audit.log.6-8"])
+def test_a_sealed_file_without_its_head_after_one_with_its_head_is_tampering(
+    series: Path,
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
 ) -> None:
-    head_path(series / "audit.log.0-2").unlink()
-    assert "has no head" in _tampered(log_path, key, caplog)
+    """Not the oldest: its head cannot have been shipped before an older file's (the oldest
+    without its head is being shipped: test_shipping_in_either_order_is_retention...)."""
+    head_path(series / name).unlink()
+    assert f"{name} has no head" in _tampered(log_path, key, caplog)
+    verdict = verify_audit_paths([series], public_key=key.public_key())
+    assert (verdict.intact, verdict.problem) == (False, "HEAD_MISSING")
 
 
 @pytest.mark.parametrize("forgery", ["edited", "other key", "not sealed"])
@@ -307,3 +317,36 @@ def test_following_a_rotation_that_another_process_rotates_again_meanwhile(
         if follower is not None:
             follower.close()
     assert _series(log_path, key).intact
+
+
+@pytest.mark.parametrize("shipped", [1, 2])
+@pytest.mark.parametrize("first", ["log", "head"])
+def test_shipping_in_either_order_is_retention_for_the_broker_and_audit_verify_alike(
+    series: Path,
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    caplog: pytest.LogCaptureFixture,
+    first: str,
+    shipped: int,
+) -> None:
+    """The oldest sealed files shipped with one of their two files deleted and the other not
+    yet (rclone or an object-storage sync deletes in any order; a deletion cut short): the open
+    called a log without its head tampering and did not start, and audit verify, which the
+    upgrade notes send operators to, called a head without its log a truncated log (NOT intact,
+    TAIL_TRUNCATED) where the broker saw retention. Both now take them as being shipped."""
+    names = ["audit.log.0-2", "audit.log.3-5"][:shipped]
+    for name in names:
+        sealed, head = _pair(series, name)
+        (sealed if first == "log" else head).unlink()
+    with caplog.at_level(logging.WARNING), AuditLog.open(log_path, key) as log:
+        assert log.append(event(11)).seq == 11
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    if first == "head":  # named, so that nobody takes them for checked
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(f"not checked: {', '.join(names)}" in w for w in warnings), warnings
+    verdict = verify_audit_paths([series], public_key=key.public_key())
+    assert verdict.intact, verdict.message
+    assert verdict.first_seq == 3 * shipped
+    assert f"being shipped (log or head already deleted): {shipped}: {', '.join(names)}" in (
+        verdict.message
+    )
