@@ -21,7 +21,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from strongroom.errors import DataLoss
 from strongroom.keybroker import audit_head
-from strongroom.keybroker.audit import AuditLog, canonical_json, head_path, record_hash
+from strongroom.keybroker.audit import (
+    MAX_RECORD_BYTES,
+    AuditLog,
+    canonical_json,
+    head_path,
+    record_hash,
+)
 from strongroom.keybroker.audit_verify import verify_audit_paths
 
 from .test_audit import event, fill, lines
@@ -350,3 +356,40 @@ def test_shipping_in_either_order_is_retention_for_the_broker_and_audit_verify_a
     assert f"being shipped (log or head already deleted): {shipped}: {', '.join(names)}" in (
         verdict.message
     )
+
+
+def test_sealed_files_whose_first_and_last_records_are_near_the_largest_still_open(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """The check reads a file's first record (up to MAX_RECORD_BYTES) and its last (from the end,
+    8 KiB at a time until a whole line): records near the largest allowed at both ends of every
+    sealed file, and in the active log, are read whole (no change was needed)."""
+    big = event(0, claims={"x": "a" * (MAX_RECORD_BYTES - 1500)})
+    with AuditLog.open(log_path, key) as log:
+        for _ in range(2):
+            log.append(big)
+            log.append(event(1))
+            log.append(big)
+            log.rotate()
+        log.append(big)
+    sizes = [len(line) for line in lines(log_path.with_name("audit.log.0-2"))]
+    assert sizes[0] > MAX_RECORD_BYTES - 1024 and sizes[-1] > MAX_RECORD_BYTES - 1024
+    with AuditLog.open(log_path, key) as log:
+        assert log.append(event(7)).seq == 7
+    assert verify_audit_paths([log_path.parent], public_key=key.public_key()).intact
+
+
+def test_a_sealed_heads_size_is_under_its_signature(
+    series: Path, log_path: Path, key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sealed file with a record added, its head's size raised to match: the signature no
+    longer verifies (no change was needed)."""
+    sealed = series / "audit.log.3-5"
+    head = head_path(sealed)
+    size = sealed.stat().st_size
+    raw = head.read_bytes()
+    assert raw.count(b'"size":%d' % size) == 1  # the sealing generation only
+    head.write_bytes(raw.replace(b'"size":%d' % size, b'"size":%d' % (size + 1)))
+    with sealed.open("ab") as file:
+        file.write(b"\n")
+    assert "audit.log.3-5.head is malformed or not signed" in _tampered(log_path, key, caplog)
