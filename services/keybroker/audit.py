@@ -112,7 +112,8 @@ memory: a crash, a failed step or a restart at any point is finished by the next
 a sealed head: 3-4; no log, or an empty one, without a head beside sealed logs: 4, from the latest
 sealed log after checking its sealed head and last record), and another process sharing the log
 follows the rotation (through every sealed file since its own; if its own was shipped and deleted
-meanwhile, from that file's end, which the next file must continue). A sealed log missing,
+meanwhile, from that file's end, which the next file must continue; and again when the
+other process rotates the new log before this one has taken its lock). A sealed log missing,
 altered or without its head is tampering. With a size cap, sealed files count against it until
 deleted; without rotation the cap means what it did.
 
@@ -128,7 +129,15 @@ place, at the same length, away from its ends), truncated, extended, replaced by
 with the same key, given a forged head, or deleted after an older one that remains, is tampering at
 start (raised by the open, so the broker does not start, as for an active log found tampered with
 there); only the oldest may be missing (retention, as ``audit verify`` says; one deleted while the
-check runs too). A file sealed before heads said its size gets every check but that one. Checking
+check runs too), or have lost its head or its log alone: being shipped, whichever was deleted
+first (retention too, for ``audit verify`` alike; the broker logs a WARNING naming them, since it
+does not check their records: deleting them is all that is left to do, and all that tampering
+with them could do). A file sealed before heads said its size gets every check but that one.
+Not caught at start, nor by ``audit verify``: the newest files deleted while the broker is
+stopped, the log at the path and its head with them (a rotation interrupted after its step 3
+leaves the same directory, and the next log continues the newest file left: the chain cut at a
+file's end, a rollback), and the oldest remaining file deleted (retention); ship the heads to
+an append-only store elsewhere if that matters. Checking
 every record is left to ``strongroom audit verify DIR``, run beside the broker: it took 2.2 s per
 64 MiB file here, about 220 s for those 100 files, which a start would spend holding the log's and
 the directory's locks (no commit, rotation or verify meanwhile), and more with every file retained.
@@ -1026,13 +1035,17 @@ class AuditLog(Closing):
         that the files at the log's path still continue the chain this process knows (finishing
         a rotation it finds sealed; ``finishing``: one was just finished)."""
         opened = os.fstat(self._fd)
-        if not self._at_path(opened):
+        while not self._at_path(opened):
             # Not the file at the log's path: rotated (by this process before a failure, or by
             # another one) when it now sits under its sealed name with a sealed head; otherwise
-            # _check_same_file calls it tampering.
+            # _check_same_file calls it tampering. Again while it switches: another process may
+            # rotate the new log between this one's opening it and taking its lock.
+            held = (opened.st_dev, opened.st_ino)
             self._finish_rotation()
             opened = os.fstat(self._fd)
-            self._check_same_file(opened)
+            if (opened.st_dev, opened.st_ino) == held:
+                self._check_same_file(opened)
+                break
         size = opened.st_size
         if not self._stale and size == self._size and not self._head.changed():
             return
@@ -1385,15 +1398,23 @@ class AuditLog(Closing):
         sealed logs still beside the log, each checked without reading it (its sealed head's
         signature, its size, first and last records: _check_sealed_log), continue one another
         and end where the log at the path starts. Only the oldest may be missing (shipped and
-        deleted: retention); a file missing after one that is present is tampering, as is
+        deleted: retention), or lack its head (being shipped, head first: retention too); a file
+        missing, or without its head, after one that is present is tampering, as is
         anything else that does not match. Reading every record of every file is what
         ``strongroom audit verify DIR`` does (see the module doc, *Sealed files at start*)."""
         before: Head | None = None
         before_name = ""
+        shipping: list[str] = []
         with self._dir_locked():
             for base, last, name in _sealed_logs(self._dir_fd, self._path.name):
                 if before is None and _lstat_in(self._dir_fd, name) is None:
                     continue  # the oldest, shipped and deleted since the listing (retention)
+                if before is None and _lstat_in(self._dir_fd, name + ".head") is None:
+                    # The oldest being shipped: its head deleted first (rclone, object-storage
+                    # sync) or the deletion cut short. Retention, as audit verify says: deleting
+                    # the file is all that is left to do, and all that tampering with it could do.
+                    shipping.append(name)
+                    continue
                 if before is not None and base != before.count:
                     raise self._tampered(self._series_break(before_name, before, name, base))
                 try:
@@ -1416,6 +1437,14 @@ class AuditLog(Closing):
                         f"cannot read the sealed audit log {name}: {exc.strerror or exc}"
                     ) from None
                 before, before_name = head, name
+        if shipping:
+            # One line, however many: a directory may hold any number of such names.
+            _log.warning(
+                "%d sealed audit log(s) without their head taken as being shipped (retention), "
+                "their records not checked: %s",
+                len(shipping),
+                ", ".join(shipping) if len(shipping) <= 3 else f"{shipping[0]} .. {shipping[-1]}",
+            )
         if before is None:
             return
         if self._base != before.count:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import binascii
 import collections
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import io
@@ -391,19 +392,51 @@ class SeriesVerification:
     message: str = ""
 
 
+_SEALED_NAME = re.compile(r".+\.([0-9]+)-([0-9]+)")
+
+
 def audit_files(directory: Path | str) -> list[Path]:
     """The audit logs in ``directory``: each file with a ``.head`` beside it, each sealed-looking
     name (``NAME.<first>-<last>``) and the log of each head whose log is gone (so that its
-    verdict says so). Hidden files (a head's temporary) are not logs."""
+    verdict says so), but not the sealed files being shipped (:func:`being_shipped`). Hidden
+    files (a head's temporary) are not logs."""
     directory = Path(directory)
-    names = {p.name for p in directory.iterdir() if not p.name.startswith(".")}
+    names = _names(directory)
     found = set()
     for name in names:
         if name.endswith(".head"):
             found.add(name[: -len(".head")])
-        elif name + ".head" in names or re.fullmatch(r".+\.[0-9]+-[0-9]+", name):
+        elif name + ".head" in names or _SEALED_NAME.fullmatch(name):
             found.add(name)
-    return [directory / name for name in sorted(found)]
+    return [directory / name for name in sorted(found - set(_being_shipped(names)))]
+
+
+def being_shipped(directory: Path | str) -> list[str]:
+    """The sealed files of ``directory`` at the start of its series (by the ranges their names
+    say) that have lost their log or their head: shipped and deleted one before the other, or
+    the deletion cut short. Retention, as the broker's check at start reads them: only deleting
+    them is left to do, so they are left out of the series rather than reported as a truncated
+    log or a missing head. A file without its log or head after one that has both is not."""
+    return _being_shipped(_names(Path(directory)))
+
+
+def _names(directory: Path) -> set[str]:
+    """The names in ``directory`` but hidden ones (a head's temporary)."""
+    return {p.name for p in directory.iterdir() if not p.name.startswith(".")}
+
+
+def _being_shipped(names: set[str]) -> list[str]:
+    sealed = []
+    for log in {name.removesuffix(".head") for name in names}:
+        match = _SEALED_NAME.fullmatch(log)
+        if match is not None:
+            sealed.append((int(match[1]), int(match[2]), log))
+    shipped = []
+    for _, _, log in sorted(sealed):
+        if log in names and log + ".head" in names:
+            break
+        shipped.append(log)
+    return shipped
 
 
 _RELISTINGS = 3
@@ -422,6 +455,7 @@ def verify_audit_paths(
     races it): its active log is then under a sealed name the listing lacks, which read as a file
     deleted from the middle of the chain. So a broken series of listed directories is checked
     again, once any rotation under way has ended, if listing them again finds other files.
+    Sealed files being shipped (:func:`being_shipped`) are left out, and the message names them.
 
     Raises NotFound(AUDIT_LOG_NOT_FOUND) when the directories hold no log, and like
     :func:`verify_audit_log`.
@@ -450,6 +484,12 @@ def verify_audit_paths(
             break
         files = again
         result = verify_audit_series(files, public_key=public_key)
+    shipped = [name for directory in directories for name in being_shipped(directory)]
+    if result.intact and shipped:
+        # Named, so that nobody takes them for checked (the first and last of many).
+        named = ", ".join(shipped) if len(shipped) <= 3 else f"{shipped[0]} .. {shipped[-1]}"
+        note = f"; left out, being shipped (log or head already deleted): {len(shipped)}: {named}"
+        return dataclasses.replace(result, message=result.message + note)
     return result
 
 
@@ -528,7 +568,7 @@ def verify_audit_series(
                 f"{before_path.name} is not sealed, yet {path.name} continues it",
             )
     for path, verdict in ordered:
-        match = re.fullmatch(r".+\.([0-9]+)-([0-9]+)", path.name)
+        match = _SEALED_NAME.fullmatch(path.name)
         span = (verdict.first_seq, verdict.first_seq + verdict.records - 1)
         if match is not None and (int(match[1]), int(match[2])) != span:
             return broken(

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from strongroom.errors import DataLoss
 from strongroom.keybroker import audit_head
-from strongroom.keybroker.audit import AuditLog, canonical_json, head_path, record_hash
+from strongroom.keybroker.audit import (
+    MAX_RECORD_BYTES,
+    AuditLog,
+    canonical_json,
+    head_path,
+    record_hash,
+)
+from strongroom.keybroker.audit_verify import verify_audit_paths
 
 from .test_audit import event, fill, lines
 from .test_audit_rotation import _CRASHES, RECORD, _rotated, _series
@@ -205,11 +213,20 @@ def test_a_missing_middle_file_is_tampering(
     assert f"seq {first}..{last} are missing" in _tampered(log_path, key, caplog)
 
 
-def test_a_sealed_file_without_its_head_is_tampering(
-    series: Path, log_path: Path, key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("name", ["audit.log.3-5", "audit.log.6-8"])
+def test_a_sealed_file_without_its_head_after_one_with_its_head_is_tampering(
+    series: Path,
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
 ) -> None:
-    head_path(series / "audit.log.0-2").unlink()
-    assert "has no head" in _tampered(log_path, key, caplog)
+    """Not the oldest: its head cannot have been shipped before an older file's (the oldest
+    without its head is being shipped: test_shipping_in_either_order_is_retention...)."""
+    head_path(series / name).unlink()
+    assert f"{name} has no head" in _tampered(log_path, key, caplog)
+    verdict = verify_audit_paths([series], public_key=key.public_key())
+    assert (verdict.intact, verdict.problem) == (False, "HEAD_MISSING")
 
 
 @pytest.mark.parametrize("forgery", ["edited", "other key", "not sealed"])
@@ -256,3 +273,123 @@ def _write_head(sealed: Path, signer: Ed25519PrivateKey, *, sealed_head: bool) -
         file.close()
     finally:
         os.close(dir_fd)
+
+
+# --- review: legitimate sequences that must not be tampering ------------------------------------
+
+
+@pytest.mark.parametrize("when", ["opening", "running"])
+def test_following_a_rotation_that_another_process_rotates_again_meanwhile(
+    log_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """A process following another's rotation opens the new log at the path and then waits for
+    its lock; the other process may rotate that one too meanwhile (it holds the lock). The
+    follower then held a file that was no longer at the path and called it replaced: tampering
+    (AUDIT_LOG_TAMPERED), found with a broker opening beside one rotating every few records.
+    It now follows that rotation too."""
+    other = AuditLog.open(log_path, key)
+    fill(other, 2)
+    follower = AuditLog.open(log_path, key) if when == "running" else None
+    if follower is not None:
+        assert follower.append(event(2)).seq == 2
+        other.rotate()  # the follower, idle, now holds a sealed file
+    real_open = os.open
+    rotations: list[int] = []
+    inside = threading.Lock()  # the other process's own opens are left alone
+
+    def open_then_rotated(path: object, *args: object, **kwargs: object) -> int:
+        fd = real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+        if path == log_path and len(rotations) < 2 and inside.acquire(blocking=False):
+            try:
+                # The other process commits and rotates the file just opened before its lock
+                # is taken (an open's own file, then the new log it follows the rotation to).
+                rotations.append(other.append(event(9)).seq)
+                other.rotate()
+            finally:
+                inside.release()
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_rotated)
+    try:
+        if follower is None:
+            follower = AuditLog.open(log_path, key)
+            assert follower.count == 4
+        else:
+            assert follower.append(event(3)).seq == 5
+        assert len(rotations) == 2
+    finally:
+        monkeypatch.undo()
+        other.close()
+        if follower is not None:
+            follower.close()
+    assert _series(log_path, key).intact
+
+
+@pytest.mark.parametrize("shipped", [1, 2])
+@pytest.mark.parametrize("first", ["log", "head"])
+def test_shipping_in_either_order_is_retention_for_the_broker_and_audit_verify_alike(
+    series: Path,
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    caplog: pytest.LogCaptureFixture,
+    first: str,
+    shipped: int,
+) -> None:
+    """The oldest sealed files shipped with one of their two files deleted and the other not
+    yet (rclone or an object-storage sync deletes in any order; a deletion cut short): the open
+    called a log without its head tampering and did not start, and audit verify, which the
+    upgrade notes send operators to, called a head without its log a truncated log (NOT intact,
+    TAIL_TRUNCATED) where the broker saw retention. Both now take them as being shipped."""
+    names = ["audit.log.0-2", "audit.log.3-5"][:shipped]
+    for name in names:
+        sealed, head = _pair(series, name)
+        (sealed if first == "log" else head).unlink()
+    with caplog.at_level(logging.WARNING), AuditLog.open(log_path, key) as log:
+        assert log.append(event(11)).seq == 11
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    if first == "head":  # named, so that nobody takes them for checked
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(f"not checked: {', '.join(names)}" in w for w in warnings), warnings
+    verdict = verify_audit_paths([series], public_key=key.public_key())
+    assert verdict.intact, verdict.message
+    assert verdict.first_seq == 3 * shipped
+    assert f"being shipped (log or head already deleted): {shipped}: {', '.join(names)}" in (
+        verdict.message
+    )
+
+
+def test_sealed_files_whose_first_and_last_records_are_near_the_largest_still_open(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """The check reads a file's first record (up to MAX_RECORD_BYTES) and its last (from the end,
+    8 KiB at a time until a whole line): records near the largest allowed at both ends of every
+    sealed file, and in the active log, are read whole (no change was needed)."""
+    big = event(0, claims={"x": "a" * (MAX_RECORD_BYTES - 1500)})
+    with AuditLog.open(log_path, key) as log:
+        for _ in range(2):
+            log.append(big)
+            log.append(event(1))
+            log.append(big)
+            log.rotate()
+        log.append(big)
+    sizes = [len(line) for line in lines(log_path.with_name("audit.log.0-2"))]
+    assert sizes[0] > MAX_RECORD_BYTES - 1024 and sizes[-1] > MAX_RECORD_BYTES - 1024
+    with AuditLog.open(log_path, key) as log:
+        assert log.append(event(7)).seq == 7
+    assert verify_audit_paths([log_path.parent], public_key=key.public_key()).intact
+
+
+def test_a_sealed_heads_size_is_under_its_signature(
+    series: Path, log_path: Path, key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sealed file with a record added, its head's size raised to match: the signature no
+    longer verifies (no change was needed)."""
+    sealed = series / "audit.log.3-5"
+    head = head_path(sealed)
+    size = sealed.stat().st_size
+    raw = head.read_bytes()
+    assert raw.count(b'"size":%d' % size) == 1  # the sealing generation only
+    head.write_bytes(raw.replace(b'"size":%d' % size, b'"size":%d' % (size + 1)))
+    with sealed.open("ab") as file:
+        file.write(b"\n")
+    assert "audit.log.3-5.head is malformed or not signed" in _tampered(log_path, key, caplog)
