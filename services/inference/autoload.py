@@ -14,7 +14,11 @@ own:
   half as long again, so a fleet started together spreads its retries out; and no wait is
   shorter than its delay, so one replica's retries of one model never come faster than one per
   ``failed_load_retry_seconds`` (what the broker's refusal budget is judged against: see
-  README "Faults");
+  README "Faults"). A ``DATA_LOSS`` failure is retried only once the store's entry for the
+  version (StatModel, asked before each attempt) differs from what it was before the attempt
+  that failed: a damaged artifact can fail only after its whole download and a key release the
+  broker granted (``ALLOWED``, never budgeted), and the same artifact fails the same way; until
+  then each retry is that one StatModel call;
 * **never**, for a failure only this server's own configuration can change
   (:data:`NEEDS_OUR_CONFIGURATION`): each try would be a key release the broker granted, and
   recorded as ``ALLOWED`` (never budgeted), before this server refused the answer. ``0`` for
@@ -42,8 +46,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from strongroom.client.cancel import CallScope
-from strongroom.errors import Aborted, StrongroomError
+from strongroom.client.cancel import CallScope, scoped
+from strongroom.errors import Aborted, DataLoss, StrongroomError
 from strongroom.inference.config import ModelRef
 from strongroom.inference.loader import ModelLoader, transient
 from strongroom.inference.models import (
@@ -67,6 +71,10 @@ NEEDS_OUR_CONFIGURATION = frozenset(
 trust, or not signed at all (``inference.release_signing_public_keys``,
 ``allow_unsigned_releases``), which only a new configuration (a restart) changes; and each try
 costs the broker an ``ALLOWED`` audit record, which no refusal budget limits."""
+
+
+STAT_TIMEOUT_SECONDS = 15.0
+"""How long the store has to answer the StatModel before each attempt."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +114,9 @@ class _Version:
     soon: float = 0.0  # the next delay of each schedule (0: not begun)
     slow: float = 0.0
     reason: str | None = None  # the last failure's, as logged
+    # The store's entry for the version before the attempt that failed with DATA_LOSS, and
+    # that failure's reason: no attempt is made while the entry stays the same.
+    damaged: tuple[bytes, str] | None = None
     logged_at: float = 0.0
     unlogged: int = 0  # failures of that reason since it was last logged
 
@@ -152,6 +163,16 @@ class ConfiguredLoads:
     def _attempt(self, version: _Version) -> bool:
         """Tries ``version`` once; whether it is to be tried again."""
         ref = version.ref
+        if version.tried and not self._still_failed(ref)():
+            log.info("model %s was unloaded or loaded meanwhile: no longer retried", version.label)
+            return False
+        # Asked before the attempt: an entry that changes during it is then never taken for
+        # the one whose artifact failed.
+        entry = self._stored(ref)
+        if self._stopping.is_set():
+            return False
+        if version.damaged is not None and entry == version.damaged[0]:
+            return self._unchanged(version)
         # A retry asks whether the version still waits for it once registered where an unload
         # aborts it (ModelLoader.load's retry_of).
         retry_of = self._still_failed(ref) if version.tried else None
@@ -167,6 +188,10 @@ class ConfiguredLoads:
             if self._stopping.is_set():
                 log.info("model %s: load stopped, the server is shutting down", version.label)
                 return False
+            if isinstance(exc, DataLoss):
+                version.damaged = None if entry is None else (entry, exc.reason)
+            elif not transient(exc):
+                version.damaged = None
             return self._failed(version, exc)
         except Exception:  # one model's bug must not leave the rest unloaded
             log.exception("model %s not loaded: unexpected error", version.label)
@@ -174,6 +199,35 @@ class ConfiguredLoads:
         if version.reason is not None:
             log.info("model %s loaded after failing with %s", version.label, version.reason)
         return False
+
+    def _stored(self, ref: ModelRef) -> bytes | None:
+        """The store's entry for ``ref`` (its ModelInfo), or its refusal of the StatModel (an
+        entry it cannot read, a version it does not hold); None if it could not be asked."""
+        try:
+            with scoped(self._scope):
+                info = self._loader.stat(ref.name, ref.version, timeout=STAT_TIMEOUT_SECONDS)
+        except StrongroomError as exc:
+            if transient(exc) or self._scope.cancelled:
+                return None
+            return f"{type(exc).__name__} {exc.reason}".encode()
+        return info.SerializeToString(deterministic=True)
+
+    def _unchanged(self, version: _Version) -> bool:
+        """Schedules the next look at a version whose artifact failed with DATA_LOSS and whose
+        store entry has not changed since: nothing downloaded, no key asked for."""
+        assert version.damaged is not None
+        reason = version.damaged[1]
+        schedule = self._schedule
+        version.slow = min(version.slow * 2, schedule.slow_max) or schedule.slow_initial
+        version.due = time.monotonic() + self._wait(version.slow)
+        MODEL_LOAD_RETRIES.add(
+            1, {"model": version.ref.name, "reason": reason, "retry": "unchanged"}
+        )
+        log.debug(
+            "stored artifact unchanged",
+            extra={"model": version.ref.name, "version": version.ref.version, "reason": reason},
+        )
+        return True
 
     def _still_failed(self, ref: ModelRef) -> Callable[[], bool]:
         def still_failed() -> bool:

@@ -8,6 +8,7 @@ operator called LoadModel or restarted it. Such failures are now retried slowly
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +17,13 @@ import pytest
 
 from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
+from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
+from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.client.publish import publish_model
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
 from strongroom.errors import FailedPrecondition, PermissionDenied, Unavailable
+from strongroom.files import shared_flock
 from strongroom.inference.autoload import RetrySchedule, spread
 from strongroom.inference.models import ModelState
 from strongroom.inference.server import InferenceServer
@@ -168,6 +172,75 @@ def test_an_unload_stops_the_slow_retries(
     assert inference.repository.version_state("dropped", "1") is None
     assert not inference.repository.is_ready("dropped")
     assert len(_attempts(caplog, "dropped")) == attempts
+
+
+def _released(stack: DevStack, key_id: str) -> int:
+    """How many releases of ``key_id`` the broker granted (its audit log's ALLOWED records)."""
+    path = stack.root / "state" / "keybroker" / "audit.log"
+    with path.open("rb") as log, shared_flock(log.fileno()):  # the broker writes under flock
+        data = log.read()
+    records = [json.loads(line) for line in data.decode().splitlines()]
+    return sum(
+        1
+        for r in records
+        if r["action"] == "key_release"
+        and r["decision"] == "allowed"
+        and r.get("key", {}).get("id") == key_id
+    )
+
+
+def _damage_in_place(stack: DevStack, name: str) -> None:
+    """Flips a byte of the stored artifact's last chunk: the store serves it (its size and
+    index entry unchanged), and the load finds it only once it has the key and decrypts."""
+    storage = stack.services["modelstore"].handle.storage
+    record = storage.stat(name, "1")
+    blob = next(p for p in (storage.root / "blobs").rglob(record.artifact_sha256))
+    blob.chmod(0o600)
+    data = bytearray(blob.read_bytes())
+    data[-20] ^= 0xFF
+    blob.write_bytes(bytes(data))
+
+
+def test_a_damaged_artifact_is_downloaded_again_only_once_the_store_holds_another(
+    stack: DevStack, model_path: Path, stopped: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stored artifact damaged where only decryption finds it costs a load its whole download
+    and a key release the broker granted (ALLOWED, unbudgeted) before it fails with DATA_LOSS:
+    each slow retry did both again (a 2 GB model: 2 GB and a release every 5 minutes, for each
+    replica and model), though the store still held the same artifact. A retry now asks the
+    store first (StatModel) and downloads only once its entry for the version changed."""
+    stack.create_release_key(stack.identity("admin"), "damaged", policy_version="1")
+    _publish(stack, model_path, "damaged", "damaged")
+    _damage_in_place(stack, "damaged")
+    inference = _start(stack, "damaged")
+    caplog.set_level(logging.DEBUG, logger="strongroom.inference")
+    inference.load_configured_models()
+
+    def retried() -> int:
+        return len(
+            [
+                r
+                for r in caplog.records
+                if getattr(r, "model", None) == "damaged"
+                and r.getMessage() in ("model load failed", "stored artifact unchanged")
+            ]
+        )
+
+    assert wait_until(lambda: retried() >= 4, 30), inference.repository.status("damaged")
+    assert _failed_with(inference, "damaged") is not None
+    assert _released(stack, "damaged") == 1
+    assert len(_attempts(caplog, "damaged")) == 1
+    assert not inference.repository.is_ready("damaged", "1")
+    # Published again (a new entry: its creation time, digest and storing time differ), it loads.
+    admin_store = store_grpc.ModelStoreServiceStub(
+        stack.channel(stack.identity("admin"), "modelstore")
+    )
+    admin_store.DeleteModel(store_pb.DeleteModelRequest(name="damaged", version="1"), timeout=30)
+    _publish(stack, model_path, "damaged", "damaged")
+    assert wait_until(lambda: inference.repository.is_ready("damaged", "1"), 30), (
+        inference.repository.status("damaged")
+    )
+    assert _released(stack, "damaged") == 2
 
 
 def test_failures_only_this_servers_configuration_changes_are_not_retried() -> None:
