@@ -280,3 +280,16 @@ def test_the_slow_retry_settings_are_checked() -> None:
     for bad in ({"failed_load_retry_seconds": 1}, {"failed_load_retry_max_seconds": 20}):
         with pytest.raises(ConfigError, match="failed_load_retry"):
             InferenceConfig(**base, **bad)  # type: ignore[arg-type]
+
+
+def test_a_model_version_is_configured_once() -> None:
+    """A version listed twice was loaded, and retried, twice each round (two downloads and two
+    key releases of a damaged artifact every time), and a listing without the other's pin
+    loaded an artifact the pin refuses."""
+    from strongroom.inference.config import InferenceConfig, ModelRef
+
+    base = {"model_store": "a:1", "key_broker": "b:1"}
+    pinned = ModelRef("m", "1", header_sha256="ab" * 32)
+    with pytest.raises(ConfigError, match="m/1 is listed twice"):
+        InferenceConfig(**base, models=(pinned, ModelRef("m", "1")))  # type: ignore[arg-type]
+    InferenceConfig(**base, models=(pinned, ModelRef("m", "2")))  # type: ignore[arg-type]
