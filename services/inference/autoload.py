@@ -25,7 +25,9 @@ own:
   ``failed_load_retry_seconds`` retries no slow failure (what the server did before).
 
 The retries of a version end when it loads, when an operator unloads it (or loads it: the
-failure the retry waits for is gone; see :meth:`ModelLoader.load`'s ``retry_of``), or when the
+failure the retry waits for is gone; see :meth:`ModelLoader.load`'s ``retry_of``), when a
+version of the model that the configuration does not list serves it (an operator loaded it
+instead: a retry succeeding later made the configured version the default again), or when the
 server stops. A new configuration is a new server (the service reads it at start), so retries
 of a model the new one no longer lists end with the old one.
 
@@ -52,6 +54,7 @@ from strongroom.inference.config import ModelRef
 from strongroom.inference.loader import ModelLoader, transient
 from strongroom.inference.models import (
     REPEAT_LOG_SECONDS,
+    ModelNotFound,
     ModelRepository,
     ModelState,
     ModelUnloaded,
@@ -143,6 +146,7 @@ class ConfiguredLoads:
         self._loader = loader
         self._repository = repository
         self._pending = [_Version(ref) for ref in models]
+        self._configured = frozenset((ref.name, ref.version) for ref in models)
         self._schedule = schedule
         self._scope = scope
         self._stopping = stopping
@@ -164,7 +168,10 @@ class ConfiguredLoads:
         """Tries ``version`` once; whether it is to be tried again."""
         ref = version.ref
         if version.tried and not self._still_failed(ref)():
-            log.info("model %s was unloaded or loaded meanwhile: no longer retried", version.label)
+            log.info(
+                "model %s was unloaded or loaded (or another version of it) meanwhile: no longer retried",
+                version.label,
+            )
             return False
         # Asked before the attempt: an entry that changes during it is then never taken for
         # the one whose artifact failed.
@@ -182,7 +189,10 @@ class ConfiguredLoads:
                 ref.name, ref.version, header_sha256=ref.pin, scope=self._scope, retry_of=retry_of
             )
         except ModelUnloaded:
-            log.info("model %s was unloaded or loaded meanwhile: no longer retried", version.label)
+            log.info(
+                "model %s was unloaded or loaded (or another version of it) meanwhile: no longer retried",
+                version.label,
+            )
             return False
         except StrongroomError as exc:
             if self._stopping.is_set():
@@ -230,8 +240,18 @@ class ConfiguredLoads:
         return True
 
     def _still_failed(self, ref: ModelRef) -> Callable[[], bool]:
+        """Whether ``ref``'s retry is still wanted: its failure is listed, and no version the
+        configuration does not list serves the model (an operator's LoadModel of another
+        version: a retry that loaded this one later made it the default again)."""
+
         def still_failed() -> bool:
-            return self._repository.version_state(ref.name, ref.version) is ModelState.FAILED
+            if self._repository.version_state(ref.name, ref.version) is not ModelState.FAILED:
+                return False
+            try:
+                serving = self._repository.status(ref.name).default_version
+            except ModelNotFound:
+                return False
+            return serving is None or (ref.name, serving) in self._configured
 
         return still_failed
 

@@ -39,12 +39,12 @@ def model_path(tmp_path: Path) -> Path:
     return train(tmp_path / "m.onnx").path
 
 
-def _publish(stack: DevStack, path: Path, name: str, key_id: str) -> None:
+def _publish(stack: DevStack, path: Path, name: str, key_id: str, version: str = "1") -> None:
     publisher = stack.identity("publisher")
     publish_model(
         path,
         name=name,
-        version="1",
+        version=version,
         key_id=key_id,
         broker=stack.channel(publisher, "keybroker"),
         store=stack.channel(publisher, "modelstore"),
@@ -241,6 +241,27 @@ def test_a_damaged_artifact_is_downloaded_again_only_once_the_store_holds_anothe
         inference.repository.status("damaged")
     )
     assert _released(stack, "damaged") == 2
+
+
+def test_a_retry_does_not_replace_the_version_an_operator_loaded_since(
+    stack: DevStack, model_path: Path, stopped: None
+) -> None:
+    """The configured version 1 was not published; an operator loaded version 2 instead. Once
+    version 1 was published, its retry loaded it and made it the model's default: the requests
+    the operator had moved to version 2 went back to version 1, hours later perhaps. Its retries
+    now end once a version the configuration does not list serves the model."""
+    stack.create_release_key(stack.identity("admin"), "moved", policy_version="1")
+    _publish(stack, model_path, "moved", "moved", version="2")
+    inference = _start(stack, "moved")
+    inference.load_configured_models()
+    assert wait_until(lambda: _failed_with(inference, "moved") == "MODEL_NOT_FOUND", 30)
+    inference.loader.load_with_retry("moved", "2")  # as LoadModel does
+    assert inference.repository.status("moved").default_version == "2"
+    _publish(stack, model_path, "moved", "moved")
+    (loader_thread,) = inference._threads
+    assert wait_until(lambda: not loader_thread.is_alive(), 30)
+    assert inference.repository.status("moved").default_version == "2"
+    assert inference.repository.version_state("moved", "1") is not ModelState.READY
 
 
 def test_failures_only_this_servers_configuration_changes_are_not_retried() -> None:
