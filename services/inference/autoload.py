@@ -31,10 +31,9 @@ instead: a retry succeeding later made the configured version the default again)
 server stops. A new configuration is a new server (the service reads it at start), so retries
 of a model the new one no longer lists end with the old one.
 
-A failure is logged once per change of its reason (ERROR, or WARNING for a transient one, with
-the peer's message), and while the reason stays the same at most once every
-:data:`~strongroom.inference.models.REPEAT_LOG_SECONDS` (an hour; with the attempts made
-since); each retry is counted in the
+A failure is logged in full (ERROR, or WARNING for a transient one, with the peer's message) at
+most once every :data:`~strongroom.inference.models.REPEAT_LOG_SECONDS` (an hour) for each of
+its reasons, with the failures of that reason not logged since; each retry is counted in the
 ``strongroom.inference.model_load.retries`` metric by model, reason and schedule, and the
 version's failure stays listed (ModelReady, ModelMetadata, readiness) with its reason meanwhile.
 """
@@ -116,12 +115,13 @@ class _Version:
     tried: bool = False
     soon: float = 0.0  # the next delay of each schedule (0: not begun)
     slow: float = 0.0
-    reason: str | None = None  # the last failure's, as logged
+    reason: str | None = None  # the last failure's
     # The store's entry for the version before the attempt that failed with DATA_LOSS, and
     # that failure's reason: no attempt is made while the entry stays the same.
     damaged: tuple[bytes, str] | None = None
-    logged_at: float = 0.0
-    unlogged: int = 0  # failures of that reason since it was last logged
+    # When each reason was last logged in full, and its failures since (not logged).
+    logged_at: dict[str, float] = dataclasses.field(default_factory=dict)
+    unlogged: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -293,14 +293,18 @@ class ConfiguredLoads:
         return True
 
     def _log_failure(self, version: _Version, exc: StrongroomError, how: str, wait: float) -> None:
-        """Logs ``exc`` if its reason differs from the last one logged, or that was logged
-        :data:`REPEAT_LOG_SECONDS` ago; counts it otherwise."""
+        """Logs ``exc`` unless its reason was logged less than :data:`REPEAT_LOG_SECONDS` ago
+        (whatever came between: a reason that flips, A, B, A, B, was logged every time); counts
+        it otherwise."""
         now = time.monotonic()
-        if exc.reason == version.reason and now - version.logged_at < REPEAT_LOG_SECONDS:
-            version.unlogged += 1
+        reason = version.reason = exc.reason
+        last = version.logged_at.get(reason)
+        if last is not None and now - last < REPEAT_LOG_SECONDS:
+            version.unlogged[reason] = version.unlogged.get(reason, 0) + 1
             return
         level = logging.WARNING if how == "soon" else logging.ERROR
-        extra = {"reason": exc.reason, "retry": how, "failures_not_logged": version.unlogged}
+        not_logged = version.unlogged.pop(reason, 0)
+        extra = {"reason": reason, "retry": how, "failures_not_logged": not_logged}
         log.log(
             level,
             "model %s not loaded: %s; retrying %s, in %.0fs",
@@ -310,4 +314,4 @@ class ConfiguredLoads:
             wait,
             extra=extra,
         )
-        version.reason, version.logged_at, version.unlogged = exc.reason, now, 0
+        version.logged_at[reason] = now

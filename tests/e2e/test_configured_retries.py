@@ -264,6 +264,38 @@ def test_a_retry_does_not_replace_the_version_an_operator_loaded_since(
     assert inference.repository.version_state("moved", "1") is not ModelState.READY
 
 
+def test_a_failure_whose_reason_flips_is_logged_once_an_hour_per_reason(
+    stack: DevStack, model_path: Path, stopped: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure was logged in full on every change of its reason, so one whose reason flips
+    (A, B, A, B: here the model deleted and published again under a denying policy; a network
+    that resets the store's connection on one try and the broker's on the next does the same to
+    transient ones, retried every minute) was logged on every retry, however long it went on.
+    Each reason is now logged in full at most hourly, whatever came between."""
+    stack.create_release_key(stack.identity("admin"), "flips", policy_version="1")
+    _set_policy(stack, "flips", stack.simulated_policy("2", measurement=OTHER_MEASUREMENT))
+    admin_store = store_grpc.ModelStoreServiceStub(
+        stack.channel(stack.identity("admin"), "modelstore")
+    )
+    inference = _start(stack, "flips")
+    caplog.set_level(logging.DEBUG, logger="strongroom.inference")
+    inference.load_configured_models()
+    for _ in range(2):
+        assert wait_until(lambda: _failed_with(inference, "flips") == "MODEL_NOT_FOUND", 30)
+        _publish(stack, model_path, "flips", "flips")
+        assert wait_until(lambda: _failed_with(inference, "flips") == "MEASUREMENT_NOT_ALLOWED", 30)
+        admin_store.DeleteModel(store_pb.DeleteModelRequest(name="flips", version="1"), timeout=30)
+    assert wait_until(lambda: _failed_with(inference, "flips") == "MODEL_NOT_FOUND", 30)
+    in_full = [r for r in _attempts(caplog, "flips") if r.levelno == logging.ERROR]
+    assert [r.reason for r in in_full] == ["MODEL_NOT_FOUND", "MEASUREMENT_NOT_ALLOWED"]  # type: ignore[attr-defined]
+    retried = [
+        r
+        for r in caplog.records
+        if r.name == "strongroom.inference.autoload" and "retrying" in r.getMessage()
+    ]
+    assert [r.reason for r in retried] == ["MODEL_NOT_FOUND", "MEASUREMENT_NOT_ALLOWED"]  # type: ignore[attr-defined]
+
+
 def test_failures_only_this_servers_configuration_changes_are_not_retried() -> None:
     """A release answer signed by a key this server does not trust cannot change until its
     configuration does, and each try is a release the broker granted and audited (ALLOWED,
