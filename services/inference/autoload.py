@@ -14,11 +14,12 @@ own:
   half as long again, so a fleet started together spreads its retries out; and no wait is
   shorter than its delay, so one replica's retries of one model never come faster than one per
   ``failed_load_retry_seconds`` (what the broker's refusal budget is judged against: see
-  README "Faults"). A ``DATA_LOSS`` failure is retried only once the store's entry for the
-  version (StatModel, asked before each attempt) differs from what it was before the attempt
-  that failed: a damaged artifact can fail only after its whole download and a key release the
-  broker granted (``ALLOWED``, never budgeted), and the same artifact fails the same way; until
-  then each retry is that one StatModel call;
+  README "Faults"). A failure of the artifact itself (:func:`refuses_the_artifact`: damaged,
+  or a model this server refuses) is retried only once the store's entry for the version
+  (StatModel, asked before each attempt) differs from what it was before the attempt that
+  failed: such a failure can come only after the whole download and a key release the broker
+  granted (``ALLOWED``, never budgeted), and the same artifact fails the same way on this
+  server; until then each retry is that one StatModel call;
 * **never**, for a failure only this server's own configuration can change
   (:data:`NEEDS_OUR_CONFIGURATION`): each try would be a key release the broker granted, and
   recorded as ``ALLOWED`` (never budgeted), before this server refused the answer. ``0`` for
@@ -75,6 +76,30 @@ trust, or not signed at all (``inference.release_signing_public_keys``,
 costs the broker an ``ALLOWED`` audit record, which no refusal budget limits."""
 
 
+ARTIFACT_REFUSALS = frozenset(
+    {
+        Reason.ARTIFACT_TOO_LARGE,
+        Reason.HEADER_PIN_MISMATCH,
+        Reason.MODEL_GRAPH_TOO_LARGE,
+        Reason.MODEL_INVALID,
+        Reason.MODEL_OPERATOR_UNCAPPED,
+        Reason.MODEL_SIGNATURE_INVALID,
+        Reason.MODEL_SIGNATURE_MISSING,
+        Reason.MODEL_STRING_EXPANSION,
+        Reason.MODEL_UNSUPPORTED_DATATYPE,
+    }
+)
+"""Refusals of a stored artifact by this server's configuration (its pin, size cap, model
+checks, signature policy): the same artifact is refused the same way until one of them
+changes, and most come only once it is downloaded and decrypted."""
+
+
+def refuses_the_artifact(exc: StrongroomError) -> bool:
+    """Whether ``exc`` was a failure of the stored artifact itself (``DATA_LOSS``, or one of
+    :data:`ARTIFACT_REFUSALS`), which only another artifact (or configuration) changes."""
+    return isinstance(exc, DataLoss) or exc.reason in ARTIFACT_REFUSALS
+
+
 STAT_TIMEOUT_SECONDS = 15.0
 """How long the store has to answer the StatModel before each attempt."""
 
@@ -116,9 +141,10 @@ class _Version:
     soon: float = 0.0  # the next delay of each schedule (0: not begun)
     slow: float = 0.0
     reason: str | None = None  # the last failure's
-    # The store's entry for the version before the attempt that failed with DATA_LOSS, and
+    # The store's entry for the version before the attempt its artifact failed
+    # (refuses_the_artifact), and
     # that failure's reason: no attempt is made while the entry stays the same.
-    damaged: tuple[bytes, str] | None = None
+    refused: tuple[bytes, str] | None = None
     # When each reason was last logged in full, and its failures since (not logged).
     logged_at: dict[str, float] = dataclasses.field(default_factory=dict)
     unlogged: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -169,7 +195,8 @@ class ConfiguredLoads:
         ref = version.ref
         if version.tried and not self._still_failed(ref)():
             log.info(
-                "model %s was unloaded or loaded (or another version of it) meanwhile: no longer retried",
+                "model %s was unloaded or loaded (or another version of it) meanwhile: no "
+                "longer retried",
                 version.label,
             )
             return False
@@ -178,7 +205,7 @@ class ConfiguredLoads:
         entry = self._stored(ref)
         if self._stopping.is_set():
             return False
-        if version.damaged is not None and entry == version.damaged[0]:
+        if version.refused is not None and entry == version.refused[0]:
             return self._unchanged(version)
         # A retry asks whether the version still waits for it once registered where an unload
         # aborts it (ModelLoader.load's retry_of).
@@ -190,7 +217,8 @@ class ConfiguredLoads:
             )
         except ModelUnloaded:
             log.info(
-                "model %s was unloaded or loaded (or another version of it) meanwhile: no longer retried",
+                "model %s was unloaded or loaded (or another version of it) meanwhile: no "
+                "longer retried",
                 version.label,
             )
             return False
@@ -198,10 +226,10 @@ class ConfiguredLoads:
             if self._stopping.is_set():
                 log.info("model %s: load stopped, the server is shutting down", version.label)
                 return False
-            if isinstance(exc, DataLoss):
-                version.damaged = None if entry is None else (entry, exc.reason)
+            if refuses_the_artifact(exc):
+                version.refused = None if entry is None else (entry, exc.reason)
             elif not transient(exc):
-                version.damaged = None
+                version.refused = None
             return self._failed(version, exc)
         except Exception:  # one model's bug must not leave the rest unloaded
             log.exception("model %s not loaded: unexpected error", version.label)
@@ -223,10 +251,10 @@ class ConfiguredLoads:
         return info.SerializeToString(deterministic=True)
 
     def _unchanged(self, version: _Version) -> bool:
-        """Schedules the next look at a version whose artifact failed with DATA_LOSS and whose
+        """Schedules the next look at a version whose artifact failed (refuses_the_artifact) and whose
         store entry has not changed since: nothing downloaded, no key asked for."""
-        assert version.damaged is not None
-        reason = version.damaged[1]
+        assert version.refused is not None
+        reason = version.refused[1]
         schedule = self._schedule
         version.slow = min(version.slow * 2, schedule.slow_max) or schedule.slow_initial
         version.due = time.monotonic() + self._wait(version.slow)

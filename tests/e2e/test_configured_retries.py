@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from strongroom.inference.models import ModelState
 from strongroom.inference.server import InferenceServer
 from strongroom.reasons import Reason
 from strongroom.runtime.config import ConfigError
+from tests.e2e.stalling import StallOnce
 from tests.e2e.test_resilience import wait_until
 
 OTHER_MEASUREMENT = "ab" * 48
@@ -189,6 +192,18 @@ def _released(stack: DevStack, key_id: str) -> int:
     )
 
 
+def _tries(caplog: pytest.LogCaptureFixture, name: str) -> int:
+    """The attempts at ``name``'s load so far: its loads, and its retries that did not load."""
+    return len(
+        [
+            r
+            for r in caplog.records
+            if getattr(r, "model", None) == name
+            and r.getMessage() in ("model load failed", "stored artifact unchanged")
+        ]
+    )
+
+
 def _damage_in_place(stack: DevStack, name: str) -> None:
     """Flips a byte of the stored artifact's last chunk: the store serves it (its size and
     index entry unchanged), and the load finds it only once it has the key and decrypts."""
@@ -216,17 +231,9 @@ def test_a_damaged_artifact_is_downloaded_again_only_once_the_store_holds_anothe
     caplog.set_level(logging.DEBUG, logger="strongroom.inference")
     inference.load_configured_models()
 
-    def retried() -> int:
-        return len(
-            [
-                r
-                for r in caplog.records
-                if getattr(r, "model", None) == "damaged"
-                and r.getMessage() in ("model load failed", "stored artifact unchanged")
-            ]
-        )
-
-    assert wait_until(lambda: retried() >= 4, 30), inference.repository.status("damaged")
+    assert wait_until(lambda: _tries(caplog, "damaged") >= 4, 30), inference.repository.status(
+        "damaged"
+    )
     assert _failed_with(inference, "damaged") is not None
     assert _released(stack, "damaged") == 1
     assert len(_attempts(caplog, "damaged")) == 1
@@ -241,6 +248,26 @@ def test_a_damaged_artifact_is_downloaded_again_only_once_the_store_holds_anothe
         inference.repository.status("damaged")
     )
     assert _released(stack, "damaged") == 2
+
+
+def test_an_artifact_this_server_refuses_after_its_key_is_downloaded_again_only_once_changed(
+    stack: DevStack, tmp_path: Path, stopped: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An artifact that decrypts, but whose model this server refuses (not ONNX here; a graph
+    too large, an operator uncapped, a signature missing or invalid likewise), is judged only
+    once downloaded and its key released (ALLOWED): the same artifact is refused the same way
+    by this server's configuration, and each slow retry paid for both again."""
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not an ONNX model" * 100)
+    stack.create_release_key(stack.identity("admin"), "junk", policy_version="1")
+    _publish(stack, junk, "junk", "junk")
+    inference = _start(stack, "junk")
+    caplog.set_level(logging.DEBUG, logger="strongroom.inference")
+    inference.load_configured_models()
+    assert wait_until(lambda: _tries(caplog, "junk") >= 4, 30), inference.repository.status("junk")
+    assert _failed_with(inference, "junk") == "MODEL_INVALID"
+    assert _released(stack, "junk") == 1
+    assert inference._threads[0].is_alive()  # still retried: published again, it is tried
 
 
 def test_a_retry_does_not_replace_the_version_an_operator_loaded_since(
@@ -294,6 +321,61 @@ def test_a_failure_whose_reason_flips_is_logged_once_an_hour_per_reason(
         if r.name == "strongroom.inference.autoload" and "retrying" in r.getMessage()
     ]
     assert [r.reason for r in retried] == ["MODEL_NOT_FOUND", "MEASUREMENT_NOT_ALLOWED"]  # type: ignore[attr-defined]
+
+
+def test_configured_loads_and_their_retries_run_one_at_a_time(
+    stack: DevStack, stopped: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten configured models failing together do not download ten artifacts at once: one
+    thread runs every configured load and retry in turn (a pod sized for its largest model
+    holds one plaintext buffer for them; a LoadModel call is the only other load)."""
+    names = [f"many{i}" for i in range(4)]
+    inference = _start(stack, *names)
+    load = inference.loader.load
+    running, most, calls = 0, 0, 0
+    guard = threading.Lock()
+
+    def counted(*args: object, **kwargs: object) -> object:
+        nonlocal running, most, calls
+        with guard:
+            running, calls = running + 1, calls + 1
+            most = max(most, running)
+        try:
+            time.sleep(0.05)  # loads that overlapped would be seen overlapping
+            return load(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            with guard:
+                running -= 1
+
+    monkeypatch.setattr(inference.loader, "load", counted)
+    inference.load_configured_models()
+    assert wait_until(lambda: calls >= 3 * len(names), 30)
+    assert most == 1
+
+
+def test_a_shutdown_stops_a_retrys_download(
+    stack: DevStack, model_path: Path, stopped: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow retry's load under way (a download the store stalls, as a large one takes
+    minutes) ends with the server, not with the download."""
+    stack.create_release_key(stack.identity("admin"), "slowfix", policy_version="1")
+    storage = stack.services["modelstore"].handle.storage
+    stall = StallOnce(storage, "1")
+    monkeypatch.setattr(storage, "open", stall)
+    inference = _start(stack, "slowfix")
+    inference.load_configured_models()
+    try:
+        assert wait_until(lambda: _failed_with(inference, "slowfix") == "MODEL_NOT_FOUND", 30)
+        _publish(stack, model_path, "slowfix", "slowfix")
+        assert stall.stalled.wait(30)  # the retry is downloading
+        (loader_thread,) = inference._threads
+        stack.services.pop("inference").stop()
+        loader_thread.join(30)
+        assert not loader_thread.is_alive(), "the retry's load ran on after the shutdown"
+        assert not stall.go_on.is_set()
+        assert not inference.repository.is_ready("slowfix", "1")
+    finally:
+        stall.go_on.set()
 
 
 def test_failures_only_this_servers_configuration_changes_are_not_retried() -> None:
