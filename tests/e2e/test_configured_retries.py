@@ -326,7 +326,7 @@ def test_a_failure_whose_reason_flips_is_logged_once_an_hour_per_reason(
 def test_configured_loads_and_their_retries_run_one_at_a_time(
     stack: DevStack, stopped: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Ten configured models failing together do not download ten artifacts at once: one
+    """Configured models failing together do not download their artifacts at once: one
     thread runs every configured load and retry in turn (a pod sized for its largest model
     holds one plaintext buffer for them; a LoadModel call is the only other load)."""
     names = [f"many{i}" for i in range(4)]
