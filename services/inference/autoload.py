@@ -14,21 +14,27 @@ own:
   half as long again, so a fleet started together spreads its retries out; and no wait is
   shorter than its delay, so one replica's retries of one model never come faster than one per
   ``failed_load_retry_seconds`` (what the broker's refusal budget is judged against: see
-  README "Faults");
+  README "Faults"). A failure of the artifact itself (:func:`refuses_the_artifact`: damaged,
+  or a model this server refuses) is retried only once the store's entry for the version
+  (StatModel, asked before each attempt) differs from what it was before the attempt that
+  failed: such a failure can come only after the whole download and a key release the broker
+  granted (``ALLOWED``, never budgeted), and the same artifact fails the same way on this
+  server; until then each retry is that one StatModel call;
 * **never**, for a failure only this server's own configuration can change
   (:data:`NEEDS_OUR_CONFIGURATION`): each try would be a key release the broker granted, and
   recorded as ``ALLOWED`` (never budgeted), before this server refused the answer. ``0`` for
   ``failed_load_retry_seconds`` retries no slow failure (what the server did before).
 
 The retries of a version end when it loads, when an operator unloads it (or loads it: the
-failure the retry waits for is gone; see :meth:`ModelLoader.load`'s ``retry_of``), or when the
+failure the retry waits for is gone; see :meth:`ModelLoader.load`'s ``retry_of``), when a
+version of the model that the configuration does not list serves it (an operator loaded it
+instead: a retry succeeding later made the configured version the default again), or when the
 server stops. A new configuration is a new server (the service reads it at start), so retries
 of a model the new one no longer lists end with the old one.
 
-A failure is logged once per change of its reason (ERROR, or WARNING for a transient one, with
-the peer's message), and while the reason stays the same at most once every
-:data:`~strongroom.inference.models.REPEAT_LOG_SECONDS` (an hour; with the attempts made
-since); each retry is counted in the
+A failure is logged in full (ERROR, or WARNING for a transient one, with the peer's message) at
+most once every :data:`~strongroom.inference.models.REPEAT_LOG_SECONDS` (an hour) for each of
+its reasons, with the failures of that reason not logged since; each retry is counted in the
 ``strongroom.inference.model_load.retries`` metric by model, reason and schedule, and the
 version's failure stays listed (ModelReady, ModelMetadata, readiness) with its reason meanwhile.
 """
@@ -42,12 +48,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from strongroom.client.cancel import CallScope
-from strongroom.errors import Aborted, StrongroomError
+from strongroom.client.cancel import CallScope, scoped
+from strongroom.errors import Aborted, DataLoss, StrongroomError
 from strongroom.inference.config import ModelRef
 from strongroom.inference.loader import ModelLoader, transient
 from strongroom.inference.models import (
     REPEAT_LOG_SECONDS,
+    ModelNotFound,
     ModelRepository,
     ModelState,
     ModelUnloaded,
@@ -67,6 +74,34 @@ NEEDS_OUR_CONFIGURATION = frozenset(
 trust, or not signed at all (``inference.release_signing_public_keys``,
 ``allow_unsigned_releases``), which only a new configuration (a restart) changes; and each try
 costs the broker an ``ALLOWED`` audit record, which no refusal budget limits."""
+
+
+ARTIFACT_REFUSALS = frozenset(
+    {
+        Reason.ARTIFACT_TOO_LARGE,
+        Reason.HEADER_PIN_MISMATCH,
+        Reason.MODEL_GRAPH_TOO_LARGE,
+        Reason.MODEL_INVALID,
+        Reason.MODEL_OPERATOR_UNCAPPED,
+        Reason.MODEL_SIGNATURE_INVALID,
+        Reason.MODEL_SIGNATURE_MISSING,
+        Reason.MODEL_STRING_EXPANSION,
+        Reason.MODEL_UNSUPPORTED_DATATYPE,
+    }
+)
+"""Refusals of a stored artifact by this server's configuration (its pin, size cap, model
+checks, signature policy): the same artifact is refused the same way until one of them
+changes, and most come only once it is downloaded and decrypted."""
+
+
+def refuses_the_artifact(exc: StrongroomError) -> bool:
+    """Whether ``exc`` was a failure of the stored artifact itself (``DATA_LOSS``, or one of
+    :data:`ARTIFACT_REFUSALS`), which only another artifact (or configuration) changes."""
+    return isinstance(exc, DataLoss) or exc.reason in ARTIFACT_REFUSALS
+
+
+STAT_TIMEOUT_SECONDS = 15.0
+"""How long the store has to answer the StatModel before each attempt."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,9 +140,14 @@ class _Version:
     tried: bool = False
     soon: float = 0.0  # the next delay of each schedule (0: not begun)
     slow: float = 0.0
-    reason: str | None = None  # the last failure's, as logged
-    logged_at: float = 0.0
-    unlogged: int = 0  # failures of that reason since it was last logged
+    reason: str | None = None  # the last failure's
+    # The store's entry for the version before the attempt its artifact failed
+    # (refuses_the_artifact), and
+    # that failure's reason: no attempt is made while the entry stays the same.
+    refused: tuple[bytes, str] | None = None
+    # When each reason was last logged in full, and its failures since (not logged).
+    logged_at: dict[str, float] = dataclasses.field(default_factory=dict)
+    unlogged: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -132,6 +172,7 @@ class ConfiguredLoads:
         self._loader = loader
         self._repository = repository
         self._pending = [_Version(ref) for ref in models]
+        self._configured = frozenset((ref.name, ref.version) for ref in models)
         self._schedule = schedule
         self._scope = scope
         self._stopping = stopping
@@ -152,6 +193,20 @@ class ConfiguredLoads:
     def _attempt(self, version: _Version) -> bool:
         """Tries ``version`` once; whether it is to be tried again."""
         ref = version.ref
+        if version.tried and not self._still_failed(ref)():
+            log.info(
+                "model %s was unloaded or loaded (or another version of it) meanwhile: no "
+                "longer retried",
+                version.label,
+            )
+            return False
+        # Asked before the attempt: an entry that changes during it is then never taken for
+        # the one whose artifact failed.
+        entry = self._stored(ref)
+        if self._stopping.is_set():
+            return False
+        if version.refused is not None and entry == version.refused[0]:
+            return self._unchanged(version)
         # A retry asks whether the version still waits for it once registered where an unload
         # aborts it (ModelLoader.load's retry_of).
         retry_of = self._still_failed(ref) if version.tried else None
@@ -161,12 +216,20 @@ class ConfiguredLoads:
                 ref.name, ref.version, header_sha256=ref.pin, scope=self._scope, retry_of=retry_of
             )
         except ModelUnloaded:
-            log.info("model %s was unloaded or loaded meanwhile: no longer retried", version.label)
+            log.info(
+                "model %s was unloaded or loaded (or another version of it) meanwhile: no "
+                "longer retried",
+                version.label,
+            )
             return False
         except StrongroomError as exc:
             if self._stopping.is_set():
                 log.info("model %s: load stopped, the server is shutting down", version.label)
                 return False
+            if refuses_the_artifact(exc):
+                version.refused = None if entry is None else (entry, exc.reason)
+            elif not transient(exc):
+                version.refused = None
             return self._failed(version, exc)
         except Exception:  # one model's bug must not leave the rest unloaded
             log.exception("model %s not loaded: unexpected error", version.label)
@@ -175,9 +238,48 @@ class ConfiguredLoads:
             log.info("model %s loaded after failing with %s", version.label, version.reason)
         return False
 
+    def _stored(self, ref: ModelRef) -> bytes | None:
+        """The store's entry for ``ref`` (its ModelInfo), or its refusal of the StatModel (an
+        entry it cannot read, a version it does not hold); None if it could not be asked."""
+        try:
+            with scoped(self._scope):
+                info = self._loader.stat(ref.name, ref.version, timeout=STAT_TIMEOUT_SECONDS)
+        except StrongroomError as exc:
+            if transient(exc) or self._scope.cancelled:
+                return None
+            return f"{type(exc).__name__} {exc.reason}".encode()
+        return info.SerializeToString(deterministic=True)
+
+    def _unchanged(self, version: _Version) -> bool:
+        """Schedules the next look at a version whose artifact failed (refuses_the_artifact) and whose
+        store entry has not changed since: nothing downloaded, no key asked for."""
+        assert version.refused is not None
+        reason = version.refused[1]
+        schedule = self._schedule
+        version.slow = min(version.slow * 2, schedule.slow_max) or schedule.slow_initial
+        version.due = time.monotonic() + self._wait(version.slow)
+        MODEL_LOAD_RETRIES.add(
+            1, {"model": version.ref.name, "reason": reason, "retry": "unchanged"}
+        )
+        log.debug(
+            "stored artifact unchanged",
+            extra={"model": version.ref.name, "version": version.ref.version, "reason": reason},
+        )
+        return True
+
     def _still_failed(self, ref: ModelRef) -> Callable[[], bool]:
+        """Whether ``ref``'s retry is still wanted: its failure is listed, and no version the
+        configuration does not list serves the model (an operator's LoadModel of another
+        version: a retry that loaded this one later made it the default again)."""
+
         def still_failed() -> bool:
-            return self._repository.version_state(ref.name, ref.version) is ModelState.FAILED
+            if self._repository.version_state(ref.name, ref.version) is not ModelState.FAILED:
+                return False
+            try:
+                serving = self._repository.status(ref.name).default_version
+            except ModelNotFound:
+                return False
+            return serving is None or (ref.name, serving) in self._configured
 
         return still_failed
 
@@ -219,14 +321,18 @@ class ConfiguredLoads:
         return True
 
     def _log_failure(self, version: _Version, exc: StrongroomError, how: str, wait: float) -> None:
-        """Logs ``exc`` if its reason differs from the last one logged, or that was logged
-        :data:`REPEAT_LOG_SECONDS` ago; counts it otherwise."""
+        """Logs ``exc`` unless its reason was logged less than :data:`REPEAT_LOG_SECONDS` ago
+        (whatever came between: a reason that flips, A, B, A, B, was logged every time); counts
+        it otherwise."""
         now = time.monotonic()
-        if exc.reason == version.reason and now - version.logged_at < REPEAT_LOG_SECONDS:
-            version.unlogged += 1
+        reason = version.reason = exc.reason
+        last = version.logged_at.get(reason)
+        if last is not None and now - last < REPEAT_LOG_SECONDS:
+            version.unlogged[reason] = version.unlogged.get(reason, 0) + 1
             return
         level = logging.WARNING if how == "soon" else logging.ERROR
-        extra = {"reason": exc.reason, "retry": how, "failures_not_logged": version.unlogged}
+        not_logged = version.unlogged.pop(reason, 0)
+        extra = {"reason": reason, "retry": how, "failures_not_logged": not_logged}
         log.log(
             level,
             "model %s not loaded: %s; retrying %s, in %.0fs",
@@ -236,4 +342,4 @@ class ConfiguredLoads:
             wait,
             extra=extra,
         )
-        version.reason, version.logged_at, version.unlogged = exc.reason, now, 0
+        version.logged_at[reason] = now

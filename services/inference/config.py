@@ -196,6 +196,13 @@ class InferenceConfig:
     clients: tuple[ClientScope, ...] | None = None
 
     def __post_init__(self) -> None:
+        listed: set[tuple[str, str]] = set()
+        for ref in self.models:
+            # Each listing is loaded, and retried, on its own: twice the downloads and key
+            # releases, and a pin that another listing of the version without one bypasses.
+            if (ref.name, ref.version) in listed:
+                raise ConfigError(f"inference.models: {ref.name}/{ref.version} is listed twice")
+            listed.add((ref.name, ref.version))
         if self.clients is not None:
             seen: set[str] = set()
             for scope in self.clients:

@@ -347,18 +347,22 @@ class ModelLoader:
         )
         return result
 
-    def _is_multipart(self, name: str, version: str, timeout: float) -> bool:
-        """Whether the store holds a manifest for ``name``/``version`` (its claim; the fetch
-        authenticates the manifest's header before trusting anything in it)."""
+    def stat(self, name: str, version: str, *, timeout: float) -> store_pb.ModelInfo:
+        """The store's entry for ``name``/``version`` (StatModel: its claim, which nothing here
+        authenticates), within the current scope; the store's refusal as a StrongroomError."""
         try:
-            info = call_unary(
+            return call_unary(
                 self._store.StatModel,
                 store_pb.StatModelRequest(name=name, version=version),
                 timeout=timeout,
             ).model
         except grpc.RpcError as exc:
             raise remote_error("fetch", exc) from None
-        return is_manifest(info.content_type)
+
+    def _is_multipart(self, name: str, version: str, timeout: float) -> bool:
+        """Whether the store holds a manifest for ``name``/``version`` (its claim; the fetch
+        authenticates the manifest's header before trusting anything in it)."""
+        return is_manifest(self.stat(name, version, timeout=timeout).content_type)
 
     def _load_multipart(
         self, name: str, version: str, loading: VersionStatus, timeout: float, pin: bytes | None

@@ -51,7 +51,8 @@ MODEL_LOAD_DURATION = _meter.create_histogram(
 MODEL_LOAD_RETRIES = _meter.create_counter(
     "strongroom.inference.model_load.retries",
     description="Failed loads of configured models scheduled to be tried again, by model, reason "
-    "and schedule (soon: transient; slowly: a cause that may go away by itself)",
+    "and schedule (soon: transient; slowly: a cause that may go away by itself; unchanged: a "
+    "failure of the artifact whose stored entry had not changed, not tried again)",
 )
 
 

@@ -45,8 +45,8 @@ MAX_FAILED_LOADS = 64
 """Failed versions kept across all models; beyond it the oldest failure is dropped."""
 
 REPEAT_LOG_SECONDS = 3600.0
-"""How often a failure a retry waits for is logged in full again while its reason stays the
-same (between, at DEBUG)."""
+"""How often a failure a retry waits for is logged in full again with the same reason, whatever
+reasons came between (between, at DEBUG)."""
 
 
 class ModelNotFound(NotFound):
@@ -149,8 +149,8 @@ class ModelRepository:
         self._failed: OrderedDict[tuple[str, str], None] = OrderedDict()
         # Versions whose loads wait to be retried (retrying()): their failures are not dropped.
         self._retrying: Counter[tuple[str, str]] = Counter()
-        # Of those, the reason of the failure last logged in full, and when (_log_failure).
-        self._failure_logged: dict[tuple[str, str], tuple[str, float]] = {}
+        # Of those, when each reason of their failures was last logged in full (_log_failure).
+        self._failure_logged: dict[tuple[str, str], dict[str, float]] = {}
         self._lock = threading.Lock()
         self._expected: frozenset[str] = frozenset()
         self._entries: Mapping[str, _Entry] = MappingProxyType({})
@@ -203,18 +203,20 @@ class ModelRepository:
 
     def _log_failure(self, name: str, version: str, reason: str) -> bool:
         """Whether a failure of ``version`` is logged in full: always, unless a retry waits for
-        it (:meth:`retrying`) and its last failure logged had the same reason, less than
-        :data:`REPEAT_LOG_SECONDS` ago (a configured model retried for days logged its every
-        attempt at ERROR, the peer's message included)."""
+        it (:meth:`retrying`) and a failure of it with the same reason was logged less than
+        :data:`REPEAT_LOG_SECONDS` ago, whatever came between (a configured model retried for
+        days logged its every attempt at ERROR, the peer's message included; one whose reason
+        flipped, A, B, A, B, still did)."""
         key = (name, version)
         now = time.monotonic()
         with self._lock:
             if key not in self._retrying:
                 return True
-            last = self._failure_logged.get(key)
-            if last is not None and last[0] == reason and now - last[1] < REPEAT_LOG_SECONDS:
+            logged = self._failure_logged.setdefault(key, {})
+            last = logged.get(reason)
+            if last is not None and now - last < REPEAT_LOG_SECONDS:
                 return False
-            self._failure_logged[key] = (reason, now)
+            logged[reason] = now
             return True
 
     def withdraw(self, name: str, version: str, loading: VersionStatus) -> None:
