@@ -88,3 +88,40 @@ def test_a_replica_minting_certificates_leaves_a_bounded_unwrap_first_table_and_
         unwrap.failed(FLEET, last)
     assert unwrap.applies(FLEET, last)
     assert not unwrap.applies(FLEET, last + 1)
+
+
+def test_a_replica_rekeying_every_four_fetches_still_holds_its_fleets_fetches_back() -> None:
+    """What the per-certificate budget does not stop, measured: a replica that rekeys (any
+    replica may, for a new serial) spends its fleet's 64 with 16 certificates, then each refill
+    with a new certificate every 4 s (a quarter a second, far below the 115-274 a second one
+    step-ca signed here), and a genuine replica on a new chip is refused as when one certificate
+    did it all (before, one certificate sufficed, at its own pace). The fleet's answer is the
+    SPIFFE ID's budget, shared by design; the fetches stay at KDS's pace of 1 a second."""
+    now = [0.0]
+    gate = VcekFetchBudget(lambda: now[0])
+    burst = fetch_budget.VCEK_FETCH_CERTIFICATE_BURST
+    serials = iter(range(1, 1000))
+    minted = 0
+
+    def attacker_spends() -> int:
+        nonlocal minted
+        spent = 0
+        while True:
+            with fetching_for(FLEET, next(serials)):
+                minted += 1
+                took = sum(gate() for _ in range(burst))
+            spent += took
+            if took < burst:
+                return spent
+
+    assert attacker_spends() == fetch_budget.VCEK_FETCH_BURST
+    assert minted == fetch_budget.VCEK_FETCH_BURST // burst + 1
+    genuine = 0xBEEF
+    refused = 0
+    for _ in range(60):  # a minute: the attacker takes each refill before the genuine replica
+        now[0] += burst / fetch_budget.VCEK_FETCH_RATE
+        attacker_spends()
+        with fetching_for(FLEET, genuine):
+            refused += not gate()
+    assert refused == 60
+    assert minted <= 17 + 2 * 60  # a certificate or two every 4 s
