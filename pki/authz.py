@@ -24,12 +24,13 @@ to the handler (:func:`verified_caller`), which need not parse it again.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -179,6 +180,50 @@ def _peer_pem(properties: Mapping[str, Any]) -> bytes | None:
 _VERIFIED: ContextVar[CallerIdentity | None] = ContextVar(
     "strongroom_verified_caller", default=None
 )
+# Where an outer layer of the call (the error mapping) asked to hear whom the authoriser verified
+# (admitted_caller): the list it is appended to.
+_ADMITTED: ContextVar[list[CallerIdentity] | None] = ContextVar(
+    "strongroom_admitted_caller", default=None
+)
+
+
+@contextlib.contextmanager
+def admitted_caller() -> Iterator[list[CallerIdentity]]:
+    """Within it, the caller a :class:`SpiffeAuthorizer` verifies for this thread's RPC is added to
+    the list it gives, where it outlives the authoriser's own scope (:func:`verified_caller` holds
+    it only while the handler runs). For a refusal heard once the inner layers returned
+    (:func:`verified_as`): checked again then, a certificate that expired since its call was
+    admitted made that call's caller role-less."""
+    admitted: list[CallerIdentity] = []
+    token = _ADMITTED.set(admitted)
+    try:
+        yield admitted
+    finally:
+        _ADMITTED.reset(token)
+
+
+@contextlib.contextmanager
+def verified_as(admitted: list[CallerIdentity]) -> Iterator[None]:
+    """Within it, :func:`verified_caller` is the caller :func:`admitted_caller` heard of, if the
+    authoriser verified one (else the certificate, checked again, as without it)."""
+    token = _VERIFIED.set(admitted[-1] if admitted else None)
+    try:
+        yield
+    finally:
+        _VERIFIED.reset(token)
+
+
+def _verify(
+    check: Callable[[grpc.ServicerContext], CallerIdentity | None], context: grpc.ServicerContext
+) -> Token[CallerIdentity | None]:
+    """Runs the authoriser's ``check`` and holds the caller it verified for the call (reset the
+    token when the behaviour returns); an outer layer that asked (:func:`admitted_caller`) hears
+    of it too."""
+    caller = check(context)
+    admitted = _ADMITTED.get()
+    if admitted is not None and caller is not None:
+        admitted.append(caller)
+    return _VERIFIED.set(caller)
 
 
 def verified_caller(context: grpc.ServicerContext) -> CallerIdentity:
@@ -377,7 +422,7 @@ def _guarded(
         unary_unary = handler.unary_unary
 
         def guarded_unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
-            token = _VERIFIED.set(check(context))
+            token = _verify(check, context)
             try:
                 return unary_unary(request, context)
             finally:
@@ -410,7 +455,7 @@ def _guarded(
         unary_stream = handler.unary_stream
 
         def guarded_unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            token = _VERIFIED.set(check(context))
+            token = _verify(check, context)
             try:
                 yield from unary_stream(request, context)
             finally:
@@ -423,7 +468,7 @@ def _guarded(
         stream_unary = handler.stream_unary
 
         def guarded_stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            token = _VERIFIED.set(check(context))
+            token = _verify(check, context)
             try:
                 return stream_unary(requests, context)
             finally:
@@ -438,7 +483,7 @@ def _guarded(
         def guarded_stream_stream(
             requests: Iterator[Any], context: grpc.ServicerContext
         ) -> Iterator[Any]:
-            token = _VERIFIED.set(check(context))
+            token = _verify(check, context)
             try:
                 yield from stream_stream(requests, context)
             finally:

@@ -24,7 +24,10 @@ once per TCB, and a failed fetch of it is asked again at most once a minute (the
 service's back-off): a certificate's 4 at once, then one a minute, covers its start, a TCB update
 and an outage waited out, and leaves its fleet the rest. A replica holding its service's
 provisioner (or renewing onto a new key, which any replica may) gets a new certificate and
-budget at will: the SPIFFE ID's bounds it, as before this budget existed.
+budget at will: the SPIFFE ID's bounds it, as before this budget existed. It mints them as fast
+as the CA signs (274 a second from one step-ca here), so the budget remembers
+:data:`~strongroom.runtime.callers.MAX_CERTIFICATES_TRACKED` certificates at most, the one counted
+longest ago forgotten first (it gets a new 4, within its SPIFFE ID's).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
-from strongroom.runtime.callers import certificate_bucket
+from strongroom.runtime.callers import MAX_CERTIFICATES_TRACKED, certificate_bucket
 from strongroom.runtime.ratelimit import CallerBuckets
 
 VCEK_FETCH_BURST = 64
@@ -65,9 +68,17 @@ class VcekFetchBudget:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._certificates = CallerBuckets(
-            VCEK_FETCH_CERTIFICATE_RATE, VCEK_FETCH_CERTIFICATE_BURST, clock=clock
+            VCEK_FETCH_CERTIFICATE_RATE,
+            VCEK_FETCH_CERTIFICATE_BURST,
+            clock=clock,
+            max_tracked=MAX_CERTIFICATES_TRACKED,
         )
         self._identities = CallerBuckets(VCEK_FETCH_RATE, VCEK_FETCH_BURST, clock=clock)
+
+    def certificates_tracked(self) -> int:
+        """How many caller certificates the budget remembers now (at most
+        :data:`~strongroom.runtime.callers.MAX_CERTIFICATES_TRACKED`)."""
+        return len(self._certificates)
 
     def __call__(self) -> bool:
         """Whether the current caller may cause one more fetch (one is counted in both its

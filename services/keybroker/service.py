@@ -17,7 +17,7 @@ from strongroom.keybroker.keys import KeyInfo, KeyManager, KeyState
 from strongroom.keybroker.lifecycle import KeyService
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
 from strongroom.oaep import OaepHash
-from strongroom.pki.authz import caller_identity, verified_caller
+from strongroom.pki.authz import verified_caller
 from strongroom.reasons import Reason
 from strongroom.runtime.gave_up import GaveUp, gave_up_on
 from strongroom.runtime.server import MessageLimits
@@ -184,9 +184,11 @@ class KeyBrokerServicer(pb_grpc.KeyBrokerServiceServicer):
         every data-plane worker busy (``DATA_PLANE_WORKERS_BUSY``), a request that does not
         decode. Every refusal of a release is audited, and these were only logged: an inference identity could send
         any number of undecodable attempts the audit log never saw. ``bucket`` is whose budget
-        of such records it counts against, by the runtime's rule (every role-less caller in one)."""
+        of such records it counts against, by the runtime's rule (every role-less caller in one).
+        The caller is the one the authoriser verified when it admitted the call (a certificate
+        that expired since, while the call waited for its message, still names it)."""
         try:
-            ident = caller_identity(context)
+            ident = verified_caller(context)
             caller: Caller | None = Caller(str(ident.spiffe_id), ident.serial, ident.public_key_der)
         except StrongroomError:  # no usable certificate: the record says so by naming no one
             caller = None

@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 from strongroom.errors import REFUSAL_LINE
 from strongroom.keybroker.refusals import REASONS_PER_CALLER, REFUSAL_BURST, REFUSAL_RATE
-from strongroom.runtime.callers import certificate_bucket
+from strongroom.runtime.callers import MAX_CERTIFICATES_TRACKED, certificate_bucket
 from strongroom.runtime.ratelimit import CallerBuckets
 
 _log = logging.getLogger(__name__)
@@ -44,10 +44,19 @@ class UnwrapFirst:
     its releases unwrap first. A certificate is named by its SPIFFE ID and serial."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
-        self._certificates = CallerBuckets(REFUSAL_RATE, REFUSAL_BURST, clock=clock)
+        # At most so many certificates (a replica may mint them): one forgotten starts again at
+        # 64, within its SPIFFE ID's bound.
+        self._certificates = CallerBuckets(
+            REFUSAL_RATE, REFUSAL_BURST, clock=clock, max_tracked=MAX_CERTIFICATES_TRACKED
+        )
         self._identities = CallerBuckets(
             REFUSAL_RATE * REASONS_PER_CALLER, REFUSAL_BURST * REASONS_PER_CALLER, clock=clock
         )
+
+    def certificates_tracked(self) -> int:
+        """How many caller certificates it remembers now (at most
+        :data:`~strongroom.runtime.callers.MAX_CERTIFICATES_TRACKED`)."""
+        return len(self._certificates)
 
     def applies(self, spiffe_id: str, serial: int) -> bool:
         """Whether this caller's next release waits for its re-wrap before its ``ALLOWED``

@@ -135,6 +135,14 @@ def certificate_bucket(spiffe_id: str, serial: int) -> str:
     return f"{spiffe_id} {serial:x}"
 
 
+MAX_CERTIFICATES_TRACKED = 4096
+"""How many certificates a budget per certificate (:func:`certificate_bucket`) remembers at most,
+the one counted longest ago forgotten first: a holder of its service's provisioner mints them as
+fast as the CA signs, and each was remembered until its bucket refilled (a VCEK fetch budget's
+240 s: 65,000 at 274 a second). Forgetting one only gives it a new budget of its own, which its
+SPIFFE ID's bounds; a fleet of up to this many replicas is counted exactly (about 220 bytes each)."""
+
+
 def caller_key(context: grpc.ServicerContext, grants: Grants | None = None) -> str:
     """The caller of this RPC for per-identity accounting: its :func:`bucket`, from the SPIFFE ID
     the authoriser verified; a peer without any client certificate (a plaintext host, which only

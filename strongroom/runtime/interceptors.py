@@ -58,6 +58,7 @@ from strongroom.errors import (
     StrongroomError,
     caused_by_caller,
 )
+from strongroom.pki.authz import admitted_caller, verified_as
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.reasons import Reason
 from strongroom.runtime.callers import Identify, caller_key
@@ -325,14 +326,20 @@ def _observed(
             rpc = enter_rpc(context, identify)
             token = _OBSERVED.set(observed)
             try:
-                try:
-                    return fn(request, context)
-                except Exception as exc:
-                    failure = exc
-                finally:
-                    _OBSERVED.reset(token)
+                # The observer hears of the caller the authoriser verified when it admitted the
+                # call, as the limits counted it: checked again now, a certificate that expired
+                # while the call waited for its message made it role-less, and its refusal
+                # counted in every role-less caller's budget, naming no one.
+                with admitted_caller() as admitted:
+                    try:
+                        return fn(request, context)
+                    except Exception as exc:
+                        failure = exc
+                    finally:
+                        _OBSERVED.reset(token)
                 if not observed.reached:
-                    _observe(observer, failure, context, method, identify)
+                    with verified_as(admitted):
+                        _observe(observer, failure, context, method, identify)
                 _handle(failure, context, method)
             finally:
                 leave_rpc(rpc)

@@ -19,6 +19,8 @@ from strongroom.keybroker.audit import (
     new_signing_key,
     record_hash,
 )
+from strongroom.keybroker.refusals import RefusalRecords, record_counts
+from strongroom.runtime.callers import ROLELESS
 from strongroom.runtime.secrets import Secret
 
 
@@ -123,3 +125,25 @@ def test_a_path_with_control_characters_is_printed_escaped(
     assert _run("audit", "verify", str(odd), "--public-key", str(public)) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "audit\\x1b[2K.jsonl: intact" in out
+
+
+def test_a_count_of_the_roleless_bucket_naming_no_caller_verifies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """REFUSALS_COUNTED of every role-less caller together names the bucket, no caller: audit
+    verify takes it like any record, and the record says caller.spiffe_id null (not absent), so
+    a query grouping by it sees one group it must read by claims.refusals_bucket."""
+    private_pem, public_pem = new_signing_key()
+    public = tmp_path / "audit.pub"
+    public.write_bytes(public_pem)
+    path = tmp_path / "audit.jsonl"
+    records = RefusalRecords("key releases refused unread", lambda: 0.0)
+    with AuditLog.open(path, load_signing_key(Secret(private_pem))) as log:
+        records.count_unrecorded(ROLELESS, "", 7)  # past the shared budget, not yet written
+        record_counts(log, records, "key_release", every=True)
+    assert _run("audit", "verify", str(path), "--public-key", str(public)) == 0
+    assert "intact" in capsys.readouterr().out
+    [counted] = [json.loads(line) for line in path.read_text().splitlines()]
+    assert counted["reason"] == "REFUSALS_COUNTED"
+    assert counted["caller"]["spiffe_id"] is None
+    assert counted["claims"] == {"refusals_unrecorded": 7, "refusals_bucket": ROLELESS}

@@ -34,6 +34,7 @@ from strongroom.inference.models import ModelRepository
 from strongroom.inference.server import CONTROL_PLANE as INFERENCE_CONTROL_PLANE
 from strongroom.inference.server import EVIDENCE_SERVICE
 from strongroom.pki import SpiffeAuthorizer, StepCa, WorkloadIdentity
+from strongroom.pki.authz import verified_caller
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.callers import ROLELESS, TRUSTED_WAIT_SECONDS
 from strongroom.runtime.config import ConfigError, ServerConfig
@@ -1309,3 +1310,41 @@ def test_a_call_a_watchdog_cancelled_is_refused_for_the_watchdogs_reason_however
     failed = Counter(r["reason"] for r in lines if r["msg"] == "rpc failed")
     # The others, never cancelled, end when their stream does, without a message.
     assert failed == Counter({reason: 1, "MALFORMED_REQUEST": stalls - 1}), lines
+
+
+def test_a_refusal_after_admission_counts_in_the_bucket_the_call_was_admitted_in(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """The refusal observer named the caller's bucket by checking its certificate again when the
+    refusal came, after the authoriser's verification had ended: a call admitted (and counted by
+    the limits) as the inference identity whose request message came only after its certificate
+    expired was told to the observer as role-less, so the broker recorded it in the bucket every
+    caller without a role shares, naming no one. The observer now hears the bucket and the
+    caller the authoriser verified for the call."""
+    observed: list[tuple[str, str, str | None]] = []
+
+    def observer(exc: StrongroomError, context: grpc.ServicerContext, bucket: str) -> None:
+        try:
+            caller: str | None = str(verified_caller(context).spiffe_id)
+        except StrongroomError:
+            caller = None
+        observed.append((exc.reason, bucket, caller))
+
+    running = mesh(observers={f"/{SERVICE}/Quick": observer}, max_workers=8)
+    channel = running.caller("inference", lifetime=timedelta(seconds=5))
+    expires = running.identities[-1].credentials.not_after
+    gate = threading.Event()
+
+    def late() -> Iterator[bytes]:  # the call's headers go now; its message never does
+        gate.wait(60)
+        yield from ()
+
+    call = channel.stream_unary(f"/{SERVICE}/Quick", _raw, _raw).future(late(), timeout=60)
+    assert settled(lambda: running.host.unary.running(sid("inference")) == 1)  # admitted
+    time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 1.0)
+    gate.set()  # the call ends without its message, after the certificate expired
+    code, reason = refusal(lambda: call.result(timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    # Before: (reason, ROLELESS, None).
+    assert observed == [(reason, sid("inference"), sid("inference"))]
+    assert running.host.unary.running(sid("inference")) == 0
