@@ -79,6 +79,18 @@ def replace_keeping_mtime(path: Path, text: str) -> None:
 #: to one: artifact format 3).
 MODEL = ("acme/model", "1")
 
+#: The simulated SEV-SNP measurement the release tests' policy admits, and that policy.
+MEASUREMENT = bytes.fromhex("5a" * 48)
+POLICY = (
+    'version: "p1"\n'
+    'allowed_spiffe_ids: ["spiffe://strongroom.test/inference"]\n'
+    "tee_types: [SEV_SNP]\n"
+    "sev_snp:\n"
+    "  allow_simulated: true\n"
+    f'  measurements: ["{MEASUREMENT.hex()}"]\n'
+    "  min_reported_tcb: any\n"
+)
+
 
 def bound(slot_key: bytes | bytearray, model: tuple[str, str] = MODEL) -> bytes:
     """The body key a publisher of ``model`` receives for ``slot_key`` (what a release unwraps)."""

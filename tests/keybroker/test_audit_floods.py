@@ -38,18 +38,8 @@ from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
 from strongroom.oaep import OaepHash
 from strongroom.runtime.secrets import Secret
 from tests.attestation.collateral_server import FakeCollateralServer
-from tests.keybroker.helpers import MODEL, bound, spki
+from tests.keybroker.helpers import MEASUREMENT, MODEL, POLICY, bound, spki
 
-MEASUREMENT = bytes.fromhex("5a" * 48)
-POLICY = (
-    'version: "p1"\n'
-    'allowed_spiffe_ids: ["spiffe://strongroom.test/inference"]\n'
-    "tee_types: [SEV_SNP]\n"
-    "sev_snp:\n"
-    "  allow_simulated: true\n"
-    f'  measurements: ["{MEASUREMENT.hex()}"]\n'
-    "  min_reported_tcb: any\n"
-)
 OAEP_SHA1 = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)
 BURST, BROKER_BURST = refusals.REFUSAL_BURST, refusals.BROKER_REFUSAL_BURST
 

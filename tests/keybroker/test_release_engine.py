@@ -49,17 +49,11 @@ from strongroom.pki.errors import PeerNotAllowed
 from strongroom.runtime.callers import ROLELESS
 from strongroom.runtime.secrets import Secret
 from tests.attestation.collateral_server import FakeCollateralServer
-from tests.keybroker.helpers import ec_spki_on_an_unsupported_curve, replace_keeping_mtime
-
-MEASUREMENT = bytes.fromhex("5a" * 48)
-POLICY = (
-    'version: "p1"\n'
-    'allowed_spiffe_ids: ["spiffe://strongroom.test/inference"]\n'
-    "tee_types: [SEV_SNP]\n"
-    "sev_snp:\n"
-    "  allow_simulated: true\n"
-    f'  measurements: ["{MEASUREMENT.hex()}"]\n'
-    "  min_reported_tcb: any\n"
+from tests.keybroker.helpers import (
+    MEASUREMENT,
+    POLICY,
+    ec_spki_on_an_unsupported_curve,
+    replace_keeping_mtime,
 )
 
 
