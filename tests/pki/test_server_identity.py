@@ -31,6 +31,7 @@ from strongroom.pki._files import memory_file
 from strongroom.pki.channel import _close_channel, _Slot
 from strongroom.pki.handshake import (
     ServerCertificateOutsideValidity,
+    ServerExplanation,
     ServerIdentityMismatch,
     ServerIdentityNameMissing,
     TlsPresentation,
@@ -1126,6 +1127,18 @@ class _TwoFacedServer:
         self._listener.close()
 
 
+def _diagnosed_as_the_broker(
+    server: _TwoFacedServer, client_identity: WorkloadIdentity
+) -> ServerExplanation | None:
+    """What the explaining handshake makes of ``server`` when the broker was expected (closed after)."""
+    try:
+        return diagnose_server(
+            f"127.0.0.1:{server.port}", _presentation(client_identity), sid("keybroker"), timeout=5
+        )
+    finally:
+        server.close()
+
+
 def test_dates_read_again_come_from_a_certificate_checked_as_the_first(
     ca: StepCa, client_identity: WorkloadIdentity
 ) -> None:
@@ -1144,15 +1157,7 @@ def test_dates_read_again_come_from_a_certificate_checked_as_the_first(
         not_after=datetime(2001, 1, 2, tzinfo=UTC),
     )
     server = _TwoFacedServer(real, forged)
-    try:
-        explained = diagnose_server(
-            f"127.0.0.1:{server.port}",
-            _presentation(client_identity),
-            sid("keybroker"),
-            timeout=5,
-        )
-    finally:
-        server.close()
+    explained = _diagnosed_as_the_broker(server, client_identity)
     assert server.handshakes == 2
     assert isinstance(explained, ServerIdentityMismatch)
     assert "2001" not in str(explained)
@@ -1165,16 +1170,9 @@ def test_a_certificate_refused_for_its_dates_that_cannot_be_read_again_is_no_clo
     """A server that presents an expired certificate of our CA and closes the next connection:
     whose certificate it was is unknown (OpenSSL stopped at its dates), and the refusal blamed
     the clock all the same. It stays a refusal (not retried) that says what is known."""
-    server = _TwoFacedServer(_expired_leaf(ca, "modelstore"), None)
-    try:
-        explained = diagnose_server(
-            f"127.0.0.1:{server.port}",
-            _presentation(client_identity),
-            sid("keybroker"),
-            timeout=5,
-        )
-    finally:
-        server.close()
+    explained = _diagnosed_as_the_broker(
+        _TwoFacedServer(_expired_leaf(ca, "modelstore"), None), client_identity
+    )
     assert isinstance(explained, ServerIdentityMismatch)
     assert "has expired" in str(explained)
     assert f"not known to be {sid('keybroker')}" in str(explained)
