@@ -209,11 +209,91 @@ def _message_type(deserialize: Callable[[bytes], Any]) -> str:
     return name if isinstance(name, str) else ""
 
 
-def _checked(requests: Iterator[Any], context: grpc.ServicerContext, method: str) -> Iterator[Any]:
-    for request in requests:
+def _ended_by_caller(context: grpc.ServicerContext, method: str, before: str) -> StrongroomError:
+    """The refusal of a call that ended (gRPC raises a bare ``grpc.RpcError`` from its request
+    stream) ``before`` the service had read what it needed: DeadlineExceeded when its caller's
+    deadline ended it, Cancelled otherwise, as the one rule tells them apart
+    (:func:`~strongroom.runtime.gave_up.gave_up`)."""
+    if gave_up_on(context) is GaveUp.DEADLINE:
+        return DeadlineExceeded(f"{method}: the caller's deadline passed before {before}")
+    return Cancelled(
+        f"{method}: the call ended before {before} (cancelled, or a message refused by gRPC: "
+        "larger than the limit)"
+    )
+
+
+CALL_END_WAIT = 0.5
+"""Seconds a refusal of a request stream its caller ended waits for gRPC to record the call's
+end, when the end was a cancel or a deadline (:meth:`_RequestStream.caller_gave_up`)."""
+
+
+class _RequestStream:
+    """A call's request stream as its behaviour reads it, authorised and admitted: a message that
+    did not decode is refused (:func:`_malformed`), and the call's end, which gRPC's iterator
+    raises as a bare ``grpc.RpcError``, is its caller giving up (:func:`_ended_by_caller`).
+
+    That error reached the error mapping as a bug of the service's: an upload its client
+    cancelled, or whose deadline passed, was logged "unexpected error" with a traceback and
+    answered INTERNAL."""
+
+    __slots__ = ("_context", "_ended", "_method", "_requests")
+
+    def __init__(self, requests: Iterator[Any], context: grpc.ServicerContext, method: str) -> None:
+        self._requests = iter(requests)
+        self._context = context
+        self._method = method
+        self._ended = False
+
+    def __iter__(self) -> _RequestStream:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            request = next(self._requests)
+        except StopIteration:
+            self._ended = True
+            raise
+        except grpc.RpcError:
+            raise self._gave_up() from None
         if isinstance(request, _Malformed):
-            raise _malformed(request, context, method)
-        yield request
+            raise _malformed(request, self._context, self._method)
+        return request
+
+    def _gave_up(self) -> StrongroomError:
+        return _ended_by_caller(self._context, self._method, "its request stream ended")
+
+    def caller_gave_up(self) -> StrongroomError | None:
+        """What a refusal the behaviour raised after the stream's end stands for when its caller
+        gave up on the call (None: the refusal stands).
+
+        gRPC completes a cancelled call's pending read empty, as if the caller had ended its
+        stream, and records the cancel after: the behaviour took an upload whose caller's
+        deadline passed for a truncated one (INVALID_ARGUMENT TRUNCATED), and the call could
+        still read as active when it refused it (1 run in 5 with two CPU burners). So a refusal
+        after the stream's end waits for the call to end, at most :data:`CALL_END_WAIT`: a
+        caller that really ended its stream waits for its answer, which comes that much later."""
+        if not self._ended:
+            return None
+        if self._context.is_active():
+            ended = threading.Event()
+            if self._context.add_callback(ended.set):
+                ended.wait(CALL_END_WAIT)
+        if gave_up_on(self._context) is not None:
+            return self._gave_up()
+        return None
+
+
+@contextlib.contextmanager
+def _judged(request: Any) -> Iterator[None]:
+    """Re-raises a refusal of a call whose request stream its caller gave up on
+    (:meth:`_RequestStream.caller_gave_up`) as the caller giving up."""
+    try:
+        yield
+    except StrongroomError:
+        ended = request.caller_gave_up() if isinstance(request, _RequestStream) else None
+        if ended is None:
+            raise
+        raise ended from None
 
 
 class ErrorMappingInterceptor(HandlerInterceptor):
@@ -435,7 +515,7 @@ class RequestDecodingInterceptor(HandlerInterceptor):
 
         def arguments(argument: Any, context: grpc.ServicerContext) -> Any:
             if request_streaming:
-                return _checked(argument, context, method)
+                return _RequestStream(argument, context, method)
             if isinstance(argument, PendingRequest):
                 argument = argument.read(context)  # authorised and admitted: now it may wait
             if isinstance(argument, _Malformed):
@@ -459,13 +539,16 @@ def _decoding(
             observed = _OBSERVED.get()
             if observed is not None:
                 observed.reached = True  # the service's own refusals are its own to report
-            return fn(request, context)
+            with _judged(request):
+                return fn(request, context)
 
         return call
 
     def stream(fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[..., Any]:
         def call(argument: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            yield from fn(decode(argument, context), context)
+            request = decode(argument, context)
+            with _judged(request):
+                yield from fn(request, context)
 
         return call
 
@@ -568,15 +651,7 @@ class PendingRequest:
         except grpc.RpcError:  # the RPC ended before its message was read
             # What the log and the broker's audit of an unread ReleaseKey say: a caller whose
             # deadline passed was recorded CANCELLED, as if it had called the call off.
-            if gave_up_on(context) is GaveUp.DEADLINE:
-                raise DeadlineExceeded(
-                    f"{self._method}: the caller's deadline passed before its request message "
-                    "was read"
-                ) from None
-            raise Cancelled(
-                f"{self._method}: the call ended before its request message was read (cancelled, "
-                "or the message refused by gRPC: larger than the limit)"
-            ) from None
+            raise _ended_by_caller(context, self._method, "its request message was read") from None
 
 
 class DeferredRequests(HandlerInterceptor):

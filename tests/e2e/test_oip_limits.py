@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import re
 import struct
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -538,34 +539,50 @@ def test_one_astral_character_does_not_quadruple_what_bytes_cost(served: Served)
     assert oip.ModelInfer(fits, timeout=60).raw_output_contents == fits.raw_input_contents
 
 
+@pytest.mark.parametrize("gave_up", ["DEADLINE_EXCEEDED", "CANCELLED"])
 def test_a_call_that_ends_early_stops_its_inference(
-    stack: DevStack, served: Served, oip: pb_grpc.GRPCInferenceServiceStub
+    stack: DevStack, served: Served, oip: pb_grpc.GRPCInferenceServiceStub, gave_up: str
 ) -> None:
     """A caller whose deadline passed (or who cancelled) left the run going to its end, a worker
     thread and the cores computing an answer nobody would read: any certified caller could start
     long runs and walk away. The run now stops when the call ends (the service logs "inference
-    stopped"); a run of this model takes seconds, the deadline is a fraction of one."""
+    stopped"); a run of this model takes seconds, the deadline is a fraction of one.
+
+    The line said INFERENCE_CANCELLED however the caller gave up; it now says which, by the one
+    rule (strongroom.runtime.gave_up): INFERENCE_DEADLINE_EXCEEDED when the deadline ended the
+    call, INFERENCE_CANCELLED when the caller cancelled it long before its deadline."""
     log = stack.log_path("inference")
-    before = log.read_text(errors="replace").count("inference stopped")
+    before = len(_stopped_lines(log))
     x = np.ones((512, 512), dtype=np.float32)
     request = pb.ModelInferRequest(
         model_name="slow",
         inputs=[pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[512, 512])],
         raw_input_contents=[x.tobytes()],
     )
-    with pytest.raises(grpc.RpcError) as info:
-        oip.ModelInfer(request, timeout=0.5)
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+    if gave_up == "DEADLINE_EXCEEDED":
+        with pytest.raises(grpc.RpcError) as info:
+            oip.ModelInfer(request, timeout=0.5)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+    else:
+        call = oip.ModelInfer.future(request, timeout=600)
+        time.sleep(0.5)  # the run has started by now (it takes seconds)
+        assert call.cancel()
     # Wait (not a timing bound: only how long to wait for the line) for the service to say so.
-    stopped = _wait_for(
-        lambda: log.read_text(errors="replace").count("inference stopped") > before, 120
-    )
+    stopped = _wait_for(lambda: len(_stopped_lines(log)) > before, 120)
     assert stopped, "the service ran the inference to its end after the call had ended"
+    assert _stopped_lines(log)[before:] == [f"INFERENCE_{gave_up}"]
+
+
+def _stopped_lines(log: Path) -> list[str]:
+    """The reasons of the service's "inference stopped" lines, in order (its log is text)."""
+    lines = log.read_text(errors="replace").splitlines()
+    found = (
+        re.search(r'reason="([A-Z_]+)"', line) for line in lines if "inference stopped" in line
+    )
+    return [match.group(1) for match in found if match is not None]
 
 
 def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
-    import time
-
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if condition():

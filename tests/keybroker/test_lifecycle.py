@@ -10,7 +10,6 @@ import errno
 import hashlib
 import json
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -26,6 +25,7 @@ from strongroom.errors import (
     PermissionDenied,
     StrongroomError,
 )
+from strongroom.keybroker import hsm as hsm_module
 from strongroom.keybroker import keys as keys_module
 from strongroom.keybroker import policies as policies_module
 from strongroom.keybroker import refusals
@@ -304,22 +304,31 @@ def test_a_key_change_that_outlives_the_hsm_deadline_is_awaited_and_audited(
     still running at the HSM deadline (a slow token, or one started late behind a queue of
     publishers' calls) was made in the token while its caller heard HSM_TIMEOUT, "retry", and
     was never audited; a retried rotation made a second version."""
-    # 0.4 s of the second wait is left for the rest of the change (its audit record's fsync and
-    # two token writes) on a loaded machine.
-    km = KeyManager(open_hsm(make_config(softhsm_token, operation_timeout=0.5)))
+    # The operation is held until its caller's first wait is over (it then waits once more, a
+    # whole timeout, in HsmCall.finish): past the deadline however loaded the machine, and the
+    # rest of the change (its audit record's fsync, the token's writes) has that second timeout
+    # to itself. A 0.6 s sleep past a 0.5 s deadline left it 0.4 s, which a loaded 2-core
+    # runner once overran (HSM_TIMEOUT).
+    km = KeyManager(open_hsm(make_config(softhsm_token, operation_timeout=2.0)))
     audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
     keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit)
     if change != "create_key":
         keys.create_key(ADMIN, "k1")
     real = km._versions
     slowed: list[bool] = []
+    awaited = threading.Event()
+    real_finish = hsm_module.HsmCall.finish
+
+    def finish(call):
+        awaited.set()  # the first wait timed out on a started change: its second begins
+        return real_finish(call)
 
     def slow_once(hs, key_id):
         if not slowed:
-            slowed.append(True)
-            time.sleep(0.6)  # inside the operation, past its 0.5 s deadline
+            slowed.append(awaited.wait(60))  # inside the operation, until past its deadline
         return real(hs, key_id)
 
+    monkeypatch.setattr(hsm_module.HsmCall, "finish", finish)
     monkeypatch.setattr(km, "_versions", slow_once)
     try:
         if change == "create_key":
@@ -330,7 +339,7 @@ def test_a_key_change_that_outlives_the_hsm_deadline_is_awaited_and_audited(
             info = keys.disable_key(ADMIN, "k1", 1)
     finally:
         audit.close()
-    assert slowed
+    assert slowed == [True]
     states = {
         "create_key": [KeyState.ENABLED],
         "rotate_key": [KeyState.ENABLED, KeyState.ENABLED],

@@ -28,6 +28,7 @@ import numpy as np
 from strongroom.errors import (
     REFUSAL_LINE,
     Cancelled,
+    DeadlineExceeded,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -43,6 +44,7 @@ from strongroom.inference.models._graph import (
 from strongroom.inference.models._ort import ort, ort_state
 from strongroom.inference.models._strings import StringBounds
 from strongroom.reasons import Reason
+from strongroom.runtime.gave_up import GaveUp
 
 log = logging.getLogger(__name__)
 
@@ -346,13 +348,16 @@ class LoadedModel:
         *,
         run_options: ort.RunOptions | None = None,
         check_shapes: OutputCheck | None = None,
+        stopped_by: Callable[[], GaveUp | None] | None = None,
     ) -> dict[str, np.ndarray]:
         """Runs the model; BYTES tensors are object arrays of ``bytes`` both ways.
 
         The caller validates names, datatypes and shapes against :attr:`inputs` (the OIP layer
         does); ORT still rejects what does not fit, as InvalidArgument. A run whose
         ``run_options.terminate`` is set (the OIP layer sets it when the call ends early) stops
-        at ORT's next check and raises Cancelled. ``check_shapes`` is shown every output's
+        at ORT's next check and raises Cancelled ``INFERENCE_CANCELLED``, or DeadlineExceeded
+        ``INFERENCE_DEADLINE_EXCEEDED`` when ``stopped_by`` says the caller's deadline ended the
+        call (the OIP layer judges it by the runtime's one rule). ``check_shapes`` is shown every output's
         shape before any output is copied out of ONNX Runtime (the OIP layer refuses there a
         response its bound cannot hold): a string output becomes a Python object per element,
         several times what ORT holds of a short one, and an output refused after that copy
@@ -390,7 +395,7 @@ class LoadedModel:
         except Exception as exc:
             if _ARENA_FULL.search(str(exc)):
                 raise self._out_of_memory(exc) from None
-            self._refused(exc, run_options)
+            self._refused(exc, run_options, stopped_by)
         if check_shapes is not None:
             check_shapes(
                 {
@@ -438,7 +443,12 @@ class LoadedModel:
             reason=Reason.INFERENCE_MEMORY_EXHAUSTED,
         )
 
-    def _refused(self, exc: Exception, run_options: ort.RunOptions) -> NoReturn:
+    def _refused(
+        self,
+        exc: Exception,
+        run_options: ort.RunOptions,
+        stopped_by: Callable[[], GaveUp | None] | None,
+    ) -> NoReturn:
         """Raises what a failed run means for its caller."""
         rejected = isinstance(exc, ort_state.InvalidArgument | ort_state.Fail)
         if not rejected and not _UNPARSABLE_TEXT.search(str(exc)):
@@ -454,19 +464,26 @@ class LoadedModel:
             )
             raise Internal("inference failed", reason=Reason.INFERENCE_FAILED) from None
         if run_options.terminate:
+            # Which way the caller gave up: the line said only that the call had ended.
+            deadline = stopped_by is not None and stopped_by() is GaveUp.DEADLINE
+            reason = Reason.INFERENCE_DEADLINE_EXCEEDED if deadline else Reason.INFERENCE_CANCELLED
             log.info(
-                "inference stopped: its call had ended",
+                "inference stopped: %s",
+                "its caller's deadline passed" if deadline else "its call was cancelled",
                 extra={
                     "model": self.name,
                     "version": self.version,
-                    "reason": Reason.INFERENCE_CANCELLED,
+                    "reason": reason,
                     REFUSAL_LINE: True,  # its caller ended it: within its budget of such lines
                 },
             )
+            if deadline:
+                raise DeadlineExceeded(
+                    f"inference on {self.name} stopped: the caller's deadline passed",
+                    reason=reason,
+                ) from None
             raise Cancelled(
-                f"inference on {self.name} stopped: the call ended (cancelled, or its "
-                "deadline passed)",
-                reason=Reason.INFERENCE_CANCELLED,
+                f"inference on {self.name} stopped: the call was cancelled", reason=reason
             ) from None
         # Inputs that match the advertised shapes can still clash inside the graph (two
         # variable dimensions that must agree, a Reshape that does not fit, an index past a

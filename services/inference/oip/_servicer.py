@@ -32,6 +32,7 @@ from strongroom.inference.oip._codec import (
 from strongroom.inference.oip._wire import parse_infer_request
 from strongroom.pki.authz import verified_caller
 from strongroom.reasons import Reason
+from strongroom.runtime.gave_up import GaveUp, gave_up_on
 from strongroom.runtime.grpc_types import HandlerCollector
 
 log = logging.getLogger(__name__)
@@ -138,11 +139,13 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         check_request_parameters(request)
         inputs, used_raw = decode_inputs(request, model, self._limits)
         names = requested_outputs(request, model, self._limits)
+        stop = _StopOnEnd(context)
         arrays = model.infer(
             inputs,
             names,
-            run_options=_stopped_with(context),
+            run_options=stop.options,
             check_shapes=output_shapes_check(model, names, raw=used_raw, limits=self._limits),
+            stopped_by=stop.gave_up,
         )
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=model.version, id=request.id
@@ -221,18 +224,31 @@ class _InferRequestParser:
         return parse_infer_request(data, self._limits)
 
 
-def _stopped_with(context: grpc.ServicerContext) -> ort.RunOptions:
+class _StopOnEnd:
     """Run options whose run stops when the call ends: a caller that cancels, or whose deadline
     passes, no longer leaves a worker thread and the cores computing an answer nobody reads (a
-    certified caller could otherwise start any number of long runs and walk away at once)."""
-    options = ort.RunOptions()
+    certified caller could otherwise start any number of long runs and walk away at once).
 
-    def stop() -> None:
-        options.terminate = True
+    How the caller gave up is judged when the call ends, by the runtime's one rule
+    (:func:`~strongroom.runtime.gave_up.gave_up_on`): judged when the stopped run is noticed,
+    later, a cancel made shortly before the deadline would count as the deadline's."""
 
-    if not context.add_callback(stop):
-        stop()  # the call has already ended
-    return options
+    __slots__ = ("_context", "_why", "options")
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self.options = ort.RunOptions()
+        self._context = context
+        self._why: GaveUp | None = None
+        if not context.add_callback(self._stop):
+            self._stop()  # the call has already ended
+
+    def _stop(self) -> None:
+        self._why = gave_up_on(self._context)
+        self.options.terminate = True
+
+    def gave_up(self) -> GaveUp | None:
+        """How the caller gave up, once the call has ended (None before)."""
+        return self._why
 
 
 def _require_name(name: str) -> None:
