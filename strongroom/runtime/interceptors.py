@@ -262,7 +262,7 @@ class _RequestStream:
     def _gave_up(self) -> StrongroomError:
         return _ended_by_caller(self._context, self._method, "its request stream ended")
 
-    def caller_gave_up(self) -> StrongroomError | None:
+    def caller_gave_up(self, refusal: StrongroomError) -> StrongroomError | None:
         """What a refusal the behaviour raised after the stream's end stands for when its caller
         gave up on the call (None: the refusal stands).
 
@@ -271,10 +271,13 @@ class _RequestStream:
         deadline passed for a truncated one (INVALID_ARGUMENT TRUNCATED), and the call could
         still read as active when it refused it (1 run in 5 with two CPU burners). So a refusal
         after the stream's end waits for the call to end, at most :data:`CALL_END_WAIT`: a
-        caller that really ended its stream waits for its answer, which comes that much later."""
+        caller that really ended its stream waits for its answer, which comes that much later.
+        Only a refusal of what was sent (``refusal``: INVALID_ARGUMENT) waits: a stream cut short
+        reads as one, while no other refusal depends on where the stream ended, and each such
+        wait holds a worker that long for every refused upload of a caller."""
         if not self._ended:
             return None
-        if self._context.is_active():
+        if isinstance(refusal, InvalidArgument) and self._context.is_active():
             ended = threading.Event()
             if self._context.add_callback(ended.set):
                 ended.wait(CALL_END_WAIT)
@@ -289,8 +292,8 @@ def _judged(request: Any) -> Iterator[None]:
     (:meth:`_RequestStream.caller_gave_up`) as the caller giving up."""
     try:
         yield
-    except StrongroomError:
-        ended = request.caller_gave_up() if isinstance(request, _RequestStream) else None
+    except StrongroomError as refusal:
+        ended = request.caller_gave_up(refusal) if isinstance(request, _RequestStream) else None
         if ended is None:
             raise
         raise ended from None
