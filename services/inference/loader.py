@@ -24,8 +24,9 @@ it is ``DATA_LOSS`` with the artifact reader's reason, like a failed authenticat
 
 **Retries.** :meth:`ModelLoader.load_with_retry` retries a load that failed with ``UNAVAILABLE``
 (store, broker, HSM or collateral briefly unreachable), or ``RESOURCE_EXHAUSTED``
-``TOO_MANY_UNARY_CALLS_PER_IDENTITY`` or ``TOO_MANY_WORKERS_PER_IDENTITY`` (the broker or the
-store busy with this identity's other calls and streams) or ``DATA_PLANE_WORKERS_BUSY`` (a peer's data-plane workers all busy), with
+``TOO_MANY_UNARY_CALLS_PER_IDENTITY``, ``TOO_MANY_WORKERS_PER_IDENTITY`` or
+``TOO_MANY_CALLS_PER_CERTIFICATE`` (the broker or the store busy with this identity's, or this
+certificate's, other calls and streams) or ``DATA_PLANE_WORKERS_BUSY`` (a peer's data-plane workers all busy), with
 exponential back-off until a deadline; nothing else is retried (a denied release or a damaged
 artifact needs an operator). Configured models retry without a deadline (see the server);
 LoadModel retries within :data:`LOAD_RETRY_SECONDS` or the caller's own deadline, whichever is
@@ -85,13 +86,14 @@ BUSY_REFUSALS = frozenset(
     {
         Reason.TOO_MANY_UNARY_CALLS_PER_IDENTITY,
         Reason.TOO_MANY_WORKERS_PER_IDENTITY,
+        Reason.TOO_MANY_CALLS_PER_CERTIFICATE,
         Reason.TOO_MANY_STREAMS_PER_IDENTITY,
         Reason.TOO_MANY_STREAMS,
         Reason.DATA_PLANE_WORKERS_BUSY,
     }
 )
 """RESOURCE_EXHAUSTED refusals that say "retry later" rather than "too large": the key broker had
-as many calls of this identity running as it admits, or the store as many of its streams (or
+as many calls of this identity (or of this server's certificate, its share) running as it admits, or the store as many of its streams (or
 blocking streams in all), or either had every data-plane worker busy. Every replica of the
 inference service shares its SPIFFE ID, so a fleet's releases at once while collateral or the HSM
 is slow, or its downloads at once, reach them."""

@@ -56,6 +56,23 @@ or the wait bound) counts as stalled too; either way its caller is then trusted 
 :data:`DISTRUST_SECONDS`, so that its waits beyond the bound are refused at once and stalled ones
 cannot be renewed past it (counted ones included: a caller that let its older waits go just before
 its trusted ones were due had them counted, then trusted new ones, and held twice its bound).
+
+A fleet's replicas share one SPIFFE ID, and so one cap: one replica (compromised, or stuck) that
+opened ``ReleaseKey`` calls and never sent their message held all 13 of the broker's unary calls
+for its identity, for as long as its connection lived, and every other replica's release was
+refused ``TOO_MANY_UNARY_CALLS_PER_IDENTITY`` (65 of 65 in 20 s, measured on a real broker). So
+each certificate (:func:`certificate_bucket`, beneath its caller's :func:`bucket`) holds at most
+its share of its identity's data-plane bound (:func:`certificate_share`: half, at least
+:data:`CERTIFICATE_FLOOR`; ``server.max_calls_per_certificate``): its data-plane unary calls and
+its waits for a request message; beyond it they are refused at once with
+``TOO_MANY_CALLS_PER_CERTIFICATE`` (a wait on trust first, as at the bound), and the rest stays
+for the other replicas. Control-plane calls (health's own, once its message came) are not shared:
+a burst of one replica's health checks is answered as before. Nor are blocking streams: one
+inference replica downloads 8 parts at once from the store, more than half its default bound.
+The identity's bound still counts the total, however many certificates it holds: a replica can
+renew onto new serials at will, and each buys a share, never more than the identity's bound (two
+certificates at their share hold it all again). The shares count what is held now, each
+certificate forgotten when it holds nothing, so they hold as many entries as calls run.
 """
 
 from __future__ import annotations
@@ -107,6 +124,10 @@ _OWN, _COUNTED, _TRUSTED = "own", "counted", "trusted"  # how a wait for a reque
 Identify = Callable[[grpc.ServicerContext], str]
 """Names the caller of an RPC for per-identity accounting (default: :func:`caller_key`)."""
 
+Certify = Callable[[grpc.ServicerContext, str], str | None]
+"""Names the certificate of an RPC's caller, counted as the identity given, for the shares beneath
+its caps (default: :func:`certificate_key`); None: it has no share beneath them."""
+
 Grants = Callable[[SpiffeId], bool]
 """Whether the authoriser grants a SPIFFE ID any method that is not public
 (:meth:`~strongroom.pki.authz.SpiffeAuthorizer.grants_any`)."""
@@ -135,6 +156,18 @@ def certificate_bucket(spiffe_id: str, serial: int) -> str:
     return f"{spiffe_id} {serial:x}"
 
 
+CERTIFICATE_FLOOR = 2
+"""The share of a cap one certificate holds however small the cap (but never more than the cap):
+a replica makes a release while its previous one still waits on the HSM."""
+
+
+def certificate_share(cap: int) -> int:
+    """How much of an identity's ``cap`` (its data-plane bound) one of its certificates may hold
+    by default: half of it, at least :data:`CERTIFICATE_FLOOR`, at most ``cap``. Half, so that one
+    replica whatever it does leaves the rest of its fleet at least as much as it holds."""
+    return min(cap, max(CERTIFICATE_FLOOR, cap // 2))
+
+
 MAX_CERTIFICATES_TRACKED = 4096
 """How many certificates a budget per certificate (:func:`certificate_bucket`) remembers at most,
 the one counted longest ago forgotten first: a holder of its service's provisioner mints them as
@@ -154,6 +187,20 @@ def caller_key(context: grpc.ServicerContext, grants: Grants | None = None) -> s
             return f"peer:{context.peer()}"
         spiffe_id = None
     return bucket(spiffe_id, grants)
+
+
+def certificate_key(context: grpc.ServicerContext, identity: str) -> str | None:
+    """The :func:`certificate_bucket` of the certificate this RPC's caller, counted as
+    ``identity`` (its :func:`caller_key`), presented; None when ``identity`` is no SPIFFE ID
+    (:data:`ROLELESS`, which shares one bucket whatever its certificates, or a peer without a
+    certificate, counted by its address): it then has no share beneath its caps."""
+    if not identity.startswith("spiffe://"):
+        return None
+    try:
+        serial = verified_caller(context).serial
+    except PeerUnauthenticated:  # an identity named some other way (a test's identify)
+        return None
+    return certificate_bucket(identity, serial)
 
 
 def identify_by_role(grants: Grants) -> Identify:
@@ -178,6 +225,11 @@ class WorkerShares:
     one kind only, so that a caller at both held their sum, and two callers the whole data plane.
     :attr:`lock` also guards :class:`UnaryGuard`'s own counts, so that a call is admitted under
     one lock.
+
+    A certificate (its :func:`certificate_bucket`, passed as ``certificate``) holds at most
+    ``per_certificate`` of its identity's bound (default: :func:`certificate_share`; never more
+    than the bound), so that one replica of a fleet sharing the identity cannot hold the fleet's
+    whole bound.
     """
 
     def __init__(
@@ -186,19 +238,30 @@ class WorkerShares:
         control_plane: Iterable[str] = (),
         public: Iterable[str] = (),
         per_identity: int | None = None,
+        per_certificate: int | None = None,
     ) -> None:
         if data_plane < 1:
             raise ValueError("data_plane must be at least 1")
         if per_identity is not None and per_identity < 1:
             raise ValueError("per_identity must be at least 1")
+        if per_certificate is not None and per_certificate < 1:
+            raise ValueError("per_certificate must be at least 1")
         self.data_plane = data_plane
         self.per_identity = per_identity if per_identity is not None else data_plane
+        self.per_certificate = (
+            certificate_share(self.per_identity)
+            if per_certificate is None
+            else min(per_certificate, self.per_identity)
+        )
         self._control = frozenset(control_plane)
         self._public = frozenset(public)
         self.lock = threading.Lock()
         self.held = 0
         """Data-plane workers held now (read and written under :attr:`lock`)."""
         self._mine: Counter[str] = Counter()  # counted workers per caller (under lock)
+        # Counted workers per certificate (under lock): only while it holds any, so at most one
+        # entry per worker whatever number of certificates call.
+        self._certificates: Counter[str] = Counter()
         # Callers one of whose waits trusted beyond their bound proved stalled -> until when they
         # are trusted no more (UnaryGuard.wait_for_request; under lock).
         self.distrusted: dict[str, float] = {}
@@ -230,50 +293,83 @@ class WorkerShares:
             reason=Reason.TOO_MANY_WORKERS_PER_IDENTITY,
         )
 
-    def at_bound(self, identity: str) -> bool:
-        """Whether ``identity`` holds its bound already (call under :attr:`lock`)."""
-        return self._mine[identity] >= self.per_identity
+    def over_share(self, certificate: str, method: str) -> ResourceExhausted:
+        """The refusal of a data-plane call of ``method`` while ``certificate`` holds its share."""
+        return ResourceExhausted(
+            f"certificate {certificate} already holds {self.per_certificate} data-plane workers, "
+            f"its share of its identity's {self.per_identity} "
+            "(server.max_data_plane_workers_per_identity, which its identity's other "
+            f"certificates share); {method} refused, retry later",
+            reason=Reason.TOO_MANY_CALLS_PER_CERTIFICATE,
+        )
 
-    def refusal(self, identity: str, method: str) -> ResourceExhausted | None:
-        """Why a data-plane worker cannot go to ``identity`` now (its bound first, then the data
-        plane), or None (call under :attr:`lock`)."""
-        if self.at_bound(identity):
+    def at_bound(self, identity: str, certificate: str | None = None) -> bool:
+        """Whether ``identity`` holds its bound already, or ``certificate`` its share of it (call
+        under :attr:`lock`)."""
+        return self._mine[identity] >= self.per_identity or (
+            certificate is not None and self._certificates[certificate] >= self.per_certificate
+        )
+
+    def refusal(
+        self, identity: str, method: str, certificate: str | None = None
+    ) -> ResourceExhausted | None:
+        """Why a data-plane worker cannot go to ``identity`` now (its bound first, then its
+        ``certificate``'s share of it, then the data plane), or None (call under :attr:`lock`)."""
+        if self._mine[identity] >= self.per_identity:
             return self.over_bound(identity, method)
+        if certificate is not None and self._certificates[certificate] >= self.per_certificate:
+            return self.over_share(certificate, method)
         if self.held >= self.data_plane:
             return self.busy(method)
         return None
 
-    def hold(self, identity: str) -> None:
-        """Counts a data-plane worker to ``identity`` (under :attr:`lock`, after :meth:`refusal`)."""
+    def hold(self, identity: str, certificate: str | None = None) -> None:
+        """Counts a data-plane worker to ``identity`` and ``certificate`` (under :attr:`lock`,
+        after :meth:`refusal`)."""
         self.held += 1
         self._mine[identity] += 1
+        if certificate is not None:
+            self._certificates[certificate] += 1
 
-    def release(self, identity: str) -> None:
+    def release(self, identity: str, certificate: str | None = None) -> None:
         """Gives back a worker :meth:`hold` counted (under :attr:`lock`)."""
         self.held -= 1
-        self._mine[identity] -= 1
-        if self._mine[identity] <= 0:
-            del self._mine[identity]
+        _forget(self._mine, identity)
+        if certificate is not None:
+            _forget(self._certificates, certificate)
 
-    def take(self, method: str, identity: str) -> None:
+    def take(self, method: str, identity: str, certificate: str | None = None) -> None:
         """Holds a data-plane worker for ``identity``'s blocking stream of ``method``; raises
-        ``ResourceExhausted`` (``TOO_MANY_WORKERS_PER_IDENTITY``, ``DATA_PLANE_WORKERS_BUSY``)."""
+        ``ResourceExhausted`` (``TOO_MANY_WORKERS_PER_IDENTITY``,
+        ``TOO_MANY_CALLS_PER_CERTIFICATE``, ``DATA_PLANE_WORKERS_BUSY``)."""
         with self.lock:
-            refusal = self.refusal(identity, method)
+            refusal = self.refusal(identity, method, certificate)
             if refusal is None:
-                self.hold(identity)
+                self.hold(identity, certificate)
                 return
         raise refusal
 
-    def give(self, identity: str) -> None:
+    def give(self, identity: str, certificate: str | None = None) -> None:
         """Gives back a worker :meth:`take` held."""
         with self.lock:
-            self.release(identity)
+            self.release(identity, certificate)
+
+    def certificates_held(self) -> int:
+        """Certificates holding a data-plane worker now (entries of the per-certificate table)."""
+        with self.lock:
+            return len(self._certificates)
 
     def held_now(self, identity: str | None = None) -> int:
         """Data-plane workers held now: all of them, or those counted to ``identity``."""
         with self.lock:
             return self.held if identity is None else self._mine[identity]
+
+
+def _forget(counts: Counter[str], key: str) -> None:
+    """Counts one less for ``key``, and forgets it at none (the tables hold what runs now)."""
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
 
 
 def _named(method: str, names: frozenset[str]) -> bool:
@@ -298,12 +394,16 @@ class UnaryGuard(HandlerInterceptor):
         shares: WorkerShares | None = None,
         max_roleless_waits: int | None = None,
         public_wait: float | None = None,
+        *,
+        certify: Certify = certificate_key,
     ) -> None:
         if max_per_identity < 1:
             raise ValueError("max_per_identity must be at least 1")
         if max_roleless_waits is not None and max_roleless_waits < 1:
             raise ValueError("max_roleless_waits must be at least 1")
         self._max = max_per_identity
+        # Names each call's certificate, for its share of the data-plane bound (WorkerShares).
+        self._certify = certify
         # Waits for a request message that role-less callers (all together) may have at once;
         # None: their per-identity cap alone.
         self._max_roleless_waits = max_roleless_waits
@@ -324,7 +424,7 @@ class UnaryGuard(HandlerInterceptor):
         self._waiting: set[str] = set()  # callers whose one wait for a request is outside counts
         # Waits admitted beyond their caller's bound on trust: context -> (until when, caller);
         # those counted in the bound since, and those cancelled for stalling.
-        self._trusted: dict[grpc.ServicerContext, tuple[float, str]] = {}
+        self._trusted: dict[grpc.ServicerContext, tuple[float, str, str | None]] = {}
         self._promoted: set[grpc.ServicerContext] = set()
         self._stalled: set[grpc.ServicerContext] = set()
         self._trust_watchdog: threading.Thread | None = None
@@ -336,18 +436,27 @@ class UnaryGuard(HandlerInterceptor):
         with self._lock:
             return self._running[identity]
 
-    def _enter(self, identity: str, method: str, context: grpc.ServicerContext, data: bool) -> None:
+    def _enter(
+        self,
+        identity: str,
+        certificate: str | None,
+        method: str,
+        context: grpc.ServicerContext,
+        data: bool,
+    ) -> None:
         shares = self.shares
         refusal: ResourceExhausted | None = None
         with self._lock:
-            # The caller's own caps first: a caller over one is told so, whatever the others hold.
+            # The caller's own caps first: a caller over one is told so, whatever the others hold;
+            # then its certificate's share of its bound (a data-plane call), so that one replica
+            # leaves its fleet the rest.
             over = self._running[identity] >= self._max
             if not over and data:
-                refusal = shares.refusal(identity, method)
+                refusal = shares.refusal(identity, method, certificate)
             if not over and refusal is None:
                 self._running[identity] += 1
                 if data:
-                    shares.hold(identity)
+                    shares.hold(identity, certificate)
                 return
         self._refuse(identity, method, context, over, "unary call refused", exc=refusal)
 
@@ -422,6 +531,7 @@ class UnaryGuard(HandlerInterceptor):
         trusts its caller no more for :data:`DISTRUST_SECONDS` (``TOO_MANY_WORKERS_PER_IDENTITY``).
         """
         identity = self._identify(context)
+        certificate = self._certify(context, identity)
         shares = self.shares
         roleless = identity == ROLELESS and self._max_roleless_waits is not None
         held: str | None = None  # _OWN, _COUNTED, _TRUSTED; None: refused
@@ -437,11 +547,11 @@ class UnaryGuard(HandlerInterceptor):
             elif identity not in self._waiting and not shares.is_public(method):
                 held = _OWN
                 self._waiting.add(identity)
-            elif (refusal := shares.refusal(identity, method)) is None:
+            elif (refusal := shares.refusal(identity, method, certificate)) is None:
                 held = _COUNTED
-                shares.hold(identity)
+                shares.hold(identity, certificate)
             elif (
-                shares.at_bound(identity)
+                shares.at_bound(identity, certificate)
                 and shares.held < shares.data_plane
                 and shares.distrusted.get(identity, 0.0) <= time.monotonic()
             ):
@@ -450,7 +560,11 @@ class UnaryGuard(HandlerInterceptor):
                 held = _TRUSTED
                 refusal = None
                 shares.held += 1
-                self._trusted[context] = (time.monotonic() + self._trust_seconds, identity)
+                self._trusted[context] = (
+                    time.monotonic() + self._trust_seconds,
+                    identity,
+                    certificate,
+                )
             if held is not None and roleless:
                 self._roleless_waits += 1
         if held is None:
@@ -508,10 +622,10 @@ class UnaryGuard(HandlerInterceptor):
                 if held == _OWN:
                     self._waiting.discard(identity)
                 elif held == _COUNTED:
-                    shares.release(identity)
+                    shares.release(identity, certificate)
                 elif context in self._promoted:  # trusted, then counted once in its bound
                     self._promoted.discard(context)
-                    shares.release(identity)
+                    shares.release(identity, certificate)
                 else:
                     self._trusted.pop(context, None)
                     self._stalled.discard(context)
@@ -549,17 +663,19 @@ class UnaryGuard(HandlerInterceptor):
             with self._lock:
                 for identity in [i for i, until in shares.distrusted.items() if until <= now]:
                     del shares.distrusted[identity]
-                due = [(c, who) for c, (when, who) in self._trusted.items() if now >= when]
-                for context, identity in due:
+                due = [
+                    (c, who, cert) for c, (when, who, cert) in self._trusted.items() if now >= when
+                ]
+                for context, identity, certificate in due:
                     del self._trusted[context]
                     # Distrusted even when its wait now fits the bound: a caller that let its
                     # older waits go just before this moment had its stalled ones counted, and
                     # its next ones trusted beyond the bound again, holding twice its bound
                     # for as long as it kept that turn.
                     shares.distrusted[identity] = now + DISTRUST_SECONDS
-                    if not shares.at_bound(identity):
+                    if not shares.at_bound(identity, certificate):
                         shares.held -= 1  # counted again, in its caller's bound, by hold()
-                        shares.hold(identity)
+                        shares.hold(identity, certificate)
                         self._promoted.add(context)
                     else:
                         self._stalled.add(context)
@@ -641,13 +757,11 @@ class UnaryGuard(HandlerInterceptor):
             if watchdog is not None:
                 watchdog.join(10)
 
-    def _leave(self, identity: str, data: bool) -> None:
+    def _leave(self, identity: str, certificate: str | None, data: bool) -> None:
         with self._lock:
-            self._running[identity] -= 1
-            if self._running[identity] <= 0:
-                del self._running[identity]
+            _forget(self._running, identity)
             if data:
-                self.shares.release(identity)
+                self.shares.release(identity, certificate)
 
     def wrap_handler(
         self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
@@ -661,11 +775,12 @@ class UnaryGuard(HandlerInterceptor):
 
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             identity = self._identify(context)
-            self._enter(identity, method, context, data)
+            certificate = self._certify(context, identity)
+            self._enter(identity, certificate, method, context, data)
             try:
                 return behaviour(request, context)
             finally:
-                self._leave(identity, data)
+                self._leave(identity, certificate, data)
 
         return grpc.unary_unary_rpc_method_handler(
             call,

@@ -276,6 +276,13 @@ class ServerConfig:
     # is set higher), so that two callers at their bound leave a worker for a third. The excess
     # is refused at once (RESOURCE_EXHAUSTED TOO_MANY_WORKERS_PER_IDENTITY).
     max_data_plane_workers_per_identity: int | None = None
+    # Of the bound above, how many data-plane workers one certificate of an identity may hold: a
+    # fleet's replicas share one SPIFFE ID, and one replica opening releases that never sent
+    # their message held the fleet's whole cap, refusing every other replica's. None is half the
+    # bound, at least 2 (strongroom.runtime.callers.certificate_share: 6 of 13); at or above the
+    # bound, no share beneath it. The excess is refused at once (RESOURCE_EXHAUSTED
+    # TOO_MANY_CALLS_PER_CERTIFICATE); the bound still counts the identity's certificates together.
+    max_calls_per_certificate: int | None = None
     # Waits for a request message that callers without a role (certificates the authoriser grants
     # only public methods, health: any SPIFFE ID the CA signs for, all such callers together, which
     # also share one per-identity bucket) may have at once; each holds a data-plane worker while
@@ -345,6 +352,8 @@ class ServerConfig:
                 f"data-plane workers ({data_plane}): one caller must never hold every data-plane "
                 f"worker, got {bound}"
             )
+        if self.max_calls_per_certificate is not None and self.max_calls_per_certificate < 1:
+            raise ConfigError("server.max_calls_per_certificate must be at least 1")
         if self.max_roleless_request_waits is not None and not (
             self.max_roleless_request_waits == 1 or 1 < self.max_roleless_request_waits < data_plane
         ):

@@ -169,6 +169,7 @@ class ServiceHost:
             {HEALTH_SERVICE, reflection.SERVICE_NAME, *control_plane},
             public={HEALTH_SERVICE, *public},
             per_identity=config.data_plane_workers_per_identity,
+            per_certificate=config.max_calls_per_certificate,
         )
         # Callers the authoriser grants no role count as one (they may call health only): N
         # certificates of the CA with no role buy no N buckets. One rule for every limit here and

@@ -176,8 +176,9 @@ def run(results: dict[str, Any], *, rounds: int = ROUNDS) -> None:
 
         # A slow unary flood from one identity: the publisher keeps 64 GenerateDataKey calls in
         # flight, each waiting for the broker's one HSM worker while it holds a gRPC worker
-        # thread; beyond server.max_unary_calls_per_identity (13 of the 28 data-plane workers)
-        # they are refused at once, so the rest stays for the legitimate client.
+        # thread; beyond its certificate's share of its identity's data-plane bound (6 of 13, of
+        # the 28 data-plane workers) they are refused at once (TOO_MANY_CALLS_PER_CERTIFICATE),
+        # so the rest stays for the legitimate client.
         publisher = kb_grpc.KeyBrokerServiceStub(stack.channel(who.publisher, "keybroker"))
         data_key = kb.GenerateDataKeyRequest(
             key_id=KEY_ID, model_name="abuse/flood", model_version="1"

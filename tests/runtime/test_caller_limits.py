@@ -36,7 +36,7 @@ from strongroom.inference.server import EVIDENCE_SERVICE
 from strongroom.pki import SpiffeAuthorizer, StepCa, WorkloadIdentity
 from strongroom.pki.authz import verified_caller
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
-from strongroom.runtime.callers import ROLELESS, TRUSTED_WAIT_SECONDS
+from strongroom.runtime.callers import ROLELESS, TRUSTED_WAIT_SECONDS, WorkerShares
 from strongroom.runtime.config import ConfigError, ServerConfig
 from strongroom.runtime.interceptors import PendingRequest, RefusalObserver
 from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
@@ -202,6 +202,11 @@ def mesh(ca: StepCa, server_identity: WorkloadIdentity) -> Iterator[Callable[...
     yield start
     for running in started:
         running.close()
+
+
+WHOLE_CAP = 1024
+"""``server.max_calls_per_certificate`` for a test of an identity's own caps, which its one
+certificate then holds whole (by default a certificate holds half of each)."""
 
 
 def settled(condition: Callable[[], bool]) -> bool:
@@ -719,7 +724,9 @@ def test_roleless_identities_stalling_health_calls_cannot_starve_the_data_plane(
     so three certificates held all 28 and a client's call was refused DATA_PLANE_WORKERS_BUSY.
     Role-less callers now share one bucket, and their waits for a message, all together, are
     capped (3 of 28 by default): the others are refused at once, and the client is served."""
-    running = mesh()  # the defaults: 32 workers, 28 data-plane, 13 unary calls per identity
+    running = mesh(
+        max_calls_per_certificate=WHOLE_CAP
+    )  # the defaults: 32 workers, 28 data-plane, 13 unary calls per identity
     gate = threading.Event()
     check, watch = f"/{HEALTH_SERVICE}/Check", f"/{HEALTH_SERVICE}/Watch"
     stalled: list[Any] = []
@@ -953,7 +960,9 @@ def test_one_identity_holds_no_more_data_plane_workers_than_its_bound_across_kin
     for a moment on trust (a message sent with the call is read at once), are cancelled when
     their message has not come, the caller is trusted no more, and its further data-plane calls
     of any kind are refused TOO_MANY_WORKERS_PER_IDENTITY while another caller is served."""
-    running = mesh(health_request_wait_seconds=60)  # 28 data-plane workers, 13 per identity
+    running = mesh(
+        max_calls_per_certificate=WHOLE_CAP, health_request_wait_seconds=60
+    )  # 28 data-plane workers, 13 per identity
     shares = running.host.shares
     channel = running.caller("inference")
     hold = channel.unary_unary(f"/{SERVICE}/Hold", _raw, _raw)
@@ -1035,6 +1044,27 @@ def test_the_bound_across_kinds_defaults_to_just_under_half_the_data_plane() -> 
             ServerConfig(max_data_plane_workers_per_identity=value)
 
 
+def test_a_certificate_holds_half_its_identitys_bound_by_default() -> None:
+    """A fleet shares one SPIFFE ID, so one replica's certificate holds half the bound (at least
+    2, never more than the bound) unless server.max_calls_per_certificate says otherwise."""
+
+    def share(**settings: Any) -> int:
+        config = ServerConfig(**settings)
+        return WorkerShares(
+            config.data_plane_workers,
+            per_identity=config.data_plane_workers_per_identity,
+            per_certificate=config.max_calls_per_certificate,
+        ).per_certificate
+
+    assert share() == 6
+    assert share(max_workers=8) == 2  # a bound of 3: the floor
+    assert share(max_workers=1) == 1  # a bound of 1: never more than it
+    assert share(max_calls_per_certificate=9) == 9
+    assert share(max_calls_per_certificate=WHOLE_CAP) == 13
+    with pytest.raises(ConfigError, match="max_calls_per_certificate"):
+        ServerConfig(max_calls_per_certificate=0)
+
+
 def stall_watches(channel: grpc.Channel, gate: threading.Event, count: int) -> list[Any]:
     """``count`` health Watches of ``channel``'s caller whose message never goes (until
     ``gate``): each waits for it holding a data-plane worker."""
@@ -1051,7 +1081,9 @@ def test_a_trusted_wait_whose_watchdog_cannot_start_gives_back_its_worker_and_st
     wait's accounting could give back its worker, which stayed taken for good, while the
     never-started thread was kept, so no trusted wait was ever checked again. The call now fails
     (INTERNAL) with nothing held, the next trusted wait starts the watchdog, and stop() ends it."""
-    running = mesh(max_workers=8, health_request_wait_seconds=60)  # 7 data-plane, 3 per identity
+    running = mesh(
+        max_calls_per_certificate=WHOLE_CAP, max_workers=8, health_request_wait_seconds=60
+    )  # 7 data-plane, 3 per identity
     shares, client = running.host.shares, sid("client")
     channel = running.caller("client")
     real = threading.Thread
@@ -1092,7 +1124,9 @@ def test_a_trusted_wait_whose_message_came_as_the_watchdog_fired_is_not_cancelle
     cancelled each outside its lock (the request watchdog's fix was not applied to it): a call
     whose message came in between was cancelled though it ran, a Watch serving its caller cut.
     It is cancelled only while it still waits now. (The log line lets the message in.)"""
-    running = mesh(max_workers=8, health_request_wait_seconds=60)  # 7 data-plane, 3 per identity
+    running = mesh(
+        max_calls_per_certificate=WHOLE_CAP, max_workers=8, health_request_wait_seconds=60
+    )  # 7 data-plane, 3 per identity
     shares, client = running.host.shares, sid("client")
     channel = running.caller("client")
     gate = threading.Event()
@@ -1117,7 +1151,9 @@ def test_a_caller_whose_stalled_trusted_waits_were_counted_is_trusted_no_more(
     waits go just before its trusted ones were due had them counted, then was trusted again for
     as many more, and so held twice its bound (nearly the whole data plane by default) as long as
     it kept that turn. Its further waits beyond the bound are refused at once now."""
-    running = mesh(max_workers=8, health_request_wait_seconds=60)  # 7 data-plane, 3 per identity
+    running = mesh(
+        max_calls_per_certificate=WHOLE_CAP, max_workers=8, health_request_wait_seconds=60
+    )  # 7 data-plane, 3 per identity
     shares, client, guard = running.host.shares, sid("client"), running.host.unary
     channel = running.caller("client")
     gate = threading.Event()
@@ -1132,7 +1168,7 @@ def test_a_caller_whose_stalled_trusted_waits_were_counted_is_trusted_no_more(
             call.cancel()
         assert settled(lambda: shares.held_now() == 3 and shares.held_now(client) == 1)
         with shares.lock:  # now due
-            guard._trusted = {context: (0.0, who) for context, (_, who) in guard._trusted.items()}
+            guard._trusted = {c: (0.0, who, cert) for c, (_, who, cert) in guard._trusted.items()}
         # Due, the trusted waits fit the bound again: counted in it, not cancelled.
         assert settled(lambda: shares.held_now(client) == 3)
         guard._trust_seconds = TRUSTED_WAIT_SECONDS
@@ -1159,7 +1195,9 @@ def test_a_caller_whose_trusted_wait_ended_without_its_message_is_trusted_no_mor
     trusted, so it could end each stalled wait beyond its bound just before it was due and open
     another, holding the rest of the data plane for good. Such an end distrusts it now."""
     wait = 0.2 if ended_by == "wait bound" else 60
-    running = mesh(max_workers=8, health_request_wait_seconds=wait)  # 7 data-plane, 3 per identity
+    running = mesh(
+        max_calls_per_certificate=WHOLE_CAP, max_workers=8, health_request_wait_seconds=wait
+    )  # 7 data-plane, 3 per identity
     shares, client, guard = running.host.shares, sid("client"), running.host.unary
     guard._trust_seconds = 3600  # never due: only the wait's own end may distrust
     channel = running.caller("client")
@@ -1293,7 +1331,9 @@ def test_a_call_a_watchdog_cancelled_is_refused_for_the_watchdogs_reason_however
         running = mesh(health_request_wait_seconds=0.2)
         reason, stalls = "REQUEST_MESSAGE_TIMEOUT", 1
     else:  # 7 data-plane workers, 3 per identity: the fourth wait is on trust, then cancelled
-        running = mesh(max_workers=8, health_request_wait_seconds=60)
+        running = mesh(
+            max_calls_per_certificate=WHOLE_CAP, max_workers=8, health_request_wait_seconds=60
+        )
         reason, stalls = "TOO_MANY_WORKERS_PER_IDENTITY", 4
     channel = running.caller("client")
     gate = threading.Event()
