@@ -73,6 +73,12 @@ The identity's bound still counts the total, however many certificates it holds:
 renew onto new serials at will, and each buys a share, never more than the identity's bound (two
 certificates at their share hold it all again). The shares count what is held now, each
 certificate forgotten when it holds nothing, so they hold as many entries as calls run.
+
+The share bounds how many such stalls a certificate holds, not how long: a data-plane call's own
+wait for its request message had no watchdog, and held its worker until its deadline or its
+connection's age (some 40 minutes). It is bounded too (:meth:`UnaryGuard.read_request`,
+``server.request_wait_seconds``: by default what the stream floor allows the service's largest
+request, at least 10 s), by the same watchdog as a public method's wait.
 """
 
 from __future__ import annotations
@@ -365,6 +371,15 @@ class WorkerShares:
             return self.held if identity is None else self._mine[identity]
 
 
+def _timed_out(method: str, bound: float, setting: str) -> ResourceExhausted:
+    """What the logs and a refusal observer are told of a call the request watchdog cancelled
+    (its caller sees ``CANCELLED``: no status can be set from the watchdog's thread)."""
+    return ResourceExhausted(
+        f"{method}: no request message within {bound:g}s ({setting}); the call was cancelled",
+        reason=Reason.REQUEST_MESSAGE_TIMEOUT,
+    )
+
+
 def _forget(counts: Counter[str], key: str) -> None:
     """Counts one less for ``key``, and forgets it at none (the tables hold what runs now)."""
     counts[key] -= 1
@@ -396,6 +411,7 @@ class UnaryGuard(HandlerInterceptor):
         public_wait: float | None = None,
         *,
         certify: Certify = certificate_key,
+        request_wait: float | None = None,
     ) -> None:
         if max_per_identity < 1:
             raise ValueError("max_per_identity must be at least 1")
@@ -411,6 +427,11 @@ class UnaryGuard(HandlerInterceptor):
         # Seconds a public method's call may wait for its message before it is cancelled; None:
         # until its deadline. Waits being timed: context -> when it is cancelled.
         self._public_wait = public_wait
+        # Seconds a call holding a data-plane worker may wait for its message (read_request);
+        # None: until its deadline.
+        self._request_wait = request_wait
+        bounds = [b for b in (public_wait, request_wait) if b is not None]
+        self._watch_period = max(0.05, min(bounds, default=1.0) / 4)
         self._timed: dict[grpc.ServicerContext, float] = {}
         self._late: set[grpc.ServicerContext] = set()  # cancelled by the watchdog
         self._watchdog: threading.Thread | None = None
@@ -582,7 +603,7 @@ class UnaryGuard(HandlerInterceptor):
             if held == _TRUSTED:
                 self._watch_trusted()
             if timed:
-                self._time(context)
+                self._time(context, self._public_wait or 0.0)
             waited = True
             request = read()
             read_one = True
@@ -605,12 +626,8 @@ class UnaryGuard(HandlerInterceptor):
                 ) from None
             if not late:
                 raise
-            # The RPC is cancelled (its caller sees CANCELLED); this is what the logs and a
-            # refusal observer are told.
-            raise ResourceExhausted(
-                f"{method}: no request message within {self._public_wait:g}s "
-                "(server.health_request_wait_seconds); the call was cancelled",
-                reason=Reason.REQUEST_MESSAGE_TIMEOUT,
+            raise _timed_out(
+                method, self._public_wait or 0.0, "server.health_request_wait_seconds"
             ) from None
         finally:
             with self._lock:
@@ -636,6 +653,35 @@ class UnaryGuard(HandlerInterceptor):
                         # trust watchdog distrusted, so a caller ending each stalled wait before
                         # it was due and opening another held workers beyond its bound for good.
                         shares.distrusted[identity] = time.monotonic() + DISTRUST_SECONDS
+
+    def read_request(
+        self, context: grpc.ServicerContext, method: str, read: Callable[[], Any]
+    ) -> Any:
+        """Returns ``read()``, the request message of a call that holds a data-plane worker
+        already (a data-plane unary call, a blocking stream's one request), cancelled past
+        ``request_wait`` (``server.request_wait_seconds``) as a public method's wait is past
+        its bound: one that never sent its message held its worker until its deadline or its
+        connection's age (40 minutes), and the per-certificate share only bounds how many.
+        What the logs and a refusal observer (the broker's audit) are told is
+        ``REQUEST_MESSAGE_TIMEOUT``; its caller sees ``CANCELLED``."""
+        bound = self._request_wait
+        if bound is None:
+            return read()
+        try:  # the watchdog may have taken the call (and failed to start): given back below
+            self._time(context, bound)
+            return read()
+        except (Cancelled, DeadlineExceeded, InvalidArgument):
+            # The watchdog's cancel reaches the read as a cancel or as an empty request stream
+            # (wait_for_request): its reason stands either way, else the read's own.
+            with self._lock:
+                late = context in self._late
+            if not late:
+                raise
+            raise _timed_out(method, bound, "server.request_wait_seconds") from None
+        finally:
+            with self._lock:
+                self._timed.pop(context, None)
+                self._late.discard(context)
 
     def _watch_trusted(self) -> None:
         """Starts the watchdog of trusted waits unless it runs or the server stopped.
@@ -702,23 +748,21 @@ class UnaryGuard(HandlerInterceptor):
                     stop: Callable[[], object] = context.cancel  # untyped in grpc-stubs
                     stop()
 
-    def _time(self, context: grpc.ServicerContext) -> None:
-        """Has the watchdog cancel ``context`` unless its wait ends within the bound."""
-        bound = self._public_wait or 0.0
+    def _time(self, context: grpc.ServicerContext, bound: float) -> None:
+        """Has the watchdog cancel ``context`` unless its wait ends within ``bound`` seconds."""
         with self._lock:
             self._timed[context] = time.monotonic() + bound
             if self._watchdog is None and not self._closed.is_set():
                 watchdog = threading.Thread(
-                    target=self._watch_waits, args=(bound,), name="request-watchdog", daemon=True
+                    target=self._watch_waits, name="request-watchdog", daemon=True
                 )
                 watchdog.start()  # may fail (no thread to be had): the next wait tries again
                 self._watchdog = watchdog
 
-    def _watch_waits(self, bound: float) -> None:
+    def _watch_waits(self) -> None:
         # gRPC Python has no timed read; cancelling the RPC from another thread makes the blocked
         # read raise (the caller sees CANCELLED: no status can be set from here).
-        period = max(0.05, bound / 4)
-        while not self._closed.wait(period):
+        while not self._closed.wait(self._watch_period):
             now = time.monotonic()
             with self._lock:
                 late = [c for c, when in self._timed.items() if now >= when]

@@ -240,6 +240,10 @@ MIN_STREAM_RATE = 1024
 MAX_STREAM_RATE = 1 << 30
 """The highest: above it, legitimate transfers would be cut on any link."""
 
+MIN_REQUEST_WAIT_SECONDS = 10.0
+"""The least default wait for a data-plane call's request message: a client sends it with the
+call's headers, and the broker's largest (256 KiB) takes 4 s at the stream floor."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
@@ -298,6 +302,14 @@ class ServerConfig:
     # the wait holds a data-plane worker) cancelled, since gRPC cannot set a status from
     # another thread. A probe sends its message with the call, at once.
     health_request_wait_seconds: float = 5.0
+    # A data-plane call (a key release, a store or inference call, a download's request) whose
+    # request message has not arrived this long after its headers is cancelled: it holds a
+    # data-plane worker meanwhile, and one that never sent it held it until its deadline or its
+    # connection's age (1800 s +- 10 % + 600 s grace). A client sends its message with the
+    # headers; only the message's own transfer takes time. None is the time the stream floor
+    # allows the service's largest request (request_wait_for), at least 10 s: the broker's
+    # 256 KiB in 4 s, so 10 s; none (the deadline alone) when the floor is off.
+    request_wait_seconds: float | None = None
     # A request stream that sends nothing for this long is ended (RESOURCE_EXHAUSTED).
     stream_idle_timeout_seconds: float = 30.0
     # A blocking stream (an upload, a download) that moves fewer bytes than this per second, over
@@ -364,6 +376,8 @@ class ServerConfig:
             )
         if not 0.1 <= self.health_request_wait_seconds <= 60:
             raise ConfigError("server.health_request_wait_seconds must be between 0.1 and 60")
+        if self.request_wait_seconds is not None and not 0.1 <= self.request_wait_seconds <= 3600:
+            raise ConfigError("server.request_wait_seconds must be between 0.1 and 3600")
         if not 0.1 <= self.stream_idle_timeout_seconds <= 3600:
             raise ConfigError("server.stream_idle_timeout_seconds must be between 0.1 and 3600")
         if not (
@@ -395,6 +409,16 @@ class ServerConfig:
                 round(self.max_connection_age_grace_seconds * 1000),
             ),
         )
+
+    def request_wait_for(self, largest_request: int) -> float | None:
+        """The effective ``request_wait_seconds`` of a service whose largest request message is
+        ``largest_request`` bytes: the time the stream floor allows it, at least
+        :data:`MIN_REQUEST_WAIT_SECONDS`, unless set; None (no bound) with the floor off."""
+        if self.request_wait_seconds is not None:
+            return self.request_wait_seconds
+        if not self.stream_min_bytes_per_second:
+            return None
+        return max(MIN_REQUEST_WAIT_SECONDS, largest_request / self.stream_min_bytes_per_second)
 
     @property
     def blocking_streams(self) -> int:

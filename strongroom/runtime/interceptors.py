@@ -638,7 +638,8 @@ class PendingRequest:
 
     def read(self, context: grpc.ServicerContext) -> Any:
         """The request message (decoded, or the marker of one that did not decode); waits for it
-        within the caller's bounds when the call holds no data-plane worker already."""
+        within the caller's bounds (a call that holds no data-plane worker already) or within
+        the wait bound (one that does)."""
         if self._wait is None:
             return self._next(context)
         return self._wait(context, self._method, lambda: self._next(context))
@@ -667,7 +668,8 @@ class DeferredRequests(HandlerInterceptor):
     ``counted(method, non_blocking)`` says whether a call of the method already holds a
     data-plane worker while its request is read (a data-plane unary call or blocking stream);
     the others read it through ``wait``
-    (:meth:`~strongroom.runtime.callers.UnaryGuard.wait_for_request`).
+    (:meth:`~strongroom.runtime.callers.UnaryGuard.wait_for_request`), the counted ones through
+    ``read`` when given (:meth:`~strongroom.runtime.callers.UnaryGuard.read_request`: bounded).
     The converted handler is built once per method and handler, like :class:`CachedChain`'s.
     """
 
@@ -677,9 +679,11 @@ class DeferredRequests(HandlerInterceptor):
         wait: RequestWait,
         *,
         max_methods: int = 512,
+        read: RequestWait | None = None,
     ) -> None:
         self._counted = counted
         self._wait = wait
+        self._read = read
         self._converted: _PerMethod[RpcMethodHandler] = _PerMethod(max_methods)
 
     def wrap_handler(
@@ -693,7 +697,7 @@ class DeferredRequests(HandlerInterceptor):
 
     def _convert(self, handler: RpcMethodHandler, method: str) -> RpcMethodHandler:
         non_blocking = is_non_blocking(handler)
-        wait = None if self._counted(method, non_blocking) else self._wait
+        wait = self._read if self._counted(method, non_blocking) else self._wait
         kwargs = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,

@@ -196,6 +196,7 @@ class ServiceHost:
             shares=self.shares,
             max_roleless_waits=config.roleless_request_waits,
             public_wait=config.health_request_wait_seconds,
+            request_wait=config.request_wait_for(message_limits.receive),
         )
         shares = self.shares
 
@@ -223,7 +224,9 @@ class ServiceHost:
             # before any of them: a peer that never sends its message then holds no worker
             # unless the authoriser and the limits admitted it (DeferredRequests).
             interceptors=[
-                DeferredRequests(counted, self.unary.wait_for_request),
+                DeferredRequests(
+                    counted, self.unary.wait_for_request, read=self.unary.read_request
+                ),
                 CachedChain(
                     [
                         MetricsInterceptor(),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,17 +16,29 @@ from tests.conftest import stack_root
 SERVER = {"stream_idle_timeout_seconds": IDLE_TIMEOUT}
 
 
+@contextlib.contextmanager
+def abuse_stack(
+    step_ca_binary: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    simulated_tee_dir: Path,
+    server: dict[str, Any],
+) -> Iterator[DevStack]:
+    """step-ca + key broker + model store in this process over real mTLS with ``server``
+    limits; a release key exists."""
+    root = stack_root(tmp_path_factory, "abuse", simulated_tee_dir)
+    with DevStack(root, step_ca_binary=step_ca_binary) as dev:
+        dev.start_in_process("keybroker", server=server)
+        dev.start_in_process("modelstore", server=server)
+        dev.create_release_key(dev.identity("admin"), KEY_ID, policy_version="1")
+        yield dev
+
+
 @pytest.fixture(scope="module")
 def stack(
     step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path
 ) -> Iterator[DevStack]:
-    """step-ca + key broker + model store in this process over real mTLS, default limits except
-    a short idle timeout; a release key exists."""
-    root = stack_root(tmp_path_factory, "abuse", simulated_tee_dir)
-    with DevStack(root, step_ca_binary=step_ca_binary) as dev:
-        dev.start_in_process("keybroker", server=SERVER)
-        dev.start_in_process("modelstore", server=SERVER)
-        dev.create_release_key(dev.identity("admin"), KEY_ID, policy_version="1")
+    """The stack with default limits except a short idle timeout."""
+    with abuse_stack(step_ca_binary, tmp_path_factory, simulated_tee_dir, SERVER) as dev:
         yield dev
 
 

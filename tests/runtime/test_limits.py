@@ -12,7 +12,7 @@ from strongroom.inference.oip import InferLimits
 from strongroom.keybroker.policy_bounds import MAX_POLICY_BYTES
 from strongroom.keybroker.service import MESSAGE_LIMITS as BROKER
 from strongroom.modelstore.service import DEFAULT_DOWNLOAD_CHUNK, DEFAULT_MAX_CHUNK, message_limits
-from strongroom.runtime.config import ConfigError, load_service_config
+from strongroom.runtime.config import ConfigError, ServerConfig, load_service_config
 from strongroom.runtime.server import MessageLimits
 
 COMMON = """
@@ -71,6 +71,23 @@ def test_server_message_sizes_can_no_longer_be_set_apart_from_the_api(tmp_path: 
             names="inference",
             extra="server: {max_receive_message_bytes: 67108864}\n",
         )
+
+
+def test_a_data_plane_request_wait_covers_the_largest_request_at_the_stream_floor() -> None:
+    """A data-plane call's request message may take as long as the stream floor allows the
+    service's largest (at least 10 s); it is unbounded only with the floor off, unless set."""
+    default = ServerConfig()
+    assert default.request_wait_for(BROKER.receive) == 10.0  # 256 KiB: 4 s at 64 KiB/s
+    inference = InferLimits().message_limits.receive  # 65 MiB: a large input tensor
+    assert default.request_wait_for(inference) == inference / (64 * 1024)
+    assert ServerConfig(stream_min_bytes_per_second=0).request_wait_for(BROKER.receive) is None
+    assert ServerConfig(request_wait_seconds=2).request_wait_for(inference) == 2.0
+
+
+@pytest.mark.parametrize("value", [0.0, 0.05, 3601.0])
+def test_impossible_request_waits_are_refused(value: float) -> None:
+    with pytest.raises(ConfigError, match="request_wait_seconds must be between"):
+        ServerConfig(request_wait_seconds=value)
 
 
 def test_message_limits_are_bounded() -> None:
