@@ -62,8 +62,9 @@ opened ``ReleaseKey`` calls and never sent their message held all 13 of the brok
 for its identity, for as long as its connection lived, and every other replica's release was
 refused ``TOO_MANY_UNARY_CALLS_PER_IDENTITY`` (65 of 65 in 20 s, measured on a real broker). So
 each certificate (:func:`certificate_bucket`, beneath its caller's :func:`bucket`) holds at most
-its share of its identity's data-plane bound (:func:`certificate_share`: half, at least
-:data:`CERTIFICATE_FLOOR`; ``server.max_calls_per_certificate``): its data-plane unary calls and
+its share of its identity's data-plane bound (``server.max_calls_per_certificate``, for a fleet
+:func:`certificate_share`: half, at least :data:`CERTIFICATE_FLOOR`; not set, no share: a client
+of one certificate keeps its whole bound): its data-plane unary calls and
 its waits for a request message; beyond it they are refused at once with
 ``TOO_MANY_CALLS_PER_CERTIFICATE`` (a wait on trust first, as at the bound), and the rest stays
 for the other replicas. Control-plane calls (health's own, once its message came) are not shared:
@@ -233,8 +234,8 @@ class WorkerShares:
     one lock.
 
     A certificate (its :func:`certificate_bucket`, passed as ``certificate``) holds at most
-    ``per_certificate`` of its identity's bound (default: :func:`certificate_share`; never more
-    than the bound), so that one replica of a fleet sharing the identity cannot hold the fleet's
+    ``per_certificate`` of its identity's bound (never more than the bound; default: the whole
+    bound, no share), so that one replica of a fleet sharing the identity cannot hold the fleet's
     whole bound.
     """
 
@@ -254,8 +255,10 @@ class WorkerShares:
             raise ValueError("per_certificate must be at least 1")
         self.data_plane = data_plane
         self.per_identity = per_identity if per_identity is not None else data_plane
+        # No share unless asked for: a client of one certificate (a single-replica backend, a
+        # benchmark's callers) would otherwise lose half of the bound configured for it.
         self.per_certificate = (
-            certificate_share(self.per_identity)
+            self.per_identity
             if per_certificate is None
             else min(per_certificate, self.per_identity)
         )

@@ -282,9 +282,10 @@ class ServerConfig:
     max_data_plane_workers_per_identity: int | None = None
     # Of the bound above, how many data-plane workers one certificate of an identity may hold: a
     # fleet's replicas share one SPIFFE ID, and one replica opening releases that never sent
-    # their message held the fleet's whole cap, refusing every other replica's. None is half the
-    # bound, at least 2 (strongroom.runtime.callers.certificate_share: 6 of 13); at or above the
-    # bound, no share beneath it. The excess is refused at once (RESOURCE_EXHAUSTED
+    # their message held the fleet's whole cap, refusing every other replica's. None (the default)
+    # or a value at or above the bound: no share beneath it (a client of one certificate, a
+    # single-replica backend, keeps its whole bound); for a fleet, half the bound, at least 2
+    # (strongroom.runtime.callers.certificate_share: 6 of 13). The excess is refused at once (RESOURCE_EXHAUSTED
     # TOO_MANY_CALLS_PER_CERTIFICATE); the bound still counts the identity's certificates together.
     max_calls_per_certificate: int | None = None
     # Waits for a request message that callers without a role (certificates the authoriser grants

@@ -18,12 +18,13 @@ from typing import Any
 import pytest
 
 from strongroom.dev.devstack import DevStack, read_audit_records
+from strongroom.runtime.callers import certificate_share
 from strongroom.runtime.config import ServerConfig
 from tests.abuse.conftest import SERVER, abuse_stack
 from tests.abuse.releases import StalledReleases, counted, genuine_release, settled
 
 CAP = ServerConfig().data_plane_workers_per_identity  # 13: the fleet's, on the broker
-SHARE = CAP // 2  # 6: one certificate's
+SHARE = certificate_share(CAP)  # 6: one certificate's, as a fleet sets it
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def stack(
 ) -> Iterator[DevStack]:
     """The abuse stack, its stalled releases held until the test ends them (a data-plane
     call's wait for its message is bounded: tests/abuse/test_request_wait.py)."""
-    server = {**SERVER, "request_wait_seconds": 600}
+    server = {**SERVER, "request_wait_seconds": 600, "max_calls_per_certificate": SHARE}
     with abuse_stack(step_ca_binary, tmp_path_factory, simulated_tee_dir, server) as dev:
         yield dev
 

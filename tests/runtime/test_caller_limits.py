@@ -36,7 +36,12 @@ from strongroom.inference.server import EVIDENCE_SERVICE
 from strongroom.pki import SpiffeAuthorizer, StepCa, WorkloadIdentity
 from strongroom.pki.authz import verified_caller
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
-from strongroom.runtime.callers import ROLELESS, TRUSTED_WAIT_SECONDS, WorkerShares
+from strongroom.runtime.callers import (
+    ROLELESS,
+    TRUSTED_WAIT_SECONDS,
+    WorkerShares,
+    certificate_share,
+)
 from strongroom.runtime.config import ConfigError, ServerConfig
 from strongroom.runtime.interceptors import PendingRequest, RefusalObserver
 from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
@@ -206,7 +211,7 @@ def mesh(ca: StepCa, server_identity: WorkloadIdentity) -> Iterator[Callable[...
 
 WHOLE_CAP = 1024
 """``server.max_calls_per_certificate`` for a test of an identity's own caps, which its one
-certificate then holds whole (by default a certificate holds half of each)."""
+certificate then holds whole (the default; kept explicit where a test is about the caps)."""
 
 
 def settled(condition: Callable[[], bool]) -> bool:
@@ -1044,9 +1049,12 @@ def test_the_bound_across_kinds_defaults_to_just_under_half_the_data_plane() -> 
             ServerConfig(max_data_plane_workers_per_identity=value)
 
 
-def test_a_certificate_holds_half_its_identitys_bound_by_default() -> None:
-    """A fleet shares one SPIFFE ID, so one replica's certificate holds half the bound (at least
-    2, never more than the bound) unless server.max_calls_per_certificate says otherwise."""
+def test_a_certificate_holds_its_whole_identitys_bound_unless_a_share_is_set() -> None:
+    """A client of one certificate (a single-replica backend) keeps the whole bound configured
+    for its identity: with a share by default (half, 1216294) it lost half of it, and a benchmark
+    of 16 callers from one certificate was refused TOO_MANY_CALLS_PER_CERTIFICATE. A fleet sets
+    server.max_calls_per_certificate, for which certificate_share is the suggested value (half,
+    at least 2, never more than the bound)."""
 
     def share(**settings: Any) -> int:
         config = ServerConfig(**settings)
@@ -1056,9 +1064,10 @@ def test_a_certificate_holds_half_its_identitys_bound_by_default() -> None:
             per_certificate=config.max_calls_per_certificate,
         ).per_certificate
 
-    assert share() == 6
-    assert share(max_workers=8) == 2  # a bound of 3: the floor
-    assert share(max_workers=1) == 1  # a bound of 1: never more than it
+    assert share() == 13
+    assert share(max_workers=8) == 3
+    assert [certificate_share(cap) for cap in (13, 3, 1)] == [6, 2, 1]  # half, the floor, the cap
+    assert share(max_calls_per_certificate=6) == 6
     assert share(max_calls_per_certificate=9) == 9
     assert share(max_calls_per_certificate=WHOLE_CAP) == 13
     with pytest.raises(ConfigError, match="max_calls_per_certificate"):
