@@ -347,6 +347,10 @@ def test_broker_unary_limit_scales_with_the_inference_fleet(
     # Threads for the others, and the reserve for key administration beside them.
     assert server.data_plane_workers - server.unary_calls_per_identity >= 15
     assert server.control_plane_reserve == 4
+    # A fleet's replicas share the bound: each certificate holds at most half of it (one replica
+    # stalling its releases held it all); a lone replica keeps it whole.
+    bound = server.data_plane_workers_per_identity
+    assert server.max_calls_per_certificate == (None if replicas == 1 else max(2, bound // 2))
     if replicas == 1:
         defaults = ServerConfig()
         assert (server.unary_calls_per_identity, server.max_workers) == (

@@ -396,7 +396,15 @@ message is all that holds a worker), so the bound across kinds follows the unary
 {{- /* Every worker may hold a request of up to the broker's 256 KiB message bound (README,
 "Limits": key broker message). */ -}}
 {{- include "strongroom.checkConcurrencyMemory" (dict "root" . "service" "keybroker" "count" $workers "counted" "maxWorkers" "per" 262144 "what" "a request of up to 256 KiB" "waysOut" "set keybroker.server.maxUnaryCallsPerIdentity / maxDataPlaneWorkersPerIdentity lower") -}}
-{{- toJson (dict "max_workers" $workers "control_plane_workers" $reserve "max_unary_calls_per_identity" $unary "max_data_plane_workers_per_identity" $bound) -}}
+{{- $server := dict "max_workers" $workers "control_plane_workers" $reserve "max_unary_calls_per_identity" $unary "max_data_plane_workers_per_identity" $bound -}}
+{{- /* A fleet of inference replicas shares one SPIFFE ID and so the bound: one replica stalling
+its releases held it all and every other replica's release was refused (README, "Limits"). Each
+certificate then holds at most half of it (strongroom.runtime.callers.certificate_share); one
+replica alone keeps the whole bound, as a client of one certificate does by default. */ -}}
+{{- if gt (include "strongroom.inferenceFleet" . | int) 1 -}}
+{{- $_ := set $server "max_calls_per_certificate" (max 2 (div $bound 2)) -}}
+{{- end -}}
+{{- toJson $server -}}
 {{- end -}}
 
 {{/*
