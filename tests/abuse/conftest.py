@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from strongroom.dev.devstack import DevStack
+from tests.abuse.releases import genuine_release
 from tests.abuse.traffic import IDLE_TIMEOUT, KEY_ID, Identities
 from tests.conftest import stack_root
 
@@ -46,3 +47,10 @@ def stack(
 def who(stack: DevStack) -> Identities:
     """The legitimate client and the attackers, each with a certificate from the stack's CA."""
     return Identities.enrol(stack)
+
+
+@pytest.fixture(scope="module")
+def genuine(stack: DevStack) -> Any:
+    """A genuine replica's releases from the module's stack
+    (:func:`~tests.abuse.releases.genuine_release`)."""
+    return genuine_release(stack)

@@ -21,7 +21,7 @@ from strongroom.dev.devstack import DevStack, read_audit_records
 from strongroom.runtime.callers import certificate_share
 from strongroom.runtime.config import ServerConfig
 from tests.abuse.conftest import SERVER, abuse_stack
-from tests.abuse.releases import StalledReleases, counted, genuine_release, settled
+from tests.abuse.releases import StalledReleases, counted, settled
 
 CAP = ServerConfig().data_plane_workers_per_identity  # 13: the fleet's, on the broker
 SHARE = certificate_share(CAP)  # 6: one certificate's, as a fleet sets it
@@ -36,12 +36,6 @@ def stack(
     server = {**SERVER, "request_wait_seconds": 600, "max_calls_per_certificate": SHARE}
     with abuse_stack(step_ca_binary, tmp_path_factory, simulated_tee_dir, server) as dev:
         yield dev
-
-
-@pytest.fixture(scope="module")
-def genuine(stack: DevStack) -> Any:
-    """A genuine replica's releases (:func:`~tests.abuse.releases.genuine_release`)."""
-    return genuine_release(stack)
 
 
 def test_one_replica_stalling_releases_leaves_its_fleet_the_rest_of_the_cap(

@@ -19,7 +19,7 @@ import pytest
 from strongroom.dev.devstack import DevStack, read_audit_records
 from strongroom.runtime.config import ServerConfig
 from tests.abuse.conftest import SERVER, abuse_stack
-from tests.abuse.releases import StalledReleases, genuine_release, settled
+from tests.abuse.releases import StalledReleases, settled
 
 SHARE = ServerConfig().data_plane_workers_per_identity // 2  # 6: what one certificate holds
 DEADLINE = 600.0  # the stalled calls' own deadline, far beyond anything here
@@ -33,12 +33,6 @@ def stack(
     server = {**SERVER, "request_wait_seconds": 1}
     with abuse_stack(step_ca_binary, tmp_path_factory, simulated_tee_dir, server) as dev:
         yield dev
-
-
-@pytest.fixture(scope="module")
-def genuine(stack: DevStack) -> Any:
-    """A genuine replica's releases (:func:`~tests.abuse.releases.genuine_release`)."""
-    return genuine_release(stack)
 
 
 def test_a_stalled_release_is_ended_and_audited_and_a_genuine_one_is_not(

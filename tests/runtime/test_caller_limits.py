@@ -1074,6 +1074,19 @@ def test_a_certificate_holds_its_whole_identitys_bound_unless_a_share_is_set() -
         ServerConfig(max_calls_per_certificate=0)
 
 
+def cancel_stalled_checks(
+    running: Mesh, channel: grpc.Channel, gate: threading.Event, count: int
+) -> None:
+    """``count`` health Checks of ``channel``'s caller whose message never goes (until ``gate``),
+    one at a time: each is cancelled by the request watchdog and its worker given back."""
+    for _ in range(count):
+        stalled = channel.stream_unary(f"/{HEALTH_SERVICE}/Check", _raw, _raw).future(
+            never_sent(gate), timeout=10
+        )
+        assert refusal(stalled.result)[0] == grpc.StatusCode.CANCELLED
+        assert settled(lambda: running.host.shares.held_now() == 0)
+
+
 def stall_watches(channel: grpc.Channel, gate: threading.Event, count: int) -> list[Any]:
     """``count`` health Watches of ``channel``'s caller whose message never goes (until
     ``gate``): each waits for it holding a data-plane worker."""
@@ -1248,12 +1261,7 @@ def test_a_callers_flood_of_calls_the_watchdog_cancels_writes_its_budget_of_line
     gate = threading.Event()
     calls = REFUSED_CALLS_BURST + 3
     try:
-        for _ in range(calls):
-            stalled = channel.stream_unary(f"/{HEALTH_SERVICE}/Check", _raw, _raw).future(
-                never_sent(gate), timeout=10
-            )
-            assert refusal(stalled.result)[0] == grpc.StatusCode.CANCELLED
-            assert settled(lambda: running.host.shares.held_now() == 0)
+        cancel_stalled_checks(running, channel, gate, calls)
     finally:
         gate.set()
     handler.close()
@@ -1287,12 +1295,7 @@ def test_identities_without_a_role_share_one_budget_of_refusal_lines(
                 assert refusal(lambda: quick(b"", timeout=30))[0] == (  # noqa: B023
                     grpc.StatusCode.PERMISSION_DENIED
                 )
-            for _ in range(REFUSED_CALLS_BURST):
-                stalled = channel.stream_unary(f"/{HEALTH_SERVICE}/Check", _raw, _raw).future(
-                    never_sent(gate), timeout=10
-                )
-                assert refusal(stalled.result)[0] == grpc.StatusCode.CANCELLED
-                assert settled(lambda: running.host.shares.held_now() == 0)
+            cancel_stalled_checks(running, channel, gate, REFUSED_CALLS_BURST)
     finally:
         gate.set()
     handler.close()
