@@ -133,6 +133,10 @@ check runs too), or have lost its head or its log alone: being shipped, whicheve
 first (retention too, for ``audit verify`` alike; the broker logs a WARNING naming them, since it
 does not check their records: deleting them is all that is left to do, and all that tampering
 with them could do). A file sealed before heads said its size gets every check but that one.
+Which names are sealed files, and which are tampering (a sealed name not as a rotation writes it,
+e.g. with leading zeros) or being shipped, is read by :mod:`strongroom.keybroker.audit_names`,
+as ``audit verify`` reads them; a sealed file or head that is a symbolic link is not followed
+(``AUDIT_UNAVAILABLE``, as for the log at the path).
 Not caught at start, nor by ``audit verify``: the newest files deleted while the broker is
 stopped, the log at the path and its head with them (a rotation interrupted after its step 3
 leaves the same directory, and the next log continues the newest file left: the chain cut at a
@@ -200,6 +204,7 @@ from strongroom.keybroker.audit_head import (
     canonical_json,
 )
 from strongroom.keybroker.audit_head import parse as parse_head
+from strongroom.keybroker.audit_names import list_sealed, open_regular, sealed_log_name
 from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
@@ -1404,16 +1409,23 @@ class AuditLog(Closing):
         ``strongroom audit verify DIR`` does (see the module doc, *Sealed files at start*)."""
         before: Head | None = None
         before_name = ""
-        shipping: list[str] = []
         with self._dir_locked():
-            for base, last, name in _sealed_logs(self._dir_fd, self._path.name):
+            # One reading of the names with audit verify (audit_names): which are sealed files,
+            # which are tampering, which are being shipped (retention: deleting them is all that
+            # is left to do, and all that tampering with them could do).
+            listing = list_sealed(os.listdir(self._dir_fd), self._path.name)
+            odd = listing.not_canonical_problem()
+            if odd is not None:
+                raise self._tampered(odd)
+            shipping = list(listing.shipping)
+            for found in listing.files:
+                base, last, name = found.first, found.last, found.name
+                if name in listing.shipping or not found.has_log:
+                    continue  # a head without its log after a whole pair: the gap is reported
                 if before is None and _lstat_in(self._dir_fd, name) is None:
                     continue  # the oldest, shipped and deleted since the listing (retention)
                 if before is None and _lstat_in(self._dir_fd, name + ".head") is None:
-                    # The oldest being shipped: its head deleted first (rclone, object-storage
-                    # sync) or the deletion cut short. Retention, as audit verify says: deleting
-                    # the file is all that is left to do, and all that tampering with it could do.
-                    shipping.append(name)
+                    shipping.append(name)  # the same, its head deleted since the listing
                     continue
                 if before is not None and base != before.count:
                     raise self._tampered(self._series_break(before_name, before, name, base))
@@ -1440,8 +1452,8 @@ class AuditLog(Closing):
         if shipping:
             # One line, however many: a directory may hold any number of such names.
             _log.warning(
-                "%d sealed audit log(s) without their head taken as being shipped (retention), "
-                "their records not checked: %s",
+                "%d sealed audit log(s) without their head or their log taken as being shipped "
+                "(retention), their records not checked: %s",
                 len(shipping),
                 ", ".join(shipping) if len(shipping) <= 3 else f"{shipping[0]} .. {shipping[-1]}",
             )
@@ -1501,13 +1513,7 @@ class AuditLog(Closing):
                 fcntl.flock(self._dir_fd, fcntl.LOCK_UN)
 
     def _open_in_dir(self, name: str) -> int:
-        fd = os.open(
-            name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_fd
-        )
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise OSError(errno.EINVAL, f"{name} is not a regular file")
-        return fd
+        return open_regular(name, dir_fd=self._dir_fd)
 
     def _read_in_dir(self, name: str, limit: int) -> bytes:
         fd = self._open_in_dir(name)
@@ -1656,25 +1662,12 @@ class AuditLog(Closing):
             raise AuditUnavailable(f"cannot write the audit head: {exc.strerror}") from None
 
 
-def sealed_log_name(log_name: str, first_seq: int, last_seq: int) -> str:
-    """The name a rotation gives a sealed log: ``<log name>.<first seq>-<last seq>``."""
-    return f"{log_name}.{first_seq}-{last_seq}"
-
-
-def _sealed_name_re(log_name: str) -> re.Pattern[str]:
-    return re.compile(re.escape(log_name) + r"\.(0|[1-9][0-9]{0,18})-(0|[1-9][0-9]{0,18})")
-
-
 def _sealed_logs(dir_fd: int, log_name: str) -> list[tuple[int, int, str]]:
-    """The sealed logs named after ``log_name`` in the directory: (first seq, last seq, name),
-    in order."""
-    pattern = _sealed_name_re(log_name)
-    found = []
-    for name in os.listdir(dir_fd):
-        match = pattern.fullmatch(name)
-        if match is not None:
-            found.append((int(match[1]), int(match[2]), name))
-    return sorted(found)
+    """The sealed logs of ``log_name`` in the directory whose log file is there (not only its
+    head), as :func:`~strongroom.keybroker.audit_names.list_sealed` reads names: (first seq,
+    last seq, name), in order."""
+    listing = list_sealed(os.listdir(dir_fd), log_name)
+    return [(found.first, found.last, found.name) for found in listing.files if found.has_log]
 
 
 def _lstat_in(dir_fd: int, name: str) -> os.stat_result | None:

@@ -11,13 +11,10 @@ import binascii
 import collections
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import io
 import itertools
 import os
-import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +35,13 @@ from strongroom.keybroker.audit import (
 )
 from strongroom.keybroker.audit_head import FILE_BYTES, GENESIS_HASH, HEX64_RE, canonical_json
 from strongroom.keybroker.audit_head import parse as parse_head
+from strongroom.keybroker.audit_names import (
+    SealedListing,
+    has_sealed_shape,
+    list_sealed,
+    open_regular,
+    sealed_range,
+)
 from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.reasons import Reason
 
@@ -107,7 +111,7 @@ def _snapshot(fd: int | None, hpath: Path) -> tuple[bytes | None, int]:
     """
     with shared_flock(fd) if fd is not None else contextlib.nullcontext():
         try:
-            head = _open_regular(hpath)
+            head = open_regular(hpath)
         except FileNotFoundError:
             return None, 0 if fd is None else os.fstat(fd).st_size
         try:
@@ -116,26 +120,6 @@ def _snapshot(fd: int | None, hpath: Path) -> tuple[bytes | None, int]:
         finally:
             os.close(head)
         return raw_head, 0 if fd is None else os.fstat(fd).st_size
-
-
-def _open_regular(path: Path) -> int:
-    """A read-only descriptor of ``path`` if it is a regular file; OSError naming it otherwise.
-
-    Opened with O_NONBLOCK so that open() itself never waits: a FIFO put in the file's place would
-    block a plain open until some writer came, and the head is opened while holding the log's
-    shared ``flock``, which every commit waits for.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-        if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device)", str(path))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def verify_audit_log(
@@ -194,10 +178,10 @@ def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditV
     stream: BinaryIO
     log_missing = False
     try:
-        # A regular file before it is locked or read (see _open_regular).
-        stream = os.fdopen(_open_regular(path), "rb")
+        # A regular file before it is locked or read (see open_regular).
+        stream = os.fdopen(open_regular(path), "rb")
     except FileNotFoundError:
-        if not hpath.exists():
+        if not os.path.lexists(hpath):
             raise NotFound(f"no audit log at {path}", reason=Reason.AUDIT_LOG_NOT_FOUND) from None
         stream, log_missing = io.BytesIO(), True
     checked = public_key is not None
@@ -392,32 +376,29 @@ class SeriesVerification:
     message: str = ""
 
 
-_SEALED_NAME = re.compile(r".+\.([0-9]+)-([0-9]+)")
-
-
 def audit_files(directory: Path | str) -> list[Path]:
-    """The audit logs in ``directory``: each file with a ``.head`` beside it, each sealed-looking
-    name (``NAME.<first>-<last>``) and the log of each head whose log is gone (so that its
-    verdict says so), but not the sealed files being shipped (:func:`being_shipped`). Hidden
-    files (a head's temporary) are not logs."""
+    """The audit logs in ``directory``: each file with a ``.head`` beside it and each sealed file
+    (:func:`~strongroom.keybroker.audit_names.list_sealed`: log or head, so that a log gone from
+    beside its head is reported), but not the sealed files being shipped (:func:`being_shipped`)
+    nor names that are tampering (:func:`verify_audit_paths` reports those). Hidden files (a
+    head's temporary) are not logs."""
     directory = Path(directory)
     names = _names(directory)
-    found = set()
+    listing = list_sealed(names)
+    found = {sealed.name for sealed in listing.files} - set(listing.shipping)
     for name in names:
-        if name.endswith(".head"):
-            found.add(name[: -len(".head")])
-        elif name + ".head" in names or _SEALED_NAME.fullmatch(name):
-            found.add(name)
-    return [directory / name for name in sorted(found - set(_being_shipped(names)))]
+        log = name.removesuffix(".head")
+        if not has_sealed_shape(log) and (log != name or name + ".head" in names):
+            found.add(log)
+    return [directory / name for name in sorted(found)]
 
 
 def being_shipped(directory: Path | str) -> list[str]:
-    """The sealed files of ``directory`` at the start of its series (by the ranges their names
-    say) that have lost their log or their head: shipped and deleted one before the other, or
-    the deletion cut short. Retention, as the broker's check at start reads them: only deleting
-    them is left to do, so they are left out of the series rather than reported as a truncated
-    log or a missing head. A file without its log or head after one that has both is not."""
-    return _being_shipped(_names(Path(directory)))
+    """The sealed files of ``directory`` at the start of its series that have lost their log or
+    their head (:mod:`~strongroom.keybroker.audit_names`, *Being shipped*): retention, as the
+    broker's check at start reads them, so they are left out of the series rather than reported
+    as a truncated log or a missing head."""
+    return list(list_sealed(_names(Path(directory))).shipping)
 
 
 def _names(directory: Path) -> set[str]:
@@ -425,18 +406,23 @@ def _names(directory: Path) -> set[str]:
     return {p.name for p in directory.iterdir() if not p.name.startswith(".")}
 
 
-def _being_shipped(names: set[str]) -> list[str]:
-    sealed = []
-    for log in {name.removesuffix(".head") for name in names}:
-        match = _SEALED_NAME.fullmatch(log)
-        if match is not None:
-            sealed.append((int(match[1]), int(match[2]), log))
-    shipped = []
-    for _, _, log in sorted(sealed):
-        if log in names and log + ".head" in names:
-            break
-        shipped.append(log)
-    return shipped
+def _misnamed(directories: list[Path]) -> SeriesVerification | None:
+    """SERIES_NAME_MISMATCH for the first directory holding sealed names that are not canonical
+    (tampering, as the broker's start says: :mod:`~strongroom.keybroker.audit_names`)."""
+    for directory in directories:
+        listing: SealedListing = list_sealed(_names(directory))
+        problem = listing.not_canonical_problem()
+        if problem is not None:
+            return SeriesVerification(
+                intact=False,
+                files=(),
+                first_seq=0,
+                end=0,
+                problem="SERIES_NAME_MISMATCH",
+                bad_file=directory / listing.not_canonical[0],
+                message=problem,
+            )
+    return None
 
 
 _RELISTINGS = 3
@@ -461,6 +447,9 @@ def verify_audit_paths(
     :func:`verify_audit_log`.
     """
     directories = [path for path in paths if path.is_dir()]
+    misnamed = _misnamed(directories)
+    if misnamed is not None:
+        return misnamed
 
     def listed() -> list[Path]:
         files: list[Path] = []
@@ -568,9 +557,8 @@ def verify_audit_series(
                 f"{before_path.name} is not sealed, yet {path.name} continues it",
             )
     for path, verdict in ordered:
-        match = _SEALED_NAME.fullmatch(path.name)
         span = (verdict.first_seq, verdict.first_seq + verdict.records - 1)
-        if match is not None and (int(match[1]), int(match[2])) != span:
+        if has_sealed_shape(path.name) and sealed_range(path.name) != span:
             return broken(
                 "SERIES_NAME_MISMATCH",
                 path,
