@@ -7,7 +7,10 @@ each file must continue the one before it (its first seq and first record's ``pr
 file's end and last hash) and be sealed if another follows. A file missing in the middle, a
 reordered, renamed or substituted file is reported as tampering, naming it; a series starting
 after seq 0 (older files deleted after shipping) is not, and the summary says where it starts.
-The summary ends with the granted key releases per release-signing key (the key each record names,
+A name shaped like a sealed file's but not as a rotation writes it (``audit.log.007-010``) is
+SERIES_NAME_MISMATCH, as the broker's start calls it tampering; a log or head that is a symbolic
+link is not followed (an error naming it, as the broker's). The summary ends with the granted key
+releases per release-signing key (the key each record names,
 by the first 16 hex digits of its id; "not named": releases recorded before records named it).
 
 Exit status 0 when intact (a one-line summary on stdout), 2 when not (the first bad file or record
