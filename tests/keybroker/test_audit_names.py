@@ -23,11 +23,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from strongroom.cli.main import build_parser, run_command
 from strongroom.errors import DataLoss
-from strongroom.keybroker.audit import AuditLog, load_signing_key, new_signing_key
+from strongroom.keybroker.audit import AuditLog, head_path, load_signing_key, new_signing_key
 from strongroom.keybroker.audit_names import list_sealed
+from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.runtime.secrets import Secret
 
+from .test_audit import event
 from .test_audit_start import _make_series
 
 Odd = Callable[[Path, Path], None]  # (audit directory, a directory beside it) -> None
@@ -198,3 +200,25 @@ def test_list_sealed_reads_names_as_a_rotation_writes_them(
     listing = list_sealed(names, "audit.log")
     assert (len(listing.files), listing.shipping, listing.not_canonical) == (files, shipping, odd)
     assert [f.first for f in listing.files] == sorted(f.first for f in listing.files)
+
+
+@pytest.mark.parametrize("linked", ["log", "head"])
+def test_audit_verify_of_one_file_follows_no_link(tmp_path: Path, linked: str) -> None:
+    """``audit verify FILE`` followed a link given as FILE, or beside it as its head, wherever it
+    pointed (intact: the genuine files were there): a link is now an error naming it, as the
+    broker's start says of one (its directories may still be links)."""
+    key = load_signing_key(Secret(new_signing_key()[0]))
+    real = tmp_path / "elsewhere" / "audit.log"
+    real.parent.mkdir()
+    with AuditLog.open(real, key) as log:
+        log.append(event(0))
+    link = tmp_path / "audit.log"
+    if linked == "log":
+        link.symlink_to(real)
+        shutil.copyfile(head_path(real), head_path(link))
+    else:
+        shutil.copyfile(real, link)
+        head_path(link).symlink_to(head_path(real))
+    with pytest.raises(AuditUnavailable, match=r"symbolic link.*not followed"):
+        verify_audit_log(link, public_key=key.public_key())
+    assert verify_audit_log(real, public_key=key.public_key()).intact
