@@ -13,8 +13,10 @@
 #    token always matches the CSR the service will send.
 # 3. Key broker secrets (DEVELOPMENT only, kept on the keybroker-secrets volume): HSM user PIN, the
 #    32-byte nonce key, the audit log's Ed25519 head-signing key (its public half beside it, for
-#    `strongroom audit verify`) and the Ed25519 release-signing key (its public half also published
-#    to pki-public, for inference), created once and never overwritten (the PIN protects the token).
+#    `strongroom audit verify`) and the Ed25519 release-signing key, created once and never
+#    overwritten (the PIN protects the token); a certificate over the release-signing key is
+#    published to pki-public for inference (STRONGROOM_RELEASE_SIGNING_CERT_DAYS, default 365),
+#    made again when it ends within 60 days or no longer certifies the key.
 # 4. DEVELOPMENT HSM: initialise the SoftHSM2 token unless it exists; the SO PIN is random, used once
 #    and discarded (a development token never needs SO operations again).
 # 5. Simulated TEE (development mode only): the fake AMD/Intel chain the simulated attester signs with
@@ -27,6 +29,8 @@ umask 077
 
 trust_domain=${STRONGROOM_TRUST_DOMAIN:-strongroom.internal}
 lifetime=${STRONGROOM_TOKEN_LIFETIME:-10m}
+# Validity of a fresh release-signing certificate (days); renewed at an `up` within 60 days of its end.
+release_cert_days=${STRONGROOM_RELEASE_SIGNING_CERT_DAYS:-365}
 ca_dir=${STRONGROOM_CA_DIR:-/home/step}
 ca_root_in_dir=${STRONGROOM_CA_ROOT:-certs/root_ca.crt}
 # The paths are the compose mounts; the variables exist for tests (tests/deploy) only.
@@ -132,11 +136,20 @@ PY
       log "generated the $name (Ed25519) and its public half"
     fi
   done
-  # The release-signing key's public half is what inference verifies the broker's release answers
-  # with: published beside the root certificate, on the volume every service reads (never the
-  # broker's secrets volume).
-  write_atomic "$pki_public/release-signing-key.pub.pem" 0644 \
-    <"$secrets_dir/release-signing-key.pub.pem"
+  # Inference verifies the broker's release answers with a certificate over the release-signing
+  # key, published beside the root certificate on the volume every service reads (never the
+  # broker's secrets volume): it trusts the key only within the certificate's dates, so a retired
+  # key stops being trusted without anyone editing a configuration. Kept while it certifies the
+  # current key for more than 60 days, else made again (backdated 5 minutes for clock skew).
+  python3 -m strongroom.attestation.release_certificate --key "$secrets_dir/release-signing-key" \
+    --out "$pki_public/release-signing-key.crt.pem" --days "$release_cert_days"
+  # The bare public key published before certificates: trusted for ever by an inference that
+  # still lists it, and no longer refreshed. Gone, so that such a configuration fails at start
+  # naming the file (README, upgrade item 32) rather than trusting a stale key.
+  if [ -e "$pki_public/release-signing-key.pub.pem" ]; then
+    rm -f "$pki_public/release-signing-key.pub.pem"
+    log "removed the bare release-signing public key from pki-public (inference lists release-signing-key.crt.pem)"
+  fi
 }
 
 init_simulated_tee() {

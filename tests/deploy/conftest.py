@@ -58,10 +58,15 @@ def helm() -> str:
 
 
 def run_helm_template(
-    helm: str, values_files: tuple[Path, ...] | None = None, set_args: tuple[str, ...] = ()
+    helm: str,
+    values_files: tuple[Path, ...] | None = None,
+    set_args: tuple[str, ...] = (),
+    *,
+    kubeconfig: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Runs ``helm template`` and returns the completed process (not checked); ``values_files``
-    None is :data:`MINIMAL` (``()`` is the chart's bare defaults)."""
+    None is :data:`MINIMAL` (``()`` is the chart's bare defaults). With ``kubeconfig`` (a
+    :func:`tests.deploy.kubeapi.kube_api`), ``--dry-run=server``: ``lookup`` reads that server."""
     if values_files is None:
         values_files = MINIMAL
     cmd = [
@@ -78,7 +83,11 @@ def run_helm_template(
         cmd += ["-f", str(f)]
     for s in set_args:
         cmd += ["--set", s]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    env = None
+    if kubeconfig is not None:
+        cmd.append("--dry-run=server")
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False, env=env)
 
 
 @functools.cache

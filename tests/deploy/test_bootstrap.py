@@ -7,6 +7,7 @@ variables); the identity configuration files are the compose stack's own.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import shutil
 import stat
@@ -16,8 +17,11 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from strongroom.attestation.release_certificate import certify
+from strongroom.attestation.release_keys import load_trusted_keys
 from strongroom.attestation.release_signature import ReleaseVerifier, signing_key_id
 from strongroom.attestation.release_signature import load_signing_key as load_release_key
 from strongroom.dev.simulated import SimulatedAuthority
@@ -132,15 +136,26 @@ def test_bootstrap_prepares_everything_and_is_idempotent(
     key = load_signing_key(Secret(audit_key.read_bytes()))
     public = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
     assert (tmp_path / "secrets" / "audit-key.pub.pem").read_bytes() == public
-    # The release-signing key: private 0600 for the broker, public on pki-public for inference.
+    # The release-signing key: private 0600 for the broker; on pki-public for inference, a
+    # certificate over it (the bare public key was trusted for ever), valid a year from 5 minutes
+    # before it was made, which is the file inference's configuration lists.
     release_key = tmp_path / "secrets" / "release-signing-key"
     assert mode(release_key) == 0o600
-    release_public = tmp_path / "pki" / "release-signing-key.pub.pem"
+    release_public = tmp_path / "pki" / "release-signing-key.crt.pem"
     assert mode(release_public) == 0o644
+    assert not (tmp_path / "pki" / "release-signing-key.pub.pem").exists()
     signer = load_release_key(release_key.read_bytes())
     assert ReleaseVerifier.from_files([release_public]).key_ids == (
         signing_key_id(signer.public_key()),
     )
+    (trusted,) = load_trusted_keys(release_public.read_bytes(), source="pki")
+    assert trusted.not_before is not None and trusted.not_after is not None
+    assert trusted.not_after - trusted.not_before == dt.timedelta(days=365, minutes=5)
+    assert trusted.not_before < dt.datetime.now(dt.UTC) - dt.timedelta(minutes=4)
+    inference = yaml.safe_load((CONFIG_DIR / "inference.yaml").read_text())["inference"]
+    assert inference["release_signing_public_keys"] == [
+        "/run/strongroom/pki/release-signing-key.crt.pem"
+    ]
 
     # The simulated TEE chain (development): loadable by the simulated attester, roots for the broker.
     tee = tmp_path / "simulated-tee"
@@ -159,12 +174,61 @@ def test_bootstrap_prepares_everything_and_is_idempotent(
     second = bootstrap(env)
     assert second.returncode == 0, second.stderr
     assert "already present" in second.stderr
+    assert "kept the release-signing certificate" in second.stderr  # same bytes: state() below
     assert state() == saved
     config = json.loads((ca / "config" / "ca.json").read_text())
     (operator,) = config["authority"]["provisioners"]
     assert operator["options"]["x509"]["template"] == operator_template()
     for name in IDENTITIES:  # fresh one-time tokens on every run
         assert (tmp_path / "tokens" / name / f"{name}.token").read_text().strip() != tokens[name]
+
+
+def test_an_existing_stack_gets_a_certificate_in_place_of_its_bare_key(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A stack bootstrapped before certificates published the bare public key, which inference
+    trusted for ever: the next run certifies the key the broker holds (not a new one) and takes
+    the bare key away, so an inference still listing it fails at start naming the file."""
+    assert bootstrap(env).returncode == 0
+    pki = tmp_path / "pki"
+    secrets = tmp_path / "secrets"
+    (pki / "release-signing-key.crt.pem").unlink()
+    bare = pki / "release-signing-key.pub.pem"
+    bare.write_bytes((secrets / "release-signing-key.pub.pem").read_bytes())
+    key = (secrets / "release-signing-key").read_bytes()
+
+    run = bootstrap(env)
+    assert run.returncode == 0, run.stderr
+    assert (secrets / "release-signing-key").read_bytes() == key
+    assert not bare.exists()
+    assert "removed the bare release-signing public key" in run.stderr
+    certificate = pki / "release-signing-key.crt.pem"
+    assert ReleaseVerifier.from_files([certificate]).key_ids == (
+        signing_key_id(load_release_key(key).public_key()),
+    )
+
+
+def test_a_certificate_ending_soon_or_over_another_key_is_made_again(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The bootstrap keeps the certificate while it does (first test), and makes it again at the
+    next run when it ends within 60 days, or certifies a key the broker no longer holds (the key
+    rotated in keybroker-secrets)."""
+    assert bootstrap(env).returncode == 0
+    certificate = tmp_path / "pki" / "release-signing-key.crt.pem"
+    key = load_release_key((tmp_path / "secrets" / "release-signing-key").read_bytes())
+    now = dt.datetime.now(dt.UTC)
+    for stale in (
+        certify(key, days=59, now=now),
+        certify(Ed25519PrivateKey.generate(), days=365, now=now),
+    ):
+        certificate.write_bytes(stale)
+        run = bootstrap(env)
+        assert run.returncode == 0, run.stderr
+        assert "made the release-signing certificate" in run.stderr
+        (trusted,) = load_trusted_keys(certificate.read_bytes(), source="pki")
+        assert signing_key_id(trusted.key) == signing_key_id(key.public_key())
+        assert trusted.not_after is not None and trusted.not_after > now + dt.timedelta(days=364)
 
 
 def test_production_bootstrap_leaves_no_simulated_tee(env: dict[str, str], tmp_path: Path) -> None:

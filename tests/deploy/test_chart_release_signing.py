@@ -1,0 +1,123 @@
+"""The chart's own release-signing certificate across upgrades (templates/secrets.yaml).
+
+Each upgrade is rendered with ``--dry-run=server`` against :mod:`tests.deploy.kubeapi` serving
+what the previous render made, as ``helm upgrade`` reads the live objects with ``lookup``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from strongroom.attestation.release_keys import load_trusted_keys
+from strongroom.attestation.release_signature import load_signing_key, signing_key_id
+from tests.deploy.conftest import NAMESPACE, kind, run_helm_template
+from tests.deploy.kubeapi import kube_api
+
+NOT_AFTER = "strongroom.io/release-signing-not-after"
+BINDING = "strongroom.io/release-signing-binding"
+
+
+def _render(helm: str, tmp_path: Path, live: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The chart's documents: an install/upgrade seeing ``live`` (None: plain ``helm template``)."""
+    if live is None:
+        result = run_helm_template(helm)
+    else:
+        # As the API server returns them: in the release's namespace.
+        served = [o | {"metadata": o["metadata"] | {"namespace": NAMESPACE}} for o in live]
+        with kube_api(served, tmp_path) as kubeconfig:
+            result = run_helm_template(helm, kubeconfig=kubeconfig)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def _secret_and_certificate(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    (secret,) = kind(docs, "Secret")
+    (cm,) = [
+        c for c in kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-release-signing")
+    ]
+    return secret, cm
+
+
+def _certified_key_id(cm: dict[str, Any]) -> bytes:
+    (trusted,) = load_trusted_keys(cm["data"]["release-signing-keys.pem"].encode(), source="cm")
+    return signing_key_id(trusted.key)
+
+
+def _key_id(secret: dict[str, Any]) -> bytes:
+    key = load_signing_key(base64.b64decode(secret["data"]["release-signing-key"]))
+    return signing_key_id(key.public_key())
+
+
+@pytest.fixture
+def installed(helm: str, tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Secret and the release-signing ConfigMap of an install (nothing live yet)."""
+    return _secret_and_certificate(_render(helm, tmp_path, []))
+
+
+def test_an_upgrade_keeps_the_certificate(
+    helm: str, tmp_path: Path, installed: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    """The chart made its certificate again at every render: a changed ConfigMap at every
+    upgrade (GitOps drift), dated anew by the clock of the machine running Helm. An upgrade
+    that finds it over the Secret's key, ending in more than 60 days, renders it unchanged."""
+    secret, cm = installed
+    assert _certified_key_id(cm) == _key_id(secret)
+    again = _render(helm, tmp_path, [secret, cm])
+    assert _secret_and_certificate(again) == (secret, cm)
+
+
+@pytest.mark.parametrize("change", ["key rotated", "ends soon", "no annotations", "edited"])
+def test_a_certificate_that_no_longer_does_is_made_again(
+    helm: str,
+    tmp_path: Path,
+    installed: tuple[dict[str, Any], dict[str, Any]],
+    change: str,
+) -> None:
+    """Made again over the Secret's key when the Secret holds another key (patched with
+    kubectl, as "Rotating the release-signing key" does), when it ends within 60 days, when the
+    ConfigMap is the operator's (inference.releaseSigning.publicKeys, since emptied) and when
+    its certificate is not the one the binding names."""
+    secret, cm = installed
+    if change == "key rotated":
+        new_key = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        secret["data"]["release-signing-key"] = base64.b64encode(new_key).decode()
+    elif change == "ends soon":
+        soon = dt.datetime.now(dt.UTC) + dt.timedelta(days=59)
+        cm["metadata"]["annotations"][NOT_AFTER] = soon.strftime("%Y-%m-%dT%H:%M:%SZ")
+    elif change == "no annotations":
+        del cm["metadata"]["annotations"]
+    else:
+        other = _secret_and_certificate(_render(helm, tmp_path, []))[1]
+        cm["data"] = other["data"]
+    upgraded_secret, upgraded = _secret_and_certificate(_render(helm, tmp_path, [secret, cm]))
+    assert upgraded["data"] != cm["data"]
+    assert _certified_key_id(upgraded) == _key_id(upgraded_secret) == _key_id(secret)
+    (trusted,) = load_trusted_keys(
+        upgraded["data"]["release-signing-keys.pem"].encode(), source="cm"
+    )
+    assert trusted.not_after is not None
+    assert trusted.not_after > dt.datetime.now(dt.UTC) + dt.timedelta(days=36499)
+    assert upgraded["metadata"]["annotations"][NOT_AFTER] <= trusted.not_after.strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
+
+
+def test_helm_template_makes_a_certificate_at_every_render(helm: str, tmp_path: Path) -> None:
+    """What deploy/README.md tells GitOps users: without a cluster to look up (helm template,
+    Argo CD), there is nothing to keep, and every render makes a new key and certificate."""
+    first = _secret_and_certificate(_render(helm, tmp_path, None))[1]
+    second = _secret_and_certificate(_render(helm, tmp_path, None))[1]
+    assert first["data"] != second["data"]
+    assert BINDING in first["metadata"]["annotations"]
