@@ -74,7 +74,7 @@ def policy_stat(path: str, directory: str, key_id: str) -> os.stat_result:
     ``directory``, its links resolved within it; ``OSError`` as a lookup fails (FileNotFoundError:
     no policy), :class:`PolicyUnreadable` for a link leading out of the directory."""
     try:
-        with policy_path.find(directory, os.path.relpath(path, directory)) as found:
+        with policy_path.find(directory, os.path.basename(path)) as found:
             return found.held
     except policy_path.LeadsOut:
         raise unreadable(key_id, LEADS_OUT) from None
@@ -131,7 +131,8 @@ def _read_at_most(fd: int, limit: int) -> bytes:
 
 def read_policy_text(path: str, directory: str, key_id: str) -> str:
     """The text of ``key_id``'s policy file ``path`` in ``directory``, as stored (line ends
-    kept: the document judged, shown and hashed is the file's bytes).
+    kept: the document judged, shown and hashed is the file's bytes). ``path`` names a file of
+    the directory itself, as every key's policy file does.
 
     :class:`PolicyUnreadable` when it cannot be read (missing, permissions, I/O), is not a
     regular file, lies outside the directory (a symbolic link leading out, whether or not its
@@ -139,7 +140,7 @@ def read_policy_text(path: str, directory: str, key_id: str) -> str:
     :class:`StoredPolicyInvalid` (``POLICY_TOO_LARGE``) past the policy size bound, of which no
     more than the bound and a byte is read."""
     try:
-        with policy_path.find(directory, os.path.relpath(path, directory)) as found:
+        with policy_path.find(directory, os.path.basename(path)) as found:
             _judge(key_id, found.held)
             fd = _open_judged(found, key_id)
         try:
