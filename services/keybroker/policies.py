@@ -28,7 +28,7 @@ from strongroom.keybroker.errors import (
 )
 from strongroom.keybroker.keys import validate_key_id
 from strongroom.keybroker.policy_bounds import check_policy_bounds
-from strongroom.keybroker.policy_file import read_policy_text, unreadable
+from strongroom.keybroker.policy_file import policy_stat, read_policy_text, unreadable
 from strongroom.reasons import Reason
 
 _log = logging.getLogger(__name__)
@@ -301,7 +301,11 @@ class PolicyStore:
         path = self._path(key_id)
         reading = self._clock()  # before the stat: a change after it cannot predate it
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                # Not os.stat: a link leading out is judged by where it leads, not followed
+                # there, whose answer (missing or not) would tell whether its target exists.
+                st = policy_stat(path, self._dir, key_id)
         except FileNotFoundError:
             raise FailedPrecondition(
                 f"key {key_id!r} has no release policy: nothing can be released",

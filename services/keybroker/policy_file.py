@@ -12,14 +12,17 @@ policy directory, its only name (a hard link is no symlink, but it too can name 
 Symlinks *inside* the directory are followed: a Kubernetes ConfigMap mount (the Helm chart's
 policy store) is made of them (``<key>.yaml -> ..data/<key>.yaml``, ``..data -> ..<timestamp>``,
 swapped atomically on an update), and a link within the directory shows nothing its writer could
-not have written there anyway.
+not have written there anyway. They are followed by :mod:`~strongroom.keybroker.policy_path`,
+never by the kernel: the file is held before it is judged, and the file judged is the file read.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
+from strongroom.keybroker import policy_path
 from strongroom.keybroker.errors import PolicyUnreadable, StoredPolicyInvalid
 from strongroom.keybroker.policy_bounds import MAX_POLICY_BYTES
 from strongroom.reasons import Reason
@@ -56,41 +59,62 @@ def _too_large(key_id: str) -> StoredPolicyInvalid:
     )
 
 
-def _opened_path(fd: int) -> str | None:
-    """Where the file open as ``fd`` is, every link resolved (None: /proc is not mounted)."""
-    try:
-        where = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return None
-    # A ConfigMap's previous timestamped directory, removed by its update since the open.
-    return where.removesuffix(" (deleted)")
+LEADS_OUT = (
+    "it is a symbolic link to a file outside the policy directory, which the broker does "
+    "not follow (links within it, as a ConfigMap's, are)"
+)
+"""Why a policy reached through a link leading out is unreadable, whether or not the link's
+target exists (which is neither looked at nor told)."""
+
+_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY
 
 
-def _outside(fd: int, held: os.stat_result, path: str, directory: str) -> str | None:
-    """Why the file open as ``fd`` (named ``path``) is not in ``directory``; None if it is."""
+def policy_stat(path: str, directory: str, key_id: str) -> os.stat_result:
+    """What ``stat`` says of the file ``key_id``'s policy file ``path`` leads to in
+    ``directory``, its links resolved within it; ``OSError`` as a lookup fails (FileNotFoundError:
+    no policy), :class:`PolicyUnreadable` for a link leading out of the directory."""
     try:
-        named = os.lstat(path)
-    except OSError:
-        named = None
-    if (
-        named is not None
-        and stat.S_ISREG(named.st_mode)
-        and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
-    ):
-        return None  # the directory's own entry, no link involved
-    where = _opened_path(fd)
-    if where is None:
-        return (
-            "it is reached through a symbolic link, and where the link leads cannot be told "
-            "here (/proc is not mounted)"
-        )
-    root = os.path.join(os.path.realpath(directory), "")
-    if where.startswith(root):
-        return None
-    return (
-        "it is a symbolic link to a file outside the policy directory, which the broker does "
-        "not follow (links within it, as a ConfigMap's, are)"
-    )
+        with policy_path.find(directory, os.path.basename(path)) as found:
+            return found.held
+    except policy_path.LeadsOut:
+        raise unreadable(key_id, LEADS_OUT) from None
+
+
+def _judge(key_id: str, held: os.stat_result) -> None:
+    if not stat.S_ISREG(held.st_mode):
+        raise _not_regular(key_id)
+    # A hard link is the directory's own entry, which no link check sees: one to the broker's
+    # file (made over NFS by the server, past the client's protected_hardlinks) would be read.
+    # Neither the broker's writes nor a ConfigMap ever give a file two names.
+    if held.st_nlink > 1:
+        raise _hard_linked(key_id, held.st_nlink)
+    if held.st_size > MAX_POLICY_BYTES:
+        raise _too_large(key_id)
+
+
+def _open_judged(found: policy_path.Found, key_id: str) -> int:
+    """A descriptor to read the file ``found`` holds, judged regular: that very file."""
+    try:
+        # The held file itself, whatever its name now leads to.
+        return os.open(f"/proc/self/fd/{found.fd}", _READ)
+    except FileNotFoundError:
+        pass  # /proc is not mounted
+    # By its name in the directory found to hold it, as no link (O_NOFOLLOW), and kept only if
+    # it is still the file judged. A FIFO put there meanwhile is opened without waiting
+    # (O_NONBLOCK) and refused unread; a device node would be opened (and refused unread), which
+    # takes the right to make one in the policy directory (CAP_MKNOD) and this instant.
+    replaced = unreadable(key_id, "it was replaced while it was read; try again")
+    try:
+        fd = os.open(found.name, _READ | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=found.parent)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # by a link
+            raise replaced from None
+        raise
+    now = os.fstat(fd)
+    if (now.st_dev, now.st_ino) != (found.held.st_dev, found.held.st_ino):
+        os.close(fd)
+        raise replaced
+    return fd
 
 
 def _read_at_most(fd: int, limit: int) -> bytes:
@@ -107,39 +131,26 @@ def _read_at_most(fd: int, limit: int) -> bytes:
 
 def read_policy_text(path: str, directory: str, key_id: str) -> str:
     """The text of ``key_id``'s policy file ``path`` in ``directory``, as stored (line ends
-    kept: the document judged, shown and hashed is the file's bytes).
+    kept: the document judged, shown and hashed is the file's bytes). ``path`` names a file of
+    the directory itself, as every key's policy file does.
 
     :class:`PolicyUnreadable` when it cannot be read (missing, permissions, I/O), is not a
-    regular file, lies outside the directory (a symbolic link leading out), has another name (a
-    hard link) or is not UTF-8;
+    regular file, lies outside the directory (a symbolic link leading out, whether or not its
+    target exists), has another name (a hard link) or is not UTF-8;
     :class:`StoredPolicyInvalid` (``POLICY_TOO_LARGE``) past the policy size bound, of which no
     more than the bound and a byte is read."""
     try:
-        # Before the open: opening a FIFO waits for a writer, and opening a device may act.
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise _not_regular(key_id)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        with policy_path.find(directory, os.path.basename(path)) as found:
+            _judge(key_id, found.held)
+            fd = _open_judged(found, key_id)
+        try:
+            data = _read_at_most(fd, MAX_POLICY_BYTES + 1)  # a file growing meanwhile
+        finally:
+            os.close(fd)
+    except policy_path.LeadsOut:
+        raise unreadable(key_id, LEADS_OUT) from None
     except OSError as exc:
         raise unreadable(key_id, exc.strerror or type(exc).__name__) from None
-    try:
-        held = os.fstat(fd)
-        if not stat.S_ISREG(held.st_mode):  # replaced between the stat and the open
-            raise _not_regular(key_id)
-        why = _outside(fd, held, path, directory)
-        if why is not None:
-            raise unreadable(key_id, why)
-        # A hard link is the directory's own entry, which no link check sees: one to the
-        # broker's file (made over NFS by the server, past the client's protected_hardlinks)
-        # would be read. Neither the broker's writes nor a ConfigMap ever give a file two names.
-        if held.st_nlink > 1:
-            raise _hard_linked(key_id, held.st_nlink)
-        if held.st_size > MAX_POLICY_BYTES:
-            raise _too_large(key_id)
-        data = _read_at_most(fd, MAX_POLICY_BYTES + 1)  # a file growing meanwhile
-    except OSError as exc:
-        raise unreadable(key_id, exc.strerror or type(exc).__name__) from None
-    finally:
-        os.close(fd)
     if len(data) > MAX_POLICY_BYTES:
         raise _too_large(key_id)
     try:

@@ -63,11 +63,24 @@ def escape_what_the_terminal_cannot_encode() -> None:
     server's message) ended in a UnicodeEncodeError traceback, the rest of its output lost.
     Standard error already escapes (Python's default there); output did not. A policy document
     ``keys get-policy`` printed so is not the broker's byte for byte: save one from a UTF-8
-    locale."""
-    for stream in (sys.stdout, sys.stderr):
+    locale.
+
+    An error handler the user chose for output (``PYTHONIOENCODING=latin-1:replace``, or
+    ``:strict`` to fail rather than print anything but the document) is theirs: it was overridden
+    too."""
+    streams = (sys.stderr,) if _output_errors_chosen() else (sys.stdout, sys.stderr)
+    for stream in streams:
         # Not a TextIOWrapper: replaced by the caller (a test's capture), which chose its own.
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
+
+
+def _output_errors_chosen() -> bool:
+    """Whether ``PYTHONIOENCODING`` names an error handler, which Python then gave standard
+    output (not under ``-E``/``-I``, which make it ignore the variable)."""
+    if sys.flags.ignore_environment:
+        return False
+    return bool(os.environ.get("PYTHONIOENCODING", "").partition(":")[2])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,17 +3,24 @@ symlinks within the directory (a Kubernetes ConfigMap's) followed, none leading 
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from strongroom.errors import StrongroomError
 from strongroom.keybroker.errors import PolicyUnreadable, StoredPolicyInvalid
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.policy_bounds import MAX_POLICY_BYTES
+from strongroom.keybroker.policy_file import read_policy_text
 from strongroom.reasons import Reason
 from tests.keybroker.test_policy_store import DOMAIN, document
+
+NO_POLICY = "no release policy"
 
 
 def _store(directory: Path) -> PolicyStore:
@@ -208,3 +215,194 @@ def test_links_are_judged_by_where_they_lead_not_how_they_are_spelt(
         with pytest.raises(PolicyUnreadable) as raised:
             policies.get("k1", judge=False)
         assert "outside the policy directory" in raised.value.message
+
+
+def _relink(name: Path, target: str | Path) -> None:
+    """Points the link ``name`` at ``target`` as an attacker would, atomically (a rename over)."""
+    fresh = name.with_name(".swap")
+    fresh.symlink_to(target)
+    os.rename(fresh, name)
+
+
+def _fifo_over(name: Path) -> None:
+    fresh = name.with_name(".swap")
+    os.mkfifo(fresh)
+    os.rename(fresh, name)
+
+
+# What is swapped in for k1.yaml, and which file the swap makes it name.
+_SWAPS: dict[str, tuple[Callable[[Path, Path], None], Callable[[Path, Path], Path]]] = {
+    "a link to a device": (lambda d, t: _relink(d / "k1.yaml", "/dev/zero"), lambda d, t: Path("/dev/zero")),
+    "a link to a FIFO inside": (lambda d, t: _relink(d / "k1.yaml", "pipe"), lambda d, t: d / "pipe"),
+    "a link to a file outside": (lambda d, t: _relink(d / "k1.yaml", t / "secret.yaml"), lambda d, t: t / "secret.yaml"),
+    "a FIFO in its place": (lambda d, t: _fifo_over(d / "k1.yaml"), lambda d, t: d / "k1.yaml"),
+}  # fmt: skip
+
+
+def _lay_out(case: Path, layout: str) -> Path:
+    """A policy directory in ``case`` holding k1's policy as ``layout`` says, a FIFO ``pipe``
+    beside it, and ``secret.yaml`` beside the directory."""
+    case.mkdir()
+    (case / "secret.yaml").write_text("password: hunter2\n", encoding="utf-8")
+    directory = case / "policies"
+    if layout == "configmap":
+        _configmap(directory, "..2026_12_07_01_00_00.1", {"k1.yaml": document()})
+    else:
+        directory.mkdir()
+        (directory / "k1.yaml").write_text(document(), encoding="utf-8")
+    os.mkfifo(directory / "pipe")
+    return directory
+
+
+@pytest.mark.parametrize("proc", ["/proc", "no /proc"])
+@pytest.mark.parametrize("layout", ["file", "configmap"])
+@pytest.mark.parametrize("swap", sorted(_SWAPS))
+def test_a_policy_swapped_between_its_check_and_its_read_is_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swap: str, layout: str, proc: str
+) -> None:
+    """The file was judged by ``stat`` and then opened by name: a ``<key>.yaml`` swapped in
+    between (a link to ``/dev/zero``, to a FIFO, to a file outside the directory; a FIFO itself)
+    was opened all the same, a device's open able to act. The swap is made before each of the
+    read's opens in turn: the policy read is the file judged or nothing, the swapped-in file is
+    never read, and (with /proc, through which the judged file is reopened) never opened but as
+    a path (``O_PATH``, which opens nothing)."""
+    real_open, real_read, real_readlink = os.open, os.read, os.readlink
+    opened: list[tuple[int, tuple[int, int]]] = []  # (flags, (device, inode)) of every open
+    read_from: list[tuple[int, int]] = []
+    swap_at = [0]  # the open before which to swap (1-based; 0: none), counted down
+
+    def identity(fd: int) -> tuple[int, int]:
+        held = os.fstat(fd)
+        return held.st_dev, held.st_ino
+
+    def spying_open(path: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        swap_at[0] -= 1
+        if swap_at[0] == 0:
+            _SWAPS[swap][0](directory, case)
+        if proc == "no /proc" and str(path).startswith("/proc/"):
+            raise FileNotFoundError(2, "No such file or directory")
+        fd = real_open(path, flags, mode, dir_fd=dir_fd)
+        opened.append((flags, identity(fd)))
+        return fd
+
+    def spying_read(fd: int, size: int) -> bytes:
+        read_from.append(identity(fd))
+        return real_read(fd, size)
+
+    def readlink(path: str, *, dir_fd: int | None = None) -> str:
+        if proc == "no /proc" and str(path).startswith("/proc/"):
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_readlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", spying_open)
+    monkeypatch.setattr(os, "read", spying_read)
+    monkeypatch.setattr(os, "readlink", readlink)
+    case = tmp_path / "dry"
+    directory = _lay_out(case, layout)
+    assert read_policy_text(str(directory / "k1.yaml"), str(directory), "k1") == document()
+    opens = len(opened)
+    for at in range(1, opens + 1):
+        case = tmp_path / f"swap-before-open-{at}"
+        directory = _lay_out(case, layout)
+        target = _SWAPS[swap][1](directory, case)
+        opened.clear()
+        read_from.clear()
+        swap_at[0] = at
+        try:
+            text = read_policy_text(str(directory / "k1.yaml"), str(directory), "k1")
+        except PolicyUnreadable as exc:
+            assert "hunter2" not in exc.message
+        else:
+            assert text == document(), at
+        swapped_in = (target.stat().st_dev, target.stat().st_ino)
+        assert swapped_in not in read_from, at
+        if proc == "/proc":
+            assert all(flags & os.O_PATH for flags, held in opened if held == swapped_in), at
+
+
+@pytest.mark.parametrize("through", ["file link", "..data link", "absolute ..data link"])
+def test_a_link_leading_out_answers_alike_whether_or_not_its_target_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, through: str
+) -> None:
+    """Whether a policy's link leading out of the directory was refused as leading out or as
+    missing (NO_RELEASE_POLICY) depended on whether its target existed, which the broker
+    stat'ed: whoever could plant a link learnt from ``keys get-policy`` which files the broker
+    could see outside the directory. Such a link is refused alike, existing target or not, and
+    nothing outside the directory is looked at."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "exists.yaml").write_text(document(), encoding="utf-8")
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    if through == "file link":
+        (directory / "k1.yaml").symlink_to(outside / "exists.yaml")
+        (directory / "k2.yaml").symlink_to(outside / "missing.yaml")
+    else:
+        (directory / "..data").symlink_to(
+            outside if through.startswith("absolute") else "../elsewhere"
+        )
+        (directory / "k1.yaml").symlink_to("..data/exists.yaml")
+        (directory / "k2.yaml").symlink_to("..data/missing.yaml")
+    hidden = {(f.stat().st_dev, f.stat().st_ino) for f in (outside, outside / "exists.yaml")}
+    seen: list[tuple[int, int]] = []
+
+    def spy(call: Callable[..., Any]) -> Callable[..., Any]:
+        def spied(*args: Any, **kwargs: Any) -> Any:
+            result = call(*args, **kwargs)
+            held = os.fstat(result) if isinstance(result, int) else result
+            if isinstance(held, os.stat_result):
+                seen.append((held.st_dev, held.st_ino))
+            return result
+
+        return spied
+
+    for name in ("open", "stat", "lstat", "fstat"):
+        monkeypatch.setattr(os, name, spy(getattr(os, name)))
+    policies = _store(directory)
+    answers = []
+    for key_id in ("k1", "k2"):
+        for look in (functools.partial(policies.get, judge=False), policies.live):
+            with pytest.raises(StrongroomError) as raised:
+                look(key_id)  # as keys get-policy asks, and as a change checks
+            answer = raised.value
+            answers.append((type(answer), answer.reason, answer.message.replace(key_id, "KEY")))
+    assert answers[0][0] is PolicyUnreadable and answers[0][1] == Reason.POLICY_UNREADABLE
+    assert "outside the policy directory" in answers[0][2]
+    assert answers == [answers[0]] * 4
+    assert not hidden & set(seen)
+
+
+@pytest.mark.parametrize(
+    ("target", "answer"),
+    [
+        ("sub/../sub/k0.yaml", "read"),  # down, up and down again, all within
+        ("sub/up/sub/k0.yaml", "read"),  # through a link in a subdirectory leading back up
+        ("sub", "not a regular file"),  # a directory
+        ("sub/k0.yaml/more", "Not a directory"),
+        ("missing.yaml", NO_POLICY),  # dangling within: no policy, as a missing file
+        ("sub/up/sub/up/../secret.yaml", "outside the policy directory"),
+    ],
+)
+def test_links_within_the_directory_are_resolved_as_the_kernel_would(
+    tmp_path: Path, target: str, answer: str
+) -> None:
+    """Links are resolved by the broker itself, a name at a time, not by the kernel: what it
+    finds within the directory (through subdirectories, ``..``, links in them) is what the
+    kernel would, and a lookup failing there fails as it did."""
+    directory = tmp_path / "policies"
+    (directory / "sub").mkdir(parents=True)
+    (directory / "sub" / "k0.yaml").write_text(document(), encoding="utf-8")
+    (directory / "sub" / "up").symlink_to("..")
+    (tmp_path / "secret.yaml").write_text(document(), encoding="utf-8")
+    (directory / "k1.yaml").symlink_to(target)
+    policies = _store(directory)
+    if answer == "read":
+        assert policies.get("k1", judge=False).policy.version == "1"
+        return
+    with pytest.raises(StrongroomError) as raised:
+        policies.get("k1", judge=False)
+    if answer == NO_POLICY:
+        assert raised.value.reason == Reason.NO_RELEASE_POLICY
+    else:
+        assert raised.value.reason == Reason.POLICY_UNREADABLE
+        assert answer in raised.value.message
