@@ -80,6 +80,12 @@ wait for its request message had no watchdog, and held its worker until its dead
 connection's age (some 40 minutes). It is bounded too (:meth:`UnaryGuard.read_request`,
 ``server.request_wait_seconds``: by default what the stream floor allows the service's largest
 request, at least 10 s), by the same watchdog as a public method's wait.
+
+A watchdog's cancel and a handler's going on with the message it read exclude each other: a
+``ReleaseKey`` whose message was read just as the watchdog cancelled its call was granted, its key
+re-wrapped and audited allowed, and its answer never delivered. Each claims the call under the lock
+(the watchdog by cancelling it while it still waits, the handler by taking its message), and a
+handler that lost refuses its call for the watchdog's reason, its message unprocessed.
 """
 
 from __future__ import annotations
@@ -127,6 +133,10 @@ DISTRUST_SECONDS = 60.0
 beyond its bound is then refused at once, so that stalled waits renewed cannot hold the workers."""
 
 _OWN, _COUNTED, _TRUSTED = "own", "counted", "trusted"  # how a wait for a request holds a worker
+_LATE, _STALLED = (
+    "late",
+    "stalled",
+)  # which watchdog cancelled a call: the wait bound's, the trust's
 
 Identify = Callable[[grpc.ServicerContext], str]
 """Names the caller of an RPC for per-identity accounting (default: :func:`caller_key`)."""
@@ -436,7 +446,10 @@ class UnaryGuard(HandlerInterceptor):
         bounds = [b for b in (public_wait, request_wait) if b is not None]
         self._watch_period = max(0.05, min(bounds, default=1.0) / 4)
         self._timed: dict[grpc.ServicerContext, float] = {}
-        self._late: set[grpc.ServicerContext] = set()  # cancelled by the watchdog
+        self._late: set[grpc.ServicerContext] = set()  # past their bound: to be cancelled
+        # Calls a watchdog cancelled before their handler took the message (_took): under the
+        # lock, whichever comes first wins, so that no call is both processed and cancelled.
+        self._cut: set[grpc.ServicerContext] = set()
         self._watchdog: threading.Thread | None = None
         self._closed = threading.Event()  # the watchdogs end (close)
         self._identify = identify
@@ -608,32 +621,21 @@ class UnaryGuard(HandlerInterceptor):
             if timed:
                 self._time(context, self._public_wait or 0.0)
             waited = True
-            request = read()
-            read_one = True
-            return request
-        except (Cancelled, DeadlineExceeded, InvalidArgument):
-            # A watchdog's cancel (under the lock, while the call is late or stalled, which it
-            # stays until this wait ends) reaches the read as the call's cancellation or, in
-            # about one run of three, first as the end of its request stream (gRPC completes
-            # the pending read empty before it records the cancel): the watchdog's reason is
-            # the call's either way, else the read's own refusal stands.
-            with self._lock:
-                late = context in self._late
-                stalled = context in self._stalled
-            if stalled:
+            request, cut = self._took(context, read)
+            if cut is None:
+                read_one = True
+                return request
+            if cut == _STALLED:
                 raise ResourceExhausted(
                     f"{method}: no request message within {self._trust_seconds:g}s while "
                     f"{identity} held {shares.per_identity} data-plane workers "
                     "(server.max_data_plane_workers_per_identity); the call was cancelled",
                     reason=Reason.TOO_MANY_WORKERS_PER_IDENTITY,
-                ) from None
-            if not late:
-                raise
-            raise _timed_out(
-                method, self._public_wait or 0.0, "server.health_request_wait_seconds"
-            ) from None
+                )
+            raise _timed_out(method, self._public_wait or 0.0, "server.health_request_wait_seconds")
         finally:
             with self._lock:
+                self._cut.discard(context)
                 if timed:
                     self._timed.pop(context, None)
                     self._late.discard(context)
@@ -672,19 +674,54 @@ class UnaryGuard(HandlerInterceptor):
             return read()
         try:  # the watchdog may have taken the call (and failed to start): given back below
             self._time(context, bound)
-            return read()
-        except (Cancelled, DeadlineExceeded, InvalidArgument):
-            # The watchdog's cancel reaches the read as a cancel or as an empty request stream
-            # (wait_for_request): its reason stands either way, else the read's own.
-            with self._lock:
-                late = context in self._late
-            if not late:
-                raise
-            raise _timed_out(method, bound, "server.request_wait_seconds") from None
+            request, cut = self._took(context, read)
+            if cut is None:
+                return request
+            raise _timed_out(method, bound, "server.request_wait_seconds")
         finally:
             with self._lock:
                 self._timed.pop(context, None)
                 self._late.discard(context)
+                self._cut.discard(context)
+
+    def _took(
+        self, context: grpc.ServicerContext, read: Callable[[], Any]
+    ) -> tuple[Any, str | None]:
+        """``read()``'s request and None when the handler took it before any watchdog cancelled
+        the call, which none does from then on; else None and why a watchdog did (:data:`_LATE`,
+        :data:`_STALLED`): the call is then refused for that reason, its message unprocessed.
+
+        The cancel and the handler's going on with the message were not exclusive: a message
+        read just as the watchdog cancelled its call was processed (a ReleaseKey granted and
+        audited allowed) for a caller that never got the answer. Each claims the call under the
+        lock now, the watchdog by cancelling it (only while it still waits), the handler here."""
+        try:
+            request = read()
+        except (Cancelled, DeadlineExceeded, InvalidArgument):
+            # A watchdog's cancel reaches the read as the call's cancellation or, in about one
+            # run of three, first as the end of its request stream (gRPC completes the pending
+            # read empty before it records the cancel): the watchdog's reason is the call's
+            # either way, else the read's own refusal stands.
+            with self._lock:
+                cut = self._watchdogs_reason(context)
+            if cut is None:
+                raise
+            return None, cut
+        with self._lock:
+            cut = self._watchdogs_reason(context)
+            if cut is None:  # the handler's: no watchdog may cancel the call any more
+                self._timed.pop(context, None)
+                self._late.discard(context)
+                self._trusted.pop(context, None)
+                self._stalled.discard(context)
+        return (request if cut is None else None), cut
+
+    def _watchdogs_reason(self, context: grpc.ServicerContext) -> str | None:
+        """Why a watchdog cancelled ``context`` (:data:`_STALLED`, :data:`_LATE`), or None if
+        none did (call under the lock)."""
+        if context not in self._cut:
+            return None
+        return _STALLED if context in self._stalled else _LATE
 
     def _watch_trusted(self) -> None:
         """Starts the watchdog of trusted waits unless it runs or the server stopped.
@@ -743,11 +780,12 @@ class UnaryGuard(HandlerInterceptor):
                 )
                 # Only while it still waits (as the request watchdog does): its message may have
                 # come since (the log line can take long on a slow pipe) and the call, a Watch
-                # now serving its caller, runs on. Its wait's end takes this lock to leave
-                # _stalled, so it cannot end in between.
+                # now serving its caller, runs on. Its handler takes the message under this lock
+                # (_took), leaving _stalled, so the two cannot both go on.
                 with self._lock:
                     if context not in self._stalled:
                         continue
+                    self._cut.add(context)  # the watchdog's, whatever the read returns now
                     stop: Callable[[], object] = context.cancel  # untyped in grpc-stubs
                     stop()
 
@@ -786,12 +824,14 @@ class UnaryGuard(HandlerInterceptor):
                 )
                 # Only while it still waits: its message may have come since (the log line above
                 # can take long on a slow pipe), and the call, a Watch now serving its caller,
-                # runs on. Under the lock its wait's end takes, so it cannot end in between.
+                # runs on. Under the lock its handler takes the message with (_took): a handler
+                # that read it after this cancel refuses the call instead of going on.
                 # (Cancelling only marks the call in gRPC core: its callbacks run on gRPC's
                 # thread later, none under this lock.)
                 with self._lock:
                     if context not in self._late:
                         continue
+                    self._cut.add(context)  # the watchdog's, whatever the read returns now
                     cancel: Callable[[], object] = context.cancel  # untyped in grpc-stubs
                     cancel()
 
