@@ -52,10 +52,13 @@ message sent with the call (what every gRPC client does) is read within millisec
 of an authorised caller's health ``Watch`` calls is not refused for waits that end at once. A wait
 admitted so that still waits after :data:`TRUSTED_WAIT_SECONDS` is counted in the bound if it now
 fits there, or cancelled; one that ends without its message before then (cancelled by its client
-or the wait bound) counts as stalled too; either way its caller is then trusted no more for
-:data:`DISTRUST_SECONDS`, so that its waits beyond the bound are refused at once and stalled ones
-cannot be renewed past it (counted ones included: a caller that let its older waits go just before
-its trusted ones were due had them counted, then trusted new ones, and held twice its bound).
+or the wait bound) counts as stalled too; either way its caller's certificate is then trusted no
+more for :data:`DISTRUST_SECONDS`, so that its waits beyond the bound are refused at once and
+stalled ones cannot be renewed past it (counted ones included: a caller that let its older waits go
+just before its trusted ones were due had them counted, then trusted new ones, and held twice its
+bound). Its certificate, not its SPIFFE ID, which a fleet's replicas share: one replica's stall put
+the whole fleet's health bursts on refuse-at-once. A replica can renew onto new serials at will, so
+the second certificate of an identity to stall distrusts the identity whole (:class:`Distrust`).
 
 A fleet's replicas share one SPIFFE ID, and so one cap: one replica (compromised, or stuck) that
 opened ``ReleaseKey`` calls and never sent their message held all 13 of the broker's unary calls
@@ -94,7 +97,7 @@ import functools
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
@@ -129,8 +132,14 @@ TRUSTED_WAIT_SECONDS = 1.0
 (:meth:`UnaryGuard.wait_for_request`): a message sent with the call is read within milliseconds."""
 
 DISTRUST_SECONDS = 60.0
-"""How long a caller one of whose waits admitted so proved stalled is trusted no more: each wait
-beyond its bound is then refused at once, so that stalled waits renewed cannot hold the workers."""
+"""How long a certificate one of whose waits admitted so proved stalled is trusted no more (its
+identity, once :data:`DISTRUSTED_CERTIFICATES` of its certificates are): each wait beyond its
+bound is then refused at once, so that stalled waits renewed cannot hold the workers."""
+
+DISTRUSTED_CERTIFICATES = 2
+"""How many certificates of one identity proving stalled, each within :data:`DISTRUST_SECONDS`
+of the last, distrust the identity whole (:class:`Distrust`): one stuck replica costs its own
+certificate only, while a replica renewing onto new serials buys one more moment of trust."""
 
 _OWN, _COUNTED, _TRUSTED = "own", "counted", "trusted"  # how a wait for a request holds a worker
 _LATE, _STALLED = (
@@ -225,6 +234,65 @@ def identify_by_role(grants: Grants) -> Identify:
     return functools.partial(caller_key, grants=grants)
 
 
+class Distrust:
+    """Who is trusted no more beyond its data-plane bound (:meth:`UnaryGuard.wait_for_request`):
+    a certificate (its :func:`certificate_bucket`) one of whose waits admitted on trust proved
+    stalled, for :data:`DISTRUST_SECONDS`; its identity (:func:`bucket`) once
+    :data:`DISTRUSTED_CERTIFICATES` of its certificates did, each within that long of the last.
+
+    Keyed by SPIFFE ID alone, one replica's stall put its whole fleet (one SPIFFE ID) on
+    refuse-at-once. Keyed by certificate alone, a replica renewing onto new serials at will got
+    fresh trust with each, and held the data plane beyond its bound again and again: the
+    identity's count is the backstop. A caller without a certificate of its own
+    (:data:`ROLELESS`, a peer without a certificate) is distrusted as its identity, at once.
+    Remembers :data:`MAX_CERTIFICATES_TRACKED` entries at most, the one distrusted longest ago
+    forgotten first: a certificate forgotten is only trusted again, and its next stall counts
+    towards its identity's again. Not locked: used under :attr:`WorkerShares.lock`."""
+
+    def __init__(self, max_tracked: int = MAX_CERTIFICATES_TRACKED) -> None:
+        # Key (a certificate's bucket, or an identity's) -> (until when, how many strikes): a
+        # certificate's is distrusted with one, an identity with DISTRUSTED_CERTIFICATES.
+        self._entries: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._max = max_tracked
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _strikes(self, key: str, now: float) -> int:
+        until, strikes = self._entries.get(key, (0.0, 0))
+        return strikes if until > now else 0
+
+    def _put(self, key: str, until: float, strikes: int) -> None:
+        self._entries[key] = (until, strikes)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def trusts(self, identity: str, certificate: str | None, now: float) -> bool:
+        """Whether a wait of ``identity``'s ``certificate`` beyond its bound may be admitted on
+        trust at ``now``."""
+        if self._strikes(identity, now) >= DISTRUSTED_CERTIFICATES:
+            return False
+        return certificate is None or not self._strikes(certificate, now)
+
+    def distrust(self, identity: str, certificate: str | None, now: float) -> None:
+        """A wait of ``identity``'s ``certificate`` admitted on trust proved stalled at ``now``."""
+        until = now + DISTRUST_SECONDS
+        if certificate is None:
+            self._put(identity, until, DISTRUSTED_CERTIFICATES)
+            return
+        # A certificate counts towards its identity once: a stuck replica's several stalled
+        # waits are one replica's.
+        fresh = not self._strikes(certificate, now)
+        self._put(certificate, until, 1)
+        self._put(identity, until, self._strikes(identity, now) + fresh)
+
+    def expire(self, now: float) -> None:
+        """Forgets what is trusted again at ``now`` (the table holds what is distrusted now)."""
+        for key in [k for k, (until, _) in self._entries.items() if until <= now]:
+            del self._entries[key]
+
+
 class WorkerShares:
     """The split of a server's workers between data-plane and control-plane calls, and the
     data-plane workers one caller may hold.
@@ -281,9 +349,9 @@ class WorkerShares:
         # Counted workers per certificate (under lock): only while it holds any, so at most one
         # entry per worker whatever number of certificates call.
         self._certificates: Counter[str] = Counter()
-        # Callers one of whose waits trusted beyond their bound proved stalled -> until when they
-        # are trusted no more (UnaryGuard.wait_for_request; under lock).
-        self.distrusted: dict[str, float] = {}
+        # Certificates (and identities) one of whose waits trusted beyond their bound proved
+        # stalled (UnaryGuard.wait_for_request; under lock).
+        self.distrust = Distrust()
 
     def is_control_plane(self, method: str) -> bool:
         """Whether ``method`` (a full method name) may use the control-plane reserve."""
@@ -590,7 +658,7 @@ class UnaryGuard(HandlerInterceptor):
             elif (
                 shares.at_bound(identity, certificate)
                 and shares.held < shares.data_plane
-                and shares.distrusted.get(identity, 0.0) <= time.monotonic()
+                and shares.distrust.trusts(identity, certificate, time.monotonic())
             ):
                 # At its bound: trusted for a moment, since a message sent with the call (every
                 # gRPC client's) is read at once; a burst of health calls is not refused for it.
@@ -657,7 +725,7 @@ class UnaryGuard(HandlerInterceptor):
                         # request watchdog did, a shorter health_request_wait_seconds): only the
                         # trust watchdog distrusted, so a caller ending each stalled wait before
                         # it was due and opening another held workers beyond its bound for good.
-                        shares.distrusted[identity] = time.monotonic() + DISTRUST_SECONDS
+                        shares.distrust.distrust(identity, certificate, time.monotonic())
 
     def read_request(
         self, context: grpc.ServicerContext, method: str, read: Callable[[], Any]
@@ -747,8 +815,7 @@ class UnaryGuard(HandlerInterceptor):
             now = time.monotonic()
             cancel: list[grpc.ServicerContext] = []
             with self._lock:
-                for identity in [i for i, until in shares.distrusted.items() if until <= now]:
-                    del shares.distrusted[identity]
+                shares.distrust.expire(now)
                 due = [
                     (c, who, cert) for c, (when, who, cert) in self._trusted.items() if now >= when
                 ]
@@ -758,7 +825,7 @@ class UnaryGuard(HandlerInterceptor):
                     # older waits go just before this moment had its stalled ones counted, and
                     # its next ones trusted beyond the bound again, holding twice its bound
                     # for as long as it kept that turn.
-                    shares.distrusted[identity] = now + DISTRUST_SECONDS
+                    shares.distrust.distrust(identity, certificate, now)
                     if not shares.at_bound(identity, certificate):
                         shares.held -= 1  # counted again, in its caller's bound, by hold()
                         shares.hold(identity, certificate)
