@@ -52,10 +52,13 @@ message sent with the call (what every gRPC client does) is read within millisec
 of an authorised caller's health ``Watch`` calls is not refused for waits that end at once. A wait
 admitted so that still waits after :data:`TRUSTED_WAIT_SECONDS` is counted in the bound if it now
 fits there, or cancelled; one that ends without its message before then (cancelled by its client
-or the wait bound) counts as stalled too; either way its caller is then trusted no more for
-:data:`DISTRUST_SECONDS`, so that its waits beyond the bound are refused at once and stalled ones
-cannot be renewed past it (counted ones included: a caller that let its older waits go just before
-its trusted ones were due had them counted, then trusted new ones, and held twice its bound).
+or the wait bound) counts as stalled too; either way its caller's certificate is then trusted no
+more for :data:`DISTRUST_SECONDS`, so that its waits beyond the bound are refused at once and
+stalled ones cannot be renewed past it (counted ones included: a caller that let its older waits go
+just before its trusted ones were due had them counted, then trusted new ones, and held twice its
+bound). Its certificate, not its SPIFFE ID, which a fleet's replicas share: one replica's stall put
+the whole fleet's health bursts on refuse-at-once. A replica can renew onto new serials at will, so
+the second certificate of an identity to stall distrusts the identity whole (:class:`Distrust`).
 
 A fleet's replicas share one SPIFFE ID, and so one cap: one replica (compromised, or stuck) that
 opened ``ReleaseKey`` calls and never sent their message held all 13 of the broker's unary calls
@@ -80,6 +83,12 @@ wait for its request message had no watchdog, and held its worker until its dead
 connection's age (some 40 minutes). It is bounded too (:meth:`UnaryGuard.read_request`,
 ``server.request_wait_seconds``: by default what the stream floor allows the service's largest
 request, at least 10 s), by the same watchdog as a public method's wait.
+
+A watchdog's cancel and a handler's going on with the message it read exclude each other: a
+``ReleaseKey`` whose message was read just as the watchdog cancelled its call was granted, its key
+re-wrapped and audited allowed, and its answer never delivered. Each claims the call under the lock
+(the watchdog by cancelling it while it still waits, the handler by taking its message), and a
+handler that lost refuses its call for the watchdog's reason, its message unprocessed.
 """
 
 from __future__ import annotations
@@ -88,7 +97,7 @@ import functools
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
@@ -123,10 +132,20 @@ TRUSTED_WAIT_SECONDS = 1.0
 (:meth:`UnaryGuard.wait_for_request`): a message sent with the call is read within milliseconds."""
 
 DISTRUST_SECONDS = 60.0
-"""How long a caller one of whose waits admitted so proved stalled is trusted no more: each wait
-beyond its bound is then refused at once, so that stalled waits renewed cannot hold the workers."""
+"""How long a certificate one of whose waits admitted so proved stalled is trusted no more (its
+identity, once :data:`DISTRUSTED_CERTIFICATES` of its certificates are): each wait beyond its
+bound is then refused at once, so that stalled waits renewed cannot hold the workers."""
+
+DISTRUSTED_CERTIFICATES = 2
+"""How many certificates of one identity proving stalled, each within :data:`DISTRUST_SECONDS`
+of the last, distrust the identity whole (:class:`Distrust`): one stuck replica costs its own
+certificate only, while a replica renewing onto new serials buys one more moment of trust."""
 
 _OWN, _COUNTED, _TRUSTED = "own", "counted", "trusted"  # how a wait for a request holds a worker
+_LATE, _STALLED = (
+    "late",
+    "stalled",
+)  # which watchdog cancelled a call: the wait bound's, the trust's
 
 Identify = Callable[[grpc.ServicerContext], str]
 """Names the caller of an RPC for per-identity accounting (default: :func:`caller_key`)."""
@@ -215,6 +234,65 @@ def identify_by_role(grants: Grants) -> Identify:
     return functools.partial(caller_key, grants=grants)
 
 
+class Distrust:
+    """Who is trusted no more beyond its data-plane bound (:meth:`UnaryGuard.wait_for_request`):
+    a certificate (its :func:`certificate_bucket`) one of whose waits admitted on trust proved
+    stalled, for :data:`DISTRUST_SECONDS`; its identity (:func:`bucket`) once
+    :data:`DISTRUSTED_CERTIFICATES` of its certificates did, each within that long of the last.
+
+    Keyed by SPIFFE ID alone, one replica's stall put its whole fleet (one SPIFFE ID) on
+    refuse-at-once. Keyed by certificate alone, a replica renewing onto new serials at will got
+    fresh trust with each, and held the data plane beyond its bound again and again: the
+    identity's count is the backstop. A caller without a certificate of its own
+    (:data:`ROLELESS`, a peer without a certificate) is distrusted as its identity, at once.
+    Remembers :data:`MAX_CERTIFICATES_TRACKED` entries at most, the one distrusted longest ago
+    forgotten first: a certificate forgotten is only trusted again, and its next stall counts
+    towards its identity's again. Not locked: used under :attr:`WorkerShares.lock`."""
+
+    def __init__(self, max_tracked: int = MAX_CERTIFICATES_TRACKED) -> None:
+        # Key (a certificate's bucket, or an identity's) -> (until when, how many strikes): a
+        # certificate's is distrusted with one, an identity with DISTRUSTED_CERTIFICATES.
+        self._entries: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._max = max_tracked
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _strikes(self, key: str, now: float) -> int:
+        until, strikes = self._entries.get(key, (0.0, 0))
+        return strikes if until > now else 0
+
+    def _put(self, key: str, until: float, strikes: int) -> None:
+        self._entries[key] = (until, strikes)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def trusts(self, identity: str, certificate: str | None, now: float) -> bool:
+        """Whether a wait of ``identity``'s ``certificate`` beyond its bound may be admitted on
+        trust at ``now``."""
+        if self._strikes(identity, now) >= DISTRUSTED_CERTIFICATES:
+            return False
+        return certificate is None or not self._strikes(certificate, now)
+
+    def distrust(self, identity: str, certificate: str | None, now: float) -> None:
+        """A wait of ``identity``'s ``certificate`` admitted on trust proved stalled at ``now``."""
+        until = now + DISTRUST_SECONDS
+        if certificate is None:
+            self._put(identity, until, DISTRUSTED_CERTIFICATES)
+            return
+        # A certificate counts towards its identity once: a stuck replica's several stalled
+        # waits are one replica's.
+        fresh = not self._strikes(certificate, now)
+        self._put(certificate, until, 1)
+        self._put(identity, until, self._strikes(identity, now) + fresh)
+
+    def expire(self, now: float) -> None:
+        """Forgets what is trusted again at ``now`` (the table holds what is distrusted now)."""
+        for key in [k for k, (until, _) in self._entries.items() if until <= now]:
+            del self._entries[key]
+
+
 class WorkerShares:
     """The split of a server's workers between data-plane and control-plane calls, and the
     data-plane workers one caller may hold.
@@ -271,9 +349,9 @@ class WorkerShares:
         # Counted workers per certificate (under lock): only while it holds any, so at most one
         # entry per worker whatever number of certificates call.
         self._certificates: Counter[str] = Counter()
-        # Callers one of whose waits trusted beyond their bound proved stalled -> until when they
-        # are trusted no more (UnaryGuard.wait_for_request; under lock).
-        self.distrusted: dict[str, float] = {}
+        # Certificates (and identities) one of whose waits trusted beyond their bound proved
+        # stalled (UnaryGuard.wait_for_request; under lock).
+        self.distrust = Distrust()
 
     def is_control_plane(self, method: str) -> bool:
         """Whether ``method`` (a full method name) may use the control-plane reserve."""
@@ -436,7 +514,10 @@ class UnaryGuard(HandlerInterceptor):
         bounds = [b for b in (public_wait, request_wait) if b is not None]
         self._watch_period = max(0.05, min(bounds, default=1.0) / 4)
         self._timed: dict[grpc.ServicerContext, float] = {}
-        self._late: set[grpc.ServicerContext] = set()  # cancelled by the watchdog
+        self._late: set[grpc.ServicerContext] = set()  # past their bound: to be cancelled
+        # Calls a watchdog cancelled before their handler took the message (_took): under the
+        # lock, whichever comes first wins, so that no call is both processed and cancelled.
+        self._cut: set[grpc.ServicerContext] = set()
         self._watchdog: threading.Thread | None = None
         self._closed = threading.Event()  # the watchdogs end (close)
         self._identify = identify
@@ -577,7 +658,7 @@ class UnaryGuard(HandlerInterceptor):
             elif (
                 shares.at_bound(identity, certificate)
                 and shares.held < shares.data_plane
-                and shares.distrusted.get(identity, 0.0) <= time.monotonic()
+                and shares.distrust.trusts(identity, certificate, time.monotonic())
             ):
                 # At its bound: trusted for a moment, since a message sent with the call (every
                 # gRPC client's) is read at once; a burst of health calls is not refused for it.
@@ -608,32 +689,21 @@ class UnaryGuard(HandlerInterceptor):
             if timed:
                 self._time(context, self._public_wait or 0.0)
             waited = True
-            request = read()
-            read_one = True
-            return request
-        except (Cancelled, DeadlineExceeded, InvalidArgument):
-            # A watchdog's cancel (under the lock, while the call is late or stalled, which it
-            # stays until this wait ends) reaches the read as the call's cancellation or, in
-            # about one run of three, first as the end of its request stream (gRPC completes
-            # the pending read empty before it records the cancel): the watchdog's reason is
-            # the call's either way, else the read's own refusal stands.
-            with self._lock:
-                late = context in self._late
-                stalled = context in self._stalled
-            if stalled:
+            request, cut = self._took(context, read)
+            if cut is None:
+                read_one = True
+                return request
+            if cut == _STALLED:
                 raise ResourceExhausted(
                     f"{method}: no request message within {self._trust_seconds:g}s while "
                     f"{identity} held {shares.per_identity} data-plane workers "
                     "(server.max_data_plane_workers_per_identity); the call was cancelled",
                     reason=Reason.TOO_MANY_WORKERS_PER_IDENTITY,
-                ) from None
-            if not late:
-                raise
-            raise _timed_out(
-                method, self._public_wait or 0.0, "server.health_request_wait_seconds"
-            ) from None
+                )
+            raise _timed_out(method, self._public_wait or 0.0, "server.health_request_wait_seconds")
         finally:
             with self._lock:
+                self._cut.discard(context)
                 if timed:
                     self._timed.pop(context, None)
                     self._late.discard(context)
@@ -655,7 +725,7 @@ class UnaryGuard(HandlerInterceptor):
                         # request watchdog did, a shorter health_request_wait_seconds): only the
                         # trust watchdog distrusted, so a caller ending each stalled wait before
                         # it was due and opening another held workers beyond its bound for good.
-                        shares.distrusted[identity] = time.monotonic() + DISTRUST_SECONDS
+                        shares.distrust.distrust(identity, certificate, time.monotonic())
 
     def read_request(
         self, context: grpc.ServicerContext, method: str, read: Callable[[], Any]
@@ -672,19 +742,54 @@ class UnaryGuard(HandlerInterceptor):
             return read()
         try:  # the watchdog may have taken the call (and failed to start): given back below
             self._time(context, bound)
-            return read()
-        except (Cancelled, DeadlineExceeded, InvalidArgument):
-            # The watchdog's cancel reaches the read as a cancel or as an empty request stream
-            # (wait_for_request): its reason stands either way, else the read's own.
-            with self._lock:
-                late = context in self._late
-            if not late:
-                raise
-            raise _timed_out(method, bound, "server.request_wait_seconds") from None
+            request, cut = self._took(context, read)
+            if cut is None:
+                return request
+            raise _timed_out(method, bound, "server.request_wait_seconds")
         finally:
             with self._lock:
                 self._timed.pop(context, None)
                 self._late.discard(context)
+                self._cut.discard(context)
+
+    def _took(
+        self, context: grpc.ServicerContext, read: Callable[[], Any]
+    ) -> tuple[Any, str | None]:
+        """``read()``'s request and None when the handler took it before any watchdog cancelled
+        the call, which none does from then on; else None and why a watchdog did (:data:`_LATE`,
+        :data:`_STALLED`): the call is then refused for that reason, its message unprocessed.
+
+        The cancel and the handler's going on with the message were not exclusive: a message
+        read just as the watchdog cancelled its call was processed (a ReleaseKey granted and
+        audited allowed) for a caller that never got the answer. Each claims the call under the
+        lock now, the watchdog by cancelling it (only while it still waits), the handler here."""
+        try:
+            request = read()
+        except (Cancelled, DeadlineExceeded, InvalidArgument):
+            # A watchdog's cancel reaches the read as the call's cancellation or, in about one
+            # run of three, first as the end of its request stream (gRPC completes the pending
+            # read empty before it records the cancel): the watchdog's reason is the call's
+            # either way, else the read's own refusal stands.
+            with self._lock:
+                cut = self._watchdogs_reason(context)
+            if cut is None:
+                raise
+            return None, cut
+        with self._lock:
+            cut = self._watchdogs_reason(context)
+            if cut is None:  # the handler's: no watchdog may cancel the call any more
+                self._timed.pop(context, None)
+                self._late.discard(context)
+                self._trusted.pop(context, None)
+                self._stalled.discard(context)
+        return (request if cut is None else None), cut
+
+    def _watchdogs_reason(self, context: grpc.ServicerContext) -> str | None:
+        """Why a watchdog cancelled ``context`` (:data:`_STALLED`, :data:`_LATE`), or None if
+        none did (call under the lock)."""
+        if context not in self._cut:
+            return None
+        return _STALLED if context in self._stalled else _LATE
 
     def _watch_trusted(self) -> None:
         """Starts the watchdog of trusted waits unless it runs or the server stopped.
@@ -710,8 +815,7 @@ class UnaryGuard(HandlerInterceptor):
             now = time.monotonic()
             cancel: list[grpc.ServicerContext] = []
             with self._lock:
-                for identity in [i for i, until in shares.distrusted.items() if until <= now]:
-                    del shares.distrusted[identity]
+                shares.distrust.expire(now)
                 due = [
                     (c, who, cert) for c, (when, who, cert) in self._trusted.items() if now >= when
                 ]
@@ -721,7 +825,7 @@ class UnaryGuard(HandlerInterceptor):
                     # older waits go just before this moment had its stalled ones counted, and
                     # its next ones trusted beyond the bound again, holding twice its bound
                     # for as long as it kept that turn.
-                    shares.distrusted[identity] = now + DISTRUST_SECONDS
+                    shares.distrust.distrust(identity, certificate, now)
                     if not shares.at_bound(identity, certificate):
                         shares.held -= 1  # counted again, in its caller's bound, by hold()
                         shares.hold(identity, certificate)
@@ -743,11 +847,12 @@ class UnaryGuard(HandlerInterceptor):
                 )
                 # Only while it still waits (as the request watchdog does): its message may have
                 # come since (the log line can take long on a slow pipe) and the call, a Watch
-                # now serving its caller, runs on. Its wait's end takes this lock to leave
-                # _stalled, so it cannot end in between.
+                # now serving its caller, runs on. Its handler takes the message under this lock
+                # (_took), leaving _stalled, so the two cannot both go on.
                 with self._lock:
                     if context not in self._stalled:
                         continue
+                    self._cut.add(context)  # the watchdog's, whatever the read returns now
                     stop: Callable[[], object] = context.cancel  # untyped in grpc-stubs
                     stop()
 
@@ -786,12 +891,14 @@ class UnaryGuard(HandlerInterceptor):
                 )
                 # Only while it still waits: its message may have come since (the log line above
                 # can take long on a slow pipe), and the call, a Watch now serving its caller,
-                # runs on. Under the lock its wait's end takes, so it cannot end in between.
+                # runs on. Under the lock its handler takes the message with (_took): a handler
+                # that read it after this cancel refuses the call instead of going on.
                 # (Cancelling only marks the call in gRPC core: its callbacks run on gRPC's
                 # thread later, none under this lock.)
                 with self._lock:
                     if context not in self._late:
                         continue
+                    self._cut.add(context)  # the watchdog's, whatever the read returns now
                     cancel: Callable[[], object] = context.cancel  # untyped in grpc-stubs
                     cancel()
 

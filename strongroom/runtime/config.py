@@ -240,6 +240,10 @@ MIN_STREAM_RATE = 1024
 MAX_STREAM_RATE = 1 << 30
 """The highest: above it, legitimate transfers would be cut on any link."""
 
+MAX_GRACE_SECONDS = 3600.0
+"""The longest ``server.grace_seconds``: a stop lets calls in flight finish for that long, and its
+orchestrator must wait longer still before it kills the process."""
+
 MIN_REQUEST_WAIT_SECONDS = 10.0
 """The least default wait for a data-plane call's request message: a client sends it with the
 call's headers, and the broker's largest (256 KiB) takes 4 s at the stream floor."""
@@ -330,6 +334,13 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.max_workers <= 1024:
             raise ConfigError("server.max_workers must be between 1 and 1024")
+        # Unchecked, a negative or NaN grace reached gRPC's stop at SIGTERM, and a huge one
+        # outlived any orchestrator's wait (bootstrap.stop_seconds), the log's last lines lost.
+        if not 0 <= self.grace_seconds <= MAX_GRACE_SECONDS:
+            raise ConfigError(
+                f"server.grace_seconds must be between 0 and {MAX_GRACE_SECONDS:g}, "
+                f"got {self.grace_seconds}"
+            )
         if self.max_streams_per_identity < 1:
             raise ConfigError("server.max_streams_per_identity must be at least 1")
         if self.max_blocking_streams is not None and not (

@@ -37,8 +37,10 @@ from strongroom.pki import SpiffeAuthorizer, StepCa, WorkloadIdentity
 from strongroom.pki.authz import verified_caller
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.callers import (
+    DISTRUST_SECONDS,
     ROLELESS,
     TRUSTED_WAIT_SECONDS,
+    Distrust,
     WorkerShares,
     certificate_share,
 )
@@ -1248,6 +1250,57 @@ def test_a_caller_whose_trusted_wait_ended_without_its_message_is_trusted_no_mor
     assert settled(lambda: shares.held_now() == 0)
 
 
+def test_a_stalled_wait_distrusts_its_certificate_not_its_fleet_and_rekeying_buys_one_more(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """Distrust after a stalled trusted wait was keyed by SPIFFE ID: every replica of a fleet
+    shares one, so one replica's stall put the whole fleet's health bursts beyond the bound on
+    refuse-at-once for 60 s. It is the certificate's now: another certificate of the identity
+    still has its waits beyond the bound admitted on trust (and answered), the stalled one's are
+    refused at once. A replica renewing onto new serials buys one more moment of trust, no
+    more: the second certificate of an identity to stall distrusts the identity whole, a third
+    certificate included."""
+    running = mesh(
+        max_calls_per_certificate=WHOLE_CAP, max_workers=8, health_request_wait_seconds=60
+    )  # 7 data-plane, 3 per identity
+    shares, guard = running.host.shares, running.host.unary
+    guard._trust_seconds = 3600  # never due: only a wait's own end distrusts here
+    stuck, fellow = running.caller("client"), running.caller("client")  # two replicas
+    hold = stuck.unary_unary(f"/{SERVICE}/Hold", _raw, _raw)
+    held = [hold.future(b"", timeout=60) for _ in range(3)]  # the identity's bound
+    running.slow.wait_entered(3)
+    over = (grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WORKERS_PER_IDENTITY")
+    request = health_pb2.HealthCheckRequest()
+    serving = health_pb2.HealthCheckResponse.SERVING
+    gate = threading.Event()
+    try:
+        (stalled,) = stall_watches(stuck, gate, 1)  # beyond the bound: on trust
+        assert settled(lambda: shares.held_now() == 4)
+        stalled.cancel()  # ended without its message: its certificate is distrusted
+        assert settled(lambda: shares.held_now() == 3)
+        (again,) = stall_watches(stuck, gate, 1)
+        assert refusal(lambda: next(again)) == over
+        # The fleet's other replica: its burst beyond the bound is still admitted, and answered.
+        watches = [health_pb2_grpc.HealthStub(fellow).Watch(request, timeout=60) for _ in range(2)]
+        assert [next(w).status for w in watches] == [serving] * 2
+        for w in watches:
+            w.cancel()
+        assert settled(lambda: shares.held_now() == 3)
+        # Rekeyed, the stuck replica stalls again from the other serial: the identity is
+        # distrusted whole, a fresh certificate's wait beyond the bound refused at once.
+        (second,) = stall_watches(fellow, gate, 1)
+        assert settled(lambda: shares.held_now() == 4)
+        second.cancel()
+        assert settled(lambda: shares.held_now() == 3)
+        (fresh,) = stall_watches(running.caller("client"), gate, 1)
+        assert refusal(lambda: next(fresh)) == over
+    finally:
+        gate.set()
+    running.slow.release.set()
+    assert [f.result(timeout=30) for f in held] == [b"done"] * 3
+    assert settled(lambda: shares.held_now() == 0)
+
+
 def test_a_callers_flood_of_calls_the_watchdog_cancels_writes_its_budget_of_lines(
     mesh: Callable[..., Mesh], monkeypatch: pytest.MonkeyPatch, restore_logging: None
 ) -> None:
@@ -1400,3 +1453,25 @@ def test_a_refusal_after_admission_counts_in_the_bucket_the_call_was_admitted_in
     # Before: (reason, ROLELESS, None).
     assert observed == [(reason, sid("inference"), sid("inference"))]
     assert running.host.unary.running(sid("inference")) == 0
+
+
+def test_distrust_remembers_a_bounded_number_of_certificates() -> None:
+    """The distrust table is per certificate now, and a holder of its service's provisioner
+    mints certificates at will: it keeps MAX_CERTIFICATES_TRACKED entries at most (here 4), the
+    one distrusted longest ago forgotten first, and a certificate forgotten is only trusted
+    again. Expired entries are forgotten; a caller without a certificate of its own (role-less)
+    is distrusted as its identity at once."""
+    distrust, now = Distrust(max_tracked=4), 1000.0
+    identities = [str(sid(f"replica-{n}")) for n in range(3)]
+    for n, identity in enumerate(identities):
+        distrust.distrust(identity, f"{identity} {n:x}", now)
+    assert len(distrust) == 4
+    first, last = identities[0], identities[-1]
+    assert distrust.trusts(first, f"{first} 0", now)  # forgotten: trusted again
+    assert not distrust.trusts(last, f"{last} 2", now)
+    assert distrust.trusts(last, f"{last} ff", now)  # another certificate of its identity
+    distrust.distrust(ROLELESS, None, now)
+    assert not distrust.trusts(ROLELESS, None, now)
+    distrust.expire(now + DISTRUST_SECONDS)
+    assert len(distrust) == 0
+    assert distrust.trusts(last, f"{last} 2", now + DISTRUST_SECONDS)

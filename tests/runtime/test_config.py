@@ -84,6 +84,22 @@ def test_invalid_configuration_is_rejected_with_the_key_named(
     assert info.value.reason == "CONFIG_INVALID"
 
 
+@pytest.mark.parametrize("value", ["-1", ".nan", ".inf", "3601"])
+def test_an_impossible_stop_grace_is_refused(tmp_path: Path, value: str) -> None:
+    """server.grace_seconds was not checked: a negative or NaN grace was loaded and reached
+    gRPC's stop at SIGTERM, and an absurd one outlived any orchestrator's wait."""
+    path = write(tmp_path, BASE + f"server:\n  grace_seconds: {value}\n")
+    with pytest.raises(ConfigError, match=r"server\.grace_seconds must be between 0 and 3600"):
+        load_service_config(path, "modelstore", Section, environ={})
+
+
+@pytest.mark.parametrize("value", [0, 3600])
+def test_a_stop_grace_from_none_to_an_hour_is_taken(tmp_path: Path, value: int) -> None:
+    path = write(tmp_path, BASE + f"server:\n  grace_seconds: {value}\n")
+    common, _ = load_service_config(path, "modelstore", Section, environ={})
+    assert common.server.grace_seconds == value
+
+
 def test_missing_required_key_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"modelstore\.data_dir: required"):
         load_service_config(
