@@ -277,13 +277,21 @@ class _RequestStream:
         wait holds a worker that long for every refused upload of a caller."""
         if not self._ended:
             return None
-        if isinstance(refusal, InvalidArgument) and self._context.is_active():
-            ended = threading.Event()
-            if self._context.add_callback(ended.set):
-                ended.wait(CALL_END_WAIT)
+        if isinstance(refusal, InvalidArgument):
+            _await_end(self._context)
         if gave_up_on(self._context) is not None:
             return self._gave_up()
         return None
+
+
+def _await_end(context: grpc.ServicerContext) -> None:
+    """Waits, at most :data:`CALL_END_WAIT`, for an active call to end: gRPC completes a
+    cancelled call's pending read empty, as if its caller had ended its request stream, and
+    records the cancel after (:meth:`_RequestStream.caller_gave_up`)."""
+    if context.is_active():
+        ended = threading.Event()
+        if context.add_callback(ended.set):
+            ended.wait(CALL_END_WAIT)
 
 
 @contextlib.contextmanager
@@ -648,6 +656,12 @@ class PendingRequest:
         try:
             return next(self._requests)
         except StopIteration:
+            # Read empty: a caller that sent none, or (gRPC's order) one that gave up just now.
+            _await_end(context)
+            if gave_up_on(context) is not None:
+                raise _ended_by_caller(
+                    context, self._method, "its request message was read"
+                ) from None
             raise InvalidArgument(
                 f"{self._method} requires exactly one request message; the caller sent none",
                 reason=Reason.MALFORMED_REQUEST,
