@@ -55,6 +55,7 @@ from strongroom.errors import (
     Cancelled,
     DeadlineExceeded,
     InvalidArgument,
+    ResourceExhausted,
     StrongroomError,
     caused_by_caller,
 )
@@ -154,24 +155,51 @@ async def answer_aio(
 
 class _Malformed:
     """Stands for a request message that did not deserialise (gRPC treats None as a failure), or
-    that its deserialiser refused (``error``: a limit it checks on the wire, before the parse)."""
+    that its deserialiser refused (``error``: a limit it checks on the wire, before the parse), or
+    that is larger than the service's limit (``size``)."""
 
-    __slots__ = ("error", "problem")
+    __slots__ = ("error", "problem", "size")
 
-    def __init__(self, problem: str, error: StrongroomError | None = None) -> None:
+    def __init__(
+        self, problem: str, error: StrongroomError | None = None, size: int | None = None
+    ) -> None:
         self.problem = problem
         self.error = error
+        self.size = size
+
+
+def _too_large(method: str, size: int, limit: int) -> _Malformed:
+    return _Malformed(
+        "message too large",
+        ResourceExhausted(
+            f"{method}: a request message of {size} bytes is larger than the limit of {limit} "
+            "bytes",
+            reason=Reason.MESSAGE_TOO_LARGE,
+        ),
+        size,
+    )
 
 
 def _safe_deserializer(
-    deserialize: Callable[[bytes], Any] | None,
+    deserialize: Callable[[bytes], Any] | None, method: str, max_request: int | None = None
 ) -> Callable[[bytes], Any] | None:
-    if deserialize is None:
-        return None
+    """``deserialize`` answering a marker (:class:`_Malformed`) for a message it cannot or will
+    not parse, refused when the behaviour reads it (authorised and admitted); one over
+    ``max_request`` bytes (the service's limit, of which gRPC enforces only a cap above it:
+    :attr:`~strongroom.runtime.server.MessageLimits.receive_cap`) is refused unparsed, and its
+    bytes are dropped at once."""
+    if max_request is None:
+        if deserialize is None:
+            return None
+        parse = deserialize
+    else:
+        parse = deserialize if deserialize is not None else _as_is
 
     def safe(data: bytes) -> Any:
+        if max_request is not None and len(data) > max_request:
+            return _too_large(method, len(data), max_request)
         try:
-            return deserialize(data)
+            return parse(data)
         except StrongroomError as exc:
             return _Malformed(type(exc).__name__, exc)
         except (DecodeError, UnicodeDecodeError, ValueError) as exc:
@@ -180,9 +208,24 @@ def _safe_deserializer(
     return safe
 
 
+def _as_is(data: bytes) -> bytes:
+    return data
+
+
 def _malformed(
     request: _Malformed, context: grpc.ServicerContext, method: str, detail: str = ""
 ) -> StrongroomError:
+    if request.size is not None and request.error is not None:
+        log.warning(
+            "request message too large",
+            extra={
+                "method": method,
+                "peer": context.peer(),
+                "bytes": request.size,
+                "reason": request.error.reason,
+                REFUSAL_LINE: True,
+            },
+        )
     if request.error is not None:
         return request.error  # the refusal the deserialiser chose (its status, its reason)
     log.warning(
@@ -218,7 +261,7 @@ def _ended_by_caller(context: grpc.ServicerContext, method: str, before: str) ->
         return DeadlineExceeded(f"{method}: the caller's deadline passed before {before}")
     return Cancelled(
         f"{method}: the call ended before {before} (cancelled, or a message refused by gRPC: "
-        "larger than the limit)"
+        "far larger than the limit)"
     )
 
 
@@ -277,13 +320,21 @@ class _RequestStream:
         wait holds a worker that long for every refused upload of a caller."""
         if not self._ended:
             return None
-        if isinstance(refusal, InvalidArgument) and self._context.is_active():
-            ended = threading.Event()
-            if self._context.add_callback(ended.set):
-                ended.wait(CALL_END_WAIT)
+        if isinstance(refusal, InvalidArgument):
+            _await_end(self._context)
         if gave_up_on(self._context) is not None:
             return self._gave_up()
         return None
+
+
+def _await_end(context: grpc.ServicerContext) -> None:
+    """Waits, at most :data:`CALL_END_WAIT`, for an active call to end: gRPC completes a
+    cancelled call's pending read empty, as if its caller had ended its request stream, and
+    records the cancel after (:meth:`_RequestStream.caller_gave_up`)."""
+    if context.is_active():
+        ended = threading.Event()
+        if context.add_callback(ended.set):
+            ended.wait(CALL_END_WAIT)
 
 
 @contextlib.contextmanager
@@ -306,22 +357,36 @@ class ErrorMappingInterceptor(HandlerInterceptor):
     told of the refusals raised before the method's behaviour ran (for methods whose response is
     one message; the request decoding must be in the chain, innermost, to tell when it ran), and
     of the caller's bucket by ``identify`` (the host's: its limits' rule).
+
+    ``max_request``: the largest request message (bytes) of every method; one larger is refused
+    ``RESOURCE_EXHAUSTED`` ``MESSAGE_TOO_LARGE`` unparsed (by the request decoding, after the
+    authoriser and the limits, like a message that does not decode), observed as any refusal
+    before the behaviour. gRPC's own limit must be above it
+    (:attr:`~strongroom.runtime.server.MessageLimits.receive_cap`): a message gRPC refuses ends
+    the call before any of this sees why, and the service took it for a client that cancelled.
     """
 
     def __init__(
         self,
         observers: Mapping[str, RefusalObserver] | None = None,
         identify: Identify = caller_key,
+        *,
+        max_request: int | None = None,
     ) -> None:
         self._observers = dict(observers or {})
         self._identify = identify
+        self._max_request = max_request
 
     def wrap_handler(
         self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> RpcMethodHandler:
         """``handler`` with its exceptions mapped to statuses."""
         return _wrap_handler(
-            handler, details.method, self._observers.get(details.method), self._identify
+            handler,
+            details.method,
+            self._observers.get(details.method),
+            self._identify,
+            self._max_request,
         )
 
 
@@ -345,8 +410,9 @@ def _wrap_handler(
     method: str,
     observer: RefusalObserver | None = None,
     identify: Identify = caller_key,
+    max_request: int | None = None,
 ) -> RpcMethodHandler:
-    # Undecodable messages of a request stream become a marker here (where gRPC deserialises
+    # Undecodable (and oversized) messages of a request stream become a marker here (where gRPC deserialises
     # them) and are refused by RequestDecodingInterceptor, innermost: authorisation and stream
     # limits come first. Unary requests reach this boxed, parsed by that interceptor.
     #
@@ -394,7 +460,7 @@ def _wrap_handler(
         handler,
         unary_result if observer is None else _observed(observer, method, identify),
         stream_result,
-        request_deserializer=_safe_deserializer(handler.request_deserializer),
+        request_deserializer=_safe_deserializer(handler.request_deserializer, method, max_request),
     )
 
 
@@ -466,7 +532,9 @@ def _decoded(
     read (:class:`DeferredRequests`) and parsed, once its caller is authorised and admitted
     (:class:`RequestDecodingInterceptor`). The bytes are referenced from nowhere else once this
     returns."""
-    box: _Received = received.read(context) if isinstance(received, PendingRequest) else received
+    box = received.read(context) if isinstance(received, PendingRequest) else received
+    if isinstance(box, _Malformed):  # refused unparsed: larger than the limit
+        raise _malformed(box, context, method)
     data = box.take()
     try:
         return deserialize(data)
@@ -648,6 +716,12 @@ class PendingRequest:
         try:
             return next(self._requests)
         except StopIteration:
+            # Read empty: a caller that sent none, or (gRPC's order) one that gave up just now.
+            _await_end(context)
+            if gave_up_on(context) is not None:
+                raise _ended_by_caller(
+                    context, self._method, "its request message was read"
+                ) from None
             raise InvalidArgument(
                 f"{self._method} requires exactly one request message; the caller sent none",
                 reason=Reason.MALFORMED_REQUEST,

@@ -72,7 +72,7 @@ class MessageLimits:
     """The largest message a service receives and sends, derived from its API by the service.
 
     gRPC reads a whole request message before any handler (and so before authorisation) runs:
-    the receive limit is what one call from any certified peer can make the server buffer.
+    what one call from any certified peer can make the server buffer is :attr:`receive_cap`.
     """
 
     receive: int
@@ -83,6 +83,25 @@ class MessageLimits:
             value = getattr(self, name)
             if not 1024 <= value < 2**31:
                 raise ValueError(f"message limit {name}={value} outside 1 KiB .. 2 GiB")
+
+    @property
+    def receive_cap(self) -> int:
+        """gRPC's own receive limit: :data:`RECEIVE_CAP_MARGIN` above :attr:`receive`, which the
+        runtime enforces itself (:class:`~strongroom.runtime.interceptors.ErrorMappingInterceptor`).
+
+        A message gRPC refuses never reaches the service: gRPC fails the call toward the client
+        and the handler sees its request stream end as if the client had cancelled, so a
+        ``ReleaseKey`` over the limit was audited ``CANCELLED``. A message within the cap reaches
+        the runtime, which refuses one over the limit ``MESSAGE_TOO_LARGE``; gRPC refuses one over
+        the cap from its length prefix, before buffering any more of it."""
+        return min(self.receive + RECEIVE_CAP_MARGIN, 2**31 - 1)
+
+
+RECEIVE_CAP_MARGIN = 64 * 1024
+"""How far above a service's receive limit gRPC still takes a message, for the runtime to refuse
+it by name: every memory bound written for the limit (the chart's memory floors, the store's
+upload buffers) stays within this of what it says, and a client's message a little too large
+(evidence with more collateral than the limit foresaw, a chunk size a little off) is named."""
 
 
 DEFAULT_MESSAGE_LIMITS = MessageLimits(receive=4 * 1024 * 1024, send=4 * 1024 * 1024)
@@ -154,7 +173,7 @@ class ServiceHost:
         self._check_interval = check_interval
         self.not_ready_reason: str | None = "starting"
         options = [
-            ("grpc.max_receive_message_length", message_limits.receive),
+            ("grpc.max_receive_message_length", message_limits.receive_cap),
             ("grpc.max_send_message_length", message_limits.send),
             ("grpc.so_reuseport", 0),
             *KEEPALIVE_OPTIONS,
@@ -231,7 +250,9 @@ class ServiceHost:
                     [
                         MetricsInterceptor(),
                         *([tracing] if tracing is not None else []),
-                        ErrorMappingInterceptor(refusal_observers, identify),
+                        ErrorMappingInterceptor(
+                            refusal_observers, identify, max_request=message_limits.receive
+                        ),
                         *interceptors,
                         self.streams,
                         self.unary,

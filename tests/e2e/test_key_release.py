@@ -38,12 +38,15 @@ from strongroom.dev.simulated import SimulatedAuthority, SimulatedSnp
 from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.challenge import ChallengeIssuer
 from strongroom.keybroker.refusals import REFUSAL_BURST
+from strongroom.keybroker.service import MESSAGE_LIMITS
 from strongroom.pki import WorkloadIdentity
+from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.callers import ROLELESS
 from strongroom.runtime.config import LoggingConfig
 from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
 from strongroom.runtime.logs import configure_logging
 from strongroom.runtime.secrets import Secret
+from strongroom.wire import append_bytes_field
 from tests.conftest import stack_root
 from tests.keybroker.helpers import bound, data_key_request
 
@@ -664,6 +667,74 @@ def test_a_release_whose_caller_gave_up_before_sending_its_request_is_audited_as
         sent.set()
     assert [(r["decision"], r["reason"]) for r in added] == [("denied", gave_up)]
     assert added[0]["caller"]["spiffe_id"] == world.stack.spiffe_id("inference")
+
+
+def _sized_release(world: World, size: int) -> bytes:
+    """A genuine release request, padded with an unknown field (which protobuf keeps unread) to
+    exactly ``size`` bytes."""
+    body = new_attempt(world).request.SerializeToString()
+    pad = size - len(body) - 1 - 3  # the field's one-byte tag and three-byte length
+    padded = append_bytes_field(body, 15, bytes(pad))
+    assert len(padded) == size
+    return padded
+
+
+def test_a_release_over_the_message_limit_is_refused_for_it_and_audited_so(world: World) -> None:
+    """gRPC refused a ReleaseKey over the broker's 256 KiB limit itself: the caller learnt
+    RESOURCE_EXHAUSTED with no reason, and the broker, which saw the call end before its request
+    was read, audited it DENIED CANCELLED. It is refused by the runtime now, MESSAGE_TOO_LARGE
+    naming the limit, and audited so, naming the caller and nothing of the request."""
+    body = _sized_release(world, MESSAGE_LIMITS.receive + 1)
+    before = len(audit_records(world))
+    err: Any = _raw_release(world, world.inference_id, body)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(err.trailing_metadata() or ())[REASON_TRAILER] == "MESSAGE_TOO_LARGE"
+    assert f"larger than the limit of {MESSAGE_LIMITS.receive} bytes" in err.details()
+    added = audit_records(world)[before:]
+    assert [(r["decision"], r["reason"]) for r in added] == [("denied", "MESSAGE_TOO_LARGE")]
+    assert added[0]["caller"]["spiffe_id"] == world.stack.spiffe_id("inference")
+    assert added[0]["key"]["id"] is None
+
+
+def test_a_release_exactly_at_the_message_limit_is_granted(world: World) -> None:
+    call = world.stack.channel(world.inference_id, "keybroker").unary_unary(
+        RELEASE_KEY,
+        request_serializer=None,
+        response_deserializer=pb.ReleaseKeyResponse.FromString,
+    )
+    before = len(audit_records(world))
+    response = call(_sized_release(world, MESSAGE_LIMITS.receive), timeout=30)
+    added = audit_records(world)[before:]
+    assert [(r["decision"], r["decision_id"]) for r in added] == [("allowed", response.decision_id)]
+
+
+def test_a_flood_of_releases_over_the_message_limit_is_audited_within_the_budget(
+    step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path
+) -> None:
+    """Releases refused MESSAGE_TOO_LARGE are refused before their request is read, so within
+    the caller's budget of such refusals: 64 records one by one, then the first past it, the
+    rest counted (the log still accounts for every one)."""
+    root = stack_root(tmp_path_factory, "oversize-audit", simulated_tee_dir)
+    sent = REFUSAL_BURST + 16
+    with DevStack(root, step_ca_binary=step_ca_binary) as dev:
+        # Its budgets do not refill while the test runs.
+        broker = dev.start_in_process("keybroker", build_args={"monotonic": lambda: 1000.0})
+        release = dev.channel(dev.identity("inference"), "keybroker").unary_unary(
+            RELEASE_KEY,
+            request_serializer=None,
+            response_deserializer=pb.ReleaseKeyResponse.FromString,
+        )
+        body = append_bytes_field(b"", 15, bytes(MESSAGE_LIMITS.receive))
+        for _ in range(sent):
+            with pytest.raises(grpc.RpcError) as info:
+                release(body, timeout=30)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        broker.handle.close()
+        records = read_audit_records(dev.root / "state" / "keybroker" / "audit.log")
+    one_by_one = [r for r in records if r["reason"] == "MESSAGE_TOO_LARGE"]
+    counted = [r for r in records if r["reason"] == "REFUSALS_COUNTED"]
+    assert len(one_by_one) == REFUSAL_BURST + 1  # the budget, then the first past it
+    assert len(one_by_one) + sum(r["claims"]["refusals_unrecorded"] for r in counted) == sent
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -21,6 +22,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.dev.devstack import DevStack
 from strongroom.modelstore.storage import FilesystemStorage
+from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from tests.modelstore.artifacts import chunked, make_artifact
 
 GAVE_UP = ["CANCELLED", "DEADLINE_EXCEEDED"]
@@ -124,3 +126,42 @@ def test_an_upload_its_caller_ended_short_is_still_refused_truncated(
     assert info.value.details().startswith("TRUNCATED")  # type: ignore[attr-defined]
     assert [getattr(r, "reason", None) for r in _failed(caplog, "PutModel")] == ["TRUNCATED"]
     assert [r for r in _storage(stack).records() if r.name == name] == []
+
+
+def test_an_upload_message_over_the_limit_is_refused_for_it_and_stores_nothing(
+    stack: DevStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """gRPC refused an upload message over the store's limit itself, and the store saw its
+    request stream end as if the client had cancelled: its log said CANCELLED, the caller gave up,
+    when the caller had sent a message too large. The runtime refuses it now, RESOURCE_EXHAUSTED
+    MESSAGE_TOO_LARGE naming the limit, logged so, and the partial upload leaves nothing behind."""
+    caplog.set_level(logging.INFO)
+    storage = _storage(stack)
+    limit = stack.services["modelstore"].handle.host.message_limits.receive
+    publisher = pb_grpc.ModelStoreServiceStub(
+        stack.channel(stack.identity("publisher"), "modelstore")
+    )
+    name = "oversize/chunk"
+    parts = chunked(make_artifact(name, "1", os.urandom(1_000_000)), 64 * 1024)
+    oversized = pb.PutModelRequest(data=bytes(limit + 1 - 5))  # tag and length: 5 bytes
+    assert oversized.ByteSize() == limit + 1
+    with pytest.raises(grpc.RpcError) as info:
+        publisher.PutModel(iter([pb.PutModelRequest(data=parts[0]), oversized]), timeout=60)
+    err: Any = info.value
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(err.trailing_metadata() or ())[REASON_TRAILER] == "MESSAGE_TOO_LARGE"
+    assert f"larger than the limit of {limit} bytes" in err.details()
+    assert _wait_for(lambda: bool(_failed(caplog, "PutModel")))
+    (line,) = _failed(caplog, "PutModel")
+    assert (getattr(line, "reason", None), getattr(line, "status", None)) == (
+        "MESSAGE_TOO_LARGE",
+        "RESOURCE_EXHAUSTED",
+    )
+    (warning,) = [r for r in caplog.records if r.getMessage() == "request message too large"]
+    assert getattr(warning, "bytes", None) == limit + 1
+    assert _unexpected(caplog) == []
+    assert _wait_for(lambda: not any((storage.root / "tmp").iterdir()))
+    assert [r for r in storage.records() if r.name == name] == []
+    # The version is not held: the whole artifact is stored now.
+    stored = publisher.PutModel((pb.PutModelRequest(data=p) for p in parts), timeout=60)
+    assert stored.model.name == name
