@@ -238,6 +238,22 @@ def _shown(code: str) -> str:
     return code if _ERROR_NAME.fullmatch(code) else ""
 
 
+def _failure(exc: BaseException) -> str:
+    """What a log line says of a failed S3 call: an answer's error code, HTTP status and
+    operation, else the error's class. Never botocore's text: an answer's message is the object
+    store's (a KMS key's ARN and with it the account, request ids, the bucket's name), and a
+    timeout's or a dropped connection's names the endpoint URL with the bucket and the key; the
+    repr of each went into operators' logs (and whatever collects them) as it was."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = _shown(_code(exc)) or "no error code"
+        return f"{code} (HTTP {_status(exc)}) from {exc.operation_name}"
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return type(exc).__name__
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__} ({exc.strerror or exc.errno})"
+    return f"{type(exc).__name__}: {exc}"  # this store's own (a header that does not parse)
+
+
 def _throttled(code: str, status: int) -> bool:
     return code in _THROTTLE_CODES or status == 429
 
@@ -317,7 +333,7 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
     if isinstance(
         exc, botocore.exceptions.ReadTimeoutError | botocore.exceptions.ConnectTimeoutError
     ):
-        log.error("S3 request timed out while %s: %s", what, exc)
+        log.error("S3 request timed out while %s: %s", what, _failure(exc))
         return StorageUnavailable(
             f"the object store timed out while {what}", reason=Reason.S3_TIMEOUT
         )
@@ -329,11 +345,11 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
         | botocore.exceptions.ResponseStreamingError
         | botocore.exceptions.IncompleteReadError,
     ):
-        log.error("S3 connection failed while %s: %s", what, exc)
+        log.error("S3 connection failed while %s: %s", what, _failure(exc))
         return StorageUnavailable(
             f"the object store is unreachable while {what}", reason=Reason.S3_UNREACHABLE
         )
-    log.error("S3 client error while %s: %r", what, exc)
+    log.error("S3 client error while %s: %s", what, _failure(exc))
     return StorageUnavailable(f"the object store failed while {what}", reason=Reason.S3_ERROR)
 
 
@@ -704,7 +720,9 @@ class _BlobWriter:
                 Bucket=self._bucket, Key=self.key, UploadId=upload_id
             )
         except _S3_FAILURES as exc:
-            log.warning("cannot abort multipart upload of %s now (swept later): %r", self.key, exc)
+            log.warning(
+                "cannot abort multipart upload of %s now (swept later): %s", self.key, _failure(exc)
+            )
 
 
 class S3RangeReader(Closing):
@@ -769,7 +787,7 @@ class S3RangeReader(Closing):
         except _S3_FAILURES as exc:
             raise s3_error(exc, "reading an artifact") from None
         except OSError as exc:
-            log.error("S3 read failed: %r", exc)
+            log.error("S3 read failed: %s", _failure(exc))
             raise StorageUnavailable(
                 "the object store connection broke while reading an artifact",
                 reason=Reason.S3_UNREACHABLE,
@@ -782,7 +800,7 @@ class S3RangeReader(Closing):
             try:
                 body.close()
             except Exception as exc:  # closing a broken stream must not mask the real error
-                log.debug("closing an S3 stream failed: %r", exc)
+                log.debug("closing an S3 stream failed: %s", _failure(exc))
 
 
 class S3Storage(Closing):
@@ -935,7 +953,7 @@ class S3Storage(Closing):
             try:
                 self._delete_object(key, conditional=delete_failure is None and not ignored)
             except _S3_FAILURES as exc:
-                log.warning("cannot delete the probe object %s: %r", key, exc)
+                log.warning("cannot delete the probe object %s: %s", key, _failure(exc))
         if ignored:
             log.error("the object store does not honour conditional writes: %s", ", ".join(ignored))
             raise FailedPrecondition(
@@ -1085,7 +1103,7 @@ class S3Storage(Closing):
         try:
             self._delete_object(self._full(blob))
         except _S3_FAILURES as exc:
-            log.warning("cannot delete blob %s now (a sweep reports it): %r", blob, exc)
+            log.warning("cannot delete blob %s now (a sweep reports it): %s", blob, _failure(exc))
 
     # -- uploads -------------------------------------------------------------------------------
 
@@ -1868,7 +1886,7 @@ class S3Storage(Closing):
             try:
                 self._delete_object(key, etag=str(item["ETag"]) if item.get("ETag") else None)
             except _S3_FAILURES as exc:
-                log.warning("cannot delete the old probe object %s: %r", key, exc)
+                log.warning("cannot delete the old probe object %s: %s", key, _failure(exc))
                 continue
             removed += 1
         if removed:
@@ -1904,7 +1922,7 @@ class S3Storage(Closing):
                     )
                     aborted += 1
                 except _S3_FAILURES as exc:
-                    log.warning("cannot abort upload %s: %r", key, exc)
+                    log.warning("cannot abort upload %s: %s", key, _failure(exc))
         # A record read after the blob listing may name a blob made since (an upload, or a
         # re-wrap, on another replica meanwhile): each such blob is looked up on its own before
         # its model is called missing. Reported from the listing alone, every start during an
@@ -1966,10 +1984,10 @@ class S3Storage(Closing):
         except botocore.exceptions.ClientError as exc:
             if _is_missing(exc):
                 return None
-            log.warning("cannot look up blob %s: %r", blob, exc)
+            log.warning("cannot look up blob %s: %s", blob, _failure(exc))
             return _UNKNOWN
         except _S3_FAILURES as exc:
-            log.warning("cannot look up blob %s: %r", blob, exc)
+            log.warning("cannot look up blob %s: %s", blob, _failure(exc))
             return _UNKNOWN
         stated = response.get("ContentLength")
         if stated is None:
@@ -2010,7 +2028,7 @@ class S3Storage(Closing):
                 IfMatch=entry.etag,
             )
         except (*_S3_FAILURES, InvalidArtifact, ValueError) as exc:
-            log.warning("cannot record the artifact format of %s: %r", where, exc)
+            log.warning("cannot record the artifact format of %s: %s", where, _failure(exc))
             return False
         return True
 
