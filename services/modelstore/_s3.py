@@ -277,10 +277,12 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
     ``S3_ACCESS_DENIED`` (credentials rejected or no permission: an operator must fix it),
     ``S3_CLOCK_SKEW`` (the request's signing time is too far from the server's: fix the clock),
     ``S3_KMS_ERROR`` (the bucket's KMS key refused or failed the object's encryption: a
-    ``KMS.*`` code, such as a disabled key or no ``kms:Decrypt`` for the store),
-    ``S3_NO_SUCH_BUCKET``, ``S3_THROTTLED`` (SlowDown, 429 and the like, after botocore's
-    retries: the request rate), ``S3_SERVER_ERROR`` (5xx after botocore's retries), ``S3_TIMEOUT``,
-    ``S3_UNREACHABLE`` (connection refused or dropped), ``S3_ERROR`` (anything else).
+    ``KMS.*`` code, such as a disabled key or no ``kms:Decrypt`` for the store; one of KMS's
+    passing failures, an internal error or a key store out of reach, says so, not "check the
+    key"), ``S3_NO_SUCH_BUCKET``, ``S3_THROTTLED`` (SlowDown, 429 and the like, after botocore's
+    retries, and KMS's own ``KMS.ThrottlingException``: the request rate), ``S3_SERVER_ERROR``
+    (5xx after botocore's retries), ``S3_TIMEOUT``, ``S3_UNREACHABLE`` (connection refused or
+    dropped), ``S3_ERROR`` (anything else).
     """
     if isinstance(exc, botocore.exceptions.ClientError):
         error = exc.response.get("Error", {})
@@ -297,7 +299,22 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
             )
         if code.startswith(_KMS_CODE_PREFIX):
             # SSE-KMS: the object's key (not the store's credentials, nor the object store) said
-            # no, or failed: a 403 of them was S3_ACCESS_DENIED, a 400 the vague S3_ERROR.
+            # no, or failed: a 403 of them was S3_ACCESS_DENIED, a 400 the vague S3_ERROR. KMS
+            # throttling, or failing for the moment, is not the key's state: told to check it, an
+            # operator went after a key that was fine while the retry would have done.
+            if _throttled(code[len(_KMS_CODE_PREFIX) :], status):
+                return StorageUnavailable(
+                    f"KMS is throttling the requests for the bucket's key while {what} "
+                    f"({_shown(code) or 'a KMS error'}): transient, retry later, or lower the "
+                    "request rate (or raise the account's KMS request quota)",
+                    reason=Reason.S3_THROTTLED,
+                )
+            if code in _KMS_PASSING_CODES:
+                return StorageUnavailable(
+                    f"KMS could not use the bucket's key for the moment while {what} "
+                    f"({_shown(code)}): transient, retry later",
+                    reason=Reason.S3_KMS_ERROR,
+                )
             return StorageUnavailable(
                 f"the object store could not use the bucket's KMS key while {what} "
                 f"({_shown(code) or 'a KMS error'}): "

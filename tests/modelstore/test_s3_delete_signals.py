@@ -1,6 +1,8 @@
-"""What the S3 backend tells operators in its log lines.
+"""What the S3 backend tells operators: its log lines, KMS throttling.
 
-Against the real S3 server (moto's) behind the fault proxy, as ``test_s3``.
+Against the real S3 server (moto's) behind the fault proxy, as ``test_s3``; the error
+classification also at :func:`~strongroom.modelstore._s3.s3_error` with botocore's own error
+shapes.
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import botocore.exceptions
 import pytest
 
 from strongroom.artifact import StructureValidator
+from strongroom.modelstore._s3 import s3_error
 from strongroom.modelstore.storage import S3Storage
 from tests.modelstore import s3server
 from tests.modelstore.artifacts import make_artifact
@@ -56,3 +60,49 @@ def test_a_failed_blob_delete_logs_the_error_code_not_the_object_stores_message(
     (line,) = [r.getMessage() for r in caplog.records if "cannot delete blob" in r.getMessage()]
     assert "AccessDenied (HTTP 403) from DeleteObject" in line
     assert _ARN not in caplog.text and _ACCOUNT not in caplog.text
+
+
+def _client_error(code: str, status: int, operation: str = "GetObject") -> Exception:
+    """The error botocore raises for an S3 answer of ``status`` with error ``code`` (SSE-KMS
+    refusals carry the key's ARN in their message)."""
+    return botocore.exceptions.ClientError(
+        {
+            "Error": {"Code": code, "Message": f"KMS said no about {_ARN}"},
+            "ResponseMetadata": {"HTTPStatusCode": status, "RetryAttempts": 0},
+        },
+        operation,
+    )
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [("KMS.ThrottlingException", 400), ("ThrottlingException", 400), ("SlowDown", 503)],
+)
+def test_kms_throttling_reads_as_throttling_not_as_a_key_to_check(code: str, status: int) -> None:
+    """S3 passes KMS throttling on as KMS.ThrottlingException: it was S3_KMS_ERROR, "check the
+    key's state and the store's kms:Decrypt and kms:GenerateDataKey permissions", so an operator
+    went after a key that was fine. It is S3_THROTTLED (UNAVAILABLE: retried) now, saying
+    throttled and transient, as S3's own throttling is."""
+    error = s3_error(_client_error(code, status), "opening an artifact")
+    assert error.reason == "S3_THROTTLED"
+    assert "throttl" in error.message and "check the key" not in error.message
+    assert _ARN not in error.message
+
+
+@pytest.mark.parametrize(
+    "code",
+    ["KMS.KMSInternalException", "KMS.DependencyTimeoutException", "KMS.KeyUnavailableException"],
+)
+def test_a_passing_kms_failure_says_transient_not_check_the_key(code: str) -> None:
+    """KMS failing for the moment (its own internal error, a custom key store out of reach) is
+    still S3_KMS_ERROR, but reads as transient, not as a key whose state to check."""
+    error = s3_error(_client_error(code, 500), "opening an artifact")
+    assert error.reason == "S3_KMS_ERROR"
+    assert "transient" in error.message and "check the key" not in error.message
+    assert code in error.message
+
+
+def test_a_refusing_kms_key_still_says_check_the_key() -> None:
+    error = s3_error(_client_error("KMS.DisabledException", 400), "opening an artifact")
+    assert error.reason == "S3_KMS_ERROR"
+    assert "check the key's state" in error.message and _ARN not in error.message
