@@ -1350,7 +1350,7 @@ def test_a_delete_whose_blob_head_cannot_be_read_deletes_the_record_and_keeps_th
     assert len(store.blob_sizes()) == 1
     (kept,) = store.blob_sizes()
     assert any(
-        code in r.getMessage() and kept in r.getMessage() and "blob is kept" in r.getMessage()
+        code in r.getMessage() and kept in r.getMessage() and " kept (kms_key)" in r.getMessage()
         for r in caplog.records
     )
     with pytest.raises(grpc.RpcError) as info:
