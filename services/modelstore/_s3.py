@@ -96,6 +96,7 @@ from strongroom.modelstore.records import (
     to_micros,
 )
 from strongroom.reasons import Reason
+from strongroom.runtime.metrics import BLOBS_KEPT
 from strongroom.runtime.secrets import Secret
 
 S3Client = Any
@@ -238,6 +239,22 @@ def _shown(code: str) -> str:
     return code if _ERROR_NAME.fullmatch(code) else ""
 
 
+def _failure(exc: BaseException) -> str:
+    """What a log line says of a failed S3 call: an answer's error code, HTTP status and
+    operation, else the error's class. Never botocore's text: an answer's message is the object
+    store's (a KMS key's ARN and with it the account, request ids, the bucket's name), and a
+    timeout's or a dropped connection's names the endpoint URL with the bucket and the key; the
+    repr of each went into operators' logs (and whatever collects them) as it was."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = _shown(_code(exc)) or "no error code"
+        return f"{code} (HTTP {_status(exc)}) from {exc.operation_name}"
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return type(exc).__name__
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__} ({exc.strerror or exc.errno})"
+    return f"{type(exc).__name__}: {exc}"  # this store's own (a header that does not parse)
+
+
 def _throttled(code: str, status: int) -> bool:
     return code in _THROTTLE_CODES or status == 429
 
@@ -261,10 +278,12 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
     ``S3_ACCESS_DENIED`` (credentials rejected or no permission: an operator must fix it),
     ``S3_CLOCK_SKEW`` (the request's signing time is too far from the server's: fix the clock),
     ``S3_KMS_ERROR`` (the bucket's KMS key refused or failed the object's encryption: a
-    ``KMS.*`` code, such as a disabled key or no ``kms:Decrypt`` for the store),
-    ``S3_NO_SUCH_BUCKET``, ``S3_THROTTLED`` (SlowDown, 429 and the like, after botocore's
-    retries: the request rate), ``S3_SERVER_ERROR`` (5xx after botocore's retries), ``S3_TIMEOUT``,
-    ``S3_UNREACHABLE`` (connection refused or dropped), ``S3_ERROR`` (anything else).
+    ``KMS.*`` code, such as a disabled key or no ``kms:Decrypt`` for the store; one of KMS's
+    passing failures, an internal error or a key store out of reach, says so, not "check the
+    key"), ``S3_NO_SUCH_BUCKET``, ``S3_THROTTLED`` (SlowDown, 429 and the like, after botocore's
+    retries, and KMS's own ``KMS.ThrottlingException``: the request rate), ``S3_SERVER_ERROR``
+    (5xx after botocore's retries), ``S3_TIMEOUT``, ``S3_UNREACHABLE`` (connection refused or
+    dropped), ``S3_ERROR`` (anything else).
     """
     if isinstance(exc, botocore.exceptions.ClientError):
         error = exc.response.get("Error", {})
@@ -281,7 +300,22 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
             )
         if code.startswith(_KMS_CODE_PREFIX):
             # SSE-KMS: the object's key (not the store's credentials, nor the object store) said
-            # no, or failed: a 403 of them was S3_ACCESS_DENIED, a 400 the vague S3_ERROR.
+            # no, or failed: a 403 of them was S3_ACCESS_DENIED, a 400 the vague S3_ERROR. KMS
+            # throttling, or failing for the moment, is not the key's state: told to check it, an
+            # operator went after a key that was fine while the retry would have done.
+            if _throttled(code[len(_KMS_CODE_PREFIX) :], status):
+                return StorageUnavailable(
+                    f"KMS is throttling the requests for the bucket's key while {what} "
+                    f"({_shown(code) or 'a KMS error'}): transient, retry later, or lower the "
+                    "request rate (or raise the account's KMS request quota)",
+                    reason=Reason.S3_THROTTLED,
+                )
+            if code in _KMS_PASSING_CODES:
+                return StorageUnavailable(
+                    f"KMS could not use the bucket's key for the moment while {what} "
+                    f"({_shown(code)}): transient, retry later",
+                    reason=Reason.S3_KMS_ERROR,
+                )
             return StorageUnavailable(
                 f"the object store could not use the bucket's KMS key while {what} "
                 f"({_shown(code) or 'a KMS error'}): "
@@ -317,7 +351,7 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
     if isinstance(
         exc, botocore.exceptions.ReadTimeoutError | botocore.exceptions.ConnectTimeoutError
     ):
-        log.error("S3 request timed out while %s: %s", what, exc)
+        log.error("S3 request timed out while %s: %s", what, _failure(exc))
         return StorageUnavailable(
             f"the object store timed out while {what}", reason=Reason.S3_TIMEOUT
         )
@@ -329,11 +363,11 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
         | botocore.exceptions.ResponseStreamingError
         | botocore.exceptions.IncompleteReadError,
     ):
-        log.error("S3 connection failed while %s: %s", what, exc)
+        log.error("S3 connection failed while %s: %s", what, _failure(exc))
         return StorageUnavailable(
             f"the object store is unreachable while {what}", reason=Reason.S3_UNREACHABLE
         )
-    log.error("S3 client error while %s: %r", what, exc)
+    log.error("S3 client error while %s: %s", what, _failure(exc))
     return StorageUnavailable(f"the object store failed while {what}", reason=Reason.S3_ERROR)
 
 
@@ -570,6 +604,33 @@ def _deleted_during_rewrap(name: str, version: str) -> ModelNotFound:
     return ModelNotFound(f"model {name} version {version} was deleted during the re-wrap")
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _KeptBlob:
+    """Why a deleted record's blob is kept, not deleted with it (:meth:`S3Storage._owns_blob`)."""
+
+    cause: str
+    """The class of cause, the ``cause`` of :data:`BLOBS_KEPT` and of the log line: ``kms_key``,
+    ``access_denied``, ``archived``, ``no_head``, ``refused`` (the head cannot be read),
+    ``header_unparseable``, ``another_model``."""
+    detail: str
+    """What the log line says of it: an error code, HTTP status and operation, never the
+    object store's message (it names the KMS key's ARN), or the header's problem."""
+
+
+def _unreadable_head_cause(exc: botocore.exceptions.ClientError) -> str:
+    """The class of a lasting refusal of a blob's head (:attr:`_KeptBlob.cause`)."""
+    code, status = _code(exc), _status(exc)
+    if code.startswith(_KMS_CODE_PREFIX):
+        return "kms_key"
+    if code == "InvalidObjectState":  # a 403, but about the object (archived), not the caller
+        return "archived"
+    if code in _ACCESS_CODES or status == 403:
+        return "access_denied"
+    if code == "InvalidRange" or status == 416:
+        return "no_head"  # an empty object: no byte 0 to start a range at
+    return "refused"
+
+
 class _Superseded(Exception):
     """The blob looked up is gone because a re-wrap replaced it: look the model up again."""
 
@@ -704,7 +765,9 @@ class _BlobWriter:
                 Bucket=self._bucket, Key=self.key, UploadId=upload_id
             )
         except _S3_FAILURES as exc:
-            log.warning("cannot abort multipart upload of %s now (swept later): %r", self.key, exc)
+            log.warning(
+                "cannot abort multipart upload of %s now (swept later): %s", self.key, _failure(exc)
+            )
 
 
 class S3RangeReader(Closing):
@@ -769,7 +832,7 @@ class S3RangeReader(Closing):
         except _S3_FAILURES as exc:
             raise s3_error(exc, "reading an artifact") from None
         except OSError as exc:
-            log.error("S3 read failed: %r", exc)
+            log.error("S3 read failed: %s", _failure(exc))
             raise StorageUnavailable(
                 "the object store connection broke while reading an artifact",
                 reason=Reason.S3_UNREACHABLE,
@@ -782,7 +845,7 @@ class S3RangeReader(Closing):
             try:
                 body.close()
             except Exception as exc:  # closing a broken stream must not mask the real error
-                log.debug("closing an S3 stream failed: %r", exc)
+                log.debug("closing an S3 stream failed: %s", _failure(exc))
 
 
 class S3Storage(Closing):
@@ -935,7 +998,7 @@ class S3Storage(Closing):
             try:
                 self._delete_object(key, conditional=delete_failure is None and not ignored)
             except _S3_FAILURES as exc:
-                log.warning("cannot delete the probe object %s: %r", key, exc)
+                log.warning("cannot delete the probe object %s: %s", key, _failure(exc))
         if ignored:
             log.error("the object store does not honour conditional writes: %s", ", ".join(ignored))
             raise FailedPrecondition(
@@ -1085,7 +1148,7 @@ class S3Storage(Closing):
         try:
             self._delete_object(self._full(blob))
         except _S3_FAILURES as exc:
-            log.warning("cannot delete blob %s now (a sweep reports it): %r", blob, exc)
+            log.warning("cannot delete blob %s now (a sweep reports it): %s", blob, _failure(exc))
 
     # -- uploads -------------------------------------------------------------------------------
 
@@ -1322,7 +1385,7 @@ class S3Storage(Closing):
 
     # -- deletes -------------------------------------------------------------------------------
 
-    def _owns_blob(self, blob: str, name: str, version: str, header_size: int) -> bool:
+    def _owns_blob(self, blob: str, name: str, version: str, header_size: int) -> bool | _KeptBlob:
         """Whether ``blob`` (the blob key an index entry of ``name`` ``version`` names, whose
         head is ``header_size`` bytes) is its model's own, so that deleting the model may
         delete it.
@@ -1331,18 +1394,18 @@ class S3Storage(Closing):
         another model's blob: deleting (or re-wrapping) the edited model then deleted that other
         model's artifact. The blob's own header names its model, which the upload checked and
         recorded, so the binding is read there (one ranged GET of the head). True: the header
-        names this model. False: it cannot be told (the blob is gone, its head cannot be read or
-        does not parse), or it names another model: the blob is kept, as a crash's leftover is (the sweep
-        reports it, or it is that other model's own), and the record is deleted. Refusing the
-        delete of a record naming another model's blob (BLOB_OF_ANOTHER_MODEL) left it with no
-        way out: a plain delete refused, a corrupt-entry delete refused a readable record, so
-        only an edit of the bucket removed it, where the filesystem backend deletes such a row
-        and keeps the blob another row names.
+        names this model. False: the blob is gone (nothing to delete or keep). A
+        :class:`_KeptBlob`: it cannot be told (its head cannot be read or does not parse), or it
+        names another model: the blob is kept, as a crash's leftover is (the sweep reports it,
+        or it is that other model's own), and the record is deleted. Refusing the delete of a
+        record naming another model's blob (BLOB_OF_ANOTHER_MODEL) left it with no way out: a
+        plain delete refused, a corrupt-entry delete refused a readable record, so only an edit
+        of the bucket removed it, where the filesystem backend deletes such a row and keeps the
+        blob another row names. Nothing is logged here: the record may yet not be deleted (it
+        changed meanwhile), so :meth:`_delete_owned_blob` says what was kept, once, after.
         """
         # A head is at most a prefix, a 64 KiB header and a 2 KiB slot.
         size = min(header_size, MAX_HEAD_SIZE)
-        cause: str | None = None
-        head = b""
         try:
             response = self._client.get_object(
                 Bucket=self.bucket, Key=self._full(blob), Range=f"bytes=0-{size - 1}"
@@ -1357,13 +1420,6 @@ class S3Storage(Closing):
                 return False
             if _code(exc) == "NoSuchBucket" or _passing(exc):
                 raise s3_error(exc, "reading an artifact's header") from None
-            cause = _code(exc) or f"HTTP {_status(exc)}"
-        except (*_S3_FAILURES, OSError) as exc:
-            # Nothing is deleted yet, so the delete fails and its retry deletes both. Taken as a
-            # refusal that lasts, one 503 (or a dropped connection) deleted the record and kept
-            # the blob, which no retry could find again: ciphertext left for good.
-            raise s3_error(exc, "reading an artifact's header") from None
-        if cause is not None:
             # The head will not come until someone acts: the object holds none to read (an
             # empty blob answers a range from byte 0 with 416, an archived one
             # InvalidObjectState), or its KMS key refuses it (disabled, pending deletion, no
@@ -1372,37 +1428,57 @@ class S3Storage(Closing):
             # is the truth, so it is deleted, and the blob, whose owner cannot be told, is kept
             # (a later start's sweep reports it; README, Operating it). A failure a retry may not
             # meet (5xx, throttling) fails the delete instead, above.
-            log.warning(
-                "the head of blob %s of %s %s cannot be read (%s): the blob is kept",
-                blob,
-                name,
-                version,
-                cause,
+            return _KeptBlob(
+                _unreadable_head_cause(exc), f"its head cannot be read: {_failure(exc)}"
             )
-            return False
+        except (*_S3_FAILURES, OSError) as exc:
+            # Nothing is deleted yet, so the delete fails and its retry deletes both. Taken as a
+            # refusal that lasts, one 503 (or a dropped connection) deleted the record and kept
+            # the blob, which no retry could find again: ciphertext left for good.
+            raise s3_error(exc, "reading an artifact's header") from None
         try:
             header = parse_header(head)
         except InvalidArtifact as exc:
-            log.warning(
-                "the header of blob %s of %s %s does not parse (%s): the blob is kept",
-                blob,
-                name,
-                version,
-                exc.reason,
-            )
-            return False
+            return _KeptBlob("header_unparseable", f"its header does not parse ({exc.reason})")
         if (header.model_name, header.model_version) != (name, version):
-            log.error(
-                "index record of %s %s names blob %s, an artifact of %s %s: the record is "
-                "deleted, the blob kept",
-                name,
-                version,
-                blob,
-                header.model_name,
-                header.model_version,
+            return _KeptBlob(
+                "another_model",
+                f"it is an artifact of {header.model_name} {header.model_version} (the index "
+                "record named another model's blob)",
             )
-            return False
         return True
+
+    def _delete_owned_blob(
+        self, blob: str | None, name: str, version: str, owned: bool | _KeptBlob
+    ) -> None:
+        """After the record of ``name`` ``version`` was deleted: deletes its blob if
+        :meth:`_owns_blob` said it is its own; else says, once, that it was kept and why
+        (WARNING, or ERROR for another model's blob, and :data:`BLOBS_KEPT` by cause).
+
+        A blob kept is referenced by no record from then on (unless it is another model's), so a
+        start's sweep reports it as unreferenced only once past ``orphan_grace``: a day, by
+        default, in which nothing said that a delete had left a whole artifact behind."""
+        if blob is None or owned is False:
+            return
+        if owned is True:
+            self._delete_blob(blob)
+            return
+        BLOBS_KEPT.add(1, {"cause": owned.cause})
+        log.log(
+            logging.ERROR if owned.cause == "another_model" else logging.WARNING,
+            "blob %s%s of deleted model %s %s kept (%s): %s; %s",
+            self.prefix,
+            blob,
+            name,
+            version,
+            owned.cause,
+            owned.detail,
+            "it stays that model's"
+            if owned.cause == "another_model"
+            else "no record names it now: a start's sweep reports it as unreferenced once past "
+            "orphan_grace; delete it by hand once accounted for (README, Operating it)",
+            extra={"model": name, "version": version, "blob": blob, "cause": owned.cause},
+        )
 
     def delete(self, name: str, version: str) -> None:
         """Removes the model, then its blob; ModelNotFound if absent.
@@ -1510,19 +1586,6 @@ class S3Storage(Closing):
             raise s3_error(exc, "deleting an index record") from None
         self._unreadable.forget(_logged_as(name, version))
         return held_text(data)
-
-    def _delete_owned_blob(self, blob: str | None, name: str, version: str, owned: bool) -> None:
-        """Deletes a deleted record's blob if :meth:`_owns_blob` said it is its own; else keeps
-        it (logged; the sweep reports it once no record names it)."""
-        if blob is not None and owned:
-            self._delete_blob(blob)
-        elif blob is not None:
-            log.warning(
-                "blob %s of deleted model %s %s kept: its header does not show it is that model's",
-                blob,
-                name,
-                version,
-            )
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -1868,7 +1931,7 @@ class S3Storage(Closing):
             try:
                 self._delete_object(key, etag=str(item["ETag"]) if item.get("ETag") else None)
             except _S3_FAILURES as exc:
-                log.warning("cannot delete the old probe object %s: %r", key, exc)
+                log.warning("cannot delete the old probe object %s: %s", key, _failure(exc))
                 continue
             removed += 1
         if removed:
@@ -1904,7 +1967,7 @@ class S3Storage(Closing):
                     )
                     aborted += 1
                 except _S3_FAILURES as exc:
-                    log.warning("cannot abort upload %s: %r", key, exc)
+                    log.warning("cannot abort upload %s: %s", key, _failure(exc))
         # A record read after the blob listing may name a blob made since (an upload, or a
         # re-wrap, on another replica meanwhile): each such blob is looked up on its own before
         # its model is called missing. Reported from the listing alone, every start during an
@@ -1922,7 +1985,8 @@ class S3Storage(Closing):
         for blob in orphans:
             log.warning(
                 "blob %s%s (%d bytes) is referenced by no index record: left in place, not "
-                "served (a crash's leftover, or a model whose index object was lost)",
+                "served (a crash's leftover, a model whose index object was lost, or a deleted "
+                "model's blob its delete kept, logged then with its cause)",
                 self.prefix,
                 blob,
                 blobs[blob],
@@ -1966,10 +2030,10 @@ class S3Storage(Closing):
         except botocore.exceptions.ClientError as exc:
             if _is_missing(exc):
                 return None
-            log.warning("cannot look up blob %s: %r", blob, exc)
+            log.warning("cannot look up blob %s: %s", blob, _failure(exc))
             return _UNKNOWN
         except _S3_FAILURES as exc:
-            log.warning("cannot look up blob %s: %r", blob, exc)
+            log.warning("cannot look up blob %s: %s", blob, _failure(exc))
             return _UNKNOWN
         stated = response.get("ContentLength")
         if stated is None:
@@ -2010,7 +2074,7 @@ class S3Storage(Closing):
                 IfMatch=entry.etag,
             )
         except (*_S3_FAILURES, InvalidArtifact, ValueError) as exc:
-            log.warning("cannot record the artifact format of %s: %r", where, exc)
+            log.warning("cannot record the artifact format of %s: %s", where, _failure(exc))
             return False
         return True
 

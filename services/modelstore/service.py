@@ -19,6 +19,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
 from strongroom.artifact.format import FORMAT_V3
 from strongroom.errors import (
+    REFUSAL_CALL,
     REFUSAL_LINE,
     FailedPrecondition,
     InvalidArgument,
@@ -49,6 +50,7 @@ from strongroom.modelstore.storage import Storage
 from strongroom.pki.authz import verified_caller
 from strongroom.reasons import Reason
 from strongroom.runtime.callers import caller_key
+from strongroom.runtime.gave_up import GaveUp, gave_up_on
 from strongroom.runtime.grpc_types import HandlerCollector
 from strongroom.runtime.metrics import KEY_SLOTS_REPLACED
 from strongroom.runtime.server import MessageLimits
@@ -361,21 +363,29 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         """
         name, version = validate_name(request.name), validate_version(request.version)
         self._check_read(context, name)
+        ended = _CallEnd(context)
         with self._storage.open(
             name, version, offset=request.offset, length=request.length or None
         ) as reader:
             info = model_info(reader.record)
             offset = reader.offset
             sent_info = False
-            for data in reader.chunks(self._download_chunk):
-                head = pb.GetModelResponse(offset=offset)
+            try:
+                for data in reader.chunks(self._download_chunk):
+                    head = pb.GetModelResponse(offset=offset)
+                    if not sent_info:
+                        head.model.CopyFrom(info)
+                        sent_info = True
+                    message = append_bytes_field(head.SerializeToString(), _DATA_FIELD, data)
+                    offset += len(data)  # before the yield: handed to gRPC, whether or not sent
+                    yield message
                 if not sent_info:
-                    head.model.CopyFrom(info)
-                    sent_info = True
-                yield append_bytes_field(head.SerializeToString(), _DATA_FIELD, data)
-                offset += len(data)
-            if not sent_info:
-                yield pb.GetModelResponse(model=info, offset=offset).SerializeToString()
+                    yield pb.GetModelResponse(model=info, offset=offset).SerializeToString()
+            except GeneratorExit:
+                # gRPC closes the stream's generator at a yield once the call has ended: its
+                # caller gave up (a download stopped half way said nothing, anywhere).
+                _log_abandoned(context, ended, name, version, offset - reader.offset)
+                raise
 
     def StatModel(
         self, request: pb.StatModelRequest, context: grpc.ServicerContext
@@ -532,6 +542,54 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
             1, {"key_id": record.key_id, "outcome": "replaced" if replaced else "unchanged"}
         )
         return pb.ReplaceKeySlotResponse(model=model_info(record), replaced=replaced)
+
+
+class _CallEnd:
+    """How the caller of a call gave up, judged when the call ends, by the runtime's one rule
+    (:func:`~strongroom.runtime.gave_up.gave_up_on`): judged when the handler notices, later, a
+    cancel shortly before the deadline would count as the deadline's."""
+
+    __slots__ = ("_context", "_why", "peer")
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._context = context
+        self._why: GaveUp | None = None
+        self.peer = context.peer()
+        """The caller's address, read while the call lasts (gRPC's is empty once it ended)."""
+        if not context.add_callback(self._end):
+            self._end()  # the call has already ended
+
+    def _end(self) -> None:
+        self._why = gave_up_on(self._context)
+
+    def gave_up(self) -> GaveUp | None:
+        """How the caller gave up: as judged at the call's end, or now if that has not come."""
+        return self._why or gave_up_on(self._context)
+
+
+def _log_abandoned(
+    context: grpc.ServicerContext, ended: _CallEnd, name: str, version: str, sent: int
+) -> None:
+    """Logs, once, a GetModel its caller gave up on (nothing for a stream closed otherwise)."""
+    why = ended.gave_up()
+    if why is None:
+        return
+    log.info(
+        "download stopped: %s",
+        "its caller's deadline passed" if why is GaveUp.DEADLINE else "its call was cancelled",
+        extra={
+            "model": name,
+            "version": version,
+            # Handed to gRPC before the end: the caller may not have received the last of them.
+            "bytes_sent": sent,
+            "peer": ended.peer,
+            "gave_up": why.value,
+            # Its caller chooses how many there are: within its budget of such lines, kept on the
+            # call (the generator may be closed away from the call's own thread).
+            REFUSAL_LINE: True,
+            REFUSAL_CALL: context,
+        },
+    )
 
 
 def _pass_through(message: bytes) -> bytes:

@@ -43,6 +43,11 @@ KEY_SLOTS_REPLACED = _meter.create_counter(
     "strongroom.modelstore.key_slots_replaced",
     description="Stored artifacts whose key slot was replaced (re-wrap), by key and outcome",
 )
+BLOBS_KEPT = _meter.create_counter(
+    "strongroom.modelstore.blobs_kept",
+    description="Blobs a model delete kept (the record deleted, the blob left in the bucket) "
+    "because its head could not show it was that model's, by cause",
+)
 MODEL_LOAD_DURATION = _meter.create_histogram(
     "strongroom.inference.model_load.duration",
     unit="s",

@@ -1170,14 +1170,21 @@ def _stat_refused(
 
 
 @pytest.mark.parametrize(
-    ("status", "code"), [(503, "SlowDown"), (429, "TooManyRequests"), (400, "Throttling")]
+    ("status", "code"),
+    [
+        (503, "SlowDown"),
+        (429, "TooManyRequests"),
+        (400, "Throttling"),
+        (400, "KMS.ThrottlingException"),
+    ],
 )
 def test_throttling_is_named_as_such(
     proxy: s3server.FaultProxy, proxied: Any, status: int, code: str
 ) -> None:
     """S3's 503 SlowDown was S3_SERVER_ERROR, "the object store failed", and another store's 429
     or a 400 Throttling was S3_ERROR: an operator looked for a failing store when the request
-    rate was the matter. All are S3_THROTTLED (UNAVAILABLE), after botocore's own retries."""
+    rate was the matter. All are S3_THROTTLED (UNAVAILABLE), after botocore's own retries; so
+    is KMS throttling an SSE-KMS bucket's key, which was S3_KMS_ERROR, "check the key's state"."""
     store, stub = proxied
     store.put([make_artifact("m", "1", b"abc")], StructureValidator())
     error = _stat_refused(proxy, stub, status, code)
@@ -1343,7 +1350,7 @@ def test_a_delete_whose_blob_head_cannot_be_read_deletes_the_record_and_keeps_th
     assert len(store.blob_sizes()) == 1
     (kept,) = store.blob_sizes()
     assert any(
-        code in r.getMessage() and kept in r.getMessage() and "blob is kept" in r.getMessage()
+        code in r.getMessage() and kept in r.getMessage() and " kept (kms_key)" in r.getMessage()
         for r in caplog.records
     )
     with pytest.raises(grpc.RpcError) as info:

@@ -1,0 +1,97 @@
+"""A GetModel its caller gives up on is logged once, saying how, as the other services do."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
+from strongroom.artifact import StructureValidator
+from tests.modelstore.artifacts import chunked, make_artifact
+from tests.modelstore.conftest import Served
+
+# Far more than gRPC's flow-control windows hold: the stream is still being sent when the
+# caller gives up.
+_SIZE = 16 * 1024 * 1024
+_STOPPED = "download stopped"
+
+
+class _Lines(logging.Handler):
+    """The store's ``download stopped`` lines, as they come (from gRPC's threads)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.arrived = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(_STOPPED):
+            self.records.append(record)
+            self.arrived.set()
+
+
+@pytest.fixture
+def stopped_lines() -> Iterator[_Lines]:
+    logger = logging.getLogger("strongroom.modelstore.service")
+    handler, level = _Lines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _stored(served: Served) -> None:
+    artifact = make_artifact("acme/big", "1", bytes(range(256)) * (_SIZE // 256))
+    served.storage.put(chunked(artifact, 1 << 20), StructureValidator())
+
+
+@pytest.mark.parametrize("how", ["CANCELLED", "DEADLINE_EXCEEDED"])
+def test_an_abandoned_download_is_logged_once_with_what_was_sent(
+    fs_served: Served, stopped_lines: _Lines, how: str
+) -> None:
+    """A GetModel whose caller cancelled it, or whose deadline passed, half way through its
+    artifact logged nothing, anywhere: a loader giving up on a slow store, or a client walking
+    away from downloads, left no trace. It is one INFO line now, with the model, version, the
+    bytes handed to gRPC, the peer and how the caller gave up (the runtime's one rule)."""
+    _stored(fs_served)
+    request = pb.GetModelRequest(name="acme/big", version="1")
+    deadline = 60.0 if how == "CANCELLED" else 2.0
+    started = time.monotonic()
+    call = fs_served.stub.GetModel(request, timeout=deadline)
+    first = next(call)
+    assert first.model.name == "acme/big"
+    if how == "CANCELLED":
+        call.cancel()
+    else:
+        # Read nothing more: gRPC's send waits on flow control until the deadline ends the call.
+        time.sleep(max(0.0, started + deadline + 0.5 - time.monotonic()))
+        with pytest.raises(grpc.RpcError) as info:
+            list(call)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+    assert stopped_lines.arrived.wait(30)
+    time.sleep(0.2)  # a second line, if any, would come from the same close
+    (line,) = stopped_lines.records
+    assert line.levelno == logging.INFO
+    fields = line.__dict__
+    assert (fields["model"], fields["version"], fields["gave_up"]) == ("acme/big", "1", how)
+    assert 0 < fields["bytes_sent"] < _SIZE
+    assert fields["bytes_sent"] % (64 * 1024) == 0  # whole messages handed to gRPC
+    assert str(fields["peer"]).startswith(("ipv4:", "ipv6:"))
+
+
+def test_a_whole_download_logs_no_stop(fs_served: Served, stopped_lines: _Lines) -> None:
+    _stored(fs_served)
+    request = pb.GetModelRequest(name="acme/big", version="1")
+    received = sum(len(r.data) for r in fs_served.stub.GetModel(request, timeout=60))
+    assert received > _SIZE
+    fs_served.channel.close()
+    time.sleep(0.5)
+    assert stopped_lines.records == []

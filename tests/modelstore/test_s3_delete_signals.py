@@ -1,0 +1,215 @@
+"""What the S3 backend tells operators: a delete that keeps its blob, KMS throttling, log lines.
+
+Against the real S3 server (moto's) behind the fault proxy, as ``test_s3``; the error
+classification also at :func:`~strongroom.modelstore._s3.s3_error` with botocore's own error
+shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import botocore.exceptions
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from strongroom.artifact import StructureValidator
+from strongroom.modelstore import _s3
+from strongroom.modelstore._s3 import s3_error
+from strongroom.modelstore.errors import ModelNotFound
+from strongroom.modelstore.storage import S3Storage
+from tests.modelstore import s3server
+from tests.modelstore.artifacts import make_artifact
+from tests.modelstore.conftest import S3_TEST_PART_SIZE
+
+_ARN = "arn:aws:kms:eu-west-1:210987654321:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+_ACCOUNT = "210987654321"
+
+
+def _replica(endpoint: str, bucket: str, **kw: Any) -> S3Storage:
+    client = s3server.client(endpoint, max_attempts=1)
+    return S3Storage(client, bucket, prefix="p/", part_size=S3_TEST_PART_SIZE, **kw)
+
+
+@pytest.fixture
+def proxy(s3_server: s3server.MotoServer) -> Iterator[s3server.FaultProxy]:
+    p = s3server.FaultProxy(s3_server.port)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def kept_metric(monkeypatch: pytest.MonkeyPatch) -> InMemoryMetricReader:
+    """The store's kept-blob counter, read in memory (``raising``: it must exist)."""
+    reader = InMemoryMetricReader()
+    counter = (
+        MeterProvider(metric_readers=[reader])
+        .get_meter("test")
+        .create_counter("strongroom.modelstore.blobs_kept")
+    )
+    monkeypatch.setattr(_s3, "BLOBS_KEPT", counter, raising=True)
+    return reader
+
+
+def _counted(reader: InMemoryMetricReader) -> dict[str, int]:
+    data = reader.get_metrics_data()
+    return {
+        str(dict(point.attributes or {}).get("cause")): int(point.value)  # type: ignore[attr-defined]
+        for resource in (data.resource_metrics if data else [])
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        for point in metric.data.data_points
+    }
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "cause"),
+    [(400, "KMS.DisabledException", "kms_key"), (403, "AccessDenied", "access_denied")],
+)
+def test_a_delete_that_keeps_its_blob_says_so_at_once_and_why(
+    proxy: s3server.FaultProxy,
+    s3_server: s3server.MotoServer,
+    s3_bucket: str,
+    kept_metric: InMemoryMetricReader,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+    code: str,
+    cause: str,
+) -> None:
+    """A delete whose read of the blob's head is refused for good (a disabled KMS key, a 403)
+    deletes the record and keeps the blob. Nothing counted it, and its two WARNINGs said the
+    head "cannot be read (KMS.DisabledException)" before the record was even deleted, then that
+    "its header does not show it is that model's", as if the blob were someone else's: the one
+    signal was a start's sweep a day later, calling it a crash's leftover. Now one line, after
+    the record is gone, names the blob, the cause's class and the error code (never the object
+    store's message, which names the KMS key's ARN), and ``strongroom.modelstore.blobs_kept``
+    counts it by cause; the later sweep reports the same blob, naming a delete as a source."""
+    store = _replica(proxy.endpoint, s3_bucket)
+    store.put([make_artifact("acme/m", "1", b"m" * 300)], StructureValidator())
+    (blob,) = store.blob_sizes()
+    proxy.inject(
+        s3server.Fault(
+            lambda m, p: m == "GET" and "/p/blobs/" in p,
+            status=status,
+            code=code,
+            message=f"The ciphertext refers to a customer master key {_ARN} that is disabled.",
+        )
+    )
+    with caplog.at_level(logging.INFO, logger="strongroom.modelstore._s3"):
+        store.delete("acme/m", "1")
+    proxy.clear()
+    with pytest.raises(ModelNotFound):
+        store.stat("acme/m", "1")
+    assert list(store.blob_sizes()) == [blob]
+    kept = [r for r in caplog.records if "kept" in r.getMessage()]
+    assert len(kept) == 1, [r.getMessage() for r in kept]
+    line = kept[0].getMessage()
+    assert kept[0].levelno == logging.WARNING
+    assert f"p/{blob}" in line and cause in line and code in line and f"HTTP {status}" in line
+    assert "does not show" not in line
+    assert "orphan_grace" in line
+    assert _ARN not in caplog.text and _ACCOUNT not in caplog.text
+    assert _counted(kept_metric) == {cause: 1}
+
+    caplog.clear()
+    later = datetime.now(UTC) + timedelta(days=2)  # the blob is past the grace period
+    with caplog.at_level(logging.WARNING, logger="strongroom.modelstore._s3"):
+        swept = _replica(s3_server.endpoint, s3_bucket, clock=lambda: later)
+    assert swept.last_sweep is not None and swept.last_sweep.orphan_blobs == (blob,)
+    (orphan,) = [
+        r.getMessage() for r in caplog.records if "referenced by no index" in r.getMessage()
+    ]
+    assert "its delete kept" in orphan
+
+
+def test_a_delete_whose_blob_is_already_gone_reports_nothing_kept(
+    s3_server: s3server.MotoServer,
+    s3_bucket: str,
+    kept_metric: InMemoryMetricReader,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A blob found missing by the delete's head read was logged as "kept: its header does not
+    show it is that model's": nothing was kept. Now nothing is said of it, nor counted."""
+    store = _replica(s3_server.endpoint, s3_bucket)
+    store.put([make_artifact("acme/m", "1", b"m" * 300)], StructureValidator())
+    (blob,) = store.blob_sizes()
+    store._client.delete_object(Bucket=s3_bucket, Key=f"p/{blob}")
+    with caplog.at_level(logging.INFO, logger="strongroom.modelstore._s3"):
+        store.delete("acme/m", "1")
+    assert not [r for r in caplog.records if "kept" in r.getMessage()]
+    assert _counted(kept_metric) == {}
+
+
+def test_a_failed_blob_delete_logs_the_error_code_not_the_object_stores_message(
+    proxy: s3server.FaultProxy, s3_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """WARNING lines logged botocore's errors with %r: the object store's message went into
+    operators' logs as it was (a KMS key's ARN and its account, request ids, bucket names).
+    They name the error code, the HTTP status and the operation now."""
+    store = _replica(proxy.endpoint, s3_bucket)
+    store.put([make_artifact("acme/m", "1", b"m" * 300)], StructureValidator())
+    proxy.inject(
+        s3server.Fault(
+            lambda m, p: m == "DELETE" and "/p/blobs/" in p,
+            status=403,
+            code="AccessDenied",
+            message=f"User is not authorized to perform: kms:Decrypt on resource: {_ARN}",
+        )
+    )
+    with caplog.at_level(logging.WARNING, logger="strongroom.modelstore._s3"):
+        store.delete("acme/m", "1")
+    (line,) = [r.getMessage() for r in caplog.records if "cannot delete blob" in r.getMessage()]
+    assert "AccessDenied (HTTP 403) from DeleteObject" in line
+    assert _ARN not in caplog.text and _ACCOUNT not in caplog.text
+
+
+def _client_error(code: str, status: int, operation: str = "GetObject") -> Exception:
+    """The error botocore raises for an S3 answer of ``status`` with error ``code`` (SSE-KMS
+    refusals carry the key's ARN in their message)."""
+    return botocore.exceptions.ClientError(
+        {
+            "Error": {"Code": code, "Message": f"KMS said no about {_ARN}"},
+            "ResponseMetadata": {"HTTPStatusCode": status, "RetryAttempts": 0},
+        },
+        operation,
+    )
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [("KMS.ThrottlingException", 400), ("ThrottlingException", 400), ("SlowDown", 503)],
+)
+def test_kms_throttling_reads_as_throttling_not_as_a_key_to_check(code: str, status: int) -> None:
+    """S3 passes KMS throttling on as KMS.ThrottlingException: it was S3_KMS_ERROR, "check the
+    key's state and the store's kms:Decrypt and kms:GenerateDataKey permissions", so an operator
+    went after a key that was fine. It is S3_THROTTLED (UNAVAILABLE: retried) now, saying
+    throttled and transient, as S3's own throttling is."""
+    error = s3_error(_client_error(code, status), "opening an artifact")
+    assert error.reason == "S3_THROTTLED"
+    assert "throttl" in error.message and "check the key" not in error.message
+    assert _ARN not in error.message
+
+
+@pytest.mark.parametrize(
+    "code",
+    ["KMS.KMSInternalException", "KMS.DependencyTimeoutException", "KMS.KeyUnavailableException"],
+)
+def test_a_passing_kms_failure_says_transient_not_check_the_key(code: str) -> None:
+    """KMS failing for the moment (its own internal error, a custom key store out of reach) is
+    still S3_KMS_ERROR, but reads as transient, not as a key whose state to check."""
+    error = s3_error(_client_error(code, 500), "opening an artifact")
+    assert error.reason == "S3_KMS_ERROR"
+    assert "transient" in error.message and "check the key" not in error.message
+    assert code in error.message
+
+
+def test_a_refusing_kms_key_still_says_check_the_key() -> None:
+    error = s3_error(_client_error("KMS.DisabledException", 400), "opening an artifact")
+    assert error.reason == "S3_KMS_ERROR"
+    assert "check the key's state" in error.message and _ARN not in error.message
