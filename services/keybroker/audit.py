@@ -1445,8 +1445,12 @@ class AuditLog(Closing):
                         f"the sealed audit log {name} was removed while the broker started"
                     ) from None
                 except OSError as exc:
+                    # The file it was about (the head, when it is the link or FIFO), as audit
+                    # verify names it: the log beside it may be a regular file.
+                    failed = exc.filename if isinstance(exc.filename, str) else name
+                    what = name if failed == name else f"{name}'s head {failed}"
                     raise AuditUnavailable(
-                        f"cannot read the sealed audit log {name}: {exc.strerror or exc}"
+                        f"cannot read the sealed audit log {what}: {exc.strerror or exc}"
                     ) from None
                 before, before_name = head, name
         if shipping:
