@@ -128,11 +128,12 @@ record's ``prev`` or, empty, its head's ``last_hash``). So a sealed file edited 
 place, at the same length, away from its ends), truncated, extended, replaced by another log signed
 with the same key, given a forged head, or deleted after an older one that remains, is tampering at
 start (raised by the open, so the broker does not start, as for an active log found tampered with
-there); only the oldest may be missing (retention, as ``audit verify`` says; one deleted while the
-check runs too), or have lost its head or its log alone: being shipped, whichever was deleted
-first (retention too, for ``audit verify`` alike; the broker logs a WARNING naming them, since it
-does not check their records: deleting them is all that is left to do, and all that tampering
-with them could do). A file sealed before heads said its size gets every check but that one.
+there); only the oldest may be missing (retention, as ``audit verify`` says; also when a shipper
+goes on deleting the oldest while the check runs: every file checked so far deleted, or one of its
+two files, leaves the next the oldest), or have lost its head or its log alone: being shipped,
+whichever was deleted first (retention too, for ``audit verify`` alike; the broker logs a WARNING
+naming them, since it does not check their records: deleting them is all that is left to do, and
+all that tampering with them could do). A file sealed before heads said its size gets every check but that one.
 Which names are sealed files, and which are tampering (a sealed name not as a rotation writes it,
 e.g. with leading zeros) or being shipped, is read by :mod:`strongroom.keybroker.audit_names`,
 as ``audit verify`` reads them; a sealed file or head that is a symbolic link is not followed
@@ -1357,9 +1358,13 @@ class AuditLog(Closing):
     def _sealed_head(self, name: str) -> ParsedHead:
         """The head of the sealed log ``name``: signed by this broker and sealed, or tampering."""
         try:
-            raw = self._read_in_dir(name + ".head", FILE_BYTES + 1)
+            return self._sealed_head_if_any(name)
         except FileNotFoundError:
             raise self._tampered(f"the sealed audit log {name} has no head") from None
+
+    def _sealed_head_if_any(self, name: str) -> ParsedHead:
+        """:meth:`_sealed_head`, but FileNotFoundError when there is no head."""
+        raw = self._read_in_dir(name + ".head", FILE_BYTES + 1)
         parsed = self._checked(_parse_own_head, raw, self._public, name + ".head")
         if not parsed.sealed:
             raise self._tampered(f"the head of {name} does not seal it")
@@ -1418,19 +1423,19 @@ class AuditLog(Closing):
             if odd is not None:
                 raise self._tampered(odd)
             shipping = list(listing.shipping)
+            checked: list[str] = []  # since the oldest file still whole when it was checked
             for found in listing.files:
                 base, last, name = found.first, found.last, found.name
                 if name in listing.shipping or not found.has_log:
                     continue  # a head without its log after a whole pair: the gap is reported
-                if before is None and _lstat_in(self._dir_fd, name) is None:
-                    continue  # the oldest, shipped and deleted since the listing (retention)
-                if before is None and _lstat_in(self._dir_fd, name + ".head") is None:
-                    shipping.append(name)  # the same, its head deleted since the listing
+                if self._shipped_meanwhile(checked, name):
+                    shipping.extend(self._left_of([*checked, name]))
+                    before, before_name, checked = None, "", []
                     continue
                 if before is not None and base != before.count:
                     raise self._tampered(self._series_break(before_name, before, name, base))
                 try:
-                    parsed = self._sealed_head(name)
+                    parsed = self._sealed_head_if_any(name)
                     head = parsed.head
                     if (head.base, head.count) != (base, last + 1):
                         raise self._tampered(
@@ -1439,16 +1444,25 @@ class AuditLog(Closing):
                         )
                     self._check_sealed_log(name, parsed, after=before)
                 except FileNotFoundError:
-                    if before is None:
-                        continue  # the same, between the look above and the read
+                    if self._shipped_meanwhile(checked, name):  # the same, since the look above
+                        shipping.extend(self._left_of([*checked, name]))
+                        before, before_name, checked = None, "", []
+                        continue
+                    if _lstat_in(self._dir_fd, name + ".head") is None:
+                        raise self._tampered(f"the sealed audit log {name} has no head") from None
                     raise self._tampered(
                         f"the sealed audit log {name} was removed while the broker started"
                     ) from None
                 except OSError as exc:
+                    # The file it was about (the head, when it is the link or FIFO), as audit
+                    # verify names it: the log beside it may be a regular file.
+                    failed = exc.filename if isinstance(exc.filename, str) else name
+                    what = name if failed == name else f"{name}'s head {failed}"
                     raise AuditUnavailable(
-                        f"cannot read the sealed audit log {name}: {exc.strerror or exc}"
+                        f"cannot read the sealed audit log {what}: {exc.strerror or exc}"
                     ) from None
                 before, before_name = head, name
+                checked.append(name)
         if shipping:
             # One line, however many: a directory may hold any number of such names.
             _log.warning(
@@ -1475,6 +1489,25 @@ class AuditLog(Closing):
                 f"the audit log does not continue the sealed log {before_name}: a file of "
                 "another chain was put in the place of one of them"
             )
+
+    def _shipped_meanwhile(self, checked: list[str], name: str) -> bool:
+        """Whether the sealed log ``name`` has lost its log or head since the directory was
+        listed, and so has every file ``checked`` before it (all of them whole when listed): a
+        shipper deleting the oldest files went on while the start checked them, and ``name`` is
+        now the oldest, being shipped (or gone), as a start listing now would find. Not when an
+        older file is still whole: then ``name`` is missing from the middle (tampering)."""
+        return not any(self._whole(member) for member in [*checked, name])
+
+    def _whole(self, name: str) -> bool:
+        return all(_lstat_in(self._dir_fd, member) is not None for member in (name, name + ".head"))
+
+    def _left_of(self, names: list[str]) -> list[str]:
+        """The sealed logs among ``names`` of which the log or the head is still there."""
+        return [
+            name
+            for name in names
+            if any(_lstat_in(self._dir_fd, member) is not None for member in (name, name + ".head"))
+        ]
 
     @staticmethod
     def _series_break(before_name: str, before: Head, name: str, base: int) -> str:

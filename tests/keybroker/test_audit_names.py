@@ -66,6 +66,16 @@ def _link_out(name: str) -> Odd:
     return odd
 
 
+def _fifo(name: str) -> Odd:
+    """``name`` replaced by a FIFO: opened, it is neither waited on nor read."""
+
+    def odd(directory: Path, _: Path) -> None:
+        (directory / name).unlink()
+        os.mkfifo(directory / name)
+
+    return odd
+
+
 def _link_in(directory: Path, _: Path) -> None:
     os.rename(directory / "audit.log.0-2", directory / "kept")
     (directory / "audit.log.0-2").symlink_to("kept")
@@ -103,7 +113,12 @@ CASES: dict[str, tuple[Odd | None, str, str]] = {
         "9" * 20,
     ),
     "link-out-middle-log": (_link_out("audit.log.3-5"), "unavailable", "audit.log.3-5"),
-    "link-out-middle-head": (_link_out("audit.log.3-5.head"), "unavailable", "audit.log.3-5"),
+    "link-out-middle-head": (
+        _link_out("audit.log.3-5.head"),
+        "unavailable",
+        "audit.log.3-5.head",
+    ),
+    "fifo-middle-head": (_fifo("audit.log.3-5.head"), "unavailable", "audit.log.3-5.head"),
     "link-in-oldest": (_link_in, "unavailable", "audit.log.0-2"),
     "junk-headless-first": (_junk("audit.log.0-0"), "shipping", "audit.log.0-0"),
     "junk-logless-first": (_junk("audit.log.0-1.head"), "shipping", "audit.log.0-1"),

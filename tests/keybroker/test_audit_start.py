@@ -358,6 +358,85 @@ def test_shipping_in_either_order_is_retention_for_the_broker_and_audit_verify_a
     )
 
 
+# (the sealed head whose opening the shipper races, what it has deleted by then, the verdict:
+# the name the WARNING gives as being shipped, or the tamper message's start)
+_SHIPPED_WHILE_CHECKED = {
+    "first-head-before-read": ("audit.log.0-2.head", ["audit.log.0-2.head"], "audit.log.0-2"),
+    "past-checked-head-first": (
+        "audit.log.3-5.head",
+        ["audit.log.0-2", "audit.log.0-2.head", "audit.log.3-5.head"],
+        "audit.log.3-5",
+    ),
+    "past-checked-log-first": (
+        "audit.log.3-5.head",
+        ["audit.log.0-2.head", "audit.log.0-2", "audit.log.3-5"],
+        "audit.log.3-5",
+    ),
+    "past-two-checked": (
+        "audit.log.6-8.head",
+        [
+            "audit.log.0-2",
+            "audit.log.0-2.head",
+            "audit.log.3-5.head",
+            "audit.log.3-5",
+            "audit.log.6-8.head",
+        ],
+        "audit.log.6-8",
+    ),
+    # Not shipping: an older file is still whole, so this is a file deleted from the middle.
+    "middle-head": ("audit.log.3-5.head", ["audit.log.3-5.head"], "the sealed audit log"),
+    "middle-past-a-kept-one": (
+        "audit.log.6-8.head",
+        ["audit.log.0-2", "audit.log.0-2.head", "audit.log.6-8.head"],
+        "the sealed audit log",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_SHIPPED_WHILE_CHECKED))
+def test_shipping_that_goes_on_while_the_start_checks_is_retention(
+    series: Path,
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+) -> None:
+    """The start lists the sealed files once, then checks them oldest first, while a shipper
+    (rclone, a retention job) may go on deleting the oldest pairs. A pair deleted after the
+    start had checked it, then the next file's head or log (or a head between the start's look
+    and its read), left a directory any later start takes as retention (the next file being
+    shipped), yet the start called it tampering (AUDIT_LOG_TAMPERED, with the CRITICAL alert):
+    a false alarm and no broker. It now reads it as a fresh start would; a file gone while an
+    older one is still whole is still a file deleted from the middle."""
+    opened, deleted, verdict = _SHIPPED_WHILE_CHECKED[case]
+    real_open = os.open
+    shipped: list[str] = []
+
+    def open_while_shipping(path: object, *args: object, **kwargs: object) -> int:
+        if path == opened and not shipped:
+            for name in deleted:
+                (series / name).unlink()
+                shipped.append(name)
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", open_while_shipping)
+    if verdict.startswith("audit.log."):
+        with caplog.at_level(logging.WARNING), AuditLog.open(log_path, key) as log:
+            monkeypatch.undo()
+            assert log.append(event(11)).seq == 11
+        assert shipped == deleted
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("being shipped" in w and verdict in w for w in warnings), warnings
+        monkeypatch.undo()
+        assert AuditLog.open(log_path, key).count == 12  # and a start after it agrees
+    else:
+        message = _tampered(log_path, key, caplog)
+        assert shipped == deleted
+        assert message.startswith(verdict), message
+
+
 def test_sealed_files_whose_first_and_last_records_are_near_the_largest_still_open(
     log_path: Path, key: Ed25519PrivateKey
 ) -> None:
