@@ -17,6 +17,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from strongroom.keybroker.service import MESSAGE_LIMITS as BROKER_LIMITS
+from strongroom.modelstore.service import message_limits
 from tests.deploy.conftest import (
     DEPLOY,
     MINIMAL,
@@ -222,9 +224,8 @@ def test_a_memory_limit_that_cannot_hold_the_derived_streams_is_refused(helm: st
     assert "maxBlockingStreams 408 (derived from inference.autoscaling.maxReplicas 200" in (
         result.stderr
     )
-    assert "at least 1722Mi" in result.stderr
-    render(helm, set_args=(*autoscaled, "modelstore.resources.limits.memory=1722Mi"))
-    # The broker likewise: every worker may hold a request of up to 256 KiB.
+    assert f"at least {_least_mib(408, message_limits().receive_cap)}Mi" in result.stderr
+    # The broker likewise: every worker may hold a request of up to its limit's cap.
     result = run_helm_template(
         helm,
         set_args=(
@@ -242,3 +243,39 @@ def test_a_memory_limit_that_cannot_hold_the_derived_streams_is_refused(helm: st
         (DEPLOY / "helm" / "values-production.yaml",),
         ("inference.autoscaling.enabled=true", "inference.autoscaling.maxReplicas=20"),
     )
+
+
+def _least_mib(count: int, per: int) -> int:
+    """The least memory limit (MiB, rounded up) the chart lets hold ``count`` calls of ``per``
+    bytes each beside the process's own 64 MiB."""
+    return -(-(64 * 2**20 + count * per) // 2**20)
+
+
+@pytest.mark.parametrize(
+    ("service", "count", "per", "others"),
+    [
+        # maxReplicas 200: 408 blocking streams per store replica, 419 broker workers.
+        ("modelstore", 408, message_limits().receive_cap, ()),
+        ("keybroker", 419, BROKER_LIMITS.receive_cap, ("modelstore.resources.limits.memory=2Gi",)),
+    ],
+)
+def test_the_memory_floors_count_what_grpc_takes_of_each_message(
+    helm: str, service: str, count: int, per: int, others: tuple[str, ...]
+) -> None:
+    """gRPC takes a request message up to 64 KiB over a service's limit
+    (``MessageLimits.receive_cap``) before the runtime refuses it ``MESSAGE_TOO_LARGE``, so each
+    upload or broker worker can hold that much more than the limit; the chart's floors counted
+    the limit alone (4 MiB + 64 KiB, 256 KiB), and rendered a memory limit a burst of such
+    messages did not fit into. They follow the services' caps: the least limit renders, one MiB
+    less is refused naming it."""
+    autoscaled = ("inference.autoscaling.enabled=true", "inference.autoscaling.maxReplicas=200")
+    least = _least_mib(count, per)
+    result = run_helm_template(
+        helm, set_args=(*autoscaled, *others, f"{service}.resources.limits.memory={least - 1}Mi")
+    )
+    assert result.returncode != 0
+    assert f"{service}.resources.limits.memory ({least - 1}Mi) cannot hold" in result.stderr, (
+        result.stderr
+    )
+    assert f"at least {least}Mi" in result.stderr
+    render(helm, set_args=(*autoscaled, *others, f"{service}.resources.limits.memory={least}Mi"))

@@ -364,14 +364,15 @@ reach (values.yaml, modelstore.server). Refuses what the store would refuse at s
 {{- end -}}
 {{- include "strongroom.checkWorkerShares" (list "modelstore" $workers $reserve $unary $bound) -}}
 {{- /* Every blocking stream may be an upload (each publisher identity has maxStreamsPerIdentity
-too, and only maxBlockingStreams bounds them all), holding its message of up to 4 MiB + 64 KiB
-(README, "Limits": model store message) and, with the s3 backend, the part it buffers
-(storage.part_size, 16 MiB). */ -}}
-{{- $perStream := 4259840 -}}
-{{- $what := "an upload's message of up to 4 MiB + 64 KiB" -}}
+too, and only maxBlockingStreams bounds them all), holding its message of up to what gRPC takes
+before the store refuses it MESSAGE_TOO_LARGE: the store's limit, 4 MiB + 64 KiB, and the 64 KiB
+cap above it (README, "Limits": model store message; MessageLimits.receive_cap), 4 MiB + 128 KiB;
+and, with the s3 backend, the part it buffers (storage.part_size, 16 MiB). */ -}}
+{{- $perStream := 4325376 -}}
+{{- $what := "an upload's message of up to 4 MiB + 128 KiB (the store's limit and gRPC's 64 KiB cap above it)" -}}
 {{- if eq .Values.modelstore.storage.backend "s3" -}}
 {{- $perStream = add $perStream 16777216 -}}
-{{- $what = "an upload's message of up to 4 MiB + 64 KiB and its 16 MiB S3 part" -}}
+{{- $what = "an upload's message of up to 4 MiB + 128 KiB (the store's limit and gRPC's 64 KiB cap above it) and its 16 MiB S3 part" -}}
 {{- end -}}
 {{- include "strongroom.checkConcurrencyMemory" (dict "root" . "service" "modelstore" "count" $blocking "counted" "maxBlockingStreams" "per" $perStream "what" $what "waysOut" "set modelstore.server.maxBlockingStreams lower (at least maxStreamsPerIdentity + 1: the fleet's downloads), or run more model store replicas and set the limits per replica") -}}
 {{- toJson (dict "max_workers" $workers "control_plane_workers" $reserve "max_blocking_streams" $blocking "max_streams_per_identity" $streams "max_unary_calls_per_identity" $unary "max_data_plane_workers_per_identity" $bound) -}}
@@ -393,9 +394,10 @@ message is all that holds a worker), so the bound across kinds follows the unary
 {{- fail (printf "keybroker.server: %d worker threads needed (maxDataPlaneWorkersPerIdentity %d + controlPlaneWorkers %d + 15; derived from %s where not set) but the broker allows at most 1024: set keybroker.server.maxUnaryCallsPerIdentity / maxDataPlaneWorkersPerIdentity lower" $workers $bound $reserve (include "strongroom.inferenceFleetSource" .)) -}}
 {{- end -}}
 {{- include "strongroom.checkWorkerShares" (list "keybroker" $workers $reserve $unary $bound) -}}
-{{- /* Every worker may hold a request of up to the broker's 256 KiB message bound (README,
-"Limits": key broker message). */ -}}
-{{- include "strongroom.checkConcurrencyMemory" (dict "root" . "service" "keybroker" "count" $workers "counted" "maxWorkers" "per" 262144 "what" "a request of up to 256 KiB" "waysOut" "set keybroker.server.maxUnaryCallsPerIdentity / maxDataPlaneWorkersPerIdentity lower") -}}
+{{- /* Every worker may hold a request of up to what gRPC takes before the broker refuses it
+MESSAGE_TOO_LARGE: its 256 KiB message bound and the 64 KiB cap above it (README, "Limits": key
+broker message; MessageLimits.receive_cap). */ -}}
+{{- include "strongroom.checkConcurrencyMemory" (dict "root" . "service" "keybroker" "count" $workers "counted" "maxWorkers" "per" 327680 "what" "a request of up to 320 KiB (the broker's 256 KiB limit and gRPC's 64 KiB cap above it)" "waysOut" "set keybroker.server.maxUnaryCallsPerIdentity / maxDataPlaneWorkersPerIdentity lower") -}}
 {{- $server := dict "max_workers" $workers "control_plane_workers" $reserve "max_unary_calls_per_identity" $unary "max_data_plane_workers_per_identity" $bound -}}
 {{- /* A fleet of inference replicas shares one SPIFFE ID and so the bound: one replica stalling
 its releases held it all and every other replica's release was refused (README, "Limits"). Each
