@@ -1417,6 +1417,55 @@ def test_a_call_a_watchdog_cancelled_is_refused_for_the_watchdogs_reason_however
     assert failed == Counter({reason: 1, "MALFORMED_REQUEST": stalls - 1}), lines
 
 
+@pytest.mark.parametrize("ending", ["cancel", "deadline", "no message"])
+def test_a_unary_call_whose_read_ends_empty_is_refused_for_how_its_caller_ended_it(
+    mesh: Callable[..., Mesh], monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """gRPC completes a cancelled call's pending read empty before it records the cancel: a
+    unary call (a ReleaseKey) whose caller cancelled, or whose deadline passed, before it sent
+    its request was refused MALFORMED_REQUEST at once (and the broker audited it so) whenever
+    the empty read came first (now and then in the e2e release test). The read ends that way
+    every time here: it is refused CANCELLED or DEADLINE_EXCEEDED, as the refusal observer
+    hears, and a caller that really ended its request stream without a message still gets
+    MALFORMED_REQUEST."""
+    real = PendingRequest.__init__
+
+    def init(self: PendingRequest, requests: Iterator[Any], *args: Any) -> None:
+        real(self, _ended_by_its_cancel(requests), *args)
+
+    monkeypatch.setattr(PendingRequest, "__init__", init)
+    heard: list[tuple[str, str]] = []
+    quick = f"/{SERVICE}/Quick"
+    running = mesh(
+        observers={quick: lambda exc, _ctx, _bucket: heard.append((exc.status_name, exc.reason))}
+    )
+    gate = threading.Event()
+    call = running.caller("client").stream_unary(quick, _raw, _raw)
+    try:
+        if ending == "no message":
+            future = call.future(iter(()), timeout=30)
+        else:
+            future = call.future(never_sent(gate), timeout=1 if ending == "deadline" else 30)
+            if ending == "cancel":
+                assert settled(lambda: running.host.shares.held_now() == 1)  # its read waits
+                future.cancel()
+        assert settled(lambda: len(heard) == 1)
+    finally:
+        gate.set()
+    expected = {
+        "cancel": ("CANCELLED", "CANCELLED"),
+        "deadline": ("DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED"),
+        "no message": ("INVALID_ARGUMENT", "MALFORMED_REQUEST"),
+    }[ending]
+    assert heard == [expected]
+    if ending == "no message":
+        assert refusal(lambda: future.result(timeout=30)) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "MALFORMED_REQUEST",
+        )
+    assert settled(lambda: running.host.shares.held_now() == 0)
+
+
 def test_a_refusal_after_admission_counts_in_the_bucket_the_call_was_admitted_in(
     mesh: Callable[..., Mesh],
 ) -> None:
