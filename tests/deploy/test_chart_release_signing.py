@@ -74,7 +74,10 @@ def test_an_upgrade_keeps_the_certificate(
     assert _secret_and_certificate(again) == (secret, cm)
 
 
-@pytest.mark.parametrize("change", ["key rotated", "ends soon", "no annotations", "edited"])
+@pytest.mark.parametrize(
+    "change",
+    ["key rotated", "ends soon", "no annotations", "edited", "appended", "not-after edited"],
+)
 def test_a_certificate_that_no_longer_does_is_made_again(
     helm: str,
     tmp_path: Path,
@@ -84,7 +87,9 @@ def test_a_certificate_that_no_longer_does_is_made_again(
     """Made again over the Secret's key when the Secret holds another key (patched with
     kubectl, as "Rotating the release-signing key" does), when it ends within 60 days, when the
     ConfigMap is the operator's (inference.releaseSigning.publicKeys, since emptied) and when
-    its certificate is not the one the binding names."""
+    someone who may edit the ConfigMap but not the Secret changed it: its certificate replaced,
+    another appended to it (trusted by inference beside the broker's), or its notAfter annotation
+    moved on (which kept the certificate while the binding covered the certificate alone)."""
     secret, cm = installed
     if change == "key rotated":
         new_key = Ed25519PrivateKey.generate().private_bytes(
@@ -98,11 +103,17 @@ def test_a_certificate_that_no_longer_does_is_made_again(
         cm["metadata"]["annotations"][NOT_AFTER] = soon.strftime("%Y-%m-%dT%H:%M:%SZ")
     elif change == "no annotations":
         del cm["metadata"]["annotations"]
+    elif change == "not-after edited":
+        cm["metadata"]["annotations"][NOT_AFTER] = "2999-01-01T00:00:00Z"
     else:
         other = _secret_and_certificate(_render(helm, tmp_path, []))[1]
-        cm["data"] = other["data"]
+        pem = other["data"]["release-signing-keys.pem"]
+        if change == "appended":
+            pem = cm["data"]["release-signing-keys.pem"] + pem
+        cm["data"] = {"release-signing-keys.pem": pem}
     upgraded_secret, upgraded = _secret_and_certificate(_render(helm, tmp_path, [secret, cm]))
     assert upgraded["data"] != cm["data"]
+    assert upgraded["metadata"]["annotations"][NOT_AFTER] != "2999-01-01T00:00:00Z"
     assert _certified_key_id(upgraded) == _key_id(upgraded_secret) == _key_id(secret)
     (trusted,) = load_trusted_keys(
         upgraded["data"]["release-signing-keys.pem"].encode(), source="cm"
@@ -120,4 +131,33 @@ def test_helm_template_makes_a_certificate_at_every_render(helm: str, tmp_path: 
     first = _secret_and_certificate(_render(helm, tmp_path, None))[1]
     second = _secret_and_certificate(_render(helm, tmp_path, None))[1]
     assert first["data"] != second["data"]
-    assert BINDING in first["metadata"]["annotations"]
+    assert NOT_AFTER in first["metadata"]["annotations"]
+
+
+def test_the_binding_is_seen_only_by_those_who_may_read_the_key(
+    installed: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    """The binding is a SHA-256 over the private key: it was an annotation of the ConfigMap,
+    which far more principals read (and write) than the Secret. It is the Secret's now; the
+    ConfigMap says only when its certificate ends."""
+    secret, cm = installed
+    assert set(cm["metadata"]["annotations"]) == {NOT_AFTER}
+    assert len(secret["metadata"]["annotations"][BINDING]) == 64
+
+
+def test_no_binding_without_the_chart_certificate(helm: str, tmp_path: Path) -> None:
+    """With inference.releaseSigning.publicKeys the ConfigMap is the operator's: the chart makes
+    no certificate, and the Secret binds none."""
+    public = tmp_path / "keys.pem"
+    public.write_bytes(
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    result = run_helm_template(
+        helm, set_args=(f"inference.releaseSigning.publicKeys={public.read_text()}",)
+    )
+    assert result.returncode == 0, result.stderr
+    secret, cm = _secret_and_certificate([d for d in yaml.safe_load_all(result.stdout) if d])
+    assert BINDING not in secret["metadata"]["annotations"]
+    assert "annotations" not in cm["metadata"]
