@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from strongroom.attestation.release_certificate import RENEW_WITHIN
 from strongroom.attestation.release_keys import load_trusted_keys
 from strongroom.attestation.release_signature import load_signing_key, signing_key_id
 from tests.deploy.conftest import NAMESPACE, kind, run_helm_template
@@ -56,6 +58,22 @@ def _key_id(secret: dict[str, Any]) -> bytes:
     return signing_key_id(key.public_key())
 
 
+def _binding(secret: dict[str, Any], cm: dict[str, Any]) -> str:
+    """What the chart binds ``cm``'s certificate to ``secret``'s key with (deploy/README.md):
+    SHA-256 of the certificate, its notAfter annotation and the key."""
+    cert = cm["data"]["release-signing-keys.pem"].strip()
+    key = base64.b64decode(secret["data"]["release-signing-key"]).decode()
+    return hashlib.sha256(
+        f"{cert}\n{cm['metadata']['annotations'][NOT_AFTER]}\n{key}".encode()
+    ).hexdigest()
+
+
+def _ending(secret: dict[str, Any], cm: dict[str, Any], not_after: dt.datetime) -> None:
+    """As if the chart had made ``cm``'s certificate to end at ``not_after``."""
+    cm["metadata"]["annotations"][NOT_AFTER] = not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
+    secret["metadata"]["annotations"][BINDING] = _binding(secret, cm)
+
+
 @pytest.fixture
 def installed(helm: str, tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The Secret and the release-signing ConfigMap of an install (nothing live yet)."""
@@ -70,6 +88,17 @@ def test_an_upgrade_keeps_the_certificate(
     that finds it over the Secret's key, ending in more than 60 days, renders it unchanged."""
     secret, cm = installed
     assert _certified_key_id(cm) == _key_id(secret)
+    again = _render(helm, tmp_path, [secret, cm])
+    assert _secret_and_certificate(again) == (secret, cm)
+
+
+def test_the_chart_renews_within_the_bootstrap_s_window(
+    helm: str, tmp_path: Path, installed: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    """The chart's 60 days are compose's (release_certificate.RENEW_WITHIN): a certificate
+    ending a day later than that is kept ("ends soon" above: a day sooner, made again)."""
+    secret, cm = installed
+    _ending(secret, cm, dt.datetime.now(dt.UTC) + RENEW_WITHIN + dt.timedelta(days=1))
     again = _render(helm, tmp_path, [secret, cm])
     assert _secret_and_certificate(again) == (secret, cm)
 
@@ -99,8 +128,7 @@ def test_a_certificate_that_no_longer_does_is_made_again(
         )
         secret["data"]["release-signing-key"] = base64.b64encode(new_key).decode()
     elif change == "ends soon":
-        soon = dt.datetime.now(dt.UTC) + dt.timedelta(days=59)
-        cm["metadata"]["annotations"][NOT_AFTER] = soon.strftime("%Y-%m-%dT%H:%M:%SZ")
+        _ending(secret, cm, dt.datetime.now(dt.UTC) + RENEW_WITHIN - dt.timedelta(days=1))
     elif change == "no annotations":
         del cm["metadata"]["annotations"]
     elif change == "not-after edited":
@@ -142,7 +170,7 @@ def test_the_binding_is_seen_only_by_those_who_may_read_the_key(
     ConfigMap says only when its certificate ends."""
     secret, cm = installed
     assert set(cm["metadata"]["annotations"]) == {NOT_AFTER}
-    assert len(secret["metadata"]["annotations"][BINDING]) == 64
+    assert secret["metadata"]["annotations"][BINDING] == _binding(secret, cm)
 
 
 def test_no_binding_without_the_chart_certificate(helm: str, tmp_path: Path) -> None:
