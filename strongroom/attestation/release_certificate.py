@@ -49,13 +49,15 @@ RENEW_WITHIN = 2 * DEFAULT_WARN_WITHIN
 SUBJECT = "strongroom key broker release-signing key"
 #: The validity of a fresh certificate unless told otherwise.
 DEFAULT_DAYS = 365
+#: The longest validity made: the chart's own 100 years (a date past year 9999 cannot be made).
+MAX_DAYS = 36500
 
 
 def certify(key: Ed25519PrivateKey, *, days: int, now: datetime) -> bytes:
     """A self-signed PEM certificate over ``key``'s public half, valid from :data:`BACKDATE`
     before ``now`` to ``days`` days after ``now``."""
-    if days < 1:
-        raise ValueError(f"a release-signing certificate lasts at least a day, not {days}")
+    if not 1 <= days <= MAX_DAYS:
+        raise ValueError(f"a release-signing certificate lasts 1 to {MAX_DAYS} days, not {days}")
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SUBJECT)])
     certificate = (
         x509.CertificateBuilder()
@@ -119,8 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--days", type=int, default=DEFAULT_DAYS, help="validity of a fresh certificate"
     )
     args = parser.parse_args(argv)
-    if args.days < 1:
-        parser.error("--days must be at least 1")
+    if not 1 <= args.days <= MAX_DAYS:
+        parser.error(f"--days must be 1 to {MAX_DAYS}, not {args.days}")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         ensure(args.key, args.out, days=args.days, now=datetime.now(UTC))

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from strongroom.attestation.release_certificate import (
     BACKDATE,
+    MAX_DAYS,
     RENEW_WITHIN,
     certify,
     ensure,
@@ -43,8 +44,9 @@ def test_a_fresh_certificate_is_backdated_for_clock_skew() -> None:
     assert trusted.refusal(behind) is None
     refused = trusted.refusal(behind - dt.timedelta(seconds=1))
     assert refused is not None and refused.reason == "RELEASE_SIGNING_KEY_NOT_YET_VALID"
-    with pytest.raises(ValueError, match="at least a day"):
-        certify(key, days=0, now=NOW)
+    for days in (0, MAX_DAYS + 1):
+        with pytest.raises(ValueError, match="1 to 36500 days"):
+            certify(key, days=days, now=NOW)
 
 
 def test_a_certificate_is_kept_only_while_it_does() -> None:
@@ -97,10 +99,15 @@ def test_the_command_refuses_what_it_cannot_certify(
     assert main(["--key", str(tmp_path / "missing"), "--out", str(out)]) == 1
     assert "No such file" in capsys.readouterr().err
     assert not out.exists()
-    with pytest.raises(SystemExit):
-        main(["--key", str(bad), "--out", str(out), "--days", "0"])
     good = tmp_path / "key"
     good.write_bytes(_pem(Ed25519PrivateKey.generate()))
+    # A validity past what a date holds (STRONGROOM_RELEASE_SIGNING_CERT_DAYS mistyped) was an
+    # OverflowError's stack trace: now the usage error, as for 0.
+    for days in ("3000000", "1000000000", "0"):
+        with pytest.raises(SystemExit):
+            main(["--key", str(good), "--out", str(out), "--days", days])
+        assert "--days must be 1 to 36500" in capsys.readouterr().err
+        assert not out.exists()
     assert main(["--key", str(good), "--out", str(out), "--days", "7"]) == 0
     (trusted,) = load_trusted_keys(out.read_bytes(), source="t")
     assert trusted.not_after is not None and trusted.not_before is not None
