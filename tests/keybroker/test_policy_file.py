@@ -17,6 +17,7 @@ from strongroom.keybroker.errors import PolicyUnreadable, StoredPolicyInvalid
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.policy_bounds import MAX_POLICY_BYTES
 from strongroom.keybroker.policy_file import read_policy_text
+from strongroom.keybroker.policy_path import MAX_NAMES
 from strongroom.reasons import Reason
 from tests.keybroker.test_policy_store import DOMAIN, document
 
@@ -406,3 +407,55 @@ def test_links_within_the_directory_are_resolved_as_the_kernel_would(
     else:
         assert raised.value.reason == Reason.POLICY_UNREADABLE
         assert answer in raised.value.message
+
+
+def test_a_link_leaving_and_reentering_the_directory_costs_no_lookup_per_reentry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each time a link's spelling came back into the directory (``../policies/``), the resolver
+    worked out the directory's real path again, a lookup of each of its components: a policy
+    linked through 40 links each spelling it 300 times (what whoever writes the directory may
+    plant) took a second of the broker's CPU, its interpreter lock held, at every release. The
+    directory's spellings are worked out once a lookup, however often a link re-enters it."""
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    (directory / "k0.yaml").write_text(document(), encoding="utf-8")
+    (directory / "k1.yaml").symlink_to("../policies/k0.yaml")
+    (directory / "k2.yaml").symlink_to("../policies/" * 300 + "k0.yaml")
+    real_lstat = os.lstat
+    lookups = [0]
+
+    def counting_lstat(path: Any, *, dir_fd: int | None = None) -> os.stat_result:
+        lookups[0] += 1
+        return real_lstat(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "lstat", counting_lstat)
+    counted = []
+    for key_id in ("k1", "k2"):
+        lookups[0] = 0
+        assert _store(directory).get(key_id, judge=False).document == document()
+        counted.append(lookups[0])
+    assert counted[1] == counted[0], counted
+
+
+@pytest.mark.parametrize("spelt", [MAX_NAMES, MAX_NAMES + 1])
+def test_links_spelling_more_names_than_the_bound_are_refused(tmp_path: Path, spelt: int) -> None:
+    """The broker walks a link's names itself, each a step of the interpreter's: links spelling
+    thousands of them (``./`` repeated, ``../policies/`` repeated) made each request's lookup
+    of the policy walk them all, however many. Up to :data:`MAX_NAMES` names are walked, past
+    them the lookup fails as past too many links (POLICY_UNREADABLE)."""
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    (directory / "k0.yaml").write_text(document(), encoding="utf-8")
+    # Two links (a link holds at most 4,095 bytes), each "." and empty names but its last.
+    first = MAX_NAMES // 2
+    (directory / "k1.yaml").symlink_to("." + "/" * (first - 1) + "half")
+    (directory / "half").symlink_to("." + "/" * (spelt - first - 1) + "k0.yaml")
+    policies = _store(directory)
+    if spelt <= MAX_NAMES:
+        assert policies.get("k1", judge=False).document == document()
+        return
+    for look in (functools.partial(policies.get, judge=False), policies.live):
+        with pytest.raises(PolicyUnreadable) as raised:
+            look("k1")
+        assert "Too many levels of symbolic links" in raised.value.message
