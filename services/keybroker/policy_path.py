@@ -69,6 +69,18 @@ class Found:
         self.close()
 
 
+TRIES = 3
+"""How many times a name is looked up when one its links led to is missing (or, read without
+``/proc``, when the file found is gone from its name when reopened). A ConfigMap update
+swaps ``..data`` for a link to a new directory and then removes the one it named: a lookup that
+read ``..data`` before the swap looked in that directory after its removal. The kubelet's updates
+of a mount are seconds apart: a lookup made again finds the new document."""
+
+
+class _Vanished(FileNotFoundError):
+    """A name missing where a link followed led (the lookup is made again)."""
+
+
 def find(directory: str, name: str) -> Found:
     """``name`` (relative) in ``directory``, each link on the way resolved within it.
 
@@ -76,12 +88,19 @@ def find(directory: str, name: str) -> Found:
     ``OSError`` as a lookup fails (``ENOENT`` for a missing file or a dangling link within the
     directory, ``ELOOP`` past :data:`MAX_LINKS` links or :data:`MAX_NAMES` names spelt by them,
     ``ENOTDIR``)."""
-    fds = [os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)]
-    try:
-        return _walk(directory, fds, deque(name.split("/")))
-    except BaseException:
-        _close(fds)
-        raise
+    tries = TRIES
+    while True:
+        tries -= 1
+        fds = [os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)]
+        try:
+            return _walk(directory, fds, deque(name.split("/")))
+        except _Vanished:
+            _close(fds)
+            if not tries:  # a dangling link, not a swap
+                raise
+        except BaseException:
+            _close(fds)
+            raise
 
 
 def _close(fds: list[int]) -> None:
@@ -121,7 +140,12 @@ def _walk(directory: str, fds: list[int], parts: deque[str]) -> Found:
             else:
                 depth -= 1
             continue
-        fd = os.open(part, _LOOKUP, dir_fd=fds[depth - 1])
+        try:
+            fd = os.open(part, _LOOKUP, dir_fd=fds[depth - 1])
+        except FileNotFoundError as exc:
+            if links:
+                raise _Vanished(exc.errno, exc.strerror) from None
+            raise
         fds.insert(depth, fd)
         held = os.fstat(fd)
         if stat.S_ISLNK(held.st_mode):

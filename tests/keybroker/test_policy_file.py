@@ -459,3 +459,55 @@ def test_links_spelling_more_names_than_the_bound_are_refused(tmp_path: Path, sp
         with pytest.raises(PolicyUnreadable) as raised:
             look("k1")
         assert "Too many levels of symbolic links" in raised.value.message
+
+
+@pytest.mark.parametrize("proc", ["/proc", "no /proc"])
+@pytest.mark.parametrize("look", ["get", "live"])
+def test_a_configmap_update_during_a_lookup_gives_the_old_or_the_new_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, look: str, proc: str
+) -> None:
+    """The broker looks a ConfigMap's links up one name at a time: an update made between its
+    reading ``..data`` and its looking in the directory it named (which the kubelet removes
+    right after the swap) failed the lookup, NO_RELEASE_POLICY or POLICY_UNREADABLE for a key
+    whose policy was there all along (after one update in six, the broker reading without
+    pause and the mount updated every millisecond). The update is made before each of the
+    lookup's opens in turn: the answer is the old document or the new one, never an error."""
+    old, new = document(), document().replace('"1"', '"2"')
+    real_open = os.open
+    update_at = [0]  # the open before which the update is made (1-based; 0: none), counted down
+
+    def updating_open(
+        path: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None
+    ) -> int:
+        update_at[0] -= 1
+        if update_at[0] == 0:
+            _configmap(directory, "..2026_12_07_02_05_00.2", {"k1.yaml": new})
+        if proc == "no /proc" and str(path).startswith("/proc/"):
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    def lookup() -> str:
+        policies = _store(directory)  # its own cache: each lookup reads
+        stored = policies.get("k1", judge=False) if look == "get" else policies.live("k1")
+        assert stored is not None
+        return stored.document
+
+    monkeypatch.setattr(os, "open", updating_open)
+    directory = tmp_path / "dry" / "policies"
+    directory.parent.mkdir()
+    _configmap(directory, "..2026_12_07_02_00_00.1", {"k1.yaml": old})
+    update_at[0] = 10_000
+    assert lookup() == old
+    opens = 10_000 - update_at[0]
+    answers = []
+    for at in range(1, opens + 1):
+        directory = tmp_path / f"update-before-open-{at}" / "policies"
+        directory.parent.mkdir()
+        _configmap(directory, "..2026_12_07_02_00_00.1", {"k1.yaml": old})
+        update_at[0] = at
+        try:
+            answers.append(lookup())
+        except StrongroomError as exc:
+            answers.append(f"{exc.reason}: {exc.message}")
+    assert set(answers) <= {old, new}, answers
+    assert new in answers  # an update made before the last open is read
