@@ -92,8 +92,9 @@ def _judge(key_id: str, held: os.stat_result) -> None:
         raise _too_large(key_id)
 
 
-def _open_judged(found: policy_path.Found, key_id: str) -> int:
-    """A descriptor to read the file ``found`` holds, judged regular: that very file."""
+def _open_judged(found: policy_path.Found) -> int | None:
+    """A descriptor to read the file ``found`` holds, judged regular: that very file (None: it is
+    no longer at its name, which is all there is to reopen without ``/proc``)."""
     try:
         # The held file itself, whatever its name now leads to.
         return os.open(f"/proc/self/fd/{found.fd}", _READ)
@@ -103,18 +104,29 @@ def _open_judged(found: policy_path.Found, key_id: str) -> int:
     # it is still the file judged. A FIFO put there meanwhile is opened without waiting
     # (O_NONBLOCK) and refused unread; a device node would be opened (and refused unread), which
     # takes the right to make one in the policy directory (CAP_MKNOD) and this instant.
-    replaced = unreadable(key_id, "it was replaced while it was read; try again")
     try:
         fd = os.open(found.name, _READ | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=found.parent)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:  # by a link
-            raise replaced from None
+        # Replaced by a link, or removed: a ConfigMap update removes the directory it replaced.
+        if exc.errno in (errno.ELOOP, errno.ENOENT):
+            return None
         raise
     now = os.fstat(fd)
     if (now.st_dev, now.st_ino) != (found.held.st_dev, found.held.st_ino):
         os.close(fd)
-        raise replaced
+        return None
     return fd
+
+
+def _open_policy(directory: str, name: str, key_id: str) -> int:
+    """A descriptor to read the policy file ``name`` of ``directory``, judged: the file found."""
+    for _ in range(policy_path.TRIES):
+        with policy_path.find(directory, name) as found:
+            _judge(key_id, found.held)
+            fd = _open_judged(found)
+        if fd is not None:
+            return fd
+    raise unreadable(key_id, "it was replaced while it was read; try again")
 
 
 def _read_at_most(fd: int, limit: int) -> bytes:
@@ -140,9 +152,7 @@ def read_policy_text(path: str, directory: str, key_id: str) -> str:
     :class:`StoredPolicyInvalid` (``POLICY_TOO_LARGE``) past the policy size bound, of which no
     more than the bound and a byte is read."""
     try:
-        with policy_path.find(directory, os.path.basename(path)) as found:
-            _judge(key_id, found.held)
-            fd = _open_judged(found, key_id)
+        fd = _open_policy(directory, os.path.basename(path), key_id)
         try:
             data = _read_at_most(fd, MAX_POLICY_BYTES + 1)  # a file growing meanwhile
         finally:

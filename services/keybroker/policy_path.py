@@ -28,6 +28,12 @@ from types import TracebackType
 MAX_LINKS = 40
 """Links followed in one lookup before it fails ``ELOOP``, the kernel's own bound."""
 
+MAX_NAMES = 4096
+"""Names (path components, ``..`` and empty ones included) the links followed in one lookup may
+spell before it fails ``ELOOP``. Each is a step of this interpreter's, not the kernel's: 40
+links of 4,095 bytes, each leaving the directory and coming back hundreds of times, made every
+lookup of a policy walk 25,000 names (18 ms, its interpreter lock held). A ConfigMap's spell 3."""
+
 _LOOKUP = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -49,8 +55,7 @@ class Found:
 
     def close(self) -> None:
         """Closes the file's and its directories' descriptors."""
-        while self._fds:
-            os.close(self._fds.pop())
+        _close(self._fds)
 
     def __enter__(self) -> Found:
         return self
@@ -64,19 +69,43 @@ class Found:
         self.close()
 
 
+TRIES = 3
+"""How many times a name is looked up when one its links led to is missing (or, read without
+``/proc``, when the file found is gone from its name when reopened). A ConfigMap update
+swaps ``..data`` for a link to a new directory and then removes the one it named: a lookup that
+read ``..data`` before the swap looked in that directory after its removal. The kubelet's updates
+of a mount are seconds apart: a lookup made again finds the new document."""
+
+
+class _Vanished(FileNotFoundError):
+    """A name missing where a link followed led (the lookup is made again)."""
+
+
 def find(directory: str, name: str) -> Found:
     """``name`` (relative) in ``directory``, each link on the way resolved within it.
 
     :class:`LeadsOut` for a link leading out of the directory (its target untouched);
     ``OSError`` as a lookup fails (``ENOENT`` for a missing file or a dangling link within the
-    directory, ``ELOOP`` past :data:`MAX_LINKS` links, ``ENOTDIR``)."""
-    fds = [os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)]
-    try:
-        return _walk(directory, fds, deque(name.split("/")))
-    except BaseException:
-        while fds:
-            os.close(fds.pop())
-        raise
+    directory, ``ELOOP`` past :data:`MAX_LINKS` links or :data:`MAX_NAMES` names spelt by them,
+    ``ENOTDIR``)."""
+    tries = TRIES
+    while True:
+        tries -= 1
+        fds = [os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)]
+        try:
+            return _walk(directory, fds, deque(name.split("/")))
+        except _Vanished:
+            _close(fds)
+            if not tries:  # a dangling link, not a swap
+                raise
+        except BaseException:
+            _close(fds)
+            raise
+
+
+def _close(fds: list[int]) -> None:
+    while fds:
+        os.close(fds.pop())
 
 
 def _walk(directory: str, fds: list[int], parts: deque[str]) -> Found:
@@ -84,24 +113,39 @@ def _walk(directory: str, fds: list[int], parts: deque[str]) -> Found:
     # current one last, so that ".." is the previous one, not a lookup; the rest (links, and
     # directories left) wait to be closed with the file found.
     depth = 1
-    outside: str | None = None  # where a link's spelling has led, out of the directory
-    links = 0
+    # Where a link's spelling has led out of the directory, by its components (None: within).
+    # Components, not a path normalised at each one: a link's target of thousands of them,
+    # leaving and re-entering, cost a path's length per component, and the directory's real path
+    # (a lookup of each of its own components) at each re-entry: a second a policy per request.
+    outside: list[str] | None = None
+    home: _Home | None = None  # worked out once, at the first link leaving the directory
+    links = names = 0
     while parts:
         part = parts.popleft()
         if part in ("", "."):
             continue
         if outside is not None:
-            outside = os.path.normpath(os.path.join(outside, part))
-            if outside in _spellings(directory):
+            if part != "..":
+                outside.append(part)
+            elif outside:
+                outside.pop()  # "/.." is "/"
+            assert home is not None
+            if home.named_by(outside):
                 outside, depth = None, 1
             continue
         if part == "..":
             if depth == 1:
-                outside = os.path.dirname(os.path.realpath(directory))
+                home = home or _Home(directory)
+                outside = list(home.real[:-1])
             else:
                 depth -= 1
             continue
-        fd = os.open(part, _LOOKUP, dir_fd=fds[depth - 1])
+        try:
+            fd = os.open(part, _LOOKUP, dir_fd=fds[depth - 1])
+        except FileNotFoundError as exc:
+            if links:
+                raise _Vanished(exc.errno, exc.strerror) from None
+            raise
         fds.insert(depth, fd)
         held = os.fstat(fd)
         if stat.S_ISLNK(held.st_mode):
@@ -109,8 +153,12 @@ def _walk(directory: str, fds: list[int], parts: deque[str]) -> Found:
             if links > MAX_LINKS:
                 raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
             target = os.readlink("", dir_fd=fd)  # the link held, not its name looked up again
+            names += target.count("/") + 1
+            if names > MAX_NAMES:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
             if target.startswith("/"):
-                outside = "/"
+                home = home or _Home(directory)
+                outside = []
             parts.extendleft(reversed(target.split("/")))
         elif stat.S_ISDIR(held.st_mode):
             depth += 1
@@ -124,6 +172,19 @@ def _walk(directory: str, fds: list[int], parts: deque[str]) -> Found:
     return Found(fds[depth - 1], os.fstat(fds[depth - 1]), fds[max(depth - 2, 0)], ".", fds)
 
 
-def _spellings(directory: str) -> tuple[str, str]:
-    """The paths that name the policy directory: its real path and the one it is configured as."""
-    return os.path.realpath(directory), os.path.abspath(directory)
+class _Home:
+    """The paths that name the policy directory, as components: its real path and the one it is
+    configured as."""
+
+    def __init__(self, directory: str) -> None:
+        self.real = _components(os.path.realpath(directory))
+        self._spellings = {self.real, _components(os.path.abspath(directory))}
+        self._lengths = {len(spelling) for spelling in self._spellings}
+
+    def named_by(self, components: list[str]) -> bool:
+        """Whether ``components`` (from the root) name the policy directory."""
+        return len(components) in self._lengths and tuple(components) in self._spellings
+
+
+def _components(path: str) -> tuple[str, ...]:
+    return tuple(part for part in path.split("/") if part)

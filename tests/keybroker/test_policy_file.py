@@ -17,6 +17,7 @@ from strongroom.keybroker.errors import PolicyUnreadable, StoredPolicyInvalid
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.policy_bounds import MAX_POLICY_BYTES
 from strongroom.keybroker.policy_file import read_policy_text
+from strongroom.keybroker.policy_path import MAX_NAMES
 from strongroom.reasons import Reason
 from tests.keybroker.test_policy_store import DOMAIN, document
 
@@ -406,3 +407,107 @@ def test_links_within_the_directory_are_resolved_as_the_kernel_would(
     else:
         assert raised.value.reason == Reason.POLICY_UNREADABLE
         assert answer in raised.value.message
+
+
+def test_a_link_leaving_and_reentering_the_directory_costs_no_lookup_per_reentry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each time a link's spelling came back into the directory (``../policies/``), the resolver
+    worked out the directory's real path again, a lookup of each of its components: a policy
+    linked through 40 links each spelling it 300 times (what whoever writes the directory may
+    plant) took a second of the broker's CPU, its interpreter lock held, at every release. The
+    directory's spellings are worked out once a lookup, however often a link re-enters it."""
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    (directory / "k0.yaml").write_text(document(), encoding="utf-8")
+    (directory / "k1.yaml").symlink_to("../policies/k0.yaml")
+    (directory / "k2.yaml").symlink_to("../policies/" * 300 + "k0.yaml")
+    real_lstat = os.lstat
+    lookups = [0]
+
+    def counting_lstat(path: Any, *, dir_fd: int | None = None) -> os.stat_result:
+        lookups[0] += 1
+        return real_lstat(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "lstat", counting_lstat)
+    counted = []
+    for key_id in ("k1", "k2"):
+        lookups[0] = 0
+        assert _store(directory).get(key_id, judge=False).document == document()
+        counted.append(lookups[0])
+    assert counted[1] == counted[0], counted
+
+
+@pytest.mark.parametrize("spelt", [MAX_NAMES, MAX_NAMES + 1])
+def test_links_spelling_more_names_than_the_bound_are_refused(tmp_path: Path, spelt: int) -> None:
+    """The broker walks a link's names itself, each a step of the interpreter's: links spelling
+    thousands of them (``./`` repeated, ``../policies/`` repeated) made each request's lookup
+    of the policy walk them all, however many. Up to :data:`MAX_NAMES` names are walked, past
+    them the lookup fails as past too many links (POLICY_UNREADABLE)."""
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    (directory / "k0.yaml").write_text(document(), encoding="utf-8")
+    # Two links (a link holds at most 4,095 bytes), each "." and empty names but its last.
+    first = MAX_NAMES // 2
+    (directory / "k1.yaml").symlink_to("." + "/" * (first - 1) + "half")
+    (directory / "half").symlink_to("." + "/" * (spelt - first - 1) + "k0.yaml")
+    policies = _store(directory)
+    if spelt <= MAX_NAMES:
+        assert policies.get("k1", judge=False).document == document()
+        return
+    for look in (functools.partial(policies.get, judge=False), policies.live):
+        with pytest.raises(PolicyUnreadable) as raised:
+            look("k1")
+        assert "Too many levels of symbolic links" in raised.value.message
+
+
+@pytest.mark.parametrize("proc", ["/proc", "no /proc"])
+@pytest.mark.parametrize("look", ["get", "live"])
+def test_a_configmap_update_during_a_lookup_gives_the_old_or_the_new_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, look: str, proc: str
+) -> None:
+    """The broker looks a ConfigMap's links up one name at a time: an update made between its
+    reading ``..data`` and its looking in the directory it named (which the kubelet removes
+    right after the swap) failed the lookup, NO_RELEASE_POLICY or POLICY_UNREADABLE for a key
+    whose policy was there all along (after one update in six, the broker reading without
+    pause and the mount updated every millisecond). The update is made before each of the
+    lookup's opens in turn: the answer is the old document or the new one, never an error."""
+    old, new = document(), document().replace('"1"', '"2"')
+    real_open = os.open
+    update_at = [0]  # the open before which the update is made (1-based; 0: none), counted down
+
+    def updating_open(
+        path: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None
+    ) -> int:
+        update_at[0] -= 1
+        if update_at[0] == 0:
+            _configmap(directory, "..2026_12_07_02_05_00.2", {"k1.yaml": new})
+        if proc == "no /proc" and str(path).startswith("/proc/"):
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    def lookup() -> str:
+        policies = _store(directory)  # its own cache: each lookup reads
+        stored = policies.get("k1", judge=False) if look == "get" else policies.live("k1")
+        assert stored is not None
+        return stored.document
+
+    monkeypatch.setattr(os, "open", updating_open)
+    directory = tmp_path / "dry" / "policies"
+    directory.parent.mkdir()
+    _configmap(directory, "..2026_12_07_02_00_00.1", {"k1.yaml": old})
+    update_at[0] = 10_000
+    assert lookup() == old
+    opens = 10_000 - update_at[0]
+    answers = []
+    for at in range(1, opens + 1):
+        directory = tmp_path / f"update-before-open-{at}" / "policies"
+        directory.parent.mkdir()
+        _configmap(directory, "..2026_12_07_02_00_00.1", {"k1.yaml": old})
+        update_at[0] = at
+        try:
+            answers.append(lookup())
+        except StrongroomError as exc:
+            answers.append(f"{exc.reason}: {exc.message}")
+    assert set(answers) <= {old, new}, answers
+    assert new in answers  # an update made before the last open is read
