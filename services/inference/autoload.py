@@ -36,7 +36,8 @@ A failure is logged in full (ERROR, or WARNING for a transient one, with the pee
 most once every :data:`~strongroom.inference.models.REPEAT_LOG_SECONDS` (an hour) for each of
 its reasons, with the failures of that reason not logged since; each retry is counted in the
 ``strongroom.inference.model_load.retries`` metric by model, reason and schedule, and the
-version's failure stays listed (ModelReady, ModelMetadata, readiness) with its reason meanwhile.
+version's failure stays listed (ModelReady, ModelMetadata, readiness) with its reason meanwhile,
+its retry's load included (ModelMetadata: "loading again after its last load failed (REASON)").
 """
 
 from __future__ import annotations

@@ -8,13 +8,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from strongroom.api.inference.v1 import model_control_pb2 as control_pb
 from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
+from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
+from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.artifact.stream import BufferedStreamDecryptor
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
+from strongroom.inference.models import ModelState
 from tests.e2e.stalling import StallOnce
 from tests.e2e.test_configured_retries import _failed_with, _publish, _start
 from tests.e2e.test_resilience import wait_until
@@ -114,3 +118,37 @@ def test_an_operators_load_beside_a_retrys_holds_one_plaintext_buffer_at_most(
     assert inference.repository.is_ready("twice", "1")
     assert buffers.allocated == 2  # the retry's load, then the LoadModel's own
     assert buffers.most == 1
+
+
+def test_a_retry_under_way_still_shows_the_failure_it_retries(
+    stack: DevStack, model_path: Path, stopped: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a configured model's retry was loading it, ModelMetadata said only that it was
+    still loading: the failure being retried (here: not yet published) could not be seen."""
+    stack.create_release_key(stack.identity("admin"), "watched", policy_version="1")
+    storage = stack.services["modelstore"].handle.storage
+    stall = StallOnce(storage, "1")
+    monkeypatch.setattr(storage, "open", stall)
+    inference = _start(stack, "watched")
+    oip = oip_grpc.GRPCInferenceServiceStub(stack.channel(stack.identity("client"), "inference"))
+    inference.load_configured_models()
+    try:
+        assert wait_until(lambda: _failed_with(inference, "watched") == "MODEL_NOT_FOUND", 30)
+        _publish(stack, model_path, "watched", "watched")
+        assert stall.stalled.wait(30)  # the retry is loading it
+        assert inference.repository.version_state("watched", "1") is ModelState.LOADING
+        for version in ("", "1"):
+            with pytest.raises(grpc.RpcError) as info:
+                oip.ModelMetadata(
+                    oip_pb.ModelMetadataRequest(name="watched", version=version), timeout=30
+                )
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "loading again after its last load failed (MODEL_NOT_FOUND)" in str(
+                info.value.details()
+            )
+        ready = oip.ModelReady(oip_pb.ModelReadyRequest(name="watched"), timeout=30)
+        assert not ready.ready
+    finally:
+        stall.go_on.set()
+    assert wait_until(lambda: inference.repository.is_ready("watched", "1"), 30)
+    oip.ModelMetadata(oip_pb.ModelMetadataRequest(name="watched"), timeout=30)
