@@ -101,8 +101,8 @@ def test_an_operators_load_beside_a_retrys_holds_one_plaintext_buffer_at_most(
         try:
             assert wait_until(lambda: _failed_with(inference, "twice") == "MODEL_NOT_FOUND", 30)
             _publish(stack, model_path, "twice", "twice")
-            assert stall.stalled.wait(30)  # the retry holds its buffer, downloading
-            assert buffers.live == 1
+            assert stall.stalled.wait(30)  # the store has sent all but the artifact's end
+            assert wait_until(lambda: buffers.live == 1, 30)  # the retry holds its buffer
             answer: Future[Any] = pool.submit(
                 control.LoadModel,
                 control_pb.LoadModelRequest(name="twice", version="1"),
