@@ -25,18 +25,25 @@ own:
   recorded as ``ALLOWED`` (never budgeted), before this server refused the answer. ``0`` for
   ``failed_load_retry_seconds`` retries no slow failure (what the server did before).
 
-The retries of a version end when it loads, when an operator unloads it (or loads it: the
-failure the retry waits for is gone; see :meth:`ModelLoader.load`'s ``retry_of``), when a
-version of the model that the configuration does not list serves it (an operator loaded it
-instead: a retry succeeding later made the configured version the default again), or when the
-server stops. A new configuration is a new server (the service reads it at start), so retries
+The retries of a version end when it loads (its retry's load, or an operator's LoadModel), when
+an operator unloads it, when a version of the model that the configuration does not list serves
+it (an operator loaded it instead: a retry succeeding later made the configured version the
+default again), or when the server stops. An operator's LoadModel of it that fails does not end
+them: the configuration still lists the version and the server is not ready without it (a
+LoadModel refused for a moment, UNAVAILABLE, would otherwise leave it unloaded for good). A retry
+that finds such a load under way looks again ``soon_initial`` later rather than wait for it (this
+one thread runs every configured model's retries); one that came just as it began waits for the
+model's lock behind it, and goes on only if it failed (:meth:`ModelLoader.load`'s ``retry_of``).
+Loads of one model, whatever their versions, run one at a time (the loader's lock per model), so
+a LoadModel beside a retry holds no plaintext buffer of the model while the retry's load does. A new configuration is a new server (the service reads it at start), so retries
 of a model the new one no longer lists end with the old one.
 
 A failure is logged in full (ERROR, or WARNING for a transient one, with the peer's message) at
 most once every :data:`~strongroom.inference.models.REPEAT_LOG_SECONDS` (an hour) for each of
 its reasons, with the failures of that reason not logged since; each retry is counted in the
 ``strongroom.inference.model_load.retries`` metric by model, reason and schedule, and the
-version's failure stays listed (ModelReady, ModelMetadata, readiness) with its reason meanwhile.
+version's failure stays listed (ModelReady, ModelMetadata, readiness) with its reason meanwhile,
+its retry's load included (ModelMetadata: "loading again after its last load failed (REASON)").
 """
 
 from __future__ import annotations
@@ -193,6 +200,8 @@ class ConfiguredLoads:
     def _attempt(self, version: _Version) -> bool:
         """Tries ``version`` once; whether it is to be tried again."""
         ref = version.ref
+        if version.tried and self._loading_elsewhere(ref):
+            return self._postponed(version)
         if version.tried and not self._still_failed(ref)():
             log.info(
                 "model %s was unloaded or loaded (or another version of it) meanwhile: no "
@@ -267,13 +276,30 @@ class ConfiguredLoads:
         )
         return True
 
+    def _loading_elsewhere(self, ref: ModelRef) -> bool:
+        """Whether another load of ``ref`` (an operator's LoadModel) is under way now."""
+        return self._repository.version_state(ref.name, ref.version) is ModelState.LOADING
+
+    def _postponed(self, version: _Version) -> bool:
+        """Looks at ``version`` again soon, without an attempt: another load of it is under way,
+        whose outcome decides whether the retry goes on (it failed) or ends (it loaded). Not
+        waited for here: this one thread runs every configured model's retries."""
+        version.due = time.monotonic() + self._wait(self._schedule.soon_initial)
+        log.debug(
+            "model %s is being loaded by another load: retried if that one fails", version.label
+        )
+        return True
+
     def _still_failed(self, ref: ModelRef) -> Callable[[], bool]:
-        """Whether ``ref``'s retry is still wanted: its failure is listed, and no version the
-        configuration does not list serves the model (an operator's LoadModel of another
-        version: a retry that loaded this one later made it the default again)."""
+        """Whether ``ref``'s retry is still wanted: its failure is listed, or another load of it
+        is under way (an operator's LoadModel: the retry, which waits for the model's lock
+        behind it, asks again once it has the lock, and goes on only if that load failed), and
+        no version the configuration does not list serves the model (an operator's LoadModel of
+        another version: a retry that loaded this one later made it the default again)."""
 
         def still_failed() -> bool:
-            if self._repository.version_state(ref.name, ref.version) is not ModelState.FAILED:
+            state = self._repository.version_state(ref.name, ref.version)
+            if state is not ModelState.FAILED and state is not ModelState.LOADING:
                 return False
             try:
                 serving = self._repository.status(ref.name).default_version

@@ -194,10 +194,12 @@ class ModelLoader:
         """Loads ``name``/``version`` and makes it the default version; raises on failure.
 
         ``retry_of`` marks a retry: whether the version still waits for it (its failure still
-        listed), asked once the load is registered where an unload aborts it; if not (an unload
-        came meanwhile), ModelUnloaded and nothing is loaded. Asked before registering, an unload
-        between the question and the registration reached neither, and the retry loaded the
-        version again after the unload had returned.
+        listed), asked once the load is registered where an unload aborts it, and again once it
+        has the model's lock (another load of the model it waited for may have loaded the
+        version, or another); if not (an unload or a load came meanwhile), ModelUnloaded and
+        nothing is loaded. Asked before registering, an unload between the question and the
+        registration reached neither, and the retry loaded the version again after the unload
+        had returned.
 
         ``header_sha256`` pins the artifact: the SHA-256 of its authenticated header (a multi-part
         model's manifest's), as ``model publish`` prints it. The header binds the creation time,
@@ -232,6 +234,14 @@ class ModelLoader:
                     reason=Reason.MODEL_LOAD_IN_PROGRESS,
                 )
             try:
+                # Asked again once the lock is ours: the retry may have waited behind another
+                # load of the model (an operator's LoadModel) that has loaded the version (or
+                # another one) meanwhile; it goes on only if that load failed.
+                if retry_of is not None and not retry_of():
+                    raise ModelUnloaded(
+                        f"model {name!r} version {version!r} was loaded (or unloaded) by another "
+                        "load while its retry waited for it"
+                    )
                 with scoped(scope):
                     return self._load_locked(name, version, scope, header_sha256, ticket)
             finally:

@@ -23,6 +23,7 @@ from strongroom.inference.models import (
     ModelState,
     ModelUnloaded,
     RuntimeOptions,
+    VersionStatus,
     session_options,
 )
 from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
@@ -300,6 +301,38 @@ def test_failed_loads_are_kept_within_a_cap_oldest_dropped_first() -> None:
     # version, stay.
     assert "typo/0" not in repo.names() and "configured" in repo.names()
     assert repo.is_ready("m", "1") and not repo.server_ready()
+
+
+def test_a_failed_version_loading_again_still_shows_why_it_failed() -> None:
+    """A version loading again after a failure (a configured model's retry) read only LOADING,
+    "still loading": an operator watching it could not see why it was being retried. Its last
+    failure's reason now stays in its status and in what ModelMetadata/ModelInfer answer, until
+    the load succeeds or fails anew; the failure's message (a peer's words) still is not shown."""
+    repo = ModelRepository(["clf"])
+    denied = ModelLoadFailed("refused by 10.0.0.7", reason="MEASUREMENT_NOT_ALLOWED")
+    repo.fail("clf", "1", denied)
+    loading = repo.begin_load("clf", "1")
+    status = repo.status("clf").versions[0]
+    assert status.state is ModelState.LOADING
+    assert status.failure is not None and status.failure.reason == "MEASUREMENT_NOT_ALLOWED"
+    for version in ("", "1"):
+        with pytest.raises(ModelNotReady) as info:
+            repo.get("clf", version)
+        assert info.value.reason == "MODEL_NOT_READY"
+        assert "loading again" in info.value.message
+        assert "MEASUREMENT_NOT_ALLOWED" in info.value.message
+        assert "10.0.0.7" not in info.value.message
+    # Failing anew, it shows the new failure; loading, then loaded, it shows none.
+    repo.fail("clf", "1", ModelLoadFailed("gone", reason="MODEL_NOT_FOUND"), loading=loading)
+    repo.begin_load("clf", "1")
+    with pytest.raises(ModelNotReady, match="MODEL_NOT_FOUND"):
+        repo.get("clf")
+    repo.load("clf", "1", onnx_models.classifier())
+    assert repo.status("clf").versions == (VersionStatus("1", ModelState.READY),)
+    # A version that never failed reads as before.
+    repo.begin_load("other", "1")
+    with pytest.raises(ModelNotReady, match="still loading"):
+        repo.get("other")
 
 
 def test_a_failed_load_is_replaced_by_the_next_attempt_and_removed_by_unload() -> None:

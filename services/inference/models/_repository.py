@@ -99,7 +99,8 @@ class LoadFailure:
 
 @dataclasses.dataclass(frozen=True)
 class VersionStatus:
-    """One version's state."""
+    """One version's state; ``failure`` is its load's (FAILED) or, LOADING, the failure of the
+    version's last load, which this one tries again (a retry's, or an operator's LoadModel)."""
 
     version: str
     state: ModelState
@@ -169,9 +170,13 @@ class ModelRepository:
     def begin_load(self, name: str, version: str) -> VersionStatus:
         """Records that ``version`` is being loaded (downloaded, decrypted, ...). Returns the
         load's status: passed back to :meth:`load`, :meth:`fail` and :meth:`publish`, it makes
-        them give way to an :meth:`unload` (or a newer load) that came meanwhile."""
-        loading = VersionStatus(version, ModelState.LOADING)
-        self._set_pending(name, version, loading)
+        them give way to an :meth:`unload` (or a newer load) that came meanwhile. A version whose
+        last load failed keeps that failure in its status while it loads again: an operator
+        watching a configured model's retries sees why it is retried, not just LOADING."""
+        loading = self._set_pending(
+            name, version, VersionStatus(version, ModelState.LOADING), keep_failure=True
+        )
+        assert loading is not None
         return loading
 
     def fail(
@@ -186,7 +191,7 @@ class ModelRepository:
         Nothing is recorded for a ``loading`` that is no longer current (see :meth:`begin_load`)."""
         failure = LoadFailure(error.reason, error.message, time.time())
         status = VersionStatus(version, ModelState.FAILED, failure)
-        if not self._set_pending(name, version, status, replacing=loading):
+        if self._set_pending(name, version, status, replacing=loading) is None:
             return
         if not self._log_failure(name, version, error.reason):
             log.debug("model load failed", extra={"model": name, "reason": error.reason})
@@ -413,15 +418,20 @@ class ModelRepository:
         status: VersionStatus,
         *,
         replacing: VersionStatus | None = None,
-    ) -> bool:
-        """Sets ``version``'s pending status; with ``replacing``, only if that is still it
-        (returns whether it did)."""
+        keep_failure: bool = False,
+    ) -> VersionStatus | None:
+        """Sets ``version``'s pending status; with ``replacing``, only if that is still it.
+        With ``keep_failure``, ``status`` takes the failure of the status it replaces (if any).
+        Returns the status set, or None if it was not set."""
         validate_name(name)
         validate_version(version)
         with self._lock:
             entry = self._entries.get(name, _EMPTY)
             if replacing is not None and not self._current(name, version, replacing):
-                return False
+                return None
+            previous = entry.pending.get(version)
+            if keep_failure and previous is not None and previous.failure is not None:
+                status = dataclasses.replace(status, failure=previous.failure)
             pending = {v: s for v, s in entry.pending.items() if v != version}
             pending[version] = status
             ready = entry.ready
@@ -435,7 +445,7 @@ class ModelRepository:
                 self._failed[(name, version)] = None
             self._put(name, _Entry(ready, default, MappingProxyType(pending)))
             self._enforce_cap()
-        return True
+        return status
 
     def _enforce_cap(self) -> None:
         """Drops the oldest failures beyond the cap that no retry waits for (the lock is held);
@@ -484,6 +494,11 @@ def _not_servable(name: str, status: VersionStatus | None) -> StrongroomError:
         return ModelLoadFailed(
             f"model {name!r} version {status.version!r} failed to load ({status.failure.reason}); "
             "the server's log has the details"
+        )
+    if status is not None and status.failure is not None:
+        return ModelNotReady(
+            f"model {name!r} version {status.version!r} is loading again after its last load "
+            f"failed ({status.failure.reason}); the server's log has the details"
         )
     if status is not None:
         return ModelNotReady(f"model {name!r} version {status.version!r} is still loading")

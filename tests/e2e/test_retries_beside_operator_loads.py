@@ -1,0 +1,356 @@
+"""A configured model's retries beside an operator's LoadModel and ModelMetadata of the same model."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from strongroom.api.inference.v1 import model_control_pb2 as control_pb
+from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
+from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
+from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
+from strongroom.artifact.stream import BufferedStreamDecryptor
+from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack.model import train
+from strongroom.inference.autoload import ConfiguredLoads
+from strongroom.inference.models import ModelState
+from strongroom.inference.server import InferenceServer
+from tests.e2e.stalling import StallOnce
+from tests.e2e.test_configured_retries import (
+    OTHER_MEASUREMENT,
+    _failed_with,
+    _publish,
+    _set_policy,
+    _start,
+)
+from tests.e2e.test_resilience import wait_until
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    return train(tmp_path / "m.onnx").path
+
+
+@pytest.fixture
+def stopped(stack: DevStack) -> Iterator[None]:
+    yield
+    earlier = stack.services.pop("inference", None)
+    if earlier is not None:
+        earlier.stop()
+
+
+class PlaintextBuffers:
+    """Counts the decrypted-model buffers alive at once in this process: from their allocation
+    (:class:`BufferedStreamDecryptor`'s) until they are wiped (a load done) or dropped (failed)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.live = 0
+        self.most = 0
+        self.allocated = 0
+        self._guard = threading.Lock()
+        allocate = BufferedStreamDecryptor._allocate
+        wipe_output = BufferedStreamDecryptor.wipe_output
+        on_fail = BufferedStreamDecryptor._on_fail
+        counter = self
+
+        def counted_allocate(decryptor: Any, size: int) -> None:
+            allocate(decryptor, size)
+            with counter._guard:
+                counter.live += 1
+                counter.allocated += 1
+                counter.most = max(counter.most, counter.live)
+            decryptor._counted = True
+
+        def release(decryptor: Any) -> None:
+            if getattr(decryptor, "_counted", False):
+                decryptor._counted = False
+                with counter._guard:
+                    counter.live -= 1
+
+        def counted_wipe_output(decryptor: Any) -> None:
+            wipe_output(decryptor)
+            release(decryptor)
+
+        def counted_on_fail(decryptor: Any) -> None:
+            on_fail(decryptor)
+            release(decryptor)
+
+        monkeypatch.setattr(BufferedStreamDecryptor, "_allocate", counted_allocate)
+        monkeypatch.setattr(BufferedStreamDecryptor, "wipe_output", counted_wipe_output)
+        monkeypatch.setattr(BufferedStreamDecryptor, "_on_fail", counted_on_fail)
+
+
+def test_an_operators_load_beside_a_retrys_holds_one_plaintext_buffer_at_most(
+    stack: DevStack, model_path: Path, stopped: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A configured retry is downloading the model (its plaintext buffer allocated, its key
+    released) when an operator's LoadModel of the same model arrives: the two loads never hold
+    a plaintext buffer each at once (2 GB each for the largest model, which the pod's memory
+    limit does not plan for). Loads of one model name take its lock (ModelLoader): the
+    LoadModel waits for the retry's load to end, then loads; with the lock taken per load
+    instead, this test sees two buffers at once."""
+    stack.create_release_key(stack.identity("admin"), "twice", policy_version="1")
+    buffers = PlaintextBuffers(monkeypatch)
+    storage = stack.services["modelstore"].handle.storage
+    stall = StallOnce(storage, "1")
+    monkeypatch.setattr(storage, "open", stall)
+    inference = _start(stack, "twice")
+    inference.load_configured_models()
+    control = control_grpc.ModelControlServiceStub(
+        stack.channel(stack.identity("admin"), "inference")
+    )
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            assert wait_until(lambda: _failed_with(inference, "twice") == "MODEL_NOT_FOUND", 30)
+            _publish(stack, model_path, "twice", "twice")
+            assert stall.stalled.wait(30)  # the store has sent all but the artifact's end
+            assert wait_until(lambda: buffers.live == 1, 30)  # the retry holds its buffer
+            answer: Future[Any] = pool.submit(
+                control.LoadModel,
+                control_pb.LoadModelRequest(name="twice", version="1"),
+                timeout=60,
+            )
+            # It waits for the retry's load (or, were they not exclusive, has begun its own).
+            assert wait_until(
+                lambda: inference.loader.queued("twice") == ("1",) or buffers.allocated > 1, 30
+            )
+        finally:
+            stall.go_on.set()
+        answer.result(60)
+    assert inference.repository.is_ready("twice", "1")
+    assert buffers.allocated == 2  # the retry's load, then the LoadModel's own
+    assert buffers.most == 1
+
+
+def test_a_retry_under_way_still_shows_the_failure_it_retries(
+    stack: DevStack, model_path: Path, stopped: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a configured model's retry was loading it, ModelMetadata said only that it was
+    still loading: the failure being retried (here: not yet published) could not be seen."""
+    stack.create_release_key(stack.identity("admin"), "watched", policy_version="1")
+    storage = stack.services["modelstore"].handle.storage
+    stall = StallOnce(storage, "1")
+    monkeypatch.setattr(storage, "open", stall)
+    inference = _start(stack, "watched")
+    oip = oip_grpc.GRPCInferenceServiceStub(stack.channel(stack.identity("client"), "inference"))
+    inference.load_configured_models()
+    try:
+        assert wait_until(lambda: _failed_with(inference, "watched") == "MODEL_NOT_FOUND", 30)
+        _publish(stack, model_path, "watched", "watched")
+        assert stall.stalled.wait(30)  # the retry is loading it
+        assert inference.repository.version_state("watched", "1") is ModelState.LOADING
+        for version in ("", "1"):
+            with pytest.raises(grpc.RpcError) as info:
+                oip.ModelMetadata(
+                    oip_pb.ModelMetadataRequest(name="watched", version=version), timeout=30
+                )
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "loading again after its last load failed (MODEL_NOT_FOUND)" in str(
+                info.value.details()
+            )
+        ready = oip.ModelReady(oip_pb.ModelReadyRequest(name="watched"), timeout=30)
+        assert not ready.ready
+    finally:
+        stall.go_on.set()
+    assert wait_until(lambda: inference.repository.is_ready("watched", "1"), 30)
+    oip.ModelMetadata(oip_pb.ModelMetadataRequest(name="watched"), timeout=30)
+
+
+class HeldRetries:
+    """Holds each configured retry until :attr:`go_on` is set: at the start of its attempt
+    (``at="attempt"``: before it looks at the version's state), or at the start of its load
+    (``at="load"``: it has found the version failed, and not yet asked again once registered)."""
+
+    def __init__(
+        self, inference: InferenceServer, monkeypatch: pytest.MonkeyPatch, *, at: str
+    ) -> None:
+        self.reached = threading.Event()
+        self.go_on = threading.Event()
+        if at == "load":
+            load = inference.loader.load
+
+            def held_load(*args: Any, **kwargs: Any) -> Any:
+                if kwargs.get("retry_of") is not None:
+                    self._hold()
+                return load(*args, **kwargs)
+
+            monkeypatch.setattr(inference.loader, "load", held_load)
+        else:
+            attempt = ConfiguredLoads._attempt
+
+            def held_attempt(loads: ConfiguredLoads, version: Any) -> bool:
+                if version.tried:
+                    self._hold()
+                return attempt(loads, version)
+
+            monkeypatch.setattr(ConfiguredLoads, "_attempt", held_attempt)
+
+    def _hold(self) -> None:
+        self.reached.set()
+        self.go_on.wait(60)
+
+
+def _denied(stack: DevStack, model_path: Path, name: str) -> InferenceServer:
+    """A server configured with ``name``, published but denied by its key's policy (its loads
+    fail MEASUREMENT_NOT_ALLOWED until :func:`_allow`); its configured loads not started."""
+    stack.create_release_key(stack.identity("admin"), name, policy_version="1")
+    _publish(stack, model_path, name, name)
+    _set_policy(stack, name, stack.simulated_policy("2", measurement=OTHER_MEASUREMENT))
+    return _start(stack, name)
+
+
+def _allow(stack: DevStack, name: str) -> None:
+    _set_policy(stack, name, stack.simulated_policy("3"))
+
+
+def _refused_loadmodel(answer: Future[Any]) -> None:
+    """``answer`` (a LoadModel's) was the broker's denial."""
+    with pytest.raises(grpc.RpcError) as refused:
+        answer.result(60)
+    assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "MEASUREMENT_NOT_ALLOWED" in str(refused.value.details())
+
+
+def test_a_retry_that_finds_a_loadmodel_under_way_waits_for_its_outcome(
+    stack: DevStack,
+    model_path: Path,
+    stopped: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A configured model's retry came while an operator's LoadModel of it was loading (the
+    version LOADING) and took that for "loaded by an operator": its retries ended, and when the
+    LoadModel then failed (the broker's policy still denied it) the model stayed unloaded, the
+    server unready, for good, policy fixed or not. The configuration still lists the version and
+    the server is not ready without it: the retry now looks again later (without waiting for
+    the model's lock: one thread runs every configured model's retries), goes on since the
+    LoadModel failed, and loads the model once the policy is fixed."""
+    inference = _denied(stack, model_path, "overruled")
+    held = HeldRetries(inference, monkeypatch, at="attempt")
+    control = control_grpc.ModelControlServiceStub(
+        stack.channel(stack.identity("admin"), "inference")
+    )
+    caplog.set_level(logging.DEBUG, logger="strongroom.inference.autoload")
+    inference.load_configured_models()
+    (loader_thread,) = inference._threads
+
+    def postponed() -> int:
+        return len([r for r in caplog.records if "is being loaded by another" in r.getMessage()])
+
+    with ThreadPoolExecutor(1) as pool:
+        storage = stack.services["modelstore"].handle.storage
+        stall = StallOnce(storage, "1")
+        try:
+            assert held.reached.wait(30)  # the first load failed; its retry is held
+            assert _failed_with(inference, "overruled") == "MEASUREMENT_NOT_ALLOWED"
+            monkeypatch.setattr(storage, "open", stall)
+            answer: Future[Any] = pool.submit(
+                control.LoadModel,
+                control_pb.LoadModelRequest(name="overruled", version="1"),
+                timeout=60,
+            )
+            assert stall.stalled.wait(30)  # the LoadModel is loading it
+            held.go_on.set()  # the retry comes meanwhile
+            assert wait_until(lambda: postponed() >= 2 or not loader_thread.is_alive(), 30)
+            assert loader_thread.is_alive(), "the retries ended"
+            assert inference.loader.queued("overruled") == ()  # not waiting for the lock
+        finally:
+            held.go_on.set()
+            stall.go_on.set()
+        _refused_loadmodel(answer)
+    _allow(stack, "overruled")
+    assert wait_until(lambda: inference.repository.is_ready("overruled", "1"), 30), (
+        inference.repository.status("overruled")
+    )
+
+
+def test_a_retry_registered_behind_a_loadmodel_goes_on_only_if_that_failed(
+    stack: DevStack, model_path: Path, stopped: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same race a step later: the retry had found the version failed, and the LoadModel
+    began before the retry registered its load. It asked once registered (LOADING: the retries
+    ended, as above); it now waits for the model's lock behind the LoadModel and asks again once
+    it has it, so it goes on since the LoadModel failed."""
+    inference = _denied(stack, model_path, "overruled2")
+    held = HeldRetries(inference, monkeypatch, at="load")
+    control = control_grpc.ModelControlServiceStub(
+        stack.channel(stack.identity("admin"), "inference")
+    )
+    inference.load_configured_models()
+    (loader_thread,) = inference._threads
+    with ThreadPoolExecutor(1) as pool:
+        storage = stack.services["modelstore"].handle.storage
+        stall = StallOnce(storage, "1")
+        try:
+            assert held.reached.wait(30)
+            assert _failed_with(inference, "overruled2") == "MEASUREMENT_NOT_ALLOWED"
+            monkeypatch.setattr(storage, "open", stall)
+            answer: Future[Any] = pool.submit(
+                control.LoadModel,
+                control_pb.LoadModelRequest(name="overruled2", version="1"),
+                timeout=60,
+            )
+            assert stall.stalled.wait(30)
+            held.go_on.set()
+            assert wait_until(
+                lambda: (
+                    inference.loader.queued("overruled2") == ("1",) or not loader_thread.is_alive()
+                ),
+                30,
+            )
+            assert loader_thread.is_alive(), "the retries ended"
+        finally:
+            held.go_on.set()
+            stall.go_on.set()
+        _refused_loadmodel(answer)
+    _allow(stack, "overruled2")
+    assert wait_until(lambda: inference.repository.is_ready("overruled2", "1"), 30), (
+        inference.repository.status("overruled2")
+    )
+
+
+def test_a_retry_registered_behind_a_loadmodel_that_loads_the_version_ends(
+    stack: DevStack, model_path: Path, stopped: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its other outcome: the LoadModel the retry waited behind loaded the version, so the retry
+    ends without a load of its own (a second download, key release and plaintext buffer of a
+    version already serving)."""
+    stack.create_release_key(stack.identity("admin"), "taken", policy_version="1")
+    inference = _start(stack, "taken")
+    held = HeldRetries(inference, monkeypatch, at="load")
+    buffers = PlaintextBuffers(monkeypatch)
+    control = control_grpc.ModelControlServiceStub(
+        stack.channel(stack.identity("admin"), "inference")
+    )
+    inference.load_configured_models()
+    (loader_thread,) = inference._threads
+    with ThreadPoolExecutor(1) as pool:
+        storage = stack.services["modelstore"].handle.storage
+        stall = StallOnce(storage, "1")
+        try:
+            assert held.reached.wait(30)
+            assert _failed_with(inference, "taken") == "MODEL_NOT_FOUND"
+            _publish(stack, model_path, "taken", "taken")
+            monkeypatch.setattr(storage, "open", stall)
+            answer: Future[Any] = pool.submit(
+                control.LoadModel,
+                control_pb.LoadModelRequest(name="taken", version="1"),
+                timeout=60,
+            )
+            assert stall.stalled.wait(30)
+            held.go_on.set()
+            assert wait_until(lambda: inference.loader.queued("taken") == ("1",), 30)
+        finally:
+            held.go_on.set()
+            stall.go_on.set()
+        answer.result(60)
+    assert wait_until(lambda: not loader_thread.is_alive(), 30)
+    assert inference.repository.is_ready("taken", "1")
+    assert buffers.allocated == 1
