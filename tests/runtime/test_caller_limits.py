@@ -1475,3 +1475,78 @@ def test_distrust_remembers_a_bounded_number_of_certificates() -> None:
     distrust.expire(now + DISTRUST_SECONDS)
     assert len(distrust) == 0
     assert distrust.trusts(last, f"{last} 2", now + DISTRUST_SECONDS)
+
+
+@pytest.mark.parametrize("watchdog", ["trust", "wait bound"])
+def test_a_call_whose_message_was_read_as_a_watchdog_cancelled_its_wait_is_not_processed(
+    mesh: Callable[..., Mesh], monkeypatch: pytest.MonkeyPatch, watchdog: str
+) -> None:
+    """A call the watchdog of its wait cancelled while its handler, its message just read, went
+    on was processed for a caller that never got the answer. The release path's test covers the
+    request watchdog of a data-plane call (tests/abuse/test_request_wait.py); the same claim
+    guards the waits outside the data plane, which no test held to it (both passed with it
+    removed): an operator's control-plane call admitted on trust beyond its caller's bound (a
+    key change made while its caller saw CANCELLED), and a health wait past its bound. Each
+    handler is held between its read and what follows until the watchdog has cancelled its call:
+    the call is refused for the watchdog's reason before the method runs (its refusal observer,
+    the broker's audit, hears it), and nothing is processed."""
+    observed: list[str] = []
+
+    def observer(exc: StrongroomError, context: grpc.ServicerContext, bucket: str) -> None:
+        observed.append(exc.reason)
+
+    check = f"/{HEALTH_SERVICE}/Check"
+    if watchdog == "trust":  # 7 data-plane workers, 3 per identity: its bound in streams
+        method, reason = CONTROL, "TOO_MANY_WORKERS_PER_IDENTITY"
+        running = mesh(
+            observers={method: observer},
+            max_calls_per_certificate=WHOLE_CAP,
+            max_workers=8,
+            health_request_wait_seconds=60,
+        )
+    else:
+        method, reason = check, "REQUEST_MESSAGE_TIMEOUT"
+        running = mesh(observers={method: observer}, health_request_wait_seconds=0.2)
+    real = PendingRequest._next
+    armed, cut = threading.Event(), threading.Event()
+    armed.set()
+
+    def read_then_hold(self: PendingRequest, context: grpc.ServicerContext) -> Any:
+        request = real(self, context)
+        if self._method == method and armed.is_set():
+            armed.clear()
+            ended = threading.Event()
+            # Held, its message read, until the watchdog ends the call.
+            if context.add_callback(ended.set) and ended.wait(30):
+                cut.set()
+        return request
+
+    monkeypatch.setattr(PendingRequest, "_next", read_then_hold)
+    shares, client = running.host.shares, sid("client")
+    channel = running.caller("client")
+    gate = threading.Event()
+    streams: list[Any] = []
+    try:
+        if watchdog == "trust":
+            streams, refused = open_streams(channel, 3)  # its bound
+            assert (len(streams), refused) == (3, [])
+            # Its one wait outside the data plane, so that the next is a data-plane wait.
+            own = channel.stream_unary(CONTROL, _raw, _raw).future(never_sent(gate), timeout=60)
+            assert settled(lambda: client in running.host.unary._waiting)
+            assert settled(lambda: shares.held_now() == 3)
+            request = b""
+        else:
+            request = health_pb2.HealthCheckRequest().SerializeToString()
+        unary = channel.unary_unary(method, _raw, _raw)
+        assert refusal(lambda: unary(request, timeout=30))[0] == grpc.StatusCode.CANCELLED
+        assert cut.wait(30)  # its client may hear of the cancel before the handler does
+        assert settled(lambda: running.host.unary.running(client) == (1 if streams else 0))
+        # Before: [] (the method ran, and answered a cancelled call).
+        assert observed == [reason]
+    finally:
+        gate.set()
+    for stream in streams:
+        stream.cancel()
+    if streams:
+        assert refusal(own.result)[0] == grpc.StatusCode.INVALID_ARGUMENT  # ended, no message
+    assert settled(lambda: shares.held_now() == 0)
