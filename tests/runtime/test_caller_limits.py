@@ -1477,6 +1477,23 @@ def test_distrust_remembers_a_bounded_number_of_certificates() -> None:
     assert distrust.trusts(last, f"{last} 2", now + DISTRUST_SECONDS)
 
 
+def test_a_stuck_replicas_several_stalls_count_once_towards_its_fleet() -> None:
+    """A stuck replica stalls every wait it has admitted on trust, several at once: each of its
+    certificate's stalls counting towards its identity would distrust its whole fleet on its
+    own, the very thing distrust per certificate is for. No test held it (every one passed with
+    each stall counted). Its certificate counts once; the second certificate to stall distrusts
+    the identity."""
+    distrust, now = Distrust(), 1000.0
+    fleet = str(sid("inference"))
+    stuck, fellow, third = (f"{fleet} {serial:x}" for serial in (1, 2, 3))
+    for moment in range(3):  # three of its trusted waits, ended one after the other
+        distrust.distrust(fleet, stuck, now + moment / 10)
+    assert not distrust.trusts(fleet, stuck, now + 1)
+    assert distrust.trusts(fleet, fellow, now + 1)  # before: refused with the whole fleet
+    distrust.distrust(fleet, fellow, now + 2)
+    assert not distrust.trusts(fleet, third, now + 2)
+
+
 @pytest.mark.parametrize("watchdog", ["trust", "wait bound"])
 def test_a_call_whose_message_was_read_as_a_watchdog_cancelled_its_wait_is_not_processed(
     mesh: Callable[..., Mesh], monkeypatch: pytest.MonkeyPatch, watchdog: str
