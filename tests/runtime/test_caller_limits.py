@@ -1477,6 +1477,43 @@ def test_distrust_remembers_a_bounded_number_of_certificates() -> None:
     assert distrust.trusts(last, f"{last} 2", now + DISTRUST_SECONDS)
 
 
+def test_a_caller_at_its_bound_holds_no_more_than_its_bound_again_on_trust(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """Waits beyond a caller's bound were admitted on trust while the data plane had room, as
+    many as it had: one certificate at its bound took every free data-plane worker with waits
+    that never sent their message, and every other caller's data-plane call was refused
+    DATA_PLANE_WORKERS_BUSY until the trust watchdog acted (up to 1.25 s; twice a minute with a
+    second certificate). Its waits on trust are capped at its bound now, so that a caller at its
+    bound leaves the others a worker however it bursts; one beyond is refused at once."""
+    running = mesh(
+        max_calls_per_certificate=WHOLE_CAP, max_workers=8, health_request_wait_seconds=60
+    )  # 7 data-plane, 3 per identity
+    shares, guard = running.host.shares, running.host.unary
+    guard._trust_seconds = 3600  # never due: what is held on trust stays held here
+    channel = running.caller("client")
+    gate = threading.Event()
+    try:
+        counted = stall_watches(channel, gate, 3)  # its bound
+        assert settled(lambda: shares.held_now() == 3)
+        trusted = stall_watches(channel, gate, 3)  # on trust: its bound again
+        assert settled(lambda: shares.held_now() == 6)
+        (beyond,) = stall_watches(channel, gate, 1)
+        # Before: admitted on trust, the whole data plane held, the other caller refused.
+        assert refusal(lambda: next(beyond)) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOO_MANY_WORKERS_PER_IDENTITY",
+        )
+        other = running.caller("inference").unary_unary(f"/{SERVICE}/Quick", _raw, _raw)
+        assert other(b"", timeout=30) == b"ok"
+    finally:
+        gate.set()
+    for call in counted + trusted:
+        call.cancel()
+    assert settled(lambda: shares.held_now() == 0)
+    assert not guard._on_trust  # every wait on trust given back
+
+
 def test_a_stuck_replicas_several_stalls_count_once_towards_its_fleet() -> None:
     """A stuck replica stalls every wait it has admitted on trust, several at once: each of its
     certificate's stalls counting towards its identity would distrust its whole fleet on its
