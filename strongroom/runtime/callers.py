@@ -47,7 +47,8 @@ its connection's age.
 
 A wait for a request message counts in its caller's bound like any data-plane worker, from its
 start: counting it only once it had lasted would let stalled waits hold workers until then. At its
-bound, a caller's further wait is still admitted, on trust, while the data plane has room: a
+bound, a caller's further wait is still admitted, on trust, while the data plane has room (and
+its waits on trust number fewer than its bound, so that it leaves the others a worker): a
 message sent with the call (what every gRPC client does) is read within milliseconds, and a burst
 of an authorised caller's health ``Watch`` calls is not refused for waits that end at once. A wait
 admitted so that still waits after :data:`TRUSTED_WAIT_SECONDS` is counted in the bound if it now
@@ -532,6 +533,10 @@ class UnaryGuard(HandlerInterceptor):
         self._trusted: dict[grpc.ServicerContext, tuple[float, str, str | None]] = {}
         self._promoted: set[grpc.ServicerContext] = set()
         self._stalled: set[grpc.ServicerContext] = set()
+        # Workers each caller holds on trust now (admitted, neither counted since nor given back):
+        # uncapped, one caller at its bound took every free data-plane worker on trust, and held
+        # them until the trust watchdog acted (up to 1.25 s), twice on two certificates.
+        self._on_trust: Counter[str] = Counter()
         self._trust_watchdog: threading.Thread | None = None
         # How long a wait admitted on trust may last (a test moves it to time the watchdog).
         self._trust_seconds = TRUSTED_WAIT_SECONDS
@@ -630,10 +635,11 @@ class UnaryGuard(HandlerInterceptor):
 
         A data-plane wait counts in its caller's bound across kinds
         (:attr:`WorkerShares.per_identity`) from its start. A caller at its bound has its further
-        waits admitted on trust while the data plane has room (a burst whose messages came with
-        the calls ends at once); the watchdog counts one still waiting after
-        :data:`TRUSTED_WAIT_SECONDS` in the bound if it fits there, or cancels it, and either way
-        trusts its caller no more for :data:`DISTRUST_SECONDS` (``TOO_MANY_WORKERS_PER_IDENTITY``).
+        waits admitted on trust while the data plane has room, as many as its bound at once (a
+        burst whose messages came with the calls ends at once); the watchdog counts one still
+        waiting after :data:`TRUSTED_WAIT_SECONDS` in the bound if it fits there, or cancels it,
+        and either way trusts its caller no more for :data:`DISTRUST_SECONDS`
+        (``TOO_MANY_WORKERS_PER_IDENTITY``).
         """
         identity = self._identify(context)
         certificate = self._certify(context, identity)
@@ -658,6 +664,9 @@ class UnaryGuard(HandlerInterceptor):
             elif (
                 shares.at_bound(identity, certificate)
                 and shares.held < shares.data_plane
+                # At most its bound again: (data-plane workers - 1) // 2 by default, so that a
+                # caller at its bound with its waits on trust still leaves a worker to the others.
+                and self._on_trust[identity] < shares.per_identity
                 and shares.distrust.trusts(identity, certificate, time.monotonic())
             ):
                 # At its bound: trusted for a moment, since a message sent with the call (every
@@ -665,6 +674,7 @@ class UnaryGuard(HandlerInterceptor):
                 held = _TRUSTED
                 refusal = None
                 shares.held += 1
+                self._on_trust[identity] += 1
                 self._trusted[context] = (
                     time.monotonic() + self._trust_seconds,
                     identity,
@@ -720,6 +730,7 @@ class UnaryGuard(HandlerInterceptor):
                     self._trusted.pop(context, None)
                     self._stalled.discard(context)
                     shares.held -= 1
+                    _forget(self._on_trust, identity)
                     if waited and not read_one:
                         # Trusted, and ended without its message (its client cancelled it, the
                         # request watchdog did, a shorter health_request_wait_seconds): only the
@@ -829,6 +840,7 @@ class UnaryGuard(HandlerInterceptor):
                     if not shares.at_bound(identity, certificate):
                         shares.held -= 1  # counted again, in its caller's bound, by hold()
                         shares.hold(identity, certificate)
+                        _forget(self._on_trust, identity)
                         self._promoted.add(context)
                     else:
                         self._stalled.add(context)

@@ -1524,3 +1524,132 @@ def test_distrust_remembers_a_bounded_number_of_certificates() -> None:
     distrust.expire(now + DISTRUST_SECONDS)
     assert len(distrust) == 0
     assert distrust.trusts(last, f"{last} 2", now + DISTRUST_SECONDS)
+
+
+def test_a_caller_at_its_bound_holds_no_more_than_its_bound_again_on_trust(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """Waits beyond a caller's bound were admitted on trust while the data plane had room, as
+    many as it had: one certificate at its bound took every free data-plane worker with waits
+    that never sent their message, and every other caller's data-plane call was refused
+    DATA_PLANE_WORKERS_BUSY until the trust watchdog acted (up to 1.25 s; twice a minute with a
+    second certificate). Its waits on trust are capped at its bound now, so that a caller at its
+    bound leaves the others a worker however it bursts; one beyond is refused at once."""
+    running = mesh(
+        max_calls_per_certificate=WHOLE_CAP, max_workers=8, health_request_wait_seconds=60
+    )  # 7 data-plane, 3 per identity
+    shares, guard = running.host.shares, running.host.unary
+    guard._trust_seconds = 3600  # never due: what is held on trust stays held here
+    channel = running.caller("client")
+    gate = threading.Event()
+    try:
+        counted = stall_watches(channel, gate, 3)  # its bound
+        assert settled(lambda: shares.held_now() == 3)
+        trusted = stall_watches(channel, gate, 3)  # on trust: its bound again
+        assert settled(lambda: shares.held_now() == 6)
+        (beyond,) = stall_watches(channel, gate, 1)
+        # Before: admitted on trust, the whole data plane held, the other caller refused.
+        assert refusal(lambda: next(beyond)) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOO_MANY_WORKERS_PER_IDENTITY",
+        )
+        other = running.caller("inference").unary_unary(f"/{SERVICE}/Quick", _raw, _raw)
+        assert other(b"", timeout=30) == b"ok"
+    finally:
+        gate.set()
+    for call in counted + trusted:
+        call.cancel()
+    assert settled(lambda: shares.held_now() == 0)
+    assert not guard._on_trust  # every wait on trust given back
+
+
+def test_a_stuck_replicas_several_stalls_count_once_towards_its_fleet() -> None:
+    """A stuck replica stalls every wait it has admitted on trust, several at once: each of its
+    certificate's stalls counting towards its identity would distrust its whole fleet on its
+    own, the very thing distrust per certificate is for. No test held it (every one passed with
+    each stall counted). Its certificate counts once; the second certificate to stall distrusts
+    the identity."""
+    distrust, now = Distrust(), 1000.0
+    fleet = str(sid("inference"))
+    stuck, fellow, third = (f"{fleet} {serial:x}" for serial in (1, 2, 3))
+    for moment in range(3):  # three of its trusted waits, ended one after the other
+        distrust.distrust(fleet, stuck, now + moment / 10)
+    assert not distrust.trusts(fleet, stuck, now + 1)
+    assert distrust.trusts(fleet, fellow, now + 1)  # before: refused with the whole fleet
+    distrust.distrust(fleet, fellow, now + 2)
+    assert not distrust.trusts(fleet, third, now + 2)
+
+
+@pytest.mark.parametrize("watchdog", ["trust", "wait bound"])
+def test_a_call_whose_message_was_read_as_a_watchdog_cancelled_its_wait_is_not_processed(
+    mesh: Callable[..., Mesh], monkeypatch: pytest.MonkeyPatch, watchdog: str
+) -> None:
+    """A call the watchdog of its wait cancelled while its handler, its message just read, went
+    on was processed for a caller that never got the answer. The release path's test covers the
+    request watchdog of a data-plane call (tests/abuse/test_request_wait.py); the same claim
+    guards the waits outside the data plane, which no test held to it (both passed with it
+    removed): an operator's control-plane call admitted on trust beyond its caller's bound (a
+    key change made while its caller saw CANCELLED), and a health wait past its bound. Each
+    handler is held between its read and what follows until the watchdog has cancelled its call:
+    the call is refused for the watchdog's reason before the method runs (its refusal observer,
+    the broker's audit, hears it), and nothing is processed."""
+    observed: list[str] = []
+
+    def observer(exc: StrongroomError, context: grpc.ServicerContext, bucket: str) -> None:
+        observed.append(exc.reason)
+
+    check = f"/{HEALTH_SERVICE}/Check"
+    if watchdog == "trust":  # 7 data-plane workers, 3 per identity: its bound in streams
+        method, reason = CONTROL, "TOO_MANY_WORKERS_PER_IDENTITY"
+        running = mesh(
+            observers={method: observer},
+            max_calls_per_certificate=WHOLE_CAP,
+            max_workers=8,
+            health_request_wait_seconds=60,
+        )
+    else:
+        method, reason = check, "REQUEST_MESSAGE_TIMEOUT"
+        running = mesh(observers={method: observer}, health_request_wait_seconds=0.2)
+    real = PendingRequest._next
+    armed, cut = threading.Event(), threading.Event()
+    armed.set()
+
+    def read_then_hold(self: PendingRequest, context: grpc.ServicerContext) -> Any:
+        request = real(self, context)
+        if self._method == method and armed.is_set():
+            armed.clear()
+            ended = threading.Event()
+            # Held, its message read, until the watchdog ends the call.
+            if context.add_callback(ended.set) and ended.wait(30):
+                cut.set()
+        return request
+
+    monkeypatch.setattr(PendingRequest, "_next", read_then_hold)
+    shares, client = running.host.shares, sid("client")
+    channel = running.caller("client")
+    gate = threading.Event()
+    streams: list[Any] = []
+    try:
+        if watchdog == "trust":
+            streams, refused = open_streams(channel, 3)  # its bound
+            assert (len(streams), refused) == (3, [])
+            # Its one wait outside the data plane, so that the next is a data-plane wait.
+            own = channel.stream_unary(CONTROL, _raw, _raw).future(never_sent(gate), timeout=60)
+            assert settled(lambda: client in running.host.unary._waiting)
+            assert settled(lambda: shares.held_now() == 3)
+            request = b""
+        else:
+            request = health_pb2.HealthCheckRequest().SerializeToString()
+        unary = channel.unary_unary(method, _raw, _raw)
+        assert refusal(lambda: unary(request, timeout=30))[0] == grpc.StatusCode.CANCELLED
+        assert cut.wait(30)  # its client may hear of the cancel before the handler does
+        assert settled(lambda: running.host.unary.running(client) == (1 if streams else 0))
+        # Before: [] (the method ran, and answered a cancelled call).
+        assert observed == [reason]
+    finally:
+        gate.set()
+    for stream in streams:
+        stream.cancel()
+    if streams:
+        assert refusal(own.result)[0] == grpc.StatusCode.INVALID_ARGUMENT  # ended, no message
+    assert settled(lambda: shares.held_now() == 0)
