@@ -130,6 +130,9 @@ _ACCESS_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 )
 _CONFLICT_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+# A GET of an object in an archive storage class (Glacier, Deep Archive): a 403, but no refusal
+# of the store's credentials.
+_ARCHIVED_CODE = "InvalidObjectState"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -283,7 +286,8 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
     key"), ``S3_NO_SUCH_BUCKET``, ``S3_THROTTLED`` (SlowDown, 429 and the like, after botocore's
     retries, and KMS's own ``KMS.ThrottlingException``: the request rate), ``S3_SERVER_ERROR``
     (5xx after botocore's retries), ``S3_TIMEOUT``, ``S3_UNREACHABLE`` (connection refused or
-    dropped), ``S3_ERROR`` (anything else).
+    dropped), ``S3_ERROR`` (anything else, an archived object's ``InvalidObjectState`` among
+    them, saying so: a 403 that is no refusal of the credentials).
     """
     if isinstance(exc, botocore.exceptions.ClientError):
         error = exc.response.get("Error", {})
@@ -322,6 +326,15 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
                 "check the key's state and the store's kms:Decrypt and kms:GenerateDataKey "
                 "permissions on it",
                 reason=Reason.S3_KMS_ERROR,
+            )
+        if code == _ARCHIVED_CODE:
+            # A 403 too, but about the object, not the caller: said to be the credentials, an
+            # operator went after keys and policies that were fine while objects sat archived.
+            return StorageUnavailable(
+                f"the object store refused a request while {what}: the object is archived "
+                f"({_ARCHIVED_CODE}: a lifecycle rule moved it to an archive storage class; "
+                "restore it, and keep the store's prefix out of such rules)",
+                reason=Reason.S3_ERROR,
             )
         if code in _ACCESS_CODES or status == 403:
             return StorageUnavailable(
@@ -622,7 +635,7 @@ def _unreadable_head_cause(exc: botocore.exceptions.ClientError) -> str:
     code, status = _code(exc), _status(exc)
     if code.startswith(_KMS_CODE_PREFIX):
         return "kms_key"
-    if code == "InvalidObjectState":  # a 403, but about the object (archived), not the caller
+    if code == _ARCHIVED_CODE:  # a 403, but about the object, not the caller
         return "archived"
     if code in _ACCESS_CODES or status == 403:
         return "access_denied"
