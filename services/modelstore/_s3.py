@@ -1537,12 +1537,16 @@ class S3Storage(Closing):
                 if _is_conflict(exc):
                     continue  # changed since it was read: read it again
                 if _is_missing(exc):
-                    # The record read is gone, and its blob is its own (blobs are never shared).
-                    self._delete_owned_blob(blob, name, version, owned)
                     if _refused_at_once(exc):
+                        # Another delete removed the record meanwhile, and says what it kept: said
+                        # here too, one blob was two WARNINGs and counted twice in BLOBS_KEPT.
+                        # An owned blob is deleted all the same (blobs are never shared).
+                        if blob is not None and owned is True:
+                            self._delete_blob(blob)
                         raise ModelNotFound(
                             f"model {name} version {version} was deleted meanwhile"
                         ) from None
+                    self._delete_owned_blob(blob, name, version, owned)
                     # Only a retry found it gone: an earlier attempt whose answer was lost (a
                     # dropped connection, a 503 after the fact) deleted it. That is this call's
                     # delete, not a NOT_FOUND.

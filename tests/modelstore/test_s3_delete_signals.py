@@ -128,6 +128,51 @@ def test_a_delete_that_keeps_its_blob_says_so_at_once_and_why(
     assert "its delete kept" in orphan
 
 
+def test_two_deletes_racing_report_a_kept_blob_once(
+    proxy: s3server.FaultProxy,
+    s3_server: s3server.MotoServer,
+    s3_bucket: str,
+    kept_metric: InMemoryMetricReader,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two deletes of one model whose blob's head is refused for good (two replicas, or a
+    client's retry while its first call still runs): both read the record and the head, one
+    deletes the record and reports the blob kept, the other finds the record gone (404 to its
+    first attempt) and answers NOT_FOUND. That one reported the blob kept as well: two WARNINGs,
+    and ``blobs_kept`` counted one blob twice. The delete that removed the record reports it."""
+    other_proxy = s3server.FaultProxy(s3_server.port)
+    try:
+        disabled = "KMS.DisabledException"
+        other_proxy.inject(
+            s3server.Fault(lambda m, p: m == "GET" and "/p/blobs/" in p, status=400, code=disabled)
+        )
+        other = _replica(other_proxy.endpoint, s3_bucket)
+        store = _replica(proxy.endpoint, s3_bucket)
+        store.put([make_artifact("acme/m", "1", b"m" * 300)], StructureValidator())
+        (blob,) = store.blob_sizes()
+
+        def other_deletes_first(method: str, path: str) -> bool:
+            # This store has read the record and now reads the head: the other replica's delete
+            # runs to its end before this store goes on.
+            if method == "GET" and "/p/blobs/" in path:
+                other.delete("acme/m", "1")
+                return True
+            return False
+
+        proxy.inject(s3server.Fault(other_deletes_first, status=400, code=disabled, times=1))
+        with (
+            caplog.at_level(logging.INFO, logger="strongroom.modelstore._s3"),
+            pytest.raises(ModelNotFound),
+        ):
+            store.delete("acme/m", "1")
+    finally:
+        other_proxy.close()
+    assert list(store.blob_sizes()) == [blob]
+    kept = [r.getMessage() for r in caplog.records if "kept (kms_key)" in r.getMessage()]
+    assert len(kept) == 1, kept
+    assert _counted(kept_metric) == {"kms_key": 1}
+
+
 def test_a_delete_whose_blob_is_already_gone_reports_nothing_kept(
     s3_server: s3server.MotoServer,
     s3_bucket: str,
