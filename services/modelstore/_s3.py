@@ -293,7 +293,10 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        log.error("S3 request failed while %s: %.200s (HTTP %d)", what, code, status)
+        # The code as _failure shows it, as every other line about a failed call does: an object
+        # store's or a proxy's code that is no error name (a URL, an ARN) went into the log as it
+        # was, up to 200 characters.
+        log.error("S3 request failed while %s: %s", what, _failure(exc))
         # A 403, but not about the credentials: said to be, an operator would chase keys and
         # policies that are fine instead of the store's clock.
         if code == "RequestTimeTooSkewed":
@@ -996,7 +999,7 @@ class S3Storage(Closing):
                     "deleting the start-up probe object, with If-Match and without (the store's "
                     "credentials need s3:DeleteObject on the bucket's prefix)",
                 ) from None
-            return f"refuses (HTTP {_status(refusal)} {_code(refusal)})"
+            return f"refuses (HTTP {_status(refusal)} {_shown(_code(refusal)) or 'no error code'})"
 
         try:
             put({"IfNoneMatch": "*"}, "If-None-Match on PutObject", refused=False)

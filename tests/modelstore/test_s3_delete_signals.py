@@ -258,3 +258,36 @@ def test_a_refusing_kms_key_still_says_check_the_key() -> None:
     error = s3_error(_client_error("KMS.DisabledException", 400), "opening an artifact")
     assert error.reason == "S3_KMS_ERROR"
     assert "check the key's state" in error.message and _ARN not in error.message
+
+
+_URL = "https://models-prod.s3.eu-west-1.amazonaws.com/p/blobs/20261207T000000Z-secretkey"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        botocore.exceptions.ReadTimeoutError(endpoint_url=_URL),
+        botocore.exceptions.ConnectTimeoutError(endpoint_url=_URL),
+        botocore.exceptions.EndpointConnectionError(endpoint_url=_URL),
+        botocore.exceptions.ConnectionClosedError(endpoint_url=_URL),
+        _client_error("AccessDenied", 403),
+        _client_error("InternalError", 500),
+        _client_error(f"KMS.{_ARN}", 400),  # a code a proxy before the store made up
+        _client_error(_URL, 400),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_s3_error_logs_no_message_url_or_arn(
+    exc: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every line :func:`s3_error` logs names the failure by :func:`_s3._failure` (an error
+    name, the HTTP status and the operation, or the error's class): a timeout's or a dropped
+    connection's endpoint URL (bucket and key), the object store's message (a KMS key's ARN and
+    account) and an error code that is no error name stay out of the log, as out of the
+    caller's message."""
+    with caplog.at_level(logging.ERROR, logger="strongroom.modelstore._s3"):
+        error = s3_error(exc, "reading an artifact")
+    assert caplog.records, "s3_error logs the failure"
+    for text in (caplog.text, error.message):
+        assert _ARN not in text and _ACCOUNT not in text
+        assert "models-prod" not in text and "secretkey" not in text
