@@ -20,7 +20,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from strongroom.artifact import StructureValidator
 from strongroom.modelstore import _s3
 from strongroom.modelstore._s3 import s3_error
-from strongroom.modelstore.errors import ModelNotFound
+from strongroom.modelstore.errors import ModelNotFound, StorageUnavailable
 from strongroom.modelstore.storage import S3Storage
 from tests.modelstore import s3server
 from tests.modelstore.artifacts import make_artifact
@@ -171,6 +171,52 @@ def test_two_deletes_racing_report_a_kept_blob_once(
     kept = [r.getMessage() for r in caplog.records if "kept (kms_key)" in r.getMessage()]
     assert len(kept) == 1, kept
     assert _counted(kept_metric) == {"kms_key": 1}
+
+
+@pytest.mark.parametrize(("status", "code"), [(412, "PreconditionFailed"), (403, "AccessDenied")])
+def test_a_kept_blob_is_reported_only_once_its_record_is_deleted(
+    proxy: s3server.FaultProxy,
+    s3_bucket: str,
+    kept_metric: InMemoryMetricReader,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+    code: str,
+) -> None:
+    """The kept-blob line and count come after the record's delete: a record changed since it
+    was read (412: read again, its head read again) is reported once, and a record delete that
+    fails (403, nothing deleted) reports nothing kept. Reported with the
+    head's refusal, each pass said it again, and a failed delete said a blob was kept of a model
+    still stored."""
+    store = _replica(proxy.endpoint, s3_bucket)
+    store.put([make_artifact("acme/m", "1", b"m" * 300)], StructureValidator())
+    proxy.inject(
+        s3server.Fault(
+            lambda m, p: m == "GET" and "/p/blobs/" in p, status=400, code="KMS.DisabledException"
+        )
+    )
+    proxy.inject(
+        s3server.Fault(
+            lambda m, p: m == "DELETE" and "/p/index/" in p,
+            status=status,
+            code=code,
+            times=1 if status == 412 else None,
+        )
+    )
+    with caplog.at_level(logging.INFO, logger="strongroom.modelstore._s3"):
+        if status == 412:
+            store.delete("acme/m", "1")
+        else:
+            with pytest.raises(StorageUnavailable):
+                store.delete("acme/m", "1")
+    kept = [r.getMessage() for r in caplog.records if "kept (kms_key)" in r.getMessage()]
+    if status == 412:
+        assert len(kept) == 1, kept
+        assert _counted(kept_metric) == {"kms_key": 1}
+    else:
+        assert kept == []
+        assert _counted(kept_metric) == {}
+        proxy.clear()
+        assert store.stat("acme/m", "1").name == "acme/m"  # still stored: retry the delete
 
 
 def test_a_delete_whose_blob_is_already_gone_reports_nothing_kept(
