@@ -271,7 +271,11 @@ def _passing(exc: botocore.exceptions.ClientError) -> bool:
     botocore's retries, a KMS error of those kinds. False for a refusal that holds until someone
     changes something (a disabled KMS key, a denied permission, an archived object)."""
     code, status = _code(exc), _status(exc)
-    return code in _KMS_PASSING_CODES or _throttled(code, status) or _server_failed(code, status)
+    return (
+        code in _KMS_PASSING_CODES
+        or _throttled(code.removeprefix(_KMS_CODE_PREFIX), status)
+        or _server_failed(code, status)
+    )
 
 
 def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
@@ -310,7 +314,9 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
             # no, or failed: a 403 of them was S3_ACCESS_DENIED, a 400 the vague S3_ERROR. KMS
             # throttling, or failing for the moment, is not the key's state: told to check it, an
             # operator went after a key that was fine while the retry would have done.
-            if _throttled(code[len(_KMS_CODE_PREFIX) :], status):
+            # The same rule as _passing's: a delete takes what is called throttling here as
+            # passing (it fails, nothing deleted), not as a refusal that keeps the blob for good.
+            if _throttled(code.removeprefix(_KMS_CODE_PREFIX), status):
                 return StorageUnavailable(
                     f"KMS is throttling the requests for the bucket's key while {what} "
                     f"({_shown(code) or 'a KMS error'}): transient, retry later, or lower the "

@@ -219,6 +219,32 @@ def test_a_kept_blob_is_reported_only_once_its_record_is_deleted(
         assert store.stat("acme/m", "1").name == "acme/m"  # still stored: retry the delete
 
 
+@pytest.mark.parametrize("code", ["KMS.ThrottlingException", "KMS.Throttling", "KMS.SlowDown"])
+def test_kms_throttling_a_deletes_head_read_fails_the_delete_and_keeps_the_model(
+    proxy: s3server.FaultProxy,
+    s3_bucket: str,
+    kept_metric: InMemoryMetricReader,
+    code: str,
+) -> None:
+    """What s3_error calls KMS throttling (S3_THROTTLED: transient, retry) is what a delete's
+    read of the head takes as passing: the delete fails with nothing deleted. The two rules were
+    written twice and disagreed: s3_error took any KMS code naming throttling as such, the
+    delete only KMS.ThrottlingException, so for the others it deleted the record and kept the
+    blob for good, as for a disabled key, while the same answer elsewhere said retry later."""
+    store = _replica(proxy.endpoint, s3_bucket)
+    store.put([make_artifact("acme/m", "1", b"m" * 300)], StructureValidator())
+    proxy.inject(
+        s3server.Fault(lambda m, p: m == "GET" and "/p/blobs/" in p, status=400, code=code)
+    )
+    with pytest.raises(StorageUnavailable) as info:
+        store.delete("acme/m", "1")
+    assert info.value.reason == "S3_THROTTLED"
+    assert s3_error(_client_error(code, 400), "x").reason == "S3_THROTTLED"
+    proxy.clear()
+    assert store.stat("acme/m", "1").name == "acme/m"
+    assert _counted(kept_metric) == {}
+
+
 def test_a_delete_whose_blob_is_already_gone_reports_nothing_kept(
     s3_server: s3server.MotoServer,
     s3_bucket: str,
