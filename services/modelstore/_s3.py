@@ -130,6 +130,9 @@ _ACCESS_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 )
 _CONFLICT_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+# A GET of an object in an archive storage class (Glacier, Deep Archive): a 403, but no refusal
+# of the store's credentials.
+_ARCHIVED_CODE = "InvalidObjectState"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -268,7 +271,11 @@ def _passing(exc: botocore.exceptions.ClientError) -> bool:
     botocore's retries, a KMS error of those kinds. False for a refusal that holds until someone
     changes something (a disabled KMS key, a denied permission, an archived object)."""
     code, status = _code(exc), _status(exc)
-    return code in _KMS_PASSING_CODES or _throttled(code, status) or _server_failed(code, status)
+    return (
+        code in _KMS_PASSING_CODES
+        or _throttled(code.removeprefix(_KMS_CODE_PREFIX), status)
+        or _server_failed(code, status)
+    )
 
 
 def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
@@ -283,13 +290,17 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
     key"), ``S3_NO_SUCH_BUCKET``, ``S3_THROTTLED`` (SlowDown, 429 and the like, after botocore's
     retries, and KMS's own ``KMS.ThrottlingException``: the request rate), ``S3_SERVER_ERROR``
     (5xx after botocore's retries), ``S3_TIMEOUT``, ``S3_UNREACHABLE`` (connection refused or
-    dropped), ``S3_ERROR`` (anything else).
+    dropped), ``S3_ERROR`` (anything else, an archived object's ``InvalidObjectState`` among
+    them, saying so: a 403 that is no refusal of the credentials).
     """
     if isinstance(exc, botocore.exceptions.ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        log.error("S3 request failed while %s: %.200s (HTTP %d)", what, code, status)
+        # The code as _failure shows it, as every other line about a failed call does: an object
+        # store's or a proxy's code that is no error name (a URL, an ARN) went into the log as it
+        # was, up to 200 characters.
+        log.error("S3 request failed while %s: %s", what, _failure(exc))
         # A 403, but not about the credentials: said to be, an operator would chase keys and
         # policies that are fine instead of the store's clock.
         if code == "RequestTimeTooSkewed":
@@ -303,7 +314,9 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
             # no, or failed: a 403 of them was S3_ACCESS_DENIED, a 400 the vague S3_ERROR. KMS
             # throttling, or failing for the moment, is not the key's state: told to check it, an
             # operator went after a key that was fine while the retry would have done.
-            if _throttled(code[len(_KMS_CODE_PREFIX) :], status):
+            # The same rule as _passing's: a delete takes what is called throttling here as
+            # passing (it fails, nothing deleted), not as a refusal that keeps the blob for good.
+            if _throttled(code.removeprefix(_KMS_CODE_PREFIX), status):
                 return StorageUnavailable(
                     f"KMS is throttling the requests for the bucket's key while {what} "
                     f"({_shown(code) or 'a KMS error'}): transient, retry later, or lower the "
@@ -322,6 +335,15 @@ def s3_error(exc: Exception, what: str) -> StorageUnavailable | ModelNotFound:
                 "check the key's state and the store's kms:Decrypt and kms:GenerateDataKey "
                 "permissions on it",
                 reason=Reason.S3_KMS_ERROR,
+            )
+        if code == _ARCHIVED_CODE:
+            # A 403 too, but about the object, not the caller: said to be the credentials, an
+            # operator went after keys and policies that were fine while objects sat archived.
+            return StorageUnavailable(
+                f"the object store refused a request while {what}: the object is archived "
+                f"({_ARCHIVED_CODE}: a lifecycle rule moved it to an archive storage class; "
+                "restore it, and keep the store's prefix out of such rules)",
+                reason=Reason.S3_ERROR,
             )
         if code in _ACCESS_CODES or status == 403:
             return StorageUnavailable(
@@ -622,7 +644,7 @@ def _unreadable_head_cause(exc: botocore.exceptions.ClientError) -> str:
     code, status = _code(exc), _status(exc)
     if code.startswith(_KMS_CODE_PREFIX):
         return "kms_key"
-    if code == "InvalidObjectState":  # a 403, but about the object (archived), not the caller
+    if code == _ARCHIVED_CODE:  # a 403, but about the object, not the caller
         return "archived"
     if code in _ACCESS_CODES or status == 403:
         return "access_denied"
@@ -983,7 +1005,7 @@ class S3Storage(Closing):
                     "deleting the start-up probe object, with If-Match and without (the store's "
                     "credentials need s3:DeleteObject on the bucket's prefix)",
                 ) from None
-            return f"refuses (HTTP {_status(refusal)} {_code(refusal)})"
+            return f"refuses (HTTP {_status(refusal)} {_shown(_code(refusal)) or 'no error code'})"
 
         try:
             put({"IfNoneMatch": "*"}, "If-None-Match on PutObject", refused=False)
@@ -1524,12 +1546,16 @@ class S3Storage(Closing):
                 if _is_conflict(exc):
                     continue  # changed since it was read: read it again
                 if _is_missing(exc):
-                    # The record read is gone, and its blob is its own (blobs are never shared).
-                    self._delete_owned_blob(blob, name, version, owned)
                     if _refused_at_once(exc):
+                        # Another delete removed the record meanwhile, and says what it kept: said
+                        # here too, one blob was two WARNINGs and counted twice in BLOBS_KEPT.
+                        # An owned blob is deleted all the same (blobs are never shared).
+                        if blob is not None and owned is True:
+                            self._delete_blob(blob)
                         raise ModelNotFound(
                             f"model {name} version {version} was deleted meanwhile"
                         ) from None
+                    self._delete_owned_blob(blob, name, version, owned)
                     # Only a retry found it gone: an earlier attempt whose answer was lost (a
                     # dropped connection, a 503 after the fact) deleted it. That is this call's
                     # delete, not a NOT_FOUND.

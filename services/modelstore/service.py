@@ -584,6 +584,9 @@ def _log_abandoned(
             "bytes_sent": sent,
             "peer": ended.peer,
             "gave_up": why.value,
+            # The reason its budget counts it under, and the summary of lines not written
+            # names (without one it said reason "", as no other refusal line does).
+            "reason": Reason.DEADLINE_EXCEEDED if why is GaveUp.DEADLINE else Reason.CANCELLED,
             # Its caller chooses how many there are: within its budget of such lines, kept on the
             # call (the generator may be closed away from the call's own thread).
             REFUSAL_LINE: True,

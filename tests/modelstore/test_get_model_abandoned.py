@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -12,6 +13,8 @@ import pytest
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.artifact import StructureValidator
+from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
+from tests.conftest import buffered_service_log, refused_calls_not_logged
 from tests.modelstore.artifacts import chunked, make_artifact
 from tests.modelstore.conftest import Served
 
@@ -82,6 +85,7 @@ def test_an_abandoned_download_is_logged_once_with_what_was_sent(
     assert line.levelno == logging.INFO
     fields = line.__dict__
     assert (fields["model"], fields["version"], fields["gave_up"]) == ("acme/big", "1", how)
+    assert fields["reason"] == how
     assert 0 < fields["bytes_sent"] < _SIZE
     assert fields["bytes_sent"] % (64 * 1024) == 0  # whole messages handed to gRPC
     assert str(fields["peer"]).startswith(("ipv4:", "ipv6:"))
@@ -95,3 +99,36 @@ def test_a_whole_download_logs_no_stop(fs_served: Served, stopped_lines: _Lines)
     fs_served.channel.close()
     time.sleep(0.5)
     assert stopped_lines.records == []
+
+
+def test_a_flood_of_abandoned_downloads_is_logged_within_the_callers_budget(
+    fs_served: Served,
+    stopped_lines: _Lines,
+    monkeypatch: pytest.MonkeyPatch,
+    restore_logging: None,
+) -> None:
+    """A caller walking away from download after download chooses how many ``download
+    stopped`` lines the store writes: the service's log writes them within that caller's budget
+    of refusal lines (REFUSED_CALLS_BURST at once), and counts the rest in its summary."""
+    handler, stream = buffered_service_log(monkeypatch, "modelstore")
+    _stored(fs_served)
+    request = pb.GetModelRequest(name="acme/big", version="1")
+    sent = 2 * REFUSED_CALLS_BURST
+    for _ in range(sent):
+        call = fs_served.stub.GetModel(request, timeout=60)
+        next(call)
+        call.cancel()
+    deadline = time.monotonic() + 30
+    while len(stopped_lines.records) < sent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(stopped_lines.records) == sent  # each one said, before the budget
+    handler.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    written = [r for r in lines if r["msg"].startswith(_STOPPED)]
+    assert len(written) == REFUSED_CALLS_BURST
+    assert [r["reason"] for r in written] == ["CANCELLED"] * REFUSED_CALLS_BURST
+    # The summary says what the lines not written were (it said reason "", as no other
+    # refusal line does).
+    counted = refused_calls_not_logged(lines)
+    assert {reason for _, reason in counted} == {"CANCELLED"}
+    assert counted.total() == sent - REFUSED_CALLS_BURST

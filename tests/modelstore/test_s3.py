@@ -1211,6 +1211,22 @@ def test_a_skewed_clock_is_not_reported_as_rejected_credentials(
     assert _status(error) == (grpc.StatusCode.UNAVAILABLE, "S3_ACCESS_DENIED")
 
 
+def test_an_archived_object_is_not_reported_as_rejected_credentials(
+    proxy: s3server.FaultProxy, proxied: Any
+) -> None:
+    """S3 refuses a GET of an object a lifecycle rule moved to an archive storage class (Glacier,
+    Deep Archive) with 403 InvalidObjectState. Every 403 was S3_ACCESS_DENIED, "the object store
+    rejected the store's credentials": an operator went after keys and policies that were fine
+    while the objects needed restoring. It is S3_ERROR now, naming the code and the archive."""
+    store, stub = proxied
+    store.put([make_artifact("m", "1", b"abc")], StructureValidator())
+    error = _stat_refused(proxy, stub, 403, "InvalidObjectState")
+    assert _status(error) == (grpc.StatusCode.UNAVAILABLE, "S3_ERROR")
+    details = error.details()  # type: ignore[attr-defined]
+    assert "InvalidObjectState" in details and "archive" in details
+    assert "credentials" not in details
+
+
 @pytest.mark.parametrize(
     "endpoint",
     [

@@ -20,7 +20,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from strongroom.artifact import StructureValidator
 from strongroom.modelstore import _s3
 from strongroom.modelstore._s3 import s3_error
-from strongroom.modelstore.errors import ModelNotFound
+from strongroom.modelstore.errors import ModelNotFound, StorageUnavailable
 from strongroom.modelstore.storage import S3Storage
 from tests.modelstore import s3server
 from tests.modelstore.artifacts import make_artifact
@@ -128,6 +128,123 @@ def test_a_delete_that_keeps_its_blob_says_so_at_once_and_why(
     assert "its delete kept" in orphan
 
 
+def test_two_deletes_racing_report_a_kept_blob_once(
+    proxy: s3server.FaultProxy,
+    s3_server: s3server.MotoServer,
+    s3_bucket: str,
+    kept_metric: InMemoryMetricReader,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two deletes of one model whose blob's head is refused for good (two replicas, or a
+    client's retry while its first call still runs): both read the record and the head, one
+    deletes the record and reports the blob kept, the other finds the record gone (404 to its
+    first attempt) and answers NOT_FOUND. That one reported the blob kept as well: two WARNINGs,
+    and ``blobs_kept`` counted one blob twice. The delete that removed the record reports it."""
+    other_proxy = s3server.FaultProxy(s3_server.port)
+    try:
+        disabled = "KMS.DisabledException"
+        other_proxy.inject(
+            s3server.Fault(lambda m, p: m == "GET" and "/p/blobs/" in p, status=400, code=disabled)
+        )
+        other = _replica(other_proxy.endpoint, s3_bucket)
+        store = _replica(proxy.endpoint, s3_bucket)
+        store.put([make_artifact("acme/m", "1", b"m" * 300)], StructureValidator())
+        (blob,) = store.blob_sizes()
+
+        def other_deletes_first(method: str, path: str) -> bool:
+            # This store has read the record and now reads the head: the other replica's delete
+            # runs to its end before this store goes on.
+            if method == "GET" and "/p/blobs/" in path:
+                other.delete("acme/m", "1")
+                return True
+            return False
+
+        proxy.inject(s3server.Fault(other_deletes_first, status=400, code=disabled, times=1))
+        with (
+            caplog.at_level(logging.INFO, logger="strongroom.modelstore._s3"),
+            pytest.raises(ModelNotFound),
+        ):
+            store.delete("acme/m", "1")
+    finally:
+        other_proxy.close()
+    assert list(store.blob_sizes()) == [blob]
+    kept = [r.getMessage() for r in caplog.records if "kept (kms_key)" in r.getMessage()]
+    assert len(kept) == 1, kept
+    assert _counted(kept_metric) == {"kms_key": 1}
+
+
+@pytest.mark.parametrize(("status", "code"), [(412, "PreconditionFailed"), (403, "AccessDenied")])
+def test_a_kept_blob_is_reported_only_once_its_record_is_deleted(
+    proxy: s3server.FaultProxy,
+    s3_bucket: str,
+    kept_metric: InMemoryMetricReader,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+    code: str,
+) -> None:
+    """The kept-blob line and count come after the record's delete: a record changed since it
+    was read (412: read again, its head read again) is reported once, and a record delete that
+    fails (403, nothing deleted) reports nothing kept. Reported with the
+    head's refusal, each pass said it again, and a failed delete said a blob was kept of a model
+    still stored."""
+    store = _replica(proxy.endpoint, s3_bucket)
+    store.put([make_artifact("acme/m", "1", b"m" * 300)], StructureValidator())
+    proxy.inject(
+        s3server.Fault(
+            lambda m, p: m == "GET" and "/p/blobs/" in p, status=400, code="KMS.DisabledException"
+        )
+    )
+    proxy.inject(
+        s3server.Fault(
+            lambda m, p: m == "DELETE" and "/p/index/" in p,
+            status=status,
+            code=code,
+            times=1 if status == 412 else None,
+        )
+    )
+    with caplog.at_level(logging.INFO, logger="strongroom.modelstore._s3"):
+        if status == 412:
+            store.delete("acme/m", "1")
+        else:
+            with pytest.raises(StorageUnavailable):
+                store.delete("acme/m", "1")
+    kept = [r.getMessage() for r in caplog.records if "kept (kms_key)" in r.getMessage()]
+    if status == 412:
+        assert len(kept) == 1, kept
+        assert _counted(kept_metric) == {"kms_key": 1}
+    else:
+        assert kept == []
+        assert _counted(kept_metric) == {}
+        proxy.clear()
+        assert store.stat("acme/m", "1").name == "acme/m"  # still stored: retry the delete
+
+
+@pytest.mark.parametrize("code", ["KMS.ThrottlingException", "KMS.Throttling", "KMS.SlowDown"])
+def test_kms_throttling_a_deletes_head_read_fails_the_delete_and_keeps_the_model(
+    proxy: s3server.FaultProxy,
+    s3_bucket: str,
+    kept_metric: InMemoryMetricReader,
+    code: str,
+) -> None:
+    """What s3_error calls KMS throttling (S3_THROTTLED: transient, retry) is what a delete's
+    read of the head takes as passing: the delete fails with nothing deleted. The two rules were
+    written twice and disagreed: s3_error took any KMS code naming throttling as such, the
+    delete only KMS.ThrottlingException, so for the others it deleted the record and kept the
+    blob for good, as for a disabled key, while the same answer elsewhere said retry later."""
+    store = _replica(proxy.endpoint, s3_bucket)
+    store.put([make_artifact("acme/m", "1", b"m" * 300)], StructureValidator())
+    proxy.inject(
+        s3server.Fault(lambda m, p: m == "GET" and "/p/blobs/" in p, status=400, code=code)
+    )
+    with pytest.raises(StorageUnavailable) as info:
+        store.delete("acme/m", "1")
+    assert info.value.reason == "S3_THROTTLED"
+    assert s3_error(_client_error(code, 400), "x").reason == "S3_THROTTLED"
+    proxy.clear()
+    assert store.stat("acme/m", "1").name == "acme/m"
+    assert _counted(kept_metric) == {}
+
+
 def test_a_delete_whose_blob_is_already_gone_reports_nothing_kept(
     s3_server: s3server.MotoServer,
     s3_bucket: str,
@@ -213,3 +330,36 @@ def test_a_refusing_kms_key_still_says_check_the_key() -> None:
     error = s3_error(_client_error("KMS.DisabledException", 400), "opening an artifact")
     assert error.reason == "S3_KMS_ERROR"
     assert "check the key's state" in error.message and _ARN not in error.message
+
+
+_URL = "https://models-prod.s3.eu-west-1.amazonaws.com/p/blobs/20261207T000000Z-secretkey"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        botocore.exceptions.ReadTimeoutError(endpoint_url=_URL),
+        botocore.exceptions.ConnectTimeoutError(endpoint_url=_URL),
+        botocore.exceptions.EndpointConnectionError(endpoint_url=_URL),
+        botocore.exceptions.ConnectionClosedError(endpoint_url=_URL),
+        _client_error("AccessDenied", 403),
+        _client_error("InternalError", 500),
+        _client_error(f"KMS.{_ARN}", 400),  # a code a proxy before the store made up
+        _client_error(_URL, 400),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_s3_error_logs_no_message_url_or_arn(
+    exc: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every line :func:`s3_error` logs names the failure by :func:`_s3._failure` (an error
+    name, the HTTP status and the operation, or the error's class): a timeout's or a dropped
+    connection's endpoint URL (bucket and key), the object store's message (a KMS key's ARN and
+    account) and an error code that is no error name stay out of the log, as out of the
+    caller's message."""
+    with caplog.at_level(logging.ERROR, logger="strongroom.modelstore._s3"):
+        error = s3_error(exc, "reading an artifact")
+    assert caplog.records, "s3_error logs the failure"
+    for text in (caplog.text, error.message):
+        assert _ARN not in text and _ACCOUNT not in text
+        assert "models-prod" not in text and "secretkey" not in text
