@@ -175,7 +175,9 @@ def open_regular(path: str | Path, *, dir_fd: int | None = None) -> int:
     try:
         fd = os.open(path, flags, dir_fd=dir_fd)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        # ELOOP is also a directory of the path's that loops (or links past the kernel's limit):
+        # the file itself is a link only if lstat, which follows the same directories, says so.
+        if exc.errno == errno.ELOOP and _is_link(path, dir_fd):
             raise OSError(
                 errno.ELOOP,
                 "a symbolic link, which the broker never makes: not followed",
@@ -192,3 +194,10 @@ def open_regular(path: str | Path, *, dir_fd: int | None = None) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _is_link(path: str | Path, dir_fd: int | None) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False

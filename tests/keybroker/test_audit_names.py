@@ -237,3 +237,13 @@ def test_audit_verify_of_one_file_follows_no_link(tmp_path: Path, linked: str) -
     with pytest.raises(AuditUnavailable, match=r"symbolic link.*not followed"):
         verify_audit_log(link, public_key=key.public_key())
     assert verify_audit_log(real, public_key=key.public_key()).intact
+
+
+def test_audit_verify_of_a_file_under_a_looping_directory_says_so(tmp_path: Path) -> None:
+    """ELOOP from a directory of the path (a link that loops) was reported as the file being a
+    symbolic link not followed: it is now the system's own error, naming the path."""
+    (tmp_path / "loop").symlink_to("loop")
+    path = tmp_path / "loop" / "audit.log"
+    with pytest.raises(AuditUnavailable) as info:
+        verify_audit_log(path)
+    assert info.value.message == f"cannot read {path}: Too many levels of symbolic links"
