@@ -124,6 +124,16 @@ CASES: dict[str, tuple[Odd | None, str, str]] = {
     "junk-logless-first": (_junk("audit.log.0-1.head"), "shipping", "audit.log.0-1"),
     "directory-first": (_dir_first, "shipping", "audit.log.0-0"),
     "link-headless-first": (_headless_link_first, "shipping", "audit.log.0-0"),
+    # Another log's names: the broker reads only its own log's (audit.log), and so does audit
+    # verify, told the log or finding it beside its head; it names what it left out (IGNORED).
+    "renamed-to-another-log": (_rename_pair("audit.log.3-5", "zz.3-5"), "tampered", "seq 3..5"),
+    "another-logs-stray": (_junk("foo.01-2", oldest_shipped=False), "intact", ""),
+    "another-logs-pair": (_rename_pair("audit.log.0-2", "old.log.0-2"), "intact", ""),
+}
+IGNORED = {
+    "renamed-to-another-log": "zz.3-5",
+    "another-logs-stray": "foo.01-2",
+    "another-logs-pair": "old.log.0-2",
 }
 
 
@@ -186,6 +196,8 @@ def test_the_broker_and_audit_verify_judge_an_odd_directory_alike(
 
     assert (broker.split()[0], verify.split()[0]) == (expected, expected), (broker, verify)
     assert named in broker and named in verify, (broker, verify)
+    if case in IGNORED:  # named in a note, as not read
+        assert IGNORED[case] in verify.partition("left out, not of audit.log: ")[2], verify
     if expected != "intact":  # a start refused or warned changed nothing it judged
         after = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
         assert {n: after.get(n) for n in before if n.startswith("audit.log.")} == {
