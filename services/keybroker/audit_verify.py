@@ -495,7 +495,8 @@ def _misnamed(directories: list[Path], log_name: str) -> SeriesVerification | No
 
 _RELISTINGS = 3
 """How many times a broken series of listed directories is listed and checked again (each after
-the rotation under way, if any, has ended) while the listing keeps changing."""
+the rotation under way, if any, has ended) while the listing keeps changing; and a series one of
+whose listed files was gone whole when opened (a shipper deleting the oldest pair)."""
 
 
 def verify_audit_paths(
@@ -515,7 +516,9 @@ def verify_audit_paths(
     between (SIGHUP's rotation runs in a thread of its own, so ``kill -HUP`` then ``audit verify``
     races it): its active log is then under a sealed name the listing lacks, which read as a file
     deleted from the middle of the chain. So a broken series of listed directories is checked
-    again, once any rotation under way has ended, if listing them again finds other files.
+    again, once any rotation under way has ended, if listing them again finds other files; so is
+    one of whose listed files a shipper deleted the log and head before they were opened (as the
+    broker's start reads them: the oldest then, being shipped; a file in the middle, tampering).
     Sealed files being shipped (:func:`being_shipped`) are left out, and the message names them.
 
     Raises NotFound(AUDIT_LOG_NOT_FOUND) when the directories hold no log, and like
@@ -548,17 +551,25 @@ def verify_audit_paths(
         return files
 
     files = listed()
-    result = verify_audit_series(files, public_key=public_key)
-    for _ in range(_RELISTINGS):
-        if result.intact or not directories:
+    for attempt in range(_RELISTINGS + 1):
+        gone: NotFound | None = None
+        try:
+            result = verify_audit_series(files, public_key=public_key)
+        except NotFound as exc:
+            # Listed, then deleted whole (log and head) before its open: a shipper going on.
+            if not directories or attempt == _RELISTINGS:
+                raise
+            gone = exc
+        if gone is None and (result.intact or not directories or attempt == _RELISTINGS):
             break
         for directory in directories:
             _waited_for_directory(directory)
         again = listed()
         if again == files:
+            if gone is not None:
+                raise gone
             break
         files = again
-        result = verify_audit_series(files, public_key=public_key)
     shipped = [name for directory in directories for name in being_shipped(directory, log_name)]
     if result.intact and shipped:
         # Named, so that nobody takes them for checked (the first and last of many).

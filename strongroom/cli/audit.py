@@ -22,7 +22,7 @@ and the problem on stderr). Each is one line, non-printable characters shown esc
 summary says so. A running broker's log can be checked in place: the check covers the log as it
 stood between two commits, and a directory whose series does not verify is listed and checked
 again once a rotation under way has ended (one may come between the listing and the check:
-SIGHUP's runs in a thread of its own).
+SIGHUP's runs in a thread of its own), as is one whose listed file a shipper deleted meanwhile.
 """
 
 from __future__ import annotations

@@ -251,6 +251,49 @@ def test_audit_verify_of_one_file_follows_no_link(tmp_path: Path, linked: str) -
     assert verify_audit_log(real, public_key=key.public_key()).intact
 
 
+@pytest.mark.parametrize(
+    ("pair", "expected", "named"),
+    [("audit.log.0-2", "intact", "starts at seq 3"), ("audit.log.3-5", "tampered", "seq 3..5")],
+)
+def test_audit_verify_lists_again_when_a_listed_pair_is_gone_at_its_open(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    pair: str,
+    expected: str,
+    named: str,
+) -> None:
+    """A shipper deleting a pair (log and head) after ``audit verify DIR`` listed the directory
+    and before it opened the log made it stop, AUDIT_LOG_NOT_FOUND: it now lists the directory
+    again, and judges what is there as the broker's start does (the oldest pair gone is
+    retention, one from the middle tampering)."""
+    private_pem, public_pem = new_signing_key()
+    key = load_signing_key(Secret(private_pem))
+    public = tmp_path / "audit.pub.pem"
+    public.write_bytes(public_pem)
+    directory = tmp_path / "audit"
+    directory.mkdir()
+    _make_series(directory / "audit.log", key)
+    real_open = os.open
+    deleted: list[str] = []
+
+    def open_while_shipping(path: object, *args: object, **kwargs: object) -> int:
+        if str(path) == str(directory / pair) and not deleted:
+            for name in (pair, pair + ".head"):
+                (directory / name).unlink()
+                deleted.append(name)
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", open_while_shipping)
+    verify = _verify(directory, public, capsys)
+    monkeypatch.undo()
+    assert deleted == [pair, pair + ".head"]
+    broker = _broker(directory / "audit.log", key, caplog)
+    assert (broker.split()[0], verify.split()[0]) == (expected, expected), (broker, verify)
+    assert named in verify, verify
+
+
 def test_audit_verify_of_a_file_under_a_looping_directory_says_so(tmp_path: Path) -> None:
     """ELOOP from a directory of the path (a link that loops) was reported as the file being a
     symbolic link not followed: it is now the system's own error, naming the path."""
