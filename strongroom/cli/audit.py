@@ -1,4 +1,4 @@
-"""``strongroom audit verify PATH... [--public-key PEM]``: check audit logs for tampering.
+"""``strongroom audit verify PATH... [--log-name NAME] [--public-key PEM]``: check audit logs for tampering.
 
 One file: its records, chain and signed head (PATH.head). A directory, or several paths: every
 file of the log in them (``--log-name``, e.g. ``audit.log``: by default the one log found beside
