@@ -1,7 +1,10 @@
 """Which names in an audit directory are sealed files of a log, and what each holds: the one
 reading of a directory that the broker (:mod:`strongroom.keybroker.audit`, at start and while it
 rotates) and ``strongroom audit verify DIR`` (:mod:`strongroom.keybroker.audit_verify`) both
-apply, so that they cannot judge one directory two ways.
+apply, so that they cannot judge one directory two ways. Both read one log's names: the broker
+its own (its path's file name), ``audit verify`` the one it is told (``--log-name``) or finds
+beside its head; another log's names, sealed or not, are not that log's files, whatever their
+numbers (a sealed pair renamed ``zz.3-5`` is a pair missing from the series).
 
 **Names.** A rotation renames the log ``<log>`` to :func:`sealed_log_name` ``<log>.<first
 seq>-<last seq>`` and its head to that name + ``.head``. Any name of that shape (digits, a dash,
@@ -128,10 +131,22 @@ def has_sealed_shape(name: str) -> bool:
     return _split(name, None) is not None
 
 
+def is_sealed_name_of(name: str, log_name: str) -> bool:
+    """Whether ``name`` (a log's, not a head's) has the shape of a sealed name of the log
+    ``log_name``, canonical or not: one :func:`list_sealed` reads for that log."""
+    return _split(name, log_name) is not None
+
+
+def sealed_owner(name: str) -> str | None:
+    """The log whose sealed name ``name`` (a log's, not a head's) has the shape of, canonical or
+    not (``audit.log`` for ``audit.log.3-5``); None if it has no sealed shape."""
+    split = _split(name, None)
+    return None if split is None else split[0]
+
+
 def list_sealed(names: Iterable[str], log_name: str | None = None) -> SealedListing:
     """The sealed names among ``names`` (a directory's listing): of the log ``log_name``, or of
-    every log the names show when it is None (``audit verify``, which is not told the log's name).
-    """
+    every log the names show when it is None."""
     found: dict[tuple[str, int, int], list[bool]] = {}
     odd: list[str] = []
     for name in names:
@@ -175,7 +190,9 @@ def open_regular(path: str | Path, *, dir_fd: int | None = None) -> int:
     try:
         fd = os.open(path, flags, dir_fd=dir_fd)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        # ELOOP is also a directory of the path's that loops (or links past the kernel's limit):
+        # the file itself is a link only if lstat, which follows the same directories, says so.
+        if exc.errno == errno.ELOOP and _is_link(path, dir_fd):
             raise OSError(
                 errno.ELOOP,
                 "a symbolic link, which the broker never makes: not followed",
@@ -192,3 +209,10 @@ def open_regular(path: str | Path, *, dir_fd: int | None = None) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _is_link(path: str | Path, dir_fd: int | None) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False

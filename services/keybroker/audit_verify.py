@@ -24,7 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from strongroom import jsonparse
-from strongroom.errors import NotFound
+from strongroom.errors import InvalidArgument, NotFound
 from strongroom.files import shared_flock
 from strongroom.keybroker.audit import (
     MAX_BATCH_RECORDS,
@@ -36,10 +36,13 @@ from strongroom.keybroker.audit import (
 from strongroom.keybroker.audit_head import FILE_BYTES, GENESIS_HASH, HEX64_RE, canonical_json
 from strongroom.keybroker.audit_head import parse as parse_head
 from strongroom.keybroker.audit_names import (
+    HEAD_SUFFIX,
     SealedListing,
     has_sealed_shape,
+    is_sealed_name_of,
     list_sealed,
     open_regular,
+    sealed_owner,
     sealed_range,
 )
 from strongroom.keybroker.errors import AuditUnavailable
@@ -376,29 +379,89 @@ class SeriesVerification:
     message: str = ""
 
 
-def audit_files(directory: Path | str) -> list[Path]:
-    """The audit logs in ``directory``: each file with a ``.head`` beside it and each sealed file
+def infer_log_name(paths: list[Path]) -> str | None:
+    """The log whose files :func:`verify_audit_paths` checks in the directories among ``paths``
+    when it is not told (the broker's is the file name of its ``keybroker.audit_log``, which has
+    no default; the deployments name it ``audit.log``): the one unsealed log found beside its
+    head in them or given as a path, else the one log the sealed names there are of; None when
+    they hold no log. ``InvalidArgument`` naming them when there are several (the caller then
+    names one: ``--log-name``)."""
+    unsealed: set[str] = set()
+    owners: set[str] = set()
+    for path in paths:
+        if not path.is_dir():
+            owner = sealed_owner(path.name)
+            if owner is None:
+                unsealed.add(path.name)
+            else:
+                owners.add(owner)
+            continue
+        for name in _names(path):
+            log = name.removesuffix(HEAD_SUFFIX)
+            owner = sealed_owner(log)
+            if owner is not None:
+                owners.add(owner)
+            elif log != name:
+                unsealed.add(log)
+    found = sorted(unsealed or owners)
+    if len(found) > 1:
+        where = "beside their heads" if unsealed else "in the sealed names"
+        raise InvalidArgument(
+            f"{', '.join(map(str, paths))} hold{'s' if len(paths) == 1 else ''} several audit "
+            f"logs ({_shown(found)}, {where}): name the one to check with --log-name NAME"
+        )
+    return found[0] if found else None
+
+
+def audit_files(directory: Path | str, log_name: str | None = None) -> list[Path]:
+    """The files of the log ``log_name`` (by default :func:`infer_log_name`'s for the directory)
+    in ``directory``: the log itself, if it or its head is there, and each of its sealed files
     (:func:`~strongroom.keybroker.audit_names.list_sealed`: log or head, so that a log gone from
     beside its head is reported), but not the sealed files being shipped (:func:`being_shipped`)
-    nor names that are tampering (:func:`verify_audit_paths` reports those). Hidden files (a
-    head's temporary) are not logs."""
+    nor names that are tampering (:func:`verify_audit_paths` reports those). Other logs' files
+    (:func:`other_logs`) and hidden files (a head's temporary) are not among them."""
     directory = Path(directory)
     names = _names(directory)
-    listing = list_sealed(names)
+    if log_name is None:
+        log_name = infer_log_name([directory])
+        if log_name is None:
+            return []
+    listing = list_sealed(names, log_name)
     found = {sealed.name for sealed in listing.files} - set(listing.shipping)
-    for name in names:
-        log = name.removesuffix(".head")
-        if not has_sealed_shape(log) and (log != name or name + ".head" in names):
-            found.add(log)
+    if log_name in names or log_name + HEAD_SUFFIX in names:
+        found.add(log_name)
     return [directory / name for name in sorted(found)]
 
 
-def being_shipped(directory: Path | str) -> list[str]:
-    """The sealed files of ``directory`` at the start of its series that have lost their log or
-    their head (:mod:`~strongroom.keybroker.audit_names`, *Being shipped*): retention, as the
-    broker's check at start reads them, so they are left out of the series rather than reported
-    as a truncated log or a missing head."""
-    return list(list_sealed(_names(Path(directory))).shipping)
+def other_logs(directory: Path | str, log_name: str) -> list[str]:
+    """The names in ``directory`` of other logs than ``log_name``, which the broker whose log that
+    is never reads nor writes (so neither does :func:`verify_audit_paths`): sealed names of
+    another log (logs or heads, whatever their numbers) and unsealed logs beside their heads."""
+    names = _names(Path(directory))
+    other: set[str] = set()
+    for name in names:
+        log = name.removesuffix(HEAD_SUFFIX)
+        if log == log_name or is_sealed_name_of(log, log_name):
+            continue
+        if has_sealed_shape(log):
+            other.add(name)
+        elif log != name:
+            other.update(n for n in (log, name) if n in names)
+    return sorted(other)
+
+
+def being_shipped(directory: Path | str, log_name: str | None = None) -> list[str]:
+    """The sealed files of the log ``log_name`` (by default :func:`infer_log_name`'s) in
+    ``directory`` at the start of its series that have lost their log or their head
+    (:mod:`~strongroom.keybroker.audit_names`, *Being shipped*): retention, as the broker's check
+    at start reads them, so they are left out of the series rather than reported as a truncated
+    log or a missing head."""
+    directory = Path(directory)
+    if log_name is None:
+        log_name = infer_log_name([directory])
+        if log_name is None:
+            return []
+    return list(list_sealed(_names(directory), log_name).shipping)
 
 
 def _names(directory: Path) -> set[str]:
@@ -406,11 +469,16 @@ def _names(directory: Path) -> set[str]:
     return {p.name for p in directory.iterdir() if not p.name.startswith(".")}
 
 
-def _misnamed(directories: list[Path]) -> SeriesVerification | None:
-    """SERIES_NAME_MISMATCH for the first directory holding sealed names that are not canonical
-    (tampering, as the broker's start says: :mod:`~strongroom.keybroker.audit_names`)."""
+def _shown(names: list[str]) -> str:
+    """``names`` for a one-line message: all of up to three, else the first and last of them."""
+    return ", ".join(names) if len(names) <= 3 else f"{names[0]} .. {names[-1]}"
+
+
+def _misnamed(directories: list[Path], log_name: str) -> SeriesVerification | None:
+    """SERIES_NAME_MISMATCH for the first directory holding sealed names of ``log_name`` that are
+    not canonical (tampering, as the broker's start says: :mod:`~strongroom.keybroker.audit_names`)."""
     for directory in directories:
-        listing: SealedListing = list_sealed(_names(directory))
+        listing: SealedListing = list_sealed(_names(directory), log_name)
         problem = listing.not_canonical_problem()
         if problem is not None:
             return SeriesVerification(
@@ -427,59 +495,89 @@ def _misnamed(directories: list[Path]) -> SeriesVerification | None:
 
 _RELISTINGS = 3
 """How many times a broken series of listed directories is listed and checked again (each after
-the rotation under way, if any, has ended) while the listing keeps changing."""
+the rotation under way, if any, has ended) while the listing keeps changing; and a series one of
+whose listed files was gone whole when opened (a shipper deleting the oldest pair)."""
 
 
 def verify_audit_paths(
-    paths: list[Path], *, public_key: Ed25519PublicKey | None = None
+    paths: list[Path],
+    *,
+    public_key: Ed25519PublicKey | None = None,
+    log_name: str | None = None,
 ) -> SeriesVerification:
     """Verifies the logs at ``paths`` (a directory stands for :func:`audit_files` in it) as one
     series (:func:`verify_audit_series`).
+
+    In a directory, only the files of the log ``log_name`` are read, as the broker whose log it
+    is reads only them (by default :func:`infer_log_name`'s: ``InvalidArgument`` when that is
+    ambiguous); the message names the files of other logs left out (:func:`other_logs`).
 
     A directory is listed before its files are checked, and a running broker may rotate in
     between (SIGHUP's rotation runs in a thread of its own, so ``kill -HUP`` then ``audit verify``
     races it): its active log is then under a sealed name the listing lacks, which read as a file
     deleted from the middle of the chain. So a broken series of listed directories is checked
-    again, once any rotation under way has ended, if listing them again finds other files.
+    again, once any rotation under way has ended, if listing them again finds other files; so is
+    one of whose listed files a shipper deleted the log and head before they were opened (as the
+    broker's start reads them: the oldest then, being shipped; a file in the middle, tampering).
     Sealed files being shipped (:func:`being_shipped`) are left out, and the message names them.
 
     Raises NotFound(AUDIT_LOG_NOT_FOUND) when the directories hold no log, and like
     :func:`verify_audit_log`.
     """
     directories = [path for path in paths if path.is_dir()]
-    misnamed = _misnamed(directories)
+    if log_name is None and directories:
+        log_name = infer_log_name(paths)
+    if log_name is None:
+        if directories:
+            raise NotFound(
+                f"no audit logs in {', '.join(map(str, paths))}", reason=Reason.AUDIT_LOG_NOT_FOUND
+            )
+        log_name = ""  # no directory to list: the paths are the files
+    others = [name for directory in directories for name in other_logs(directory, log_name)]
+    note = f"; left out, not of {log_name}: {len(others)}: {_shown(others)}" if others else ""
+    misnamed = _misnamed(directories, log_name)
     if misnamed is not None:
-        return misnamed
+        return dataclasses.replace(misnamed, message=misnamed.message + note)
 
     def listed() -> list[Path]:
         files: list[Path] = []
         for path in paths:
-            files.extend(audit_files(path) if path in directories else [path])
+            files.extend(audit_files(path, log_name) if path in directories else [path])
+        if not files:
+            raise NotFound(
+                f"no audit logs of {log_name} in {', '.join(map(str, paths))}{note}",
+                reason=Reason.AUDIT_LOG_NOT_FOUND,
+            )
         return files
 
     files = listed()
-    if not files:
-        raise NotFound(
-            f"no audit logs in {', '.join(map(str, paths))}", reason=Reason.AUDIT_LOG_NOT_FOUND
-        )
-    result = verify_audit_series(files, public_key=public_key)
-    for _ in range(_RELISTINGS):
-        if result.intact or not directories:
+    for attempt in range(_RELISTINGS + 1):
+        gone: NotFound | None = None
+        try:
+            result = verify_audit_series(files, public_key=public_key)
+        except NotFound as exc:
+            # Listed, then deleted whole (log and head) before its open: a shipper going on.
+            if not directories or attempt == _RELISTINGS:
+                raise
+            gone = exc
+        if gone is None and (result.intact or not directories or attempt == _RELISTINGS):
             break
         for directory in directories:
             _waited_for_directory(directory)
         again = listed()
         if again == files:
+            if gone is not None:
+                raise gone
             break
         files = again
-        result = verify_audit_series(files, public_key=public_key)
-    shipped = [name for directory in directories for name in being_shipped(directory)]
+    shipped = [name for directory in directories for name in being_shipped(directory, log_name)]
     if result.intact and shipped:
         # Named, so that nobody takes them for checked (the first and last of many).
-        named = ", ".join(shipped) if len(shipped) <= 3 else f"{shipped[0]} .. {shipped[-1]}"
-        note = f"; left out, being shipped (log or head already deleted): {len(shipped)}: {named}"
-        return dataclasses.replace(result, message=result.message + note)
-    return result
+        note = (
+            f"; left out, being shipped (log or head already deleted): {len(shipped)}: "
+            f"{_shown(shipped)}{note}"
+        )
+    return dataclasses.replace(result, message=result.message + note) if note else result
 
 
 def verify_audit_series(

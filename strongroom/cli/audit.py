@@ -1,15 +1,18 @@
-"""``strongroom audit verify PATH... [--public-key PEM]``: check audit logs for tampering.
+"""``strongroom audit verify PATH... [--log-name NAME] [--public-key PEM]``: check audit logs for tampering.
 
 One file: its records, chain and signed head (PATH.head). A directory, or several paths: every
-log in them (each file with a ``.head`` beside it, e.g. the sealed ``audit.log.<first>-<last>``
-files a rotating broker leaves and its active ``audit.log``) is checked alone, then as one chain:
+file of the log in them (``--log-name``, e.g. ``audit.log``: by default the one log found beside
+its head there or given as a path, else the one log the sealed names are of; several are an
+error asking for ``--log-name``), that is the log itself and the sealed ``<log>.<first>-<last>``
+files a rotating broker leaves, each with its ``.head``, is checked alone, then as one chain:
 each file must continue the one before it (its first seq and first record's ``prev`` are that
 file's end and last hash) and be sealed if another follows. A file missing in the middle, a
 reordered, renamed or substituted file is reported as tampering, naming it; a series starting
 after seq 0 (older files deleted after shipping) is not, and the summary says where it starts.
 A name shaped like a sealed file's but not as a rotation writes it (``audit.log.007-010``) is
 SERIES_NAME_MISMATCH, as the broker's start calls it tampering; a log or head that is a symbolic
-link is not followed (an error naming it, as the broker's). The summary ends with the granted key
+link is not followed (an error naming it, as the broker's). Files of other logs are left out,
+as the broker reads only its own log's, and named. The summary ends with the granted key
 releases per release-signing key (the key each record names,
 by the first 16 hex digits of its id; "not named": releases recorded before records named it).
 
@@ -19,7 +22,7 @@ and the problem on stderr). Each is one line, non-printable characters shown esc
 summary says so. A running broker's log can be checked in place: the check covers the log as it
 stood between two commits, and a directory whose series does not verify is listed and checked
 again once a rotation under way has ended (one may come between the listing and the check:
-SIGHUP's runs in a thread of its own).
+SIGHUP's runs in a thread of its own), as is one whose listed file a shipper deleted meanwhile.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from strongroom.cli._text import printable
-from strongroom.errors import NotFound
+from strongroom.errors import InvalidArgument, NotFound
 from strongroom.keybroker.audit import load_public_key
 from strongroom.keybroker.audit_verify import verify_audit_log, verify_audit_paths
 from strongroom.reasons import Reason
@@ -55,6 +58,12 @@ def register(subparsers: Any) -> None:
         help="an audit log file (its head is PATH.head), or a directory of them, or several",
     )
     verify.add_argument(
+        "--log-name",
+        metavar="NAME",
+        help="the log whose files to check in a directory (the file name of the broker's "
+        "keybroker.audit_log, e.g. audit.log); by default the one log beside its head there",
+    )
+    verify.add_argument(
         "--public-key",
         type=Path,
         metavar="PEM",
@@ -73,9 +82,15 @@ def _verify(args: argparse.Namespace) -> int:
                 f"cannot read {args.public_key}: {exc.strerror}", reason=Reason.AUDIT_KEY_NOT_FOUND
             ) from None
         key = load_public_key(pem)
+    log_name: str | None = args.log_name
+    if log_name is not None and (not log_name or log_name.startswith(".") or "/" in log_name):
+        # Hidden names are a head's temporaries, never a log's (and not listed).
+        raise InvalidArgument(
+            f"--log-name {log_name!r}: give the log's file name, as audit.log (no '/', not hidden)"
+        )
     paths: list[Path] = args.path
     if len(paths) > 1 or paths[0].is_dir():
-        return _verify_series(paths, key)
+        return _verify_series(paths, key, log_name)
     result = verify_audit_log(paths[0], public_key=key)
     # What the files hold is the other side's to choose: nothing read from them (nor the path)
     # reaches the auditor's terminal as a control sequence that could fake an "intact" line.
@@ -90,8 +105,8 @@ def _verify(args: argparse.Namespace) -> int:
     return EXIT_TAMPERED
 
 
-def _verify_series(paths: list[Path], key: Any) -> int:
-    result = verify_audit_paths(paths, public_key=key)
+def _verify_series(paths: list[Path], key: Any, log_name: str | None) -> int:
+    result = verify_audit_paths(paths, public_key=key, log_name=log_name)
     if result.intact:
         last = result.files[-1][1].last_hash
         print(printable(f"intact: {result.message}; last hash {last}"))

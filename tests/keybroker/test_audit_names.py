@@ -124,6 +124,16 @@ CASES: dict[str, tuple[Odd | None, str, str]] = {
     "junk-logless-first": (_junk("audit.log.0-1.head"), "shipping", "audit.log.0-1"),
     "directory-first": (_dir_first, "shipping", "audit.log.0-0"),
     "link-headless-first": (_headless_link_first, "shipping", "audit.log.0-0"),
+    # Another log's names: the broker reads only its own log's (audit.log), and so does audit
+    # verify, told the log or finding it beside its head; it names what it left out (IGNORED).
+    "renamed-to-another-log": (_rename_pair("audit.log.3-5", "zz.3-5"), "tampered", "seq 3..5"),
+    "another-logs-stray": (_junk("foo.01-2", oldest_shipped=False), "intact", ""),
+    "another-logs-pair": (_rename_pair("audit.log.0-2", "old.log.0-2"), "intact", ""),
+}
+IGNORED = {
+    "renamed-to-another-log": "zz.3-5",
+    "another-logs-stray": "foo.01-2",
+    "another-logs-pair": "old.log.0-2",
 }
 
 
@@ -186,6 +196,8 @@ def test_the_broker_and_audit_verify_judge_an_odd_directory_alike(
 
     assert (broker.split()[0], verify.split()[0]) == (expected, expected), (broker, verify)
     assert named in broker and named in verify, (broker, verify)
+    if case in IGNORED:  # named in a note, as not read
+        assert IGNORED[case] in verify.partition("left out, not of audit.log: ")[2], verify
     if expected != "intact":  # a start refused or warned changed nothing it judged
         after = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
         assert {n: after.get(n) for n in before if n.startswith("audit.log.")} == {
@@ -237,3 +249,56 @@ def test_audit_verify_of_one_file_follows_no_link(tmp_path: Path, linked: str) -
     with pytest.raises(AuditUnavailable, match=r"symbolic link.*not followed"):
         verify_audit_log(link, public_key=key.public_key())
     assert verify_audit_log(real, public_key=key.public_key()).intact
+
+
+@pytest.mark.parametrize(
+    ("pair", "expected", "named"),
+    [("audit.log.0-2", "intact", "starts at seq 3"), ("audit.log.3-5", "tampered", "seq 3..5")],
+)
+def test_audit_verify_lists_again_when_a_listed_pair_is_gone_at_its_open(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    pair: str,
+    expected: str,
+    named: str,
+) -> None:
+    """A shipper deleting a pair (log and head) after ``audit verify DIR`` listed the directory
+    and before it opened the log made it stop, AUDIT_LOG_NOT_FOUND: it now lists the directory
+    again, and judges what is there as the broker's start does (the oldest pair gone is
+    retention, one from the middle tampering)."""
+    private_pem, public_pem = new_signing_key()
+    key = load_signing_key(Secret(private_pem))
+    public = tmp_path / "audit.pub.pem"
+    public.write_bytes(public_pem)
+    directory = tmp_path / "audit"
+    directory.mkdir()
+    _make_series(directory / "audit.log", key)
+    real_open = os.open
+    deleted: list[str] = []
+
+    def open_while_shipping(path: object, *args: object, **kwargs: object) -> int:
+        if str(path) == str(directory / pair) and not deleted:
+            for name in (pair, pair + ".head"):
+                (directory / name).unlink()
+                deleted.append(name)
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", open_while_shipping)
+    verify = _verify(directory, public, capsys)
+    monkeypatch.undo()
+    assert deleted == [pair, pair + ".head"]
+    broker = _broker(directory / "audit.log", key, caplog)
+    assert (broker.split()[0], verify.split()[0]) == (expected, expected), (broker, verify)
+    assert named in verify, verify
+
+
+def test_audit_verify_of_a_file_under_a_looping_directory_says_so(tmp_path: Path) -> None:
+    """ELOOP from a directory of the path (a link that loops) was reported as the file being a
+    symbolic link not followed: it is now the system's own error, naming the path."""
+    (tmp_path / "loop").symlink_to("loop")
+    path = tmp_path / "loop" / "audit.log"
+    with pytest.raises(AuditUnavailable) as info:
+        verify_audit_log(path)
+    assert info.value.message == f"cannot read {path}: Too many levels of symbolic links"

@@ -25,7 +25,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from strongroom.cli import audit as audit_cli
-from strongroom.errors import DataLoss
+from strongroom.errors import DataLoss, InvalidArgument, NotFound
 from strongroom.keybroker import audit as audit_module
 from strongroom.keybroker import audit_verify
 from strongroom.keybroker.audit import AuditLog, head_path
@@ -606,6 +606,46 @@ def test_the_cli_verifies_a_directory_or_several_paths(
     assert "SERIES_GAP" in err and "audit.log.6-8" in err
 
 
+def test_the_cli_checks_an_archive_and_the_live_directory_as_one_series(
+    series_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``audit verify archive/ live/``: the log's name is the one beside its head (live), and
+    the archive's sealed files are of it."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for name in ("audit.log.0-2", "audit.log.3-5", "audit.log.6-8"):
+        for path in _pair(series_dir, name):
+            shutil.move(path, archive / path.name)
+    assert _run("audit", "verify", str(archive), str(series_dir)) == 0
+    assert "4 files, records seq 0..10" in capsys.readouterr().out
+    # The archive alone: its sealed names are of one log, audit.log.
+    assert _run("audit", "verify", str(archive)) == 0
+    assert "3 files, records seq 0..8" in capsys.readouterr().out
+
+
+def test_the_cli_checks_the_log_it_is_told_and_asks_when_there_are_several(
+    series_dir: Path, key: Ed25519PrivateKey, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A directory holding two logs beside their heads: which is the broker's is not for audit
+    verify to guess (it checked them as one series); --log-name says, the other is left out."""
+    with AuditLog.open(series_dir / "other.log", key) as log:
+        fill(log, 2)
+    with pytest.raises(InvalidArgument, match=r"several audit logs \(audit.log, other.log, "):
+        _run("audit", "verify", str(series_dir))
+    assert _run("audit", "verify", str(series_dir), "--log-name", "audit.log") == 0
+    out = capsys.readouterr().out
+    assert "4 files, records seq 0..10" in out
+    assert "left out, not of audit.log: 2: other.log, other.log.head" in out
+    assert _run("audit", "verify", str(series_dir), "--log-name", "other.log") == 0
+    out = capsys.readouterr().out
+    assert "1 files, records seq 0..1" in out and "not of other.log: 8: audit.log .. " in out
+    with pytest.raises(NotFound, match=r"no audit logs of nothing\.log in"):
+        _run("audit", "verify", str(series_dir), "--log-name", "nothing.log")
+    for bad in ("", ".audit.log", "../audit.log"):
+        with pytest.raises(InvalidArgument, match="give the log's file name"):
+            _run("audit", "verify", str(series_dir), "--log-name", bad)
+
+
 def test_the_cli_checks_a_directory_again_when_a_rotation_came_between_listing_and_check(
     log_path: Path,
     key: Ed25519PrivateKey,
@@ -622,8 +662,8 @@ def test_the_cli_checks_a_directory_again_when_a_rotation_came_between_listing_a
         log.rotate()
         fill(log, 2)
 
-        def listed_then_rotated(directory: Path | str) -> list[Path]:
-            found = listing(directory)
+        def listed_then_rotated(directory: Path | str, log_name: str | None = None) -> list[Path]:
+            found = listing(directory, log_name)
             if log.count == 5:
                 log.rotate()  # right after the listing, as a broker's SIGHUP thread may
                 log.append(event(5))
