@@ -41,6 +41,7 @@ from strongroom.pki.identity import WorkloadIdentity
 
 # Imported first: it disables ONNX Runtime's telemetry before onnxruntime is loaded anywhere.
 from strongroom.reasons import Reason
+from strongroom.runtime import starting
 from strongroom.runtime.bootstrap import RoleTable, build_host, run_service
 from strongroom.runtime.config import CommonConfig
 from strongroom.runtime.server import ReadinessCheck, ServiceHost, ServiceSpec
@@ -233,6 +234,7 @@ def build(
         "inference", common.tracing, identity=lambda: identity.credentials
     )
     attester = attester or make_attester(common, config)
+    starting.checkpoint("attester")
     store_id, broker_id = config.server_ids(identity.trust_domain)
     # The scope interceptor sits below the tracing: a traced download is a generator that only
     # the loading thread may close, and a cancelled LoadModel must end the real call beneath it.
@@ -252,6 +254,37 @@ def build(
         server_id=broker_id,
         wrap=lambda channel: traced_channel(channel, provider),
     )
+    # Until the server is returned, whatever stops the build (its port taken, a SIGTERM at a
+    # checkpoint) closes the broker's channels: they were left open.
+    with contextlib.ExitStack() as undo:
+        undo.callback(broker_channels.close)
+        server = _build_on(
+            common,
+            config,
+            identity,
+            provider=provider,
+            attester=attester,
+            verifier=verifier,
+            store_channel=store_channel,
+            broker_channels=broker_channels,
+        )
+        starting.checkpoint("host")  # its ports bound
+        undo.pop_all()
+        return server
+
+
+def _build_on(
+    common: CommonConfig,
+    config: InferenceConfig,
+    identity: WorkloadIdentity,
+    *,
+    provider: TracerProvider,
+    attester: Attester,
+    verifier: ReleaseVerifier,
+    store_channel: grpc.Channel,
+    broker_channels: PinnedChannels,
+) -> InferenceServer:
+    """The server on those channels: its loader and host built (ports bound), not started."""
     repository = ModelRepository(expected=[m.name for m in config.models], options=config.runtime)
     loader = ModelLoader(
         repository,

@@ -53,6 +53,7 @@ from strongroom.keybroker.service import (
 )
 from strongroom.pki.identity import WorkloadIdentity
 from strongroom.reasons import Reason
+from strongroom.runtime import starting
 from strongroom.runtime.bootstrap import RoleTable, build_host, run_service
 from strongroom.runtime.config import CommonConfig
 from strongroom.runtime.secrets import Secret
@@ -248,32 +249,44 @@ def build(
     release_signer = ReleaseSigner(release_key)
     pin = Secret.load(file=config.pin_file, env=PIN_ENV, what="HSM PIN", single=single)
     module_env = {"SOFTHSM2_CONF": str(config.softhsm2_conf)} if config.softhsm2_conf else {}
-    hsm = Hsm.open(
-        HsmConfig(
-            module_path=config.pkcs11_module,
-            token_label=config.token_label,
-            pin=pin,
-            module_env=module_env,
-            operation_timeout=config.hsm_operation_timeout_seconds,
-            recycle_after_operations=config.hsm_recycle_after_operations,
-        )
+    hsm_config = HsmConfig(
+        module_path=config.pkcs11_module,
+        token_label=config.token_label,
+        pin=pin,
+        module_env=module_env,
+        operation_timeout=config.hsm_operation_timeout_seconds,
+        recycle_after_operations=config.hsm_recycle_after_operations,
     )
-    # Until the broker is returned, whatever stops the build (an error, a SIGTERM while starting:
-    # stop_on_early_signal's SystemExit) closes what it opened: only AuditLog.open's failure
-    # closed the HSM, and anything later left both open (the HSM's module loaded, its worker
-    # running; the audit log's descriptor held).
+    # A slow HSM (its connection, the audit log's lock another process holds) is waited for
+    # only until a SIGTERM asks the starting broker to stop (strongroom.runtime.starting).
+    hsm = starting.interruptible("hsm", lambda: Hsm.open(hsm_config), Hsm.close)
+    # Until the broker is returned, whatever stops the build (an error, a SIGTERM at one of its
+    # checkpoints) closes what it opened: only AuditLog.open's failure closed the HSM, and
+    # anything later left both open (the HSM's module loaded, its worker running; the audit
+    # log's descriptor held).
     undo = contextlib.ExitStack()
     undo.callback(hsm.close)
     with undo:
-        audit = AuditLog.open(
-            config.audit_log,
-            audit_key,
-            max_bytes=config.audit_max_bytes,
-            rotate_bytes=config.audit_rotate_bytes,
+        starting.checkpoint("hsm")
+        audit = starting.interruptible(
+            "audit log",
+            lambda: AuditLog.open(
+                config.audit_log,
+                audit_key,
+                max_bytes=config.audit_max_bytes,
+                rotate_bytes=config.audit_rotate_bytes,
+            ),
+            AuditLog.close,
         )
         undo.callback(audit.close)
+        starting.checkpoint("audit log")
         keys = KeyManager(hsm)
-        keys.warn_modifiable_versions(timeout=config.hsm_operation_timeout_seconds)
+        starting.interruptible(
+            "keys",
+            lambda: keys.warn_modifiable_versions(timeout=config.hsm_operation_timeout_seconds),
+            None,
+        )
+        starting.checkpoint("keys")
         policies = PolicyStore(
             config.policies_dir,
             trust_domain=identity.trust_domain,
@@ -352,6 +365,7 @@ def build(
         )
         if refresher is not None:
             undo.callback(refresher.stop)
+        starting.checkpoint("host")  # its ports bound
         broker = KeyBroker(
             host=host,
             hsm=hsm,

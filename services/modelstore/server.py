@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from strongroom.modelstore.service import (
 )
 from strongroom.modelstore.storage import FilesystemStorage, S3Storage, open_storage
 from strongroom.pki.identity import WorkloadIdentity
+from strongroom.runtime import starting
 from strongroom.runtime.bootstrap import RoleTable, build_host, run_service
 from strongroom.runtime.config import CommonConfig
 from strongroom.runtime.server import ServiceHost, ServiceSpec
@@ -54,7 +56,37 @@ def build(
     tracer_provider: TracerProvider | None = None,
 ) -> ModelStore:
     """Opens the storage (sweeping interrupted uploads) and builds the host."""
-    storage = open_storage(config, single_secrets=common.production)
+    # An object store that does not answer, a long sweep: waited for only until a SIGTERM asks
+    # the starting store to stop (strongroom.runtime.starting).
+    storage = starting.interruptible(
+        "storage",
+        lambda: open_storage(config, single_secrets=common.production),
+        _close_storage,
+    )
+    # Until the store is returned, whatever stops the build (its port taken, a SIGTERM at a
+    # checkpoint) closes the storage: it was left open, its index's connection and root lock
+    # held.
+    with contextlib.ExitStack() as undo:
+        undo.callback(storage.close)
+        starting.checkpoint("storage")
+        store = _build_on(common, config, storage, identity, tracer_provider)
+        starting.checkpoint("host")  # its ports bound
+        undo.pop_all()
+        return store
+
+
+def _close_storage(storage: FilesystemStorage | S3Storage) -> None:
+    storage.close()
+
+
+def _build_on(
+    common: CommonConfig,
+    config: ModelstoreConfig,
+    storage: FilesystemStorage | S3Storage,
+    identity: WorkloadIdentity,
+    tracer_provider: TracerProvider | None,
+) -> ModelStore:
+    """The store on ``storage``, opened: its host built (ports bound), not started."""
     log.info(
         "storage opened",
         extra={"backend": config.storage.backend, "sweep": str(storage.last_sweep)},

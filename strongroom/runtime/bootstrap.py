@@ -20,6 +20,7 @@ from strongroom.pki.client import CaClient
 from strongroom.pki.errors import CertificateInvalid, NoIdentity
 from strongroom.pki.identity import RenewalPolicy, WorkloadIdentity
 from strongroom.reasons import Reason
+from strongroom.runtime import starting
 from strongroom.runtime.config import (
     LOOPBACK_NAMES,
     CommonConfig,
@@ -30,7 +31,7 @@ from strongroom.runtime.config import (
 from strongroom.runtime.interceptors import RefusalObserver
 from strongroom.runtime.log_writer import FLUSH_SECONDS
 from strongroom.runtime.logs import configure_logging
-from strongroom.runtime.process import exit_abandoning, stop_on_early_signal
+from strongroom.runtime.process import exit_abandoning
 from strongroom.runtime.secrets import require_private
 from strongroom.runtime.server import (
     HANDLER_DRAIN_SECONDS,
@@ -260,7 +261,8 @@ def run_service(
     provider), serve until SIGTERM, drain, close; then write the log and end the telemetry."""
     common, section = load_service_config(config_path, service, section_cls)
     configure_logging(common.logging, service)
-    stop_on_early_signal()
+    # A SIGTERM from here on stops the start at its next checkpoint (strongroom.runtime.starting).
+    starting.install()
     abandoned = 0
     telemetry: Telemetry | None = None
     # From here on, why the service stops is in its log, enrolment's failures included (a CA
@@ -268,13 +270,17 @@ def run_service(
     # the command line only, and the log said nothing of why the process had ended.
     try:
         try:
-            identity = open_identity(common.identity)
+            identity = starting.interruptible(
+                "identity", lambda: open_identity(common.identity), WorkloadIdentity.close
+            )
             try:
+                starting.checkpoint("identity")
                 telemetry = Telemetry.install(
                     service, common.tracing, identity=lambda: identity.credentials
                 )
                 if common.production:
                     refuse_loopback_names(identity)
+                starting.checkpoint("telemetry")
                 running = build(common, section, identity, telemetry.tracer_provider)
                 try:
                     running.host.run_until_signal(

@@ -53,8 +53,8 @@ MB. Only for inference: the broker and the store hold no large buffers, and thei
 were measured without it.
 
 :func:`forbid_core_dumps` is the other half of how a service's process runs: ``strongroom serve``
-calls it for every service before anything else. How it ends: :func:`stop_on_early_signal` and
-:func:`exit_abandoning`.
+calls it for every service before anything else. How it ends: while starting,
+:mod:`strongroom.runtime.starting`; once its calls were abandoned, :func:`exit_abandoning`.
 """
 
 from __future__ import annotations
@@ -62,9 +62,8 @@ from __future__ import annotations
 import logging
 import os
 import resource
-import signal
 from collections.abc import Mapping
-from types import FrameType, MappingProxyType
+from types import MappingProxyType
 from typing import NoReturn
 
 PROCESS_ENV: Mapping[str, str] = MappingProxyType(
@@ -109,32 +108,6 @@ def forbid_core_dumps() -> None:
 
 
 log = logging.getLogger(__name__)
-
-
-def stop_on_early_signal() -> None:
-    """Has SIGTERM (or SIGINT) stop a service that is still starting (enrolling, opening its
-    HSM, loading) the way an error would: its ``finally`` clauses run and the log's queue is
-    written at exit.
-
-    Until the host installs its own handler (:meth:`~strongroom.runtime.server.ServiceHost.run_until_signal`),
-    SIGTERM had its default action: the process died at once, and the lines its log had queued
-    (a collector slow to read) were never written, the last of them saying what it was doing.
-    The exit status is the one a death by the signal reports (128 + its number). Once stopping,
-    a further signal is logged and ignored: raised again inside the ``finally`` clauses the
-    first one runs, it left what they close half closed."""
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        signal.signal(signal.SIGTERM, _ignored_while_stopping)
-        signal.signal(signal.SIGINT, _ignored_while_stopping)
-        log.warning("signal received while starting; stopping", extra={"signal": signum})
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-
-def _ignored_while_stopping(signum: int, _frame: FrameType | None) -> None:
-    log.warning("signal received while stopping; ignored", extra={"signal": signum})
 
 
 def exit_abandoning(calls: int, *, status: int = 0) -> NoReturn:

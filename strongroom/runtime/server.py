@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import signal
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
@@ -23,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from strongroom.pki.authz import SpiffeAuthorizer
+from strongroom.runtime import starting
 from strongroom.runtime.callers import UnaryGuard, WorkerShares, caller_key, identify_by_role
 from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.grpc_types import ServerInterceptor
@@ -345,7 +345,11 @@ class ServiceHost:
                 self._set_all(NOT_SERVING)
 
     def start(self) -> None:
-        """Starts serving; readiness is evaluated at once and then every ``check_interval``."""
+        """Starts serving; readiness is evaluated at once and then every ``check_interval``. A
+        host stopped before it started (a SIGTERM as it was handed the signals) never starts:
+        its stop would not stop it again."""
+        if self._stopped.is_set():
+            return
         self._server.start()
         if self._health_server is not None:
             self._health_server.start()
@@ -415,8 +419,8 @@ class ServiceHost:
             log.info("signal received, draining", extra={"signal": signum})
             threading.Thread(target=self.stop, name="shutdown").start()
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        # A stop asked for while the service started ends it here, before it serves.
+        starting.hand_over(on_signal)
         settle_heap()  # before any call or background load: only startup's objects are frozen
         self.start()
         if after_start is not None:
