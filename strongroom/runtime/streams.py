@@ -214,10 +214,10 @@ class StreamGuard(HandlerInterceptor):
                 and self._per_certificate[certificate] >= share
             ):
                 raise ResourceExhausted(
-                    f"certificate {certificate} already has {share} streams open, its share of "
-                    f"its identity's {limits.max_streams_per_identity} "
-                    "(server.max_streams_per_certificate, server.max_streams_per_identity, which "
-                    f"its identity's other certificates share); {method} refused, retry later",
+                    f"certificate {certificate} already has {share} streams open "
+                    "(server.max_streams_per_certificate), its share of its identity's "
+                    f"{limits.max_streams_per_identity} (server.max_streams_per_identity, which "
+                    f"the identity's other certificates share); {method} refused, retry later",
                     reason=Reason.TOO_MANY_STREAMS_PER_CERTIFICATE,
                 )
             if blocking and self._blocking >= limits.max_blocking_streams:
