@@ -26,7 +26,9 @@ it is ``DATA_LOSS`` with the artifact reader's reason, like a failed authenticat
 (store, broker, HSM or collateral briefly unreachable), or ``RESOURCE_EXHAUSTED``
 ``TOO_MANY_UNARY_CALLS_PER_IDENTITY``, ``TOO_MANY_WORKERS_PER_IDENTITY`` or
 ``TOO_MANY_CALLS_PER_CERTIFICATE`` (the broker or the store busy with this identity's, or this
-certificate's, other calls and streams) or ``DATA_PLANE_WORKERS_BUSY`` (a peer's data-plane workers all busy), with
+certificate's, other calls and streams), ``TOO_MANY_STREAMS_PER_IDENTITY``,
+``TOO_MANY_STREAMS_PER_CERTIFICATE`` or ``TOO_MANY_STREAMS`` (the store's streams of this identity,
+of this certificate, or in all, taken) or ``DATA_PLANE_WORKERS_BUSY`` (a peer's data-plane workers all busy), with
 exponential back-off until a deadline; nothing else is retried (a denied release or a damaged
 artifact needs an operator). Configured models retry without a deadline (see the server);
 LoadModel retries within :data:`LOAD_RETRY_SECONDS` or the caller's own deadline, whichever is
@@ -88,13 +90,15 @@ BUSY_REFUSALS = frozenset(
         Reason.TOO_MANY_WORKERS_PER_IDENTITY,
         Reason.TOO_MANY_CALLS_PER_CERTIFICATE,
         Reason.TOO_MANY_STREAMS_PER_IDENTITY,
+        Reason.TOO_MANY_STREAMS_PER_CERTIFICATE,
         Reason.TOO_MANY_STREAMS,
         Reason.DATA_PLANE_WORKERS_BUSY,
     }
 )
 """RESOURCE_EXHAUSTED refusals that say "retry later" rather than "too large": the key broker had
 as many calls of this identity (or of this server's certificate, its share) running as it admits, or the store as many of its streams (or
-blocking streams in all), or either had every data-plane worker busy. Every replica of the
+of this server's certificate, its share, or blocking streams in all), or either had every
+data-plane worker busy. Every replica of the
 inference service shares its SPIFFE ID, so a fleet's releases at once while collateral or the HSM
 is slow, or its downloads at once, reach them."""
 

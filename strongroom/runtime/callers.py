@@ -74,6 +74,9 @@ its waits for a request message; beyond it they are refused at once with
 for the other replicas. Control-plane calls (health's own, once its message came) are not shared:
 a burst of one replica's health checks is answered as before. Nor are blocking streams: one
 inference replica downloads 8 parts at once from the store, more than half its default bound.
+Streams have a share of their own, of the identity's stream cap
+(:class:`~strongroom.runtime.streams.StreamGuard`, ``server.max_streams_per_certificate``), keyed
+by the same :func:`certificate_key`.
 The identity's bound still counts the total, however many certificates it holds: a replica can
 renew onto new serials at will, and each buys a share, never more than the identity's bound (two
 certificates at their share hold it all again). The shares count what is held now, each
@@ -422,9 +425,9 @@ class WorkerShares:
     def release(self, identity: str, certificate: str | None = None) -> None:
         """Gives back a worker :meth:`hold` counted (under :attr:`lock`)."""
         self.held -= 1
-        _forget(self._mine, identity)
+        forget(self._mine, identity)
         if certificate is not None:
-            _forget(self._certificates, certificate)
+            forget(self._certificates, certificate)
 
     def take(self, method: str, identity: str, certificate: str | None = None) -> None:
         """Holds a data-plane worker for ``identity``'s blocking stream of ``method``; raises
@@ -462,8 +465,9 @@ def _timed_out(method: str, bound: float, setting: str) -> ResourceExhausted:
     )
 
 
-def _forget(counts: Counter[str], key: str) -> None:
-    """Counts one less for ``key``, and forgets it at none (the tables hold what runs now)."""
+def forget(counts: Counter[str], key: str) -> None:
+    """Counts one less for ``key``, and forgets it at none (the tables hold what runs now, so
+    that a key, a certificate minted at will included, costs nothing once it holds nothing)."""
     counts[key] -= 1
     if counts[key] <= 0:
         del counts[key]
@@ -925,7 +929,7 @@ class UnaryGuard(HandlerInterceptor):
 
     def _leave(self, identity: str, certificate: str | None, data: bool) -> None:
         with self._lock:
-            _forget(self._running, identity)
+            forget(self._running, identity)
             if data:
                 self.shares.release(identity, certificate)
 

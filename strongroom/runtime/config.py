@@ -261,6 +261,15 @@ class ServerConfig:
     grace_seconds: float = 20.0
     # Streams (uploads, downloads, health Watch) one caller may hold open at once.
     max_streams_per_identity: int = 8
+    # Of those, how many one certificate of an identity may hold open: a fleet's replicas share
+    # one SPIFFE ID, and one replica's stalled downloads (each cut only after
+    # stream_idle_timeout_seconds, then reopened) held the fleet's every stream, refusing every
+    # other replica's model loads. None (the default) or a value at or above
+    # max_streams_per_identity: no share (a client of one certificate keeps them all); for a
+    # fleet, half of them (strongroom.runtime.callers.certificate_share). The excess is refused at
+    # once (RESOURCE_EXHAUSTED TOO_MANY_STREAMS_PER_CERTIFICATE); the identity's cap still counts
+    # its certificates together.
+    max_streams_per_certificate: int | None = None
     # Worker threads only the service's control-plane methods may use (model control on
     # inference, key administration on the broker, deletes and key-slot replacement on the store,
     # health and reflection everywhere; a health call waits for its request message within the
@@ -343,6 +352,8 @@ class ServerConfig:
             )
         if self.max_streams_per_identity < 1:
             raise ConfigError("server.max_streams_per_identity must be at least 1")
+        if self.max_streams_per_certificate is not None and self.max_streams_per_certificate < 1:
+            raise ConfigError("server.max_streams_per_certificate must be at least 1")
         if self.max_blocking_streams is not None and not (
             1 <= self.max_blocking_streams < self.max_workers
         ):

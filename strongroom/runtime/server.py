@@ -205,6 +205,7 @@ class ServiceHost:
                 max_blocking_streams=config.blocking_streams,
                 idle_timeout=config.stream_idle_timeout_seconds,
                 min_bytes_per_second=config.stream_min_bytes_per_second,
+                max_streams_per_certificate=config.max_streams_per_certificate,
             ),
             identify=identify,
             shares=self.shares,

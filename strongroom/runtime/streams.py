@@ -8,6 +8,9 @@ threads for as long as it lasts. :class:`StreamGuard` admits a stream only while
   ``max_streams_per_identity`` streams open, of any kind (non-blocking ones such as health
   ``Watch`` included: they hold no thread, but they count against gRPC's
   ``maximum_concurrent_rpcs``), and
+- with a share set (``max_streams_per_certificate``), its certificate
+  (:func:`~strongroom.runtime.callers.certificate_key`, beneath its identity) has fewer than its
+  share of them open, and
 - fewer than ``max_blocking_streams`` blocking streams are open in total, so that some threads
   always remain for unary RPCs, and
 - a blocking stream of a data-plane method (any method the service does not name control-plane)
@@ -16,7 +19,20 @@ threads for as long as it lasts. :class:`StreamGuard` admits a stream only while
   (``max_data_plane_workers_per_identity``, unary calls and waits for a request message
   included): the control-plane reserve is never a stream's;
 
-otherwise the stream fails at once with ``RESOURCE_EXHAUSTED`` and a reason. A blocking stream
+otherwise the stream fails at once with ``RESOURCE_EXHAUSTED`` and a reason.
+
+The share exists for fleets: every replica of one has the one SPIFFE ID, so one replica whose
+downloads stalled (each cut only after the idle timeout below, then reopened) held all of its
+identity's streams, and every other replica's model loads were refused
+``TOO_MANY_STREAMS_PER_IDENTITY``. Beyond its share a certificate's streams are refused
+``TOO_MANY_STREAMS_PER_CERTIFICATE`` and the rest stays for the others; the identity's cap still
+counts its certificates together, so a replica that renews onto a new serial buys a second share
+(two certificates at their share hold the identity's cap again). A caller without a certificate
+of its own (role-less callers, one bucket; a peer without one) has no share beneath its cap. The
+share's table holds only certificates with streams open (each entry gone with its last stream),
+so it has at most one entry per open stream however many certificates call.
+
+A blocking stream
 counts until its handler is done with its thread, not until its RPC ends: a client that cancels
 ends the RPC at once, while the handler (a read or write against a slow backend) runs on until it
 returns or yields, which gRPC cannot hasten (a non-blocking one counts until its RPC ends).
@@ -57,7 +73,14 @@ import grpc
 
 from strongroom.errors import REFUSAL_CALL, REFUSAL_LINE, ResourceExhausted
 from strongroom.reasons import Reason
-from strongroom.runtime.callers import Identify, WorkerShares, caller_key
+from strongroom.runtime.callers import (
+    Certify,
+    Identify,
+    WorkerShares,
+    caller_key,
+    certificate_key,
+    forget,
+)
 from strongroom.runtime.grpc_types import (
     HandlerInterceptor,
     RpcMethodHandler,
@@ -77,6 +100,9 @@ class StreamLimits:
     idle_timeout: float
     # Bytes per second a blocking stream must move, judged per window of idle_timeout; 0: off.
     min_bytes_per_second: int
+    # Of max_streams_per_identity, how many one certificate of the identity may hold; None (or a
+    # value at or above it): no share.
+    max_streams_per_certificate: int | None = None
 
 
 class StreamGuard(HandlerInterceptor):
@@ -87,12 +113,21 @@ class StreamGuard(HandlerInterceptor):
         limits: StreamLimits,
         identify: Identify = caller_key,
         shares: WorkerShares | None = None,
+        certify: Certify = certificate_key,
     ) -> None:
         self._limits = limits
         self._identify = identify
         self._shares = shares
+        self._certify = certify
+        share = limits.max_streams_per_certificate
+        # No share unless asked for, and none at or above the cap (it would never refuse).
+        self._share = (
+            share if share is not None and share < limits.max_streams_per_identity else None
+        )
         self._lock = threading.Lock()
         self._per_identity: Counter[str] = Counter()
+        # Streams open per certificate (its certificate_key), only while it holds any.
+        self._per_certificate: Counter[str] = Counter()
         self._blocking = 0
         # Response streams waiting for their client to take a message: context -> since when.
         self._sending: dict[grpc.ServicerContext, float] = {}
@@ -153,15 +188,37 @@ class StreamGuard(HandlerInterceptor):
         with self._lock:
             return self._per_identity[identity] if identity is not None else self._blocking
 
-    def _admit(self, identity: str, blocking: bool, method: str, data: bool) -> Callable[[], None]:
+    def certificates_open(self) -> int:
+        """Certificates with a stream open now (entries of the per-certificate table)."""
+        with self._lock:
+            return len(self._per_certificate)
+
+    def _admit(
+        self, identity: str, certificate: str | None, blocking: bool, method: str, data: bool
+    ) -> Callable[[], None]:
         limits = self._limits
         shares = self._shares if blocking and data else None
+        share = self._share
+        if share is None:
+            certificate = None  # no share: nothing counted per certificate
         with self._lock:
             if self._per_identity[identity] >= limits.max_streams_per_identity:
                 raise ResourceExhausted(
                     f"{identity} already has {limits.max_streams_per_identity} streams open "
                     f"(server.max_streams_per_identity); {method} refused",
                     reason=Reason.TOO_MANY_STREAMS_PER_IDENTITY,
+                )
+            if (
+                certificate is not None
+                and share is not None
+                and self._per_certificate[certificate] >= share
+            ):
+                raise ResourceExhausted(
+                    f"certificate {certificate} already has {share} streams open "
+                    "(server.max_streams_per_certificate), its share of its identity's "
+                    f"{limits.max_streams_per_identity} (server.max_streams_per_identity, which "
+                    f"the identity's other certificates share); {method} refused, retry later",
+                    reason=Reason.TOO_MANY_STREAMS_PER_CERTIFICATE,
                 )
             if blocking and self._blocking >= limits.max_blocking_streams:
                 raise ResourceExhausted(
@@ -172,6 +229,8 @@ class StreamGuard(HandlerInterceptor):
             if shares is not None:
                 shares.take(method, identity)  # raises at the caller's bound or a full data plane
             self._per_identity[identity] += 1
+            if certificate is not None:
+                self._per_certificate[certificate] += 1
             if blocking:
                 self._blocking += 1
         released = threading.Event()
@@ -181,9 +240,9 @@ class StreamGuard(HandlerInterceptor):
                 if released.is_set():
                     return
                 released.set()
-                self._per_identity[identity] -= 1
-                if self._per_identity[identity] <= 0:
-                    del self._per_identity[identity]
+                forget(self._per_identity, identity)
+                if certificate is not None:
+                    forget(self._per_certificate, certificate)
                 if blocking:
                     self._blocking -= 1
                 if shares is not None:
@@ -205,8 +264,11 @@ class StreamGuard(HandlerInterceptor):
         metered = blocking and limits.min_bytes_per_second > 0
 
         def enter(context: grpc.ServicerContext) -> Callable[[], None]:
+            identity = self._identify(context)
             try:
-                return self._admit(self._identify(context), blocking, method, data)
+                # The certificate is read (its serial parsed) only when a share is set.
+                certificate = self._certify(context, identity) if self._share is not None else None
+                return self._admit(identity, certificate, blocking, method, data)
             except ResourceExhausted as exc:
                 log.warning(
                     "stream refused",

@@ -32,7 +32,7 @@ _BUDGETS = {"CallerBuckets", "RefusalRecords"}
 KEYED_BY: dict[str, tuple[str, ...]] = {
     # The limits themselves: per identity, by the host's identify (caller_key by default).
     RULES: ("bucket",),
-    "strongroom/runtime/streams.py": ("caller_key", "Identify"),
+    "strongroom/runtime/streams.py": ("caller_key", "Identify", "certificate_key", "Certify"),
     # Refusal lines: the call's caller by its host's identify (enter_rpc), caller_key otherwise.
     "strongroom/runtime/log_refusals.py": ("caller_key", "Identify"),
     # GetEvidence: only callers with a role reach it (the authoriser refused the rest first).

@@ -16,6 +16,8 @@ import pytest
 import yaml
 
 from strongroom.attestation.collateral_fetch import FetchSettings
+from strongroom.client.fetch import DEFAULT_PARALLEL_PARTS
+from strongroom.runtime.callers import certificate_share
 from strongroom.runtime.config import ServerConfig
 from tests.deploy.conftest import (
     DEPLOY,
@@ -215,6 +217,40 @@ def test_store_limits_scale_with_the_inference_fleet(
         assert server.control_plane_reserve == defaults.control_plane_reserve
 
 
+ONE_REPLICAS_LOAD = DEFAULT_PARALLEL_PARTS * 2
+"""The streams one inference replica holds while it loads: its parallel part fetches (4) x the
+models it loads at once (2)."""
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3, 8, 10, 40, 500])
+def test_store_shares_a_fleets_streams_among_its_certificates(
+    helm: str, tmp_path: Path, replicas: int
+) -> None:
+    """Every replica has the one inference SPIFFE ID, so one replica whose downloads stalled held
+    the fleet's every stream at the store and starved the others' loads: with more than one,
+    each certificate holds at most half of them, and the cap is large enough that the half still
+    lets one replica load its models in parallel. A lone replica keeps them all (no share)."""
+    server = _store_server(helm, tmp_path, f"inference.replicas={replicas}", *_room(replicas))
+    streams = server.max_streams_per_identity
+    if replicas == 1:
+        assert server.max_streams_per_certificate is None
+        assert streams == ServerConfig().max_streams_per_identity
+        return
+    assert server.max_streams_per_certificate == certificate_share(streams) == streams // 2
+    assert server.max_streams_per_certificate >= ONE_REPLICAS_LOAD
+    assert streams == max(2 * ONE_REPLICAS_LOAD, 2 * replicas)
+    # What the stalling replica leaves the rest of the fleet is at least what it holds.
+    assert streams - server.max_streams_per_certificate >= server.max_streams_per_certificate
+    overridden = _store_server(
+        helm,
+        tmp_path,
+        f"inference.replicas={replicas}",
+        "modelstore.server.maxStreamsPerIdentity=30",
+        *_room(replicas),
+    )
+    assert overridden.max_streams_per_certificate == 15  # half of the operator's cap
+
+
 def test_store_limits_are_operator_values(helm: str, tmp_path: Path) -> None:
     server = _store_server(
         helm,
@@ -229,6 +265,7 @@ def test_store_limits_are_operator_values(helm: str, tmp_path: Path) -> None:
     # hold the fleet's 24 downloads back).
     assert (server.blocking_streams, server.max_workers) == (32, 48)
     assert server.data_plane_workers_per_identity == 24
+    assert server.max_streams_per_certificate == 12
     server = _store_server(
         helm,
         tmp_path,

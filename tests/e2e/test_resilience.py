@@ -349,6 +349,13 @@ def test_a_load_refused_for_a_busy_data_plane_is_retried() -> None:
     assert not transient(ResourceExhausted("too large", reason=Reason.ARTIFACT_TOO_LARGE))
 
 
+def test_a_load_refused_for_its_certificates_share_of_streams_is_retried() -> None:
+    """A store whose streams per certificate (server.max_streams_per_certificate: a fleet's
+    replica's share of the identity's streams) are taken answers RESOURCE_EXHAUSTED
+    TOO_MANY_STREAMS_PER_CERTIFICATE, "retry later", like its per-identity cap: retried."""
+    assert transient(ResourceExhausted("share", reason=Reason.TOO_MANY_STREAMS_PER_CERTIFICATE))
+
+
 def test_a_load_refused_while_the_store_streams_to_its_identity_is_retried(
     stack: DevStack, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

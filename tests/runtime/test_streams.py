@@ -337,6 +337,8 @@ def test_watch_streams_are_not_metered(small: tuple[ServiceHost, Gate, grpc.Chan
     [
         ({"max_workers": 8, "max_blocking_streams": 8}, "below server.max_workers"),
         ({"max_streams_per_identity": 0}, "max_streams_per_identity"),
+        ({"max_streams_per_certificate": 0}, "max_streams_per_certificate must be at least 1"),
+        ({"max_streams_per_certificate": -3}, "max_streams_per_certificate must be at least 1"),
         ({"stream_idle_timeout_seconds": 0}, "stream_idle_timeout_seconds"),
         ({"stream_min_bytes_per_second": 1023}, "stream_min_bytes_per_second"),
         ({"stream_min_bytes_per_second": -1}, "stream_min_bytes_per_second"),

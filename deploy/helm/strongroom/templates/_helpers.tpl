@@ -346,12 +346,21 @@ that the fleet cannot take every blocking stream or every data-plane worker, and
 reserved for the control plane (deletes, key-slot replacement, health) stay out of everyone's
 reach (values.yaml, modelstore.server). Refuses what the store would refuse at start
 (strongroom.runtime.config.ServerConfig).
+
+With more than one replica each certificate holds at most half the fleet's streams
+(max_streams_per_certificate, strongroom.runtime.callers.certificate_share): one replica whose
+downloads stalled held them all, and every other replica's loads were refused. One replica loads
+its models with 4 part fetches x 2 models at once = 8 streams, so the cap is then at least 16, for
+a share of at least 8 (deploy/README.md, "Model store limits").
 */}}
 {{- define "strongroom.modelstoreServer" -}}
 {{- $s := .Values.modelstore.server -}}
-{{- $fleet := mul 2 (include "strongroom.inferenceFleet" . | int) -}}
+{{- $replicas := include "strongroom.inferenceFleet" . | int -}}
+{{- $fleet := mul 2 $replicas -}}
 {{- $reserve := include "strongroom.controlPlaneWorkers" $s | int -}}
-{{- $streams := int (default (max 8 $fleet) $s.maxStreamsPerIdentity) -}}
+{{- $least := 8 -}}
+{{- if gt $replicas 1 -}}{{- $least = 16 -}}{{- end -}}
+{{- $streams := int (default (max $least $fleet) $s.maxStreamsPerIdentity) -}}
 {{- $unary := int (default (max 13 $fleet) $s.maxUnaryCallsPerIdentity) -}}
 {{- $bound := int (default (max 13 $unary $streams) $s.maxDataPlaneWorkersPerIdentity) -}}
 {{- $blocking := int (default (max 16 (add $streams 8)) $s.maxBlockingStreams) -}}
@@ -375,7 +384,11 @@ and, with the s3 backend, the part it buffers (storage.part_size, 16 MiB). */ -}
 {{- $what = "an upload's message of up to 4 MiB + 128 KiB (the store's limit and gRPC's 64 KiB cap above it) and its 16 MiB S3 part" -}}
 {{- end -}}
 {{- include "strongroom.checkConcurrencyMemory" (dict "root" . "service" "modelstore" "count" $blocking "counted" "maxBlockingStreams" "per" $perStream "what" $what "waysOut" "set modelstore.server.maxBlockingStreams lower (at least maxStreamsPerIdentity + 1: the fleet's downloads), or run more model store replicas and set the limits per replica") -}}
-{{- toJson (dict "max_workers" $workers "control_plane_workers" $reserve "max_blocking_streams" $blocking "max_streams_per_identity" $streams "max_unary_calls_per_identity" $unary "max_data_plane_workers_per_identity" $bound) -}}
+{{- $server := dict "max_workers" $workers "control_plane_workers" $reserve "max_blocking_streams" $blocking "max_streams_per_identity" $streams "max_unary_calls_per_identity" $unary "max_data_plane_workers_per_identity" $bound -}}
+{{- if gt $replicas 1 -}}
+{{- $_ := set $server "max_streams_per_certificate" (max 2 (div $streams 2)) -}}
+{{- end -}}
+{{- toJson $server -}}
 {{- end -}}
 
 {{/*
