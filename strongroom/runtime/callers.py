@@ -734,7 +734,7 @@ class UnaryGuard(HandlerInterceptor):
                     self._trusted.pop(context, None)
                     self._stalled.discard(context)
                     shares.held -= 1
-                    _forget(self._on_trust, identity)
+                    forget(self._on_trust, identity)
                     if waited and not read_one:
                         # Trusted, and ended without its message (its client cancelled it, the
                         # request watchdog did, a shorter health_request_wait_seconds): only the
@@ -844,7 +844,7 @@ class UnaryGuard(HandlerInterceptor):
                     if not shares.at_bound(identity, certificate):
                         shares.held -= 1  # counted again, in its caller's bound, by hold()
                         shares.hold(identity, certificate)
-                        _forget(self._on_trust, identity)
+                        forget(self._on_trust, identity)
                         self._promoted.add(context)
                     else:
                         self._stalled.add(context)
