@@ -16,7 +16,7 @@
 #    `strongroom audit verify`) and the Ed25519 release-signing key, created once and never
 #    overwritten (the PIN protects the token); a certificate over the release-signing key is
 #    published to pki-public for inference (STRONGROOM_RELEASE_SIGNING_CERT_DAYS, default 365),
-#    made again when it ends within 60 days or no longer certifies the key.
+#    made again when it ends within 60 days (half its validity, if less) or no longer certifies the key.
 # 4. DEVELOPMENT HSM: initialise the SoftHSM2 token unless it exists; the SO PIN is random, used once
 #    and discarded (a development token never needs SO operations again).
 # 5. Simulated TEE (development mode only): the fake AMD/Intel chain the simulated attester signs with
@@ -29,7 +29,8 @@ umask 077
 
 trust_domain=${STRONGROOM_TRUST_DOMAIN:-strongroom.internal}
 lifetime=${STRONGROOM_TOKEN_LIFETIME:-10m}
-# Validity of a fresh release-signing certificate (days); renewed at an `up` within 60 days of its end.
+# Validity of a fresh release-signing certificate (days); renewed at an `up` within 60 days of its end
+# (half its validity, if less).
 release_cert_days=${STRONGROOM_RELEASE_SIGNING_CERT_DAYS:-365}
 ca_dir=${STRONGROOM_CA_DIR:-/home/step}
 ca_root_in_dir=${STRONGROOM_CA_ROOT:-certs/root_ca.crt}
@@ -140,7 +141,8 @@ PY
   # key, published beside the root certificate on the volume every service reads (never the
   # broker's secrets volume): it trusts the key only within the certificate's dates, so a retired
   # key stops being trusted without anyone editing a configuration. Kept while it certifies the
-  # current key for more than 60 days, else made again (backdated 5 minutes for clock skew).
+  # current key for more than 60 days (half its validity, if less), else made again (backdated 5
+  # minutes for clock skew).
   python3 -m strongroom.attestation.release_certificate --key "$secrets_dir/release-signing-key" \
     --out "$pki_public/release-signing-key.crt.pem" --days "$release_cert_days"
   # The bare public key published before certificates: trusted for ever by an inference that

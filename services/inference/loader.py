@@ -62,7 +62,7 @@ from strongroom.client.fetch import (
     grpc_source,
 )
 from strongroom.client.keypins import KeyPins
-from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
+from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey, releasing_for
 from strongroom.client.remote import remote_error
 from strongroom.errors import (
     Aborted,
@@ -315,7 +315,8 @@ class ModelLoader:
         started = time.perf_counter()
         try:
             scope.raise_if_ended()
-            result = self._load(name, version, loading, scope.timeout(self._timeout), pin)
+            with releasing_for(name, version):  # named if the broker's answer is refused
+                result = self._load(name, version, loading, scope.timeout(self._timeout), pin)
         except (StrongroomError, grpc.FutureCancelledError) as raised:
             if ticket.unloaded:
                 # An unload stopped it (the repository has dropped, or is dropping, it).

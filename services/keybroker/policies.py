@@ -300,19 +300,12 @@ class PolicyStore:
         if it had no policy; the first decision under it records it."""
         path = self._path(key_id)
         reading = self._clock()  # before the stat: a change after it cannot predate it
-        try:
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                # Not os.stat: a link leading out is judged by where it leads, not followed
-                # there, whose answer (missing or not) would tell whether its target exists.
-                st = policy_stat(path, self._dir, key_id)
-        except FileNotFoundError:
+        st = self._stat(path, key_id)
+        if st is None:
             raise FailedPrecondition(
                 f"key {key_id!r} has no release policy: nothing can be released",
                 reason=Reason.NO_RELEASE_POLICY,
-            ) from None
-        except OSError as exc:  # EACCES, ELOOP, ENOTDIR, EIO: the file is there, or may be
-            raise unreadable(key_id, exc.strerror or type(exc).__name__) from None
+            )
         stamp = _stamp(st)
         with self._lock:
             cached = self._cache.get(key_id)
@@ -340,6 +333,25 @@ class PolicyStore:
             # audit outage) leaves the document unused, and the next request tries again.
             self._record_in_force(key_id, stored)
         return stored
+
+    def _stat(self, path: str, key_id: str) -> os.stat_result | None:
+        """What ``stat`` says of the key's policy file ``path``, its links resolved within the
+        directory; None when the key has no policy: nothing at its name, or a link there to
+        nothing within the directory (``ENOENT`` from the resolver). The one rule for "no
+        policy", :meth:`get`'s and :meth:`live`'s: ``live`` asked ``lexists``, which a dangling
+        link passes, so a change expecting no policy was refused ``POLICY_CHANGED`` for a key
+        that ``get`` (``keys get-policy``) said had none. :class:`PolicyUnreadable` otherwise."""
+        try:
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                # Not os.stat: a link leading out is judged by where it leads, not followed
+                # there, whose answer (missing or not) would tell whether its target exists.
+                st = policy_stat(path, self._dir, key_id)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:  # EACCES, ELOOP, ENOTDIR, EIO: the file is there, or may be
+            raise unreadable(key_id, exc.strerror or type(exc).__name__) from None
+        return st
 
     def _record_in_force(self, key_id: str, stored: StoredPolicy) -> None:
         """Records ``stored`` as the key's policy in force unless it already is."""
@@ -412,7 +424,7 @@ class PolicyStore:
         try:
             text = read_policy_text(path, self._dir, key_id)
         except PolicyUnreadable:
-            if not os.path.lexists(path):
+            if self._stat(path, key_id) is None:  # as get decides it
                 return None
             raise
         with self._lock:

@@ -11,8 +11,8 @@ still does: compose's bootstrap runs it at every ``up``::
 A fresh certificate begins :data:`BACKDATE` before the clock of the machine that makes it: a
 server whose clock is behind that machine's by up to that, plus inference's own leeway, trusts it
 at once. An existing certificate is kept (the file is not rewritten) while it certifies this very
-key, is valid now and ends later than :data:`RENEW_WITHIN` from now; otherwise it is made again.
-Nothing of the private key is written or printed.
+key, is valid now and ends later than :func:`renew_within` of the validity asked for from now;
+otherwise it is made again. Nothing of the private key is written or printed.
 """
 
 from __future__ import annotations
@@ -36,14 +36,15 @@ from strongroom.attestation.release_signature import (
     signing_key_id,
 )
 from strongroom.errors import InvalidArgument
-from strongroom.files import atomic_write
+from strongroom.files import NotDurable, atomic_write
 
 log = logging.getLogger(__name__)
 
 #: How long before its making a fresh certificate begins (the module docstring).
 BACKDATE = timedelta(minutes=5)
 #: A certificate ending within this is made again: twice inference's default warning window, so
-#: a deploy re-run at least monthly renews it before inference starts warning of it.
+#: a deploy re-run at least monthly renews it before inference starts warning of it. Shorter for
+#: a short validity (:func:`renew_within`).
 RENEW_WITHIN = 2 * DEFAULT_WARN_WITHIN
 #: The certificate's subject (and issuer: it is self-signed; inference reads neither).
 SUBJECT = "strongroom key broker release-signing key"
@@ -73,10 +74,20 @@ def certify(key: Ed25519PrivateKey, *, days: int, now: datetime) -> bytes:
     return certificate.public_bytes(serialization.Encoding.PEM)
 
 
-def renewal_reason(pem: bytes, key: Ed25519PrivateKey, now: datetime) -> str | None:
+def renew_within(days: int) -> timedelta:
+    """How close to its end a certificate is made again when a fresh one lasts ``days``:
+    :data:`RENEW_WITHIN`, or half the validity when that is shorter. A fixed 60 days made a
+    certificate of 60 days or less again at every ``up`` (a fresh one already ends within them),
+    so its dates moved and inference had to be restarted after each."""
+    return min(RENEW_WITHIN, timedelta(days=days) / 2)
+
+
+def renewal_reason(
+    pem: bytes, key: Ed25519PrivateKey, now: datetime, *, within: timedelta = RENEW_WITHIN
+) -> str | None:
     """Why the certificate ``pem`` does not do for ``key`` at ``now`` (so a fresh one is made);
-    None when it does: one certificate, over this key, valid now, ending after
-    :data:`RENEW_WITHIN`."""
+    None when it does: one certificate, over this key, valid now, ending after ``within``
+    (:func:`renew_within`)."""
     try:
         entries = load_trusted_keys(pem, source="the existing certificate")
     except InvalidArgument as exc:
@@ -89,8 +100,8 @@ def renewal_reason(pem: bytes, key: Ed25519PrivateKey, now: datetime) -> str | N
     refused = entries[0].refusal(now)
     if refused is not None:
         return refused.message
-    if not_after - now <= RENEW_WITHIN:
-        return f"it ends at {not_after.isoformat()}, within {RENEW_WITHIN.days} days"
+    if not_after - now <= within:
+        return f"it ends at {not_after.isoformat()}, within {within / timedelta(days=1):g} days"
     return None
 
 
@@ -103,7 +114,7 @@ def ensure(key_file: Path, out: Path, *, days: int, now: datetime) -> bool:
     except FileNotFoundError:
         reason = "none yet"
     else:
-        reason = renewal_reason(existing, key, now) or ""
+        reason = renewal_reason(existing, key, now, within=renew_within(days)) or ""
     if not reason:
         log.info("kept the release-signing certificate %s", out)
         return False
@@ -129,8 +140,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidArgument as exc:
         print(f"{exc.reason}: {exc.message}", file=sys.stderr)
         return 1
+    except NotDurable as exc:
+        # It names no file: the certificate is in place, only its directory's sync failed.
+        print(
+            f"{args.out}: the certificate was written, but its directory {args.out.parent} could "
+            f"not be synced ({exc.strerror}): it may not survive a crash of the host (the next "
+            "run keeps it, or makes it again)",
+            file=sys.stderr,
+        )
+        return 1
     except OSError as exc:
-        print(f"{exc.filename}: {exc.strerror}", file=sys.stderr)
+        # A failed write names no file either (ENOSPC, EIO): the one being made is the one.
+        problem = exc.strerror or type(exc).__name__
+        print(f"{exc.filename or args.out}: {problem}", file=sys.stderr)
         return 1
     return 0
 

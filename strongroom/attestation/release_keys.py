@@ -39,6 +39,9 @@ NOT_BEFORE_LEEWAY = timedelta(minutes=5)
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN (PUBLIC KEY|CERTIFICATE)-----\r?\n[A-Za-z0-9+/=\r\n]+?-----END \1-----"
 )
+# Every block's start, whatever its type (RFC 7468 labels are printable ASCII without "-"), so
+# that one of another type, or one that does not parse, is refused rather than passed over.
+_PEM_BEGIN = re.compile(rb"-----BEGIN ([^-\r\n]{0,80})-----")
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,9 @@ def load_trusted_keys(pem: bytes, *, source: str) -> list[TrustedKey]:
     """Every Ed25519 public key in ``pem``: SPKI PEM blocks (``PUBLIC KEY``) or certificates,
     whose validity bounds the key's (module docstring). One file may hold several: the old and
     the new key while the broker's is rotated. ``source`` names the file in errors and notes."""
-    blocks = [match.group(0) for match in _PEM_BLOCK.finditer(pem)]
+    matches = list(_PEM_BLOCK.finditer(pem))
+    _refuse_other_blocks(pem, {match.start() for match in matches}, source)
+    blocks = [match.group(0) for match in matches]
     if not blocks:
         raise InvalidArgument(
             f"{source} holds no PEM public key (-----BEGIN PUBLIC KEY-----)",
@@ -121,6 +126,39 @@ def load_trusted_keys(pem: bytes, *, source: str) -> list[TrustedKey]:
             continue
         trusted.append(_certified(key, certificate, where))
     return trusted
+
+
+def _refuse_other_blocks(pem: bytes, starts: set[int], source: str) -> None:
+    """Refuses a PEM block in ``pem`` that is not a public key or certificate ``starts`` (the
+    offsets of those that parse) holds: passed over, a block pasted in by mistake (a CSR, a
+    private key) or cut short left the operator believing it trusted, or harmless. A private key
+    is named as one, and nothing of any block is shown but its type."""
+    for number, begin in enumerate(_PEM_BEGIN.finditer(pem), start=1):
+        if begin.start() in starts:
+            continue
+        label = begin.group(1)
+        shown = label.decode("ascii", "replace")
+        if b"PRIVATE KEY" in label:
+            raise InvalidArgument(
+                f"{source}: PEM block {number} is a private key ({shown!r}; not shown): a list "
+                "of trusted release-signing keys holds public keys and certificates only, and "
+                "whoever can read it could sign with that key; take it out of the file, and if "
+                "it is the broker's release-signing key, replace that key (deploy/README.md, "
+                "'Rotating the release-signing key')",
+                reason=Reason.RELEASE_SIGNING_KEY_INVALID,
+            )
+        if label in (b"PUBLIC KEY", b"CERTIFICATE"):
+            raise InvalidArgument(
+                f"{source}: PEM block {number} ({shown!r}) does not parse: its END line is "
+                "missing or its body holds something other than base64",
+                reason=Reason.RELEASE_SIGNING_KEY_INVALID,
+            )
+        raise InvalidArgument(
+            f"{source}: PEM block {number} is of type {shown!r}: a list of trusted "
+            "release-signing keys holds only public keys (-----BEGIN PUBLIC KEY-----) and "
+            "certificates (-----BEGIN CERTIFICATE-----); take it out of the file",
+            reason=Reason.RELEASE_SIGNING_KEY_INVALID,
+        )
 
 
 def _certified(key: Ed25519PublicKey, certificate: x509.Certificate, where: str) -> TrustedKey:

@@ -32,6 +32,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -76,6 +77,21 @@ RELEASE_KEY_METHOD = (
 #: MAX_POLICY_VERSION_LENGTH, not imported: that module brings pydantic and every TEE's rules
 #: into the release client and the CLI for one number; a test holds the two equal).
 MAX_POLICY_VERSION_LENGTH = 256
+
+
+_MODEL: ContextVar[tuple[str, str] | None] = ContextVar("strongroom_release_model", default=None)
+
+
+@contextlib.contextmanager
+def releasing_for(name: str, version: str) -> Iterator[None]:
+    """Names the model ``name``/``version`` in the ERROR line of a release answer refused within
+    the block (in this context, or in a thread started in a copy of it: a load's key release
+    runs on a thread of its own)."""
+    token = _MODEL.set((name, version))
+    try:
+        yield
+    finally:
+        _MODEL.reset(token)
 
 
 class _CredentialsLike(ChannelCredentials, Protocol):
@@ -180,6 +196,11 @@ class PinnedChannels:
                 pinned.raw.close()
 
     @property
+    def target(self) -> str:
+        """The address the channels connect to (as configured)."""
+        return self._target
+
+    @property
     def open_channels(self) -> int:
         """How many pinned channels are open (one per generation still in use, plus the current)."""
         with self._lock:
@@ -229,19 +250,25 @@ class KeyReleaseClient:
         verifier: ReleaseVerifier,
         mechanisms: Sequence[pb.WrapMechanism.ValueType] = DEFAULT_MECHANISMS,
         timeout: float = 15.0,
+        broker: str | None = None,
     ) -> None:
         """``channel`` is either :class:`PinnedChannels` (the TLS key comes with each channel) or
         a plain channel plus ``tls_public_key``, read at bind time: then a renewal between bind
         and send costs one retry (see the module docstring). ``verifier`` holds the broker's
         release-signing public keys: an answer they do not verify is refused before anything is
-        decrypted (:mod:`strongroom.attestation.release_signature`)."""
+        decrypted (:mod:`strongroom.attestation.release_signature`). ``broker`` names the broker
+        peer in the ERROR line of a refused answer (default: the pinned channels' target; a
+        plain channel does not say where it leads, and gRPC's client calls do not tell their
+        peer)."""
         if isinstance(channel, PinnedChannels):
             self._pinned: PinnedChannels | None = channel
             self._plain: grpc.Channel | None = None
+            broker = broker if broker is not None else channel.target
         else:
             if tls_public_key is None:
                 raise TypeError("a plain channel needs tls_public_key")
             self._pinned, self._plain = None, channel
+        self._broker = broker
         self._attester = attester
         self._tls_public_key = tls_public_key
         self._verifier = verifier
@@ -377,17 +404,26 @@ class KeyReleaseClient:
                     policy_version=response.policy_version,
                 )
                 signed = self._judge(response, statement)
+                return self._unwrap(private, response, key_id=key_id, signed=signed)
             except StrongroomError as exc:
                 # Not a refusal by the broker: an answer the broker did not make for this
                 # request (an impersonating peer, a broken broker, or one signing with a key not
-                # configured here), whether its shape or its signature gave it away.
+                # configured here), whether its shape or its signature gave it away; or a signed
+                # answer whose key fails its checks (RELEASED_KEY_INVALID): a broken or hostile
+                # broker, which was logged nowhere above INFO. Once per answer, never the key.
+                model, version = _MODEL.get() or (None, None)
                 log.error(
                     "key broker's release answer refused, nothing decrypted: %s",
                     exc.message,
-                    extra={"key_id": key_id, "reason": exc.reason},
+                    extra={
+                        "key_id": key_id,
+                        "reason": exc.reason,
+                        "model": model,
+                        "version": version,
+                        "peer": self._broker,
+                    },
                 )
                 raise
-            return self._unwrap(private, response, key_id=key_id, signed=signed)
         finally:
             del private  # the ephemeral private key lives only for this exchange
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import os
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from strongroom import files
 from strongroom.attestation.release_certificate import (
     BACKDATE,
     MAX_DAYS,
@@ -16,6 +19,7 @@ from strongroom.attestation.release_certificate import (
     certify,
     ensure,
     main,
+    renew_within,
     renewal_reason,
 )
 from strongroom.attestation.release_keys import NOT_BEFORE_LEEWAY, load_trusted_keys
@@ -112,3 +116,56 @@ def test_the_command_refuses_what_it_cannot_certify(
     (trusted,) = load_trusted_keys(out.read_bytes(), source="t")
     assert trusted.not_after is not None and trusted.not_before is not None
     assert trusted.not_after - trusted.not_before == dt.timedelta(days=7) + BACKDATE
+
+
+@pytest.mark.parametrize("days", [7, 30, 60])
+def test_a_short_lived_certificate_is_kept_until_half_its_life_is_left(
+    tmp_path: Path, days: int
+) -> None:
+    """Renewed within a fixed 60 days, a certificate of 60 days or less was made again at every
+    ``up`` (a fresh one already ends within them): its dates moved each time. It is made again
+    once half its validity is left (60 days at most), not before."""
+    key_file = tmp_path / "release-signing-key"
+    key_file.write_bytes(_pem(Ed25519PrivateKey.generate()))
+    out = tmp_path / "release-signing-key.crt.pem"
+    assert ensure(key_file, out, days=days, now=NOW) is True
+    made = out.read_bytes()
+    half = dt.timedelta(days=days) / 2
+    assert ensure(key_file, out, days=days, now=NOW + dt.timedelta(hours=1)) is False
+    assert ensure(key_file, out, days=days, now=NOW + half - dt.timedelta(minutes=1)) is False
+    assert out.read_bytes() == made
+    assert ensure(key_file, out, days=days, now=NOW + half) is True
+    assert out.read_bytes() != made
+
+
+def test_the_renewal_window_is_60_days_or_half_the_validity() -> None:
+    assert renew_within(365) == RENEW_WITHIN == dt.timedelta(days=60)
+    assert renew_within(120) == dt.timedelta(days=60)
+    assert renew_within(60) == dt.timedelta(days=30)
+    assert renew_within(1) == dt.timedelta(hours=12)
+    key = Ed25519PrivateKey.generate()
+    reason = renewal_reason(
+        certify(key, days=7, now=NOW), key, NOW + dt.timedelta(days=4), within=renew_within(7)
+    )
+    assert reason is not None and reason.endswith("within 3.5 days")
+
+
+def test_a_directory_that_cannot_be_synced_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The directory's sync failing after the rename (NotDurable) carries no file name: the
+    command printed "None: Input/output error". It names the certificate and its directory."""
+
+    def failing_sync(path: Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(files, "fsync_dir", failing_sync)
+    key_file = tmp_path / "key"
+    key_file.write_bytes(_pem(Ed25519PrivateKey.generate()))
+    out = tmp_path / "pki" / "release-signing-key.crt.pem"
+    assert main(["--key", str(key_file), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "None" not in err
+    assert f"{out}: the certificate was written" in err
+    assert f"its directory {out.parent} could not be synced (Input/output error)" in err
+    assert out.exists()  # in place, as the message says

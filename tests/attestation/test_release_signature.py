@@ -10,9 +10,11 @@ import logging
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
 
 from strongroom.attestation.release_keys import NOT_BEFORE_LEEWAY, load_trusted_keys
 from strongroom.attestation.release_signature import (
@@ -84,6 +86,77 @@ def test_anything_but_ed25519_public_keys_is_refused(pem: bytes) -> None:
         load_trusted_keys(pem, source="keys.pem")
     assert info.value.reason == "RELEASE_SIGNING_KEY_INVALID"
     assert "keys.pem" in info.value.message
+
+
+def _csr(key: Ed25519PrivateKey) -> bytes:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "release-signing")])
+    request = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, None)
+    return request.public_bytes(serialization.Encoding.PEM)
+
+
+def _private_pems(key: Ed25519PrivateKey) -> list[bytes]:
+    """The key as PKCS#8, and an EC key in OpenSSL's traditional form (another label)."""
+    return [
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_a_private_key_beside_a_certificate_is_refused_and_never_shown(
+    tmp_path: Path, after: bool
+) -> None:
+    """A block of another type beside a key or certificate was passed over in silence: an
+    operator who pasted the broker's private key into the inference servers' trust file (which
+    anyone who reads it could then sign answers with) heard nothing."""
+    key = Ed25519PrivateKey.generate()
+    for private in _private_pems(key):
+        blocks = [self_signed_pem(key, "release-signing"), private]
+        bundle = tmp_path / "keys.pem"
+        bundle.write_bytes(b"".join(reversed(blocks) if after else blocks))
+        with pytest.raises(StrongroomError) as info:
+            ReleaseVerifier.from_files([bundle])
+        refused = info.value
+        assert refused.reason == "RELEASE_SIGNING_KEY_INVALID"
+        assert str(bundle) in refused.message and "is a private key" in refused.message
+        assert f"PEM block {1 if after else 2}" in refused.message
+        for line in private.splitlines()[1:-1]:  # nothing of the key's body
+            assert line.decode() not in refused.message and line.decode() not in repr(refused)
+
+
+def test_a_block_of_another_type_beside_a_key_is_refused_naming_it() -> None:
+    """A certificate signing request (pasted for the certificate it was meant to become) beside
+    a public key: refused, naming its type and the file, not passed over."""
+    key = Ed25519PrivateKey.generate()
+    with pytest.raises(StrongroomError) as info:
+        load_trusted_keys(_pem(key) + _csr(key), source="keys.pem")
+    assert info.value.reason == "RELEASE_SIGNING_KEY_INVALID"
+    assert info.value.message.startswith("keys.pem: PEM block 2 is of type 'CERTIFICATE REQUEST'")
+
+
+def test_a_certificate_cut_short_beside_a_key_is_refused() -> None:
+    """Its END line lost (a paste cut short): it was passed over as if it were not there."""
+    key = Ed25519PrivateKey.generate()
+    cut = self_signed_pem(key, "release-signing").rsplit(b"-----END", 1)[0]
+    with pytest.raises(StrongroomError) as info:
+        load_trusted_keys(cut + _pem(key), source="keys.pem")
+    assert info.value.reason == "RELEASE_SIGNING_KEY_INVALID"
+    assert "PEM block 1 ('CERTIFICATE') does not parse" in info.value.message
+
+
+def test_text_between_blocks_is_still_allowed() -> None:
+    """Bundles made by ``openssl x509 -text`` or annotated by hand keep their comments."""
+    key = Ed25519PrivateKey.generate()
+    pem = b"# the broker's key\n" + _pem(key) + b"subject=CN=release-signing\n"
+    assert [k.source for k in load_trusted_keys(pem, source="keys.pem")] == ["keys.pem"]
 
 
 def test_a_missing_file_and_an_empty_list_are_refused(tmp_path: Path) -> None:

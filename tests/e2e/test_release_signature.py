@@ -33,7 +33,7 @@ from strongroom.attestation.release_signature import (
     load_signing_key,
 )
 from strongroom.attesters import SimulatedAttester, TeeType
-from strongroom.client.keyrelease import KeyReleaseClient
+from strongroom.client.keyrelease import KeyReleaseClient, PinnedChannels
 from strongroom.client.publish import publish_model
 from strongroom.dev.devstack import DevStack, read_audit_records
 from strongroom.dev.devstack.model import train
@@ -109,6 +109,8 @@ class Peer:
     world: World
     servicer: ImpersonatingBroker
     client: KeyReleaseClient
+    address: str
+    attester: SimulatedAttester
 
     def release(self, tamper: Tamper) -> bytes:
         self.servicer.tamper = tamper
@@ -151,7 +153,7 @@ def peer(world: World) -> Iterator[Peer]:
         channel, attester, world.inference_id.public_key_der, verifier=stack.release_verifier()
     )
     try:
-        yield Peer(world, servicer, client)
+        yield Peer(world, servicer, client, f"127.0.0.1:{port}", attester)
     finally:
         client._keygen.shutdown(wait=True, cancel_futures=True)
         channel.close()
@@ -329,6 +331,76 @@ def test_a_model_load_over_a_forged_answer_fails_closed(
     peer.servicer.tamper = lambda request, response: response
     loader.load(*MODEL)
     assert repository.is_ready(*MODEL)
+
+
+def test_a_signed_answer_whose_key_fails_its_checks_is_logged_at_error_naming_model_and_peer(
+    peer: Peer, tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker that signs an answer whose data key is no data key (16 bytes, wrapped to our
+    ephemeral key: a broken broker, or a hostile one holding the signing key) is refused
+    ``DATA_LOSS RELEASED_KEY_INVALID``, and was said only in the INFO ``rpc failed`` line: it is
+    now one ERROR line naming the model, the key and the broker peer, and nothing of the key."""
+    world = peer.world
+    model = (MODEL[0], "released-key-invalid")
+    publisher = world.stack.identity("publisher")
+    publish_model(
+        train(tmp_path_factory.mktemp("model") / "model.onnx").path,
+        name=model[0],
+        version=model[1],
+        key_id=KEY,
+        broker=world.stack.channel(publisher, "keybroker"),
+        store=world.stack.channel(publisher, "modelstore"),
+    )
+    brokers = ReleaseSigner(
+        load_signing_key((world.stack.secrets_dir / "release-signing-key.pem").read_bytes())
+    )
+    short = os.urandom(16)
+
+    def short_key(
+        request: pb.ReleaseKeyRequest, response: pb.ReleaseKeyResponse
+    ) -> pb.ReleaseKeyResponse:
+        forged = pb.ReleaseKeyResponse()
+        forged.CopyFrom(response)
+        forged.wrapped_data_key = _wrap_to_request(request, short)
+        signed = brokers.sign(_statement(request, forged))
+        forged.release_signature, forged.release_signing_key_id = signed.signature, signed.key_id
+        return forged
+
+    # As the inference server makes it: channels pinned per certificate, to the peer's address.
+    channels = PinnedChannels(
+        world.inference_id,
+        peer.address,
+        server_name="keybroker",
+        server_id=world.stack.spiffe_id("keybroker"),
+    )
+    client = KeyReleaseClient(channels, peer.attester, verifier=world.stack.release_verifier())
+    repository = ModelRepository()
+    loader = ModelLoader(
+        repository,
+        store_channel=world.stack.channel(world.inference_id, "modelstore"),
+        key_release=client,
+    )
+    peer.servicer.tamper = short_key
+    try:
+        with (
+            caplog.at_level(logging.ERROR, logger="strongroom.client.keyrelease"),
+            pytest.raises(StrongroomError) as info,
+        ):
+            loader.load(*model)
+    finally:
+        peer.servicer.tamper = lambda request, response: response
+        client._keygen.shutdown(wait=True, cancel_futures=True)
+        channels.close()
+    assert (info.value.status_name, info.value.reason) == ("DATA_LOSS", "RELEASED_KEY_INVALID")
+    assert not repository.is_ready(*model)
+    (record,) = [r for r in caplog.records if r.name == "strongroom.client.keyrelease"]
+    assert record.levelno == logging.ERROR and "16 bytes" in record.getMessage()
+    assert record.reason == "RELEASED_KEY_INVALID"  # type: ignore[attr-defined]
+    assert (record.model, record.version) == model  # type: ignore[attr-defined]
+    assert record.key_id == KEY  # type: ignore[attr-defined]
+    assert record.peer == peer.address  # type: ignore[attr-defined]
+    said = repr(vars(record))
+    assert short.hex() not in said and repr(short)[2:-1] not in said
 
 
 def test_a_genuine_answer_to_another_exchange_is_refused(peer: Peer) -> None:

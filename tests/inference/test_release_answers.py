@@ -9,6 +9,7 @@ ephemeral key of the request.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -117,7 +118,9 @@ def broker() -> Iterator[tuple[AnsweringBroker, str]]:
 def release(broker: tuple[AnsweringBroker, str]) -> Iterator[Callable[[Answer], object]]:
     servicer, address = broker
     channel = grpc.insecure_channel(address)
-    client = KeyReleaseClient(channel, FakeTee(), lambda: TLS_KEY, verifier=UNSIGNED_OK)
+    client = KeyReleaseClient(
+        channel, FakeTee(), lambda: TLS_KEY, verifier=UNSIGNED_OK, broker=address
+    )
 
     def run(answer: Answer) -> object:
         servicer.answer = answer
@@ -136,14 +139,55 @@ def test_a_well_formed_answer_gives_the_key(release: Callable[[Answer], object])
 
 @pytest.mark.parametrize("size", [0, 16, 31, 33, 64])
 def test_a_released_key_that_is_not_32_bytes_is_refused(
-    release: Callable[[Answer], object], size: int
+    release: Callable[[Answer], object],
+    broker: tuple[AnsweringBroker, str],
+    caplog: pytest.LogCaptureFixture,
+    size: int,
 ) -> None:
     # A 16-byte key reached the body-key derivation, which refused it as INVALID_ARGUMENT
-    # DATA_KEY_INVALID: LoadModel's caller was blamed for the broker's answer.
-    with pytest.raises(DataLoss) as info:
-        release(lambda request: answer_with(request, os.urandom(size)))
+    # DATA_KEY_INVALID: LoadModel's caller was blamed for the broker's answer. It was then
+    # refused with no line above INFO: a broken or hostile broker is an ERROR, once, naming the
+    # broker peer and nothing of the key.
+    key = os.urandom(size)
+    with (
+        caplog.at_level(logging.ERROR, logger="strongroom.client.keyrelease"),
+        pytest.raises(DataLoss) as info,
+    ):
+        release(lambda request: answer_with(request, key))
     assert info.value.reason == Reason.RELEASED_KEY_INVALID
     assert f"{size} bytes" in info.value.message
+    (record,) = caplog.records
+    assert record.levelno == logging.ERROR
+    assert record.reason == Reason.RELEASED_KEY_INVALID  # type: ignore[attr-defined]
+    assert record.peer == broker[1]  # type: ignore[attr-defined]
+    assert record.model is None  # type: ignore[attr-defined]  # no load named one here
+    if key:
+        assert key.hex() not in repr(vars(record)) and repr(key)[2:-1] not in repr(vars(record))
+
+
+def test_a_key_that_does_not_decrypt_is_refused_and_logged_once(
+    release: Callable[[Answer], object], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Wrapped to another key than our ephemeral one: RELEASED_KEY_INVALID, one ERROR line."""
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+
+    def elsewhere(request: pb.ReleaseKeyRequest) -> pb.ReleaseKeyResponse:
+        answer = answer_with(request, os.urandom(32))
+        answer.wrapped_data_key = other.encrypt(
+            os.urandom(32),
+            padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None),
+        )
+        return answer
+
+    with (
+        caplog.at_level(logging.ERROR, logger="strongroom.client.keyrelease"),
+        pytest.raises(DataLoss) as info,
+    ):
+        release(elsewhere)
+    assert info.value.reason == Reason.RELEASED_KEY_INVALID
+    assert [(r.levelno, r.reason) for r in caplog.records] == [  # type: ignore[attr-defined]
+        (logging.ERROR, Reason.RELEASED_KEY_INVALID)
+    ]
 
 
 def test_the_policy_version_bound_is_the_policy_schemas() -> None:
@@ -215,7 +259,9 @@ def test_no_intact_copy_of_the_released_key_is_left_behind(
     key = os.urandom(32)
     servicer.answer = lambda request: answer_with(request, key)
     with grpc.insecure_channel(address) as channel:
-        client = KeyReleaseClient(channel, FakeTee(), lambda: TLS_KEY, verifier=UNSIGNED_OK)
+        client = KeyReleaseClient(
+            channel, FakeTee(), lambda: TLS_KEY, verifier=UNSIGNED_OK, broker=address
+        )
         try:
             released = client.release("models-kek", 1, WRAPPED)
         finally:

@@ -389,7 +389,8 @@ def test_links_within_the_directory_are_resolved_as_the_kernel_would(
 ) -> None:
     """Links are resolved by the broker itself, a name at a time, not by the kernel: what it
     finds within the directory (through subdirectories, ``..``, links in them) is what the
-    kernel would, and a lookup failing there fails as it did."""
+    kernel would, and a lookup failing there fails as it did. ``live`` (what a change is
+    checked against) answers as ``get`` does: it took a dangling link for an unreadable policy."""
     directory = tmp_path / "policies"
     (directory / "sub").mkdir(parents=True)
     (directory / "sub" / "k0.yaml").write_text(document(), encoding="utf-8")
@@ -399,14 +400,38 @@ def test_links_within_the_directory_are_resolved_as_the_kernel_would(
     policies = _store(directory)
     if answer == "read":
         assert policies.get("k1", judge=False).policy.version == "1"
+        live = policies.live("k1")
+        assert live is not None and live.policy.version == "1"
         return
-    with pytest.raises(StrongroomError) as raised:
-        policies.get("k1", judge=False)
     if answer == NO_POLICY:
+        with pytest.raises(StrongroomError) as raised:
+            policies.get("k1", judge=False)
         assert raised.value.reason == Reason.NO_RELEASE_POLICY
-    else:
+        assert policies.live("k1") is None
+        return
+    for look in (functools.partial(policies.get, judge=False), policies.live):
+        with pytest.raises(StrongroomError) as raised:
+            look("k1")
         assert raised.value.reason == Reason.POLICY_UNREADABLE
         assert answer in raised.value.message
+
+
+def test_a_change_expecting_no_policy_replaces_a_dangling_link_the_key_has_none_by(
+    tmp_path: Path,
+) -> None:
+    """``keys get-policy`` said a key whose ``<key>.yaml`` is a link to nothing within the
+    directory has no policy, while ``set-policy --if-version ""`` on it was refused
+    POLICY_CHANGED (its check asked ``lexists``, which the link passes): one rule for both."""
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    (directory / "k1.yaml").symlink_to("..data/k1.yaml")  # a ConfigMap's, its key removed
+    policies = _store(directory)
+    with pytest.raises(StrongroomError) as raised:
+        policies.get("k1", judge=False)
+    assert raised.value.reason == Reason.NO_RELEASE_POLICY
+    policies.write("k1", policies.check("k1", document()), expected_version="")
+    assert not (directory / "k1.yaml").is_symlink()
+    assert policies.get("k1", judge=False).document == document()
 
 
 def test_a_link_leaving_and_reentering_the_directory_costs_no_lookup_per_reentry(
