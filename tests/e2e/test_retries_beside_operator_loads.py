@@ -354,3 +354,47 @@ def test_a_retry_registered_behind_a_loadmodel_that_loads_the_version_ends(
     assert wait_until(lambda: not loader_thread.is_alive(), 30)
     assert inference.repository.is_ready("taken", "1")
     assert buffers.allocated == 1
+
+
+def test_a_retry_behind_a_loadmodel_of_an_unlisted_version_ends_without_loading(
+    stack: DevStack, model_path: Path, stopped: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry of the configured version 1 had found it failed when an operator's LoadModel of
+    version 2, which the configuration does not list, began. Once that LoadModel has loaded
+    version 2 the retry ends without a load: loading version 1 then made it the model's default
+    again (the operator's requests moved back to it) for a second download, key release and
+    plaintext buffer of the model."""
+    stack.create_release_key(stack.identity("admin"), "moved2", policy_version="1")
+    _publish(stack, model_path, "moved2", "moved2", version="2")
+    inference = _start(stack, "moved2")
+    held = HeldRetries(inference, monkeypatch, at="load")
+    buffers = PlaintextBuffers(monkeypatch)
+    control = control_grpc.ModelControlServiceStub(
+        stack.channel(stack.identity("admin"), "inference")
+    )
+    inference.load_configured_models()
+    (loader_thread,) = inference._threads
+    with ThreadPoolExecutor(1) as pool:
+        storage = stack.services["modelstore"].handle.storage
+        stall = StallOnce(storage, "2")
+        try:
+            assert held.reached.wait(30)  # its retry found version 1 failed
+            assert _failed_with(inference, "moved2") == "MODEL_NOT_FOUND"
+            _publish(stack, model_path, "moved2", "moved2")  # version 1 would load now
+            monkeypatch.setattr(storage, "open", stall)
+            answer: Future[Any] = pool.submit(
+                control.LoadModel,
+                control_pb.LoadModelRequest(name="moved2", version="2"),
+                timeout=60,
+            )
+            assert stall.stalled.wait(30)  # the LoadModel of version 2 is loading it
+            held.go_on.set()
+            assert wait_until(lambda: inference.loader.queued("moved2") == ("1",), 30)
+        finally:
+            held.go_on.set()
+            stall.go_on.set()
+        answer.result(60)
+    assert wait_until(lambda: not loader_thread.is_alive(), 30)
+    assert inference.repository.status("moved2").default_version == "2"
+    assert inference.repository.version_state("moved2", "1") is not ModelState.READY
+    assert buffers.allocated == 1
