@@ -471,3 +471,54 @@ def test_a_retry_does_not_wait_for_another_load_of_its_model(
             stall.go_on.set()
         answer.result(60)
     assert inference.repository.status("busy").default_version == "2"
+
+
+@pytest.mark.parametrize("at", ["attempt", "load"])
+def test_an_unload_while_a_retry_waits_out_a_loadmodel_ends_the_retries(
+    stack: DevStack,
+    model_path: Path,
+    stopped: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    at: str,
+) -> None:
+    """A retry that found an operator's LoadModel of its version under way (at its first look,
+    or once it had registered its load) looks again later; an UnloadModel meanwhile stops the
+    LoadModel, and the retry, which no longer finds the version failed, ends: the model is not
+    loaded again behind the operator's back once the broker's policy allows it."""
+    name = f"dropped-{at}"
+    inference = _denied(stack, model_path, name)
+    held = HeldRetries(inference, monkeypatch, at=at)
+    admin = stack.channel(stack.identity("admin"), "inference")
+    control = control_grpc.ModelControlServiceStub(admin)
+    caplog.set_level(logging.DEBUG, logger="strongroom.inference.autoload")
+    inference.load_configured_models()
+    (loader_thread,) = inference._threads
+
+    def postponed() -> int:
+        return len([r for r in caplog.records if "is being loaded by another" in r.getMessage()])
+
+    with ThreadPoolExecutor(1) as pool:
+        storage = stack.services["modelstore"].handle.storage
+        stall = StallOnce(storage, "1")
+        try:
+            assert held.reached.wait(30)
+            assert _failed_with(inference, name) == "MEASUREMENT_NOT_ALLOWED"
+            monkeypatch.setattr(storage, "open", stall)
+            answer: Future[Any] = pool.submit(
+                control.LoadModel, control_pb.LoadModelRequest(name=name, version="1"), timeout=60
+            )
+            assert stall.stalled.wait(30)  # the LoadModel is loading it
+            held.go_on.set()
+            assert wait_until(lambda: postponed() >= 1, 30)
+            control.UnloadModel(control_pb.UnloadModelRequest(name=name, version="1"), timeout=30)
+            with pytest.raises(grpc.RpcError) as stopped_load:
+                answer.result(60)
+            assert "MODEL_UNLOADED" in str(stopped_load.value.details())
+            _allow(stack, name)
+        finally:
+            held.go_on.set()
+            stall.go_on.set()
+    assert wait_until(lambda: not loader_thread.is_alive(), 30)
+    assert inference.repository.version_state(name, "1") is None
+    assert not inference.repository.is_ready(name)
