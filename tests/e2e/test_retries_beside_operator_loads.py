@@ -522,3 +522,55 @@ def test_an_unload_while_a_retry_waits_out_a_loadmodel_ends_the_retries(
     assert wait_until(lambda: not loader_thread.is_alive(), 30)
     assert inference.repository.version_state(name, "1") is None
     assert not inference.repository.is_ready(name)
+
+
+def test_a_retry_whose_model_an_operator_loaded_before_it_took_the_lock_ends(
+    stack: DevStack, model_path: Path, stopped: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The narrowest window: the retry of the configured version 1 has registered its load and
+    found the version still failed, and before it takes the model's lock (free then) an
+    operator's LoadModel of version 2, which the configuration does not list, runs whole. The
+    retry asks again once it holds the lock, and ends without loading version 1 (which would
+    make it the default again, for a second plaintext buffer of the model)."""
+    stack.create_release_key(stack.identity("admin"), "between", policy_version="1")
+    _publish(stack, model_path, "between", "between", version="2")
+    inference = _start(stack, "between")
+    control = control_grpc.ModelControlServiceStub(
+        stack.channel(stack.identity("admin"), "inference")
+    )
+    asked = threading.Event()
+    go_on = threading.Event()
+    load = inference.loader.load
+
+    def held_after_first_question(*args: Any, **kwargs: Any) -> Any:
+        retry_of = kwargs.get("retry_of")
+        if retry_of is None:
+            return load(*args, **kwargs)
+        questions = 0
+
+        def asking() -> bool:
+            nonlocal questions
+            questions += 1
+            answer = bool(retry_of())
+            if questions == 1 and answer:
+                asked.set()
+                go_on.wait(60)
+            return answer
+
+        return load(*args, **{**kwargs, "retry_of": asking})
+
+    monkeypatch.setattr(inference.loader, "load", held_after_first_question)
+    buffers = PlaintextBuffers(monkeypatch)
+    inference.load_configured_models()
+    (loader_thread,) = inference._threads
+    try:
+        assert wait_until(lambda: _failed_with(inference, "between") == "MODEL_NOT_FOUND", 30)
+        _publish(stack, model_path, "between", "between")  # version 1 would load now
+        assert asked.wait(30)  # registered, found failed, the lock not yet taken
+        control.LoadModel(control_pb.LoadModelRequest(name="between", version="2"), timeout=60)
+    finally:
+        go_on.set()
+    assert wait_until(lambda: not loader_thread.is_alive(), 30)
+    assert inference.repository.status("between").default_version == "2"
+    assert inference.repository.version_state("between", "1") is not ModelState.READY
+    assert buffers.allocated == 1
