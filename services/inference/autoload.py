@@ -31,12 +31,16 @@ it (an operator loaded it instead: a retry succeeding later made the configured 
 default again), or when the server stops. An operator's LoadModel of it that fails does not end
 them: the configuration still lists the version and the server is not ready without it (a
 LoadModel refused for a moment, UNAVAILABLE, would otherwise leave it unloaded for good). A retry
-that finds such a load under way looks again ``soon_initial`` later rather than wait for it (this
-one thread runs every configured model's retries); one that came just as it began waits for the
-model's lock behind it, and goes on only if it failed (:meth:`ModelLoader.load`'s ``retry_of``).
+that finds another load of the model under way (of this version or another: it holds the
+model's lock) looks again ``soon_initial`` later rather than wait for it, with no StatModel and
+nothing counted: this one thread runs every configured model's retries, and waiting out a load
+(up to the loader's timeout) held back all of them. Once that load has ended the retry goes on
+only if the version is still failed and no version the configuration does not list serves the
+model (asked again once the retry holds the lock: :meth:`ModelLoader.load`'s ``retry_of``).
 Loads of one model, whatever their versions, run one at a time (the loader's lock per model), so
-a LoadModel beside a retry holds no plaintext buffer of the model while the retry's load does. A new configuration is a new server (the service reads it at start), so retries
-of a model the new one no longer lists end with the old one.
+a LoadModel beside a retry holds no plaintext buffer of the model while the retry's load does.
+A new configuration is a new server (the service reads it at start), so retries of a model the
+new one no longer lists end with the old one.
 
 A failure is logged in full (ERROR, or WARNING for a transient one, with the peer's message) at
 most once every :data:`~strongroom.inference.models.REPEAT_LOG_SECONDS` (an hour) for each of
@@ -58,7 +62,7 @@ from collections.abc import Callable, Sequence
 from strongroom.client.cancel import CallScope, scoped
 from strongroom.errors import Aborted, DataLoss, StrongroomError
 from strongroom.inference.config import ModelRef
-from strongroom.inference.loader import ModelLoader, transient
+from strongroom.inference.loader import ModelBusy, ModelLoader, transient
 from strongroom.inference.models import (
     REPEAT_LOG_SECONDS,
     ModelNotFound,
@@ -222,8 +226,15 @@ class ConfiguredLoads:
         version.tried = True
         try:
             self._loader.load(
-                ref.name, ref.version, header_sha256=ref.pin, scope=self._scope, retry_of=retry_of
+                ref.name,
+                ref.version,
+                header_sha256=ref.pin,
+                scope=self._scope,
+                retry_of=retry_of,
+                wait=retry_of is None,
             )
+        except ModelBusy:  # a load of the model began since _loading_elsewhere looked
+            return self._postponed(version)
         except ModelUnloaded:
             log.info(
                 "model %s was unloaded or loaded (or another version of it) meanwhile: no "
@@ -277,13 +288,18 @@ class ConfiguredLoads:
         return True
 
     def _loading_elsewhere(self, ref: ModelRef) -> bool:
-        """Whether another load of ``ref`` (an operator's LoadModel) is under way now."""
-        return self._repository.version_state(ref.name, ref.version) is ModelState.LOADING
+        """Whether another load of ``ref``'s model (an operator's LoadModel, of this version or
+        another) is under way now."""
+        return (
+            self._loader.busy(ref.name)
+            or self._repository.version_state(ref.name, ref.version) is ModelState.LOADING
+        )
 
     def _postponed(self, version: _Version) -> bool:
-        """Looks at ``version`` again soon, without an attempt: another load of it is under way,
-        whose outcome decides whether the retry goes on (it failed) or ends (it loaded). Not
-        waited for here: this one thread runs every configured model's retries."""
+        """Looks at ``version`` again soon, without an attempt: another load of its model is
+        under way, whose outcome decides whether the retry goes on (it failed) or ends (it loaded
+        the version, or one the configuration does not list). Not waited for here: this one
+        thread runs every configured model's retries."""
         version.due = time.monotonic() + self._wait(self._schedule.soon_initial)
         log.debug(
             "model %s is being loaded by another load: retried if that one fails", version.label
@@ -292,8 +308,8 @@ class ConfiguredLoads:
 
     def _still_failed(self, ref: ModelRef) -> Callable[[], bool]:
         """Whether ``ref``'s retry is still wanted: its failure is listed, or another load of it
-        is under way (an operator's LoadModel: the retry, which waits for the model's lock
-        behind it, asks again once it has the lock, and goes on only if that load failed), and
+        is under way (an operator's LoadModel begun since the retry looked: the retry finds the
+        model's lock taken, and looks again once that load has ended), and
         no version the configuration does not list serves the model (an operator's LoadModel of
         another version: a retry that loaded this one later made it the default again)."""
 

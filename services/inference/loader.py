@@ -123,6 +123,14 @@ class LoadResult:
     decision_id: str = ""
 
 
+class ModelBusy(Unavailable):
+    """Another load of the model holds its lock (:meth:`ModelLoader.load` without ``wait``).
+    Raised here only, never made from a peer's answer: a store or broker sending this reason
+    does not make a configured retry look again every second."""
+
+    default_reason = Reason.MODEL_LOAD_IN_PROGRESS
+
+
 class ModelLoader:
     """Loads model versions into a :class:`ModelRepository`; one load per model at a time."""
 
@@ -194,8 +202,12 @@ class ModelLoader:
         scope: CallScope | None = None,
         header_sha256: bytes | None = None,
         retry_of: Callable[[], bool] | None = None,
+        wait: bool = True,
     ) -> LoadResult:
         """Loads ``name``/``version`` and makes it the default version; raises on failure.
+
+        ``wait`` False: :class:`ModelBusy` at once, nothing loaded, if another load of the model
+        holds its lock (a configured retry: its one thread must not wait out another's load).
 
         ``retry_of`` marks a retry: whether the version still waits for it (its failure still
         listed), asked once the load is registered where an unload aborts it, and again once it
@@ -228,11 +240,13 @@ class ModelLoader:
                     f"model {name!r} version {version!r} was unloaded (or loaded) while its load "
                     "waited to be retried"
                 )
-            if not lock.acquire(scope, ticket):
+            if not lock.acquire(scope, ticket, wait=wait):
                 if ticket.aborted:
                     raise _aborted(name, version)
                 if scope.cancelled:
                     raise scope.error()
+                if not wait:
+                    raise ModelBusy(f"model {name!r} is being loaded by another load")
                 raise Unavailable(
                     f"model {name!r} is still being loaded by an earlier request",
                     reason=Reason.MODEL_LOAD_IN_PROGRESS,
@@ -253,6 +267,12 @@ class ModelLoader:
         finally:
             ticket.leave()
             self._done_with(name, lock)
+
+    def busy(self, name: str) -> bool:
+        """Whether a load of ``name`` holds its lock now."""
+        with self._locks_guard:
+            lock = self._locks.get(name)
+        return lock is not None and lock.locked
 
     def abort_queued(self, name: str, version: str | None = None) -> int:
         """Aborts the loads of ``name`` (``version``, or every version) that have not begun yet:
@@ -610,14 +630,18 @@ class ModelLock:
             self._running = ticket
             return True
 
-    def acquire(self, scope: CallScope | None = None, ticket: _Ticket | None = None) -> bool:
-        """Takes the lock; False if ``scope`` ended first (without a scope, waits for ever) or
-        ``ticket`` was aborted."""
+    def acquire(
+        self, scope: CallScope | None = None, ticket: _Ticket | None = None, *, wait: bool = True
+    ) -> bool:
+        """Takes the lock; False if ``scope`` ended first (without a scope, waits for ever),
+        ``ticket`` was aborted, or, without ``wait``, another load holds it."""
         scope = scope if scope is not None else CallScope()
         with self._condition:
             remove = scope.on_cancel(self._wake)
             try:
                 while self._held:
+                    if not wait:
+                        return False
                     left = scope.left()
                     if scope.cancelled or left == 0.0 or (ticket is not None and ticket.aborted):
                         return False

@@ -20,6 +20,7 @@ from strongroom.artifact.stream import BufferedStreamDecryptor
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
 from strongroom.inference.autoload import ConfiguredLoads
+from strongroom.inference.loader import ModelBusy
 from strongroom.inference.models import ModelState
 from strongroom.inference.server import InferenceServer
 from tests.e2e.stalling import StallOnce
@@ -166,20 +167,27 @@ def test_a_retry_under_way_still_shows_the_failure_it_retries(
 class HeldRetries:
     """Holds each configured retry until :attr:`go_on` is set: at the start of its attempt
     (``at="attempt"``: before it looks at the version's state), or at the start of its load
-    (``at="load"``: it has found the version failed, and not yet asked again once registered)."""
+    (``at="load"``: it has found the version failed, and not yet asked again once registered;
+    :attr:`busy` counts those that then found another load holding the model's lock)."""
 
     def __init__(
         self, inference: InferenceServer, monkeypatch: pytest.MonkeyPatch, *, at: str
     ) -> None:
         self.reached = threading.Event()
         self.go_on = threading.Event()
+        self.busy = 0  # (``at="load"``) retries that found the model's lock taken
         if at == "load":
             load = inference.loader.load
 
             def held_load(*args: Any, **kwargs: Any) -> Any:
-                if kwargs.get("retry_of") is not None:
-                    self._hold()
-                return load(*args, **kwargs)
+                if kwargs.get("retry_of") is None:
+                    return load(*args, **kwargs)
+                self._hold()
+                try:
+                    return load(*args, **kwargs)
+                except ModelBusy:
+                    self.busy += 1
+                    raise
 
             monkeypatch.setattr(inference.loader, "load", held_load)
         else:
@@ -271,14 +279,20 @@ def test_a_retry_that_finds_a_loadmodel_under_way_waits_for_its_outcome(
     )
 
 
-def test_a_retry_registered_behind_a_loadmodel_goes_on_only_if_that_failed(
-    stack: DevStack, model_path: Path, stopped: None, monkeypatch: pytest.MonkeyPatch
+def test_a_retry_finding_a_loadmodel_begun_since_it_looked_goes_on_only_if_that_failed(
+    stack: DevStack,
+    model_path: Path,
+    stopped: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The same race a step later: the retry had found the version failed, and the LoadModel
     began before the retry registered its load. It asked once registered (LOADING: the retries
-    ended, as above); it now waits for the model's lock behind the LoadModel and asks again once
-    it has it, so it goes on since the LoadModel failed."""
+    ended, as above); it now finds the model's lock taken, looks again later (not waiting for
+    the lock, as above), and goes on since the LoadModel failed. Finding the lock taken is not
+    a failed attempt: neither logged nor counted as one, nor a step of its back-off."""
     inference = _denied(stack, model_path, "overruled2")
+    caplog.set_level(logging.DEBUG, logger="strongroom.inference.autoload")
     held = HeldRetries(inference, monkeypatch, at="load")
     control = control_grpc.ModelControlServiceStub(
         stack.channel(stack.identity("admin"), "inference")
@@ -299,13 +313,10 @@ def test_a_retry_registered_behind_a_loadmodel_goes_on_only_if_that_failed(
             )
             assert stall.stalled.wait(30)
             held.go_on.set()
-            assert wait_until(
-                lambda: (
-                    inference.loader.queued("overruled2") == ("1",) or not loader_thread.is_alive()
-                ),
-                30,
-            )
+            assert wait_until(lambda: held.busy >= 1 or not loader_thread.is_alive(), 30)
             assert loader_thread.is_alive(), "the retries ended"
+            assert inference.loader.queued("overruled2") == ()  # not waiting for the lock
+            assert not [r for r in caplog.records if "MODEL_LOAD_IN_PROGRESS" in r.getMessage()]
         finally:
             held.go_on.set()
             stall.go_on.set()
@@ -316,12 +327,12 @@ def test_a_retry_registered_behind_a_loadmodel_goes_on_only_if_that_failed(
     )
 
 
-def test_a_retry_registered_behind_a_loadmodel_that_loads_the_version_ends(
+def test_a_retry_finding_a_loadmodel_begun_since_it_looked_that_loads_the_version_ends(
     stack: DevStack, model_path: Path, stopped: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Its other outcome: the LoadModel the retry waited behind loaded the version, so the retry
-    ends without a load of its own (a second download, key release and plaintext buffer of a
-    version already serving)."""
+    """Its other outcome: the LoadModel the retry found under way loaded the version, so the
+    retry ends without a load of its own (a second download, key release and plaintext buffer
+    of a version already serving)."""
     stack.create_release_key(stack.identity("admin"), "taken", policy_version="1")
     inference = _start(stack, "taken")
     held = HeldRetries(inference, monkeypatch, at="load")
@@ -346,11 +357,220 @@ def test_a_retry_registered_behind_a_loadmodel_that_loads_the_version_ends(
             )
             assert stall.stalled.wait(30)
             held.go_on.set()
-            assert wait_until(lambda: inference.loader.queued("taken") == ("1",), 30)
+            assert wait_until(lambda: held.busy >= 1, 30)
         finally:
             held.go_on.set()
             stall.go_on.set()
         answer.result(60)
     assert wait_until(lambda: not loader_thread.is_alive(), 30)
     assert inference.repository.is_ready("taken", "1")
+    assert buffers.allocated == 1
+
+
+def test_a_retry_behind_a_loadmodel_of_an_unlisted_version_ends_without_loading(
+    stack: DevStack, model_path: Path, stopped: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry of the configured version 1 had found it failed when an operator's LoadModel of
+    version 2, which the configuration does not list, began. Once that LoadModel has loaded
+    version 2 the retry ends without a load: loading version 1 then would make it the model's
+    default again (the operator's requests moved back to it) for a second download, key release
+    and plaintext buffer of the model."""
+    stack.create_release_key(stack.identity("admin"), "moved2", policy_version="1")
+    _publish(stack, model_path, "moved2", "moved2", version="2")
+    inference = _start(stack, "moved2")
+    held = HeldRetries(inference, monkeypatch, at="load")
+    buffers = PlaintextBuffers(monkeypatch)
+    control = control_grpc.ModelControlServiceStub(
+        stack.channel(stack.identity("admin"), "inference")
+    )
+    inference.load_configured_models()
+    (loader_thread,) = inference._threads
+    with ThreadPoolExecutor(1) as pool:
+        storage = stack.services["modelstore"].handle.storage
+        stall = StallOnce(storage, "2")
+        try:
+            assert held.reached.wait(30)  # its retry found version 1 failed
+            assert _failed_with(inference, "moved2") == "MODEL_NOT_FOUND"
+            _publish(stack, model_path, "moved2", "moved2")  # version 1 would load now
+            monkeypatch.setattr(storage, "open", stall)
+            answer: Future[Any] = pool.submit(
+                control.LoadModel,
+                control_pb.LoadModelRequest(name="moved2", version="2"),
+                timeout=60,
+            )
+            assert stall.stalled.wait(30)  # the LoadModel of version 2 is loading it
+            held.go_on.set()
+            assert wait_until(lambda: held.busy >= 1, 30)  # it found the lock taken
+        finally:
+            held.go_on.set()
+            stall.go_on.set()
+        answer.result(60)
+    assert wait_until(lambda: not loader_thread.is_alive(), 30)
+    assert inference.repository.status("moved2").default_version == "2"
+    assert inference.repository.version_state("moved2", "1") is not ModelState.READY
+    assert buffers.allocated == 1
+
+
+def test_a_retry_does_not_wait_for_another_load_of_its_model(
+    stack: DevStack,
+    model_path: Path,
+    stopped: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One thread runs every configured model's retries. A retry of a model that an operator's
+    LoadModel (here of another version) was loading waited for that model's lock, for as long
+    as that load took (up to the load timeout, 10 minutes): every other configured model's
+    retries waited with it, a model published meanwhile unloaded and the server unready. The
+    retry now looks again later, and the other models' retries go on meanwhile; each look is
+    no more than that (no StatModel, no download), however long the other load takes."""
+    for name in ("busy", "free"):
+        stack.create_release_key(stack.identity("admin"), name, policy_version="1")
+    _publish(stack, model_path, "busy", "busy", version="2")
+    inference = _start(stack, "busy", "free")
+    control = control_grpc.ModelControlServiceStub(
+        stack.channel(stack.identity("admin"), "inference")
+    )
+    caplog.set_level(logging.DEBUG, logger="strongroom.inference.autoload")
+    stat = inference.loader.stat
+    stats: list[str] = []
+
+    def counted_stat(name: str, version: str, **kwargs: Any) -> Any:
+        stats.append(name)
+        return stat(name, version, **kwargs)
+
+    monkeypatch.setattr(inference.loader, "stat", counted_stat)
+    inference.load_configured_models()
+
+    def postponed() -> int:
+        return len([r for r in caplog.records if "busy/1 is being loaded by" in r.getMessage()])
+
+    with ThreadPoolExecutor(1) as pool:
+        storage = stack.services["modelstore"].handle.storage
+        stall = StallOnce(storage, "2")
+        try:
+            assert wait_until(lambda: _failed_with(inference, "busy") == "MODEL_NOT_FOUND", 30)
+            assert wait_until(lambda: _failed_with(inference, "free") == "MODEL_NOT_FOUND", 30)
+            monkeypatch.setattr(storage, "open", stall)
+            answer: Future[Any] = pool.submit(
+                control.LoadModel,
+                control_pb.LoadModelRequest(name="busy", version="2"),
+                timeout=60,
+            )
+            assert stall.stalled.wait(30)  # the LoadModel holds the model's lock
+            # The retry of busy/1 has come meanwhile (waiting for the lock, or postponed).
+            assert wait_until(lambda: inference.loader.queued("busy") == ("1",) or postponed(), 30)
+            _publish(stack, model_path, "free", "free")
+            assert wait_until(lambda: inference.repository.is_ready("free", "1"), 30), (
+                "the other model's retries waited for the LoadModel"
+            )
+            looked, asked = postponed(), stats.count("busy")
+            assert wait_until(lambda: postponed() >= looked + 3, 30)
+            assert stats.count("busy") <= asked + 1  # one at most, already under way
+        finally:
+            stall.go_on.set()
+        answer.result(60)
+    assert inference.repository.status("busy").default_version == "2"
+
+
+@pytest.mark.parametrize("at", ["attempt", "load"])
+def test_an_unload_while_a_retry_waits_out_a_loadmodel_ends_the_retries(
+    stack: DevStack,
+    model_path: Path,
+    stopped: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    at: str,
+) -> None:
+    """A retry that found an operator's LoadModel of its version under way (at its first look,
+    or once it had registered its load) looks again later; an UnloadModel meanwhile stops the
+    LoadModel, and the retry, which no longer finds the version failed, ends: the model is not
+    loaded again behind the operator's back once the broker's policy allows it."""
+    name = f"dropped-{at}"
+    inference = _denied(stack, model_path, name)
+    held = HeldRetries(inference, monkeypatch, at=at)
+    admin = stack.channel(stack.identity("admin"), "inference")
+    control = control_grpc.ModelControlServiceStub(admin)
+    caplog.set_level(logging.DEBUG, logger="strongroom.inference.autoload")
+    inference.load_configured_models()
+    (loader_thread,) = inference._threads
+
+    def postponed() -> int:
+        return len([r for r in caplog.records if "is being loaded by another" in r.getMessage()])
+
+    with ThreadPoolExecutor(1) as pool:
+        storage = stack.services["modelstore"].handle.storage
+        stall = StallOnce(storage, "1")
+        try:
+            assert held.reached.wait(30)
+            assert _failed_with(inference, name) == "MEASUREMENT_NOT_ALLOWED"
+            monkeypatch.setattr(storage, "open", stall)
+            answer: Future[Any] = pool.submit(
+                control.LoadModel, control_pb.LoadModelRequest(name=name, version="1"), timeout=60
+            )
+            assert stall.stalled.wait(30)  # the LoadModel is loading it
+            held.go_on.set()
+            assert wait_until(lambda: postponed() >= 1, 30)
+            control.UnloadModel(control_pb.UnloadModelRequest(name=name, version="1"), timeout=30)
+            with pytest.raises(grpc.RpcError) as stopped_load:
+                answer.result(60)
+            assert "MODEL_UNLOADED" in str(stopped_load.value.details())
+            _allow(stack, name)
+        finally:
+            held.go_on.set()
+            stall.go_on.set()
+    assert wait_until(lambda: not loader_thread.is_alive(), 30)
+    assert inference.repository.version_state(name, "1") is None
+    assert not inference.repository.is_ready(name)
+
+
+def test_a_retry_whose_model_an_operator_loaded_before_it_took_the_lock_ends(
+    stack: DevStack, model_path: Path, stopped: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The narrowest window: the retry of the configured version 1 has registered its load and
+    found the version still failed, and before it takes the model's lock (free then) an
+    operator's LoadModel of version 2, which the configuration does not list, runs whole. The
+    retry asks again once it holds the lock, and ends without loading version 1 (which would
+    make it the default again, for a second plaintext buffer of the model)."""
+    stack.create_release_key(stack.identity("admin"), "between", policy_version="1")
+    _publish(stack, model_path, "between", "between", version="2")
+    inference = _start(stack, "between")
+    control = control_grpc.ModelControlServiceStub(
+        stack.channel(stack.identity("admin"), "inference")
+    )
+    asked = threading.Event()
+    go_on = threading.Event()
+    load = inference.loader.load
+
+    def held_after_first_question(*args: Any, **kwargs: Any) -> Any:
+        retry_of = kwargs.get("retry_of")
+        if retry_of is None:
+            return load(*args, **kwargs)
+        questions = 0
+
+        def asking() -> bool:
+            nonlocal questions
+            questions += 1
+            answer = bool(retry_of())
+            if questions == 1 and answer:
+                asked.set()
+                go_on.wait(60)
+            return answer
+
+        return load(*args, **{**kwargs, "retry_of": asking})
+
+    monkeypatch.setattr(inference.loader, "load", held_after_first_question)
+    buffers = PlaintextBuffers(monkeypatch)
+    inference.load_configured_models()
+    (loader_thread,) = inference._threads
+    try:
+        assert wait_until(lambda: _failed_with(inference, "between") == "MODEL_NOT_FOUND", 30)
+        _publish(stack, model_path, "between", "between")  # version 1 would load now
+        assert asked.wait(30)  # registered, found failed, the lock not yet taken
+        control.LoadModel(control_pb.LoadModelRequest(name="between", version="2"), timeout=60)
+    finally:
+        go_on.set()
+    assert wait_until(lambda: not loader_thread.is_alive(), 30)
+    assert inference.repository.status("between").default_version == "2"
+    assert inference.repository.version_state("between", "1") is not ModelState.READY
     assert buffers.allocated == 1
