@@ -125,7 +125,8 @@ CASES: dict[str, tuple[Odd | None, str, str]] = {
     "directory-first": (_dir_first, "shipping", "audit.log.0-0"),
     "link-headless-first": (_headless_link_first, "shipping", "audit.log.0-0"),
     # Another log's names: the broker reads only its own log's (audit.log), and so does audit
-    # verify, told the log or finding it beside its head; it names what it left out (IGNORED).
+    # verify told it (--log-name); it names what it left out (IGNORED). Not told, it asks: which
+    # of two logs is the broker's is not for the directory's writer to choose.
     "renamed-to-another-log": (_rename_pair("audit.log.3-5", "zz.3-5"), "tampered", "seq 3..5"),
     "another-logs-stray": (_junk("foo.01-2", oldest_shipped=False), "intact", ""),
     "another-logs-pair": (_rename_pair("audit.log.0-2", "old.log.0-2"), "intact", ""),
@@ -153,16 +154,20 @@ def _broker(log_path: Path, key: Ed25519PrivateKey, caplog: pytest.LogCaptureFix
     return f"shipping {shipping}" if shipping else f"intact {warnings}"
 
 
-def _verify(directory: Path, public: Path, capsys: pytest.CaptureFixture[str]) -> str:
-    """``strongroom audit verify DIR --public-key PEM``: its verdict and what it printed."""
+def _verify(directory: Path, public: Path, capsys: pytest.CaptureFixture[str], *told: str) -> str:
+    """``strongroom audit verify DIR --public-key PEM [--log-name NAME]``: its verdict and what
+    it printed ("ambiguous": several logs, it asks for --log-name)."""
     capsys.readouterr()
     args = build_parser().parse_args(
-        ["audit", "verify", str(directory), "--public-key", str(public)]
+        ["audit", "verify", str(directory), "--public-key", str(public), *told]
     )
     code = run_command(lambda: args.func(args))
     out, err = capsys.readouterr()
     if code == 2:
         return f"tampered {err}"
+    if code == 1 and "INVALID_ARGUMENT" in err:
+        assert "name the one to check with --log-name" in err, err
+        return f"ambiguous {err}"
     if code == 1:
         assert "AUDIT_UNAVAILABLE" in err, err
         return f"unavailable {err}"
@@ -192,12 +197,16 @@ def test_the_broker_and_audit_verify_judge_an_odd_directory_alike(
     before = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
 
     broker = _broker(log_path, key, caplog)
-    verify = _verify(directory, public, capsys)
+    verify = _verify(directory, public, capsys, "--log-name", "audit.log")
+    inferred = _verify(directory, public, capsys)
 
     assert (broker.split()[0], verify.split()[0]) == (expected, expected), (broker, verify)
     assert named in broker and named in verify, (broker, verify)
     if case in IGNORED:  # named in a note, as not read
         assert IGNORED[case] in verify.partition("left out, not of audit.log: ")[2], verify
+        assert inferred.startswith("ambiguous ") and IGNORED[case].split(".")[0] in inferred
+    else:
+        assert inferred == verify
     if expected != "intact":  # a start refused or warned changed nothing it judged
         after = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
         assert {n: after.get(n) for n in before if n.startswith("audit.log.")} == {
