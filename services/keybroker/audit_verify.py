@@ -589,6 +589,11 @@ def verify_audit_series(
     if not paths:
         raise NotFound("no audit logs to verify", reason=Reason.AUDIT_LOG_NOT_FOUND)
     verdicts = [(Path(path), verify_audit_log(path, public_key=public_key)) for path in paths]
+    unwritten = [path for path, verdict in verdicts if _head_unwritten(path, verdict)]
+    if len(unwritten) < len(verdicts):
+        verdicts = [item for item in verdicts if item[0] not in unwritten]
+    else:
+        unwritten = []  # nothing else to check: HEAD_MISSING, as for the log alone
     # The earliest broken file in the chain's order (names sort 10-12 before 3-5).
     for path, verdict in sorted(verdicts, key=lambda item: item[1].first_seq):
         if not verdict.intact:
@@ -670,5 +675,24 @@ def verify_audit_series(
         + (f"; starts at seq {first} (earlier files deleted)" if first else "")
         + ("; the last file is sealed (no active log among them)" if ordered[-1][1].sealed else "")
         + ("; head signatures valid" if checked else "; head signatures NOT checked")
-        + signing_key_summary(signing_keys),
+        + signing_key_summary(signing_keys)
+        + (
+            f"; left out, empty and without its head: {_shown([p.name for p in unwritten])} (a "
+            "crash before its first head was written: the broker writes it when it next starts)"
+            if unwritten
+            else ""
+        ),
+    )
+
+
+def _head_unwritten(path: Path, verdict: AuditVerification) -> bool:
+    """Whether ``path`` is an active log (not a sealed name) that is empty and has no head: a
+    crash between creating it (a rotation's new log) and writing its first head, which the
+    broker's next start writes, continuing the last sealed file. No records are missing from
+    it: it is left out of a series, as the broker reads it (a new log), rather than called
+    HEAD_MISSING, tampering."""
+    return (
+        verdict.problem == "HEAD_MISSING"
+        and verdict.records == 0
+        and not has_sealed_shape(path.name)
     )

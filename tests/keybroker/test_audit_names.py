@@ -88,6 +88,13 @@ def _headless_link_first(directory: Path, outside: Path) -> None:
     (directory / "audit.log.0-0").symlink_to(outside / "anything")
 
 
+def _unwritten_head(directory: Path, _: Path) -> None:
+    """A crash in a rotation between creating the new log and writing its first head (or in a
+    first start, after creating the log): the broker's next start writes the head."""
+    (directory / "audit.log").write_bytes(b"")
+    (directory / "audit.log.head").unlink()
+
+
 def _dir_first(directory: Path, _: Path) -> None:
     for suffix in ("", ".head"):
         (directory / ("audit.log.0-2" + suffix)).unlink()
@@ -124,6 +131,9 @@ CASES: dict[str, tuple[Odd | None, str, str]] = {
     "junk-logless-first": (_junk("audit.log.0-1.head"), "shipping", "audit.log.0-1"),
     "directory-first": (_dir_first, "shipping", "audit.log.0-0"),
     "link-headless-first": (_headless_link_first, "shipping", "audit.log.0-0"),
+    # The active log empty without its head: the broker starts (it writes the head, continuing
+    # the last sealed file); audit verify called it HEAD_MISSING (tampering).
+    "active-log-head-unwritten": (_unwritten_head, "intact", ""),
     # Another log's names: the broker reads only its own log's (audit.log), and so does audit
     # verify told it (--log-name); it names what it left out (IGNORED). Not told, it asks: which
     # of two logs is the broker's is not for the directory's writer to choose.
@@ -196,9 +206,10 @@ def test_the_broker_and_audit_verify_judge_an_odd_directory_alike(
         odd(directory, outside)
     before = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
 
-    broker = _broker(log_path, key, caplog)
+    # verify first: it changes nothing, and the broker's start finishes what a crash left.
     verify = _verify(directory, public, capsys, "--log-name", "audit.log")
     inferred = _verify(directory, public, capsys)
+    broker = _broker(log_path, key, caplog)
 
     assert (broker.split()[0], verify.split()[0]) == (expected, expected), (broker, verify)
     assert named in broker and named in verify, (broker, verify)
