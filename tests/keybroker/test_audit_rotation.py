@@ -621,6 +621,13 @@ def test_the_cli_checks_an_archive_and_the_live_directory_as_one_series(
     # The archive alone: its sealed names are of one log, audit.log.
     assert _run("audit", "verify", str(archive)) == 0
     assert "3 files, records seq 0..8" in capsys.readouterr().out
+    # The newest archived file missing at the boundary (or left headless in live/ by a shipper
+    # that never copied it): a gap between the two directories, whichever comes first.
+    for path in _pair(archive, "audit.log.6-8"):
+        shutil.move(path, series_dir / path.name)
+    (series_dir / "audit.log.6-8.head").unlink()
+    assert _run("audit", "verify", str(series_dir), str(archive)) == 2
+    assert "SERIES_GAP: records seq 6..8 are missing" in capsys.readouterr().err
 
 
 def test_a_pair_planted_under_another_name_does_not_choose_the_log_checked(
