@@ -55,6 +55,13 @@ def _junk(name: str, *, oldest_shipped: bool = True) -> Odd:
     return odd
 
 
+def _deleted(name: str) -> Odd:
+    def odd(directory: Path, _: Path) -> None:
+        (directory / name).unlink()
+
+    return odd
+
+
 def _link_out(name: str) -> Odd:
     """``name`` moved out of the directory, a symbolic link to it left in its place: what it
     points to is the genuine file, so following it found nothing wrong."""
@@ -134,6 +141,8 @@ CASES: dict[str, tuple[Odd | None, str, str]] = {
     # The active log empty without its head: the broker starts (it writes the head, continuing
     # the last sealed file); audit verify called it HEAD_MISSING (tampering).
     "active-log-head-unwritten": (_unwritten_head, "intact", ""),
+    # With records, it is tampering for both (its head deleted: what it anchored is unknown).
+    "active-log-headless": (_deleted("audit.log.head"), "tampered", "head is missing"),
     # Another log's names: the broker reads only its own log's (audit.log), and so does audit
     # verify told it (--log-name); it names what it left out (IGNORED). Not told, it asks: which
     # of two logs is the broker's is not for the directory's writer to choose.
