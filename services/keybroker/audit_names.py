@@ -2,9 +2,10 @@
 reading of a directory that the broker (:mod:`strongroom.keybroker.audit`, at start and while it
 rotates) and ``strongroom audit verify DIR`` (:mod:`strongroom.keybroker.audit_verify`) both
 apply, so that they cannot judge one directory two ways. Both read one log's names: the broker
-its own (its path's file name), ``audit verify`` the one it is told (``--log-name``) or finds
-beside its head; another log's names, sealed or not, are not that log's files, whatever their
-numbers (a sealed pair renamed ``zz.3-5`` is a pair missing from the series).
+its own (its path's file name), ``audit verify`` the one it is told (``--log-name``) or the one
+log whose files the directory holds (of several, it asks); another log's names, sealed or not,
+are not that log's files, whatever their numbers (a sealed pair renamed ``zz.3-5`` is a pair
+missing from the series).
 
 **Names.** A rotation renames the log ``<log>`` to :func:`sealed_log_name` ``<log>.<first
 seq>-<last seq>`` and its head to that name + ``.head``. Any name of that shape (digits, a dash,
@@ -129,12 +130,6 @@ def sealed_range(name: str) -> tuple[int, int] | None:
 def has_sealed_shape(name: str) -> bool:
     """Whether ``name`` (a log's, not a head's) has the shape of a sealed name of some log."""
     return _split(name, None) is not None
-
-
-def is_sealed_name_of(name: str, log_name: str) -> bool:
-    """Whether ``name`` (a log's, not a head's) has the shape of a sealed name of the log
-    ``log_name``, canonical or not: one :func:`list_sealed` reads for that log."""
-    return _split(name, log_name) is not None
 
 
 def sealed_owner(name: str) -> str | None:

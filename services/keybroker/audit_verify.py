@@ -39,7 +39,6 @@ from strongroom.keybroker.audit_names import (
     HEAD_SUFFIX,
     SealedListing,
     has_sealed_shape,
-    is_sealed_name_of,
     list_sealed,
     open_regular,
     sealed_owner,
@@ -382,35 +381,37 @@ class SeriesVerification:
 def infer_log_name(paths: list[Path]) -> str | None:
     """The log whose files :func:`verify_audit_paths` checks in the directories among ``paths``
     when it is not told (the broker's is the file name of its ``keybroker.audit_log``, which has
-    no default; the deployments name it ``audit.log``): the one unsealed log found beside its
-    head in them or given as a path, else the one log the sealed names there are of; None when
-    they hold no log. ``InvalidArgument`` naming them when there are several (the caller then
-    names one: ``--log-name``)."""
-    unsealed: set[str] = set()
-    owners: set[str] = set()
+    no default; the deployments name it ``audit.log``): the one log whose files (:func:`_log_of`)
+    they hold or that is given as a path; None when they hold no log. ``InvalidArgument`` naming
+    them when there are several (the caller then names one: ``--log-name``): whoever can write
+    the directory can add another log's files, so no log may be preferred to another (a pair
+    planted as ``x`` and ``x.head`` beside an archive's sealed files would have made them all
+    another log's, left out, and a file deleted from their middle unseen)."""
+    logs: set[str] = set()
     for path in paths:
         if not path.is_dir():
-            owner = sealed_owner(path.name)
-            if owner is None:
-                unsealed.add(path.name)
-            else:
-                owners.add(owner)
+            logs.add(sealed_owner(path.name) or path.name)
             continue
-        for name in _names(path):
-            log = name.removesuffix(HEAD_SUFFIX)
-            owner = sealed_owner(log)
-            if owner is not None:
-                owners.add(owner)
-            elif log != name:
-                unsealed.add(log)
-    found = sorted(unsealed or owners)
+        names = _names(path)
+        logs.update(log for name in names if (log := _log_of(name, names)) is not None)
+    found = sorted(logs)
     if len(found) > 1:
-        where = "beside their heads" if unsealed else "in the sealed names"
         raise InvalidArgument(
-            f"{', '.join(map(str, paths))} hold{'s' if len(paths) == 1 else ''} several audit "
-            f"logs ({_shown(found)}, {where}): name the one to check with --log-name NAME"
+            f"{', '.join(map(str, paths))} hold{'s' if len(paths) == 1 else ''} files of several "
+            f"audit logs ({_shown(found)}): name the one to check with --log-name NAME"
         )
     return found[0] if found else None
+
+
+def _log_of(name: str, names: set[str]) -> str | None:
+    """The log whose file ``name`` (of the listing ``names``) is: the one its sealed name (a log's
+    or a head's) is of, the one it is the head of, or itself beside its head; None for any other
+    name (a log without its head is told from another file only by a given log name)."""
+    log = name.removesuffix(HEAD_SUFFIX)
+    owner = sealed_owner(log)
+    if owner is not None:
+        return owner
+    return log if log != name or name + HEAD_SUFFIX in names else None
 
 
 def audit_files(directory: Path | str, log_name: str | None = None) -> list[Path]:
@@ -434,20 +435,12 @@ def audit_files(directory: Path | str, log_name: str | None = None) -> list[Path
 
 
 def other_logs(directory: Path | str, log_name: str) -> list[str]:
-    """The names in ``directory`` of other logs than ``log_name``, which the broker whose log that
-    is never reads nor writes (so neither does :func:`verify_audit_paths`): sealed names of
-    another log (logs or heads, whatever their numbers) and unsealed logs beside their heads."""
+    """The names in ``directory`` of other logs' files than ``log_name``'s (:func:`_log_of`),
+    which the broker whose log that is never reads nor writes (so neither does
+    :func:`verify_audit_paths`): sealed names of another log (logs or heads, whatever their
+    numbers) and unsealed logs beside their heads."""
     names = _names(Path(directory))
-    other: set[str] = set()
-    for name in names:
-        log = name.removesuffix(HEAD_SUFFIX)
-        if log == log_name or is_sealed_name_of(log, log_name):
-            continue
-        if has_sealed_shape(log):
-            other.add(name)
-        elif log != name:
-            other.update(n for n in (log, name) if n in names)
-    return sorted(other)
+    return sorted(name for name in names if _log_of(name, names) not in (None, log_name))
 
 
 def being_shipped(directory: Path | str, log_name: str | None = None) -> list[str]:
@@ -596,6 +589,11 @@ def verify_audit_series(
     if not paths:
         raise NotFound("no audit logs to verify", reason=Reason.AUDIT_LOG_NOT_FOUND)
     verdicts = [(Path(path), verify_audit_log(path, public_key=public_key)) for path in paths]
+    unwritten = [path for path, verdict in verdicts if _head_unwritten(path, verdict)]
+    if len(unwritten) < len(verdicts):
+        verdicts = [item for item in verdicts if item[0] not in unwritten]
+    else:
+        unwritten = []  # nothing else to check: HEAD_MISSING, as for the log alone
     # The earliest broken file in the chain's order (names sort 10-12 before 3-5).
     for path, verdict in sorted(verdicts, key=lambda item: item[1].first_seq):
         if not verdict.intact:
@@ -677,5 +675,24 @@ def verify_audit_series(
         + (f"; starts at seq {first} (earlier files deleted)" if first else "")
         + ("; the last file is sealed (no active log among them)" if ordered[-1][1].sealed else "")
         + ("; head signatures valid" if checked else "; head signatures NOT checked")
-        + signing_key_summary(signing_keys),
+        + signing_key_summary(signing_keys)
+        + (
+            f"; left out, empty and without its head: {_shown([p.name for p in unwritten])} (a "
+            "crash before its first head was written: the broker writes it when it next starts)"
+            if unwritten
+            else ""
+        ),
+    )
+
+
+def _head_unwritten(path: Path, verdict: AuditVerification) -> bool:
+    """Whether ``path`` is an active log (not a sealed name) that is empty and has no head: a
+    crash between creating it (a rotation's new log) and writing its first head, which the
+    broker's next start writes, continuing the last sealed file. No records are missing from
+    it: it is left out of a series, as the broker reads it (a new log), rather than called
+    HEAD_MISSING, tampering."""
+    return (
+        verdict.problem == "HEAD_MISSING"
+        and verdict.records == 0
+        and not has_sealed_shape(path.name)
     )

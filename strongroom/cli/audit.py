@@ -1,9 +1,9 @@
 """``strongroom audit verify PATH... [--log-name NAME] [--public-key PEM]``: check audit logs for tampering.
 
 One file: its records, chain and signed head (PATH.head). A directory, or several paths: every
-file of the log in them (``--log-name``, e.g. ``audit.log``: by default the one log found beside
-its head there or given as a path, else the one log the sealed names are of; several are an
-error asking for ``--log-name``), that is the log itself and the sealed ``<log>.<first>-<last>``
+file of the log in them (``--log-name``, e.g. ``audit.log``: by default the one log whose files
+they hold or given as a path; files of several logs are an error asking for ``--log-name``),
+that is the log itself and the sealed ``<log>.<first>-<last>``
 files a rotating broker leaves, each with its ``.head``, is checked alone, then as one chain:
 each file must continue the one before it (its first seq and first record's ``prev`` are that
 file's end and last hash) and be sealed if another follows. A file missing in the middle, a
@@ -17,7 +17,8 @@ releases per release-signing key (the key each record names,
 by the first 16 hex digits of its id; "not named": releases recorded before records named it).
 
 Exit status 0 when intact (a one-line summary on stdout), 2 when not (the first bad file or record
-and the problem on stderr). Each is one line, non-printable characters shown escaped. Without
+and the problem on stderr), 1 when it could not check (why, on stderr: a file it cannot read or
+that is a link, no log, files of several logs): not verified either. Each is one line, non-printable characters shown escaped. Without
 ``--public-key`` the chain and the head's count are checked but not the head's signature, and the
 summary says so. A running broker's log can be checked in place: the check covers the log as it
 stood between two commits, and a directory whose series does not verify is listed and checked
@@ -61,7 +62,7 @@ def register(subparsers: Any) -> None:
         "--log-name",
         metavar="NAME",
         help="the log whose files to check in a directory (the file name of the broker's "
-        "keybroker.audit_log, e.g. audit.log); by default the one log beside its head there",
+        "keybroker.audit_log, e.g. audit.log); by default the one log whose files are there",
     )
     verify.add_argument(
         "--public-key",

@@ -55,6 +55,13 @@ def _junk(name: str, *, oldest_shipped: bool = True) -> Odd:
     return odd
 
 
+def _deleted(name: str) -> Odd:
+    def odd(directory: Path, _: Path) -> None:
+        (directory / name).unlink()
+
+    return odd
+
+
 def _link_out(name: str) -> Odd:
     """``name`` moved out of the directory, a symbolic link to it left in its place: what it
     points to is the genuine file, so following it found nothing wrong."""
@@ -86,6 +93,13 @@ def _headless_link_first(directory: Path, outside: Path) -> None:
         (directory / ("audit.log.0-2" + suffix)).unlink()
     (outside / "anything").write_bytes(b"junk\n")
     (directory / "audit.log.0-0").symlink_to(outside / "anything")
+
+
+def _unwritten_head(directory: Path, _: Path) -> None:
+    """A crash in a rotation between creating the new log and writing its first head (or in a
+    first start, after creating the log): the broker's next start writes the head."""
+    (directory / "audit.log").write_bytes(b"")
+    (directory / "audit.log.head").unlink()
 
 
 def _dir_first(directory: Path, _: Path) -> None:
@@ -124,8 +138,14 @@ CASES: dict[str, tuple[Odd | None, str, str]] = {
     "junk-logless-first": (_junk("audit.log.0-1.head"), "shipping", "audit.log.0-1"),
     "directory-first": (_dir_first, "shipping", "audit.log.0-0"),
     "link-headless-first": (_headless_link_first, "shipping", "audit.log.0-0"),
+    # The active log empty without its head: the broker starts (it writes the head, continuing
+    # the last sealed file); audit verify called it HEAD_MISSING (tampering).
+    "active-log-head-unwritten": (_unwritten_head, "intact", ""),
+    # With records, it is tampering for both (its head deleted: what it anchored is unknown).
+    "active-log-headless": (_deleted("audit.log.head"), "tampered", "head is missing"),
     # Another log's names: the broker reads only its own log's (audit.log), and so does audit
-    # verify, told the log or finding it beside its head; it names what it left out (IGNORED).
+    # verify told it (--log-name); it names what it left out (IGNORED). Not told, it asks: which
+    # of two logs is the broker's is not for the directory's writer to choose.
     "renamed-to-another-log": (_rename_pair("audit.log.3-5", "zz.3-5"), "tampered", "seq 3..5"),
     "another-logs-stray": (_junk("foo.01-2", oldest_shipped=False), "intact", ""),
     "another-logs-pair": (_rename_pair("audit.log.0-2", "old.log.0-2"), "intact", ""),
@@ -153,16 +173,20 @@ def _broker(log_path: Path, key: Ed25519PrivateKey, caplog: pytest.LogCaptureFix
     return f"shipping {shipping}" if shipping else f"intact {warnings}"
 
 
-def _verify(directory: Path, public: Path, capsys: pytest.CaptureFixture[str]) -> str:
-    """``strongroom audit verify DIR --public-key PEM``: its verdict and what it printed."""
+def _verify(directory: Path, public: Path, capsys: pytest.CaptureFixture[str], *told: str) -> str:
+    """``strongroom audit verify DIR --public-key PEM [--log-name NAME]``: its verdict and what
+    it printed ("ambiguous": several logs, it asks for --log-name)."""
     capsys.readouterr()
     args = build_parser().parse_args(
-        ["audit", "verify", str(directory), "--public-key", str(public)]
+        ["audit", "verify", str(directory), "--public-key", str(public), *told]
     )
     code = run_command(lambda: args.func(args))
     out, err = capsys.readouterr()
     if code == 2:
         return f"tampered {err}"
+    if code == 1 and "INVALID_ARGUMENT" in err:
+        assert "name the one to check with --log-name" in err, err
+        return f"ambiguous {err}"
     if code == 1:
         assert "AUDIT_UNAVAILABLE" in err, err
         return f"unavailable {err}"
@@ -191,13 +215,18 @@ def test_the_broker_and_audit_verify_judge_an_odd_directory_alike(
         odd(directory, outside)
     before = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
 
+    # verify first: it changes nothing, and the broker's start finishes what a crash left.
+    verify = _verify(directory, public, capsys, "--log-name", "audit.log")
+    inferred = _verify(directory, public, capsys)
     broker = _broker(log_path, key, caplog)
-    verify = _verify(directory, public, capsys)
 
     assert (broker.split()[0], verify.split()[0]) == (expected, expected), (broker, verify)
     assert named in broker and named in verify, (broker, verify)
     if case in IGNORED:  # named in a note, as not read
         assert IGNORED[case] in verify.partition("left out, not of audit.log: ")[2], verify
+        assert inferred.startswith("ambiguous ") and IGNORED[case].split(".")[0] in inferred
+    else:
+        assert inferred == verify
     if expected != "intact":  # a start refused or warned changed nothing it judged
         after = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
         assert {n: after.get(n) for n in before if n.startswith("audit.log.")} == {

@@ -621,6 +621,33 @@ def test_the_cli_checks_an_archive_and_the_live_directory_as_one_series(
     # The archive alone: its sealed names are of one log, audit.log.
     assert _run("audit", "verify", str(archive)) == 0
     assert "3 files, records seq 0..8" in capsys.readouterr().out
+    # The newest archived file missing at the boundary (or left headless in live/ by a shipper
+    # that never copied it): a gap between the two directories, whichever comes first.
+    for path in _pair(archive, "audit.log.6-8"):
+        shutil.move(path, series_dir / path.name)
+    (series_dir / "audit.log.6-8.head").unlink()
+    assert _run("audit", "verify", str(series_dir), str(archive)) == 2
+    assert "SERIES_GAP: records seq 6..8 are missing" in capsys.readouterr().err
+
+
+def test_a_pair_planted_under_another_name_does_not_choose_the_log_checked(
+    series_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An archive (no log beside its head) missing a file from the middle: a copy of a genuine
+    sealed pair planted as x and x.head made x the log checked (a log beside its head came before
+    the sealed names' log), every file of audit.log left out, and the gap verified intact, exit
+    0. Files of several logs now leave the choice to --log-name, which finds the gap."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for name in ("audit.log.0-2", "audit.log.6-8"):  # audit.log.3-5 deleted
+        for path in _pair(series_dir, name):
+            shutil.move(path, archive / path.name)
+    for path in _pair(archive, "audit.log.0-2"):
+        shutil.copy(path, archive / path.name.replace("audit.log.0-2", "x"))
+    with pytest.raises(InvalidArgument, match=r"several audit logs \(audit.log, x\): name the "):
+        _run("audit", "verify", str(archive))
+    assert _run("audit", "verify", str(archive), "--log-name", "audit.log") == 2
+    assert "SERIES_GAP" in capsys.readouterr().err
 
 
 def test_the_cli_checks_the_log_it_is_told_and_asks_when_there_are_several(
@@ -630,7 +657,7 @@ def test_the_cli_checks_the_log_it_is_told_and_asks_when_there_are_several(
     verify to guess (it checked them as one series); --log-name says, the other is left out."""
     with AuditLog.open(series_dir / "other.log", key) as log:
         fill(log, 2)
-    with pytest.raises(InvalidArgument, match=r"several audit logs \(audit.log, other.log, "):
+    with pytest.raises(InvalidArgument, match=r"several audit logs \(audit.log, other.log\): "):
         _run("audit", "verify", str(series_dir))
     assert _run("audit", "verify", str(series_dir), "--log-name", "audit.log") == 0
     out = capsys.readouterr().out
