@@ -1653,3 +1653,250 @@ def test_a_call_whose_message_was_read_as_a_watchdog_cancelled_its_wait_is_not_p
     if streams:
         assert refusal(own.result)[0] == grpc.StatusCode.INVALID_ARGUMENT  # ended, no message
     assert settled(lambda: shares.held_now() == 0)
+
+
+EXITS = "test.StreamExits"
+"""A service whose streams end each way a stream can end on the server's side."""
+
+
+def _exits() -> ServiceSpec:
+    def fail_first(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        raise RuntimeError("a bug before the first message")
+        yield b"never"  # a generator, like every download handler
+
+    def fail_later(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield b"first"
+        raise RuntimeError("a bug after the first message")
+
+    def abort(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, "aborted by the handler")
+        yield b"never"
+
+    def flood(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        chunk = b"x" * (1 << 20)
+        for _ in range(4096):  # far more than any flow-control window
+            yield chunk
+
+    def drain(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        return str(sum(len(r) for r in requests)).encode()
+
+    def streaming(behaviour: Callable[[bytes, grpc.ServicerContext], Iterator[bytes]]) -> Any:
+        return grpc.unary_stream_rpc_method_handler(behaviour, _raw, _raw)
+
+    handler = grpc.method_handlers_generic_handler(
+        EXITS,
+        {
+            "FailFirst": streaming(fail_first),
+            "FailLater": streaming(fail_later),
+            "Abort": streaming(abort),
+            "Flood": streaming(flood),
+            "Drain": grpc.stream_unary_rpc_method_handler(drain, _raw, _raw),
+        },
+    )
+    return ServiceSpec(EXITS, lambda server: server.add_generic_rpc_handlers((handler,)))
+
+
+def _end_one_stream(running: Mesh, channel: grpc.Channel, ending: str) -> None:
+    """Opens one stream of ``channel``'s caller and has it end as ``ending`` says."""
+    stop = threading.Event()
+
+    def stalled() -> Iterator[bytes]:
+        yield b"first"
+        stop.wait(30)
+
+    def trickle() -> Iterator[bytes]:
+        for _ in range(40):  # one byte a quarter of the 1 s window: far below the floor
+            if stop.is_set():
+                return
+            yield b"x"
+            time.sleep(0.25)
+
+    def drained(requests: Iterator[bytes]) -> tuple[grpc.StatusCode, str | None]:
+        drain = channel.stream_unary(f"/{EXITS}/Drain", _raw, _raw)
+        try:
+            return refusal(lambda: drain(requests, timeout=30))
+        finally:
+            stop.set()
+
+    if ending in ("cancel", "deadline"):
+        call = channel.unary_stream(f"/{SERVICE}/HoldStream", _raw, _raw)(
+            b"", timeout=1 if ending == "deadline" else 60
+        )
+        assert next(call) == b"held"
+        if ending == "cancel":
+            call.cancel()
+        else:
+            assert refusal(lambda: list(call))[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    elif ending in ("FailFirst", "FailLater", "Abort"):
+        call = channel.unary_stream(f"/{EXITS}/{ending}", _raw, _raw)(b"", timeout=30)
+        code = (
+            grpc.StatusCode.FAILED_PRECONDITION if ending == "Abort" else grpc.StatusCode.INTERNAL
+        )
+        assert refusal(lambda: list(call))[0] == code
+    elif ending == "idle upload":
+        assert drained(stalled()) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "STREAM_IDLE_TIMEOUT")
+    elif ending == "trickling upload":
+        assert drained(trickle()) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "STREAM_TOO_SLOW")
+    elif ending == "client stops reading":
+        streams = running.host.streams
+        before = streams.open_streams(sid("inference"))
+        call = channel.unary_stream(f"/{EXITS}/Flood", _raw, _raw)(b"", timeout=60)
+        assert len(next(call)) == 1 << 20  # then it reads no more: the watchdog cancels it
+        assert settled(lambda: streams.open_streams(sid("inference")) == before)
+        assert refusal(lambda: list(call))[0] == grpc.StatusCode.CANCELLED  # what was in flight
+    elif ending == "watch cancelled":
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        next(watch)
+        watch.cancel()
+    else:
+        raise AssertionError(ending)
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        "cancel",
+        "deadline",
+        "FailFirst",
+        "FailLater",
+        "Abort",
+        "idle upload",
+        "trickling upload",
+        "client stops reading",
+        "watch cancelled",
+    ],
+)
+def test_a_certificates_stream_is_counted_once_and_given_back_once_however_it_ends(
+    mesh: Callable[..., Mesh], ending: str
+) -> None:
+    """server.max_streams_per_certificate's table and the identity's count are given back
+    exactly once on every way a stream ends (a cancel, a deadline, a handler's error before or
+    after its first message, an abort, the idle timeout, the rate floor, the watchdog of a client
+    that stopped reading, a Watch cancelled): with one stream of the certificate kept open
+    beside it, the count returns to 1, not 0 (given back twice) nor 2 (leaked), and the share
+    admits exactly one more."""
+    running = mesh(
+        _exits(),
+        max_workers=16,
+        max_streams_per_identity=4,
+        max_streams_per_certificate=2,
+        stream_idle_timeout_seconds=1,
+    )
+    streams = running.host.streams
+    inference = sid("inference")
+    channel = running.caller("inference")
+    kept, refused = open_streams(channel, 1)
+    assert refused == []
+    _end_one_stream(running, channel, ending)
+    assert settled(lambda: streams.open_streams(inference) == 1 == streams.open_streams())
+    assert streams.certificates_open() == 1
+    more, refused = open_streams(channel, 2)
+    assert (len(more), refused) == (1, ["TOO_MANY_STREAMS_PER_CERTIFICATE"])
+    for call in [*kept, *more]:
+        call.cancel()
+    assert settled(lambda: streams.open_streams(inference) == 0 == streams.open_streams())
+    assert streams.certificates_open() == 0
+
+
+def test_a_certificates_streams_are_given_back_when_the_server_stops(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """A server that stops with a certificate's streams open ends them: its table and its
+    identity's count are empty once the handlers returned."""
+    running = mesh(max_workers=16, max_streams_per_identity=4, max_streams_per_certificate=2)
+    streams = running.host.streams
+    admitted, refused = open_streams(running.caller("inference"), 2)
+    assert (len(admitted), refused) == (2, [])
+    assert streams.certificates_open() == 1
+    running.host.stop(0)
+    assert settled(lambda: streams.open_streams(sid("inference")) == 0 == streams.open_streams())
+    assert streams.certificates_open() == 0
+
+
+@pytest.mark.parametrize(
+    ("limits", "refusal_reason"),
+    [
+        ({"max_streams_per_identity": 3}, "TOO_MANY_STREAMS_PER_IDENTITY"),
+        ({"max_blocking_streams": 3}, "TOO_MANY_STREAMS"),
+        ({"max_data_plane_workers_per_identity": 3}, "TOO_MANY_WORKERS_PER_IDENTITY"),
+    ],
+)
+def test_a_stream_refused_past_its_share_or_by_another_limit_counts_nothing(
+    mesh: Callable[..., Mesh], limits: dict[str, int], refusal_reason: str
+) -> None:
+    """A stream the share refuses, or one refused by a limit checked after the share (the
+    identity's cap before it; the server's blocking streams and the identity's data-plane
+    workers after it), leaves no count in the certificate's table: the certificate it came from
+    still opens exactly its share once the others let go."""
+    settings = {"max_streams_per_identity": 8, "max_blocking_streams": 12, **limits}
+    running = mesh(max_workers=16, max_streams_per_certificate=2, **settings)
+    streams = running.host.streams
+    first, second = running.caller("inference"), running.caller("inference")
+    held, refused = open_streams(first, 3)
+    assert (len(held), refused) == (2, ["TOO_MANY_STREAMS_PER_CERTIFICATE"])
+    admitted, refused = open_streams(second, 2)  # the third of the limit: one admitted
+    assert (len(admitted), refused) == (1, [refusal_reason])
+    assert streams.certificates_open() == 2
+    assert streams.open_streams(sid("inference")) == 3
+    for call in held:
+        call.cancel()
+    assert settled(lambda: streams.open_streams(sid("inference")) == 1)
+    more, refused = open_streams(second, 2)
+    assert (len(more), refused) == (1, ["TOO_MANY_STREAMS_PER_CERTIFICATE"])
+    for call in [*admitted, *more]:
+        call.cancel()
+    assert settled(lambda: streams.open_streams(sid("inference")) == 0)
+    assert streams.certificates_open() == 0
+
+
+@pytest.mark.parametrize("share", [None, 3, 4])
+def test_a_stream_share_at_or_above_the_identitys_cap_is_no_share(
+    mesh: Callable[..., Mesh], share: int | None
+) -> None:
+    """server.max_streams_per_certificate not set, or at or above max_streams_per_identity, is no
+    share: one certificate opens the whole cap, refused TOO_MANY_STREAMS_PER_IDENTITY past it
+    (never TOO_MANY_STREAMS_PER_CERTIFICATE), and nothing is counted per certificate."""
+    running = mesh(max_workers=16, max_streams_per_identity=3, max_streams_per_certificate=share)
+    streams = running.host.streams
+    admitted, refused = open_streams(running.caller("inference"), 4)
+    assert (len(admitted), refused) == (3, ["TOO_MANY_STREAMS_PER_IDENTITY"])
+    assert streams.certificates_open() == 0
+    for call in admitted:
+        call.cancel()
+    assert settled(lambda: streams.open_streams(sid("inference")) == 0)
+
+
+def test_roleless_callers_have_no_stream_share_and_watch_counts_in_a_certificates(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """Role-less callers (SPIFFE IDs no rule names: one bucket, whatever their certificates)
+    have no share beneath their one cap: two such certificates open its 3 Watches between them,
+    one of them 2 where the share is 1, and are refused TOO_MANY_STREAMS_PER_IDENTITY past it.
+    A certificate with a role holds its share of Watches like any stream: a Watch flood from one
+    replica is held to its share, and the rest of its identity's streams stay for the others."""
+    running = mesh(max_workers=16, max_streams_per_identity=3, max_streams_per_certificate=1)
+    streams = running.host.streams
+    request = health_pb2.HealthCheckRequest()
+    strangers = [health_pb2_grpc.HealthStub(running.caller(f"stranger-{n}")) for n in range(2)]
+    watches = []
+    for stub in (strangers[0], strangers[0], strangers[1]):  # one at a time: role-less waits
+        watches.append(stub.Watch(request, timeout=60))
+        next(watches[-1])
+    assert streams.open_streams(ROLELESS) == 3
+    assert streams.certificates_open() == 0
+    assert refusal(lambda: next(strangers[1].Watch(request, timeout=60))) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "TOO_MANY_STREAMS_PER_IDENTITY",
+    )
+    replica = health_pb2_grpc.HealthStub(running.caller("inference"))
+    watches.append(replica.Watch(request, timeout=60))
+    next(watches[-1])
+    assert refusal(lambda: next(replica.Watch(request, timeout=60))) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "TOO_MANY_STREAMS_PER_CERTIFICATE",
+    )
+    admitted, refused = open_streams(running.caller("inference"), 1)  # another replica
+    assert (len(admitted), refused) == (1, [])
+    for call in [*watches, *admitted]:
+        call.cancel()
+    assert settled(lambda: streams.open_streams(ROLELESS) == 0 == streams.certificates_open())
