@@ -313,6 +313,8 @@ def run_service(
         # Not reached once calls were abandoned (that exit exports nothing: it has no time).
         if telemetry is not None:
             _end_telemetry(telemetry)
+        # A step the stop left running is not waited for at exit (a pool's workers would be).
+        starting.exit_if_steps_left_running()
     return 0
 
 

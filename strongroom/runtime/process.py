@@ -122,5 +122,12 @@ def exit_abandoning(calls: int, *, status: int = 0) -> NoReturn:
     The status is 0 (``status``: 1 when the service's close failed or did not finish): the
     service stopped when asked, the abandoned calls are the log's to say."""
     log.warning("exiting with %d calls abandoned", calls, extra={"abandoned": calls})
+    exit_now(status)
+
+
+def exit_now(status: int) -> NoReturn:
+    """Writes the log (``logging.shutdown``, within its flush budget) and ends the process with
+    ``status`` at once: no exit handler runs, no thread is waited for (``concurrent.futures``
+    joins its pools' workers at exit, however long their tasks take)."""
     logging.shutdown()
     os._exit(status)

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TypeVar
 
+from strongroom.runtime.process import exit_now
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -57,9 +59,12 @@ class _Request:
 
 
 class _Installed:
-    """The request start-up is handling now (None: no early handler installed, or handed over)."""
+    """The request start-up is handling now (None: no early handler installed, or handed over),
+    and the :func:`interruptible` steps it stopped waiting for that have not ended yet."""
 
     request: _Request | None = None
+    left_running: set[str] = set()
+    lock = threading.Lock()
 
 
 def install() -> None:
@@ -76,6 +81,22 @@ def requested() -> int | None:
     """The signal that asked the starting service to stop, or None."""
     request = _Installed.request
     return None if request is None else request.signum
+
+
+def exit_if_steps_left_running() -> None:
+    """Ends the process now (:func:`~strongroom.runtime.process.exit_now`, status 128 + the
+    signal) when start-up stopped while an :func:`interruptible` step was still running; else
+    returns. Call once start-up's cleanup is done.
+
+    Such a step's thread is a daemon, but what it runs need not be: the object store's start-up
+    sweep reads its index on a ``concurrent.futures`` pool, whose workers Python joins at exit
+    once they have run every task queued, so a store stopped while an object store did not
+    answer exited only once every read had timed out (minutes), not when it was asked to."""
+    signum = requested()
+    with _Installed.lock:
+        running = bool(_Installed.left_running)
+    if signum is not None and running:
+        exit_now(128 + signum)
 
 
 def _reached(point: str) -> None:
@@ -125,6 +146,7 @@ def interruptible(point: str, step: Callable[[], T], close: Callable[[T], object
     lock = threading.Lock()  # orders the step's end against the waiter giving up on it
     outcome: list[T] = []
     failure: list[BaseException] = []
+    ended: list[bool] = []  # the step's thread is done with it (under ``lock``)
     abandoned = False
 
     def run() -> None:
@@ -144,6 +166,9 @@ def interruptible(point: str, step: Callable[[], T], close: Callable[[T], object
                 except Exception:
                     log.exception("closing what %s opened after start-up stopped failed", point)
         finally:
+            with lock, _Installed.lock:
+                ended.append(True)
+                _Installed.left_running.discard(point)
             done.set()
 
     threading.Thread(target=run, name=f"starting-{point}", daemon=True).start()
@@ -152,6 +177,9 @@ def interruptible(point: str, step: Callable[[], T], close: Callable[[T], object
             with lock:
                 if not outcome:
                     abandoned = True
+                if abandoned and not ended:
+                    with _Installed.lock:
+                        _Installed.left_running.add(point)
             if abandoned:
                 checkpoint(point)
             break

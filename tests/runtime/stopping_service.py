@@ -9,7 +9,9 @@ good once its host has stopped (behind the hung handler, as the key broker's ref
 behind an audit commit that never ends). ``starting``: logs ``LINES`` lines while it
 starts (more than a pipe holds), prints ``started``, and takes for ever to finish starting;
 ``starting-slow-close`` too, its identity's close then printing ``closing`` and waiting for a
-line on stdin before it logs ``identity closed``. ``exporting PORT``: exports spans and metrics
+line on stdin before it logs ``identity closed``; ``starting-pool`` too, its step reading objects
+as the S3 store's start-up sweep reads its index (a thread pool's workers), none of which ever
+answers. ``exporting PORT``: exports spans and metrics
 (plaintext OTLP) to the collector on loopback port ``PORT``, records a span and a metric, and
 prints its own port once serving. ``listening PORT``: serves on loopback port ``PORT``
 (a test holds it: its start fails).
@@ -28,6 +30,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.cli.main import run_command
 from strongroom.errors import Unavailable
+from strongroom.modelstore._s3 import _each
 from strongroom.reasons import Reason
 from strongroom.runtime import bootstrap, starting
 from strongroom.runtime.config import LoggingConfig, ServerConfig, TracingConfig
@@ -92,6 +95,15 @@ def _starting() -> _Running:
     raise AssertionError("never started")
 
 
+def _starting_pool() -> _Running:
+    print("started", flush=True)
+    never = threading.Event()
+    keys = [("model", str(n)) for n in range(20)]
+    # The S3 store's sweep reads its index records on a pool (non-daemon workers, joined at exit).
+    starting.interruptible("storage", lambda: _each(keys, lambda _key: never.wait()), None)
+    raise AssertionError("never started")
+
+
 def _exporting(tracer_provider: TracerProvider) -> _Running:
     """A host with nothing to serve, once a span and a metric are waiting for their export."""
     with tracer_provider.get_tracer(__name__).start_as_current_span("starting"):
@@ -132,6 +144,8 @@ def main(mode: str, collector: str = "") -> int:
             return _exporting(tracer)
         if mode == "listening":
             return _listening(collector)
+        if mode == "starting-pool":
+            return _starting_pool()
         return _starting()
 
     def started(running: _Running) -> None:

@@ -152,6 +152,30 @@ def test_sigterm_while_a_service_starts_loses_no_log_line() -> None:
     )
 
 
+def test_sigterm_while_a_start_up_step_waits_on_a_thread_pool_exits_without_waiting_for_it() -> (
+    None
+):
+    """A step left running when start-up stopped (strongroom.runtime.starting.interruptible) was
+    waited for at exit all the same when it ran on a thread pool: concurrent.futures joins the
+    pool's workers at exit once they have run every queued task, so a model store stopped while
+    its start-up sweep read its index from an object store that does not answer exited only
+    once every read had timed out (minutes), not within 0.05 s as documented. The process now
+    ends without waiting for such a step: status 143, its log written, the stop its last line."""
+    process = _start("starting-pool")
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "started\n"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)  # a hang, not a speed: it never ended
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    lines = _log(stderr)
+    assert lines[-1]["msg"] == "signal received while starting; stopping", stderr[-2000:]
+    assert "Traceback" not in stderr
+
+
 def test_a_second_signal_while_a_starting_service_stops_does_not_cut_its_cleanup_short() -> None:
     """The first SIGTERM while starting raises SystemExit so that the finally clauses run (the
     identity's close, the HSM's, the audit log's); a second signal (SIGINT, an operator's
