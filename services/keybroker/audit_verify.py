@@ -25,10 +25,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from strongroom import jsonparse
 from strongroom.errors import InvalidArgument, NotFound
-from strongroom.files import shared_flock
+from strongroom.files import flock_within, shared_flock
 from strongroom.keybroker.audit import (
+    DIR_LOCK_WAIT_SECONDS,
     MAX_BATCH_RECORDS,
     MAX_RECORD_BYTES,
+    directory_locked,
     head_path,
     record_hash,
     record_signed_by,
@@ -161,13 +163,16 @@ def _waited_for_rotation(path: Path) -> bool:
 
 def _waited_for_directory(directory: Path) -> bool:
     """Waits until no rotation holds ``directory`` (a shared ``flock``, held by nothing else:
-    nothing waits for it in turn); False if it cannot be locked."""
+    nothing waits for it in turn); False if it cannot be locked. ``AuditUnavailable`` when another
+    process holds it past :data:`~strongroom.keybroker.audit.DIR_LOCK_WAIT_SECONDS` (anyone who
+    can open the directory can hold it for ever): what the files would say then is not known."""
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        if not flock_within(fd, fcntl.LOCK_SH, DIR_LOCK_WAIT_SECONDS):
+            raise AuditUnavailable(directory_locked(directory))
     except OSError:
         return False
     finally:
