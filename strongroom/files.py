@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -97,3 +98,24 @@ def shared_flock(fd: int) -> Iterator[None]:
         if locked:
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def flock_within(fd: int, operation: int, seconds: float) -> bool:
+    """Takes ``flock(fd, operation)`` (``LOCK_EX`` or ``LOCK_SH``), waiting at most ``seconds``
+    for other holders to let go; False when they held it all that time. Polled with ``LOCK_NB``:
+    a blocking ``flock`` waits for ever, and any process that can open the file (read permission
+    is enough) can hold its lock for ever. Other errors (no ``flock`` on that file system) are
+    raised."""
+    deadline = time.monotonic() + seconds
+    pause = 0.001  # doubling to 50 ms: a short hold costs little, a long one few wake-ups
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.05)
+        else:
+            return True

@@ -94,7 +94,9 @@ start*), it is raised by the open, and the broker does not start.
 **Rotation.** With ``rotate_bytes`` (or :meth:`AuditLog.rotate`), before a commit that would take
 the log past that size the committer *seals* it and continues the chain in a new file, so that an
 operator can ship and delete old records without starting an unrelated chain. ``seq`` runs on
-across files. The steps, under the directory's ``flock`` (taken after the log's, never before):
+across files. The steps, under the directory's ``flock`` (taken after the log's, never before;
+waited for at most :data:`DIR_LOCK_WAIT_SECONDS`, since any process that can open the directory
+can hold it: then ``AuditUnavailable``, the batch refused as on a failed write, the start refused):
 (1) the log's head gets one more generation, marked ``sealed``: the rotation's commit point; a
 sealed head is final (records after it are never anchored: tampering); (2) the log is renamed
 ``<name>.<first seq>-<last seq>``; (3) its head is renamed after it (``<that>.head``); (4) an
@@ -192,6 +194,7 @@ from strongroom import jsonparse
 from strongroom.closing import Closing
 from strongroom.cryptoparse import KEY_PARSE_ERRORS, ed25519_private_key
 from strongroom.errors import DataLoss, InvalidArgument, StrongroomError
+from strongroom.files import flock_within
 from strongroom.identifiers import DECISION_ID_PATTERN, KEY_ID_PATTERN
 from strongroom.keybroker.audit_head import (
     FILE_BYTES,
@@ -226,6 +229,14 @@ MAX_RECORD_BYTES = 64 * 1024
 _REASON_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 _SERIAL_RE = re.compile(r"^[0-9a-f]{1,64}$")
 _ACTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+# The longest the broker and ``audit verify`` wait for the audit directory's ``flock`` before
+# giving up (AUDIT_UNAVAILABLE): any process that can open the directory can hold that lock for
+# ever. Its legitimate holders keep it well under a second: a rotation's steps (a head write, two
+# renames, a new log and its head: five syncs, milliseconds), another replica's start checking the
+# sealed files (97 ms for 100 uncached 64 MiB files, tests/bench/audit_start.py) and audit verify
+# (a shared lock, let go at once). 5 s is fifty times the longest of those; a disk so slow that
+# five syncs take longer refuses the releases of that moment, as a failed write does.
+DIR_LOCK_WAIT_SECONDS = 5.0
 
 
 class Decision(enum.Enum):
@@ -340,6 +351,16 @@ def record_signed_by(line: bytes, public_key: Ed25519PublicKey) -> bool:
     except (ValueError, KeyError, TypeError, RecursionError, binascii.Error, InvalidSignature):
         return False
     return True
+
+
+def directory_locked(directory: Path) -> str:
+    """Why the audit directory could not be locked: another process held its ``flock`` for all
+    of :data:`DIR_LOCK_WAIT_SECONDS`."""
+    return (
+        f"the audit directory {directory} is locked by another process: its flock was held "
+        f"for the {DIR_LOCK_WAIT_SECONDS:g} s waited (a rotation or a broker's start holds it "
+        "well under a second); find the holder (fuser, lsof) and stop it"
+    )
 
 
 def head_path(log_path: Path) -> Path:
@@ -1538,7 +1559,8 @@ class AuditLog(Closing):
     def _dir_locked(self) -> Iterator[None]:
         """The directory's ``flock``: renames and new chains of a rotation, one process at a time.
         Taken after the log's lock, never before it."""
-        fcntl.flock(self._dir_fd, fcntl.LOCK_EX)
+        if not flock_within(self._dir_fd, fcntl.LOCK_EX, DIR_LOCK_WAIT_SECONDS):
+            raise AuditUnavailable(directory_locked(self._path.parent))
         try:
             yield
         finally:

@@ -15,6 +15,7 @@ import fcntl
 import io
 import itertools
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from strongroom import jsonparse
 from strongroom.errors import InvalidArgument, NotFound
-from strongroom.files import shared_flock
+from strongroom.files import flock_within, shared_flock
 from strongroom.keybroker.audit import (
+    DIR_LOCK_WAIT_SECONDS,
     MAX_BATCH_RECORDS,
     MAX_RECORD_BYTES,
+    directory_locked,
     head_path,
     record_hash,
     record_signed_by,
@@ -41,6 +44,7 @@ from strongroom.keybroker.audit_names import (
     has_sealed_shape,
     list_sealed,
     open_regular,
+    sealed_log_name,
     sealed_owner,
     sealed_range,
 )
@@ -71,6 +75,9 @@ class AuditVerification:
     record names (``release_signing_key_id``, in hex), in order of first appearance; ``""``
     counts those that name none (recorded before records carried it). Across a rotation of that
     key it tells the auditor which key vouched for how many releases.
+
+    ``rotation_cut`` names the sealed log judged in the place of the log (the rest of the verdict
+    is that file's) when a rotation was cut between its two renames (:func:`_rotation_cut`).
     """
 
     intact: bool
@@ -84,6 +91,7 @@ class AuditVerification:
     anchor: str = GENESIS_HASH
     sealed: bool = False
     release_signing_keys: tuple[tuple[str, int], ...] = ()
+    rotation_cut: str = ""
 
 
 def _is_granted_release(record: dict[str, object]) -> bool:
@@ -136,9 +144,18 @@ def verify_audit_log(
     A log that does not verify, or is not there, is checked once more after any rotation under
     way has ended (the broker renames and creates the files under the directory's ``flock``):
     for a moment during one, the path holds the sealed log, or no log, or a log without its head.
+    A rotation cut between its two renames (:func:`_rotation_cut`, still there once no rotation
+    holds the directory) is judged as the broker's next start finishes it: the verdict of the
+    renamed log checked with the sealed head at ``path``'s, naming it in ``rotation_cut``.
     """
     path = Path(path)
     try:
+        if _rotation_cut(path, public_key) is not None:
+            # A rotation under way holds the directory: only a cut one is still there after it.
+            _waited_for_rotation(path)
+            sealed = _rotation_cut(path, public_key)
+            if sealed is not None:
+                return _verify_cut(path, sealed, public_key)
         try:
             result = _verify_audit_log(path, public_key)
         except NotFound:
@@ -154,6 +171,67 @@ def verify_audit_log(
         ) from None
 
 
+def _rotation_cut(path: Path, public_key: Ed25519PublicKey | None) -> Path | None:
+    """The sealed log a rotation cut between its two renames left in the place of the log at
+    ``path``; None for any other state of the files. Exactly this state, which the broker's next
+    commit or start finishes (it renames the head after the log and starts a new log): no log at
+    ``path``, or an empty one (another replica's start creates it), its head sealed (and signed
+    by ``public_key``, when given), and beside it a regular file under the name that head seals,
+    without a head of its own. Read only: the rotation is the broker's to finish."""
+    if has_sealed_shape(path.name):
+        return None
+    try:
+        log = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    else:
+        if not stat.S_ISREG(log.st_mode) or log.st_size:
+            return None
+    try:
+        fd = open_regular(head_path(path))
+    except OSError:
+        return None
+    try:
+        raw = os.pread(fd, FILE_BYTES + 1, 0)
+    finally:
+        os.close(fd)
+    try:
+        parsed = parse_head(raw, public_key)
+    except (InvalidSignature, ValueError, KeyError, TypeError, binascii.Error):
+        return None
+    head = parsed.head
+    if not parsed.sealed or head.count <= head.base:
+        return None
+    sealed = path.with_name(sealed_log_name(path.name, head.base, head.count - 1))
+    try:
+        if not stat.S_ISREG(os.lstat(sealed).st_mode) or os.path.lexists(head_path(sealed)):
+            return None
+    except OSError:
+        return None
+    return sealed
+
+
+def _verify_cut(path: Path, sealed: Path, public_key: Ed25519PublicKey | None) -> AuditVerification:
+    """The sealed log a rotation cut between its renames left (:func:`_rotation_cut`) checked with
+    the sealed head still at ``path``'s head, as the broker judges it when it finishes the
+    rotation: then it is ``sealed`` with its head, and a new, empty log continues it."""
+    verdict = _verify_audit_log(sealed, public_key, head_path(path))
+    return dataclasses.replace(
+        verdict, message=f"{verdict.message}; {_cut_note(path, sealed)}", rotation_cut=sealed.name
+    )
+
+
+def _cut_note(path: Path, sealed: Path) -> str:
+    """What a verdict says of a rotation cut between its renames (:func:`_rotation_cut`)."""
+    return (
+        f"a rotation was interrupted between its renames: {path.name} is already {sealed.name}, "
+        f"its sealed head still {head_path(path).name}; checked as the broker's next start "
+        "finishes it (the head renamed after the log, a new log continuing it)"
+    )
+
+
 def _waited_for_rotation(path: Path) -> bool:
     """Waits until no rotation holds the directory of ``path``; False if it cannot be locked."""
     return _waited_for_directory(path.parent)
@@ -161,13 +239,16 @@ def _waited_for_rotation(path: Path) -> bool:
 
 def _waited_for_directory(directory: Path) -> bool:
     """Waits until no rotation holds ``directory`` (a shared ``flock``, held by nothing else:
-    nothing waits for it in turn); False if it cannot be locked."""
+    nothing waits for it in turn); False if it cannot be locked. ``AuditUnavailable`` when another
+    process holds it past :data:`~strongroom.keybroker.audit.DIR_LOCK_WAIT_SECONDS` (anyone who
+    can open the directory can hold it for ever): what the files would say then is not known."""
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        if not flock_within(fd, fcntl.LOCK_SH, DIR_LOCK_WAIT_SECONDS):
+            raise AuditUnavailable(directory_locked(directory))
     except OSError:
         return False
     finally:
@@ -175,8 +256,10 @@ def _waited_for_directory(directory: Path) -> bool:
     return True
 
 
-def _verify_audit_log(path: Path, public_key: Ed25519PublicKey | None) -> AuditVerification:
-    hpath = head_path(path)
+def _verify_audit_log(
+    path: Path, public_key: Ed25519PublicKey | None, hpath: Path | None = None
+) -> AuditVerification:
+    hpath = hpath or head_path(path)
     stream: BinaryIO
     log_missing = False
     try:
@@ -563,7 +646,13 @@ def verify_audit_paths(
                 raise gone
             break
         files = again
-    shipped = [name for directory in directories for name in being_shipped(directory, log_name)]
+    judged = {verdict.rotation_cut for _, verdict in result.files}
+    shipped = [
+        name
+        for directory in directories
+        for name in being_shipped(directory, log_name)
+        if name not in judged  # a rotation cut between its renames: judged with the log
+    ]
     if result.intact and shipped:
         # Named, so that nobody takes them for checked (the first and last of many).
         note = (
@@ -589,6 +678,17 @@ def verify_audit_series(
     if not paths:
         raise NotFound("no audit logs to verify", reason=Reason.AUDIT_LOG_NOT_FOUND)
     verdicts = [(Path(path), verify_audit_log(path, public_key=public_key)) for path in paths]
+    # A rotation cut between its renames: the log's verdict is its sealed file's, judged with the
+    # sealed head; that file's own (no head) is left out, as the broker reads them once finished.
+    cut = {
+        path.with_name(verdict.rotation_cut) for path, verdict in verdicts if verdict.rotation_cut
+    }
+    notes = [
+        _cut_note(path, path.with_name(verdict.rotation_cut))
+        for path, verdict in verdicts
+        if verdict.rotation_cut
+    ]
+    verdicts = [item for item in verdicts if item[0] not in cut]
     unwritten = [path for path, verdict in verdicts if _head_unwritten(path, verdict)]
     if len(unwritten) < len(verdicts):
         verdicts = [item for item in verdicts if item[0] not in unwritten]
@@ -681,7 +781,8 @@ def verify_audit_series(
             "crash before its first head was written: the broker writes it when it next starts)"
             if unwritten
             else ""
-        ),
+        )
+        + "".join(f"; {note}" for note in notes),
     )
 
 

@@ -102,6 +102,25 @@ def _unwritten_head(directory: Path, _: Path) -> None:
     (directory / "audit.log.head").unlink()
 
 
+def _rotation_cut(*, new_log: bool = False, sealed_cut: bool = False) -> Odd:
+    """The rotation that sealed audit.log.6-8 cut between its two renames: the log renamed, its
+    sealed head still audit.log.head (the files a crash there left; the next log, with 9..10,
+    never made). ``new_log``: an empty audit.log beside them (another replica's start creates
+    it); ``sealed_cut``: the renamed log's last record cut off too (tampering)."""
+
+    def odd(directory: Path, _: Path) -> None:
+        for name in ("audit.log", "audit.log.head"):
+            (directory / name).unlink()
+        os.rename(directory / "audit.log.6-8.head", directory / "audit.log.head")
+        if new_log:
+            (directory / "audit.log").write_bytes(b"")
+        if sealed_cut:
+            sealed = directory / "audit.log.6-8"
+            sealed.write_bytes(b"".join(sealed.read_bytes().splitlines(keepends=True)[:2]))
+
+    return odd
+
+
 def _dir_first(directory: Path, _: Path) -> None:
     for suffix in ("", ".head"):
         (directory / ("audit.log.0-2" + suffix)).unlink()
@@ -143,12 +162,24 @@ CASES: dict[str, tuple[Odd | None, str, str]] = {
     "active-log-head-unwritten": (_unwritten_head, "intact", ""),
     # With records, it is tampering for both (its head deleted: what it anchored is unknown).
     "active-log-headless": (_deleted("audit.log.head"), "tampered", "head is missing"),
+    # A rotation cut between its renames: the broker's start finishes it; audit verify called it
+    # TAIL_TRUNCATED (tampering) at audit.log. Now it judges the files as the broker will (NOTED).
+    "rotation-cut-between-renames": (_rotation_cut(), "intact", ""),
+    "rotation-cut-new-log-empty": (_rotation_cut(new_log=True), "intact", ""),
+    # The same with the renamed log cut short is still tampering for both, naming that file.
+    "rotation-cut-sealed-truncated": (_rotation_cut(sealed_cut=True), "tampered", "audit.log.6-8"),
     # Another log's names: the broker reads only its own log's (audit.log), and so does audit
     # verify told it (--log-name); it names what it left out (IGNORED). Not told, it asks: which
     # of two logs is the broker's is not for the directory's writer to choose.
     "renamed-to-another-log": (_rename_pair("audit.log.3-5", "zz.3-5"), "tampered", "seq 3..5"),
     "another-logs-stray": (_junk("foo.01-2", oldest_shipped=False), "intact", ""),
     "another-logs-pair": (_rename_pair("audit.log.0-2", "old.log.0-2"), "intact", ""),
+}
+# What audit verify must also say (the broker's start says nothing above INFO of these).
+NOTED = {
+    "rotation-cut-between-renames": "a rotation was interrupted between its renames",
+    "rotation-cut-new-log-empty": "a rotation was interrupted between its renames",
+    "rotation-cut-sealed-truncated": "a rotation was interrupted between its renames",
 }
 IGNORED = {
     "renamed-to-another-log": "zz.3-5",
@@ -222,6 +253,7 @@ def test_the_broker_and_audit_verify_judge_an_odd_directory_alike(
 
     assert (broker.split()[0], verify.split()[0]) == (expected, expected), (broker, verify)
     assert named in broker and named in verify, (broker, verify)
+    assert NOTED.get(case, "") in verify, verify
     if case in IGNORED:  # named in a note, as not read
         assert IGNORED[case] in verify.partition("left out, not of audit.log: ")[2], verify
         assert inferred.startswith("ambiguous ") and IGNORED[case].split(".")[0] in inferred

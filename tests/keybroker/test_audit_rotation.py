@@ -353,6 +353,45 @@ def test_a_process_killed_during_its_rotation_is_recovered_at_the_next_open(
     assert b"ROTATES" not in b"".join(b"".join(lines(p)) for p, _ in series.files)
 
 
+@pytest.mark.parametrize("checked", ["directory", "log"])
+def test_audit_verify_judges_a_rotation_cut_between_its_renames_as_the_broker_finishes_it(
+    log_path: Path, key: Ed25519PrivateKey, checked: str
+) -> None:
+    """The first rotation cut after renaming the log (audit.log.0-2, the only sealed file, beside
+    the sealed head still at audit.log.head): audit verify called it TAIL_TRUNCATED at audit.log,
+    tampering, and (the directory) took audit.log.0-2, headless and oldest, for a file being
+    shipped. It is the broker's records, sealed; verify says a rotation was interrupted and
+    leaves the files as they are, for the broker's start to finish."""
+    saved = _rotated(log_path, key, 3)
+    _crash_after_log_renamed(log_path, saved)
+    before = {name: log_path.with_name(name).read_bytes() for name in _names(log_path)}
+    target = log_path.parent if checked == "directory" else log_path
+    result = audit_verify.verify_audit_paths([target], public_key=key.public_key())
+    assert result.intact and (result.first_seq, result.end) == (0, 3), result.message
+    assert "a rotation was interrupted between its renames" in result.message
+    assert "being shipped" not in result.message
+    single = verify_audit_log(log_path, public_key=key.public_key())
+    assert single.intact and single.sealed and single.rotation_cut == "audit.log.0-2"
+    assert {name: log_path.with_name(name).read_bytes() for name in _names(log_path)} == before
+    with AuditLog.open(log_path, key) as log:  # the broker finishes it and agrees
+        assert (log.count, log.first_seq) == (3, 3)
+    assert _series(log_path, key).intact
+
+
+def test_a_rotation_cut_between_its_renames_with_a_foreign_head_stays_tampering(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """The same files, but the sealed head at audit.log.head signed by another key: not the
+    broker's rotation, so verify reports it as before (the broker does not start either)."""
+    saved = _rotated(log_path, key, 3)
+    _crash_after_log_renamed(log_path, saved)
+    other = Ed25519PrivateKey.generate()
+    result = audit_verify.verify_audit_paths([log_path.parent], public_key=other.public_key())
+    assert not result.intact and "rotation was interrupted" not in result.message
+    with pytest.raises(DataLoss):
+        AuditLog.open(log_path, other)
+
+
 def test_a_crash_before_the_first_head_of_the_new_log_is_repaired(
     log_path: Path, key: Ed25519PrivateKey
 ) -> None:

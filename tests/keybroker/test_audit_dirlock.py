@@ -1,0 +1,152 @@
+"""A process holding the audit directory's ``flock`` is waited for a bounded time, then refused.
+
+Any process that can open the directory (read permission is enough for ``flock``) can take its
+lock and keep it. The broker and ``audit verify`` took it blocking, so such a process hung the
+broker's start, every rotation of a running broker (and with it every release queued behind that
+commit) and ``audit verify`` for ever. Each test holds the lock from a real second process and
+runs the operation under a generous wait of the test's own: on the old code it was still waiting
+when that wait ran out.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from strongroom.cli.main import run_command
+from strongroom.keybroker.audit import DIR_LOCK_WAIT_SECONDS, AuditLog, head_path
+from strongroom.keybroker.errors import AuditUnavailable
+
+from .test_audit import event, fill
+from .test_audit_cli import _run
+from .test_audit_rotation import RECORD, _series
+
+T = TypeVar("T")
+
+# Generous: the product gives up after DIR_LOCK_WAIT_SECONDS; this only ends a test that hangs.
+_TEST_WAIT_SECONDS = 60.0
+
+_HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()  # until the test closes it
+"""
+
+
+@pytest.fixture
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def log_path(tmp_path: Path) -> Path:
+    (tmp_path / "audit").mkdir()
+    return tmp_path / "audit" / "audit.log"
+
+
+@contextmanager
+def _held(directory: Path) -> Iterator[None]:
+    """Another process holds ``directory``'s exclusive ``flock`` for the block."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(directory)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        yield
+    finally:
+        holder.kill()
+        holder.wait(timeout=_TEST_WAIT_SECONDS)
+        for stream in (holder.stdin, holder.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def _within_test_wait(call: Callable[[], T]) -> T:
+    """``call()``'s result (or what it raised), failing the test if it is still waiting after
+    :data:`_TEST_WAIT_SECONDS` (the thread then ends once the holder is gone)."""
+    outcome: list[T] = []
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # handed to the test
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(_TEST_WAIT_SECONDS)
+    assert not thread.is_alive(), f"still waiting for the lock after {_TEST_WAIT_SECONDS} s"
+    if raised:
+        raise raised[0]
+    return outcome[0]
+
+
+def _says_locked(message: str, directory: Path) -> None:
+    assert f"the audit directory {directory} is locked by another process" in message, message
+    assert f"{DIR_LOCK_WAIT_SECONDS:g} s" in message, message
+
+
+def test_the_broker_does_not_start_while_another_process_holds_the_directory(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    with AuditLog.open(log_path, key) as log:
+        fill(log, 2)
+    before = log_path.read_bytes(), head_path(log_path).read_bytes()
+    with _held(log_path.parent), pytest.raises(AuditUnavailable) as refused:
+        _within_test_wait(lambda: AuditLog.open(log_path, key))
+    assert refused.value.reason == "AUDIT_UNAVAILABLE"
+    _says_locked(refused.value.message, log_path.parent)
+    assert (log_path.read_bytes(), head_path(log_path).read_bytes()) == before
+    with AuditLog.open(log_path, key) as log:  # the holder gone, it starts
+        assert log.append(event(2)).seq == 2
+
+
+def test_a_rotation_refuses_its_batch_while_another_process_holds_the_directory(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """The commit that must rotate first fails closed (its callers told AUDIT_UNAVAILABLE, as
+    for a failed write, so the releases they were about to make are refused) instead of holding
+    every release behind it; the next commit, the holder gone, rotates and goes on."""
+    with AuditLog.open(log_path, key, rotate_bytes=3 * RECORD) as log:
+        fill(log, 3)
+        with _held(log_path.parent), pytest.raises(AuditUnavailable) as refused:
+            _within_test_wait(lambda: log.append(event(3)))
+        _says_locked(refused.value.message, log_path.parent)
+        assert log.count == 3 and log.tamper_problem is None
+        assert log.append(event(3)).seq == 3  # nothing of the refused batch was written
+        assert log.first_seq == 3
+    series = _series(log_path, key)
+    assert series.intact and (series.first_seq, series.end) == (0, 4), series.message
+
+
+def test_audit_verify_gives_up_on_a_held_directory(
+    log_path: Path, key: Ed25519PrivateKey, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A log that does not verify is checked again once no rotation holds the directory: that
+    wait is bounded too, and a check that could not be made is exit 1, not a verdict."""
+    with AuditLog.open(log_path, key) as log:
+        fill(log, 2)
+    head_path(log_path).unlink()  # HEAD_MISSING: verify waits for the directory, then checks again
+    capsys.readouterr()
+    with _held(log_path.parent):
+        code = _within_test_wait(
+            lambda: run_command(lambda: _run("audit", "verify", str(log_path)))
+        )
+    err = capsys.readouterr().err
+    assert code == 1 and "AUDIT_UNAVAILABLE" in err, (code, err)
+    _says_locked(err, log_path.parent)
+    assert run_command(lambda: _run("audit", "verify", str(log_path))) == 2  # the holder gone
