@@ -322,8 +322,9 @@ class ServerConfig:
     # connection's age (1800 s +- 10 % + 600 s grace). A client sends its message with the
     # headers; only the message's own transfer takes time. None is, for each method, the time the
     # stream floor allows that method's largest request (request_wait_for; MessageLimits.request),
-    # at least 10 s: 10 s for all but inference's ModelInfer (a 64 MiB tensor, 1040 s); none (the
-    # deadline alone) when the floor is off. Set, it is every method's bound, ModelInfer's too.
+    # at least 10 s: 10 s on the broker and the store, 16 s on inference but ModelInfer (a 64 MiB
+    # tensor, 1040 s); none (the deadline alone) when the floor is off. Set, it is every
+    # method's bound, ModelInfer's too.
     request_wait_seconds: float | None = None
     # A request stream that sends nothing for this long is ended (RESOURCE_EXHAUSTED).
     stream_idle_timeout_seconds: float = 30.0
