@@ -72,9 +72,12 @@ ROLE_READER = "reader"
 ROLE_ADMIN = "admin"
 """May delete model versions and replace key slots (re-wrap)."""
 
+PUT_MODEL = f"/{SERVICE_NAME}/PutModel"
+"""The upload: the store's one method whose requests carry artifact bytes."""
+
 METHOD_ROLES: Mapping[str, str] = MappingProxyType(
     {
-        f"/{SERVICE_NAME}/PutModel": ROLE_PUBLISHER,
+        PUT_MODEL: ROLE_PUBLISHER,
         f"/{SERVICE_NAME}/GetModel": ROLE_READER,
         f"/{SERVICE_NAME}/StatModel": ROLE_READER,
         f"/{SERVICE_NAME}/ListModels": ROLE_READER,
@@ -124,11 +127,14 @@ def message_limits(
     """The store's message sizes, from its chunk sizes: an upload message carries at most
     ``max_chunk`` bytes of data, a download message ``download_chunk``, and a ListModels page
     at most MAX_PAGE_SIZE records of MAX_MODEL_INFO_BYTES (any publisher can make every record
-    of a page its longest, so the largest page must fit, not a typical one)."""
+    of a page its longest, so the largest page must fit, not a typical one). Every request but
+    an upload's carries no ``data`` (names, a range, a page token, a wrapped key): at most
+    MESSAGE_OVERHEAD, so that the wait for one's message is not an upload chunk's."""
     return MessageLimits(
         receive=max_chunk + MESSAGE_OVERHEAD,
         send=max(download_chunk, 512 * 1024, MAX_PAGE_SIZE * MAX_MODEL_INFO_BYTES)
         + MESSAGE_OVERHEAD,
+        requests={method: MESSAGE_OVERHEAD for method in METHOD_ROLES if method != PUT_MODEL},
     )
 
 

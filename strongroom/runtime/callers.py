@@ -85,8 +85,11 @@ certificate forgotten when it holds nothing, so they hold as many entries as cal
 The share bounds how many such stalls a certificate holds, not how long: a data-plane call's own
 wait for its request message had no watchdog, and held its worker until its deadline or its
 connection's age (some 40 minutes). It is bounded too (:meth:`UnaryGuard.read_request`,
-``server.request_wait_seconds``: by default what the stream floor allows the service's largest
-request, at least 10 s), by the same watchdog as a public method's wait.
+``server.request_wait_seconds``: by default what the stream floor allows the call's method's
+largest request, at least 10 s), by the same watchdog as a public method's wait. Per method: one
+bound for the service, what its largest request needed, held a store ``StatModel`` that never
+sent its few bytes for the 65 s of an upload chunk, an inference ``ModelMetadata`` for the 17
+minutes of a 64 MiB tensor. A ``server.request_wait_seconds`` set is every method's bound.
 
 A watchdog's cancel and a handler's going on with the message it read exclude each other: a
 ``ReleaseKey`` whose message was read just as the watchdog cancelled its call was granted, its key
@@ -102,7 +105,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
 import grpc
@@ -498,6 +501,7 @@ class UnaryGuard(HandlerInterceptor):
         *,
         certify: Certify = certificate_key,
         request_wait: float | None = None,
+        request_waits: Mapping[str, float | None] | None = None,
     ) -> None:
         if max_per_identity < 1:
             raise ValueError("max_per_identity must be at least 1")
@@ -514,9 +518,14 @@ class UnaryGuard(HandlerInterceptor):
         # until its deadline. Waits being timed: context -> when it is cancelled.
         self._public_wait = public_wait
         # Seconds a call holding a data-plane worker may wait for its message (read_request);
-        # None: until its deadline.
+        # None: until its deadline. Per method where named in request_waits (full method name):
+        # one bound for all held a StatModel's wait for its few bytes as long as an upload
+        # chunk's, and an inference ModelMetadata's as long as a 64 MiB tensor's (17 minutes).
         self._request_wait = request_wait
-        bounds = [b for b in (public_wait, request_wait) if b is not None]
+        self._request_waits = dict(request_waits or {})
+        bounds = [
+            b for b in (public_wait, request_wait, *self._request_waits.values()) if b is not None
+        ]
         self._watch_period = max(0.05, min(bounds, default=1.0) / 4)
         self._timed: dict[grpc.ServicerContext, float] = {}
         self._late: set[grpc.ServicerContext] = set()  # past their bound: to be cancelled
@@ -544,6 +553,11 @@ class UnaryGuard(HandlerInterceptor):
         self._trust_watchdog: threading.Thread | None = None
         # How long a wait admitted on trust may last (a test moves it to time the watchdog).
         self._trust_seconds = TRUSTED_WAIT_SECONDS
+
+    def request_wait(self, method: str) -> float | None:
+        """Seconds a data-plane call of ``method`` may wait for its request message
+        (:meth:`read_request`); None: until its deadline."""
+        return self._request_waits.get(method, self._request_wait)
 
     def running(self, identity: str) -> int:
         """Unary calls of ``identity`` whose handlers run now."""
@@ -747,12 +761,13 @@ class UnaryGuard(HandlerInterceptor):
     ) -> Any:
         """Returns ``read()``, the request message of a call that holds a data-plane worker
         already (a data-plane unary call, a blocking stream's one request), cancelled past
-        ``request_wait`` (``server.request_wait_seconds``) as a public method's wait is past
+        :meth:`request_wait` of ``method`` (``server.request_wait_seconds``; by default what
+        the method's own largest request needs) as a public method's wait is past
         its bound: one that never sent its message held its worker until its deadline or its
         connection's age (40 minutes), and the per-certificate share only bounds how many.
         What the logs and a refusal observer (the broker's audit) are told is
         ``REQUEST_MESSAGE_TIMEOUT``; its caller sees ``CANCELLED``."""
-        bound = self._request_wait
+        bound = self.request_wait(method)
         if bound is None:
             return read()
         try:  # the watchdog may have taken the call (and failed to start): given back below

@@ -320,9 +320,11 @@ class ServerConfig:
     # request message has not arrived this long after its headers is cancelled: it holds a
     # data-plane worker meanwhile, and one that never sent it held it until its deadline or its
     # connection's age (1800 s +- 10 % + 600 s grace). A client sends its message with the
-    # headers; only the message's own transfer takes time. None is the time the stream floor
-    # allows the service's largest request (request_wait_for), at least 10 s: the broker's
-    # 256 KiB in 4 s, so 10 s; none (the deadline alone) when the floor is off.
+    # headers; only the message's own transfer takes time. None is, for each method, the time the
+    # stream floor allows that method's largest request (request_wait_for; MessageLimits.request),
+    # at least 10 s: 10 s on the broker and the store, 16 s on inference but ModelInfer (a 64 MiB
+    # tensor, 1040 s); none (the deadline alone) when the floor is off. Set, it is every
+    # method's bound, ModelInfer's too.
     request_wait_seconds: float | None = None
     # A request stream that sends nothing for this long is ended (RESOURCE_EXHAUSTED).
     stream_idle_timeout_seconds: float = 30.0
@@ -434,9 +436,10 @@ class ServerConfig:
         )
 
     def request_wait_for(self, largest_request: int) -> float | None:
-        """The effective ``request_wait_seconds`` of a service whose largest request message is
-        ``largest_request`` bytes: the time the stream floor allows it, at least
-        :data:`MIN_REQUEST_WAIT_SECONDS`, unless set; None (no bound) with the floor off."""
+        """The effective ``request_wait_seconds`` of a method whose largest request message is
+        ``largest_request`` bytes (:meth:`~strongroom.runtime.server.MessageLimits.request`):
+        the time the stream floor allows it, at least :data:`MIN_REQUEST_WAIT_SECONDS`, unless
+        set (then the setting, whatever the method); None (no bound) with the floor off."""
         if self.request_wait_seconds is not None:
             return self.request_wait_seconds
         if not self.stream_min_bytes_per_second:

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import ParamSpec, TypeVar
 
 import grpc
@@ -73,16 +74,35 @@ class MessageLimits:
 
     gRPC reads a whole request message before any handler (and so before authorisation) runs:
     what one call from any certified peer can make the server buffer is :attr:`receive_cap`.
+
+    ``requests``: the largest request message of the methods (full names, ``/pkg.Service/Method``)
+    whose requests are smaller than :attr:`receive`, the largest of any (:meth:`request`): how long
+    the wait for one's message may last follows from it
+    (:meth:`~strongroom.runtime.config.ServerConfig.request_wait_for`), so that a store
+    ``StatModel`` waits for its few bytes no longer than a key release, not as long as the 4 MiB
+    of an upload chunk would take at the stream floor.
     """
 
     receive: int
     send: int
+    requests: Mapping[str, int] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         for name in ("receive", "send"):
             value = getattr(self, name)
             if not 1024 <= value < 2**31:
                 raise ValueError(f"message limit {name}={value} outside 1 KiB .. 2 GiB")
+        for method, size in self.requests.items():
+            if not 1 <= size <= self.receive:
+                raise ValueError(
+                    f"request limit of {method}={size} outside 1 byte .. receive ({self.receive})"
+                )
+        object.__setattr__(self, "requests", MappingProxyType(dict(self.requests)))
+
+    def request(self, method: str) -> int:
+        """The largest request message of ``method``: its own, where the service names one in
+        ``requests``; else :attr:`receive`."""
+        return self.requests.get(method, self.receive)
 
     @property
     def receive_cap(self) -> int:
@@ -217,6 +237,12 @@ class ServiceHost:
             max_roleless_waits=config.roleless_request_waits,
             public_wait=config.health_request_wait_seconds,
             request_wait=config.request_wait_for(message_limits.receive),
+            # Per method, as each one's largest request allows (an explicit setting is every
+            # method's: request_wait_for answers it for each).
+            request_waits={
+                method: config.request_wait_for(size)
+                for method, size in message_limits.requests.items()
+            },
         )
         shares = self.shares
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from strongroom.inference.config import InferenceConfig
 from strongroom.keybroker.config import KeybrokerConfig
 from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.runtime.config import ServerConfig, load_service_config
@@ -135,13 +136,20 @@ def kind(docs: list[dict[str, Any]], k: str) -> list[dict[str, Any]]:
 SERVER_SECTIONS: dict[str, type[Any]] = {
     "modelstore": ModelstoreConfig,
     "keybroker": KeybrokerConfig,
+    "inference": InferenceConfig,
 }
 
 
-def server_section(helm: str, tmp_path: Path, service: str, *set_args: str) -> ServerConfig:
+def server_section(
+    helm: str,
+    tmp_path: Path,
+    service: str,
+    *set_args: str,
+    values_files: tuple[Path, ...] | None = None,
+) -> ServerConfig:
     """A service's server section as the service itself loads it from the chart rendered with
-    the minimal values and ``set_args``."""
-    docs = render(helm, set_args=set_args)
+    ``values_files`` (None: the minimal values) and ``set_args``."""
+    docs = render(helm, values_files, set_args=set_args)
     (cm,) = [
         c
         for c in kind(docs, "ConfigMap")

@@ -172,6 +172,22 @@ def test_the_acknowledgement_is_a_boolean(helm: str) -> None:
     assert "values don't meet the specifications of the schema" in result.stderr
 
 
+@pytest.mark.parametrize("service", ["keybroker", "modelstore", "inference"])
+def test_each_service_takes_a_request_wait_from_the_chart(
+    helm: str, tmp_path: Path, service: str
+) -> None:
+    """server.request_wait_seconds had no value in the chart: a deployment could not set the
+    bound of a data-plane call's wait for its request message (one for every method) but by
+    editing the rendered configuration. <service>.server.requestWaitSeconds sets it, a fraction
+    too (the integer limits beside it are rendered as integers); null leaves each method's own
+    bound (nothing rendered: an upgrade that sets none restarts no pod)."""
+    assert server_section(helm, tmp_path, service).request_wait_seconds is None
+    values = tmp_path / "request-wait.yaml"
+    values.write_text(f"{service}:\n  server:\n    requestWaitSeconds: 2.5\n")
+    server = server_section(helm, tmp_path, service, values_files=(*MINIMAL, values))
+    assert server.request_wait_seconds == 2.5
+
+
 def _store_server(helm: str, tmp_path: Path, *set_args: str) -> ServerConfig:
     return server_section(helm, tmp_path, "modelstore", *set_args)
 

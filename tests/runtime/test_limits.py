@@ -8,12 +8,15 @@ from pathlib import Path
 import pytest
 
 from strongroom.inference.config import InferenceConfig, ModelKeys, ModelRef
+from strongroom.inference.oip import SERVICE_NAME as OIP
 from strongroom.inference.oip import InferLimits
+from strongroom.inference.server import EVIDENCE_SERVICE as EVIDENCE
 from strongroom.keybroker.policy_bounds import MAX_POLICY_BYTES
 from strongroom.keybroker.service import MESSAGE_LIMITS as BROKER
 from strongroom.modelstore.service import DEFAULT_DOWNLOAD_CHUNK, DEFAULT_MAX_CHUNK, message_limits
+from strongroom.modelstore.service import SERVICE_NAME as STORE
 from strongroom.runtime.config import ConfigError, ServerConfig, load_service_config
-from strongroom.runtime.server import MessageLimits
+from strongroom.runtime.server import MessageLimits, ServiceHost
 
 COMMON = """
 service: {service}
@@ -82,6 +85,61 @@ def test_a_data_plane_request_wait_covers_the_largest_request_at_the_stream_floo
     assert default.request_wait_for(inference) == inference / (64 * 1024)
     assert ServerConfig(stream_min_bytes_per_second=0).request_wait_for(BROKER.receive) is None
     assert ServerConfig(request_wait_seconds=2).request_wait_for(inference) == 2.0
+
+
+STAT_MODEL = f"/{STORE}/StatModel"
+MODEL_INFER = f"/{OIP}/ModelInfer"
+MODEL_METADATA = f"/{OIP}/ModelMetadata"
+
+
+def _waits(limits: MessageLimits, config: ServerConfig, *methods: str) -> list[float | None]:
+    """The request waits a host built with ``limits`` and ``config`` gives ``methods``."""
+    host = ServiceHost(
+        listen="127.0.0.1:0", credentials=None, services=[], config=config, message_limits=limits
+    )
+    try:
+        return [host.unary.request_wait(method) for method in methods]
+    finally:
+        host.stop(0)
+
+
+def test_a_data_plane_request_wait_is_each_methods_own() -> None:
+    """The wait was one bound per service, what its largest request needed: a store StatModel
+    waited for its few bytes as long as a 4 MiB upload chunk takes at the floor (65 s), an
+    inference ModelMetadata as long as a 64 MiB tensor (1,040 s). Each method's largest request
+    sets its own now: only ModelInfer keeps the long wait; the broker's are all 10 s."""
+    default = ServerConfig()
+    store = message_limits()
+    assert _waits(store, default, STAT_MODEL, f"/{STORE}/GetModel", f"/{STORE}/PutModel") == [
+        10.0,
+        10.0,
+        store.receive / (64 * 1024),  # an upload chunk's, 65 s (its stream's own floor binds)
+    ]
+    inference = InferLimits().message_limits
+    assert _waits(inference, default, MODEL_METADATA, f"/{EVIDENCE}/GetEvidence") == [16.0, 16.0]
+    assert _waits(inference, default, MODEL_INFER) == [inference.receive / (64 * 1024)]
+    assert _waits(BROKER, default, "/strongroom.api.keybroker.v1.KeyBrokerService/ReleaseKey") == [
+        10.0
+    ]
+
+
+def test_an_explicit_request_wait_is_every_methods_and_no_floor_is_no_bound() -> None:
+    """server.request_wait_seconds, set, wins over every method's default, ModelInfer's too;
+    with the floor off and none set, no method's wait is bounded (its deadline alone)."""
+    inference = InferLimits().message_limits
+    assert _waits(inference, ServerConfig(request_wait_seconds=2), MODEL_METADATA, MODEL_INFER) == [
+        2.0,
+        2.0,
+    ]
+    off = ServerConfig(stream_min_bytes_per_second=0)
+    assert _waits(inference, off, MODEL_METADATA, MODEL_INFER) == [None, None]
+
+
+def test_a_methods_request_limit_must_be_within_the_services() -> None:
+    limits = MessageLimits(receive=1 << 20, send=1 << 20, requests={STAT_MODEL: 1024})
+    assert (limits.request(STAT_MODEL), limits.request(MODEL_INFER)) == (1024, 1 << 20)
+    with pytest.raises(ValueError, match="StatModel"):
+        MessageLimits(receive=1 << 20, send=1 << 20, requests={STAT_MODEL: 2 << 20})
 
 
 @pytest.mark.parametrize("value", [0.0, 0.05, 3601.0])

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from strongroom.api.inference.v1 import attestation_pb2, model_control_pb2
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.errors import InvalidArgument, ResourceExhausted
 from strongroom.inference.models import DATATYPES, DataType, LoadedModel, TensorSpec
@@ -65,6 +66,19 @@ BYTES_ELEMENT_COST = 128
 element costs once decoded (its ``bytes`` object and slot, the UTF-8 ``str`` and slot ONNX Runtime
 is handed, ORT's own string), so that many tiny elements cannot decode to ten times the limit."""
 
+SMALL_REQUESTS: frozenset[str] = frozenset(
+    f"/{service.full_name}/{method.name}"
+    for service in (
+        pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+        attestation_pb2.DESCRIPTOR.services_by_name["InferenceAttestationService"],
+        model_control_pb2.DESCRIPTOR.services_by_name["ModelControlService"],
+    )
+    for method in service.methods
+    if method.input_type is not pb.ModelInferRequest.DESCRIPTOR
+)
+"""The inference server's methods whose requests carry no tensor (names, a nonce): each at most
+``MESSAGE_OVERHEAD``, so that the wait for one's message is not a 64 MiB tensor's (17 minutes)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class InferLimits:
@@ -93,6 +107,7 @@ class InferLimits:
         return MessageLimits(
             receive=self.max_input_bytes + MESSAGE_OVERHEAD,
             send=self.max_output_bytes + MESSAGE_OVERHEAD,
+            requests=dict.fromkeys(SMALL_REQUESTS, MESSAGE_OVERHEAD),
         )
 
     def grpc_server_options(self) -> list[tuple[str, int]]:

@@ -446,6 +446,16 @@ RESOURCE_EXHAUSTED. A lower bound, so only what cannot fit is refused; leave roo
 {{- end -}}
 
 {{/*
+A server section's request_wait_seconds line, when requestWaitSeconds is set (null: none, each
+method's own bound; a number, not an integer: the range above renders integers only).
+*/}}
+{{- define "strongroom.requestWait" -}}
+{{- if not (kindIs "invalid" .requestWaitSeconds) -}}
+request_wait_seconds: {{ .requestWaitSeconds }}
+{{- end -}}
+{{- end -}}
+
+{{/*
 A server section's controlPlaneWorkers: the workers only control-plane calls may use (null: 4, the
 service's own default at 32 workers; 0 is a value, not null, so `default` cannot read it).
 */}}
