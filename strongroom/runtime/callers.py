@@ -72,11 +72,15 @@ of one certificate keeps its whole bound): its data-plane unary calls and
 its waits for a request message; beyond it they are refused at once with
 ``TOO_MANY_CALLS_PER_CERTIFICATE`` (a wait on trust first, as at the bound), and the rest stays
 for the other replicas. Control-plane calls (health's own, once its message came) are not shared:
-a burst of one replica's health checks is answered as before. Nor are blocking streams: one
-inference replica downloads 8 parts at once from the store, more than half its default bound.
-Streams have a share of their own, of the identity's stream cap
-(:class:`~strongroom.runtime.streams.StreamGuard`, ``server.max_streams_per_certificate``), keyed
-by the same :func:`certificate_key`.
+a burst of one replica's health checks is answered as before. A certificate's blocking streams
+count in its share like its unary calls: counted in the identity's bound alone, one stuck replica
+held its 8 stalled downloads and 8 unary waits beside them at the store, the fleet's whole bound
+of 16, and every other replica's model load was refused ``TOO_MANY_WORKERS_PER_IDENTITY``. A
+share must therefore hold one healthy replica's load (at the store 4 part fetches x 2 models = 8
+downloads and a few unary calls; the chart sets 12 of 24 there for a fleet). Streams have a share
+of their own besides, of the identity's stream cap
+(:class:`~strongroom.runtime.streams.StreamGuard`, ``server.max_streams_per_certificate``, which
+counts non-blocking ones such as health ``Watch`` too), keyed by the same :func:`certificate_key`.
 The identity's bound still counts the total, however many certificates it holds: a replica can
 renew onto new serials at will, and each buys a share, never more than the identity's bound (two
 certificates at their share hold it all again). The shares count what is held now, each
@@ -433,7 +437,8 @@ class WorkerShares:
             forget(self._certificates, certificate)
 
     def take(self, method: str, identity: str, certificate: str | None = None) -> None:
-        """Holds a data-plane worker for ``identity``'s blocking stream of ``method``; raises
+        """Holds a data-plane worker for the blocking stream of ``method`` of ``identity``'s
+        ``certificate`` (counted in its share as a unary call is); raises
         ``ResourceExhausted`` (``TOO_MANY_WORKERS_PER_IDENTITY``,
         ``TOO_MANY_CALLS_PER_CERTIFICATE``, ``DATA_PLANE_WORKERS_BUSY``)."""
         with self.lock:

@@ -293,9 +293,10 @@ class ServerConfig:
     # is set higher), so that two callers at their bound leave a worker for a third. The excess
     # is refused at once (RESOURCE_EXHAUSTED TOO_MANY_WORKERS_PER_IDENTITY).
     max_data_plane_workers_per_identity: int | None = None
-    # Of the bound above, how many data-plane workers one certificate of an identity may hold: a
-    # fleet's replicas share one SPIFFE ID, and one replica opening releases that never sent
-    # their message held the fleet's whole cap, refusing every other replica's. None (the default)
+    # Of the bound above, how many data-plane workers one certificate of an identity may hold (its
+    # unary calls, blocking streams and waits for a request message together): a fleet's
+    # replicas share one SPIFFE ID, and one replica opening releases that never sent their
+    # message held the fleet's whole cap, refusing every other replica's. None (the default)
     # or a value at or above the bound: no share beneath it (a client of one certificate, a
     # single-replica backend, keeps its whole bound); for a fleet, half the bound, at least 2
     # (strongroom.runtime.callers.certificate_share: 6 of 13). The excess is refused at once (RESOURCE_EXHAUSTED

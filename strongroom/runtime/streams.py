@@ -17,7 +17,10 @@ threads for as long as it lasts. :class:`StreamGuard` admits a stream only while
   finds a data-plane worker free (:class:`~strongroom.runtime.callers.WorkerShares`, which
   data-plane unary calls share), and its caller holds fewer than its bound of data-plane workers
   (``max_data_plane_workers_per_identity``, unary calls and waits for a request message
-  included): the control-plane reserve is never a stream's;
+  included) and its certificate fewer than its share of that bound
+  (``max_calls_per_certificate``: a stream counts there as a unary call does, so that one
+  replica's stalled downloads and unary waits together hold at most its share): the
+  control-plane reserve is never a stream's;
 
 otherwise the stream fails at once with ``RESOURCE_EXHAUSTED`` and a reason.
 
@@ -199,8 +202,12 @@ class StreamGuard(HandlerInterceptor):
         limits = self._limits
         shares = self._shares if blocking and data else None
         share = self._share
+        # The worker a blocking stream holds counts in its certificate's share of the data-plane
+        # bound too: counted in its identity's bound alone, one replica's stalled downloads plus
+        # its unary waits up to that share held the fleet's whole bound.
+        worker_certificate = certificate if shares is not None else None
         if share is None:
-            certificate = None  # no share: nothing counted per certificate
+            certificate = None  # no stream share: no stream counted per certificate
         with self._lock:
             if self._per_identity[identity] >= limits.max_streams_per_identity:
                 raise ResourceExhausted(
@@ -227,7 +234,8 @@ class StreamGuard(HandlerInterceptor):
                     reason=Reason.TOO_MANY_STREAMS,
                 )
             if shares is not None:
-                shares.take(method, identity)  # raises at the caller's bound or a full data plane
+                # Raises at the caller's bound, its certificate's share of it, a full data plane.
+                shares.take(method, identity, worker_certificate)
             self._per_identity[identity] += 1
             if certificate is not None:
                 self._per_certificate[certificate] += 1
@@ -246,7 +254,7 @@ class StreamGuard(HandlerInterceptor):
                 if blocking:
                     self._blocking -= 1
                 if shares is not None:
-                    shares.give(identity)
+                    shares.give(identity, worker_certificate)
 
         return release
 
@@ -266,8 +274,12 @@ class StreamGuard(HandlerInterceptor):
         def enter(context: grpc.ServicerContext) -> Callable[[], None]:
             identity = self._identify(context)
             try:
-                # The certificate is read (its serial parsed) only when a share is set.
-                certificate = self._certify(context, identity) if self._share is not None else None
+                # The certificate is read (its serial parsed) only when a share may count it: the
+                # stream share, or the data-plane share a blocking data-plane stream takes from.
+                counted = self._share is not None or (
+                    blocking and data and self._shares is not None
+                )
+                certificate = self._certify(context, identity) if counted else None
                 return self._admit(identity, certificate, blocking, method, data)
             except ResourceExhausted as exc:
                 log.warning(

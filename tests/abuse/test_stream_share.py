@@ -60,9 +60,12 @@ def stack(
 class StalledDownloads:
     """``GetModel`` downloads of one certificate that take nothing of what the store sends."""
 
-    def __init__(self, stack: DevStack, identity: WorkloadIdentity, count: int) -> None:
+    def __init__(
+        self, stack: DevStack, identity: WorkloadIdentity, count: int, model: str = MODEL
+    ) -> None:
+        """``count`` downloads of ``model``, far larger than the flow-control windows."""
         store = ms_grpc.ModelStoreServiceStub(stack.channel(identity, "modelstore"))
-        request = ms.GetModelRequest(name=MODEL, version="1")
+        request = ms.GetModelRequest(name=model, version="1")
         self.calls: list[Any] = [store.GetModel(request, timeout=300) for _ in range(count)]
 
     def refused(self) -> Counter[tuple[str, str | None]]:

@@ -267,6 +267,64 @@ def test_store_shares_a_fleets_streams_among_its_certificates(
     assert overridden.max_streams_per_certificate == 15  # half of the operator's cap
 
 
+ONE_REPLICAS_UNARY_CALLS = 4
+"""The unary calls one inference replica makes to the store beside its downloads while it loads
+its 2 models: a StatModel or two per model (multi-part or not, then what changed)."""
+
+
+@pytest.mark.parametrize(
+    ("replicas", "expected"),
+    [
+        # streams, unary calls, bound across kinds, workers; each certificate's streams, workers
+        (1, (8, 13, 13, 32, None, None)),  # the service's own defaults, no share
+        (2, (16, 24, 24, 43, 8, 12)),
+        (8, (16, 24, 24, 43, 8, 12)),
+        (40, (80, 80, 80, 104, 40, 40)),
+    ],
+)
+def test_store_shares_a_fleets_data_plane_bound_among_its_certificates(
+    helm: str, tmp_path: Path, replicas: int, expected: tuple[int | None, ...]
+) -> None:
+    """The store's chart set the stream share but no share of the data-plane bound, and blocking
+    streams counted in no certificate's share: one replica held its 8 stalled downloads and 8
+    unary waits, the whole bound of 16, and every other replica's loads were refused
+    TOO_MANY_WORKERS_PER_IDENTITY. With more than one replica each certificate now holds at most
+    half the bound, streams and unary calls together, and that half still holds one healthy
+    replica's load; the unary cap is at least the bound, so that one certificate's unary calls
+    leave the others half of it too. A lone replica keeps everything (no share)."""
+    server = _store_server(helm, tmp_path, f"inference.replicas={replicas}")
+    bound = server.data_plane_workers_per_identity
+    got = (
+        server.max_streams_per_identity,
+        server.unary_calls_per_identity,
+        bound,
+        server.max_workers,
+        server.max_streams_per_certificate,
+        server.max_calls_per_certificate,
+    )
+    assert got == expected
+    share = server.max_calls_per_certificate
+    if share is None:
+        return
+    assert share == certificate_share(bound)
+    # What one certificate holds, whatever it does, is at most what it leaves the others.
+    assert bound - share >= share
+    assert server.unary_calls_per_identity - share >= share
+    # One healthy replica's load fits: its downloads in its stream share, and those with its
+    # unary calls in its share of the bound.
+    assert server.max_streams_per_certificate is not None
+    assert server.max_streams_per_certificate >= ONE_REPLICAS_LOAD
+    assert share >= ONE_REPLICAS_LOAD + ONE_REPLICAS_UNARY_CALLS
+    # A bound the operator sets is halved the same way.
+    overridden = _store_server(
+        helm,
+        tmp_path,
+        f"inference.replicas={replicas}",
+        "modelstore.server.maxDataPlaneWorkersPerIdentity=90",
+    )
+    assert overridden.max_calls_per_certificate == 45
+
+
 def test_store_limits_are_operator_values(helm: str, tmp_path: Path) -> None:
     server = _store_server(
         helm,

@@ -1752,20 +1752,21 @@ def _end_one_stream(running: Mesh, channel: grpc.Channel, ending: str) -> None:
         raise AssertionError(ending)
 
 
-@pytest.mark.parametrize(
-    "ending",
-    [
-        "cancel",
-        "deadline",
-        "FailFirst",
-        "FailLater",
-        "Abort",
-        "idle upload",
-        "trickling upload",
-        "client stops reading",
-        "watch cancelled",
-    ],
-)
+STREAM_ENDINGS = [
+    "cancel",
+    "deadline",
+    "FailFirst",
+    "FailLater",
+    "Abort",
+    "idle upload",
+    "trickling upload",
+    "client stops reading",
+    "watch cancelled",
+]
+"""Every way a stream ends on the server's side (:func:`_end_one_stream`)."""
+
+
+@pytest.mark.parametrize("ending", STREAM_ENDINGS)
 def test_a_certificates_stream_is_counted_once_and_given_back_once_however_it_ends(
     mesh: Callable[..., Mesh], ending: str
 ) -> None:
@@ -1796,6 +1797,51 @@ def test_a_certificates_stream_is_counted_once_and_given_back_once_however_it_en
         call.cancel()
     assert settled(lambda: streams.open_streams(inference) == 0 == streams.open_streams())
     assert streams.certificates_open() == 0
+
+
+@pytest.mark.parametrize("ending", STREAM_ENDINGS)
+def test_a_certificates_stream_holds_its_data_plane_share_once_and_gives_it_back_once(
+    mesh: Callable[..., Mesh], ending: str
+) -> None:
+    """A blocking stream's worker counts in its certificate's share of the data-plane bound
+    (server.max_calls_per_certificate), not only in its identity's bound: counted there alone,
+    one replica's stalled downloads plus its unary waits up to that share held its fleet's
+    whole bound. It is given back exactly once however the stream ends: with one stream kept
+    open beside it, the certificate holds 1 worker, not 0 (given back twice) nor 2 (leaked),
+    and the share (2, no stream share) admits exactly one more stream, then refuses a stream
+    and a unary call alike TOO_MANY_CALLS_PER_CERTIFICATE while another certificate of the
+    identity is served."""
+    running = mesh(
+        _exits(),
+        max_workers=16,  # 14 data-plane workers, 6 per identity
+        max_streams_per_identity=4,
+        max_calls_per_certificate=2,
+        stream_idle_timeout_seconds=1,
+    )
+    shares = running.host.shares
+    inference = sid("inference")
+    channel = running.caller("inference")
+    kept, refused = open_streams(channel, 1)
+    assert refused == []
+    assert (shares.held_now(inference), shares.certificates_held()) == (1, 1)
+    _end_one_stream(running, channel, ending)
+    assert settled(lambda: shares.held_now(inference) == 1 == shares.held_now())
+    assert shares.certificates_held() == 1
+    more, refused = open_streams(channel, 2)
+    assert (len(more), refused) == (1, ["TOO_MANY_CALLS_PER_CERTIFICATE"])
+    quick = channel.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)
+    assert refusal(lambda: quick(b"", timeout=30)) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "TOO_MANY_CALLS_PER_CERTIFICATE",
+    )
+    other = running.caller("inference")  # another replica of the fleet
+    assert other.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)(b"", timeout=30) == b"ok"
+    admitted, refused = open_streams(other, 1)
+    assert (len(admitted), refused) == (1, [])
+    for call in [*kept, *more, *admitted]:
+        call.cancel()
+    assert settled(lambda: shares.held_now() == 0 == running.host.streams.open_streams())
+    assert shares.certificates_held() == 0
 
 
 def test_a_certificates_streams_are_given_back_when_the_server_stops(

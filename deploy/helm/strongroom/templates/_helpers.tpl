@@ -351,7 +351,14 @@ With more than one replica each certificate holds at most half the fleet's strea
 (max_streams_per_certificate, strongroom.runtime.callers.certificate_share): one replica whose
 downloads stalled held them all, and every other replica's loads were refused. One replica loads
 its models with 4 part fetches x 2 models at once = 8 streams, so the cap is then at least 16, for
-a share of at least 8 (deploy/README.md, "Model store limits").
+a share of at least 8. Each certificate also holds at most half the identity's data-plane bound
+(max_calls_per_certificate), its blocking streams and unary calls together: with the stream share
+alone, one replica held its 8 stalled downloads and 8 unary waits beside them, the whole bound of
+16, and every other replica's loads were refused TOO_MANY_WORKERS_PER_IDENTITY. One replica's
+load is 8 streams + a few unary calls (a StatModel or two per model): 12, so the bound is then at
+least 24, for a share of at least 12, and the unary cap at least the bound, so that one
+certificate's unary calls (at most its share) leave the others half of that cap too
+(deploy/README.md, "Model store limits").
 */}}
 {{- define "strongroom.modelstoreServer" -}}
 {{- $s := .Values.modelstore.server -}}
@@ -359,9 +366,10 @@ a share of at least 8 (deploy/README.md, "Model store limits").
 {{- $fleet := mul 2 $replicas -}}
 {{- $reserve := include "strongroom.controlPlaneWorkers" $s | int -}}
 {{- $least := 8 -}}
-{{- if gt $replicas 1 -}}{{- $least = 16 -}}{{- end -}}
+{{- $leastUnary := 13 -}}
+{{- if gt $replicas 1 -}}{{- $least = 16 -}}{{- $leastUnary = 24 -}}{{- end -}}
 {{- $streams := int (default (max $least $fleet) $s.maxStreamsPerIdentity) -}}
-{{- $unary := int (default (max 13 $fleet) $s.maxUnaryCallsPerIdentity) -}}
+{{- $unary := int (default (max $leastUnary $fleet) $s.maxUnaryCallsPerIdentity) -}}
 {{- $bound := int (default (max 13 $unary $streams) $s.maxDataPlaneWorkersPerIdentity) -}}
 {{- $blocking := int (default (max 16 (add $streams 8)) $s.maxBlockingStreams) -}}
 {{- $workers := int (default (max 32 (add $blocking $reserve 12) (add $bound $reserve 15)) $s.maxWorkers) -}}
@@ -387,6 +395,7 @@ and, with the s3 backend, the part it buffers (storage.part_size, 16 MiB). */ -}
 {{- $server := dict "max_workers" $workers "control_plane_workers" $reserve "max_blocking_streams" $blocking "max_streams_per_identity" $streams "max_unary_calls_per_identity" $unary "max_data_plane_workers_per_identity" $bound -}}
 {{- if gt $replicas 1 -}}
 {{- $_ := set $server "max_streams_per_certificate" (max 2 (div $streams 2)) -}}
+{{- $_ := set $server "max_calls_per_certificate" (max 2 (div $bound 2)) -}}
 {{- end -}}
 {{- toJson $server -}}
 {{- end -}}
