@@ -223,3 +223,33 @@ def test_requests_at_the_service_limit_still_reach_model_infer_and_put_model(
         assert outcome(info.value) == ("INVALID_ARGUMENT", "BAD_MAGIC")  # read, not refused
     finally:
         channel.close()
+
+
+def test_a_downloads_request_has_the_small_wait_and_the_small_limit(stack: DevStack) -> None:
+    """GetModel, a blocking response stream whose one request is read while it holds its
+    data-plane worker: a request that never comes is cancelled at StatModel's bound (1 s here,
+    not the upload chunk's 65 s), and one of 100 KiB is refused MESSAGE_TOO_LARGE naming 64 KiB."""
+    method = f"/{STORE}/GetModel"
+    channel = stack.channel(stack.identity("admin"), "modelstore")
+    gate = threading.Event()
+
+    def never() -> Iterator[bytes]:
+        gate.wait(DEADLINE)
+        yield from ()
+
+    try:
+        download = channel.stream_stream(method, None, None)
+        stalled_call = download(never(), timeout=DEADLINE)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stalled_call)
+        assert outcome(info.value) == ("CANCELLED", None)
+        gate.set()
+        request = store_pb.GetModelRequest(name="sizes-absent", version="1").SerializeToString()
+        with pytest.raises(grpc.RpcError) as info:
+            list(download(iter([padded(request, 100 * 1024)]), timeout=DEADLINE))
+        assert (*outcome(info.value), info.value.details()) == too_large(
+            method, 100 * 1024, 64 * 1024
+        )
+    finally:
+        gate.set()
+        channel.close()
