@@ -185,7 +185,7 @@ def _safe_deserializer(
 ) -> Callable[[bytes], Any] | None:
     """``deserialize`` answering a marker (:class:`_Malformed`) for a message it cannot or will
     not parse, refused when the behaviour reads it (authorised and admitted); one over
-    ``max_request`` bytes (the service's limit, of which gRPC enforces only a cap above it:
+    ``max_request`` bytes (the method's limit, of which gRPC enforces only a cap above it:
     :attr:`~strongroom.runtime.server.MessageLimits.receive_cap`) is refused unparsed, and its
     bytes are dropped at once."""
     if max_request is None:
@@ -358,8 +358,10 @@ class ErrorMappingInterceptor(HandlerInterceptor):
     one message; the request decoding must be in the chain, innermost, to tell when it ran), and
     of the caller's bucket by ``identify`` (the host's: its limits' rule).
 
-    ``max_request``: the largest request message (bytes) of every method; one larger is refused
-    ``RESOURCE_EXHAUSTED`` ``MESSAGE_TOO_LARGE`` unparsed (by the request decoding, after the
+    ``max_request``: the largest request message (bytes) of every method, or of each method
+    (``max_request(method)``, full method name: the host's
+    :meth:`~strongroom.runtime.server.MessageLimits.request`, whose sizes bound the wait for the
+    message too); one larger is refused ``RESOURCE_EXHAUSTED`` ``MESSAGE_TOO_LARGE`` unparsed (by the request decoding, after the
     authoriser and the limits, like a message that does not decode), observed as any refusal
     before the behaviour. gRPC's own limit must be above it
     (:attr:`~strongroom.runtime.server.MessageLimits.receive_cap`): a message gRPC refuses ends
@@ -371,7 +373,7 @@ class ErrorMappingInterceptor(HandlerInterceptor):
         observers: Mapping[str, RefusalObserver] | None = None,
         identify: Identify = caller_key,
         *,
-        max_request: int | None = None,
+        max_request: int | Callable[[str], int] | None = None,
     ) -> None:
         self._observers = dict(observers or {})
         self._identify = identify
@@ -381,12 +383,14 @@ class ErrorMappingInterceptor(HandlerInterceptor):
         self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> RpcMethodHandler:
         """``handler`` with its exceptions mapped to statuses."""
+        method = details.method
+        limit = self._max_request
         return _wrap_handler(
             handler,
-            details.method,
-            self._observers.get(details.method),
+            method,
+            self._observers.get(method),
             self._identify,
-            self._max_request,
+            limit(method) if callable(limit) else limit,
         )
 
 

@@ -76,11 +76,15 @@ class MessageLimits:
     what one call from any certified peer can make the server buffer is :attr:`receive_cap`.
 
     ``requests``: the largest request message of the methods (full names, ``/pkg.Service/Method``)
-    whose requests are smaller than :attr:`receive`, the largest of any (:meth:`request`): how long
-    the wait for one's message may last follows from it
+    whose requests are smaller than :attr:`receive`, the largest of any (:meth:`request`). One
+    source for two rules: a larger message is refused ``MESSAGE_TOO_LARGE`` naming the method's
+    limit (:class:`~strongroom.runtime.interceptors.ErrorMappingInterceptor`), and how long the
+    wait for one's message may last follows from it
     (:meth:`~strongroom.runtime.config.ServerConfig.request_wait_for`), so that a store
     ``StatModel`` waits for its few bytes no longer than a key release, not as long as the 4 MiB
-    of an upload chunk would take at the stream floor.
+    of an upload chunk would take at the stream floor. With the wait alone, a 100 KiB
+    ``StatModel`` was taken (the store's limit was the upload's) and on a slow link cut
+    ``CANCELLED`` at its short wait, never told it was too large.
     """
 
     receive: int
@@ -277,8 +281,11 @@ class ServiceHost:
                     [
                         MetricsInterceptor(),
                         *([tracing] if tracing is not None else []),
+                        # Each method's own largest request, as its wait above: a StatModel
+                        # of 100 KiB was taken whole (the store's 4 MiB upload limit) and, on a
+                        # slow link, cut CANCELLED at its 10 s wait instead of refused by size.
                         ErrorMappingInterceptor(
-                            refusal_observers, identify, max_request=message_limits.receive
+                            refusal_observers, identify, max_request=message_limits.request
                         ),
                         *interceptors,
                         self.streams,

@@ -7,12 +7,19 @@ from pathlib import Path
 
 import pytest
 
+from strongroom.api.inference.v1 import attestation_pb2, model_control_pb2
+from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
+from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
+from strongroom.artifact.format import MAX_WRAPPED_DEK_SIZE
+from strongroom.identifiers import MAX_NAME_LENGTH, MAX_VERSION_LENGTH
 from strongroom.inference.config import InferenceConfig, ModelKeys, ModelRef
+from strongroom.inference.control import CONTROL_SERVICE as CONTROL
 from strongroom.inference.oip import SERVICE_NAME as OIP
 from strongroom.inference.oip import InferLimits
 from strongroom.inference.server import EVIDENCE_SERVICE as EVIDENCE
 from strongroom.keybroker.policy_bounds import MAX_POLICY_BYTES
 from strongroom.keybroker.service import MESSAGE_LIMITS as BROKER
+from strongroom.modelstore._pagetoken import MAX_TOKEN_LENGTH
 from strongroom.modelstore.service import DEFAULT_DOWNLOAD_CHUNK, DEFAULT_MAX_CHUNK, message_limits
 from strongroom.modelstore.service import SERVICE_NAME as STORE
 from strongroom.runtime.config import ConfigError, ServerConfig, load_service_config
@@ -234,3 +241,45 @@ def test_a_configured_model_may_pin_its_header() -> None:
     for bad in ("AB" * 32, "ab", "zz" * 32):
         with pytest.raises(ConfigError, match="header_sha256 of a/m/1"):
             ModelRef("a/m", "1", bad)
+
+
+def test_the_largest_legitimate_small_request_fits_its_methods_limit() -> None:
+    """The per-method sizes refuse a request over them MESSAGE_TOO_LARGE: the largest request the
+    services accept of each such method (the longest names, versions, page token and wrapped keys
+    they allow) must fit with room, or a format limit raised later is refused by size instead."""
+    name, version = "n" * MAX_NAME_LENGTH, "v" * MAX_VERSION_LENGTH
+    key = bytes(MAX_WRAPPED_DEK_SIZE)
+    store = message_limits()
+    largest_store = {
+        "StatModel": store_pb.StatModelRequest(name=name, version=version),
+        "GetModel": store_pb.GetModelRequest(
+            name=name, version=version, offset=2**64 - 1, length=2**64 - 1
+        ),
+        "ListModels": store_pb.ListModelsRequest(
+            name_prefix=name, page_size=2**31 - 1, page_token="t" * MAX_TOKEN_LENGTH
+        ),
+        "DeleteModel": store_pb.DeleteModelRequest(name=name, version=version, corrupt_entry=True),
+        "ReplaceKeySlot": store_pb.ReplaceKeySlotRequest(
+            name=name,
+            version=version,
+            expected_key_version=2**32 - 1,
+            key_version=2**32 - 1,
+            wrapped_data_key=key,
+            expected_wrapped_data_key=key,
+        ),
+    }
+    assert set(store.requests) == {f"/{STORE}/{method}" for method in largest_store}
+    for method, request in largest_store.items():
+        assert request.ByteSize() * 8 < store.request(f"/{STORE}/{method}"), method
+    inference = InferLimits().message_limits
+    largest_inference = {
+        f"/{OIP}/ModelMetadata": oip_pb.ModelMetadataRequest(name=name, version=version),
+        f"/{OIP}/ModelReady": oip_pb.ModelReadyRequest(name=name, version=version),
+        f"/{EVIDENCE}/GetEvidence": attestation_pb2.GetEvidenceRequest(nonce=bytes(64)),
+        f"/{CONTROL}/LoadModel": model_control_pb2.LoadModelRequest(
+            name=name, version=version, header_sha256="0" * 64
+        ),
+        f"/{CONTROL}/UnloadModel": model_control_pb2.UnloadModelRequest(name=name, version=version),
+    }
+    for method, request in largest_inference.items():
+        assert request.ByteSize() * 8 < inference.request(method), method
