@@ -163,7 +163,9 @@ def _refuse_other_blocks(pem: bytes, starts: set[int], source: str) -> None:
         if label in (b"PUBLIC KEY", b"CERTIFICATE"):
             raise InvalidArgument(
                 f"{source}: PEM block {number} ({shown}) does not parse: its END line is "
-                "missing or its body holds something other than base64",
+                "missing, or a line of it holds something besides base64 (spaces or tabs "
+                "before or after it, which an editor or a terminal's copy may add, or a header "
+                "line): write it as openssl does, each line nothing but its base64",
                 reason=Reason.RELEASE_SIGNING_KEY_INVALID,
             )
         kind = f"is of type {shown}" if label is not None else f"has {shown} (not shown)"

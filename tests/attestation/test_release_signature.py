@@ -202,6 +202,26 @@ def test_a_certificate_cut_short_beside_a_key_is_refused() -> None:
     assert "PEM block 1 ('CERTIFICATE') does not parse" in info.value.message
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda pem: pem.replace(b"\n", b" \n"), id="trailing-spaces"),
+        pytest.param(lambda pem: pem.replace(b"\n", b"\n  "), id="indented"),
+    ],
+)
+def test_a_key_with_blanks_on_its_lines_is_refused_saying_so(
+    damage: Callable[[bytes], bytes],
+) -> None:
+    """openssl reads a block whose lines carry spaces, so its base64 looks right to whoever
+    checks it: "its body holds something other than base64" sent them looking for what was not
+    there. Beside a key that parses, it used to be passed over; it is refused naming the blanks."""
+    key = Ed25519PrivateKey.generate()
+    with pytest.raises(StrongroomError) as info:
+        load_trusted_keys(_pem(key) + damage(_pem(Ed25519PrivateKey.generate())), source="k")
+    assert info.value.message.startswith("k: PEM block 2 ('PUBLIC KEY') does not parse")
+    assert "spaces or tabs before or after it" in info.value.message
+
+
 def test_text_between_blocks_is_still_allowed() -> None:
     """Bundles made by ``openssl x509 -text`` or annotated by hand keep their comments."""
     key = Ed25519PrivateKey.generate()
