@@ -39,9 +39,18 @@ NOT_BEFORE_LEEWAY = timedelta(minutes=5)
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN (PUBLIC KEY|CERTIFICATE)-----\r?\n[A-Za-z0-9+/=\r\n]+?-----END \1-----"
 )
-# Every block's start, whatever its type (RFC 7468 labels are printable ASCII without "-"), so
-# that one of another type, or one that does not parse, is refused rather than passed over.
-_PEM_BEGIN = re.compile(rb"-----BEGIN ([^-\r\n]{0,80})-----")
+# Every block's start, whatever follows it, so that one of another type, one that does not
+# parse, or one whose BEGIN line is damaged is refused rather than passed over. A start read with
+# its label (up to "-----") skipped a line that lost a dash ("-----BEGIN PRIVATE KEY----").
+_PEM_BEGIN = re.compile(rb"-----BEGIN ?")
+# How much of what follows "-----BEGIN " is looked at for its label (up to its closing dashes or
+# the line's end): a private key's on one line runs on for its whole length.
+_HEAD_MAX = 200
+_HEAD_END = re.compile(rb"-----|[\r\n]")
+# A label as PEM writers make them (RFC 7468's words, joined by single spaces or hyphens; in
+# practice upper case, digits, "#" and "."), the only kind shown: a BEGIN line that lost its
+# closing dashes runs on into the block's body, a private key's on one line included.
+_PEM_LABEL = re.compile(rb"[A-Z0-9#.]{1,40}(?:[ -][A-Z0-9#.]{1,40}){0,7}")
 
 
 @dataclass(frozen=True)
@@ -132,15 +141,19 @@ def _refuse_other_blocks(pem: bytes, starts: set[int], source: str) -> None:
     """Refuses a PEM block in ``pem`` that is not a public key or certificate ``starts`` (the
     offsets of those that parse) holds: passed over, a block pasted in by mistake (a CSR, a
     private key) or cut short left the operator believing it trusted, or harmless. A private key
-    is named as one, and nothing of any block is shown but its type."""
+    is named as one, and nothing of any block is shown but its type, and that only if it reads
+    as a label."""
     for number, begin in enumerate(_PEM_BEGIN.finditer(pem), start=1):
         if begin.start() in starts:
             continue
-        label = begin.group(1)
-        shown = label.decode("ascii", "replace")
-        if b"PRIVATE KEY" in label:
+        rest = pem[begin.end() : begin.end() + _HEAD_MAX]
+        head = _HEAD_END.split(rest, maxsplit=1)[0]
+        closed = rest.startswith(b"-----", len(head))
+        label = head if closed and _PEM_LABEL.fullmatch(head) else None
+        shown = repr(label.decode()) if label is not None else "its BEGIN line damaged"
+        if b"PRIVATE KEY" in head.upper():  # "Private Key": no parser reads it, but it is one
             raise InvalidArgument(
-                f"{source}: PEM block {number} is a private key ({shown!r}; not shown): a list "
+                f"{source}: PEM block {number} is a private key ({shown}; not shown): a list "
                 "of trusted release-signing keys holds public keys and certificates only, and "
                 "whoever can read it could sign with that key; take it out of the file, and if "
                 "it is the broker's release-signing key, replace that key (deploy/README.md, "
@@ -149,12 +162,15 @@ def _refuse_other_blocks(pem: bytes, starts: set[int], source: str) -> None:
             )
         if label in (b"PUBLIC KEY", b"CERTIFICATE"):
             raise InvalidArgument(
-                f"{source}: PEM block {number} ({shown!r}) does not parse: its END line is "
-                "missing or its body holds something other than base64",
+                f"{source}: PEM block {number} ({shown}) does not parse: its END line is "
+                "missing, or a line of it holds something besides base64 (spaces or tabs "
+                "before or after it, which an editor or a terminal's copy may add, or a header "
+                "line): write it as openssl does, each line nothing but its base64",
                 reason=Reason.RELEASE_SIGNING_KEY_INVALID,
             )
+        kind = f"is of type {shown}" if label is not None else f"has {shown} (not shown)"
         raise InvalidArgument(
-            f"{source}: PEM block {number} is of type {shown!r}: a list of trusted "
+            f"{source}: PEM block {number} {kind}: a list of trusted "
             "release-signing keys holds only public keys (-----BEGIN PUBLIC KEY-----) and "
             "certificates (-----BEGIN CERTIFICATE-----); take it out of the file",
             reason=Reason.RELEASE_SIGNING_KEY_INVALID,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,55 @@ def test_a_private_key_beside_a_certificate_is_refused_and_never_shown(
             assert line.decode() not in refused.message and line.decode() not in repr(refused)
 
 
+def _one_line(private: bytes, begin_closed_by: bytes) -> bytes:
+    """``private`` as one line (its line ends lost), its BEGIN line closed by ``begin_closed_by``."""
+    body = b"".join(private.splitlines()[1:-1])
+    return b"-----BEGIN PRIVATE KEY" + begin_closed_by + body + b"-----END PRIVATE KEY-----\n"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda pem: _one_line(pem, b""), id="begin-dashes-lost-one-line"),
+        pytest.param(lambda pem: _one_line(pem, b"----"), id="begin-dash-lost-one-line"),
+        pytest.param(lambda pem: pem.replace(b"KEY-----\n", b"KEY----\n", 1), id="begin-dash-lost"),
+        pytest.param(
+            lambda pem: pem.replace(b"BEGIN PRIVATE", b"BEGIN RSA-PSS PRIVATE"), id="hyphen-label"
+        ),
+        pytest.param(
+            lambda pem: pem.replace(b"BEGIN PRIVATE KEY", b"BEGIN Private Key"), id="lower"
+        ),
+    ],
+)
+def test_a_private_key_with_a_damaged_begin_line_is_refused_and_never_shown(
+    damage: Callable[[bytes], bytes],
+) -> None:
+    """Its type was read as everything up to the first "-----" without a hyphen: a BEGIN line
+    that lost its closing dashes, on a key pasted as one line, ran on into the key's body, which
+    the refusal then quoted as its type (an Ed25519 key's 64 characters fit); one that lost a
+    dash, or a label with a hyphen (RFC 7468 allows them), was passed over in silence."""
+    key = Ed25519PrivateKey.generate()
+    private = _private_pems(key)[0]  # PKCS#8
+    body = b"".join(private.splitlines()[1:-1]).decode()
+    with pytest.raises(StrongroomError) as info:
+        load_trusted_keys(_pem(key) + damage(private), source="keys.pem")
+    refused = info.value
+    assert refused.reason == "RELEASE_SIGNING_KEY_INVALID"
+    assert refused.message.startswith("keys.pem: PEM block 2 is a private key (")
+    said = refused.message + repr(refused)
+    assert not [body[i : i + 12] for i in range(len(body) - 12) if body[i : i + 12] in said]
+
+
+def test_a_public_key_whose_begin_line_lost_a_dash_is_refused() -> None:
+    """Beside a key that parses, it was passed over in silence: the operator believed it trusted."""
+    key = Ed25519PrivateKey.generate()
+    damaged = _pem(Ed25519PrivateKey.generate()).replace(b"KEY-----\n", b"KEY----\n", 1)
+    with pytest.raises(StrongroomError) as info:
+        load_trusted_keys(_pem(key) + damaged, source="keys.pem")
+    assert info.value.reason == "RELEASE_SIGNING_KEY_INVALID"
+    assert info.value.message.startswith("keys.pem: PEM block 2 has its BEGIN line damaged")
+
+
 def test_a_block_of_another_type_beside_a_key_is_refused_naming_it() -> None:
     """A certificate signing request (pasted for the certificate it was meant to become) beside
     a public key: refused, naming its type and the file, not passed over."""
@@ -150,6 +200,26 @@ def test_a_certificate_cut_short_beside_a_key_is_refused() -> None:
         load_trusted_keys(cut + _pem(key), source="keys.pem")
     assert info.value.reason == "RELEASE_SIGNING_KEY_INVALID"
     assert "PEM block 1 ('CERTIFICATE') does not parse" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda pem: pem.replace(b"\n", b" \n"), id="trailing-spaces"),
+        pytest.param(lambda pem: pem.replace(b"\n", b"\n  "), id="indented"),
+    ],
+)
+def test_a_key_with_blanks_on_its_lines_is_refused_saying_so(
+    damage: Callable[[bytes], bytes],
+) -> None:
+    """openssl reads a block whose lines carry spaces, so its base64 looks right to whoever
+    checks it: "its body holds something other than base64" sent them looking for what was not
+    there. Beside a key that parses, it used to be passed over; it is refused naming the blanks."""
+    key = Ed25519PrivateKey.generate()
+    with pytest.raises(StrongroomError) as info:
+        load_trusted_keys(_pem(key) + damage(_pem(Ed25519PrivateKey.generate())), source="k")
+    assert info.value.message.startswith("k: PEM block 2 ('PUBLIC KEY') does not parse")
+    assert "spaces or tabs before or after it" in info.value.message
 
 
 def test_text_between_blocks_is_still_allowed() -> None:
