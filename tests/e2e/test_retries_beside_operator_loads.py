@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -18,32 +19,18 @@ from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.artifact.stream import BufferedStreamDecryptor
 from strongroom.dev.devstack import DevStack
-from strongroom.dev.devstack.model import train
 from strongroom.inference.autoload import ConfiguredLoads
 from strongroom.inference.models import ModelState
 from strongroom.inference.server import InferenceServer
+from tests.e2e.publishing import publish
 from tests.e2e.stalling import StallOnce
 from tests.e2e.test_configured_retries import (
     OTHER_MEASUREMENT,
     _failed_with,
-    _publish,
     _set_policy,
     _start,
 )
 from tests.e2e.test_resilience import wait_until
-
-
-@pytest.fixture
-def model_path(tmp_path: Path) -> Path:
-    return train(tmp_path / "m.onnx").path
-
-
-@pytest.fixture
-def stopped(stack: DevStack) -> Iterator[None]:
-    yield
-    earlier = stack.services.pop("inference", None)
-    if earlier is not None:
-        earlier.stop()
 
 
 class PlaintextBuffers:
@@ -109,7 +96,7 @@ def test_an_operators_load_beside_a_retrys_holds_one_plaintext_buffer_at_most(
     with ThreadPoolExecutor(1) as pool:
         try:
             assert wait_until(lambda: _failed_with(inference, "twice") == "MODEL_NOT_FOUND", 30)
-            _publish(stack, model_path, "twice", "twice")
+            publish(stack, model_path, "twice", "twice")
             assert stall.stalled.wait(30)  # the store has sent all but the artifact's end
             assert wait_until(lambda: buffers.live == 1, 30)  # the retry holds its buffer
             answer: Future[Any] = pool.submit(
@@ -143,7 +130,7 @@ def test_a_retry_under_way_still_shows_the_failure_it_retries(
     inference.load_configured_models()
     try:
         assert wait_until(lambda: _failed_with(inference, "watched") == "MODEL_NOT_FOUND", 30)
-        _publish(stack, model_path, "watched", "watched")
+        publish(stack, model_path, "watched", "watched")
         assert stall.stalled.wait(30)  # the retry is loading it
         assert inference.repository.version_state("watched", "1") is ModelState.LOADING
         for version in ("", "1"):
@@ -201,7 +188,7 @@ def _denied(stack: DevStack, model_path: Path, name: str) -> InferenceServer:
     """A server configured with ``name``, published but denied by its key's policy (its loads
     fail MEASUREMENT_NOT_ALLOWED until :func:`_allow`); its configured loads not started."""
     stack.create_release_key(stack.identity("admin"), name, policy_version="1")
-    _publish(stack, model_path, name, name)
+    publish(stack, model_path, name, name)
     _set_policy(stack, name, stack.simulated_policy("2", measurement=OTHER_MEASUREMENT))
     return _start(stack, name)
 
@@ -216,6 +203,34 @@ def _refused_loadmodel(answer: Future[Any]) -> None:
         answer.result(60)
     assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert "MEASUREMENT_NOT_ALLOWED" in str(refused.value.details())
+
+
+@contextlib.contextmanager
+def _loadmodel_meanwhile(
+    stack: DevStack, held: HeldRetries, monkeypatch: pytest.MonkeyPatch, name: str
+) -> Iterator[Future[Any]]:
+    """An operator's LoadModel of ``name`` version 1 while ``held`` holds a retry of it: the
+    LoadModel held in the store (StallOnce) while it loads, and the retry let go meanwhile. The
+    block runs then, with the LoadModel's answer to come; both are let go after it."""
+    control = control_grpc.ModelControlServiceStub(
+        stack.channel(stack.identity("admin"), "inference")
+    )
+    storage = stack.services["modelstore"].handle.storage
+    stall = StallOnce(storage, "1")
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            monkeypatch.setattr(storage, "open", stall)
+            answer: Future[Any] = pool.submit(
+                control.LoadModel,
+                control_pb.LoadModelRequest(name=name, version="1"),
+                timeout=60,
+            )
+            assert stall.stalled.wait(30)  # the LoadModel is loading it
+            held.go_on.set()  # the retry comes meanwhile
+            yield answer
+        finally:
+            held.go_on.set()
+            stall.go_on.set()
 
 
 def test_a_retry_that_finds_a_loadmodel_under_way_waits_for_its_outcome(
@@ -234,9 +249,6 @@ def test_a_retry_that_finds_a_loadmodel_under_way_waits_for_its_outcome(
     LoadModel failed, and loads the model once the policy is fixed."""
     inference = _denied(stack, model_path, "overruled")
     held = HeldRetries(inference, monkeypatch, at="attempt")
-    control = control_grpc.ModelControlServiceStub(
-        stack.channel(stack.identity("admin"), "inference")
-    )
     caplog.set_level(logging.DEBUG, logger="strongroom.inference.autoload")
     inference.load_configured_models()
     (loader_thread,) = inference._threads
@@ -244,27 +256,13 @@ def test_a_retry_that_finds_a_loadmodel_under_way_waits_for_its_outcome(
     def postponed() -> int:
         return len([r for r in caplog.records if "is being loaded by another" in r.getMessage()])
 
-    with ThreadPoolExecutor(1) as pool:
-        storage = stack.services["modelstore"].handle.storage
-        stall = StallOnce(storage, "1")
-        try:
-            assert held.reached.wait(30)  # the first load failed; its retry is held
-            assert _failed_with(inference, "overruled") == "MEASUREMENT_NOT_ALLOWED"
-            monkeypatch.setattr(storage, "open", stall)
-            answer: Future[Any] = pool.submit(
-                control.LoadModel,
-                control_pb.LoadModelRequest(name="overruled", version="1"),
-                timeout=60,
-            )
-            assert stall.stalled.wait(30)  # the LoadModel is loading it
-            held.go_on.set()  # the retry comes meanwhile
-            assert wait_until(lambda: postponed() >= 2 or not loader_thread.is_alive(), 30)
-            assert loader_thread.is_alive(), "the retries ended"
-            assert inference.loader.queued("overruled") == ()  # not waiting for the lock
-        finally:
-            held.go_on.set()
-            stall.go_on.set()
-        _refused_loadmodel(answer)
+    assert held.reached.wait(30)  # the first load failed; its retry is held
+    assert _failed_with(inference, "overruled") == "MEASUREMENT_NOT_ALLOWED"
+    with _loadmodel_meanwhile(stack, held, monkeypatch, "overruled") as answer:
+        assert wait_until(lambda: postponed() >= 2 or not loader_thread.is_alive(), 30)
+        assert loader_thread.is_alive(), "the retries ended"
+        assert inference.loader.queued("overruled") == ()  # not waiting for the lock
+    _refused_loadmodel(answer)
     _allow(stack, "overruled")
     assert wait_until(lambda: inference.repository.is_ready("overruled", "1"), 30), (
         inference.repository.status("overruled")
@@ -280,36 +278,17 @@ def test_a_retry_registered_behind_a_loadmodel_goes_on_only_if_that_failed(
     it has it, so it goes on since the LoadModel failed."""
     inference = _denied(stack, model_path, "overruled2")
     held = HeldRetries(inference, monkeypatch, at="load")
-    control = control_grpc.ModelControlServiceStub(
-        stack.channel(stack.identity("admin"), "inference")
-    )
     inference.load_configured_models()
     (loader_thread,) = inference._threads
-    with ThreadPoolExecutor(1) as pool:
-        storage = stack.services["modelstore"].handle.storage
-        stall = StallOnce(storage, "1")
-        try:
-            assert held.reached.wait(30)
-            assert _failed_with(inference, "overruled2") == "MEASUREMENT_NOT_ALLOWED"
-            monkeypatch.setattr(storage, "open", stall)
-            answer: Future[Any] = pool.submit(
-                control.LoadModel,
-                control_pb.LoadModelRequest(name="overruled2", version="1"),
-                timeout=60,
-            )
-            assert stall.stalled.wait(30)
-            held.go_on.set()
-            assert wait_until(
-                lambda: (
-                    inference.loader.queued("overruled2") == ("1",) or not loader_thread.is_alive()
-                ),
-                30,
-            )
-            assert loader_thread.is_alive(), "the retries ended"
-        finally:
-            held.go_on.set()
-            stall.go_on.set()
-        _refused_loadmodel(answer)
+    assert held.reached.wait(30)
+    assert _failed_with(inference, "overruled2") == "MEASUREMENT_NOT_ALLOWED"
+    with _loadmodel_meanwhile(stack, held, monkeypatch, "overruled2") as answer:
+        assert wait_until(
+            lambda: inference.loader.queued("overruled2") == ("1",) or not loader_thread.is_alive(),
+            30,
+        )
+        assert loader_thread.is_alive(), "the retries ended"
+    _refused_loadmodel(answer)
     _allow(stack, "overruled2")
     assert wait_until(lambda: inference.repository.is_ready("overruled2", "1"), 30), (
         inference.repository.status("overruled2")
@@ -326,31 +305,14 @@ def test_a_retry_registered_behind_a_loadmodel_that_loads_the_version_ends(
     inference = _start(stack, "taken")
     held = HeldRetries(inference, monkeypatch, at="load")
     buffers = PlaintextBuffers(monkeypatch)
-    control = control_grpc.ModelControlServiceStub(
-        stack.channel(stack.identity("admin"), "inference")
-    )
     inference.load_configured_models()
     (loader_thread,) = inference._threads
-    with ThreadPoolExecutor(1) as pool:
-        storage = stack.services["modelstore"].handle.storage
-        stall = StallOnce(storage, "1")
-        try:
-            assert held.reached.wait(30)
-            assert _failed_with(inference, "taken") == "MODEL_NOT_FOUND"
-            _publish(stack, model_path, "taken", "taken")
-            monkeypatch.setattr(storage, "open", stall)
-            answer: Future[Any] = pool.submit(
-                control.LoadModel,
-                control_pb.LoadModelRequest(name="taken", version="1"),
-                timeout=60,
-            )
-            assert stall.stalled.wait(30)
-            held.go_on.set()
-            assert wait_until(lambda: inference.loader.queued("taken") == ("1",), 30)
-        finally:
-            held.go_on.set()
-            stall.go_on.set()
-        answer.result(60)
+    assert held.reached.wait(30)
+    assert _failed_with(inference, "taken") == "MODEL_NOT_FOUND"
+    publish(stack, model_path, "taken", "taken")
+    with _loadmodel_meanwhile(stack, held, monkeypatch, "taken") as answer:
+        assert wait_until(lambda: inference.loader.queued("taken") == ("1",), 30)
+    answer.result(60)
     assert wait_until(lambda: not loader_thread.is_alive(), 30)
     assert inference.repository.is_ready("taken", "1")
     assert buffers.allocated == 1
