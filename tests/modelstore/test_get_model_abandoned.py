@@ -108,11 +108,15 @@ def test_a_download_the_stores_watchdog_ended_says_the_server_ended_it(
     line said ``gave_up CANCELLED``, ``its call was cancelled``, as if the caller had given up;
     one read below the minimum rate, ended by the store, said nothing. Each is one line now
     saying the server ended it, with the watchdog's reason and no ``gave_up``."""
-    host, channel = serve(
-        fs_storage,
-        config=ServerConfig(stream_idle_timeout_seconds=1, stream_min_bytes_per_second=1 << 20),
-        download_chunk=64 * 1024,
+    # Each watchdog alone, so that the other cannot end the stream first: the idle one without
+    # the floor (a client slow to start would fall below it); the floor over windows too long
+    # for a stall of the paced client to pass for idle.
+    idle = reason == "STREAM_IDLE_TIMEOUT"
+    config = ServerConfig(
+        stream_idle_timeout_seconds=1 if idle else 3,
+        stream_min_bytes_per_second=0 if idle else 1 << 20,
     )
+    host, channel = serve(fs_storage, config=config, download_chunk=64 * 1024)
     # The client's flow-control window stays at 64 KiB (no BDP probing), so the store sees each
     # message as the client takes it.
     slow = grpc.insecure_channel(f"127.0.0.1:{host.port}", options=[("grpc.http2.bdp_probe", 0)])
@@ -124,7 +128,7 @@ def test_a_download_the_stores_watchdog_ended_says_the_server_ended_it(
         next(call)
         with pytest.raises(grpc.RpcError) as info:
             for _ in call:
-                if reason == "STREAM_IDLE_TIMEOUT":
+                if idle:
                     stopped_lines.arrived.wait(30)  # it stops reading, then takes what came
                 else:
                     time.sleep(0.2)  # 64 KiB every 0.2 s: 320 KiB/s, below the 1 MiB/s floor
