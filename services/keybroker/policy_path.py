@@ -23,7 +23,8 @@ import errno
 import os
 import stat
 from collections import deque
-from types import TracebackType
+
+from strongroom.closing import Closing
 
 MAX_LINKS = 40
 """Links followed in one lookup before it fails ``ELOOP``, the kernel's own bound."""
@@ -41,7 +42,7 @@ class LeadsOut(Exception):
     """A symbolic link on the way leads out of the policy directory."""
 
 
-class Found:
+class Found(Closing):
     """A file found in the policy directory, held open as a path (``O_PATH``) until closed: what
     is judged (``held``) is what is then read (reopened through ``/proc/self/fd``, or by ``name``
     in ``parent``)."""
@@ -56,17 +57,6 @@ class Found:
     def close(self) -> None:
         """Closes the file's and its directories' descriptors."""
         _close(self._fds)
-
-    def __enter__(self) -> Found:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 TRIES = 3

@@ -50,7 +50,7 @@ from strongroom.modelstore.storage import Storage
 from strongroom.pki.authz import verified_caller
 from strongroom.reasons import Reason
 from strongroom.runtime.callers import caller_key
-from strongroom.runtime.gave_up import GaveUp, gave_up_on
+from strongroom.runtime.gave_up import CallEnd, GaveUp
 from strongroom.runtime.grpc_types import HandlerCollector
 from strongroom.runtime.metrics import KEY_SLOTS_REPLACED
 from strongroom.runtime.server import MessageLimits
@@ -369,7 +369,8 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         """
         name, version = validate_name(request.name), validate_version(request.version)
         self._check_read(context, name)
-        ended = _CallEnd(context)
+        end = CallEnd(context)
+        peer = context.peer()  # read while the call lasts: gRPC's is empty once it ended
         with self._storage.open(
             name, version, offset=request.offset, length=request.length or None
         ) as reader:
@@ -388,9 +389,12 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
                 if not sent_info:
                     yield pb.GetModelResponse(model=info, offset=offset).SerializeToString()
             except GeneratorExit:
-                # gRPC closes the stream's generator at a yield once the call has ended: its
-                # caller gave up (a download stopped half way said nothing, anywhere).
-                _log_abandoned(context, ended, name, version, offset - reader.offset)
+                # gRPC closes the stream's generator at a yield once the call has ended (its
+                # caller gave up, or the stream guard's watchdog cancelled it), and the guard
+                # does when it ends a stream too slow: a download stopped half way said nothing.
+                _log_stopped(
+                    context, end, peer=peer, name=name, version=version, sent=offset - reader.offset
+                )
                 raise
 
     def StatModel(
@@ -550,49 +554,37 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         return pb.ReplaceKeySlotResponse(model=model_info(record), replaced=replaced)
 
 
-class _CallEnd:
-    """How the caller of a call gave up, judged when the call ends, by the runtime's one rule
-    (:func:`~strongroom.runtime.gave_up.gave_up_on`): judged when the handler notices, later, a
-    cancel shortly before the deadline would count as the deadline's."""
-
-    __slots__ = ("_context", "_why", "peer")
-
-    def __init__(self, context: grpc.ServicerContext) -> None:
-        self._context = context
-        self._why: GaveUp | None = None
-        self.peer = context.peer()
-        """The caller's address, read while the call lasts (gRPC's is empty once it ended)."""
-        if not context.add_callback(self._end):
-            self._end()  # the call has already ended
-
-    def _end(self) -> None:
-        self._why = gave_up_on(self._context)
-
-    def gave_up(self) -> GaveUp | None:
-        """How the caller gave up: as judged at the call's end, or now if that has not come."""
-        return self._why or gave_up_on(self._context)
-
-
-def _log_abandoned(
-    context: grpc.ServicerContext, ended: _CallEnd, name: str, version: str, sent: int
+def _log_stopped(
+    context: grpc.ServicerContext, end: CallEnd, *, peer: str, name: str, version: str, sent: int
 ) -> None:
-    """Logs, once, a GetModel its caller gave up on (nothing for a stream closed otherwise)."""
-    why = ended.gave_up()
-    if why is None:
+    """Logs, once, a GetModel its caller gave up on, or that the server's own watchdog ended (a
+    client that stopped reading, or read too slowly); nothing for a stream closed otherwise."""
+    ended_by = end.server_reason()
+    why = end.gave_up()
+    if ended_by is not None:
+        # To this generator the watchdog's cancel looked like its caller's (the line said
+        # gave_up CANCELLED), and a stream ended too slow like a stream closed while it lasts.
+        how, reason, fields = f"the server ended it ({ended_by})", ended_by, {"ended_by": "server"}
+    elif why is not None:
+        deadline = why is GaveUp.DEADLINE
+        how = "its caller's deadline passed" if deadline else "its call was cancelled"
+        # The reason its budget counts it under, and the summary of lines not written names
+        # (without one it said reason "", as no other refusal line does).
+        reason = Reason.DEADLINE_EXCEEDED if deadline else Reason.CANCELLED
+        fields = {"gave_up": why.value}
+    else:
         return
     log.info(
         "download stopped: %s",
-        "its caller's deadline passed" if why is GaveUp.DEADLINE else "its call was cancelled",
+        how,
         extra={
             "model": name,
             "version": version,
             # Handed to gRPC before the end: the caller may not have received the last of them.
             "bytes_sent": sent,
-            "peer": ended.peer,
-            "gave_up": why.value,
-            # The reason its budget counts it under, and the summary of lines not written
-            # names (without one it said reason "", as no other refusal line does).
-            "reason": Reason.DEADLINE_EXCEEDED if why is GaveUp.DEADLINE else Reason.CANCELLED,
+            "peer": peer,
+            **fields,
+            "reason": reason,
             # Its caller chooses how many there are: within its budget of such lines, kept on the
             # call (the generator may be closed away from the call's own thread).
             REFUSAL_LINE: True,

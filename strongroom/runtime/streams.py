@@ -84,6 +84,7 @@ from strongroom.runtime.callers import (
     certificate_key,
     forget,
 )
+from strongroom.runtime.gave_up import server_ends
 from strongroom.runtime.grpc_types import (
     HandlerInterceptor,
     RpcMethodHandler,
@@ -161,6 +162,8 @@ class StreamGuard(HandlerInterceptor):
                         REFUSAL_CALL: context,
                     },
                 )
+                # Its handler, closed by the cancel, must not take it for its caller's.
+                server_ends(context, Reason.STREAM_IDLE_TIMEOUT)
                 cancel: Callable[[], object] = context.cancel  # untyped in grpc-stubs
                 cancel()
 
@@ -459,6 +462,9 @@ class _RateFloor:
                 REFUSAL_CALL: self._context,
             },
         )
+        # Before its handler is closed (a response stream's), which it must not take for its
+        # caller giving up.
+        server_ends(self._context, Reason.STREAM_TOO_SLOW)
         raise ResourceExhausted(
             f"{self._method}: the stream moved {moved} bytes in {waited:.3g}s of waiting on the "
             f"client, below the minimum of {self._rate} bytes/s "

@@ -9,21 +9,19 @@ never sent it held the worker until the client's deadline or the connection's ag
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from strongroom.dev.devstack import DevStack, read_audit_records
 from strongroom.runtime.config import ServerConfig
-from strongroom.runtime.interceptors import PendingRequest
 from tests.abuse.conftest import SERVER, abuse_stack
 from tests.abuse.releases import StalledReleases, settled
 from tests.abuse.traffic import BROKER
+from tests.runtime.held_reads import hold_after_read
 
 SHARE = ServerConfig().data_plane_workers_per_identity // 2  # 6: what one certificate holds
 DEADLINE = 600.0  # the stalled calls' own deadline, far beyond anything here
@@ -78,21 +76,8 @@ def test_a_release_whose_message_was_read_as_the_watchdog_fired_is_not_granted(
     key was released that its caller never got. Here the handler is held between the read and
     what follows it until the watchdog has cancelled the call: the release is refused for the
     watchdog's reason (audited denied REQUEST_MESSAGE_TIMEOUT), and nothing is granted."""
-    real = PendingRequest._next
-    armed, cut = threading.Event(), threading.Event()
-    armed.set()
-
-    def read_then_hold(self: PendingRequest, context: grpc.ServicerContext) -> Any:
-        request = real(self, context)
-        if self._method == f"/{BROKER}/ReleaseKey" and armed.is_set():
-            armed.clear()
-            ended = threading.Event()
-            # Held, its message read, until the watchdog ends the call (1 s, the wait bound).
-            if context.add_callback(ended.set) and ended.wait(30):
-                cut.set()
-        return request
-
-    monkeypatch.setattr(PendingRequest, "_next", read_then_hold)
+    # Held, its message read, until the watchdog ends the call (1 s, the wait bound).
+    cut = hold_after_read(monkeypatch, f"/{BROKER}/ReleaseKey")
     caller = stack.spiffe_id("inference")
     broker = stack.services["keybroker"].handle.host
     audit = stack.root / "state" / "keybroker" / "audit.log"

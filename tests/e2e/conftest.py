@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack.model import train
 from tests.conftest import stack_root
 
 
@@ -21,3 +22,18 @@ def stack(
         dev.start_in_process("keybroker")
         dev.start_in_process("modelstore")
         yield dev
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    """A small trained ONNX model, in the test's own directory."""
+    return train(tmp_path / "m.onnx").path
+
+
+@pytest.fixture
+def stopped(stack: DevStack) -> Iterator[None]:
+    """Stops, after the test, the inference server it started in the module's stack (if any)."""
+    yield
+    earlier = stack.services.pop("inference", None)
+    if earlier is not None:
+        earlier.stop()

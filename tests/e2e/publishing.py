@@ -1,5 +1,6 @@
-"""Publishing as a key holder does it by hand: an artifact encrypted under a key from GenerateDataKey
-(or under another key, as an attacker or a legacy publisher would), stored with PutModel."""
+"""Publishing as the stack's publisher does it with the client (:func:`publish`), and as a key
+holder does it by hand: an artifact encrypted under a key from GenerateDataKey (or under another
+key, as an attacker or a legacy publisher would), stored with PutModel."""
 
 from __future__ import annotations
 
@@ -11,10 +12,25 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import StructureValidator
 from strongroom.artifact.format import FORMAT_VERSION
+from strongroom.client.publish import publish_model
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.publishing import encrypted_pieces
 from strongroom.modelstore.service import model_info
 from tests.keybroker.helpers import data_key_request
+
+
+def publish(stack: DevStack, path: Path, name: str, key_id: str, version: str = "1") -> None:
+    """Publishes the model at ``path`` as ``name`` ``version`` under ``key_id``, as the stack's
+    publisher does (:func:`~strongroom.client.publish.publish_model`)."""
+    publisher = stack.identity("publisher")
+    publish_model(
+        path,
+        name=name,
+        version=version,
+        key_id=key_id,
+        broker=stack.channel(publisher, "keybroker"),
+        store=stack.channel(publisher, "modelstore"),
+    )
 
 
 def data_key(stack: DevStack, key_id: str, name: str) -> kb_pb.GenerateDataKeyResponse:

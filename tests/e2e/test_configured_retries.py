@@ -12,7 +12,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,7 @@ from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
-from strongroom.client.publish import publish_model
 from strongroom.dev.devstack import DevStack
-from strongroom.dev.devstack.model import train
 from strongroom.errors import FailedPrecondition, PermissionDenied, Unavailable
 from strongroom.files import shared_flock
 from strongroom.inference.autoload import RetrySchedule, spread
@@ -31,27 +28,11 @@ from strongroom.inference.models import ModelState
 from strongroom.inference.server import InferenceServer
 from strongroom.reasons import Reason
 from strongroom.runtime.config import ConfigError
+from tests.e2e.publishing import publish
 from tests.e2e.stalling import StallOnce
 from tests.e2e.test_resilience import wait_until
 
 OTHER_MEASUREMENT = "ab" * 48
-
-
-@pytest.fixture
-def model_path(tmp_path: Path) -> Path:
-    return train(tmp_path / "m.onnx").path
-
-
-def _publish(stack: DevStack, path: Path, name: str, key_id: str, version: str = "1") -> None:
-    publisher = stack.identity("publisher")
-    publish_model(
-        path,
-        name=name,
-        version=version,
-        key_id=key_id,
-        broker=stack.channel(publisher, "keybroker"),
-        store=stack.channel(publisher, "modelstore"),
-    )
 
 
 def _set_policy(stack: DevStack, key_id: str, document: str) -> None:
@@ -74,14 +55,6 @@ def _start(stack: DevStack, *names: str) -> InferenceServer:
     inference: InferenceServer = stack.start_in_process("inference", section).handle
     inference.slow_retry_initial, inference.slow_retry_max = 0.2, 0.4
     return inference
-
-
-@pytest.fixture
-def stopped(stack: DevStack) -> Iterator[None]:
-    yield
-    earlier = stack.services.pop("inference", None)
-    if earlier is not None:
-        earlier.stop()
 
 
 def _failed_with(inference: InferenceServer, name: str) -> str | None:
@@ -113,7 +86,7 @@ def test_a_model_published_after_the_server_started_loads_without_a_call(
     )
     assert _failed_with(inference, "later") == "MODEL_NOT_FOUND"
     assert not inference.repository.server_ready()
-    _publish(stack, model_path, "later", "later")
+    publish(stack, model_path, "later", "later")
     assert wait_until(lambda: inference.repository.is_ready("later", "1"), 30), (
         inference.repository.status("later")
     )
@@ -139,7 +112,7 @@ def test_a_release_the_policy_denied_loads_once_the_policy_is_fixed(
     """A key release denied by the broker's policy (here: the VM's measurement not listed) was
     final; the operator then fixed the policy, and the pod stayed unready for good."""
     stack.create_release_key(stack.identity("admin"), "denied", policy_version="1")
-    _publish(stack, model_path, "denied", "denied")
+    publish(stack, model_path, "denied", "denied")
     _set_policy(stack, "denied", stack.simulated_policy("2", measurement=OTHER_MEASUREMENT))
     inference = _start(stack, "denied")
     inference.load_configured_models()
@@ -170,7 +143,7 @@ def test_an_unload_stops_the_slow_retries(
     (loader_thread,) = inference._threads
     assert wait_until(lambda: not loader_thread.is_alive(), 30)
     attempts = len(_attempts(caplog, "dropped"))
-    _publish(stack, model_path, "dropped", "dropped")
+    publish(stack, model_path, "dropped", "dropped")
     assert not loader_thread.is_alive()
     assert inference.repository.version_state("dropped", "1") is None
     assert not inference.repository.is_ready("dropped")
@@ -225,7 +198,7 @@ def test_a_damaged_artifact_is_downloaded_again_only_once_the_store_holds_anothe
     replica and model), though the store still held the same artifact. A retry now asks the
     store first (StatModel) and downloads only once its entry for the version changed."""
     stack.create_release_key(stack.identity("admin"), "damaged", policy_version="1")
-    _publish(stack, model_path, "damaged", "damaged")
+    publish(stack, model_path, "damaged", "damaged")
     _damage_in_place(stack, "damaged")
     inference = _start(stack, "damaged")
     caplog.set_level(logging.DEBUG, logger="strongroom.inference")
@@ -243,7 +216,7 @@ def test_a_damaged_artifact_is_downloaded_again_only_once_the_store_holds_anothe
         stack.channel(stack.identity("admin"), "modelstore")
     )
     admin_store.DeleteModel(store_pb.DeleteModelRequest(name="damaged", version="1"), timeout=30)
-    _publish(stack, model_path, "damaged", "damaged")
+    publish(stack, model_path, "damaged", "damaged")
     assert wait_until(lambda: inference.repository.is_ready("damaged", "1"), 30), (
         inference.repository.status("damaged")
     )
@@ -260,7 +233,7 @@ def test_an_artifact_this_server_refuses_after_its_key_is_downloaded_again_only_
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not an ONNX model" * 100)
     stack.create_release_key(stack.identity("admin"), "junk", policy_version="1")
-    _publish(stack, junk, "junk", "junk")
+    publish(stack, junk, "junk", "junk")
     inference = _start(stack, "junk")
     caplog.set_level(logging.DEBUG, logger="strongroom.inference")
     inference.load_configured_models()
@@ -278,13 +251,13 @@ def test_a_retry_does_not_replace_the_version_an_operator_loaded_since(
     the operator had moved to version 2 went back to version 1, hours later perhaps. Its retries
     now end once a version the configuration does not list serves the model."""
     stack.create_release_key(stack.identity("admin"), "moved", policy_version="1")
-    _publish(stack, model_path, "moved", "moved", version="2")
+    publish(stack, model_path, "moved", "moved", version="2")
     inference = _start(stack, "moved")
     inference.load_configured_models()
     assert wait_until(lambda: _failed_with(inference, "moved") == "MODEL_NOT_FOUND", 30)
     inference.loader.load_with_retry("moved", "2")  # as LoadModel does
     assert inference.repository.status("moved").default_version == "2"
-    _publish(stack, model_path, "moved", "moved")
+    publish(stack, model_path, "moved", "moved")
     (loader_thread,) = inference._threads
     assert wait_until(lambda: not loader_thread.is_alive(), 30)
     assert inference.repository.status("moved").default_version == "2"
@@ -309,7 +282,7 @@ def test_a_failure_whose_reason_flips_is_logged_once_an_hour_per_reason(
     inference.load_configured_models()
     for _ in range(2):
         assert wait_until(lambda: _failed_with(inference, "flips") == "MODEL_NOT_FOUND", 30)
-        _publish(stack, model_path, "flips", "flips")
+        publish(stack, model_path, "flips", "flips")
         assert wait_until(lambda: _failed_with(inference, "flips") == "MEASUREMENT_NOT_ALLOWED", 30)
         admin_store.DeleteModel(store_pb.DeleteModelRequest(name="flips", version="1"), timeout=30)
     assert wait_until(lambda: _failed_with(inference, "flips") == "MODEL_NOT_FOUND", 30)
@@ -366,7 +339,7 @@ def test_a_shutdown_stops_a_retrys_download(
     inference.load_configured_models()
     try:
         assert wait_until(lambda: _failed_with(inference, "slowfix") == "MODEL_NOT_FOUND", 30)
-        _publish(stack, model_path, "slowfix", "slowfix")
+        publish(stack, model_path, "slowfix", "slowfix")
         assert stall.stalled.wait(30)  # the retry is downloading
         (loader_thread,) = inference._threads
         stack.services.pop("inference").stop()

@@ -34,7 +34,6 @@ from strongroom.attestation.release_signature import (
 )
 from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.client.keyrelease import KeyReleaseClient, PinnedChannels
-from strongroom.client.publish import publish_model
 from strongroom.dev.devstack import DevStack, read_audit_records
 from strongroom.dev.devstack.model import train
 from strongroom.errors import FailedPrecondition, StrongroomError
@@ -48,6 +47,7 @@ from strongroom.pki import WorkloadIdentity
 from strongroom.pki.identity import RenewalPolicy
 from strongroom.runtime.config import CommonConfig, load_service_config
 from tests.certs import self_signed_pem
+from tests.e2e.publishing import publish
 from tests.e2e.test_key_release import GOOD, KEY, World, make_world
 from tests.keybroker.helpers import MODEL, bound
 
@@ -305,15 +305,8 @@ def test_a_model_load_over_a_forged_answer_fails_closed(
     """Through the inference service's loader: the load of a published model fails with the
     precise reason, and the model is not served; the same load over the genuine answer works."""
     world = peer.world
-    publisher = world.stack.identity("publisher")
-    publish_model(
-        train(tmp_path_factory.mktemp("model") / "model.onnx").path,
-        name=MODEL[0],
-        version=MODEL[1],
-        key_id=KEY,
-        broker=world.stack.channel(publisher, "keybroker"),
-        store=world.stack.channel(publisher, "modelstore"),
-    )
+    trained = train(tmp_path_factory.mktemp("model") / "model.onnx").path
+    publish(world.stack, trained, MODEL[0], KEY, version=MODEL[1])
     repository = ModelRepository()
     loader = ModelLoader(
         repository,
@@ -342,15 +335,8 @@ def test_a_signed_answer_whose_key_fails_its_checks_is_logged_at_error_naming_mo
     now one ERROR line naming the model, the key and the broker peer, and nothing of the key."""
     world = peer.world
     model = (MODEL[0], "released-key-invalid")
-    publisher = world.stack.identity("publisher")
-    publish_model(
-        train(tmp_path_factory.mktemp("model") / "model.onnx").path,
-        name=model[0],
-        version=model[1],
-        key_id=KEY,
-        broker=world.stack.channel(publisher, "keybroker"),
-        store=world.stack.channel(publisher, "modelstore"),
-    )
+    trained = train(tmp_path_factory.mktemp("model") / "model.onnx").path
+    publish(world.stack, trained, model[0], KEY, version=model[1])
     brokers = ReleaseSigner(
         load_signing_key((world.stack.secrets_dir / "release-signing-key.pem").read_bytes())
     )

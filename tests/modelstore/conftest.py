@@ -49,6 +49,23 @@ def s3_bucket(s3_client: Any) -> str:
 
 
 @pytest.fixture
+def proxy(s3_server: s3server.MotoServer) -> Iterator[s3server.FaultProxy]:
+    """The fault-injecting HTTP proxy in front of the S3 server."""
+    p = s3server.FaultProxy(s3_server.port)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def replica(endpoint: str, bucket: str, **kw: Any) -> S3Storage:
+    """An S3 store on ``bucket`` under prefix ``p/`` (every replica of a test shares it), its
+    client's settings in ``client`` (:func:`s3server.client`'s), the rest the store's."""
+    client = s3server.client(endpoint, **kw.pop("client", {}))
+    return S3Storage(client, bucket, prefix="p/", part_size=S3_TEST_PART_SIZE, **kw)
+
+
+@pytest.fixture
 def store_root(tmp_path: Path) -> Path:
     return tmp_path / "store"
 

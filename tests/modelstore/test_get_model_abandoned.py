@@ -12,11 +12,14 @@ import grpc
 import pytest
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
+from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
+from strongroom.modelstore.storage import FilesystemStorage
+from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
 from tests.conftest import buffered_service_log, refused_calls_not_logged
 from tests.modelstore.artifacts import chunked, make_artifact
-from tests.modelstore.conftest import Served
+from tests.modelstore.conftest import Served, serve
 
 # Far more than gRPC's flow-control windows hold: the stream is still being sent when the
 # caller gives up.
@@ -89,6 +92,60 @@ def test_an_abandoned_download_is_logged_once_with_what_was_sent(
     assert 0 < fields["bytes_sent"] < _SIZE
     assert fields["bytes_sent"] % (64 * 1024) == 0  # whole messages handed to gRPC
     assert str(fields["peer"]).startswith(("ipv4:", "ipv6:"))
+
+
+@pytest.mark.parametrize(
+    ("reason", "status"),
+    [
+        ("STREAM_IDLE_TIMEOUT", grpc.StatusCode.CANCELLED),
+        ("STREAM_TOO_SLOW", grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ],
+)
+def test_a_download_the_stores_watchdog_ended_says_the_server_ended_it(
+    fs_storage: FilesystemStorage, stopped_lines: _Lines, reason: str, status: grpc.StatusCode
+) -> None:
+    """A download whose client stopped reading was cancelled by the store's own watchdog, and the
+    line said ``gave_up CANCELLED``, ``its call was cancelled``, as if the caller had given up;
+    one read below the minimum rate, ended by the store, said nothing. Each is one line now
+    saying the server ended it, with the watchdog's reason and no ``gave_up``."""
+    # Each watchdog alone, so that the other cannot end the stream first: the idle one without
+    # the floor (a client slow to start would fall below it); the floor over windows too long
+    # for a stall of the paced client to pass for idle.
+    idle = reason == "STREAM_IDLE_TIMEOUT"
+    config = ServerConfig(
+        stream_idle_timeout_seconds=1 if idle else 3,
+        stream_min_bytes_per_second=0 if idle else 1 << 20,
+    )
+    host, channel = serve(fs_storage, config=config, download_chunk=64 * 1024)
+    # The client's flow-control window stays at 64 KiB (no BDP probing), so the store sees each
+    # message as the client takes it.
+    slow = grpc.insecure_channel(f"127.0.0.1:{host.port}", options=[("grpc.http2.bdp_probe", 0)])
+    try:
+        _stored(Served(fs_storage, pb_grpc.ModelStoreServiceStub(channel), channel))
+        call = pb_grpc.ModelStoreServiceStub(slow).GetModel(
+            pb.GetModelRequest(name="acme/big", version="1"), timeout=60
+        )
+        next(call)
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in call:
+                if idle:
+                    stopped_lines.arrived.wait(30)  # it stops reading, then takes what came
+                else:
+                    time.sleep(0.2)  # 64 KiB every 0.2 s: 320 KiB/s, below the 1 MiB/s floor
+        assert info.value.code() == status  # type: ignore[attr-defined]
+        assert stopped_lines.arrived.wait(30)
+        time.sleep(0.2)  # a second line, if any, would come from the same close
+    finally:
+        slow.close()
+        channel.close()
+        host.stop(0)
+    (line,) = stopped_lines.records
+    assert line.getMessage() == f"download stopped: the server ended it ({reason})"
+    fields = line.__dict__
+    assert (fields["model"], fields["version"], fields["reason"]) == ("acme/big", "1", reason)
+    assert fields["ended_by"] == "server"
+    assert "gave_up" not in fields
+    assert 0 < fields["bytes_sent"] < _SIZE
 
 
 def test_a_whole_download_logs_no_stop(fs_served: Served, stopped_lines: _Lines) -> None:

@@ -36,7 +36,7 @@ from strongroom.runtime.config import ConfigError, build
 from tests.modelstore import rewrap_case, s3server
 from tests.modelstore.artifacts import chunked, make_artifact
 from tests.modelstore.backends import assert_clean, blob_count, overwrite_blob, point_at_blob_of
-from tests.modelstore.conftest import S3_TEST_PART_SIZE, serve
+from tests.modelstore.conftest import S3_TEST_PART_SIZE, replica, serve
 from tests.modelstore.shortreads import force_short_body_reads
 
 BIG = 2 * S3_TEST_PART_SIZE + 12345  # three parts
@@ -46,23 +46,9 @@ def body(n: int, seed: int = 0) -> bytes:
     return hashlib.shake_256(f"s3-{seed}".encode()).digest(n)
 
 
-def replica(endpoint: str, bucket: str, **kw: Any) -> S3Storage:
-    client = s3server.client(endpoint, **kw.pop("client", {}))
-    return S3Storage(client, bucket, prefix="p/", part_size=S3_TEST_PART_SIZE, **kw)
-
-
 def read_all(storage: S3Storage, name: str, version: str) -> bytes:
     with storage.open(name, version) as reader:
         return b"".join(reader.chunks(1 << 20))
-
-
-@pytest.fixture
-def proxy(s3_server: s3server.MotoServer) -> Iterator[s3server.FaultProxy]:
-    p = s3server.FaultProxy(s3_server.port)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def test_multipart_round_trip_and_layout(s3_server: s3server.MotoServer, s3_bucket: str) -> None:

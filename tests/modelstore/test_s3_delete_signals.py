@@ -8,7 +8,6 @@ shapes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,24 +23,15 @@ from strongroom.modelstore.errors import ModelNotFound, StorageUnavailable
 from strongroom.modelstore.storage import S3Storage
 from tests.modelstore import s3server
 from tests.modelstore.artifacts import make_artifact
-from tests.modelstore.conftest import S3_TEST_PART_SIZE
+from tests.modelstore.conftest import replica
 
 _ARN = "arn:aws:kms:eu-west-1:210987654321:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 _ACCOUNT = "210987654321"
 
 
 def _replica(endpoint: str, bucket: str, **kw: Any) -> S3Storage:
-    client = s3server.client(endpoint, max_attempts=1)
-    return S3Storage(client, bucket, prefix="p/", part_size=S3_TEST_PART_SIZE, **kw)
-
-
-@pytest.fixture
-def proxy(s3_server: s3server.MotoServer) -> Iterator[s3server.FaultProxy]:
-    p = s3server.FaultProxy(s3_server.port)
-    try:
-        yield p
-    finally:
-        p.close()
+    """A replica whose client does not retry: each fault is the call's answer."""
+    return replica(endpoint, bucket, client={"max_attempts": 1}, **kw)
 
 
 @pytest.fixture

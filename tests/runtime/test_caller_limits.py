@@ -51,6 +51,7 @@ from strongroom.runtime.server import HEALTH_SERVICE, ServiceHost, ServiceSpec
 from tests.conftest import buffered_service_log, refused_calls_not_logged
 from tests.inference.fake_tee import FakeSevGuest, fake_snp_report
 from tests.pki.helpers import TRUST_DOMAIN, enrol, sid
+from tests.runtime.held_reads import hold_after_read
 
 SERVICE = "test.Callers"
 CONTROL = f"/{SERVICE}/Admin"
@@ -1610,21 +1611,7 @@ def test_a_call_whose_message_was_read_as_a_watchdog_cancelled_its_wait_is_not_p
     else:
         method, reason = check, "REQUEST_MESSAGE_TIMEOUT"
         running = mesh(observers={method: observer}, health_request_wait_seconds=0.2)
-    real = PendingRequest._next
-    armed, cut = threading.Event(), threading.Event()
-    armed.set()
-
-    def read_then_hold(self: PendingRequest, context: grpc.ServicerContext) -> Any:
-        request = real(self, context)
-        if self._method == method and armed.is_set():
-            armed.clear()
-            ended = threading.Event()
-            # Held, its message read, until the watchdog ends the call.
-            if context.add_callback(ended.set) and ended.wait(30):
-                cut.set()
-        return request
-
-    monkeypatch.setattr(PendingRequest, "_next", read_then_hold)
+    cut = hold_after_read(monkeypatch, method)
     shares, client = running.host.shares, sid("client")
     channel = running.caller("client")
     gate = threading.Event()

@@ -32,7 +32,7 @@ from strongroom.inference.oip._codec import (
 from strongroom.inference.oip._wire import parse_infer_request
 from strongroom.pki.authz import verified_caller
 from strongroom.reasons import Reason
-from strongroom.runtime.gave_up import GaveUp, gave_up_on
+from strongroom.runtime.gave_up import CallEnd
 from strongroom.runtime.grpc_types import HandlerCollector
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             names,
             run_options=stop.options,
             check_shapes=output_shapes_check(model, names, raw=used_raw, limits=self._limits),
-            stopped_by=stop.gave_up,
+            stopped_by=stop.end.gave_up,
         )
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=model.version, id=request.id
@@ -228,27 +228,17 @@ class _StopOnEnd:
     """Run options whose run stops when the call ends: a caller that cancels, or whose deadline
     passes, no longer leaves a worker thread and the cores computing an answer nobody reads (a
     certified caller could otherwise start any number of long runs and walk away at once).
+    How the caller gave up is the call's :class:`~strongroom.runtime.gave_up.CallEnd`'s
+    (``end``), judged when the call ends."""
 
-    How the caller gave up is judged when the call ends, by the runtime's one rule
-    (:func:`~strongroom.runtime.gave_up.gave_up_on`): judged when the stopped run is noticed,
-    later, a cancel made shortly before the deadline would count as the deadline's."""
-
-    __slots__ = ("_context", "_why", "options")
+    __slots__ = ("end", "options")
 
     def __init__(self, context: grpc.ServicerContext) -> None:
         self.options = ort.RunOptions()
-        self._context = context
-        self._why: GaveUp | None = None
-        if not context.add_callback(self._stop):
-            self._stop()  # the call has already ended
+        self.end = CallEnd(context, on_end=self._stop)
 
     def _stop(self) -> None:
-        self._why = gave_up_on(self._context)
         self.options.terminate = True
-
-    def gave_up(self) -> GaveUp | None:
-        """How the caller gave up, once the call has ended (None before)."""
-        return self._why
 
 
 def _require_name(name: str) -> None:
