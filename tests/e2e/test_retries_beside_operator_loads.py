@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,33 +17,19 @@ from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.artifact.stream import BufferedStreamDecryptor
 from strongroom.dev.devstack import DevStack
-from strongroom.dev.devstack.model import train
 from strongroom.inference.autoload import ConfiguredLoads
 from strongroom.inference.loader import ModelBusy
 from strongroom.inference.models import ModelState
 from strongroom.inference.server import InferenceServer
+from tests.e2e.publishing import publish
 from tests.e2e.stalling import StallOnce
 from tests.e2e.test_configured_retries import (
     OTHER_MEASUREMENT,
     _failed_with,
-    _publish,
     _set_policy,
     _start,
 )
 from tests.e2e.test_resilience import wait_until
-
-
-@pytest.fixture
-def model_path(tmp_path: Path) -> Path:
-    return train(tmp_path / "m.onnx").path
-
-
-@pytest.fixture
-def stopped(stack: DevStack) -> Iterator[None]:
-    yield
-    earlier = stack.services.pop("inference", None)
-    if earlier is not None:
-        earlier.stop()
 
 
 class PlaintextBuffers:
@@ -110,7 +95,7 @@ def test_an_operators_load_beside_a_retrys_holds_one_plaintext_buffer_at_most(
     with ThreadPoolExecutor(1) as pool:
         try:
             assert wait_until(lambda: _failed_with(inference, "twice") == "MODEL_NOT_FOUND", 30)
-            _publish(stack, model_path, "twice", "twice")
+            publish(stack, model_path, "twice", "twice")
             assert stall.stalled.wait(30)  # the store has sent all but the artifact's end
             assert wait_until(lambda: buffers.live == 1, 30)  # the retry holds its buffer
             answer: Future[Any] = pool.submit(
@@ -144,7 +129,7 @@ def test_a_retry_under_way_still_shows_the_failure_it_retries(
     inference.load_configured_models()
     try:
         assert wait_until(lambda: _failed_with(inference, "watched") == "MODEL_NOT_FOUND", 30)
-        _publish(stack, model_path, "watched", "watched")
+        publish(stack, model_path, "watched", "watched")
         assert stall.stalled.wait(30)  # the retry is loading it
         assert inference.repository.version_state("watched", "1") is ModelState.LOADING
         for version in ("", "1"):
@@ -209,7 +194,7 @@ def _denied(stack: DevStack, model_path: Path, name: str) -> InferenceServer:
     """A server configured with ``name``, published but denied by its key's policy (its loads
     fail MEASUREMENT_NOT_ALLOWED until :func:`_allow`); its configured loads not started."""
     stack.create_release_key(stack.identity("admin"), name, policy_version="1")
-    _publish(stack, model_path, name, name)
+    publish(stack, model_path, name, name)
     _set_policy(stack, name, stack.simulated_policy("2", measurement=OTHER_MEASUREMENT))
     return _start(stack, name)
 
@@ -348,7 +333,7 @@ def test_a_retry_finding_a_loadmodel_begun_since_it_looked_that_loads_the_versio
         try:
             assert held.reached.wait(30)
             assert _failed_with(inference, "taken") == "MODEL_NOT_FOUND"
-            _publish(stack, model_path, "taken", "taken")
+            publish(stack, model_path, "taken", "taken")
             monkeypatch.setattr(storage, "open", stall)
             answer: Future[Any] = pool.submit(
                 control.LoadModel,
@@ -376,7 +361,7 @@ def test_a_retry_behind_a_loadmodel_of_an_unlisted_version_ends_without_loading(
     default again (the operator's requests moved back to it) for a second download, key release
     and plaintext buffer of the model."""
     stack.create_release_key(stack.identity("admin"), "moved2", policy_version="1")
-    _publish(stack, model_path, "moved2", "moved2", version="2")
+    publish(stack, model_path, "moved2", "moved2", version="2")
     inference = _start(stack, "moved2")
     held = HeldRetries(inference, monkeypatch, at="load")
     buffers = PlaintextBuffers(monkeypatch)
@@ -391,7 +376,7 @@ def test_a_retry_behind_a_loadmodel_of_an_unlisted_version_ends_without_loading(
         try:
             assert held.reached.wait(30)  # its retry found version 1 failed
             assert _failed_with(inference, "moved2") == "MODEL_NOT_FOUND"
-            _publish(stack, model_path, "moved2", "moved2")  # version 1 would load now
+            publish(stack, model_path, "moved2", "moved2")  # version 1 would load now
             monkeypatch.setattr(storage, "open", stall)
             answer: Future[Any] = pool.submit(
                 control.LoadModel,
@@ -426,7 +411,7 @@ def test_a_retry_does_not_wait_for_another_load_of_its_model(
     no more than that (no StatModel, no download), however long the other load takes."""
     for name in ("busy", "free"):
         stack.create_release_key(stack.identity("admin"), name, policy_version="1")
-    _publish(stack, model_path, "busy", "busy", version="2")
+    publish(stack, model_path, "busy", "busy", version="2")
     inference = _start(stack, "busy", "free")
     control = control_grpc.ModelControlServiceStub(
         stack.channel(stack.identity("admin"), "inference")
@@ -460,7 +445,7 @@ def test_a_retry_does_not_wait_for_another_load_of_its_model(
             assert stall.stalled.wait(30)  # the LoadModel holds the model's lock
             # The retry of busy/1 has come meanwhile (waiting for the lock, or postponed).
             assert wait_until(lambda: inference.loader.queued("busy") == ("1",) or postponed(), 30)
-            _publish(stack, model_path, "free", "free")
+            publish(stack, model_path, "free", "free")
             assert wait_until(lambda: inference.repository.is_ready("free", "1"), 30), (
                 "the other model's retries waited for the LoadModel"
             )
@@ -533,7 +518,7 @@ def test_a_retry_whose_model_an_operator_loaded_before_it_took_the_lock_ends(
     retry asks again once it holds the lock, and ends without loading version 1 (which would
     make it the default again, for a second plaintext buffer of the model)."""
     stack.create_release_key(stack.identity("admin"), "between", policy_version="1")
-    _publish(stack, model_path, "between", "between", version="2")
+    publish(stack, model_path, "between", "between", version="2")
     inference = _start(stack, "between")
     control = control_grpc.ModelControlServiceStub(
         stack.channel(stack.identity("admin"), "inference")
@@ -565,7 +550,7 @@ def test_a_retry_whose_model_an_operator_loaded_before_it_took_the_lock_ends(
     (loader_thread,) = inference._threads
     try:
         assert wait_until(lambda: _failed_with(inference, "between") == "MODEL_NOT_FOUND", 30)
-        _publish(stack, model_path, "between", "between")  # version 1 would load now
+        publish(stack, model_path, "between", "between")  # version 1 would load now
         assert asked.wait(30)  # registered, found failed, the lock not yet taken
         control.LoadModel(control_pb.LoadModelRequest(name="between", version="2"), timeout=60)
     finally:
