@@ -231,11 +231,15 @@ _SERIAL_RE = re.compile(r"^[0-9a-f]{1,64}$")
 _ACTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 # The longest the broker and ``audit verify`` wait for the audit directory's ``flock`` before
 # giving up (AUDIT_UNAVAILABLE): any process that can open the directory can hold that lock for
-# ever. Its legitimate holders keep it well under a second: a rotation's steps (a head write, two
-# renames, a new log and its head: five syncs, milliseconds), another replica's start checking the
-# sealed files (97 ms for 100 uncached 64 MiB files, tests/bench/audit_start.py) and audit verify
-# (a shared lock, let go at once). 5 s is fifty times the longest of those; a disk so slow that
-# five syncs take longer refuses the releases of that moment, as a failed write does.
+# ever. Its legitimate holders: a rotation's steps (a head write, two renames, a new log and its
+# head: five syncs, 24 ms here), audit verify (a shared lock, let go at once) and another
+# replica's start checking the sealed files, which grows with the files retained: 0.8 ms a file
+# uncached (1,000 files: 0.79 s; 100: 97 ms; tests/bench/audit_start.py), so about 6,000 retained
+# files reach this bound on a local disk, fewer on slower storage. Of the broker's processes only
+# one whose log is a file another has since sealed waits here for a start (any other waits first,
+# without bound, for the log's own flock, which the start holds too); audit verify does when its
+# first check fails. A disk so slow that five syncs take longer refuses the releases of that
+# moment, as a failed write does.
 DIR_LOCK_WAIT_SECONDS = 5.0
 
 
@@ -358,8 +362,9 @@ def directory_locked(directory: Path) -> str:
     of :data:`DIR_LOCK_WAIT_SECONDS`."""
     return (
         f"the audit directory {directory} is locked by another process: its flock was held "
-        f"for the {DIR_LOCK_WAIT_SECONDS:g} s waited (a rotation or a broker's start holds it "
-        "well under a second); find the holder (fuser, lsof) and stop it"
+        f"for the {DIR_LOCK_WAIT_SECONDS:g} s waited (a rotation holds it "
+        "for milliseconds, a start about a millisecond per sealed file); find the holder "
+        "(fuser, lsof) and stop it"
     )
 
 

@@ -153,9 +153,9 @@ def verify_audit_log(
         if _rotation_cut(path, public_key) is not None:
             # A rotation under way holds the directory: only a cut one is still there after it.
             _waited_for_rotation(path)
-            sealed = _rotation_cut(path, public_key)
-            if sealed is not None:
-                return _verify_cut(path, sealed, public_key)
+            cut = _rotation_cut(path, public_key)
+            if cut is not None:
+                return _verify_cut(path, *cut, public_key)
         try:
             result = _verify_audit_log(path, public_key)
         except NotFound:
@@ -171,9 +171,10 @@ def verify_audit_log(
         ) from None
 
 
-def _rotation_cut(path: Path, public_key: Ed25519PublicKey | None) -> Path | None:
+def _rotation_cut(path: Path, public_key: Ed25519PublicKey | None) -> tuple[Path, bytes] | None:
     """The sealed log a rotation cut between its two renames left in the place of the log at
-    ``path``; None for any other state of the files. Exactly this state, which the broker's next
+    ``path``, and the bytes of the sealed head found at ``path``'s head; None for any other state
+    of the files. Exactly this state, which the broker's next
     commit or start finishes (it renames the head after the log and starts a new log): no log at
     ``path``, or an empty one (another replica's start creates it), its head sealed (and signed
     by ``public_key``, when given), and beside it a regular file under the name that head seals,
@@ -210,14 +211,19 @@ def _rotation_cut(path: Path, public_key: Ed25519PublicKey | None) -> Path | Non
             return None
     except OSError:
         return None
-    return sealed
+    return sealed, raw
 
 
-def _verify_cut(path: Path, sealed: Path, public_key: Ed25519PublicKey | None) -> AuditVerification:
+def _verify_cut(
+    path: Path, sealed: Path, raw_head: bytes, public_key: Ed25519PublicKey | None
+) -> AuditVerification:
     """The sealed log a rotation cut between its renames left (:func:`_rotation_cut`) checked with
-    the sealed head still at ``path``'s head, as the broker judges it when it finishes the
-    rotation: then it is ``sealed`` with its head, and a new, empty log continues it."""
-    verdict = _verify_audit_log(sealed, public_key, head_path(path))
+    the sealed head found at ``path``'s head (``raw_head``), as the broker judges it when it
+    finishes the rotation: then it is ``sealed`` with its head, and a new, empty log continues
+    it. Those bytes, not the path read again: a broker's start finishing the rotation meanwhile
+    puts the new log's head there, which the sealed log does not match (a false tamper alarm);
+    the sealed log's records are the same before and after."""
+    verdict = _verify_audit_log(sealed, public_key, raw_head)
     return dataclasses.replace(
         verdict, message=f"{verdict.message}; {_cut_note(path, sealed)}", rotation_cut=sealed.name
     )
@@ -257,16 +263,18 @@ def _waited_for_directory(directory: Path) -> bool:
 
 
 def _verify_audit_log(
-    path: Path, public_key: Ed25519PublicKey | None, hpath: Path | None = None
+    path: Path, public_key: Ed25519PublicKey | None, given_head: bytes | None = None
 ) -> AuditVerification:
-    hpath = hpath or head_path(path)
+    """The verdict of the log at ``path`` with its head, or with the head bytes ``given_head``
+    (a rotation cut's sealed head, already read: :func:`_verify_cut`)."""
+    hpath = head_path(path)
     stream: BinaryIO
     log_missing = False
     try:
         # A regular file before it is locked or read (see open_regular).
         stream = os.fdopen(open_regular(path), "rb")
     except FileNotFoundError:
-        if not os.path.lexists(hpath):
+        if given_head is None and not os.path.lexists(hpath):
             raise NotFound(f"no audit log at {path}", reason=Reason.AUDIT_LOG_NOT_FOUND) from None
         stream, log_missing = io.BytesIO(), True
     checked = public_key is not None
@@ -292,7 +300,13 @@ def _verify_audit_log(
         )
 
     with stream:
-        raw_head, remaining = _snapshot(None if log_missing else stream.fileno(), hpath)
+        if given_head is None:
+            raw_head, remaining = _snapshot(None if log_missing else stream.fileno(), hpath)
+        else:  # a sealed log: no commit writes it
+            raw_head, remaining = (
+                given_head,
+                0 if log_missing else os.fstat(stream.fileno()).st_size,
+            )
         while remaining > 0 and (raw := stream.readline(min(MAX_RECORD_BYTES + 1, remaining))):
             remaining -= len(raw)
             number = count + 1

@@ -10,6 +10,8 @@ when that wait ran out.
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 import threading
@@ -22,12 +24,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from strongroom.cli.main import run_command
+from strongroom.keybroker import audit as audit_module
 from strongroom.keybroker.audit import DIR_LOCK_WAIT_SECONDS, AuditLog, head_path
 from strongroom.keybroker.errors import AuditUnavailable
 
 from .test_audit import event, fill
 from .test_audit_cli import _run
-from .test_audit_rotation import RECORD, _series
+from .test_audit_rotation import _CRASHES, RECORD, _rotated, _series
 
 T = TypeVar("T")
 
@@ -150,3 +153,66 @@ def test_audit_verify_gives_up_on_a_held_directory(
     assert code == 1 and "AUDIT_UNAVAILABLE" in err, (code, err)
     _says_locked(err, log_path.parent)
     assert run_command(lambda: _run("audit", "verify", str(log_path))) == 2  # the holder gone
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("crash", list(_CRASHES))
+def test_a_start_refused_by_the_lock_mid_rotation_changes_nothing_and_the_next_finishes(
+    log_path: Path, key: Ed25519PrivateKey, crash: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each state a rotation can be left in (a crash after each of its steps): a start that
+    cannot get the directory's lock gives up before any step of finishing it, so the files are
+    as they were, and the next start finishes the rotation. The bound is shortened: what is
+    tested is where it can fail, not how long it waits."""
+    monkeypatch.setattr(audit_module, "DIR_LOCK_WAIT_SECONDS", 0.2)
+    saved = _rotated(log_path, key, 3)
+    _CRASHES[crash](log_path, saved)
+    before = _files(log_path.parent)
+    with _held(log_path.parent), pytest.raises(AuditUnavailable) as refused:
+        _within_test_wait(lambda: AuditLog.open(log_path, key))
+    assert "is locked by another process" in refused.value.message
+    after = _files(log_path.parent)
+    # The open creates an empty log where there was none (as any start does), nothing else.
+    assert {n: b for n, b in after.items() if (n, b) != ("audit.log", b"")} == {
+        n: b for n, b in before.items() if (n, b) != ("audit.log", b"")
+    }
+    with AuditLog.open(log_path, key) as log:
+        assert log.append(event(3)).seq == 3
+    series = _series(log_path, key)
+    assert series.intact and (series.first_seq, series.end) == (0, 4), series.message
+
+
+@pytest.mark.parametrize("failing", [1, 2])
+def test_a_commit_refused_by_the_lock_after_a_failed_rotation_step_is_finished_by_the_next(
+    log_path: Path, key: Ed25519PrivateKey, failing: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A running broker's rotation fails at its log's rename (1) or its head's (2); the next
+    commit, which would finish it, cannot get the directory's lock: it is refused and changes
+    nothing; the one after that finishes the rotation and writes."""
+    monkeypatch.setattr(audit_module, "DIR_LOCK_WAIT_SECONDS", 0.2)
+    real_rename = os.rename
+    calls: list[str] = []
+
+    def rename(src: str, dst: str, **kwargs: int) -> None:
+        calls.append(src)
+        if len(calls) == failing:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_rename(src, dst, **kwargs)
+
+    with AuditLog.open(log_path, key, rotate_bytes=3 * RECORD) as log:
+        fill(log, 3)
+        with monkeypatch.context() as patch:
+            patch.setattr(audit_module.os, "rename", rename)
+            with pytest.raises(AuditUnavailable):
+                log.append(event(3))
+        before = _files(log_path.parent)
+        with _held(log_path.parent), pytest.raises(AuditUnavailable) as refused:
+            _within_test_wait(lambda: log.append(event(3)))
+        assert "is locked by another process" in refused.value.message
+        assert _files(log_path.parent) == before
+        assert log.append(event(3)).seq == 3 and log.first_seq == 3
+    series = _series(log_path, key)
+    assert series.intact and (series.first_seq, series.end) == (0, 4), series.message

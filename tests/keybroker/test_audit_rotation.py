@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from strongroom.cli import audit as audit_cli
 from strongroom.errors import DataLoss, InvalidArgument, NotFound
@@ -376,6 +376,35 @@ def test_audit_verify_judges_a_rotation_cut_between_its_renames_as_the_broker_fi
     with AuditLog.open(log_path, key) as log:  # the broker finishes it and agrees
         assert (log.count, log.first_seq) == (3, 3)
     assert _series(log_path, key).intact
+
+
+def test_audit_verify_judges_a_rotation_cut_by_the_head_it_found_there(
+    log_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify recognised the cut by the sealed head at audit.log.head, then read that path again
+    to check the renamed file: a broker's start finishing the rotation in between (the head
+    renamed after the log, a new log's head at the path) made it check audit.log.0-2 with the
+    new log's head, SEQUENCE_BROKEN, a false tamper alarm (exit 2) with no second look. It
+    checks the file with the head that made it a cut: the records it holds do not change."""
+    saved = _rotated(log_path, key, 3)
+    _crash_after_log_renamed(log_path, saved)
+    real_cut = audit_verify._rotation_cut
+    looks: list[tuple[Path, bytes] | None] = []
+
+    def broker_starts_meanwhile(
+        path: Path, public_key: Ed25519PublicKey | None
+    ) -> tuple[Path, bytes] | None:
+        found = real_cut(path, public_key)
+        looks.append(found)
+        if len(looks) == 2:  # the look after the wait, just before the check
+            AuditLog.open(log_path, key).close()
+        return found
+
+    monkeypatch.setattr(audit_verify, "_rotation_cut", broker_starts_meanwhile)
+    result = verify_audit_log(log_path, public_key=key.public_key())
+    assert len(looks) == 2 and result.rotation_cut == "audit.log.0-2", looks
+    assert result.intact and result.sealed, result.message
+    assert (result.first_seq, result.records) == (0, 3)
 
 
 def test_a_rotation_cut_between_its_renames_with_a_foreign_head_stays_tampering(
