@@ -1563,6 +1563,46 @@ def test_a_caller_at_its_bound_holds_no_more_than_its_bound_again_on_trust(
     assert not guard._on_trust  # every wait on trust given back
 
 
+def test_a_certificate_at_its_share_holds_no_more_than_its_share_again_on_trust(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """Waits on trust were capped per identity only (at its bound): one replica of a fleet at
+    its share (server.max_calls_per_certificate) had its further waits admitted on trust up to
+    its identity's whole bound, so that it held its share plus the bound, and the data plane's
+    other callers were refused DATA_PLANE_WORKERS_BUSY until the trust watchdog acted. A
+    certificate's waits on trust are capped at its share now: one beyond is refused at once
+    TOO_MANY_CALLS_PER_CERTIFICATE, while another certificate of the identity keeps its own."""
+    running = mesh(
+        max_workers=16, max_calls_per_certificate=2, health_request_wait_seconds=60
+    )  # 14 data-plane, 6 per identity, 2 per certificate
+    shares, guard = running.host.shares, running.host.unary
+    guard._trust_seconds = 3600  # never due: what is held on trust stays held here
+    stuck, fellow = running.caller("inference"), running.caller("inference")
+    gate = threading.Event()
+    try:
+        counted = stall_watches(stuck, gate, 2)  # its share
+        assert settled(lambda: shares.held_now() == 2)
+        trusted = stall_watches(stuck, gate, 2)  # on trust: its share again
+        assert settled(lambda: shares.held_now() == 4)
+        watch = stuck.stream_stream(f"/{HEALTH_SERVICE}/Watch", _raw, _raw)
+        beyond = watch(never_sent(gate), timeout=10)
+        # Before: admitted on trust (up to the identity's bound of 6), its deadline its end.
+        assert refusal(lambda: next(beyond)) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOO_MANY_CALLS_PER_CERTIFICATE",
+        )
+        theirs = stall_watches(fellow, gate, 4)  # the fleet's other replica: its share, on trust
+        assert settled(lambda: shares.held_now() == 8)
+        assert sorted(guard._on_trust_certificate.values()) == [2, 2]  # each certificate's
+    finally:
+        gate.set()
+    for call in counted + trusted + theirs:
+        call.cancel()
+    assert settled(lambda: shares.held_now() == 0)
+    assert not guard._on_trust  # every wait on trust given back
+    assert not guard._on_trust_certificate
+
+
 def test_a_stuck_replicas_several_stalls_count_once_towards_its_fleet() -> None:
     """A stuck replica stalls every wait it has admitted on trust, several at once: each of its
     certificate's stalls counting towards its identity would distrust its whole fleet on its
