@@ -1846,19 +1846,21 @@ def test_a_certificates_stream_holds_its_data_plane_share_once_and_gives_it_back
     """A blocking stream's worker counts in its certificate's share of the data-plane bound
     (server.max_calls_per_certificate), not only in its identity's bound: counted there alone,
     one replica's stalled downloads plus its unary waits up to that share held its fleet's
-    whole bound. It is given back exactly once however the stream ends: with one stream kept
-    open beside it, the certificate holds 1 worker, not 0 (given back twice) nor 2 (leaked),
-    and the share (2, no stream share) admits exactly one more stream, then refuses a stream
-    and a unary call alike TOO_MANY_CALLS_PER_CERTIFICATE while another certificate of the
-    identity is served."""
+    whole bound. It is given back exactly once however the stream ends, in both shares at once
+    (a stream share of 3 is set beside the data-plane share of 2): with one stream kept open
+    beside it, the certificate holds 1 worker and 1 stream, not 0 (given back twice) nor 2
+    (leaked), and the data-plane share admits exactly one more stream, then refuses a stream
+    (within the stream share) and a unary call alike TOO_MANY_CALLS_PER_CERTIFICATE while
+    another certificate of the identity is served."""
     running = mesh(
         _exits(),
         max_workers=16,  # 14 data-plane workers, 6 per identity
         max_streams_per_identity=4,
+        max_streams_per_certificate=3,
         max_calls_per_certificate=2,
         stream_idle_timeout_seconds=1,
     )
-    shares = running.host.shares
+    shares, streams = running.host.shares, running.host.streams
     inference = sid("inference")
     channel = running.caller("inference")
     kept, refused = open_streams(channel, 1)
@@ -1866,7 +1868,8 @@ def test_a_certificates_stream_holds_its_data_plane_share_once_and_gives_it_back
     assert (shares.held_now(inference), shares.certificates_held()) == (1, 1)
     _end_one_stream(running, channel, ending)
     assert settled(lambda: shares.held_now(inference) == 1 == shares.held_now())
-    assert shares.certificates_held() == 1
+    assert settled(lambda: streams.open_streams(inference) == 1 == streams.open_streams())
+    assert (shares.certificates_held(), streams.certificates_open()) == (1, 1)
     more, refused = open_streams(channel, 2)
     assert (len(more), refused) == (1, ["TOO_MANY_CALLS_PER_CERTIFICATE"])
     quick = channel.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)
@@ -1880,8 +1883,8 @@ def test_a_certificates_stream_holds_its_data_plane_share_once_and_gives_it_back
     assert (len(admitted), refused) == (1, [])
     for call in [*kept, *more, *admitted]:
         call.cancel()
-    assert settled(lambda: shares.held_now() == 0 == running.host.streams.open_streams())
-    assert shares.certificates_held() == 0
+    assert settled(lambda: shares.held_now() == 0 == streams.open_streams())
+    assert (shares.certificates_held(), streams.certificates_open()) == (0, 0)
 
 
 def test_a_certificates_streams_are_given_back_when_the_server_stops(
