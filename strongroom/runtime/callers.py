@@ -393,9 +393,12 @@ class WorkerShares:
 
     def over_share(self, certificate: str, method: str) -> ResourceExhausted:
         """The refusal of a data-plane call of ``method`` while ``certificate`` holds its share."""
+        # Named with its setting: a download refused here (its streams count in the share) told
+        # the operator only of the bound, not of what sets the share.
         return ResourceExhausted(
-            f"certificate {certificate} already holds {self.per_certificate} data-plane workers, "
-            f"its share of its identity's {self.per_identity} "
+            f"certificate {certificate} already holds {self.per_certificate} data-plane workers "
+            "(server.max_calls_per_certificate: its unary calls, blocking streams and waits for a "
+            f"request message together), its share of its identity's {self.per_identity} "
             "(server.max_data_plane_workers_per_identity, which its identity's other "
             f"certificates share); {method} refused, retry later",
             reason=Reason.TOO_MANY_CALLS_PER_CERTIFICATE,

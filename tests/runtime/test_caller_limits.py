@@ -1076,6 +1076,24 @@ def test_a_certificate_holds_its_whole_identitys_bound_unless_a_share_is_set() -
         ServerConfig(max_calls_per_certificate=0)
 
 
+def test_a_refusal_at_a_certificates_share_names_the_setting_that_sets_it() -> None:
+    """A certificate's blocking streams count in its share now, so a download can be refused
+    TOO_MANY_CALLS_PER_CERTIFICATE: the message named only the identity's bound
+    (server.max_data_plane_workers_per_identity), not what sets the share. It names both, and
+    what counts in the share."""
+    refused = WorkerShares(14, per_identity=6, per_certificate=2).over_share(
+        f"{sid('inference')} 1f", "/strongroom.api.modelstore.v1.ModelStoreService/GetModel"
+    )
+    assert refused.reason == "TOO_MANY_CALLS_PER_CERTIFICATE"
+    assert "already holds 2 data-plane workers (server.max_calls_per_certificate" in (
+        refused.message
+    )
+    assert "blocking streams" in refused.message
+    assert "its share of its identity's 6 (server.max_data_plane_workers_per_identity" in (
+        refused.message
+    )
+
+
 def cancel_stalled_checks(
     running: Mesh, channel: grpc.Channel, gate: threading.Event, count: int
 ) -> None:
