@@ -70,8 +70,8 @@ its share of its identity's data-plane bound (``server.max_calls_per_certificate
 :func:`certificate_share`: half, at least :data:`CERTIFICATE_FLOOR`; not set, no share: a client
 of one certificate keeps its whole bound): its data-plane unary calls and
 its waits for a request message; beyond it they are refused at once with
-``TOO_MANY_CALLS_PER_CERTIFICATE`` (a wait on trust first, as at the bound), and the rest stays
-for the other replicas. Control-plane calls (health's own, once its message came) are not shared:
+``TOO_MANY_CALLS_PER_CERTIFICATE`` (a wait on trust first, as at the bound, and no more of
+them on trust at once than its share), and the rest stays for the other replicas. Control-plane calls (health's own, once its message came) are not shared:
 a burst of one replica's health checks is answered as before. A certificate's blocking streams
 count in its share like its unary calls: counted in the identity's bound alone, one stuck replica
 held its 8 stalled downloads and 8 unary waits beside them at the store, the fleet's whole bound
@@ -393,9 +393,12 @@ class WorkerShares:
 
     def over_share(self, certificate: str, method: str) -> ResourceExhausted:
         """The refusal of a data-plane call of ``method`` while ``certificate`` holds its share."""
+        # Named with its setting: a download refused here (its streams count in the share) told
+        # the operator only of the bound, not of what sets the share.
         return ResourceExhausted(
-            f"certificate {certificate} already holds {self.per_certificate} data-plane workers, "
-            f"its share of its identity's {self.per_identity} "
+            f"certificate {certificate} already holds {self.per_certificate} data-plane workers "
+            "(server.max_calls_per_certificate: its unary calls, blocking streams and waits for a "
+            f"request message together), its share of its identity's {self.per_identity} "
             "(server.max_data_plane_workers_per_identity, which its identity's other "
             f"certificates share); {method} refused, retry later",
             reason=Reason.TOO_MANY_CALLS_PER_CERTIFICATE,
@@ -555,6 +558,9 @@ class UnaryGuard(HandlerInterceptor):
         # uncapped, one caller at its bound took every free data-plane worker on trust, and held
         # them until the trust watchdog acted (up to 1.25 s), twice on two certificates.
         self._on_trust: Counter[str] = Counter()
+        # And each certificate, at most its share: capped per identity alone, one replica at its
+        # share held the identity's whole bound again on trust beside it (only while it has any).
+        self._on_trust_certificate: Counter[str] = Counter()
         self._trust_watchdog: threading.Thread | None = None
         # How long a wait admitted on trust may last (a test moves it to time the watchdog).
         self._trust_seconds = TRUSTED_WAIT_SECONDS
@@ -658,8 +664,9 @@ class UnaryGuard(HandlerInterceptor):
 
         A data-plane wait counts in its caller's bound across kinds
         (:attr:`WorkerShares.per_identity`) from its start. A caller at its bound has its further
-        waits admitted on trust while the data plane has room, as many as its bound at once (a
-        burst whose messages came with the calls ends at once); the watchdog counts one still
+        waits admitted on trust while the data plane has room, as many as its bound at once and
+        its certificate no more than its share (a burst whose messages came with the calls ends
+        at once); the watchdog counts one still
         waiting after :data:`TRUSTED_WAIT_SECONDS` in the bound if it fits there, or cancels it,
         and either way trusts its caller no more for :data:`DISTRUST_SECONDS`
         (``TOO_MANY_WORKERS_PER_IDENTITY``).
@@ -690,6 +697,10 @@ class UnaryGuard(HandlerInterceptor):
                 # At most its bound again: (data-plane workers - 1) // 2 by default, so that a
                 # caller at its bound with its waits on trust still leaves a worker to the others.
                 and self._on_trust[identity] < shares.per_identity
+                and (
+                    certificate is None
+                    or self._on_trust_certificate[certificate] < shares.per_certificate
+                )
                 and shares.distrust.trusts(identity, certificate, time.monotonic())
             ):
                 # At its bound: trusted for a moment, since a message sent with the call (every
@@ -698,6 +709,8 @@ class UnaryGuard(HandlerInterceptor):
                 refusal = None
                 shares.held += 1
                 self._on_trust[identity] += 1
+                if certificate is not None:
+                    self._on_trust_certificate[certificate] += 1
                 self._trusted[context] = (
                     time.monotonic() + self._trust_seconds,
                     identity,
@@ -753,7 +766,7 @@ class UnaryGuard(HandlerInterceptor):
                     self._trusted.pop(context, None)
                     self._stalled.discard(context)
                     shares.held -= 1
-                    forget(self._on_trust, identity)
+                    self._off_trust(identity, certificate)
                     if waited and not read_one:
                         # Trusted, and ended without its message (its client cancelled it, the
                         # request watchdog did, a shorter health_request_wait_seconds): only the
@@ -819,6 +832,12 @@ class UnaryGuard(HandlerInterceptor):
                 self._stalled.discard(context)
         return (request if cut is None else None), cut
 
+    def _off_trust(self, identity: str, certificate: str | None) -> None:
+        """Counts one wait less on trust for ``identity`` and ``certificate`` (under the lock)."""
+        forget(self._on_trust, identity)
+        if certificate is not None:
+            forget(self._on_trust_certificate, certificate)
+
     def _watchdogs_reason(self, context: grpc.ServicerContext) -> str | None:
         """Why a watchdog cancelled ``context`` (:data:`_STALLED`, :data:`_LATE`), or None if
         none did (call under the lock)."""
@@ -864,7 +883,7 @@ class UnaryGuard(HandlerInterceptor):
                     if not shares.at_bound(identity, certificate):
                         shares.held -= 1  # counted again, in its caller's bound, by hold()
                         shares.hold(identity, certificate)
-                        forget(self._on_trust, identity)
+                        self._off_trust(identity, certificate)
                         self._promoted.add(context)
                     else:
                         self._stalled.add(context)

@@ -1077,6 +1077,24 @@ def test_a_certificate_holds_its_whole_identitys_bound_unless_a_share_is_set() -
         ServerConfig(max_calls_per_certificate=0)
 
 
+def test_a_refusal_at_a_certificates_share_names_the_setting_that_sets_it() -> None:
+    """A certificate's blocking streams count in its share now, so a download can be refused
+    TOO_MANY_CALLS_PER_CERTIFICATE: the message named only the identity's bound
+    (server.max_data_plane_workers_per_identity), not what sets the share. It names both, and
+    what counts in the share."""
+    refused = WorkerShares(14, per_identity=6, per_certificate=2).over_share(
+        f"{sid('inference')} 1f", "/strongroom.api.modelstore.v1.ModelStoreService/GetModel"
+    )
+    assert refused.reason == "TOO_MANY_CALLS_PER_CERTIFICATE"
+    assert "already holds 2 data-plane workers (server.max_calls_per_certificate" in (
+        refused.message
+    )
+    assert "blocking streams" in refused.message
+    assert "its share of its identity's 6 (server.max_data_plane_workers_per_identity" in (
+        refused.message
+    )
+
+
 def cancel_stalled_checks(
     running: Mesh, channel: grpc.Channel, gate: threading.Event, count: int
 ) -> None:
@@ -1564,6 +1582,46 @@ def test_a_caller_at_its_bound_holds_no_more_than_its_bound_again_on_trust(
     assert not guard._on_trust  # every wait on trust given back
 
 
+def test_a_certificate_at_its_share_holds_no_more_than_its_share_again_on_trust(
+    mesh: Callable[..., Mesh],
+) -> None:
+    """Waits on trust were capped per identity only (at its bound): one replica of a fleet at
+    its share (server.max_calls_per_certificate) had its further waits admitted on trust up to
+    its identity's whole bound, so that it held its share plus the bound, and the data plane's
+    other callers were refused DATA_PLANE_WORKERS_BUSY until the trust watchdog acted. A
+    certificate's waits on trust are capped at its share now: one beyond is refused at once
+    TOO_MANY_CALLS_PER_CERTIFICATE, while another certificate of the identity keeps its own."""
+    running = mesh(
+        max_workers=16, max_calls_per_certificate=2, health_request_wait_seconds=60
+    )  # 14 data-plane, 6 per identity, 2 per certificate
+    shares, guard = running.host.shares, running.host.unary
+    guard._trust_seconds = 3600  # never due: what is held on trust stays held here
+    stuck, fellow = running.caller("inference"), running.caller("inference")
+    gate = threading.Event()
+    try:
+        counted = stall_watches(stuck, gate, 2)  # its share
+        assert settled(lambda: shares.held_now() == 2)
+        trusted = stall_watches(stuck, gate, 2)  # on trust: its share again
+        assert settled(lambda: shares.held_now() == 4)
+        watch = stuck.stream_stream(f"/{HEALTH_SERVICE}/Watch", _raw, _raw)
+        beyond = watch(never_sent(gate), timeout=10)
+        # Before: admitted on trust (up to the identity's bound of 6), its deadline its end.
+        assert refusal(lambda: next(beyond)) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOO_MANY_CALLS_PER_CERTIFICATE",
+        )
+        theirs = stall_watches(fellow, gate, 4)  # the fleet's other replica: its share, on trust
+        assert settled(lambda: shares.held_now() == 8)
+        assert sorted(guard._on_trust_certificate.values()) == [2, 2]  # each certificate's
+    finally:
+        gate.set()
+    for call in counted + trusted + theirs:
+        call.cancel()
+    assert settled(lambda: shares.held_now() == 0)
+    assert not guard._on_trust  # every wait on trust given back
+    assert not guard._on_trust_certificate
+
+
 def test_a_stuck_replicas_several_stalls_count_once_towards_its_fleet() -> None:
     """A stuck replica stalls every wait it has admitted on trust, several at once: each of its
     certificate's stalls counting towards its identity would distrust its whole fleet on its
@@ -1793,19 +1851,21 @@ def test_a_certificates_stream_holds_its_data_plane_share_once_and_gives_it_back
     """A blocking stream's worker counts in its certificate's share of the data-plane bound
     (server.max_calls_per_certificate), not only in its identity's bound: counted there alone,
     one replica's stalled downloads plus its unary waits up to that share held its fleet's
-    whole bound. It is given back exactly once however the stream ends: with one stream kept
-    open beside it, the certificate holds 1 worker, not 0 (given back twice) nor 2 (leaked),
-    and the share (2, no stream share) admits exactly one more stream, then refuses a stream
-    and a unary call alike TOO_MANY_CALLS_PER_CERTIFICATE while another certificate of the
-    identity is served."""
+    whole bound. It is given back exactly once however the stream ends, in both shares at once
+    (a stream share of 3 is set beside the data-plane share of 2): with one stream kept open
+    beside it, the certificate holds 1 worker and 1 stream, not 0 (given back twice) nor 2
+    (leaked), and the data-plane share admits exactly one more stream, then refuses a stream
+    (within the stream share) and a unary call alike TOO_MANY_CALLS_PER_CERTIFICATE while
+    another certificate of the identity is served."""
     running = mesh(
         _exits(),
         max_workers=16,  # 14 data-plane workers, 6 per identity
         max_streams_per_identity=4,
+        max_streams_per_certificate=3,
         max_calls_per_certificate=2,
         stream_idle_timeout_seconds=1,
     )
-    shares = running.host.shares
+    shares, streams = running.host.shares, running.host.streams
     inference = sid("inference")
     channel = running.caller("inference")
     kept, refused = open_streams(channel, 1)
@@ -1813,7 +1873,8 @@ def test_a_certificates_stream_holds_its_data_plane_share_once_and_gives_it_back
     assert (shares.held_now(inference), shares.certificates_held()) == (1, 1)
     _end_one_stream(running, channel, ending)
     assert settled(lambda: shares.held_now(inference) == 1 == shares.held_now())
-    assert shares.certificates_held() == 1
+    assert settled(lambda: streams.open_streams(inference) == 1 == streams.open_streams())
+    assert (shares.certificates_held(), streams.certificates_open()) == (1, 1)
     more, refused = open_streams(channel, 2)
     assert (len(more), refused) == (1, ["TOO_MANY_CALLS_PER_CERTIFICATE"])
     quick = channel.unary_unary(f"/{SERVICE}/Quick", _raw, _raw)
@@ -1827,8 +1888,8 @@ def test_a_certificates_stream_holds_its_data_plane_share_once_and_gives_it_back
     assert (len(admitted), refused) == (1, [])
     for call in [*kept, *more, *admitted]:
         call.cancel()
-    assert settled(lambda: shares.held_now() == 0 == running.host.streams.open_streams())
-    assert shares.certificates_held() == 0
+    assert settled(lambda: shares.held_now() == 0 == streams.open_streams())
+    assert (shares.certificates_held(), streams.certificates_open()) == (0, 0)
 
 
 def test_a_certificates_streams_are_given_back_when_the_server_stops(
