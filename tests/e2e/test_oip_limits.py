@@ -491,9 +491,11 @@ def test_one_request_does_not_keep_its_memory_after_it_returns(
     """ONNX Runtime's CPU arena (on by default, one per session) keeps the most any request made
     the session allocate, for the session's life: one 3.2 MB request through a model with a
     256-wide hidden layer left ~220 MiB resident after it returned, and every served model can
-    be made to hold its own peak. Arena shrinkage per run gives back only what was allocated after
-    the arena's first region, so a big request that is a session's first run ('first-run') would
-    still be kept; without the arena both give it all back."""
+    be made to hold its own peak. The shared arena's shrink at each run's end still kept ~200 MiB:
+    the big run's output sat in the region its hidden layer had left, and the next small run's
+    tensors went there too ('warm' failed whenever the arena had no other region with room for
+    them; 'first-run' then passed only because that region was still held). Each request now
+    frees every region no running request uses once its outputs are copied out."""
     oip = served.oip
     small = pb.ModelInferRequest(model_name=model)
     small.inputs.add(name="x", datatype="FP32", shape=[2, 4])

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from strongroom.errors import Cancelled, InvalidArgument
+from strongroom.errors import Cancelled, InvalidArgument, ResourceExhausted
 from strongroom.inference.models import (
     LoadedModel,
     ModelLoadError,
@@ -26,6 +26,7 @@ from strongroom.inference.models import (
     VersionStatus,
     session_options,
 )
+from strongroom.reasons import Reason
 from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
 from tests.conftest import buffered_service_log, refused_calls_not_logged
 from tests.inference import onnx_models
@@ -512,3 +513,56 @@ def test_a_run_takes_its_outputs_by_index_not_through_ort_python_wrapper() -> No
     expected = reference_run(onnx_models.classifier(), {"x": X})
     for name, want in zip(["logits", "probabilities", "label"], expected, strict=True):
         np.testing.assert_array_equal(out[name], want)
+
+
+def _resident() -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(text.split("VmRSS:")[1].split()[0]) * 1024
+
+
+def _wide_model(cap_mib: int) -> LoadedModel:
+    """The classifier with a 256-wide hidden layer, in an arena of its own: a cap no other test
+    uses registers a fresh one, so what earlier tests' runs left in the shared arena (regions
+    with room for small tensors) does not decide the outcome."""
+    options = RuntimeOptions(max_inference_memory_bytes=cap_mib << 20)
+    return LoadedModel.from_bytes("wide", "1", onnx_models.classifier(hidden=256), options=options)
+
+
+BIG = np.ones((200_000, 4), np.float32)  # 3.2 MB: a 195 MiB hidden layer
+SMALL = X
+
+
+@pytest.mark.parametrize(("warm", "cap_mib"), [(True, 641), (False, 642)], ids=["warm", "first"])
+def test_a_big_request_leaves_nothing_of_its_memory_held(warm: bool, cap_mib: int) -> None:
+    """The arena placed the big run's output in the region its hidden layer had just left; that
+    region was alive at the run's own shrink, the next small run's tensors went into it (the
+    arena's only region), and so on: ~200 MiB stayed held for as long as requests came. Now
+    nothing of a request stays in the arena once ``infer`` returns."""
+    model = _wide_model(cap_mib)
+    if warm:
+        model.infer({"x": SMALL})
+    before = _resident()
+    label = model.infer({"x": BIG}, ["label"])["label"]
+    assert label.shape == (200_000, 1)
+    again = model.infer({"x": SMALL})
+    np.testing.assert_array_equal(again["label"], model.infer({"x": SMALL})["label"])
+    kept = _resident() - before - label.nbytes  # the copied-out output is the caller's
+    assert kept < 16 << 20, f"{kept >> 20} MiB still resident after the big request"
+
+
+def test_a_refused_output_leaves_nothing_held_though_its_traceback_is_kept() -> None:
+    """The output check refuses a big request's outputs while they are ORT's tensors; the refusal
+    keeps ``infer``'s frame alive in its traceback (here in ``pytest.raises``; in the service,
+    until the error is mapped), and the frame held the outputs, in the 195 MiB region."""
+    model = _wide_model(643)
+    model.infer({"x": SMALL})
+    before = _resident()
+
+    def refuse(shapes: Any) -> None:
+        raise ResourceExhausted("too large", reason=Reason.RESPONSE_TOO_LARGE)
+
+    with pytest.raises(ResourceExhausted) as info:
+        model.infer({"x": BIG}, check_shapes=refuse)
+    assert info.traceback  # kept while measured
+    kept = _resident() - before
+    assert kept < 16 << 20, f"{kept >> 20} MiB still resident after the refused request"

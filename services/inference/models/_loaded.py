@@ -35,6 +35,7 @@ from strongroom.errors import (
     ResourceExhausted,
 )
 from strongroom.identifiers import name_rule_matches
+from strongroom.inference.models._arena import SHRINK_CPU, SHRINK_OPTION, ArenaReturn
 from strongroom.inference.models._datatypes import BY_ORT_TYPE, DATATYPES, DataType
 from strongroom.inference.models._graph import (
     DEFAULT_MAX_GRAPH_NODES,
@@ -93,6 +94,8 @@ _ARENA_FULL = re.compile(
 class _Arena:
     guard = threading.Lock()
     cap: int | None = None
+    # What frees the current arena's unused regions (its sessions' LoadedModel keep theirs).
+    give_back: ArenaReturn | None = None
 
 
 def use_inference_memory_cap(max_bytes: int) -> None:
@@ -103,9 +106,10 @@ def use_inference_memory_cap(max_bytes: int) -> None:
     the cap fails that run only. Without it a model whose output size comes from an input *value*
     (``ConstantOfShape``, ``Expand``, ``Tile``, ``Range``) let one small request allocate gigabytes
     and the VM kill the process. The arena grows by exactly what is asked for (never by doubling
-    beyond the cap), and each run hands back the regions no tensor uses any more
-    (:meth:`LoadedModel.infer`), so a big request does not leave its peak held. Initializers (the
-    model's weights) are not counted: ORT places them outside this arena.
+    beyond the cap), and each request hands back the regions no tensor uses any more once its
+    outputs are copied out (:meth:`LoadedModel.infer`, :class:`~._arena.ArenaReturn`), so a big
+    request does not leave its peak held. Initializers (the model's weights) are not counted: ORT
+    places them outside this arena.
     """
     if max_bytes < MIN_INFERENCE_MEMORY_BYTES:
         raise ValueError(f"the inference memory cap must be at least {MIN_INFERENCE_MEMORY_BYTES}")
@@ -118,6 +122,7 @@ def use_inference_memory_cap(max_bytes: int) -> None:
         )
         ort.create_and_register_allocator(memory, config)
         _Arena.cap = max_bytes
+        _Arena.give_back = ArenaReturn()
 
 
 def inference_memory_cap() -> int | None:
@@ -250,6 +255,7 @@ class LoadedModel:
         inputs: tuple[TensorSpec, ...],
         outputs: tuple[TensorSpec, ...],
         load_seconds: float,
+        give_back: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -261,6 +267,8 @@ class LoadedModel:
         self._inputs_by_name = {t.name: t for t in inputs}
         self._outputs_by_name = {t.name: t for t in outputs}
         self._output_names = tuple(t.name for t in outputs)
+        # Frees the unused regions of the arena this session allocates from (_arena).
+        self._give_back = give_back
 
     def __repr__(self) -> str:
         return f"LoadedModel(name={self.name!r}, version={self.version!r})"
@@ -293,6 +301,7 @@ class LoadedModel:
             except Exception as exc:
                 raise _rejected(name, version, exc) from None
             so = session_options(options)
+            give_back = _Arena.give_back  # the arena the session made with ``so`` uses
             if external_data:
                 names = list(external_data)
                 buffers = [memoryview(external_data[n]).cast("B") for n in names]
@@ -330,7 +339,13 @@ class LoadedModel:
             extra={"model": name, "version": version, "seconds": round(load_seconds, 3)},
         )
         return cls(
-            name, version, session, inputs=inputs, outputs=tuple(outputs), load_seconds=load_seconds
+            name,
+            version,
+            session,
+            inputs=inputs,
+            outputs=tuple(outputs),
+            load_seconds=load_seconds,
+            give_back=give_back,
         )
 
     def input_spec(self, name: str) -> TensorSpec | None:
@@ -364,6 +379,10 @@ class LoadedModel:
         had cost it anyway. A model with a string input is run through ORT's ``run``, which
         copies its string outputs before they can be seen (ORT's Python API makes no string
         tensor of its own): for those the check comes before the ``bytes`` copy only.
+
+        The outputs are copied out of ORT's arena, and when this returns (or raises) nothing of
+        the request is left there: every region of the arena no other running request uses is
+        freed (``_arena``), so a big request does not leave its memory held.
         """
         feeds: dict[str, Any] = {}
         strings_in = False
@@ -379,42 +398,58 @@ class LoadedModel:
         names = list(outputs) if outputs is not None else list(self._output_names)
         run_options = run_options if run_options is not None else ort.RunOptions()
         # Hand back, at the end of the run, the arena's regions no live tensor uses (a big
-        # request's intermediates; its outputs once the caller drops them, at the next run).
-        run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        # request's intermediates), before its outputs are copied out: the copies and those
+        # regions are not held together. The regions its outputs are in go when infer returns.
+        run_options.add_run_config_entry(SHRINK_OPTION, SHRINK_CPU)
         # ORT's own line for a failed run (its executor's ERROR naming the node, on stderr, in
         # no log format) doubled the service's, which logs every failure once with its reason
         # and ORT's words. Only the run's logging: a session's (the model's load) stays on.
         run_options.log_severity_level = _ORT_FATAL
+        results: list[Any] = []
+        values: dict[str, Any] = {}
         try:
-            if strings_in:
-                results: list[Any] = self._session.run(names, feeds, run_options)
-            else:
-                # The outputs stay ONNX Runtime's tensors (in the capped arena) until checked.
-                values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in feeds.items()}
-                results = _run_with_ort_values(self._session, names, values, run_options)
-        except Exception as exc:
-            if _ARENA_FULL.search(str(exc)):
-                raise self._out_of_memory(exc) from None
-            self._refused(exc, run_options, stopped_by)
-        if check_shapes is not None:
-            check_shapes(
-                {
-                    name: tuple(np.shape(r) if strings_in else r.shape())
-                    for name, r in zip(names, results, strict=True)
-                }
-            )
+            try:
+                if strings_in:
+                    results = self._session.run(names, feeds, run_options)
+                else:
+                    # The outputs stay ONNX Runtime's tensors (in the capped arena) until checked.
+                    values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in feeds.items()}
+                    results = _run_with_ort_values(self._session, names, values, run_options)
+            except Exception as exc:
+                if _ARENA_FULL.search(str(exc)):
+                    raise self._out_of_memory(exc) from None
+                self._refused(exc, run_options, stopped_by)
+            if check_shapes is not None:
+                check_shapes(
+                    {
+                        name: tuple(np.shape(r) if strings_in else r.shape())
+                        for name, r in zip(names, results, strict=True)
+                    }
+                )
+            return self._copied_out(names, results, strings_in=strings_in)
+        finally:
+            # The run's tensors lose their last references here (a refusal's traceback keeps
+            # this frame), then the arena frees every region no tensor is in. ORT placed this
+            # request's outputs in whatever free chunk fitted best, often inside the region a big
+            # request's intermediates had left, and the next requests' tensors went there too:
+            # that region, alive at each run's own shrink, stayed held (~200 MiB after one 3.2 MB
+            # request).
+            results, values = [], {}
+            if self._give_back is not None:
+                self._give_back()
+
+    def _copied_out(
+        self, names: Sequence[str], results: Sequence[Any], *, strings_in: bool
+    ) -> dict[str, np.ndarray]:
+        """The outputs as numpy arrays of their own, outside ORT's arena (BYTES as ``bytes``)."""
         out: dict[str, np.ndarray] = {}
         for name, value in zip(names, results, strict=True):
-            if strings_in:
-                array = np.asarray(value)
-            else:
-                # A numeric OrtValue's array is a view of ORT's tensor; a string one's, a copy.
-                array = value.numpy()
-                # A graph input returned as it is comes back as the caller's own array's memory,
-                # which neither ORT's tensor nor this view keeps alive: once the caller drops its
-                # input, reading the output read freed memory (and crashed). Such one is copied.
-                if any(np.may_share_memory(array, feed) for feed in feeds.values()):
-                    array = array.copy()
+            # ``run`` made numpy arrays, outside the arena. A numeric OrtValue's array is a view
+            # of ORT's tensor: copied, so that nothing of the request stays in the arena once it
+            # returns. (A graph input returned as it is also came back as the caller's own
+            # array's memory, which the view did not keep alive: read after the caller dropped
+            # it, it crashed.)
+            array = np.asarray(value) if strings_in else np.array(value.numpy(), copy=True)
             if self._outputs_by_name[name].datatype == "BYTES":
                 array = _from_ort_strings(array)
             out[name] = array
