@@ -93,6 +93,17 @@ def classifier(in_features: int = 4, hidden: int = 8, classes: int = 3, seed: in
     return _model(graph).SerializeToString()
 
 
+def tagged_classifier(hidden: int = 8) -> bytes:
+    """:func:`classifier` with a string input ``tag`` [1] returned as ``tag_out``: a model with a
+    string input, which ORT's ``run`` serves (its numeric outputs numpy views of ORT's tensors)."""
+    model = onnx.load_from_string(classifier(hidden=hidden))
+    model.graph.input.append(_text("tag", [1]))
+    model.graph.output.append(_text("tag_out", [1]))
+    model.graph.node.append(helper.make_node("Identity", ["tag"], ["tag_out"]))
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 def identity(datatype: str, shape: tuple[int | str, ...] = ("batch", 3)) -> bytes:
     """``y = Identity(x)`` for one OIP datatype."""
     element = ELEMENT_TYPES[datatype]

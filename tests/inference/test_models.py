@@ -566,3 +566,25 @@ def test_a_refused_output_leaves_nothing_held_though_its_traceback_is_kept() -> 
     assert info.traceback  # kept while measured
     kept = _resident() - before
     assert kept < 16 << 20, f"{kept >> 20} MiB still resident after the refused request"
+
+
+def test_a_big_request_to_a_model_with_a_string_input_leaves_nothing_held() -> None:
+    """ORT's ``run`` (which serves a model with a string input) returns its numeric outputs as
+    numpy views of ORT's tensors in the arena, not copies: ``infer`` handed them on as they were,
+    so the big run's output kept the 195 MiB region its hidden layer had left, the next small
+    run's tensors went into it, and the region stayed held for as long as requests came."""
+    options = RuntimeOptions(max_inference_memory_bytes=644 << 20)
+    model = LoadedModel.from_bytes(
+        "tagged", "1", onnx_models.tagged_classifier(hidden=256), options=options
+    )
+    tag = np.array([b"t"], dtype=object)
+    model.infer({"x": SMALL, "tag": tag})
+    before = _resident()
+    label = model.infer({"x": BIG, "tag": tag}, ["label"])["label"]
+    assert label.shape == (200_000, 1)
+    assert label.base is None  # an array of its own, not a view of ORT's tensor
+    again = model.infer({"x": SMALL, "tag": tag})
+    np.testing.assert_array_equal(again["label"], model.infer({"x": SMALL, "tag": tag})["label"])
+    assert again["tag_out"].tolist() == [b"t"]
+    kept = _resident() - before - label.nbytes  # the copied-out output is the caller's
+    assert kept < 16 << 20, f"{kept >> 20} MiB still resident after the big request"

@@ -444,14 +444,16 @@ class LoadedModel:
         """The outputs as numpy arrays of their own, outside ORT's arena (BYTES as ``bytes``)."""
         out: dict[str, np.ndarray] = {}
         for name, value in zip(names, results, strict=True):
-            # ``run`` made numpy arrays, outside the arena. A numeric OrtValue's array is a view
-            # of ORT's tensor: copied, so that nothing of the request stays in the arena once it
-            # returns. (A graph input returned as it is also came back as the caller's own
-            # array's memory, which the view did not keep alive: read after the caller dropped
-            # it, it crashed.)
-            array = np.asarray(value) if strings_in else np.array(value.numpy(), copy=True)
+            array = np.asarray(value) if strings_in else value.numpy()
             if self._outputs_by_name[name].datatype == "BYTES":
                 array = _from_ort_strings(array)
+            else:
+                # A numeric output, ``run``'s array or an OrtValue's, is a view of ORT's tensor
+                # (``run``'s keeps the tensor alive through its base): copied, so that nothing of
+                # the request stays in the arena once it returns. (A graph input returned as it
+                # is also came back as the caller's own array's memory, which the view did not
+                # keep alive: read after the caller dropped it, it crashed.)
+                array = array.copy()
             out[name] = array
         return out
 
