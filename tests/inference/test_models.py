@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import threading
@@ -587,4 +588,26 @@ def test_a_big_request_to_a_model_with_a_string_input_leaves_nothing_held() -> N
     np.testing.assert_array_equal(again["label"], model.infer({"x": SMALL, "tag": tag})["label"])
     assert again["tag_out"].tolist() == [b"t"]
     kept = _resident() - before - label.nbytes  # the copied-out output is the caller's
+    assert kept < 16 << 20, f"{kept >> 20} MiB still resident after the big request"
+
+
+def test_without_ort_internals_the_arena_is_still_handed_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``ArenaReturn`` runs its session through ORT's private ``_sess``/``_iobinding`` (the
+    wrapper costs ~30 us); a release without them takes the wrapper's call, which frees as well."""
+    from strongroom.inference.models import _arena
+
+    monkeypatch.setattr(_arena, "getattr", lambda obj, name, default=None: None, raising=False)
+    model = _wide_model(645)
+    give_back = model._give_back
+    assert isinstance(give_back, _arena.ArenaReturn)
+    run = give_back._run
+    assert isinstance(run, functools.partial)
+    assert run.func == give_back._session.run_with_iobinding  # the wrapper's call
+    model.infer({"x": SMALL})
+    before = _resident()
+    label = model.infer({"x": BIG}, ["label"])["label"]
+    model.infer({"x": SMALL})
+    kept = _resident() - before - label.nbytes
     assert kept < 16 << 20, f"{kept >> 20} MiB still resident after the big request"
