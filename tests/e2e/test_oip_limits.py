@@ -20,6 +20,7 @@ import re
 import struct
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -591,3 +592,50 @@ def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
             return True
         time.sleep(0.1)
     return condition()
+
+
+def test_concurrent_requests_of_every_size_get_their_own_answers(served: Served) -> None:
+    """Every request hands the arena's unused regions back when it is done (``_arena``), while
+    others are running on the same or other models: ORT frees only regions no tensor is in, so
+    no running request may lose its tensors. Small, medium and big requests at once on 'wide',
+    'classifier' and 'fp32', every answer checked against a run of the same model here."""
+    import onnxruntime as ort  # the reference runs, in this process
+
+    references = {
+        name: ort.InferenceSession(MODELS[name](), providers=["CPUExecutionProvider"])
+        for name in ("wide", "classifier")
+    }
+    rng = np.random.default_rng(7)
+    jobs: list[tuple[str, np.ndarray]] = []
+    for _ in range(96):
+        name = str(rng.choice(["wide", "classifier", "fp32"]))
+        rows = int(rng.choice([1, 64, 4096, 40_000]))
+        shape = (rows,) if name == "fp32" else (rows, 4)
+        jobs.append((name, rng.standard_normal(shape).astype(np.float32)))
+
+    def ask(job: tuple[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        name, x = job
+        request = pb.ModelInferRequest(model_name=name)
+        request.inputs.add(name="x", datatype="FP32", shape=x.shape)
+        request.raw_input_contents.append(x.tobytes())
+        if name == "fp32":
+            response = served.oip.ModelInfer(request, timeout=120)
+            return (np.frombuffer(response.raw_output_contents[0], np.float32),)
+        for output in ("probabilities", "label"):
+            request.outputs.add(name=output)
+        response = served.oip.ModelInfer(request, timeout=120)
+        probabilities, label = response.raw_output_contents
+        return (
+            np.frombuffer(probabilities, np.float32).reshape(-1, 3),
+            np.frombuffer(label, np.int64).reshape(-1, 1),
+        )
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(ask, jobs))
+    for (name, x), answer in zip(jobs, answers, strict=True):
+        if name == "fp32":
+            np.testing.assert_array_equal(answer[0], x)
+            continue
+        want = references[name].run(["probabilities", "label"], {"x": x})
+        np.testing.assert_allclose(answer[0], want[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(answer[1], want[1])
