@@ -611,3 +611,32 @@ def test_without_ort_internals_the_arena_is_still_handed_back(
     model.infer({"x": SMALL})
     kept = _resident() - before - label.nbytes
     assert kept < 16 << 20, f"{kept >> 20} MiB still resident after the big request"
+
+
+def test_an_arena_whose_hand_back_failed_is_registered_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``use_inference_memory_cap`` recorded the new cap before it made the arena's
+    ``ArenaReturn``: when that failed (the load saw ORT's error), the next load took the cap as
+    registered and its session ran with the previous arena's hand-back (or none), which frees
+    nothing of this arena: a big request's ~200 MiB stayed held again, silently."""
+    from strongroom.inference.models import _loaded
+
+    real = _loaded.ArenaReturn
+    failures = iter([RuntimeError("ORT could not make the session")])
+
+    def fails_once() -> Any:
+        for exc in failures:
+            raise exc
+        return real()
+
+    monkeypatch.setattr(_loaded, "ArenaReturn", fails_once)
+    with pytest.raises(RuntimeError):
+        _wide_model(646)
+    model = _wide_model(646)
+    model.infer({"x": SMALL})
+    before = _resident()
+    label = model.infer({"x": BIG}, ["label"])["label"]
+    model.infer({"x": SMALL})
+    kept = _resident() - before - label.nbytes
+    assert kept < 16 << 20, f"{kept >> 20} MiB still resident after the big request"

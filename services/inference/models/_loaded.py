@@ -121,8 +121,10 @@ def use_inference_memory_cap(max_bytes: int) -> None:
             "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
         )
         ort.create_and_register_allocator(memory, config)
-        _Arena.cap = max_bytes
+        # The cap last: if the hand-back cannot be made, the next call registers the arena
+        # again rather than have sessions run with the previous arena's (which frees nothing).
         _Arena.give_back = ArenaReturn()
+        _Arena.cap = max_bytes
 
 
 def inference_memory_cap() -> int | None:
