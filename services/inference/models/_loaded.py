@@ -102,7 +102,7 @@ def use_inference_memory_cap(max_bytes: int) -> None:
     """Registers ONNX Runtime's shared CPU arena capped at ``max_bytes`` (process-wide; idempotent).
 
     Every session made by :func:`session_options` allocates its runs' tensors (inputs it copies,
-    intermediates, outputs until the caller drops them) from this arena, and an allocation past
+    intermediates, outputs until they are copied out) from this arena, and an allocation past
     the cap fails that run only. Without it a model whose output size comes from an input *value*
     (``ConstantOfShape``, ``Expand``, ``Tile``, ``Range``) let one small request allocate gigabytes
     and the VM kill the process. The arena grows by exactly what is asked for (never by doubling
@@ -235,7 +235,8 @@ def session_options(options: RuntimeOptions) -> ort.SessionOptions:
     # not from a per-session arena: a per-session arena has no cap ORT's Python API can set, and
     # it kept the most any run made the session allocate for the session's life (one 3.2 MB
     # request through a 256-wide layer left ~220 MiB). The shared arena grows by what is asked
-    # and each run shrinks it (LoadedModel.infer), so it holds what live tensors need.
+    # and each request hands back what it no longer uses (LoadedModel.infer), so it holds what
+    # running requests need.
     use_inference_memory_cap(options.max_inference_memory_bytes)
     so.add_session_config_entry("session.use_env_allocators", "1")
     spin = "1" if options.allow_spinning else "0"
