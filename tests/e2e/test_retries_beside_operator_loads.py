@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -211,6 +213,39 @@ def _refused_loadmodel(answer: Future[Any]) -> None:
     assert "MEASUREMENT_NOT_ALLOWED" in str(refused.value.details())
 
 
+@contextlib.contextmanager
+def _loadmodel_meanwhile(
+    stack: DevStack, held: HeldRetries, monkeypatch: pytest.MonkeyPatch, name: str, stalled: str
+) -> Iterator[Callable[[str], Future[Any]]]:
+    """Yields ``begin(version)``: it starts an operator's LoadModel of ``name`` ``version``, waits
+    until the store's download of version ``stalled`` is held (the LoadModel is loading), then lets
+    the held retry go on, and returns the LoadModel's answer. Leaving the block lets the retry and
+    the download go on (whatever failed meanwhile) and waits for the LoadModel."""
+    control = control_grpc.ModelControlServiceStub(
+        stack.channel(stack.identity("admin"), "inference")
+    )
+    storage = stack.services["modelstore"].handle.storage
+    stall = StallOnce(storage, stalled)
+    with ThreadPoolExecutor(1) as pool:
+
+        def begin(version: str) -> Future[Any]:
+            monkeypatch.setattr(storage, "open", stall)
+            answer = pool.submit(
+                control.LoadModel,
+                control_pb.LoadModelRequest(name=name, version=version),
+                timeout=60,
+            )
+            assert stall.stalled.wait(30)  # the LoadModel is loading it
+            held.go_on.set()  # the retry comes meanwhile
+            return answer
+
+        try:
+            yield begin
+        finally:
+            held.go_on.set()
+            stall.go_on.set()
+
+
 def test_a_retry_that_finds_a_loadmodel_under_way_waits_for_its_outcome(
     stack: DevStack,
     model_path: Path,
@@ -227,9 +262,6 @@ def test_a_retry_that_finds_a_loadmodel_under_way_waits_for_its_outcome(
     LoadModel failed, and loads the model once the policy is fixed."""
     inference = _denied(stack, model_path, "overruled")
     held = HeldRetries(inference, monkeypatch, at="attempt")
-    control = control_grpc.ModelControlServiceStub(
-        stack.channel(stack.identity("admin"), "inference")
-    )
     caplog.set_level(logging.DEBUG, logger="strongroom.inference.autoload")
     inference.load_configured_models()
     (loader_thread,) = inference._threads
@@ -237,27 +269,14 @@ def test_a_retry_that_finds_a_loadmodel_under_way_waits_for_its_outcome(
     def postponed() -> int:
         return len([r for r in caplog.records if "is being loaded by another" in r.getMessage()])
 
-    with ThreadPoolExecutor(1) as pool:
-        storage = stack.services["modelstore"].handle.storage
-        stall = StallOnce(storage, "1")
-        try:
-            assert held.reached.wait(30)  # the first load failed; its retry is held
-            assert _failed_with(inference, "overruled") == "MEASUREMENT_NOT_ALLOWED"
-            monkeypatch.setattr(storage, "open", stall)
-            answer: Future[Any] = pool.submit(
-                control.LoadModel,
-                control_pb.LoadModelRequest(name="overruled", version="1"),
-                timeout=60,
-            )
-            assert stall.stalled.wait(30)  # the LoadModel is loading it
-            held.go_on.set()  # the retry comes meanwhile
-            assert wait_until(lambda: postponed() >= 2 or not loader_thread.is_alive(), 30)
-            assert loader_thread.is_alive(), "the retries ended"
-            assert inference.loader.queued("overruled") == ()  # not waiting for the lock
-        finally:
-            held.go_on.set()
-            stall.go_on.set()
-        _refused_loadmodel(answer)
+    with _loadmodel_meanwhile(stack, held, monkeypatch, "overruled", "1") as begin:
+        assert held.reached.wait(30)  # the first load failed; its retry is held
+        assert _failed_with(inference, "overruled") == "MEASUREMENT_NOT_ALLOWED"
+        answer = begin("1")
+        assert wait_until(lambda: postponed() >= 2 or not loader_thread.is_alive(), 30)
+        assert loader_thread.is_alive(), "the retries ended"
+        assert inference.loader.queued("overruled") == ()  # not waiting for the lock
+    _refused_loadmodel(answer)
     _allow(stack, "overruled")
     assert wait_until(lambda: inference.repository.is_ready("overruled", "1"), 30), (
         inference.repository.status("overruled")
@@ -279,33 +298,17 @@ def test_a_retry_finding_a_loadmodel_begun_since_it_looked_goes_on_only_if_that_
     inference = _denied(stack, model_path, "overruled2")
     caplog.set_level(logging.DEBUG, logger="strongroom.inference.autoload")
     held = HeldRetries(inference, monkeypatch, at="load")
-    control = control_grpc.ModelControlServiceStub(
-        stack.channel(stack.identity("admin"), "inference")
-    )
     inference.load_configured_models()
     (loader_thread,) = inference._threads
-    with ThreadPoolExecutor(1) as pool:
-        storage = stack.services["modelstore"].handle.storage
-        stall = StallOnce(storage, "1")
-        try:
-            assert held.reached.wait(30)
-            assert _failed_with(inference, "overruled2") == "MEASUREMENT_NOT_ALLOWED"
-            monkeypatch.setattr(storage, "open", stall)
-            answer: Future[Any] = pool.submit(
-                control.LoadModel,
-                control_pb.LoadModelRequest(name="overruled2", version="1"),
-                timeout=60,
-            )
-            assert stall.stalled.wait(30)
-            held.go_on.set()
-            assert wait_until(lambda: held.busy >= 1 or not loader_thread.is_alive(), 30)
-            assert loader_thread.is_alive(), "the retries ended"
-            assert inference.loader.queued("overruled2") == ()  # not waiting for the lock
-            assert not [r for r in caplog.records if "MODEL_LOAD_IN_PROGRESS" in r.getMessage()]
-        finally:
-            held.go_on.set()
-            stall.go_on.set()
-        _refused_loadmodel(answer)
+    with _loadmodel_meanwhile(stack, held, monkeypatch, "overruled2", "1") as begin:
+        assert held.reached.wait(30)
+        assert _failed_with(inference, "overruled2") == "MEASUREMENT_NOT_ALLOWED"
+        answer = begin("1")
+        assert wait_until(lambda: held.busy >= 1 or not loader_thread.is_alive(), 30)
+        assert loader_thread.is_alive(), "the retries ended"
+        assert inference.loader.queued("overruled2") == ()  # not waiting for the lock
+        assert not [r for r in caplog.records if "MODEL_LOAD_IN_PROGRESS" in r.getMessage()]
+    _refused_loadmodel(answer)
     _allow(stack, "overruled2")
     assert wait_until(lambda: inference.repository.is_ready("overruled2", "1"), 30), (
         inference.repository.status("overruled2")
@@ -322,31 +325,15 @@ def test_a_retry_finding_a_loadmodel_begun_since_it_looked_that_loads_the_versio
     inference = _start(stack, "taken")
     held = HeldRetries(inference, monkeypatch, at="load")
     buffers = PlaintextBuffers(monkeypatch)
-    control = control_grpc.ModelControlServiceStub(
-        stack.channel(stack.identity("admin"), "inference")
-    )
     inference.load_configured_models()
     (loader_thread,) = inference._threads
-    with ThreadPoolExecutor(1) as pool:
-        storage = stack.services["modelstore"].handle.storage
-        stall = StallOnce(storage, "1")
-        try:
-            assert held.reached.wait(30)
-            assert _failed_with(inference, "taken") == "MODEL_NOT_FOUND"
-            publish(stack, model_path, "taken", "taken")
-            monkeypatch.setattr(storage, "open", stall)
-            answer: Future[Any] = pool.submit(
-                control.LoadModel,
-                control_pb.LoadModelRequest(name="taken", version="1"),
-                timeout=60,
-            )
-            assert stall.stalled.wait(30)
-            held.go_on.set()
-            assert wait_until(lambda: held.busy >= 1, 30)
-        finally:
-            held.go_on.set()
-            stall.go_on.set()
-        answer.result(60)
+    with _loadmodel_meanwhile(stack, held, monkeypatch, "taken", "1") as begin:
+        assert held.reached.wait(30)
+        assert _failed_with(inference, "taken") == "MODEL_NOT_FOUND"
+        publish(stack, model_path, "taken", "taken")
+        answer = begin("1")
+        assert wait_until(lambda: held.busy >= 1, 30)
+    answer.result(60)
     assert wait_until(lambda: not loader_thread.is_alive(), 30)
     assert inference.repository.is_ready("taken", "1")
     assert buffers.allocated == 1
@@ -365,31 +352,15 @@ def test_a_retry_behind_a_loadmodel_of_an_unlisted_version_ends_without_loading(
     inference = _start(stack, "moved2")
     held = HeldRetries(inference, monkeypatch, at="load")
     buffers = PlaintextBuffers(monkeypatch)
-    control = control_grpc.ModelControlServiceStub(
-        stack.channel(stack.identity("admin"), "inference")
-    )
     inference.load_configured_models()
     (loader_thread,) = inference._threads
-    with ThreadPoolExecutor(1) as pool:
-        storage = stack.services["modelstore"].handle.storage
-        stall = StallOnce(storage, "2")
-        try:
-            assert held.reached.wait(30)  # its retry found version 1 failed
-            assert _failed_with(inference, "moved2") == "MODEL_NOT_FOUND"
-            publish(stack, model_path, "moved2", "moved2")  # version 1 would load now
-            monkeypatch.setattr(storage, "open", stall)
-            answer: Future[Any] = pool.submit(
-                control.LoadModel,
-                control_pb.LoadModelRequest(name="moved2", version="2"),
-                timeout=60,
-            )
-            assert stall.stalled.wait(30)  # the LoadModel of version 2 is loading it
-            held.go_on.set()
-            assert wait_until(lambda: held.busy >= 1, 30)  # it found the lock taken
-        finally:
-            held.go_on.set()
-            stall.go_on.set()
-        answer.result(60)
+    with _loadmodel_meanwhile(stack, held, monkeypatch, "moved2", "2") as begin:
+        assert held.reached.wait(30)  # its retry found version 1 failed
+        assert _failed_with(inference, "moved2") == "MODEL_NOT_FOUND"
+        publish(stack, model_path, "moved2", "moved2")  # version 1 would load now
+        answer = begin("2")
+        assert wait_until(lambda: held.busy >= 1, 30)  # it found the lock taken
+    answer.result(60)
     assert wait_until(lambda: not loader_thread.is_alive(), 30)
     assert inference.repository.status("moved2").default_version == "2"
     assert inference.repository.version_state("moved2", "1") is not ModelState.READY
