@@ -23,18 +23,23 @@ from tests.abuse.traffic import BROKER, KEY_ID, outcome
 from tests.keybroker.helpers import MODEL, bound, data_key_request
 
 
-class StalledReleases:
-    """``ReleaseKey`` calls of one certificate that send their headers and never their message."""
+class StalledCalls:
+    """Unary calls of one certificate to ``method`` of ``service`` that send their headers and
+    never their message."""
 
     def __init__(
-        self, stack: DevStack, identity: WorkloadIdentity, count: int, timeout: float = 120
+        self,
+        stack: DevStack,
+        identity: WorkloadIdentity,
+        service: str,
+        method: str,
+        count: int,
+        timeout: float,
     ) -> None:
         """``count`` calls, each with the client's deadline ``timeout`` seconds away."""
         self._gate = threading.Event()
         self._timeout = timeout
-        call = stack.channel(identity, "keybroker").stream_unary(
-            f"/{BROKER}/ReleaseKey", None, None
-        )
+        call = stack.channel(identity, service).stream_unary(method, None, None)
         self.futures: list[Any] = [
             call.future(self._never(), timeout=timeout) for _ in range(count)
         ]
@@ -59,6 +64,16 @@ class StalledReleases:
         self._gate.set()  # each admitted call ends without its message (MALFORMED_REQUEST)
         for future in self.futures:
             future.exception(60)
+
+
+class StalledReleases(StalledCalls):
+    """``ReleaseKey`` calls of one certificate that send their headers and never their message."""
+
+    def __init__(
+        self, stack: DevStack, identity: WorkloadIdentity, count: int, timeout: float = 120
+    ) -> None:
+        """``count`` calls, each with the client's deadline ``timeout`` seconds away."""
+        super().__init__(stack, identity, "keybroker", f"/{BROKER}/ReleaseKey", count, timeout)
 
 
 def settled(condition: Callable[[], bool]) -> bool:

@@ -15,7 +15,6 @@ served or refused.
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
 from strongroom.pki import WorkloadIdentity
 from tests.abuse.conftest import SERVER, abuse_stack
-from tests.abuse.releases import settled
+from tests.abuse.releases import StalledCalls, settled
 from tests.abuse.test_stream_share import StalledDownloads
 from tests.abuse.traffic import KEY_ID, outcome
 from tests.e2e.publishing import data_key, put_encrypted
@@ -78,31 +77,6 @@ def stack(
         train(path, padding_bytes=PADDING)
         put_encrypted(dev, path, MODEL, KEY_ID, data_key(dev, KEY_ID, MODEL))
         yield dev
-
-
-class StalledStats:
-    """``StatModel`` calls of one certificate that send their headers and never their message."""
-
-    def __init__(self, stack: DevStack, identity: WorkloadIdentity, count: int) -> None:
-        self._gate = threading.Event()
-        call = stack.channel(identity, "modelstore").stream_unary(STAT, None, None)
-        self.futures: list[Any] = [call.future(self._never(), timeout=300) for _ in range(count)]
-
-    def _never(self) -> Iterator[bytes]:
-        self._gate.wait(300)
-        return
-        yield b""  # a generator that yields nothing: the message never comes
-
-    def refused(self) -> Counter[tuple[str, str | None]]:
-        return Counter(outcome(f.exception()) for f in self.futures if f.done())
-
-    def open(self) -> int:
-        return sum(not f.done() for f in self.futures)
-
-    def end(self) -> None:
-        self._gate.set()
-        for future in self.futures:
-            future.exception(60)
 
 
 def held(stack: DevStack) -> int:
@@ -175,10 +149,10 @@ def test_one_replica_stalling_downloads_and_calls_leaves_its_fleet_a_replicas_lo
     assert (alone, concurrent) == (served, LOAD_STREAMS)
     attacker = stack.identity("inference")
     downloads = StalledDownloads(stack, attacker, STREAM_SHARE, model=MODEL)
-    calls = StalledStats(stack, attacker, 0)
+    calls = StalledCalls(stack, attacker, "modelstore", STAT, 0, timeout=300)
     try:
         assert settled(lambda: held(stack) == STREAM_SHARE == downloads.open())
-        calls = StalledStats(stack, attacker, 3 * SHARE)
+        calls = StalledCalls(stack, attacker, "modelstore", STAT, 3 * SHARE, timeout=300)
         # Each call admitted (running) or refused (ended) once the store has seen them all.
         assert settled(lambda: running(stack) + 3 * SHARE - calls.open() == 3 * SHARE)
         holding = (held(stack), downloads.open(), calls.open())
