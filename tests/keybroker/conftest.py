@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from strongroom.dev.softhsm import SYSTEM_MODULE, SoftHsmToken, init_softhsm_token
 from strongroom.keybroker.hsm import Hsm, HsmConfig
@@ -66,3 +67,17 @@ def km(hsm: Hsm) -> KeyManager:
 def tee_key() -> rsa.RSAPrivateKey:
     """An RSA-3072 key standing in for a TEE's ephemeral key (just a key pair: no HSM state)."""
     return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+
+
+@pytest.fixture
+def key() -> Ed25519PrivateKey:
+    """An audit log's signing key."""
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def log_path(tmp_path: Path) -> Path:
+    """An audit log's path in a directory of its own, as the services lay it out (modules whose
+    log lives elsewhere define their own)."""
+    (tmp_path / "audit").mkdir()
+    return tmp_path / "audit" / "audit.log"

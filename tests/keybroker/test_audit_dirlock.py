@@ -46,17 +46,6 @@ sys.stdin.read()  # until the test closes it
 """
 
 
-@pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
-
-
-@pytest.fixture
-def log_path(tmp_path: Path) -> Path:
-    (tmp_path / "audit").mkdir()
-    return tmp_path / "audit" / "audit.log"
-
-
 @contextmanager
 def _held(directory: Path) -> Iterator[None]:
     """Another process holds ``directory``'s exclusive ``flock`` for the block."""

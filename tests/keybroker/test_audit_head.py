@@ -34,11 +34,6 @@ from strongroom.keybroker.errors import AuditUnavailable
 
 
 @pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
-
-
-@pytest.fixture
 def log_path(tmp_path: Path) -> Path:
     return tmp_path / "decisions.jsonl"
 

@@ -40,17 +40,6 @@ from .test_audit_group_commit import _wait_until
 RECORD = 900  # a test record line is 842..861 bytes: N * RECORD holds N of them, not N + 1
 
 
-@pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
-
-
-@pytest.fixture
-def log_path(tmp_path: Path) -> Path:
-    (tmp_path / "audit").mkdir()
-    return tmp_path / "audit" / "audit.log"
-
-
 def _series(log_path: Path, key: Ed25519PrivateKey) -> audit_verify.SeriesVerification:
     return verify_audit_series(audit_files(log_path.parent), public_key=key.public_key())
 

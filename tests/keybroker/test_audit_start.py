@@ -34,17 +34,6 @@ from .test_audit import event, fill, lines
 from .test_audit_rotation import _CRASHES, RECORD, _rotated, _series
 
 
-@pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
-
-
-@pytest.fixture
-def log_path(tmp_path: Path) -> Path:
-    (tmp_path / "audit").mkdir()
-    return tmp_path / "audit" / "audit.log"
-
-
 def _make_series(log_path: Path, key: Ed25519PrivateKey) -> None:
     """audit.log.0-2, .3-5, .6-8 (sealed) and audit.log (9..10)."""
     with AuditLog.open(log_path, key, rotate_bytes=3 * RECORD) as log:

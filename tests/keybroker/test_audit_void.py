@@ -29,11 +29,6 @@ from .test_audit_group_commit import _fail_fsync, _fail_head
 
 
 @pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
-
-
-@pytest.fixture
 def log_path(tmp_path: Path) -> Path:
     return tmp_path / "audit.log"
 
