@@ -533,6 +533,16 @@ BIG = np.ones((200_000, 4), np.float32)  # 3.2 MB: a 195 MiB hidden layer
 SMALL = X
 
 
+def _kept_after_a_big_request(model: LoadedModel) -> int:
+    """Bytes still resident after a small request, a big one and a small one again, beyond the
+    big request's copied-out output (the caller's)."""
+    model.infer({"x": SMALL})
+    before = _resident()
+    label = model.infer({"x": BIG}, ["label"])["label"]
+    model.infer({"x": SMALL})
+    return _resident() - before - label.nbytes
+
+
 @pytest.mark.parametrize(("warm", "cap_mib"), [(True, 641), (False, 642)], ids=["warm", "first"])
 def test_a_big_request_leaves_nothing_of_its_memory_held(warm: bool, cap_mib: int) -> None:
     """The arena placed the big run's output in the region its hidden layer had just left; that
@@ -605,11 +615,7 @@ def test_without_ort_internals_the_arena_is_still_handed_back(
     run = give_back._run
     assert isinstance(run, functools.partial)
     assert run.func == give_back._session.run_with_iobinding  # the wrapper's call
-    model.infer({"x": SMALL})
-    before = _resident()
-    label = model.infer({"x": BIG}, ["label"])["label"]
-    model.infer({"x": SMALL})
-    kept = _resident() - before - label.nbytes
+    kept = _kept_after_a_big_request(model)
     assert kept < 16 << 20, f"{kept >> 20} MiB still resident after the big request"
 
 
@@ -634,9 +640,5 @@ def test_an_arena_whose_hand_back_failed_is_registered_again(
     with pytest.raises(RuntimeError):
         _wide_model(646)
     model = _wide_model(646)
-    model.infer({"x": SMALL})
-    before = _resident()
-    label = model.infer({"x": BIG}, ["label"])["label"]
-    model.infer({"x": SMALL})
-    kept = _resident() - before - label.nbytes
+    kept = _kept_after_a_big_request(model)
     assert kept < 16 << 20, f"{kept >> 20} MiB still resident after the big request"
