@@ -445,8 +445,9 @@ def test_an_unload_while_a_retry_waits_out_a_loadmodel_ends_the_retries(
     name = f"dropped-{at}"
     inference = _denied(stack, model_path, name)
     held = HeldRetries(inference, monkeypatch, at=at)
-    admin = stack.channel(stack.identity("admin"), "inference")
-    control = control_grpc.ModelControlServiceStub(admin)
+    control = control_grpc.ModelControlServiceStub(
+        stack.channel(stack.identity("admin"), "inference")
+    )
     caplog.set_level(logging.DEBUG, logger="strongroom.inference.autoload")
     inference.load_configured_models()
     (loader_thread,) = inference._threads
@@ -454,27 +455,16 @@ def test_an_unload_while_a_retry_waits_out_a_loadmodel_ends_the_retries(
     def postponed() -> int:
         return len([r for r in caplog.records if "is being loaded by another" in r.getMessage()])
 
-    with ThreadPoolExecutor(1) as pool:
-        storage = stack.services["modelstore"].handle.storage
-        stall = StallOnce(storage, "1")
-        try:
-            assert held.reached.wait(30)
-            assert _failed_with(inference, name) == "MEASUREMENT_NOT_ALLOWED"
-            monkeypatch.setattr(storage, "open", stall)
-            answer: Future[Any] = pool.submit(
-                control.LoadModel, control_pb.LoadModelRequest(name=name, version="1"), timeout=60
-            )
-            assert stall.stalled.wait(30)  # the LoadModel is loading it
-            held.go_on.set()
-            assert wait_until(lambda: postponed() >= 1, 30)
-            control.UnloadModel(control_pb.UnloadModelRequest(name=name, version="1"), timeout=30)
-            with pytest.raises(grpc.RpcError) as stopped_load:
-                answer.result(60)
-            assert "MODEL_UNLOADED" in str(stopped_load.value.details())
-            _allow(stack, name)
-        finally:
-            held.go_on.set()
-            stall.go_on.set()
+    with _loadmodel_meanwhile(stack, held, monkeypatch, name, "1") as begin:
+        assert held.reached.wait(30)
+        assert _failed_with(inference, name) == "MEASUREMENT_NOT_ALLOWED"
+        answer = begin("1")
+        assert wait_until(lambda: postponed() >= 1, 30)
+        control.UnloadModel(control_pb.UnloadModelRequest(name=name, version="1"), timeout=30)
+        with pytest.raises(grpc.RpcError) as stopped_load:
+            answer.result(60)
+        assert "MODEL_UNLOADED" in str(stopped_load.value.details())
+        _allow(stack, name)
     assert wait_until(lambda: not loader_thread.is_alive(), 30)
     assert inference.repository.version_state(name, "1") is None
     assert not inference.repository.is_ready(name)
