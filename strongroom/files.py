@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,13 +82,23 @@ def read_file(path: Path) -> bytes:
         ) from None
 
 
+class LockHeld(Exception):
+    """Another process held a lock for all of the time :func:`shared_flock` was allowed to wait."""
+
+
 @contextlib.contextmanager
-def shared_flock(fd: int) -> Iterator[None]:
+def shared_flock(fd: int, *, seconds: float | None = None) -> Iterator[None]:
     """Holds a shared ``flock`` on ``fd`` for the block: a writer that takes it exclusively for
     each change is waited for, and waits, so the block reads between two changes. Where the file
-    system has no ``flock`` (no such writer can work there), the block runs without it."""
+    system has no ``flock`` (no such writer can work there), the block runs without it.
+
+    With ``seconds``, other holders are waited for at most that long (:class:`BoundedFlock`),
+    then :class:`LockHeld` is raised: any process that can open the file can hold it for ever."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        if seconds is None:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        elif not BoundedFlock(fd, fcntl.LOCK_SH).acquire(seconds):
+            raise LockHeld(f"held by another process for the {seconds:g} s waited")
     except OSError:
         locked = False
     else:
@@ -119,3 +130,102 @@ def flock_within(fd: int, operation: int, seconds: float) -> bool:
             pause = min(pause * 2, 0.05)
         else:
             return True
+
+
+class BoundedFlock:
+    """``flock(fd, operation)`` waited for at most a given time, in the kernel's own queue.
+
+    A blocking ``flock`` waits for ever, and any process that can open the file (read permission
+    is enough) can hold its lock for ever. Polling with ``LOCK_NB`` (:func:`flock_within`) is
+    bounded but unfair: a poller asleep between two tries loses the lock to every process that
+    waits in ``flock`` itself and re-takes it as soon as it is let go, which is what several
+    processes committing to one file do. So the blocking ``flock`` is made by a thread of its
+    own (on a duplicate of ``fd``: the same open file, so the same lock), and the caller waits
+    for that thread at most the time it allows. A waiter still waiting then goes on waiting,
+    and whichever of these things comes first follows: the next :meth:`acquire` takes the lock
+    from it when it gets it (no second thread, no second place in the queue); or, if nobody is
+    waiting for it when it gets the lock, it lets go at once (no lock is kept by nobody). So
+    there is at most one such thread per object, which ends when the holder lets go.
+
+    Uncontended, :meth:`acquire` is one ``LOCK_NB`` call: the thread is started only when the
+    lock is held by someone else. One caller at a time (a caller holding the lock releases it
+    with ``flock(fd, LOCK_UN)``, as usual); ``fd`` may be closed while a waiter waits.
+    """
+
+    def __init__(self, fd: int, operation: int) -> None:
+        """Locks ``fd`` with ``operation`` (``LOCK_EX`` or ``LOCK_SH``)."""
+        self._fd = fd
+        self._operation = operation
+        self._waiter: _FlockWaiter | None = None
+
+    def acquire(self, seconds: float) -> bool:
+        """Takes the lock, waiting at most ``seconds`` for other holders; False when they held it
+        all that time (a waiter goes on waiting, see the class). Other errors (no ``flock`` on
+        that file system) are raised."""
+        deadline = time.monotonic() + seconds
+        while True:
+            waiter = self._waiter
+            if waiter is None:
+                try:
+                    fcntl.flock(self._fd, self._operation | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    waiter = self._waiter = _FlockWaiter(self._fd, self._operation)
+                else:
+                    return True
+            outcome = waiter.take(deadline - time.monotonic())
+            if outcome is None:
+                return False
+            self._waiter = None
+            if outcome:
+                return True
+            # It got the lock while nobody waited for it, and let go: queue again.
+            if time.monotonic() >= deadline:
+                return False
+
+
+class _FlockWaiter:
+    """One blocking ``flock`` in a thread of its own, for :class:`BoundedFlock`."""
+
+    def __init__(self, fd: int, operation: int) -> None:
+        # Its own descriptor of the same open file: the owner may close ``fd`` meanwhile (and
+        # the number be reused for another file) while this one still waits and then lets go.
+        self._fd = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
+        self._operation = operation
+        self._mutex = threading.Lock()
+        self._done = threading.Event()
+        self._wanted = True  # a caller of take() is waiting to be handed the lock
+        self._handed = False
+        self._error: OSError | None = None
+        threading.Thread(target=self._run, name="flock-waiter", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            fcntl.flock(self._fd, self._operation)
+        except OSError as exc:
+            error: OSError | None = exc
+        else:
+            error = None
+        with self._mutex:
+            self._error = error
+            self._handed = error is None and self._wanted
+            if error is None and not self._wanted:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self._done.set()
+        os.close(self._fd)  # the lock, if handed, stays with the open file
+
+    def take(self, seconds: float) -> bool | None:
+        """Waits at most ``seconds``: True when the lock was handed over, False when it was got
+        while nobody waited and let go again, None when it is still being waited for. Raises
+        what the ``flock`` raised."""
+        with self._mutex:
+            if not self._done.is_set():
+                self._wanted = True
+        self._done.wait(max(seconds, 0.0))
+        with self._mutex:
+            if not self._done.is_set():
+                self._wanted = False
+                return None
+        if self._error is not None:
+            raise self._error
+        return self._handed

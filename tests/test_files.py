@@ -1,13 +1,17 @@
-"""strongroom.files.atomic_write: complete or absent, never wider than asked, no debris."""
+"""strongroom.files: atomic_write (complete or absent, never wider than asked, no debris) and
+BoundedFlock (a bounded wait for a flock that leaks neither the lock nor threads)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
+import threading
+import time
 
 import pytest
 
-from strongroom.files import atomic_write
+from strongroom.files import BoundedFlock, atomic_write
 
 
 def test_creates_with_the_mode_asked_for(tmp_path) -> None:
@@ -42,3 +46,75 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path) -> 
         atomic_write(target, "not bytes")  # type: ignore[arg-type]
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def _nb(fd: int) -> bool:
+    """Whether ``fd`` can take the exclusive lock at once (taken, then let go)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
+
+
+def _eventually(check, seconds: float = 60.0) -> bool:
+    """Whether ``check()`` became true within a generous ``seconds`` (a thread's end)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_bounded_flock_hands_a_later_acquire_the_lock_its_waiter_got(tmp_path) -> None:
+    """Two descriptors of one file (two open files: their flocks conflict, as two processes'
+    do). A wait that ran out leaves its waiter queued; the next acquire takes the lock from it
+    when the holder lets go (no second thread), and the waiter's thread ends."""
+    path = tmp_path / "f"
+    path.write_bytes(b"")
+    mine, holder = os.open(path, os.O_RDONLY), os.open(path, os.O_RDONLY)
+    try:
+        threads = threading.active_count()
+        fcntl.flock(holder, fcntl.LOCK_SH)
+        lock = BoundedFlock(mine, fcntl.LOCK_EX)
+        assert lock.acquire(0.05) is False
+        assert threading.active_count() == threads + 1  # the waiter, still queued
+        got: list[bool] = []
+        later = threading.Thread(target=lambda: got.append(lock.acquire(60.0)))
+        later.start()
+        assert threading.active_count() == threads + 2  # no second waiter
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        later.join(60.0)
+        assert got == [True]
+        assert not _nb(holder)  # held through ``mine``
+        assert _eventually(lambda: threading.active_count() == threads)
+        fcntl.flock(mine, fcntl.LOCK_UN)
+        assert _nb(holder)
+        assert lock.acquire(0.0) is True  # uncontended: at once, no thread
+        assert threading.active_count() == threads
+    finally:
+        os.close(mine)
+        os.close(holder)
+
+
+def test_a_bounded_flocks_waiter_lets_go_when_nobody_waits_any_more(tmp_path) -> None:
+    """The owner gave up and even closed its descriptor: the waiter, on its own descriptor of
+    the same open file, gets the lock when the holder lets go and releases it at once."""
+    path = tmp_path / "f"
+    path.write_bytes(b"")
+    holder = os.open(path, os.O_RDONLY)
+    try:
+        threads = threading.active_count()
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        mine = os.open(path, os.O_RDONLY)
+        try:
+            assert BoundedFlock(mine, fcntl.LOCK_SH).acquire(0.05) is False
+        finally:
+            os.close(mine)
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        assert _eventually(lambda: threading.active_count() == threads)
+        assert _nb(holder)
+    finally:
+        os.close(holder)

@@ -194,7 +194,7 @@ from strongroom import jsonparse
 from strongroom.closing import Closing
 from strongroom.cryptoparse import KEY_PARSE_ERRORS, ed25519_private_key
 from strongroom.errors import DataLoss, InvalidArgument, StrongroomError
-from strongroom.files import flock_within
+from strongroom.files import BoundedFlock, flock_within
 from strongroom.identifiers import DECISION_ID_PATTERN, KEY_ID_PATTERN
 from strongroom.keybroker.audit_head import (
     FILE_BYTES,
@@ -237,10 +237,21 @@ _ACTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 # uncached (1,000 files: 0.79 s; 100: 97 ms; tests/bench/audit_start.py), so about 6,000 retained
 # files reach this bound on a local disk, fewer on slower storage. Of the broker's processes only
 # one whose log is a file another has since sealed waits here for a start (any other waits first,
-# without bound, for the log's own flock, which the start holds too); audit verify does when its
-# first check fails. A disk so slow that five syncs take longer refuses the releases of that
-# moment, as a failed write does.
+# for the log's own flock, which the start holds too); audit verify does when its first check
+# fails. A disk so slow that five syncs take longer refuses the releases of that moment, as a
+# failed write does.
 DIR_LOCK_WAIT_SECONDS = 5.0
+# The longest the broker (each commit, rotation and start) and audit verify's snapshot wait for
+# the log file's own ``flock`` (then AUDIT_UNAVAILABLE, logged at ERROR): any process that can
+# open the log for reading can hold it for ever (flock needs no write access). Its legitimate
+# holders: a commit (a write, an fsync and a head's fdatasync: milliseconds), audit verify (a
+# shared lock while it reads a head and a length: microseconds), a commit that rotates and a
+# start, each of which may wait DIR_LOCK_WAIT_SECONDS for the directory while holding this lock
+# and then do the work that bound is sized for under it (a start's check of the sealed files
+# reaches it at about 6,000 files). Twice that bound: a legitimate holder is never given up on
+# while it is within its own. The wait is in the kernel's queue (strongroom.files.BoundedFlock),
+# as fair between the brokers of one host as the blocking flock it replaces.
+LOG_LOCK_WAIT_SECONDS = 2 * DIR_LOCK_WAIT_SECONDS
 
 
 class Decision(enum.Enum):
@@ -366,6 +377,30 @@ def directory_locked(directory: Path) -> str:
         "for milliseconds, a start about a millisecond per sealed file); find the holder "
         "(fuser, lsof) and stop it"
     )
+
+
+def log_locked(path: Path, waited: float) -> str:
+    """Why the audit log could not be locked: another process held its ``flock`` for all of the
+    ``waited`` seconds."""
+    return (
+        f"the audit log {path} is locked by another process: its flock was held for the "
+        f"{waited:g} s waited (a commit holds it for milliseconds; find the holder with "
+        "fuser -v or lsof on that file)"
+    )
+
+
+def _take_log_lock(lock: BoundedFlock, path: Path) -> None:
+    """Takes the log's exclusive ``flock`` (``lock``) within :data:`LOG_LOCK_WAIT_SECONDS`;
+    AuditUnavailable if another process held it that long (logged at ERROR, naming the file)
+    or if it cannot be taken at all."""
+    try:
+        locked = lock.acquire(LOG_LOCK_WAIT_SECONDS)
+    except OSError as exc:
+        raise AuditUnavailable(f"cannot lock the audit log: {exc.strerror}") from None
+    if not locked:
+        message = log_locked(path, LOG_LOCK_WAIT_SECONDS)
+        _log.error(message, extra={"reason": Reason.AUDIT_UNAVAILABLE.value})
+        raise AuditUnavailable(message)
 
 
 def head_path(log_path: Path) -> Path:
@@ -571,6 +606,7 @@ class AuditLog(Closing):
         self._public = signing_key.public_key()
         self._clock = clock
         self._fd = fd
+        self._log_lock = BoundedFlock(fd, fcntl.LOCK_EX)
         self._dir_fd = dir_fd
         self._head = HeadFile(
             self._head_path,
@@ -940,10 +976,9 @@ class AuditLog(Closing):
 
     @contextlib.contextmanager
     def _flocked(self) -> Iterator[None]:
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            raise AuditUnavailable(f"cannot lock the audit log: {exc.strerror}") from None
+        """The log's ``flock``, waited for at most :data:`LOG_LOCK_WAIT_SECONDS` (else
+        AuditUnavailable, logged at ERROR: who holds it is for the operator to find)."""
+        _take_log_lock(self._log_lock, self._path)
         try:
             yield
         finally:
@@ -1302,11 +1337,12 @@ class AuditLog(Closing):
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(errno.EINVAL, f"the audit log {self._path} is not a regular file")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            log_lock = BoundedFlock(fd, fcntl.LOCK_EX)
+            _take_log_lock(log_lock, self._path)
         except BaseException:
             os.close(fd)
             raise
-        old, self._fd = self._fd, fd
+        old, self._fd, self._log_lock = self._fd, fd, log_lock
         with contextlib.suppress(OSError):
             os.close(old)  # releases the sealed file's lock
         self._head.close()

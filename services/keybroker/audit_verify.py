@@ -26,13 +26,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from strongroom import jsonparse
 from strongroom.errors import InvalidArgument, NotFound
-from strongroom.files import flock_within, shared_flock
+from strongroom.files import LockHeld, flock_within, shared_flock
+from strongroom.keybroker import audit
 from strongroom.keybroker.audit import (
     DIR_LOCK_WAIT_SECONDS,
     MAX_BATCH_RECORDS,
     MAX_RECORD_BYTES,
     directory_locked,
     head_path,
+    log_locked,
     record_hash,
     record_signed_by,
 )
@@ -111,25 +113,35 @@ def signing_key_summary(counts: Mapping[str, int]) -> str:
     return "; granted releases by release-signing key: " + ", ".join(named)
 
 
-def _snapshot(fd: int | None, hpath: Path) -> tuple[bytes | None, int]:
-    """The head's bytes (None if there is no head file) and the length of the log open as ``fd``
-    (None: there is no log file), read between two commits: under a shared ``flock`` of the log,
-    which every commit holds exclusively.
+def _snapshot(fd: int | None, path: Path, hpath: Path) -> tuple[bytes | None, int]:
+    """The head's bytes (None if there is no head file) and the length of the log ``path`` open
+    as ``fd`` (None: there is no log file), read between two commits: under a shared ``flock``
+    of the log, which every commit holds exclusively.
 
-    A commit in progress is waited for (a writer stuck inside one, on a hung disk, holds this up
-    too).
+    A commit in progress is waited for, at most :data:`~strongroom.keybroker.audit.LOG_LOCK_WAIT_SECONDS`
+    (anyone who can open the log can hold its lock for ever; a writer stuck inside a commit, on
+    a hung disk, too): then ``AuditUnavailable``, the check not made.
     """
-    with shared_flock(fd) if fd is not None else contextlib.nullcontext():
-        try:
-            head = open_regular(hpath)
-        except FileNotFoundError:
-            return None, 0 if fd is None else os.fstat(fd).st_size
-        try:
-            # Bounded: the writer waits while this lock is held, whatever sits in the file.
-            raw_head = os.pread(head, FILE_BYTES + 1, 0)
-        finally:
-            os.close(head)
-        return raw_head, 0 if fd is None else os.fstat(fd).st_size
+    waited = audit.LOG_LOCK_WAIT_SECONDS  # read now: tests shorten it
+    try:
+        with shared_flock(fd, seconds=waited) if fd is not None else contextlib.nullcontext():
+            return _read_snapshot(fd, hpath)
+    except LockHeld:
+        raise AuditUnavailable(log_locked(path, waited)) from None
+
+
+def _read_snapshot(fd: int | None, hpath: Path) -> tuple[bytes | None, int]:
+    """:func:`_snapshot`'s reads, under its lock."""
+    try:
+        head = open_regular(hpath)
+    except FileNotFoundError:
+        return None, 0 if fd is None else os.fstat(fd).st_size
+    try:
+        # Bounded: the writer waits while this lock is held, whatever sits in the file.
+        raw_head = os.pread(head, FILE_BYTES + 1, 0)
+    finally:
+        os.close(head)
+    return raw_head, 0 if fd is None else os.fstat(fd).st_size
 
 
 def verify_audit_log(
@@ -301,7 +313,7 @@ def _verify_audit_log(
 
     with stream:
         if given_head is None:
-            raw_head, remaining = _snapshot(None if log_missing else stream.fileno(), hpath)
+            raw_head, remaining = _snapshot(None if log_missing else stream.fileno(), path, hpath)
         else:  # a sealed log: no commit writes it
             raw_head, remaining = (
                 given_head,

@@ -37,20 +37,23 @@ T = TypeVar("T")
 # Generous: the product gives up after DIR_LOCK_WAIT_SECONDS; this only ends a test that hangs.
 _TEST_WAIT_SECONDS = 60.0
 
+# Read-only, as a shipper with the audit volume mounted read-only opens the files: enough for
+# either lock.
 _HOLDER = """
 import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
-fcntl.flock(fd, fcntl.LOCK_EX)
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, getattr(fcntl, sys.argv[2]))
 print("held", flush=True)
 sys.stdin.read()  # until the test closes it
 """
 
 
 @contextmanager
-def _held(directory: Path) -> Iterator[None]:
-    """Another process holds ``directory``'s exclusive ``flock`` for the block."""
+def _held(path: Path, operation: str = "LOCK_EX") -> Iterator[None]:
+    """Another process holds the ``flock`` of ``path`` (a directory or a file, opened read-only)
+    for the block: exclusively, or shared with ``operation="LOCK_SH"``."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, str(directory)],
+        [sys.executable, "-c", _HOLDER, str(path), operation],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -35,6 +35,7 @@ from strongroom.attestation.release_signature import (
 from strongroom.dev.devstack import read_audit_records
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import InvalidArgument, PermissionDenied, StrongroomError, Unavailable
+from strongroom.keybroker import audit as audit_module
 from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
 from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.challenge import ChallengeIssuer
@@ -55,6 +56,7 @@ from tests.keybroker.helpers import (
     ec_spki_on_an_unsupported_curve,
     replace_keeping_mtime,
 )
+from tests.keybroker.test_audit_dirlock import _held, _within_test_wait
 
 
 @dataclass
@@ -475,6 +477,29 @@ def _real_audit_engine(
         **{"collateral": authority.collateral_source(), **engine_args},
     )
     return engine, tmp_path / "audit.log"
+
+
+def test_a_release_is_refused_while_another_process_holds_the_audit_logs_lock(
+    authority, tmp_path, monkeypatch, caplog
+) -> None:
+    """A process that can read the audit log (the shipper) holds its ``flock``: the release
+    waited for it without bound. Now it is refused within the bound, as when the log cannot be
+    written (AUDIT_UNAVAILABLE, the HSM never asked, the refusal logged and counted), and the
+    next release, the holder gone, is granted and recorded."""
+    monkeypatch.setattr(audit_module, "LOG_LOCK_WAIT_SECONDS", 0.2)
+    engine, log = _real_audit_engine(authority, tmp_path)
+    request = _request(engine, authority)
+    with _held(log, "LOCK_SH"), pytest.raises(AuditUnavailable) as refused:
+        _within_test_wait(lambda: engine.release(request, CALLER))
+    assert refused.value.reason == "AUDIT_UNAVAILABLE"
+    assert "is locked by another process" in refused.value.message
+    assert engine._keys.calls == []
+    [denied] = [r for r in caplog.records if r.getMessage() == "key release denied"]
+    assert denied.reason == "AUDIT_UNAVAILABLE"  # type: ignore[attr-defined]
+    assert read_audit_records(log) == []
+    engine.release(_request(engine, authority), CALLER)
+    assert [r["decision"] for r in read_audit_records(log)] == ["allowed"]
+    assert verify_audit_log(log).intact
 
 
 @pytest.mark.parametrize("key_id", ["", "Model-A", "a\nb", "k" * 100])
