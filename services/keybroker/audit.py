@@ -151,11 +151,17 @@ the directory's locks (no commit, rotation or verify meanwhile), and more with e
 
 **Concurrency.** Within a process, one caller at a time commits (others queue, as above); across
 processes on the same host, ``flock`` on the log file serialises commits, and each commit re-reads
-the tail if another process moved it. :func:`~strongroom.keybroker.audit_verify.verify_audit_log`
+the tail if another process moved it. That lock is waited for at most
+:data:`LOG_LOCK_WAIT_SECONDS`, by every commit, the start and a rotation's switch to the new log:
+any process that can open the log, for reading alone, can take it and keep it (then
+``AuditUnavailable``, the batch refused as on a failed write, logged at ERROR naming the file).
+The wait is the kernel's own (:class:`~strongroom.files.BoundedFlock`), so the processes sharing a
+log take turns as they did with a blocking ``flock``; a ``LOCK_NB`` poll would be starved by them. :func:`~strongroom.keybroker.audit_verify.verify_audit_log`
 takes a *shared* ``flock`` only for as long as it reads the head and the log's length, then checks
 the log up to that length: a snapshot between two commits, so a log being written is never
 reported truncated, cut off or unanchored because a commit was under way (the writer waits
-microseconds, not for the check). It opens both files without blocking and reads them only if they
+microseconds, not for the check; the check waits for that lock as long as a commit does, then
+stops with ``AuditUnavailable``). It opens both files without blocking and reads them only if they
 are regular files (the log before locking it), so a FIFO put in the place of either can neither
 hang the check nor, through the lock, the broker's commits.
 """

@@ -18,7 +18,8 @@ by the first 16 hex digits of its id; "not named": releases recorded before reco
 
 Exit status 0 when intact (a one-line summary on stdout), 2 when not (the first bad file or record
 and the problem on stderr), 1 when it could not check (why, on stderr: a file it cannot read or
-that is a link, no log, files of several logs): not verified either. Each is one line, non-printable characters shown escaped. Without
+that is a link, no log, files of several logs, a log or directory another process keeps locked):
+not verified either. Each is one line, non-printable characters shown escaped. Without
 ``--public-key`` the chain and the head's count are checked but not the head's signature, and the
 summary says so. A running broker's log can be checked in place: the check covers the log as it
 stood between two commits, and a directory whose series does not verify is listed and checked
