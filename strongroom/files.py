@@ -221,11 +221,17 @@ class _FlockWaiter:
         with self._mutex:
             if not self._done.is_set():
                 self._wanted = True
-        self._done.wait(max(seconds, 0.0))
-        with self._mutex:
-            if not self._done.is_set():
-                self._wanted = False
-                return None
+        try:
+            self._done.wait(max(seconds, 0.0))
+        finally:
+            # Also when a signal's handler raised in this thread: nobody waits any more, so a
+            # lock got later is let go, not kept for a caller who has left.
+            with self._mutex:
+                waiting = not self._done.is_set()
+                if waiting:
+                    self._wanted = False
+        if waiting:
+            return None
         if self._error is not None:
             raise self._error
         return self._handed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import stat
 import threading
 import time
@@ -117,4 +118,35 @@ def test_a_bounded_flocks_waiter_lets_go_when_nobody_waits_any_more(tmp_path) ->
         assert _eventually(lambda: threading.active_count() == threads)
         assert _nb(holder)
     finally:
+        os.close(holder)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise _Interrupted
+
+
+def test_a_bounded_flocks_waiter_lets_go_when_its_caller_was_interrupted(tmp_path) -> None:
+    """A signal's handler raised in the waiting caller (SIGINT, say): the caller has left, so
+    the lock its waiter gets later is let go at once, not kept for nobody."""
+    path = tmp_path / "f"
+    path.write_bytes(b"")
+    mine, holder = os.open(path, os.O_RDONLY), os.open(path, os.O_RDONLY)
+    previous = signal.signal(signal.SIGALRM, _interrupt)
+    try:
+        threads = threading.active_count()
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(_Interrupted):
+            BoundedFlock(mine, fcntl.LOCK_EX).acquire(60.0)
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        assert _eventually(lambda: threading.active_count() == threads)
+        assert _nb(holder)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        os.close(mine)
         os.close(holder)
