@@ -18,9 +18,10 @@ from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.artifact.stream import BufferedStreamDecryptor
+from strongroom.client.cancel import CallScope
 from strongroom.dev.devstack import DevStack
 from strongroom.inference.autoload import ConfiguredLoads
-from strongroom.inference.loader import ModelBusy
+from strongroom.inference.loader import ModelBusy, ModelLock
 from strongroom.inference.models import ModelState
 from strongroom.inference.server import InferenceServer
 from tests.e2e.publishing import publish
@@ -520,3 +521,19 @@ def test_a_retry_whose_model_an_operator_loaded_before_it_took_the_lock_ends(
     assert inference.repository.status("between").default_version == "2"
     assert inference.repository.version_state("between", "1") is not ModelState.READY
     assert buffers.allocated == 1
+
+
+def test_a_configured_load_gives_way_to_a_load_about_to_take_the_lock() -> None:
+    """A configured model's load (which does not wait for the model's lock) took the lock from
+    under an operator's LoadModel that had registered and not yet taken it: the LoadModel then
+    waited for that load and loaded the version again (an explicit load reloads: README
+    "Faults"), a second download and key release. It now gives way (ModelBusy, looked at
+    again later), and the LoadModel takes the lock."""
+    lock = ModelLock()
+    operator = lock.enter("1")
+    configured = lock.enter("1")
+    assert not lock.acquire(CallScope(), configured, wait=False)
+    assert lock.acquire(CallScope(), operator)
+    lock.release()
+    operator.leave()
+    assert lock.acquire(CallScope(), configured, wait=False)  # once nothing else waits
