@@ -212,13 +212,14 @@ class ModelLoader:
         must not wait out another's load, nor take the lock from under an operator's LoadModel
         about to take it, which would then wait for this load and load the version again).
 
-        ``retry_of`` marks a retry: whether the version still waits for it (its failure still
-        listed), asked once the load is registered where an unload aborts it, and again once it
-        has the model's lock (another load of the model it waited for may have loaded the
-        version, or another); if not (an unload or a load came meanwhile), ModelUnloaded and
-        nothing is loaded. Asked before registering, an unload between the question and the
-        registration reached neither, and the retry loaded the version again after the unload
-        had returned.
+        ``retry_of`` marks a load another may overtake (a configured model's, its first attempt
+        included, or a LoadModel's after a back-off): whether the version still waits for it
+        (the caller's to say: not loaded, unloaded, nor served by another version meanwhile),
+        asked once the load is registered where an unload aborts it, and again once it has the
+        model's lock (another load of the model may have loaded the version, or another); if
+        not, ModelUnloaded and nothing is loaded. Asked before registering, an
+        unload between the question and the registration reached neither, and the retry loaded
+        the version again after the unload had returned.
 
         ``header_sha256`` pins the artifact: the SHA-256 of its authenticated header (a multi-part
         model's manifest's), as ``model publish`` prints it. The header binds the creation time,
