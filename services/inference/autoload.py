@@ -26,9 +26,12 @@ own:
   ``failed_load_retry_seconds`` retries no slow failure (what the server did before).
 
 The retries of a version end when it loads (its retry's load, or an operator's LoadModel), when
-an operator unloads it, when a version of the model that the configuration does not list serves
-it (an operator loaded it instead: a retry succeeding later made the configured version the
-default again), or when the server stops. An operator's LoadModel of it that fails does not end
+an operator unloads it or its model (for good: an operator's LoadModel after the unload that
+fails lists the version failed again, and the retries went on from that, loading the model
+behind the operator's back; :meth:`ModelRepository.unloaded_while_retried`), when a version of
+the model that the configuration does not list serves it (an operator loaded it instead: a
+retry succeeding later made the configured version the default again), or when the server
+stops. An operator's LoadModel of it that fails does not end
 them: the configuration still lists the version and the server is not ready without it (a
 LoadModel refused for a moment, UNAVAILABLE, would otherwise leave it unloaded for good). An
 attempt, the first one too, that finds another load of the model under way (of this version or
@@ -322,8 +325,10 @@ class ConfiguredLoads:
         return True
 
     def _still_wanted(self, version: _Version) -> Callable[[], bool]:
-        """Whether ``version``'s load is still wanted: it is not loaded (an operator's
-        LoadModel); once tried, its failure is listed or another load of it is under way (an operator's
+        """Whether ``version``'s load is still wanted: no operator has unloaded it (or its model)
+        since its retries began (a LoadModel after the unload that failed lists it FAILED
+        again: the unload still ends them); it is not loaded (an operator's LoadModel); once
+        tried, its failure is listed or another load of it is under way (an operator's
         LoadModel begun since the retry looked: the retry finds the model's lock taken, and
         looks again once that load has ended); and no version the configuration does not list
         serves the model (an operator's LoadModel of another version: a retry that loaded this
@@ -331,6 +336,8 @@ class ConfiguredLoads:
         ref, tried = version.ref, version.tried
 
         def still_wanted() -> bool:
+            if self._repository.unloaded_while_retried(ref.name, ref.version):
+                return False
             state = self._repository.version_state(ref.name, ref.version)
             if state is ModelState.READY or (tried and state is None):
                 return False

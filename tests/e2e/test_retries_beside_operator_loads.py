@@ -608,6 +608,49 @@ def test_a_first_attempt_beside_a_loadmodel_of_its_version_does_not_load_it_agai
     assert _released(stack, "firstlook") == 1
 
 
+def test_an_unload_then_a_failed_loadmodel_does_not_bring_the_retries_back(
+    stack: DevStack, model_path: Path, stopped: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator unloaded a configured model whose retries waited (the broker's policy
+    denied it), then tried a LoadModel of it, which the policy still denied: the version was
+    listed FAILED again, the retry took that for its own failure and went on, and loaded the
+    model behind the operator's back once the policy allowed it. An explicit unload now ends
+    the retries for good; only an explicit LoadModel loads the version again."""
+    inference = _denied(stack, model_path, "unloaded")
+    downloads = Downloads(stack, monkeypatch)
+    held = HeldRetries(inference, monkeypatch, at="attempt")
+    control = control_grpc.ModelControlServiceStub(
+        stack.channel(stack.identity("admin"), "inference")
+    )
+    inference.load_configured_models()
+    (loader_thread,) = inference._threads
+    try:
+        assert held.reached.wait(30)  # the first load failed; its retry is held
+        assert _failed_with(inference, "unloaded") == "MEASUREMENT_NOT_ALLOWED"
+        control.UnloadModel(control_pb.UnloadModelRequest(name="unloaded", version="1"), timeout=30)
+        with ThreadPoolExecutor(1) as pool:
+            _refused_loadmodel(
+                pool.submit(
+                    control.LoadModel,
+                    control_pb.LoadModelRequest(name="unloaded", version="1"),
+                    timeout=60,
+                )
+            )
+        assert _failed_with(inference, "unloaded") == "MEASUREMENT_NOT_ALLOWED"
+        _allow(stack, "unloaded")
+        loaded_before = downloads.names.count("unloaded")
+    finally:
+        held.go_on.set()
+    assert wait_until(lambda: not loader_thread.is_alive(), 30)
+    assert not inference.repository.is_ready("unloaded")
+    assert _released(stack, "unloaded") == 0
+    assert downloads.names.count("unloaded") == loaded_before
+    # The operator's own LoadModel still loads it.
+    control.LoadModel(control_pb.LoadModelRequest(name="unloaded", version="1"), timeout=60)
+    assert inference.repository.is_ready("unloaded", "1")
+    assert _released(stack, "unloaded") == 1
+
+
 def test_a_configured_load_gives_way_to_a_load_about_to_take_the_lock() -> None:
     """A configured model's load (which does not wait for the model's lock) took the lock from
     under an operator's LoadModel that had registered and not yet taken it: the LoadModel then
