@@ -26,19 +26,33 @@ own:
   ``failed_load_retry_seconds`` retries no slow failure (what the server did before).
 
 The retries of a version end when it loads (its retry's load, or an operator's LoadModel), when
-an operator unloads it, when a version of the model that the configuration does not list serves
-it (an operator loaded it instead: a retry succeeding later made the configured version the
-default again), or when the server stops. An operator's LoadModel of it that fails does not end
+an operator unloads it or its model (for good: an operator's LoadModel after the unload that
+fails lists the version failed again, and the retries went on from that, loading the model
+behind the operator's back; :meth:`ModelRepository.unloaded_while_retried`), when a version of
+the model that the configuration does not list serves it (an operator loaded it instead: a
+retry succeeding later made the configured version the default again), or when the server
+stops. An operator's LoadModel of it that fails does not end
 them: the configuration still lists the version and the server is not ready without it (a
-LoadModel refused for a moment, UNAVAILABLE, would otherwise leave it unloaded for good). A retry
-that finds another load of the model under way (of this version or another: it holds the
-model's lock) looks again ``soon_initial`` later rather than wait for it, with no StatModel and
-nothing counted: this one thread runs every configured model's retries, and waiting out a load
-(up to the loader's timeout) held back all of them. Once that load has ended the retry goes on
-only if the version is still failed and no version the configuration does not list serves the
-model (asked again once the retry holds the lock: :meth:`ModelLoader.load`'s ``retry_of``).
-Loads of one model, whatever their versions, run one at a time (the loader's lock per model), so
-a LoadModel beside a retry holds no plaintext buffer of the model while the retry's load does.
+LoadModel refused for a moment, UNAVAILABLE, would otherwise leave it unloaded for good). An
+attempt, the first one too, that finds another load of the model under way (of this version or
+another: it holds the model's lock, or is registered to take it) looks again ``soon_initial``
+later rather than wait for it, with no StatModel and nothing counted: this one thread runs every
+configured model's loads, and waiting out a load (up to the loader's timeout) held back all of
+them; and a first attempt that waited behind an operator's LoadModel of its version loaded it
+again once that had loaded it. Once that load has ended the attempt goes on only if the version
+is still not loaded (once tried: still failed) and no version the configuration does not list
+serves the model (asked again once the attempt holds the lock: :meth:`ModelLoader.load`'s
+``retry_of``). Loads of one model, whatever their versions, run one at a time (the loader's lock
+per model), so a LoadModel beside a retry holds no plaintext buffer of the model while the
+retry's load does; a LoadModel that comes while a retry loads the version waits for it and then
+loads the version again (an explicit load reloads, as Triton's does: how an artifact published
+again is picked up).
+
+One thread runs the configured models' loads, one at a time, so that a pod sized for its largest
+model holds one plaintext buffer for them: a retry whose own download stalls holds the other
+configured models' attempts back until it ends (``inference.load_timeout_seconds``, 600 s, at
+most). A thread per model would not, but each would hold its buffer at once.
+
 A new configuration is a new server (the service reads it at start), so retries of a model the
 new one no longer lists end with the old one.
 
@@ -204,9 +218,14 @@ class ConfiguredLoads:
     def _attempt(self, version: _Version) -> bool:
         """Tries ``version`` once; whether it is to be tried again."""
         ref = version.ref
-        if version.tried and self._loading_elsewhere(ref):
+        # The first attempt too: it waited for the model's lock behind an operator's LoadModel
+        # of the version and then loaded it again (a second download and key release).
+        # Postponed rather than waiting for that load's outcome: this one thread runs every
+        # configured model's loads, and the look after it asks whether it loaded the version.
+        if self._loading_elsewhere(ref):
             return self._postponed(version)
-        if version.tried and not self._still_failed(ref)():
+        still_wanted = self._still_wanted(version)
+        if not still_wanted():
             log.info(
                 "model %s was unloaded or loaded (or another version of it) meanwhile: no "
                 "longer retried",
@@ -220,9 +239,8 @@ class ConfiguredLoads:
             return False
         if version.refused is not None and entry == version.refused[0]:
             return self._unchanged(version)
-        # A retry asks whether the version still waits for it once registered where an unload
-        # aborts it (ModelLoader.load's retry_of).
-        retry_of = self._still_failed(ref) if version.tried else None
+        # Asked again once registered where an unload aborts it, and once it holds the lock
+        # (ModelLoader.load's retry_of).
         version.tried = True
         try:
             self._loader.load(
@@ -230,8 +248,8 @@ class ConfiguredLoads:
                 ref.version,
                 header_sha256=ref.pin,
                 scope=self._scope,
-                retry_of=retry_of,
-                wait=retry_of is None,
+                retry_of=still_wanted,
+                wait=False,
             )
         except ModelBusy:  # a load of the model began since _loading_elsewhere looked
             return self._postponed(version)
@@ -306,16 +324,22 @@ class ConfiguredLoads:
         )
         return True
 
-    def _still_failed(self, ref: ModelRef) -> Callable[[], bool]:
-        """Whether ``ref``'s retry is still wanted: its failure is listed, or another load of it
-        is under way (an operator's LoadModel begun since the retry looked: the retry finds the
-        model's lock taken, and looks again once that load has ended), and
-        no version the configuration does not list serves the model (an operator's LoadModel of
-        another version: a retry that loaded this one later made it the default again)."""
+    def _still_wanted(self, version: _Version) -> Callable[[], bool]:
+        """Whether ``version``'s load is still wanted: no operator has unloaded it (or its model)
+        since its retries began (a LoadModel after the unload that failed lists it FAILED
+        again: the unload still ends them); it is not loaded (an operator's LoadModel); once
+        tried, its failure is listed or another load of it is under way (an operator's
+        LoadModel begun since the retry looked: the retry finds the model's lock taken, and
+        looks again once that load has ended); and no version the configuration does not list
+        serves the model (an operator's LoadModel of another version: a retry that loaded this
+        one later made it the default again)."""
+        ref, tried = version.ref, version.tried
 
-        def still_failed() -> bool:
+        def still_wanted() -> bool:
+            if self._repository.unloaded_while_retried(ref.name, ref.version):
+                return False
             state = self._repository.version_state(ref.name, ref.version)
-            if state is not ModelState.FAILED and state is not ModelState.LOADING:
+            if state is ModelState.READY or (tried and state is None):
                 return False
             try:
                 serving = self._repository.status(ref.name).default_version
@@ -323,7 +347,7 @@ class ConfiguredLoads:
                 return False
             return serving is None or (ref.name, serving) in self._configured
 
-        return still_failed
+        return still_wanted
 
     def _failed(self, version: _Version, exc: StrongroomError) -> bool:
         how = self._schedule.retried(exc)

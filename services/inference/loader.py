@@ -124,7 +124,8 @@ class LoadResult:
 
 
 class ModelBusy(Unavailable):
-    """Another load of the model holds its lock (:meth:`ModelLoader.load` without ``wait``).
+    """Another load of the model holds its lock, or waits to take it (:meth:`ModelLoader.load`
+    without ``wait``).
     Raised here only, never made from a peer's answer: a store or broker sending this reason
     does not make a configured retry look again every second."""
 
@@ -207,15 +208,18 @@ class ModelLoader:
         """Loads ``name``/``version`` and makes it the default version; raises on failure.
 
         ``wait`` False: :class:`ModelBusy` at once, nothing loaded, if another load of the model
-        holds its lock (a configured retry: its one thread must not wait out another's load).
+        holds its lock or is registered to take it (a configured model's load: its one thread
+        must not wait out another's load, nor take the lock from under an operator's LoadModel
+        about to take it, which would then wait for this load and load the version again).
 
-        ``retry_of`` marks a retry: whether the version still waits for it (its failure still
-        listed), asked once the load is registered where an unload aborts it, and again once it
-        has the model's lock (another load of the model it waited for may have loaded the
-        version, or another); if not (an unload or a load came meanwhile), ModelUnloaded and
-        nothing is loaded. Asked before registering, an unload between the question and the
-        registration reached neither, and the retry loaded the version again after the unload
-        had returned.
+        ``retry_of`` marks a load another may overtake (a configured model's, its first attempt
+        included, or a LoadModel's after a back-off): whether the version still waits for it
+        (the caller's to say: not loaded, unloaded, nor served by another version meanwhile),
+        asked once the load is registered where an unload aborts it, and again once it has the
+        model's lock (another load of the model may have loaded the version, or another); if
+        not, ModelUnloaded and nothing is loaded. Asked before registering, an
+        unload between the question and the registration reached neither, and the retry loaded
+        the version again after the unload had returned.
 
         ``header_sha256`` pins the artifact: the SHA-256 of its authenticated header (a multi-part
         model's manifest's), as ``model publish`` prints it. The header binds the creation time,
@@ -634,9 +638,12 @@ class ModelLock:
         self, scope: CallScope | None = None, ticket: _Ticket | None = None, *, wait: bool = True
     ) -> bool:
         """Takes the lock; False if ``scope`` ended first (without a scope, waits for ever),
-        ``ticket`` was aborted, or, without ``wait``, another load holds it."""
+        ``ticket`` was aborted, or, without ``wait``, another load holds it or is registered to
+        take it (a load that does not wait gives way to one that does)."""
         scope = scope if scope is not None else CallScope()
         with self._condition:
+            if not wait and any(t is not ticket for t in self._tickets):
+                return False
             remove = scope.on_cancel(self._wake)
             try:
                 while self._held:

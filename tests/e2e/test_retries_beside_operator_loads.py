@@ -18,9 +18,10 @@ from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.artifact.stream import BufferedStreamDecryptor
+from strongroom.client.cancel import CallScope
 from strongroom.dev.devstack import DevStack
 from strongroom.inference.autoload import ConfiguredLoads
-from strongroom.inference.loader import ModelBusy
+from strongroom.inference.loader import ModelBusy, ModelLock
 from strongroom.inference.models import ModelState
 from strongroom.inference.server import InferenceServer
 from tests.e2e.publishing import publish
@@ -28,6 +29,7 @@ from tests.e2e.stalling import StallOnce
 from tests.e2e.test_configured_retries import (
     OTHER_MEASUREMENT,
     _failed_with,
+    _released,
     _set_policy,
     _start,
 )
@@ -151,6 +153,23 @@ def test_a_retry_under_way_still_shows_the_failure_it_retries(
     oip.ModelMetadata(oip_pb.ModelMetadataRequest(name="watched"), timeout=30)
 
 
+class _FirstAttempts:
+    """Tells a configured model's retries (ModelLoader.load with ``retry_of``, after the first
+    such call for its version) from its first attempt and from an operator's LoadModel."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[Any, ...]] = set()
+
+    def passes(self, *args: Any, **kwargs: Any) -> bool:
+        """Whether this call to ModelLoader.load is not a retry."""
+        if kwargs.get("retry_of") is None:
+            return True
+        if args[:2] in self._seen:
+            return False
+        self._seen.add(args[:2])
+        return True
+
+
 class HeldRetries:
     """Holds each configured retry until :attr:`go_on` is set: at the start of its attempt
     (``at="attempt"``: before it looks at the version's state), or at the start of its load
@@ -165,9 +184,10 @@ class HeldRetries:
         self.busy = 0  # (``at="load"``) retries that found the model's lock taken
         if at == "load":
             load = inference.loader.load
+            first = _FirstAttempts()
 
             def held_load(*args: Any, **kwargs: Any) -> Any:
-                if kwargs.get("retry_of") is None:
+                if first.passes(*args, **kwargs):
                     return load(*args, **kwargs)
                 self._hold()
                 try:
@@ -487,11 +507,12 @@ def test_a_retry_whose_model_an_operator_loaded_before_it_took_the_lock_ends(
     asked = threading.Event()
     go_on = threading.Event()
     load = inference.loader.load
+    first = _FirstAttempts()
 
     def held_after_first_question(*args: Any, **kwargs: Any) -> Any:
-        retry_of = kwargs.get("retry_of")
-        if retry_of is None:
+        if first.passes(*args, **kwargs):
             return load(*args, **kwargs)
+        retry_of = kwargs["retry_of"]
         questions = 0
 
         def asking() -> bool:
@@ -520,3 +541,127 @@ def test_a_retry_whose_model_an_operator_loaded_before_it_took_the_lock_ends(
     assert inference.repository.status("between").default_version == "2"
     assert inference.repository.version_state("between", "1") is not ModelState.READY
     assert buffers.allocated == 1
+
+
+class Downloads:
+    """Counts the model store's downloads (its storage's opens, one per GetModel) by name."""
+
+    def __init__(self, stack: DevStack, monkeypatch: pytest.MonkeyPatch) -> None:
+        storage = stack.services["modelstore"].handle.storage
+        self.names: list[str] = []
+        open_artifact = storage.open
+
+        def counted(name: str, version: str, **kwargs: Any) -> Any:
+            self.names.append(name)
+            return open_artifact(name, version, **kwargs)
+
+        monkeypatch.setattr(storage, "open", counted)
+
+
+def test_a_first_attempt_beside_a_loadmodel_of_its_version_does_not_load_it_again(
+    stack: DevStack,
+    model_path: Path,
+    stopped: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A configured model's first attempt came while an operator's LoadModel of the same version
+    was downloading it: it waited for the model's lock, then loaded the version the LoadModel
+    had just loaded a second time (a second download, and a second key release the broker
+    granted). It now looks again later, as a retry does, and ends once it finds the version
+    loaded: one download, one release."""
+    stack.create_release_key(stack.identity("admin"), "firstlook", policy_version="1")
+    publish(stack, model_path, "firstlook", "firstlook")
+    downloads = Downloads(stack, monkeypatch)
+    inference = _start(stack, "firstlook")
+    control = control_grpc.ModelControlServiceStub(
+        stack.channel(stack.identity("admin"), "inference")
+    )
+    caplog.set_level(logging.DEBUG, logger="strongroom.inference.autoload")
+    storage = stack.services["modelstore"].handle.storage
+    stall = StallOnce(storage, "1")
+    monkeypatch.setattr(storage, "open", stall)
+
+    def postponed() -> bool:
+        return any("firstlook/1 is being loaded by" in r.getMessage() for r in caplog.records)
+
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            answer: Future[Any] = pool.submit(
+                control.LoadModel,
+                control_pb.LoadModelRequest(name="firstlook", version="1"),
+                timeout=60,
+            )
+            assert stall.stalled.wait(30)  # the LoadModel is downloading it
+            inference.load_configured_models()
+            # The first attempt has come: waiting for the model's lock, or postponed.
+            assert wait_until(
+                lambda: inference.loader.queued("firstlook") == ("1",) or postponed(), 30
+            )
+        finally:
+            stall.go_on.set()
+        answer.result(60)
+    (loader_thread,) = inference._threads
+    assert wait_until(lambda: not loader_thread.is_alive(), 30)
+    assert inference.repository.is_ready("firstlook", "1")
+    assert downloads.names.count("firstlook") == 1
+    assert _released(stack, "firstlook") == 1
+
+
+def test_an_unload_then_a_failed_loadmodel_does_not_bring_the_retries_back(
+    stack: DevStack, model_path: Path, stopped: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator unloaded a configured model whose retries waited (the broker's policy
+    denied it), then tried a LoadModel of it, which the policy still denied: the version was
+    listed FAILED again, the retry took that for its own failure and went on, and loaded the
+    model behind the operator's back once the policy allowed it. An explicit unload now ends
+    the retries for good; only an explicit LoadModel loads the version again."""
+    inference = _denied(stack, model_path, "unloaded")
+    downloads = Downloads(stack, monkeypatch)
+    held = HeldRetries(inference, monkeypatch, at="attempt")
+    control = control_grpc.ModelControlServiceStub(
+        stack.channel(stack.identity("admin"), "inference")
+    )
+    inference.load_configured_models()
+    (loader_thread,) = inference._threads
+    try:
+        assert held.reached.wait(30)  # the first load failed; its retry is held
+        assert _failed_with(inference, "unloaded") == "MEASUREMENT_NOT_ALLOWED"
+        control.UnloadModel(control_pb.UnloadModelRequest(name="unloaded", version="1"), timeout=30)
+        with ThreadPoolExecutor(1) as pool:
+            _refused_loadmodel(
+                pool.submit(
+                    control.LoadModel,
+                    control_pb.LoadModelRequest(name="unloaded", version="1"),
+                    timeout=60,
+                )
+            )
+        assert _failed_with(inference, "unloaded") == "MEASUREMENT_NOT_ALLOWED"
+        _allow(stack, "unloaded")
+        loaded_before = downloads.names.count("unloaded")
+    finally:
+        held.go_on.set()
+    assert wait_until(lambda: not loader_thread.is_alive(), 30)
+    assert not inference.repository.is_ready("unloaded")
+    assert _released(stack, "unloaded") == 0
+    assert downloads.names.count("unloaded") == loaded_before
+    # The operator's own LoadModel still loads it.
+    control.LoadModel(control_pb.LoadModelRequest(name="unloaded", version="1"), timeout=60)
+    assert inference.repository.is_ready("unloaded", "1")
+    assert _released(stack, "unloaded") == 1
+
+
+def test_a_configured_load_gives_way_to_a_load_about_to_take_the_lock() -> None:
+    """A configured model's load (which does not wait for the model's lock) took the lock from
+    under an operator's LoadModel that had registered and not yet taken it: the LoadModel then
+    waited for that load and loaded the version again (an explicit load reloads: README
+    "Faults"), a second download and key release. It now gives way (ModelBusy, looked at
+    again later), and the LoadModel takes the lock."""
+    lock = ModelLock()
+    operator = lock.enter("1")
+    configured = lock.enter("1")
+    assert not lock.acquire(CallScope(), configured, wait=False)
+    assert lock.acquire(CallScope(), operator)
+    lock.release()
+    operator.leave()
+    assert lock.acquire(CallScope(), configured, wait=False)  # once nothing else waits

@@ -359,6 +359,31 @@ def test_a_failed_load_is_replaced_by_the_next_attempt_and_removed_by_unload() -
     assert repo.names() == ("o",)
 
 
+def test_an_unload_while_a_version_is_retried_is_remembered_until_the_retries_end() -> None:
+    """A retried version's state alone did not tell an unload apart: a LoadModel after the
+    unload that failed listed it FAILED again, as before the unload (and its retries went on).
+    An unload of the version, or of its model, is remembered while the retries hold it."""
+    repo = ModelRepository(["m"])
+    error = ModelLoadFailed("refused", reason="KEY_RELEASE_DENIED")
+    with repo.retrying("m", "1"), repo.retrying("m", "2"), repo.retrying("n", "1"):
+        repo.fail("m", "1", error)
+        repo.fail("m", "2", error)
+        repo.fail("n", "1", error)
+        repo.unload("m", "1")
+        repo.fail("m", "1", error)  # a LoadModel after the unload, failed
+        assert repo.unloaded_while_retried("m", "1")
+        assert not repo.unloaded_while_retried("m", "2")
+        repo.unload("n")
+        assert repo.unloaded_while_retried("n", "1")
+    assert not repo.unloaded_while_retried("m", "1")  # forgotten with the retries
+    with repo.retrying("m", "2"):
+        assert not repo.unloaded_while_retried("m", "2")
+        with pytest.raises(ModelNotFound):
+            repo.unload("m", "3")  # nothing unloaded: nothing remembered
+        repo.unload("m")
+        assert repo.unloaded_while_retried("m", "2")
+
+
 def test_unknown_models_and_versions() -> None:
     repo = ModelRepository()
     repo.load("m", "1", onnx_models.adder(1.0))

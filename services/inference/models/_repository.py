@@ -150,6 +150,8 @@ class ModelRepository:
         self._failed: OrderedDict[tuple[str, str], None] = OrderedDict()
         # Versions whose loads wait to be retried (retrying()): their failures are not dropped.
         self._retrying: Counter[tuple[str, str]] = Counter()
+        # Of those, the ones an unload reached while they waited (unloaded_while_retried).
+        self._unloaded_retries: set[tuple[str, str]] = set()
         # Of those, when each reason of their failures was last logged in full (_log_failure).
         self._failure_logged: dict[tuple[str, str], dict[str, float]] = {}
         self._lock = threading.Lock()
@@ -240,7 +242,8 @@ class ModelRepository:
         """Keeps ``version``'s failure listed, whatever the cap, while the block runs: a load
         that retries it decides from :meth:`version_state` whether an operator unloaded it
         meanwhile, and a failure dropped by the cap would read the same (the model would then
-        never be loaded). An unload still removes it."""
+        never be loaded). An unload still removes it, and is remembered until the block ends
+        (:meth:`unloaded_while_retried`)."""
         key = (validate_name(name), validate_version(version))
         with self._lock:
             self._retrying[key] += 1
@@ -252,7 +255,15 @@ class ModelRepository:
                 if self._retrying[key] <= 0:
                     del self._retrying[key]
                     self._failure_logged.pop(key, None)
+                    self._unloaded_retries.discard(key)
                 self._enforce_cap()
+
+    def unloaded_while_retried(self, name: str, version: str) -> bool:
+        """Whether an :meth:`unload` of ``version`` (or of its model) came while a
+        :meth:`retrying` block held it. Its state alone does not say: a LoadModel after the
+        unload that failed lists the version FAILED again, as if the unload had never been."""
+        with self._lock:
+            return (name, version) in self._unloaded_retries
 
     def publish(self, model: LoadedModel, *, loading: VersionStatus | None = None) -> None:
         """Makes ``model`` its name's default version, atomically; older versions beyond
@@ -335,6 +346,9 @@ class ModelRepository:
                 pending = {v: s for v, s in entry.pending.items() if v != version}
             for gone in set(entry.pending) - set(pending):
                 self._failed.pop((name, gone), None)
+            self._unloaded_retries.update(
+                key for key in self._retrying if key[0] == name and version in (None, key[1])
+            )
             default = entry.default if entry.default in ready else next(reversed(ready), None)
             self._put_or_drop(
                 name, _Entry(MappingProxyType(ready), default, MappingProxyType(pending))
