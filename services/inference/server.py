@@ -255,7 +255,7 @@ def build(
         wrap=lambda channel: traced_channel(channel, provider),
     )
     # Until the server is returned, whatever stops the build (its port taken, a SIGTERM at a
-    # checkpoint) closes the broker's channels: they were left open.
+    # checkpoint) closes the broker's channels and the host: they were left open.
     with contextlib.ExitStack() as undo:
         undo.callback(broker_channels.close)
         server = _build_on(
@@ -268,6 +268,7 @@ def build(
             store_channel=store_channel,
             broker_channels=broker_channels,
         )
+        undo.callback(server.host.stop, 0)  # never started: its ports are released
         starting.checkpoint("host")  # its ports bound
         undo.pop_all()
         return server
