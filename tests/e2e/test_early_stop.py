@@ -94,6 +94,10 @@ def _stop(process: subprocess.Popen[str], expect: str) -> tuple[str, str]:
     return out, err
 
 
+def _raw(data: bytes) -> bytes:
+    return data
+
+
 def _lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
 
@@ -242,3 +246,24 @@ def test_a_build_stopped_once_its_host_is_built_releases_the_hosts_ports(
         identity.close()
     assert stopped.value.code == 128 + signal.SIGTERM
     assert _bindable(common.listen) and _bindable(common.health_listen)
+
+
+def test_a_closed_inference_server_has_closed_its_channel_to_the_model_store(
+    stack: DevStack,
+) -> None:
+    """Only the key broker's channels were closed with the inference server: its channel to the
+    model store stayed open (its connection, gRPC's polling of it) until the process ended."""
+    common, config = load_service_config(
+        stack.config_path("inference"), "inference", InferenceConfig
+    )
+    identity = open_identity(common.identity)
+    try:
+        server = inference_server.build(common, config, identity=identity)
+        server.close()
+    finally:
+        identity.close()
+    stat = server.loader._store_channel.unary_unary(
+        "/strongroom.modelstore.v1.ModelStore/Stat", _raw, _raw
+    )
+    with pytest.raises(ValueError, match="closed channel"):
+        stat(b"", timeout=30)
