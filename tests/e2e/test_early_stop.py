@@ -78,14 +78,16 @@ def _start(stack: DevStack, service: str, mode: str, arg: str) -> subprocess.Pop
     )
 
 
-def _stop(process: subprocess.Popen[str], expect: str) -> tuple[str, str]:
-    """Waits for the line ``expect`` on stdout, sends SIGTERM, and returns the rest of stdout
+def _stop(
+    process: subprocess.Popen[str], expect: str, signum: int = signal.SIGTERM
+) -> tuple[str, str]:
+    """Waits for the line ``expect`` on stdout, sends ``signum``, and returns the rest of stdout
     and stderr once the process has ended."""
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
         assert line == f"{expect}\n", line + (process.stderr.read() if process.stderr else "")
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
         # A hang, not a speed: a start that did not stop waits here for good.
         out, err = process.communicate(timeout=60)
     finally:
@@ -118,32 +120,41 @@ def _leftovers(root: Path) -> list[Path]:
     )
 
 
+POINTS = [
+    ("keybroker", "identity"),
+    ("keybroker", "hsm"),
+    ("keybroker", "audit log"),
+    ("keybroker", "keys"),
+    ("keybroker", "host"),
+    ("keybroker", "serving"),
+    ("modelstore", "storage"),
+    ("modelstore", "host"),
+    ("inference", "attester"),
+    ("inference", "host"),
+]
+"""Each service's start-up checkpoints where a test pauses it (strongroom.runtime.starting)."""
+
+
 @pytest.mark.parametrize(
-    ("service", "point"),
+    ("service", "point", "signum"),
     [
-        ("keybroker", "identity"),
-        ("keybroker", "hsm"),
-        ("keybroker", "audit log"),
-        ("keybroker", "keys"),
-        ("keybroker", "host"),
-        ("keybroker", "serving"),
-        ("modelstore", "storage"),
-        ("modelstore", "host"),
-        ("inference", "attester"),
-        ("inference", "host"),
+        *(pytest.param(s, p, signal.SIGTERM, id=f"{s}-{p}") for s, p in POINTS),
+        # SIGINT (an operator's Ctrl-C) at one point only: the status is the signal's wherever
+        # it lands, and each case is a process (~1 s).
+        pytest.param("keybroker", "identity", signal.SIGINT, id="keybroker-identity-SIGINT"),
     ],
 )
 def test_sigterm_at_each_point_of_a_start_stops_it_there_through_its_cleanup(
-    stack: DevStack, service: str, point: str
+    stack: DevStack, service: str, point: str, signum: signal.Signals
 ) -> None:
-    """SIGTERM while the service is at ``point`` of its start: it stops there, status 143, with
-    the line the README promises (then only its cleanup's), no traceback, nothing left behind (temporary files,
-    sockets; the store's root lock and the broker's audit log usable at once by the next
-    start)."""
+    """SIGTERM (or SIGINT) while the service is at ``point`` of its start: it stops there,
+    status 143 (130), with the line the README promises (then only its cleanup's), no
+    traceback, nothing left behind (temporary files, sockets; the store's root lock and the
+    broker's audit log usable at once by the next start)."""
     process = _start(stack, service, "pause", point)
-    _, stderr = _stop(process, f"paused {point}")
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert "signal=15" in _stop_line_then_cleanup(stderr)
+    _, stderr = _stop(process, f"paused {point}", signum)
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    assert f"signal={int(signum)}" in _stop_line_then_cleanup(stderr)
     assert "Traceback" not in stderr, stderr[-3000:]
     assert _leftovers(stack.root) == []
     if service == "modelstore":
