@@ -255,8 +255,9 @@ def build(
         wrap=lambda channel: traced_channel(channel, provider),
     )
     # Until the server is returned, whatever stops the build (its port taken, a SIGTERM at a
-    # checkpoint) closes the broker's channels: they were left open.
+    # checkpoint) closes the channels and the host: they were left open.
     with contextlib.ExitStack() as undo:
+        undo.callback(store_channel.close)
         undo.callback(broker_channels.close)
         server = _build_on(
             common,
@@ -268,6 +269,7 @@ def build(
             store_channel=store_channel,
             broker_channels=broker_channels,
         )
+        undo.callback(server.host.stop, 0)  # never started: its ports are released
         starting.checkpoint("host")  # its ports bound
         undo.pop_all()
         return server
@@ -345,7 +347,9 @@ def _build_on(
         config=config,
         slow_retry_initial=config.failed_load_retry_seconds,
         slow_retry_max=config.failed_load_retry_max_seconds,
-        _closers=[broker_channels.close],
+        # The store's channel too: it was never closed (its connection and gRPC's polling of it
+        # lasted until the process ended).
+        _closers=[broker_channels.close, store_channel.close],
     )
 
 

@@ -232,9 +232,11 @@ class HsmSession:
         *,
         generation: int,
         serial: int,
+        closing: threading.Event,
     ) -> None:
         self._lib = lib
         self._token = token
+        self._closing = closing
         #: the python-pkcs11 ``Session`` (R/W; the user is logged in through the login session)
         self.session = session
         #: the same session for direct calls (the data-key path and key lookups, see ``p11direct``)
@@ -271,6 +273,13 @@ class HsmSession:
         if not self.logged_in():
             raise HsmUnavailable("the HSM session is no longer logged in")
 
+    def stop_if_closing(self) -> None:
+        """Raises ``HsmUnavailable(HSM_CLOSED)`` once :meth:`Hsm.close` was called: an operation
+        that makes many PKCS#11 calls (a search through every object of the token) looks between
+        them, so that the close waits for the one call under way, not for all of them."""
+        if self._closing.is_set():
+            raise HsmUnavailable("the HSM backend is closing", reason=Reason.HSM_CLOSED)
+
     def close(self) -> None:
         """Closes the session, ignoring errors (the device may already be gone)."""
         with contextlib.suppress(p11x.PKCS11Error):
@@ -302,6 +311,7 @@ class _WorkSessions:
         token: Any,
         generation: int,
         *,
+        closing: threading.Event,
         size: int = 1,
     ) -> None:
         self._open = open_session
@@ -309,6 +319,7 @@ class _WorkSessions:
         self._direct = direct
         self._token = token
         self._generation = generation
+        self._closing = closing
         self._size = size
         self._idle: list[HsmSession] = []
 
@@ -323,6 +334,7 @@ class _WorkSessions:
             self._direct,
             generation=self._generation,
             serial=_next_serial(),
+            closing=self._closing,
         )
 
     def release(self, hs: HsmSession) -> None:
@@ -502,6 +514,8 @@ class Hsm(Closing):
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
         self._close_lock = threading.Lock()
+        # Set by close(): the operation under way stops at its next look (stop_if_closing).
+        self._closing = threading.Event()
         self._lib: Any = None
         self._direct: DirectModule | None = None
         self._conn: _Connection | None = None
@@ -631,12 +645,24 @@ class Hsm(Closing):
         )
 
     def close(self, *, timeout: float = 5.0) -> None:
-        """Closes the session, finalises and unloads the module; idempotent."""
+        """Closes the session, finalises and unloads the module; idempotent. An operation under
+        way that makes many PKCS#11 calls stops at its next look
+        (:meth:`HsmSession.stop_if_closing`; its caller gets ``HSM_CLOSED``): a SIGTERM during
+        the broker's first scan of the token's keys waited for the whole scan (up to
+        ``timeout``) before the process could stop."""
         with self._close_lock:
             if self._closed:
                 return
+            self._closing.set()
             self._closed = True
         self._queue.put(None)
+        # What is waited for: the worker to return from the PKCS#11 call it is in, then to log
+        # out, close the sessions, C_Finalize and unload the module itself. Nothing but the
+        # worker may call the module (C_Initialize(NULL) promised no concurrent calls), no call
+        # may be under way when C_Finalize runs, and code still running in the module must not be
+        # unloaded; a process that ended meanwhile would run the module's own exit handlers
+        # under that call. One call of a token that answers takes milliseconds; one that hangs
+        # is given up on at ``timeout`` (the module is then left loaded, never unloaded under it).
         self._thread.join(timeout)
         if self._thread.is_alive():
             _log.error("HSM worker did not stop within %.1fs; the module stays loaded", timeout)
@@ -679,7 +705,8 @@ class Hsm(Closing):
         try:
             return job.op(hs)
         except HsmUnavailable as exc:
-            self._disconnect(exc.message)
+            if exc.reason != Reason.HSM_CLOSED:  # closing: the teardown comes next anyway
+                self._disconnect(exc.message)
             raise
         except StrongroomError:
             raise
@@ -833,6 +860,7 @@ class Hsm(Closing):
             self._direct,
             token,
             self._generation + 1,
+            closing=self._closing,
         )
         conn = _Connection(lib, token, login, sessions)
         try:

@@ -580,6 +580,8 @@ class KeyManager:
         try:
             found = self.modifiable_versions(timeout=timeout)
         except StrongroomError as exc:
+            if exc.reason == Reason.HSM_CLOSED:  # the broker is stopping: nothing to warn about
+                return {}
             _log.warning(
                 "could not check the token for modifiable KEKs", extra={"detail": exc.message}
             )
@@ -1155,6 +1157,7 @@ def _search_once(hs: HsmSession, template: Template) -> list[_kek.KekObject]:
     # and thirteen attribute reads where describe needs one.
     found = []
     for handle in hs.direct.find_objects(template):
+        hs.stop_if_closing()  # a token of many keys: a close waits for one read, not for all
         kek = _kek.describe(hs.direct, handle)
         if kek is not None:
             found.append(kek)

@@ -352,6 +352,7 @@ def build(
             refusal_observers={RELEASE_KEY: broker_servicer.release_refused_unread},
             control_plane=CONTROL_PLANE,
         )
+        undo.callback(host.stop, 0)  # never started: its ports are released (ServiceHost.stop)
         refresher = (
             _Periodic(
                 collateral.refresh_due,

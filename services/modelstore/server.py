@@ -70,6 +70,7 @@ def build(
         undo.callback(storage.close)
         starting.checkpoint("storage")
         store = _build_on(common, config, storage, identity, tracer_provider)
+        undo.callback(store.host.stop, 0)  # never started: its ports are released
         starting.checkpoint("host")  # its ports bound
         undo.pop_all()
         return store

@@ -130,6 +130,7 @@ class PlaintextHealthPort:
             target=self._loop.run_forever, name="health-port", daemon=True
         )
         self._thread.start()
+        self._started = False
         try:
             self._server, self.port = self._run(self._bind(listen))
         except BaseException:
@@ -176,10 +177,15 @@ class PlaintextHealthPort:
     def start(self) -> None:
         """Starts answering."""
         self._run(self._server.start())
+        self._started = True
 
     def stop(self) -> None:
-        """Ends every call at once and stops the event loop's thread."""
+        """Ends every call at once and stops the event loop's thread; a port never started is
+        released too."""
         try:
+            if not self._started:
+                # gRPC frees the port only when a started server stops (ServiceHost.stop).
+                self._run(self._server.start())
             self._run(self._server.stop(0))
         finally:
             self._close_loop()

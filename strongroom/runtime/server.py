@@ -194,6 +194,11 @@ class ServiceHost:
         self._health = HealthServicer(self._caller_view if scoped else None)
         self._stopped = threading.Event()
         self._drained = threading.Event()  # stop() has returned: drained, or given up on them
+        # Orders start() against stop(): a stop that came between start()'s look at _stopped and
+        # gRPC's start found nothing started to stop, and the server then started, served on
+        # after stop() had returned. Held while the servers start, not while they stop.
+        self._lifecycle = threading.Lock()
+        self._started = False
         self._check_interval = check_interval
         self.not_ready_reason: str | None = "starting"
         options = [
@@ -382,24 +387,39 @@ class ServiceHost:
         """Starts serving; readiness is evaluated at once and then every ``check_interval``. A
         host stopped before it started (a SIGTERM as it was handed the signals) never starts:
         its stop would not stop it again."""
-        if self._stopped.is_set():
-            return
-        self._server.start()
-        if self._health_server is not None:
-            self._health_server.start()
+        with self._lifecycle:
+            if self._stopped.is_set():
+                return
+            self._server.start()
+            if self._health_server is not None:
+                self._health_server.start()
+            self._started = True
         self._health.set(LIVENESS, SERVING)
         self._evaluate()
         threading.Thread(target=self._watch, name="readiness", daemon=True).start()
         log.info("listening", extra={"port": self.port, "health_port": self.health_port})
 
     def stop(self, grace: float | None = None) -> None:
-        """Stops taking new calls, reports NOT_SERVING and waits for in-flight calls to finish."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
+        """Stops taking new calls, reports NOT_SERVING and waits for in-flight calls to finish;
+        a host never started releases its ports and threads. Waits for a :meth:`start` under
+        way to end first (then stops what it started)."""
+        with self._lifecycle:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
+            started = self._started
         try:
             self._health.enter_graceful_shutdown()
             grace = self._config.grace_seconds if grace is None else grace
+            if not started:
+                # gRPC frees a server's port only when it shuts down, and shuts down only a
+                # started server (destroying one never started with a port bound aborts the
+                # process: "Check failed: ShutdownCalled() || listener_states_.empty()"): a host
+                # built and stopped before it served (a SIGTERM while the service started) held
+                # its port for the process's life. So it starts, and stops at once without
+                # grace: a call that connected in between is cancelled.
+                self._server.start()
+                grace = 0
             self._server.stop(grace).wait()
             self._drain_handlers()
             # Their watchdogs' threads end with the server (each stopped host left two running).

@@ -11,16 +11,28 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from strongroom.dev.devstack import DevStack
+from strongroom.inference import server as inference_server
+from strongroom.inference.config import InferenceConfig
+from strongroom.keybroker import server as keybroker_server
 from strongroom.keybroker.audit import AuditLog, load_signing_key
+from strongroom.keybroker.config import KeybrokerConfig
+from strongroom.modelstore import server as modelstore_server
+from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.modelstore.storage import FilesystemStorage
+from strongroom.runtime import starting
+from strongroom.runtime.bootstrap import open_identity
+from strongroom.runtime.config import load_service_config
 from strongroom.runtime.process import SERVICE_ENV
 from strongroom.runtime.secrets import Secret
 from tests.conftest import REPO, stack_root
@@ -66,14 +78,16 @@ def _start(stack: DevStack, service: str, mode: str, arg: str) -> subprocess.Pop
     )
 
 
-def _stop(process: subprocess.Popen[str], expect: str) -> tuple[str, str]:
-    """Waits for the line ``expect`` on stdout, sends SIGTERM, and returns the rest of stdout
+def _stop(
+    process: subprocess.Popen[str], expect: str, signum: int = signal.SIGTERM
+) -> tuple[str, str]:
+    """Waits for the line ``expect`` on stdout, sends ``signum``, and returns the rest of stdout
     and stderr once the process has ended."""
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
         assert line == f"{expect}\n", line + (process.stderr.read() if process.stderr else "")
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
         # A hang, not a speed: a start that did not stop waits here for good.
         out, err = process.communicate(timeout=60)
     finally:
@@ -82,8 +96,21 @@ def _stop(process: subprocess.Popen[str], expect: str) -> tuple[str, str]:
     return out, err
 
 
+def _raw(data: bytes) -> bytes:
+    return data
+
+
 def _lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
+
+
+def _stop_line_then_cleanup(stderr: str) -> str:
+    """The log's stop line (the only one), once every line after it is its cleanup's own: a
+    host built but never started says it stopped."""
+    lines = _lines(stderr)
+    (stop,) = [n for n, line in enumerate(lines) if STOPPING in line]
+    assert all(line.endswith("strongroom.runtime.server: stopped") for line in lines[stop + 1 :])
+    return lines[stop]
 
 
 def _leftovers(root: Path) -> list[Path]:
@@ -93,36 +120,41 @@ def _leftovers(root: Path) -> list[Path]:
     )
 
 
+POINTS = [
+    ("keybroker", "identity"),
+    ("keybroker", "hsm"),
+    ("keybroker", "audit log"),
+    ("keybroker", "keys"),
+    ("keybroker", "host"),
+    ("keybroker", "serving"),
+    ("modelstore", "storage"),
+    ("modelstore", "host"),
+    ("inference", "attester"),
+    ("inference", "host"),
+]
+"""Each service's start-up checkpoints where a test pauses it (strongroom.runtime.starting)."""
+
+
 @pytest.mark.parametrize(
-    ("service", "point"),
+    ("service", "point", "signum"),
     [
-        ("keybroker", "identity"),
-        ("keybroker", "hsm"),
-        ("keybroker", "audit log"),
-        ("keybroker", "keys"),
-        ("keybroker", "host"),
-        ("keybroker", "serving"),
-        ("modelstore", "storage"),
-        ("modelstore", "host"),
-        ("inference", "attester"),
-        ("inference", "host"),
+        *(pytest.param(s, p, signal.SIGTERM, id=f"{s}-{p}") for s, p in POINTS),
+        # SIGINT (an operator's Ctrl-C) at one point only: the status is the signal's wherever
+        # it lands, and each case is a process (~1 s).
+        pytest.param("keybroker", "identity", signal.SIGINT, id="keybroker-identity-SIGINT"),
     ],
 )
 def test_sigterm_at_each_point_of_a_start_stops_it_there_through_its_cleanup(
-    stack: DevStack, service: str, point: str
+    stack: DevStack, service: str, point: str, signum: signal.Signals
 ) -> None:
-    """SIGTERM while the service is at ``point`` of its start: it stops there, status 143, with
-    the line the README promises (then only its cleanup's), no traceback, nothing left behind (temporary files,
-    sockets; the store's root lock and the broker's audit log usable at once by the next
-    start)."""
+    """SIGTERM (or SIGINT) while the service is at ``point`` of its start: it stops there,
+    status 143 (130), with the line the README promises (then only its cleanup's), no
+    traceback, nothing left behind (temporary files, sockets; the store's root lock and the
+    broker's audit log usable at once by the next start)."""
     process = _start(stack, service, "pause", point)
-    _, stderr = _stop(process, f"paused {point}")
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    lines = _lines(stderr)
-    (stop,) = [n for n, line in enumerate(lines) if STOPPING in line]
-    assert "signal=15" in lines[stop]
-    # After it, only the cleanup's own lines: a host built but never started says it stopped.
-    assert all(line.endswith("strongroom.runtime.server: stopped") for line in lines[stop + 1 :])
+    _, stderr = _stop(process, f"paused {point}", signum)
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    assert f"signal={int(signum)}" in _stop_line_then_cleanup(stderr)
     assert "Traceback" not in stderr, stderr[-3000:]
     assert _leftovers(stack.root) == []
     if service == "modelstore":
@@ -167,4 +199,82 @@ def test_sigterm_while_the_store_builds_on_its_open_storage_closes_the_storage(
         process.wait()
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert out.splitlines()[-1] == "storage unlocked", stderr[-3000:]
-    assert STOPPING in _lines(stderr)[-1], stderr[-3000:]
+    _stop_line_then_cleanup(stderr)  # its host built now, and released
+
+
+#: Each service's configuration section and build, for the builds in this process.
+BUILDS: dict[str, tuple[type[Any], Callable[..., Any]]] = {
+    "keybroker": (KeybrokerConfig, keybroker_server.build),
+    "modelstore": (ModelstoreConfig, modelstore_server.build),
+    "inference": (InferenceConfig, inference_server.build),
+}
+
+
+@contextmanager
+def _stop_requested_at(point: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Start-up's stop request as a SIGTERM at ``point`` leaves it, without installing the
+    signal handlers in the test's process."""
+    request = starting._Request()
+
+    def reached(at: str) -> None:
+        if at == point:
+            request.signum = signal.SIGTERM
+
+    monkeypatch.setattr(starting, "_reached", reached)
+    monkeypatch.setattr(starting._Installed, "request", request)
+    yield
+
+
+def _bindable(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, int(port)))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("service", sorted(BUILDS))
+def test_a_build_stopped_once_its_host_is_built_releases_the_hosts_ports(
+    stack: DevStack, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop at the ``host`` checkpoint (the host built, its ports bound) closed what the build
+    had opened before it but not the host: its service and health ports stayed bound for the
+    life of the process (a library user building again in it was refused the port). Built in
+    this process, so that the ports are looked at before it ends."""
+    section, build = BUILDS[service]
+    common, config = load_service_config(stack.config_path(service), service, section)
+    assert common.health_listen is not None
+    identity = open_identity(common.identity)
+    try:
+        with (
+            _stop_requested_at("host", monkeypatch),
+            pytest.raises(starting.StartupStopped) as stopped,
+        ):
+            build(common, config, identity=identity)
+    finally:
+        identity.close()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert _bindable(common.listen) and _bindable(common.health_listen)
+
+
+def test_a_closed_inference_server_has_closed_its_channel_to_the_model_store(
+    stack: DevStack,
+) -> None:
+    """Only the key broker's channels were closed with the inference server: its channel to the
+    model store stayed open (its connection, gRPC's polling of it) until the process ended."""
+    common, config = load_service_config(
+        stack.config_path("inference"), "inference", InferenceConfig
+    )
+    identity = open_identity(common.identity)
+    try:
+        server = inference_server.build(common, config, identity=identity)
+        server.close()
+    finally:
+        identity.close()
+    stat = server.loader._store_channel.unary_unary(
+        "/strongroom.modelstore.v1.ModelStore/Stat", _raw, _raw
+    )
+    with pytest.raises(ValueError, match="closed channel"):
+        stat(b"", timeout=30)

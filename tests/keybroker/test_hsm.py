@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from strongroom.dev.softhsm import SoftHsmToken
 from strongroom.errors import FailedPrecondition, InvalidArgument, Unavailable
-from strongroom.keybroker import p11direct
+from strongroom.keybroker import _kek, p11direct
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
 from strongroom.keybroker.keys import KeyManager
@@ -151,6 +151,46 @@ def test_closed_backend_refuses(hsm: Hsm) -> None:
     with pytest.raises(HsmUnavailable) as info:
         hsm.check_health()
     assert info.value.reason == "HSM_CLOSED"
+
+
+def test_a_close_during_a_scan_of_the_tokens_keys_stops_the_scan_at_its_next_key(
+    hsm: Hsm, km: KeyManager, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SIGTERM during the broker's first scan of the token's keys (start-up's ``keys`` step)
+    closes the HSM, and the close waited for the whole scan, one read per object of the token
+    (up to the close's 5 s: a token of many keys, a slow HSM), before the process could stop.
+    The scan now stops at its next object once the close is called (``HSM_CLOSED``, the session
+    not reported as dropped): the close waits for the PKCS#11 call under way, no more."""
+    for n in range(3):
+        km.create_key(f"k{n}")
+    described: list[int] = []
+    real = _kek.describe
+
+    def describe(direct: p11direct.DirectSession, handle: int) -> Any:
+        described.append(handle)
+        if len(described) == 1:  # the close comes while the scan reads its first object
+            scanning.set()
+            closing.wait(30)
+        return real(direct, handle)
+
+    scanning, closing = threading.Event(), threading.Event()
+    monkeypatch.setattr(_kek, "describe", describe)
+    with ThreadPoolExecutor(1) as pool:
+        scan = pool.submit(km.modifiable_versions)
+        assert scanning.wait(30)
+        # Called on a thread of its own: the close's first steps are done once it waits for the
+        # worker, which is then let go.
+        closer = threading.Thread(target=hsm.close)
+        closer.start()
+        while not hsm._closed:
+            closer.join(0.001)
+        closing.set()
+        closer.join(30)
+        with pytest.raises(HsmUnavailable) as info:
+            scan.result()
+    assert info.value.reason == "HSM_CLOSED"
+    assert len(described) == 1  # was: every KEK object of the token, then the close
+    assert not [r for r in caplog.records if "dropped" in r.getMessage()]
 
 
 def test_deadline_holds_while_the_hsm_hangs(hsm: Hsm) -> None:

@@ -9,6 +9,7 @@ import itertools
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import tracemalloc
@@ -652,6 +653,61 @@ def test_stopping_a_host_ends_its_watchdog_threads() -> None:
         assert thread is not None  # both ran
         thread.join(30)
     assert not any(thread.is_alive() for thread in watchdogs if thread is not None)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_a_host_stopped_before_it_started_releases_its_ports_and_threads() -> None:
+    """A host built and then stopped before it started (a SIGTERM while its service started)
+    kept both its ports bound for the life of the process: gRPC stops a server never started
+    without shutting it down. Its ports and its health port's thread are released now, and a
+    start after the stop starts nothing."""
+    h = ServiceHost(
+        listen="127.0.0.1:0",
+        credentials=None,
+        services=[make_service(Behaviour())],
+        health_listen="127.0.0.1:0",
+    )
+    assert h.health_port is not None
+    assert not _bindable(h.port) and not _bindable(h.health_port)
+    h.stop()
+    assert _bindable(h.port) and _bindable(h.health_port)
+    assert h._health_server is not None and not h._health_server._thread.is_alive()
+    h.start()
+    assert _bindable(h.port)
+
+
+def test_a_stop_that_comes_while_the_host_starts_stops_what_the_start_started() -> None:
+    """A stop that came between start()'s look at whether the host was stopped and gRPC's start
+    found nothing started to stop, returned, and the server then started and served on (a
+    library user saw it running after stop() had returned). The stop now waits for the start
+    under way, then stops the server it started."""
+    h = ServiceHost(listen="127.0.0.1:0", credentials=None, services=[make_service(Behaviour())])
+    start = h._server.start
+    stopper = threading.Thread(target=h.stop, args=(0,), name="stopper")
+
+    def stopped_meanwhile() -> None:
+        if threading.current_thread() is stopper:  # a stop's own start, to free the port
+            start()
+            return
+        stopper.start()
+        # Long enough for a stop that does not wait for the start to have returned (it did,
+        # in milliseconds); one that waits (as it must) waits here till the join gives up.
+        stopper.join(0.5)
+        start()
+
+    h._server.start = stopped_meanwhile  # type: ignore[method-assign]
+    h.start()
+    stopper.join(30)
+    assert not stopper.is_alive()
+    assert _bindable(h.port)  # was: still bound, the server serving
 
 
 def test_the_plaintext_health_port_logs_refused_calls_within_a_budget(
