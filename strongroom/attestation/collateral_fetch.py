@@ -690,7 +690,9 @@ class CollateralService:
             if key in self._running:
                 return
             self._running.add(key)
-        threading.Thread(target=self._run, args=(key, fetch, False), daemon=True).start()
+        threading.Thread(
+            target=self._run, args=(key, fetch, False), name="collateral-refresh", daemon=True
+        ).start()
 
     def _run(self, key: str, fetch: Callable[[], object], wait: bool) -> None:
         try:
@@ -708,6 +710,16 @@ class CollateralService:
             log.warning(
                 "collateral refresh failed; serving what the cache holds",
                 extra={"what": key, "reason": exc.reason, "detail": exc.message},
+            )
+        except Exception as exc:  # a defect's, on a thread nobody joins
+            # Uncaught, it ended a background refresh with a bare traceback on stderr and was not
+            # remembered as a failure: every release while the document was due started another
+            # fetch. Backed off like any failure; its class named, its text not (it may quote
+            # what the upstream sent).
+            self._note_failure(key)
+            log.error(
+                "collateral refresh failed unexpectedly; serving what the cache holds",
+                extra={"what": key, "error": type(exc).__name__},
             )
         finally:
             if not wait:

@@ -1565,3 +1565,33 @@ def test_a_cached_document_the_parser_now_refuses_is_named_in_the_refusal(  # ty
     fixed = CollateralService(CollateralCache(tmp_path, sim_trust), fast(server))
     claims = verify_evidence(quote, trust=sim_trust, now=now, collateral=fixed)
     assert claims.collateral_complete and path not in fixed.cache.refused()
+
+
+def test_a_background_refresh_failing_unexpectedly_is_logged_and_backed_off(  # type: ignore[no-untyped-def]
+    authority, sim_trust, server, tmp_path, now, monkeypatch, caplog
+) -> None:
+    """A refresh of a cached but due document runs on a thread of its own. An exception other than
+    the project's own (a defect in a parser or the cache) ended that thread with a bare traceback
+    and was not remembered as a failure, so every release while the document was due started
+    another fetch. It is logged by class and backed off like any failed fetch."""
+    server.amd_crl("Milan", authority.crl("ark", now=now))
+    cache = CollateralCache(tmp_path, sim_trust)
+    # Everything cached is due at once: each read of it asks for a refresh in the background.
+    service = CollateralService(cache, fast(server), refresh_before=dt.timedelta(days=365_000))
+    assert service.crl(authority.ark, "vcek") is not None  # missing: fetched in the foreground
+    stored: list[int] = []
+
+    def defect(self: CollateralCache, data: bytes, **kw: Any) -> None:
+        stored.append(len(data))
+        raise KeyError("a defect's text, with whatever the upstream sent")
+
+    monkeypatch.setattr(CollateralCache, "put_crl", defect)
+    caplog.set_level(logging.ERROR, logger="strongroom")
+    for _ in range(5):
+        assert service.crl(authority.ark, "vcek") is not None  # the cached CRL still serves
+        for thread in threading.enumerate():
+            if thread.name == "collateral-refresh":
+                thread.join(10)
+    assert len(stored) == 1  # backed off: one refresh, not one per read
+    (line,) = [r for r in caplog.records if "refresh failed unexpectedly" in r.getMessage()]
+    assert line.error == "KeyError" and "upstream sent" not in caplog.text  # type: ignore[attr-defined]
