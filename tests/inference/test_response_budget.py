@@ -295,6 +295,21 @@ def test_the_budget_serves_waiters_in_arrival_order() -> None:
     assert budget.free == 10
 
 
+def test_a_reservation_that_grows_goes_ahead_of_the_waiters() -> None:
+    """A request holding room that needs more (a BYTES response's exact size) is not queued
+    behind one waiting for the room it holds: each would wait for the other."""
+    budget = ResponseBudget(10, wait_seconds=60)
+    holder = budget.reserve(6)
+    waiter = threading.Thread(target=lambda: budget.reserve(8).release())
+    waiter.start()
+    _until(lambda: budget.waiting == 1)
+    holder.grow_to(10)
+    assert budget.free == 0
+    holder.release()
+    waiter.join()
+    assert budget.free == 10
+
+
 def test_a_grown_reservation_past_the_budget_is_refused_and_keeps_what_it_held() -> None:
     budget = ResponseBudget(10, wait_seconds=0)
     reservation = budget.reserve(4)

@@ -87,18 +87,26 @@ class ResponseBudget:
         with self._changed:
             return len(self._queue)
 
-    def reserve(self, size: int, *, ended: Callable[[], bool] = lambda: False) -> Reservation:
+    def reserve(
+        self, size: int, *, ended: Callable[[], bool] = lambda: False, first: bool = False
+    ) -> Reservation:
         """``size`` bytes, waiting for them at most :attr:`wait_seconds` and only while
-        ``ended()`` is false (:meth:`wake` has waiters look at it again). ResourceExhausted
+        ``ended()`` is false (:meth:`wake` has waiters look at it again); ``first``: ahead of
+        every waiter (a request that holds a reservation already and needs more: behind the
+        others, it and one waiting for the room it holds would each wait for the other until
+        their waits ran out). ResourceExhausted
         ``RESPONSE_TOO_LARGE`` at once for more than the whole budget, ``RESPONSE_MEMORY_BUSY``
         when the wait ends without room; :class:`CallEnded` when the call ended meanwhile."""
         self.check_fits(size)
         with self._changed:
-            if not self._queue and size <= self._free:
+            if (first or not self._queue) and size <= self._free:
                 self._free -= size
                 return Reservation(self, size)
             ticket = object()
-            self._queue.append(ticket)
+            if first:
+                self._queue.appendleft(ticket)
+            else:
+                self._queue.append(ticket)
             until = time.monotonic() + self.wait_seconds
             try:
                 while not (self._queue[0] is ticket and size <= self._free):
@@ -162,7 +170,7 @@ class Reservation:
         if extra <= 0:
             return
         self._budget.check_fits(size)
-        more = self._budget.reserve(extra, ended=ended)
+        more = self._budget.reserve(extra, ended=ended, first=True)
         with self._lock:
             self.size += more.size
             more.size = 0
