@@ -8,21 +8,24 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 
 import grpc
 import numpy as np
 import pytest
 
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
+from strongroom.api.oip.v2.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from strongroom.errors import ResourceExhausted
 from strongroom.inference.models import ModelRepository
-from strongroom.inference.oip import InferLimits, ResponseBudget
+from strongroom.inference.oip import SERVICE_NAME, InferLimits, OipServicer, ResponseBudget
 from strongroom.inference.oip._budget import (
     RAW_RESPONSE_COPIES,
     TYPED_RESPONSE_COPIES,
     response_memory,
 )
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
+from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
 from tests.inference import onnx_models
 from tests.inference.conftest import Running, Starter
 from tests.inference.test_oip import expect_error
@@ -264,6 +267,46 @@ def test_a_response_refused_after_its_reservation_gives_it_back(
     served = running.oip.ModelInfer(_request(elements // 4, raw=False, model="negatives"))
     assert list(served.outputs[0].contents.int64_contents[:2]) == [-1, -1]
     _until(_full(budget))
+
+
+def test_the_reservation_is_held_while_grpc_serialises_the_response(
+    repository: ModelRepository,
+) -> None:
+    """The handler returns the message; gRPC serialises it after that, copies the bytes into its
+    core and sends them, the message alive until then: the reservation is still held when the
+    serialiser runs (released on the handler's return, the budget would not count the copies
+    its peak is made of), and comes back when the call has ended."""
+    budget = ResponseBudget(2 * ONE_RESPONSE, wait_seconds=0)
+    servicer = OipServicer(repository, response_budget=budget)
+    free_while_serialised: list[int] = []
+
+    def serialise(response: pb.ModelInferResponse) -> bytes:
+        free_while_serialised.append(budget.free)
+        return response.SerializeToString()
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2),
+        interceptors=[ErrorMappingInterceptor(), RequestDecodingInterceptor()],
+    )
+    handler = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=pb.ModelInferRequest.FromString,
+        response_serializer=serialise,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"ModelInfer": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        GRPCInferenceServiceStub(channel).ModelInfer(_request(FOUR_MIB_FP32 // 2))
+        held = response_memory(2 * MIB, raw=True)
+        assert free_while_serialised == [budget.max_bytes - held]
+        _until(_full(budget))
+    finally:
+        channel.close()
+        server.stop(grace=None)
 
 
 def test_budget_counts_each_response_at_its_measured_copies() -> None:
