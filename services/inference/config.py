@@ -17,7 +17,15 @@ from strongroom.inference.models import (
     MIN_INFERENCE_MEMORY_BYTES,
     RuntimeOptions,
 )
-from strongroom.inference.oip import DEFAULT_MAX_TENSOR_BYTES, InferLimits
+from strongroom.inference.oip import (
+    DEFAULT_MAX_RESPONSE_MEMORY_BYTES,
+    DEFAULT_MAX_TENSOR_BYTES,
+    DEFAULT_RESPONSE_MEMORY_WAIT_SECONDS,
+    MAX_RESPONSE_MEMORY_WAIT_SECONDS,
+    MIN_RESPONSE_MEMORY_BYTES,
+    InferLimits,
+    ResponseBudget,
+)
 from strongroom.runtime.config import ConfigError, EnvLocks, ModelNameRules, expected_server_id
 
 
@@ -146,6 +154,14 @@ class InferenceConfig:
     # size can come from an input's *value* (ConstantOfShape, Expand, Tile, Range), which no
     # bound on the request's bytes limits. Keep it below the VM's memory less the models' own.
     max_inference_memory_bytes: int = DEFAULT_MAX_INFERENCE_MEMORY_BYTES
+    # What responses may hold outside that cap while they are built and sent, all requests
+    # together (their outputs copied out, the message, its serialised copies: 3 times a raw
+    # response's size, 5 times a typed one's; strongroom.inference.oip._budget). A request past
+    # it waits, first come first served, up to response_memory_wait_seconds for earlier ones to
+    # be sent, then is RESOURCE_EXHAUSTED RESPONSE_MEMORY_BUSY; one larger than all of it is
+    # RESPONSE_TOO_LARGE at once. Keep the VM's memory above the models + both + ~0.5 GiB.
+    max_response_memory_bytes: int = DEFAULT_MAX_RESPONSE_MEMORY_BYTES
+    response_memory_wait_seconds: float = DEFAULT_RESPONSE_MEMORY_WAIT_SECONDS
     # Whether models may use operators whose kernels allocate a multiple of their input outside
     # that cap (NonZero, Unique: models.UNCAPPED_OPERATORS); refused at load otherwise
     # (MODEL_OPERATOR_UNCAPPED). Only for models whose such inputs no request can size.
@@ -253,6 +269,15 @@ class InferenceConfig:
             raise ConfigError(
                 f"inference.max_inference_memory_bytes must be at least {MIN_INFERENCE_MEMORY_BYTES}"
             )
+        if self.max_response_memory_bytes < MIN_RESPONSE_MEMORY_BYTES:
+            raise ConfigError(
+                f"inference.max_response_memory_bytes must be at least {MIN_RESPONSE_MEMORY_BYTES}"
+            )
+        if not 0 <= self.response_memory_wait_seconds <= MAX_RESPONSE_MEMORY_WAIT_SECONDS:
+            raise ConfigError(
+                "inference.response_memory_wait_seconds must be between 0 and "
+                f"{MAX_RESPONSE_MEMORY_WAIT_SECONDS:g}"
+            )
         problem = name_rule_problem(self.string_expansion_models)
         if problem:
             raise ConfigError(f"inference.string_expansion_models: {problem}")
@@ -297,6 +322,10 @@ class InferenceConfig:
             allow_string_expansion=self.allow_string_expansion,
             max_graph_nodes=self.max_graph_nodes,
         )
+
+    def response_budget(self) -> ResponseBudget:
+        """A new budget of response memory of these settings (the server makes one)."""
+        return ResponseBudget(self.max_response_memory_bytes, self.response_memory_wait_seconds)
 
     @property
     def limits(self) -> InferLimits:

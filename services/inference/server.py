@@ -313,6 +313,7 @@ def _build_on(
         limits=limits,
         clients=config.client_scopes,
         unscoped=common.authz.ids("admin"),
+        response_budget=config.response_budget(),
     )
     evidence = InferenceAttestationServicer(attester, identity.public_key_der)
     control = ModelControlServicer(loader, repository, retry_seconds=config.load_retry_seconds)

@@ -590,7 +590,7 @@ def test_the_inference_memory_cap_is_an_operator_value(
     """``inference.maxInferenceMemoryBytes`` reaches ``inference.max_inference_memory_bytes``
     (null: the service's default), without a float's rounding for large values (under a pod
     memory limit that leaves room above it)."""
-    set_args: tuple[str, ...] = ("inference.resources.limits.memory=17Gi",)
+    set_args: tuple[str, ...] = ("inference.resources.limits.memory=18Gi",)
     if value is not None:
         set_args += (f"inference.maxInferenceMemoryBytes={value}",)
     path = tmp_path / "inference.yaml"
@@ -598,6 +598,33 @@ def test_the_inference_memory_cap_is_an_operator_value(
     _, section = load_service_config(path, "inference", InferenceConfig, environ={})
     assert isinstance(section, InferenceConfig)
     assert section.max_inference_memory_bytes == expected
+
+
+@pytest.mark.parametrize(
+    ("set_args", "expected"),
+    [
+        ((), (1 << 30, 5.0)),
+        (
+            (
+                "inference.maxResponseMemoryBytes=17179869184",
+                "inference.responseMemoryWaitSeconds=30",
+            ),
+            (16 << 30, 30.0),
+        ),
+    ],
+)
+def test_the_response_memory_budget_is_an_operator_value(
+    helm: str, tmp_path: Path, set_args: tuple[str, ...], expected: tuple[int, float]
+) -> None:
+    """``inference.maxResponseMemoryBytes`` and ``responseMemoryWaitSeconds`` reach
+    ``inference.max_response_memory_bytes`` and ``response_memory_wait_seconds`` (null: the
+    service's defaults), without a float's rounding for large values."""
+    path = tmp_path / "inference.yaml"
+    rendered = render(helm, set_args=("inference.resources.limits.memory=19Gi", *set_args))
+    path.write_text(_configs(rendered)["inference"])
+    _, section = load_service_config(path, "inference", InferenceConfig, environ={})
+    assert isinstance(section, InferenceConfig)
+    assert (section.max_response_memory_bytes, section.response_memory_wait_seconds) == expected
 
 
 @pytest.mark.parametrize(

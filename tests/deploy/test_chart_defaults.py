@@ -480,27 +480,36 @@ def test_broker_unary_limit_scales_with_the_inference_fleet(
 
 
 @pytest.mark.parametrize(
-    ("memory", "cap", "refused"),
+    ("memory", "cap", "responses", "refused"),
     [
-        ("2Gi", None, True),  # the default cap (2 GiB) is the whole limit
-        ("2684354559", None, True),  # a byte short of the cap + 512 MiB
-        ("2.5Gi", None, False),
-        ("2Gi", "1073741824", False),
+        ("2Gi", None, None, True),  # the default cap (2 GiB) is the whole limit
+        ("3758096383", None, None, True),  # a byte short of the cap + the budget + 512 MiB
+        ("2.5Gi", None, None, True),  # the old floor: the default response budget left out
+        ("3.5Gi", None, None, False),
+        ("2.5Gi", None, "16777216", True),
+        ("2Gi", "1073741824", "536870912", False),  # the development values'
+        ("2Gi", "1073741824", None, True),
     ],
 )
-def test_the_inference_memory_cap_must_fit_below_the_pods_memory_limit(
-    helm: str, memory: str, cap: str | None, refused: bool
+def test_the_inference_memory_cap_and_response_budget_must_fit_below_the_pods_memory_limit(
+    helm: str, memory: str, cap: str | None, responses: str | None, refused: bool
 ) -> None:
     """ONNX Runtime's cap on what inference runs hold (default 2 GiB) rendered under any pod
     memory limit, the development values' 2Gi included: the pod was OOM-killed by the request
-    the cap was meant to refuse. The chart now wants 512 MiB above the cap at least."""
+    the cap was meant to refuse. The chart wants 512 MiB above the cap and the budget of what
+    responses hold outside it (default 1 GiB) together, and names the least limit."""
     set_args: tuple[str, ...] = (f"inference.resources.limits.memory={memory}",)
     if cap is not None:
         set_args += (f"inference.maxInferenceMemoryBytes={cap}",)
+    if responses is not None:
+        set_args += (f"inference.maxResponseMemoryBytes={responses}",)
     result = run_helm_template(helm, set_args=set_args)
     if refused:
         assert result.returncode != 0
         assert "inference.resources.limits.memory" in result.stderr, result.stderr
         assert "maxInferenceMemoryBytes" in result.stderr
+        assert "maxResponseMemoryBytes" in result.stderr
+        least = int(cap or 2 << 30) + int(responses or 1 << 30) + (512 << 20)
+        assert f"at least {least} bytes" in result.stderr, result.stderr
     else:
         assert result.returncode == 0, result.stderr

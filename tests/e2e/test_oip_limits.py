@@ -42,6 +42,7 @@ from tests.inference import onnx_models
 MiB = 1 << 20
 LIMIT = 4 * MiB  # inference.max_input_bytes and max_output_bytes: messages of 5 MiB
 RUN_MEMORY = 768 * MiB  # inference.max_inference_memory_bytes (the 'wide' model's runs fit)
+RESPONSE_MEMORY = 16 * MiB  # inference.max_response_memory_bytes: one raw 4 MiB response
 
 
 def _model(nodes: list[Any], inputs: list[Any], outputs: list[Any], inits: list[Any]) -> bytes:
@@ -170,6 +171,8 @@ def served(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "max_input_bytes": LIMIT,
         "max_output_bytes": LIMIT,
         "max_inference_memory_bytes": RUN_MEMORY,
+        "max_response_memory_bytes": RESPONSE_MEMORY,
+        "response_memory_wait_seconds": 30,
         "string_expansion_models": ["trusted/"],
     }
     tunables = SERVICE_ENV["inference"]["GLIBC_TUNABLES"] + ":glibc.malloc.mmap_threshold=131072"
@@ -329,6 +332,30 @@ def test_an_output_sized_by_an_input_value_is_bounded_by_the_run_memory_cap(
     assert again.raw_output_contents == small.raw_output_contents
     kept = _status(served.pid, "VmRSS") - before
     assert kept < 4 * LIMIT, f"{kept >> 20} MiB still resident after the refused call"
+
+
+def test_a_response_that_would_hold_more_than_the_response_budget_is_refused_at_once(
+    served: Served,
+) -> None:
+    """A typed response holds ~5 times its size outside ONNX Runtime's arena while it is built
+    and sent (its array, the message's repeated field as it grows, the serialised bytes, gRPC
+    core's copy): 4 MiB of typed FP32 holds 20 MiB, more than the 16 MiB every response together
+    may hold here. It is refused before its output leaves the arena, naming both sizes; the same
+    output raw (3 times: 12 MiB) is served."""
+    oip = served.oip
+    count = LIMIT // 4 - 64  # under the client's 4 MiB receive limit with the message's fields
+    typed = pb.ModelInferRequest(model_name="sized")
+    typed.inputs.add(name="n", datatype="INT64", shape=[1]).contents.int64_contents.append(count)
+    with pytest.raises(grpc.RpcError) as info:
+        oip.ModelInfer(typed, timeout=60)
+    error = info.value
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    assert reason(error) == "RESPONSE_TOO_LARGE"
+    details = error.details() or ""  # type: ignore[attr-defined]
+    assert f"({5 * 4 * count} bytes)" in details, details
+    assert f"inference.max_response_memory_bytes = {RESPONSE_MEMORY} bytes" in details, details
+    served_raw = oip.ModelInfer(_sized(count), timeout=60)
+    assert len(served_raw.raw_output_contents[0]) == 4 * count
 
 
 def test_a_model_that_repeats_a_string_by_a_value_is_refused_at_load(

@@ -14,7 +14,7 @@ from strongroom.api.inference.v1 import attestation_pb2_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.inference.evidence_service import InferenceAttestationServicer
 from strongroom.inference.models import ModelRepository
-from strongroom.inference.oip import InferLimits, OipServicer, add_to_server
+from strongroom.inference.oip import InferLimits, OipServicer, ResponseBudget, add_to_server
 from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
 
 
@@ -38,6 +38,7 @@ def start(
     limits: InferLimits | None = None,
     evidence: InferenceAttestationServicer | None = None,
     workers: int = 8,
+    response_budget: ResponseBudget | None = None,
 ) -> Running:
     """Starts a server for ``repository`` (and optionally the evidence service) on localhost."""
     limits = limits or InferLimits()
@@ -46,7 +47,10 @@ def start(
         interceptors=[ErrorMappingInterceptor(), RequestDecodingInterceptor()],
         options=limits.grpc_server_options(),
     )
-    add_to_server(OipServicer(repository, limits=limits, server_version="9.9.9-test"), server)
+    servicer = OipServicer(
+        repository, limits=limits, server_version="9.9.9-test", response_budget=response_budget
+    )
+    add_to_server(servicer, server)
     if evidence is not None:
         attestation_pb2_grpc.add_InferenceAttestationServiceServicer_to_server(evidence, server)
     port = server.add_insecure_port("127.0.0.1:0")

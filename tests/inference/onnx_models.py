@@ -264,6 +264,18 @@ def sized_by_value(operator: str, where: str = "graph") -> bytes:
     return model.SerializeToString()
 
 
+def filled(datatype: str = "FP32", value: float = 1.5) -> bytes:
+    """``y = ConstantOfShape(n, value)``: ``n`` (INT64, one element) elements of ``datatype``,
+    a response of a size the request chooses."""
+    n = helper.make_tensor_value_info("n", TensorProto.INT64, [1])
+    y = helper.make_tensor_value_info("y", ELEMENT_TYPES[datatype], ["n"])
+    fill = helper.make_tensor("v", ELEMENT_TYPES[datatype], [1], [value])
+    graph = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["n"], ["y"], value=fill)], "filled", [n], [y]
+    )
+    return _model(graph).SerializeToString()
+
+
 def parse_numbers() -> bytes:
     """``y = Cast(x, FP32)`` of a BYTES tensor: the text of each element parsed as a number."""
     graph = helper.make_graph(

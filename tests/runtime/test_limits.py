@@ -190,6 +190,24 @@ def test_the_inference_memory_cap_has_a_floor_and_reaches_the_sessions() -> None
         InferenceConfig(model_store="a:1", key_broker="b:1", max_inference_memory_bytes=1 << 20)
 
 
+def test_the_response_memory_budget_is_validated_and_made_from_the_settings() -> None:
+    config = InferenceConfig(
+        model_store="a:1",
+        key_broker="b:1",
+        max_response_memory_bytes=256 << 20,
+        response_memory_wait_seconds=2.5,
+    )
+    budget = config.response_budget()
+    assert (budget.max_bytes, budget.wait_seconds, budget.free) == (256 << 20, 2.5, 256 << 20)
+    default = InferenceConfig(model_store="a:1", key_broker="b:1").response_budget()
+    assert (default.max_bytes, default.wait_seconds) == (1 << 30, 5.0)
+    with pytest.raises(ConfigError, match="max_response_memory_bytes must be at least 16777216"):
+        InferenceConfig(model_store="a:1", key_broker="b:1", max_response_memory_bytes=1 << 20)
+    for wait in (-1.0, 61.0):
+        with pytest.raises(ConfigError, match="response_memory_wait_seconds must be between 0"):
+            InferenceConfig(model_store="a:1", key_broker="b:1", response_memory_wait_seconds=wait)
+
+
 def test_models_let_through_the_string_check_are_name_rules_and_reach_the_sessions() -> None:
     config = InferenceConfig(
         model_store="a:1",

@@ -18,6 +18,7 @@ from strongroom.api.inference.v1 import attestation_pb2, model_control_pb2
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.errors import InvalidArgument, ResourceExhausted
 from strongroom.inference.models import DATATYPES, DataType, LoadedModel, TensorSpec
+from strongroom.inference.oip._budget import response_memory
 from strongroom.reasons import Reason
 from strongroom.runtime.server import MessageLimits
 
@@ -249,25 +250,42 @@ def requested_outputs(
     return names
 
 
+ReserveMemory = Callable[[int], None]
+"""Reserves (at least) this many bytes of the response memory budget for the response being built
+(:mod:`strongroom.inference.oip._budget`), or raises."""
+
+
 def output_shapes_check(
-    model: LoadedModel, names: Sequence[str], *, raw: bool, limits: InferLimits
+    model: LoadedModel,
+    names: Sequence[str],
+    *,
+    raw: bool,
+    limits: InferLimits,
+    reserve: ReserveMemory | None = None,
 ) -> Callable[[Mapping[str, tuple[int, ...]]], None]:
     """The check :meth:`LoadedModel.infer` makes of the outputs' shapes before it copies any out
     of ONNX Runtime: ResourceExhausted if the least they can cost (:func:`_least_cost`, which
-    :func:`encode_outputs` charges at least) already passes ``max_output_bytes``."""
+    :func:`encode_outputs` charges at least) already passes ``max_output_bytes``; then
+    ``reserve`` is given the least memory the response will hold (:func:`response_memory`), so
+    that nothing is copied out before the response has room."""
     specs = [_output_spec(model, n) for n in names]
     use_raw = _responds_raw(specs, raw)
 
     def check(shapes: Mapping[str, tuple[int, ...]]) -> None:
         total = 0
+        arrays = 0
         for spec in specs:
-            total += _least_cost(math.prod(shapes[spec.name]), spec.type, raw=use_raw)
+            count = math.prod(shapes[spec.name])
+            total += _least_cost(count, spec.type, raw=use_raw)
+            arrays += count * spec.type.itemsize
         if total > limits.max_output_bytes:
             raise ResourceExhausted(
                 f"outputs exceed {limits.max_output_bytes} bytes (their shapes alone: BYTES "
                 f"elements count {BYTES_ELEMENT_COST} bytes each beyond their data)",
                 reason=Reason.RESPONSE_TOO_LARGE,
             )
+        if reserve is not None:
+            reserve(response_memory(max(total, arrays), raw=use_raw))
 
     return check
 
@@ -295,12 +313,15 @@ def encode_outputs(
     *,
     raw: bool,
     limits: InferLimits,
+    reserve: ReserveMemory | None = None,
 ) -> None:
     """Adds the outputs to ``response``: raw bytes, or typed contents when asked and possible.
 
     Every output's cost is checked before any is converted: a small request can make a model
     return many times the bound, and converting that first (into bytes, or Python objects for
-    typed contents) would cost several times its size only to refuse it.
+    typed contents) would cost several times its size only to refuse it. ``reserve`` is then
+    given the memory the response will hold, now that its size is known (a ``BYTES`` output's
+    only once its elements are out of ONNX Runtime: more than its shape's least).
     """
     specs = [_output_spec(model, n) for n in names]
     use_raw = _responds_raw(specs, raw)
@@ -311,6 +332,9 @@ def encode_outputs(
             raise ResourceExhausted(
                 f"outputs exceed {limits.max_output_bytes} bytes", reason=Reason.RESPONSE_TOO_LARGE
             )
+    if reserve is not None:
+        held = sum(int(arrays[spec.name].nbytes) for spec in specs)
+        reserve(response_memory(max(total, held), raw=use_raw))
     for spec in specs:
         array = arrays[spec.name]
         out = response.outputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)

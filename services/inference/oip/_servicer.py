@@ -17,10 +17,17 @@ import grpc
 
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as pb_grpc
-from strongroom.errors import REFUSAL_LINE, InvalidArgument, PermissionDenied
+from strongroom.errors import (
+    REFUSAL_LINE,
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    PermissionDenied,
+)
 from strongroom.identifiers import name_rule_matches
 from strongroom.inference.models import ModelRepository, TensorSpec
 from strongroom.inference.models._ort import ort
+from strongroom.inference.oip._budget import CallEnded, Reservation, ResponseBudget
 from strongroom.inference.oip._codec import (
     InferLimits,
     check_request_parameters,
@@ -32,7 +39,7 @@ from strongroom.inference.oip._codec import (
 from strongroom.inference.oip._wire import parse_infer_request
 from strongroom.pki.authz import verified_caller
 from strongroom.reasons import Reason
-from strongroom.runtime.gave_up import CallEnd
+from strongroom.runtime.gave_up import CallEnd, GaveUp
 from strongroom.runtime.grpc_types import HandlerCollector
 
 log = logging.getLogger(__name__)
@@ -58,6 +65,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     caller may infer, describe and ask the readiness of; callers in ``unscoped`` (admins) are not
     scoped. The server's readiness is a scoped caller's own models' (another tenant's model not
     ready yet is none of its business); liveness and metadata name no model and are everyone's.
+    ``response_budget`` bounds the memory every response being built or sent holds together
+    (:mod:`~strongroom.inference.oip._budget`; one per process: the server's one servicer).
     """
 
     def __init__(
@@ -70,8 +79,10 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         live: Callable[[], bool] | None = None,
         clients: Mapping[str, tuple[str, ...]] | None = None,
         unscoped: frozenset[str] = frozenset(),
+        response_budget: ResponseBudget | None = None,
     ) -> None:
         self._repository = repository
+        self._budget = response_budget or ResponseBudget()
         self._version = server_version or _package_version()
         self._extensions = tuple(extensions)
         self._limits = limits or InferLimits()
@@ -83,6 +94,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     def limits(self) -> InferLimits:
         """The request limits (see :meth:`InferLimits.grpc_server_options`)."""
         return self._limits
+
+    @property
+    def response_budget(self) -> ResponseBudget:
+        """The budget of memory responses hold while they are built and sent."""
+        return self._budget
 
     def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.ServicerContext
@@ -139,18 +155,35 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         check_request_parameters(request)
         inputs, used_raw = decode_inputs(request, model, self._limits)
         names = requested_outputs(request, model, self._limits)
-        stop = _StopOnEnd(context)
-        arrays = model.infer(
-            inputs,
-            names,
-            run_options=stop.options,
-            check_shapes=output_shapes_check(model, names, raw=used_raw, limits=self._limits),
-            stopped_by=stop.end.gave_up,
-        )
-        response = pb.ModelInferResponse(
-            model_name=model.name, model_version=model.version, id=request.id
-        )
-        encode_outputs(response, model, names, arrays, raw=used_raw, limits=self._limits)
+        stop = _StopOnEnd(context, wake=self._budget.wake)
+        memory = _ResponseMemory(self._budget, context, stop, model.name)
+        try:
+            arrays = model.infer(
+                inputs,
+                names,
+                run_options=stop.options,
+                check_shapes=output_shapes_check(
+                    model, names, raw=used_raw, limits=self._limits, reserve=memory.reserve
+                ),
+                stopped_by=stop.end.gave_up,
+            )
+            response = pb.ModelInferResponse(
+                model_name=model.name, model_version=model.version, id=request.id
+            )
+            encode_outputs(
+                response,
+                model,
+                names,
+                arrays,
+                raw=used_raw,
+                limits=self._limits,
+                reserve=memory.reserve,
+            )
+        except BaseException:
+            memory.release()  # nothing of it is sent: no need to wait for the call's end
+            raise
+        # The reservation stays until the call ends: gRPC serialises the message after this
+        # returns, copies it into its core and sends it, the message alive meanwhile.
         return response
 
     def visible_to(self, context: grpc.ServicerContext) -> Callable[[str], bool] | None:
@@ -229,16 +262,74 @@ class _StopOnEnd:
     passes, no longer leaves a worker thread and the cores computing an answer nobody reads (a
     certified caller could otherwise start any number of long runs and walk away at once).
     How the caller gave up is the call's :class:`~strongroom.runtime.gave_up.CallEnd`'s
-    (``end``), judged when the call ends."""
+    (``end``), judged when the call ends; ``wake`` is then called too (a wait for response
+    memory looks at :attr:`ended` again)."""
 
-    __slots__ = ("end", "options")
+    __slots__ = ("_wake", "end", "options")
 
-    def __init__(self, context: grpc.ServicerContext) -> None:
+    def __init__(
+        self, context: grpc.ServicerContext, wake: Callable[[], None] | None = None
+    ) -> None:
         self.options = ort.RunOptions()
+        self._wake = wake
         self.end = CallEnd(context, on_end=self._stop)
+
+    def ended(self) -> bool:
+        """Whether the call has ended."""
+        return bool(self.options.terminate)
 
     def _stop(self) -> None:
         self.options.terminate = True
+        if self._wake is not None:
+            self._wake()
+
+
+class _ResponseMemory:
+    """One ModelInfer's reservation in the response budget: taken before its outputs are copied
+    out of ONNX Runtime's arena, grown when their exact size is known, given back when the call
+    ends (its response sent, or the call cancelled or failed) or at once when it fails here."""
+
+    __slots__ = ("_budget", "_context", "_model", "_reservation", "_stop")
+
+    def __init__(
+        self, budget: ResponseBudget, context: grpc.ServicerContext, stop: _StopOnEnd, model: str
+    ) -> None:
+        self._budget = budget
+        self._context = context
+        self._stop = stop
+        self._model = model
+        self._reservation: Reservation | None = None
+
+    def reserve(self, size: int) -> None:
+        """Holds at least ``size`` bytes (the budget's refusals raised as they are)."""
+        try:
+            if self._reservation is None:
+                self._reservation = self._budget.reserve(size, ended=self._stop.ended)
+                if not self._context.add_callback(self._reservation.release):
+                    self._reservation.release()  # the call has already ended
+            else:
+                self._reservation.grow_to(size, ended=self._stop.ended)
+        except CallEnded:
+            self._call_ended()
+        if self._stop.ended():
+            self._call_ended()
+
+    def release(self) -> None:
+        """Gives the reservation back now (again: nothing)."""
+        if self._reservation is not None:
+            self._reservation.release()
+
+    def _call_ended(self) -> None:
+        # Its caller is gone: the answer is for the log, which says how the call ended.
+        if self._stop.end.gave_up() is GaveUp.DEADLINE:
+            raise DeadlineExceeded(
+                f"inference on {self._model} stopped: the caller's deadline passed",
+                reason=Reason.INFERENCE_DEADLINE_EXCEEDED,
+            )
+        raise Cancelled(
+            f"inference on {self._model} stopped: the call was cancelled",
+            reason=Reason.INFERENCE_CANCELLED,
+        )
 
 
 def _require_name(name: str) -> None:

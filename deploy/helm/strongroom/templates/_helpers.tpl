@@ -552,17 +552,21 @@ server refuses (and limits sized for a fleet the HPA would never reach). */ -}}
 {{- define "strongroom.checkValues" -}}
 {{- include "strongroom.checkAutoscaling" . -}}
 {{- /* ONNX Runtime's cap on what inference runs hold (inference.maxInferenceMemoryBytes, null:
-the service's 2 GiB) only works below the pod's memory limit, with room for the process and its
-models: a limit at or under the cap gets the pod OOM-killed by a request the cap was meant to
-refuse (RESOURCE_EXHAUSTED INFERENCE_MEMORY_EXHAUSTED). 512 MiB is the least the process needs
-besides it (the models' own size comes on top, which the chart cannot know). */ -}}
+the service's 2 GiB) and the budget of what responses hold outside it while they are built and
+sent (inference.maxResponseMemoryBytes, null: the service's 1 GiB) only work below the pod's
+memory limit, with room for the process and its models: a limit at or under the two gets the pod
+OOM-killed by a request they were meant to refuse (RESOURCE_EXHAUSTED INFERENCE_MEMORY_EXHAUSTED,
+RESPONSE_MEMORY_BUSY). 512 MiB is the least the process needs besides them (the models' own size
+comes on top, which the chart cannot know). */ -}}
 {{- $inf := .Values.inference -}}
 {{- $memory := get $inf.resources.limits "memory" -}}
 {{- if not (kindIs "invalid" $memory) -}}
 {{- $cap := ternary 2147483648.0 (float64 $inf.maxInferenceMemoryBytes) (kindIs "invalid" $inf.maxInferenceMemoryBytes) -}}
+{{- $responses := ternary 1073741824.0 (float64 $inf.maxResponseMemoryBytes) (kindIs "invalid" $inf.maxResponseMemoryBytes) -}}
 {{- $limit := include "strongroom.quantityBytes" $memory | float64 -}}
-{{- if lt $limit (addf $cap 536870912.0) -}}
-{{- fail (printf "inference.resources.limits.memory (%v) leaves less than 512 MiB above inference.maxInferenceMemoryBytes (%.0f bytes%s): a request ONNX Runtime's cap should refuse (RESOURCE_EXHAUSTED INFERENCE_MEMORY_EXHAUSTED) would get the pod OOM-killed first. Raise the memory limit above the cap + the loaded models + ~0.5 GiB, or set inference.maxInferenceMemoryBytes lower (at least 16777216)" $memory $cap (ternary ", the service's default" "" (kindIs "invalid" $inf.maxInferenceMemoryBytes))) -}}
+{{- $least := addf $cap $responses 536870912.0 -}}
+{{- if lt $limit $least -}}
+{{- fail (printf "inference.resources.limits.memory (%v) leaves less than 512 MiB above inference.maxInferenceMemoryBytes (%.0f bytes%s) + inference.maxResponseMemoryBytes (%.0f bytes%s): a request ONNX Runtime's cap or the response budget should refuse (RESOURCE_EXHAUSTED INFERENCE_MEMORY_EXHAUSTED, RESPONSE_MEMORY_BUSY) would get the pod OOM-killed first. Set the memory limit to at least %.0f bytes (the loaded models come on top), or set inference.maxInferenceMemoryBytes or inference.maxResponseMemoryBytes lower (each at least 16777216)" $memory $cap (ternary ", the service's default" "" (kindIs "invalid" $inf.maxInferenceMemoryBytes)) $responses (ternary ", the service's default" "" (kindIs "invalid" $inf.maxResponseMemoryBytes)) $least) -}}
 {{- end -}}
 {{- end -}}
 {{- $np := .Values.networkPolicy -}}

@@ -1,0 +1,366 @@
+"""The budget of memory inference responses hold outside ONNX Runtime's arena, over a real gRPC
+server and real ONNX Runtime runs: within it a request is served as before; past it a request
+waits for earlier responses to be sent, then is refused ``RESPONSE_MEMORY_BUSY``; one larger
+than all of it is refused at once; and whatever way a call ends, its reservation comes back."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+
+from strongroom.api.oip.v2 import grpc_service_pb2 as pb
+from strongroom.api.oip.v2.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from strongroom.errors import ResourceExhausted
+from strongroom.inference.models import ModelRepository
+from strongroom.inference.oip import SERVICE_NAME, InferLimits, OipServicer, ResponseBudget
+from strongroom.inference.oip._budget import (
+    RAW_RESPONSE_COPIES,
+    TYPED_RESPONSE_COPIES,
+    response_memory,
+)
+from strongroom.reasons import METADATA_KEY as REASON_TRAILER
+from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
+from tests.inference import onnx_models
+from tests.inference.conftest import Running, Starter
+from tests.inference.test_oip import expect_error
+
+MIB = 1 << 20
+# A raw response of 4 MiB holds 12 MiB by the budget's count.
+FOUR_MIB_FP32 = MIB  # elements
+ONE_RESPONSE = response_memory(4 * MIB, raw=True)
+
+
+def _request(elements: int, *, raw: bool = True, model: str = "filled") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name="n", datatype="INT64", shape=[1])
+    if raw:
+        request.raw_input_contents.append(np.array([elements], "<i8").tobytes())
+    else:
+        tensor.contents.int64_contents.append(elements)
+    return request
+
+
+@pytest.fixture(scope="module")
+def repository() -> ModelRepository:
+    repo = ModelRepository(["filled", "negatives"])
+    repo.load("filled", "1", onnx_models.filled("FP32"))
+    repo.load("negatives", "1", onnx_models.filled("INT64", -1))
+    return repo
+
+
+def _served(
+    start_server: Starter, repository: ModelRepository, budget: ResponseBudget, **limits: int
+) -> Running:
+    return start_server(
+        repository,
+        response_budget=budget,
+        limits=InferLimits(**limits) if limits else None,
+    )
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    """Waits for ``condition`` (an event on another thread: the RPC's end is gRPC's, after the
+    client has its answer), failing if it never comes."""
+    give_up = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < give_up, "the condition never came"
+        time.sleep(0.01)
+
+
+def _full(budget: ResponseBudget) -> Callable[[], bool]:
+    return lambda: budget.free == budget.max_bytes
+
+
+@pytest.fixture
+def held() -> Iterator[list[Callable[[], None]]]:
+    """Reservations a test takes as other responses in flight would; given back at its end."""
+    releases: list[Callable[[], None]] = []
+    yield releases
+    for release in releases:
+        release()
+
+
+def _hold(budget: ResponseBudget, size: int, held: list[Callable[[], None]]) -> Callable[[], None]:
+    reservation = budget.reserve(size)
+    held.append(reservation.release)
+    return reservation.release
+
+
+def test_a_response_within_the_budget_is_served_as_before_and_gives_its_room_back(
+    start_server: Starter, repository: ModelRepository
+) -> None:
+    budget = ResponseBudget(2 * ONE_RESPONSE, wait_seconds=0)
+    running = _served(start_server, repository, budget)
+    for raw in (True, False):
+        response = running.oip.ModelInfer(_request(FOUR_MIB_FP32, raw=raw))
+        if raw:
+            values = np.frombuffer(response.raw_output_contents[0], "<f4")
+        else:
+            values = np.asarray(response.outputs[0].contents.fp32_contents, np.float32)
+        assert values.shape == (FOUR_MIB_FP32,) and bool(np.all(values == 1.5))
+        _until(_full(budget))
+
+
+def test_a_response_waits_for_earlier_ones_then_is_refused_busy(
+    start_server: Starter, repository: ModelRepository, held: list[Callable[[], None]]
+) -> None:
+    """Other responses hold all but less than this one needs: it waits the configured time, is
+    refused ``RESPONSE_MEMORY_BUSY``, holds nothing afterwards, and is served once they are
+    sent."""
+    budget = ResponseBudget(2 * ONE_RESPONSE, wait_seconds=0.2)
+    running = _served(start_server, repository, budget)
+    release = _hold(budget, ONE_RESPONSE + 1, held)
+    error = expect_error(
+        lambda: running.oip.ModelInfer(_request(FOUR_MIB_FP32)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RESPONSE_MEMORY_BUSY",
+    )
+    assert "inference.max_response_memory_bytes" in (error.details() or "")
+    _until(lambda: budget.free == ONE_RESPONSE - 1 and budget.waiting == 0)
+    # A smaller one still fits beside them: the refusal was this response's size.
+    running.oip.ModelInfer(_request(FOUR_MIB_FP32 // 2))
+    release()
+    _until(_full(budget))
+    running.oip.ModelInfer(_request(FOUR_MIB_FP32))
+    _until(_full(budget))
+
+
+def _at_once(running: Running, calls: int) -> list[str]:
+    """``calls`` ModelInfer calls of a 4 MiB response started together: how each ended."""
+    outcomes: list[str] = []
+    start = threading.Barrier(calls)
+
+    def call() -> None:
+        start.wait()
+        try:
+            running.oip.ModelInfer(_request(FOUR_MIB_FP32), timeout=60)
+            outcomes.append("OK")
+        except grpc.RpcError as exc:
+            reasons = [m.value for m in exc.trailing_metadata() or () if m.key == REASON_TRAILER]
+            outcomes.append(f"{exc.code().name} {reasons}")
+
+    threads = [threading.Thread(target=call) for _ in range(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+def test_concurrent_responses_past_the_budget_are_refused(
+    start_server: Starter, repository: ModelRepository, held: list[Callable[[], None]]
+) -> None:
+    """Eight calls at once while others' responses leave less than one of theirs: every one
+    waits, is refused ``RESPONSE_MEMORY_BUSY``, and holds nothing afterwards."""
+    budget = ResponseBudget(3 * ONE_RESPONSE, wait_seconds=0.2)
+    running = _served(start_server, repository, budget)
+    release = _hold(budget, 2 * ONE_RESPONSE + 1, held)
+    assert _at_once(running, 8) == ["RESOURCE_EXHAUSTED ['RESPONSE_MEMORY_BUSY']"] * 8
+    assert budget.free == ONE_RESPONSE - 1 and budget.waiting == 0
+    release()
+    assert budget.free == budget.max_bytes
+
+
+def test_concurrent_responses_wait_their_turn_and_are_all_served(
+    start_server: Starter, repository: ModelRepository, held: list[Callable[[], None]]
+) -> None:
+    """Eight calls at once while the budget is held: all eight wait (their outputs still in the
+    arena), then, once it is free, are served two at a time, and every reservation comes back."""
+    budget = ResponseBudget(2 * ONE_RESPONSE, wait_seconds=60)
+    running = _served(start_server, repository, budget)
+    release = _hold(budget, 2 * ONE_RESPONSE, held)
+    outcomes: list[list[str]] = []
+    calls = threading.Thread(target=lambda: outcomes.append(_at_once(running, 8)))
+    calls.start()
+    _until(lambda: budget.waiting == 8)
+    release()
+    calls.join()
+    assert outcomes == [["OK"] * 8]
+    _until(_full(budget))
+
+
+def test_a_waiting_response_is_served_once_earlier_ones_are_sent(
+    start_server: Starter, repository: ModelRepository, held: list[Callable[[], None]]
+) -> None:
+    budget = ResponseBudget(ONE_RESPONSE, wait_seconds=60)
+    running = _served(start_server, repository, budget)
+    release = _hold(budget, 1, held)
+    call = running.oip.ModelInfer.future(_request(FOUR_MIB_FP32), timeout=60)
+    _until(lambda: budget.waiting == 1)
+    release()
+    assert len(call.result().raw_output_contents[0]) == 4 * MIB
+    _until(_full(budget))
+
+
+@pytest.mark.parametrize("how", ["cancelled", "deadline"])
+def test_a_call_ended_while_it_waits_takes_nothing(
+    start_server: Starter,
+    repository: ModelRepository,
+    held: list[Callable[[], None]],
+    how: str,
+) -> None:
+    """A caller that cancels, or whose deadline passes, while its response waits for room: the
+    wait ends with the call (not after the configured minute), and nothing is reserved for it."""
+    budget = ResponseBudget(ONE_RESPONSE, wait_seconds=60)
+    running = _served(start_server, repository, budget)
+    release = _hold(budget, 1, held)
+    call = running.oip.ModelInfer.future(
+        _request(FOUR_MIB_FP32), timeout=60 if how == "cancelled" else 1
+    )
+    _until(lambda: budget.waiting == 1)
+    if how == "cancelled":
+        call.cancel()
+        assert call.cancelled()
+    else:
+        with pytest.raises(grpc.RpcError) as info:
+            call.result()
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _until(lambda: budget.waiting == 0)
+    assert budget.free == budget.max_bytes - 1
+    release()
+    running.oip.ModelInfer(_request(FOUR_MIB_FP32))
+    _until(_full(budget))
+
+
+def test_a_response_larger_than_the_whole_budget_is_refused_at_once(
+    start_server: Starter, repository: ModelRepository
+) -> None:
+    """No wait (the configured minute would outlast the call's deadline) and a message naming
+    both sizes."""
+    budget = ResponseBudget(ONE_RESPONSE, wait_seconds=60)
+    running = _served(start_server, repository, budget)
+    error = expect_error(
+        lambda: running.oip.ModelInfer(_request(FOUR_MIB_FP32 + 1), timeout=30),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RESPONSE_TOO_LARGE",
+    )
+    details = error.details() or ""
+    needed = response_memory(4 * MIB + 4, raw=True)
+    assert f"({needed} bytes)" in details, details
+    assert f"inference.max_response_memory_bytes = {ONE_RESPONSE} bytes" in details, details
+    assert budget.free == budget.max_bytes and budget.waiting == 0
+
+
+def test_a_response_refused_after_its_reservation_gives_it_back(
+    start_server: Starter, repository: ModelRepository
+) -> None:
+    """Typed negative INT64s: their shape passes the output bound at one byte each and is
+    reserved; their exact size (10 bytes each) is refused ``RESPONSE_TOO_LARGE`` when encoded,
+    after the reservation, which comes back with the failure."""
+    budget = ResponseBudget(64 * MIB, wait_seconds=0)
+    running = _served(start_server, repository, budget, max_output_bytes=4 * MIB)
+    elements = MIB // 2  # 512 KiB by shape, 5 MiB encoded
+    expect_error(
+        lambda: running.oip.ModelInfer(_request(elements, raw=False, model="negatives")),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RESPONSE_TOO_LARGE",
+    )
+    _until(_full(budget))
+    # The exact size of a response is reserved once it is known: 8 bytes an element in its
+    # array, 10 on the wire.
+    served = running.oip.ModelInfer(_request(elements // 4, raw=False, model="negatives"))
+    assert list(served.outputs[0].contents.int64_contents[:2]) == [-1, -1]
+    _until(_full(budget))
+
+
+def test_the_reservation_is_held_while_grpc_serialises_the_response(
+    repository: ModelRepository,
+) -> None:
+    """The handler returns the message; gRPC serialises it after that, copies the bytes into its
+    core and sends them, the message alive until then: the reservation is still held when the
+    serialiser runs (released on the handler's return, the budget would not count the copies
+    its peak is made of), and comes back when the call has ended."""
+    budget = ResponseBudget(2 * ONE_RESPONSE, wait_seconds=0)
+    servicer = OipServicer(repository, response_budget=budget)
+    free_while_serialised: list[int] = []
+
+    def serialise(response: pb.ModelInferResponse) -> bytes:
+        free_while_serialised.append(budget.free)
+        return response.SerializeToString()
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2),
+        interceptors=[ErrorMappingInterceptor(), RequestDecodingInterceptor()],
+    )
+    handler = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=pb.ModelInferRequest.FromString,
+        response_serializer=serialise,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"ModelInfer": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        GRPCInferenceServiceStub(channel).ModelInfer(_request(FOUR_MIB_FP32 // 2))
+        held = response_memory(2 * MIB, raw=True)
+        assert free_while_serialised == [budget.max_bytes - held]
+        _until(_full(budget))
+    finally:
+        channel.close()
+        server.stop(grace=None)
+
+
+def test_budget_counts_each_response_at_its_measured_copies() -> None:
+    assert response_memory(MIB, raw=True) == RAW_RESPONSE_COPIES * MIB
+    assert response_memory(MIB, raw=False) == TYPED_RESPONSE_COPIES * MIB
+
+
+def test_the_budget_serves_waiters_in_arrival_order() -> None:
+    """A large response that waits is not overtaken by smaller ones that came after it (they
+    kept taking the room it waited for)."""
+    budget = ResponseBudget(10, wait_seconds=60)
+    first = budget.reserve(6)
+    order: list[str] = []
+
+    def take(name: str, size: int) -> None:
+        budget.reserve(size).release()
+        order.append(name)
+
+    large = threading.Thread(target=take, args=("large", 8))
+    large.start()
+    _until(lambda: budget.waiting == 1)
+    small = threading.Thread(target=take, args=("small", 2))
+    small.start()
+    _until(lambda: budget.waiting == 2)
+    first.release()
+    large.join()
+    small.join()
+    assert order == ["large", "small"]
+    assert budget.free == 10
+
+
+def test_a_reservation_that_grows_goes_ahead_of_the_waiters() -> None:
+    """A request holding room that needs more (a BYTES response's exact size) is not queued
+    behind one waiting for the room it holds: each would wait for the other."""
+    budget = ResponseBudget(10, wait_seconds=60)
+    holder = budget.reserve(6)
+    waiter = threading.Thread(target=lambda: budget.reserve(8).release())
+    waiter.start()
+    _until(lambda: budget.waiting == 1)
+    holder.grow_to(10)
+    assert budget.free == 0
+    holder.release()
+    waiter.join()
+    assert budget.free == 10
+
+
+def test_a_grown_reservation_past_the_budget_is_refused_and_keeps_what_it_held() -> None:
+    budget = ResponseBudget(10, wait_seconds=0)
+    reservation = budget.reserve(4)
+    with pytest.raises(ResourceExhausted) as info:
+        reservation.grow_to(11)
+    assert info.value.reason == "RESPONSE_TOO_LARGE"
+    reservation.grow_to(7)
+    assert budget.free == 3
+    reservation.release()
+    reservation.release()
+    assert budget.free == 10
