@@ -28,7 +28,7 @@ own:
 The retries of a version end when it loads (its retry's load, or an operator's LoadModel), when
 an operator unloads it or its model (for good: an operator's LoadModel after the unload that
 fails lists the version failed again, and the retries went on from that, loading the model
-behind the operator's back; :meth:`ModelRepository.unloaded_while_retried`), when a version of
+behind the operator's back; :class:`~strongroom.inference.models.RetryWatch`), when a version of
 the model that the configuration does not list serves it (an operator loaded it instead: a
 retry succeeding later made the configured version the default again), or when the server
 stops. An operator's LoadModel of it that fails does not end
@@ -66,6 +66,7 @@ its retry's load included (ModelMetadata: "loading again after its last load fai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -83,6 +84,7 @@ from strongroom.inference.models import (
     ModelRepository,
     ModelState,
     ModelUnloaded,
+    RetryWatch,
 )
 from strongroom.reasons import Reason
 from strongroom.runtime.metrics import MODEL_LOAD_RETRIES
@@ -173,6 +175,8 @@ class _Version:
     # When each reason was last logged in full, and its failures since (not logged).
     logged_at: dict[str, float] = dataclasses.field(default_factory=dict)
     unlogged: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Marked by an unload of the version (or its model) while run() retries it.
+    watch: RetryWatch = dataclasses.field(default_factory=RetryWatch)
 
     @property
     def label(self) -> str:
@@ -205,6 +209,17 @@ class ConfiguredLoads:
 
     def run(self) -> None:
         """Loads until nothing is left to retry, or the server stops."""
+        # Their failures stay listed while retried (the cap would make them read as unloaded),
+        # and each one's watch tells an unload of it since the retries began.
+        with contextlib.ExitStack() as retried:
+            for version in self._pending:
+                ref = version.ref
+                version.watch = retried.enter_context(
+                    self._repository.retrying(ref.name, ref.version)
+                )
+            self._run()
+
+    def _run(self) -> None:
         while self._pending and not self._stopping.is_set():
             now = time.monotonic()
             for version in [v for v in self._pending if v.due <= now]:
@@ -336,7 +351,7 @@ class ConfiguredLoads:
         ref, tried = version.ref, version.tried
 
         def still_wanted() -> bool:
-            if self._repository.unloaded_while_retried(ref.name, ref.version):
+            if version.watch.unloaded:
                 return False
             state = self._repository.version_state(ref.name, ref.version)
             if state is ModelState.READY or (tried and state is None):

@@ -22,7 +22,7 @@ from strongroom.client.cancel import CallScope
 from strongroom.dev.devstack import DevStack
 from strongroom.inference.autoload import ConfiguredLoads
 from strongroom.inference.loader import ModelBusy, ModelLock
-from strongroom.inference.models import ModelState
+from strongroom.inference.models import ModelState, ModelUnloaded
 from strongroom.inference.server import InferenceServer
 from tests.e2e.publishing import publish
 from tests.e2e.stalling import StallOnce
@@ -649,6 +649,47 @@ def test_an_unload_then_a_failed_loadmodel_does_not_bring_the_retries_back(
     control.LoadModel(control_pb.LoadModelRequest(name="unloaded", version="1"), timeout=60)
     assert inference.repository.is_ready("unloaded", "1")
     assert _released(stack, "unloaded") == 1
+
+
+def test_an_unload_then_a_failed_loadmodel_during_a_back_off_ends_the_loadmodels_retry(
+    stack: DevStack, model_path: Path, stopped: None
+) -> None:
+    """A LoadModel's retry asked only whether its version was listed at all: an UnloadModel
+    during its back-off followed by another LoadModel of the version that failed listed it
+    FAILED again, and the first LoadModel's retry took that for its own failure and loaded the
+    version behind the operator's unload (a key release the broker granted). The unload now
+    ends that retry whatever came after it."""
+    stack.create_release_key(stack.identity("admin"), "relisted", policy_version="1")
+    publish(stack, model_path, "relisted", "relisted")
+    inference = _start(stack)
+    repository = inference.repository
+    control = control_grpc.ModelControlServiceStub(
+        stack.channel(stack.identity("admin"), "inference")
+    )
+    refused: list[grpc.StatusCode] = []
+
+    def back_off(seconds: float) -> None:
+        if refused:
+            return
+        # The operator unloads the version while this LoadModel waits, tries another LoadModel
+        # of it, which fails (the broker is still down), then the broker comes back.
+        control.UnloadModel(control_pb.UnloadModelRequest(name="relisted", version="1"))
+        with pytest.raises(grpc.RpcError) as info:
+            control.LoadModel(control_pb.LoadModelRequest(name="relisted", version="1"), timeout=3)
+        refused.append(info.value.code())
+        assert repository.version_state("relisted", "1") is ModelState.FAILED
+        stack.start_in_process("keybroker")
+
+    stack.services.pop("keybroker").stop()
+    try:
+        with pytest.raises(ModelUnloaded):
+            inference.loader.load_with_retry("relisted", "1", within=60, sleep=back_off)
+    finally:
+        if "keybroker" not in stack.services:
+            stack.start_in_process("keybroker")
+    assert refused == [grpc.StatusCode.UNAVAILABLE]
+    assert not repository.is_ready("relisted")
+    assert _released(stack, "relisted") == 0
 
 
 def test_a_configured_load_gives_way_to_a_load_about_to_take_the_lock() -> None:
