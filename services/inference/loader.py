@@ -214,8 +214,9 @@ class ModelLoader:
 
         ``retry_of`` marks a load another may overtake (a configured model's, its first attempt
         included, or a LoadModel's after a back-off): whether the version still waits for it
-        (the caller's to say: not loaded, unloaded, nor served by another version meanwhile),
-        asked once the load is registered where an unload aborts it, and again once it has the
+        (the caller's to say: a configured model's, that it was not loaded, unloaded, nor
+        served by another version meanwhile; a LoadModel's, only that it was not unloaded: an
+        explicit load reloads), asked once the load is registered where an unload aborts it, and again once it has the
         model's lock (another load of the model may have loaded the version, or another); if
         not, ModelUnloaded and nothing is loaded. Asked before registering, an
         unload between the question and the registration reached neither, and the retry loaded
