@@ -35,10 +35,11 @@ stops. An operator's LoadModel of it that fails does not end
 them: the configuration still lists the version and the server is not ready without it (a
 LoadModel refused for a moment, UNAVAILABLE, would otherwise leave it unloaded for good). An
 attempt, the first one too, that finds another load of the model under way (of this version or
-another: it holds the model's lock, or is registered to take it) looks again ``soon_initial``
-later rather than wait for it, with no StatModel and nothing counted: this one thread runs every
-configured model's loads, and waiting out a load (up to the loader's timeout) held back all of
-them; and a first attempt that waited behind an operator's LoadModel of its version loaded it
+another: it holds the model's lock, or is registered to take it, or is a LoadModel waiting out
+its back-off, whose next attempt loaded the version again after this one had) looks again
+``soon_initial`` later rather than wait for it, with nothing counted and no StatModel (unless
+that load came during the attempt's own): this one thread runs every configured model's loads,
+and waiting out a load (up to the loader's timeout) held back all of them; and a first attempt that waited behind an operator's LoadModel of its version loaded it
 again once that had loaded it. Once that load has ended the attempt goes on only if the version
 is still not loaded (once tried: still failed) and no version the configuration does not list
 serves the model (asked again once the attempt holds the lock: :meth:`ModelLoader.load`'s
@@ -206,6 +207,7 @@ class ConfiguredLoads:
         self._scope = scope
         self._stopping = stopping
         self._wait = wait
+        self._own: frozenset[RetryWatch] = frozenset()  # run()'s retrying() blocks' watches
 
     def run(self) -> None:
         """Loads until nothing is left to retry, or the server stops."""
@@ -217,6 +219,7 @@ class ConfiguredLoads:
                 version.watch = retried.enter_context(
                     self._repository.retrying(ref.name, ref.version)
                 )
+            self._own = frozenset(version.watch for version in self._pending)
             self._run()
 
     def _run(self) -> None:
@@ -254,6 +257,8 @@ class ConfiguredLoads:
             return False
         if version.refused is not None and entry == version.refused[0]:
             return self._unchanged(version)
+        if self._loading_elsewhere(ref):  # a LoadModel came during the StatModel
+            return self._postponed(version)
         # Asked again once registered where an unload aborts it, and once it holds the lock
         # (ModelLoader.load's retry_of).
         version.tried = True
@@ -322,10 +327,13 @@ class ConfiguredLoads:
 
     def _loading_elsewhere(self, ref: ModelRef) -> bool:
         """Whether another load of ``ref``'s model (an operator's LoadModel, of this version or
-        another) is under way now."""
+        another) is under way now: loading, or waiting out its back-off (taking the free lock
+        then, the configured load loaded the version and the LoadModel's next attempt loaded
+        it again: a second download and key release)."""
         return (
             self._loader.busy(ref.name)
             or self._repository.version_state(ref.name, ref.version) is ModelState.LOADING
+            or any(w not in self._own for w in self._repository.retry_watches(ref.name))
         )
 
     def _postponed(self, version: _Version) -> bool:

@@ -692,6 +692,47 @@ def test_an_unload_then_a_failed_loadmodel_during_a_back_off_ends_the_loadmodels
     assert _released(stack, "relisted") == 0
 
 
+def test_a_configured_retry_gives_way_to_a_loadmodel_in_its_back_off(
+    stack: DevStack, model_path: Path, stopped: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A configured model's retry gave way to a LoadModel of the model only while that call was
+    inside a load: during the LoadModel's back-off (the broker briefly unreachable for both) it
+    took the free lock and loaded the version, and the LoadModel's next attempt then loaded it
+    again (a second download and a second key release the broker granted). The retry now looks
+    again later while a LoadModel of the model is retrying, and ends once that one loaded it."""
+    stack.create_release_key(stack.identity("admin"), "backoff", policy_version="1")
+    publish(stack, model_path, "backoff", "backoff")
+    inference = _start(stack, "backoff")
+    inference.retry_initial = 0.1
+    caplog.set_level(logging.DEBUG, logger="strongroom.inference.autoload")
+    repository = inference.repository
+
+    def postponed() -> int:
+        return sum("backoff/1 is being loaded by" in r.getMessage() for r in caplog.records)
+
+    def back_off(seconds: float) -> None:
+        if "keybroker" in stack.services:
+            return
+        # The broker comes back during the LoadModel's back-off: the configured retry comes
+        # before the LoadModel's next attempt.
+        before = postponed()
+        stack.start_in_process("keybroker")
+        assert wait_until(lambda: postponed() > before or repository.is_ready("backoff", "1"), 30)
+
+    stack.services.pop("keybroker").stop()
+    try:
+        inference.load_configured_models()
+        assert wait_until(lambda: _failed_with(inference, "backoff") is not None, 30)
+        inference.loader.load_with_retry("backoff", "1", within=60, sleep=back_off)
+    finally:
+        if "keybroker" not in stack.services:
+            stack.start_in_process("keybroker")
+    (loader_thread,) = inference._threads
+    assert wait_until(lambda: not loader_thread.is_alive(), 30)
+    assert repository.is_ready("backoff", "1")
+    assert _released(stack, "backoff") == 1
+
+
 def test_a_configured_load_gives_way_to_a_load_about_to_take_the_lock() -> None:
     """A configured model's load (which does not wait for the model's lock) took the lock from
     under an operator's LoadModel that had registered and not yet taken it: the LoadModel then

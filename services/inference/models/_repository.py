@@ -272,6 +272,14 @@ class ModelRepository:
                     self._failure_logged.pop(key, None)
                 self._enforce_cap()
 
+    def retry_watches(self, name: str) -> tuple[RetryWatch, ...]:
+        """The watches of the :meth:`retrying` blocks of ``name``'s versions now (a configured
+        model's, a LoadModel's under way: in a load or in its back-off)."""
+        with self._lock:
+            return tuple(
+                w for key, watches in self._retrying.items() if key[0] == name for w in watches
+            )
+
     def publish(self, model: LoadedModel, *, loading: VersionStatus | None = None) -> None:
         """Makes ``model`` its name's default version, atomically; older versions beyond
         ``retain_versions`` stop being addressable (requests already using them complete).
