@@ -28,17 +28,18 @@ own:
 The retries of a version end when it loads (its retry's load, or an operator's LoadModel), when
 an operator unloads it or its model (for good: an operator's LoadModel after the unload that
 fails lists the version failed again, and the retries went on from that, loading the model
-behind the operator's back; :meth:`ModelRepository.unloaded_while_retried`), when a version of
+behind the operator's back; :class:`~strongroom.inference.models.RetryWatch`), when a version of
 the model that the configuration does not list serves it (an operator loaded it instead: a
 retry succeeding later made the configured version the default again), or when the server
 stops. An operator's LoadModel of it that fails does not end
 them: the configuration still lists the version and the server is not ready without it (a
 LoadModel refused for a moment, UNAVAILABLE, would otherwise leave it unloaded for good). An
 attempt, the first one too, that finds another load of the model under way (of this version or
-another: it holds the model's lock, or is registered to take it) looks again ``soon_initial``
-later rather than wait for it, with no StatModel and nothing counted: this one thread runs every
-configured model's loads, and waiting out a load (up to the loader's timeout) held back all of
-them; and a first attempt that waited behind an operator's LoadModel of its version loaded it
+another: it holds the model's lock, or is registered to take it, or is a LoadModel waiting out
+its back-off, whose next attempt loaded the version again after this one had) looks again
+``soon_initial`` later rather than wait for it, with nothing counted and no StatModel (unless
+that load came during the attempt's own): this one thread runs every configured model's loads,
+and waiting out a load (up to the loader's timeout) held back all of them; and a first attempt that waited behind an operator's LoadModel of its version loaded it
 again once that had loaded it. Once that load has ended the attempt goes on only if the version
 is still not loaded (once tried: still failed) and no version the configuration does not list
 serves the model (asked again once the attempt holds the lock: :meth:`ModelLoader.load`'s
@@ -66,6 +67,7 @@ its retry's load included (ModelMetadata: "loading again after its last load fai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -83,6 +85,7 @@ from strongroom.inference.models import (
     ModelRepository,
     ModelState,
     ModelUnloaded,
+    RetryWatch,
 )
 from strongroom.reasons import Reason
 from strongroom.runtime.metrics import MODEL_LOAD_RETRIES
@@ -173,6 +176,8 @@ class _Version:
     # When each reason was last logged in full, and its failures since (not logged).
     logged_at: dict[str, float] = dataclasses.field(default_factory=dict)
     unlogged: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Marked by an unload of the version (or its model) while run() retries it.
+    watch: RetryWatch = dataclasses.field(default_factory=RetryWatch)
 
     @property
     def label(self) -> str:
@@ -202,9 +207,22 @@ class ConfiguredLoads:
         self._scope = scope
         self._stopping = stopping
         self._wait = wait
+        self._own: frozenset[RetryWatch] = frozenset()  # run()'s retrying() blocks' watches
 
     def run(self) -> None:
         """Loads until nothing is left to retry, or the server stops."""
+        # Their failures stay listed while retried (the cap would make them read as unloaded),
+        # and each one's watch tells an unload of it since the retries began.
+        with contextlib.ExitStack() as retried:
+            for version in self._pending:
+                ref = version.ref
+                version.watch = retried.enter_context(
+                    self._repository.retrying(ref.name, ref.version)
+                )
+            self._own = frozenset(version.watch for version in self._pending)
+            self._run()
+
+    def _run(self) -> None:
         while self._pending and not self._stopping.is_set():
             now = time.monotonic()
             for version in [v for v in self._pending if v.due <= now]:
@@ -239,6 +257,8 @@ class ConfiguredLoads:
             return False
         if version.refused is not None and entry == version.refused[0]:
             return self._unchanged(version)
+        if self._loading_elsewhere(ref):  # a LoadModel came during the StatModel
+            return self._postponed(version)
         # Asked again once registered where an unload aborts it, and once it holds the lock
         # (ModelLoader.load's retry_of).
         version.tried = True
@@ -307,10 +327,13 @@ class ConfiguredLoads:
 
     def _loading_elsewhere(self, ref: ModelRef) -> bool:
         """Whether another load of ``ref``'s model (an operator's LoadModel, of this version or
-        another) is under way now."""
+        another) is under way now: loading, or waiting out its back-off (taking the free lock
+        then, the configured load loaded the version and the LoadModel's next attempt loaded
+        it again: a second download and key release)."""
         return (
             self._loader.busy(ref.name)
             or self._repository.version_state(ref.name, ref.version) is ModelState.LOADING
+            or any(w not in self._own for w in self._repository.retry_watches(ref.name))
         )
 
     def _postponed(self, version: _Version) -> bool:
@@ -336,7 +359,7 @@ class ConfiguredLoads:
         ref, tried = version.ref, version.tried
 
         def still_wanted() -> bool:
-            if self._repository.unloaded_while_retried(ref.name, ref.version):
+            if version.watch.unloaded:
                 return False
             state = self._repository.version_state(ref.name, ref.version)
             if state is ModelState.READY or (tried and state is None):

@@ -72,7 +72,7 @@ from strongroom.errors import (
     StrongroomError,
     Unavailable,
 )
-from strongroom.inference.models import ModelRepository, ModelUnloaded, VersionStatus
+from strongroom.inference.models import ModelRepository, ModelUnloaded, RetryWatch, VersionStatus
 from strongroom.inference.multipart import load_multipart
 from strongroom.inference.signature import SignaturePolicy
 from strongroom.reasons import Reason
@@ -214,8 +214,9 @@ class ModelLoader:
 
         ``retry_of`` marks a load another may overtake (a configured model's, its first attempt
         included, or a LoadModel's after a back-off): whether the version still waits for it
-        (the caller's to say: not loaded, unloaded, nor served by another version meanwhile),
-        asked once the load is registered where an unload aborts it, and again once it has the
+        (the caller's to say: a configured model's, that it was not loaded, unloaded, nor
+        served by another version meanwhile; a LoadModel's, only that it was not unloaded: an
+        explicit load reloads), asked once the load is registered where an unload aborts it, and again once it has the
         model's lock (another load of the model may have loaded the version, or another); if
         not, ModelUnloaded and nothing is loaded. Asked before registering, an
         unload between the question and the registration reached neither, and the retry loaded
@@ -434,15 +435,22 @@ class ModelLoader:
         """:meth:`load`, retried with exponential back-off while it fails with ``Unavailable`` or a
         peer is busy (:func:`transient`), for at most ``within`` seconds; then (or for any other
         failure) the last error is raised.
-        An unload of the version during a back-off ends the retries: ``ModelUnloaded``.
+        An unload of the version (or of its model) during a back-off ends the retries, whatever
+        came after it (another LoadModel of it that failed): ``ModelUnloaded``.
         ``scope`` ends each load and the back-off, and ``header_sha256`` pins its artifact (see
         :meth:`load`); ``sleep`` replaces the back-off's wait (which a cancellation ends)."""
         scope = scope if scope is not None else CallScope()
         wait = sleep if sleep is not None else _cancellable_sleep(scope)
         # Its failure stays listed while it waits (the cap would make it read as unloaded).
-        with self._repository.retrying(name, version):
+        with self._repository.retrying(name, version) as watch:
             return self._retry_loop(
-                name, version, scope=scope, header_sha256=header_sha256, within=within, wait=wait
+                name,
+                version,
+                scope=scope,
+                header_sha256=header_sha256,
+                within=within,
+                wait=wait,
+                watch=watch,
             )
 
     def _retry_loop(
@@ -454,13 +462,17 @@ class ModelLoader:
         header_sha256: bytes | None,
         within: float,
         wait: Callable[[float], None],
+        watch: RetryWatch,
     ) -> LoadResult:
         retry_until = time.monotonic() + within
         delay = _RETRY_FIRST_DELAY
         retrying = False
 
         def still_wanted() -> bool:
-            return self._repository.version_state(name, version) is not None
+            # Not whether the version is listed: an unload during a back-off followed by
+            # another LoadModel of it that failed lists it FAILED again, and this retry then
+            # loaded it behind the operator's unload.
+            return not watch.unloaded
 
         while True:
             if retrying and scope.cancelled:

@@ -160,14 +160,7 @@ class InferenceServer:
             stopping=self._stopping,
         )
 
-        def run() -> None:
-            # Their failures stay listed while retried (the cap would make them read as unloaded).
-            with contextlib.ExitStack() as retried:
-                for ref in self.config.models:
-                    retried.enter_context(self.repository.retrying(ref.name, ref.version))
-                loads.run()
-
-        thread = threading.Thread(target=run, name="model-loader", daemon=True)
+        thread = threading.Thread(target=loads.run, name="model-loader", daemon=True)
         thread.start()
         self._threads.append(thread)
         if wait:

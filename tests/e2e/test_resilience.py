@@ -200,28 +200,34 @@ def test_an_unload_right_after_a_retrys_check_still_stops_the_retry(
             stack.channel(stack.identity("admin"), "inference")
         )
         armed = threading.Event()
-        real_state = repository.version_state
+        load = inference.loader.load
 
-        def version_state(name: str, version: str) -> ModelState | None:
-            # The operator's unload lands right after the retry's own question is answered.
-            state = real_state(name, version)
-            if name == "raced" and armed.is_set():
-                armed.clear()
-                request = control_pb.UnloadModelRequest(name="raced", version="1")
-                control.UnloadModel(request, timeout=30)
-            return state
+        def load_asked(*args: Any, retry_of: Any = None, **kwargs: Any) -> Any:
+            if retry_of is None:
+                return load(*args, **kwargs)
+
+            def asked() -> bool:
+                # The operator's unload lands right after the retry's own question is answered.
+                wanted: bool = retry_of()
+                if armed.is_set():
+                    armed.clear()
+                    request = control_pb.UnloadModelRequest(name="raced", version="1")
+                    control.UnloadModel(request, timeout=30)
+                return wanted
+
+            return load(*args, retry_of=asked, **kwargs)
 
         def back_off(seconds: float) -> None:
             if "keybroker" not in stack.services:  # the first back-off: the broker returns
                 stack.start_in_process("keybroker")
                 armed.set()
 
-        monkeypatch.setattr(repository, "version_state", version_state)
+        monkeypatch.setattr(inference.loader, "load", load_asked)
         with pytest.raises(StrongroomError) as info:
             inference.loader.load_with_retry("raced", "1", within=60, sleep=back_off)
         assert info.value.reason in ("MODEL_UNLOADED", "LOAD_ABORTED_BY_UNLOAD")
         assert not armed.is_set()  # the unload did happen
-        assert real_state("raced", "1") is None
+        assert repository.version_state("raced", "1") is None
         assert "raced" not in repository.names()
     finally:
         stack.services.pop("inference").stop()

@@ -22,7 +22,7 @@ from strongroom.client.cancel import CallScope
 from strongroom.dev.devstack import DevStack
 from strongroom.inference.autoload import ConfiguredLoads
 from strongroom.inference.loader import ModelBusy, ModelLock
-from strongroom.inference.models import ModelState
+from strongroom.inference.models import ModelState, ModelUnloaded
 from strongroom.inference.server import InferenceServer
 from tests.e2e.publishing import publish
 from tests.e2e.stalling import StallOnce
@@ -649,6 +649,88 @@ def test_an_unload_then_a_failed_loadmodel_does_not_bring_the_retries_back(
     control.LoadModel(control_pb.LoadModelRequest(name="unloaded", version="1"), timeout=60)
     assert inference.repository.is_ready("unloaded", "1")
     assert _released(stack, "unloaded") == 1
+
+
+def test_an_unload_then_a_failed_loadmodel_during_a_back_off_ends_the_loadmodels_retry(
+    stack: DevStack, model_path: Path, stopped: None
+) -> None:
+    """A LoadModel's retry asked only whether its version was listed at all: an UnloadModel
+    during its back-off followed by another LoadModel of the version that failed listed it
+    FAILED again, and the first LoadModel's retry took that for its own failure and loaded the
+    version behind the operator's unload (a key release the broker granted). The unload now
+    ends that retry whatever came after it."""
+    stack.create_release_key(stack.identity("admin"), "relisted", policy_version="1")
+    publish(stack, model_path, "relisted", "relisted")
+    inference = _start(stack)
+    repository = inference.repository
+    control = control_grpc.ModelControlServiceStub(
+        stack.channel(stack.identity("admin"), "inference")
+    )
+    refused: list[grpc.StatusCode] = []
+
+    def back_off(seconds: float) -> None:
+        if refused:
+            return
+        # The operator unloads the version while this LoadModel waits, tries another LoadModel
+        # of it, which fails (the broker is still down), then the broker comes back.
+        control.UnloadModel(control_pb.UnloadModelRequest(name="relisted", version="1"))
+        with pytest.raises(grpc.RpcError) as info:
+            control.LoadModel(control_pb.LoadModelRequest(name="relisted", version="1"), timeout=3)
+        refused.append(info.value.code())
+        assert repository.version_state("relisted", "1") is ModelState.FAILED
+        stack.start_in_process("keybroker")
+
+    stack.services.pop("keybroker").stop()
+    try:
+        with pytest.raises(ModelUnloaded):
+            inference.loader.load_with_retry("relisted", "1", within=60, sleep=back_off)
+    finally:
+        if "keybroker" not in stack.services:
+            stack.start_in_process("keybroker")
+    assert refused == [grpc.StatusCode.UNAVAILABLE]
+    assert not repository.is_ready("relisted")
+    assert _released(stack, "relisted") == 0
+
+
+def test_a_configured_retry_gives_way_to_a_loadmodel_in_its_back_off(
+    stack: DevStack, model_path: Path, stopped: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A configured model's retry gave way to a LoadModel of the model only while that call was
+    inside a load: during the LoadModel's back-off (the broker briefly unreachable for both) it
+    took the free lock and loaded the version, and the LoadModel's next attempt then loaded it
+    again (a second download and a second key release the broker granted). The retry now looks
+    again later while a LoadModel of the model is retrying, and ends once that one loaded it."""
+    stack.create_release_key(stack.identity("admin"), "backoff", policy_version="1")
+    publish(stack, model_path, "backoff", "backoff")
+    inference = _start(stack, "backoff")
+    inference.retry_initial = 0.1
+    caplog.set_level(logging.DEBUG, logger="strongroom.inference.autoload")
+    repository = inference.repository
+
+    def postponed() -> int:
+        return sum("backoff/1 is being loaded by" in r.getMessage() for r in caplog.records)
+
+    def back_off(seconds: float) -> None:
+        if "keybroker" in stack.services:
+            return
+        # The broker comes back during the LoadModel's back-off: the configured retry comes
+        # before the LoadModel's next attempt.
+        before = postponed()
+        stack.start_in_process("keybroker")
+        assert wait_until(lambda: postponed() > before or repository.is_ready("backoff", "1"), 30)
+
+    stack.services.pop("keybroker").stop()
+    try:
+        inference.load_configured_models()
+        assert wait_until(lambda: _failed_with(inference, "backoff") is not None, 30)
+        inference.loader.load_with_retry("backoff", "1", within=60, sleep=back_off)
+    finally:
+        if "keybroker" not in stack.services:
+            stack.start_in_process("keybroker")
+    (loader_thread,) = inference._threads
+    assert wait_until(lambda: not loader_thread.is_alive(), 30)
+    assert repository.is_ready("backoff", "1")
+    assert _released(stack, "backoff") == 1
 
 
 def test_a_configured_load_gives_way_to_a_load_about_to_take_the_lock() -> None:

@@ -362,26 +362,45 @@ def test_a_failed_load_is_replaced_by_the_next_attempt_and_removed_by_unload() -
 def test_an_unload_while_a_version_is_retried_is_remembered_until_the_retries_end() -> None:
     """A retried version's state alone did not tell an unload apart: a LoadModel after the
     unload that failed listed it FAILED again, as before the unload (and its retries went on).
-    An unload of the version, or of its model, is remembered while the retries hold it."""
+    An unload of the version, or of its model, marks the watch of each block retrying it."""
     repo = ModelRepository(["m"])
     error = ModelLoadFailed("refused", reason="KEY_RELEASE_DENIED")
-    with repo.retrying("m", "1"), repo.retrying("m", "2"), repo.retrying("n", "1"):
-        repo.fail("m", "1", error)
-        repo.fail("m", "2", error)
-        repo.fail("n", "1", error)
-        repo.unload("m", "1")
-        repo.fail("m", "1", error)  # a LoadModel after the unload, failed
-        assert repo.unloaded_while_retried("m", "1")
-        assert not repo.unloaded_while_retried("m", "2")
-        repo.unload("n")
-        assert repo.unloaded_while_retried("n", "1")
-    assert not repo.unloaded_while_retried("m", "1")  # forgotten with the retries
-    with repo.retrying("m", "2"):
-        assert not repo.unloaded_while_retried("m", "2")
+    with repo.retrying("m", "1") as m1, repo.retrying("m", "2") as m2:
+        with repo.retrying("n", "1") as n1:
+            repo.fail("m", "1", error)
+            repo.fail("m", "2", error)
+            repo.fail("n", "1", error)
+            repo.unload("m", "1")
+            repo.fail("m", "1", error)  # a LoadModel after the unload, failed
+            assert m1.unloaded
+            assert not m2.unloaded
+            repo.unload("n")
+            assert n1.unloaded
         with pytest.raises(ModelNotFound):
-            repo.unload("m", "3")  # nothing unloaded: nothing remembered
+            repo.unload("m", "3")  # nothing unloaded: nothing marked
+        assert not m2.unloaded
         repo.unload("m")
-        assert repo.unloaded_while_retried("m", "2")
+        assert m2.unloaded
+
+
+def test_an_unload_before_a_retry_began_does_not_end_it() -> None:
+    """The unload was remembered by version while any block retried it, so it reached a block
+    that began after it: with a configured model's block held (while any configured model is
+    retried), an unload of it followed by an operator's LoadModel of it would have ended that
+    LoadModel's retries at its first back-off. Each block sees only the unloads it was there
+    for."""
+    repo = ModelRepository(["m"])
+    error = ModelLoadFailed("refused", reason="KEY_RELEASE_UNAVAILABLE")
+    with repo.retrying("m", "1") as configured:
+        repo.fail("m", "1", error)
+        repo.unload("m", "1")
+        with repo.retrying("m", "1") as operators:
+            repo.fail("m", "1", error)
+            assert configured.unloaded
+            assert not operators.unloaded
+            repo.unload("m")
+            assert operators.unloaded
+        assert repo.version_state("m", "1") is None
 
 
 def test_unknown_models_and_versions() -> None:

@@ -27,6 +27,7 @@ from strongroom.inference.models._repository import (
     ModelState,
     ModelStatus,
     ModelUnloaded,
+    RetryWatch,
     VersionStatus,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "ModelState",
     "ModelStatus",
     "ModelUnloaded",
+    "RetryWatch",
     "RuntimeOptions",
     "TensorSpec",
     "VersionStatus",

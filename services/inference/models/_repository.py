@@ -25,7 +25,7 @@ import enum
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 
@@ -127,6 +127,20 @@ class _Entry:
 _EMPTY = _Entry(MappingProxyType({}), None, MappingProxyType({}))
 
 
+class RetryWatch:
+    """One :meth:`ModelRepository.retrying` block's: whether an :meth:`~ModelRepository.unload`
+    of its version (or of its model) came while the block ran. The version's state alone does
+    not say: a LoadModel after the unload that failed lists it FAILED again, as if the unload
+    had never been. Per block, not per version: an unload before a block began (while another
+    block of the version ran: a configured model's, held while any configured model is
+    retried) does not end the retries of a LoadModel that came after it."""
+
+    __slots__ = ("unloaded",)
+
+    def __init__(self) -> None:
+        self.unloaded = False
+
+
 class ModelRepository:
     """Models by name and version; ``expected`` names make the server unready until they load.
     ``options`` are the ONNX Runtime settings of the sessions :meth:`load` makes."""
@@ -149,9 +163,8 @@ class ModelRepository:
         # Every FAILED version, oldest failure first (module docstring: the cap drops from here).
         self._failed: OrderedDict[tuple[str, str], None] = OrderedDict()
         # Versions whose loads wait to be retried (retrying()): their failures are not dropped.
-        self._retrying: Counter[tuple[str, str]] = Counter()
-        # Of those, the ones an unload reached while they waited (unloaded_while_retried).
-        self._unloaded_retries: set[tuple[str, str]] = set()
+        # Each block's own watch, which an unload of the version marks.
+        self._retrying: dict[tuple[str, str], list[RetryWatch]] = {}
         # Of those, when each reason of their failures was last logged in full (_log_failure).
         self._failure_logged: dict[tuple[str, str], dict[str, float]] = {}
         self._lock = threading.Lock()
@@ -238,32 +251,34 @@ class ModelRepository:
             self._put_or_drop(name, _Entry(entry.ready, entry.default, MappingProxyType(pending)))
 
     @contextlib.contextmanager
-    def retrying(self, name: str, version: str) -> Iterator[None]:
+    def retrying(self, name: str, version: str) -> Iterator[RetryWatch]:
         """Keeps ``version``'s failure listed, whatever the cap, while the block runs: a load
         that retries it decides from :meth:`version_state` whether an operator unloaded it
         meanwhile, and a failure dropped by the cap would read the same (the model would then
-        never be loaded). An unload still removes it, and is remembered until the block ends
-        (:meth:`unloaded_while_retried`)."""
+        never be loaded). An unload still removes it, and marks the block's
+        :class:`RetryWatch` (and every other block's of the version)."""
         key = (validate_name(name), validate_version(version))
+        watch = RetryWatch()
         with self._lock:
-            self._retrying[key] += 1
+            self._retrying.setdefault(key, []).append(watch)
         try:
-            yield
+            yield watch
         finally:
             with self._lock:
-                self._retrying[key] -= 1
-                if self._retrying[key] <= 0:
+                watches = self._retrying[key]
+                watches.remove(watch)
+                if not watches:
                     del self._retrying[key]
                     self._failure_logged.pop(key, None)
-                    self._unloaded_retries.discard(key)
                 self._enforce_cap()
 
-    def unloaded_while_retried(self, name: str, version: str) -> bool:
-        """Whether an :meth:`unload` of ``version`` (or of its model) came while a
-        :meth:`retrying` block held it. Its state alone does not say: a LoadModel after the
-        unload that failed lists the version FAILED again, as if the unload had never been."""
+    def retry_watches(self, name: str) -> tuple[RetryWatch, ...]:
+        """The watches of the :meth:`retrying` blocks of ``name``'s versions now (a configured
+        model's, a LoadModel's under way: in a load or in its back-off)."""
         with self._lock:
-            return (name, version) in self._unloaded_retries
+            return tuple(
+                w for key, watches in self._retrying.items() if key[0] == name for w in watches
+            )
 
     def publish(self, model: LoadedModel, *, loading: VersionStatus | None = None) -> None:
         """Makes ``model`` its name's default version, atomically; older versions beyond
@@ -346,9 +361,10 @@ class ModelRepository:
                 pending = {v: s for v, s in entry.pending.items() if v != version}
             for gone in set(entry.pending) - set(pending):
                 self._failed.pop((name, gone), None)
-            self._unloaded_retries.update(
-                key for key in self._retrying if key[0] == name and version in (None, key[1])
-            )
+            for key, watches in self._retrying.items():
+                if key[0] == name and version in (None, key[1]):
+                    for watch in watches:
+                        watch.unloaded = True
             default = entry.default if entry.default in ready else next(reversed(ready), None)
             self._put_or_drop(
                 name, _Entry(MappingProxyType(ready), default, MappingProxyType(pending))
