@@ -324,20 +324,27 @@ class ServiceHost:
         self._health_server: PlaintextHealthPort | None = None
         self.health_port: int | None = None
         if health_listen:
-            # Plaintext and unauthenticated (probes): served without worker threads, so that no
-            # number of calls that never send their message can keep a probe waiting
-            # (strongroom.runtime.health_port). No cap on concurrent RPCs: open Watch streams
-            # would then refuse the kubelet's probes. Connections age and dead peers are found
-            # as on the service's port: a Watch of a peer that vanished (or of anyone who holds
-            # it) kept its connection and its watcher for the process's life.
-            self._health_server = PlaintextHealthPort(
-                self._health,
-                health_listen,
-                config.health_request_wait_seconds,
-                options=(*KEEPALIVE_OPTIONS, *config.connection_age_options),
-            )
+            try:
+                self._health_server = self._health_port(health_listen, config)
+            except BaseException:
+                self._release_port()  # bound above: it was held for the process's life
+                raise
             self.health_port = self._health_server.port
         self._set_all(NOT_SERVING)
+
+    def _health_port(self, health_listen: str, config: ServerConfig) -> PlaintextHealthPort:
+        # Plaintext and unauthenticated (probes): served without worker threads, so that no
+        # number of calls that never send their message can keep a probe waiting
+        # (strongroom.runtime.health_port). No cap on concurrent RPCs: open Watch streams
+        # would then refuse the kubelet's probes. Connections age and dead peers are found
+        # as on the service's port: a Watch of a peer that vanished (or of anyone who holds
+        # it) kept its connection and its watcher for the process's life.
+        return PlaintextHealthPort(
+            self._health,
+            health_listen,
+            config.health_request_wait_seconds,
+            options=(*KEEPALIVE_OPTIONS, *config.connection_age_options),
+        )
 
     def _release_port(self) -> None:
         """Frees the port of a server never started. gRPC frees a server's port only when it

@@ -740,6 +740,39 @@ def test_a_call_waiting_on_a_host_stopped_before_it_started_is_refused_not_serve
     assert _bindable(h.port)
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_host_whose_health_port_is_taken_releases_its_service_port() -> None:
+    """A host whose health port another process holds is refused LISTEN_ADDRESS_IN_USE, but its
+    service port, bound first, stayed bound for the life of the process: building it again
+    once the health port was free was refused that port, said to be held by another
+    process. It is released with the refusal now."""
+    port = _free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(errors.Unavailable) as refused:
+            ServiceHost(
+                listen=f"127.0.0.1:{port}",
+                credentials=None,
+                services=[make_service(Behaviour())],
+                health_listen=f"127.0.0.1:{taken.getsockname()[1]}",
+            )
+    assert refused.value.reason == "LISTEN_ADDRESS_IN_USE"
+    assert _bindable(port)  # was: bound by the refused host's server
+    h = ServiceHost(
+        listen=f"127.0.0.1:{port}",
+        credentials=None,
+        services=[make_service(Behaviour())],
+        health_listen="127.0.0.1:0",
+    )
+    h.stop()
+
+
 def test_the_plaintext_health_port_logs_refused_calls_within_a_budget(
     host: tuple[ServiceHost, Behaviour, grpc.Channel], caplog: pytest.LogCaptureFixture
 ) -> None:
