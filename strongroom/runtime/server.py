@@ -419,9 +419,11 @@ class ServiceHost:
             if self._stopped.is_set():
                 return
             self._server.start()
+            # At once: a stop after a start that failed past here stops the server, which a
+            # second start (the stop's of a host never started) would refuse to.
+            self._started = True
             if self._health_server is not None:
                 self._health_server.start()
-            self._started = True
         self._health.set(LIVENESS, SERVING)
         self._evaluate()
         threading.Thread(target=self._watch, name="readiness", daemon=True).start()

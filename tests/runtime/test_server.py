@@ -773,6 +773,31 @@ def test_a_host_whose_health_port_is_taken_releases_its_service_port() -> None:
     h.stop()
 
 
+def test_a_host_whose_start_failed_after_its_server_started_still_stops_it() -> None:
+    """A start that failed once gRPC's server had started (the health port's start raising, a
+    KeyboardInterrupt in a library's start) left the host marked as never started, and its stop
+    then started the server again to free its port: gRPC refused ("Cannot start
+    already-started server!"), and the stop raised with the server still serving. The stop
+    stops it now."""
+    h = ServiceHost(
+        listen="127.0.0.1:0",
+        credentials=None,
+        services=[make_service(Behaviour())],
+        health_listen="127.0.0.1:0",
+    )
+    assert h._health_server is not None
+
+    def fails() -> None:
+        raise RuntimeError("the health port did not start")
+
+    h._health_server.start = fails  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="health port"):
+        h.start()
+    h.stop(0)  # was: ValueError, the server serving on
+    assert _bindable(h.port)
+    assert h.health_port is not None and _bindable(h.health_port)
+
+
 def test_the_plaintext_health_port_logs_refused_calls_within_a_budget(
     host: tuple[ServiceHost, Behaviour, grpc.Channel], caplog: pytest.LogCaptureFixture
 ) -> None:
