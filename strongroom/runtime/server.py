@@ -432,7 +432,9 @@ class ServiceHost:
     def stop(self, grace: float | None = None) -> None:
         """Stops taking new calls, reports NOT_SERVING and waits for in-flight calls to finish;
         a host never started releases its ports and threads. Waits for a :meth:`start` under
-        way to end first (then stops what it started)."""
+        way to end first (then stops what it started), so never call it from a signal handler
+        of the thread that calls :meth:`start`: it would wait for that start for good (the
+        handler of :meth:`run_until_signal` stops on a thread of its own)."""
         with self._lifecycle:
             if self._stopped.is_set():
                 return
