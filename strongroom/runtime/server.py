@@ -16,17 +16,23 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from strongroom.errors import Unavailable
 from strongroom.pki.authz import SpiffeAuthorizer
 from strongroom.runtime import starting
 from strongroom.runtime.callers import UnaryGuard, WorkerShares, caller_key, identify_by_role
 from strongroom.runtime.config import ServerConfig
-from strongroom.runtime.grpc_types import ServerInterceptor
+from strongroom.runtime.grpc_types import (
+    HandlerInterceptor,
+    RpcMethodHandler,
+    ServerInterceptor,
+    rewrap_handler,
+)
 from strongroom.runtime.health import CallerView, HealthServicer
 from strongroom.runtime.health_port import HEALTH_SERVICE as _HEALTH
 from strongroom.runtime.health_port import PlaintextHealthPort
@@ -36,6 +42,7 @@ from strongroom.runtime.interceptors import (
     ErrorMappingInterceptor,
     RefusalObserver,
     RequestDecodingInterceptor,
+    abort_with,
 )
 from strongroom.runtime.listen import add_port
 from strongroom.runtime.metrics import MetricsInterceptor
@@ -199,6 +206,9 @@ class ServiceHost:
         # after stop() had returned. Held while the servers start, not while they stop.
         self._lifecycle = threading.Lock()
         self._started = False
+        # Set before a server never started is started to free its port (_release_port): a call
+        # waiting on the port was served then, by a service told to stop.
+        self._refusing = threading.Event()
         self._check_interval = check_interval
         self.not_ready_reason: str | None = "starting"
         options = [
@@ -279,6 +289,7 @@ class ServiceHost:
             # before any of them: a peer that never sends its message then holds no worker
             # unless the authoriser and the limits admitted it (DeferredRequests).
             interceptors=[
+                _RefuseWhile(self._refusing),
                 DeferredRequests(
                     counted, self.unary.wait_for_request, read=self.unary.read_request
                 ),
@@ -313,20 +324,37 @@ class ServiceHost:
         self._health_server: PlaintextHealthPort | None = None
         self.health_port: int | None = None
         if health_listen:
-            # Plaintext and unauthenticated (probes): served without worker threads, so that no
-            # number of calls that never send their message can keep a probe waiting
-            # (strongroom.runtime.health_port). No cap on concurrent RPCs: open Watch streams
-            # would then refuse the kubelet's probes. Connections age and dead peers are found
-            # as on the service's port: a Watch of a peer that vanished (or of anyone who holds
-            # it) kept its connection and its watcher for the process's life.
-            self._health_server = PlaintextHealthPort(
-                self._health,
-                health_listen,
-                config.health_request_wait_seconds,
-                options=(*KEEPALIVE_OPTIONS, *config.connection_age_options),
-            )
+            try:
+                self._health_server = self._health_port(health_listen, config)
+            except BaseException:
+                self._release_port()  # bound above: it was held for the process's life
+                raise
             self.health_port = self._health_server.port
         self._set_all(NOT_SERVING)
+
+    def _health_port(self, health_listen: str, config: ServerConfig) -> PlaintextHealthPort:
+        # Plaintext and unauthenticated (probes): served without worker threads, so that no
+        # number of calls that never send their message can keep a probe waiting
+        # (strongroom.runtime.health_port). No cap on concurrent RPCs: open Watch streams
+        # would then refuse the kubelet's probes. Connections age and dead peers are found
+        # as on the service's port: a Watch of a peer that vanished (or of anyone who holds
+        # it) kept its connection and its watcher for the process's life.
+        return PlaintextHealthPort(
+            self._health,
+            health_listen,
+            config.health_request_wait_seconds,
+            options=(*KEEPALIVE_OPTIONS, *config.connection_age_options),
+        )
+
+    def _release_port(self) -> None:
+        """Frees the port of a server never started. gRPC frees a server's port only when it
+        shuts down, and shuts down only a started server (destroying one never started with a
+        port bound aborts the process: "Check failed: ShutdownCalled() ||
+        listener_states_.empty()"). So it starts, refusing every call (one that connected
+        before would otherwise be served by a service told to stop), and stops at once."""
+        self._refusing.set()
+        self._server.start()
+        self._server.stop(0).wait()
 
     def _caller_view(self, context: grpc.ServicerContext) -> CallerView | None:
         """What this caller of the health service is told (:attr:`ServiceSpec.caller_checks`):
@@ -391,9 +419,11 @@ class ServiceHost:
             if self._stopped.is_set():
                 return
             self._server.start()
+            # At once: a stop after a start that failed past here stops the server, which a
+            # second start (the stop's of a host never started) would refuse to.
+            self._started = True
             if self._health_server is not None:
                 self._health_server.start()
-            self._started = True
         self._health.set(LIVENESS, SERVING)
         self._evaluate()
         threading.Thread(target=self._watch, name="readiness", daemon=True).start()
@@ -402,7 +432,9 @@ class ServiceHost:
     def stop(self, grace: float | None = None) -> None:
         """Stops taking new calls, reports NOT_SERVING and waits for in-flight calls to finish;
         a host never started releases its ports and threads. Waits for a :meth:`start` under
-        way to end first (then stops what it started)."""
+        way to end first (then stops what it started), so never call it from a signal handler
+        of the thread that calls :meth:`start`: it would wait for that start for good (the
+        handler of :meth:`run_until_signal` stops on a thread of its own)."""
         with self._lifecycle:
             if self._stopped.is_set():
                 return
@@ -411,16 +443,12 @@ class ServiceHost:
         try:
             self._health.enter_graceful_shutdown()
             grace = self._config.grace_seconds if grace is None else grace
-            if not started:
-                # gRPC frees a server's port only when it shuts down, and shuts down only a
-                # started server (destroying one never started with a port bound aborts the
-                # process: "Check failed: ShutdownCalled() || listener_states_.empty()"): a host
-                # built and stopped before it served (a SIGTERM while the service started) held
-                # its port for the process's life. So it starts, and stops at once without
-                # grace: a call that connected in between is cancelled.
-                self._server.start()
-                grace = 0
-            self._server.stop(grace).wait()
+            if started:
+                self._server.stop(grace).wait()
+            else:
+                # A host built and stopped before it served (a SIGTERM while the service
+                # started) held its port for the process's life.
+                self._release_port()
             self._drain_handlers()
             # Their watchdogs' threads end with the server (each stopped host left two running).
             self.unary.close()
@@ -480,6 +508,26 @@ class ServiceHost:
         if after_start is not None:
             after_start()
         self.wait()
+
+
+class _RefuseWhile(HandlerInterceptor):
+    """Refuses every call UNAVAILABLE while ``refusing`` is set, before any of the chain or the
+    service's behaviour runs (the host's outermost interceptor)."""
+
+    def __init__(self, refusing: threading.Event) -> None:
+        self._refusing = refusing
+
+    def wrap_handler(
+        self, handler: RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> RpcMethodHandler:
+        """``handler`` itself, or while refusing one of its kind that refuses."""
+        if not self._refusing.is_set():
+            return handler
+        return rewrap_handler(handler, lambda _behaviour: _refuse, lambda _behaviour: _refuse)
+
+
+def _refuse(_request: Any, context: grpc.ServicerContext, *_send: Any) -> Any:
+    abort_with(context, Unavailable("the service is stopping"))
 
 
 P = ParamSpec("P")

@@ -710,6 +710,94 @@ def test_a_stop_that_comes_while_the_host_starts_stops_what_the_start_started() 
     assert _bindable(h.port)  # was: still bound, the server serving
 
 
+def test_a_call_waiting_on_a_host_stopped_before_it_started_is_refused_not_served() -> None:
+    """A host stopped before it started starts its server to free its port, and a call already
+    waiting on that port (a client's connection in the listen queue, a ``wait_for_ready`` call
+    of a peer that retries) was then served by a service told to stop: its behaviour ran with
+    everything the service had opened still open (the key broker's HSM and audit log; the
+    build's cleanup stops the host first), and was answered when the stop's thread came late.
+    It is refused UNAVAILABLE now, before any of the service's code runs. The stop of the
+    server is held here until the call is answered, as a stop's thread descheduled on a busy
+    host would be (without the hold it was served about once in 30 stops)."""
+    behaviour = Behaviour()
+    behaviour.release.set()  # "slow" marks that the behaviour ran, then answers at once
+    h = ServiceHost(listen="127.0.0.1:0", credentials=None, services=[make_service(behaviour)])
+    with grpc.insecure_channel(f"127.0.0.1:{h.port}") as channel:
+        waiting: Any = channel.unary_unary(f"/{SERVICE}/Unary", _identity, _identity).future(
+            b"slow", timeout=30, wait_for_ready=True
+        )
+        stop = h._server.stop
+
+        def late_stop(grace: float | None) -> threading.Event:
+            with contextlib.suppress(grpc.FutureTimeoutError):
+                waiting.exception(timeout=30)  # answered: served, or refused
+            return stop(grace)
+
+        h._server.stop = late_stop  # type: ignore[method-assign,assignment]
+        h.stop()
+        assert not behaviour.started.is_set()  # was: it ran, and answered b"ok:slow"
+        assert _reason(waiting) == (grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE")
+    assert _bindable(h.port)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_host_whose_health_port_is_taken_releases_its_service_port() -> None:
+    """A host whose health port another process holds is refused LISTEN_ADDRESS_IN_USE, but its
+    service port, bound first, stayed bound for the life of the process: building it again
+    once the health port was free was refused that port, said to be held by another
+    process. It is released with the refusal now."""
+    port = _free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(errors.Unavailable) as refused:
+            ServiceHost(
+                listen=f"127.0.0.1:{port}",
+                credentials=None,
+                services=[make_service(Behaviour())],
+                health_listen=f"127.0.0.1:{taken.getsockname()[1]}",
+            )
+    assert refused.value.reason == "LISTEN_ADDRESS_IN_USE"
+    assert _bindable(port)  # was: bound by the refused host's server
+    h = ServiceHost(
+        listen=f"127.0.0.1:{port}",
+        credentials=None,
+        services=[make_service(Behaviour())],
+        health_listen="127.0.0.1:0",
+    )
+    h.stop()
+
+
+def test_a_host_whose_start_failed_after_its_server_started_still_stops_it() -> None:
+    """A start that failed once gRPC's server had started (the health port's start raising, a
+    KeyboardInterrupt in a library's start) left the host marked as never started, and its stop
+    then started the server again to free its port: gRPC refused ("Cannot start
+    already-started server!"), and the stop raised with the server still serving. The stop
+    stops it now."""
+    h = ServiceHost(
+        listen="127.0.0.1:0",
+        credentials=None,
+        services=[make_service(Behaviour())],
+        health_listen="127.0.0.1:0",
+    )
+    assert h._health_server is not None
+
+    def fails() -> None:
+        raise RuntimeError("the health port did not start")
+
+    h._health_server.start = fails  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="health port"):
+        h.start()
+    h.stop(0)  # was: ValueError, the server serving on
+    assert _bindable(h.port)
+    assert h.health_port is not None and _bindable(h.health_port)
+
+
 def test_the_plaintext_health_port_logs_refused_calls_within_a_budget(
     host: tuple[ServiceHost, Behaviour, grpc.Channel], caplog: pytest.LogCaptureFixture
 ) -> None:
