@@ -178,10 +178,11 @@ class ReleaseEngine:
         )
         self._unwrap_first = UnwrapFirst(monotonic)
         self._grants = GrantBudget(grant_limits, monotonic)
-        # Releases refused past the grant budget: none is recorded on its own (a budget of no
-        # records), the first and then one a minute carry the count (the rate limit must not
-        # become a way to fill the log at the pace the grants were).
-        self._rate_limited = RefusalRecords("key releases rate-limited", monotonic)
+        # Releases refused past the grant budget: none is recorded on its own (its budget is never
+        # spent), the first and then one a minute carry the count (the rate limit must not become
+        # a way to fill the log at the pace the grants were). Per reason: the broker's counting
+        # records then name the reason they count.
+        self._rate_limited = RefusalRecords("key releases rate-limited", monotonic, per_reason=True)
 
     def challenge(self, key_id: str, caller: Caller) -> Challenge:
         """A nonce for releasing ``key_id`` to ``caller``."""
