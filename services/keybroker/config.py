@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from strongroom.keybroker.grant_budget import DEFAULT_GRANT_LIMITS, GrantLimits
 from strongroom.runtime.config import ConfigError, EnvLocks
 
 PIN_ENV = "STRONGROOM_HSM_PIN"
@@ -14,6 +15,10 @@ AUDIT_KEY_ENV = "STRONGROOM_AUDIT_KEY"
 RELEASE_SIGNING_KEY_ENV = "STRONGROOM_RELEASE_SIGNING_KEY"
 #: The largest ``hsm_recycle_after_operations`` (about 4 GB of SoftHSM2 objects at 0.4 KB each)
 MAX_RECYCLE_AFTER_OPERATIONS = 10_000_000
+#: The largest burst of a release grant budget (``release_budget_*_burst``)
+MAX_RELEASE_BURST = 1_000_000
+#: The largest rate of a release grant budget (``release_budget_*_rate``), grants a second
+MAX_RELEASE_RATE = 100_000.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,15 @@ class KeybrokerConfig:
     # per release; hsm.py module doc). 0 = never: for an HSM that frees objects itself, where a
     # re-login has a cost.
     hsm_recycle_after_operations: int = 2000
+    # Key releases granted to one caller certificate, and to one SPIFFE ID over all its
+    # certificates (a fleet's): a burst at once, then a rate a second; past either, a release is
+    # refused before the HSM (RELEASES_RATE_LIMITED). Sized so that an honest fleet never meets
+    # them (strongroom.keybroker.grant_budget.GrantLimits): 100 replicas x 4 models releasing
+    # within a minute are 400 of the identity's 1,024; a replica's burst of LoadModels, 64.
+    release_budget_certificate_burst: int = DEFAULT_GRANT_LIMITS.certificate_burst
+    release_budget_certificate_rate: float = DEFAULT_GRANT_LIMITS.certificate_rate
+    release_budget_identity_burst: int = DEFAULT_GRANT_LIMITS.identity_burst
+    release_budget_identity_rate: float = DEFAULT_GRANT_LIMITS.identity_rate
     # Development only: trust the simulated TEE chain (amd_trust.pem, intel_root.pem) in this directory.
     allow_simulated_tee: bool = False
     simulated_roots_dir: Path | None = None
@@ -120,5 +134,28 @@ class KeybrokerConfig:
             raise ConfigError(
                 "keybroker.audit_rotate_bytes must be at most half of keybroker.audit_max_bytes"
             )
+        for scope in ("certificate", "identity"):
+            burst = getattr(self, f"release_budget_{scope}_burst")
+            rate = getattr(self, f"release_budget_{scope}_rate")
+            if not 1 <= burst <= MAX_RELEASE_BURST:
+                raise ConfigError(
+                    f"keybroker.release_budget_{scope}_burst must be between 1 and "
+                    f"{MAX_RELEASE_BURST}"
+                )
+            # `not rate > 0` also refuses NaN, which no comparison admits.
+            if not 0 < rate <= MAX_RELEASE_RATE:
+                raise ConfigError(
+                    f"keybroker.release_budget_{scope}_rate must be above 0 and at most "
+                    f"{MAX_RELEASE_RATE:g} (grants a second)"
+                )
         if not 5 <= self.challenge_lifetime_seconds <= 600:
             raise ConfigError("keybroker.challenge_lifetime_seconds must be between 5 and 600")
+
+    def grant_limits(self) -> GrantLimits:
+        """The release grant budget these settings configure."""
+        return GrantLimits(
+            certificate_burst=self.release_budget_certificate_burst,
+            certificate_rate=self.release_budget_certificate_rate,
+            identity_burst=self.release_budget_identity_burst,
+            identity_rate=self.release_budget_identity_rate,
+        )

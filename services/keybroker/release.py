@@ -40,6 +40,7 @@ from strongroom.keybroker.challenge import Challenge, ChallengeIssuer
 from strongroom.keybroker.ephemeral import ReleaseTarget
 from strongroom.keybroker.errors import AuditUnavailable, ReleaseNotPermitted
 from strongroom.keybroker.fetch_budget import fetching_for
+from strongroom.keybroker.grant_budget import DEFAULT_GRANT_LIMITS, GrantBudget, GrantLimits
 from strongroom.keybroker.keys import (
     KeyManager,
     WrappedDataKey,
@@ -151,6 +152,7 @@ class ReleaseEngine:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         hsm_timeout: float = 5.0,
         monotonic: Callable[[], float] = time.monotonic,
+        grant_limits: GrantLimits = DEFAULT_GRANT_LIMITS,
     ) -> None:
         self._keys = keys
         self._challenges = challenges
@@ -175,6 +177,12 @@ class ReleaseEngine:
             burst=BROKER_REFUSAL_BURST,
         )
         self._unwrap_first = UnwrapFirst(monotonic)
+        self._grants = GrantBudget(grant_limits, monotonic)
+        # Releases refused past the grant budget: none is recorded on its own (its budget is never
+        # spent), the first and then one a minute carry the count (the rate limit must not become
+        # a way to fill the log at the pace the grants were). Per reason: the broker's counting
+        # records then name the reason they count.
+        self._rate_limited = RefusalRecords("key releases rate-limited", monotonic, per_reason=True)
 
     def challenge(self, key_id: str, caller: Caller) -> Challenge:
         """A nonce for releasing ``key_id`` to ``caller``."""
@@ -233,6 +241,10 @@ class ReleaseEngine:
             self._audit_denial(exc, context)
         elif isinstance(refusal, AuditUnavailable):
             self._audit_denial(exc, context)
+        elif (
+            isinstance(refusal, StrongroomError) and refusal.reason == Reason.RELEASES_RATE_LIMITED
+        ):
+            self._past_budget(self._rate_limited, who, refusal.reason, exc, context)
         elif isinstance(refusal, StrongroomError):
             records = self._read_refusals if theirs else self._broker_refusals
             self._within_budget(records, who, refusal.reason, exc, context)
@@ -260,6 +272,19 @@ class ReleaseEngine:
                 # The log refused it: this refusal and the count it carried are counted again.
                 records.count_unrecorded(who, reason, 1 + (pending or 0))
             return
+        self._past_budget(records, who, reason, exc, context)
+
+    def _past_budget(
+        self,
+        records: RefusalRecords,
+        who: str,
+        reason: str,
+        exc: Exception,
+        context: dict[str, Any],
+    ) -> None:
+        """Counts ``exc``, a refusal past ``who``'s budget in ``records``, and records it with the
+        count of those left unrecorded before it when a counting record is due (the first, then
+        one each :data:`~strongroom.keybroker.refusals.LIMITED_RECORD_SECONDS`)."""
         unrecorded = records.unrecorded_if_due(who, reason)
         if unrecorded is None:
             KEY_RELEASES.add(1, {"outcome": "denied", "reason": reason})
@@ -273,6 +298,7 @@ class ReleaseEngine:
         record_counts(self._audit, self._unread_refusals, "key_release", every=every)
         record_counts(self._audit, self._read_refusals, "key_release", every=every)
         record_counts(self._audit, self._broker_refusals, "key_release", every=every)
+        record_counts(self._audit, self._rate_limited, "key_release", every=every)
 
     def release(self, request: ReleaseRequest, caller: Caller) -> ReleaseOutcome:
         """Releases the data key to the attested caller, or raises and audits why not.
@@ -296,6 +322,12 @@ class ReleaseEngine:
         (or SPIFFE ID) with too many of its own there has its releases unwrapped before their
         record
         (:mod:`strongroom.keybroker.unwrap_first`).
+
+        A release the policy allowed is within its caller's grant budget, per certificate and per
+        SPIFFE ID (:mod:`strongroom.keybroker.grant_budget`), or refused before the HSM and any
+        ``ALLOWED`` record (``RELEASES_RATE_LIMITED``); those refusals are recorded the first and
+        then one a minute per SPIFFE ID, each with the count of those left unrecorded before it
+        (``REFUSALS_COUNTED`` from the broker's pass for a caller that stopped).
         """
         context = self._context(caller, request.evidence.report)
         try:
@@ -343,7 +375,41 @@ class ReleaseEngine:
         # 6. Policy.
         stored.policy.evaluate(claims, caller.spiffe_id)
         verified = time.perf_counter()
-        # 7. The HSM re-wraps the data key to the attested ephemeral key while (8.) the decision
+        # 7. The caller's grant budget, before the HSM or an ALLOWED record: a genuine caller
+        # looping filled the log and took the HSM at the broker's pace.
+        self._grants.take(caller.spiffe_id, caller.serial)
+        try:
+            return self._grant(
+                request,
+                caller=caller,
+                context=context,
+                stored=stored,
+                wrapped=wrapped,
+                target=target,
+                times=(started, verify_started, verified),
+            )
+        except BaseException:
+            self._grants.refund(caller.spiffe_id, caller.serial)  # refused: no grant
+            raise
+
+    def _grant(
+        self,
+        request: ReleaseRequest,
+        *,
+        caller: Caller,
+        context: dict[str, Any],
+        stored: StoredPolicy,
+        wrapped: WrappedDataKey,
+        target: ReleaseTarget,
+        times: tuple[float, float, float],
+    ) -> ReleaseOutcome:
+        """The HSM's re-wrap and the ``ALLOWED`` record of a release the policy allowed;
+        ``times``: when its checks, its verification and its policy's verdict started or ended."""
+        started, verify_started, verified = times
+        key_id: str = context["key_id"]
+        version: int = context["key_version"]
+        ephemeral_der = request.ephemeral_public_key_der
+        # 8. The HSM re-wraps the data key to the attested ephemeral key while (9.) the decision
         # is made durable; the caller hears of the release only once both are done.
         pending = self._keys.begin_release(
             key_id, version, wrapped, target, timeout=self._hsm_timeout
@@ -354,7 +420,7 @@ class ReleaseEngine:
         # so it waits for the re-wrap then.
         mechanism = pending.mechanism or pending.result().mechanism
         context["oaep_mechanism"] = mechanism.mechanism_label
-        # 8. Audit before answering; without a durable record there is no release (the re-wrap's
+        # 9. Audit before answering; without a durable record there is no release (the re-wrap's
         # result is dropped unread). The record names the key that signs the answer below (the
         # id the answer carries): across a rotation of that key, the log says which one vouched.
         # Not in ``context``: a denial after this record signed nothing.

@@ -305,6 +305,7 @@ def build(
             collateral_grace=timedelta(seconds=config.collateral_grace_seconds),
             hsm_timeout=config.hsm_operation_timeout_seconds,
             monotonic=monotonic,
+            grant_limits=config.grant_limits(),
         )
         key_service = KeyService(keys, policies, audit, clock=monotonic)
         broker_servicer = KeyBrokerServicer(engine, keys, key_service)

@@ -40,6 +40,7 @@ KEYED_BY: dict[str, tuple[str, ...]] = {
     # The broker's: per certificate beneath the SPIFFE ID of a caller the authoriser admitted.
     "services/keybroker/fetch_budget.py": ("certificate_bucket",),
     "services/keybroker/unwrap_first.py": ("certificate_bucket",),
+    "services/keybroker/grant_budget.py": ("certificate_bucket",),
     # Keys given by its users (below): the runtime's bucket, or an admitted caller's SPIFFE ID.
     "services/keybroker/refusals.py": (),
     # deny_unread: the bucket the runtime's refusal observer is told; the rest: admitted callers.

@@ -12,6 +12,12 @@ each waiting for the HSM: its statuses show how many the per-identity cap on una
 
 Client and servers share the machine's two cores, so an attack that costs CPU (malformed frames,
 nested YAML sent in a tight loop) also slows the client's side: the ratios are upper bounds.
+
+The broker is started with its release grant budget set explicitly out of reach
+(``tests/bench/_budget.py``): its legitimate callers release keys beside the abuse, as before the
+budget, from one inference identity, far past the default budget (1,024 at once, then 8 a second,
+per SPIFFE ID), which would otherwise turn all but the first thousand into
+``RELEASES_RATE_LIMITED`` refusals and time those instead.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from tests.abuse.traffic import (
     stalled_uploads,
     watch_streams,
 )
+from tests.bench._budget import bench_broker_section
 from tests.bench._proc import status
 
 ROUNDS = 300  # legitimate rounds (3 RPCs each) per scenario
@@ -98,7 +105,7 @@ def run(results: dict[str, Any], *, rounds: int = ROUNDS) -> None:
     """Measures the legitimate client without attack, then under each attack (``rounds``
     legitimate rounds each)."""
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
-        broker = stack.start_process("keybroker")
+        broker = stack.start_process("keybroker", bench_broker_section(stack))
         stack.start_process("modelstore")
         stack.create_release_key(stack.identity("admin"), KEY_ID, policy_version="1")
         who = Identities.enrol(stack)

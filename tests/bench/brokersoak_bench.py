@@ -37,6 +37,12 @@ recorded at every sample: the machine is shared.
 
 Usage: ``python -m tests.bench.run brokersoak``; ``STRONGROOM_BENCH_BROKERSOAK_RELEASES`` sets the
 releases per configuration (default :data:`RELEASES`).
+
+The broker is started with its release grant budget set explicitly out of reach
+(``tests/bench/_budget.py``): its callers release about 320 keys a second, 100,000 in a run, from
+one inference identity, far past the default budget (1,024 at once, then 8 a second, per SPIFFE
+ID), which would otherwise turn all but the first thousand into ``RELEASES_RATE_LIMITED`` refusals
+and time those instead.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from strongroom.keybroker.audit import load_public_key
 from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.config import KeybrokerConfig
 from tests.bench import _memprobe
+from tests.bench._budget import bench_broker_section
 from tests.bench._proc import process_env
 from tests.bench.keybroker_bench import FLEET_SERVER, _Caller, caller_factory
 
@@ -143,7 +150,7 @@ def soak(
     stays at ``root/logs/keybroker.log``.
     """
     with DevStack(root, step_ca_binary=step_ca_binary) as stack:
-        section = stack.default_section("keybroker")
+        section = bench_broker_section(stack)
         if recycle_after_operations is not None:
             section["hsm_recycle_after_operations"] = recycle_after_operations
         probe = root / "memprobe.sock"

@@ -42,6 +42,12 @@ of 16 callers with group commit and with one audit commit per record, alternated
 server loop, gRPC's C core, which serves the callers' ends too here), and the same per bare RPC
 from 16 callers: where a release's CPU goes beyond two RPCs. The callers' own threads are not
 counted. ``releasecpu`` measures the broker's CPU in its own process against its parts' CPU.
+
+The broker is started with its release grant budget set explicitly out of reach
+(``tests/bench/_budget.py``): its 16 callers release hundreds of keys a second from one inference
+identity, far past the default budget (1,024 at once, then 8 a second, per SPIFFE ID), which would
+otherwise turn all but the first thousand into ``RELEASES_RATE_LIMITED`` refusals and time those
+instead.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.keybroker.audit import MAX_BATCH_RECORDS
 from strongroom.keybroker.ephemeral import ReleaseTarget
 from strongroom.oaep import OaepHash
+from tests.bench._budget import bench_broker_section
 from tests.bench._child import child_main, run_in_child
 from tests.bench._proc import thread_cpu_seconds
 from tests.bench._scale import scaled
@@ -420,7 +427,9 @@ def measure(
         return scaled(count, scale)
 
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
-        broker = stack.start_in_process("keybroker", server=FLEET_SERVER)
+        broker = stack.start_in_process(
+            "keybroker", bench_broker_section(stack), server=FLEET_SERVER
+        )
         stack.create_release_key(stack.identity("admin"), KEY, policy_version="bench")
         publisher = pb_grpc.KeyBrokerServiceStub(
             stack.channel(stack.identity("publisher"), "keybroker")

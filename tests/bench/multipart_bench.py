@@ -25,6 +25,11 @@ to the host, whose first touch costs a host fault — with that memory touched b
 round was as fast as the rest), which made medians meaningless and could leave a cold round as
 the best of a mode. Touching the memory beforehand (README, "Benchmarking on this VM") does the
 rest: one round touches ~5 GB, not all a run will use.
+
+The broker is started with its release grant budget set explicitly out of reach
+(``tests/bench/_budget.py``): its loads release keys back to back from one inference identity, far
+past the default budget (1,024 at once, then 8 a second, per SPIFFE ID), which would otherwise turn
+all but the first thousand into ``RELEASES_RATE_LIMITED`` refusals and time those instead.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from onnx import TensorProto, helper
 from strongroom.artifact.manifest import ManifestLayout
 from strongroom.client.multipart import onnx_parts, publish_parts
 from strongroom.dev.devstack import DevStack
+from tests.bench._budget import bench_broker_section
 
 COLUMNS = 1024
 
@@ -147,7 +153,7 @@ def run(
         results["parts"] = len(parts)
         results["generate_s"] = round(time.perf_counter() - t0, 1)
         with DevStack(root / "stack") as stack:
-            stack.start_process("keybroker")
+            stack.start_process("keybroker", bench_broker_section(stack))
             stack.start_process("modelstore")
             admin = stack.identity("admin")
             stack.create_release_key(admin, "bench", policy_version="bench")

@@ -16,6 +16,11 @@ GetChallenge and since the stamp before it (``gap``), and the thread that made i
 stamps of two threads is a hand-off (a wake-up of a sleeping thread on this VM, whose idle vCPUs
 halt at once), a gap within one thread is work or a wait of that thread. Compare builds in
 alternated runs; absolute figures swing with the machine's load.
+
+The broker is started with its release grant budget set explicitly out of reach
+(``tests/bench/_budget.py``): its callers release keys back to back from one inference identity,
+far past the default budget (1,024 at once, then 8 a second, per SPIFFE ID), which would otherwise
+turn all but the first thousand into ``RELEASES_RATE_LIMITED`` refusals and time those instead.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from strongroom.attestation.verify import snp
 from strongroom.dev.devstack import DevStack
 from strongroom.keybroker import audit as audit_module
 from strongroom.keybroker import audit_head, hsm, keys, release, service
+from tests.bench._budget import bench_broker_section
 from tests.bench._child import child_main, run_in_child
 from tests.bench.keybroker_bench import FLEET_SERVER, caller_factory
 
@@ -101,7 +107,9 @@ def _instrument(engine: Any, audit_log: Any) -> None:
 
 def _timeline(releases: int, sequential: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
-        broker = stack.start_in_process("keybroker", server=FLEET_SERVER)
+        broker = stack.start_in_process(
+            "keybroker", bench_broker_section(stack), server=FLEET_SERVER
+        )
         caller = caller_factory(stack)()
         audit_log = broker.handle.audit
         if sequential:

@@ -35,6 +35,12 @@ under yappi (CPU clock, every thread, builtins included) for a 16-caller phase, 
 :data:`PROFILE_TOP` functions by own time go to ``tests/bench/PROFILE.md``, per release, with the
 function calls per release (all, and Python functions only). Profiling slows the broker several
 times over: its shares matter, not its absolute times.
+
+The broker is started with its release grant budget set explicitly out of reach
+(``tests/bench/_budget.py``): its callers release hundreds of keys a second from one inference
+identity, far past the default budget (1,024 at once, then 8 a second, per SPIFFE ID), which would
+otherwise turn all but the first thousand into ``RELEASES_RATE_LIMITED`` refusals and time those
+instead.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ from grpc_health.v1 import health_pb2_grpc
 from strongroom.dev.devstack import DevStack
 from strongroom.keybroker.ephemeral import ReleaseTarget
 from strongroom.oaep import OaepHash
+from tests.bench._budget import bench_broker_section
 from tests.bench._proc import context_switches, cpu_seconds
 from tests.bench._scale import scaled
 from tests.bench.keybroker_bench import (
@@ -101,9 +108,11 @@ class _Broker:
         shared_ephemeral_key: bool = False,
     ) -> None:
         self.running = (
-            stack.start_process("keybroker", launcher=launcher, server=FLEET_SERVER)
+            stack.start_process(
+                "keybroker", bench_broker_section(stack), launcher=launcher, server=FLEET_SERVER
+            )
             if launcher
-            else stack.start_process("keybroker", server=FLEET_SERVER)
+            else stack.start_process("keybroker", bench_broker_section(stack), server=FLEET_SERVER)
         )
         assert self.running.process is not None
         self.pid = self.running.process.pid
@@ -185,7 +194,9 @@ def _rewrap_and_sync_cpu_us(
     """CPU of one HSM re-wrap (a broker in this process, on its own DevStack) and of one write +
     fsync of a ``record_bytes`` line, in µs."""
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
-        broker = stack.start_in_process("keybroker", server=FLEET_SERVER)
+        broker = stack.start_in_process(
+            "keybroker", bench_broker_section(stack), server=FLEET_SERVER
+        )
         caller = caller_factory(stack, shared_ephemeral_key=shared_ephemeral_key)()
         keys = broker.handle.keys
         target = ReleaseTarget.parse(

@@ -22,6 +22,7 @@ from strongroom.cli.main import build_parser
 from strongroom.inference.config import InferenceConfig
 from strongroom.keybroker.audit import load_signing_key
 from strongroom.keybroker.config import KeybrokerConfig
+from strongroom.keybroker.grant_budget import GrantLimits
 from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.runtime.bootstrap import STOP_MARGIN_SECONDS, stop_seconds
 from strongroom.runtime.config import SERVICES, load_service_config
@@ -345,6 +346,7 @@ def test_rendered_configs_load_with_the_service_runtime(
             assert (
                 section.hsm_recycle_after_operations == 2000
             )  # the chart's and the code's default
+            assert section.grant_limits() == GrantLimits()  # the chart's are the code's
         if isinstance(section, InferenceConfig):
             assert section.attester == ("simulated" if values_set == "development" else "auto")
             assert section.key_broker == "keybroker:7443"
@@ -565,6 +567,24 @@ def test_hsm_recycling_is_an_operator_value(helm: str, tmp_path: Path) -> None:
     _, section = load_service_config(path, "keybroker", KeybrokerConfig, environ={})
     assert isinstance(section, KeybrokerConfig)
     assert section.hsm_recycle_after_operations == 0
+
+
+def test_the_release_grant_budget_is_an_operator_value(helm: str, tmp_path: Path) -> None:
+    """``keybroker.releaseBudget`` reaches the broker's configuration (a larger fleet's). From a
+    values file: ``--set`` reads a fractional rate as a string, which the schema refuses."""
+    values = tmp_path / "budget.yaml"
+    values.write_text(
+        "keybroker:\n  releaseBudget:\n    certificate: {burst: 128, rate: 0.5}\n"
+        "    identity: {burst: 8192, rate: 64}\n"
+    )
+    docs = render(helm, (*MINIMAL, values))
+    path = tmp_path / "keybroker.yaml"
+    path.write_text(_configs(docs)["keybroker"])
+    _, section = load_service_config(path, "keybroker", KeybrokerConfig, environ={})
+    assert isinstance(section, KeybrokerConfig)
+    assert section.grant_limits() == GrantLimits(
+        certificate_burst=128, certificate_rate=0.5, identity_burst=8192, identity_rate=64.0
+    )
 
 
 @pytest.mark.parametrize(("value", "expected"), [(None, None), ("0", 0), ("2", 2)])

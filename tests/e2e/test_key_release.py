@@ -737,6 +737,40 @@ def test_a_flood_of_releases_over_the_message_limit_is_audited_within_the_budget
     assert len(one_by_one) + sum(r["claims"]["refusals_unrecorded"] for r in counted) == sent
 
 
+def test_releases_past_the_configured_grant_budget_are_refused_over_the_wire(
+    step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path
+) -> None:
+    """``keybroker.release_budget_*`` reaches the broker's engine: with one grant per certificate,
+    a genuine caller's second release is refused RESOURCE_EXHAUSTED RELEASES_RATE_LIMITED over
+    mTLS, with a message and no trace, and recorded DENIED with nothing released after it."""
+    root = stack_root(tmp_path_factory, "grant-budget", simulated_tee_dir)
+    with DevStack(root, step_ca_binary=step_ca_binary) as dev:
+        section = {
+            **dev.default_section("keybroker"),
+            "release_budget_certificate_burst": 1,
+            "release_budget_certificate_rate": 0.001,
+        }
+        # Its budgets do not refill while the test runs.
+        dev.start_in_process("keybroker", section, build_args={"monotonic": lambda: 1000.0})
+        world = make_world(dev)
+        granted = world.broker.ReleaseKey(new_attempt(world).request, timeout=30)
+        with pytest.raises(grpc.RpcError) as info:
+            world.broker.ReleaseKey(new_attempt(world).request, timeout=30)
+        error = info.value
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert ("strongroom-reason", "RELEASES_RATE_LIMITED") in tuple(
+            error.trailing_metadata()  # type: ignore[attr-defined]
+        )
+        details = error.details()  # type: ignore[attr-defined]
+        assert "to this certificate; retry later" in details and "Traceback" not in details
+        records = audit_records(world)
+    assert [(r["decision"], r["reason"]) for r in records[-2:]] == [
+        ("allowed", "RELEASED"),
+        ("denied", "RELEASES_RATE_LIMITED"),
+    ]
+    assert records[-2]["decision_id"] == granted.decision_id
+
+
 @pytest.fixture(scope="module")
 def narrow_world(
     step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path

@@ -91,8 +91,10 @@ def _broker(
     tee_key: rsa.RSAPrivateKey,
     tmp_path: Path,
     collateral: CollateralSource,
+    **engine_args: Any,
 ) -> Iterator[Broker]:
-    """A broker whose refusal budgets never refill (its monotonic clock stands still)."""
+    """A broker whose refusal budgets never refill (its monotonic clock stands still, unless
+    ``engine_args`` give it another)."""
     km.create_key("k1")
     data_key = km.generate_data_key("k1", *MODEL)
     audit = AuditLog.open(tmp_path / "audit.log", Ed25519PrivateKey.generate())
@@ -106,7 +108,7 @@ def _broker(
         audit=audit,
         collateral=collateral,
         signer=ReleaseSigner(Ed25519PrivateKey.generate()),
-        monotonic=lambda: 1000.0,
+        **{"monotonic": lambda: 1000.0, **engine_args},
     )
     tls = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     caller = Caller("spiffe://strongroom.test/inference", 0x2A, spki(tls))

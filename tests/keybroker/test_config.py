@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from strongroom.keybroker.config import MAX_RECYCLE_AFTER_OPERATIONS, KeybrokerConfig
+from strongroom.keybroker.grant_budget import GrantLimits
 from strongroom.keybroker.hsm import HsmConfig
 from strongroom.runtime.config import ConfigError, load_service_config
 
@@ -90,4 +91,49 @@ def test_audit_rotation_settings_out_of_range_are_refused(
 ) -> None:
     with pytest.raises(ConfigError, match="audit_rotate_bytes") as info:
         _load(tmp_path, environ)
+    assert message in str(info.value)
+
+
+BUDGET_ENV = "STRONGROOM__KEYBROKER__RELEASE_BUDGET_{}"
+
+
+def test_the_release_grant_budget_defaults_to_the_engines_and_is_configurable(
+    tmp_path: Path,
+) -> None:
+    """Unset, the broker builds its engine with the sized defaults; set (here by the
+    environment, as its neighbours may be), each of the four reaches the engine's limits."""
+    assert _load(tmp_path, {}).grant_limits() == GrantLimits()
+    config = _load(
+        tmp_path,
+        {
+            BUDGET_ENV.format("CERTIFICATE_BURST"): "2",
+            BUDGET_ENV.format("CERTIFICATE_RATE"): "0.5",
+            BUDGET_ENV.format("IDENTITY_BURST"): "100000",
+            BUDGET_ENV.format("IDENTITY_RATE"): "5000",
+        },
+    )
+    assert config.grant_limits() == GrantLimits(
+        certificate_burst=2, certificate_rate=0.5, identity_burst=100_000, identity_rate=5000.0
+    )
+
+
+@pytest.mark.parametrize("scope", ["CERTIFICATE", "IDENTITY"])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("BURST", "0", "between 1 and 1000000"),
+        ("BURST", "1000001", "between 1 and 1000000"),
+        ("BURST", "many", "expected an integer"),
+        ("RATE", "0", "above 0 and at most 100000"),
+        ("RATE", "-1", "above 0 and at most 100000"),
+        ("RATE", "nan", "expected a number"),
+        ("RATE", "100001", "above 0 and at most 100000"),
+    ],
+)
+def test_release_grant_budget_settings_out_of_range_are_refused(
+    tmp_path: Path, scope: str, field: str, value: str, message: str
+) -> None:
+    name = f"release_budget_{scope.lower()}_{field.lower()}"
+    with pytest.raises(ConfigError, match=name) as info:
+        _load(tmp_path, {BUDGET_ENV.format(f"{scope}_{field}"): value})
     assert message in str(info.value)

@@ -25,6 +25,12 @@ public key.
 
 Usage: ``make soak`` (10 minutes) or ``python -m tests.soak.run --duration 120 --cert-lifetime 30``.
 The test suite runs a short version (:mod:`tests.soak.test_soak`).
+
+The broker is started with its release grant budget set explicitly out of reach
+(``tests/bench/_budget.py``): its releasers release keys as fast as the broker answers from one
+inference identity, far past the default budget (1,024 at once, then 8 a second, per SPIFFE ID),
+which would otherwise turn all but the first thousand into ``RELEASES_RATE_LIMITED`` refusals and
+time those instead.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.pki._state import STATE_FILE
 from strongroom.pki.stepca import BINARY_ENV
 from tests.bench import _memprobe
+from tests.bench._budget import bench_broker_section
 from tests.bench._proc import anon_huge_pages_kib, process_env, status
 from tests.keybroker.helpers import bound, data_key_request
 
@@ -223,7 +230,7 @@ class Soak:
 
     def setup(self) -> None:
         stack = self.stack
-        self._start("keybroker")
+        self._start("keybroker", bench_broker_section(self.stack))
         self._start("modelstore")
         lifetime = timedelta(seconds=self.config.cert_lifetime)
         self.admin = stack.identity("admin", lifetime=lifetime)
@@ -409,7 +416,7 @@ class Soak:
         duration = self.config.duration
         # The broker restarts first, so that its last process lives long enough to measure.
         schedule: list[tuple[float, Callable[[], None]]] = [
-            (0.1, lambda: self._restart("keybroker")),
+            (0.1, lambda: self._restart("keybroker", bench_broker_section(self.stack))),
             (0.3, lambda: self._restart("modelstore")),
             (0.5, self._hsm_blink),
         ]
