@@ -103,7 +103,8 @@ class ParsedHead:
     ``sealed`` when its current slot seals the log (no record is ever added to it again), and
     ``size`` the sealed log's length in bytes (None: sealed before heads said it, or not sealed);
     ``void``/``void_all``: the batches written after it that the broker refused (see
-    :meth:`HeadFile.write`)."""
+    :meth:`HeadFile.write`); ``key``: the fingerprint of the signing key the current head names
+    (None if it names none), which only a check of its signature with that key proves."""
 
     head: Head
     generation: int | None
@@ -112,6 +113,7 @@ class ParsedHead:
     void: tuple[str, ...] = ()
     void_all: bool = False
     size: int | None = None
+    key: str | None = None
 
     def voids(self, record_hash: str) -> bool:
         """Whether the record chained right after this head with ``record_hash`` was refused."""
@@ -205,7 +207,12 @@ def parse(raw: bytes, public_key: Ed25519PublicKey | None) -> ParsedHead:
                 "void_all",
             } & set(document):
                 raise ValueError("a one-line head must be format 1")
-            return ParsedHead(Head(document["count"], document["last_hash"]), None, LEGACY_VERSION)
+            return ParsedHead(
+                Head(document["count"], document["last_hash"]),
+                None,
+                LEGACY_VERSION,
+                key=_named_key(document),
+            )
         raise ValueError(f"a head file is {FILE_BYTES} bytes, not {len(raw)}")
     first, second = _slot(raw, 0, public_key), _slot(raw, 1, public_key)
     if first is None:
@@ -235,7 +242,14 @@ def parse(raw: bytes, public_key: Ed25519PublicKey | None) -> ParsedHead:
         tuple(current.get("void", ())),
         bool(current.get("void_all")),
         current.get("size"),
+        _named_key(current),
     )
+
+
+def _named_key(document: dict[str, Any]) -> str | None:
+    """The signing key's fingerprint a head document names (``key``), if it names one."""
+    key = document.get("key")
+    return key if isinstance(key, str) else None
 
 
 def _slot_bytes(
