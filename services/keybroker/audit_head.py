@@ -8,7 +8,10 @@ overwrite in turn.
 **Layout** (head format 2). :data:`FILE_BYTES` bytes. Head *generation* ``g`` lives in slot
 ``g % 2``, at offset ``(g % 2) * SLOT_STRIDE``: the canonical JSON of ``{v, gen, count, last_hash,
 time, key, sig}`` and a newline, zero-padded to :data:`SLOT_BYTES`. ``sig`` is the broker's Ed25519
-signature over the domain ``strongroom-audit-head-v1`` and the document without ``sig``. A commit
+signature over the domain ``strongroom-audit-head-v1`` and the document without ``sig``. ``key``
+names the signing key (the first 32 hex digits of the SHA-256 of its raw public key); only the
+signature, checked with that key, proves it (``audit verify`` without a key compares the names
+across a series: :func:`~strongroom.keybroker.audit_verify.verify_audit_series`). A commit
 writes generation ``g + 1`` over generation ``g - 1`` with one ``pwrite`` and one ``fdatasync``.
 
 **Crashes.** Each slot is one 512-byte sector at the start of its own 4 KiB page, written whole by

@@ -715,8 +715,11 @@ def verify_audit_series(
 ) -> SeriesVerification:
     """Verifies each log (:func:`verify_audit_log`), then that together they are one chain:
     ordered by their first ``seq``, each continues the one before (its first record's ``prev`` is
-    that file's last hash, its first ``seq`` that file's end) and every file but the last is
-    sealed. A missing file in the middle, two files covering the same records, a file from
+    that file's last hash, its first ``seq`` that file's end), every file but the last is
+    sealed and each head names the signing key the file before's names (the broker never changes
+    its key within a chain: it opens no head another key signed; SERIES_KEY_CHANGED). Without
+    ``public_key`` that name is all there is to compare, which a forger may write as they please:
+    only the key proves the heads the broker's. A missing file in the middle, two files covering the same records, a file from
     another chain, a file continued though not sealed, or a sealed file renamed to another range
     breaks the series; a series that starts after seq 0 (older sealed files deleted: retention)
     does not, and the message says where it starts.

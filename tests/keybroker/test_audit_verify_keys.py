@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from strongroom.errors import DataLoss
 from strongroom.keybroker import audit as audit_module
 from strongroom.keybroker.audit import AuditLog, head_path
 from strongroom.keybroker.audit_head import Head, HeadFile
@@ -130,3 +131,25 @@ def test_an_intact_series_without_a_public_key_names_the_key_its_heads_claim(
     out = capsys.readouterr().out
     assert "head signatures NOT checked" in out
     assert f"every head names key {fingerprint[:16]}" in out
+
+
+def test_changing_the_audit_key_starts_a_new_chain(
+    series: Path, log_path: Path, key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    """deploy/README's way to change the audit key (replace it, restart the broker) left a
+    broker that does not start: it opens no head another key signed. Changing it starts a new
+    chain once the old series is archived; the two verify apart, each with its own key, and
+    are not one series."""
+    new = Ed25519PrivateKey.generate()
+    with pytest.raises(DataLoss, match="not signed by this broker's key") as info:
+        AuditLog.open(log_path, new)
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for path in list(series.iterdir()):
+        shutil.move(path, archive / path.name)
+    with AuditLog.open(log_path, new) as log:
+        fill(log, 2)
+    assert verify_audit_paths([archive], public_key=key.public_key()).intact
+    assert verify_audit_paths([series], public_key=new.public_key()).intact
+    assert verify_audit_paths([archive, series]).problem == "SERIES_OVERLAP"
