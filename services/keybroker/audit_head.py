@@ -8,7 +8,10 @@ overwrite in turn.
 **Layout** (head format 2). :data:`FILE_BYTES` bytes. Head *generation* ``g`` lives in slot
 ``g % 2``, at offset ``(g % 2) * SLOT_STRIDE``: the canonical JSON of ``{v, gen, count, last_hash,
 time, key, sig}`` and a newline, zero-padded to :data:`SLOT_BYTES`. ``sig`` is the broker's Ed25519
-signature over the domain ``strongroom-audit-head-v1`` and the document without ``sig``. A commit
+signature over the domain ``strongroom-audit-head-v1`` and the document without ``sig``. ``key``
+names the signing key (the first 32 hex digits of the SHA-256 of its raw public key); only the
+signature, checked with that key, proves it (``audit verify`` without a key compares the names
+across a series: :func:`~strongroom.keybroker.audit_verify.verify_audit_series`). A commit
 writes generation ``g + 1`` over generation ``g - 1`` with one ``pwrite`` and one ``fdatasync``.
 
 **Crashes.** Each slot is one 512-byte sector at the start of its own 4 KiB page, written whole by
@@ -103,7 +106,8 @@ class ParsedHead:
     ``sealed`` when its current slot seals the log (no record is ever added to it again), and
     ``size`` the sealed log's length in bytes (None: sealed before heads said it, or not sealed);
     ``void``/``void_all``: the batches written after it that the broker refused (see
-    :meth:`HeadFile.write`)."""
+    :meth:`HeadFile.write`); ``key``: the fingerprint of the signing key the current head names
+    (None if it names none), which only a check of its signature with that key proves."""
 
     head: Head
     generation: int | None
@@ -112,6 +116,7 @@ class ParsedHead:
     void: tuple[str, ...] = ()
     void_all: bool = False
     size: int | None = None
+    key: str | None = None
 
     def voids(self, record_hash: str) -> bool:
         """Whether the record chained right after this head with ``record_hash`` was refused."""
@@ -205,7 +210,12 @@ def parse(raw: bytes, public_key: Ed25519PublicKey | None) -> ParsedHead:
                 "void_all",
             } & set(document):
                 raise ValueError("a one-line head must be format 1")
-            return ParsedHead(Head(document["count"], document["last_hash"]), None, LEGACY_VERSION)
+            return ParsedHead(
+                Head(document["count"], document["last_hash"]),
+                None,
+                LEGACY_VERSION,
+                key=_named_key(document),
+            )
         raise ValueError(f"a head file is {FILE_BYTES} bytes, not {len(raw)}")
     first, second = _slot(raw, 0, public_key), _slot(raw, 1, public_key)
     if first is None:
@@ -235,7 +245,14 @@ def parse(raw: bytes, public_key: Ed25519PublicKey | None) -> ParsedHead:
         tuple(current.get("void", ())),
         bool(current.get("void_all")),
         current.get("size"),
+        _named_key(current),
     )
+
+
+def _named_key(document: dict[str, Any]) -> str | None:
+    """The signing key's fingerprint a head document names (``key``), if it names one."""
+    key = document.get("key")
+    return key if isinstance(key, str) else None
 
 
 def _slot_bytes(

@@ -80,6 +80,10 @@ class AuditVerification:
 
     ``rotation_cut`` names the sealed log judged in the place of the log (the rest of the verdict
     is that file's) when a rotation was cut between its two renames (:func:`_rotation_cut`).
+
+    ``head_key`` is the fingerprint of the signing key the head names (None: it names none). It
+    is proved only with ``public_key`` (the signature checked); without it, it is what the head
+    claims, which :func:`verify_audit_series` compares across files.
     """
 
     intact: bool
@@ -94,6 +98,7 @@ class AuditVerification:
     sealed: bool = False
     release_signing_keys: tuple[tuple[str, int], ...] = ()
     rotation_cut: str = ""
+    head_key: str | None = None
 
 
 def _is_granted_release(record: dict[str, object]) -> bool:
@@ -461,13 +466,29 @@ def _verify_audit_log(
         message=f"{count} records{span}, chain intact, "
         + ("sealed, " if sealed else "")
         + "head "
-        + ("signature valid" if checked else "signature NOT checked (no public key given)")
+        + (
+            "signature valid"
+            if checked
+            else f"signature NOT checked (no public key given; {_named_key_text([parsed.key])})"
+        )
         + signing_key_summary(signing_keys),
         first_seq=base,
         anchor=anchor,
         sealed=sealed,
         release_signing_keys=tuple(signing_keys.items()),
+        head_key=parsed.key,
     )
+
+
+def _named_key_text(keys: list[str | None]) -> str:
+    """What an unchecked verdict says of the key the heads name (``keys``, all the same: a
+    series whose heads name several is broken, SERIES_KEY_CHANGED): for the operator to compare
+    with the broker's key, since nothing but a signature checked with it proves the name."""
+    named = keys[0] if keys else None
+    every = "every head names" if len(keys) > 1 else "the head names"
+    if named is None:
+        return f"{every.replace('names', 'names no')} signing key"
+    return f"{every} key {named}, which only --public-key proves"
 
 
 @dataclass(frozen=True)
@@ -475,7 +496,8 @@ class SeriesVerification:
     """The outcome of :func:`verify_audit_series`: each file's verdict in chain order, and for the
     series ``first_seq``/``end`` (seq of its first record, and one past its last), ``problem``
     (a file's own, or SERIES_GAP, SERIES_OVERLAP, SERIES_LINK_BROKEN, SERIES_NOT_SEALED,
-    SERIES_NAME_MISMATCH) and ``bad_file`` (the file where the series breaks)."""
+    SERIES_KEY_CHANGED, SERIES_NAME_MISMATCH) and ``bad_file`` (the file where the series
+    breaks)."""
 
     intact: bool
     files: tuple[tuple[Path, AuditVerification], ...]
@@ -693,8 +715,11 @@ def verify_audit_series(
 ) -> SeriesVerification:
     """Verifies each log (:func:`verify_audit_log`), then that together they are one chain:
     ordered by their first ``seq``, each continues the one before (its first record's ``prev`` is
-    that file's last hash, its first ``seq`` that file's end) and every file but the last is
-    sealed. A missing file in the middle, two files covering the same records, a file from
+    that file's last hash, its first ``seq`` that file's end), every file but the last is
+    sealed and each head names the signing key the file before's names (the broker never changes
+    its key within a chain: it opens no head another key signed; SERIES_KEY_CHANGED). Without
+    ``public_key`` that name is all there is to compare, which a forger may write as they please:
+    only the key proves the heads the broker's. A missing file in the middle, two files covering the same records, a file from
     another chain, a file continued though not sealed, or a sealed file renamed to another range
     breaks the series; a series that starts after seq 0 (older sealed files deleted: retention)
     does not, and the message says where it starts.
@@ -778,6 +803,21 @@ def verify_audit_series(
                 before_path,
                 f"{before_path.name} is not sealed, yet {path.name} continues it",
             )
+        if verdict.head_key != before.head_key:
+            return broken(
+                "SERIES_KEY_CHANGED",
+                path,
+                f"{path.name}'s head names signing key {verdict.head_key or 'none'} but "
+                f"{before_path.name}'s names {before.head_key or 'none'}: the broker never "
+                "changes its audit key within a chain (it does not start beside another key's "
+                f"heads), so {path.name} and the files after it were written by another key's "
+                "holder"
+                + (
+                    "; only --public-key (the broker's) tells which files are the broker's"
+                    if not verdict.signature_checked
+                    else ""
+                ),
+            )
     for path, verdict in ordered:
         span = (verdict.first_seq, verdict.first_seq + verdict.records - 1)
         if has_sealed_shape(path.name) and sealed_range(path.name) != span:
@@ -800,7 +840,13 @@ def verify_audit_series(
         + ", chain intact across them"
         + (f"; starts at seq {first} (earlier files deleted)" if first else "")
         + ("; the last file is sealed (no active log among them)" if ordered[-1][1].sealed else "")
-        + ("; head signatures valid" if checked else "; head signatures NOT checked")
+        + (
+            "; head signatures valid"
+            if checked
+            else "; head signatures NOT checked ("
+            + _named_key_text([verdict.head_key for _, verdict in ordered])
+            + ")"
+        )
         + signing_key_summary(signing_keys)
         + (
             f"; left out, empty and without its head: {_shown([p.name for p in unwritten])} (a "

@@ -21,7 +21,9 @@ and the problem on stderr), 1 when it could not check (why, on stderr: a file it
 that is a link, no log, files of several logs, a log or directory another process keeps locked):
 not verified either. Each is one line, non-printable characters shown escaped. Without
 ``--public-key`` the chain and the head's count are checked but not the head's signature, and the
-summary says so. A running broker's log can be checked in place: the check covers the log as it
+summary says so and which key the heads name: files after any point of a series rewritten with
+another key verify unless their heads name that key (SERIES_KEY_CHANGED, exit 2: the broker
+never changes its key within a chain), so pin the broker's public key for a real guarantee. A running broker's log can be checked in place: the check covers the log as it
 stood between two commits, and a directory whose series does not verify is listed and checked
 again once a rotation under way has ended (one may come between the listing and the check:
 SIGHUP's runs in a thread of its own), as is one whose listed file a shipper deleted meanwhile.
