@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -27,6 +28,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from strongroom import files
 from strongroom.cli.main import run_command
 from strongroom.keybroker import audit as audit_module
 from strongroom.keybroker.audit import AuditLog, head_path
@@ -132,6 +134,55 @@ def test_following_another_processs_rotation_is_refused_while_the_new_log_is_hel
         assert log_path.read_bytes() == b""
         assert log.append(event(2)).seq == 2 and log.first_seq == 2
         assert other.append(event(3)).seq == 3
+
+
+def _live_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_commits_refused_while_the_rotated_to_log_is_held_do_not_pile_up_waiters(
+    log_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each commit that must follow another broker's rotation opens the new log afresh: a waiter
+    left by each refused one (a thread and a descriptor, until the holder lets go) piled up, one
+    per commit for as long as the new log was held, to the process's descriptor limit. They are
+    capped (:data:`~strongroom.files.MAX_FLOCK_WAITERS`, shortened here); past it the wait is
+    polled, still bounded, and the holder gone, the next commit switches and writes."""
+    monkeypatch.setattr(files, "MAX_FLOCK_WAITERS", 2)
+    with AuditLog.open(log_path, key) as log, AuditLog.open(log_path, key) as other:
+        fill(log, 2)
+        assert other.rotate() is not None
+        threads = threading.active_count()
+        with _held(log_path):
+            fds = _live_fds()  # the holder's pipes counted
+            for _ in range(5):
+                with pytest.raises(AuditUnavailable) as refused:
+                    _within_test_wait(lambda: log.append(event(2)))
+                _says_locked(refused.value.message, log_path)
+            assert threading.active_count() <= threads + 2
+            assert _live_fds() <= fds + 2
+        assert _within_test_wait(lambda: log.append(event(2))).seq == 2
+
+
+def test_checks_of_a_held_log_do_not_pile_up_waiters(
+    log_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each verify_audit_log call opens the log afresh; a long-running caller checking a log
+    held by another process left a waiter (a thread and a descriptor) per call until the holder
+    let go. Capped, as above; each call still ends in AUDIT_UNAVAILABLE within the bound."""
+    monkeypatch.setattr(files, "MAX_FLOCK_WAITERS", 2)
+    with AuditLog.open(log_path, key) as log:
+        fill(log, 2)
+    threads = threading.active_count()
+    with _held(log_path):
+        fds = _live_fds()  # the holder's pipes counted
+        for _ in range(5):
+            with pytest.raises(AuditUnavailable) as refused:
+                _within_test_wait(lambda: verify_audit_log(log_path))
+            _says_locked(refused.value.message, log_path)
+        assert threading.active_count() <= threads + 2
+        assert _live_fds() <= fds + 2
+    assert verify_audit_log(log_path, public_key=key.public_key()).intact
 
 
 def test_audit_verify_does_not_check_a_log_held_by_another_process(
