@@ -106,6 +106,56 @@ def test_a_refused_wait_leaves_one_waiter_that_hands_the_lock_on_or_lets_it_go(
         assert log.append(event(2)).seq == 2
 
 
+def test_a_caller_queued_behind_a_refused_commit_waits_no_longer_than_the_bound(
+    log_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller that queues while a commit waits for the held lock leads the next commit when
+    that one is refused: its wait for the lock counts from when it queued, so that the release
+    is answered AUDIT_UNAVAILABLE within the bound of its arrival. Each commit took the whole
+    bound afresh, so such a caller waited nearly twice it (20 s by default, past the inference
+    server's 15 s call timeout: DEADLINE_EXCEEDED rather than the reason). Told apart by the
+    wait the second commit allows the lock, against a moment the caller was already queued:
+    no timing threshold."""
+    monkeypatch.setattr(audit_module, "LOG_LOCK_WAIT_SECONDS", 1.0)  # room to see the queue
+    allowed: list[tuple[float, float]] = []  # (when, seconds allowed)
+    acquire = files.BoundedFlock.acquire
+
+    def spied(lock: files.BoundedFlock, seconds: float) -> bool:
+        allowed.append((time.monotonic(), seconds))
+        return acquire(lock, seconds)
+
+    with AuditLog.open(log_path, key) as log:
+        fill(log, 1)
+        monkeypatch.setattr(files.BoundedFlock, "acquire", spied)
+        refusals: list[AuditUnavailable] = []
+
+        def append() -> None:
+            try:
+                log.append(event(1))
+            except AuditUnavailable as exc:
+                refusals.append(exc)
+
+        with _held(log_path):
+            first = threading.Thread(target=append)
+            first.start()
+            deadline = time.monotonic() + 60
+            while not allowed and time.monotonic() < deadline:
+                time.sleep(0.001)  # the first commit waits for the lock now
+            second = threading.Thread(target=append)
+            second.start()
+            while log.queued == 0 and first.is_alive():
+                time.sleep(0.001)
+            queued_by = time.monotonic()  # the second caller was queued by then
+            assert first.is_alive(), "the first commit ended before the second queued"
+            first.join(60)
+            second.join(60)
+        assert len(refusals) == 2, refusals
+        for refused in refusals:
+            assert f"the audit log {log_path} is locked by another process" in refused.message
+        [_, (when, seconds)] = allowed
+        assert when + seconds <= queued_by + 1.0, allowed  # not a whole bound after the first
+
+
 def test_the_broker_does_not_start_while_another_process_holds_the_log(
     log_path: Path, key: Ed25519PrivateKey
 ) -> None:
