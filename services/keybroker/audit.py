@@ -202,7 +202,7 @@ from strongroom import jsonparse
 from strongroom.closing import Closing
 from strongroom.cryptoparse import KEY_PARSE_ERRORS, ed25519_private_key
 from strongroom.errors import DataLoss, InvalidArgument, StrongroomError
-from strongroom.files import BoundedFlock, flock_within
+from strongroom.files import BoundedFlock
 from strongroom.identifiers import DECISION_ID_PATTERN, KEY_ID_PATTERN
 from strongroom.keybroker.audit_head import (
     FILE_BYTES,
@@ -247,7 +247,8 @@ _ACTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 # one whose log is a file another has since sealed waits here for a start (any other waits first,
 # for the log's own flock, which the start holds too); audit verify does when its first check
 # fails. A disk so slow that five syncs take longer refuses the releases of that moment, as a
-# failed write does.
+# failed write does. Waited for in the kernel's queue (strongroom.files.BoundedFlock), as the
+# log's lock is.
 DIR_LOCK_WAIT_SECONDS = 5.0
 # The longest the broker (each commit, rotation and start) and audit verify's snapshot wait for
 # the log file's own ``flock`` (then AUDIT_UNAVAILABLE, logged at ERROR): any process that can
@@ -629,6 +630,7 @@ class AuditLog(Closing):
         # When the log's locks must be had by (_flocked), for a switch to a new log under it.
         self._lock_deadline = 0.0
         self._dir_fd = dir_fd
+        self._dir_lock = BoundedFlock(dir_fd, fcntl.LOCK_EX)
         self._head = HeadFile(
             self._head_path,
             signing_key,
@@ -1626,7 +1628,7 @@ class AuditLog(Closing):
     def _dir_locked(self) -> Iterator[None]:
         """The directory's ``flock``: renames and new chains of a rotation, one process at a time.
         Taken after the log's lock, never before it."""
-        if not flock_within(self._dir_fd, fcntl.LOCK_EX, DIR_LOCK_WAIT_SECONDS):
+        if not self._dir_lock.acquire(DIR_LOCK_WAIT_SECONDS):  # in the kernel's queue: fair
             raise AuditUnavailable(directory_locked(self._path.parent))
         try:
             yield
