@@ -261,6 +261,10 @@ DIR_LOCK_WAIT_SECONDS = 5.0
 # while it is within its own. The wait is in the kernel's queue (strongroom.files.BoundedFlock),
 # as fair between the brokers of one host as the blocking flock it replaces.
 LOG_LOCK_WAIT_SECONDS = 2 * DIR_LOCK_WAIT_SECONDS
+# A wait for the log's lock that ends in time but took longer than this is a WARNING: a holder
+# that lets go just before LOG_LOCK_WAIT_SECONDS and takes the lock again delays every release
+# by nearly that much with no refusal to show for it. A commit holds the lock for milliseconds.
+LOG_LOCK_SLOW_SECONDS = 1.0
 
 
 class Decision(enum.Enum):
@@ -402,14 +406,23 @@ def _take_log_lock(lock: BoundedFlock, path: Path, deadline: float) -> None:
     """Takes the log's exclusive ``flock`` (``lock``) by ``deadline`` (``time.monotonic()``, at
     most :data:`LOG_LOCK_WAIT_SECONDS` after the wait began); AuditUnavailable if another process
     held it until then (logged at ERROR, naming the file) or if it cannot be taken at all."""
+    started = time.monotonic()
     try:
-        locked = lock.acquire(deadline - time.monotonic())
+        locked = lock.acquire(deadline - started)
     except OSError as exc:
         raise AuditUnavailable(f"cannot lock the audit log: {exc.strerror}") from None
     if not locked:
         message = log_locked(path, LOG_LOCK_WAIT_SECONDS)
         _log.error(message, extra={"reason": Reason.AUDIT_UNAVAILABLE.value})
         raise AuditUnavailable(message)
+    waited = time.monotonic() - started
+    if waited > LOG_LOCK_SLOW_SECONDS:
+        _log.warning(
+            "waited %.1f s for the lock of the audit log %s: another process held it (a commit "
+            "holds it for milliseconds; find the holder with fuser -v or lsof on that file)",
+            waited,
+            path,
+        )
 
 
 def head_path(log_path: Path) -> Path:

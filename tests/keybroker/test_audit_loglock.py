@@ -31,14 +31,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from strongroom import files
 from strongroom.cli.main import run_command
 from strongroom.keybroker import audit as audit_module
-from strongroom.keybroker.audit import AuditLog, head_path
+from strongroom.keybroker.audit import AuditLog, AuditRecord, head_path
 from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.errors import AuditUnavailable
 from tests.conftest import REPO
+from tests.test_files import _eventually, _queued
 
 from .test_audit import event, fill
 from .test_audit_cli import _run
-from .test_audit_dirlock import _held, _within_test_wait
+from .test_audit_dirlock import _held, _in_thread, _within_test_wait
 
 _SHORT_WAIT = 0.2
 _PRODUCT_WAIT = audit_module.LOG_LOCK_WAIT_SECONDS  # read before the fixture shortens it
@@ -80,6 +81,36 @@ def test_an_append_is_refused_while_another_process_holds_the_logs_lock(
         assert log.append(event(2)).seq == 2
     verdict = verify_audit_log(log_path, public_key=key.public_key())
     assert verdict.intact and verdict.records == 3, verdict.message
+
+
+def test_a_long_wait_that_ends_in_time_is_logged(
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A holder that lets go just before the bound and takes the lock again makes every commit
+    (every release) wait nearly the whole bound, and none is refused: nothing was logged, as
+    when the wait had no bound. A wait past LOG_LOCK_SLOW_SECONDS (shortened here) that ends
+    in time is a WARNING naming the file and how long it took. The holder lets go only after
+    the commit is seen queued for the lock and a while after that: the wait is at least that."""
+    monkeypatch.setattr(audit_module, "LOG_LOCK_WAIT_SECONDS", 60.0)
+    monkeypatch.setattr(audit_module, "LOG_LOCK_SLOW_SECONDS", 0.05)
+    with AuditLog.open(log_path, key) as log:
+        fill(log, 1)
+        assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+        with _held(log_path):
+            committed, outcome = _in_thread(lambda: log.append(event(1)))
+            assert _eventually(lambda: _queued(log_path) == 1)
+            time.sleep(0.1)  # the commit waits at least this long, past the shortened mark
+        committed.join(60)
+        [record] = outcome
+        assert isinstance(record, AuditRecord) and record.seq == 1, record
+        [warned] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert warned.levelno == logging.WARNING
+        assert f"the audit log {log_path}" in warned.getMessage(), warned.getMessage()
+        assert "another process held it" in warned.getMessage(), warned.getMessage()
+        assert "fuser" in warned.getMessage(), warned.getMessage()
 
 
 def test_a_refused_wait_leaves_one_waiter_that_hands_the_lock_on_or_lets_it_go(
