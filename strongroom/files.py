@@ -132,6 +132,39 @@ def flock_within(fd: int, operation: int, seconds: float) -> bool:
             return True
 
 
+#: The most waiter threads :class:`BoundedFlock` keeps in one process, each with a descriptor
+#: of its own until the file's holder lets go. One per object, but a caller that opens the file
+#: afresh for each try (``audit verify``'s snapshot, a broker following another's rotation) makes
+#: a new object each time: without a cap, a holder that never lets go had them pile up, one per
+#: refused try, to the process's descriptor limit. Past it the wait is polled (still bounded,
+#: :func:`flock_within`): fair again once the holder lets go and the waiters end.
+MAX_FLOCK_WAITERS = 16
+
+
+class _WaiterSlots:
+    """The waiters alive in this process, counted against :data:`MAX_FLOCK_WAITERS`."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._taken = 0
+
+    def take(self) -> bool:
+        """One more waiter may start (counted); False when the cap is reached."""
+        with self._mutex:
+            if self._taken >= MAX_FLOCK_WAITERS:
+                return False
+            self._taken += 1
+            return True
+
+    def give_back(self) -> None:
+        """A waiter ended (or never started)."""
+        with self._mutex:
+            self._taken -= 1
+
+
+_waiter_slots = _WaiterSlots()
+
+
 class BoundedFlock:
     """``flock(fd, operation)`` waited for at most a given time, in the kernel's own queue.
 
@@ -145,7 +178,9 @@ class BoundedFlock:
     and whichever of these things comes first follows: the next :meth:`acquire` takes the lock
     from it when it gets it (no second thread, no second place in the queue); or, if nobody is
     waiting for it when it gets the lock, it lets go at once (no lock is kept by nobody). So
-    there is at most one such thread per object, which ends when the holder lets go.
+    there is at most one such thread per object, which ends when the holder lets go, and at most
+    :data:`MAX_FLOCK_WAITERS` in the process (past that, or with no thread or descriptor to
+    spare, the wait is polled).
 
     Uncontended, :meth:`acquire` is one ``LOCK_NB`` call: the thread is started only when the
     lock is held by someone else. One caller at a time (a caller holding the lock releases it
@@ -169,7 +204,11 @@ class BoundedFlock:
                 try:
                     fcntl.flock(self._fd, self._operation | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    waiter = self._waiter = _FlockWaiter(self._fd, self._operation)
+                    waiter = _FlockWaiter.started(self._fd, self._operation)
+                    if waiter is None:  # too many wait already (see MAX_FLOCK_WAITERS)
+                        left = max(deadline - time.monotonic(), 0.0)
+                        return flock_within(self._fd, self._operation, left)
+                    self._waiter = waiter
                 else:
                     return True
             outcome = waiter.take(deadline - time.monotonic())
@@ -186,7 +225,23 @@ class BoundedFlock:
 class _FlockWaiter:
     """One blocking ``flock`` in a thread of its own, for :class:`BoundedFlock`."""
 
+    @classmethod
+    def started(cls, fd: int, operation: int) -> _FlockWaiter | None:
+        """A waiter for ``flock(fd, operation)``, its thread started; None when
+        :data:`MAX_FLOCK_WAITERS` already wait in this process or no thread can be started."""
+        if not _waiter_slots.take():
+            return None
+        try:
+            return cls(fd, operation)
+        except (RuntimeError, OSError):  # no thread or descriptor to spare: poll, not fail
+            _waiter_slots.give_back()
+            return None
+        except BaseException:
+            _waiter_slots.give_back()
+            raise
+
     def __init__(self, fd: int, operation: int) -> None:
+        """Internal: use :meth:`started`, which counts it."""
         # Its own descriptor of the same open file: the owner may close ``fd`` meanwhile (and
         # the number be reused for another file) while this one still waits and then lets go.
         self._fd = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
@@ -196,23 +251,30 @@ class _FlockWaiter:
         self._wanted = True  # a caller of take() is waiting to be handed the lock
         self._handed = False
         self._error: OSError | None = None
-        threading.Thread(target=self._run, name="flock-waiter", daemon=True).start()
+        try:
+            threading.Thread(target=self._run, name="flock-waiter", daemon=True).start()
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     def _run(self) -> None:
         try:
-            fcntl.flock(self._fd, self._operation)
-        except OSError as exc:
-            error: OSError | None = exc
-        else:
-            error = None
-        with self._mutex:
-            self._error = error
-            self._handed = error is None and self._wanted
-            if error is None and not self._wanted:
-                with contextlib.suppress(OSError):
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)
-            self._done.set()
-        os.close(self._fd)  # the lock, if handed, stays with the open file
+            try:
+                fcntl.flock(self._fd, self._operation)
+            except OSError as exc:
+                error: OSError | None = exc
+            else:
+                error = None
+            with self._mutex:
+                self._error = error
+                self._handed = error is None and self._wanted
+                if error is None and not self._wanted:
+                    with contextlib.suppress(OSError):
+                        fcntl.flock(self._fd, fcntl.LOCK_UN)
+                self._done.set()
+            os.close(self._fd)  # the lock, if handed, stays with the open file
+        finally:
+            _waiter_slots.give_back()
 
     def take(self, seconds: float) -> bool | None:
         """Waits at most ``seconds``: True when the lock was handed over, False when it was got

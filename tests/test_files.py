@@ -150,3 +150,44 @@ def test_a_bounded_flocks_waiter_lets_go_when_its_caller_was_interrupted(tmp_pat
         signal.signal(signal.SIGALRM, previous)
         os.close(mine)
         os.close(holder)
+
+
+def _queued(path) -> int:
+    """How many ``flock`` requests wait for ``path``'s lock in the kernel (``/proc/locks``)."""
+    inode = os.stat(path).st_ino
+    with open("/proc/locks") as locks:
+        return sum(
+            1 for line in locks if " -> FLOCK " in line and line.split()[6].endswith(f":{inode}")
+        )
+
+
+def test_a_bounded_flock_waits_in_the_kernels_queue(tmp_path) -> None:
+    """A blocking ``flock`` made after the bounded wait began does not take the lock before it:
+    the waiter holds its place in the kernel's queue, as a blocking ``flock`` would. A ``LOCK_NB``
+    poll is in no queue: the other request got the lock when the holder let go and, kept, the
+    poll's whole bound (what another broker's back-to-back commits do). Shown by order, not by
+    time: each step waits for the kernel's queue to hold the request before the next."""
+    path = tmp_path / "f"
+    path.write_bytes(b"")
+    mine, holder, later = (os.open(path, os.O_RDONLY) for _ in range(3))
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        got: list[bool] = []
+        first = threading.Thread(
+            target=lambda: got.append(BoundedFlock(mine, fcntl.LOCK_EX).acquire(60.0))
+        )
+        first.start()
+        assert _eventually(lambda: _queued(path) == 1)
+        second = threading.Thread(target=lambda: fcntl.flock(later, fcntl.LOCK_EX))
+        second.start()
+        assert _eventually(lambda: _queued(path) == 2)
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        first.join(60.0)
+        assert got == [True]
+        assert second.is_alive() and _queued(path) == 1  # still queued behind it
+        fcntl.flock(mine, fcntl.LOCK_UN)
+        second.join(60.0)
+        assert not second.is_alive()
+    finally:
+        for fd in (mine, holder, later):
+            os.close(fd)  # ``later``'s close lets go of its lock

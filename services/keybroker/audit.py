@@ -152,7 +152,9 @@ the directory's locks (no commit, rotation or verify meanwhile), and more with e
 **Concurrency.** Within a process, one caller at a time commits (others queue, as above); across
 processes on the same host, ``flock`` on the log file serialises commits, and each commit re-reads
 the tail if another process moved it. That lock is waited for at most
-:data:`LOG_LOCK_WAIT_SECONDS`, by every commit, the start and a rotation's switch to the new log:
+:data:`LOG_LOCK_WAIT_SECONDS`, by every commit, the start and a rotation's switch to the new log
+(one bound for the two locks of a commit that switches, counted from when its oldest caller
+queued, so a caller queued behind a refused commit is not given a second bound):
 any process that can open the log, for reading alone, can take it and keep it (then
 ``AuditUnavailable``, the batch refused as on a failed write, logged at ERROR naming the file).
 The wait is the kernel's own (:class:`~strongroom.files.BoundedFlock`), so the processes sharing a
@@ -200,7 +202,7 @@ from strongroom import jsonparse
 from strongroom.closing import Closing
 from strongroom.cryptoparse import KEY_PARSE_ERRORS, ed25519_private_key
 from strongroom.errors import DataLoss, InvalidArgument, StrongroomError
-from strongroom.files import BoundedFlock, flock_within
+from strongroom.files import BoundedFlock
 from strongroom.identifiers import DECISION_ID_PATTERN, KEY_ID_PATTERN
 from strongroom.keybroker.audit_head import (
     FILE_BYTES,
@@ -245,7 +247,8 @@ _ACTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 # one whose log is a file another has since sealed waits here for a start (any other waits first,
 # for the log's own flock, which the start holds too); audit verify does when its first check
 # fails. A disk so slow that five syncs take longer refuses the releases of that moment, as a
-# failed write does.
+# failed write does. Waited for in the kernel's queue (strongroom.files.BoundedFlock), as the
+# log's lock is.
 DIR_LOCK_WAIT_SECONDS = 5.0
 # The longest the broker (each commit, rotation and start) and audit verify's snapshot wait for
 # the log file's own ``flock`` (then AUDIT_UNAVAILABLE, logged at ERROR): any process that can
@@ -258,6 +261,10 @@ DIR_LOCK_WAIT_SECONDS = 5.0
 # while it is within its own. The wait is in the kernel's queue (strongroom.files.BoundedFlock),
 # as fair between the brokers of one host as the blocking flock it replaces.
 LOG_LOCK_WAIT_SECONDS = 2 * DIR_LOCK_WAIT_SECONDS
+# A wait for the log's lock that ends in time but took longer than this is a WARNING: a holder
+# that lets go just before LOG_LOCK_WAIT_SECONDS and takes the lock again delays every release
+# by nearly that much with no refusal to show for it. A commit holds the lock for milliseconds.
+LOG_LOCK_SLOW_SECONDS = 1.0
 
 
 class Decision(enum.Enum):
@@ -395,18 +402,27 @@ def log_locked(path: Path, waited: float) -> str:
     )
 
 
-def _take_log_lock(lock: BoundedFlock, path: Path) -> None:
-    """Takes the log's exclusive ``flock`` (``lock``) within :data:`LOG_LOCK_WAIT_SECONDS`;
-    AuditUnavailable if another process held it that long (logged at ERROR, naming the file)
-    or if it cannot be taken at all."""
+def _take_log_lock(lock: BoundedFlock, path: Path, deadline: float) -> None:
+    """Takes the log's exclusive ``flock`` (``lock``) by ``deadline`` (``time.monotonic()``, at
+    most :data:`LOG_LOCK_WAIT_SECONDS` after the wait began); AuditUnavailable if another process
+    held it until then (logged at ERROR, naming the file) or if it cannot be taken at all."""
+    started = time.monotonic()
     try:
-        locked = lock.acquire(LOG_LOCK_WAIT_SECONDS)
+        locked = lock.acquire(deadline - started)
     except OSError as exc:
         raise AuditUnavailable(f"cannot lock the audit log: {exc.strerror}") from None
     if not locked:
         message = log_locked(path, LOG_LOCK_WAIT_SECONDS)
         _log.error(message, extra={"reason": Reason.AUDIT_UNAVAILABLE.value})
         raise AuditUnavailable(message)
+    waited = time.monotonic() - started
+    if waited > LOG_LOCK_SLOW_SECONDS:
+        _log.warning(
+            "waited %.1f s for the lock of the audit log %s: another process held it (a commit "
+            "holds it for milliseconds; find the holder with fuser -v or lsof on that file)",
+            waited,
+            path,
+        )
 
 
 def head_path(log_path: Path) -> Path:
@@ -557,12 +573,23 @@ def _event_members(event: AuditEvent) -> tuple[str, dict[str, bytes]]:
 class _Pending:
     """One caller's event waiting for a commit; the committer fills in the outcome."""
 
-    __slots__ = ("decision_id", "done", "error", "members", "on_written", "result", "wakeup")
+    __slots__ = (
+        "decision_id",
+        "done",
+        "error",
+        "members",
+        "on_written",
+        "queued_at",
+        "result",
+        "wakeup",
+    )
 
     def __init__(self, event: AuditEvent, on_written: Callable[[], None] | None) -> None:
         # Validated and encoded by the caller's thread, outside the commit.
         self.decision_id, self.members = _event_members(event)
         self.on_written = on_written
+        # The log's lock is waited for from here (LOG_LOCK_WAIT_SECONDS), queueing included.
+        self.queued_at = time.monotonic()
         self.done = False
         self.result: AuditRecord | None = None
         self.error: StrongroomError | None = None
@@ -613,7 +640,10 @@ class AuditLog(Closing):
         self._clock = clock
         self._fd = fd
         self._log_lock = BoundedFlock(fd, fcntl.LOCK_EX)
+        # When the log's locks must be had by (_flocked), for a switch to a new log under it.
+        self._lock_deadline = 0.0
         self._dir_fd = dir_fd
+        self._dir_lock = BoundedFlock(dir_fd, fcntl.LOCK_EX)
         self._head = HeadFile(
             self._head_path,
             signing_key,
@@ -712,7 +742,7 @@ class AuditLog(Closing):
             rotate_bytes=rotate_bytes,
         )
         try:
-            with log._lock, log._flocked():
+            with log._lock, log._flocked(time.monotonic()):
                 log._resync()
                 log._check_sealed_series()
                 log._count_sealed_bytes()
@@ -747,7 +777,7 @@ class AuditLog(Closing):
         Raises ``AuditUnavailable`` if a step cannot be done (the next commit or open finishes
         what was started) and ``DataLoss(AUDIT_LOG_TAMPERED)`` as :meth:`append` does.
         """
-        with self._writing():
+        with self._writing(time.monotonic()):
             try:
                 self._resync()
                 if self._size == 0:
@@ -876,7 +906,8 @@ class AuditLog(Closing):
         """Writes the batch's records with one write, one fsync and one signed head, and sets each
         pending caller's outcome; a failure fails every caller of the batch."""
         try:
-            with self._writing():
+            # Its callers have waited since they queued (behind a refused commit, maybe).
+            with self._writing(min(pending.queued_at for pending in batch)):
                 self._resync()
                 self._write_batch(batch)
         except OSError as exc:
@@ -969,22 +1000,26 @@ class AuditLog(Closing):
     # --- internals (called with self._lock and the flock held) -------------------------------
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        """The commit lock and the log's ``flock``, for a process that may still write: the log
-        open and not found tampered with (else AuditUnavailable, or the latched DataLoss)."""
+    def _writing(self, since: float) -> Iterator[None]:
+        """The commit lock and the log's ``flock`` (waited for since ``since``: see
+        :meth:`_flocked`), for a process that may still write: the log open and not found
+        tampered with (else AuditUnavailable, or the latched DataLoss)."""
         with self._lock:
             if self._closed:
                 raise AuditUnavailable("the audit log is closed")
             if self._tamper is not None:
                 raise DataLoss(self._tamper, reason=Reason.AUDIT_LOG_TAMPERED)
-            with self._flocked():
+            with self._flocked(since):
                 yield
 
     @contextlib.contextmanager
-    def _flocked(self) -> Iterator[None]:
-        """The log's ``flock``, waited for at most :data:`LOG_LOCK_WAIT_SECONDS` (else
-        AuditUnavailable, logged at ERROR: who holds it is for the operator to find)."""
-        _take_log_lock(self._log_lock, self._path)
+    def _flocked(self, since: float) -> Iterator[None]:
+        """The log's ``flock``, waited for until :data:`LOG_LOCK_WAIT_SECONDS` after ``since``
+        (``time.monotonic()``: when the oldest caller served began to wait, a commit's queueing
+        included), else AuditUnavailable, logged at ERROR: who holds it is for the operator to
+        find. The switch to a new log under it (_switch_to_new) waits until the same moment."""
+        self._lock_deadline = since + LOG_LOCK_WAIT_SECONDS
+        _take_log_lock(self._log_lock, self._path, self._lock_deadline)
         try:
             yield
         finally:
@@ -1344,7 +1379,7 @@ class AuditLog(Closing):
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(errno.EINVAL, f"the audit log {self._path} is not a regular file")
             log_lock = BoundedFlock(fd, fcntl.LOCK_EX)
-            _take_log_lock(log_lock, self._path)
+            _take_log_lock(log_lock, self._path, self._lock_deadline)
         except BaseException:
             os.close(fd)
             raise
@@ -1606,7 +1641,7 @@ class AuditLog(Closing):
     def _dir_locked(self) -> Iterator[None]:
         """The directory's ``flock``: renames and new chains of a rotation, one process at a time.
         Taken after the log's lock, never before it."""
-        if not flock_within(self._dir_fd, fcntl.LOCK_EX, DIR_LOCK_WAIT_SECONDS):
+        if not self._dir_lock.acquire(DIR_LOCK_WAIT_SECONDS):  # in the kernel's queue: fair
             raise AuditUnavailable(directory_locked(self._path.parent))
         try:
             yield

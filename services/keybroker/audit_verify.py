@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from strongroom import jsonparse
 from strongroom.errors import InvalidArgument, NotFound
-from strongroom.files import LockHeld, flock_within, shared_flock
+from strongroom.files import BoundedFlock, LockHeld, shared_flock
 from strongroom.keybroker import audit
 from strongroom.keybroker.audit import (
     DIR_LOCK_WAIT_SECONDS,
@@ -270,7 +270,8 @@ def _waited_for_directory(directory: Path) -> bool:
     except OSError:
         return False
     try:
-        if not flock_within(fd, fcntl.LOCK_SH, DIR_LOCK_WAIT_SECONDS):
+        # In the kernel's queue: a rotation that queued after this wait does not starve it.
+        if not BoundedFlock(fd, fcntl.LOCK_SH).acquire(DIR_LOCK_WAIT_SECONDS):
             raise AuditUnavailable(directory_locked(directory))
     except OSError:
         return False

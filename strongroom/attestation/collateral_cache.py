@@ -45,6 +45,7 @@ issuer chain of another write.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -81,7 +82,7 @@ from strongroom.attestation.errors import (
 from strongroom.attestation.trust import TrustStore
 from strongroom.attestation.verify import _crl
 from strongroom.errors import InvalidArgument, StrongroomError
-from strongroom.files import atomic_write, read_file, shared_flock
+from strongroom.files import BoundedFlock, LockHeld, atomic_write, read_file, shared_flock
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,10 @@ AMD_CRL_SCOPES = ("vcek", "vlek")
 _QE_KEY = "TD_QE"
 #: The most VCEKs a cache holds (see the module docstring).
 MAX_VCEKS = 4096
+#: The longest a reload (in a release) or a write waits for ``.lock``: any process that can open
+#: the file can hold its ``flock`` for ever (read access is enough). A write holds it while it
+#: reads the directory twice and replaces a few files: milliseconds to a second for a full cache.
+LOCK_WAIT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,15 @@ def _valid_mark(mark: object) -> bool:
         return False
 
 
+def _lock_held(path: Path, waited: float) -> str:
+    """Why ``.lock`` (``path``) could not be had: another process held it all ``waited`` s."""
+    return (
+        f"the collateral cache's lock file {path} is locked by another process: its flock was "
+        f"held for the {waited:g} s waited (a write holds it for well under that; find the "
+        "holder with fuser -v or lsof on that file)"
+    )
+
+
 def _rollback(what: str) -> VerificationFailed:
     return VerificationFailed(what, reason=Reason.COLLATERAL_ROLLBACK)
 
@@ -197,6 +211,8 @@ class CollateralCache:
         # its bytes: parsed once, not on every release.
         self._vcek_windows: dict[bytes, tuple[datetime, datetime]] = {}
         self._refused: dict[Path, str] = {}
+        # The last reload read without the lock (held past LOCK_WAIT_SECONDS): reload again.
+        self._unlocked = False
         if writable:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
         self._load()
@@ -209,15 +225,31 @@ class CollateralCache:
     def _load(self) -> None:
         """(Re)reads the directory as writers leave it: under a shared ``flock`` of ``.lock``,
         which a writer holds exclusively while it replaces files (:meth:`_writing`), so a
-        document is never read beside the issuer chain of another write."""
+        document is never read beside the issuer chain of another write.
+
+        That lock held past :data:`LOCK_WAIT_SECONDS` (anyone who can open the file can hold
+        it), the directory is read without it, as where there is no lock file, and the next
+        check reloads again: a holder that is no writer keeps every writer out, so the files
+        are one write's; what a writer stuck in a write left half-replaced fails its checks and
+        is refused as an unreadable file is (COLLATERAL_MISSING naming it), never trusted."""
+        lock_path = self.directory / ".lock"
         try:
-            lock = os.open(self.directory / ".lock", os.O_RDONLY | os.O_CLOEXEC)
+            lock = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:  # no writer has written here yet
             self._read_all()
             return
         try:
-            with shared_flock(lock):
-                self._read_all()
+            waited = LOCK_WAIT_SECONDS  # read now: tests shorten it
+            try:
+                with shared_flock(lock, seconds=waited):
+                    self._read_all()
+                    self._unlocked = False
+                    return
+            except LockHeld:
+                pass
+            log.error("%s; reading the collateral cache without it", _lock_held(lock_path, waited))
+            self._read_all()
+            self._unlocked = True
         finally:
             os.close(lock)
 
@@ -285,7 +317,7 @@ class CollateralCache:
             generation = (self.directory / "generation").read_bytes()
         except OSError:
             generation = None
-        if generation != self._generation:
+        if generation != self._generation or self._unlocked:
             self._load()
 
     def crl(self, issuer: x509.Certificate, scope: str = "") -> bytes | None:
@@ -489,8 +521,12 @@ class CollateralCache:
             raise PermissionError(f"collateral cache {self.directory} is read-only here")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            with open(self.directory / ".lock", "a+b") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            lock_path = self.directory / ".lock"
+            with open(lock_path, "a+b") as lock:
+                waited = LOCK_WAIT_SECONDS  # read now: tests shorten it
+                if not BoundedFlock(lock.fileno(), fcntl.LOCK_EX).acquire(waited):
+                    # As a full or read-only volume: nothing stored, the caller backs off.
+                    raise OSError(errno.EWOULDBLOCK, _lock_held(lock_path, waited))
                 try:
                     self._read_all()  # another writer may have moved the high-water marks
                     state = self._read_state()

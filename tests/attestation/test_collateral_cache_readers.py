@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,12 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from strongroom.attestation import collateral_cache
 from strongroom.attestation.collateral_cache import CollateralCache
+from strongroom.attestation.errors import CollateralUnavailable
 from strongroom.attestation.trust import TrustStore
 from strongroom.dev.simulated import SimulatedAuthority, _cert, _name
+from tests.keybroker.test_audit_dirlock import _held, _within_test_wait
 
 
 def _with_new_tcb_signer(authority: SimulatedAuthority, now: dt.datetime) -> SimulatedAuthority:
@@ -83,3 +87,82 @@ def test_a_reload_never_pairs_a_document_with_another_writes_chain(
     held: Any = replica._tcb.get(bytes(old.fmspc))
     assert held is not None, "the reload skipped a valid TCB info it read beside the new chain"
     assert held[1].tcb_evaluation_data_number in (17, 18)
+
+
+def _cached(
+    authority: SimulatedAuthority, sim_trust: TrustStore, now: dt.datetime, directory: Path
+) -> tuple[CollateralCache, bytes]:
+    """A cache holding one TCB info (written, so ``.lock`` exists) and that document's FMSPC."""
+    tdx = authority.tdx(now=now)
+    writer = CollateralCache(directory, sim_trust)
+    writer.put_tdx_tcb_info(
+        tdx.tcb_info(now=now, evaluation_number=17), authority.tcb_signing_chain_pem()
+    )
+    return writer, bytes(tdx.fmspc)
+
+
+def test_a_reload_does_not_wait_for_ever_for_a_held_lock(
+    authority: SimulatedAuthority,
+    sim_trust: TrustStore,
+    now: dt.datetime,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Any process that can open ``.lock`` (read access is enough for a flock) held every
+    reload, and with it every release that needed collateral, for as long as it liked. Past
+    LOCK_WAIT_SECONDS the reload reads without it, as where there is no lock file, logged at
+    ERROR naming it: a holder that is no writer keeps every writer out, so the files hold one
+    write; what a stuck writer left half-replaced fails its checks and is refused as an
+    unreadable file is. The next check reloads again (the read was not under the lock)."""
+    monkeypatch.setattr(collateral_cache, "LOCK_WAIT_SECONDS", 0.2)
+    _, fmspc = _cached(authority, sim_trust, now, tmp_path)
+    lock = tmp_path / ".lock"
+    with _held(lock):
+        replica = _within_test_wait(
+            lambda: CollateralCache(tmp_path, sim_trust, writable=False, reload_interval=0)
+        )
+        assert replica._tcb.get(fmspc) is not None
+        [logged] = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert f"{lock} is locked by another process" in logged.getMessage()
+        assert "fuser" in logged.getMessage()
+        reads: list[Path] = []
+        real_read_all = CollateralCache._read_all
+
+        def read_all(cache: CollateralCache) -> None:
+            reads.append(lock)
+            real_read_all(cache)
+
+        monkeypatch.setattr(CollateralCache, "_read_all", read_all)
+        _within_test_wait(lambda: replica.tdx_tcb_info(fmspc))
+        assert reads, "not read again after a read made without the lock"
+    reads.clear()
+    replica.tdx_tcb_info(fmspc)  # read under the lock: the generation alone decides again
+    replica.tdx_tcb_info(fmspc)
+    assert len(reads) == 1
+
+
+def test_a_write_does_not_wait_for_ever_for_a_held_lock(
+    authority: SimulatedAuthority,
+    sim_trust: TrustStore,
+    now: dt.datetime,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A write (a fetched VCEK or TCB info stored in a release, an import) waited for ever
+    too. Past the bound it is refused as a write to a full or read-only volume is
+    (COLLATERAL_STORE_FAILED, naming the lock file), nothing stored; the holder gone, it
+    is stored."""
+    monkeypatch.setattr(collateral_cache, "LOCK_WAIT_SECONDS", 0.2)
+    writer, fmspc = _cached(authority, sim_trust, now, tmp_path)
+    tdx = authority.tdx(now=now)
+    newer = tdx.tcb_info(now=now, evaluation_number=18)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    with _held(tmp_path / ".lock", "LOCK_SH"), pytest.raises(CollateralUnavailable) as refused:
+        _within_test_wait(lambda: writer.put_tdx_tcb_info(newer, authority.tcb_signing_chain_pem()))
+    assert refused.value.reason == "COLLATERAL_STORE_FAILED"
+    assert f"{tmp_path / '.lock'} is locked by another process" in refused.value.message
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    writer.put_tdx_tcb_info(newer, authority.tcb_signing_chain_pem())
+    held: Any = writer._tcb[fmspc]
+    assert held[1].tcb_evaluation_data_number == 18

@@ -11,6 +11,7 @@ when that wait ran out.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import subprocess
 import sys
@@ -26,7 +27,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from strongroom.cli.main import run_command
 from strongroom.keybroker import audit as audit_module
 from strongroom.keybroker.audit import DIR_LOCK_WAIT_SECONDS, AuditLog, head_path
+from strongroom.keybroker.audit_verify import AuditVerification, verify_audit_log
 from strongroom.keybroker.errors import AuditUnavailable
+from tests.test_files import _eventually, _queued
 
 from .test_audit import event, fill
 from .test_audit_cli import _run
@@ -208,3 +211,77 @@ def test_a_commit_refused_by_the_lock_after_a_failed_rotation_step_is_finished_b
         assert log.append(event(3)).seq == 3 and log.first_seq == 3
     series = _series(log_path, key)
     assert series.intact and (series.first_seq, series.end) == (0, 4), series.message
+
+
+def _queue_after(path: Path, waiting: int, operation: int = fcntl.LOCK_EX) -> int:
+    """Once ``waiting`` requests wait for ``path``'s lock in the kernel, queues another one (a
+    blocking ``flock`` of an open file of its own in a thread: another broker's rotation, say)
+    and returns its descriptor; it gets the lock in turn and keeps it until the descriptor is
+    closed (which also takes it out of the queue)."""
+    assert _eventually(lambda: _queued(path) == waiting)
+    fd = os.open(path, os.O_RDONLY)
+    threading.Thread(target=fcntl.flock, args=(fd, operation), daemon=True).start()
+    assert _eventually(lambda: _queued(path) == waiting + 1)
+    return fd
+
+
+def _in_thread(call: Callable[[], T]) -> tuple[threading.Thread, list[T | BaseException]]:
+    """``call`` started in a thread of its own; the list gets its result or what it raised."""
+    outcome: list[T | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_rotation_waits_for_the_directory_in_the_kernels_queue(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """The rotation's wait for the directory's lock is queued in the kernel: a blocking
+    ``flock`` that queued after it (another broker's rotation) gets the lock after it, so the
+    rotation is made as soon as the holder lets go. Polled with LOCK_NB it was in no queue: the
+    later request took the lock first and, kept, the rotation's whole bound (it was refused).
+    Shown by order, each request seen queued in /proc/locks before the next."""
+    directory = log_path.parent
+    with AuditLog.open(log_path, key) as log:
+        fill(log, 2)
+        with _held(directory):
+            rotation, outcome = _in_thread(log.rotate)
+            later = _queue_after(directory, 1)
+        try:
+            rotation.join(_TEST_WAIT_SECONDS)
+            assert not rotation.is_alive()
+            [sealed] = outcome
+            assert isinstance(sealed, Path), sealed
+            assert _queued(directory) == 0  # the later request has the lock now
+        finally:
+            os.close(later)
+        assert log.append(event(2)).seq == 2
+
+
+def test_audit_verify_waits_for_the_directory_in_the_kernels_queue(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """Likewise audit verify's wait for a rotation to end (a shared lock): a rotation that
+    queued after it does not keep it waiting out its bound."""
+    with AuditLog.open(log_path, key) as log:
+        fill(log, 2)
+    head_path(log_path).unlink()  # HEAD_MISSING: verify waits for the directory, then checks again
+    directory = log_path.parent
+    with _held(directory):
+        check, outcome = _in_thread(lambda: verify_audit_log(log_path))
+        later = _queue_after(directory, 1)
+    try:
+        check.join(_TEST_WAIT_SECONDS)
+        assert not check.is_alive()
+        [verdict] = outcome
+        assert isinstance(verdict, AuditVerification), verdict
+        assert not verdict.intact and verdict.problem == "HEAD_MISSING", verdict.message
+    finally:
+        os.close(later)
