@@ -34,24 +34,48 @@ COMMAND_MODULES = (
     "strongroom.cli.models",
     "strongroom.cli.inference",
 )
+# The top-level commands each of COMMAND_MODULES registers (tests/test_cli_commands.py checks it):
+# a command line naming one of them imports only its module. Importing them all (the services'
+# runtime, gRPC servers, ONNX Runtime's wrappers) cost ~0.8 s per run, paid by every `strongroom
+# pki token` of the bootstrap job and every script calling the CLI in a loop.
+COMMANDS = {
+    "serve": "strongroom.cli.serve",
+    "health": "strongroom.cli.serve",
+    "pki": "strongroom.pki.cli",
+    "keys": "strongroom.cli.keys",
+    "audit": "strongroom.cli.audit",
+    "attest": "strongroom.cli.attest",
+    "model": "strongroom.cli.models",
+    "inference": "strongroom.cli.inference",
+}
 # Installed distributions (the development kit's `demo`) add commands through this entry-point group,
 # so production code never imports them.
 PLUGIN_GROUP = "strongroom.cli"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Builds the argument parser with every area's subcommands and those of installed plugins."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Builds the argument parser with every area's subcommands and those of installed plugins;
+    given one of :data:`COMMANDS`, with only the subcommands of the module that registers it."""
     parser = argparse.ArgumentParser(
         prog="strongroom",
         description="Strongroom: keep AI models confidential at rest, in transit and in use.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug output to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    if command in COMMANDS:
+        importlib.import_module(COMMANDS[command]).register(sub)
+        return parser
     for plugin in sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name):
         plugin.load()(sub)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names: its first word that is not an option (the top-level options,
+    ``-v`` and ``-h``, take no value), or None."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 def escape_what_the_terminal_cannot_encode() -> None:
@@ -86,7 +110,8 @@ def _output_errors_chosen() -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line and returns its exit code."""
     escape_what_the_terminal_cannot_encode()  # before anything is printed, --help included
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = build_parser(command_of(words)).parse_args(words)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

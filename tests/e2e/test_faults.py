@@ -433,12 +433,16 @@ def test_a_load_model_its_client_ends_just_before_its_deadline_is_the_deadlines(
     inference = env.stack.start_in_process("inference").handle
     try:
         control = control_grpc.ModelControlServiceStub(env.stack.channel(env.admin, "inference"))
-        deadline = time.monotonic() + 30
+        # Long enough for the load to reach the download on a loaded machine (about a second
+        # here), short enough not to wait out 30 s: all that is waited for is the deadline.
+        deadline = time.monotonic() + 8
         call = control.LoadModel.future(
-            control_pb.LoadModelRequest(name="faulty", version="ended-late"), timeout=30
+            control_pb.LoadModelRequest(name="faulty", version="ended-late"), timeout=8
         )
-        assert stall.stalled.wait(25)  # mid-download: the store holds back the last bytes
-        time.sleep(max(0.0, deadline - 0.75 - time.monotonic()))
+        assert stall.stalled.wait(8)  # mid-download: the store holds back the last bytes
+        left = deadline - 0.75 - time.monotonic()
+        assert left > 0, "the load reached the store too late to be ended before its deadline"
+        time.sleep(left)
         call.cancel()
         assert inference.loader._lock("faulty").acquire(CallScope(time.monotonic() + 60))
         inference.loader._lock("faulty").release()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from datetime import timedelta
@@ -59,6 +61,8 @@ class Lifecycle:
     publisher: WorkloadIdentity
     client: WorkloadIdentity
     spans: InMemorySpanExporter
+    born_ns: int
+    """Wall clock (ns) just before the model was trained: no file changed before holds its bytes."""
 
     def control(self) -> control_grpc.ModelControlServiceStub:
         return control_grpc.ModelControlServiceStub(self.stack.channel(self.admin, "inference"))
@@ -96,10 +100,11 @@ def life(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     admin, publisher, client = (stack.identity(n) for n in ("admin", "publisher", "client"))
     stack.create_release_key(admin, KEY, policy_version="lifecycle-1")
     # A seed of its own, so that this run's weights (the on-disk canary below) are unique.
+    born_ns = time.time_ns()
     model = train(
         tmp_path_factory.mktemp("model") / "model.onnx", seed=int.from_bytes(os.urandom(4))
     )
-    life = Lifecycle(stack, model, admin, publisher, client, spans)
+    life = Lifecycle(stack, model, admin, publisher, client, spans, born_ns)
     life.publish("1")
     yield life
 
@@ -170,11 +175,26 @@ def test_plaintext_never_reaches_the_disk(life: Lifecycle) -> None:
         control_pb.LoadModelRequest(name="classifier", version="1"), timeout=120
     )
     hits = []
+    # The canary did not exist before the fixture trained the model, so only files whose inode
+    # changed since can hold it: the kernel sets st_ctime on every write, rename, link and utime,
+    # and nothing can set it back. Reading only those (instead of all of TMPDIR, where this
+    # session's and earlier sessions' temporary directories are, gigabytes on CI) took the test
+    # from 40 s to 6 s here. The second of slack covers the kernel's coarse file clock.
+    changed_since = life.born_ns - 1_000_000_000
     for root in (life.stack.root, Path(os.environ.get("TMPDIR", "/tmp"))):
         for dirpath, _dirs, files in os.walk(root):
             for f in files:
                 p = Path(dirpath, f)
-                if p == life.model.path or not p.is_file() or p.stat().st_size > 64 * 1024 * 1024:
+                try:
+                    st = p.stat()
+                except OSError:
+                    continue
+                if (
+                    p == life.model.path
+                    or not stat.S_ISREG(st.st_mode)
+                    or st.st_size > 64 * 1024 * 1024
+                    or st.st_ctime_ns < changed_since
+                ):
                     continue
                 try:
                     if canary in p.read_bytes():

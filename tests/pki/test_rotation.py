@@ -24,8 +24,8 @@ from tests.pki.helpers import ECHO, enrol, serve
 _log = logging.getLogger(__name__)
 
 LIFETIME = timedelta(seconds=20)
-# Renew at ~15% of the 20 s lifetime so that three rotations take ~10 s.
-POLICY = RenewalPolicy(fraction=0.15, jitter=0.02, backoff_initial=0.2, backoff_max=1.0)
+# Renew at ~8% of the 20 s lifetime so that three rotations take ~5 s.
+POLICY = RenewalPolicy(fraction=0.08, jitter=0.02, backoff_initial=0.2, backoff_max=1.0)
 ROTATIONS = 3
 CLIENT_THREADS = 4
 

@@ -115,6 +115,9 @@ class SoakConfig:
     inference_clients: int = 8
     faults: bool = True
     sample_interval: float = 1.0
+    census_interval: float = 1.0
+    """Seconds between the three censuses of one measurement (the short test run takes less:
+    it only checks that censuses are taken, not what they measure)."""
 
 
 def _status(pid: int) -> tuple[int, int] | None:
@@ -194,8 +197,8 @@ class Soak:
         self.censuses[name] = []  # a new process: only its own censuses compare
 
     def _census(self, name: str, label: str) -> None:
-        """Three censuses a second apart, the median kept: calls in flight (up to one per caller)
-        move a single one by tens of KiB. Dropped if the service restarted meanwhile."""
+        """Three censuses ``census_interval`` apart, the median kept: calls in flight (up to one per
+        caller) move a single one by tens of KiB. Dropped if the service restarted meanwhile."""
         process = self.stack.services.get(name)
         taken = []
         for _ in range(3):
@@ -204,7 +207,7 @@ class Soak:
             except (OSError, RuntimeError) as exc:
                 log.warning("soak: %s census failed: %s", name, exc)
                 return
-            time.sleep(1)
+            time.sleep(self.config.census_interval)
         if self.stack.services.get(name) is not process:
             return
         median = sorted(taken, key=lambda c: c["malloc_in_use_kib"])[1]
