@@ -53,7 +53,7 @@ from strongroom.keybroker.service import (
 )
 from strongroom.pki.identity import WorkloadIdentity
 from strongroom.reasons import Reason
-from strongroom.runtime import starting
+from strongroom.runtime import signals, starting
 from strongroom.runtime.bootstrap import RoleTable, build_host, run_service
 from strongroom.runtime.config import CommonConfig
 from strongroom.runtime.secrets import Secret
@@ -390,9 +390,10 @@ def rotate_audit_on_sighup(audit: AuditLog) -> None:
     rotation: before shipping the log, before draining a pod), with or without
     ``audit_rotate_bytes``. Only who may signal the broker's process can ask: no RPC to guard.
 
-    The rotation runs in a thread of its own: a signal handler runs in the main thread between two
-    bytecodes, where waiting for the audit's commit lock could deadlock with the code it
-    interrupted. Signals that come while a rotation is still waiting to start are one request:
+    The rotation runs in a thread of its own, started on the ``signals`` thread
+    (:mod:`strongroom.runtime.signals`): a signal handler runs in the main thread between two
+    bytecodes, where waiting for the audit's commit lock, or for what a thread's start takes,
+    could deadlock with the code it interrupted. Signals that come while a rotation is still waiting to start are one request:
     every SIGHUP is followed by a rotation that starts after it, and a storm of them (while a
     commit or a rotation is stuck on a slow disk) makes at most two threads, not one each until
     the process can start no more. Call from the main thread (``signal.signal`` requires it)."""
@@ -401,9 +402,7 @@ def rotate_audit_on_sighup(audit: AuditLog) -> None:
     pending = threading.Lock()
     running = threading.Lock()
 
-    def on_hup(_signum: int, _frame: object) -> None:
-        if not pending.acquire(blocking=False):
-            return  # a rotation that has not started yet will seal what this signal asks for
+    def start_rotation() -> None:
         try:
             threading.Thread(
                 target=_rotate_audit,
@@ -415,7 +414,12 @@ def rotate_audit_on_sighup(audit: AuditLog) -> None:
             pending.release()
             log.error("audit log rotation (SIGHUP) could not start: %s", exc)
 
-    signal.signal(signal.SIGHUP, on_hup)
+    def on_hup(_signum: int, _frame: object) -> None:
+        if not pending.acquire(blocking=False):
+            return  # a rotation that has not started yet will seal what this signal asks for
+        signals.later(start_rotation)
+
+    signals.install(on_hup, signal.SIGHUP)
 
 
 def _rotate_audit(audit: AuditLog, pending: threading.Lock, running: threading.Lock) -> None:

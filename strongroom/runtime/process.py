@@ -66,6 +66,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import NoReturn
 
+from strongroom.runtime import signals
+
 PROCESS_ENV: Mapping[str, str] = MappingProxyType(
     {
         "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0",
@@ -128,6 +130,8 @@ def exit_abandoning(calls: int, *, status: int = 0) -> NoReturn:
 def exit_now(status: int) -> NoReturn:
     """Writes the log (``logging.shutdown``, within its flush budget) and ends the process with
     ``status`` at once: no exit handler runs, no thread is waited for (``concurrent.futures``
-    joins its pools' workers at exit, however long their tasks take)."""
+    joins its pools' workers at exit, however long their tasks take). The lines of signals
+    handled meanwhile are written first (:func:`~strongroom.runtime.signals.settle`)."""
+    signals.settle()
     logging.shutdown()
     os._exit(status)

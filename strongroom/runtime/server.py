@@ -9,6 +9,7 @@ a graceful stop that drains in-flight calls on SIGTERM.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import threading
@@ -24,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from strongroom.errors import Unavailable
 from strongroom.pki.authz import SpiffeAuthorizer
-from strongroom.runtime import starting
+from strongroom.runtime import signals, starting
 from strongroom.runtime.callers import UnaryGuard, WorkerShares, caller_key, identify_by_role
 from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.grpc_types import (
@@ -495,11 +496,14 @@ class ServiceHost:
         self._drained.wait()
 
     def run_until_signal(self, after_start: Callable[[], None] | None = None) -> None:
-        """Starts (then calls ``after_start``), and stops gracefully on SIGTERM or SIGINT."""
+        """Starts (then calls ``after_start``), and stops gracefully on SIGTERM or SIGINT (each
+        logged, ``signal received, draining``, and the stop begun on the ``signals`` thread:
+        :mod:`strongroom.runtime.signals`)."""
 
         def on_signal(signum: int, _frame: object) -> None:
-            log.info("signal received, draining", extra={"signal": signum})
-            threading.Thread(target=self.stop, name="shutdown").start()
+            # Only a hand-over: a log line or a thread started here could wait for good on a
+            # lock the interrupted main thread holds.
+            signals.later(functools.partial(self._stop_on_signal, signum))
 
         # A stop asked for while the service started ends it here, before it serves.
         starting.hand_over(on_signal)
@@ -508,6 +512,12 @@ class ServiceHost:
         if after_start is not None:
             after_start()
         self.wait()
+
+    def _stop_on_signal(self, signum: int) -> None:
+        log.info("signal received, draining", extra={"signal": signum})
+        if not self._stopped.is_set():  # else a further signal: the stop is under way
+            # On a thread of its own: the next signal's line is not held up by the drain.
+            threading.Thread(target=self.stop, name="shutdown").start()
 
 
 class _RefuseWhile(HandlerInterceptor):

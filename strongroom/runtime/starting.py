@@ -5,7 +5,8 @@ The early handler raised ``SystemExit`` from the signal handler, which Python ru
 thread between any two bytecodes: between opening the HSM and registering its close, between a
 lock's acquire and the ``try`` that releases it, inside a failed start's own cleanup. What it
 left open or held depended on where it landed. The handler installed here only records the
-request (and logs it); start-up checks it at :func:`checkpoint` (after each step that can take
+request (its log line is written on the ``signals`` thread: :mod:`strongroom.runtime.signals`);
+start-up checks it at :func:`checkpoint` (after each step that can take
 long) and raises :class:`StartupStopped` there, where every step is either done and registered
 for cleanup or not begun. A step that can block for long on something outside the process (the
 CA, the HSM, the audit log's lock, the storage) runs through :func:`interruptible`, which stops
@@ -19,19 +20,19 @@ before (:func:`hand_over`): none is lost between the two handlers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
 from collections.abc import Callable
-from types import FrameType
 from typing import TypeVar
 
+from strongroom.runtime import signals
 from strongroom.runtime.process import exit_now
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Handler = Callable[[int, FrameType | None], object]
 
 POLL_SECONDS = 0.05
 """How often a wait for an :func:`interruptible` step looks for a stop request."""
@@ -48,14 +49,21 @@ class _Request:
     def __init__(self) -> None:
         self.signum: int | None = None
 
-    def on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        # Only an assignment and a log line (the service's log handler is re-entrant): nothing
-        # here may take a lock the interrupted code could hold, nor raise into it.
-        if self.signum is None:
+    def on_signal(self, signum: int, _frame: object) -> None:
+        # Only an assignment and a hand-over (signals.later): nothing here may take a lock the
+        # interrupted code could hold (a log line's), nor raise into it. Recorded here, not on
+        # the signals thread: the next checkpoint must see it.
+        first = self.signum is None
+        if first:
             self.signum = signum
-            log.warning("signal received while starting; stopping", extra={"signal": signum})
-        else:
-            log.warning("signal received while stopping; ignored", extra={"signal": signum})
+        signals.later(functools.partial(_say, signum, first=first))
+
+
+def _say(signum: int, *, first: bool) -> None:
+    if first:
+        log.warning("signal received while starting; stopping", extra={"signal": signum})
+    else:
+        log.warning("signal received while stopping; ignored", extra={"signal": signum})
 
 
 class _Installed:
@@ -72,8 +80,7 @@ def install() -> None:
     ``signal.signal`` requires it). Until then they had their default action: the process died
     at once, the lines its log had queued never written."""
     request = _Request()
-    signal.signal(signal.SIGTERM, request.on_signal)
-    signal.signal(signal.SIGINT, request.on_signal)
+    signals.install(request.on_signal, signal.SIGTERM, signal.SIGINT)
     _Installed.request = request
 
 
@@ -110,10 +117,11 @@ def checkpoint(point: str) -> None:
     _reached(point)
     signum = requested()
     if signum is not None:
+        signals.settle()  # its line first, then the cleanup's
         raise StartupStopped(128 + signum)
 
 
-def hand_over(handler: Handler) -> None:
+def hand_over(handler: signals.Handler) -> None:
     """Ends start-up's handling of SIGTERM and SIGINT: ``handler`` (the host's, which drains)
     takes them from now on, unless a stop was asked for first, which raises
     :class:`StartupStopped` (a further signal is then logged and ignored, as while stopping),
@@ -122,12 +130,10 @@ def hand_over(handler: Handler) -> None:
     request = _Installed.request
     if request is not None:
         checkpoint("serving")
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    signals.install(handler, signal.SIGTERM, signal.SIGINT)
     if request is not None and request.signum is not None:
         # It came between the look above and the new handlers: start-up's still.
-        signal.signal(signal.SIGTERM, request.on_signal)
-        signal.signal(signal.SIGINT, request.on_signal)
+        signals.install(request.on_signal, signal.SIGTERM, signal.SIGINT)
         checkpoint("serving")
     _Installed.request = None
 

@@ -32,6 +32,7 @@ from strongroom.keybroker.audit import AuditLog, head_path
 from strongroom.keybroker.audit_verify import audit_files, verify_audit_log, verify_audit_series
 from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.keybroker.server import rotate_audit_on_sighup
+from strongroom.runtime import signals
 
 from .test_audit import REPO, _signing_key_file, event, fill, lines
 from .test_audit_cli import _run
@@ -138,14 +139,21 @@ def test_a_sighup_storm_makes_at_most_two_rotation_threads(
     def rotating() -> int:
         return sum(t.name == "audit-rotate" for t in threading.enumerate())
 
+    def hup() -> bool:
+        os.kill(os.getpid(), signal.SIGHUP)
+        return False
+
     try:
         with AuditLog.open(log_path, key) as log:
             fill(log, 2)
             rotate_audit_on_sighup(log)
             with log._lock:  # a commit stuck on the disk
+                # Signals until a second rotation waits behind the first (the signals that came
+                # before the first had started are one request), then a storm.
+                _wait_until(lambda: hup() or rotating() >= 2, "the rotation threads")
                 for _ in range(20):
                     os.kill(os.getpid(), signal.SIGHUP)
-                _wait_until(lambda: rotating() >= 2, "the rotation threads")
+                assert signals.settle()  # each thread they asked for has been started
                 assert rotating() == 2
             _wait_until(lambda: rotating() == 0, "the rotations")
             assert log.first_seq == 2  # sealed once; the second found nothing new to seal

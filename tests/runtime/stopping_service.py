@@ -14,11 +14,19 @@ as the S3 store's start-up sweep reads its index (a thread pool's workers), none
 answers. ``exporting PORT``: exports spans and metrics
 (plaintext OTLP) to the collector on loopback port ``PORT``, records a span and a metric, and
 prints its own port once serving. ``listening PORT``: serves on loopback port ``PORT``
-(a test holds it: its start fails).
+(a test holds it: its start fails). ``signal-WHEN-HELD``: raises SIGTERM on its main thread while
+that holds the lock ``HELD`` names (``thread-start``: the one a non-daemon thread's start waits
+for; ``log-handler``: the queue's of a standard-library ``QueueHandler`` added to the root
+logger), as it starts (``WHEN`` ``starting``; a checkpoint follows) or once serving
+(``serving``).
 """
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
+import queue
+import signal
 import sys
 import threading
 import time
@@ -137,6 +145,32 @@ def _listening(port: str) -> _Running:
     return _Running(host)
 
 
+def _held(name: str) -> threading.Lock:
+    """The lock ``signal-WHEN-HELD`` holds as the signal comes."""
+    if name == "thread-start":
+        # Python 3.11 and 3.12: a non-daemon thread registers its end here before its start
+        # returns; the main thread holds it as it joins such a thread that ended, and at exit.
+        # (The one every start takes, _active_limbo_lock, is re-entrant.)
+        return threading._shutdown_locks_lock  # type: ignore[attr-defined,no-any-return]
+    if name == "log-handler":
+        # A handler whose emit takes a plain lock: one held mid-line by the interrupted thread.
+        lines: queue.Queue[logging.LogRecord] = queue.Queue()
+        logging.getLogger().addHandler(logging.handlers.QueueHandler(lines))
+        return lines.mutex
+    raise AssertionError(f"no lock {name!r}")
+
+
+def _signal_holding(held: threading.Lock) -> None:
+    with held:
+        signal.raise_signal(signal.SIGTERM)  # its Python handler runs here, the lock held
+
+
+def _signalled_while_starting(held: str) -> _Running:
+    _signal_holding(_held(held))
+    starting.checkpoint("signalled")
+    raise AssertionError("not stopped")
+
+
 def main(mode: str, collector: str = "") -> int:
     tracing = (
         TracingConfig(otlp_endpoint=f"127.0.0.1:{collector}", otlp_insecure=True)
@@ -162,10 +196,16 @@ def main(mode: str, collector: str = "") -> int:
             return _listening(collector)
         if mode == "starting-pool":
             return _starting_pool()
+        if mode.startswith("signal-starting-"):
+            return _signalled_while_starting(mode.removeprefix("signal-starting-"))
+        if mode.startswith("signal-serving-"):
+            return _listening("0")
         return _starting()
 
     def started(running: _Running) -> None:
         print(running.host.port, flush=True)
+        if mode.startswith("signal-serving-"):
+            _signal_holding(_held(mode.removeprefix("signal-serving-")))
 
     return bootstrap.run_service("test", None, object, build, after_start=started)  # type: ignore[arg-type]
 

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import grpc
+import pytest
 
 from tests.conftest import REPO
 from tests.runtime.stopping_service import LINES, SERVICE
@@ -255,3 +256,57 @@ def test_a_collector_that_never_answers_does_not_hold_the_exit_past_the_telemetr
     assert lines[-1]["level"] == "WARNING" and "did not finish" in lines[-1]["msg"]
     assert lines[-1]["unexported"] == ["spans", "metrics"]
     assert sorted(set(received)) == [METRICS, TRACES]
+
+
+def _signalled(mode: str) -> tuple[int, list[dict[str, Any]], str]:
+    """Runs ``mode`` (``signal-WHEN-HELD``: SIGTERM raised while its main thread holds a lock);
+    the exit status, the log's JSON lines and its whole text."""
+    process = _start(mode)
+    try:
+        # A hang, not a speed: the handler waited for good for the lock its own thread held.
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        process.wait()
+    return process.returncode, _log(stderr), stderr
+
+
+@pytest.mark.parametrize(
+    "held",
+    [
+        pytest.param(
+            "thread-start",
+            marks=pytest.mark.skipif(
+                not hasattr(threading, "_shutdown_locks_lock"),
+                reason="Python 3.13 starts a thread without a lock its caller may hold",
+            ),
+        ),
+        "log-handler",
+    ],
+)
+def test_sigterm_while_serving_stops_whatever_lock_the_main_thread_holds(held: str) -> None:
+    """The host's handler logged and started its stop's (non-daemon) thread on the main thread,
+    inside whatever that was doing: holding the lock such a thread's start waits for (as it
+    joins a non-daemon thread that ended, and at exit: a second SIGTERM as the service exits),
+    or a log handler's plain lock (a standard-library QueueHandler's queue), the handler waited
+    for good and the process never stopped (an orchestrator's SIGKILL then, no drain). The
+    handler only hands the signal over now; the ``signals`` thread logs it and starts the
+    stop."""
+    status, lines, stderr = _signalled(f"signal-serving-{held}")
+    assert status == 0, stderr[-2000:]
+    messages = [(r["msg"], r.get("signal")) for r in lines]
+    assert messages[-2:] == [("signal received, draining", signal.SIGTERM), ("stopped", None)]
+    assert "Traceback" not in stderr
+
+
+def test_sigterm_while_starting_stops_though_the_main_thread_holds_a_log_handlers_lock() -> None:
+    """Start-up's handler logged its line on the main thread: a log handler's plain lock held
+    there (a standard-library QueueHandler's queue) held the handler for good. It only records
+    the signal now: the next checkpoint stops the start, its line logged first."""
+    status, lines, stderr = _signalled("signal-starting-log-handler")
+    assert status == 128 + signal.SIGTERM, stderr[-2000:]
+    assert (lines[-1]["msg"], lines[-1]["signal"]) == (
+        "signal received while starting; stopping",
+        signal.SIGTERM,
+    )
+    assert "Traceback" not in stderr

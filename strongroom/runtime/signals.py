@@ -1,0 +1,96 @@
+"""What a signal asks for, done on a thread of its own (``signals``), not in the signal handler.
+
+A Python signal handler runs on the main thread between two bytecodes of whatever that thread was
+doing, holding what it held. The host's SIGTERM handler logged and started its stop's thread
+there: that (non-daemon) thread's start waits for ``threading._shutdown_locks_lock`` (Python 3.11
+and 3.12), a plain lock the main thread holds as it joins a non-daemon thread that ended and at
+exit, and a log line takes the lock of every handler it goes to (a standard-library
+``QueueHandler``'s is a plain one). A signal landing there waited for the main thread, which
+waited for the handler: the process never stopped, and the orchestrator's SIGKILL ended it
+without its drain, its audit log's close or its log's last lines.
+
+A product signal handler now only records what it must at once (a plain assignment, a lock taken
+without waiting) and hands the rest to :func:`later`, which puts it on a
+:class:`queue.SimpleQueue` (whose ``put`` is documented reentrant: safe in a signal handler, it
+takes no lock the interrupted code could hold); the ``signals`` thread, started before any handler
+is installed (:func:`install`), runs it. :func:`settle` waits for what was handed over so far: a
+start-up stopped by a signal logs its line before it cleans up, and the process's exit (an exit
+handler, :func:`~strongroom.runtime.process.exit_now`) writes the lines of signals that came
+while it stopped. The broker's SIGHUP handler (its audit log's rotation) hands over the same way.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from queue import SimpleQueue
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[int, FrameType | None], object]
+
+SETTLE_SECONDS = 2.0
+"""How long :func:`settle` waits for the ``signals`` thread (what it runs takes no time: a log
+line, a thread started; a bound all the same, since the exit waits for it)."""
+
+_queue: SimpleQueue[Callable[[], object]] = SimpleQueue()
+
+
+class _Relay:
+    """The ``signals`` thread (None: not started yet)."""
+
+    thread: threading.Thread | None = None
+    lock = threading.Lock()
+
+
+def install(handler: Handler, *signums: int) -> None:
+    """Makes ``handler`` handle ``signums`` (call from the main thread, as ``signal.signal``
+    requires), the ``signals`` thread running first: a handler that hands its work to
+    :func:`later` never starts it."""
+    _start()
+    for signum in signums:
+        signal.signal(signum, handler)
+
+
+def later(work: Callable[[], object]) -> None:
+    """Runs ``work`` on the ``signals`` thread, after what was handed over before it: the one
+    thing a signal handler may call here (a reentrant put, no lock, no thread started)."""
+    _queue.put(work)
+
+
+def settle(timeout: float = SETTLE_SECONDS) -> bool:
+    """Waits, ``timeout`` at most, until what was handed to :func:`later` so far has run;
+    whether it has. Not from a signal handler, nor from the work itself (it returns at once)."""
+    thread = _Relay.thread
+    if thread is None or not thread.is_alive() or thread is threading.current_thread():
+        return True
+    done = threading.Event()
+    _queue.put(done.set)
+    return done.wait(timeout)
+
+
+def _start() -> None:
+    with _Relay.lock:
+        # Not alive in a forked child: the thread stayed with its parent.
+        if _Relay.thread is not None and _Relay.thread.is_alive():
+            return
+        first = _Relay.thread is None
+        _Relay.thread = threading.Thread(target=_run, name="signals", daemon=True)
+        _Relay.thread.start()
+    if first:
+        # Before logging's own exit handler (exit handlers run last registered first): the lines
+        # of signals that came while the process stopped are written, not lost with the thread.
+        atexit.register(settle)
+
+
+def _run() -> None:
+    while True:
+        work = _queue.get()
+        try:
+            work()
+        except Exception:  # the next signal is still handled
+            log.exception("handling a signal failed")
