@@ -156,10 +156,10 @@ class InferenceConfig:
     max_inference_memory_bytes: int = DEFAULT_MAX_INFERENCE_MEMORY_BYTES
     # What responses may hold outside that cap while they are built and sent, all requests
     # together (their outputs copied out, the message, its serialised copies: 3 times a raw
-    # response's size, 5 times a typed one's; strongroom.inference.oip._budget). A request past
+    # response's size, up to 8 times a typed one's; strongroom.inference.oip._budget). A request past
     # it waits, first come first served, up to response_memory_wait_seconds for earlier ones to
     # be sent, then is RESOURCE_EXHAUSTED RESPONSE_MEMORY_BUSY; one larger than a caller's share is
-    # RESPONSE_TOO_LARGE at once. One caller (SPIFFE ID) holds just under half of it at most
+    # RESPONSE_TOO_LARGE at once. One caller (SPIFFE ID) holds half of it at most
     # (TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY past it): a client that never reads its responses
     # keeps them until its deadline. Keep the VM's memory above the models + both + ~0.5 GiB.
     max_response_memory_bytes: int = DEFAULT_MAX_RESPONSE_MEMORY_BYTES

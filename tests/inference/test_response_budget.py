@@ -102,7 +102,7 @@ def _hold(budget: ResponseBudget, size: int, held: list[Callable[[], None]]) -> 
 def test_a_response_within_the_budget_is_served_as_before_and_gives_its_room_back(
     start_server: Starter, repository: ModelRepository
 ) -> None:
-    budget = _whole(2 * ONE_RESPONSE, wait_seconds=0)
+    budget = _whole(2 * response_memory(4 * MIB, raw=False), wait_seconds=0)
     running = _served(start_server, repository, budget)
     for raw in (True, False):
         response = running.oip.ModelInfer(_request(FOUR_MIB_FP32, raw=raw))
@@ -380,7 +380,7 @@ def test_a_caller_that_never_reads_its_responses_holds_less_than_half_the_budget
     (HTTP/2 flow control: gRPC cannot finish sending it) lasts until its deadline or its
     connection's age. One caller sending small requests for large outputs and never reading
     held the whole budget so, and every other caller was refused ``RESPONSE_MEMORY_BUSY``. A
-    caller now holds just under half of it: its calls past that are refused at once, the others
+    caller now holds half of it at most: its calls past that are refused at once, the others
     are served, and its calls give their room back when it goes away."""
     budget = ResponseBudget(3 * ONE_RESPONSE, wait_seconds=0.2)
     running = _served(start_server, repository, budget)
@@ -399,7 +399,7 @@ def test_a_caller_that_never_reads_its_responses_holds_less_than_half_the_budget
 
 
 def test_a_caller_past_its_share_is_refused_at_once_and_the_others_are_not() -> None:
-    """Its share is just under half the budget; a reservation that would take it past is
+    """Its share is half the budget; a reservation that would take it past is
     refused at once (waiting for its own responses would hold every later caller behind it in
     the queue), while another caller takes the room; what it gives back it may take again."""
     budget = ResponseBudget(101, wait_seconds=60)

@@ -3,8 +3,9 @@
 A response's outputs are copied out of the capped arena (``inference.max_inference_memory_bytes``)
 and then live, as numpy arrays, a protobuf message, its serialised bytes and gRPC core's copy of
 those, until the message has been sent: measured on a real server, a raw response held 3.0 times
-its size at its peak, a typed one 4.4 times (the protobuf runtime's repeated fields grow by
-doubling). Every data-plane worker could hold a response of ``inference.max_output_bytes`` so:
+its size at its peak, a typed one 4.3 to 7 times the largest of its size, its arrays' and its
+typed fields' (the protobuf runtime's repeated fields grow by doubling in the message's arena,
+which keeps the blocks they outgrew; a narrow integer's field holds 4 bytes an element). Every data-plane worker could hold a response of ``inference.max_output_bytes`` so:
 28 workers of 64 MiB, 3 times, was over 5 GiB that no cap counted and the pod's memory advice left out.
 
 A request reserves what its response will hold (:func:`response_memory`) before any output is
@@ -19,9 +20,8 @@ control: gRPC cannot send past the window the client opens) keeps its call open 
 deadline or its connection's age (none, and some 40 minutes): one caller sending small requests
 for large outputs and never reading held the whole budget so, and every other caller was refused
 ``RESPONSE_MEMORY_BUSY``. So each caller (the runtime's per-identity bucket,
-:func:`~strongroom.runtime.callers.caller_key`) holds at most its share, just under half the
-budget (:func:`caller_share`), as it holds just under half the data-plane workers: two callers
-at their share still leave room for a third. A request that would take its caller past it is
+:func:`~strongroom.runtime.callers.caller_key`) holds at most its share, half the
+budget (:func:`caller_share`): half, so that it leaves the others at least as much as it holds. A request that would take its caller past it is
 refused at once, ``TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY`` (waiting for its caller's own responses
 would hold the queue for everyone behind it).
 """
@@ -38,7 +38,7 @@ from strongroom.errors import ResourceExhausted
 from strongroom.reasons import Reason
 
 DEFAULT_MAX_RESPONSE_MEMORY_BYTES = 1 << 30
-"""Default budget: five raw responses of the default 64 MiB bound at once (three typed)."""
+"""Default budget: five raw responses of the default 64 MiB bound at once (two typed FP32)."""
 MIN_RESPONSE_MEMORY_BYTES = 16 << 20
 """The least budget one may configure."""
 DEFAULT_RESPONSE_MEMORY_WAIT_SECONDS = 5.0
@@ -50,20 +50,29 @@ RESPONSE_MEMORY_SETTING = "inference.max_response_memory_bytes"
 RAW_RESPONSE_COPIES = 3
 """What a raw response holds at its peak, in multiples of its size: the arrays copied out of the
 arena, each output's bytes and the message's copy of them; then the message, its serialised bytes
-and gRPC core's copy (measured: 3.0)."""
-TYPED_RESPONSE_COPIES = 5
-"""The same for typed contents, whose repeated fields grow by doubling (measured: 4.4 for FP32)."""
+and gRPC core's copy (measured on a real server: 2.94 to 3.02, the excess a fixed MiB or so)."""
+TYPED_RESPONSE_COPIES = 8
+"""The same for typed contents, in multiples of the largest of their size on the wire, their
+arrays' and what their elements take in the message's fields (a narrow integer widened to 32 bits:
+an INT8 output of 16 MiB is 64 MiB there). Measured on a real server: FP32 4.3 to 6.1 (by where
+its field's doubling ends), BOOL 7.0, negative INT64 5.4 (of its wire size), INT8 and INT16 3.3
+(of their fields); a process outside the server, up to 7.9 for BOOL. Counted by their wire size
+or arrays alone at 5, FP32 outgrew its reservation and INT8 held 13 times it."""
 
 
 def caller_share(max_bytes: int) -> int:
-    """What one caller's responses may hold of a budget of ``max_bytes``: just under half, so
-    that two callers at their share leave room for a third."""
-    return (max_bytes - 1) // 2
+    """What one caller's responses may hold of a budget of ``max_bytes``: half, as a
+    certificate's share of its identity's workers (:func:`~strongroom.runtime.callers.
+    certificate_share`): a caller that never takes its responses leaves the others at least as
+    much as it holds, and a typed response at the default output bound (64 MiB, 512 MiB by the
+    count) still fits the default budget's share."""
+    return max_bytes // 2
 
 
 def response_memory(size: int, *, raw: bool) -> int:
-    """What a response of ``size`` bytes (its outputs' message size, or their arrays' if larger)
-    holds at its peak, as the budget counts it."""
+    """What a response of ``size`` bytes (its outputs' message size, or their arrays' if larger,
+    or for typed contents what their fields hold if larger still) holds at its peak, as the
+    budget counts it."""
     return size * (RAW_RESPONSE_COPIES if raw else TYPED_RESPONSE_COPIES)
 
 
@@ -189,7 +198,7 @@ class ResponseBudget:
         raise ResourceExhausted(
             f"this caller's responses not yet sent hold {_mib(held)} ({held} bytes) of the "
             f"server's response memory, and one caller may hold {self.per_caller} bytes "
-            f"(just under half of {RESPONSE_MEMORY_SETTING} = {self.max_bytes} bytes); this "
+            f"(half of {RESPONSE_MEMORY_SETTING} = {self.max_bytes} bytes); this "
             f"one needs {size} more: take the responses already sent, or retry later",
             reason=Reason.TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY,
         )
@@ -201,7 +210,7 @@ class ResponseBudget:
             raise ResourceExhausted(
                 f"the response would hold {_mib(size)} ({size} bytes) while it is built and "
                 f"sent, more than one caller's responses may ({self.per_caller} bytes, "
-                f"{_mib(self.per_caller)}: just under half of {RESPONSE_MEMORY_SETTING} = "
+                f"{_mib(self.per_caller)}: half of {RESPONSE_MEMORY_SETTING} = "
                 f"{self.max_bytes} bytes): request fewer or smaller outputs",
                 reason=Reason.RESPONSE_TOO_LARGE,
             )
