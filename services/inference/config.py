@@ -155,7 +155,7 @@ class InferenceConfig:
     # bound on the request's bytes limits. Keep it below the VM's memory less the models' own.
     max_inference_memory_bytes: int = DEFAULT_MAX_INFERENCE_MEMORY_BYTES
     # What responses may hold outside that cap while they are built and sent, all requests
-    # together (their outputs copied out, the message, its serialised copies: 3 times a raw
+    # together (their outputs copied out, the message, its serialised copies: 5 times a raw
     # response's size, up to 8 times a typed one's; strongroom.inference.oip._budget). A request past
     # it waits, first come first served, up to response_memory_wait_seconds for earlier ones to
     # be sent, then is RESOURCE_EXHAUSTED RESPONSE_MEMORY_BUSY; one larger than a caller's share is

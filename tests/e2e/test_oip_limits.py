@@ -44,8 +44,8 @@ MiB = 1 << 20
 LIMIT = 4 * MiB  # inference.max_input_bytes and max_output_bytes: messages of 5 MiB
 RUN_MEMORY = 768 * MiB  # inference.max_inference_memory_bytes (the 'wide' model's runs fit)
 # inference.max_response_memory_bytes: a caller's share, half, holds one raw 4 MiB response
-# (12 MiB by the budget's count) and no typed one (32 MiB).
-RESPONSE_MEMORY = 32 * MiB
+# (20 MiB by the budget's count) and no typed one (32 MiB).
+RESPONSE_MEMORY = 48 * MiB
 
 
 def _model(nodes: list[Any], inputs: list[Any], outputs: list[Any], inits: list[Any]) -> bytes:
@@ -342,9 +342,9 @@ def test_a_response_that_would_hold_more_than_the_response_budget_is_refused_at_
 ) -> None:
     """A typed response holds up to ~8 times its size outside ONNX Runtime's arena while it is
     built and sent (its array, the message's repeated field as it grows, the serialised bytes,
-    gRPC core's copy): 4 MiB of typed FP32 counts 32 MiB, more than the 16 MiB one caller's
-    responses may hold here (half of the 32 MiB budget). It is refused before its output leaves
-    the arena, naming both sizes; the same output raw (3 times: 12 MiB) is served."""
+    gRPC core's copy): 4 MiB of typed FP32 counts 32 MiB, more than the 24 MiB one caller's
+    responses may hold here (half of the 48 MiB budget). It is refused before its output leaves
+    the arena, naming both sizes; the same output raw (5 times: 20 MiB) is served."""
     oip = served.oip
     count = LIMIT // 4 - 64  # under the client's 4 MiB receive limit with the message's fields
     typed = pb.ModelInferRequest(model_name="sized")

@@ -32,7 +32,7 @@ from tests.inference.test_oip import expect_error
 from tests.inference.unread import UnreadClient
 
 MIB = 1 << 20
-# A raw response of 4 MiB holds 12 MiB by the budget's count.
+# A raw response of 4 MiB holds 20 MiB by the budget's count.
 FOUR_MIB_FP32 = MIB  # elements
 ONE_RESPONSE = response_memory(4 * MIB, raw=True)
 

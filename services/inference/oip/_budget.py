@@ -2,11 +2,12 @@
 
 A response's outputs are copied out of the capped arena (``inference.max_inference_memory_bytes``)
 and then live, as numpy arrays, a protobuf message, its serialised bytes and gRPC core's copy of
-those, until the message has been sent: measured on a real server, a raw response held 3.0 times
-its size at its peak, a typed one 4.3 to 7 times the largest of its size, its arrays' and its
+those, until the message has been sent: measured on a real server, a raw response held 3.0 to 5.0
+times its size at its peak (gRPC's serialiser grows its buffer by doubling: 5 times just past a
+power of two, as the default 64 MiB bound is with the message's other fields), a typed one 4.3 to 7 times the largest of its size, its arrays' and its
 typed fields' (the protobuf runtime's repeated fields grow by doubling in the message's arena,
 which keeps the blocks they outgrew; a narrow integer's field holds 4 bytes an element). Every data-plane worker could hold a response of ``inference.max_output_bytes`` so:
-28 workers of 64 MiB, 3 times, was over 5 GiB that no cap counted and the pod's memory advice left out.
+28 workers of 64 MiB, 5 times, was almost 9 GiB that no cap counted and the pod's memory advice left out.
 
 A request reserves what its response will hold (:func:`response_memory`) before any output is
 copied out of the arena, and gives it back when its call has ended (its message sent, or the call
@@ -38,7 +39,7 @@ from strongroom.errors import ResourceExhausted
 from strongroom.reasons import Reason
 
 DEFAULT_MAX_RESPONSE_MEMORY_BYTES = 1 << 30
-"""Default budget: five raw responses of the default 64 MiB bound at once (two typed FP32)."""
+"""Default budget: three raw responses of the default 64 MiB bound at once (two typed FP32)."""
 MIN_RESPONSE_MEMORY_BYTES = 16 << 20
 """The least budget one may configure."""
 DEFAULT_RESPONSE_MEMORY_WAIT_SECONDS = 5.0
@@ -47,10 +48,13 @@ MAX_RESPONSE_MEMORY_WAIT_SECONDS = 60.0
 """The longest wait one may configure (a waiting request holds a worker and its arena tensors)."""
 RESPONSE_MEMORY_SETTING = "inference.max_response_memory_bytes"
 """The configuration key of the budget, named in refusals."""
-RAW_RESPONSE_COPIES = 3
+RAW_RESPONSE_COPIES = 5
 """What a raw response holds at its peak, in multiples of its size: the arrays copied out of the
-arena, each output's bytes and the message's copy of them; then the message, its serialised bytes
-and gRPC core's copy (measured on a real server: 2.94 to 3.02, the excess a fixed MiB or so)."""
+arena, each output's bytes and the message's copy of them (3); then, once the handler has
+returned, the message, the serialiser's buffer grown by doubling (the half it outgrew too while it
+copies it) and the bytes made from it. Measured on a real server: 3.0 at 16 and 63 MiB, 3.96 at
+24 MiB, 5.0 at 32 and 64 MiB (a message just past a power of two: a buffer of twice its size).
+Counted at 3, a response at the default 64 MiB bound held 320 MiB against 192 reserved."""
 TYPED_RESPONSE_COPIES = 8
 """The same for typed contents, in multiples of the largest of their size on the wire, their
 arrays' and what their elements take in the message's fields (a narrow integer widened to 32 bits:
