@@ -40,6 +40,7 @@ NOT_REASONS = frozenset(
         "AEAD_AES_256_GCM",
         "ALLOWED",
         "BODY_ENCRYPTION_C2SP_CHUNKED_AES_256_GCM_HKDF_SHA512",
+        "BOOL",
         "BYTES",
         "CKA_ALWAYS_SENSITIVE",
         "CKA_LOCAL",

@@ -155,11 +155,13 @@ class InferenceConfig:
     # bound on the request's bytes limits. Keep it below the VM's memory less the models' own.
     max_inference_memory_bytes: int = DEFAULT_MAX_INFERENCE_MEMORY_BYTES
     # What responses may hold outside that cap while they are built and sent, all requests
-    # together (their outputs copied out, the message, its serialised copies: 3 times a raw
-    # response's size, 5 times a typed one's; strongroom.inference.oip._budget). A request past
+    # together (their outputs copied out, the message, its serialised copies: 5 times a raw
+    # response's size, up to 8 times a typed one's; strongroom.inference.oip._budget). A request past
     # it waits, first come first served, up to response_memory_wait_seconds for earlier ones to
-    # be sent, then is RESOURCE_EXHAUSTED RESPONSE_MEMORY_BUSY; one larger than all of it is
-    # RESPONSE_TOO_LARGE at once. Keep the VM's memory above the models + both + ~0.5 GiB.
+    # be sent, then is RESOURCE_EXHAUSTED RESPONSE_MEMORY_BUSY; one larger than a caller's share is
+    # RESPONSE_TOO_LARGE at once. One caller (SPIFFE ID) holds half of it at most
+    # (TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY past it): a client that never reads its responses
+    # keeps them until its deadline. Keep the VM's memory above the models + both + ~0.5 GiB.
     max_response_memory_bytes: int = DEFAULT_MAX_RESPONSE_MEMORY_BYTES
     response_memory_wait_seconds: float = DEFAULT_RESPONSE_MEMORY_WAIT_SECONDS
     # Whether models may use operators whose kernels allocate a multiple of their input outside

@@ -37,6 +37,8 @@ KEYED_BY: dict[str, tuple[str, ...]] = {
     "strongroom/runtime/log_refusals.py": ("caller_key", "Identify"),
     # GetEvidence: only callers with a role reach it (the authoriser refused the rest first).
     "services/inference/evidence_service.py": ("caller_key",),
+    # Each caller's share of the response memory: keyed by its user, the servicer (caller_key).
+    "services/inference/oip/_budget.py": (),
     # The broker's: per certificate beneath the SPIFFE ID of a caller the authoriser admitted.
     "services/keybroker/fetch_budget.py": ("certificate_bucket",),
     "services/keybroker/unwrap_first.py": ("certificate_bucket",),

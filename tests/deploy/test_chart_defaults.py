@@ -17,6 +17,8 @@ import yaml
 
 from strongroom.attestation.collateral_fetch import FetchSettings
 from strongroom.client.fetch import DEFAULT_PARALLEL_PARTS
+from strongroom.inference.models import DEFAULT_MAX_INFERENCE_MEMORY_BYTES
+from strongroom.inference.oip import DEFAULT_MAX_RESPONSE_MEMORY_BYTES
 from strongroom.runtime.callers import certificate_share
 from strongroom.runtime.config import ServerConfig
 from tests.deploy.conftest import (
@@ -509,7 +511,13 @@ def test_the_inference_memory_cap_and_response_budget_must_fit_below_the_pods_me
         assert "inference.resources.limits.memory" in result.stderr, result.stderr
         assert "maxInferenceMemoryBytes" in result.stderr
         assert "maxResponseMemoryBytes" in result.stderr
-        least = int(cap or 2 << 30) + int(responses or 1 << 30) + (512 << 20)
+        # The chart's fallbacks for null are the service's own defaults (it spells them again):
+        # a default changed in one place only would let a pod below the floor render.
+        least = (
+            int(cap or DEFAULT_MAX_INFERENCE_MEMORY_BYTES)
+            + int(responses or DEFAULT_MAX_RESPONSE_MEMORY_BYTES)
+            + (512 << 20)
+        )
         assert f"at least {least} bytes" in result.stderr, result.stderr
     else:
         assert result.returncode == 0, result.stderr

@@ -35,6 +35,7 @@ from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as pb_grpc
 from strongroom.client.publish import publish_model
 from strongroom.dev.devstack import DevStack
+from strongroom.inference.oip._budget import TYPED_RESPONSE_COPIES
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.process import SERVICE_ENV
 from tests.inference import onnx_models
@@ -42,7 +43,9 @@ from tests.inference import onnx_models
 MiB = 1 << 20
 LIMIT = 4 * MiB  # inference.max_input_bytes and max_output_bytes: messages of 5 MiB
 RUN_MEMORY = 768 * MiB  # inference.max_inference_memory_bytes (the 'wide' model's runs fit)
-RESPONSE_MEMORY = 16 * MiB  # inference.max_response_memory_bytes: one raw 4 MiB response
+# inference.max_response_memory_bytes: a caller's share, half, holds one raw 4 MiB response
+# (20 MiB by the budget's count) and no typed one (32 MiB).
+RESPONSE_MEMORY = 48 * MiB
 
 
 def _model(nodes: list[Any], inputs: list[Any], outputs: list[Any], inits: list[Any]) -> bytes:
@@ -337,11 +340,11 @@ def test_an_output_sized_by_an_input_value_is_bounded_by_the_run_memory_cap(
 def test_a_response_that_would_hold_more_than_the_response_budget_is_refused_at_once(
     served: Served,
 ) -> None:
-    """A typed response holds ~5 times its size outside ONNX Runtime's arena while it is built
-    and sent (its array, the message's repeated field as it grows, the serialised bytes, gRPC
-    core's copy): 4 MiB of typed FP32 holds 20 MiB, more than the 16 MiB every response together
-    may hold here. It is refused before its output leaves the arena, naming both sizes; the same
-    output raw (3 times: 12 MiB) is served."""
+    """A typed response holds up to ~8 times its size outside ONNX Runtime's arena while it is
+    built and sent (its array, the message's repeated field as it grows, the serialised bytes,
+    gRPC core's copy): 4 MiB of typed FP32 counts 32 MiB, more than the 24 MiB one caller's
+    responses may hold here (half of the 48 MiB budget). It is refused before its output leaves
+    the arena, naming both sizes; the same output raw (5 times: 20 MiB) is served."""
     oip = served.oip
     count = LIMIT // 4 - 64  # under the client's 4 MiB receive limit with the message's fields
     typed = pb.ModelInferRequest(model_name="sized")
@@ -352,7 +355,7 @@ def test_a_response_that_would_hold_more_than_the_response_budget_is_refused_at_
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
     assert reason(error) == "RESPONSE_TOO_LARGE"
     details = error.details() or ""  # type: ignore[attr-defined]
-    assert f"({5 * 4 * count} bytes)" in details, details
+    assert f"({TYPED_RESPONSE_COPIES * 4 * count} bytes)" in details, details
     assert f"inference.max_response_memory_bytes = {RESPONSE_MEMORY} bytes" in details, details
     served_raw = oip.ModelInfer(_sized(count), timeout=60)
     assert len(served_raw.raw_output_contents[0]) == 4 * count

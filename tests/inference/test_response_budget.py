@@ -29,9 +29,10 @@ from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDeco
 from tests.inference import onnx_models
 from tests.inference.conftest import Running, Starter
 from tests.inference.test_oip import expect_error
+from tests.inference.unread import UnreadClient
 
 MIB = 1 << 20
-# A raw response of 4 MiB holds 12 MiB by the budget's count.
+# A raw response of 4 MiB holds 20 MiB by the budget's count.
 FOUR_MIB_FP32 = MIB  # elements
 ONE_RESPONSE = response_memory(4 * MIB, raw=True)
 
@@ -73,6 +74,12 @@ def _until(condition: Callable[[], bool]) -> None:
         time.sleep(0.01)
 
 
+def _whole(max_bytes: int, wait_seconds: float) -> ResponseBudget:
+    """A budget whose one caller may hold all of it: the tests of the whole budget call from one
+    client (callers' shares have tests of their own)."""
+    return ResponseBudget(max_bytes, wait_seconds, per_caller=max_bytes)
+
+
 def _full(budget: ResponseBudget) -> Callable[[], bool]:
     return lambda: budget.free == budget.max_bytes
 
@@ -95,7 +102,7 @@ def _hold(budget: ResponseBudget, size: int, held: list[Callable[[], None]]) -> 
 def test_a_response_within_the_budget_is_served_as_before_and_gives_its_room_back(
     start_server: Starter, repository: ModelRepository
 ) -> None:
-    budget = ResponseBudget(2 * ONE_RESPONSE, wait_seconds=0)
+    budget = _whole(2 * response_memory(4 * MIB, raw=False), wait_seconds=0)
     running = _served(start_server, repository, budget)
     for raw in (True, False):
         response = running.oip.ModelInfer(_request(FOUR_MIB_FP32, raw=raw))
@@ -113,7 +120,7 @@ def test_a_response_waits_for_earlier_ones_then_is_refused_busy(
     """Other responses hold all but less than this one needs: it waits the configured time, is
     refused ``RESPONSE_MEMORY_BUSY``, holds nothing afterwards, and is served once they are
     sent."""
-    budget = ResponseBudget(2 * ONE_RESPONSE, wait_seconds=0.2)
+    budget = _whole(2 * ONE_RESPONSE, wait_seconds=0.2)
     running = _served(start_server, repository, budget)
     release = _hold(budget, ONE_RESPONSE + 1, held)
     error = expect_error(
@@ -158,7 +165,7 @@ def test_concurrent_responses_past_the_budget_are_refused(
 ) -> None:
     """Eight calls at once while others' responses leave less than one of theirs: every one
     waits, is refused ``RESPONSE_MEMORY_BUSY``, and holds nothing afterwards."""
-    budget = ResponseBudget(3 * ONE_RESPONSE, wait_seconds=0.2)
+    budget = _whole(3 * ONE_RESPONSE, wait_seconds=0.2)
     running = _served(start_server, repository, budget)
     release = _hold(budget, 2 * ONE_RESPONSE + 1, held)
     assert _at_once(running, 8) == ["RESOURCE_EXHAUSTED ['RESPONSE_MEMORY_BUSY']"] * 8
@@ -172,7 +179,7 @@ def test_concurrent_responses_wait_their_turn_and_are_all_served(
 ) -> None:
     """Eight calls at once while the budget is held: all eight wait (their outputs still in the
     arena), then, once it is free, are served two at a time, and every reservation comes back."""
-    budget = ResponseBudget(2 * ONE_RESPONSE, wait_seconds=60)
+    budget = _whole(2 * ONE_RESPONSE, wait_seconds=60)
     running = _served(start_server, repository, budget)
     release = _hold(budget, 2 * ONE_RESPONSE, held)
     outcomes: list[list[str]] = []
@@ -188,7 +195,7 @@ def test_concurrent_responses_wait_their_turn_and_are_all_served(
 def test_a_waiting_response_is_served_once_earlier_ones_are_sent(
     start_server: Starter, repository: ModelRepository, held: list[Callable[[], None]]
 ) -> None:
-    budget = ResponseBudget(ONE_RESPONSE, wait_seconds=60)
+    budget = _whole(ONE_RESPONSE, wait_seconds=60)
     running = _served(start_server, repository, budget)
     release = _hold(budget, 1, held)
     call = running.oip.ModelInfer.future(_request(FOUR_MIB_FP32), timeout=60)
@@ -207,7 +214,7 @@ def test_a_call_ended_while_it_waits_takes_nothing(
 ) -> None:
     """A caller that cancels, or whose deadline passes, while its response waits for room: the
     wait ends with the call (not after the configured minute), and nothing is reserved for it."""
-    budget = ResponseBudget(ONE_RESPONSE, wait_seconds=60)
+    budget = _whole(ONE_RESPONSE, wait_seconds=60)
     running = _served(start_server, repository, budget)
     release = _hold(budget, 1, held)
     call = running.oip.ModelInfer.future(
@@ -233,7 +240,7 @@ def test_a_response_larger_than_the_whole_budget_is_refused_at_once(
 ) -> None:
     """No wait (the configured minute would outlast the call's deadline) and a message naming
     both sizes."""
-    budget = ResponseBudget(ONE_RESPONSE, wait_seconds=60)
+    budget = _whole(ONE_RESPONSE, wait_seconds=60)
     running = _served(start_server, repository, budget)
     error = expect_error(
         lambda: running.oip.ModelInfer(_request(FOUR_MIB_FP32 + 1), timeout=30),
@@ -364,3 +371,109 @@ def test_a_grown_reservation_past_the_budget_is_refused_and_keeps_what_it_held()
     reservation.release()
     reservation.release()
     assert budget.free == 10
+
+
+def test_a_caller_that_never_reads_its_responses_holds_less_than_half_the_budget(
+    start_server: Starter, repository: ModelRepository
+) -> None:
+    """A reservation lasts until its call ends, and a call whose client never takes its response
+    (HTTP/2 flow control: gRPC cannot finish sending it) lasts until its deadline or its
+    connection's age. One caller sending small requests for large outputs and never reading
+    held the whole budget so, and every other caller was refused ``RESPONSE_MEMORY_BUSY``. A
+    caller now holds half of it at most: its calls past that are refused at once, the others
+    are served, and its calls give their room back when it goes away."""
+    budget = ResponseBudget(3 * ONE_RESPONSE, wait_seconds=0.2)
+    running = _served(start_server, repository, budget)
+    unread = UnreadClient(running.address, f"/{SERVICE_NAME}/ModelInfer")
+    try:
+        for _ in range(3):
+            unread.call(_request(FOUR_MIB_FP32).SerializeToString())
+        # It holds the whole budget, or one response and its two other calls ended (refused).
+        _until(lambda: budget.free == 0 or unread.ended() == 2)
+        assert budget.free == 2 * ONE_RESPONSE
+        response = running.oip.ModelInfer(_request(FOUR_MIB_FP32), timeout=30)
+        assert len(response.raw_output_contents[0]) == 4 * MIB
+    finally:
+        unread.close()
+    _until(_full(budget))
+
+
+def test_a_caller_past_its_share_is_refused_at_once_and_the_others_are_not() -> None:
+    """Its share is half the budget; a reservation that would take it past is
+    refused at once (waiting for its own responses would hold every later caller behind it in
+    the queue), while another caller takes the room; what it gives back it may take again."""
+    budget = ResponseBudget(101, wait_seconds=60)
+    assert budget.per_caller == 50
+    mine = budget.reserve(30, caller="a")
+    with pytest.raises(ResourceExhausted) as info:
+        budget.reserve(21, caller="a")
+    assert info.value.reason == "TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY"
+    message = str(info.value)
+    assert "(30 bytes)" in message and "may hold 50 bytes" in message, message
+    assert "inference.max_response_memory_bytes = 101 bytes" in message, message
+    assert budget.waiting == 0
+    theirs = budget.reserve(50, caller="b")
+    more = budget.reserve(20, caller="a")
+    assert (budget.held_by("a"), budget.held_by("b"), budget.free) == (50, 50, 1)
+    mine.release()
+    more.release()
+    theirs.release()
+    assert (budget.held_by("a"), budget.free) == (0, 101)
+    assert not budget._held  # every caller forgotten once it holds nothing
+
+
+def test_a_response_larger_than_a_callers_share_is_refused_as_too_large() -> None:
+    budget = ResponseBudget(101, wait_seconds=60)
+    with pytest.raises(ResourceExhausted) as info:
+        budget.reserve(51, caller="a")
+    assert info.value.reason == "RESPONSE_TOO_LARGE"
+    assert "(51 bytes)" in str(info.value) and "(50 bytes" in str(info.value)
+    budget.reserve(51).release()  # counted in no caller's share: the whole budget's bound only
+    assert budget.free == 101
+
+
+def test_a_reservation_that_grows_past_its_callers_share_is_refused_and_keeps_what_it_held() -> (
+    None
+):
+    budget = ResponseBudget(101, wait_seconds=60)
+    other = budget.reserve(30, caller="a")
+    reservation = budget.reserve(10, caller="a")
+    with pytest.raises(ResourceExhausted) as info:
+        reservation.grow_to(21)
+    assert info.value.reason == "TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY"
+    reservation.grow_to(20)
+    assert budget.held_by("a") == 50
+    other.release()
+    reservation.release()
+    assert budget.free == 101 and budget.held_by("a") == 0
+
+
+def test_a_waiter_whose_caller_fills_its_share_meanwhile_lets_the_others_go_first() -> None:
+    """Two calls of one caller wait; the first served takes the caller near its share, and the
+    second, which fitted when it came, waits on without holding a later caller's call behind
+    it, then is refused for its caller's share (not the budget) when its wait ends."""
+    budget = ResponseBudget(101, wait_seconds=0.5)
+    blocker = budget.reserve(90)
+    outcomes: list[tuple[str, str]] = []
+
+    def take(name: str, caller: str, size: int) -> None:
+        try:
+            budget.reserve(size, caller=caller)
+            outcomes.append((name, "took"))
+        except ResourceExhausted as exc:
+            outcomes.append((name, exc.reason))
+
+    threads = []
+    for waiting, (name, caller, size) in enumerate(
+        (("first", "a", 40), ("second", "a", 20), ("other", "c", 20)), start=1
+    ):
+        threads.append(threading.Thread(target=take, args=(name, caller, size)))
+        threads[-1].start()
+        _until(lambda waiting=waiting: budget.waiting == waiting)  # type: ignore[misc]
+    blocker.release()
+    for thread in threads:
+        thread.join()
+    # The other caller's call was served while the second still waited, not after its wait.
+    assert outcomes[-1] == ("second", "TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY")
+    assert sorted(outcomes[:2]) == [("first", "took"), ("other", "took")]
+    assert (budget.held_by("a"), budget.held_by("c"), budget.waiting) == (40, 20, 0)

@@ -2,10 +2,12 @@
 
 A response's outputs are copied out of the capped arena (``inference.max_inference_memory_bytes``)
 and then live, as numpy arrays, a protobuf message, its serialised bytes and gRPC core's copy of
-those, until the message has been sent: measured on a real server, a raw response held 3.0 times
-its size at its peak, a typed one 4.4 times (the protobuf runtime's repeated fields grow by
-doubling). Every data-plane worker could hold a response of ``inference.max_output_bytes`` so:
-28 workers of 64 MiB, 3 times, was over 5 GiB that no cap counted and the pod's memory advice left out.
+those, until the message has been sent: measured on a real server, a raw response held 3.0 to 5.0
+times its size at its peak (gRPC's serialiser grows its buffer by doubling: 5 times just past a
+power of two, as the default 64 MiB bound is with the message's other fields), a typed one 4.3 to 7 times the largest of its size, its arrays' and its
+typed fields' (the protobuf runtime's repeated fields grow by doubling in the message's arena,
+which keeps the blocks they outgrew; a narrow integer's field holds 4 bytes an element). Every data-plane worker could hold a response of ``inference.max_output_bytes`` so:
+28 workers of 64 MiB, 5 times, was almost 9 GiB that no cap counted and the pod's memory advice left out.
 
 A request reserves what its response will hold (:func:`response_memory`) before any output is
 copied out of the arena, and gives it back when its call has ended (its message sent, or the call
@@ -13,6 +15,16 @@ cancelled or failed): gRPC keeps the message and its serialised copies alive unt
 handler has returned. Past the budget a request waits for earlier ones, in arrival order, at most
 ``wait_seconds`` (and never past its call's end), then is refused ``RESOURCE_EXHAUSTED``
 ``RESPONSE_MEMORY_BUSY``; one that could never fit is refused at once, ``RESPONSE_TOO_LARGE``.
+
+A call ends only once its response has been sent, and a client that never takes it (HTTP/2 flow
+control: gRPC cannot send past the window the client opens) keeps its call open until its
+deadline or its connection's age (none, and some 40 minutes): one caller sending small requests
+for large outputs and never reading held the whole budget so, and every other caller was refused
+``RESPONSE_MEMORY_BUSY``. So each caller (the runtime's per-identity bucket,
+:func:`~strongroom.runtime.callers.caller_key`) holds at most its share, half the
+budget (:func:`caller_share`): half, so that it leaves the others at least as much as it holds. A request that would take its caller past it is
+refused at once, ``TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY`` (waiting for its caller's own responses
+would hold the queue for everyone behind it).
 """
 
 from __future__ import annotations
@@ -20,13 +32,14 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from strongroom.errors import ResourceExhausted
 from strongroom.reasons import Reason
 
 DEFAULT_MAX_RESPONSE_MEMORY_BYTES = 1 << 30
-"""Default budget: five raw responses of the default 64 MiB bound at once (three typed)."""
+"""Default budget: three raw responses of the default 64 MiB bound at once (two typed FP32)."""
 MIN_RESPONSE_MEMORY_BYTES = 16 << 20
 """The least budget one may configure."""
 DEFAULT_RESPONSE_MEMORY_WAIT_SECONDS = 5.0
@@ -35,17 +48,35 @@ MAX_RESPONSE_MEMORY_WAIT_SECONDS = 60.0
 """The longest wait one may configure (a waiting request holds a worker and its arena tensors)."""
 RESPONSE_MEMORY_SETTING = "inference.max_response_memory_bytes"
 """The configuration key of the budget, named in refusals."""
-RAW_RESPONSE_COPIES = 3
+RAW_RESPONSE_COPIES = 5
 """What a raw response holds at its peak, in multiples of its size: the arrays copied out of the
-arena, each output's bytes and the message's copy of them; then the message, its serialised bytes
-and gRPC core's copy (measured: 3.0)."""
-TYPED_RESPONSE_COPIES = 5
-"""The same for typed contents, whose repeated fields grow by doubling (measured: 4.4 for FP32)."""
+arena, each output's bytes and the message's copy of them (3); then, once the handler has
+returned, the message, the serialiser's buffer grown by doubling (the half it outgrew too while it
+copies it) and the bytes made from it. Measured on a real server: 3.0 at 16 and 63 MiB, 3.96 at
+24 MiB, 5.0 at 32 and 64 MiB (a message just past a power of two: a buffer of twice its size).
+Counted at 3, a response at the default 64 MiB bound held 320 MiB against 192 reserved."""
+TYPED_RESPONSE_COPIES = 8
+"""The same for typed contents, in multiples of the largest of their size on the wire, their
+arrays' and what their elements take in the message's fields (a narrow integer widened to 32 bits:
+an INT8 output of 16 MiB is 64 MiB there). Measured on a real server: FP32 4.3 to 6.1 (by where
+its field's doubling ends), BOOL 7.0, negative INT64 5.4 (of its wire size), INT8 and INT16 3.3
+(of their fields); a process outside the server, up to 7.9 for BOOL. Counted by their wire size
+or arrays alone at 5, FP32 outgrew its reservation and INT8 held 13 times it."""
+
+
+def caller_share(max_bytes: int) -> int:
+    """What one caller's responses may hold of a budget of ``max_bytes``: half, as a
+    certificate's share of its identity's workers (:func:`~strongroom.runtime.callers.
+    certificate_share`): a caller that never takes its responses leaves the others at least as
+    much as it holds, and a typed response at the default output bound (64 MiB, 512 MiB by the
+    count) still fits the default budget's share."""
+    return max_bytes // 2
 
 
 def response_memory(size: int, *, raw: bool) -> int:
-    """What a response of ``size`` bytes (its outputs' message size, or their arrays' if larger)
-    holds at its peak, as the budget counts it."""
+    """What a response of ``size`` bytes (its outputs' message size, or their arrays' if larger,
+    or for typed contents what their fields hold if larger still) holds at its peak, as the
+    budget counts it."""
     return size * (RAW_RESPONSE_COPIES if raw else TYPED_RESPONSE_COPIES)
 
 
@@ -60,6 +91,7 @@ class ResponseBudget:
         self,
         max_bytes: int = DEFAULT_MAX_RESPONSE_MEMORY_BYTES,
         wait_seconds: float = DEFAULT_RESPONSE_MEMORY_WAIT_SECONDS,
+        per_caller: int | None = None,
     ) -> None:
         if max_bytes < 1:
             raise ValueError("the response memory budget must be positive")
@@ -69,11 +101,15 @@ class ResponseBudget:
             )
         self.max_bytes = max_bytes
         self.wait_seconds = wait_seconds
+        self.per_caller = caller_share(max_bytes) if per_caller is None else per_caller
+        """What one caller's reservations may hold together (:func:`caller_share` unless given)."""
         self._free = max_bytes
+        # What each caller holds now, forgotten when it holds nothing (as many entries as calls).
+        self._held: Counter[str] = Counter()
         self._changed = threading.Condition(threading.Lock())
         # Tickets of the requests waiting, first come first served: without the order, a large
         # response waited while smaller ones that came after it kept taking the room it needed.
-        self._queue: collections.deque[object] = collections.deque()
+        self._queue: collections.deque[_Waiter] = collections.deque()
 
     @property
     def free(self) -> int:
@@ -87,33 +123,47 @@ class ResponseBudget:
         with self._changed:
             return len(self._queue)
 
-    def reserve(
-        self, size: int, *, ended: Callable[[], bool] = lambda: False, first: bool = False
-    ) -> Reservation:
-        """``size`` bytes, waiting for them at most :attr:`wait_seconds` and only while
-        ``ended()`` is false (:meth:`wake` has waiters look at it again); ``first``: ahead of
-        every waiter (a request that holds a reservation already and needs more: behind the
-        others, it and one waiting for the room it holds would each wait for the other until
-        their waits ran out). ResourceExhausted
-        ``RESPONSE_TOO_LARGE`` at once for more than the whole budget, ``RESPONSE_MEMORY_BUSY``
-        when the wait ends without room; :class:`CallEnded` when the call ended meanwhile."""
-        self.check_fits(size)
+    def held_by(self, caller: str) -> int:
+        """Bytes ``caller``'s reservations hold now."""
         with self._changed:
-            if (first or not self._queue) and size <= self._free:
-                self._free -= size
-                return Reservation(self, size)
-            ticket = object()
+            return self._held[caller]
+
+    def reserve(
+        self,
+        size: int,
+        *,
+        caller: str | None = None,
+        ended: Callable[[], bool] = lambda: False,
+        first: bool = False,
+    ) -> Reservation:
+        """``size`` bytes for ``caller`` (None: counted in no caller's share), waiting for them
+        at most :attr:`wait_seconds` and only while ``ended()`` is false (:meth:`wake` has
+        waiters look at it again); ``first``: ahead of every waiter (a request that holds a
+        reservation already and needs more: behind the others, it and one waiting for the room
+        it holds would each wait for the other until their waits ran out). ResourceExhausted
+        ``RESPONSE_TOO_LARGE`` at once for more than the whole budget or a caller's share;
+        ``TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY`` at once when what ``caller`` holds already
+        leaves its share no room for it, or when the wait ends while its own calls served
+        meanwhile leave none; ``RESPONSE_MEMORY_BUSY`` when the wait ends without room in the
+        budget; :class:`CallEnded` when the call ended meanwhile."""
+        self.check_fits(size, caller=caller is not None)
+        with self._changed:
+            self._check_share(size, caller)
+            if (first or self._next() is None) and size <= self._free:
+                return self._take(size, caller)
+            waiter = _Waiter(size, caller)
             if first:
-                self._queue.appendleft(ticket)
+                self._queue.appendleft(waiter)
             else:
-                self._queue.append(ticket)
+                self._queue.append(waiter)
             until = time.monotonic() + self.wait_seconds
             try:
-                while not (self._queue[0] is ticket and size <= self._free):
+                while not (self._next() is waiter and size <= self._free):
                     left = until - time.monotonic()
                     if ended():
                         raise CallEnded
                     if left <= 0:
+                        self._check_share(size, caller)
                         raise ResourceExhausted(
                             f"responses being sent hold the server's response memory "
                             f"({RESPONSE_MEMORY_SETTING} = {self.max_bytes} bytes; this one "
@@ -121,15 +171,53 @@ class ResponseBudget:
                             reason=Reason.RESPONSE_MEMORY_BUSY,
                         )
                     self._changed.wait(left)
-                self._free -= size
-                return Reservation(self, size)
+                return self._take(size, caller)
             finally:
-                self._queue.remove(ticket)
+                self._queue.remove(waiter)
                 # The next in line may fit now, or be first now.
                 self._changed.notify_all()
 
-    def check_fits(self, size: int) -> None:
-        """ResourceExhausted ``RESPONSE_TOO_LARGE`` if ``size`` is more than the whole budget."""
+    def _next(self) -> _Waiter | None:
+        """The first waiter whose caller's share has room for it: one whose own caller's other
+        calls fill its share waits without holding the callers behind it (a caller that never
+        takes its responses would otherwise hold the queue with one more call)."""
+        for waiter in self._queue:
+            if self._within_share(waiter.size, waiter.caller):
+                return waiter
+        return None
+
+    def _within_share(self, size: int, caller: str | None) -> bool:
+        return caller is None or self._held[caller] + size <= self.per_caller
+
+    def _take(self, size: int, caller: str | None) -> Reservation:
+        self._free -= size
+        if caller is not None:
+            self._held[caller] += size
+        return Reservation(self, size, caller)
+
+    def _check_share(self, size: int, caller: str | None) -> None:
+        if caller is None or self._within_share(size, caller):
+            return
+        held = self._held[caller]
+        raise ResourceExhausted(
+            f"this caller's responses not yet sent hold {_mib(held)} ({held} bytes) of the "
+            f"server's response memory, and one caller may hold {self.per_caller} bytes "
+            f"(half of {RESPONSE_MEMORY_SETTING} = {self.max_bytes} bytes); this "
+            f"one needs {size} more: take the responses already sent, or retry later",
+            reason=Reason.TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY,
+        )
+
+    def check_fits(self, size: int, *, caller: bool = True) -> None:
+        """ResourceExhausted ``RESPONSE_TOO_LARGE`` if ``size`` is more than the whole budget, or
+        (``caller``: a reservation counted in a caller's share) more than one caller's share."""
+        if caller and size > self.per_caller:
+            raise ResourceExhausted(
+                f"the response would hold {_mib(size)} ({size} bytes) while it is built and "
+                f"sent, more than one caller's responses may ({self.per_caller} bytes, "
+                f"{_mib(self.per_caller)}: half of {RESPONSE_MEMORY_SETTING} = "
+                f"{self.max_bytes} bytes): request fewer or smaller outputs",
+                reason=Reason.RESPONSE_TOO_LARGE,
+            )
         if size > self.max_bytes:
             raise ResourceExhausted(
                 f"the response would hold {_mib(size)} ({size} bytes) while it is built and "
@@ -143,10 +231,24 @@ class ResponseBudget:
         with self._changed:
             self._changed.notify_all()
 
-    def _give_back(self, size: int) -> None:
+    def _give_back(self, size: int, caller: str | None) -> None:
         with self._changed:
             self._free += size
+            if caller is not None:
+                self._held[caller] -= size
+                if self._held[caller] <= 0:
+                    del self._held[caller]
             self._changed.notify_all()
+
+
+class _Waiter:
+    """A request waiting for room: what it needs, and for which caller."""
+
+    __slots__ = ("caller", "size")
+
+    def __init__(self, size: int, caller: str | None) -> None:
+        self.size = size
+        self.caller = caller
 
 
 class CallEnded(Exception):
@@ -156,10 +258,11 @@ class CallEnded(Exception):
 class Reservation:
     """Bytes taken from a :class:`ResponseBudget`; :meth:`release` gives them back, once."""
 
-    __slots__ = ("_budget", "_lock", "size")
+    __slots__ = ("_budget", "_caller", "_lock", "size")
 
-    def __init__(self, budget: ResponseBudget, size: int) -> None:
+    def __init__(self, budget: ResponseBudget, size: int, caller: str | None = None) -> None:
         self._budget = budget
+        self._caller = caller
         self._lock = threading.Lock()
         self.size = size
 
@@ -169,8 +272,8 @@ class Reservation:
         extra = size - self.size
         if extra <= 0:
             return
-        self._budget.check_fits(size)
-        more = self._budget.reserve(extra, ended=ended, first=True)
+        self._budget.check_fits(size, caller=self._caller is not None)
+        more = self._budget.reserve(extra, caller=self._caller, ended=ended, first=True)
         with self._lock:
             self.size += more.size
             more.size = 0
@@ -180,4 +283,4 @@ class Reservation:
         with self._lock:
             size, self.size = self.size, 0
         if size:
-            self._budget._give_back(size)
+            self._budget._give_back(size, self._caller)

@@ -39,6 +39,7 @@ from strongroom.inference.oip._codec import (
 from strongroom.inference.oip._wire import parse_infer_request
 from strongroom.pki.authz import verified_caller
 from strongroom.reasons import Reason
+from strongroom.runtime.callers import caller_key
 from strongroom.runtime.gave_up import CallEnd, GaveUp
 from strongroom.runtime.grpc_types import HandlerCollector
 
@@ -304,7 +305,12 @@ class _ResponseMemory:
         """Holds at least ``size`` bytes (the budget's refusals raised as they are)."""
         try:
             if self._reservation is None:
-                self._reservation = self._budget.reserve(size, ended=self._stop.ended)
+                # Counted in its caller's share: a client that never takes its responses keeps
+                # their calls, and their reservations, open until its deadline or its
+                # connection's age, and held the whole budget so.
+                self._reservation = self._budget.reserve(
+                    size, caller=caller_key(self._context), ended=self._stop.ended
+                )
                 if not self._context.add_callback(self._reservation.release):
                     self._reservation.release()  # the call has already ended
             else:
