@@ -15,8 +15,12 @@ asked or anything is recorded ``ALLOWED``; past either it is refused ``RESOURCE_
 other budgets' refusals). The certificate's budget first: one replica past its own spends none of
 its fleet's. The SPIFFE ID's is the real bound: a replica holding its service's provisioner mints
 certificates at will, each with a budget of its own, and every replica of a fleet shares the one
-SPIFFE ID. A release refused after its token was taken (the HSM's failure, the audit log's, a
-wrapped key that does not unwrap) gives it back: only grants count.
+SPIFFE ID. A release refused after its token was taken for the broker's failure (the HSM's, the
+audit log's, a bug) gives it back: only grants and the caller's own refusals count. A refusal the
+caller caused after its take (a wrapped key it sent that does not unwrap, a key version disabled)
+spends it: the caller chooses its wrapped key, and made-up ones, refunded, had the HSM's unwrap
+(and, until its releases unwrap first, an ``ALLOWED`` and a ``DENIED`` record) on every call
+outside the budget.
 
 The defaults (:class:`GrantLimits`) are sized so that an honest fleet never meets them; see
 there. The certificates remembered are bounded (:data:`MAX_CERTIFICATES_TRACKED`), as in the

@@ -388,8 +388,13 @@ class ReleaseEngine:
                 target=target,
                 times=(started, verify_started, verified),
             )
-        except BaseException:
-            self._grants.refund(caller.spiffe_id, caller.serial)  # refused: no grant
+        except BaseException as exc:
+            # The broker's failure (an HSM or audit outage, a bug) gives the grant back. A refusal
+            # the caller caused here spends it: a genuine caller sends the wrapped key (made-up
+            # ones fail after the take, in the HSM, after an ALLOWED record until they unwrap
+            # first) and refunded, they had the HSM and two records a call outside the budget.
+            if not (isinstance(exc, StrongroomError) and callers_fault(exc)):
+                self._grants.refund(caller.spiffe_id, caller.serial)
             raise
 
     def _grant(

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import ResourceExhausted
+from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.keybroker.grant_budget import GrantLimits
 from strongroom.keybroker.keys import WRAPPED_DEK_BYTES, KeyManager
 from strongroom.keybroker.policies import PolicyStore
@@ -161,12 +162,42 @@ def test_rate_limited_releases_are_recorded_once_a_minute_and_counted_in_between
     assert _accounted(records, REASON) == flood + 1 + 7
 
 
-def test_the_budget_refills_and_a_release_refused_after_its_take_gives_it_back(
-    broker: Broker, now: list[float], hsm_calls: list[str]
+def test_releases_whose_wrapped_key_does_not_unwrap_spend_their_grants(
+    broker: Broker, hsm_calls: list[str]
 ) -> None:
-    for _ in range(CERTIFICATE_BURST + 2):  # refused after their grant was counted: not grants
-        refusal = broker.refuse(broker.request(wrapped_data_key=bytes(WRAPPED_DEK_BYTES)))
-        assert refusal.reason == "WRAPPED_KEY_INVALID"
+    """A genuine caller controls the wrapped data key it sends: one that does not unwrap failed
+    after its take (after its ALLOWED record, or once its releases unwrap first, in the HSM), and
+    each such refusal gave its grant back, so a caller sending made-up keys had the HSM's unwrap
+    and two records a call (unwrap_first's 64 per certificate, then the HSM's work alone)
+    outside the grant budget, at the broker's pace. A refusal the caller caused after its take
+    now spends its grant, as a release would have."""
+    flood = 20
+    refusals = [
+        broker.refuse(broker.request(wrapped_data_key=bytes(WRAPPED_DEK_BYTES))).reason
+        for _ in range(flood)
+    ]
+    # Before: 20 WRAPPED_KEY_INVALID, 20 re-wraps and 20 ALLOWED records.
+    assert refusals == ["WRAPPED_KEY_INVALID"] * CERTIFICATE_BURST + [REASON] * (
+        flood - CERTIFICATE_BURST
+    )
+    assert len(hsm_calls) == CERTIFICATE_BURST
+    assert _reasons(broker).count("RELEASED") == CERTIFICATE_BURST
+    _limited(broker)  # its genuine releases too: the grants went to the made-up keys
+
+
+def test_the_budget_refills_and_a_release_refused_for_the_brokers_failure_gives_it_back(
+    broker: Broker, now: list[float], hsm_calls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    audit = broker.engine._audit
+    real_append = audit.append
+
+    def full(event: Any, **kwargs: Any) -> Any:
+        raise AuditUnavailable("the audit log is full", reason="AUDIT_LOG_FULL")
+
+    monkeypatch.setattr(audit, "append", full)
+    for _ in range(CERTIFICATE_BURST + 2):  # refused after their take by an outage: not grants
+        assert broker.refuse(broker.request()).reason == "AUDIT_LOG_FULL"
+    monkeypatch.setattr(audit, "append", real_append)
     _grant(broker, CERTIFICATE_BURST)
     _limited(broker)  # before: granted
     now[0] += 1.0 / RATE - 1.0
