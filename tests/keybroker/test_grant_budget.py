@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from strongroom.attestation import Evidence
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import ResourceExhausted
+from strongroom.keybroker import release as release_module
 from strongroom.keybroker.errors import AuditUnavailable
 from strongroom.keybroker.grant_budget import GrantLimits
 from strongroom.keybroker.keys import WRAPPED_DEK_BYTES, KeyManager
@@ -85,6 +87,20 @@ def hsm_calls(broker: Broker, km: KeyManager, monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(km, "begin_release", counted)
     return calls
+
+
+@pytest.fixture
+def verifications(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The reports the broker verified (the real verification), from now on."""
+    reports: list[bytes] = []
+    real = release_module.verify_evidence
+
+    def counted(evidence: Evidence, **kwargs: Any) -> Any:
+        reports.append(evidence.report)
+        return real(evidence, **kwargs)
+
+    monkeypatch.setattr(release_module, "verify_evidence", counted)
+    return reports
 
 
 def _grant(b: Broker, times: int = 1) -> None:
@@ -206,3 +222,33 @@ def test_the_budget_refills_and_a_release_refused_for_the_brokers_failure_gives_
     _grant(broker)
     _limited(broker)
     assert len(hsm_calls) == 2 * CERTIFICATE_BURST + 2 + 1
+
+
+def test_a_caller_past_its_budget_is_refused_before_its_evidence_is_verified(
+    broker: Broker, now: list[float], verifications: list[bytes]
+) -> None:
+    """A caller past its budget was refused only after its evidence was verified (a P-384
+    signature and the VCEK chain to AMD's root, collateral looked up, per call): every refusal
+    cost the broker what a release's verification does. It is refused before that now, taking
+    nothing; one whose evidence is then refused (here: a report signed by another chip's key)
+    loses no grant to that refusal."""
+    _grant(broker, CERTIFICATE_BURST)
+    assert len(verifications) == CERTIFICATE_BURST
+    for _ in range(5):
+        _limited(broker)
+    assert len(verifications) == CERTIFICATE_BURST  # before: one verification per refusal
+    minted = _replica(broker, 0x2B)
+    _grant(minted, IDENTITY_BURST - CERTIFICATE_BURST)
+    assert "to this SPIFFE ID" in _limited(_replica(broker, 0x2C)).message
+    assert len(verifications) == IDENTITY_BURST
+    # A grant back for the certificate and its SPIFFE ID: evidence refused after the check takes
+    # none of it, and the next genuine release has it.
+    now[0] += 1.0 / RATE
+    genuine = broker.request()
+    report = bytearray(genuine.evidence.report)
+    report[0x2A0] ^= 1  # the report's signature
+    evidence = dataclasses.replace(genuine.evidence, report=bytes(report))
+    forged = dataclasses.replace(genuine, evidence=evidence)
+    assert broker.refuse(forged).reason not in (REASON, "RELEASED")
+    _grant(broker)
+    _limited(broker)
