@@ -21,7 +21,7 @@ from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import ResourceExhausted
 from strongroom.keybroker import release as release_module
 from strongroom.keybroker.errors import AuditUnavailable
-from strongroom.keybroker.grant_budget import GrantLimits
+from strongroom.keybroker.grant_budget import GrantBudget, GrantLimits
 from strongroom.keybroker.keys import WRAPPED_DEK_BYTES, KeyManager
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller
@@ -252,3 +252,16 @@ def test_a_caller_past_its_budget_is_refused_before_its_evidence_is_verified(
     assert broker.refuse(forged).reason not in (REASON, "RELEASED")
     _grant(broker)
     _limited(broker)
+
+
+def test_a_take_its_spiffe_id_refuses_leaves_the_certificate_its_grant(now: list[float]) -> None:
+    """A take past the SPIFFE ID's budget (reached only by releases racing past the check before
+    verification) counts nothing against the certificate either: its replica is refused for its
+    fleet's budget, not made to wait out its own as well."""
+    budget = GrantBudget(GrantLimits(2, RATE, 1, RATE), lambda: now[0])
+    budget.take(OTHER, 0x2A)  # the SPIFFE ID's one grant
+    for _ in range(3):
+        with pytest.raises(ResourceExhausted, match="to this SPIFFE ID"):
+            budget.take(OTHER, 0x2A)  # without the refund: "to this certificate" from the second
+    now[0] += 1.0 / RATE
+    budget.take(OTHER, 0x2A)
