@@ -4,7 +4,8 @@ Each configured version is tried once at start, then again while it fails, on a 
 own:
 
 * **soon**, for a failure that is transient (:func:`~strongroom.inference.loader.transient`: a
-  peer unavailable, or busy with this identity's other calls): 1 s doubling to 60 s;
+  peer unavailable, or busy with this identity's other calls, or the broker's grant budget spent
+  for now): 1 s doubling to 60 s;
 * **slowly**, for any other failure whose cause may go away without anyone touching this server
   (a release the broker's policy denies until an operator fixes the policy, a key version
   disabled then enabled again, a model not yet published, an artifact damaged then published
@@ -18,11 +19,11 @@ own:
   or a model this server refuses) is retried only once the store's entry for the version
   (StatModel, asked before each attempt) differs from what it was before the attempt that
   failed: such a failure can come only after the whole download and a key release the broker
-  granted (``ALLOWED``, never budgeted), and the same artifact fails the same way on this
+  granted (``ALLOWED``, within only the broker's grant budget), and the same artifact fails the same way on this
   server; until then each retry is that one StatModel call;
 * **never**, for a failure only this server's own configuration can change
   (:data:`NEEDS_OUR_CONFIGURATION`): each try would be a key release the broker granted, and
-  recorded as ``ALLOWED`` (never budgeted), before this server refused the answer. ``0`` for
+  recorded as ``ALLOWED`` (within only the broker's grant budget), before this server refused the answer. ``0`` for
   ``failed_load_retry_seconds`` retries no slow failure (what the server did before).
 
 The retries of a version end when it loads (its retry's load, or an operator's LoadModel), when

@@ -28,7 +28,9 @@ it is ``DATA_LOSS`` with the artifact reader's reason, like a failed authenticat
 ``TOO_MANY_CALLS_PER_CERTIFICATE`` (the broker or the store busy with this identity's, or this
 certificate's, other calls and streams), ``TOO_MANY_STREAMS_PER_IDENTITY``,
 ``TOO_MANY_STREAMS_PER_CERTIFICATE`` or ``TOO_MANY_STREAMS`` (the store's streams of this identity,
-of this certificate, or in all, taken) or ``DATA_PLANE_WORKERS_BUSY`` (a peer's data-plane workers all busy), with
+of this certificate, or in all, taken), ``DATA_PLANE_WORKERS_BUSY`` (a peer's data-plane workers all
+busy) or ``RELEASES_RATE_LIMITED`` (the broker's grant budget for this certificate or identity
+spent for now), with
 exponential back-off until a deadline; nothing else is retried (a denied release or a damaged
 artifact needs an operator). Configured models retry without a deadline (see the server);
 LoadModel retries within :data:`LOAD_RETRY_SECONDS` or the caller's own deadline, whichever is
@@ -93,14 +95,19 @@ BUSY_REFUSALS = frozenset(
         Reason.TOO_MANY_STREAMS_PER_CERTIFICATE,
         Reason.TOO_MANY_STREAMS,
         Reason.DATA_PLANE_WORKERS_BUSY,
+        Reason.RELEASES_RATE_LIMITED,
     }
 )
 """RESOURCE_EXHAUSTED refusals that say "retry later" rather than "too large": the key broker had
 as many calls of this identity (or of this server's certificate, its share) running as it admits, or the store as many of its streams (or
 of this server's certificate, its share, or blocking streams in all), or either had every
-data-plane worker busy. Every replica of the
+data-plane worker busy; or the key broker had granted this server's certificate (or the fleet's
+SPIFFE ID) as many releases as its grant budget admits for now, and gives one back each second or
+so (``RELEASES_RATE_LIMITED``: a replica's burst of loads). Every replica of the
 inference service shares its SPIFFE ID, so a fleet's releases at once while collateral or the HSM
-is slow, or its downloads at once, reach them."""
+is slow, or its downloads at once, reach them. A retry cannot spend the grant budget it waits
+for: the broker takes a grant only for a release it grants, and refuses one past the budget
+before the evidence is verified."""
 
 
 def transient(exc: BaseException) -> bool:

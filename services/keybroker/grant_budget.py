@@ -12,11 +12,17 @@ So a release the policy allowed takes a token from its caller's certificate
 (:func:`~strongroom.runtime.callers.certificate_bucket`) and from its SPIFFE ID before the HSM is
 asked or anything is recorded ``ALLOWED``; past either it is refused ``RESOURCE_EXHAUSTED``
 ``RELEASES_RATE_LIMITED`` (the release engine records that refusal once, then counts it, as the
-other budgets' refusals). The certificate's budget first: one replica past its own spends none of
+other budgets' refusals); a caller with no grant left is refused so before its evidence is
+verified (:meth:`GrantBudget.check`, taking nothing), so that its refusals cost no signature and
+chain check each. The certificate's budget first: one replica past its own spends none of
 its fleet's. The SPIFFE ID's is the real bound: a replica holding its service's provisioner mints
 certificates at will, each with a budget of its own, and every replica of a fleet shares the one
-SPIFFE ID. A release refused after its token was taken (the HSM's failure, the audit log's, a
-wrapped key that does not unwrap) gives it back: only grants count.
+SPIFFE ID. A release refused after its token was taken for the broker's failure (the HSM's, the
+audit log's, a bug) gives it back: only grants and the caller's own refusals count. A refusal the
+caller caused after its take (a wrapped key it sent that does not unwrap, a key version disabled)
+spends it: the caller chooses its wrapped key, and made-up ones, refunded, had the HSM's unwrap
+(and, until its releases unwrap first, an ``ALLOWED`` and a ``DENIED`` record) on every call
+outside the budget.
 
 The defaults (:class:`GrantLimits`) are sized so that an honest fleet never meets them; see
 there. The certificates remembered are bounded (:data:`MAX_CERTIFICATES_TRACKED`), as in the
@@ -78,26 +84,44 @@ class GrantBudget:
         :data:`~strongroom.runtime.callers.MAX_CERTIFICATES_TRACKED`)."""
         return len(self._certificates)
 
+    def check(self, spiffe_id: str, serial: int) -> None:
+        """Refuses, as :meth:`take` would, a caller with no grant left in either budget, taking
+        nothing: called before its evidence is verified, so that a caller past its budget costs
+        the broker no signature and chain check per call, and one within it loses nothing to a
+        refusal that follows (its evidence, its policy)."""
+        certificate = certificate_bucket(spiffe_id, serial)
+        if not self._certificates.available(certificate):
+            raise self._past_certificate()
+        if not self._identities.available(spiffe_id):
+            raise self._past_identity()
+
     def take(self, spiffe_id: str, serial: int) -> None:
         """Counts one grant to this caller's certificate and SPIFFE ID; past either budget,
         :class:`ResourceExhausted` ``RELEASES_RATE_LIMITED`` (nothing counted)."""
-        limits = self._limits
         certificate = certificate_bucket(spiffe_id, serial)
         if not self._certificates.take(certificate):
-            raise ResourceExhausted(
-                f"more than {limits.certificate_burst} key releases granted at once, or more "
-                f"than {limits.certificate_rate:g} a second after that, to this certificate; "
-                "retry later",
-                reason=Reason.RELEASES_RATE_LIMITED,
-            )
+            raise self._past_certificate()
         if not self._identities.take(spiffe_id):
             self._certificates.refund(certificate)  # no grant: its own budget stays whole
-            raise ResourceExhausted(
-                f"more than {limits.identity_burst} key releases granted at once, or more than "
-                f"{limits.identity_rate:g} a second after that, to this SPIFFE ID (all its "
-                "certificates together); retry later",
-                reason=Reason.RELEASES_RATE_LIMITED,
-            )
+            raise self._past_identity()
+
+    def _past_certificate(self) -> ResourceExhausted:
+        limits = self._limits
+        return ResourceExhausted(
+            f"more than {limits.certificate_burst} key releases granted at once, or more "
+            f"than {limits.certificate_rate:g} a second after that, to this certificate; "
+            "retry later",
+            reason=Reason.RELEASES_RATE_LIMITED,
+        )
+
+    def _past_identity(self) -> ResourceExhausted:
+        limits = self._limits
+        return ResourceExhausted(
+            f"more than {limits.identity_burst} key releases granted at once, or more than "
+            f"{limits.identity_rate:g} a second after that, to this SPIFFE ID (all its "
+            "certificates together); retry later",
+            reason=Reason.RELEASES_RATE_LIMITED,
+        )
 
     def refund(self, spiffe_id: str, serial: int) -> None:
         """Gives back the grant :meth:`take` counted for a release that was then refused."""

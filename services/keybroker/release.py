@@ -325,7 +325,8 @@ class ReleaseEngine:
 
         A release the policy allowed is within its caller's grant budget, per certificate and per
         SPIFFE ID (:mod:`strongroom.keybroker.grant_budget`), or refused before the HSM and any
-        ``ALLOWED`` record (``RELEASES_RATE_LIMITED``); those refusals are recorded the first and
+        ``ALLOWED`` record (``RELEASES_RATE_LIMITED``; a caller with no grant left is refused so
+        before its evidence is verified); those refusals are recorded the first and
         then one a minute per SPIFFE ID, each with the count of those left unrecorded before it
         (``REFUSALS_COUNTED`` from the broker's pass for a caller that stopped).
         """
@@ -356,6 +357,10 @@ class ReleaseEngine:
         # 3. The key must have a policy (deny by default), and it must name the caller: evidence
         # from anyone else is not worth a signature check or a collateral fetch.
         stored = self._policy_naming(caller, key_id, context)
+        # A caller past its grant budget (7.) is refused before its evidence costs a signature
+        # and chain check, which a refusal after it cost on every call; nothing is taken yet, so
+        # a refusal of its evidence or by its policy costs it no grant.
+        self._grants.check(caller.spiffe_id, caller.serial)
         # 4. Evidence: signatures and chains to the pinned roots, as of now.
         verify_started = time.perf_counter()
         # Its VCEK fetches count against its certificate's budget and its SPIFFE ID's.
@@ -388,8 +393,13 @@ class ReleaseEngine:
                 target=target,
                 times=(started, verify_started, verified),
             )
-        except BaseException:
-            self._grants.refund(caller.spiffe_id, caller.serial)  # refused: no grant
+        except BaseException as exc:
+            # The broker's failure (an HSM or audit outage, a bug) gives the grant back. A refusal
+            # the caller caused here spends it: a genuine caller sends the wrapped key (made-up
+            # ones fail after the take, in the HSM, after an ALLOWED record until they unwrap
+            # first) and refunded, they had the HSM and two records a call outside the budget.
+            if not (isinstance(exc, StrongroomError) and callers_fault(exc)):
+                self._grants.refund(caller.spiffe_id, caller.serial)
             raise
 
     def _grant(

@@ -427,3 +427,36 @@ def _stop(stack: DevStack, *services: str) -> None:
         earlier = stack.services.pop(service, None)
         if earlier is not None:
             earlier.stop()
+
+
+def test_a_load_refused_past_its_certificates_release_budget_is_retried(
+    stack: DevStack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker grants each caller certificate a burst of releases, then one each so often
+    (keybroker.release_budget_certificate_*): a replica's LoadModel past its burst was refused
+    RESOURCE_EXHAUSTED RELEASES_RATE_LIMITED and failed at once, although a grant came back
+    within the retry window. It is retried with the busy refusals' back-off now; a refused
+    release takes no grant, so the retries cannot spend the budget they wait for."""
+    stack.create_release_key(stack.identity("admin"), "granted", policy_version="1")
+    model = train(tmp_path / "m.onnx").path
+    _publish_files(stack, "granted", {"first": model, "second": model})
+    _stop(stack, "keybroker", "inference")
+    # One grant per certificate at once, then one each 10 s: the first load spends it, and the
+    # second's release is refused until it is back, well within the 60 s given to its retries.
+    budget = {"release_budget_certificate_burst": 1, "release_budget_certificate_rate": 0.1}
+    stack.start_in_process("keybroker", {**stack.default_section("keybroker"), **budget})
+    inference = stack.start_in_process("inference").handle
+    try:
+        inference.loader.load("first", "1")
+        with caplog.at_level(logging.WARNING, logger="strongroom.inference.loader"):
+            inference.loader.load_with_retry("second", "1", within=60)
+        retried = [
+            getattr(r, "reason", None)
+            for r in caplog.records
+            if r.name == "strongroom.inference.loader" and "retrying" in r.message
+        ]
+        assert retried and set(retried) == {"RELEASES_RATE_LIMITED"}
+        assert inference.repository.is_ready("second", "1")
+    finally:
+        _stop(stack, "inference", "keybroker")
+        stack.start_in_process("keybroker")  # as the module's other tests expect it

@@ -31,7 +31,9 @@ from strongroom.errors import InvalidArgument, PermissionDenied, StrongroomError
 from strongroom.keybroker import fetch_budget, refusals
 from strongroom.keybroker.audit import AuditLog
 from strongroom.keybroker.challenge import ChallengeIssuer
+from strongroom.keybroker.config import MAX_RELEASE_BURST, MAX_RELEASE_RATE
 from strongroom.keybroker.errors import AuditUnavailable
+from strongroom.keybroker.grant_budget import GrantLimits
 from strongroom.keybroker.keys import WRAPPED_DEK_BYTES, DataKey, KeyManager
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
@@ -128,6 +130,24 @@ def broker(
 
 
 @pytest.fixture
+def grants_unbudgeted(
+    km: KeyManager, sim_authority: SimulatedAuthority, tee_key: rsa.RSAPrivateKey, tmp_path: Path
+) -> Iterator[Broker]:
+    """:func:`broker` with a grant budget no test here meets: a made-up wrapped key spends its
+    caller's grant (:mod:`strongroom.keybroker.grant_budget`), 64 per certificate by default, the
+    number of failures after ``ALLOWED`` unwrap_first admits; these tests go past that."""
+    limits = GrantLimits(
+        certificate_burst=MAX_RELEASE_BURST,
+        certificate_rate=MAX_RELEASE_RATE,
+        identity_burst=MAX_RELEASE_BURST,
+        identity_rate=MAX_RELEASE_RATE,
+    )
+    collateral = sim_authority.collateral_source()
+    with _broker(km, sim_authority, tee_key, tmp_path, collateral, grant_limits=limits) as b:
+        yield b
+
+
+@pytest.fixture
 def broker_kds_down(
     km: KeyManager, sim_authority: SimulatedAuthority, tee_key: rsa.RSAPrivateKey, tmp_path: Path
 ) -> Iterator[Broker]:
@@ -213,13 +233,14 @@ def test_a_policy_that_does_not_load_cannot_have_its_refusals_fill_the_log(
 
 
 def test_a_genuine_caller_sending_garbage_wrapped_keys_cannot_fill_the_log(
-    broker: Broker,
+    grants_unbudgeted: Broker,
 ) -> None:
     """The HSM re-wraps once the ALLOWED record has its place in the log: a wrapped data key
     that does not unwrap was an ALLOWED record and then a DENIED one, both outside any budget,
     for every call of a genuinely attested caller. Past 64 such failures its releases are
     unwrapped before their record: a garbage key is then an ordinary refusal of the caller's,
     under its budget per reason, and a good one is still released (and recorded)."""
+    broker = grants_unbudgeted
     garbage = bytes(WRAPPED_DEK_BYTES)
     extra = 20
     flood = BURST + BURST + 1 + extra
@@ -274,7 +295,7 @@ def _garbage(b: Broker, times: int) -> None:
 
 
 def test_one_bad_replica_puts_only_itself_on_the_unwrap_first_path(
-    broker: Broker, caplog: pytest.LogCaptureFixture
+    grants_unbudgeted: Broker, caplog: pytest.LogCaptureFixture
 ) -> None:
     """unwrap_first was keyed on the SPIFFE ID, which a fleet's replicas share: one replica
     sending wrapped keys that do not unwrap put every replica's releases on the slower path
@@ -282,6 +303,7 @@ def test_one_bad_replica_puts_only_itself_on_the_unwrap_first_path(
     said so. It is per certificate now (and per SPIFFE ID only four times further: a replica
     minting certificates gains little, see below), and the switch is logged with the caller's
     certificate serial."""
+    broker = grants_unbudgeted
     bad, other = broker, _replica(broker, 0x2B)
     _garbage(bad, BURST + 1)
     assert not _decided_allowed_first(bad.records())  # its own: refused before any record

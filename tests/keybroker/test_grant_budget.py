@@ -16,9 +16,12 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from strongroom.attestation import Evidence
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import ResourceExhausted
-from strongroom.keybroker.grant_budget import GrantLimits
+from strongroom.keybroker import release as release_module
+from strongroom.keybroker.errors import AuditUnavailable
+from strongroom.keybroker.grant_budget import GrantBudget, GrantLimits
 from strongroom.keybroker.keys import WRAPPED_DEK_BYTES, KeyManager
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller
@@ -84,6 +87,20 @@ def hsm_calls(broker: Broker, km: KeyManager, monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(km, "begin_release", counted)
     return calls
+
+
+@pytest.fixture
+def verifications(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The reports the broker verified (the real verification), from now on."""
+    reports: list[bytes] = []
+    real = release_module.verify_evidence
+
+    def counted(evidence: Evidence, **kwargs: Any) -> Any:
+        reports.append(evidence.report)
+        return real(evidence, **kwargs)
+
+    monkeypatch.setattr(release_module, "verify_evidence", counted)
+    return reports
 
 
 def _grant(b: Broker, times: int = 1) -> None:
@@ -161,12 +178,42 @@ def test_rate_limited_releases_are_recorded_once_a_minute_and_counted_in_between
     assert _accounted(records, REASON) == flood + 1 + 7
 
 
-def test_the_budget_refills_and_a_release_refused_after_its_take_gives_it_back(
-    broker: Broker, now: list[float], hsm_calls: list[str]
+def test_releases_whose_wrapped_key_does_not_unwrap_spend_their_grants(
+    broker: Broker, hsm_calls: list[str]
 ) -> None:
-    for _ in range(CERTIFICATE_BURST + 2):  # refused after their grant was counted: not grants
-        refusal = broker.refuse(broker.request(wrapped_data_key=bytes(WRAPPED_DEK_BYTES)))
-        assert refusal.reason == "WRAPPED_KEY_INVALID"
+    """A genuine caller controls the wrapped data key it sends: one that does not unwrap failed
+    after its take (after its ALLOWED record, or once its releases unwrap first, in the HSM), and
+    each such refusal gave its grant back, so a caller sending made-up keys had the HSM's unwrap
+    and two records a call (unwrap_first's 64 per certificate, then the HSM's work alone)
+    outside the grant budget, at the broker's pace. A refusal the caller caused after its take
+    now spends its grant, as a release would have."""
+    flood = 20
+    refusals = [
+        broker.refuse(broker.request(wrapped_data_key=bytes(WRAPPED_DEK_BYTES))).reason
+        for _ in range(flood)
+    ]
+    # Before: 20 WRAPPED_KEY_INVALID, 20 re-wraps and 20 ALLOWED records.
+    assert refusals == ["WRAPPED_KEY_INVALID"] * CERTIFICATE_BURST + [REASON] * (
+        flood - CERTIFICATE_BURST
+    )
+    assert len(hsm_calls) == CERTIFICATE_BURST
+    assert _reasons(broker).count("RELEASED") == CERTIFICATE_BURST
+    _limited(broker)  # its genuine releases too: the grants went to the made-up keys
+
+
+def test_the_budget_refills_and_a_release_refused_for_the_brokers_failure_gives_it_back(
+    broker: Broker, now: list[float], hsm_calls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    audit = broker.engine._audit
+    real_append = audit.append
+
+    def full(event: Any, **kwargs: Any) -> Any:
+        raise AuditUnavailable("the audit log is full", reason="AUDIT_LOG_FULL")
+
+    monkeypatch.setattr(audit, "append", full)
+    for _ in range(CERTIFICATE_BURST + 2):  # refused after their take by an outage: not grants
+        assert broker.refuse(broker.request()).reason == "AUDIT_LOG_FULL"
+    monkeypatch.setattr(audit, "append", real_append)
     _grant(broker, CERTIFICATE_BURST)
     _limited(broker)  # before: granted
     now[0] += 1.0 / RATE - 1.0
@@ -175,3 +222,46 @@ def test_the_budget_refills_and_a_release_refused_after_its_take_gives_it_back(
     _grant(broker)
     _limited(broker)
     assert len(hsm_calls) == 2 * CERTIFICATE_BURST + 2 + 1
+
+
+def test_a_caller_past_its_budget_is_refused_before_its_evidence_is_verified(
+    broker: Broker, now: list[float], verifications: list[bytes]
+) -> None:
+    """A caller past its budget was refused only after its evidence was verified (a P-384
+    signature and the VCEK chain to AMD's root, collateral looked up, per call): every refusal
+    cost the broker what a release's verification does. It is refused before that now, taking
+    nothing; one whose evidence is then refused (here: a report signed by another chip's key)
+    loses no grant to that refusal."""
+    _grant(broker, CERTIFICATE_BURST)
+    assert len(verifications) == CERTIFICATE_BURST
+    for _ in range(5):
+        _limited(broker)
+    assert len(verifications) == CERTIFICATE_BURST  # before: one verification per refusal
+    minted = _replica(broker, 0x2B)
+    _grant(minted, IDENTITY_BURST - CERTIFICATE_BURST)
+    assert "to this SPIFFE ID" in _limited(_replica(broker, 0x2C)).message
+    assert len(verifications) == IDENTITY_BURST
+    # A grant back for the certificate and its SPIFFE ID: evidence refused after the check takes
+    # none of it, and the next genuine release has it.
+    now[0] += 1.0 / RATE
+    genuine = broker.request()
+    report = bytearray(genuine.evidence.report)
+    report[0x2A0] ^= 1  # the report's signature
+    evidence = dataclasses.replace(genuine.evidence, report=bytes(report))
+    forged = dataclasses.replace(genuine, evidence=evidence)
+    assert broker.refuse(forged).reason not in (REASON, "RELEASED")
+    _grant(broker)
+    _limited(broker)
+
+
+def test_a_take_its_spiffe_id_refuses_leaves_the_certificate_its_grant(now: list[float]) -> None:
+    """A take past the SPIFFE ID's budget (reached only by releases racing past the check before
+    verification) counts nothing against the certificate either: its replica is refused for its
+    fleet's budget, not made to wait out its own as well."""
+    budget = GrantBudget(GrantLimits(2, RATE, 1, RATE), lambda: now[0])
+    budget.take(OTHER, 0x2A)  # the SPIFFE ID's one grant
+    for _ in range(3):
+        with pytest.raises(ResourceExhausted, match="to this SPIFFE ID"):
+            budget.take(OTHER, 0x2A)  # without the refund: "to this certificate" from the second
+    now[0] += 1.0 / RATE
+    budget.take(OTHER, 0x2A)
