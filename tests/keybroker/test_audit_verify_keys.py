@@ -203,7 +203,7 @@ def test_a_continuation_whose_heads_name_the_brokers_key_falsely_is_tampering(
 
 
 def test_a_series_from_before_heads_carried_the_key_still_verifies(
-    series: Path, key: Ed25519PrivateKey, capsys: pytest.CaptureFixture[str]
+    series: Path, key: Ed25519PrivateKey, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Heads written before they carried the key (``pub``), by an older release, beside heads
     that carry it, in either order (an upgrade, a downgrade): one key signed them all, so the
@@ -217,6 +217,13 @@ def test_a_series_from_before_heads_carried_the_key_still_verifies(
     assert f"head signatures valid with the key a head carries, {fingerprint}" in out
     assert "which only --public-key proves the broker's" in out
     assert verify_audit_paths([series], public_key=key.public_key()).intact
+    archive = tmp_path / "archive"  # the older files shipped apart from the live ones
+    archive.mkdir()
+    for name in ("audit.log.0-2", "audit.log.0-2.head", "audit.log.3-5", "audit.log.3-5.head"):
+        shutil.move(series / name, archive / name)
+    assert verify_audit_paths([archive, series]).intact
+    for path in list(archive.iterdir()):
+        shutil.move(path, series / path.name)
 
     _resign(series / "audit.log.head", key, pub=None)  # a downgrade: the newest lack it
     assert verify_audit_paths([series]).intact
