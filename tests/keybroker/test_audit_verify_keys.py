@@ -256,3 +256,40 @@ def test_changing_the_audit_key_starts_a_new_chain(
     assert verify_audit_paths([archive], public_key=key.public_key()).intact
     assert verify_audit_paths([series], public_key=new.public_key()).intact
     assert verify_audit_paths([archive, series]).problem == "SERIES_OVERLAP"
+
+
+@pytest.mark.parametrize("carries", ["no key", "the forger's key", "the broker's key"])
+def test_a_continuation_of_heads_from_before_they_carried_the_key(
+    series: Path, key: Ed25519PrivateKey, tmp_path: Path, carries: str
+) -> None:
+    """The files kept were written before heads carried the key (an older release), and the
+    forged continuation names the broker's key. Carrying a key, its first forged file is the
+    one blamed: the broker's key does not verify its head, and another key is not the one it
+    names (were that not checked, the other key would be the series' and the broker's own
+    older heads the ones blamed). Carrying none, names alone are compared and it verifies: the
+    limit README item 54 states, which only --public-key closes."""
+    forger = Ed25519PrivateKey.generate()
+    broker = audit_module._key_fingerprint(key.public_key())
+    for old in ("audit.log.0-2.head", "audit.log.3-5.head"):
+        _resign(series / old, key, pub=None)
+    _forge_after(series, "audit.log.3-5", forger, tmp_path / "forged")
+    pub = {
+        "no key": None,
+        "the forger's key": public_text(forger.public_key()),
+        "the broker's key": public_text(key.public_key()),
+    }[carries]
+    for head in _heads_named(series, audit_module._key_fingerprint(forger.public_key())):
+        _resign(head, forger, key=broker, pub=pub)
+    result = verify_audit_paths([series])
+    if carries == "no key":
+        assert result.intact and "every head names key" in result.message
+        assert verify_audit_paths([series], public_key=key.public_key()).problem == (
+            "HEAD_SIGNATURE_INVALID"
+        )
+        return
+    problem = "HEAD_MALFORMED" if carries == "the forger's key" else "HEAD_SIGNATURE_INVALID"
+    assert (result.intact, result.problem, result.bad_file) == (
+        False,
+        problem,
+        series / "audit.log.6-8",
+    )
