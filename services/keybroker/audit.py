@@ -214,6 +214,7 @@ from strongroom.keybroker.audit_head import (
     HeadFile,
     ParsedHead,
     canonical_json,
+    key_fingerprint,
 )
 from strongroom.keybroker.audit_head import parse as parse_head
 from strongroom.keybroker.audit_names import list_sealed, open_regular, sealed_log_name
@@ -467,7 +468,7 @@ def load_public_key(pem: bytes) -> Ed25519PublicKey:
 
 def _key_fingerprint(key: Ed25519PublicKey) -> str:
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:32]
+    return key_fingerprint(raw)
 
 
 def _now_text(clock: Callable[[], float]) -> str:

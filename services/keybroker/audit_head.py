@@ -7,11 +7,14 @@ overwrite in turn.
 
 **Layout** (head format 2). :data:`FILE_BYTES` bytes. Head *generation* ``g`` lives in slot
 ``g % 2``, at offset ``(g % 2) * SLOT_STRIDE``: the canonical JSON of ``{v, gen, count, last_hash,
-time, key, sig}`` and a newline, zero-padded to :data:`SLOT_BYTES`. ``sig`` is the broker's Ed25519
-signature over the domain ``strongroom-audit-head-v1`` and the document without ``sig``. ``key``
-names the signing key (the first 32 hex digits of the SHA-256 of its raw public key); only the
-signature, checked with that key, proves it (``audit verify`` without a key compares the names
-across a series: :func:`~strongroom.keybroker.audit_verify.verify_audit_series`). A commit
+time, key, pub, sig}`` and a newline, zero-padded to :data:`SLOT_BYTES`. ``sig`` is the broker's
+Ed25519 signature over the domain ``strongroom-audit-head-v1`` and the document without ``sig``.
+``key`` names the signing key (:func:`key_fingerprint`) and ``pub`` is that key (its raw public
+bytes in base64; heads written before it was added lack it), so that ``audit verify`` without a
+pinned key can check every head of a series with the key one of its heads carries: a forger who
+keeps older files can only continue them with heads this key verifies, which needs the broker's
+private key. Only a pinned key proves that key the broker's (a series replaced whole carries the
+forger's). A reader that predates ``pub`` ignores it (the signature covers it). A commit
 writes generation ``g + 1`` over generation ``g - 1`` with one ``pwrite`` and one ``fdatasync``.
 
 **Crashes.** Each slot is one 512-byte sector at the start of its own 4 KiB page, written whole by
@@ -54,6 +57,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -65,6 +69,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from strongroom import jsonparse
@@ -79,10 +84,11 @@ GENESIS_HASH = "0" * 64
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")  # a SHA-256 in lowercase hex
 # A head voids at most this many refused batches by their first record's hash (this prefix of
 # it); past that, every record after it that it does not anchor (``void_all``). Sized to fit a
-# slot beside the largest head.
+# slot beside the largest head (with ``pub``: 510 of 512 bytes at 2**63 counts).
 VOID_MAX = 3
 VOID_PREFIX = 32
 _VOID_RE = re.compile(r"^[0-9a-f]{32}$")
+_PUBLIC_BYTES = 32  # an Ed25519 public key's raw bytes
 _log = logging.getLogger("strongroom.keybroker.audit")
 
 
@@ -107,7 +113,9 @@ class ParsedHead:
     ``size`` the sealed log's length in bytes (None: sealed before heads said it, or not sealed);
     ``void``/``void_all``: the batches written after it that the broker refused (see
     :meth:`HeadFile.write`); ``key``: the fingerprint of the signing key the current head names
-    (None if it names none), which only a check of its signature with that key proves."""
+    (None if it names none), which only a check of its signature with that key proves;
+    ``public``: the raw public key the current head carries (``pub``; None in heads written
+    before it), already checked to be the key it names, not that it signed the head."""
 
     head: Head
     generation: int | None
@@ -117,6 +125,7 @@ class ParsedHead:
     void_all: bool = False
     size: int | None = None
     key: str | None = None
+    public: bytes | None = None
 
     def voids(self, record_hash: str) -> bool:
         """Whether the record chained right after this head with ``record_hash`` was refused."""
@@ -133,6 +142,31 @@ _CANONICAL = json.JSONEncoder(
 def canonical_json(value: Any) -> bytes:
     """Sorted keys, no whitespace, ASCII only, no NaN/Infinity."""
     return _CANONICAL.encode(value).encode("ascii")
+
+
+def key_fingerprint(raw_public: bytes) -> str:
+    """What a head's ``key`` says of its signing key: the first 32 hex digits of the SHA-256 of
+    the key's raw public bytes."""
+    return hashlib.sha256(raw_public).hexdigest()[:32]
+
+
+def public_text(key: Ed25519PublicKey) -> str:
+    """A head's ``pub``: ``key``'s raw public bytes in base64."""
+    return base64.b64encode(
+        key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    ).decode()
+
+
+def _embedded_key(document: dict[str, Any]) -> bytes | None:
+    """The raw public key a head document carries (``pub``), checked to be the key its ``key``
+    names; None if it carries none. Raises ValueError."""
+    if "pub" not in document:
+        return None
+    text = document["pub"]
+    raw = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
+    if len(raw) != _PUBLIC_BYTES or key_fingerprint(raw) != document.get("key"):
+        raise ValueError("its pub is not the key it names")
+    return raw
 
 
 def _document(raw: bytes, public_key: Ed25519PublicKey | None) -> dict[str, Any]:
@@ -167,6 +201,7 @@ def _document(raw: bytes, public_key: Ed25519PublicKey | None) -> dict[str, Any]
         raise ValueError("bad void")
     if public_key is not None:
         public_key.verify(signature, HEAD_DOMAIN + canonical_json(document))
+    _embedded_key(document)  # after the signature: a pinned key's verdict is the stronger
     return document
 
 
@@ -246,6 +281,7 @@ def parse(raw: bytes, public_key: Ed25519PublicKey | None) -> ParsedHead:
         bool(current.get("void_all")),
         current.get("size"),
         _named_key(current),
+        _embedded_key(current),
     )
 
 
@@ -266,6 +302,7 @@ def _slot_bytes(
     size: int | None = None,
     void: tuple[str, ...] = (),
     void_all: bool = False,
+    public: str | None = None,
 ) -> bytes:
     body: dict[str, Any] = {
         "v": VERSION,
@@ -274,6 +311,7 @@ def _slot_bytes(
         "last_hash": head.last_hash,
         "time": time_text,
         "key": fingerprint,
+        "pub": public_text(key.public_key()) if public is None else public,
     }
     if head.base:
         body["base"] = head.base
@@ -310,6 +348,7 @@ class HeadFile:
         self._path = path
         self._key = key
         self._public = key.public_key()
+        self._public_text = public_text(self._public)
         self._fingerprint = fingerprint
         self._now_text = now_text
         self._dir_fd = dir_fd
@@ -392,6 +431,7 @@ class HeadFile:
             size=size,
             void=void,
             void_all=void_all,
+            public=self._public_text,
         )
         offset = (generation % 2) * SLOT_STRIDE
         before = self._raw[offset : offset + len(slot)]
@@ -411,9 +451,9 @@ class HeadFile:
         self._generation = generation
 
     def _create(self, head: Head) -> None:
-        raw = _slot_bytes(head, 0, self._key, self._fingerprint, self._now_text()).ljust(
-            FILE_BYTES, b"\0"
-        )
+        raw = _slot_bytes(
+            head, 0, self._key, self._fingerprint, self._now_text(), public=self._public_text
+        ).ljust(FILE_BYTES, b"\0")
         # Whoever can write the directory can plant names in it: a fresh random name, created
         # exclusively and never through a symlink, so no planted file or link is written through
         # (a predictable name let a symlink make the broker overwrite any file it may write).

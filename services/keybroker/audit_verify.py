@@ -38,7 +38,13 @@ from strongroom.keybroker.audit import (
     record_hash,
     record_signed_by,
 )
-from strongroom.keybroker.audit_head import FILE_BYTES, GENESIS_HASH, HEX64_RE, canonical_json
+from strongroom.keybroker.audit_head import (
+    FILE_BYTES,
+    GENESIS_HASH,
+    HEX64_RE,
+    canonical_json,
+    key_fingerprint,
+)
 from strongroom.keybroker.audit_head import parse as parse_head
 from strongroom.keybroker.audit_names import (
     HEAD_SUFFIX,
@@ -83,7 +89,10 @@ class AuditVerification:
 
     ``head_key`` is the fingerprint of the signing key the head names (None: it names none). It
     is proved only with ``public_key`` (the signature checked); without it, it is what the head
-    claims, which :func:`verify_audit_series` compares across files.
+    claims, which :func:`verify_audit_series` compares across files. ``head_public`` is the raw
+    public key the head carries (None in heads written before they carried it), and
+    ``head_raw`` the head file's bytes judged: without ``public_key``, the series checks every
+    head with the key the first of them to carry one carries.
     """
 
     intact: bool
@@ -99,6 +108,8 @@ class AuditVerification:
     release_signing_keys: tuple[tuple[str, int], ...] = ()
     rotation_cut: str = ""
     head_key: str | None = None
+    head_public: bytes | None = None
+    head_raw: bytes = dataclasses.field(default=b"", repr=False, compare=False)
 
 
 def _is_granted_release(record: dict[str, object]) -> bool:
@@ -478,6 +489,8 @@ def _verify_audit_log(
         sealed=sealed,
         release_signing_keys=tuple(signing_keys.items()),
         head_key=parsed.key,
+        head_public=parsed.public,
+        head_raw=raw_head,
     )
 
 
@@ -719,8 +732,9 @@ def verify_audit_series(
     that file's last hash, its first ``seq`` that file's end), every file but the last is
     sealed and each head names the signing key the file before's names (the broker never changes
     its key within a chain: it opens no head another key signed; SERIES_KEY_CHANGED). Without
-    ``public_key`` that name is all there is to compare, which a forger may write as they please:
-    only the key proves the heads the broker's. A missing file in the middle, two files covering the same records, a file from
+    ``public_key``, every head is checked with the key the first head carrying one carries
+    (:func:`_heads_signed_by_carried_key`), else names alone are compared, which a forger may
+    write as they please: only ``public_key`` proves the heads the broker's. A missing file in the middle, two files covering the same records, a file from
     another chain, a file continued though not sealed, or a sealed file renamed to another range
     breaks the series; a series that starts after seq 0 (older sealed files deleted: retention)
     does not, and the message says where it starts.
@@ -819,6 +833,9 @@ def verify_audit_series(
                     else ""
                 ),
             )
+    carried = None if public_key is not None else _heads_signed_by_carried_key(ordered)
+    if isinstance(carried, tuple):
+        return broken(*carried)
     for path, verdict in ordered:
         span = (verdict.first_seq, verdict.first_seq + verdict.records - 1)
         if has_sealed_shape(path.name) and sealed_range(path.name) != span:
@@ -844,6 +861,9 @@ def verify_audit_series(
         + (
             "; head signatures valid"
             if checked
+            else f"; head signatures valid with the key a head carries, {carried}, which only "
+            "--public-key proves the broker's"
+            if carried
             else "; head signatures NOT checked ("
             + _named_key_text([verdict.head_key for _, verdict in ordered])
             + ")"
@@ -857,6 +877,37 @@ def verify_audit_series(
         )
         + "".join(f"; {note}" for note in notes),
     )
+
+
+def _heads_signed_by_carried_key(
+    ordered: list[tuple[Path, AuditVerification]],
+) -> str | tuple[str, Path, str] | None:
+    """Without a pinned key, checks every head of a series (``ordered``, whose heads all name one
+    key) with the public key the first head to carry one carries (``pub``, checked when parsed
+    to be the key the heads name): the broker signs every head of a chain with one key, so a
+    forger who keeps older files of it cannot continue them with heads naming its key without
+    its private key. Returns that key's fingerprint when every head verifies, None when no head
+    carries a key (written before heads did: names alone are compared), or what
+    :func:`verify_audit_series` reports at the first head it did not sign."""
+    carriers = [(path, v.head_public) for path, v in ordered if v.head_public is not None]
+    if not carriers:
+        return None
+    source_path, public = carriers[0]
+    key = Ed25519PublicKey.from_public_bytes(public)
+    for path, verdict in ordered:
+        try:
+            parse_head(verdict.head_raw, key)
+        except InvalidSignature:
+            return (
+                "HEAD_SIGNATURE_INVALID",
+                path,
+                f"{path.name}'s head names signing key {verdict.head_key} but is not signed by "
+                f"it: {source_path.name}'s head carries that key, and the broker signs every head "
+                f"of a chain with one key, so {path.name} and the files after it were written by "
+                "another key's holder; only --public-key (the broker's) tells which files are "
+                "the broker's",
+            )
+    return key_fingerprint(public)
 
 
 def _head_unwritten(path: Path, verdict: AuditVerification) -> bool:

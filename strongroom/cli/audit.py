@@ -20,10 +20,12 @@ Exit status 0 when intact (a one-line summary on stdout), 2 when not (the first 
 and the problem on stderr), 1 when it could not check (why, on stderr: a file it cannot read or
 that is a link, no log, files of several logs, a log or directory another process keeps locked):
 not verified either. Each is one line, non-printable characters shown escaped. Without
-``--public-key`` the chain and the head's count are checked but not the head's signature, and the
-summary says so and which key the heads name: files after any point of a series rewritten with
-another key verify unless their heads name that key (SERIES_KEY_CHANGED, exit 2: the broker
-never changes its key within a chain), so pin the broker's public key for a real guarantee. A running broker's log can be checked in place: the check covers the log as it
+``--public-key`` the chain and the head's count are checked, but no signature against the broker's
+key, and the summary says so and which key the heads carry or name: every head is checked with the key the
+first head carrying one carries (HEAD_SIGNATURE_INVALID, exit 2), and a head naming another key
+than the file before's is SERIES_KEY_CHANGED (exit 2: the broker never changes its key within a
+chain), but a series rewritten whole with another key verifies, so pin the broker's public key
+for a real guarantee. A running broker's log can be checked in place: the check covers the log as it
 stood between two commits, and a directory whose series does not verify is listed and checked
 again once a rotation under way has ended (one may come between the listing and the check:
 SIGHUP's runs in a thread of its own), as is one whose listed file a shipper deleted meanwhile.

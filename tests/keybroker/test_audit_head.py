@@ -86,9 +86,10 @@ def test_the_largest_head_fits_one_slot(key: Ed25519PrivateKey) -> None:
         Head(2**63 - 1, "f" * 64), 2**63 - 1, key, "0" * 32, "2026-12-31T23:59:59.999999Z"
     )
     assert len(slot) == SLOT_BYTES
-    # With what rotation and refused batches add: a base, the seal, and the most voided batches.
+    # With what rotation and refused batches add: a base, the seal and the sealed log's size,
+    # and the most voided batches; each head carries the key (``pub``) too.
     for extra in (
-        {"sealed": True},
+        {"sealed": True, "size": 2**63 - 1},
         {"void": ("e" * audit_head.VOID_PREFIX,) * audit_head.VOID_MAX},
         {"void_all": True},
     ):
@@ -101,6 +102,7 @@ def test_the_largest_head_fits_one_slot(key: Ed25519PrivateKey) -> None:
             **extra,  # type: ignore[arg-type]
         )
         assert len(slot) == SLOT_BYTES
+        assert b'"pub":"' in slot
 
 
 # --- tampering with the slots ---------------------------------------------------------------
