@@ -515,9 +515,16 @@ class ServiceHost:
 
     def _stop_on_signal(self, signum: int) -> None:
         log.info("signal received, draining", extra={"signal": signum})
-        if not self._stopped.is_set():  # else a further signal: the stop is under way
+        if self._stopped.is_set():
+            return  # a further signal: the stop is under way
+        try:
             # On a thread of its own: the next signal's line is not held up by the drain.
             threading.Thread(target=self.stop, name="shutdown").start()
+        except RuntimeError:
+            # No thread to be had (the process at its limit): the stop runs here, later
+            # signals' lines after it. Only logged, the signal was spent and the service served
+            # on until its orchestrator's SIGKILL.
+            self.stop()
 
 
 class _RefuseWhile(HandlerInterceptor):

@@ -22,6 +22,7 @@ while it stopped. The broker's SIGHUP handler (its audit log's rotation) hands o
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import signal
 import threading
@@ -92,5 +93,9 @@ def _run() -> None:
         work = _queue.get()
         try:
             work()
-        except Exception:  # the next signal is still handled
-            log.exception("handling a signal failed")
+        except BaseException:
+            # Nothing may end this thread: every later signal would be handed to a thread that
+            # no longer runs (a SIGTERM recorded and never acted on). A SystemExit ends a thread
+            # silently, and a line about a failure can fail as the failure did.
+            with contextlib.suppress(BaseException):
+                log.exception("handling a signal failed")

@@ -18,7 +18,8 @@ prints its own port once serving. ``listening PORT``: serves on loopback port ``
 that holds the lock ``HELD`` names (``thread-start``: the one a non-daemon thread's start waits
 for; ``log-handler``: the queue's of a standard-library ``QueueHandler`` added to the root
 logger), as it starts (``WHEN`` ``starting``; a checkpoint follows) or once serving
-(``serving``).
+(``serving``). ``no-stop-thread``: serves, prints its port, and from then on cannot start a
+thread named ``shutdown`` (a process at its thread limit as the stop's thread is started).
 """
 
 from __future__ import annotations
@@ -165,6 +166,19 @@ def _signal_holding(held: threading.Lock) -> None:
         signal.raise_signal(signal.SIGTERM)  # its Python handler runs here, the lock held
 
 
+def _refuse_threads(name: str) -> None:
+    """Makes starting a thread named ``name`` fail as it does when the process (its cgroup's
+    pids.max, RLIMIT_NPROC) has no thread left to give."""
+    start = threading.Thread.start
+
+    def refusing(thread: threading.Thread) -> None:
+        if thread.name == name:
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    threading.Thread.start = refusing  # type: ignore[method-assign,assignment]
+
+
 def _signalled_while_starting(held: str) -> _Running:
     _signal_holding(_held(held))
     starting.checkpoint("signalled")
@@ -198,7 +212,7 @@ def main(mode: str, collector: str = "") -> int:
             return _starting_pool()
         if mode.startswith("signal-starting-"):
             return _signalled_while_starting(mode.removeprefix("signal-starting-"))
-        if mode.startswith("signal-serving-"):
+        if mode.startswith("signal-serving-") or mode == "no-stop-thread":
             return _listening("0")
         return _starting()
 
@@ -206,6 +220,8 @@ def main(mode: str, collector: str = "") -> int:
         print(running.host.port, flush=True)
         if mode.startswith("signal-serving-"):
             _signal_holding(_held(mode.removeprefix("signal-serving-")))
+        if mode == "no-stop-thread":
+            _refuse_threads("shutdown")
 
     return bootstrap.run_service("test", None, object, build, after_start=started)  # type: ignore[arg-type]
 

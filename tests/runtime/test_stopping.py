@@ -310,3 +310,24 @@ def test_sigterm_while_starting_stops_though_the_main_thread_holds_a_log_handler
         signal.SIGTERM,
     )
     assert "Traceback" not in stderr
+
+
+def test_sigterm_stops_the_service_when_the_stops_thread_cannot_start() -> None:
+    """The host's handler started its stop's thread on the main thread: at the process's thread
+    limit the start failed there, into the main thread, which stopped the service through its
+    close. On the ``signals`` thread the failure was logged (``handling a signal failed``) and
+    the service served on, the SIGTERM spent: the orchestrator's SIGKILL ended it, no drain.
+    The stop now runs on the ``signals`` thread itself when its own cannot start."""
+    process = _start("no-stop-thread")
+    try:
+        assert process.stdout is not None
+        process.stdout.readline()  # serving, its threads refused from now on
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)  # a hang, not a speed: it served on
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 0, stderr[-2000:]
+    messages = [(r["msg"], r.get("signal")) for r in _log(stderr)]
+    assert messages[-2:] == [("signal received, draining", signal.SIGTERM), ("stopped", None)]
+    assert "Traceback" not in stderr
