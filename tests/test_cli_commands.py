@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from strongroom.cli.main import COMMAND_MODULES, COMMANDS, build_parser, command_of
+from strongroom.cli.main import COMMAND_MODULES, COMMANDS, build_parser, command_of, main
 from tests.conftest import REPO
 
 
@@ -64,3 +64,28 @@ def test_running_a_command_imports_no_other_commands_module() -> None:
         timeout=120,
     )
     assert shown.stdout.splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(
+    "argv", [["-h", "pki"], ["--help", "keys"], ["-vh", "audit"], ["--he", "pki"]]
+)
+def test_help_before_a_command_lists_every_command(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``strongroom -h pki`` is the top-level help (argparse acts on -h before it reaches the
+    command): it listed only the commands of pki's module once the command line's first word
+    chose which modules to import."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 0
+    listed = capsys.readouterr().out
+    for command in COMMANDS:
+        assert f"\n    {command} " in listed, command
+
+
+def test_only_the_verbose_option_before_a_command_keeps_it_alone() -> None:
+    """Any other word before the command (help, an abbreviation argparse would expand, ``--``)
+    builds the full parser, which parses every command line as before."""
+    assert command_of(["-v", "--verbose", "pki", "-h"]) == "pki"
+    for before in (["-h"], ["--help"], ["-vh"], ["--verb"], ["--"], ["-x"]):
+        assert command_of([*before, "pki"]) is None, before

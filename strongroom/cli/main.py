@@ -73,9 +73,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def command_of(argv: Sequence[str]) -> str | None:
-    """The command ``argv`` names: its first word that is not an option (the top-level options,
-    ``-v`` and ``-h``, take no value), or None."""
-    return next((arg for arg in argv if not arg.startswith("-")), None)
+    """The command ``argv`` names: its first word that is not an option, or None.
+
+    None too if anything but ``-v``/``--verbose`` comes before it: argparse acts on a ``-h`` there
+    (``-vh``, ``--he``) before it reaches the command, printing the top-level help, which must list
+    every command, and the full parser is right for whatever else may come first."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg
+        if arg not in ("-v", "--verbose"):
+            return None
+    return None
 
 
 def escape_what_the_terminal_cannot_encode() -> None:

@@ -159,7 +159,10 @@ def _accepted_flips(artifact: bytes, dek: bytes, format_version: int, bits: rang
     still reads the preamble, checks the commitment, and authenticates the tail and every chunk from
     the live buffer; parsing the same head twice per flip (slot unwrap and reader) made the sweep
     3.7 times as slow. Should a reader ever cache more than its head and footer, flips would
-    start to decrypt and fail this test rather than pass unseen.
+    start to decrypt and fail this test rather than pass unseen. A reader that stays refused
+    once it refused (a failure latched) would instead refuse every later flip whatever its
+    bytes and hide a hole in chunk authentication: the shared reader must decrypt the restored
+    artifact once the share is swept.
     """
     mutated = bytearray(artifact)
     header = parse_header(artifact)
@@ -185,6 +188,11 @@ def _accepted_flips(artifact: bytes, dek: bytes, format_version: int, bits: rang
             else:
                 accepted.append(bit)
         mutated[byte] ^= 1 << (bit % 8)
+    # Its rejections were its judgement of each flip's bytes, not a refusal carried over.
+    try:
+        shared.decrypt_all(bytearray(dek), threads=1)
+    except REJECTED as exc:  # raised as an AssertionError: the worker's exception is pickled
+        raise AssertionError(f"the shared reader refused the intact artifact: {exc!r}") from None
     return accepted
 
 
