@@ -142,7 +142,7 @@ BOUNDS = [
     *(
         (
             f"keybroker.releaseBudget.{scope}.{part}",
-            DEFINITIONS["releaseBudgetScope"]["properties"][part],
+            DEFINITIONS[f"releaseBudget{part.title()}"],
             f"release_budget_{scope}_{part}",
         )
         for scope in ("certificate", "identity")
