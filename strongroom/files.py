@@ -82,6 +82,16 @@ def read_file(path: Path) -> bytes:
         ) from None
 
 
+def lock_held(what: str, waited: float, holders: str) -> str:
+    """Why a lock could not be had: another process held the ``flock`` of ``what`` (a sentence's
+    subject naming its file) for all the ``waited`` seconds; ``holders`` says how long its own
+    users hold it, so that a reader sees the wait was not the problem."""
+    return (
+        f"{what} is locked by another process: its flock was held for the {waited:g} s waited "
+        f"({holders}); find the holder with fuser -v or lsof on that path and stop it"
+    )
+
+
 class LockHeld(Exception):
     """Another process held a lock for all of the time :func:`shared_flock` was allowed to wait."""
 

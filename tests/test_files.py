@@ -1,5 +1,6 @@
-"""strongroom.files: atomic_write (complete or absent, never wider than asked, no debris) and
-BoundedFlock (a bounded wait for a flock that leaks neither the lock nor threads)."""
+"""strongroom.files: atomic_write (complete or absent, never wider than asked, no debris),
+BoundedFlock (a bounded wait for a flock that leaks neither the lock nor threads) and the message
+for a lock another process held (lock_held)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import signal
 import stat
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from strongroom.attestation.collateral_cache import _lock_held
 from strongroom.files import BoundedFlock, atomic_write
+from strongroom.keybroker.audit import directory_locked, log_locked
 
 
 def test_creates_with_the_mode_asked_for(tmp_path) -> None:
@@ -191,3 +195,26 @@ def test_a_bounded_flock_waits_in_the_kernels_queue(tmp_path) -> None:
     finally:
         for fd in (mine, holder, later):
             os.close(fd)  # ``later``'s close lets go of its lock
+
+
+def test_each_lock_held_message_is_the_one_sentence(tmp_path: Path) -> None:
+    """The audit directory's, the audit log's and the collateral cache's "locked by another
+    process" messages were spelt three times and had drifted apart (the directory's said
+    "find the holder (fuser, lsof) and stop it", the others "with fuser -v or lsof on that
+    file"): one helper builds them, and each keeps its file, its wait and its own holders."""
+    tail = "find the holder with fuser -v or lsof on that path and stop it"
+    assert directory_locked(tmp_path) == (
+        f"the audit directory {tmp_path} is locked by another process: its flock was held for "
+        "the 5 s waited (a rotation holds it for milliseconds, a start about a millisecond per "
+        f"sealed file); {tail}"
+    )
+    log = tmp_path / "audit.log"
+    assert log_locked(log, 10.0) == (
+        f"the audit log {log} is locked by another process: its flock was held for the 10 s "
+        f"waited (a commit holds it for milliseconds); {tail}"
+    )
+    lock = tmp_path / ".lock"
+    assert _lock_held(lock, 0.5) == (
+        f"the collateral cache's lock file {lock} is locked by another process: its flock was "
+        f"held for the 0.5 s waited (a write holds it for well under that); {tail}"
+    )

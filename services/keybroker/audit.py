@@ -202,7 +202,7 @@ from strongroom import jsonparse
 from strongroom.closing import Closing
 from strongroom.cryptoparse import KEY_PARSE_ERRORS, ed25519_private_key
 from strongroom.errors import DataLoss, InvalidArgument, StrongroomError
-from strongroom.files import BoundedFlock
+from strongroom.files import BoundedFlock, lock_held
 from strongroom.identifiers import DECISION_ID_PATTERN, KEY_ID_PATTERN
 from strongroom.keybroker.audit_head import (
     FILE_BYTES,
@@ -385,22 +385,17 @@ def record_signed_by(line: bytes, public_key: Ed25519PublicKey) -> bool:
 def directory_locked(directory: Path) -> str:
     """Why the audit directory could not be locked: another process held its ``flock`` for all
     of :data:`DIR_LOCK_WAIT_SECONDS`."""
-    return (
-        f"the audit directory {directory} is locked by another process: its flock was held "
-        f"for the {DIR_LOCK_WAIT_SECONDS:g} s waited (a rotation holds it "
-        "for milliseconds, a start about a millisecond per sealed file); find the holder "
-        "(fuser, lsof) and stop it"
+    return lock_held(
+        f"the audit directory {directory}",
+        DIR_LOCK_WAIT_SECONDS,
+        "a rotation holds it for milliseconds, a start about a millisecond per sealed file",
     )
 
 
 def log_locked(path: Path, waited: float) -> str:
     """Why the audit log could not be locked: another process held its ``flock`` for all of the
     ``waited`` seconds."""
-    return (
-        f"the audit log {path} is locked by another process: its flock was held for the "
-        f"{waited:g} s waited (a commit holds it for milliseconds; find the holder with "
-        "fuser -v or lsof on that file)"
-    )
+    return lock_held(f"the audit log {path}", waited, "a commit holds it for milliseconds")
 
 
 def _take_log_lock(lock: BoundedFlock, path: Path, deadline: float) -> None:

@@ -82,7 +82,14 @@ from strongroom.attestation.errors import (
 from strongroom.attestation.trust import TrustStore
 from strongroom.attestation.verify import _crl
 from strongroom.errors import InvalidArgument, StrongroomError
-from strongroom.files import BoundedFlock, LockHeld, atomic_write, read_file, shared_flock
+from strongroom.files import (
+    BoundedFlock,
+    LockHeld,
+    atomic_write,
+    lock_held,
+    read_file,
+    shared_flock,
+)
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -164,10 +171,8 @@ def _valid_mark(mark: object) -> bool:
 
 def _lock_held(path: Path, waited: float) -> str:
     """Why ``.lock`` (``path``) could not be had: another process held it all ``waited`` s."""
-    return (
-        f"the collateral cache's lock file {path} is locked by another process: its flock was "
-        f"held for the {waited:g} s waited (a write holds it for well under that; find the "
-        "holder with fuser -v or lsof on that file)"
+    return lock_held(
+        f"the collateral cache's lock file {path}", waited, "a write holds it for well under that"
     )
 
 

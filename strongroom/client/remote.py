@@ -100,7 +100,9 @@ def remote_error(step: Step, exc: grpc.RpcError) -> StrongroomError:
         sent = str(exc.reason)
     cls = _KEPT.get(code, FailedPrecondition)
     if sent in _CATALOGUE:
-        return cls(f"{step}: {details}", reason=sent)
+        # A Strongroom peer's message begins with the reason its trailer sent ("REASON: text",
+        # strongroom.errors): our error prints its reason first too, so the peer's copy went.
+        return cls(f"{step}: {details.removeprefix(f'{sent}: ')}", reason=sent)
     if cls is Unavailable:
         fallback = _UNAVAILABLE[step]
     else:

@@ -64,7 +64,11 @@ def stop_seconds(server: ServerConfig) -> float:
     grace (``server.grace_seconds``), the handlers' drain, its close once calls were abandoned,
     the log's flush, the telemetry's last export. Its orchestrator must wait that long and
     :data:`STOP_MARGIN_SECONDS` more before it kills the process, or the log's last lines (what
-    the stop was waiting for) are lost: the chart's 30 s were less than 20 + 5 + 3 + 5 s."""
+    the stop was waiting for) are lost: the chart's 30 s were less than 20 + 5 + 3 + 5 s.
+
+    Not counted: the exit's wait for the ``signals`` thread
+    (:data:`~strongroom.runtime.signals.SETTLE_SECONDS`), which lasts only while that thread is
+    stuck; it comes out of the margin (the deploy tests check that it fits)."""
     return (
         server.grace_seconds
         + HANDLER_DRAIN_SECONDS

@@ -19,8 +19,10 @@ from strongroom.attestation.collateral_fetch import FetchSettings
 from strongroom.client.fetch import DEFAULT_PARALLEL_PARTS
 from strongroom.inference.models import DEFAULT_MAX_INFERENCE_MEMORY_BYTES
 from strongroom.inference.oip import DEFAULT_MAX_RESPONSE_MEMORY_BYTES
+from strongroom.keybroker.config import KeybrokerConfig
+from strongroom.keybroker.grant_budget import GrantLimits
 from strongroom.runtime.callers import certificate_share
-from strongroom.runtime.config import ServerConfig
+from strongroom.runtime.config import ServerConfig, load_service_config
 from tests.deploy.conftest import (
     DEPLOY,
     MINIMAL,
@@ -479,6 +481,70 @@ def test_broker_unary_limit_scales_with_the_inference_fleet(
         "keybroker.server.maxUnaryCallsPerIdentity (13) must be below the data-plane workers "
         "(maxWorkers 16 - controlPlaneWorkers 4 = 12)"
     ) in refused.stderr
+
+
+def _grant_limits(helm: str, tmp_path: Path, *set_args: str) -> GrantLimits:
+    """The release grant budget as the broker loads it from the chart rendered with
+    ``set_args``."""
+    (cm,) = [
+        c
+        for c in kind(render(helm, set_args=set_args), "ConfigMap")
+        if _component(c) == "keybroker" and "config.yaml" in c.get("data", {})
+    ]
+    path = tmp_path / "keybroker.yaml"
+    path.write_text(cm["data"]["config.yaml"])
+    _, section = load_service_config(path, "keybroker", KeybrokerConfig, environ={})
+    assert isinstance(section, KeybrokerConfig)
+    return section.grant_limits()
+
+
+def _models(count: int) -> tuple[str, ...]:
+    """``--set`` arguments listing ``count`` start-up models."""
+    return tuple(
+        arg
+        for i in range(count)
+        for arg in (f"inference.models[{i}].name=m{i}", f"inference.models[{i}].version=v1")
+    )
+
+
+@pytest.mark.parametrize(
+    ("fleet", "models", "burst", "rate"),
+    [
+        (("inference.replicas=1",), 0, 1024, 8.0),  # the service's own defaults
+        (("inference.replicas=120",), 0, 1024, 8.0),
+        (("inference.replicas=256",), 0, 1024, 18.0),
+        (("inference.replicas=257",), 0, 1028, 18.0),
+        (("inference.replicas=500",), 0, 2000, 34.0),
+        (("inference.replicas=300",), 6, 1800, 30.0),  # more models than 4 listed
+        (
+            (
+                "inference.replicas=3",
+                "inference.autoscaling.enabled=true",
+                "inference.autoscaling.maxReplicas=500",
+            ),
+            0,
+            2000,
+            34.0,
+        ),
+    ],
+)
+def test_identity_release_budget_scales_with_the_inference_fleet(
+    helm: str, tmp_path: Path, fleet: tuple[str, ...], models: int, burst: int, rate: float
+) -> None:
+    """Every inference replica releases a key per model it loads, all as the one SPIFFE ID: the
+    chart's fixed 1,024 grants at once refused the cold start of a fleet past 256 replicas x 4
+    models (RELEASES_RATE_LIMITED), while the unary-call limits beside it grew with the fleet. The
+    identity's budget now holds the largest fleet's cold start (R x M, M the listed models, at
+    least 4) and its reloading every model every minute; the certificate's stays one replica's."""
+    room = ("modelstore.resources.limits.memory=5Gi",)
+    limits = _grant_limits(helm, tmp_path, *fleet, *room, *_models(models))
+    assert (limits.identity_burst, limits.identity_rate) == (burst, rate)
+    assert (limits.certificate_burst, limits.certificate_rate) == (64, 1.0)
+    # What an operator sets is kept, the other value still derived.
+    limits = _grant_limits(
+        helm, tmp_path, *fleet, *room, *_models(models), "keybroker.releaseBudget.identity.burst=7"
+    )
+    assert (limits.identity_burst, limits.identity_rate) == (7, rate)
 
 
 @pytest.mark.parametrize(

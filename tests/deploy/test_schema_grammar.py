@@ -1,14 +1,18 @@
-"""The chart's schema admits exactly the names the services accept.
+"""The chart's schema admits exactly the names and bounds the services accept.
 
 A value the schema lets through but the service refuses fails at pod start instead of at
 install; one it refuses but the service accepts cannot be configured at all (start-up models
-under ``tenant/`` names, ``+build`` versions). So the grammars are the services' own.
+under ``tenant/`` names, ``+build`` versions). So the grammars are the services' own, and the
+numeric bounds the schema repeats are checked against the service's own validation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +26,8 @@ from strongroom.identifiers import (
     MODEL_VERSION_PATTERN,
     is_name_rule,
 )
+from strongroom.keybroker.config import KeybrokerConfig
+from strongroom.runtime.config import ConfigError
 from strongroom.spiffe import SpiffeId
 from tests.deploy.conftest import CHART, schema_nodes
 
@@ -122,3 +128,72 @@ def test_no_grammar_is_written_twice() -> None:
         and not where.startswith("#/definitions/")
     ]
     assert found == []
+
+
+BROKER = KeybrokerConfig(
+    pkcs11_module=Path("/usr/lib/softhsm/libsofthsm2.so"),
+    token_label="strongroom",
+    audit_log=Path("/var/lib/strongroom/audit.log"),
+    policies_dir=Path("/var/lib/strongroom/policies"),
+)
+BROKER_SCHEMA: dict[str, Any] = SCHEMA["properties"]["keybroker"]["properties"]
+#: (values path, its schema node, the broker's setting), for each bound the schema repeats
+BOUNDS = [
+    *(
+        (
+            f"keybroker.releaseBudget.{scope}.{part}",
+            DEFINITIONS[f"releaseBudget{part.title()}"],
+            f"release_budget_{scope}_{part}",
+        )
+        for scope in ("certificate", "identity")
+        for part in ("burst", "rate")
+    ),
+    (
+        "keybroker.hsm.recycleAfterOperations",
+        BROKER_SCHEMA["hsm"]["properties"]["recycleAfterOperations"],
+        "hsm_recycle_after_operations",
+    ),
+]
+
+
+def broker_accepts(setting: str, value: float) -> bool:
+    """Whether the broker's configuration accepts ``setting`` = ``value``."""
+    try:
+        changes: dict[str, Any] = {setting: value}
+        dataclasses.replace(BROKER, **changes)
+    except ConfigError:
+        return False
+    return True
+
+
+def edges(node: dict[str, Any]) -> list[tuple[float, bool]]:
+    """The values at and just past a numeric schema node's bounds (the next integer, or float),
+    each with whether the schema admits it."""
+    integer = node["type"] == "integer"
+
+    def above(x: float) -> float:
+        return x + 1 if integer else math.nextafter(x, math.inf)
+
+    def below(x: float) -> float:
+        return x - 1 if integer else math.nextafter(x, -math.inf)
+
+    found = [(node["maximum"], True), (above(node["maximum"]), False)]
+    if "minimum" in node:
+        found += [(node["minimum"], True), (below(node["minimum"]), False)]
+    if "exclusiveMinimum" in node:
+        low = node["exclusiveMinimum"]
+        found += [(low, False), (above(low), True)]
+    return found
+
+
+@pytest.mark.parametrize(("where", "node", "setting"), BOUNDS, ids=[b[0] for b in BOUNDS])
+def test_numeric_bounds_are_the_brokers(where: str, node: dict[str, Any], setting: str) -> None:
+    """The schema's bounds on the broker's limits admit exactly what the broker accepts: they
+    are written twice (the schema cannot import Python), and agreed only by hand."""
+    disagree = [
+        f"{where}={value!r}: schema {'admits' if admitted else 'refuses'}, broker "
+        f"{'accepts' if broker_accepts(setting, value) else 'refuses'}"
+        for value, admitted in edges(node)
+        if broker_accepts(setting, value) is not admitted
+    ]
+    assert disagree == []

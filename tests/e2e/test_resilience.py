@@ -429,6 +429,33 @@ def _stop(stack: DevStack, *services: str) -> None:
             earlier.stop()
 
 
+def test_a_load_refused_by_the_broker_names_the_reason_once(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    """The broker's message begins with its reason ("RELEASES_RATE_LIMITED: more than ..."), and
+    the loader's error printed its own reason before it: "RELEASES_RATE_LIMITED: key release:
+    RELEASES_RATE_LIMITED: more than ...". The peer's words are kept, its reason said once."""
+    stack.create_release_key(stack.identity("admin"), "once", policy_version="1")
+    model = train(tmp_path / "m.onnx").path
+    _publish_files(stack, "once", {"once-first": model, "once-second": model})
+    _stop(stack, "keybroker", "inference")
+    # One grant per certificate, the next in 1,000 s: the second load's release is refused.
+    budget = {"release_budget_certificate_burst": 1, "release_budget_certificate_rate": 0.001}
+    stack.start_in_process("keybroker", {**stack.default_section("keybroker"), **budget})
+    inference = stack.start_in_process("inference").handle
+    try:
+        inference.loader.load("once-first", "1")
+        with pytest.raises(ResourceExhausted) as info:
+            inference.loader.load("once-second", "1")
+        assert str(info.value) == (
+            "RELEASES_RATE_LIMITED: key release: more than 1 key releases granted at once, or "
+            "more than 0.001 a second after that, to this certificate; retry later"
+        )
+    finally:
+        _stop(stack, "inference", "keybroker")
+        stack.start_in_process("keybroker")  # as the module's other tests expect it
+
+
 def test_a_load_refused_past_its_certificates_release_budget_is_retried(
     stack: DevStack, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

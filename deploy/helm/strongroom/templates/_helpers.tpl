@@ -432,6 +432,24 @@ replica alone keeps the whole bound, as a client of one certificate does by defa
 {{- end -}}
 
 {{/*
+The key broker's grant budget of the inference SPIFFE ID (keybroker.releaseBudget.identity), as
+JSON: a value the operator left null is derived from the largest inference fleet (R,
+strongroom.inferenceFleet) and its models (M: the start-up models listed in inference.models, at
+least 4). Every replica releases one key per model it loads, all as the one identity: a fixed 1,024
+refused a cold start of more than 256 replicas x 4 models (RELEASES_RATE_LIMITED, retried until
+the rate let them through), while the unary-call limits beside it grew with R. So the burst holds
+a cold start of the whole fleet, R x M (at least 1,024), and the rate the fleet reloading every
+model every minute, R x M / 60 rounded up (at least 8); the burst at most the broker's 1,000,000.
+*/}}
+{{- define "strongroom.identityReleaseBudget" -}}
+{{- $set := .Values.keybroker.releaseBudget.identity -}}
+{{- $loads := mul (include "strongroom.inferenceFleet" . | int) (max 4 (len .Values.inference.models)) -}}
+{{- $burst := default (min 1000000 (max 1024 $loads)) $set.burst -}}
+{{- $rate := default (max 8 (div (add $loads 59) 60)) $set.rate -}}
+{{- toJson (dict "burst" $burst "rate" $rate) -}}
+{{- end -}}
+
+{{/*
 Refuses a service whose memory limit cannot hold what its gRPC limits admit at once: count
 streams or workers (derived from the largest inference fleet where not set) each holding per
 bytes, beside 64 MiB for the process itself (less than either holds at rest: the broker 87.6 MiB,
