@@ -46,6 +46,7 @@ from strongroom.runtime.bootstrap import RoleTable, build_host, run_service
 from strongroom.runtime.config import CommonConfig
 from strongroom.runtime.server import ReadinessCheck, ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import make_tracer_provider, traced_channel
+from strongroom.runtime.unsent import UnsentResponses
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +308,7 @@ def _build_on(
         clients=config.client_scopes,
         unscoped=common.authz.ids("admin"),
         response_budget=config.response_budget(),
+        unsent=UnsentResponses.of(common.server),
     )
     evidence = InferenceAttestationServicer(attester, identity.public_key_der)
     control = ModelControlServicer(loader, repository, retry_seconds=config.load_retry_seconds)

@@ -16,6 +16,7 @@ from strongroom.inference.evidence_service import InferenceAttestationServicer
 from strongroom.inference.models import ModelRepository
 from strongroom.inference.oip import InferLimits, OipServicer, ResponseBudget, add_to_server
 from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
+from strongroom.runtime.unsent import UnsentResponses
 
 
 @dataclasses.dataclass
@@ -39,6 +40,7 @@ def start(
     evidence: InferenceAttestationServicer | None = None,
     workers: int = 8,
     response_budget: ResponseBudget | None = None,
+    unsent: UnsentResponses | None = None,
 ) -> Running:
     """Starts a server for ``repository`` (and optionally the evidence service) on localhost."""
     limits = limits or InferLimits()
@@ -48,7 +50,11 @@ def start(
         options=limits.grpc_server_options(),
     )
     servicer = OipServicer(
-        repository, limits=limits, server_version="9.9.9-test", response_budget=response_budget
+        repository,
+        limits=limits,
+        server_version="9.9.9-test",
+        response_budget=response_budget,
+        unsent=unsent,
     )
     add_to_server(servicer, server)
     if evidence is not None:

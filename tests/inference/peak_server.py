@@ -29,8 +29,8 @@ class _Recording(ResponseBudget):
         self.most = 0
         self._lock = threading.Lock()
 
-    def _take(self, size: int, caller: str | None) -> Reservation:
-        reservation = super()._take(size, caller)
+    def _take(self, size: int, caller: str | None, certificate: str | None) -> Reservation:
+        reservation = super()._take(size, caller, certificate)
         with self._lock:
             self.most = max(self.most, self.max_bytes - self._free)
         return reservation

@@ -5,6 +5,7 @@ than all of it is refused at once; and whatever way a call ends, its reservation
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from strongroom.inference.oip._budget import (
 )
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.interceptors import ErrorMappingInterceptor, RequestDecodingInterceptor
+from strongroom.runtime.unsent import UnsentResponses, send_bound
 from tests.inference import onnx_models
 from tests.inference.conftest import Running, Starter
 from tests.inference.test_oip import expect_error
@@ -56,12 +58,17 @@ def repository() -> ModelRepository:
 
 
 def _served(
-    start_server: Starter, repository: ModelRepository, budget: ResponseBudget, **limits: int
+    start_server: Starter,
+    repository: ModelRepository,
+    budget: ResponseBudget,
+    unsent: UnsentResponses | None = None,
+    **limits: int,
 ) -> Running:
     return start_server(
         repository,
         response_budget=budget,
         limits=InferLimits(**limits) if limits else None,
+        unsent=unsent,
     )
 
 
@@ -477,3 +484,104 @@ def test_a_waiter_whose_caller_fills_its_share_meanwhile_lets_the_others_go_firs
     assert outcomes[-1] == ("second", "TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY")
     assert sorted(outcomes[:2]) == [("first", "took"), ("other", "took")]
     assert (budget.held_by("a"), budget.held_by("c"), budget.waiting) == (40, 20, 0)
+
+
+def _unsent(idle_timeout: float, min_bytes_per_second: int) -> UnsentResponses:
+    return UnsentResponses(idle_timeout, min_bytes_per_second)
+
+
+def test_a_response_its_client_never_takes_is_cancelled_after_the_bound_and_gives_its_room_back(
+    start_server: Starter, repository: ModelRepository, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that never reads kept its calls, and their reservations, until its deadline or
+    its connection's age (some 40 minutes): within its share, for as long as it liked. Now a
+    response not taken within the idle timeout (the rate's bound being shorter here) is
+    cancelled, its room given back, and one WARNING says so with the peer and the reason."""
+    budget = _whole(3 * ONE_RESPONSE, wait_seconds=0)
+    unsent = _unsent(0.5, 64 * MIB)  # 4 MiB at 64 MiB/s: the idle timeout is the bound
+    running = _served(start_server, repository, budget, unsent=unsent)
+    unread = UnreadClient(running.address, f"/{SERVICE_NAME}/ModelInfer")
+    caplog.set_level(logging.WARNING, logger="strongroom.runtime.unsent")
+    try:
+        for _ in range(2):
+            unread.call(_request(FOUR_MIB_FP32).SerializeToString())
+        _until(lambda: budget.free < budget.max_bytes)
+        _until(_full(budget))
+        # Ended: the cancel's trailers are not flow-controlled.
+        _until(lambda: unread.ended() == 2)
+        assert unsent.pending == 0
+        lines = [r for r in caplog.records if r.name == "strongroom.runtime.unsent"]
+        assert len(lines) == 2, [r.getMessage() for r in lines]
+        for line in lines:
+            assert line.levelno == logging.WARNING
+            assert line.getMessage() == "response cancelled: the client did not take it"
+            assert line.reason == "STREAM_IDLE_TIMEOUT"  # type: ignore[attr-defined]
+            assert "127.0.0.1" in line.peer  # type: ignore[attr-defined]
+        # The room it held serves the others.
+        running.oip.ModelInfer(_request(FOUR_MIB_FP32), timeout=30)
+        _until(_full(budget))
+    finally:
+        unread.close()
+
+
+def test_a_slow_client_reading_within_the_rate_is_not_cancelled(
+    start_server: Starter, repository: ModelRepository, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bound grows with the response, as a download's rate floor: a client taking 4 MiB at
+    2 MiB/s (some 2 s, past the 0.5 s idle timeout) is within 1 MiB/s and gets its answer."""
+    budget = _whole(3 * ONE_RESPONSE, wait_seconds=0)
+    unsent = _unsent(0.5, MIB)
+    running = _served(start_server, repository, budget, unsent=unsent)
+    slow = UnreadClient(running.address, f"/{SERVICE_NAME}/ModelInfer", read_rate=2 * MIB)
+    caplog.set_level(logging.WARNING, logger="strongroom.runtime.unsent")
+    try:
+        started = time.monotonic()
+        slow.call(_request(FOUR_MIB_FP32).SerializeToString())
+        _until(lambda: slow.ended() == 1)
+        assert time.monotonic() - started > unsent.idle_timeout  # slower than the idle bound
+        _until(_full(budget))
+        assert not [r for r in caplog.records if r.name == "strongroom.runtime.unsent"]
+    finally:
+        slow.close()
+
+
+@pytest.mark.parametrize(
+    ("size", "rate", "bound"),
+    [(0, 1024, 30.0), (30 * 1024, 1024, 30.0), (60 * 1024, 1024, 60.0), (1 << 30, 0, 30.0)],
+)
+def test_the_send_bound_is_the_idle_timeout_or_what_the_rate_allows(
+    size: int, rate: int, bound: float
+) -> None:
+    assert send_bound(size, 30.0, rate) == bound
+
+
+def test_a_certificate_holds_half_its_identitys_share_beyond_its_first_response() -> None:
+    """A fleet's replicas share one SPIFFE ID: one replica not reading held its identity's whole
+    share, and its siblings were refused. A certificate past half of it is refused at once;
+    its first response may take the identity's whole share (the default typed bound needs it),
+    and a reservation that grows counts as that first response."""
+    budget = ResponseBudget(200, wait_seconds=60)
+    assert (budget.per_caller, budget.per_certificate) == (100, 50)
+    first = budget.reserve(60, caller="fleet", certificate="fleet a")
+    with pytest.raises(ResourceExhausted) as info:
+        budget.reserve(1, caller="fleet", certificate="fleet a")
+    assert info.value.reason == "TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE"
+    assert "(60 bytes)" in str(info.value) and "may hold 50 bytes" in str(info.value)
+    first.grow_to(100)  # its only one
+    first.grow_to(40)  # never less
+    assert budget.held_by_certificate("fleet a") == 100
+    first.release()
+    a = budget.reserve(30, caller="fleet", certificate="fleet a")
+    other = budget.reserve(10, caller="fleet", certificate="fleet a")
+    b = budget.reserve(40, caller="fleet", certificate="fleet b")
+    with pytest.raises(ResourceExhausted) as info:
+        a.grow_to(41)  # not its certificate's only one: within the share
+    assert info.value.reason == "TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE"
+    a.grow_to(40)
+    with pytest.raises(ResourceExhausted) as info:
+        budget.reserve(11, caller="fleet", certificate="fleet c")
+    assert info.value.reason == "TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY"  # the fleet's share
+    budget.reserve(10, caller="fleet", certificate="fleet c").release()
+    for reservation in (a, other, b):
+        reservation.release()
+    assert budget.free == 200 and not budget._held and not budget._held_by_certificate

@@ -17,14 +17,26 @@ handler has returned. Past the budget a request waits for earlier ones, in arriv
 ``RESPONSE_MEMORY_BUSY``; one that could never fit is refused at once, ``RESPONSE_TOO_LARGE``.
 
 A call ends only once its response has been sent, and a client that never takes it (HTTP/2 flow
-control: gRPC cannot send past the window the client opens) keeps its call open until its
+control: gRPC cannot send past the window the client opens) kept its call open until its
 deadline or its connection's age (none, and some 40 minutes): one caller sending small requests
 for large outputs and never reading held the whole budget so, and every other caller was refused
-``RESPONSE_MEMORY_BUSY``. So each caller (the runtime's per-identity bucket,
+``RESPONSE_MEMORY_BUSY``. Such a call is now cancelled once its response has waited past the
+stream settings' bound (:mod:`~strongroom.runtime.unsent`), which bounds how long; and each caller (the runtime's per-identity bucket,
 :func:`~strongroom.runtime.callers.caller_key`) holds at most its share, half the
 budget (:func:`caller_share`): half, so that it leaves the others at least as much as it holds. A request that would take its caller past it is
 refused at once, ``TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY`` (waiting for its caller's own responses
 would hold the queue for everyone behind it).
+
+A fleet's replicas share one SPIFFE ID, and so one share: one replica stuck not reading held all of
+it, and every other replica was refused ``TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY``. So each
+certificate (:func:`~strongroom.runtime.callers.certificate_key`, beneath its identity) holds at
+most half its identity's share (:func:`~strongroom.runtime.callers.certificate_share`, as a
+certificate's share of its identity's workers), beyond its first response: a certificate holding
+nothing may always take one response its identity's share has room for (a typed response at the
+default output bound, 512 MiB by the count, is the whole default share; refused by the
+certificate's share, no caller of a certificate could have it). A reservation past it is refused at
+once, ``TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE``. A caller without a certificate of its own (a
+role-less bucket, a plaintext peer) has no share beneath its identity's.
 """
 
 from __future__ import annotations
@@ -34,9 +46,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import NoReturn
 
 from strongroom.errors import ResourceExhausted
 from strongroom.reasons import Reason
+from strongroom.runtime.callers import certificate_share
 
 DEFAULT_MAX_RESPONSE_MEMORY_BYTES = 1 << 30
 """Default budget: three raw responses of the default 64 MiB bound at once (two typed FP32)."""
@@ -103,9 +117,14 @@ class ResponseBudget:
         self.wait_seconds = wait_seconds
         self.per_caller = caller_share(max_bytes) if per_caller is None else per_caller
         """What one caller's reservations may hold together (:func:`caller_share` unless given)."""
+        self.per_certificate = certificate_share(self.per_caller)
+        """What one certificate's reservations may hold together beyond its first (half of
+        :attr:`per_caller`)."""
         self._free = max_bytes
-        # What each caller holds now, forgotten when it holds nothing (as many entries as calls).
+        # What each caller, and each certificate, holds now, forgotten when it holds nothing (as
+        # many entries as calls, however many certificates a caller mints).
         self._held: Counter[str] = Counter()
+        self._held_by_certificate: Counter[str] = Counter()
         self._changed = threading.Condition(threading.Lock())
         # Tickets of the requests waiting, first come first served: without the order, a large
         # response waited while smaller ones that came after it kept taking the room it needed.
@@ -135,8 +154,12 @@ class ResponseBudget:
         caller: str | None = None,
         ended: Callable[[], bool] = lambda: False,
         first: bool = False,
+        certificate: str | None = None,
+        own: int = 0,
     ) -> Reservation:
-        """``size`` bytes for ``caller`` (None: counted in no caller's share), waiting for them
+        """``size`` bytes for ``caller`` (None: counted in no caller's share) and its
+        ``certificate`` (None: no share beneath the caller's; ``own``: what the reservation
+        this one grows holds already, counted as the certificate's first), waiting for them
         at most :attr:`wait_seconds` and only while ``ended()`` is false (:meth:`wake` has
         waiters look at it again); ``first``: ahead of every waiter (a request that holds a
         reservation already and needs more: behind the others, it and one waiting for the room
@@ -144,14 +167,15 @@ class ResponseBudget:
         ``RESPONSE_TOO_LARGE`` at once for more than the whole budget or a caller's share;
         ``TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY`` at once when what ``caller`` holds already
         leaves its share no room for it, or when the wait ends while its own calls served
-        meanwhile leave none; ``RESPONSE_MEMORY_BUSY`` when the wait ends without room in the
+        meanwhile leave none; ``TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE`` the same for
+        ``certificate``'s share; ``RESPONSE_MEMORY_BUSY`` when the wait ends without room in the
         budget; :class:`CallEnded` when the call ended meanwhile."""
         self.check_fits(size, caller=caller is not None)
         with self._changed:
-            self._check_share(size, caller)
+            self._check_share(size, caller, certificate, own)
             if (first or self._next() is None) and size <= self._free:
-                return self._take(size, caller)
-            waiter = _Waiter(size, caller)
+                return self._take(size, caller, certificate)
+            waiter = _Waiter(size, caller, certificate, own)
             if first:
                 self._queue.appendleft(waiter)
             else:
@@ -163,7 +187,7 @@ class ResponseBudget:
                     if ended():
                         raise CallEnded
                     if left <= 0:
-                        self._check_share(size, caller)
+                        self._check_share(size, caller, certificate, own)
                         raise ResourceExhausted(
                             f"responses being sent hold the server's response memory "
                             f"({RESPONSE_MEMORY_SETTING} = {self.max_bytes} bytes; this one "
@@ -171,7 +195,7 @@ class ResponseBudget:
                             reason=Reason.RESPONSE_MEMORY_BUSY,
                         )
                     self._changed.wait(left)
-                return self._take(size, caller)
+                return self._take(size, caller, certificate)
             finally:
                 self._queue.remove(waiter)
                 # The next in line may fit now, or be first now.
@@ -182,22 +206,50 @@ class ResponseBudget:
         calls fill its share waits without holding the callers behind it (a caller that never
         takes its responses would otherwise hold the queue with one more call)."""
         for waiter in self._queue:
-            if self._within_share(waiter.size, waiter.caller):
+            if self._within_share(waiter.size, waiter.caller) and self._within_certificate(
+                waiter.size, waiter.certificate, waiter.own
+            ):
                 return waiter
         return None
 
     def _within_share(self, size: int, caller: str | None) -> bool:
         return caller is None or self._held[caller] + size <= self.per_caller
 
-    def _take(self, size: int, caller: str | None) -> Reservation:
+    def _within_certificate(self, size: int, certificate: str | None, own: int) -> bool:
+        if certificate is None:
+            return True
+        held = self._held_by_certificate[certificate]
+        # Its first response (what it grows included) fits whatever its size: the caller's share
+        # bounds it.
+        return held == own or held + size <= self.per_certificate
+
+    def _take(self, size: int, caller: str | None, certificate: str | None) -> Reservation:
         self._free -= size
         if caller is not None:
             self._held[caller] += size
-        return Reservation(self, size, caller)
+            if certificate is not None:
+                self._held_by_certificate[certificate] += size
+        return Reservation(self, size, caller, certificate)
 
-    def _check_share(self, size: int, caller: str | None) -> None:
-        if caller is None or self._within_share(size, caller):
+    def _check_share(
+        self, size: int, caller: str | None, certificate: str | None = None, own: int = 0
+    ) -> None:
+        if caller is None:
             return
+        if not self._within_share(size, caller):
+            self._refuse_share(size, caller)
+        if not self._within_certificate(size, certificate, own):
+            held = self._held_by_certificate[certificate or ""]
+            raise ResourceExhausted(
+                f"this certificate's responses not yet sent hold {_mib(held)} ({held} bytes) of "
+                f"the server's response memory, and one certificate may hold "
+                f"{self.per_certificate} bytes beyond its first response (half of its identity's "
+                f"{self.per_caller}, which the identity's other certificates share); this one "
+                f"needs {size} more: take the responses already sent, or retry later",
+                reason=Reason.TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE,
+            )
+
+    def _refuse_share(self, size: int, caller: str) -> NoReturn:
         held = self._held[caller]
         raise ResourceExhausted(
             f"this caller's responses not yet sent hold {_mib(held)} ({held} bytes) of the "
@@ -231,24 +283,38 @@ class ResponseBudget:
         with self._changed:
             self._changed.notify_all()
 
-    def _give_back(self, size: int, caller: str | None) -> None:
+    def held_by_certificate(self, certificate: str) -> int:
+        """Bytes ``certificate``'s reservations hold now."""
+        with self._changed:
+            return self._held_by_certificate[certificate]
+
+    def _give_back(self, size: int, caller: str | None, certificate: str | None) -> None:
         with self._changed:
             self._free += size
             if caller is not None:
-                self._held[caller] -= size
-                if self._held[caller] <= 0:
-                    del self._held[caller]
+                _forget(self._held, caller, size)
+                if certificate is not None:
+                    _forget(self._held_by_certificate, certificate, size)
             self._changed.notify_all()
 
 
+def _forget(held: Counter[str], key: str, size: int) -> None:
+    held[key] -= size
+    if held[key] <= 0:
+        del held[key]
+
+
 class _Waiter:
-    """A request waiting for room: what it needs, and for which caller."""
+    """A request waiting for room: what it needs, for which caller and certificate, and what the
+    reservation it grows holds already (``own``)."""
 
-    __slots__ = ("caller", "size")
+    __slots__ = ("caller", "certificate", "own", "size")
 
-    def __init__(self, size: int, caller: str | None) -> None:
+    def __init__(self, size: int, caller: str | None, certificate: str | None, own: int) -> None:
         self.size = size
         self.caller = caller
+        self.certificate = certificate
+        self.own = own
 
 
 class CallEnded(Exception):
@@ -258,11 +324,18 @@ class CallEnded(Exception):
 class Reservation:
     """Bytes taken from a :class:`ResponseBudget`; :meth:`release` gives them back, once."""
 
-    __slots__ = ("_budget", "_caller", "_lock", "size")
+    __slots__ = ("_budget", "_caller", "_certificate", "_lock", "size")
 
-    def __init__(self, budget: ResponseBudget, size: int, caller: str | None = None) -> None:
+    def __init__(
+        self,
+        budget: ResponseBudget,
+        size: int,
+        caller: str | None = None,
+        certificate: str | None = None,
+    ) -> None:
         self._budget = budget
         self._caller = caller
+        self._certificate = certificate
         self._lock = threading.Lock()
         self.size = size
 
@@ -273,7 +346,14 @@ class Reservation:
         if extra <= 0:
             return
         self._budget.check_fits(size, caller=self._caller is not None)
-        more = self._budget.reserve(extra, caller=self._caller, ended=ended, first=True)
+        more = self._budget.reserve(
+            extra,
+            caller=self._caller,
+            ended=ended,
+            first=True,
+            certificate=self._certificate,
+            own=self.size,
+        )
         with self._lock:
             self.size += more.size
             more.size = 0
@@ -283,4 +363,4 @@ class Reservation:
         with self._lock:
             size, self.size = self.size, 0
         if size:
-            self._budget._give_back(size, self._caller)
+            self._budget._give_back(size, self._caller, self._certificate)

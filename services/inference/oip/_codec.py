@@ -330,8 +330,9 @@ def encode_outputs(
     raw: bool,
     limits: InferLimits,
     reserve: ReserveMemory | None = None,
-) -> None:
-    """Adds the outputs to ``response``: raw bytes, or typed contents when asked and possible.
+) -> int:
+    """Adds the outputs to ``response``: raw bytes, or typed contents when asked and possible;
+    returns their size as counted against ``max_output_bytes`` (their size in the message).
 
     Every output's cost is checked before any is converted: a small request can make a model
     return many times the bound, and converting that first (into bytes, or Python objects for
@@ -358,6 +359,7 @@ def encode_outputs(
             response.raw_output_contents.append(_to_raw(array, spec.type))
         else:
             _to_contents(out.contents, array, spec.type)
+    return total
 
 
 def _output_cost(array: np.ndarray, datatype: DataType, *, raw: bool) -> int:

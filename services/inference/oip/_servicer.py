@@ -39,9 +39,10 @@ from strongroom.inference.oip._codec import (
 from strongroom.inference.oip._wire import parse_infer_request
 from strongroom.pki.authz import verified_caller
 from strongroom.reasons import Reason
-from strongroom.runtime.callers import caller_key
+from strongroom.runtime.callers import caller_key, certificate_key
 from strongroom.runtime.gave_up import CallEnd, GaveUp
 from strongroom.runtime.grpc_types import HandlerCollector
+from strongroom.runtime.unsent import UnsentResponses
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,10 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     scoped. The server's readiness is a scoped caller's own models' (another tenant's model not
     ready yet is none of its business); liveness and metadata name no model and are everyone's.
     ``response_budget`` bounds the memory every response being built or sent holds together
-    (:mod:`~strongroom.inference.oip._budget`; one per process: the server's one servicer).
+    (:mod:`~strongroom.inference.oip._budget`; one per process: the server's one servicer);
+    ``unsent`` cancels a ModelInfer whose client does not take its response in time, so that its
+    reservation comes back (:mod:`~strongroom.runtime.unsent`; default: the stream settings'
+    defaults).
     """
 
     def __init__(
@@ -81,9 +85,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         clients: Mapping[str, tuple[str, ...]] | None = None,
         unscoped: frozenset[str] = frozenset(),
         response_budget: ResponseBudget | None = None,
+        unsent: UnsentResponses | None = None,
     ) -> None:
         self._repository = repository
         self._budget = response_budget or ResponseBudget()
+        self._unsent = unsent or UnsentResponses()
         self._version = server_version or _package_version()
         self._extensions = tuple(extensions)
         self._limits = limits or InferLimits()
@@ -171,7 +177,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             response = pb.ModelInferResponse(
                 model_name=model.name, model_version=model.version, id=request.id
             )
-            encode_outputs(
+            size = encode_outputs(
                 response,
                 model,
                 names,
@@ -180,6 +186,9 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 limits=self._limits,
                 reserve=memory.reserve,
             )
+            # Its reservation lasts until the call ends, which a client that never takes the
+            # response put off until its deadline or its connection's age (some 40 minutes).
+            self._unsent.watch(context, size)
         except BaseException:
             memory.release()  # nothing of it is sent: no need to wait for the call's end
             raise
@@ -308,8 +317,14 @@ class _ResponseMemory:
                 # Counted in its caller's share: a client that never takes its responses keeps
                 # their calls, and their reservations, open until its deadline or its
                 # connection's age, and held the whole budget so.
+                caller = caller_key(self._context)
+                # And in its certificate's share of that: a fleet's replicas share one SPIFFE
+                # ID, and one stuck replica held its whole share.
                 self._reservation = self._budget.reserve(
-                    size, caller=caller_key(self._context), ended=self._stop.ended
+                    size,
+                    caller=caller,
+                    ended=self._stop.ended,
+                    certificate=certificate_key(self._context, caller),
                 )
                 if not self._context.add_callback(self._reservation.release):
                     self._reservation.release()  # the call has already ended
