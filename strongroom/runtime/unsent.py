@@ -8,11 +8,13 @@ so :class:`UnsentResponses` times only what a service asks it to: the responses 
 scarce until they are sent (inference's response memory budget).
 
 Once the handler has returned its response of ``size`` bytes, the call must end within
-:func:`send_bound` (the rule of a download stream that stops being read,
-:mod:`~strongroom.runtime.streams`: ``server.stream_idle_timeout_seconds``, or longer when the
-response needs more at ``server.stream_min_bytes_per_second``), or the watchdog cancels it:
-gRPC offers no way to end a call with a status from another thread, so its client sees
-CANCELLED, and the log says why (``STREAM_IDLE_TIMEOUT``, or ``STREAM_TOO_SLOW`` when the rate's
+:func:`send_bound` (the download streams' settings, :mod:`~strongroom.runtime.streams`:
+``server.stream_idle_timeout_seconds``, or longer when the response needs more at
+``server.stream_min_bytes_per_second``; not timed with that floor off), or the watchdog cancels it.
+Not their rule: gRPC tells nothing of a unary response's progress, so a client that reads nothing
+keeps the response for the whole bound (17 minutes for 64 MiB), where a download that stops being
+read is cut after the idle timeout. gRPC offers no way to end a call with a status from another
+thread, so a cancelled call's client sees CANCELLED, and the log says why (``STREAM_IDLE_TIMEOUT``, or ``STREAM_TOO_SLOW`` when the rate's
 bound was the longer). The call's end-of-call callbacks then give back what it held.
 
 One watchdog thread serves every pending response of a process; it starts with the first and ends
@@ -36,11 +38,18 @@ from strongroom.runtime.gave_up import server_ends
 log = logging.getLogger(__name__)
 
 
-def send_bound(size: int, idle_timeout: float, min_bytes_per_second: int) -> float:
+def send_bound(size: int, idle_timeout: float, min_bytes_per_second: int) -> float | None:
     """Seconds a response of ``size`` bytes may take to be sent: ``idle_timeout``, or what
-    ``min_bytes_per_second`` (0: off) allows it if longer."""
+    ``min_bytes_per_second`` allows it if longer; None (no bound: its deadline and its
+    connection's age alone) with the floor off (0).
+
+    Off, the idle timeout alone cut every response taking longer to send, however steadily its
+    client read (a 64 MiB one below 2.2 MiB/s at 30 s), where the floor off is an operator's
+    way to serve slow links: gRPC tells nothing of a unary response's progress, so there is no
+    idle rule to fall back on; a request's wait is unbounded so too
+    (:meth:`~strongroom.runtime.config.ServerConfig.request_wait_for`)."""
     if min_bytes_per_second <= 0:
-        return idle_timeout
+        return None
     return max(idle_timeout, size / min_bytes_per_second)
 
 
@@ -77,9 +86,12 @@ class UnsentResponses:
 
     def watch(self, context: grpc.ServicerContext, size: int) -> None:
         """Times the response of ``size`` bytes the handler of ``context`` is about to return,
-        until its call ends. Raises RuntimeError when no watchdog thread can be had (the call
-        then fails rather than go unbounded)."""
+        until its call ends (not at all with the rate floor off: :func:`send_bound`). Raises
+        RuntimeError when no watchdog thread can be had (the call then fails rather than go
+        unbounded)."""
         bound = send_bound(size, self.idle_timeout, self.min_bytes_per_second)
+        if bound is None:
+            return  # the floor off: not timed
         why = Reason.STREAM_TOO_SLOW if bound > self.idle_timeout else Reason.STREAM_IDLE_TIMEOUT
         with self._lock:
             self._pending[context] = (time.monotonic() + bound, why, context.peer())

@@ -545,12 +545,37 @@ def test_a_slow_client_reading_within_the_rate_is_not_cancelled(
         slow.close()
 
 
+def test_with_the_rate_floor_off_a_slow_client_is_not_cancelled(
+    start_server: Starter, repository: ModelRepository, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The floor off (``server.stream_min_bytes_per_second: 0``, the way to serve slow links)
+    left the idle timeout alone as the bound, so every response taking longer than it to send
+    was cancelled however steadily its client read: a 4 MiB one at 2 MiB/s past a 0.5 s idle
+    timeout here, a 64 MiB one below 2.2 MiB/s at the default 30 s. gRPC tells nothing of a unary
+    response's progress; with the floor off it is not timed, as a request's wait is not."""
+    budget = _whole(3 * ONE_RESPONSE, wait_seconds=0)
+    unsent = _unsent(0.5, 0)
+    running = _served(start_server, repository, budget, unsent=unsent)
+    slow = UnreadClient(running.address, f"/{SERVICE_NAME}/ModelInfer", read_rate=2 * MIB)
+    caplog.set_level(logging.WARNING, logger="strongroom.runtime.unsent")
+    try:
+        started = time.monotonic()
+        slow.call(_request(FOUR_MIB_FP32).SerializeToString())
+        _until(lambda: slow.ended() == 1)
+        assert time.monotonic() - started > unsent.idle_timeout  # slower than the idle bound
+        _until(_full(budget))
+        assert not [r for r in caplog.records if r.name == "strongroom.runtime.unsent"]
+        assert unsent.pending == 0
+    finally:
+        slow.close()
+
+
 @pytest.mark.parametrize(
     ("size", "rate", "bound"),
-    [(0, 1024, 30.0), (30 * 1024, 1024, 30.0), (60 * 1024, 1024, 60.0), (1 << 30, 0, 30.0)],
+    [(0, 1024, 30.0), (30 * 1024, 1024, 30.0), (60 * 1024, 1024, 60.0), (1 << 30, 0, None)],
 )
 def test_the_send_bound_is_the_idle_timeout_or_what_the_rate_allows(
-    size: int, rate: int, bound: float
+    size: int, rate: int, bound: float | None
 ) -> None:
     assert send_bound(size, 30.0, rate) == bound
 
