@@ -5,9 +5,10 @@ A Strongroom server refuses a call at once with ``RESOURCE_EXHAUSTED`` and one o
 many calls, streams or workers as it admits, or every data-plane worker is taken. Such a call was
 refused before its handler ran: nothing was stored, generated or released, so it can be made again.
 The inference loader retries whole loads refused so; :func:`retrying_busy` is the publisher's
-(``strongroom model publish``, :mod:`strongroom.client.publish`, :mod:`strongroom.client.multipart`):
-each call again after a jittered, exponentially growing wait, within a total bound. Any other
-failure, ``CANCELLED`` and ``DEADLINE_EXCEEDED`` included, ends it at once.
+(``strongroom model publish``, :mod:`strongroom.client.publish`, :mod:`strongroom.client.multipart`)
+and ``strongroom model fetch``'s (:func:`strongroom.client.fetch.retrying_source`): each call again after a jittered,
+exponentially growing wait, within a total bound. Any other failure, ``CANCELLED`` and
+``DEADLINE_EXCEEDED`` included, ends it at once.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from strongroom.reasons import Reason
 
 __all__ = [
     "BUSY_REFUSALS",
+    "CLIENT_RETRY",
     "NO_RETRY",
-    "PUBLISH_RETRY",
     "BusyRetry",
     "is_busy_refusal",
     "retrying_busy",
@@ -61,8 +62,8 @@ collateral or the HSM is slow, or its downloads at once, reach them. A retry can
 budget it waits for: the broker takes a grant only for a release it grants, and refuses one past
 the budget before the evidence is verified."""
 
-PUBLISH_RETRY_SECONDS = 60.0
-"""How long a publisher keeps retrying one call refused as busy (seconds, from its first try)."""
+CLIENT_RETRY_SECONDS = 60.0
+"""How long a client keeps retrying one call refused as busy (seconds, from its first try)."""
 
 
 @dataclass(frozen=True)
@@ -71,14 +72,15 @@ class BusyRetry:
     between ``first_delay`` and half as long again, doubling up to ``max_delay``, while the next
     try would start within ``within`` seconds of the first (0: never retried). ``sleep`` waits."""
 
-    within: float = PUBLISH_RETRY_SECONDS
+    within: float = CLIENT_RETRY_SECONDS
     first_delay: float = 0.5
     max_delay: float = 8.0
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
 
 
-PUBLISH_RETRY = BusyRetry()
-"""The publisher's default: :data:`PUBLISH_RETRY_SECONDS`, waits from 0.5 s up to 8 s."""
+CLIENT_RETRY = BusyRetry()
+"""The publisher's and ``strongroom model fetch``'s: :data:`CLIENT_RETRY_SECONDS`, waits from
+0.5 s up to 8 s."""
 
 NO_RETRY = BusyRetry(within=0.0)
 """Every refusal raised as it comes."""

@@ -40,7 +40,7 @@ from strongroom.artifact.manifest import (
     part_version,
     validate_part_name,
 )
-from strongroom.client.busy import PUBLISH_RETRY, BusyRetry, retrying_busy
+from strongroom.client.busy import CLIENT_RETRY, BusyRetry, retrying_busy
 from strongroom.client.mechanisms import header_mechanism
 from strongroom.client.publish import (
     ONNX_CONTENT_TYPE,
@@ -238,7 +238,7 @@ def publish_parts(
     progress: Progress | None = None,
     timeout: float = 3600.0,
     created_at: datetime | None = None,
-    retry: BusyRetry = PUBLISH_RETRY,
+    retry: BusyRetry = CLIENT_RETRY,
 ) -> PublishedParts:
     """Encrypts every part under one fresh data key, uploads them, then the manifest.
 

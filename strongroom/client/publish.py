@@ -27,7 +27,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.artifact import ArtifactHeader, encrypt_stream, parse_header, read_summary, wipe
 from strongroom.artifact.format import DEK_SIZE
 from strongroom.artifact.manifest import header_digest
-from strongroom.client.busy import PUBLISH_RETRY, BusyRetry, retrying_busy
+from strongroom.client.busy import CLIENT_RETRY, BusyRetry, retrying_busy
 from strongroom.client.mechanisms import header_mechanism
 from strongroom.client.signing import BUNDLE_MEDIA_TYPE, sign_model
 from strongroom.errors import DataLoss, FailedPrecondition
@@ -67,7 +67,7 @@ def publish_model(
     timeout: float = 3600.0,
     signing_key: Path | None = None,
     created_at: datetime | None = None,
-    retry: BusyRetry = PUBLISH_RETRY,
+    retry: BusyRetry = CLIENT_RETRY,
 ) -> Published:
     """Encrypts ``path`` under a fresh data key and uploads it as ``name``/``version``.
 
@@ -173,7 +173,7 @@ def upload_artifact(
     store: grpc.Channel,
     timeout: float = 3600.0,
     progress: Progress | None = None,
-    retry: BusyRetry = PUBLISH_RETRY,
+    retry: BusyRetry = CLIENT_RETRY,
 ) -> Published:
     """Uploads an already encrypted artifact file unchanged (one the store's start-up sweep
     quarantined, for instance); its name and version are its header's. No key is involved.

@@ -11,6 +11,7 @@ tried, records and blobs stored.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -22,10 +23,12 @@ import pytest
 
 from strongroom.artifact.manifest import ManifestLayout
 from strongroom.client.busy import BusyRetry
+from strongroom.client.fetch import grpc_source, retrying_source
 from strongroom.client.multipart import files_parts, publish_parts
 from strongroom.client.publish import publish_model
 from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
+from strongroom.errors import NotFound
 from strongroom.pki import WorkloadIdentity
 from tests.abuse.releases import StalledCalls, settled
 from tests.conftest import stack_root
@@ -252,3 +255,48 @@ def test_a_store_busy_past_the_bound_ends_the_publish_with_its_refusal(
     assert uploads.outcomes == [REFUSED] * (len(waits) + 1)
     assert _records(stack, "busy/never") == []
     assert_clean(storage)
+
+
+GET = "/strongroom.api.modelstore.v1.ModelStoreService/GetModel"
+
+
+def test_a_download_refused_busy_is_made_again_and_nothing_else_is(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """`strongroom model fetch`'s downloads (ModelFetcher's retry=): a reader's certificate at
+    its one-stream share is refused, and its download is made again once the share is free."""
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(5000))
+    stored = publish_model(
+        path,
+        name="busy/fetched",
+        version="1",
+        key_id=KEY_ID,
+        broker=stack.channel(publisher, "keybroker"),
+        store=stack.channel(publisher, "modelstore"),
+    ).model
+    reader = stack.identity("inference")
+    host = stack.services["modelstore"].handle.host
+
+    def open_streams() -> int:
+        return int(host.streams.open_streams(stack.spiffe_id("inference")))
+
+    stalls = [StalledCalls(stack, reader, "modelstore", GET, 1, 60)]
+    assert settled(lambda: open_streams() == 1)
+    waits: list[float] = []
+
+    def wait(seconds: float) -> None:
+        waits.append(seconds)
+        while stalls:
+            stalls.pop().end()
+        assert settled(lambda: open_streams() == 0)
+
+    source = retrying_source(
+        grpc_source(stack.channel(reader, "modelstore")), BusyRetry(sleep=wait)
+    )
+    data = b"".join(bytes(piece) for piece in source("busy/fetched", "1"))
+    assert len(waits) == 1
+    assert hashlib.sha256(data).hexdigest() == stored.artifact_sha256
+    with pytest.raises(NotFound):
+        list(source("busy/absent", "1"))
+    assert len(waits) == 1
