@@ -25,13 +25,14 @@ from strongroom.artifact.manifest import ManifestLayout
 from strongroom.client.busy import BusyRetry
 from strongroom.client.fetch import grpc_source, retrying_source
 from strongroom.client.multipart import files_parts, publish_parts
-from strongroom.client.publish import publish_model
+from strongroom.client.publish import publish_model, upload_artifact
 from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
 from strongroom.errors import NotFound
 from strongroom.pki import WorkloadIdentity
 from tests.abuse.releases import StalledCalls, settled
 from tests.conftest import stack_root
+from tests.modelstore.artifacts import make_artifact
 from tests.modelstore.backends import assert_clean, blob_count
 
 KEY_ID = "busy-key"
@@ -300,3 +301,19 @@ def test_a_download_refused_busy_is_made_again_and_nothing_else_is(
     with pytest.raises(NotFound):
         list(source("busy/absent", "1"))
     assert len(waits) == 1
+
+
+def test_an_upload_of_an_artifact_file_refused_busy_is_sent_again(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """`strongroom model upload`: the file, already encrypted, is read and sent again."""
+    storage = stack.services["modelstore"].handle.storage
+    blobs = blob_count(storage)
+    path = tmp_path / "model.artifact"
+    path.write_bytes(make_artifact("busy/uploaded", "1", os.urandom(5000)))
+    uploads = BusyBefore(stack, publisher, refused={0})
+    uploaded = upload_artifact(path, store=_store(stack, publisher, uploads))
+    assert uploads.outcomes == [REFUSED, ("OK", None)]
+    assert uploaded.model.artifact_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert _records(stack, "busy/uploaded") == [("busy/uploaded", "1")]
+    assert blob_count(storage) == blobs + 1
