@@ -56,6 +56,7 @@ from strongroom.artifact import DEFAULT_DECRYPT_THREADS, ArtifactHeader, decrypt
 from strongroom.artifact.errors import InvalidArtifact
 from strongroom.artifact.keybinding import body_key
 from strongroom.artifact.manifest import is_manifest
+from strongroom.client.busy import BUSY_REFUSALS
 from strongroom.client.cancel import CallScope, call_unary, current_scope, scoped
 from strongroom.client.fetch import (
     DEFAULT_PARALLEL_PARTS,
@@ -86,33 +87,11 @@ log = logging.getLogger(__name__)
 #: How long LoadModel keeps retrying a load that failed with UNAVAILABLE (seconds).
 LOAD_RETRY_SECONDS = 30.0
 
-BUSY_REFUSALS = frozenset(
-    {
-        Reason.TOO_MANY_UNARY_CALLS_PER_IDENTITY,
-        Reason.TOO_MANY_WORKERS_PER_IDENTITY,
-        Reason.TOO_MANY_CALLS_PER_CERTIFICATE,
-        Reason.TOO_MANY_STREAMS_PER_IDENTITY,
-        Reason.TOO_MANY_STREAMS_PER_CERTIFICATE,
-        Reason.TOO_MANY_STREAMS,
-        Reason.DATA_PLANE_WORKERS_BUSY,
-        Reason.RELEASES_RATE_LIMITED,
-    }
-)
-"""RESOURCE_EXHAUSTED refusals that say "retry later" rather than "too large": the key broker had
-as many calls of this identity (or of this server's certificate, its share) running as it admits, or the store as many of its streams (or
-of this server's certificate, its share, or blocking streams in all), or either had every
-data-plane worker busy; or the key broker had granted this server's certificate (or the fleet's
-SPIFFE ID) as many releases as its grant budget admits for now, and gives one back each second or
-so (``RELEASES_RATE_LIMITED``: a replica's burst of loads). Every replica of the
-inference service shares its SPIFFE ID, so a fleet's releases at once while collateral or the HSM
-is slow, or its downloads at once, reach them. A retry cannot spend the grant budget it waits
-for: the broker takes a grant only for a release it grants, and refuses one past the budget
-before the evidence is verified."""
-
 
 def transient(exc: BaseException) -> bool:
     """Whether a load that failed with ``exc`` may succeed if retried: a dependency unavailable,
-    or a peer busy with this identity's other calls (:data:`BUSY_REFUSALS`)."""
+    or a peer busy with this identity's other calls
+    (:data:`~strongroom.client.busy.BUSY_REFUSALS`)."""
     if isinstance(exc, ResourceExhausted):
         return exc.reason in BUSY_REFUSALS
     return isinstance(exc, Unavailable)

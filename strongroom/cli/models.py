@@ -22,6 +22,7 @@ from strongroom.attesters import select_attester
 from strongroom.cli._pins import add_header_pin_argument
 from strongroom.cli._text import printable
 from strongroom.cli.client import Client, add_client_arguments
+from strongroom.client.busy import CLIENT_RETRY
 from strongroom.client.fetch import DecryptedModel, ModelFetcher
 from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.client.listing import iter_entries
@@ -298,7 +299,10 @@ def _fetch(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
             verifier=verifier,
         )
         fetcher = ModelFetcher(
-            client.channel("modelstore"), release, accept_unbound=args.accept_unbound
+            client.channel("modelstore"),
+            release,
+            accept_unbound=args.accept_unbound,
+            retry=CLIENT_RETRY,
         )
         with fetcher.fetch(args.name, args.version, header_sha256=args.header_sha256) as model:
             if args.part is not None:

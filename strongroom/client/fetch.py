@@ -66,6 +66,7 @@ from strongroom.artifact.manifest import (
     is_manifest,
     parse_manifest,
 )
+from strongroom.client.busy import NO_RETRY, BusyRetry, retrying_busy
 from strongroom.client.cancel import current_scope
 from strongroom.client.keypins import KeyPins
 from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
@@ -93,6 +94,7 @@ __all__ = [
     "check_header_pin",
     "grpc_source",
     "remote_error",
+    "retrying_source",
 ]
 
 DEFAULT_PARALLEL_PARTS = 4
@@ -365,6 +367,31 @@ def _check_layout(
     )
 
 
+def retrying_source(source: PartSource, retry: BusyRetry) -> PartSource:
+    """``source`` with each download the store refuses as busy before its first byte made again
+    as ``retry`` says (:func:`~strongroom.client.busy.retrying_busy`); a download that has
+    yielded bytes is never started again (its reader has them), whatever ends it."""
+    if not retry.within:
+        return source
+
+    def retried(name: str, version: str) -> Iterator[bytes | memoryview]:
+        def first() -> tuple[Iterator[bytes | memoryview], bytes | memoryview | None]:
+            pieces = source(name, version)
+            return pieces, next(pieces, None)
+
+        pieces, head = retrying_busy(first, retry, what=f"downloading {name}/{version}")
+        try:
+            if head is not None:
+                yield head
+                yield from pieces
+        finally:
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()  # a reader that stops early ends the download here, not at collection
+
+    return retried
+
+
 class ModelFetcher:
     """Fetches, attests for, releases and decrypts model versions into memory.
 
@@ -382,7 +409,9 @@ class ModelFetcher:
     is requested (MODEL_KEY_NOT_ALLOWED). ``max_model_bytes`` bounds a model, a single artifact
     or all parts of a multi-part one together, judged on its header (before the key is requested)
     or its manifest (before any part is fetched): RESOURCE_EXHAUSTED ARTIFACT_TOO_LARGE. Every
-    byte becomes memory.
+    byte becomes memory. ``retry`` (default none: the inference loader retries whole loads) makes
+    each download the store refuses as busy again (:func:`retrying_source`), within the fetch's
+    deadline, so that one part refused does not cost the whole fetch and its key release.
     """
 
     def __init__(
@@ -396,6 +425,7 @@ class ModelFetcher:
         accept_unbound: bool = False,
         key_pins: KeyPins | None = None,
         max_model_bytes: int | None = None,
+        retry: BusyRetry = NO_RETRY,
     ) -> None:
         if not 1 <= parallel <= 64:
             raise InvalidArgument(
@@ -414,6 +444,7 @@ class ModelFetcher:
         self._accept_unbound = accept_unbound
         self._pins = key_pins or KeyPins()
         self._max = max_model_bytes
+        self._retry = retry
 
     def fetch(
         self,
@@ -528,13 +559,13 @@ class ModelFetcher:
         just under it would hold a model of N parts for about N / ``parallel`` timeouts."""
         channel = self._channel
         if channel is None:
-            return self._source
+            return retrying_source(self._source, self._retry)
 
         def source(name: str, version: str) -> Iterator[bytes | memoryview]:
             left = max(0.0, deadline - time.monotonic())
             return grpc_source(channel, timeout=left)(name, version)
 
-        return source
+        return retrying_source(source, self._retry)
 
     def _fetch_parts(
         self,

@@ -40,6 +40,7 @@ from strongroom.artifact.manifest import (
     part_version,
     validate_part_name,
 )
+from strongroom.client.busy import CLIENT_RETRY, BusyRetry, retrying_busy
 from strongroom.client.mechanisms import header_mechanism
 from strongroom.client.publish import (
     ONNX_CONTENT_TYPE,
@@ -203,11 +204,20 @@ def files_parts(paths: Sequence[Path]) -> list[PartFile]:
     return parts
 
 
+SPARE_WRITERS = 1024
+"""Writers made beside the parts' own for retrying uploads refused as busy, all parts together
+(each part gets ``SPARE_WRITERS // parts``, 1 to :data:`MAX_SPARES_PER_PART`): each try of a part
+needs a writer of its own, made while the data key exists (about 4 KiB each)."""
+MAX_SPARES_PER_PART = 8
+
+
 @dataclass
 class _Planned:
     part: PartFile
     header: ArtifactHeader
-    writer: ArtifactWriter
+    # One per try: a try refused as busy may have sent some of its chunks, and a try after it
+    # must not seal the file's bytes (changed meanwhile, perhaps) under that try's key and nonces.
+    writers: list[ArtifactWriter]
 
 
 def _messages(pieces: Iterator[bytes], on_piece: Any) -> Iterator[UploadMessage]:
@@ -228,6 +238,7 @@ def publish_parts(
     progress: Progress | None = None,
     timeout: float = 3600.0,
     created_at: datetime | None = None,
+    retry: BusyRetry = CLIENT_RETRY,
 ) -> PublishedParts:
     """Encrypts every part under one fresh data key, uploads them, then the manifest.
 
@@ -235,6 +246,13 @@ def publish_parts(
     Every artifact of the version carries the same ``created_at`` (default: now).
     If an upload fails, the parts already stored are deleted when this caller may (best effort),
     and the manifest is never written, so the version is never half-loadable.
+
+    The parts are uploaded one at a time: one stream of the store's at once (a publisher's
+    certificate has a share of several; README, "Limits"). A call the broker or the store refuses
+    as busy (:data:`~strongroom.client.busy.BUSY_REFUSALS`: refused before anything was
+    generated or stored) is made again as ``retry`` says: GenerateDataKey, a part's upload (the
+    file read and encrypted again with a writer of its own, at most 1 + its spare writers'
+    tries, :data:`SPARE_WRITERS`) or the manifest's. Any other failure ends the publish.
     """
     if not 1 <= len(parts) <= MAX_PARTS:
         raise InvalidArgument(f"a model has 1 to {MAX_PARTS} parts", reason=Reason.TOO_MANY_PARTS)
@@ -255,9 +273,14 @@ def publish_parts(
             for p, s in zip(parts, sizes, strict=True)
         ],
     )
-    generated = kb_grpc.KeyBrokerServiceStub(broker).GenerateDataKey(
-        kb_pb.GenerateDataKeyRequest(key_id=key_id, model_name=name, model_version=version),
-        timeout=30,
+    broker_stub = kb_grpc.KeyBrokerServiceStub(broker)
+    generated = retrying_busy(
+        lambda: broker_stub.GenerateDataKey(
+            kb_pb.GenerateDataKeyRequest(key_id=key_id, model_name=name, model_version=version),
+            timeout=30,
+        ),
+        retry,
+        what=f"a data key for {name}/{version}",
     )
     check_generated(generated, name, version)
     # As publish_model does, before the key is copied out: the key slots must name the mechanism
@@ -275,6 +298,9 @@ def publish_parts(
             "created_at": created_at or datetime.now(UTC),
         }
         planned = []
+        tries = 1 + (
+            max(1, min(MAX_SPARES_PER_PART, SPARE_WRITERS // len(parts))) if retry.within else 0
+        )
         for index, (part, size) in enumerate(zip(parts, sizes, strict=True)):
             header = build_header(
                 model_version=part_version(version, index),
@@ -282,7 +308,8 @@ def publish_parts(
                 plaintext_size=size,
                 **common,
             )
-            planned.append(_Planned(part, header, ArtifactWriter(header, dek)))
+            writers = [ArtifactWriter(header, dek) for _ in range(tries)]
+            planned.append(_Planned(part, header, writers))
         # Fixed-length digest fields: the manifest's size is known before its digests are.
         placeholder = build_manifest(
             model_name=name,
@@ -310,37 +337,32 @@ def publish_parts(
     digests: list[bytes] = []
     try:
         for plan in planned:
-            try:
-                source = plan.part.path.open("rb")
-            except OSError as exc:
-                raise _unreadable(plan.part.path, exc) from None
-            with source:
-                if os.fstat(source.fileno()).st_size != plan.header.plaintext_size:
-                    raise FailedPrecondition(
-                        f"{plan.part.path} changed size while publishing",
-                        reason=Reason.PLAINTEXT_SIZE_MISMATCH,
-                    )
-                tail = bytearray()
+            spare = iter(plan.writers)
+            tail = bytearray()
 
-                def on_piece(
-                    piece: bytes,
-                    source: Any = source,
-                    tail: bytearray = tail,
-                    before: int = done_before,
-                ) -> None:
-                    tail.extend(piece[-DIGEST_SIZE:])
-                    del tail[:-DIGEST_SIZE]
-                    if progress is not None:
-                        progress(before + source.tell(), total)
-
-                pieces = plan.writer.stream(source, block_size=UPLOAD_MESSAGE_BYTES)
-                response = put_model(
+            def attempt(
+                plan: _Planned = plan,
+                spare: Iterator[ArtifactWriter] = spare,
+                tail: bytearray = tail,
+                before: int = done_before,
+            ) -> store_pb.PutModelResponse:
+                return _put_part(
                     store,
-                    _messages(pieces, on_piece),
-                    name=plan.header.model_name,
-                    version=plan.header.model_version,
+                    plan,
+                    next(spare),
+                    tail,
+                    before=before,
+                    total=total,
+                    progress=progress,
                     timeout=timeout,
                 )
+
+            response = retrying_busy(
+                attempt,
+                retry,
+                what=f"part {plan.part.name!r} of {name}/{version}",
+                attempts=len(plan.writers),
+            )
             stored.append(response.model)
             digests.append(bytes(tail))  # the footer: the part's plaintext SHA-256
             done_before += plan.header.plaintext_size
@@ -365,12 +387,17 @@ def publish_parts(
         artifact = b"".join(
             (manifest_writer.start(), manifest_writer.write(encoded), manifest_writer.finish())
         )
-        response = put_model(
-            store,
-            _messages(iter([artifact]), lambda _piece: None),
-            name=name,
-            version=version,
-            timeout=timeout,
+        # The same bytes again on a retry: sealed once, in memory.
+        response = retrying_busy(
+            lambda: put_model(
+                store,
+                _messages(iter([artifact]), lambda _piece: None),
+                name=name,
+                version=version,
+                timeout=timeout,
+            ),
+            retry,
+            what=f"the manifest of {name}/{version}",
         )
     except BaseException as exc:
         left = _delete_best_effort(stub, stored)
@@ -391,6 +418,47 @@ def publish_parts(
         time.perf_counter() - started,
         header_digest(manifest_header).hex(),
     )
+
+
+def _put_part(
+    store: grpc.Channel,
+    plan: _Planned,
+    writer: ArtifactWriter,
+    tail: bytearray,
+    *,
+    before: int,
+    total: int,
+    progress: Progress | None,
+    timeout: float,
+) -> store_pb.PutModelResponse:
+    """One try of a part's upload: its file read from the start, encrypted by ``writer`` while
+    sent; ``tail`` ends as the artifact's last 32 bytes (its footer: the plaintext's SHA-256)."""
+    try:
+        source = plan.part.path.open("rb")
+    except OSError as exc:
+        raise _unreadable(plan.part.path, exc) from None
+    with source:
+        if os.fstat(source.fileno()).st_size != plan.header.plaintext_size:
+            raise FailedPrecondition(
+                f"{plan.part.path} changed size while publishing",
+                reason=Reason.PLAINTEXT_SIZE_MISMATCH,
+            )
+        tail.clear()
+
+        def on_piece(piece: bytes) -> None:
+            tail.extend(piece[-DIGEST_SIZE:])
+            del tail[:-DIGEST_SIZE]
+            if progress is not None:
+                progress(before + source.tell(), total)
+
+        pieces = writer.stream(source, block_size=UPLOAD_MESSAGE_BYTES)
+        return put_model(
+            store,
+            _messages(pieces, on_piece),
+            name=plan.header.model_name,
+            version=plan.header.model_version,
+            timeout=timeout,
+        )
 
 
 def _delete_best_effort(

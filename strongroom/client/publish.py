@@ -27,6 +27,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.artifact import ArtifactHeader, encrypt_stream, parse_header, read_summary, wipe
 from strongroom.artifact.format import DEK_SIZE
 from strongroom.artifact.manifest import header_digest
+from strongroom.client.busy import CLIENT_RETRY, BusyRetry, retrying_busy
 from strongroom.client.mechanisms import header_mechanism
 from strongroom.client.signing import BUNDLE_MEDIA_TYPE, sign_model
 from strongroom.errors import DataLoss, FailedPrecondition
@@ -66,6 +67,7 @@ def publish_model(
     timeout: float = 3600.0,
     signing_key: Path | None = None,
     created_at: datetime | None = None,
+    retry: BusyRetry = CLIENT_RETRY,
 ) -> Published:
     """Encrypts ``path`` under a fresh data key and uploads it as ``name``/``version``.
 
@@ -73,6 +75,10 @@ def publish_model(
 
     With ``signing_key`` (EC private key, PEM) the plaintext is first signed with OpenSSF
     model-signing and the bundle travels in the artifact header.
+
+    A try the broker or the store refuses as busy (:data:`~strongroom.client.busy.BUSY_REFUSALS`)
+    is made again as ``retry`` says, from a fresh data key (one more GenerateDataKey, audited):
+    such a refusal comes before anything is generated or stored. Any other failure ends it.
     """
     started = time.perf_counter()
     # The file first: a publish that cannot read it asks the broker for no data key (each one is
@@ -80,51 +86,85 @@ def publish_model(
     with _open_readable(path) as source:
         total = os.fstat(source.fileno()).st_size
         bundle = sign_model(path, signing_key) if signing_key is not None else b""
-        generated = kb_grpc.KeyBrokerServiceStub(broker).GenerateDataKey(
-            kb_pb.GenerateDataKeyRequest(key_id=key_id, model_name=name, model_version=version),
-            timeout=30,
-        )
-        check_generated(generated, name, version)
-        # Before the key is copied out: a mechanism the header cannot carry ends the publish.
-        mechanism = header_mechanism(generated.mechanism)
-        dek = bytearray(generated.data_key)
-        try:
-            artifact = encrypt_stream(
+
+        def attempt() -> tuple[store_pb.PutModelResponse, ArtifactHeader]:
+            # Each try is a whole new encryption under a fresh data key: the refused try's
+            # key is wiped, and no key and nonce ever seal the bytes of two tries.
+            source.seek(0)
+            return _encrypt_and_put(
                 source,
-                dek,
-                model_name=name,
-                model_version=version,
-                content_type=content_type,
+                total,
+                name=name,
+                version=version,
                 key_id=key_id,
-                key_version=generated.key_version,
-                wrapped_dek=generated.wrapped_data_key,
-                wrap_mechanism=mechanism,
-                block_size=UPLOAD_MESSAGE_BYTES,
-                signature_bundle=bundle,
-                signature_bundle_media_type=BUNDLE_MEDIA_TYPE if bundle else "",
+                broker=broker,
+                store=store,
+                content_type=content_type,
+                progress=progress,
+                timeout=timeout,
+                bundle=bundle,
                 created_at=created_at,
             )
-        finally:
-            wipe(dek)  # the encryptor holds only its derived key from here on
 
-        head: list[ArtifactHeader] = []
+        response, header = retrying_busy(attempt, retry, what=f"publishing {name}/{version}")
+    return Published(response.model, time.perf_counter() - started, header_digest(header).hex())
 
-        def messages() -> Iterator[UploadMessage]:
-            for piece in artifact:
-                if not head:  # the first piece is everything before the first chunk
-                    head.append(parse_header(piece))
-                if progress is not None:
-                    progress(source.tell(), total)
-                yield from upload_pieces(piece)
 
-        response = put_model(
-            store,
-            messages(),
-            name=name,
-            version=version,
-            timeout=timeout,
+def _encrypt_and_put(
+    source: BinaryIO,
+    total: int,
+    *,
+    name: str,
+    version: str,
+    key_id: str,
+    broker: grpc.Channel,
+    store: grpc.Channel,
+    content_type: str,
+    progress: Progress | None,
+    timeout: float,
+    bundle: bytes,
+    created_at: datetime | None,
+) -> tuple[store_pb.PutModelResponse, ArtifactHeader]:
+    """One try of :func:`publish_model`: a data key, then the file encrypted while uploaded."""
+    generated = kb_grpc.KeyBrokerServiceStub(broker).GenerateDataKey(
+        kb_pb.GenerateDataKeyRequest(key_id=key_id, model_name=name, model_version=version),
+        timeout=30,
+    )
+    check_generated(generated, name, version)
+    # Before the key is copied out: a mechanism the header cannot carry ends the publish.
+    mechanism = header_mechanism(generated.mechanism)
+    dek = bytearray(generated.data_key)
+    try:
+        artifact = encrypt_stream(
+            source,
+            dek,
+            model_name=name,
+            model_version=version,
+            content_type=content_type,
+            key_id=key_id,
+            key_version=generated.key_version,
+            wrapped_dek=generated.wrapped_data_key,
+            wrap_mechanism=mechanism,
+            block_size=UPLOAD_MESSAGE_BYTES,
+            signature_bundle=bundle,
+            signature_bundle_media_type=BUNDLE_MEDIA_TYPE if bundle else "",
+            created_at=created_at,
         )
-    return Published(response.model, time.perf_counter() - started, header_digest(head[0]).hex())
+    finally:
+        wipe(dek)  # the encryptor holds only its derived key from here on
+
+    head: list[ArtifactHeader] = []
+
+    def messages() -> Iterator[UploadMessage]:
+        for piece in artifact:
+            if not head:  # the first piece is everything before the first chunk
+                head.append(parse_header(piece))
+            if progress is not None:
+                progress(source.tell(), total)
+            yield from upload_pieces(piece)
+
+    response = put_model(store, messages(), name=name, version=version, timeout=timeout)
+    return response, head[0]
 
 
 def upload_artifact(
@@ -133,6 +173,7 @@ def upload_artifact(
     store: grpc.Channel,
     timeout: float = 3600.0,
     progress: Progress | None = None,
+    retry: BusyRetry = CLIENT_RETRY,
 ) -> Published:
     """Uploads an already encrypted artifact file unchanged (one the store's start-up sweep
     quarantined, for instance); its name and version are its header's. No key is involved.
@@ -146,7 +187,9 @@ def upload_artifact(
     updates no time; or it was changed in the clock tick of the check), its content, read again
     and hashed. A file rewritten in place, grown or shrunk meanwhile ends the upload with
     FailedPrecondition(MODEL_FILE_CHANGED) before the artifact is complete, so the store keeps
-    nothing. ``progress`` is called with (bytes sent, total).
+    nothing. ``progress`` is called with (bytes sent, total). An upload the store refuses as busy
+    is sent again, the file read again from its start, as ``retry`` says (see
+    :func:`publish_model`).
     """
     started = time.perf_counter()
     with _open_readable(path) as source:
@@ -155,16 +198,20 @@ def upload_artifact(
         head = parse_header(source.read(summary.header_size))
         checked = _file_state(source)
         reread = not _times_show_changes(source.fileno(), checked)
-        source.seek(0)
-        response = put_model(
-            store,
-            _artifact_messages(
-                path, source, summary.artifact_size, checked, progress, reread=reread
-            ),
-            name=summary.name,
-            version=summary.version,
-            timeout=timeout,
-        )
+
+        def attempt() -> store_pb.PutModelResponse:
+            source.seek(0)
+            return put_model(
+                store,
+                _artifact_messages(
+                    path, source, summary.artifact_size, checked, progress, reread=reread
+                ),
+                name=summary.name,
+                version=summary.version,
+                timeout=timeout,
+            )
+
+        response = retrying_busy(attempt, retry, what=f"uploading {summary.name}/{summary.version}")
     return Published(response.model, time.perf_counter() - started, header_digest(head).hex())
 
 

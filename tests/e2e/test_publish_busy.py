@@ -1,0 +1,319 @@
+"""A publisher refused as busy by the model store retries the refused call, over real mTLS.
+
+The store gives each certificate a share of its streams (``server.max_streams_per_certificate``,
+here 1). Before a chosen upload, a stalled upload of the publisher's own certificate takes that
+share, so the real store refuses the upload ``RESOURCE_EXHAUSTED``
+``TOO_MANY_STREAMS_PER_CERTIFICATE``; the stall ends as soon as the refusal is seen. A publish
+used to fail there, a multi-part one with the parts it had stored left behind (a publisher may not
+delete them: the version could not be published again until an admin did). Counts only: uploads
+tried, records and blobs stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from strongroom.artifact.manifest import ManifestLayout
+from strongroom.client.busy import BusyRetry
+from strongroom.client.fetch import grpc_source, retrying_source
+from strongroom.client.multipart import files_parts, publish_parts
+from strongroom.client.publish import publish_model, upload_artifact
+from strongroom.client.remote import peer_reason
+from strongroom.dev.devstack import DevStack
+from strongroom.errors import NotFound
+from strongroom.pki import WorkloadIdentity
+from tests.abuse.releases import StalledCalls, settled
+from tests.conftest import stack_root
+from tests.modelstore.artifacts import make_artifact
+from tests.modelstore.backends import assert_clean, blob_count
+
+KEY_ID = "busy-key"
+PUT = "/strongroom.api.modelstore.v1.ModelStoreService/PutModel"
+
+
+@pytest.fixture(scope="module")
+def stack(
+    step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path
+) -> Iterator[DevStack]:
+    """A broker and a store whose certificates have a share of one stream each."""
+    root = stack_root(tmp_path_factory, "publish-busy", simulated_tee_dir)
+    with DevStack(root, step_ca_binary=step_ca_binary) as dev:
+        dev.start_in_process("keybroker")
+        dev.start_in_process("modelstore", server={"max_streams_per_certificate": 1})
+        dev.create_release_key(dev.identity("admin"), KEY_ID, policy_version="1")
+        yield dev
+
+
+@pytest.fixture(scope="module")
+def publisher(stack: DevStack) -> WorkloadIdentity:
+    """The publisher's one certificate (each enrolment is another, with a share of its own)."""
+    return stack.identity("publisher")
+
+
+def _open_streams(stack: DevStack) -> int:
+    host = stack.services["modelstore"].handle.host
+    return int(host.streams.open_streams(stack.spiffe_id("publisher")))
+
+
+class BusyBefore(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """Counts the publisher's uploads; before those numbered in ``refused`` (from 0), a stalled
+    upload of the same certificate takes its one stream, and once the store has answered the
+    upload, the stall ends. ``outcomes`` holds each upload's status and reason."""
+
+    def __init__(
+        self,
+        stack: DevStack,
+        publisher: WorkloadIdentity,
+        refused: set[int],
+        *,
+        end_stall: bool = True,
+    ) -> None:
+        self._stack = stack
+        self._publisher = publisher
+        self._refused = refused
+        self._end_stall = end_stall
+        self.outcomes: list[tuple[str, str | None]] = []
+        self.stalls: list[StalledCalls] = []
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        if len(self.outcomes) in self._refused:
+            assert settled(lambda: _open_streams(self._stack) == 0)
+            stall = StalledCalls(self._stack, self._publisher, "modelstore", PUT, 1, 60)
+            self.stalls.append(stall)
+            assert settled(lambda: _open_streams(self._stack) == 1)
+        outcome = continuation(details, request_iterator)
+        error = outcome.exception()
+        self.outcomes.append(
+            ("OK", None) if error is None else (error.code().name, peer_reason(error))
+        )
+        if self._end_stall:
+            self.end()
+        return outcome
+
+    def end(self) -> None:
+        """Ends the stalls (each ends without its message) and waits until the store let go."""
+        while self.stalls:
+            self.stalls.pop().end()
+        assert settled(lambda: _open_streams(self._stack) == 0)
+
+
+REFUSED = ("RESOURCE_EXHAUSTED", "TOO_MANY_STREAMS_PER_CERTIFICATE")
+
+
+def _store(stack: DevStack, publisher: WorkloadIdentity, interceptor: BusyBefore) -> grpc.Channel:
+    channel = stack.channel(publisher, "modelstore")
+    return grpc.intercept_channel(channel, interceptor)
+
+
+def _records(stack: DevStack, name: str) -> list[tuple[str, str]]:
+    storage = stack.services["modelstore"].handle.storage
+    return sorted((r.name, r.version) for r in storage.records() if r.name == name)
+
+
+def _shards(folder: Path, count: int) -> list[Path]:
+    folder.mkdir()
+    for i in range(count):
+        (folder / f"shard-{i}.bin").write_bytes(os.urandom(3000 + i))
+    return sorted(folder.iterdir())
+
+
+def test_a_multi_part_publish_refused_busy_mid_way_retries_that_part_and_stores_each_once(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    storage = stack.services["modelstore"].handle.storage
+    blobs = blob_count(storage)
+    uploads = BusyBefore(stack, publisher, refused={1})  # the second part's first try
+    published = publish_parts(
+        files_parts(_shards(tmp_path / "shards", 3)),
+        name="busy/multi",
+        version="1",
+        key_id=KEY_ID,
+        broker=stack.channel(publisher, "keybroker"),
+        store=_store(stack, publisher, uploads),
+        layout=ManifestLayout.FILES,
+    )
+    assert uploads.outcomes == [("OK", None), REFUSED, ("OK", None), ("OK", None), ("OK", None)]
+    assert [p.version for p in published.parts] == ["1+part.0", "1+part.1", "1+part.2"]
+    assert _records(stack, "busy/multi") == [
+        ("busy/multi", "1"),
+        ("busy/multi", "1+part.0"),
+        ("busy/multi", "1+part.1"),
+        ("busy/multi", "1+part.2"),
+    ]
+    assert blob_count(storage) == blobs + 4  # nothing stored twice, nothing of the refused try
+    assert_clean(storage)
+
+
+def test_a_manifest_refused_busy_is_sent_again(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    uploads = BusyBefore(stack, publisher, refused={2})
+    publish_parts(
+        files_parts(_shards(tmp_path / "shards", 2)),
+        name="busy/manifest",
+        version="1",
+        key_id=KEY_ID,
+        broker=stack.channel(publisher, "keybroker"),
+        store=_store(stack, publisher, uploads),
+        layout=ManifestLayout.FILES,
+    )
+    assert uploads.outcomes == [("OK", None), ("OK", None), REFUSED, ("OK", None)]
+    assert len(_records(stack, "busy/manifest")) == 3
+
+
+def test_a_single_publish_refused_busy_is_retried(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    storage = stack.services["modelstore"].handle.storage
+    blobs = blob_count(storage)
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(5000))
+    uploads = BusyBefore(stack, publisher, refused={0})
+    published = publish_model(
+        path,
+        name="busy/single",
+        version="1",
+        key_id=KEY_ID,
+        broker=stack.channel(publisher, "keybroker"),
+        store=_store(stack, publisher, uploads),
+    )
+    assert uploads.outcomes == [REFUSED, ("OK", None)]
+    assert published.model.name == "busy/single"
+    assert _records(stack, "busy/single") == [("busy/single", "1")]
+    assert blob_count(storage) == blobs + 1
+    assert_clean(storage)
+
+
+def test_a_refusal_that_is_not_busy_is_not_retried(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(5000))
+    broker = stack.channel(publisher, "keybroker")
+    store = stack.channel(publisher, "modelstore")
+    publish_model(path, name="busy/exists", version="1", key_id=KEY_ID, broker=broker, store=store)
+    waits: list[float] = []
+    uploads = BusyBefore(stack, publisher, set())
+    with pytest.raises(grpc.RpcError) as info:
+        publish_model(
+            path,
+            name="busy/exists",
+            version="1",
+            key_id=KEY_ID,
+            broker=broker,
+            store=_store(stack, publisher, uploads),
+            retry=BusyRetry(sleep=waits.append),
+        )
+    assert (info.value.code(), peer_reason(info.value)) == (  # type: ignore[attr-defined]
+        grpc.StatusCode.ALREADY_EXISTS,
+        "MODEL_EXISTS",
+    )
+    assert (len(uploads.outcomes), waits) == (1, [])
+
+
+def test_a_store_busy_past_the_bound_ends_the_publish_with_its_refusal(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    storage = stack.services["modelstore"].handle.storage
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(5000))
+    waits: list[float] = []
+
+    def wait(seconds: float) -> None:
+        waits.append(seconds)
+        time.sleep(seconds)
+
+    uploads = BusyBefore(stack, publisher, refused={0}, end_stall=False)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            publish_model(
+                path,
+                name="busy/never",
+                version="1",
+                key_id=KEY_ID,
+                broker=stack.channel(publisher, "keybroker"),
+                store=_store(stack, publisher, uploads),
+                retry=BusyRetry(within=1.0, first_delay=0.2, sleep=wait),
+            )
+    finally:
+        uploads.end()
+    assert (info.value.code(), peer_reason(info.value)) == (  # type: ignore[attr-defined]
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "TOO_MANY_STREAMS_PER_CERTIFICATE",
+    )
+    # Retried, every try refused, and no wait began that would end past the bound.
+    assert waits and sum(waits) <= 1.0
+    assert uploads.outcomes == [REFUSED] * (len(waits) + 1)
+    assert _records(stack, "busy/never") == []
+    assert_clean(storage)
+
+
+GET = "/strongroom.api.modelstore.v1.ModelStoreService/GetModel"
+
+
+def test_a_download_refused_busy_is_made_again_and_nothing_else_is(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """`strongroom model fetch`'s downloads (ModelFetcher's retry=): a reader's certificate at
+    its one-stream share is refused, and its download is made again once the share is free."""
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(5000))
+    stored = publish_model(
+        path,
+        name="busy/fetched",
+        version="1",
+        key_id=KEY_ID,
+        broker=stack.channel(publisher, "keybroker"),
+        store=stack.channel(publisher, "modelstore"),
+    ).model
+    reader = stack.identity("inference")
+    host = stack.services["modelstore"].handle.host
+
+    def open_streams() -> int:
+        return int(host.streams.open_streams(stack.spiffe_id("inference")))
+
+    stalls = [StalledCalls(stack, reader, "modelstore", GET, 1, 60)]
+    assert settled(lambda: open_streams() == 1)
+    waits: list[float] = []
+
+    def wait(seconds: float) -> None:
+        waits.append(seconds)
+        while stalls:
+            stalls.pop().end()
+        assert settled(lambda: open_streams() == 0)
+
+    source = retrying_source(
+        grpc_source(stack.channel(reader, "modelstore")), BusyRetry(sleep=wait)
+    )
+    data = b"".join(bytes(piece) for piece in source("busy/fetched", "1"))
+    assert len(waits) == 1
+    assert hashlib.sha256(data).hexdigest() == stored.artifact_sha256
+    with pytest.raises(NotFound):
+        list(source("busy/absent", "1"))
+    assert len(waits) == 1
+
+
+def test_an_upload_of_an_artifact_file_refused_busy_is_sent_again(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """`strongroom model upload`: the file, already encrypted, is read and sent again."""
+    storage = stack.services["modelstore"].handle.storage
+    blobs = blob_count(storage)
+    path = tmp_path / "model.artifact"
+    path.write_bytes(make_artifact("busy/uploaded", "1", os.urandom(5000)))
+    uploads = BusyBefore(stack, publisher, refused={0})
+    uploaded = upload_artifact(path, store=_store(stack, publisher, uploads))
+    assert uploads.outcomes == [REFUSED, ("OK", None)]
+    assert uploaded.model.artifact_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert _records(stack, "busy/uploaded") == [("busy/uploaded", "1")]
+    assert blob_count(storage) == blobs + 1
