@@ -21,13 +21,19 @@ from typing import Any
 import grpc
 import pytest
 
+from strongroom.artifact import parse_header
+from strongroom.artifact.c2sp import PREAMBLE_SIZE, TAG_SIZE
 from strongroom.artifact.manifest import ManifestLayout
+from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.client.busy import BusyRetry
-from strongroom.client.fetch import grpc_source, retrying_source
+from strongroom.client.fetch import ModelFetcher, grpc_source, retrying_source
+from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.client.multipart import files_parts, publish_parts
 from strongroom.client.publish import publish_model, upload_artifact
 from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
+from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import NotFound
 from strongroom.pki import WorkloadIdentity
 from tests.abuse.releases import StalledCalls, settled
@@ -317,3 +323,73 @@ def test_an_upload_of_an_artifact_file_refused_busy_is_sent_again(
     assert uploaded.model.artifact_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert _records(stack, "busy/uploaded") == [("busy/uploaded", "1")]
     assert blob_count(storage) == blobs + 1
+
+
+class SentBytes(BusyBefore):
+    """:class:`BusyBefore` that also keeps the artifact bytes each upload handed to gRPC."""
+
+    def __init__(self, stack: DevStack, publisher: WorkloadIdentity, refused: set[int]) -> None:
+        super().__init__(stack, publisher, refused)
+        self.sent: list[bytearray] = []
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        sent = bytearray()
+        self.sent.append(sent)
+
+        def kept() -> Iterator[Any]:
+            for request in request_iterator:
+                sent.extend(request.data if hasattr(request, "data") else bytes(request))
+                yield request
+
+        return super().intercept_stream_unary(continuation, details, kept())
+
+
+def test_a_part_refused_busy_after_its_bytes_went_out_is_resealed_under_a_new_salt(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """What the store was sent for a refused part and for its retry: the refused try's header
+    and preamble (salt, key commitment) did go out, and its first chunks may (gRPC sends while
+    the store decides), so the retry must not seal under that try's derived key and nonces: the
+    same header (the manifest names it), another salt and commitment (another key); and the
+    model the retry published decrypts to the files (the manifest holds the retry's digest)."""
+    shards = _shards(tmp_path / "shards", 2)
+    uploads = SentBytes(stack, publisher, refused={1})
+    publish_parts(
+        files_parts(shards),
+        name="busy/resealed",
+        version="1",
+        key_id=KEY_ID,
+        broker=stack.channel(publisher, "keybroker"),
+        store=_store(stack, publisher, uploads),
+        layout=ManifestLayout.FILES,
+    )
+    assert uploads.outcomes == [("OK", None), REFUSED, ("OK", None), ("OK", None)]
+    refused, retried = uploads.sent[1], uploads.sent[2]
+    head = parse_header(bytes(retried)).head
+    preamble = len(head) + PREAMBLE_SIZE
+    # Not vacuous: the refused try's header and preamble (its salt and key commitment) went out
+    # (its first message; more of it as the store is slower to refuse).
+    assert len(retried) > preamble + TAG_SIZE
+    assert len(refused) >= preamble
+    assert refused[: len(head)] == retried[: len(head)] == head
+    assert refused[len(head) : preamble] != retried[len(head) : preamble]
+    assert refused[preamble:] != retried[preamble : len(refused)] or len(refused) == preamble
+
+    authority = SimulatedAuthority.load(stack.root / "simulated-tee")
+    reader = stack.identity("inference")
+    release = KeyReleaseClient(
+        stack.channel(reader, "keybroker"),
+        SimulatedAttester(
+            authority.snp(),
+            TeeType.SEV_SNP,
+            production=False,
+            claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
+        ),
+        reader.public_key_der,
+        verifier=stack.release_verifier(),
+    )
+    fetcher = ModelFetcher(stack.channel(reader, "modelstore"), release)
+    with fetcher.fetch("busy/resealed", "1") as model:
+        assert [bytes(part.view) for part in model.parts] == [p.read_bytes() for p in shards]
