@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,11 +106,18 @@ def _busy_reason(exc: BaseException) -> str | None:
 
 
 def retrying_busy(
-    attempt: Callable[[], T], retry: BusyRetry, *, what: str, attempts: int | None = None
+    attempt: Callable[[], T],
+    retry: BusyRetry,
+    *,
+    what: str,
+    attempts: int | None = None,
+    stop: threading.Event | None = None,
 ) -> T:
     """``attempt()``, made again while it raises a busy refusal (:func:`is_busy_refusal`), as
     ``retry`` says and at most ``attempts`` times in all (None: no count); then, or for any other
-    failure, the last error is raised. Each retry is logged (WARNING) with ``what`` was refused."""
+    failure, the last error is raised. Each retry is logged (WARNING) with ``what`` was refused.
+    With ``stop``, a wait is on it instead of ``retry.sleep``, and the refusal is raised as soon
+    as it is set (the work the call was for has failed elsewhere)."""
     until = time.monotonic() + retry.within
     delay = retry.first_delay
     made = 0
@@ -132,5 +140,8 @@ def retrying_busy(
                 wait,
                 extra={"reason": reason},
             )
-            retry.sleep(wait)
+            if stop is None:
+                retry.sleep(wait)
+            elif stop.wait(wait):
+                raise
             delay = min(delay * 2, retry.max_delay)

@@ -367,10 +367,13 @@ def _check_layout(
     )
 
 
-def retrying_source(source: PartSource, retry: BusyRetry) -> PartSource:
+def retrying_source(
+    source: PartSource, retry: BusyRetry, *, stop: threading.Event | None = None
+) -> PartSource:
     """``source`` with each download the store refuses as busy before its first byte made again
     as ``retry`` says (:func:`~strongroom.client.busy.retrying_busy`); a download that has
-    yielded bytes is never started again (its reader has them), whatever ends it."""
+    yielded bytes is never started again (its reader has them), whatever ends it. Once ``stop``
+    is set (another part failed), a download waiting to be made again is not: it ends at once."""
     if not retry.within:
         return source
 
@@ -379,7 +382,14 @@ def retrying_source(source: PartSource, retry: BusyRetry) -> PartSource:
             pieces = source(name, version)
             return pieces, next(pieces, None)
 
-        pieces, head = retrying_busy(first, retry, what=f"downloading {name}/{version}")
+        try:
+            pieces, head = retrying_busy(
+                first, retry, what=f"downloading {name}/{version}", stop=stop
+            )
+        except Exception:
+            if stop is not None and stop.is_set():
+                raise _Cancelled() from None  # not the fetch's cause: the failure that set it is
+            raise
         try:
             if head is not None:
                 yield head
@@ -472,7 +482,7 @@ class ModelFetcher:
         decision_id = ""
         done: list[BufferedStreamDecryptor] = []
         try:
-            for data in source(name, version):
+            for data in retrying_source(source, self._retry)(name, version):
                 first.feed(data)
                 header = first.decryptor.header
                 if header is not None and dek is None:
@@ -559,13 +569,13 @@ class ModelFetcher:
         just under it would hold a model of N parts for about N / ``parallel`` timeouts."""
         channel = self._channel
         if channel is None:
-            return retrying_source(self._source, self._retry)
+            return self._source
 
         def source(name: str, version: str) -> Iterator[bytes | memoryview]:
             left = max(0.0, deadline - time.monotonic())
             return grpc_source(channel, timeout=left)(name, version)
 
-        return retrying_source(source, self._retry)
+        return source
 
     def _fetch_parts(
         self,
@@ -575,6 +585,8 @@ class ModelFetcher:
         source: PartSource,
     ) -> tuple[DecryptedPart, ...]:
         stop = threading.Event()
+        # A part refused busy waits to be downloaded again: not once another part has failed.
+        source = retrying_source(source, self._retry, stop=stop)
         results: list[DecryptedPart | None] = [None] * len(manifest.parts)
         lock = threading.Lock()
 

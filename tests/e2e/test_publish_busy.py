@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ import pytest
 
 from strongroom.artifact import parse_header
 from strongroom.artifact.c2sp import PREAMBLE_SIZE, TAG_SIZE
-from strongroom.artifact.manifest import ManifestLayout
+from strongroom.artifact.manifest import ManifestLayout, PartMissing
 from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.client.busy import BusyRetry
 from strongroom.client.fetch import ModelFetcher, grpc_source, retrying_source
@@ -377,9 +378,16 @@ def test_a_part_refused_busy_after_its_bytes_went_out_is_resealed_under_a_new_sa
     assert refused[len(head) : preamble] != retried[len(head) : preamble]
     assert refused[preamble:] != retried[preamble : len(refused)] or len(refused) == preamble
 
-    authority = SimulatedAuthority.load(stack.root / "simulated-tee")
     reader = stack.identity("inference")
-    release = KeyReleaseClient(
+    fetcher = ModelFetcher(stack.channel(reader, "modelstore"), _release(stack, reader))
+    with fetcher.fetch("busy/resealed", "1") as model:
+        assert [bytes(part.view) for part in model.parts] == [p.read_bytes() for p in shards]
+
+
+def _release(stack: DevStack, reader: WorkloadIdentity) -> KeyReleaseClient:
+    """A real attested key release for ``reader`` (the simulated TEE the broker trusts)."""
+    authority = SimulatedAuthority.load(stack.root / "simulated-tee")
+    return KeyReleaseClient(
         stack.channel(reader, "keybroker"),
         SimulatedAttester(
             authority.snp(),
@@ -390,6 +398,57 @@ def test_a_part_refused_busy_after_its_bytes_went_out_is_resealed_under_a_new_sa
         reader.public_key_der,
         verifier=stack.release_verifier(),
     )
-    fetcher = ModelFetcher(stack.channel(reader, "modelstore"), release)
-    with fetcher.fetch("busy/resealed", "1") as model:
-        assert [bytes(part.view) for part in model.parts] == [p.read_bytes() for p in shards]
+
+
+def test_a_part_download_waiting_to_retry_stops_when_another_part_failed(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """A fetch of parts in parallel: part 0 refused busy (the reader's one-stream share held by
+    a stall) waits to retry, and meanwhile part 1 is missing. The fetch fails with the missing
+    part at once: part 0's download is not made again (it was, after its wait, for a fetch
+    already failed, and again for as long as the bound allowed, the busy refusal then raised as
+    the fetch's cause over the missing part)."""
+    publish_parts(
+        files_parts(_shards(tmp_path / "shards", 2)),
+        name="busy/stopped",
+        version="1",
+        key_id=KEY_ID,
+        broker=stack.channel(publisher, "keybroker"),
+        store=stack.channel(publisher, "modelstore"),
+        layout=ManifestLayout.FILES,
+    )
+    reader = stack.identity("inference")
+    host = stack.services["modelstore"].handle.host
+    download = grpc_source(stack.channel(reader, "modelstore"))
+    refused = threading.Event()
+    stalls: list[StalledCalls] = []
+    tries: list[str] = []
+
+    def source(name: str, version: str) -> Iterator[bytes | memoryview]:
+        if version == "1+part.1":
+            assert refused.wait(30)
+            raise NotFound("gone", reason="MODEL_NOT_FOUND")
+        if version == "1+part.0":
+            tries.append(version)
+            if not stalls:  # the manifest's download is done: the share is taken from here on
+                stalls.append(StalledCalls(stack, reader, "modelstore", GET, 1, 60))
+                assert settled(lambda: host.streams.open_streams(stack.spiffe_id("inference")) == 1)
+            try:
+                return download(name, version)
+            finally:
+                refused.set()
+        return download(name, version)
+
+    fetcher = ModelFetcher(
+        source,
+        _release(stack, reader),
+        parallel=2,
+        retry=BusyRetry(within=12.0, first_delay=5.0),
+    )
+    try:
+        with pytest.raises(PartMissing):
+            fetcher.fetch("busy/stopped", "1")
+    finally:
+        while stalls:
+            stalls.pop().end()
+    assert tries == ["1+part.0"]
