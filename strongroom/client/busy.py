@@ -112,13 +112,18 @@ def retrying_busy(
     what: str,
     attempts: int | None = None,
     stop: threading.Event | None = None,
+    deadline: float | None = None,
 ) -> T:
     """``attempt()``, made again while it raises a busy refusal (:func:`is_busy_refusal`), as
     ``retry`` says and at most ``attempts`` times in all (None: no count); then, or for any other
     failure, the last error is raised. Each retry is logged (WARNING) with ``what`` was refused.
     With ``stop``, a wait is on it instead of ``retry.sleep``, and the refusal is raised as soon
-    as it is set (the work the call was for has failed elsewhere)."""
+    as it is set (the work the call was for has failed elsewhere). With ``deadline``
+    (``time.monotonic()``), no wait ends past it either: the refusal is raised instead of a try
+    made with no time left, which would end ``DEADLINE_EXCEEDED`` and hide why."""
     until = time.monotonic() + retry.within
+    if deadline is not None:
+        until = min(until, deadline)
     delay = retry.first_delay
     made = 0
     while True:

@@ -368,12 +368,17 @@ def _check_layout(
 
 
 def retrying_source(
-    source: PartSource, retry: BusyRetry, *, stop: threading.Event | None = None
+    source: PartSource,
+    retry: BusyRetry,
+    *,
+    stop: threading.Event | None = None,
+    deadline: float | None = None,
 ) -> PartSource:
     """``source`` with each download the store refuses as busy before its first byte made again
     as ``retry`` says (:func:`~strongroom.client.busy.retrying_busy`); a download that has
     yielded bytes is never started again (its reader has them), whatever ends it. Once ``stop``
-    is set (another part failed), a download waiting to be made again is not: it ends at once."""
+    is set (another part failed), a download waiting to be made again is not: it ends at once.
+    No wait ends past ``deadline`` (``time.monotonic()``, the fetch's): the refusal is raised."""
     if not retry.within:
         return source
 
@@ -384,7 +389,7 @@ def retrying_source(
 
         try:
             pieces, head = retrying_busy(
-                first, retry, what=f"downloading {name}/{version}", stop=stop
+                first, retry, what=f"downloading {name}/{version}", stop=stop, deadline=deadline
             )
         except Exception:
             if stop is not None and stop.is_set():
@@ -473,16 +478,17 @@ class ModelFetcher:
         can use: any other model (a single artifact included) is FailedPrecondition
         ``MODEL_LAYOUT_UNSUPPORTED``, a manifest's before any of its parts is downloaded."""
         started = time.perf_counter()
-        source = self._source_until(
-            time.monotonic() + (self._timeout if timeout is None else timeout)
-        )
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        source = self._source_until(deadline)
+        # A PartSource given instead bounds its own downloads; a busy wait then bounds itself.
+        retry_until = deadline if self._channel is not None else None
         first = _Stream(self._decryptor())
         dek: bytearray | None = None
         release_seconds = 0.0
         decision_id = ""
         done: list[BufferedStreamDecryptor] = []
         try:
-            for data in retrying_source(source, self._retry)(name, version):
+            for data in retrying_source(source, self._retry, deadline=retry_until)(name, version):
                 first.feed(data)
                 header = first.decryptor.header
                 if header is not None and dek is None:
@@ -521,7 +527,7 @@ class ModelFetcher:
                 done.clear()
                 _check_layout(name, version, manifest.layout, layouts)
                 self._check_total(manifest)
-                parts = self._fetch_parts(manifest, dek, done, source)
+                parts = self._fetch_parts(manifest, dek, done, source, retry_until)
         except BaseException as exc:
             first.decryptor.abort()
             first.decryptor.wipe_output()
@@ -583,10 +589,11 @@ class ModelFetcher:
         dek: bytearray,
         done: list[BufferedStreamDecryptor],
         source: PartSource,
+        deadline: float | None,
     ) -> tuple[DecryptedPart, ...]:
         stop = threading.Event()
         # A part refused busy waits to be downloaded again: not once another part has failed.
-        source = retrying_source(source, self._retry, stop=stop)
+        source = retrying_source(source, self._retry, stop=stop, deadline=deadline)
         results: list[DecryptedPart | None] = [None] * len(manifest.parts)
         lock = threading.Lock()
 

@@ -35,7 +35,7 @@ from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.errors import NotFound
+from strongroom.errors import NotFound, ResourceExhausted
 from strongroom.pki import WorkloadIdentity
 from tests.abuse.releases import StalledCalls, settled
 from tests.conftest import stack_root
@@ -452,3 +452,38 @@ def test_a_part_download_waiting_to_retry_stops_when_another_part_failed(
         while stalls:
             stalls.pop().end()
     assert tries == ["1+part.0"]
+
+
+def test_a_download_refused_busy_near_the_fetch_deadline_ends_with_the_refusal(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """A fetch whose next wait to retry would end past its deadline raises the busy refusal
+    then. It slept the wait anyway and made the download again with no time left: the fetch
+    overran its deadline by the wait and ended DEADLINE_EXCEEDED, the store's refusal hidden."""
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(5000))
+    publish_model(
+        path,
+        name="busy/deadline",
+        version="1",
+        key_id=KEY_ID,
+        broker=stack.channel(publisher, "keybroker"),
+        store=stack.channel(publisher, "modelstore"),
+    )
+    reader = stack.identity("inference")
+    host = stack.services["modelstore"].handle.host
+    stall = StalledCalls(stack, reader, "modelstore", GET, 1, 60)
+    waits: list[float] = []
+    try:
+        assert settled(lambda: host.streams.open_streams(stack.spiffe_id("inference")) == 1)
+        fetcher = ModelFetcher(
+            stack.channel(reader, "modelstore"),
+            _release(stack, reader),
+            retry=BusyRetry(first_delay=5.0, sleep=waits.append),
+        )
+        with pytest.raises(ResourceExhausted) as info:
+            fetcher.fetch("busy/deadline", "1", timeout=2.0)
+    finally:
+        stall.end()
+    assert info.value.reason == "TOO_MANY_STREAMS_PER_CERTIFICATE"
+    assert waits == []
