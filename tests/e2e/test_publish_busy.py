@@ -302,7 +302,11 @@ def test_a_download_refused_busy_is_made_again_and_nothing_else_is(
     source = retrying_source(
         grpc_source(stack.channel(reader, "modelstore")), BusyRetry(sleep=wait)
     )
-    data = b"".join(bytes(piece) for piece in source("busy/fetched", "1"))
+    try:
+        data = b"".join(bytes(piece) for piece in source("busy/fetched", "1"))
+    finally:  # a failure here must not leave the reader's share taken for the tests after it
+        while stalls:
+            stalls.pop().end()
     assert len(waits) == 1
     assert hashlib.sha256(data).hexdigest() == stored.artifact_sha256
     with pytest.raises(NotFound):
@@ -379,7 +383,8 @@ def test_a_part_refused_busy_after_its_bytes_went_out_is_resealed_under_a_new_sa
     assert refused[preamble:] != retried[preamble : len(refused)] or len(refused) == preamble
 
     reader = stack.identity("inference")
-    fetcher = ModelFetcher(stack.channel(reader, "modelstore"), _release(stack, reader))
+    # One part at a time: the reader's certificate has a share of one stream here.
+    fetcher = ModelFetcher(stack.channel(reader, "modelstore"), _release(stack, reader), parallel=1)
     with fetcher.fetch("busy/resealed", "1") as model:
         assert [bytes(part.view) for part in model.parts] == [p.read_bytes() for p in shards]
 
