@@ -71,7 +71,13 @@ def _write_head(
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         file = audit_head.HeadFile(
-            head_path(path), key, "0" * 32, lambda: "2026-01-01T00:00:00.000000Z", dir_fd
+            head_path(path),
+            key,
+            # The key's own fingerprint: a head carries its public key (pub) since 15355c4, and
+            # one naming another key is malformed, so the broker's open refused the series.
+            audit_module._key_fingerprint(key.public_key()),
+            lambda: "2026-01-01T00:00:00.000000Z",
+            dir_fd,
         )
         file.read()
         if size is None:
