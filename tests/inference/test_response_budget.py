@@ -524,13 +524,16 @@ def test_a_response_its_client_never_takes_is_cancelled_after_the_bound_and_give
         unread.close()
 
 
-def test_a_slow_client_reading_within_the_rate_is_not_cancelled(
-    start_server: Starter, repository: ModelRepository, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The bound grows with the response, as a download's rate floor: a client taking 4 MiB at
-    2 MiB/s (some 2 s, past the 0.5 s idle timeout) is within 1 MiB/s and gets its answer."""
+def _read_slowly(
+    start_server: Starter,
+    repository: ModelRepository,
+    caplog: pytest.LogCaptureFixture,
+    min_rate: int,
+) -> UnsentResponses:
+    """A 4 MiB response read at 2 MiB/s, past a 0.5 s idle timeout, with the rate floor
+    ``min_rate``: checks it was answered, uncancelled and unlogged, and its room given back."""
     budget = _whole(3 * ONE_RESPONSE, wait_seconds=0)
-    unsent = _unsent(0.5, MIB)
+    unsent = _unsent(0.5, min_rate)
     running = _served(start_server, repository, budget, unsent=unsent)
     slow = UnreadClient(running.address, f"/{SERVICE_NAME}/ModelInfer", read_rate=2 * MIB)
     caplog.set_level(logging.WARNING, logger="strongroom.runtime.unsent")
@@ -543,6 +546,15 @@ def test_a_slow_client_reading_within_the_rate_is_not_cancelled(
         assert not [r for r in caplog.records if r.name == "strongroom.runtime.unsent"]
     finally:
         slow.close()
+    return unsent
+
+
+def test_a_slow_client_reading_within_the_rate_is_not_cancelled(
+    start_server: Starter, repository: ModelRepository, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bound grows with the response, as a download's rate floor: a client taking 4 MiB at
+    2 MiB/s (some 2 s, past the 0.5 s idle timeout) is within 1 MiB/s and gets its answer."""
+    _read_slowly(start_server, repository, caplog, MIB)
 
 
 def test_with_the_rate_floor_off_a_slow_client_is_not_cancelled(
@@ -553,21 +565,7 @@ def test_with_the_rate_floor_off_a_slow_client_is_not_cancelled(
     was cancelled however steadily its client read: a 4 MiB one at 2 MiB/s past a 0.5 s idle
     timeout here, a 64 MiB one below 2.2 MiB/s at the default 30 s. gRPC tells nothing of a unary
     response's progress; with the floor off it is not timed, as a request's wait is not."""
-    budget = _whole(3 * ONE_RESPONSE, wait_seconds=0)
-    unsent = _unsent(0.5, 0)
-    running = _served(start_server, repository, budget, unsent=unsent)
-    slow = UnreadClient(running.address, f"/{SERVICE_NAME}/ModelInfer", read_rate=2 * MIB)
-    caplog.set_level(logging.WARNING, logger="strongroom.runtime.unsent")
-    try:
-        started = time.monotonic()
-        slow.call(_request(FOUR_MIB_FP32).SerializeToString())
-        _until(lambda: slow.ended() == 1)
-        assert time.monotonic() - started > unsent.idle_timeout  # slower than the idle bound
-        _until(_full(budget))
-        assert not [r for r in caplog.records if r.name == "strongroom.runtime.unsent"]
-        assert unsent.pending == 0
-    finally:
-        slow.close()
+    assert _read_slowly(start_server, repository, caplog, 0).pending == 0
 
 
 @pytest.mark.parametrize(
