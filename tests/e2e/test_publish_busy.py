@@ -29,7 +29,7 @@ from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.client.busy import BusyRetry
 from strongroom.client.fetch import ModelFetcher, grpc_source, retrying_source
 from strongroom.client.keyrelease import KeyReleaseClient
-from strongroom.client.multipart import files_parts, publish_parts
+from strongroom.client.multipart import PublishedParts, files_parts, publish_parts
 from strongroom.client.publish import publish_model, upload_artifact
 from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
@@ -134,20 +134,33 @@ def _shards(folder: Path, count: int) -> list[Path]:
     return sorted(folder.iterdir())
 
 
+def _publish(
+    stack: DevStack, publisher: WorkloadIdentity, shards: list[Path], name: str, store: grpc.Channel
+) -> PublishedParts:
+    """Publishes ``shards`` as the parts of ``name`` version 1 through ``store``."""
+    return publish_parts(
+        files_parts(shards),
+        name=name,
+        version="1",
+        key_id=KEY_ID,
+        broker=stack.channel(publisher, "keybroker"),
+        store=store,
+        layout=ManifestLayout.FILES,
+    )
+
+
 def test_a_multi_part_publish_refused_busy_mid_way_retries_that_part_and_stores_each_once(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
     storage = stack.services["modelstore"].handle.storage
     blobs = blob_count(storage)
     uploads = BusyBefore(stack, publisher, refused={1})  # the second part's first try
-    published = publish_parts(
-        files_parts(_shards(tmp_path / "shards", 3)),
-        name="busy/multi",
-        version="1",
-        key_id=KEY_ID,
-        broker=stack.channel(publisher, "keybroker"),
-        store=_store(stack, publisher, uploads),
-        layout=ManifestLayout.FILES,
+    published = _publish(
+        stack,
+        publisher,
+        _shards(tmp_path / "shards", 3),
+        "busy/multi",
+        _store(stack, publisher, uploads),
     )
     assert uploads.outcomes == [("OK", None), REFUSED, ("OK", None), ("OK", None), ("OK", None)]
     assert [p.version for p in published.parts] == ["1+part.0", "1+part.1", "1+part.2"]
@@ -165,14 +178,12 @@ def test_a_manifest_refused_busy_is_sent_again(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
     uploads = BusyBefore(stack, publisher, refused={2})
-    publish_parts(
-        files_parts(_shards(tmp_path / "shards", 2)),
-        name="busy/manifest",
-        version="1",
-        key_id=KEY_ID,
-        broker=stack.channel(publisher, "keybroker"),
-        store=_store(stack, publisher, uploads),
-        layout=ManifestLayout.FILES,
+    _publish(
+        stack,
+        publisher,
+        _shards(tmp_path / "shards", 2),
+        "busy/manifest",
+        _store(stack, publisher, uploads),
     )
     assert uploads.outcomes == [("OK", None), ("OK", None), REFUSED, ("OK", None)]
     assert len(_records(stack, "busy/manifest")) == 3
@@ -361,15 +372,7 @@ def test_a_part_refused_busy_after_its_bytes_went_out_is_resealed_under_a_new_sa
     model the retry published decrypts to the files (the manifest holds the retry's digest)."""
     shards = _shards(tmp_path / "shards", 2)
     uploads = SentBytes(stack, publisher, refused={1})
-    publish_parts(
-        files_parts(shards),
-        name="busy/resealed",
-        version="1",
-        key_id=KEY_ID,
-        broker=stack.channel(publisher, "keybroker"),
-        store=_store(stack, publisher, uploads),
-        layout=ManifestLayout.FILES,
-    )
+    _publish(stack, publisher, shards, "busy/resealed", _store(stack, publisher, uploads))
     assert uploads.outcomes == [("OK", None), REFUSED, ("OK", None), ("OK", None)]
     refused, retried = uploads.sent[1], uploads.sent[2]
     head = parse_header(bytes(retried)).head
@@ -413,14 +416,12 @@ def test_a_part_download_waiting_to_retry_stops_when_another_part_failed(
     part at once: part 0's download is not made again (it was, after its wait, for a fetch
     already failed, and again for as long as the bound allowed, the busy refusal then raised as
     the fetch's cause over the missing part)."""
-    publish_parts(
-        files_parts(_shards(tmp_path / "shards", 2)),
-        name="busy/stopped",
-        version="1",
-        key_id=KEY_ID,
-        broker=stack.channel(publisher, "keybroker"),
-        store=stack.channel(publisher, "modelstore"),
-        layout=ManifestLayout.FILES,
+    _publish(
+        stack,
+        publisher,
+        _shards(tmp_path / "shards", 2),
+        "busy/stopped",
+        stack.channel(publisher, "modelstore"),
     )
     reader = stack.identity("inference")
     host = stack.services["modelstore"].handle.host
