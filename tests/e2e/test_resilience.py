@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -429,21 +431,36 @@ def _stop(stack: DevStack, *services: str) -> None:
             earlier.stop()
 
 
+@contextlib.contextmanager
+def _one_grant_each(
+    stack: DevStack, tmp_path: Path, key: str, models: tuple[str, str], rate: float
+) -> Iterator[Any]:
+    """An inference server (its handle) beside a broker granting each certificate one release
+    at once, then ``rate`` a second, with ``models`` published under release key ``key``; the
+    module's usual broker is back afterwards."""
+    stack.create_release_key(stack.identity("admin"), key, policy_version="1")
+    model = train(tmp_path / "m.onnx").path
+    _publish_files(stack, key, dict.fromkeys(models, model))
+    _stop(stack, "keybroker", "inference")
+    budget = {"release_budget_certificate_burst": 1, "release_budget_certificate_rate": rate}
+    stack.start_in_process("keybroker", {**stack.default_section("keybroker"), **budget})
+    try:
+        yield stack.start_in_process("inference").handle
+    finally:
+        _stop(stack, "inference", "keybroker")
+        stack.start_in_process("keybroker")  # as the module's other tests expect it
+
+
 def test_a_load_refused_by_the_broker_names_the_reason_once(
     stack: DevStack, tmp_path: Path
 ) -> None:
     """The broker's message begins with its reason ("RELEASES_RATE_LIMITED: more than ..."), and
     the loader's error printed its own reason before it: "RELEASES_RATE_LIMITED: key release:
     RELEASES_RATE_LIMITED: more than ...". The peer's words are kept, its reason said once."""
-    stack.create_release_key(stack.identity("admin"), "once", policy_version="1")
-    model = train(tmp_path / "m.onnx").path
-    _publish_files(stack, "once", {"once-first": model, "once-second": model})
-    _stop(stack, "keybroker", "inference")
     # One grant per certificate, the next in 1,000 s: the second load's release is refused.
-    budget = {"release_budget_certificate_burst": 1, "release_budget_certificate_rate": 0.001}
-    stack.start_in_process("keybroker", {**stack.default_section("keybroker"), **budget})
-    inference = stack.start_in_process("inference").handle
-    try:
+    with _one_grant_each(
+        stack, tmp_path, "once", ("once-first", "once-second"), 0.001
+    ) as inference:
         inference.loader.load("once-first", "1")
         with pytest.raises(ResourceExhausted) as info:
             inference.loader.load("once-second", "1")
@@ -451,9 +468,6 @@ def test_a_load_refused_by_the_broker_names_the_reason_once(
             "RELEASES_RATE_LIMITED: key release: more than 1 key releases granted at once, or "
             "more than 0.001 a second after that, to this certificate; retry later"
         )
-    finally:
-        _stop(stack, "inference", "keybroker")
-        stack.start_in_process("keybroker")  # as the module's other tests expect it
 
 
 def test_a_load_refused_past_its_certificates_release_budget_is_retried(
@@ -464,16 +478,9 @@ def test_a_load_refused_past_its_certificates_release_budget_is_retried(
     RESOURCE_EXHAUSTED RELEASES_RATE_LIMITED and failed at once, although a grant came back
     within the retry window. It is retried with the busy refusals' back-off now; a refused
     release takes no grant, so the retries cannot spend the budget they wait for."""
-    stack.create_release_key(stack.identity("admin"), "granted", policy_version="1")
-    model = train(tmp_path / "m.onnx").path
-    _publish_files(stack, "granted", {"first": model, "second": model})
-    _stop(stack, "keybroker", "inference")
     # One grant per certificate at once, then one each 10 s: the first load spends it, and the
     # second's release is refused until it is back, well within the 60 s given to its retries.
-    budget = {"release_budget_certificate_burst": 1, "release_budget_certificate_rate": 0.1}
-    stack.start_in_process("keybroker", {**stack.default_section("keybroker"), **budget})
-    inference = stack.start_in_process("inference").handle
-    try:
+    with _one_grant_each(stack, tmp_path, "granted", ("first", "second"), 0.1) as inference:
         inference.loader.load("first", "1")
         with caplog.at_level(logging.WARNING, logger="strongroom.inference.loader"):
             inference.loader.load_with_retry("second", "1", within=60)
@@ -484,6 +491,3 @@ def test_a_load_refused_past_its_certificates_release_budget_is_retried(
         ]
         assert retried and set(retried) == {"RELEASES_RATE_LIMITED"}
         assert inference.repository.is_ready("second", "1")
-    finally:
-        _stop(stack, "inference", "keybroker")
-        stack.start_in_process("keybroker")  # as the module's other tests expect it
