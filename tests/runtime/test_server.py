@@ -656,7 +656,12 @@ def test_stopping_a_host_ends_its_watchdog_threads() -> None:
 
 
 def _bindable(port: int) -> bool:
+    """Whether a new server could listen on ``port`` now. The probe sets SO_REUSEADDR as gRPC's
+    own listeners do: a connection the stopped server closed first lingers in TIME_WAIT on the
+    port for a minute, and without the option that alone refused the bind (about once in 15
+    stops in CI) though nothing listened any more."""
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
