@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -36,6 +35,7 @@ from strongroom.runtime.config import load_service_config
 from strongroom.runtime.process import SERVICE_ENV
 from strongroom.runtime.secrets import Secret
 from tests.conftest import REPO, stack_root
+from tests.ports import listenable
 
 STOPPING = "signal received while starting; stopping"
 
@@ -225,16 +225,6 @@ def _stop_requested_at(point: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     yield
 
 
-def _bindable(address: str) -> bool:
-    host, port = address.rsplit(":", 1)
-    with socket.socket() as probe:
-        try:
-            probe.bind((host, int(port)))
-        except OSError:
-            return False
-    return True
-
-
 @pytest.mark.parametrize("service", sorted(BUILDS))
 def test_a_build_stopped_once_its_host_is_built_releases_the_hosts_ports(
     stack: DevStack, service: str, monkeypatch: pytest.MonkeyPatch
@@ -256,7 +246,9 @@ def test_a_build_stopped_once_its_host_is_built_releases_the_hosts_ports(
     finally:
         identity.close()
     assert stopped.value.code == 128 + signal.SIGTERM
-    assert _bindable(common.listen) and _bindable(common.health_listen)
+    for address in (common.listen, common.health_listen):
+        host, port = address.rsplit(":", 1)
+        assert listenable(int(port), host)
 
 
 def test_a_closed_inference_server_has_closed_its_channel_to_the_model_store(

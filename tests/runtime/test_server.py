@@ -38,6 +38,7 @@ from strongroom.runtime.log_refusals import (
 from strongroom.runtime.logs import configure_logging
 from strongroom.runtime.server import MessageLimits, ServiceHost, ServiceSpec
 from tests.conftest import buffered_service_log, refused_calls_not_logged
+from tests.ports import listenable
 
 SERVICE = "test.Echo"
 
@@ -655,20 +656,6 @@ def test_stopping_a_host_ends_its_watchdog_threads() -> None:
     assert not any(thread.is_alive() for thread in watchdogs if thread is not None)
 
 
-def _bindable(port: int) -> bool:
-    """Whether a new server could listen on ``port`` now. The probe sets SO_REUSEADDR as gRPC's
-    own listeners do: a connection the stopped server closed first lingers in TIME_WAIT on the
-    port for a minute, and without the option that alone refused the bind (about once in 15
-    stops in CI) though nothing listened any more."""
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def test_a_host_stopped_before_it_started_releases_its_ports_and_threads() -> None:
     """A host built and then stopped before it started (a SIGTERM while its service started)
     kept both its ports bound for the life of the process: gRPC stops a server never started
@@ -681,12 +668,12 @@ def test_a_host_stopped_before_it_started_releases_its_ports_and_threads() -> No
         health_listen="127.0.0.1:0",
     )
     assert h.health_port is not None
-    assert not _bindable(h.port) and not _bindable(h.health_port)
+    assert not listenable(h.port) and not listenable(h.health_port)
     h.stop()
-    assert _bindable(h.port) and _bindable(h.health_port)
+    assert listenable(h.port) and listenable(h.health_port)
     assert h._health_server is not None and not h._health_server._thread.is_alive()
     h.start()
-    assert _bindable(h.port)
+    assert listenable(h.port)
 
 
 def test_a_stop_that_comes_while_the_host_starts_stops_what_the_start_started() -> None:
@@ -712,7 +699,7 @@ def test_a_stop_that_comes_while_the_host_starts_stops_what_the_start_started() 
     h.start()
     stopper.join(30)
     assert not stopper.is_alive()
-    assert _bindable(h.port)  # was: still bound, the server serving
+    assert listenable(h.port)  # was: still bound, the server serving
 
 
 def test_a_call_waiting_on_a_host_stopped_before_it_started_is_refused_not_served() -> None:
@@ -742,7 +729,7 @@ def test_a_call_waiting_on_a_host_stopped_before_it_started_is_refused_not_serve
         h.stop()
         assert not behaviour.started.is_set()  # was: it ran, and answered b"ok:slow"
         assert _reason(waiting) == (grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE")
-    assert _bindable(h.port)
+    assert listenable(h.port)
 
 
 def _free_port() -> int:
@@ -768,7 +755,7 @@ def test_a_host_whose_health_port_is_taken_releases_its_service_port() -> None:
                 health_listen=f"127.0.0.1:{taken.getsockname()[1]}",
             )
     assert refused.value.reason == "LISTEN_ADDRESS_IN_USE"
-    assert _bindable(port)  # was: bound by the refused host's server
+    assert listenable(port)  # was: bound by the refused host's server
     h = ServiceHost(
         listen=f"127.0.0.1:{port}",
         credentials=None,
@@ -799,8 +786,8 @@ def test_a_host_whose_start_failed_after_its_server_started_still_stops_it() -> 
     with pytest.raises(RuntimeError, match="health port"):
         h.start()
     h.stop(0)  # was: ValueError, the server serving on
-    assert _bindable(h.port)
-    assert h.health_port is not None and _bindable(h.health_port)
+    assert listenable(h.port)
+    assert h.health_port is not None and listenable(h.health_port)
 
 
 def test_the_plaintext_health_port_logs_refused_calls_within_a_budget(
