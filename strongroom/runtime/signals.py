@@ -17,6 +17,12 @@ is installed (:func:`install`), runs it. :func:`settle` waits for what was hande
 start-up stopped by a signal logs its line before it cleans up, and the process's exit (an exit
 handler, :func:`~strongroom.runtime.process.exit_now`) writes the lines of signals that came
 while it stopped. The broker's SIGHUP handler (its audit log's rotation) hands over the same way.
+
+The ``signals`` thread never writes a log line itself: each goes through the service log's queue
+(:func:`~strongroom.runtime.log_writer.never_wait_here`). Written where it was logged, a line
+could wait for good in its write (another writer of stderr, gRPC's C core, filled the pipe
+between the log's look at it and the write, and the collector had stopped reading): the first
+SIGTERM's stop never started, nor anything handed over after it.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import threading
 from collections.abc import Callable
 from queue import SimpleQueue
 from types import FrameType
+
+from strongroom.runtime.log_writer import never_wait_here
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +97,7 @@ def _start() -> None:
 
 
 def _run() -> None:
+    never_wait_here()
     while True:
         work = _queue.get()
         try:
