@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[int, FrameType | None], object]
 
-SETTLE_SECONDS = 2.0
-"""How long :func:`settle` waits for the ``signals`` thread (what it runs takes no time: a log
-line, a thread started; a bound all the same, since the exit waits for it)."""
+SETTLE_SECONDS = 0.5
+"""How long :func:`settle` waits for the ``signals`` thread, once per process while it does not
+get there (what it runs takes no time: a log line queued, a thread started; a bound all the
+same, since the exit waits for it); part of :func:`~strongroom.runtime.bootstrap.stop_seconds`."""
 
 _queue: SimpleQueue[Callable[[], object]] = SimpleQueue()
 
@@ -54,6 +55,9 @@ class _Relay:
 
     thread: threading.Thread | None = None
     lock = threading.Lock()
+    # What a settle that gave up waits for (set once the thread gets there): until then every
+    # later settle gives up at once (each waited its own 2 s more for a thread stuck for good).
+    behind: threading.Event | None = None
 
 
 def install(handler: Handler, *signums: int) -> None:
@@ -73,13 +77,21 @@ def later(work: Callable[[], object]) -> None:
 
 def settle(timeout: float = SETTLE_SECONDS) -> bool:
     """Waits, ``timeout`` at most, until what was handed to :func:`later` so far has run;
-    whether it has. Not from a signal handler, nor from the work itself (it returns at once)."""
+    whether it has. Once a wait has given up, returns False at once until the thread has got
+    past where it gave up: a stop's waits for a thread stuck for good come to one ``timeout``,
+    not one each. Not from a signal handler, nor from the work itself (it returns at once)."""
     thread = _Relay.thread
     if thread is None or not thread.is_alive() or thread is threading.current_thread():
         return True
+    behind = _Relay.behind
+    if behind is not None and not behind.is_set():
+        return False
     done = threading.Event()
     _queue.put(done.set)
-    return done.wait(timeout)
+    if done.wait(timeout):
+        return True
+    _Relay.behind = done
+    return False
 
 
 def _start() -> None:
