@@ -39,6 +39,28 @@ one budget, which a wait that ran out leaves spent until the queue has been writ
 the writer thread 5 s more, 15 s for a destination that takes nothing)."""
 
 
+class _ThisThread(threading.local):
+    """Whether the calling thread's lines always go through the queue (:func:`never_wait_here`)."""
+
+    queued_only = False
+
+
+_THIS_THREAD = _ThisThread()
+
+
+def never_wait_here() -> None:
+    """Has every line the calling thread logs from now on go through :class:`ServiceLog`'s
+    queue, written by its ``log-writer`` thread (bounded: past it, dropped and counted), never
+    written where it is logged: for a thread whose work must not wait for the log's destination
+    (the ``signals`` thread, a stop's thread).
+
+    A line written where it is logged is written only when the destination polls writable, but
+    another writer of the same pipe (gRPC's C core writes to fd 2) can fill it between that poll
+    and the write, which then waits until the pipe's reader reads: on the ``signals`` thread, a
+    collector that stopped reading held the first SIGTERM's line, and so its stop, for good."""
+    _THIS_THREAD.queued_only = True
+
+
 class ServiceLog(logging.Handler):
     """The service's log handler: lines go to ``stream`` through a bounded queue that one thread
     (``log-writer``) writes, refusal lines within their budget (:attr:`refusals`).
@@ -152,8 +174,17 @@ class ServiceLog(logging.Handler):
         """The descriptor and bytes to write ``line`` with from the logging thread, or None to
         queue it: something is queued or being written (order), a count of dropped lines waits
         to be said, or the destination would make the write wait. A write of at most PIPE_BUF
-        bytes to a pipe that polls writable has a free page for it, so it does not wait."""
-        if self._fd is None or self._lines or self._direct or self._dropped or self._stopping:
+        bytes to a pipe that polls writable has a free page for it, so it does not wait, unless
+        another writer of the pipe fills it first: a thread that must never wait for the
+        destination queues every line (:func:`never_wait_here`)."""
+        if (
+            self._fd is None
+            or _THIS_THREAD.queued_only
+            or self._lines
+            or self._direct
+            or self._dropped
+            or self._stopping
+        ):
             return None
         stream = self.stream
         if getattr(stream, "closed", False):

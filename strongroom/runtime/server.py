@@ -46,6 +46,7 @@ from strongroom.runtime.interceptors import (
     abort_with,
 )
 from strongroom.runtime.listen import add_port
+from strongroom.runtime.log_writer import never_wait_here
 from strongroom.runtime.metrics import MetricsInterceptor
 from strongroom.runtime.streams import StreamGuard, StreamLimits
 
@@ -519,12 +520,19 @@ class ServiceHost:
             return  # a further signal: the stop is under way
         try:
             # On a thread of its own: the next signal's line is not held up by the drain.
-            threading.Thread(target=self.stop, name="shutdown").start()
+            threading.Thread(target=self._stop_never_waiting, name="shutdown").start()
         except RuntimeError:
             # No thread to be had (the process at its limit): the stop runs here, later
             # signals' lines after it. Only logged, the signal was spent and the service served
             # on until its orchestrator's SIGKILL.
             self.stop()
+
+    def _stop_never_waiting(self) -> None:
+        # Its lines queued, not written here: one that waited in its write (another writer
+        # filled stderr's pipe, its reader stopped reading) held the stop short of its end, and
+        # the service's close (the broker's audit log) never ran.
+        never_wait_here()
+        self.stop()
 
 
 class _RefuseWhile(HandlerInterceptor):

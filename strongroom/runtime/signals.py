@@ -17,6 +17,12 @@ is installed (:func:`install`), runs it. :func:`settle` waits for what was hande
 start-up stopped by a signal logs its line before it cleans up, and the process's exit (an exit
 handler, :func:`~strongroom.runtime.process.exit_now`) writes the lines of signals that came
 while it stopped. The broker's SIGHUP handler (its audit log's rotation) hands over the same way.
+
+The ``signals`` thread never writes a log line itself: each goes through the service log's queue
+(:func:`~strongroom.runtime.log_writer.never_wait_here`). Written where it was logged, a line
+could wait for good in its write (another writer of stderr, gRPC's C core, filled the pipe
+between the log's look at it and the write, and the collector had stopped reading): the first
+SIGTERM's stop never started, nor anything handed over after it.
 """
 
 from __future__ import annotations
@@ -30,13 +36,16 @@ from collections.abc import Callable
 from queue import SimpleQueue
 from types import FrameType
 
+from strongroom.runtime.log_writer import never_wait_here
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[int, FrameType | None], object]
 
-SETTLE_SECONDS = 2.0
-"""How long :func:`settle` waits for the ``signals`` thread (what it runs takes no time: a log
-line, a thread started; a bound all the same, since the exit waits for it)."""
+SETTLE_SECONDS = 0.5
+"""How long :func:`settle` waits for the ``signals`` thread, once per process while it does not
+get there (what it runs takes no time: a log line queued, a thread started; a bound all the
+same, since the exit waits for it); part of :func:`~strongroom.runtime.bootstrap.stop_seconds`."""
 
 _queue: SimpleQueue[Callable[[], object]] = SimpleQueue()
 
@@ -46,6 +55,9 @@ class _Relay:
 
     thread: threading.Thread | None = None
     lock = threading.Lock()
+    # What a settle that gave up waits for (set once the thread gets there): until then every
+    # later settle gives up at once (each waited its own 2 s more for a thread stuck for good).
+    behind: threading.Event | None = None
 
 
 def install(handler: Handler, *signums: int) -> None:
@@ -65,13 +77,21 @@ def later(work: Callable[[], object]) -> None:
 
 def settle(timeout: float = SETTLE_SECONDS) -> bool:
     """Waits, ``timeout`` at most, until what was handed to :func:`later` so far has run;
-    whether it has. Not from a signal handler, nor from the work itself (it returns at once)."""
+    whether it has. Once a wait has given up, returns False at once until the thread has got
+    past where it gave up: a stop's waits for a thread stuck for good come to one ``timeout``,
+    not one each. Not from a signal handler, nor from the work itself (it returns at once)."""
     thread = _Relay.thread
     if thread is None or not thread.is_alive() or thread is threading.current_thread():
         return True
+    behind = _Relay.behind
+    if behind is not None and not behind.is_set():
+        return False
     done = threading.Event()
     _queue.put(done.set)
-    return done.wait(timeout)
+    if done.wait(timeout):
+        return True
+    _Relay.behind = done
+    return False
 
 
 def _start() -> None:
@@ -89,6 +109,7 @@ def _start() -> None:
 
 
 def _run() -> None:
+    never_wait_here()
     while True:
         work = _queue.get()
         try:

@@ -3,7 +3,11 @@
 Usage: ``python -m tests.bench._profiled_service --profile OUT.json serve keybroker --config C``.
 The service runs exactly as ``strongroom serve`` runs it. ``SIGUSR1`` clears the statistics (the
 bench sends it when its measured window starts); ``SIGUSR2`` writes them to ``OUT.json`` (written
-to a temporary name, then renamed, so the bench never reads half a file).
+to a temporary name, then renamed, so the bench never reads half a file). Both run on the
+service's ``signals`` thread (:mod:`strongroom.runtime.signals`), not in the signal handler: a
+handler runs on the main thread between two bytecodes, holding what it held, and yappi's walk of
+every thread's statistics and the file's write took the profiler's state and the interpreter's
+I/O locks from there.
 """
 
 from __future__ import annotations
@@ -60,10 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     from strongroom.cli.main import main as cli_main
 
     yappi.set_clock_type("cpu")
-    signal.signal(signal.SIGUSR1, lambda *_: yappi.clear_stats())
-    signal.signal(signal.SIGUSR2, lambda *_: _dump(args.profile))
+    install(args.profile)
     yappi.start(builtins=True, profile_threads=True)
     return cli_main(rest)
+
+
+def install(profile: Path) -> None:
+    """Has SIGUSR1 clear yappi's statistics and SIGUSR2 write them to ``profile``, each handed
+    to the ``signals`` thread (call from the main thread)."""
+    import yappi
+
+    from strongroom.runtime import signals
+
+    signals.install(lambda *_: signals.later(yappi.clear_stats), signal.SIGUSR1)
+    signals.install(lambda *_: signals.later(lambda: _dump(profile)), signal.SIGUSR2)
 
 
 if __name__ == "__main__":

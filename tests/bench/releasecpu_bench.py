@@ -368,7 +368,7 @@ def _profile(releases: int, scale: float, shared_key: bool) -> dict[str, Any]:
         broker = _Broker(stack, launcher, warmup=scaled(5, scale), shared_ephemeral_key=shared_key)
         callers = broker.callers(16)
         os.kill(broker.pid, signal.SIGUSR1)
-        time.sleep(0.5)  # the handler runs in the broker's main thread
+        time.sleep(0.5)  # the clear runs on the broker's signals thread
         figures = _run_callers(callers, max(releases // 16, scaled(10, scale)))
         os.kill(broker.pid, signal.SIGUSR2)
         deadline = time.monotonic() + 60

@@ -20,13 +20,18 @@ for; ``log-handler``: the queue's of a standard-library ``QueueHandler`` added t
 logger), as it starts (``WHEN`` ``starting``; a checkpoint follows) or once serving
 (``serving``). ``no-stop-thread``: serves, prints its port, and from then on cannot start a
 thread named ``shutdown`` (a process at its thread limit as the stop's thread is started).
+``stderr-fills``: serves, prints its port, and from then on the first time a thread that logs
+finds stderr writable, another writer fills stderr's pipe before that thread writes (as gRPC's C
+core, which writes to fd 2 too, can): the test's pipe, which it does not read.
 """
 
 from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import queue
+import select
 import signal
 import sys
 import threading
@@ -44,6 +49,7 @@ from strongroom.reasons import Reason
 from strongroom.runtime import bootstrap, starting
 from strongroom.runtime import server as server_module
 from strongroom.runtime.config import LoggingConfig, ServerConfig, TracingConfig
+from strongroom.runtime.log_writer import ServiceLog
 from strongroom.runtime.metrics import RPC_DURATION
 from strongroom.runtime.server import ServiceHost, ServiceSpec
 from strongroom.runtime.telemetry import Telemetry
@@ -179,6 +185,44 @@ def _refuse_threads(name: str) -> None:
     threading.Thread.start = refusing  # type: ignore[method-assign,assignment]
 
 
+class _FillingPoll:
+    """The service log's poller of stderr, which fills stderr's pipe the first time it finds it
+    writable, once it has answered: between the look and the write of the thread that logs."""
+
+    def __init__(self, poller: Any) -> None:
+        self._poller = poller
+        self._filled = False
+
+    def register(self, fd: int, events: int) -> None:
+        self._poller.register(fd, events)
+
+    def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+        ready: list[tuple[int, int]] = self._poller.poll(timeout)
+        if not self._filled and any(events & select.POLLOUT for _, events in ready):
+            self._filled = True
+            fill_pipe(f"/proc/self/fd/{sys.stderr.fileno()}")
+        return ready
+
+
+def fill_pipe(path: str) -> None:
+    """Fills the pipe a process's descriptor writes to (``/proc/PID/fd/N``), through a
+    description of its own that does not wait (made non-blocking, the descriptor's own would
+    stop waiting too)."""
+    other = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        while True:
+            os.write(other, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(other)
+
+
+def _fill_stderr_after_the_next_look() -> None:
+    (handler,) = [h for h in logging.getLogger().handlers if isinstance(h, ServiceLog)]
+    handler._poll = _FillingPoll(handler._poll)  # type: ignore[assignment]
+
+
 def _signalled_while_starting(held: str) -> _Running:
     _signal_holding(_held(held))
     starting.checkpoint("signalled")
@@ -212,7 +256,7 @@ def main(mode: str, collector: str = "") -> int:
             return _starting_pool()
         if mode.startswith("signal-starting-"):
             return _signalled_while_starting(mode.removeprefix("signal-starting-"))
-        if mode.startswith("signal-serving-") or mode == "no-stop-thread":
+        if mode.startswith("signal-serving-") or mode in ("no-stop-thread", "stderr-fills"):
             return _listening("0")
         return _starting()
 
@@ -222,6 +266,8 @@ def main(mode: str, collector: str = "") -> int:
             _signal_holding(_held(mode.removeprefix("signal-serving-")))
         if mode == "no-stop-thread":
             _refuse_threads("shutdown")
+        if mode == "stderr-fills":
+            _fill_stderr_after_the_next_look()
 
     return bootstrap.run_service("test", None, object, build, after_start=started)  # type: ignore[arg-type]
 

@@ -11,6 +11,11 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from strongroom.runtime import signals
+from strongroom.runtime.bootstrap import CLOSE_SECONDS, stop_seconds
+from strongroom.runtime.config import ServerConfig
+from strongroom.runtime.log_writer import FLUSH_SECONDS
+from strongroom.runtime.server import HANDLER_DRAIN_SECONDS
+from strongroom.runtime.telemetry import TELEMETRY_SECONDS
 
 
 @pytest.fixture
@@ -68,3 +73,40 @@ def test_what_a_hand_over_raises_does_not_end_the_signals_thread(
     assert ran.is_set()
     thread = signals._Relay.thread
     assert thread is not None and thread.is_alive()
+
+
+def test_a_stuck_signals_thread_is_waited_for_once_not_at_every_settle(relay: None) -> None:
+    """Each settle waited its own SETTLE_SECONDS for a ``signals`` thread stuck for good (a
+    start-up's checkpoint, then the exit's handler, then ``exit_now``): a stop's budget had to
+    hold one such wait per settle. Once one has given up, the next return at once, until the
+    thread gets past where it was stuck; then they wait again."""
+    stuck = threading.Event()
+    signals.later(stuck.wait)
+    try:
+        assert not signals.settle(0.01)
+        answers: list[bool] = []
+        waiter = threading.Thread(target=lambda: answers.append(signals.settle(3600)))
+        waiter.start()
+        waiter.join(30)  # a hang, not a speed: it waited its hour
+        assert not waiter.is_alive() and answers == [False]
+    finally:
+        stuck.set()
+    behind = signals._Relay.behind
+    assert behind is not None and behind.wait(30)  # past where it was stuck
+    assert signals.settle(30)
+
+
+def test_the_longest_stop_counts_the_exits_wait_for_the_signals_thread() -> None:
+    """``stop_seconds`` left out the exit's wait for the ``signals`` thread, said to come out of
+    the orchestrator's margin: an operator who sized ``terminationGracePeriodSeconds`` by the
+    sum had 2 s less than the stop could take. It is part of the sum now (the deploy tests
+    check the chart's and compose's waits against it)."""
+    server = ServerConfig()
+    assert stop_seconds(server) == (
+        server.grace_seconds
+        + HANDLER_DRAIN_SECONDS
+        + CLOSE_SECONDS
+        + FLUSH_SECONDS
+        + TELEMETRY_SECONDS
+        + signals.SETTLE_SECONDS
+    )

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from tests.conftest import REPO
-from tests.runtime.stopping_service import LINES, SERVICE
+from tests.runtime.stopping_service import LINES, SERVICE, fill_pipe
 
 
 def _start(mode: str, *args: str, **env: str) -> subprocess.Popen[str]:
@@ -331,3 +331,29 @@ def test_sigterm_stops_the_service_when_the_stops_thread_cannot_start() -> None:
     messages = [(r["msg"], r.get("signal")) for r in _log(stderr)]
     assert messages[-2:] == [("signal received, draining", signal.SIGTERM), ("stopped", None)]
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("filled", ["between-look-and-write", "before-the-signal"])
+def test_sigterm_stops_the_service_whose_stderr_fills_and_is_never_read(filled: str) -> None:
+    """The ``signals`` thread wrote the signal's line itself once stderr polled writable: when
+    another writer (gRPC's C core writes to fd 2 too) filled the pipe between that look and the
+    write, and its reader had stopped reading, the write waited for good, and the stop it was
+    to start after the line never started (nor, once it had, did the stop's own thread end past
+    its ``stopped`` line): the orchestrator's SIGKILL ended the service, no drain, no close.
+    Both threads' lines go through the log's queue now: the stop runs, and the exit gives up on
+    the log once its flush budget is spent. A pipe full before the signal stops it so too."""
+    process = _start(
+        *(["stderr-fills"] if filled == "between-look-and-write" else ["listening", "0"])
+    )
+    try:
+        assert process.stdout is not None
+        int(process.stdout.readline())  # serving
+        if filled == "before-the-signal":
+            fill_pipe(f"/proc/{process.pid}/fd/2")
+        process.send_signal(signal.SIGTERM)
+        # Stderr is not read until the process has ended: its reader stopped reading.
+        status = process.wait(timeout=60)  # a hang, not a speed: it never stopped
+    finally:
+        process.kill()
+        process.wait()
+    assert status == 0
