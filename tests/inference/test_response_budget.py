@@ -23,6 +23,8 @@ from strongroom.inference.oip import SERVICE_NAME, InferLimits, OipServicer, Res
 from strongroom.inference.oip._budget import (
     RAW_RESPONSE_COPIES,
     TYPED_RESPONSE_COPIES,
+    CallEnded,
+    Reservation,
     response_memory,
 )
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
@@ -387,8 +389,8 @@ def test_a_caller_that_never_reads_its_responses_holds_less_than_half_the_budget
     (HTTP/2 flow control: gRPC cannot finish sending it) lasts until its deadline or its
     connection's age. One caller sending small requests for large outputs and never reading
     held the whole budget so, and every other caller was refused ``RESPONSE_MEMORY_BUSY``. A
-    caller now holds half of it at most: its calls past that are refused at once, the others
-    are served, and its calls give their room back when it goes away."""
+    caller now holds half of it at most: its calls past that wait for its own (0.2 s here), then
+    are refused, the others are served, and its calls give their room back when it goes away."""
     budget = ResponseBudget(3 * ONE_RESPONSE, wait_seconds=0.2)
     running = _served(start_server, repository, budget)
     unread = UnreadClient(running.address, f"/{SERVICE_NAME}/ModelInfer")
@@ -405,11 +407,11 @@ def test_a_caller_that_never_reads_its_responses_holds_less_than_half_the_budget
     _until(_full(budget))
 
 
-def test_a_caller_past_its_share_is_refused_at_once_and_the_others_are_not() -> None:
-    """Its share is half the budget; a reservation that would take it past is
-    refused at once (waiting for its own responses would hold every later caller behind it in
-    the queue), while another caller takes the room; what it gives back it may take again."""
-    budget = ResponseBudget(101, wait_seconds=60)
+def test_a_caller_past_its_share_is_refused_for_its_share_when_its_wait_ends() -> None:
+    """Its share is half the budget; a reservation that would take it past waits for its own
+    (none here: no wait configured) and is refused for its share, not the budget's room, while
+    another caller takes the room; what it gives back it may take again."""
+    budget = ResponseBudget(101, wait_seconds=0)
     assert budget.per_caller == 50
     mine = budget.reserve(30, caller="a")
     with pytest.raises(ResourceExhausted) as info:
@@ -429,6 +431,109 @@ def test_a_caller_past_its_share_is_refused_at_once_and_the_others_are_not() -> 
     assert not budget._held  # every caller forgotten once it holds nothing
 
 
+class _Taker(threading.Thread):
+    """One ``reserve`` on its own thread, as a request's handler makes it: its reservation, or
+    the exception it raised, once it has ended."""
+
+    def __init__(self, budget: ResponseBudget, size: int, **how: object) -> None:
+        super().__init__(daemon=True)
+        self._budget, self._size, self._how = budget, size, how
+        self.reservation: Reservation | None = None
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self.reservation = self._budget.reserve(self._size, **self._how)  # type: ignore[arg-type]
+        except Exception as exc:  # the outcome is the test's to check
+            self.error = exc
+
+    def result(self) -> Reservation:
+        self.join()
+        assert self.error is None, self.error
+        assert self.reservation is not None
+        return self.reservation
+
+    def reason(self) -> str:
+        self.join()
+        assert isinstance(self.error, ResourceExhausted), self.error
+        return self.error.reason
+
+
+def test_two_requests_of_one_certificate_past_its_share_are_both_served_once_its_first_drains() -> (
+    None
+):
+    """An honest client's burst: its first response being sent fills its certificate's share,
+    and two more asked at once were both refused ``TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE`` at
+    once (OIP clients seldom retry). They wait for its own first to be sent, then are served."""
+    budget = ResponseBudget(200, wait_seconds=60)
+    assert budget.per_certificate == 50
+    first = budget.reserve(50, caller="fleet", certificate="fleet a")
+    burst = [_Taker(budget, 25, caller="fleet", certificate="fleet a") for _ in range(2)]
+    for taker in burst:
+        taker.start()
+    _until(lambda: budget.waiting == 2)
+    assert budget.held_by_certificate("fleet a") == 50  # they wait, holding nothing yet
+    first.release()
+    for reservation in [taker.result() for taker in burst]:
+        reservation.release()
+    assert budget.free == 200 and budget.waiting == 0 and not budget._held_by_certificate
+
+
+def test_a_waiter_past_its_share_is_refused_for_it_when_its_caller_never_gives_back() -> None:
+    """A caller that never takes its responses: its call past its share waits the configured
+    time for them, then is refused for its share (not ``RESPONSE_MEMORY_BUSY``: the budget has
+    room), holding nothing."""
+    budget = ResponseBudget(101, wait_seconds=0.2)
+    stuck = budget.reserve(50, caller="a")
+    with pytest.raises(ResourceExhausted) as info:
+        budget.reserve(1, caller="a")
+    assert info.value.reason == "TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY"
+    assert (budget.held_by("a"), budget.waiting, budget.free) == (50, 0, 51)
+    certificate = ResponseBudget(200, wait_seconds=0.2)
+    mine = certificate.reserve(50, caller="fleet", certificate="fleet a")
+    with pytest.raises(ResourceExhausted) as info:
+        certificate.reserve(1, caller="fleet", certificate="fleet a")
+    assert info.value.reason == "TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE"
+    assert (certificate.held_by_certificate("fleet a"), certificate.waiting) == (50, 0)
+    stuck.release()
+    mine.release()
+
+
+def test_a_waiter_past_its_share_does_not_delay_another_callers_request_behind_it() -> None:
+    """A caller's call waiting for its own responses is first in line; another caller's
+    request that came after it is served at once (it would otherwise wait out the minute
+    configured here), and the waiter is served once its own caller gives back."""
+    budget = ResponseBudget(101, wait_seconds=60)
+    mine = budget.reserve(50, caller="a")
+    waiter = _Taker(budget, 20, caller="a")
+    waiter.start()
+    _until(lambda: budget.waiting == 1)
+    theirs = budget.reserve(50, caller="b")
+    assert budget.waiting == 1 and waiter.is_alive()  # still waiting: not served past it
+    mine.release()
+    waiter.result().release()
+    theirs.release()
+    assert budget.free == 101 and not budget._held
+
+
+def test_a_call_ended_while_it_waits_past_its_share_takes_nothing() -> None:
+    """Its call ends (cancelled, deadline) while it waits for its own responses: the wait ends
+    with it (:meth:`ResponseBudget.wake`, as the call's end does), not after the minute
+    configured, ``CallEnded``, and nothing is taken for it."""
+    budget = ResponseBudget(200, wait_seconds=60)
+    mine = budget.reserve(50, caller="fleet", certificate="fleet a")
+    ended = threading.Event()
+    waiter = _Taker(budget, 10, caller="fleet", certificate="fleet a", ended=ended.is_set)
+    waiter.start()
+    _until(lambda: budget.waiting == 1)
+    ended.set()
+    budget.wake()
+    waiter.join()
+    assert isinstance(waiter.error, CallEnded), waiter.error
+    assert (budget.waiting, budget.held_by_certificate("fleet a"), budget.free) == (0, 50, 150)
+    mine.release()
+
+
 def test_a_response_larger_than_a_callers_share_is_refused_as_too_large() -> None:
     budget = ResponseBudget(101, wait_seconds=60)
     with pytest.raises(ResourceExhausted) as info:
@@ -442,7 +547,7 @@ def test_a_response_larger_than_a_callers_share_is_refused_as_too_large() -> Non
 def test_a_reservation_that_grows_past_its_callers_share_is_refused_and_keeps_what_it_held() -> (
     None
 ):
-    budget = ResponseBudget(101, wait_seconds=60)
+    budget = ResponseBudget(101, wait_seconds=0)
     other = budget.reserve(30, caller="a")
     reservation = budget.reserve(10, caller="a")
     with pytest.raises(ResourceExhausted) as info:
@@ -580,10 +685,10 @@ def test_the_send_bound_is_the_idle_timeout_or_what_the_rate_allows(
 
 def test_a_certificate_holds_half_its_identitys_share_beyond_its_first_response() -> None:
     """A fleet's replicas share one SPIFFE ID: one replica not reading held its identity's whole
-    share, and its siblings were refused. A certificate past half of it is refused at once;
-    its first response may take the identity's whole share (the default typed bound needs it),
+    share, and its siblings were refused. A certificate past half of it is refused (here at
+    once: no wait configured); its first response may take the identity's whole share (the default typed bound needs it),
     and a reservation that grows counts as that first response."""
-    budget = ResponseBudget(200, wait_seconds=60)
+    budget = ResponseBudget(200, wait_seconds=0)
     assert (budget.per_caller, budget.per_certificate) == (100, 50)
     first = budget.reserve(60, caller="fleet", certificate="fleet a")
     with pytest.raises(ResourceExhausted) as info:

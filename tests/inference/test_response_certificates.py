@@ -1,13 +1,17 @@
 """The response memory budget's share per certificate, over real mTLS (certificates from a real
 step-ca) and the production interceptor chain: a fleet's replicas share one SPIFFE ID, and one
-replica that never takes its responses no longer holds its identity's whole share."""
+replica that never takes its responses no longer holds its identity's whole share; a call past its
+share waits for its own responses without holding anyone back."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -20,6 +24,7 @@ from strongroom.pki import SpiffeAuthorizer, StepCa, WorkloadIdentity
 from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.server import HEALTH_SERVICE, ServiceHost, ServiceSpec
 from tests.inference import onnx_models
+from tests.inference.test_oip import expect_error
 from tests.inference.test_response_budget import _until
 from tests.inference.unread import UnreadClient
 from tests.pki.helpers import TRUST_DOMAIN, enrol, sid
@@ -54,16 +59,29 @@ def _tls(identity: WorkloadIdentity, where: Path) -> ssl.SSLContext:
     return context
 
 
-def test_a_replica_that_never_reads_leaves_its_siblings_room(
-    ca: StepCa, server_identity: WorkloadIdentity, tmp_path: Path
-) -> None:
-    """Two certificates of one SPIFFE ID: the one that never reads holds its share (half its
-    identity's) and its further calls are refused at once, and the other is served. Counted per
-    identity alone, the stuck one held the identity's whole share and the other was refused
-    ``TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY``."""
+@dataclasses.dataclass
+class _Fleet:
+    """A served budget and two certificates of one SPIFFE ID (a fleet's two replicas), each with
+    a gRPC stub; ``unread`` never takes its responses, over ``stuck``'s certificate."""
+
+    budget: ResponseBudget
+    stuck: GRPCInferenceServiceStub
+    sibling: GRPCInferenceServiceStub
+    unread: UnreadClient
+
+
+@contextlib.contextmanager
+def _fleet(
+    ca: StepCa,
+    server_identity: WorkloadIdentity,
+    where: Path,
+    budget: ResponseBudget,
+    config: ServerConfig | None = None,
+) -> Iterator[_Fleet]:
+    """The OIP service over real mTLS and the production interceptor chain (``config``: its
+    server's), serving ``budget``; every reservation given back by the end."""
     repository = ModelRepository(["filled"])
     repository.load("filled", "1", onnx_models.filled("FP32"))
-    budget = ResponseBudget(4 * ONE_RESPONSE, wait_seconds=0)
     oip = OipServicer(repository, response_budget=budget)
     authorizer = SpiffeAuthorizer(
         TRUST_DOMAIN, {SERVICE_NAME: [sid("client")]}, public=(HEALTH_SERVICE,)
@@ -73,29 +91,144 @@ def test_a_replica_that_never_reads_leaves_its_siblings_room(
         credentials=server_identity.server_credentials(),
         services=[ServiceSpec(SERVICE_NAME, lambda server: add_to_server(oip, server))],
         interceptors=[authorizer],
-        config=ServerConfig(),
+        config=config or ServerConfig(),
     )
     host.start()
     stuck = enrol(ca, "client", auto_renew=False)
     sibling = enrol(ca, "client", auto_renew=False)
-    channel = sibling.channel(f"localhost:{host.port}", server_id=sid("server"))
+    channels = [
+        identity.channel(f"localhost:{host.port}", server_id=sid("server"))
+        for identity in (stuck, sibling)
+    ]
     unread = UnreadClient(
-        f"127.0.0.1:{host.port}", f"/{SERVICE_NAME}/ModelInfer", tls=_tls(stuck, tmp_path)
+        f"127.0.0.1:{host.port}", f"/{SERVICE_NAME}/ModelInfer", tls=_tls(stuck, where)
     )
     try:
-        for _ in range(3):
-            unread.call(_request())
-        # One response held, the two past its certificate's share refused at once.
-        _until(lambda: unread.ended() == 2)
-        assert budget.held_by(sid("client")) == ONE_RESPONSE
-        response = GRPCInferenceServiceStub(channel).ModelInfer(
-            pb.ModelInferRequest.FromString(_request()), timeout=30
-        )
-        assert len(response.raw_output_contents[0]) == MIB
+        stubs = [GRPCInferenceServiceStub(channel) for channel in channels]
+        yield _Fleet(budget, stuck=stubs[0], sibling=stubs[1], unread=unread)
     finally:
         unread.close()
-        channel.close()
+        for channel in channels:
+            channel.close()
         host.stop(0)
         stuck.close()
         sibling.close()
     _until(lambda: budget.free == budget.max_bytes)
+
+
+def _infer(
+    stub: GRPCInferenceServiceStub, timeout: float = 60
+) -> grpc.Future[pb.ModelInferResponse]:
+    return stub.ModelInfer.future(pb.ModelInferRequest.FromString(_request()), timeout=timeout)
+
+
+def test_a_replica_that_never_reads_leaves_its_siblings_room(
+    ca: StepCa, server_identity: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """Two certificates of one SPIFFE ID: the one that never reads holds its share (half its
+    identity's) and its further calls are refused (at once: no wait configured here), and the
+    other is served. Counted per identity alone, the stuck one held the identity's whole share
+    and the other was refused ``TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY``."""
+    budget = ResponseBudget(4 * ONE_RESPONSE, wait_seconds=0)
+    with _fleet(ca, server_identity, tmp_path, budget) as fleet:
+        for _ in range(3):
+            fleet.unread.call(_request())
+        # One response held, the two past its certificate's share refused.
+        _until(lambda: fleet.unread.ended() == 2)
+        assert budget.held_by(sid("client")) == ONE_RESPONSE
+        assert len(_infer(fleet.sibling, 30).result().raw_output_contents[0]) == MIB
+
+
+def test_two_calls_of_one_certificate_past_its_share_are_both_served_once_its_own_drain(
+    ca: StepCa, server_identity: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """A certificate's responses being sent fill its share, and it asks two more at once: they
+    were both refused ``TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE`` at once, an outage for an
+    honest burst (OIP clients seldom retry). They wait for its own, and are served once those
+    are gone."""
+    budget = ResponseBudget(8 * ONE_RESPONSE, wait_seconds=60)
+    assert budget.per_certificate == 2 * ONE_RESPONSE
+    with _fleet(ca, server_identity, tmp_path, budget) as fleet:
+        for _ in range(2):
+            fleet.unread.call(_request())
+        _until(lambda: budget.held_by(sid("client")) == 2 * ONE_RESPONSE)
+        burst = [_infer(fleet.stuck) for _ in range(2)]
+        _until(lambda: budget.waiting == 2 or all(call.done() for call in burst))
+        assert budget.waiting == 2, [call.exception() for call in burst]
+        fleet.unread.close()  # its calls end, and their reservations come back
+        for call in burst:
+            assert len(call.result().raw_output_contents[0]) == MIB
+
+
+def test_a_never_reading_replicas_call_past_its_share_waits_then_is_refused_for_it(
+    ca: StepCa, server_identity: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """Its own first response never taken, its next call waits the configured time for it,
+    then is refused for its certificate's share, naming it (not ``RESPONSE_MEMORY_BUSY``: the
+    budget has room), and holds nothing."""
+    budget = ResponseBudget(4 * ONE_RESPONSE, wait_seconds=3)
+    with _fleet(ca, server_identity, tmp_path, budget) as fleet:
+        fleet.unread.call(_request())
+        _until(lambda: budget.held_by(sid("client")) == ONE_RESPONSE)
+        call = _infer(fleet.stuck)
+        _until(lambda: budget.waiting == 1 or call.done())
+        assert budget.waiting == 1, call.exception()  # it waits
+        error = expect_error(
+            call.result,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE",
+        )
+        details = error.details() or ""
+        assert f"may hold {budget.per_certificate} bytes beyond its first" in details, details
+        assert (budget.held_by(sid("client")), budget.waiting) == (ONE_RESPONSE, 0)
+
+
+@pytest.mark.parametrize("how", ["cancelled", "deadline"])
+def test_a_call_waiting_past_its_share_holds_nobody_back_and_ends_with_its_call(
+    ca: StepCa, server_identity: WorkloadIdentity, tmp_path: Path, how: str
+) -> None:
+    """A call of the stuck replica waits for its own responses, first in line: its sibling's
+    call after it is served meanwhile, and the wait ends when its call does (cancelled, or
+    its deadline passed), not after the configured minute, taking nothing."""
+    budget = ResponseBudget(4 * ONE_RESPONSE, wait_seconds=60)
+    with _fleet(ca, server_identity, tmp_path, budget) as fleet:
+        fleet.unread.call(_request())
+        _until(lambda: budget.held_by(sid("client")) == ONE_RESPONSE)
+        call = _infer(fleet.stuck, timeout=60 if how == "cancelled" else 2)
+        _until(lambda: budget.waiting == 1 or call.done())
+        assert budget.waiting == 1, call.exception()
+        if how == "cancelled":
+            assert len(_infer(fleet.sibling).result().raw_output_contents[0]) == MIB
+            assert budget.waiting == 1  # the minute is not over: it was not served past
+            call.cancel()
+            assert call.cancelled()
+        else:
+            with pytest.raises(grpc.RpcError) as info:
+                call.result()
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        _until(lambda: budget.waiting == 0)
+        assert budget.held_by(sid("client")) == ONE_RESPONSE
+
+
+def test_the_calls_a_never_reading_replica_parks_are_bounded_by_its_workers(
+    ca: StepCa, server_identity: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """Each call waiting for its own responses holds a data-plane worker (and its run's outputs
+    in the arena): a client that never reads parks no more of them than its identity's worker
+    bound, the excess refused at once (``TOO_MANY_WORKERS_PER_IDENTITY``)."""
+    budget = ResponseBudget(4 * ONE_RESPONSE, wait_seconds=60)
+    config = ServerConfig(max_workers=8, max_data_plane_workers_per_identity=2)
+    with _fleet(ca, server_identity, tmp_path, budget, config) as fleet:
+        fleet.unread.call(_request())
+        _until(lambda: budget.held_by(sid("client")) == ONE_RESPONSE)
+        parked = [_infer(fleet.stuck) for _ in range(2)]
+        _until(lambda: budget.waiting == 2 or any(call.done() for call in parked))
+        assert budget.waiting == 2, [call.exception() for call in parked if call.done()]
+        expect_error(
+            lambda: _infer(fleet.stuck).result(),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOO_MANY_WORKERS_PER_IDENTITY",
+        )
+        for call in parked:
+            call.cancel()
+        _until(lambda: budget.waiting == 0)

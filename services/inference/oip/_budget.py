@@ -23,9 +23,14 @@ for large outputs and never reading held the whole budget so, and every other ca
 ``RESPONSE_MEMORY_BUSY``. Such a call is now cancelled once its response has waited past the
 stream settings' bound (:mod:`~strongroom.runtime.unsent`), which bounds how long; and each caller (the runtime's per-identity bucket,
 :func:`~strongroom.runtime.callers.caller_key`) holds at most its share, half the
-budget (:func:`caller_share`): half, so that it leaves the others at least as much as it holds. A request that would take its caller past it is
-refused at once, ``TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY`` (waiting for its caller's own responses
-would hold the queue for everyone behind it).
+budget (:func:`caller_share`): half, so that it leaves the others at least as much as it holds. A
+request that would take its caller past it waits for its caller's own earlier responses to be sent,
+as one past the budget waits (at most ``wait_seconds``, never past its call's end, woken when its
+caller's reservations come back), without holding any other caller's place: the line passes over
+a waiter whose share has no room (:meth:`ResponseBudget._next`). If its wait ends with its share
+still full, it is refused ``TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY``. Refused at once instead, an
+honest client's burst was: one certificate asking two raw responses of 64 MiB at once (320 MiB
+each by the count) had the second refused, and OIP clients seldom retry.
 
 A fleet's replicas share one SPIFFE ID, and so one share: one replica stuck not reading held all of
 it, and every other replica was refused ``TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY``. So each
@@ -34,9 +39,21 @@ most half its identity's share (:func:`~strongroom.runtime.callers.certificate_s
 certificate's share of its identity's workers), beyond its first response: a certificate holding
 nothing may always take one response its identity's share has room for (a typed response at the
 default output bound, 512 MiB by the count, is the whole default share; refused by the
-certificate's share, no caller of a certificate could have it). A reservation past it is refused at
-once, ``TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE``. A caller without a certificate of its own (a
+certificate's share, no caller of a certificate could have it). A reservation past it waits the
+same way for its certificate's own responses, then is refused
+``TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE``. A caller without a certificate of its own (a
 role-less bucket, a plaintext peer) has no share beneath its identity's.
+
+A client that never takes its responses fills its shares, and each call it sends after that now
+waits instead of being refused, holding its data-plane worker and its run's outputs in the arena
+meanwhile. How many such calls it parks is bounded already, with no count of its own here: a
+ModelInfer is a data-plane unary call, admitted by :class:`~strongroom.runtime.callers.UnaryGuard`
+only within its identity's bound of data-plane workers (``server.max_data_plane_workers_per_identity``,
+by default just under half of them: 13 of 28) and, for a fleet, its certificate's share of that
+(``server.max_calls_per_certificate``), and the excess is refused at once
+(``TOO_MANY_WORKERS_PER_IDENTITY``, ``TOO_MANY_CALLS_PER_CERTIFICATE``). Those are the workers,
+and the arena tensors, it could hold anyway with as many running requests; the wait bounds how
+long each is held.
 """
 
 from __future__ import annotations
@@ -165,16 +182,21 @@ class ResponseBudget:
         reservation already and needs more: behind the others, it and one waiting for the room
         it holds would each wait for the other until their waits ran out). ResourceExhausted
         ``RESPONSE_TOO_LARGE`` at once for more than the whole budget or a caller's share;
-        ``TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY`` at once when what ``caller`` holds already
-        leaves its share no room for it, or when the wait ends while its own calls served
-        meanwhile leave none; ``TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE`` the same for
-        ``certificate``'s share; ``RESPONSE_MEMORY_BUSY`` when the wait ends without room in the
-        budget; :class:`CallEnded` when the call ended meanwhile."""
+        ``TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY`` when the wait ends while what ``caller``
+        holds still leaves its share no room for it (it waits for its own reservations to be
+        given back, holding no other caller's place); ``TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE``
+        the same for ``certificate``'s share; ``RESPONSE_MEMORY_BUSY`` when the wait ends
+        without room in the budget; :class:`CallEnded` when the call ended meanwhile."""
         self.check_fits(size, caller=caller is not None)
         with self._changed:
-            self._check_share(size, caller, certificate, own)
-            if (first or self._next() is None) and size <= self._free:
+            if (
+                (first or self._next() is None)
+                and size <= self._free
+                and self._within_shares(size, caller, certificate, own)
+            ):
                 return self._take(size, caller, certificate)
+            # Past the budget or past its own shares: it waits in line, and _next() passes over
+            # it while its shares have no room, so that it holds no other caller's place.
             waiter = _Waiter(size, caller, certificate, own)
             if first:
                 self._queue.appendleft(waiter)
@@ -206,11 +228,14 @@ class ResponseBudget:
         calls fill its share waits without holding the callers behind it (a caller that never
         takes its responses would otherwise hold the queue with one more call)."""
         for waiter in self._queue:
-            if self._within_share(waiter.size, waiter.caller) and self._within_certificate(
-                waiter.size, waiter.certificate, waiter.own
-            ):
+            if self._within_shares(waiter.size, waiter.caller, waiter.certificate, waiter.own):
                 return waiter
         return None
+
+    def _within_shares(
+        self, size: int, caller: str | None, certificate: str | None, own: int
+    ) -> bool:
+        return self._within_share(size, caller) and self._within_certificate(size, certificate, own)
 
     def _within_share(self, size: int, caller: str | None) -> bool:
         return caller is None or self._held[caller] + size <= self.per_caller
