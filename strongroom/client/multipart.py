@@ -338,33 +338,30 @@ def publish_parts(
     try:
         for plan in planned:
             spare = iter(plan.writers)
-            tail = bytearray()
 
             def attempt(
                 plan: _Planned = plan,
                 spare: Iterator[ArtifactWriter] = spare,
-                tail: bytearray = tail,
                 before: int = done_before,
-            ) -> store_pb.PutModelResponse:
+            ) -> tuple[store_pb.PutModelResponse, bytes]:
                 return _put_part(
                     store,
                     plan,
                     next(spare),
-                    tail,
                     before=before,
                     total=total,
                     progress=progress,
                     timeout=timeout,
                 )
 
-            response = retrying_busy(
+            response, footer = retrying_busy(
                 attempt,
                 retry,
                 what=f"part {plan.part.name!r} of {name}/{version}",
                 attempts=len(plan.writers),
             )
             stored.append(response.model)
-            digests.append(bytes(tail))  # the footer: the part's plaintext SHA-256
+            digests.append(footer)  # the part's plaintext SHA-256
             done_before += plan.header.plaintext_size
         manifest = build_manifest(
             model_name=name,
@@ -424,15 +421,15 @@ def _put_part(
     store: grpc.Channel,
     plan: _Planned,
     writer: ArtifactWriter,
-    tail: bytearray,
     *,
     before: int,
     total: int,
     progress: Progress | None,
     timeout: float,
-) -> store_pb.PutModelResponse:
+) -> tuple[store_pb.PutModelResponse, bytes]:
     """One try of a part's upload: its file read from the start, encrypted by ``writer`` while
-    sent; ``tail`` ends as the artifact's last 32 bytes (its footer: the plaintext's SHA-256)."""
+    sent; the store's answer and the artifact's last 32 bytes (its footer: the plaintext's
+    SHA-256), as this try's own pieces made them."""
     try:
         source = plan.part.path.open("rb")
     except OSError as exc:
@@ -443,7 +440,10 @@ def _put_part(
                 f"{plan.part.path} changed size while publishing",
                 reason=Reason.PLAINTEXT_SIZE_MISMATCH,
             )
-        tail.clear()
+        # This try's own: a refused try's feeding thread may still be inside one next() when the
+        # retry starts, and its piece put into a tail shared with the retry went into the
+        # manifest as the part's digest (the fetch then failed DATA_LOSS).
+        tail = bytearray()
 
         def on_piece(piece: bytes) -> None:
             tail.extend(piece[-DIGEST_SIZE:])
@@ -452,13 +452,14 @@ def _put_part(
                 progress(before + source.tell(), total)
 
         pieces = writer.stream(source, block_size=UPLOAD_MESSAGE_BYTES)
-        return put_model(
+        response = put_model(
             store,
             _messages(pieces, on_piece),
             name=plan.header.model_name,
             version=plan.header.model_version,
             timeout=timeout,
         )
+        return response, bytes(tail)
 
 
 def _delete_best_effort(

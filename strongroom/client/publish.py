@@ -77,23 +77,28 @@ def publish_model(
     model-signing and the bundle travels in the artifact header.
 
     A try the broker or the store refuses as busy (:data:`~strongroom.client.busy.BUSY_REFUSALS`)
-    is made again as ``retry`` says, from a fresh data key (one more GenerateDataKey, audited):
-    such a refusal comes before anything is generated or stored. Any other failure ends it.
+    is made again as ``retry`` says, from a fresh data key (one more GenerateDataKey, audited),
+    the file read again through a handle of its own: such a refusal comes before anything is
+    generated or stored. Any other failure ends it.
     """
     started = time.perf_counter()
     # The file first: a publish that cannot read it asks the broker for no data key (each one is
     # a broker decision, audited) and signs nothing.
-    with _open_readable(path) as source:
-        total = os.fstat(source.fileno()).st_size
-        bundle = sign_model(path, signing_key) if signing_key is not None else b""
+    with _open_readable(path):
+        pass
+    bundle = sign_model(path, signing_key) if signing_key is not None else b""
 
-        def attempt() -> tuple[store_pb.PutModelResponse, ArtifactHeader]:
-            # Each try is a whole new encryption under a fresh data key: the refused try's
-            # key is wiped, and no key and nonce ever seal the bytes of two tries.
-            source.seek(0)
+    def attempt() -> tuple[store_pb.PutModelResponse, ArtifactHeader]:
+        # Each try is a whole new encryption under a fresh data key: the refused try's key is
+        # wiped, and no key and nonce ever seal the bytes of two tries. And each reads its own
+        # handle: gRPC's thread feeding a refused try's requests may still be inside one next()
+        # when the store's answer ends the call, and it read on from a shared one after the
+        # retry's seek, so the retry missed bytes (PLAINTEXT_SIZE_MISMATCH, nothing stored).
+        with _open_readable(path) as source:
             return _encrypt_and_put(
                 source,
-                total,
+                os.fstat(source.fileno()).st_size,
+                path=path,
                 name=name,
                 version=version,
                 key_id=key_id,
@@ -106,7 +111,7 @@ def publish_model(
                 created_at=created_at,
             )
 
-        response, header = retrying_busy(attempt, retry, what=f"publishing {name}/{version}")
+    response, header = retrying_busy(attempt, retry, what=f"publishing {name}/{version}")
     return Published(response.model, time.perf_counter() - started, header_digest(header).hex())
 
 
@@ -114,6 +119,7 @@ def _encrypt_and_put(
     source: BinaryIO,
     total: int,
     *,
+    path: Path,
     name: str,
     version: str,
     key_id: str,
@@ -200,16 +206,20 @@ def upload_artifact(
         reread = not _times_show_changes(source.fileno(), checked)
 
         def attempt() -> store_pb.PutModelResponse:
-            source.seek(0)
-            return put_model(
-                store,
-                _artifact_messages(
-                    path, source, summary.artifact_size, checked, progress, reread=reread
-                ),
-                name=summary.name,
-                version=summary.version,
-                timeout=timeout,
-            )
+            # Its own handle, as publish_model's tries: a refused try's feeding thread may still
+            # be inside one read, and read on from a shared one after the retry's seek (the retry
+            # then missed bytes: MODEL_FILE_CHANGED, though nothing changed). The file is the one
+            # checked: a replaced one fails the last message's state check.
+            with _open_readable(path) as own:
+                return put_model(
+                    store,
+                    _artifact_messages(
+                        path, own, summary.artifact_size, checked, progress, reread=reread
+                    ),
+                    name=summary.name,
+                    version=summary.version,
+                    timeout=timeout,
+                )
 
         response = retrying_busy(attempt, retry, what=f"uploading {summary.name}/{summary.version}")
     return Published(response.model, time.perf_counter() - started, header_digest(head).hex())

@@ -493,3 +493,104 @@ def test_a_download_refused_busy_near_the_fetch_deadline_ends_with_the_refusal(
         stall.end()
     assert info.value.reason == "TOO_MANY_STREAMS_PER_CERTIFICATE"
     assert waits == []
+
+
+class OneAhead(BusyBefore):
+    """:class:`BusyBefore` that hands gRPC each upload's requests one ahead: each next() gRPC makes
+    has the next request made too, so the thread feeding a call is inside the publisher's next()
+    whenever the call ends, as it may be (a refusal can come while the publisher reads)."""
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        def ahead() -> Iterator[Any]:
+            end = object()
+            held = next(request_iterator, end)
+            while held is not end:
+                following = next(request_iterator, end)
+                yield held
+                held = following
+
+        return super().intercept_stream_unary(continuation, details, ahead())
+
+
+def test_a_refused_try_still_reading_does_not_move_the_retry_s_read_position(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The refused try's feeding thread is inside next() when the store's refusal ends the call
+    (:class:`OneAhead`); it is held there (in ``progress``, between the two reads of a file
+    shorter than a chunk) until the retry has begun, and let go before the retry reads. The tries
+    shared one file handle: the held thread read from where the retry had just sought back to,
+    and the retry found the unchanged file short (PLAINTEXT_SIZE_MISMATCH)."""
+    path = tmp_path / "model.bin"
+    content = os.urandom(5000)
+    path.write_bytes(content)
+    held, retried = threading.Event(), threading.Event()
+    threads: list[threading.Thread] = []
+
+    def progress(done: int, total: int) -> None:
+        me = threading.current_thread()
+        if not threads:
+            threads.append(me)
+        if me is threads[0]:
+            if done and not held.is_set():  # read once, a read to come in this next()
+                held.set()
+                retried.wait(30)
+        elif not retried.is_set():  # the retry's first call, before it reads
+            retried.set()
+            threads[0].join(30)
+
+    uploads = OneAhead(stack, publisher, refused={0})
+    published = publish_model(
+        path,
+        name="busy/position",
+        version="1",
+        key_id=KEY_ID,
+        broker=stack.channel(publisher, "keybroker"),
+        store=_store(stack, publisher, uploads),
+        progress=progress,
+        retry=BusyRetry(sleep=lambda _seconds: None),
+    )
+    assert held.is_set() and retried.is_set()  # the race was run, not missed
+    assert uploads.outcomes == [REFUSED, ("OK", None)]
+    assert published.model.artifact_size > len(content)
+    reader = stack.identity("inference")
+    fetcher = ModelFetcher(stack.channel(reader, "modelstore"), _release(stack, reader))
+    with fetcher.fetch("busy/position", "1") as model:
+        assert bytes(model.parts[0].view) == content
+
+
+def test_a_refused_upload_still_reading_does_not_move_the_retry_s_read_position(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """`strongroom model upload`: as for a publish, the refused try's feeding thread, held in
+    next() (``progress``, before its second read) until the retry has read its first block, read
+    the second from the handle the tries shared; the retry missed it and ended MODEL_FILE_CHANGED
+    for a file nobody changed."""
+    path = tmp_path / "model.artifact"
+    path.write_bytes(make_artifact("busy/reread", "1", os.urandom(3 * 1024 * 1024)))
+    held, retried = threading.Event(), threading.Event()
+    threads: list[threading.Thread] = []
+
+    def progress(done: int, total: int) -> None:
+        me = threading.current_thread()
+        if not threads:
+            threads.append(me)
+        if me is threads[0]:
+            if not held.is_set():  # sent one block, a read to come in this next()
+                held.set()
+                retried.wait(30)
+        elif not retried.is_set():  # the retry has read one block
+            retried.set()
+            threads[0].join(30)
+
+    uploads = OneAhead(stack, publisher, refused={0})
+    uploaded = upload_artifact(
+        path,
+        store=_store(stack, publisher, uploads),
+        progress=progress,
+        retry=BusyRetry(sleep=lambda _seconds: None),
+    )
+    assert held.is_set() and retried.is_set()  # the race was run, not missed
+    assert uploads.outcomes == [REFUSED, ("OK", None)]
+    assert uploaded.model.artifact_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
