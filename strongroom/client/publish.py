@@ -25,11 +25,11 @@ from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.artifact import ArtifactHeader, encrypt_stream, parse_header, read_summary, wipe
-from strongroom.artifact.format import DEK_SIZE
+from strongroom.artifact.format import DEK_SIZE, DIGEST_SIZE
 from strongroom.artifact.manifest import header_digest
 from strongroom.client.busy import CLIENT_RETRY, BusyRetry, retrying_busy
 from strongroom.client.mechanisms import header_mechanism
-from strongroom.client.signing import BUNDLE_MEDIA_TYPE, sign_model
+from strongroom.client.signing import BUNDLE_MEDIA_TYPE, sign_model, signed_digest
 from strongroom.errors import DataLoss, FailedPrecondition
 from strongroom.identifiers import MAX_KEY_VERSION
 from strongroom.reasons import Reason
@@ -74,7 +74,10 @@ def publish_model(
     ``created_at`` (default now) is the artifact's creation time, as in ``publish_parts``.
 
     With ``signing_key`` (EC private key, PEM) the plaintext is first signed with OpenSSF
-    model-signing and the bundle travels in the artifact header.
+    model-signing and the bundle travels in the artifact header; the bytes encrypted must be the
+    ones signed (their SHA-256, seen before the artifact's last piece is sent): a file changed
+    after it was signed ends the publish with FailedPrecondition(MODEL_FILE_CHANGED), nothing
+    stored.
 
     A try the broker or the store refuses as busy (:data:`~strongroom.client.busy.BUSY_REFUSALS`)
     is made again as ``retry`` says, from a fresh data key (one more GenerateDataKey, audited),
@@ -87,6 +90,7 @@ def publish_model(
     with _open_readable(path):
         pass
     bundle = sign_model(path, signing_key) if signing_key is not None else b""
+    signed = signed_digest(bundle) if bundle else None
 
     def attempt() -> tuple[store_pb.PutModelResponse, ArtifactHeader]:
         # Each try is a whole new encryption under a fresh data key: the refused try's key is
@@ -108,6 +112,7 @@ def publish_model(
                 progress=progress,
                 timeout=timeout,
                 bundle=bundle,
+                signed=signed,
                 created_at=created_at,
             )
 
@@ -129,9 +134,15 @@ def _encrypt_and_put(
     progress: Progress | None,
     timeout: float,
     bundle: bytes,
+    signed: bytes | None,
     created_at: datetime | None,
 ) -> tuple[store_pb.PutModelResponse, ArtifactHeader]:
-    """One try of :func:`publish_model`: a data key, then the file encrypted while uploaded."""
+    """One try of :func:`publish_model`: a data key, then the file encrypted while uploaded.
+
+    With ``signed`` (the plaintext SHA-256 the signature ``bundle`` names), the artifact's last
+    piece (its footer: the SHA-256 of the bytes encrypted) is sent only if it is the same: a file
+    changed after it was signed ends the try with MODEL_FILE_CHANGED before the artifact is whole,
+    so nothing is stored (stored, it was a model whose signature failed every load)."""
     generated = kb_grpc.KeyBrokerServiceStub(broker).GenerateDataKey(
         kb_pb.GenerateDataKeyRequest(key_id=key_id, model_name=name, model_version=version),
         timeout=30,
@@ -162,9 +173,17 @@ def _encrypt_and_put(
     head: list[ArtifactHeader] = []
 
     def messages() -> Iterator[UploadMessage]:
+        made = 0
         for piece in artifact:
             if not head:  # the first piece is everything before the first chunk
                 head.append(parse_header(piece))
+            made += len(piece)
+            if (
+                signed is not None
+                and made == head[0].artifact_size
+                and piece[-DIGEST_SIZE:] != signed
+            ):
+                raise _changed(path)
             if progress is not None:
                 progress(source.tell(), total)
             yield from upload_pieces(piece)

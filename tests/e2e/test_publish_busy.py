@@ -35,10 +35,12 @@ from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.errors import NotFound, ResourceExhausted
+from strongroom.errors import FailedPrecondition, NotFound, ResourceExhausted
+from strongroom.inference.signature import SignaturePolicy
 from strongroom.pki import WorkloadIdentity
 from tests.abuse.releases import StalledCalls, settled
 from tests.conftest import stack_root
+from tests.inference.test_signature import keypair
 from tests.modelstore.artifacts import make_artifact
 from tests.modelstore.backends import assert_clean, blob_count
 
@@ -594,3 +596,68 @@ def test_a_refused_upload_still_reading_does_not_move_the_retry_s_read_position(
     assert held.is_set() and retried.is_set()  # the race was run, not missed
     assert uploads.outcomes == [REFUSED, ("OK", None)]
     assert uploaded.model.artifact_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_signed_model_changed_while_its_publish_waited_to_retry_is_not_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The signature was made once, before the tries: a file rewritten (same size) while the
+    publish waited to retry was stored with a bundle naming the old bytes, a model whose
+    signature failed every load. Now the try ends MODEL_FILE_CHANGED before its last piece."""
+    storage = stack.services["modelstore"].handle.storage
+    private, _public = keypair(tmp_path, "signer")
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(5000))
+    uploads = BusyBefore(stack, publisher, refused={0})
+
+    def rewrite(_seconds: float) -> None:  # the same size, other bytes
+        path.write_bytes(os.urandom(5000))
+
+    with pytest.raises(FailedPrecondition) as info:
+        publish_model(
+            path,
+            name="busy/resigned",
+            version="1",
+            key_id=KEY_ID,
+            broker=stack.channel(publisher, "keybroker"),
+            store=_store(stack, publisher, uploads),
+            signing_key=private,
+            retry=BusyRetry(sleep=rewrite),
+        )
+    assert info.value.reason == "MODEL_FILE_CHANGED"
+    assert "nothing was stored" in info.value.message
+    assert len(uploads.outcomes) == 2 and uploads.outcomes[0] == REFUSED
+    assert _records(stack, "busy/resigned") == []
+    assert_clean(storage)
+
+
+def test_a_signed_model_retried_unchanged_is_stored_with_a_signature_that_verifies(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The check above holds nothing back when the bytes are the ones signed."""
+    private, public = keypair(tmp_path, "signer")
+    path = tmp_path / "model.bin"
+    content = os.urandom(5000)
+    path.write_bytes(content)
+    uploads = BusyBefore(stack, publisher, refused={0})
+    publish_model(
+        path,
+        name="busy/signed",
+        version="1",
+        key_id=KEY_ID,
+        broker=stack.channel(publisher, "keybroker"),
+        store=_store(stack, publisher, uploads),
+        signing_key=private,
+        retry=BusyRetry(sleep=lambda _seconds: None),
+    )
+    assert uploads.outcomes == [REFUSED, ("OK", None)]
+    reader = stack.identity("inference")
+    fetcher = ModelFetcher(stack.channel(reader, "modelstore"), _release(stack, reader))
+    with fetcher.fetch("busy/signed", "1") as model:
+        header = parse_header(
+            b"".join(grpc_source(stack.channel(reader, "modelstore"))("busy/signed", "1"))
+        )
+        SignaturePolicy.from_pem(public).check(
+            header.signature_bundle, header.signature_bundle_media_type, model.parts[0].view
+        )
+        assert bytes(model.parts[0].view) == content
