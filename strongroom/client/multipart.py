@@ -204,11 +204,14 @@ def files_parts(paths: Sequence[Path]) -> list[PartFile]:
     return parts
 
 
-SPARE_WRITERS = 1024
-"""Writers made beside the parts' own for retrying uploads refused as busy, all parts together
-(each part gets ``SPARE_WRITERS // parts``, 1 to :data:`MAX_SPARES_PER_PART`): each try of a part
-needs a writer of its own, made while the data key exists (about 4 KiB each)."""
-MAX_SPARES_PER_PART = 8
+SPARE_WRITERS = 16384
+"""Most writers made beside the parts' own for retrying uploads refused as busy, all parts together
+(about 3.7 KiB and 15 µs each: at most 60 MiB and a quarter of a second). Each try of a part needs
+a writer of its own, and a writer is bound to its part's header when it is made, which is while the
+data key exists: so each part is given its spares up front, as many as its own bound admits
+(:attr:`~strongroom.client.busy.BusyRetry.most_tries`: 10 retries by default) while the parts'
+together stay within this; past it (more than 1638 parts by default), an equal share each. (1024,
+split the same way, gave each part of a model of 513 parts or more a single retry.)"""
 
 
 @dataclass
@@ -251,8 +254,8 @@ def publish_parts(
     certificate has a share of several; README, "Limits"). A call the broker or the store refuses
     as busy (:data:`~strongroom.client.busy.BUSY_REFUSALS`: refused before anything was
     generated or stored) is made again as ``retry`` says: GenerateDataKey, a part's upload (the
-    file read and encrypted again with a writer of its own, at most 1 + its spare writers'
-    tries, :data:`SPARE_WRITERS`) or the manifest's. Any other failure ends the publish.
+    file read and encrypted again with a writer of its own, drawn from :data:`SPARE_WRITERS`) or
+    the manifest's. Any other failure ends the publish.
     """
     if not 1 <= len(parts) <= MAX_PARTS:
         raise InvalidArgument(f"a model has 1 to {MAX_PARTS} parts", reason=Reason.TOO_MANY_PARTS)
@@ -298,9 +301,7 @@ def publish_parts(
             "created_at": created_at or datetime.now(UTC),
         }
         planned = []
-        tries = 1 + (
-            max(1, min(MAX_SPARES_PER_PART, SPARE_WRITERS // len(parts))) if retry.within else 0
-        )
+        tries = 1 + min(retry.most_tries - 1, SPARE_WRITERS // len(parts))
         for index, (part, size) in enumerate(zip(parts, sizes, strict=True)):
             header = build_header(
                 model_version=part_version(version, index),
@@ -354,6 +355,7 @@ def publish_parts(
                     timeout=timeout,
                 )
 
+            # Each part its own bound: retry.within from its own first try.
             response, footer = retrying_busy(
                 attempt,
                 retry,

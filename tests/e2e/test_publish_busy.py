@@ -26,7 +26,7 @@ from strongroom.artifact import parse_header
 from strongroom.artifact.c2sp import PREAMBLE_SIZE, TAG_SIZE
 from strongroom.artifact.manifest import ManifestLayout, PartMissing
 from strongroom.attesters import SimulatedAttester, TeeType
-from strongroom.client.busy import BusyRetry
+from strongroom.client.busy import CLIENT_RETRY, BusyRetry
 from strongroom.client.fetch import ModelFetcher, grpc_source, retrying_source
 from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.client.multipart import PublishedParts, files_parts, publish_parts
@@ -661,3 +661,42 @@ def test_a_signed_model_retried_unchanged_is_stored_with_a_signature_that_verifi
             header.signature_bundle, header.signature_bundle_media_type, model.parts[0].view
         )
         assert bytes(model.parts[0].view) == content
+
+
+def test_a_part_of_a_model_of_513_parts_is_retried_as_often_as_its_bound_admits(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """Each part's tries were 1 + 1,024 / parts spare writers, made up front: from 513 parts a
+    part had one retry, so a part refused three times in a row ended the publish, though its
+    60 s were far from spent. Now it has the retries its own bound admits (10)."""
+    assert CLIENT_RETRY.most_tries == 11
+    uploads = BusyBefore(stack, publisher, refused={0, 1, 2})  # the first part, three times
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i in range(513):
+        (folder / f"shard-{i:03}.bin").write_bytes(os.urandom(16))
+    waits: list[float] = []
+    published = publish_parts(
+        files_parts([folder]),
+        name="busy/many",
+        version="1",
+        key_id=KEY_ID,
+        broker=stack.channel(publisher, "keybroker"),
+        store=_store(stack, publisher, uploads),
+        layout=ManifestLayout.FILES,
+        retry=BusyRetry(sleep=waits.append),
+    )
+    assert uploads.outcomes[:4] == [REFUSED, REFUSED, REFUSED, ("OK", None)]
+    assert len(waits) == 3 and len(published.parts) == 513
+    assert len(_records(stack, "busy/many")) == 514
+
+
+def test_a_busy_retry_that_never_waits_is_refused() -> None:
+    """most_tries counts the waits that fit: a retry with no wait would make as many tries as a
+    busy peer can refuse."""
+    assert BusyRetry(within=0.0).most_tries == 1
+    assert BusyRetry(within=1.0, first_delay=0.2).most_tries == 3  # 0.2 + 0.4 fit, 0.8 not
+    with pytest.raises(ValueError, match="waits"):
+        BusyRetry(first_delay=0.0)
+    with pytest.raises(ValueError, match="waits"):
+        BusyRetry(first_delay=2.0, max_delay=1.0)
