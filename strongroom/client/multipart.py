@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -51,7 +52,13 @@ from strongroom.client.publish import (
     put_model,
     upload_pieces,
 )
-from strongroom.errors import FailedPrecondition, InvalidArgument, StrongroomError
+from strongroom.client.remote import peer_reason
+from strongroom.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    StrongroomError,
+)
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -276,6 +283,8 @@ def publish_parts(
             for p, s in zip(parts, sizes, strict=True)
         ],
     )
+    stub = store_grpc.ModelStoreServiceStub(store)
+    _check_version_free(stub, name, version, retry)
     broker_stub = kb_grpc.KeyBrokerServiceStub(broker)
     generated = retrying_busy(
         lambda: broker_stub.GenerateDataKey(
@@ -331,7 +340,6 @@ def publish_parts(
     finally:
         wipe(dek)  # from here on, only the writers' derived keys exist
 
-    stub = store_grpc.ModelStoreServiceStub(store)
     total = sum(sizes)
     done_before = 0
     stored: list[store_pb.ModelInfo] = []
@@ -401,11 +409,21 @@ def publish_parts(
     except BaseException as exc:
         left = _delete_best_effort(stub, stored)
         if left and isinstance(exc, StrongroomError):
-            # Until they are gone, publishing this version again fails on the first part
-            # (MODEL_EXISTS): the publisher must know which to have removed. (Amended in place:
-            # not every error class takes a message and a reason to be built again.)
-            exc.message = f"{exc.message}; {_left_note(left)}"
+            # Until they are gone, publishing this version again is refused (PARTS_LEFT_BEHIND):
+            # the publisher must know which to have removed. (Amended in place: not every error
+            # class takes a message and a reason to be built again.)
+            exc.message = f"{exc.message}; {_left_note(name, left)}"
             exc.args = (exc.message,)
+        elif left and isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+            # A peer's refusal (the last busy one, when retries ran out) was raised as it came,
+            # without the note: the publisher learnt neither that the version was now blocked
+            # nor how to free it. Its status and reason stay in the message.
+            refused = f"{exc.code().name} {peer_reason(exc) or ''}".rstrip()
+            raise FailedPrecondition(
+                f"{name}/{version} was not published ({refused}: {exc.details()}); "
+                f"{_left_note(name, left)}",
+                reason=Reason.PARTS_LEFT_BEHIND,
+            ) from exc
         raise
     log.info(
         "multi-part model published",
@@ -467,8 +485,8 @@ def _put_part(
 def _delete_best_effort(
     stub: store_grpc.ModelStoreServiceStub, stored: Sequence[store_pb.ModelInfo]
 ) -> list[str]:
-    """Removes the parts a failed publish stored; returns ``NAME VERSION`` of those it could not
-    (a publisher may not be allowed to delete)."""
+    """Removes the parts a failed publish stored; returns the store versions of those it could
+    not (a publisher may not be allowed to delete)."""
     left = []
     for info in stored:
         try:
@@ -476,7 +494,7 @@ def _delete_best_effort(
                 store_pb.DeleteModelRequest(name=info.name, version=info.version), timeout=30
             )
         except grpc.RpcError as exc:
-            left.append(f"{info.name} {info.version}")
+            left.append(info.version)
             # Harmless (no manifest names them), but they block a retry of this version.
             log.warning(
                 "could not remove the part %s version %s a failed publish stored (%s): %s",
@@ -489,9 +507,78 @@ def _delete_best_effort(
     return left
 
 
-def _left_note(left: Sequence[str]) -> str:
+def _left_note(name: str, left: Sequence[str]) -> str:
+    """What blocks the version and who frees it how: ``left`` are the parts' store versions."""
     return (
-        f"{len(left)} part(s) it stored could not be removed: {', '.join(left)}; this version "
-        "cannot be published again until an admin removes them (`strongroom model rm NAME "
-        "VERSION`)"
+        f"{len(left)} part(s) it stored could not be removed (a publisher may not delete): "
+        f"{_versions(left)}; {_unblock(name, left)}"
     )
+
+
+def _unblock(name: str, left: Sequence[str]) -> str:
+    return (
+        "the version cannot be published again until an admin removes them "
+        f"(PARTS_LEFT_BEHIND until then): {_rm_commands(name, left)}"
+    )
+
+
+def _versions(versions: Sequence[str]) -> str:
+    if len(versions) <= 3:
+        return ", ".join(versions)
+    return f"{versions[0]} to {versions[-1]}"
+
+
+def _rm_commands(name: str, versions: Sequence[str]) -> str:
+    """The ``strongroom model rm`` command(s) that remove ``versions`` of ``name``, spelled out
+    (parts 0 to N-1, as a failed publish leaves them, as one shell loop)."""
+    base, mark, _index = versions[0].rpartition("+part.")
+    if len(versions) > 3 and all(v == f"{base}{mark}{i}" for i, v in enumerate(versions)):
+        return (
+            f"`for n in $(seq 0 {len(versions) - 1}); do strongroom model rm {shlex.quote(name)} "
+            f'"{base}{mark}$n"; done`'
+        )
+    return "; ".join(
+        f"`strongroom model rm {shlex.quote(name)} {shlex.quote(v)}`" for v in versions
+    )
+
+
+def _check_version_free(
+    stub: store_grpc.ModelStoreServiceStub, name: str, version: str, retry: BusyRetry
+) -> None:
+    """Refuses, before a data key is asked for, a version the store already holds
+    (ALREADY_EXISTS MODEL_EXISTS: all the parts were stored first, then refused at the manifest
+    and left behind) or whose first part a publish left behind (FAILED_PRECONDITION
+    PARTS_LEFT_BEHIND: refused at that part, with the commands that free it). Such parts cannot
+    be taken over: they are sealed under the failed publish's data key, which only an attested
+    server can have released, and a publisher may not delete them."""
+
+    def stored(store_version: str) -> bool:
+        def stat() -> bool:
+            try:
+                stub.StatModel(
+                    store_pb.StatModelRequest(name=name, version=store_version), timeout=30
+                )
+            except grpc.RpcError as exc:
+                if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return False
+                raise
+            return True
+
+        return retrying_busy(stat, retry, what=f"checking {name}/{store_version}")
+
+    if stored(version):
+        raise AlreadyExists(
+            f"{name}/{version} is already stored; nothing was published",
+            reason=Reason.MODEL_EXISTS,
+        )
+    # A failed publish stores its parts in order from the first: those left are 0 to N-1.
+    left: list[str] = []
+    while len(left) < MAX_PARTS and stored(part_version(version, len(left))):
+        left.append(part_version(version, len(left)))
+    if left:
+        raise FailedPrecondition(
+            f"{name}/{version} has no manifest, but {len(left)} part(s) a publish of it stored "
+            f"are left ({_versions(left)}: it failed, or is still running, and a publisher may "
+            f"not delete them); nothing was published; {_unblock(name, left)}",
+            reason=Reason.PARTS_LEFT_BEHIND,
+        )

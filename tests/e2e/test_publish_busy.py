@@ -22,6 +22,8 @@ from typing import Any
 import grpc
 import pytest
 
+from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
+from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import parse_header
 from strongroom.artifact.c2sp import PREAMBLE_SIZE, TAG_SIZE
 from strongroom.artifact.manifest import ManifestLayout, PartMissing
@@ -29,13 +31,13 @@ from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.client.busy import CLIENT_RETRY, BusyRetry
 from strongroom.client.fetch import ModelFetcher, grpc_source, retrying_source
 from strongroom.client.keyrelease import KeyReleaseClient
-from strongroom.client.multipart import PublishedParts, files_parts, publish_parts
+from strongroom.client.multipart import PublishedParts, _rm_commands, files_parts, publish_parts
 from strongroom.client.publish import publish_model, upload_artifact
 from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.errors import FailedPrecondition, NotFound, ResourceExhausted
+from strongroom.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from strongroom.inference.signature import SignaturePolicy
 from strongroom.pki import WorkloadIdentity
 from tests.abuse.releases import StalledCalls, settled
@@ -700,3 +702,105 @@ def test_a_busy_retry_that_never_waits_is_refused() -> None:
         BusyRetry(first_delay=0.0)
     with pytest.raises(ValueError, match="waits"):
         BusyRetry(first_delay=2.0, max_delay=1.0)
+
+
+class CountCalls(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """Counts the unary calls made through a channel, by method."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        self.methods.append(details.method.rsplit("/", 1)[-1])
+        return continuation(details, request)
+
+
+def test_parts_left_by_a_publish_out_of_retries_are_named_with_their_command_and_refused_after(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The second part refused busy until the bound ran out: the first stays stored (a publisher
+    may not delete). The refusal was raised as it came, without the note naming what was left
+    and how to free it, and publishing the version again asked for a data key and failed at the
+    first part (ALREADY_EXISTS MODEL_EXISTS). Now the failure says which parts, and the command
+    that removes them; a publish of the version again is refused PARTS_LEFT_BEHIND before any
+    data key or upload, until an admin has removed them."""
+    shards = _shards(tmp_path / "shards", 3)
+    uploads = BusyBefore(stack, publisher, refused={1}, end_stall=False)
+    try:
+        with pytest.raises(FailedPrecondition) as info:
+            publish_parts(
+                files_parts(shards),
+                name="busy/left",
+                version="1",
+                key_id=KEY_ID,
+                broker=stack.channel(publisher, "keybroker"),
+                store=_store(stack, publisher, uploads),
+                layout=ManifestLayout.FILES,
+                retry=BusyRetry(within=1.0, first_delay=0.2),
+            )
+    finally:
+        uploads.end()
+    assert info.value.reason == "PARTS_LEFT_BEHIND"
+    message = info.value.message
+    assert "RESOURCE_EXHAUSTED TOO_MANY_STREAMS_PER_CERTIFICATE" in message
+    assert "1 part(s) it stored could not be removed" in message
+    assert "`strongroom model rm busy/left 1+part.0`" in message
+    assert isinstance(info.value.__cause__, grpc.RpcError)
+    assert _records(stack, "busy/left") == [("busy/left", "1+part.0")]
+
+    broker = CountCalls()
+    again = BusyBefore(stack, publisher, set())
+    with pytest.raises(FailedPrecondition) as refused:
+        publish_parts(
+            files_parts(shards),
+            name="busy/left",
+            version="1",
+            key_id=KEY_ID,
+            broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
+            store=_store(stack, publisher, again),
+            layout=ManifestLayout.FILES,
+        )
+    assert refused.value.reason == "PARTS_LEFT_BEHIND"
+    assert "`strongroom model rm busy/left 1+part.0`" in refused.value.message
+    assert (broker.methods, again.outcomes) == ([], [])
+
+    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
+    admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/left", version="1+part.0"))
+    _publish(stack, publisher, shards, "busy/left", stack.channel(publisher, "modelstore"))
+    assert len(_records(stack, "busy/left")) == 4
+
+
+def test_a_multi_part_publish_of_a_version_already_stored_is_refused_before_any_part(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """It stored every part, then was refused at the manifest (MODEL_EXISTS), and the parts it
+    could not delete were left."""
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(5000))
+    store = stack.channel(publisher, "modelstore")
+    broker = stack.channel(publisher, "keybroker")
+    publish_model(path, name="busy/taken", version="1", key_id=KEY_ID, broker=broker, store=store)
+    uploads = BusyBefore(stack, publisher, set())
+    with pytest.raises(AlreadyExists) as info:
+        _publish(
+            stack,
+            publisher,
+            _shards(tmp_path / "shards", 2),
+            "busy/taken",
+            _store(stack, publisher, uploads),
+        )
+    assert info.value.reason == "MODEL_EXISTS"
+    assert uploads.outcomes == []
+    assert _records(stack, "busy/taken") == [("busy/taken", "1")]
+
+
+def test_the_command_for_many_parts_left_is_one_loop() -> None:
+    versions = [f"1+part.{i}" for i in range(40)]
+    assert _rm_commands("org/m", versions) == (
+        '`for n in $(seq 0 39); do strongroom model rm org/m "1+part.$n"; done`'
+    )
+    assert _rm_commands("org/m", ["1+part.0", "1+part.2"]) == (
+        "`strongroom model rm org/m 1+part.0`; `strongroom model rm org/m 1+part.2`"
+    )
