@@ -78,6 +78,22 @@ class BusyRetry:
     max_delay: float = 8.0
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
 
+    def __post_init__(self) -> None:
+        if not 0 < self.first_delay <= self.max_delay:
+            # No wait at all would make as many tries as a busy peer can refuse in ``within``.
+            raise ValueError("a busy retry waits: 0 < first_delay <= max_delay")
+
+    @property
+    def most_tries(self) -> int:
+        """The most tries :func:`retrying_busy` can make of one call: 1, and a retry for every
+        wait that fits within ``within`` even drawn at its shortest (11 for :data:`CLIENT_RETRY`)."""
+        tries, waited, delay = 1, 0.0, self.first_delay
+        while waited + delay <= self.within:
+            tries += 1
+            waited += delay
+            delay = min(delay * 2, self.max_delay)
+        return tries
+
 
 CLIENT_RETRY = BusyRetry()
 """The publisher's and ``strongroom model fetch``'s: :data:`CLIENT_RETRY_SECONDS`, waits from

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -51,7 +52,13 @@ from strongroom.client.publish import (
     put_model,
     upload_pieces,
 )
-from strongroom.errors import FailedPrecondition, InvalidArgument, StrongroomError
+from strongroom.client.remote import peer_reason
+from strongroom.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    StrongroomError,
+)
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -204,11 +211,14 @@ def files_parts(paths: Sequence[Path]) -> list[PartFile]:
     return parts
 
 
-SPARE_WRITERS = 1024
-"""Writers made beside the parts' own for retrying uploads refused as busy, all parts together
-(each part gets ``SPARE_WRITERS // parts``, 1 to :data:`MAX_SPARES_PER_PART`): each try of a part
-needs a writer of its own, made while the data key exists (about 4 KiB each)."""
-MAX_SPARES_PER_PART = 8
+SPARE_WRITERS = 16384
+"""Most writers made beside the parts' own for retrying uploads refused as busy, all parts together
+(about 3.7 KiB and 15 µs each: at most 60 MiB and a quarter of a second). Each try of a part needs
+a writer of its own, and a writer is bound to its part's header when it is made, which is while the
+data key exists: so each part is given its spares up front, as many as its own bound admits
+(:attr:`~strongroom.client.busy.BusyRetry.most_tries`: 10 retries by default) while the parts'
+together stay within this; past it (more than 1638 parts by default), an equal share each. (1024,
+split the same way, gave each part of a model of 513 parts or more a single retry.)"""
 
 
 @dataclass
@@ -251,8 +261,8 @@ def publish_parts(
     certificate has a share of several; README, "Limits"). A call the broker or the store refuses
     as busy (:data:`~strongroom.client.busy.BUSY_REFUSALS`: refused before anything was
     generated or stored) is made again as ``retry`` says: GenerateDataKey, a part's upload (the
-    file read and encrypted again with a writer of its own, at most 1 + its spare writers'
-    tries, :data:`SPARE_WRITERS`) or the manifest's. Any other failure ends the publish.
+    file read and encrypted again with a writer of its own, drawn from :data:`SPARE_WRITERS`) or
+    the manifest's. Any other failure ends the publish.
     """
     if not 1 <= len(parts) <= MAX_PARTS:
         raise InvalidArgument(f"a model has 1 to {MAX_PARTS} parts", reason=Reason.TOO_MANY_PARTS)
@@ -273,6 +283,8 @@ def publish_parts(
             for p, s in zip(parts, sizes, strict=True)
         ],
     )
+    stub = store_grpc.ModelStoreServiceStub(store)
+    _check_version_free(stub, name, version, retry)
     broker_stub = kb_grpc.KeyBrokerServiceStub(broker)
     generated = retrying_busy(
         lambda: broker_stub.GenerateDataKey(
@@ -298,9 +310,7 @@ def publish_parts(
             "created_at": created_at or datetime.now(UTC),
         }
         planned = []
-        tries = 1 + (
-            max(1, min(MAX_SPARES_PER_PART, SPARE_WRITERS // len(parts))) if retry.within else 0
-        )
+        tries = 1 + min(retry.most_tries - 1, SPARE_WRITERS // len(parts))
         for index, (part, size) in enumerate(zip(parts, sizes, strict=True)):
             header = build_header(
                 model_version=part_version(version, index),
@@ -330,7 +340,6 @@ def publish_parts(
     finally:
         wipe(dek)  # from here on, only the writers' derived keys exist
 
-    stub = store_grpc.ModelStoreServiceStub(store)
     total = sum(sizes)
     done_before = 0
     stored: list[store_pb.ModelInfo] = []
@@ -338,33 +347,31 @@ def publish_parts(
     try:
         for plan in planned:
             spare = iter(plan.writers)
-            tail = bytearray()
 
             def attempt(
                 plan: _Planned = plan,
                 spare: Iterator[ArtifactWriter] = spare,
-                tail: bytearray = tail,
                 before: int = done_before,
-            ) -> store_pb.PutModelResponse:
+            ) -> tuple[store_pb.PutModelResponse, bytes]:
                 return _put_part(
                     store,
                     plan,
                     next(spare),
-                    tail,
                     before=before,
                     total=total,
                     progress=progress,
                     timeout=timeout,
                 )
 
-            response = retrying_busy(
+            # Each part its own bound: retry.within from its own first try.
+            response, footer = retrying_busy(
                 attempt,
                 retry,
                 what=f"part {plan.part.name!r} of {name}/{version}",
                 attempts=len(plan.writers),
             )
             stored.append(response.model)
-            digests.append(bytes(tail))  # the footer: the part's plaintext SHA-256
+            digests.append(footer)  # the part's plaintext SHA-256
             done_before += plan.header.plaintext_size
         manifest = build_manifest(
             model_name=name,
@@ -402,11 +409,21 @@ def publish_parts(
     except BaseException as exc:
         left = _delete_best_effort(stub, stored)
         if left and isinstance(exc, StrongroomError):
-            # Until they are gone, publishing this version again fails on the first part
-            # (MODEL_EXISTS): the publisher must know which to have removed. (Amended in place:
-            # not every error class takes a message and a reason to be built again.)
-            exc.message = f"{exc.message}; {_left_note(left)}"
+            # Until they are gone, publishing this version again is refused (PARTS_LEFT_BEHIND):
+            # the publisher must know which to have removed. (Amended in place: not every error
+            # class takes a message and a reason to be built again.)
+            exc.message = f"{exc.message}; {_left_note(name, left)}"
             exc.args = (exc.message,)
+        elif left and isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+            # A peer's refusal (the last busy one, when retries ran out) was raised as it came,
+            # without the note: the publisher learnt neither that the version was now blocked
+            # nor how to free it. Its status and reason stay in the message.
+            refused = f"{exc.code().name} {peer_reason(exc) or ''}".rstrip()
+            raise FailedPrecondition(
+                f"{name}/{version} was not published ({refused}: {exc.details()}); "
+                f"{_left_note(name, left)}",
+                reason=Reason.PARTS_LEFT_BEHIND,
+            ) from exc
         raise
     log.info(
         "multi-part model published",
@@ -424,15 +441,15 @@ def _put_part(
     store: grpc.Channel,
     plan: _Planned,
     writer: ArtifactWriter,
-    tail: bytearray,
     *,
     before: int,
     total: int,
     progress: Progress | None,
     timeout: float,
-) -> store_pb.PutModelResponse:
+) -> tuple[store_pb.PutModelResponse, bytes]:
     """One try of a part's upload: its file read from the start, encrypted by ``writer`` while
-    sent; ``tail`` ends as the artifact's last 32 bytes (its footer: the plaintext's SHA-256)."""
+    sent; the store's answer and the artifact's last 32 bytes (its footer: the plaintext's
+    SHA-256), as this try's own pieces made them."""
     try:
         source = plan.part.path.open("rb")
     except OSError as exc:
@@ -443,7 +460,10 @@ def _put_part(
                 f"{plan.part.path} changed size while publishing",
                 reason=Reason.PLAINTEXT_SIZE_MISMATCH,
             )
-        tail.clear()
+        # This try's own: a refused try's feeding thread may still be inside one next() when the
+        # retry starts, and its piece put into a tail shared with the retry went into the
+        # manifest as the part's digest (the fetch then failed DATA_LOSS).
+        tail = bytearray()
 
         def on_piece(piece: bytes) -> None:
             tail.extend(piece[-DIGEST_SIZE:])
@@ -452,20 +472,21 @@ def _put_part(
                 progress(before + source.tell(), total)
 
         pieces = writer.stream(source, block_size=UPLOAD_MESSAGE_BYTES)
-        return put_model(
+        response = put_model(
             store,
             _messages(pieces, on_piece),
             name=plan.header.model_name,
             version=plan.header.model_version,
             timeout=timeout,
         )
+        return response, bytes(tail)
 
 
 def _delete_best_effort(
     stub: store_grpc.ModelStoreServiceStub, stored: Sequence[store_pb.ModelInfo]
 ) -> list[str]:
-    """Removes the parts a failed publish stored; returns ``NAME VERSION`` of those it could not
-    (a publisher may not be allowed to delete)."""
+    """Removes the parts a failed publish stored; returns the store versions of those it could
+    not (a publisher may not be allowed to delete)."""
     left = []
     for info in stored:
         try:
@@ -473,7 +494,7 @@ def _delete_best_effort(
                 store_pb.DeleteModelRequest(name=info.name, version=info.version), timeout=30
             )
         except grpc.RpcError as exc:
-            left.append(f"{info.name} {info.version}")
+            left.append(info.version)
             # Harmless (no manifest names them), but they block a retry of this version.
             log.warning(
                 "could not remove the part %s version %s a failed publish stored (%s): %s",
@@ -486,9 +507,78 @@ def _delete_best_effort(
     return left
 
 
-def _left_note(left: Sequence[str]) -> str:
+def _left_note(name: str, left: Sequence[str]) -> str:
+    """What blocks the version and who frees it how: ``left`` are the parts' store versions."""
     return (
-        f"{len(left)} part(s) it stored could not be removed: {', '.join(left)}; this version "
-        "cannot be published again until an admin removes them (`strongroom model rm NAME "
-        "VERSION`)"
+        f"{len(left)} part(s) it stored could not be removed (a publisher may not delete): "
+        f"{_versions(left)}; {_unblock(name, left)}"
     )
+
+
+def _unblock(name: str, left: Sequence[str]) -> str:
+    return (
+        "the version cannot be published again until an admin removes them "
+        f"(PARTS_LEFT_BEHIND until then): {_rm_commands(name, left)}"
+    )
+
+
+def _versions(versions: Sequence[str]) -> str:
+    if len(versions) <= 3:
+        return ", ".join(versions)
+    return f"{versions[0]} to {versions[-1]}"
+
+
+def _rm_commands(name: str, versions: Sequence[str]) -> str:
+    """The ``strongroom model rm`` command(s) that remove ``versions`` of ``name``, spelled out
+    (parts 0 to N-1, as a failed publish leaves them, as one shell loop)."""
+    base, mark, _index = versions[0].rpartition("+part.")
+    if len(versions) > 3 and all(v == f"{base}{mark}{i}" for i, v in enumerate(versions)):
+        return (
+            f"`for n in $(seq 0 {len(versions) - 1}); do strongroom model rm {shlex.quote(name)} "
+            f'"{base}{mark}$n"; done`'
+        )
+    return "; ".join(
+        f"`strongroom model rm {shlex.quote(name)} {shlex.quote(v)}`" for v in versions
+    )
+
+
+def _check_version_free(
+    stub: store_grpc.ModelStoreServiceStub, name: str, version: str, retry: BusyRetry
+) -> None:
+    """Refuses, before a data key is asked for, a version the store already holds
+    (ALREADY_EXISTS MODEL_EXISTS: all the parts were stored first, then refused at the manifest
+    and left behind) or whose first part a publish left behind (FAILED_PRECONDITION
+    PARTS_LEFT_BEHIND: refused at that part, with the commands that free it). Such parts cannot
+    be taken over: they are sealed under the failed publish's data key, which only an attested
+    server can have released, and a publisher may not delete them."""
+
+    def stored(store_version: str) -> bool:
+        def stat() -> bool:
+            try:
+                stub.StatModel(
+                    store_pb.StatModelRequest(name=name, version=store_version), timeout=30
+                )
+            except grpc.RpcError as exc:
+                if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return False
+                raise
+            return True
+
+        return retrying_busy(stat, retry, what=f"checking {name}/{store_version}")
+
+    if stored(version):
+        raise AlreadyExists(
+            f"{name}/{version} is already stored; nothing was published",
+            reason=Reason.MODEL_EXISTS,
+        )
+    # A failed publish stores its parts in order from the first: those left are 0 to N-1.
+    left: list[str] = []
+    while len(left) < MAX_PARTS and stored(part_version(version, len(left))):
+        left.append(part_version(version, len(left)))
+    if left:
+        raise FailedPrecondition(
+            f"{name}/{version} has no manifest, but {len(left)} part(s) a publish of it stored "
+            f"are left ({_versions(left)}: it failed, or is still running, and a publisher may "
+            f"not delete them); nothing was published; {_unblock(name, left)}",
+            reason=Reason.PARTS_LEFT_BEHIND,
+        )

@@ -25,11 +25,11 @@ from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.artifact import ArtifactHeader, encrypt_stream, parse_header, read_summary, wipe
-from strongroom.artifact.format import DEK_SIZE
+from strongroom.artifact.format import DEK_SIZE, DIGEST_SIZE
 from strongroom.artifact.manifest import header_digest
 from strongroom.client.busy import CLIENT_RETRY, BusyRetry, retrying_busy
 from strongroom.client.mechanisms import header_mechanism
-from strongroom.client.signing import BUNDLE_MEDIA_TYPE, sign_model
+from strongroom.client.signing import BUNDLE_MEDIA_TYPE, sign_model, signed_digest
 from strongroom.errors import DataLoss, FailedPrecondition
 from strongroom.identifiers import MAX_KEY_VERSION
 from strongroom.reasons import Reason
@@ -74,26 +74,35 @@ def publish_model(
     ``created_at`` (default now) is the artifact's creation time, as in ``publish_parts``.
 
     With ``signing_key`` (EC private key, PEM) the plaintext is first signed with OpenSSF
-    model-signing and the bundle travels in the artifact header.
+    model-signing and the bundle travels in the artifact header; the bytes encrypted must be the
+    ones signed (their SHA-256, seen before the artifact's last piece is sent): a file changed
+    after it was signed ends the publish with FailedPrecondition(MODEL_FILE_CHANGED), nothing
+    stored.
 
     A try the broker or the store refuses as busy (:data:`~strongroom.client.busy.BUSY_REFUSALS`)
-    is made again as ``retry`` says, from a fresh data key (one more GenerateDataKey, audited):
-    such a refusal comes before anything is generated or stored. Any other failure ends it.
+    is made again as ``retry`` says, from a fresh data key (one more GenerateDataKey, audited),
+    the file read again through a handle of its own: such a refusal comes before anything is
+    generated or stored. Any other failure ends it.
     """
     started = time.perf_counter()
     # The file first: a publish that cannot read it asks the broker for no data key (each one is
     # a broker decision, audited) and signs nothing.
-    with _open_readable(path) as source:
-        total = os.fstat(source.fileno()).st_size
-        bundle = sign_model(path, signing_key) if signing_key is not None else b""
+    with _open_readable(path):
+        pass
+    bundle = sign_model(path, signing_key) if signing_key is not None else b""
+    signed = signed_digest(bundle) if bundle else None
 
-        def attempt() -> tuple[store_pb.PutModelResponse, ArtifactHeader]:
-            # Each try is a whole new encryption under a fresh data key: the refused try's
-            # key is wiped, and no key and nonce ever seal the bytes of two tries.
-            source.seek(0)
+    def attempt() -> tuple[store_pb.PutModelResponse, ArtifactHeader]:
+        # Each try is a whole new encryption under a fresh data key: the refused try's key is
+        # wiped, and no key and nonce ever seal the bytes of two tries. And each reads its own
+        # handle: gRPC's thread feeding a refused try's requests may still be inside one next()
+        # when the store's answer ends the call, and it read on from a shared one after the
+        # retry's seek, so the retry missed bytes (PLAINTEXT_SIZE_MISMATCH, nothing stored).
+        with _open_readable(path) as source:
             return _encrypt_and_put(
                 source,
-                total,
+                os.fstat(source.fileno()).st_size,
+                path=path,
                 name=name,
                 version=version,
                 key_id=key_id,
@@ -103,10 +112,11 @@ def publish_model(
                 progress=progress,
                 timeout=timeout,
                 bundle=bundle,
+                signed=signed,
                 created_at=created_at,
             )
 
-        response, header = retrying_busy(attempt, retry, what=f"publishing {name}/{version}")
+    response, header = retrying_busy(attempt, retry, what=f"publishing {name}/{version}")
     return Published(response.model, time.perf_counter() - started, header_digest(header).hex())
 
 
@@ -114,6 +124,7 @@ def _encrypt_and_put(
     source: BinaryIO,
     total: int,
     *,
+    path: Path,
     name: str,
     version: str,
     key_id: str,
@@ -123,9 +134,15 @@ def _encrypt_and_put(
     progress: Progress | None,
     timeout: float,
     bundle: bytes,
+    signed: bytes | None,
     created_at: datetime | None,
 ) -> tuple[store_pb.PutModelResponse, ArtifactHeader]:
-    """One try of :func:`publish_model`: a data key, then the file encrypted while uploaded."""
+    """One try of :func:`publish_model`: a data key, then the file encrypted while uploaded.
+
+    With ``signed`` (the plaintext SHA-256 the signature ``bundle`` names), the artifact's last
+    piece (its footer: the SHA-256 of the bytes encrypted) is sent only if it is the same: a file
+    changed after it was signed ends the try with MODEL_FILE_CHANGED before the artifact is whole,
+    so nothing is stored (stored, it was a model whose signature failed every load)."""
     generated = kb_grpc.KeyBrokerServiceStub(broker).GenerateDataKey(
         kb_pb.GenerateDataKeyRequest(key_id=key_id, model_name=name, model_version=version),
         timeout=30,
@@ -156,9 +173,17 @@ def _encrypt_and_put(
     head: list[ArtifactHeader] = []
 
     def messages() -> Iterator[UploadMessage]:
+        made = 0
         for piece in artifact:
             if not head:  # the first piece is everything before the first chunk
                 head.append(parse_header(piece))
+            made += len(piece)
+            if (
+                signed is not None
+                and made == head[0].artifact_size
+                and piece[-DIGEST_SIZE:] != signed
+            ):
+                raise _changed(path)
             if progress is not None:
                 progress(source.tell(), total)
             yield from upload_pieces(piece)
@@ -200,16 +225,20 @@ def upload_artifact(
         reread = not _times_show_changes(source.fileno(), checked)
 
         def attempt() -> store_pb.PutModelResponse:
-            source.seek(0)
-            return put_model(
-                store,
-                _artifact_messages(
-                    path, source, summary.artifact_size, checked, progress, reread=reread
-                ),
-                name=summary.name,
-                version=summary.version,
-                timeout=timeout,
-            )
+            # Its own handle, as publish_model's tries: a refused try's feeding thread may still
+            # be inside one read, and read on from a shared one after the retry's seek (the retry
+            # then missed bytes: MODEL_FILE_CHANGED, though nothing changed). The file is the one
+            # checked: a replaced one fails the last message's state check.
+            with _open_readable(path) as own:
+                return put_model(
+                    store,
+                    _artifact_messages(
+                        path, own, summary.artifact_size, checked, progress, reread=reread
+                    ),
+                    name=summary.name,
+                    version=summary.version,
+                    timeout=timeout,
+                )
 
         response = retrying_busy(attempt, retry, what=f"uploading {summary.name}/{summary.version}")
     return Published(response.model, time.perf_counter() - started, header_digest(head).hex())

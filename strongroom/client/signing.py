@@ -8,6 +8,8 @@ more (a second pass; publishing without a signature stays one pass).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import tempfile
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from strongroom import jsonparse
 from strongroom.errors import FailedPrecondition, InvalidArgument
 from strongroom.reasons import Reason
 from strongroom.runtime.secrets import require_private
@@ -42,6 +45,28 @@ def sign_model(model: Path, private_key: Path) -> bytes:
                 f"cannot sign {model.name}: {exc}", reason=Reason.SIGNING_FAILED
             ) from None
         return signature.read_bytes()
+
+
+def signed_digest(bundle: bytes) -> bytes:
+    """The plaintext SHA-256 a bundle :func:`sign_model` made signs (the one file its in-toto
+    statement lists), to hold the bytes published to it. Not a verification: the bundle is ours,
+    and the inference servers verify it (services/inference/signature.py)."""
+    try:
+        envelope = jsonparse.loads(bundle)["dsseEnvelope"]
+        statement = jsonparse.loads(base64.b64decode(envelope["payload"], validate=True))
+        (resource,) = statement["predicate"]["resources"]
+        if resource["algorithm"] != "sha256":
+            raise ValueError("not SHA-256")
+        digest = bytes.fromhex(resource["digest"])
+        if len(digest) != 32:
+            raise ValueError("not a SHA-256 digest")
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        # model-signing of another version, writing another statement: no server could check it.
+        raise InvalidArgument(
+            "the signature model-signing made does not name one SHA-256-hashed file",
+            reason=Reason.SIGNING_FAILED,
+        ) from None
+    return digest
 
 
 def _check_signing_key(private_key: Path) -> None:

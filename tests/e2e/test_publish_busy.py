@@ -22,23 +22,27 @@ from typing import Any
 import grpc
 import pytest
 
+from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
+from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import parse_header
 from strongroom.artifact.c2sp import PREAMBLE_SIZE, TAG_SIZE
 from strongroom.artifact.manifest import ManifestLayout, PartMissing
 from strongroom.attesters import SimulatedAttester, TeeType
-from strongroom.client.busy import BusyRetry
+from strongroom.client.busy import CLIENT_RETRY, BusyRetry
 from strongroom.client.fetch import ModelFetcher, grpc_source, retrying_source
 from strongroom.client.keyrelease import KeyReleaseClient
-from strongroom.client.multipart import PublishedParts, files_parts, publish_parts
+from strongroom.client.multipart import PublishedParts, _rm_commands, files_parts, publish_parts
 from strongroom.client.publish import publish_model, upload_artifact
 from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.errors import NotFound, ResourceExhausted
+from strongroom.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from strongroom.inference.signature import SignaturePolicy
 from strongroom.pki import WorkloadIdentity
 from tests.abuse.releases import StalledCalls, settled
 from tests.conftest import stack_root
+from tests.inference.test_signature import keypair
 from tests.modelstore.artifacts import make_artifact
 from tests.modelstore.backends import assert_clean, blob_count
 
@@ -493,3 +497,310 @@ def test_a_download_refused_busy_near_the_fetch_deadline_ends_with_the_refusal(
         stall.end()
     assert info.value.reason == "TOO_MANY_STREAMS_PER_CERTIFICATE"
     assert waits == []
+
+
+class OneAhead(BusyBefore):
+    """:class:`BusyBefore` that hands gRPC each upload's requests one ahead: each next() gRPC makes
+    has the next request made too, so the thread feeding a call is inside the publisher's next()
+    whenever the call ends, as it may be (a refusal can come while the publisher reads)."""
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        def ahead() -> Iterator[Any]:
+            end = object()
+            held = next(request_iterator, end)
+            while held is not end:
+                following = next(request_iterator, end)
+                yield held
+                held = following
+
+        return super().intercept_stream_unary(continuation, details, ahead())
+
+
+def test_a_refused_try_still_reading_does_not_move_the_retry_s_read_position(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The refused try's feeding thread is inside next() when the store's refusal ends the call
+    (:class:`OneAhead`); it is held there (in ``progress``, between the two reads of a file
+    shorter than a chunk) until the retry has begun, and let go before the retry reads. The tries
+    shared one file handle: the held thread read from where the retry had just sought back to,
+    and the retry found the unchanged file short (PLAINTEXT_SIZE_MISMATCH)."""
+    path = tmp_path / "model.bin"
+    content = os.urandom(5000)
+    path.write_bytes(content)
+    held, retried = threading.Event(), threading.Event()
+    threads: list[threading.Thread] = []
+
+    def progress(done: int, total: int) -> None:
+        me = threading.current_thread()
+        if not threads:
+            threads.append(me)
+        if me is threads[0]:
+            if done and not held.is_set():  # read once, a read to come in this next()
+                held.set()
+                retried.wait(30)
+        elif not retried.is_set():  # the retry's first call, before it reads
+            retried.set()
+            threads[0].join(30)
+
+    uploads = OneAhead(stack, publisher, refused={0})
+    published = publish_model(
+        path,
+        name="busy/position",
+        version="1",
+        key_id=KEY_ID,
+        broker=stack.channel(publisher, "keybroker"),
+        store=_store(stack, publisher, uploads),
+        progress=progress,
+        retry=BusyRetry(sleep=lambda _seconds: None),
+    )
+    assert held.is_set() and retried.is_set()  # the race was run, not missed
+    assert uploads.outcomes == [REFUSED, ("OK", None)]
+    assert published.model.artifact_size > len(content)
+    reader = stack.identity("inference")
+    fetcher = ModelFetcher(stack.channel(reader, "modelstore"), _release(stack, reader))
+    with fetcher.fetch("busy/position", "1") as model:
+        assert bytes(model.parts[0].view) == content
+
+
+def test_a_refused_upload_still_reading_does_not_move_the_retry_s_read_position(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """`strongroom model upload`: as for a publish, the refused try's feeding thread, held in
+    next() (``progress``, before its second read) until the retry has read its first block, read
+    the second from the handle the tries shared; the retry missed it and ended MODEL_FILE_CHANGED
+    for a file nobody changed."""
+    path = tmp_path / "model.artifact"
+    path.write_bytes(make_artifact("busy/reread", "1", os.urandom(3 * 1024 * 1024)))
+    held, retried = threading.Event(), threading.Event()
+    threads: list[threading.Thread] = []
+
+    def progress(done: int, total: int) -> None:
+        me = threading.current_thread()
+        if not threads:
+            threads.append(me)
+        if me is threads[0]:
+            if not held.is_set():  # sent one block, a read to come in this next()
+                held.set()
+                retried.wait(30)
+        elif not retried.is_set():  # the retry has read one block
+            retried.set()
+            threads[0].join(30)
+
+    uploads = OneAhead(stack, publisher, refused={0})
+    uploaded = upload_artifact(
+        path,
+        store=_store(stack, publisher, uploads),
+        progress=progress,
+        retry=BusyRetry(sleep=lambda _seconds: None),
+    )
+    assert held.is_set() and retried.is_set()  # the race was run, not missed
+    assert uploads.outcomes == [REFUSED, ("OK", None)]
+    assert uploaded.model.artifact_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_signed_model_changed_while_its_publish_waited_to_retry_is_not_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The signature was made once, before the tries: a file rewritten (same size) while the
+    publish waited to retry was stored with a bundle naming the old bytes, a model whose
+    signature failed every load. Now the try ends MODEL_FILE_CHANGED before its last piece."""
+    storage = stack.services["modelstore"].handle.storage
+    private, _public = keypair(tmp_path, "signer")
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(5000))
+    uploads = BusyBefore(stack, publisher, refused={0})
+
+    def rewrite(_seconds: float) -> None:  # the same size, other bytes
+        path.write_bytes(os.urandom(5000))
+
+    with pytest.raises(FailedPrecondition) as info:
+        publish_model(
+            path,
+            name="busy/resigned",
+            version="1",
+            key_id=KEY_ID,
+            broker=stack.channel(publisher, "keybroker"),
+            store=_store(stack, publisher, uploads),
+            signing_key=private,
+            retry=BusyRetry(sleep=rewrite),
+        )
+    assert info.value.reason == "MODEL_FILE_CHANGED"
+    assert "nothing was stored" in info.value.message
+    assert len(uploads.outcomes) == 2 and uploads.outcomes[0] == REFUSED
+    assert _records(stack, "busy/resigned") == []
+    assert_clean(storage)
+
+
+def test_a_signed_model_retried_unchanged_is_stored_with_a_signature_that_verifies(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The check above holds nothing back when the bytes are the ones signed."""
+    private, public = keypair(tmp_path, "signer")
+    path = tmp_path / "model.bin"
+    content = os.urandom(5000)
+    path.write_bytes(content)
+    uploads = BusyBefore(stack, publisher, refused={0})
+    publish_model(
+        path,
+        name="busy/signed",
+        version="1",
+        key_id=KEY_ID,
+        broker=stack.channel(publisher, "keybroker"),
+        store=_store(stack, publisher, uploads),
+        signing_key=private,
+        retry=BusyRetry(sleep=lambda _seconds: None),
+    )
+    assert uploads.outcomes == [REFUSED, ("OK", None)]
+    reader = stack.identity("inference")
+    fetcher = ModelFetcher(stack.channel(reader, "modelstore"), _release(stack, reader))
+    with fetcher.fetch("busy/signed", "1") as model:
+        header = parse_header(
+            b"".join(grpc_source(stack.channel(reader, "modelstore"))("busy/signed", "1"))
+        )
+        SignaturePolicy.from_pem(public).check(
+            header.signature_bundle, header.signature_bundle_media_type, model.parts[0].view
+        )
+        assert bytes(model.parts[0].view) == content
+
+
+def test_a_part_of_a_model_of_513_parts_is_retried_as_often_as_its_bound_admits(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """Each part's tries were 1 + 1,024 / parts spare writers, made up front: from 513 parts a
+    part had one retry, so a part refused three times in a row ended the publish, though its
+    60 s were far from spent. Now it has the retries its own bound admits (10)."""
+    assert CLIENT_RETRY.most_tries == 11
+    uploads = BusyBefore(stack, publisher, refused={0, 1, 2})  # the first part, three times
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i in range(513):
+        (folder / f"shard-{i:03}.bin").write_bytes(os.urandom(16))
+    waits: list[float] = []
+    published = publish_parts(
+        files_parts([folder]),
+        name="busy/many",
+        version="1",
+        key_id=KEY_ID,
+        broker=stack.channel(publisher, "keybroker"),
+        store=_store(stack, publisher, uploads),
+        layout=ManifestLayout.FILES,
+        retry=BusyRetry(sleep=waits.append),
+    )
+    assert uploads.outcomes[:4] == [REFUSED, REFUSED, REFUSED, ("OK", None)]
+    assert len(waits) == 3 and len(published.parts) == 513
+    assert len(_records(stack, "busy/many")) == 514
+
+
+def test_a_busy_retry_that_never_waits_is_refused() -> None:
+    """most_tries counts the waits that fit: a retry with no wait would make as many tries as a
+    busy peer can refuse."""
+    assert BusyRetry(within=0.0).most_tries == 1
+    assert BusyRetry(within=1.0, first_delay=0.2).most_tries == 3  # 0.2 + 0.4 fit, 0.8 not
+    with pytest.raises(ValueError, match="waits"):
+        BusyRetry(first_delay=0.0)
+    with pytest.raises(ValueError, match="waits"):
+        BusyRetry(first_delay=2.0, max_delay=1.0)
+
+
+class CountCalls(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """Counts the unary calls made through a channel, by method."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        self.methods.append(details.method.rsplit("/", 1)[-1])
+        return continuation(details, request)
+
+
+def test_parts_left_by_a_publish_out_of_retries_are_named_with_their_command_and_refused_after(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The second part refused busy until the bound ran out: the first stays stored (a publisher
+    may not delete). The refusal was raised as it came, without the note naming what was left
+    and how to free it, and publishing the version again asked for a data key and failed at the
+    first part (ALREADY_EXISTS MODEL_EXISTS). Now the failure says which parts, and the command
+    that removes them; a publish of the version again is refused PARTS_LEFT_BEHIND before any
+    data key or upload, until an admin has removed them."""
+    shards = _shards(tmp_path / "shards", 3)
+    uploads = BusyBefore(stack, publisher, refused={1}, end_stall=False)
+    try:
+        with pytest.raises(FailedPrecondition) as info:
+            publish_parts(
+                files_parts(shards),
+                name="busy/left",
+                version="1",
+                key_id=KEY_ID,
+                broker=stack.channel(publisher, "keybroker"),
+                store=_store(stack, publisher, uploads),
+                layout=ManifestLayout.FILES,
+                retry=BusyRetry(within=1.0, first_delay=0.2),
+            )
+    finally:
+        uploads.end()
+    assert info.value.reason == "PARTS_LEFT_BEHIND"
+    message = info.value.message
+    assert "RESOURCE_EXHAUSTED TOO_MANY_STREAMS_PER_CERTIFICATE" in message
+    assert "1 part(s) it stored could not be removed" in message
+    assert "`strongroom model rm busy/left 1+part.0`" in message
+    assert isinstance(info.value.__cause__, grpc.RpcError)
+    assert _records(stack, "busy/left") == [("busy/left", "1+part.0")]
+
+    broker = CountCalls()
+    again = BusyBefore(stack, publisher, set())
+    with pytest.raises(FailedPrecondition) as refused:
+        publish_parts(
+            files_parts(shards),
+            name="busy/left",
+            version="1",
+            key_id=KEY_ID,
+            broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
+            store=_store(stack, publisher, again),
+            layout=ManifestLayout.FILES,
+        )
+    assert refused.value.reason == "PARTS_LEFT_BEHIND"
+    assert "`strongroom model rm busy/left 1+part.0`" in refused.value.message
+    assert (broker.methods, again.outcomes) == ([], [])
+
+    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
+    admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/left", version="1+part.0"))
+    _publish(stack, publisher, shards, "busy/left", stack.channel(publisher, "modelstore"))
+    assert len(_records(stack, "busy/left")) == 4
+
+
+def test_a_multi_part_publish_of_a_version_already_stored_is_refused_before_any_part(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """It stored every part, then was refused at the manifest (MODEL_EXISTS), and the parts it
+    could not delete were left."""
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(5000))
+    store = stack.channel(publisher, "modelstore")
+    broker = stack.channel(publisher, "keybroker")
+    publish_model(path, name="busy/taken", version="1", key_id=KEY_ID, broker=broker, store=store)
+    uploads = BusyBefore(stack, publisher, set())
+    with pytest.raises(AlreadyExists) as info:
+        _publish(
+            stack,
+            publisher,
+            _shards(tmp_path / "shards", 2),
+            "busy/taken",
+            _store(stack, publisher, uploads),
+        )
+    assert info.value.reason == "MODEL_EXISTS"
+    assert uploads.outcomes == []
+    assert _records(stack, "busy/taken") == [("busy/taken", "1")]
+
+
+def test_the_command_for_many_parts_left_is_one_loop() -> None:
+    versions = [f"1+part.{i}" for i in range(40)]
+    assert _rm_commands("org/m", versions) == (
+        '`for n in $(seq 0 39); do strongroom model rm org/m "1+part.$n"; done`'
+    )
+    assert _rm_commands("org/m", ["1+part.0", "1+part.2"]) == (
+        "`strongroom model rm org/m 1+part.0`; `strongroom model rm org/m 1+part.2`"
+    )

@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
+from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
+from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact.manifest import ManifestLayout
 from strongroom.attestation.release_signature import ReleaseVerifier
 from strongroom.attesters import EvidenceBundle, TeeType
@@ -103,11 +105,23 @@ def answer_with(
     )
 
 
+class EmptyStore(store_grpc.ModelStoreServiceServicer):
+    """A model store holding nothing, which a multi-part publish asks before its data key; any
+    other call is UNIMPLEMENTED."""
+
+    def StatModel(
+        self, request: store_pb.StatModelRequest, context: grpc.ServicerContext
+    ) -> store_pb.StatModelResponse:
+        context.abort(grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND: nothing is stored")
+
+
 @pytest.fixture(scope="module")
 def broker() -> Iterator[tuple[AnsweringBroker, str]]:
+    """The answering broker, and an empty store at the same address."""
     servicer = AnsweringBroker()  # type: ignore[abstract]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     pb_grpc.add_KeyBrokerServiceServicer_to_server(servicer, server)
+    store_grpc.add_ModelStoreServiceServicer_to_server(EmptyStore(), server)  # type: ignore[abstract]
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield servicer, f"127.0.0.1:{port}"
@@ -314,7 +328,8 @@ def test_a_publish_refuses_a_generated_key_no_broker_sends(
 ) -> None:
     # They failed as the publisher's invalid argument (INVALID_DEK_SIZE, INVALID_WRAPPED_DEK,
     # INVALID_KEY_VERSION), or, for a wrapped key of another size, went on to publish a model
-    # that no server can load. The store is never reached: its channel leads nowhere.
+    # that no server can load. Nothing is uploaded: a single file's store channel leads nowhere,
+    # and the parts' store (asked first whether the version is free) implements nothing else.
     servicer, address = broker
     servicer.generated = answer
     model = tmp_path / "model.onnx"
@@ -331,7 +346,7 @@ def test_a_publish_refuses_a_generated_key_no_broker_sends(
                 version="1",
                 key_id="models-kek",
                 broker=channel,
-                store=nowhere,
+                store=channel,
                 layout=ManifestLayout.FILES,
             )
         else:

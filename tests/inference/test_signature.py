@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from strongroom.client.signing import sign_model
+from strongroom.client.signing import sign_model, signed_digest
 from strongroom.errors import FailedPrecondition, InvalidArgument
 from strongroom.inference.signature import BUNDLE_MEDIA_TYPE, SignatureInvalid, SignaturePolicy
 from tests.keybroker.helpers import ec_spki_on_an_unsupported_curve
@@ -119,6 +120,39 @@ def test_tampered_bundle_is_refused(signed: tuple[bytes, bytes], change: str) ->
 def test_malformed_bundle_is_refused(signed: tuple[bytes, bytes], bundle: bytes) -> None:
     with pytest.raises(SignatureInvalid, match="malformed"):
         SignaturePolicy.from_pem(signed[1]).check(bundle, BUNDLE_MEDIA_TYPE, MODEL)
+
+
+def test_the_publisher_reads_the_digest_its_bundle_signs(signed: tuple[bytes, bytes]) -> None:
+    """What publish_model holds the bytes it encrypts to (a file changed after signing)."""
+    assert signed_digest(signed[0]) == hashlib.sha256(MODEL).digest()
+
+
+@pytest.mark.parametrize(
+    "bundle", [b"not json", b"{}", b'{"dsseEnvelope": {"payload": "!!"}}', b"[" * 16_000]
+)
+def test_a_bundle_naming_no_one_sha256_digest_is_refused_to_the_publisher(bundle: bytes) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        signed_digest(bundle)
+    assert info.value.reason == "SIGNING_FAILED"
+
+
+@pytest.mark.parametrize("change", ["algorithm", "digest", "two_files"])
+def test_a_statement_the_servers_would_refuse_is_refused_to_the_publisher(
+    signed: tuple[bytes, bytes], change: str
+) -> None:
+    document = json.loads(signed[0])
+    envelope = document["dsseEnvelope"]
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    resources = statement["predicate"]["resources"]
+    if change == "algorithm":
+        resources[0]["algorithm"] = "sha512"
+    elif change == "digest":
+        resources[0]["digest"] = resources[0]["digest"][:-2]
+    else:
+        resources.append(resources[0])
+    envelope["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    with pytest.raises(InvalidArgument):
+        signed_digest(json.dumps(document).encode())
 
 
 def test_unknown_bundle_type_is_refused(signed: tuple[bytes, bytes]) -> None:
