@@ -205,7 +205,7 @@ def test_each_lock_held_message_is_the_one_sentence(tmp_path: Path) -> None:
     tail = "find the holder with fuser -v or lsof on that path and stop it"
     assert directory_locked(tmp_path) == (
         f"the audit directory {tmp_path} is locked by another process: its flock was held for "
-        "the 5 s waited (a rotation holds it for milliseconds, a start about a millisecond per "
+        "the 5 s waited (a rotation holds it for milliseconds, a start some 30 microseconds per "
         f"sealed file); {tail}"
     )
     log = tmp_path / "audit.log"

@@ -7,7 +7,8 @@ empty active log continuing them, then times:
 * ``open_baseline``: :meth:`AuditLog.open` and close of the active log alone (its sealed files
   moved away: retention), the same run's baseline;
 * ``open_warm`` / ``open_cold``: the same with the ``N`` sealed files beside it, which the open
-  checks (:meth:`AuditLog._check_sealed_series`); cold: every sealed file and head evicted from
+  reads before it locks (``_precheck_sealed``) and checks under the locks
+  (:meth:`AuditLog._check_sealed_series`: a stat of each file read); cold: every sealed file and head evicted from
   the page cache (``posix_fadvise(DONTNEED)``) before each open;
 * ``full_chain_one_file``: :func:`verify_audit_log` (what ``audit verify`` does: every record's
   hash and chain) on one real ``M`` MiB sealed file of ~2.5 KB records, the size of a release's;
