@@ -96,11 +96,18 @@ class LockHeld(Exception):
     """Another process held a lock for all of the time :func:`shared_flock` was allowed to wait."""
 
 
+class LockFailed(Exception):
+    """``flock`` itself failed on the file (a file system without it, the kernel out of locks,
+    a descriptor it cannot lock): :func:`shared_flock` did not run its block."""
+
+
 @contextlib.contextmanager
 def shared_flock(fd: int, *, seconds: float | None = None) -> Iterator[None]:
     """Holds a shared ``flock`` on ``fd`` for the block: a writer that takes it exclusively for
-    each change is waited for, and waits, so the block reads between two changes. Where the file
-    system has no ``flock`` (no such writer can work there), the block runs without it.
+    each change is waited for, and waits, so the block reads between two changes. When ``flock``
+    itself fails, :class:`LockFailed` is raised and the block does not run: it ran without the
+    lock, reading what a writer might be changing (a writer whose own lock worked, as on a file
+    system where only some locks fail, ENOLCK), and nobody was told.
 
     With ``seconds``, other holders are waited for at most that long (:class:`BoundedFlock`),
     then :class:`LockHeld` is raised: any process that can open the file can hold it for ever."""
@@ -109,16 +116,13 @@ def shared_flock(fd: int, *, seconds: float | None = None) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_SH)
         elif not BoundedFlock(fd, fcntl.LOCK_SH).acquire(seconds):
             raise LockHeld(f"held by another process for the {seconds:g} s waited")
-    except OSError:
-        locked = False
-    else:
-        locked = True
+    except OSError as exc:
+        raise LockFailed(f"flock failed: {exc.strerror or exc}") from None
     try:
         yield
     finally:
-        if locked:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def flock_within(fd: int, operation: int, seconds: float) -> bool:

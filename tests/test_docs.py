@@ -54,6 +54,7 @@ NOT_REASONS = frozenset(
         "EFBIG",
         "EINVAL",
         "EIO",
+        "ENOLCK",
         "ENOSPC",
         "ESTALE",
         "FAILED",

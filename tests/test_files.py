@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from strongroom.attestation.collateral_cache import _lock_held
-from strongroom.files import BoundedFlock, atomic_write
+from strongroom.files import BoundedFlock, LockFailed, atomic_write, shared_flock
 from strongroom.keybroker.audit import directory_locked, log_locked
 
 
@@ -205,7 +205,7 @@ def test_each_lock_held_message_is_the_one_sentence(tmp_path: Path) -> None:
     tail = "find the holder with fuser -v or lsof on that path and stop it"
     assert directory_locked(tmp_path) == (
         f"the audit directory {tmp_path} is locked by another process: its flock was held for "
-        "the 5 s waited (a rotation holds it for milliseconds, a start about a millisecond per "
+        "the 5 s waited (a rotation holds it for milliseconds, a start some 30 microseconds per "
         f"sealed file); {tail}"
     )
     log = tmp_path / "audit.log"
@@ -218,3 +218,26 @@ def test_each_lock_held_message_is_the_one_sentence(tmp_path: Path) -> None:
         f"the collateral cache's lock file {lock} is locked by another process: its flock was "
         f"held for the 0.5 s waited (a write holds it for well under that); {tail}"
     )
+
+
+@pytest.mark.parametrize("seconds", [None, 1.0], ids=["blocking", "bounded"])
+def test_a_shared_flock_that_flock_itself_refuses_fails_closed(
+    tmp_path: Path, seconds: float | None
+) -> None:
+    """``flock`` failing on the descriptor (EBADF for one opened O_PATH, as ENOLCK or EINVAL
+    where a file system lacks it) ran the block without the lock, and nobody was told: a
+    reader then read what a writer whose own lock worked was changing. It is LockFailed now,
+    the block not run."""
+    path = tmp_path / "file"
+    path.write_bytes(b"x")
+    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    ran: list[bool] = []
+    try:
+        with (
+            pytest.raises(LockFailed, match="flock failed: Bad file descriptor"),
+            shared_flock(fd, seconds=seconds),
+        ):
+            ran.append(True)
+    finally:
+        os.close(fd)
+    assert ran == []

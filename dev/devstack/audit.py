@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from strongroom.files import LockHeld, shared_flock
+from strongroom.files import LockFailed, LockHeld, shared_flock
 from strongroom.keybroker import audit
 from strongroom.keybroker.errors import AuditUnavailable
 
@@ -27,4 +27,6 @@ def read_audit_records(path: Path) -> list[dict[str, Any]]:
             data = log.read()
     except LockHeld:
         raise AuditUnavailable(audit.log_locked(path, waited)) from None
+    except LockFailed as exc:
+        raise AuditUnavailable(f"cannot lock the audit log {path}: {exc}") from None
     return [json.loads(line) for line in data.decode().splitlines() if line.strip()]

@@ -136,6 +136,19 @@ two files, leaves the next the oldest), or have lost its head or its log alone: 
 whichever was deleted first (retention too, for ``audit verify`` alike; the broker logs a WARNING
 naming them, since it does not check their records: deleting them is all that is left to do, and
 all that tampering with them could do). A file sealed before heads said its size gets every check but that one.
+Those reads are made before the open takes the log's and the directory's locks (brokers sharing
+the directory commit and rotate meanwhile: a sealed file never changes once its rotation is
+done); nothing found then is a verdict. Under the locks, after the resync, the open lists the
+names again and judges the series as above from what it read, reading again only a file it did
+not find whole then (tampered with, or met half-way through a sibling's rotation or a shipper's
+deletion), a file sealed since, or one whose log or head is no longer the very file read (device,
+inode, size, modification and change times): replaced, rewritten or resized since. So a sibling's
+release waits for a start only as long as it takes to stat the files (2,000 files: 25-75 ms on a
+loaded host, against 0.9-7 s of reads held before; 12,500 files: 0.2-0.5 s, where the reads
+passed the sibling's 10 s wait; ``tests/bench/audit_start.py``). A file
+changed in place between the two looks at the same length within one tick of the file system's
+clock keeps its times and is not read again: one changed after a check was not caught at start
+either, before.
 Which names are sealed files, and which are tampering (a sealed name not as a rotation writes it,
 e.g. with leading zeros) or being shipped, is read by :mod:`strongroom.keybroker.audit_names`,
 as ``audit verify`` reads them; a sealed file or head that is a symbolic link is not followed
@@ -146,8 +159,8 @@ leaves the same directory, and the next log continues the newest file left: the 
 file's end, a rollback), and the oldest remaining file deleted (retention); ship the heads to
 an append-only store elsewhere if that matters. Checking
 every record is left to ``strongroom audit verify DIR``, run beside the broker: it took 2.2 s per
-64 MiB file here, about 220 s for those 100 files, which a start would spend holding the log's and
-the directory's locks (no commit, rotation or verify meanwhile), and more with every file retained.
+64 MiB file here, about 220 s for those 100 files, which a start would spend before serving, and
+more with every file retained.
 
 **Concurrency.** Within a process, one caller at a time commits (others queue, as above); across
 processes on the same host, ``flock`` on the log file serialises commits, and each commit re-reads
@@ -179,6 +192,7 @@ import enum
 import errno
 import fcntl
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -242,14 +256,15 @@ _ACTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 # giving up (AUDIT_UNAVAILABLE): any process that can open the directory can hold that lock for
 # ever. Its legitimate holders: a rotation's steps (a head write, two renames, a new log and its
 # head: five syncs, 24 ms here), audit verify (a shared lock, let go at once) and another
-# replica's start checking the sealed files, which grows with the files retained: 0.8 ms a file
-# uncached (1,000 files: 0.79 s; 100: 97 ms; tests/bench/audit_start.py), so about 6,000 retained
-# files reach this bound on a local disk, fewer on slower storage. Of the broker's processes only
-# one whose log is a file another has since sealed waits here for a start (any other waits first,
-# for the log's own flock, which the start holds too); audit verify does when its first check
-# fails. A disk so slow that five syncs take longer refuses the releases of that moment, as a
-# failed write does. Waited for in the kernel's queue (strongroom.files.BoundedFlock), as the
-# log's lock is.
+# replica's start, which reads its sealed files (0.8 ms a file uncached) before it takes the
+# locks and under them only stats each file and lists the names (2,000 files: 25-75 ms, 12,500:
+# 0.2-0.5 s, on a loaded host; tests/bench/audit_start.py): some 100,000 retained files before
+# it comes near this bound (it reached it at about 6,000 when it read them under it). Of the
+# broker's processes only one whose log is a file another has since sealed waits here for a
+# start (any other waits first, for the log's own flock, which the start holds too); audit
+# verify does when its first check fails. A disk so slow that five syncs take longer refuses the
+# releases of that moment, as a failed write does. Waited for in the kernel's queue
+# (strongroom.files.BoundedFlock), as the log's lock is.
 DIR_LOCK_WAIT_SECONDS = 5.0
 # The longest the broker (each commit, rotation and start) and audit verify's snapshot wait for
 # the log file's own ``flock`` (then AUDIT_UNAVAILABLE, logged at ERROR): any process that can
@@ -257,8 +272,8 @@ DIR_LOCK_WAIT_SECONDS = 5.0
 # holders: a commit (a write, an fsync and a head's fdatasync: milliseconds), audit verify (a
 # shared lock while it reads a head and a length: microseconds), a commit that rotates and a
 # start, each of which may wait DIR_LOCK_WAIT_SECONDS for the directory while holding this lock
-# and then do the work that bound is sized for under it (a start's check of the sealed files
-# reaches it at about 6,000 files). Twice that bound: a legitimate holder is never given up on
+# and then do the work that bound is sized for under it (a start's stat of each sealed file,
+# its reads done before it locks). Twice that bound: a legitimate holder is never given up on
 # while it is within its own. The wait is in the kernel's queue (strongroom.files.BoundedFlock),
 # as fair between the brokers of one host as the blocking flock it replaces.
 LOG_LOCK_WAIT_SECONDS = 2 * DIR_LOCK_WAIT_SECONDS
@@ -388,7 +403,7 @@ def directory_locked(directory: Path) -> str:
     return lock_held(
         f"the audit directory {directory}",
         DIR_LOCK_WAIT_SECONDS,
-        "a rotation holds it for milliseconds, a start about a millisecond per sealed file",
+        "a rotation holds it for milliseconds, a start some 30 microseconds per sealed file",
     )
 
 
@@ -738,9 +753,13 @@ class AuditLog(Closing):
             rotate_bytes=rotate_bytes,
         )
         try:
+            # The sealed files cannot change any more: read them before the locks (a sibling's
+            # releases and rotations wait for those), and under them only make sure that each
+            # file is still the one read, and read whatever was sealed since.
+            prechecked = _precheck_sealed(dir_fd, path.name, log._public)
             with log._lock, log._flocked(time.monotonic()):
                 log._resync()
-                log._check_sealed_series()
+                log._check_sealed_series(prechecked)
                 log._count_sealed_bytes()
         except BaseException:
             log.close()
@@ -1463,50 +1482,42 @@ class AuditLog(Closing):
 
     def _sealed_head_if_any(self, name: str) -> ParsedHead:
         """:meth:`_sealed_head`, but FileNotFoundError when there is no head."""
-        raw = self._read_in_dir(name + ".head", FILE_BYTES + 1)
-        parsed = self._checked(_parse_own_head, raw, self._public, name + ".head")
-        if not parsed.sealed:
-            raise self._tampered(f"the head of {name} does not seal it")
-        return parsed
+        return self._checked(_read_sealed_head, self._dir_fd, name, self._public)[0]
 
     def _check_sealed_log(
         self, name: str, sealed: ParsedHead, *, after: Head | None = None
     ) -> None:
-        """The log ``name`` (in the log's directory) is as long as its head ``sealed`` says
-        (when it says: heads sealed before ``size`` was added do not), starts at the head's
-        ``base`` and ends with the record it seals, and (with ``after``) its first record
-        continues the chain ``after`` ends. Reads the first and last records only."""
-        head = sealed.head
-        fd = self._open_in_dir(name)
-        try:
-            size = os.fstat(fd).st_size
-            end, tail = self._checked(_read_tail, fd, size, 1)
-            last = self._checked(_tail_record, tail[-1][1]) if tail else None
-            line = _first_line(fd, size)
-            first = self._checked(_tail_record, line) if line is not None else None
-        finally:
-            os.close(fd)
-        if sealed.size is not None and size != sealed.size:
-            raise self._tampered(
-                f"the sealed audit log {name} is {size} bytes, not the {sealed.size} its head "
-                "seals: records were removed, added or edited"
-            )
-        if (
-            last is None
-            or end != size
-            or (last["seq"] + 1, last["hash"]) != (head.count, head.last_hash)
-        ):
-            raise self._tampered(f"the sealed audit log {name} does not end where its head says")
-        if first is None or first["seq"] != head.base:
-            raise self._tampered(f"the sealed audit log {name} does not start where its head says")
-        if after is not None and first["prev"] != after.last_hash:
+        """The log ``name`` (in the log's directory) holds what its head ``sealed`` seals
+        (:func:`_read_sealed_log`) and (with ``after``) its first record continues the chain
+        ``after`` ends. Reads the first and last records only."""
+        first_prev, _ = self._checked(_read_sealed_log, self._dir_fd, name, sealed)
+        self._check_follows(name, first_prev, after)
+
+    def _check_follows(self, name: str, first_prev: str, after: Head | None) -> None:
+        """The sealed log ``name``, whose first record has ``first_prev``, continues ``after``."""
+        if after is not None and first_prev != after.last_hash:
             raise self._tampered(f"the sealed audit log {name} does not continue the one before")
 
-    def _check_sealed_series(self) -> None:
+    def _still_as_read(self, known: _SealedRead | None, name: str) -> _SealedRead | None:
+        """``known`` (what the check before the locks read of the sealed log ``name``) if the
+        log and its head are still the very files it read; None otherwise (or without it)."""
+        if known is None:
+            return None
+        log, head = _lstat_in(self._dir_fd, name), _lstat_in(self._dir_fd, name + ".head")
+        if log is None or head is None:
+            return None
+        if (_file_id(log), _file_id(head)) != (known.log_id, known.head_id):
+            return None
+        return known
+
+    def _check_sealed_series(self, prechecked: Mapping[str, _SealedRead]) -> None:
         """At open, after the resync (which finished any rotation a crash interrupted): the
         sealed logs still beside the log, each checked without reading it (its sealed head's
         signature, its size, first and last records: _check_sealed_log), continue one another
-        and end where the log at the path starts. Only the oldest may be missing (shipped and
+        and end where the log at the path starts. A file ``prechecked`` found intact before the
+        locks were taken (:func:`_precheck_sealed`) is not read again if its log and head are
+        still the files read then (:meth:`_still_as_read`); any other, a file sealed since
+        included, is read here, under the locks. Only the oldest may be missing (shipped and
         deleted: retention), or lack its head (being shipped, head first: retention too); a file
         missing, or without its head, after one that is present is tampering, as is
         anything else that does not match. Reading every record of every file is what
@@ -1527,21 +1538,26 @@ class AuditLog(Closing):
                 base, last, name = found.first, found.last, found.name
                 if name in listing.shipping or not found.has_log:
                     continue  # a head without its log after a whole pair: the gap is reported
-                if self._shipped_meanwhile(checked, name):
+                # A file still as read is whole, so not shipped meanwhile: two stats fewer.
+                known = self._still_as_read(prechecked.get(name), name)
+                if known is None and self._shipped_meanwhile(checked, name):
                     shipping.extend(self._left_of([*checked, name]))
                     before, before_name, checked = None, "", []
                     continue
                 if before is not None and base != before.count:
                     raise self._tampered(self._series_break(before_name, before, name, base))
                 try:
-                    parsed = self._sealed_head_if_any(name)
+                    parsed = self._sealed_head_if_any(name) if known is None else known.head
                     head = parsed.head
                     if (head.base, head.count) != (base, last + 1):
                         raise self._tampered(
                             f"the sealed audit log {name} does not hold what it is named "
                             f"(its head seals seq {head.base}..{head.count - 1})"
                         )
-                    self._check_sealed_log(name, parsed, after=before)
+                    if known is None:
+                        self._check_sealed_log(name, parsed, after=before)
+                    else:
+                        self._check_follows(name, known.first_prev, before)
                 except FileNotFoundError:
                     if self._shipped_meanwhile(checked, name):  # the same, since the look above
                         shipping.extend(self._left_of([*checked, name]))
@@ -1595,7 +1611,9 @@ class AuditLog(Closing):
         shipper deleting the oldest files went on while the start checked them, and ``name`` is
         now the oldest, being shipped (or gone), as a start listing now would find. Not when an
         older file is still whole: then ``name`` is missing from the middle (tampering)."""
-        return not any(self._whole(member) for member in [*checked, name])
+        # chain, not [*checked, name]: a copy of every file checked so far, for each file, made
+        # the check quadratic in the files retained (the first whole one ends the look at once).
+        return not any(self._whole(member) for member in itertools.chain(checked, (name,)))
 
     def _whole(self, name: str) -> bool:
         return all(_lstat_in(self._dir_fd, member) is not None for member in (name, name + ".head"))
@@ -1808,6 +1826,111 @@ def _lstat_in(dir_fd: int, name: str) -> os.stat_result | None:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
+
+
+def _file_id(found: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What tells one file from another and from itself changed: a replacement (device, inode),
+    a write or a truncation (size, modification and change times: the change time follows every
+    write, and no call sets it back; only the system clock could)."""
+    return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
+
+
+@dataclass(frozen=True)
+class _SealedRead:
+    """A sealed log found whole by :func:`_precheck_sealed`: the :func:`_file_id` of its log and
+    of its head as they were read, its sealed head, and its first record's ``prev``."""
+
+    log_id: tuple[int, int, int, int, int]
+    head_id: tuple[int, int, int, int, int]
+    head: ParsedHead
+    first_prev: str
+
+
+def _read_sealed_head(
+    dir_fd: int, name: str, public_key: Ed25519PublicKey
+) -> tuple[ParsedHead, os.stat_result]:
+    """The head of the sealed log ``name`` (signed by ``public_key`` and sealed, else DataLoss)
+    and the head file's status before it was read; FileNotFoundError when there is none."""
+    fd = open_regular(name + ".head", dir_fd=dir_fd)
+    try:
+        found = os.fstat(fd)
+        raw = os.pread(fd, FILE_BYTES + 1, 0)
+    finally:
+        os.close(fd)
+    parsed = _parse_own_head(raw, public_key, name + ".head")
+    if not parsed.sealed:
+        raise DataLoss(f"the head of {name} does not seal it", reason=Reason.AUDIT_LOG_TAMPERED)
+    return parsed, found
+
+
+def _read_sealed_log(dir_fd: int, name: str, sealed: ParsedHead) -> tuple[str, os.stat_result]:
+    """Checks that the log ``name`` is as long as its head ``sealed`` says (when it says: heads
+    sealed before ``size`` was added do not), starts at the head's ``base`` and ends with the
+    record it seals (DataLoss otherwise); returns its first record's ``prev`` and the log's
+    status before it was read. Reads the first and last records only."""
+    head = sealed.head
+    fd = open_regular(name, dir_fd=dir_fd)
+    try:
+        found = os.fstat(fd)
+        size = found.st_size
+        end, tail = _read_tail(fd, size, 1)
+        last = _tail_record(tail[-1][1]) if tail else None
+        line = _first_line(fd, size)
+        first = _tail_record(line) if line is not None else None
+    finally:
+        os.close(fd)
+    if sealed.size is not None and size != sealed.size:
+        raise DataLoss(
+            f"the sealed audit log {name} is {size} bytes, not the {sealed.size} its head "
+            "seals: records were removed, added or edited",
+            reason=Reason.AUDIT_LOG_TAMPERED,
+        )
+    if (
+        last is None
+        or end != size
+        or (last["seq"] + 1, last["hash"]) != (head.count, head.last_hash)
+    ):
+        raise DataLoss(
+            f"the sealed audit log {name} does not end where its head says",
+            reason=Reason.AUDIT_LOG_TAMPERED,
+        )
+    if first is None or first["seq"] != head.base:
+        raise DataLoss(
+            f"the sealed audit log {name} does not start where its head says",
+            reason=Reason.AUDIT_LOG_TAMPERED,
+        )
+    return first["prev"], found
+
+
+def _precheck_sealed(
+    dir_fd: int, log_name: str, public_key: Ed25519PublicKey
+) -> dict[str, _SealedRead]:
+    """The sealed logs of ``log_name`` that are whole on their own (their head signed and
+    sealed, named for what it seals, the log as :func:`_read_sealed_log` wants it), read before
+    the start takes any lock: no sealed file changes once its rotation is done, so the check
+    under the locks (:meth:`AuditLog._check_sealed_series`) reads again only a file not found
+    here or no longer the file read. Nothing here is a verdict (no alarm, nothing latched): a
+    file tampered with, or met half-way through a sibling's rotation or a shipper's deletion,
+    is only left out, for that check to judge as it always did."""
+    try:
+        listing = list_sealed(os.listdir(dir_fd), log_name)
+    except OSError:
+        return {}
+    found: dict[str, _SealedRead] = {}
+    for sealed in listing.files:
+        if not (sealed.has_log and sealed.has_head) or sealed.name in listing.shipping:
+            continue
+        try:
+            parsed, head_found = _read_sealed_head(dir_fd, sealed.name, public_key)
+            if (parsed.head.base, parsed.head.count) != (sealed.first, sealed.last + 1):
+                continue
+            first_prev, log_found = _read_sealed_log(dir_fd, sealed.name, parsed)
+        except (DataLoss, OSError):
+            continue
+        found[sealed.name] = _SealedRead(
+            _file_id(log_found), _file_id(head_found), parsed, first_prev
+        )
+    return found
 
 
 def _parse_own_head(raw: bytes, public_key: Ed25519PublicKey, name: str) -> ParsedHead:

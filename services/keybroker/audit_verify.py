@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from strongroom import jsonparse
 from strongroom.errors import InvalidArgument, NotFound
-from strongroom.files import BoundedFlock, LockHeld, shared_flock
+from strongroom.files import BoundedFlock, LockFailed, LockHeld, shared_flock
 from strongroom.keybroker import audit
 from strongroom.keybroker.audit import (
     DIR_LOCK_WAIT_SECONDS,
@@ -144,6 +144,8 @@ def _snapshot(fd: int | None, path: Path, hpath: Path) -> tuple[bytes | None, in
             return _read_snapshot(fd, hpath)
     except LockHeld:
         raise AuditUnavailable(log_locked(path, waited)) from None
+    except LockFailed as exc:
+        raise AuditUnavailable(f"cannot lock the audit log {path}: {exc}") from None
 
 
 def _read_snapshot(fd: int | None, hpath: Path) -> tuple[bytes | None, int]:

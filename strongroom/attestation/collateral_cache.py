@@ -84,6 +84,7 @@ from strongroom.attestation.verify import _crl
 from strongroom.errors import InvalidArgument, StrongroomError
 from strongroom.files import (
     BoundedFlock,
+    LockFailed,
     LockHeld,
     atomic_write,
     lock_held,
@@ -233,7 +234,7 @@ class CollateralCache:
         document is never read beside the issuer chain of another write.
 
         That lock held past :data:`LOCK_WAIT_SECONDS` (anyone who can open the file can hold
-        it), the directory is read without it, as where there is no lock file, and the next
+        it), or ``flock`` failing on it, the directory is read without it (logged at ERROR), as where there is no lock file, and the next
         check reloads again: a holder that is no writer keeps every writer out, so the files
         are one write's; what a writer stuck in a write left half-replaced fails its checks and
         is refused as an unreadable file is (COLLATERAL_MISSING naming it), never trusted."""
@@ -251,8 +252,10 @@ class CollateralCache:
                     self._unlocked = False
                     return
             except LockHeld:
-                pass
-            log.error("%s; reading the collateral cache without it", _lock_held(lock_path, waited))
+                why = _lock_held(lock_path, waited)
+            except LockFailed as exc:
+                why = f"cannot lock the collateral cache's lock file {lock_path}: {exc}"
+            log.error("%s; reading the collateral cache without it", why)
             self._read_all()
             self._unlocked = True
         finally:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import errno
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,14 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from strongroom import files
 from strongroom.attestation import collateral_cache
 from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.attestation.errors import CollateralUnavailable
 from strongroom.attestation.trust import TrustStore
 from strongroom.dev.simulated import SimulatedAuthority, _cert, _name
 from tests.keybroker.test_audit_dirlock import _held, _within_test_wait
+from tests.keybroker.test_audit_reader import _NoSharedLocks
 
 
 def _with_new_tcb_signer(authority: SimulatedAuthority, now: dt.datetime) -> SimulatedAuthority:
@@ -140,6 +144,38 @@ def test_a_reload_does_not_wait_for_ever_for_a_held_lock(
     replica.tdx_tcb_info(fmspc)  # read under the lock: the generation alone decides again
     replica.tdx_tcb_info(fmspc)
     assert len(reads) == 1
+
+
+def test_a_reload_whose_lock_fails_is_logged_and_made_again(
+    authority: SimulatedAuthority,
+    sim_trust: TrustStore,
+    now: dt.datetime,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """flock failing on ``.lock`` (refused, not held: ENOLCK) let the reload read as if it held
+    the lock, silently, and trust that read until the generation changed. It is now read as when
+    the lock is held: logged at ERROR naming the file and the error, and read again next check."""
+    _, fmspc = _cached(authority, sim_trust, now, tmp_path)
+    monkeypatch.setattr(files, "fcntl", _NoSharedLocks())
+    replica = CollateralCache(tmp_path, sim_trust, writable=False, reload_interval=0)
+    assert replica._tcb.get(fmspc) is not None
+    [logged] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert f"cannot lock the collateral cache's lock file {tmp_path / '.lock'}" in (
+        logged.getMessage()
+    )
+    assert os.strerror(errno.ENOLCK) in logged.getMessage()
+    reads: list[bool] = []
+    real_read_all = CollateralCache._read_all
+
+    def read_all(cache: CollateralCache) -> None:
+        reads.append(True)
+        real_read_all(cache)
+
+    monkeypatch.setattr(CollateralCache, "_read_all", read_all)
+    replica.tdx_tcb_info(fmspc)
+    assert reads, "not read again after a read made without the lock"
 
 
 def test_a_write_does_not_wait_for_ever_for_a_held_lock(

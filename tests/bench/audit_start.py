@@ -7,13 +7,18 @@ empty active log continuing them, then times:
 * ``open_baseline``: :meth:`AuditLog.open` and close of the active log alone (its sealed files
   moved away: retention), the same run's baseline;
 * ``open_warm`` / ``open_cold``: the same with the ``N`` sealed files beside it, which the open
-  checks (:meth:`AuditLog._check_sealed_series`); cold: every sealed file and head evicted from
+  reads before it locks (``_precheck_sealed``) and checks under the locks
+  (:meth:`AuditLog._check_sealed_series`: a stat of each file read); cold: every sealed file and head evicted from
   the page cache (``posix_fadvise(DONTNEED)``) before each open;
 * ``full_chain_one_file``: :func:`verify_audit_log` (what ``audit verify`` does: every record's
   hash and chain) on one real ``M`` MiB sealed file of ~2.5 KB records, the size of a release's;
   ``full_chain_all_estimate`` is that times ``N``, what checking every record at start would add;
 * ``sha256_one_file``: the file's SHA-256 read in 1 MiB pieces, the floor of any check that reads
-  every byte (a digest of each file in its sealed head, say).
+  every byte (a digest of each file in its sealed head, say);
+* ``log_lock_held_*`` / ``dir_lock_held_*``: how long those opens held the log's ``flock`` (what a
+  sibling broker's commit, a key release, waits for, at most ``LOG_LOCK_WAIT_SECONDS``) and the
+  directory's (what a sibling's rotation waits for), best of ``R`` as the opens are; ``*_share``
+  is the cold hold over the cold open.
 
 The ``N`` sealed files are real at both ends (a signed sealed head, valid first and last
 records) and a hole in between: the start check reads a file's head, its first 64 KiB and its
@@ -25,6 +30,7 @@ Times are best of ``R``; ratios are to ``open_baseline``. Prints JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -32,7 +38,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +142,60 @@ def _best(
     return min(times)
 
 
+class _Holds:
+    """How long :meth:`AuditLog.open` holds the log's and the directory's ``flock``: the
+    broker's own two lock context managers, timed from taken to let go."""
+
+    def __init__(self) -> None:
+        self.log = 0.0
+        self.dir = 0.0
+
+    @contextlib.contextmanager
+    def timing(self) -> Iterator[None]:
+        real_log, real_dir = AuditLog._flocked, AuditLog._dir_locked
+
+        @contextlib.contextmanager
+        def timed_log(log: AuditLog, since: float) -> Iterator[None]:
+            with real_log(log, since):
+                started = time.perf_counter()
+                try:
+                    yield
+                finally:
+                    self.log += time.perf_counter() - started
+
+        @contextlib.contextmanager
+        def timed_dir(log: AuditLog) -> Iterator[None]:
+            with real_dir(log):
+                started = time.perf_counter()
+                try:
+                    yield
+                finally:
+                    self.dir += time.perf_counter() - started
+
+        AuditLog._flocked = timed_log  # type: ignore[method-assign,assignment]
+        AuditLog._dir_locked = timed_dir  # type: ignore[method-assign,assignment]
+        try:
+            yield
+        finally:
+            AuditLog._flocked = real_log  # type: ignore[method-assign]
+            AuditLog._dir_locked = real_dir  # type: ignore[method-assign]
+
+
+def _best_holds(
+    repeats: int, op: Callable[[], object], before: Callable[[], None] | None = None
+) -> tuple[float, float]:
+    """The shortest log-lock and directory-lock holds of ``repeats`` runs of ``op``."""
+    holds = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        held = _Holds()
+        with held.timing():
+            op()
+        holds.append((held.log, held.dir))
+    return min(log for log, _ in holds), min(dir_ for _, dir_ in holds)
+
+
 def measure(files: int, file_mib: float, repeats: int) -> dict[str, Any]:
     """The figures described in the module doc."""
     key = Ed25519PrivateKey.generate()
@@ -161,6 +221,9 @@ def measure(files: int, file_mib: float, repeats: int) -> dict[str, Any]:
         baseline = _best(repeats, open_close(alone / LOG))
         warm = _best(repeats, open_close(log))
         cold = _best(repeats, open_close(log), lambda: _evict(series))
+        log_baseline, _ = _best_holds(repeats, open_close(alone / LOG))
+        log_warm, dir_warm = _best_holds(repeats, open_close(log))
+        log_cold, dir_cold = _best_holds(repeats, open_close(log), lambda: _evict(series))
 
         def verify() -> None:
             assert verify_audit_log(real_log, public_key=key.public_key()).intact
@@ -185,6 +248,12 @@ def measure(files: int, file_mib: float, repeats: int) -> dict[str, Any]:
         "check_cold_ms_per_file": round((cold - baseline) * 1e3 / files, 3),
         "open_warm_over_baseline": round(warm / baseline, 1),
         "open_cold_over_baseline": round(cold / baseline, 1),
+        "log_lock_held_baseline_ms": round(log_baseline * 1e3, 2),
+        "log_lock_held_warm_ms": round(log_warm * 1e3, 2),
+        "log_lock_held_cold_ms": round(log_cold * 1e3, 2),
+        "log_lock_held_cold_share": round(log_cold / cold, 3),
+        "dir_lock_held_warm_ms": round(dir_warm * 1e3, 2),
+        "dir_lock_held_cold_ms": round(dir_cold * 1e3, 2),
         "full_chain_one_file_s": round(full, 2),
         "full_chain_all_estimate_s": round(full * files, 1),
         "full_chain_all_over_open_warm": round(full * files / warm),

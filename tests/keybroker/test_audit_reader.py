@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from strongroom import files
 from strongroom.dev.devstack import read_audit_records
 from strongroom.keybroker import audit
+from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
+from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.errors import AuditUnavailable
 
 
@@ -79,3 +85,36 @@ def test_a_read_waits_for_a_held_lock_a_bounded_time(
     assert "held for the 0.2 s waited" in error.message
     # Once the lock is free, the log reads.
     assert read_audit_records(path) == [{"decision": "denied"}]
+
+
+class _NoSharedLocks:
+    """``fcntl`` for :mod:`strongroom.files` on a file system that refuses shared locks
+    (ENOLCK) but grants exclusive ones: the broker's commits lock, its readers cannot."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(fcntl, name)
+
+    @staticmethod
+    def flock(fd: int, operation: int) -> None:
+        if operation & fcntl.LOCK_SH:
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        fcntl.flock(fd, operation)
+
+
+@pytest.mark.parametrize("reader", ["read_audit_records", "verify_audit_log"])
+def test_a_read_whose_lock_fails_is_refused_not_made_unlocked(
+    log_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
+    """flock failing on the log (not held: refused) let the devstack's reader and audit verify's
+    snapshot read without it, racing a commit that could lock (a half line, a log reported
+    cut off). Both now stop with AUDIT_UNAVAILABLE naming the log and the error."""
+    with AuditLog.open(log_path, key) as log:
+        log.append(AuditEvent(decision=Decision.DENIED, reason="NONCE_INVALID"))
+    monkeypatch.setattr(files, "fcntl", _NoSharedLocks())
+    with pytest.raises(AuditUnavailable) as info:
+        if reader == "read_audit_records":
+            read_audit_records(log_path)
+        else:
+            verify_audit_log(log_path, public_key=key.public_key())
+    assert f"cannot lock the audit log {log_path}: flock failed: " in info.value.message
+    assert os.strerror(errno.ENOLCK) in info.value.message

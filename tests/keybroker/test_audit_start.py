@@ -20,6 +20,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from strongroom.errors import DataLoss
+from strongroom.keybroker import audit as audit_module
 from strongroom.keybroker import audit_head
 from strongroom.keybroker.audit import (
     MAX_RECORD_BYTES,
@@ -382,6 +383,7 @@ _SHIPPED_WHILE_CHECKED = {
 }
 
 
+@pytest.mark.parametrize("read", ["unlocked", "locked"])
 @pytest.mark.parametrize("case", list(_SHIPPED_WHILE_CHECKED))
 def test_shipping_that_goes_on_while_the_start_checks_is_retention(
     series: Path,
@@ -390,6 +392,7 @@ def test_shipping_that_goes_on_while_the_start_checks_is_retention(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
     case: str,
+    read: str,
 ) -> None:
     """The start lists the sealed files once, then checks them oldest first, while a shipper
     (rclone, a retention job) may go on deleting the oldest pairs. A pair deleted after the
@@ -397,8 +400,13 @@ def test_shipping_that_goes_on_while_the_start_checks_is_retention(
     and its read), left a directory any later start takes as retention (the next file being
     shipped), yet the start called it tampering (AUDIT_LOG_TAMPERED, with the CRITICAL alert):
     a false alarm and no broker. It now reads it as a fresh start would; a file gone while an
-    older one is still whole is still a file deleted from the middle."""
+    older one is still whole is still a file deleted from the middle. The start reads the files
+    before it takes the locks (``unlocked``) and under them only those it did not find whole then
+    or that changed since, such as a file sealed meanwhile (``locked``: the read before found
+    none); the shipper may delete in either."""
     opened, deleted, verdict = _SHIPPED_WHILE_CHECKED[case]
+    if read == "locked":
+        monkeypatch.setattr(audit_module, "_precheck_sealed", lambda *args: {})
     real_open = os.open
     shipped: list[str] = []
 
