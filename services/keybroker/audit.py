@@ -216,7 +216,7 @@ from strongroom import jsonparse
 from strongroom.closing import Closing
 from strongroom.cryptoparse import KEY_PARSE_ERRORS, ed25519_private_key
 from strongroom.errors import DataLoss, InvalidArgument, StrongroomError
-from strongroom.files import BoundedFlock, lock_held
+from strongroom.files import BoundedFlock, lock_held, start_writeback
 from strongroom.identifiers import DECISION_ID_PATTERN, KEY_ID_PATTERN
 from strongroom.keybroker.audit_head import (
     FILE_BYTES,
@@ -993,8 +993,8 @@ class AuditLog(Closing):
                 except Exception:
                     # One caller's hook does not fail the batch: its work just does not overlap.
                     _log.exception("an audit append's on_written hook raised")
-        self._write_records(data, hashes)
         head = Head(seq, prev, self._base)
+        self._write_records(data, hashes, head)
         try:
             self._write_head(head)
         except BaseException as exc:
@@ -1041,12 +1041,19 @@ class AuditLog(Closing):
             with contextlib.suppress(OSError):
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def _write_records(self, data: bytes, hashes: list[str]) -> None:
+    def _write_records(self, data: bytes, hashes: list[str], head: Head | None = None) -> None:
+        """Appends ``data`` (the records ``hashes``) durably; with ``head``, the head that will
+        anchor them is signed while the disk writes them (:meth:`HeadFile.prepare`): their
+        writeback is started first, so the signature no longer adds to the commit's time. The
+        head is still written only once they are synced."""
         try:
             view = memoryview(data)
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
+            if head is not None:
+                start_writeback(self._fd, self._size, len(data))
+                self._head.prepare(head)
             os.fsync(self._fd)
         except BaseException as exc:
             self._cut_back(hashes)

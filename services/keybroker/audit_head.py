@@ -355,10 +355,14 @@ class HeadFile:
         self._fd: int | None = None
         self._raw = b""  # the file's bytes as last read or written by us
         self._generation: int | None = None  # None: format 1 or no file; the next write creates
+        # A plain next head signed ahead of its write (prepare): the head, the generation it
+        # follows, and its slot's bytes.
+        self._prepared: tuple[Head, int, bytes] | None = None
 
     def close(self) -> None:
         """Closes the file descriptor; idempotent."""
         fd, self._fd = self._fd, None
+        self._prepared = None
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -400,6 +404,25 @@ class HeadFile:
         except OSError:
             return True
 
+    def prepare(self, head: Head) -> None:
+        """Signs the slot a plain :meth:`write` of ``head`` will write next (not sealed, voiding
+        nothing), so that the write, if it comes next and for this head, only writes and syncs
+        it. The audit log signs it while its records' writeback runs, before their fsync: the
+        head's signature was ~70 us after that fsync, on every release's path. A head in place
+        only (a new file is made by :meth:`write` itself). Nothing is written here."""
+        self._prepared = None
+        if self._fd is None or self._generation is None:
+            return
+        slot = _slot_bytes(
+            head,
+            self._generation + 1,
+            self._key,
+            self._fingerprint,
+            self._now_text(),
+            public=self._public_text,
+        )
+        self._prepared = (head, self._generation, slot)
+
     def write(
         self,
         head: Head,
@@ -415,24 +438,29 @@ class HeadFile:
         ``void`` (hash prefixes, at most :data:`VOID_MAX`) names refused batches by the first
         record they chained after it, ``void_all`` refuses every record after it that it does
         not anchor. Raises OSError."""
+        prepared, self._prepared = self._prepared, None
         if self._fd is None or self._generation is None:
             if sealed or void or void_all:
                 raise OSError(errno.EINVAL, "only a head in place can be sealed or void records")
             self._create(head)
             return
         generation = self._generation + 1
-        slot = _slot_bytes(
-            head,
-            generation,
-            self._key,
-            self._fingerprint,
-            self._now_text(),
-            sealed=sealed,
-            size=size,
-            void=void,
-            void_all=void_all,
-            public=self._public_text,
-        )
+        plain = not (sealed or void or void_all)
+        if plain and prepared is not None and prepared[:2] == (head, self._generation):
+            slot = prepared[2]  # signed by prepare for exactly this head after this generation
+        else:
+            slot = _slot_bytes(
+                head,
+                generation,
+                self._key,
+                self._fingerprint,
+                self._now_text(),
+                sealed=sealed,
+                size=size,
+                void=void,
+                void_all=void_all,
+                public=self._public_text,
+            )
         offset = (generation % 2) * SLOT_STRIDE
         before = self._raw[offset : offset + len(slot)]
         try:

@@ -294,6 +294,7 @@ class _Job:
     name: str
     creates_objects: bool = True  # counts toward ``recycle_after_operations``
     reread_token: bool = False  # re-initialise the module first (:meth:`Hsm.submit`)
+    then: Callable[[Any], None] | None = None  # given the result, on the worker (Hsm.submit)
 
 
 class _WorkSessions:
@@ -450,13 +451,19 @@ class HsmCall(Generic[T]):
             self._state = _RUNNING
             return True
 
-    def _complete(self, produce: Callable[[], T]) -> None:
-        """Runs ``produce`` and hands its result, or what it raised, to the waiting caller."""
+    def _complete(self, produce: Callable[[], T], then: Callable[[T], None] | None = None) -> None:
+        """Runs ``produce`` and hands its result, or what it raised, to the waiting caller;
+        ``then`` is given a result first (what it raises is logged: the caller has its result)."""
         try:
             self._result = produce()
         except BaseException as exc:
             self._error = exc
         self.finished_at = time.perf_counter()
+        if then is not None and self._error is None:
+            try:
+                then(self._result)  # type: ignore[arg-type]
+            except Exception:
+                _log.exception("the step after the HSM's %s raised", self._name)
         # Only the worker moves a running call on, so no state lock: the release publishes it.
         self._state = _ENDED
         self._ended.release()
@@ -624,9 +631,14 @@ class Hsm(Closing):
         name: str = "operation",
         creates_objects: bool = True,
         reread_token: bool = False,
+        then: Callable[[T], None] | None = None,
     ) -> HsmCall[T]:
         """Queues ``op`` as :meth:`call` does and returns at once; :meth:`HsmCall.result` waits
-        for it, so the caller can do other work (the key broker's audit commit) meanwhile."""
+        for it, so the caller can do other work (the key broker's audit commit) meanwhile.
+        ``then`` is called with its result on the worker, once the module's part is done (the
+        session given back), before the caller hears of it: work of the caller's own (no
+        PKCS#11: the worker is the module's only thread) that needs the result while the caller
+        is still busy elsewhere. It runs only for a result, never for a failure."""
         limit = self._config.operation_timeout if timeout is None else timeout
         if not limit > 0:
             raise HsmUnavailable(f"no time left for {name}", reason=Reason.HSM_TIMEOUT)
@@ -634,7 +646,7 @@ class Hsm(Closing):
             raise HsmUnavailable("the HSM backend is closed", reason=Reason.HSM_CLOSED)
         deadline = time.monotonic() + limit
         call: HsmCall[T] = HsmCall(name, limit, deadline)
-        self._queue.put(_Job(op, call, deadline, name, creates_objects, reread_token))
+        self._queue.put(_Job(op, call, deadline, name, creates_objects, reread_token, then))
         return call
 
     def check_health(self, *, timeout: float | None = None) -> None:
@@ -678,7 +690,7 @@ class Hsm(Closing):
             if job is None:
                 break
             if job.call._begin():
-                job.call._complete(functools.partial(self._run, job))
+                job.call._complete(functools.partial(self._run, job), job.then)
         self._teardown()
         while True:  # jobs queued while closing: their callers get HSM_CLOSED, not a timeout
             try:

@@ -709,8 +709,10 @@ class KeyManager:
         accepted_mechanisms: Sequence[OaepHash] = (),
         *,
         timeout: float | None = None,
+        then: Callable[[ReleasedKey], None] | None = None,
     ) -> PendingRelease:
-        """Queues :meth:`release_to_ephemeral`'s work on the HSM and returns at once.
+        """Queues :meth:`release_to_ephemeral`'s work on the HSM and returns at once; ``then``
+        as for :meth:`Hsm.submit` (given the released key on the HSM's worker).
 
         What can be refused before the HSM runs is refused here: no acceptable OAEP hash, a key
         found unusable, a version that does not exist or is disabled (from the lookup cache, or
@@ -786,7 +788,8 @@ class KeyManager:
             return ReleasedKey(out, choice)
 
         return PendingRelease(
-            announced, functools.partial(self._submit, key_id, op, timeout, "release_to_ephemeral")
+            announced,
+            functools.partial(self._submit, key_id, op, timeout, "release_to_ephemeral", then=then),
         )
 
     # --- keys the HSM cannot use -------------------------------------------------------------
@@ -866,8 +869,10 @@ class KeyManager:
         recheck: bool = False,
         creates_objects: bool = True,
         reread_token: bool = False,
+        then: Callable[[T], None] | None = None,
     ) -> _KeyCall[T]:
-        """Queues :meth:`_call`'s operation; the returned call's ``result`` waits and tracks."""
+        """Queues :meth:`_call`'s operation; the returned call's ``result`` waits and tracks.
+        ``then`` as for :meth:`Hsm.submit`."""
         with self._health_lock:
             entry = self._unusable.get(key_id)
             if entry is not None and entry[1] > time.monotonic() and not recheck:
@@ -884,6 +889,7 @@ class KeyManager:
             name=name,
             creates_objects=creates_objects,
             reread_token=reread_token,
+            then=then,
         )
         return _KeyCall(self, key_id, call, ran_on)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -32,7 +33,11 @@ from typing import Any
 from strongroom.attestation import Evidence, TrustStore, VerifiedClaims, verify_evidence
 from strongroom.attestation.binding import check_report_data, report_data_for
 from strongroom.attestation.collateral import CollateralSource
-from strongroom.attestation.release_signature import ReleaseSigner, ReleaseStatement
+from strongroom.attestation.release_signature import (
+    ReleaseSigner,
+    ReleaseStatement,
+    SignedRelease,
+)
 from strongroom.errors import REFUSAL_LINE, InvalidArgument, StrongroomError
 from strongroom.identifiers import validate_key_version
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
@@ -43,6 +48,7 @@ from strongroom.keybroker.fetch_budget import fetching_for
 from strongroom.keybroker.grant_budget import DEFAULT_GRANT_LIMITS, GrantBudget, GrantLimits
 from strongroom.keybroker.keys import (
     KeyManager,
+    ReleasedKey,
     WrappedDataKey,
     recordable_key_id,
     validate_key_id,
@@ -419,10 +425,34 @@ class ReleaseEngine:
         key_id: str = context["key_id"]
         version: int = context["key_version"]
         ephemeral_der = request.ephemeral_public_key_der
+        # The decision's id before its record: the answer that names it can be signed as soon
+        # as the re-wrap is done, on the HSM's worker, while this thread syncs the audit log
+        # (the signature was ~55 us on every release's path after the commit). Signed is not
+        # sent: the answer still goes out only once the record is durable.
+        decision_id = uuid.uuid4().hex
+
+        def statement(released: ReleasedKey) -> ReleaseStatement:
+            return ReleaseStatement(
+                nonce=request.nonce,
+                ephemeral_public_key_der=ephemeral_der,
+                key_id=key_id,
+                key_version=version,
+                request_wrapped_key=request.wrapped_data_key,
+                mechanism=released.mechanism.mechanism,
+                released_wrapped_key=released.wrapped,
+                decision_id=decision_id,
+                policy_version=stored.policy.version,
+            )
+
+        signed_early: list[tuple[ReleasedKey, SignedRelease]] = []
+
+        def sign_early(released: ReleasedKey) -> None:
+            signed_early.append((released, self._signer.sign(statement(released))))
+
         # 8. The HSM re-wraps the data key to the attested ephemeral key while (9.) the decision
         # is made durable; the caller hears of the release only once both are done.
         pending = self._keys.begin_release(
-            key_id, version, wrapped, target, timeout=self._hsm_timeout
+            key_id, version, wrapped, target, timeout=self._hsm_timeout, then=sign_early
         )
         if self._unwrap_first.applies(caller.spiffe_id, caller.serial):
             pending.result()  # a key that does not unwrap is refused before any record of it
@@ -439,6 +469,7 @@ class ReleaseEngine:
                 decision=Decision.ALLOWED,
                 reason=Reason.RELEASED,
                 release_signing_key_id=self._signer.key_id.hex(),
+                decision_id=decision_id,
                 **context,
             ),
             on_written=pending.start,
@@ -459,18 +490,13 @@ class ReleaseEngine:
                 "mechanism": released.mechanism.mechanism_label,
             },
         )
-        signed = self._signer.sign(
-            ReleaseStatement(
-                nonce=request.nonce,
-                ephemeral_public_key_der=ephemeral_der,
-                key_id=key_id,
-                key_version=version,
-                request_wrapped_key=request.wrapped_data_key,
-                mechanism=released.mechanism.mechanism,
-                released_wrapped_key=released.wrapped,
-                decision_id=record.decision_id,
-                policy_version=stored.policy.version,
-            )
+        # The worker's signature is of this very result (else, should its step have failed,
+        # signed here).
+        early = signed_early[0] if signed_early else None
+        signed = (
+            early[1]
+            if early is not None and early[0] is released
+            else self._signer.sign(statement(released))
         )
         return ReleaseOutcome(
             wrapped_data_key=released.wrapped,

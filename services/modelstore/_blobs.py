@@ -16,7 +16,6 @@ crash's leftover, or a model an index restored from an older backup no longer li
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import logging
@@ -28,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from strongroom.errors import FailedPrecondition
-from strongroom.files import fsync_dir
+from strongroom.files import WRITEBACK_AVAILABLE, fsync_dir, start_writeback
 from strongroom.modelstore.errors import StorageFull, StorageReadOnly, StorageUnavailable
 from strongroom.reasons import Reason
 
@@ -100,37 +99,6 @@ def pread_full(fd: int, size: int, offset: int) -> bytes:
 
 #: How far a temporary file's written bytes run ahead of the writeback started for them.
 WRITEBACK_STEP = 8 * 1024 * 1024
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, no wait
-
-
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    # Linux only, and not in the os module: without it the final fsync writes everything, as
-    # before. ctypes.CDLL(None) is the C library the interpreter itself runs on.
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    function.restype = ctypes.c_int
-    return function
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
-
-
-def start_writeback(fd: int, offset: int, length: int) -> bool:
-    """Asks the kernel to start writing ``fd``'s dirty pages in [offset, offset+length) to disk,
-    without waiting for them: a hint, the durability is still the caller's fsync. False where it
-    is not available (not Linux, or a filesystem without it); OSError for an I/O error.
-    """
-    if _SYNC_FILE_RANGE is None or length <= 0:
-        return False
-    if _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code))
 
 
 class NotABlobFile(OSError):
@@ -148,7 +116,7 @@ class TempBlob:
         self.size = 0
         self.writeback_started = 0
         """Bytes from offset 0 whose writeback to disk was started while the upload went on."""
-        self._writeback = _SYNC_FILE_RANGE is not None
+        self._writeback = WRITEBACK_AVAILABLE
 
     def write(self, data: bytes | memoryview) -> None:
         """Appends ``data``; every :data:`WRITEBACK_STEP` bytes, starts their writeback."""

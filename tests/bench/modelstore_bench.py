@@ -53,7 +53,8 @@ import grpc
 from strongroom.artifact import StructureValidator, encrypt_stream
 from strongroom.client.fetch import grpc_source
 from strongroom.client.publish import UploadMessage, put_model, upload_artifact, upload_pieces
-from strongroom.modelstore._blobs import WRITEBACK_STEP, start_writeback
+from strongroom.files import start_writeback
+from strongroom.modelstore._blobs import WRITEBACK_STEP
 from strongroom.modelstore.server import serving_host
 from strongroom.modelstore.service import (
     CONTROL_PLANE,
@@ -195,7 +196,7 @@ def _timed(fn: Callable[[], int]) -> float:
 
 def _disk_write_fsync(path: Path, size: int) -> int:
     """Writes ``size`` bytes and fsyncs them, starting writeback as it goes as the store's
-    uploads do (:func:`~strongroom.modelstore._blobs.start_writeback`): without it the kernel
+    uploads do (:func:`~strongroom.files.start_writeback`): without it the kernel
     writes everything at the fsync and the floor reads below the store it is the floor of."""
     block = os.urandom(UPLOAD_CHUNK)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

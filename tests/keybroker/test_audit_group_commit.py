@@ -79,12 +79,12 @@ class _Gate:
         self.batches: list[bytes] = []  # the data of each commit's write, in order
         original = log._write_records
 
-        def held(data: bytes, hashes: list[str]) -> None:
+        def held(data: bytes, hashes: list[str], *head: Any) -> None:
             self.batches.append(data)
             if len(self.batches) == 1:
                 self.entered.set()
                 _wait_until(lambda: log.queued >= waiting, f"{waiting} queued callers")
-            original(data, hashes)
+            original(data, hashes, *head)
 
         monkeypatch.setattr(log, "_write_records", held)
 
@@ -230,9 +230,9 @@ def _fail_fsync(log: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
     real_fsync = os.fsync
     state = {"doomed": False}
 
-    def write_records(data: bytes, hashes: list[str]) -> None:
+    def write_records(data: bytes, hashes: list[str], *head: Any) -> None:
         state["doomed"] = _DOOMED in data
-        original(data, hashes)
+        original(data, hashes, *head)
 
     def fsync(fd: int) -> None:
         if fd == log._fd and state["doomed"]:
@@ -249,9 +249,9 @@ def _fail_head(log: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
     original_records, original_head = log._write_records, log._write_head
     state = {"doomed": False}
 
-    def write_records(data: bytes, hashes: list[str]) -> None:
+    def write_records(data: bytes, hashes: list[str], *head: Any) -> None:
         state["doomed"] = _DOOMED in data
-        original_records(data, hashes)
+        original_records(data, hashes, *head)
 
     def write_head(head: Any) -> None:
         if state["doomed"]:
@@ -301,9 +301,9 @@ def test_a_failed_batch_that_reappears_is_cut_off_not_anchored(
     captured: list[bytes] = []
     original = audit._write_records
 
-    def capture(data: bytes, hashes: list[str]) -> None:
+    def capture(data: bytes, hashes: list[str], *head: Any) -> None:
         captured.append(data)
-        original(data, hashes)
+        original(data, hashes, *head)
 
     monkeypatch.setattr(audit, "_write_records", capture)
     followers = [event(n, reason="DOOMED") for n in range(3)]
@@ -471,9 +471,9 @@ def test_every_caller_of_a_batch_hears_of_tampering(
     gated = audit._write_records
     calls: list[bytes] = []
 
-    def write(data: bytes, hashes: list[str]) -> None:
+    def write(data: bytes, hashes: list[str], *head: Any) -> None:
         calls.append(data)
-        gated(data, hashes)
+        gated(data, hashes, *head)
         if len(calls) == 1:
             _append_forged(log_path)  # someone appends while the first batch commits
 
@@ -556,9 +556,9 @@ def test_on_written_runs_once_per_record_before_the_batch_is_written(
     gate = _Gate(audit, monkeypatch, 3)
     original = audit._write_records
 
-    def write_records(data: bytes, hashes: list[str]) -> None:
+    def write_records(data: bytes, hashes: list[str], *head: Any) -> None:
         trace.append(f"write {len(data.splitlines())}")
-        original(data, hashes)
+        original(data, hashes, *head)
 
     monkeypatch.setattr(audit, "_write_records", write_records)
 

@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from strongroom.errors import DataLoss
+from strongroom.keybroker import audit as audit_module
 from strongroom.keybroker import audit_head
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision, canonical_json, head_path
 from strongroom.keybroker.audit_head import (
@@ -331,3 +332,67 @@ def test_a_format_1_head_is_still_checked(
     assert (result.intact, result.problem) == (False, "HEAD_SIGNATURE_INVALID")
     with pytest.raises(DataLoss):
         AuditLog.open(log_path, key)
+
+
+# --- the head signed while the batch's records are written back -------------------------------
+
+
+def test_the_head_is_signed_before_the_records_fsync_and_written_after_it(
+    audit: AuditLog, log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit signs the head that will anchor its records while the disk writes them (their
+    writeback started first), not after their fsync, where it was on every release's path; the
+    head itself is still written, and synced, only once the records are durable."""
+    audit.append(_event(0))
+    steps: list[str] = []
+    log_fd = audit._fd
+    real_slot, real_fsync, real_pwrite = audit_head._slot_bytes, os.fsync, os.pwrite
+    real_writeback = getattr(audit_module, "start_writeback", None)
+
+    def slot_bytes(*args: object, **kwargs: object) -> bytes:
+        steps.append("sign head")
+        return real_slot(*args, **kwargs)  # type: ignore[arg-type]
+
+    def writeback(fd: int, offset: int, length: int) -> bool:
+        steps.append("start writeback" if fd == log_fd else "start writeback elsewhere")
+        return real_writeback is not None and real_writeback(fd, offset, length)
+
+    def fsync(fd: int) -> None:
+        steps.append("fsync records" if fd == log_fd else "fsync other")
+        real_fsync(fd)
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        steps.append("write head")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(audit_head, "_slot_bytes", slot_bytes)
+    monkeypatch.setattr(audit_module, "start_writeback", writeback, raising=False)
+    monkeypatch.setattr(audit_module.os, "fsync", fsync)
+    monkeypatch.setattr(audit_head.os, "pwrite", pwrite)
+    size = log_path.stat().st_size
+    audit.append(_event(1))
+    assert steps == ["start writeback", "sign head", "fsync records", "write head"]
+    monkeypatch.undo()
+    assert _generations(log_path) == [2, 1]
+    assert verify_audit_log(log_path).intact
+    assert log_path.stat().st_size > size
+
+
+def test_a_head_prepared_for_another_head_or_generation_is_not_written(
+    audit: AuditLog, log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """A slot signed ahead (:meth:`HeadFile.prepare`) is written only by a plain write of the
+    very head it was signed for: a commit that failed between the two, or a write that voids
+    records (a refused batch), signs its own."""
+    audit.append(_event(0))
+    heads = audit._head
+    current = Head(audit.count, audit._last_hash, 0)
+    heads.prepare(Head(current.count + 5, "ab" * 32, 0))  # never committed
+    heads.write(current)  # the same anchor again, in the next generation
+    parsed = parse(head_path(log_path).read_bytes(), key.public_key())
+    assert (parsed.generation, parsed.head) == (2, current)
+    heads.prepare(current)
+    heads.write(current, void=("cd" * 16,))
+    parsed = parse(head_path(log_path).read_bytes(), key.public_key())
+    assert (parsed.generation, parsed.head, parsed.void) == (3, current, ("cd" * 16,))
+    assert verify_audit_log(log_path, public_key=key.public_key()).intact

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -437,3 +439,41 @@ def test_a_wrap_failing_on_a_token_that_stopped_is_the_hsms_failure_not_the_call
             away.rename(store)
     assert km.unusable_keys() == {}
     assert len(release().wrapped) == 384  # the next release reconnects and works
+
+
+def test_the_step_after_a_release_runs_on_the_hsm_worker_with_its_result(
+    km: KeyManager, model_key: DataKey, tee_key: rsa.RSAPrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``begin_release(then=...)``: the broker signs its answer there, while its own thread
+    syncs the audit log. Given the very result the caller then gets, on the HSM's worker, before
+    the caller hears of it; never for a release that failed; what it raises is logged, and the
+    caller still gets its result."""
+    seen: list[tuple[Any, str]] = []
+
+    def then(released: Any) -> None:
+        seen.append((released, threading.current_thread().name))
+
+    pending = km.begin_release(
+        "model", 1, model_key.wrapped, spki(tee_key), [OaepHash.SHA1], then=then
+    )
+    pending.start()
+    released = pending.result()
+    assert len(seen) == 1 and seen[0][0] is released
+    assert seen[0][1] != threading.current_thread().name and seen[0][1].startswith("hsm-")
+    assert bound(tee_key.decrypt(released.wrapped, OAEP_SHA1)) == model_key.dek
+
+    seen.clear()
+    bad = km.begin_release("model", 1, bytes(40), spki(tee_key), [OaepHash.SHA1], then=then)
+    with pytest.raises(InvalidArgument):
+        bad.result()
+    assert seen == []
+
+    def failing(released: Any) -> None:
+        raise RuntimeError("the step failed")
+
+    with caplog.at_level(logging.ERROR, logger="strongroom.keybroker.hsm"):
+        again = km.begin_release(
+            "model", 1, model_key.wrapped, spki(tee_key), [OaepHash.SHA1], then=failing
+        ).result()
+    assert bound(tee_key.decrypt(again.wrapped, OAEP_SHA1)) == model_key.dek
+    assert "the step after the HSM's release_to_ephemeral raised" in caplog.text

@@ -11,9 +11,11 @@ same decision.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,9 +69,10 @@ class FakeKeys:
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     fail_with: Exception | None = None
     mechanism_known: bool = True
+    run_then: bool = True  # as the HSM's worker does (False: a step that never ran)
 
     def begin_release(self, *args: Any, **kwargs: Any) -> FakePending:
-        return FakePending(self, args)
+        return FakePending(self, args, then=kwargs.get("then") if self.run_then else None)
 
 
 @dataclass
@@ -77,6 +80,7 @@ class FakePending:
     keys: FakeKeys
     args: tuple[Any, ...]
     started: bool = False
+    then: Any = None
 
     @property
     def mechanism(self) -> OaepHash | None:
@@ -89,12 +93,18 @@ class FakePending:
             self.started = True
             self.keys.calls.append(self.args)
             self.keys.trace.append("hsm")
+            if self.then is not None and self.keys.fail_with is None:
+                self.then(self._released)
+
+    @functools.cached_property
+    def _released(self) -> ReleasedKey:
+        return ReleasedKey(b"wrapped-to-ephemeral", OaepHash.SHA1)
 
     def result(self) -> ReleasedKey:
         self.start()
         if self.keys.fail_with is not None:
             raise self.keys.fail_with
-        return ReleasedKey(b"wrapped-to-ephemeral", OaepHash.SHA1)
+        return self._released
 
 
 @dataclass
@@ -202,7 +212,8 @@ def test_an_allowed_release_reaches_the_hsm_once_and_is_audited_first(world, aut
     # The record names the key that signed the answer, as the answer does.
     assert event.release_signing_key_id == outcome.signing_key_id.hex()
     assert outcome.signing_key_id == ReleaseSigner(SIGNING_KEY).key_id
-    assert outcome.decision_id == "d1"
+    assert outcome.decision_id == event.decision_id
+    assert re.fullmatch("[0-9a-f]{32}", outcome.decision_id)
     # The re-wrap starts only once the record has its place in the log (it overlaps the syncs).
     assert audit.trace == ["written ALLOWED", "hsm"]
 
@@ -238,6 +249,52 @@ def test_an_allowed_release_is_signed_over_its_request(world, authority) -> None
                 outcome.signing_key_id,
             )
         assert info.value.reason == "RELEASE_SIGNATURE_INVALID"
+
+
+@pytest.mark.parametrize("then_ran", [True, False], ids=["on-the-worker", "step-never-ran"])
+def test_the_answer_is_signed_as_the_rewrap_ends_not_after_the_audit_commit(
+    world, authority, monkeypatch: pytest.MonkeyPatch, then_ran: bool
+) -> None:
+    """The answer's signature needs the re-wrapped key and the decision's id, both known before
+    the audit's syncs end: it is made by the step the HSM's worker runs after the re-wrap
+    (``then``), while the caller's thread commits, not on the release's path after the commit.
+    Signed once, over the decision the log records; where the step did not run, the handler
+    signs, and the answer is the same."""
+    engine, keys, audit = world
+    keys.run_then = then_ran
+    trace = audit.trace
+    signer, append = engine._signer, audit.append
+
+    def sign(statement: ReleaseStatement) -> Any:
+        trace.append("signed")
+        return ReleaseSigner.sign(signer, statement)
+
+    def committed(*args: Any, **kwargs: Any) -> AuditRecord:
+        record = append(*args, **kwargs)
+        trace.append("committed")
+        return record
+
+    monkeypatch.setattr(signer, "sign", sign)
+    monkeypatch.setattr(audit, "append", committed)
+    request = _request(engine, authority)
+    outcome = engine.release(request, CALLER)
+    signing = ["signed", "committed"] if then_ran else ["committed", "signed"]
+    assert trace == ["written ALLOWED", "hsm", *signing]
+    [event] = audit.events
+    assert outcome.decision_id == event.decision_id
+    statement = ReleaseStatement(
+        nonce=request.nonce,
+        ephemeral_public_key_der=EPHEMERAL,
+        key_id="k1",
+        key_version=1,
+        request_wrapped_key=request.wrapped_data_key,
+        mechanism=OaepHash.SHA1.mechanism,
+        released_wrapped_key=b"wrapped-to-ephemeral",
+        decision_id=event.decision_id,
+        policy_version="p1",
+    )
+    verifier = ReleaseVerifier([SIGNING_KEY.public_key()])
+    assert verifier.verify(statement, outcome.signature, outcome.signing_key_id)
 
 
 def test_before_the_hsm_first_connects_the_release_waits_for_the_rewrap(world, authority) -> None:
@@ -374,7 +431,8 @@ def test_a_rewrap_failing_after_the_allowed_record_is_recorded_under_the_same_de
     allowed, denied = audit.events
     assert (allowed.decision, denied.decision) == (Decision.ALLOWED, Decision.DENIED)
     assert denied.reason == "HSM_UNAVAILABLE"
-    assert denied.decision_id == "d1"  # the ALLOWED record's id: the last record is the outcome
+    # The ALLOWED record's id: the last record is the outcome.
+    assert denied.decision_id == allowed.decision_id is not None
     assert denied.key_id == "k1" and denied.claims == allowed.claims
     # Nothing was signed for the denial: only the ALLOWED record names a release-signing key.
     assert allowed.release_signing_key_id is not None and denied.release_signing_key_id is None
@@ -389,7 +447,7 @@ def test_an_unexpected_error_is_audited_as_internal(world, authority) -> None:
         (Decision.ALLOWED, "RELEASED"),
         (Decision.DENIED, "INTERNAL"),
     ]
-    assert audit.events[1].decision_id == "d1"
+    assert audit.events[1].decision_id == audit.events[0].decision_id is not None
 
 
 def test_a_caller_the_policy_does_not_name_is_refused_before_its_evidence_is_verified(

@@ -17,8 +17,9 @@ import pytest
 
 from strongroom.artifact import StructureValidator
 from strongroom.client.publish import put_model
+from strongroom.files import start_writeback
 from strongroom.modelstore import _blobs as blobs_module
-from strongroom.modelstore._blobs import WRITEBACK_STEP, BlobStore, start_writeback
+from strongroom.modelstore._blobs import WRITEBACK_STEP, BlobStore
 from strongroom.modelstore._filesystem import FilesystemStorage
 from tests.modelstore.artifacts import chunked, make_artifact
 from tests.modelstore.backends import assert_clean
