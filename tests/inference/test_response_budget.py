@@ -516,6 +516,81 @@ def test_a_waiter_past_its_share_does_not_delay_another_callers_request_behind_i
     assert budget.free == 101 and not budget._held
 
 
+class _Grower(threading.Thread):
+    """One ``grow_to`` on its own thread, as a request's handler makes it once its ``BYTES``
+    outputs' size is known: the exception it raised, if any, once it has ended."""
+
+    def __init__(self, reservation: Reservation, size: int) -> None:
+        super().__init__(daemon=True)
+        self._reservation, self._size = reservation, size
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self._reservation.grow_to(self._size)
+        except Exception as exc:  # the outcome is the test's to check
+            self.error = exc
+
+
+@pytest.mark.parametrize(
+    ("certificates", "reason"),
+    [
+        (("fleet a", "fleet a"), "TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE"),
+        (("fleet a", "fleet b"), "TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY"),
+    ],
+)
+def test_two_reservations_growing_past_their_share_into_each_others_room_do_not_wait_it_out(
+    certificates: tuple[str, str], reason: str
+) -> None:
+    """Two ``BYTES`` responses of one certificate (or identity) grow at once, each past its
+    share by what the other holds: nothing of the share can come back before one gives up, and
+    both waited the whole wait (a minute here) holding their workers. The later one is refused
+    at once for the share, and the earlier grows once that one's reservation is given back."""
+    budget = ResponseBudget(200, wait_seconds=60)
+    assert (budget.per_caller, budget.per_certificate) == (100, 50)
+    size = 20 if certificates[0] == certificates[1] else 45
+    first, second = (budget.reserve(size, caller="fleet", certificate=c) for c in certificates)
+    earlier = _Grower(first, size + 15)
+    earlier.start()
+    _until(lambda: budget.waiting == 1)
+    later = _Grower(second, size + 15)
+    later.start()
+    later.join(timeout=30)
+    assert not later.is_alive(), "the later grow waited it out"
+    assert isinstance(later.error, ResourceExhausted) and later.error.reason == reason
+    assert earlier.is_alive() and budget.waiting == 1  # the earlier waits on
+    second.release()  # its handler gives it back as it fails
+    earlier.join(timeout=30)
+    assert not earlier.is_alive() and earlier.error is None, earlier.error
+    assert (first.size, budget.held_by("fleet")) == (size + 15, size + 15)
+    first.release()
+    assert budget.free == 200 and budget.waiting == 0 and not budget._held
+
+
+def test_reservations_growing_past_their_share_wait_while_another_of_theirs_will_come_back() -> (
+    None
+):
+    """Two grow past their certificate's share while a third response of it is being sent:
+    that one comes back, so neither gives up, and both are served once it is sent."""
+    budget = ResponseBudget(200, wait_seconds=60)
+    one, two, sent = (
+        budget.reserve(size, caller="fleet", certificate="fleet a") for size in (15, 15, 20)
+    )
+    growers = [_Grower(reservation, 25) for reservation in (one, two)]
+    for grower in growers:
+        grower.start()
+    _until(lambda: budget.waiting == 2)
+    assert all(grower.is_alive() for grower in growers)
+    sent.release()
+    for grower in growers:
+        grower.join(timeout=30)
+        assert not grower.is_alive() and grower.error is None, grower.error
+    assert budget.held_by_certificate("fleet a") == 50
+    one.release()
+    two.release()
+    assert budget.free == 200 and not budget._held_by_certificate
+
+
 def test_a_call_ended_while_it_waits_past_its_share_takes_nothing() -> None:
     """Its call ends (cancelled, deadline) while it waits for its own responses: the wait ends
     with it (:meth:`ResponseBudget.wake`, as the call's end does), not after the minute
