@@ -758,7 +758,23 @@ def test_the_send_bound_is_the_idle_timeout_or_what_the_rate_allows(
     assert send_bound(size, 30.0, rate) == bound
 
 
-def test_a_certificate_holds_half_its_identitys_share_beyond_its_first_response() -> None:
+def test_a_certificates_refusal_counts_its_first_response_in_its_share() -> None:
+    """Its share is what all its responses hold together, its first counted in it (the first
+    alone may be larger): the refusal said it "may hold 50 bytes beyond its first response",
+    and a second response of 30 after a first of 30 was refused although it was within that."""
+    budget = ResponseBudget(200, wait_seconds=0)
+    first = budget.reserve(30, caller="fleet", certificate="fleet a")
+    with pytest.raises(ResourceExhausted) as info:
+        budget.reserve(30, caller="fleet", certificate="fleet a")
+    assert info.value.reason == "TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE"
+    message = str(info.value)
+    assert "beyond its first" not in message, message
+    assert "may hold 50 bytes together, or its first alone more" in message, message
+    budget.reserve(20, caller="fleet", certificate="fleet a").release()  # 50 together: within
+    first.release()
+
+
+def test_a_certificate_holds_half_its_identitys_share_or_its_first_response_alone() -> None:
     """A fleet's replicas share one SPIFFE ID: one replica not reading held its identity's whole
     share, and its siblings were refused. A certificate past half of it is refused (here at
     once: no wait configured); its first response may take the identity's whole share (the default typed bound needs it),

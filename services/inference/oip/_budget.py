@@ -36,8 +36,8 @@ A fleet's replicas share one SPIFFE ID, and so one share: one replica stuck not 
 it, and every other replica was refused ``TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY``. So each
 certificate (:func:`~strongroom.runtime.callers.certificate_key`, beneath its identity) holds at
 most half its identity's share (:func:`~strongroom.runtime.callers.certificate_share`, as a
-certificate's share of its identity's workers), beyond its first response: a certificate holding
-nothing may always take one response its identity's share has room for (a typed response at the
+certificate's share of its identity's workers), all its responses together, its first counted
+in it; or its first alone if that is more: a certificate holding nothing may always take one response its identity's share has room for (a typed response at the
 default output bound, 512 MiB by the count, is the whole default share; refused by the
 certificate's share, no caller of a certificate could have it). A reservation past it waits the
 same way for its certificate's own responses, then is refused
@@ -136,8 +136,8 @@ class ResponseBudget:
         self.per_caller = caller_share(max_bytes) if per_caller is None else per_caller
         """What one caller's reservations may hold together (:func:`caller_share` unless given)."""
         self.per_certificate = certificate_share(self.per_caller)
-        """What one certificate's reservations may hold together beyond its first (half of
-        :attr:`per_caller`)."""
+        """What one certificate's reservations may hold together, its first counted in it (half of
+        :attr:`per_caller`); its first alone may hold more."""
         self._free = max_bytes
         # What each caller, and each certificate, holds now, forgotten when it holds nothing (as
         # many entries as calls, however many certificates a caller mints).
@@ -303,9 +303,9 @@ class ResponseBudget:
             held = self._held_by_certificate[certificate or ""]
             raise ResourceExhausted(
                 f"this certificate's responses not yet sent hold {_mib(held)} ({held} bytes) of "
-                f"the server's response memory, and one certificate may hold "
-                f"{self.per_certificate} bytes beyond its first response (half of its identity's "
-                f"{self.per_caller}, which the identity's other certificates share); this one "
+                f"the server's response memory, and one certificate's responses may hold "
+                f"{self.per_certificate} bytes together, or its first alone more (half of its "
+                f"identity's {self.per_caller}, which the identity's other certificates share); this one "
                 f"needs {size} more: take the responses already sent, or retry later",
                 reason=Reason.TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE,
             )
