@@ -160,8 +160,8 @@ class InferenceConfig:
     # it waits, first come first served, up to response_memory_wait_seconds for earlier ones to
     # be sent, then is RESOURCE_EXHAUSTED RESPONSE_MEMORY_BUSY; one larger than a caller's share is
     # RESPONSE_TOO_LARGE at once. One caller (SPIFFE ID) holds half of it at most
-    # (TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY past it), one of its certificates half of that beyond
-    # its first response (TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE), a request past either waiting
+    # (TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY past it), one of its certificates half of that (its
+    # first response alone may hold more; TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE), a request past either waiting
     # as long for its own earlier responses first: a client that never reads its
     # responses keeps them until the stream settings' bound cancels them (strongroom.runtime.
     # unsent). Keep the VM's memory above the models + both + ~0.5 GiB.

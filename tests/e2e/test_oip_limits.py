@@ -661,8 +661,8 @@ def test_concurrent_requests_of_every_size_get_their_own_answers(served: Served)
         )
 
     # Six at once, from one certificate: the biggest answer here counts 4,000,000 bytes of
-    # response memory, and the certificate holds at most a quarter of RESPONSE_MEMORY (12 MiB)
-    # beyond its first response; a big answer past that waits for the certificate's own earlier
+    # response memory, and the certificate's responses hold at most a quarter of RESPONSE_MEMORY
+    # (12 MiB) together, its first alone more; a big answer past that waits for the certificate's own earlier
     # ones to be sent (refused at once, it failed this test now and then).
     with ThreadPoolExecutor(max_workers=6) as pool:
         answers = list(pool.map(ask, jobs))

@@ -483,17 +483,21 @@ def test_a_waiter_past_its_share_is_refused_for_it_when_its_caller_never_gives_b
     """A caller that never takes its responses: its call past its share waits the configured
     time for them, then is refused for its share (not ``RESPONSE_MEMORY_BUSY``: the budget has
     room), holding nothing."""
-    budget = ResponseBudget(101, wait_seconds=0.2)
+    budget = ResponseBudget(101, wait_seconds=1)
     stuck = budget.reserve(50, caller="a")
-    with pytest.raises(ResourceExhausted) as info:
-        budget.reserve(1, caller="a")
-    assert info.value.reason == "TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY"
+    waiter = _Taker(budget, 1, caller="a")
+    waiter.start()
+    _until(lambda: budget.waiting == 1 or not waiter.is_alive())
+    assert budget.waiting == 1, waiter.error  # it waits (refused at once, it never did)
+    assert waiter.reason() == "TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY"
     assert (budget.held_by("a"), budget.waiting, budget.free) == (50, 0, 51)
-    certificate = ResponseBudget(200, wait_seconds=0.2)
+    certificate = ResponseBudget(200, wait_seconds=1)
     mine = certificate.reserve(50, caller="fleet", certificate="fleet a")
-    with pytest.raises(ResourceExhausted) as info:
-        certificate.reserve(1, caller="fleet", certificate="fleet a")
-    assert info.value.reason == "TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE"
+    waiter = _Taker(certificate, 1, caller="fleet", certificate="fleet a")
+    waiter.start()
+    _until(lambda: certificate.waiting == 1 or not waiter.is_alive())
+    assert certificate.waiting == 1, waiter.error
+    assert waiter.reason() == "TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE"
     assert (certificate.held_by_certificate("fleet a"), certificate.waiting) == (50, 0)
     stuck.release()
     mine.release()
@@ -514,6 +518,81 @@ def test_a_waiter_past_its_share_does_not_delay_another_callers_request_behind_i
     waiter.result().release()
     theirs.release()
     assert budget.free == 101 and not budget._held
+
+
+class _Grower(threading.Thread):
+    """One ``grow_to`` on its own thread, as a request's handler makes it once its ``BYTES``
+    outputs' size is known: the exception it raised, if any, once it has ended."""
+
+    def __init__(self, reservation: Reservation, size: int) -> None:
+        super().__init__(daemon=True)
+        self._reservation, self._size = reservation, size
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self._reservation.grow_to(self._size)
+        except Exception as exc:  # the outcome is the test's to check
+            self.error = exc
+
+
+@pytest.mark.parametrize(
+    ("certificates", "reason"),
+    [
+        (("fleet a", "fleet a"), "TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE"),
+        (("fleet a", "fleet b"), "TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY"),
+    ],
+)
+def test_two_reservations_growing_past_their_share_into_each_others_room_do_not_wait_it_out(
+    certificates: tuple[str, str], reason: str
+) -> None:
+    """Two ``BYTES`` responses of one certificate (or identity) grow at once, each past its
+    share by what the other holds: nothing of the share can come back before one gives up, and
+    both waited the whole wait (a minute here) holding their workers. The later one is refused
+    at once for the share, and the earlier grows once that one's reservation is given back."""
+    budget = ResponseBudget(200, wait_seconds=60)
+    assert (budget.per_caller, budget.per_certificate) == (100, 50)
+    size = 20 if certificates[0] == certificates[1] else 45
+    first, second = (budget.reserve(size, caller="fleet", certificate=c) for c in certificates)
+    earlier = _Grower(first, size + 15)
+    earlier.start()
+    _until(lambda: budget.waiting == 1)
+    later = _Grower(second, size + 15)
+    later.start()
+    later.join(timeout=30)
+    assert not later.is_alive(), "the later grow waited it out"
+    assert isinstance(later.error, ResourceExhausted) and later.error.reason == reason
+    assert earlier.is_alive() and budget.waiting == 1  # the earlier waits on
+    second.release()  # its handler gives it back as it fails
+    earlier.join(timeout=30)
+    assert not earlier.is_alive() and earlier.error is None, earlier.error
+    assert (first.size, budget.held_by("fleet")) == (size + 15, size + 15)
+    first.release()
+    assert budget.free == 200 and budget.waiting == 0 and not budget._held
+
+
+def test_reservations_growing_past_their_share_wait_while_another_of_theirs_will_come_back() -> (
+    None
+):
+    """Two grow past their certificate's share while a third response of it is being sent:
+    that one comes back, so neither gives up, and both are served once it is sent."""
+    budget = ResponseBudget(200, wait_seconds=60)
+    one, two, sent = (
+        budget.reserve(size, caller="fleet", certificate="fleet a") for size in (15, 15, 20)
+    )
+    growers = [_Grower(reservation, 25) for reservation in (one, two)]
+    for grower in growers:
+        grower.start()
+    _until(lambda: budget.waiting == 2)
+    assert all(grower.is_alive() for grower in growers)
+    sent.release()
+    for grower in growers:
+        grower.join(timeout=30)
+        assert not grower.is_alive() and grower.error is None, grower.error
+    assert budget.held_by_certificate("fleet a") == 50
+    one.release()
+    two.release()
+    assert budget.free == 200 and not budget._held_by_certificate
 
 
 def test_a_call_ended_while_it_waits_past_its_share_takes_nothing() -> None:
@@ -683,7 +762,23 @@ def test_the_send_bound_is_the_idle_timeout_or_what_the_rate_allows(
     assert send_bound(size, 30.0, rate) == bound
 
 
-def test_a_certificate_holds_half_its_identitys_share_beyond_its_first_response() -> None:
+def test_a_certificates_refusal_counts_its_first_response_in_its_share() -> None:
+    """Its share is what all its responses hold together, its first counted in it (the first
+    alone may be larger): the refusal said it "may hold 50 bytes beyond its first response",
+    and a second response of 30 after a first of 30 was refused although it was within that."""
+    budget = ResponseBudget(200, wait_seconds=0)
+    first = budget.reserve(30, caller="fleet", certificate="fleet a")
+    with pytest.raises(ResourceExhausted) as info:
+        budget.reserve(30, caller="fleet", certificate="fleet a")
+    assert info.value.reason == "TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE"
+    message = str(info.value)
+    assert "beyond its first" not in message, message
+    assert "may hold 50 bytes together, or its first alone more" in message, message
+    budget.reserve(20, caller="fleet", certificate="fleet a").release()  # 50 together: within
+    first.release()
+
+
+def test_a_certificate_holds_half_its_identitys_share_or_its_first_response_alone() -> None:
     """A fleet's replicas share one SPIFFE ID: one replica not reading held its identity's whole
     share, and its siblings were refused. A certificate past half of it is refused (here at
     once: no wait configured); its first response may take the identity's whole share (the default typed bound needs it),

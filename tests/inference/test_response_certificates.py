@@ -179,7 +179,7 @@ def test_a_never_reading_replicas_call_past_its_share_waits_then_is_refused_for_
             "TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE",
         )
         details = error.details() or ""
-        assert f"may hold {budget.per_certificate} bytes beyond its first" in details, details
+        assert f"may hold {budget.per_certificate} bytes together" in details, details
         assert (budget.held_by(sid("client")), budget.waiting) == (ONE_RESPONSE, 0)
 
 

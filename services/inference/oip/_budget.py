@@ -36,8 +36,8 @@ A fleet's replicas share one SPIFFE ID, and so one share: one replica stuck not 
 it, and every other replica was refused ``TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY``. So each
 certificate (:func:`~strongroom.runtime.callers.certificate_key`, beneath its identity) holds at
 most half its identity's share (:func:`~strongroom.runtime.callers.certificate_share`, as a
-certificate's share of its identity's workers), beyond its first response: a certificate holding
-nothing may always take one response its identity's share has room for (a typed response at the
+certificate's share of its identity's workers), all its responses together, its first counted
+in it; or its first alone if that is more: a certificate holding nothing may always take one response its identity's share has room for (a typed response at the
 default output bound, 512 MiB by the count, is the whole default share; refused by the
 certificate's share, no caller of a certificate could have it). A reservation past it waits the
 same way for its certificate's own responses, then is refused
@@ -59,6 +59,7 @@ long each is held.
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 from collections import Counter
@@ -135,8 +136,8 @@ class ResponseBudget:
         self.per_caller = caller_share(max_bytes) if per_caller is None else per_caller
         """What one caller's reservations may hold together (:func:`caller_share` unless given)."""
         self.per_certificate = certificate_share(self.per_caller)
-        """What one certificate's reservations may hold together beyond its first (half of
-        :attr:`per_caller`)."""
+        """What one certificate's reservations may hold together, its first counted in it (half of
+        :attr:`per_caller`); its first alone may hold more."""
         self._free = max_bytes
         # What each caller, and each certificate, holds now, forgotten when it holds nothing (as
         # many entries as calls, however many certificates a caller mints).
@@ -146,6 +147,7 @@ class ResponseBudget:
         # Tickets of the requests waiting, first come first served: without the order, a large
         # response waited while smaller ones that came after it kept taking the room it needed.
         self._queue: collections.deque[_Waiter] = collections.deque()
+        self._arrivals = itertools.count()  # the waiters' order of arrival (_stuck)
 
     @property
     def free(self) -> int:
@@ -197,7 +199,7 @@ class ResponseBudget:
                 return self._take(size, caller, certificate)
             # Past the budget or past its own shares: it waits in line, and _next() passes over
             # it while its shares have no room, so that it holds no other caller's place.
-            waiter = _Waiter(size, caller, certificate, own)
+            waiter = _Waiter(size, caller, certificate, own, next(self._arrivals))
             if first:
                 self._queue.appendleft(waiter)
             else:
@@ -208,7 +210,7 @@ class ResponseBudget:
                     left = until - time.monotonic()
                     if ended():
                         raise CallEnded
-                    if left <= 0:
+                    if left <= 0 or self._stuck(waiter):
                         self._check_share(size, caller, certificate, own)
                         raise ResourceExhausted(
                             f"responses being sent hold the server's response memory "
@@ -231,6 +233,40 @@ class ResponseBudget:
             if self._within_shares(waiter.size, waiter.caller, waiter.certificate, waiter.own):
                 return waiter
         return None
+
+    def _stuck(self, waiter: _Waiter) -> bool:
+        """Whether ``waiter`` grows a reservation past a share all of whose bytes are held by
+        reservations waiting to grow past that share, itself the last of them to come: nothing of
+        the share can come back before one of their waits ends, so each waited it out (two
+        ``BYTES`` responses of one certificate grown at once both waited ``wait_seconds`` holding
+        their workers, and both could be refused). The last gives up at once, refused for the
+        share as a grow past it was before growers waited, and the others go on once its
+        reservation is given back."""
+        if not waiter.own:
+            return False  # it holds nothing that others could wait for
+        growers = [w for w in self._queue if w.own]
+        if not self._within_share(waiter.size, waiter.caller) and _last_of(
+            waiter,
+            [
+                w
+                for w in growers
+                if w.caller == waiter.caller and not self._within_share(w.size, w.caller)
+            ],
+            self._held[waiter.caller or ""],
+        ):
+            return True
+        return not self._within_certificate(
+            waiter.size, waiter.certificate, waiter.own
+        ) and _last_of(
+            waiter,
+            [
+                w
+                for w in growers
+                if w.certificate == waiter.certificate
+                and not self._within_certificate(w.size, w.certificate, w.own)
+            ],
+            self._held_by_certificate[waiter.certificate or ""],
+        )
 
     def _within_shares(
         self, size: int, caller: str | None, certificate: str | None, own: int
@@ -267,9 +303,9 @@ class ResponseBudget:
             held = self._held_by_certificate[certificate or ""]
             raise ResourceExhausted(
                 f"this certificate's responses not yet sent hold {_mib(held)} ({held} bytes) of "
-                f"the server's response memory, and one certificate may hold "
-                f"{self.per_certificate} bytes beyond its first response (half of its identity's "
-                f"{self.per_caller}, which the identity's other certificates share); this one "
+                f"the server's response memory, and one certificate's responses may hold "
+                f"{self.per_certificate} bytes together, or its first alone more (half of its "
+                f"identity's {self.per_caller}, which the identity's other certificates share); this one "
                 f"needs {size} more: take the responses already sent, or retry later",
                 reason=Reason.TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE,
             )
@@ -329,17 +365,26 @@ def _forget(held: Counter[str], key: str, size: int) -> None:
         del held[key]
 
 
+def _last_of(waiter: _Waiter, stuck: list[_Waiter], held: int) -> bool:
+    """Whether the ``stuck`` waiters' reservations are all of ``held``, and ``waiter`` came last
+    of them."""
+    return sum(w.own for w in stuck) == held and max(w.order for w in stuck) == waiter.order
+
+
 class _Waiter:
-    """A request waiting for room: what it needs, for which caller and certificate, and what the
-    reservation it grows holds already (``own``)."""
+    """A request waiting for room: what it needs, for which caller and certificate, what the
+    reservation it grows holds already (``own``), and when it came (``order``)."""
 
-    __slots__ = ("caller", "certificate", "own", "size")
+    __slots__ = ("caller", "certificate", "order", "own", "size")
 
-    def __init__(self, size: int, caller: str | None, certificate: str | None, own: int) -> None:
+    def __init__(
+        self, size: int, caller: str | None, certificate: str | None, own: int, order: int
+    ) -> None:
         self.size = size
         self.caller = caller
         self.certificate = certificate
         self.own = own
+        self.order = order
 
 
 class CallEnded(Exception):
