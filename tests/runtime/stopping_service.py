@@ -185,12 +185,15 @@ def _refuse_threads(name: str) -> None:
     threading.Thread.start = refusing  # type: ignore[method-assign,assignment]
 
 
-class _FillingPoll:
-    """The service log's poller of stderr, which fills stderr's pipe the first time it finds it
-    writable, once it has answered: between the look and the write of the thread that logs."""
+class FillingPoll:
+    """A service log's poller of its destination, which fills the pipe at ``path`` (the
+    destination's, ``/proc/self/fd/N``) the first time it finds it writable, once it has
+    answered: between the look and the write of the thread that logs, as another writer of the
+    pipe can."""
 
-    def __init__(self, poller: Any) -> None:
+    def __init__(self, poller: Any, path: str) -> None:
         self._poller = poller
+        self._path = path
         self._filled = False
 
     def register(self, fd: int, events: int) -> None:
@@ -200,7 +203,7 @@ class _FillingPoll:
         ready: list[tuple[int, int]] = self._poller.poll(timeout)
         if not self._filled and any(events & select.POLLOUT for _, events in ready):
             self._filled = True
-            fill_pipe(f"/proc/self/fd/{sys.stderr.fileno()}")
+            fill_pipe(self._path)
         return ready
 
 
@@ -220,7 +223,8 @@ def fill_pipe(path: str) -> None:
 
 def _fill_stderr_after_the_next_look() -> None:
     (handler,) = [h for h in logging.getLogger().handlers if isinstance(h, ServiceLog)]
-    handler._poll = _FillingPoll(handler._poll)  # type: ignore[assignment]
+    stderr = f"/proc/self/fd/{sys.stderr.fileno()}"
+    handler._poll = FillingPoll(handler._poll, stderr)  # type: ignore[assignment]
 
 
 def _signalled_while_starting(held: str) -> _Running:
