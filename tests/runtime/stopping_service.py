@@ -20,6 +20,7 @@ for; ``log-handler``: the queue's of a standard-library ``QueueHandler`` added t
 logger), as it starts (``WHEN`` ``starting``; a checkpoint follows) or once serving
 (``serving``). ``no-stop-thread``: serves, prints its port, and from then on cannot start a
 thread named ``shutdown`` (a process at its thread limit as the stop's thread is started).
+``hung-stderr-fills``: ``hung``, and from serving on stderr fills as ``stderr-fills`` says.
 ``stderr-fills``: serves, prints its port, and from then on the first time a thread that logs
 finds stderr writable, another writer fills stderr's pipe before that thread writes (as gRPC's C
 core, which writes to fd 2 too, can): the test's pipe, which it does not read.
@@ -250,6 +251,8 @@ def main(mode: str, collector: str = "") -> int:
     bootstrap.open_identity = lambda *_, **__: _Identity(slow)  # type: ignore[assignment]
 
     def build(_common: Any, _section: Any, _identity: Any, tracer: TracerProvider) -> _Running:
+        if mode == "hung-stderr-fills":
+            return _hung_host()
         if mode.startswith("hung"):
             return _hung_host(mode.removeprefix("hung").removeprefix("-close-"))
         if mode == "exporting":
@@ -270,7 +273,7 @@ def main(mode: str, collector: str = "") -> int:
             _signal_holding(_held(mode.removeprefix("signal-serving-")))
         if mode == "no-stop-thread":
             _refuse_threads("shutdown")
-        if mode == "stderr-fills":
+        if mode.endswith("stderr-fills"):
             _fill_stderr_after_the_next_look()
 
     return bootstrap.run_service("test", None, object, build, after_start=started)  # type: ignore[arg-type]
