@@ -57,7 +57,10 @@ def never_wait_here() -> None:
     A line written where it is logged is written only when the destination polls writable, but
     another writer of the same pipe (gRPC's C core writes to fd 2) can fill it between that poll
     and the write, which then waits until the pipe's reader reads: on the ``signals`` thread, a
-    collector that stopped reading held the first SIGTERM's line, and so its stop, for good."""
+    collector that stopped reading held the first SIGTERM's line, and so its stop, for good.
+    A pipe the process may open again is written through a non-blocking description of its own
+    (a line it refuses is queued), so this matters where it may not (a socket, a pipe of another
+    user)."""
     _THIS_THREAD.queued_only = True
 
 
@@ -111,6 +114,12 @@ class ServiceLog(logging.Handler):
         # native library's crash, an abort: no exit handlers, and the dying thread held the
         # interpreter) lost its last lines, the ones that say what it was doing.
         self._fd = _file_descriptor(stream)
+        # What those lines are written with: a pipe's own description of its own that does not
+        # wait, so that a pipe another writer filled after the look refuses the line (queued
+        # then) rather than holding the thread that logged until the reader reads.
+        # Closed by close(), when no line is being written with it (its number may be another
+        # file's at once); open, it keeps the pipe open for its reader.
+        self._nowait = _non_blocking_twin(self._fd)
         self._poll = select.poll()
         if self._fd is not None:
             self._poll.register(self._fd, select.POLLOUT)
@@ -144,14 +153,7 @@ class ServiceLog(logging.Handler):
             ended = self._ended
             now = None if ended else self._write_now(line)
             if not ended and now is None:
-                if not self._fits(self._pending, 1, 1, size) or (
-                    refusal and not self._fits(self._refusals, 2, 1, size)
-                ):
-                    self._dropped += 1
-                    return
-                self._lines.append((line, size, refusal))
-                self._account(size, refusal, 1)
-                self._state.notify_all()
+                self._queue(line, size, refusal)
                 return
             if not ended:
                 self._direct = True  # the writer waits: lines stay in the order they were logged
@@ -162,6 +164,12 @@ class ServiceLog(logging.Handler):
             return
         try:
             _write_all(now[0], now[1])
+        except BlockingIOError:
+            # Another writer filled the pipe since the look (nothing written: a write of at
+            # most PIPE_BUF bytes to a pipe is whole or refused): first in the queue, which the
+            # writer has not taken from while this write was under way.
+            with self._state:
+                self._queue(line, size, refusal, first=True)
         except OSError:  # a closed or broken destination: nowhere to say it either
             with self._state:
                 self._dropped += 1
@@ -175,8 +183,9 @@ class ServiceLog(logging.Handler):
         queue it: something is queued or being written (order), a count of dropped lines waits
         to be said, or the destination would make the write wait. A write of at most PIPE_BUF
         bytes to a pipe that polls writable has a free page for it, so it does not wait, unless
-        another writer of the pipe fills it first: a thread that must never wait for the
-        destination queues every line (:func:`never_wait_here`)."""
+        another writer of the pipe fills it first: written through the pipe's non-blocking
+        description of its own when it has one (refused, it is queued), and queued at once for a
+        thread that must never wait for the destination (:func:`never_wait_here`)."""
         if (
             self._fd is None
             or _THIS_THREAD.queued_only
@@ -199,7 +208,7 @@ class ServiceLog(logging.Handler):
         failed = select.POLLERR | select.POLLHUP | select.POLLNVAL
         if not any(events & select.POLLOUT and not events & failed for _, events in ready):
             return None  # not ready, or an error or hang-up the writer meets and counts
-        return self._fd, data
+        return (self._fd if self._nowait is None else self._nowait), data
 
     def _write_after_close(self, line: str) -> None:
         """Writes ``line``, logged once the writer has ended (an exit handler's, a daemon
@@ -229,6 +238,21 @@ class ServiceLog(logging.Handler):
             return
         with contextlib.suppress(OSError):  # nowhere to say it either
             _write_all(self._fd, data)
+
+    def _queue(self, line: str, size: int, refusal: bool, *, first: bool = False) -> None:
+        """Queues ``line`` for the writer (call under ``_state``), at the front with ``first``,
+        or counts it dropped when the queue (or, for a refusal line, its share) is full."""
+        if not self._fits(self._pending, 1, 1, size) or (
+            refusal and not self._fits(self._refusals, 2, 1, size)
+        ):
+            self._dropped += 1
+            return
+        if first:
+            self._lines.appendleft((line, size, refusal))
+        else:
+            self._lines.append((line, size, refusal))
+        self._account(size, refusal, 1)
+        self._state.notify_all()
 
     def _fits(self, held: list[int], share: int, lines: int, size: int) -> bool:
         return (
@@ -324,6 +348,9 @@ class ServiceLog(logging.Handler):
             self._stopping = True
             self._state.notify_all()
             self._wait_until(lambda: self._ended, deadline)
+            if self._nowait is not None and not self._direct:
+                os.close(self._nowait)
+                self._nowait = None
         super().close()
 
     def _written(self) -> bool:
@@ -359,6 +386,29 @@ def _file_descriptor(stream: Any) -> int | None:
     except (AttributeError, OSError, ValueError):
         return None
     return fd if isinstance(fd, int) else None
+
+
+def _non_blocking_twin(fd: int | None) -> int | None:
+    """A description of its own, non-blocking, of the pipe ``fd`` writes to, or None: not a
+    pipe (a regular file never makes a write wait, and a description of its own would write at
+    an offset of its own), or one this process may not open again (no ``/proc``, a pipe owned by
+    another user; runc hands a container's stdio to its user). ``fd``'s own description is
+    shared (gRPC's C core writes to it, and the pipe's other processes): made non-blocking, their
+    writes to a full pipe would fail."""
+    if fd is None:
+        return None
+    try:
+        pipe = os.fstat(fd)
+        if not stat.S_ISFIFO(pipe.st_mode):
+            return None
+        twin = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # ENXIO: a pipe whose reader has gone; EACCES, ENOENT
+        return None
+    opened = os.fstat(twin)
+    if (opened.st_dev, opened.st_ino) != (pipe.st_dev, pipe.st_ino):  # fd 2 changed meanwhile
+        os.close(twin)
+        return None
+    return twin
 
 
 def _encoded(stream: Any, text: str) -> bytes:

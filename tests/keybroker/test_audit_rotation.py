@@ -153,7 +153,7 @@ def test_a_sighup_storm_makes_at_most_two_rotation_threads(
                 _wait_until(lambda: hup() or rotating() >= 2, "the rotation threads")
                 for _ in range(20):
                     os.kill(os.getpid(), signal.SIGHUP)
-                assert signals.settle()  # each thread they asked for has been started
+                assert signals.settle(30)  # each thread they asked for has been started
                 assert rotating() == 2
             _wait_until(lambda: rotating() == 0, "the rotations")
             assert log.first_seq == 2  # sealed once; the second found nothing new to seal

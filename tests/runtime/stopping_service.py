@@ -20,6 +20,7 @@ for; ``log-handler``: the queue's of a standard-library ``QueueHandler`` added t
 logger), as it starts (``WHEN`` ``starting``; a checkpoint follows) or once serving
 (``serving``). ``no-stop-thread``: serves, prints its port, and from then on cannot start a
 thread named ``shutdown`` (a process at its thread limit as the stop's thread is started).
+``hung-stderr-fills``: ``hung``, and from serving on stderr fills as ``stderr-fills`` says.
 ``stderr-fills``: serves, prints its port, and from then on the first time a thread that logs
 finds stderr writable, another writer fills stderr's pipe before that thread writes (as gRPC's C
 core, which writes to fd 2 too, can): the test's pipe, which it does not read.
@@ -185,12 +186,15 @@ def _refuse_threads(name: str) -> None:
     threading.Thread.start = refusing  # type: ignore[method-assign,assignment]
 
 
-class _FillingPoll:
-    """The service log's poller of stderr, which fills stderr's pipe the first time it finds it
-    writable, once it has answered: between the look and the write of the thread that logs."""
+class FillingPoll:
+    """A service log's poller of its destination, which fills the pipe at ``path`` (the
+    destination's, ``/proc/self/fd/N``) the first time it finds it writable, once it has
+    answered: between the look and the write of the thread that logs, as another writer of the
+    pipe can."""
 
-    def __init__(self, poller: Any) -> None:
+    def __init__(self, poller: Any, path: str) -> None:
         self._poller = poller
+        self._path = path
         self._filled = False
 
     def register(self, fd: int, events: int) -> None:
@@ -200,7 +204,7 @@ class _FillingPoll:
         ready: list[tuple[int, int]] = self._poller.poll(timeout)
         if not self._filled and any(events & select.POLLOUT for _, events in ready):
             self._filled = True
-            fill_pipe(f"/proc/self/fd/{sys.stderr.fileno()}")
+            fill_pipe(self._path)
         return ready
 
 
@@ -220,7 +224,8 @@ def fill_pipe(path: str) -> None:
 
 def _fill_stderr_after_the_next_look() -> None:
     (handler,) = [h for h in logging.getLogger().handlers if isinstance(h, ServiceLog)]
-    handler._poll = _FillingPoll(handler._poll)  # type: ignore[assignment]
+    stderr = f"/proc/self/fd/{sys.stderr.fileno()}"
+    handler._poll = FillingPoll(handler._poll, stderr)  # type: ignore[assignment]
 
 
 def _signalled_while_starting(held: str) -> _Running:
@@ -246,6 +251,8 @@ def main(mode: str, collector: str = "") -> int:
     bootstrap.open_identity = lambda *_, **__: _Identity(slow)  # type: ignore[assignment]
 
     def build(_common: Any, _section: Any, _identity: Any, tracer: TracerProvider) -> _Running:
+        if mode == "hung-stderr-fills":
+            return _hung_host()
         if mode.startswith("hung"):
             return _hung_host(mode.removeprefix("hung").removeprefix("-close-"))
         if mode == "exporting":
@@ -266,7 +273,7 @@ def main(mode: str, collector: str = "") -> int:
             _signal_holding(_held(mode.removeprefix("signal-serving-")))
         if mode == "no-stop-thread":
             _refuse_threads("shutdown")
-        if mode == "stderr-fills":
+        if mode.endswith("stderr-fills"):
             _fill_stderr_after_the_next_look()
 
     return bootstrap.run_service("test", None, object, build, after_start=started)  # type: ignore[arg-type]

@@ -22,6 +22,7 @@ from strongroom.runtime.log_refusals import LOGGER, REFUSED_CALLS_BURST, enter_r
 from strongroom.runtime.log_writer import FLUSH_SECONDS, ServiceLog
 from strongroom.runtime.logs import JsonFormatter
 from tests.conftest import REPO, buffered_service_log
+from tests.runtime.stopping_service import FillingPoll
 
 
 def test_text_lines_show_what_callers_put_in_them_escaped(
@@ -505,3 +506,47 @@ def test_a_stream_socket_as_stderr_blocks_no_thread_and_tears_no_line(blocking: 
     dropped = sum(r["lines"] for r in records if r["msg"] == "log lines dropped")
     assert (process.returncode, written + dropped) == (0, 4 * 1500)
     assert written >= 1500  # what the queue holds at least, the rest once read
+
+
+def test_a_line_whose_pipe_another_writer_fills_after_the_look_is_queued_not_waited_for() -> None:
+    """A line was written where it was logged once the pipe polled writable, with a blocking
+    write: when another writer of the pipe (gRPC's C core writes to fd 2 too) filled it between
+    that look and the write, and its reader had stopped reading, the thread that logged waited
+    until the reader read, for good with one that never did (a request's worker, the main
+    thread's ``exiting with N calls abandoned`` line: the process stayed until SIGKILL). The
+    write goes through a non-blocking description of the same pipe now: refused, the line is
+    queued (for the writer thread, which waits), first, and written once the pipe is read."""
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w")
+    handler = ServiceLog(stream)
+    handler.setFormatter(JsonFormatter("test"))
+    handler._poll = FillingPoll(handler._poll, f"/proc/self/fd/{write_end}")  # type: ignore[assignment]
+    received = bytearray()
+
+    def read() -> None:
+        while chunk := os.read(read_end, 1 << 16):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    try:
+        logged = threading.Thread(
+            target=handler.handle,
+            args=(logging.makeLogRecord({"msg": "after the look"}),),
+            daemon=True,
+        )
+        logged.start()
+        logged.join(30)  # a hang, not a speed: the old code's write waited for the reader
+        waited = logged.is_alive()
+        handler.handle(logging.makeLogRecord({"msg": "after that"}))
+        reader.start()  # the reader reads again (and the old code's write ends)
+        handler.close()
+    finally:
+        stream.close()
+        reader.join(30)
+        os.close(read_end)
+    assert not waited
+    text = received.decode().lstrip("x")  # past the other writer's bytes
+    assert [json.loads(line)["msg"] for line in text.splitlines()] == [
+        "after the look",
+        "after that",
+    ]

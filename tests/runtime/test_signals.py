@@ -23,7 +23,7 @@ def relay() -> Iterator[None]:
     """The ``signals`` thread running (no handler installed: nothing signals this process)."""
     signals._start()
     yield
-    assert signals.settle()
+    assert signals.settle(30)
 
 
 class _Refusing(logging.Handler):
@@ -65,11 +65,11 @@ def test_what_a_hand_over_raises_does_not_end_the_signals_thread(
     ran = threading.Event()
     try:
         signals.later(work)
-        assert signals.settle()
+        assert signals.settle(30)
     finally:
         logger.removeHandler(refusing)
     signals.later(ran.set)
-    assert signals.settle()
+    assert signals.settle(30)
     assert ran.is_set()
     thread = signals._Relay.thread
     assert thread is not None and thread.is_alive()

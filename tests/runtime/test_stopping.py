@@ -357,3 +357,26 @@ def test_sigterm_stops_the_service_whose_stderr_fills_and_is_never_read(filled: 
         process.kill()
         process.wait()
     assert status == 0
+
+
+def test_a_service_abandoning_calls_exits_when_its_stderr_fills_after_the_look() -> None:
+    """The main thread wrote ``exiting with 1 calls abandoned`` itself once stderr polled
+    writable: when another writer (gRPC's C core) filled the pipe between that look and the
+    write, and its reader had stopped reading, the write waited for good, and the exit after it
+    never came (the orchestrator's SIGKILL ended the process). The line is refused by the pipe
+    now, queued, and the exit gives up on the log once its flush budget is spent."""
+    process = _start("hung-stderr-fills")
+    try:
+        assert process.stdout is not None
+        port = int(process.stdout.readline())
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary(f"/{SERVICE}/Call", _raw, _raw).future(b"x", timeout=120)
+            assert process.stdout.readline() == "entered\n"
+            process.send_signal(signal.SIGTERM)
+            # Stderr is not read until the process has ended: its reader stopped reading.
+            status = process.wait(timeout=60)  # a hang, not a speed: it never ended
+            call.cancel()
+    finally:
+        process.kill()
+        process.wait()
+    assert status == 0
