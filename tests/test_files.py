@@ -63,6 +63,15 @@ def _nb(fd: int) -> bool:
     return True
 
 
+def new_waiters(before: set[threading.Thread]) -> set[threading.Thread]:
+    """The BoundedFlock waiter threads alive now that were not in ``before`` (a snapshot of
+    :func:`threading.enumerate`). The tests count these, not the process's threads: a thread an
+    earlier test left behind (a stopped server's pool worker, a response watchdog) ends when it
+    ends, and one ending within a test made an exact count off by one, failing it or passing it
+    with a waiter still alive."""
+    return {t for t in threading.enumerate() if t.name == "flock-waiter" and t not in before}
+
+
 def _eventually(check, seconds: float = 60.0) -> bool:
     """Whether ``check()`` became true within a generous ``seconds`` (a thread's end)."""
     deadline = time.monotonic() + seconds
@@ -81,24 +90,24 @@ def test_a_bounded_flock_hands_a_later_acquire_the_lock_its_waiter_got(tmp_path)
     path.write_bytes(b"")
     mine, holder = os.open(path, os.O_RDONLY), os.open(path, os.O_RDONLY)
     try:
-        threads = threading.active_count()
+        before = set(threading.enumerate())
         fcntl.flock(holder, fcntl.LOCK_SH)
         lock = BoundedFlock(mine, fcntl.LOCK_EX)
         assert lock.acquire(0.05) is False
-        assert threading.active_count() == threads + 1  # the waiter, still queued
+        assert len(new_waiters(before)) == 1  # the waiter, still queued
         got: list[bool] = []
         later = threading.Thread(target=lambda: got.append(lock.acquire(60.0)))
         later.start()
-        assert threading.active_count() == threads + 2  # no second waiter
+        assert len(new_waiters(before)) == 1  # no second waiter
         fcntl.flock(holder, fcntl.LOCK_UN)
         later.join(60.0)
         assert got == [True]
         assert not _nb(holder)  # held through ``mine``
-        assert _eventually(lambda: threading.active_count() == threads)
+        assert _eventually(lambda: not new_waiters(before))
         fcntl.flock(mine, fcntl.LOCK_UN)
         assert _nb(holder)
         assert lock.acquire(0.0) is True  # uncontended: at once, no thread
-        assert threading.active_count() == threads
+        assert not new_waiters(before)
     finally:
         os.close(mine)
         os.close(holder)
@@ -111,7 +120,7 @@ def test_a_bounded_flocks_waiter_lets_go_when_nobody_waits_any_more(tmp_path) ->
     path.write_bytes(b"")
     holder = os.open(path, os.O_RDONLY)
     try:
-        threads = threading.active_count()
+        before = set(threading.enumerate())
         fcntl.flock(holder, fcntl.LOCK_EX)
         mine = os.open(path, os.O_RDONLY)
         try:
@@ -119,7 +128,7 @@ def test_a_bounded_flocks_waiter_lets_go_when_nobody_waits_any_more(tmp_path) ->
         finally:
             os.close(mine)
         fcntl.flock(holder, fcntl.LOCK_UN)
-        assert _eventually(lambda: threading.active_count() == threads)
+        assert _eventually(lambda: not new_waiters(before))
         assert _nb(holder)
     finally:
         os.close(holder)
@@ -141,13 +150,13 @@ def test_a_bounded_flocks_waiter_lets_go_when_its_caller_was_interrupted(tmp_pat
     mine, holder = os.open(path, os.O_RDONLY), os.open(path, os.O_RDONLY)
     previous = signal.signal(signal.SIGALRM, _interrupt)
     try:
-        threads = threading.active_count()
+        before = set(threading.enumerate())
         fcntl.flock(holder, fcntl.LOCK_EX)
         signal.setitimer(signal.ITIMER_REAL, 0.05)
         with pytest.raises(_Interrupted):
             BoundedFlock(mine, fcntl.LOCK_EX).acquire(60.0)
         fcntl.flock(holder, fcntl.LOCK_UN)
-        assert _eventually(lambda: threading.active_count() == threads)
+        assert _eventually(lambda: not new_waiters(before))
         assert _nb(holder)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)

@@ -38,6 +38,7 @@ from strongroom.dev.devstack import DevStack
 from strongroom.inference.oip._budget import TYPED_RESPONSE_COPIES
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.process import SERVICE_ENV
+from tests.bench._proc import cpu_seconds
 from tests.inference import onnx_models
 
 MiB = 1 << 20
@@ -597,8 +598,12 @@ def test_a_call_that_ends_early_stops_its_inference(
             oip.ModelInfer(request, timeout=0.5)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
     else:
+        cpu = cpu_seconds(served.pid)
         call = oip.ModelInfer.future(request, timeout=600)
-        time.sleep(0.5)  # the run has started by now (it takes seconds)
+        # Cancelled once the service spends CPU on the run: a call cancelled before its run
+        # began is never run, and no line says it stopped; a fixed 0.5 s was not always
+        # enough on a loaded machine. (The idle service and the request's parse take far less.)
+        assert _wait_for(lambda: cpu_seconds(served.pid) - cpu >= 0.5, 120), "no run started"
         assert call.cancel()
     # Wait (not a timing bound: only how long to wait for the line) for the service to say so.
     stopped = _wait_for(lambda: len(_stopped_lines(log)) > before, 120)

@@ -35,7 +35,7 @@ from strongroom.keybroker.audit import AuditLog, AuditRecord, head_path
 from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.errors import AuditUnavailable
 from tests.conftest import REPO
-from tests.test_files import _eventually, _queued
+from tests.test_files import _eventually, _queued, new_waiters
 
 from .test_audit import event, fill
 from .test_audit_cli import _run
@@ -121,17 +121,15 @@ def test_a_refused_wait_leaves_one_waiter_that_hands_the_lock_on_or_lets_it_go(
     behind: another log object on the file (as another process) commits at once."""
     with AuditLog.open(log_path, key) as log:
         fill(log, 1)
-        threads = threading.active_count()
+        before = set(threading.enumerate())
         with _held(log_path, "LOCK_SH"):
             for _ in range(3):
                 with pytest.raises(AuditUnavailable):
                     _within_test_wait(lambda: log.append(event(1)))
-            # One waiter, besides the test's own thread of _within_test_wait (ended).
-            assert threading.active_count() == threads + 1
-        deadline = time.monotonic() + 60
-        while threading.active_count() > threads and time.monotonic() < deadline:
-            time.sleep(0.01)  # the waiter gets the lock, finds nobody waiting, lets go
-        assert threading.active_count() == threads
+            # One waiter: the first refusal's, still waiting for the next.
+            assert len(new_waiters(before)) == 1
+        # The waiter gets the lock, finds nobody waiting, lets go.
+        assert _eventually(lambda: not new_waiters(before))
         with AuditLog.open(log_path, key) as other:
             assert _within_test_wait(lambda: other.append(event(1))).seq == 1
         assert log.append(event(2)).seq == 2
@@ -234,14 +232,14 @@ def test_commits_refused_while_the_rotated_to_log_is_held_do_not_pile_up_waiters
     with AuditLog.open(log_path, key) as log, AuditLog.open(log_path, key) as other:
         fill(log, 2)
         assert other.rotate() is not None
-        threads = threading.active_count()
+        before = set(threading.enumerate())
         with _held(log_path):
             fds = _live_fds()  # the holder's pipes counted
             for _ in range(5):
                 with pytest.raises(AuditUnavailable) as refused:
                     _within_test_wait(lambda: log.append(event(2)))
                 _says_locked(refused.value.message, log_path)
-            assert threading.active_count() <= threads + 2
+            assert len(new_waiters(before)) <= 2
             assert _live_fds() <= fds + 2
         assert _within_test_wait(lambda: log.append(event(2))).seq == 2
 
@@ -255,14 +253,14 @@ def test_checks_of_a_held_log_do_not_pile_up_waiters(
     monkeypatch.setattr(files, "MAX_FLOCK_WAITERS", 2)
     with AuditLog.open(log_path, key) as log:
         fill(log, 2)
-    threads = threading.active_count()
+    before = set(threading.enumerate())
     with _held(log_path):
         fds = _live_fds()  # the holder's pipes counted
         for _ in range(5):
             with pytest.raises(AuditUnavailable) as refused:
                 _within_test_wait(lambda: verify_audit_log(log_path))
             _says_locked(refused.value.message, log_path)
-        assert threading.active_count() <= threads + 2
+        assert len(new_waiters(before)) <= 2
         assert _live_fds() <= fds + 2
     assert verify_audit_log(log_path, public_key=key.public_key()).intact
 

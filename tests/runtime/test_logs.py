@@ -58,6 +58,10 @@ def test_text_lines_carry_their_fields(
     "rpc failed" not which method nor why. Each field follows the message now, as
     ``name=<JSON>`` (escaped like a JSON line's)."""
     handler, stream = buffered_service_log(monkeypatch, log_format="text")
+    # One summary, said at the close: the timed one is due SUMMARY_SECONDS after the log was
+    # configured (real clock), and a run stalled that long among the refusals (a loaded
+    # machine) had it say the first and the close the rest, two lines.
+    monkeypatch.setattr("strongroom.runtime.log_refusals.SUMMARY_SECONDS", 3600.0)
     refusals = logging.getLogger("strongroom.test.refusals")
     for _ in range(REFUSED_CALLS_BURST + 3):  # no call running: every caller's is one budget
         refusals.info("rpc failed", extra={"reason": "NAME_EMPTY", errors.REFUSAL_LINE: True})

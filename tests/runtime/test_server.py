@@ -21,6 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from strongroom import errors
+from strongroom.dev.devstack.stack import free_port
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime import health as health_module
 from strongroom.runtime import health_port as health_port_module
@@ -732,18 +733,12 @@ def test_a_call_waiting_on_a_host_stopped_before_it_started_is_refused_not_serve
     assert listenable(h.port)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_a_host_whose_health_port_is_taken_releases_its_service_port() -> None:
     """A host whose health port another process holds is refused LISTEN_ADDRESS_IN_USE, but its
     service port, bound first, stayed bound for the life of the process: building it again
     once the health port was free was refused that port, said to be held by another
     process. It is released with the refusal now."""
-    port = _free_port()
+    port = free_port()  # below the ephemeral range: no connection's source port meanwhile
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
