@@ -28,6 +28,7 @@ from strongroom.artifact import parse_header
 from strongroom.artifact.c2sp import PREAMBLE_SIZE, TAG_SIZE
 from strongroom.artifact.manifest import ManifestLayout, PartMissing
 from strongroom.attesters import SimulatedAttester, TeeType
+from strongroom.client import multipart
 from strongroom.client.busy import CLIENT_RETRY, BusyRetry
 from strongroom.client.fetch import ModelFetcher, grpc_source, retrying_source
 from strongroom.client.keyrelease import KeyReleaseClient
@@ -598,6 +599,62 @@ def test_a_refused_upload_still_reading_does_not_move_the_retry_s_read_position(
     assert held.is_set() and retried.is_set()  # the race was run, not missed
     assert uploads.outcomes == [REFUSED, ("OK", None)]
     assert uploaded.model.artifact_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_refused_part_s_late_piece_does_not_become_the_retry_s_digest(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """publish_parts: the refused try's feeding thread has its first chunk read and sealed when
+    the store's refusal ends the call, and hands it on (``on_piece``) only once the retry has
+    sent its last piece. The tries collected the footer in one shared buffer, so that late
+    piece's last 32 bytes went into the manifest as the part's digest, and the fetch failed
+    DATA_LOSS PART_MISMATCH. No callback runs between the writer's yield and ``on_piece``, so the thread is
+    held there by wrapping the part's pieces (``_messages``); everything else is real."""
+    shard = tmp_path / "shard.bin"
+    shard.write_bytes(os.urandom(50_000))  # whole chunks in the first block: a piece of them
+    calls: list[int] = []
+    release = threading.Event()
+    refused_thread: list[threading.Thread] = []
+    real = multipart._messages
+
+    def messages(pieces: Iterator[bytes], on_piece: Any) -> Iterator[Any]:
+        call = len(calls)
+        calls.append(call)
+
+        def held() -> Iterator[bytes]:
+            for index, piece in enumerate(pieces):
+                if call == 0 and index == 1:  # the refused try's first chunks, read and sealed
+                    refused_thread.append(threading.current_thread())
+                    assert release.wait(30)
+                yield piece
+            if call == 1:  # the retry's last piece is handed on: the late one comes now
+                assert refused_thread, "the refused try's thread never reached its first chunk"
+                release.set()
+                # gRPC's thread feeding the refused call ends once that piece is handed on
+                # (its file closed meanwhile, the next read fails).
+                refused_thread[0].join(30)
+                assert not refused_thread[0].is_alive()
+
+        return real(held(), on_piece)
+
+    monkeypatch.setattr(multipart, "_messages", messages)
+    uploads = OneAhead(stack, publisher, refused={0})  # its thread in next() when refused
+    publish_parts(
+        files_parts([shard]),
+        name="busy/late",
+        version="1",
+        key_id=KEY_ID,
+        broker=stack.channel(publisher, "keybroker"),
+        store=_store(stack, publisher, uploads),
+        layout=ManifestLayout.FILES,
+        retry=BusyRetry(sleep=lambda _seconds: None),
+    )
+    assert release.is_set() and calls == [0, 1, 2]  # the race was run, not missed
+    assert uploads.outcomes == [REFUSED, ("OK", None), ("OK", None)]
+    reader = stack.identity("inference")
+    fetcher = ModelFetcher(stack.channel(reader, "modelstore"), _release(stack, reader))
+    with fetcher.fetch("busy/late", "1") as model:
+        assert bytes(model.parts[0].view) == shard.read_bytes()
 
 
 def test_a_signed_model_changed_while_its_publish_waited_to_retry_is_not_stored(
