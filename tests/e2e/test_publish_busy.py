@@ -12,6 +12,7 @@ tried, records and blobs stored.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 import time
@@ -759,6 +760,22 @@ def test_a_busy_retry_that_never_waits_is_refused() -> None:
         BusyRetry(first_delay=0.0)
     with pytest.raises(ValueError, match="waits"):
         BusyRetry(first_delay=2.0, max_delay=1.0)
+
+
+@pytest.mark.parametrize("within", [math.inf, math.nan, -1.0])
+def test_a_busy_retry_without_an_end_is_refused(within: float) -> None:
+    """An unbounded ``within`` was taken: a multi-part publish then counted its most_tries for
+    ever, at full CPU, before any call (it retried without end before most_tries existed)."""
+    with pytest.raises(ValueError, match="ends"):
+        BusyRetry(within=within)
+
+
+def test_most_tries_of_a_long_bound_is_counted_not_stepped() -> None:
+    """Waits of 0.5, 1, 2 and 4 s, then one of 8 s for every 8 s left: stepped one wait at a
+    time, a bound of 10^12 s was 1.25 * 10^11 steps (a publish that never started)."""
+    assert BusyRetry(within=1e12).most_tries == 5 + int((1e12 - 7.5) // 8)
+    assert BusyRetry(within=63.5).most_tries == 12  # 7.5 + 7 * 8: the last wait fits exactly
+    assert BusyRetry(within=1.0, first_delay=1.0, max_delay=1.0).most_tries == 2
 
 
 class CountCalls(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
