@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -824,6 +825,12 @@ def test_parts_left_by_a_publish_out_of_retries_are_named_with_their_command_and
     assert isinstance(info.value.__cause__, grpc.RpcError)
     assert _records(stack, "busy/left") == [("busy/left", "1+part.0")]
 
+    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
+
+    def admin_stat(version: str) -> store_pb.ModelInfo:
+        request = store_pb.StatModelRequest(name="busy/left", version=version)
+        return admin.StatModel(request, timeout=30).model
+
     broker = CountCalls()
     again = BusyBefore(stack, publisher, set())
     with pytest.raises(FailedPrecondition) as refused:
@@ -838,9 +845,17 @@ def test_parts_left_by_a_publish_out_of_retries_are_named_with_their_command_and
         )
     assert refused.value.reason == "PARTS_LEFT_BEHIND"
     assert "`strongroom model rm busy/left 1+part.0`" in refused.value.message
+    # This publish cannot tell a failed publish's parts from a running one's: the commands,
+    # run once that one stored its manifest, removed a published model's parts (every load of
+    # it then failed). They come with the condition, and when the last part was stored.
+    stored_at = admin_stat("1+part.0").stored_at.ToDatetime(tzinfo=UTC)
+    assert f"the last stored at {stored_at.isoformat(timespec='seconds')}" in refused.value.message
+    assert (
+        "Once no publish of it is running and busy/left/1 is still not stored"
+        in refused.value.message
+    )
     assert (broker.methods, again.outcomes) == ([], [])
 
-    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
     admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/left", version="1+part.0"))
     _publish(stack, publisher, shards, "busy/left", stack.channel(publisher, "modelstore"))
     assert len(_records(stack, "busy/left")) == 4
