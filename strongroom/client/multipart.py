@@ -35,6 +35,7 @@ from strongroom.artifact.format import DIGEST_SIZE, ArtifactHeader
 from strongroom.artifact.manifest import (
     MANIFEST_CONTENT_TYPE,
     MAX_PARTS,
+    PART_VERSION_MARK,
     ManifestLayout,
     build_manifest,
     header_digest,
@@ -530,9 +531,14 @@ def _versions(versions: Sequence[str]) -> str:
 
 def _rm_commands(name: str, versions: Sequence[str]) -> str:
     """The ``strongroom model rm`` command(s) that remove ``versions`` of ``name``, spelled out
-    (parts 0 to N-1, as a failed publish leaves them, as one shell loop)."""
-    base, mark, _index = versions[0].rpartition("+part.")
-    if len(versions) > 3 and all(v == f"{base}{mark}{i}" for i, v in enumerate(versions)):
+    (parts 0 to N-1, as a failed publish leaves them, as one shell loop). Shell-safe: a name or
+    version holds only letters, digits and ``._+-/`` (identifiers.py), never first a ``-``."""
+    base, mark, _index = versions[0].rpartition(PART_VERSION_MARK)
+    if (
+        len(versions) > 3
+        and mark
+        and all(v == part_version(base, i) for i, v in enumerate(versions))
+    ):
         return (
             f"`for n in $(seq 0 {len(versions) - 1}); do strongroom model rm {shlex.quote(name)} "
             f'"{base}{mark}$n"; done`'
