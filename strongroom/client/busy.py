@@ -14,6 +14,7 @@ exponentially growing wait, within a total bound. Any other failure, ``CANCELLED
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -82,16 +83,23 @@ class BusyRetry:
         if not 0 < self.first_delay <= self.max_delay:
             # No wait at all would make as many tries as a busy peer can refuse in ``within``.
             raise ValueError("a busy retry waits: 0 < first_delay <= max_delay")
+        if not 0 <= self.within < math.inf:
+            # Unbounded (or NaN, which no comparison ends) has no most_tries: a multi-part
+            # publish, which makes each part's writers up front, counted them for ever.
+            raise ValueError("a busy retry ends: 0 <= within, finite")
 
     @property
     def most_tries(self) -> int:
         """The most tries :func:`retrying_busy` can make of one call: 1, and a retry for every
         wait that fits within ``within`` even drawn at its shortest (11 for :data:`CLIENT_RETRY`)."""
         tries, waited, delay = 1, 0.0, self.first_delay
-        while waited + delay <= self.within:
+        while delay < self.max_delay and waited + delay <= self.within:
             tries += 1
             waited += delay
             delay = min(delay * 2, self.max_delay)
+        if delay == self.max_delay and waited + delay <= self.within:
+            # Counted, not stepped through: a within of days is millions of waits at max_delay.
+            tries += int((self.within - waited) // delay)
         return tries
 
 

@@ -35,6 +35,7 @@ from strongroom.artifact.format import DIGEST_SIZE, ArtifactHeader
 from strongroom.artifact.manifest import (
     MANIFEST_CONTENT_TYPE,
     MAX_PARTS,
+    PART_VERSION_MARK,
     ManifestLayout,
     build_manifest,
     header_digest,
@@ -530,9 +531,14 @@ def _versions(versions: Sequence[str]) -> str:
 
 def _rm_commands(name: str, versions: Sequence[str]) -> str:
     """The ``strongroom model rm`` command(s) that remove ``versions`` of ``name``, spelled out
-    (parts 0 to N-1, as a failed publish leaves them, as one shell loop)."""
-    base, mark, _index = versions[0].rpartition("+part.")
-    if len(versions) > 3 and all(v == f"{base}{mark}{i}" for i, v in enumerate(versions)):
+    (parts 0 to N-1, as a failed publish leaves them, as one shell loop). Shell-safe: a name or
+    version holds only letters, digits and ``._+-/`` (identifiers.py), never first a ``-``."""
+    base, mark, _index = versions[0].rpartition(PART_VERSION_MARK)
+    if (
+        len(versions) > 3
+        and mark
+        and all(v == part_version(base, i) for i, v in enumerate(versions))
+    ):
         return (
             f"`for n in $(seq 0 {len(versions) - 1}); do strongroom model rm {shlex.quote(name)} "
             f'"{base}{mark}$n"; done`'
@@ -550,35 +556,46 @@ def _check_version_free(
     and left behind) or whose first part a publish left behind (FAILED_PRECONDITION
     PARTS_LEFT_BEHIND: refused at that part, with the commands that free it). Such parts cannot
     be taken over: they are sealed under the failed publish's data key, which only an attested
-    server can have released, and a publisher may not delete them."""
+    server can have released, and a publisher may not delete them. Nor can this publish tell a
+    failed publish's parts from those of one still running, so the commands come with the
+    condition under which they are safe, and the time the last part was stored."""
 
-    def stored(store_version: str) -> bool:
-        def stat() -> bool:
+    def stored(store_version: str) -> store_pb.ModelInfo | None:
+        def stat() -> store_pb.ModelInfo | None:
             try:
-                stub.StatModel(
+                return stub.StatModel(
                     store_pb.StatModelRequest(name=name, version=store_version), timeout=30
-                )
+                ).model
             except grpc.RpcError as exc:
                 if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND:
-                    return False
+                    return None
                 raise
-            return True
 
         return retrying_busy(stat, retry, what=f"checking {name}/{store_version}")
 
-    if stored(version):
+    if stored(version) is not None:
         raise AlreadyExists(
             f"{name}/{version} is already stored; nothing was published",
             reason=Reason.MODEL_EXISTS,
         )
     # A failed publish stores its parts in order from the first: those left are 0 to N-1.
     left: list[str] = []
-    while len(left) < MAX_PARTS and stored(part_version(version, len(left))):
+    last: store_pb.ModelInfo | None = None
+    while len(left) < MAX_PARTS:
+        found = stored(part_version(version, len(left)))
+        if found is None:
+            break
         left.append(part_version(version, len(left)))
-    if left:
+        last = found
+    if last is not None:
+        when = last.stored_at.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")
+        # Parts of a publish still running become its model's once its manifest is stored:
+        # removed then, by commands handed out here, they broke every load of a published model.
         raise FailedPrecondition(
             f"{name}/{version} has no manifest, but {len(left)} part(s) a publish of it stored "
-            f"are left ({_versions(left)}: it failed, or is still running, and a publisher may "
-            f"not delete them); nothing was published; {_unblock(name, left)}",
+            f"are left ({_versions(left)}, the last stored at {when}): that publish failed, or "
+            "is still running; nothing was published. Once no publish of it is running and "
+            f"{name}/{version} is still not stored (a publish that completes makes them its "
+            f"model's parts), {_unblock(name, left)}",
             reason=Reason.PARTS_LEFT_BEHIND,
         )

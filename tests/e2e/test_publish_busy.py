@@ -12,10 +12,12 @@ tried, records and blobs stored.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from strongroom.artifact import parse_header
 from strongroom.artifact.c2sp import PREAMBLE_SIZE, TAG_SIZE
 from strongroom.artifact.manifest import ManifestLayout, PartMissing
 from strongroom.attesters import SimulatedAttester, TeeType
+from strongroom.client import multipart
 from strongroom.client.busy import CLIENT_RETRY, BusyRetry
 from strongroom.client.fetch import ModelFetcher, grpc_source, retrying_source
 from strongroom.client.keyrelease import KeyReleaseClient
@@ -600,6 +603,62 @@ def test_a_refused_upload_still_reading_does_not_move_the_retry_s_read_position(
     assert uploaded.model.artifact_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_a_refused_part_s_late_piece_does_not_become_the_retry_s_digest(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """publish_parts: the refused try's feeding thread has its first chunk read and sealed when
+    the store's refusal ends the call, and hands it on (``on_piece``) only once the retry has
+    sent its last piece. The tries collected the footer in one shared buffer, so that late
+    piece's last 32 bytes went into the manifest as the part's digest, and the fetch failed
+    DATA_LOSS PART_MISMATCH. No callback runs between the writer's yield and ``on_piece``, so the thread is
+    held there by wrapping the part's pieces (``_messages``); everything else is real."""
+    shard = tmp_path / "shard.bin"
+    shard.write_bytes(os.urandom(50_000))  # whole chunks in the first block: a piece of them
+    calls: list[int] = []
+    release = threading.Event()
+    refused_thread: list[threading.Thread] = []
+    real = multipart._messages
+
+    def messages(pieces: Iterator[bytes], on_piece: Any) -> Iterator[Any]:
+        call = len(calls)
+        calls.append(call)
+
+        def held() -> Iterator[bytes]:
+            for index, piece in enumerate(pieces):
+                if call == 0 and index == 1:  # the refused try's first chunks, read and sealed
+                    refused_thread.append(threading.current_thread())
+                    assert release.wait(30)
+                yield piece
+            if call == 1:  # the retry's last piece is handed on: the late one comes now
+                assert refused_thread, "the refused try's thread never reached its first chunk"
+                release.set()
+                # gRPC's thread feeding the refused call ends once that piece is handed on
+                # (its file closed meanwhile, the next read fails).
+                refused_thread[0].join(30)
+                assert not refused_thread[0].is_alive()
+
+        return real(held(), on_piece)
+
+    monkeypatch.setattr(multipart, "_messages", messages)
+    uploads = OneAhead(stack, publisher, refused={0})  # its thread in next() when refused
+    publish_parts(
+        files_parts([shard]),
+        name="busy/late",
+        version="1",
+        key_id=KEY_ID,
+        broker=stack.channel(publisher, "keybroker"),
+        store=_store(stack, publisher, uploads),
+        layout=ManifestLayout.FILES,
+        retry=BusyRetry(sleep=lambda _seconds: None),
+    )
+    assert release.is_set() and calls == [0, 1, 2]  # the race was run, not missed
+    assert uploads.outcomes == [REFUSED, ("OK", None), ("OK", None)]
+    reader = stack.identity("inference")
+    fetcher = ModelFetcher(stack.channel(reader, "modelstore"), _release(stack, reader))
+    with fetcher.fetch("busy/late", "1") as model:
+        assert bytes(model.parts[0].view) == shard.read_bytes()
+
+
 def test_a_signed_model_changed_while_its_publish_waited_to_retry_is_not_stored(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
@@ -704,6 +763,22 @@ def test_a_busy_retry_that_never_waits_is_refused() -> None:
         BusyRetry(first_delay=2.0, max_delay=1.0)
 
 
+@pytest.mark.parametrize("within", [math.inf, math.nan, -1.0])
+def test_a_busy_retry_without_an_end_is_refused(within: float) -> None:
+    """An unbounded ``within`` was taken: a multi-part publish then counted its most_tries for
+    ever, at full CPU, before any call (it retried without end before most_tries existed)."""
+    with pytest.raises(ValueError, match="ends"):
+        BusyRetry(within=within)
+
+
+def test_most_tries_of_a_long_bound_is_counted_not_stepped() -> None:
+    """Waits of 0.5, 1, 2 and 4 s, then one of 8 s for every 8 s left: stepped one wait at a
+    time, a bound of 10^12 s was 1.25 * 10^11 steps (a publish that never started)."""
+    assert BusyRetry(within=1e12).most_tries == 5 + int((1e12 - 7.5) // 8)
+    assert BusyRetry(within=63.5).most_tries == 12  # 7.5 + 7 * 8: the last wait fits exactly
+    assert BusyRetry(within=1.0, first_delay=1.0, max_delay=1.0).most_tries == 2
+
+
 class CountCalls(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
     """Counts the unary calls made through a channel, by method."""
 
@@ -750,6 +825,12 @@ def test_parts_left_by_a_publish_out_of_retries_are_named_with_their_command_and
     assert isinstance(info.value.__cause__, grpc.RpcError)
     assert _records(stack, "busy/left") == [("busy/left", "1+part.0")]
 
+    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
+
+    def admin_stat(version: str) -> store_pb.ModelInfo:
+        request = store_pb.StatModelRequest(name="busy/left", version=version)
+        return admin.StatModel(request, timeout=30).model
+
     broker = CountCalls()
     again = BusyBefore(stack, publisher, set())
     with pytest.raises(FailedPrecondition) as refused:
@@ -764,9 +845,17 @@ def test_parts_left_by_a_publish_out_of_retries_are_named_with_their_command_and
         )
     assert refused.value.reason == "PARTS_LEFT_BEHIND"
     assert "`strongroom model rm busy/left 1+part.0`" in refused.value.message
+    # This publish cannot tell a failed publish's parts from a running one's: the commands,
+    # run once that one stored its manifest, removed a published model's parts (every load of
+    # it then failed). They come with the condition, and when the last part was stored.
+    stored_at = admin_stat("1+part.0").stored_at.ToDatetime(tzinfo=UTC)
+    assert f"the last stored at {stored_at.isoformat(timespec='seconds')}" in refused.value.message
+    assert (
+        "Once no publish of it is running and busy/left/1 is still not stored"
+        in refused.value.message
+    )
     assert (broker.methods, again.outcomes) == ([], [])
 
-    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
     admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/left", version="1+part.0"))
     _publish(stack, publisher, shards, "busy/left", stack.channel(publisher, "modelstore"))
     assert len(_records(stack, "busy/left")) == 4
