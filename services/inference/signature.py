@@ -24,12 +24,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from strongroom import jsonparse
 from strongroom.cryptoparse import KEY_PARSE_ERRORS
 from strongroom.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from strongroom.model_statement import PAYLOAD_TYPE, signed_file_digest
 from strongroom.reasons import Reason
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
-_PAYLOAD_TYPE = "application/vnd.in-toto+json"
-_STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
-_PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 _HASHES: dict[int, hashes.HashAlgorithm] = {
     256: hashes.SHA256(),
     384: hashes.SHA384(),
@@ -80,25 +78,12 @@ class SignaturePolicy:
         if media_type != BUNDLE_MEDIA_TYPE:
             raise SignatureInvalid(f"unsupported signature bundle type {media_type[:80]!r}")
         statement = self._verified_statement(bundle)
-        # Signed is not well-formed: any member may be of any JSON type.
-        predicate = _object(statement.get("predicate"))
-        resources = predicate.get("resources")
-        serialization_ = _object(predicate.get("serialization"))
-        if (
-            statement.get("_type") != _STATEMENT_TYPE
-            or statement.get("predicateType") != _PREDICATE_TYPE
-            or serialization_.get("method") != "files"
-            or serialization_.get("hash_type") != "sha256"
-            or not isinstance(resources, list)
-            or len(resources) != 1
-            or not isinstance(resources[0], dict)
-            or resources[0].get("algorithm") != "sha256"
-        ):
-            raise SignatureInvalid(
-                "the signed statement does not describe one SHA-256-hashed model file"
-            )
+        try:
+            signed = signed_file_digest(statement)
+        except ValueError as exc:
+            raise SignatureInvalid(str(exc)) from None
         digest = hashlib.sha256(plaintext).hexdigest()
-        if not hmac.compare_digest(str(resources[0].get("digest", "")), digest):
+        if not hmac.compare_digest(signed, digest):
             raise SignatureInvalid("the signature is for another model: digests differ")
 
     def _verified_statement(self, bundle: bytes) -> dict[str, Any]:
@@ -107,14 +92,14 @@ class SignaturePolicy:
             envelope = document["dsseEnvelope"]
             payload = base64.b64decode(envelope["payload"], validate=True)
             signatures = envelope["signatures"]
-            if envelope["payloadType"] != _PAYLOAD_TYPE or len(signatures) != 1:
+            if envelope["payloadType"] != PAYLOAD_TYPE or len(signatures) != 1:
                 raise ValueError("unexpected envelope")
             signature = base64.b64decode(signatures[0]["sig"], validate=True)
         except (ValueError, KeyError, TypeError, IndexError, binascii.Error):
             raise SignatureInvalid("the signature bundle is malformed") from None
         pae = b"DSSEv1 %d %s %d %s" % (
-            len(_PAYLOAD_TYPE),
-            _PAYLOAD_TYPE.encode(),
+            len(PAYLOAD_TYPE),
+            PAYLOAD_TYPE.encode(),
             len(payload),
             payload,
         )
@@ -132,8 +117,3 @@ class SignaturePolicy:
         if not isinstance(statement, dict):
             raise SignatureInvalid("the signed statement is not an object")
         return statement
-
-
-def _object(value: object) -> dict[str, Any]:
-    """``value`` if it is a JSON object, else an empty one (so a wrong type fails the checks)."""
-    return value if isinstance(value, dict) else {}

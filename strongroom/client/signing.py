@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from strongroom import jsonparse
 from strongroom.errors import FailedPrecondition, InvalidArgument
+from strongroom.model_statement import PAYLOAD_TYPE, signed_file_digest
 from strongroom.reasons import Reason
 from strongroom.runtime.secrets import require_private
 
@@ -49,17 +50,14 @@ def sign_model(model: Path, private_key: Path) -> bytes:
 
 def signed_digest(bundle: bytes) -> bytes:
     """The plaintext SHA-256 a bundle :func:`sign_model` made signs (the one file its in-toto
-    statement lists), to hold the bytes published to it. Not a verification: the bundle is ours,
+    statement lists, by the servers' own rule: :mod:`strongroom.model_statement`), to hold the bytes published to it. Not a verification: the bundle is ours,
     and the inference servers verify it (services/inference/signature.py)."""
     try:
         envelope = jsonparse.loads(bundle)["dsseEnvelope"]
+        if envelope["payloadType"] != PAYLOAD_TYPE:
+            raise ValueError("not an in-toto statement")
         statement = jsonparse.loads(base64.b64decode(envelope["payload"], validate=True))
-        (resource,) = statement["predicate"]["resources"]
-        if resource["algorithm"] != "sha256":
-            raise ValueError("not SHA-256")
-        digest = bytes.fromhex(resource["digest"])
-        if len(digest) != 32:
-            raise ValueError("not a SHA-256 digest")
+        digest = bytes.fromhex(signed_file_digest(statement))
     except (ValueError, KeyError, TypeError, binascii.Error):
         # model-signing of another version, writing another statement: no server could check it.
         raise InvalidArgument(
