@@ -1873,10 +1873,14 @@ def _read_sealed_log(dir_fd: int, name: str, sealed: ParsedHead) -> tuple[str, o
     try:
         found = os.fstat(fd)
         size = found.st_size
-        end, tail = _read_tail(fd, size, 1)
-        last = _tail_record(tail[-1][1]) if tail else None
+        # Named: a start's alarm must say which of the sealed files, and which end, is bad (it
+        # said "the last audit record" for either end of any of them).
+        last_record = f"the last record of the sealed audit log {name}"
+        end, tail = _read_tail(fd, size, 1, last_record)
+        last = _tail_record(tail[-1][1], last_record) if tail else None
         line = _first_line(fd, size)
-        first = _tail_record(line) if line is not None else None
+        first_record = f"the first record of the sealed audit log {name}"
+        first = _tail_record(line, first_record) if line is not None else None
     finally:
         os.close(fd)
     if sealed.size is not None and size != sealed.size:
@@ -1944,10 +1948,12 @@ def _parse_own_head(raw: bytes, public_key: Ed25519PublicKey, name: str) -> Pars
         ) from None
 
 
-def _read_tail(fd: int, size: int, lines: int) -> tuple[int, list[tuple[int, bytes]]]:
+def _read_tail(
+    fd: int, size: int, lines: int, what: str = "the last audit record"
+) -> tuple[int, list[tuple[int, bytes]]]:
     """The offset just after the last complete line, and the last ``lines`` complete lines (fewer
     if the file has fewer) as (offset where it starts, the line without its newline), oldest first;
-    read from the end."""
+    read from the end. DataLoss naming ``what`` when the last line is too long to be a record."""
     buf = b""
     pos = size
     limit = (lines + 1) * (MAX_RECORD_BYTES + 1) + 8192  # the lines, a torn one, slack
@@ -1957,7 +1963,7 @@ def _read_tail(fd: int, size: int, lines: int) -> tuple[int, list[tuple[int, byt
             end, spans = found
             return pos + end, [(pos + start, buf[start:stop]) for start, stop in spans]
         if len(buf) > limit:
-            raise DataLoss("the last audit record is malformed", reason=Reason.AUDIT_LOG_TAMPERED)
+            raise DataLoss(f"{what} is malformed", reason=Reason.AUDIT_LOG_TAMPERED)
         step = min(8192 if lines == 1 else 65536, pos)
         pos -= step
         buf = os.pread(fd, step, pos) + buf
@@ -1993,7 +1999,8 @@ def _first_line(fd: int, size: int) -> bytes | None:
     return line if newline else None
 
 
-def _tail_record(line: bytes) -> dict[str, Any]:
+def _tail_record(line: bytes, what: str = "the last audit record") -> dict[str, Any]:
+    """The record ``line`` (``what``, for a tamper verdict's message), its hash checked."""
     try:
         record = jsonparse.loads(line)
     except ValueError:
@@ -2005,7 +2012,7 @@ def _tail_record(line: bytes) -> dict[str, Any]:
         or not isinstance(record.get("hash"), str)
         or not isinstance(record.get("prev"), str)
     ):
-        raise DataLoss("the last audit record is malformed", reason=Reason.AUDIT_LOG_TAMPERED)
+        raise DataLoss(f"{what} is malformed", reason=Reason.AUDIT_LOG_TAMPERED)
     # What the head is matched against must be a record, not a stub carrying the head's hash.
     claimed = record.pop("hash")
     try:
@@ -2016,7 +2023,7 @@ def _tail_record(line: bytes) -> dict[str, Any]:
         intact = False
     if not intact:
         raise DataLoss(
-            "the last audit record was modified (its hash does not match its content)",
+            f"{what} was modified (its hash does not match its content)",
             reason=Reason.AUDIT_LOG_TAMPERED,
         )
     record["hash"] = claimed

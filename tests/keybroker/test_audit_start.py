@@ -145,6 +145,41 @@ def test_an_edited_sealed_record_is_tampering(
     assert "audit.log.3-5" in _tampered(log_path, key, caplog)
 
 
+def _hash_digit_flipped(line: bytes) -> bytes:
+    """``line`` (a record and its newline) with one hex digit of its ``hash`` changed: the same
+    length, the hash no longer its content's."""
+    at = line.rindex(b'"hash":"') + len(b'"hash":"')
+    return line[:at] + (b"0" if line[at : at + 1] != b"0" else b"1") + line[at + 1 :]
+
+
+def _not_json(line: bytes) -> bytes:
+    """``line`` made something else of the same length that is no record."""
+    return b"x" * (len(line) - 1) + b"\n"
+
+
+@pytest.mark.parametrize("edit", [_hash_digit_flipped, _not_json], ids=["hash", "not-json"])
+@pytest.mark.parametrize("at", [0, 2], ids=["first", "last"])
+def test_a_sealed_record_edited_in_place_at_its_ends_names_the_file_and_the_record(
+    series: Path,
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    caplog: pytest.LogCaptureFixture,
+    at: int,
+    edit: object,
+) -> None:
+    """An end record of one of the sealed files edited in place at its length: the alarm said
+    "the last audit record was modified" (or "is malformed"), for the first record too, and
+    named no file, so an operator with thousands of them had only audit verify to find which."""
+    sealed = series / "audit.log.3-5"
+    records = lines(sealed)
+    records[at] = edit(records[at])  # type: ignore[operator]
+    sealed.write_bytes(b"".join(records))
+    which = "first" if at == 0 else "last"
+    assert _tampered(log_path, key, caplog).startswith(
+        f"the {which} record of the sealed audit log audit.log.3-5 "
+    )
+
+
 def test_a_sealed_record_removed_from_the_middle_is_tampering(
     series: Path, log_path: Path, key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
 ) -> None:
