@@ -123,7 +123,9 @@ deleted; without rotation the cap means what it did.
 still beside the log without reading its records (under a millisecond per file: 100 files of 64 MiB
 took 41 ms warm, 97 ms with nothing cached, ``tests/bench/audit_start.py``): its head signed by
 this broker and sealed, its name the range that head seals, its size the head's ``size``, its first
-record at the head's ``base`` and its last the record the head anchors, both intact; each file's
+record at the head's ``base`` and its last the record the head anchors, both intact, and its
+second record continuing its first (anyone can hash a record again: the first edited at its
+length and hashed again kept its ``seq``, ``prev`` and the file's size); each file's
 first record continuing the file before (``prev`` its last hash, its first ``seq`` that file's
 count); and the log at the path starting where the newest ends (its head's ``base``, and its first
 record's ``prev`` or, empty, its head's ``last_hash``). So a sealed file edited (other than in
@@ -1866,8 +1868,9 @@ def _read_sealed_head(
 def _read_sealed_log(dir_fd: int, name: str, sealed: ParsedHead) -> tuple[str, os.stat_result]:
     """Checks that the log ``name`` is as long as its head ``sealed`` says (when it says: heads
     sealed before ``size`` was added do not), starts at the head's ``base`` and ends with the
-    record it seals (DataLoss otherwise); returns its first record's ``prev`` and the log's
-    status before it was read. Reads the first and last records only."""
+    record it seals, and that the record after the first continues it (DataLoss otherwise);
+    returns its first record's ``prev`` and the log's status before it was read. Reads the
+    first two records and the last only."""
     head = sealed.head
     fd = open_regular(name, dir_fd=dir_fd)
     try:
@@ -1881,6 +1884,14 @@ def _read_sealed_log(dir_fd: int, name: str, sealed: ParsedHead) -> tuple[str, o
         line = _first_line(fd, size)
         first_record = f"the first record of the sealed audit log {name}"
         first = _tail_record(line, first_record) if line is not None else None
+        # Anyone can hash a record again: the first one edited at its length kept its seq, its
+        # prev and the file's size. The next record's prev is what tells (the last one's hash
+        # is the head's); what lies between is audit verify's to read.
+        second = None
+        if line is not None and head.count - head.base > 1:
+            after = _line_at(fd, size, len(line) + 1)
+            what = f"the second record of the sealed audit log {name}"
+            second = _tail_record(after, what) if after is not None else None
     finally:
         os.close(fd)
     if sealed.size is not None and size != sealed.size:
@@ -1901,6 +1912,12 @@ def _read_sealed_log(dir_fd: int, name: str, sealed: ParsedHead) -> tuple[str, o
     if first is None or first["seq"] != head.base:
         raise DataLoss(
             f"the sealed audit log {name} does not start where its head says",
+            reason=Reason.AUDIT_LOG_TAMPERED,
+        )
+    if head.count - head.base > 1 and (second is None or second["prev"] != first["hash"]):
+        raise DataLoss(
+            f"the first record of the sealed audit log {name} was edited: the record after it "
+            "does not continue it",
             reason=Reason.AUDIT_LOG_TAMPERED,
         )
     return first["prev"], found
@@ -1995,7 +2012,14 @@ def _split_tail(
 
 def _first_line(fd: int, size: int) -> bytes | None:
     """The log's first line without its newline (None if it has no complete line)."""
-    line, newline, _ = os.pread(fd, min(size, MAX_RECORD_BYTES + 1), 0).partition(b"\n")
+    return _line_at(fd, size, 0)
+
+
+def _line_at(fd: int, size: int, offset: int) -> bytes | None:
+    """The line starting at ``offset`` without its newline (None if it is not complete within
+    a record's most bytes)."""
+    chunk = os.pread(fd, max(min(size - offset, MAX_RECORD_BYTES + 1), 0), offset)
+    line, newline, _ = chunk.partition(b"\n")
     return line if newline else None
 
 

@@ -180,6 +180,31 @@ def test_a_sealed_record_edited_in_place_at_its_ends_names_the_file_and_the_reco
     )
 
 
+@pytest.mark.parametrize("name", ["audit.log.0-2", "audit.log.3-5", "audit.log.6-8"])
+def test_a_sealed_files_first_record_edited_at_its_length_and_rehashed_is_tampering(
+    series: Path,
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+) -> None:
+    """Anyone can compute a record's hash: the first record edited at its length (a digit of its
+    time) and hashed again kept its ``seq``, its ``prev`` and the file's size, and the start,
+    which read only the first and last records, started beside it, though an edit at a file's
+    ends is documented as tampering at start. The record after it no longer continues it."""
+    sealed = series / name
+    records = lines(sealed)
+    time_text = json.loads(records[0])["time"]
+    digit = "1" if time_text[-2] != "1" else "2"
+    records[0] = _rewritten(records[0], time=time_text[:-2] + digit + time_text[-1])
+    assert len(records[0]) == len(lines(sealed)[0])
+    sealed.write_bytes(b"".join(records))
+    assert _tampered(log_path, key, caplog) == (
+        f"the first record of the sealed audit log {name} was edited: the record after it "
+        "does not continue it"
+    )
+
+
 def test_a_sealed_record_removed_from_the_middle_is_tampering(
     series: Path, log_path: Path, key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
 ) -> None:
