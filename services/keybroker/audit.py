@@ -123,7 +123,9 @@ deleted; without rotation the cap means what it did.
 still beside the log without reading its records (under a millisecond per file: 100 files of 64 MiB
 took 41 ms warm, 97 ms with nothing cached, ``tests/bench/audit_start.py``): its head signed by
 this broker and sealed, its name the range that head seals, its size the head's ``size``, its first
-record at the head's ``base`` and its last the record the head anchors, both intact; each file's
+record at the head's ``base`` and its last the record the head anchors, both intact, and its
+second record continuing its first (anyone can hash a record again: the first edited at its
+length and hashed again kept its ``seq``, ``prev`` and the file's size); each file's
 first record continuing the file before (``prev`` its last hash, its first ``seq`` that file's
 count); and the log at the path starting where the newest ends (its head's ``base``, and its first
 record's ``prev`` or, empty, its head's ``last_hash``). So a sealed file edited (other than in
@@ -1873,17 +1875,30 @@ def _read_sealed_head(
 def _read_sealed_log(dir_fd: int, name: str, sealed: ParsedHead) -> tuple[str, os.stat_result]:
     """Checks that the log ``name`` is as long as its head ``sealed`` says (when it says: heads
     sealed before ``size`` was added do not), starts at the head's ``base`` and ends with the
-    record it seals (DataLoss otherwise); returns its first record's ``prev`` and the log's
-    status before it was read. Reads the first and last records only."""
+    record it seals, and that the record after the first continues it (DataLoss otherwise);
+    returns its first record's ``prev`` and the log's status before it was read. Reads the
+    first two records and the last only."""
     head = sealed.head
     fd = open_regular(name, dir_fd=dir_fd)
     try:
         found = os.fstat(fd)
         size = found.st_size
-        end, tail = _read_tail(fd, size, 1)
-        last = _tail_record(tail[-1][1]) if tail else None
+        # Named: a start's alarm must say which of the sealed files, and which end, is bad (it
+        # said "the last audit record" for either end of any of them).
+        last_record = f"the last record of the sealed audit log {name}"
+        end, tail = _read_tail(fd, size, 1, last_record)
+        last = _tail_record(tail[-1][1], last_record) if tail else None
         line = _first_line(fd, size)
-        first = _tail_record(line) if line is not None else None
+        first_record = f"the first record of the sealed audit log {name}"
+        first = _tail_record(line, first_record) if line is not None else None
+        # Anyone can hash a record again: the first one edited at its length kept its seq, its
+        # prev and the file's size. The next record's prev is what tells (the last one's hash
+        # is the head's); what lies between is audit verify's to read.
+        second = None
+        if line is not None and head.count - head.base > 1:
+            after = _line_at(fd, size, len(line) + 1)
+            what = f"the second record of the sealed audit log {name}"
+            second = _tail_record(after, what) if after is not None else None
     finally:
         os.close(fd)
     if sealed.size is not None and size != sealed.size:
@@ -1904,6 +1919,12 @@ def _read_sealed_log(dir_fd: int, name: str, sealed: ParsedHead) -> tuple[str, o
     if first is None or first["seq"] != head.base:
         raise DataLoss(
             f"the sealed audit log {name} does not start where its head says",
+            reason=Reason.AUDIT_LOG_TAMPERED,
+        )
+    if head.count - head.base > 1 and (second is None or second["prev"] != first["hash"]):
+        raise DataLoss(
+            f"the first record of the sealed audit log {name} was edited: the record after it "
+            "does not continue it",
             reason=Reason.AUDIT_LOG_TAMPERED,
         )
     return first["prev"], found
@@ -1951,10 +1972,12 @@ def _parse_own_head(raw: bytes, public_key: Ed25519PublicKey, name: str) -> Pars
         ) from None
 
 
-def _read_tail(fd: int, size: int, lines: int) -> tuple[int, list[tuple[int, bytes]]]:
+def _read_tail(
+    fd: int, size: int, lines: int, what: str = "the last audit record"
+) -> tuple[int, list[tuple[int, bytes]]]:
     """The offset just after the last complete line, and the last ``lines`` complete lines (fewer
     if the file has fewer) as (offset where it starts, the line without its newline), oldest first;
-    read from the end."""
+    read from the end. DataLoss naming ``what`` when the last line is too long to be a record."""
     buf = b""
     pos = size
     limit = (lines + 1) * (MAX_RECORD_BYTES + 1) + 8192  # the lines, a torn one, slack
@@ -1964,7 +1987,7 @@ def _read_tail(fd: int, size: int, lines: int) -> tuple[int, list[tuple[int, byt
             end, spans = found
             return pos + end, [(pos + start, buf[start:stop]) for start, stop in spans]
         if len(buf) > limit:
-            raise DataLoss("the last audit record is malformed", reason=Reason.AUDIT_LOG_TAMPERED)
+            raise DataLoss(f"{what} is malformed", reason=Reason.AUDIT_LOG_TAMPERED)
         step = min(8192 if lines == 1 else 65536, pos)
         pos -= step
         buf = os.pread(fd, step, pos) + buf
@@ -1996,11 +2019,19 @@ def _split_tail(
 
 def _first_line(fd: int, size: int) -> bytes | None:
     """The log's first line without its newline (None if it has no complete line)."""
-    line, newline, _ = os.pread(fd, min(size, MAX_RECORD_BYTES + 1), 0).partition(b"\n")
+    return _line_at(fd, size, 0)
+
+
+def _line_at(fd: int, size: int, offset: int) -> bytes | None:
+    """The line starting at ``offset`` without its newline (None if it is not complete within
+    a record's most bytes)."""
+    chunk = os.pread(fd, max(min(size - offset, MAX_RECORD_BYTES + 1), 0), offset)
+    line, newline, _ = chunk.partition(b"\n")
     return line if newline else None
 
 
-def _tail_record(line: bytes) -> dict[str, Any]:
+def _tail_record(line: bytes, what: str = "the last audit record") -> dict[str, Any]:
+    """The record ``line`` (``what``, for a tamper verdict's message), its hash checked."""
     try:
         record = jsonparse.loads(line)
     except ValueError:
@@ -2012,7 +2043,7 @@ def _tail_record(line: bytes) -> dict[str, Any]:
         or not isinstance(record.get("hash"), str)
         or not isinstance(record.get("prev"), str)
     ):
-        raise DataLoss("the last audit record is malformed", reason=Reason.AUDIT_LOG_TAMPERED)
+        raise DataLoss(f"{what} is malformed", reason=Reason.AUDIT_LOG_TAMPERED)
     # What the head is matched against must be a record, not a stub carrying the head's hash.
     claimed = record.pop("hash")
     try:
@@ -2023,7 +2054,7 @@ def _tail_record(line: bytes) -> dict[str, Any]:
         intact = False
     if not intact:
         raise DataLoss(
-            "the last audit record was modified (its hash does not match its content)",
+            f"{what} was modified (its hash does not match its content)",
             reason=Reason.AUDIT_LOG_TAMPERED,
         )
     record["hash"] = claimed

@@ -20,9 +20,9 @@ empty active log continuing them, then times:
   directory's (what a sibling's rotation waits for), best of ``R`` as the opens are; ``*_share``
   is the cold hold over the cold open.
 
-The ``N`` sealed files are real at both ends (a signed sealed head, valid first and last
-records) and a hole in between: the start check reads a file's head, its first 64 KiB and its
-last 8 KiB, never the middle, so only the real one built for ``full_chain_one_file`` needs real
+The ``N`` sealed files are real at both ends (a signed sealed head, valid first two and last
+records) and a hole in between: the start check reads a file's head, its first two records (up
+to 64 KiB each) and its last 8 KiB, never the middle, so only the real one built for ``full_chain_one_file`` needs real
 records throughout (building 6.4 GB of signed records would take minutes of the shared CPU).
 Times are best of ``R``; ratios are to ``open_baseline``. Prints JSON.
 """
@@ -100,10 +100,11 @@ def _sealed_file(
     directory: Path, key: Ed25519PrivateKey, base: int, prev: str, size: int, *, real: bool
 ) -> tuple[int, str]:
     """A sealed log from seq ``base`` chained on ``prev``, of about ``size`` bytes: real records
-    throughout, or (not ``real``) its first and last records around a hole. Returns its count
-    and last hash."""
+    throughout, or (not ``real``) its first two and last records around a hole. Returns its
+    count and last hash."""
     line, digest = _record(base, prev, key)
-    per_file = max(2, size // len(line))
+    size = max(size, 3 * len(line))
+    per_file = size // len(line)
     last = base + per_file - 1
     path = directory / sealed_log_name(LOG, base, last)
     with path.open("wb") as out:
@@ -113,6 +114,8 @@ def _sealed_file(
                 line, digest = _record(seq, digest, key)
                 out.write(line)
         else:
+            line, digest = _record(base + 1, digest, key)  # the start checks it continues the first
+            out.write(line)
             line, digest = _record(last, secrets.token_hex(32), key)  # the check reads no other
             out.seek(size - len(line) - 1)
             out.write(b"\n" + line)

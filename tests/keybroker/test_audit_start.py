@@ -145,6 +145,66 @@ def test_an_edited_sealed_record_is_tampering(
     assert "audit.log.3-5" in _tampered(log_path, key, caplog)
 
 
+def _hash_digit_flipped(line: bytes) -> bytes:
+    """``line`` (a record and its newline) with one hex digit of its ``hash`` changed: the same
+    length, the hash no longer its content's."""
+    at = line.rindex(b'"hash":"') + len(b'"hash":"')
+    return line[:at] + (b"0" if line[at : at + 1] != b"0" else b"1") + line[at + 1 :]
+
+
+def _not_json(line: bytes) -> bytes:
+    """``line`` made something else of the same length that is no record."""
+    return b"x" * (len(line) - 1) + b"\n"
+
+
+@pytest.mark.parametrize("edit", [_hash_digit_flipped, _not_json], ids=["hash", "not-json"])
+@pytest.mark.parametrize("at", [0, 2], ids=["first", "last"])
+def test_a_sealed_record_edited_in_place_at_its_ends_names_the_file_and_the_record(
+    series: Path,
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    caplog: pytest.LogCaptureFixture,
+    at: int,
+    edit: object,
+) -> None:
+    """An end record of one of the sealed files edited in place at its length: the alarm said
+    "the last audit record was modified" (or "is malformed"), for the first record too, and
+    named no file, so an operator with thousands of them had only audit verify to find which."""
+    sealed = series / "audit.log.3-5"
+    records = lines(sealed)
+    records[at] = edit(records[at])  # type: ignore[operator]
+    sealed.write_bytes(b"".join(records))
+    which = "first" if at == 0 else "last"
+    assert _tampered(log_path, key, caplog).startswith(
+        f"the {which} record of the sealed audit log audit.log.3-5 "
+    )
+
+
+@pytest.mark.parametrize("name", ["audit.log.0-2", "audit.log.3-5", "audit.log.6-8"])
+def test_a_sealed_files_first_record_edited_at_its_length_and_rehashed_is_tampering(
+    series: Path,
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+) -> None:
+    """Anyone can compute a record's hash: the first record edited at its length (a digit of its
+    time) and hashed again kept its ``seq``, its ``prev`` and the file's size, and the start,
+    which read only the first and last records, started beside it, though an edit at a file's
+    ends is documented as tampering at start. The record after it no longer continues it."""
+    sealed = series / name
+    records = lines(sealed)
+    time_text = json.loads(records[0])["time"]
+    digit = "1" if time_text[-2] != "1" else "2"
+    records[0] = _rewritten(records[0], time=time_text[:-2] + digit + time_text[-1])
+    assert len(records[0]) == len(lines(sealed)[0])
+    sealed.write_bytes(b"".join(records))
+    assert _tampered(log_path, key, caplog) == (
+        f"the first record of the sealed audit log {name} was edited: the record after it "
+        "does not continue it"
+    )
+
+
 def test_a_sealed_record_removed_from_the_middle_is_tampering(
     series: Path, log_path: Path, key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -223,3 +223,82 @@ def test_a_sealed_file_changed_after_the_unlocked_read_is_read_again_under_the_l
     monkeypatch.undo()
     caplog.clear()
     assert "audit.log.0-2" in _tampered(log_path, key, caplog)  # as a start now finds it
+
+
+def _later_than(path: Path) -> None:
+    """Returns once a change made now gets a change time after ``path``'s: a file system's
+    clock ticks coarsely, and a change within the tick of the last one keeps its times (the
+    case the module doc leaves, as a change made after the check)."""
+    changed = os.lstat(path).st_ctime_ns
+    probe = path.with_name(".probe")
+    while True:
+        probe.write_bytes(b"")
+        if os.lstat(probe).st_ctime_ns > changed:
+            probe.unlink()
+            return
+
+
+def _flip_after(path: Path, marker: bytes) -> None:
+    """One hex digit after the last ``marker`` in ``path`` changed in place: the same file, the
+    same size."""
+    data = path.read_bytes()
+    at = data.rindex(marker) + len(marker)
+    _later_than(path)
+    with path.open("r+b") as file:
+        file.seek(at)
+        file.write(b"0" if data[at : at + 1] != b"0" else b"1")
+
+
+def _log_edited(path: Path) -> None:
+    """The last record's hash edited in place."""
+    _flip_after(path, b'"hash":"')
+
+
+def _head_edited(path: Path) -> None:
+    """The sealed head's ``last_hash`` edited in place."""
+    _flip_after(path.with_name(path.name + ".head"), b'"last_hash":"')
+
+
+def _times_put_back(change: object) -> object:
+    """``change``, then the file's access and modification times set back as they were (any
+    process that may write the file may): only its change time still tells."""
+
+    def changed(path: Path) -> None:
+        members = (path, path.with_name(path.name + ".head"))
+        snapshot = {member: os.lstat(member) for member in members}
+        change(path)  # type: ignore[operator]
+        for member, before in snapshot.items():
+            os.utime(member, ns=(before.st_atime_ns, before.st_mtime_ns))
+            assert os.lstat(member).st_size == before.st_size
+
+    return changed
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_log_edited, _head_edited, _times_put_back(_log_edited), _times_put_back(_head_edited)],
+    ids=["log", "head", "log-times-put-back", "head-times-put-back"],
+)
+def test_a_sealed_file_edited_in_place_at_its_size_after_the_unlocked_read_is_read_again(
+    series: Path,  # noqa: F811
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    change: object,
+) -> None:
+    """audit.log.0-2's log or head edited in place once the unlocked read had found it whole,
+    the same inode and size (the start held at the newest file's head): only its modification
+    and change times tell it from the file read, and with the modification time set back, only
+    the change time, which no call sets back. Either found changed, it is read again and is
+    tampering (the file's identity without its times started beside it)."""
+    start = _Start(log_path, key, hold_at="audit.log.6-8.head")
+    try:
+        start.begin(monkeypatch)
+        change(series / "audit.log.0-2")  # type: ignore[operator]
+        with pytest.raises(DataLoss) as info:
+            start.finish()
+    finally:
+        start.go_on.set()
+        if start.log is not None:
+            start.log.close()
+    assert info.value.reason == "AUDIT_LOG_TAMPERED"
