@@ -32,16 +32,16 @@ DATA = REPO / "tests" / "data"
 
 @pytest.fixture(autouse=True)
 def _pytest_keeps_its_exception_hooks() -> Iterator[None]:
-    """Fails a test that leaves ``threading.excepthook`` or ``sys.unraisablehook`` changed (and
-    puts pytest's back): pytest's own fail the test whose thread raised, or whose ``__del__``
+    """Fails a test that leaves ``threading.excepthook``, ``sys.excepthook`` or
+    ``sys.unraisablehook`` changed (and puts the run's back): pytest's own fail the test whose thread raised, or whose ``__del__``
     did (``filterwarnings`` in pyproject.toml), and a service's
     (:func:`strongroom.runtime.uncaught.install`, which ``run_service`` calls) left installed
     would have every later test's such exception logged, and passed."""
-    before = threading.excepthook, sys.unraisablehook
+    before = threading.excepthook, sys.excepthook, sys.unraisablehook
     yield
-    after = threading.excepthook, sys.unraisablehook
+    after = threading.excepthook, sys.excepthook, sys.unraisablehook
     if after != before:
-        threading.excepthook, sys.unraisablehook = before
+        threading.excepthook, sys.excepthook, sys.unraisablehook = before
         pytest.fail(f"the test left the process's exception hooks changed: {after}")
 
 

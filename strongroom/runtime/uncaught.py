@@ -1,7 +1,7 @@
-"""What a service's process does with an exception nothing caught: a thread's that ended it, or
-one the interpreter could not raise (a ``__del__``'s, a callback's): one ERROR line in the
-service's log (:mod:`~strongroom.runtime.logs`), its traceback the line's ``exc`` as everywhere
-else, never a traceback printed to stderr.
+"""What a service's process does with an exception nothing caught: one that ended a thread (the
+main thread's included), or one the interpreter could not raise (a ``__del__``'s, a callback's):
+one ERROR line in the service's log (:mod:`~strongroom.runtime.logs`), its traceback the line's
+``exc`` as everywhere else, never a traceback printed to stderr.
 
 Python's own hooks print the traceback to ``sys.stderr``, beside the service's structured lines
 and through stderr's buffer under its lock: with a full pipe whose collector had stopped reading,
@@ -25,9 +25,11 @@ log = logging.getLogger(__name__)
 
 
 def install() -> None:
-    """Makes :func:`thread_ended` the process's ``threading.excepthook`` and
-    :func:`unraisable` its ``sys.unraisablehook``."""
+    """Makes :func:`thread_ended` the process's ``threading.excepthook``,
+    :func:`main_thread_ended` its ``sys.excepthook`` and :func:`unraisable` its
+    ``sys.unraisablehook``."""
     threading.excepthook = thread_ended
+    sys.excepthook = main_thread_ended
     sys.unraisablehook = unraisable
 
 
@@ -47,6 +49,22 @@ def thread_ended(args: threading.ExceptHookArgs) -> None:
         args.exc_value,
         args.exc_traceback,
         thread_name=name,
+    )
+
+
+def main_thread_ended(
+    error_type: type[BaseException], error: BaseException, traceback: TracebackType | None
+) -> None:
+    """Logs, as :func:`thread_ended` does, the exception that ended the main thread (one the
+    command line does not print as one line: not a StrongroomError, an OSError nor a refused
+    call), and so the process."""
+    never_wait_here()
+    _log(
+        "thread ended on an uncaught error",
+        error_type,
+        error,
+        traceback,
+        thread_name=threading.current_thread().name,
     )
 
 

@@ -27,7 +27,8 @@ core, which writes to fd 2 too, can): the test's pipe, which it does not read.
 ``thread-raises``: serves, prints its port, and starts a (non-daemon) thread named ``background``
 that waits for a line on stdin, prints ``raising``, drops an object whose ``__del__`` raises
 (an exception Python cannot raise: its unraisable hook's) and ends raising
-``RuntimeError("the background work failed")``.
+``RuntimeError("the background work failed")``. ``unexpected``: its start raises an error the
+command line does not print as one line (a ``LookupError``), which ends the main thread.
 """
 
 from __future__ import annotations
@@ -276,6 +277,8 @@ def main(mode: str, collector: str = "") -> int:
             return _hung_host(mode.removeprefix("hung").removeprefix("-close-"))
         if mode == "exporting":
             return _exporting(tracer)
+        if mode == "unexpected":
+            raise LookupError("no backend named 'tape'")
         if mode == "listening":
             return _listening(collector)
         if mode == "starting-pool":

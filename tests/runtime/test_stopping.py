@@ -437,3 +437,25 @@ def test_a_thread_that_raises_while_stderr_is_full_and_never_read_does_not_hold_
     log's queue now, which the exit gives up on once its flush budget is spent."""
     status, _ = _raise_on_a_thread(fill_stderr=True)
     assert status == 0
+
+
+def test_an_unexpected_error_that_ends_the_main_thread_is_a_line_of_the_log() -> None:
+    """An error the command line does not print as one line (not a StrongroomError, an OSError
+    nor a refused call) went on to Python's own hook, a raw traceback on stderr among the JSON
+    lines. It is the log's last line now, ERROR, its traceback the line's ``exc``; status 1."""
+    process = _start("unexpected")
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 1, stderr[-2000:]
+    assert [line for line in stderr.splitlines() if not line.startswith("{")] == []
+    last = _log(stderr)[-1]
+    assert (last["level"], last["msg"]) == ("ERROR", "thread ended on an uncaught error")
+    assert (last["thread_name"], last["error_type"], last["error"]) == (
+        "MainThread",
+        "LookupError",
+        "no backend named 'tape'",
+    )
+    assert last["exc"].endswith("LookupError: no backend named 'tape'")

@@ -29,6 +29,7 @@ def service_hooks(
     monkeypatch.setattr("sys.stderr", stderr)
     monkeypatch.setattr(threading, "excepthook", threading.excepthook)
     monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
     uncaught.install()
 
     def lines() -> list[dict[str, Any]]:
@@ -139,10 +140,28 @@ def test_importing_the_services_installs_no_hook() -> None:
     keeps its own."""
     code = (
         "import sys, threading\n"
-        "before = threading.excepthook, sys.unraisablehook\n"
+        "before = threading.excepthook, sys.excepthook, sys.unraisablehook\n"
         "import strongroom.runtime.bootstrap, strongroom.runtime.uncaught\n"
         "import strongroom.keybroker.server, strongroom.modelstore.server\n"
         "import strongroom.inference.server\n"
-        "assert (threading.excepthook, sys.unraisablehook) == before\n"
+        "assert (threading.excepthook, sys.excepthook, sys.unraisablehook) == before\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+
+
+def test_an_exception_that_ends_the_main_thread_is_one_error_line(
+    service_hooks: Callable[[], list[dict[str, Any]]],
+) -> None:
+    """What the interpreter hands ``sys.excepthook`` as the main thread ends on an error."""
+    try:
+        raise KeyError("tape")
+    except KeyError as exc:
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+    (line,) = service_hooks()
+    assert (line["level"], line["msg"]) == ("ERROR", "thread ended on an uncaught error")
+    assert (line["thread_name"], line["error_type"], line["error"]) == (
+        "MainThread",
+        "KeyError",
+        "'tape'",
+    )
+    assert line["exc"].endswith("KeyError: 'tape'")
