@@ -9,6 +9,8 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -26,6 +28,21 @@ from tests.pki.helpers import new_ca
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _pytest_keeps_its_exception_hooks() -> Iterator[None]:
+    """Fails a test that leaves ``threading.excepthook``, ``sys.excepthook`` or
+    ``sys.unraisablehook`` changed (and puts the run's back): pytest's own fail the test whose thread raised, or whose ``__del__``
+    did (``filterwarnings`` in pyproject.toml), and a service's
+    (:func:`strongroom.runtime.uncaught.install`, which ``run_service`` calls) left installed
+    would have every later test's such exception logged, and passed."""
+    before = threading.excepthook, sys.excepthook, sys.unraisablehook
+    yield
+    after = threading.excepthook, sys.excepthook, sys.unraisablehook
+    if after != before:
+        threading.excepthook, sys.excepthook, sys.unraisablehook = before
+        pytest.fail(f"the test left the process's exception hooks changed: {after}")
 
 
 @pytest.fixture(scope="session")

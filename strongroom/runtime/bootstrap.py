@@ -20,7 +20,7 @@ from strongroom.pki.client import CaClient
 from strongroom.pki.errors import CertificateInvalid, NoIdentity
 from strongroom.pki.identity import RenewalPolicy, WorkloadIdentity
 from strongroom.reasons import Reason
-from strongroom.runtime import starting
+from strongroom.runtime import starting, uncaught
 from strongroom.runtime.config import (
     LOOPBACK_NAMES,
     CommonConfig,
@@ -266,6 +266,9 @@ def run_service(
     provider), serve until SIGTERM, drain, close; then write the log and end the telemetry."""
     common, section = load_service_config(config_path, service, section_cls)
     configure_logging(common.logging, service)
+    # An exception that ends a thread, or that cannot be raised, is a line of that log from here
+    # on, not a traceback on stderr (strongroom.runtime.uncaught).
+    uncaught.install()
     # A SIGTERM from here on stops the start at its next checkpoint (strongroom.runtime.starting).
     starting.install()
     abandoned = 0

@@ -24,6 +24,11 @@ thread named ``shutdown`` (a process at its thread limit as the stop's thread is
 ``stderr-fills``: serves, prints its port, and from then on the first time a thread that logs
 finds stderr writable, another writer fills stderr's pipe before that thread writes (as gRPC's C
 core, which writes to fd 2 too, can): the test's pipe, which it does not read.
+``thread-raises``: serves, prints its port, and starts a (non-daemon) thread named ``background``
+that waits for a line on stdin, prints ``raising``, drops an object whose ``__del__`` raises
+(an exception Python cannot raise: its unraisable hook's) and ends raising
+``RuntimeError("the background work failed")``. ``unexpected``: its start raises an error the
+command line does not print as one line (a ``LookupError``), which ends the main thread.
 """
 
 from __future__ import annotations
@@ -234,6 +239,21 @@ def _signalled_while_starting(held: str) -> _Running:
     raise AssertionError("not stopped")
 
 
+class _FailsToDelete:
+    def __del__(self) -> None:
+        raise ValueError("a finaliser failed")
+
+
+def _raise_on_a_thread() -> None:
+    def background() -> None:
+        sys.stdin.readline()
+        print("raising", flush=True)
+        _FailsToDelete()  # dropped at once: its __del__'s error cannot be raised
+        raise RuntimeError("the background work failed")
+
+    threading.Thread(target=background, name="background").start()
+
+
 def main(mode: str, collector: str = "") -> int:
     tracing = (
         TracingConfig(otlp_endpoint=f"127.0.0.1:{collector}", otlp_insecure=True)
@@ -257,13 +277,19 @@ def main(mode: str, collector: str = "") -> int:
             return _hung_host(mode.removeprefix("hung").removeprefix("-close-"))
         if mode == "exporting":
             return _exporting(tracer)
+        if mode == "unexpected":
+            raise LookupError("no backend named 'tape'")
         if mode == "listening":
             return _listening(collector)
         if mode == "starting-pool":
             return _starting_pool()
         if mode.startswith("signal-starting-"):
             return _signalled_while_starting(mode.removeprefix("signal-starting-"))
-        if mode.startswith("signal-serving-") or mode in ("no-stop-thread", "stderr-fills"):
+        if mode.startswith("signal-serving-") or mode in (
+            "no-stop-thread",
+            "stderr-fills",
+            "thread-raises",
+        ):
             return _listening("0")
         return _starting()
 
@@ -275,6 +301,8 @@ def main(mode: str, collector: str = "") -> int:
             _refuse_threads("shutdown")
         if mode.endswith("stderr-fills"):
             _fill_stderr_after_the_next_look()
+        if mode == "thread-raises":
+            _raise_on_a_thread()
 
     return bootstrap.run_service("test", None, object, build, after_start=started)  # type: ignore[arg-type]
 

@@ -34,6 +34,8 @@ def test_an_os_error_that_stops_a_service_is_logged_with_its_traceback(
     common = SimpleNamespace(production=False, logging=None, tracing=TracingConfig(), identity=None)
     monkeypatch.setattr(bootstrap, "load_service_config", lambda *a: (common, object()))
     monkeypatch.setattr(bootstrap, "configure_logging", lambda *a: None)
+    # The service process's hooks would stand in for pytest's (tests/conftest.py).
+    monkeypatch.setattr(bootstrap.uncaught, "install", lambda: None)
     monkeypatch.setattr(bootstrap, "open_identity", lambda *a: identity)
 
     def build(*args: Any) -> Any:

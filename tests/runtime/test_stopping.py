@@ -380,3 +380,82 @@ def test_a_service_abandoning_calls_exits_when_its_stderr_fills_after_the_look()
         process.kill()
         process.wait()
     assert status == 0
+
+
+def _raise_on_a_thread(*, fill_stderr: bool) -> tuple[int, str]:
+    """Runs ``thread-raises``, its stderr filled first with ``fill_stderr`` (and not read until
+    the process has ended: its reader stopped reading), has its thread raise, then sends
+    SIGTERM; the exit status and the whole of stderr."""
+    process = _start("thread-raises")
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        int(process.stdout.readline())  # serving
+        if fill_stderr:
+            fill_pipe(f"/proc/{process.pid}/fd/2")
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        assert process.stdout.readline() == "raising\n"
+        process.send_signal(signal.SIGTERM)
+        if fill_stderr:
+            process.wait(timeout=60)  # a hang, not a speed: it never ended
+        _, stderr = process.communicate(timeout=60)  # a hang, not a speed
+    finally:
+        process.kill()
+        process.wait()
+    return process.returncode, stderr
+
+
+def test_an_exception_that_ends_a_thread_is_a_line_of_the_log_not_a_traceback() -> None:
+    """Python's own hooks printed an exception that ended a thread (a stop's, a timer's), and
+    one raised where it cannot be (a ``__del__``), as a raw traceback on stderr among the
+    service's JSON lines. Each is one ERROR line of the log now, its traceback the line's
+    ``exc``, and stderr holds nothing else."""
+    status, stderr = _raise_on_a_thread(fill_stderr=False)
+    assert status == 0, stderr[-2000:]
+    assert [line for line in stderr.splitlines() if not line.startswith("{")] == []
+    lines = _log(stderr)
+    (ended,) = [r for r in lines if r["msg"] == "thread ended on an uncaught error"]
+    assert ended["level"] == "ERROR"
+    assert (ended["thread_name"], ended["error_type"], ended["error"]) == (
+        "background",
+        "RuntimeError",
+        "the background work failed",
+    )
+    assert ended["exc"].startswith("Traceback (most recent call last)")
+    assert ended["exc"].endswith("RuntimeError: the background work failed")
+    (unraised,) = [r for r in lines if r["msg"] == "an error could not be raised"]
+    assert unraised["level"] == "ERROR"
+    assert unraised["where"].startswith("Exception ignored in: <function _FailsToDelete.__del__")
+    assert (unraised["error_type"], unraised["error"]) == ("ValueError", "a finaliser failed")
+    assert unraised["exc"].endswith("ValueError: a finaliser failed")
+
+
+def test_a_thread_that_raises_while_stderr_is_full_and_never_read_does_not_hold_the_exit() -> None:
+    """Python's own hooks wrote a thread's uncaught exception to ``sys.stderr``, waiting with a
+    full pipe whose reader had stopped reading: the (non-daemon) thread never ended, and the
+    exit, which joins such threads, waited for it until SIGKILL. The line goes through the
+    log's queue now, which the exit gives up on once its flush budget is spent."""
+    status, _ = _raise_on_a_thread(fill_stderr=True)
+    assert status == 0
+
+
+def test_an_unexpected_error_that_ends_the_main_thread_is_a_line_of_the_log() -> None:
+    """An error the command line does not print as one line (not a StrongroomError, an OSError
+    nor a refused call) went on to Python's own hook, a raw traceback on stderr among the JSON
+    lines. It is the log's last line now, ERROR, its traceback the line's ``exc``; status 1."""
+    process = _start("unexpected")
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 1, stderr[-2000:]
+    assert [line for line in stderr.splitlines() if not line.startswith("{")] == []
+    last = _log(stderr)[-1]
+    assert (last["level"], last["msg"]) == ("ERROR", "thread ended on an uncaught error")
+    assert (last["thread_name"], last["error_type"], last["error"]) == (
+        "MainThread",
+        "LookupError",
+        "no backend named 'tape'",
+    )
+    assert last["exc"].endswith("LookupError: no backend named 'tape'")
