@@ -330,7 +330,11 @@ class InferenceConfig:
 
     def response_budget(self) -> ResponseBudget:
         """A new budget of response memory of these settings (the server makes one)."""
-        return ResponseBudget(self.max_response_memory_bytes, self.response_memory_wait_seconds)
+        return ResponseBudget(
+            self.max_response_memory_bytes,
+            self.response_memory_wait_seconds,
+            arena_bytes=self.max_inference_memory_bytes,
+        )
 
     @property
     def limits(self) -> InferLimits:
