@@ -45,15 +45,27 @@ same way for its certificate's own responses, then is refused
 role-less bucket, a plaintext peer) has no share beneath its identity's.
 
 A client that never takes its responses fills its shares, and each call it sends after that now
-waits instead of being refused, holding its data-plane worker and its run's outputs in the arena
-meanwhile. How many such calls it parks is bounded already, with no count of its own here: a
-ModelInfer is a data-plane unary call, admitted by :class:`~strongroom.runtime.callers.UnaryGuard`
-only within its identity's bound of data-plane workers (``server.max_data_plane_workers_per_identity``,
-by default just under half of them: 13 of 28) and, for a fleet, its certificate's share of that
-(``server.max_calls_per_certificate``), and the excess is refused at once
-(``TOO_MANY_WORKERS_PER_IDENTITY``, ``TOO_MANY_CALLS_PER_CERTIFICATE``). Those are the workers,
-and the arena tensors, it could hold anyway with as many running requests; the wait bounds how
-long each is held.
+waits instead of being refused, holding its data-plane worker and its run's outputs meanwhile: the
+reservation is taken when :meth:`LoadedModel.infer <strongroom.inference.models.LoadedModel.infer>`
+shows the outputs' shapes, after the run, and its outputs stay in ONNX Runtime's capped arena
+(``inference.max_inference_memory_bytes``) until it is served. Its data-plane worker bound alone
+(``server.max_data_plane_workers_per_identity``, 13 of 28 by default; a certificate's share of
+it, ``server.max_calls_per_certificate``) let it park 13 calls of the 64 MiB output bound so:
+832 MiB of the 2 GiB arena, held again by re-sending after each refusal, two identities 1.66 GiB,
+and every other caller's runs were refused ``INFERENCE_MEMORY_EXHAUSTED``. So each waiting call
+counts what its outputs take in the arena (``arena``: their elements at their width), and a
+caller's waiting calls together keep at most an eighth of the arena's cap
+(:func:`parked_share`: 256 MiB by default, four 64 MiB answers), a certificate's half that
+(its first waiting call alone more, within its caller's): a call that would go past it is
+refused at once, with the reason its wait would have ended with, saying that too many of its
+calls already wait. Calls waiting for the whole budget (``RESPONSE_MEMORY_BUSY``) count the same
+way: two identities filling the budget left a third parking its whole worker bound there.
+An honest burst still waits: two raw 64 MiB answers of one certificate, the second waiting with
+64 MiB in the arena, within the default 128 MiB.
+
+What is counted is the outputs' own bytes: the arena region a parked output sits in may be
+larger (ONNX Runtime places it in the smallest free chunk that fits, which may be inside a region
+a larger tensor left), and that region stays held while it waits.
 """
 
 from __future__ import annotations
