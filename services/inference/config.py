@@ -162,7 +162,9 @@ class InferenceConfig:
     # RESPONSE_TOO_LARGE at once. One caller (SPIFFE ID) holds half of it at most
     # (TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY past it), one of its certificates half of that (its
     # first response alone may hold more; TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE), a request past either waiting
-    # as long for its own earlier responses first: a client that never reads its
+    # as long for its own earlier responses first, its run's outputs kept in the arena meanwhile
+    # (an identity's waiting calls an eighth of max_inference_memory_bytes at most, a
+    # certificate's half that; past it refused at once): a client that never reads its
     # responses keeps them until the stream settings' bound cancels them (strongroom.runtime.
     # unsent). Keep the VM's memory above the models + both + ~0.5 GiB.
     max_response_memory_bytes: int = DEFAULT_MAX_RESPONSE_MEMORY_BYTES
@@ -330,7 +332,11 @@ class InferenceConfig:
 
     def response_budget(self) -> ResponseBudget:
         """A new budget of response memory of these settings (the server makes one)."""
-        return ResponseBudget(self.max_response_memory_bytes, self.response_memory_wait_seconds)
+        return ResponseBudget(
+            self.max_response_memory_bytes,
+            self.response_memory_wait_seconds,
+            arena_bytes=self.max_inference_memory_bytes,
+        )
 
     @property
     def limits(self) -> InferLimits:

@@ -18,6 +18,7 @@ import pytest
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.api.oip.v2.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from strongroom.errors import ResourceExhausted
+from strongroom.inference.config import InferenceConfig
 from strongroom.inference.models import ModelRepository
 from strongroom.inference.oip import SERVICE_NAME, InferLimits, OipServicer, ResponseBudget
 from strongroom.inference.oip._budget import (
@@ -808,3 +809,110 @@ def test_a_certificate_holds_half_its_identitys_share_or_its_first_response_alon
     for reservation in (a, other, b):
         reservation.release()
     assert budget.free == 200 and not budget._held and not budget._held_by_certificate
+
+
+def test_a_never_reading_callers_waiting_calls_stop_at_their_part_of_the_arena() -> None:
+    """Each call waiting past its share keeps its run's outputs in the arena: a caller's waiting
+    calls together may keep an eighth of it (100 of 800 here), and one that would keep more is
+    refused at once for its share, saying too many of its calls wait; room given back by a wait
+    that ends is room for the next. Waiting without that bound, a never-reading client's worker
+    bound of calls held 832 MiB of the default 2 GiB arena."""
+    budget = ResponseBudget(200, wait_seconds=60, arena_bytes=800)
+    assert (budget.parked_per_caller, budget.parked_per_certificate) == (100, 50)
+    stuck = budget.reserve(100, caller="a")
+    waiters = [_Taker(budget, 10, caller="a", arena=40) for _ in range(2)]
+    for taker in waiters:
+        taker.start()
+    _until(lambda: budget.waiting == 2)
+    assert budget.parked_by("a") == 80
+    with pytest.raises(ResourceExhausted) as info:
+        budget.reserve(10, caller="a", arena=40)  # at once: no thread needed
+    assert info.value.reason == "TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY"
+    message = str(info.value)
+    assert "too many of this caller's calls already wait for room" in message, message
+    assert "their outputs hold 0.0 MiB (80 bytes)" in message, message
+    assert "may hold 100 bytes (1/8 of inference.max_inference_memory_bytes = 800" in message
+    assert "this one's would add 40" in message, message
+    assert budget.waiting == 2 and budget.parked_by("a") == 80  # nothing of it counted
+    last = _Taker(budget, 10, caller="a", arena=20)  # 100 together: within
+    last.start()
+    _until(lambda: budget.waiting == 3)
+    stuck.release()
+    for reservation in [taker.result() for taker in [*waiters, last]]:
+        reservation.release()
+    assert budget.parked_by("a") == 0 and not budget._parked
+    assert budget.free == 200
+
+
+def test_a_certificates_waiting_calls_keep_half_its_identitys_part_or_its_first_alone() -> None:
+    """A fleet shares one identity: one stuck replica's waiting calls keep at most half the
+    identity's part of the arena (its first alone more, within the identity's), so a sibling
+    may still wait; the identity's part bounds them all."""
+    budget = ResponseBudget(400, wait_seconds=60, arena_bytes=800)
+    assert (budget.per_certificate, budget.parked_per_certificate) == (100, 50)
+    stuck = budget.reserve(100, caller="fleet", certificate="fleet a")
+    first = _Taker(budget, 10, caller="fleet", certificate="fleet a", arena=60)
+    first.start()
+    _until(lambda: budget.waiting == 1)  # its first: more than 50, within the identity's 100
+    with pytest.raises(ResourceExhausted) as info:
+        budget.reserve(10, caller="fleet", certificate="fleet a", arena=1)
+    assert info.value.reason == "TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE"
+    message = str(info.value)
+    assert "too many of this certificate's calls already wait for room" in message, message
+    assert "may hold 50 bytes (half of its identity's 100)" in message, message
+    sibling = budget.reserve(100, caller="fleet", certificate="fleet b")
+    other = _Taker(budget, 10, caller="fleet", certificate="fleet b", arena=40)
+    other.start()
+    _until(lambda: budget.waiting == 2)
+    assert (budget.parked_by("fleet"), budget.parked_by_certificate("fleet b")) == (100, 40)
+    with pytest.raises(ResourceExhausted) as info:
+        budget.reserve(10, caller="fleet", certificate="fleet c", arena=1)
+    assert info.value.reason == "TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY"
+    assert "too many of this caller's calls already wait" in str(info.value)
+    stuck.release()
+    sibling.release()
+    for reservation in [first.result(), other.result()]:
+        reservation.release()
+    assert not budget._parked and not budget._parked_by_certificate
+
+
+def test_calls_waiting_for_the_whole_budget_keep_no_more_of_the_arena() -> None:
+    """Other callers fill the budget, and a caller with room in its share waits for the whole
+    budget, its outputs in the arena too: the same part bounds them, and the call past it is
+    refused ``RESPONSE_MEMORY_BUSY`` at once, saying its calls wait."""
+    budget = ResponseBudget(200, wait_seconds=60, arena_bytes=800)
+    held = [budget.reserve(100, caller=caller) for caller in ("b", "c")]
+    waiter = _Taker(budget, 10, caller="a", arena=60)
+    waiter.start()
+    _until(lambda: budget.waiting == 1)
+    with pytest.raises(ResourceExhausted) as info:
+        budget.reserve(10, caller="a", arena=60)
+    assert info.value.reason == "RESPONSE_MEMORY_BUSY"
+    message = str(info.value)
+    assert "this one needs 10), and too many of this caller's calls already wait" in message
+    for reservation in held:
+        reservation.release()
+    waiter.result().release()
+    assert budget.free == 200 and not budget._parked
+
+
+def test_with_the_defaults_two_raw_answers_at_the_output_bound_wait_for_each_other() -> None:
+    """An honest burst: one certificate asks two raw 64 MiB answers at once (320 MiB each by
+    the count, its share 256 MiB), the second waiting with its 64 MiB of outputs in the arena:
+    within its certificate's part of the default 2 GiB arena (128 MiB), so it waits and is
+    served once the first is sent. The service's budget takes the arena's cap from its config."""
+    size, outputs = response_memory(64 * MIB, raw=True), 64 * MIB
+    budget = ResponseBudget()
+    assert (budget.parked_per_caller, budget.parked_per_certificate) == (256 * MIB, 128 * MIB)
+    first = budget.reserve(size, caller="fleet", certificate="fleet a", arena=outputs)
+    second = _Taker(budget, size, caller="fleet", certificate="fleet a", arena=outputs)
+    second.start()
+    _until(lambda: budget.waiting == 1)
+    assert budget.parked_by_certificate("fleet a") == outputs
+    first.release()
+    second.result().release()
+    assert budget.free == budget.max_bytes and not budget._parked
+    config = InferenceConfig(
+        model_store="a:1", key_broker="b:1", max_inference_memory_bytes=1 << 30
+    )
+    assert config.response_budget().parked_per_caller == 128 * MIB

@@ -17,7 +17,7 @@ import pytest
 
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.api.oip.v2.grpc_service_pb2_grpc import GRPCInferenceServiceStub
-from strongroom.inference.models import ModelRepository
+from strongroom.inference.models import ModelRepository, RuntimeOptions
 from strongroom.inference.oip import SERVICE_NAME, OipServicer, ResponseBudget, add_to_server
 from strongroom.inference.oip._budget import response_memory
 from strongroom.pki import SpiffeAuthorizer, StepCa, WorkloadIdentity
@@ -33,10 +33,11 @@ MIB = 1 << 20
 ONE_RESPONSE = response_memory(MIB, raw=True)  # a raw response of 1 MiB, by the budget's count
 
 
-def _request() -> bytes:
+def _request(size: int = MIB) -> bytes:
+    """A request for an output of ``size`` bytes (FP32), 1 MiB by default."""
     request = pb.ModelInferRequest(model_name="filled")
     request.inputs.add(name="n", datatype="INT64", shape=[1])
-    request.raw_input_contents.append(np.array([MIB // 4], "<i8").tobytes())  # 1 MiB of FP32
+    request.raw_input_contents.append(np.array([size // 4], "<i8").tobytes())
     return request.SerializeToString()
 
 
@@ -68,6 +69,8 @@ class _Fleet:
     stuck: GRPCInferenceServiceStub
     sibling: GRPCInferenceServiceStub
     unread: UnreadClient
+    other: GRPCInferenceServiceStub
+    """A caller of another SPIFFE ID (``other``), taking answers of up to 64 MiB."""
 
 
 @contextlib.contextmanager
@@ -79,12 +82,15 @@ def _fleet(
     config: ServerConfig | None = None,
 ) -> Iterator[_Fleet]:
     """The OIP service over real mTLS and the production interceptor chain (``config``: its
-    server's), serving ``budget``; every reservation given back by the end."""
-    repository = ModelRepository(["filled"])
+    server's), serving ``budget``, its runs in an arena capped at ``budget.arena_bytes``; every
+    reservation given back by the end."""
+    repository = ModelRepository(
+        ["filled"], options=RuntimeOptions(max_inference_memory_bytes=budget.arena_bytes)
+    )
     repository.load("filled", "1", onnx_models.filled("FP32"))
     oip = OipServicer(repository, response_budget=budget)
     authorizer = SpiffeAuthorizer(
-        TRUST_DOMAIN, {SERVICE_NAME: [sid("client")]}, public=(HEALTH_SERVICE,)
+        TRUST_DOMAIN, {SERVICE_NAME: [sid("client"), sid("other")]}, public=(HEALTH_SERVICE,)
     )
     host = ServiceHost(
         listen="127.0.0.1:0",
@@ -92,34 +98,40 @@ def _fleet(
         services=[ServiceSpec(SERVICE_NAME, lambda server: add_to_server(oip, server))],
         interceptors=[authorizer],
         config=config or ServerConfig(),
+        message_limits=oip.limits.message_limits,
     )
     host.start()
     stuck = enrol(ca, "client", auto_renew=False)
     sibling = enrol(ca, "client", auto_renew=False)
+    other = enrol(ca, "other", auto_renew=False)
     channels = [
-        identity.channel(f"localhost:{host.port}", server_id=sid("server"))
-        for identity in (stuck, sibling)
+        identity.channel(
+            f"localhost:{host.port}",
+            server_id=sid("server"),
+            options=[("grpc.max_receive_message_length", 65 * MIB)],
+        )
+        for identity in (stuck, sibling, other)
     ]
     unread = UnreadClient(
         f"127.0.0.1:{host.port}", f"/{SERVICE_NAME}/ModelInfer", tls=_tls(stuck, where)
     )
     try:
         stubs = [GRPCInferenceServiceStub(channel) for channel in channels]
-        yield _Fleet(budget, stuck=stubs[0], sibling=stubs[1], unread=unread)
+        yield _Fleet(budget, stuck=stubs[0], sibling=stubs[1], unread=unread, other=stubs[2])
     finally:
         unread.close()
         for channel in channels:
             channel.close()
         host.stop(0)
-        stuck.close()
-        sibling.close()
+        for identity in (stuck, sibling, other):
+            identity.close()
     _until(lambda: budget.free == budget.max_bytes)
 
 
 def _infer(
-    stub: GRPCInferenceServiceStub, timeout: float = 60
+    stub: GRPCInferenceServiceStub, timeout: float = 60, size: int = MIB
 ) -> grpc.Future[pb.ModelInferResponse]:
-    return stub.ModelInfer.future(pb.ModelInferRequest.FromString(_request()), timeout=timeout)
+    return stub.ModelInfer.future(pb.ModelInferRequest.FromString(_request(size)), timeout=timeout)
 
 
 def test_a_replica_that_never_reads_leaves_its_siblings_room(
@@ -232,3 +244,46 @@ def test_the_calls_a_never_reading_replica_parks_are_bounded_by_its_workers(
         for call in parked:
             call.cancel()
         _until(lambda: budget.waiting == 0)
+
+
+def test_a_never_reading_replica_parks_calls_within_its_part_of_the_arena_and_others_still_run(
+    ca: StepCa, server_identity: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """Each call waiting for its certificate's own responses keeps its run's outputs in ONNX
+    Runtime's arena (64 MiB here: 8 MiB for an identity's waiting calls, 4 MiB a certificate's).
+    A replica that never reads fills its share with four 4 MiB answers, then sends nine more
+    (within its certificate's worker bound, 13 here, while the four may still hold theirs): one
+    waits, the others are refused at once for its share, saying its calls already wait; and
+    another identity's 32 MiB run still has room. Parked by its workers alone, the nine held
+    36 MiB of the arena and the other run was refused ``INFERENCE_MEMORY_EXHAUSTED``."""
+    budget = ResponseBudget(1 << 30, wait_seconds=60, per_caller=192 * MIB, arena_bytes=64 * MIB)
+    assert (budget.parked_per_caller, budget.parked_per_certificate) == (8 * MIB, 4 * MIB)
+    config = ServerConfig(max_data_plane_workers_per_identity=13, max_calls_per_certificate=13)
+    answer = response_memory(4 * MIB, raw=True)  # 20 MiB: four fill the certificate's 96
+    with _fleet(ca, server_identity, tmp_path, budget, config) as fleet:
+        for _ in range(4):
+            fleet.unread.call(_request(4 * MIB))
+        _until(lambda: budget.held_by(sid("client")) == 4 * answer)
+        parked = [_infer(fleet.stuck, size=4 * MIB) for _ in range(9)]
+        _until(lambda: budget.waiting + sum(call.done() for call in parked) == len(parked))
+        assert (budget.waiting, budget.parked_by(sid("client"))) == (1, 4 * MIB), [
+            call.exception() for call in parked if call.done()
+        ]
+        refused = [call for call in parked if call.done()]
+        assert len(refused) == 8
+        for call in refused:
+            error = expect_error(
+                call.result,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE",
+            )
+            details = error.details() or ""
+            assert "too many of this certificate's calls already wait" in details, details
+            assert f"may hold {4 * MIB} bytes (half of its identity's" in details, details
+        theirs = _infer(fleet.other, size=32 * MIB).result()
+        assert len(theirs.raw_output_contents[0]) == 32 * MIB
+        assert budget.waiting == 1  # the replica's call still waits meanwhile
+        for call in parked:
+            call.cancel()
+        _until(lambda: budget.waiting == 0)
+        assert budget.parked_by(sid("client")) == 0

@@ -8,6 +8,7 @@ from strongroom.inference.models._datatypes import DATATYPES, DataType, datatype
 from strongroom.inference.models._graph import DEFAULT_MAX_GRAPH_NODES
 from strongroom.inference.models._loaded import (
     DEFAULT_MAX_INFERENCE_MEMORY_BYTES,
+    INFERENCE_MEMORY_SETTING,
     MIN_INFERENCE_MEMORY_BYTES,
     PLATFORM,
     LoadedModel,
@@ -35,6 +36,7 @@ __all__ = [
     "DATATYPES",
     "DEFAULT_MAX_GRAPH_NODES",
     "DEFAULT_MAX_INFERENCE_MEMORY_BYTES",
+    "INFERENCE_MEMORY_SETTING",
     "MIN_INFERENCE_MEMORY_BYTES",
     "PLATFORM",
     "REPEAT_LOG_SECONDS",

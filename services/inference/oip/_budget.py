@@ -45,15 +45,27 @@ same way for its certificate's own responses, then is refused
 role-less bucket, a plaintext peer) has no share beneath its identity's.
 
 A client that never takes its responses fills its shares, and each call it sends after that now
-waits instead of being refused, holding its data-plane worker and its run's outputs in the arena
-meanwhile. How many such calls it parks is bounded already, with no count of its own here: a
-ModelInfer is a data-plane unary call, admitted by :class:`~strongroom.runtime.callers.UnaryGuard`
-only within its identity's bound of data-plane workers (``server.max_data_plane_workers_per_identity``,
-by default just under half of them: 13 of 28) and, for a fleet, its certificate's share of that
-(``server.max_calls_per_certificate``), and the excess is refused at once
-(``TOO_MANY_WORKERS_PER_IDENTITY``, ``TOO_MANY_CALLS_PER_CERTIFICATE``). Those are the workers,
-and the arena tensors, it could hold anyway with as many running requests; the wait bounds how
-long each is held.
+waits instead of being refused, holding its data-plane worker and its run's outputs meanwhile: the
+reservation is taken when :meth:`LoadedModel.infer <strongroom.inference.models.LoadedModel.infer>`
+shows the outputs' shapes, after the run, and its outputs stay in ONNX Runtime's capped arena
+(``inference.max_inference_memory_bytes``) until it is served. Its data-plane worker bound alone
+(``server.max_data_plane_workers_per_identity``, 13 of 28 by default; a certificate's share of
+it, ``server.max_calls_per_certificate``) let it park 13 calls of the 64 MiB output bound so:
+832 MiB of the 2 GiB arena, held again by re-sending after each refusal, two identities 1.66 GiB,
+and every other caller's runs were refused ``INFERENCE_MEMORY_EXHAUSTED``. So each waiting call
+counts what its outputs take in the arena (``arena``: their elements at their width), and a
+caller's waiting calls together keep at most an eighth of the arena's cap
+(:func:`parked_share`: 256 MiB by default, four 64 MiB answers), a certificate's half that
+(its first waiting call alone more, within its caller's): a call that would go past it is
+refused at once, with the reason its wait would have ended with, saying that too many of its
+calls already wait. Calls waiting for the whole budget (``RESPONSE_MEMORY_BUSY``) count the same
+way: two identities filling the budget left a third parking its whole worker bound there.
+An honest burst still waits: two raw 64 MiB answers of one certificate, the second waiting with
+64 MiB in the arena, within the default 128 MiB.
+
+What is counted is the outputs' own bytes: the arena region a parked output sits in may be
+larger (ONNX Runtime places it in the smallest free chunk that fits, which may be inside a region
+a larger tensor left), and that region stays held while it waits.
 """
 
 from __future__ import annotations
@@ -67,6 +79,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from strongroom.errors import ResourceExhausted
+from strongroom.inference.models import DEFAULT_MAX_INFERENCE_MEMORY_BYTES, INFERENCE_MEMORY_SETTING
 from strongroom.reasons import Reason
 from strongroom.runtime.callers import certificate_share
 
@@ -105,6 +118,19 @@ def caller_share(max_bytes: int) -> int:
     return max_bytes // 2
 
 
+PARKED_ARENA_FRACTION = 8
+"""What one caller's calls waiting for room may hold of ONNX Runtime's arena together, as a
+fraction of its cap (``inference.max_inference_memory_bytes``): an eighth, 256 MiB of the default
+2 GiB, four waiting answers at the default 64 MiB output bound (a certificate two). Parked past
+it, a never-reading client's 13 calls held 832 MiB of it, two identities 1.66 GiB."""
+
+
+def parked_share(arena_bytes: int) -> int:
+    """What one caller's waiting calls may hold of an arena capped at ``arena_bytes`` (their
+    runs' outputs, still in it while they wait): :data:`PARKED_ARENA_FRACTION` of it."""
+    return arena_bytes // PARKED_ARENA_FRACTION
+
+
 def response_memory(size: int, *, raw: bool) -> int:
     """What a response of ``size`` bytes (its outputs' message size, or their arrays' if larger,
     or for typed contents what their fields hold if larger still) holds at its peak, as the
@@ -124,6 +150,7 @@ class ResponseBudget:
         max_bytes: int = DEFAULT_MAX_RESPONSE_MEMORY_BYTES,
         wait_seconds: float = DEFAULT_RESPONSE_MEMORY_WAIT_SECONDS,
         per_caller: int | None = None,
+        arena_bytes: int = DEFAULT_MAX_INFERENCE_MEMORY_BYTES,
     ) -> None:
         if max_bytes < 1:
             raise ValueError("the response memory budget must be positive")
@@ -138,11 +165,22 @@ class ResponseBudget:
         self.per_certificate = certificate_share(self.per_caller)
         """What one certificate's reservations may hold together, its first counted in it (half of
         :attr:`per_caller`); its first alone may hold more."""
+        self.arena_bytes = arena_bytes
+        """The cap of ONNX Runtime's arena, which waiting calls' outputs are in."""
+        self.parked_per_caller = parked_share(arena_bytes)
+        """What one caller's waiting calls' outputs may hold of the arena together
+        (:func:`parked_share`); a call that would take them past it is refused at once."""
+        self.parked_per_certificate = certificate_share(self.parked_per_caller)
+        """The same for one certificate (half of :attr:`parked_per_caller`); its first waiting
+        call alone may hold more, within its caller's."""
         self._free = max_bytes
         # What each caller, and each certificate, holds now, forgotten when it holds nothing (as
         # many entries as calls, however many certificates a caller mints).
         self._held: Counter[str] = Counter()
         self._held_by_certificate: Counter[str] = Counter()
+        # What each caller's, and certificate's, waiting calls hold of the arena, forgotten alike.
+        self._parked: Counter[str] = Counter()
+        self._parked_by_certificate: Counter[str] = Counter()
         self._changed = threading.Condition(threading.Lock())
         # Tickets of the requests waiting, first come first served: without the order, a large
         # response waited while smaller ones that came after it kept taking the room it needed.
@@ -166,6 +204,16 @@ class ResponseBudget:
         with self._changed:
             return self._held[caller]
 
+    def parked_by(self, caller: str) -> int:
+        """Arena bytes ``caller``'s waiting calls hold now (the ``arena`` their reserves gave)."""
+        with self._changed:
+            return self._parked[caller]
+
+    def parked_by_certificate(self, certificate: str) -> int:
+        """Arena bytes ``certificate``'s waiting calls hold now."""
+        with self._changed:
+            return self._parked_by_certificate[certificate]
+
     def reserve(
         self,
         size: int,
@@ -175,6 +223,7 @@ class ResponseBudget:
         first: bool = False,
         certificate: str | None = None,
         own: int = 0,
+        arena: int = 0,
     ) -> Reservation:
         """``size`` bytes for ``caller`` (None: counted in no caller's share) and its
         ``certificate`` (None: no share beneath the caller's; ``own``: what the reservation
@@ -188,7 +237,13 @@ class ResponseBudget:
         holds still leaves its share no room for it (it waits for its own reservations to be
         given back, holding no other caller's place); ``TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE``
         the same for ``certificate``'s share; ``RESPONSE_MEMORY_BUSY`` when the wait ends
-        without room in the budget; :class:`CallEnded` when the call ended meanwhile."""
+        without room in the budget; :class:`CallEnded` when the call ended meanwhile.
+
+        ``arena``: what the call's run holds in ONNX Runtime's arena while it waits (its
+        outputs, not yet copied out). A wait that would take what ``caller``'s waiting calls
+        hold there past :attr:`parked_per_caller`, or ``certificate``'s past
+        :attr:`parked_per_certificate` (unless it is the certificate's only one), is refused at
+        once, with the reason its wait would have ended with."""
         self.check_fits(size, caller=caller is not None)
         with self._changed:
             if (
@@ -199,7 +254,9 @@ class ResponseBudget:
                 return self._take(size, caller, certificate)
             # Past the budget or past its own shares: it waits in line, and _next() passes over
             # it while its shares have no room, so that it holds no other caller's place.
-            waiter = _Waiter(size, caller, certificate, own, next(self._arrivals))
+            self._check_parking(size, caller, certificate, own, arena)
+            waiter = _Waiter(size, caller, certificate, own, next(self._arrivals), arena=arena)
+            self._park(waiter, +1)
             if first:
                 self._queue.appendleft(waiter)
             else:
@@ -222,8 +279,59 @@ class ResponseBudget:
                 return self._take(size, caller, certificate)
             finally:
                 self._queue.remove(waiter)
+                self._park(waiter, -1)
                 # The next in line may fit now, or be first now.
                 self._changed.notify_all()
+
+    def _check_parking(
+        self, size: int, caller: str | None, certificate: str | None, own: int, arena: int
+    ) -> None:
+        """Refuses at once a wait whose outputs would take its caller's (or its certificate's)
+        waiting calls past their part of the arena: each waiting call holds its run's outputs
+        there, and a client that never takes its responses parked its whole worker bound so
+        (13 calls of 64 MiB: 832 MiB of the 2 GiB default), re-sending after each refusal, and
+        every other caller's runs were refused ``INFERENCE_MEMORY_EXHAUSTED``. The refusal is
+        the one its wait would have ended with, as before such calls waited."""
+        if not arena or caller is None:
+            return
+        parked = self._parked[caller]
+        on_certificate = self._parked_by_certificate[certificate or ""]
+        if parked + arena > self.parked_per_caller:
+            whose, held, cap = "this caller's", parked, self.parked_per_caller
+            part = f"1/{PARKED_ARENA_FRACTION} of {INFERENCE_MEMORY_SETTING} = {self.arena_bytes} bytes"
+        elif certificate is not None and on_certificate + arena > self.parked_per_certificate:
+            if not on_certificate:
+                return  # its first waiting call: its caller's part bounds it
+            whose, held, cap = "this certificate's", on_certificate, self.parked_per_certificate
+            part = f"half of its identity's {self.parked_per_caller}"
+        else:
+            return
+        crowded = (
+            f", and too many of {whose} calls already wait for room: their outputs hold "
+            f"{_mib(held)} ({held} bytes) of ONNX Runtime's memory, {whose} waiting calls may "
+            f"hold {cap} bytes ({part}), and this one's would add {arena}"
+        )
+        self._check_share(size, caller, certificate, own, crowded=crowded)
+        raise ResourceExhausted(
+            f"responses being sent hold the server's response memory "
+            f"({RESPONSE_MEMORY_SETTING} = {self.max_bytes} bytes; this one needs {size})"
+            f"{crowded}: retry later",
+            reason=Reason.RESPONSE_MEMORY_BUSY,
+        )
+
+    def _park(self, waiter: _Waiter, sign: int) -> None:
+        """Counts ``waiter``'s arena bytes in (``sign`` 1) or out of (-1) its caller's and its
+        certificate's waiting calls'."""
+        if not waiter.arena or waiter.caller is None:
+            return
+        if sign > 0:
+            self._parked[waiter.caller] += waiter.arena
+            if waiter.certificate is not None:
+                self._parked_by_certificate[waiter.certificate] += waiter.arena
+            return
+        _forget(self._parked, waiter.caller, waiter.arena)
+        if waiter.certificate is not None:
+            _forget(self._parked_by_certificate, waiter.certificate, waiter.arena)
 
     def _next(self) -> _Waiter | None:
         """The first waiter whose caller's share has room for it: one whose own caller's other
@@ -293,12 +401,20 @@ class ResponseBudget:
         return Reservation(self, size, caller, certificate)
 
     def _check_share(
-        self, size: int, caller: str | None, certificate: str | None = None, own: int = 0
+        self,
+        size: int,
+        caller: str | None,
+        certificate: str | None = None,
+        own: int = 0,
+        *,
+        crowded: str = "",
     ) -> None:
+        """Raises the refusal for ``caller``'s (or ``certificate``'s) share if it has no room
+        for ``size``; ``crowded``: why at once, said before what to do."""
         if caller is None:
             return
         if not self._within_share(size, caller):
-            self._refuse_share(size, caller)
+            self._refuse_share(size, caller, crowded)
         if not self._within_certificate(size, certificate, own):
             held = self._held_by_certificate[certificate or ""]
             raise ResourceExhausted(
@@ -306,17 +422,17 @@ class ResponseBudget:
                 f"the server's response memory, and one certificate's responses may hold "
                 f"{self.per_certificate} bytes together, or its first alone more (half of its "
                 f"identity's {self.per_caller}, which the identity's other certificates share); this one "
-                f"needs {size} more: take the responses already sent, or retry later",
+                f"needs {size} more{crowded}: take the responses already sent, or retry later",
                 reason=Reason.TOO_MUCH_RESPONSE_MEMORY_PER_CERTIFICATE,
             )
 
-    def _refuse_share(self, size: int, caller: str) -> NoReturn:
+    def _refuse_share(self, size: int, caller: str, crowded: str = "") -> NoReturn:
         held = self._held[caller]
         raise ResourceExhausted(
             f"this caller's responses not yet sent hold {_mib(held)} ({held} bytes) of the "
             f"server's response memory, and one caller may hold {self.per_caller} bytes "
             f"(half of {RESPONSE_MEMORY_SETTING} = {self.max_bytes} bytes); this "
-            f"one needs {size} more: take the responses already sent, or retry later",
+            f"one needs {size} more{crowded}: take the responses already sent, or retry later",
             reason=Reason.TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY,
         )
 
@@ -373,18 +489,27 @@ def _last_of(waiter: _Waiter, stuck: list[_Waiter], held: int) -> bool:
 
 class _Waiter:
     """A request waiting for room: what it needs, for which caller and certificate, what the
-    reservation it grows holds already (``own``), and when it came (``order``)."""
+    reservation it grows holds already (``own``), when it came (``order``), and what its run
+    holds in the arena meanwhile (``arena``)."""
 
-    __slots__ = ("caller", "certificate", "order", "own", "size")
+    __slots__ = ("arena", "caller", "certificate", "order", "own", "size")
 
     def __init__(
-        self, size: int, caller: str | None, certificate: str | None, own: int, order: int
+        self,
+        size: int,
+        caller: str | None,
+        certificate: str | None,
+        own: int,
+        order: int,
+        *,
+        arena: int = 0,
     ) -> None:
         self.size = size
         self.caller = caller
         self.certificate = certificate
         self.own = own
         self.order = order
+        self.arena = arena
 
 
 class CallEnded(Exception):

@@ -10,7 +10,7 @@ import dataclasses
 import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -52,6 +52,9 @@ reads it at before narrowing (charged at its own width, 60 MiB of INT8 zeros par
 _TYPED_CHUNK = 1 << 16
 # A typed BYTES element in the message's field, besides its data: a pointer and a size.
 _BYTES_VIEW = 16
+# What a BYTES element of an ONNX Runtime tensor takes in its arena: its std::string (libstdc++),
+# whose characters past 15 bytes are outside it (models._strings.SHORT_STRING_BYTES).
+_ORT_STRING_SLOT = 32
 
 
 DEFAULT_MAX_TENSOR_BYTES = 64 << 20
@@ -252,9 +255,12 @@ def requested_outputs(
     return names
 
 
-ReserveMemory = Callable[[int], None]
-"""Reserves (at least) this many bytes of the response memory budget for the response being built
-(:mod:`strongroom.inference.oip._budget`), or raises."""
+class ReserveMemory(Protocol):
+    """Reserves (at least) ``size`` bytes of the response memory budget for the response being
+    built (:mod:`strongroom.inference.oip._budget`), or raises; ``arena``: what the request's run
+    holds in ONNX Runtime's arena while it waits for them (its outputs not yet copied out)."""
+
+    def __call__(self, size: int, *, arena: int = 0) -> None: ...
 
 
 def output_shapes_check(
@@ -269,17 +275,20 @@ def output_shapes_check(
     of ONNX Runtime: ResourceExhausted if the least they can cost (:func:`_least_cost`, which
     :func:`encode_outputs` charges at least) already passes ``max_output_bytes``; then
     ``reserve`` is given the least memory the response will hold (:func:`response_memory`), so
-    that nothing is copied out before the response has room."""
+    that nothing is copied out before the response has room, and what the outputs hold in the
+    arena meanwhile (:func:`_arena_size`: a request waiting for that room keeps them there)."""
     specs = [_output_spec(model, n) for n in names]
     use_raw = _responds_raw(specs, raw)
 
     def check(shapes: Mapping[str, tuple[int, ...]]) -> None:
         total = 0
         held = 0
+        arena = 0
         for spec in specs:
             count = math.prod(shapes[spec.name])
             total += _least_cost(count, spec.type, raw=use_raw)
             held += _held_size(count, spec.type, raw=use_raw)
+            arena += _arena_size(count, spec.type)
         if total > limits.max_output_bytes:
             raise ResourceExhausted(
                 f"outputs exceed {limits.max_output_bytes} bytes (their shapes alone: BYTES "
@@ -287,9 +296,15 @@ def output_shapes_check(
                 reason=Reason.RESPONSE_TOO_LARGE,
             )
         if reserve is not None:
-            reserve(response_memory(max(total, held), raw=use_raw))
+            reserve(response_memory(max(total, held), raw=use_raw), arena=arena)
 
     return check
+
+
+def _arena_size(count: int, datatype: DataType) -> int:
+    """What an output of ``count`` elements of ``datatype`` takes in ONNX Runtime's arena: its
+    elements at their width, a ``BYTES`` element's ``std::string`` slot."""
+    return count * (datatype.itemsize or _ORT_STRING_SLOT)
 
 
 def _responds_raw(specs: Sequence[TensorSpec], raw: bool) -> bool:

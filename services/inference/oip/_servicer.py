@@ -310,8 +310,9 @@ class _ResponseMemory:
         self._model = model
         self._reservation: Reservation | None = None
 
-    def reserve(self, size: int) -> None:
-        """Holds at least ``size`` bytes (the budget's refusals raised as they are)."""
+    def reserve(self, size: int, *, arena: int = 0) -> None:
+        """Holds at least ``size`` bytes (the budget's refusals raised as they are); ``arena``:
+        what the run holds in ONNX Runtime's arena while the first reservation waits."""
         try:
             if self._reservation is None:
                 # Counted in its caller's share: a client that never takes its responses keeps
@@ -325,6 +326,7 @@ class _ResponseMemory:
                     caller=caller,
                     ended=self._stop.ended,
                     certificate=certificate_key(self._context, caller),
+                    arena=arena,
                 )
                 if not self._context.add_callback(self._reservation.release):
                     self._reservation.release()  # the call has already ended
