@@ -413,15 +413,7 @@ class HeadFile:
         self._prepared = None
         if self._fd is None or self._generation is None:
             return
-        slot = _slot_bytes(
-            head,
-            self._generation + 1,
-            self._key,
-            self._fingerprint,
-            self._now_text(),
-            public=self._public_text,
-        )
-        self._prepared = (head, self._generation, slot)
+        self._prepared = (head, self._generation, self._slot(head, self._generation + 1))
 
     def write(
         self,
@@ -449,17 +441,8 @@ class HeadFile:
         if plain and prepared is not None and prepared[:2] == (head, self._generation):
             slot = prepared[2]  # signed by prepare for exactly this head after this generation
         else:
-            slot = _slot_bytes(
-                head,
-                generation,
-                self._key,
-                self._fingerprint,
-                self._now_text(),
-                sealed=sealed,
-                size=size,
-                void=void,
-                void_all=void_all,
-                public=self._public_text,
+            slot = self._slot(
+                head, generation, sealed=sealed, size=size, void=void, void_all=void_all
             )
         offset = (generation % 2) * SLOT_STRIDE
         before = self._raw[offset : offset + len(slot)]
@@ -478,10 +461,33 @@ class HeadFile:
         self._raw = self._raw[:offset] + slot + self._raw[offset + len(slot) :]
         self._generation = generation
 
+    def _slot(
+        self,
+        head: Head,
+        generation: int,
+        *,
+        sealed: bool = False,
+        size: int | None = None,
+        void: tuple[str, ...] = (),
+        void_all: bool = False,
+    ) -> bytes:
+        # The one place a slot is signed with this file's key and clock, so that a slot signed
+        # ahead (prepare) is what write would have signed itself.
+        return _slot_bytes(
+            head,
+            generation,
+            self._key,
+            self._fingerprint,
+            self._now_text(),
+            sealed=sealed,
+            size=size,
+            void=void,
+            void_all=void_all,
+            public=self._public_text,
+        )
+
     def _create(self, head: Head) -> None:
-        raw = _slot_bytes(
-            head, 0, self._key, self._fingerprint, self._now_text(), public=self._public_text
-        ).ljust(FILE_BYTES, b"\0")
+        raw = self._slot(head, 0).ljust(FILE_BYTES, b"\0")
         # Whoever can write the directory can plant names in it: a fresh random name, created
         # exclusively and never through a symlink, so no planted file or link is written through
         # (a predictable name let a symlink make the broker overwrite any file it may write).

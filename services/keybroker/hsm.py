@@ -462,7 +462,10 @@ class HsmCall(Generic[T]):
         if then is not None and self._error is None:
             try:
                 then(self._result)  # type: ignore[arg-type]
-            except Exception:
+            except BaseException:
+                # Not only Exception: pyo3 raises a Rust panic (the signature's) as a
+                # BaseException, which ended this thread, the one worker every HSM call shares,
+                # before the call was ended: HSM_TIMEOUT for it and every call after.
                 _log.exception("the step after the HSM's %s raised", self._name)
         # Only the worker moves a running call on, so no state lock: the release publishes it.
         self._state = _ENDED

@@ -224,6 +224,19 @@ def _fail_write(log: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(audit_module.os, "write", write)
 
 
+def _fail_writeback(log: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch's lines are written but starting their writeback fails (EIO), before the head
+    that would anchor them is signed ahead of their fsync."""
+    real_writeback = audit_module.start_writeback
+
+    def start_writeback(fd: int, offset: int, length: int) -> bool:
+        if fd == log._fd and _DOOMED in os.pread(fd, length, offset):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_writeback(fd, offset, length)
+
+    monkeypatch.setattr(audit_module, "start_writeback", start_writeback)
+
+
 def _fail_fsync(log: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
     """The batch's lines are written but their fsync fails (EIO)."""
     original = log._write_records
@@ -263,7 +276,9 @@ def _fail_head(log: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "inject", [_fail_write, _fail_fsync, _fail_head], ids=["write", "fsync", "head"]
+    "inject",
+    [_fail_write, _fail_writeback, _fail_fsync, _fail_head],
+    ids=["write", "writeback", "fsync", "head"],
 )
 def test_a_failed_batch_fails_every_caller_and_leaves_no_trace(
     audit: AuditLog,

@@ -477,3 +477,33 @@ def test_the_step_after_a_release_runs_on_the_hsm_worker_with_its_result(
         ).result()
     assert bound(tee_key.decrypt(again.wrapped, OAEP_SHA1)) == model_key.dek
     assert "the step after the HSM's release_to_ephemeral raised" in caplog.text
+
+
+class _Panic(BaseException):
+    """Stands in for pyo3's ``PanicException`` (a panic in Rust code such as the
+    ``cryptography`` signature the step makes), which derives from BaseException."""
+
+
+def test_a_step_raising_past_exception_leaves_the_hsm_worker_serving(
+    km: KeyManager, model_key: DataKey, tee_key: rsa.RSAPrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The step runs on the HSM's one worker, which every release and key change shares. A
+    BaseException from it (pyo3 raises a Rust panic as one) went past ``except Exception`` and
+    ended the worker thread before the call was ended: that caller, and every HSM call after it,
+    waited out its deadline into ``HSM_TIMEOUT`` until the broker restarted. It is logged like
+    any failure of the step; the caller gets its key and the worker goes on."""
+
+    def panicking(released: Any) -> None:
+        raise _Panic("a panic in the signature")
+
+    def release(then: Callable[[Any], None] | None = None) -> Any:
+        return km.begin_release(
+            "model", 1, model_key.wrapped, spki(tee_key), [OaepHash.SHA1], timeout=5, then=then
+        ).result()
+
+    with caplog.at_level(logging.ERROR, logger="strongroom.keybroker.hsm"):
+        released = release(panicking)
+    assert bound(tee_key.decrypt(released.wrapped, OAEP_SHA1)) == model_key.dek
+    assert "the step after the HSM's release_to_ephemeral raised" in caplog.text
+    assert "a panic in the signature" in caplog.text
+    assert bound(tee_key.decrypt(release().wrapped, OAEP_SHA1)) == model_key.dek
