@@ -74,12 +74,13 @@ enum {
  * read returns its CK_RV with `*step` SR_READ_STATE and `*out_length` 0; the objects are gone by
  * then.
  */
-ck_ulong sr_rewrap(const sr_entry_points *p11, ck_ulong session, ck_mechanism *unwrap_mechanism,
-                   ck_ulong unwrapping_key, unsigned char *wrapped, ck_ulong wrapped_length,
-                   ck_attribute *key_template, ck_ulong key_count, ck_ulong key_length,
-                   ck_attribute *public_template, ck_ulong public_count,
-                   ck_mechanism *wrap_mechanism, unsigned char *out, ck_ulong *out_length,
-                   ck_ulong state_object, ck_attribute *state, int *step)
+ck_ulong sr_rewrap_read(const sr_entry_points *p11, ck_ulong session,
+                        ck_mechanism *unwrap_mechanism, ck_ulong unwrapping_key,
+                        unsigned char *wrapped, ck_ulong wrapped_length,
+                        ck_attribute *key_template, ck_ulong key_count, ck_ulong key_length,
+                        ck_attribute *public_template, ck_ulong public_count,
+                        ck_mechanism *wrap_mechanism, unsigned char *out, ck_ulong *out_length,
+                        ck_ulong state_object, ck_attribute *state, int *step)
 {
     ck_ulong key = 0, public_key = 0, length = 0, rv, cleanup;
     ck_attribute query = {CKA_VALUE_LEN, &length, sizeof length};

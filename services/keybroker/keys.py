@@ -1453,7 +1453,7 @@ def _unwrap_with(hs: HsmSession, kek: _kek.KekObject, blob: bytes) -> int | None
         length = 0  # the token cannot tell: not held to it
     except p11x.PKCS11Error:
         # The session, the device or the new object is gone: that is the failure, not a key of
-        # unknown length to go on with (sr_rewrap's SR_READ_LENGTH).
+        # unknown length to go on with (sr_rewrap_read's SR_READ_LENGTH).
         _destroy_data_key(functools.partial(hs.direct.destroy, dek))
         raise
     # SoftHSM2 reports 0 for a session object's CKA_VALUE_LEN; the fixed wrapped length already

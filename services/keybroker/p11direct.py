@@ -15,7 +15,7 @@ it back afterwards; with sixteen request threads running Python, every retake is
 context switches of the HSM's worker thread (13.9 per release at 16 callers, against 1.7 alone).
 So a release's seven calls (unwrap, read the new key's length, import the caller's key, OAEP wrap,
 destroy both, then read whether the key version is still enabled: an :class:`AttributeRead`) are
-made by one C function, ``sr_rewrap`` in ``_p11release.c``, built with the package: the lock is
+made by one C function, ``sr_rewrap_read`` in ``_p11release.c``, built with the package: the lock is
 given up once for the whole sequence (never *held* through a PKCS#11 call: an HSM that hangs must
 not freeze the broker's other threads). :meth:`DirectSession.rewrap_oaep` calls it with the same
 templates and mechanisms the single calls take.
@@ -291,7 +291,7 @@ _PROTOTYPES = {
 
 
 class _EntryPoints(ctypes.Structure):
-    """``sr_entry_points`` in ``_p11release.c``: the five entry points ``sr_rewrap`` calls."""
+    """``sr_entry_points`` in ``_p11release.c``: the five entry points ``sr_rewrap_read`` calls."""
 
     _fields_ = [
         ("unwrap_key", ctypes.c_void_p),
@@ -302,7 +302,7 @@ class _EntryPoints(ctypes.Structure):
     ]
 
 
-# ``*step`` values of sr_rewrap: which call failed (or SR_WRONG_LENGTH, which is not a failure).
+# ``*step`` values of sr_rewrap_read: which call failed (or SR_WRONG_LENGTH, which is not a failure).
 _STEP_DONE = 0
 _STEP_UNWRAP = 1
 _STEP_WRONG_LENGTH = 2
@@ -360,17 +360,25 @@ class CleanupFailed(Exception):
 
 @functools.lru_cache(maxsize=1)
 def _release_calls() -> Any:
-    """``sr_rewrap`` from the C library built beside this module (see the module doc)."""
+    """``sr_rewrap_read`` from the C library built beside this module (see the module doc)."""
     here = Path(__file__)
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         candidate = here.with_name(f"_p11release{suffix}")
         if candidate.is_file():
-            function = ctypes.CDLL(str(candidate)).sr_rewrap
+            library = ctypes.CDLL(str(candidate))
             break
     else:
         raise ImportError(
             f"the key broker's release calls (_p11release, built from _p11release.c) are missing "
             f"beside {here}: install the package with a C compiler present (`make setup`)"
+        )
+    # Named for its arguments: a library built from an older source (sr_rewrap, two arguments
+    # fewer) would take the state read's handle for its step pointer, and write through it.
+    function = getattr(library, "sr_rewrap_read", None)
+    if function is None:
+        raise ImportError(
+            f"the key broker's release calls in {candidate} were built from an older "
+            f"_p11release.c: rebuild the package (`make setup`, or reinstall it)"
         )
     function.restype = _ULONG
     function.argtypes = [
@@ -705,7 +713,7 @@ class DirectSession:
         if step.value == _STEP_WRONG_LENGTH:
             return None
         if step.value != _STEP_DONE:
-            raise AssertionError(f"sr_rewrap returned 0 at step {step.value}")
+            raise AssertionError(f"sr_rewrap_read returned 0 at step {step.value}")
         return out.raw[: length.value]
 
     def wrap_aes_kwp(self, wrapping_key: int, key: int, size: int) -> bytes:

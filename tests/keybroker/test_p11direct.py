@@ -11,6 +11,8 @@ import _ctypes
 import contextlib
 import ctypes
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from strongroom.keybroker import _kek
+from strongroom.keybroker import _kek, p11direct
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmSession
@@ -657,3 +659,25 @@ def test_the_rewraps_state_read_comes_last_and_fails_it_alone(
         assert _session_objects(hs) == before
 
     hsm.call(op, name="test")
+
+
+def test_a_release_library_built_from_the_older_source_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sr_rewrap took two arguments fewer: called with today's, it would take the state read's
+    # handle for its step pointer and write through it. Its library is refused by name instead.
+    source = tmp_path / "old.c"
+    source.write_text("unsigned long sr_rewrap(void) { return 0; }\n")
+    built = tmp_path / Path(next(Path(p11direct.__file__).parent.glob("_p11release.*.so"))).name
+    compiler = shutil.which("cc")
+    assert compiler is not None
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(built), str(source)], check=True)
+    monkeypatch.setattr(p11direct, "__file__", str(tmp_path / "p11direct.py"))
+    p11direct._release_calls.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"built from an older _p11release\.c"):
+            p11direct._release_calls()
+    finally:
+        monkeypatch.undo()
+        p11direct._release_calls.cache_clear()
+    assert p11direct._release_calls() is not None
