@@ -1,10 +1,13 @@
 /*
- * A key release's six PKCS#11 calls in one C call (see p11direct.py, "One call per re-wrap").
+ * A key release's seven PKCS#11 calls in one C call (see p11direct.py, "One call per re-wrap").
  *
  * Called through ctypes, which gives up the interpreter lock for the whole call and takes it back
  * once, instead of around each of the six entry points: with sixteen request threads waiting for
  * the lock, each retake was a wait and two context switches. The calls, templates, mechanisms and
- * order are the Python path's; nothing here allocates, keeps state or reads a secret.
+ * order are the Python path's; nothing here allocates, keeps state or reads a secret. The seventh
+ * call is the read that tells the caller whether the key version is still enabled (its enabler's
+ * label, or its KEK's CKA_UNWRAP): made here, last, it no longer costs a foreign call and a retake
+ * of the lock of its own; the caller judges what it read.
  *
  * The PKCS#11 types are spelled out (CK_ULONG is `unsigned long` on the Unix ABIs PKCS#11
  * defines) so that no header is needed to build this file.
@@ -45,6 +48,7 @@ enum {
     SR_DESTROY_PUBLIC = 5,
     SR_DESTROY_KEY = 6,
     SR_READ_LENGTH = 7,
+    SR_READ_STATE = 8,
 };
 
 #define CKA_VALUE_LEN 0x161UL
@@ -63,13 +67,20 @@ enum {
  * CK_RV with `*step` naming the call (SR_DESTROY_PUBLIC or SR_DESTROY_KEY: that object may still
  * exist in the session), or 0 with `*step` SR_DONE, or 0 with SR_WRONG_LENGTH when the
  * unwrapped key had another length (it is destroyed: the blob is not this key's).
+ *
+ * Once all that succeeded, and only then, reads `*state` (one attribute, into the caller's buffer)
+ * of `state_object` when `state` is not NULL: after the wrap, not before, so that a disable that
+ * returned while the token unwrapped and wrapped is seen (the caller drops the answer). A failed
+ * read returns its CK_RV with `*step` SR_READ_STATE and `*out_length` 0; the objects are gone by
+ * then.
  */
-ck_ulong sr_rewrap(const sr_entry_points *p11, ck_ulong session, ck_mechanism *unwrap_mechanism,
-                   ck_ulong unwrapping_key, unsigned char *wrapped, ck_ulong wrapped_length,
-                   ck_attribute *key_template, ck_ulong key_count, ck_ulong key_length,
-                   ck_attribute *public_template, ck_ulong public_count,
-                   ck_mechanism *wrap_mechanism, unsigned char *out, ck_ulong *out_length,
-                   int *step)
+ck_ulong sr_rewrap_read(const sr_entry_points *p11, ck_ulong session,
+                        ck_mechanism *unwrap_mechanism, ck_ulong unwrapping_key,
+                        unsigned char *wrapped, ck_ulong wrapped_length,
+                        ck_attribute *key_template, ck_ulong key_count, ck_ulong key_length,
+                        ck_attribute *public_template, ck_ulong public_count,
+                        ck_mechanism *wrap_mechanism, unsigned char *out, ck_ulong *out_length,
+                        ck_ulong state_object, ck_attribute *state, int *step)
 {
     ck_ulong key = 0, public_key = 0, length = 0, rv, cleanup;
     ck_attribute query = {CKA_VALUE_LEN, &length, sizeof length};
@@ -120,7 +131,16 @@ ck_ulong sr_rewrap(const sr_entry_points *p11, ck_ulong session, ck_mechanism *u
         *step = SR_DESTROY_KEY;
         rv = cleanup;
     }
-    if (rv == 0)
-        *step = SR_DONE;
-    return rv;
+    if (rv != 0)
+        return rv;
+    if (state) {
+        *step = SR_READ_STATE;
+        rv = p11->get_attribute_value(session, state_object, state, 1);
+        if (rv != 0) {
+            *out_length = 0;
+            return rv;
+        }
+    }
+    *step = SR_DONE;
+    return 0;
 }

@@ -88,7 +88,9 @@ from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmCall, HsmSession
 from strongroom.keybroker.p11direct import (
     LENGTH_UNREPORTED,
+    AttributeRead,
     CleanupFailed,
+    StateReadFailed,
     TargetRefused,
     Template,
     UnwrapFailed,
@@ -776,11 +778,9 @@ class KeyManager:
         ) -> ReleasedKey:
             kek = _pick(key_id, versions, version)
             _require_enabled(kek)
+            # The re-wrap reads the version's state itself, last (_still_enabled's read, in the
+            # same C call): a disable landing while the HSM re-wraps refuses this release.
             out = _release_with(hs, kek, blob, ephemeral, choice)
-            # Read after the re-wrap, not before, so that a disable landing while the HSM
-            # re-wraps refuses this release (its output is dropped): one answered was wholly
-            # before the disable (a stale enabler: looked up again, then refused).
-            _still_enabled(hs, kek)
             if len(out) != len(ephemeral.modulus):
                 raise Internal(
                     "the HSM returned an OAEP block of the wrong size", reason=Reason.HSM_ERROR
@@ -1199,7 +1199,9 @@ def _still_enabled(hs: HsmSession, version: _kek.KekVersion) -> None:
     attribute read that fails if a disable on any replica returned meanwhile, so the answer is
     dropped. Straight through the module: ~23 us for the enabler's label with SoftHSM2 and 20
     keys (~14 us for a fixed-size attribute: SoftHSM2 decrypts a private object's byte strings),
-    where python-pkcs11's attribute read took ~30 us.
+    where python-pkcs11's attribute read took ~30 us. A release makes the same read
+    (:func:`_state_read`) as the last call of its re-wrap, and judges it alike
+    (:func:`_judge_state`).
 
     - With an immutable KEK, its enabler's label, read through its handle: a stale-handle error
       if a disable destroyed it (the caller looks the key up again, and is refused). The HSM
@@ -1212,24 +1214,41 @@ def _still_enabled(hs: HsmSession, version: _kek.KekVersion) -> None:
       disabled one inside its call, but not one whose disable landed between its check and this
       answer. A disable clears that flag first (``KeyManager._set_state``), so a disable that
       returned has cleared it: KEY_DISABLED."""
+    read = _state_read(version)
+    try:
+        hs.direct.read(read)
+    except p11x.PKCS11Error as exc:
+        raise _unreadable_state(version, exc) from None
+    _judge_state(version, read)
+
+
+def _state_read(version: _kek.KekVersion) -> AttributeRead:
+    """The read that tells whether ``version`` is still enabled (see :func:`_still_enabled`)."""
     if version.needs_enabler:
-        enabler = version.enablers[0]
-        read = bytearray(_kek.LABEL_MAX_BYTES)
-        try:
-            length = hs.direct.read_into(enabler.handle, Attribute.LABEL, read)
-        except (p11x.AttributeSensitive, p11x.AttributeTypeInvalid):
-            length = -1  # not an object of ours: no readable label
-        except p11x.PKCS11Error as exc:
-            if errs.return_code(exc) != _CKR_BUFFER_TOO_SMALL:
-                raise
-            length = -1  # a label longer than any of ours
-        if length < 0 or read[:length] != enabler.label:
+        return AttributeRead(version.enablers[0].handle, Attribute.LABEL, _kek.LABEL_MAX_BYTES)
+    return AttributeRead(version.winner.handle, Attribute.UNWRAP, 1)  # a CK_BBOOL
+
+
+def _judge_state(version: _kek.KekVersion, read: AttributeRead) -> None:
+    """Raises unless ``read`` (:func:`_state_read`, made) says ``version`` is still enabled: a
+    stale handle for an enabler that is no longer this one, KEY_DISABLED for a cleared flag."""
+    if version.needs_enabler:
+        if read.value() != version.enablers[0].label:
             raise p11x.ObjectHandleInvalid()  # another object now has the handle
-        return
-    flag = bytearray(1)  # CK_BBOOL
-    hs.direct.read_into(version.winner.handle, Attribute.UNWRAP, flag)
-    if not flag[0]:
+    elif not read.value()[0]:
         raise _disabled_error(version.key_id, version.version)
+
+
+def _unreadable_state(version: _kek.KekVersion, error: p11x.PKCS11Error) -> p11x.PKCS11Error:
+    """What to raise when :func:`_state_read` failed with ``error``: for an enabler, an answer
+    no object of ours gives (no readable label, or one longer than any of ours) is a stale
+    handle; any other failure is itself."""
+    if version.needs_enabler and (
+        isinstance(error, p11x.AttributeSensitive | p11x.AttributeTypeInvalid)
+        or errs.return_code(error) == _CKR_BUFFER_TOO_SMALL
+    ):
+        return p11x.ObjectHandleInvalid()  # another object now has the handle
+    return error
 
 
 def _disabled_error(key_id: str, version: int) -> FailedPrecondition:
@@ -1346,10 +1365,14 @@ def _release_with(
 ) -> bytes:
     """The data key in ``blob`` re-wrapped to ``ephemeral`` with OAEP (``choice``) in one call
     into the module (``p11direct``'s ``rewrap_oaep``): what :func:`_unwrap_session_dek`, importing
-    the key and wrapping to it do one call at a time, with the same checks."""
+    the key, wrapping to it and :func:`_still_enabled` do one call at a time, with the same
+    checks. The state read is that call's last, after the wrap: a disable on any replica that
+    returned before it drops the answer (KEY_DISABLED, or a stale enabler: looked up again, then
+    refused)."""
     public = EPHEMERAL_KEY_IMPORT.with_bytes(
         {Attribute.MODULUS: ephemeral.modulus, Attribute.PUBLIC_EXPONENT: ephemeral.public_exponent}
     )
+    state = _state_read(version)
     for kek in version.candidates:
         try:
             out = hs.direct.rewrap_oaep(
@@ -1360,10 +1383,13 @@ def _release_with(
                 public_template=public,
                 choice=choice,
                 size=len(ephemeral.modulus),
+                state=state,
             )
         except UnwrapFailed as failed:
             _unwrap_refused(hs, kek, failed.error)
             continue
+        except StateReadFailed as failed:
+            raise _unreadable_state(version, failed.error) from None
         except CleanupFailed as failed:
             raise _data_key_left(failed.error) from failed.error
         except TargetRefused as refused:
@@ -1382,6 +1408,7 @@ def _release_with(
                 reason=Reason.EPHEMERAL_KEY_UNSUPPORTED,
             ) from None
         if out is not None:
+            _judge_state(version, state)
             return out
     raise _not_wrapped_under(version)
 
@@ -1426,7 +1453,7 @@ def _unwrap_with(hs: HsmSession, kek: _kek.KekObject, blob: bytes) -> int | None
         length = 0  # the token cannot tell: not held to it
     except p11x.PKCS11Error:
         # The session, the device or the new object is gone: that is the failure, not a key of
-        # unknown length to go on with (sr_rewrap's SR_READ_LENGTH).
+        # unknown length to go on with (sr_rewrap_read's SR_READ_LENGTH).
         _destroy_data_key(functools.partial(hs.direct.destroy, dek))
         raise
     # SoftHSM2 reports 0 for a session object's CKA_VALUE_LEN; the fixed wrapped length already

@@ -13,11 +13,12 @@ same session (the handles python-pkcs11 opened), and hands back plain handles.
 **One call per re-wrap.** ctypes gives up the interpreter lock around each foreign call and takes
 it back afterwards; with sixteen request threads running Python, every retake is a wait and two
 context switches of the HSM's worker thread (13.9 per release at 16 callers, against 1.7 alone).
-So a release's six calls (unwrap, read the new key's length, import the caller's key, OAEP wrap,
-destroy both) are made by one C function, ``sr_rewrap`` in ``_p11release.c``, built with the
-package: the lock is given up once for the whole sequence (never *held* through a PKCS#11 call:
-an HSM that hangs must not freeze the broker's other threads). :meth:`DirectSession.rewrap_oaep`
-calls it with the same templates and mechanisms the single calls take.
+So a release's seven calls (unwrap, read the new key's length, import the caller's key, OAEP wrap,
+destroy both, then read whether the key version is still enabled: an :class:`AttributeRead`) are
+made by one C function, ``sr_rewrap_read`` in ``_p11release.c``, built with the package: the lock is
+given up once for the whole sequence (never *held* through a PKCS#11 call: an HSM that hangs must
+not freeze the broker's other threads). :meth:`DirectSession.rewrap_oaep` calls it with the same
+templates and mechanisms the single calls take.
 
 **Finding KEKs.** A key lookup (``keys._search``) finds a key's objects and reads nine attributes
 of each. Through python-pkcs11 every object found left its manufactured class behind (cyclic
@@ -290,7 +291,7 @@ _PROTOTYPES = {
 
 
 class _EntryPoints(ctypes.Structure):
-    """``sr_entry_points`` in ``_p11release.c``: the five entry points ``sr_rewrap`` calls."""
+    """``sr_entry_points`` in ``_p11release.c``: the five entry points ``sr_rewrap_read`` calls."""
 
     _fields_ = [
         ("unwrap_key", ctypes.c_void_p),
@@ -301,7 +302,7 @@ class _EntryPoints(ctypes.Structure):
     ]
 
 
-# ``*step`` values of sr_rewrap: which call failed (or SR_WRONG_LENGTH, which is not a failure).
+# ``*step`` values of sr_rewrap_read: which call failed (or SR_WRONG_LENGTH, which is not a failure).
 _STEP_DONE = 0
 _STEP_UNWRAP = 1
 _STEP_WRONG_LENGTH = 2
@@ -310,6 +311,7 @@ _STEP_WRAP = 4
 _STEP_DESTROY_PUBLIC = 5
 _STEP_DESTROY_KEY = 6
 _STEP_READ_LENGTH = 7  # reading the new key's CKA_VALUE_LEN failed (not "cannot tell")
+_STEP_READ_STATE = 8  # the AttributeRead after the wrap failed (the answer is not returned)
 #: What a token that cannot tell an object's CKA_VALUE_LEN answers: it is not held to a length.
 LENGTH_UNREPORTED: tuple[type[p11x.PKCS11Error], ...] = (
     p11x.AttributeTypeInvalid,
@@ -336,6 +338,16 @@ class TargetRefused(Exception):
         self.error = error
 
 
+class StateReadFailed(Exception):
+    """:meth:`DirectSession.rewrap_oaep` made its wrap and destroyed both objects, but its
+    :class:`AttributeRead` failed: the wrapped key is not returned. ``error`` is the python-pkcs11
+    exception, as :meth:`DirectSession.read` would raise it."""
+
+    def __init__(self, error: p11x.PKCS11Error) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 class CleanupFailed(Exception):
     """:meth:`DirectSession.rewrap_oaep` could not destroy the unwrapped data key or the imported
     public key: it may still exist in the session, so the session must not be used again (closing
@@ -348,17 +360,25 @@ class CleanupFailed(Exception):
 
 @functools.lru_cache(maxsize=1)
 def _release_calls() -> Any:
-    """``sr_rewrap`` from the C library built beside this module (see the module doc)."""
+    """``sr_rewrap_read`` from the C library built beside this module (see the module doc)."""
     here = Path(__file__)
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         candidate = here.with_name(f"_p11release{suffix}")
         if candidate.is_file():
-            function = ctypes.CDLL(str(candidate)).sr_rewrap
+            library = ctypes.CDLL(str(candidate))
             break
     else:
         raise ImportError(
             f"the key broker's release calls (_p11release, built from _p11release.c) are missing "
             f"beside {here}: install the package with a C compiler present (`make setup`)"
+        )
+    # Named for its arguments: a library built from an older source (sr_rewrap, two arguments
+    # fewer) would take the state read's handle for its step pointer, and write through it.
+    function = getattr(library, "sr_rewrap_read", None)
+    if function is None:
+        raise ImportError(
+            f"the key broker's release calls in {candidate} were built from an older "
+            f"_p11release.c: rebuild the package (`make setup`, or reinstall it)"
         )
     function.restype = _ULONG
     function.argtypes = [
@@ -376,6 +396,8 @@ def _release_calls() -> Any:
         _P(_Mechanism),  # wrap mechanism
         ctypes.c_char_p,  # out
         _P(_ULONG),
+        _ULONG,  # the object whose attribute is read last (AttributeRead)
+        _P(_Attribute),  # that read, or NULL for none
         _P(ctypes.c_int),  # step
     ]
     return function
@@ -457,6 +479,29 @@ class Template:
                 int(attribute), address, length
             )
         return copy
+
+
+class AttributeRead:
+    """One byte-string attribute of object ``handle`` (at most ``size`` bytes), read into a buffer
+    of its own by :meth:`DirectSession.read`, or as the last call of
+    :meth:`DirectSession.rewrap_oaep`. Made per read: a read overwrites its state."""
+
+    __slots__ = ("_buffer", "_query", "_size", "handle")
+
+    def __init__(self, handle: int, attribute: Attribute, size: int) -> None:
+        self.handle = handle
+        self._size = size
+        self._buffer = _byte_array(size)()
+        self._query = _Attribute(int(attribute), ctypes.addressof(self._buffer), size)
+
+    def _ready(self) -> Any:
+        """The CK_ATTRIBUTE to hand the token, its length reset (a read overwrites it)."""
+        self._query.length = self._size
+        return ctypes.byref(self._query)
+
+    def value(self) -> bytes:
+        """The bytes the last read returned; only meaningful once a read succeeded."""
+        return ctypes.string_at(self._buffer, min(self._query.length, self._size))
 
 
 #: What an :class:`AttributeQuery` attribute holds: a ``CK_BBOOL``, a ``CK_ULONG``, or a byte string
@@ -611,19 +656,23 @@ class DirectSession:
         public_template: Template,
         choice: OaepHash,
         size: int,
+        state: AttributeRead | None,
     ) -> bytes | None:
-        """A release's six calls in one (see the module doc): :meth:`unwrap_aes_kwp` of
+        """A release's seven calls in one (see the module doc): :meth:`unwrap_aes_kwp` of
         ``wrapped`` under ``unwrapping_key``; the new key's ``CKA_VALUE_LEN`` checked against
         ``key_length`` (a token that does not report it, reading 0 or answering one of
         :data:`LENGTH_UNREPORTED`, is not held to it; any other failure to read it is raised); the caller's public key
         created from ``public_template``; the key wrapped to it as :meth:`wrap_oaep` does into at
-        most ``size`` bytes; both objects destroyed, also on failure.
+        most ``size`` bytes; both objects destroyed, also on failure; then, once all that
+        succeeded, ``state`` read as :meth:`read` reads it (``None``: no read), for the caller to
+        judge before it uses the answer.
 
         Returns the wrapped key, or None when the unwrapped key had another length (the blob is
         not this key's). Raises :class:`UnwrapFailed` when the unwrap is refused,
         :class:`TargetRefused` when importing the public key or wrapping to it is (unless the
         session or device is gone), :class:`CleanupFailed` when either object could not be
-        destroyed, and the python-pkcs11 exception of the failing call otherwise.
+        destroyed, :class:`StateReadFailed` when ``state`` could not be read, and the
+        python-pkcs11 exception of the failing call otherwise.
         """
         if size > _MAX_WRAPPED:
             raise ValueError(f"a wrapped key of {size} bytes is more than this path handles")
@@ -646,12 +695,16 @@ class DirectSession:
             ctypes.byref(_OAEP[choice]),
             out,
             ctypes.byref(length),
+            0 if state is None else state.handle,
+            None if state is None else state._ready(),
             ctypes.byref(step),
         )
         if rv != _CKR_OK:
             error = error_for(rv)
             if step.value == _STEP_UNWRAP:
                 raise UnwrapFailed(error)
+            if step.value == _STEP_READ_STATE:
+                raise StateReadFailed(error)
             if step.value in (_STEP_IMPORT, _STEP_WRAP) and not errs.is_device_failure(error):
                 raise TargetRefused(error)
             if step.value in (_STEP_DESTROY_PUBLIC, _STEP_DESTROY_KEY):
@@ -660,7 +713,7 @@ class DirectSession:
         if step.value == _STEP_WRONG_LENGTH:
             return None
         if step.value != _STEP_DONE:
-            raise AssertionError(f"sr_rewrap returned 0 at step {step.value}")
+            raise AssertionError(f"sr_rewrap_read returned 0 at step {step.value}")
         return out.raw[: length.value]
 
     def wrap_aes_kwp(self, wrapping_key: int, key: int, size: int) -> bytes:
@@ -726,6 +779,10 @@ class DirectSession:
             return int(query.length)
         finally:
             del buffer  # releases ``out``'s buffer export
+
+    def read(self, state: AttributeRead) -> None:
+        """``C_GetAttributeValue`` of ``state``'s one attribute into its buffer."""
+        _check(self._module.get_attribute_value(self._handle, state.handle, state._ready(), 1))
 
     def read_attributes(
         self, handle: int, query: AttributeQuery

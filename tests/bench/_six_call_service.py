@@ -1,9 +1,10 @@
 """Runs ``strongroom serve ...`` with a release's re-wrap made one PKCS#11 call at a time.
 
-The reference side of ``releasecpu_bench``'s one-call A/B: the six calls (unwrap, read the key's
-length, import the caller's key, OAEP wrap, destroy both) as the broker made them before they
-became one C call (``p11direct.DirectSession.rewrap_oaep``), each through ctypes on its own, with
-the same templates, checks and classification of an unwrap refusal. Usage:
+The reference side of ``releasecpu_bench``'s one-call A/B: the seven calls (unwrap, read the key's
+length, import the caller's key, OAEP wrap, destroy both, read whether the version is still
+enabled) as the broker made them before they became one C call
+(``p11direct.DirectSession.rewrap_oaep``), each through ctypes on its own, with the same
+templates, checks and classification of an unwrap refusal or a disabled version. Usage:
 ``python -m tests.bench._six_call_service serve keybroker --config C``.
 """
 
@@ -28,6 +29,18 @@ def six_calls(
     choice: OaepHash,
 ) -> bytes:
     """What ``keys._release_with`` does, one PKCS#11 call at a time."""
+    out = _rewrap(hs, version, blob, ephemeral, choice)
+    keys._still_enabled(hs, version)  # after the wrap, as the one call reads it
+    return out
+
+
+def _rewrap(
+    hs: HsmSession,
+    version: KekVersion,
+    blob: bytes,
+    ephemeral: EphemeralPublicKey,
+    choice: OaepHash,
+) -> bytes:
     dek = keys._unwrap_session_dek(hs, version, blob)
     try:
         public = hs.direct.create_object(

@@ -14,8 +14,8 @@ Figures (latency p50/p99 in microseconds, throughput in ops/s) for:
 - baselines measured in the same run: ``hsm_noop`` (a round trip to the HSM worker thread),
   ``c_encrypt_32`` (one bare C_Encrypt of 32 bytes, AES-ECB, inside the module),
   ``pkcs11_calls_of_a_release`` (a release's own PKCS#11 calls made directly inside the worker, on
-  session keys: no lookup, no hand-off; ``..._in_one_call`` the same six through the one C call
-  the release makes, ``p11direct``'s ``rewrap_oaep``) and ``software_rewrap`` (the same unwrap +
+  session keys: no lookup, no hand-off, the still-enabled read a flag's; ``..._in_one_call`` the
+  same seven through the one C call the release makes, ``p11direct``'s ``rewrap_oaep``) and ``software_rewrap`` (the same unwrap +
   OAEP re-wrap done in software with ``cryptography``).
 
 The token holds :data:`OTHER_KEYS` other keys, because SoftHSM2's object search scans every object.
@@ -57,6 +57,7 @@ from strongroom.keybroker.keys import (
     KeyManager,
     ReleasedKey,
 )
+from strongroom.keybroker.p11direct import AttributeRead
 from strongroom.oaep import OaepHash
 from strongroom.runtime.secrets import Secret
 from tests.bench._scale import scaled
@@ -282,6 +283,7 @@ def _measure(hsm: Hsm, results: dict[str, Any], scale: float) -> None:
             direct.wrap_oaep(key, handle, mechanism, len(modulus))
             direct.destroy(key)
             direct.destroy(handle)
+            direct.read(AttributeRead(session_kek.handle, Attribute.UNWRAP, 1))
 
         public = EPHEMERAL_KEY_IMPORT.with_bytes(
             {Attribute.MODULUS: modulus, Attribute.PUBLIC_EXPONENT: numbers.e.to_bytes(3, "big")}
@@ -296,6 +298,7 @@ def _measure(hsm: Hsm, results: dict[str, Any], scale: float) -> None:
                 public_template=public,
                 choice=mechanism,
                 size=len(modulus),
+                state=AttributeRead(session_kek.handle, Attribute.UNWRAP, 1),
             )
 
         try:

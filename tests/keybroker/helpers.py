@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -63,6 +67,22 @@ def session_objects(hsm: Hsm) -> int:
         return len(list(hs.session.get_objects({Attribute.TOKEN: False})))
 
     return hsm.call(op, name="count session objects")
+
+
+@contextlib.contextmanager
+def token_call_replaced(hsm: Hsm, name: str, replacement: Any) -> Iterator[None]:
+    """The token's PKCS#11 function ``name`` answered by ``replacement`` (a ctypes callback), for
+    the one-call C release (its entry point) and the calls made one at a time alike."""
+    direct = hsm._direct
+    assert direct is not None
+    entry, single = getattr(direct.entry_points, name), getattr(direct, name)
+    setattr(direct.entry_points, name, ctypes.cast(replacement, ctypes.c_void_p).value)
+    setattr(direct, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(direct.entry_points, name, entry)
+        setattr(direct, name, single)
 
 
 def replace_keeping_mtime(path: Path, text: str) -> None:

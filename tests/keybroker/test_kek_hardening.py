@@ -4,9 +4,11 @@ modifiable before are named at start and still disabled through their flags."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pkcs11
@@ -31,7 +33,13 @@ from strongroom.keybroker.hsm import Hsm, HsmSession
 from strongroom.keybroker.keys import ALL_VERSIONS, KeyManager, KeyState
 from strongroom.keybroker.p11direct import Template
 from strongroom.oaep import OaepHash
-from tests.keybroker.helpers import MODEL, make_config, spki
+from tests.keybroker.helpers import (
+    MODEL,
+    make_config,
+    session_objects,
+    spki,
+    token_call_replaced,
+)
 
 CKR_ATTRIBUTE_READ_ONLY = 0x10
 CKR_ACTION_PROHIBITED = 0x1B  # SoftHSM2's answer for an object with CKA_MODIFIABLE false
@@ -602,6 +610,40 @@ def _disable_during(
     return disabled
 
 
+_WRAP_KEY = ctypes.CFUNCTYPE(
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+)
+
+
+@contextlib.contextmanager
+def _disable_inside_the_rewrap(
+    hsm: Hsm, other: KeyManager, key_id: str, version: int
+) -> Iterator[list[Any]]:
+    """Has ``other`` disable ``version`` once, inside this replica's one-call release re-wrap
+    (``p11direct``'s ``rewrap_oaep``): right after the token's C_WrapKey returned, so after the
+    HSM's own checks and before anything the call reads afterwards. Yields the list that
+    receives the disable's answer."""
+    direct = hsm._direct
+    assert direct is not None
+    token_wrap = _WRAP_KEY(direct.entry_points.wrap_key)
+    disabled: list[Any] = []
+
+    def wrap(session: int, mechanism: int, key: int, wrapped: int, out: int, length: int) -> int:
+        rv = int(token_wrap(session, mechanism, key, wrapped, out, length))
+        if not disabled:
+            disabled.append(other.disable_key(key_id, version))
+        return rv
+
+    with token_call_replaced(hsm, "wrap_key", _WRAP_KEY(wrap)):
+        yield disabled
+
+
 def test_a_disable_that_lands_while_the_hsm_rewraps_refuses_the_release(
     km: KeyManager,
     replica: Callable[[], KeyManager],
@@ -619,6 +661,56 @@ def test_a_disable_that_lands_while_the_hsm_rewraps_refuses_the_release(
         km.release_to_ephemeral("race", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])
     assert info.value.reason == "KEY_DISABLED"
     assert disabled[0].versions[0].state is KeyState.DISABLED
+
+
+def test_a_disable_that_lands_between_the_wrap_and_the_answer_refuses_the_release(
+    hsm: Hsm, km: KeyManager, replica: Callable[[], KeyManager], tee_key: rsa.RSAPrivateKey
+) -> None:
+    """The enabler is read inside the release's one C call, after the wrap: a disable on another
+    replica that returned after the token wrapped (before the read) drops the answer, as when the
+    read was a call of its own after the re-wrap. The wrapped key is not returned, no session
+    object is left, and the stale enabler does not count against the key."""
+    km.create_key("race")
+    key = km.generate_data_key("race", *MODEL)
+    before = session_objects(hsm)
+    with (
+        _disable_inside_the_rewrap(hsm, replica(), "race", 1) as disabled,
+        pytest.raises(FailedPrecondition) as info,
+    ):
+        km.release_to_ephemeral("race", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert info.value.reason == "KEY_DISABLED"
+    assert info.value.message == "key 'race' version 1 is disabled"
+    assert disabled[0].versions[0].state is KeyState.DISABLED
+    assert session_objects(hsm) == before
+    assert km.unusable_keys() == {}
+
+
+@pytest.mark.parametrize("kek", ["immutable", "modifiable"])
+def test_a_version_disabled_on_another_replica_between_two_releases_is_refused(
+    hsm: Hsm,
+    replica: Callable[[], KeyManager],
+    tee_key: rsa.RSAPrivateKey,
+    kek: str,
+) -> None:
+    """The same refusal, reason and message whether the still-enabled read is a call of its own
+    or the re-wrap's last: a cache that has not seen the disable (its lookup outlives the test)
+    still refuses, through the enabler or the KEK's flag."""
+    km = KeyManager(hsm, lookup_cache_ttl=3600)
+    if kek == "modifiable":
+        hsm.call(functools.partial(_legacy_kek, key_id="gone"))
+    else:
+        km.create_key("gone")
+    key = km.generate_data_key("gone", *MODEL)
+    km.release_to_ephemeral("gone", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])  # cached
+    replica().disable_key("gone", 1)
+    assert km._cache["gone"][2][0].enabled  # the cache has not seen the disable
+    before = session_objects(hsm)
+    with pytest.raises(FailedPrecondition) as info:
+        km.release_to_ephemeral("gone", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert info.value.reason == "KEY_DISABLED"
+    assert info.value.message == "key 'gone' version 1 is disabled"
+    assert session_objects(hsm) == before
+    assert km.unusable_keys() == {}
 
 
 def test_a_disabled_versions_enabler_handle_given_to_another_object_refuses_the_release(
@@ -709,15 +801,17 @@ def test_a_disable_that_returns_right_after_the_hsm_used_a_modifiable_kek_refuse
     if operation == "rewrap":
         km.rotate_key("old")  # from the modifiable version 1 to an immutable version 2
     other = replica()
-    step = "_release_with" if operation == "release" else "_wrap"
-    disabled = _disable_during(monkeypatch, step, other, "old", 1, after=True)
     with pytest.raises(FailedPrecondition) as info:
         if operation == "release":
-            km.release_to_ephemeral("old", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])
-        elif operation == "generate_data_key":
-            km.generate_data_key("old", *MODEL)
+            # The release reads the flag inside its one C call: the disable goes in there.
+            with _disable_inside_the_rewrap(hsm, other, "old", 1) as disabled:
+                km.release_to_ephemeral("old", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])
         else:
-            km.rewrap("old", 1, key.wrapped)
+            disabled = _disable_during(monkeypatch, "_wrap", other, "old", 1, after=True)
+            if operation == "generate_data_key":
+                km.generate_data_key("old", *MODEL)
+            else:
+                km.rewrap("old", 1, key.wrapped)
     assert info.value.reason == "KEY_DISABLED"
     assert disabled[0].versions[0].state is KeyState.DISABLED
     assert km.unusable_keys() == {}

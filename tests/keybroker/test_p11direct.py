@@ -11,7 +11,8 @@ import _ctypes
 import contextlib
 import ctypes
 import re
-from collections.abc import Iterator
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from strongroom.keybroker import _kek
+from strongroom.keybroker import _kek, p11direct
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmSession
@@ -37,6 +38,8 @@ from strongroom.keybroker.p11direct import (
     _ENTRY_POINTS,
     RETURN_CODES,
     AttributeQuery,
+    AttributeRead,
+    StateReadFailed,
     TargetRefused,
     Template,
     UnwrapFailed,
@@ -45,7 +48,7 @@ from strongroom.keybroker.p11direct import (
     error_for,
 )
 from strongroom.oaep import OaepHash
-from tests.keybroker.helpers import MODEL, session_objects, spki
+from tests.keybroker.helpers import MODEL, session_objects, spki, token_call_replaced
 
 
 def _python_pkcs11_mapping() -> dict[str, str]:
@@ -233,6 +236,7 @@ def _rewrap(
         "public_template": _public_template(tee_key),
         "choice": choice,
         "size": 384,
+        "state": None,
     } | changes
     return hs.direct.rewrap_oaep(unwrapping_key, blob, **arguments)
 
@@ -334,22 +338,6 @@ _CKA_VALUE_LEN = 0x161
 _CKR_ATTRIBUTE_TYPE_INVALID = 0x12
 
 
-@contextlib.contextmanager
-def _token_call_replaced(hsm: Hsm, name: str, replacement: Any) -> Iterator[None]:
-    """The token's PKCS#11 function ``name`` answered by ``replacement`` (a ctypes callback), for
-    the one-call C release (its entry point) and the calls made one at a time alike."""
-    direct = hsm._direct
-    assert direct is not None
-    entry, single = getattr(direct.entry_points, name), getattr(direct, name)
-    setattr(direct.entry_points, name, ctypes.cast(replacement, ctypes.c_void_p).value)
-    setattr(direct, name, replacement)
-    try:
-        yield
-    finally:
-        setattr(direct.entry_points, name, entry)
-        setattr(direct, name, single)
-
-
 def test_a_failed_length_read_fails_the_release_and_the_rewrap(
     hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey
 ) -> None:
@@ -376,7 +364,7 @@ def test_a_failed_length_read_fails_the_release_and_the_rewrap(
     km.create_key("model")
     data_key = km.generate_data_key("model", *MODEL)
     before = session_objects(hsm)
-    with _token_call_replaced(hsm, "get_attribute_value", failing):
+    with token_call_replaced(hsm, "get_attribute_value", failing):
         answers.append(_CKR_ATTRIBUTE_TYPE_INVALID)
         released = km.release_to_ephemeral(
             "model", 1, data_key.wrapped, spki(tee_key), hsm.oaep_hashes[:1]
@@ -411,7 +399,7 @@ def test_a_data_key_that_cannot_be_destroyed_closes_its_session(
     km.create_key("model")
     data_key = km.generate_data_key("model", *MODEL)
     before = session_objects(hsm)
-    with _token_call_replaced(hsm, "destroy_object", refusing):
+    with token_call_replaced(hsm, "destroy_object", refusing):
         with pytest.raises(HsmUnavailable):
             km.release_to_ephemeral(
                 "model", 1, data_key.wrapped, spki(tee_key), hsm.oaep_hashes[:1]
@@ -592,3 +580,104 @@ def test_a_direct_session_key_is_the_one_python_pkcs11_generated(
             hs.direct.destroy(handle)
 
     hsm.call(op, name="test")
+
+
+_CKA_LABEL = 0x3
+_READ = ctypes.CFUNCTYPE(
+    ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong
+)
+
+
+def test_a_release_is_one_foreign_call_that_reads_the_versions_state_last(
+    hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey
+) -> None:
+    # The still-enabled read (keys._still_enabled) was a foreign call of its own after the C
+    # re-wrap: a second release and retake of the interpreter lock per release, ~60 us. It is
+    # the C call's last PKCS#11 call now, on the version's enabler, after the length read.
+    km.create_key("model")
+    data_key = km.generate_data_key("model", *MODEL)
+    target = spki(tee_key)
+    km.release_to_ephemeral("model", 1, data_key.wrapped, target, hsm.oaep_hashes[:1])  # cached
+    direct = hsm._direct
+    assert direct is not None
+    enabler = km._cache["model"][2][0].enablers[0]
+    foreign: list[str] = []
+    names = [n for n, v in vars(direct).items() if isinstance(v, ctypes._CFuncPtr)]
+    reads: list[tuple[int, int]] = []
+    token_read = _READ(direct.entry_points.get_attribute_value)
+
+    def read(session: int, handle: int, query: int, count: int) -> int:
+        reads.append((handle, _Attribute.from_address(query).type))
+        return int(token_read(session, handle, query, count))
+
+    def counted(name: str, real: Any) -> Any:
+        def call(*args: Any) -> Any:
+            foreign.append(name)
+            return real(*args)
+
+        return call
+
+    reading = _READ(read)
+    originals = {name: getattr(direct, name) for name in names}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(token_call_replaced(hsm, "get_attribute_value", reading))
+        for name in names:  # after the replacement, so that its single call is counted too
+            stack.callback(setattr, direct, name, originals[name])
+            setattr(direct, name, counted(name, getattr(direct, name)))
+        km.release_to_ephemeral("model", 1, data_key.wrapped, target, hsm.oaep_hashes[:1])
+    assert "rewrap" in names and "get_attribute_value" in names
+    assert foreign == ["rewrap"]
+    assert [attribute for _, attribute in reads] == [_CKA_VALUE_LEN, _CKA_LABEL]
+    assert reads[1][0] == enabler.handle
+
+
+def test_the_rewraps_state_read_comes_last_and_fails_it_alone(
+    hsm: Hsm, tee_key: rsa.RSAPrivateKey
+) -> None:
+    # The seventh call: made once the wrap succeeded, its value the caller's to judge; a failed
+    # read is StateReadFailed (the answer withheld), with every object already destroyed.
+    def op(hs: HsmSession) -> None:
+        kek, blob, _ = _kek_and_data_key(hs)
+        before = _session_objects(hs)
+        state = AttributeRead(kek.handle, Attribute.UNWRAP, 1)
+        assert _rewrap(hs, kek.handle, blob, tee_key, hsm.oaep_hashes[0], state=state)
+        assert state.value() == b"\x01"
+        with pytest.raises(StateReadFailed) as failed:
+            _rewrap(
+                hs,
+                kek.handle,
+                blob,
+                tee_key,
+                hsm.oaep_hashes[0],
+                state=AttributeRead(0xDEAD, Attribute.LABEL, 64),
+            )
+        assert errs.is_stale_handle(failed.value.error)
+        unread = AttributeRead(kek.handle, Attribute.UNWRAP, 1)
+        with pytest.raises(UnwrapFailed):  # no read once a step before it failed
+            _rewrap(hs, kek.handle, bytes(40), tee_key, hsm.oaep_hashes[0], state=unread)
+        assert unread.value() == b"\x00"
+        assert _session_objects(hs) == before
+
+    hsm.call(op, name="test")
+
+
+def test_a_release_library_built_from_the_older_source_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sr_rewrap took two arguments fewer: called with today's, it would take the state read's
+    # handle for its step pointer and write through it. Its library is refused by name instead.
+    source = tmp_path / "old.c"
+    source.write_text("unsigned long sr_rewrap(void) { return 0; }\n")
+    built = tmp_path / Path(next(Path(p11direct.__file__).parent.glob("_p11release.*.so"))).name
+    compiler = shutil.which("cc")
+    assert compiler is not None
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(built), str(source)], check=True)
+    monkeypatch.setattr(p11direct, "__file__", str(tmp_path / "p11direct.py"))
+    p11direct._release_calls.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"built from an older _p11release\.c"):
+            p11direct._release_calls()
+    finally:
+        monkeypatch.undo()
+        p11direct._release_calls.cache_clear()
+    assert p11direct._release_calls() is not None
