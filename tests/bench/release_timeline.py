@@ -98,8 +98,8 @@ def _instrument(engine: Any, audit_log: Any) -> None:
     _wrap(keys.PendingRelease, "start", "hsm.start(on_written)")
     _wrap(keys.PendingRelease, "result", "hsm.result")
     _wrap(hsm.HsmCall, "_begin", "hsm.worker_took")
-    _wrap(keys, "_release_with", "hsm.C_rewrap")
-    _wrap(keys, "_still_enabled", "hsm.still_enabled")
+    # The re-wrap's one C call makes the version's still-enabled read too (its last step).
+    _wrap(keys, "_release_with", "hsm.C_rewrap+read")
     for name in ("fsync", "fdatasync", "write", "pwrite", "pread", "fstat", "stat", "ftruncate"):
         _wrap(os, name, f"os.{name}")
     _wrap(fcntl, "flock", "fcntl.flock")

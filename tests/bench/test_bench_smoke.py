@@ -228,7 +228,7 @@ def test_the_release_timeline_stamps_every_step_of_a_lone_release() -> None:
     assert figures["releases"] == 3
     spans = figures["spans_us_p50"]
     steps = ("client.ReleaseKey", "engine.release", "verify._verify_signature", "audit.append")
-    for step in (*steps, "os.fsync", "os.fdatasync", "hsm.C_rewrap", "answer.sign"):
+    for step in (*steps, "os.fsync", "os.fdatasync", "hsm.C_rewrap+read", "answer.sign"):
         assert math.isfinite(spans[step]) and spans[step] > 0, step
     assert figures["rows"][0]["stamp"] == "client.GetChallenge>"
     assert {row["thread"] for row in figures["rows"]} >= {"MainThread", "hsm-strongroom-dev"}
