@@ -739,6 +739,38 @@ def test_a_disabled_versions_enabler_handle_given_to_another_object_refuses_the_
     km.release_to_ephemeral("bystander", 1, bystander, spki(tee_key), [OaepHash.SHA1])
 
 
+def test_a_disabled_versions_enabler_handle_given_to_an_object_with_a_longer_label_refuses_it(
+    hsm: Hsm, replica: Callable[[], KeyManager], tee_key: rsa.RSAPrivateKey
+) -> None:
+    """The release's state read is made by the C call into a buffer of LABEL_MAX_BYTES: an object
+    that took the enabler's handle with a longer label (here the enabler's own, extended) answers
+    CKR_BUFFER_TOO_SMALL, which is no enabler's answer: a stale handle, looked up afresh, and the
+    release refused KEY_DISABLED, not an HSM error (nothing tested this branch: dropping it from
+    keys._unreadable_state passed every test)."""
+    km = KeyManager(hsm, lookup_cache_ttl=3600)  # the cache outlives the test: no timing
+    km.create_key("longer")
+    key = km.generate_data_key("longer", *MODEL)
+    km.release_to_ephemeral("longer", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])  # cached
+    enabler = km._cache["longer"][2][0].enablers[0]
+    label = enabler.label.decode() + "x" * _kek.LABEL_MAX_BYTES
+
+    def other_object(hs: HsmSession) -> int:
+        made = hs.session.create_object(
+            {Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: False, Attribute.LABEL: label}
+        )
+        return int(made.handle)
+
+    replica().disable_key("longer", 1)
+    enabler.handle = hsm.call(other_object, name="test")
+    with pytest.raises(FailedPrecondition) as info:
+        km.release_to_ephemeral("longer", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert (info.value.reason, info.value.message) == (
+        "KEY_DISABLED",
+        "key 'longer' version 1 is disabled",
+    )
+    assert km.unusable_keys() == {}
+
+
 def test_a_disable_that_lands_while_the_hsm_wraps_a_new_data_key_refuses_it(
     km: KeyManager, replica: Callable[[], KeyManager], monkeypatch: pytest.MonkeyPatch
 ) -> None:
