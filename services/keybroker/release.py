@@ -231,7 +231,7 @@ class ReleaseEngine:
             context["claims"] = {"refusals_bucket": bucket}
         self._within_budget(self._unread_refusals, bucket, exc.reason, exc, context)
 
-    def _refused(self, exc: Exception, context: dict[str, Any]) -> None:
+    def _refused(self, exc: BaseException, context: dict[str, Any]) -> None:
         """Audits a refusal of a request that was read: under the caller's budget for its
         recorded reason when the caller caused it, under its larger budget for the broker's
         failures when the broker did (or a bug); one by one when an ``ALLOWED`` record of this
@@ -262,7 +262,7 @@ class ReleaseEngine:
         records: RefusalRecords,
         who: str,
         reason: str,
-        exc: Exception,
+        exc: BaseException,
         context: dict[str, Any],
     ) -> None:
         """Audits ``exc`` (recorded with ``reason``) on its own while ``who`` has budget left in
@@ -285,7 +285,7 @@ class ReleaseEngine:
         records: RefusalRecords,
         who: str,
         reason: str,
-        exc: Exception,
+        exc: BaseException,
         context: dict[str, Any],
     ) -> None:
         """Counts ``exc``, a refusal past ``who``'s budget in ``records``, and records it with the
@@ -339,7 +339,10 @@ class ReleaseEngine:
         context = self._context(caller, request.evidence.report)
         try:
             outcome = self._decide(request, caller, context)
-        except Exception as exc:
+        except BaseException as exc:
+            # Not only Exception: a panic in Rust code (pyo3's PanicException, e.g. from the
+            # signature) is a BaseException, and one after the ALLOWED record left that record
+            # the decision's outcome, for a key the caller never got.
             self._refused(exc, context)
             raise
         return outcome
@@ -541,7 +544,7 @@ class ReleaseEngine:
             raise ReleaseNotPermitted(key_id, exc) from None
         return stored
 
-    def _audit_denial(self, exc: Exception, context: dict[str, Any]) -> bool:
+    def _audit_denial(self, exc: BaseException, context: dict[str, Any]) -> bool:
         """Records a denial; False when the audit log refused the record (it is logged)."""
         if isinstance(exc, ReleaseNotPermitted):
             exc = exc.cause  # what the caller was not told is what the record keeps

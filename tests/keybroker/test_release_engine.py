@@ -450,6 +450,27 @@ def test_an_unexpected_error_is_audited_as_internal(world, authority) -> None:
     assert audit.events[1].decision_id == audit.events[0].decision_id is not None
 
 
+class _Panic(BaseException):
+    """What pyo3 raises for a panic in Rust code (``pyo3_runtime.PanicException``, e.g. from
+    cryptography): a BaseException, not an Exception."""
+
+
+def test_a_base_exception_after_the_allowed_record_is_audited_as_internal(world, authority) -> None:
+    """release() audited what _decide raised only when it was an Exception: a BaseException after
+    the ALLOWED record (a panic in the re-wrap's or the signature's Rust code) left that record the
+    decision's last, a release the log says was made and the caller never got. It is followed by
+    its DENIED record now, under the same decision, and still raised."""
+    engine, keys, audit = world
+    keys.fail_with = _Panic("a Rust panic")
+    with pytest.raises(_Panic):
+        engine.release(_request(engine, authority), CALLER)
+    assert [(e.decision, e.reason) for e in audit.events] == [
+        (Decision.ALLOWED, "RELEASED"),
+        (Decision.DENIED, "INTERNAL"),
+    ]
+    assert audit.events[1].decision_id == audit.events[0].decision_id is not None
+
+
 def test_a_caller_the_policy_does_not_name_is_refused_before_its_evidence_is_verified(
     world, authority
 ) -> None:
