@@ -466,8 +466,10 @@ class ReleaseEngine:
         # 9. Audit before answering; without a durable record there is no release (the re-wrap's
         # result is dropped unread). The record names the key that signs the answer below (the
         # id the answer carries): across a rotation of that key, the log says which one vouched.
-        # Not in ``context``: a denial after this record signed nothing.
-        record = self._audit.append(
+        # Not in ``context``: a denial after this record signed nothing. Its id is
+        # ``decision_id``, the one the answer is signed with and names: one source, not the
+        # record's copy beside the statement's.
+        self._audit.append(
             AuditEvent(
                 decision=Decision.ALLOWED,
                 reason=Reason.RELEASED,
@@ -479,7 +481,7 @@ class ReleaseEngine:
         )
         audited = time.perf_counter()
         # Should the re-wrap fail now, the denial is recorded under this decision's id, after it.
-        context["decision_id"] = record.decision_id
+        context["decision_id"] = decision_id
         released = pending.result()
         done = time.perf_counter()
         KEY_RELEASES.add(1, {"outcome": "allowed", "reason": "RELEASED"})
@@ -488,7 +490,7 @@ class ReleaseEngine:
             extra={
                 "key_id": key_id,
                 "key_version": version,
-                "decision_id": record.decision_id,
+                "decision_id": decision_id,
                 "caller": caller.spiffe_id,
                 "mechanism": released.mechanism.mechanism_label,
             },
@@ -504,7 +506,7 @@ class ReleaseEngine:
         return ReleaseOutcome(
             wrapped_data_key=released.wrapped,
             mechanism=released.mechanism,
-            decision_id=record.decision_id,
+            decision_id=decision_id,
             policy_version=stored.policy.version,
             signature=signed.signature,
             signing_key_id=signed.key_id,
