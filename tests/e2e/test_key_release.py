@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +38,8 @@ from strongroom.dev.devstack import DevStack, read_audit_records
 from strongroom.dev.simulated import SimulatedAuthority, SimulatedSnp
 from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.challenge import ChallengeIssuer
+from strongroom.keybroker.hsm import Hsm
+from strongroom.keybroker.keys import KeyManager
 from strongroom.keybroker.refusals import REFUSAL_BURST
 from strongroom.keybroker.service import MESSAGE_LIMITS
 from strongroom.pki import WorkloadIdentity
@@ -1036,6 +1039,56 @@ def test_simulated_evidence_needs_explicit_policy_opt_in(world: World) -> None:
     with pytest.raises(grpc.RpcError) as info:
         world.broker.ReleaseKey(attempt.request, timeout=30)
     assert info.value.details().startswith("SIMULATED_TEE_NOT_ALLOWED")  # type: ignore[attr-defined]
+
+
+def test_a_version_another_broker_disabled_is_refused_and_audited(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disable made by another broker on the same HSM, which this broker's lookup cache has not
+    seen, is caught by the still-enabled read the release's one C call makes after its re-wrap:
+    the caller gets FAILED_PRECONDITION KEY_DISABLED over gRPC, and the decision's ALLOWED record
+    is followed by its DENIED KEY_DISABLED record under the same decision_id."""
+    broker = world.stack.services["keybroker"].handle
+    monkeypatch.setattr(broker.keys, "_ttl", 3600.0)  # the cache outlives the test: no timing
+    world.admin.CreateKey(pb.CreateKeyRequest(key_id="replicated"), timeout=30)
+    world.admin.SetReleasePolicy(
+        pb.SetReleasePolicyRequest(
+            key_id="replicated", policy_document=policy(world.stack, measurements=[GOOD])
+        ),
+        timeout=10,
+    )
+    generated = world.publisher.GenerateDataKey(data_key_request("replicated"), timeout=10)
+
+    def release() -> pb.ReleaseKeyResponse:
+        attempt = new_attempt(world, key_id="replicated")
+        attempt.request.wrapped_data_key = generated.wrapped_data_key
+        attempt.request.key_version = generated.key_version
+        return world.broker.ReleaseKey(attempt.request, timeout=30)
+
+    release()  # its versions now cached, for an hour
+    # The other broker: its own SoftHSM2 instance (a private copy of the module) on the token.
+    module = tmp_path / "libsofthsm2-other.so"
+    shutil.copyfile(broker.hsm.config.module_path, module)
+    other = Hsm.open(dataclasses.replace(broker.hsm.config, module_path=module))
+    try:
+        KeyManager(other).disable_key("replicated", generated.key_version)
+    finally:
+        other.close()
+    assert broker.keys._cache["replicated"][2][0].enabled  # this broker has not seen it
+    seen = len(audit_records(world))
+    with pytest.raises(grpc.RpcError) as info:
+        release()
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    details = info.value.details() or ""  # type: ignore[attr-defined]
+    assert details == f"KEY_DISABLED: key 'replicated' version {generated.key_version} is disabled"
+    added = [r for r in audit_records(world)[seen:] if r["action"] == "key_release"]
+    assert [(r["decision"], r["reason"]) for r in added] == [
+        ("allowed", "RELEASED"),
+        ("denied", "KEY_DISABLED"),
+    ]
+    assert added[0]["decision_id"] == added[1]["decision_id"]
+    assert added[1]["key"] == {"id": "replicated", "version": generated.key_version}
+    assert broker.keys.unusable_keys() == {}
 
 
 def test_disabled_key_releases_nothing_and_rotation_keeps_old_versions(world: World) -> None:
