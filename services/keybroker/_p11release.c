@@ -64,9 +64,10 @@ enum {
  * the destroy's CK_RV if it could not be); imports the caller's public key from
  * `public_template`; wraps the unwrapped key to it into `out` (`*out_length` in: its size, out: the
  * length written); destroys both objects, whatever happened. Returns the first failing call's
- * CK_RV with `*step` naming the call (SR_DESTROY_PUBLIC or SR_DESTROY_KEY: that object may still
- * exist in the session), or 0 with `*step` SR_DONE, or 0 with SR_WRONG_LENGTH when the
- * unwrapped key had another length (it is destroyed: the blob is not this key's).
+ * CK_RV with `*step` naming the call, unless a destroy failed: then the destroy's CK_RV with
+ * SR_DESTROY_PUBLIC or SR_DESTROY_KEY (that object may still exist in the session), whatever
+ * failed before it; or 0 with `*step` SR_DONE, or 0 with SR_WRONG_LENGTH when the unwrapped key
+ * had another length (it is destroyed: the blob is not this key's).
  *
  * Once all that succeeded, and only then, reads `*state` (one attribute, into the caller's buffer)
  * of `state_object` when `state` is not NULL: after the wrap, not before, so that a disable that
@@ -115,19 +116,24 @@ ck_ulong sr_rewrap_read(const sr_entry_points *p11, ck_ulong session,
             *step = SR_WRONG_LENGTH;
         return rv;
     }
+    /*
+     * A destroy's failure is reported over the import's or the wrap's, as over the length read's:
+     * the object may still be in the session, which the caller must then close (a refused target
+     * alone leaves the session in use).
+     */
     *step = SR_IMPORT;
     rv = p11->create_object(session, public_template, public_count, &public_key);
     if (rv == 0) {
         *step = SR_WRAP;
         rv = p11->wrap_key(session, wrap_mechanism, public_key, key, out, out_length);
         cleanup = p11->destroy_object(session, public_key);
-        if (rv == 0 && cleanup != 0) {
+        if (cleanup != 0) {
             *step = SR_DESTROY_PUBLIC;
             rv = cleanup;
         }
     }
     cleanup = p11->destroy_object(session, key);
-    if (rv == 0 && cleanup != 0) {
+    if (cleanup != 0) {
         *step = SR_DESTROY_KEY;
         rv = cleanup;
     }

@@ -411,6 +411,56 @@ def test_a_data_key_that_cannot_be_destroyed_closes_its_session(
     assert session_objects(hsm) == before
 
 
+_CKR_KEY_SIZE_RANGE = 0x62
+
+
+@pytest.mark.parametrize("refused", ["create_object", "wrap_key"])
+def test_a_data_key_that_cannot_be_destroyed_after_a_refused_target_closes_its_session(
+    hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey, refused: str
+) -> None:
+    # The caller's key refused by the import or the wrap (the caller chooses it: an even modulus
+    # fails SoftHSM2's wrap) while C_DestroyObject refuses: sr_rewrap_read reported the refused
+    # target and kept the destroy's failure to itself, so the release was the caller's
+    # EPHEMERAL_KEY_UNSUPPORTED on a session kept with the unwrapped data key in it, where the
+    # one-call-at-a-time path and the length read's failure put the destroy's failure first.
+    # It is UNAVAILABLE now, and the session is closed, which destroys its objects.
+    def refuse(session: int, handle: int) -> int:
+        return _CKR_ARGUMENTS_BAD
+
+    def refuse_target(*args: Any) -> int:
+        return _CKR_KEY_SIZE_RANGE
+
+    direct = hsm._direct
+    assert direct is not None
+    signature = {
+        "create_object": ctypes.CFUNCTYPE(
+            ctypes.c_ulong, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p
+        ),
+        "wrap_key": ctypes.CFUNCTYPE(
+            ctypes.c_ulong,
+            ctypes.c_ulong,
+            ctypes.c_void_p,
+            ctypes.c_ulong,
+            ctypes.c_ulong,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ),
+    }[refused]
+    refusing = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)(refuse)
+    refusing_target = signature(refuse_target)
+    km.create_key("model")
+    data_key = km.generate_data_key("model", *MODEL)
+    km.release_to_ephemeral("model", 1, data_key.wrapped, spki(tee_key), hsm.oaep_hashes[:1])
+    before = session_objects(hsm)
+    with (
+        token_call_replaced(hsm, "destroy_object", refusing),
+        token_call_replaced(hsm, refused, refusing_target),
+        pytest.raises(HsmUnavailable),
+    ):
+        km.release_to_ephemeral("model", 1, data_key.wrapped, spki(tee_key), hsm.oaep_hashes[:1])
+    assert session_objects(hsm) == before
+
+
 _FIND_MARK = b"strongroom-test/find"
 #: A read of every kind: a byte string (up to 8 bytes), a CK_ULONG and CK_BBOOLs.
 _QUERY = AttributeQuery(
