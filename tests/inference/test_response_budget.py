@@ -916,3 +916,20 @@ def test_with_the_defaults_two_raw_answers_at_the_output_bound_wait_for_each_oth
         model_store="a:1", key_broker="b:1", max_inference_memory_bytes=1 << 30
     )
     assert config.response_budget().parked_per_caller == 128 * MIB
+
+
+def test_a_call_whose_outputs_alone_pass_its_callers_part_is_not_told_others_wait() -> None:
+    """An arena small for the outputs (their eighth less than one call's): a call of a caller
+    none of whose calls waits is refused at once, and told that its own outputs are more than
+    its caller's waiting calls may keep, not that too many of its calls already wait."""
+    budget = ResponseBudget(200, wait_seconds=60, arena_bytes=800)
+    stuck = budget.reserve(100, caller="a")
+    with pytest.raises(ResourceExhausted) as info:
+        budget.reserve(10, caller="a", arena=101)
+    assert info.value.reason == "TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY"
+    message = str(info.value)
+    assert "already wait" not in message, message
+    assert "this call's outputs alone would keep 101 bytes of ONNX Runtime's memory" in message
+    assert "more than this caller's waiting calls may (100 bytes, 1/8 of" in message, message
+    stuck.release()
+    assert not budget._parked
