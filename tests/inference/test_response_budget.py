@@ -916,3 +916,88 @@ def test_with_the_defaults_two_raw_answers_at_the_output_bound_wait_for_each_oth
         model_store="a:1", key_broker="b:1", max_inference_memory_bytes=1 << 30
     )
     assert config.response_budget().parked_per_caller == 128 * MIB
+
+
+def test_a_wait_that_ends_refused_or_cancelled_gives_its_part_of_the_arena_back() -> None:
+    """Every way a wait ends gives back what it counted of its caller's and certificate's part
+    of the arena: a wait run out (refused for its share), a wait whose call ended
+    (:class:`CallEnded`), a wait whose ``ended`` raised, and a wait served. Kept counted, each
+    would have refused its identity's later waits at once, for good. (A grow, ``grow_to``,
+    counts none: it comes once the outputs are out of the arena.)"""
+    budget = ResponseBudget(200, wait_seconds=0.05, arena_bytes=800)
+    stuck = budget.reserve(100, caller="a", certificate="a 1")
+    with pytest.raises(ResourceExhausted) as info:
+        budget.reserve(10, caller="a", certificate="a 1", arena=40)
+    assert info.value.reason == "TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY"
+    assert not budget._parked and not budget._parked_by_certificate
+    with pytest.raises(CallEnded):
+        budget.reserve(10, caller="a", certificate="a 1", arena=40, ended=lambda: True)
+    assert not budget._parked and not budget._parked_by_certificate
+
+    def broken() -> bool:
+        raise RuntimeError("the call's state could not be read")
+
+    with pytest.raises(RuntimeError):
+        budget.reserve(10, caller="a", certificate="a 1", arena=40, ended=broken)
+    assert not budget._parked and not budget._parked_by_certificate
+    stuck.release()
+    assert budget.free == 200
+    # Nothing left counted: the caller's whole part is there for its next waits.
+    budget = ResponseBudget(200, wait_seconds=60, arena_bytes=800)
+    full = budget.reserve(100, caller="a")
+    waiter = _Taker(budget, 10, caller="a", arena=100)
+    waiter.start()
+    _until(lambda: budget.waiting == 1)
+    assert budget.parked_by("a") == 100
+    full.release()
+    waiter.result().release()
+    assert not budget._parked
+
+
+def test_a_call_whose_outputs_alone_pass_its_callers_part_is_not_told_others_wait() -> None:
+    """An arena small for the outputs (their eighth less than one call's): a call of a caller
+    none of whose calls waits is refused at once, and told that its own outputs are more than
+    its caller's waiting calls may keep, not that too many of its calls already wait."""
+    budget = ResponseBudget(200, wait_seconds=60, arena_bytes=800)
+    stuck = budget.reserve(100, caller="a")
+    with pytest.raises(ResourceExhausted) as info:
+        budget.reserve(10, caller="a", arena=101)
+    assert info.value.reason == "TOO_MUCH_RESPONSE_MEMORY_PER_IDENTITY"
+    message = str(info.value)
+    assert "already wait" not in message, message
+    assert "this call's outputs alone would keep 101 bytes of ONNX Runtime's memory" in message
+    assert "more than this caller's waiting calls may (100 bytes, 1/8 of" in message, message
+    stuck.release()
+    assert not budget._parked
+
+
+def test_with_the_defaults_one_certificates_third_waiting_answer_is_refused_at_once() -> None:
+    """What the README's upgrade item says of a burst at the default 64 MiB output bound: one
+    certificate's first answer is served, two more wait (128 MiB of outputs, its part of the
+    arena), and the fourth call is refused at once; an identity of several certificates keeps
+    four waiting (256 MiB) and its fifth is refused at once."""
+    size, outputs = response_memory(64 * MIB, raw=True), 64 * MIB
+    budget = ResponseBudget()
+    served = budget.reserve(size, caller="fleet", certificate="fleet a", arena=outputs)
+    waiters = [
+        _Taker(budget, size, caller="fleet", certificate="fleet a", arena=outputs) for _ in range(2)
+    ]
+    for taker in waiters:
+        taker.start()
+    _until(lambda: budget.waiting == 2)
+    with pytest.raises(ResourceExhausted) as info:
+        budget.reserve(size, caller="fleet", certificate="fleet a", arena=outputs)
+    assert "too many of this certificate's calls already wait" in str(info.value)
+    others = [
+        _Taker(budget, size, caller="fleet", certificate="fleet b", arena=outputs) for _ in range(2)
+    ]
+    for taker in others:
+        taker.start()
+    _until(lambda: budget.waiting == 4)
+    with pytest.raises(ResourceExhausted) as info:
+        budget.reserve(size, caller="fleet", certificate="fleet c", arena=outputs)
+    assert "too many of this caller's calls already wait" in str(info.value)
+    served.release()
+    for taker in [*waiters, *others]:
+        taker.result().release()
+    assert budget.free == budget.max_bytes and not budget._parked

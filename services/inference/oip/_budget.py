@@ -58,7 +58,8 @@ caller's waiting calls together keep at most an eighth of the arena's cap
 (:func:`parked_share`: 256 MiB by default, four 64 MiB answers), a certificate's half that
 (its first waiting call alone more, within its caller's): a call that would go past it is
 refused at once, with the reason its wait would have ended with, saying that too many of its
-calls already wait. Calls waiting for the whole budget (``RESPONSE_MEMORY_BUSY``) count the same
+calls already wait (or, none waiting, that its outputs alone are more than that: an arena under
+eight times one call's outputs). Calls waiting for the whole budget (``RESPONSE_MEMORY_BUSY``) count the same
 way: two identities filling the budget left a third parking its whole worker bound there.
 An honest burst still waits: two raw 64 MiB answers of one certificate, the second waiting with
 64 MiB in the arena, within the default 128 MiB.
@@ -306,11 +307,20 @@ class ResponseBudget:
             part = f"half of its identity's {self.parked_per_caller}"
         else:
             return
-        crowded = (
-            f", and too many of {whose} calls already wait for room: their outputs hold "
-            f"{_mib(held)} ({held} bytes) of ONNX Runtime's memory, {whose} waiting calls may "
-            f"hold {cap} bytes ({part}), and this one's would add {arena}"
-        )
+        if held:
+            crowded = (
+                f", and too many of {whose} calls already wait for room: their outputs hold "
+                f"{_mib(held)} ({held} bytes) of ONNX Runtime's memory, {whose} waiting calls "
+                f"may hold {cap} bytes ({part}), and this one's would add {arena}"
+            )
+        else:
+            # None of its caller's calls waits (an arena small for one call's outputs): told
+            # that its calls already wait, its client looked for calls it did not have.
+            crowded = (
+                f", and this call's outputs alone would keep {arena} bytes of ONNX Runtime's "
+                f"memory while it waited, more than {whose} waiting calls may ({cap} bytes, "
+                f"{part})"
+            )
         self._check_share(size, caller, certificate, own, crowded=crowded)
         raise ResourceExhausted(
             f"responses being sent hold the server's response memory "
