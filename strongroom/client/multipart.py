@@ -285,7 +285,7 @@ def publish_parts(
         ],
     )
     stub = store_grpc.ModelStoreServiceStub(store)
-    _check_version_free(stub, name, version, retry)
+    _check_version_free(stub, name, version, len(parts), retry)
     broker_stub = kb_grpc.KeyBrokerServiceStub(broker)
     generated = retrying_busy(
         lambda: broker_stub.GenerateDataKey(
@@ -523,25 +523,61 @@ def _unblock(name: str, left: Sequence[str]) -> str:
     )
 
 
+def _part_indices(versions: Sequence[str]) -> tuple[str, list[int]] | None:
+    """The model version and the part indices, in order, when every one of ``versions`` is a
+    part of the same model version (as :func:`part_version` spells it); None otherwise."""
+    base = versions[0].rpartition(PART_VERSION_MARK)[0]
+    indices = []
+    for v in versions:
+        head, mark, index = v.rpartition(PART_VERSION_MARK)
+        if not (mark and head and head == base and index.isascii() and index.isdigit()):
+            return None
+        if int(index) >= MAX_PARTS:
+            return None
+        if v != part_version(base, int(index)):  # a leading zero: not a part's version
+            return None
+        indices.append(int(index))
+    return base, indices
+
+
+def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Ascending ``indices`` as runs of consecutive ones, (first, last) each."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
 def _versions(versions: Sequence[str]) -> str:
     if len(versions) <= 3:
         return ", ".join(versions)
-    return f"{versions[0]} to {versions[-1]}"
+    parsed = _part_indices(versions)
+    # "first to last" reads as every part between: say so when some are not there.
+    gaps = parsed is not None and len(_runs(parsed[1])) > 1
+    return f"{versions[0]} to {versions[-1]}{', with gaps' if gaps else ''}"
 
 
 def _rm_commands(name: str, versions: Sequence[str]) -> str:
-    """The ``strongroom model rm`` command(s) that remove ``versions`` of ``name``, spelled out
-    (parts 0 to N-1, as a failed publish leaves them, as one shell loop). Shell-safe: a name or
-    version holds only letters, digits and ``._+-/`` (identifiers.py), never first a ``-``."""
-    base, mark, _index = versions[0].rpartition(PART_VERSION_MARK)
-    if (
-        len(versions) > 3
-        and mark
-        and all(v == part_version(base, i) for i, v in enumerate(versions))
-    ):
+    """The ``strongroom model rm`` command(s) that remove ``versions`` of ``name``, spelled out:
+    more than three parts of one version as one shell loop over their indices (each run of three
+    or more consecutive ones a ``seq``: parts 0 to N-1 as a failed publish leaves them, or with
+    gaps an admin's loop or hand left). Shell-safe: a name or version holds only letters, digits
+    and ``._+-/`` (identifiers.py), never first a ``-``."""
+    parsed = _part_indices(versions)
+    if len(versions) > 3 and parsed is not None:
+        base, indices = parsed
+        words = " ".join(
+            f"$(seq {first} {last})"
+            if last - first >= 2
+            else " ".join(map(str, range(first, last + 1)))
+            for first, last in _runs(sorted(indices))
+        )
         return (
-            f"`for n in $(seq 0 {len(versions) - 1}); do strongroom model rm {shlex.quote(name)} "
-            f'"{base}{mark}$n"; done`'
+            f"`for n in {words}; do strongroom model rm {shlex.quote(name)} "
+            f'"{base}{PART_VERSION_MARK}$n"; done`'
         )
     return "; ".join(
         f"`strongroom model rm {shlex.quote(name)} {shlex.quote(v)}`" for v in versions
@@ -549,16 +585,28 @@ def _rm_commands(name: str, versions: Sequence[str]) -> str:
 
 
 def _check_version_free(
-    stub: store_grpc.ModelStoreServiceStub, name: str, version: str, retry: BusyRetry
+    stub: store_grpc.ModelStoreServiceStub,
+    name: str,
+    version: str,
+    count: int,
+    retry: BusyRetry,
 ) -> None:
     """Refuses, before a data key is asked for, a version the store already holds
     (ALREADY_EXISTS MODEL_EXISTS: all the parts were stored first, then refused at the manifest
-    and left behind) or whose first part a publish left behind (FAILED_PRECONDITION
-    PARTS_LEFT_BEHIND: refused at that part, with the commands that free it). Such parts cannot
-    be taken over: they are sealed under the failed publish's data key, which only an attested
-    server can have released, and a publisher may not delete them. Nor can this publish tell a
-    failed publish's parts from those of one still running, so the commands come with the
-    condition under which they are safe, and the time the last part was stored."""
+    and left behind) or any of whose ``count`` parts (those this publish would store) a publish
+    left behind (FAILED_PRECONDITION PARTS_LEFT_BEHIND: refused at that part, with the commands
+    that free every one of them). Such parts cannot be taken over: they are sealed under the
+    failed publish's data key, which only an attested server can have released, and a publisher
+    may not delete them. Nor can this publish tell a failed publish's parts from those of one
+    still running, so the commands come with the condition under which they are safe, and the
+    time the last part was stored.
+
+    Every part index is stat'ed, not the first ones up to a missing one: an admin's ``rm`` loop
+    that failed on one part (it carries on) or parts removed by hand leave gaps, and a publish
+    let through then asked for a data key and failed at the part still stored (MODEL_EXISTS),
+    naming only the parts before it. ListModels cannot do it in one call: it filters by name
+    prefix only, so it would page through every version of the model (and of longer names), a
+    cost that grows with the model's history; ``count`` stats are bounded by this publish."""
 
     def stored(store_version: str) -> store_pb.ModelInfo | None:
         def stat() -> store_pb.ModelInfo | None:
@@ -578,22 +626,21 @@ def _check_version_free(
             f"{name}/{version} is already stored; nothing was published",
             reason=Reason.MODEL_EXISTS,
         )
-    # A failed publish stores its parts in order from the first: those left are 0 to N-1.
     left: list[str] = []
-    last: store_pb.ModelInfo | None = None
-    while len(left) < MAX_PARTS:
-        found = stored(part_version(version, len(left)))
-        if found is None:
-            break
-        left.append(part_version(version, len(left)))
-        last = found
+    last: datetime | None = None
+    for index in range(count):
+        found = stored(part_version(version, index))
+        if found is not None:
+            left.append(part_version(version, index))
+            when = found.stored_at.ToDatetime(tzinfo=UTC)
+            last = when if last is None else max(last, when)
     if last is not None:
-        when = last.stored_at.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")
         # Parts of a publish still running become its model's once its manifest is stored:
         # removed then, by commands handed out here, they broke every load of a published model.
         raise FailedPrecondition(
             f"{name}/{version} has no manifest, but {len(left)} part(s) a publish of it stored "
-            f"are left ({_versions(left)}, the last stored at {when}): that publish failed, or "
+            f"are left ({_versions(left)}, the last stored at "
+            f"{last.isoformat(timespec='seconds')}): that publish failed, or "
             "is still running; nothing was published. Once no publish of it is running and "
             f"{name}/{version} is still not stored (a publish that completes makes them its "
             f"model's parts), {_unblock(name, left)}",

@@ -40,7 +40,12 @@ from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from strongroom.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+)
 from strongroom.inference.signature import SignaturePolicy
 from strongroom.pki import WorkloadIdentity
 from tests.abuse.releases import StalledCalls, settled
@@ -892,4 +897,82 @@ def test_the_command_for_many_parts_left_is_one_loop() -> None:
     )
     assert _rm_commands("org/m", ["1+part.0", "1+part.2"]) == (
         "`strongroom model rm org/m 1+part.0`; `strongroom model rm org/m 1+part.2`"
+    )
+
+
+def _leave_parts(
+    stack: DevStack, publisher: WorkloadIdentity, shards: list[Path], name: str, at: int
+) -> None:
+    """A publish of ``shards`` as ``name`` version 1 refused busy at part ``at`` until its bound
+    ran out: parts 0 to ``at`` - 1 stay stored (a publisher may not delete)."""
+    uploads = BusyBefore(stack, publisher, refused={at}, end_stall=False)
+    try:
+        with pytest.raises(FailedPrecondition):
+            publish_parts(
+                files_parts(shards),
+                name=name,
+                version="1",
+                key_id=KEY_ID,
+                broker=stack.channel(publisher, "keybroker"),
+                store=_store(stack, publisher, uploads),
+                layout=ManifestLayout.FILES,
+                retry=BusyRetry(within=1.0, first_delay=0.2),
+            )
+    finally:
+        uploads.end()
+    assert _records(stack, name) == [(name, f"1+part.{i}") for i in range(at)]
+
+
+def test_parts_left_with_a_gap_are_all_named_and_refused_before_any_data_key(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """An admin's rm loop that failed on some parts (it carries on), or parts removed by hand,
+    left part 0 gone and later ones stored. The check stopped at the first missing part: the
+    publish asked the broker for a data key (a release, audited), stored part 0 and failed at
+    part 1 (MODEL_EXISTS), its commands naming part 0 only; following them repeated the cycle.
+    Now every part is looked at first, and the one command removes every part left."""
+    shards = _shards(tmp_path / "shards", 7)
+    _leave_parts(stack, publisher, shards, "busy/gap", 6)
+    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
+    for gone in ("1+part.0", "1+part.2"):
+        admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/gap", version=gone), timeout=30)
+
+    broker = CountCalls()
+    again = BusyBefore(stack, publisher, set())
+    with pytest.raises(FailedPrecondition) as refused:
+        publish_parts(
+            files_parts(shards),
+            name="busy/gap",
+            version="1",
+            key_id=KEY_ID,
+            broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
+            store=_store(stack, publisher, again),
+            layout=ManifestLayout.FILES,
+        )
+    assert (broker.methods, again.outcomes) == ([], [])
+    assert refused.value.reason == "PARTS_LEFT_BEHIND"
+    message = refused.value.message
+    assert "4 part(s) a publish of it stored are left (1+part.1 to 1+part.5, with gaps" in message
+    command = '`for n in 1 $(seq 3 5); do strongroom model rm busy/gap "1+part.$n"; done`'
+    assert command in message
+    assert "Once no publish of it is running and busy/gap/1 is still not stored" in message
+    assert _records(stack, "busy/gap") == [("busy/gap", f"1+part.{i}") for i in (1, 3, 4, 5)]
+
+    # What the command removes (1, 3, 4, 5) frees the version.
+    for index in (1, 3, 4, 5):
+        request = store_pb.DeleteModelRequest(name="busy/gap", version=f"1+part.{index}")
+        admin.DeleteModel(request, timeout=30)
+    _publish(stack, publisher, shards, "busy/gap", stack.channel(publisher, "modelstore"))
+    assert len(_records(stack, "busy/gap")) == 8
+
+
+def test_the_command_for_parts_left_with_gaps_is_one_loop_over_every_part() -> None:
+    left = ["1+part.1", "1+part.2", "1+part.5", *(f"1+part.{i}" for i in range(7, 12))]
+    assert _rm_commands("org/m", left) == (
+        '`for n in 1 2 5 $(seq 7 11); do strongroom model rm org/m "1+part.$n"; done`'
+    )
+    # Not every version a part of one version: a command each, none left out.
+    assert _rm_commands("org/m", ["1+part.1", "1+part.2", "2+part.3", "1+part.04"]) == "; ".join(
+        f"`strongroom model rm org/m {v}`"
+        for v in ("1+part.1", "1+part.2", "2+part.3", "1+part.04")
     )
