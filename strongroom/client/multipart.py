@@ -56,9 +56,11 @@ from strongroom.client.publish import (
 from strongroom.client.remote import peer_reason
 from strongroom.errors import (
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     StrongroomError,
+    Unavailable,
 )
 from strongroom.reasons import Reason
 
@@ -408,23 +410,29 @@ def publish_parts(
             what=f"the manifest of {name}/{version}",
         )
     except BaseException as exc:
-        left = _delete_best_effort(stub, stored)
-        if left and isinstance(exc, StrongroomError):
+        failed = _delete_best_effort(stub, stored)
+        if failed and isinstance(exc, StrongroomError):
             # Until they are gone, publishing this version again is refused (PARTS_LEFT_BEHIND):
             # the publisher must know which to have removed. (Amended in place: not every error
             # class takes a message and a reason to be built again.)
-            exc.message = f"{exc.message}; {_left_note(name, left)}"
+            exc.message = f"{exc.message}; {_left_note(name, failed)}"
             exc.args = (exc.message,)
-        elif left and isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+        elif failed and isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
             # A peer's refusal (the last busy one, when retries ran out) was raised as it came,
             # without the note: the publisher learnt neither that the version was now blocked
             # nor how to free it. Its status and reason stay in the message.
             refused = f"{exc.code().name} {peer_reason(exc) or ''}".rstrip()
-            raise FailedPrecondition(
+            message = (
                 f"{name}/{version} was not published ({refused}: {exc.details()}); "
-                f"{_left_note(name, left)}",
-                reason=Reason.PARTS_LEFT_BEHIND,
-            ) from exc
+                f"{_left_note(name, failed)}"
+            )
+            transient = _TRANSIENT.get(exc.code())
+            if transient is not None:
+                # The store down or the call out of time: that is what failed, and what whoever
+                # runs the publish has to act on first (PARTS_LEFT_BEHIND hid an outage).
+                reason = peer_reason(exc)
+                raise transient(message, reason=reason if reason in _CATALOGUE else None) from exc
+            raise FailedPrecondition(message, reason=Reason.PARTS_LEFT_BEHIND) from exc
         raise
     log.info(
         "multi-part model published",
@@ -483,19 +491,32 @@ def _put_part(
         return response, bytes(tail)
 
 
+_TRANSIENT: dict[grpc.StatusCode, type[StrongroomError]] = {
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+"""The statuses a failed publish that left parts behind keeps (its reason the peer's, or the
+status's own), the left parts named in its message; any other refusal with parts left is
+FAILED_PRECONDITION PARTS_LEFT_BEHIND. A busy refusal is not among them: it ends a publish only
+once its retries ran out, and then the parts left are what blocks the next try."""
+
+_CATALOGUE = frozenset(Reason)
+
+
 def _delete_best_effort(
     stub: store_grpc.ModelStoreServiceStub, stored: Sequence[store_pb.ModelInfo]
-) -> list[str]:
+) -> dict[str, str]:
     """Removes the parts a failed publish stored; returns the store versions of those it could
-    not (a publisher may not be allowed to delete)."""
-    left = []
+    not, each with the status its delete failed with (PERMISSION_DENIED: a publisher may not
+    delete; UNAVAILABLE: the store went away)."""
+    failed: dict[str, str] = {}
     for info in stored:
         try:
             stub.DeleteModel(
                 store_pb.DeleteModelRequest(name=info.name, version=info.version), timeout=30
             )
         except grpc.RpcError as exc:
-            left.append(info.version)
+            failed[info.version] = exc.code().name
             # Harmless (no manifest names them), but they block a retry of this version.
             log.warning(
                 "could not remove the part %s version %s a failed publish stored (%s): %s",
@@ -505,13 +526,23 @@ def _delete_best_effort(
                 "an admin removes it with `strongroom model rm`",
                 extra={"model": info.name, "version": info.version, "code": exc.code().name},
             )
-    return left
+    return failed
 
 
-def _left_note(name: str, left: Sequence[str]) -> str:
-    """What blocks the version and who frees it how: ``left`` are the parts' store versions."""
+def _left_note(name: str, failed: dict[str, str]) -> str:
+    """What blocks the version and who frees it how: ``failed`` maps the parts' store versions to
+    the status their delete failed with."""
+    left = list(failed)
+    codes = sorted(set(failed.values()))
+    # "may not delete" only when that is what the store said: a delete the store was down for
+    # was reported as a publisher's missing right.
+    why = (
+        "a publisher may not delete"
+        if codes == ["PERMISSION_DENIED"]
+        else f"deleting them failed: {', '.join(codes)}"
+    )
     return (
-        f"{len(left)} part(s) it stored could not be removed (a publisher may not delete): "
+        f"{len(left)} part(s) it stored could not be removed ({why}): "
         f"{_versions(left)}; {_unblock(name, left)}"
     )
 

@@ -42,9 +42,11 @@ from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import (
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 from strongroom.inference.signature import SignaturePolicy
 from strongroom.pki import WorkloadIdentity
@@ -976,3 +978,109 @@ def test_the_command_for_parts_left_with_gaps_is_one_loop_over_every_part() -> N
         f"`strongroom model rm org/m {v}`"
         for v in ("1+part.1", "1+part.2", "2+part.3", "1+part.04")
     )
+
+
+class StopStoreBefore(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """Stops the store before the publisher's upload numbered ``at`` (from 0)."""
+
+    def __init__(self, stack: DevStack, at: int) -> None:
+        self._stack = stack
+        self._at = at
+        self.uploads = 0
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        if self.uploads == self._at:
+            self._stack.services.pop("modelstore").stop()
+        self.uploads += 1
+        return continuation(details, request_iterator)
+
+
+def test_a_publish_the_store_went_away_under_keeps_unavailable_and_names_the_parts_left(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The store stopped after the first part: the second's upload and the delete of the first
+    failed UNAVAILABLE. That was reported as FAILED_PRECONDITION PARTS_LEFT_BEHIND, its note
+    saying a publisher may not delete: an outage read as a refusal. Now the status is the
+    failure's, and the note says why the part stayed and how to remove it."""
+    shards = _shards(tmp_path / "shards", 3)
+    stops = StopStoreBefore(stack, 1)
+    try:
+        with pytest.raises(Unavailable) as info:
+            publish_parts(
+                files_parts(shards),
+                name="busy/down",
+                version="1",
+                key_id=KEY_ID,
+                broker=stack.channel(publisher, "keybroker"),
+                store=grpc.intercept_channel(stack.channel(publisher, "modelstore"), stops),
+                layout=ManifestLayout.FILES,
+            )
+    finally:
+        if "modelstore" not in stack.services:
+            stack.start_in_process("modelstore", server={"max_streams_per_certificate": 1})
+    assert stops.uploads == 2
+    assert info.value.reason == "UNAVAILABLE"
+    message = info.value.message
+    assert message.startswith("busy/down/1 was not published (UNAVAILABLE: ")
+    assert "1 part(s) it stored could not be removed (deleting them failed: UNAVAILABLE)" in message
+    assert "a publisher may not delete" not in message
+    assert "`strongroom model rm busy/down 1+part.0`" in message
+    assert isinstance(info.value.__cause__, grpc.RpcError)
+    assert _records(stack, "busy/down") == [("busy/down", "1+part.0")]
+
+    # The store back, the version is still blocked by the part (refused before any data key).
+    broker = CountCalls()
+    with pytest.raises(FailedPrecondition) as refused:
+        publish_parts(
+            files_parts(shards),
+            name="busy/down",
+            version="1",
+            key_id=KEY_ID,
+            broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
+            store=stack.channel(publisher, "modelstore"),
+            layout=ManifestLayout.FILES,
+        )
+    assert (refused.value.reason, broker.methods) == ("PARTS_LEFT_BEHIND", [])
+    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
+    admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/down", version="1+part.0"))
+
+
+def test_a_part_out_of_time_keeps_deadline_exceeded_and_says_a_publisher_may_not_delete(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The second part's upload ran past its deadline (its reading held until the publish has
+    failed): DEADLINE_EXCEEDED, not PARTS_LEFT_BEHIND; the store was up, so the first part stayed
+    because a publisher may not delete it, and the note says so."""
+    shards = _shards(tmp_path / "shards", 3)
+    first = shards[0].stat().st_size
+    failed = threading.Event()
+
+    def progress(done: int, _total: int) -> None:
+        if done > first:  # the second part is being read
+            failed.wait(60)
+
+    try:
+        with pytest.raises(DeadlineExceeded) as info:
+            publish_parts(
+                files_parts(shards),
+                name="busy/slow",
+                version="1",
+                key_id=KEY_ID,
+                broker=stack.channel(publisher, "keybroker"),
+                store=stack.channel(publisher, "modelstore"),
+                layout=ManifestLayout.FILES,
+                progress=progress,
+                timeout=5,
+            )
+    finally:
+        failed.set()
+    assert info.value.reason == "DEADLINE_EXCEEDED"
+    message = info.value.message
+    assert message.startswith("busy/slow/1 was not published (DEADLINE_EXCEEDED: ")
+    assert "1 part(s) it stored could not be removed (a publisher may not delete)" in message
+    assert "`strongroom model rm busy/slow 1+part.0`" in message
+    assert _records(stack, "busy/slow") == [("busy/slow", "1+part.0")]
+    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
+    admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/slow", version="1+part.0"))
