@@ -56,9 +56,11 @@ from strongroom.client.publish import (
 from strongroom.client.remote import peer_reason
 from strongroom.errors import (
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     StrongroomError,
+    Unavailable,
 )
 from strongroom.reasons import Reason
 
@@ -285,7 +287,7 @@ def publish_parts(
         ],
     )
     stub = store_grpc.ModelStoreServiceStub(store)
-    _check_version_free(stub, name, version, retry)
+    _check_version_free(stub, name, version, len(parts), retry)
     broker_stub = kb_grpc.KeyBrokerServiceStub(broker)
     generated = retrying_busy(
         lambda: broker_stub.GenerateDataKey(
@@ -408,23 +410,29 @@ def publish_parts(
             what=f"the manifest of {name}/{version}",
         )
     except BaseException as exc:
-        left = _delete_best_effort(stub, stored)
-        if left and isinstance(exc, StrongroomError):
+        failed = _delete_best_effort(stub, stored)
+        if failed and isinstance(exc, StrongroomError):
             # Until they are gone, publishing this version again is refused (PARTS_LEFT_BEHIND):
             # the publisher must know which to have removed. (Amended in place: not every error
             # class takes a message and a reason to be built again.)
-            exc.message = f"{exc.message}; {_left_note(name, left)}"
+            exc.message = f"{exc.message}; {_left_note(name, failed)}"
             exc.args = (exc.message,)
-        elif left and isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+        elif failed and isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
             # A peer's refusal (the last busy one, when retries ran out) was raised as it came,
             # without the note: the publisher learnt neither that the version was now blocked
             # nor how to free it. Its status and reason stay in the message.
             refused = f"{exc.code().name} {peer_reason(exc) or ''}".rstrip()
-            raise FailedPrecondition(
+            message = (
                 f"{name}/{version} was not published ({refused}: {exc.details()}); "
-                f"{_left_note(name, left)}",
-                reason=Reason.PARTS_LEFT_BEHIND,
-            ) from exc
+                f"{_left_note(name, failed)}"
+            )
+            transient = _TRANSIENT.get(exc.code())
+            if transient is not None:
+                # The store down or the call out of time: that is what failed, and what whoever
+                # runs the publish has to act on first (PARTS_LEFT_BEHIND hid an outage).
+                reason = peer_reason(exc)
+                raise transient(message, reason=reason if reason in _CATALOGUE else None) from exc
+            raise FailedPrecondition(message, reason=Reason.PARTS_LEFT_BEHIND) from exc
         raise
     log.info(
         "multi-part model published",
@@ -483,19 +491,32 @@ def _put_part(
         return response, bytes(tail)
 
 
+_TRANSIENT: dict[grpc.StatusCode, type[StrongroomError]] = {
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+"""The statuses a failed publish that left parts behind keeps (its reason the peer's, or the
+status's own), the left parts named in its message; any other refusal with parts left is
+FAILED_PRECONDITION PARTS_LEFT_BEHIND. A busy refusal is not among them: it ends a publish only
+once its retries ran out, and then the parts left are what blocks the next try."""
+
+_CATALOGUE = frozenset(Reason)
+
+
 def _delete_best_effort(
     stub: store_grpc.ModelStoreServiceStub, stored: Sequence[store_pb.ModelInfo]
-) -> list[str]:
+) -> dict[str, str]:
     """Removes the parts a failed publish stored; returns the store versions of those it could
-    not (a publisher may not be allowed to delete)."""
-    left = []
+    not, each with the status its delete failed with (PERMISSION_DENIED: a publisher may not
+    delete; UNAVAILABLE: the store went away)."""
+    failed: dict[str, str] = {}
     for info in stored:
         try:
             stub.DeleteModel(
                 store_pb.DeleteModelRequest(name=info.name, version=info.version), timeout=30
             )
         except grpc.RpcError as exc:
-            left.append(info.version)
+            failed[info.version] = exc.code().name
             # Harmless (no manifest names them), but they block a retry of this version.
             log.warning(
                 "could not remove the part %s version %s a failed publish stored (%s): %s",
@@ -505,13 +526,23 @@ def _delete_best_effort(
                 "an admin removes it with `strongroom model rm`",
                 extra={"model": info.name, "version": info.version, "code": exc.code().name},
             )
-    return left
+    return failed
 
 
-def _left_note(name: str, left: Sequence[str]) -> str:
-    """What blocks the version and who frees it how: ``left`` are the parts' store versions."""
+def _left_note(name: str, failed: dict[str, str]) -> str:
+    """What blocks the version and who frees it how: ``failed`` maps the parts' store versions to
+    the status their delete failed with."""
+    left = list(failed)
+    codes = sorted(set(failed.values()))
+    # "may not delete" only when that is what the store said: a delete the store was down for
+    # was reported as a publisher's missing right.
+    why = (
+        "a publisher may not delete"
+        if codes == ["PERMISSION_DENIED"]
+        else f"deleting them failed: {', '.join(codes)}"
+    )
     return (
-        f"{len(left)} part(s) it stored could not be removed (a publisher may not delete): "
+        f"{len(left)} part(s) it stored could not be removed ({why}): "
         f"{_versions(left)}; {_unblock(name, left)}"
     )
 
@@ -523,25 +554,61 @@ def _unblock(name: str, left: Sequence[str]) -> str:
     )
 
 
+def _part_indices(versions: Sequence[str]) -> tuple[str, list[int]] | None:
+    """The model version and the part indices, in order, when every one of ``versions`` is a
+    part of the same model version (as :func:`part_version` spells it); None otherwise."""
+    base = versions[0].rpartition(PART_VERSION_MARK)[0]
+    indices = []
+    for v in versions:
+        head, mark, index = v.rpartition(PART_VERSION_MARK)
+        if not (mark and head and head == base and index.isascii() and index.isdigit()):
+            return None
+        if int(index) >= MAX_PARTS:
+            return None
+        if v != part_version(base, int(index)):  # a leading zero: not a part's version
+            return None
+        indices.append(int(index))
+    return base, indices
+
+
+def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Ascending ``indices`` as runs of consecutive ones, (first, last) each."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
 def _versions(versions: Sequence[str]) -> str:
     if len(versions) <= 3:
         return ", ".join(versions)
-    return f"{versions[0]} to {versions[-1]}"
+    parsed = _part_indices(versions)
+    # "first to last" reads as every part between: say so when some are not there.
+    gaps = parsed is not None and len(_runs(parsed[1])) > 1
+    return f"{versions[0]} to {versions[-1]}{', with gaps' if gaps else ''}"
 
 
 def _rm_commands(name: str, versions: Sequence[str]) -> str:
-    """The ``strongroom model rm`` command(s) that remove ``versions`` of ``name``, spelled out
-    (parts 0 to N-1, as a failed publish leaves them, as one shell loop). Shell-safe: a name or
-    version holds only letters, digits and ``._+-/`` (identifiers.py), never first a ``-``."""
-    base, mark, _index = versions[0].rpartition(PART_VERSION_MARK)
-    if (
-        len(versions) > 3
-        and mark
-        and all(v == part_version(base, i) for i, v in enumerate(versions))
-    ):
+    """The ``strongroom model rm`` command(s) that remove ``versions`` of ``name``, spelled out:
+    more than three parts of one version as one shell loop over their indices (each run of three
+    or more consecutive ones a ``seq``: parts 0 to N-1 as a failed publish leaves them, or with
+    gaps an admin's loop or hand left). Shell-safe: a name or version holds only letters, digits
+    and ``._+-/`` (identifiers.py), never first a ``-``."""
+    parsed = _part_indices(versions)
+    if len(versions) > 3 and parsed is not None:
+        base, indices = parsed
+        words = " ".join(
+            f"$(seq {first} {last})"
+            if last - first >= 2
+            else " ".join(map(str, range(first, last + 1)))
+            for first, last in _runs(sorted(indices))
+        )
         return (
-            f"`for n in $(seq 0 {len(versions) - 1}); do strongroom model rm {shlex.quote(name)} "
-            f'"{base}{mark}$n"; done`'
+            f"`for n in {words}; do strongroom model rm {shlex.quote(name)} "
+            f'"{base}{PART_VERSION_MARK}$n"; done`'
         )
     return "; ".join(
         f"`strongroom model rm {shlex.quote(name)} {shlex.quote(v)}`" for v in versions
@@ -549,16 +616,28 @@ def _rm_commands(name: str, versions: Sequence[str]) -> str:
 
 
 def _check_version_free(
-    stub: store_grpc.ModelStoreServiceStub, name: str, version: str, retry: BusyRetry
+    stub: store_grpc.ModelStoreServiceStub,
+    name: str,
+    version: str,
+    count: int,
+    retry: BusyRetry,
 ) -> None:
     """Refuses, before a data key is asked for, a version the store already holds
     (ALREADY_EXISTS MODEL_EXISTS: all the parts were stored first, then refused at the manifest
-    and left behind) or whose first part a publish left behind (FAILED_PRECONDITION
-    PARTS_LEFT_BEHIND: refused at that part, with the commands that free it). Such parts cannot
-    be taken over: they are sealed under the failed publish's data key, which only an attested
-    server can have released, and a publisher may not delete them. Nor can this publish tell a
-    failed publish's parts from those of one still running, so the commands come with the
-    condition under which they are safe, and the time the last part was stored."""
+    and left behind) or any of whose ``count`` parts (those this publish would store) a publish
+    left behind (FAILED_PRECONDITION PARTS_LEFT_BEHIND: refused at that part, with the commands
+    that free every one of them). Such parts cannot be taken over: they are sealed under the
+    failed publish's data key, which only an attested server can have released, and a publisher
+    may not delete them. Nor can this publish tell a failed publish's parts from those of one
+    still running, so the commands come with the condition under which they are safe, and the
+    time the last part was stored.
+
+    Every part index is stat'ed, not the first ones up to a missing one: an admin's ``rm`` loop
+    that failed on one part (it carries on) or parts removed by hand leave gaps, and a publish
+    let through then asked for a data key and failed at the part still stored (MODEL_EXISTS),
+    naming only the parts before it. ListModels cannot do it in one call: it filters by name
+    prefix only, so it would page through every version of the model (and of longer names), a
+    cost that grows with the model's history; ``count`` stats are bounded by this publish."""
 
     def stored(store_version: str) -> store_pb.ModelInfo | None:
         def stat() -> store_pb.ModelInfo | None:
@@ -578,22 +657,21 @@ def _check_version_free(
             f"{name}/{version} is already stored; nothing was published",
             reason=Reason.MODEL_EXISTS,
         )
-    # A failed publish stores its parts in order from the first: those left are 0 to N-1.
     left: list[str] = []
-    last: store_pb.ModelInfo | None = None
-    while len(left) < MAX_PARTS:
-        found = stored(part_version(version, len(left)))
-        if found is None:
-            break
-        left.append(part_version(version, len(left)))
-        last = found
+    last: datetime | None = None
+    for index in range(count):
+        found = stored(part_version(version, index))
+        if found is not None:
+            left.append(part_version(version, index))
+            when = found.stored_at.ToDatetime(tzinfo=UTC)
+            last = when if last is None else max(last, when)
     if last is not None:
-        when = last.stored_at.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")
         # Parts of a publish still running become its model's once its manifest is stored:
         # removed then, by commands handed out here, they broke every load of a published model.
         raise FailedPrecondition(
             f"{name}/{version} has no manifest, but {len(left)} part(s) a publish of it stored "
-            f"are left ({_versions(left)}, the last stored at {when}): that publish failed, or "
+            f"are left ({_versions(left)}, the last stored at "
+            f"{last.isoformat(timespec='seconds')}): that publish failed, or "
             "is still running; nothing was published. Once no publish of it is running and "
             f"{name}/{version} is still not stored (a publish that completes makes them its "
             f"model's parts), {_unblock(name, left)}",

@@ -40,7 +40,14 @@ from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from strongroom.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from strongroom.inference.signature import SignaturePolicy
 from strongroom.pki import WorkloadIdentity
 from tests.abuse.releases import StalledCalls, settled
@@ -893,3 +900,187 @@ def test_the_command_for_many_parts_left_is_one_loop() -> None:
     assert _rm_commands("org/m", ["1+part.0", "1+part.2"]) == (
         "`strongroom model rm org/m 1+part.0`; `strongroom model rm org/m 1+part.2`"
     )
+
+
+def _leave_parts(
+    stack: DevStack, publisher: WorkloadIdentity, shards: list[Path], name: str, at: int
+) -> None:
+    """A publish of ``shards`` as ``name`` version 1 refused busy at part ``at`` until its bound
+    ran out: parts 0 to ``at`` - 1 stay stored (a publisher may not delete)."""
+    uploads = BusyBefore(stack, publisher, refused={at}, end_stall=False)
+    try:
+        with pytest.raises(FailedPrecondition):
+            publish_parts(
+                files_parts(shards),
+                name=name,
+                version="1",
+                key_id=KEY_ID,
+                broker=stack.channel(publisher, "keybroker"),
+                store=_store(stack, publisher, uploads),
+                layout=ManifestLayout.FILES,
+                retry=BusyRetry(within=1.0, first_delay=0.2),
+            )
+    finally:
+        uploads.end()
+    assert _records(stack, name) == [(name, f"1+part.{i}") for i in range(at)]
+
+
+def test_parts_left_with_a_gap_are_all_named_and_refused_before_any_data_key(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """An admin's rm loop that failed on some parts (it carries on), or parts removed by hand,
+    left part 0 gone and later ones stored. The check stopped at the first missing part: the
+    publish asked the broker for a data key (a release, audited), stored part 0 and failed at
+    part 1 (MODEL_EXISTS), its commands naming part 0 only; following them repeated the cycle.
+    Now every part is looked at first, and the one command removes every part left."""
+    shards = _shards(tmp_path / "shards", 7)
+    _leave_parts(stack, publisher, shards, "busy/gap", 6)
+    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
+    for gone in ("1+part.0", "1+part.2"):
+        admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/gap", version=gone), timeout=30)
+
+    broker = CountCalls()
+    again = BusyBefore(stack, publisher, set())
+    with pytest.raises(FailedPrecondition) as refused:
+        publish_parts(
+            files_parts(shards),
+            name="busy/gap",
+            version="1",
+            key_id=KEY_ID,
+            broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
+            store=_store(stack, publisher, again),
+            layout=ManifestLayout.FILES,
+        )
+    assert (broker.methods, again.outcomes) == ([], [])
+    assert refused.value.reason == "PARTS_LEFT_BEHIND"
+    message = refused.value.message
+    assert "4 part(s) a publish of it stored are left (1+part.1 to 1+part.5, with gaps" in message
+    command = '`for n in 1 $(seq 3 5); do strongroom model rm busy/gap "1+part.$n"; done`'
+    assert command in message
+    assert "Once no publish of it is running and busy/gap/1 is still not stored" in message
+    assert _records(stack, "busy/gap") == [("busy/gap", f"1+part.{i}") for i in (1, 3, 4, 5)]
+
+    # What the command removes (1, 3, 4, 5) frees the version.
+    for index in (1, 3, 4, 5):
+        request = store_pb.DeleteModelRequest(name="busy/gap", version=f"1+part.{index}")
+        admin.DeleteModel(request, timeout=30)
+    _publish(stack, publisher, shards, "busy/gap", stack.channel(publisher, "modelstore"))
+    assert len(_records(stack, "busy/gap")) == 8
+
+
+def test_the_command_for_parts_left_with_gaps_is_one_loop_over_every_part() -> None:
+    left = ["1+part.1", "1+part.2", "1+part.5", *(f"1+part.{i}" for i in range(7, 12))]
+    assert _rm_commands("org/m", left) == (
+        '`for n in 1 2 5 $(seq 7 11); do strongroom model rm org/m "1+part.$n"; done`'
+    )
+    # Not every version a part of one version: a command each, none left out.
+    assert _rm_commands("org/m", ["1+part.1", "1+part.2", "2+part.3", "1+part.04"]) == "; ".join(
+        f"`strongroom model rm org/m {v}`"
+        for v in ("1+part.1", "1+part.2", "2+part.3", "1+part.04")
+    )
+
+
+class StopStoreBefore(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """Stops the store before the publisher's upload numbered ``at`` (from 0)."""
+
+    def __init__(self, stack: DevStack, at: int) -> None:
+        self._stack = stack
+        self._at = at
+        self.uploads = 0
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        if self.uploads == self._at:
+            self._stack.services.pop("modelstore").stop()
+        self.uploads += 1
+        return continuation(details, request_iterator)
+
+
+def test_a_publish_the_store_went_away_under_keeps_unavailable_and_names_the_parts_left(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The store stopped after the first part: the second's upload and the delete of the first
+    failed UNAVAILABLE. That was reported as FAILED_PRECONDITION PARTS_LEFT_BEHIND, its note
+    saying a publisher may not delete: an outage read as a refusal. Now the status is the
+    failure's, and the note says why the part stayed and how to remove it."""
+    shards = _shards(tmp_path / "shards", 3)
+    stops = StopStoreBefore(stack, 1)
+    try:
+        with pytest.raises(Unavailable) as info:
+            publish_parts(
+                files_parts(shards),
+                name="busy/down",
+                version="1",
+                key_id=KEY_ID,
+                broker=stack.channel(publisher, "keybroker"),
+                store=grpc.intercept_channel(stack.channel(publisher, "modelstore"), stops),
+                layout=ManifestLayout.FILES,
+            )
+    finally:
+        if "modelstore" not in stack.services:
+            stack.start_in_process("modelstore", server={"max_streams_per_certificate": 1})
+    assert stops.uploads == 2
+    assert info.value.reason == "UNAVAILABLE"
+    message = info.value.message
+    assert message.startswith("busy/down/1 was not published (UNAVAILABLE: ")
+    assert "1 part(s) it stored could not be removed (deleting them failed: UNAVAILABLE)" in message
+    assert "a publisher may not delete" not in message
+    assert "`strongroom model rm busy/down 1+part.0`" in message
+    assert isinstance(info.value.__cause__, grpc.RpcError)
+    assert _records(stack, "busy/down") == [("busy/down", "1+part.0")]
+
+    # The store back, the version is still blocked by the part (refused before any data key).
+    broker = CountCalls()
+    with pytest.raises(FailedPrecondition) as refused:
+        publish_parts(
+            files_parts(shards),
+            name="busy/down",
+            version="1",
+            key_id=KEY_ID,
+            broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
+            store=stack.channel(publisher, "modelstore"),
+            layout=ManifestLayout.FILES,
+        )
+    assert (refused.value.reason, broker.methods) == ("PARTS_LEFT_BEHIND", [])
+    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
+    admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/down", version="1+part.0"))
+
+
+def test_a_part_out_of_time_keeps_deadline_exceeded_and_says_a_publisher_may_not_delete(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The second part's upload ran past its deadline (its reading held until the publish has
+    failed): DEADLINE_EXCEEDED, not PARTS_LEFT_BEHIND; the store was up, so the first part stayed
+    because a publisher may not delete it, and the note says so."""
+    shards = _shards(tmp_path / "shards", 3)
+    first = shards[0].stat().st_size
+    failed = threading.Event()
+
+    def progress(done: int, _total: int) -> None:
+        if done > first:  # the second part is being read
+            failed.wait(60)
+
+    try:
+        with pytest.raises(DeadlineExceeded) as info:
+            publish_parts(
+                files_parts(shards),
+                name="busy/slow",
+                version="1",
+                key_id=KEY_ID,
+                broker=stack.channel(publisher, "keybroker"),
+                store=stack.channel(publisher, "modelstore"),
+                layout=ManifestLayout.FILES,
+                progress=progress,
+                timeout=5,
+            )
+    finally:
+        failed.set()
+    assert info.value.reason == "DEADLINE_EXCEEDED"
+    message = info.value.message
+    assert message.startswith("busy/slow/1 was not published (DEADLINE_EXCEEDED: ")
+    assert "1 part(s) it stored could not be removed (a publisher may not delete)" in message
+    assert "`strongroom model rm busy/slow 1+part.0`" in message
+    assert _records(stack, "busy/slow") == [("busy/slow", "1+part.0")]
+    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
+    admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/slow", version="1+part.0"))
