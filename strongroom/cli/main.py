@@ -138,20 +138,35 @@ def run_command(command: Callable[[], int]) -> int:
         # a channel's own refusal before the call (the server's identity unchecked or another's)
         # is both, and its status (UNAVAILABLE: retry) matters as a service's does.
         status = exc.code()
-        print(f"strongroom: error: {status.name}: {printable(exc.details())}", file=sys.stderr)
+        _print_error(f"strongroom: error: {status.name}: {printable(exc.details())}")
         return 1
     except StrongroomError as exc:
-        print(f"strongroom: error: {printable(exc)}", file=sys.stderr)
+        _print_error(f"strongroom: error: {printable(exc)}")
         return 1
     except OSError as exc:
         # A file or directory the command needed (a mistyped path, permissions, a full disk):
         # the operator's to fix, so one line naming it, not a traceback.
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"strongroom: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        _print_error(f"strongroom: error: {where}{exc.strerror or exc}")
         return 1
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def _print_error(line: str) -> None:
+    """Prints the command's error ``line`` on stderr; in a service's process (``strongroom
+    serve``, its log configured on stderr), through the log (:meth:`ServiceLog.say
+    <strongroom.runtime.log_writer.ServiceLog.say>`): after its lines, and only if stderr takes
+    it without waiting. The log has said why the service stopped, and printed, the line waited
+    on a full pipe whose collector had stopped reading: the process never ended."""
+    from strongroom.runtime.log_writer import ServiceLog  # a service's: loaded by then
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, ServiceLog) and handler.stream is sys.stderr:
+            handler.say(line)
+            return
+    print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

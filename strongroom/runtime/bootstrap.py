@@ -310,6 +310,12 @@ def run_service(
             log.exception("%s stopped on an operating-system error", service)
             _exit_if_abandoned(abandoned)
             raise
+        except grpc.RpcError as exc:
+            # A call of another service's that refused or failed: the command line printed it
+            # as one line, and the log said nothing of why the process had ended.
+            log.error("%s cannot run: %s: %s", service, exc.code().name, exc.details())
+            _exit_if_abandoned(abandoned)
+            raise
         except BaseException:
             if abandoned:  # the interpreter would print it at exit, which never comes
                 log.exception("%s stopped on an unexpected error", service)

@@ -147,13 +147,30 @@ class ServiceLog(logging.Handler):
         except Exception:
             self.handleError(record)
             return
+        self._send(line, refusal=bool(getattr(record, REFUSAL_LINE, False)), queue=True)
+
+    def say(self, line: str) -> None:
+        """Writes ``line``, which is no record of the log (the command line's last words,
+        ``strongroom: error: ...``, on the log's destination), after every line logged before it:
+        once the queue is written (:meth:`flush`, within what is left of
+        :data:`FLUSH_SECONDS`, a budget the exit's flush then shares), if the destination takes
+        it without waiting, else not at all (never queued, nor counted dropped): what it says,
+        the log has said. Printed on ``sys.stderr``, it waited for a full pipe whose collector
+        had stopped reading, and the process never ended."""
+        self.flush()
+        # A buffer (a test's capture) never makes its writer wait: queued, it follows the log.
+        self._send(line, refusal=False, queue=self._fd is None)
+
+    def _send(self, line: str, *, refusal: bool, queue: bool) -> None:
+        """Writes ``line`` where it is logged when the destination takes it at once (see
+        :meth:`emit`), else, with ``queue``, queues it; without, drops it."""
         size = len(line) + 1  # with its newline; characters, bytes for a JSON line (ASCII)
-        refusal = bool(getattr(record, REFUSAL_LINE, False))
         with self._state:
             ended = self._ended
             now = None if ended else self._write_now(line)
             if not ended and now is None:
-                self._queue(line, size, refusal)
+                if queue:
+                    self._queue(line, size, refusal)
                 return
             if not ended:
                 self._direct = True  # the writer waits: lines stay in the order they were logged
@@ -168,11 +185,13 @@ class ServiceLog(logging.Handler):
             # Another writer filled the pipe since the look (nothing written: a write of at
             # most PIPE_BUF bytes to a pipe is whole or refused): first in the queue, which the
             # writer has not taken from while this write was under way.
-            with self._state:
-                self._queue(line, size, refusal, first=True)
+            if queue:
+                with self._state:
+                    self._queue(line, size, refusal, first=True)
         except OSError:  # a closed or broken destination: nowhere to say it either
-            with self._state:
-                self._dropped += 1
+            if queue:
+                with self._state:
+                    self._dropped += 1
         finally:
             with self._state:
                 self._direct = False

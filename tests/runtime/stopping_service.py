@@ -29,6 +29,9 @@ that waits for a line on stdin, prints ``raising``, drops an object whose ``__de
 (an exception Python cannot raise: its unraisable hook's) and ends raising
 ``RuntimeError("the background work failed")``. ``unexpected``: its start raises an error the
 command line does not print as one line (a ``LookupError``), which ends the main thread.
+``stops-on-<kind>``: its start prints ``building``, waits for a line on stdin and raises ``kind``
+(``strongroom``: a StrongroomError; ``os``: an OSError; ``rpc``: a refused call; ``unexpected``:
+a ``LookupError``), which stops the service.
 """
 
 from __future__ import annotations
@@ -254,6 +257,26 @@ def _raise_on_a_thread() -> None:
     threading.Thread(target=background, name="background").start()
 
 
+class _Refused(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.PERMISSION_DENIED
+
+    def details(self) -> str:
+        return "PERMISSION_DENIED: the model store refused the service"
+
+
+def _stops_on(kind: str) -> _Running:
+    print("building", flush=True)
+    sys.stdin.readline()
+    if kind == "strongroom":
+        raise Unavailable("the audit log cannot be opened", reason=Reason.AUDIT_UNAVAILABLE)
+    if kind == "os":
+        raise FileNotFoundError(2, "No such file or directory", "/data/models")
+    if kind == "rpc":
+        raise _Refused()
+    raise LookupError("no backend named 'tape'")
+
+
 def main(mode: str, collector: str = "") -> int:
     tracing = (
         TracingConfig(otlp_endpoint=f"127.0.0.1:{collector}", otlp_insecure=True)
@@ -279,6 +302,8 @@ def main(mode: str, collector: str = "") -> int:
             return _exporting(tracer)
         if mode == "unexpected":
             raise LookupError("no backend named 'tape'")
+        if mode.startswith("stops-on-"):
+            return _stops_on(mode.removeprefix("stops-on-"))
         if mode == "listening":
             return _listening(collector)
         if mode == "starting-pool":

@@ -89,11 +89,8 @@ def test_a_service_that_cannot_enrol_says_why_in_its_log(tmp_path: Path) -> None
     last = lines[-1]
     assert (last["level"], last["service"]) == ("ERROR", "modelstore")
     assert last["msg"].startswith("modelstore cannot run: CA_ROOT_MISSING: ")
-    # The command line's own line, printed as the command returns: the log's thread may write the
-    # service's after it, at exit.
-    assert any(
-        line.startswith("strongroom: error: CA_ROOT_MISSING: ") for line in done.stderr.splitlines()
-    )
+    # The command line's own line, after the log's (ServiceLog.say).
+    assert done.stderr.splitlines()[-1].startswith("strongroom: error: CA_ROOT_MISSING: ")
 
 
 def _identity_config(tmp_path: Path, root: Path, token: Path | None = None) -> Any:

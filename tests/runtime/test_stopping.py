@@ -459,3 +459,62 @@ def test_an_unexpected_error_that_ends_the_main_thread_is_a_line_of_the_log() ->
         "no backend named 'tape'",
     )
     assert last["exc"].endswith("LookupError: no backend named 'tape'")
+
+
+def _stopped_on(kind: str, *, fill_stderr: bool) -> tuple[int, str]:
+    """Runs ``stops-on-<kind>``, its stderr filled first with ``fill_stderr`` (and not read until
+    the process has ended: its reader stopped reading), and has its start raise; the exit
+    status and the whole of stderr."""
+    process = _start(f"stops-on-{kind}")
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        assert process.stdout.readline() == "building\n"
+        if fill_stderr:
+            fill_pipe(f"/proc/{process.pid}/fd/2")
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        if fill_stderr:
+            process.wait(timeout=60)  # a hang, not a speed: it never ended
+        _, stderr = process.communicate(timeout=60)  # a hang, not a speed
+    finally:
+        process.kill()
+        process.wait()
+    return process.returncode, stderr
+
+
+STOPS = {
+    "strongroom": ("test cannot run: AUDIT_UNAVAILABLE: the audit log cannot be opened"),
+    "os": "test stopped on an operating-system error",
+    "rpc": "test cannot run: PERMISSION_DENIED: PERMISSION_DENIED: the model store refused the "
+    "service",
+    "unexpected": "thread ended on an uncaught error",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STOPS))
+def test_a_service_stopped_by_an_error_while_stderr_is_full_and_never_read_exits(kind: str) -> None:
+    """The error that stops a service is its log's line, queued when stderr takes nothing, and
+    the exit gives up on the queue once its flush budget is spent. But the command line then
+    printed its own ``strongroom: error:`` line on ``sys.stderr``, waiting on the full pipe for
+    good: the process never ended (until SIGKILL). In a service's process that line is written
+    only if stderr takes it without waiting (its log has said it)."""
+    status, _ = _stopped_on(kind, fill_stderr=True)
+    assert status == 1
+
+
+@pytest.mark.parametrize("kind", sorted(STOPS))
+def test_the_error_that_stops_a_service_is_its_log_s_last_line_then_the_command_line_s(
+    kind: str,
+) -> None:
+    """With stderr read, the log's line (a refused call's too: the command line alone said it)
+    and then, for an error the command line prints as one line, the command line's."""
+    status, stderr = _stopped_on(kind, fill_stderr=False)
+    assert status == 1, stderr[-2000:]
+    text = stderr.splitlines()
+    last = _log(stderr)[-1]
+    assert (last["level"], last["msg"]) == ("ERROR", STOPS[kind])
+    if kind == "unexpected":
+        assert not [line for line in text if not line.startswith("{")]
+        return
+    assert text[-1].startswith("strongroom: error: "), text[-3:]
+    assert json.loads(text[-2]) == last

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -165,3 +167,66 @@ def test_an_exception_that_ends_the_main_thread_is_one_error_line(
         "'tape'",
     )
     assert line["exc"].endswith("KeyError: 'tape'")
+
+
+_INNER = """
+import threading
+
+from strongroom.runtime import uncaught
+
+
+def test_leaves_the_service_hooks_installed():
+    uncaught.install()
+
+
+def test_thread_raises():
+    thread = threading.Thread(target=lambda: 1 / 0)
+    thread.start()
+    thread.join()
+
+
+class _FailsToDelete:
+    def __del__(self):
+        raise ValueError("a finaliser failed")
+
+
+def test_del_raises():
+    _FailsToDelete()
+
+
+def test_quiet():
+    pass
+"""
+
+
+def test_a_test_run_still_fails_a_test_whose_thread_raised(tmp_path: Path) -> None:
+    """With tests/conftest.py's guard and pyproject.toml's settings, as the suite runs: a test
+    that leaves the service's hooks installed is an error (and pytest's are put back), and a test
+    whose thread raised, or whose ``__del__`` did, still fails (pytest's own hooks caught them,
+    not the service's, which would have logged them and let the test pass)."""
+    (tmp_path / "test_inner.py").write_text(_INNER, encoding="utf-8")
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider"),
+            *("-p", "tests.conftest", "-c", str(REPO / "pyproject.toml"), "--rootdir", str(REPO)),
+            str(tmp_path / "test_inner.py"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    outcomes = {
+        (words[0], words[1].rpartition("::")[2])
+        for words in (line.split() for line in done.stdout.splitlines())
+        if words[:1] in (["PASSED"], ["FAILED"], ["ERROR"]) and "::" in words[1]
+    }
+    assert outcomes == {
+        ("PASSED", "test_leaves_the_service_hooks_installed"),  # its call; its teardown:
+        ("ERROR", "test_leaves_the_service_hooks_installed"),
+        ("FAILED", "test_thread_raises"),
+        ("FAILED", "test_del_raises"),
+        ("PASSED", "test_quiet"),
+    }, done.stdout[-3000:]
