@@ -1,8 +1,9 @@
 """The one place where domain errors become gRPC statuses.
 
 A :class:`~strongroom.errors.StrongroomError` becomes its status code with the message
-``REASON: text`` and a ``strongroom-reason`` trailing-metadata entry. Anything else is a bug: it is
-logged with a reference id and the caller gets INTERNAL with only that id, never a stack trace.
+``REASON: text`` and a ``strongroom-reason`` trailing-metadata entry. Anything else is a bug (any
+BaseException too, but the exits: :data:`EXITS`): it is logged with a reference id and the caller
+gets INTERNAL with only that id, never a stack trace.
 
 A request that does not deserialise (garbage bytes, invalid UTF-8 in a string field) would get
 gRPC's own ``INTERNAL "Exception deserializing request!"`` and a logged traceback; here it becomes
@@ -102,6 +103,15 @@ def abort_with(context: grpc.ServicerContext, exc: StrongroomError) -> NoReturn:
     """Fails the current RPC with ``exc``'s status, reason and message (raises)."""
     context.set_trailing_metadata(((REASON_TRAILER, exc.reason),))
     context.abort(grpc.StatusCode[exc.status_name], str(exc))
+
+
+EXITS = (GeneratorExit, KeyboardInterrupt, SystemExit)
+"""The BaseExceptions the error mapping lets through unanswered: the process exiting, and a
+streaming handler's generator being closed (gRPC's collector closes one whose call ended; the
+close must end it, and a generator that yields on GeneratorExit is a RuntimeError). Every other
+BaseException is a bug answered INTERNAL as any Exception is: pyo3's ``PanicException`` (a Rust
+panic in ``cryptography``) is one, and past the mapping gRPC, which catches Exception only, left
+its call without a status until the caller's deadline."""
 
 
 def _handle(exc: BaseException, context: grpc.ServicerContext, method: str) -> NoReturn:
@@ -396,7 +406,7 @@ class ErrorMappingInterceptor(HandlerInterceptor):
 
 def _observe(
     observer: RefusalObserver,
-    failure: Exception,
+    failure: BaseException,
     context: grpc.ServicerContext,
     method: str,
     identify: Identify,
@@ -433,7 +443,9 @@ def _wrap_handler(
             try:
                 try:
                     return fn(request, context)
-                except Exception as exc:
+                except EXITS:
+                    raise
+                except BaseException as exc:
                     failure = exc
                 _handle(failure, context, method)
             finally:
@@ -450,7 +462,9 @@ def _wrap_handler(
                 try:
                     yield from fn(request, context)
                     return
-                except Exception as exc:
+                except EXITS:
+                    raise
+                except BaseException as exc:
                     failure = exc
                 _handle(failure, context, method)
             finally:
@@ -486,7 +500,9 @@ def _observed(
                 with admitted_caller() as admitted:
                     try:
                         return fn(request, context)
-                    except Exception as exc:
+                    except EXITS:
+                        raise
+                    except BaseException as exc:
                         failure = exc
                     finally:
                         _OBSERVED.reset(token)

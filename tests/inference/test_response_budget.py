@@ -971,6 +971,60 @@ def test_a_call_whose_outputs_alone_pass_its_callers_part_is_not_told_others_wai
     assert not budget._parked
 
 
+def test_all_waiting_calls_together_keep_at_most_half_the_arena() -> None:
+    """Each caller's part of the arena bounded only its own waiting calls: with the defaults,
+    seven identities' (4 x 64 MiB each) kept 1.75 GiB of the 2 GiB arena, and every other
+    caller's runs were refused ``INFERENCE_MEMORY_EXHAUSTED``. All waiting calls together now
+    keep at most half of it (400 of 800 here): four identities fill it, each its whole part,
+    and the next identity's call that would wait is refused ``RESPONSE_MEMORY_BUSY`` before
+    it waits at all, while a call that fits without waiting is served; room a waiting call gives
+    back is room for the next."""
+    budget = ResponseBudget(600, wait_seconds=60, per_caller=100, arena_bytes=800)
+    assert (budget.parked_per_caller, budget.parked_in_all) == (100, 400)
+    stuck = {caller: budget.reserve(100, caller=caller) for caller in "abcd"}
+    parked = {caller: _Taker(budget, 10, caller=caller, arena=100) for caller in "abcd"}
+    for taker in parked.values():
+        taker.start()
+    _until(lambda: budget.waiting == 4)
+    assert budget.parked == 400 and budget.free == 200
+    served = budget.reserve(10, caller="e", arena=100)  # fits: it parks nothing
+    filler = budget.reserve(100, caller="f")  # 90 left
+    asked: list[bool] = []
+
+    def ended() -> bool:
+        asked.append(True)
+        return False
+
+    with pytest.raises(ResourceExhausted) as info:
+        budget.reserve(100, caller="g", certificate="g 1", arena=1, ended=ended)
+    assert info.value.reason == "RESPONSE_MEMORY_BUSY"
+    assert not asked, "it waited before it was refused"
+    message = str(info.value)
+    assert "calls waiting for room already hold 0.0 MiB (400 bytes) of ONNX Runtime's" in message
+    assert (
+        "all waiting calls may hold 400 bytes (1/2 of inference.max_inference_memory_bytes = "
+        "800 bytes: the rest is for running requests), and this one's would add 1: retry later"
+    ) in message, message
+    assert budget.waiting == 4 and budget.parked == 400  # nothing of it counted
+    stuck["a"].release()
+    parked["a"].result().release()
+    assert budget.parked == 300
+    refill = budget.reserve(100, caller="h")  # 90 left again
+    room = _Taker(budget, 100, caller="g", certificate="g 1", arena=100)
+    room.start()
+    _until(lambda: budget.waiting == 4)  # it waits now
+    assert budget.parked == 400
+    filler.release()
+    refill.release()
+    room.result().release()
+    served.release()
+    for caller in "bcd":
+        stuck[caller].release()
+        parked[caller].result().release()
+    assert budget.free == 600 and budget.parked == 0 and not budget._parked
+    assert ResponseBudget().parked_in_all == 1 << 30  # the defaults: 1 GiB of 2 GiB
+
+
 def test_with_the_defaults_one_certificates_third_waiting_answer_is_refused_at_once() -> None:
     """What the README's upgrade item says of a burst at the default 64 MiB output bound: one
     certificate's first answer is served, two more wait (128 MiB of outputs, its part of the

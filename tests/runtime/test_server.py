@@ -57,6 +57,10 @@ def _identity(b: bytes) -> bytes:
     return b
 
 
+class Panic(BaseException):
+    """Not an Exception, as pyo3's ``PanicException`` (raised by ``cryptography``) is not."""
+
+
 def make_service(behaviour: Behaviour) -> ServiceSpec:
     def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
         if request == b"invalid":
@@ -67,13 +71,24 @@ def make_service(behaviour: Behaviour) -> ServiceSpec:
             raise errors.FailedPrecondition("refused", reason=request[7:].decode())
         if request == b"bug":
             raise KeyError("secret-internal-detail")
+        if request == b"panic":
+            raise Panic("secret-panic-detail")
         if request == b"slow":
             behaviour.started.set()
             behaviour.release.wait(10)
         return b"ok:" + request
 
     def stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        if request == b"endless":  # until its call ends and gRPC closes it
+            try:
+                while True:
+                    yield b"more"
+                    time.sleep(0.01)
+            finally:
+                behaviour.started.set()
         yield b"first"
+        if request == b"panic":
+            raise Panic("secret-panic-detail")
         raise errors.DataLoss("blob digest mismatch", reason="DIGEST_MISMATCH")
 
     handler = grpc.method_handlers_generic_handler(
@@ -151,6 +166,81 @@ def test_unexpected_error_is_internal_without_details(
     assert "secret-internal-detail" not in details and "Traceback" not in details
     ref = details.rsplit("ref ", 1)[1].rstrip(")")
     assert any(ref in r.getMessage() for r in caplog.records), "the reference must be in the log"
+
+
+def _internal_ref(err: grpc.RpcError, caplog: pytest.LogCaptureFixture) -> str:
+    """The reference of an INTERNAL answer, checked as the error mapping gives it: no detail of
+    the failure to the caller, the reason trailer, and one ERROR line naming the reference."""
+    assert err.code() == grpc.StatusCode.INTERNAL  # type: ignore[attr-defined]
+    details = err.details()  # type: ignore[attr-defined]
+    assert details.startswith("INTERNAL: internal error (ref ")
+    assert "secret-panic-detail" not in details and "Traceback" not in details
+    assert (REASON_TRAILER, "INTERNAL") in tuple(err.trailing_metadata())  # type: ignore[attr-defined]
+    ref: str = details.rsplit("ref ", 1)[1].rstrip(")")
+    lines = [r for r in caplog.records if ref in r.getMessage()]
+    assert [r.levelno for r in lines] == [logging.ERROR]
+    return ref
+
+
+def test_a_base_exception_from_a_handler_is_internal_and_the_service_goes_on(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A BaseException that is not an exit (pyo3's PanicException, which ``cryptography`` raises
+    on a Rust panic) went past the error mapping, which caught Exception only, to gRPC, which
+    catches no more: the call got no status until its deadline. It is answered as any bug is."""
+    channel = host[2]
+    with pytest.raises(grpc.RpcError) as info:
+        call(channel, b"panic", timeout=5)
+    _internal_ref(info.value, caplog)
+    responses = channel.unary_stream(f"/{SERVICE}/Stream", _identity, _identity)(
+        b"panic", timeout=5
+    )
+    assert next(responses) == b"first"
+    with pytest.raises(grpc.RpcError) as info:
+        next(responses)
+    _internal_ref(info.value, caplog)
+    assert call(channel, b"x") == b"ok:x"  # the service keeps serving
+
+
+def test_a_streaming_handler_closed_when_its_call_ends_is_no_error(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel], caplog: pytest.LogCaptureFixture
+) -> None:
+    """GeneratorExit is how a streaming handler whose call ended is closed: the error mapping,
+    which answers any other BaseException INTERNAL, lets it through, unlogged."""
+    _, behaviour, channel = host
+    responses = channel.unary_stream(f"/{SERVICE}/Stream", _identity, _identity)(
+        b"endless", timeout=10
+    )
+    assert next(responses) == b"more"
+    responses.cancel()  # type: ignore[attr-defined]
+    assert behaviour.started.wait(5), "the handler was not closed"
+    gc.collect()
+    assert call(channel, b"x") == b"ok:x"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_base_exception_from_an_observed_method_is_internal_and_not_a_refusal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same for a method whose refusals an observer hears (the broker's ReleaseKey): a bug,
+    not a refusal, so its observer hears nothing of it."""
+    seen: list[str] = []
+    host = ServiceHost(
+        listen="127.0.0.1:0",
+        credentials=None,
+        services=[make_service(Behaviour())],
+        refusal_observers={f"/{SERVICE}/Unary": lambda exc, _c, _b: seen.append(exc.reason)},
+    )
+    host.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{host.port}") as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                call(channel, b"panic", timeout=5)
+            _internal_ref(info.value, caplog)
+            assert call(channel, b"x") == b"ok:x"
+    finally:
+        host.stop(0)
+    assert seen == []
 
 
 def test_streaming_error_after_first_message(

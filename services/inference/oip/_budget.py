@@ -62,7 +62,13 @@ calls already wait (or, none waiting, that its outputs alone are more than that:
 eight times one call's outputs). Calls waiting for the whole budget (``RESPONSE_MEMORY_BUSY``) count the same
 way: two identities filling the budget left a third parking its whole worker bound there.
 An honest burst still waits: two raw 64 MiB answers of one certificate, the second waiting with
-64 MiB in the arena, within the default 128 MiB.
+64 MiB in the arena, within the default 128 MiB. Those parts bound each caller's waiting calls,
+not all of them: seven identities' (4 x 64 MiB each) kept 1.75 GiB of the default 2 GiB arena,
+and every other caller's runs were refused ``INFERENCE_MEMORY_EXHAUSTED``. So all waiting calls
+together keep at most half the arena's cap (:func:`parked_total`: 1 GiB by default, four
+callers' parts), the other half left for runs that do not wait: a call that would go past it
+is refused at once, ``RESPONSE_MEMORY_BUSY`` (its share's reason if its own share is what it
+would wait for), saying how much of the arena waiting calls already hold.
 
 What is counted is the outputs' own bytes: the arena region a parked output sits in may be
 larger (ONNX Runtime places it in the smallest free chunk that fits, which may be inside a region
@@ -132,6 +138,21 @@ def parked_share(arena_bytes: int) -> int:
     return arena_bytes // PARKED_ARENA_FRACTION
 
 
+PARKED_ARENA_TOTAL_FRACTION = 2
+"""What all calls waiting for room may hold of ONNX Runtime's arena together, as a fraction of its
+cap: half, 1 GiB of the default 2 GiB (sixteen waiting answers at the default 64 MiB output
+bound, four callers' parts), so that the other half stays for the runs of requests that do not
+wait (sixteen runs' outputs at that bound, more than half the default 28 data-plane workers).
+Bounded by each caller's part alone, seven identities' waiting calls (4 x 64 MiB each) kept
+1.75 GiB, and every other caller's runs were refused ``INFERENCE_MEMORY_EXHAUSTED``."""
+
+
+def parked_total(arena_bytes: int) -> int:
+    """What all waiting calls may hold of an arena capped at ``arena_bytes`` together:
+    :data:`PARKED_ARENA_TOTAL_FRACTION` of it."""
+    return arena_bytes // PARKED_ARENA_TOTAL_FRACTION
+
+
 def response_memory(size: int, *, raw: bool) -> int:
     """What a response of ``size`` bytes (its outputs' message size, or their arrays' if larger,
     or for typed contents what their fields hold if larger still) holds at its peak, as the
@@ -174,6 +195,9 @@ class ResponseBudget:
         self.parked_per_certificate = certificate_share(self.parked_per_caller)
         """The same for one certificate (half of :attr:`parked_per_caller`); its first waiting
         call alone may hold more, within its caller's."""
+        self.parked_in_all = parked_total(arena_bytes)
+        """What all waiting calls' outputs may hold of the arena together (:func:`parked_total`):
+        a call that would take them past it is refused at once, whoever its caller."""
         self._free = max_bytes
         # What each caller, and each certificate, holds now, forgotten when it holds nothing (as
         # many entries as calls, however many certificates a caller mints).
@@ -182,6 +206,7 @@ class ResponseBudget:
         # What each caller's, and certificate's, waiting calls hold of the arena, forgotten alike.
         self._parked: Counter[str] = Counter()
         self._parked_by_certificate: Counter[str] = Counter()
+        self._parked_all = 0  # and what all waiting calls hold of it
         self._changed = threading.Condition(threading.Lock())
         # Tickets of the requests waiting, first come first served: without the order, a large
         # response waited while smaller ones that came after it kept taking the room it needed.
@@ -209,6 +234,12 @@ class ResponseBudget:
         """Arena bytes ``caller``'s waiting calls hold now (the ``arena`` their reserves gave)."""
         with self._changed:
             return self._parked[caller]
+
+    @property
+    def parked(self) -> int:
+        """Arena bytes all waiting calls hold now."""
+        with self._changed:
+            return self._parked_all
 
     def parked_by_certificate(self, certificate: str) -> int:
         """Arena bytes ``certificate``'s waiting calls hold now."""
@@ -291,36 +322,17 @@ class ResponseBudget:
         waiting calls past their part of the arena: each waiting call holds its run's outputs
         there, and a client that never takes its responses parked its whole worker bound so
         (13 calls of 64 MiB: 832 MiB of the 2 GiB default), re-sending after each refusal, and
-        every other caller's runs were refused ``INFERENCE_MEMORY_EXHAUSTED``. The refusal is
-        the one its wait would have ended with, as before such calls waited."""
-        if not arena or caller is None:
+        every other caller's runs were refused ``INFERENCE_MEMORY_EXHAUSTED``. All waiting
+        calls together keep at most :attr:`parked_in_all` (:meth:`_crowded_in_all`): a few
+        identities' parts filled the arena so. The refusal is the one its wait would have ended
+        with, as before such calls waited."""
+        if not arena:
             return
-        parked = self._parked[caller]
-        on_certificate = self._parked_by_certificate[certificate or ""]
-        if parked + arena > self.parked_per_caller:
-            whose, held, cap = "this caller's", parked, self.parked_per_caller
-            part = f"1/{PARKED_ARENA_FRACTION} of {INFERENCE_MEMORY_SETTING} = {self.arena_bytes} bytes"
-        elif certificate is not None and on_certificate + arena > self.parked_per_certificate:
-            if not on_certificate:
-                return  # its first waiting call: its caller's part bounds it
-            whose, held, cap = "this certificate's", on_certificate, self.parked_per_certificate
-            part = f"half of its identity's {self.parked_per_caller}"
-        else:
+        crowded = None if caller is None else self._crowded(caller, certificate, arena)
+        if crowded is None:
+            crowded = self._crowded_in_all(arena)
+        if crowded is None:
             return
-        if held:
-            crowded = (
-                f", and too many of {whose} calls already wait for room: their outputs hold "
-                f"{_mib(held)} ({held} bytes) of ONNX Runtime's memory, {whose} waiting calls "
-                f"may hold {cap} bytes ({part}), and this one's would add {arena}"
-            )
-        else:
-            # None of its caller's calls waits (an arena small for one call's outputs): told
-            # that its calls already wait, its client looked for calls it did not have.
-            crowded = (
-                f", and this call's outputs alone would keep {arena} bytes of ONNX Runtime's "
-                f"memory while it waited, more than {whose} waiting calls may ({cap} bytes, "
-                f"{part})"
-            )
         self._check_share(size, caller, certificate, own, crowded=crowded)
         raise ResourceExhausted(
             f"responses being sent hold the server's response memory "
@@ -329,10 +341,58 @@ class ResponseBudget:
             reason=Reason.RESPONSE_MEMORY_BUSY,
         )
 
+    def _crowded(self, caller: str, certificate: str | None, arena: int) -> str | None:
+        """Why a wait of ``arena`` bytes is refused at once for its caller's (or certificate's)
+        part of the arena, said before what to do; None if it is within them."""
+        parked = self._parked[caller]
+        on_certificate = self._parked_by_certificate[certificate or ""]
+        if parked + arena > self.parked_per_caller:
+            whose, held, cap = "this caller's", parked, self.parked_per_caller
+            part = f"1/{PARKED_ARENA_FRACTION} of {INFERENCE_MEMORY_SETTING} = {self.arena_bytes} bytes"
+        elif certificate is not None and on_certificate + arena > self.parked_per_certificate:
+            if not on_certificate:
+                return None  # its first waiting call: its caller's part bounds it
+            whose, held, cap = "this certificate's", on_certificate, self.parked_per_certificate
+            part = f"half of its identity's {self.parked_per_caller}"
+        else:
+            return None
+        if held:
+            return (
+                f", and too many of {whose} calls already wait for room: their outputs hold "
+                f"{_mib(held)} ({held} bytes) of ONNX Runtime's memory, {whose} waiting calls "
+                f"may hold {cap} bytes ({part}), and this one's would add {arena}"
+            )
+        # None of its caller's calls waits (an arena small for one call's outputs): told that
+        # its calls already wait, its client looked for calls it did not have.
+        return (
+            f", and this call's outputs alone would keep {arena} bytes of ONNX Runtime's "
+            f"memory while it waited, more than {whose} waiting calls may ({cap} bytes, "
+            f"{part})"
+        )
+
+    def _crowded_in_all(self, arena: int) -> str | None:
+        """Why a wait of ``arena`` bytes is refused at once for all waiting calls' part of the
+        arena (:attr:`parked_in_all`), or None: each caller's part bounded only its own calls,
+        and seven identities' waiting calls kept 1.75 GiB of the default 2 GiB arena, every
+        other caller's runs refused ``INFERENCE_MEMORY_EXHAUSTED``."""
+        held = self._parked_all
+        if held + arena <= self.parked_in_all:
+            return None
+        return (
+            f", and calls waiting for room already hold {_mib(held)} ({held} bytes) of ONNX "
+            f"Runtime's memory by their outputs, all waiting calls may hold {self.parked_in_all} "
+            f"bytes (1/{PARKED_ARENA_TOTAL_FRACTION} of {INFERENCE_MEMORY_SETTING} = "
+            f"{self.arena_bytes} bytes: the rest is for running requests), and this one's would "
+            f"add {arena}"
+        )
+
     def _park(self, waiter: _Waiter, sign: int) -> None:
         """Counts ``waiter``'s arena bytes in (``sign`` 1) or out of (-1) its caller's and its
-        certificate's waiting calls'."""
-        if not waiter.arena or waiter.caller is None:
+        certificate's waiting calls', and all waiting calls'."""
+        if not waiter.arena:
+            return
+        self._parked_all += sign * waiter.arena
+        if waiter.caller is None:
             return
         if sign > 0:
             self._parked[waiter.caller] += waiter.arena
