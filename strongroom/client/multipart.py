@@ -53,7 +53,7 @@ from strongroom.client.publish import (
     put_model,
     upload_pieces,
 )
-from strongroom.client.remote import peer_reason
+from strongroom.client.remote import catalogued_reason, peer_reason
 from strongroom.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -430,8 +430,7 @@ def publish_parts(
             if transient is not None:
                 # The store down or the call out of time: that is what failed, and what whoever
                 # runs the publish has to act on first (PARTS_LEFT_BEHIND hid an outage).
-                reason = peer_reason(exc)
-                raise transient(message, reason=reason if reason in _CATALOGUE else None) from exc
+                raise transient(message, reason=catalogued_reason(exc)) from exc
             raise FailedPrecondition(message, reason=Reason.PARTS_LEFT_BEHIND) from exc
         raise
     log.info(
@@ -499,8 +498,6 @@ _TRANSIENT: dict[grpc.StatusCode, type[StrongroomError]] = {
 status's own), the left parts named in its message; any other refusal with parts left is
 FAILED_PRECONDITION PARTS_LEFT_BEHIND. A busy refusal is not among them: it ends a publish only
 once its retries ran out, and then the parts left are what blocks the next try."""
-
-_CATALOGUE = frozenset(Reason)
 
 
 def _delete_best_effort(
