@@ -57,6 +57,8 @@ from tests.modelstore.artifacts import make_artifact
 from tests.modelstore.backends import assert_clean, blob_count
 
 KEY_ID = "busy-key"
+STORE_SERVER = {"max_streams_per_certificate": 1}
+"""The store's server settings: the fixture's, and a test that restarts the store restores them."""
 PUT = "/strongroom.api.modelstore.v1.ModelStoreService/PutModel"
 
 
@@ -68,7 +70,7 @@ def stack(
     root = stack_root(tmp_path_factory, "publish-busy", simulated_tee_dir)
     with DevStack(root, step_ca_binary=step_ca_binary) as dev:
         dev.start_in_process("keybroker")
-        dev.start_in_process("modelstore", server={"max_streams_per_certificate": 1})
+        dev.start_in_process("modelstore", server=STORE_SERVER)
         dev.create_release_key(dev.identity("admin"), KEY_ID, policy_version="1")
         yield dev
 
@@ -1050,7 +1052,7 @@ def test_a_publish_the_store_went_away_under_keeps_unavailable_and_names_the_par
             )
     finally:
         if "modelstore" not in stack.services:
-            stack.start_in_process("modelstore", server={"max_streams_per_certificate": 1})
+            stack.start_in_process("modelstore", server=STORE_SERVER)
     assert stops.uploads == 2
     assert info.value.reason == "UNAVAILABLE"
     message = info.value.message
