@@ -53,7 +53,7 @@ from strongroom.client.publish import (
     put_model,
     upload_pieces,
 )
-from strongroom.client.remote import peer_reason
+from strongroom.client.remote import catalogued_reason, peer_reason
 from strongroom.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -430,8 +430,7 @@ def publish_parts(
             if transient is not None:
                 # The store down or the call out of time: that is what failed, and what whoever
                 # runs the publish has to act on first (PARTS_LEFT_BEHIND hid an outage).
-                reason = peer_reason(exc)
-                raise transient(message, reason=reason if reason in _CATALOGUE else None) from exc
+                raise transient(message, reason=catalogued_reason(exc)) from exc
             raise FailedPrecondition(message, reason=Reason.PARTS_LEFT_BEHIND) from exc
         raise
     log.info(
@@ -499,8 +498,6 @@ _TRANSIENT: dict[grpc.StatusCode, type[StrongroomError]] = {
 status's own), the left parts named in its message; any other refusal with parts left is
 FAILED_PRECONDITION PARTS_LEFT_BEHIND. A busy refusal is not among them: it ends a publish only
 once its retries ran out, and then the parts left are what blocks the next try."""
-
-_CATALOGUE = frozenset(Reason)
 
 
 def _delete_best_effort(
@@ -624,9 +621,9 @@ def _check_version_free(
 ) -> None:
     """Refuses, before a data key is asked for, a version the store already holds
     (ALREADY_EXISTS MODEL_EXISTS: all the parts were stored first, then refused at the manifest
-    and left behind) or any of whose ``count`` parts (those this publish would store) a publish
-    left behind (FAILED_PRECONDITION PARTS_LEFT_BEHIND: refused at that part, with the commands
-    that free every one of them). Such parts cannot be taken over: they are sealed under the
+    and left behind) or any of whose ``count`` parts (those this publish would store), or those
+    after them up to the first not stored, a publish left behind (FAILED_PRECONDITION
+    PARTS_LEFT_BEHIND: refused at that part, with the commands that free every one of them). Such parts cannot be taken over: they are sealed under the
     failed publish's data key, which only an attested server can have released, and a publisher
     may not delete them. Nor can this publish tell a failed publish's parts from those of one
     still running, so the commands come with the condition under which they are safe, and the
@@ -637,7 +634,8 @@ def _check_version_free(
     let through then asked for a data key and failed at the part still stored (MODEL_EXISTS),
     naming only the parts before it. ListModels cannot do it in one call: it filters by name
     prefix only, so it would page through every version of the model (and of longer names), a
-    cost that grows with the model's history; ``count`` stats are bounded by this publish."""
+    cost that grows with the model's history; ``count`` stats (and one more, unless a failed
+    publish of more parts left those past them) are bounded by this publish."""
 
     def stored(store_version: str) -> store_pb.ModelInfo | None:
         def stat() -> store_pb.ModelInfo | None:
@@ -657,14 +655,20 @@ def _check_version_free(
             f"{name}/{version} is already stored; nothing was published",
             reason=Reason.MODEL_EXISTS,
         )
-    left: list[str] = []
-    last: datetime | None = None
-    for index in range(count):
-        found = stored(part_version(version, index))
-        if found is not None:
-            left.append(part_version(version, index))
-            when = found.stored_at.ToDatetime(tzinfo=UTC)
-            last = when if last is None else max(last, when)
+    found = {
+        index: info
+        for index in range(count)
+        if (info := stored(part_version(version, index))) is not None
+    }
+    # Past this publish's own parts, on while they are stored: a failed publish of more parts
+    # left them there, and a refusal naming only the first ``count`` had them outlive the
+    # version's publish, named by no manifest and no message (one more stat, usually).
+    for index in range(count, MAX_PARTS):
+        if (info := stored(part_version(version, index))) is None:
+            break
+        found[index] = info
+    left = [part_version(version, index) for index in found]
+    last = max((info.stored_at.ToDatetime(tzinfo=UTC) for info in found.values()), default=None)
     if last is not None:
         # Parts of a publish still running become its model's once its manifest is stored:
         # removed then, by commands handed out here, they broke every load of a published model.

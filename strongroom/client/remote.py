@@ -82,6 +82,13 @@ def peer_reason(error: grpc.RpcError) -> str | None:
     return None
 
 
+def catalogued_reason(error: grpc.RpcError) -> str | None:
+    """The peer's reason (:func:`peer_reason`) when it is in the catalogue, else None: a peer
+    must not grow the set of reasons our errors carry (module docstring)."""
+    sent = peer_reason(error)
+    return sent if sent in _CATALOGUE else None
+
+
 def remote_error(step: Step, exc: grpc.RpcError) -> StrongroomError:
     """A peer's refusal as a domain error with the peer's reason (its ``strongroom-reason``
     trailer) and, where it matters, its status (module docstring).

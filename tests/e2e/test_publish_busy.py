@@ -57,6 +57,8 @@ from tests.modelstore.artifacts import make_artifact
 from tests.modelstore.backends import assert_clean, blob_count
 
 KEY_ID = "busy-key"
+STORE_SERVER = {"max_streams_per_certificate": 1}
+"""The store's server settings: the fixture's, and a test that restarts the store restores them."""
 PUT = "/strongroom.api.modelstore.v1.ModelStoreService/PutModel"
 
 
@@ -68,7 +70,7 @@ def stack(
     root = stack_root(tmp_path_factory, "publish-busy", simulated_tee_dir)
     with DevStack(root, step_ca_binary=step_ca_binary) as dev:
         dev.start_in_process("keybroker")
-        dev.start_in_process("modelstore", server={"max_streams_per_certificate": 1})
+        dev.start_in_process("modelstore", server=STORE_SERVER)
         dev.create_release_key(dev.identity("admin"), KEY_ID, policy_version="1")
         yield dev
 
@@ -968,6 +970,37 @@ def test_parts_left_with_a_gap_are_all_named_and_refused_before_any_data_key(
     assert len(_records(stack, "busy/gap")) == 8
 
 
+def test_parts_left_past_the_count_of_a_smaller_publish_are_named_too(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """A failed publish of 7 parts left parts 0 to 5; the next try has 3 parts (the model
+    re-sharded). The check stat'ed only the indices the new publish would store: the refusal
+    named parts 0 to 2, their removal let the publish through, and parts 3 to 5 stayed stored
+    for good, named by no manifest and by no message (the check before it, which went on from
+    part 0 until one was missing, named all six). Every part left from part 0 on is named."""
+    _leave_parts(stack, publisher, _shards(tmp_path / "seven", 7), "busy/fewer", 6)
+    broker = CountCalls()
+    with pytest.raises(FailedPrecondition) as refused:
+        publish_parts(
+            files_parts(_shards(tmp_path / "three", 3)),
+            name="busy/fewer",
+            version="1",
+            key_id=KEY_ID,
+            broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
+            store=stack.channel(publisher, "modelstore"),
+            layout=ManifestLayout.FILES,
+        )
+    assert (refused.value.reason, broker.methods) == ("PARTS_LEFT_BEHIND", [])
+    message = refused.value.message
+    assert "6 part(s) a publish of it stored are left (1+part.0 to 1+part.5, the last" in message
+    command = '`for n in $(seq 0 5); do strongroom model rm busy/fewer "1+part.$n"; done`'
+    assert command in message
+    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
+    for index in range(6):
+        request = store_pb.DeleteModelRequest(name="busy/fewer", version=f"1+part.{index}")
+        admin.DeleteModel(request, timeout=30)
+
+
 def test_the_command_for_parts_left_with_gaps_is_one_loop_over_every_part() -> None:
     left = ["1+part.1", "1+part.2", "1+part.5", *(f"1+part.{i}" for i in range(7, 12))]
     assert _rm_commands("org/m", left) == (
@@ -1019,7 +1052,7 @@ def test_a_publish_the_store_went_away_under_keeps_unavailable_and_names_the_par
             )
     finally:
         if "modelstore" not in stack.services:
-            stack.start_in_process("modelstore", server={"max_streams_per_certificate": 1})
+            stack.start_in_process("modelstore", server=STORE_SERVER)
     assert stops.uploads == 2
     assert info.value.reason == "UNAVAILABLE"
     message = info.value.message
