@@ -31,6 +31,7 @@ from strongroom.inference.models._repository import (
     RetryWatch,
     VersionStatus,
 )
+from strongroom.inference.models._strings import STRING_SLOT_BYTES
 
 __all__ = [
     "DATATYPES",
@@ -40,6 +41,7 @@ __all__ = [
     "MIN_INFERENCE_MEMORY_BYTES",
     "PLATFORM",
     "REPEAT_LOG_SECONDS",
+    "STRING_SLOT_BYTES",
     "DataType",
     "LoadFailure",
     "LoadedModel",

@@ -63,9 +63,12 @@ from strongroom.inference.models._graph import (
     small_integers,
 )
 
+STRING_SLOT_BYTES = 32
+"""What a ``BYTES`` element takes in ONNX Runtime's arena: its ``std::string`` (libstdc++)."""
 SHORT_STRING_BYTES = 15
-"""The longest string ``std::string`` (libstdc++) keeps inside its 32-byte slot, which the arena
-counts; a longer one's characters are a separate allocation outside it."""
+"""The longest string ``std::string`` (libstdc++) keeps inside its slot
+(:data:`STRING_SLOT_BYTES`), which the arena counts; a longer one's characters are a separate
+allocation outside it."""
 
 # The longest text ORT's Cast writes for a number of each type ("%.8g" for floating point, so
 # "-1.1754944e-38"; integers in full: "-9223372036854775808"); "false"/"true" for booleans.

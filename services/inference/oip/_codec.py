@@ -17,7 +17,13 @@ import numpy as np
 from strongroom.api.inference.v1 import attestation_pb2, model_control_pb2
 from strongroom.api.oip.v2 import grpc_service_pb2 as pb
 from strongroom.errors import InvalidArgument, ResourceExhausted
-from strongroom.inference.models import DATATYPES, DataType, LoadedModel, TensorSpec
+from strongroom.inference.models import (
+    DATATYPES,
+    STRING_SLOT_BYTES,
+    DataType,
+    LoadedModel,
+    TensorSpec,
+)
 from strongroom.inference.oip._budget import response_memory
 from strongroom.reasons import Reason
 from strongroom.runtime.server import MessageLimits
@@ -52,9 +58,6 @@ reads it at before narrowing (charged at its own width, 60 MiB of INT8 zeros par
 _TYPED_CHUNK = 1 << 16
 # A typed BYTES element in the message's field, besides its data: a pointer and a size.
 _BYTES_VIEW = 16
-# What a BYTES element of an ONNX Runtime tensor takes in its arena: its std::string (libstdc++),
-# whose characters past 15 bytes are outside it (models._strings.SHORT_STRING_BYTES).
-_ORT_STRING_SLOT = 32
 
 
 DEFAULT_MAX_TENSOR_BYTES = 64 << 20
@@ -304,7 +307,7 @@ def output_shapes_check(
 def _arena_size(count: int, datatype: DataType) -> int:
     """What an output of ``count`` elements of ``datatype`` takes in ONNX Runtime's arena: its
     elements at their width, a ``BYTES`` element's ``std::string`` slot."""
-    return count * (datatype.itemsize or _ORT_STRING_SLOT)
+    return count * (datatype.itemsize or STRING_SLOT_BYTES)
 
 
 def _responds_raw(specs: Sequence[TensorSpec], raw: bool) -> bool:
