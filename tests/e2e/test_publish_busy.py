@@ -151,17 +151,25 @@ def _shards(folder: Path, count: int) -> list[Path]:
 
 
 def _publish(
-    stack: DevStack, publisher: WorkloadIdentity, shards: list[Path], name: str, store: grpc.Channel
+    stack: DevStack,
+    publisher: WorkloadIdentity,
+    shards: list[Path],
+    name: str,
+    store: grpc.Channel,
+    broker: grpc.Channel | None = None,
+    **options: Any,
 ) -> PublishedParts:
-    """Publishes ``shards`` as the parts of ``name`` version 1 through ``store``."""
+    """Publishes ``shards`` as the parts of ``name`` version 1 through ``store`` and ``broker``
+    (the publisher's own channel to the broker if None), with ``publish_parts``'s ``options``."""
     return publish_parts(
         files_parts(shards),
         name=name,
         version="1",
         key_id=KEY_ID,
-        broker=stack.channel(publisher, "keybroker"),
+        broker=broker or stack.channel(publisher, "keybroker"),
         store=store,
         layout=ManifestLayout.FILES,
+        **options,
     )
 
 
@@ -650,14 +658,12 @@ def test_a_refused_part_s_late_piece_does_not_become_the_retry_s_digest(
 
     monkeypatch.setattr(multipart, "_messages", messages)
     uploads = OneAhead(stack, publisher, refused={0})  # its thread in next() when refused
-    publish_parts(
-        files_parts([shard]),
-        name="busy/late",
-        version="1",
-        key_id=KEY_ID,
-        broker=stack.channel(publisher, "keybroker"),
-        store=_store(stack, publisher, uploads),
-        layout=ManifestLayout.FILES,
+    _publish(
+        stack,
+        publisher,
+        [shard],
+        "busy/late",
+        _store(stack, publisher, uploads),
         retry=BusyRetry(sleep=lambda _seconds: None),
     )
     assert release.is_set() and calls == [0, 1, 2]  # the race was run, not missed
@@ -746,14 +752,12 @@ def test_a_part_of_a_model_of_513_parts_is_retried_as_often_as_its_bound_admits(
     for i in range(513):
         (folder / f"shard-{i:03}.bin").write_bytes(os.urandom(16))
     waits: list[float] = []
-    published = publish_parts(
-        files_parts([folder]),
-        name="busy/many",
-        version="1",
-        key_id=KEY_ID,
-        broker=stack.channel(publisher, "keybroker"),
-        store=_store(stack, publisher, uploads),
-        layout=ManifestLayout.FILES,
+    published = _publish(
+        stack,
+        publisher,
+        [folder],
+        "busy/many",
+        _store(stack, publisher, uploads),
         retry=BusyRetry(sleep=waits.append),
     )
     assert uploads.outcomes[:4] == [REFUSED, REFUSED, REFUSED, ("OK", None)]
@@ -814,14 +818,12 @@ def test_parts_left_by_a_publish_out_of_retries_are_named_with_their_command_and
     uploads = BusyBefore(stack, publisher, refused={1}, end_stall=False)
     try:
         with pytest.raises(FailedPrecondition) as info:
-            publish_parts(
-                files_parts(shards),
-                name="busy/left",
-                version="1",
-                key_id=KEY_ID,
-                broker=stack.channel(publisher, "keybroker"),
-                store=_store(stack, publisher, uploads),
-                layout=ManifestLayout.FILES,
+            _publish(
+                stack,
+                publisher,
+                shards,
+                "busy/left",
+                _store(stack, publisher, uploads),
                 retry=BusyRetry(within=1.0, first_delay=0.2),
             )
     finally:
@@ -843,14 +845,13 @@ def test_parts_left_by_a_publish_out_of_retries_are_named_with_their_command_and
     broker = CountCalls()
     again = BusyBefore(stack, publisher, set())
     with pytest.raises(FailedPrecondition) as refused:
-        publish_parts(
-            files_parts(shards),
-            name="busy/left",
-            version="1",
-            key_id=KEY_ID,
+        _publish(
+            stack,
+            publisher,
+            shards,
+            "busy/left",
+            _store(stack, publisher, again),
             broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
-            store=_store(stack, publisher, again),
-            layout=ManifestLayout.FILES,
         )
     assert refused.value.reason == "PARTS_LEFT_BEHIND"
     assert "`strongroom model rm busy/left 1+part.0`" in refused.value.message
@@ -912,14 +913,12 @@ def _leave_parts(
     uploads = BusyBefore(stack, publisher, refused={at}, end_stall=False)
     try:
         with pytest.raises(FailedPrecondition):
-            publish_parts(
-                files_parts(shards),
-                name=name,
-                version="1",
-                key_id=KEY_ID,
-                broker=stack.channel(publisher, "keybroker"),
-                store=_store(stack, publisher, uploads),
-                layout=ManifestLayout.FILES,
+            _publish(
+                stack,
+                publisher,
+                shards,
+                name,
+                _store(stack, publisher, uploads),
                 retry=BusyRetry(within=1.0, first_delay=0.2),
             )
     finally:
@@ -944,14 +943,13 @@ def test_parts_left_with_a_gap_are_all_named_and_refused_before_any_data_key(
     broker = CountCalls()
     again = BusyBefore(stack, publisher, set())
     with pytest.raises(FailedPrecondition) as refused:
-        publish_parts(
-            files_parts(shards),
-            name="busy/gap",
-            version="1",
-            key_id=KEY_ID,
+        _publish(
+            stack,
+            publisher,
+            shards,
+            "busy/gap",
+            _store(stack, publisher, again),
             broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
-            store=_store(stack, publisher, again),
-            layout=ManifestLayout.FILES,
         )
     assert (broker.methods, again.outcomes) == ([], [])
     assert refused.value.reason == "PARTS_LEFT_BEHIND"
@@ -981,14 +979,13 @@ def test_parts_left_past_the_count_of_a_smaller_publish_are_named_too(
     _leave_parts(stack, publisher, _shards(tmp_path / "seven", 7), "busy/fewer", 6)
     broker = CountCalls()
     with pytest.raises(FailedPrecondition) as refused:
-        publish_parts(
-            files_parts(_shards(tmp_path / "three", 3)),
-            name="busy/fewer",
-            version="1",
-            key_id=KEY_ID,
+        _publish(
+            stack,
+            publisher,
+            _shards(tmp_path / "three", 3),
+            "busy/fewer",
+            stack.channel(publisher, "modelstore"),
             broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
-            store=stack.channel(publisher, "modelstore"),
-            layout=ManifestLayout.FILES,
         )
     assert (refused.value.reason, broker.methods) == ("PARTS_LEFT_BEHIND", [])
     message = refused.value.message
@@ -1041,14 +1038,12 @@ def test_a_publish_the_store_went_away_under_keeps_unavailable_and_names_the_par
     stops = StopStoreBefore(stack, 1)
     try:
         with pytest.raises(Unavailable) as info:
-            publish_parts(
-                files_parts(shards),
-                name="busy/down",
-                version="1",
-                key_id=KEY_ID,
-                broker=stack.channel(publisher, "keybroker"),
-                store=grpc.intercept_channel(stack.channel(publisher, "modelstore"), stops),
-                layout=ManifestLayout.FILES,
+            _publish(
+                stack,
+                publisher,
+                shards,
+                "busy/down",
+                grpc.intercept_channel(stack.channel(publisher, "modelstore"), stops),
             )
     finally:
         if "modelstore" not in stack.services:
@@ -1066,14 +1061,13 @@ def test_a_publish_the_store_went_away_under_keeps_unavailable_and_names_the_par
     # The store back, the version is still blocked by the part (refused before any data key).
     broker = CountCalls()
     with pytest.raises(FailedPrecondition) as refused:
-        publish_parts(
-            files_parts(shards),
-            name="busy/down",
-            version="1",
-            key_id=KEY_ID,
+        _publish(
+            stack,
+            publisher,
+            shards,
+            "busy/down",
+            stack.channel(publisher, "modelstore"),
             broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
-            store=stack.channel(publisher, "modelstore"),
-            layout=ManifestLayout.FILES,
         )
     assert (refused.value.reason, broker.methods) == ("PARTS_LEFT_BEHIND", [])
     admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
@@ -1096,14 +1090,12 @@ def test_a_part_out_of_time_keeps_deadline_exceeded_and_says_a_publisher_may_not
 
     try:
         with pytest.raises(DeadlineExceeded) as info:
-            publish_parts(
-                files_parts(shards),
-                name="busy/slow",
-                version="1",
-                key_id=KEY_ID,
-                broker=stack.channel(publisher, "keybroker"),
-                store=stack.channel(publisher, "modelstore"),
-                layout=ManifestLayout.FILES,
+            _publish(
+                stack,
+                publisher,
+                shards,
+                "busy/slow",
+                stack.channel(publisher, "modelstore"),
                 progress=progress,
                 timeout=5,
             )
