@@ -138,6 +138,26 @@ def _store(stack: DevStack, publisher: WorkloadIdentity, interceptor: BusyBefore
     return grpc.intercept_channel(channel, interceptor)
 
 
+def _refused_left_behind(
+    stack: DevStack, publisher: WorkloadIdentity, shards: list[Path], name: str
+) -> str:
+    """The message of a publish of ``shards`` as ``name`` version 1 refused ``PARTS_LEFT_BEHIND``
+    before it asked the broker for anything or uploaded a part."""
+    broker = CountCalls()
+    uploads = BusyBefore(stack, publisher, set())
+    with pytest.raises(FailedPrecondition) as refused:
+        _publish(
+            stack,
+            publisher,
+            shards,
+            name,
+            _store(stack, publisher, uploads),
+            broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
+        )
+    assert (refused.value.reason, broker.methods, uploads.outcomes) == ("PARTS_LEFT_BEHIND", [], [])
+    return refused.value.message
+
+
 def _records(stack: DevStack, name: str) -> list[tuple[str, str]]:
     storage = stack.services["modelstore"].handle.storage
     return sorted((r.name, r.version) for r in storage.records() if r.name == name)
@@ -842,29 +862,14 @@ def test_parts_left_by_a_publish_out_of_retries_are_named_with_their_command_and
         request = store_pb.StatModelRequest(name="busy/left", version=version)
         return admin.StatModel(request, timeout=30).model
 
-    broker = CountCalls()
-    again = BusyBefore(stack, publisher, set())
-    with pytest.raises(FailedPrecondition) as refused:
-        _publish(
-            stack,
-            publisher,
-            shards,
-            "busy/left",
-            _store(stack, publisher, again),
-            broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
-        )
-    assert refused.value.reason == "PARTS_LEFT_BEHIND"
-    assert "`strongroom model rm busy/left 1+part.0`" in refused.value.message
+    message = _refused_left_behind(stack, publisher, shards, "busy/left")
+    assert "`strongroom model rm busy/left 1+part.0`" in message
     # This publish cannot tell a failed publish's parts from a running one's: the commands,
     # run once that one stored its manifest, removed a published model's parts (every load of
     # it then failed). They come with the condition, and when the last part was stored.
     stored_at = admin_stat("1+part.0").stored_at.ToDatetime(tzinfo=UTC)
-    assert f"the last stored at {stored_at.isoformat(timespec='seconds')}" in refused.value.message
-    assert (
-        "Once no publish of it is running and busy/left/1 is still not stored"
-        in refused.value.message
-    )
-    assert (broker.methods, again.outcomes) == ([], [])
+    assert f"the last stored at {stored_at.isoformat(timespec='seconds')}" in message
+    assert "Once no publish of it is running and busy/left/1 is still not stored" in message
 
     admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/left", version="1+part.0"))
     _publish(stack, publisher, shards, "busy/left", stack.channel(publisher, "modelstore"))
@@ -940,20 +945,7 @@ def test_parts_left_with_a_gap_are_all_named_and_refused_before_any_data_key(
     for gone in ("1+part.0", "1+part.2"):
         admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/gap", version=gone), timeout=30)
 
-    broker = CountCalls()
-    again = BusyBefore(stack, publisher, set())
-    with pytest.raises(FailedPrecondition) as refused:
-        _publish(
-            stack,
-            publisher,
-            shards,
-            "busy/gap",
-            _store(stack, publisher, again),
-            broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
-        )
-    assert (broker.methods, again.outcomes) == ([], [])
-    assert refused.value.reason == "PARTS_LEFT_BEHIND"
-    message = refused.value.message
+    message = _refused_left_behind(stack, publisher, shards, "busy/gap")
     assert "4 part(s) a publish of it stored are left (1+part.1 to 1+part.5, with gaps" in message
     command = '`for n in 1 $(seq 3 5); do strongroom model rm busy/gap "1+part.$n"; done`'
     assert command in message
@@ -977,18 +969,7 @@ def test_parts_left_past_the_count_of_a_smaller_publish_are_named_too(
     for good, named by no manifest and by no message (the check before it, which went on from
     part 0 until one was missing, named all six). Every part left from part 0 on is named."""
     _leave_parts(stack, publisher, _shards(tmp_path / "seven", 7), "busy/fewer", 6)
-    broker = CountCalls()
-    with pytest.raises(FailedPrecondition) as refused:
-        _publish(
-            stack,
-            publisher,
-            _shards(tmp_path / "three", 3),
-            "busy/fewer",
-            stack.channel(publisher, "modelstore"),
-            broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
-        )
-    assert (refused.value.reason, broker.methods) == ("PARTS_LEFT_BEHIND", [])
-    message = refused.value.message
+    message = _refused_left_behind(stack, publisher, _shards(tmp_path / "three", 3), "busy/fewer")
     assert "6 part(s) a publish of it stored are left (1+part.0 to 1+part.5, the last" in message
     command = '`for n in $(seq 0 5); do strongroom model rm busy/fewer "1+part.$n"; done`'
     assert command in message
@@ -1059,17 +1040,7 @@ def test_a_publish_the_store_went_away_under_keeps_unavailable_and_names_the_par
     assert _records(stack, "busy/down") == [("busy/down", "1+part.0")]
 
     # The store back, the version is still blocked by the part (refused before any data key).
-    broker = CountCalls()
-    with pytest.raises(FailedPrecondition) as refused:
-        _publish(
-            stack,
-            publisher,
-            shards,
-            "busy/down",
-            stack.channel(publisher, "modelstore"),
-            broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
-        )
-    assert (refused.value.reason, broker.methods) == ("PARTS_LEFT_BEHIND", [])
+    _refused_left_behind(stack, publisher, shards, "busy/down")
     admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
     admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/down", version="1+part.0"))
 
