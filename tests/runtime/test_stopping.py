@@ -42,9 +42,10 @@ def _log(stderr: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
 
 
-def _stop_hung(mode: str) -> tuple[int, list[dict[str, Any]], str]:
-    """Runs ``mode`` (a hung handler), makes one call, sends SIGTERM once the handler runs;
-    the exit status, the log's JSON lines and its whole text."""
+@contextmanager
+def _hung_and_signalled(mode: str) -> Iterator[subprocess.Popen[str]]:
+    """Runs ``mode`` (a hung handler), makes one call and sends SIGTERM once the handler runs;
+    the process, to be waited for inside the block (the call is cancelled after it)."""
     process = _start(mode)
     try:
         assert process.stdout is not None
@@ -53,11 +54,18 @@ def _stop_hung(mode: str) -> tuple[int, list[dict[str, Any]], str]:
             call = channel.unary_unary(f"/{SERVICE}/Call", _raw, _raw).future(b"x", timeout=120)
             assert process.stdout.readline() == "entered\n"
             process.send_signal(signal.SIGTERM)
-            _, stderr = process.communicate(timeout=60)  # a hang, not a speed: it never ended
+            yield process
             call.cancel()
     finally:
         process.kill()
         process.wait()
+
+
+def _stop_hung(mode: str) -> tuple[int, list[dict[str, Any]], str]:
+    """:func:`_hung_and_signalled` with ``mode``: the exit status, the log's JSON lines and its
+    whole text."""
+    with _hung_and_signalled(mode) as process:
+        _, stderr = process.communicate(timeout=60)  # a hang, not a speed: it never ended
     return process.returncode, _log(stderr), stderr
 
 
@@ -365,20 +373,9 @@ def test_a_service_abandoning_calls_exits_when_its_stderr_fills_after_the_look()
     write, and its reader had stopped reading, the write waited for good, and the exit after it
     never came (the orchestrator's SIGKILL ended the process). The line is refused by the pipe
     now, queued, and the exit gives up on the log once its flush budget is spent."""
-    process = _start("hung-stderr-fills")
-    try:
-        assert process.stdout is not None
-        port = int(process.stdout.readline())
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = channel.unary_unary(f"/{SERVICE}/Call", _raw, _raw).future(b"x", timeout=120)
-            assert process.stdout.readline() == "entered\n"
-            process.send_signal(signal.SIGTERM)
-            # Stderr is not read until the process has ended: its reader stopped reading.
-            status = process.wait(timeout=60)  # a hang, not a speed: it never ended
-            call.cancel()
-    finally:
-        process.kill()
-        process.wait()
+    with _hung_and_signalled("hung-stderr-fills") as process:
+        # Stderr is not read until the process has ended: its reader stopped reading.
+        status = process.wait(timeout=60)  # a hang, not a speed: it never ended
     assert status == 0
 
 
