@@ -176,6 +176,28 @@ def test_a_file_a_sibling_seals_while_the_start_reads_is_checked_under_the_lock(
     assert _series(log_path, key).intact
 
 
+def _refused_once_changed(
+    series: Path,  # noqa: F811
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    change: object,
+) -> DataLoss:
+    """What a start held at the newest file's head (its unlocked read done) raises once
+    ``change`` was made to audit.log.0-2, which that read had found whole."""
+    start = _Start(log_path, key, hold_at="audit.log.6-8.head")
+    try:
+        start.begin(monkeypatch)
+        change(series / "audit.log.0-2")  # type: ignore[operator]
+        with pytest.raises(DataLoss) as info:
+            start.finish()
+    finally:
+        start.go_on.set()
+        if start.log is not None:
+            start.log.close()
+    return info.value
+
+
 def _replace_cut(path: Path) -> None:
     """The file replaced (a new inode) by a copy without its last record."""
     cut = path.with_name(".cut")
@@ -208,18 +230,9 @@ def test_a_sealed_file_changed_after_the_unlocked_read_is_read_again_under_the_l
     """audit.log.0-2 changed once the unlocked read had found it whole (the start held at the
     newest file's head): the part under the lock sees it is not the file read and reads it
     again. The old code, which had checked it already, started beside it."""
-    start = _Start(log_path, key, hold_at="audit.log.6-8.head")
-    try:
-        start.begin(monkeypatch)
-        change(series / "audit.log.0-2")  # type: ignore[operator]
-        with pytest.raises(DataLoss) as info:
-            start.finish()
-    finally:
-        start.go_on.set()
-        if start.log is not None:
-            start.log.close()
-    assert info.value.reason == "AUDIT_LOG_TAMPERED"
-    assert "audit.log.0-2" in info.value.message
+    error = _refused_once_changed(series, log_path, key, monkeypatch, change)
+    assert error.reason == "AUDIT_LOG_TAMPERED"
+    assert "audit.log.0-2" in error.message
     monkeypatch.undo()
     caplog.clear()
     assert "audit.log.0-2" in _tampered(log_path, key, caplog)  # as a start now finds it
@@ -291,14 +304,5 @@ def test_a_sealed_file_edited_in_place_at_its_size_after_the_unlocked_read_is_re
     and change times tell it from the file read, and with the modification time set back, only
     the change time, which no call sets back. Either found changed, it is read again and is
     tampering (the file's identity without its times started beside it)."""
-    start = _Start(log_path, key, hold_at="audit.log.6-8.head")
-    try:
-        start.begin(monkeypatch)
-        change(series / "audit.log.0-2")  # type: ignore[operator]
-        with pytest.raises(DataLoss) as info:
-            start.finish()
-    finally:
-        start.go_on.set()
-        if start.log is not None:
-            start.log.close()
-    assert info.value.reason == "AUDIT_LOG_TAMPERED"
+    error = _refused_once_changed(series, log_path, key, monkeypatch, change)
+    assert error.reason == "AUDIT_LOG_TAMPERED"
