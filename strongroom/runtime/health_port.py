@@ -55,7 +55,7 @@ from grpc_health.v1 import health_pb2
 from strongroom.errors import InvalidArgument, NotFound, ResourceExhausted
 from strongroom.reasons import Reason
 from strongroom.runtime.health import HealthServicer
-from strongroom.runtime.interceptors import answer_aio
+from strongroom.runtime.interceptors import AIO_EXITS, answer_aio
 from strongroom.runtime.listen import add_port
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,9 @@ class PlaintextHealthPort:
                     "no health status is kept for a service of that name", reason=Reason.NOT_FOUND
                 )
             return health_pb2.HealthCheckResponse(status=status)
-        except Exception as exc:
+        except AIO_EXITS:
+            raise
+        except BaseException as exc:  # a bug's, too, is answered (interceptors.EXITS)
             failure = exc
         # Answered outside the except block: the abort chains nothing.
         await answer_aio(context, failure, method, log_refusal=self._log.allow())
@@ -296,7 +298,9 @@ class PlaintextHealthPort:
         method = f"/{HEALTH_SERVICE}/Watch"
         try:
             request = await self._request(requests, context, method)
-        except Exception as exc:
+        except AIO_EXITS:
+            raise
+        except BaseException as exc:
             failure = exc
         else:
             async for response in self._statuses(request.service):

@@ -39,6 +39,7 @@ release) is told of the refusals its own code never sees, those raised before it
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -112,6 +113,8 @@ close must end it, and a generator that yields on GeneratorExit is a RuntimeErro
 BaseException is a bug answered INTERNAL as any Exception is: pyo3's ``PanicException`` (a Rust
 panic in ``cryptography``) is one, and past the mapping gRPC, which catches Exception only, left
 its call without a status until the caller's deadline."""
+AIO_EXITS = (*EXITS, asyncio.CancelledError)
+"""The same for a handler of gRPC's asyncio server: its call cancelled, as well."""
 
 
 def _handle(exc: BaseException, context: grpc.ServicerContext, method: str) -> NoReturn:

@@ -202,6 +202,30 @@ def test_a_base_exception_from_a_handler_is_internal_and_the_service_goes_on(
     assert call(channel, b"x") == b"ok:x"  # the service keeps serving
 
 
+def test_a_base_exception_on_the_plaintext_health_port_is_internal_and_it_goes_on(
+    host: tuple[ServiceHost, Behaviour, grpc.Channel],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The plaintext health port's handlers (gRPC's asyncio server) caught Exception only too:
+    a BaseException that is not an exit or a cancel is answered as any bug is there as well."""
+    h = host[0]
+    assert h.health_port is not None
+    status_of = h._health.status_of
+    panicking = [True]
+
+    def panic_once(service: str) -> int | None:
+        if panicking.pop() if panicking else False:
+            raise Panic("secret-panic-detail")
+        return status_of(service)
+
+    monkeypatch.setattr(h._health, "status_of", panic_once)
+    with pytest.raises(grpc.RpcError) as info:
+        health_status(h.health_port)
+    _internal_ref(info.value, caplog)
+    assert health_status(h.health_port) == health_pb2.HealthCheckResponse.SERVING  # it answers on
+
+
 def test_a_streaming_handler_closed_when_its_call_ends_is_no_error(
     host: tuple[ServiceHost, Behaviour, grpc.Channel], caplog: pytest.LogCaptureFixture
 ) -> None:
