@@ -200,16 +200,25 @@ def _publish(args: argparse.Namespace) -> int:
     if plan is not None:
         parts, layout = plan
         with Client.from_args(args) as client:
-            stored = publish_parts(
-                parts,
-                name=args.name,
-                version=args.version,
-                key_id=args.key_id,
-                broker=client.channel("keybroker"),
-                store=client.channel("modelstore"),
-                layout=layout,
-                progress=bar,
-            )
+            try:
+                stored = publish_parts(
+                    parts,
+                    name=args.name,
+                    version=args.version,
+                    key_id=args.key_id,
+                    broker=client.channel("keybroker"),
+                    store=client.channel("modelstore"),
+                    layout=layout,
+                    progress=bar,
+                )
+            except KeyboardInterrupt as interrupt:
+                # Ctrl-C ends the command (status 130) at once; what it may have left in the
+                # store, and the commands that remove it, are the publisher's note.
+                if bar is not None:
+                    bar.done()
+                for note in getattr(interrupt, "__notes__", ()):
+                    print(f"strongroom: {note}", file=sys.stderr)
+                raise
         if bar is not None:
             bar.done()
         info = stored.manifest

@@ -53,14 +53,13 @@ from strongroom.client.publish import (
     put_model,
     upload_pieces,
 )
-from strongroom.client.remote import catalogued_reason, peer_reason
+from strongroom.client.remote import outage_error, refusal_text
 from strongroom.errors import (
     AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     StrongroomError,
-    Unavailable,
 )
 from strongroom.reasons import Reason
 
@@ -214,6 +213,12 @@ def files_parts(paths: Sequence[Path]) -> list[PartFile]:
     return parts
 
 
+CHECK_SECONDS = 600.0
+"""How long, in all, a multi-part publish may take to look for parts a failed publish left
+(:func:`publish_parts`'s ``check_within``): one ``StatModel`` a part, each retried while refused as
+busy, so without a bound of its own a slow or busy store held a publish of 4,096 parts for hours
+before it asked for a data key. 4,096 parts at a 100 ms round trip take about 7 minutes."""
+
 SPARE_WRITERS = 16384
 """Most writers made beside the parts' own for retrying uploads refused as busy, all parts together
 (about 3.7 KiB and 15 µs each: at most 60 MiB and a quarter of a second). Each try of a part needs
@@ -252,6 +257,7 @@ def publish_parts(
     timeout: float = 3600.0,
     created_at: datetime | None = None,
     retry: BusyRetry = CLIENT_RETRY,
+    check_within: float = CHECK_SECONDS,
 ) -> PublishedParts:
     """Encrypts every part under one fresh data key, uploads them, then the manifest.
 
@@ -266,6 +272,17 @@ def publish_parts(
     generated or stored) is made again as ``retry`` says: GenerateDataKey, a part's upload (the
     file read and encrypted again with a writer of its own, drawn from :data:`SPARE_WRITERS`) or
     the manifest's. Any other failure ends the publish.
+
+    Failures (README, "Multi-part models"): a call that failed for an outage
+    (:data:`~strongroom.client.remote.TRANSIENT`: the store or the broker down or draining,
+    ``UNAVAILABLE`` or ``CANCELLED``, or a call out of time) is ``Unavailable`` or
+    ``DeadlineExceeded``, its status in the message, whether parts were left or not; any other
+    refusal that left parts is ``FailedPrecondition`` ``PARTS_LEFT_BEHIND``, and one that left
+    none is raised as it came (``grpc.RpcError``). A message that left parts names them and the
+    commands that remove them. An interrupt (``KeyboardInterrupt``) stops at once, deleting
+    nothing, with a note (``add_note``) naming the parts that may be left and those commands.
+    The look for parts a failed publish left ends within ``check_within`` seconds in all
+    (:data:`CHECK_SECONDS`), past it ``DeadlineExceeded``, nothing published.
     """
     if not 1 <= len(parts) <= MAX_PARTS:
         raise InvalidArgument(f"a model has 1 to {MAX_PARTS} parts", reason=Reason.TOO_MANY_PARTS)
@@ -287,16 +304,24 @@ def publish_parts(
         ],
     )
     stub = store_grpc.ModelStoreServiceStub(store)
-    _check_version_free(stub, name, version, len(parts), retry)
     broker_stub = kb_grpc.KeyBrokerServiceStub(broker)
-    generated = retrying_busy(
-        lambda: broker_stub.GenerateDataKey(
-            kb_pb.GenerateDataKeyRequest(key_id=key_id, model_name=name, model_version=version),
-            timeout=30,
-        ),
-        retry,
-        what=f"a data key for {name}/{version}",
-    )
+    try:
+        _check_version_free(stub, name, version, len(parts), retry, within=check_within)
+        generated = retrying_busy(
+            lambda: broker_stub.GenerateDataKey(
+                kb_pb.GenerateDataKeyRequest(key_id=key_id, model_name=name, model_version=version),
+                timeout=30,
+            ),
+            retry,
+            what=f"a data key for {name}/{version}",
+        )
+    except grpc.RpcError as exc:
+        # An outage is the same domain error here as after parts were stored: it surfaced as a
+        # raw grpc.RpcError here (and when no part was left), as Unavailable there.
+        outage = outage_error(exc, f"{name}/{version} was not published")
+        if outage is None:
+            raise
+        raise outage from exc
     check_generated(generated, name, version)
     # As publish_model does, before the key is copied out: the key slots must name the mechanism
     # the broker wrapped with (one a header cannot carry ends the publish), never a default that
@@ -347,8 +372,11 @@ def publish_parts(
     done_before = 0
     stored: list[store_pb.ModelInfo] = []
     digests: list[bytes] = []
+    begun = 0  # parts whose upload began: the last may be stored though its call never ended
+    manifest_begun = False
     try:
         for plan in planned:
+            begun += 1
             spare = iter(plan.writers)
 
             def attempt(
@@ -398,6 +426,7 @@ def publish_parts(
             (manifest_writer.start(), manifest_writer.write(encoded), manifest_writer.finish())
         )
         # The same bytes again on a retry: sealed once, in memory.
+        manifest_begun = True
         response = retrying_busy(
             lambda: put_model(
                 store,
@@ -409,29 +438,43 @@ def publish_parts(
             retry,
             what=f"the manifest of {name}/{version}",
         )
+    except KeyboardInterrupt as interrupt:
+        # The user's Ctrl-C: no deletes (each may wait 30 s on a slow or gone store), but what
+        # may be left and how to remove it, as every other failure that left parts says.
+        may_be_left = [p.header.model_version for p in planned[:begun]]
+        interrupt.add_note(_interrupted_note(name, version, may_be_left, manifest_begun))
+        raise
     except BaseException as exc:
-        failed = _delete_best_effort(stub, stored)
-        if failed and isinstance(exc, StrongroomError):
-            # Until they are gone, publishing this version again is refused (PARTS_LEFT_BEHIND):
-            # the publisher must know which to have removed. (Amended in place: not every error
-            # class takes a message and a reason to be built again.)
-            exc.message = f"{exc.message}; {_left_note(name, failed)}"
-            exc.args = (exc.message,)
-        elif failed and isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
-            # A peer's refusal (the last busy one, when retries ran out) was raised as it came,
-            # without the note: the publisher learnt neither that the version was now blocked
-            # nor how to free it. Its status and reason stay in the message.
-            refused = f"{exc.code().name} {peer_reason(exc) or ''}".rstrip()
-            message = (
-                f"{name}/{version} was not published ({refused}: {exc.details()}); "
-                f"{_left_note(name, failed)}"
-            )
-            transient = _TRANSIENT.get(exc.code())
-            if transient is not None:
-                # The store down or the call out of time: that is what failed, and what whoever
-                # runs the publish has to act on first (PARTS_LEFT_BEHIND hid an outage).
-                raise transient(message, reason=catalogued_reason(exc)) from exc
-            raise FailedPrecondition(message, reason=Reason.PARTS_LEFT_BEHIND) from exc
+        try:
+            failed = _delete_best_effort(stub, stored)
+        except KeyboardInterrupt as interrupt:
+            # Ctrl-C while the deletes wait: any part stored may still be there.
+            left = [info.version for info in stored]
+            interrupt.add_note(_interrupted_note(name, version, left, manifest=False))
+            raise interrupt from exc
+        note = _left_note(name, failed) if failed else None
+        if isinstance(exc, StrongroomError):
+            if note is not None:
+                # Until they are gone, publishing this version again is refused
+                # (PARTS_LEFT_BEHIND): the publisher must know which to have removed.
+                _amend(exc, note)
+            raise
+        if isinstance(exc, grpc.RpcError):
+            # One rule for what is an outage (remote.TRANSIENT), parts left or not: the store
+            # down, draining (CANCELLED) or the call out of time is what whoever runs the
+            # publish acts on first (PARTS_LEFT_BEHIND hid an outage).
+            error = outage_error(exc, f"{name}/{version} was not published")
+            if error is None and note is not None:
+                # A peer's refusal (the last busy one, when retries ran out): its status and
+                # reason stay in the message, with what is now blocked and how to free it.
+                error = FailedPrecondition(
+                    f"{name}/{version} was not published ({refusal_text(exc)})",
+                    reason=Reason.PARTS_LEFT_BEHIND,
+                )
+            if error is not None:
+                if note is not None:
+                    _amend(error, note)
+                raise error from exc
         raise
     log.info(
         "multi-part model published",
@@ -490,14 +533,30 @@ def _put_part(
         return response, bytes(tail)
 
 
-_TRANSIENT: dict[grpc.StatusCode, type[StrongroomError]] = {
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-}
-"""The statuses a failed publish that left parts behind keeps (its reason the peer's, or the
-status's own), the left parts named in its message; any other refusal with parts left is
-FAILED_PRECONDITION PARTS_LEFT_BEHIND. A busy refusal is not among them: it ends a publish only
-once its retries ran out, and then the parts left are what blocks the next try."""
+def _amend(error: StrongroomError, note: str) -> None:
+    """Appends ``note`` to ``error``'s message (in place: not every error class takes a message
+    and a reason to be built again)."""
+    error.message = f"{error.message}; {note}"
+    error.args = (error.message,)
+
+
+def _interrupted_note(name: str, version: str, left: Sequence[str], manifest: bool) -> str:
+    """What an interrupted publish may have left (``left``: store versions of parts) and how to
+    remove it; ``manifest``: the manifest's upload had begun, so the version may be whole."""
+    if not left:
+        return f"interrupted: {name}/{version} was not published; no part was stored"
+    maybe = (
+        f"its manifest was being sent, so {name}/{version} may be published (its parts are then "
+        "its own: keep them); if it is not stored, "
+        if manifest
+        else f"{name}/{version} was not published; "
+    )
+    return (
+        f"interrupted: {maybe}{len(left)} part(s) whose upload had begun may be stored "
+        f"({_versions(left)}; nothing was deleted: an interrupt does not wait for deletes). "
+        f"Once no publish of it is running and {name}/{version} is still not stored, "
+        f"{_unblock(name, left)} (a part that is not stored is NOT_FOUND: nothing to do)"
+    )
 
 
 def _delete_best_effort(
@@ -618,6 +677,8 @@ def _check_version_free(
     version: str,
     count: int,
     retry: BusyRetry,
+    *,
+    within: float,
 ) -> None:
     """Refuses, before a data key is asked for, a version the store already holds
     (ALREADY_EXISTS MODEL_EXISTS: all the parts were stored first, then refused at the manifest
@@ -635,20 +696,45 @@ def _check_version_free(
     naming only the parts before it. ListModels cannot do it in one call: it filters by name
     prefix only, so it would page through every version of the model (and of longer names), a
     cost that grows with the model's history; ``count`` stats (and one more, unless a failed
-    publish of more parts left those past them) are bounded by this publish."""
+    publish of more parts left those past them) are bounded by this publish.
+
+    All of it ends within ``within`` seconds (:data:`CHECK_SECONDS`): each stat had its own 30 s
+    and busy retries' 60 s, so a slow store held a publish of thousands of parts for hours. Past
+    it: DEADLINE_EXCEEDED, nothing published (a busy refusal cut short by it stays that refusal)."""
+    deadline = time.monotonic() + within
+    looked = [0]
+
+    def out_of_time() -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"looking for parts a failed publish of {name}/{version} left took more than "
+            f"{within:g} s (check_within; {looked[0]} of at least {count + 1} looked at): "
+            "the store is too slow or too busy for now; nothing was published, no data key "
+            "asked for",
+        )
 
     def stored(store_version: str) -> store_pb.ModelInfo | None:
         def stat() -> store_pb.ModelInfo | None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise out_of_time()
             try:
                 return stub.StatModel(
-                    store_pb.StatModelRequest(name=name, version=store_version), timeout=30
+                    store_pb.StatModelRequest(name=name, version=store_version),
+                    timeout=min(30.0, left),
                 ).model
             except grpc.RpcError as exc:
-                if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND:
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                if code == grpc.StatusCode.NOT_FOUND:
                     return None
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and left < 30.0:
+                    raise out_of_time() from exc  # its time was what the check had left
                 raise
 
-        return retrying_busy(stat, retry, what=f"checking {name}/{store_version}")
+        found = retrying_busy(
+            stat, retry, what=f"checking {name}/{store_version}", deadline=deadline
+        )
+        looked[0] += 1
+        return found
 
     if stored(version) is not None:
         raise AlreadyExists(

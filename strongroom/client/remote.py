@@ -8,20 +8,22 @@ able to grow that set; an unknown one gives way to the status's own reason, and 
 still says what happened. An error our own channel raised in place of the call (a ``StrongroomError``
 that is also a ``grpc.RpcError``: the server identity check's explanation, a rejected client
 certificate) keeps its own reason. ``DATA_LOSS``, ``NOT_FOUND`` and ``RESOURCE_EXHAUSTED`` keep their status; ``UNAVAILABLE``,
-``DEADLINE_EXCEEDED`` and ``CANCELLED`` (a peer shutting down; a call our clients cancel
-themselves, when a load's caller has gone, is reported as that instead:
-:mod:`strongroom.client.cancel`) become ``Unavailable``; any other refusal becomes
+``DEADLINE_EXCEEDED`` and ``CANCELLED`` (:data:`TRANSIENT`, the one rule of what is an outage rather
+than a refusal, which the publisher follows too) become ``Unavailable``; any other refusal becomes
 ``FailedPrecondition`` with the peer's reason: the caller of the client was not itself refused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Literal
 
 import grpc
 
 from strongroom.errors import (
     DataLoss,
+    DeadlineExceeded,
     FailedPrecondition,
     NotFound,
     ResourceExhausted,
@@ -55,15 +57,27 @@ _OTHERWISE: dict[str, Reason] = {
     "fetch": Reason.FETCH_REFUSED,
     "key release": Reason.KEY_RELEASE_REFUSED,
 }
+TRANSIENT: Mapping[grpc.StatusCode, type[StrongroomError]] = MappingProxyType(
+    {
+        grpc.StatusCode.UNAVAILABLE: Unavailable,
+        # Our clients cancel their own calls only in a CallScope, which then reports its own
+        # error, or on an interrupt (KeyboardInterrupt, raised as it is): a CANCELLED otherwise
+        # comes from a peer that is shutting down (gRPC cancels the calls in flight on a server
+        # that drains, and answers those arriving meanwhile so).
+        grpc.StatusCode.CANCELLED: Unavailable,
+        grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    }
+)
+"""The one rule of which failed calls are an outage (the peer down, draining, or too slow for the
+call's time) rather than a refusal of what the caller asked, and the domain error each becomes:
+the publisher's (:mod:`strongroom.client.multipart`, :func:`outage_error`) and
+:func:`remote_error`'s. ``remote_error`` makes each ``Unavailable``, a call out of time included:
+the inference loader retries what is ``Unavailable``, and its load's own time is another bound."""
+
 #: Peer statuses passed on as they are (see the module docstring); the rest is FailedPrecondition.
 _KEPT: dict[grpc.StatusCode, type[StrongroomError]] = {
     grpc.StatusCode.DATA_LOSS: DataLoss,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
-    # Our clients cancel their own calls only in a CallScope, which then reports its own error: a
-    # CANCELLED otherwise comes from a peer that is shutting down (gRPC answers calls arriving
-    # while a server drains that way).
-    grpc.StatusCode.CANCELLED: Unavailable,
+    **{code: Unavailable for code in TRANSIENT},
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
 }
@@ -87,6 +101,29 @@ def catalogued_reason(error: grpc.RpcError) -> str | None:
     must not grow the set of reasons our errors carry (module docstring)."""
     sent = peer_reason(error)
     return sent if sent in _CATALOGUE else None
+
+
+def outage_error(exc: grpc.RpcError, what: str) -> StrongroomError | None:
+    """``exc`` as the domain error :data:`TRANSIENT` makes of its status, its message ``what``
+    then the status, the peer's reason and its text; None for a status that is no outage (a
+    refusal) or an error that carries none.
+
+    Its reason is the peer's when in the catalogue, else the error class's own
+    (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``): the message names the status it came with."""
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    cls = TRANSIENT.get(code) if code is not None else None
+    if cls is None:
+        return None
+    return cls(f"{what} ({refusal_text(exc)})", reason=catalogued_reason(exc))
+
+
+def refusal_text(exc: grpc.RpcError) -> str:
+    """What a failed call said, for a message: its status, the peer's reason if it sent one, and
+    its text (``UNAVAILABLE: failed to connect``, ``RESOURCE_EXHAUSTED TOO_MANY_STREAMS: ...``)."""
+    if not isinstance(exc, grpc.Call):
+        return type(exc).__name__
+    refused = f"{exc.code().name} {peer_reason(exc) or ''}".rstrip()
+    return f"{refused}: {exc.details()}"
 
 
 def remote_error(step: Step, exc: grpc.RpcError) -> StrongroomError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,7 @@ from strongroom.artifact import parse_header
 from strongroom.artifact.c2sp import PREAMBLE_SIZE, TAG_SIZE
 from strongroom.artifact.manifest import ManifestLayout, PartMissing
 from strongroom.attesters import SimulatedAttester, TeeType
+from strongroom.cli.main import main
 from strongroom.client import multipart
 from strongroom.client.busy import CLIENT_RETRY, BusyRetry
 from strongroom.client.fetch import ModelFetcher, grpc_source, retrying_source
@@ -1080,3 +1082,259 @@ def test_a_part_out_of_time_keeps_deadline_exceeded_and_says_a_publisher_may_not
     assert _records(stack, "busy/slow") == [("busy/slow", "1+part.0")]
     admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
     admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/slow", version="1+part.0"))
+
+
+class CancelledThenStopped(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """The publisher's upload numbered ``at`` (from 0) ends CANCELLED, as a draining store's
+    call does, then the store stops (so the deletes that follow fail UNAVAILABLE).
+
+    The CANCELLED is gRPC's own, of a real upload to the store cancelled at once: the store the
+    dev stack stops in-process answers a call in flight UNAVAILABLE ("Cancelling all calls"),
+    and a process's drain answers CANCELLED only to a call that lands in the moment between its
+    stop and its GOAWAY (tests/soak), which a test cannot aim at."""
+
+    def __init__(self, stack: DevStack, publisher: WorkloadIdentity, at: int) -> None:
+        self._stack = stack
+        self._raw = stack.channel(publisher, "modelstore")
+        self._at = at
+        self.uploads = 0
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        self.uploads += 1
+        if self.uploads - 1 != self._at:
+            return continuation(details, request_iterator)
+        ended = threading.Event()
+
+        def held() -> Iterator[bytes]:
+            ended.wait(60)
+            yield from ()
+
+        put = self._raw.stream_unary(
+            PUT,
+            request_serializer=None,
+            response_deserializer=store_pb.PutModelResponse.FromString,
+        )
+        upload = put.future(held(), timeout=60)
+        upload.cancel()
+        ended.set()
+        self._stack.services.pop("modelstore").stop()
+        assert upload.code() == grpc.StatusCode.CANCELLED
+        return _Ended(upload)
+
+
+class _Ended:
+    """A call's outcome that raises what gRPC's blocking call raises for ``call`` failed."""
+
+    def __init__(self, call: Any) -> None:
+        self._error = _CallError(call)
+
+    def result(self, timeout: float | None = None) -> Any:
+        raise self._error
+
+    def exception(self, timeout: float | None = None) -> Any:
+        return self._error
+
+
+class _CallError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    """A failed call as a ``grpc.RpcError``: everything asked of it is the call's own answer."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def code(self) -> grpc.StatusCode:
+        return self._call.code()  # type: ignore[no-any-return]
+
+    def details(self) -> str:
+        return self._call.details()  # type: ignore[no-any-return]
+
+    def initial_metadata(self) -> Any:
+        return self._call.initial_metadata()
+
+    def trailing_metadata(self) -> Any:
+        return self._call.trailing_metadata()
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> float:
+        return 0.0
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Any) -> bool:
+        return False
+
+
+def test_a_store_draining_under_a_part_is_an_outage_with_the_parts_left_named(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The second part's upload ended CANCELLED (a draining store), then the store stopped: the
+    delete of the first part failed (UNAVAILABLE). remote.py counted a
+    CANCELLED as an outage, the publisher's own table did not: FAILED_PRECONDITION
+    PARTS_LEFT_BEHIND. One table now: Unavailable, CANCELLED in its message."""
+    shards = _shards(tmp_path / "shards", 3)
+    cancels = CancelledThenStopped(stack, publisher, 1)
+    try:
+        with pytest.raises(Unavailable) as info:
+            _publish(
+                stack,
+                publisher,
+                shards,
+                "busy/drained",
+                grpc.intercept_channel(stack.channel(publisher, "modelstore"), cancels),
+            )
+    finally:
+        if "modelstore" not in stack.services:
+            stack.start_in_process("modelstore", server=STORE_SERVER)
+    assert cancels.uploads == 2
+    assert info.value.reason == "UNAVAILABLE"
+    message = info.value.message
+    assert message.startswith("busy/drained/1 was not published (CANCELLED: "), message
+    assert "1 part(s) it stored could not be removed (deleting them failed: UNAVAILABLE)" in message
+    assert "`strongroom model rm busy/drained 1+part.0`" in message
+    assert _records(stack, "busy/drained") == [("busy/drained", "1+part.0")]
+    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
+    admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/drained", version="1+part.0"))
+
+
+def test_an_outage_that_left_no_part_is_the_same_domain_error(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The store stopped before the first part: nothing stored, nothing to delete. The same
+    outage that is Unavailable when parts are left was raised as the raw grpc.RpcError here."""
+    stops = StopStoreBefore(stack, 0)
+    try:
+        with pytest.raises(Unavailable) as info:
+            _publish(
+                stack,
+                publisher,
+                _shards(tmp_path / "shards", 2),
+                "busy/none-left",
+                grpc.intercept_channel(stack.channel(publisher, "modelstore"), stops),
+            )
+    finally:
+        if "modelstore" not in stack.services:
+            stack.start_in_process("modelstore", server=STORE_SERVER)
+    assert stops.uploads == 1
+    assert info.value.reason == "UNAVAILABLE"
+    assert info.value.message.startswith("busy/none-left/1 was not published (UNAVAILABLE: ")
+    assert "could not be removed" not in info.value.message
+    assert isinstance(info.value.__cause__, grpc.RpcError)
+    assert _records(stack, "busy/none-left") == []
+
+
+def _interrupt_when_stored(stack: DevStack, name: str, version: str) -> threading.Thread:
+    """Sends SIGINT to this process's main thread (the publish's, held opening a FIFO part) once
+    the store holds ``version`` of ``name``."""
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def interrupt() -> None:
+        assert settled(lambda: (name, version) in _records(stack, name))
+        signal.pthread_kill(main, signal.SIGINT)
+
+    sender = threading.Thread(target=interrupt, daemon=True)
+    sender.start()
+    return sender
+
+
+def _with_fifo(folder: Path) -> list[Path]:
+    """Three parts, the second a FIFO nobody writes: a publish opening it waits there."""
+    shards = _shards(folder, 3)
+    shards[1].unlink()
+    os.mkfifo(shards[1])
+    return shards
+
+
+def test_an_interrupted_publish_stops_at_once_and_names_what_may_be_left(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """Ctrl-C (a real SIGINT) while the second part is opened: the KeyboardInterrupt ran the
+    deletes first (up to 30 s each) and said nothing of the parts left. Now no delete is made,
+    and the interrupt carries the note: the parts that may be stored, and the command."""
+    calls = CountCalls()
+    store = grpc.intercept_channel(stack.channel(publisher, "modelstore"), calls)
+    sender = _interrupt_when_stored(stack, "busy/interrupted", "1+part.0")
+    with pytest.raises(KeyboardInterrupt) as info:
+        _publish(stack, publisher, _with_fifo(tmp_path / "shards"), "busy/interrupted", store)
+    sender.join(60)
+    assert "DeleteModel" not in calls.methods
+    (note,) = info.value.__notes__
+    # Part 1 too once its upload has begun (the signal may come while part 0's answer is read).
+    assert note.startswith("interrupted: busy/interrupted/1 was not published; ")
+    assert "whose upload had begun may be stored (1+part.0" in note
+    assert "nothing was deleted: an interrupt does not wait for deletes" in note
+    assert "`strongroom model rm busy/interrupted 1+part.0`" in note
+    assert _records(stack, "busy/interrupted") == [("busy/interrupted", "1+part.0")]
+    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
+    admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/interrupted", version="1+part.0"))
+
+
+def test_an_interrupted_publish_command_prints_what_may_be_left(
+    stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`strongroom model publish` ended 130 on Ctrl-C, silent on the parts it left."""
+    shards = _with_fifo(tmp_path / "shards")
+    config = str(stack.write_client_config("publisher"))
+    sender = _interrupt_when_stored(stack, "busy/cli-interrupted", "1+part.0")
+    argv = ["model", "publish", *map(str, shards), "--name", "busy/cli-interrupted"]
+    code = main(
+        [*argv, "--version", "1", "--key-id", KEY_ID, "--no-progress", "--client-config", config]
+    )
+    sender.join(60)
+    err = capsys.readouterr().err
+    assert code == 130
+    assert "strongroom: interrupted: busy/cli-interrupted/1 was not published; " in err
+    assert "`strongroom model rm busy/cli-interrupted 1+part.0`" in err
+    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
+    admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/cli-interrupted", version="1+part.0"))
+
+
+class SlowStats(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """Holds each StatModel ``seconds`` before it is sent (a slow store, as its client sees it),
+    and counts the calls by method."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self.methods: list[str] = []
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        method = details.method.rsplit("/", 1)[-1]
+        self.methods.append(method)
+        if method == "StatModel":
+            time.sleep(self._seconds)
+        return continuation(details, request)
+
+
+def test_the_look_for_parts_left_ends_within_its_bound(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """Each StatModel of the look for parts left had its own 30 s and 60 s of busy retries, and
+    the look none in all: 4,096 parts on a slow store held a publish for hours. Now it ends
+    within check_within, DEADLINE_EXCEEDED, before any data key or upload."""
+    stats = SlowStats(0.3)
+    broker = CountCalls()
+    uploads = BusyBefore(stack, publisher, set())
+    store = grpc.intercept_channel(_store(stack, publisher, uploads), stats)
+    with pytest.raises(DeadlineExceeded) as info:
+        _publish(
+            stack,
+            publisher,
+            _shards(tmp_path / "shards", 12),
+            "busy/slow-check",
+            store,
+            broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
+            check_within=1.0,
+        )
+    assert info.value.reason == "DEADLINE_EXCEEDED"
+    message = info.value.message
+    assert message.startswith("looking for parts a failed publish of busy/slow-check/1 left took")
+    assert "more than 1 s (check_within; " in message
+    assert "nothing was published, no data key asked for" in message
+    assert (broker.methods, uploads.outcomes) == ([], [])
+    assert stats.methods.count("StatModel") < 13  # stopped before looking at every part
