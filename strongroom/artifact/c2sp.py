@@ -31,6 +31,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from cryptography.cobblestone import Cobblestone256Decryptor
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -339,6 +340,62 @@ class ChunkCipher:
             wipe(out)
             raise
         return out
+
+
+class BulkOpener:
+    """Opens a Cobblestone-256 message's non-final chunks in order, a run of them per call.
+
+    cryptography's own C2SP decryptor does the chunk loop in native code, where
+    :meth:`ChunkCipher.open_full_chunks_into` runs it in Python (a call, a nonce and two slices per
+    16 KiB chunk): 0.025 CPU-s less per 512 MiB artifact. It is fed the preamble and then whole
+    non-final chunks only; the final chunk (and the digest around it) stays with
+    :class:`ChunkCipher`, so its end-of-message rules are checked where they always were.
+    """
+
+    __slots__ = ("_decryptor", "_next")
+
+    def __init__(
+        self,
+        input_key: bytes | bytearray | memoryview,
+        preamble: bytes | bytearray | memoryview,
+        context: bytes | bytearray | memoryview,
+    ) -> None:
+        """Derives the key again from ``input_key`` and checks the commitment in ``preamble``
+        (DecryptionFailed if it does not match)."""
+        _check_key(input_key, AES_256_GCM)
+        self._decryptor = Cobblestone256Decryptor(input_key, context)
+        self._next = 0
+        if len(preamble) != PREAMBLE_SIZE:  # it would hold a short one, and open nothing
+            raise DecryptionFailed()
+        try:
+            self._decryptor.update_into(preamble, bytearray())
+        except InvalidTag:
+            raise DecryptionFailed() from None
+
+    def __repr__(self) -> str:
+        return "BulkOpener(<redacted>)"
+
+    def open_into(self, first: int, ciphertext: memoryview, out: memoryview) -> None:
+        """Opens whole non-final chunks from index ``first``, the next in order, into ``out``.
+
+        On failure every byte of ``out`` is zeroed and DecryptionFailed is raised; the opener
+        cannot be used again.
+        """
+        count = ciphertext.nbytes // SEALED_CHUNK_SIZE
+        if first != self._next or count * SEALED_CHUNK_SIZE != ciphertext.nbytes:
+            raise ValueError("chunks must be opened whole and in order")
+        if out.nbytes != count * CHUNK_SIZE:
+            raise ValueError("buffers do not hold whole chunks")
+        self._next = -1  # until this run has opened: a failed opener opens nothing more
+        try:
+            written = self._decryptor.update_into(ciphertext, out)
+        except InvalidTag:
+            written = -1
+        if written != out.nbytes:
+            wipe(out)
+            _log.debug("c2sp: a run of %d chunks from %d failed to authenticate", count, first)
+            raise DecryptionFailed()
+        self._next = first + count
 
 
 def open_message(

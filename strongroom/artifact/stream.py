@@ -422,6 +422,7 @@ class BufferedStreamDecryptor(_ArtifactStream):
         self._prefault = prefault
         self._prefaulter: Prefaulter | None = None
         self._handed = 0  # chunks below this index may have been written to the output
+        self._bulk: c2sp.BulkOpener | None = None
         super().__init__(
             dek,
             verify_digest=verify_digest,
@@ -479,7 +480,8 @@ class BufferedStreamDecryptor(_ArtifactStream):
             # an unauthenticated header cannot make us allocate.
             self._allocate(header.plaintext_size)
         if not self._threads:
-            self._ciphers.put(cipher)  # decrypted inline: the feeding thread's cipher does it all
+            # Decrypted inline, the runs by the bulk opener, the final chunks by `cipher`.
+            self._bulk = c2sp.BulkOpener(dek, self._preamble, header.encoded)
             return
         # One AEAD object per worker; `cipher` stays with the feeding thread (the tail chunks).
         del cipher
@@ -526,7 +528,10 @@ class BufferedStreamDecryptor(_ArtifactStream):
         if self._worker_failed.is_set():
             raise DecryptionFailed()
         if self._pool is None:  # threads=0
-            self._work(first, ciphertext)
+            dst, run = self._dst, memoryview(ciphertext)
+            assert dst is not None and self._bulk is not None
+            count = run.nbytes // _SEALED
+            self._bulk.open_into(first, run, dst[first * _CS : (first + count) * _CS])
             return
         self._slots.acquire()
         future = self._pool.submit(self._work, first, ciphertext)
