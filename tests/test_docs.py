@@ -51,6 +51,7 @@ NOT_REASONS = frozenset(
         "CKR_GENERAL_ERROR",
         "DEADLINE_EXCEEDED",
         "DENIED",
+        "EACCES",
         "EFBIG",
         "EINVAL",
         "EIO",

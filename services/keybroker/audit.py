@@ -1512,7 +1512,7 @@ class AuditLog(Closing):
         log and its head are still the very files it read; None otherwise (or without it)."""
         if known is None:
             return None
-        log, head = _lstat_in(self._dir_fd, name), _lstat_in(self._dir_fd, name + ".head")
+        log, head = self._lstat(name), self._lstat(name + ".head")
         if log is None or head is None:
             return None
         if (_file_id(log), _file_id(head)) != (known.log_id, known.head_id):
@@ -1572,7 +1572,7 @@ class AuditLog(Closing):
                         shipping.extend(self._left_of([*checked, name]))
                         before, before_name, checked = None, "", []
                         continue
-                    if _lstat_in(self._dir_fd, name + ".head") is None:
+                    if self._lstat(name + ".head") is None:
                         raise self._tampered(f"the sealed audit log {name} has no head") from None
                     raise self._tampered(
                         f"the sealed audit log {name} was removed while the broker started"
@@ -1625,15 +1625,29 @@ class AuditLog(Closing):
         return not any(self._whole(member) for member in itertools.chain(checked, (name,)))
 
     def _whole(self, name: str) -> bool:
-        return all(_lstat_in(self._dir_fd, member) is not None for member in (name, name + ".head"))
+        return all(self._lstat(member) is not None for member in (name, name + ".head"))
 
     def _left_of(self, names: list[str]) -> list[str]:
         """The sealed logs among ``names`` of which the log or the head is still there."""
         return [
             name
             for name in names
-            if any(_lstat_in(self._dir_fd, member) is not None for member in (name, name + ".head"))
+            if any(self._lstat(member) is not None for member in (name, name + ".head"))
         ]
+
+    def _lstat(self, name: str) -> os.stat_result | None:
+        """The status of ``name`` in the log's directory (None: not there), for the checks of
+        the sealed files. Any other error (EACCES, EIO) is ``AuditUnavailable`` naming the file
+        and the errno, as when such a file cannot be read: it escaped as a bare OSError, a
+        traceback at the start, and the operator was not told which file."""
+        try:
+            return _lstat_in(self._dir_fd, name)
+        except OSError as exc:
+            code = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
+            raise AuditUnavailable(
+                f"cannot look up the audit file {self._path.parent / name}: "
+                f"{exc.strerror or exc} ({code})"
+            ) from None
 
     @staticmethod
     def _series_break(before_name: str, before: Head, name: str, base: int) -> str:
@@ -1656,7 +1670,7 @@ class AuditLog(Closing):
         total = 0
         for _, _, name in _sealed_logs(self._dir_fd, self._path.name):
             for member in (name, name + ".head"):
-                found = _lstat_in(self._dir_fd, member)
+                found = self._lstat(member)
                 total += found.st_size if found is not None else 0
         self._sealed_bytes = total
 

@@ -11,12 +11,11 @@ import binascii
 import collections
 import contextlib
 import dataclasses
-import fcntl
 import io
 import itertools
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -26,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from strongroom import jsonparse
 from strongroom.errors import InvalidArgument, NotFound
-from strongroom.files import BoundedFlock, LockFailed, LockHeld, shared_flock
+from strongroom.files import LockFailed, LockHeld, shared_flock
 from strongroom.keybroker import audit
 from strongroom.keybroker.audit import (
     DIR_LOCK_WAIT_SECONDS,
@@ -138,14 +137,28 @@ def _snapshot(fd: int | None, path: Path, hpath: Path) -> tuple[bytes | None, in
     (anyone who can open the log can hold its lock for ever; a writer stuck inside a commit, on
     a hung disk, too): then ``AuditUnavailable``, the check not made.
     """
+    if fd is None:
+        return _read_snapshot(fd, hpath)
     waited = audit.LOG_LOCK_WAIT_SECONDS  # read now: tests shorten it
+    with _shared_lock(fd, f"the audit log {path}", waited, log_locked(path, waited)):
+        return _read_snapshot(fd, hpath)
+
+
+@contextlib.contextmanager
+def _shared_lock(fd: int, what: str, waited: float, held: str) -> Iterator[None]:
+    """Holds a shared ``flock`` of ``fd`` (the file ``what`` names) for the block, its holders
+    waited for at most ``waited`` s. The one rule of the checks' locks (the log's, between two
+    commits; the directory's, after a rotation): ``AuditUnavailable`` when another process held
+    it all that time (``held`` says so) or when ``flock`` itself fails (ENOLCK: a file system
+    without it), the check not made. The directory's wait went on without its lock, judging
+    files a rotation might be renaming, while the log's refused."""
     try:
-        with shared_flock(fd, seconds=waited) if fd is not None else contextlib.nullcontext():
-            return _read_snapshot(fd, hpath)
+        with shared_flock(fd, seconds=waited):
+            yield
     except LockHeld:
-        raise AuditUnavailable(log_locked(path, waited)) from None
+        raise AuditUnavailable(held) from None
     except LockFailed as exc:
-        raise AuditUnavailable(f"cannot lock the audit log {path}: {exc}") from None
+        raise AuditUnavailable(f"cannot lock {what}: {exc}") from None
 
 
 def _read_snapshot(fd: int | None, hpath: Path) -> tuple[bytes | None, int]:
@@ -275,21 +288,25 @@ def _waited_for_rotation(path: Path) -> bool:
 
 def _waited_for_directory(directory: Path) -> bool:
     """Waits until no rotation holds ``directory`` (a shared ``flock``, held by nothing else:
-    nothing waits for it in turn); False if it cannot be locked. ``AuditUnavailable`` when another
+    nothing waits for it in turn); False if it cannot be opened. ``AuditUnavailable`` when another
     process holds it past :data:`~strongroom.keybroker.audit.DIR_LOCK_WAIT_SECONDS` (anyone who
-    can open the directory can hold it for ever): what the files would say then is not known."""
+    can open the directory can hold it for ever) or ``flock`` fails on it (:func:`_shared_lock`):
+    what the files would say then is not known."""
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
-        # In the kernel's queue: a rotation that queued after this wait does not starve it.
-        if not BoundedFlock(fd, fcntl.LOCK_SH).acquire(DIR_LOCK_WAIT_SECONDS):
-            raise AuditUnavailable(directory_locked(directory))
-    except OSError:
-        return False
+        # In the kernel's queue (BoundedFlock): a rotation that queued after it does not starve it.
+        with _shared_lock(
+            fd,
+            f"the audit directory {directory}",
+            DIR_LOCK_WAIT_SECONDS,
+            directory_locked(directory),
+        ):
+            pass
     finally:
-        os.close(fd)  # and with it the lock
+        os.close(fd)
     return True
 
 

@@ -219,6 +219,10 @@ class CollateralCache:
         self._refused: dict[Path, str] = {}
         # The last reload read without the lock (held past LOCK_WAIT_SECONDS): reload again.
         self._unlocked = False
+        # Why the last reload read without the lock, as logged (None: it had the lock). A file
+        # system whose flock always fails logged the same ERROR at every reload (every check,
+        # 2 s by default): logged once now, and again only when that changes.
+        self._lock_trouble: str | None = None
         if writable:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
         self._load()
@@ -234,10 +238,12 @@ class CollateralCache:
         document is never read beside the issuer chain of another write.
 
         That lock held past :data:`LOCK_WAIT_SECONDS` (anyone who can open the file can hold
-        it), or ``flock`` failing on it, the directory is read without it (logged at ERROR), as where there is no lock file, and the next
-        check reloads again: a holder that is no writer keeps every writer out, so the files
-        are one write's; what a writer stuck in a write left half-replaced fails its checks and
-        is refused as an unreadable file is (COLLATERAL_MISSING naming it), never trusted."""
+        it), or ``flock`` failing on it, the directory is read without it, as where there is no
+        lock file, and the next check reloads again: a holder that is no writer keeps every
+        writer out, so the files are one write's; what a writer stuck in a write left
+        half-replaced fails its checks and is refused as an unreadable file is
+        (COLLATERAL_MISSING naming it), never trusted. Logged at ERROR once, not at every
+        reload, and again when why changes; the lock working again is logged at INFO."""
         lock_path = self.directory / ".lock"
         try:
             lock = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -250,16 +256,30 @@ class CollateralCache:
                 with shared_flock(lock, seconds=waited):
                     self._read_all()
                     self._unlocked = False
-                    return
+                if self._lock_trouble_is(None):
+                    log.info("the collateral cache's lock file %s locks again", lock_path)
+                return
             except LockHeld:
                 why = _lock_held(lock_path, waited)
             except LockFailed as exc:
                 why = f"cannot lock the collateral cache's lock file {lock_path}: {exc}"
-            log.error("%s; reading the collateral cache without it", why)
+            if self._lock_trouble_is(why):
+                log.error(
+                    "%s; reading the collateral cache without it at each check until it locks "
+                    "(not logged again unless that changes)",
+                    why,
+                )
             self._read_all()
             self._unlocked = True
         finally:
             os.close(lock)
+
+    def _lock_trouble_is(self, why: str | None) -> bool:
+        """Records ``why`` the reload read without the lock (None: it had it); whether that
+        changed, and so is to be logged (reloads of several threads log it once)."""
+        with self._lock:
+            changed, self._lock_trouble = why != self._lock_trouble, why
+        return changed
 
     def _read_all(self) -> None:
         """Reads the directory; documents that no longer parse are skipped with a warning."""

@@ -155,18 +155,21 @@ def run_command(command: Callable[[], int]) -> int:
 
 
 def _print_error(line: str) -> None:
-    """Prints the command's error ``line`` on stderr; in a service's process (``strongroom
-    serve``, its log configured on stderr), through the log (:meth:`ServiceLog.say
-    <strongroom.runtime.log_writer.ServiceLog.say>`): after its lines, and only if stderr takes
-    it without waiting. The log has said why the service stopped, and printed, the line waited
-    on a full pipe whose collector had stopped reading: the process never ended."""
-    from strongroom.runtime.log_writer import ServiceLog  # a service's: loaded by then
+    """Prints the command's error ``line`` on stderr, only if stderr takes it without waiting:
+    printed, the line waited on a full pipe whose collector had stopped reading, and the
+    process never ended. In a service's process (``strongroom serve``, its log configured on
+    stderr), through the log (:meth:`ServiceLog.say
+    <strongroom.runtime.log_writer.ServiceLog.say>`), after its lines: the log has said why the
+    service stopped. Before its log is configured (a configuration refused: ``CONFIG_INVALID``)
+    and in any other command, written at once or not at all (:func:`~strongroom.runtime.
+    log_writer.write_at_once`), as the log's own lines are."""
+    from strongroom.runtime.log_writer import ServiceLog, write_at_once
 
     for handler in logging.getLogger().handlers:
         if isinstance(handler, ServiceLog) and handler.stream is sys.stderr:
             handler.say(line)
             return
-    print(line, file=sys.stderr)
+    write_at_once(sys.stderr, line)
 
 
 if __name__ == "__main__":

@@ -231,32 +231,10 @@ class ServiceLog(logging.Handler):
 
     def _write_after_close(self, line: str) -> None:
         """Writes ``line``, logged once the writer has ended (an exit handler's, a daemon
-        thread's after ``logging.shutdown``), where it is logged: queued, it was never written.
-        A destination that would make the write wait gets nothing (nor does a closed one): the
-        process is ending, and it would wait for good on a collector that stopped reading. A
-        pipe that polls writable has room for PIPE_BUF bytes only: a longer line is written
-        only to a regular file (its write waited, for good, for the rest of the line)."""
-        stream = self.stream
-        if getattr(stream, "closed", False):
-            return
-        if self._fd is None:  # a buffer: it does not wait
-            with contextlib.suppress(Exception):  # nowhere to say it either
-                stream.write(line + "\n")
-                stream.flush()
-            return
-        data = _encoded(stream, line + "\n")
-        try:
-            if len(data) > select.PIPE_BUF and not stat.S_ISREG(os.fstat(self._fd).st_mode):
-                return
-            with self._state:  # one poll() of the handler's poller at a time
-                ready = self._poll.poll(0)
-        except OSError:
-            return
-        failed = select.POLLERR | select.POLLHUP | select.POLLNVAL
-        if not any(events & select.POLLOUT and not events & failed for _, events in ready):
-            return
-        with contextlib.suppress(OSError):  # nowhere to say it either
-            _write_all(self._fd, data)
+        thread's after ``logging.shutdown``), where it is logged (queued, it was never written),
+        if the destination takes it at once (:func:`write_at_once`): the process is ending, and
+        it would wait for good on a collector that stopped reading."""
+        write_at_once(self.stream, line)
 
     def _queue(self, line: str, size: int, refusal: bool, *, first: bool = False) -> None:
         """Queues ``line`` for the writer (call under ``_state``), at the front with ``first``,
@@ -396,6 +374,49 @@ class ServiceLog(logging.Handler):
     def _pause(self, seconds: float) -> None:
         """Waits on ``_state`` (held) for a change, ``seconds`` at most."""
         self._state.wait(seconds)
+
+
+def write_at_once(stream: Any, line: str) -> None:
+    """Writes ``line`` and a newline to ``stream`` if it takes them without waiting, else
+    nothing: for what a process says as it ends (a line logged after the log's close, the
+    command line's ``strongroom: error:`` line), which waited for good on a full pipe whose
+    collector had stopped reading, and the process never ended.
+
+    A buffer (no descriptor: a test's capture) is written. A regular file never makes a write
+    wait: written whatever its length. Anything else must poll writable, which on a pipe means
+    PIPE_BUF bytes fit: a longer line is dropped (its write waited for the rest), and a pipe is
+    written through a non-blocking description of its own (:func:`_non_blocking_twin`), so that
+    another writer filling it after the look (gRPC's C core writes to fd 2 too) refuses the line
+    rather than holding the write. A closed or broken destination gets nothing either."""
+    if getattr(stream, "closed", False):
+        return  # its descriptor's number may be another file's by now
+    fd = _file_descriptor(stream)
+    if fd is None:
+        with contextlib.suppress(Exception):  # nowhere to say it either
+            stream.write(line + "\n")
+            stream.flush()
+        return
+    data = _encoded(stream, line + "\n")
+    with contextlib.suppress(OSError):  # BlockingIOError: filled after the look; EPIPE, EBADF
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            if len(data) > select.PIPE_BUF or not _polls_writable(fd):
+                return
+            twin = _non_blocking_twin(fd)
+            if twin is not None:
+                try:
+                    _write_all(twin, data)  # at most PIPE_BUF bytes to a pipe: whole or refused
+                finally:
+                    os.close(twin)
+                return
+        _write_all(fd, data)
+
+
+def _polls_writable(fd: int) -> bool:
+    """Whether ``fd`` takes a write now (not an error or a hang-up, which the write meets)."""
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    failed = select.POLLERR | select.POLLHUP | select.POLLNVAL
+    return any(events & select.POLLOUT and not events & failed for _, events in poll.poll(0))
 
 
 def _file_descriptor(stream: Any) -> int | None:

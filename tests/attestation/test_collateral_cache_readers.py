@@ -178,6 +178,66 @@ def test_a_reload_whose_lock_fails_is_logged_and_made_again(
     assert reads, "not read again after a read made without the lock"
 
 
+def test_a_lock_that_always_fails_is_logged_once_and_again_when_that_changes(
+    authority: SimulatedAuthority,
+    sim_trust: TrustStore,
+    now: dt.datetime,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On a file system whose flock always fails, every reload (each check: every 2 s by
+    default, as it read without the lock) logged the same ERROR. It is logged once now, the
+    reloads going on as before; the lock working again is one INFO line, and failing after that
+    is logged again."""
+    writer, fmspc = _cached(authority, sim_trust, now, tmp_path)
+    reads: list[CollateralCache] = []
+    real_read_all = CollateralCache._read_all
+
+    def read_all(cache: CollateralCache) -> None:
+        reads.append(cache)
+        real_read_all(cache)
+
+    monkeypatch.setattr(CollateralCache, "_read_all", read_all)
+
+    def read_by_replica() -> int:
+        return sum(cache is not writer for cache in reads)
+
+    def logged() -> list[tuple[int, str]]:
+        return [
+            (r.levelno, r.getMessage())
+            for r in caplog.records
+            if r.name == collateral_cache.__name__ and r.levelno >= logging.INFO
+        ]
+
+    failed = f"cannot lock the collateral cache's lock file {tmp_path / '.lock'}: flock failed: "
+    with caplog.at_level(logging.INFO, logger=collateral_cache.__name__):
+        with monkeypatch.context() as refusing:
+            refusing.setattr(files, "fcntl", _NoSharedLocks())
+            replica = CollateralCache(tmp_path, sim_trust, writable=False, reload_interval=0)
+            for _ in range(3):
+                assert replica.tdx_tcb_info(fmspc) is not None
+        assert read_by_replica() == 4  # read at each check, without the lock
+        [(level, message)] = logged()
+        assert level == logging.ERROR and message.startswith(failed), message
+        assert os.strerror(errno.ENOLCK) in message
+        replica.tdx_tcb_info(fmspc)  # flock works again: read under it
+        replica.tdx_tcb_info(fmspc)  # the generation alone decides again: not read
+        assert read_by_replica() == 5
+        assert logged()[1:] == [
+            (logging.INFO, f"the collateral cache's lock file {tmp_path / '.lock'} locks again")
+        ]
+        with monkeypatch.context() as refusing:
+            refusing.setattr(files, "fcntl", _NoSharedLocks())
+            newer = authority.tdx(now=now).tcb_info(now=now, evaluation_number=18)
+            writer.put_tdx_tcb_info(newer, authority.tcb_signing_chain_pem())  # exclusive: works
+            replica.tdx_tcb_info(fmspc)  # a new generation: reloaded, without the lock
+            replica.tdx_tcb_info(fmspc)  # and again at the next check
+        assert read_by_replica() == 7
+        errors = [m for level, m in logged() if level == logging.ERROR]
+        assert len(errors) == 2 and errors[1].startswith(failed), errors
+
+
 def test_a_write_does_not_wait_for_ever_for_a_held_lock(
     authority: SimulatedAuthority,
     sim_trust: TrustStore,

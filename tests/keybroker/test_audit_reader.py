@@ -6,6 +6,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from strongroom import files
 from strongroom.dev.devstack import read_audit_records
 from strongroom.keybroker import audit
-from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
-from strongroom.keybroker.audit_verify import verify_audit_log
+from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision, head_path
+from strongroom.keybroker.audit_verify import verify_audit_log, verify_audit_paths
 from strongroom.keybroker.errors import AuditUnavailable
 
 
@@ -89,14 +90,19 @@ def test_a_read_waits_for_a_held_lock_a_bounded_time(
 
 class _NoSharedLocks:
     """``fcntl`` for :mod:`strongroom.files` on a file system that refuses shared locks
-    (ENOLCK) but grants exclusive ones: the broker's commits lock, its readers cannot."""
+    (ENOLCK) but grants exclusive ones: the broker's commits lock, its readers cannot. With
+    ``on`` (a file type, ``stat.S_IFDIR``), only on files of that type."""
+
+    def __init__(self, on: int | None = None) -> None:
+        self._on = on
 
     def __getattr__(self, name: str) -> Any:
         return getattr(fcntl, name)
 
-    @staticmethod
-    def flock(fd: int, operation: int) -> None:
-        if operation & fcntl.LOCK_SH:
+    def flock(self, fd: int, operation: int) -> None:
+        if operation & fcntl.LOCK_SH and (
+            self._on is None or stat.S_IFMT(os.fstat(fd).st_mode) == self._on
+        ):
             raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
         fcntl.flock(fd, operation)
 
@@ -118,3 +124,40 @@ def test_a_read_whose_lock_fails_is_refused_not_made_unlocked(
             verify_audit_log(log_path, public_key=key.public_key())
     assert f"cannot lock the audit log {log_path}: flock failed: " in info.value.message
     assert os.strerror(errno.ENOLCK) in info.value.message
+
+
+@pytest.mark.parametrize("reader", ["verify_audit_log", "verify_audit_paths"])
+@pytest.mark.parametrize("refused_on", ["log", "directory"])
+def test_audit_verify_whose_lock_fails_on_the_log_or_its_directory_is_refused_alike(
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    reader: str,
+    refused_on: str,
+) -> None:
+    """audit verify takes two shared locks: the log's, to read it between two commits, and the
+    directory's, to wait out a rotation before it judges again a log that did not verify. flock
+    failing on the log refused the check (AUDIT_UNAVAILABLE); failing on the directory, the wait
+    was skipped and the verdict given as if no rotation could be under way. One rule for both
+    now: AUDIT_UNAVAILABLE naming the file and the error, no verdict given."""
+    with AuditLog.open(log_path, key) as log:
+        log.append(AuditEvent(decision=Decision.DENIED, reason="NONCE_INVALID"))
+    head_path(log_path).unlink()  # a log that does not verify: a rotation is waited out
+    on = stat.S_IFDIR if refused_on == "directory" else stat.S_IFREG
+    monkeypatch.setattr(files, "fcntl", _NoSharedLocks(on))
+    with pytest.raises(AuditUnavailable) as info:
+        if reader == "verify_audit_log":
+            verify_audit_log(log_path, public_key=key.public_key())
+        else:
+            verify_audit_paths(
+                [log_path.parent], public_key=key.public_key(), log_name=log_path.name
+            )
+    what = (
+        f"the audit directory {log_path.parent}"
+        if on == stat.S_IFDIR
+        else f"the audit log {log_path}"
+    )
+    assert info.value.message == f"cannot lock {what}: flock failed: {os.strerror(errno.ENOLCK)}"
+    monkeypatch.undo()
+    verdict = verify_audit_log(log_path, public_key=key.public_key())
+    assert (verdict.intact, verdict.problem) == (False, "HEAD_MISSING")

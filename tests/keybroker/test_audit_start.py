@@ -9,6 +9,7 @@ records in between (see the module doc of :mod:`strongroom.keybroker.audit`, *Ro
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from strongroom.keybroker.audit import (
     record_hash,
 )
 from strongroom.keybroker.audit_verify import verify_audit_paths
+from strongroom.keybroker.errors import AuditUnavailable
 
 from .test_audit import event, fill, lines
 from .test_audit_rotation import _CRASHES, RECORD, _rotated, _series
@@ -492,6 +494,85 @@ def test_shipping_that_goes_on_while_the_start_checks_is_retention(
         message = _tampered(log_path, key, caplog)
         assert shipped == deleted
         assert message.startswith(verdict), message
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _without_file_mode_override() -> None:
+    """Drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the calling thread's effective set
+    (``capset`` changes that thread only), so that a directory's mode refuses it as it refuses a
+    broker's user: the tests may run as root. Nothing to drop otherwise."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    data[0].effective &= ~((1 << 1) | (1 << 2))
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+@pytest.mark.parametrize("read", ["unlocked", "locked"])
+def test_a_sealed_file_the_start_cannot_look_up_refuses_it_naming_the_file_and_errno(
+    series: Path,
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    read: str,
+) -> None:
+    """Under the locks the start looks up each sealed file again (``lstat``): whether it is still
+    the one read before them (``unlocked``) or, for a file that read did not find whole, whether
+    it was shipped meanwhile (``locked``). An error other than not-found there (here EACCES: the
+    directory lost its search permission after it was listed) escaped as a bare PermissionError,
+    a traceback and no file named. It is AUDIT_UNAVAILABLE now, naming the file and the errno,
+    the start refused; nothing is changed, and the start goes on once the directory is fixed."""
+    if read == "locked":
+        monkeypatch.setattr(audit_module, "_precheck_sealed", lambda *args: {})
+    real_check = AuditLog._check_sealed_series
+
+    def unsearchable_then_checked(log: AuditLog, prechecked: object) -> None:
+        series.chmod(0o600)  # listable, but no name in it can be looked up
+        real_check(log, prechecked)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(AuditLog, "_check_sealed_series", unsearchable_then_checked)
+    before = {path.name: path.read_bytes() for path in series.iterdir()}
+    outcome: list[BaseException | None] = []
+
+    def start() -> None:
+        _without_file_mode_override()
+        try:
+            AuditLog.open(log_path, key).close()
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=start)
+    try:
+        thread.start()
+        thread.join()
+    finally:
+        series.chmod(0o700)
+    monkeypatch.undo()
+    (error,) = outcome
+    assert isinstance(error, AuditUnavailable), repr(error)
+    assert error.reason == "AUDIT_UNAVAILABLE"
+    assert error.message == (
+        f"cannot look up the audit file {series / 'audit.log.0-2'}: Permission denied (EACCES)"
+    )
+    assert {path.name: path.read_bytes() for path in series.iterdir()} == before
+    with AuditLog.open(log_path, key) as log:
+        assert log.append(event(11)).seq == 11
 
 
 def test_sealed_files_whose_first_and_last_records_are_near_the_largest_still_open(

@@ -515,3 +515,58 @@ def test_the_error_that_stops_a_service_is_its_log_s_last_line_then_the_command_
         return
     assert text[-1].startswith("strongroom: error: "), text[-3:]
     assert json.loads(text[-2]) == last
+
+
+_REFUSED_AT_ONCE = {
+    # A configuration refused before the service's log is set up, and another command's error.
+    "serve": (
+        ["serve", "keybroker", "--config", "/nonexistent/strongroom.yaml"],
+        "strongroom: error: CONFIG_INVALID: cannot read configuration "
+        "/nonexistent/strongroom.yaml: No such file or directory",
+    ),
+    "audit-verify": (
+        ["audit", "verify", "/nonexistent/audit.log"],
+        "strongroom: error: AUDIT_LOG_NOT_FOUND: no audit log at /nonexistent/audit.log",
+    ),
+}
+
+
+@pytest.mark.parametrize("fill_stderr", [True, False], ids=["stderr-full", "stderr-read"])
+@pytest.mark.parametrize("command", sorted(_REFUSED_AT_ONCE))
+def test_a_command_refused_before_any_log_exits_with_a_full_stderr(
+    command: str, fill_stderr: bool
+) -> None:
+    """A configuration refused before the service's log was set up (and any command's error)
+    was printed by the command line on ``sys.stderr``, waiting on a full pipe whose collector
+    had stopped reading: the process never ended. It is written only if stderr takes it
+    without waiting now, as the log's lines are: status 1 either way, and the line written when
+    stderr is read."""
+    args, line = _REFUSED_AT_ONCE[command]
+    read_end, write_end = os.pipe()
+    try:
+        if fill_stderr:
+            fill_pipe(f"/proc/self/fd/{write_end}")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "strongroom.cli.main", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=write_end,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        os.close(write_end)
+        write_end = -1
+        try:
+            status = process.wait(timeout=60)  # a hang, not a speed: it never ended
+        finally:
+            process.kill()
+            process.wait()
+        with os.fdopen(read_end, "rb") as reader:
+            read_end = -1
+            written = reader.read().decode().strip("x").splitlines()
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+    assert status == 1
+    assert written == ([] if fill_stderr else [line])
