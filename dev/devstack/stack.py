@@ -546,7 +546,12 @@ class DevStack:
         raise Unavailable(f"{running.name} is not serving after {timeout:.0f}s ({last})")
 
     def channel(
-        self, identity: WorkloadIdentity, service: str, *, instance: str | None = None
+        self,
+        identity: WorkloadIdentity,
+        service: str,
+        *,
+        instance: str | None = None,
+        options: Sequence[tuple[str, str | int]] = (),
     ) -> grpc.Channel:
         """An mTLS channel from ``identity`` to ``service`` (or to a named second instance) that
         checks the server presents ``service``'s SPIFFE ID."""
@@ -554,6 +559,7 @@ class DevStack:
             self.address(instance or service),
             server_name=service,
             server_id=self.spiffe_id(service),
+            options=options,
         )
 
     def log_path(self, instance: str) -> Path:

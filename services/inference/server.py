@@ -25,6 +25,7 @@ from strongroom.attesters import (
     select_attester,
 )
 from strongroom.client.cancel import CallScope, scoped_channel
+from strongroom.client.fetch import STORE_CHANNEL_OPTIONS
 from strongroom.client.keyrelease import KeyReleaseClient, PinnedChannels
 from strongroom.errors import FailedPrecondition, StrongroomError
 from strongroom.inference.autoload import ConfiguredLoads, RetrySchedule
@@ -235,7 +236,10 @@ def build(
     store_channel = traced_channel(
         scoped_channel(
             identity.channel(
-                config.model_store, server_name=config.model_store_server_name, server_id=store_id
+                config.model_store,
+                server_name=config.model_store_server_name,
+                server_id=store_id,
+                options=STORE_CHANNEL_OPTIONS,
             )
         ),
         provider,

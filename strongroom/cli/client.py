@@ -25,6 +25,7 @@ from typing import Any
 
 import grpc
 
+from strongroom.client.fetch import STORE_CHANNEL_OPTIONS
 from strongroom.client.server_evidence import ServerConnection
 from strongroom.closing import Closing
 from strongroom.pki.identity import WorkloadIdentity
@@ -111,6 +112,7 @@ class Client(Closing):
             address,
             server_name=getattr(self.config, f"{service}_server_name"),
             server_id=self.config.server_id(service),
+            options=STORE_CHANNEL_OPTIONS if service == "modelstore" else (),
         )
         self._channels.append(channel)
         return channel

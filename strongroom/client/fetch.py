@@ -100,6 +100,18 @@ __all__ = [
 DEFAULT_PARALLEL_PARTS = 4
 """Parts fetched at once: enough to overlap the network with decryption on a few cores."""
 
+STORE_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    # grpc.experimental.ChannelOptions.SingleThreadedUnaryStream (not in grpc's type stubs)
+    ("SingleThreadedUnaryStream", 1),
+)
+"""Options of a channel that downloads from the model store (:func:`grpc_source`).
+
+gRPC Python hands each message of a response stream from its channel's spin thread to the thread
+that iterates the call, a wake-up and an interpreter-lock hand-off per message; with this option
+the iterating thread polls the call's own queue. Measured on the 512 MB cold start (2 cores): 0.045
+CPU-s less in the loading process (README, "Cold start"). Such a call's ``result()`` and
+``exception()`` raise rather than wait until it has ended; nothing here asks them early."""
+
 PartSource = Callable[[str, str], Iterator[bytes | memoryview]]
 """Yields the bytes of the stored artifact ``(name, version)`` from offset 0, in pieces.
 

@@ -62,6 +62,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.artifact import DEFAULT_DECRYPT_THREADS, decrypt_download, encrypt_stream
 from strongroom.artifact._memory import Prefaulter, output_bytes
 from strongroom.attesters import SimulatedAttester, TeeType
+from strongroom.client.fetch import STORE_CHANNEL_OPTIONS
 from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.client.publish import publish_model
 from strongroom.dev.devstack import DevStack
@@ -307,7 +308,9 @@ def measure(
                 key_release._next_key.result(60)
                 loader = ModelLoader(
                     ModelRepository(),
-                    store_channel=stack.channel(identity, "modelstore"),
+                    store_channel=stack.channel(
+                        identity, "modelstore", options=STORE_CHANNEL_OPTIONS
+                    ),
                     key_release=key_release,
                     decrypt_threads=decrypt_threads,
                 )
