@@ -72,12 +72,17 @@ def append_bytes_field(head: bytes, field_number: int, data: bytes | memoryview)
 
     Protobuf parsers accept fields in any order, so appending is equivalent to setting it.
     """
-    if not 1 <= field_number < 1 << 29:
-        raise ValueError("field number out of range")
-    tag = encode_varint(field_number << 3 | _LEN)
     # nbytes, not len(): a view of another format (array('I')) has len() items, not bytes.
     size = data.nbytes if isinstance(data, memoryview) else len(data)
-    return b"".join((head, tag, encode_varint(size), data))
+    return b"".join((bytes_field_prefix(head, field_number, size), data))
+
+
+def bytes_field_prefix(head: bytes, field_number: int, size: int) -> bytes:
+    """What :func:`append_bytes_field` makes of ``head`` before a ``size``-byte field's data: the
+    caller writes the data after it (into the message's own memory, without a copy of its own)."""
+    if not 1 <= field_number < 1 << 29:
+        raise ValueError("field number out of range")
+    return b"".join((head, encode_varint(field_number << 3 | _LEN), encode_varint(size)))
 
 
 def bytes_field_view(message: bytes, field_number: int) -> memoryview:

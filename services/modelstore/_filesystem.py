@@ -51,8 +51,9 @@ from strongroom.modelstore._blobs import (
     io_error,
     pread_full,
 )
-from strongroom.modelstore._heads import head_checked, stored_header
+from strongroom.modelstore._heads import Piece, head_checked, stored_header
 from strongroom.modelstore._index import Index
+from strongroom.modelstore._ranges import Frame
 from strongroom.modelstore._upload import Authorize, Uploads, utcnow
 from strongroom.modelstore.errors import (
     KeySlotRejected,
@@ -121,34 +122,65 @@ class FileRangeReader(Closing):
 
         ``check_head`` (a range from the first byte that holds the head): nothing is yielded
         before the head has arrived and names the record's model (``_heads.head_checked``)."""
+        return self._checked(self._chunks(self._size(chunk_size)))
+
+    def chunks_into(self, chunk_size: int, frame: Frame) -> Iterator[memoryview]:
+        """:meth:`chunks`, each piece read from the file straight into ``frame(n)``."""
+        return self._checked(self._chunks_into(self._size(chunk_size), frame))
+
+    @staticmethod
+    def _size(chunk_size: int) -> int:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
-        if self._check_head:
-            return head_checked(self.record, self._chunks(chunk_size))
-        return self._chunks(chunk_size)
+        return chunk_size
+
+    def _checked(self, pieces: Iterator[Piece]) -> Iterator[Piece]:
+        return head_checked(self.record, pieces) if self._check_head else pieces
 
     def _chunks(self, chunk_size: int) -> Iterator[bytes]:
         position, end = self.offset, self.offset + self.length
         while position < end:
-            if self._fd is None:
-                raise FailedPrecondition("the reader is closed", reason=Reason.READER_CLOSED)
             try:
-                data = os.pread(self._fd, min(chunk_size, end - position), position)
+                data = os.pread(self._open_fd(), min(chunk_size, end - position), position)
             except OSError as exc:
                 raise io_error(exc, "reading an artifact") from None
             if not data:
-                log.error(
-                    "blob %s ends at %d, expected %d bytes",
-                    self.record.artifact_sha256,
-                    position,
-                    self.record.artifact_size,
-                )
-                raise StoredDataCorrupt(
-                    f"stored artifact {self.record.name} {self.record.version} is truncated",
-                    reason=Reason.BLOB_TRUNCATED,
-                )
-            position += len(data)
+                raise self._truncated(position)
+            position += len(data)  # a regular file reads short only at its end: next, none
             yield data
+
+    def _chunks_into(self, chunk_size: int, frame: Frame) -> Iterator[memoryview]:
+        position, end = self.offset, self.offset + self.length
+        while position < end:
+            size = min(chunk_size, end - position)
+            view, got = frame(size), 0
+            while got < size:
+                try:
+                    read = os.preadv(self._open_fd(), [view[got:]], position + got)
+                except OSError as exc:
+                    raise io_error(exc, "reading an artifact") from None
+                if not read:
+                    raise self._truncated(position + got)
+                got += read
+            position += size
+            yield view
+
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise FailedPrecondition("the reader is closed", reason=Reason.READER_CLOSED)
+        return self._fd
+
+    def _truncated(self, position: int) -> StoredDataCorrupt:
+        log.error(
+            "blob %s ends at %d, expected %d bytes",
+            self.record.artifact_sha256,
+            position,
+            self.record.artifact_size,
+        )
+        return StoredDataCorrupt(
+            f"stored artifact {self.record.name} {self.record.version} is truncated",
+            reason=Reason.BLOB_TRUNCATED,
+        )
 
     def close(self) -> None:
         """Releases the file (idempotent)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import TypeVar
 
 from strongroom.artifact import ArtifactHeader, InvalidArtifact, parse_header
 from strongroom.modelstore.errors import StoredDataCorrupt
@@ -72,12 +73,15 @@ def stored_header(record: ModelRecord, head: bytes | bytearray | memoryview) -> 
     return header
 
 
-def head_checked(record: ModelRecord, chunks: Iterator[bytes]) -> Iterator[bytes]:
+Piece = TypeVar("Piece", bytes, memoryview)
+
+
+def head_checked(record: ModelRecord, chunks: Iterator[Piece]) -> Iterator[Piece]:
     """``chunks``, a read of ``record``'s artifact from its first byte to at least the end of its
     head, with nothing handed out before the head has arrived and :func:`stored_header` has
     accepted it: the check costs no read of its own (a download's first chunk, 512 KiB, holds
     every head whole; a smaller chunk size holds the first few back)."""
-    held: list[bytes] = []
+    held: list[Piece] = []
     received = 0
     for data in chunks:
         held.append(data)

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from strongroom.errors import InvalidArgument
 from strongroom.modelstore.errors import OutOfRange
 from strongroom.reasons import Reason
+
+Frame = Callable[[int], memoryview]
+"""Makes room for the next ``n`` bytes of a range read: a writable view of exactly ``n`` bytes
+(``RangeReader.chunks_into``)."""
+
+
+def copied_into(chunks: Iterator[bytes], frame: Frame) -> Iterator[memoryview]:
+    """``chunks``, each copied into ``frame(n)``: ``chunks_into`` for a backend that cannot read
+    into a buffer of the caller's."""
+    for data in chunks:
+        view = frame(len(data))
+        view[:] = data
+        yield view
 
 
 def check_bounds(offset: int, length: int | None) -> None:

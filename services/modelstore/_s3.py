@@ -74,6 +74,7 @@ from strongroom.identifiers import (
 )
 from strongroom.modelstore import _keyslot, _pagetoken, _ranges
 from strongroom.modelstore._heads import head_checked, stored_header
+from strongroom.modelstore._ranges import Frame, copied_into
 from strongroom.modelstore._upload import Authorize, Uploads, utcnow
 from strongroom.modelstore.config import StorageConfig
 from strongroom.modelstore.errors import (
@@ -829,6 +830,11 @@ class S3RangeReader(Closing):
         if self._check_head:
             return head_checked(self.record, self._chunks(chunk_size))
         return self._chunks(chunk_size)
+
+    def chunks_into(self, chunk_size: int, frame: Frame) -> Iterator[memoryview]:
+        """:meth:`chunks`, each piece copied into ``frame(n)`` (a response body reads into no
+        buffer of ours)."""
+        return copied_into(self.chunks(chunk_size), frame)
 
     def _chunks(self, chunk_size: int) -> Iterator[bytes]:
         remaining = self.length

@@ -8,6 +8,7 @@ runtime's error-mapping interceptor; authorisation is the SPIFFE interceptor's j
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 
@@ -16,7 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
-from strongroom.artifact import StructureValidator
+from strongroom.artifact import StructureValidator, output_bytes
 from strongroom.artifact.format import FORMAT_V3
 from strongroom.errors import (
     REFUSAL_CALL,
@@ -54,7 +55,7 @@ from strongroom.runtime.gave_up import CallEnd, GaveUp
 from strongroom.runtime.grpc_types import HandlerCollector
 from strongroom.runtime.metrics import KEY_SLOTS_REPLACED
 from strongroom.runtime.server import MessageLimits
-from strongroom.wire import WireError, append_bytes_field, read_varint
+from strongroom.wire import WireError, bytes_field_prefix, read_varint
 
 log = logging.getLogger(__name__)
 
@@ -376,17 +377,30 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         ) as reader:
             info = model_info(reader.record)
             offset = reader.offset
-            sent_info = False
+            # Each message is made before its data is read, which the reader writes into it
+            # (one copy, from the file; appended to a serialised head it was two): made in the
+            # order the reader yields the data, and taken in that order.
+            made: deque[bytes] = deque()
+            framed = offset
+
+            def frame(size: int) -> memoryview:
+                nonlocal framed
+                head = pb.GetModelResponse(offset=framed)
+                if framed == reader.offset:  # the first message says what the model is
+                    head.model.CopyFrom(info)
+                framed += size
+                prefix = bytes_field_prefix(head.SerializeToString(), _DATA_FIELD, size)
+                message, view = output_bytes(len(prefix) + size)
+                view[: len(prefix)] = prefix
+                made.append(message)
+                return view[len(prefix) :]
+
             try:
-                for data in reader.chunks(self._download_chunk):
-                    head = pb.GetModelResponse(offset=offset)
-                    if not sent_info:
-                        head.model.CopyFrom(info)
-                        sent_info = True
-                    message = append_bytes_field(head.SerializeToString(), _DATA_FIELD, data)
+                for data in reader.chunks_into(self._download_chunk, frame):
+                    message = made.popleft()
                     offset += len(data)  # before the yield: handed to gRPC, whether or not sent
                     yield message
-                if not sent_info:
+                if offset == reader.offset:
                     yield pb.GetModelResponse(model=info, offset=offset).SerializeToString()
             except GeneratorExit:
                 # gRPC closes the stream's generator at a yield once the call has ended (its

@@ -22,6 +22,7 @@ from typing import Protocol, Self
 
 from strongroom.artifact import StructureValidator
 from strongroom.modelstore._filesystem import FileRangeReader, FilesystemStorage, SweepReport
+from strongroom.modelstore._ranges import Frame
 from strongroom.modelstore._s3 import S3RangeReader, S3Storage, S3SweepReport
 from strongroom.modelstore._upload import Authorize
 from strongroom.modelstore.config import ModelstoreConfig
@@ -75,6 +76,12 @@ class RangeReader(Protocol):
 
         Raises StoredDataCorrupt if the stored bytes turn out shorter than recorded.
         """
+        ...
+
+    def chunks_into(self, chunk_size: int, frame: Frame) -> Iterator[memoryview]:
+        """:meth:`chunks`, each piece of ``n`` bytes read into ``frame(n)`` (a writable view the
+        caller made, inside the message that will carry it) and that view yielded: a download's
+        message is built with one copy of its data where the backend can read into it."""
         ...
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ The format is described in ``strongroom/artifact/ARTIFACT_FORMAT.md``. Modules:
 * :mod:`~strongroom.artifact.pipeline` — a download decrypted as it arrives, key obtained alongside.
 """
 
-from strongroom.artifact._memory import wipe, wipe_bytes
+from strongroom.artifact._memory import output_bytes, wipe, wipe_bytes
 from strongroom.artifact.errors import ArtifactTooLarge, DecryptionFailed, InvalidArtifact
 from strongroom.artifact.format import (
     FORMAT_V1,
@@ -70,6 +70,7 @@ __all__ = [
     "decrypt_download",
     "encrypt_bytes",
     "encrypt_stream",
+    "output_bytes",
     "parse_header",
     "read_header",
     "read_summary",

@@ -63,7 +63,7 @@ from tests.modelstore.backends import (
     read_blob,
     remove_blob,
 )
-from tests.modelstore.shortreads import force_short_reads
+from tests.modelstore.shortreads import force_short_body_reads, force_short_reads
 
 
 def body(n: int, seed: int = 0) -> bytes:
@@ -1414,3 +1414,66 @@ def test_every_page_token_an_older_replica_could_accept_fits_its_length_limit() 
     longest = encode_page_token(name, name, "1" * MAX_VERSION_LENGTH)
     assert len(longest) <= OLDER_STORES_MAX_TOKEN // 2
     assert decode_page_token(longest, name) == (name, "1" * MAX_VERSION_LENGTH)
+
+
+def _framed_read(
+    storage: AnyStorage, name: str, version: str, chunk: int, **kw: int
+) -> tuple[list[bytearray], list[memoryview]]:
+    """``chunks_into`` with each frame a buffer of its own: the buffers and the views yielded."""
+    frames: list[bytearray] = []
+
+    def frame(size: int) -> memoryview:
+        frames.append(bytearray(b"\xa5" * (size + 3)))  # 3 bytes of a message's head before
+        return memoryview(frames[-1])[3:]
+
+    with storage.open(name, version, **kw) as reader:
+        return frames, list(reader.chunks_into(chunk, frame))
+
+
+@pytest.mark.parametrize("short", [False, True])
+def test_chunks_into_reads_each_piece_whole_into_its_frame(
+    storage: AnyStorage, monkeypatch: pytest.MonkeyPatch, short: bool
+) -> None:
+    """A download's messages are made before their data is read into them: each piece fills
+    its frame exactly, whole even where the file or the object's body reads short."""
+    art = make_artifact("acme/framed", "1", body(100_000, 7))
+    record = put(storage, art)
+    if short:
+        force_short_reads(monkeypatch, 1000)
+        force_short_body_reads(monkeypatch, 1000)
+    offset = record.header_size + 11  # type: ignore[attr-defined]
+    frames, pieces = _framed_read(storage, "acme/framed", "1", 7919, offset=offset)
+    assert len(frames) == len(pieces) > 1
+    for frame, piece in zip(frames, pieces, strict=True):
+        assert piece.obj is frame and piece.nbytes == len(frame) - 3
+        assert frame[:3] == b"\xa5" * 3
+    assert b"".join(pieces) == art[offset:] == read_all(storage, "acme/framed", "1", offset=offset)
+
+
+def test_chunks_into_a_blob_cut_short_while_read_yields_no_partial_piece(
+    store_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blob truncated under a framed read is DATA_LOSS BLOB_TRUNCATED at the piece it cuts:
+    that piece's frame, partly filled, is never yielded."""
+    with FilesystemStorage(store_root) as s:
+        record = put(s, make_artifact("acme/cut", "1", body(100_000, 8)))
+        digest = record.artifact_sha256  # type: ignore[attr-defined]
+        blob = store_root / "blobs" / "sha256" / digest[:2] / digest
+        force_short_reads(monkeypatch, 5000)
+        real_preadv = os.preadv
+        reads = 0
+
+        def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+            nonlocal reads
+            reads += 1
+            if reads == 4:  # inside the second piece of 8,000 bytes
+                os.truncate(blob, 9000)
+            return real_preadv(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "preadv", preadv)
+        pieces: list[memoryview] = []
+        with s.open("acme/cut", "1") as reader, pytest.raises(StoredDataCorrupt) as info:
+            for piece in reader.chunks_into(8000, lambda size: memoryview(bytearray(size))):
+                pieces.append(piece)
+        assert info.value.reason == "BLOB_TRUNCATED"
+        assert [p.nbytes for p in pieces] == [8000]
