@@ -430,8 +430,8 @@ def put_model(
     timeout: float,
 ) -> store_pb.PutModelResponse:
     """Streams ``requests`` to ``PutModel`` over ``store``; a failure while producing them (the
-    plaintext file unreadable, or changing size under the encryptor: PLAINTEXT_SIZE_MISMATCH) is
-    raised as it is.
+    plaintext file unreadable, or changing size under the encryptor: PLAINTEXT_SIZE_MISMATCH; a
+    ``KeyboardInterrupt`` a progress callback raised) is raised as it is.
 
     gRPC answers an exception raised by a request iterator with UNKNOWN "Exception iterating
     requests!" and logs its traceback, which hid the cause from the publisher and put a traceback
@@ -444,7 +444,7 @@ def put_model(
     otherwise the publish fails with DATA_LOSS (STORE_ANSWER_MISMATCH) rather than report a model
     the store did not record as sent.
     """
-    failure: list[Exception] = []
+    failure: list[BaseException] = []
     sent = [0]
 
     def guarded() -> Iterator[UploadMessage]:
@@ -457,7 +457,11 @@ def put_model(
                     view = _byte_view(request)  # counted and framed in bytes
                     sent[0] += len(view)
                     yield view
-        except Exception as exc:
+        except BaseException as exc:
+            # BaseException too: this runs on gRPC's thread feeding the call, which keeps an
+            # Exception only. A KeyboardInterrupt or SystemExit (a caller's progress callback
+            # ending its work) ended that thread without ending the request stream, and the
+            # call then waited for its deadline (an hour) before failing DEADLINE_EXCEEDED.
             failure.append(exc)
 
     upload = store.stream_unary(

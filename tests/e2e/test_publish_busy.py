@@ -1338,3 +1338,63 @@ def test_the_look_for_parts_left_ends_within_its_bound(
     assert "nothing was published, no data key asked for" in message
     assert (broker.methods, uploads.outcomes) == ([], [])
     assert stats.methods.count("StatModel") < 13  # stopped before looking at every part
+
+
+def _interrupt_past(first: int) -> Callable[[int, int], None]:
+    """A progress callback that raises KeyboardInterrupt once reading has gone past ``first``
+    bytes (a library caller's Ctrl-C check, or one ending its work with a BaseException)."""
+
+    def progress(done: int, _total: int) -> None:
+        if done > first:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+def test_an_interrupt_raised_by_the_progress_callback_ends_the_publish(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The progress callback runs on gRPC's thread feeding the upload; put_model's guard kept
+    an Exception only, so a KeyboardInterrupt ended that thread without ending the upload, and
+    the publish waited for the call's deadline (an hour by default) and then reported the
+    DEADLINE_EXCEEDED of an outage. Now the interrupt is raised as it came, with its note."""
+    shards = _shards(tmp_path / "shards", 3)
+    with pytest.raises(KeyboardInterrupt) as info:
+        _publish(
+            stack,
+            publisher,
+            shards,
+            "busy/progress-interrupt",
+            stack.channel(publisher, "modelstore"),
+            progress=_interrupt_past(shards[0].stat().st_size),
+            timeout=20,
+        )
+    (note,) = info.value.__notes__
+    assert note.startswith("interrupted: busy/progress-interrupt/1 was not published; ")
+    assert "2 part(s) whose upload had begun may be stored (1+part.0, 1+part.1;" in note
+    # The second part's upload ended short of its last chunk: not stored.
+    assert _records(stack, "busy/progress-interrupt") == [("busy/progress-interrupt", "1+part.0")]
+    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
+    admin.DeleteModel(
+        store_pb.DeleteModelRequest(name="busy/progress-interrupt", version="1+part.0")
+    )
+
+
+def test_an_interrupt_raised_by_a_single_publish_s_progress_callback_ends_it(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """publish_model's progress runs on gRPC's thread too: the same hang, the same end."""
+    model = tmp_path / "model.bin"
+    model.write_bytes(os.urandom(3 * 1024 * 1024))
+    with pytest.raises(KeyboardInterrupt):
+        publish_model(
+            model,
+            name="busy/single-interrupt",
+            version="1",
+            key_id=KEY_ID,
+            broker=stack.channel(publisher, "keybroker"),
+            store=stack.channel(publisher, "modelstore"),
+            progress=_interrupt_past(1024 * 1024),
+            timeout=20,
+        )
+    assert _records(stack, "busy/single-interrupt") == []
