@@ -1398,3 +1398,84 @@ def test_an_interrupt_raised_by_a_single_publish_s_progress_callback_ends_it(
             timeout=20,
         )
     assert _records(stack, "busy/single-interrupt") == []
+
+
+def test_a_single_publish_the_store_went_away_under_is_the_multi_part_publisher_s_outage(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """publish_model raised an outage as the raw grpc.RpcError, where publish_parts raises the
+    domain error of remote.TRANSIENT: the same store down, two answers to catch. Now both are
+    Unavailable, the status in the message."""
+    model = tmp_path / "model.bin"
+    model.write_bytes(os.urandom(3000))
+    stops = StopStoreBefore(stack, 0)
+    try:
+        with pytest.raises(Unavailable) as info:
+            publish_model(
+                model,
+                name="busy/single-down",
+                version="1",
+                key_id=KEY_ID,
+                broker=stack.channel(publisher, "keybroker"),
+                store=grpc.intercept_channel(stack.channel(publisher, "modelstore"), stops),
+            )
+    finally:
+        if "modelstore" not in stack.services:
+            stack.start_in_process("modelstore", server=STORE_SERVER)
+    assert stops.uploads == 1
+    assert info.value.reason == "UNAVAILABLE"
+    assert info.value.message.startswith("busy/single-down/1 was not published (UNAVAILABLE: ")
+    assert isinstance(info.value.__cause__, grpc.RpcError)
+    assert _records(stack, "busy/single-down") == []
+
+
+def test_a_single_publish_out_of_time_is_deadline_exceeded(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """A single publish's upload past its deadline: DeadlineExceeded, as a part's is."""
+    model = tmp_path / "model.bin"
+    model.write_bytes(os.urandom(3 * 1024 * 1024))
+    failed = threading.Event()
+
+    def progress(done: int, _total: int) -> None:
+        if done > 1024 * 1024:
+            failed.wait(60)
+
+    try:
+        with pytest.raises(DeadlineExceeded) as info:
+            publish_model(
+                model,
+                name="busy/single-slow",
+                version="1",
+                key_id=KEY_ID,
+                broker=stack.channel(publisher, "keybroker"),
+                store=stack.channel(publisher, "modelstore"),
+                progress=progress,
+                timeout=3,
+            )
+    finally:
+        failed.set()
+    assert info.value.reason == "DEADLINE_EXCEEDED"
+    assert info.value.message.startswith(
+        "busy/single-slow/1 was not published (DEADLINE_EXCEEDED: "
+    )
+    assert _records(stack, "busy/single-slow") == []
+
+
+def test_a_single_publish_s_refusal_that_is_no_outage_is_raised_as_it_came(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """Only outages become domain errors: the broker's refusal of an unknown key stays gRPC's."""
+    model = tmp_path / "model.bin"
+    model.write_bytes(os.urandom(3000))
+    with pytest.raises(grpc.RpcError) as info:
+        publish_model(
+            model,
+            name="busy/single-refused",
+            version="1",
+            key_id="no-such-key",
+            broker=stack.channel(publisher, "keybroker"),
+            store=stack.channel(publisher, "modelstore"),
+        )
+    assert not isinstance(info.value, Unavailable)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
