@@ -1479,3 +1479,49 @@ def test_a_single_publish_s_refusal_that_is_no_outage_is_raised_as_it_came(
         )
     assert not isinstance(info.value, Unavailable)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+
+
+def test_the_command_s_look_for_parts_left_takes_its_bound_from_check_within(
+    stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README item 76 says to raise check_within for a store that needs longer than 600 s, but
+    `strongroom model publish` had no way to: a slow store's multi-part publish (it finished,
+    however slowly, before c4ededb) failed there for good. --check-within sets it; a bound no
+    look fits in shows that it reached the check."""
+    shards = _shards(tmp_path / "shards", 3)
+    config = str(stack.write_client_config("publisher"))
+    argv = ["model", "publish", *map(str, shards), "--name", "busy/cli-bound", "--version", "1"]
+    options = ["--key-id", KEY_ID, "--no-progress", "--client-config", config]
+    code = main([*argv, *options, "--check-within", "1e-9"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "strongroom: error: DEADLINE_EXCEEDED: looking for parts a failed publish" in err
+    assert "more than 1e-09 s (check_within; 0 of at least 4 looked at)" in err
+    assert _records(stack, "busy/cli-bound") == []
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_check_bound_that_is_no_positive_number_of_seconds_is_a_usage_error(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """NaN or infinity made no bound at all (every comparison with it false), 0 or less one that
+    refused every publish: refused by the command line, before anything is asked."""
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "model",
+                "publish",
+                "m.onnx",
+                "--name",
+                "m",
+                "--version",
+                "1",
+                "--key-id",
+                "k",
+                "--check-within",
+                value,
+            ]
+        )
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --check-within: {value!r} is not a positive number of seconds" in err
