@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import stat
@@ -26,7 +27,13 @@ from strongroom.client.busy import CLIENT_RETRY
 from strongroom.client.fetch import DecryptedModel, ModelFetcher
 from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.client.listing import iter_entries
-from strongroom.client.multipart import PartFile, files_parts, onnx_parts, publish_parts
+from strongroom.client.multipart import (
+    CHECK_SECONDS,
+    PartFile,
+    files_parts,
+    onnx_parts,
+    publish_parts,
+)
 from strongroom.client.publish import (
     ONNX_CONTENT_TYPE,
     Published,
@@ -65,6 +72,15 @@ def register(sub: Any) -> None:
         "--sign-key",
         type=Path,
         help="EC private key (PEM file) to sign the model with OpenSSF model-signing",
+    )
+    publish.add_argument(
+        "--check-within",
+        type=_positive_seconds,
+        default=CHECK_SECONDS,
+        metavar="SECONDS",
+        help="multi-part: how long in all the look for parts a failed publish left may take "
+        f"before any data key is asked for (default {CHECK_SECONDS:g}; raise it for a slow store "
+        "and thousands of parts)",
     )
     publish.set_defaults(func=_publish)
 
@@ -189,6 +205,18 @@ def _plan(paths: list[Path]) -> tuple[list[PartFile], ManifestLayout] | None:
     return parts, ManifestLayout.FILES
 
 
+def _positive_seconds(text: str) -> float:
+    """A number of seconds above 0 and finite: NaN or infinity would make no bound at all (every
+    comparison with it false), 0 or less one that refuses every publish."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return seconds
+
+
 def _publish(args: argparse.Namespace) -> int:
     plan = _plan(args.file)
     if plan is not None and args.sign_key is not None:
@@ -210,6 +238,7 @@ def _publish(args: argparse.Namespace) -> int:
                     store=client.channel("modelstore"),
                     layout=layout,
                     progress=bar,
+                    check_within=args.check_within,
                 )
             except KeyboardInterrupt as interrupt:
                 # Ctrl-C ends the command (status 130) at once; what it may have left in the

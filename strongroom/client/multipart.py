@@ -53,7 +53,7 @@ from strongroom.client.publish import (
     put_model,
     upload_pieces,
 )
-from strongroom.client.remote import outage_error, refusal_text
+from strongroom.client.remote import outage_error, outages_raised_as_errors, refusal_text
 from strongroom.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -305,7 +305,9 @@ def publish_parts(
     )
     stub = store_grpc.ModelStoreServiceStub(store)
     broker_stub = kb_grpc.KeyBrokerServiceStub(broker)
-    try:
+    # An outage is the same domain error here as after parts were stored: it surfaced as a raw
+    # grpc.RpcError here (and when no part was left), as Unavailable there.
+    with outages_raised_as_errors(f"{name}/{version} was not published"):
         _check_version_free(stub, name, version, len(parts), retry, within=check_within)
         generated = retrying_busy(
             lambda: broker_stub.GenerateDataKey(
@@ -315,13 +317,6 @@ def publish_parts(
             retry,
             what=f"a data key for {name}/{version}",
         )
-    except grpc.RpcError as exc:
-        # An outage is the same domain error here as after parts were stored: it surfaced as a
-        # raw grpc.RpcError here (and when no part was left), as Unavailable there.
-        outage = outage_error(exc, f"{name}/{version} was not published")
-        if outage is None:
-            raise
-        raise outage from exc
     check_generated(generated, name, version)
     # As publish_model does, before the key is copied out: the key slots must name the mechanism
     # the broker wrapped with (one a header cannot carry ends the publish), never a default that

@@ -29,6 +29,7 @@ from strongroom.artifact.format import DEK_SIZE, DIGEST_SIZE
 from strongroom.artifact.manifest import header_digest
 from strongroom.client.busy import CLIENT_RETRY, BusyRetry, retrying_busy
 from strongroom.client.mechanisms import header_mechanism
+from strongroom.client.remote import outages_raised_as_errors
 from strongroom.client.signing import BUNDLE_MEDIA_TYPE, sign_model, signed_digest
 from strongroom.errors import DataLoss, FailedPrecondition
 from strongroom.identifiers import MAX_KEY_VERSION
@@ -82,7 +83,10 @@ def publish_model(
     A try the broker or the store refuses as busy (:data:`~strongroom.client.busy.BUSY_REFUSALS`)
     is made again as ``retry`` says, from a fresh data key (one more GenerateDataKey, audited),
     the file read again through a handle of its own: such a refusal comes before anything is
-    generated or stored. Any other failure ends it.
+    generated or stored. Any other failure ends it: an outage
+    (:data:`~strongroom.client.remote.TRANSIENT`, the broker or the store down, draining or out
+    of time) as ``Unavailable`` or ``DeadlineExceeded``, its status in the message, as
+    ``publish_parts`` raises it; any other refusal as it came (``grpc.RpcError``).
     """
     started = time.perf_counter()
     # The file first: a publish that cannot read it asks the broker for no data key (each one is
@@ -116,7 +120,10 @@ def publish_model(
                 created_at=created_at,
             )
 
-    response, header = retrying_busy(attempt, retry, what=f"publishing {name}/{version}")
+    # The multi-part publisher's rule (remote.TRANSIENT): an outage raised the raw grpc.RpcError
+    # here, Unavailable or DeadlineExceeded there.
+    with outages_raised_as_errors(f"{name}/{version} was not published"):
+        response, header = retrying_busy(attempt, retry, what=f"publishing {name}/{version}")
     return Published(response.model, time.perf_counter() - started, header_digest(header).hex())
 
 
@@ -430,8 +437,8 @@ def put_model(
     timeout: float,
 ) -> store_pb.PutModelResponse:
     """Streams ``requests`` to ``PutModel`` over ``store``; a failure while producing them (the
-    plaintext file unreadable, or changing size under the encryptor: PLAINTEXT_SIZE_MISMATCH) is
-    raised as it is.
+    plaintext file unreadable, or changing size under the encryptor: PLAINTEXT_SIZE_MISMATCH; a
+    ``KeyboardInterrupt`` a progress callback raised) is raised as it is.
 
     gRPC answers an exception raised by a request iterator with UNKNOWN "Exception iterating
     requests!" and logs its traceback, which hid the cause from the publisher and put a traceback
@@ -444,7 +451,7 @@ def put_model(
     otherwise the publish fails with DATA_LOSS (STORE_ANSWER_MISMATCH) rather than report a model
     the store did not record as sent.
     """
-    failure: list[Exception] = []
+    failure: list[BaseException] = []
     sent = [0]
 
     def guarded() -> Iterator[UploadMessage]:
@@ -457,7 +464,11 @@ def put_model(
                     view = _byte_view(request)  # counted and framed in bytes
                     sent[0] += len(view)
                     yield view
-        except Exception as exc:
+        except BaseException as exc:
+            # BaseException too: this runs on gRPC's thread feeding the call, which keeps an
+            # Exception only. A KeyboardInterrupt or SystemExit (a caller's progress callback
+            # ending its work) ended that thread without ending the request stream, and the
+            # call then waited for its deadline (an hour) before failing DEADLINE_EXCEEDED.
             failure.append(exc)
 
     upload = store.stream_unary(

@@ -15,7 +15,8 @@ than a refusal, which the publisher follows too) become ``Unavailable``; any oth
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from types import MappingProxyType
 from typing import Literal
 
@@ -115,6 +116,20 @@ def outage_error(exc: grpc.RpcError, what: str) -> StrongroomError | None:
     if cls is None:
         return None
     return cls(f"{what} ({refusal_text(exc)})", reason=catalogued_reason(exc))
+
+
+@contextmanager
+def outages_raised_as_errors(what: str) -> Iterator[None]:
+    """Raises a ``grpc.RpcError`` of an outage from the block as :func:`outage_error` makes it
+    (``what``, then the status: ``Unavailable``, ``DeadlineExceeded``); any other is raised as
+    it came. The publishers' one rule, single and multi-part alike."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        error = outage_error(exc, what)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def refusal_text(exc: grpc.RpcError) -> str:

@@ -1338,3 +1338,190 @@ def test_the_look_for_parts_left_ends_within_its_bound(
     assert "nothing was published, no data key asked for" in message
     assert (broker.methods, uploads.outcomes) == ([], [])
     assert stats.methods.count("StatModel") < 13  # stopped before looking at every part
+
+
+def _interrupt_past(first: int) -> Callable[[int, int], None]:
+    """A progress callback that raises KeyboardInterrupt once reading has gone past ``first``
+    bytes (a library caller's Ctrl-C check, or one ending its work with a BaseException)."""
+
+    def progress(done: int, _total: int) -> None:
+        if done > first:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+def test_an_interrupt_raised_by_the_progress_callback_ends_the_publish(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The progress callback runs on gRPC's thread feeding the upload; put_model's guard kept
+    an Exception only, so a KeyboardInterrupt ended that thread without ending the upload, and
+    the publish waited for the call's deadline (an hour by default) and then reported the
+    DEADLINE_EXCEEDED of an outage. Now the interrupt is raised as it came, with its note."""
+    shards = _shards(tmp_path / "shards", 3)
+    with pytest.raises(KeyboardInterrupt) as info:
+        _publish(
+            stack,
+            publisher,
+            shards,
+            "busy/progress-interrupt",
+            stack.channel(publisher, "modelstore"),
+            progress=_interrupt_past(shards[0].stat().st_size),
+            timeout=20,
+        )
+    (note,) = info.value.__notes__
+    assert note.startswith("interrupted: busy/progress-interrupt/1 was not published; ")
+    assert "2 part(s) whose upload had begun may be stored (1+part.0, 1+part.1;" in note
+    # The second part's upload ended short of its last chunk: not stored.
+    assert _records(stack, "busy/progress-interrupt") == [("busy/progress-interrupt", "1+part.0")]
+    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
+    admin.DeleteModel(
+        store_pb.DeleteModelRequest(name="busy/progress-interrupt", version="1+part.0")
+    )
+
+
+def test_an_interrupt_raised_by_a_single_publish_s_progress_callback_ends_it(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """publish_model's progress runs on gRPC's thread too: the same hang, the same end."""
+    model = tmp_path / "model.bin"
+    model.write_bytes(os.urandom(3 * 1024 * 1024))
+    with pytest.raises(KeyboardInterrupt):
+        publish_model(
+            model,
+            name="busy/single-interrupt",
+            version="1",
+            key_id=KEY_ID,
+            broker=stack.channel(publisher, "keybroker"),
+            store=stack.channel(publisher, "modelstore"),
+            progress=_interrupt_past(1024 * 1024),
+            timeout=20,
+        )
+    assert _records(stack, "busy/single-interrupt") == []
+
+
+def test_a_single_publish_the_store_went_away_under_is_the_multi_part_publisher_s_outage(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """publish_model raised an outage as the raw grpc.RpcError, where publish_parts raises the
+    domain error of remote.TRANSIENT: the same store down, two answers to catch. Now both are
+    Unavailable, the status in the message."""
+    model = tmp_path / "model.bin"
+    model.write_bytes(os.urandom(3000))
+    stops = StopStoreBefore(stack, 0)
+    try:
+        with pytest.raises(Unavailable) as info:
+            publish_model(
+                model,
+                name="busy/single-down",
+                version="1",
+                key_id=KEY_ID,
+                broker=stack.channel(publisher, "keybroker"),
+                store=grpc.intercept_channel(stack.channel(publisher, "modelstore"), stops),
+            )
+    finally:
+        if "modelstore" not in stack.services:
+            stack.start_in_process("modelstore", server=STORE_SERVER)
+    assert stops.uploads == 1
+    assert info.value.reason == "UNAVAILABLE"
+    assert info.value.message.startswith("busy/single-down/1 was not published (UNAVAILABLE: ")
+    assert isinstance(info.value.__cause__, grpc.RpcError)
+    assert _records(stack, "busy/single-down") == []
+
+
+def test_a_single_publish_out_of_time_is_deadline_exceeded(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """A single publish's upload past its deadline: DeadlineExceeded, as a part's is."""
+    model = tmp_path / "model.bin"
+    model.write_bytes(os.urandom(3 * 1024 * 1024))
+    failed = threading.Event()
+
+    def progress(done: int, _total: int) -> None:
+        if done > 1024 * 1024:
+            failed.wait(60)
+
+    try:
+        with pytest.raises(DeadlineExceeded) as info:
+            publish_model(
+                model,
+                name="busy/single-slow",
+                version="1",
+                key_id=KEY_ID,
+                broker=stack.channel(publisher, "keybroker"),
+                store=stack.channel(publisher, "modelstore"),
+                progress=progress,
+                timeout=3,
+            )
+    finally:
+        failed.set()
+    assert info.value.reason == "DEADLINE_EXCEEDED"
+    assert info.value.message.startswith(
+        "busy/single-slow/1 was not published (DEADLINE_EXCEEDED: "
+    )
+    assert _records(stack, "busy/single-slow") == []
+
+
+def test_a_single_publish_s_refusal_that_is_no_outage_is_raised_as_it_came(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """Only outages become domain errors: the broker's refusal of an unknown key stays gRPC's."""
+    model = tmp_path / "model.bin"
+    model.write_bytes(os.urandom(3000))
+    with pytest.raises(grpc.RpcError) as info:
+        publish_model(
+            model,
+            name="busy/single-refused",
+            version="1",
+            key_id="no-such-key",
+            broker=stack.channel(publisher, "keybroker"),
+            store=stack.channel(publisher, "modelstore"),
+        )
+    assert not isinstance(info.value, Unavailable)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+
+
+def test_the_command_s_look_for_parts_left_takes_its_bound_from_check_within(
+    stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README item 76 says to raise check_within for a store that needs longer than 600 s, but
+    `strongroom model publish` had no way to: a slow store's multi-part publish (it finished,
+    however slowly, before c4ededb) failed there for good. --check-within sets it; a bound no
+    look fits in shows that it reached the check."""
+    shards = _shards(tmp_path / "shards", 3)
+    config = str(stack.write_client_config("publisher"))
+    argv = ["model", "publish", *map(str, shards), "--name", "busy/cli-bound", "--version", "1"]
+    options = ["--key-id", KEY_ID, "--no-progress", "--client-config", config]
+    code = main([*argv, *options, "--check-within", "1e-9"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "strongroom: error: DEADLINE_EXCEEDED: looking for parts a failed publish" in err
+    assert "more than 1e-09 s (check_within; 0 of at least 4 looked at)" in err
+    assert _records(stack, "busy/cli-bound") == []
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_check_bound_that_is_no_positive_number_of_seconds_is_a_usage_error(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """NaN or infinity made no bound at all (every comparison with it false), 0 or less one that
+    refused every publish: refused by the command line, before anything is asked."""
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "model",
+                "publish",
+                "m.onnx",
+                "--name",
+                "m",
+                "--version",
+                "1",
+                "--key-id",
+                "k",
+                "--check-within",
+                value,
+            ]
+        )
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --check-within: {value!r} is not a positive number of seconds" in err
