@@ -162,14 +162,15 @@ def _print_error(line: str) -> None:
     <strongroom.runtime.log_writer.ServiceLog.say>`), after its lines: the log has said why the
     service stopped. Before its log is configured (a configuration refused: ``CONFIG_INVALID``)
     and in any other command, written at once or not at all (:func:`~strongroom.runtime.
-    log_writer.write_at_once`), as the log's own lines are."""
+    log_writer.write_at_once`), as the log's own lines are: whole to a terminal or a file, cut to
+    what a pipe takes at once when longer (dropped, it left a failed command without a word)."""
     from strongroom.runtime.log_writer import ServiceLog, write_at_once
 
     for handler in logging.getLogger().handlers:
         if isinstance(handler, ServiceLog) and handler.stream is sys.stderr:
             handler.say(line)
             return
-    write_at_once(sys.stderr, line)
+    write_at_once(sys.stderr, line, cut_to_fit=True)
 
 
 if __name__ == "__main__":
