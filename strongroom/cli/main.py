@@ -15,11 +15,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
 import grpc
 
 from strongroom.cli._text import printable
 from strongroom.errors import StrongroomError
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 # ONNX Runtime's Linux wheel records telemetry unless this is set before it is first imported.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -53,10 +57,26 @@ COMMANDS = {
 PLUGIN_GROUP = "strongroom.cli"
 
 
+class _Parser(argparse.ArgumentParser):
+    """The command line's parser: what it says on stderr (a usage error's usage and ``strongroom:
+    error:`` line, exit 2) is written only if stderr takes it at once, as the command's own error
+    line is (:func:`_print_error`). Printed, it waited for good on a full pipe whose collector
+    had stopped reading (a service started with an argument its version does not know), and the
+    process never ended. Help and the version go to stdout, written whole."""
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        if message and (file is None or file is sys.stderr):
+            from strongroom.runtime.log_writer import write_at_once
+
+            write_at_once(sys.stderr, message.removesuffix("\n"), cut_to_fit=True)
+            return
+        super()._print_message(message, file)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Builds the argument parser with every area's subcommands and those of installed plugins;
     given one of :data:`COMMANDS`, with only the subcommands of the module that registers it."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="strongroom",
         description="Strongroom: keep AI models confidential at rest, in transit and in use.",
     )

@@ -634,3 +634,43 @@ def test_a_long_error_line_to_a_pipe_is_cut_to_what_it_takes_at_once() -> None:
     assert cut and _LONG_ERROR.startswith(head) and _LONG_ERROR.endswith(tail), line
     assert len(head) + int(left_out) + len(tail) == len(_LONG_ERROR)
     assert tail.endswith("/audit.log: File name too long")
+
+
+@pytest.mark.parametrize("fill_stderr", [True, False], ids=["stderr-full", "stderr-read"])
+def test_a_usage_error_exits_with_a_full_stderr(fill_stderr: bool) -> None:
+    """argparse printed a usage error (a service started with an argument its version does not
+    know) on ``sys.stderr``, waiting on a full pipe whose collector had stopped reading: the
+    process never ended. Written only if stderr takes it at once now, as the command line's
+    own error line is: status 2 either way, usage and error written when stderr is read."""
+    read_end, write_end = os.pipe()
+    try:
+        if fill_stderr:
+            fill_pipe(f"/proc/self/fd/{write_end}")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "strongroom.cli.main", "serve", "keybroker", "--bogus"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=write_end,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        os.close(write_end)
+        write_end = -1
+        try:
+            status = process.wait(timeout=60)  # a hang, not a speed: it never ended
+        finally:
+            process.kill()
+            process.wait()
+        with os.fdopen(read_end, "rb") as reader:
+            read_end = -1
+            written = reader.read().decode().strip("x").splitlines()
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+    assert status == 2
+    if fill_stderr:
+        assert written == []
+    else:
+        assert written[0].startswith("usage: strongroom "), written
+        assert written[-1] == "strongroom: error: unrecognized arguments: --bogus", written
