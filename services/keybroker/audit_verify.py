@@ -11,6 +11,7 @@ import binascii
 import collections
 import contextlib
 import dataclasses
+import errno
 import io
 import itertools
 import os
@@ -282,20 +283,28 @@ def _cut_note(path: Path, sealed: Path) -> str:
 
 
 def _waited_for_rotation(path: Path) -> bool:
-    """Waits until no rotation holds the directory of ``path``; False if it cannot be locked."""
+    """Waits until no rotation holds the directory of ``path``; False if there is none."""
     return _waited_for_directory(path.parent)
 
 
 def _waited_for_directory(directory: Path) -> bool:
     """Waits until no rotation holds ``directory`` (a shared ``flock``, held by nothing else:
-    nothing waits for it in turn); False if it cannot be opened. ``AuditUnavailable`` when another
-    process holds it past :data:`~strongroom.keybroker.audit.DIR_LOCK_WAIT_SECONDS` (anyone who
-    can open the directory can hold it for ever) or ``flock`` fails on it (:func:`_shared_lock`):
-    what the files would say then is not known."""
+    nothing waits for it in turn); False if there is no such directory (nothing in it rotates).
+    ``AuditUnavailable`` when another process holds it past
+    :data:`~strongroom.keybroker.audit.DIR_LOCK_WAIT_SECONDS` (anyone who can open the directory
+    can hold it for ever), ``flock`` fails on it (:func:`_shared_lock`), or it cannot be opened
+    (EACCES: searchable, so its files are read, but not readable; EMFILE): what the files would
+    say then is not known. A directory that could not be opened skipped the wait, and the verdict
+    was given as if no rotation could be under way."""
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
+    except OSError as exc:
+        code = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
+        raise AuditUnavailable(
+            f"cannot open the audit directory {directory}: {exc.strerror or exc} ({code})"
+        ) from None
     try:
         # In the kernel's queue (BoundedFlock): a rotation that queued after it does not starve it.
         with _shared_lock(

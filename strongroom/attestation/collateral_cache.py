@@ -221,7 +221,8 @@ class CollateralCache:
         self._unlocked = False
         # Why the last reload read without the lock, as logged (None: it had the lock). A file
         # system whose flock always fails logged the same ERROR at every reload (every check,
-        # 2 s by default): logged once now, and again only when that changes.
+        # 2 s by default): logged once now, and again only when that changes. A held lock is
+        # logged at each reload: each waited LOCK_WAIT_SECONDS inside a release.
         self._lock_trouble: str | None = None
         if writable:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -242,8 +243,9 @@ class CollateralCache:
         lock file, and the next check reloads again: a holder that is no writer keeps every
         writer out, so the files are one write's; what a writer stuck in a write left
         half-replaced fails its checks and is refused as an unreadable file is
-        (COLLATERAL_MISSING naming it), never trusted. Logged at ERROR once, not at every
-        reload, and again when why changes; the lock working again is logged at INFO."""
+        (COLLATERAL_MISSING naming it), never trusted. Logged at ERROR: each reload that waited
+        out a held lock (it held the release that checked), a ``flock`` that fails (no wait) once
+        and again when why changes; the lock working again is logged at INFO."""
         lock_path = self.directory / ".lock"
         try:
             lock = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -260,15 +262,18 @@ class CollateralCache:
                     log.info("the collateral cache's lock file %s locks again", lock_path)
                 return
             except LockHeld:
-                why = _lock_held(lock_path, waited)
+                # Each such reload held the release that checked for the whole wait: logged
+                # each time, the line that ties that wait to its cause.
+                self._lock_trouble_is(why := _lock_held(lock_path, waited))
+                log.error("%s; reading the collateral cache without it", why)
             except LockFailed as exc:
                 why = f"cannot lock the collateral cache's lock file {lock_path}: {exc}"
-            if self._lock_trouble_is(why):
-                log.error(
-                    "%s; reading the collateral cache without it at each check until it locks "
-                    "(not logged again unless that changes)",
-                    why,
-                )
+                if self._lock_trouble_is(why):
+                    log.error(
+                        "%s; reading the collateral cache without it at each check until it "
+                        "locks (not logged again unless that changes)",
+                        why,
+                    )
             self._read_all()
             self._unlocked = True
         finally:

@@ -15,11 +15,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
 import grpc
 
 from strongroom.cli._text import printable
 from strongroom.errors import StrongroomError
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 # ONNX Runtime's Linux wheel records telemetry unless this is set before it is first imported.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -53,10 +57,26 @@ COMMANDS = {
 PLUGIN_GROUP = "strongroom.cli"
 
 
+class _Parser(argparse.ArgumentParser):
+    """The command line's parser: what it says on stderr (a usage error's usage and ``strongroom:
+    error:`` line, exit 2) is written only if stderr takes it at once, as the command's own error
+    line is (:func:`_print_error`). Printed, it waited for good on a full pipe whose collector
+    had stopped reading (a service started with an argument its version does not know), and the
+    process never ended. Help and the version go to stdout, written whole."""
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        if message and (file is None or file is sys.stderr):
+            from strongroom.runtime.log_writer import write_at_once
+
+            write_at_once(sys.stderr, message.removesuffix("\n"), cut_to_fit=True)
+            return
+        super()._print_message(message, file)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Builds the argument parser with every area's subcommands and those of installed plugins;
     given one of :data:`COMMANDS`, with only the subcommands of the module that registers it."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="strongroom",
         description="Strongroom: keep AI models confidential at rest, in transit and in use.",
     )
@@ -162,14 +182,15 @@ def _print_error(line: str) -> None:
     <strongroom.runtime.log_writer.ServiceLog.say>`), after its lines: the log has said why the
     service stopped. Before its log is configured (a configuration refused: ``CONFIG_INVALID``)
     and in any other command, written at once or not at all (:func:`~strongroom.runtime.
-    log_writer.write_at_once`), as the log's own lines are."""
+    log_writer.write_at_once`), as the log's own lines are: whole to a terminal or a file, cut to
+    what a pipe takes at once when longer (dropped, it left a failed command without a word)."""
     from strongroom.runtime.log_writer import ServiceLog, write_at_once
 
     for handler in logging.getLogger().handlers:
         if isinstance(handler, ServiceLog) and handler.stream is sys.stderr:
             handler.say(line)
             return
-    write_at_once(sys.stderr, line)
+    write_at_once(sys.stderr, line, cut_to_fit=True)
 
 
 if __name__ == "__main__":

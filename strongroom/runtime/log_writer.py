@@ -376,18 +376,22 @@ class ServiceLog(logging.Handler):
         self._state.wait(seconds)
 
 
-def write_at_once(stream: Any, line: str) -> None:
+def write_at_once(stream: Any, line: str, *, cut_to_fit: bool = False) -> None:
     """Writes ``line`` and a newline to ``stream`` if it takes them without waiting, else
     nothing: for what a process says as it ends (a line logged after the log's close, the
     command line's ``strongroom: error:`` line), which waited for good on a full pipe whose
     collector had stopped reading, and the process never ended.
 
     A buffer (no descriptor: a test's capture) is written. A regular file never makes a write
-    wait: written whatever its length. Anything else must poll writable, which on a pipe means
-    PIPE_BUF bytes fit: a longer line is dropped (its write waited for the rest), and a pipe is
-    written through a non-blocking description of its own (:func:`_non_blocking_twin`), so that
-    another writer filling it after the look (gRPC's C core writes to fd 2 too) refuses the line
-    rather than holding the write. A closed or broken destination gets nothing either."""
+    wait: written whatever its length. A terminal is a person's, not a collector that stopped
+    reading: written whole, waiting as any program's output does (a line longer than PIPE_BUF
+    was dropped, and with it the only word of why the command failed). Anything else must poll
+    writable, which on a pipe means PIPE_BUF bytes fit: a longer line is dropped (its write
+    waited for the rest), or with ``cut_to_fit`` (a line that is no log record, which no parser
+    reads) cut to PIPE_BUF bytes, its middle left out; and a pipe is written through
+    a non-blocking description of its own (:func:`_non_blocking_twin`), so that another writer
+    filling it after the look (gRPC's C core writes to fd 2 too) refuses the line rather than
+    holding the write. A closed or broken destination gets nothing either."""
     if getattr(stream, "closed", False):
         return  # its descriptor's number may be another file's by now
     fd = _file_descriptor(stream)
@@ -398,8 +402,15 @@ def write_at_once(stream: Any, line: str) -> None:
         return
     data = _encoded(stream, line + "\n")
     with contextlib.suppress(OSError):  # BlockingIOError: filled after the look; EPIPE, EBADF
+        if os.isatty(fd):
+            _write_waiting(fd, data)
+            return
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            if len(data) > select.PIPE_BUF or not _polls_writable(fd):
+            if len(data) > select.PIPE_BUF:
+                if not cut_to_fit:
+                    return
+                data = _cut(stream, line, select.PIPE_BUF)
+            if not _polls_writable(fd):
                 return
             twin = _non_blocking_twin(fd)
             if twin is not None:
@@ -409,6 +420,24 @@ def write_at_once(stream: Any, line: str) -> None:
                     os.close(twin)
                 return
         _write_all(fd, data)
+
+
+def _cut(stream: Any, line: str, limit: int) -> bytes:
+    """``line`` and its newline in ``stream``'s encoding, at most ``limit`` bytes: its middle
+    left out, and said so, when longer (no character split). Both ends are kept: an error's
+    reason comes first (``REASON: ...``) and a file's error last (``PATH: No such file``)."""
+    data = _encoded(stream, line)
+    room = limit - len(" ... (999999999999 bytes left out) ...\n")
+    encoding = _encoding(stream)
+    head = _encoded(stream, data[: room // 2].decode(encoding, "ignore"))
+    tail = _encoded(stream, data[len(data) - (room - room // 2) :].decode(encoding, "ignore"))
+    left_out = len(data) - len(head) - len(tail)
+    return (
+        head
+        + _encoded(stream, f" ... ({left_out} bytes left out) ...")
+        + tail
+        + _encoded(stream, "\n")
+    )
 
 
 def _polls_writable(fd: int) -> bool:
@@ -453,10 +482,11 @@ def _non_blocking_twin(fd: int | None) -> int | None:
 
 def _encoded(stream: Any, text: str) -> bytes:
     """``text`` in ``stream``'s encoding (with its error handler), as the stream would write it."""
-    return text.encode(
-        getattr(stream, "encoding", None) or "utf-8",
-        getattr(stream, "errors", None) or "backslashreplace",
-    )
+    return text.encode(_encoding(stream), getattr(stream, "errors", None) or "backslashreplace")
+
+
+def _encoding(stream: Any) -> str:
+    return getattr(stream, "encoding", None) or "utf-8"
 
 
 def _write_all(fd: int, data: bytes) -> None:

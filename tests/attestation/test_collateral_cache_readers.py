@@ -146,6 +146,37 @@ def test_a_reload_does_not_wait_for_ever_for_a_held_lock(
     assert len(reads) == 1
 
 
+def test_each_reload_that_waited_out_a_held_lock_is_logged(
+    authority: SimulatedAuthority,
+    sim_trust: TrustStore,
+    now: dt.datetime,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A reload whose lock another process holds waits LOCK_WAIT_SECONDS (5 s) first, inside
+    the release that checked, and does so again at each check while the holder holds it. The
+    ERROR saying so was made once-only with a flock that fails (569a276), which costs no wait:
+    a lock held for good then stalled a release every reload without a word after the first.
+    Each reload that waited is logged (a flock that fails, once)."""
+    monkeypatch.setattr(collateral_cache, "LOCK_WAIT_SECONDS", 0.2)
+    _, fmspc = _cached(authority, sim_trust, now, tmp_path)
+    lock = tmp_path / ".lock"
+    with _held(lock):
+        replica = _within_test_wait(
+            lambda: CollateralCache(tmp_path, sim_trust, writable=False, reload_interval=0)
+        )
+        for _ in range(2):
+            _within_test_wait(lambda: replica.tdx_tcb_info(fmspc))
+    errors = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == collateral_cache.__name__ and r.levelno == logging.ERROR
+    ]
+    assert len(errors) == 3, errors
+    assert all(f"{lock} is locked by another process" in m for m in errors), errors
+
+
 def test_a_reload_whose_lock_fails_is_logged_and_made_again(
     authority: SimulatedAuthority,
     sim_trust: TrustStore,

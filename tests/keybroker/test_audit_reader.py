@@ -21,6 +21,8 @@ from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision, head_path
 from strongroom.keybroker.audit_verify import verify_audit_log, verify_audit_paths
 from strongroom.keybroker.errors import AuditUnavailable
 
+from .test_audit_start import _without_file_mode_override
+
 
 def test_a_read_waits_for_the_brokers_write_in_progress(tmp_path: Path) -> None:
     """Tests polling the log while the broker wrote it read it plainly, and one read racing a
@@ -159,5 +161,45 @@ def test_audit_verify_whose_lock_fails_on_the_log_or_its_directory_is_refused_al
     )
     assert info.value.message == f"cannot lock {what}: flock failed: {os.strerror(errno.ENOLCK)}"
     monkeypatch.undo()
+    verdict = verify_audit_log(log_path, public_key=key.public_key())
+    assert (verdict.intact, verdict.problem) == (False, "HEAD_MISSING")
+
+
+@pytest.mark.parametrize("reader", ["verify_audit_log", "verify_audit_paths"])
+def test_audit_verify_that_cannot_open_the_log_s_directory_is_refused_not_judged(
+    log_path: Path, key: Ed25519PrivateKey, reader: str
+) -> None:
+    """A log that does not verify is judged again after any rotation of its directory is waited
+    out (its shared flock). A directory that could not be opened for that wait (here EACCES: it
+    can be searched, so its files are read, not read itself) skipped the wait, and the verdict
+    was given as if no rotation could be under way, where a directory whose flock fails is
+    refused. Refused alike now: AUDIT_UNAVAILABLE naming the directory and the errno."""
+    with AuditLog.open(log_path, key) as log:
+        log.append(AuditEvent(decision=Decision.DENIED, reason="NONCE_INVALID"))
+    head_path(log_path).unlink()  # a log that does not verify: a rotation is waited out
+    outcome: list[object] = []
+
+    def verify() -> None:
+        _without_file_mode_override()  # the tests may run as root
+        try:
+            if reader == "verify_audit_log":
+                outcome.append(verify_audit_log(log_path, public_key=key.public_key()))
+            else:
+                outcome.append(verify_audit_paths([log_path], public_key=key.public_key()))
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    log_path.parent.chmod(0o300)  # searchable and writable, not readable: cannot be opened
+    try:
+        thread = threading.Thread(target=verify)
+        thread.start()
+        thread.join()
+    finally:
+        log_path.parent.chmod(0o700)
+    (error,) = outcome
+    assert isinstance(error, AuditUnavailable), repr(error)
+    assert error.message == (
+        f"cannot open the audit directory {log_path.parent}: Permission denied (EACCES)"
+    )
     verdict = verify_audit_log(log_path, public_key=key.public_key())
     assert (verdict.intact, verdict.problem) == (False, "HEAD_MISSING")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -570,3 +571,106 @@ def test_a_command_refused_before_any_log_exits_with_a_full_stderr(
                 os.close(fd)
     assert status == 1
     assert written == ([] if fill_stderr else [line])
+
+
+# An error line longer than a pipe takes at once (PIPE_BUF, 4,096 bytes): a path of 4,200.
+_LONG_PATH = "/nonexistent/" + "/".join(["d" * 200] * 21) + "/audit.log"
+_LONG_ERROR = f"strongroom: error: {_LONG_PATH}: File name too long"
+
+
+def _command_error(stderr: int, reader: int) -> tuple[int, bytes]:
+    """The exit status of ``strongroom audit verify`` of :data:`_LONG_PATH`, its stderr the
+    descriptor ``stderr``, and what ``reader`` (the other end) read of it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "strongroom.cli.main", "audit", "verify", _LONG_PATH],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    os.close(stderr)
+    read = b""
+    while True:
+        try:
+            chunk = os.read(reader, 65536)
+        except OSError:  # EIO: a terminal's other end closed
+            break
+        if not chunk:
+            break
+        read += chunk
+    return process.wait(timeout=60), read
+
+
+def test_a_long_error_line_is_written_whole_to_a_terminal() -> None:
+    """The command line's error line is written only if stderr takes it at once, and a line
+    longer than PIPE_BUF was dropped wherever stderr was not a regular file: on a terminal the
+    command failed without a word. A terminal is a person's, not a collector that stopped
+    reading: the line is written whole, as any program's."""
+    terminal, stderr = os.openpty()
+    try:
+        status, read = _command_error(stderr, terminal)
+    finally:
+        os.close(terminal)
+    assert status == 1
+    assert read.decode().splitlines() == [_LONG_ERROR]
+
+
+def test_a_long_error_line_to_a_pipe_is_cut_to_what_it_takes_at_once() -> None:
+    """To a pipe (``2>&1 | tee``, a script's capture) the line longer than PIPE_BUF was dropped,
+    the command's failure unexplained. It is cut to PIPE_BUF bytes now, still written at once or
+    not at all: both ends kept (the error's start and the file's error at its end), its middle
+    left out and said so."""
+    reader, stderr = os.pipe()
+    try:
+        status, read = _command_error(stderr, reader)
+    finally:
+        os.close(reader)
+    assert status == 1
+    assert len(read) <= select.PIPE_BUF and read.endswith(b"\n"), len(read)
+    (line,) = read.decode().splitlines()
+    head, cut, tail = line.partition(" ... (")
+    left_out, _, tail = tail.partition(" bytes left out) ...")
+    assert cut and _LONG_ERROR.startswith(head) and _LONG_ERROR.endswith(tail), line
+    assert len(head) + int(left_out) + len(tail) == len(_LONG_ERROR)
+    assert tail.endswith("/audit.log: File name too long")
+
+
+@pytest.mark.parametrize("fill_stderr", [True, False], ids=["stderr-full", "stderr-read"])
+def test_a_usage_error_exits_with_a_full_stderr(fill_stderr: bool) -> None:
+    """argparse printed a usage error (a service started with an argument its version does not
+    know) on ``sys.stderr``, waiting on a full pipe whose collector had stopped reading: the
+    process never ended. Written only if stderr takes it at once now, as the command line's
+    own error line is: status 2 either way, usage and error written when stderr is read."""
+    read_end, write_end = os.pipe()
+    try:
+        if fill_stderr:
+            fill_pipe(f"/proc/self/fd/{write_end}")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "strongroom.cli.main", "serve", "keybroker", "--bogus"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=write_end,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        os.close(write_end)
+        write_end = -1
+        try:
+            status = process.wait(timeout=60)  # a hang, not a speed: it never ended
+        finally:
+            process.kill()
+            process.wait()
+        with os.fdopen(read_end, "rb") as reader:
+            read_end = -1
+            written = reader.read().decode().strip("x").splitlines()
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+    assert status == 2
+    if fill_stderr:
+        assert written == []
+    else:
+        assert written[0].startswith("usage: strongroom "), written
+        assert written[-1] == "strongroom: error: unrecognized arguments: --bogus", written
