@@ -56,6 +56,13 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
     raise OSError(code, os.strerror(code))
 
 
+def errno_name(exc: OSError) -> str:
+    """The symbolic name of ``exc``'s errno (``EACCES``), as every message and log line naming a
+    failed system call shows it; ``EUNKNOWN`` when it has none or one this system does not name
+    (each caller had its own copy of this, some falling back to ``?``)."""
+    return errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
+
+
 def fsync_dir(path: Path) -> None:
     """Makes the directory entries in ``path`` (a rename, a create, an unlink) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

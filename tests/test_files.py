@@ -4,6 +4,7 @@ for a lock another process held (lock_held)."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from strongroom.attestation.collateral_cache import _lock_held
-from strongroom.files import BoundedFlock, LockFailed, atomic_write, shared_flock
+from strongroom.files import BoundedFlock, LockFailed, atomic_write, errno_name, shared_flock
 from strongroom.keybroker.audit import directory_locked, log_locked
 
 
@@ -250,3 +251,16 @@ def test_a_shared_flock_that_flock_itself_refuses_fails_closed(
     finally:
         os.close(fd)
     assert ran == []
+
+
+@pytest.mark.parametrize(
+    ("error", "name"),
+    [
+        (PermissionError(errno.EACCES, "Permission denied"), "EACCES"),
+        (OSError(errno.EIO, "Input/output error"), "EIO"),
+        (OSError(4095, "Unknown error 4095"), "EUNKNOWN"),  # no name on this system
+        (OSError("no errno at all"), "EUNKNOWN"),
+    ],
+)
+def test_errno_name_is_the_symbolic_name_or_eunknown(error: OSError, name: str) -> None:
+    assert errno_name(error) == name

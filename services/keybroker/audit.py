@@ -218,7 +218,7 @@ from strongroom import jsonparse
 from strongroom.closing import Closing
 from strongroom.cryptoparse import KEY_PARSE_ERRORS, ed25519_private_key
 from strongroom.errors import DataLoss, InvalidArgument, StrongroomError
-from strongroom.files import BoundedFlock, lock_held, start_writeback
+from strongroom.files import BoundedFlock, errno_name, lock_held, start_writeback
 from strongroom.identifiers import DECISION_ID_PATTERN, KEY_ID_PATTERN
 from strongroom.keybroker.audit_head import (
     FILE_BYTES,
@@ -1643,7 +1643,7 @@ class AuditLog(Closing):
         try:
             return _lstat_in(self._dir_fd, name)
         except OSError as exc:
-            code = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
+            code = errno_name(exc)
             raise AuditUnavailable(
                 f"cannot look up the audit file {self._path.parent / name}: "
                 f"{exc.strerror or exc} ({code})"

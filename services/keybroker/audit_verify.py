@@ -11,7 +11,6 @@ import binascii
 import collections
 import contextlib
 import dataclasses
-import errno
 import io
 import itertools
 import os
@@ -26,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from strongroom import jsonparse
 from strongroom.errors import InvalidArgument, NotFound
-from strongroom.files import LockFailed, LockHeld, shared_flock
+from strongroom.files import LockFailed, LockHeld, errno_name, shared_flock
 from strongroom.keybroker import audit
 from strongroom.keybroker.audit import (
     DIR_LOCK_WAIT_SECONDS,
@@ -301,7 +300,7 @@ def _waited_for_directory(directory: Path) -> bool:
     except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError as exc:
-        code = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
+        code = errno_name(exc)
         raise AuditUnavailable(
             f"cannot open the audit directory {directory}: {exc.strerror or exc} ({code})"
         ) from None

@@ -46,6 +46,7 @@ from strongroom.attesters._base import (
 )
 from strongroom.attesters._certtable import endorsement_chain, parse_cert_table
 from strongroom.attesters._layouts import snp_report_data, snp_signing_key, tdx_quote_report_data
+from strongroom.files import errno_name
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ class ConfigfsTsmAttester:
         except OSError as exc:
             log.warning(
                 "could not list configfs-tsm report entries to remove stale ones",
-                extra={"errno": errno.errorcode.get(exc.errno or 0, "?")},
+                extra={"errno": errno_name(exc)},
             )
             return []
         removed = []
@@ -358,7 +359,7 @@ class ConfigfsTsmAttester:
             # real outcome, and the next attestation tries again.
             log.error(
                 "could not remove configfs-tsm report entry",
-                extra={"entry": str(entry), "errno": errno.errorcode.get(exc.errno or 0, "?")},
+                extra={"entry": str(entry), "errno": errno_name(exc)},
             )
             if retry:
                 with self._leftovers_lock:
@@ -403,7 +404,7 @@ def _number(text: str, what: str, reason: Reason) -> int:
 def _io_error(
     action: str, path: Path, exc: OSError
 ) -> AttestationUnavailable | AttesterNotConfigured:
-    code = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
+    code = errno_name(exc)
     if exc.errno == errno.ENOTTY:
         # sev_guest answers ENOTTY once its driver has wiped the VMPCK after a failed exchange
         # (until the VM restarts), and kernels before 6.8 when the provider went away: neither

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from strongroom.attesters._base import AttestationUnavailable, AttesterNotConfigured
 from strongroom.errors import StrongroomError
+from strongroom.files import errno_name
 from strongroom.reasons import Reason
 
 _IOC_NRBITS = 8
@@ -65,7 +66,7 @@ _NOT_PERMITTED = frozenset({errno.EACCES, errno.EPERM})
 def open_error(device: str, exc: OSError, unavailable_reason: str) -> StrongroomError:
     """Why ``device`` could not be opened: not permitted is permanent (FAILED_PRECONDITION: the
     device is not given to this process's user or group), anything else UNAVAILABLE."""
-    code = errno.errorcode.get(exc.errno or 0, "?")
+    code = errno_name(exc)
     if exc.errno in _NOT_PERMITTED:
         return AttesterNotConfigured(
             f"cannot open {device}: {code}; give the device to this service's user or group",

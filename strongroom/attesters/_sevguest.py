@@ -34,6 +34,7 @@ from strongroom.attesters._base import (
 from strongroom.attesters._certtable import endorsement_chain, parse_cert_table
 from strongroom.attesters._devio import Buffer, DeviceIo, OsDeviceIo, iowr, new_buffer, open_error
 from strongroom.attesters._layouts import snp_report_data, snp_signing_key
+from strongroom.files import errno_name
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def _guest_request_error(
     message sequence number can no longer be trusted), so every later request fails with ENOTTY
     until the VM restarts: that is a permanent condition (FAILED_PRECONDITION), not one to retry.
     """
-    code = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
+    code = errno_name(exc)
     no_call = fw_error in _NO_FIRMWARE_CALL and vmm_error in (0, 0xFFFFFFFF)
     if no_call:
         fw_error = vmm_error = 0

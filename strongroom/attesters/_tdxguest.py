@@ -37,6 +37,7 @@ from strongroom.attesters._layouts import (
     tdreport_report_data,
     tdx_quote_report_data,
 )
+from strongroom.files import errno_name
 from strongroom.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class TdxGuestAttester:
         try:
             self._io.ioctl(fd, TDX_CMD_GET_REPORT0, arg)
         except OSError as exc:
-            code = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
+            code = errno_name(exc)
             if exc.errno == errno.ENOTTY:
                 # A kernel without TDX_CMD_GET_REPORT0 (before 6.2, or a vendor tree numbering it
                 # otherwise): permanent, so no UNAVAILABLE for the loader to retry forever.
@@ -146,7 +147,7 @@ class TdxGuestAttester:
             except OSError as exc:
                 if exc.errno == errno.ENOTTY:
                     continue
-                code = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
+                code = errno_name(exc)
                 raise AttestationUnavailable(
                     f"TDX_CMD_GET_QUOTE failed: {code}", reason=Reason.TDX_QUOTE_FAILED
                 ) from None

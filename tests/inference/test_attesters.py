@@ -673,6 +673,22 @@ def test_a_guest_device_this_process_may_not_open_fails_the_start(tmp_path: Path
     assert info.value.reason == "GUEST_DEVICE_NOT_PERMITTED"
 
 
+class _UnnamedError(FakeSevGuest):
+    """A guest device whose open fails with an errno this system has no name for."""
+
+    def open(self, path: str) -> int:
+        raise OSError(4095, "Unknown error 4095", path)
+
+
+def test_a_guest_device_open_error_without_a_name_says_eunknown() -> None:
+    """Every message naming an errno shows one this system does not name as EUNKNOWN
+    (strongroom.files.errno_name); the device's open error alone said ``?``."""
+    with pytest.raises(AttestationUnavailable) as info:
+        SevGuestAttester(io=_UnnamedError()).attest(RD)
+    assert info.value.reason == "SNP_DEVICE_UNAVAILABLE"
+    assert info.value.message == "cannot open /dev/sev-guest: EUNKNOWN"
+
+
 def test_selection_leaves_no_device_open(tmp_path: Path) -> None:
     device = FakeSevGuest()
     select_attester(production=True, configfs_root=tmp_path / "none", io=device)
