@@ -1360,18 +1360,18 @@ class AuditLog(Closing):
         if sealed.count <= sealed.base:
             raise self._tampered("the audit head seals a log without records")
         name = sealed_log_name(self._path.name, sealed.base, sealed.count - 1)
-        active = _lstat_in(self._dir_fd, self._path.name)
+        active = self._lstat(self._path.name)
         if active is not None and active.st_size > 0:
-            if _lstat_in(self._dir_fd, name) is not None:
+            if self._lstat(name) is not None:
                 raise self._tampered(f"the sealed audit log {name} already exists")
             self._check_sealed_log(self._path.name, parsed)
             os.rename(self._path.name, name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
             os.fsync(self._dir_fd)
-        elif _lstat_in(self._dir_fd, name) is None:
+        elif self._lstat(name) is None:
             raise self._tampered(f"the audit head at the log's path seals {name}, which is missing")
         else:
             self._check_sealed_log(name, parsed)
-        if _lstat_in(self._dir_fd, name + ".head") is not None:
+        if self._lstat(name + ".head") is not None:
             raise self._tampered(f"the sealed audit head {name}.head already exists")
         os.rename(head_name, name + ".head", src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
         os.fsync(self._dir_fd)
@@ -1383,7 +1383,7 @@ class AuditLog(Closing):
         at the latest sealed log's end (its checks included: _new_anchor)."""
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         os.close(os.open(self._path.name, flags, 0o600, dir_fd=self._dir_fd))
-        if _lstat_in(self._dir_fd, self._head_path.name) is not None:
+        if self._lstat(self._head_path.name) is not None:
             return  # another process finished the rotation; resync checks what it wrote
         anchor = self._new_anchor_locked()
         if (anchor.base, anchor.last_hash) != (sealed.count, sealed.last_hash):
@@ -1440,12 +1440,12 @@ class AuditLog(Closing):
     def _sealed_head_of(self, opened: os.stat_result) -> Head | None:
         """The sealed head of the sealed log that is the file ``opened``; None if it is none."""
         for _, _, name in _sealed_logs(self._dir_fd, self._path.name):
-            found = _lstat_in(self._dir_fd, name)
+            found = self._lstat(name)
             if found is not None and (found.st_dev, found.st_ino) == (
                 opened.st_dev,
                 opened.st_ino,
             ):
-                if _lstat_in(self._dir_fd, name + ".head") is None:
+                if self._lstat(name + ".head") is None:
                     return None
                 return self._sealed_head(name).head
         return None
@@ -1636,18 +1636,26 @@ class AuditLog(Closing):
         ]
 
     def _lstat(self, name: str) -> os.stat_result | None:
-        """The status of ``name`` in the log's directory (None: not there), for the checks of
-        the sealed files. Any other error (EACCES, EIO) is ``AuditUnavailable`` naming the file
-        and the errno, as when such a file cannot be read: it escaped as a bare OSError, a
-        traceback at the start, and the operator was not told which file."""
+        """The status of ``name`` in the log's directory (None: not there), for every look-up of
+        the log's files (the sealed files' checks, a rotation's steps, finishing one at the
+        start). Any other error (EACCES, EIO) is ``AuditUnavailable`` naming the file and the
+        errno, as when such a file cannot be read: it escaped as a bare OSError, a traceback at
+        the start, and the operator was not told which file."""
         try:
             return _lstat_in(self._dir_fd, name)
         except OSError as exc:
-            code = errno_name(exc)
-            raise AuditUnavailable(
-                f"cannot look up the audit file {self._path.parent / name}: "
-                f"{exc.strerror or exc} ({code})"
-            ) from None
+            raise _lookup_failed(self._path.parent / name, exc) from None
+
+    def _stat_at_path(self) -> os.stat_result | None:
+        """The status of the file at the log's path (None: not there), other errors as
+        :meth:`_lstat`'s: the first look-up of every start, which met a directory that lost its
+        search permission with a bare OSError."""
+        try:
+            return os.stat(self._path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _lookup_failed(self._path, exc) from None
 
     @staticmethod
     def _series_break(before_name: str, before: Head, name: str, base: int) -> str:
@@ -1697,21 +1705,19 @@ class AuditLog(Closing):
             os.close(fd)
 
     def _at_path(self, opened: os.stat_result) -> bool:
-        try:
-            current = os.stat(self._path)
-        except FileNotFoundError:
+        current = self._stat_at_path()
+        if current is None:
             return False
         return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
 
     def _check_same_file(self, opened: os.stat_result) -> None:
         """The file at the log's path must be the one this process writes through ``self._fd``:
         otherwise every later decision would be "made durable" in a file nobody reads."""
-        try:
-            current = os.stat(self._path)
-        except FileNotFoundError:
+        current = self._stat_at_path()
+        if current is None:
             raise self._tampered(
                 f"the audit log {self._path} was removed or renamed while the broker runs"
-            ) from None
+            )
         if (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):
             raise self._tampered(
                 f"the audit log {self._path} was replaced by another file while the broker runs"
@@ -1842,6 +1848,13 @@ def _sealed_logs(dir_fd: int, log_name: str) -> list[tuple[int, int, str]]:
     last seq, name), in order."""
     listing = list_sealed(os.listdir(dir_fd), log_name)
     return [(found.first, found.last, found.name) for found in listing.files if found.has_log]
+
+
+def _lookup_failed(path: Path, exc: OSError) -> AuditUnavailable:
+    """Why the audit file ``path`` could not be looked up (not because it is not there)."""
+    return AuditUnavailable(
+        f"cannot look up the audit file {path}: {exc.strerror or exc} ({errno_name(exc)})"
+    )
 
 
 def _lstat_in(dir_fd: int, name: str) -> os.stat_result | None:

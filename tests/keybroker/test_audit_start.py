@@ -522,6 +522,33 @@ def _without_file_mode_override() -> None:
         raise OSError(ctypes.get_errno(), "capset")
 
 
+def _start_without_file_mode_override(
+    log_path: Path, key: Ed25519PrivateKey
+) -> BaseException | None:
+    """Opens (and closes) the log as a starting broker does, in a thread that has dropped its
+    file-mode override (:func:`_without_file_mode_override`); returns what the open raised, if
+    anything. The directory's mode is put back (0700) whatever happened."""
+    outcome: list[BaseException | None] = []
+
+    def start() -> None:
+        _without_file_mode_override()
+        try:
+            AuditLog.open(log_path, key).close()
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=start)
+    try:
+        thread.start()
+        thread.join()
+    finally:
+        log_path.parent.chmod(0o700)
+    (error,) = outcome
+    return error
+
+
 @pytest.mark.parametrize("read", ["unlocked", "locked"])
 def test_a_sealed_file_the_start_cannot_look_up_refuses_it_naming_the_file_and_errno(
     series: Path,
@@ -546,25 +573,8 @@ def test_a_sealed_file_the_start_cannot_look_up_refuses_it_naming_the_file_and_e
 
     monkeypatch.setattr(AuditLog, "_check_sealed_series", unsearchable_then_checked)
     before = {path.name: path.read_bytes() for path in series.iterdir()}
-    outcome: list[BaseException | None] = []
-
-    def start() -> None:
-        _without_file_mode_override()
-        try:
-            AuditLog.open(log_path, key).close()
-        except BaseException as exc:  # handed to the test's thread
-            outcome.append(exc)
-        else:
-            outcome.append(None)
-
-    thread = threading.Thread(target=start)
-    try:
-        thread.start()
-        thread.join()
-    finally:
-        series.chmod(0o700)
+    error = _start_without_file_mode_override(log_path, key)
     monkeypatch.undo()
-    (error,) = outcome
     assert isinstance(error, AuditUnavailable), repr(error)
     assert error.reason == "AUDIT_UNAVAILABLE"
     assert error.message == (
@@ -573,6 +583,110 @@ def test_a_sealed_file_the_start_cannot_look_up_refuses_it_naming_the_file_and_e
     assert {path.name: path.read_bytes() for path in series.iterdir()} == before
     with AuditLog.open(log_path, key) as log:
         assert log.append(event(11)).seq == 11
+
+
+def test_a_start_whose_log_the_directory_no_longer_lets_it_look_up_refuses_naming_it(
+    series: Path, log_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start reads the sealed files before it takes the locks (_precheck_sealed), leaving out
+    whatever it cannot read for the check under them to judge; its first look-up under them is
+    the log's path. A directory that lost its search permission by then (EACCES) ended the start
+    there with a bare PermissionError, a traceback naming no file of the operator's. It is
+    AUDIT_UNAVAILABLE now, naming the log and the errno; nothing is changed."""
+    real_precheck = audit_module._precheck_sealed
+
+    def unsearchable_then_prechecked(*args: object) -> object:
+        series.chmod(0o600)  # listable, but no name in it can be looked up or opened
+        return real_precheck(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(audit_module, "_precheck_sealed", unsearchable_then_prechecked)
+    before = {path.name: path.read_bytes() for path in series.iterdir()}
+    error = _start_without_file_mode_override(log_path, key)
+    monkeypatch.undo()
+    assert isinstance(error, AuditUnavailable), repr(error)
+    assert error.reason == "AUDIT_UNAVAILABLE"
+    assert error.message == (
+        f"cannot look up the audit file {log_path}: Permission denied (EACCES)"
+    )
+    assert {path.name: path.read_bytes() for path in series.iterdir()} == before
+    with AuditLog.open(log_path, key) as log:
+        assert log.append(event(11)).seq == 11
+
+
+def _unsearchable_after_head_read(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
+    """The directory loses its search permission once the rotation's completion has read the
+    head at the log's path: its next step looks up the log there."""
+    real_read = AuditLog._read_in_dir
+
+    def read_then_unsearchable(log: AuditLog, name: str, limit: int) -> bytes:
+        data = real_read(log, name, limit)
+        if name == "audit.log.head":
+            directory.chmod(0o600)
+        return data
+
+    monkeypatch.setattr(AuditLog, "_read_in_dir", read_then_unsearchable)
+
+
+def _unsearchable_after_listing(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
+    """... once the renames are done and the sealed logs listed: the next step looks up each of
+    them for the one this process had open (_sealed_head_of)."""
+    real_listing = audit_module._sealed_logs
+
+    def listed_then_unsearchable(*args: object) -> list[tuple[int, int, str]]:
+        found = real_listing(*args)  # type: ignore[arg-type]
+        directory.chmod(0o600)
+        return found
+
+    monkeypatch.setattr(audit_module, "_sealed_logs", listed_then_unsearchable)
+
+
+def _unsearchable_after_new_log(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
+    """... once the new log is made at the log's path (the one open there that may create):
+    the next step looks up its head."""
+    real_open = os.open
+
+    def open_then_unsearchable(path: object, *args: object, **kwargs: object) -> int:
+        fd = real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+        if path == "audit.log" and isinstance(args[0], int) and args[0] & os.O_CREAT:
+            directory.chmod(0o600)
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_unsearchable)
+
+
+_ROTATION_LOOKUPS = {
+    "renames": (_unsearchable_after_head_read, "audit.log"),
+    "sealed-head-of": (_unsearchable_after_listing, "audit.log.0-2"),
+    "new-log": (_unsearchable_after_new_log, "audit.log.head"),
+}
+
+
+@pytest.mark.parametrize("step", list(_ROTATION_LOOKUPS))
+def test_an_interrupted_rotation_the_start_cannot_look_up_refuses_naming_the_file_and_errno(
+    log_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """A start finishing a rotation a crash interrupted (the head at the log's path sealed, the
+    renames not done) looks up the log, its sealed name and the new log's head as it goes. An
+    error other than not-found there (EACCES: the directory lost its search permission) escaped
+    as a bare PermissionError, a traceback naming no file. It is AUDIT_UNAVAILABLE now, naming
+    the file and the errno; what was done stays done, and the next start finishes the rotation,
+    the chain intact."""
+    saved = _rotated(log_path, key, 3)
+    _CRASHES["sealed"](log_path, saved)
+    unsearchable, name = _ROTATION_LOOKUPS[step]
+    unsearchable(monkeypatch, log_path.parent)
+    error = _start_without_file_mode_override(log_path, key)
+    monkeypatch.undo()
+    assert isinstance(error, AuditUnavailable), repr(error)
+    assert error.reason == "AUDIT_UNAVAILABLE"
+    assert error.message == (
+        f"cannot look up the audit file {log_path.parent / name}: Permission denied (EACCES)"
+    )
+    with AuditLog.open(log_path, key) as log:
+        assert (log.first_seq, log.count) == (3, 3)
+        assert log.append(event(3)).seq == 3
+    found = _series(log_path, key)
+    assert found.intact and (found.first_seq, found.end) == (0, 4), found.message
 
 
 def test_sealed_files_whose_first_and_last_records_are_near_the_largest_still_open(
