@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from strongroom.api.keybroker.v1 import keybroker_pb2 as kb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
@@ -17,8 +21,11 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import InvalidArtifact
 from strongroom.cli import keys as keys_cli
+from strongroom.cli import main as cli_main
 from strongroom.cli._text import printable, printable_document
 from strongroom.client.rewrap import MAX_HEAD_SIZE, _read_head
+from tests.conftest import REPO
+from tests.runtime.stopping_service import fill_pipe
 
 
 @pytest.mark.parametrize(
@@ -146,3 +153,112 @@ def test_printable_document_keeps_exactly_what_a_yaml_stream_may_hold() -> None:
     assert printable_document("\x1b]8;;https://evil.example\x1b\\x\x1b]8;;\x1b\\") == (
         "\\x1b]8;;https://evil.example\\x1b\\x\\x1b]8;;\\x1b\\"
     )
+
+
+class _OddHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # grpc_health: untyped
+    """Whatever answers a health port: refuses with a message of its choosing (``refuse``) or
+    answers ``status``, a number the enum may not name."""
+
+    def __init__(self, *, refuse: str | None = None, status: int = 0) -> None:
+        self._refuse = refuse
+        self._status = status
+
+    def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        if self._refuse is not None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, self._refuse)
+        return health_pb2.HealthCheckResponse(status=self._status)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _health_port(servicer: health_pb2_grpc.HealthServicer) -> Iterator[str]:
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
+@pytest.mark.parametrize(
+    ("servicer", "code", "out", "err"),
+    [
+        (
+            # NOT_SERVING's own answer carries no text: the message comes with a refusal.
+            _OddHealth(refuse="draining\x1b]0;owned\x07\x1b[2J\nSERVING"),
+            1,
+            "",
+            "unhealthy: UNAVAILABLE: draining\\x1b]0;owned\\x07\\x1b[2J\\nSERVING\n",
+        ),
+        (
+            _OddHealth(status=health_pb2.HealthCheckResponse.NOT_SERVING),
+            1,
+            "NOT_SERVING\n",
+            "",
+        ),
+        (_OddHealth(status=health_pb2.HealthCheckResponse.SERVING), 0, "SERVING\n", ""),
+        (
+            _OddHealth(status=99),
+            1,
+            "",
+            "unhealthy: the serving status 99 is none this command knows\n",
+        ),
+    ],
+    ids=["refused-with-escapes", "not-serving", "serving", "unnamed-status"],
+)
+def test_health_prints_what_the_port_answered_without_control_sequences(
+    capsys: pytest.CaptureFixture[str],
+    servicer: _OddHealth,
+    code: int,
+    out: str,
+    err: str,
+) -> None:
+    """``strongroom health`` printed the message of a refusal from whatever answered the health
+    port as it came: an escape sequence in it drove the operator's terminal (here it sets the
+    window title, clears the screen and forges a SERVING line). It is escaped now (printable),
+    the exit status unchanged. A status number the enum does not name ended the command with a
+    ValueError traceback: it is unhealthy, exit 1."""
+    with _health_port(servicer) as address:
+        assert cli_main.main(["health", "--address", address, "--timeout", "10"]) == code
+    printed = capsys.readouterr()
+    assert (printed.out, printed.err) == (out, err)
+
+
+@pytest.mark.parametrize("fill_stderr", [True, False], ids=["stderr-full", "stderr-read"])
+def test_health_exits_unhealthy_with_a_full_stderr(fill_stderr: bool) -> None:
+    """``strongroom health`` printed its ``unhealthy:`` line with a blocking print: a health
+    check whose stderr is a full pipe nobody reads (a collector that stopped) waited there for
+    good and never gave its verdict. It is written as the command line's error line is, at once
+    or not at all: exit 1 either way, the line written when stderr is read."""
+    read_end, write_end = os.pipe()
+    try:
+        if fill_stderr:
+            fill_pipe(f"/proc/self/fd/{write_end}")
+        with _health_port(_OddHealth(refuse="draining")) as address:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "strongroom.cli.main", "health", "--address", address],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=write_end,
+                cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
+            os.close(write_end)
+            write_end = -1
+            try:
+                status = process.wait(timeout=60)  # a hang, not a speed: it never ended
+            finally:
+                process.kill()
+                process.wait()
+        with os.fdopen(read_end, "rb") as reader:
+            read_end = -1
+            written = reader.read().decode().strip("x").splitlines()
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+    assert status == 1
+    assert written == ([] if fill_stderr else ["unhealthy: UNAVAILABLE: draining"])

@@ -12,7 +12,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from strongroom.cli._text import printable
 from strongroom.runtime.config import SERVICES
+from strongroom.runtime.log_writer import write_at_once
 from strongroom.runtime.process import forbid_core_dumps
 
 
@@ -57,8 +59,20 @@ def _health(args: argparse.Namespace) -> int:
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
     except grpc.RpcError as exc:
-        print(f"unhealthy: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        # Whatever answers the health port wrote the message: escaped, it cannot drive the
+        # operator's terminal. Written as the command line's error line is (at once or not at
+        # all): printed, it waited for good on a full pipe whose collector had stopped reading.
+        _unhealthy(f"{exc.code().name}: {printable(exc.details())}")
         return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    try:
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    except ValueError:
+        # proto3 keeps a number its enum does not name: a ValueError traceback, not a verdict.
+        _unhealthy(f"the serving status {response.status} is none this command knows")
+        return 1
     print(status)
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _unhealthy(why: str) -> None:
+    write_at_once(sys.stderr, f"unhealthy: {why}", cut_to_fit=True)
