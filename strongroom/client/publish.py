@@ -220,8 +220,9 @@ def upload_artifact(
     and hashed. A file rewritten in place, grown or shrunk meanwhile ends the upload with
     FailedPrecondition(MODEL_FILE_CHANGED) before the artifact is complete, so the store keeps
     nothing. ``progress`` is called with (bytes sent, total). An upload the store refuses as busy
-    is sent again, the file read again from its start, as ``retry`` says (see
-    :func:`publish_model`).
+    is sent again, the file read again from its start, as ``retry`` says; an outage is
+    ``Unavailable`` or ``DeadlineExceeded``, any other refusal raised as it came, as
+    :func:`publish_model`'s.
     """
     started = time.perf_counter()
     with _open_readable(path) as source:
@@ -247,7 +248,11 @@ def upload_artifact(
                     timeout=timeout,
                 )
 
-        response = retrying_busy(attempt, retry, what=f"uploading {summary.name}/{summary.version}")
+        # As publish_model's (remote.TRANSIENT): the raw grpc.RpcError here, Unavailable there.
+        with outages_raised_as_errors(f"{summary.name}/{summary.version} was not uploaded"):
+            response = retrying_busy(
+                attempt, retry, what=f"uploading {summary.name}/{summary.version}"
+            )
     return Published(response.model, time.perf_counter() - started, header_digest(head).hex())
 
 

@@ -1525,3 +1525,48 @@ def test_a_check_bound_that_is_no_positive_number_of_seconds_is_a_usage_error(
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert f"argument --check-within: {value!r} is not a positive number of seconds" in err
+
+
+def test_an_upload_the_store_went_away_under_is_unavailable(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """upload_artifact (`strongroom model upload`) raised an outage as the raw grpc.RpcError,
+    where publish_model and publish_parts raise Unavailable: now it does too, the status in the
+    message."""
+    path = tmp_path / "model.artifact"
+    path.write_bytes(make_artifact("busy/upload-down", "1", os.urandom(5000)))
+    stops = StopStoreBefore(stack, 0)
+    try:
+        with pytest.raises(Unavailable) as info:
+            upload_artifact(
+                path, store=grpc.intercept_channel(stack.channel(publisher, "modelstore"), stops)
+            )
+    finally:
+        if "modelstore" not in stack.services:
+            stack.start_in_process("modelstore", server=STORE_SERVER)
+    assert stops.uploads == 1
+    assert info.value.reason == "UNAVAILABLE"
+    assert info.value.message.startswith("busy/upload-down/1 was not uploaded (UNAVAILABLE: ")
+    assert isinstance(info.value.__cause__, grpc.RpcError)
+    assert _records(stack, "busy/upload-down") == []
+
+
+def test_an_upload_s_refusal_that_is_no_outage_is_raised_as_it_came(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """Only outages become domain errors: the store's refusal of a version it holds stays
+    gRPC's, the stored version untouched."""
+    path = tmp_path / "model.artifact"
+    path.write_bytes(make_artifact("busy/upload-twice", "1", os.urandom(5000)))
+    store = stack.channel(publisher, "modelstore")
+    first = upload_artifact(path, store=store)
+    with pytest.raises(grpc.RpcError) as info:
+        upload_artifact(path, store=store)
+    assert not isinstance(info.value, Unavailable)
+    assert (info.value.code(), peer_reason(info.value)) == (  # type: ignore[attr-defined]
+        grpc.StatusCode.ALREADY_EXISTS,
+        "MODEL_EXISTS",
+    )
+    stub = store_grpc.ModelStoreServiceStub(store)
+    stat = stub.StatModel(store_pb.StatModelRequest(name="busy/upload-twice", version="1"))
+    assert stat.model.artifact_sha256 == first.model.artifact_sha256
