@@ -219,10 +219,11 @@ def upload_artifact(
     updates no time; or it was changed in the clock tick of the check), its content, read again
     and hashed. A file rewritten in place, grown or shrunk meanwhile ends the upload with
     FailedPrecondition(MODEL_FILE_CHANGED) before the artifact is complete, so the store keeps
-    nothing. ``progress`` is called with (bytes sent, total). An upload the store refuses as busy
-    is sent again, the file read again from its start, as ``retry`` says; an outage is
-    ``Unavailable`` or ``DeadlineExceeded``, any other refusal raised as it came, as
-    :func:`publish_model`'s.
+    nothing. ``progress`` is called with (bytes read, total) before each message is handed
+    over, so one that raises ends the upload before its last byte is sent (nothing stored). An
+    upload the store refuses as busy is sent again, the file read again from its start, as
+    ``retry`` says; an outage is ``Unavailable`` or ``DeadlineExceeded``, any other refusal
+    raised as it came, as :func:`publish_model`'s.
     """
     started = time.perf_counter()
     with _open_readable(path) as source:
@@ -325,6 +326,10 @@ def _artifact_messages(
             raise _changed(path)
         hasher.update(data)
         remaining -= len(data)
+        if progress is not None:
+            # Before the message is handed over: called after it, a callback that raised at the
+            # last one ended the upload only once the whole artifact had been sent (and stored).
+            progress(size - remaining, size)
         if not remaining:
             # Held back until the file is seen unchanged: an artifact that misses its last bytes
             # is no whole one for any store, so a changed file is never stored. Where its times
@@ -342,8 +347,6 @@ def _artifact_messages(
         else:
             yield data
         first = False
-        if progress is not None:
-            progress(size - remaining, size)
 
 
 def _changed(path: Path) -> FailedPrecondition:

@@ -1570,3 +1570,29 @@ def test_an_upload_s_refusal_that_is_no_outage_is_raised_as_it_came(
     stub = store_grpc.ModelStoreServiceStub(store)
     stat = stub.StatModel(store_pb.StatModelRequest(name="busy/upload-twice", version="1"))
     assert stat.model.artifact_sha256 == first.model.artifact_sha256
+
+
+class _CallbackFailed(Exception):
+    """What a library caller's progress callback raised."""
+
+
+def test_an_upload_s_progress_callback_that_raises_at_the_end_leaves_nothing_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """upload_artifact called its progress callback after the last message was handed over: one
+    that raised there ended the upload once the whole artifact had been sent, so the store kept
+    it while the caller got the exception. Now it runs before: the upload ends short of its last
+    byte, nothing stored."""
+    path = tmp_path / "model.artifact"
+    path.write_bytes(make_artifact("busy/upload-callback", "1", os.urandom(3 * 1024 * 1024)))
+    calls: list[tuple[int, int]] = []
+
+    def progress(done: int, total: int) -> None:
+        calls.append((done, total))
+        if done == total:
+            raise _CallbackFailed
+
+    with pytest.raises(_CallbackFailed):
+        upload_artifact(path, store=stack.channel(publisher, "modelstore"), progress=progress)
+    assert calls[-1] == (path.stat().st_size, path.stat().st_size)
+    assert _records(stack, "busy/upload-callback") == []
