@@ -46,6 +46,7 @@ from strongroom.errors import (
     AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
@@ -1596,3 +1597,32 @@ def test_an_upload_s_progress_callback_that_raises_at_the_end_leaves_nothing_sto
         upload_artifact(path, store=stack.channel(publisher, "modelstore"), progress=progress)
     assert calls[-1] == (path.stat().st_size, path.stat().st_size)
     assert _records(stack, "busy/upload-callback") == []
+
+
+@pytest.mark.parametrize("within", [0.0, -1.0, math.nan, math.inf])
+def test_a_check_bound_that_is_no_positive_finite_number_is_refused_by_the_library(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path, within: float
+) -> None:
+    """The command line refused such a --check-within, publish_parts did not: 0 or less failed
+    every publish DEADLINE_EXCEEDED at once, NaN or infinity looked without any bound. Now
+    InvalidArgument INVALID_DURATION, before anything is asked."""
+    broker = CountCalls()
+    stats = CountCalls()
+    uploads = BusyBefore(stack, publisher, set())
+    name = f"busy/check-{within}".replace("--", "-neg")
+    with pytest.raises(InvalidArgument) as info:
+        _publish(
+            stack,
+            publisher,
+            _shards(tmp_path / "shards", 2),
+            name,
+            grpc.intercept_channel(_store(stack, publisher, uploads), stats),
+            broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
+            check_within=within,
+        )
+    assert info.value.reason == "INVALID_DURATION"
+    assert info.value.message == (
+        f"check_within must be a positive, finite number of seconds, not {within!r}"
+    )
+    assert (broker.methods, stats.methods, uploads.outcomes) == ([], [], [])
+    assert _records(stack, name) == []
