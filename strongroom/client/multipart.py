@@ -52,6 +52,7 @@ from strongroom.client.publish import (
     UploadMessage,
     check_generated,
     put_model,
+    rm_command,
     upload_pieces,
 )
 from strongroom.client.remote import outage_error, outages_raised_as_errors, refusal_text
@@ -670,9 +671,7 @@ def _rm_commands(name: str, versions: Sequence[str]) -> str:
             f"`for n in {words}; do strongroom model rm {shlex.quote(name)} "
             f'"{base}{PART_VERSION_MARK}$n"; done`'
         )
-    return "; ".join(
-        f"`strongroom model rm {shlex.quote(name)} {shlex.quote(v)}`" for v in versions
-    )
+    return "; ".join(rm_command(name, v) for v in versions)
 
 
 def _check_version_free(
