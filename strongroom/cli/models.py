@@ -11,6 +11,8 @@ import stat
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
@@ -217,6 +219,20 @@ def _positive_seconds(text: str) -> float:
     return seconds
 
 
+@contextmanager
+def _interrupt_notes_printed(bar: ProgressBar | None) -> Iterator[None]:
+    """Ctrl-C ends the command (status 130) at once; what it may have left in the store, and
+    the commands that remove it, are the publisher's notes on the interrupt, printed here."""
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        if bar is not None:
+            bar.done()
+        for note in getattr(interrupt, "__notes__", ()):
+            print(f"strongroom: {note}", file=sys.stderr)
+        raise
+
+
 def _publish(args: argparse.Namespace) -> int:
     plan = _plan(args.file)
     if plan is not None and args.sign_key is not None:
@@ -227,27 +243,18 @@ def _publish(args: argparse.Namespace) -> int:
     bar = None if args.no_progress else ProgressBar()
     if plan is not None:
         parts, layout = plan
-        with Client.from_args(args) as client:
-            try:
-                stored = publish_parts(
-                    parts,
-                    name=args.name,
-                    version=args.version,
-                    key_id=args.key_id,
-                    broker=client.channel("keybroker"),
-                    store=client.channel("modelstore"),
-                    layout=layout,
-                    progress=bar,
-                    check_within=args.check_within,
-                )
-            except KeyboardInterrupt as interrupt:
-                # Ctrl-C ends the command (status 130) at once; what it may have left in the
-                # store, and the commands that remove it, are the publisher's note.
-                if bar is not None:
-                    bar.done()
-                for note in getattr(interrupt, "__notes__", ()):
-                    print(f"strongroom: {note}", file=sys.stderr)
-                raise
+        with Client.from_args(args) as client, _interrupt_notes_printed(bar):
+            stored = publish_parts(
+                parts,
+                name=args.name,
+                version=args.version,
+                key_id=args.key_id,
+                broker=client.channel("keybroker"),
+                store=client.channel("modelstore"),
+                layout=layout,
+                progress=bar,
+                check_within=args.check_within,
+            )
         if bar is not None:
             bar.done()
         info = stored.manifest
@@ -270,7 +277,7 @@ def _publish(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    with Client.from_args(args) as client:
+    with Client.from_args(args) as client, _interrupt_notes_printed(bar):
         published = publish_model(
             args.file[0],
             name=args.name,
@@ -355,7 +362,7 @@ def _fetch(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
 
 def _upload(args: argparse.Namespace) -> int:
     bar = None if args.no_progress else ProgressBar()
-    with Client.from_args(args) as client:
+    with Client.from_args(args) as client, _interrupt_notes_printed(bar):
         published = upload_artifact(args.artifact, store=client.channel("modelstore"), progress=bar)
     if bar is not None:
         bar.done()

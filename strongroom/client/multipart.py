@@ -15,6 +15,7 @@ fixed-length fields), so its header can be built before they are known.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shlex
 import time
@@ -51,6 +52,7 @@ from strongroom.client.publish import (
     UploadMessage,
     check_generated,
     put_model,
+    rm_command,
     upload_pieces,
 )
 from strongroom.client.remote import outage_error, outages_raised_as_errors, refusal_text
@@ -282,10 +284,18 @@ def publish_parts(
     commands that remove them. An interrupt (``KeyboardInterrupt``) stops at once, deleting
     nothing, with a note (``add_note``) naming the parts that may be left and those commands.
     The look for parts a failed publish left ends within ``check_within`` seconds in all
-    (:data:`CHECK_SECONDS`), past it ``DeadlineExceeded``, nothing published.
+    (:data:`CHECK_SECONDS`), past it ``DeadlineExceeded``, nothing published; a ``check_within``
+    that is not above 0 and finite is ``InvalidArgument`` ``INVALID_DURATION``, nothing asked.
     """
     if not 1 <= len(parts) <= MAX_PARTS:
         raise InvalidArgument(f"a model has 1 to {MAX_PARTS} parts", reason=Reason.TOO_MANY_PARTS)
+    # As the command line's --check-within: NaN or infinity made no bound at all (every
+    # comparison with them false), 0 or less one that refused every publish at once.
+    if not 0 < check_within < math.inf:
+        raise InvalidArgument(
+            f"check_within must be a positive, finite number of seconds, not {check_within!r}",
+            reason=Reason.INVALID_DURATION,
+        )
     started = time.perf_counter()
     sizes = []
     for part in parts:
@@ -661,9 +671,7 @@ def _rm_commands(name: str, versions: Sequence[str]) -> str:
             f"`for n in {words}; do strongroom model rm {shlex.quote(name)} "
             f'"{base}{PART_VERSION_MARK}$n"; done`'
         )
-    return "; ".join(
-        f"`strongroom model rm {shlex.quote(name)} {shlex.quote(v)}`" for v in versions
-    )
+    return "; ".join(rm_command(name, v) for v in versions)
 
 
 def _check_version_free(

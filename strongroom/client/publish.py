@@ -10,10 +10,13 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shlex
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -86,45 +89,84 @@ def publish_model(
     generated or stored. Any other failure ends it: an outage
     (:data:`~strongroom.client.remote.TRANSIENT`, the broker or the store down, draining or out
     of time) as ``Unavailable`` or ``DeadlineExceeded``, its status in the message, as
-    ``publish_parts`` raises it; any other refusal as it came (``grpc.RpcError``).
+    ``publish_parts`` raises it; any other refusal as it came (``grpc.RpcError``). A
+    ``KeyboardInterrupt`` (Ctrl-C, or one ``progress`` raised) is raised as it came, with a note
+    (:func:`interrupt_noted`): nothing stored, or, once the upload had begun, the version may be
+    stored, and the command that removes it.
     """
     started = time.perf_counter()
     # The file first: a publish that cannot read it asks the broker for no data key (each one is
     # a broker decision, audited) and signs nothing.
     with _open_readable(path):
         pass
-    bundle = sign_model(path, signing_key) if signing_key is not None else b""
-    signed = signed_digest(bundle) if bundle else None
+    upload = threading.Event()  # set before an upload's call starts: it may be stored from then
+    with interrupt_noted(name, version, upload):
+        bundle = sign_model(path, signing_key) if signing_key is not None else b""
+        signed = signed_digest(bundle) if bundle else None
 
-    def attempt() -> tuple[store_pb.PutModelResponse, ArtifactHeader]:
-        # Each try is a whole new encryption under a fresh data key: the refused try's key is
-        # wiped, and no key and nonce ever seal the bytes of two tries. And each reads its own
-        # handle: gRPC's thread feeding a refused try's requests may still be inside one next()
-        # when the store's answer ends the call, and it read on from a shared one after the
-        # retry's seek, so the retry missed bytes (PLAINTEXT_SIZE_MISMATCH, nothing stored).
-        with _open_readable(path) as source:
-            return _encrypt_and_put(
-                source,
-                os.fstat(source.fileno()).st_size,
-                path=path,
-                name=name,
-                version=version,
-                key_id=key_id,
-                broker=broker,
-                store=store,
-                content_type=content_type,
-                progress=progress,
-                timeout=timeout,
-                bundle=bundle,
-                signed=signed,
-                created_at=created_at,
-            )
+        def attempt() -> tuple[store_pb.PutModelResponse, ArtifactHeader]:
+            # Each try is a whole new encryption under a fresh data key: the refused try's key
+            # is wiped, and no key and nonce ever seal the bytes of two tries. And each reads its
+            # own handle: gRPC's thread feeding a refused try's requests may still be inside one
+            # next() when the store's answer ends the call, and it read on from a shared one
+            # after the retry's seek, so the retry missed bytes (PLAINTEXT_SIZE_MISMATCH,
+            # nothing stored).
+            with _open_readable(path) as source:
+                return _encrypt_and_put(
+                    source,
+                    os.fstat(source.fileno()).st_size,
+                    path=path,
+                    name=name,
+                    version=version,
+                    key_id=key_id,
+                    broker=broker,
+                    store=store,
+                    content_type=content_type,
+                    progress=progress,
+                    timeout=timeout,
+                    bundle=bundle,
+                    signed=signed,
+                    created_at=created_at,
+                    upload_begins=upload.set,
+                )
 
-    # The multi-part publisher's rule (remote.TRANSIENT): an outage raised the raw grpc.RpcError
-    # here, Unavailable or DeadlineExceeded there.
-    with outages_raised_as_errors(f"{name}/{version} was not published"):
-        response, header = retrying_busy(attempt, retry, what=f"publishing {name}/{version}")
+        # The multi-part publisher's rule (remote.TRANSIENT): an outage raised the raw
+        # grpc.RpcError here, Unavailable or DeadlineExceeded there.
+        with outages_raised_as_errors(f"{name}/{version} was not published"):
+            response, header = retrying_busy(attempt, retry, what=f"publishing {name}/{version}")
     return Published(response.model, time.perf_counter() - started, header_digest(header).hex())
+
+
+def rm_command(name: str, version: str) -> str:
+    """The ``strongroom model rm`` command that removes ``name``/``version``, shell-quoted."""
+    return f"`strongroom model rm {shlex.quote(name)} {shlex.quote(version)}`"
+
+
+@contextmanager
+def interrupt_noted(name: str, version: str, upload: threading.Event) -> Iterator[None]:
+    """Adds to a ``KeyboardInterrupt`` raised in the block a note (``add_note``, as
+    :func:`~strongroom.client.multipart.publish_parts`'s) of what the single-artifact publish of
+    ``name``/``version`` may have left: nothing before ``upload`` is set (its call started), and
+    from then the whole version, with the command that removes it.
+
+    An interrupt after the last byte was sent (the store's answer on its way) leaves the version
+    stored: an interrupt that said nothing had the publisher's next try refused MODEL_EXISTS,
+    unexplained."""
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        if not upload.is_set():
+            interrupt.add_note(
+                f"interrupted: {name}/{version} was not published; nothing was stored"
+            )
+        else:
+            interrupt.add_note(
+                f"interrupted: its upload had begun, so {name}/{version} may be stored (whole, "
+                f"if its last byte was sent: `strongroom model ls {shlex.quote(name)}` lists it "
+                "then); publishing it again is refused (MODEL_EXISTS) until an admin removes it: "
+                f"{rm_command(name, version)}"
+            )
+        raise
 
 
 def _encrypt_and_put(
@@ -143,8 +185,10 @@ def _encrypt_and_put(
     bundle: bytes,
     signed: bytes | None,
     created_at: datetime | None,
+    upload_begins: Callable[[], None],
 ) -> tuple[store_pb.PutModelResponse, ArtifactHeader]:
-    """One try of :func:`publish_model`: a data key, then the file encrypted while uploaded.
+    """One try of :func:`publish_model`: a data key, then the file encrypted while uploaded
+    (``upload_begins`` called just before the upload's call starts).
 
     With ``signed`` (the plaintext SHA-256 the signature ``bundle`` names), the artifact's last
     piece (its footer: the SHA-256 of the bytes encrypted) is sent only if it is the same: a file
@@ -195,6 +239,7 @@ def _encrypt_and_put(
                 progress(source.tell(), total)
             yield from upload_pieces(piece)
 
+    upload_begins()
     response = put_model(store, messages(), name=name, version=version, timeout=timeout)
     return response, head[0]
 
@@ -219,9 +264,11 @@ def upload_artifact(
     updates no time; or it was changed in the clock tick of the check), its content, read again
     and hashed. A file rewritten in place, grown or shrunk meanwhile ends the upload with
     FailedPrecondition(MODEL_FILE_CHANGED) before the artifact is complete, so the store keeps
-    nothing. ``progress`` is called with (bytes sent, total). An upload the store refuses as busy
-    is sent again, the file read again from its start, as ``retry`` says (see
-    :func:`publish_model`).
+    nothing. ``progress`` is called with (bytes read, total) before each message is handed
+    over, so one that raises ends the upload before its last byte is sent (nothing stored). An
+    upload the store refuses as busy is sent again, the file read again from its start, as
+    ``retry`` says; an outage is ``Unavailable`` or ``DeadlineExceeded``, any other refusal
+    raised as it came, and an interrupt carries its note, as :func:`publish_model`'s.
     """
     started = time.perf_counter()
     with _open_readable(path) as source:
@@ -247,7 +294,17 @@ def upload_artifact(
                     timeout=timeout,
                 )
 
-        response = retrying_busy(attempt, retry, what=f"uploading {summary.name}/{summary.version}")
+        # As publish_model's (remote.TRANSIENT): the raw grpc.RpcError here, Unavailable there.
+        # The upload begins at once: an interrupt from here on may leave the artifact stored.
+        upload = threading.Event()
+        upload.set()
+        with (
+            interrupt_noted(summary.name, summary.version, upload),
+            outages_raised_as_errors(f"{summary.name}/{summary.version} was not uploaded"),
+        ):
+            response = retrying_busy(
+                attempt, retry, what=f"uploading {summary.name}/{summary.version}"
+            )
     return Published(response.model, time.perf_counter() - started, header_digest(head).hex())
 
 
@@ -320,6 +377,10 @@ def _artifact_messages(
             raise _changed(path)
         hasher.update(data)
         remaining -= len(data)
+        if progress is not None:
+            # Before the message is handed over: called after it, a callback that raised at the
+            # last one ended the upload only once the whole artifact had been sent (and stored).
+            progress(size - remaining, size)
         if not remaining:
             # Held back until the file is seen unchanged: an artifact that misses its last bytes
             # is no whole one for any store, so a changed file is never stored. Where its times
@@ -337,8 +398,6 @@ def _artifact_messages(
         else:
             yield data
         first = False
-        if progress is not None:
-            progress(size - remaining, size)
 
 
 def _changed(path: Path) -> FailedPrecondition:

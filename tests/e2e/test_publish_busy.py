@@ -31,6 +31,7 @@ from strongroom.artifact import parse_header
 from strongroom.artifact.c2sp import PREAMBLE_SIZE, TAG_SIZE
 from strongroom.artifact.manifest import ManifestLayout, PartMissing
 from strongroom.attesters import SimulatedAttester, TeeType
+from strongroom.cli.client import Client
 from strongroom.cli.main import main
 from strongroom.client import multipart
 from strongroom.client.busy import CLIENT_RETRY, BusyRetry
@@ -46,6 +47,7 @@ from strongroom.errors import (
     AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
@@ -1525,3 +1527,232 @@ def test_a_check_bound_that_is_no_positive_number_of_seconds_is_a_usage_error(
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert f"argument --check-within: {value!r} is not a positive number of seconds" in err
+
+
+def test_an_upload_the_store_went_away_under_is_unavailable(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """upload_artifact (`strongroom model upload`) raised an outage as the raw grpc.RpcError,
+    where publish_model and publish_parts raise Unavailable: now it does too, the status in the
+    message."""
+    path = tmp_path / "model.artifact"
+    path.write_bytes(make_artifact("busy/upload-down", "1", os.urandom(5000)))
+    stops = StopStoreBefore(stack, 0)
+    try:
+        with pytest.raises(Unavailable) as info:
+            upload_artifact(
+                path, store=grpc.intercept_channel(stack.channel(publisher, "modelstore"), stops)
+            )
+    finally:
+        if "modelstore" not in stack.services:
+            stack.start_in_process("modelstore", server=STORE_SERVER)
+    assert stops.uploads == 1
+    assert info.value.reason == "UNAVAILABLE"
+    assert info.value.message.startswith("busy/upload-down/1 was not uploaded (UNAVAILABLE: ")
+    assert isinstance(info.value.__cause__, grpc.RpcError)
+    assert _records(stack, "busy/upload-down") == []
+
+
+def test_an_upload_s_refusal_that_is_no_outage_is_raised_as_it_came(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """Only outages become domain errors: the store's refusal of a version it holds stays
+    gRPC's, the stored version untouched."""
+    path = tmp_path / "model.artifact"
+    path.write_bytes(make_artifact("busy/upload-twice", "1", os.urandom(5000)))
+    store = stack.channel(publisher, "modelstore")
+    first = upload_artifact(path, store=store)
+    with pytest.raises(grpc.RpcError) as info:
+        upload_artifact(path, store=store)
+    assert not isinstance(info.value, Unavailable)
+    assert (info.value.code(), peer_reason(info.value)) == (  # type: ignore[attr-defined]
+        grpc.StatusCode.ALREADY_EXISTS,
+        "MODEL_EXISTS",
+    )
+    stub = store_grpc.ModelStoreServiceStub(store)
+    stat = stub.StatModel(store_pb.StatModelRequest(name="busy/upload-twice", version="1"))
+    assert stat.model.artifact_sha256 == first.model.artifact_sha256
+
+
+class _CallbackFailed(Exception):
+    """What a library caller's progress callback raised."""
+
+
+def test_an_upload_s_progress_callback_that_raises_at_the_end_leaves_nothing_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """upload_artifact called its progress callback after the last message was handed over: one
+    that raised there ended the upload once the whole artifact had been sent, so the store kept
+    it while the caller got the exception. Now it runs before: the upload ends short of its last
+    byte, nothing stored."""
+    path = tmp_path / "model.artifact"
+    path.write_bytes(make_artifact("busy/upload-callback", "1", os.urandom(3 * 1024 * 1024)))
+    calls: list[tuple[int, int]] = []
+
+    def progress(done: int, total: int) -> None:
+        calls.append((done, total))
+        if done == total:
+            raise _CallbackFailed
+
+    with pytest.raises(_CallbackFailed):
+        upload_artifact(path, store=stack.channel(publisher, "modelstore"), progress=progress)
+    assert calls[-1] == (path.stat().st_size, path.stat().st_size)
+    assert _records(stack, "busy/upload-callback") == []
+
+
+@pytest.mark.parametrize("within", [0.0, -1.0, math.nan, math.inf])
+def test_a_check_bound_that_is_no_positive_finite_number_is_refused_by_the_library(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path, within: float
+) -> None:
+    """The command line refused such a --check-within, publish_parts did not: 0 or less failed
+    every publish DEADLINE_EXCEEDED at once, NaN or infinity looked without any bound. Now
+    InvalidArgument INVALID_DURATION, before anything is asked."""
+    broker = CountCalls()
+    stats = CountCalls()
+    uploads = BusyBefore(stack, publisher, set())
+    name = f"busy/check-{within}".replace("--", "-neg")
+    with pytest.raises(InvalidArgument) as info:
+        _publish(
+            stack,
+            publisher,
+            _shards(tmp_path / "shards", 2),
+            name,
+            grpc.intercept_channel(_store(stack, publisher, uploads), stats),
+            broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
+            check_within=within,
+        )
+    assert info.value.reason == "INVALID_DURATION"
+    assert info.value.message == (
+        f"check_within must be a positive, finite number of seconds, not {within!r}"
+    )
+    assert (broker.methods, stats.methods, uploads.outcomes) == ([], [], [])
+    assert _records(stack, name) == []
+
+
+class InterruptAfterUpload(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """Ctrl-C (a real SIGINT, to this thread: the publish's) once the store has answered an
+    upload: the moment a publish can be interrupted with its version stored."""
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        outcome = continuation(details, request_iterator)
+        assert outcome.exception() is None
+        signal.raise_signal(signal.SIGINT)
+        return outcome  # pragma: no cover - the interrupt is raised before
+
+
+class InterruptBefore(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """Ctrl-C (a real SIGINT) before a unary call is made."""
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        signal.raise_signal(signal.SIGINT)
+        return continuation(details, request)  # pragma: no cover - the interrupt is raised before
+
+
+def _admin_rm(stack: DevStack, name: str, version: str) -> None:
+    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
+    admin.DeleteModel(store_pb.DeleteModelRequest(name=name, version=version))
+
+
+def test_a_single_publish_interrupted_after_its_upload_says_the_version_may_be_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """An interrupted single-file publish said nothing, though an interrupt after its last byte
+    leaves the version stored (the publisher's next try refused MODEL_EXISTS, unexplained). Now
+    the interrupt carries a note, as a multi-part publish's does: it may be stored, and the
+    command that removes it."""
+    model = tmp_path / "model.bin"
+    model.write_bytes(os.urandom(3000))
+    with pytest.raises(KeyboardInterrupt) as info:
+        publish_model(
+            model,
+            name="busy/single-stopped",
+            version="1",
+            key_id=KEY_ID,
+            broker=stack.channel(publisher, "keybroker"),
+            store=grpc.intercept_channel(
+                stack.channel(publisher, "modelstore"), InterruptAfterUpload()
+            ),
+        )
+    (note,) = info.value.__notes__
+    assert note.startswith("interrupted: its upload had begun, so busy/single-stopped/1 may be ")
+    assert "`strongroom model ls busy/single-stopped` lists it" in note
+    assert "refused (MODEL_EXISTS) until an admin removes it" in note
+    assert note.endswith("`strongroom model rm busy/single-stopped 1`")
+    assert _records(stack, "busy/single-stopped") == [("busy/single-stopped", "1")]
+    _admin_rm(stack, "busy/single-stopped", "1")
+
+
+def test_a_single_publish_interrupted_before_its_upload_says_nothing_was_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """Ctrl-C while the data key is asked for: the note says nothing was stored."""
+    model = tmp_path / "model.bin"
+    model.write_bytes(os.urandom(3000))
+    with pytest.raises(KeyboardInterrupt) as info:
+        publish_model(
+            model,
+            name="busy/single-early",
+            version="1",
+            key_id=KEY_ID,
+            broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), InterruptBefore()),
+            store=stack.channel(publisher, "modelstore"),
+        )
+    assert info.value.__notes__ == [
+        "interrupted: busy/single-early/1 was not published; nothing was stored"
+    ]
+    assert _records(stack, "busy/single-early") == []
+
+
+def test_an_upload_interrupted_after_the_store_answered_says_it_may_be_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """`strongroom model upload` interrupted the same way said nothing either."""
+    path = tmp_path / "model.artifact"
+    path.write_bytes(make_artifact("busy/upload-stopped", "1", os.urandom(5000)))
+    with pytest.raises(KeyboardInterrupt) as info:
+        upload_artifact(
+            path,
+            store=grpc.intercept_channel(
+                stack.channel(publisher, "modelstore"), InterruptAfterUpload()
+            ),
+        )
+    (note,) = info.value.__notes__
+    assert note.startswith("interrupted: its upload had begun, so busy/upload-stopped/1 may be ")
+    assert note.endswith("`strongroom model rm busy/upload-stopped 1`")
+    assert _records(stack, "busy/upload-stopped") == [("busy/upload-stopped", "1")]
+    _admin_rm(stack, "busy/upload-stopped", "1")
+
+
+def test_an_interrupted_single_publish_command_prints_what_may_be_stored(
+    stack: DevStack,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`strongroom model publish FILE` ended 130 on Ctrl-C, silent on the version it may have
+    stored: it prints the publisher's note now, as a multi-part publish's. (The command's own
+    channel to the store, with the interceptor that interrupts once the store has answered.)"""
+    channel = Client.channel
+
+    def interrupting(client: Client, service: str) -> grpc.Channel:
+        opened = channel(client, service)
+        if service != "modelstore":
+            return opened
+        return grpc.intercept_channel(opened, InterruptAfterUpload())
+
+    monkeypatch.setattr(Client, "channel", interrupting)
+    model = tmp_path / "model.bin"
+    model.write_bytes(os.urandom(3000))
+    config = str(stack.write_client_config("publisher"))
+    argv = ["model", "publish", str(model), "--name", "busy/cli-single", "--version", "1"]
+    code = main([*argv, "--key-id", KEY_ID, "--no-progress", "--client-config", config])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert "strongroom: interrupted: its upload had begun, so busy/cli-single/1 may be " in err
+    assert "`strongroom model rm busy/cli-single 1`" in err
+    assert _records(stack, "busy/cli-single") == [("busy/cli-single", "1")]
+    _admin_rm(stack, "busy/cli-single", "1")
