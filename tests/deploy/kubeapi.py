@@ -62,7 +62,8 @@ def kube_api(objects: list[dict[str, Any]], tmp_path: Path) -> Iterator[Path]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # Every close's shutdown() waits for the loop's next look: 0.5 s apart by default.
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         config = tmp_path / "kubeconfig"

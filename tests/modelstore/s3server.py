@@ -279,7 +279,10 @@ class FaultProxy:
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # Every close's shutdown() waits for the loop's next look: 0.5 s apart by default.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), daemon=True
+        )
         self._thread.start()
 
     def _forward(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> None:

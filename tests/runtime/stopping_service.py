@@ -55,7 +55,7 @@ from strongroom.cli.main import run_command
 from strongroom.errors import Unavailable
 from strongroom.modelstore._s3 import _each
 from strongroom.reasons import Reason
-from strongroom.runtime import bootstrap, starting
+from strongroom.runtime import bootstrap, log_writer, starting
 from strongroom.runtime import server as server_module
 from strongroom.runtime.config import LoggingConfig, ServerConfig, TracingConfig
 from strongroom.runtime.log_writer import ServiceLog
@@ -69,6 +69,11 @@ SHORT_BUDGET_SECONDS = 0.5
 """The handlers' drain, the close's budget once calls are abandoned and the last exports' budget,
 instead of 5 s, 3 s and 2.5 s: the tests judge what the process does once a budget ends, not how
 long the budget is (the hung modes waited out 8 s of budgets each, for nothing)."""
+FULL_STDERR_ENV = "STOPPING_SERVICE_STDERR_FILLS"
+"""Set (to anything) by a test whose run fills this process's stderr and never reads it: the
+log's flush budget is then :data:`SHORT_BUDGET_SECONDS` instead of 5 s (``FLUSH_SECONDS``), which
+such an exit always spends in full. Only then: a run whose stderr is read keeps the whole budget,
+so a slow reader on a loaded machine still gets every line."""
 _SHUTDOWN = Telemetry.shutdown
 
 
@@ -290,6 +295,8 @@ def main(mode: str, collector: str = "") -> int:
     server_module.HANDLER_DRAIN_SECONDS = SHORT_BUDGET_SECONDS
     bootstrap.CLOSE_SECONDS = SHORT_BUDGET_SECONDS
     Telemetry.shutdown = _short_shutdown  # type: ignore[method-assign]
+    if os.environ.get(FULL_STDERR_ENV):
+        log_writer.FLUSH_SECONDS = SHORT_BUDGET_SECONDS
     slow = mode == "starting-slow-close"
     bootstrap.open_identity = lambda *_, **__: _Identity(slow)  # type: ignore[assignment]
 

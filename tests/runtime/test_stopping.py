@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from tests.conftest import REPO
-from tests.runtime.stopping_service import LINES, SERVICE, fill_pipe
+from tests.runtime.stopping_service import FULL_STDERR_ENV, LINES, SERVICE, fill_pipe
 
 
 def _start(mode: str, *args: str, **env: str) -> subprocess.Popen[str]:
@@ -44,10 +44,11 @@ def _log(stderr: str) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def _hung_and_signalled(mode: str) -> Iterator[subprocess.Popen[str]]:
-    """Runs ``mode`` (a hung handler), makes one call and sends SIGTERM once the handler runs;
-    the process, to be waited for inside the block (the call is cancelled after it)."""
-    process = _start(mode)
+def _hung_and_signalled(mode: str, **env: str) -> Iterator[subprocess.Popen[str]]:
+    """Runs ``mode`` (a hung handler) with ``env``, makes one call and sends SIGTERM once the
+    handler runs; the process, to be waited for inside the block (the call is cancelled after
+    it)."""
+    process = _start(mode, **env)
     try:
         assert process.stdout is not None
         port = int(process.stdout.readline())
@@ -352,7 +353,8 @@ def test_sigterm_stops_the_service_whose_stderr_fills_and_is_never_read(filled: 
     Both threads' lines go through the log's queue now: the stop runs, and the exit gives up on
     the log once its flush budget is spent. A pipe full before the signal stops it so too."""
     process = _start(
-        *(["stderr-fills"] if filled == "between-look-and-write" else ["listening", "0"])
+        *(["stderr-fills"] if filled == "between-look-and-write" else ["listening", "0"]),
+        **{FULL_STDERR_ENV: "1"},
     )
     try:
         assert process.stdout is not None
@@ -374,7 +376,7 @@ def test_a_service_abandoning_calls_exits_when_its_stderr_fills_after_the_look()
     write, and its reader had stopped reading, the write waited for good, and the exit after it
     never came (the orchestrator's SIGKILL ended the process). The line is refused by the pipe
     now, queued, and the exit gives up on the log once its flush budget is spent."""
-    with _hung_and_signalled("hung-stderr-fills") as process:
+    with _hung_and_signalled("hung-stderr-fills", **{FULL_STDERR_ENV: "1"}) as process:
         # Stderr is not read until the process has ended: its reader stopped reading.
         status = process.wait(timeout=60)  # a hang, not a speed: it never ended
     assert status == 0
@@ -384,7 +386,7 @@ def _raise_on_a_thread(*, fill_stderr: bool) -> tuple[int, str]:
     """Runs ``thread-raises``, its stderr filled first with ``fill_stderr`` (and not read until
     the process has ended: its reader stopped reading), has its thread raise, then sends
     SIGTERM; the exit status and the whole of stderr."""
-    process = _start("thread-raises")
+    process = _start("thread-raises", **({FULL_STDERR_ENV: "1"} if fill_stderr else {}))
     try:
         assert process.stdout is not None and process.stdin is not None
         int(process.stdout.readline())  # serving
@@ -463,7 +465,7 @@ def _stopped_on(kind: str, *, fill_stderr: bool) -> tuple[int, str]:
     """Runs ``stops-on-<kind>``, its stderr filled first with ``fill_stderr`` (and not read until
     the process has ended: its reader stopped reading), and has its start raise; the exit
     status and the whole of stderr."""
-    process = _start(f"stops-on-{kind}")
+    process = _start(f"stops-on-{kind}", **({FULL_STDERR_ENV: "1"} if fill_stderr else {}))
     try:
         assert process.stdout is not None and process.stdin is not None
         assert process.stdout.readline() == "building\n"
