@@ -7,6 +7,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from strongroom.modelstore._ranges import Frame, copied_into
+
 
 class _StalledReader:
     """A real stored artifact's byte range, sent as all but its last 64 bytes (the header among
@@ -30,6 +32,10 @@ class _StalledReader:
         self._stall.stalled.set()
         self._stall.go_on.wait(60)
         yield data[-64:]
+
+    def chunks_into(self, chunk_size: int, frame: Frame) -> Iterator[memoryview]:
+        """What the store's GetModel reads (each piece into its message), stalled the same way."""
+        return copied_into(self.chunks(chunk_size), frame)
 
 
 class StallOnce:
