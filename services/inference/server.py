@@ -27,6 +27,7 @@ from strongroom.attesters import (
 from strongroom.client.cancel import CallScope, scoped_channel
 from strongroom.client.fetch import STORE_CHANNEL_OPTIONS
 from strongroom.client.keyrelease import KeyReleaseClient, PinnedChannels
+from strongroom.client.whole_streams import whole_streams
 from strongroom.errors import FailedPrecondition, StrongroomError
 from strongroom.inference.autoload import ConfiguredLoads, RetrySchedule
 from strongroom.inference.config import InferenceConfig
@@ -233,13 +234,16 @@ def build(
     store_id, broker_id = config.server_ids(identity.trust_domain)
     # The scope interceptor sits below the tracing: a traced download is a generator that only
     # the loading thread may close, and a cancelled LoadModel must end the real call beneath it.
+    # Beneath both, its single-threaded downloads are taken in to their end by their own thread.
     store_channel = traced_channel(
         scoped_channel(
-            identity.channel(
-                config.model_store,
-                server_name=config.model_store_server_name,
-                server_id=store_id,
-                options=STORE_CHANNEL_OPTIONS,
+            whole_streams(
+                identity.channel(
+                    config.model_store,
+                    server_name=config.model_store_server_name,
+                    server_id=store_id,
+                    options=STORE_CHANNEL_OPTIONS,
+                )
             )
         ),
         provider,

@@ -71,6 +71,7 @@ from strongroom.client.cancel import current_scope
 from strongroom.client.keypins import KeyPins
 from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
 from strongroom.client.remote import remote_error
+from strongroom.client.whole_streams import end_stream
 from strongroom.closing import Closing
 from strongroom.errors import (
     DataLoss,
@@ -110,7 +111,10 @@ gRPC Python hands each message of a response stream from its channel's spin thre
 that iterates the call, a wake-up and an interpreter-lock hand-off per message; with this option
 the iterating thread polls the call's own queue. Measured on the 512 MB cold start (2 cores): 0.045
 CPU-s less in the loading process (README, "Cold start"). Such a call's ``result()`` and
-``exception()`` raise rather than wait until it has ended; nothing here asks them early."""
+``exception()`` raise rather than wait until it has ended; nothing here asks them early. Its end
+is taken in only by the thread reading it: wrap the channel with
+:func:`~strongroom.client.whole_streams.whole_streams`, or a call ended early (cancelled, failed)
+keeps its core call for as long as the channel lives."""
 
 PartSource = Callable[[str, str], Iterator[bytes | memoryview]]
 """Yields the bytes of the stored artifact ``(name, version)`` from offset 0, in pieces.
@@ -173,13 +177,8 @@ def grpc_source(channel: grpc.Channel, *, timeout: float = 600.0) -> PartSource:
             # A reader that stops early (a refused header, a failed part) ends the download; a
             # finished call ignores it. A call wrapped by an interceptor is a generator: it is
             # closed here, not left for the garbage collector to finalise in another context.
-            cancel = getattr(call, "cancel", None)
-            if cancel is not None:
-                cancel()
-            else:
-                close = getattr(call, "close", None)
-                if close is not None:
-                    close()
+            # A single-threaded call's end is taken in here too (strongroom.client.whole_streams).
+            end_stream(call)
 
     return source
 

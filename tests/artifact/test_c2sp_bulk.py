@@ -93,6 +93,12 @@ def test_a_tampered_chunk_zeroes_the_run_and_ends_the_opener() -> None:
         opener.open_into(
             6, memoryview(ct)[PRE + 6 * SEALED : PRE + 6 * SEALED], memoryview(out)[:0]
         )
+    # Nor the failed run again, sent undamaged: the opener is done, whatever its decryptor's state.
+    with pytest.raises(ValueError, match="in order"):
+        opener.open_into(
+            2, memoryview(ct)[PRE + 2 * SEALED : PRE + 6 * SEALED], memoryview(out)[2 * CS :]
+        )
+    assert not any(out[2 * CS :])
 
 
 @pytest.mark.parametrize(("key", "ctx"), [(os.urandom(32), b"bulk test"), (None, b"other")])

@@ -65,6 +65,7 @@ from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.client.fetch import STORE_CHANNEL_OPTIONS
 from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.client.publish import publish_model
+from strongroom.client.whole_streams import whole_streams
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
@@ -308,8 +309,8 @@ def measure(
                 key_release._next_key.result(60)
                 loader = ModelLoader(
                     ModelRepository(),
-                    store_channel=stack.channel(
-                        identity, "modelstore", options=STORE_CHANNEL_OPTIONS
+                    store_channel=whole_streams(
+                        stack.channel(identity, "modelstore", options=STORE_CHANNEL_OPTIONS)
                     ),
                     key_release=key_release,
                     decrypt_threads=decrypt_threads,

@@ -34,7 +34,7 @@ class _StalledReader:
         yield data[-64:]
 
     def chunks_into(self, chunk_size: int, frame: Frame) -> Iterator[memoryview]:
-        """What the store's GetModel reads through: the same stall, each piece in its frame."""
+        """What the store's GetModel reads (each piece into its message), stalled the same way."""
         return copied_into(self.chunks(chunk_size), frame)
 
 
