@@ -110,9 +110,9 @@ STORE_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 gRPC Python hands each message of a response stream from its channel's spin thread to the thread
 that iterates the call, a wake-up and an interpreter-lock hand-off per message; with this option
 the iterating thread polls the call's own queue. Measured on the 512 MB cold start (2 cores): 0.045
-CPU-s less in the loading process (README, "Cold start"). Such a call's ``result()`` and
-``exception()`` raise rather than wait until it has ended; nothing here asks them early. Its end
-is taken in only by the thread reading it: wrap the channel with
+CPU-s less in the loading process, 0.024 s less wall time (tests/bench/ANALYSIS.md, "Cold start").
+Such a call's ``result()`` and ``exception()`` raise rather than wait until it has ended; nothing
+here asks them early. Its end is taken in only by the thread reading it: wrap the channel with
 :func:`~strongroom.client.whole_streams.whole_streams`, or a call ended early (cancelled, failed)
 keeps its core call for as long as the channel lives."""
 
