@@ -85,9 +85,11 @@ from tests.bench._vm import PAGE_REPORTING, read_int
 _DATA_FIELD = store_pb.GetModelResponse.DESCRIPTOR.fields_by_name["data"].number
 
 
-def _stream_channel(port: int, client: WorkloadIdentity | None) -> grpc.Channel:
-    """A channel to a bench stream server: plain, or mTLS as ``client``."""
-    options = [("grpc.max_receive_message_length", 64 << 20)]
+def _stream_channel(
+    port: int, client: WorkloadIdentity | None, extra: tuple[tuple[str, int], ...] = ()
+) -> grpc.Channel:
+    """A channel to a bench stream server: plain, or mTLS as ``client``; ``extra`` options."""
+    options = [("grpc.max_receive_message_length", 64 << 20), *extra]
     target = f"127.0.0.1:{port}"
     if client is None:
         return grpc.insecure_channel(target, options=options)
@@ -100,10 +102,15 @@ def _stream_get(channel: grpc.Channel) -> grpc.UnaryStreamMultiCallable[bytes, b
 
 
 def _plain_load(
-    port: int, size: int, *, prefault: bool = False, client: WorkloadIdentity | None = None
+    port: int,
+    size: int,
+    *,
+    prefault: bool = False,
+    client: WorkloadIdentity | None = None,
+    extra: tuple[tuple[str, int], ...] = (),
 ) -> dict[str, float]:
     t0 = time.perf_counter()
-    with _stream_channel(port, client) as ch:
+    with _stream_channel(port, client, extra) as ch:
         get = _stream_get(ch)
         # Received into one preallocated bytes object, as the secure path decrypts into one: the
         # same memory behaviour, minus the cryptography (the size is known from the store's
@@ -292,6 +299,7 @@ def measure(
         prefaulted_runs: list[dict[str, float]] = []
         store_runs: list[dict[str, float]] = []
         mtls_runs: list[dict[str, float]] = []
+        mtls_store_options_runs: list[dict[str, float]] = []
         floor_runs: list[dict[str, float]] = []
         disk_runs: list[float] = []
         size = model.path.stat().st_size
@@ -331,6 +339,17 @@ def measure(
                 plain_runs.append(_with_usage(partial(_plain_load, port, size)))
                 mtls_runs.append(
                     _with_usage(partial(_plain_load, mtls_server.port, size, client=identity))
+                )
+                mtls_store_options_runs.append(
+                    _with_usage(
+                        partial(
+                            _plain_load,
+                            mtls_server.port,
+                            size,
+                            client=identity,
+                            extra=STORE_CHANNEL_OPTIONS,
+                        )
+                    )
                 )
                 prefaulted_runs.append(_with_usage(partial(_plain_load, port, size, prefault=True)))
                 store_runs.append(
@@ -386,6 +405,16 @@ def measure(
         results["ratio_secure_to_bare_mtls_stream_machine_cpu"] = round(
             secure["machine_cpu_s"] / mtls["machine_cpu_s"], 3
         )
+        # For information: the same bare stream read as the product reads downloads (the store
+        # channel's options, gRPC's single-threaded response streams), what that mode alone is
+        # worth; the target is judged against the bare stream as gRPC reads it by default.
+        mtls_st = min(mtls_store_options_runs, key=lambda r: r["total"])
+        results["bare_mtls_stream_store_channel_options_best_s"] = {
+            k: round(v, 3) for k, v in mtls_st.items()
+        }
+        results["ratio_secure_to_bare_mtls_stream_store_channel_options"] = round(
+            secure["total"] / mtls_st["total"], 3
+        )
         floor = min(floor_runs, key=lambda r: r["total"])
         # The cause of a miss, measured: what decrypting alone adds to the bare mTLS stream on
         # this machine (the floor), and what the store and the release add above that floor.
@@ -394,10 +423,16 @@ def measure(
         }
         results["ratio_floor_to_bare_mtls_stream"] = round(floor["total"] / mtls["total"], 3)
         results["ratio_secure_to_floor"] = round(secure["total"] / floor["total"], 3)
+        # The targets as the README judges them (the bare stream over mTLS, every service here
+        # talking only mTLS), and against the plain stream.
         results["target_ratio_at_most_1_3"] = {
+            "vs_bare_mtls_stream": secure["total"] / mtls["total"] <= 1.3,
             "vs_bare_grpc_stream": secure["total"] / plain["total"] <= 1.3,
             "vs_plain_model_store": secure["total"] / store["total"] <= 1.3,
         }
+        results["target_ratio_at_most_1_15_vs_bare_mtls_stream"] = (
+            secure["total"] / mtls["total"] <= 1.15
+        )
         results["target_ratio_at_most_1_15_vs_bare_grpc_stream"] = (
             secure["total"] / plain["total"] <= 1.15
         )
