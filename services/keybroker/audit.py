@@ -115,8 +115,10 @@ a sealed head: 3-4; no log, or an empty one, without a head beside sealed logs: 
 sealed log after checking its sealed head and last record), and another process sharing the log
 follows the rotation (through every sealed file since its own; if its own was shipped and deleted
 meanwhile, from that file's end, which the next file must continue; and again when the
-other process rotates the new log before this one has taken its lock). A sealed log missing,
-altered or without its head is tampering. With a size cap, sealed files count against it until
+other process rotates the new log before this one has taken its lock). A step the open cannot
+make (a directory the broker's user cannot write, a file it cannot read: ``EACCES``, ``EIO``)
+refuses the start with ``AuditUnavailable`` naming the file(s) and the errno; what was done
+stays done, for the next start. A sealed log missing, altered or without its head is tampering. With a size cap, sealed files count against it until
 deleted; without rotation the cap means what it did.
 
 **Sealed files at start.** Once the open has finished any rotation, it checks every sealed log
@@ -423,7 +425,7 @@ def _take_log_lock(lock: BoundedFlock, path: Path, deadline: float) -> None:
     try:
         locked = lock.acquire(deadline - started)
     except OSError as exc:
-        raise AuditUnavailable(f"cannot lock the audit log: {exc.strerror}") from None
+        raise _call_failed("lock the audit log", exc, path) from None
     if not locked:
         message = log_locked(path, LOG_LOCK_WAIT_SECONDS)
         _log.error(message, extra={"reason": Reason.AUDIT_UNAVAILABLE.value})
@@ -731,7 +733,7 @@ class AuditLog(Closing):
         try:
             dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
-            raise AuditUnavailable(f"cannot open the audit directory: {exc.strerror}") from None
+            raise _call_failed("open the audit directory", exc, path.parent) from None
         # No symlink (the log would be written wherever it points) and nothing but a regular
         # file: a FIFO would block the broker's start and every commit's reads.
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
@@ -739,7 +741,7 @@ class AuditLog(Closing):
             fd = os.open(path, flags, 0o600)
         except OSError as exc:
             os.close(dir_fd)
-            raise AuditUnavailable(f"cannot open the audit log: {exc.strerror}") from None
+            raise _call_failed("open the audit log", exc, path) from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             os.close(dir_fd)
@@ -763,6 +765,12 @@ class AuditLog(Closing):
                 log._resync()
                 log._check_sealed_series(prechecked)
                 log._count_sealed_bytes()
+        except OSError as exc:
+            # Each step names what it could not do; a system call none of them expected to fail
+            # (a read of a sealed file while finishing a rotation, EIO) refuses the start all the
+            # same, naming its file, rather than ending it with a traceback.
+            log.close()
+            raise _call_failed_in("access the audit file", exc, path.parent) from None
         except BaseException:
             log.close()
             raise
@@ -1183,7 +1191,7 @@ class AuditLog(Closing):
             return
         data_end, tail = self._checked(_read_tail, self._fd, size, 1)
         last = self._checked(_tail_record, tail[-1][1]) if tail else None
-        parsed = self._checked(_read_head, self._head)
+        parsed = self._checked(_read_head, self._head, self._head_path)
         if parsed is not None and parsed.sealed:
             if not finishing:
                 # A rotation was sealed but not finished (a crash, a failed rename).
@@ -1365,16 +1373,14 @@ class AuditLog(Closing):
             if self._lstat(name) is not None:
                 raise self._tampered(f"the sealed audit log {name} already exists")
             self._check_sealed_log(self._path.name, parsed)
-            os.rename(self._path.name, name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
-            os.fsync(self._dir_fd)
+            self._rename_in_dir(self._path.name, name)
         elif self._lstat(name) is None:
             raise self._tampered(f"the audit head at the log's path seals {name}, which is missing")
         else:
             self._check_sealed_log(name, parsed)
         if self._lstat(name + ".head") is not None:
             raise self._tampered(f"the sealed audit head {name}.head already exists")
-        os.rename(head_name, name + ".head", src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
-        os.fsync(self._dir_fd)
+        self._rename_in_dir(head_name, name + ".head")
         _log.info("audit log rotated: %s sealed (seq %d..%d)", name, sealed.base, sealed.count - 1)
 
     def _prepare_new_log(self, sealed: Head) -> None:
@@ -1382,26 +1388,36 @@ class AuditLog(Closing):
         process opening it made it already) and, unless there is one, its first head, anchored
         at the latest sealed log's end (its checks included: _new_anchor)."""
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
-        os.close(os.open(self._path.name, flags, 0o600, dir_fd=self._dir_fd))
+        try:
+            os.close(os.open(self._path.name, flags, 0o600, dir_fd=self._dir_fd))
+        except OSError as exc:
+            raise _call_failed("create the audit log", exc, self._path) from None
         if self._lstat(self._head_path.name) is not None:
             return  # another process finished the rotation; resync checks what it wrote
         anchor = self._new_anchor_locked()
         if (anchor.base, anchor.last_hash) != (sealed.count, sealed.last_hash):
             raise self._tampered("a later sealed audit log appeared beside the one just sealed")
         self._head.close()
-        self._head.read()  # none: the write below creates the file
-        self._head.write(anchor)
-        os.fsync(self._dir_fd)
+        try:
+            self._head.read()  # none: the write below creates the file
+            self._head.write(anchor)
+        except OSError as exc:
+            # Named as the head: a failed create names the temporary file it writes first.
+            raise _call_failed("write the audit head", exc, self._head_path) from None
+        self._sync_dir()
 
     def _switch_to_new(self, sealed: Head) -> None:
         """Writes to the log at the log's path from now on, its chain to continue ``sealed``.
         Its lock is taken after the directory's is released: a process committing to the new
         log holds its lock and may wait for the directory's."""
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
-        fd = os.open(self._path, flags, 0o600)
+        try:
+            fd = os.open(self._path, flags, 0o600)
+        except OSError as exc:
+            raise _call_failed("open the audit log", exc, self._path) from None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError(errno.EINVAL, f"the audit log {self._path} is not a regular file")
+                raise AuditUnavailable(f"the audit log {self._path} is not a regular file")
             log_lock = BoundedFlock(fd, fcntl.LOCK_EX)
             _take_log_lock(log_lock, self._path, self._lock_deadline)
         except BaseException:
@@ -1472,7 +1488,7 @@ class AuditLog(Closing):
         if not any(
             base == shipped.count for base, _, _ in _sealed_logs(self._dir_fd, self._path.name)
         ):
-            at_path = self._checked(_read_head, self._head)
+            at_path = self._checked(_read_head, self._head, self._head_path)
             if at_path is None or at_path.sealed or at_path.head.base != shipped.count:
                 return None
         _log.info(
@@ -1686,7 +1702,11 @@ class AuditLog(Closing):
     def _dir_locked(self) -> Iterator[None]:
         """The directory's ``flock``: renames and new chains of a rotation, one process at a time.
         Taken after the log's lock, never before it."""
-        if not self._dir_lock.acquire(DIR_LOCK_WAIT_SECONDS):  # in the kernel's queue: fair
+        try:
+            locked = self._dir_lock.acquire(DIR_LOCK_WAIT_SECONDS)  # in the kernel's queue: fair
+        except OSError as exc:
+            raise _call_failed("lock the audit directory", exc, self._path.parent) from None
+        if not locked:
             raise AuditUnavailable(directory_locked(self._path.parent))
         try:
             yield
@@ -1698,11 +1718,35 @@ class AuditLog(Closing):
         return open_regular(name, dir_fd=self._dir_fd)
 
     def _read_in_dir(self, name: str, limit: int) -> bytes:
-        fd = self._open_in_dir(name)
+        """The first ``limit`` bytes of ``name`` in the log's directory: FileNotFoundError when it
+        is not there, AuditUnavailable naming it and the errno for any other error."""
         try:
-            return os.pread(fd, limit, 0)
-        finally:
-            os.close(fd)
+            fd = self._open_in_dir(name)
+            try:
+                return os.pread(fd, limit, 0)
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise _call_failed("read the audit file", exc, self._path.parent / name) from None
+
+    def _rename_in_dir(self, name: str, new_name: str) -> None:
+        """A rotation's rename in the log's directory, made durable; AuditUnavailable naming both
+        files (or the directory) and the errno if it fails: a bare OSError ended the start."""
+        try:
+            os.rename(name, new_name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+        except OSError as exc:
+            raise _call_failed_in("rename the audit file", exc, self._path.parent) from None
+        self._sync_dir()
+
+    def _sync_dir(self) -> None:
+        """``fsync`` of the log's directory (a rotation's renames and new files); AuditUnavailable
+        naming the directory and the errno if it fails."""
+        try:
+            os.fsync(self._dir_fd)
+        except OSError as exc:
+            raise _call_failed("sync the audit directory", exc, self._path.parent) from None
 
     def _at_path(self, opened: os.stat_result) -> bool:
         current = self._stat_at_path()
@@ -1814,7 +1858,7 @@ class AuditLog(Closing):
             os.ftruncate(self._fd, size)
             os.fsync(self._fd)
         except OSError as exc:
-            raise AuditUnavailable(f"cannot repair the audit log: {exc.strerror}") from None
+            raise _call_failed("repair the audit log", exc, self._path) from None
 
     def _checked(self, read: Callable[..., T], *args: Any) -> T:
         """Runs a tail/head reader, latching any tamper verdict it raises."""
@@ -1839,7 +1883,7 @@ class AuditLog(Closing):
         try:
             self._write_head(head)
         except OSError as exc:
-            raise AuditUnavailable(f"cannot write the audit head: {exc.strerror}") from None
+            raise _call_failed("write the audit head", exc, self._head_path) from None
 
 
 def _sealed_logs(dir_fd: int, log_name: str) -> list[tuple[int, int, str]]:
@@ -1850,11 +1894,25 @@ def _sealed_logs(dir_fd: int, log_name: str) -> list[tuple[int, int, str]]:
     return [(found.first, found.last, found.name) for found in listing.files if found.has_log]
 
 
+def _call_failed(doing: str, exc: OSError, path: Path | str) -> AuditUnavailable:
+    """Why a system call on the audit file ``path`` failed, as :func:`_lookup_failed` says it:
+    ``cannot DOING PATH: strerror (ERRNO)``."""
+    return AuditUnavailable(f"cannot {doing} {path}: {exc.strerror or exc} ({errno_name(exc)})")
+
+
+def _call_failed_in(doing: str, exc: OSError, directory: Path) -> AuditUnavailable:
+    """:func:`_call_failed` for a call on names in the log's ``directory`` (through its
+    descriptor): it names the file(s) the call named (``exc.filename``, and ``filename2``: ``A to
+    B`` for a rename) in that directory, or the directory when the call named none (a call on a
+    descriptor)."""
+    names = (exc.filename, exc.filename2)
+    found = [directory / os.fsdecode(name) for name in names if isinstance(name, (str, bytes))]
+    return _call_failed(doing, exc, " to ".join(map(str, found)) or directory)
+
+
 def _lookup_failed(path: Path, exc: OSError) -> AuditUnavailable:
     """Why the audit file ``path`` could not be looked up (not because it is not there)."""
-    return AuditUnavailable(
-        f"cannot look up the audit file {path}: {exc.strerror or exc} ({errno_name(exc)})"
-    )
+    return _call_failed("look up the audit file", exc, path)
 
 
 def _lstat_in(dir_fd: int, name: str) -> os.stat_result | None:
@@ -2088,12 +2146,13 @@ def _tail_record(line: bytes, what: str = "the last audit record") -> dict[str, 
     return record
 
 
-def _read_head(head_file: HeadFile) -> ParsedHead | None:
-    """The head verified with our own key; None if absent, DataLoss if invalid."""
+def _read_head(head_file: HeadFile, path: Path) -> ParsedHead | None:
+    """The head (the file ``path``) verified with our own key; None if absent, DataLoss if
+    invalid."""
     try:
         return head_file.read()
     except OSError as exc:
-        raise AuditUnavailable(f"cannot read the audit head: {exc.strerror}") from None
+        raise _call_failed("read the audit head", exc, path) from None
     except (ValueError, KeyError, TypeError, binascii.Error, InvalidSignature) as exc:
         raise DataLoss(
             "the audit head is malformed or not signed by this broker's key"

@@ -78,6 +78,17 @@ def env(tmp_path: Path, softhsm_conf: Path) -> dict[str, str]:
     }
 
 
+@pytest.fixture
+def env_with_chain(env: dict[str, str], simulated_tee_dir: Path) -> dict[str, str]:
+    """:func:`env` whose simulated-tee volume already holds the run's chain (a copy, so that a
+    test cannot change the shared one): ``bootstrap.sh`` finds it and does not generate one (three
+    RSA-4096 keys, 2-3 s a test). For the tests that are not about the chain: the first test
+    checks that it is generated, the production one that the volume stays empty."""
+    volume = Path(env["STRONGROOM_BOOTSTRAP_SIMULATED_TEE_DIR"])
+    shutil.copytree(simulated_tee_dir, volume, dirs_exist_ok=True)  # copy2 keeps the keys' 0600
+    return env
+
+
 def bootstrap(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     bash = shutil.which("bash") or "/bin/bash"
     return subprocess.run(
@@ -184,11 +195,12 @@ def test_bootstrap_prepares_everything_and_is_idempotent(
 
 
 def test_an_existing_stack_gets_a_certificate_in_place_of_its_bare_key(
-    env: dict[str, str], tmp_path: Path
+    env_with_chain: dict[str, str], tmp_path: Path
 ) -> None:
     """A stack bootstrapped before certificates published the bare public key, which inference
     trusted for ever: the next run certifies the key the broker holds (not a new one) and takes
     the bare key away, so an inference still listing it fails at start naming the file."""
+    env = env_with_chain
     assert bootstrap(env).returncode == 0
     pki = tmp_path / "pki"
     secrets = tmp_path / "secrets"
@@ -209,11 +221,12 @@ def test_an_existing_stack_gets_a_certificate_in_place_of_its_bare_key(
 
 
 def test_a_certificate_ending_soon_or_over_another_key_is_made_again(
-    env: dict[str, str], tmp_path: Path
+    env_with_chain: dict[str, str], tmp_path: Path
 ) -> None:
     """The bootstrap keeps the certificate while it does (first test), and makes it again at the
     next run when it ends within 60 days, or certifies a key the broker no longer holds (the key
     rotated in keybroker-secrets)."""
+    env = env_with_chain
     assert bootstrap(env).returncode == 0
     certificate = tmp_path / "pki" / "release-signing-key.crt.pem"
     key = load_release_key((tmp_path / "secrets" / "release-signing-key").read_bytes())

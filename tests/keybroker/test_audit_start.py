@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -682,6 +683,182 @@ def test_an_interrupted_rotation_the_start_cannot_look_up_refuses_naming_the_fil
     assert error.message == (
         f"cannot look up the audit file {log_path.parent / name}: Permission denied (EACCES)"
     )
+    with AuditLog.open(log_path, key) as log:
+        assert (log.first_seq, log.count) == (3, 3)
+        assert log.append(event(3)).seq == 3
+    found = _series(log_path, key)
+    assert found.intact and (found.first_seq, found.end) == (0, 4), found.message
+
+
+def _unwritable(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
+    """The directory is searchable and readable, not writable, from the start on (0500: an audit
+    volume the broker's user can no longer write, say after a restore as another user)."""
+    directory.chmod(0o500)
+
+
+def _unwritable_after_renames(done: int) -> Callable[[pytest.MonkeyPatch, Path], None]:
+    """... once the start has made ``done`` of the rotation's renames (the log, then its head)."""
+
+    def unwritable(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
+        real_rename = os.rename
+        renamed: list[str] = []
+
+        def rename_then_unwritable(src: str, dst: str, **kwargs: int) -> None:
+            real_rename(src, dst, **kwargs)
+            renamed.append(src)
+            if len(renamed) == done:
+                directory.chmod(0o500)
+
+        monkeypatch.setattr(os, "rename", rename_then_unwritable)
+
+    return unwritable
+
+
+def _unwritable_after_new_log(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
+    """... once the new log is made at the log's path: its first head cannot be created."""
+    real_open = os.open
+
+    def open_then_unwritable(path: object, *args: object, **kwargs: object) -> int:
+        fd = real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+        if path == "audit.log" and isinstance(args[0], int) and args[0] & os.O_CREAT:
+            directory.chmod(0o500)
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_unwritable)
+
+
+def _head_unreadable_after_resync(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
+    """The sealed head at the log's path loses its read permission once the start has read it
+    (the resync): finishing the rotation reads it again (0200: writable, not readable)."""
+    real_read = audit_module._read_head
+
+    def read_then_unreadable(*args: object) -> object:
+        found = real_read(*args)  # type: ignore[arg-type]
+        (directory / "audit.log.head").chmod(0o200)
+        return found
+
+    monkeypatch.setattr(audit_module, "_read_head", read_then_unreadable)
+
+
+def _new_log_read_only(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
+    """The new log is made read-only (0400) once it and its head are made: the start cannot open
+    it for writing, to switch to it."""
+    real_switch = AuditLog._switch_to_new
+
+    def read_only_then_switched(log: AuditLog, sealed: object) -> None:
+        (directory / "audit.log").chmod(0o400)
+        real_switch(log, sealed)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(AuditLog, "_switch_to_new", read_only_then_switched)
+
+
+def _log_unreadable_after_open(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
+    """The log at the log's path loses its read permission once the start opened it (0200):
+    finishing the rotation reads it as the sealed log it is about to rename, a read no step
+    names (the open's last resort does)."""
+    real_precheck = audit_module._precheck_sealed
+
+    def unreadable_then_prechecked(*args: object) -> object:
+        (directory / "audit.log").chmod(0o200)
+        return real_precheck(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(audit_module, "_precheck_sealed", unreadable_then_prechecked)
+
+
+# step: (the crash left, what makes the start fail, whether it fails before changing anything,
+# the message: {d} the directory).
+_ROTATION_CALLS: dict[str, tuple[str, Callable[[pytest.MonkeyPatch, Path], None], bool, str]] = {
+    "open-log": (
+        "log-renamed",
+        _unwritable,
+        True,
+        "cannot open the audit log {d}/audit.log: Permission denied (EACCES)",
+    ),
+    "write-first-head": (
+        "new-log-created",
+        _unwritable,
+        True,
+        "cannot write the audit head {d}/audit.log.head: Permission denied (EACCES)",
+    ),
+    "rename-log": (
+        "sealed",
+        _unwritable,
+        True,
+        "cannot rename the audit file {d}/audit.log to {d}/audit.log.0-2: Permission denied "
+        "(EACCES)",
+    ),
+    "rename-head": (
+        "sealed",
+        _unwritable_after_renames(1),
+        False,
+        "cannot rename the audit file {d}/audit.log.head to {d}/audit.log.0-2.head: Permission "
+        "denied (EACCES)",
+    ),
+    "create-new-log": (
+        "sealed",
+        _unwritable_after_renames(2),
+        False,
+        "cannot create the audit log {d}/audit.log: Permission denied (EACCES)",
+    ),
+    "create-new-head": (
+        "sealed",
+        _unwritable_after_new_log,
+        False,
+        "cannot write the audit head {d}/audit.log.head: Permission denied (EACCES)",
+    ),
+    "read-sealed-head": (
+        "sealed",
+        _head_unreadable_after_resync,
+        True,
+        "cannot read the audit file {d}/audit.log.head: Permission denied (EACCES)",
+    ),
+    "open-new-log": (
+        "sealed",
+        _new_log_read_only,
+        False,
+        "cannot open the audit log {d}/audit.log: Permission denied (EACCES)",
+    ),
+    "read-sealed-log": (
+        "sealed",
+        _log_unreadable_after_open,
+        True,
+        "cannot access the audit file {d}/audit.log: Permission denied (EACCES)",
+    ),
+}
+
+
+@pytest.mark.parametrize("step", list(_ROTATION_CALLS))
+def test_an_interrupted_rotation_the_start_cannot_finish_refuses_naming_the_file_and_errno(
+    log_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """A crash left a rotation half-done, and the start that finishes it cannot write the
+    directory (or a file): its renames, the new log and its first head, the switch to the new
+    log and the reads before them ended the start with a bare PermissionError (``'audit.log' ->
+    'audit.log.0-2'``), a traceback naming neither the directory nor the errno, or said
+    ``cannot open the audit log: Permission denied`` naming no file. Each is AUDIT_UNAVAILABLE
+    now, naming the file(s) and the errno (EACCES, real: the start's thread without its
+    file-mode override). A start refused before its first change changes nothing; what one
+    refused later had done stays done (a crash could leave it so); the next start, the
+    permissions put back, finishes the rotation, the chain intact."""
+    directory = log_path.parent
+    crash, refuse, changes_nothing, message = _ROTATION_CALLS[step]
+    saved = _rotated(log_path, key, 3)
+    _CRASHES[crash](log_path, saved)
+    before = {path.name: path.read_bytes() for path in directory.iterdir()}
+    refuse(monkeypatch, directory)
+    try:
+        error = _start_without_file_mode_override(log_path, key)
+    finally:
+        monkeypatch.undo()
+        for path in directory.iterdir():
+            path.chmod(0o600)
+    assert isinstance(error, AuditUnavailable), repr(error)
+    assert error.reason == "AUDIT_UNAVAILABLE"
+    assert error.message == message.format(d=directory)
+    after = {path.name: path.read_bytes() for path in directory.iterdir()}
+    assert not [name for name in after if name.startswith(".")]  # no head's temporary file left
+    if changes_nothing:
+        assert after == before
     with AuditLog.open(log_path, key) as log:
         assert (log.first_seq, log.count) == (3, 3)
         assert log.append(event(3)).seq == 3
