@@ -405,12 +405,12 @@ def load_release_calls(folder: Path) -> Any:
         found = version()
     if found != RELEASE_CALLS_VERSION:
         what = (
-            "no version (built from an older _p11release.c, before sr_p11release_version)"
+            "have no version (built from an older _p11release.c, before sr_p11release_version)"
             if found is None
-            else f"version {found}"
+            else f"are version {found}"
         )
         raise ImportError(
-            f"the key broker's release calls in {candidate} are {what}; this broker expects "
+            f"the key broker's release calls in {candidate} {what}; this broker expects "
             f"version {RELEASE_CALLS_VERSION}: {_REBUILD} and start the broker again"
         )
     function = library.sr_rewrap_read

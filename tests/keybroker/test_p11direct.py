@@ -732,16 +732,20 @@ _OTHER_VERSION = p11direct.RELEASE_CALLS_VERSION + 1
     [
         # sr_rewrap took two arguments fewer: called with today's, it would take the state
         # read's handle for its step pointer and write through it.
-        pytest.param("unsigned long sr_rewrap(void) { return 0; }\n", "no version", id="sr_rewrap"),
+        pytest.param(
+            "unsigned long sr_rewrap(void) { return 0; }\n", "have no version", id="sr_rewrap"
+        ),
         # Today's function from a build before versions (its behaviour unknown).
         pytest.param(
-            "unsigned long sr_rewrap_read(void) { return 0; }\n", "no version", id="unversioned"
+            "unsigned long sr_rewrap_read(void) { return 0; }\n",
+            "have no version",
+            id="unversioned",
         ),
         # The same function names, another behaviour.
         pytest.param(
             "unsigned long sr_rewrap_read(void) { return 0; }\n"
             f"int sr_p11release_version(void) {{ return {_OTHER_VERSION}; }}\n",
-            f"version {_OTHER_VERSION}",
+            f"are version {_OTHER_VERSION}",
             id="other-version",
         ),
     ],
@@ -756,6 +760,6 @@ def test_a_release_library_of_another_version_is_refused(
     with pytest.raises(ImportError) as refused:
         p11direct.load_release_calls(built.parent)
     message = str(refused.value)
-    assert f"release calls in {built} are {found}" in message
+    assert f"release calls in {built} {found}" in message
     assert f"expects version {p11direct.RELEASE_CALLS_VERSION}" in message
     assert "`make setup`" in message
