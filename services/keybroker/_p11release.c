@@ -13,6 +13,16 @@
  * defines) so that no header is needed to build this file.
  */
 
+/*
+ * What this library does, as one number: p11direct.py (RELEASE_CALLS_VERSION) refuses a library
+ * whose sr_p11release_version() is not the one it was written for. Bump it with every change a
+ * caller could tell apart: arguments, steps, their order, what is returned or written, which
+ * failure is reported (a change of comments or formatting alone keeps it), and bump
+ * RELEASE_CALLS_VERSION with it. A library built before the change keeps its function's name and
+ * arguments and would otherwise load silently from a stale build.
+ */
+#define SR_P11RELEASE_VERSION 1
+
 typedef unsigned long ck_ulong;
 
 typedef struct {
@@ -149,4 +159,10 @@ ck_ulong sr_rewrap_read(const sr_entry_points *p11, ck_ulong session,
     }
     *step = SR_DONE;
     return 0;
+}
+
+/* SR_P11RELEASE_VERSION; its name and signature never change, so any build can be asked. */
+int sr_p11release_version(void)
+{
+    return SR_P11RELEASE_VERSION;
 }

@@ -18,7 +18,9 @@ destroy both, then read whether the key version is still enabled: an :class:`Att
 made by one C function, ``sr_rewrap_read`` in ``_p11release.c``, built with the package: the lock is
 given up once for the whole sequence (never *held* through a PKCS#11 call: an HSM that hangs must
 not freeze the broker's other threads). :meth:`DirectSession.rewrap_oaep` calls it with the same
-templates and mechanisms the single calls take.
+templates and mechanisms the single calls take. The library says which behaviour it was built with
+(``sr_p11release_version``): one that is not :data:`RELEASE_CALLS_VERSION` is refused, never
+called (:func:`load_release_calls`); a stale build keeps the function's name and arguments.
 
 **Finding KEKs.** A key lookup (``keys._search``) finds a key's objects and reads nine attributes
 of each. Through python-pkcs11 every object found left its manufactured class behind (cyclic
@@ -358,28 +360,60 @@ class CleanupFailed(Exception):
         self.error = error
 
 
+#: The ``sr_p11release_version()`` this module was written for (``SR_P11RELEASE_VERSION`` in
+#: ``_p11release.c``): bumped with it whenever the library's behaviour changes.
+RELEASE_CALLS_VERSION = 1
+# How to rebuild the library, for the messages that refuse one.
+_REBUILD = (
+    "rebuild it (`make setup` in a source checkout; otherwise reinstall the package or rebuild "
+    "the image)"
+)
+
+
 @functools.lru_cache(maxsize=1)
 def _release_calls() -> Any:
     """``sr_rewrap_read`` from the C library built beside this module (see the module doc)."""
-    here = Path(__file__)
+    return load_release_calls(Path(__file__).parent)
+
+
+def load_release_calls(folder: Path) -> Any:
+    """``sr_rewrap_read`` from the ``_p11release`` library in ``folder``, with its prototype.
+
+    Raises ``ImportError`` when there is none, or when its ``sr_p11release_version()`` is not
+    :data:`RELEASE_CALLS_VERSION` (a stale build: the same function, another behaviour), naming
+    the file, both versions and how to rebuild it. Nothing falls back to another path.
+    """
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        candidate = here.with_name(f"_p11release{suffix}")
+        candidate = folder / f"_p11release{suffix}"
         if candidate.is_file():
             library = ctypes.CDLL(str(candidate))
             break
     else:
         raise ImportError(
             f"the key broker's release calls (_p11release, built from _p11release.c) are missing "
-            f"beside {here}: install the package with a C compiler present (`make setup`)"
+            f"in {folder}: install the package with a C compiler present (`make setup`)"
         )
-    # Named for its arguments: a library built from an older source (sr_rewrap, two arguments
-    # fewer) would take the state read's handle for its step pointer, and write through it.
-    function = getattr(library, "sr_rewrap_read", None)
-    if function is None:
+    # Asked before anything else is looked up: the same function names and arguments may do
+    # something else in a stale build (and a build from before sr_rewrap_read, whose sr_rewrap
+    # took two arguments fewer, has no version at all: called with today's arguments it would
+    # take the state read's handle for its step pointer, and write through it).
+    version = getattr(library, "sr_p11release_version", None)
+    found: int | None = None
+    if version is not None:
+        version.restype = ctypes.c_int
+        version.argtypes = []
+        found = version()
+    if found != RELEASE_CALLS_VERSION:
+        what = (
+            "have no version (built from an older _p11release.c, before sr_p11release_version)"
+            if found is None
+            else f"are version {found}"
+        )
         raise ImportError(
-            f"the key broker's release calls in {candidate} were built from an older "
-            f"_p11release.c: rebuild the package (`make setup`, or reinstall it)"
+            f"the key broker's release calls in {candidate} {what}; this broker expects "
+            f"version {RELEASE_CALLS_VERSION}: {_REBUILD} and start the broker again"
         )
+    function = library.sr_rewrap_read
     function.restype = _ULONG
     function.argtypes = [
         _P(_EntryPoints),

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.machinery
 import os
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -93,6 +96,20 @@ def replace_keeping_mtime(path: Path, text: str) -> None:
     replacement.write_text(text)
     os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
     os.replace(replacement, path)
+
+
+def release_library_stand_in(folder: Path, source: str) -> Path:
+    """A stand-in for the key broker's ``_p11release`` library, compiled from the C ``source``
+    with the system C compiler (as setup.py's build has it compile the real one) into ``folder``,
+    under the file name ``p11direct.load_release_calls`` looks for first; its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    c_file = folder / "stand_in.c"
+    c_file.write_text(source)
+    built = folder / f"_p11release{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    compiler = shutil.which("cc")
+    assert compiler is not None, "the tests need a C compiler (cc), as the package build does"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(built), str(c_file)], check=True)
+    return built
 
 
 #: The model version data keys are generated for in these tests (GenerateDataKey binds the key

@@ -19,8 +19,16 @@ from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
 from strongroom.keybroker.keys import KeyManager
 from strongroom.oaep import OaepHash
+from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
-from tests.keybroker.helpers import MODEL, bound, make_config, session_objects, spki
+from tests.keybroker.helpers import (
+    MODEL,
+    bound,
+    make_config,
+    release_library_stand_in,
+    session_objects,
+    spki,
+)
 
 
 def test_open_probes_oaep_support(hsm: Hsm) -> None:
@@ -103,16 +111,38 @@ def test_a_package_built_without_its_release_calls_says_so(
     tmp_path: Path, softhsm_token: SoftHsmToken, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An install without a C compiler has no _p11release library beside p11direct.py.
-    monkeypatch.setattr(p11direct, "__file__", str(tmp_path / "p11direct.py"))
-    p11direct._release_calls.cache_clear()
-    try:
-        with pytest.raises(HsmUnavailable) as info:
-            Hsm.open(make_config(softhsm_token))
-    finally:
-        monkeypatch.undo()
-        p11direct._release_calls.cache_clear()
+    monkeypatch.setattr(p11direct, "_release_calls", lambda: p11direct.load_release_calls(tmp_path))
+    with pytest.raises(HsmUnavailable) as info:
+        Hsm.open(make_config(softhsm_token))
     assert "_p11release" in info.value.message
     assert "C compiler" in info.value.message
+
+
+def test_a_broker_whose_release_calls_are_another_version_does_not_start(
+    tmp_path: Path, softhsm_token: SoftHsmToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stale build of _p11release.c (same function, same arguments, another behaviour) was
+    loaded and used; the broker's start (its HSM's opening: ``keybroker cannot run: ...``) now
+    fails HSM_UNAVAILABLE, naming the file, the version found, the one expected and how to
+    rebuild it."""
+    other = p11direct.RELEASE_CALLS_VERSION + 1
+    built = release_library_stand_in(
+        tmp_path / "stale",
+        "unsigned long sr_rewrap_read(void) { return 0; }\n"
+        f"int sr_p11release_version(void) {{ return {other}; }}\n",
+    )
+    monkeypatch.setattr(
+        p11direct, "_release_calls", lambda: p11direct.load_release_calls(built.parent)
+    )
+    with pytest.raises(HsmUnavailable) as info:
+        Hsm.open(make_config(softhsm_token))
+    assert info.value.reason == Reason.HSM_UNAVAILABLE
+    assert (
+        f"the key broker's release calls in {built} are version {other}; this broker expects "
+        f"version {p11direct.RELEASE_CALLS_VERSION}: rebuild it (`make setup` in a source "
+        "checkout; otherwise reinstall the package or rebuild the image) and start the broker "
+        "again"
+    ) in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,6 @@ import _ctypes
 import contextlib
 import ctypes
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +46,13 @@ from strongroom.keybroker.p11direct import (
     error_for,
 )
 from strongroom.oaep import OaepHash
-from tests.keybroker.helpers import MODEL, session_objects, spki, token_call_replaced
+from tests.keybroker.helpers import (
+    MODEL,
+    release_library_stand_in,
+    session_objects,
+    spki,
+    token_call_replaced,
+)
 
 
 def _python_pkcs11_mapping() -> dict[str, str]:
@@ -711,23 +715,51 @@ def test_the_rewraps_state_read_comes_last_and_fails_it_alone(
     hsm.call(op, name="test")
 
 
-def test_a_release_library_built_from_the_older_source_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_the_built_release_library_is_the_version_this_code_expects() -> None:
+    # The library the package built loads; the C source's constant is the Python one (a bump of
+    # one without the other fails here even before a rebuild).
+    assert p11direct.load_release_calls(Path(p11direct.__file__).parent) is not None
+    source = Path(p11direct.__file__).with_name("_p11release.c").read_text()
+    (defined,) = re.findall(r"^#define SR_P11RELEASE_VERSION (\d+)$", source, flags=re.MULTILINE)
+    assert int(defined) == p11direct.RELEASE_CALLS_VERSION
+
+
+_OTHER_VERSION = p11direct.RELEASE_CALLS_VERSION + 1
+
+
+@pytest.mark.parametrize(
+    ("source", "found"),
+    [
+        # sr_rewrap took two arguments fewer: called with today's, it would take the state
+        # read's handle for its step pointer and write through it.
+        pytest.param(
+            "unsigned long sr_rewrap(void) { return 0; }\n", "have no version", id="sr_rewrap"
+        ),
+        # Today's function from a build before versions (its behaviour unknown).
+        pytest.param(
+            "unsigned long sr_rewrap_read(void) { return 0; }\n",
+            "have no version",
+            id="unversioned",
+        ),
+        # The same function names, another behaviour.
+        pytest.param(
+            "unsigned long sr_rewrap_read(void) { return 0; }\n"
+            f"int sr_p11release_version(void) {{ return {_OTHER_VERSION}; }}\n",
+            f"are version {_OTHER_VERSION}",
+            id="other-version",
+        ),
+    ],
+)
+def test_a_release_library_of_another_version_is_refused(
+    tmp_path: Path, source: str, found: str
 ) -> None:
-    # sr_rewrap took two arguments fewer: called with today's, it would take the state read's
-    # handle for its step pointer and write through it. Its library is refused by name instead.
-    source = tmp_path / "old.c"
-    source.write_text("unsigned long sr_rewrap(void) { return 0; }\n")
-    built = tmp_path / Path(next(Path(p11direct.__file__).parent.glob("_p11release.*.so"))).name
-    compiler = shutil.which("cc")
-    assert compiler is not None
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(built), str(source)], check=True)
-    monkeypatch.setattr(p11direct, "__file__", str(tmp_path / "p11direct.py"))
-    p11direct._release_calls.cache_clear()
-    try:
-        with pytest.raises(ImportError, match=r"built from an older _p11release\.c"):
-            p11direct._release_calls()
-    finally:
-        monkeypatch.undo()
-        p11direct._release_calls.cache_clear()
-    assert p11direct._release_calls() is not None
+    """A stale build of _p11release.c (the same function's name and arguments, another
+    behaviour) loaded silently; it is refused, naming the file, the version it has, the one
+    this code expects, and how to rebuild it."""
+    built = release_library_stand_in(tmp_path / "stale", source)
+    with pytest.raises(ImportError) as refused:
+        p11direct.load_release_calls(built.parent)
+    message = str(refused.value)
+    assert f"release calls in {built} {found}" in message
+    assert f"expects version {p11direct.RELEASE_CALLS_VERSION}" in message
+    assert "`make setup`" in message
