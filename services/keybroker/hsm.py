@@ -842,9 +842,9 @@ class Hsm(Closing):
             try:
                 self._direct = DirectModule(self._module_key)
             except (ImportError, OSError, p11x.PKCS11Error) as exc:
-                # ImportError: the package was installed without building _p11release.c.
+                # ImportError: _p11release (ours, not the HSM's) missing or of another version.
                 raise HsmUnavailable(
-                    f"cannot load the PKCS#11 module for direct calls: {exc}"
+                    f"cannot set up the broker's direct PKCS#11 calls: {exc}"
                 ) from exc
         try:
             token = self._lib.get_token(token_label=cfg.token_label)
