@@ -562,11 +562,14 @@ class BufferedStreamDecryptor(_ArtifactStream):
         assert header is not None and self._cipher is not None and self._dst is not None
         msg_end = min((first + count) * _CS, header.message_size)
         scratch = bytearray(msg_end - first * _CS)
-        view = memoryview(scratch)
-        self._open_run(first, count, ciphertext, view)
-        plain = self._split(first, view)
-        start = first * _CS
-        self._dst[start : start + plain.nbytes] = plain
+        try:
+            with memoryview(scratch) as view:
+                self._open_run(first, count, ciphertext, view)
+                plain = self._split(first, view)
+                start = first * _CS
+                self._dst[start : start + plain.nbytes] = plain
+        finally:
+            wipe(scratch)  # the model's last bytes, authenticated: nowhere but the output
 
     def _drain(self) -> None:
         for future in self._futures:
@@ -580,6 +583,7 @@ class BufferedStreamDecryptor(_ArtifactStream):
         self._worker_failed.set()
         self._drain()
         self._stop_prefault()
+        self._bulk = None  # the derived key, in cryptography's memory: dropped with the stream
         wipe(self._batch)
         if self._dst is not None:
             # Plaintext can only be in the chunks handed out so far; the rest of the buffer was
@@ -619,6 +623,7 @@ class BufferedStreamDecryptor(_ArtifactStream):
             self._dst.release()
         self._dst = None
         self._out = None
+        self._bulk = None
         self._finished = True
         return out
 

@@ -16,6 +16,7 @@ from strongroom.artifact import (
     ArtifactWriter,
     BufferedStreamDecryptor,
     DecryptionFailed,
+    stream,
     summarize,
 )
 
@@ -89,6 +90,37 @@ def test_with_no_workers_the_feeding_thread_decrypts_and_a_failure_wipes_the_out
     assert not any(out)  # nothing decrypted so far survives the failure
     with pytest.raises(DecryptionFailed):
         decryptor.finish()
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_the_tail_s_scratch_is_wiped_and_the_bulk_key_dropped(
+    dek: bytearray,
+    make_artifact: Callable[..., tuple[bytes, bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+    threads: int,
+) -> None:
+    """The final chunks are opened into a scratch buffer (the model's last bytes and the digest)
+    and copied out: it was dropped unwiped; and the bulk opener (the derived key) outlived the
+    stream. Both go with the stream now."""
+    plaintext, artifact = make_artifact((3 << 20) + 1000)
+    wiped: list[bytes] = []
+    real_wipe = stream.wipe
+
+    def recording_wipe(buf: bytearray | memoryview) -> None:
+        real_wipe(buf)
+        wiped.append(bytes(buf))
+
+    monkeypatch.setattr(stream, "wipe", recording_wipe)
+    decryptor = BufferedStreamDecryptor(dek, threads=threads)
+    decryptor.feed(artifact)
+    assert decryptor.finish() == plaintext
+    tail_size = len(plaintext) % 16384 + 32  # the last plaintext bytes and the digest
+    assert any(len(w) >= tail_size and not any(w) for w in wiped), "the tail's scratch"
+    assert decryptor._bulk is None
+    failed = BufferedStreamDecryptor(dek, threads=threads)
+    failed.feed(artifact[: len(artifact) // 2])
+    failed.abort()
+    assert failed._bulk is None
 
 
 def test_threads_out_of_range_are_refused(dek: bytearray) -> None:
