@@ -1850,3 +1850,51 @@ def test_a_manifest_whose_answer_was_lost_to_an_outage_keeps_its_parts_and_says_
     admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
     for version in ("1", "1+part.0", "1+part.1", "1+part.2"):
         admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/manifest-lost", version=version))
+
+
+def test_a_single_publish_whose_answer_was_lost_says_it_may_be_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The whole artifact reached the store, which stored it, and its answer was lost
+    (DEADLINE_EXCEEDED as the store committed): the outage said 'was not published', and the
+    publisher's next try was refused MODEL_EXISTS, unexplained. Now it says it may be stored."""
+    model = tmp_path / "model.bin"
+    model.write_bytes(os.urandom(3000))
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), AnswerLostAt(0, grpc.StatusCode.DEADLINE_EXCEEDED)
+    )
+    with pytest.raises(DeadlineExceeded) as info:
+        publish_model(
+            model,
+            name="busy/single-lost",
+            version="1",
+            key_id=KEY_ID,
+            broker=stack.channel(publisher, "keybroker"),
+            store=store,
+        )
+    assert info.value.message == (
+        "busy/single-lost/1 may be stored (`strongroom model ls busy/single-lost` lists it if "
+        "so): its whole artifact was sent, and the store's answer was lost (DEADLINE_EXCEEDED: "
+        "Deadline Exceeded)"
+    )
+    assert _records(stack, "busy/single-lost") == [("busy/single-lost", "1")]
+    _admin_rm(stack, "busy/single-lost", "1")
+
+
+def test_an_upload_whose_answer_was_lost_says_it_may_be_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """`strongroom model upload` the same: 'was not uploaded' of a stored artifact."""
+    path = tmp_path / "model.artifact"
+    path.write_bytes(make_artifact("busy/upload-lost", "1", os.urandom(5000)))
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), AnswerLostAt(0, grpc.StatusCode.UNAVAILABLE)
+    )
+    with pytest.raises(Unavailable) as info:
+        upload_artifact(path, store=store)
+    assert info.value.message.startswith(
+        "busy/upload-lost/1 may be stored (`strongroom model ls busy/upload-lost` lists it if "
+        "so): its whole artifact was sent, and the store's answer was lost (UNAVAILABLE: "
+    )
+    assert _records(stack, "busy/upload-lost") == [("busy/upload-lost", "1")]
+    _admin_rm(stack, "busy/upload-lost", "1")
