@@ -450,6 +450,28 @@ def publish_parts(
         interrupt.add_note(_interrupted_note(name, version, may_be_left, manifest_begun))
         raise
     except BaseException as exc:
+        lost = (
+            outage_error(
+                exc,
+                f"{name}/{version} may be published: its manifest reached the store, "
+                "whose answer was lost",
+            )
+            if manifest_begun and isinstance(exc, grpc.RpcError)
+            else None
+        )
+        if lost is not None:
+            # An outage ends a call the store may have committed (a deadline passing, or the
+            # connection dropping, as it stored the manifest): the version is then published and
+            # its parts are its own. Deleted, or handed to an admin with the commands that
+            # remove them, they broke every load of a published model (PartMissing).
+            versions = [info.version for info in stored]
+            _amend(
+                lost,
+                f"`strongroom model ls {shlex.quote(name)}` lists it if so (its parts are then "
+                f"its own: keep them); if it is not stored, {len(versions)} part(s) it stored "
+                f"are left ({_versions(versions)}): {_unblock(name, versions)}",
+            )
+            raise lost from exc
         try:
             failed = _delete_best_effort(stub, stored)
         except KeyboardInterrupt as interrupt:

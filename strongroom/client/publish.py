@@ -100,6 +100,7 @@ def publish_model(
     with _open_readable(path):
         pass
     upload = threading.Event()  # set before an upload's call starts: it may be stored from then
+    whole = threading.Event()  # set once a try's last byte was handed over
     with interrupt_noted(name, version, upload):
         bundle = sign_model(path, signing_key) if signing_key is not None else b""
         signed = signed_digest(bundle) if bundle else None
@@ -111,6 +112,7 @@ def publish_model(
             # next() when the store's answer ends the call, and it read on from a shared one
             # after the retry's seek, so the retry missed bytes (PLAINTEXT_SIZE_MISMATCH,
             # nothing stored).
+            whole.clear()  # a try refused as busy stored nothing
             with _open_readable(path) as source:
                 return _encrypt_and_put(
                     source,
@@ -128,13 +130,26 @@ def publish_model(
                     signed=signed,
                     created_at=created_at,
                     upload_begins=upload.set,
+                    sent_whole=whole.set,
                 )
 
         # The multi-part publisher's rule (remote.TRANSIENT): an outage raised the raw
         # grpc.RpcError here, Unavailable or DeadlineExceeded there.
-        with outages_raised_as_errors(f"{name}/{version} was not published"):
+        with outages_raised_as_errors(lambda: _outage_what(name, version, whole, "published")):
             response, header = retrying_busy(attempt, retry, what=f"publishing {name}/{version}")
     return Published(response.model, time.perf_counter() - started, header_digest(header).hex())
+
+
+def _outage_what(name: str, version: str, whole: threading.Event, done: str) -> str:
+    # An outage after the last byte was sent (a deadline passing, the connection dropping, as the
+    # store committed) may end a call the store has stored: "was not published" was then untrue,
+    # and the publisher's next try was refused MODEL_EXISTS, unexplained.
+    if not whole.is_set():
+        return f"{name}/{version} was not {done}"
+    return (
+        f"{name}/{version} may be stored (`strongroom model ls {shlex.quote(name)}` lists it if "
+        "so): its whole artifact was sent, and the store's answer was lost"
+    )
 
 
 def rm_command(name: str, version: str) -> str:
@@ -186,6 +201,7 @@ def _encrypt_and_put(
     signed: bytes | None,
     created_at: datetime | None,
     upload_begins: Callable[[], None],
+    sent_whole: Callable[[], None],
 ) -> tuple[store_pb.PutModelResponse, ArtifactHeader]:
     """One try of :func:`publish_model`: a data key, then the file encrypted while uploaded
     (``upload_begins`` called just before the upload's call starts).
@@ -240,7 +256,9 @@ def _encrypt_and_put(
             yield from upload_pieces(piece)
 
     upload_begins()
-    response = put_model(store, messages(), name=name, version=version, timeout=timeout)
+    response = put_model(
+        store, messages(), name=name, version=version, timeout=timeout, sent_whole=sent_whole
+    )
     return response, head[0]
 
 
@@ -277,12 +295,14 @@ def upload_artifact(
         head = parse_header(source.read(summary.header_size))
         checked = _file_state(source)
         reread = not _times_show_changes(source.fileno(), checked)
+        whole = threading.Event()  # set once a try's last byte was handed over
 
         def attempt() -> store_pb.PutModelResponse:
             # Its own handle, as publish_model's tries: a refused try's feeding thread may still
             # be inside one read, and read on from a shared one after the retry's seek (the retry
             # then missed bytes: MODEL_FILE_CHANGED, though nothing changed). The file is the one
             # checked: a replaced one fails the last message's state check.
+            whole.clear()  # a try refused as busy stored nothing
             with _open_readable(path) as own:
                 return put_model(
                     store,
@@ -292,6 +312,7 @@ def upload_artifact(
                     name=summary.name,
                     version=summary.version,
                     timeout=timeout,
+                    sent_whole=whole.set,
                 )
 
         # As publish_model's (remote.TRANSIENT): the raw grpc.RpcError here, Unavailable there.
@@ -300,7 +321,9 @@ def upload_artifact(
         upload.set()
         with (
             interrupt_noted(summary.name, summary.version, upload),
-            outages_raised_as_errors(f"{summary.name}/{summary.version} was not uploaded"),
+            outages_raised_as_errors(
+                lambda: _outage_what(summary.name, summary.version, whole, "uploaded")
+            ),
         ):
             response = retrying_busy(
                 attempt, retry, what=f"uploading {summary.name}/{summary.version}"
@@ -494,6 +517,7 @@ def put_model(
     name: str,
     version: str,
     timeout: float,
+    sent_whole: Callable[[], None] | None = None,
 ) -> store_pb.PutModelResponse:
     """Streams ``requests`` to ``PutModel`` over ``store``; a failure while producing them (the
     plaintext file unreadable, or changing size under the encryptor: PLAINTEXT_SIZE_MISMATCH; a
@@ -505,6 +529,9 @@ def put_model(
     instead: the artifact then lacks its final chunk (the writer seals it only once every declared
     byte was read), which no store can take for a whole one; whatever the store answers, the kept
     exception is raised.
+
+    ``sent_whole`` is called (on gRPC's thread) once every request was handed over: from then
+    the store may have stored the artifact whatever the call's end says.
 
     The store's answer must name ``name``/``version`` and as many artifact bytes as were sent;
     otherwise the publish fails with DATA_LOSS (STORE_ANSWER_MISMATCH) rather than report a model
@@ -523,6 +550,8 @@ def put_model(
                     view = _byte_view(request)  # counted and framed in bytes
                     sent[0] += len(view)
                     yield view
+            if sent_whole is not None:
+                sent_whole()
         except BaseException as exc:
             # BaseException too: this runs on gRPC's thread feeding the call, which keeps an
             # Exception only. A KeyboardInterrupt or SystemExit (a caller's progress callback

@@ -15,7 +15,7 @@ than a refusal, which the publisher follows too) become ``Unavailable``; any oth
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import MappingProxyType
 from typing import Literal
@@ -119,14 +119,15 @@ def outage_error(exc: grpc.RpcError, what: str) -> StrongroomError | None:
 
 
 @contextmanager
-def outages_raised_as_errors(what: str) -> Iterator[None]:
+def outages_raised_as_errors(what: str | Callable[[], str]) -> Iterator[None]:
     """Raises a ``grpc.RpcError`` of an outage from the block as :func:`outage_error` makes it
-    (``what``, then the status: ``Unavailable``, ``DeadlineExceeded``); any other is raised as
-    it came. The publishers' one rule, single and multi-part alike."""
+    (``what``, or what it returns when the outage comes, then the status: ``Unavailable``,
+    ``DeadlineExceeded``); any other is raised as it came. The publishers' one rule, single and
+    multi-part alike."""
     try:
         yield
     except grpc.RpcError as exc:
-        error = outage_error(exc, what)
+        error = outage_error(exc, what if isinstance(what, str) else what())
         if error is None:
             raise
         raise error from exc

@@ -1756,3 +1756,145 @@ def test_an_interrupted_single_publish_command_prints_what_may_be_stored(
     assert "`strongroom model rm busy/cli-single 1`" in err
     assert _records(stack, "busy/cli-single") == [("busy/cli-single", "1")]
     _admin_rm(stack, "busy/cli-single", "1")
+
+
+class _Lost:
+    """A finished call's status as ``_CallError`` reads it: ``code`` and ``details`` only."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def initial_metadata(self) -> Any:
+        return ()
+
+    def trailing_metadata(self) -> Any:
+        return ()
+
+
+class AnswerLostAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """The publisher's upload numbered ``at`` (from 0) reaches the real store, which stores it,
+    and its answer is then lost: the call ends ``code`` for the publisher (a deadline passing, or
+    the connection dropping, as the store commits)."""
+
+    def __init__(self, at: int, code: grpc.StatusCode) -> None:
+        self._at = at
+        self._code = code
+        self.uploads = 0
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        outcome = continuation(details, request_iterator)
+        self.uploads += 1
+        if self.uploads - 1 != self._at:
+            return outcome
+        assert outcome.exception() is None  # stored
+        return _Ended(_Lost(self._code, "Deadline Exceeded"))
+
+
+class CountedStore(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """Counts the unary calls made through a channel, by method (as CountCalls)."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        self.methods.append(details.method.rsplit("/", 1)[-1])
+        return continuation(details, request)
+
+
+def test_a_manifest_whose_answer_was_lost_to_an_outage_keeps_its_parts_and_says_so(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The manifest's upload reached the store, which stored it (the version published), and its
+    answer was lost (DEADLINE_EXCEEDED as the store committed). The publisher said the version
+    was not published, deleted its parts (a publisher that may delete broke the published model
+    for every load: PartMissing), and where it could not, handed the admin the commands that
+    would. Now an outage at the manifest deletes nothing and says the version may be published:
+    its parts are its own if it is; the commands only for the case it is not."""
+    shards = _shards(tmp_path / "shards", 3)
+    counted = CountedStore()
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"),
+        AnswerLostAt(3, grpc.StatusCode.DEADLINE_EXCEEDED),
+        counted,
+    )
+    with pytest.raises(DeadlineExceeded) as info:
+        _publish(stack, publisher, shards, "busy/manifest-lost", store)
+    assert "DeleteModel" not in counted.methods
+    message = info.value.message
+    assert message.startswith(
+        "busy/manifest-lost/1 may be published: its manifest reached the store, whose answer was "
+        "lost (DEADLINE_EXCEEDED: Deadline Exceeded)"
+    ), message
+    assert "was not published" not in message
+    assert "`strongroom model ls busy/manifest-lost` lists it if so" in message
+    assert "its parts are then its own: keep them" in message
+    assert "if it is not stored, 3 part(s) it stored are left" in message
+    assert "`strongroom model rm busy/manifest-lost 1+part.0`" in message
+    assert _records(stack, "busy/manifest-lost") == [
+        ("busy/manifest-lost", "1"),
+        ("busy/manifest-lost", "1+part.0"),
+        ("busy/manifest-lost", "1+part.1"),
+        ("busy/manifest-lost", "1+part.2"),
+    ]
+    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
+    for version in ("1", "1+part.0", "1+part.1", "1+part.2"):
+        admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/manifest-lost", version=version))
+
+
+def test_a_single_publish_whose_answer_was_lost_says_it_may_be_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The whole artifact reached the store, which stored it, and its answer was lost
+    (DEADLINE_EXCEEDED as the store committed): the outage said 'was not published', and the
+    publisher's next try was refused MODEL_EXISTS, unexplained. Now it says it may be stored."""
+    model = tmp_path / "model.bin"
+    model.write_bytes(os.urandom(3000))
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), AnswerLostAt(0, grpc.StatusCode.DEADLINE_EXCEEDED)
+    )
+    with pytest.raises(DeadlineExceeded) as info:
+        publish_model(
+            model,
+            name="busy/single-lost",
+            version="1",
+            key_id=KEY_ID,
+            broker=stack.channel(publisher, "keybroker"),
+            store=store,
+        )
+    assert info.value.message == (
+        "busy/single-lost/1 may be stored (`strongroom model ls busy/single-lost` lists it if "
+        "so): its whole artifact was sent, and the store's answer was lost (DEADLINE_EXCEEDED: "
+        "Deadline Exceeded)"
+    )
+    assert _records(stack, "busy/single-lost") == [("busy/single-lost", "1")]
+    _admin_rm(stack, "busy/single-lost", "1")
+
+
+def test_an_upload_whose_answer_was_lost_says_it_may_be_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """`strongroom model upload` the same: 'was not uploaded' of a stored artifact."""
+    path = tmp_path / "model.artifact"
+    path.write_bytes(make_artifact("busy/upload-lost", "1", os.urandom(5000)))
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), AnswerLostAt(0, grpc.StatusCode.UNAVAILABLE)
+    )
+    with pytest.raises(Unavailable) as info:
+        upload_artifact(path, store=store)
+    assert info.value.message.startswith(
+        "busy/upload-lost/1 may be stored (`strongroom model ls busy/upload-lost` lists it if "
+        "so): its whole artifact was sent, and the store's answer was lost (UNAVAILABLE: "
+    )
+    assert _records(stack, "busy/upload-lost") == [("busy/upload-lost", "1")]
+    _admin_rm(stack, "busy/upload-lost", "1")
