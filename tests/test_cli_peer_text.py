@@ -227,24 +227,41 @@ def test_health_prints_what_the_port_answered_without_control_sequences(
     assert (printed.out, printed.err) == (out, err)
 
 
-@pytest.mark.parametrize("fill_stderr", [True, False], ids=["stderr-full", "stderr-read"])
-def test_health_exits_unhealthy_with_a_full_stderr(fill_stderr: bool) -> None:
-    """``strongroom health`` printed its ``unhealthy:`` line with a blocking print: a health
-    check whose stderr is a full pipe nobody reads (a collector that stopped) waited there for
-    good and never gave its verdict. It is written as the command line's error line is, at once
-    or not at all: exit 1 either way, the line written when stderr is read."""
+# verdict: (what answers the port, the stream the verdict goes to, the exit status, its line).
+_VERDICTS: dict[str, tuple[_OddHealth, str, int, str]] = {
+    "refused": (_OddHealth(refuse="draining"), "stderr", 1, "unhealthy: UNAVAILABLE: draining"),
+    "not-serving": (
+        _OddHealth(status=health_pb2.HealthCheckResponse.NOT_SERVING),
+        "stdout",
+        1,
+        "NOT_SERVING",
+    ),
+    "serving": (_OddHealth(status=health_pb2.HealthCheckResponse.SERVING), "stdout", 0, "SERVING"),
+}
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["full", "read"])
+@pytest.mark.parametrize("verdict", list(_VERDICTS))
+def test_health_gives_its_verdict_with_a_full_output_pipe(verdict: str, full: bool) -> None:
+    """``strongroom health`` printed its ``unhealthy:`` line (stderr) and the serving status
+    (stdout, NOT_SERVING being the usual unhealthy verdict) with a blocking print: a health check
+    whose output is a full pipe nobody reads (a collector that stopped) waited there for good
+    and never gave its verdict. Each is written as the command line's error line is, at once or
+    not at all: the exit status the same either way, the line written when the pipe is read."""
+    servicer, stream, code, line = _VERDICTS[verdict]
     read_end, write_end = os.pipe()
     try:
-        if fill_stderr:
+        if full:
             fill_pipe(f"/proc/self/fd/{write_end}")
-        with _health_port(_OddHealth(refuse="draining")) as address:
+        with _health_port(servicer) as address:
+            outputs = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+            outputs[stream] = write_end
             process = subprocess.Popen(
                 [sys.executable, "-m", "strongroom.cli.main", "health", "--address", address],
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=write_end,
                 cwd=REPO,
                 env={**os.environ, "PYTHONPATH": str(REPO)},
+                **outputs,
             )
             os.close(write_end)
             write_end = -1
@@ -260,5 +277,5 @@ def test_health_exits_unhealthy_with_a_full_stderr(fill_stderr: bool) -> None:
         for fd in (read_end, write_end):
             if fd >= 0:
                 os.close(fd)
-    assert status == 1
-    assert written == ([] if fill_stderr else ["unhealthy: UNAVAILABLE: draining"])
+    assert status == code
+    assert written == ([] if full else [line])

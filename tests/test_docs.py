@@ -85,6 +85,7 @@ NOT_REASONS = frozenset(
         "RLIMIT_CORE",
         "RLIMIT_FSIZE",
         "SERVICE_ENV",
+        "SERVING",
         "SEV_SNP",
         "SIGHUP",
         "SPARE_WRITERS",

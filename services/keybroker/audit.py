@@ -1288,6 +1288,8 @@ class AuditLog(Closing):
         sealed = Head(self._count, self._last_hash, self._base)
         name = sealed_log_name(self._path.name, sealed.base, sealed.count - 1)
         self._stale = True  # whatever happens next, the next commit re-reads the files
+        unfinished = "cannot finish the audit log's rotation (the next commit goes on with it)"
+        is_sealed = False
         try:
             with self._dir_locked():
                 try:
@@ -1296,15 +1298,20 @@ class AuditLog(Closing):
                     raise AuditUnavailable(
                         f"cannot seal the audit log for its rotation: {exc.strerror}"
                     ) from None
+                is_sealed = True
                 self._complete_renames()
                 self._prepare_new_log(sealed)
             self._switch_to_new(sealed)
             self._resync(finishing=True)
         except OSError as exc:
-            raise AuditUnavailable(
-                f"cannot finish the audit log's rotation (the next commit goes on with it): "
-                f"{exc.strerror or exc}"
-            ) from None
+            raise AuditUnavailable(f"{unfinished}: {exc.strerror or exc}") from None
+        except AuditUnavailable as exc:
+            # Past the seal, the steps name their own file and errno; the operator still needs
+            # to hear that the rotation is sealed and the next commit finishes it (and alerts
+            # match this start).
+            if not is_sealed or exc.reason != Reason.AUDIT_UNAVAILABLE:
+                raise
+            raise AuditUnavailable(f"{unfinished}: {exc.message}") from None
         return self._path.with_name(name)
 
     def _finish_rotation(self) -> None:

@@ -70,7 +70,8 @@ def _health(args: argparse.Namespace) -> int:
         # proto3 keeps a number its enum does not name: a ValueError traceback, not a verdict.
         _unhealthy(f"the serving status {response.status} is none this command knows")
         return 1
-    print(status)
+    # NOT_SERVING is an unhealthy verdict too: at once or not at all, as the unhealthy line.
+    write_at_once(sys.stdout, status)
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 

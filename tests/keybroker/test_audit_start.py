@@ -523,31 +523,41 @@ def _without_file_mode_override() -> None:
         raise OSError(ctypes.get_errno(), "capset")
 
 
-def _start_without_file_mode_override(
-    log_path: Path, key: Ed25519PrivateKey
+def _without_file_mode_override_in_thread(
+    directory: Path, call: Callable[[], object]
 ) -> BaseException | None:
-    """Opens (and closes) the log as a starting broker does, in a thread that has dropped its
-    file-mode override (:func:`_without_file_mode_override`); returns what the open raised, if
-    anything. The directory's mode is put back (0700) whatever happened."""
+    """Runs ``call`` in a thread that has dropped its file-mode override
+    (:func:`_without_file_mode_override`); returns what it raised, if anything. ``directory``'s
+    mode is put back (0700) whatever happened."""
     outcome: list[BaseException | None] = []
 
-    def start() -> None:
+    def run() -> None:
         _without_file_mode_override()
         try:
-            AuditLog.open(log_path, key).close()
+            call()
         except BaseException as exc:  # handed to the test's thread
             outcome.append(exc)
         else:
             outcome.append(None)
 
-    thread = threading.Thread(target=start)
+    thread = threading.Thread(target=run)
     try:
         thread.start()
         thread.join()
     finally:
-        log_path.parent.chmod(0o700)
+        directory.chmod(0o700)
     (error,) = outcome
     return error
+
+
+def _start_without_file_mode_override(
+    log_path: Path, key: Ed25519PrivateKey
+) -> BaseException | None:
+    """Opens (and closes) the log as a starting broker does, without the file-mode override
+    (:func:`_without_file_mode_override_in_thread`); returns what the open raised, if anything."""
+    return _without_file_mode_override_in_thread(
+        log_path.parent, lambda: AuditLog.open(log_path, key).close()
+    )
 
 
 @pytest.mark.parametrize("read", ["unlocked", "locked"])
@@ -862,6 +872,39 @@ def test_an_interrupted_rotation_the_start_cannot_finish_refuses_naming_the_file
     with AuditLog.open(log_path, key) as log:
         assert (log.first_seq, log.count) == (3, 3)
         assert log.append(event(3)).seq == 3
+    found = _series(log_path, key)
+    assert found.intact and (found.first_seq, found.end) == (0, 4), found.message
+
+
+@pytest.mark.parametrize("by", ["commit", "rotate"])
+def test_a_running_brokers_rotation_that_cannot_finish_says_the_next_commit_goes_on_with_it(
+    log_path: Path, key: Ed25519PrivateKey, by: str
+) -> None:
+    """A running broker's rotation (a commit past ``rotate_bytes``, or an operator's
+    ``rotate()``) seals the log in place, then cannot rename it: the directory is no longer
+    writable by the broker's user (EACCES, real). Its refusal said ``cannot finish the audit
+    log's rotation (the next commit goes on with it)``; once the steps named their own files it
+    said only ``cannot rename the audit file ...``, without that prefix (an alert matching it
+    stopped matching) or the word that the rotation is sealed and will be finished. It says both
+    now; and the next commit, the directory writable again, does finish it."""
+    directory = log_path.parent
+    with AuditLog.open(log_path, key, rotate_bytes=3 * RECORD) as log:
+        fill(log, 3)
+        directory.chmod(0o500)
+        if by == "commit":
+            error = _without_file_mode_override_in_thread(
+                directory, lambda: log.append(event(3, reason="REFUSED"))
+            )
+        else:
+            error = _without_file_mode_override_in_thread(directory, log.rotate)
+        assert isinstance(error, AuditUnavailable), repr(error)
+        assert error.reason == "AUDIT_UNAVAILABLE"
+        assert error.message == (
+            "cannot finish the audit log's rotation (the next commit goes on with it): cannot "
+            f"rename the audit file {directory}/audit.log to {directory}/audit.log.0-2: "
+            "Permission denied (EACCES)"
+        )
+        assert log.append(event(3)).seq == 3 and log.first_seq == 3
     found = _series(log_path, key)
     assert found.intact and (found.first_seq, found.end) == (0, 4), found.message
 
