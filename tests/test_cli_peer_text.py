@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -24,8 +21,7 @@ from strongroom.cli import keys as keys_cli
 from strongroom.cli import main as cli_main
 from strongroom.cli._text import printable, printable_document
 from strongroom.client.rewrap import MAX_HEAD_SIZE, _read_head
-from tests.conftest import REPO
-from tests.runtime.stopping_service import fill_pipe
+from tests.runtime.test_stopping import command_with_stderr
 
 
 @pytest.mark.parametrize(
@@ -233,32 +229,9 @@ def test_health_exits_unhealthy_with_a_full_stderr(fill_stderr: bool) -> None:
     check whose stderr is a full pipe nobody reads (a collector that stopped) waited there for
     good and never gave its verdict. It is written as the command line's error line is, at once
     or not at all: exit 1 either way, the line written when stderr is read."""
-    read_end, write_end = os.pipe()
-    try:
-        if fill_stderr:
-            fill_pipe(f"/proc/self/fd/{write_end}")
-        with _health_port(_OddHealth(refuse="draining")) as address:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "strongroom.cli.main", "health", "--address", address],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=write_end,
-                cwd=REPO,
-                env={**os.environ, "PYTHONPATH": str(REPO)},
-            )
-            os.close(write_end)
-            write_end = -1
-            try:
-                status = process.wait(timeout=60)  # a hang, not a speed: it never ended
-            finally:
-                process.kill()
-                process.wait()
-        with os.fdopen(read_end, "rb") as reader:
-            read_end = -1
-            written = reader.read().decode().strip("x").splitlines()
-    finally:
-        for fd in (read_end, write_end):
-            if fd >= 0:
-                os.close(fd)
+    with _health_port(_OddHealth(refuse="draining")) as address:
+        status, written = command_with_stderr(
+            ["health", "--address", address], fill_stderr=fill_stderr
+        )
     assert status == 1
     assert written == ([] if fill_stderr else ["unhealthy: UNAVAILABLE: draining"])
