@@ -105,6 +105,25 @@ def _cached(
     return writer, bytes(tdx.fmspc)
 
 
+def _replica(directory: Path, sim_trust: TrustStore) -> CollateralCache:
+    """A read-only replica of the cache in ``directory`` that checks for a reload at every use."""
+    return CollateralCache(directory, sim_trust, writable=False, reload_interval=0)
+
+
+def _reads(monkeypatch: pytest.MonkeyPatch) -> list[CollateralCache]:
+    """Each cache's reads of its files from now on (``_read_all``), in order: the list fills as
+    they happen."""
+    reads: list[CollateralCache] = []
+    real_read_all = CollateralCache._read_all
+
+    def read_all(cache: CollateralCache) -> None:
+        reads.append(cache)
+        real_read_all(cache)
+
+    monkeypatch.setattr(CollateralCache, "_read_all", read_all)
+    return reads
+
+
 def test_a_reload_does_not_wait_for_ever_for_a_held_lock(
     authority: SimulatedAuthority,
     sim_trust: TrustStore,
@@ -123,21 +142,12 @@ def test_a_reload_does_not_wait_for_ever_for_a_held_lock(
     _, fmspc = _cached(authority, sim_trust, now, tmp_path)
     lock = tmp_path / ".lock"
     with _held(lock):
-        replica = _within_test_wait(
-            lambda: CollateralCache(tmp_path, sim_trust, writable=False, reload_interval=0)
-        )
+        replica = _within_test_wait(lambda: _replica(tmp_path, sim_trust))
         assert replica._tcb.get(fmspc) is not None
         [logged] = [r for r in caplog.records if r.levelno == logging.ERROR]
         assert f"{lock} is locked by another process" in logged.getMessage()
         assert "fuser" in logged.getMessage()
-        reads: list[Path] = []
-        real_read_all = CollateralCache._read_all
-
-        def read_all(cache: CollateralCache) -> None:
-            reads.append(lock)
-            real_read_all(cache)
-
-        monkeypatch.setattr(CollateralCache, "_read_all", read_all)
+        reads = _reads(monkeypatch)
         _within_test_wait(lambda: replica.tdx_tcb_info(fmspc))
         assert reads, "not read again after a read made without the lock"
     reads.clear()
@@ -163,9 +173,7 @@ def test_each_reload_that_waited_out_a_held_lock_is_logged(
     _, fmspc = _cached(authority, sim_trust, now, tmp_path)
     lock = tmp_path / ".lock"
     with _held(lock):
-        replica = _within_test_wait(
-            lambda: CollateralCache(tmp_path, sim_trust, writable=False, reload_interval=0)
-        )
+        replica = _within_test_wait(lambda: _replica(tmp_path, sim_trust))
         for _ in range(2):
             _within_test_wait(lambda: replica.tdx_tcb_info(fmspc))
     errors = [
@@ -190,21 +198,14 @@ def test_a_reload_whose_lock_fails_is_logged_and_made_again(
     the lock is held: logged at ERROR naming the file and the error, and read again next check."""
     _, fmspc = _cached(authority, sim_trust, now, tmp_path)
     monkeypatch.setattr(files, "fcntl", _NoSharedLocks())
-    replica = CollateralCache(tmp_path, sim_trust, writable=False, reload_interval=0)
+    replica = _replica(tmp_path, sim_trust)
     assert replica._tcb.get(fmspc) is not None
     [logged] = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert f"cannot lock the collateral cache's lock file {tmp_path / '.lock'}" in (
         logged.getMessage()
     )
     assert os.strerror(errno.ENOLCK) in logged.getMessage()
-    reads: list[bool] = []
-    real_read_all = CollateralCache._read_all
-
-    def read_all(cache: CollateralCache) -> None:
-        reads.append(True)
-        real_read_all(cache)
-
-    monkeypatch.setattr(CollateralCache, "_read_all", read_all)
+    reads = _reads(monkeypatch)
     replica.tdx_tcb_info(fmspc)
     assert reads, "not read again after a read made without the lock"
 
@@ -222,14 +223,7 @@ def test_a_lock_that_always_fails_is_logged_once_and_again_when_that_changes(
     reloads going on as before; the lock working again is one INFO line, and failing after that
     is logged again."""
     writer, fmspc = _cached(authority, sim_trust, now, tmp_path)
-    reads: list[CollateralCache] = []
-    real_read_all = CollateralCache._read_all
-
-    def read_all(cache: CollateralCache) -> None:
-        reads.append(cache)
-        real_read_all(cache)
-
-    monkeypatch.setattr(CollateralCache, "_read_all", read_all)
+    reads = _reads(monkeypatch)
 
     def read_by_replica() -> int:
         return sum(cache is not writer for cache in reads)
@@ -245,7 +239,7 @@ def test_a_lock_that_always_fails_is_logged_once_and_again_when_that_changes(
     with caplog.at_level(logging.INFO, logger=collateral_cache.__name__):
         with monkeypatch.context() as refusing:
             refusing.setattr(files, "fcntl", _NoSharedLocks())
-            replica = CollateralCache(tmp_path, sim_trust, writable=False, reload_interval=0)
+            replica = _replica(tmp_path, sim_trust)
             for _ in range(3):
                 assert replica.tdx_tcb_info(fmspc) is not None
         assert read_by_replica() == 4  # read at each check, without the lock

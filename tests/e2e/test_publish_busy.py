@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from strongroom.client.busy import CLIENT_RETRY, BusyRetry
 from strongroom.client.fetch import ModelFetcher, grpc_source, retrying_source
 from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.client.multipart import PublishedParts, _rm_commands, files_parts, publish_parts
-from strongroom.client.publish import publish_model, upload_artifact
+from strongroom.client.publish import Published, publish_model, upload_artifact
 from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
@@ -137,7 +138,10 @@ class BusyBefore(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-a
 REFUSED = ("RESOURCE_EXHAUSTED", "TOO_MANY_STREAMS_PER_CERTIFICATE")
 
 
-def _store(stack: DevStack, publisher: WorkloadIdentity, interceptor: BusyBefore) -> grpc.Channel:
+def _store(
+    stack: DevStack, publisher: WorkloadIdentity, interceptor: grpc.Interceptor
+) -> grpc.Channel:
+    """The publisher's channel to the store, through ``interceptor``."""
     channel = stack.channel(publisher, "modelstore")
     return grpc.intercept_channel(channel, interceptor)
 
@@ -165,6 +169,37 @@ def _refused_left_behind(
 def _records(stack: DevStack, name: str) -> list[tuple[str, str]]:
     storage = stack.services["modelstore"].handle.storage
     return sorted((r.name, r.version) for r in storage.records() if r.name == name)
+
+
+def _admin_rm(stack: DevStack, name: str, version: str) -> None:
+    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
+    admin.DeleteModel(store_pb.DeleteModelRequest(name=name, version=version))
+
+
+@contextmanager
+def _store_restarted(stack: DevStack) -> Iterator[None]:
+    """Starts the store again, with the fixture's settings, if the block stopped it: the tests
+    after it share the module's stack."""
+    try:
+        yield
+    finally:
+        if "modelstore" not in stack.services:
+            stack.start_in_process("modelstore", server=STORE_SERVER)
+
+
+def _model_file(tmp_path: Path, size: int) -> Path:
+    """``model.bin`` in ``tmp_path``: ``size`` random bytes, the single-file publisher's input."""
+    model = tmp_path / "model.bin"
+    model.write_bytes(os.urandom(size))
+    return model
+
+
+def _artifact_file(tmp_path: Path, name: str, size: int) -> Path:
+    """``model.artifact`` in ``tmp_path``: ``name`` version 1 of ``size`` random bytes, ready to
+    upload."""
+    path = tmp_path / "model.artifact"
+    path.write_bytes(make_artifact(name, "1", os.urandom(size)))
+    return path
 
 
 def _shards(folder: Path, count: int) -> list[Path]:
@@ -195,6 +230,41 @@ def _publish(
         layout=ManifestLayout.FILES,
         **options,
     )
+
+
+def _publish_one(
+    stack: DevStack,
+    publisher: WorkloadIdentity,
+    model: Path,
+    name: str,
+    *,
+    broker: grpc.Channel | None = None,
+    store: grpc.Channel | None = None,
+    key_id: str = KEY_ID,
+    **options: Any,
+) -> Published:
+    """Publishes the one file ``model`` as ``name`` version 1 through ``store`` and ``broker``
+    (the publisher's own channels where None), with ``publish_model``'s ``options``."""
+    return publish_model(
+        model,
+        name=name,
+        version="1",
+        key_id=key_id,
+        broker=broker or stack.channel(publisher, "keybroker"),
+        store=store or stack.channel(publisher, "modelstore"),
+        **options,
+    )
+
+
+def _publish_command(
+    stack: DevStack, capsys: pytest.CaptureFixture[str], files: list[Path], name: str, *more: str
+) -> tuple[int, str]:
+    """``strongroom model publish FILES --name NAME --version 1`` as the publisher (KEY_ID, no
+    progress), then ``more``: its exit status and what it wrote on stderr."""
+    config = str(stack.write_client_config("publisher"))
+    argv = ["model", "publish", *map(str, files), "--name", name, "--version", "1"]
+    code = main([*argv, "--key-id", KEY_ID, "--no-progress", "--client-config", config, *more])
+    return code, capsys.readouterr().err
 
 
 def test_a_multi_part_publish_refused_busy_mid_way_retries_that_part_and_stores_each_once(
@@ -242,15 +312,13 @@ def test_a_single_publish_refused_busy_is_retried(
 ) -> None:
     storage = stack.services["modelstore"].handle.storage
     blobs = blob_count(storage)
-    path = tmp_path / "model.bin"
-    path.write_bytes(os.urandom(5000))
+    path = _model_file(tmp_path, 5000)
     uploads = BusyBefore(stack, publisher, refused={0})
-    published = publish_model(
+    published = _publish_one(
+        stack,
+        publisher,
         path,
-        name="busy/single",
-        version="1",
-        key_id=KEY_ID,
-        broker=stack.channel(publisher, "keybroker"),
+        "busy/single",
         store=_store(stack, publisher, uploads),
     )
     assert uploads.outcomes == [REFUSED, ("OK", None)]
@@ -263,19 +331,18 @@ def test_a_single_publish_refused_busy_is_retried(
 def test_a_refusal_that_is_not_busy_is_not_retried(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
-    path = tmp_path / "model.bin"
-    path.write_bytes(os.urandom(5000))
+    path = _model_file(tmp_path, 5000)
     broker = stack.channel(publisher, "keybroker")
     store = stack.channel(publisher, "modelstore")
     publish_model(path, name="busy/exists", version="1", key_id=KEY_ID, broker=broker, store=store)
     waits: list[float] = []
     uploads = BusyBefore(stack, publisher, set())
     with pytest.raises(grpc.RpcError) as info:
-        publish_model(
+        _publish_one(
+            stack,
+            publisher,
             path,
-            name="busy/exists",
-            version="1",
-            key_id=KEY_ID,
+            "busy/exists",
             broker=broker,
             store=_store(stack, publisher, uploads),
             retry=BusyRetry(sleep=waits.append),
@@ -291,8 +358,7 @@ def test_a_store_busy_past_the_bound_ends_the_publish_with_its_refusal(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
     storage = stack.services["modelstore"].handle.storage
-    path = tmp_path / "model.bin"
-    path.write_bytes(os.urandom(5000))
+    path = _model_file(tmp_path, 5000)
     waits: list[float] = []
 
     def wait(seconds: float) -> None:
@@ -302,12 +368,11 @@ def test_a_store_busy_past_the_bound_ends_the_publish_with_its_refusal(
     uploads = BusyBefore(stack, publisher, refused={0}, end_stall=False)
     try:
         with pytest.raises(grpc.RpcError) as info:
-            publish_model(
+            _publish_one(
+                stack,
+                publisher,
                 path,
-                name="busy/never",
-                version="1",
-                key_id=KEY_ID,
-                broker=stack.channel(publisher, "keybroker"),
+                "busy/never",
                 store=_store(stack, publisher, uploads),
                 retry=BusyRetry(within=1.0, first_delay=0.2, sleep=wait),
             )
@@ -332,16 +397,8 @@ def test_a_download_refused_busy_is_made_again_and_nothing_else_is(
 ) -> None:
     """`strongroom model fetch`'s downloads (ModelFetcher's retry=): a reader's certificate at
     its one-stream share is refused, and its download is made again once the share is free."""
-    path = tmp_path / "model.bin"
-    path.write_bytes(os.urandom(5000))
-    stored = publish_model(
-        path,
-        name="busy/fetched",
-        version="1",
-        key_id=KEY_ID,
-        broker=stack.channel(publisher, "keybroker"),
-        store=stack.channel(publisher, "modelstore"),
-    ).model
+    path = _model_file(tmp_path, 5000)
+    stored = _publish_one(stack, publisher, path, "busy/fetched").model
     reader = stack.identity("inference")
     host = stack.services["modelstore"].handle.host
 
@@ -379,8 +436,7 @@ def test_an_upload_of_an_artifact_file_refused_busy_is_sent_again(
     """`strongroom model upload`: the file, already encrypted, is read and sent again."""
     storage = stack.services["modelstore"].handle.storage
     blobs = blob_count(storage)
-    path = tmp_path / "model.artifact"
-    path.write_bytes(make_artifact("busy/uploaded", "1", os.urandom(5000)))
+    path = _artifact_file(tmp_path, "busy/uploaded", 5000)
     uploads = BusyBefore(stack, publisher, refused={0})
     uploaded = upload_artifact(path, store=_store(stack, publisher, uploads))
     assert uploads.outcomes == [REFUSED, ("OK", None)]
@@ -514,16 +570,8 @@ def test_a_download_refused_busy_near_the_fetch_deadline_ends_with_the_refusal(
     """A fetch whose next wait to retry would end past its deadline raises the busy refusal
     then. It slept the wait anyway and made the download again with no time left: the fetch
     overran its deadline by the wait and ended DEADLINE_EXCEEDED, the store's refusal hidden."""
-    path = tmp_path / "model.bin"
-    path.write_bytes(os.urandom(5000))
-    publish_model(
-        path,
-        name="busy/deadline",
-        version="1",
-        key_id=KEY_ID,
-        broker=stack.channel(publisher, "keybroker"),
-        store=stack.channel(publisher, "modelstore"),
-    )
+    path = _model_file(tmp_path, 5000)
+    _publish_one(stack, publisher, path, "busy/deadline")
     reader = stack.identity("inference")
     host = stack.services["modelstore"].handle.host
     stall = StalledCalls(stack, reader, "modelstore", GET, 1, 60)
@@ -589,12 +637,11 @@ def test_a_refused_try_still_reading_does_not_move_the_retry_s_read_position(
             threads[0].join(30)
 
     uploads = OneAhead(stack, publisher, refused={0})
-    published = publish_model(
+    published = _publish_one(
+        stack,
+        publisher,
         path,
-        name="busy/position",
-        version="1",
-        key_id=KEY_ID,
-        broker=stack.channel(publisher, "keybroker"),
+        "busy/position",
         store=_store(stack, publisher, uploads),
         progress=progress,
         retry=BusyRetry(sleep=lambda _seconds: None),
@@ -615,8 +662,7 @@ def test_a_refused_upload_still_reading_does_not_move_the_retry_s_read_position(
     next() (``progress``, before its second read) until the retry has read its first block, read
     the second from the handle the tries shared; the retry missed it and ended MODEL_FILE_CHANGED
     for a file nobody changed."""
-    path = tmp_path / "model.artifact"
-    path.write_bytes(make_artifact("busy/reread", "1", os.urandom(3 * 1024 * 1024)))
+    path = _artifact_file(tmp_path, "busy/reread", 3 * 1024 * 1024)
     held, retried = threading.Event(), threading.Event()
     threads: list[threading.Thread] = []
 
@@ -706,20 +752,18 @@ def test_a_signed_model_changed_while_its_publish_waited_to_retry_is_not_stored(
     signature failed every load. Now the try ends MODEL_FILE_CHANGED before its last piece."""
     storage = stack.services["modelstore"].handle.storage
     private, _public = keypair(tmp_path, "signer")
-    path = tmp_path / "model.bin"
-    path.write_bytes(os.urandom(5000))
+    path = _model_file(tmp_path, 5000)
     uploads = BusyBefore(stack, publisher, refused={0})
 
     def rewrite(_seconds: float) -> None:  # the same size, other bytes
         path.write_bytes(os.urandom(5000))
 
     with pytest.raises(FailedPrecondition) as info:
-        publish_model(
+        _publish_one(
+            stack,
+            publisher,
             path,
-            name="busy/resigned",
-            version="1",
-            key_id=KEY_ID,
-            broker=stack.channel(publisher, "keybroker"),
+            "busy/resigned",
             store=_store(stack, publisher, uploads),
             signing_key=private,
             retry=BusyRetry(sleep=rewrite),
@@ -740,12 +784,11 @@ def test_a_signed_model_retried_unchanged_is_stored_with_a_signature_that_verifi
     content = os.urandom(5000)
     path.write_bytes(content)
     uploads = BusyBefore(stack, publisher, refused={0})
-    publish_model(
+    _publish_one(
+        stack,
+        publisher,
         path,
-        name="busy/signed",
-        version="1",
-        key_id=KEY_ID,
-        broker=stack.channel(publisher, "keybroker"),
+        "busy/signed",
         store=_store(stack, publisher, uploads),
         signing_key=private,
         retry=BusyRetry(sleep=lambda _seconds: None),
@@ -885,8 +928,7 @@ def test_a_multi_part_publish_of_a_version_already_stored_is_refused_before_any_
 ) -> None:
     """It stored every part, then was refused at the manifest (MODEL_EXISTS), and the parts it
     could not delete were left."""
-    path = tmp_path / "model.bin"
-    path.write_bytes(os.urandom(5000))
+    path = _model_file(tmp_path, 5000)
     store = stack.channel(publisher, "modelstore")
     broker = stack.channel(publisher, "keybroker")
     publish_model(path, name="busy/taken", version="1", key_id=KEY_ID, broker=broker, store=store)
@@ -1012,6 +1054,32 @@ class StopStoreBefore(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,t
         return continuation(details, request_iterator)
 
 
+def _assert_part_left_by_outage(error: Unavailable, stack: DevStack, name: str, status: str) -> str:
+    """``error`` ended a publish of ``name`` version 1 whose second part's upload failed
+    ``status`` once the first was stored, the store then down (its delete failed UNAVAILABLE):
+    an outage, the part named with the command that removes it, and still stored. Returns the
+    message."""
+    assert error.reason == "UNAVAILABLE"
+    message = error.message
+    assert message.startswith(f"{name}/1 was not published ({status}: "), message
+    assert "1 part(s) it stored could not be removed (deleting them failed: UNAVAILABLE)" in message
+    assert f"`strongroom model rm {name} 1+part.0`" in message
+    assert _records(stack, name) == [(name, "1+part.0")]
+    return message
+
+
+def _assert_outage_stored_nothing(
+    error: Unavailable, stack: DevStack, name: str, undone: str
+) -> None:
+    """``error`` ended a call for ``name`` version 1 whose store stopped before its first
+    upload: UNAVAILABLE, its message ``NAME/1 was not UNDONE (UNAVAILABLE: ...``, the
+    grpc.RpcError its cause, and nothing of ``name`` stored."""
+    assert error.reason == "UNAVAILABLE"
+    assert error.message.startswith(f"{name}/1 was not {undone} (UNAVAILABLE: ")
+    assert isinstance(error.__cause__, grpc.RpcError)
+    assert _records(stack, name) == []
+
+
 def test_a_publish_the_store_went_away_under_keeps_unavailable_and_names_the_parts_left(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
@@ -1021,32 +1089,16 @@ def test_a_publish_the_store_went_away_under_keeps_unavailable_and_names_the_par
     failure's, and the note says why the part stayed and how to remove it."""
     shards = _shards(tmp_path / "shards", 3)
     stops = StopStoreBefore(stack, 1)
-    try:
-        with pytest.raises(Unavailable) as info:
-            _publish(
-                stack,
-                publisher,
-                shards,
-                "busy/down",
-                grpc.intercept_channel(stack.channel(publisher, "modelstore"), stops),
-            )
-    finally:
-        if "modelstore" not in stack.services:
-            stack.start_in_process("modelstore", server=STORE_SERVER)
+    with _store_restarted(stack), pytest.raises(Unavailable) as info:
+        _publish(stack, publisher, shards, "busy/down", _store(stack, publisher, stops))
     assert stops.uploads == 2
-    assert info.value.reason == "UNAVAILABLE"
-    message = info.value.message
-    assert message.startswith("busy/down/1 was not published (UNAVAILABLE: ")
-    assert "1 part(s) it stored could not be removed (deleting them failed: UNAVAILABLE)" in message
+    message = _assert_part_left_by_outage(info.value, stack, "busy/down", "UNAVAILABLE")
     assert "a publisher may not delete" not in message
-    assert "`strongroom model rm busy/down 1+part.0`" in message
     assert isinstance(info.value.__cause__, grpc.RpcError)
-    assert _records(stack, "busy/down") == [("busy/down", "1+part.0")]
 
     # The store back, the version is still blocked by the part (refused before any data key).
     _refused_left_behind(stack, publisher, shards, "busy/down")
-    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
-    admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/down", version="1+part.0"))
+    _admin_rm(stack, "busy/down", "1+part.0")
 
 
 def test_a_part_out_of_time_keeps_deadline_exceeded_and_says_a_publisher_may_not_delete(
@@ -1082,8 +1134,7 @@ def test_a_part_out_of_time_keeps_deadline_exceeded_and_says_a_publisher_may_not
     assert "1 part(s) it stored could not be removed (a publisher may not delete)" in message
     assert "`strongroom model rm busy/slow 1+part.0`" in message
     assert _records(stack, "busy/slow") == [("busy/slow", "1+part.0")]
-    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
-    admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/slow", version="1+part.0"))
+    _admin_rm(stack, "busy/slow", "1+part.0")
 
 
 class CancelledThenStopped(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
@@ -1179,27 +1230,11 @@ def test_a_store_draining_under_a_part_is_an_outage_with_the_parts_left_named(
     PARTS_LEFT_BEHIND. One table now: Unavailable, CANCELLED in its message."""
     shards = _shards(tmp_path / "shards", 3)
     cancels = CancelledThenStopped(stack, publisher, 1)
-    try:
-        with pytest.raises(Unavailable) as info:
-            _publish(
-                stack,
-                publisher,
-                shards,
-                "busy/drained",
-                grpc.intercept_channel(stack.channel(publisher, "modelstore"), cancels),
-            )
-    finally:
-        if "modelstore" not in stack.services:
-            stack.start_in_process("modelstore", server=STORE_SERVER)
+    with _store_restarted(stack), pytest.raises(Unavailable) as info:
+        _publish(stack, publisher, shards, "busy/drained", _store(stack, publisher, cancels))
     assert cancels.uploads == 2
-    assert info.value.reason == "UNAVAILABLE"
-    message = info.value.message
-    assert message.startswith("busy/drained/1 was not published (CANCELLED: "), message
-    assert "1 part(s) it stored could not be removed (deleting them failed: UNAVAILABLE)" in message
-    assert "`strongroom model rm busy/drained 1+part.0`" in message
-    assert _records(stack, "busy/drained") == [("busy/drained", "1+part.0")]
-    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
-    admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/drained", version="1+part.0"))
+    _assert_part_left_by_outage(info.value, stack, "busy/drained", "CANCELLED")
+    _admin_rm(stack, "busy/drained", "1+part.0")
 
 
 def test_an_outage_that_left_no_part_is_the_same_domain_error(
@@ -1208,24 +1243,17 @@ def test_an_outage_that_left_no_part_is_the_same_domain_error(
     """The store stopped before the first part: nothing stored, nothing to delete. The same
     outage that is Unavailable when parts are left was raised as the raw grpc.RpcError here."""
     stops = StopStoreBefore(stack, 0)
-    try:
-        with pytest.raises(Unavailable) as info:
-            _publish(
-                stack,
-                publisher,
-                _shards(tmp_path / "shards", 2),
-                "busy/none-left",
-                grpc.intercept_channel(stack.channel(publisher, "modelstore"), stops),
-            )
-    finally:
-        if "modelstore" not in stack.services:
-            stack.start_in_process("modelstore", server=STORE_SERVER)
+    with _store_restarted(stack), pytest.raises(Unavailable) as info:
+        _publish(
+            stack,
+            publisher,
+            _shards(tmp_path / "shards", 2),
+            "busy/none-left",
+            _store(stack, publisher, stops),
+        )
     assert stops.uploads == 1
-    assert info.value.reason == "UNAVAILABLE"
-    assert info.value.message.startswith("busy/none-left/1 was not published (UNAVAILABLE: ")
+    _assert_outage_stored_nothing(info.value, stack, "busy/none-left", "published")
     assert "could not be removed" not in info.value.message
-    assert isinstance(info.value.__cause__, grpc.RpcError)
-    assert _records(stack, "busy/none-left") == []
 
 
 def _interrupt_when_stored(stack: DevStack, name: str, version: str) -> threading.Thread:
@@ -1258,7 +1286,7 @@ def test_an_interrupted_publish_stops_at_once_and_names_what_may_be_left(
     deletes first (up to 30 s each) and said nothing of the parts left. Now no delete is made,
     and the interrupt carries the note: the parts that may be stored, and the command."""
     calls = CountCalls()
-    store = grpc.intercept_channel(stack.channel(publisher, "modelstore"), calls)
+    store = _store(stack, publisher, calls)
     sender = _interrupt_when_stored(stack, "busy/interrupted", "1+part.0")
     with pytest.raises(KeyboardInterrupt) as info:
         _publish(stack, publisher, _with_fifo(tmp_path / "shards"), "busy/interrupted", store)
@@ -1271,8 +1299,7 @@ def test_an_interrupted_publish_stops_at_once_and_names_what_may_be_left(
     assert "nothing was deleted: an interrupt does not wait for deletes" in note
     assert "`strongroom model rm busy/interrupted 1+part.0`" in note
     assert _records(stack, "busy/interrupted") == [("busy/interrupted", "1+part.0")]
-    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
-    admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/interrupted", version="1+part.0"))
+    _admin_rm(stack, "busy/interrupted", "1+part.0")
 
 
 def test_an_interrupted_publish_command_prints_what_may_be_left(
@@ -1280,19 +1307,13 @@ def test_an_interrupted_publish_command_prints_what_may_be_left(
 ) -> None:
     """`strongroom model publish` ended 130 on Ctrl-C, silent on the parts it left."""
     shards = _with_fifo(tmp_path / "shards")
-    config = str(stack.write_client_config("publisher"))
     sender = _interrupt_when_stored(stack, "busy/cli-interrupted", "1+part.0")
-    argv = ["model", "publish", *map(str, shards), "--name", "busy/cli-interrupted"]
-    code = main(
-        [*argv, "--version", "1", "--key-id", KEY_ID, "--no-progress", "--client-config", config]
-    )
+    code, err = _publish_command(stack, capsys, shards, "busy/cli-interrupted")
     sender.join(60)
-    err = capsys.readouterr().err
     assert code == 130
     assert "strongroom: interrupted: busy/cli-interrupted/1 was not published; " in err
     assert "`strongroom model rm busy/cli-interrupted 1+part.0`" in err
-    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
-    admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/cli-interrupted", version="1+part.0"))
+    _admin_rm(stack, "busy/cli-interrupted", "1+part.0")
 
 
 class SlowStats(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
@@ -1376,26 +1397,20 @@ def test_an_interrupt_raised_by_the_progress_callback_ends_the_publish(
     assert "2 part(s) whose upload had begun may be stored (1+part.0, 1+part.1;" in note
     # The second part's upload ended short of its last chunk: not stored.
     assert _records(stack, "busy/progress-interrupt") == [("busy/progress-interrupt", "1+part.0")]
-    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
-    admin.DeleteModel(
-        store_pb.DeleteModelRequest(name="busy/progress-interrupt", version="1+part.0")
-    )
+    _admin_rm(stack, "busy/progress-interrupt", "1+part.0")
 
 
 def test_an_interrupt_raised_by_a_single_publish_s_progress_callback_ends_it(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
     """publish_model's progress runs on gRPC's thread too: the same hang, the same end."""
-    model = tmp_path / "model.bin"
-    model.write_bytes(os.urandom(3 * 1024 * 1024))
+    model = _model_file(tmp_path, 3 * 1024 * 1024)
     with pytest.raises(KeyboardInterrupt):
-        publish_model(
+        _publish_one(
+            stack,
+            publisher,
             model,
-            name="busy/single-interrupt",
-            version="1",
-            key_id=KEY_ID,
-            broker=stack.channel(publisher, "keybroker"),
-            store=stack.channel(publisher, "modelstore"),
+            "busy/single-interrupt",
             progress=_interrupt_past(1024 * 1024),
             timeout=20,
         )
@@ -1408,35 +1423,25 @@ def test_a_single_publish_the_store_went_away_under_is_the_multi_part_publisher_
     """publish_model raised an outage as the raw grpc.RpcError, where publish_parts raises the
     domain error of remote.TRANSIENT: the same store down, two answers to catch. Now both are
     Unavailable, the status in the message."""
-    model = tmp_path / "model.bin"
-    model.write_bytes(os.urandom(3000))
+    model = _model_file(tmp_path, 3000)
     stops = StopStoreBefore(stack, 0)
-    try:
-        with pytest.raises(Unavailable) as info:
-            publish_model(
-                model,
-                name="busy/single-down",
-                version="1",
-                key_id=KEY_ID,
-                broker=stack.channel(publisher, "keybroker"),
-                store=grpc.intercept_channel(stack.channel(publisher, "modelstore"), stops),
-            )
-    finally:
-        if "modelstore" not in stack.services:
-            stack.start_in_process("modelstore", server=STORE_SERVER)
+    with _store_restarted(stack), pytest.raises(Unavailable) as info:
+        _publish_one(
+            stack,
+            publisher,
+            model,
+            "busy/single-down",
+            store=_store(stack, publisher, stops),
+        )
     assert stops.uploads == 1
-    assert info.value.reason == "UNAVAILABLE"
-    assert info.value.message.startswith("busy/single-down/1 was not published (UNAVAILABLE: ")
-    assert isinstance(info.value.__cause__, grpc.RpcError)
-    assert _records(stack, "busy/single-down") == []
+    _assert_outage_stored_nothing(info.value, stack, "busy/single-down", "published")
 
 
 def test_a_single_publish_out_of_time_is_deadline_exceeded(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
     """A single publish's upload past its deadline: DeadlineExceeded, as a part's is."""
-    model = tmp_path / "model.bin"
-    model.write_bytes(os.urandom(3 * 1024 * 1024))
+    model = _model_file(tmp_path, 3 * 1024 * 1024)
     failed = threading.Event()
 
     def progress(done: int, _total: int) -> None:
@@ -1445,16 +1450,7 @@ def test_a_single_publish_out_of_time_is_deadline_exceeded(
 
     try:
         with pytest.raises(DeadlineExceeded) as info:
-            publish_model(
-                model,
-                name="busy/single-slow",
-                version="1",
-                key_id=KEY_ID,
-                broker=stack.channel(publisher, "keybroker"),
-                store=stack.channel(publisher, "modelstore"),
-                progress=progress,
-                timeout=3,
-            )
+            _publish_one(stack, publisher, model, "busy/single-slow", progress=progress, timeout=3)
     finally:
         failed.set()
     assert info.value.reason == "DEADLINE_EXCEEDED"
@@ -1468,17 +1464,9 @@ def test_a_single_publish_s_refusal_that_is_no_outage_is_raised_as_it_came(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
     """Only outages become domain errors: the broker's refusal of an unknown key stays gRPC's."""
-    model = tmp_path / "model.bin"
-    model.write_bytes(os.urandom(3000))
+    model = _model_file(tmp_path, 3000)
     with pytest.raises(grpc.RpcError) as info:
-        publish_model(
-            model,
-            name="busy/single-refused",
-            version="1",
-            key_id="no-such-key",
-            broker=stack.channel(publisher, "keybroker"),
-            store=stack.channel(publisher, "modelstore"),
-        )
+        _publish_one(stack, publisher, model, "busy/single-refused", key_id="no-such-key")
     assert not isinstance(info.value, Unavailable)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
 
@@ -1491,11 +1479,7 @@ def test_the_command_s_look_for_parts_left_takes_its_bound_from_check_within(
     however slowly, before c4ededb) failed there for good. --check-within sets it; a bound no
     look fits in shows that it reached the check."""
     shards = _shards(tmp_path / "shards", 3)
-    config = str(stack.write_client_config("publisher"))
-    argv = ["model", "publish", *map(str, shards), "--name", "busy/cli-bound", "--version", "1"]
-    options = ["--key-id", KEY_ID, "--no-progress", "--client-config", config]
-    code = main([*argv, *options, "--check-within", "1e-9"])
-    err = capsys.readouterr().err
+    code, err = _publish_command(stack, capsys, shards, "busy/cli-bound", "--check-within", "1e-9")
     assert code == 1
     assert "strongroom: error: DEADLINE_EXCEEDED: looking for parts a failed publish" in err
     assert "more than 1e-09 s (check_within; 0 of at least 4 looked at)" in err
@@ -1535,22 +1519,12 @@ def test_an_upload_the_store_went_away_under_is_unavailable(
     """upload_artifact (`strongroom model upload`) raised an outage as the raw grpc.RpcError,
     where publish_model and publish_parts raise Unavailable: now it does too, the status in the
     message."""
-    path = tmp_path / "model.artifact"
-    path.write_bytes(make_artifact("busy/upload-down", "1", os.urandom(5000)))
+    path = _artifact_file(tmp_path, "busy/upload-down", 5000)
     stops = StopStoreBefore(stack, 0)
-    try:
-        with pytest.raises(Unavailable) as info:
-            upload_artifact(
-                path, store=grpc.intercept_channel(stack.channel(publisher, "modelstore"), stops)
-            )
-    finally:
-        if "modelstore" not in stack.services:
-            stack.start_in_process("modelstore", server=STORE_SERVER)
+    with _store_restarted(stack), pytest.raises(Unavailable) as info:
+        upload_artifact(path, store=_store(stack, publisher, stops))
     assert stops.uploads == 1
-    assert info.value.reason == "UNAVAILABLE"
-    assert info.value.message.startswith("busy/upload-down/1 was not uploaded (UNAVAILABLE: ")
-    assert isinstance(info.value.__cause__, grpc.RpcError)
-    assert _records(stack, "busy/upload-down") == []
+    _assert_outage_stored_nothing(info.value, stack, "busy/upload-down", "uploaded")
 
 
 def test_an_upload_s_refusal_that_is_no_outage_is_raised_as_it_came(
@@ -1558,8 +1532,7 @@ def test_an_upload_s_refusal_that_is_no_outage_is_raised_as_it_came(
 ) -> None:
     """Only outages become domain errors: the store's refusal of a version it holds stays
     gRPC's, the stored version untouched."""
-    path = tmp_path / "model.artifact"
-    path.write_bytes(make_artifact("busy/upload-twice", "1", os.urandom(5000)))
+    path = _artifact_file(tmp_path, "busy/upload-twice", 5000)
     store = stack.channel(publisher, "modelstore")
     first = upload_artifact(path, store=store)
     with pytest.raises(grpc.RpcError) as info:
@@ -1585,8 +1558,7 @@ def test_an_upload_s_progress_callback_that_raises_at_the_end_leaves_nothing_sto
     that raised there ended the upload once the whole artifact had been sent, so the store kept
     it while the caller got the exception. Now it runs before: the upload ends short of its last
     byte, nothing stored."""
-    path = tmp_path / "model.artifact"
-    path.write_bytes(make_artifact("busy/upload-callback", "1", os.urandom(3 * 1024 * 1024)))
+    path = _artifact_file(tmp_path, "busy/upload-callback", 3 * 1024 * 1024)
     calls: list[tuple[int, int]] = []
 
     def progress(done: int, total: int) -> None:
@@ -1652,11 +1624,6 @@ class InterruptBefore(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,ty
         return continuation(details, request)  # pragma: no cover - the interrupt is raised before
 
 
-def _admin_rm(stack: DevStack, name: str, version: str) -> None:
-    admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
-    admin.DeleteModel(store_pb.DeleteModelRequest(name=name, version=version))
-
-
 def test_a_single_publish_interrupted_after_its_upload_says_the_version_may_be_stored(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
@@ -1664,18 +1631,14 @@ def test_a_single_publish_interrupted_after_its_upload_says_the_version_may_be_s
     leaves the version stored (the publisher's next try refused MODEL_EXISTS, unexplained). Now
     the interrupt carries a note, as a multi-part publish's does: it may be stored, and the
     command that removes it."""
-    model = tmp_path / "model.bin"
-    model.write_bytes(os.urandom(3000))
+    model = _model_file(tmp_path, 3000)
     with pytest.raises(KeyboardInterrupt) as info:
-        publish_model(
+        _publish_one(
+            stack,
+            publisher,
             model,
-            name="busy/single-stopped",
-            version="1",
-            key_id=KEY_ID,
-            broker=stack.channel(publisher, "keybroker"),
-            store=grpc.intercept_channel(
-                stack.channel(publisher, "modelstore"), InterruptAfterUpload()
-            ),
+            "busy/single-stopped",
+            store=_store(stack, publisher, InterruptAfterUpload()),
         )
     (note,) = info.value.__notes__
     assert note.startswith("interrupted: its upload had begun, so busy/single-stopped/1 may be ")
@@ -1690,16 +1653,14 @@ def test_a_single_publish_interrupted_before_its_upload_says_nothing_was_stored(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
     """Ctrl-C while the data key is asked for: the note says nothing was stored."""
-    model = tmp_path / "model.bin"
-    model.write_bytes(os.urandom(3000))
+    model = _model_file(tmp_path, 3000)
     with pytest.raises(KeyboardInterrupt) as info:
-        publish_model(
+        _publish_one(
+            stack,
+            publisher,
             model,
-            name="busy/single-early",
-            version="1",
-            key_id=KEY_ID,
+            "busy/single-early",
             broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), InterruptBefore()),
-            store=stack.channel(publisher, "modelstore"),
         )
     assert info.value.__notes__ == [
         "interrupted: busy/single-early/1 was not published; nothing was stored"
@@ -1711,14 +1672,11 @@ def test_an_upload_interrupted_after_the_store_answered_says_it_may_be_stored(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
     """`strongroom model upload` interrupted the same way said nothing either."""
-    path = tmp_path / "model.artifact"
-    path.write_bytes(make_artifact("busy/upload-stopped", "1", os.urandom(5000)))
+    path = _artifact_file(tmp_path, "busy/upload-stopped", 5000)
     with pytest.raises(KeyboardInterrupt) as info:
         upload_artifact(
             path,
-            store=grpc.intercept_channel(
-                stack.channel(publisher, "modelstore"), InterruptAfterUpload()
-            ),
+            store=_store(stack, publisher, InterruptAfterUpload()),
         )
     (note,) = info.value.__notes__
     assert note.startswith("interrupted: its upload had begun, so busy/upload-stopped/1 may be ")
@@ -1745,12 +1703,7 @@ def test_an_interrupted_single_publish_command_prints_what_may_be_stored(
         return grpc.intercept_channel(opened, InterruptAfterUpload())
 
     monkeypatch.setattr(Client, "channel", interrupting)
-    model = tmp_path / "model.bin"
-    model.write_bytes(os.urandom(3000))
-    config = str(stack.write_client_config("publisher"))
-    argv = ["model", "publish", str(model), "--name", "busy/cli-single", "--version", "1"]
-    code = main([*argv, "--key-id", KEY_ID, "--no-progress", "--client-config", config])
-    err = capsys.readouterr().err
+    code, err = _publish_command(stack, capsys, [_model_file(tmp_path, 3000)], "busy/cli-single")
     assert code == 130
     assert "strongroom: interrupted: its upload had begun, so busy/cli-single/1 may be " in err
     assert "`strongroom model rm busy/cli-single 1`" in err

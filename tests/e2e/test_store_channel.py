@@ -59,11 +59,9 @@ def test_a_download_arrives_whole_read_by_the_iterating_thread(
     assert len(pieces) > 1 and b"".join(pieces) == published
 
 
-def test_a_scope_cancelled_from_another_thread_ends_the_download(
-    stack: DevStack, published: bytes
-) -> None:
-    reader = stack.identity("inference")
-    channel = stack.channel(reader, "modelstore", options=STORE_CHANNEL_OPTIONS)
+def _received_until_cancelled(channel: grpc.Channel) -> int:
+    """How much of the model a download through ``channel`` received before its load's scope,
+    cancelled from another thread once the first piece arrived, ended it with Cancelled."""
     scope = CallScope(time.monotonic() + 60)
     received = 0
     with scoped(scope), pytest.raises(Cancelled):
@@ -73,7 +71,15 @@ def test_a_scope_cancelled_from_another_thread_ends_the_download(
                 canceller.start()
                 canceller.join()
             received += len(piece)
-    assert 0 < received < len(published)
+    return received
+
+
+def test_a_scope_cancelled_from_another_thread_ends_the_download(
+    stack: DevStack, published: bytes
+) -> None:
+    reader = stack.identity("inference")
+    channel = stack.channel(reader, "modelstore", options=STORE_CHANNEL_OPTIONS)
+    assert 0 < _received_until_cancelled(channel) < len(published)
 
 
 class _Ends(grpc.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
@@ -134,17 +140,7 @@ def test_a_download_cancelled_from_another_thread_is_taken_in_to_its_end(
     stack: DevStack, published: bytes
 ) -> None:
     ends = _Ends()
-    channel = _server_like(stack, ends)
-    scope = CallScope(time.monotonic() + 60)
-    received = 0
-    with scoped(scope), pytest.raises(Cancelled):
-        for piece in grpc_source(channel)("channel/model", "1"):
-            if not received:
-                canceller = threading.Thread(target=scope.cancel)
-                canceller.start()
-                canceller.join()
-            received += len(piece)
-    assert 0 < received < len(published)
+    assert 0 < _received_until_cancelled(_server_like(stack, ends)) < len(published)
     assert (ends.calls, ends.ended) == (1, 1)
 
 

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from typing import Any
@@ -534,29 +534,28 @@ _REFUSED_AT_ONCE = {
 }
 
 
-@pytest.mark.parametrize("fill_stderr", [True, False], ids=["stderr-full", "stderr-read"])
-@pytest.mark.parametrize("command", sorted(_REFUSED_AT_ONCE))
-def test_a_command_refused_before_any_log_exits_with_a_full_stderr(
-    command: str, fill_stderr: bool
-) -> None:
-    """A configuration refused before the service's log was set up (and any command's error)
-    was printed by the command line on ``sys.stderr``, waiting on a full pipe whose collector
-    had stopped reading: the process never ended. It is written only if stderr takes it
-    without waiting now, as the log's lines are: status 1 either way, and the line written when
-    stderr is read."""
-    args, line = _REFUSED_AT_ONCE[command]
+def _command(args: Sequence[str], stderr: int) -> subprocess.Popen[bytes]:
+    """``strongroom ARGS`` (this checkout's command line) started with the descriptor ``stderr``
+    its stderr, nothing on its stdin or stdout."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "strongroom.cli.main", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def command_with_stderr(args: Sequence[str], *, fill_stderr: bool) -> tuple[int, list[str]]:
+    """Runs ``strongroom ARGS`` with its stderr a pipe read only once the process has ended,
+    full before it starts if ``fill_stderr`` (a collector that stopped reading): its exit status
+    and the lines it wrote there."""
     read_end, write_end = os.pipe()
     try:
         if fill_stderr:
             fill_pipe(f"/proc/self/fd/{write_end}")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "strongroom.cli.main", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=write_end,
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
+        process = _command(args, write_end)
         os.close(write_end)
         write_end = -1
         try:
@@ -571,6 +570,21 @@ def test_a_command_refused_before_any_log_exits_with_a_full_stderr(
         for fd in (read_end, write_end):
             if fd >= 0:
                 os.close(fd)
+    return status, written
+
+
+@pytest.mark.parametrize("fill_stderr", [True, False], ids=["stderr-full", "stderr-read"])
+@pytest.mark.parametrize("command", sorted(_REFUSED_AT_ONCE))
+def test_a_command_refused_before_any_log_exits_with_a_full_stderr(
+    command: str, fill_stderr: bool
+) -> None:
+    """A configuration refused before the service's log was set up (and any command's error)
+    was printed by the command line on ``sys.stderr``, waiting on a full pipe whose collector
+    had stopped reading: the process never ended. It is written only if stderr takes it
+    without waiting now, as the log's lines are: status 1 either way, and the line written when
+    stderr is read."""
+    args, line = _REFUSED_AT_ONCE[command]
+    status, written = command_with_stderr(args, fill_stderr=fill_stderr)
     assert status == 1
     assert written == ([] if fill_stderr else [line])
 
@@ -580,28 +594,26 @@ _LONG_PATH = "/nonexistent/" + "/".join(["d" * 200] * 21) + "/audit.log"
 _LONG_ERROR = f"strongroom: error: {_LONG_PATH}: File name too long"
 
 
-def _command_error(stderr: int, reader: int) -> tuple[int, bytes]:
-    """The exit status of ``strongroom audit verify`` of :data:`_LONG_PATH`, its stderr the
-    descriptor ``stderr``, and what ``reader`` (the other end) read of it."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "strongroom.cli.main", "audit", "verify", _LONG_PATH],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=stderr,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    os.close(stderr)
-    read = b""
-    while True:
-        try:
-            chunk = os.read(reader, 65536)
-        except OSError:  # EIO: a terminal's other end closed
-            break
-        if not chunk:
-            break
-        read += chunk
-    return process.wait(timeout=60), read
+def _command_error(ends: tuple[int, int]) -> tuple[int, bytes]:
+    """The exit status of ``strongroom audit verify`` of :data:`_LONG_PATH` whose stderr is the
+    second of ``ends`` (a pipe's or a terminal's, in the order os.pipe and os.openpty give them),
+    and what the first read of it. Both are closed."""
+    reader, stderr = ends
+    try:
+        process = _command(["audit", "verify", _LONG_PATH], stderr)
+        os.close(stderr)
+        read = b""
+        while True:
+            try:
+                chunk = os.read(reader, 65536)
+            except OSError:  # EIO: a terminal's other end closed
+                break
+            if not chunk:
+                break
+            read += chunk
+        return process.wait(timeout=60), read
+    finally:
+        os.close(reader)
 
 
 def test_a_long_error_line_is_written_whole_to_a_terminal() -> None:
@@ -609,11 +621,7 @@ def test_a_long_error_line_is_written_whole_to_a_terminal() -> None:
     longer than PIPE_BUF was dropped wherever stderr was not a regular file: on a terminal the
     command failed without a word. A terminal is a person's, not a collector that stopped
     reading: the line is written whole, as any program's."""
-    terminal, stderr = os.openpty()
-    try:
-        status, read = _command_error(stderr, terminal)
-    finally:
-        os.close(terminal)
+    status, read = _command_error(os.openpty())
     assert status == 1
     assert read.decode().splitlines() == [_LONG_ERROR]
 
@@ -623,11 +631,7 @@ def test_a_long_error_line_to_a_pipe_is_cut_to_what_it_takes_at_once() -> None:
     the command's failure unexplained. It is cut to PIPE_BUF bytes now, still written at once or
     not at all: both ends kept (the error's start and the file's error at its end), its middle
     left out and said so."""
-    reader, stderr = os.pipe()
-    try:
-        status, read = _command_error(stderr, reader)
-    finally:
-        os.close(reader)
+    status, read = _command_error(os.pipe())
     assert status == 1
     assert len(read) <= select.PIPE_BUF and read.endswith(b"\n"), len(read)
     (line,) = read.decode().splitlines()
@@ -644,32 +648,9 @@ def test_a_usage_error_exits_with_a_full_stderr(fill_stderr: bool) -> None:
     know) on ``sys.stderr``, waiting on a full pipe whose collector had stopped reading: the
     process never ended. Written only if stderr takes it at once now, as the command line's
     own error line is: status 2 either way, usage and error written when stderr is read."""
-    read_end, write_end = os.pipe()
-    try:
-        if fill_stderr:
-            fill_pipe(f"/proc/self/fd/{write_end}")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "strongroom.cli.main", "serve", "keybroker", "--bogus"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=write_end,
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        os.close(write_end)
-        write_end = -1
-        try:
-            status = process.wait(timeout=60)  # a hang, not a speed: it never ended
-        finally:
-            process.kill()
-            process.wait()
-        with os.fdopen(read_end, "rb") as reader:
-            read_end = -1
-            written = reader.read().decode().strip("x").splitlines()
-    finally:
-        for fd in (read_end, write_end):
-            if fd >= 0:
-                os.close(fd)
+    status, written = command_with_stderr(
+        ["serve", "keybroker", "--bogus"], fill_stderr=fill_stderr
+    )
     assert status == 2
     if fill_stderr:
         assert written == []
