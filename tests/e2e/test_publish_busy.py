@@ -1634,8 +1634,8 @@ def test_a_single_publish_interrupted_after_its_upload_says_the_version_may_be_s
 ) -> None:
     """An interrupted single-file publish said nothing, though an interrupt after its last byte
     leaves the version stored (the publisher's next try refused MODEL_EXISTS, unexplained). Now
-    the interrupt carries a note, as a multi-part publish's does: it may be stored, and the
-    command that removes it."""
+    the interrupt carries a note, as a multi-part publish's does: it may be stored, when to keep
+    it, and the command that removes it."""
     model = _model_file(tmp_path, 3000)
     with pytest.raises(KeyboardInterrupt) as info:
         _publish_one(
@@ -1646,10 +1646,17 @@ def test_a_single_publish_interrupted_after_its_upload_says_the_version_may_be_s
             store=_store(stack, publisher, InterruptAfterUpload()),
         )
     (note,) = info.value.__notes__
-    assert note.startswith("interrupted: its upload had begun, so busy/single-stopped/1 may be ")
-    assert "`strongroom model ls busy/single-stopped` lists it" in note
-    assert "refused (MODEL_EXISTS) until an admin removes it" in note
-    assert note.endswith("`strongroom model rm busy/single-stopped 1`")
+    # The removal is handed out with its condition: a version stored is a whole, loadable model,
+    # this publish's or another's (whose MODEL_EXISTS refusal of this one the interrupt lost).
+    assert note == (
+        "interrupted: its upload had begun, so busy/single-stopped/1 may be stored, whole and "
+        "loadable: this publish's, if its last byte was sent, or another publish's of the same "
+        "version (the store's refusal of this one, MODEL_EXISTS, lost to the interrupt). Once no "
+        "publish of it is running and `strongroom model ls busy/single-stopped` lists it, keep "
+        "it (publishing it again is refused MODEL_EXISTS); only to replace it with another model "
+        "does an admin remove it: `strongroom model rm busy/single-stopped 1`. If it is still "
+        "not stored, nothing was: publish it again"
+    )
     assert _records(stack, "busy/single-stopped") == [("busy/single-stopped", "1")]
     _admin_rm(stack, "busy/single-stopped", "1")
 
@@ -1685,7 +1692,9 @@ def test_an_upload_interrupted_after_the_store_answered_says_it_may_be_stored(
         )
     (note,) = info.value.__notes__
     assert note.startswith("interrupted: its upload had begun, so busy/upload-stopped/1 may be ")
-    assert note.endswith("`strongroom model rm busy/upload-stopped 1`")
+    assert "Once no publish of it is running and `strongroom model ls busy/upload-stopped` " in note
+    assert ", keep it (publishing it again is refused MODEL_EXISTS); only to replace it " in note
+    assert "admin remove it: `strongroom model rm busy/upload-stopped 1`. If it is still " in note
     assert _records(stack, "busy/upload-stopped") == [("busy/upload-stopped", "1")]
     _admin_rm(stack, "busy/upload-stopped", "1")
 
@@ -1711,7 +1720,8 @@ def test_an_interrupted_single_publish_command_prints_what_may_be_stored(
     code, err = _publish_command(stack, capsys, [_model_file(tmp_path, 3000)], "busy/cli-single")
     assert code == 130
     assert "strongroom: interrupted: its upload had begun, so busy/cli-single/1 may be " in err
-    assert "`strongroom model rm busy/cli-single 1`" in err
+    assert "`strongroom model ls busy/cli-single` lists it, keep it " in err
+    assert "admin remove it: `strongroom model rm busy/cli-single 1`. If it is still not " in err
     assert _records(stack, "busy/cli-single") == [("busy/cli-single", "1")]
     _admin_rm(stack, "busy/cli-single", "1")
 
