@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -60,6 +61,7 @@ from tests.conftest import stack_root
 from tests.inference.test_signature import keypair
 from tests.modelstore.artifacts import make_artifact
 from tests.modelstore.backends import assert_clean, blob_count
+from tests.runtime.test_stopping import command_with_stderr
 
 KEY_ID = "busy-key"
 STORE_SERVER = {"max_streams_per_certificate": 1}
@@ -1319,6 +1321,42 @@ def test_an_interrupted_publish_command_prints_what_may_be_left(
     assert "strongroom: interrupted: busy/cli-interrupted/1 was not published; " in err
     assert "`strongroom model rm busy/cli-interrupted 1+part.0`" in err
     _admin_rm(stack, "busy/cli-interrupted", "1+part.0")
+
+
+@pytest.mark.parametrize("fill_stderr", [True, False], ids=["stderr-full", "stderr-read"])
+def test_an_interrupted_publish_command_exits_with_a_full_stderr(
+    stack: DevStack, tmp_path: Path, fill_stderr: bool
+) -> None:
+    """The interrupted command's notes were printed blocking: on a full stderr pipe whose
+    collector had stopped reading, the command waited there for good. They are written as its
+    error line is, only if stderr takes them at once: status 130 either way, the note written
+    when stderr is read. (The command as a process of its own, Ctrl-C a real SIGINT to it once
+    its first part is stored, its second a FIFO it waits to open.)"""
+    name = f"busy/cli-full-{fill_stderr}".lower()
+    config = str(stack.write_client_config("publisher"))
+    shards = map(str, _with_fifo(tmp_path / "shards"))
+    argv = ["model", "publish", *shards, "--name", name, "--version", "1", "--key-id", KEY_ID]
+
+    def interrupt(process: subprocess.Popen[bytes]) -> None:
+        try:  # sent whatever the look did, as _interrupt_when_stored's
+            settled(lambda: (name, "1+part.0") in _records(stack, name))
+        finally:
+            process.send_signal(signal.SIGINT)
+
+    status, written = command_with_stderr(
+        [*argv, "--no-progress", "--client-config", config],
+        fill_stderr=fill_stderr,
+        meanwhile=interrupt,
+    )
+    assert status == 130
+    if fill_stderr:
+        assert written == []
+    else:
+        (line,) = written
+        assert line.startswith(f"strongroom: interrupted: {name}/1 was not published; ")
+        assert f"`strongroom model rm {name} 1+part.0`" in line
+    assert _records(stack, name) == [(name, "1+part.0")]
+    _admin_rm(stack, name, "1+part.0")
 
 
 class SlowStats(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
