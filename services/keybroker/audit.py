@@ -770,7 +770,17 @@ class AuditLog(Closing):
             # (a read of a sealed file while finishing a rotation, EIO) refuses the start all the
             # same, naming its file, rather than ending it with a traceback.
             log.close()
-            raise _call_failed_in("access the audit file", exc, path.parent) from None
+            failed = _call_failed_in("access the audit file", exc, path.parent)
+            # The refusal drops the OSError (``from None``): logged here, once, with its
+            # traceback, or a programming error surfacing as one (EINVAL from a bad argument)
+            # kept no word of where it was raised. Its message names paths and the errno only.
+            _log.error(
+                "%s (a call no step of the audit log's start expected to fail)",
+                failed.message,
+                exc_info=exc,
+                extra={"reason": Reason.AUDIT_UNAVAILABLE.value},
+            )
+            raise failed from None
         except BaseException:
             log.close()
             raise

@@ -876,6 +876,40 @@ def test_an_interrupted_rotation_the_start_cannot_finish_refuses_naming_the_file
     assert found.intact and (found.first_seq, found.end) == (0, 4), found.message
 
 
+def test_a_call_no_step_of_the_start_expected_to_fail_is_logged_once_with_its_traceback(
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The start's last resort turned any OSError into AUDIT_UNAVAILABLE ``from None`` and
+    logged nothing: a programming error surfacing as one (a seek to a negative offset: EINVAL,
+    the kernel's) lost its stack trace everywhere. It is logged once at ERROR now, with its
+    traceback, and the refusal raised as before (the directory and the errno, no cause)."""
+    with AuditLog.open(log_path, key) as log:
+        fill(log, 2)
+
+    def bad_seek(log: AuditLog) -> None:
+        os.lseek(log._fd, -1, os.SEEK_SET)
+
+    monkeypatch.setattr(AuditLog, "_count_sealed_bytes", bad_seek)
+    with caplog.at_level(logging.ERROR), pytest.raises(AuditUnavailable) as info:
+        AuditLog.open(log_path, key)
+    message = f"cannot access the audit file {log_path.parent}: Invalid argument (EINVAL)"
+    assert info.value.message == message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    [logged] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert logged.name == "strongroom.keybroker.audit"
+    assert logged.getMessage() == (
+        f"{message} (a call no step of the audit log's start expected to fail)"
+    )
+    assert logged.reason == "AUDIT_UNAVAILABLE"  # type: ignore[attr-defined]
+    assert logged.exc_info is not None
+    trace = logging.Formatter().formatException(logged.exc_info)
+    assert "in bad_seek\n    os.lseek(log._fd, -1, os.SEEK_SET)" in trace
+    assert trace.endswith("OSError: [Errno 22] Invalid argument")
+
+
 @pytest.mark.parametrize("by", ["commit", "rotate"])
 def test_a_running_brokers_rotation_that_cannot_finish_says_the_next_commit_goes_on_with_it(
     log_path: Path, key: Ed25519PrivateKey, by: str
