@@ -770,7 +770,17 @@ class AuditLog(Closing):
             # (a read of a sealed file while finishing a rotation, EIO) refuses the start all the
             # same, naming its file, rather than ending it with a traceback.
             log.close()
-            raise _call_failed_in("access the audit file", exc, path.parent) from None
+            failed = _call_failed_in("access the audit file", exc, path.parent)
+            # The refusal drops the OSError (``from None``): logged here, once, with its
+            # traceback, or a programming error surfacing as one (EINVAL from a bad argument)
+            # kept no word of where it was raised. Its message names paths and the errno only.
+            _log.error(
+                "%s (a call no step of the audit log's start expected to fail)",
+                failed.message,
+                exc_info=exc,
+                extra={"reason": Reason.AUDIT_UNAVAILABLE.value},
+            )
+            raise failed from None
         except BaseException:
             log.close()
             raise
@@ -1295,8 +1305,9 @@ class AuditLog(Closing):
                 try:
                     self._head.write(sealed, sealed=True, size=self._size)
                 except OSError as exc:
+                    failed = _call_failed("write the audit head", exc, self._head_path)
                     raise AuditUnavailable(
-                        f"cannot seal the audit log for its rotation: {exc.strerror}"
+                        f"cannot seal the audit log for its rotation: {failed.message}"
                     ) from None
                 is_sealed = True
                 self._complete_renames()
@@ -1604,9 +1615,9 @@ class AuditLog(Closing):
                     # The file it was about (the head, when it is the link or FIFO), as audit
                     # verify names it: the log beside it may be a regular file.
                     failed = exc.filename if isinstance(exc.filename, str) else name
-                    what = name if failed == name else f"{name}'s head {failed}"
-                    raise AuditUnavailable(
-                        f"cannot read the sealed audit log {what}: {exc.strerror or exc}"
+                    what = "" if failed == name else f" {name}'s head"
+                    raise _call_failed(
+                        f"read the sealed audit log{what}", exc, self._path.parent / failed
                     ) from None
                 before, before_name = head, name
                 checked.append(name)

@@ -45,6 +45,7 @@ from strongroom.client.publish import (
 from strongroom.errors import FailedPrecondition
 from strongroom.identifiers import MAX_NAME_LENGTH
 from strongroom.reasons import Reason
+from strongroom.runtime.log_writer import write_at_once
 
 TIMEOUT = 30.0
 
@@ -222,14 +223,17 @@ def _positive_seconds(text: str) -> float:
 @contextmanager
 def _interrupt_notes_printed(bar: ProgressBar | None) -> Iterator[None]:
     """Ctrl-C ends the command (status 130) at once; what it may have left in the store, and
-    the commands that remove it, are the publisher's notes on the interrupt, printed here."""
+    the commands that remove it, are the publisher's notes on the interrupt, printed here as
+    the command's error line is (:func:`~strongroom.runtime.log_writer.write_at_once`): printed
+    blocking, a note waited for good on a full stderr pipe whose collector had stopped reading,
+    and the interrupted command never ended."""
     try:
         yield
     except KeyboardInterrupt as interrupt:
         if bar is not None:
             bar.done()
         for note in getattr(interrupt, "__notes__", ()):
-            print(f"strongroom: {note}", file=sys.stderr)
+            write_at_once(sys.stderr, f"strongroom: {note}", cut_to_fit=True)
         raise
 
 

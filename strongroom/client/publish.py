@@ -92,7 +92,7 @@ def publish_model(
     ``publish_parts`` raises it; any other refusal as it came (``grpc.RpcError``). A
     ``KeyboardInterrupt`` (Ctrl-C, or one ``progress`` raised) is raised as it came, with a note
     (:func:`interrupt_noted`): nothing stored, or, once the upload had begun, the version may be
-    stored, and the command that removes it.
+    stored, when to keep it, and the command that removes it.
     """
     started = time.perf_counter()
     # The file first: a publish that cannot read it asks the broker for no data key (each one is
@@ -162,11 +162,13 @@ def interrupt_noted(name: str, version: str, upload: threading.Event) -> Iterato
     """Adds to a ``KeyboardInterrupt`` raised in the block a note (``add_note``, as
     :func:`~strongroom.client.multipart.publish_parts`'s) of what the single-artifact publish of
     ``name``/``version`` may have left: nothing before ``upload`` is set (its call started), and
-    from then the whole version, with the command that removes it.
+    from then the whole version, with when to keep it and the command that removes it.
 
     An interrupt after the last byte was sent (the store's answer on its way) leaves the version
     stored: an interrupt that said nothing had the publisher's next try refused MODEL_EXISTS,
-    unexplained."""
+    unexplained. And a version stored is a whole, loadable model, this publish's or another's
+    that stored it first (the store's MODEL_EXISTS refusal of this one never seen): a note that
+    handed out its removal unconditioned had it removed under whoever loads it."""
     try:
         yield
     except KeyboardInterrupt as interrupt:
@@ -176,10 +178,14 @@ def interrupt_noted(name: str, version: str, upload: threading.Event) -> Iterato
             )
         else:
             interrupt.add_note(
-                f"interrupted: its upload had begun, so {name}/{version} may be stored (whole, "
-                f"if its last byte was sent: `strongroom model ls {shlex.quote(name)}` lists it "
-                "then); publishing it again is refused (MODEL_EXISTS) until an admin removes it: "
-                f"{rm_command(name, version)}"
+                f"interrupted: its upload had begun, so {name}/{version} may be stored, whole "
+                "and loadable: this publish's, if its last byte was sent, or another "
+                "publish's of the same version (the store's refusal of this one, MODEL_EXISTS, "
+                "lost to the interrupt). Once no publish of it is running and "
+                f"`strongroom model ls {shlex.quote(name)}` lists it, keep it (publishing it "
+                "again is refused MODEL_EXISTS); only to replace it with another model does an "
+                f"admin remove it: {rm_command(name, version)}. If it is still not stored, "
+                "nothing was: publish it again"
             )
         raise
 

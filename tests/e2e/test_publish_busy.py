@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -60,6 +61,7 @@ from tests.conftest import stack_root
 from tests.inference.test_signature import keypair
 from tests.modelstore.artifacts import make_artifact
 from tests.modelstore.backends import assert_clean, blob_count
+from tests.runtime.test_stopping import command_with_stderr
 
 KEY_ID = "busy-key"
 STORE_SERVER = {"max_streams_per_certificate": 1}
@@ -1321,6 +1323,42 @@ def test_an_interrupted_publish_command_prints_what_may_be_left(
     _admin_rm(stack, "busy/cli-interrupted", "1+part.0")
 
 
+@pytest.mark.parametrize("fill_stderr", [True, False], ids=["stderr-full", "stderr-read"])
+def test_an_interrupted_publish_command_exits_with_a_full_stderr(
+    stack: DevStack, tmp_path: Path, fill_stderr: bool
+) -> None:
+    """The interrupted command's notes were printed blocking: on a full stderr pipe whose
+    collector had stopped reading, the command waited there for good. They are written as its
+    error line is, only if stderr takes them at once: status 130 either way, the note written
+    when stderr is read. (The command as a process of its own, Ctrl-C a real SIGINT to it once
+    its first part is stored, its second a FIFO it waits to open.)"""
+    name = f"busy/cli-full-{fill_stderr}".lower()
+    config = str(stack.write_client_config("publisher"))
+    shards = map(str, _with_fifo(tmp_path / "shards"))
+    argv = ["model", "publish", *shards, "--name", name, "--version", "1", "--key-id", KEY_ID]
+
+    def interrupt(process: subprocess.Popen[bytes]) -> None:
+        try:  # sent whatever the look did, as _interrupt_when_stored's
+            settled(lambda: (name, "1+part.0") in _records(stack, name))
+        finally:
+            process.send_signal(signal.SIGINT)
+
+    status, written = command_with_stderr(
+        [*argv, "--no-progress", "--client-config", config],
+        fill_stderr=fill_stderr,
+        meanwhile=interrupt,
+    )
+    assert status == 130
+    if fill_stderr:
+        assert written == []
+    else:
+        (line,) = written
+        assert line.startswith(f"strongroom: interrupted: {name}/1 was not published; ")
+        assert f"`strongroom model rm {name} 1+part.0`" in line
+    assert _records(stack, name) == [(name, "1+part.0")]
+    _admin_rm(stack, name, "1+part.0")
+
+
 class SlowStats(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
     """Holds each StatModel ``seconds`` before it is sent (a slow store, as its client sees it),
     and counts the calls by method."""
@@ -1634,8 +1672,8 @@ def test_a_single_publish_interrupted_after_its_upload_says_the_version_may_be_s
 ) -> None:
     """An interrupted single-file publish said nothing, though an interrupt after its last byte
     leaves the version stored (the publisher's next try refused MODEL_EXISTS, unexplained). Now
-    the interrupt carries a note, as a multi-part publish's does: it may be stored, and the
-    command that removes it."""
+    the interrupt carries a note, as a multi-part publish's does: it may be stored, when to keep
+    it, and the command that removes it."""
     model = _model_file(tmp_path, 3000)
     with pytest.raises(KeyboardInterrupt) as info:
         _publish_one(
@@ -1646,10 +1684,17 @@ def test_a_single_publish_interrupted_after_its_upload_says_the_version_may_be_s
             store=_store(stack, publisher, InterruptAfterUpload()),
         )
     (note,) = info.value.__notes__
-    assert note.startswith("interrupted: its upload had begun, so busy/single-stopped/1 may be ")
-    assert "`strongroom model ls busy/single-stopped` lists it" in note
-    assert "refused (MODEL_EXISTS) until an admin removes it" in note
-    assert note.endswith("`strongroom model rm busy/single-stopped 1`")
+    # The removal is handed out with its condition: a version stored is a whole, loadable model,
+    # this publish's or another's (whose MODEL_EXISTS refusal of this one the interrupt lost).
+    assert note == (
+        "interrupted: its upload had begun, so busy/single-stopped/1 may be stored, whole and "
+        "loadable: this publish's, if its last byte was sent, or another publish's of the same "
+        "version (the store's refusal of this one, MODEL_EXISTS, lost to the interrupt). Once no "
+        "publish of it is running and `strongroom model ls busy/single-stopped` lists it, keep "
+        "it (publishing it again is refused MODEL_EXISTS); only to replace it with another model "
+        "does an admin remove it: `strongroom model rm busy/single-stopped 1`. If it is still "
+        "not stored, nothing was: publish it again"
+    )
     assert _records(stack, "busy/single-stopped") == [("busy/single-stopped", "1")]
     _admin_rm(stack, "busy/single-stopped", "1")
 
@@ -1685,7 +1730,9 @@ def test_an_upload_interrupted_after_the_store_answered_says_it_may_be_stored(
         )
     (note,) = info.value.__notes__
     assert note.startswith("interrupted: its upload had begun, so busy/upload-stopped/1 may be ")
-    assert note.endswith("`strongroom model rm busy/upload-stopped 1`")
+    assert "Once no publish of it is running and `strongroom model ls busy/upload-stopped` " in note
+    assert ", keep it (publishing it again is refused MODEL_EXISTS); only to replace it " in note
+    assert "admin remove it: `strongroom model rm busy/upload-stopped 1`. If it is still " in note
     assert _records(stack, "busy/upload-stopped") == [("busy/upload-stopped", "1")]
     _admin_rm(stack, "busy/upload-stopped", "1")
 
@@ -1711,7 +1758,8 @@ def test_an_interrupted_single_publish_command_prints_what_may_be_stored(
     code, err = _publish_command(stack, capsys, [_model_file(tmp_path, 3000)], "busy/cli-single")
     assert code == 130
     assert "strongroom: interrupted: its upload had begun, so busy/cli-single/1 may be " in err
-    assert "`strongroom model rm busy/cli-single 1`" in err
+    assert "`strongroom model ls busy/cli-single` lists it, keep it " in err
+    assert "admin remove it: `strongroom model rm busy/cli-single 1`. If it is still not " in err
     assert _records(stack, "busy/cli-single") == [("busy/cli-single", "1")]
     _admin_rm(stack, "busy/cli-single", "1")
 

@@ -127,6 +127,34 @@ def test_a_path_with_control_characters_is_printed_escaped(
     assert "\x1b" not in out and "audit\\x1b[2K.jsonl: intact" in out
 
 
+def test_a_planted_sealed_name_with_control_characters_is_printed_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no --log-name, sealed names are matched as ``(.+).FIRST-LAST``: a directory whose
+    log's name holds control characters (all of it whoever can write there chose), a name of
+    that log planted beside its real sealed file, reaches SERIES_NAME_MISMATCH's message with
+    its name whole. The line that reports it is escaped, as every line audit verify prints: no
+    escape sequence reaches the auditor's terminal to overwrite the NOT intact line. (A guard:
+    this held before; it fails with the series branch's printable() taken out.)"""
+    private_pem, _ = new_signing_key()
+    name = "audit\x1b[1A\x1b[2K\r.log"
+    with AuditLog.open(tmp_path / name, load_signing_key(Secret(private_pem))) as log:
+        for n in range(3):
+            log.append(AuditEvent(decision=Decision.DENIED, reason="TEST", claims={"n": n}))
+        assert log.rotate() == tmp_path / f"{name}.0-2"
+        log.append(AuditEvent(decision=Decision.DENIED, reason="TEST", claims={"n": 3}))
+    planted = tmp_path / f"{name}.007-010"
+    planted.write_bytes(b"")
+    assert _run("audit", "verify", str(tmp_path)) == audit_cli.EXIT_TAMPERED
+    printed = capsys.readouterr().err
+    shown = "audit\\x1b[1A\\x1b[2K\\r.log.007-010"
+    assert printed == (
+        f"{tmp_path}/{shown}: NOT intact: SERIES_NAME_MISMATCH: {shown}: named like a sealed "
+        "audit log but not as a rotation names one (plain decimal seq numbers, no leading "
+        "zeros, first not after last): a sealed file was renamed or a file put there by hand\n"
+    )
+
+
 def test_a_count_of_the_roleless_bucket_naming_no_caller_verifies(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

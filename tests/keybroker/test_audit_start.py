@@ -10,6 +10,7 @@ records in between (see the module doc of :mod:`strongroom.keybroker.audit`, *Ro
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -874,6 +876,100 @@ def test_an_interrupted_rotation_the_start_cannot_finish_refuses_naming_the_file
         assert log.append(event(3)).seq == 3
     found = _series(log_path, key)
     assert found.intact and (found.first_seq, found.end) == (0, 4), found.message
+
+
+@pytest.mark.parametrize("unreadable", ["log", "head"])
+def test_a_sealed_file_the_start_cannot_read_refuses_naming_the_file_and_errno(
+    series: Path, log_path: Path, key: Ed25519PrivateKey, unreadable: str
+) -> None:
+    """A sealed log or head the start cannot read (write-only: EACCES, real, the start's thread
+    without its file-mode override; the read before the locks leaves it out, the check under
+    them reads it) refused the start with ``cannot read the sealed audit log NAME: Permission
+    denied``, naming no directory and no errno, unlike every other audit refusal. It names the
+    file's path and the errno now; nothing is changed, and the start goes on once it is fixed."""
+    name = "audit.log.0-2"
+    path = series / (name if unreadable == "log" else f"{name}.head")
+    before = {p.name: p.read_bytes() for p in series.iterdir()}
+    path.chmod(0o200)
+    try:
+        error = _start_without_file_mode_override(log_path, key)
+    finally:
+        path.chmod(0o600)
+    assert isinstance(error, AuditUnavailable), repr(error)
+    assert error.reason == "AUDIT_UNAVAILABLE"
+    what = "" if unreadable == "log" else f" {name}'s head"
+    assert error.message == (
+        f"cannot read the sealed audit log{what} {path}: Permission denied (EACCES)"
+    )
+    assert {p.name: p.read_bytes() for p in series.iterdir()} == before
+    with AuditLog.open(log_path, key) as log:
+        assert log.append(event(11)).seq == 11
+
+
+def test_a_rotation_that_cannot_seal_the_log_names_the_head_and_errno(
+    log_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rotation's first step, the sealed head written in place, failing (ENOSPC) refused
+    it with ``cannot seal the audit log for its rotation: No space left on device``, naming no
+    file and no errno. It names the head's path and the errno now, after the words an alert
+    matches; nothing was sealed, and the next rotation seals the log."""
+    with AuditLog.open(log_path, key) as log:
+        fill(log, 3)
+        real_write = log._head.write
+
+        def full_when_sealing(head: audit_head.Head, **kwargs: Any) -> None:
+            if kwargs.get("sealed"):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real_write(head, **kwargs)
+
+        monkeypatch.setattr(log._head, "write", full_when_sealing)
+        with pytest.raises(AuditUnavailable) as info:
+            log.rotate()
+        monkeypatch.undo()
+        assert info.value.reason == "AUDIT_UNAVAILABLE"
+        assert info.value.message == (
+            "cannot seal the audit log for its rotation: cannot write the audit head "
+            f"{log_path}.head: No space left on device (ENOSPC)"
+        )
+        assert sorted(p.name for p in log_path.parent.iterdir()) == ["audit.log", "audit.log.head"]
+        assert log.rotate() == log_path.with_name("audit.log.0-2")
+        assert log.append(event(3)).seq == 3
+    found = _series(log_path, key)
+    assert found.intact and (found.first_seq, found.end) == (0, 4), found.message
+
+
+def test_a_call_no_step_of_the_start_expected_to_fail_is_logged_once_with_its_traceback(
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The start's last resort turned any OSError into AUDIT_UNAVAILABLE ``from None`` and
+    logged nothing: a programming error surfacing as one (a seek to a negative offset: EINVAL,
+    the kernel's) lost its stack trace everywhere. It is logged once at ERROR now, with its
+    traceback, and the refusal raised as before (the directory and the errno, no cause)."""
+    with AuditLog.open(log_path, key) as log:
+        fill(log, 2)
+
+    def bad_seek(log: AuditLog) -> None:
+        os.lseek(log._fd, -1, os.SEEK_SET)
+
+    monkeypatch.setattr(AuditLog, "_count_sealed_bytes", bad_seek)
+    with caplog.at_level(logging.ERROR), pytest.raises(AuditUnavailable) as info:
+        AuditLog.open(log_path, key)
+    message = f"cannot access the audit file {log_path.parent}: Invalid argument (EINVAL)"
+    assert info.value.message == message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    [logged] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert logged.name == "strongroom.keybroker.audit"
+    assert logged.getMessage() == (
+        f"{message} (a call no step of the audit log's start expected to fail)"
+    )
+    assert logged.reason == "AUDIT_UNAVAILABLE"  # type: ignore[attr-defined]
+    assert logged.exc_info is not None
+    trace = logging.Formatter().formatException(logged.exc_info)
+    assert "in bad_seek\n    os.lseek(log._fd, -1, os.SEEK_SET)" in trace
+    assert trace.endswith("OSError: [Errno 22] Invalid argument")
 
 
 @pytest.mark.parametrize("by", ["commit", "rotate"])

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from typing import Any
@@ -547,10 +547,16 @@ def _command(args: Sequence[str], stderr: int) -> subprocess.Popen[bytes]:
     )
 
 
-def command_with_stderr(args: Sequence[str], *, fill_stderr: bool) -> tuple[int, list[str]]:
+def command_with_stderr(
+    args: Sequence[str],
+    *,
+    fill_stderr: bool,
+    meanwhile: Callable[[subprocess.Popen[bytes]], None] | None = None,
+) -> tuple[int, list[str]]:
     """Runs ``strongroom ARGS`` with its stderr a pipe read only once the process has ended,
     full before it starts if ``fill_stderr`` (a collector that stopped reading): its exit status
-    and the lines it wrote there."""
+    and the lines it wrote there. ``meanwhile`` is called with the running process (to signal
+    it, say) before its end is waited for."""
     read_end, write_end = os.pipe()
     try:
         if fill_stderr:
@@ -559,6 +565,8 @@ def command_with_stderr(args: Sequence[str], *, fill_stderr: bool) -> tuple[int,
         os.close(write_end)
         write_end = -1
         try:
+            if meanwhile is not None:
+                meanwhile(process)
             status = process.wait(timeout=60)  # a hang, not a speed: it never ended
         finally:
             process.kill()
