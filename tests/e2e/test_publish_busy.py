@@ -69,6 +69,20 @@ STORE_SERVER = {"max_streams_per_certificate": 1}
 PUT = "/strongroom.api.modelstore.v1.ModelStoreService/PutModel"
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_as_a_command_line_gets_it() -> Iterator[None]:
+    """Python's own SIGINT handler (a KeyboardInterrupt in the main thread) for each test, as a
+    command-line process has it: the interrupt tests signal this process. A service started in it
+    earlier in the session (its bootstrap hands SIGINT to the ``signals`` thread, to stop the
+    service) left that handler installed, and the full suite's run hung on a publish opening its
+    FIFO, the signal taken for a service's stop."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 @pytest.fixture(scope="module")
 def stack(
     step_ca_binary: Path, tmp_path_factory: pytest.TempPathFactory, simulated_tee_dir: Path
