@@ -307,6 +307,7 @@ class StreamDecryptor(_ArtifactStream):
     ) -> None:
         self._hash = hashlib.sha256() if verify_digest else None
         self._released: list[bytes] = []
+        self._bulk: c2sp.BulkOpener | None = None
         super().__init__(dek, verify_digest=verify_digest, max_artifact_size=max_artifact_size)
 
     def __repr__(self) -> str:
@@ -327,16 +328,31 @@ class StreamDecryptor(_ArtifactStream):
         self._released = []
         return out
 
+    def _on_cipher(self, cipher: c2sp.ChunkCipher, dek: bytearray) -> None:
+        header = self._header
+        assert header is not None
+        # The chunks holding only plaintext, by the bulk opener; the rest by `cipher`.
+        self._bulk = c2sp.BulkOpener(dek, self._preamble, header.encoded)
+
     def _chunks(self, first: int, count: int, ciphertext: memoryview) -> None:
         header = self._header
-        assert header is not None and self._cipher is not None
+        assert header is not None and self._cipher is not None and self._bulk is not None
         msg_end = min((first + count) * _CS, header.message_size)
+        n_full = max(0, min(first + count, header.plaintext_size // _CS) - first)
         # Decrypted straight into the bytes object handed out (no zero-fill, no copy), unless the
         # run ends in the digest bytes, which are cut off with one copy.
         out, dst = output_bytes(msg_end - first * _CS)
         try:
             try:
-                self._open_run(first, count, ciphertext, dst)
+                if n_full:
+                    self._bulk.open_into(first, ciphertext[: n_full * _SEALED], dst[: n_full * _CS])
+                if n_full < count:
+                    self._open_run(
+                        first + n_full,
+                        count - n_full,
+                        ciphertext[n_full * _SEALED :],
+                        dst[n_full * _CS :],
+                    )
             except DecryptionFailed:
                 wipe(dst)
                 raise
@@ -347,6 +363,9 @@ class StreamDecryptor(_ArtifactStream):
             plain.release()
         finally:
             dst.release()
+
+    def _on_fail(self) -> None:
+        self._bulk = None  # the derived key, in cryptography's memory: dropped with the stream
 
     def finish(self) -> None:
         """Confirms the whole artifact: complete, footer authentic, digest (if asked) correct."""
