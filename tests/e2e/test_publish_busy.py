@@ -1824,19 +1824,6 @@ class AnswerLostAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type
         return _Ended(_Lost(self._code, "Deadline Exceeded"))
 
 
-class CountedStore(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
-    """Counts the unary calls made through a channel, by method (as CountCalls)."""
-
-    def __init__(self) -> None:
-        self.methods: list[str] = []
-
-    def intercept_unary_unary(
-        self, continuation: Callable[..., Any], details: Any, request: Any
-    ) -> Any:
-        self.methods.append(details.method.rsplit("/", 1)[-1])
-        return continuation(details, request)
-
-
 def test_a_manifest_whose_answer_was_lost_to_an_outage_keeps_its_parts_and_says_so(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
@@ -1847,7 +1834,7 @@ def test_a_manifest_whose_answer_was_lost_to_an_outage_keeps_its_parts_and_says_
     would. Now an outage at the manifest deletes nothing and says the version may be published:
     its parts are its own if it is; the commands only for the case it is not."""
     shards = _shards(tmp_path / "shards", 3)
-    counted = CountedStore()
+    counted = CountCalls()
     store = grpc.intercept_channel(
         stack.channel(publisher, "modelstore"),
         AnswerLostAt(3, grpc.StatusCode.DEADLINE_EXCEEDED),
