@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from strongroom.client import fetch, remote
-from strongroom.errors import DataLoss, FailedPrecondition, NotFound, Unavailable
+from strongroom.errors import DataLoss, DeadlineExceeded, FailedPrecondition, NotFound, Unavailable
 from strongroom.reasons import METADATA_KEY, Reason
 
 
@@ -34,6 +34,8 @@ class _Refusal(grpc.RpcError):
         (grpc.StatusCode.DATA_LOSS, "BLOB_SIZE_MISMATCH", DataLoss, "BLOB_SIZE_MISMATCH"),
         (grpc.StatusCode.UNAVAILABLE, None, Unavailable, "FETCH_UNAVAILABLE"),
         (grpc.StatusCode.CANCELLED, None, Unavailable, "FETCH_UNAVAILABLE"),
+        # The publisher's class for it too (remote.TRANSIENT): it was Unavailable here.
+        (grpc.StatusCode.DEADLINE_EXCEEDED, None, DeadlineExceeded, "FETCH_UNAVAILABLE"),
         (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", NotFound, "MODEL_NOT_FOUND"),
         (
             grpc.StatusCode.PERMISSION_DENIED,
@@ -61,6 +63,19 @@ def test_the_message_text_never_supplies_the_reason() -> None:
 
 def test_the_fetch_library_uses_the_same_mapping() -> None:
     assert fetch.remote_error is remote.remote_error
+
+
+@pytest.mark.parametrize("step", ["fetch", "key release"])
+@pytest.mark.parametrize("code", list(remote.TRANSIENT))
+def test_an_outage_is_the_one_table_s_class_for_every_client(
+    step: remote.Step, code: grpc.StatusCode
+) -> None:
+    """remote_error and the publishers' outage_error read one table: a call out of time was
+    Unavailable from the one and DeadlineExceeded from the other."""
+    error = remote.remote_error(step, _Refusal(code, "gone", None))
+    assert type(error) is remote.TRANSIENT[code]
+    assert isinstance(error, remote.OUTAGES)
+    assert error.reason == ("FETCH_UNAVAILABLE" if step == "fetch" else "KEY_RELEASE_UNAVAILABLE")
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,11 @@ ModelReady/metadata and the logs.
 **How peers' failures reach the caller.** The reason is the peer's own, read from its
 ``strongroom-reason`` trailer (never parsed out of the message text). The status is kept where it
 says something about the model or the dependency: ``DATA_LOSS`` (the store's ``BLOB_MISSING``,
-``BLOB_SIZE_MISMATCH``, ...), ``UNAVAILABLE``/``DEADLINE_EXCEEDED``/``CANCELLED`` (as
-``UNAVAILABLE``: the loader cancels its own calls only when its LoadModel caller has gone, and
-then reports that instead, so a CANCELLED is a peer shutting down),
+``BLOB_SIZE_MISMATCH``, ...), ``UNAVAILABLE``/``DEADLINE_EXCEEDED``/``CANCELLED`` (an outage,
+:data:`~strongroom.client.remote.TRANSIENT`, answered ``UNAVAILABLE``: the loader cancels its own
+calls only when its LoadModel caller has gone, and then reports that instead, so a CANCELLED is a
+peer shutting down; and a peer's call out of time, ``DeadlineExceeded`` from the fetch library as
+from the publisher, is a dependency too slow, not the LoadModel caller's deadline),
 ``NOT_FOUND`` and ``RESOURCE_EXHAUSTED``. Any other refusal (the broker's ``PERMISSION_DENIED``
 for a VM outside the policy, ``FAILED_PRECONDITION`` for a disabled key, ...) becomes
 ``FAILED_PRECONDITION`` with the peer's reason: the LoadModel caller itself was not refused. An
@@ -66,7 +68,7 @@ from strongroom.client.fetch import (
 )
 from strongroom.client.keypins import KeyPins
 from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey, releasing_for
-from strongroom.client.remote import remote_error
+from strongroom.client.remote import OUTAGES, remote_error
 from strongroom.errors import (
     Aborted,
     Cancelled,
@@ -711,12 +713,19 @@ def _aborted(name: str, version: str) -> Aborted:
 
 def _ended(scope: CallScope, raised: BaseException) -> StrongroomError:
     """``raised``, or the scope's own error if the scope ended and that is why the step failed
-    (its call cancelled: CANCELLED; timed out at the deadline: UNAVAILABLE)."""
+    (its call cancelled: CANCELLED; timed out at the deadline: an outage); a peer's outage of
+    another class than ``Unavailable`` (a call out of time: ``DeadlineExceeded``) as
+    ``Unavailable``, its reason and message kept (module docstring)."""
     if isinstance(raised, grpc.FutureCancelledError):
         return scope.error()  # only the scope cancels a load's calls
     assert isinstance(raised, StrongroomError)
-    if scope.ended and isinstance(raised, Unavailable | Cancelled):
+    if scope.ended and isinstance(raised, (*OUTAGES, Cancelled)):
         return scope.error()
+    if isinstance(raised, OUTAGES) and not isinstance(raised, Unavailable):
+        # LoadModel's caller did not run out of time (that is the scope's error, above): a
+        # dependency did. DEADLINE_EXCEEDED would read as the caller's own deadline, and
+        # neither the retries (transient) nor a caller retrying UNAVAILABLE would try again.
+        return Unavailable(raised.message, reason=raised.reason)
     return raised
 
 

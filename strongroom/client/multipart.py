@@ -18,8 +18,9 @@ import logging
 import math
 import os
 import shlex
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -284,7 +285,8 @@ def publish_parts(
     commands that remove them. An interrupt (``KeyboardInterrupt``) stops at once, deleting
     nothing, with a note (``add_note``) naming the parts that may be left and those commands.
     The look for parts a failed publish left ends within ``check_within`` seconds in all
-    (:data:`CHECK_SECONDS`), past it ``DeadlineExceeded``, nothing published; a ``check_within``
+    (:data:`CHECK_SECONDS`), past it ``DeadlineExceeded`` ``PUBLISH_CHECK_DEADLINE_EXCEEDED``,
+    nothing published; a ``check_within``
     that is not above 0 and finite is ``InvalidArgument`` ``INVALID_DURATION``, nothing asked.
     """
     if not 1 <= len(parts) <= MAX_PARTS:
@@ -378,6 +380,7 @@ def publish_parts(
     stored: list[store_pb.ModelInfo] = []
     digests: list[bytes] = []
     begun = 0  # parts whose upload began: the last may be stored though its call never ended
+    sent_whole = threading.Event()  # the last begun part's try handed over its last byte
     manifest_begun = False
     try:
         for plan in planned:
@@ -389,6 +392,7 @@ def publish_parts(
                 spare: Iterator[ArtifactWriter] = spare,
                 before: int = done_before,
             ) -> tuple[store_pb.PutModelResponse, bytes]:
+                sent_whole.clear()  # a try refused as busy stored nothing
                 return _put_part(
                     store,
                     plan,
@@ -397,6 +401,7 @@ def publish_parts(
                     total=total,
                     progress=progress,
                     timeout=timeout,
+                    sent_whole=sent_whole.set,
                 )
 
             # Each part its own bound: retry.within from its own first try.
@@ -491,6 +496,13 @@ def publish_parts(
             # down, draining (CANCELLED) or the call out of time is what whoever runs the
             # publish acts on first (PARTS_LEFT_BEHIND hid an outage).
             error = outage_error(exc, f"{name}/{version} was not published")
+            if error is not None and begun > len(stored) and sent_whole.is_set():
+                # A part's whole artifact was sent and the call then ended in an outage (a
+                # deadline passing, the connection dropping, as the store committed): the part
+                # may be stored, and then blocks the version as any part left does, though
+                # neither the deletes nor the note knew of it (the next publish's check did).
+                maybe = _lost_part_note(name, planned[begun - 1].header.model_version)
+                note = f"{note}; {maybe}" if note else maybe
             if error is None and note is not None:
                 # A peer's refusal (the last busy one, when retries ran out): its status and
                 # reason stay in the message, with what is now blocked and how to free it.
@@ -524,10 +536,11 @@ def _put_part(
     total: int,
     progress: Progress | None,
     timeout: float,
+    sent_whole: Callable[[], None],
 ) -> tuple[store_pb.PutModelResponse, bytes]:
     """One try of a part's upload: its file read from the start, encrypted by ``writer`` while
     sent; the store's answer and the artifact's last 32 bytes (its footer: the plaintext's
-    SHA-256), as this try's own pieces made them."""
+    SHA-256), as this try's own pieces made them. ``sent_whole`` as :func:`put_model`'s."""
     try:
         source = plan.part.path.open("rb")
     except OSError as exc:
@@ -556,8 +569,18 @@ def _put_part(
             name=plan.header.model_name,
             version=plan.header.model_version,
             timeout=timeout,
+            sent_whole=sent_whole,
         )
         return response, bytes(tail)
+
+
+def _lost_part_note(name: str, version: str) -> str:
+    """What a part whose answer an outage lost (store version ``version``) may have left, and
+    how to remove it (as the manifest's case says "may be published")."""
+    return (
+        f"the part {version} may be stored: its upload reached the store, whose answer was lost; "
+        f"{_unblock(name, [version])} (a part that is not stored is NOT_FOUND: nothing to do)"
+    )
 
 
 def _amend(error: StrongroomError, note: str) -> None:
@@ -725,7 +748,8 @@ def _check_version_free(
 
     All of it ends within ``within`` seconds (:data:`CHECK_SECONDS`): each stat had its own 30 s
     and busy retries' 60 s, so a slow store held a publish of thousands of parts for hours. Past
-    it: DEADLINE_EXCEEDED, nothing published (a busy refusal cut short by it stays that refusal)."""
+    it: DEADLINE_EXCEEDED ``PUBLISH_CHECK_DEADLINE_EXCEEDED``, nothing published (a busy refusal
+    cut short by it stays that refusal)."""
     deadline = time.monotonic() + within
     looked = [0]
 
@@ -734,7 +758,9 @@ def _check_version_free(
             f"looking for parts a failed publish of {name}/{version} left took more than "
             f"{within:g} s (check_within; {looked[0]} of at least {count + 1} looked at): "
             "the store is too slow or too busy for now; nothing was published, no data key "
-            "asked for",
+            "asked for (this check's own bound, --check-within; no upload had begun)",
+            # Its own reason: DEADLINE_EXCEEDED alone read as the upload's deadline passing.
+            reason=Reason.PUBLISH_CHECK_DEADLINE_EXCEEDED,
         )
 
     def stored(store_version: str) -> store_pb.ModelInfo | None:

@@ -8,8 +8,9 @@ able to grow that set; an unknown one gives way to the status's own reason, and 
 still says what happened. An error our own channel raised in place of the call (a ``StrongroomError``
 that is also a ``grpc.RpcError``: the server identity check's explanation, a rejected client
 certificate) keeps its own reason. ``DATA_LOSS``, ``NOT_FOUND`` and ``RESOURCE_EXHAUSTED`` keep their status; ``UNAVAILABLE``,
-``DEADLINE_EXCEEDED`` and ``CANCELLED`` (:data:`TRANSIENT`, the one rule of what is an outage rather
-than a refusal, which the publisher follows too) become ``Unavailable``; any other refusal becomes
+``DEADLINE_EXCEEDED`` and ``CANCELLED`` become the class :data:`TRANSIENT` gives each (the one table
+of what is an outage rather than a refusal, and of its class, which the publisher uses too:
+``Unavailable``, ``DeadlineExceeded`` for a call out of time); any other refusal becomes
 ``FailedPrecondition`` with the peer's reason: the caller of the client was not itself refused.
 """
 
@@ -69,16 +70,21 @@ TRANSIENT: Mapping[grpc.StatusCode, type[StrongroomError]] = MappingProxyType(
         grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     }
 )
-"""The one rule of which failed calls are an outage (the peer down, draining, or too slow for the
-call's time) rather than a refusal of what the caller asked, and the domain error each becomes:
-the publisher's (:mod:`strongroom.client.multipart`, :func:`outage_error`) and
-:func:`remote_error`'s. ``remote_error`` makes each ``Unavailable``, a call out of time included:
-the inference loader retries what is ``Unavailable``, and its load's own time is another bound."""
+"""The one table of which failed calls are an outage (the peer down, draining, or too slow for the
+call's time) rather than a refusal of what the caller asked, and of the domain error each becomes,
+for every client: the publishers' (:func:`outage_error`) and :func:`remote_error`'s (the fetch
+library, the inference loader). A caller that retries outages retries every class in
+:data:`OUTAGES` (remote_error made each ``Unavailable`` while the publisher made a call out of time
+``DeadlineExceeded``: one status, two classes, depending on which client met it)."""
+
+OUTAGES: tuple[type[StrongroomError], ...] = tuple(dict.fromkeys(TRANSIENT.values()))
+"""The classes :data:`TRANSIENT` makes of an outage, for ``except`` and ``isinstance``: what the
+inference loader retries (beside a busy peer's refusals)."""
 
 #: Peer statuses passed on as they are (see the module docstring); the rest is FailedPrecondition.
 _KEPT: dict[grpc.StatusCode, type[StrongroomError]] = {
     grpc.StatusCode.DATA_LOSS: DataLoss,
-    **{code: Unavailable for code in TRANSIENT},
+    **TRANSIENT,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
 }
@@ -147,7 +153,8 @@ def remote_error(step: Step, exc: grpc.RpcError) -> StrongroomError:
     trailer) and, where it matters, its status (module docstring).
 
     Without a catalogue reason from the peer, the reason is one of the step's own, all in the
-    catalogue (they label metrics as the peer's do): ``<STEP>_UNAVAILABLE``, ``<STEP>_DENIED``,
+    catalogue (they label metrics as the peer's do): ``<STEP>_UNAVAILABLE`` (an outage, whatever
+    its class), ``<STEP>_DENIED``,
     ``UNAUTHENTICATED``, ``MODEL_NOT_IN_STORE`` or ``KEY_NOT_FOUND``, else ``<STEP>_REFUSED``, and
     the message names the status."""
     code = exc.code()
@@ -163,7 +170,7 @@ def remote_error(step: Step, exc: grpc.RpcError) -> StrongroomError:
         # A Strongroom peer's message begins with the reason its trailer sent ("REASON: text",
         # strongroom.errors): our error prints its reason first too, so the peer's copy went.
         return cls(f"{step}: {details.removeprefix(f'{sent}: ')}", reason=sent)
-    if cls is Unavailable:
+    if code in TRANSIENT:
         fallback = _UNAVAILABLE[step]
     else:
         fallback = _BY_STATUS[step].get(code, _OTHERWISE[step])

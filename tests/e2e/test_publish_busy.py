@@ -1411,11 +1411,13 @@ def test_the_look_for_parts_left_ends_within_its_bound(
             broker=grpc.intercept_channel(stack.channel(publisher, "keybroker"), broker),
             check_within=1.0,
         )
-    assert info.value.reason == "DEADLINE_EXCEEDED"
+    # Its own reason: a plain DEADLINE_EXCEEDED read as the upload's deadline passing.
+    assert info.value.reason == "PUBLISH_CHECK_DEADLINE_EXCEEDED"
     message = info.value.message
     assert message.startswith("looking for parts a failed publish of busy/slow-check/1 left took")
     assert "more than 1 s (check_within; " in message
     assert "nothing was published, no data key asked for" in message
+    assert "(this check's own bound, --check-within; no upload had begun)" in message
     assert (broker.methods, uploads.outcomes) == ([], [])
     assert stats.methods.count("StatModel") < 13  # stopped before looking at every part
 
@@ -1538,7 +1540,10 @@ def test_the_command_s_look_for_parts_left_takes_its_bound_from_check_within(
     shards = _shards(tmp_path / "shards", 3)
     code, err = _publish_command(stack, capsys, shards, "busy/cli-bound", "--check-within", "1e-9")
     assert code == 1
-    assert "strongroom: error: DEADLINE_EXCEEDED: looking for parts a failed publish" in err
+    assert (
+        "strongroom: error: PUBLISH_CHECK_DEADLINE_EXCEEDED: looking for parts a failed publish"
+        in err
+    )
     assert "more than 1e-09 s (check_within; 0 of at least 4 looked at)" in err
     assert _records(stack, "busy/cli-bound") == []
 
@@ -1819,19 +1824,6 @@ class AnswerLostAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type
         return _Ended(_Lost(self._code, "Deadline Exceeded"))
 
 
-class CountedStore(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
-    """Counts the unary calls made through a channel, by method (as CountCalls)."""
-
-    def __init__(self) -> None:
-        self.methods: list[str] = []
-
-    def intercept_unary_unary(
-        self, continuation: Callable[..., Any], details: Any, request: Any
-    ) -> Any:
-        self.methods.append(details.method.rsplit("/", 1)[-1])
-        return continuation(details, request)
-
-
 def test_a_manifest_whose_answer_was_lost_to_an_outage_keeps_its_parts_and_says_so(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
@@ -1842,7 +1834,7 @@ def test_a_manifest_whose_answer_was_lost_to_an_outage_keeps_its_parts_and_says_
     would. Now an outage at the manifest deletes nothing and says the version may be published:
     its parts are its own if it is; the commands only for the case it is not."""
     shards = _shards(tmp_path / "shards", 3)
-    counted = CountedStore()
+    counted = CountCalls()
     store = grpc.intercept_channel(
         stack.channel(publisher, "modelstore"),
         AnswerLostAt(3, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -1870,6 +1862,61 @@ def test_a_manifest_whose_answer_was_lost_to_an_outage_keeps_its_parts_and_says_
     admin = store_grpc.ModelStoreServiceStub(stack.channel(stack.identity("admin"), "modelstore"))
     for version in ("1", "1+part.0", "1+part.1", "1+part.2"):
         admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/manifest-lost", version=version))
+
+
+def test_a_part_whose_answer_was_lost_to_an_outage_is_named_as_maybe_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The second part's upload reached the store, which stored it, and its answer was lost
+    (DEADLINE_EXCEEDED as the store committed). The error named only the first part (stored, and
+    a publisher may not delete it): the second, stored too, blocked the version unnamed until the
+    next publish's check found it. Now the note says it may be stored, with its command."""
+    shards = _shards(tmp_path / "shards", 3)
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), AnswerLostAt(1, grpc.StatusCode.DEADLINE_EXCEEDED)
+    )
+    with pytest.raises(DeadlineExceeded) as info:
+        _publish(stack, publisher, shards, "busy/part-lost", store)
+    message = info.value.message
+    assert message.startswith(
+        "busy/part-lost/1 was not published (DEADLINE_EXCEEDED: Deadline Exceeded); 1 part(s) it "
+        "stored could not be removed (a publisher may not delete): 1+part.0; "
+    ), message
+    assert (
+        "; the part 1+part.1 may be stored: its upload reached the store, whose answer was lost; "
+        "the version cannot be published again until an admin removes them (PARTS_LEFT_BEHIND "
+        "until then): `strongroom model rm busy/part-lost 1+part.1` (a part that is not stored "
+        "is NOT_FOUND: nothing to do)"
+    ) in message
+    assert _records(stack, "busy/part-lost") == [
+        ("busy/part-lost", "1+part.0"),
+        ("busy/part-lost", "1+part.1"),
+    ]
+    for version in ("1+part.0", "1+part.1"):
+        _admin_rm(stack, "busy/part-lost", version)
+
+
+def test_a_part_refused_before_its_last_byte_is_not_named_as_maybe_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """An outage before a part's last byte was sent stores nothing of it: no "may be stored"."""
+    shards = _shards(tmp_path / "shards", 2)
+    store = stack.channel(publisher, "modelstore")
+    with pytest.raises(DeadlineExceeded) as info:
+        _publish(stack, publisher, shards, "busy/part-short", store, timeout=1e-6)
+    assert info.value.message.startswith("busy/part-short/1 was not published (DEADLINE_EXCEEDED")
+    assert "may be stored" not in info.value.message
+    assert _records(stack, "busy/part-short") == []
+
+
+def test_a_fetch_out_of_time_is_the_publisher_s_class_of_outage(stack: DevStack) -> None:
+    """One table (remote.TRANSIENT) for every client: the fetch library made a store's call out
+    of time Unavailable, the publisher DeadlineExceeded. A real GetModel whose deadline passes."""
+    download = grpc_source(stack.channel(stack.identity("inference"), "modelstore"), timeout=1e-6)
+    with pytest.raises(DeadlineExceeded) as info:
+        b"".join(download("busy/fetch-late", "1"))
+    assert info.value.reason == "FETCH_UNAVAILABLE"
+    assert "(DEADLINE_EXCEEDED)" in info.value.message
 
 
 def test_a_single_publish_whose_answer_was_lost_says_it_may_be_stored(

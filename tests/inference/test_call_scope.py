@@ -38,3 +38,21 @@ def test_a_scope_that_only_expires_is_the_deadline_and_one_without_a_deadline_is
     unbounded = CallScope()
     unbounded.cancel()
     assert unbounded.error().reason == "LOAD_CANCELLED"
+
+
+def test_a_peer_s_call_out_of_time_is_still_an_unavailable_dependency_for_the_loader() -> None:
+    """The fetch library now makes a peer's DEADLINE_EXCEEDED DeadlineExceeded (remote.TRANSIENT,
+    as the publisher does); the loader still answers it UNAVAILABLE, retried, its reason kept:
+    LoadModel's caller did not run out of time. Once the load's own scope has ended, the scope's
+    error, as for an Unavailable."""
+    from services.inference.loader import _ended, transient
+    from strongroom.errors import DeadlineExceeded, Unavailable
+
+    late = DeadlineExceeded(
+        "fetch: Deadline Exceeded (DEADLINE_EXCEEDED)", reason="FETCH_UNAVAILABLE"
+    )
+    answered = _ended(CallScope(), late)
+    assert type(answered) is Unavailable and transient(answered)
+    assert (answered.reason, answered.message) == (late.reason, late.message)
+    expired = CallScope(time.monotonic() - 1)
+    assert _ended(expired, late).reason == "LOAD_DEADLINE_EXCEEDED"
