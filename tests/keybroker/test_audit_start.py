@@ -947,7 +947,8 @@ def test_a_call_no_step_of_the_start_expected_to_fail_is_logged_once_with_its_tr
     """The start's last resort turned any OSError into AUDIT_UNAVAILABLE ``from None`` and
     logged nothing: a programming error surfacing as one (a seek to a negative offset: EINVAL,
     the kernel's) lost its stack trace everywhere. It is logged once at ERROR now, with its
-    traceback, and the refusal raised as before (the directory and the errno, no cause)."""
+    traceback, and the refusal raised as before (the file and the errno, no cause: it named the
+    directory "the audit file" for a call on the log's descriptor, which names no file)."""
     with AuditLog.open(log_path, key) as log:
         fill(log, 2)
 
@@ -957,7 +958,8 @@ def test_a_call_no_step_of_the_start_expected_to_fail_is_logged_once_with_its_tr
     monkeypatch.setattr(AuditLog, "_count_sealed_bytes", bad_seek)
     with caplog.at_level(logging.ERROR), pytest.raises(AuditUnavailable) as info:
         AuditLog.open(log_path, key)
-    message = f"cannot access the audit file {log_path.parent}: Invalid argument (EINVAL)"
+    # The call was on the log's descriptor (it names no file): the log, not the directory.
+    message = f"cannot access the audit file {log_path}: Invalid argument (EINVAL)"
     assert info.value.message == message
     assert info.value.__cause__ is None and info.value.__suppress_context__
     [logged] = [r for r in caplog.records if r.levelno >= logging.ERROR]
