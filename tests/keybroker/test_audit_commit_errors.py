@@ -48,6 +48,21 @@ def _pointed_at(target: int, fd: int) -> Callable[[], None]:
     return hook
 
 
+def _refused_while_unreadable(log: AuditLog, by: str, unreadable: Path) -> str:
+    """The message of the refusal of ``log``'s commit (or its ``rotate()``, ``by``) made by a
+    thread without its file-mode override while the file ``unreadable`` is write-only (0200);
+    the file is readable again (0600) afterwards, whatever happened."""
+    unreadable.chmod(0o200)
+    try:
+        call = (lambda: log.append(event(3))) if by == "commit" else log.rotate
+        error = _without_file_mode_override_in_thread(unreadable.parent, call)
+    finally:
+        unreadable.chmod(0o600)
+    assert isinstance(error, AuditUnavailable), repr(error)
+    assert error.reason == "AUDIT_UNAVAILABLE"
+    return error.message
+
+
 @pytest.mark.parametrize("by", ["commit", "rotate"])
 def test_following_a_rotation_whose_sealed_head_cannot_be_read_names_it_and_the_errno(
     log_path: Path, key: Ed25519PrivateKey, by: str
@@ -63,18 +78,10 @@ def test_following_a_rotation_whose_sealed_head_cannot_be_read_names_it_and_the_
         fill(log, 3)
         assert sibling.rotate() == directory / "audit.log.0-2"
         head = directory / "audit.log.0-2.head"
-        head.chmod(0o200)
-        try:
-            call = (lambda: log.append(event(3))) if by == "commit" else log.rotate
-            error = _without_file_mode_override_in_thread(directory, call)
-        finally:
-            head.chmod(0o600)
-        assert isinstance(error, AuditUnavailable), repr(error)
-        assert error.reason == "AUDIT_UNAVAILABLE"
         message = f"cannot read the audit file {head}: Permission denied (EACCES)"
         if by == "rotate":
             message = f"the audit log cannot be rotated: {message}"
-        assert error.message == message
+        assert _refused_while_unreadable(log, by, head) == message
         assert log.append(event(3)).seq == 3
     found = _series(log_path, key)
     assert found.intact and (found.first_seq, found.end) == (0, 4), found.message
@@ -92,15 +99,7 @@ def test_a_rotation_that_cannot_read_the_log_it_seals_names_it_and_the_errno(
     directory = log_path.parent
     with AuditLog.open(log_path, key, rotate_bytes=3 * RECORD) as log:
         fill(log, 3)
-        log_path.chmod(0o200)
-        try:
-            call = (lambda: log.append(event(3))) if by == "commit" else log.rotate
-            error = _without_file_mode_override_in_thread(directory, call)
-        finally:
-            log_path.chmod(0o600)
-        assert isinstance(error, AuditUnavailable), repr(error)
-        assert error.reason == "AUDIT_UNAVAILABLE"
-        assert error.message == (
+        assert _refused_while_unreadable(log, by, log_path) == (
             "cannot finish the audit log's rotation (the next commit goes on with it): cannot "
             f"read the audit file {log_path}: Permission denied (EACCES)"
         )
@@ -145,74 +144,58 @@ def test_a_rotation_that_cannot_list_the_directory_names_it_and_the_errno(
     assert found.intact and (found.first_seq, found.end) == (0, 4), found.message
 
 
-def test_a_head_that_cannot_be_written_names_it_and_the_errno(
+# The file whose descriptor points at /dev/full: the refusal and the ERROR line it makes ({p}: the
+# file's path). The head's: its write (ENOSPC) said ``cannot write the audit head: No space left on
+# device``, and the refusal's own head generation, failing the same way, was logged as ``cannot
+# record the refusal of audit records in the head (No space left on device)``. The log's: its
+# write said ``cannot write the audit log: ...``, and the cut-back, failing too (EINVAL: no
+# truncating a device), was logged as ``cannot cut failed audit records back off the log: Invalid
+# argument``. None named the file or the errno.
+_DEV_FULL: dict[str, tuple[Callable[[AuditLog], int | None], str, str]] = {
+    "head": (
+        lambda log: log._head._fd,
+        "cannot write the audit head {p}: No space left on device (ENOSPC)",
+        "cannot record the refusal of audit records in the audit head {p} (No space left on "
+        "device (ENOSPC)): should their lines survive the cut-back, a restarted broker would "
+        "anchor them",
+    ),
+    "log": (
+        lambda log: log._fd,
+        "cannot write the audit log {p}: No space left on device (ENOSPC)",
+        "cannot cut failed audit records back off the audit log {p}: Invalid argument (EINVAL)",
+    ),
+}
+
+
+@pytest.mark.parametrize("full", list(_DEV_FULL))
+def test_a_file_that_cannot_be_written_names_it_and_the_errno(
     log_path: Path,
     key: Ed25519PrivateKey,
     dev_full: int,
     caplog: pytest.LogCaptureFixture,
+    full: str,
 ) -> None:
-    """The head's write (ENOSPC: its descriptor is ``/dev/full``'s) said ``cannot write the audit
-    head: No space left on device``, and the refusal's own head generation, which fails the same
-    way, was logged as ``cannot record the refusal of audit records in the head (No space left on
-    device)``: neither named the head. Both name it and the errno now; the batch is cut back and
-    the next commit, the head's descriptor its own again, goes on."""
-    head_path = log_path.with_name("audit.log.head")
+    """A commit's write of the head or of the log fails (its descriptor is ``/dev/full``'s), and
+    so does what the refusal then does to that file (see _DEV_FULL): the refusal and the ERROR
+    line name the file and the errno now; the batch is cut back (or voided in the head), and the
+    next commit, the descriptor the file's own again, goes on."""
+    descriptor_of, message, line = _DEV_FULL[full]
+    path = log_path if full == "log" else log_path.with_name("audit.log.head")
     with AuditLog.open(log_path, key) as log:
         fill(log, 2)
-        head_fd = log._head._fd
-        assert head_fd is not None
-        saved = os.dup(head_fd)
+        fd = descriptor_of(log)
+        assert fd is not None
+        saved = os.dup(fd)
         try:
             with caplog.at_level(logging.ERROR), pytest.raises(AuditUnavailable) as info:
-                log.append(event(2), on_written=_pointed_at(dev_full, head_fd))
+                log.append(event(2), on_written=_pointed_at(dev_full, fd))
         finally:
-            os.dup2(saved, head_fd, inheritable=False)
+            os.dup2(saved, fd, inheritable=False)
             os.close(saved)
         assert info.value.reason == "AUDIT_UNAVAILABLE"
-        assert info.value.message == (
-            f"cannot write the audit head {head_path}: No space left on device (ENOSPC)"
-        )
+        assert info.value.message == message.format(p=path)
         logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-        assert logged == [
-            f"cannot record the refusal of audit records in the audit head {head_path} (No space "
-            "left on device (ENOSPC)): should their lines survive the cut-back, a restarted "
-            "broker would anchor them"
-        ]
-        assert log.append(event(2)).seq == 2
-    found = _series(log_path, key)
-    assert found.intact and (found.first_seq, found.end) == (0, 3), found.message
-
-
-def test_a_log_that_cannot_be_written_or_cut_back_names_it_and_the_errno(
-    log_path: Path,
-    key: Ed25519PrivateKey,
-    dev_full: int,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """The records' write (ENOSPC: the log's descriptor is ``/dev/full``'s) said ``cannot write
-    the audit log: No space left on device``, and the cut-back that follows, failing too (EINVAL:
-    no truncating a device), was logged as ``cannot cut failed audit records back off the log:
-    Invalid argument``. Both name the log and the errno now; the refusal is in the head, and the
-    next commit, the log's descriptor its own again, goes on."""
-    with AuditLog.open(log_path, key) as log:
-        fill(log, 2)
-        log_fd = log._fd
-        saved = os.dup(log_fd)
-        try:
-            with caplog.at_level(logging.ERROR), pytest.raises(AuditUnavailable) as info:
-                log.append(event(2), on_written=_pointed_at(dev_full, log_fd))
-        finally:
-            os.dup2(saved, log_fd, inheritable=False)
-            os.close(saved)
-        assert info.value.reason == "AUDIT_UNAVAILABLE"
-        assert info.value.message == (
-            f"cannot write the audit log {log_path}: No space left on device (ENOSPC)"
-        )
-        logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-        assert logged == [
-            f"cannot cut failed audit records back off the audit log {log_path}: Invalid "
-            "argument (EINVAL)"
-        ]
+        assert logged == [line.format(p=path)]
         assert log.append(event(2)).seq == 2
     found = _series(log_path, key)
     assert found.intact and (found.first_seq, found.end) == (0, 3), found.message
