@@ -58,7 +58,8 @@ starts its HSM re-wrap there).
 **Durability and failure.** A commit writes the lines and fsyncs them, then writes the head; if
 either step fails (disk full, file too large, I/O error, permissions) all lines of the batch are cut
 back off and every caller of that batch gets
-:class:`~strongroom.keybroker.errors.AuditUnavailable`, so the broker refuses each release it was
+:class:`~strongroom.keybroker.errors.AuditUnavailable` (naming the file, the call and the errno,
+as every audit refusal does), so the broker refuses each release it was
 about to make; nobody of a failed batch is told success. The next commit first re-reads the state
 from disk, so the log recovers by itself when the disk does. A crash between the two steps leaves
 at most one batch of unanchored records (and perhaps a torn line). The repair anchors them only if
@@ -193,7 +194,6 @@ import bisect
 import collections
 import contextlib
 import enum
-import errno
 import fcntl
 import hashlib
 import itertools
@@ -770,7 +770,7 @@ class AuditLog(Closing):
             # (a read of a sealed file while finishing a rotation, EIO) refuses the start all the
             # same, naming its file, rather than ending it with a traceback.
             log.close()
-            failed = _call_failed_in("access the audit file", exc, path.parent)
+            failed = _call_failed_in("access the audit file", exc, path.parent, path)
             # The refusal drops the OSError (``from None``): logged here, once, with its
             # traceback, or a programming error surfacing as one (EINVAL from a bad argument)
             # kept no word of where it was raised. Its message names paths and the errno only.
@@ -820,8 +820,9 @@ class AuditLog(Closing):
                 self._check_room_to_rotate()
                 return self._rotate()
             except OSError as exc:
+                failed = self._read_failed(exc)
                 raise AuditUnavailable(
-                    f"the audit log cannot be rotated: {exc.strerror or exc}"
+                    f"the audit log cannot be rotated: {failed.message}"
                 ) from None
 
     @property
@@ -948,7 +949,7 @@ class AuditLog(Closing):
         except OSError as exc:
             # Reading the state back (the tail, the head) failed: nothing of the batch was
             # written, and its callers hear what a failed write tells them.
-            failed = AuditUnavailable(f"the audit log cannot be read: {exc.strerror or exc}")
+            failed = self._read_failed(exc)
             for pending in batch:
                 if pending.result is None and pending.error is None:
                     pending.error = failed
@@ -1021,9 +1022,7 @@ class AuditLog(Closing):
             # Nobody of this batch hears success, so none of its records may stay.
             self._cut_back(hashes)
             if isinstance(exc, OSError):
-                raise AuditUnavailable(
-                    f"cannot write the audit head: {os.strerror(exc.errno or errno.EIO)}"
-                ) from None
+                raise _call_failed("write the audit head", exc, self._head_path) from None
             raise
         self._count, self._last_hash = head.count, head.last_hash
         self._void, self._void_all = (), False  # the new head anchors past the refused position
@@ -1078,9 +1077,7 @@ class AuditLog(Closing):
         except BaseException as exc:
             self._cut_back(hashes)
             if isinstance(exc, OSError):
-                raise AuditUnavailable(
-                    f"cannot write the audit log: {os.strerror(exc.errno or errno.EIO)}"
-                ) from None
+                raise _call_failed("write the audit log", exc, self._path) from None
             raise
 
     def _cut_back(self, revoked_hashes: list[str]) -> None:
@@ -1098,7 +1095,10 @@ class AuditLog(Closing):
             os.ftruncate(self._fd, self._size)
             os.fsync(self._fd)
         except OSError as exc:
-            _log.error("cannot cut failed audit records back off the log: %s", exc.strerror)
+            failed = _call_failed(
+                "cut failed audit records back off the audit log", exc, self._path
+            )
+            _log.error("%s", failed.message)
 
     def _void_refused(self, first_hash: str) -> None:
         """Makes the refusal of the batch whose first record is ``first_hash`` durable before its
@@ -1120,9 +1120,10 @@ class AuditLog(Closing):
             self._head.write(head, void=void, void_all=void_all)
         except (OSError, ValueError) as exc:
             _log.error(
-                "cannot record the refusal of audit records in the head (%s): should their lines "
-                "survive the cut-back, a restarted broker would anchor them",
-                exc.strerror if isinstance(exc, OSError) else exc,
+                "cannot record the refusal of audit records in the audit head %s (%s): should "
+                "their lines survive the cut-back, a restarted broker would anchor them",
+                self._head_path,
+                _why(exc) if isinstance(exc, OSError) else exc,
             )
             return
         self._void, self._void_all = void, void_all
@@ -1134,9 +1135,11 @@ class AuditLog(Closing):
                 self._head.write(head, void=void, void_all=void_all)
             except OSError as exc:
                 _log.error(
-                    "cannot record the refusal of audit records in the head's other slot (%s): "
-                    "whoever zeroes the newer slot while the broker is stopped undoes it",
-                    exc.strerror,
+                    "cannot record the refusal of audit records in the other slot of the audit "
+                    "head %s (%s): whoever zeroes the newer slot while the broker is stopped "
+                    "undoes it",
+                    self._head_path,
+                    _why(exc),
                 )
 
     def _revoke(self, hashes: list[str]) -> None:
@@ -1315,7 +1318,7 @@ class AuditLog(Closing):
             self._switch_to_new(sealed)
             self._resync(finishing=True)
         except OSError as exc:
-            raise AuditUnavailable(f"{unfinished}: {exc.strerror or exc}") from None
+            raise AuditUnavailable(f"{unfinished}: {self._read_failed(exc).message}") from None
         except AuditUnavailable as exc:
             # Past the seal, the steps name their own file and errno; the operator still needs
             # to hear that the rotation is sealed and the next commit finishes it (and alerts
@@ -1360,7 +1363,7 @@ class AuditLog(Closing):
         """The last sealed log's head, each sealed log after the one ``sealed`` seals checked to
         continue the one before it (first seq and ``prev``, sealed head, last record)."""
         current = sealed
-        for base, last, name in _sealed_logs(self._dir_fd, self._path.name):
+        for base, last, name in _sealed_logs(self._dir_fd, self._path):
             if base < current.count:
                 continue
             parsed = self._sealed_head(name)
@@ -1459,7 +1462,7 @@ class AuditLog(Closing):
         """With the directory locked: where a new log's chain starts. After the latest sealed log
         beside it (checked: its head sealed and signed by this broker, its last record the one
         that head anchors), or at a random value when there is none."""
-        sealed = _sealed_logs(self._dir_fd, self._path.name)
+        sealed = _sealed_logs(self._dir_fd, self._path)
         if not sealed:
             return Head(0, secrets.token_hex(32))
         base, last, name = sealed[-1]
@@ -1473,7 +1476,7 @@ class AuditLog(Closing):
 
     def _sealed_head_of(self, opened: os.stat_result) -> Head | None:
         """The sealed head of the sealed log that is the file ``opened``; None if it is none."""
-        for _, _, name in _sealed_logs(self._dir_fd, self._path.name):
+        for _, _, name in _sealed_logs(self._dir_fd, self._path):
             found = self._lstat(name)
             if found is not None and (found.st_dev, found.st_ino) == (
                 opened.st_dev,
@@ -1503,9 +1506,7 @@ class AuditLog(Closing):
             return None  # a sealed log holds whole records only
         last = self._checked(_tail_record, tail[-1][1])
         shipped = Head(last["seq"] + 1, last["hash"], self._base)
-        if not any(
-            base == shipped.count for base, _, _ in _sealed_logs(self._dir_fd, self._path.name)
-        ):
+        if not any(base == shipped.count for base, _, _ in _sealed_logs(self._dir_fd, self._path)):
             at_path = self._checked(_read_head, self._head, self._head_path)
             if at_path is None or at_path.sealed or at_path.head.base != shipped.count:
                 return None
@@ -1571,7 +1572,7 @@ class AuditLog(Closing):
             # One reading of the names with audit verify (audit_names): which are sealed files,
             # which are tampering, which are being shipped (retention: deleting them is all that
             # is left to do, and all that tampering with them could do).
-            listing = list_sealed(os.listdir(self._dir_fd), self._path.name)
+            listing = list_sealed(_listdir(self._dir_fd, self._path.parent), self._path.name)
             odd = listing.not_canonical_problem()
             if odd is not None:
                 raise self._tampered(odd)
@@ -1710,7 +1711,7 @@ class AuditLog(Closing):
         if not self._max_bytes:
             return
         total = 0
-        for _, _, name in _sealed_logs(self._dir_fd, self._path.name):
+        for _, _, name in _sealed_logs(self._dir_fd, self._path):
             for member in (name, name + ".head"):
                 found = self._lstat(member)
                 total += found.st_size if found is not None else 0
@@ -1871,6 +1872,12 @@ class AuditLog(Closing):
         self._void, self._void_all = (), False
         return anchored
 
+    def _read_failed(self, exc: OSError) -> AuditUnavailable:
+        """A commit's or a rotation's read of the files back from disk failed (the resync; a
+        rotation's checks of the file it seals or follows): naming the file it read, or the log
+        for a call on its descriptor (the other files' calls name theirs: :func:`_naming`)."""
+        return _call_failed_in("read the audit file", exc, self._path.parent, self._path)
+
     def _truncate(self, size: int) -> None:
         try:
             os.ftruncate(self._fd, size)
@@ -1904,28 +1911,58 @@ class AuditLog(Closing):
             raise _call_failed("write the audit head", exc, self._head_path) from None
 
 
-def _sealed_logs(dir_fd: int, log_name: str) -> list[tuple[int, int, str]]:
-    """The sealed logs of ``log_name`` in the directory whose log file is there (not only its
-    head), as :func:`~strongroom.keybroker.audit_names.list_sealed` reads names: (first seq,
-    last seq, name), in order."""
-    listing = list_sealed(os.listdir(dir_fd), log_name)
+def _sealed_logs(dir_fd: int, path: Path) -> list[tuple[int, int, str]]:
+    """The sealed logs of the log ``path`` in its directory (``dir_fd``) whose log file is there
+    (not only its head), as :func:`~strongroom.keybroker.audit_names.list_sealed` reads names:
+    (first seq, last seq, name), in order."""
+    listing = list_sealed(_listdir(dir_fd, path.parent), path.name)
     return [(found.first, found.last, found.name) for found in listing.files if found.has_log]
+
+
+def _why(exc: OSError) -> str:
+    """A failed system call's cause as every audit message says it: ``strerror (ERRNO)``."""
+    return f"{exc.strerror or exc} ({errno_name(exc)})"
 
 
 def _call_failed(doing: str, exc: OSError, path: Path | str) -> AuditUnavailable:
     """Why a system call on the audit file ``path`` failed, as :func:`_lookup_failed` says it:
     ``cannot DOING PATH: strerror (ERRNO)``."""
-    return AuditUnavailable(f"cannot {doing} {path}: {exc.strerror or exc} ({errno_name(exc)})")
+    return AuditUnavailable(f"cannot {doing} {path}: {_why(exc)}")
 
 
-def _call_failed_in(doing: str, exc: OSError, directory: Path) -> AuditUnavailable:
+def _call_failed_in(
+    doing: str, exc: OSError, directory: Path, unnamed: Path | None = None
+) -> AuditUnavailable:
     """:func:`_call_failed` for a call on names in the log's ``directory`` (through its
     descriptor): it names the file(s) the call named (``exc.filename``, and ``filename2``: ``A to
-    B`` for a rename) in that directory, or the directory when the call named none (a call on a
-    descriptor)."""
+    B`` for a rename) in that directory; a call that named none was a call on a descriptor, the
+    file ``unnamed`` (by default the directory)."""
     names = (exc.filename, exc.filename2)
     found = [directory / os.fsdecode(name) for name in names if isinstance(name, (str, bytes))]
-    return _call_failed(doing, exc, " to ".join(map(str, found)) or directory)
+    return _call_failed(doing, exc, " to ".join(map(str, found)) or unnamed or directory)
+
+
+def _listdir(dir_fd: int, directory: Path) -> list[str]:
+    """The names in the log's ``directory`` (``dir_fd``); AuditUnavailable naming it and the errno
+    if it cannot be listed: a call on its descriptor names no file, and a catch-all would have
+    taken it for the log's."""
+    try:
+        return os.listdir(dir_fd)
+    except OSError as exc:
+        raise _call_failed("list the audit directory", exc, directory) from None
+
+
+@contextlib.contextmanager
+def _naming(name: str) -> Iterator[None]:
+    """Names the file ``name`` (in the log's directory) in an OSError of a call on its descriptor,
+    which names none: the catch-alls of a commit, a rotation and the start take a call that names
+    no file for one on the log's own descriptor (:func:`_call_failed_in`)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = name
+        raise
 
 
 def _lookup_failed(path: Path, exc: OSError) -> AuditUnavailable:
@@ -1965,8 +2002,9 @@ def _read_sealed_head(
     and the head file's status before it was read; FileNotFoundError when there is none."""
     fd = open_regular(name + ".head", dir_fd=dir_fd)
     try:
-        found = os.fstat(fd)
-        raw = os.pread(fd, FILE_BYTES + 1, 0)
+        with _naming(name + ".head"):
+            found = os.fstat(fd)
+            raw = os.pread(fd, FILE_BYTES + 1, 0)
     finally:
         os.close(fd)
     parsed = _parse_own_head(raw, public_key, name + ".head")
@@ -1984,24 +2022,25 @@ def _read_sealed_log(dir_fd: int, name: str, sealed: ParsedHead) -> tuple[str, o
     head = sealed.head
     fd = open_regular(name, dir_fd=dir_fd)
     try:
-        found = os.fstat(fd)
-        size = found.st_size
-        # Named: a start's alarm must say which of the sealed files, and which end, is bad (it
-        # said "the last audit record" for either end of any of them).
-        last_record = f"the last record of the sealed audit log {name}"
-        end, tail = _read_tail(fd, size, 1, last_record)
-        last = _tail_record(tail[-1][1], last_record) if tail else None
-        line = _first_line(fd, size)
-        first_record = f"the first record of the sealed audit log {name}"
-        first = _tail_record(line, first_record) if line is not None else None
-        # Anyone can hash a record again: the first one edited at its length kept its seq, its
-        # prev and the file's size. The next record's prev is what tells (the last one's hash
-        # is the head's); what lies between is audit verify's to read.
-        second = None
-        if line is not None and head.count - head.base > 1:
-            after = _line_at(fd, size, len(line) + 1)
-            what = f"the second record of the sealed audit log {name}"
-            second = _tail_record(after, what) if after is not None else None
+        with _naming(name):
+            found = os.fstat(fd)
+            size = found.st_size
+            # Named: a start's alarm must say which of the sealed files, and which end, is bad (it
+            # said "the last audit record" for either end of any of them).
+            last_record = f"the last record of the sealed audit log {name}"
+            end, tail = _read_tail(fd, size, 1, last_record)
+            last = _tail_record(tail[-1][1], last_record) if tail else None
+            line = _first_line(fd, size)
+            first_record = f"the first record of the sealed audit log {name}"
+            first = _tail_record(line, first_record) if line is not None else None
+            # Anyone can hash a record again: the first one edited at its length kept its seq, its
+            # prev and the file's size. The next record's prev is what tells (the last one's hash
+            # is the head's); what lies between is audit verify's to read.
+            second = None
+            if line is not None and head.count - head.base > 1:
+                after = _line_at(fd, size, len(line) + 1)
+                what = f"the second record of the sealed audit log {name}"
+                second = _tail_record(after, what) if after is not None else None
     finally:
         os.close(fd)
     if sealed.size is not None and size != sealed.size:

@@ -21,6 +21,7 @@ import grpc
 
 from strongroom.cli._text import printable
 from strongroom.errors import StrongroomError
+from strongroom.files import errno_name
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -147,6 +148,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(lambda: args.func(args))
 
 
+def _os_error_text(exc: OSError) -> str:
+    """What an ``OSError`` says to the operator: the file(s) it names (``A -> B`` for a rename),
+    its cause and its errno's name, each character that is not printable shown as its escape: a
+    planted file name must not drive the terminal (it was printed raw)."""
+    names = " -> ".join(
+        os.fsdecode(name) if isinstance(name, (str, bytes)) else str(name)
+        for name in (exc.filename, exc.filename2)
+        if name is not None
+    )
+    where = f"{names}: " if names else ""
+    return printable(f"{where}{exc.strerror or exc} ({errno_name(exc)})")
+
+
 def run_command(command: Callable[[], int]) -> int:
     """Runs ``command`` and returns its exit code: an expected failure (a service's refusal, a
     :class:`~strongroom.errors.StrongroomError`, a file's ``OSError``) is printed as one line on
@@ -166,8 +180,7 @@ def run_command(command: Callable[[], int]) -> int:
     except OSError as exc:
         # A file or directory the command needed (a mistyped path, permissions, a full disk):
         # the operator's to fix, so one line naming it, not a traceback.
-        where = f"{exc.filename}: " if exc.filename else ""
-        _print_error(f"strongroom: error: {where}{exc.strerror or exc}")
+        _print_error(f"strongroom: error: {_os_error_text(exc)}")
         return 1
     except KeyboardInterrupt:
         return 130

@@ -758,15 +758,18 @@ _FULL_DISK = textwrap.dedent(
                 ok += 1
             except AuditUnavailable as exc:
                 failed += 1
-                reason = exc.reason
+                reason, message = exc.reason, exc.message
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space comes back
         log.append(AuditEvent(decision=Decision.DENIED, reason="RECOVERED"))
-    print(json.dumps({"ok": ok, "failed": failed, "reason": reason}))
+    print(json.dumps({"ok": ok, "failed": failed, "reason": reason, "message": message}))
     """
 )
 
 
 def test_write_failure_refuses_the_decision_and_recovers(tmp_path: Path) -> None:
+    """Writes past the file-size limit fail (EFBIG, real): each decision is refused, naming the
+    log and the errno (it said ``cannot write the audit log: File too large``), and the log
+    recovers when the room comes back."""
     key_file, _, public_key = _signing_key_file(tmp_path)
     path = tmp_path / "full.jsonl"
     run = subprocess.run(
@@ -780,6 +783,7 @@ def test_write_failure_refuses_the_decision_and_recovers(tmp_path: Path) -> None
     outcome = json.loads(run.stdout)
     assert outcome["ok"] >= 1 and outcome["failed"] >= 1
     assert outcome["reason"] == "AUDIT_UNAVAILABLE"
+    assert outcome["message"] == f"cannot write the audit log {path}: File too large (EFBIG)"
     result = verify_audit_log(path, public_key=public_key)
     assert result.intact
     assert result.records == outcome["ok"] + 1  # no trace of the refused decisions
@@ -1074,7 +1078,9 @@ def test_an_unreadable_log_fails_the_batch_as_unavailable(
     audit: AuditLog, log_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An I/O error reading the tail back (after another process wrote) escaped as a bare OSError,
-    past the batch's bookkeeping."""
+    past the batch's bookkeeping. Then it said ``the audit log cannot be read: Input/output
+    error``; a read through the log's descriptor names no file, and the refusal names the log and
+    the errno now."""
     fill(audit, 1)
     real = audit_module._read_tail
     failures = iter([OSError(errno.EIO, "Input/output error")])
@@ -1086,8 +1092,11 @@ def test_an_unreadable_log_fails_the_batch_as_unavailable(
 
     monkeypatch.setattr(audit_module, "_read_tail", flaky)
     audit._stale = True  # as after another process's commit: the tail is read back
-    with pytest.raises(AuditUnavailable, match="cannot be read"):
+    with pytest.raises(AuditUnavailable) as info:
         audit.append(event(1, reason="REFUSED"))
+    assert info.value.message == (
+        f"cannot read the audit file {log_path}: Input/output error (EIO)"
+    )
     audit.append(event(2, reason="LATER"))
     assert _reasons(log_path) == ["OK", "LATER"]
 

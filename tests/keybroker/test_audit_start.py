@@ -562,6 +562,27 @@ def _start_without_file_mode_override(
     )
 
 
+def _refused_start_changes_nothing(
+    log_path: Path, key: Ed25519PrivateKey, message: str, undo: Callable[[], object]
+) -> None:
+    """A start of the series beside ``log_path`` (:func:`_make_series`) without the file-mode
+    override (:func:`_start_without_file_mode_override`), then ``undo`` of what made it fail,
+    whatever happened: the start refused AUDIT_UNAVAILABLE with exactly ``message``, no file of
+    the directory changed, and the start after it opens the log and appends."""
+    directory = log_path.parent
+    before = {path.name: path.read_bytes() for path in directory.iterdir()}
+    try:
+        error = _start_without_file_mode_override(log_path, key)
+    finally:
+        undo()
+    assert isinstance(error, AuditUnavailable), repr(error)
+    assert error.reason == "AUDIT_UNAVAILABLE"
+    assert error.message == message
+    assert {path.name: path.read_bytes() for path in directory.iterdir()} == before
+    with AuditLog.open(log_path, key) as log:
+        assert log.append(event(11)).seq == 11
+
+
 @pytest.mark.parametrize("read", ["unlocked", "locked"])
 def test_a_sealed_file_the_start_cannot_look_up_refuses_it_naming_the_file_and_errno(
     series: Path,
@@ -585,17 +606,12 @@ def test_a_sealed_file_the_start_cannot_look_up_refuses_it_naming_the_file_and_e
         real_check(log, prechecked)  # type: ignore[arg-type]
 
     monkeypatch.setattr(AuditLog, "_check_sealed_series", unsearchable_then_checked)
-    before = {path.name: path.read_bytes() for path in series.iterdir()}
-    error = _start_without_file_mode_override(log_path, key)
-    monkeypatch.undo()
-    assert isinstance(error, AuditUnavailable), repr(error)
-    assert error.reason == "AUDIT_UNAVAILABLE"
-    assert error.message == (
-        f"cannot look up the audit file {series / 'audit.log.0-2'}: Permission denied (EACCES)"
+    _refused_start_changes_nothing(
+        log_path,
+        key,
+        f"cannot look up the audit file {series / 'audit.log.0-2'}: Permission denied (EACCES)",
+        monkeypatch.undo,
     )
-    assert {path.name: path.read_bytes() for path in series.iterdir()} == before
-    with AuditLog.open(log_path, key) as log:
-        assert log.append(event(11)).seq == 11
 
 
 def test_a_start_whose_log_the_directory_no_longer_lets_it_look_up_refuses_naming_it(
@@ -613,17 +629,12 @@ def test_a_start_whose_log_the_directory_no_longer_lets_it_look_up_refuses_namin
         return real_precheck(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(audit_module, "_precheck_sealed", unsearchable_then_prechecked)
-    before = {path.name: path.read_bytes() for path in series.iterdir()}
-    error = _start_without_file_mode_override(log_path, key)
-    monkeypatch.undo()
-    assert isinstance(error, AuditUnavailable), repr(error)
-    assert error.reason == "AUDIT_UNAVAILABLE"
-    assert error.message == (
-        f"cannot look up the audit file {log_path}: Permission denied (EACCES)"
+    _refused_start_changes_nothing(
+        log_path,
+        key,
+        f"cannot look up the audit file {log_path}: Permission denied (EACCES)",
+        monkeypatch.undo,
     )
-    assert {path.name: path.read_bytes() for path in series.iterdir()} == before
-    with AuditLog.open(log_path, key) as log:
-        assert log.append(event(11)).seq == 11
 
 
 def _unsearchable_after_head_read(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
@@ -889,21 +900,14 @@ def test_a_sealed_file_the_start_cannot_read_refuses_naming_the_file_and_errno(
     file's path and the errno now; nothing is changed, and the start goes on once it is fixed."""
     name = "audit.log.0-2"
     path = series / (name if unreadable == "log" else f"{name}.head")
-    before = {p.name: p.read_bytes() for p in series.iterdir()}
-    path.chmod(0o200)
-    try:
-        error = _start_without_file_mode_override(log_path, key)
-    finally:
-        path.chmod(0o600)
-    assert isinstance(error, AuditUnavailable), repr(error)
-    assert error.reason == "AUDIT_UNAVAILABLE"
     what = "" if unreadable == "log" else f" {name}'s head"
-    assert error.message == (
-        f"cannot read the sealed audit log{what} {path}: Permission denied (EACCES)"
+    path.chmod(0o200)
+    _refused_start_changes_nothing(
+        log_path,
+        key,
+        f"cannot read the sealed audit log{what} {path}: Permission denied (EACCES)",
+        lambda: path.chmod(0o600),
     )
-    assert {p.name: p.read_bytes() for p in series.iterdir()} == before
-    with AuditLog.open(log_path, key) as log:
-        assert log.append(event(11)).seq == 11
 
 
 def test_a_rotation_that_cannot_seal_the_log_names_the_head_and_errno(
@@ -947,7 +951,8 @@ def test_a_call_no_step_of_the_start_expected_to_fail_is_logged_once_with_its_tr
     """The start's last resort turned any OSError into AUDIT_UNAVAILABLE ``from None`` and
     logged nothing: a programming error surfacing as one (a seek to a negative offset: EINVAL,
     the kernel's) lost its stack trace everywhere. It is logged once at ERROR now, with its
-    traceback, and the refusal raised as before (the directory and the errno, no cause)."""
+    traceback, and the refusal raised as before (the file and the errno, no cause: it named the
+    directory "the audit file" for a call on the log's descriptor, which names no file)."""
     with AuditLog.open(log_path, key) as log:
         fill(log, 2)
 
@@ -957,7 +962,8 @@ def test_a_call_no_step_of_the_start_expected_to_fail_is_logged_once_with_its_tr
     monkeypatch.setattr(AuditLog, "_count_sealed_bytes", bad_seek)
     with caplog.at_level(logging.ERROR), pytest.raises(AuditUnavailable) as info:
         AuditLog.open(log_path, key)
-    message = f"cannot access the audit file {log_path.parent}: Invalid argument (EINVAL)"
+    # The call was on the log's descriptor (it names no file): the log, not the directory.
+    message = f"cannot access the audit file {log_path}: Invalid argument (EINVAL)"
     assert info.value.message == message
     assert info.value.__cause__ is None and info.value.__suppress_context__
     [logged] = [r for r in caplog.records if r.levelno >= logging.ERROR]

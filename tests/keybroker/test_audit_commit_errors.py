@@ -1,0 +1,201 @@
+"""A running broker's audit refusals name the file, the call and the errno, as the start's do.
+
+Before, a commit or a rotation that failed said ``the audit log cannot be read: Permission
+denied``, ``cannot write the audit head: No space left on device``, ``cannot write the audit log:
+...``, ``the audit log cannot be rotated: ...`` or ``cannot finish the audit log's rotation (the
+next commit goes on with it): Permission denied``, and the cut-back's and the refusal's log lines
+named no file and no errno: an operator could not tell which of the log, its head or a sealed file
+failed, nor how. Each failure here is real: EACCES from a file's mode (the thread without its
+file-mode override, :func:`~.test_audit_start._without_file_mode_override_in_thread`: the tests
+may run as root), ENOSPC and EINVAL from ``/dev/full``, which a descriptor of the log or its head
+points at once the commit has read the files back (the file-size limit's EFBIG is in
+:mod:`.test_audit`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from strongroom.keybroker.audit import AuditLog
+from strongroom.keybroker.errors import AuditUnavailable
+
+from .test_audit import event, fill
+from .test_audit_rotation import RECORD, _series
+from .test_audit_start import _without_file_mode_override_in_thread
+
+
+@pytest.fixture
+def dev_full() -> Iterator[int]:
+    fd = os.open("/dev/full", os.O_RDWR | os.O_CLOEXEC)
+    yield fd
+    os.close(fd)
+
+
+def _pointed_at(target: int, fd: int) -> Callable[[], None]:
+    """An ``on_written`` hook: the commit has read its files back and placed its records, and
+    now writes through ``fd``, which from here on is the file ``target`` (``/dev/full``)."""
+
+    def hook() -> None:
+        os.dup2(target, fd, inheritable=False)
+
+    return hook
+
+
+def _refused_while_unreadable(log: AuditLog, by: str, unreadable: Path) -> str:
+    """The message of the refusal of ``log``'s commit (or its ``rotate()``, ``by``) made by a
+    thread without its file-mode override while the file ``unreadable`` is write-only (0200);
+    the file is readable again (0600) afterwards, whatever happened."""
+    unreadable.chmod(0o200)
+    try:
+        call = (lambda: log.append(event(3))) if by == "commit" else log.rotate
+        error = _without_file_mode_override_in_thread(unreadable.parent, call)
+    finally:
+        unreadable.chmod(0o600)
+    assert isinstance(error, AuditUnavailable), repr(error)
+    assert error.reason == "AUDIT_UNAVAILABLE"
+    return error.message
+
+
+@pytest.mark.parametrize("by", ["commit", "rotate"])
+def test_following_a_rotation_whose_sealed_head_cannot_be_read_names_it_and_the_errno(
+    log_path: Path, key: Ed25519PrivateKey, by: str
+) -> None:
+    """Another process sharing the log rotated it; this one follows (its commit or its own
+    rotation reads the files back first) and cannot read the sealed head of the file it wrote
+    (write-only: EACCES). That said ``the audit log cannot be read: Permission denied`` (or
+    ``the audit log cannot be rotated: ...``), naming no file and no errno. It names the head
+    and the errno now; the commit is refused, and once the head is readable again this process
+    follows the rotation, the chain intact."""
+    directory = log_path.parent
+    with AuditLog.open(log_path, key) as sibling, AuditLog.open(log_path, key) as log:
+        fill(log, 3)
+        assert sibling.rotate() == directory / "audit.log.0-2"
+        head = directory / "audit.log.0-2.head"
+        message = f"cannot read the audit file {head}: Permission denied (EACCES)"
+        if by == "rotate":
+            message = f"the audit log cannot be rotated: {message}"
+        assert _refused_while_unreadable(log, by, head) == message
+        assert log.append(event(3)).seq == 3
+    found = _series(log_path, key)
+    assert found.intact and (found.first_seq, found.end) == (0, 4), found.message
+
+
+@pytest.mark.parametrize("by", ["commit", "rotate"])
+def test_a_rotation_that_cannot_read_the_log_it_seals_names_it_and_the_errno(
+    log_path: Path, key: Ed25519PrivateKey, by: str
+) -> None:
+    """A running broker's rotation seals the head, then checks the log it is about to rename
+    (its first and last records), opening it by name: the log lost its read permission (EACCES).
+    That said ``cannot finish the audit log's rotation (the next commit goes on with it):
+    Permission denied``, naming no file and no errno. It names the log and the errno now, after
+    the same words; the next commit, the log readable again, finishes the rotation."""
+    directory = log_path.parent
+    with AuditLog.open(log_path, key, rotate_bytes=3 * RECORD) as log:
+        fill(log, 3)
+        assert _refused_while_unreadable(log, by, log_path) == (
+            "cannot finish the audit log's rotation (the next commit goes on with it): cannot "
+            f"read the audit file {log_path}: Permission denied (EACCES)"
+        )
+        assert log.append(event(3)).seq == 3
+    assert sorted(os.listdir(directory)) == [
+        "audit.log",
+        "audit.log.0-2",
+        "audit.log.0-2.head",
+        "audit.log.head",
+    ]
+    found = _series(log_path, key)
+    assert found.intact and (found.first_seq, found.end) == (0, 4), found.message
+
+
+def test_a_rotation_that_cannot_list_the_directory_names_it_and_the_errno(
+    log_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing of the directory (the new log's anchor looks for the latest sealed log) is a
+    call on its descriptor, which names no file: its failure said ``...: Input/output error``,
+    and a catch-all naming the file a call on a descriptor failed on would have named the log.
+    It names the directory now. (EIO, which no mode makes: the one error a listing through a
+    descriptor already open can meet.)"""
+    real_listdir = os.listdir
+
+    def failing_listdir(path: object) -> list[str]:
+        if isinstance(path, int):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_listdir(path)  # type: ignore[arg-type]
+
+    with AuditLog.open(log_path, key) as log:
+        fill(log, 3)
+        monkeypatch.setattr(os, "listdir", failing_listdir)
+        with pytest.raises(AuditUnavailable) as info:
+            log.rotate()
+        monkeypatch.undo()
+        assert info.value.message == (
+            "cannot finish the audit log's rotation (the next commit goes on with it): cannot "
+            f"list the audit directory {log_path.parent}: Input/output error (EIO)"
+        )
+        assert log.append(event(3)).seq == 3
+    found = _series(log_path, key)
+    assert found.intact and (found.first_seq, found.end) == (0, 4), found.message
+
+
+# The file whose descriptor points at /dev/full: the refusal and the ERROR line it makes ({p}: the
+# file's path). The head's: its write (ENOSPC) said ``cannot write the audit head: No space left on
+# device``, and the refusal's own head generation, failing the same way, was logged as ``cannot
+# record the refusal of audit records in the head (No space left on device)``. The log's: its
+# write said ``cannot write the audit log: ...``, and the cut-back, failing too (EINVAL: no
+# truncating a device), was logged as ``cannot cut failed audit records back off the log: Invalid
+# argument``. None named the file or the errno.
+_DEV_FULL: dict[str, tuple[Callable[[AuditLog], int | None], str, str]] = {
+    "head": (
+        lambda log: log._head._fd,
+        "cannot write the audit head {p}: No space left on device (ENOSPC)",
+        "cannot record the refusal of audit records in the audit head {p} (No space left on "
+        "device (ENOSPC)): should their lines survive the cut-back, a restarted broker would "
+        "anchor them",
+    ),
+    "log": (
+        lambda log: log._fd,
+        "cannot write the audit log {p}: No space left on device (ENOSPC)",
+        "cannot cut failed audit records back off the audit log {p}: Invalid argument (EINVAL)",
+    ),
+}
+
+
+@pytest.mark.parametrize("full", list(_DEV_FULL))
+def test_a_file_that_cannot_be_written_names_it_and_the_errno(
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    dev_full: int,
+    caplog: pytest.LogCaptureFixture,
+    full: str,
+) -> None:
+    """A commit's write of the head or of the log fails (its descriptor is ``/dev/full``'s), and
+    so does what the refusal then does to that file (see _DEV_FULL): the refusal and the ERROR
+    line name the file and the errno now; the batch is cut back (or voided in the head), and the
+    next commit, the descriptor the file's own again, goes on."""
+    descriptor_of, message, line = _DEV_FULL[full]
+    path = log_path if full == "log" else log_path.with_name("audit.log.head")
+    with AuditLog.open(log_path, key) as log:
+        fill(log, 2)
+        fd = descriptor_of(log)
+        assert fd is not None
+        saved = os.dup(fd)
+        try:
+            with caplog.at_level(logging.ERROR), pytest.raises(AuditUnavailable) as info:
+                log.append(event(2), on_written=_pointed_at(dev_full, fd))
+        finally:
+            os.dup2(saved, fd, inheritable=False)
+            os.close(saved)
+        assert info.value.reason == "AUDIT_UNAVAILABLE"
+        assert info.value.message == message.format(p=path)
+        logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert logged == [line.format(p=path)]
+        assert log.append(event(2)).seq == 2
+    found = _series(log_path, key)
+    assert found.intact and (found.first_seq, found.end) == (0, 3), found.message
