@@ -19,7 +19,9 @@
  * caller could tell apart: arguments, steps, their order, what is returned or written, which
  * failure is reported (a change of comments or formatting alone keeps it), and bump
  * RELEASE_CALLS_VERSION with it. A library built before the change keeps its function's name and
- * arguments and would otherwise load silently from a stale build.
+ * arguments and would otherwise load silently from a stale build. tests/keybroker/
+ * test_release_source.py records each version's hash of this file (comments and whitespace
+ * aside) and fails on a change of the code that kept the number.
  */
 #define SR_P11RELEASE_VERSION 1
 
