@@ -19,6 +19,7 @@ from pkcs11 import Attribute
 from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
 from strongroom.artifact.keybinding import bind_data_key
 from strongroom.dev.softhsm import SoftHsmToken
+from strongroom.keybroker import p11direct
 from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
 from strongroom.runtime.secrets import Secret
 
@@ -86,6 +87,25 @@ def token_call_replaced(hsm: Hsm, name: str, replacement: Any) -> Iterator[None]
     finally:
         setattr(direct.entry_points, name, entry)
         setattr(direct, name, single)
+
+
+@contextlib.contextmanager
+def unwraps_counted(hsm: Hsm) -> Iterator[list[int]]:
+    """Every ``C_UnwrapKey`` the token is asked for while inside, one-call release or single call
+    alike, passed on to the token as it is; yields the list that receives each one's unwrapping
+    key handle."""
+    direct = hsm._direct
+    assert direct is not None
+    prototype = p11direct._PROTOTYPES["C_UnwrapKey"]
+    token_unwrap = prototype(direct.entry_points.unwrap_key)
+    calls: list[int] = []
+
+    def unwrap(session: int, mechanism: Any, key: int, *rest: Any) -> int:
+        calls.append(key)
+        return int(token_unwrap(session, mechanism, key, *rest))
+
+    with token_call_replaced(hsm, "unwrap_key", prototype(unwrap)):
+        yield calls
 
 
 def replace_keeping_mtime(path: Path, text: str) -> None:

@@ -32,6 +32,7 @@ from tests.keybroker.helpers import (
     make_config,
     session_objects,
     spki,
+    unwraps_counted,
 )
 
 OAEP_SHA1 = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)
@@ -335,6 +336,37 @@ def test_cached_lookups_still_see_a_disable_on_another_replica(
     fresh = KeyManager(km.hsm, lookup_cache_ttl=0)
     out, _ = fresh.release_to_ephemeral("model", 1, model_key.wrapped, target, [OaepHash.SHA1])
     assert bound(tee_key.decrypt(out, OAEP_SHA1)) == model_key.dek
+
+
+def test_a_version_disabled_before_the_release_is_refused_before_anything_is_unwrapped(
+    softhsm_token: SoftHsmToken,
+    hsm: Hsm,
+    km: KeyManager,
+    model_key: DataKey,
+    open_hsm: Callable[..., Hsm],
+    tee_key: rsa.RSAPrivateKey,
+) -> None:
+    """A version another replica disabled, which this one's lookup cache still holds enabled, had
+    its data key unwrapped and re-wrapped in the HSM before the read after the wrap refused the
+    release. Its enabler is read before the unwrap now, in the same C call: the release is
+    refused, KEY_DISABLED as before, and the token is asked for no unwrap at all."""
+    other = KeyManager(open_hsm(make_config(softhsm_token, softhsm_token.replica_module("b"))))
+    target = spki(tee_key)
+    with unwraps_counted(hsm) as unwraps:
+        km.release_to_ephemeral("model", 1, model_key.wrapped, target, [OaepHash.SHA1])
+        assert len(unwraps) == 1  # the counter sees the release's unwrap
+        other.disable_key("model", 1)
+        assert km._fresh_versions("model")[0].enabled  # type: ignore[index]  # not seen here
+        before = session_objects(hsm)
+        with pytest.raises(FailedPrecondition) as info:
+            km.release_to_ephemeral("model", 1, model_key.wrapped, target, [OaepHash.SHA1])
+        assert (info.value.reason, info.value.message) == (
+            "KEY_DISABLED",
+            "key 'model' version 1 is disabled",
+        )
+        assert len(unwraps) == 1
+    assert session_objects(hsm) == before
+    assert km.unusable_keys() == {}
 
 
 def test_a_version_made_on_another_replica_is_released_despite_the_lookup_cache(
