@@ -19,7 +19,6 @@ from pkcs11 import Attribute
 from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
 from strongroom.artifact.keybinding import bind_data_key
 from strongroom.dev.softhsm import SoftHsmToken
-from strongroom.keybroker import p11direct
 from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
 from strongroom.runtime.secrets import Secret
 
@@ -89,6 +88,17 @@ def token_call_replaced(hsm: Hsm, name: str, replacement: Any) -> Iterator[None]
         setattr(direct, name, single)
 
 
+_P = ctypes.c_void_p
+_ULONG = ctypes.c_ulong
+# Token entry points as callbacks: every pointer a c_void_p, passed on as it came. (p11direct's
+# prototypes type the blobs c_char_p, which a callback receives as a copy cut at its first NUL:
+# a token handed that copy reads or writes past it.)
+#: ``C_UnwrapKey(session, mechanism, key, wrapped, length, template, count, new key)``.
+UNWRAP_KEY = ctypes.CFUNCTYPE(_ULONG, _ULONG, _P, _ULONG, _P, _ULONG, _P, _ULONG, _P)
+#: ``C_WrapKey(session, mechanism, wrapping key, key, out, length in/out)``.
+WRAP_KEY = ctypes.CFUNCTYPE(_ULONG, _ULONG, _P, _ULONG, _ULONG, _P, ctypes.POINTER(_ULONG))
+
+
 @contextlib.contextmanager
 def unwraps_counted(hsm: Hsm) -> Iterator[list[int]]:
     """Every ``C_UnwrapKey`` the token is asked for while inside, one-call release or single call
@@ -96,15 +106,14 @@ def unwraps_counted(hsm: Hsm) -> Iterator[list[int]]:
     key handle."""
     direct = hsm._direct
     assert direct is not None
-    prototype = p11direct._PROTOTYPES["C_UnwrapKey"]
-    token_unwrap = prototype(direct.entry_points.unwrap_key)
+    token_unwrap = UNWRAP_KEY(direct.entry_points.unwrap_key)
     calls: list[int] = []
 
-    def unwrap(session: int, mechanism: Any, key: int, *rest: Any) -> int:
+    def unwrap(session: int, mechanism: int, key: int, *rest: Any) -> int:
         calls.append(key)
         return int(token_unwrap(session, mechanism, key, *rest))
 
-    with token_call_replaced(hsm, "unwrap_key", prototype(unwrap)):
+    with token_call_replaced(hsm, "unwrap_key", UNWRAP_KEY(unwrap)):
         yield calls
 
 
