@@ -628,10 +628,10 @@ class KeyManager:
                     length = hs.direct.read_into(dek, Attribute.VALUE, value)
                 finally:
                     _destroy_data_key(functools.partial(hs.direct.destroy, dek))
-                if length != DEK_BYTES or len(wrapped) != WRAPPED_DEK_BYTES:
-                    raise Internal(
-                        "the HSM returned a data key of the wrong size", reason=Reason.HSM_ERROR
-                    )
+                if length != DEK_BYTES:
+                    raise _short_answer("a new data key's value", length, DEK_BYTES)
+                if len(wrapped) != WRAPPED_DEK_BYTES:
+                    raise _short_answer("a new data key's wrap", len(wrapped), WRAPPED_DEK_BYTES)
                 # After the wrap, as a release reads it: no data key goes out wrapped under a
                 # version whose disable returned (on any replica) before this answer.
                 _still_enabled(hs, current)
@@ -670,6 +670,9 @@ class KeyManager:
                 out = _wrap(hs, target.winner, dek)
             finally:
                 _destroy_data_key(functools.partial(hs.direct.destroy, dek))
+            if len(out) != WRAPPED_DEK_BYTES:
+                # Answered as it was, the caller would store a key that unwraps nowhere.
+                raise _short_answer("the re-wrap", len(out), WRAPPED_DEK_BYTES)
             # After the HSM's work, as a release reads it: neither a key unwrapped under a
             # version nor one wrapped *to* a version whose disable returned meanwhile is answered.
             _still_enabled(hs, target)
@@ -784,9 +787,7 @@ class KeyManager:
             # same C call): a disable landing while the HSM re-wraps refuses this release.
             out = _release_with(hs, kek, blob, ephemeral, choice)
             if len(out) != len(ephemeral.modulus):
-                raise Internal(
-                    "the HSM returned an OAEP block of the wrong size", reason=Reason.HSM_ERROR
-                )
+                raise _short_answer("the release's OAEP wrap", len(out), len(ephemeral.modulus))
             return ReleasedKey(out, choice)
 
         return PendingRelease(
@@ -1423,6 +1424,19 @@ def _release_with(
             _judge_state(version, state)
             return out
     raise _not_wrapped_under(version)
+
+
+def _short_answer(what: str, got: int, due: int) -> HsmUnavailable:
+    """A token that answered success with ``got`` bytes of ``what`` where ``due`` were due (zero:
+    nothing written): the HSM failed the operation, as a ``CKR_GENERAL_ERROR`` from a token that
+    still answers does, not INTERNAL (a bug of the broker's): the connection is re-initialised,
+    the caller may retry, and a key the HSM keeps failing for on fresh connections becomes
+    unusable."""
+    return HsmUnavailable(
+        f"the HSM answered {what} with {got} bytes where {due} were due; the session is being "
+        f"re-initialised",
+        reason=Reason.HSM_OPERATION_FAILED,
+    )
 
 
 def _data_key_left(exc: p11x.PKCS11Error) -> HsmUnavailable:
