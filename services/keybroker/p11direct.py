@@ -15,9 +15,10 @@ it back afterwards; with sixteen request threads running Python, every retake is
 context switches of the HSM's worker thread (13.9 per release at 16 callers, against 1.7 alone).
 So a release's eight calls (read whether the key version is enabled, unwrap, read the new key's
 length, import the caller's key, OAEP wrap, destroy both, then read again whether the key version
-is still enabled: an :class:`AttributeRead`) are made by one C function, ``sr_rewrap_read`` in ``_p11release.c``, built with the package: the lock is
-given up once for the whole sequence (never *held* through a PKCS#11 call: an HSM that hangs must
-not freeze the broker's other threads). :meth:`DirectSession.rewrap_oaep` calls it with the same
+is still enabled: an :class:`AttributeRead`) are made by one C function, ``sr_rewrap_read`` in
+``_p11release.c``, built with the package: the lock is given up once for the whole sequence
+(never *held* through a PKCS#11 call: an HSM that hangs must not freeze the broker's other
+threads). :meth:`DirectSession.rewrap_oaep` calls it with the same
 templates and mechanisms the single calls take. The library says which behaviour it was built with
 (``sr_p11release_version``): one that is not :data:`RELEASE_CALLS_VERSION` is refused, never
 called (:func:`load_release_calls`); a stale build keeps the function's name and arguments.
