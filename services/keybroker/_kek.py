@@ -28,7 +28,9 @@ an extra use, rename it into another key's identity or copy it. Nothing the brok
   destroys its enablers, enabling makes one. The HSM cannot refuse an immutable KEK, so every release,
   re-wrap and new data key reads the label of the version's enabler through the handle it holds
   (one ``C_GetAttributeValue`` per version used, *after* the HSM used it, so that a disable landing
-  during the HSM call refuses the operation too): an enabler that another replica destroyed answers
+  during the HSM call refuses the operation too; a release reads it before the unwrap as well, so
+  that a version disabled before it is refused with nothing unwrapped): an enabler that another
+  replica destroyed answers
   ``CKR_OBJECT_HANDLE_INVALID`` at once — SoftHSM2 too, across instances — or, on a token that gives
   its handle to a new object, another object's label; either way the operation looks
   the key up again and is refused (``KEY_DISABLED``), whatever its lookup cache holds. (A disable *marker* object would not

@@ -13,11 +13,12 @@ same session (the handles python-pkcs11 opened), and hands back plain handles.
 **One call per re-wrap.** ctypes gives up the interpreter lock around each foreign call and takes
 it back afterwards; with sixteen request threads running Python, every retake is a wait and two
 context switches of the HSM's worker thread (13.9 per release at 16 callers, against 1.7 alone).
-So a release's seven calls (unwrap, read the new key's length, import the caller's key, OAEP wrap,
-destroy both, then read whether the key version is still enabled: an :class:`AttributeRead`) are
-made by one C function, ``sr_rewrap_read`` in ``_p11release.c``, built with the package: the lock is
-given up once for the whole sequence (never *held* through a PKCS#11 call: an HSM that hangs must
-not freeze the broker's other threads). :meth:`DirectSession.rewrap_oaep` calls it with the same
+So a release's eight calls (read whether the key version is enabled, unwrap, read the new key's
+length, import the caller's key, OAEP wrap, destroy both, then read again whether the key version
+is still enabled: an :class:`AttributeRead`) are made by one C function, ``sr_rewrap_read`` in
+``_p11release.c``, built with the package: the lock is given up once for the whole sequence
+(never *held* through a PKCS#11 call: an HSM that hangs must not freeze the broker's other
+threads). :meth:`DirectSession.rewrap_oaep` calls it with the same
 templates and mechanisms the single calls take. The library says which behaviour it was built with
 (``sr_p11release_version``): one that is not :data:`RELEASE_CALLS_VERSION` is refused, never
 called (:func:`load_release_calls`); a stale build keeps the function's name and arguments.
@@ -314,6 +315,8 @@ _STEP_DESTROY_PUBLIC = 5
 _STEP_DESTROY_KEY = 6
 _STEP_READ_LENGTH = 7  # reading the new key's CKA_VALUE_LEN failed (not "cannot tell")
 _STEP_READ_STATE = 8  # the AttributeRead after the wrap failed (the answer is not returned)
+_STEP_CHECK_STATE = 9  # the AttributeRead before the unwrap failed (nothing was unwrapped)
+_STEP_STATE_CHANGED = 10  # it read another value than the enabled one (nothing was unwrapped)
 #: What a token that cannot tell an object's CKA_VALUE_LEN answers: it is not held to a length.
 LENGTH_UNREPORTED: tuple[type[p11x.PKCS11Error], ...] = (
     p11x.AttributeTypeInvalid,
@@ -341,13 +344,20 @@ class TargetRefused(Exception):
 
 
 class StateReadFailed(Exception):
-    """:meth:`DirectSession.rewrap_oaep` made its wrap and destroyed both objects, but its
-    :class:`AttributeRead` failed: the wrapped key is not returned. ``error`` is the python-pkcs11
-    exception, as :meth:`DirectSession.read` would raise it."""
+    """:meth:`DirectSession.rewrap_oaep`'s :class:`AttributeRead` failed: after the wrap (both
+    objects destroyed, the wrapped key not returned), or before the unwrap when the call checks
+    the state first (nothing unwrapped). ``error`` is the python-pkcs11 exception, as
+    :meth:`DirectSession.read` would raise it."""
 
     def __init__(self, error: p11x.PKCS11Error) -> None:
         super().__init__(error)
         self.error = error
+
+
+class StateChanged(Exception):
+    """:meth:`DirectSession.rewrap_oaep`'s first :class:`AttributeRead` read another value than
+    the enabled one it was given: nothing was unwrapped, and the read's value is the state's for
+    the caller to judge."""
 
 
 class CleanupFailed(Exception):
@@ -362,7 +372,7 @@ class CleanupFailed(Exception):
 
 #: The ``sr_p11release_version()`` this module was written for (``SR_P11RELEASE_VERSION`` in
 #: ``_p11release.c``): bumped with it whenever the library's behaviour changes.
-RELEASE_CALLS_VERSION = 1
+RELEASE_CALLS_VERSION = 2
 # How to rebuild the library, for the messages that refuse one.
 _REBUILD = (
     "rebuild it (`make setup` in a source checkout; otherwise reinstall the package or rebuild "
@@ -432,6 +442,8 @@ def load_release_calls(folder: Path) -> Any:
         _P(_ULONG),
         _ULONG,  # the object whose attribute is read last (AttributeRead)
         _P(_Attribute),  # that read, or NULL for none
+        ctypes.c_char_p,  # its value while enabled, to read first; NULL: no read before
+        _ULONG,
         _P(ctypes.c_int),  # step
     ]
     return function
@@ -691,8 +703,11 @@ class DirectSession:
         choice: OaepHash,
         size: int,
         state: AttributeRead | None,
+        enabled: bytes | None = None,
     ) -> bytes | None:
-        """A release's seven calls in one (see the module doc): :meth:`unwrap_aes_kwp` of
+        """A release's eight calls in one (see the module doc): with ``state`` and ``enabled``,
+        ``state`` read first as :meth:`read` reads it, and the call stopped, nothing unwrapped,
+        unless it holds exactly ``enabled``; :meth:`unwrap_aes_kwp` of
         ``wrapped`` under ``unwrapping_key``; the new key's ``CKA_VALUE_LEN`` checked against
         ``key_length`` (a token that does not report it, reading 0 or answering one of
         :data:`LENGTH_UNREPORTED`, is not held to it; any other failure to read it is raised); the caller's public key
@@ -702,10 +717,11 @@ class DirectSession:
         judge before it uses the answer.
 
         Returns the wrapped key, or None when the unwrapped key had another length (the blob is
-        not this key's). Raises :class:`UnwrapFailed` when the unwrap is refused,
+        not this key's). Raises :class:`StateChanged` when the first read found another value
+        than ``enabled``, :class:`UnwrapFailed` when the unwrap is refused,
         :class:`TargetRefused` when importing the public key or wrapping to it is (unless the
         session or device is gone), :class:`CleanupFailed` when either object could not be
-        destroyed, :class:`StateReadFailed` when ``state`` could not be read, and the
+        destroyed, :class:`StateReadFailed` when ``state`` could not be read (either time), and the
         python-pkcs11 exception of the failing call otherwise.
         """
         if size > _MAX_WRAPPED:
@@ -731,13 +747,15 @@ class DirectSession:
             ctypes.byref(length),
             0 if state is None else state.handle,
             None if state is None else state._ready(),
+            enabled,
+            0 if enabled is None else len(enabled),
             ctypes.byref(step),
         )
         if rv != _CKR_OK:
             error = error_for(rv)
             if step.value == _STEP_UNWRAP:
                 raise UnwrapFailed(error)
-            if step.value == _STEP_READ_STATE:
+            if step.value in (_STEP_CHECK_STATE, _STEP_READ_STATE):
                 raise StateReadFailed(error)
             if step.value in (_STEP_IMPORT, _STEP_WRAP) and not errs.is_device_failure(error):
                 raise TargetRefused(error)
@@ -746,6 +764,8 @@ class DirectSession:
             raise error
         if step.value == _STEP_WRONG_LENGTH:
             return None
+        if step.value == _STEP_STATE_CHANGED:
+            raise StateChanged()
         if step.value != _STEP_DONE:
             raise AssertionError(f"sr_rewrap_read returned 0 at step {step.value}")
         return out.raw[: length.value]

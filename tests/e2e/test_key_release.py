@@ -51,7 +51,7 @@ from strongroom.runtime.logs import configure_logging
 from strongroom.runtime.secrets import Secret
 from strongroom.wire import append_bytes_field
 from tests.conftest import stack_root
-from tests.keybroker.helpers import bound, data_key_request
+from tests.keybroker.helpers import bound, data_key_request, unwraps_counted
 
 GOOD = bytes.fromhex("11" * 48)
 OTHER = bytes.fromhex("22" * 48)
@@ -1045,9 +1045,11 @@ def test_a_version_another_broker_disabled_is_refused_and_audited(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A disable made by another broker on the same HSM, which this broker's lookup cache has not
-    seen, is caught by the still-enabled read the release's one C call makes after its re-wrap:
-    the caller gets FAILED_PRECONDITION KEY_DISABLED over gRPC, and the decision's ALLOWED record
-    is followed by its DENIED KEY_DISABLED record under the same decision_id."""
+    seen, is caught by the still-enabled read the release's one C call makes before its unwrap
+    (it was caught only by the read after the re-wrap, the data key unwrapped and re-wrapped in the
+    HSM first): the token is asked for no unwrap, the caller gets FAILED_PRECONDITION KEY_DISABLED
+    over gRPC, and the decision's ALLOWED record is followed by its DENIED KEY_DISABLED record
+    under the same decision_id, as before."""
     broker = world.stack.services["keybroker"].handle
     monkeypatch.setattr(broker.keys, "_ttl", 3600.0)  # the cache outlives the test: no timing
     world.admin.CreateKey(pb.CreateKeyRequest(key_id="replicated"), timeout=30)
@@ -1065,7 +1067,9 @@ def test_a_version_another_broker_disabled_is_refused_and_audited(
         attempt.request.key_version = generated.key_version
         return world.broker.ReleaseKey(attempt.request, timeout=30)
 
-    release()  # its versions now cached, for an hour
+    with unwraps_counted(broker.hsm) as unwraps:
+        release()  # its versions now cached, for an hour
+    assert len(unwraps) == 1  # the count sees this broker's unwraps
     # The other broker: its own SoftHSM2 instance (a private copy of the module) on the token.
     module = tmp_path / "libsofthsm2-other.so"
     shutil.copyfile(broker.hsm.config.module_path, module)
@@ -1076,8 +1080,9 @@ def test_a_version_another_broker_disabled_is_refused_and_audited(
         other.close()
     assert broker.keys._cache["replicated"][2][0].enabled  # this broker has not seen it
     seen = len(audit_records(world))
-    with pytest.raises(grpc.RpcError) as info:
+    with unwraps_counted(broker.hsm) as unwraps, pytest.raises(grpc.RpcError) as info:
         release()
+    assert unwraps == []
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
     details = info.value.details() or ""  # type: ignore[attr-defined]
     assert details == f"KEY_DISABLED: key 'replicated' version {generated.key_version} is disabled"

@@ -88,6 +88,35 @@ def token_call_replaced(hsm: Hsm, name: str, replacement: Any) -> Iterator[None]
         setattr(direct, name, single)
 
 
+_P = ctypes.c_void_p
+_ULONG = ctypes.c_ulong
+# Token entry points as callbacks: every pointer a c_void_p, passed on as it came. (p11direct's
+# prototypes type the blobs c_char_p, which a callback receives as a copy cut at its first NUL:
+# a token handed that copy reads or writes past it.)
+#: ``C_UnwrapKey(session, mechanism, key, wrapped, length, template, count, new key)``.
+UNWRAP_KEY = ctypes.CFUNCTYPE(_ULONG, _ULONG, _P, _ULONG, _P, _ULONG, _P, _ULONG, _P)
+#: ``C_WrapKey(session, mechanism, wrapping key, key, out, length in/out)``.
+WRAP_KEY = ctypes.CFUNCTYPE(_ULONG, _ULONG, _P, _ULONG, _ULONG, _P, ctypes.POINTER(_ULONG))
+
+
+@contextlib.contextmanager
+def unwraps_counted(hsm: Hsm) -> Iterator[list[int]]:
+    """Every ``C_UnwrapKey`` the token is asked for while inside, one-call release or single call
+    alike, passed on to the token as it is; yields the list that receives each one's unwrapping
+    key handle."""
+    direct = hsm._direct
+    assert direct is not None
+    token_unwrap = UNWRAP_KEY(direct.entry_points.unwrap_key)
+    calls: list[int] = []
+
+    def unwrap(session: int, mechanism: int, key: int, *rest: Any) -> int:
+        calls.append(key)
+        return int(token_unwrap(session, mechanism, key, *rest))
+
+    with token_call_replaced(hsm, "unwrap_key", UNWRAP_KEY(unwrap)):
+        yield calls
+
+
 def replace_keeping_mtime(path: Path, text: str) -> None:
     """Replaces ``path`` by a file with ``text`` whose mtime is the old one's (as rsync -a,
     cp -p or tar x leave it)."""

@@ -37,6 +37,7 @@ from strongroom.keybroker.p11direct import (
     RETURN_CODES,
     AttributeQuery,
     AttributeRead,
+    StateChanged,
     StateReadFailed,
     TargetRefused,
     Template,
@@ -52,6 +53,7 @@ from tests.keybroker.helpers import (
     session_objects,
     spki,
     token_call_replaced,
+    unwraps_counted,
 )
 
 
@@ -642,12 +644,13 @@ _READ = ctypes.CFUNCTYPE(
 )
 
 
-def test_a_release_is_one_foreign_call_that_reads_the_versions_state_last(
+def test_a_release_is_one_foreign_call_that_reads_the_versions_state_first_and_last(
     hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey
 ) -> None:
     # The still-enabled read (keys._still_enabled) was a foreign call of its own after the C
     # re-wrap: a second release and retake of the interpreter lock per release, ~60 us. It is
-    # the C call's last PKCS#11 call now, on the version's enabler, after the length read.
+    # the C call's last PKCS#11 call now, on the version's enabler, after the length read; and
+    # its first, before the unwrap (a version already disabled unwraps nothing).
     km.create_key("model")
     data_key = km.generate_data_key("model", *MODEL)
     target = spki(tee_key)
@@ -681,8 +684,57 @@ def test_a_release_is_one_foreign_call_that_reads_the_versions_state_last(
         km.release_to_ephemeral("model", 1, data_key.wrapped, target, hsm.oaep_hashes[:1])
     assert "rewrap" in names and "get_attribute_value" in names
     assert foreign == ["rewrap"]
-    assert [attribute for _, attribute in reads] == [_CKA_VALUE_LEN, _CKA_LABEL]
-    assert reads[1][0] == enabler.handle
+    assert [attribute for _, attribute in reads] == [_CKA_LABEL, _CKA_VALUE_LEN, _CKA_LABEL]
+    assert reads[0][0] == reads[2][0] == enabler.handle
+
+
+def test_the_rewraps_first_state_read_stops_it_before_the_unwrap(
+    hsm: Hsm, tee_key: rsa.RSAPrivateKey
+) -> None:
+    # With the value an enabled version holds, the state is read before the unwrap too: another
+    # value is StateChanged and a failed read StateReadFailed, the token asked for no unwrap and
+    # no object left; the value itself goes on to the unwrap, and is read again after the wrap.
+    def op(hs: HsmSession) -> None:
+        kek, blob, _ = _kek_and_data_key(hs)
+        before = _session_objects(hs)
+        state = AttributeRead(kek.handle, Attribute.UNWRAP, 1)
+        out = _rewrap(
+            hs, kek.handle, blob, tee_key, hsm.oaep_hashes[0], state=state, enabled=b"\x01"
+        )
+        assert out is not None and len(out) == 384
+        assert state.value() == b"\x01"
+        with unwraps_counted(hsm) as unwraps:
+            changed = AttributeRead(kek.handle, Attribute.UNWRAP, 1)
+            with pytest.raises(StateChanged):
+                _rewrap(
+                    hs,
+                    kek.handle,
+                    blob,
+                    tee_key,
+                    hsm.oaep_hashes[0],
+                    state=changed,
+                    enabled=b"\x00",
+                )
+            assert changed.value() == b"\x01"  # what was read, for the caller to judge
+            longer = AttributeRead(kek.handle, Attribute.UNWRAP, 1)
+            with pytest.raises(StateChanged):  # the length counts, not only the bytes
+                _rewrap(
+                    hs,
+                    kek.handle,
+                    blob,
+                    tee_key,
+                    hsm.oaep_hashes[0],
+                    state=longer,
+                    enabled=b"\x01\x00",
+                )
+            gone = AttributeRead(0xDEAD, Attribute.LABEL, 64)
+            with pytest.raises(StateReadFailed) as failed:
+                _rewrap(hs, kek.handle, blob, tee_key, hsm.oaep_hashes[0], state=gone, enabled=b"x")
+            assert errs.is_stale_handle(failed.value.error)
+        assert unwraps == []
+        assert _session_objects(hs) == before
+
+    hsm.call(op, name="test")
 
 
 def test_the_rewraps_state_read_comes_last_and_fails_it_alone(

@@ -27,11 +27,14 @@ from strongroom.oaep import OaepHash
 from strongroom.reasons import Reason
 from tests.keybroker.helpers import (
     MODEL,
+    WRAP_KEY,
     bound,
     ec_spki_on_an_unsupported_curve,
     make_config,
     session_objects,
     spki,
+    token_call_replaced,
+    unwraps_counted,
 )
 
 OAEP_SHA1 = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)
@@ -335,6 +338,91 @@ def test_cached_lookups_still_see_a_disable_on_another_replica(
     fresh = KeyManager(km.hsm, lookup_cache_ttl=0)
     out, _ = fresh.release_to_ephemeral("model", 1, model_key.wrapped, target, [OaepHash.SHA1])
     assert bound(tee_key.decrypt(out, OAEP_SHA1)) == model_key.dek
+
+
+def test_a_version_disabled_before_the_release_is_refused_before_anything_is_unwrapped(
+    softhsm_token: SoftHsmToken,
+    hsm: Hsm,
+    km: KeyManager,
+    model_key: DataKey,
+    open_hsm: Callable[..., Hsm],
+    tee_key: rsa.RSAPrivateKey,
+) -> None:
+    """A version another replica disabled, which this one's lookup cache still holds enabled, had
+    its data key unwrapped and re-wrapped in the HSM before the read after the wrap refused the
+    release. Its enabler is read before the unwrap now, in the same C call: the release is
+    refused, KEY_DISABLED as before, and the token is asked for no unwrap at all."""
+    other = KeyManager(open_hsm(make_config(softhsm_token, softhsm_token.replica_module("b"))))
+    target = spki(tee_key)
+    with unwraps_counted(hsm) as unwraps:
+        km.release_to_ephemeral("model", 1, model_key.wrapped, target, [OaepHash.SHA1])
+        assert len(unwraps) == 1  # the counter sees the release's unwrap
+        other.disable_key("model", 1)
+        assert km._fresh_versions("model")[0].enabled  # type: ignore[index]  # not seen here
+        before = session_objects(hsm)
+        with pytest.raises(FailedPrecondition) as info:
+            km.release_to_ephemeral("model", 1, model_key.wrapped, target, [OaepHash.SHA1])
+        assert (info.value.reason, info.value.message) == (
+            "KEY_DISABLED",
+            "key 'model' version 1 is disabled",
+        )
+        assert len(unwraps) == 1
+    assert session_objects(hsm) == before
+    assert km.unusable_keys() == {}
+
+
+@pytest.mark.parametrize("written", [0, 1])
+def test_a_wrap_the_token_answers_with_too_few_bytes_is_the_hsms_failure(
+    hsm: Hsm, km: KeyManager, model_key: DataKey, tee_key: rsa.RSAPrivateKey, written: int
+) -> None:
+    """A token whose C_WrapKey answers CKR_OK with fewer bytes than due (none at all, or one):
+    the release was INTERNAL (a broker bug, its message withheld), a new data key too, and a
+    re-wrap answered the short key as the re-wrapped one, for its caller to store in place of a
+    key that unwraps. Each is UNAVAILABLE HSM_OPERATION_FAILED now, naming what was short (the
+    session re-initialised; each on a key of its own: a second on the same key, on the fresh
+    session, makes it unusable); no session object is left, and the keys work again once the
+    token does."""
+    direct = hsm._direct
+    assert direct is not None
+    token_wrap = WRAP_KEY(direct.entry_points.wrap_key)
+
+    def short(session: int, mechanism: int, key: int, wrapped: int, out: int, length: Any) -> int:
+        rv = int(token_wrap(session, mechanism, key, wrapped, out, length))
+        length[0] = written
+        return rv
+
+    target = spki(tee_key)
+    km.create_key("rewrapped")
+    rewrapped = km.generate_data_key("rewrapped", *MODEL)
+    km.create_key("generated")
+    before = session_objects(hsm)
+    calls: list[Callable[[], object]] = [
+        lambda: km.release_to_ephemeral("model", 1, model_key.wrapped, target, [OaepHash.SHA1]),
+        lambda: km.rewrap("rewrapped", 1, rewrapped.wrapped),
+        lambda: km.generate_data_key("generated", *MODEL),
+    ]
+    failures = []
+    with token_call_replaced(hsm, "wrap_key", WRAP_KEY(short)):
+        for call in calls:
+            with pytest.raises(HsmUnavailable) as failed:
+                call()
+            failures.append(failed.value)
+    assert [f.reason for f in failures] == [Reason.HSM_OPERATION_FAILED] * 3
+    assert [f.message for f in failures] == [
+        f"the HSM answered {what} with {written} bytes where {due} were due; the session is "
+        "being re-initialised"
+        for what, due in [
+            ("the release's OAEP wrap", 384),
+            ("the re-wrap", WRAPPED_DEK_BYTES),
+            ("a new data key's wrap", WRAPPED_DEK_BYTES),
+        ]
+    ]
+    assert session_objects(hsm) == before
+    out, _ = km.release_to_ephemeral("model", 1, model_key.wrapped, target, [OaepHash.SHA1])
+    assert bound(tee_key.decrypt(out, OAEP_SHA1)) == model_key.dek
+    assert len(km.rewrap("rewrapped", 1, rewrapped.wrapped).wrapped) == WRAPPED_DEK_BYTES
+    km.generate_data_key("generated", *MODEL)
+    assert km.unusable_keys() == {}
 
 
 def test_a_version_made_on_another_replica_is_released_despite_the_lookup_cache(
