@@ -11,7 +11,8 @@ Every figure is measured in the same run as its baseline and reported with the r
 * ``decrypt_all``: whole-artifact decryption into one new buffer, 1 and 2 threads, against raw
   decryption into a fresh buffer (page faults included: any API returning new plaintext pays them)
   and into a reused one; ``decrypt_into`` into a reused buffer against raw into a reused buffer;
-* ``stream_decrypt`` / ``buffered_stream_decrypt``: the download path, fed 1 MiB pieces;
+* ``stream_decrypt`` / ``buffered_stream_decrypt``: ``StreamDecryptor`` (plaintext handed out as
+  each chunk authenticates) and the download path's ``BufferedStreamDecryptor``, fed 1 MiB pieces;
 * ``memory``: peak RSS growth and tracemalloc peak of a separate process encrypting a file of
   ``stream_mib`` MiB (2048 for the 2 GiB figure) to a sink.
 
