@@ -101,21 +101,6 @@ __all__ = [
 DEFAULT_PARALLEL_PARTS = 4
 """Parts fetched at once: enough to overlap the network with decryption on a few cores."""
 
-STORE_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    # grpc.experimental.ChannelOptions.SingleThreadedUnaryStream (not in grpc's type stubs)
-    ("SingleThreadedUnaryStream", 1),
-)
-"""Options of a channel that downloads from the model store (:func:`grpc_source`).
-
-gRPC Python hands each message of a response stream from its channel's spin thread to the thread
-that iterates the call, a wake-up and an interpreter-lock hand-off per message; with this option
-the iterating thread polls the call's own queue. Measured on the 512 MB cold start (2 cores): 0.045
-CPU-s less in the loading process, 0.024 s less wall time (tests/bench/ANALYSIS.md, "Cold start").
-Such a call's ``result()`` and ``exception()`` raise rather than wait until it has ended; nothing
-here asks them early. Its end is taken in only by the thread reading it: wrap the channel with
-:func:`~strongroom.client.whole_streams.whole_streams`, or a call ended early (cancelled, failed)
-keeps its core call for as long as the channel lives."""
-
 PartSource = Callable[[str, str], Iterator[bytes | memoryview]]
 """Yields the bytes of the stored artifact ``(name, version)`` from offset 0, in pieces.
 
@@ -142,7 +127,8 @@ def _chunk_data(message: bytes) -> memoryview | WireError:
 
 
 def grpc_source(channel: grpc.Channel, *, timeout: float = 600.0) -> PartSource:
-    """A :data:`PartSource` reading from the model store over ``channel`` (GetModel)."""
+    """A :data:`PartSource` reading from the model store over ``channel`` (GetModel); make it
+    with :func:`~strongroom.client.store_channel.store_channel`, whose downloads cost less CPU."""
     get_model = channel.unary_stream(
         _GET_MODEL,
         request_serializer=store_pb.GetModelRequest.SerializeToString,

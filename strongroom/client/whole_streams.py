@@ -1,5 +1,6 @@
-"""Single-threaded response streams (:data:`~strongroom.client.fetch.STORE_CHANNEL_OPTIONS`)
-taken in to their end, however they end.
+"""Single-threaded response streams
+(:data:`~strongroom.client.store_channel.STORE_CHANNEL_OPTIONS`) taken in to their end, however
+they end; :func:`~strongroom.client.store_channel.store_channel` makes a channel that has both.
 
 In gRPC's single-threaded mode (``SingleThreadedUnaryStream``) a call's events arrive on a
 completion queue of its own that only the thread iterating the call drains; no channel thread does.
@@ -77,7 +78,8 @@ class _WholeStreams(grpc.UnaryStreamClientInterceptor):  # type: ignore[type-arg
 
 def whole_streams(channel: grpc.Channel) -> grpc.Channel:
     """``channel`` (made with ``STORE_CHANNEL_OPTIONS``) with each response stream taken in to its
-    end by the thread reading it; wrap the raw channel, below any other interceptor."""
+    end by the thread reading it; wrap the raw channel, below any other interceptor (a
+    :func:`~strongroom.client.store_channel.store_channel` is made so)."""
     return grpc.intercept_channel(channel, _WholeStreams())
 
 

@@ -1,6 +1,7 @@
-"""Downloads over a store channel with :data:`STORE_CHANNEL_OPTIONS` (gRPC's single-threaded
-response streams), against the real model store over mTLS: the whole artifact arrives, read by
-the iterating thread, and a load's scope cancelled from another thread still ends the download."""
+"""Downloads over a store channel (:func:`store_channel`: :data:`STORE_CHANNEL_OPTIONS`, gRPC's
+single-threaded response streams, each taken in to its end), against the real model store over
+mTLS: the whole artifact arrives, read by the iterating thread, a load's scope cancelled from
+another thread still ends the download, and a download its reader leaves is taken in."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.client.cancel import CallScope, scoped, scoped_channel
-from strongroom.client.fetch import STORE_CHANNEL_OPTIONS, grpc_source
+from strongroom.client.fetch import grpc_source
 from strongroom.client.publish import publish_model
-from strongroom.client.whole_streams import whole_streams
+from strongroom.client.store_channel import STORE_CHANNEL_OPTIONS, store_channel
 from strongroom.dev.devstack import DevStack
 from strongroom.errors import Cancelled
 from strongroom.runtime.tracing import traced_channel
@@ -84,11 +85,13 @@ def test_a_scope_cancelled_from_another_thread_ends_the_download(
 
 class _Ends(grpc.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
     """Records whether each response stream's done callbacks ran (a CallScope's tracking ends
-    there): in single-threaded mode they run on the thread that takes in the call's end."""
+    there), and on which thread: in single-threaded mode they run on the thread that takes in
+    the call's end, in gRPC's default mode on its channel's own."""
 
     def __init__(self) -> None:
         self.calls = 0
         self.ended = 0
+        self.threads: list[threading.Thread] = []
 
     def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         call = continuation(details, request)
@@ -98,13 +101,13 @@ class _Ends(grpc.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
 
     def _end(self) -> None:
         self.ended += 1
+        self.threads.append(threading.current_thread())
 
 
 def _server_like(stack: DevStack, ends: _Ends) -> grpc.Channel:
     """The store channel as the inference server builds it (services/inference/server.py), with
     ``ends`` just above the wrapping of gRPC's own calls."""
-    raw = stack.channel(stack.identity("inference"), "modelstore", options=STORE_CHANNEL_OPTIONS)
-    observed = grpc.intercept_channel(whole_streams(raw), ends)
+    observed = grpc.intercept_channel(stack.store_channel(stack.identity("inference")), ends)
     return traced_channel(scoped_channel(observed), TracerProvider())
 
 
@@ -124,12 +127,7 @@ def test_a_download_its_reader_leaves_is_taken_in_to_its_end(
     assert (ends.calls, ends.ended) == (1, 1)
     # The same through a channel without the tracing, the command line's.
     ends = _Ends()
-    plain = grpc.intercept_channel(
-        whole_streams(
-            stack.channel(stack.identity("inference"), "modelstore", options=STORE_CHANNEL_OPTIONS)
-        ),
-        ends,
-    )
+    plain = grpc.intercept_channel(stack.store_channel(stack.identity("inference")), ends)
     pieces = grpc_source(plain)("channel/model", "1")
     assert next(pieces)
     pieces.close()
@@ -165,3 +163,35 @@ def test_a_raw_single_threaded_call_left_by_its_reader_is_taken_in_too(
     assert next(pieces)
     pieces.close()
     assert (ends.calls, ends.ended) == (1, 1)
+
+
+def test_a_store_channels_downloads_are_read_and_ended_by_their_own_thread(
+    stack: DevStack, published: bytes
+) -> None:
+    """What :func:`store_channel` makes: a download ends on the thread reading it (the option
+    is set) and one its reader leaves, through the tracing the server puts on top, is taken in
+    to its end (the channel is wrapped). The same download over a channel without the option
+    ends on gRPC's own thread."""
+    reader = stack.identity("inference")
+    ends = _Ends()
+    made = store_channel(
+        reader,
+        stack.address("modelstore"),
+        server_name="modelstore",
+        server_id=stack.spiffe_id("modelstore"),
+    )
+    with made:
+        channel = traced_channel(grpc.intercept_channel(made, ends), TracerProvider())
+        assert b"".join(grpc_source(channel)("channel/model", "1")) == published
+        pieces = grpc_source(channel)("channel/model", "1")
+        assert next(pieces)
+        pieces.close()
+    assert (ends.calls, ends.ended) == (2, 2)
+    assert ends.threads == [threading.current_thread()] * 2
+    ends = _Ends()
+    with grpc.intercept_channel(stack.channel(reader, "modelstore"), ends) as default:
+        assert b"".join(grpc_source(default)("channel/model", "1")) == published
+        deadline = time.monotonic() + 10
+        while not ends.ended and time.monotonic() < deadline:
+            time.sleep(0.01)  # the done callback runs on gRPC's thread, just after the end
+    assert ends.ended == 1 and ends.threads != [threading.current_thread()]
