@@ -18,11 +18,14 @@ tests/e2e/test_store_channel.py fails if that stops working).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import grpc
 
-__all__ = ["end_stream", "whole_streams"]
+__all__ = ["end_stream", "ending", "whole_streams"]
+
+_S = TypeVar("_S")
 
 
 def _take_the_rest(call: Any) -> None:
@@ -95,3 +98,14 @@ def end_stream(call: Any) -> None:
     if cancel is not None:
         cancel()
     _take_the_rest(call)  # a raw single-threaded call (a channel not wrapped)
+
+
+@contextmanager
+def ending(stream: _S) -> Iterator[_S]:
+    """``stream``, ended (:func:`end_stream`) however the block is left: its reader refused
+    what it read, was interrupted or read it all. Left without, a store channel's download is
+    only cancelled once collected, and its end stays untaken for as long as the channel lives."""
+    try:
+        yield stream
+    finally:
+        end_stream(stream)

@@ -1,12 +1,14 @@
 """Downloads over a store channel (:func:`store_channel`: :data:`STORE_CHANNEL_OPTIONS`, gRPC's
 single-threaded response streams, each taken in to its end), against the real model store over
 mTLS: the whole artifact arrives, read by the iterating thread, a load's scope cancelled from
-another thread still ends the download, and a download its reader leaves is taken in."""
+another thread still ends the download, and every reader that leaves a download ends it."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+from concurrent import futures
 from typing import Any
 
 import grpc
@@ -14,13 +16,18 @@ import grpc.experimental
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
+from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
+from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
+from strongroom.artifact import InvalidArtifact
 from strongroom.client.cancel import CallScope, scoped, scoped_channel
 from strongroom.client.fetch import grpc_source
 from strongroom.client.publish import publish_model
+from strongroom.client.rewrap import MAX_HEAD_SIZE, _read_head
 from strongroom.client.store_channel import STORE_CHANNEL_OPTIONS, store_channel
 from strongroom.dev.devstack import DevStack
 from strongroom.errors import Cancelled
 from strongroom.runtime.tracing import traced_channel
+from tests.test_cli_peer_text import _Generous
 
 KEY_ID = "store-channel"
 
@@ -195,3 +202,26 @@ def test_a_store_channels_downloads_are_read_and_ended_by_their_own_thread(
         while not ends.ended and time.monotonic() < deadline:
             time.sleep(0.01)  # the done callback runs on gRPC's thread, just after the end
     assert ends.ended == 1 and ends.threads != [threading.current_thread()]
+
+
+def test_a_head_read_left_by_a_rewrap_is_taken_in_to_its_end(stack: DevStack) -> None:
+    """A re-wrap run (``strongroom keys rewrap-models``, over the command line's store channel) stops
+    reading a model's head when a store sends more than it asked for: it left the call neither
+    closed nor read to its end, and its core call stayed for as long as the channel."""
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pb_grpc.add_ModelStoreServiceServicer_to_server(_Generous(), server)  # type: ignore[abstract]
+    port = server.add_secure_port("127.0.0.1:0", stack.identity("modelstore").server_credentials())
+    server.start()
+    ends = _Ends()
+    try:
+        raw = store_channel(
+            stack.identity("admin"), f"127.0.0.1:{port}", server_id=stack.spiffe_id("modelstore")
+        )
+        with grpc.intercept_channel(raw, ends) as channel:
+            model = pb.ModelInfo(name="m", version="1", artifact_size=10 * MAX_HEAD_SIZE)
+            with pytest.raises(InvalidArtifact, match="more than the"):
+                _read_head(pb_grpc.ModelStoreServiceStub(channel), model, timeout=10)
+            gc.collect()  # collected, a call left is cancelled but never taken in
+            assert (ends.calls, ends.ended) == (1, 1)
+    finally:
+        server.stop(None)
