@@ -71,7 +71,7 @@ from strongroom.client.cancel import current_scope
 from strongroom.client.keypins import KeyPins
 from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
 from strongroom.client.remote import remote_error
-from strongroom.client.whole_streams import end_stream
+from strongroom.client.whole_streams import end_stream, ending
 from strongroom.closing import Closing
 from strongroom.errors import (
     DataLoss,
@@ -485,28 +485,34 @@ class ModelFetcher:
         decision_id = ""
         done: list[BufferedStreamDecryptor] = []
         try:
-            for data in retrying_source(source, self._retry, deadline=retry_until)(name, version):
-                first.feed(data)
-                header = first.decryptor.header
-                if header is not None and dek is None:
-                    check_artifact_header(
-                        header, name, version, key_pins=self._pins, header_sha256=header_sha256
-                    )
-                    t0 = time.perf_counter()
-                    released = self._release(header.key_id, header.key_version, header.wrapped_dek)
-                    try:
-                        dek = body_key(
-                            header,
-                            released.dek,
-                            name,
-                            version,
-                            accept_unbound=self._accept_unbound,
+            # Ended here however the loop is left, not whenever its generator is collected.
+            with ending(
+                retrying_source(source, self._retry, deadline=retry_until)(name, version)
+            ) as pieces:
+                for data in pieces:
+                    first.feed(data)
+                    header = first.decryptor.header
+                    if header is not None and dek is None:
+                        check_artifact_header(
+                            header, name, version, key_pins=self._pins, header_sha256=header_sha256
                         )
-                    finally:
-                        wipe(released.dek)
-                    decision_id = released.decision_id
-                    release_seconds = time.perf_counter() - t0
-                    first.decryptor.set_dek(dek)
+                        t0 = time.perf_counter()
+                        released = self._release(
+                            header.key_id, header.key_version, header.wrapped_dek
+                        )
+                        try:
+                            dek = body_key(
+                                header,
+                                released.dek,
+                                name,
+                                version,
+                                accept_unbound=self._accept_unbound,
+                            )
+                        finally:
+                            wipe(released.dek)
+                        decision_id = released.decision_id
+                        release_seconds = time.perf_counter() - t0
+                        first.decryptor.set_dek(dek)
             plaintext = first.decryptor.finish()
             done.append(first.decryptor)
             assert isinstance(plaintext, bytes) and dek is not None
@@ -603,15 +609,18 @@ class ModelFetcher:
             checked = False
             try:
                 try:
-                    for data in source(manifest.model_name, manifest.store_version(index)):
-                        if stop.is_set():
-                            raise _Cancelled()
-                        stream.feed(data)
-                        header = stream.decryptor.header
-                        if header is not None and not checked:
-                            check_part_header(manifest, index, header)
-                            checked = True
-                            stream.decryptor.set_dek(dek)
+                    with ending(
+                        source(manifest.model_name, manifest.store_version(index))
+                    ) as pieces:
+                        for data in pieces:
+                            if stop.is_set():
+                                raise _Cancelled()
+                            stream.feed(data)
+                            header = stream.decryptor.header
+                            if header is not None and not checked:
+                                check_part_header(manifest, index, header)
+                                checked = True
+                                stream.decryptor.set_dek(dek)
                 except NotFound:
                     raise PartMissing(
                         f"part {index} ({manifest.parts[index].name!r}) of "

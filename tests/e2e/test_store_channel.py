@@ -20,12 +20,14 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import InvalidArtifact
 from strongroom.client.cancel import CallScope, scoped, scoped_channel
-from strongroom.client.fetch import grpc_source
+from strongroom.client.fetch import ModelFetcher, grpc_source
+from strongroom.client.keyrelease import ReleasedDataKey
 from strongroom.client.publish import publish_model
 from strongroom.client.rewrap import MAX_HEAD_SIZE, _read_head
 from strongroom.client.store_channel import STORE_CHANNEL_OPTIONS, store_channel
 from strongroom.dev.devstack import DevStack
-from strongroom.errors import Cancelled
+from strongroom.errors import Cancelled, FailedPrecondition
+from strongroom.reasons import Reason
 from strongroom.runtime.tracing import traced_channel
 from tests.test_cli_peer_text import _Generous
 
@@ -225,3 +227,20 @@ def test_a_head_read_left_by_a_rewrap_is_taken_in_to_its_end(stack: DevStack) ->
             assert (ends.calls, ends.ended) == (1, 1)
     finally:
         server.stop(None)
+
+
+def _no_release(key_id: str, key_version: int, wrapped: bytes) -> ReleasedDataKey:
+    raise AssertionError("no key is asked for a refused header")
+
+
+def test_a_fetch_that_refuses_the_header_ends_its_download(
+    stack: DevStack, published: bytes
+) -> None:
+    """A guard: the fetch ended the download it left only because CPython frees a for loop's
+    iterator as an exception leaves the loop; it now ends it itself, whatever holds it."""
+    ends = _Ends()
+    channel = grpc.intercept_channel(stack.store_channel(stack.identity("inference")), ends)
+    with channel, pytest.raises(FailedPrecondition) as refused:
+        ModelFetcher(channel, _no_release).fetch("channel/model", "1", header_sha256=bytes(32))
+    assert refused.value.reason == Reason.HEADER_PIN_MISMATCH
+    assert (ends.calls, ends.ended) == (1, 1)
