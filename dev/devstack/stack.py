@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.attestation.release_signature import ReleaseVerifier
+from strongroom.client.store_channel import store_channel
 from strongroom.errors import FailedPrecondition, Unavailable
 from strongroom.pki import StepCa, WorkloadIdentity, init_ca, mint_token
 from strongroom.pki.identity import RenewalPolicy
@@ -560,6 +561,18 @@ class DevStack:
             server_name=service,
             server_id=self.spiffe_id(service),
             options=options,
+        )
+
+    def store_channel(
+        self, identity: WorkloadIdentity, *, instance: str | None = None
+    ) -> grpc.Channel:
+        """A model-store channel from ``identity``, made as the inference server and the command
+        line make theirs (:func:`~strongroom.client.store_channel.store_channel`)."""
+        return store_channel(
+            identity,
+            self.address(instance or "modelstore"),
+            server_name="modelstore",
+            server_id=self.spiffe_id("modelstore"),
         )
 
     def log_path(self, instance: str) -> Path:

@@ -25,9 +25,8 @@ from strongroom.attesters import (
     select_attester,
 )
 from strongroom.client.cancel import CallScope, scoped_channel
-from strongroom.client.fetch import STORE_CHANNEL_OPTIONS
 from strongroom.client.keyrelease import KeyReleaseClient, PinnedChannels
-from strongroom.client.whole_streams import whole_streams
+from strongroom.client.store_channel import store_channel
 from strongroom.errors import FailedPrecondition, StrongroomError
 from strongroom.inference.autoload import ConfiguredLoads, RetrySchedule
 from strongroom.inference.config import InferenceConfig
@@ -235,15 +234,13 @@ def build(
     # The scope interceptor sits below the tracing: a traced download is a generator that only
     # the loading thread may close, and a cancelled LoadModel must end the real call beneath it.
     # Beneath both, its single-threaded downloads are taken in to their end by their own thread.
-    store_channel = traced_channel(
+    store = traced_channel(
         scoped_channel(
-            whole_streams(
-                identity.channel(
-                    config.model_store,
-                    server_name=config.model_store_server_name,
-                    server_id=store_id,
-                    options=STORE_CHANNEL_OPTIONS,
-                )
+            store_channel(
+                identity,
+                config.model_store,
+                server_name=config.model_store_server_name,
+                server_id=store_id,
             )
         ),
         provider,
@@ -259,7 +256,7 @@ def build(
     # Until the server is returned, whatever stops the build (its port taken, a SIGTERM at a
     # checkpoint) closes the channels and the host: they were left open.
     with contextlib.ExitStack() as undo:
-        undo.callback(store_channel.close)
+        undo.callback(store.close)
         undo.callback(broker_channels.close)
         server = _build_on(
             common,
@@ -268,7 +265,7 @@ def build(
             provider=provider,
             attester=attester,
             verifier=verifier,
-            store_channel=store_channel,
+            store_channel=store,
             broker_channels=broker_channels,
         )
         undo.callback(server.host.stop, 0)  # never started: its ports are released

@@ -25,9 +25,8 @@ from typing import Any
 
 import grpc
 
-from strongroom.client.fetch import STORE_CHANNEL_OPTIONS
 from strongroom.client.server_evidence import ServerConnection
-from strongroom.client.whole_streams import whole_streams
+from strongroom.client.store_channel import store_channel
 from strongroom.closing import Closing
 from strongroom.pki.identity import WorkloadIdentity
 from strongroom.runtime.bootstrap import open_identity
@@ -109,14 +108,15 @@ class Client(Closing):
         address = getattr(self.config, service)
         if not address:
             raise ConfigError(f"the client configuration has no address for {service}")
-        raw = self.identity.channel(
-            address,
-            server_name=getattr(self.config, f"{service}_server_name"),
-            server_id=self.config.server_id(service),
-            options=STORE_CHANNEL_OPTIONS if service == "modelstore" else (),
-        )
-        # The store's single-threaded downloads are taken in to their end by their own thread.
-        channel = whole_streams(raw) if service == "modelstore" else raw
+        server_name = getattr(self.config, f"{service}_server_name")
+        server_id = self.config.server_id(service)
+        channel: grpc.Channel
+        if service == "modelstore":  # its downloads read by their own thread (store_channel)
+            channel = store_channel(
+                self.identity, address, server_name=server_name, server_id=server_id
+            )
+        else:
+            channel = self.identity.channel(address, server_name=server_name, server_id=server_id)
         self._channels.append(channel)
         return channel
 

@@ -71,7 +71,7 @@ from strongroom.client.cancel import current_scope
 from strongroom.client.keypins import KeyPins
 from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
 from strongroom.client.remote import remote_error
-from strongroom.client.whole_streams import end_stream
+from strongroom.client.whole_streams import end_stream, ending
 from strongroom.closing import Closing
 from strongroom.errors import (
     DataLoss,
@@ -101,21 +101,6 @@ __all__ = [
 DEFAULT_PARALLEL_PARTS = 4
 """Parts fetched at once: enough to overlap the network with decryption on a few cores."""
 
-STORE_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    # grpc.experimental.ChannelOptions.SingleThreadedUnaryStream (not in grpc's type stubs)
-    ("SingleThreadedUnaryStream", 1),
-)
-"""Options of a channel that downloads from the model store (:func:`grpc_source`).
-
-gRPC Python hands each message of a response stream from its channel's spin thread to the thread
-that iterates the call, a wake-up and an interpreter-lock hand-off per message; with this option
-the iterating thread polls the call's own queue. Measured on the 512 MB cold start (2 cores): 0.045
-CPU-s less in the loading process, 0.024 s less wall time (tests/bench/ANALYSIS.md, "Cold start").
-Such a call's ``result()`` and ``exception()`` raise rather than wait until it has ended; nothing
-here asks them early. Its end is taken in only by the thread reading it: wrap the channel with
-:func:`~strongroom.client.whole_streams.whole_streams`, or a call ended early (cancelled, failed)
-keeps its core call for as long as the channel lives."""
-
 PartSource = Callable[[str, str], Iterator[bytes | memoryview]]
 """Yields the bytes of the stored artifact ``(name, version)`` from offset 0, in pieces.
 
@@ -142,7 +127,8 @@ def _chunk_data(message: bytes) -> memoryview | WireError:
 
 
 def grpc_source(channel: grpc.Channel, *, timeout: float = 600.0) -> PartSource:
-    """A :data:`PartSource` reading from the model store over ``channel`` (GetModel)."""
+    """A :data:`PartSource` reading from the model store over ``channel`` (GetModel); make it
+    with :func:`~strongroom.client.store_channel.store_channel`, whose downloads cost less CPU."""
     get_model = channel.unary_stream(
         _GET_MODEL,
         request_serializer=store_pb.GetModelRequest.SerializeToString,
@@ -499,28 +485,34 @@ class ModelFetcher:
         decision_id = ""
         done: list[BufferedStreamDecryptor] = []
         try:
-            for data in retrying_source(source, self._retry, deadline=retry_until)(name, version):
-                first.feed(data)
-                header = first.decryptor.header
-                if header is not None and dek is None:
-                    check_artifact_header(
-                        header, name, version, key_pins=self._pins, header_sha256=header_sha256
-                    )
-                    t0 = time.perf_counter()
-                    released = self._release(header.key_id, header.key_version, header.wrapped_dek)
-                    try:
-                        dek = body_key(
-                            header,
-                            released.dek,
-                            name,
-                            version,
-                            accept_unbound=self._accept_unbound,
+            # Ended here however the loop is left, not whenever its generator is collected.
+            with ending(
+                retrying_source(source, self._retry, deadline=retry_until)(name, version)
+            ) as pieces:
+                for data in pieces:
+                    first.feed(data)
+                    header = first.decryptor.header
+                    if header is not None and dek is None:
+                        check_artifact_header(
+                            header, name, version, key_pins=self._pins, header_sha256=header_sha256
                         )
-                    finally:
-                        wipe(released.dek)
-                    decision_id = released.decision_id
-                    release_seconds = time.perf_counter() - t0
-                    first.decryptor.set_dek(dek)
+                        t0 = time.perf_counter()
+                        released = self._release(
+                            header.key_id, header.key_version, header.wrapped_dek
+                        )
+                        try:
+                            dek = body_key(
+                                header,
+                                released.dek,
+                                name,
+                                version,
+                                accept_unbound=self._accept_unbound,
+                            )
+                        finally:
+                            wipe(released.dek)
+                        decision_id = released.decision_id
+                        release_seconds = time.perf_counter() - t0
+                        first.decryptor.set_dek(dek)
             plaintext = first.decryptor.finish()
             done.append(first.decryptor)
             assert isinstance(plaintext, bytes) and dek is not None
@@ -617,15 +609,18 @@ class ModelFetcher:
             checked = False
             try:
                 try:
-                    for data in source(manifest.model_name, manifest.store_version(index)):
-                        if stop.is_set():
-                            raise _Cancelled()
-                        stream.feed(data)
-                        header = stream.decryptor.header
-                        if header is not None and not checked:
-                            check_part_header(manifest, index, header)
-                            checked = True
-                            stream.decryptor.set_dek(dek)
+                    with ending(
+                        source(manifest.model_name, manifest.store_version(index))
+                    ) as pieces:
+                        for data in pieces:
+                            if stop.is_set():
+                                raise _Cancelled()
+                            stream.feed(data)
+                            header = stream.decryptor.header
+                            if header is not None and not checked:
+                                check_part_header(manifest, index, header)
+                                checked = True
+                                stream.decryptor.set_dek(dek)
                 except NotFound:
                     raise PartMissing(
                         f"part {index} ({manifest.parts[index].name!r}) of "

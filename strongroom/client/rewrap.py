@@ -38,6 +38,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import InvalidArtifact, parse_header
 from strongroom.artifact.format import FORMAT_V1, MAX_HEAD_SIZE
 from strongroom.client.listing import iter_entries
+from strongroom.client.whole_streams import ending
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.reasons import Reason
 
@@ -101,13 +102,14 @@ def _read_head(
         name=model.name, version=model.version, offset=0, length=length
     )
     head = bytearray()
-    for response in store.GetModel(request, timeout=timeout):
-        head += response.data
-        if len(head) > length:  # a store sending more than asked for: stop reading it
-            raise InvalidArtifact(
-                f"the model store sent more than the {length} bytes asked for",
-                reason=Reason.ARTIFACT_MISMATCH,
-            )
+    with ending(store.GetModel(request, timeout=timeout)) as call:
+        for response in call:
+            head += response.data
+            if len(head) > length:  # a store sending more than asked for: stop reading it
+                raise InvalidArtifact(
+                    f"the model store sent more than the {length} bytes asked for",
+                    reason=Reason.ARTIFACT_MISMATCH,
+                )
     return bytes(head)
 
 

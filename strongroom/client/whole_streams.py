@@ -1,5 +1,6 @@
-"""Single-threaded response streams (:data:`~strongroom.client.fetch.STORE_CHANNEL_OPTIONS`)
-taken in to their end, however they end.
+"""Single-threaded response streams
+(:data:`~strongroom.client.store_channel.STORE_CHANNEL_OPTIONS`) taken in to their end, however
+they end; :func:`~strongroom.client.store_channel.store_channel` makes a channel that has both.
 
 In gRPC's single-threaded mode (``SingleThreadedUnaryStream``) a call's events arrive on a
 completion queue of its own that only the thread iterating the call drains; no channel thread does.
@@ -17,11 +18,14 @@ tests/e2e/test_store_channel.py fails if that stops working).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import grpc
 
-__all__ = ["end_stream", "whole_streams"]
+__all__ = ["end_stream", "ending", "whole_streams"]
+
+_S = TypeVar("_S")
 
 
 def _take_the_rest(call: Any) -> None:
@@ -77,7 +81,8 @@ class _WholeStreams(grpc.UnaryStreamClientInterceptor):  # type: ignore[type-arg
 
 def whole_streams(channel: grpc.Channel) -> grpc.Channel:
     """``channel`` (made with ``STORE_CHANNEL_OPTIONS``) with each response stream taken in to its
-    end by the thread reading it; wrap the raw channel, below any other interceptor."""
+    end by the thread reading it; wrap the raw channel, below any other interceptor (a
+    :func:`~strongroom.client.store_channel.store_channel` is made so)."""
     return grpc.intercept_channel(channel, _WholeStreams())
 
 
@@ -93,3 +98,14 @@ def end_stream(call: Any) -> None:
     if cancel is not None:
         cancel()
     _take_the_rest(call)  # a raw single-threaded call (a channel not wrapped)
+
+
+@contextmanager
+def ending(stream: _S) -> Iterator[_S]:
+    """``stream``, ended (:func:`end_stream`) however the block is left: its reader refused
+    what it read, was interrupted or read it all. Left without, a store channel's download is
+    only cancelled once collected, and its end stays untaken for as long as the channel lives."""
+    try:
+        yield stream
+    finally:
+        end_stream(stream)

@@ -62,10 +62,9 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.artifact import DEFAULT_DECRYPT_THREADS, decrypt_download, encrypt_stream
 from strongroom.artifact._memory import Prefaulter, output_bytes
 from strongroom.attesters import SimulatedAttester, TeeType
-from strongroom.client.fetch import STORE_CHANNEL_OPTIONS
 from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.client.publish import publish_model
-from strongroom.client.whole_streams import whole_streams
+from strongroom.client.store_channel import STORE_CHANNEL_OPTIONS
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
@@ -317,9 +316,7 @@ def measure(
                 key_release._next_key.result(60)
                 loader = ModelLoader(
                     ModelRepository(),
-                    store_channel=whole_streams(
-                        stack.channel(identity, "modelstore", options=STORE_CHANNEL_OPTIONS)
-                    ),
+                    store_channel=stack.store_channel(identity),
                     key_release=key_release,
                     decrypt_threads=decrypt_threads,
                 )
