@@ -309,6 +309,22 @@ def test_sigterm_while_serving_stops_whatever_lock_the_main_thread_holds(held: s
     assert "Traceback" not in stderr
 
 
+def test_a_sigterm_as_the_service_s_process_exits_is_the_service_s_not_the_default_action() -> None:
+    """A service gives its signals back when it ends (strongroom.runtime.signals), but not in a
+    process that ends with it (``strongroom serve``): there the default action would end the
+    exit at once, its last lines unwritten (the command line's error line goes through the
+    log) and its status the signal's. The service's handler keeps it: logged, and the exit is
+    the service's own."""
+    status, lines, stderr = _signalled("signalled-as-it-exits")
+    assert status == 0, stderr[-2000:]
+    messages = [(r["msg"], r.get("signal")) for r in lines]
+    assert messages[-3:] == [
+        ("signal received, draining", signal.SIGTERM),
+        ("stopped", None),
+        ("signal received, draining", signal.SIGTERM),
+    ]
+
+
 def test_sigterm_while_starting_stops_though_the_main_thread_holds_a_log_handlers_lock() -> None:
     """Start-up's handler logged its line on the main thread: a log handler's plain lock held
     there (a standard-library QueueHandler's queue) held the handler for good. It only records
