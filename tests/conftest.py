@@ -24,6 +24,7 @@ from strongroom.pki.stepca import BINARY_ENV
 from strongroom.runtime.config import LoggingConfig
 from strongroom.runtime.log_writer import ServiceLog
 from strongroom.runtime.logs import QUIET_LIBRARIES, configure_logging
+from tests import signal_guard
 from tests.pki.helpers import new_ca
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +44,44 @@ def _pytest_keeps_its_exception_hooks() -> Iterator[None]:
     if after != before:
         threading.excepthook, sys.excepthook, sys.unraisablehook = before
         pytest.fail(f"the test left the process's exception hooks changed: {after}")
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_stay_as_the_test_found_them() -> Iterator[None]:
+    """Fails a test (its function-scoped fixtures included) that leaves a signal's handler
+    changed, naming the signal and the handler, and puts the one before back
+    (tests/signal_guard.py says why). Nothing of the runner's needs allowing: pytest installs no
+    handler of these, faulthandler's are C handlers of other signals (SIGSEGV, SIGABRT...),
+    gRPC installs none; SIGALRM, pytest-timeout's, is not guarded."""
+    before = signal_guard.handlers()
+    yield
+    changed = signal_guard.put_back(before)
+    if changed:
+        pytest.fail(f"the test left signal handlers changed: {'; '.join(changed)}")
+
+
+def _wider_guard(what: str) -> Iterator[None]:
+    before = signal_guard.handlers()
+    yield
+    changed = signal_guard.put_back(before)
+    if changed:
+        pytest.fail(f"{what} left signal handlers changed: {'; '.join(changed)}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_fixtures_leave_signal_handlers_as_they_found_them(
+    request: pytest.FixtureRequest,
+) -> Iterator[None]:
+    """As :func:`_signal_handlers_stay_as_the_test_found_them`, for a module's fixtures (a stack
+    started for the module): set up before them and torn down after them, it fails the module's
+    last test at teardown, not a later module's test that finds a handler it did not expect."""
+    yield from _wider_guard(f"the module {request.module.__name__}'s fixtures")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_fixtures_leave_signal_handlers_as_they_found_them() -> Iterator[None]:
+    """As :func:`_module_fixtures_leave_signal_handlers_as_they_found_them`, for the session's."""
+    yield from _wider_guard("the session's fixtures")
 
 
 @pytest.fixture(scope="session")

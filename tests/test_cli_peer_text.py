@@ -25,7 +25,7 @@ from strongroom.cli import main as cli_main
 from strongroom.cli._text import printable, printable_document
 from strongroom.client.rewrap import MAX_HEAD_SIZE, _read_head
 from tests.conftest import REPO
-from tests.runtime.stopping_service import fill_pipe
+from tests.runtime.test_stopping import written_to_a_pipe
 
 
 @pytest.mark.parametrize(
@@ -249,33 +249,19 @@ def test_health_gives_its_verdict_with_a_full_output_pipe(verdict: str, full: bo
     and never gave its verdict. Each is written as the command line's error line is, at once or
     not at all: the exit status the same either way, the line written when the pipe is read."""
     servicer, stream, code, line = _VERDICTS[verdict]
-    read_end, write_end = os.pipe()
-    try:
-        if full:
-            fill_pipe(f"/proc/self/fd/{write_end}")
-        with _health_port(servicer) as address:
+    with _health_port(servicer) as address:
+
+        def health(write_end: int) -> subprocess.Popen[bytes]:
             outputs = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
             outputs[stream] = write_end
-            process = subprocess.Popen(
+            return subprocess.Popen(
                 [sys.executable, "-m", "strongroom.cli.main", "health", "--address", address],
                 stdin=subprocess.DEVNULL,
                 cwd=REPO,
                 env={**os.environ, "PYTHONPATH": str(REPO)},
                 **outputs,
             )
-            os.close(write_end)
-            write_end = -1
-            try:
-                status = process.wait(timeout=60)  # a hang, not a speed: it never ended
-            finally:
-                process.kill()
-                process.wait()
-        with os.fdopen(read_end, "rb") as reader:
-            read_end = -1
-            written = reader.read().decode().strip("x").splitlines()
-    finally:
-        for fd in (read_end, write_end):
-            if fd >= 0:
-                os.close(fd)
+
+        status, written = written_to_a_pipe(health, full=full)
     assert status == code
     assert written == ([] if full else [line])

@@ -269,67 +269,69 @@ def run_service(
     # An exception that ends a thread, or that cannot be raised, is a line of that log from here
     # on, not a traceback on stderr (strongroom.runtime.uncaught).
     uncaught.install()
-    # A SIGTERM from here on stops the start at its next checkpoint (strongroom.runtime.starting).
-    starting.install()
-    abandoned = 0
-    telemetry: Telemetry | None = None
-    # From here on, why the service stops is in its log, enrolment's failures included (a CA
-    # root missing, a token refused, the identity not the configured one): they were printed by
-    # the command line only, and the log said nothing of why the process had ended.
-    try:
+    # A SIGTERM from here on stops the start at its next checkpoint (strongroom.runtime.starting);
+    # once this returns or raises, every signal the service took has its handler from before
+    # again, its stop over (strongroom.runtime.signals says when not).
+    with starting.installed():
+        abandoned = 0
+        telemetry: Telemetry | None = None
+        # From here on, why the service stops is in its log, enrolment's failures included (a CA
+        # root missing, a token refused, the identity not the configured one): they were printed by
+        # the command line only, and the log said nothing of why the process had ended.
         try:
-            identity = starting.interruptible(
-                "identity", lambda: open_identity(common.identity), WorkloadIdentity.close
-            )
             try:
-                starting.checkpoint("identity")
-                telemetry = Telemetry.install(
-                    service, common.tracing, identity=lambda: identity.credentials
+                identity = starting.interruptible(
+                    "identity", lambda: open_identity(common.identity), WorkloadIdentity.close
                 )
-                if common.production:
-                    refuse_loopback_names(identity)
-                starting.checkpoint("telemetry")
-                running = build(common, section, identity, telemetry.tracer_provider)
                 try:
-                    running.host.run_until_signal(
-                        after_start=(lambda: after_start(running)) if after_start else None
+                    starting.checkpoint("identity")
+                    telemetry = Telemetry.install(
+                        service, common.tracing, identity=lambda: identity.credentials
                     )
-                finally:
+                    if common.production:
+                        refuse_loopback_names(identity)
+                    starting.checkpoint("telemetry")
+                    running = build(common, section, identity, telemetry.tracer_provider)
                     try:
-                        _close(service, running)  # it stops its host too, when nothing did
+                        running.host.run_until_signal(
+                            after_start=(lambda: after_start(running)) if after_start else None
+                        )
                     finally:
-                        abandoned = running.host.abandoned
-            finally:
-                identity.close()
-        except StrongroomError as exc:
-            log.error("%s cannot run: %s", service, exc)
-            _exit_if_abandoned(abandoned)
-            raise
-        except OSError:
-            # The command line prints it as one line; the service's log keeps where it happened.
-            log.exception("%s stopped on an operating-system error", service)
-            _exit_if_abandoned(abandoned)
-            raise
-        except grpc.RpcError as exc:
-            # A call of another service's that refused or failed: the command line printed it
-            # as one line, and the log said nothing of why the process had ended.
-            log.error("%s cannot run: %s: %s", service, exc.code().name, exc.details())
-            _exit_if_abandoned(abandoned)
-            raise
-        except BaseException:
-            if abandoned:  # the interpreter would print it at exit, which never comes
-                log.exception("%s stopped on an unexpected error", service)
-            _exit_if_abandoned(abandoned)
-            raise
-        if abandoned:
-            exit_abandoning(abandoned)  # the pool's threads would hold the exit for good
-    finally:
-        # Not reached once calls were abandoned (that exit exports nothing: it has no time).
-        if telemetry is not None:
-            _end_telemetry(telemetry)
-        # A step the stop left running is not waited for at exit (a pool's workers would be).
-        starting.exit_if_steps_left_running()
-    return 0
+                        try:
+                            _close(service, running)  # it stops its host too, when nothing did
+                        finally:
+                            abandoned = running.host.abandoned
+                finally:
+                    identity.close()
+            except StrongroomError as exc:
+                log.error("%s cannot run: %s", service, exc)
+                _exit_if_abandoned(abandoned)
+                raise
+            except OSError:
+                # The command line prints it as one line; the service's log keeps where it happened.
+                log.exception("%s stopped on an operating-system error", service)
+                _exit_if_abandoned(abandoned)
+                raise
+            except grpc.RpcError as exc:
+                # A call of another service's that refused or failed: the command line printed it
+                # as one line, and the log said nothing of why the process had ended.
+                log.error("%s cannot run: %s: %s", service, exc.code().name, exc.details())
+                _exit_if_abandoned(abandoned)
+                raise
+            except BaseException:
+                if abandoned:  # the interpreter would print it at exit, which never comes
+                    log.exception("%s stopped on an unexpected error", service)
+                _exit_if_abandoned(abandoned)
+                raise
+            if abandoned:
+                exit_abandoning(abandoned)  # the pool's threads would hold the exit for good
+        finally:
+            # Not reached once calls were abandoned (that exit exports nothing: it has no time).
+            if telemetry is not None:
+                _end_telemetry(telemetry)
+            # A step the stop left running is not waited for at exit (a pool's workers would be).
+            starting.exit_if_steps_left_running()
+        return 0
 
 
 def _end_telemetry(telemetry: Telemetry) -> None:

@@ -23,6 +23,30 @@ The ``signals`` thread never writes a log line itself: each goes through the ser
 could wait for good in its write (another writer of stderr, gRPC's C core, filled the pipe
 between the log's look at it and the write, and the collector had stopped reading): the first
 SIGTERM's stop never started, nor anything handed over after it.
+
+The handlers a service installs are its own while it runs, and no longer: :func:`restoring`
+records what each signal had before the first :func:`install` in it, and puts that back when it
+ends, on every way out (a clean stop, a start-up refused, an exception).
+:func:`~strongroom.runtime.bootstrap.run_service` runs a service in it, so a process that runs
+one and goes on (a test's, a host embedding a service) has its own handlers back: they stayed
+the stopped service's, and a later SIGINT meant for the process (a KeyboardInterrupt) was taken
+for a stop that no longer had a service, and was lost. The rule for when:
+
+- Never before the stop is over: the handlers come back once ``run_service`` has done
+  everything (the host's drain, the service's close, its audit log's last records and close,
+  the telemetry's end). A SIGTERM during the stop still reaches the service's handler (logged,
+  ignored: the stop is under way), never the default action, which would end the process
+  before the audit log is closed and the log's last lines are written.
+- Never in a process that ends with its service (``strongroom serve``:
+  :func:`keep_for_the_process`): past ``run_service`` such a process only exits, and its exit
+  still writes lines (the command line's error line, queued through the service's log; what
+  the exit's :func:`settle` and ``logging.shutdown`` write). Given back the default action, a
+  SIGTERM there ended the process at once, those lines lost and its status the signal's, not
+  its own; the service's handler logs it and lets the exit finish. A stop that ends the process
+  itself (:func:`~strongroom.runtime.process.exit_now`) never gets that far either.
+
+A handler that Python did not install (``signal.getsignal`` says None: set by C code) cannot be
+put back from Python: that signal keeps the service's.
 """
 
 from __future__ import annotations
@@ -32,7 +56,7 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from queue import SimpleQueue
 from types import FrameType
 
@@ -41,6 +65,8 @@ from strongroom.runtime.log_writer import never_wait_here
 log = logging.getLogger(__name__)
 
 Handler = Callable[[int, FrameType | None], object]
+Disposition = Handler | int | None
+"""What ``signal.getsignal`` answers: a handler, ``SIG_DFL``/``SIG_IGN``, or None (not Python's)."""
 
 SETTLE_SECONDS = 0.5
 """How long :func:`settle` waits for the ``signals`` thread, once per process while it does not
@@ -66,7 +92,41 @@ def install(handler: Handler, *signums: int) -> None:
     :func:`later` never starts it."""
     _start()
     for signum in signums:
-        signal.signal(signum, handler)
+        before = signal.signal(signum, handler)
+        for saved in _Restoring.scopes:
+            saved.setdefault(signum, before)
+
+
+class _Restoring:
+    """What each open :func:`restoring` records: the handler each signal had before the first
+    :func:`install` in it (the innermost last)."""
+
+    scopes: list[dict[int, Disposition]] = []
+    kept = False  # keep_for_the_process() was called
+
+
+@contextlib.contextmanager
+def restoring() -> Iterator[None]:
+    """Puts back, when it ends (however it ends), the handlers the signals that :func:`install`
+    changed in it had before; unless :func:`keep_for_the_process` was called (the module's
+    docstring says why). Call from the main thread, as :func:`install`."""
+    saved: dict[int, Disposition] = {}
+    _Restoring.scopes.append(saved)
+    try:
+        yield
+    finally:
+        _Restoring.scopes.remove(saved)
+        if not _Restoring.kept:
+            for signum, before in saved.items():
+                if before is not None:  # not Python's: nothing to put back from here
+                    signal.signal(signum, before)
+
+
+def keep_for_the_process() -> None:
+    """Has the handlers a service installs stay until the process ends, :func:`restoring`
+    putting nothing back: for a process that ends with its service (``strongroom serve``),
+    whose exit a SIGTERM must not end before it has written its last lines."""
+    _Restoring.kept = True
 
 
 def later(work: Callable[[], object]) -> None:

@@ -20,11 +20,12 @@ before (:func:`hand_over`): none is lost between the two handlers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from strongroom.runtime import signals
@@ -82,6 +83,21 @@ def install() -> None:
     request = _Request()
     signals.install(request.on_signal, signal.SIGTERM, signal.SIGINT)
     _Installed.request = request
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """:func:`install` for a service's whole run (its start, serving, stop); when it ends,
+    however, start-up's handling is over (a start refused before :func:`hand_over` left its
+    request in place: a later build in the process ran its steps as if a stop could come) and
+    the signals the run took (SIGTERM, SIGINT, the broker's SIGHUP) have their handlers from
+    before (:func:`strongroom.runtime.signals.restoring`, whose docstring has the rule)."""
+    with signals.restoring():
+        try:
+            install()
+            yield
+        finally:
+            _Installed.request = None
 
 
 def requested() -> int | None:

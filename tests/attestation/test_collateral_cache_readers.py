@@ -14,6 +14,8 @@ import errno
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +126,24 @@ def _reads(monkeypatch: pytest.MonkeyPatch) -> list[CollateralCache]:
     return reads
 
 
+@contextmanager
+def _loaded_while_locked(
+    authority: SimulatedAuthority,
+    sim_trust: TrustStore,
+    now: dt.datetime,
+    directory: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[tuple[CollateralCache, bytes, Path]]:
+    """A replica of a cache in ``directory`` (:func:`_cached`) loaded while another process
+    holds its ``.lock`` (LOCK_WAIT_SECONDS 0.2 s), the cached FMSPC and the lock's path; the lock
+    is held until the block ends."""
+    monkeypatch.setattr(collateral_cache, "LOCK_WAIT_SECONDS", 0.2)
+    _, fmspc = _cached(authority, sim_trust, now, directory)
+    lock = directory / ".lock"
+    with _held(lock):
+        yield _within_test_wait(lambda: _replica(directory, sim_trust)), fmspc, lock
+
+
 def test_a_reload_does_not_wait_for_ever_for_a_held_lock(
     authority: SimulatedAuthority,
     sim_trust: TrustStore,
@@ -138,11 +158,11 @@ def test_a_reload_does_not_wait_for_ever_for_a_held_lock(
     ERROR naming it: a holder that is no writer keeps every writer out, so the files hold one
     write; what a stuck writer left half-replaced fails its checks and is refused as an
     unreadable file is. The next check reloads again (the read was not under the lock)."""
-    monkeypatch.setattr(collateral_cache, "LOCK_WAIT_SECONDS", 0.2)
-    _, fmspc = _cached(authority, sim_trust, now, tmp_path)
-    lock = tmp_path / ".lock"
-    with _held(lock):
-        replica = _within_test_wait(lambda: _replica(tmp_path, sim_trust))
+    with _loaded_while_locked(authority, sim_trust, now, tmp_path, monkeypatch) as (
+        replica,
+        fmspc,
+        lock,
+    ):
         assert replica._tcb.get(fmspc) is not None
         [logged] = [r for r in caplog.records if r.levelno == logging.ERROR]
         assert f"{lock} is locked by another process" in logged.getMessage()
@@ -169,11 +189,11 @@ def test_each_reload_that_waited_out_a_held_lock_is_logged(
     ERROR saying so was made once-only with a flock that fails (569a276), which costs no wait:
     a lock held for good then stalled a release every reload without a word after the first.
     Each reload that waited is logged (a flock that fails, once)."""
-    monkeypatch.setattr(collateral_cache, "LOCK_WAIT_SECONDS", 0.2)
-    _, fmspc = _cached(authority, sim_trust, now, tmp_path)
-    lock = tmp_path / ".lock"
-    with _held(lock):
-        replica = _within_test_wait(lambda: _replica(tmp_path, sim_trust))
+    with _loaded_while_locked(authority, sim_trust, now, tmp_path, monkeypatch) as (
+        replica,
+        fmspc,
+        lock,
+    ):
         for _ in range(2):
             _within_test_wait(lambda: replica.tdx_tcb_info(fmspc))
     errors = [

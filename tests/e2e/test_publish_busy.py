@@ -72,10 +72,12 @@ PUT = "/strongroom.api.modelstore.v1.ModelStoreService/PutModel"
 @pytest.fixture(autouse=True)
 def _ctrl_c_as_a_command_line_gets_it() -> Iterator[None]:
     """Python's own SIGINT handler (a KeyboardInterrupt in the main thread) for each test, as a
-    command-line process has it: the interrupt tests signal this process. A service started in it
-    earlier in the session (its bootstrap hands SIGINT to the ``signals`` thread, to stop the
-    service) left that handler installed, and the full suite's run hung on a publish opening its
-    FIFO, the signal taken for a service's stop."""
+    command-line process has it: the interrupt tests signal this process. A handler a test left
+    behind no longer gets here (a service gives its signals back, and the suite's signal guard
+    fails a test that leaves one: tests/conftest.py), but the runner's may not be Python's: a
+    pytest started as a background job of a non-interactive shell (``pytest ... &`` in a CI
+    script) inherits SIGINT ignored, and Python then installs no handler of its own; the
+    interrupt was ignored and the publish waited on its FIFO for good."""
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield

@@ -31,7 +31,9 @@ that waits for a line on stdin, prints ``raising``, drops an object whose ``__de
 command line does not print as one line (a ``LookupError``), which ends the main thread.
 ``stops-on-<kind>``: its start prints ``building``, waits for a line on stdin and raises ``kind``
 (``strongroom``: a StrongroomError; ``os``: an OSError; ``rpc``: a refused call; ``unexpected``:
-a ``LookupError``), which stops the service.
+a ``LookupError``), which stops the service. ``signalled-as-it-exits``: serves, raises SIGTERM on
+itself once serving (its stop), and again once ``run_service`` has returned, as the process
+exits.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from strongroom.cli.main import run_command
 from strongroom.errors import Unavailable
 from strongroom.modelstore._s3 import _each
 from strongroom.reasons import Reason
-from strongroom.runtime import bootstrap, log_writer, starting
+from strongroom.runtime import bootstrap, log_writer, signals, starting
 from strongroom.runtime import server as server_module
 from strongroom.runtime.config import LoggingConfig, ServerConfig, TracingConfig
 from strongroom.runtime.log_writer import ServiceLog
@@ -319,6 +321,7 @@ def main(mode: str, collector: str = "") -> int:
             return _signalled_while_starting(mode.removeprefix("signal-starting-"))
         if mode.startswith("signal-serving-") or mode in (
             "no-stop-thread",
+            "signalled-as-it-exits",
             "stderr-fills",
             "thread-raises",
         ):
@@ -329,6 +332,8 @@ def main(mode: str, collector: str = "") -> int:
         print(running.host.port, flush=True)
         if mode.startswith("signal-serving-"):
             _signal_holding(_held(mode.removeprefix("signal-serving-")))
+        if mode == "signalled-as-it-exits":
+            signal.raise_signal(signal.SIGTERM)
         if mode == "no-stop-thread":
             _refuse_threads("shutdown")
         if mode.endswith("stderr-fills"):
@@ -336,7 +341,11 @@ def main(mode: str, collector: str = "") -> int:
         if mode == "thread-raises":
             _raise_on_a_thread()
 
-    return bootstrap.run_service("test", None, object, build, after_start=started)  # type: ignore[arg-type]
+    signals.keep_for_the_process()  # as ``strongroom serve``: the process ends with the service
+    code = bootstrap.run_service("test", None, object, build, after_start=started)  # type: ignore[arg-type]
+    if mode == "signalled-as-it-exits":
+        signal.raise_signal(signal.SIGTERM)
+    return code
 
 
 if __name__ == "__main__":

@@ -309,6 +309,22 @@ def test_sigterm_while_serving_stops_whatever_lock_the_main_thread_holds(held: s
     assert "Traceback" not in stderr
 
 
+def test_a_sigterm_as_the_service_s_process_exits_is_the_service_s_not_the_default_action() -> None:
+    """A service gives its signals back when it ends (strongroom.runtime.signals), but not in a
+    process that ends with it (``strongroom serve``): there the default action would end the
+    exit at once, its last lines unwritten (the command line's error line goes through the
+    log) and its status the signal's. The service's handler keeps it: logged, and the exit is
+    the service's own."""
+    status, lines, stderr = _signalled("signalled-as-it-exits")
+    assert status == 0, stderr[-2000:]
+    messages = [(r["msg"], r.get("signal")) for r in lines]
+    assert messages[-3:] == [
+        ("signal received, draining", signal.SIGTERM),
+        ("stopped", None),
+        ("signal received, draining", signal.SIGTERM),
+    ]
+
+
 def test_sigterm_while_starting_stops_though_the_main_thread_holds_a_log_handlers_lock() -> None:
     """Start-up's handler logged its line on the main thread: a log handler's plain lock held
     there (a standard-library QueueHandler's queue) held the handler for good. It only records
@@ -382,20 +398,31 @@ def test_a_service_abandoning_calls_exits_when_its_stderr_fills_after_the_look()
     assert status == 0
 
 
-def _raise_on_a_thread(*, fill_stderr: bool) -> tuple[int, str]:
-    """Runs ``thread-raises``, its stderr filled first with ``fill_stderr`` (and not read until
-    the process has ended: its reader stopped reading), has its thread raise, then sends
-    SIGTERM; the exit status and the whole of stderr."""
-    process = _start("thread-raises", **({FULL_STDERR_ENV: "1"} if fill_stderr else {}))
+def _told_to_go_on(
+    mode: str,
+    *,
+    says: str | None,
+    fill_stderr: bool,
+    then: Callable[[subprocess.Popen[str]], None] | None = None,
+) -> tuple[int, str]:
+    """Runs ``mode`` until its first line on stdout (``says``, or None: its port, serving), its
+    stderr then filled with ``fill_stderr`` (and not read until the process has ended: its
+    reader stopped reading), tells it to go on (a line on stdin) and calls ``then`` with it;
+    the exit status and the whole of stderr."""
+    process = _start(mode, **({FULL_STDERR_ENV: "1"} if fill_stderr else {}))
     try:
         assert process.stdout is not None and process.stdin is not None
-        int(process.stdout.readline())  # serving
+        first = process.stdout.readline()
+        if says is None:
+            int(first)  # serving
+        else:
+            assert first == says
         if fill_stderr:
             fill_pipe(f"/proc/{process.pid}/fd/2")
         process.stdin.write("go\n")
         process.stdin.flush()
-        assert process.stdout.readline() == "raising\n"
-        process.send_signal(signal.SIGTERM)
+        if then is not None:
+            then(process)
         if fill_stderr:
             process.wait(timeout=60)  # a hang, not a speed: it never ended
         _, stderr = process.communicate(timeout=60)  # a hang, not a speed
@@ -403,6 +430,21 @@ def _raise_on_a_thread(*, fill_stderr: bool) -> tuple[int, str]:
         process.kill()
         process.wait()
     return process.returncode, stderr
+
+
+def _sigterm_once_raising(process: subprocess.Popen[str]) -> None:
+    assert process.stdout is not None
+    assert process.stdout.readline() == "raising\n"
+    process.send_signal(signal.SIGTERM)
+
+
+def _raise_on_a_thread(*, fill_stderr: bool) -> tuple[int, str]:
+    """Runs ``thread-raises``, its stderr filled first with ``fill_stderr`` (and not read until
+    the process has ended: its reader stopped reading), has its thread raise, then sends
+    SIGTERM; the exit status and the whole of stderr."""
+    return _told_to_go_on(
+        "thread-raises", says=None, fill_stderr=fill_stderr, then=_sigterm_once_raising
+    )
 
 
 def test_an_exception_that_ends_a_thread_is_a_line_of_the_log_not_a_traceback() -> None:
@@ -465,21 +507,7 @@ def _stopped_on(kind: str, *, fill_stderr: bool) -> tuple[int, str]:
     """Runs ``stops-on-<kind>``, its stderr filled first with ``fill_stderr`` (and not read until
     the process has ended: its reader stopped reading), and has its start raise; the exit
     status and the whole of stderr."""
-    process = _start(f"stops-on-{kind}", **({FULL_STDERR_ENV: "1"} if fill_stderr else {}))
-    try:
-        assert process.stdout is not None and process.stdin is not None
-        assert process.stdout.readline() == "building\n"
-        if fill_stderr:
-            fill_pipe(f"/proc/{process.pid}/fd/2")
-        process.stdin.write("go\n")
-        process.stdin.flush()
-        if fill_stderr:
-            process.wait(timeout=60)  # a hang, not a speed: it never ended
-        _, stderr = process.communicate(timeout=60)  # a hang, not a speed
-    finally:
-        process.kill()
-        process.wait()
-    return process.returncode, stderr
+    return _told_to_go_on(f"stops-on-{kind}", says="building\n", fill_stderr=fill_stderr)
 
 
 STOPS = {
@@ -557,11 +585,26 @@ def command_with_stderr(
     full before it starts if ``fill_stderr`` (a collector that stopped reading): its exit status
     and the lines it wrote there. ``meanwhile`` is called with the running process (to signal
     it, say) before its end is waited for."""
+    return written_to_a_pipe(
+        lambda write_end: _command(args, write_end), full=fill_stderr, meanwhile=meanwhile
+    )
+
+
+def written_to_a_pipe(
+    start: Callable[[int], subprocess.Popen[bytes]],
+    *,
+    full: bool,
+    meanwhile: Callable[[subprocess.Popen[bytes]], None] | None = None,
+) -> tuple[int, list[str]]:
+    """Runs the process ``start`` starts writing to the pipe whose write end it is given, read
+    only once the process has ended, full before it starts if ``full`` (a collector that
+    stopped reading): its exit status and the lines it wrote there. ``meanwhile`` is called
+    with the running process (to signal it, say) before its end is waited for."""
     read_end, write_end = os.pipe()
     try:
-        if fill_stderr:
+        if full:
             fill_pipe(f"/proc/self/fd/{write_end}")
-        process = _command(args, write_end)
+        process = start(write_end)
         os.close(write_end)
         write_end = -1
         try:

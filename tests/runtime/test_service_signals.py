@@ -1,0 +1,140 @@
+"""A service run in a process that goes on (``run_service`` in a test's or a host's process) gives
+its signals back when it ends, however it ends: the handlers each signal had before, not its
+stop's (strongroom.runtime.signals); and a SIGTERM during its stop still reaches the service."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable, Iterator
+from types import FrameType, SimpleNamespace
+from typing import Any
+
+import pytest
+
+from strongroom.errors import Unavailable
+from strongroom.reasons import Reason
+from strongroom.runtime import bootstrap, signals, starting
+from strongroom.runtime.config import TracingConfig
+from tests.runtime.stopping_service import _listening, _Running
+
+TAKEN = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""What a service takes: its stop's two, the key broker's audit rotation."""
+
+
+class _Host:
+    """The handlers the test's process had before the service (its own, so that none can be
+    mistaken for one the service installed), and the signals they got."""
+
+    def __init__(self) -> None:
+        self.got: list[int] = []
+
+    def handler(self, signum: int, _frame: FrameType | None) -> None:
+        self.got.append(signum)
+
+
+class _Identity:
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Host]:
+    """The process's own handlers of :data:`TAKEN` for the test (then the suite's again), and
+    ``run_service`` with no configuration file, CA or log of its own (pytest's hooks kept)."""
+    common = SimpleNamespace(production=False, logging=None, tracing=TracingConfig(), identity=None)
+    monkeypatch.setattr(bootstrap, "load_service_config", lambda *a: (common, object()))
+    monkeypatch.setattr(bootstrap, "configure_logging", lambda *a: None)
+    monkeypatch.setattr(bootstrap.uncaught, "install", lambda: None)
+    monkeypatch.setattr(bootstrap, "open_identity", lambda *a: _Identity())
+    own = _Host()
+    suite = {signum: signal.signal(signum, own.handler) for signum in TAKEN}
+    try:
+        yield own
+    finally:
+        assert signals.settle(30)  # the service's lines written before the next test
+        for signum, handler in suite.items():
+            signal.signal(signum, handler)
+
+
+def _serve(build: Callable[..., Any], after_start: Callable[[Any], None] | None = None) -> None:
+    bootstrap.run_service("test", None, object, build, after_start=after_start)
+
+
+def _rotates_on_sighup(_running: Any) -> None:
+    # What the key broker's after_start does (rotate_audit_on_sighup), without its audit log.
+    signals.install(lambda *_: None, signal.SIGHUP)
+
+
+def _stopped_by_sigterm(running: Any) -> None:
+    _rotates_on_sighup(running)
+    signal.raise_signal(signal.SIGTERM)  # the orchestrator's stop: drained, closed, returned
+
+
+def _fails_while_serving(running: Any) -> None:
+    _rotates_on_sighup(running)
+    raise RuntimeError("serving failed")
+
+
+def _refused_at_start(*_: Any) -> Any:
+    raise Unavailable("the audit log cannot be opened", reason=Reason.AUDIT_UNAVAILABLE)
+
+
+def _stopped_while_starting(*_: Any) -> Any:
+    signal.raise_signal(signal.SIGTERM)
+    starting.checkpoint("building")  # raises StartupStopped, as a real start's next step
+    raise AssertionError("not stopped")
+
+
+@pytest.mark.parametrize(
+    ("build", "after_start", "raised"),
+    [
+        (lambda *_: _listening("0"), _stopped_by_sigterm, None),
+        (_refused_at_start, None, Unavailable),
+        (_stopped_while_starting, None, starting.StartupStopped),
+        (lambda *_: _listening("0"), _fails_while_serving, RuntimeError),
+    ],
+    ids=["clean-stop", "start-up-refused", "stopped-while-starting", "error-while-serving"],
+)
+def test_a_service_that_ends_gives_the_process_its_signal_handlers_back(
+    host: _Host,
+    build: Callable[..., Any],
+    after_start: Callable[[Any], None] | None,
+    raised: type[BaseException] | None,
+) -> None:
+    """The handlers a service installed stayed when it ended, the process's own lost for good: a
+    test process that ran one (tests/runtime/test_bootstrap_errors.py) had SIGINT handled as the
+    stop of a service long gone, and a later test that interrupts itself with SIGINT
+    (tests/e2e/test_publish_busy.py) waited for good. A start refused also left start-up's
+    request behind, a later build's steps run as if a stop could come."""
+    if raised is None:
+        _serve(build, after_start)
+    else:
+        with pytest.raises(raised):
+            _serve(build, after_start)
+    assert {s: signal.getsignal(s) for s in TAKEN} == dict.fromkeys(TAKEN, host.handler)
+    assert starting._Installed.request is None
+    assert host.got == []  # the service's signal went to the service
+
+
+class _SignalledWhileClosing(_Running):
+    """A service that gets a second SIGTERM as it closes (its audit log's last records)."""
+
+    def close(self, grace: float | None = 0) -> None:
+        signal.raise_signal(signal.SIGTERM)
+        super().close(grace)
+
+
+def test_a_sigterm_during_the_stop_reaches_the_service_not_the_handler_from_before(
+    host: _Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handlers come back once the stop is over, never during it: a SIGTERM as the service
+    closes (what the key broker's close writes to its audit log) is the service's, logged and
+    ignored (its stop is under way), not the process's default action."""
+    with caplog.at_level(logging.INFO):
+        _serve(lambda *_: _SignalledWhileClosing(_listening("0").host), _stopped_by_sigterm)
+        assert signals.settle(30)
+    assert host.got == []
+    draining = [r for r in caplog.records if r.getMessage() == "signal received, draining"]
+    assert len(draining) == 2
+    assert signal.getsignal(signal.SIGTERM) == host.handler
