@@ -722,10 +722,14 @@ class DirectSession:
         :class:`TargetRefused` when importing the public key or wrapping to it is (unless the
         session or device is gone), :class:`CleanupFailed` when either object could not be
         destroyed, :class:`StateReadFailed` when ``state`` could not be read (either time), and the
-        python-pkcs11 exception of the failing call otherwise.
+        python-pkcs11 exception of the failing call otherwise; ``ValueError`` for ``enabled``
+        without ``state``.
         """
         if size > _MAX_WRAPPED:
             raise ValueError(f"a wrapped key of {size} bytes is more than this path handles")
+        if enabled is not None and state is None:
+            # The C call reads first only with both: it would skip the check, and unwrap.
+            raise ValueError("an enabled value without a state read to compare it with")
         module = self._module
         out = _WrapOutput()
         length = _ULONG(size)

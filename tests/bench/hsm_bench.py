@@ -14,8 +14,8 @@ Figures (latency p50/p99 in microseconds, throughput in ops/s) for:
 - baselines measured in the same run: ``hsm_noop`` (a round trip to the HSM worker thread),
   ``c_encrypt_32`` (one bare C_Encrypt of 32 bytes, AES-ECB, inside the module),
   ``pkcs11_calls_of_a_release`` (a release's own PKCS#11 calls made directly inside the worker, on
-  session keys: no lookup, no hand-off, the still-enabled read a flag's; ``..._in_one_call`` the
-  same seven through the one C call the release makes, ``p11direct``'s ``rewrap_oaep``) and ``software_rewrap`` (the same unwrap +
+  session keys: no lookup, no hand-off, the still-enabled read, before the unwrap and after the
+  wrap, a flag's; ``..._in_one_call`` the same eight through the one C call the release makes, ``p11direct``'s ``rewrap_oaep``) and ``software_rewrap`` (the same unwrap +
   OAEP re-wrap done in software with ``cryptography``).
 
 The token holds :data:`OTHER_KEYS` other keys, because SoftHSM2's object search scans every object.
@@ -270,6 +270,7 @@ def _measure(hsm: Hsm, results: dict[str, Any], scale: float) -> None:
         direct = hs.direct
 
         def calls() -> None:
+            direct.read(AttributeRead(session_kek.handle, Attribute.UNWRAP, 1))
             handle = direct.unwrap_aes_kwp(session_kek.handle, blob, SESSION_DEK_UNWRAP)
             direct.ulong_attribute(handle, Attribute.VALUE_LEN)
             key = direct.create_object(
@@ -299,6 +300,7 @@ def _measure(hsm: Hsm, results: dict[str, Any], scale: float) -> None:
                 choice=mechanism,
                 size=len(modulus),
                 state=AttributeRead(session_kek.handle, Attribute.UNWRAP, 1),
+                enabled=b"\x01",  # read first too, as a release reads its enabler
             )
 
         try:

@@ -737,6 +737,20 @@ def test_the_rewraps_first_state_read_stops_it_before_the_unwrap(
     hsm.call(op, name="test")
 
 
+def test_an_enabled_value_without_its_state_read_is_refused_before_the_unwrap(
+    hsm: Hsm, tee_key: rsa.RSAPrivateKey
+) -> None:
+    # The C call makes its first read only with both: given ``enabled`` alone, it skipped the
+    # check it was asked for and re-wrapped the key. Refused before the call now.
+    def op(hs: HsmSession) -> None:
+        kek, blob, _ = _kek_and_data_key(hs)
+        with unwraps_counted(hsm) as unwraps, pytest.raises(ValueError, match="without a state"):
+            _rewrap(hs, kek.handle, blob, tee_key, hsm.oaep_hashes[0], enabled=b"\x01")
+        assert unwraps == []
+
+    hsm.call(op, name="test")
+
+
 def test_the_rewraps_state_read_comes_last_and_fails_it_alone(
     hsm: Hsm, tee_key: rsa.RSAPrivateKey
 ) -> None:
