@@ -787,7 +787,9 @@ class KeyManager:
             # same C call): a disable landing while the HSM re-wraps refuses this release.
             out = _release_with(hs, kek, blob, ephemeral, choice)
             if len(out) != len(ephemeral.modulus):
-                raise _short_answer("the release's OAEP wrap", len(out), len(ephemeral.modulus))
+                raise _short_answer(
+                    "the release's OAEP wrap", len(out), len(ephemeral.modulus), counted=False
+                )
             return ReleasedKey(out, choice)
 
         return PendingRelease(
@@ -921,7 +923,11 @@ class KeyManager:
                         raise
                     raise _abandoned(key_id, change, late) from None
         except HsmUnavailable as exc:
-            if exc.reason != Reason.HSM_OPERATION_FAILED or not ran_on:
+            if (
+                exc.reason != Reason.HSM_OPERATION_FAILED
+                or not ran_on
+                or isinstance(exc, _NotTheKeys)
+            ):
                 raise
             failed_on = ran_on[-1]
             with self._health_lock:
@@ -1426,13 +1432,19 @@ def _release_with(
     raise _not_wrapped_under(version)
 
 
-def _short_answer(what: str, got: int, due: int) -> HsmUnavailable:
+class _NotTheKeys(HsmUnavailable):
+    """The HSM failed an operation in a way that depends on the caller's input (the length of a
+    wrap to the caller's ephemeral key): not counted toward the model's key becoming unusable,
+    which one caller could otherwise bring about for every caller."""
+
+
+def _short_answer(what: str, got: int, due: int, *, counted: bool = True) -> HsmUnavailable:
     """A token that answered success with ``got`` bytes of ``what`` where ``due`` were due (zero:
     nothing written): the HSM failed the operation, as a ``CKR_GENERAL_ERROR`` from a token that
     still answers does, not INTERNAL (a bug of the broker's): the connection is re-initialised,
     the caller may retry, and a key the HSM keeps failing for on fresh connections becomes
-    unusable."""
-    return HsmUnavailable(
+    unusable — unless ``counted`` is false (an answer shaped by the caller's key)."""
+    return (HsmUnavailable if counted else _NotTheKeys)(
         f"the HSM answered {what} with {got} bytes where {due} were due; the session is being "
         f"re-initialised",
         reason=Reason.HSM_OPERATION_FAILED,

@@ -425,6 +425,35 @@ def test_a_wrap_the_token_answers_with_too_few_bytes_is_the_hsms_failure(
     assert km.unusable_keys() == {}
 
 
+def test_short_oaep_answers_to_a_caller_s_key_never_make_the_model_s_key_unusable(
+    hsm: Hsm, km: KeyManager, model_key: DataKey, tee_key: rsa.RSAPrivateKey
+) -> None:
+    """The length of a release's OAEP wrap depends on the caller's ephemeral key: a token that
+    answers it short for some keys would, counted like a failure of the model's key, let one
+    attested caller's two releases in a row mark that key KEY_OBJECT_UNUSABLE for every caller
+    until the recheck (the wraps to the caller's key it refuses are not counted, for the same
+    reason). Each short answer stays the HSM's failure of that call, HSM_OPERATION_FAILED; the key
+    stays usable and releases again once the token answers whole."""
+    direct = hsm._direct
+    assert direct is not None
+    token_wrap = WRAP_KEY(direct.entry_points.wrap_key)
+
+    def short(session: int, mechanism: int, key: int, wrapped: int, out: int, length: Any) -> int:
+        rv = int(token_wrap(session, mechanism, key, wrapped, out, length))
+        length[0] = 1
+        return rv
+
+    target = spki(tee_key)
+    with token_call_replaced(hsm, "wrap_key", WRAP_KEY(short)):
+        for _ in range(3):  # each on the session the last one re-initialised
+            with pytest.raises(HsmUnavailable) as failed:
+                km.release_to_ephemeral("model", 1, model_key.wrapped, target, [OaepHash.SHA1])
+            assert failed.value.reason == Reason.HSM_OPERATION_FAILED
+    assert km.unusable_keys() == {}
+    out, _ = km.release_to_ephemeral("model", 1, model_key.wrapped, target, [OaepHash.SHA1])
+    assert bound(tee_key.decrypt(out, OAEP_SHA1)) == model_key.dek
+
+
 def test_a_version_made_on_another_replica_is_released_despite_the_lookup_cache(
     softhsm_token: SoftHsmToken,
     km: KeyManager,
