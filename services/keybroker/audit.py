@@ -1095,10 +1095,10 @@ class AuditLog(Closing):
             os.ftruncate(self._fd, self._size)
             os.fsync(self._fd)
         except OSError as exc:
-            failed = _call_failed(
-                "cut failed audit records back off the audit log", exc, self._path
+            # The words before the file are the line's from before it named one: alerts match them.
+            _log.error(
+                "cannot cut failed audit records back off the log %s: %s", self._path, _why(exc)
             )
-            _log.error("%s", failed.message)
 
     def _void_refused(self, first_hash: str) -> None:
         """Makes the refusal of the batch whose first record is ``first_hash`` durable before its
@@ -1119,9 +1119,10 @@ class AuditLog(Closing):
         try:
             self._head.write(head, void=void, void_all=void_all)
         except (OSError, ValueError) as exc:
+            # Both lines keep their words from before they named the file (alerts match them).
             _log.error(
-                "cannot record the refusal of audit records in the audit head %s (%s): should "
-                "their lines survive the cut-back, a restarted broker would anchor them",
+                "cannot record the refusal of audit records in the head %s (%s): should their "
+                "lines survive the cut-back, a restarted broker would anchor them",
                 self._head_path,
                 _why(exc) if isinstance(exc, OSError) else exc,
             )
@@ -1135,9 +1136,8 @@ class AuditLog(Closing):
                 self._head.write(head, void=void, void_all=void_all)
             except OSError as exc:
                 _log.error(
-                    "cannot record the refusal of audit records in the other slot of the audit "
-                    "head %s (%s): whoever zeroes the newer slot while the broker is stopped "
-                    "undoes it",
+                    "cannot record the refusal of audit records in the head's other slot (%s: "
+                    "%s): whoever zeroes the newer slot while the broker is stopped undoes it",
                     self._head_path,
                     _why(exc),
                 )
