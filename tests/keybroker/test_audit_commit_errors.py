@@ -211,29 +211,35 @@ def test_a_file_that_cannot_be_written_names_it_and_the_errno(
     assert found.intact and (found.first_seq, found.end) == (0, 3), found.message
 
 
-def _failing_reads_of(path: Path) -> Callable[[int, int, int], bytes]:
-    """``os.pread`` failing with EIO (which no mode makes) for a descriptor of the file ``path``
-    only: a read through a descriptor names no file, whichever file it was."""
-    real_pread = os.pread
+def _failing_on(call: str, path: Path) -> Callable[..., object]:
+    """``os.<call>`` (``pread`` or ``fstat``) failing with EIO (which no mode makes) for a
+    descriptor of the file ``path`` only: a call on a descriptor names no file, whichever file
+    it was."""
+    real = getattr(os, call)
 
-    def pread(fd: int, length: int, offset: int) -> bytes:
+    def failing(fd: int, *args: int) -> object:
         if os.readlink(f"/proc/self/fd/{fd}") == str(path):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return real_pread(fd, length, offset)
+        return real(fd, *args)
 
-    return pread
+    return failing
 
 
+@pytest.mark.parametrize("call", ["pread", "fstat"])
 @pytest.mark.parametrize("unreadable", ["audit.log.0-2.head", "audit.log.3-4"])
-def test_a_sealed_file_that_fails_a_read_through_its_descriptor_is_named(
-    log_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch, unreadable: str
+def test_a_sealed_file_that_fails_a_call_on_its_descriptor_is_named(
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    unreadable: str,
+    call: str,
 ) -> None:
     """Another process sharing the log rotated it twice; this one's commit follows (reading the
-    sealed head of the file it wrote, then each later sealed log's records), and a read through
-    that file's descriptor fails (EIO). The read names no file, and the commit's catch-all takes
-    such a call for one on the log's own descriptor: it named the log. It names the sealed file
-    (the head, or the later log) now; once the read works again the commit follows, the chain
-    intact."""
+    sealed head of the file it wrote, then each later sealed log's records), and a call on that
+    file's descriptor fails (EIO): a read, or the status the open checks (a regular file?)
+    before anything is read. Such a call names no file, and the commit's catch-all takes it for
+    one on the log's own descriptor: it named the log. It names the sealed file (the head, or
+    the later log) now; once the call works again the commit follows, the chain intact."""
     directory = log_path.parent
     with AuditLog.open(log_path, key) as sibling, AuditLog.open(log_path, key) as log:
         fill(log, 3)
@@ -241,7 +247,7 @@ def test_a_sealed_file_that_fails_a_read_through_its_descriptor_is_named(
         sibling.append(event(3))
         sibling.append(event(4))
         assert sibling.rotate() == directory / "audit.log.3-4"
-        monkeypatch.setattr(os, "pread", _failing_reads_of(directory / unreadable))
+        monkeypatch.setattr(os, call, _failing_on(call, directory / unreadable))
         with pytest.raises(AuditUnavailable) as info:
             log.append(event(5))
         monkeypatch.undo()
