@@ -63,6 +63,12 @@ def errno_name(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
 
 
+def os_error_cause(exc: OSError) -> str:
+    """A failed system call's cause as the messages naming its file say it: ``strerror
+    (ERRNO)`` (the audit log's refusals, ``audit verify``'s, the command line's error line)."""
+    return f"{exc.strerror or exc} ({errno_name(exc)})"
+
+
 def fsync_dir(path: Path) -> None:
     """Makes the directory entries in ``path`` (a rename, a create, an unlink) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -220,7 +220,7 @@ from strongroom import jsonparse
 from strongroom.closing import Closing
 from strongroom.cryptoparse import KEY_PARSE_ERRORS, ed25519_private_key
 from strongroom.errors import DataLoss, InvalidArgument, StrongroomError
-from strongroom.files import BoundedFlock, errno_name, lock_held, start_writeback
+from strongroom.files import BoundedFlock, lock_held, os_error_cause, start_writeback
 from strongroom.identifiers import DECISION_ID_PATTERN, KEY_ID_PATTERN
 from strongroom.keybroker.audit_head import (
     FILE_BYTES,
@@ -1095,10 +1095,12 @@ class AuditLog(Closing):
             os.ftruncate(self._fd, self._size)
             os.fsync(self._fd)
         except OSError as exc:
-            failed = _call_failed(
-                "cut failed audit records back off the audit log", exc, self._path
+            # The words before the file are the line's from before it named one: alerts match them.
+            _log.error(
+                "cannot cut failed audit records back off the log %s: %s",
+                self._path,
+                os_error_cause(exc),
             )
-            _log.error("%s", failed.message)
 
     def _void_refused(self, first_hash: str) -> None:
         """Makes the refusal of the batch whose first record is ``first_hash`` durable before its
@@ -1119,11 +1121,12 @@ class AuditLog(Closing):
         try:
             self._head.write(head, void=void, void_all=void_all)
         except (OSError, ValueError) as exc:
+            # Both lines keep their words from before they named the file (alerts match them).
             _log.error(
-                "cannot record the refusal of audit records in the audit head %s (%s): should "
-                "their lines survive the cut-back, a restarted broker would anchor them",
+                "cannot record the refusal of audit records in the head %s (%s): should their "
+                "lines survive the cut-back, a restarted broker would anchor them",
                 self._head_path,
-                _why(exc) if isinstance(exc, OSError) else exc,
+                os_error_cause(exc) if isinstance(exc, OSError) else exc,
             )
             return
         self._void, self._void_all = void, void_all
@@ -1135,11 +1138,10 @@ class AuditLog(Closing):
                 self._head.write(head, void=void, void_all=void_all)
             except OSError as exc:
                 _log.error(
-                    "cannot record the refusal of audit records in the other slot of the audit "
-                    "head %s (%s): whoever zeroes the newer slot while the broker is stopped "
-                    "undoes it",
+                    "cannot record the refusal of audit records in the head's other slot (%s: "
+                    "%s): whoever zeroes the newer slot while the broker is stopped undoes it",
                     self._head_path,
-                    _why(exc),
+                    os_error_cause(exc),
                 )
 
     def _revoke(self, hashes: list[str]) -> None:
@@ -1919,15 +1921,10 @@ def _sealed_logs(dir_fd: int, path: Path) -> list[tuple[int, int, str]]:
     return [(found.first, found.last, found.name) for found in listing.files if found.has_log]
 
 
-def _why(exc: OSError) -> str:
-    """A failed system call's cause as every audit message says it: ``strerror (ERRNO)``."""
-    return f"{exc.strerror or exc} ({errno_name(exc)})"
-
-
 def _call_failed(doing: str, exc: OSError, path: Path | str) -> AuditUnavailable:
     """Why a system call on the audit file ``path`` failed, as :func:`_lookup_failed` says it:
     ``cannot DOING PATH: strerror (ERRNO)``."""
-    return AuditUnavailable(f"cannot {doing} {path}: {_why(exc)}")
+    return AuditUnavailable(f"cannot {doing} {path}: {os_error_cause(exc)}")
 
 
 def _call_failed_in(

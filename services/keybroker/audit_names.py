@@ -200,8 +200,11 @@ def open_regular(path: str | Path, *, dir_fd: int | None = None) -> int:
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
         if not stat.S_ISREG(mode):
             raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device)", str(path))
-    except BaseException:
+    except BaseException as exc:
         os.close(fd)
+        # A call on the descriptor names no file: the broker's catch-alls took it for the log's.
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)
         raise
     return fd
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from strongroom import jsonparse
 from strongroom.errors import InvalidArgument, NotFound
-from strongroom.files import LockFailed, LockHeld, errno_name, shared_flock
+from strongroom.files import LockFailed, LockHeld, os_error_cause, shared_flock
 from strongroom.keybroker import audit
 from strongroom.keybroker.audit import (
     DIR_LOCK_WAIT_SECONDS,
@@ -300,9 +300,8 @@ def _waited_for_directory(directory: Path) -> bool:
     except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError as exc:
-        code = errno_name(exc)
         raise AuditUnavailable(
-            f"cannot open the audit directory {directory}: {exc.strerror or exc} ({code})"
+            f"cannot open the audit directory {directory}: {os_error_cause(exc)}"
         ) from None
     try:
         # In the kernel's queue (BoundedFlock): a rotation that queued after it does not starve it.

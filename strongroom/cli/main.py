@@ -21,7 +21,7 @@ import grpc
 
 from strongroom.cli._text import printable
 from strongroom.errors import StrongroomError
-from strongroom.files import errno_name
+from strongroom.files import os_error_cause
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -158,7 +158,7 @@ def _os_error_text(exc: OSError) -> str:
         if name is not None
     )
     where = f"{names}: " if names else ""
-    return printable(f"{where}{exc.strerror or exc} ({errno_name(exc)})")
+    return printable(f"{where}{os_error_cause(exc)}")
 
 
 def run_command(command: Callable[[], int]) -> int:

@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -150,21 +151,29 @@ def test_a_rotation_that_cannot_list_the_directory_names_it_and_the_errno(
 # record the refusal of audit records in the head (No space left on device)``. The log's: its
 # write said ``cannot write the audit log: ...``, and the cut-back, failing too (EINVAL: no
 # truncating a device), was logged as ``cannot cut failed audit records back off the log: Invalid
-# argument``. None named the file or the errno.
+# argument``. None named the file or the errno. The ERROR lines keep their first words
+# (_ALERTED): alerts match them.
 _DEV_FULL: dict[str, tuple[Callable[[AuditLog], int | None], str, str]] = {
     "head": (
         lambda log: log._head._fd,
         "cannot write the audit head {p}: No space left on device (ENOSPC)",
-        "cannot record the refusal of audit records in the audit head {p} (No space left on "
-        "device (ENOSPC)): should their lines survive the cut-back, a restarted broker would "
-        "anchor them",
+        "cannot record the refusal of audit records in the head {p} (No space left on device "
+        "(ENOSPC)): should their lines survive the cut-back, a restarted broker would anchor them",
     ),
     "log": (
         lambda log: log._fd,
         "cannot write the audit log {p}: No space left on device (ENOSPC)",
-        "cannot cut failed audit records back off the audit log {p}: Invalid argument (EINVAL)",
+        "cannot cut failed audit records back off the log {p}: Invalid argument (EINVAL)",
     ),
 }
+
+# What the ERROR lines of a refused commit began with before they named their file (an operator's
+# alert matches these words): naming the file and the errno must not change them.
+_ALERTED = (
+    "cannot cut failed audit records back off the log",
+    "cannot record the refusal of audit records in the head",
+    "cannot record the refusal of audit records in the head's other slot (",
+)
 
 
 @pytest.mark.parametrize("full", list(_DEV_FULL))
@@ -196,6 +205,106 @@ def test_a_file_that_cannot_be_written_names_it_and_the_errno(
         assert info.value.message == message.format(p=path)
         logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert logged == [line.format(p=path)]
+        assert logged[0].startswith(_ALERTED)
         assert log.append(event(2)).seq == 2
     found = _series(log_path, key)
     assert found.intact and (found.first_seq, found.end) == (0, 3), found.message
+
+
+def _failing_on(call: str, path: Path) -> Callable[..., object]:
+    """``os.<call>`` (``pread`` or ``fstat``) failing with EIO (which no mode makes) for a
+    descriptor of the file ``path`` only: a call on a descriptor names no file, whichever file
+    it was."""
+    real = getattr(os, call)
+
+    def failing(fd: int, *args: int) -> object:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, *args)
+
+    return failing
+
+
+@pytest.mark.parametrize("call", ["pread", "fstat"])
+@pytest.mark.parametrize("unreadable", ["audit.log.0-2.head", "audit.log.3-4"])
+def test_a_sealed_file_that_fails_a_call_on_its_descriptor_is_named(
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    unreadable: str,
+    call: str,
+) -> None:
+    """Another process sharing the log rotated it twice; this one's commit follows (reading the
+    sealed head of the file it wrote, then each later sealed log's records), and a call on that
+    file's descriptor fails (EIO): a read, or the status the open checks (a regular file?)
+    before anything is read. Such a call names no file, and the commit's catch-all takes it for
+    one on the log's own descriptor: it named the log. It names the sealed file (the head, or
+    the later log) now; once the call works again the commit follows, the chain intact."""
+    directory = log_path.parent
+    with AuditLog.open(log_path, key) as sibling, AuditLog.open(log_path, key) as log:
+        fill(log, 3)
+        assert sibling.rotate() == directory / "audit.log.0-2"
+        sibling.append(event(3))
+        sibling.append(event(4))
+        assert sibling.rotate() == directory / "audit.log.3-4"
+        monkeypatch.setattr(os, call, _failing_on(call, directory / unreadable))
+        with pytest.raises(AuditUnavailable) as info:
+            log.append(event(5))
+        monkeypatch.undo()
+        assert info.value.reason == "AUDIT_UNAVAILABLE"
+        assert info.value.message == (
+            f"cannot read the audit file {directory / unreadable}: Input/output error (EIO)"
+        )
+        assert log.append(event(5)).seq == 5
+    found = _series(log_path, key)
+    assert found.intact and (found.first_seq, found.end) == (0, 6), found.message
+
+
+def test_the_refusal_its_heads_other_slot_cannot_take_is_logged_with_its_words_and_the_file(
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    dev_full: int,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A new log's first commit fails (its descriptor is ``/dev/full``'s: ENOSPC, then EINVAL for
+    the cut-back); the refusal's head is generation 1, written twice so that both slots name the
+    refused batch, and the second write fails (ENOSPC, injected: the first went through the same
+    descriptor). Its ERROR line said ``cannot record the refusal of audit records in the head's
+    other slot (No space left on device)``; it names the head and the errno now, after the same
+    words (alerts match them: the branch that named the file had changed them), and so does the
+    cut-back's."""
+    head = log_path.with_name("audit.log.head")
+    with AuditLog.open(log_path, key) as log:
+        real_write = log._head.write
+        writes: list[int] = []
+
+        def second_write_fails(*args: Any, **kwargs: Any) -> None:
+            writes.append(1)
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real_write(*args, **kwargs)
+
+        monkeypatch.setattr(log._head, "write", second_write_fails)
+        fd = log._fd
+        saved = os.dup(fd)
+        try:
+            with caplog.at_level(logging.ERROR), pytest.raises(AuditUnavailable):
+                log.append(event(0), on_written=_pointed_at(dev_full, fd))
+        finally:
+            os.dup2(saved, fd, inheritable=False)
+            os.close(saved)
+        monkeypatch.undo()
+        assert len(writes) == 2
+        logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert logged == [
+            f"cannot record the refusal of audit records in the head's other slot ({head}: No "
+            "space left on device (ENOSPC)): whoever zeroes the newer slot while the broker is "
+            "stopped undoes it",
+            f"cannot cut failed audit records back off the log {log_path}: Invalid argument "
+            "(EINVAL)",
+        ]
+        assert all(line.startswith(_ALERTED) for line in logged)
+        assert log.append(event(0)).seq == 0
+    found = _series(log_path, key)
+    assert found.intact and (found.first_seq, found.end) == (0, 1), found.message

@@ -563,15 +563,22 @@ def _start_without_file_mode_override(
 
 
 def _refused_start_changes_nothing(
-    log_path: Path, key: Ed25519PrivateKey, message: str, undo: Callable[[], object]
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    message: str,
+    undo: Callable[[], object],
+    fail: Callable[[], object] = lambda: None,
 ) -> None:
     """A start of the series beside ``log_path`` (:func:`_make_series`) without the file-mode
-    override (:func:`_start_without_file_mode_override`), then ``undo`` of what made it fail,
-    whatever happened: the start refused AUDIT_UNAVAILABLE with exactly ``message``, no file of
-    the directory changed, and the start after it opens the log and appends."""
+    override (:func:`_start_without_file_mode_override`), after ``fail`` (what makes it fail,
+    after the directory's files were read: a mode that stops the read too when the tests do not
+    run as root), then ``undo`` of that, whatever happened: the start refused AUDIT_UNAVAILABLE
+    with exactly ``message``, no file of the directory changed, and the start after it opens the
+    log and appends."""
     directory = log_path.parent
     before = {path.name: path.read_bytes() for path in directory.iterdir()}
     try:
+        fail()
         error = _start_without_file_mode_override(log_path, key)
     finally:
         undo()
@@ -901,12 +908,12 @@ def test_a_sealed_file_the_start_cannot_read_refuses_naming_the_file_and_errno(
     name = "audit.log.0-2"
     path = series / (name if unreadable == "log" else f"{name}.head")
     what = "" if unreadable == "log" else f" {name}'s head"
-    path.chmod(0o200)
     _refused_start_changes_nothing(
         log_path,
         key,
         f"cannot read the sealed audit log{what} {path}: Permission denied (EACCES)",
         lambda: path.chmod(0o600),
+        fail=lambda: path.chmod(0o200),
     )
 
 
