@@ -380,6 +380,7 @@ class StreamDecryptor(_ArtifactStream):
                 raise DecryptionFailed()
         except (InvalidArtifact, DecryptionFailed, FailedPrecondition) as exc:
             raise self._fail(exc) from None
+        self._bulk = None  # as on failure: the derived key does not outlive the stream
         self._finished = True
 
 
