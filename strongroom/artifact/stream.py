@@ -86,6 +86,9 @@ class _ArtifactStream:
         self._waiting_bytes = 0
         self._preamble = bytearray()
         self._cipher: c2sp.ChunkCipher | None = None
+        # The chunks holding only plaintext, opened in native code (c2sp.BulkOpener) where a
+        # subclass opens them inline; the rest (digest, final chunk) by `_cipher`.
+        self._bulk: c2sp.BulkOpener | None = None
         self._partial = bytearray()  # the chunk being assembled across pieces
         self._index = 0
         self._digest = bytearray()  # the encrypted digest, as authenticated
@@ -142,9 +145,25 @@ class _ArtifactStream:
             wipe(buf)
         if self._dek is not None:
             wipe(self._dek)
-        self._cipher = None
         self._on_fail()
+        self._drop_keys()  # after _on_fail: a subclass's workers may still hold or need them
         return exc
+
+    def _drop_keys(self) -> None:
+        """Drops the derived key's holders (in cryptography's memory): a stream that ended, well
+        or not, keeps no key."""
+        self._cipher = None
+        self._bulk = None
+
+    def _open_bulk(self, dek: bytearray) -> None:
+        header = self._header
+        assert header is not None
+        self._bulk = c2sp.BulkOpener(dek, self._preamble, header.encoded)
+
+    def _plaintext_chunks(self) -> int:
+        """How many chunks hold only plaintext (the bulk opener's; never the final one)."""
+        assert self._header is not None
+        return self._header.plaintext_size // _CS
 
     def _guard(self, fn: Callable[[memoryview], None], view: memoryview) -> None:
         try:
@@ -307,7 +326,6 @@ class StreamDecryptor(_ArtifactStream):
     ) -> None:
         self._hash = hashlib.sha256() if verify_digest else None
         self._released: list[bytes] = []
-        self._bulk: c2sp.BulkOpener | None = None
         super().__init__(dek, verify_digest=verify_digest, max_artifact_size=max_artifact_size)
 
     def __repr__(self) -> str:
@@ -329,16 +347,13 @@ class StreamDecryptor(_ArtifactStream):
         return out
 
     def _on_cipher(self, cipher: c2sp.ChunkCipher, dek: bytearray) -> None:
-        header = self._header
-        assert header is not None
-        # The chunks holding only plaintext, by the bulk opener; the rest by `cipher`.
-        self._bulk = c2sp.BulkOpener(dek, self._preamble, header.encoded)
+        self._open_bulk(dek)
 
     def _chunks(self, first: int, count: int, ciphertext: memoryview) -> None:
         header = self._header
         assert header is not None and self._cipher is not None and self._bulk is not None
         msg_end = min((first + count) * _CS, header.message_size)
-        n_full = max(0, min(first + count, header.plaintext_size // _CS) - first)
+        n_full = max(0, min(first + count, self._plaintext_chunks()) - first)
         # Decrypted straight into the bytes object handed out (no zero-fill, no copy), unless the
         # run ends in the digest bytes, which are cut off with one copy.
         out, dst = output_bytes(msg_end - first * _CS)
@@ -365,7 +380,8 @@ class StreamDecryptor(_ArtifactStream):
             dst.release()
 
     def _on_fail(self) -> None:
-        self._bulk = None  # the derived key, in cryptography's memory: dropped with the stream
+        # Chunks that authenticated in the failing feed before its failure are never handed out.
+        self._released = []
 
     def finish(self) -> None:
         """Confirms the whole artifact: complete, footer authentic, digest (if asked) correct."""
@@ -380,7 +396,7 @@ class StreamDecryptor(_ArtifactStream):
                 raise DecryptionFailed()
         except (InvalidArtifact, DecryptionFailed, FailedPrecondition) as exc:
             raise self._fail(exc) from None
-        self._bulk = None  # as on failure: the derived key does not outlive the stream
+        self._drop_keys()
         self._finished = True
 
 
@@ -442,7 +458,6 @@ class BufferedStreamDecryptor(_ArtifactStream):
         self._prefault = prefault
         self._prefaulter: Prefaulter | None = None
         self._handed = 0  # chunks below this index may have been written to the output
-        self._bulk: c2sp.BulkOpener | None = None
         super().__init__(
             dek,
             verify_digest=verify_digest,
@@ -501,7 +516,7 @@ class BufferedStreamDecryptor(_ArtifactStream):
             self._allocate(header.plaintext_size)
         if not self._threads:
             # Decrypted inline, the runs by the bulk opener, the final chunks by `cipher`.
-            self._bulk = c2sp.BulkOpener(dek, self._preamble, header.encoded)
+            self._open_bulk(dek)
             return
         # One AEAD object per worker; `cipher` stays with the feeding thread (the tail chunks).
         del cipher
@@ -518,8 +533,8 @@ class BufferedStreamDecryptor(_ArtifactStream):
         header = self._header
         assert header is not None and self._cipher is not None
         self._handed = max(self._handed, first + count)
-        full = header.plaintext_size // _CS  # chunks holding only plaintext go to the workers
-        n_full = max(0, min(first + count, full) - first)
+        # Chunks holding only plaintext go to the workers (or the bulk opener).
+        n_full = max(0, min(first + count, self._plaintext_chunks()) - first)
         if n_full:
             run = ciphertext[: n_full * _SEALED]
             if isinstance(run.obj, bytes) and n_full >= _DIRECT_MIN_CHUNKS:
@@ -599,11 +614,19 @@ class BufferedStreamDecryptor(_ArtifactStream):
             self._pool.shutdown(wait=True)
             self._pool = None
 
+    def _drop_keys(self) -> None:
+        super()._drop_keys()
+        # The workers' AEAD objects too; called only once the workers are done (after _drain).
+        while True:
+            try:
+                self._ciphers.get_nowait()
+            except queue.Empty:
+                break
+
     def _on_fail(self) -> None:
         self._worker_failed.set()
         self._drain()
         self._stop_prefault()
-        self._bulk = None  # the derived key, in cryptography's memory: dropped with the stream
         wipe(self._batch)
         if self._dst is not None:
             # Plaintext can only be in the chunks handed out so far; the rest of the buffer was
@@ -643,7 +666,7 @@ class BufferedStreamDecryptor(_ArtifactStream):
             self._dst.release()
         self._dst = None
         self._out = None
-        self._bulk = None
+        self._drop_keys()
         self._finished = True
         return out
 

@@ -16,6 +16,7 @@ from strongroom.artifact import (
     ArtifactWriter,
     BufferedStreamDecryptor,
     DecryptionFailed,
+    StreamDecryptor,
     stream,
     summarize,
 )
@@ -117,10 +118,39 @@ def test_the_tail_s_scratch_is_wiped_and_the_bulk_key_dropped(
     tail_size = len(plaintext) % 16384 + 32  # the last plaintext bytes and the digest
     assert any(len(w) >= tail_size and not any(w) for w in wiped), "the tail's scratch"
     assert decryptor._bulk is None
+    # Nor does any other holder of the derived key (the tail's cipher, the workers' ciphers).
+    assert decryptor._cipher is None and decryptor._ciphers.empty()
     failed = BufferedStreamDecryptor(dek, threads=threads)
     failed.feed(artifact[: len(artifact) // 2])
     failed.abort()
     assert failed._bulk is None
+    assert failed._cipher is None and failed._ciphers.empty()
+
+
+def test_a_failed_feed_keeps_nothing_of_what_it_opened_before_its_failure(
+    dek: bytearray, make_artifact: Callable[..., tuple[bytes, bytes]]
+) -> None:
+    """A feed whose first chunks authenticate and a later one does not raises without handing
+    out the first ones: their plaintext was kept in the stream (never returned, never dropped)
+    until the stream was freed; and a finished stream kept its derived key's cipher."""
+    plaintext, artifact = make_artifact((3 << 20) + 1000)
+    decryptor = StreamDecryptor(dek)
+    decryptor.feed(artifact[:4096])
+    assert decryptor.header is not None
+    # The first feed ends inside the second chunk: the next one completes it on its own (opened
+    # and kept for the feed's answer), then opens a run holding the damaged chunk.
+    split = decryptor.header.header_size + 56 + CHUNK + 16 + CHUNK // 2
+    assert decryptor.feed(artifact[4096:split]) == plaintext[:CHUNK]
+    damaged = bytearray(artifact[split:])
+    damaged[len(damaged) // 2] ^= 1
+    with pytest.raises(DecryptionFailed):
+        decryptor.feed(damaged)
+    assert decryptor._released == []
+    assert decryptor._cipher is None and decryptor._bulk is None
+    whole = StreamDecryptor(dek)
+    assert whole.feed(artifact) == plaintext
+    whole.finish()
+    assert whole._cipher is None and whole._bulk is None
 
 
 def test_threads_out_of_range_are_refused(dek: bytearray) -> None:
