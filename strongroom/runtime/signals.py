@@ -115,7 +115,10 @@ def restoring() -> Iterator[None]:
     try:
         yield
     finally:
-        _Restoring.scopes.remove(saved)
+        # This one, not the first equal to it (list.remove): a scope inside another, both
+        # recording the same handlers, ended the outer one's record instead, whose later installs
+        # then went unrecorded and whose own end raised ValueError, nothing put back.
+        _Restoring.scopes[:] = [scope for scope in _Restoring.scopes if scope is not saved]
         if not _Restoring.kept:
             for signum, before in saved.items():
                 if before is not None:  # not Python's: nothing to put back from here

@@ -138,3 +138,24 @@ def test_a_sigterm_during_the_stop_reaches_the_service_not_the_handler_from_befo
     draining = [r for r in caplog.records if r.getMessage() == "signal received, draining"]
     assert len(draining) == 2
     assert signal.getsignal(signal.SIGTERM) == host.handler
+
+
+def test_a_scope_inside_another_that_recorded_the_same_puts_back_what_each_took(
+    host: _Host,
+) -> None:
+    """A scope that ended removed the first scope equal to its record (``list.remove``), not
+    itself: inside another whose record was the same (a host's own scope around a service's
+    run), it ended the outer record; what the outer scope then installed went unrecorded, and its
+    end raised ValueError (``x not in list``) with that signal left the service's."""
+    signum, later = signal.SIGUSR1, signal.SIGUSR2
+    own = {s: signal.signal(s, host.handler) for s in (signum, later)}
+    try:
+        with signals.restoring():
+            with signals.restoring():
+                signals.install(lambda *_: None, signum)
+            signals.install(lambda *_: None, later)
+        assert {s: signal.getsignal(s) for s in own} == dict.fromkeys(own, host.handler)
+        assert signals._Restoring.scopes == []
+    finally:
+        for s, handler in own.items():
+            signal.signal(s, handler)
