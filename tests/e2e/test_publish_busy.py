@@ -1909,6 +1909,44 @@ def test_a_part_refused_before_its_last_byte_is_not_named_as_maybe_stored(
     assert _records(stack, "busy/part-short") == []
 
 
+class WholeRefusedThenStopped(BusyBefore):
+    """:class:`BusyBefore` whose refused uploads had handed gRPC every byte before the store's
+    busy refusal came (gRPC sends while the store decides: a small part is all out); before the
+    upload numbered ``stop_at`` (from 0) the store stops."""
+
+    def __init__(
+        self, stack: DevStack, publisher: WorkloadIdentity, refused: set[int], stop_at: int
+    ) -> None:
+        super().__init__(stack, publisher, refused)
+        self._stop_at = stop_at
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        if len(self.outcomes) == self._stop_at:
+            self._stack.services.pop("modelstore").stop()
+            return continuation(details, request_iterator)
+        if len(self.outcomes) in self._refused:
+            request_iterator = iter(list(request_iterator))  # its last byte handed over
+        return super().intercept_stream_unary(continuation, details, request_iterator)
+
+
+def test_a_part_whose_busy_try_was_sent_whole_is_not_named_when_its_retry_stored_nothing(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The second part's first try went out whole and was refused busy (nothing stored); its
+    retry then met the store stopped before a byte went out. Only the try that ended the publish
+    says whether the part may be stored: the refused try's last byte must not name it."""
+    shards = _shards(tmp_path / "shards", 3)
+    uploads = WholeRefusedThenStopped(stack, publisher, refused={1}, stop_at=2)
+    with _store_restarted(stack), pytest.raises(Unavailable) as info:
+        _publish(stack, publisher, shards, "busy/whole-refused", _store(stack, publisher, uploads))
+    assert uploads.outcomes == [("OK", None), REFUSED]
+    message = _assert_part_left_by_outage(info.value, stack, "busy/whole-refused", "UNAVAILABLE")
+    assert "may be stored" not in message
+    _admin_rm(stack, "busy/whole-refused", "1+part.0")
+
+
 def test_a_fetch_out_of_time_is_the_publisher_s_class_of_outage(stack: DevStack) -> None:
     """One table (remote.TRANSIENT) for every client: the fetch library made a store's call out
     of time Unavailable, the publisher DeadlineExceeded. A real GetModel whose deadline passes."""
