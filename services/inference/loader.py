@@ -91,12 +91,15 @@ LOAD_RETRY_SECONDS = 30.0
 
 
 def transient(exc: BaseException) -> bool:
-    """Whether a load that failed with ``exc`` may succeed if retried: a dependency unavailable,
-    or a peer busy with this identity's other calls
+    """Whether a load (or a call to a peer) that failed with ``exc`` may succeed if retried: a
+    dependency's outage, of any class :data:`~strongroom.client.remote.OUTAGES` lists (a load
+    answers each as ``Unavailable``, :func:`_ended`; a peer's call out of time the fetch library
+    raises ``DeadlineExceeded``, the loader's StatModel before a configured model's retry
+    included), or a peer busy with this identity's other calls
     (:data:`~strongroom.client.busy.BUSY_REFUSALS`)."""
     if isinstance(exc, ResourceExhausted):
         return exc.reason in BUSY_REFUSALS
-    return isinstance(exc, Unavailable)
+    return isinstance(exc, OUTAGES)
 
 
 _RETRY_FIRST_DELAY = 0.2
@@ -471,7 +474,7 @@ class ModelLoader:
                 return self.load(
                     name, version, scope=scope, header_sha256=header_sha256, retry_of=retry_of
                 )
-            except (Unavailable, ResourceExhausted) as exc:
+            except StrongroomError as exc:  # transient's one rule says which are retried
                 left = retry_until - time.monotonic()
                 if not transient(exc) or left <= delay:
                     raise

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,7 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.dev.devstack import DevStack
 from strongroom.errors import FailedPrecondition, PermissionDenied, Unavailable
 from strongroom.files import shared_flock
+from strongroom.inference import autoload
 from strongroom.inference.autoload import RetrySchedule, spread
 from strongroom.inference.models import ModelState
 from strongroom.inference.server import InferenceServer
@@ -221,6 +223,46 @@ def test_a_damaged_artifact_is_downloaded_again_only_once_the_store_holds_anothe
         inference.repository.status("damaged")
     )
     assert _released(stack, "damaged") == 2
+
+
+def test_a_statmodel_out_of_time_is_not_taken_for_the_store_s_entry(
+    stack: DevStack,
+    model_path: Path,
+    stopped: None,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The StatModel before each attempt, out of time (its real call's deadline passes: the
+    store too slow for now), is a store that could not be asked, as an UNAVAILABLE one is: the
+    attempt goes on. Since the fetch library made a peer's DEADLINE_EXCEEDED DeadlineExceeded,
+    the loader's ``transient`` (Unavailable only) took it for the store's answer: once a damaged
+    artifact's download had failed beside it, every later StatModel out of time read as the same
+    entry, "stored artifact unchanged", and no retry downloaded again, whatever the store held."""
+    stack.create_release_key(stack.identity("admin"), "stat-late", policy_version="1")
+    publish(stack, model_path, "stat-late", "stat-late")
+    _damage_in_place(stack, "stat-late")
+    # Each of the real store's StatModel answers takes 0.5 s: the look before each attempt has
+    # 0.1 s, the load's own (is it a manifest?) the load's time.
+    storage = stack.services["modelstore"].handle.storage
+    answer = storage.stat
+
+    def slow_stat(name: str, version: str) -> Any:
+        time.sleep(0.5)
+        return answer(name, version)
+
+    monkeypatch.setattr(storage, "stat", slow_stat)
+    monkeypatch.setattr(autoload, "STAT_TIMEOUT_SECONDS", 0.1)
+    inference = _start(stack, "stat-late")
+    caplog.set_level(logging.DEBUG, logger="strongroom.inference")
+    inference.load_configured_models()
+
+    assert wait_until(lambda: _tries(caplog, "stat-late") >= 3, 30), inference.repository.status(
+        "stat-late"
+    )
+    # Every try downloaded (the load's own StatModel has the load's time): none was skipped.
+    assert len(_attempts(caplog, "stat-late")) == _tries(caplog, "stat-late")
+    assert _released(stack, "stat-late") >= 3
+    assert _failed_with(inference, "stat-late") is not None
 
 
 def test_an_artifact_this_server_refuses_after_its_key_is_downloaded_again_only_once_changed(

@@ -1901,14 +1901,67 @@ def test_a_part_whose_answer_was_lost_to_an_outage_is_named_as_maybe_stored(
 def test_a_part_refused_before_its_last_byte_is_not_named_as_maybe_stored(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
-    """An outage before a part's last byte was sent stores nothing of it: no "may be stored"."""
+    """An outage before a part's last byte was sent stores nothing of it: no "may be stored".
+    The first part's reading is held until the publish has failed (its deadline passed): a
+    timeout of 1e-6 s alone let gRPC hand over a small part whole before the deadline's timer
+    fired, now and then, and the part was rightly named."""
     shards = _shards(tmp_path / "shards", 2)
     store = stack.channel(publisher, "modelstore")
-    with pytest.raises(DeadlineExceeded) as info:
-        _publish(stack, publisher, shards, "busy/part-short", store, timeout=1e-6)
+    failed = threading.Event()
+    try:
+        with pytest.raises(DeadlineExceeded) as info:
+            _publish(
+                stack,
+                publisher,
+                shards,
+                "busy/part-short",
+                store,
+                progress=lambda _done, _total: failed.wait(60),
+                timeout=1.0,
+            )
+    finally:
+        failed.set()
     assert info.value.message.startswith("busy/part-short/1 was not published (DEADLINE_EXCEEDED")
     assert "may be stored" not in info.value.message
     assert _records(stack, "busy/part-short") == []
+
+
+class WholeRefusedThenStopped(BusyBefore):
+    """:class:`BusyBefore` whose refused uploads had handed gRPC every byte before the store's
+    busy refusal came (gRPC sends while the store decides: a small part is all out); before the
+    upload numbered ``stop_at`` (from 0) the store stops."""
+
+    def __init__(
+        self, stack: DevStack, publisher: WorkloadIdentity, refused: set[int], stop_at: int
+    ) -> None:
+        super().__init__(stack, publisher, refused)
+        self._stop_at = stop_at
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        if len(self.outcomes) == self._stop_at:
+            self._stack.services.pop("modelstore").stop()
+            return continuation(details, request_iterator)
+        if len(self.outcomes) in self._refused:
+            request_iterator = iter(list(request_iterator))  # its last byte handed over
+        return super().intercept_stream_unary(continuation, details, request_iterator)
+
+
+def test_a_part_whose_busy_try_was_sent_whole_is_not_named_when_its_retry_stored_nothing(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The second part's first try went out whole and was refused busy (nothing stored); its
+    retry then met the store stopped before a byte went out. Only the try that ended the publish
+    says whether the part may be stored: the refused try's last byte must not name it."""
+    shards = _shards(tmp_path / "shards", 3)
+    uploads = WholeRefusedThenStopped(stack, publisher, refused={1}, stop_at=2)
+    with _store_restarted(stack), pytest.raises(Unavailable) as info:
+        _publish(stack, publisher, shards, "busy/whole-refused", _store(stack, publisher, uploads))
+    assert uploads.outcomes == [("OK", None), REFUSED]
+    message = _assert_part_left_by_outage(info.value, stack, "busy/whole-refused", "UNAVAILABLE")
+    assert "may be stored" not in message
+    _admin_rm(stack, "busy/whole-refused", "1+part.0")
 
 
 def test_a_fetch_out_of_time_is_the_publisher_s_class_of_outage(stack: DevStack) -> None:
