@@ -642,7 +642,7 @@ def test_a_command_refused_before_any_log_exits_with_a_full_stderr(
 
 # An error line longer than a pipe takes at once (PIPE_BUF, 4,096 bytes): a path of 4,200.
 _LONG_PATH = "/nonexistent/" + "/".join(["d" * 200] * 21) + "/audit.log"
-_LONG_ERROR = f"strongroom: error: {_LONG_PATH}: File name too long"
+_LONG_ERROR = f"strongroom: error: {_LONG_PATH}: File name too long (ENAMETOOLONG)"
 
 
 def _command_error(ends: tuple[int, int]) -> tuple[int, bytes]:
@@ -690,7 +690,7 @@ def test_a_long_error_line_to_a_pipe_is_cut_to_what_it_takes_at_once() -> None:
     left_out, _, tail = tail.partition(" bytes left out) ...")
     assert cut and _LONG_ERROR.startswith(head) and _LONG_ERROR.endswith(tail), line
     assert len(head) + int(left_out) + len(tail) == len(_LONG_ERROR)
-    assert tail.endswith("/audit.log: File name too long")
+    assert tail.endswith("/audit.log: File name too long (ENAMETOOLONG)")
 
 
 @pytest.mark.parametrize("fill_stderr", [True, False], ids=["stderr-full", "stderr-read"])
