@@ -10,6 +10,7 @@ from __future__ import annotations
 import _ctypes
 import contextlib
 import ctypes
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -696,40 +697,23 @@ def test_the_rewraps_first_state_read_stops_it_before_the_unwrap(
     # no object left; the value itself goes on to the unwrap, and is read again after the wrap.
     def op(hs: HsmSession) -> None:
         kek, blob, _ = _kek_and_data_key(hs)
+        rewrap = functools.partial(_rewrap, hs, kek.handle, blob, tee_key, hsm.oaep_hashes[0])
         before = _session_objects(hs)
         state = AttributeRead(kek.handle, Attribute.UNWRAP, 1)
-        out = _rewrap(
-            hs, kek.handle, blob, tee_key, hsm.oaep_hashes[0], state=state, enabled=b"\x01"
-        )
+        out = rewrap(state=state, enabled=b"\x01")
         assert out is not None and len(out) == 384
         assert state.value() == b"\x01"
         with unwraps_counted(hsm) as unwraps:
             changed = AttributeRead(kek.handle, Attribute.UNWRAP, 1)
             with pytest.raises(StateChanged):
-                _rewrap(
-                    hs,
-                    kek.handle,
-                    blob,
-                    tee_key,
-                    hsm.oaep_hashes[0],
-                    state=changed,
-                    enabled=b"\x00",
-                )
+                rewrap(state=changed, enabled=b"\x00")
             assert changed.value() == b"\x01"  # what was read, for the caller to judge
             longer = AttributeRead(kek.handle, Attribute.UNWRAP, 1)
             with pytest.raises(StateChanged):  # the length counts, not only the bytes
-                _rewrap(
-                    hs,
-                    kek.handle,
-                    blob,
-                    tee_key,
-                    hsm.oaep_hashes[0],
-                    state=longer,
-                    enabled=b"\x01\x00",
-                )
+                rewrap(state=longer, enabled=b"\x01\x00")
             gone = AttributeRead(0xDEAD, Attribute.LABEL, 64)
             with pytest.raises(StateReadFailed) as failed:
-                _rewrap(hs, kek.handle, blob, tee_key, hsm.oaep_hashes[0], state=gone, enabled=b"x")
+                rewrap(state=gone, enabled=b"x")
             assert errs.is_stale_handle(failed.value.error)
         assert unwraps == []
         assert _session_objects(hs) == before
