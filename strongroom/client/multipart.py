@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import shlex
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from strongroom.client.publish import (
     ONNX_CONTENT_TYPE,
     UPLOAD_MESSAGE_BYTES,
     Progress,
+    SentWhole,
     UploadMessage,
     check_generated,
     put_model,
@@ -380,7 +380,7 @@ def publish_parts(
     stored: list[store_pb.ModelInfo] = []
     digests: list[bytes] = []
     begun = 0  # parts whose upload began: the last may be stored though its call never ended
-    sent_whole = threading.Event()  # the last begun part's try handed over its last byte
+    whole = SentWhole()  # the last begun part's current try handed over its last byte
     manifest_begun = False
     try:
         for plan in planned:
@@ -392,7 +392,7 @@ def publish_parts(
                 spare: Iterator[ArtifactWriter] = spare,
                 before: int = done_before,
             ) -> tuple[store_pb.PutModelResponse, bytes]:
-                sent_whole.clear()  # a try refused as busy stored nothing
+                sent_whole = whole.next_try()  # unset: a try refused as busy stored nothing
                 return _put_part(
                     store,
                     plan,
@@ -401,7 +401,7 @@ def publish_parts(
                     total=total,
                     progress=progress,
                     timeout=timeout,
-                    sent_whole=sent_whole.set,
+                    sent_whole=sent_whole,
                 )
 
             # Each part its own bound: retry.within from its own first try.
@@ -496,7 +496,7 @@ def publish_parts(
             # down, draining (CANCELLED) or the call out of time is what whoever runs the
             # publish acts on first (PARTS_LEFT_BEHIND hid an outage).
             error = outage_error(exc, f"{name}/{version} was not published")
-            if error is not None and begun > len(stored) and sent_whole.is_set():
+            if error is not None and begun > len(stored) and whole.is_set():
                 # A part's whole artifact was sent and the call then ended in an outage (a
                 # deadline passing, the connection dropping, as the store committed): the part
                 # may be stored, and then blocks the version as any part left does, though
