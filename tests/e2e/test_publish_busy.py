@@ -39,7 +39,13 @@ from strongroom.client import multipart, publish
 from strongroom.client.busy import CLIENT_RETRY, BusyRetry
 from strongroom.client.fetch import ModelFetcher, grpc_source, retrying_source
 from strongroom.client.keyrelease import KeyReleaseClient
-from strongroom.client.multipart import PublishedParts, _rm_commands, files_parts, publish_parts
+from strongroom.client.multipart import (
+    PublishedParts,
+    _left_note,
+    _rm_commands,
+    files_parts,
+    publish_parts,
+)
 from strongroom.client.publish import Published, publish_model, upload_artifact
 from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
@@ -974,6 +980,29 @@ def test_the_command_for_many_parts_left_is_one_loop() -> None:
     )
 
 
+def test_parts_left_and_a_part_that_may_be_stored_are_one_note_with_one_command_form() -> None:
+    """Each case alone keeps its wording; together, what is blocked until when is said once,
+    and every part is in one command form: one loop for more than three."""
+    unblock = "the version cannot be published again until an admin removes them "
+    assert _left_note("org/m", {"1+part.0": "PERMISSION_DENIED"}) == (
+        "1 part(s) it stored could not be removed (a publisher may not delete): 1+part.0; "
+        f"{unblock}(PARTS_LEFT_BEHIND until then): `strongroom model rm org/m 1+part.0`"
+    )
+    assert _left_note("org/m", {}, "1+part.0") == (
+        "the part 1+part.0 may be stored: its upload reached the store, whose answer was lost; "
+        f"{unblock}(PARTS_LEFT_BEHIND until then): `strongroom model rm org/m 1+part.0` (a part "
+        "that is not stored is NOT_FOUND: nothing to do)"
+    )
+    failed = {f"1+part.{i}": "UNAVAILABLE" for i in range(3)}
+    assert _left_note("org/m", failed, "1+part.3") == (
+        "3 part(s) it stored could not be removed (deleting them failed: UNAVAILABLE): 1+part.0, "
+        "1+part.1, 1+part.2; the part 1+part.3 may be stored: its upload reached the store, "
+        f"whose answer was lost; {unblock}(PARTS_LEFT_BEHIND until then): "
+        '`for n in $(seq 0 3); do strongroom model rm org/m "1+part.$n"; done` (a part that is '
+        "not stored is NOT_FOUND: nothing to do)"
+    )
+
+
 def _leave_parts(
     stack: DevStack, publisher: WorkloadIdentity, shards: list[Path], name: str, at: int
 ) -> None:
@@ -1872,24 +1901,23 @@ def test_a_part_whose_answer_was_lost_to_an_outage_is_named_as_maybe_stored(
     """The second part's upload reached the store, which stored it, and its answer was lost
     (DEADLINE_EXCEEDED as the store committed). The error named only the first part (stored, and
     a publisher may not delete it): the second, stored too, blocked the version unnamed until the
-    next publish's check found it. Now the note says it may be stored, with its command."""
+    next publish's check found it. Now the note says it may be stored, in the one sentence that
+    says what blocks the version, with one command form for both parts (a note each said it
+    twice, each with its own commands)."""
     shards = _shards(tmp_path / "shards", 3)
     store = grpc.intercept_channel(
         stack.channel(publisher, "modelstore"), AnswerLostAt(1, grpc.StatusCode.DEADLINE_EXCEEDED)
     )
     with pytest.raises(DeadlineExceeded) as info:
         _publish(stack, publisher, shards, "busy/part-lost", store)
-    message = info.value.message
-    assert message.startswith(
+    assert info.value.message == (
         "busy/part-lost/1 was not published (DEADLINE_EXCEEDED: Deadline Exceeded); 1 part(s) it "
-        "stored could not be removed (a publisher may not delete): 1+part.0; "
-    ), message
-    assert (
-        "; the part 1+part.1 may be stored: its upload reached the store, whose answer was lost; "
-        "the version cannot be published again until an admin removes them (PARTS_LEFT_BEHIND "
-        "until then): `strongroom model rm busy/part-lost 1+part.1` (a part that is not stored "
-        "is NOT_FOUND: nothing to do)"
-    ) in message
+        "stored could not be removed (a publisher may not delete): 1+part.0; the part 1+part.1 "
+        "may be stored: its upload reached the store, whose answer was lost; the version cannot "
+        "be published again until an admin removes them (PARTS_LEFT_BEHIND until then): "
+        "`strongroom model rm busy/part-lost 1+part.0`; `strongroom model rm busy/part-lost "
+        "1+part.1` (a part that is not stored is NOT_FOUND: nothing to do)"
+    )
     assert _records(stack, "busy/part-lost") == [
         ("busy/part-lost", "1+part.0"),
         ("busy/part-lost", "1+part.1"),
