@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import shlex
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from strongroom.client.publish import (
     ONNX_CONTENT_TYPE,
     UPLOAD_MESSAGE_BYTES,
     Progress,
+    SentWhole,
     UploadMessage,
     check_generated,
     put_model,
@@ -380,7 +380,7 @@ def publish_parts(
     stored: list[store_pb.ModelInfo] = []
     digests: list[bytes] = []
     begun = 0  # parts whose upload began: the last may be stored though its call never ended
-    sent_whole = threading.Event()  # the last begun part's try handed over its last byte
+    whole = SentWhole()  # the last begun part's current try handed over its last byte
     manifest_begun = False
     try:
         for plan in planned:
@@ -392,7 +392,7 @@ def publish_parts(
                 spare: Iterator[ArtifactWriter] = spare,
                 before: int = done_before,
             ) -> tuple[store_pb.PutModelResponse, bytes]:
-                sent_whole.clear()  # a try refused as busy stored nothing
+                sent_whole = whole.next_try()  # unset: a try refused as busy stored nothing
                 return _put_part(
                     store,
                     plan,
@@ -401,7 +401,7 @@ def publish_parts(
                     total=total,
                     progress=progress,
                     timeout=timeout,
-                    sent_whole=sent_whole.set,
+                    sent_whole=sent_whole,
                 )
 
             # Each part its own bound: retry.within from its own first try.
@@ -484,25 +484,25 @@ def publish_parts(
             left = [info.version for info in stored]
             interrupt.add_note(_interrupted_note(name, version, left, manifest=False))
             raise interrupt from exc
-        note = _left_note(name, failed) if failed else None
         if isinstance(exc, StrongroomError):
-            if note is not None:
+            if failed:
                 # Until they are gone, publishing this version again is refused
                 # (PARTS_LEFT_BEHIND): the publisher must know which to have removed.
-                _amend(exc, note)
+                _amend(exc, _left_note(name, failed))
             raise
         if isinstance(exc, grpc.RpcError):
             # One rule for what is an outage (remote.TRANSIENT), parts left or not: the store
             # down, draining (CANCELLED) or the call out of time is what whoever runs the
             # publish acts on first (PARTS_LEFT_BEHIND hid an outage).
             error = outage_error(exc, f"{name}/{version} was not published")
-            if error is not None and begun > len(stored) and sent_whole.is_set():
+            maybe = None
+            if error is not None and begun > len(stored) and whole.is_set():
                 # A part's whole artifact was sent and the call then ended in an outage (a
                 # deadline passing, the connection dropping, as the store committed): the part
                 # may be stored, and then blocks the version as any part left does, though
                 # neither the deletes nor the note knew of it (the next publish's check did).
-                maybe = _lost_part_note(name, planned[begun - 1].header.model_version)
-                note = f"{note}; {maybe}" if note else maybe
+                maybe = planned[begun - 1].header.model_version
+            note = _left_note(name, failed, maybe) if failed or maybe else None
             if error is None and note is not None:
                 # A peer's refusal (the last busy one, when retries ran out): its status and
                 # reason stay in the message, with what is now blocked and how to free it.
@@ -574,15 +574,6 @@ def _put_part(
         return response, bytes(tail)
 
 
-def _lost_part_note(name: str, version: str) -> str:
-    """What a part whose answer an outage lost (store version ``version``) may have left, and
-    how to remove it (as the manifest's case says "may be published")."""
-    return (
-        f"the part {version} may be stored: its upload reached the store, whose answer was lost; "
-        f"{_unblock(name, [version])} (a part that is not stored is NOT_FOUND: nothing to do)"
-    )
-
-
 def _amend(error: StrongroomError, note: str) -> None:
     """Appends ``note`` to ``error``'s message (in place: not every error class takes a message
     and a reason to be built again)."""
@@ -635,22 +626,34 @@ def _delete_best_effort(
     return failed
 
 
-def _left_note(name: str, failed: dict[str, str]) -> str:
-    """What blocks the version and who frees it how: ``failed`` maps the parts' store versions to
-    the status their delete failed with."""
-    left = list(failed)
-    codes = sorted(set(failed.values()))
-    # "may not delete" only when that is what the store said: a delete the store was down for
-    # was reported as a publisher's missing right.
-    why = (
-        "a publisher may not delete"
-        if codes == ["PERMISSION_DENIED"]
-        else f"deleting them failed: {', '.join(codes)}"
-    )
-    return (
-        f"{len(left)} part(s) it stored could not be removed ({why}): "
-        f"{_versions(left)}; {_unblock(name, left)}"
-    )
+def _left_note(name: str, failed: dict[str, str], maybe: str | None = None) -> str:
+    """What blocks the version and who frees it how: ``failed`` maps the store versions of the
+    parts it stored and could not remove to the status their delete failed with; ``maybe`` is the
+    store version of a part whose answer an outage lost (it may be stored, as the manifest's case
+    says "may be published"). One sentence on what is blocked until when, with one command form
+    for every part: with a note each, both cases said it twice, each with its own commands."""
+    said = []
+    if failed:
+        codes = sorted(set(failed.values()))
+        # "may not delete" only when that is what the store said: a delete the store was down
+        # for was reported as a publisher's missing right.
+        why = (
+            "a publisher may not delete"
+            if codes == ["PERMISSION_DENIED"]
+            else f"deleting them failed: {', '.join(codes)}"
+        )
+        versions = _versions(list(failed))
+        said.append(f"{len(failed)} part(s) it stored could not be removed ({why}): {versions}")
+    if maybe is not None:
+        said.append(
+            f"the part {maybe} may be stored: its upload reached the store, whose answer was lost"
+        )
+    # The part that may be stored comes after every part stored: its index is the highest.
+    left = list(failed) if maybe is None else [*failed, maybe]
+    note = f"{'; '.join(said)}; {_unblock(name, left)}"
+    if maybe is None:
+        return note
+    return f"{note} (a part that is not stored is NOT_FOUND: nothing to do)"
 
 
 def _unblock(name: str, left: Sequence[str]) -> str:

@@ -58,6 +58,29 @@ class Published:
     header_sha256: str
 
 
+class SentWhole:
+    """Whether the current try of an upload handed over its last byte (:func:`put_model`'s
+    ``sent_whole``), each try with a mark of its own (:meth:`next_try`).
+
+    One mark cleared at each try was not enough: a try refused as busy may have its feeding thread
+    (gRPC's) still inside its last ``next()`` when the refusal ends the call, and that thread
+    set the shared mark after the retry had cleared it; an outage that then ended the retry short
+    of its last byte said the version (or the part) may be stored, though nothing was."""
+
+    def __init__(self) -> None:
+        self._current = threading.Event()
+
+    def next_try(self) -> Callable[[], None]:
+        """A new try's own mark, to set once its last byte is handed over; from now on
+        :meth:`is_set` reads this one alone (a set of an earlier try's changes nothing)."""
+        self._current = threading.Event()
+        return self._current.set
+
+    def is_set(self) -> bool:
+        """Whether the current try handed over its last byte."""
+        return self._current.is_set()
+
+
 def publish_model(
     path: Path,
     *,
@@ -100,7 +123,7 @@ def publish_model(
     with _open_readable(path):
         pass
     upload = threading.Event()  # set before an upload's call starts: it may be stored from then
-    whole = threading.Event()  # set once a try's last byte was handed over
+    whole = SentWhole()
     with interrupt_noted(name, version, upload):
         bundle = sign_model(path, signing_key) if signing_key is not None else b""
         signed = signed_digest(bundle) if bundle else None
@@ -112,7 +135,7 @@ def publish_model(
             # next() when the store's answer ends the call, and it read on from a shared one
             # after the retry's seek, so the retry missed bytes (PLAINTEXT_SIZE_MISMATCH,
             # nothing stored).
-            whole.clear()  # a try refused as busy stored nothing
+            sent_whole = whole.next_try()  # unset: a try refused as busy stored nothing
             with _open_readable(path) as source:
                 return _encrypt_and_put(
                     source,
@@ -130,7 +153,7 @@ def publish_model(
                     signed=signed,
                     created_at=created_at,
                     upload_begins=upload.set,
-                    sent_whole=whole.set,
+                    sent_whole=sent_whole,
                 )
 
         # The multi-part publisher's rule (remote.TRANSIENT): an outage raised the raw
@@ -140,7 +163,7 @@ def publish_model(
     return Published(response.model, time.perf_counter() - started, header_digest(header).hex())
 
 
-def _outage_what(name: str, version: str, whole: threading.Event, done: str) -> str:
+def _outage_what(name: str, version: str, whole: SentWhole, done: str) -> str:
     # An outage after the last byte was sent (a deadline passing, the connection dropping, as the
     # store committed) may end a call the store has stored: "was not published" was then untrue,
     # and the publisher's next try was refused MODEL_EXISTS, unexplained.
@@ -301,14 +324,14 @@ def upload_artifact(
         head = parse_header(source.read(summary.header_size))
         checked = _file_state(source)
         reread = not _times_show_changes(source.fileno(), checked)
-        whole = threading.Event()  # set once a try's last byte was handed over
+        whole = SentWhole()
 
         def attempt() -> store_pb.PutModelResponse:
             # Its own handle, as publish_model's tries: a refused try's feeding thread may still
             # be inside one read, and read on from a shared one after the retry's seek (the retry
             # then missed bytes: MODEL_FILE_CHANGED, though nothing changed). The file is the one
             # checked: a replaced one fails the last message's state check.
-            whole.clear()  # a try refused as busy stored nothing
+            sent_whole = whole.next_try()  # unset: a try refused as busy stored nothing
             with _open_readable(path) as own:
                 return put_model(
                     store,
@@ -318,7 +341,7 @@ def upload_artifact(
                     name=summary.name,
                     version=summary.version,
                     timeout=timeout,
-                    sent_whole=whole.set,
+                    sent_whole=sent_whole,
                 )
 
         # As publish_model's (remote.TRANSIENT): the raw grpc.RpcError here, Unavailable there.

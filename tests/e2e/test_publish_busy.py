@@ -35,11 +35,17 @@ from strongroom.artifact.manifest import ManifestLayout, PartMissing
 from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.cli.client import Client
 from strongroom.cli.main import main
-from strongroom.client import multipart
+from strongroom.client import multipart, publish
 from strongroom.client.busy import CLIENT_RETRY, BusyRetry
 from strongroom.client.fetch import ModelFetcher, grpc_source, retrying_source
 from strongroom.client.keyrelease import KeyReleaseClient
-from strongroom.client.multipart import PublishedParts, _rm_commands, files_parts, publish_parts
+from strongroom.client.multipart import (
+    PublishedParts,
+    _left_note,
+    _rm_commands,
+    files_parts,
+    publish_parts,
+)
 from strongroom.client.publish import Published, publish_model, upload_artifact
 from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
@@ -974,6 +980,29 @@ def test_the_command_for_many_parts_left_is_one_loop() -> None:
     )
 
 
+def test_parts_left_and_a_part_that_may_be_stored_are_one_note_with_one_command_form() -> None:
+    """Each case alone keeps its wording; together, what is blocked until when is said once,
+    and every part is in one command form: one loop for more than three."""
+    unblock = "the version cannot be published again until an admin removes them "
+    assert _left_note("org/m", {"1+part.0": "PERMISSION_DENIED"}) == (
+        "1 part(s) it stored could not be removed (a publisher may not delete): 1+part.0; "
+        f"{unblock}(PARTS_LEFT_BEHIND until then): `strongroom model rm org/m 1+part.0`"
+    )
+    assert _left_note("org/m", {}, "1+part.0") == (
+        "the part 1+part.0 may be stored: its upload reached the store, whose answer was lost; "
+        f"{unblock}(PARTS_LEFT_BEHIND until then): `strongroom model rm org/m 1+part.0` (a part "
+        "that is not stored is NOT_FOUND: nothing to do)"
+    )
+    failed = {f"1+part.{i}": "UNAVAILABLE" for i in range(3)}
+    assert _left_note("org/m", failed, "1+part.3") == (
+        "3 part(s) it stored could not be removed (deleting them failed: UNAVAILABLE): 1+part.0, "
+        "1+part.1, 1+part.2; the part 1+part.3 may be stored: its upload reached the store, "
+        f"whose answer was lost; {unblock}(PARTS_LEFT_BEHIND until then): "
+        '`for n in $(seq 0 3); do strongroom model rm org/m "1+part.$n"; done` (a part that is '
+        "not stored is NOT_FOUND: nothing to do)"
+    )
+
+
 def _leave_parts(
     stack: DevStack, publisher: WorkloadIdentity, shards: list[Path], name: str, at: int
 ) -> None:
@@ -1872,24 +1901,23 @@ def test_a_part_whose_answer_was_lost_to_an_outage_is_named_as_maybe_stored(
     """The second part's upload reached the store, which stored it, and its answer was lost
     (DEADLINE_EXCEEDED as the store committed). The error named only the first part (stored, and
     a publisher may not delete it): the second, stored too, blocked the version unnamed until the
-    next publish's check found it. Now the note says it may be stored, with its command."""
+    next publish's check found it. Now the note says it may be stored, in the one sentence that
+    says what blocks the version, with one command form for both parts (a note each said it
+    twice, each with its own commands)."""
     shards = _shards(tmp_path / "shards", 3)
     store = grpc.intercept_channel(
         stack.channel(publisher, "modelstore"), AnswerLostAt(1, grpc.StatusCode.DEADLINE_EXCEEDED)
     )
     with pytest.raises(DeadlineExceeded) as info:
         _publish(stack, publisher, shards, "busy/part-lost", store)
-    message = info.value.message
-    assert message.startswith(
+    assert info.value.message == (
         "busy/part-lost/1 was not published (DEADLINE_EXCEEDED: Deadline Exceeded); 1 part(s) it "
-        "stored could not be removed (a publisher may not delete): 1+part.0; "
-    ), message
-    assert (
-        "; the part 1+part.1 may be stored: its upload reached the store, whose answer was lost; "
-        "the version cannot be published again until an admin removes them (PARTS_LEFT_BEHIND "
-        "until then): `strongroom model rm busy/part-lost 1+part.1` (a part that is not stored "
-        "is NOT_FOUND: nothing to do)"
-    ) in message
+        "stored could not be removed (a publisher may not delete): 1+part.0; the part 1+part.1 "
+        "may be stored: its upload reached the store, whose answer was lost; the version cannot "
+        "be published again until an admin removes them (PARTS_LEFT_BEHIND until then): "
+        "`strongroom model rm busy/part-lost 1+part.0`; `strongroom model rm busy/part-lost "
+        "1+part.1` (a part that is not stored is NOT_FOUND: nothing to do)"
+    )
     assert _records(stack, "busy/part-lost") == [
         ("busy/part-lost", "1+part.0"),
         ("busy/part-lost", "1+part.1"),
@@ -1926,25 +1954,80 @@ def test_a_part_refused_before_its_last_byte_is_not_named_as_maybe_stored(
     assert _records(stack, "busy/part-short") == []
 
 
+class HeldAtItsEnd:
+    """Wraps what makes a try's pieces or requests (``multipart._messages``,
+    ``publish.encrypt_stream``, ``publish._artifact_messages``): the first call's iterator, once
+    done, holds the thread reading it (gRPC's, feeding the call) inside that last next(), before
+    ``put_model`` learns the try was sent whole, until :meth:`release`. No callback runs there,
+    so the thread is held by the wrapping; everything else is real."""
+
+    def __init__(self, real: Callable[..., Iterator[Any]]) -> None:
+        self._real = real
+        self.calls = 0
+        self._reached = threading.Event()
+        self._go = threading.Event()
+        self._thread: list[threading.Thread] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        self.calls += 1
+        made = self._real(*args, **kwargs)
+        return self._held(made) if self.calls == 1 else made
+
+    def _held(self, made: Iterator[Any]) -> Iterator[Any]:
+        yield from made
+        self._thread.append(threading.current_thread())
+        self._reached.set()
+        self._go.wait(60)
+
+    def release(self) -> None:
+        """Lets the held thread go on (its try then marked sent whole) and waits until it ended."""
+        assert self._reached.wait(30), "the first try's last next() was never reached"
+        self._go.set()
+        self._thread[0].join(30)
+        assert not self._thread[0].is_alive()
+
+
+def _read_at_once(requests: Iterator[Any]) -> Iterator[Any]:
+    """``requests``, every one read in the first next() made of this: by gRPC's feeding thread,
+    which is then in the try's last next() whenever the call ends."""
+    yield from list(requests)
+
+
 class WholeRefusedThenStopped(BusyBefore):
     """:class:`BusyBefore` whose refused uploads had handed gRPC every byte before the store's
     busy refusal came (gRPC sends while the store decides: a small part is all out); before the
-    upload numbered ``stop_at`` (from 0) the store stops."""
+    upload numbered ``stop_at`` (from 0) the store stops.
+
+    With ``held``, a refused upload's requests are read by gRPC's feeding thread instead, all in
+    its first next() (:func:`_read_at_once`), where ``held`` keeps it in the try's last next()
+    past the refusal; it is let go on (:meth:`HeldAtItsEnd.release`) before the store stops, so
+    after the retry's try had begun."""
 
     def __init__(
-        self, stack: DevStack, publisher: WorkloadIdentity, refused: set[int], stop_at: int
+        self,
+        stack: DevStack,
+        publisher: WorkloadIdentity,
+        refused: set[int],
+        stop_at: int,
+        held: HeldAtItsEnd | None = None,
     ) -> None:
         super().__init__(stack, publisher, refused)
         self._stop_at = stop_at
+        self._held = held
 
     def intercept_stream_unary(
         self, continuation: Callable[..., Any], details: Any, request_iterator: Any
     ) -> Any:
         if len(self.outcomes) == self._stop_at:
+            if self._held is not None:
+                self._held.release()
             self._stack.services.pop("modelstore").stop()
             return continuation(details, request_iterator)
         if len(self.outcomes) in self._refused:
-            request_iterator = iter(list(request_iterator))  # its last byte handed over
+            if self._held is not None:
+                request_iterator = _read_at_once(request_iterator)
+            else:
+                request_iterator = iter(list(request_iterator))  # its last byte handed over
         return super().intercept_stream_unary(continuation, details, request_iterator)
 
 
@@ -1962,6 +2045,81 @@ def test_a_part_whose_busy_try_was_sent_whole_is_not_named_when_its_retry_stored
     message = _assert_part_left_by_outage(info.value, stack, "busy/whole-refused", "UNAVAILABLE")
     assert "may be stored" not in message
     _admin_rm(stack, "busy/whole-refused", "1+part.0")
+
+
+def _refused_try_marked_late(
+    stack: DevStack,
+    publisher: WorkloadIdentity,
+    monkeypatch: pytest.MonkeyPatch,
+    module: Any,
+    maker: str,
+    run: Callable[[grpc.Channel, BusyRetry], object],
+) -> str:
+    """``run`` (a publish or upload through the store channel and the retry it is given): its
+    first try refused busy, its feeding thread held in the try's last next() (``maker`` of
+    ``module`` wrapped by :class:`HeldAtItsEnd`) until the retry's try has begun, then let go:
+    it hands over its last byte then. The store stops before the retry's upload, which ends
+    UNAVAILABLE before its last byte. Returns the error's message."""
+    held = HeldAtItsEnd(getattr(module, maker))
+    monkeypatch.setattr(module, maker, held)
+    uploads = WholeRefusedThenStopped(stack, publisher, refused={0}, stop_at=1, held=held)
+    with _store_restarted(stack), pytest.raises(Unavailable) as info:
+        run(_store(stack, publisher, uploads), BusyRetry(sleep=lambda _seconds: None))
+    assert uploads.outcomes == [REFUSED]
+    assert held.calls == 2  # the race was run, not missed: the late mark came in the retry
+    assert info.value.reason == "UNAVAILABLE"
+    return info.value.message
+
+
+def test_a_refused_part_s_late_last_byte_does_not_name_the_part_its_retry_left_unsent(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tries of a part shared one "sent whole" mark, cleared at each try: the refused try's
+    feeding thread, still in its last next() when the busy refusal ended the call, set it after
+    the retry had cleared it, and the retry's outage before its last byte said `the part
+    1+part.0 may be stored` of a part nothing of which was stored. Each try has its own now."""
+    shards = _shards(tmp_path / "shards", 2)
+
+    def run(store: grpc.Channel, retry: BusyRetry) -> object:
+        return _publish(stack, publisher, shards, "busy/late-mark", store, retry=retry)
+
+    message = _refused_try_marked_late(stack, publisher, monkeypatch, multipart, "_messages", run)
+    assert message.startswith("busy/late-mark/1 was not published (UNAVAILABLE: "), message
+    assert "may be stored" not in message
+    assert _records(stack, "busy/late-mark") == []
+
+
+def test_a_refused_single_publish_s_late_last_byte_does_not_say_its_retry_may_be_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """publish_model, the same: the refused try's late mark said `may be stored ...: its whole
+    artifact was sent` of a retry whose upload the store's outage ended before its last byte."""
+    model = _model_file(tmp_path, 5000)
+
+    def run(store: grpc.Channel, retry: BusyRetry) -> object:
+        return _publish_one(stack, publisher, model, "busy/late-single", store=store, retry=retry)
+
+    message = _refused_try_marked_late(
+        stack, publisher, monkeypatch, publish, "encrypt_stream", run
+    )
+    assert message.startswith("busy/late-single/1 was not published (UNAVAILABLE: "), message
+    assert _records(stack, "busy/late-single") == []
+
+
+def test_a_refused_upload_s_late_last_byte_does_not_say_its_retry_may_be_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """upload_artifact (`strongroom model upload`), the same."""
+    path = _artifact_file(tmp_path, "busy/late-upload", 5000)
+
+    def run(store: grpc.Channel, retry: BusyRetry) -> object:
+        return upload_artifact(path, store=store, retry=retry)
+
+    message = _refused_try_marked_late(
+        stack, publisher, monkeypatch, publish, "_artifact_messages", run
+    )
+    assert message.startswith("busy/late-upload/1 was not uploaded (UNAVAILABLE: "), message
+    assert _records(stack, "busy/late-upload") == []
 
 
 def test_a_fetch_out_of_time_is_the_publisher_s_class_of_outage(stack: DevStack) -> None:
