@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import logging
 import os
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ from strongroom.pki import StepCa
 from strongroom.pki.stepca import BINARY_ENV
 from strongroom.runtime.config import LoggingConfig
 from strongroom.runtime.log_writer import ServiceLog
-from strongroom.runtime.logs import QUIET_LIBRARIES, configure_logging
+from strongroom.runtime.logs import configure_logging, restoring
 from tests import signal_guard
 from tests.pki.helpers import new_ca
 
@@ -36,8 +35,9 @@ def _pytest_keeps_its_exception_hooks() -> Iterator[None]:
     """Fails a test that leaves ``threading.excepthook``, ``sys.excepthook`` or
     ``sys.unraisablehook`` changed (and puts the run's back): pytest's own fail the test whose thread raised, or whose ``__del__``
     did (``filterwarnings`` in pyproject.toml), and a service's
-    (:func:`strongroom.runtime.uncaught.install`, which ``run_service`` calls) left installed
-    would have every later test's such exception logged, and passed."""
+    (:func:`strongroom.runtime.uncaught.install`) left installed would have every later test's
+    such exception logged, and passed. ``run_service`` gives them back when it ends
+    (:mod:`strongroom.runtime.lifetime`); this fails a test of it that ends with them not."""
     before = threading.excepthook, sys.excepthook, sys.unraisablehook
     yield
     after = threading.excepthook, sys.excepthook, sys.unraisablehook
@@ -162,17 +162,8 @@ def stack_root(
 def restore_logging() -> Iterator[None]:
     """Lets a test configure the process's logging (``configure_logging``): the handlers it
     installed are closed afterwards, and the root logger's handlers and levels restored."""
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    levels = {name: logging.getLogger(name).level for name in QUIET_LIBRARIES}
-    yield
-    for handler in root.handlers:
-        if handler not in saved[0]:
-            handler.close()
-    root.handlers[:], level = saved
-    root.setLevel(level)
-    for name, old in levels.items():
-        logging.getLogger(name).setLevel(old)
+    with restoring():
+        yield
 
 
 def buffered_service_log(

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from strongroom.cli._text import printable
-from strongroom.runtime import signals
+from strongroom.runtime import lifetime
 from strongroom.runtime.config import SERVICES
 from strongroom.runtime.log_writer import write_at_once
 from strongroom.runtime.process import forbid_core_dumps
@@ -48,9 +48,9 @@ def _serve(args: argparse.Namespace) -> int:
     # and data keys passing through the token; inference decrypted models; all a TLS key).
     forbid_core_dumps()
     os.umask(PRIVATE_UMASK)
-    # This process ends with the service: its signal handlers stay until the exit has written
-    # the last lines (strongroom.runtime.signals).
-    signals.keep_for_the_process()
+    # This process ends with the service: its signal handlers, exception hooks and logging stay
+    # until the exit has written the last lines (strongroom.runtime.lifetime).
+    lifetime.keep_for_the_process()
     module = importlib.import_module(f"strongroom.{args.service}.server")
     code: int = module.serve(args.config)
     return code

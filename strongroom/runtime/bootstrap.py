@@ -20,7 +20,7 @@ from strongroom.pki.client import CaClient
 from strongroom.pki.errors import CertificateInvalid, NoIdentity
 from strongroom.pki.identity import RenewalPolicy, WorkloadIdentity
 from strongroom.reasons import Reason
-from strongroom.runtime import starting, uncaught
+from strongroom.runtime import logs, signals, starting, uncaught
 from strongroom.runtime.config import (
     LOOPBACK_NAMES,
     CommonConfig,
@@ -30,7 +30,6 @@ from strongroom.runtime.config import (
 )
 from strongroom.runtime.interceptors import RefusalObserver
 from strongroom.runtime.log_writer import FLUSH_SECONDS
-from strongroom.runtime.logs import configure_logging
 from strongroom.runtime.process import exit_abandoning
 from strongroom.runtime.secrets import require_private
 from strongroom.runtime.server import (
@@ -263,75 +262,94 @@ def run_service(
     after_start: Callable[[S], None] | None = None,
 ) -> int:
     """``strongroom serve SERVICE``: configure, enrol, build (with the service's tracer
-    provider), serve until SIGTERM, drain, close; then write the log and end the telemetry."""
+    provider), serve until SIGTERM, drain, close; then write the log and end the telemetry.
+
+    Once it returns or raises, its stop over, the process has back what the service changed in
+    it (its signals' handlers, its exception hooks, its root logger), unless it ends with the
+    service (:mod:`strongroom.runtime.lifetime`)."""
     common, section = load_service_config(config_path, service, section_cls)
-    configure_logging(common.logging, service)
-    # An exception that ends a thread, or that cannot be raised, is a line of that log from here
-    # on, not a traceback on stderr (strongroom.runtime.uncaught).
-    uncaught.install()
-    # A SIGTERM from here on stops the start at its next checkpoint (strongroom.runtime.starting);
-    # once this returns or raises, every signal the service took has its handler from before
-    # again, its stop over (strongroom.runtime.signals says when not).
-    with starting.installed():
-        abandoned = 0
-        telemetry: Telemetry | None = None
-        # From here on, why the service stops is in its log, enrolment's failures included (a CA
-        # root missing, a token refused, the identity not the configured one): they were printed by
-        # the command line only, and the log said nothing of why the process had ended.
+    # Given back last (once this is over, the service's handler closed): everything the service
+    # logs until then, its stop's lines included, is its log's.
+    with logs.configured(common.logging, service):
         try:
-            try:
-                identity = starting.interruptible(
-                    "identity", lambda: open_identity(common.identity), WorkloadIdentity.close
-                )
-                try:
-                    starting.checkpoint("identity")
-                    telemetry = Telemetry.install(
-                        service, common.tracing, identity=lambda: identity.credentials
-                    )
-                    if common.production:
-                        refuse_loopback_names(identity)
-                    starting.checkpoint("telemetry")
-                    running = build(common, section, identity, telemetry.tracer_provider)
-                    try:
-                        running.host.run_until_signal(
-                            after_start=(lambda: after_start(running)) if after_start else None
-                        )
-                    finally:
-                        try:
-                            _close(service, running)  # it stops its host too, when nothing did
-                        finally:
-                            abandoned = running.host.abandoned
-                finally:
-                    identity.close()
-            except StrongroomError as exc:
-                log.error("%s cannot run: %s", service, exc)
-                _exit_if_abandoned(abandoned)
-                raise
-            except OSError:
-                # The command line prints it as one line; the service's log keeps where it happened.
-                log.exception("%s stopped on an operating-system error", service)
-                _exit_if_abandoned(abandoned)
-                raise
-            except grpc.RpcError as exc:
-                # A call of another service's that refused or failed: the command line printed it
-                # as one line, and the log said nothing of why the process had ended.
-                log.error("%s cannot run: %s: %s", service, exc.code().name, exc.details())
-                _exit_if_abandoned(abandoned)
-                raise
-            except BaseException:
-                if abandoned:  # the interpreter would print it at exit, which never comes
-                    log.exception("%s stopped on an unexpected error", service)
-                _exit_if_abandoned(abandoned)
-                raise
-            if abandoned:
-                exit_abandoning(abandoned)  # the pool's threads would hold the exit for good
+            # An exception that ends a thread, or that cannot be raised, is a line of that log
+            # from here on, not a traceback on stderr (strongroom.runtime.uncaught). A SIGTERM
+            # stops the start at its next checkpoint (strongroom.runtime.starting).
+            with uncaught.installed(), starting.installed():
+                _run(service, common, section, build, after_start)
         finally:
-            # Not reached once calls were abandoned (that exit exports nothing: it has no time).
-            if telemetry is not None:
-                _end_telemetry(telemetry)
-            # A step the stop left running is not waited for at exit (a pool's workers would be).
-            starting.exit_if_steps_left_running()
-        return 0
+            # What the signals thread was handed during the stop (a SIGTERM as the service
+            # closed) logs its line through the service's log, not after it was given back.
+            signals.settle()
+    return 0
+
+
+def _run(
+    service: str,
+    common: CommonConfig,
+    section: C,
+    build: Callable[[CommonConfig, C, WorkloadIdentity, TracerProvider], S],
+    after_start: Callable[[S], None] | None,
+) -> None:
+    """What :func:`run_service` does once its log, hooks and signals are the service's."""
+    abandoned = 0
+    telemetry: Telemetry | None = None
+    # From here on, why the service stops is in its log, enrolment's failures included (a CA
+    # root missing, a token refused, the identity not the configured one): they were printed by
+    # the command line only, and the log said nothing of why the process had ended.
+    try:
+        try:
+            identity = starting.interruptible(
+                "identity", lambda: open_identity(common.identity), WorkloadIdentity.close
+            )
+            try:
+                starting.checkpoint("identity")
+                telemetry = Telemetry.install(
+                    service, common.tracing, identity=lambda: identity.credentials
+                )
+                if common.production:
+                    refuse_loopback_names(identity)
+                starting.checkpoint("telemetry")
+                running = build(common, section, identity, telemetry.tracer_provider)
+                try:
+                    running.host.run_until_signal(
+                        after_start=(lambda: after_start(running)) if after_start else None
+                    )
+                finally:
+                    try:
+                        _close(service, running)  # it stops its host too, when nothing did
+                    finally:
+                        abandoned = running.host.abandoned
+            finally:
+                identity.close()
+        except StrongroomError as exc:
+            log.error("%s cannot run: %s", service, exc)
+            _exit_if_abandoned(abandoned)
+            raise
+        except OSError:
+            # The command line prints it as one line; the service's log keeps where it happened.
+            log.exception("%s stopped on an operating-system error", service)
+            _exit_if_abandoned(abandoned)
+            raise
+        except grpc.RpcError as exc:
+            # A call of another service's that refused or failed: the command line printed it
+            # as one line, and the log said nothing of why the process had ended.
+            log.error("%s cannot run: %s: %s", service, exc.code().name, exc.details())
+            _exit_if_abandoned(abandoned)
+            raise
+        except BaseException:
+            if abandoned:  # the interpreter would print it at exit, which never comes
+                log.exception("%s stopped on an unexpected error", service)
+            _exit_if_abandoned(abandoned)
+            raise
+        if abandoned:
+            exit_abandoning(abandoned)  # the pool's threads would hold the exit for good
+    finally:
+        # Not reached once calls were abandoned (that exit exports nothing: it has no time).
+        if telemetry is not None:
+            _end_telemetry(telemetry)
+        # A step the stop left running is not waited for at exit (a pool's workers would be).
+        starting.exit_if_steps_left_running()
 
 
 def _end_telemetry(telemetry: Telemetry) -> None:

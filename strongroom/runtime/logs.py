@@ -3,11 +3,13 @@
 :func:`configure_logging` sends the root logger to stderr through the service's handler
 (:class:`~strongroom.runtime.log_writer.ServiceLog`: no thread that logs waits for the log's
 destination), its refusal lines within a budget
-(:class:`~strongroom.runtime.log_refusals.RefusalLines`).
+(:class:`~strongroom.runtime.log_refusals.RefusalLines`); :func:`configured` does it for a
+service's run, and gives the process its logging back when the run ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -15,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from strongroom.runtime import lifetime
 from strongroom.runtime.config import LoggingConfig
 from strongroom.runtime.log_writer import ServiceLog
 
@@ -113,3 +116,56 @@ def configure_logging(
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(quiet)
     return handler
+
+
+class _RootLogging:
+    """What :func:`configure_logging` changes, as it was: the root logger's handlers and level,
+    and the levels of :data:`QUIET_LIBRARIES`."""
+
+    def __init__(self) -> None:
+        root = logging.getLogger()
+        self._handlers = root.handlers[:]
+        self._level = root.level
+        self._levels = {name: logging.getLogger(name).level for name in QUIET_LIBRARIES}
+
+    def put_back(self) -> None:
+        """Closes each root handler added since (a :class:`ServiceLog` writes what it queued
+        and ends its writer thread), then puts the handlers and levels back. Closed first,
+        while it is still the root's: a line logged during the close is still the service's,
+        and none it queued is left to a writer that outlives it."""
+        root = logging.getLogger()
+        for handler in root.handlers[:]:
+            if handler not in self._handlers:
+                handler.close()
+        root.handlers[:] = self._handlers
+        root.setLevel(self._level)
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def restoring() -> Iterator[None]:
+    """Puts the root logger back as it was when this began, when it ends: each handler added
+    closed, the handlers and levels :func:`configure_logging` changes as they were."""
+    saved = _RootLogging()
+    try:
+        yield
+    finally:
+        saved.put_back()
+
+
+@contextlib.contextmanager
+def configured(config: LoggingConfig, service: str) -> Iterator[ServiceLog]:
+    """:func:`configure_logging` for a service's run; when it ends (however it ends), the
+    service's handler is closed (its queue written, its writer ended) and the root logger is as
+    it was (:func:`restoring`), unless
+    :func:`~strongroom.runtime.lifetime.keep_for_the_process` was called (a process that ends
+    with its service writes its last lines, the command line's error line among them, through
+    it). Kept, a process that ran a service and went on logged to the stopped service's handler
+    and level for good, its own handlers gone."""
+    saved = _RootLogging()
+    try:
+        yield configure_logging(config, service)
+    finally:
+        if not lifetime.kept_for_the_process():
+            saved.put_back()

@@ -38,7 +38,8 @@ for a stop that no longer had a service, and was lost. The rule for when:
   ignored: the stop is under way), never the default action, which would end the process
   before the audit log is closed and the log's last lines are written.
 - Never in a process that ends with its service (``strongroom serve``:
-  :func:`keep_for_the_process`): past ``run_service`` such a process only exits, and its exit
+  :func:`~strongroom.runtime.lifetime.keep_for_the_process`, which keeps the service's exception
+  hooks and logging too): past ``run_service`` such a process only exits, and its exit
   still writes lines (the command line's error line, queued through the service's log; what
   the exit's :func:`settle` and ``logging.shutdown`` write). Given back the default action, a
   SIGTERM there ended the process at once, those lines lost and its status the signal's, not
@@ -60,6 +61,7 @@ from collections.abc import Callable, Iterator
 from queue import SimpleQueue
 from types import FrameType
 
+from strongroom.runtime import lifetime
 from strongroom.runtime.log_writer import never_wait_here
 
 log = logging.getLogger(__name__)
@@ -102,14 +104,14 @@ class _Restoring:
     :func:`install` in it (the innermost last)."""
 
     scopes: list[dict[int, Disposition]] = []
-    kept = False  # keep_for_the_process() was called
 
 
 @contextlib.contextmanager
 def restoring() -> Iterator[None]:
     """Puts back, when it ends (however it ends), the handlers the signals that :func:`install`
-    changed in it had before; unless :func:`keep_for_the_process` was called (the module's
-    docstring says why). Call from the main thread, as :func:`install`."""
+    changed in it had before; unless
+    :func:`~strongroom.runtime.lifetime.keep_for_the_process` was called (the module's docstring
+    says why). Call from the main thread, as :func:`install`."""
     saved: dict[int, Disposition] = {}
     _Restoring.scopes.append(saved)
     try:
@@ -119,17 +121,10 @@ def restoring() -> Iterator[None]:
         # recording the same handlers, ended the outer one's record instead, whose later installs
         # then went unrecorded and whose own end raised ValueError, nothing put back.
         _Restoring.scopes[:] = [scope for scope in _Restoring.scopes if scope is not saved]
-        if not _Restoring.kept:
+        if not lifetime.kept_for_the_process():
             for signum, before in saved.items():
                 if before is not None:  # not Python's: nothing to put back from here
                     signal.signal(signum, before)
-
-
-def keep_for_the_process() -> None:
-    """Has the handlers a service installs stay until the process ends, :func:`restoring`
-    putting nothing back: for a process that ends with its service (``strongroom serve``),
-    whose exit a SIGTERM must not end before it has written its last lines."""
-    _Restoring.kept = True
 
 
 def later(work: Callable[[], object]) -> None:

@@ -7,8 +7,10 @@ Python's own hooks print the traceback to ``sys.stderr``, beside the service's s
 and through stderr's buffer under its lock: with a full pipe whose collector had stopped reading,
 the thread waited there for good, and a non-daemon one held the process at exit (the interpreter
 joins them) until SIGKILL. :func:`install` is the service process's alone
-(:func:`~strongroom.runtime.bootstrap.run_service`): imported, this module changes nothing, and
-a test process keeps pytest's own hooks, which fail a test whose thread raised.
+(:func:`~strongroom.runtime.bootstrap.run_service`, through :func:`installed`): imported, this
+module changes nothing, and a process that runs a service and goes on (a test's: pytest's own
+hooks fail a test whose thread raised) has its own hooks back once the service has stopped
+(:mod:`~strongroom.runtime.lifetime`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import contextlib
 import logging
 import sys
 import threading
+from collections.abc import Iterator
 from types import TracebackType
 
+from strongroom.runtime import lifetime
 from strongroom.runtime.log_writer import never_wait_here
 
 log = logging.getLogger(__name__)
@@ -31,6 +35,22 @@ def install() -> None:
     threading.excepthook = thread_ended
     sys.excepthook = main_thread_ended
     sys.unraisablehook = unraisable
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """:func:`install` for a service's run; when it ends (however it ends) the three hooks are
+    the ones from before again, unless
+    :func:`~strongroom.runtime.lifetime.keep_for_the_process` was called. Kept, a stopped
+    service's hooks logged a later thread's error through the service's closed log, and a test
+    process's pytest hooks, which fail the test whose thread raised, were gone for good."""
+    before = threading.excepthook, sys.excepthook, sys.unraisablehook
+    install()
+    try:
+        yield
+    finally:
+        if not lifetime.kept_for_the_process():
+            threading.excepthook, sys.excepthook, sys.unraisablehook = before
 
 
 def thread_ended(args: threading.ExceptHookArgs) -> None:

@@ -33,7 +33,9 @@ command line does not print as one line (a ``LookupError``), which ends the main
 (``strongroom``: a StrongroomError; ``os``: an OSError; ``rpc``: a refused call; ``unexpected``:
 a ``LookupError``), which stops the service. ``signalled-as-it-exits``: serves, raises SIGTERM on
 itself once serving (its stop), and again once ``run_service`` has returned, as the process
-exits.
+exits. ``raises-as-it-exits``: serves, raises SIGTERM on itself once serving (its stop), and once
+``run_service`` has returned logs ``after the service``, drops an object whose ``__del__``
+raises and has a thread named ``exiting`` end raising ``RuntimeError("the exit's work failed")``.
 """
 
 from __future__ import annotations
@@ -266,6 +268,20 @@ def _raise_on_a_thread() -> None:
     threading.Thread(target=background, name="background").start()
 
 
+def _raise_as_it_exits() -> None:
+    """What a process that ran its service may still do before it exits: log, and meet errors
+    nothing catches (a ``__del__``'s, a thread's)."""
+    bootstrap.log.info("after the service")
+    _FailsToDelete()  # dropped at once: its __del__'s error cannot be raised
+
+    def exiting() -> None:
+        raise RuntimeError("the exit's work failed")
+
+    thread = threading.Thread(target=exiting, name="exiting")
+    thread.start()
+    thread.join()
+
+
 class _Refused(grpc.RpcError):
     def code(self) -> grpc.StatusCode:
         return grpc.StatusCode.PERMISSION_DENIED
@@ -323,6 +339,7 @@ def main(mode: str, collector: str = "") -> int:
             return _signalled_while_starting(mode.removeprefix("signal-starting-"))
         if mode.startswith("signal-serving-") or mode in (
             "no-stop-thread",
+            "raises-as-it-exits",
             "signalled-as-it-exits",
             "stderr-fills",
             "thread-raises",
@@ -334,7 +351,7 @@ def main(mode: str, collector: str = "") -> int:
         print(running.host.port, flush=True)
         if mode.startswith("signal-serving-"):
             _signal_holding(_held(mode.removeprefix("signal-serving-")))
-        if mode == "signalled-as-it-exits":
+        if mode in ("signalled-as-it-exits", "raises-as-it-exits"):
             signal.raise_signal(signal.SIGTERM)
         if mode == "no-stop-thread":
             _refuse_threads("shutdown")
@@ -347,6 +364,8 @@ def main(mode: str, collector: str = "") -> int:
         code = bootstrap.run_service("test", None, object, build, after_start=started)  # type: ignore[arg-type]
         if mode == "signalled-as-it-exits":
             signal.raise_signal(signal.SIGTERM)
+        if mode == "raises-as-it-exits":
+            _raise_as_it_exits()
         return code
 
     return _as_strongroom_serve(serve)

@@ -3,6 +3,7 @@ with where it happened, while the command line prints it as one line (strongroom
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,9 +34,8 @@ def test_an_os_error_that_stops_a_service_is_logged_with_its_traceback(
     identity = _Identity()
     common = SimpleNamespace(production=False, logging=None, tracing=TracingConfig(), identity=None)
     monkeypatch.setattr(bootstrap, "load_service_config", lambda *a: (common, object()))
-    monkeypatch.setattr(bootstrap, "configure_logging", lambda *a: None)
-    # The service process's hooks would stand in for pytest's (tests/conftest.py).
-    monkeypatch.setattr(bootstrap.uncaught, "install", lambda: None)
+    # The log stays pytest's, which captures it (the service's hooks are given back).
+    monkeypatch.setattr(bootstrap.logs, "configured", lambda *a: contextlib.nullcontext())
     monkeypatch.setattr(bootstrap, "open_identity", lambda *a: identity)
 
     def build(*args: Any) -> Any:

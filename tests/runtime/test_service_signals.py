@@ -1,11 +1,18 @@
 """A service run in a process that goes on (``run_service`` in a test's or a host's process) gives
 its signals back when it ends, however it ends: the handlers each signal had before, not its
-stop's (strongroom.runtime.signals); and a SIGTERM during its stop still reaches the service."""
+stop's (strongroom.runtime.signals); and a SIGTERM during its stop still reaches the service. Its
+exception hooks and root logger come back the same way (strongroom.runtime.lifetime), its last
+lines written through its own log first."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import logging
 import signal
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from types import FrameType, SimpleNamespace
 from typing import Any
@@ -15,7 +22,8 @@ import pytest
 from strongroom.errors import Unavailable
 from strongroom.reasons import Reason
 from strongroom.runtime import bootstrap, signals, starting
-from strongroom.runtime.config import TracingConfig
+from strongroom.runtime.config import LoggingConfig, TracingConfig
+from strongroom.runtime.logs import QUIET_LIBRARIES
 from tests.runtime.stopping_service import _listening, _Running
 
 TAKEN = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -26,8 +34,13 @@ class _Host:
     """The handlers the test's process had before the service (its own, so that none can be
     mistaken for one the service installed), and the signals they got."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: io.StringIO) -> None:
         self.got: list[int] = []
+        self.log = log  # the service's stderr, where its log goes
+
+    def lines(self) -> list[dict[str, Any]]:
+        """The service's log lines, as written so far."""
+        return [json.loads(line) for line in self.log.getvalue().splitlines()]
 
     def handler(self, signum: int, _frame: FrameType | None) -> None:
         self.got.append(signum)
@@ -41,13 +54,18 @@ class _Identity:
 @pytest.fixture
 def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Host]:
     """The process's own handlers of :data:`TAKEN` for the test (then the suite's again), and
-    ``run_service`` with no configuration file, CA or log of its own (pytest's hooks kept)."""
-    common = SimpleNamespace(production=False, logging=None, tracing=TracingConfig(), identity=None)
+    ``run_service`` with no configuration file or CA of its own; its log (JSON) goes to a buffer
+    standing for stderr, its hooks are its own while it runs (given back, the suite's guard
+    checks: tests/conftest.py)."""
+    common = SimpleNamespace(
+        production=False,
+        logging=LoggingConfig(format="json"),
+        tracing=TracingConfig(),
+        identity=None,
+    )
     monkeypatch.setattr(bootstrap, "load_service_config", lambda *a: (common, object()))
-    monkeypatch.setattr(bootstrap, "configure_logging", lambda *a: None)
-    monkeypatch.setattr(bootstrap.uncaught, "install", lambda: None)
     monkeypatch.setattr(bootstrap, "open_identity", lambda *a: _Identity())
-    own = _Host()
+    own = _Host(io.StringIO())
     suite = {signum: signal.signal(signum, own.handler) for signum in TAKEN}
     try:
         yield own
@@ -57,8 +75,12 @@ def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Host]:
             signal.signal(signum, handler)
 
 
-def _serve(build: Callable[..., Any], after_start: Callable[[Any], None] | None = None) -> None:
-    bootstrap.run_service("test", None, object, build, after_start=after_start)
+def _serve(
+    host: _Host, build: Callable[..., Any], after_start: Callable[[Any], None] | None = None
+) -> None:
+    # Set here, not by the fixture: pytest sets sys.stderr again as the test's call begins.
+    with contextlib.redirect_stderr(host.log):
+        bootstrap.run_service("test", None, object, build, after_start=after_start)
 
 
 def _rotates_on_sighup(_running: Any) -> None:
@@ -86,7 +108,7 @@ def _stopped_while_starting(*_: Any) -> Any:
     raise AssertionError("not stopped")
 
 
-@pytest.mark.parametrize(
+WAYS_OUT = pytest.mark.parametrize(
     ("build", "after_start", "raised"),
     [
         (lambda *_: _listening("0"), _stopped_by_sigterm, None),
@@ -96,6 +118,31 @@ def _stopped_while_starting(*_: Any) -> Any:
     ],
     ids=["clean-stop", "start-up-refused", "stopped-while-starting", "error-while-serving"],
 )
+"""How a service's run ends: a SIGTERM's clean stop, a start refused, a start stopped, an
+error while serving."""
+
+LAST_LINES = {
+    _stopped_by_sigterm: "stopped",
+    _refused_at_start: "test cannot run: AUDIT_UNAVAILABLE: the audit log cannot be opened",
+    _stopped_while_starting: "signal received while starting; stopping",
+    _fails_while_serving: "stopped",
+}
+
+
+def _serve_to_its_end(
+    host: _Host,
+    build: Callable[..., Any],
+    after_start: Callable[[Any], None] | None,
+    raised: type[BaseException] | None,
+) -> None:
+    if raised is None:
+        _serve(host, build, after_start)
+    else:
+        with pytest.raises(raised):
+            _serve(host, build, after_start)
+
+
+@WAYS_OUT
 def test_a_service_that_ends_gives_the_process_its_signal_handlers_back(
     host: _Host,
     build: Callable[..., Any],
@@ -107,14 +154,46 @@ def test_a_service_that_ends_gives_the_process_its_signal_handlers_back(
     stop of a service long gone, and a later test that interrupts itself with SIGINT
     (tests/e2e/test_publish_busy.py) waited for good. A start refused also left start-up's
     request behind, a later build's steps run as if a stop could come."""
-    if raised is None:
-        _serve(build, after_start)
-    else:
-        with pytest.raises(raised):
-            _serve(build, after_start)
+    _serve_to_its_end(host, build, after_start, raised)
     assert {s: signal.getsignal(s) for s in TAKEN} == dict.fromkeys(TAKEN, host.handler)
     assert starting._Installed.request is None
     assert host.got == []  # the service's signal went to the service
+
+
+def _root_logging() -> tuple[list[logging.Handler], int, dict[str, int]]:
+    """The root logger's handlers and level, and the quiet libraries' levels."""
+    root = logging.getLogger()
+    return root.handlers[:], root.level, {n: logging.getLogger(n).level for n in QUIET_LIBRARIES}
+
+
+@WAYS_OUT
+def test_a_service_that_ends_gives_the_process_its_exception_hooks_and_logging_back(
+    host: _Host,
+    build: Callable[..., Any],
+    after_start: Callable[[Any], None] | None,
+    raised: type[BaseException] | None,
+) -> None:
+    """``run_service`` installed the service's exception hooks and replaced the root logger's
+    handlers and level for good: a process that ran one and went on logged its own lines to the
+    stopped service's handler, its own handlers gone, and a later thread's error went to the
+    service's hooks, not the process's (pytest's, which fail the test whose thread raised). All
+    come back once the stop is over, however it ended, the service's last line written through
+    its own log by then."""
+    own = logging.NullHandler()  # the process's own handler, and a level of its own
+    root = logging.getLogger()
+    root.addHandler(own)
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        hooks = threading.excepthook, sys.excepthook, sys.unraisablehook
+        logging_before = _root_logging()
+        _serve_to_its_end(host, build, after_start, raised)
+        assert (threading.excepthook, sys.excepthook, sys.unraisablehook) == hooks
+        assert _root_logging() == logging_before
+        assert host.lines()[-1]["msg"] == LAST_LINES[after_start or build]
+    finally:
+        root.removeHandler(own)
+        root.setLevel(level)
 
 
 class _SignalledWhileClosing(_Running):
@@ -126,17 +205,17 @@ class _SignalledWhileClosing(_Running):
 
 
 def test_a_sigterm_during_the_stop_reaches_the_service_not_the_handler_from_before(
-    host: _Host, caplog: pytest.LogCaptureFixture
+    host: _Host,
 ) -> None:
     """The handlers come back once the stop is over, never during it: a SIGTERM as the service
     closes (what the key broker's close writes to its audit log) is the service's, logged and
-    ignored (its stop is under way), not the process's default action."""
-    with caplog.at_level(logging.INFO):
-        _serve(lambda *_: _SignalledWhileClosing(_listening("0").host), _stopped_by_sigterm)
-        assert signals.settle(30)
+    ignored (its stop is under way), not the process's default action. Its line, which the
+    ``signals`` thread logs as the service closes, is the service's log's by the time
+    ``run_service`` has returned: written before the log was given back."""
+    _serve(host, lambda *_: _SignalledWhileClosing(_listening("0").host), _stopped_by_sigterm)
     assert host.got == []
-    draining = [r for r in caplog.records if r.getMessage() == "signal received, draining"]
-    assert len(draining) == 2
+    draining = [r for r in host.lines() if r["msg"] == "signal received, draining"]
+    assert [r["signal"] for r in draining] == [signal.SIGTERM, signal.SIGTERM]
     assert signal.getsignal(signal.SIGTERM) == host.handler
 
 

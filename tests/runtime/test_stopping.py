@@ -325,6 +325,25 @@ def test_a_sigterm_as_the_service_s_process_exits_is_the_service_s_not_the_defau
     ]
 
 
+def test_a_process_that_ends_with_its_service_keeps_its_log_and_exception_hooks_to_the_exit() -> (
+    None
+):
+    """A service gives its exception hooks and logging back when it ends
+    (strongroom.runtime.lifetime), but not in a process that ends with it (``strongroom
+    serve``): what that process does past ``run_service`` (its exit's lines, the command line's
+    error line, an error nothing catches) is still its service's log's, JSON lines, never a
+    bare traceback on stderr."""
+    status, lines, stderr = _signalled("raises-as-it-exits")
+    assert status == 0, stderr[-2000:]
+    assert [line for line in stderr.splitlines() if not line.startswith("{")] == []
+    after = lines[[r["msg"] for r in lines].index("stopped") + 1 :]
+    assert [(r["msg"], r.get("thread_name"), r.get("error")) for r in after] == [
+        ("after the service", None, None),
+        ("an error could not be raised", None, "a finaliser failed"),
+        ("thread ended on an uncaught error", "exiting", "the exit's work failed"),
+    ]
+
+
 def test_sigterm_while_starting_stops_though_the_main_thread_holds_a_log_handlers_lock() -> None:
     """Start-up's handler logged its line on the main thread: a log handler's plain lock held
     there (a standard-library QueueHandler's queue) held the handler for good. It only records
