@@ -132,15 +132,19 @@ class _RootLogging:
         """Closes each root handler added since (a :class:`ServiceLog` writes what it queued
         and ends its writer thread), then puts the handlers and levels back. Closed first,
         while it is still the root's: a line logged during the close is still the service's,
-        and none it queued is left to a writer that outlives it."""
+        and none it queued is left to a writer that outlives it. Put back however the closes
+        end: a close waits up to FLUSH_SECONDS for a slow destination, and a Ctrl-C there
+        (KeyboardInterrupt) left the process the stopped service's handler and levels for good."""
         root = logging.getLogger()
-        for handler in root.handlers[:]:
-            if handler not in self._handlers:
-                handler.close()
-        root.handlers[:] = self._handlers
-        root.setLevel(self._level)
-        for name, level in self._levels.items():
-            logging.getLogger(name).setLevel(level)
+        try:
+            for handler in root.handlers[:]:
+                if handler not in self._handlers:
+                    handler.close()
+        finally:
+            root.handlers[:] = self._handlers
+            root.setLevel(self._level)
+            for name, level in self._levels.items():
+                logging.getLogger(name).setLevel(level)
 
 
 @contextlib.contextmanager

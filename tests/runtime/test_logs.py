@@ -8,19 +8,23 @@ import json
 import logging
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from strongroom import errors
+from strongroom.runtime import logs
+from strongroom.runtime.config import LoggingConfig
 from strongroom.runtime.log_refusals import LOGGER, REFUSED_CALLS_BURST, enter_rpc, leave_rpc
 from strongroom.runtime.log_writer import FLUSH_SECONDS, ServiceLog
-from strongroom.runtime.logs import JsonFormatter
+from strongroom.runtime.logs import QUIET_LIBRARIES, JsonFormatter
 from tests.conftest import REPO, buffered_service_log
 from tests.runtime.stopping_service import FillingPoll
 
@@ -554,3 +558,79 @@ def test_a_line_whose_pipe_another_writer_fills_after_the_look_is_queued_not_wai
         "after the look",
         "after that",
     ]
+
+
+class _StalledUntilInterrupted(io.StringIO):
+    """A destination that takes nothing (a collector that stopped reading): its first write,
+    once the log's close is waiting for it on the main thread, has SIGINT (an operator's Ctrl-C)
+    land there, then waits until ``resume``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resume = threading.Event()
+        self.interrupted = False
+
+    def write(self, text: str) -> int:
+        if not self.interrupted:
+            self.interrupted = True
+            main = threading.main_thread()
+            while not _in_close(sys._current_frames().get(main.ident or 0)):
+                if self.resume.wait(0.01):
+                    break
+            else:
+                signal.pthread_kill(main.ident or 0, signal.SIGINT)
+        self.resume.wait(120)
+        return super().write(text)
+
+
+def _in_close(frame: Any) -> bool:
+    """Whether ``frame``'s stack is inside :meth:`ServiceLog.close`."""
+    while frame is not None:
+        if frame.f_code is ServiceLog.close.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_an_interrupted_close_of_a_service_s_log_still_gives_the_process_its_logging_back() -> None:
+    """A service's run gives the process its root logger back once its log is written and
+    closed (``logs.configured``); the close waits up to FLUSH_SECONDS for a slow destination,
+    and an operator's Ctrl-C there (KeyboardInterrupt) skipped the give-back: the process kept
+    the stopped service's handler, level and the quiet libraries' levels for good, its own
+    handlers gone, as before run_service gave anything back. They are the process's again,
+    however the close ends."""
+    own = logging.NullHandler()
+    root = logging.getLogger()
+    root.addHandler(own)
+    level = root.level
+    root.setLevel(logging.ERROR)
+    stream = _StalledUntilInterrupted()
+    before = root.handlers[:], root.level, _quiet_levels()
+    service_log: list[ServiceLog] = []
+    interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with (
+            contextlib.redirect_stderr(stream),
+            pytest.raises(KeyboardInterrupt),
+            logs.configured(LoggingConfig(format="json"), "test") as handler,
+        ):
+            service_log.append(handler)
+            logging.getLogger("strongroom.test").warning("the service's last line")
+        assert (root.handlers[:], root.level, _quiet_levels()) == before
+    finally:
+        signal.signal(signal.SIGINT, interrupt)
+        stream.resume.set()
+        if service_log:
+            service_log[0].close()  # what the interrupt left of it
+        # As the test found them, whatever the give-back left.
+        root.handlers[:] = [h for h in before[0] if h is not own]
+        root.setLevel(level)
+        for name, quiet in before[2].items():
+            logging.getLogger(name).setLevel(quiet)
+    assert [json.loads(line)["msg"] for line in stream.getvalue().splitlines()] == [
+        "the service's last line"
+    ]
+
+
+def _quiet_levels() -> dict[str, int]:
+    return {name: logging.getLogger(name).level for name in QUIET_LIBRARIES}
