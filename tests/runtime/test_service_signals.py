@@ -24,6 +24,7 @@ from strongroom.reasons import Reason
 from strongroom.runtime import bootstrap, signals, starting
 from strongroom.runtime.config import LoggingConfig, TracingConfig
 from strongroom.runtime.logs import QUIET_LIBRARIES
+from strongroom.runtime.server import ServiceHost
 from tests.runtime.stopping_service import _listening, _Running
 
 TAKEN = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -197,11 +198,31 @@ def test_a_service_that_ends_gives_the_process_its_exception_hooks_and_logging_b
 
 
 class _SignalledWhileClosing(_Running):
-    """A service that gets a second SIGTERM as it closes (its audit log's last records)."""
+    """A service that gets a second SIGTERM as it closes (its audit log's last records), handed
+    to the ``signals`` thread behind work that holds it until ``run_service`` waits for that
+    thread (:func:`signals.settle`): its line is still to be logged when the stop is over, so
+    it is the service's log's only if the give-back waits for it. Logged at once, as it came
+    otherwise, the test passed whether or not anything waited."""
+
+    def __init__(self, host: ServiceHost) -> None:
+        super().__init__(host)
+        self.held = threading.Event()
 
     def close(self, grace: float | None = 0) -> None:
+        signals.later(lambda: self.held.wait(30))
         signal.raise_signal(signal.SIGTERM)
+        threading.Thread(target=self._let_go_once_settling, daemon=True).start()
         super().close(grace)
+
+    def _let_go_once_settling(self) -> None:
+        main = threading.main_thread().ident or 0
+        while not self.held.is_set():
+            frame = sys._current_frames().get(main)
+            while frame is not None and frame.f_code is not signals.settle.__code__:
+                frame = frame.f_back
+            if frame is not None:
+                self.held.set()
+            self.held.wait(0.01)
 
 
 def test_a_sigterm_during_the_stop_reaches_the_service_not_the_handler_from_before(
@@ -212,7 +233,18 @@ def test_a_sigterm_during_the_stop_reaches_the_service_not_the_handler_from_befo
     ignored (its stop is under way), not the process's default action. Its line, which the
     ``signals`` thread logs as the service closes, is the service's log's by the time
     ``run_service`` has returned: written before the log was given back."""
-    _serve(host, lambda *_: _SignalledWhileClosing(_listening("0").host), _stopped_by_sigterm)
+    closing: list[_SignalledWhileClosing] = []
+
+    def build(*_: Any) -> _SignalledWhileClosing:
+        closing.append(_SignalledWhileClosing(_listening("0").host))
+        return closing[0]
+
+    try:
+        _serve(host, build, _stopped_by_sigterm)
+    finally:
+        if closing:
+            closing[0].held.set()  # never reached settle: the line goes where it goes now
+            assert signals.settle(30)
     assert host.got == []
     draining = [r for r in host.lines() if r["msg"] == "signal received, draining"]
     assert [r["signal"] for r in draining] == [signal.SIGTERM, signal.SIGTERM]
