@@ -187,6 +187,14 @@ class FaultProxy:
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def setup(self) -> None:
+                super().setup()
+                # The status line and headers go out in one write and the body in the next: with
+                # Nagle's algorithm on, the body waited for the client's delayed ACK of the
+                # headers (40 ms on Linux), on every answer with a body. Real servers answer at
+                # once; the proxy's faults are what it adds, not this stall.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
