@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+from botocore.retries.standard import ExponentialBackoff
 
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.modelstore.service import (
@@ -30,6 +31,19 @@ from tests.modelstore.backends import AnyStorage
 
 S3_TEST_PART_SIZE = 5 * 1024 * 1024
 """S3's minimum part size: the smallest artifacts that exercise multipart uploads."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_retry_backoff() -> Iterator[None]:
+    """botocore's retries without its sleeps between them, for every S3 client these tests make
+    (the store's own included). The store's retry behaviour is the number of attempts
+    (``max_attempts``) and what a retry's answer means (``RetryAttempts``), both kept; the sleep
+    before a retry is botocore's jitter, up to 1 s after every throttling answer, which the fault
+    tests inject by the dozen and no test measures. Per module: the patch ends with the module, not
+    leaking into other directories' tests."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0.0)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,13 @@ _RUNNING = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")
 ACCESS_KEY = "strongroom-test"
 SECRET_KEY = "strongroom-test-secret"
 
+# One session for every test client: a fresh session loads botocore's S3 model from disk again
+# (0.1 to 0.2 s a client, dozens of clients a run). Clients carry their own credentials and
+# configuration, so sharing the session shares nothing else; creating clients from one session
+# is not thread-safe, hence the lock.
+_SESSION = boto3.session.Session()
+_SESSION_LOCK = threading.Lock()
+
 
 class MotoServer:
     """``moto_server`` on 127.0.0.1 (a free port it picks itself); :meth:`stop` kills it."""
@@ -92,34 +99,36 @@ def client(
     max_attempts: int = 2,
 ) -> Any:
     """A boto3 S3 client configured as the store configures its own (path style, SigV4)."""
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=access_key,
-        aws_secret_access_key=secret_key,
-        region_name="us-east-1",
-        config=Config(
-            s3={"addressing_style": "path"},
-            signature_version="s3v4",
-            connect_timeout=5,
-            read_timeout=read_timeout,
-            retries={"max_attempts": max_attempts, "mode": "standard"},
-            max_pool_connections=32,
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        ),
-    )
+    with _SESSION_LOCK:
+        return _SESSION.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            region_name="us-east-1",
+            config=Config(
+                s3={"addressing_style": "path"},
+                signature_version="s3v4",
+                connect_timeout=5,
+                read_timeout=read_timeout,
+                retries={"max_attempts": max_attempts, "mode": "standard"},
+                max_pool_connections=32,
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
 
 
 def iam_client(endpoint: str, *, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY) -> Any:
     """A boto3 IAM client on the same server (moto serves every API on one port)."""
-    return boto3.session.Session().client(
-        "iam",
-        endpoint_url=endpoint,
-        aws_access_key_id=access_key,
-        aws_secret_access_key=secret_key,
-        region_name="us-east-1",
-    )
+    with _SESSION_LOCK:
+        return _SESSION.client(
+            "iam",
+            endpoint_url=endpoint,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            region_name="us-east-1",
+        )
 
 
 def new_bucket(s3: Any) -> str:
@@ -186,6 +195,14 @@ class FaultProxy:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                # The status line and headers go out in one write and the body in the next: with
+                # Nagle's algorithm on, the body waited for the client's delayed ACK of the
+                # headers (40 ms on Linux), on every answer with a body. Real servers answer at
+                # once; the proxy's faults are what it adds, not this stall.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
