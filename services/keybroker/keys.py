@@ -1238,11 +1238,19 @@ def _state_read(version: _kek.KekVersion) -> AttributeRead:
     return AttributeRead(version.winner.handle, Attribute.UNWRAP, 1)  # a CK_BBOOL
 
 
+def _enabled_label(version: _kek.KekVersion) -> bytes | None:
+    """What :func:`_state_read` reads from ``version`` while it is enabled, when that value alone
+    says so: its enabler's label (compared after the wrap, and by the release's first read
+    before the unwrap); None for a version whose KEKs' ``CKA_UNWRAP`` says it."""
+    return version.enablers[0].label if version.needs_enabler else None
+
+
 def _judge_state(version: _kek.KekVersion, read: AttributeRead) -> None:
     """Raises unless ``read`` (:func:`_state_read`, made) says ``version`` is still enabled: a
     stale handle for an enabler that is no longer this one, KEY_DISABLED for a cleared flag."""
-    if version.needs_enabler:
-        if read.value() != version.enablers[0].label:
+    label = _enabled_label(version)
+    if label is not None:
+        if read.value() != label:
             raise p11x.ObjectHandleInvalid()  # another object now has the handle
     elif not read.value()[0]:
         raise _disabled_error(version.key_id, version.version)
@@ -1386,7 +1394,7 @@ def _release_with(
         {Attribute.MODULUS: ephemeral.modulus, Attribute.PUBLIC_EXPONENT: ephemeral.public_exponent}
     )
     state = _state_read(version)
-    enabled = version.enablers[0].label if version.needs_enabler else None
+    enabled = _enabled_label(version)
     for kek in version.candidates:
         try:
             out = hs.direct.rewrap_oaep(
