@@ -5,7 +5,6 @@ modifiable before are named at start and still disabled through their flags."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import logging
 from collections.abc import Callable, Iterator
@@ -35,6 +34,7 @@ from strongroom.keybroker.p11direct import Template
 from strongroom.oaep import OaepHash
 from tests.keybroker.helpers import (
     MODEL,
+    WRAP_KEY,
     make_config,
     session_objects,
     spki,
@@ -610,17 +610,6 @@ def _disable_during(
     return disabled
 
 
-_WRAP_KEY = ctypes.CFUNCTYPE(
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-    ctypes.c_void_p,
-)
-
-
 @contextlib.contextmanager
 def _disable_inside_the_rewrap(
     hsm: Hsm, other: KeyManager, key_id: str, version: int
@@ -631,16 +620,16 @@ def _disable_inside_the_rewrap(
     receives the disable's answer."""
     direct = hsm._direct
     assert direct is not None
-    token_wrap = _WRAP_KEY(direct.entry_points.wrap_key)
+    token_wrap = WRAP_KEY(direct.entry_points.wrap_key)
     disabled: list[Any] = []
 
-    def wrap(session: int, mechanism: int, key: int, wrapped: int, out: int, length: int) -> int:
+    def wrap(session: int, mechanism: Any, key: int, wrapped: int, out: int, length: Any) -> int:
         rv = int(token_wrap(session, mechanism, key, wrapped, out, length))
         if not disabled:
             disabled.append(other.disable_key(key_id, version))
         return rv
 
-    with token_call_replaced(hsm, "wrap_key", _WRAP_KEY(wrap)):
+    with token_call_replaced(hsm, "wrap_key", WRAP_KEY(wrap)):
         yield disabled
 
 
