@@ -1209,7 +1209,7 @@ def _still_enabled(hs: HsmSession, version: _kek.KekVersion) -> None:
     dropped. Straight through the module: ~23 us for the enabler's label with SoftHSM2 and 20
     keys (~14 us for a fixed-size attribute: SoftHSM2 decrypts a private object's byte strings),
     where python-pkcs11's attribute read took ~30 us. A release makes the same read
-    (:func:`_state_read`) as the last call of its re-wrap, and judges it alike
+    (:func:`_state_check`) as the last call of its re-wrap, and judges it alike
     (:func:`_judge_state`).
 
     - With an immutable KEK, its enabler's label, read through its handle: a stale-handle error
@@ -1223,44 +1223,50 @@ def _still_enabled(hs: HsmSession, version: _kek.KekVersion) -> None:
       disabled one inside its call, but not one whose disable landed between its check and this
       answer. A disable clears that flag first (``KeyManager._set_state``), so a disable that
       returned has cleared it: KEY_DISABLED."""
-    read = _state_read(version)
+    check = _state_check(version)
     try:
-        hs.direct.read(read)
+        hs.direct.read(check.read)
     except p11x.PKCS11Error as exc:
-        raise _unreadable_state(version, exc) from None
-    _judge_state(version, read)
+        raise _unreadable_state(check, exc) from None
+    _judge_state(version, check)
 
 
-def _state_read(version: _kek.KekVersion) -> AttributeRead:
-    """The read that tells whether ``version`` is still enabled (see :func:`_still_enabled`)."""
+class _StateCheck(NamedTuple):
+    """How to tell whether a version is still enabled: the read to make, and the value it holds
+    while the version is enabled when that value alone says so (its enabler's label); None when
+    the read is a KEK's ``CKA_UNWRAP`` (a version with only KEKs made modifiable)."""
+
+    read: AttributeRead
+    enabled: bytes | None
+
+
+def _state_check(version: _kek.KekVersion) -> _StateCheck:
+    """The one place that decides how ``version``'s state is read and judged (see
+    :func:`_still_enabled`): the release's first read before the unwrap, and the read after the
+    HSM's work (a release's last, or a call of its own), both take it from here, so the value
+    compared first cannot be another than the one judged last."""
     if version.needs_enabler:
-        return AttributeRead(version.enablers[0].handle, Attribute.LABEL, _kek.LABEL_MAX_BYTES)
-    return AttributeRead(version.winner.handle, Attribute.UNWRAP, 1)  # a CK_BBOOL
+        enabler = version.enablers[0]
+        read = AttributeRead(enabler.handle, Attribute.LABEL, _kek.LABEL_MAX_BYTES)
+        return _StateCheck(read, enabler.label)
+    return _StateCheck(AttributeRead(version.winner.handle, Attribute.UNWRAP, 1), None)  # CK_BBOOL
 
 
-def _enabled_label(version: _kek.KekVersion) -> bytes | None:
-    """What :func:`_state_read` reads from ``version`` while it is enabled, when that value alone
-    says so: its enabler's label (compared after the wrap, and by the release's first read
-    before the unwrap); None for a version whose KEKs' ``CKA_UNWRAP`` says it."""
-    return version.enablers[0].label if version.needs_enabler else None
-
-
-def _judge_state(version: _kek.KekVersion, read: AttributeRead) -> None:
-    """Raises unless ``read`` (:func:`_state_read`, made) says ``version`` is still enabled: a
-    stale handle for an enabler that is no longer this one, KEY_DISABLED for a cleared flag."""
-    label = _enabled_label(version)
-    if label is not None:
-        if read.value() != label:
+def _judge_state(version: _kek.KekVersion, check: _StateCheck) -> None:
+    """Raises unless ``check``'s read, made, says ``version`` is still enabled: a stale handle for
+    an enabler that is no longer this one, KEY_DISABLED for a cleared flag."""
+    if check.enabled is not None:
+        if check.read.value() != check.enabled:
             raise p11x.ObjectHandleInvalid()  # another object now has the handle
-    elif not read.value()[0]:
+    elif not check.read.value()[0]:
         raise _disabled_error(version.key_id, version.version)
 
 
-def _unreadable_state(version: _kek.KekVersion, error: p11x.PKCS11Error) -> p11x.PKCS11Error:
-    """What to raise when :func:`_state_read` failed with ``error``: for an enabler, an answer
-    no object of ours gives (no readable label, or one longer than any of ours) is a stale
-    handle; any other failure is itself."""
-    if version.needs_enabler and (
+def _unreadable_state(check: _StateCheck, error: p11x.PKCS11Error) -> p11x.PKCS11Error:
+    """What to raise when ``check``'s read failed with ``error``: for an enabler, an answer no
+    object of ours gives (no readable label, or one longer than any of ours) is a stale handle;
+    any other failure is itself."""
+    if check.enabled is not None and (
         isinstance(error, p11x.AttributeSensitive | p11x.AttributeTypeInvalid)
         or errs.return_code(error) == _CKR_BUFFER_TOO_SMALL
     ):
@@ -1393,8 +1399,7 @@ def _release_with(
     public = EPHEMERAL_KEY_IMPORT.with_bytes(
         {Attribute.MODULUS: ephemeral.modulus, Attribute.PUBLIC_EXPONENT: ephemeral.public_exponent}
     )
-    state = _state_read(version)
-    enabled = _enabled_label(version)
+    check = _state_check(version)
     for kek in version.candidates:
         try:
             out = hs.direct.rewrap_oaep(
@@ -1405,8 +1410,8 @@ def _release_with(
                 public_template=public,
                 choice=choice,
                 size=len(ephemeral.modulus),
-                state=state,
-                enabled=enabled,
+                state=check.read,
+                enabled=check.enabled,
             )
         except StateChanged:
             # Another label than the enabler's (the only value compared): a stale handle, as
@@ -1416,7 +1421,7 @@ def _release_with(
             _unwrap_refused(hs, kek, failed.error)
             continue
         except StateReadFailed as failed:
-            raise _unreadable_state(version, failed.error) from None
+            raise _unreadable_state(check, failed.error) from None
         except CleanupFailed as failed:
             raise _data_key_left(failed.error) from failed.error
         except TargetRefused as refused:
@@ -1435,7 +1440,7 @@ def _release_with(
                 reason=Reason.EPHEMERAL_KEY_UNSUPPORTED,
             ) from None
         if out is not None:
-            _judge_state(version, state)
+            _judge_state(version, check)
             return out
     raise _not_wrapped_under(version)
 

@@ -30,7 +30,7 @@ from strongroom.keybroker import keys as keys_module
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmSession
 from strongroom.keybroker.keys import ALL_VERSIONS, KeyManager, KeyState
-from strongroom.keybroker.p11direct import Template
+from strongroom.keybroker.p11direct import DirectSession, Template
 from strongroom.oaep import OaepHash
 from tests.keybroker.helpers import (
     MODEL,
@@ -700,6 +700,48 @@ def test_a_version_disabled_on_another_replica_between_two_releases_is_refused(
     assert info.value.message == "key 'gone' version 1 is disabled"
     assert session_objects(hsm) == before
     assert km.unusable_keys() == {}
+
+
+@pytest.mark.parametrize("kek", ["immutable", "modifiable"])
+def test_the_releases_first_read_and_the_read_after_the_hsms_work_are_one_check(
+    hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey, kek: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether a version's state is read before the unwrap, and what it must hold, was decided in
+    _release_with while _state_read decided what to read (each on needs_enabler): edited apart,
+    the C call's first compare could read one thing and look for another. Both come from one
+    keys._state_check now: the release's C call is given its read and value, _still_enabled
+    makes its read, and on an enabled version the read gives exactly that value (the enabler's
+    label), or, for a KEK made modifiable, no value is compared first and the flag reads set."""
+    if kek == "modifiable":
+        hsm.call(functools.partial(_legacy_kek, key_id="one"))
+    else:
+        km.create_key("one")
+    key = km.generate_data_key("one", *MODEL)
+    checks: list[Any] = []
+    given: list[tuple[Any, Any]] = []
+    real_check, real_rewrap = keys_module._state_check, DirectSession.rewrap_oaep
+
+    def check(version: _kek.KekVersion) -> Any:
+        checks.append(real_check(version))
+        return checks[-1]
+
+    def rewrap(self: DirectSession, *args: Any, **kwargs: Any) -> Any:
+        given.append((kwargs["state"], kwargs["enabled"]))
+        return real_rewrap(self, *args, **kwargs)
+
+    monkeypatch.setattr(keys_module, "_state_check", check)
+    monkeypatch.setattr(DirectSession, "rewrap_oaep", rewrap)
+    km.release_to_ephemeral("one", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])
+    km.generate_data_key("one", *MODEL)  # its read after the wrap: _still_enabled
+    assert len(checks) == 2
+    assert given == [(checks[0].read, checks[0].enabled)]
+    after = checks[1]
+    if kek == "modifiable":
+        assert [c.enabled for c in checks] == [None, None]
+        assert after.read.value() == b"\x01"  # CKA_UNWRAP, set
+    else:
+        assert checks[0].enabled is not None
+        assert after.read.value() == after.enabled == checks[0].enabled
 
 
 def test_a_disabled_versions_enabler_handle_given_to_another_object_refuses_the_release(
