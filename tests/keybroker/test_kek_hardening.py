@@ -610,6 +610,31 @@ def _disable_during(
     return disabled
 
 
+def _flap_during(
+    monkeypatch: pytest.MonkeyPatch,
+    step: str,
+    other: KeyManager,
+    key_id: str,
+    version: int,
+    times: int,
+) -> list[Any]:
+    """Has ``other`` disable ``version`` and enable it again right before each of this replica's
+    first ``times`` calls of ``step`` (a function of :mod:`keys`), a replica flapping the version
+    while this one uses it: the enabler this replica looked up is gone each time, another in its
+    place. Returns the list that receives each flap's final answer."""
+    real = getattr(keys_module, step)
+    flaps: list[Any] = []
+
+    def flapping(*args: Any) -> Any:
+        if len(flaps) < times:
+            other.disable_key(key_id, version)
+            flaps.append(other.enable_key(key_id, version))
+        return real(*args)
+
+    monkeypatch.setattr(keys_module, step, flapping)
+    return flaps
+
+
 @contextlib.contextmanager
 def _disable_inside_the_rewrap(
     hsm: Hsm, other: KeyManager, key_id: str, version: int
@@ -650,6 +675,71 @@ def test_a_disable_that_lands_while_the_hsm_rewraps_refuses_the_release(
         km.release_to_ephemeral("race", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])
     assert info.value.reason == "KEY_DISABLED"
     assert disabled[0].versions[0].state is KeyState.DISABLED
+
+
+_OPERATIONS: dict[str, tuple[str, Callable[[KeyManager, Any, rsa.RSAPrivateKey], Any]]] = {
+    # operation -> (the keys function a flap lands before, the call)
+    "release": (
+        "_release_with",
+        lambda km, key, tee: km.release_to_ephemeral(
+            "flap", 1, key.wrapped, spki(tee), [OaepHash.SHA1]
+        ),
+    ),
+    "generate_data_key": ("_wrap", lambda km, _key, _tee: km.generate_data_key("flap", *MODEL)),
+    "rewrap": ("_wrap", lambda km, key, _tee: km.rewrap("flap", 1, key.wrapped)),
+}
+
+
+@pytest.mark.parametrize("operation", list(_OPERATIONS))
+def test_a_version_flapping_a_few_times_under_an_operation_gets_its_answer(
+    km: KeyManager,
+    replica: Callable[[], KeyManager],
+    tee_key: rsa.RSAPrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    operation: str,
+) -> None:
+    """A replica disabling and re-enabling a version while this one used it twice in a row: the
+    first stale enabler was looked up afresh, the second answered HSM_UNAVAILABLE ("an HSM object
+    changed; retry"), an HSM failure where the HSM had not failed. The version is enabled each
+    time it is looked up again, and the operation is answered once a re-read holds still."""
+    km.create_key("flap")
+    key = km.generate_data_key("flap", *MODEL)
+    step, call = _OPERATIONS[operation]
+    flaps = _flap_during(monkeypatch, step, replica(), "flap", 1, times=2)
+    call(km, key, tee_key)
+    assert [f.versions[0].state for f in flaps] == [KeyState.ENABLED] * 2
+    assert km.unusable_keys() == {}
+
+
+@pytest.mark.parametrize("operation", list(_OPERATIONS))
+def test_a_version_that_keeps_flapping_under_an_operation_is_refused_disabled(
+    hsm: Hsm,
+    km: KeyManager,
+    replica: Callable[[], KeyManager],
+    tee_key: rsa.RSAPrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    operation: str,
+) -> None:
+    """Past a bounded number of re-reads, a version disabled under every attempt is refused as
+    what each attempt met, a disable (KEY_DISABLED, fail closed), not HSM_UNAVAILABLE; no session
+    object is left and the key is not counted against; once the flapping stops it works."""
+    km.create_key("flap")
+    key = km.generate_data_key("flap", *MODEL)
+    step, call = _OPERATIONS[operation]
+    before = session_objects(hsm)
+    flaps = _flap_during(monkeypatch, step, replica(), "flap", 1, times=1000)
+    with pytest.raises(FailedPrecondition) as info:
+        call(km, key, tee_key)
+    assert info.value.reason == "KEY_DISABLED"
+    assert info.value.message == (
+        f"key 'flap' version 1 was disabled while the HSM used it, {len(flaps)} times in a row "
+        "(another replica is changing its state); retry once it holds still"
+    )
+    assert len(flaps) == keys_module._STATE_ATTEMPTS
+    assert session_objects(hsm) == before
+    assert km.unusable_keys() == {}
+    monkeypatch.undo()
+    call(km, key, tee_key)
 
 
 def test_a_disable_that_lands_between_the_wrap_and_the_answer_refuses_the_release(
