@@ -109,6 +109,9 @@ WRAPPED_DEK_BYTES = 40
 ALL_VERSIONS: Literal["all"] = "all"
 _CREATE_ATTEMPTS = 6
 _SEARCH_ATTEMPTS = 4
+#: How many times an operation runs on a version looked up afresh while another replica keeps
+#: disabling it under it (:class:`_StateMoved`) before it is refused as disabled.
+_STATE_ATTEMPTS = 4
 _CACHE_MAX_KEYS = 4096
 #: The unwrapped data key's template: the one python-pkcs11's unwrap_key built from
 #: ``_kek.SESSION_DEK_TEMPLATE`` (class and key type first; its capability defaults are all
@@ -770,16 +773,16 @@ class KeyManager:
                     reason=Reason.HSM_UNAVAILABLE,
                 )
             reuse = looked[1] if looked is not None and looked[0] == hs.serial else None
-            try:
-                return attempt(hs, choice, reuse or self._cached_versions(hs, key_id))
-            except p11x.PKCS11Error as exc:
-                if not errs.is_stale_handle(exc):
-                    raise
-                self._forget(key_id)  # a cached handle went stale: look the key up afresh
-                return attempt(hs, choice, self._require_versions(hs, key_id))
+            # A cached handle gone stale is looked up afresh (_require_versions drops the entry).
+            return self._afresh_if_stale(
+                hs,
+                key_id,
+                functools.partial(attempt, choice=choice),
+                reuse or self._cached_versions(hs, key_id),
+            )
 
         def attempt(
-            hs: HsmSession, choice: OaepHash, versions: list[_kek.KekVersion]
+            hs: HsmSession, versions: list[_kek.KekVersion], *, choice: OaepHash
         ) -> ReleasedKey:
             kek = _pick(key_id, versions, version)
             _require_enabled(kek)
@@ -956,17 +959,37 @@ class KeyManager:
         hs: HsmSession,
         key_id: str,
         attempt: Callable[[HsmSession, list[_kek.KekVersion]], T],
+        versions: list[_kek.KekVersion] | None = None,
     ) -> T:
-        """Runs ``attempt`` on the key's versions read now; if one of their handles went stale
-        meanwhile (an enabler a disable on another replica destroyed, :func:`_still_enabled`),
-        once more on a fresh read, which refuses a disabled version (KEY_DISABLED). Left to the
-        HSM backend, a stale handle was an ``HSM_UNAVAILABLE`` "retry", not the refusal it is."""
-        try:
-            return attempt(hs, self._require_versions(hs, key_id))
-        except p11x.PKCS11Error as exc:
-            if not errs.is_stale_handle(exc):
-                raise
-        return attempt(hs, self._require_versions(hs, key_id))
+        """Runs ``attempt`` on ``versions`` (default: the key's versions read now); if one of their
+        handles went stale meanwhile, again on a fresh read, which refuses a disabled version
+        (KEY_DISABLED). Left to the HSM backend, a stale handle was an ``HSM_UNAVAILABLE``
+        "retry", not the refusal it is.
+
+        A version's enabler gone under the attempt (:class:`_StateMoved`: a disable on some
+        replica, maybe followed by an enable) is read afresh up to :data:`_STATE_ATTEMPTS` times
+        in all, so that a version flapping for a moment gets its state's own answer: the
+        operation once a read holds still, KEY_DISABLED once a lookup finds it disabled. A version
+        disabled under every attempt is refused KEY_DISABLED (what each attempt met, and fail
+        closed). Any other stale handle (an object found by the search and gone before its use)
+        is read afresh once; a second is the backend's."""
+        if versions is None:
+            versions = self._require_versions(hs, key_id)
+        other_stale = False
+        moved = 0
+        for attempts in range(1, _STATE_ATTEMPTS + 1):
+            try:
+                return attempt(hs, versions)
+            except _StateMoved as exc:
+                moved += 1
+                if attempts == _STATE_ATTEMPTS:
+                    raise _disabled_meanwhile(exc, moved) from None
+            except p11x.PKCS11Error as exc:
+                if not errs.is_stale_handle(exc) or other_stale or attempts == _STATE_ATTEMPTS:
+                    raise
+                other_stale = True
+            versions = self._require_versions(hs, key_id)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _versions(self, hs: HsmSession, key_id: str) -> list[_kek.KekVersion]:
         self._forget(key_id)
@@ -1209,11 +1232,12 @@ def _still_enabled(hs: HsmSession, version: _kek.KekVersion) -> None:
     dropped. Straight through the module: ~23 us for the enabler's label with SoftHSM2 and 20
     keys (~14 us for a fixed-size attribute: SoftHSM2 decrypts a private object's byte strings),
     where python-pkcs11's attribute read took ~30 us. A release makes the same read
-    (:func:`_state_read`) as the last call of its re-wrap, and judges it alike
+    (:func:`_state_check`) as the last call of its re-wrap, and judges it alike
     (:func:`_judge_state`).
 
-    - With an immutable KEK, its enabler's label, read through its handle: a stale-handle error
-      if a disable destroyed it (the caller looks the key up again, and is refused). The HSM
+    - With an immutable KEK, its enabler's label, read through its handle: :class:`_StateMoved`
+      (a stale handle) if a disable destroyed it (the caller looks the key up again, and is
+      refused; see :meth:`KeyManager._afresh_if_stale` for a version re-enabled since). The HSM
       cannot refuse an immutable KEK itself; reading before the HSM call would miss a disable
       that lands during it. The label, not any attribute: a token may give a destroyed object's
       handle to a new one (PKCS#11 allows it; SoftHSM2 never does), and any read through the
@@ -1223,48 +1247,81 @@ def _still_enabled(hs: HsmSession, version: _kek.KekVersion) -> None:
       disabled one inside its call, but not one whose disable landed between its check and this
       answer. A disable clears that flag first (``KeyManager._set_state``), so a disable that
       returned has cleared it: KEY_DISABLED."""
-    read = _state_read(version)
+    check = _state_check(version)
     try:
-        hs.direct.read(read)
+        hs.direct.read(check.read)
     except p11x.PKCS11Error as exc:
-        raise _unreadable_state(version, exc) from None
-    _judge_state(version, read)
+        raise _unreadable_state(check, exc) from None
+    _judge_state(check)
 
 
-def _state_read(version: _kek.KekVersion) -> AttributeRead:
-    """The read that tells whether ``version`` is still enabled (see :func:`_still_enabled`)."""
+class _StateCheck(NamedTuple):
+    """How to tell whether ``version`` is still enabled: the read to make, and the value it holds
+    while the version is enabled when that value alone says so (its enabler's label); None when
+    the read is a KEK's ``CKA_UNWRAP`` (a version with only KEKs made modifiable)."""
+
+    version: _kek.KekVersion
+    read: AttributeRead
+    enabled: bytes | None
+
+
+class _StateMoved(p11x.ObjectHandleInvalid):
+    """The enabler ``version`` was looked up with is gone (its handle invalid, or given to another
+    object) while an operation used it: a disable on some replica destroyed it, and an enable may
+    have made another since. A stale handle, so anything that does not handle it itself treats it
+    as one; :meth:`KeyManager._afresh_if_stale` looks the version up again, and again."""
+
+    def __init__(self, version: _kek.KekVersion) -> None:
+        super().__init__()
+        self.version = version
+
+
+def _disabled_meanwhile(moved: _StateMoved, times: int) -> FailedPrecondition:
+    """The refusal of an operation whose version was disabled under it ``times`` times in a row."""
+    version = moved.version
+    return FailedPrecondition(
+        f"key {version.key_id!r} version {version.version} was disabled while the HSM used it, "
+        f"{times} times in a row (another replica is changing its state); retry once it holds "
+        "still",
+        reason=Reason.KEY_DISABLED,
+    )
+
+
+def _state_check(version: _kek.KekVersion) -> _StateCheck:
+    """The one place that decides how ``version``'s state is read and judged (see
+    :func:`_still_enabled`): the release's first read before the unwrap, and the read after the
+    HSM's work (a release's last, or a call of its own), both take it from here, so the value
+    compared first cannot be another than the one judged last."""
     if version.needs_enabler:
-        return AttributeRead(version.enablers[0].handle, Attribute.LABEL, _kek.LABEL_MAX_BYTES)
-    return AttributeRead(version.winner.handle, Attribute.UNWRAP, 1)  # a CK_BBOOL
+        enabler = version.enablers[0]
+        read = AttributeRead(enabler.handle, Attribute.LABEL, _kek.LABEL_MAX_BYTES)
+        return _StateCheck(version, read, enabler.label)
+    flag = AttributeRead(version.winner.handle, Attribute.UNWRAP, 1)  # a CK_BBOOL
+    return _StateCheck(version, flag, None)
 
 
-def _enabled_label(version: _kek.KekVersion) -> bytes | None:
-    """What :func:`_state_read` reads from ``version`` while it is enabled, when that value alone
-    says so: its enabler's label (compared after the wrap, and by the release's first read
-    before the unwrap); None for a version whose KEKs' ``CKA_UNWRAP`` says it."""
-    return version.enablers[0].label if version.needs_enabler else None
+def _judge_state(check: _StateCheck) -> None:
+    """Raises unless ``check``'s read, made, says its version is still enabled:
+    :class:`_StateMoved` for an enabler that is no longer this one, KEY_DISABLED for a cleared
+    flag."""
+    if check.enabled is not None:
+        if check.read.value() != check.enabled:
+            raise _StateMoved(check.version)  # another object now has the handle
+    elif not check.read.value()[0]:
+        raise _disabled_error(check.version.key_id, check.version.version)
 
 
-def _judge_state(version: _kek.KekVersion, read: AttributeRead) -> None:
-    """Raises unless ``read`` (:func:`_state_read`, made) says ``version`` is still enabled: a
-    stale handle for an enabler that is no longer this one, KEY_DISABLED for a cleared flag."""
-    label = _enabled_label(version)
-    if label is not None:
-        if read.value() != label:
-            raise p11x.ObjectHandleInvalid()  # another object now has the handle
-    elif not read.value()[0]:
-        raise _disabled_error(version.key_id, version.version)
-
-
-def _unreadable_state(version: _kek.KekVersion, error: p11x.PKCS11Error) -> p11x.PKCS11Error:
-    """What to raise when :func:`_state_read` failed with ``error``: for an enabler, an answer
-    no object of ours gives (no readable label, or one longer than any of ours) is a stale
-    handle; any other failure is itself."""
-    if version.needs_enabler and (
-        isinstance(error, p11x.AttributeSensitive | p11x.AttributeTypeInvalid)
+def _unreadable_state(check: _StateCheck, error: p11x.PKCS11Error) -> p11x.PKCS11Error:
+    """What to raise when ``check``'s read failed with ``error``: for an enabler, a stale handle
+    (destroyed) or an answer no object of ours gives (no readable label, or one longer than any of
+    ours: another object has the handle) is :class:`_StateMoved`; any other failure is itself (a
+    KEK's handle gone stale is not a state change: KEKs are never destroyed)."""
+    if check.enabled is not None and (
+        errs.is_stale_handle(error)
+        or isinstance(error, p11x.AttributeSensitive | p11x.AttributeTypeInvalid)
         or errs.return_code(error) == _CKR_BUFFER_TOO_SMALL
     ):
-        return p11x.ObjectHandleInvalid()  # another object now has the handle
+        return _StateMoved(check.version)
     return error
 
 
@@ -1393,8 +1450,7 @@ def _release_with(
     public = EPHEMERAL_KEY_IMPORT.with_bytes(
         {Attribute.MODULUS: ephemeral.modulus, Attribute.PUBLIC_EXPONENT: ephemeral.public_exponent}
     )
-    state = _state_read(version)
-    enabled = _enabled_label(version)
+    check = _state_check(version)
     for kek in version.candidates:
         try:
             out = hs.direct.rewrap_oaep(
@@ -1405,18 +1461,18 @@ def _release_with(
                 public_template=public,
                 choice=choice,
                 size=len(ephemeral.modulus),
-                state=state,
-                enabled=enabled,
+                state=check.read,
+                enabled=check.enabled,
             )
         except StateChanged:
-            # Another label than the enabler's (the only value compared): a stale handle, as
-            # _judge_state judges it after the wrap; the key is looked up again, then refused.
-            raise p11x.ObjectHandleInvalid() from None
+            # Another label than the enabler's (the only value compared), as _judge_state judges
+            # it after the wrap: the key is looked up again, then refused.
+            raise _StateMoved(version) from None
         except UnwrapFailed as failed:
             _unwrap_refused(hs, kek, failed.error)
             continue
         except StateReadFailed as failed:
-            raise _unreadable_state(version, failed.error) from None
+            raise _unreadable_state(check, failed.error) from None
         except CleanupFailed as failed:
             raise _data_key_left(failed.error) from failed.error
         except TargetRefused as refused:
@@ -1435,7 +1491,7 @@ def _release_with(
                 reason=Reason.EPHEMERAL_KEY_UNSUPPORTED,
             ) from None
         if out is not None:
-            _judge_state(version, state)
+            _judge_state(check)
             return out
     raise _not_wrapped_under(version)
 

@@ -264,6 +264,11 @@ class _FunctionList(ctypes.Structure):
 
 
 _P = ctypes.POINTER
+# Byte buffers (a wrapped key in, a wrap's output) are c_void_p, never c_char_p: nothing here is a
+# NUL-terminated string, and a callback built from a c_char_p prototype (the fault-injection tests
+# stand in for the token with one) receives a *copy* cut at the first NUL, so it saw a blob
+# shortened and, passing the copy on, had the token read past it or write a wrap into it.
+_BUFFER = ctypes.c_void_p
 _PROTOTYPES = {
     "C_CreateObject": ctypes.CFUNCTYPE(_ULONG, _ULONG, _P(_Attribute), _ULONG, _P(_ULONG)),
     "C_DestroyObject": ctypes.CFUNCTYPE(_ULONG, _ULONG, _ULONG),
@@ -277,14 +282,14 @@ _PROTOTYPES = {
         _ULONG, _ULONG, _P(_Mechanism), _P(_Attribute), _ULONG, _P(_ULONG)
     ),
     "C_WrapKey": ctypes.CFUNCTYPE(
-        _ULONG, _ULONG, _P(_Mechanism), _ULONG, _ULONG, ctypes.c_char_p, _P(_ULONG)
+        _ULONG, _ULONG, _P(_Mechanism), _ULONG, _ULONG, _BUFFER, _P(_ULONG)
     ),
     "C_UnwrapKey": ctypes.CFUNCTYPE(
         _ULONG,
         _ULONG,
         _P(_Mechanism),
         _ULONG,
-        ctypes.c_char_p,
+        _BUFFER,
         _ULONG,
         _P(_Attribute),
         _ULONG,
@@ -430,7 +435,7 @@ def load_release_calls(folder: Path) -> Any:
         _ULONG,  # session
         _P(_Mechanism),  # unwrap mechanism
         _ULONG,  # unwrapping key
-        ctypes.c_char_p,  # wrapped
+        _BUFFER,  # wrapped
         _ULONG,
         _P(_Attribute),  # the unwrapped key's template
         _ULONG,
@@ -438,11 +443,11 @@ def load_release_calls(folder: Path) -> Any:
         _P(_Attribute),  # the public key's template
         _ULONG,
         _P(_Mechanism),  # wrap mechanism
-        ctypes.c_char_p,  # out
+        _BUFFER,  # out
         _P(_ULONG),
         _ULONG,  # the object whose attribute is read last (AttributeRead)
         _P(_Attribute),  # that read, or NULL for none
-        ctypes.c_char_p,  # its value while enabled, to read first; NULL: no read before
+        _BUFFER,  # its value while enabled, to read first; NULL: no read before
         _ULONG,
         _P(ctypes.c_int),  # step
     ]

@@ -19,6 +19,7 @@ from pkcs11 import Attribute
 from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
 from strongroom.artifact.keybinding import bind_data_key
 from strongroom.dev.softhsm import SoftHsmToken
+from strongroom.keybroker import p11direct
 from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
 from strongroom.runtime.secrets import Secret
 
@@ -88,15 +89,12 @@ def token_call_replaced(hsm: Hsm, name: str, replacement: Any) -> Iterator[None]
         setattr(direct, name, single)
 
 
-_P = ctypes.c_void_p
-_ULONG = ctypes.c_ulong
-# Token entry points as callbacks: every pointer a c_void_p, passed on as it came. (p11direct's
-# prototypes type the blobs c_char_p, which a callback receives as a copy cut at its first NUL:
-# a token handed that copy reads or writes past it.)
+# Token entry points as callbacks, built from p11direct's own prototypes (a callback receives
+# its buffers as addresses, passed on as they came: see test_p11direct's embedded-NUL test).
 #: ``C_UnwrapKey(session, mechanism, key, wrapped, length, template, count, new key)``.
-UNWRAP_KEY = ctypes.CFUNCTYPE(_ULONG, _ULONG, _P, _ULONG, _P, _ULONG, _P, _ULONG, _P)
+UNWRAP_KEY = p11direct._PROTOTYPES["C_UnwrapKey"]
 #: ``C_WrapKey(session, mechanism, wrapping key, key, out, length in/out)``.
-WRAP_KEY = ctypes.CFUNCTYPE(_ULONG, _ULONG, _P, _ULONG, _ULONG, _P, ctypes.POINTER(_ULONG))
+WRAP_KEY = p11direct._PROTOTYPES["C_WrapKey"]
 
 
 @contextlib.contextmanager

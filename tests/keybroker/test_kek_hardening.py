@@ -5,7 +5,6 @@ modifiable before are named at start and still disabled through their flags."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import logging
 from collections.abc import Callable, Iterator
@@ -31,10 +30,11 @@ from strongroom.keybroker import keys as keys_module
 from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmSession
 from strongroom.keybroker.keys import ALL_VERSIONS, KeyManager, KeyState
-from strongroom.keybroker.p11direct import Template
+from strongroom.keybroker.p11direct import DirectSession, Template
 from strongroom.oaep import OaepHash
 from tests.keybroker.helpers import (
     MODEL,
+    WRAP_KEY,
     make_config,
     session_objects,
     spki,
@@ -610,15 +610,29 @@ def _disable_during(
     return disabled
 
 
-_WRAP_KEY = ctypes.CFUNCTYPE(
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-    ctypes.c_void_p,
-)
+def _flap_during(
+    monkeypatch: pytest.MonkeyPatch,
+    step: str,
+    other: KeyManager,
+    key_id: str,
+    version: int,
+    times: int,
+) -> list[Any]:
+    """Has ``other`` disable ``version`` and enable it again right before each of this replica's
+    first ``times`` calls of ``step`` (a function of :mod:`keys`), a replica flapping the version
+    while this one uses it: the enabler this replica looked up is gone each time, another in its
+    place. Returns the list that receives each flap's final answer."""
+    real = getattr(keys_module, step)
+    flaps: list[Any] = []
+
+    def flapping(*args: Any) -> Any:
+        if len(flaps) < times:
+            other.disable_key(key_id, version)
+            flaps.append(other.enable_key(key_id, version))
+        return real(*args)
+
+    monkeypatch.setattr(keys_module, step, flapping)
+    return flaps
 
 
 @contextlib.contextmanager
@@ -631,16 +645,16 @@ def _disable_inside_the_rewrap(
     receives the disable's answer."""
     direct = hsm._direct
     assert direct is not None
-    token_wrap = _WRAP_KEY(direct.entry_points.wrap_key)
+    token_wrap = WRAP_KEY(direct.entry_points.wrap_key)
     disabled: list[Any] = []
 
-    def wrap(session: int, mechanism: int, key: int, wrapped: int, out: int, length: int) -> int:
+    def wrap(session: int, mechanism: Any, key: int, wrapped: int, out: int, length: Any) -> int:
         rv = int(token_wrap(session, mechanism, key, wrapped, out, length))
         if not disabled:
             disabled.append(other.disable_key(key_id, version))
         return rv
 
-    with token_call_replaced(hsm, "wrap_key", _WRAP_KEY(wrap)):
+    with token_call_replaced(hsm, "wrap_key", WRAP_KEY(wrap)):
         yield disabled
 
 
@@ -661,6 +675,71 @@ def test_a_disable_that_lands_while_the_hsm_rewraps_refuses_the_release(
         km.release_to_ephemeral("race", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])
     assert info.value.reason == "KEY_DISABLED"
     assert disabled[0].versions[0].state is KeyState.DISABLED
+
+
+_OPERATIONS: dict[str, tuple[str, Callable[[KeyManager, Any, rsa.RSAPrivateKey], Any]]] = {
+    # operation -> (the keys function a flap lands before, the call)
+    "release": (
+        "_release_with",
+        lambda km, key, tee: km.release_to_ephemeral(
+            "flap", 1, key.wrapped, spki(tee), [OaepHash.SHA1]
+        ),
+    ),
+    "generate_data_key": ("_wrap", lambda km, _key, _tee: km.generate_data_key("flap", *MODEL)),
+    "rewrap": ("_wrap", lambda km, key, _tee: km.rewrap("flap", 1, key.wrapped)),
+}
+
+
+@pytest.mark.parametrize("operation", list(_OPERATIONS))
+def test_a_version_flapping_a_few_times_under_an_operation_gets_its_answer(
+    km: KeyManager,
+    replica: Callable[[], KeyManager],
+    tee_key: rsa.RSAPrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    operation: str,
+) -> None:
+    """A replica disabling and re-enabling a version while this one used it twice in a row: the
+    first stale enabler was looked up afresh, the second answered HSM_UNAVAILABLE ("an HSM object
+    changed; retry"), an HSM failure where the HSM had not failed. The version is enabled each
+    time it is looked up again, and the operation is answered once a re-read holds still."""
+    km.create_key("flap")
+    key = km.generate_data_key("flap", *MODEL)
+    step, call = _OPERATIONS[operation]
+    flaps = _flap_during(monkeypatch, step, replica(), "flap", 1, times=2)
+    call(km, key, tee_key)
+    assert [f.versions[0].state for f in flaps] == [KeyState.ENABLED] * 2
+    assert km.unusable_keys() == {}
+
+
+@pytest.mark.parametrize("operation", list(_OPERATIONS))
+def test_a_version_that_keeps_flapping_under_an_operation_is_refused_disabled(
+    hsm: Hsm,
+    km: KeyManager,
+    replica: Callable[[], KeyManager],
+    tee_key: rsa.RSAPrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    operation: str,
+) -> None:
+    """Past a bounded number of re-reads, a version disabled under every attempt is refused as
+    what each attempt met, a disable (KEY_DISABLED, fail closed), not HSM_UNAVAILABLE; no session
+    object is left and the key is not counted against; once the flapping stops it works."""
+    km.create_key("flap")
+    key = km.generate_data_key("flap", *MODEL)
+    step, call = _OPERATIONS[operation]
+    before = session_objects(hsm)
+    flaps = _flap_during(monkeypatch, step, replica(), "flap", 1, times=1000)
+    with pytest.raises(FailedPrecondition) as info:
+        call(km, key, tee_key)
+    assert info.value.reason == "KEY_DISABLED"
+    assert info.value.message == (
+        f"key 'flap' version 1 was disabled while the HSM used it, {len(flaps)} times in a row "
+        "(another replica is changing its state); retry once it holds still"
+    )
+    assert len(flaps) == keys_module._STATE_ATTEMPTS
+    assert session_objects(hsm) == before
+    assert km.unusable_keys() == {}
+    monkeypatch.undo()
+    call(km, key, tee_key)
 
 
 def test_a_disable_that_lands_between_the_wrap_and_the_answer_refuses_the_release(
@@ -711,6 +790,48 @@ def test_a_version_disabled_on_another_replica_between_two_releases_is_refused(
     assert info.value.message == "key 'gone' version 1 is disabled"
     assert session_objects(hsm) == before
     assert km.unusable_keys() == {}
+
+
+@pytest.mark.parametrize("kek", ["immutable", "modifiable"])
+def test_the_releases_first_read_and_the_read_after_the_hsms_work_are_one_check(
+    hsm: Hsm, km: KeyManager, tee_key: rsa.RSAPrivateKey, kek: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether a version's state is read before the unwrap, and what it must hold, was decided in
+    _release_with while _state_read decided what to read (each on needs_enabler): edited apart,
+    the C call's first compare could read one thing and look for another. Both come from one
+    keys._state_check now: the release's C call is given its read and value, _still_enabled
+    makes its read, and on an enabled version the read gives exactly that value (the enabler's
+    label), or, for a KEK made modifiable, no value is compared first and the flag reads set."""
+    if kek == "modifiable":
+        hsm.call(functools.partial(_legacy_kek, key_id="one"))
+    else:
+        km.create_key("one")
+    key = km.generate_data_key("one", *MODEL)
+    checks: list[Any] = []
+    given: list[tuple[Any, Any]] = []
+    real_check, real_rewrap = keys_module._state_check, DirectSession.rewrap_oaep
+
+    def check(version: _kek.KekVersion) -> Any:
+        checks.append(real_check(version))
+        return checks[-1]
+
+    def rewrap(self: DirectSession, *args: Any, **kwargs: Any) -> Any:
+        given.append((kwargs["state"], kwargs["enabled"]))
+        return real_rewrap(self, *args, **kwargs)
+
+    monkeypatch.setattr(keys_module, "_state_check", check)
+    monkeypatch.setattr(DirectSession, "rewrap_oaep", rewrap)
+    km.release_to_ephemeral("one", 1, key.wrapped, spki(tee_key), [OaepHash.SHA1])
+    km.generate_data_key("one", *MODEL)  # its read after the wrap: _still_enabled
+    assert len(checks) == 2
+    assert given == [(checks[0].read, checks[0].enabled)]
+    after = checks[1]
+    if kek == "modifiable":
+        assert [c.enabled for c in checks] == [None, None]
+        assert after.read.value() == b"\x01"  # CKA_UNWRAP, set
+    else:
+        assert checks[0].enabled is not None
+        assert after.read.value() == after.enabled == checks[0].enabled
 
 
 def test_a_disabled_versions_enabler_handle_given_to_another_object_refuses_the_release(

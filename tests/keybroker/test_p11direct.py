@@ -11,6 +11,7 @@ import _ctypes
 import contextlib
 import ctypes
 import functools
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pkcs11.exceptions as p11x
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from strongroom.keybroker import _kek, p11direct
@@ -338,6 +340,87 @@ def test_an_unwrapped_key_of_another_length_is_not_the_callers(
         assert _session_objects(hs) == before
 
     hsm.call(op, name="test")
+
+
+_KNOWN_KEK = bytes(range(32))
+
+
+def _blob_with_nuls() -> tuple[bytes, bytes]:
+    """A data key and its RFC 5649 wrap under :data:`_KNOWN_KEK` that holds NUL bytes before its
+    last (the first such key of a fixed sequence: the wrap is deterministic, so is the test)."""
+    for i in range(1000):
+        value = hashlib.sha256(i.to_bytes(2, "big")).digest()
+        blob = aes_key_wrap_with_padding(_KNOWN_KEK, value)
+        if b"\0" in blob[:20]:
+            return value, blob
+    raise AssertionError("no wrap with a NUL in 1000 keys")
+
+
+def test_callbacks_built_from_the_modules_prototypes_see_binary_buffers_whole(
+    hsm: Hsm, tee_key: rsa.RSAPrivateKey
+) -> None:
+    # The prototypes typed a wrapped key and a wrap's output c_char_p: a callback built from them
+    # (how the fault-injection tests stand in for the token) got a copy cut at the first NUL, so
+    # it saw a blob shortened, and passed on, the token read past the copy (or wrote into it).
+    # Built from the module's own prototypes, each callback here sees the buffers by address and
+    # passes them on to SoftHSM2: the blob arrives whole, in the single call and in the C
+    # release's, and the wrap writes the caller's own buffer.
+    value, blob = _blob_with_nuls()
+    token = hsm._direct
+    assert token is not None
+    token_unwrap = p11direct._PROTOTYPES["C_UnwrapKey"](token.entry_points.unwrap_key)
+    token_wrap = p11direct._PROTOTYPES["C_WrapKey"](token.entry_points.wrap_key)
+    seen: list[bytes] = []
+    outputs: list[bool] = []
+
+    def unwrap(
+        session: int, mechanism: Any, key: int, wrapped: Any, length: int, *rest: Any
+    ) -> int:
+        if not isinstance(wrapped, int):  # a copy (c_char_p): the token must not be given it
+            seen.append(wrapped)
+            return _CKR_ARGUMENTS_BAD
+        seen.append(ctypes.string_at(wrapped, length))
+        return int(token_unwrap(session, mechanism, key, wrapped, length, *rest))
+
+    def wrap(session: int, mechanism: Any, key: int, wrapped: int, out: Any, length: Any) -> int:
+        outputs.append(isinstance(out, int))
+        if not isinstance(out, int):  # a copy: the token would write into it, not the caller's
+            return _CKR_ARGUMENTS_BAD
+        return int(token_wrap(session, mechanism, key, wrapped, out, length))
+
+    def op(hs: HsmSession) -> None:
+        kek = hs.direct.create_object(
+            Template(
+                [
+                    (Attribute.CLASS, ObjectClass.SECRET_KEY),
+                    (Attribute.KEY_TYPE, KeyType.AES),
+                    (Attribute.TOKEN, False),
+                    (Attribute.VALUE, _KNOWN_KEK),
+                    (Attribute.WRAP, True),
+                    (Attribute.UNWRAP, True),
+                ]
+            )
+        )
+        try:
+            handle = hs.direct.unwrap_aes_kwp(kek, blob, SESSION_DEK_UNWRAP)
+            try:
+                assert hs.direct.wrap_aes_kwp(kek, handle, len(blob)) == blob
+            finally:
+                hs.direct.destroy(handle)
+            out = _rewrap(hs, kek, blob, tee_key, OaepHash.SHA1)
+            assert out is not None
+            oaep = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)
+            assert tee_key.decrypt(out, oaep) == value
+        finally:
+            hs.direct.destroy(kek)
+
+    with (
+        token_call_replaced(hsm, "unwrap_key", p11direct._PROTOTYPES["C_UnwrapKey"](unwrap)),
+        token_call_replaced(hsm, "wrap_key", p11direct._PROTOTYPES["C_WrapKey"](wrap)),
+    ):
+        hsm.call(op, name="test")
+    assert seen == [blob, blob]  # the single unwrap, then the C release's
+    assert outputs == [True, True]
 
 
 _CKR_DEVICE_REMOVED = 0x32
