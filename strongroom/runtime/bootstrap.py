@@ -268,18 +268,21 @@ def run_service(
     it (its signals' handlers, its exception hooks, its root logger), unless it ends with the
     service (:mod:`strongroom.runtime.lifetime`)."""
     common, section = load_service_config(config_path, service, section_cls)
-    # Given back last (once this is over, the service's handler closed): everything the service
-    # logs until then, its stop's lines included, is its log's.
-    with logs.configured(common.logging, service):
+    # Given back in the reverse order of taking: the signals' handlers first (nothing more is
+    # handed to the signals thread), then what was handed over settled, then the exception
+    # hooks, then the log. The hooks went back before the settle: for up to its wait an error
+    # that ended a service thread (one the settle waits behind) was a bare traceback of the
+    # host's hooks, not a line of the service's log.
+    # An exception that ends a thread, or that cannot be raised, is a line of that log from
+    # here on, not a traceback on stderr (strongroom.runtime.uncaught).
+    with logs.configured(common.logging, service), uncaught.installed():
         try:
-            # An exception that ends a thread, or that cannot be raised, is a line of that log
-            # from here on, not a traceback on stderr (strongroom.runtime.uncaught). A SIGTERM
-            # stops the start at its next checkpoint (strongroom.runtime.starting).
-            with uncaught.installed(), starting.installed():
+            # A SIGTERM stops the start at its next checkpoint (strongroom.runtime.starting).
+            with starting.installed():
                 _run(service, common, section, build, after_start)
         finally:
             # What the signals thread was handed during the stop (a SIGTERM as the service
-            # closed) logs its line through the service's log, not after it was given back.
+            # closed) logs its line through the service's log and hooks, not the host's.
             signals.settle()
     return 0
 

@@ -221,8 +221,14 @@ class _SignalledWhileClosing(_Running):
             while frame is not None and frame.f_code is not signals.settle.__code__:
                 frame = frame.f_back
             if frame is not None:
-                self.held.set()
+                try:
+                    self.while_settling()
+                finally:
+                    self.held.set()
             self.held.wait(0.01)
+
+    def while_settling(self) -> None:
+        """What happens while ``run_service`` waits for the ``signals`` thread (held)."""
 
 
 def test_a_sigterm_during_the_stop_reaches_the_service_not_the_handler_from_before(
@@ -249,6 +255,44 @@ def test_a_sigterm_during_the_stop_reaches_the_service_not_the_handler_from_befo
     draining = [r for r in host.lines() if r["msg"] == "signal received, draining"]
     assert [r["signal"] for r in draining] == [signal.SIGTERM, signal.SIGTERM]
     assert signal.getsignal(signal.SIGTERM) == host.handler
+
+
+class _ThreadFailsWhileSettling(_SignalledWhileClosing):
+    """A service thread (its certificate's renewal) ends on an error while ``run_service``
+    waits for the ``signals`` thread, held behind the SIGTERM's work."""
+
+    def while_settling(self) -> None:
+        def fails() -> None:
+            raise ConnectionResetError(104, "the CA went away")
+
+        renewal = threading.Thread(target=fails, name="renewal")
+        renewal.start()
+        renewal.join()
+
+
+def test_a_thread_that_fails_while_the_stop_settles_is_a_line_of_the_service_s_log(
+    host: _Host,
+) -> None:
+    """``run_service`` gave its exception hooks back before it waited for the ``signals`` thread
+    (up to SETTLE_SECONDS, more behind a stuck one): a service thread's error then went to the
+    host's hooks (a bare traceback; here pytest's, which fail the test), not the service's log.
+    The hooks are now given back after the wait, in the reverse order of taking them."""
+    closing: list[_ThreadFailsWhileSettling] = []
+
+    def build(*_: Any) -> _ThreadFailsWhileSettling:
+        closing.append(_ThreadFailsWhileSettling(_listening("0").host))
+        return closing[0]
+
+    try:
+        _serve(host, build, _stopped_by_sigterm)
+    finally:
+        if closing:
+            closing[0].held.set()
+            assert signals.settle(30)
+    failed = [r for r in host.lines() if r["msg"] == "thread ended on an uncaught error"]
+    assert [(r["thread_name"], r["error"]) for r in failed] == [
+        ("renewal", "[Errno 104] the CA went away")
+    ]
 
 
 def test_a_scope_inside_another_that_recorded_the_same_puts_back_what_each_took(
