@@ -20,7 +20,7 @@ from strongroom.pki.client import CaClient
 from strongroom.pki.errors import CertificateInvalid, NoIdentity
 from strongroom.pki.identity import RenewalPolicy, WorkloadIdentity
 from strongroom.reasons import Reason
-from strongroom.runtime import logs, signals, starting, uncaught
+from strongroom.runtime import lifetime, logs, signals, starting, uncaught
 from strongroom.runtime.config import (
     LOOPBACK_NAMES,
     CommonConfig,
@@ -266,7 +266,8 @@ def run_service(
 
     Once it returns or raises, its stop over, the process has back what the service changed in
     it (its signals' handlers, its exception hooks, its root logger), unless it ends with the
-    service (:mod:`strongroom.runtime.lifetime`)."""
+    service: run inside :func:`strongroom.runtime.lifetime.ends_with_the_process`."""
+    keep = lifetime.kept_for_the_process()  # this run's choice, whatever a later one's is
     common, section = load_service_config(config_path, service, section_cls)
     # Given back in the reverse order of taking: the signals' handlers first (nothing more is
     # handed to the signals thread), then what was handed over settled, then the exception
@@ -275,10 +276,10 @@ def run_service(
     # host's hooks, not a line of the service's log.
     # An exception that ends a thread, or that cannot be raised, is a line of that log from
     # here on, not a traceback on stderr (strongroom.runtime.uncaught).
-    with logs.configured(common.logging, service), uncaught.installed():
+    with logs.configured(common.logging, service, keep=keep), uncaught.installed(keep=keep):
         try:
             # A SIGTERM stops the start at its next checkpoint (strongroom.runtime.starting).
-            with starting.installed():
+            with starting.installed(keep=keep):
                 _run(service, common, section, build, after_start)
         finally:
             # What the signals thread was handed during the stop (a SIGTERM as the service

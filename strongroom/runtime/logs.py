@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from strongroom.runtime import lifetime
 from strongroom.runtime.config import LoggingConfig
 from strongroom.runtime.log_writer import ServiceLog
 
@@ -159,17 +158,16 @@ def restoring() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def configured(config: LoggingConfig, service: str) -> Iterator[ServiceLog]:
+def configured(config: LoggingConfig, service: str, *, keep: bool = False) -> Iterator[ServiceLog]:
     """:func:`configure_logging` for a service's run; when it ends (however it ends), the
     service's handler is closed (its queue written, its writer ended) and the root logger is as
-    it was (:func:`restoring`), unless
-    :func:`~strongroom.runtime.lifetime.keep_for_the_process` was called (a process that ends
-    with its service writes its last lines, the command line's error line among them, through
-    it). Kept, a process that ran a service and went on logged to the stopped service's handler
+    it was (:func:`restoring`), unless ``keep``: a process that ends with its service (its run
+    inside :func:`~strongroom.runtime.lifetime.ends_with_the_process`) writes its last lines,
+    the command line's error line among them, through it. Kept, a process that ran a service and went on logged to the stopped service's handler
     and level for good, its own handlers gone."""
     saved = _RootLogging()
     try:
         yield configure_logging(config, service)
     finally:
-        if not lifetime.kept_for_the_process():
+        if not keep:
             saved.put_back()

@@ -37,9 +37,9 @@ for a stop that no longer had a service, and was lost. The rule for when:
   the telemetry's end). A SIGTERM during the stop still reaches the service's handler (logged,
   ignored: the stop is under way), never the default action, which would end the process
   before the audit log is closed and the log's last lines are written.
-- Never in a process that ends with its service (``strongroom serve``:
-  :func:`~strongroom.runtime.lifetime.keep_for_the_process`, which keeps the service's exception
-  hooks and logging too): past ``run_service`` such a process only exits, and its exit
+- Never in a process that ends with its service (``strongroom serve``, its run inside
+  :func:`~strongroom.runtime.lifetime.ends_with_the_process`, which keeps the service's
+  exception hooks and logging too: ``keep``): past ``run_service`` such a process only exits, and its exit
   still writes lines (the command line's error line, queued through the service's log; what
   the exit's :func:`settle` and ``logging.shutdown`` write). Given back the default action, a
   SIGTERM there ended the process at once, those lines lost and its status the signal's, not
@@ -61,7 +61,6 @@ from collections.abc import Callable, Iterator
 from queue import SimpleQueue
 from types import FrameType
 
-from strongroom.runtime import lifetime
 from strongroom.runtime.log_writer import never_wait_here
 
 log = logging.getLogger(__name__)
@@ -107,11 +106,10 @@ class _Restoring:
 
 
 @contextlib.contextmanager
-def restoring() -> Iterator[None]:
+def restoring(*, keep: bool = False) -> Iterator[None]:
     """Puts back, when it ends (however it ends), the handlers the signals that :func:`install`
-    changed in it had before; unless
-    :func:`~strongroom.runtime.lifetime.keep_for_the_process` was called (the module's docstring
-    says why). Call from the main thread, as :func:`install`."""
+    changed in it had before; unless ``keep`` (a process that ends with its service: the
+    module's docstring says why). Call from the main thread, as :func:`install`."""
     saved: dict[int, Disposition] = {}
     _Restoring.scopes.append(saved)
     try:
@@ -121,7 +119,7 @@ def restoring() -> Iterator[None]:
         # recording the same handlers, ended the outer one's record instead, whose later installs
         # then went unrecorded and whose own end raised ValueError, nothing put back.
         _Restoring.scopes[:] = [scope for scope in _Restoring.scopes if scope is not saved]
-        if not lifetime.kept_for_the_process():
+        if not keep:
             for signum, before in saved.items():
                 if before is not None:  # not Python's: nothing to put back from here
                     signal.signal(signum, before)

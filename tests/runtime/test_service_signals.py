@@ -6,6 +6,7 @@ lines written through its own log first."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -14,14 +15,15 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from types import FrameType, SimpleNamespace
+from types import FrameType, ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
 
+from strongroom.cli import serve as serve_cli
 from strongroom.errors import Unavailable
 from strongroom.reasons import Reason
-from strongroom.runtime import bootstrap, signals, starting
+from strongroom.runtime import bootstrap, logs, signals, starting
 from strongroom.runtime.config import LoggingConfig, TracingConfig
 from strongroom.runtime.logs import QUIET_LIBRARIES
 from strongroom.runtime.server import ServiceHost
@@ -293,6 +295,45 @@ def test_a_thread_that_fails_while_the_stop_settles_is_a_line_of_the_service_s_l
     assert [(r["thread_name"], r["error"]) for r in failed] == [
         ("renewal", "[Errno 104] the CA went away")
     ]
+
+
+def test_a_run_that_ends_with_its_process_makes_no_later_run_in_it_keep_what_it_changed(
+    host: _Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``strongroom serve`` (the command line's ``_serve``) had its process keep what a service
+    changes through a process-wide flag nothing reset: once it had run in a process (a test's),
+    every later ``run_service`` there kept its handlers, hooks and logging for good. The choice
+    is now the run's: the first run keeps them, the next one gives them back."""
+    monkeypatch.setattr(serve_cli, "forbid_core_dumps", lambda: None)
+    monkeypatch.setattr(serve_cli.os, "umask", lambda mask: mask)  # the test process's own stays
+
+    def serve(_config: object) -> int:
+        _serve(host, lambda *_: _listening("0"), _stopped_by_sigterm)
+        return 0
+
+    module = ModuleType("strongroom.modelstore.server")
+    module.serve = serve  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    # What the kept run keeps, put back by the test (the suite's guards check it is).
+    for owner, hook in ((threading, "excepthook"), (sys, "excepthook"), (sys, "unraisablehook")):
+        monkeypatch.setattr(owner, hook, getattr(owner, hook))
+    hooks = threading.excepthook, sys.excepthook, sys.unraisablehook
+    logging_before = _root_logging()
+    with logs.restoring(), signals.restoring():
+        assert serve_cli._serve(argparse.Namespace(service="modelstore", config=None)) == 0
+        assert signal.getsignal(signal.SIGTERM) != host.handler  # kept: the process ends
+        assert (threading.excepthook, sys.excepthook, sys.unraisablehook) != hooks
+    assert _root_logging() == logging_before
+    monkeypatch.setattr(threading, "excepthook", hooks[0])
+    monkeypatch.setattr(sys, "excepthook", hooks[1])
+    monkeypatch.setattr(sys, "unraisablehook", hooks[2])
+
+    _serve(host, lambda *_: _listening("0"), _stopped_by_sigterm)  # in the same process
+
+    assert {s: signal.getsignal(s) for s in TAKEN} == dict.fromkeys(TAKEN, host.handler)
+    assert (threading.excepthook, sys.excepthook, sys.unraisablehook) == hooks
+    assert _root_logging() == logging_before
+    assert host.got == []
 
 
 def test_a_scope_inside_another_that_recorded_the_same_puts_back_what_each_took(
