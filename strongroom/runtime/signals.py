@@ -90,7 +90,16 @@ class _Relay:
 def install(handler: Handler, *signums: int) -> None:
     """Makes ``handler`` handle ``signums`` (call from the main thread, as ``signal.signal``
     requires), the ``signals`` thread running first: a handler that hands its work to
-    :func:`later` never starts it."""
+    :func:`later` never starts it. Only inside a :func:`restoring` (a service's run, or
+    :func:`given_back`), which gives the handlers back; outside one it raises RuntimeError,
+    nothing changed: installed there (the key broker's SIGHUP rotation called outside a
+    service's run), a handler stayed the process's for good."""
+    if not _Restoring.scopes:
+        names = ", ".join(signal.Signals(signum).name for signum in signums)
+        raise RuntimeError(
+            f"a handler of {names} installed outside a service's run (signals.restoring) would "
+            "never be given back"
+        )
     _start()
     for signum in signums:
         before = signal.signal(signum, handler)
@@ -123,6 +132,18 @@ def restoring(*, keep: bool = False) -> Iterator[None]:
             for signum, before in saved.items():
                 if before is not None:  # not Python's: nothing to put back from here
                     signal.signal(signum, before)
+
+
+@contextlib.contextmanager
+def given_back() -> Iterator[None]:
+    """Gives back, when it ends, the handlers installed in it (:func:`restoring`), unless a
+    :func:`restoring` is open already: then that one does, when it ends (a service's run, whose
+    handlers must stay the service's until its close is over)."""
+    if _Restoring.scopes:
+        yield
+        return
+    with restoring():
+        yield
 
 
 def later(work: Callable[[], object]) -> None:

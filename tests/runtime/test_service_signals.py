@@ -336,6 +336,28 @@ def test_a_run_that_ends_with_its_process_makes_no_later_run_in_it_keep_what_it_
     assert host.got == []
 
 
+def test_a_host_run_outside_a_service_s_run_gives_its_signal_handlers_back(host: _Host) -> None:
+    """``run_until_signal`` called by a host process itself, not through ``run_service``, left
+    its stop's handlers of SIGTERM and SIGINT installed once it returned: a later Ctrl-C meant
+    for the process was taken for the stop of a host long stopped. They come back as it
+    returns."""
+    running = _listening("0")
+    try:
+        running.host.run_until_signal(after_start=lambda: signal.raise_signal(signal.SIGTERM))
+    finally:
+        running.close()
+    assert {s: signal.getsignal(s) for s in TAKEN} == dict.fromkeys(TAKEN, host.handler)
+    assert host.got == []  # the SIGTERM was the host's stop
+
+
+def test_a_handler_installed_outside_any_service_s_run_is_refused() -> None:
+    """Nothing would give it back: :func:`signals.install` refuses it, the handler unchanged."""
+    before = signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(RuntimeError, match="SIGUSR1"):
+        signals.install(lambda *_: None, signal.SIGUSR1)
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
 def test_a_scope_inside_another_that_recorded_the_same_puts_back_what_each_took(
     host: _Host,
 ) -> None:
