@@ -26,7 +26,8 @@ SIGTERM's stop never started, nor anything handed over after it.
 
 The handlers a service installs are its own while it runs, and no longer: :func:`restoring`
 records what each signal had before the first :func:`install` in it, and puts that back when it
-ends, on every way out (a clean stop, a start-up refused, an exception).
+ends, on every way out (a clean stop, a start-up refused, an exception); :func:`install`
+outside one is refused, since nothing would give its handler back.
 :func:`~strongroom.runtime.bootstrap.run_service` runs a service in it, so a process that runs
 one and goes on (a test's, a host embedding a service) has its own handlers back: they stayed
 the stopped service's, and a later SIGINT meant for the process (a KeyboardInterrupt) was taken
