@@ -396,7 +396,10 @@ def rotate_audit_on_sighup(audit: AuditLog) -> None:
     could deadlock with the code it interrupted. Signals that come while a rotation is still waiting to start are one request:
     every SIGHUP is followed by a rotation that starts after it, and a storm of them (while a
     commit or a rotation is stuck on a slow disk) makes at most two threads, not one each until
-    the process can start no more. Call from the main thread (``signal.signal`` requires it)."""
+    the process can start no more. Call from the main thread (``signal.signal`` requires it),
+    inside a service's run (``run_service``'s ``after_start``), which gives SIGHUP back when it
+    ends: outside one it raises RuntimeError, SIGHUP's handler unchanged (installed, it stayed
+    the process's for good, rotating a log long closed)."""
     # Held from a request until its thread starts rotating: taken without blocking by the handler
     # (it must never wait), released by the thread once the rotation before it has ended.
     pending = threading.Lock()

@@ -48,11 +48,11 @@ def _serve(args: argparse.Namespace) -> int:
     # and data keys passing through the token; inference decrypted models; all a TLS key).
     forbid_core_dumps()
     os.umask(PRIVATE_UMASK)
+    module = importlib.import_module(f"strongroom.{args.service}.server")
     # This process ends with the service: its signal handlers, exception hooks and logging stay
     # until the exit has written the last lines (strongroom.runtime.lifetime).
-    lifetime.keep_for_the_process()
-    module = importlib.import_module(f"strongroom.{args.service}.server")
-    code: int = module.serve(args.config)
+    with lifetime.ends_with_the_process():
+        code: int = module.serve(args.config)
     return code
 
 

@@ -20,7 +20,7 @@ from strongroom.pki.client import CaClient
 from strongroom.pki.errors import CertificateInvalid, NoIdentity
 from strongroom.pki.identity import RenewalPolicy, WorkloadIdentity
 from strongroom.reasons import Reason
-from strongroom.runtime import logs, signals, starting, uncaught
+from strongroom.runtime import lifetime, logs, signals, starting, uncaught
 from strongroom.runtime.config import (
     LOOPBACK_NAMES,
     CommonConfig,
@@ -266,20 +266,24 @@ def run_service(
 
     Once it returns or raises, its stop over, the process has back what the service changed in
     it (its signals' handlers, its exception hooks, its root logger), unless it ends with the
-    service (:mod:`strongroom.runtime.lifetime`)."""
+    service: run inside :func:`strongroom.runtime.lifetime.ends_with_the_process`."""
+    keep = lifetime.kept_for_the_process()  # this run's choice, whatever a later one's is
     common, section = load_service_config(config_path, service, section_cls)
-    # Given back last (once this is over, the service's handler closed): everything the service
-    # logs until then, its stop's lines included, is its log's.
-    with logs.configured(common.logging, service):
+    # Given back in the reverse order of taking: the signals' handlers first (nothing more is
+    # handed to the signals thread), then what was handed over settled, then the exception
+    # hooks, then the log. The hooks went back before the settle: for up to its wait an error
+    # that ended a service thread (one the settle waits behind) was a bare traceback of the
+    # host's hooks, not a line of the service's log.
+    # An exception that ends a thread, or that cannot be raised, is a line of that log from
+    # here on, not a traceback on stderr (strongroom.runtime.uncaught).
+    with logs.configured(common.logging, service, keep=keep), uncaught.installed(keep=keep):
         try:
-            # An exception that ends a thread, or that cannot be raised, is a line of that log
-            # from here on, not a traceback on stderr (strongroom.runtime.uncaught). A SIGTERM
-            # stops the start at its next checkpoint (strongroom.runtime.starting).
-            with uncaught.installed(), starting.installed():
+            # A SIGTERM stops the start at its next checkpoint (strongroom.runtime.starting).
+            with starting.installed(keep=keep):
                 _run(service, common, section, build, after_start)
         finally:
             # What the signals thread was handed during the stop (a SIGTERM as the service
-            # closed) logs its line through the service's log, not after it was given back.
+            # closed) logs its line through the service's log and hooks, not the host's.
             signals.settle()
     return 0
 

@@ -8,26 +8,38 @@ libraries' levels: :func:`~strongroom.runtime.logs.configured`). In a process th
 the service (a test's, a host embedding one) each comes back as it was once the stop is over,
 however it ended: kept, a stopped service's hooks logged a later thread's error through its closed
 log, and its handlers took a later Ctrl-C for a stop. In a process that ends with its service
-(``strongroom serve``: :func:`keep_for_the_process`) each stays until the exit: past
-``run_service`` such a process only exits, and its exit still writes through them (the command
-line's error line goes through the service's log, an error that ends the main thread is its
-log's line, a SIGTERM then is logged and the exit is its own).
+(``strongroom serve``: a run inside :func:`ends_with_the_process`) each stays until the exit:
+past ``run_service`` such a process only exits, and its exit still writes through them (the
+command line's error line goes through the service's log, an error that ends the main thread is
+its log's line, a SIGTERM then is logged and the exit is its own).
+
+The choice is the run's: ``run_service`` reads it once as it begins (:func:`kept_for_the_process`)
+and hands it to each give-back. It was a process-wide flag that nothing reset: one in-process
+``main(["serve", ...])`` (a test's) made every later run in that process keep everything.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 
-class _Process:
-    kept = False  # keep_for_the_process() was called
+_ENDS_WITH_THE_PROCESS: ContextVar[bool] = ContextVar("ends_with_the_process", default=False)
 
 
-def keep_for_the_process() -> None:
-    """Has what a service changes in its process stay until the process exits: for a process
-    that ends with its service (``strongroom serve``)."""
-    _Process.kept = True
+@contextlib.contextmanager
+def ends_with_the_process() -> Iterator[None]:
+    """Has the services run inside it keep what they change in their process until it exits: for
+    a process that ends with its service (``strongroom serve``). A run begun before it or after
+    it gives everything back."""
+    token = _ENDS_WITH_THE_PROCESS.set(True)
+    try:
+        yield
+    finally:
+        _ENDS_WITH_THE_PROCESS.reset(token)
 
 
 def kept_for_the_process() -> bool:
-    """Whether :func:`keep_for_the_process` was called: nothing a service changed is given
-    back."""
-    return _Process.kept
+    """Whether a service run beginning now keeps what it changes (it is inside
+    :func:`ends_with_the_process`): nothing of it is given back."""
+    return _ENDS_WITH_THE_PROCESS.get()

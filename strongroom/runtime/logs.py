@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from strongroom.runtime import lifetime
 from strongroom.runtime.config import LoggingConfig
 from strongroom.runtime.log_writer import ServiceLog
 
@@ -103,73 +102,95 @@ def configure_logging(
 ) -> ServiceLog:
     """Sends the root logger to stderr in the configured format and level (the libraries in
     :data:`QUIET_LIBRARIES` never below INFO), refusal lines within their budget (paced by
-    ``clock``); returns the handler."""
+    ``clock``); returns the handler. Each change it makes, it reports to every open
+    :func:`restoring` (through :func:`_set_handlers` and :func:`_set_level`), which gives it
+    back: a change made any other way would outlive the service's run."""
     handler = ServiceLog(sys.stderr, clock=clock)
     if config.format == "json":
         handler.setFormatter(JsonFormatter(service))
     else:
         handler.setFormatter(TextFormatter(service))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.level)
+    _set_handlers(root, [handler])
+    _set_level(root, config.level)
     quiet = max(logging.INFO, root.level)
     for name in QUIET_LIBRARIES:
-        logging.getLogger(name).setLevel(quiet)
+        _set_level(logging.getLogger(name), quiet)
     return handler
 
 
-class _RootLogging:
-    """What :func:`configure_logging` changes, as it was: the root logger's handlers and level,
-    and the levels of :data:`QUIET_LIBRARIES`."""
+class Changed:
+    """What :func:`configure_logging` changed while one :func:`restoring` was open, each as it
+    was before the first change: loggers' handlers and levels. Reported by the change itself,
+    not listed beside it: the list kept by hand could miss what a later change added."""
 
     def __init__(self) -> None:
-        root = logging.getLogger()
-        self._handlers = root.handlers[:]
-        self._level = root.level
-        self._levels = {name: logging.getLogger(name).level for name in QUIET_LIBRARIES}
+        self.handlers: dict[logging.Logger, list[logging.Handler]] = {}
+        self.levels: dict[logging.Logger, int] = {}
 
     def put_back(self) -> None:
-        """Closes each root handler added since (a :class:`ServiceLog` writes what it queued
-        and ends its writer thread), then puts the handlers and levels back. Closed first,
-        while it is still the root's: a line logged during the close is still the service's,
-        and none it queued is left to a writer that outlives it. Put back however the closes
-        end: a close waits up to FLUSH_SECONDS for a slow destination, and a Ctrl-C there
-        (KeyboardInterrupt) left the process the stopped service's handler and levels for good."""
-        root = logging.getLogger()
+        """Closes each handler added since to a logger whose handlers changed (a
+        :class:`ServiceLog` writes what it queued and ends its writer thread), then puts the
+        handlers and levels back. Closed first, while it is still the logger's: a line logged
+        during the close is still the service's, and none it queued is left to a writer that
+        outlives it. Put back however the closes end: a close waits up to FLUSH_SECONDS for a
+        slow destination, and a Ctrl-C there (KeyboardInterrupt) left the process the stopped
+        service's handler and levels for good."""
         try:
-            for handler in root.handlers[:]:
-                if handler not in self._handlers:
-                    handler.close()
+            for logger, before in self.handlers.items():
+                for handler in logger.handlers[:]:
+                    if handler not in before:
+                        handler.close()
         finally:
-            root.handlers[:] = self._handlers
-            root.setLevel(self._level)
-            for name, level in self._levels.items():
-                logging.getLogger(name).setLevel(level)
+            for logger, before in self.handlers.items():
+                logger.handlers[:] = before
+            for logger, level in self.levels.items():
+                logger.setLevel(level)
+
+
+class _Open:
+    """The :func:`restoring` scopes open now (the innermost last)."""
+
+    scopes: list[Changed] = []
+
+
+def _set_handlers(logger: logging.Logger, handlers: list[logging.Handler]) -> None:
+    """Makes ``handlers`` ``logger``'s, reported to each open :func:`restoring`."""
+    for changed in _Open.scopes:
+        changed.handlers.setdefault(logger, logger.handlers[:])
+    logger.handlers[:] = handlers
+
+
+def _set_level(logger: logging.Logger, level: int | str) -> None:
+    """Sets ``logger``'s level, reported to each open :func:`restoring`."""
+    for changed in _Open.scopes:
+        changed.levels.setdefault(logger, logger.level)
+    logger.setLevel(level)
 
 
 @contextlib.contextmanager
-def restoring() -> Iterator[None]:
-    """Puts the root logger back as it was when this began, when it ends: each handler added
-    closed, the handlers and levels :func:`configure_logging` changes as they were."""
-    saved = _RootLogging()
+def restoring(*, keep: bool = False) -> Iterator[Changed]:
+    """Puts back, when it ends (however it ends), what :func:`configure_logging` changed in it
+    (:meth:`Changed.put_back`: each handler added closed, the handlers and levels as they
+    were); unless ``keep``. Yields what it records."""
+    changed = Changed()
+    _Open.scopes.append(changed)
     try:
-        yield
+        yield changed
     finally:
-        saved.put_back()
+        _Open.scopes.remove(changed)  # by identity: Changed has no equality of its own
+        if not keep:
+            changed.put_back()
 
 
 @contextlib.contextmanager
-def configured(config: LoggingConfig, service: str) -> Iterator[ServiceLog]:
+def configured(config: LoggingConfig, service: str, *, keep: bool = False) -> Iterator[ServiceLog]:
     """:func:`configure_logging` for a service's run; when it ends (however it ends), the
-    service's handler is closed (its queue written, its writer ended) and the root logger is as
-    it was (:func:`restoring`), unless
-    :func:`~strongroom.runtime.lifetime.keep_for_the_process` was called (a process that ends
-    with its service writes its last lines, the command line's error line among them, through
-    it). Kept, a process that ran a service and went on logged to the stopped service's handler
-    and level for good, its own handlers gone."""
-    saved = _RootLogging()
-    try:
+    service's handler is closed (its queue written, its writer ended) and the loggers are as
+    they were (:func:`restoring`), unless ``keep``: a process that ends with its service (its
+    run inside :func:`~strongroom.runtime.lifetime.ends_with_the_process`) writes its last
+    lines, the command line's error line among them, through it. Kept, a process that ran a
+    service and went on logged to the stopped service's handler and level for good, its own
+    handlers gone."""
+    with restoring(keep=keep):
         yield configure_logging(config, service)
-    finally:
-        if not lifetime.kept_for_the_process():
-            saved.put_back()

@@ -499,20 +499,24 @@ class ServiceHost:
     def run_until_signal(self, after_start: Callable[[], None] | None = None) -> None:
         """Starts (then calls ``after_start``), and stops gracefully on SIGTERM or SIGINT (each
         logged, ``signal received, draining``, and the stop begun on the ``signals`` thread:
-        :mod:`strongroom.runtime.signals`)."""
+        :mod:`strongroom.runtime.signals`). Called outside a service's run (``run_service``,
+        which gives its handlers back once its close is over), it gives the handlers it
+        installed back when it returns (:func:`~strongroom.runtime.signals.given_back`): they
+        stayed, a later Ctrl-C taken for the stop of a host long stopped."""
 
         def on_signal(signum: int, _frame: object) -> None:
             # Only a hand-over: a log line or a thread started here could wait for good on a
             # lock the interrupted main thread holds.
             signals.later(functools.partial(self._stop_on_signal, signum))
 
-        # A stop asked for while the service started ends it here, before it serves.
-        starting.hand_over(on_signal)
-        settle_heap()  # before any call or background load: only startup's objects are frozen
-        self.start()
-        if after_start is not None:
-            after_start()
-        self.wait()
+        with signals.given_back():
+            # A stop asked for while the service started ends it here, before it serves.
+            starting.hand_over(on_signal)
+            settle_heap()  # before any call or background load: only startup's objects are frozen
+            self.start()
+            if after_start is not None:
+                after_start()
+            self.wait()
 
     def _stop_on_signal(self, signum: int) -> None:
         log.info("signal received, draining", extra={"signal": signum})

@@ -26,7 +26,8 @@ SIGTERM's stop never started, nor anything handed over after it.
 
 The handlers a service installs are its own while it runs, and no longer: :func:`restoring`
 records what each signal had before the first :func:`install` in it, and puts that back when it
-ends, on every way out (a clean stop, a start-up refused, an exception).
+ends, on every way out (a clean stop, a start-up refused, an exception); :func:`install`
+outside one is refused, since nothing would give its handler back.
 :func:`~strongroom.runtime.bootstrap.run_service` runs a service in it, so a process that runs
 one and goes on (a test's, a host embedding a service) has its own handlers back: they stayed
 the stopped service's, and a later SIGINT meant for the process (a KeyboardInterrupt) was taken
@@ -37,9 +38,9 @@ for a stop that no longer had a service, and was lost. The rule for when:
   the telemetry's end). A SIGTERM during the stop still reaches the service's handler (logged,
   ignored: the stop is under way), never the default action, which would end the process
   before the audit log is closed and the log's last lines are written.
-- Never in a process that ends with its service (``strongroom serve``:
-  :func:`~strongroom.runtime.lifetime.keep_for_the_process`, which keeps the service's exception
-  hooks and logging too): past ``run_service`` such a process only exits, and its exit
+- Never in a process that ends with its service (``strongroom serve``, its run inside
+  :func:`~strongroom.runtime.lifetime.ends_with_the_process`, which keeps the service's
+  exception hooks and logging too: ``keep``): past ``run_service`` such a process only exits, and its exit
   still writes lines (the command line's error line, queued through the service's log; what
   the exit's :func:`settle` and ``logging.shutdown`` write). Given back the default action, a
   SIGTERM there ended the process at once, those lines lost and its status the signal's, not
@@ -61,7 +62,6 @@ from collections.abc import Callable, Iterator
 from queue import SimpleQueue
 from types import FrameType
 
-from strongroom.runtime import lifetime
 from strongroom.runtime.log_writer import never_wait_here
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,16 @@ class _Relay:
 def install(handler: Handler, *signums: int) -> None:
     """Makes ``handler`` handle ``signums`` (call from the main thread, as ``signal.signal``
     requires), the ``signals`` thread running first: a handler that hands its work to
-    :func:`later` never starts it."""
+    :func:`later` never starts it. Only inside a :func:`restoring` (a service's run, or
+    :func:`given_back`), which gives the handlers back; outside one it raises RuntimeError,
+    nothing changed: installed there (the key broker's SIGHUP rotation called outside a
+    service's run), a handler stayed the process's for good."""
+    if not _Restoring.scopes:
+        names = ", ".join(signal.Signals(signum).name for signum in signums)
+        raise RuntimeError(
+            f"a handler of {names} installed outside a service's run (signals.restoring) would "
+            "never be given back"
+        )
     _start()
     for signum in signums:
         before = signal.signal(signum, handler)
@@ -107,11 +116,10 @@ class _Restoring:
 
 
 @contextlib.contextmanager
-def restoring() -> Iterator[None]:
+def restoring(*, keep: bool = False) -> Iterator[None]:
     """Puts back, when it ends (however it ends), the handlers the signals that :func:`install`
-    changed in it had before; unless
-    :func:`~strongroom.runtime.lifetime.keep_for_the_process` was called (the module's docstring
-    says why). Call from the main thread, as :func:`install`."""
+    changed in it had before; unless ``keep`` (a process that ends with its service: the
+    module's docstring says why). Call from the main thread, as :func:`install`."""
     saved: dict[int, Disposition] = {}
     _Restoring.scopes.append(saved)
     try:
@@ -121,10 +129,22 @@ def restoring() -> Iterator[None]:
         # recording the same handlers, ended the outer one's record instead, whose later installs
         # then went unrecorded and whose own end raised ValueError, nothing put back.
         _Restoring.scopes[:] = [scope for scope in _Restoring.scopes if scope is not saved]
-        if not lifetime.kept_for_the_process():
+        if not keep:
             for signum, before in saved.items():
                 if before is not None:  # not Python's: nothing to put back from here
                     signal.signal(signum, before)
+
+
+@contextlib.contextmanager
+def given_back() -> Iterator[None]:
+    """Gives back, when it ends, the handlers installed in it (:func:`restoring`), unless a
+    :func:`restoring` is open already: then that one does, when it ends (a service's run, whose
+    handlers must stay the service's until its close is over)."""
+    if _Restoring.scopes:
+        yield
+        return
+    with restoring():
+        yield
 
 
 def later(work: Callable[[], object]) -> None:

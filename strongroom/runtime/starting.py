@@ -86,13 +86,14 @@ def install() -> None:
 
 
 @contextlib.contextmanager
-def installed() -> Iterator[None]:
+def installed(*, keep: bool = False) -> Iterator[None]:
     """:func:`install` for a service's whole run (its start, serving, stop); when it ends,
     however, start-up's handling is over (a start refused before :func:`hand_over` left its
     request in place: a later build in the process ran its steps as if a stop could come) and
     the signals the run took (SIGTERM, SIGINT, the broker's SIGHUP) have their handlers from
-    before (:func:`strongroom.runtime.signals.restoring`, whose docstring has the rule)."""
-    with signals.restoring():
+    before (:func:`strongroom.runtime.signals.restoring`, whose docstring has the rule), unless
+    ``keep``."""
+    with signals.restoring(keep=keep):
         try:
             install()
             yield

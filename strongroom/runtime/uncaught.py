@@ -22,7 +22,6 @@ import threading
 from collections.abc import Iterator
 from types import TracebackType
 
-from strongroom.runtime import lifetime
 from strongroom.runtime.log_writer import never_wait_here
 
 log = logging.getLogger(__name__)
@@ -38,10 +37,10 @@ def install() -> None:
 
 
 @contextlib.contextmanager
-def installed() -> Iterator[None]:
+def installed(*, keep: bool = False) -> Iterator[None]:
     """:func:`install` for a service's run; when it ends (however it ends) the three hooks are
-    the ones from before again, unless
-    :func:`~strongroom.runtime.lifetime.keep_for_the_process` was called. Kept, a stopped
+    the ones from before again, unless ``keep`` (a process that ends with its service:
+    :mod:`~strongroom.runtime.lifetime`). Kept in a process that went on, a stopped
     service's hooks logged a later thread's error through the service's closed log, and a test
     process's pytest hooks, which fail the test whose thread raised, were gone for good."""
     before = threading.excepthook, sys.excepthook, sys.unraisablehook
@@ -49,7 +48,7 @@ def installed() -> Iterator[None]:
     try:
         yield
     finally:
-        if not lifetime.kept_for_the_process():
+        if not keep:
             threading.excepthook, sys.excepthook, sys.unraisablehook = before
 
 

@@ -62,16 +62,20 @@ def main(argv: list[str] | None = None) -> int:
     import yappi
 
     from strongroom.cli.main import main as cli_main
+    from strongroom.runtime import signals
 
     yappi.set_clock_type("cpu")
-    install(args.profile)
-    yappi.start(builtins=True, profile_threads=True)
-    return cli_main(rest)
+    # Kept: this process ends with its service, as ``strongroom serve``'s does.
+    with signals.restoring(keep=True):
+        install(args.profile)
+        yappi.start(builtins=True, profile_threads=True)
+        return cli_main(rest)
 
 
 def install(profile: Path) -> None:
     """Has SIGUSR1 clear yappi's statistics and SIGUSR2 write them to ``profile``, each handed
-    to the ``signals`` thread (call from the main thread)."""
+    to the ``signals`` thread (call from the main thread, inside
+    :func:`strongroom.runtime.signals.restoring`)."""
     import yappi
 
     from strongroom.runtime import signals

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,17 +12,8 @@ from strongroom.runtime import signals
 from tests.bench import _profiled_service
 
 
-@pytest.fixture
-def restored() -> Iterator[None]:
-    """SIGUSR1's and SIGUSR2's handlers put back after the test."""
-    saved = {n: signal.getsignal(n) for n in (signal.SIGUSR1, signal.SIGUSR2)}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
-
-
 def test_the_profile_is_written_on_the_signals_thread_not_in_the_handler(
-    restored: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SIGUSR2's handler walked yappi's statistics and wrote the file itself, on the main thread
     between two bytecodes of whatever it was doing (a handler may take no lock the interrupted
@@ -32,7 +22,8 @@ def test_the_profile_is_written_on_the_signals_thread_not_in_the_handler(
     monkeypatch.setattr(
         _profiled_service, "_dump", lambda _path: written.append(threading.current_thread().name)
     )
-    _profiled_service.install(tmp_path / "profile.json")
-    signal.raise_signal(signal.SIGUSR2)
-    assert signals.settle(30)
+    with signals.restoring():  # SIGUSR1's and SIGUSR2's handlers put back after the test
+        _profiled_service.install(tmp_path / "profile.json")
+        signal.raise_signal(signal.SIGUSR2)
+        assert signals.settle(30)
     assert written == ["signals"]

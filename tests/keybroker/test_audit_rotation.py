@@ -115,7 +115,7 @@ def test_sighup_rotates_the_brokers_audit_log(log_path: Path, key: Ed25519Privat
     the broker, whatever audit_rotate_bytes says."""
     previous = signal.getsignal(signal.SIGHUP)
     try:
-        with AuditLog.open(log_path, key) as log:
+        with signals.restoring(), AuditLog.open(log_path, key) as log:
             fill(log, 2)
             rotate_audit_on_sighup(log)
             os.kill(os.getpid(), signal.SIGHUP)
@@ -125,6 +125,18 @@ def test_sighup_rotates_the_brokers_audit_log(log_path: Path, key: Ed25519Privat
         signal.signal(signal.SIGHUP, previous)
     series = _series(log_path, key)
     assert series.intact and [p.name for p, _ in series.files] == ["audit.log.0-1", "audit.log"]
+
+
+def test_sighup_rotation_outside_a_service_s_run_is_refused_leaving_sighup_as_it_was(
+    log_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """Called outside a service's run (which gives SIGHUP back when it ends), the rotation's
+    handler stayed the process's for good: a later SIGHUP rotated a log long closed. It is
+    refused now, SIGHUP's handler unchanged."""
+    before = signal.getsignal(signal.SIGHUP)
+    with AuditLog.open(log_path, key) as log, pytest.raises(RuntimeError, match="SIGHUP"):
+        rotate_audit_on_sighup(log)
+    assert signal.getsignal(signal.SIGHUP) is before
 
 
 def test_a_sighup_storm_makes_at_most_two_rotation_threads(
@@ -144,7 +156,7 @@ def test_a_sighup_storm_makes_at_most_two_rotation_threads(
         return False
 
     try:
-        with AuditLog.open(log_path, key) as log:
+        with signals.restoring(), AuditLog.open(log_path, key) as log:
             fill(log, 2)
             rotate_audit_on_sighup(log)
             with log._lock:  # a commit stuck on the disk

@@ -374,7 +374,7 @@ def main(mode: str, collector: str = "") -> int:
 def _as_strongroom_serve(serve: Callable[[Path | None], int]) -> int:
     """``strongroom serve modelstore`` (the command line's own: what it does before and after the
     service's ``serve``, its signal handlers kept until the exit), the service's ``serve`` being
-    ``serve``. A copy of what it does (keep_for_the_process called here) let ``strongroom serve``
+    ``serve``. A copy of what it does (ends_with_the_process entered here) let ``strongroom serve``
     lose it with no test failing."""
     service = ModuleType("strongroom.modelstore.server")
     service.serve = serve  # type: ignore[attr-defined]

@@ -35,7 +35,7 @@ def test_an_os_error_that_stops_a_service_is_logged_with_its_traceback(
     common = SimpleNamespace(production=False, logging=None, tracing=TracingConfig(), identity=None)
     monkeypatch.setattr(bootstrap, "load_service_config", lambda *a: (common, object()))
     # The log stays pytest's, which captures it (the service's hooks are given back).
-    monkeypatch.setattr(bootstrap.logs, "configured", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(bootstrap.logs, "configured", lambda *a, **k: contextlib.nullcontext())
     monkeypatch.setattr(bootstrap, "open_identity", lambda *a: identity)
 
     def build(*args: Any) -> Any:

@@ -634,3 +634,82 @@ def test_an_interrupted_close_of_a_service_s_log_still_gives_the_process_its_log
 
 def _quiet_levels() -> dict[str, int]:
     return {name: logging.getLogger(name).level for name in QUIET_LIBRARIES}
+
+
+_LOGGER_ATTRIBUTES = {
+    "handlers": [],
+    "level": logging.NOTSET,
+    "filters": [],
+    "propagate": True,
+    "disabled": False,
+}
+"""What logging keeps of each logger that a configuration may change, and a new logger's."""
+
+
+def _logging_state() -> dict[tuple[str, str], object]:
+    """Each logger's (the root's included) :data:`_LOGGER_ATTRIBUTES`, and logging's ``disable``
+    level."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    state: dict[tuple[str, str], object] = {("", "disable"): logging.Logger.manager.disable}
+    for logger in loggers:
+        if isinstance(logger, logging.Logger):  # not a PlaceHolder
+            for name in _LOGGER_ATTRIBUTES:
+                value = getattr(logger, name)
+                state[(logger.name, name)] = value[:] if isinstance(value, list) else value
+    return state
+
+
+def _changed(
+    before: dict[tuple[str, str], object], after: dict[tuple[str, str], object]
+) -> set[tuple[str, str]]:
+    """What differs between two :func:`_logging_state`; a logger created in between is compared
+    with a new logger's attributes."""
+    return {
+        key
+        for key, value in after.items()
+        if before.get(key, _LOGGER_ATTRIBUTES.get(key[1])) != value
+    }
+
+
+@pytest.mark.parametrize(("level", "log_format"), [("DEBUG", "json"), ("ERROR", "text")])
+def test_what_configure_logging_changes_it_reports_and_each_change_is_given_back(
+    monkeypatch: pytest.MonkeyPatch, level: Any, log_format: Any
+) -> None:
+    """The give-back listed by hand (``_RootLogging``) what configure_logging changes: a change
+    added to one and not the other would have outlived every service's run. configure_logging
+    now reports each change it makes to the open :func:`logs.restoring`: whatever it changes
+    among every logger's attributes, it reported, and all of it comes back."""
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    before = _logging_state()
+    with logs.restoring() as changed:
+        logs.configure_logging(LoggingConfig(level=level, format=log_format), "test")
+        made = _changed(before, _logging_state())
+    reported = {(logger.name, "handlers") for logger in changed.handlers}
+    reported |= {(logger.name, "level") for logger in changed.levels}
+    assert ("root", "handlers") in made
+    assert made <= reported
+    assert _changed(before, _logging_state()) == set()
+
+
+def test_a_change_configure_logging_reports_is_given_back_when_the_service_s_run_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A change configure_logging would add (a library's logger quieted, given a handler of its
+    own): reported, a service's run (``logs.configured``) gives it back with the rest, where the
+    list kept by hand knew only the root logger and the quiet libraries."""
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    configure = logs.configure_logging
+    library = logging.getLogger("strongroom.test.library")
+    extra = logging.NullHandler()
+
+    def with_one_more_change(config: LoggingConfig, service: str) -> ServiceLog:
+        handler = configure(config, service)
+        logs._set_level(library, logging.CRITICAL)
+        logs._set_handlers(library, [extra])
+        return handler
+
+    monkeypatch.setattr(logs, "configure_logging", with_one_more_change)
+    before = _logging_state()
+    with logs.configured(LoggingConfig(format="json"), "test"):
+        assert (library.level, library.handlers) == (logging.CRITICAL, [extra])
+    assert _changed(before, _logging_state()) == set()

@@ -6,6 +6,7 @@ lines written through its own log first."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -14,14 +15,15 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from types import FrameType, SimpleNamespace
+from types import FrameType, ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
 
+from strongroom.cli import serve as serve_cli
 from strongroom.errors import Unavailable
 from strongroom.reasons import Reason
-from strongroom.runtime import bootstrap, signals, starting
+from strongroom.runtime import bootstrap, logs, signals, starting
 from strongroom.runtime.config import LoggingConfig, TracingConfig
 from strongroom.runtime.logs import QUIET_LIBRARIES
 from strongroom.runtime.server import ServiceHost
@@ -221,8 +223,14 @@ class _SignalledWhileClosing(_Running):
             while frame is not None and frame.f_code is not signals.settle.__code__:
                 frame = frame.f_back
             if frame is not None:
-                self.held.set()
+                try:
+                    self.while_settling()
+                finally:
+                    self.held.set()
             self.held.wait(0.01)
+
+    def while_settling(self) -> None:
+        """What happens while ``run_service`` waits for the ``signals`` thread (held)."""
 
 
 def test_a_sigterm_during_the_stop_reaches_the_service_not_the_handler_from_before(
@@ -249,6 +257,105 @@ def test_a_sigterm_during_the_stop_reaches_the_service_not_the_handler_from_befo
     draining = [r for r in host.lines() if r["msg"] == "signal received, draining"]
     assert [r["signal"] for r in draining] == [signal.SIGTERM, signal.SIGTERM]
     assert signal.getsignal(signal.SIGTERM) == host.handler
+
+
+class _ThreadFailsWhileSettling(_SignalledWhileClosing):
+    """A service thread (its certificate's renewal) ends on an error while ``run_service``
+    waits for the ``signals`` thread, held behind the SIGTERM's work."""
+
+    def while_settling(self) -> None:
+        def fails() -> None:
+            raise ConnectionResetError(104, "the CA went away")
+
+        renewal = threading.Thread(target=fails, name="renewal")
+        renewal.start()
+        renewal.join()
+
+
+def test_a_thread_that_fails_while_the_stop_settles_is_a_line_of_the_service_s_log(
+    host: _Host,
+) -> None:
+    """``run_service`` gave its exception hooks back before it waited for the ``signals`` thread
+    (up to SETTLE_SECONDS, more behind a stuck one): a service thread's error then went to the
+    host's hooks (a bare traceback; here pytest's, which fail the test), not the service's log.
+    The hooks are now given back after the wait, in the reverse order of taking them."""
+    closing: list[_ThreadFailsWhileSettling] = []
+
+    def build(*_: Any) -> _ThreadFailsWhileSettling:
+        closing.append(_ThreadFailsWhileSettling(_listening("0").host))
+        return closing[0]
+
+    try:
+        _serve(host, build, _stopped_by_sigterm)
+    finally:
+        if closing:
+            closing[0].held.set()
+            assert signals.settle(30)
+    failed = [r for r in host.lines() if r["msg"] == "thread ended on an uncaught error"]
+    assert [(r["thread_name"], r["error"]) for r in failed] == [
+        ("renewal", "[Errno 104] the CA went away")
+    ]
+
+
+def test_a_run_that_ends_with_its_process_makes_no_later_run_in_it_keep_what_it_changed(
+    host: _Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``strongroom serve`` (the command line's ``_serve``) had its process keep what a service
+    changes through a process-wide flag nothing reset: once it had run in a process (a test's),
+    every later ``run_service`` there kept its handlers, hooks and logging for good. The choice
+    is now the run's: the first run keeps them, the next one gives them back."""
+    monkeypatch.setattr(serve_cli, "forbid_core_dumps", lambda: None)
+    monkeypatch.setattr(serve_cli.os, "umask", lambda mask: mask)  # the test process's own stays
+
+    def serve(_config: object) -> int:
+        _serve(host, lambda *_: _listening("0"), _stopped_by_sigterm)
+        return 0
+
+    module = ModuleType("strongroom.modelstore.server")
+    module.serve = serve  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    # What the kept run keeps, put back by the test (the suite's guards check it is).
+    for owner, hook in ((threading, "excepthook"), (sys, "excepthook"), (sys, "unraisablehook")):
+        monkeypatch.setattr(owner, hook, getattr(owner, hook))
+    hooks = threading.excepthook, sys.excepthook, sys.unraisablehook
+    logging_before = _root_logging()
+    with logs.restoring(), signals.restoring():
+        assert serve_cli._serve(argparse.Namespace(service="modelstore", config=None)) == 0
+        assert signal.getsignal(signal.SIGTERM) != host.handler  # kept: the process ends
+        assert (threading.excepthook, sys.excepthook, sys.unraisablehook) != hooks
+    assert _root_logging() == logging_before
+    monkeypatch.setattr(threading, "excepthook", hooks[0])
+    monkeypatch.setattr(sys, "excepthook", hooks[1])
+    monkeypatch.setattr(sys, "unraisablehook", hooks[2])
+
+    _serve(host, lambda *_: _listening("0"), _stopped_by_sigterm)  # in the same process
+
+    assert {s: signal.getsignal(s) for s in TAKEN} == dict.fromkeys(TAKEN, host.handler)
+    assert (threading.excepthook, sys.excepthook, sys.unraisablehook) == hooks
+    assert _root_logging() == logging_before
+    assert host.got == []
+
+
+def test_a_host_run_outside_a_service_s_run_gives_its_signal_handlers_back(host: _Host) -> None:
+    """``run_until_signal`` called by a host process itself, not through ``run_service``, left
+    its stop's handlers of SIGTERM and SIGINT installed once it returned: a later Ctrl-C meant
+    for the process was taken for the stop of a host long stopped. They come back as it
+    returns."""
+    running = _listening("0")
+    try:
+        running.host.run_until_signal(after_start=lambda: signal.raise_signal(signal.SIGTERM))
+    finally:
+        running.close()
+    assert {s: signal.getsignal(s) for s in TAKEN} == dict.fromkeys(TAKEN, host.handler)
+    assert host.got == []  # the SIGTERM was the host's stop
+
+
+def test_a_handler_installed_outside_any_service_s_run_is_refused() -> None:
+    """Nothing would give it back: :func:`signals.install` refuses it, the handler unchanged."""
+    before = signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(RuntimeError, match="SIGUSR1"):
+        signals.install(lambda *_: None, signal.SIGUSR1)
+    assert signal.getsignal(signal.SIGUSR1) is before
 
 
 def test_a_scope_inside_another_that_recorded_the_same_puts_back_what_each_took(
