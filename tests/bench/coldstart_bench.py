@@ -15,7 +15,15 @@ load; that is, the secure path without the model store's servicer and the key re
 ``ratio_floor_to_bare_mtls_stream`` is what decryption alone adds on this machine and
 ``ratio_secure_to_floor`` what the store and the release add above it. The secure load's
 next ephemeral key, made during its ONNX Runtime load, is awaited before the baselines run.
-The model is the demo classifier padded with an unused initializer to ``size_mb``.
+The model is the demo classifier padded with an unused initializer to ``size_mb``: ONNX Runtime
+drops that initializer, so its load is a parse-and-discard of the bytes, not a real model's.
+
+``realistic_model`` (after all of the above, unless ``realistic=False``): the same secure path
+against the same bare mTLS stream + load, alternated, best and median of as many rounds, for a
+model of about ``size_mb`` whose weights are all used (:mod:`tests.bench._realistic_model`: an
+embedding table and a chain of dense layers), which ONNX Runtime keeps and prepacks as it would a
+real model's. Decryption costs the same per byte in both; its ratio is the one a user loading a
+real model sees (``tests/bench/ANALYSIS.md``).
 
 The loading side runs in a child process started with inference's process environment
 (:data:`strongroom.runtime.process.SERVICE_ENV`, huge pages for malloc included), so the secure
@@ -74,8 +82,8 @@ from strongroom.inference.models import ModelRepository
 from strongroom.modelstore.service import SERVICE_NAME
 from strongroom.pki import WorkloadIdentity
 from strongroom.wire import bytes_field_view
+from tests.bench import _realistic_model, artifact_bench
 from tests.bench import _stream_server as stream_server
-from tests.bench import artifact_bench
 from tests.bench._budget import bench_broker_section
 from tests.bench._child import child_main, run_in_child
 from tests.bench._proc import machine_busy_seconds
@@ -194,6 +202,100 @@ def _floor_load(port: int, dek: bytes, client: WorkloadIdentity, threads: int) -
     return {"total": t2 - t0, "fetch_and_decrypt": t1 - t0, "load": t2 - t1}
 
 
+def _secure_round(
+    stack: DevStack,
+    identity: WorkloadIdentity,
+    attester: SimulatedAttester,
+    name: str,
+    decrypt_threads: int,
+) -> dict[str, float]:
+    """One secure load of ``name`` version 1 by a new loader with new channels, with its usage."""
+    key_release = KeyReleaseClient(
+        stack.channel(identity, "keybroker"),
+        attester,
+        identity.public_key_der,
+        verifier=stack.release_verifier(),
+    )
+    # A server makes its client at startup, and its first ephemeral RSA key meanwhile (0.1 s of
+    # CPU): a load does not start microseconds after. Fresh channels, though: their TLS
+    # handshakes are part of a first load.
+    key_release._next_key.result(60)
+    loader = ModelLoader(
+        ModelRepository(),
+        store_channel=stack.store_channel(identity),
+        key_release=key_release,
+        decrypt_threads=decrypt_threads,
+    )
+
+    def secure_load() -> dict[str, float]:
+        t0 = time.perf_counter()
+        result = loader.load(name, "1")
+        return {"total": time.perf_counter() - t0, **result.timings}
+
+    timings = _with_usage(secure_load)
+    # The next ephemeral key, queued once the download was in, is made before the baselines
+    # run, so that none of them shares the machine with it.
+    assert key_release._next_key is not None
+    key_release._next_key.result(60)
+    return timings
+
+
+def _realistic(
+    stack: DevStack,
+    tmp: Path,
+    identity: WorkloadIdentity,
+    attester: SimulatedAttester,
+    *,
+    bare_mtls: tuple[str, Path, Path],
+    size_mb: int,
+    repeats: int,
+    decrypt_threads: int,
+) -> dict[str, Any]:
+    """The secure load against the bare mTLS stream + load for a model of about ``size_mb``
+    whose weights are all used (:mod:`tests.bench._realistic_model`), alternated, best and
+    median of ``repeats`` each; ``bare_mtls`` is the bare server's CA URL, root and identity."""
+    model = _realistic_model.generate(tmp / "realistic.onnx", size_mb=size_mb)
+    publisher = stack.identity("publisher")
+    published = publish_model(
+        model.path,
+        name="realistic",
+        version="1",
+        key_id="bench",
+        broker=stack.channel(publisher, "keybroker"),
+        store=stack.channel(publisher, "modelstore"),
+    )
+    size = model.path.stat().st_size
+    server = stream_server.start("mtls", model.path, *bare_mtls)
+    secure_runs: list[dict[str, float]] = []
+    bare_runs: list[dict[str, float]] = []
+    try:
+        for _ in range(repeats):
+            secure_runs.append(
+                _secure_round(stack, identity, attester, "realistic", decrypt_threads)
+            )
+            bare_runs.append(_with_usage(partial(_plain_load, server.port, size, client=identity)))
+    finally:
+        server.stop()
+    secure = min(secure_runs, key=lambda r: r["total"])
+    bare = min(bare_runs, key=lambda r: r["total"])
+    secure_median = statistics.median(r["total"] for r in secure_runs)
+    bare_median = statistics.median(r["total"] for r in bare_runs)
+    return {
+        "model": model.description,
+        "model_mb": round(size / 2**20, 1),
+        "artifact_mb": round(published.model.artifact_size / 2**20, 1),
+        "secure_best_s": {k: round(v, 3) for k, v in secure.items()},
+        "bare_mtls_stream_best_s": {k: round(v, 3) for k, v in bare.items()},
+        "secure_median_s": round(secure_median, 3),
+        "bare_mtls_stream_median_s": round(bare_median, 3),
+        "ratio_secure_to_bare_mtls_stream": round(secure["total"] / bare["total"], 3),
+        "ratio_of_medians": round(secure_median / bare_median, 3),
+        # How much of each best load is ONNX Runtime's: the part decryption does not touch.
+        "load_share_secure": round(secure["load"] / secure["total"], 3),
+        "load_share_bare_mtls_stream": round(bare["load"] / bare["total"], 3),
+    }
+
+
 def _disk_load(path: Path) -> float:
     t0 = time.perf_counter()
     ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -228,10 +330,16 @@ def run(
     size_mb: int = 512,
     repeats: int = 5,
     decrypt_threads: int = DEFAULT_DECRYPT_THREADS,
+    realistic: bool = True,
 ) -> None:
     """Measures cold start in a child process with inference's process environment."""
     reported_before = read_int(PAGE_REPORTING / "reported_kib")
-    options = {"size_mb": size_mb, "repeats": repeats, "decrypt_threads": decrypt_threads}
+    options = {
+        "size_mb": size_mb,
+        "repeats": repeats,
+        "decrypt_threads": decrypt_threads,
+        "realistic": realistic,
+    }
     results.update(run_in_child(__name__, "inference", options))
     reported_after = read_int(PAGE_REPORTING / "reported_kib")
     results["host_free_page_reporting"] = (
@@ -250,8 +358,10 @@ def measure(
     size_mb: int = 512,
     repeats: int = 5,
     decrypt_threads: int = DEFAULT_DECRYPT_THREADS,
+    realistic: bool = True,
 ) -> None:
-    """Measures cold start for a ``size_mb`` model, secure against plain, best and median of runs."""
+    """Measures cold start for a ``size_mb`` model, secure against plain, best and median of runs;
+    with ``realistic``, then the same for a model whose weights are all used."""
     with tempfile.TemporaryDirectory() as tmp, DevStack(Path(tmp)) as stack:
         stack.start_process("keybroker", bench_broker_section(stack))
         stack.start_process("modelstore")
@@ -304,34 +414,7 @@ def measure(
         size = model.path.stat().st_size
         try:
             for _ in range(repeats):
-                key_release = KeyReleaseClient(
-                    stack.channel(identity, "keybroker"),
-                    attester,
-                    identity.public_key_der,
-                    verifier=stack.release_verifier(),
-                )
-                # A server makes its client at startup, and its first ephemeral RSA key meanwhile
-                # (0.1 s of CPU): a load does not start microseconds after. Fresh channels, though:
-                # their TLS handshakes are part of a first load.
-                key_release._next_key.result(60)
-                loader = ModelLoader(
-                    ModelRepository(),
-                    store_channel=stack.store_channel(identity),
-                    key_release=key_release,
-                    decrypt_threads=decrypt_threads,
-                )
-
-                def secure_load(loader: ModelLoader = loader) -> dict[str, float]:
-                    t0 = time.perf_counter()
-                    result = loader.load("big", "1")
-                    return {"total": time.perf_counter() - t0, **result.timings}
-
-                secure_runs.append(_with_usage(secure_load))
-                # The next ephemeral key, queued once the download was in, is made before the
-                # baselines run, so that none of them shares the machine with it.
-                assert key_release._next_key is not None
-                key_release._next_key.result(60)
-                del loader, secure_load, key_release
+                secure_runs.append(_secure_round(stack, identity, attester, "big", decrypt_threads))
                 port = plain_server.port
                 plain_runs.append(_with_usage(partial(_plain_load, port, size)))
                 mtls_runs.append(
@@ -437,6 +520,18 @@ def measure(
             "secure timings overlap: attest_and_release runs on its own thread during the "
             "download; key_wait is the part the download waited for; fetch_and_decrypt includes it"
         )
+        if realistic:
+            # After every figure above, so that their rounds run as they did before it existed.
+            results["realistic_model"] = _realistic(
+                stack,
+                Path(tmp),
+                identity,
+                attester,
+                bare_mtls=(ca.url, root_pem, Path(tmp) / "bare-mtls-identity"),
+                size_mb=size_mb,
+                repeats=repeats,
+                decrypt_threads=decrypt_threads,
+            )
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ Nothing else runs the benchmarks, so an area could break unnoticed until the nex
 (``hsm`` failed on every one for several landings). Each area's ``run`` is called through
 :func:`tests.bench.run.run_area` with :data:`SMOKE`'s options (tiny sizes, counts and
 ``scale``, :mod:`tests.bench._scale`); checked is only that it completes and records the figures
-the committed ``results.json`` (what ``RESULTS.md`` and the README quote) has for it: every key,
-numbers where it has numbers (finite), and every failure counter 0. No figure's value is judged:
+the committed ``results.json`` (what ``RESULTS.md`` and the README quote) has for it, and those
+:data:`REQUIRED` adds before a ``make bench`` writes them there: every key, numbers where it has
+numbers (finite), and every failure counter 0. No figure's value is judged:
 these runs measure nothing. The areas write only to temporary paths; ``results.json``,
 ``RESULTS.md`` and ``PROFILE.md`` stay as they are (checked).
 """
@@ -81,6 +82,26 @@ MAY_BE_NONE: dict[str, tuple[str, ...]] = {
     ),
     # None when the threaded server's CPU over a phase is under one clock tick of /proc.
     "grpcserver": ("server_cpu_us_per_call",),
+}
+
+#: Figures an area must record whether or not the committed results.json has them yet (added
+#: since the last ``make bench``): their shape, checked as the reference's are.
+REQUIRED: dict[str, dict[str, Any]] = {
+    "coldstart": {
+        "realistic_model": {
+            "model": "",
+            "model_mb": 0.0,
+            "artifact_mb": 0.0,
+            "secure_best_s": {"total": 0.0, "load": 0.0, "cpu_s": 0.0},
+            "bare_mtls_stream_best_s": {"total": 0.0, "load": 0.0, "cpu_s": 0.0},
+            "secure_median_s": 0.0,
+            "bare_mtls_stream_median_s": 0.0,
+            "ratio_secure_to_bare_mtls_stream": 0.0,
+            "ratio_of_medians": 0.0,
+            "load_share_secure": 0.0,
+            "load_share_bare_mtls_stream": 0.0,
+        }
+    }
 }
 
 FAILURE_COUNTERS = ("failed", "failures", "legit_failures")
@@ -171,8 +192,9 @@ def test_area_runs_and_records_its_figures(
     figures = bench_run.run_area(area, **options)
     json.dumps(figures, allow_nan=False)  # results.json takes them as they are
     missing = list(_mismatches(area, reference[area], figures))
+    missing += _mismatches(area, REQUIRED.get(area, {}), figures)
     # A figure dropped on purpose leaves results.json with the next `make bench`.
-    assert missing == [], f"{area} no longer records what results.json has: {missing}"
+    assert missing == [], f"{area} does not record what results.json or REQUIRED has: {missing}"
     assert list(_failures(figures)) == []
     if area == "releasecpu":
         assert "| 1 |" in options["profile_md"].read_text()
