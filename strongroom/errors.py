@@ -2,7 +2,7 @@
 
 Each class names the canonical status code (gRPC's names, as plain strings) its failures map to;
 one server interceptor in ``strongroom.runtime`` turns them into a gRPC status whose message is
-``REASON: text`` plus a ``strongroom-reason`` trailing-metadata entry. Nothing else reaches the wire:
+``REASON: text`` (the error's :attr:`~StrongroomError.public` text) plus a ``strongroom-reason`` trailing-metadata entry. Nothing else reaches the wire:
 any other exception becomes INTERNAL with a generic message (the details go to the log only).
 Libraries (artifact, attestation) raise these without depending on gRPC.
 """
@@ -32,15 +32,34 @@ class StrongroomError(Exception):
 
     ``reason`` is a stable, machine-readable UPPER_SNAKE code; ``status_name`` is the canonical status
     code name (``INVALID_ARGUMENT``, ``PERMISSION_DENIED``, ...) it is reported with.
+
+
+    ``message`` is for whoever runs the code: the service's log, the command line. ``public`` is
+    what a remote caller is told instead, when the message speaks of the service's own state (its
+    files' paths: a failure of its audit log or its HSM module), which no caller may learn: the
+    failure's class and errno, the operator's log having the rest. By default it is the message.
     """
 
     status_name: str = "INTERNAL"
     default_reason: str = Reason.INTERNAL
 
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, reason: str | None = None, public: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
+        self._public = public
+
+    @property
+    def public(self) -> str:
+        """What a remote caller is told of this failure (its status message after the reason)."""
+        return self.message if self._public is None else self._public
+
+    def answer(self) -> str:
+        """The status message a remote caller gets: ``REASON: public`` (:attr:`public`), never
+        the operator's message when the two differ."""
+        return f"{self.reason}: {self.public}"
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.message}"

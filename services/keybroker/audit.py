@@ -193,6 +193,7 @@ import binascii
 import bisect
 import collections
 import contextlib
+import copy
 import enum
 import fcntl
 import hashlib
@@ -236,7 +237,7 @@ from strongroom.keybroker.audit_head import (
 )
 from strongroom.keybroker.audit_head import parse as parse_head
 from strongroom.keybroker.audit_names import list_sealed, open_regular, sealed_log_name
-from strongroom.keybroker.errors import AuditUnavailable
+from strongroom.keybroker.errors import AuditTampered, AuditUnavailable, audit_failure
 from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
 
@@ -420,16 +421,17 @@ def log_locked(path: Path, waited: float) -> str:
 def _take_log_lock(lock: BoundedFlock, path: Path, deadline: float) -> None:
     """Takes the log's exclusive ``flock`` (``lock``) by ``deadline`` (``time.monotonic()``, at
     most :data:`LOG_LOCK_WAIT_SECONDS` after the wait began); AuditUnavailable if another process
-    held it until then (logged at ERROR, naming the file) or if it cannot be taken at all."""
+    held it until then (naming the file: a refused commit logs it) or if it cannot be taken at
+    all."""
     started = time.monotonic()
     try:
         locked = lock.acquire(deadline - started)
     except OSError as exc:
         raise _call_failed("lock the audit log", exc, path) from None
     if not locked:
-        message = log_locked(path, LOG_LOCK_WAIT_SECONDS)
-        _log.error(message, extra={"reason": Reason.AUDIT_UNAVAILABLE.value})
-        raise AuditUnavailable(message)
+        raise AuditUnavailable(
+            log_locked(path, LOG_LOCK_WAIT_SECONDS), public=audit_failure("lock")
+        )
     waited = time.monotonic() - started
     if waited > LOG_LOCK_SLOW_SECONDS:
         _log.warning(
@@ -621,7 +623,8 @@ class _Pending:
     def outcome(self) -> AuditRecord:
         if self.error is not None:
             # A fresh exception per caller: one batch's error object is not raised in many threads.
-            raise type(self.error)(self.error.message, reason=self.error.reason)
+            # A copy, not the class called again: that lost what its caller is told (``public``).
+            raise copy.copy(self.error)
         assert self.result is not None
         return self.result
 
@@ -822,7 +825,7 @@ class AuditLog(Closing):
             except OSError as exc:
                 failed = self._read_failed(exc)
                 raise AuditUnavailable(
-                    f"the audit log cannot be rotated: {failed.message}"
+                    f"the audit log cannot be rotated: {failed.message}", public=failed.public
                 ) from None
 
     @property
@@ -949,14 +952,22 @@ class AuditLog(Closing):
         except OSError as exc:
             # Reading the state back (the tail, the head) failed: nothing of the batch was
             # written, and its callers hear what a failed write tells them.
-            failed = self._read_failed(exc)
-            for pending in batch:
-                if pending.result is None and pending.error is None:
-                    pending.error = failed
+            self._refuse(batch, self._read_failed(exc))
         except (AuditUnavailable, DataLoss) as exc:
-            for pending in batch:
-                if pending.result is None and pending.error is None:
-                    pending.error = exc
+            self._refuse(batch, exc)
+
+    @staticmethod
+    def _refuse(batch: list[_Pending], error: AuditUnavailable | DataLoss) -> None:
+        """Fails the batch's callers still without an outcome with ``error``. An outage is logged
+        here, at ERROR and once for the batch, its message naming the file and the errno: the
+        callers hear only its public words (:func:`~strongroom.keybroker.errors.audit_failure`),
+        and the operator's only account of a failed commit is this line. A tamper verdict was
+        logged (CRITICAL) when it was found."""
+        if isinstance(error, AuditUnavailable):
+            _log.error("%s", error.message, extra={"reason": error.reason})
+        for pending in batch:
+            if pending.result is None and pending.error is None:
+                pending.error = error
 
     def _write_batch(self, batch: list[_Pending]) -> None:
         seq, prev = self._count, self._last_hash
@@ -1042,7 +1053,7 @@ class AuditLog(Closing):
             if self._closed:
                 raise AuditUnavailable("the audit log is closed")
             if self._tamper is not None:
-                raise DataLoss(self._tamper, reason=Reason.AUDIT_LOG_TAMPERED)
+                raise AuditTampered(self._tamper)
             with self._flocked(since):
                 yield
 
@@ -1312,7 +1323,8 @@ class AuditLog(Closing):
                 except OSError as exc:
                     failed = _call_failed("write the audit head", exc, self._head_path)
                     raise AuditUnavailable(
-                        f"cannot seal the audit log for its rotation: {failed.message}"
+                        f"cannot seal the audit log for its rotation: {failed.message}",
+                        public=failed.public,
                     ) from None
                 is_sealed = True
                 self._complete_renames()
@@ -1320,14 +1332,17 @@ class AuditLog(Closing):
             self._switch_to_new(sealed)
             self._resync(finishing=True)
         except OSError as exc:
-            raise AuditUnavailable(f"{unfinished}: {self._read_failed(exc).message}") from None
+            failed = self._read_failed(exc)
+            raise AuditUnavailable(
+                f"{unfinished}: {failed.message}", public=failed.public
+            ) from None
         except AuditUnavailable as exc:
             # Past the seal, the steps name their own file and errno; the operator still needs
             # to hear that the rotation is sealed and the next commit finishes it (and alerts
             # match this start).
             if not is_sealed or exc.reason != Reason.AUDIT_UNAVAILABLE:
                 raise
-            raise AuditUnavailable(f"{unfinished}: {exc.message}") from None
+            raise AuditUnavailable(f"{unfinished}: {exc.message}", public=exc.public) from None
         return self._path.with_name(name)
 
     def _finish_rotation(self) -> None:
@@ -1728,7 +1743,9 @@ class AuditLog(Closing):
         except OSError as exc:
             raise _call_failed("lock the audit directory", exc, self._path.parent) from None
         if not locked:
-            raise AuditUnavailable(directory_locked(self._path.parent))
+            raise AuditUnavailable(
+                directory_locked(self._path.parent), public=audit_failure("lock")
+            )
         try:
             yield
         finally:
@@ -1904,7 +1921,7 @@ class AuditLog(Closing):
                 message,
                 extra={"alert": Reason.AUDIT_LOG_TAMPERED, "audit_log": str(self._path)},
             )
-        return DataLoss(message, reason=Reason.AUDIT_LOG_TAMPERED)
+        return AuditTampered(message)
 
     def _write_head_or_fail(self, head: Head) -> None:
         try:
@@ -1924,7 +1941,10 @@ def _sealed_logs(dir_fd: int, path: Path) -> list[tuple[int, int, str]]:
 def _call_failed(doing: str, exc: OSError, path: Path | str) -> AuditUnavailable:
     """Why a system call on the audit file ``path`` failed, as :func:`_lookup_failed` says it:
     ``cannot DOING PATH: strerror (ERRNO)``."""
-    return AuditUnavailable(f"cannot {doing} {path}: {os_error_cause(exc)}")
+    verb = doing.partition(" the ")[0]  # "write", "look up": what a remote caller is told
+    return AuditUnavailable(
+        f"cannot {doing} {path}: {os_error_cause(exc)}", public=audit_failure(verb, exc)
+    )
 
 
 def _call_failed_in(
@@ -2006,7 +2026,7 @@ def _read_sealed_head(
         os.close(fd)
     parsed = _parse_own_head(raw, public_key, name + ".head")
     if not parsed.sealed:
-        raise DataLoss(f"the head of {name} does not seal it", reason=Reason.AUDIT_LOG_TAMPERED)
+        raise AuditTampered(f"the head of {name} does not seal it")
     return parsed, found
 
 
@@ -2041,30 +2061,22 @@ def _read_sealed_log(dir_fd: int, name: str, sealed: ParsedHead) -> tuple[str, o
     finally:
         os.close(fd)
     if sealed.size is not None and size != sealed.size:
-        raise DataLoss(
+        raise AuditTampered(
             f"the sealed audit log {name} is {size} bytes, not the {sealed.size} its head "
-            "seals: records were removed, added or edited",
-            reason=Reason.AUDIT_LOG_TAMPERED,
+            "seals: records were removed, added or edited"
         )
     if (
         last is None
         or end != size
         or (last["seq"] + 1, last["hash"]) != (head.count, head.last_hash)
     ):
-        raise DataLoss(
-            f"the sealed audit log {name} does not end where its head says",
-            reason=Reason.AUDIT_LOG_TAMPERED,
-        )
+        raise AuditTampered(f"the sealed audit log {name} does not end where its head says")
     if first is None or first["seq"] != head.base:
-        raise DataLoss(
-            f"the sealed audit log {name} does not start where its head says",
-            reason=Reason.AUDIT_LOG_TAMPERED,
-        )
+        raise AuditTampered(f"the sealed audit log {name} does not start where its head says")
     if head.count - head.base > 1 and (second is None or second["prev"] != first["hash"]):
-        raise DataLoss(
+        raise AuditTampered(
             f"the first record of the sealed audit log {name} was edited: the record after it "
-            "does not continue it",
-            reason=Reason.AUDIT_LOG_TAMPERED,
+            "does not continue it"
         )
     return first["prev"], found
 
@@ -2105,9 +2117,8 @@ def _parse_own_head(raw: bytes, public_key: Ed25519PublicKey, name: str) -> Pars
     try:
         return parse_head(raw, public_key)
     except (ValueError, KeyError, TypeError, binascii.Error, InvalidSignature):
-        raise DataLoss(
-            f"the audit head {name} is malformed or not signed by this broker's key",
-            reason=Reason.AUDIT_LOG_TAMPERED,
+        raise AuditTampered(
+            f"the audit head {name} is malformed or not signed by this broker's key"
         ) from None
 
 
@@ -2126,7 +2137,7 @@ def _read_tail(
             end, spans = found
             return pos + end, [(pos + start, buf[start:stop]) for start, stop in spans]
         if len(buf) > limit:
-            raise DataLoss(f"{what} is malformed", reason=Reason.AUDIT_LOG_TAMPERED)
+            raise AuditTampered(f"{what} is malformed")
         step = min(8192 if lines == 1 else 65536, pos)
         pos -= step
         buf = os.pread(fd, step, pos) + buf
@@ -2182,7 +2193,7 @@ def _tail_record(line: bytes, what: str = "the last audit record") -> dict[str, 
         or not isinstance(record.get("hash"), str)
         or not isinstance(record.get("prev"), str)
     ):
-        raise DataLoss(f"{what} is malformed", reason=Reason.AUDIT_LOG_TAMPERED)
+        raise AuditTampered(f"{what} is malformed")
     # What the head is matched against must be a record, not a stub carrying the head's hash.
     claimed = record.pop("hash")
     try:
@@ -2192,10 +2203,7 @@ def _tail_record(line: bytes, what: str = "the last audit record") -> dict[str, 
     except (TypeError, ValueError, RecursionError):
         intact = False
     if not intact:
-        raise DataLoss(
-            f"{what} was modified (its hash does not match its content)",
-            reason=Reason.AUDIT_LOG_TAMPERED,
-        )
+        raise AuditTampered(f"{what} was modified (its hash does not match its content)")
     record["hash"] = claimed
     return record
 
@@ -2208,8 +2216,7 @@ def _read_head(head_file: HeadFile, path: Path) -> ParsedHead | None:
     except OSError as exc:
         raise _call_failed("read the audit head", exc, path) from None
     except (ValueError, KeyError, TypeError, binascii.Error, InvalidSignature) as exc:
-        raise DataLoss(
+        raise AuditTampered(
             "the audit head is malformed or not signed by this broker's key"
-            + (f" ({exc})" if isinstance(exc, ValueError) and str(exc) else ""),
-            reason=Reason.AUDIT_LOG_TAMPERED,
+            + (f" ({exc})" if isinstance(exc, ValueError) and str(exc) else "")
         ) from None

@@ -73,6 +73,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from strongroom import jsonparse
+from strongroom.files import os_error_cause
 
 LEGACY_VERSION = 1
 VERSION = 2
@@ -513,4 +514,6 @@ class HeadFile:
             # The new file is in place; after a power loss the old one may come back, which is the
             # crash case the log's repair handles (its records follow the old head unanchored).
             # Failing now would cut back records this head already anchors.
-            _log.error("cannot fsync the audit directory after a head update: %s", exc.strerror)
+            _log.error(
+                "cannot fsync the audit directory after a head update: %s", os_error_cause(exc)
+            )

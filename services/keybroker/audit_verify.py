@@ -210,7 +210,7 @@ def verify_audit_log(
         return _verify_audit_log(path, public_key)
     except OSError as exc:
         raise AuditUnavailable(
-            f"cannot read {exc.filename or path}: {exc.strerror or type(exc).__name__}"
+            f"cannot read {exc.filename or path}: {os_error_cause(exc)}"
         ) from None
 
 

@@ -11,7 +11,14 @@ key (:class:`ReleaseNotPermitted`).
 
 from __future__ import annotations
 
-from strongroom.errors import FailedPrecondition, PermissionDenied, StrongroomError, Unavailable
+from strongroom.errors import (
+    DataLoss,
+    FailedPrecondition,
+    PermissionDenied,
+    StrongroomError,
+    Unavailable,
+)
+from strongroom.files import errno_name
 from strongroom.reasons import Reason
 
 
@@ -25,10 +32,43 @@ class HsmUnavailable(Unavailable):
     default_reason = Reason.HSM_UNAVAILABLE
 
 
+def audit_failure(doing: str = "keep", cause: OSError | None = None) -> str:
+    """What a remote caller is told of a failure of the broker's audit log: what the broker could
+    not do to it (``write``, ``read``, ``lock``...) and the errno's symbol, never a path, a file
+    name or the directory's layout (the operator's message, in the broker's log, has them)."""
+    errno = f" ({errno_name(cause)})" if cause is not None else ""
+    return f"the key broker cannot {doing} its audit log{errno}; its operator's log has the details"
+
+
 class AuditUnavailable(Unavailable):
-    """An audit record could not be made durable; the decision it describes must not take effect."""
+    """An audit record could not be made durable; the decision it describes must not take effect.
+
+    Its message names the files and the errno for the operator; a remote caller is told only
+    ``public`` (by default :func:`audit_failure`'s words for a failure of unknown kind), whatever
+    raised it: a message naming the log's directory reached every caller of the failed RPC."""
 
     default_reason = Reason.AUDIT_UNAVAILABLE
+
+    def __init__(
+        self, message: str, *, reason: str | None = None, public: str | None = None
+    ) -> None:
+        super().__init__(message, reason=reason, public=public or audit_failure())
+
+
+class AuditTampered(DataLoss):
+    """The audit log's files do not hold the chain the broker signed (``AUDIT_LOG_TAMPERED``).
+
+    Its message names the file that fails and how, for the operator; a remote caller is told only
+    that the check failed: the files' names and paths are the broker's own."""
+
+    default_reason = Reason.AUDIT_LOG_TAMPERED
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            message,
+            public="the key broker's audit log failed its integrity check; its operator's log "
+            "has the details",
+        )
 
 
 class PolicyUnreadable(FailedPrecondition):

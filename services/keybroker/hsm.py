@@ -95,6 +95,14 @@ from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
 
 _log = logging.getLogger(__name__)
+
+
+def _unreachable(more: str = "") -> str:
+    """What a remote caller is told of a failed connection to the HSM (its message names the
+    PKCS#11 module's path, SoftHSM2's configuration and the token's labels: the operator's)."""
+    return f"the key broker cannot connect to its HSM{more}; its operator's log has the details"
+
+
 T = TypeVar("T")
 
 _OAEP_PARAMS: dict[OaepHash, tuple[Mechanism, MGF, None]] = {
@@ -793,7 +801,8 @@ class Hsm(Closing):
             wait = self._last_attempt + self._backoff() - now
             if wait > 0:
                 raise HsmUnavailable(
-                    f"the HSM is unavailable ({self._last_error}); next attempt in {wait:.2f}s"
+                    f"the HSM is unavailable ({self._last_error}); next attempt in {wait:.2f}s",
+                    public=_unreachable(f"; next attempt in {wait:.2f}s"),
                 )
         self._last_attempt = now
         try:
@@ -801,7 +810,15 @@ class Hsm(Closing):
         except HsmUnavailable as exc:
             self._last_error = exc.message
             self._failed_attempts += 1
-            raise
+            if exc.reason != Reason.HSM_LOGIN_FAILED:  # logged as the refusal it is
+                _log.error(
+                    "cannot connect to the HSM: %s", exc.message, extra={"reason": exc.reason}
+                )
+            # Its message names the module's and the configuration's paths and the token's
+            # labels: the operator's, in the line above; a caller is told the failure's class.
+            raise HsmUnavailable(exc.message, reason=exc.reason, public=_unreachable()) from (
+                exc.__cause__
+            )
         self._last_attempt = None
         self._failed_attempts = 0
         self._generation += 1

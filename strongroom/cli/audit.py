@@ -40,6 +40,7 @@ from typing import Any
 
 from strongroom.cli._text import printable
 from strongroom.errors import InvalidArgument, NotFound
+from strongroom.files import os_error_cause
 from strongroom.keybroker.audit import load_public_key
 from strongroom.keybroker.audit_verify import verify_audit_log, verify_audit_paths
 from strongroom.reasons import Reason
@@ -85,7 +86,8 @@ def _verify(args: argparse.Namespace) -> int:
             pem = args.public_key.read_bytes()
         except OSError as exc:
             raise NotFound(
-                f"cannot read {args.public_key}: {exc.strerror}", reason=Reason.AUDIT_KEY_NOT_FOUND
+                f"cannot read {args.public_key}: {os_error_cause(exc)}",
+                reason=Reason.AUDIT_KEY_NOT_FOUND,
             ) from None
         key = load_public_key(pem)
     log_name: str | None = args.log_name

@@ -1,7 +1,8 @@
 """The one place where domain errors become gRPC statuses.
 
 A :class:`~strongroom.errors.StrongroomError` becomes its status code with the message
-``REASON: text`` and a ``strongroom-reason`` trailing-metadata entry. Anything else is a bug (any
+``REASON: text`` (its :meth:`~strongroom.errors.StrongroomError.answer`: never a message naming
+the service's own files) and a ``strongroom-reason`` trailing-metadata entry. Anything else is a bug (any
 BaseException too, but the exits: :data:`EXITS`): it is logged with a reference id and the caller
 gets INTERNAL with only that id, never a stack trace.
 
@@ -101,9 +102,9 @@ _OBSERVED: ContextVar[_Call | None] = ContextVar("strongroom_observed_call", def
 
 
 def abort_with(context: grpc.ServicerContext, exc: StrongroomError) -> NoReturn:
-    """Fails the current RPC with ``exc``'s status, reason and message (raises)."""
+    """Fails the current RPC with ``exc``'s status, reason and public message (raises)."""
     context.set_trailing_metadata(((REASON_TRAILER, exc.reason),))
-    context.abort(grpc.StatusCode[exc.status_name], str(exc))
+    context.abort(grpc.StatusCode[exc.status_name], exc.answer())
 
 
 EXITS = (GeneratorExit, KeyboardInterrupt, SystemExit)
@@ -158,7 +159,7 @@ async def answer_aio(
                 extra={"method": method, "reason": exc.reason, "status": exc.status_name},
             )
         context.set_trailing_metadata(((REASON_TRAILER, exc.reason),))
-        await context.abort(grpc.StatusCode[exc.status_name], str(exc))
+        await context.abort(grpc.StatusCode[exc.status_name], exc.answer())
     ref = uuid.uuid4().hex[:12]
     log.error("unexpected error in %s (ref %s)", method, ref, exc_info=exc)
     context.set_trailing_metadata(((REASON_TRAILER, Reason.INTERNAL),))

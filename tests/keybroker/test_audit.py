@@ -1217,6 +1217,13 @@ def test_a_log_file_taken_away_under_a_running_broker_is_tampering(
         audit.append(event(3, reason="AFTER"))
     assert info.value.reason == "AUDIT_LOG_TAMPERED"
     assert audit.tamper_problem is not None
+    # The verdict names the log for the operator; a remote caller (the error mapping answers
+    # ``answer()``) was told that path too, and is told only that the check failed now.
+    assert str(log_path) in info.value.message
+    assert info.value.answer() == (
+        "AUDIT_LOG_TAMPERED: the key broker's audit log failed its integrity check; its "
+        "operator's log has the details"
+    )
 
 
 @pytest.mark.parametrize("ours", [0, 2])

@@ -85,8 +85,12 @@ def test_missing_inputs(tmp_path: Path, logged: tuple[Path, Path]) -> None:
     path, _ = logged
     with pytest.raises(NotFound):
         _run("audit", "verify", str(tmp_path / "none.jsonl"))
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as info:
         _run("audit", "verify", str(path), "--public-key", str(tmp_path / "none.pub"))
+    # The errno too, as every other message naming a failed call (it was left out here).
+    assert info.value.message == (
+        f"cannot read {tmp_path / 'none.pub'}: No such file or directory (ENOENT)"
+    )
     bad_key = tmp_path / "bad.pub"
     bad_key.write_text("not a key")
     with pytest.raises(InvalidArgument):

@@ -187,7 +187,8 @@ def test_a_file_that_cannot_be_written_names_it_and_the_errno(
     """A commit's write of the head or of the log fails (its descriptor is ``/dev/full``'s), and
     so does what the refusal then does to that file (see _DEV_FULL): the refusal and the ERROR
     line name the file and the errno now; the batch is cut back (or voided in the head), and the
-    next commit, the descriptor the file's own again, goes on."""
+    next commit, the descriptor the file's own again, goes on. The refusal itself is logged at
+    ERROR too, once, last (a caller hears only its public words: no path)."""
     descriptor_of, message, line = _DEV_FULL[full]
     path = log_path if full == "log" else log_path.with_name("audit.log.head")
     with AuditLog.open(log_path, key) as log:
@@ -203,8 +204,11 @@ def test_a_file_that_cannot_be_written_names_it_and_the_errno(
             os.close(saved)
         assert info.value.reason == "AUDIT_UNAVAILABLE"
         assert info.value.message == message.format(p=path)
+        assert info.value.public == (
+            "the key broker cannot write its audit log (ENOSPC); its operator's log has the details"
+        )
         logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-        assert logged == [line.format(p=path)]
+        assert logged == [line.format(p=path), message.format(p=path)]
         assert logged[0].startswith(_ALERTED)
         assert log.append(event(2)).seq == 2
     found = _series(log_path, key)
@@ -303,8 +307,9 @@ def test_the_refusal_its_heads_other_slot_cannot_take_is_logged_with_its_words_a
             "stopped undoes it",
             f"cannot cut failed audit records back off the log {log_path}: Invalid argument "
             "(EINVAL)",
+            f"cannot write the audit log {log_path}: No space left on device (ENOSPC)",
         ]
-        assert all(line.startswith(_ALERTED) for line in logged)
+        assert all(line.startswith(_ALERTED) for line in logged[:-1])
         assert log.append(event(0)).seq == 0
     found = _series(log_path, key)
     assert found.intact and (found.first_seq, found.end) == (0, 1), found.message

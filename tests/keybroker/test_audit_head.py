@@ -11,6 +11,7 @@ import contextlib
 import errno
 import itertools
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -396,3 +397,43 @@ def test_a_head_prepared_for_another_head_or_generation_is_not_written(
     parsed = parse(head_path(log_path).read_bytes(), key.public_key())
     assert (parsed.generation, parsed.head, parsed.void) == (3, current, ("cd" * 16,))
     assert verify_audit_log(log_path, public_key=key.public_key()).intact
+
+
+def test_a_directory_sync_that_fails_after_a_new_head_is_logged_with_its_errno(
+    tmp_path: Path,
+    key: Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A new head file is in place and the directory's sync fails (EIO, which no mode makes):
+    the write stands (failing it would cut back records the head anchors), and the ERROR line
+    said ``...: Input/output error``, the only audit line naming a failed call without its
+    errno. It names it now, after the same words (alerts match them)."""
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        if fd == dir_fd:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    raw_public = key.public_key().public_bytes_raw()
+    head_file = audit_head.HeadFile(
+        tmp_path / "audit.log.head",
+        key,
+        audit_head.key_fingerprint(raw_public),
+        lambda: "2026-01-01T00:00:00Z",
+        dir_fd,
+    )
+    try:
+        monkeypatch.setattr(audit_head.os, "fsync", failing_fsync)
+        with caplog.at_level(logging.ERROR, logger=audit_head.__name__):
+            head_file.write(Head(0, audit_head.GENESIS_HASH, 0))
+        monkeypatch.undo()
+        assert head_file.generation == 0
+    finally:
+        head_file.close()
+        os.close(dir_fd)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "cannot fsync the audit directory after a head update: Input/output error (EIO)"
+    ]

@@ -357,9 +357,10 @@ def test_audit_verify_lists_again_when_a_listed_pair_is_gone_at_its_open(
 
 def test_audit_verify_of_a_file_under_a_looping_directory_says_so(tmp_path: Path) -> None:
     """ELOOP from a directory of the path (a link that loops) was reported as the file being a
-    symbolic link not followed: it is now the system's own error, naming the path."""
+    symbolic link not followed: it is now the system's own error, naming the path and the errno
+    (it named no errno, unlike every other audit message naming a failed call)."""
     (tmp_path / "loop").symlink_to("loop")
     path = tmp_path / "loop" / "audit.log"
     with pytest.raises(AuditUnavailable) as info:
         verify_audit_log(path)
-    assert info.value.message == f"cannot read {path}: Too many levels of symbolic links"
+    assert info.value.message == f"cannot read {path}: Too many levels of symbolic links (ELOOP)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -105,6 +106,44 @@ def test_a_wrong_softhsm2_conf_is_named(
     with pytest.raises(HsmUnavailable) as info:
         open_hsm(config)
     assert f"keybroker.softhsm2_conf {conf} {state}" in info.value.message
+
+
+def test_a_failed_connection_tells_a_caller_its_class_and_the_operator_the_paths(
+    tmp_path: Path,
+    softhsm_token: SoftHsmToken,
+    open_hsm: Callable[..., Hsm],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A connection that fails (here SoftHSM2's configuration is missing) names the setting and
+    its path: the operator's words, which reached every remote caller of the failed RPC (the
+    status message is the error's), the broker's paths with them, and were not logged at all.
+    The caller is told only that the broker cannot connect to its HSM (``public``), also while
+    the next attempt waits; the message, path included, is logged at ERROR, once per attempt."""
+    conf = tmp_path / "softhsm2.conf"
+    config = make_config(
+        softhsm_token,
+        module_env={"SOFTHSM2_CONF": str(conf)},
+        reconnect_interval=60.0,
+        reconnect_max_interval=60.0,
+    )
+    hsm = open_hsm(config, wait=False)
+    caplog.set_level(logging.ERROR, logger="strongroom.keybroker.hsm")
+    refusals = []
+    for _ in range(2):  # the attempt, then a call while the next one waits (backoff)
+        with pytest.raises(HsmUnavailable) as info:
+            hsm.check_health()
+        refusals.append(info.value)
+    assert f"keybroker.softhsm2_conf {conf} does not exist" in refusals[0].message
+    logged = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in logged] == [f"cannot connect to the HSM: {refusals[0].message}"]
+    assert logged[0].reason == "HSM_UNAVAILABLE"  # type: ignore[attr-defined]
+    for refusal in refusals:  # what the error mapping answers (abort_with)
+        assert refusal.reason == "HSM_UNAVAILABLE"
+        assert str(tmp_path) not in refusal.answer(), refusal.answer()
+        assert refusal.answer().startswith(
+            "HSM_UNAVAILABLE: the key broker cannot connect to its HSM"
+        ), refusal.answer()
+        assert refusal.answer().endswith("; its operator's log has the details")
 
 
 def test_a_package_built_without_its_release_calls_says_so(
