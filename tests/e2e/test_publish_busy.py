@@ -53,6 +53,7 @@ from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import (
     AlreadyExists,
+    DataLoss,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -1924,6 +1925,122 @@ def test_a_part_whose_answer_was_lost_to_an_outage_is_named_as_maybe_stored(
     ]
     for version in ("1+part.0", "1+part.1"):
         _admin_rm(stack, "busy/part-lost", version)
+
+
+class _Answered:
+    """A finished call's outcome whose answer is ``response``."""
+
+    def __init__(self, response: store_pb.PutModelResponse) -> None:
+        self._response = response
+
+    def result(self, timeout: float | None = None) -> store_pb.PutModelResponse:
+        return self._response
+
+    def exception(self, timeout: float | None = None) -> None:
+        return None
+
+
+class AnswerRewrittenAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """The publisher's upload numbered ``at`` (from 0) reaches the real store, which stores it
+    and answers OK; the answer the publisher gets describes the artifact with ``change`` applied
+    (a store answering about another artifact)."""
+
+    def __init__(self, at: int, **change: object) -> None:
+        self._at = at
+        self._change = change
+        self.uploads = 0
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        outcome = continuation(details, request_iterator)
+        self.uploads += 1
+        if self.uploads - 1 != self._at:
+            return outcome
+        answer = store_pb.PutModelResponse()
+        answer.CopyFrom(outcome.result())  # stored
+        for field, value in self._change.items():
+            setattr(answer.model, field, value)
+        return _Answered(answer)
+
+
+class RefusedWholeAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """The publisher's upload numbered ``at`` (from 0) is read whole (its last byte handed
+    over), then refused ``FAILED_PRECONDITION`` without reaching the store: the store's word that
+    it stored nothing."""
+
+    def __init__(self, at: int) -> None:
+        self._at = at
+        self.uploads = 0
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        self.uploads += 1
+        if self.uploads - 1 != self._at:
+            return continuation(details, request_iterator)
+        for _request in request_iterator:
+            pass
+        return _Ended(_Lost(grpc.StatusCode.FAILED_PRECONDITION, "refused"))
+
+
+def test_a_part_whose_answer_describes_another_artifact_is_named_as_maybe_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The second part's upload reached the real store, which stored it and answered OK, but
+    about another artifact (DATA_LOSS STORE_ANSWER_MISMATCH). The error named only the first part:
+    the second, stored, blocked the version unnamed until the next publish's check found it. Now
+    every failure after a part was sent whole that is no refusal of the store's takes the lost
+    answer's path: the part is named as may be stored, with its command, and not deleted."""
+    shards = _shards(tmp_path / "shards", 3)
+    counted = CountCalls()
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), AnswerRewrittenAt(1, artifact_size=1), counted
+    )
+    with pytest.raises(DataLoss) as info:
+        _publish(stack, publisher, shards, "busy/part-mismatch", store)
+    assert info.value.reason == "STORE_ANSWER_MISMATCH"
+    message = info.value.message
+    assert message.startswith(
+        "the model store answered that it recorded 'busy/part-mismatch' version '1+part.1' (1 "
+        "bytes) for 'busy/part-mismatch' version '1+part.1' ("
+    ), message
+    assert message.endswith(
+        "; 1 part(s) it stored could not be removed (a publisher may not delete): 1+part.0; the "
+        "part 1+part.1 may be stored: its upload reached the store, whose answer did not describe "
+        "it; the version cannot be published again until an admin removes them "
+        "(PARTS_LEFT_BEHIND until then): `strongroom model rm busy/part-mismatch 1+part.0`; "
+        "`strongroom model rm busy/part-mismatch 1+part.1` (a part that is not stored is "
+        "NOT_FOUND: nothing to do)"
+    ), message
+    assert counted.methods.count("DeleteModel") == 1  # the first part's only
+    assert _records(stack, "busy/part-mismatch") == [
+        ("busy/part-mismatch", "1+part.0"),
+        ("busy/part-mismatch", "1+part.1"),
+    ]
+    for version in ("1+part.0", "1+part.1"):
+        _admin_rm(stack, "busy/part-mismatch", version)
+
+
+def test_a_part_refused_after_its_last_byte_is_not_named_as_maybe_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The rule's other side: a refusal (no outage) after the second part's whole upload is the
+    store's word that it stored nothing: PARTS_LEFT_BEHIND naming the first part alone."""
+    shards = _shards(tmp_path / "shards", 3)
+    refuses = RefusedWholeAt(1)
+    with pytest.raises(FailedPrecondition) as info:
+        _publish(stack, publisher, shards, "busy/part-refused", _store(stack, publisher, refuses))
+    assert refuses.uploads == 2
+    assert info.value.reason == "PARTS_LEFT_BEHIND"
+    message = info.value.message
+    assert message.startswith("busy/part-refused/1 was not published (FAILED_PRECONDITION: "), (
+        message
+    )
+    assert "`strongroom model rm busy/part-refused 1+part.0`" in message
+    assert "may be stored" not in message and "1+part.1" not in message
+    assert _records(stack, "busy/part-refused") == [("busy/part-refused", "1+part.0")]
+    _admin_rm(stack, "busy/part-refused", "1+part.0")
 
 
 def test_a_part_refused_before_its_last_byte_is_not_named_as_maybe_stored(
