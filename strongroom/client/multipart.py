@@ -50,6 +50,7 @@ from strongroom.client.publish import (
     UPLOAD_MESSAGE_BYTES,
     Progress,
     SentWhole,
+    TryProgress,
     UploadMessage,
     check_generated,
     put_model,
@@ -264,7 +265,8 @@ def publish_parts(
 ) -> PublishedParts:
     """Encrypts every part under one fresh data key, uploads them, then the manifest.
 
-    Each part is read once. ``progress`` is called with (bytes of all parts read so far, total).
+    Each part is read once. ``progress`` is called with (bytes of all parts read so far, total),
+    by one try at a time (:class:`~strongroom.client.publish.TryProgress`).
     Every artifact of the version carries the same ``created_at`` (default: now).
     If an upload fails, the parts already stored are deleted when this caller may (best effort),
     and the manifest is never written, so the version is never half-loadable.
@@ -383,6 +385,7 @@ def publish_parts(
     digests: list[bytes] = []
     begun = 0  # parts whose upload began: the last may be stored though its call never ended
     whole = SentWhole()  # the last begun part's current try handed over its last byte
+    progress_of = TryProgress(progress)  # a try's progress ends with it, every part's alike
     manifest_begun = False
     try:
         for plan in planned:
@@ -395,16 +398,17 @@ def publish_parts(
                 before: int = done_before,
             ) -> tuple[store_pb.PutModelResponse, bytes]:
                 sent_whole = whole.next_try()  # unset: a try refused as busy stored nothing
-                return _put_part(
-                    store,
-                    plan,
-                    next(spare),
-                    before=before,
-                    total=total,
-                    progress=progress,
-                    timeout=timeout,
-                    sent_whole=sent_whole,
-                )
+                with progress_of.next_try() as try_progress:
+                    return _put_part(
+                        store,
+                        plan,
+                        next(spare),
+                        before=before,
+                        total=total,
+                        progress=try_progress,
+                        timeout=timeout,
+                        sent_whole=sent_whole,
+                    )
 
             # Each part its own bound: retry.within from its own first try.
             response, footer = retrying_busy(
