@@ -50,6 +50,7 @@ from strongroom.client.publish import (
     UPLOAD_MESSAGE_BYTES,
     Progress,
     SentWhole,
+    TryProgress,
     UploadMessage,
     check_generated,
     put_model,
@@ -264,7 +265,8 @@ def publish_parts(
 ) -> PublishedParts:
     """Encrypts every part under one fresh data key, uploads them, then the manifest.
 
-    Each part is read once. ``progress`` is called with (bytes of all parts read so far, total).
+    Each part is read once. ``progress`` is called with (bytes of all parts read so far, total),
+    by one try at a time (:class:`~strongroom.client.publish.TryProgress`).
     Every artifact of the version carries the same ``created_at`` (default: now).
     If an upload fails, the parts already stored are deleted when this caller may (best effort),
     and the manifest is never written, so the version is never half-loadable.
@@ -282,7 +284,9 @@ def publish_parts(
     ``DeadlineExceeded``, its status in the message, whether parts were left or not; any other
     refusal that left parts is ``FailedPrecondition`` ``PARTS_LEFT_BEHIND``, and one that left
     none is raised as it came (``grpc.RpcError``). A message that left parts names them and the
-    commands that remove them. An interrupt (``KeyboardInterrupt``) stops at once, deleting
+    commands that remove them; it names too, as one that may be stored, a part sent whole whose
+    call ended with no refusal of the store's (an outage lost its answer, or the store answered
+    about another artifact: ``DataLoss`` ``STORE_ANSWER_MISMATCH``), never deleted. An interrupt (``KeyboardInterrupt``) stops at once, deleting
     nothing, with a note (``add_note``) naming the parts that may be left and those commands.
     The look for parts a failed publish left ends within ``check_within`` seconds in all
     (:data:`CHECK_SECONDS`), past it ``DeadlineExceeded`` ``PUBLISH_CHECK_DEADLINE_EXCEEDED``,
@@ -381,6 +385,7 @@ def publish_parts(
     digests: list[bytes] = []
     begun = 0  # parts whose upload began: the last may be stored though its call never ended
     whole = SentWhole()  # the last begun part's current try handed over its last byte
+    progress_of = TryProgress(progress)  # a try's progress ends with it, every part's alike
     manifest_begun = False
     try:
         for plan in planned:
@@ -393,16 +398,17 @@ def publish_parts(
                 before: int = done_before,
             ) -> tuple[store_pb.PutModelResponse, bytes]:
                 sent_whole = whole.next_try()  # unset: a try refused as busy stored nothing
-                return _put_part(
-                    store,
-                    plan,
-                    next(spare),
-                    before=before,
-                    total=total,
-                    progress=progress,
-                    timeout=timeout,
-                    sent_whole=sent_whole,
-                )
+                with progress_of.next_try() as try_progress:
+                    return _put_part(
+                        store,
+                        plan,
+                        next(spare),
+                        before=before,
+                        total=total,
+                        progress=try_progress,
+                        timeout=timeout,
+                        sent_whole=sent_whole,
+                    )
 
             # Each part its own bound: retry.within from its own first try.
             response, footer = retrying_busy(
@@ -484,30 +490,40 @@ def publish_parts(
             left = [info.version for info in stored]
             interrupt.add_note(_interrupted_note(name, version, left, manifest=False))
             raise interrupt from exc
+        # One rule for what is an outage (remote.TRANSIENT), parts left or not: the store down,
+        # draining (CANCELLED) or the call out of time is what whoever runs the publish acts on
+        # first (PARTS_LEFT_BEHIND hid an outage). A StrongroomError that is also a
+        # grpc.RpcError (our channel's own, in place of the call) is raised as it came.
+        ended = (
+            exc if isinstance(exc, grpc.RpcError) and not isinstance(exc, StrongroomError) else None
+        )
+        error = (
+            None if ended is None else outage_error(ended, f"{name}/{version} was not published")
+        )
+        maybe = None
+        if begun > len(stored) and whole.is_set() and (ended is None or error is not None):
+            # The part's whole artifact was sent, and no refusal of the store's (its word that
+            # it stored nothing) ended the call: an outage lost the answer (a deadline passing,
+            # the connection dropping, as the store committed), or the store answered OK
+            # describing another artifact (STORE_ANSWER_MISMATCH). The part may be stored, and
+            # then blocks the version as any part left does, though neither the deletes nor the
+            # note knew of it (the next publish's check did). Not deleted: no answer says this
+            # publish stored it, and a part another publish of the version stored is its own.
+            maybe = planned[begun - 1].header.model_version
+        # Until they are gone, publishing this version again is refused (PARTS_LEFT_BEHIND):
+        # the publisher must know which to have removed.
+        answer = "was lost" if error is not None else "did not describe it"
+        note = _left_note(name, failed, maybe, answer) if failed or maybe else None
         if isinstance(exc, StrongroomError):
-            if failed:
-                # Until they are gone, publishing this version again is refused
-                # (PARTS_LEFT_BEHIND): the publisher must know which to have removed.
-                _amend(exc, _left_note(name, failed))
+            if note is not None:
+                _amend(exc, note)
             raise
-        if isinstance(exc, grpc.RpcError):
-            # One rule for what is an outage (remote.TRANSIENT), parts left or not: the store
-            # down, draining (CANCELLED) or the call out of time is what whoever runs the
-            # publish acts on first (PARTS_LEFT_BEHIND hid an outage).
-            error = outage_error(exc, f"{name}/{version} was not published")
-            maybe = None
-            if error is not None and begun > len(stored) and whole.is_set():
-                # A part's whole artifact was sent and the call then ended in an outage (a
-                # deadline passing, the connection dropping, as the store committed): the part
-                # may be stored, and then blocks the version as any part left does, though
-                # neither the deletes nor the note knew of it (the next publish's check did).
-                maybe = planned[begun - 1].header.model_version
-            note = _left_note(name, failed, maybe) if failed or maybe else None
+        if ended is not None:
             if error is None and note is not None:
                 # A peer's refusal (the last busy one, when retries ran out): its status and
                 # reason stay in the message, with what is now blocked and how to free it.
                 error = FailedPrecondition(
-                    f"{name}/{version} was not published ({refusal_text(exc)})",
+                    f"{name}/{version} was not published ({refusal_text(ended)})",
                     reason=Reason.PARTS_LEFT_BEHIND,
                 )
             if error is not None:
@@ -626,11 +642,14 @@ def _delete_best_effort(
     return failed
 
 
-def _left_note(name: str, failed: dict[str, str], maybe: str | None = None) -> str:
+def _left_note(
+    name: str, failed: dict[str, str], maybe: str | None = None, answer: str = "was lost"
+) -> str:
     """What blocks the version and who frees it how: ``failed`` maps the store versions of the
     parts it stored and could not remove to the status their delete failed with; ``maybe`` is the
-    store version of a part whose answer an outage lost (it may be stored, as the manifest's case
-    says "may be published"). One sentence on what is blocked until when, with one command form
+    store version of a part sent whole whose call ended with no word of the store's that it
+    stored nothing (it may be stored, as the manifest's case says "may be published"): the
+    store's ``answer`` ``was lost`` to an outage, or ``did not describe it``. One sentence on what is blocked until when, with one command form
     for every part: with a note each, both cases said it twice, each with its own commands."""
     said = []
     if failed:
@@ -646,7 +665,7 @@ def _left_note(name: str, failed: dict[str, str], maybe: str | None = None) -> s
         said.append(f"{len(failed)} part(s) it stored could not be removed ({why}): {versions}")
     if maybe is not None:
         said.append(
-            f"the part {maybe} may be stored: its upload reached the store, whose answer was lost"
+            f"the part {maybe} may be stored: its upload reached the store, whose answer {answer}"
         )
     # The part that may be stored comes after every part stored: its index is the highest.
     left = list(failed) if maybe is None else [*failed, maybe]

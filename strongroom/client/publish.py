@@ -81,6 +81,61 @@ class SentWhole:
         return self._current.is_set()
 
 
+class TryProgress:
+    """The caller's ``progress`` as the tries of an upload call it: each try's calls go through a
+    gate of its own (:meth:`next_try`), closed when the try ends, and the next try starts only
+    once a call the closed gate let through has returned.
+
+    A try refused as busy may have its feeding thread (gRPC's) still inside one ``next()`` when
+    the refusal ends the call, and that thread went on calling ``progress`` with the refused
+    try's position after the retry had begun: progress went backwards, or reported a try that
+    was over. The gate is not waited for when the try ends, only before the next starts: a call
+    running then may be waiting for the publish to end (a callback holding its upload back)."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self._progress = progress
+        self._last: _ProgressGate | None = None
+
+    @contextmanager
+    def next_try(self) -> Iterator[Progress | None]:
+        """A new try's own ``progress`` (None without one), for the block the try runs in; the
+        previous try's call in flight, if any, has returned before the block starts."""
+        if self._progress is None:
+            yield None
+            return
+        if self._last is not None:
+            self._last.drain()
+        gate = self._last = _ProgressGate(self._progress)
+        try:
+            yield gate
+        finally:
+            gate.close()
+
+
+class _ProgressGate:
+    """One try's way to the caller's ``progress``, open until :meth:`close`."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._calling = threading.Lock()  # held while a call of this try's runs
+        self._closed = False
+
+    def __call__(self, done: int, total: int) -> None:
+        with self._calling:
+            if not self._closed:
+                self._progress(done, total)
+
+    def close(self) -> None:
+        """No call starts from now on (one running goes on)."""
+        self._closed = True
+
+    def drain(self) -> None:
+        """Closes the gate and waits until a call running has returned."""
+        self._closed = True
+        with self._calling:
+            pass
+
+
 def publish_model(
     path: Path,
     *,
@@ -124,6 +179,7 @@ def publish_model(
         pass
     upload = threading.Event()  # set before an upload's call starts: it may be stored from then
     whole = SentWhole()
+    progress_of = TryProgress(progress)
     with interrupt_noted(name, version, upload):
         bundle = sign_model(path, signing_key) if signing_key is not None else b""
         signed = signed_digest(bundle) if bundle else None
@@ -136,7 +192,7 @@ def publish_model(
             # after the retry's seek, so the retry missed bytes (PLAINTEXT_SIZE_MISMATCH,
             # nothing stored).
             sent_whole = whole.next_try()  # unset: a try refused as busy stored nothing
-            with _open_readable(path) as source:
+            with progress_of.next_try() as try_progress, _open_readable(path) as source:
                 return _encrypt_and_put(
                     source,
                     os.fstat(source.fileno()).st_size,
@@ -147,7 +203,7 @@ def publish_model(
                     broker=broker,
                     store=store,
                     content_type=content_type,
-                    progress=progress,
+                    progress=try_progress,
                     timeout=timeout,
                     bundle=bundle,
                     signed=signed,
@@ -325,6 +381,7 @@ def upload_artifact(
         checked = _file_state(source)
         reread = not _times_show_changes(source.fileno(), checked)
         whole = SentWhole()
+        progress_of = TryProgress(progress)
 
         def attempt() -> store_pb.PutModelResponse:
             # Its own handle, as publish_model's tries: a refused try's feeding thread may still
@@ -332,11 +389,11 @@ def upload_artifact(
             # then missed bytes: MODEL_FILE_CHANGED, though nothing changed). The file is the one
             # checked: a replaced one fails the last message's state check.
             sent_whole = whole.next_try()  # unset: a try refused as busy stored nothing
-            with _open_readable(path) as own:
+            with progress_of.next_try() as try_progress, _open_readable(path) as own:
                 return put_model(
                     store,
                     _artifact_messages(
-                        path, own, summary.artifact_size, checked, progress, reread=reread
+                        path, own, summary.artifact_size, checked, try_progress, reread=reread
                     ),
                     name=summary.name,
                     version=summary.version,

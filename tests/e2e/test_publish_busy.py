@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 import pytest
@@ -36,7 +36,7 @@ from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.cli.client import Client
 from strongroom.cli.main import main
 from strongroom.client import multipart, publish
-from strongroom.client.busy import CLIENT_RETRY, BusyRetry
+from strongroom.client.busy import CLIENT_RETRY, NO_RETRY, BusyRetry
 from strongroom.client.fetch import ModelFetcher, grpc_source, retrying_source
 from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.client.multipart import (
@@ -53,6 +53,7 @@ from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import (
     AlreadyExists,
+    DataLoss,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -1926,6 +1927,122 @@ def test_a_part_whose_answer_was_lost_to_an_outage_is_named_as_maybe_stored(
         _admin_rm(stack, "busy/part-lost", version)
 
 
+class _Answered:
+    """A finished call's outcome whose answer is ``response``."""
+
+    def __init__(self, response: store_pb.PutModelResponse) -> None:
+        self._response = response
+
+    def result(self, timeout: float | None = None) -> store_pb.PutModelResponse:
+        return self._response
+
+    def exception(self, timeout: float | None = None) -> None:
+        return None
+
+
+class AnswerRewrittenAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """The publisher's upload numbered ``at`` (from 0) reaches the real store, which stores it
+    and answers OK; the answer the publisher gets describes the artifact with ``change`` applied
+    (a store answering about another artifact)."""
+
+    def __init__(self, at: int, **change: object) -> None:
+        self._at = at
+        self._change = change
+        self.uploads = 0
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        outcome = continuation(details, request_iterator)
+        self.uploads += 1
+        if self.uploads - 1 != self._at:
+            return outcome
+        answer = store_pb.PutModelResponse()
+        answer.CopyFrom(outcome.result())  # stored
+        for field, value in self._change.items():
+            setattr(answer.model, field, value)
+        return _Answered(answer)
+
+
+class RefusedWholeAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """The publisher's upload numbered ``at`` (from 0) is read whole (its last byte handed
+    over), then refused ``FAILED_PRECONDITION`` without reaching the store: the store's word that
+    it stored nothing."""
+
+    def __init__(self, at: int) -> None:
+        self._at = at
+        self.uploads = 0
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        self.uploads += 1
+        if self.uploads - 1 != self._at:
+            return continuation(details, request_iterator)
+        for _request in request_iterator:
+            pass
+        return _Ended(_Lost(grpc.StatusCode.FAILED_PRECONDITION, "refused"))
+
+
+def test_a_part_whose_answer_describes_another_artifact_is_named_as_maybe_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The second part's upload reached the real store, which stored it and answered OK, but
+    about another artifact (DATA_LOSS STORE_ANSWER_MISMATCH). The error named only the first part:
+    the second, stored, blocked the version unnamed until the next publish's check found it. Now
+    every failure after a part was sent whole that is no refusal of the store's takes the lost
+    answer's path: the part is named as may be stored, with its command, and not deleted."""
+    shards = _shards(tmp_path / "shards", 3)
+    counted = CountCalls()
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), AnswerRewrittenAt(1, artifact_size=1), counted
+    )
+    with pytest.raises(DataLoss) as info:
+        _publish(stack, publisher, shards, "busy/part-mismatch", store)
+    assert info.value.reason == "STORE_ANSWER_MISMATCH"
+    message = info.value.message
+    assert message.startswith(
+        "the model store answered that it recorded 'busy/part-mismatch' version '1+part.1' (1 "
+        "bytes) for 'busy/part-mismatch' version '1+part.1' ("
+    ), message
+    assert message.endswith(
+        "; 1 part(s) it stored could not be removed (a publisher may not delete): 1+part.0; the "
+        "part 1+part.1 may be stored: its upload reached the store, whose answer did not describe "
+        "it; the version cannot be published again until an admin removes them "
+        "(PARTS_LEFT_BEHIND until then): `strongroom model rm busy/part-mismatch 1+part.0`; "
+        "`strongroom model rm busy/part-mismatch 1+part.1` (a part that is not stored is "
+        "NOT_FOUND: nothing to do)"
+    ), message
+    assert counted.methods.count("DeleteModel") == 1  # the first part's only
+    assert _records(stack, "busy/part-mismatch") == [
+        ("busy/part-mismatch", "1+part.0"),
+        ("busy/part-mismatch", "1+part.1"),
+    ]
+    for version in ("1+part.0", "1+part.1"):
+        _admin_rm(stack, "busy/part-mismatch", version)
+
+
+def test_a_part_refused_after_its_last_byte_is_not_named_as_maybe_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The rule's other side: a refusal (no outage) after the second part's whole upload is the
+    store's word that it stored nothing: PARTS_LEFT_BEHIND naming the first part alone."""
+    shards = _shards(tmp_path / "shards", 3)
+    refuses = RefusedWholeAt(1)
+    with pytest.raises(FailedPrecondition) as info:
+        _publish(stack, publisher, shards, "busy/part-refused", _store(stack, publisher, refuses))
+    assert refuses.uploads == 2
+    assert info.value.reason == "PARTS_LEFT_BEHIND"
+    message = info.value.message
+    assert message.startswith("busy/part-refused/1 was not published (FAILED_PRECONDITION: "), (
+        message
+    )
+    assert "`strongroom model rm busy/part-refused 1+part.0`" in message
+    assert "may be stored" not in message and "1+part.1" not in message
+    assert _records(stack, "busy/part-refused") == [("busy/part-refused", "1+part.0")]
+    _admin_rm(stack, "busy/part-refused", "1+part.0")
+
+
 def test_a_part_refused_before_its_last_byte_is_not_named_as_maybe_stored(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
@@ -2120,6 +2237,233 @@ def test_a_refused_upload_s_late_last_byte_does_not_say_its_retry_may_be_stored(
     )
     assert message.startswith("busy/late-upload/1 was not uploaded (UNAVAILABLE: "), message
     assert _records(stack, "busy/late-upload") == []
+
+
+class _RefusedTrysCall:
+    """A progress callback whose first call (the first try's, from gRPC's thread feeding it) is
+    held in flight until the retry calls it too, or until the retry waits for that call to
+    return (:meth:`publish._ProgressGate.drain`, wrapped: the one thing a retry does while it
+    waits); records every call's (thread, bytes done) as it returns, and each call that began
+    while another was running."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.returned: list[tuple[threading.Thread, int]] = []
+        self.overlapping: list[int] = []
+        self.first: threading.Thread | None = None
+        self._running = 0
+        self._lock = threading.Lock()
+        self._release = threading.Event()
+        drain = publish._ProgressGate.drain
+
+        def draining(gate: Any) -> None:
+            self._release.set()
+            drain(gate)
+
+        monkeypatch.setattr(publish._ProgressGate, "drain", draining)
+
+    def __call__(self, done: int, _total: int) -> None:
+        me = threading.current_thread()
+        with self._lock:
+            if self._running:
+                self.overlapping.append(done)
+            self._running += 1
+            held = self.first is None
+            if held:
+                self.first = me
+            else:
+                self._release.set()
+        if held:
+            assert self._release.wait(60), "the retry neither called progress nor waited"
+        with self._lock:
+            self._running -= 1
+            self.returned.append((me, done))
+
+
+def _refused_try_s_progress(
+    stack: DevStack,
+    publisher: WorkloadIdentity,
+    monkeypatch: pytest.MonkeyPatch,
+    run: Callable[[grpc.Channel, BusyRetry, Callable[[int, int], None]], object],
+) -> list[tuple[threading.Thread, int]]:
+    """``run`` (a publish or upload through the store channel, the retry and the progress
+    callback it is given): its first try refused busy while its feeding thread's first progress
+    call is held in flight (:class:`_RefusedTrysCall`). Asserts that no call began while another
+    ran, that the refused try's thread made no call once the retry had, and that each thread's
+    calls never went back; returns the calls, (thread, bytes done), in the order they returned."""
+    progress = _RefusedTrysCall(monkeypatch)
+    uploads = BusyBefore(stack, publisher, refused={0})
+    run(_store(stack, publisher, uploads), BusyRetry(sleep=lambda _seconds: None), progress)
+    assert uploads.outcomes[0] == REFUSED
+    calls = progress.returned
+    assert progress.overlapping == []
+    refused = progress.first
+    assert refused is not None
+    began = next(i for i, (thread, _done) in enumerate(calls) if thread is not refused)
+    assert [done for thread, done in calls[began:] if thread is refused] == []
+    for thread in {thread for thread, _done in calls}:
+        done = [d for t, d in calls if t is thread]
+        assert done == sorted(done), done
+    return calls
+
+
+def test_a_refused_part_s_progress_call_ends_before_its_retry_calls_progress(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first part's first try was refused busy while gRPC's thread feeding it was inside the
+    caller's progress callback: the retry went on and called the callback too, while that call
+    ran (a progress bar's update of the refused try's position landing after the retry's, so
+    progress went back). A try's progress now ends with the try, and the next try begins only
+    once a call of it still running has returned."""
+    shards = _shards(tmp_path / "shards", 2)
+    total = sum(p.stat().st_size for p in shards)
+
+    def run(store: grpc.Channel, retry: BusyRetry, progress: Callable[[int, int], None]) -> object:
+        return _publish(
+            stack, publisher, shards, "busy/late-progress", store, retry=retry, progress=progress
+        )
+
+    calls = _refused_try_s_progress(stack, publisher, monkeypatch, run)
+    assert calls[-1][1] == total
+    for version in ("1", "1+part.0", "1+part.1"):
+        _admin_rm(stack, "busy/late-progress", version)
+
+
+def test_a_refused_single_publish_s_progress_call_ends_before_its_retry_calls_progress(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """publish_model, the same."""
+    model = _model_file(tmp_path, 5000)
+
+    def run(store: grpc.Channel, retry: BusyRetry, progress: Callable[[int, int], None]) -> object:
+        return _publish_one(
+            stack,
+            publisher,
+            model,
+            "busy/late-progress-single",
+            store=store,
+            retry=retry,
+            progress=progress,
+        )
+
+    calls = _refused_try_s_progress(stack, publisher, monkeypatch, run)
+    assert calls[-1][1] == 5000
+    _admin_rm(stack, "busy/late-progress-single", "1")
+
+
+def test_a_refused_upload_s_progress_call_ends_before_its_retry_calls_progress(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """upload_artifact, the same."""
+    path = _artifact_file(tmp_path, "busy/late-progress-upload", 5000)
+    size = path.stat().st_size
+
+    def run(store: grpc.Channel, retry: BusyRetry, progress: Callable[[int, int], None]) -> object:
+        return upload_artifact(path, store=store, retry=retry, progress=progress)
+
+    calls = _refused_try_s_progress(stack, publisher, monkeypatch, run)
+    assert calls[-1][1] == size
+    _admin_rm(stack, "busy/late-progress-upload", "1")
+
+
+class _HeldSecondRead:
+    """A file as ``publish._open_readable`` opens it, whose second ``read`` returns its bytes
+    only once ``go`` is set (``reached`` set first): the thread reading (gRPC's, feeding the
+    upload) is held with them in hand, before the progress call for them."""
+
+    def __init__(self, real: BinaryIO, reached: threading.Event, go: threading.Event) -> None:
+        self._real = real
+        self._reached = reached
+        self._go = go
+        self._reads = 0
+        self.thread: threading.Thread | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._real.read(size)
+        self._reads += 1
+        if self._reads == 2:
+            self.thread = threading.current_thread()
+            self._reached.set()
+            assert self._go.wait(60)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def __enter__(self) -> _HeldSecondRead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._real.close()
+
+
+class RefusedOnceReached(BusyBefore):
+    """:class:`BusyBefore` whose refused uploads' requests gRPC's feeding thread reads all in its
+    first next() (:func:`_read_at_once`), and whose refusal the publisher sees only once
+    ``reached`` is set."""
+
+    def __init__(
+        self,
+        stack: DevStack,
+        publisher: WorkloadIdentity,
+        refused: set[int],
+        reached: threading.Event,
+    ) -> None:
+        super().__init__(stack, publisher, refused)
+        self._reached = reached
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        if len(self.outcomes) not in self._refused:
+            return super().intercept_stream_unary(continuation, details, request_iterator)
+        outcome = super().intercept_stream_unary(
+            continuation, details, _read_at_once(request_iterator)
+        )
+        assert self._reached.wait(30)
+        return outcome
+
+
+def test_a_refused_upload_s_feeding_thread_calls_no_progress_once_the_upload_ended(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload's only try was refused busy (no retry allowed) while gRPC's thread feeding it
+    held its second message's bytes, read before the refusal; let go on once the upload had
+    failed, it called the caller's progress with them: a report of a try long over, after the
+    call that made it had returned. A try's progress ends when the try does."""
+    path = _artifact_file(tmp_path, "busy/progress-after", publish.UPLOAD_MESSAGE_BYTES)
+    reached = threading.Event()
+    go = threading.Event()
+    opened: list[Any] = []
+    real = publish._open_readable
+
+    def open_readable(file: Path) -> Any:
+        if len(opened) + 1 != 2:  # the check's own handle first, then the try's
+            opened.append(real(file))
+            return opened[-1]
+        opened.append(_HeldSecondRead(real(file), reached, go))
+        return opened[-1]
+
+    monkeypatch.setattr(publish, "_open_readable", open_readable)
+    calls: list[int] = []
+    uploads = RefusedOnceReached(stack, publisher, {0}, reached)
+    try:
+        with pytest.raises(grpc.RpcError):
+            upload_artifact(
+                path,
+                store=_store(stack, publisher, uploads),
+                retry=NO_RETRY,
+                progress=lambda done, _total: calls.append(done),
+            )
+    finally:
+        made = list(calls)
+        go.set()
+    assert uploads.outcomes == [REFUSED]
+    held = opened[1]
+    assert isinstance(held, _HeldSecondRead) and held.thread is not None
+    held.thread.join(30)
+    assert not held.thread.is_alive()
+    assert calls == made == [publish.UPLOAD_MESSAGE_BYTES]
+    assert _records(stack, "busy/progress-after") == []
 
 
 def test_a_fetch_out_of_time_is_the_publisher_s_class_of_outage(stack: DevStack) -> None:
