@@ -65,22 +65,24 @@ class TrustedKey:
 
     def refusal(self, now: datetime) -> Unauthenticated | None:
         """Why an answer signed with this key is refused at ``now``; None while it is valid."""
+        # ``source`` (this server's key file, the certificate's subject) is the operator's: a
+        # refused LoadModel's caller is told the dates and what to do, not this server's paths.
         if self.not_after is not None and now > self.not_after:
+            expired = f"expired at {self.not_after.isoformat()}"
             return Unauthenticated(
-                f"the key broker's release answer is signed with a key whose certificate "
-                f"expired at {self.not_after.isoformat()} ({self.source}; now "
-                f"{now.isoformat()}): rotate the broker's release-signing key "
-                "(deploy/README.md, 'Rotating the release-signing key')",
+                _signed_with(expired, f"{self.source}; now {now.isoformat()}", _ROTATE),
                 reason=Reason.RELEASE_SIGNING_KEY_EXPIRED,
+                public=_signed_with(expired, f"now {now.isoformat()}", _ROTATE),
             )
         # now + leeway, not notBefore - leeway: a certificate may begin at year 1 (GeneralizedTime
         # admits it), before which no datetime reaches.
         if self.not_before is not None and now + NOT_BEFORE_LEEWAY < self.not_before:
+            early = f"is valid only from {self.not_before.isoformat()}"
+            check = "check this server's clock and the certificate's dates"
             return Unauthenticated(
-                f"the key broker's release answer is signed with a key whose certificate is "
-                f"valid only from {self.not_before.isoformat()} ({self.source}; now "
-                f"{now.isoformat()}): check this server's clock and the certificate's dates",
+                _signed_with(early, f"{self.source}; now {now.isoformat()}", check),
                 reason=Reason.RELEASE_SIGNING_KEY_NOT_YET_VALID,
+                public=_signed_with(early, f"now {now.isoformat()}", check),
             )
         return None
 
@@ -98,6 +100,19 @@ class TrustedKey:
                 "(deploy/README.md, 'Rotating the release-signing key')"
             )
         return None
+
+
+_ROTATE = (
+    "rotate the broker's release-signing key (deploy/README.md, 'Rotating the release-signing key')"
+)
+
+
+def _signed_with(state: str, where: str, todo: str) -> str:
+    """Why an answer signed with a key whose certificate is in ``state`` is refused."""
+    return (
+        f"the key broker's release answer is signed with a key whose certificate {state} "
+        f"({where}): {todo}"
+    )
 
 
 def load_trusted_keys(pem: bytes, *, source: str) -> list[TrustedKey]:

@@ -327,6 +327,14 @@ def test_a_certified_key_is_trusted_only_within_its_certificates_validity(
     assert "release-keys.pem" in info.value.message
     assert "CN=release-signing 2030" in info.value.message
     assert "expired at 2030-07-01T00:00:00+00:00" in info.value.message
+    # The file and the subject are the operator's: LoadModel's remote caller (the error mapping
+    # answers ``answer()``) was told this server's key file's path; it hears the dates and the fix.
+    assert info.value.answer() == (
+        "RELEASE_SIGNING_KEY_EXPIRED: the key broker's release answer is signed with a key whose "
+        "certificate expired at 2030-07-01T00:00:00+00:00 (now 2030-07-01T00:00:01+00:00): "
+        "rotate the broker's release-signing key (deploy/README.md, 'Rotating the "
+        "release-signing key')"
+    )
 
     clock.now = ISSUED - NOT_BEFORE_LEEWAY  # a certificate made moments ago on a clock ahead
     assert verifier.verify(STATEMENT, signed.signature, signed.key_id)
@@ -335,6 +343,10 @@ def test_a_certified_key_is_trusted_only_within_its_certificates_validity(
         verifier.verify(STATEMENT, signed.signature, signed.key_id)
     assert info.value.reason == "RELEASE_SIGNING_KEY_NOT_YET_VALID"
     assert "valid only from 2030-01-01T00:00:00+00:00" in info.value.message
+    assert "release-keys.pem" in info.value.message
+    for part in (str(tmp_path), "release-keys.pem", "CN="):
+        assert part not in info.value.answer(), info.value.answer()
+    assert "valid only from 2030-01-01T00:00:00+00:00" in info.value.answer()
 
 
 def test_a_bad_signature_by_an_expired_key_is_refused_for_its_signature(tmp_path: Path) -> None:
