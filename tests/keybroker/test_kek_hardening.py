@@ -617,11 +617,15 @@ def _flap_during(
     key_id: str,
     version: int,
     times: int,
+    *,
+    reused: int | None = None,
 ) -> list[Any]:
     """Has ``other`` disable ``version`` and enable it again right before each of this replica's
     first ``times`` calls of ``step`` (a function of :mod:`keys`), a replica flapping the version
     while this one uses it: the enabler this replica looked up is gone each time, another in its
-    place. Returns the list that receives each flap's final answer."""
+    place. With ``reused``, the gone enabler's handle is then pointed at that object, as a token
+    that gives a destroyed object's handle to a new one leaves it (``step`` takes the version as
+    its second argument). Returns the list that receives each flap's final answer."""
     real = getattr(keys_module, step)
     flaps: list[Any] = []
 
@@ -629,6 +633,8 @@ def _flap_during(
         if len(flaps) < times:
             other.disable_key(key_id, version)
             flaps.append(other.enable_key(key_id, version))
+            if reused is not None:
+                args[1].enablers[0].handle = reused
         return real(*args)
 
     monkeypatch.setattr(keys_module, step, flapping)
@@ -708,6 +714,33 @@ def test_a_version_flapping_a_few_times_under_an_operation_gets_its_answer(
     flaps = _flap_during(monkeypatch, step, replica(), "flap", 1, times=2)
     call(km, key, tee_key)
     assert [f.versions[0].state for f in flaps] == [KeyState.ENABLED] * 2
+    assert km.unusable_keys() == {}
+
+
+@pytest.mark.parametrize("operation", list(_OPERATIONS))
+def test_a_version_flapping_under_an_operation_on_a_token_reusing_handles_gets_its_answer(
+    hsm: Hsm,
+    km: KeyManager,
+    replica: Callable[[], KeyManager],
+    tee_key: rsa.RSAPrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    operation: str,
+) -> None:
+    """On a token that gives a destroyed enabler's handle to a new object, a flap leaves the
+    version's handle reading another enabler's label: the release's first compare in its C call
+    (StateChanged) or the read after the HSM's work (_judge_state). Both are the version's state
+    moving, looked up afresh like a handle gone invalid; raised as a bare stale handle, the
+    second flap answered HSM_UNAVAILABLE, and no test saw it."""
+    km.create_key("flap")
+    km.create_key("bystander")
+    key = km.generate_data_key("flap", *MODEL)
+    bystander = hsm.call(lambda hs: km._require_versions(hs, "bystander")[0].enablers[0].handle)
+    step = "_release_with" if operation == "release" else "_still_enabled"
+    other = replica()
+    flaps = _flap_during(monkeypatch, step, other, "flap", 1, times=2, reused=bystander)
+    _OPERATIONS[operation][1](km, key, tee_key)
+    assert [f.versions[0].state for f in flaps] == [KeyState.ENABLED] * 2
+    assert other.describe_key("bystander").versions[0].state is KeyState.ENABLED
     assert km.unusable_keys() == {}
 
 
