@@ -273,7 +273,9 @@ def run_service(
     # handed to the signals thread), then what was handed over settled, then the exception
     # hooks, then the log. The hooks went back before the settle: for up to its wait an error
     # that ended a service thread (one the settle waits behind) was a bare traceback of the
-    # host's hooks, not a line of the service's log.
+    # host's hooks, not a line of the service's log. What is left: while the log's close waits
+    # (up to FLUSH_SECONDS for a slow destination) a thread's error is the host's hooks' again,
+    # not a line of that log (its lines logged meanwhile are still the service's).
     # An exception that ends a thread, or that cannot be raised, is a line of that log from
     # here on, not a traceback on stderr (strongroom.runtime.uncaught).
     with logs.configured(common.logging, service, keep=keep), uncaught.installed(keep=keep):

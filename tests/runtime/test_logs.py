@@ -26,6 +26,7 @@ from strongroom.runtime.log_refusals import LOGGER, REFUSED_CALLS_BURST, enter_r
 from strongroom.runtime.log_writer import FLUSH_SECONDS, ServiceLog
 from strongroom.runtime.logs import QUIET_LIBRARIES, JsonFormatter
 from tests.conftest import REPO, buffered_service_log
+from tests.runtime.logging_state import changed_between, logging_state
 from tests.runtime.stopping_service import FillingPoll
 
 
@@ -636,59 +637,54 @@ def _quiet_levels() -> dict[str, int]:
     return {name: logging.getLogger(name).level for name in QUIET_LIBRARIES}
 
 
-_LOGGER_ATTRIBUTES = {
-    "handlers": [],
-    "level": logging.NOTSET,
-    "filters": [],
-    "propagate": True,
-    "disabled": False,
-}
-"""What logging keeps of each logger that a configuration may change, and a new logger's."""
-
-
-def _logging_state() -> dict[tuple[str, str], object]:
-    """Each logger's (the root's included) :data:`_LOGGER_ATTRIBUTES`, and logging's ``disable``
-    level."""
-    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
-    state: dict[tuple[str, str], object] = {("", "disable"): logging.Logger.manager.disable}
-    for logger in loggers:
-        if isinstance(logger, logging.Logger):  # not a PlaceHolder
-            for name in _LOGGER_ATTRIBUTES:
-                value = getattr(logger, name)
-                state[(logger.name, name)] = value[:] if isinstance(value, list) else value
-    return state
-
-
-def _changed(
-    before: dict[tuple[str, str], object], after: dict[tuple[str, str], object]
-) -> set[tuple[str, str]]:
-    """What differs between two :func:`_logging_state`; a logger created in between is compared
-    with a new logger's attributes."""
-    return {
-        key
-        for key, value in after.items()
-        if before.get(key, _LOGGER_ATTRIBUTES.get(key[1])) != value
-    }
+_REPORTED_SCRIPT = """
+import io, json, sys
+from strongroom.runtime import logs
+from strongroom.runtime.config import LoggingConfig
+from tests.runtime.logging_state import changed_between, logging_state
+level, log_format = sys.argv[1:]
+sys.stderr = io.StringIO()  # the service's log; stdout says what changed
+before = logging_state()
+with logs.restoring() as changed:
+    logs.configure_logging(LoggingConfig(level=level, format=log_format), "test")
+    made = changed_between(before, logging_state())
+reported = {(logger.name, "handlers") for logger in changed.handlers}
+reported |= {(logger.name, "level") for logger in changed.levels}
+print(json.dumps({
+    "made": sorted(made), "reported": sorted(reported),
+    "left": sorted(changed_between(before, logging_state())),
+}))
+"""
 
 
 @pytest.mark.parametrize(("level", "log_format"), [("DEBUG", "json"), ("ERROR", "text")])
 def test_what_configure_logging_changes_it_reports_and_each_change_is_given_back(
-    monkeypatch: pytest.MonkeyPatch, level: Any, log_format: Any
+    level: str, log_format: str
 ) -> None:
     """The give-back listed by hand (``_RootLogging``) what configure_logging changes: a change
     added to one and not the other would have outlived every service's run. configure_logging
     now reports each change it makes to the open :func:`logs.restoring`: whatever it changes
-    among every logger's attributes, it reported, and all of it comes back."""
-    monkeypatch.setattr("sys.stderr", io.StringIO())
-    before = _logging_state()
-    with logs.restoring() as changed:
-        logs.configure_logging(LoggingConfig(level=level, format=log_format), "test")
-        made = _changed(before, _logging_state())
-    reported = {(logger.name, "handlers") for logger in changed.handlers}
-    reported |= {(logger.name, "level") for logger in changed.levels}
+    among every logger's attributes, it reported, and all of it comes back.
+
+    In a fresh interpreter: in the test's own process an earlier test's configure_logging (its
+    give-back, ``restore_logging``, puts back only what was reported) had already left an
+    unreported change in place, which this one then did not see as a change: the test passed
+    with the change unreported whenever it was not the first to configure logging."""
+    done = subprocess.run(
+        [sys.executable, "-c", _REPORTED_SCRIPT, level, log_format],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    made = {tuple(key) for key in found["made"]}
     assert ("root", "handlers") in made
-    assert made <= reported
-    assert _changed(before, _logging_state()) == set()
+    assert made <= {tuple(key) for key in found["reported"]}
+    assert found["left"] == []
 
 
 def test_a_change_configure_logging_reports_is_given_back_when_the_service_s_run_ends(
@@ -709,7 +705,7 @@ def test_a_change_configure_logging_reports_is_given_back_when_the_service_s_run
         return handler
 
     monkeypatch.setattr(logs, "configure_logging", with_one_more_change)
-    before = _logging_state()
+    before = logging_state()
     with logs.configured(LoggingConfig(format="json"), "test"):
         assert (library.level, library.handlers) == (logging.CRITICAL, [extra])
-    assert _changed(before, _logging_state()) == set()
+    assert changed_between(before, logging_state()) == set()
