@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -53,7 +52,7 @@ from strongroom.keybroker.service import (
 )
 from strongroom.pki.identity import WorkloadIdentity
 from strongroom.reasons import Reason
-from strongroom.runtime import signals, starting
+from strongroom.runtime import hangup, signals, starting
 from strongroom.runtime.bootstrap import RoleTable, build_host, run_service
 from strongroom.runtime.config import CommonConfig
 from strongroom.runtime.secrets import Secret
@@ -61,6 +60,9 @@ from strongroom.runtime.server import ServiceHost, ServiceSpec
 from strongroom.runtime.tracing import make_tracer_provider
 
 log = logging.getLogger(__name__)
+
+ROTATION_ONCE_SERVING = "the audit log will be rotated"
+"""What a SIGHUP during start-up does, for its log line (:mod:`strongroom.runtime.hangup`)."""
 
 
 def trust_store(common: CommonConfig, config: KeybrokerConfig) -> TrustStore:
@@ -399,7 +401,9 @@ def rotate_audit_on_sighup(audit: AuditLog) -> None:
     the process can start no more. Call from the main thread (``signal.signal`` requires it),
     inside a service's run (``run_service``'s ``after_start``), which gives SIGHUP back when it
     ends: outside one it raises RuntimeError, SIGHUP's handler unchanged (installed, it stayed
-    the process's for good, rotating a log long closed)."""
+    the process's for good, rotating a log long closed). SIGHUPs that came during start-up
+    (recorded by the run's handler: :mod:`strongroom.runtime.hangup`) are one rotation, asked
+    for here."""
     # Held from a request until its thread starts rotating: taken without blocking by the handler
     # (it must never wait), released by the thread once the rotation before it has ended.
     pending = threading.Lock()
@@ -422,7 +426,8 @@ def rotate_audit_on_sighup(audit: AuditLog) -> None:
             return  # a rotation that has not started yet will seal what this signal asks for
         signals.later(start_rotation)
 
-    signals.install(on_hup, signal.SIGHUP)
+    # Start-up's handler recorded a SIGHUP that came before this one: one rotation for them all.
+    hangup.take(on_hup)
 
 
 def _rotate_audit(audit: AuditLog, pending: threading.Lock, running: threading.Lock) -> None:
@@ -454,4 +459,5 @@ def serve(config_path: Path | None) -> int:
             common, config, identity=identity, tracer_provider=tracer
         ),
         after_start=lambda broker: rotate_audit_on_sighup(broker.audit),
+        sighup=ROTATION_ONCE_SERVING,
     )

@@ -260,9 +260,15 @@ def run_service(
     build: Callable[[CommonConfig, C, WorkloadIdentity, TracerProvider], S],
     *,
     after_start: Callable[[S], None] | None = None,
+    sighup: str | None = None,
 ) -> int:
     """``strongroom serve SERVICE``: configure, enrol, build (with the service's tracer
     provider), serve until SIGTERM, drain, close; then write the log and end the telemetry.
+
+    SIGHUP is the run's from its start (:mod:`strongroom.runtime.hangup`): ``sighup`` says what
+    the service does with it once serving, in the words of the line logged for one that comes
+    before (its ``after_start`` takes it: :func:`~strongroom.runtime.hangup.take`); None, the
+    default, has every SIGHUP logged and ignored.
 
     Once it returns or raises, its stop over, the process has back what the service changed in
     it (its signals' handlers, its exception hooks, its root logger), unless it ends with the
@@ -280,8 +286,9 @@ def run_service(
     # here on, not a traceback on stderr (strongroom.runtime.uncaught).
     with logs.configured(common.logging, service, keep=keep), uncaught.installed(keep=keep):
         try:
-            # A SIGTERM stops the start at its next checkpoint (strongroom.runtime.starting).
-            with starting.installed(keep=keep):
+            # A SIGTERM stops the start at its next checkpoint (strongroom.runtime.starting); a
+            # SIGHUP is recorded or ignored (strongroom.runtime.hangup), never the process's end.
+            with starting.installed(keep=keep, sighup=sighup):
                 _run(service, common, section, build, after_start)
         finally:
             # What the signals thread was handed during the stop (a SIGTERM as the service

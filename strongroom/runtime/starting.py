@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from strongroom.runtime import signals
+from strongroom.runtime import hangup, signals
 from strongroom.runtime.process import exit_now
 
 log = logging.getLogger(__name__)
@@ -86,19 +86,23 @@ def install() -> None:
 
 
 @contextlib.contextmanager
-def installed(*, keep: bool = False) -> Iterator[None]:
-    """:func:`install` for a service's whole run (its start, serving, stop); when it ends,
-    however, start-up's handling is over (a start refused before :func:`hand_over` left its
-    request in place: a later build in the process ran its steps as if a stop could come) and
-    the signals the run took (SIGTERM, SIGINT, the broker's SIGHUP) have their handlers from
-    before (:func:`strongroom.runtime.signals.restoring`, whose docstring has the rule), unless
-    ``keep``."""
+def installed(*, keep: bool = False, sighup: str | None = None) -> Iterator[None]:
+    """:func:`install` for a service's whole run (its start, serving, stop), and SIGHUP taken
+    at the same point (:func:`strongroom.runtime.hangup.install`: ``sighup`` is what the
+    service does with it once serving, None for nothing; until then it had its default action,
+    which ended the process). When it ends, however, start-up's handling is over (a start
+    refused before :func:`hand_over` left its request in place: a later build in the process
+    ran its steps as if a stop could come) and the signals the run took (SIGTERM, SIGINT,
+    SIGHUP) have their handlers from before (:func:`strongroom.runtime.signals.restoring`,
+    whose docstring has the rule), unless ``keep``."""
     with signals.restoring(keep=keep):
         try:
             install()
+            hangup.install(sighup)
             yield
         finally:
             _Installed.request = None
+            hangup.forget()
 
 
 def requested() -> int | None:

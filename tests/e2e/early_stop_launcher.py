@@ -4,7 +4,9 @@ serve SERVICE --config PATH``.
 
 ``pause POINT``: start-up pauses at its checkpoint POINT (:mod:`strongroom.runtime.starting`),
 printing ``paused POINT``, until a signal asks it to stop. ``reached POINT``: prints ``reached
-POINT`` there and goes on. ``signal-in-servicer DIR``: the model store's build signals its own
+POINT`` there and goes on. ``hold POINT:PATH``: start-up holds at POINT the first time it gets
+there, printing ``held POINT PID``, until the file PATH exists (or a signal asks it to stop);
+the test signals the process there (tests/e2e/test_serve_signals.py: a SIGHUP while starting). ``signal-in-servicer DIR``: the model store's build signals its own
 process while it builds its servicer (the storage open), and at exit prints ``storage locked``
 if the storage root DIR is still locked by this process, else ``storage unlocked``.
 """
@@ -32,6 +34,23 @@ def _at_point(point: str, *, pause: bool) -> None:
         print(f"{'paused' if pause else 'reached'} {at}", flush=True)
         while pause and starting.requested() is None:
             time.sleep(0.01)  # a step that takes long, waited for as every step is
+
+    starting._reached = reached  # type: ignore[assignment]
+
+
+def _hold_at(point: str, release: Path) -> None:
+    from strongroom.runtime import starting
+
+    held = False
+
+    def reached(at: str) -> None:
+        nonlocal held
+        if at != point or held:
+            return
+        held = True
+        print(f"held {at} {os.getpid()}", flush=True)
+        while not release.exists() and starting.requested() is None:
+            time.sleep(0.01)  # a step that takes long
 
     starting._reached = reached  # type: ignore[assignment]
 
@@ -66,6 +85,9 @@ if __name__ == "__main__":
     assert separator == "--"
     if mode == "signal-in-servicer":
         _signal_in_servicer(Path(arg))
+    elif mode == "hold":
+        point, _, release = arg.partition(":")
+        _hold_at(point, Path(release))
     else:
         _at_point(arg, pause=mode == "pause")
     sys.exit(main(command))

@@ -23,7 +23,7 @@ import pytest
 from strongroom.cli import serve as serve_cli
 from strongroom.errors import Unavailable
 from strongroom.reasons import Reason
-from strongroom.runtime import bootstrap, logs, signals, starting
+from strongroom.runtime import bootstrap, hangup, logs, signals, starting
 from strongroom.runtime.config import LoggingConfig, TracingConfig
 from strongroom.runtime.logs import QUIET_LIBRARIES
 from strongroom.runtime.server import ServiceHost
@@ -79,11 +79,14 @@ def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Host]:
 
 
 def _serve(
-    host: _Host, build: Callable[..., Any], after_start: Callable[[Any], None] | None = None
+    host: _Host,
+    build: Callable[..., Any],
+    after_start: Callable[[Any], None] | None = None,
+    sighup: str | None = None,
 ) -> None:
     # Set here, not by the fixture: pytest sets sys.stderr again as the test's call begins.
     with contextlib.redirect_stderr(host.log):
-        bootstrap.run_service("test", None, object, build, after_start=after_start)
+        bootstrap.run_service("test", None, object, build, after_start=after_start, sighup=sighup)
 
 
 def _rotates_on_sighup(_running: Any) -> None:
@@ -377,3 +380,46 @@ def test_a_scope_inside_another_that_recorded_the_same_puts_back_what_each_took(
     finally:
         for s, handler in own.items():
             signal.signal(s, handler)
+
+
+def _hung_up_twice_while_building(*_: Any) -> Any:
+    signal.raise_signal(signal.SIGHUP)  # a logrotate's kill -HUP as the service starts
+    signal.raise_signal(signal.SIGHUP)
+    return _listening("0")
+
+
+def test_sighups_while_a_service_starts_are_one_call_of_its_handler_once_it_serves(
+    host: _Host,
+) -> None:
+    """SIGHUP was the process's (its default action: the end of the process) until the key
+    broker's after_start took it: one during start-up ended the broker. The run takes it from
+    start-up's first handler on, logs each, and hands them to the service's handler as one
+    call once it takes SIGHUP (strongroom.runtime.hangup)."""
+    calls: list[int] = []
+
+    def takes_sighup(running: Any) -> None:
+        hangup.take(lambda signum, _frame: calls.append(signum))
+        signal.raise_signal(signal.SIGTERM)
+
+    _serve(host, _hung_up_twice_while_building, takes_sighup, sighup="it will be done")
+    assert calls == [signal.SIGHUP]
+    deferred = [r for r in host.lines() if r["msg"].startswith("SIGHUP during start-up")]
+    assert [r["msg"] for r in deferred] == [
+        "SIGHUP during start-up: it will be done once serving"
+    ] * 2
+    assert host.got == []
+
+
+def test_a_sighup_to_a_service_with_no_action_for_it_is_logged_and_ignored(host: _Host) -> None:
+    """A service with nothing to do on SIGHUP (the model store, inference) left it its default
+    action for its whole run: one, starting or serving, ended the process. Each is logged and
+    ignored now, and the run ends as it would have."""
+
+    def hung_up_while_serving(_running: Any) -> None:
+        signal.raise_signal(signal.SIGHUP)
+        signal.raise_signal(signal.SIGTERM)
+
+    _serve(host, _hung_up_twice_while_building, hung_up_while_serving)
+    assert [r["msg"] for r in host.lines() if "SIGHUP" in r["msg"]] == [hangup.IGNORED] * 3
+    assert host.lines()[-1]["msg"] == "stopped"
+    assert host.got == []
