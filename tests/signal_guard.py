@@ -17,7 +17,7 @@ from strongroom.runtime.signals import Disposition
 # fixtures and removed after them, or as soon as the test fails (before its fixtures' teardown).
 GUARDED = (
     signal.SIGCHLD,
-    signal.SIGHUP,  # the key broker's audit rotation
+    signal.SIGHUP,  # every service's run: the key broker's audit rotation, the others' ignored
     signal.SIGINT,  # a service's stop, a command line's KeyboardInterrupt
     signal.SIGPIPE,  # Python's own SIG_IGN, which a writer to a closed pipe relies on
     signal.SIGTERM,  # a service's stop

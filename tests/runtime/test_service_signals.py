@@ -30,7 +30,7 @@ from strongroom.runtime.server import ServiceHost
 from tests.runtime.stopping_service import _listening, _Running
 
 TAKEN = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-"""What a service takes: its stop's two, the key broker's audit rotation."""
+"""What a service takes: its stop's two, SIGHUP (the key broker's audit rotation, else ignored)."""
 
 
 class _Host:
