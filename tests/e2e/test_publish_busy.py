@@ -2022,6 +2022,88 @@ def test_a_part_whose_answer_describes_another_artifact_is_named_as_maybe_stored
         _admin_rm(stack, "busy/part-mismatch", version)
 
 
+def test_a_single_publish_answered_about_another_artifact_says_it_may_be_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """publish_model's upload reached the real store, which stored it and answered OK about
+    another artifact (DATA_LOSS STORE_ANSWER_MISMATCH). The error said only what the store
+    answered: not that the version may be stored, so the next publish's MODEL_EXISTS came
+    unexplained. The one rule (publish.unanswered) a multi-part publish's part follows now says
+    it, as a lost answer does."""
+    model = _model_file(tmp_path, 5000)
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), AnswerRewrittenAt(0, artifact_size=1)
+    )
+    with pytest.raises(DataLoss) as info:
+        _publish_one(stack, publisher, model, "busy/one-mismatch", store=store)
+    assert info.value.reason == "STORE_ANSWER_MISMATCH"
+    message = info.value.message
+    assert message.startswith(
+        "the model store answered that it recorded 'busy/one-mismatch' version '1' (1 bytes)"
+    ), message
+    assert message.endswith(
+        "; busy/one-mismatch/1 may be stored (`strongroom model ls busy/one-mismatch` lists it if "
+        "so): its whole artifact was sent, and the store's answer did not describe it"
+    ), message
+    assert _records(stack, "busy/one-mismatch") == [("busy/one-mismatch", "1")]
+    _admin_rm(stack, "busy/one-mismatch", "1")
+
+
+def test_an_upload_answered_about_another_artifact_says_it_may_be_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """upload_artifact, the same."""
+    path = _artifact_file(tmp_path, "busy/upload-mismatch", 5000)
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), AnswerRewrittenAt(0, version="2")
+    )
+    with pytest.raises(DataLoss) as info:
+        upload_artifact(path, store=store)
+    assert info.value.reason == "STORE_ANSWER_MISMATCH"
+    assert info.value.message.endswith(
+        "; busy/upload-mismatch/1 may be stored (`strongroom model ls busy/upload-mismatch` lists "
+        "it if so): its whole artifact was sent, and the store's answer did not describe it"
+    ), info.value.message
+    assert _records(stack, "busy/upload-mismatch") == [("busy/upload-mismatch", "1")]
+    _admin_rm(stack, "busy/upload-mismatch", "1")
+
+
+def test_a_manifest_answered_about_another_artifact_keeps_the_parts(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The manifest's upload reached the real store, which stored it (the version published)
+    and answered OK about another artifact. The publisher took it for a failure like any other:
+    it tried to delete the parts (a caller that may delete, deleted them) and handed an admin
+    their rm commands with no word of the version: a published model whose every load failed
+    for want of its parts. An answer that does not describe the manifest now leaves the version
+    as a lost answer does: may be published, its parts its own, no delete tried."""
+    shards = _shards(tmp_path / "shards", 2)
+    counted = CountCalls()
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), AnswerRewrittenAt(2, artifact_size=1), counted
+    )
+    with pytest.raises(DataLoss) as info:
+        _publish(stack, publisher, shards, "busy/manifest-mismatch", store)
+    assert info.value.reason == "STORE_ANSWER_MISMATCH"
+    message = info.value.message
+    assert message.endswith(
+        "; busy/manifest-mismatch/1 may be published: its manifest reached the store, whose "
+        "answer did not describe it; `strongroom model ls busy/manifest-mismatch` lists it if so "
+        "(its parts are then its own: keep them); if it is not stored, 2 part(s) it stored are "
+        "left (1+part.0, 1+part.1): the version cannot be published again until an admin "
+        "removes them (PARTS_LEFT_BEHIND until then): `strongroom model rm "
+        "busy/manifest-mismatch 1+part.0`; `strongroom model rm busy/manifest-mismatch 1+part.1`"
+    ), message
+    assert "DeleteModel" not in counted.methods
+    assert _records(stack, "busy/manifest-mismatch") == [
+        ("busy/manifest-mismatch", "1"),
+        ("busy/manifest-mismatch", "1+part.0"),
+        ("busy/manifest-mismatch", "1+part.1"),
+    ]
+    for version in ("1", "1+part.0", "1+part.1"):
+        _admin_rm(stack, "busy/manifest-mismatch", version)
+
+
 def test_a_part_refused_after_its_last_byte_is_not_named_as_maybe_stored(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
