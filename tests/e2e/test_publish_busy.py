@@ -2325,21 +2325,32 @@ class _RefusedTrysCall:
     """A progress callback whose first call (the first try's, from gRPC's thread feeding it) is
     held in flight until the retry calls it too, or until the retry waits for that call to
     return (:meth:`publish._ProgressGate.drain`, wrapped: the one thing a retry does while it
-    waits); records every call's (thread, bytes done) as it returns, and each call that began
-    while another was running."""
+    waits); records every call's (thread, bytes done) as it returns, each call that began
+    while another was running, and each wait that returned while a call was still running."""
+
+    #: How long the released first call goes on running, unless the wait returns before. The
+    #: verdict does not hang on it: a wait that returns at once finds the call running for any
+    #: length, and one that waits finds it over for any length; only the test's time does.
+    HELD_AFTER_RELEASE = 0.5
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.returned: list[tuple[threading.Thread, int]] = []
         self.overlapping: list[int] = []
+        self.drained_running: list[int] = []
         self.first: threading.Thread | None = None
         self._running = 0
         self._lock = threading.Lock()
         self._release = threading.Event()
+        self._drained = threading.Event()
         drain = publish._ProgressGate.drain
 
         def draining(gate: Any) -> None:
             self._release.set()
             drain(gate)
+            with self._lock:
+                if self._running:
+                    self.drained_running.append(self._running)
+            self._drained.set()
 
         monkeypatch.setattr(publish._ProgressGate, "drain", draining)
 
@@ -2356,6 +2367,9 @@ class _RefusedTrysCall:
                 self._release.set()
         if held:
             assert self._release.wait(60), "the retry neither called progress nor waited"
+            # Still running once the retry began to wait: a wait that did not (the gate only
+            # closed) let the retry on with this call in flight.
+            self._drained.wait(self.HELD_AFTER_RELEASE)
         with self._lock:
             self._running -= 1
             self.returned.append((me, done))
@@ -2378,6 +2392,7 @@ def _refused_try_s_progress(
     assert uploads.outcomes[0] == REFUSED
     calls = progress.returned
     assert progress.overlapping == []
+    assert progress.drained_running == []  # the retry began only once the call had returned
     refused = progress.first
     assert refused is not None
     began = next(i for i, (thread, _done) in enumerate(calls) if thread is not refused)
