@@ -52,9 +52,11 @@ from strongroom.client.publish import (
     SentWhole,
     TryProgress,
     UploadMessage,
+    amend,
     check_generated,
     put_model,
     rm_command,
+    unanswered,
     upload_pieces,
 )
 from strongroom.client.remote import outage_error, outages_raised_as_errors, refusal_text
@@ -285,9 +287,11 @@ def publish_parts(
     refusal that left parts is ``FailedPrecondition`` ``PARTS_LEFT_BEHIND``, and one that left
     none is raised as it came (``grpc.RpcError``). A message that left parts names them and the
     commands that remove them; it names too, as one that may be stored, a part sent whole whose
-    call ended with no refusal of the store's (an outage lost its answer, or the store answered
-    about another artifact: ``DataLoss`` ``STORE_ANSWER_MISMATCH``), never deleted. An interrupt (``KeyboardInterrupt``) stops at once, deleting
-    nothing, with a note (``add_note``) naming the parts that may be left and those commands.
+    call ended as :func:`~strongroom.client.publish.unanswered` says (an outage lost its answer,
+    or the store answered about another artifact: ``DataLoss`` ``STORE_ANSWER_MISMATCH``), never
+    deleted; a manifest's call ended so says the version may be published, and deletes nothing.
+    An interrupt (``KeyboardInterrupt``) stops at once, deleting nothing, with a note
+    (``add_note``) naming the parts that may be left and those commands.
     The look for parts a failed publish left ends within ``check_within`` seconds in all
     (:data:`CHECK_SECONDS`), past it ``DeadlineExceeded`` ``PUBLISH_CHECK_DEADLINE_EXCEEDED``,
     nothing published; a ``check_within``
@@ -461,27 +465,30 @@ def publish_parts(
         interrupt.add_note(_interrupted_note(name, version, may_be_left, manifest_begun))
         raise
     except BaseException as exc:
-        lost = (
-            outage_error(
-                exc,
-                f"{name}/{version} may be published: its manifest reached the store, "
-                "whose answer was lost",
-            )
-            if manifest_begun and isinstance(exc, grpc.RpcError)
-            else None
-        )
-        if lost is not None:
+        # The one rule (unanswered) for the manifest as for a part and a single artifact.
+        answer = unanswered(exc) if manifest_begun else None
+        if answer is not None:
             # An outage ends a call the store may have committed (a deadline passing, or the
-            # connection dropping, as it stored the manifest): the version is then published and
-            # its parts are its own. Deleted, or handed to an admin with the commands that
-            # remove them, they broke every load of a published model (PartMissing).
+            # connection dropping, as it stored the manifest), and an answer OK about another
+            # artifact follows one it did: the version is then published and its parts are its
+            # own. Deleted, or handed to an admin with the commands that remove them, they broke
+            # every load of a published model (PartMissing).
             versions = [info.version for info in stored]
-            _amend(
-                lost,
+            said = (
+                f"{name}/{version} may be published: its manifest reached the store, whose "
+                f"answer {answer}"
+            )
+            kept = (
                 f"`strongroom model ls {shlex.quote(name)}` lists it if so (its parts are then "
                 f"its own: keep them); if it is not stored, {len(versions)} part(s) it stored "
-                f"are left ({_versions(versions)}): {_unblock(name, versions)}",
+                f"are left ({_versions(versions)}): {_unblock(name, versions)}"
             )
+            if isinstance(exc, StrongroomError):  # the answer about another artifact
+                amend(exc, f"{said}; {kept}")
+                raise
+            lost = outage_error(exc, said) if isinstance(exc, grpc.RpcError) else None
+            assert lost is not None  # an outage: unanswered() read its status in TRANSIENT
+            amend(lost, kept)
             raise lost from exc
         try:
             failed = _delete_best_effort(stub, stored)
@@ -500,23 +507,20 @@ def publish_parts(
         error = (
             None if ended is None else outage_error(ended, f"{name}/{version} was not published")
         )
-        maybe = None
-        if begun > len(stored) and whole.is_set() and (ended is None or error is not None):
-            # The part's whole artifact was sent, and no refusal of the store's (its word that
-            # it stored nothing) ended the call: an outage lost the answer (a deadline passing,
-            # the connection dropping, as the store committed), or the store answered OK
-            # describing another artifact (STORE_ANSWER_MISMATCH). The part may be stored, and
-            # then blocks the version as any part left does, though neither the deletes nor the
-            # note knew of it (the next publish's check did). Not deleted: no answer says this
-            # publish stored it, and a part another publish of the version stored is its own.
-            maybe = planned[begun - 1].header.model_version
+        # The part's whole artifact was sent, and the call ended as unanswered() says leaves
+        # open whether it was stored (an answer lost to an outage, or one about another
+        # artifact): the part may be stored, and then blocks the version as any part left
+        # does, though neither the deletes nor the note knew of it (the next publish's check
+        # did). Not deleted: no answer says this publish stored it, and a part another publish
+        # of the version stored is its own.
+        answer = unanswered(exc) if begun > len(stored) and whole.is_set() else None
+        maybe = None if answer is None else planned[begun - 1].header.model_version
         # Until they are gone, publishing this version again is refused (PARTS_LEFT_BEHIND):
         # the publisher must know which to have removed.
-        answer = "was lost" if error is not None else "did not describe it"
-        note = _left_note(name, failed, maybe, answer) if failed or maybe else None
+        note = _left_note(name, failed, maybe, answer or "") if failed or maybe else None
         if isinstance(exc, StrongroomError):
             if note is not None:
-                _amend(exc, note)
+                amend(exc, note)
             raise
         if ended is not None:
             if error is None and note is not None:
@@ -528,7 +532,7 @@ def publish_parts(
                 )
             if error is not None:
                 if note is not None:
-                    _amend(error, note)
+                    amend(error, note)
                 raise error from exc
         raise
     log.info(
@@ -590,13 +594,6 @@ def _put_part(
         return response, bytes(tail)
 
 
-def _amend(error: StrongroomError, note: str) -> None:
-    """Appends ``note`` to ``error``'s message (in place: not every error class takes a message
-    and a reason to be built again)."""
-    error.message = f"{error.message}; {note}"
-    error.args = (error.message,)
-
-
 def _interrupted_note(name: str, version: str, left: Sequence[str], manifest: bool) -> str:
     """What an interrupted publish may have left (``left``: store versions of parts) and how to
     remove it; ``manifest``: the manifest's upload had begun, so the version may be whole."""
@@ -647,10 +644,11 @@ def _left_note(
 ) -> str:
     """What blocks the version and who frees it how: ``failed`` maps the store versions of the
     parts it stored and could not remove to the status their delete failed with; ``maybe`` is the
-    store version of a part sent whole whose call ended with no word of the store's that it
-    stored nothing (it may be stored, as the manifest's case says "may be published"): the
-    store's ``answer`` ``was lost`` to an outage, or ``did not describe it``. One sentence on what is blocked until when, with one command form
-    for every part: with a note each, both cases said it twice, each with its own commands."""
+    store version of a part sent whole whose call ended as
+    :func:`~strongroom.client.publish.unanswered` says (it may be stored, as the manifest's case
+    says "may be published"), ``answer`` what that said of the store's answer. One sentence on
+    what is blocked until when, with one command form for every part: with a note each, both
+    cases said it twice, each with its own commands."""
     said = []
     if failed:
         codes = sorted(set(failed.values()))

@@ -32,9 +32,9 @@ from strongroom.artifact.format import DEK_SIZE, DIGEST_SIZE
 from strongroom.artifact.manifest import header_digest
 from strongroom.client.busy import CLIENT_RETRY, BusyRetry, retrying_busy
 from strongroom.client.mechanisms import header_mechanism
-from strongroom.client.remote import outages_raised_as_errors
+from strongroom.client.remote import TRANSIENT, outages_raised_as_errors
 from strongroom.client.signing import BUNDLE_MEDIA_TYPE, sign_model, signed_digest
-from strongroom.errors import DataLoss, FailedPrecondition
+from strongroom.errors import DataLoss, FailedPrecondition, StrongroomError
 from strongroom.identifiers import MAX_KEY_VERSION
 from strongroom.reasons import Reason
 from strongroom.wire import append_bytes_field
@@ -167,7 +167,9 @@ def publish_model(
     generated or stored. Any other failure ends it: an outage
     (:data:`~strongroom.client.remote.TRANSIENT`, the broker or the store down, draining or out
     of time) as ``Unavailable`` or ``DeadlineExceeded``, its status in the message, as
-    ``publish_parts`` raises it; any other refusal as it came (``grpc.RpcError``). A
+    ``publish_parts`` raises it; any other refusal as it came (``grpc.RpcError``). One that
+    ended a try whose last byte was sent, or an answer about another artifact (``DataLoss``
+    ``STORE_ANSWER_MISMATCH``), says the version may be stored (:func:`unanswered`). A
     ``KeyboardInterrupt`` (Ctrl-C, or one ``progress`` raised) is raised as it came, with a note
     (:func:`interrupt_noted`): nothing stored, or, once the upload had begun, the version may be
     stored, when to keep it, and the command that removes it.
@@ -214,20 +216,62 @@ def publish_model(
 
         # The multi-part publisher's rule (remote.TRANSIENT): an outage raised the raw
         # grpc.RpcError here, Unavailable or DeadlineExceeded there.
-        with outages_raised_as_errors(lambda: _outage_what(name, version, whole, "published")):
+        with _unanswered_noted(name, version, whole, "published"):
             response, header = retrying_busy(attempt, retry, what=f"publishing {name}/{version}")
     return Published(response.model, time.perf_counter() - started, header_digest(header).hex())
 
 
+def unanswered(exc: BaseException) -> str | None:
+    """How the store's answer left open whether it stored an upload whose last byte was sent:
+    ``"was lost"`` (an outage, :data:`~strongroom.client.remote.TRANSIENT`: a deadline passing,
+    the connection dropping, as the store committed) or ``"did not describe it"`` (DATA_LOSS
+    STORE_ANSWER_MISMATCH: the store answered OK, about another artifact); None for anything
+    else, above all a refusal of the store's (its word that it stored nothing).
+
+    Every publisher's one rule for what "may be stored" (a version, a part, a manifest): the
+    multi-part publisher named a part answered about another artifact as may be stored while
+    the single-artifact ones said nothing of it, and deleted the parts of a version whose
+    manifest was answered so (stored, a published model whose loads all failed)."""
+    if isinstance(exc, StrongroomError):
+        return "did not describe it" if exc.reason == Reason.STORE_ANSWER_MISMATCH else None
+    if isinstance(exc, grpc.Call) and exc.code() in TRANSIENT:
+        return "was lost"
+    return None
+
+
+def amend(error: StrongroomError, note: str) -> None:
+    """Appends ``note`` to ``error``'s message (in place: not every error class takes a message
+    and a reason to be built again)."""
+    error.message = f"{error.message}; {note}"
+    error.args = (error.message,)
+
+
+@contextmanager
+def _unanswered_noted(name: str, version: str, whole: SentWhole, done: str) -> Iterator[None]:
+    # An outage is Unavailable or DeadlineExceeded (outages_raised_as_errors); after the last
+    # byte was sent it, and an answer about another artifact alike (unanswered), may end a call
+    # the store has stored: "was not published" was then untrue, or nothing was said, and the
+    # publisher's next try was refused MODEL_EXISTS, unexplained.
+    with outages_raised_as_errors(lambda: _outage_what(name, version, whole, done)):
+        try:
+            yield
+        except StrongroomError as exc:
+            answer = unanswered(exc)
+            if answer is not None and whole.is_set():
+                amend(exc, _may_be_stored(name, version, answer))
+            raise
+
+
 def _outage_what(name: str, version: str, whole: SentWhole, done: str) -> str:
-    # An outage after the last byte was sent (a deadline passing, the connection dropping, as the
-    # store committed) may end a call the store has stored: "was not published" was then untrue,
-    # and the publisher's next try was refused MODEL_EXISTS, unexplained.
     if not whole.is_set():
         return f"{name}/{version} was not {done}"
+    return _may_be_stored(name, version, "was lost")
+
+
+def _may_be_stored(name: str, version: str, answer: str) -> str:
     return (
         f"{name}/{version} may be stored (`strongroom model ls {shlex.quote(name)}` lists it if "
-        "so): its whole artifact was sent, and the store's answer was lost"
+        f"so): its whole artifact was sent, and the store's answer {answer}"
     )
 
 
@@ -371,7 +415,8 @@ def upload_artifact(
     over, so one that raises ends the upload before its last byte is sent (nothing stored). An
     upload the store refuses as busy is sent again, the file read again from its start, as
     ``retry`` says; an outage is ``Unavailable`` or ``DeadlineExceeded``, any other refusal
-    raised as it came, and an interrupt carries its note, as :func:`publish_model`'s.
+    raised as it came, what may be stored is said and an interrupt carries its note, as
+    :func:`publish_model`'s.
     """
     started = time.perf_counter()
     with _open_readable(path) as source:
@@ -407,9 +452,7 @@ def upload_artifact(
         upload.set()
         with (
             interrupt_noted(summary.name, summary.version, upload),
-            outages_raised_as_errors(
-                lambda: _outage_what(summary.name, summary.version, whole, "uploaded")
-            ),
+            _unanswered_noted(summary.name, summary.version, whole, "uploaded"),
         ):
             response = retrying_busy(
                 attempt, retry, what=f"uploading {summary.name}/{summary.version}"

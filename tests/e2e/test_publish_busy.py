@@ -2022,6 +2022,88 @@ def test_a_part_whose_answer_describes_another_artifact_is_named_as_maybe_stored
         _admin_rm(stack, "busy/part-mismatch", version)
 
 
+def test_a_single_publish_answered_about_another_artifact_says_it_may_be_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """publish_model's upload reached the real store, which stored it and answered OK about
+    another artifact (DATA_LOSS STORE_ANSWER_MISMATCH). The error said only what the store
+    answered: not that the version may be stored, so the next publish's MODEL_EXISTS came
+    unexplained. The one rule (publish.unanswered) a multi-part publish's part follows now says
+    it, as a lost answer does."""
+    model = _model_file(tmp_path, 5000)
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), AnswerRewrittenAt(0, artifact_size=1)
+    )
+    with pytest.raises(DataLoss) as info:
+        _publish_one(stack, publisher, model, "busy/one-mismatch", store=store)
+    assert info.value.reason == "STORE_ANSWER_MISMATCH"
+    message = info.value.message
+    assert message.startswith(
+        "the model store answered that it recorded 'busy/one-mismatch' version '1' (1 bytes)"
+    ), message
+    assert message.endswith(
+        "; busy/one-mismatch/1 may be stored (`strongroom model ls busy/one-mismatch` lists it if "
+        "so): its whole artifact was sent, and the store's answer did not describe it"
+    ), message
+    assert _records(stack, "busy/one-mismatch") == [("busy/one-mismatch", "1")]
+    _admin_rm(stack, "busy/one-mismatch", "1")
+
+
+def test_an_upload_answered_about_another_artifact_says_it_may_be_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """upload_artifact, the same."""
+    path = _artifact_file(tmp_path, "busy/upload-mismatch", 5000)
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), AnswerRewrittenAt(0, version="2")
+    )
+    with pytest.raises(DataLoss) as info:
+        upload_artifact(path, store=store)
+    assert info.value.reason == "STORE_ANSWER_MISMATCH"
+    assert info.value.message.endswith(
+        "; busy/upload-mismatch/1 may be stored (`strongroom model ls busy/upload-mismatch` lists "
+        "it if so): its whole artifact was sent, and the store's answer did not describe it"
+    ), info.value.message
+    assert _records(stack, "busy/upload-mismatch") == [("busy/upload-mismatch", "1")]
+    _admin_rm(stack, "busy/upload-mismatch", "1")
+
+
+def test_a_manifest_answered_about_another_artifact_keeps_the_parts(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The manifest's upload reached the real store, which stored it (the version published)
+    and answered OK about another artifact. The publisher took it for a failure like any other:
+    it tried to delete the parts (a caller that may delete, deleted them) and handed an admin
+    their rm commands with no word of the version: a published model whose every load failed
+    for want of its parts. An answer that does not describe the manifest now leaves the version
+    as a lost answer does: may be published, its parts its own, no delete tried."""
+    shards = _shards(tmp_path / "shards", 2)
+    counted = CountCalls()
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), AnswerRewrittenAt(2, artifact_size=1), counted
+    )
+    with pytest.raises(DataLoss) as info:
+        _publish(stack, publisher, shards, "busy/manifest-mismatch", store)
+    assert info.value.reason == "STORE_ANSWER_MISMATCH"
+    message = info.value.message
+    assert message.endswith(
+        "; busy/manifest-mismatch/1 may be published: its manifest reached the store, whose "
+        "answer did not describe it; `strongroom model ls busy/manifest-mismatch` lists it if so "
+        "(its parts are then its own: keep them); if it is not stored, 2 part(s) it stored are "
+        "left (1+part.0, 1+part.1): the version cannot be published again until an admin "
+        "removes them (PARTS_LEFT_BEHIND until then): `strongroom model rm "
+        "busy/manifest-mismatch 1+part.0`; `strongroom model rm busy/manifest-mismatch 1+part.1`"
+    ), message
+    assert "DeleteModel" not in counted.methods
+    assert _records(stack, "busy/manifest-mismatch") == [
+        ("busy/manifest-mismatch", "1"),
+        ("busy/manifest-mismatch", "1+part.0"),
+        ("busy/manifest-mismatch", "1+part.1"),
+    ]
+    for version in ("1", "1+part.0", "1+part.1"):
+        _admin_rm(stack, "busy/manifest-mismatch", version)
+
+
 def test_a_part_refused_after_its_last_byte_is_not_named_as_maybe_stored(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
@@ -2243,21 +2325,32 @@ class _RefusedTrysCall:
     """A progress callback whose first call (the first try's, from gRPC's thread feeding it) is
     held in flight until the retry calls it too, or until the retry waits for that call to
     return (:meth:`publish._ProgressGate.drain`, wrapped: the one thing a retry does while it
-    waits); records every call's (thread, bytes done) as it returns, and each call that began
-    while another was running."""
+    waits); records every call's (thread, bytes done) as it returns, each call that began
+    while another was running, and each wait that returned while a call was still running."""
+
+    #: How long the released first call goes on running, unless the wait returns before. The
+    #: verdict does not hang on it: a wait that returns at once finds the call running for any
+    #: length, and one that waits finds it over for any length; only the test's time does.
+    HELD_AFTER_RELEASE = 0.5
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.returned: list[tuple[threading.Thread, int]] = []
         self.overlapping: list[int] = []
+        self.drained_running: list[int] = []
         self.first: threading.Thread | None = None
         self._running = 0
         self._lock = threading.Lock()
         self._release = threading.Event()
+        self._drained = threading.Event()
         drain = publish._ProgressGate.drain
 
         def draining(gate: Any) -> None:
             self._release.set()
             drain(gate)
+            with self._lock:
+                if self._running:
+                    self.drained_running.append(self._running)
+            self._drained.set()
 
         monkeypatch.setattr(publish._ProgressGate, "drain", draining)
 
@@ -2274,6 +2367,9 @@ class _RefusedTrysCall:
                 self._release.set()
         if held:
             assert self._release.wait(60), "the retry neither called progress nor waited"
+            # Still running once the retry began to wait: a wait that did not (the gate only
+            # closed) let the retry on with this call in flight.
+            self._drained.wait(self.HELD_AFTER_RELEASE)
         with self._lock:
             self._running -= 1
             self.returned.append((me, done))
@@ -2296,6 +2392,7 @@ def _refused_try_s_progress(
     assert uploads.outcomes[0] == REFUSED
     calls = progress.returned
     assert progress.overlapping == []
+    assert progress.drained_running == []  # the retry began only once the call had returned
     refused = progress.first
     assert refused is not None
     began = next(i for i, (thread, _done) in enumerate(calls) if thread is not refused)
