@@ -16,6 +16,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from strongroom.dev.devstack import DevStack
 from strongroom.dev.simulated import SimulatedAuthority
 from tests.bench import release_timeline, releasecpu_bench
 from tests.bench import run as bench_run
@@ -101,6 +103,26 @@ def _committed_results_untouched() -> Iterator[None]:
     before = _digests()
     yield
     assert _digests() == before, "a smoke run wrote tests/bench's committed results"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_simulated_chain(simulated_tee_dir: Path) -> Iterator[None]:
+    """Every DevStack the areas start in this process holds the run's simulated TEE chain before
+    its broker is configured, as the suite's own stacks do (``tests.conftest.stack_root``): each
+    generated its own, three RSA-4096 keys (1.5-4 s) a stack (``releasecpu`` alone starts five),
+    measuring nothing. A stack's chain is only ever trusted by its own broker; ``make bench``
+    still generates one per stack, and areas run in a child process (``run_in_child``) do here."""
+    generate = DevStack.init_simulated_tee
+
+    def init_simulated_tee(stack: DevStack) -> Path:
+        directory = stack.root / "simulated-tee"
+        if not directory.exists():
+            shutil.copytree(simulated_tee_dir, directory)  # copy2 keeps the keys' 0600
+        return generate(stack)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DevStack, "init_simulated_tee", init_simulated_tee)
+        yield
 
 
 @pytest.fixture(scope="module")
