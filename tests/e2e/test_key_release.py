@@ -659,7 +659,10 @@ def test_a_release_whose_caller_gave_up_before_sending_its_request_is_audited_as
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
         else:
             future = call.future(never_sent(), timeout=600)
-            time.sleep(2)  # the broker's handler is waiting for the request by now
+            shares = world.stack.services["keybroker"].handle.host.shares
+            caller = world.stack.spiffe_id("inference")
+            # The broker's handler holds its worker while it waits for the request.
+            assert wait_until(lambda: shares.held_now(caller) == 1)
             assert future.cancel()
         for _ in range(1500):  # the broker hears of the end, then audits it
             added = [r for r in audit_records(world)[before:] if r["action"] == "key_release"]

@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 import grpc
@@ -33,7 +33,7 @@ from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository
 from strongroom.inference.server import CONTROL_PLANE as INFERENCE_CONTROL_PLANE
 from strongroom.inference.server import EVIDENCE_SERVICE
-from strongroom.pki import SpiffeAuthorizer, StepCa, WorkloadIdentity
+from strongroom.pki import SpiffeAuthorizer, StepCa, WorkloadIdentity, authz
 from strongroom.pki.authz import verified_caller
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.callers import (
@@ -225,6 +225,14 @@ def settled(condition: Callable[[], bool]) -> bool:
     return condition()
 
 
+def expire(monkeypatch: pytest.MonkeyPatch, not_after: datetime) -> None:
+    """From now on a certificate's validity is checked as at a second past ``not_after`` (the
+    check's clock, :func:`strongroom.pki.authz.utc_now`): a certificate expires, for whatever
+    checks it again, without the test waiting out its lifetime. The authoriser's own clock (bound
+    when it is made) is left alone: calls it admits are admitted as before."""
+    monkeypatch.setattr(authz, "utc_now", lambda: not_after + timedelta(seconds=1))
+
+
 def refusal(call: Callable[[], object]) -> tuple[grpc.StatusCode, str | None]:
     with pytest.raises(grpc.RpcError) as info:
         call()
@@ -257,22 +265,19 @@ def test_certificates_of_one_spiffe_id_share_one_stream_bucket(mesh: Callable[..
 
 
 def test_certificates_without_a_usable_identity_share_one_bucket(
-    mesh: Callable[..., Mesh],
+    mesh: Callable[..., Mesh], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A connection outlives its certificate; public methods (health) still admit it, but no
     identity can be verified. Such callers count in one shared bucket: keyed on their SANs, each
     certificate (of any SPIFFE ID, with any DNS names) had a bucket of its own."""
     running = mesh(max_workers=8, max_streams_per_identity=2)
     stubs = [
-        health_pb2_grpc.HealthStub(running.caller(name, lifetime=timedelta(seconds=5)))
-        for name in ("inference", "publisher")
+        health_pb2_grpc.HealthStub(running.caller(name)) for name in ("inference", "publisher")
     ]
     request = health_pb2.HealthCheckRequest()
     for stub in stubs:  # connected while the certificates are valid
         stub.Check(request, timeout=30)
-    expiry = max(i.status().not_after for i in running.identities)
-    while datetime.now(UTC) <= expiry:
-        time.sleep(0.2)
+    expire(monkeypatch, max(i.status().not_after for i in running.identities))
     watches = []
     for _ in range(2):  # one at a time: role-less callers wait for one message at once here
         watches.append(stubs[0].Watch(request, timeout=60))
@@ -1486,7 +1491,7 @@ def test_a_unary_call_whose_read_ends_empty_is_refused_for_how_its_caller_ended_
 
 
 def test_a_refusal_after_admission_counts_in_the_bucket_the_call_was_admitted_in(
-    mesh: Callable[..., Mesh],
+    mesh: Callable[..., Mesh], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The refusal observer named the caller's bucket by checking its certificate again when the
     refusal came, after the authoriser's verification had ended: a call admitted (and counted by
@@ -1504,7 +1509,7 @@ def test_a_refusal_after_admission_counts_in_the_bucket_the_call_was_admitted_in
         observed.append((exc.reason, bucket, caller))
 
     running = mesh(observers={f"/{SERVICE}/Quick": observer}, max_workers=8)
-    channel = running.caller("inference", lifetime=timedelta(seconds=5))
+    channel = running.caller("inference")
     expires = running.identities[-1].credentials.not_after
     gate = threading.Event()
 
@@ -1514,7 +1519,7 @@ def test_a_refusal_after_admission_counts_in_the_bucket_the_call_was_admitted_in
 
     call = channel.stream_unary(f"/{SERVICE}/Quick", _raw, _raw).future(late(), timeout=60)
     assert settled(lambda: running.host.unary.running(sid("inference")) == 1)  # admitted
-    time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 1.0)
+    expire(monkeypatch, expires)
     gate.set()  # the call ends without its message, after the certificate expired
     code, reason = refusal(lambda: call.result(timeout=30))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
