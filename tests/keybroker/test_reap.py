@@ -221,3 +221,20 @@ def test_an_abandoned_attempt_whose_record_is_refused_stays(km: KeyManager) -> N
         km.rotate_key("crash", gate=ChangeGate(reaped=refuse))
     assert _enablers(km.hsm, "crash")[2] == [label]
     assert km.describe_key("crash").current_version == 1
+
+
+def test_an_enabler_of_a_version_below_a_published_one_is_never_reaped(km: KeyManager) -> None:
+    """A version is claimed only above every published one, so an enabler of a lower version is
+    no attempt, whatever a search found of its KEK (here an operator shredded it)."""
+    km.create_key("shred")
+    km.rotate_key("shred")
+
+    def shred(hs: HsmSession) -> None:
+        for obj in keys_module._search(hs, _kek.key_objects("shred")):
+            if obj.published and obj.version == 1:
+                hs.direct.destroy(obj.handle)
+
+    km.hsm.call(shred)
+    label = _leave_attempt(km.hsm, "shred", 1, _kek.PENDING_TTL_MS / 1000 + 5)
+    assert km.rotate_key("shred").current_version == 3
+    assert label in _enablers(km.hsm, "shred")[1]
