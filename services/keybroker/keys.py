@@ -1218,7 +1218,7 @@ def _reap(
     above every published one with no KEK, older than :data:`_kek.PENDING_TTL_MS`), each recorded
     through ``gate`` first; returns the rest (with the caller's own claim, nonce ``own``).
 
-    An enabler without its KEK is judged only on a token re-read (``fresh``), else
+    Such a claim, of any age, is judged only on a token re-read (``fresh``), else
     :class:`_RereadFirst` is raised: a SoftHSM2 instance that wrote an object right after another
     instance made one, without searching in between, misses that object until it is
     re-initialised. A replica that had missed a version's KEK so took its enabler for an
@@ -1230,14 +1230,16 @@ def _reap(
     newest = max(published, default=0)
     alive = []
     for k in objects:
-        orphan = k.pending or (k.kind == "enabler" and k.version not in published)
-        if not orphan or k.nonce == own:
+        # An enabler at or below a published version is kept without a re-read: it is never an
+        # attempt, nor a rival of the version a creation claims (always above them).
+        claim = k.pending or (k.kind == "enabler" and k.version > newest)
+        if not claim or k.nonce == own:
             alive.append(k)
             continue
         if not fresh:
             raise _RereadFirst
         age_ms = now_ms - k.created_at_ms
-        if age_ms <= _kek.PENDING_TTL_MS or (k.kind == "enabler" and k.version <= newest):
+        if age_ms <= _kek.PENDING_TTL_MS:
             alive.append(k)
             continue
         kind = "pending" if k.pending else "enabler"
