@@ -17,6 +17,7 @@ METADATA_KEY = "strongroom-reason"
 class Reason(enum.StrEnum):
     """Every reason code, in alphabetical order. Each member's value is its name."""
 
+    ABANDONED_KEY_CLAIM = "ABANDONED_KEY_CLAIM"
     ABORTED = "ABORTED"
     ADVISORY_NOT_ACCEPTED = "ADVISORY_NOT_ACCEPTED"
     ALREADY_EXISTS = "ALREADY_EXISTS"

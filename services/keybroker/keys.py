@@ -308,6 +308,19 @@ class PendingRelease:
         return self._call.result()
 
 
+class Reaped(NamedTuple):
+    """An abandoned attempt a key creation destroys (what its audit record names)."""
+
+    key_id: str
+    version: int
+    #: ``enabler`` (a claim whose KEK never came) or ``pending`` (an older broker's claim).
+    kind: str
+    #: The object's label (key, version, creation time, nonce: no secret).
+    label: str
+    #: How old its label says it is, by this replica's clock.
+    age_ms: int
+
+
 class ChangeGate:
     """The point where a key change (create, rotate, enable, disable) takes effect in the token.
 
@@ -322,15 +335,17 @@ class ChangeGate:
     outlived both waits was made in the token later, unaudited and unknown to its caller.
     """
 
-    __slots__ = ("_before", "_failed", "_lock", "_state")
+    __slots__ = ("_before", "_failed", "_lock", "_reaped", "_state")
 
     def __init__(
         self,
         before: Callable[[int | None], None] | None = None,
         failed: Callable[[BaseException], None] | None = None,
+        reaped: Callable[[Reaped], None] | None = None,
     ) -> None:
         self._before = before
         self._failed = failed
+        self._reaped = reaped
         self._lock = threading.Lock()
         self._state = "open"  # -> "entered" (worker) or "abandoned" (caller), once
 
@@ -338,15 +353,28 @@ class ChangeGate:
         """Worker: the change is about to take effect. Raises (and the change is not made) if
         its caller has abandoned it, or if ``before`` raises."""
         with self._lock:
-            if self._state == "abandoned":
-                # Unavailable, not HsmUnavailable: the connection is fine (no reconnect).
-                raise Unavailable(
-                    "the key change was abandoned by its caller after the HSM deadline; not made",
-                    reason=Reason.HSM_TIMEOUT,
-                )
+            self._refuse_if_abandoned()
             self._state = "entered"
         if self._before is not None:
             self._before(version)
+
+    def reap(self, reaped: Reaped) -> None:
+        """Worker: a creation is about to destroy an abandoned attempt on the way to its own
+        version. Raises (and nothing is destroyed) if its caller has abandoned the change, or if
+        ``reaped`` raises: the key broker records the destruction there, so that no key state
+        goes with only a log line. The gate stays open for the change itself."""
+        with self._lock:
+            self._refuse_if_abandoned()
+        if self._reaped is not None:
+            self._reaped(reaped)
+
+    def _refuse_if_abandoned(self) -> None:
+        if self._state == "abandoned":
+            # Unavailable, not HsmUnavailable: the connection is fine (no reconnect).
+            raise Unavailable(
+                "the key change was abandoned by its caller after the HSM deadline; not made",
+                reason=Reason.HSM_TIMEOUT,
+            )
 
     def write(self, version: int | None, change: Callable[[], None]) -> None:
         """Worker: :meth:`enter`, then ``change``; ``failed`` is told if ``change`` raises."""
@@ -485,11 +513,11 @@ class KeyManager:
                 raise AlreadyExists(f"key {key_id!r} exists", reason=Reason.KEY_ALREADY_EXISTS)
             return 1
 
-        def op(hs: HsmSession) -> KeyInfo:
-            self._create_version(hs, key_id, first, gate)
+        def op(hs: HsmSession, *, fresh: bool) -> KeyInfo:
+            self._create_version(hs, key_id, first, gate, fresh=fresh)
             return _info(key_id, self._versions(hs, key_id))
 
-        info = self._call(key_id, op, timeout, "create_key", change=gate)
+        info = self._creating(key_id, op, timeout, "create_key", gate)
         _log.info("key created", extra={"key_id": key_id, "key_version": 1})
         return info
 
@@ -511,14 +539,40 @@ class KeyManager:
                 )
             return max(published) + 1
 
-        def op(hs: HsmSession) -> KeyInfo:
+        def op(hs: HsmSession, *, fresh: bool) -> KeyInfo:
             self._require_versions(hs, key_id)
-            self._create_version(hs, key_id, following, gate)
+            self._create_version(hs, key_id, following, gate, fresh=fresh)
             return _info(key_id, self._versions(hs, key_id))
 
-        info = self._call(key_id, op, timeout, "rotate_key", change=gate)
+        info = self._creating(key_id, op, timeout, "rotate_key", gate)
         _log.info("key rotated", extra={"key_id": key_id, "key_version": info.current_version})
         return info
+
+    def _creating(
+        self,
+        key_id: str,
+        op: Callable[..., KeyInfo],
+        timeout: float | None,
+        name: str,
+        gate: ChangeGate,
+    ) -> KeyInfo:
+        """Runs a creation ``op`` (``fresh`` false); if it met another attempt's claim
+        (:class:`_RereadFirst`), once more on a token re-read first (``fresh`` true), where it
+        may reap what is really abandoned. Each run has ``timeout``."""
+        try:
+            return self._call(
+                key_id, functools.partial(op, fresh=False), timeout, name, change=gate
+            )
+        except _RereadFirst:
+            pass
+        return self._call(
+            key_id,
+            functools.partial(op, fresh=True),
+            timeout,
+            name,
+            change=gate,
+            reread_token=True,
+        )
 
     def disable_key(
         self,
@@ -1042,13 +1096,15 @@ class KeyManager:
         key_id: str,
         choose: Callable[[list[_kek.KekObject]], int],
         gate: ChangeGate,
+        *,
+        fresh: bool,
     ) -> None:
         """Claims (with its enabler), creates and publishes one version, backing off when another
         replica races us; the KEK's generation (the one write that makes it visible) passes
-        ``gate``."""
+        ``gate``. ``fresh``: the operation began on a token re-read (see :func:`_reap`)."""
         for attempt in range(_CREATE_ATTEMPTS):
             now_ms = int(self._clock() * 1000)
-            existing = self._reap(hs, self._all_objects(hs, key_id), now_ms)
+            existing = _reap(hs, self._all_objects(hs, key_id), now_ms, gate, fresh=fresh)
             version = choose(existing)
             nonce = secrets.token_hex(8)
             enabler = _create_enabler(hs, key_id, version, now_ms, nonce)
@@ -1056,7 +1112,9 @@ class KeyManager:
             try:
                 rivals = [
                     k
-                    for k in self._reap(hs, self._all_objects(hs, key_id), now_ms)
+                    for k in _reap(
+                        hs, self._all_objects(hs, key_id), now_ms, gate, fresh=fresh, own=nonce
+                    )
                     if k.version == version and k.nonce != nonce
                 ]
                 if not rivals:
@@ -1078,28 +1136,6 @@ class KeyManager:
             f"could not create a version of {key_id!r}: concurrent changes; retry",
             reason=Reason.KEY_VERSION_CONFLICT,
         )
-
-    @staticmethod
-    def _reap(hs: HsmSession, objects: list[_kek.KekObject], now_ms: int) -> list[_kek.KekObject]:
-        """Destroys abandoned attempts (an older broker's pending objects; enablers of a version
-        with no KEK); returns the rest."""
-        published = {k.version for k in objects if k.published}
-        alive = []
-        for k in objects:
-            abandoned = k.pending or (k.kind == "enabler" and k.version not in published)
-            if abandoned and now_ms - k.created_at_ms > _kek.PENDING_TTL_MS:
-                _log.warning(
-                    "destroying an abandoned pending key version",
-                    extra={"key_id": k.key_id, "key_version": k.version},
-                )
-                try:
-                    hs.direct.destroy(k.handle)
-                except p11x.PKCS11Error as exc:
-                    if not errs.is_stale_handle(exc):  # another replica reaped it first
-                        raise
-                continue
-            alive.append(k)
-        return alive
 
     def _set_state(
         self,
@@ -1162,6 +1198,63 @@ class KeyManager:
             extra={"key_id": key_id, "key_version": version, "enabled": enabled},
         )
         return info
+
+
+class _RereadFirst(Exception):
+    """A creation met another attempt's claim on a session that may not see every object: it
+    runs again on a token re-read first (:meth:`KeyManager._creating`)."""
+
+
+def _reap(
+    hs: HsmSession,
+    objects: list[_kek.KekObject],
+    now_ms: int,
+    gate: ChangeGate,
+    *,
+    fresh: bool,
+    own: str | None = None,
+) -> list[_kek.KekObject]:
+    """Destroys abandoned attempts (an older broker's pending objects; enablers of a version
+    above every published one with no KEK, older than :data:`_kek.PENDING_TTL_MS`), each recorded
+    through ``gate`` first; returns the rest (with the caller's own claim, nonce ``own``).
+
+    Such a claim, of any age, is judged only on a token re-read (``fresh``), else
+    :class:`_RereadFirst` is raised: a SoftHSM2 instance that wrote an object right after another
+    instance made one, without searching in between, misses that object until it is
+    re-initialised. A replica that had missed a version's KEK so took its enabler for an
+    abandoned attempt: its rotations met it as a rival (KEY_VERSION_CONFLICT), and once it was a
+    minute old it destroyed it with a WARNING alone, disabling the version on every replica. An
+    enabler of a version at or below a published one is never an attempt (a version is
+    claimed only above every published one): it is left alone whatever a search missed."""
+    published = {k.version for k in objects if k.published}
+    newest = max(published, default=0)
+    alive = []
+    for k in objects:
+        # An enabler at or below a published version is kept without a re-read: it is never an
+        # attempt, nor a rival of the version a creation claims (always above them).
+        claim = k.pending or (k.kind == "enabler" and k.version > newest)
+        if not claim or k.nonce == own:
+            alive.append(k)
+            continue
+        if not fresh:
+            raise _RereadFirst
+        age_ms = now_ms - k.created_at_ms
+        if age_ms <= _kek.PENDING_TTL_MS:
+            alive.append(k)
+            continue
+        kind = "pending" if k.pending else "enabler"
+        label = k.label.decode("utf-8", "replace")
+        gate.reap(Reaped(k.key_id, k.version, kind, label, age_ms))
+        _log.warning(
+            "destroying an abandoned attempt at a key version",
+            extra={"key_id": k.key_id, "key_version": k.version, "label": label, "age_ms": age_ms},
+        )
+        try:
+            hs.direct.destroy(k.handle)
+        except p11x.PKCS11Error as exc:
+            if not errs.is_stale_handle(exc):  # another replica reaped it first
+                raise
+    return alive
 
 
 def _abandoned(key_id: str, gate: ChangeGate, late: HsmUnavailable) -> HsmUnavailable:

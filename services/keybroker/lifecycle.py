@@ -25,6 +25,7 @@ from strongroom.keybroker.keys import (
     DataKey,
     KeyInfo,
     KeyManager,
+    Reaped,
     Rewrapped,
     recordable_key_id,
     require_model,
@@ -231,7 +232,9 @@ class KeyService:
         """The gate a key change passes on the HSM worker: its record is written there, right
         before the token is changed (a change whose record fails is not made, and one that
         outlives its caller's wait is recorded or not made at all); a change that then fails is
-        recorded as refused under the same decision id."""
+        recorded as refused under the same decision id. An abandoned attempt a creation destroys
+        on its way is recorded too (``reap_key_claim``, ``ABANDONED_KEY_CLAIM``, naming the
+        object and its age), before it is destroyed: a record refused leaves it in place."""
         decision: list[str] = []
         version: list[int | None] = []
 
@@ -258,7 +261,17 @@ class KeyService:
                     extra={"key_id": key_id, "action": action, "reason": audit_error.reason},
                 )
 
-        return ChangeGate(before, failed)
+        def reaped(what: Reaped) -> None:
+            self._record(
+                caller,
+                "reap_key_claim",
+                what.key_id,
+                reason=Reason.ABANDONED_KEY_CLAIM,
+                key_version=what.version,
+                claims={"object": what.kind, "label": what.label, "age_ms": what.age_ms},
+            )
+
+        return ChangeGate(before, failed, reaped)
 
     def create_key(self, caller: Caller, key_id: str) -> KeyInfo:
         """Creates a KEK (version 1) in the HSM, recorded as it is published."""

@@ -1,0 +1,240 @@
+"""A rotation reaps only attempts that are really abandoned: a SoftHSM2 instance that missed another
+replica's new KEK for good (it wrote an object of its own right after the other's, without
+searching in between, so it never re-read the token) saw the version's enabler without its KEK.
+It took the enabler for a crashed attempt: its rotations met it as a rival (KEY_VERSION_CONFLICT),
+and once it was a minute old it destroyed it (a WARNING, no audit record), disabling the version on
+every replica, and published a second KEK for the same version."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from pkcs11 import KeyType
+
+from strongroom.dev.devstack import read_audit_records
+from strongroom.dev.softhsm import SoftHsmToken
+from strongroom.errors import Internal
+from strongroom.keybroker import _kek
+from strongroom.keybroker import keys as keys_module
+from strongroom.keybroker.audit import AuditLog
+from strongroom.keybroker.hsm import Hsm, HsmSession
+from strongroom.keybroker.keys import ChangeGate, KeyManager, KeyState, Reaped
+from strongroom.keybroker.lifecycle import KeyService
+from strongroom.keybroker.policies import PolicyStore
+from strongroom.keybroker.release import Caller
+from strongroom.reasons import Reason
+from tests.keybroker.helpers import make_config
+
+ADMIN = Caller("spiffe://strongroom.test/admin", 0x1F, b"")
+
+_WAIT = 30.0  # seconds: a step of the other replica that never comes fails the test, not hangs it
+
+
+@pytest.fixture
+def other_hsm(softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm]) -> Hsm:
+    """Another broker's backend on the test's token: its own SoftHSM2 instance (a copy of the
+    module), as a replica on another host."""
+    return open_hsm(make_config(softhsm_token, softhsm_token.replica_module("b")))
+
+
+def _enablers(hsm: Hsm, key_id: str) -> dict[int, list[bytes]]:
+    """The labels of ``key_id``'s enablers by version, read by ``hsm`` afresh."""
+
+    def op(hs: HsmSession) -> dict[int, list[bytes]]:
+        found: dict[int, list[bytes]] = {}
+        for obj in keys_module._search(hs, _kek.key_objects(key_id)):
+            if obj.kind == "enabler":
+                found.setdefault(obj.version, []).append(obj.label)
+        return found
+
+    return hsm.call(op, reread_token=True)
+
+
+def _candidates(hsm: Hsm, key_id: str) -> dict[int, int]:
+    """How many KEK candidates each version of ``key_id`` has, read by ``hsm`` afresh."""
+
+    def op(hs: HsmSession) -> dict[int, int]:
+        objects = keys_module._search(hs, _kek.key_objects(key_id))
+        return {v.version: len(v.candidates) for v in _kek.group_versions(objects)}
+
+    return hsm.call(op, reread_token=True)
+
+
+def _wait(event: threading.Event) -> None:
+    if not event.wait(_WAIT):
+        raise AssertionError("the other replica's step never came")
+
+
+@pytest.fixture
+def missed(
+    km: KeyManager, other_hsm: Hsm, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[[], None]]:
+    """Makes ``other_hsm`` miss version 2 of key ``live`` (which ``km`` publishes) while seeing its
+    enabler, as two replicas rotating two keys at the same moment do: the other replica searches
+    (and sees the enabler) while ``km`` is about to publish, and makes its own rotation's enabler
+    right after ``km``'s KEK, without searching in between."""
+
+    def make() -> None:
+        other = KeyManager(other_hsm)
+        real_publish = keys_module._publish
+        real_enabler = keys_module._create_enabler
+        enabler_made, other_searched, publish, published = (threading.Event() for _ in range(4))
+
+        def publish_later(hs: HsmSession, key_id: str, *args: Any) -> None:
+            if key_id == "live":  # km's rotation, its enabler made: hold the KEK back
+                enabler_made.set()
+                _wait(publish)
+            real_publish(hs, key_id, *args)
+
+        def enabler_after_it(hs: HsmSession, key_id: str, *args: Any, **kwargs: Any) -> Any:
+            if key_id == "spare":  # the other's rotation, its search made: let km publish first
+                other_searched.set()
+                _wait(published)
+            return real_enabler(hs, key_id, *args, **kwargs)
+
+        monkeypatch.setattr(keys_module, "_publish", publish_later)
+        monkeypatch.setattr(keys_module, "_create_enabler", enabler_after_it)
+        mine = threading.Thread(target=km.rotate_key, args=("live",))
+        mine.start()
+        _wait(enabler_made)
+        theirs = threading.Thread(target=other.rotate_key, args=("spare",))
+        theirs.start()
+        _wait(other_searched)
+        publish.set()
+        mine.join(_WAIT)
+        published.set()
+        theirs.join(_WAIT)
+        monkeypatch.undo()
+        assert not mine.is_alive() and not theirs.is_alive()
+
+    km.create_key("live")
+    km.create_key("spare")
+    yield make
+
+
+def test_a_replica_can_miss_another_replicas_new_kek_for_good(
+    km: KeyManager, other_hsm: Hsm, missed: Callable[[], None]
+) -> None:
+    """The condition itself (SoftHSM2's token generation): the other instance sees the enabler of
+    version 2 and not its KEK, on every search, until it is re-initialised."""
+    missed()
+    assert km.describe_key("live").current_version == 2
+    other = KeyManager(other_hsm)
+    for _ in range(3):
+        assert other.describe_key("live").current_version == 1  # version 2's KEK missed
+    assert _candidates(other_hsm, "live") == {1: 1, 2: 1}  # a re-read finds it
+
+
+def test_a_rotation_on_a_replica_that_missed_a_kek_makes_the_next_version(
+    km: KeyManager, other_hsm: Hsm, missed: Callable[[], None]
+) -> None:
+    """Before, every rotation there met version 2's enabler as a rival: KEY_VERSION_CONFLICT."""
+    missed()
+    other = KeyManager(other_hsm)
+    assert other.rotate_key("live").current_version == 3
+    assert _candidates(other_hsm, "live") == {1: 1, 2: 1, 3: 1}
+    assert [v.state for v in km.describe_key("live").versions] == [KeyState.ENABLED] * 3
+
+
+def test_a_replica_that_missed_a_kek_never_reaps_its_versions_enabler(
+    km: KeyManager, other_hsm: Hsm, missed: Callable[[], None]
+) -> None:
+    """Once the enabler was a minute old, a rotation there destroyed it as abandoned: version 2
+    read disabled on every replica (for good when the rotation then failed, as here where its
+    record is refused), and a rotation that went on published a second KEK of version 2."""
+    missed()
+    before = _enablers(km.hsm, "live")
+    later = KeyManager(other_hsm, clock=lambda: time.time() + _kek.PENDING_TTL_MS / 1000 + 60)
+
+    def refuse(version: int | None) -> None:
+        raise Internal("the audit log refused the record", reason=Reason.AUDIT_UNAVAILABLE)
+
+    with pytest.raises(Internal):
+        later.rotate_key("live", gate=ChangeGate(refuse))
+    assert _enablers(km.hsm, "live") == before
+    assert [v.state for v in km.describe_key("live").versions] == [KeyState.ENABLED] * 2
+    assert later.rotate_key("live").current_version == 3
+    assert _candidates(km.hsm, "live") == {1: 1, 2: 1, 3: 1}
+    assert _enablers(km.hsm, "live")[2] == before[2]
+
+
+def _leave_attempt(hsm: Hsm, key_id: str, version: int, age_s: float) -> bytes:
+    """An enabler of ``version`` whose KEK never came (its rotation crashed), ``age_s`` old;
+    returns its label."""
+    label = _kek.label(
+        key_id, version, int((time.time() - age_s) * 1000), "00" * 8, pending=False, enabler=True
+    )
+
+    def op(hs: HsmSession) -> None:
+        hs.session.generate_key(
+            KeyType.GENERIC_SECRET,
+            _kek.MARKER_BITS,
+            id=_kek.object_id(key_id),
+            label=label,
+            store=True,
+            template=_kek.MARKER_TEMPLATE,
+        )
+
+    hsm.call(op)
+    return label.encode()
+
+
+def test_an_abandoned_attempt_is_recorded_before_it_is_destroyed(
+    km: KeyManager, tmp_path: Path
+) -> None:
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    try:
+        keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit)
+        keys.create_key(ADMIN, "crash")
+        label = _leave_attempt(km.hsm, "crash", 2, _kek.PENDING_TTL_MS / 1000 + 5)
+        assert keys.rotate_key(ADMIN, "crash").current_version == 2
+    finally:
+        audit.close()
+    records = read_audit_records(tmp_path / "audit.log")
+    assert [r["action"] for r in records] == ["create_key", "reap_key_claim", "rotate_key"]
+    reap = records[1]
+    assert reap["decision"] == "allowed"
+    assert reap["reason"] == "ABANDONED_KEY_CLAIM"
+    assert reap["caller"]["spiffe_id"] == ADMIN.spiffe_id
+    assert reap["key"] == {"id": "crash", "version": 2}
+    assert reap["claims"]["object"] == "enabler"
+    assert reap["claims"]["label"] == label.decode()
+    assert reap["claims"]["age_ms"] > _kek.PENDING_TTL_MS
+    assert label not in _enablers(km.hsm, "crash").get(2, [])
+
+
+def test_an_abandoned_attempt_whose_record_is_refused_stays(km: KeyManager) -> None:
+    """No key state goes unrecorded: the rotation is refused with the record's error."""
+    km.create_key("crash")
+    label = _leave_attempt(km.hsm, "crash", 2, _kek.PENDING_TTL_MS / 1000 + 5)
+
+    def refuse(reaped: Reaped) -> None:
+        raise Internal("the audit log refused the record", reason=Reason.AUDIT_UNAVAILABLE)
+
+    with pytest.raises(Internal):
+        km.rotate_key("crash", gate=ChangeGate(reaped=refuse))
+    assert _enablers(km.hsm, "crash")[2] == [label]
+    assert km.describe_key("crash").current_version == 1
+
+
+def test_an_enabler_of_a_version_below_a_published_one_is_never_reaped(km: KeyManager) -> None:
+    """A version is claimed only above every published one, so an enabler of a lower version is
+    no attempt, whatever a search found of its KEK (here an operator shredded it)."""
+    km.create_key("shred")
+    km.rotate_key("shred")
+
+    def shred(hs: HsmSession) -> None:
+        for obj in keys_module._search(hs, _kek.key_objects("shred")):
+            if obj.published and obj.version == 1:
+                hs.direct.destroy(obj.handle)
+
+    km.hsm.call(shred)
+    label = _leave_attempt(km.hsm, "shred", 1, _kek.PENDING_TTL_MS / 1000 + 5)
+    assert km.rotate_key("shred").current_version == 3
+    assert label in _enablers(km.hsm, "shred")[1]
