@@ -1941,9 +1941,8 @@ def _sealed_logs(dir_fd: int, path: Path) -> list[tuple[int, int, str]]:
 def _call_failed(doing: str, exc: OSError, path: Path | str) -> AuditUnavailable:
     """Why a system call on the audit file ``path`` failed, as :func:`_lookup_failed` says it:
     ``cannot DOING PATH: strerror (ERRNO)``."""
-    verb = doing.partition(" the ")[0]  # "write", "look up": what a remote caller is told
     return AuditUnavailable(
-        f"cannot {doing} {path}: {os_error_cause(exc)}", public=audit_failure(verb, exc)
+        f"cannot {doing} {path}: {os_error_cause(exc)}", public=audit_failure(doing, exc)
     )
 
 

@@ -83,7 +83,7 @@ from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.keybroker import _hsm_hints as _hints
 from strongroom.keybroker import _pkcs11_errors as errs
-from strongroom.keybroker.errors import HsmUnavailable
+from strongroom.keybroker.errors import OPERATORS_LOG, HsmUnavailable
 from strongroom.keybroker.p11direct import (
     OAEP_HASHES,
     USER_SESSION_STATES,
@@ -100,7 +100,7 @@ _log = logging.getLogger(__name__)
 def _unreachable(more: str = "") -> str:
     """What a remote caller is told of a failed connection to the HSM (its message names the
     PKCS#11 module's path, SoftHSM2's configuration and the token's labels: the operator's)."""
-    return f"the key broker cannot connect to its HSM{more}; its operator's log has the details"
+    return f"the key broker cannot connect to its HSM{more}{OPERATORS_LOG}"
 
 
 T = TypeVar("T")
