@@ -90,6 +90,17 @@ class AuditUnavailable(Unavailable):
         super().__init__(message, reason=reason, public=public or audit_failure())
 
 
+class AuditLogClosed(AuditUnavailable):
+    """A record arrived after the broker closed its audit log (it is stopping): refused like any
+    record the log cannot keep, but nothing for the operator to fix (logged once, at WARNING)."""
+
+    def __init__(self, message: str = "the audit log is closed") -> None:
+        # ``message``: each caller is raised a copy, made by calling the class with it.
+        super().__init__(
+            message, public="the key broker is stopping: its audit log takes no more records"
+        )
+
+
 class AuditTampered(DataLoss):
     """The audit log's files do not hold the chain the broker signed (``AUDIT_LOG_TAMPERED``).
 
