@@ -174,7 +174,9 @@ the tail if another process moved it. That lock is waited for at most
 (one bound for the two locks of a commit that switches, counted from when its oldest caller
 queued, so a caller queued behind a refused commit is not given a second bound):
 any process that can open the log, for reading alone, can take it and keep it (then
-``AuditUnavailable``, the batch refused as on a failed write, logged at ERROR naming the file).
+``AuditUnavailable``, the batch refused as on a failed write, logged as one is: at ERROR naming
+the file, when the failure is new, then with a count of the commits it refused, see
+:mod:`~strongroom.keybroker.audit_outage`).
 The wait is the kernel's own (:class:`~strongroom.files.BoundedFlock`), so the processes sharing a
 log take turns as they did with a blocking ``flock``; a ``LOCK_NB`` poll would be starved by them. :func:`~strongroom.keybroker.audit_verify.verify_audit_log`
 takes a *shared* ``flock`` only for as long as it reads the head and the log's length, then checks
@@ -237,7 +239,13 @@ from strongroom.keybroker.audit_head import (
 )
 from strongroom.keybroker.audit_head import parse as parse_head
 from strongroom.keybroker.audit_names import list_sealed, open_regular, sealed_log_name
-from strongroom.keybroker.errors import AuditTampered, AuditUnavailable, audit_failure
+from strongroom.keybroker.audit_outage import OutageLines
+from strongroom.keybroker.errors import (
+    AuditLogClosed,
+    AuditTampered,
+    AuditUnavailable,
+    audit_failure,
+)
 from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
 
@@ -690,6 +698,7 @@ class AuditLog(Closing):
         # record is cut off, once more were refused there than _REVOKED_MAX (see _revoke).
         self._revoked: dict[str, int] = {}
         self._refused_from: int | None = None
+        self._outage = OutageLines(_log)  # the refused commits' lines, bounded
         # The same, durably, for the position the head is at: what its ``void`` names (the
         # refused batches' first records) or, past VOID_MAX of them, everything (``void_all``).
         # A restart forgets the above; the head does not (see _void_refused).
@@ -955,16 +964,19 @@ class AuditLog(Closing):
             self._refuse(batch, self._read_failed(exc))
         except (AuditUnavailable, DataLoss) as exc:
             self._refuse(batch, exc)
+        else:
+            if any(pending.result is not None for pending in batch):
+                self._outage.committed()
 
-    @staticmethod
-    def _refuse(batch: list[_Pending], error: AuditUnavailable | DataLoss) -> None:
+    def _refuse(self, batch: list[_Pending], error: AuditUnavailable | DataLoss) -> None:
         """Fails the batch's callers still without an outcome with ``error``. An outage is logged
-        here, at ERROR and once for the batch, its message naming the file and the errno: the
-        callers hear only its public words (:func:`~strongroom.keybroker.errors.audit_failure`),
-        and the operator's only account of a failed commit is this line. A tamper verdict was
-        logged (CRITICAL) when it was found."""
+        here (:class:`~strongroom.keybroker.audit_outage.OutageLines`: at ERROR when it is new,
+        then with a count of the batches it refused), its message naming the file and the errno:
+        the callers hear only its public words
+        (:func:`~strongroom.keybroker.errors.audit_failure`), and the operator's only account of
+        a failed commit is this line. A tamper verdict was logged (CRITICAL) when it was found."""
         if isinstance(error, AuditUnavailable):
-            _log.error("%s", error.message, extra={"reason": error.reason})
+            self._outage.refused(error)
         for pending in batch:
             if pending.result is None and pending.error is None:
                 pending.error = error
@@ -1051,7 +1063,7 @@ class AuditLog(Closing):
         tampered with (else AuditUnavailable, or the latched DataLoss)."""
         with self._lock:
             if self._closed:
-                raise AuditUnavailable("the audit log is closed")
+                raise AuditLogClosed
             if self._tamper is not None:
                 raise AuditTampered(self._tamper)
             with self._flocked(since):
@@ -1061,8 +1073,10 @@ class AuditLog(Closing):
     def _flocked(self, since: float) -> Iterator[None]:
         """The log's ``flock``, waited for until :data:`LOG_LOCK_WAIT_SECONDS` after ``since``
         (``time.monotonic()``: when the oldest caller served began to wait, a commit's queueing
-        included), else AuditUnavailable, logged at ERROR: who holds it is for the operator to
-        find. The switch to a new log under it (_switch_to_new) waits until the same moment."""
+        included), else AuditUnavailable naming the file (who holds it is for the operator to
+        find), logged not here but by the commit it refuses (:meth:`_refuse`), as every failure
+        of a commit is. The switch to a new log under it (_switch_to_new) waits until the same
+        moment."""
         self._lock_deadline = since + LOG_LOCK_WAIT_SECONDS
         _take_log_lock(self._log_lock, self._path, self._lock_deadline)
         try:
@@ -1941,9 +1955,8 @@ def _sealed_logs(dir_fd: int, path: Path) -> list[tuple[int, int, str]]:
 def _call_failed(doing: str, exc: OSError, path: Path | str) -> AuditUnavailable:
     """Why a system call on the audit file ``path`` failed, as :func:`_lookup_failed` says it:
     ``cannot DOING PATH: strerror (ERRNO)``."""
-    verb = doing.partition(" the ")[0]  # "write", "look up": what a remote caller is told
     return AuditUnavailable(
-        f"cannot {doing} {path}: {os_error_cause(exc)}", public=audit_failure(verb, exc)
+        f"cannot {doing} {path}: {os_error_cause(exc)}", public=audit_failure(doing, exc)
     )
 
 

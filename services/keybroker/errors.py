@@ -32,12 +32,47 @@ class HsmUnavailable(Unavailable):
     default_reason = Reason.HSM_UNAVAILABLE
 
 
+OPERATORS_LOG = "; its operator's log has the details"
+"""How every answer that keeps the broker's own details (paths, file names, the HSM's module and
+token) from a remote caller ends: the broker's log has them."""
+
+AUDIT_OPERATIONS: tuple[str, ...] = (
+    "write",
+    "read",
+    "lock",
+    "open",
+    "access",
+    "create",
+    "rename",
+    "sync",
+    "list",
+    "look up",
+    "repair",
+    "keep",
+)
+"""What a caller may be told the broker could not do to its audit log (:func:`audit_failure`):
+the first words of every failed call's description (``write the audit head``, ``look up the
+audit file``), ``keep`` when no call failed (``AUDIT_LOG_FULL``). README upgrade item 96 lists
+them; a test holds the two together."""
+
+
+def audit_operation(doing: str) -> str:
+    """The operation of :data:`AUDIT_OPERATIONS` that ``doing`` (``write the audit head``) begins
+    with; ``keep`` for a description that begins with none (a test holds every call site to the
+    set: a caller must never be told a word the list does not have, nor a path)."""
+    for operation in AUDIT_OPERATIONS:
+        if doing == operation or doing.startswith(operation + " "):
+            return operation
+    return "keep"
+
+
 def audit_failure(doing: str = "keep", cause: OSError | None = None) -> str:
     """What a remote caller is told of a failure of the broker's audit log: what the broker could
-    not do to it (``write``, ``read``, ``lock``...) and the errno's symbol, never a path, a file
-    name or the directory's layout (the operator's message, in the broker's log, has them)."""
+    not do to it (one of :data:`AUDIT_OPERATIONS`: ``doing`` is reduced to it) and the errno's
+    symbol, never a path, a file name or the directory's layout (the operator's message, in the
+    broker's log, has them)."""
     errno = f" ({errno_name(cause)})" if cause is not None else ""
-    return f"the key broker cannot {doing} its audit log{errno}; its operator's log has the details"
+    return f"the key broker cannot {audit_operation(doing)} its audit log{errno}{OPERATORS_LOG}"
 
 
 class AuditUnavailable(Unavailable):
@@ -55,6 +90,17 @@ class AuditUnavailable(Unavailable):
         super().__init__(message, reason=reason, public=public or audit_failure())
 
 
+class AuditLogClosed(AuditUnavailable):
+    """A record arrived after the broker closed its audit log (it is stopping): refused like any
+    record the log cannot keep, but nothing for the operator to fix (logged once, at WARNING)."""
+
+    def __init__(self, message: str = "the audit log is closed") -> None:
+        # ``message``: each caller is raised a copy, made by calling the class with it.
+        super().__init__(
+            message, public="the key broker is stopping: its audit log takes no more records"
+        )
+
+
 class AuditTampered(DataLoss):
     """The audit log's files do not hold the chain the broker signed (``AUDIT_LOG_TAMPERED``).
 
@@ -66,8 +112,7 @@ class AuditTampered(DataLoss):
     def __init__(self, message: str) -> None:
         super().__init__(
             message,
-            public="the key broker's audit log failed its integrity check; its operator's log "
-            "has the details",
+            public=f"the key broker's audit log failed its integrity check{OPERATORS_LOG}",
         )
 
 

@@ -83,7 +83,7 @@ from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.keybroker import _hsm_hints as _hints
 from strongroom.keybroker import _pkcs11_errors as errs
-from strongroom.keybroker.errors import HsmUnavailable
+from strongroom.keybroker.errors import OPERATORS_LOG, HsmUnavailable
 from strongroom.keybroker.p11direct import (
     OAEP_HASHES,
     USER_SESSION_STATES,
@@ -100,8 +100,13 @@ _log = logging.getLogger(__name__)
 def _unreachable(more: str = "") -> str:
     """What a remote caller is told of a failed connection to the HSM (its message names the
     PKCS#11 module's path, SoftHSM2's configuration and the token's labels: the operator's)."""
-    return f"the key broker cannot connect to its HSM{more}; its operator's log has the details"
+    return f"the key broker cannot connect to its HSM{more}{OPERATORS_LOG}"
 
+
+PIN_REFUSED = f"the key broker cannot log in to its HSM: its PIN was refused{OPERATORS_LOG}"
+"""What a remote caller is told, at the refusal and at every call after it (nothing is retried
+until the broker is restarted with the right PIN): once it was told a failed connection, then
+to restart the backend, which is its operator's to do."""
 
 T = TypeVar("T")
 
@@ -795,6 +800,7 @@ class Hsm(Closing):
             raise HsmUnavailable(
                 "the HSM refused the PIN; fix the configuration and restart the backend",
                 reason=Reason.HSM_LOGIN_FAILED,
+                public=PIN_REFUSED,
             )
         now = time.monotonic()
         if self._last_attempt is not None:
@@ -810,15 +816,17 @@ class Hsm(Closing):
         except HsmUnavailable as exc:
             self._last_error = exc.message
             self._failed_attempts += 1
-            if exc.reason != Reason.HSM_LOGIN_FAILED:  # logged as the refusal it is
+            refused = exc.reason == Reason.HSM_LOGIN_FAILED
+            if not refused:  # logged as the refusal it is
                 _log.error(
                     "cannot connect to the HSM: %s", exc.message, extra={"reason": exc.reason}
                 )
             # Its message names the module's and the configuration's paths and the token's
-            # labels: the operator's, in the line above; a caller is told the failure's class.
-            raise HsmUnavailable(exc.message, reason=exc.reason, public=_unreachable()) from (
-                exc.__cause__
-            )
+            # labels: the operator's, in the line above; a caller is told the failure's class
+            # (a refused PIN in the words of every call after it).
+            raise HsmUnavailable(
+                exc.message, reason=exc.reason, public=PIN_REFUSED if refused else _unreachable()
+            ) from exc.__cause__
         self._last_attempt = None
         self._failed_attempts = 0
         self._generation += 1

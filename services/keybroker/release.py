@@ -551,24 +551,27 @@ class ReleaseEngine:
         if isinstance(exc, ReleaseNotPermitted):
             exc = exc.cause  # what the caller was not told is what the record keeps
         if isinstance(exc, StrongroomError):
-            reason, status, detail = exc.reason, exc.status_name, exc.message
+            # An audit outage's message names the log's files: its own line (the audit log's,
+            # bounded) has them, not one line per refused caller.
+            detail = exc.public if isinstance(exc, AuditUnavailable) else exc.message
+            reason, status = exc.reason, exc.status_name
         else:
             # A bug, not a verdict: the caller gets INTERNAL from the interceptor, and the audit
             # log still records that this request was refused.
             reason, status, detail = "INTERNAL", "INTERNAL", type(exc).__name__
         KEY_RELEASES.add(1, {"outcome": "denied", "reason": reason})
+        # Within the log's budget when the caller chose it; the broker's own failures (an HSM or
+        # audit outage) are written every time. The audit record is not budgeted here either way.
+        budgeted = isinstance(exc, StrongroomError) and callers_fault(exc)
+        who = {"caller": context.get("caller_spiffe_id"), "key_id": context.get("key_id")}
         log.warning(
             "key release denied",
             extra={
                 "reason": reason,
                 "status": status,
                 "detail": detail,
-                "caller": context.get("caller_spiffe_id"),
-                "key_id": context.get("key_id"),
-                # Within the log's budget when the caller chose it; the broker's own failures
-                # (an HSM or audit outage) are written every time. The audit record is not
-                # budgeted here either way.
-                REFUSAL_LINE: isinstance(exc, StrongroomError) and callers_fault(exc),
+                **who,
+                REFUSAL_LINE: budgeted,
             },
         )
         if isinstance(exc, AuditUnavailable):
@@ -577,7 +580,7 @@ class ReleaseEngine:
             self._audit.append(AuditEvent(decision=Decision.DENIED, reason=reason, **context))
             return True
         except AuditUnavailable:
-            log.error("could not audit a denied key release", extra={"reason": reason})
+            self._unaudited(reason, who, budgeted=budgeted)
             return False
         except StrongroomError:
             pass  # a field the log does not take: the refusal is recorded without the request's
@@ -593,6 +596,17 @@ class ReleaseEngine:
                 )
             )
         except StrongroomError:
-            log.error("could not audit a denied key release", extra={"reason": reason})
+            self._unaudited(reason, who, budgeted=budgeted)
             return False
         return True
+
+    @staticmethod
+    def _unaudited(reason: str, who: dict[str, Any], *, budgeted: bool) -> None:
+        """Logs a denial the audit log refused to record. A WARNING, within the caller's budget
+        of lines when it chose the refusal: the audit log logs the failure itself at ERROR
+        (bounded), and an ERROR here per refused caller let anyone with a certificate flood the
+        log while the disk was full."""
+        log.warning(
+            "could not audit a denied key release",
+            extra={"reason": reason, **who, REFUSAL_LINE: budgeted},
+        )

@@ -17,7 +17,7 @@ from strongroom.dev.softhsm import SoftHsmToken
 from strongroom.errors import FailedPrecondition, InvalidArgument, Unavailable
 from strongroom.keybroker import _kek, p11direct
 from strongroom.keybroker.errors import HsmUnavailable
-from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
+from strongroom.keybroker.hsm import PIN_REFUSED, Hsm, HsmConfig, HsmSession
 from strongroom.keybroker.keys import KeyManager
 from strongroom.oaep import OaepHash
 from strongroom.reasons import Reason
@@ -68,6 +68,25 @@ def test_wrong_pin_is_not_retried(
         with pytest.raises(HsmUnavailable) as info:
             lazy.check_health()
         assert info.value.reason == "HSM_LOGIN_FAILED"
+
+
+def test_a_refused_pin_is_told_in_one_wording_at_every_call(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm]
+) -> None:
+    """The refusal's call was answered ``the key broker cannot connect to its HSM; ...``, every
+    later one ``the HSM refused the PIN; fix the configuration and restart the backend``: two
+    accounts of one fault, the second an instruction only the operator can follow."""
+    lazy = open_hsm(make_config(softhsm_token, pin=Secret(b"wrong-pin-2")), wait=False)
+    answers = []
+    for _ in range(3):  # the refused login, then calls refused without trying again
+        with pytest.raises(HsmUnavailable) as info:
+            lazy.check_health()
+        answers.append(info.value.answer())
+    assert answers == [f"HSM_LOGIN_FAILED: {PIN_REFUSED}"] * 3
+    assert PIN_REFUSED == (
+        "the key broker cannot log in to its HSM: its PIN was refused; its operator's log has "
+        "the details"
+    )
 
 
 def test_unknown_token_label(softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm]) -> None:

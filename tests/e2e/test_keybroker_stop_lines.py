@@ -1,0 +1,132 @@
+"""A key broker stopped while releases are in flight: the records that arrive after its audit log
+closed are refused, and that is one WARNING, not an operator's ERROR per refused batch.
+
+The stop drains the handlers before it closes the log (``ServiceHost.stop``), but only for
+``HANDLER_DRAIN_SECONDS``: a handler still deciding past that (stuck storage, a slow HSM) met a
+closed log, and each of its batches logged ERROR ``the audit log is closed``. Here the storage is
+made slow for real: the child holds the audit log's ``flock``, so the releases in flight queue on
+the log behind a commit waiting for it; the broker is stopped with the drain bound 0 (its
+``close`` then waits for that commit), and the lock let go: the commit under way ends, and the
+batches queued behind it meet the closed log. The broker is real, over real mTLS.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+
+SCRIPT = textwrap.dedent(
+    """
+    import fcntl, json, logging, os, sys, threading, time
+    from pathlib import Path
+    import grpc
+    from strongroom.api.keybroker.v1 import keybroker_pb2 as pb, keybroker_pb2_grpc as pb_grpc
+    from strongroom.dev.simulated import SimulatedAuthority
+    from strongroom.dev.devstack import DevStack
+    from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
+    from strongroom.attesters import SimulatedAttester, TeeType
+    from strongroom.client.keyrelease import KeyReleaseClient
+    from strongroom.keybroker import audit as audit_module
+    from strongroom.runtime import server as host_module
+
+    host_module.HANDLER_DRAIN_SECONDS = 0.0  # the handlers in flight are left running
+    audit_module.LOG_LOCK_WAIT_SECONDS = 60.0  # the commit waits until the lock is let go
+    out = {"released": 0}
+
+    class Kept(logging.Handler):
+        lines = []
+        def emit(self, record):
+            if record.name.startswith("strongroom.keybroker"):
+                self.lines.append([record.levelname, record.getMessage(),
+                                   getattr(record, "detail", None)])
+
+    logging.getLogger().addHandler(Kept())
+    logging.getLogger().setLevel(logging.INFO)
+    with DevStack(Path(sys.argv[1])) as stack:
+        running = stack.start_in_process("keybroker")
+        stack.create_release_key(stack.identity("admin"), "k", policy_version="1")
+        publisher = pb_grpc.KeyBrokerServiceStub(stack.channel(stack.identity("publisher"), "keybroker"))
+        generated = publisher.GenerateDataKey(pb.GenerateDataKeyRequest(key_id="k", model_name="m", model_version="1"), timeout=30)
+        inference = stack.identity("inference")
+        authority = SimulatedAuthority.load(stack.root / "simulated-tee").snp()
+        attester = SimulatedAttester(authority, TeeType.SEV_SNP, production=False,
+                                     claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)})
+        client = KeyReleaseClient(stack.channel(inference, "keybroker"), attester,
+                                  inference.public_key_der, verifier=stack.release_verifier())
+        stopping = threading.Event()
+        def keep_releasing():
+            while not stopping.is_set():
+                try:
+                    client.release("k", generated.key_version, generated.wrapped_data_key)
+                    out["released"] += 1
+                except grpc.RpcError:
+                    pass
+        client.release("k", generated.key_version, generated.wrapped_data_key)
+        audit = running.handle.audit
+        held = os.open(stack.root / "state" / "keybroker" / "audit.log", os.O_RDONLY)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        threads = [threading.Thread(target=keep_releasing) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while len(audit._queue) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)  # until releases wait behind the commit that waits for the lock
+        out["queued"] = len(audit._queue)
+        closing = threading.Thread(target=running.handle.close, kwargs={"grace": 0})
+        closing.start()
+        while not running.handle.host._drained.is_set():
+            time.sleep(0.02)
+        time.sleep(0.5)  # the close is past the drain, waiting for the log's commit
+        stopping.set()
+        os.close(held)
+        closing.join()
+        for thread in threads:
+            thread.join()
+        out["lines"] = Kept.lines
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def outcome(tmp_path_factory: pytest.TempPathFactory, step_ca_binary: Path) -> dict[str, Any]:
+    """The broker's log lines (level, message, detail) and how many releases it granted."""
+    run = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path_factory.mktemp("stop-lines") / "stack")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    found: dict[str, Any] = json.loads(run.stdout.strip().splitlines()[-1])
+    return found
+
+
+def test_releases_refused_by_the_stop_are_one_warning(outcome: dict[str, Any]) -> None:
+    assert outcome["queued"] >= 4
+    lines = outcome["lines"]
+    closed = [line for line in lines if line[1].startswith("the audit log is closed")]
+    assert closed == [
+        [
+            "WARNING",
+            "the audit log is closed: records still arriving are refused (not logged again)",
+            None,
+        ]
+    ], closed
+    assert [line for line in lines if line[0] in ("ERROR", "CRITICAL")] == []
+    # The refused releases' own lines say the broker is stopping, no more.
+    stopped = [line for line in lines if line[1] == "key release denied" and line[2]]
+    assert stopped, lines[-20:]
+    assert {line[2] for line in stopped} == {
+        "the key broker is stopping: its audit log takes no more records"
+    }
