@@ -82,9 +82,17 @@ SCRIPT = textwrap.dedent(
         out["queued"] = len(audit._queue)
         closing = threading.Thread(target=running.handle.close, kwargs={"grace": 0})
         closing.start()
-        while not running.handle.host._drained.is_set():
+        def closing_waits_for_the_log():
+            # Past the drain, inside AuditLog.close waiting for the commit under way: the
+            # closing thread's stack holds close's frame (a fixed sleep here could end before).
+            frame = sys._current_frames().get(closing.ident)
+            while frame is not None and frame.f_code is not type(audit).close.__code__:
+                frame = frame.f_back
+            return frame is not None
+        deadline = time.monotonic() + 60
+        while not closing_waits_for_the_log() and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(0.5)  # the close is past the drain, waiting for the log's commit
+        out["closing_waited"] = closing_waits_for_the_log()
         stopping.set()
         os.close(held)
         closing.join()
@@ -114,6 +122,7 @@ def outcome(tmp_path_factory: pytest.TempPathFactory, step_ca_binary: Path) -> d
 
 def test_releases_refused_by_the_stop_are_one_warning(outcome: dict[str, Any]) -> None:
     assert outcome["queued"] >= 4
+    assert outcome["closing_waited"], "the stop never reached the audit log's close"
     lines = outcome["lines"]
     closed = [line for line in lines if line[1].startswith("the audit log is closed")]
     assert closed == [
