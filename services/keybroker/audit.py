@@ -855,6 +855,11 @@ class AuditLog(Closing):
         with self._queue_lock:
             return dict(self._batch_sizes)
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has run: nothing can be written, nor rotated, any more."""
+        return self._closed
+
     def close(self) -> None:
         """Closes the file descriptors (after any commit under way); idempotent."""
         with self._lock:

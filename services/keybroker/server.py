@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 
 ROTATION_ONCE_SERVING = "the audit log will be rotated"
 """What a SIGHUP during start-up does, for its log line (:mod:`strongroom.runtime.hangup`)."""
+ROTATION_CLOSED = "audit log rotation (SIGHUP): the audit log is closed, nothing rotated"
+"""The line of a SIGHUP once the broker's close has closed its audit log (``strongroom serve``
+keeps the rotation's handler until its exit): it failed, logged at ERROR, an alert for nothing."""
 
 
 def trust_store(common: CommonConfig, config: KeybrokerConfig) -> TrustStore:
@@ -410,6 +413,10 @@ def rotate_audit_on_sighup(audit: AuditLog) -> None:
     running = threading.Lock()
 
     def start_rotation() -> None:
+        if audit.closed:  # the broker stopped: no thread for a rotation that cannot be
+            pending.release()
+            log.info(ROTATION_CLOSED)
+            return
         try:
             threading.Thread(
                 target=_rotate_audit,
@@ -440,6 +447,9 @@ def _rotate_audit_now(audit: AuditLog) -> None:
     try:
         sealed = audit.rotate()
     except StrongroomError as exc:
+        if audit.closed:  # closed by the broker's stop after this rotation was asked for
+            log.info(ROTATION_CLOSED)
+            return
         log.error("audit log rotation (SIGHUP) failed (%s): %s", exc.reason, exc.message)
         return
     if sealed is None:

@@ -10,6 +10,7 @@ the files in the state a crash at that step leaves, then opening them with a new
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ from strongroom.cli import audit as audit_cli
 from strongroom.errors import DataLoss, InvalidArgument, NotFound
 from strongroom.keybroker import audit as audit_module
 from strongroom.keybroker import audit_verify
+from strongroom.keybroker import server as server_module
 from strongroom.keybroker.audit import AuditLog, head_path
 from strongroom.keybroker.audit_verify import audit_files, verify_audit_log, verify_audit_series
 from strongroom.keybroker.errors import AuditUnavailable
@@ -125,6 +127,37 @@ def test_sighup_rotates_the_brokers_audit_log(log_path: Path, key: Ed25519Privat
         signal.signal(signal.SIGHUP, previous)
     series = _series(log_path, key)
     assert series.intact and [p.name for p, _ in series.files] == ["audit.log.0-1", "audit.log"]
+
+
+def test_a_sighup_once_the_audit_log_is_closed_is_one_line_and_nothing_rotated(
+    log_path: Path, key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``strongroom serve`` keeps the rotation's handler until its exit (and a stop's close
+    runs with it installed): a SIGHUP once the broker had closed its audit log started a
+    rotation thread that failed, logged at ERROR (``audit log rotation (SIGHUP) failed``), an
+    alert for nothing. It is one INFO line now, no thread, nothing on disk changed; so is a
+    rotation asked for before the close that starts after it."""
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        with signals.restoring(), caplog.at_level(logging.INFO, logger=server_module.__name__):
+            log = AuditLog.open(log_path, key)
+            fill(log, 2)
+            rotate_audit_on_sighup(log)
+            log.close()
+            before = _names(log_path)
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert signals.settle(30)
+            assert not [t for t in threading.enumerate() if t.name == "audit-rotate"]
+            # A rotation whose thread meets the close (the stop's, as a SIGHUP came).
+            server_module._rotate_audit_now(log)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    rotation = [r for r in caplog.records if "SIGHUP" in r.getMessage()]
+    assert [(r.levelno, r.getMessage()) for r in rotation] == [
+        (logging.INFO, server_module.ROTATION_CLOSED)
+    ] * 2
+    assert _names(log_path) == before
+    assert _series(log_path, key).intact
 
 
 def test_sighup_rotation_outside_a_service_s_run_is_refused_leaving_sighup_as_it_was(
