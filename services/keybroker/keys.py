@@ -1119,7 +1119,10 @@ class KeyManager:
                 ]
                 if not rivals:
                     gate.write(
-                        version, functools.partial(_publish, hs, key_id, version, now_ms, nonce)
+                        version,
+                        functools.partial(
+                            _publish_claimed, hs, key_id, version, now_ms, nonce, enabler=enabler
+                        ),
                     )
                     published = True
                     return
@@ -1427,6 +1430,31 @@ def _disabled_error(key_id: str, version: int) -> FailedPrecondition:
 def _require_enabled(version: _kek.KekVersion) -> None:
     if not version.enabled:
         raise _disabled_error(version.key_id, version.version)
+
+
+def _publish_claimed(
+    hs: HsmSession, key_id: str, version: int, now_ms: int, nonce: str, *, enabler: Any
+) -> None:
+    """:func:`_publish`, once the creation's claim (``enabler``) is still there, read through its
+    handle: another replica may have reaped it for an abandoned attempt (:func:`_reap`) while the
+    change waited at its audit record for more than :data:`_kek.PENDING_TTL_MS`, or at once when
+    that replica's clock runs as far ahead. Published, the KEK had no enabler: a new current
+    version disabled from birth, or a second candidate of a version the reaper claimed."""
+    expected = _kek.label(key_id, version, now_ms, nonce, pending=False, enabler=True)
+    try:
+        held = enabler[Attribute.LABEL] == expected
+    except p11x.PKCS11Error as exc:
+        if not errs.is_stale_handle(exc):
+            raise
+        held = False
+    if not held:
+        raise Unavailable(
+            f"the claim on key {key_id!r} version {version} was reaped by another replica as "
+            "abandoned while this change waited (its audit record held it a minute, or that "
+            "replica's clock runs a minute ahead); nothing was published: retry",
+            reason=Reason.KEY_VERSION_CONFLICT,
+        )
+    _publish(hs, key_id, version, now_ms, nonce)
 
 
 def _publish(hs: HsmSession, key_id: str, version: int, now_ms: int, nonce: str) -> None:

@@ -19,7 +19,7 @@ from pkcs11 import KeyType
 
 from strongroom.dev.devstack import read_audit_records
 from strongroom.dev.softhsm import SoftHsmToken
-from strongroom.errors import Internal
+from strongroom.errors import Internal, Unavailable
 from strongroom.keybroker import _kek
 from strongroom.keybroker import keys as keys_module
 from strongroom.keybroker.audit import AuditLog
@@ -238,3 +238,47 @@ def test_an_enabler_of_a_version_below_a_published_one_is_never_reaped(km: KeyMa
     label = _leave_attempt(km.hsm, "shred", 1, _kek.PENDING_TTL_MS / 1000 + 5)
     assert km.rotate_key("shred").current_version == 3
     assert label in _enablers(km.hsm, "shred")[1]
+
+
+def test_a_rotation_whose_claim_was_reaped_while_it_waited_publishes_nothing(
+    km: KeyManager, other_hsm: Hsm
+) -> None:
+    """A rotation held at its audit record, or a replica whose clock runs a minute ahead, lets
+    another replica take the rotation's claim for an abandoned attempt and reap it. The publisher
+    went on and generated its KEK with no enabler: version 2 current, and disabled from birth
+    (here the reaper's own rotation is refused, so nothing else claims the version)."""
+    km.create_key("held")
+    entered, go = threading.Event(), threading.Event()
+    outcome: list[BaseException | int] = []
+
+    def hold(version: int | None) -> None:
+        entered.set()
+        _wait(go)
+
+    def rotate() -> None:
+        try:
+            outcome.append(km.rotate_key("held", gate=ChangeGate(hold)).current_version)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    def refuse(version: int | None) -> None:
+        raise Internal("the audit log refused the record", reason=Reason.AUDIT_UNAVAILABLE)
+
+    publisher = threading.Thread(target=rotate)
+    publisher.start()
+    try:
+        _wait(entered)
+        ahead = KeyManager(other_hsm, clock=lambda: time.time() + _kek.PENDING_TTL_MS / 1000 + 5)
+        with pytest.raises(Internal):
+            ahead.rotate_key("held", gate=ChangeGate(refuse))  # reaps the claim, then refused
+        assert 2 not in _enablers(other_hsm, "held")  # km.hsm's worker is the one held
+    finally:
+        go.set()
+        publisher.join(_WAIT)
+    assert not publisher.is_alive()
+    [answer] = outcome
+    assert isinstance(answer, Unavailable), answer
+    assert answer.reason == Reason.KEY_VERSION_CONFLICT
+    assert "reaped" in answer.message
+    assert _candidates(km.hsm, "held") == {1: 1}
+    assert [v.state for v in km.describe_key("held").versions] == [KeyState.ENABLED]
