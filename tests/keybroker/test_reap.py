@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from pkcs11 import KeyType
 
 from strongroom.dev.devstack import read_audit_records
 from strongroom.dev.softhsm import SoftHsmToken
-from strongroom.errors import Internal, Unavailable
+from strongroom.errors import Internal, NotFound, Unavailable
 from strongroom.keybroker import _kek
 from strongroom.keybroker import keys as keys_module
 from strongroom.keybroker.audit import AuditLog
@@ -28,11 +29,13 @@ from strongroom.keybroker.keys import ChangeGate, KeyManager, KeyState, Reaped
 from strongroom.keybroker.lifecycle import KeyService
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller
+from strongroom.oaep import OaepHash
 from strongroom.reasons import Reason
-from tests.keybroker.helpers import make_config
+from tests.keybroker.helpers import MODEL, bound, make_config, spki
 
 ADMIN = Caller("spiffe://strongroom.test/admin", 0x1F, b"")
 
+_OAEP = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)
 _WAIT = 30.0  # seconds: a step of the other replica that never comes fails the test, not hangs it
 
 
@@ -282,3 +285,34 @@ def test_a_rotation_whose_claim_was_reaped_while_it_waited_publishes_nothing(
     assert "reaped" in answer.message
     assert _candidates(km.hsm, "held") == {1: 1}
     assert [v.state for v in km.describe_key("held").versions] == [KeyState.ENABLED]
+
+
+def test_a_replica_that_missed_a_kek_releases_data_keys_under_it(
+    km: KeyManager, other_hsm: Hsm, missed: Callable[[], None], tee_key: rsa.RSAPrivateKey
+) -> None:
+    """Before, every release there of a data key under version 2 answered KEY_VERSION_NOT_FOUND
+    until something else re-read the token: a release naming a version above every one it sees
+    now re-reads the token (at most once per _MISSED_VERSION_REREAD_S) before it says so."""
+    missed()
+    dek, wrapped, version = km.generate_data_key("live", *MODEL)
+    assert version == 2
+    other = KeyManager(other_hsm)
+    assert other.describe_key("live").current_version == 1  # still missed
+    out, _ = other.release_to_ephemeral("live", 2, wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert bound(tee_key.decrypt(out, _OAEP)) == dek
+
+
+def test_releases_naming_versions_that_do_not_exist_reread_the_token_at_most_so_often(
+    km: KeyManager, monkeypatch: pytest.MonkeyPatch, tee_key: rsa.RSAPrivateKey
+) -> None:
+    """Anyone who may ask for a release names the version: each re-read stalls every queued HSM
+    operation, so one per interval for all of them, and still KEY_VERSION_NOT_FOUND."""
+    monkeypatch.setattr(keys_module, "_MISSED_VERSION_REREAD_S", 3600.0)
+    km.create_key("few")
+    _, wrapped, _ = km.generate_data_key("few", *MODEL)
+    generation = km.hsm.status().generation
+    for version in (2, 7, 2, 1_000_000):
+        with pytest.raises(NotFound) as refused:
+            km.release_to_ephemeral("few", version, wrapped, spki(tee_key), [OaepHash.SHA1])
+        assert refused.value.reason == Reason.KEY_VERSION_NOT_FOUND
+    assert km.hsm.status().generation == generation + 1  # one re-read, the first's
