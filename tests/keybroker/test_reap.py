@@ -24,6 +24,7 @@ from strongroom.errors import Internal, NotFound, Unavailable
 from strongroom.keybroker import _kek
 from strongroom.keybroker import keys as keys_module
 from strongroom.keybroker.audit import AuditLog
+from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.hsm import Hsm, HsmSession
 from strongroom.keybroker.keys import ChangeGate, KeyManager, KeyState, Reaped
 from strongroom.keybroker.lifecycle import KeyService
@@ -191,7 +192,8 @@ def _leave_attempt(hsm: Hsm, key_id: str, version: int, age_s: float) -> bytes:
 def test_an_abandoned_attempt_is_recorded_before_it_is_destroyed(
     km: KeyManager, tmp_path: Path
 ) -> None:
-    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    signing_key = ed25519.Ed25519PrivateKey.generate()
+    audit = AuditLog.open(tmp_path / "audit.log", signing_key)
     try:
         keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit)
         keys.create_key(ADMIN, "crash")
@@ -210,6 +212,8 @@ def test_an_abandoned_attempt_is_recorded_before_it_is_destroyed(
     assert reap["claims"]["label"] == label.decode()
     assert reap["claims"]["age_ms"] > _kek.PENDING_TTL_MS
     assert label not in _enablers(km.hsm, "crash").get(2, [])
+    # What `strongroom audit verify` checks: the record is in the chain, under the signed head.
+    assert verify_audit_log(tmp_path / "audit.log", public_key=signing_key.public_key()).intact
 
 
 def test_an_abandoned_attempt_whose_record_is_refused_stays(km: KeyManager) -> None:
