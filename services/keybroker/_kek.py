@@ -22,7 +22,8 @@ an extra use, rename it into another key's identity or copy it. Nothing the brok
   An enabler older than :data:`PENDING_TTL_MS` of a version above every published one that has no
   KEK is an abandoned attempt (its creator crashed) and may be destroyed by anyone — judged only on
   a token re-read (a creation that meets any claim without its KEK runs again on one), and
-  recorded in the audit log before it goes (``reap_key_claim``). An AES object with the suffix
+  recorded in the audit log before it goes (``reap_key_claim``); a creation reads its enabler
+  back before it publishes, and one reaped meanwhile publishes nothing. An AES object with the suffix
   ``/pending`` is the claim of a broker before this (whose pending object was the KEK itself,
   renamed on publication): a rival, and reaped the same way.
 - *State*: a version with an immutable KEK is enabled while an enabler of it exists (and every
@@ -79,7 +80,9 @@ other's (SoftHSM2 re-reads the token only when another instance wrote to it sinc
 write), so a disable re-initialises the module before its search (:meth:`Hsm.call`'s
 ``reread_token``, ~4 ms); before, it destroyed only the enabler it saw and answered DISABLED while
 the other kept the version enabled on every other replica. With SoftHSM2, a replica that missed a concurrent creation cannot use data
-keys wrapped under the object it missed until it reconnects; rotate on one replica at a time there.
+keys wrapped under the object it missed until it reconnects (a release naming a version above
+every one it sees re-reads the token first, at most every two seconds; a losing candidate of a
+version it sees stays missed); rotate on one replica at a time there.
 Such a replica sees the missed version's enabler without its KEK: a creation there re-reads the
 token before it judges such a claim (it took it for a rival, ``KEY_VERSION_CONFLICT``, and once
 it was a minute old reaped it, disabling the version everywhere and publishing a second KEK of

@@ -113,6 +113,10 @@ _SEARCH_ATTEMPTS = 4
 #: disabling it under it (:class:`_StateMoved`) before it is refused as disabled.
 _STATE_ATTEMPTS = 4
 _CACHE_MAX_KEYS = 4096
+#: The least time (seconds) between two token re-reads for releases naming a version above every
+#: one the broker sees (:meth:`KeyManager._may_reread_for`): anyone who may ask for a release
+#: names the version, and each re-read stalls every queued HSM operation (~8 ms with SoftHSM2).
+_MISSED_VERSION_REREAD_S = 2.0
 #: The unwrapped data key's template: the one python-pkcs11's unwrap_key built from
 #: ``_kek.SESSION_DEK_TEMPLATE`` (class and key type first; its capability defaults are all
 #: overridden there), built once.
@@ -486,6 +490,8 @@ class KeyManager:
         self._seen: set[str] = set()
         # key_id -> (work session serial, monotonic expiry, versions); written on the worker only
         self._cache: dict[str, tuple[int, float, list[_kek.KekVersion]]] = {}
+        # monotonic time before which no release re-reads the token for a missed version
+        self._next_missed_reread = 0.0
 
     @property
     def hsm(self) -> Hsm:
@@ -809,13 +815,32 @@ class KeyManager:
             # A version the cached lookup does not hold may have been made since, by a rotation
             # on another replica: the token is asked before the caller is told there is none.
 
-            def lookup(hs: HsmSession) -> tuple[int, list[_kek.KekVersion]]:
-                if stale:
+            def lookup(hs: HsmSession, *, forget: bool) -> tuple[int, list[_kek.KekVersion]]:
+                if forget:
                     self._forget(key_id)
                 return hs.serial, self._cached_versions(hs, key_id)
 
-            looked = self._call(key_id, lookup, timeout, "key lookup", creates_objects=False)
+            looked = self._call(
+                key_id,
+                functools.partial(lookup, forget=stale),
+                timeout,
+                "key lookup",
+                creates_objects=False,
+            )
             versions = looked[1]
+            if self._may_reread_for(versions, version):
+                # A SoftHSM2 instance that missed another's new KEK misses it until re-initialised:
+                # without this, every release under that version answered KEY_VERSION_NOT_FOUND
+                # until something else re-read the token (a disable, a rotation meeting a claim).
+                looked = self._call(
+                    key_id,
+                    functools.partial(lookup, forget=True),
+                    timeout,
+                    "key lookup",
+                    creates_objects=False,
+                    reread_token=True,
+                )
+                versions = looked[1]
         _require_enabled(_pick(key_id, versions, version))
 
         def op(hs: HsmSession) -> ReleasedKey:
@@ -853,6 +878,19 @@ class KeyManager:
             announced,
             functools.partial(self._submit, key_id, op, timeout, "release_to_ephemeral", then=then),
         )
+
+    def _may_reread_for(self, versions: list[_kek.KekVersion], version: int) -> bool:
+        """Whether a release naming ``version``, above every one of ``versions`` (read from the
+        token just now), re-reads the token and looks once more: at most once per
+        :data:`_MISSED_VERSION_REREAD_S` for all keys and callers, which name versions at will."""
+        if not versions or version <= versions[-1].version:
+            return False
+        now = time.monotonic()
+        with self._health_lock:
+            if now < self._next_missed_reread:
+                return False
+            self._next_missed_reread = now + _MISSED_VERSION_REREAD_S
+        return True
 
     # --- keys the HSM cannot use -------------------------------------------------------------
 
@@ -1119,7 +1157,10 @@ class KeyManager:
                 ]
                 if not rivals:
                     gate.write(
-                        version, functools.partial(_publish, hs, key_id, version, now_ms, nonce)
+                        version,
+                        functools.partial(
+                            _publish_claimed, hs, key_id, version, now_ms, nonce, enabler=enabler
+                        ),
                     )
                     published = True
                     return
@@ -1427,6 +1468,31 @@ def _disabled_error(key_id: str, version: int) -> FailedPrecondition:
 def _require_enabled(version: _kek.KekVersion) -> None:
     if not version.enabled:
         raise _disabled_error(version.key_id, version.version)
+
+
+def _publish_claimed(
+    hs: HsmSession, key_id: str, version: int, now_ms: int, nonce: str, *, enabler: Any
+) -> None:
+    """:func:`_publish`, once the creation's claim (``enabler``) is still there, read through its
+    handle: another replica may have reaped it for an abandoned attempt (:func:`_reap`) while the
+    change waited at its audit record for more than :data:`_kek.PENDING_TTL_MS`, or at once when
+    that replica's clock runs as far ahead. Published, the KEK had no enabler: a new current
+    version disabled from birth, or a second candidate of a version the reaper claimed."""
+    expected = _kek.label(key_id, version, now_ms, nonce, pending=False, enabler=True)
+    try:
+        held = enabler[Attribute.LABEL] == expected
+    except p11x.PKCS11Error as exc:
+        if not errs.is_stale_handle(exc):
+            raise
+        held = False
+    if not held:
+        raise Unavailable(
+            f"the claim on key {key_id!r} version {version} was reaped by another replica as "
+            "abandoned while this change waited (its audit record held it a minute, or that "
+            "replica's clock runs a minute ahead); nothing was published: retry",
+            reason=Reason.KEY_VERSION_CONFLICT,
+        )
+    _publish(hs, key_id, version, now_ms, nonce)
 
 
 def _publish(hs: HsmSession, key_id: str, version: int, now_ms: int, nonce: str) -> None:

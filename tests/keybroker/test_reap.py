@@ -14,25 +14,29 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from pkcs11 import KeyType
 
 from strongroom.dev.devstack import read_audit_records
 from strongroom.dev.softhsm import SoftHsmToken
-from strongroom.errors import Internal
+from strongroom.errors import Internal, NotFound, Unavailable
 from strongroom.keybroker import _kek
 from strongroom.keybroker import keys as keys_module
 from strongroom.keybroker.audit import AuditLog
+from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.hsm import Hsm, HsmSession
 from strongroom.keybroker.keys import ChangeGate, KeyManager, KeyState, Reaped
 from strongroom.keybroker.lifecycle import KeyService
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller
+from strongroom.oaep import OaepHash
 from strongroom.reasons import Reason
-from tests.keybroker.helpers import make_config
+from tests.keybroker.helpers import MODEL, bound, make_config, spki
 
 ADMIN = Caller("spiffe://strongroom.test/admin", 0x1F, b"")
 
+_OAEP = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)
 _WAIT = 30.0  # seconds: a step of the other replica that never comes fails the test, not hangs it
 
 
@@ -188,7 +192,8 @@ def _leave_attempt(hsm: Hsm, key_id: str, version: int, age_s: float) -> bytes:
 def test_an_abandoned_attempt_is_recorded_before_it_is_destroyed(
     km: KeyManager, tmp_path: Path
 ) -> None:
-    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    signing_key = ed25519.Ed25519PrivateKey.generate()
+    audit = AuditLog.open(tmp_path / "audit.log", signing_key)
     try:
         keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit)
         keys.create_key(ADMIN, "crash")
@@ -207,6 +212,8 @@ def test_an_abandoned_attempt_is_recorded_before_it_is_destroyed(
     assert reap["claims"]["label"] == label.decode()
     assert reap["claims"]["age_ms"] > _kek.PENDING_TTL_MS
     assert label not in _enablers(km.hsm, "crash").get(2, [])
+    # What `strongroom audit verify` checks: the record is in the chain, under the signed head.
+    assert verify_audit_log(tmp_path / "audit.log", public_key=signing_key.public_key()).intact
 
 
 def test_an_abandoned_attempt_whose_record_is_refused_stays(km: KeyManager) -> None:
@@ -238,3 +245,78 @@ def test_an_enabler_of_a_version_below_a_published_one_is_never_reaped(km: KeyMa
     label = _leave_attempt(km.hsm, "shred", 1, _kek.PENDING_TTL_MS / 1000 + 5)
     assert km.rotate_key("shred").current_version == 3
     assert label in _enablers(km.hsm, "shred")[1]
+
+
+def test_a_rotation_whose_claim_was_reaped_while_it_waited_publishes_nothing(
+    km: KeyManager, other_hsm: Hsm
+) -> None:
+    """A rotation held at its audit record, or a replica whose clock runs a minute ahead, lets
+    another replica take the rotation's claim for an abandoned attempt and reap it. The publisher
+    went on and generated its KEK with no enabler: version 2 current, and disabled from birth
+    (here the reaper's own rotation is refused, so nothing else claims the version)."""
+    km.create_key("held")
+    entered, go = threading.Event(), threading.Event()
+    outcome: list[BaseException | int] = []
+
+    def hold(version: int | None) -> None:
+        entered.set()
+        _wait(go)
+
+    def rotate() -> None:
+        try:
+            outcome.append(km.rotate_key("held", gate=ChangeGate(hold)).current_version)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    def refuse(version: int | None) -> None:
+        raise Internal("the audit log refused the record", reason=Reason.AUDIT_UNAVAILABLE)
+
+    publisher = threading.Thread(target=rotate)
+    publisher.start()
+    try:
+        _wait(entered)
+        ahead = KeyManager(other_hsm, clock=lambda: time.time() + _kek.PENDING_TTL_MS / 1000 + 5)
+        with pytest.raises(Internal):
+            ahead.rotate_key("held", gate=ChangeGate(refuse))  # reaps the claim, then refused
+        assert 2 not in _enablers(other_hsm, "held")  # km.hsm's worker is the one held
+    finally:
+        go.set()
+        publisher.join(_WAIT)
+    assert not publisher.is_alive()
+    [answer] = outcome
+    assert isinstance(answer, Unavailable), answer
+    assert answer.reason == Reason.KEY_VERSION_CONFLICT
+    assert "reaped" in answer.message
+    assert _candidates(km.hsm, "held") == {1: 1}
+    assert [v.state for v in km.describe_key("held").versions] == [KeyState.ENABLED]
+
+
+def test_a_replica_that_missed_a_kek_releases_data_keys_under_it(
+    km: KeyManager, other_hsm: Hsm, missed: Callable[[], None], tee_key: rsa.RSAPrivateKey
+) -> None:
+    """Before, every release there of a data key under version 2 answered KEY_VERSION_NOT_FOUND
+    until something else re-read the token: a release naming a version above every one it sees
+    now re-reads the token (at most once per _MISSED_VERSION_REREAD_S) before it says so."""
+    missed()
+    dek, wrapped, version = km.generate_data_key("live", *MODEL)
+    assert version == 2
+    other = KeyManager(other_hsm)
+    assert other.describe_key("live").current_version == 1  # still missed
+    out, _ = other.release_to_ephemeral("live", 2, wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert bound(tee_key.decrypt(out, _OAEP)) == dek
+
+
+def test_releases_naming_versions_that_do_not_exist_reread_the_token_at_most_so_often(
+    km: KeyManager, monkeypatch: pytest.MonkeyPatch, tee_key: rsa.RSAPrivateKey
+) -> None:
+    """Anyone who may ask for a release names the version: each re-read stalls every queued HSM
+    operation, so one per interval for all of them, and still KEY_VERSION_NOT_FOUND."""
+    monkeypatch.setattr(keys_module, "_MISSED_VERSION_REREAD_S", 3600.0)
+    km.create_key("few")
+    _, wrapped, _ = km.generate_data_key("few", *MODEL)
+    generation = km.hsm.status().generation
+    for version in (2, 7, 2, 1_000_000):
+        with pytest.raises(NotFound) as refused:
+            km.release_to_ephemeral("few", version, wrapped, spki(tee_key), [OaepHash.SHA1])
+        assert refused.value.reason == Reason.KEY_VERSION_NOT_FOUND
+    assert km.hsm.status().generation == generation + 1  # one re-read, the first's
