@@ -2,8 +2,9 @@
 
 Each class names the canonical status code (gRPC's names, as plain strings) its failures map to;
 one server interceptor in ``strongroom.runtime`` turns them into a gRPC status whose message is
-``REASON: text`` (the error's :attr:`~StrongroomError.public` text) plus a ``strongroom-reason`` trailing-metadata entry. Nothing else reaches the wire:
-any other exception becomes INTERNAL with a generic message (the details go to the log only).
+``REASON: text`` (the error's :attr:`~StrongroomError.public` text) plus a ``strongroom-reason``
+trailing-metadata entry. Nothing else reaches the wire: any other exception becomes INTERNAL with
+a generic message (the details go to the log only).
 Libraries (artifact, attestation) raise these without depending on gRPC.
 """
 
@@ -32,7 +33,6 @@ class StrongroomError(Exception):
 
     ``reason`` is a stable, machine-readable UPPER_SNAKE code; ``status_name`` is the canonical status
     code name (``INVALID_ARGUMENT``, ``PERMISSION_DENIED``, ...) it is reported with.
-
 
     ``message`` is for whoever runs the code: the service's log, the command line. ``public`` is
     what a remote caller is told instead, when the message speaks of the service's own state (its
