@@ -20,11 +20,11 @@ an extra use, rename it into another key's identity or copy it. Nothing the brok
   with its final label — that generation is the publication, the one write that makes the version
   visible, and it passes the change's audit gate; otherwise it destroys its enabler and backs off.
   An enabler older than :data:`PENDING_TTL_MS` of a version above every published one that has no
-  KEK is an abandoned attempt (its creator crashed) and may be destroyed by anyone — judged only on
-  a token re-read (a creation that meets any claim without its KEK runs again on one), and
+  KEK is an abandoned attempt (its creator crashed) and may be destroyed by anyone — judged only
+  on a token re-read (a creation that meets any claim without its KEK runs again on one), and
   recorded in the audit log before it goes (``reap_key_claim``); a creation reads its enabler
-  back before it publishes, and one reaped meanwhile publishes nothing. An AES object with the suffix
-  ``/pending`` is the claim of a broker before this (whose pending object was the KEK itself,
+  back before it publishes, and one reaped meanwhile publishes nothing. An AES object with the
+  suffix ``/pending`` is the claim of a broker before this (whose pending object was the KEK itself,
   renamed on publication): a rival, and reaped the same way.
 - *State*: a version with an immutable KEK is enabled while an enabler of it exists (and every
   candidate's ``CKA_WRAP`` and ``CKA_UNWRAP`` are set, as they always are for one). Disabling

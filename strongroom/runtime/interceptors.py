@@ -2,9 +2,9 @@
 
 A :class:`~strongroom.errors.StrongroomError` becomes its status code with the message
 ``REASON: text`` (its :meth:`~strongroom.errors.StrongroomError.answer`: never a message naming
-the service's own files) and a ``strongroom-reason`` trailing-metadata entry. Anything else is a bug (any
-BaseException too, but the exits: :data:`EXITS`): it is logged with a reference id and the caller
-gets INTERNAL with only that id, never a stack trace.
+the service's own files) and a ``strongroom-reason`` trailing-metadata entry. Anything else is a
+bug (any BaseException too, but the exits: :data:`EXITS`): it is logged with a reference id and
+the caller gets INTERNAL with only that id, never a stack trace.
 
 A request that does not deserialise (garbage bytes, invalid UTF-8 in a string field) would get
 gRPC's own ``INTERNAL "Exception deserializing request!"`` and a logged traceback; here it becomes

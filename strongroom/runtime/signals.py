@@ -40,11 +40,11 @@ for a stop that no longer had a service, and was lost. The rule for when:
   before the audit log is closed and the log's last lines are written.
 - Never in a process that ends with its service (``strongroom serve``, its run inside
   :func:`~strongroom.runtime.lifetime.ends_with_the_process`, which keeps the service's
-  exception hooks and logging too: ``keep``): past ``run_service`` such a process only exits, and its exit
-  still writes lines (the command line's error line, queued through the service's log; what
-  the exit's :func:`settle` and ``logging.shutdown`` write). Given back the default action, a
-  SIGTERM there ended the process at once, those lines lost and its status the signal's, not
-  its own; the service's handler logs it and lets the exit finish. A stop that ends the process
+  exception hooks and logging too: ``keep``): past ``run_service`` such a process only exits,
+  and its exit still writes lines (the command line's error line, queued through the service's
+  log; what the exit's :func:`settle` and ``logging.shutdown`` write). Given back the default
+  action, a SIGTERM there ended the process at once, those lines lost and its status the
+  signal's, not its own; the service's handler logs it and lets the exit finish. A stop that ends the process
   itself (:func:`~strongroom.runtime.process.exit_now`) never gets that far either.
 
 A handler that Python did not install (``signal.getsignal`` says None: set by C code) cannot be

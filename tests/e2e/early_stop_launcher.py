@@ -6,9 +6,10 @@ serve SERVICE --config PATH``.
 printing ``paused POINT``, until a signal asks it to stop. ``reached POINT``: prints ``reached
 POINT`` there and goes on. ``hold POINT:PATH``: start-up holds at POINT the first time it gets
 there, printing ``held POINT PID``, until the file PATH exists (or a signal asks it to stop);
-the test signals the process there (tests/e2e/test_serve_signals.py: a SIGHUP while starting). ``signal-in-servicer DIR``: the model store's build signals its own
-process while it builds its servicer (the storage open), and at exit prints ``storage locked``
-if the storage root DIR is still locked by this process, else ``storage unlocked``.
+the test signals the process there (tests/e2e/test_serve_signals.py: a SIGHUP while starting).
+``signal-in-servicer DIR``: the model store's build signals its own process while it builds its
+servicer (the storage open), and at exit prints ``storage locked`` if the storage root DIR is
+still locked by this process, else ``storage unlocked``.
 """
 
 from __future__ import annotations
