@@ -985,20 +985,24 @@ def test_parts_left_and_a_part_that_may_be_stored_are_one_note_with_one_command_
     """Each case alone keeps its wording; together, what is blocked until when is said once,
     and every part is in one command form: one loop for more than three."""
     unblock = "the version cannot be published again until an admin removes them "
-    assert _left_note("org/m", {"1+part.0": "PERMISSION_DENIED"}) == (
+    assert _left_note("org/m", "1", {"1+part.0": "PERMISSION_DENIED"}) == (
         "1 part(s) it stored could not be removed (a publisher may not delete): 1+part.0; "
         f"{unblock}(PARTS_LEFT_BEHIND until then): `strongroom model rm org/m 1+part.0`"
     )
-    assert _left_note("org/m", {}, "1+part.0") == (
-        "the part 1+part.0 may be stored: its upload reached the store, whose answer was lost; "
-        f"{unblock}(PARTS_LEFT_BEHIND until then): `strongroom model rm org/m 1+part.0` (a part "
-        "that is not stored is NOT_FOUND: nothing to do)"
+    assert _left_note("org/m", "1", {}, ("1+part.0", publish.ANSWER_LOST)) == (
+        "the part 1+part.0 may be stored: its upload reached the store, whose answer was lost "
+        "(stored by this publish, or by another of the version that stored it first). Once no "
+        f"publish of it is running and org/m/1 is still not stored, {unblock}(PARTS_LEFT_BEHIND "
+        "until then): `strongroom model rm org/m 1+part.0` (a part that is not stored is "
+        "NOT_FOUND: nothing to do)"
     )
     failed = {f"1+part.{i}": "UNAVAILABLE" for i in range(3)}
-    assert _left_note("org/m", failed, "1+part.3") == (
+    assert _left_note("org/m", "1", failed, ("1+part.3", publish.ANSWER_LOST)) == (
         "3 part(s) it stored could not be removed (deleting them failed: UNAVAILABLE): 1+part.0, "
         "1+part.1, 1+part.2; the part 1+part.3 may be stored: its upload reached the store, "
-        f"whose answer was lost; {unblock}(PARTS_LEFT_BEHIND until then): "
+        "whose answer was lost (stored by this publish, or by another of the version that "
+        "stored it first). Once no publish of it is running and org/m/1 is still not stored, "
+        f"{unblock}(PARTS_LEFT_BEHIND until then): "
         '`for n in $(seq 0 3); do strongroom model rm org/m "1+part.$n"; done` (a part that is '
         "not stored is NOT_FOUND: nothing to do)"
     )
@@ -1914,8 +1918,10 @@ def test_a_part_whose_answer_was_lost_to_an_outage_is_named_as_maybe_stored(
     assert info.value.message == (
         "busy/part-lost/1 was not published (DEADLINE_EXCEEDED: Deadline Exceeded); 1 part(s) it "
         "stored could not be removed (a publisher may not delete): 1+part.0; the part 1+part.1 "
-        "may be stored: its upload reached the store, whose answer was lost; the version cannot "
-        "be published again until an admin removes them (PARTS_LEFT_BEHIND until then): "
+        "may be stored: its upload reached the store, whose answer was lost (stored by this "
+        "publish, or by another of the version that stored it first). Once no publish of it is "
+        "running and busy/part-lost/1 is still not stored, the version cannot be published "
+        "again until an admin removes them (PARTS_LEFT_BEHIND until then): "
         "`strongroom model rm busy/part-lost 1+part.0`; `strongroom model rm busy/part-lost "
         "1+part.1` (a part that is not stored is NOT_FOUND: nothing to do)"
     )
@@ -1925,6 +1931,62 @@ def test_a_part_whose_answer_was_lost_to_an_outage_is_named_as_maybe_stored(
     ]
     for version in ("1+part.0", "1+part.1"):
         _admin_rm(stack, "busy/part-lost", version)
+
+
+class WinnerFirstAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """The publisher's upload numbered ``at`` (from 0) is read whole (its last byte handed over)
+    while ``winner``, another publish of the same version, runs to its end; the call then ends
+    UNAVAILABLE for the publisher, never reaching the store (had it, the store's refusal,
+    MODEL_EXISTS, was the answer the outage lost)."""
+
+    def __init__(self, at: int, winner: Callable[[], object]) -> None:
+        self._at = at
+        self._winner = winner
+        self.uploads = 0
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        self.uploads += 1
+        if self.uploads - 1 != self._at:
+            return continuation(details, request_iterator)
+        for _request in request_iterator:
+            pass
+        self._winner()
+        return _Ended(_Lost(grpc.StatusCode.UNAVAILABLE, "connection reset"))
+
+
+def test_a_part_that_may_be_another_publishs_is_removed_only_once_none_is_running(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """Two publishes of one version race: the winner stores its parts and its manifest while the
+    loser's first part is sent whole, and the loser's call then ends in an outage. The loser
+    named that part as may be stored with its `strongroom model rm` and no condition: an admin
+    following it removed the winner's part, and every load of the published model failed
+    PART_MISSING. The command now comes with the condition the check and the interrupt give:
+    once no publish of the version is running and it is still not stored."""
+    shards = _shards(tmp_path / "shards", 2)
+    own = stack.channel(publisher, "modelstore")
+    race = WinnerFirstAt(0, lambda: _publish(stack, publisher, shards, "busy/race", own))
+    store = grpc.intercept_channel(stack.channel(publisher, "modelstore"), race)
+    with pytest.raises(Unavailable) as info:
+        _publish(stack, publisher, shards, "busy/race", store)
+    message = info.value.message
+    assert message.startswith(
+        "busy/race/1 was not published (UNAVAILABLE: connection reset); the part 1+part.0 may be "
+        "stored: its upload reached the store, whose answer was lost (stored by this publish, or "
+        "by another of the version that stored it first). Once no publish of it is running and "
+        "busy/race/1 is still not stored, the version cannot be published again until an admin "
+        "removes them (PARTS_LEFT_BEHIND until then): `strongroom model rm busy/race 1+part.0`"
+    ), message
+    # The winner's model, whole: the condition (busy/race/1 is stored) says to remove nothing.
+    assert _records(stack, "busy/race") == [
+        ("busy/race", "1"),
+        ("busy/race", "1+part.0"),
+        ("busy/race", "1+part.1"),
+    ]
+    for version in ("1", "1+part.0", "1+part.1"):
+        _admin_rm(stack, "busy/race", version)
 
 
 class _Answered:
@@ -2008,7 +2070,9 @@ def test_a_part_whose_answer_describes_another_artifact_is_named_as_maybe_stored
     assert message.endswith(
         "; 1 part(s) it stored could not be removed (a publisher may not delete): 1+part.0; the "
         "part 1+part.1 may be stored: its upload reached the store, whose answer did not describe "
-        "it; the version cannot be published again until an admin removes them "
+        "it (stored by this publish, or by another of the version that stored it first). Once "
+        "no publish of it is running and busy/part-mismatch/1 is still not stored, the version "
+        "cannot be published again until an admin removes them "
         "(PARTS_LEFT_BEHIND until then): `strongroom model rm busy/part-mismatch 1+part.0`; "
         "`strongroom model rm busy/part-mismatch 1+part.1` (a part that is not stored is "
         "NOT_FOUND: nothing to do)"
