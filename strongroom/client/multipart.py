@@ -288,7 +288,8 @@ def publish_parts(
     none is raised as it came (``grpc.RpcError``). A message that left parts names them and the
     commands that remove them; it names too, as one that may be stored, a part sent whole whose
     call ended as :func:`~strongroom.client.publish.unanswered` says (an outage lost its answer,
-    or the store answered about another artifact: ``DataLoss`` ``STORE_ANSWER_MISMATCH``), never deleted, its commands for once no
+    a ``ServerConnection``'s end, ``ConnectionEnded``, too, or the store answered about another
+    artifact: ``DataLoss`` ``STORE_ANSWER_MISMATCH``), never deleted, its commands for once no
     publish of the version runs and it is not stored (the part may be another publish's); a
     manifest's call ended so says the version may be published, and deletes nothing.
     An interrupt (``KeyboardInterrupt``) stops at once, deleting nothing, with a note
@@ -484,7 +485,8 @@ def publish_parts(
                 f"its own: keep them); if it is not stored, {len(versions)} part(s) it stored "
                 f"are left ({_versions(versions)}): {_unblock(name, versions)}"
             )
-            if isinstance(exc, StrongroomError):  # the answer about another artifact
+            # The answer about another artifact, or a ServerConnection's end: raised as they came.
+            if isinstance(exc, StrongroomError):
                 amend(exc, f"{said}; {kept}")
                 raise
             lost = outage_error(exc, said) if isinstance(exc, grpc.RpcError) else None

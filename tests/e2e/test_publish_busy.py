@@ -48,6 +48,7 @@ from strongroom.client.multipart import (
 )
 from strongroom.client.publish import Published, publish_model, upload_artifact
 from strongroom.client.remote import peer_reason
+from strongroom.client.server_evidence import ConnectionEnded
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
@@ -1987,6 +1988,117 @@ def test_a_part_that_may_be_another_publishs_is_removed_only_once_none_is_runnin
     ]
     for version in ("1", "1+part.0", "1+part.1"):
         _admin_rm(stack, "busy/race", version)
+
+
+class _Raising:
+    """A finished call's outcome that raises ``error``, as a ``ServerConnection``'s does."""
+
+    def __init__(self, error: BaseException) -> None:
+        self._error = error
+
+    def result(self, timeout: float | None = None) -> Any:
+        raise self._error
+
+    def exception(self, timeout: float | None = None) -> BaseException:
+        return self._error
+
+
+class ConnectionEndedAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """The publisher's upload numbered ``at`` (from 0) reaches the real store, which stores it;
+    the call then ends for the publisher as one on a ``ServerConnection`` whose connection ended
+    meanwhile: ``ConnectionEnded``, in place of gRPC's UNAVAILABLE."""
+
+    def __init__(self, at: int) -> None:
+        self._at = at
+        self.uploads = 0
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        outcome = continuation(details, request_iterator)
+        self.uploads += 1
+        if self.uploads - 1 != self._at:
+            return outcome
+        assert outcome.exception() is None  # stored
+        return _Raising(ConnectionEnded("the connection to the store has ended"))
+
+
+def test_a_lost_server_connection_is_an_answer_lost() -> None:
+    """ConnectionEnded (a StrongroomError, so not read by its status) said nothing may be
+    stored; its answer was lost with the connection, as an outage's."""
+    assert publish.unanswered(ConnectionEnded("ended")) == publish.ANSWER_LOST
+
+
+def test_a_part_whose_server_connection_ended_is_named_as_maybe_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The second part reached the store, which stored it, and the connection then ended
+    (ConnectionEnded, a ServerConnection's channel): the error named only the first part, the
+    second blocking the version unnamed. It is now named as may be stored, as after an outage."""
+    shards = _shards(tmp_path / "shards", 3)
+    store = grpc.intercept_channel(stack.channel(publisher, "modelstore"), ConnectionEndedAt(1))
+    with pytest.raises(ConnectionEnded) as info:
+        _publish(stack, publisher, shards, "busy/part-ended", store)
+    assert info.value.message.endswith(
+        "; 1 part(s) it stored could not be removed (a publisher may not delete): 1+part.0; the "
+        "part 1+part.1 may be stored: its upload reached the store, whose answer was lost (stored "
+        "by this publish, or by another of the version that stored it first). Once no publish "
+        "of it is running and busy/part-ended/1 is still not stored, the version cannot be "
+        "published again until an admin removes them (PARTS_LEFT_BEHIND until then): "
+        "`strongroom model rm busy/part-ended 1+part.0`; `strongroom model rm busy/part-ended "
+        "1+part.1` (a part that is not stored is NOT_FOUND: nothing to do)"
+    ), info.value.message
+    assert _records(stack, "busy/part-ended") == [
+        ("busy/part-ended", "1+part.0"),
+        ("busy/part-ended", "1+part.1"),
+    ]
+    for version in ("1+part.0", "1+part.1"):
+        _admin_rm(stack, "busy/part-ended", version)
+
+
+def test_a_manifest_whose_server_connection_ended_keeps_its_parts(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The manifest reached the store, which stored it (the version published), and the
+    connection then ended: the parts were deleted (or handed to an admin to remove), breaking the
+    published model. Now nothing is deleted and the error says the version may be published."""
+    shards = _shards(tmp_path / "shards", 2)
+    counted = CountCalls()
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), ConnectionEndedAt(2), counted
+    )
+    with pytest.raises(ConnectionEnded) as info:
+        _publish(stack, publisher, shards, "busy/manifest-ended", store)
+    assert "DeleteModel" not in counted.methods
+    assert (
+        "; busy/manifest-ended/1 may be published: its manifest reached the store, whose answer "
+        "was lost; `strongroom model ls busy/manifest-ended` lists it if so"
+    ) in info.value.message
+    assert _records(stack, "busy/manifest-ended") == [
+        ("busy/manifest-ended", "1"),
+        ("busy/manifest-ended", "1+part.0"),
+        ("busy/manifest-ended", "1+part.1"),
+    ]
+    for version in ("1", "1+part.0", "1+part.1"):
+        _admin_rm(stack, "busy/manifest-ended", version)
+
+
+def test_a_single_publish_whose_server_connection_ended_says_it_may_be_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """publish_model's whole artifact reached the store, which stored it, and the connection then
+    ended: ConnectionEnded said nothing of the version, which the store held."""
+    store = grpc.intercept_channel(stack.channel(publisher, "modelstore"), ConnectionEndedAt(0))
+    with pytest.raises(ConnectionEnded) as info:
+        _publish_one(
+            stack, publisher, _model_file(tmp_path, 3000), "busy/single-ended", store=store
+        )
+    assert info.value.message.endswith(
+        "; busy/single-ended/1 may be stored (`strongroom model ls busy/single-ended` lists it if "
+        "so): its whole artifact was sent, and the store's answer was lost"
+    ), info.value.message
+    assert _records(stack, "busy/single-ended") == [("busy/single-ended", "1")]
+    _admin_rm(stack, "busy/single-ended", "1")
 
 
 class _Answered:
