@@ -288,8 +288,10 @@ def publish_parts(
     none is raised as it came (``grpc.RpcError``). A message that left parts names them and the
     commands that remove them; it names too, as one that may be stored, a part sent whole whose
     call ended as :func:`~strongroom.client.publish.unanswered` says (an outage lost its answer,
-    or the store answered about another artifact: ``DataLoss`` ``STORE_ANSWER_MISMATCH``), never
-    deleted; a manifest's call ended so says the version may be published, and deletes nothing.
+    a ``ServerConnection``'s end, ``ConnectionEnded``, too, or the store answered about another
+    artifact: ``DataLoss`` ``STORE_ANSWER_MISMATCH``), never deleted, its commands for once no
+    publish of the version runs and it is not stored (the part may be another publish's); a
+    manifest's call ended so says the version may be published, and deletes nothing.
     An interrupt (``KeyboardInterrupt``) stops at once, deleting nothing, with a note
     (``add_note``) naming the parts that may be left and those commands.
     The look for parts a failed publish left ends within ``check_within`` seconds in all
@@ -483,7 +485,8 @@ def publish_parts(
                 f"its own: keep them); if it is not stored, {len(versions)} part(s) it stored "
                 f"are left ({_versions(versions)}): {_unblock(name, versions)}"
             )
-            if isinstance(exc, StrongroomError):  # the answer about another artifact
+            # The answer about another artifact, or a ServerConnection's end: raised as they came.
+            if isinstance(exc, StrongroomError):
                 amend(exc, f"{said}; {kept}")
                 raise
             lost = outage_error(exc, said) if isinstance(exc, grpc.RpcError) else None
@@ -514,10 +517,10 @@ def publish_parts(
         # did). Not deleted: no answer says this publish stored it, and a part another publish
         # of the version stored is its own.
         answer = unanswered(exc) if begun > len(stored) and whole.is_set() else None
-        maybe = None if answer is None else planned[begun - 1].header.model_version
+        maybe = None if answer is None else (planned[begun - 1].header.model_version, answer)
         # Until they are gone, publishing this version again is refused (PARTS_LEFT_BEHIND):
         # the publisher must know which to have removed.
-        note = _left_note(name, failed, maybe, answer or "") if failed or maybe else None
+        note = _left_note(name, version, failed, maybe) if failed or maybe else None
         if isinstance(exc, StrongroomError):
             if note is not None:
                 amend(exc, note)
@@ -608,8 +611,8 @@ def _interrupted_note(name: str, version: str, left: Sequence[str], manifest: bo
     return (
         f"interrupted: {maybe}{len(left)} part(s) whose upload had begun may be stored "
         f"({_versions(left)}; nothing was deleted: an interrupt does not wait for deletes). "
-        f"Once no publish of it is running and {name}/{version} is still not stored, "
-        f"{_unblock(name, left)} (a part that is not stored is NOT_FOUND: nothing to do)"
+        f"{_once_no_publish(name, version)}, {_unblock(name, left)} (a part that is not stored "
+        "is NOT_FOUND: nothing to do)"
     )
 
 
@@ -640,15 +643,15 @@ def _delete_best_effort(
 
 
 def _left_note(
-    name: str, failed: dict[str, str], maybe: str | None = None, answer: str = "was lost"
+    name: str, version: str, failed: dict[str, str], maybe: tuple[str, str] | None = None
 ) -> str:
-    """What blocks the version and who frees it how: ``failed`` maps the store versions of the
-    parts it stored and could not remove to the status their delete failed with; ``maybe`` is the
-    store version of a part sent whole whose call ended as
+    """What blocks ``name``/``version`` and who frees it how: ``failed`` maps the store versions
+    of the parts it stored and could not remove to the status their delete failed with;
+    ``maybe`` is the store version of a part sent whole whose call ended as
     :func:`~strongroom.client.publish.unanswered` says (it may be stored, as the manifest's case
-    says "may be published"), ``answer`` what that said of the store's answer. One sentence on
-    what is blocked until when, with one command form for every part: with a note each, both
-    cases said it twice, each with its own commands."""
+    says "may be published"), with what that said of the store's answer. One sentence on what
+    is blocked until when, with one command form for every part: with a note each, both cases
+    said it twice, each with its own commands."""
     said = []
     if failed:
         codes = sorted(set(failed.values()))
@@ -661,16 +664,27 @@ def _left_note(
         )
         versions = _versions(list(failed))
         said.append(f"{len(failed)} part(s) it stored could not be removed ({why}): {versions}")
-    if maybe is not None:
-        said.append(
-            f"the part {maybe} may be stored: its upload reached the store, whose answer {answer}"
-        )
-    # The part that may be stored comes after every part stored: its index is the highest.
-    left = list(failed) if maybe is None else [*failed, maybe]
-    note = f"{'; '.join(said)}; {_unblock(name, left)}"
     if maybe is None:
-        return note
-    return f"{note} (a part that is not stored is NOT_FOUND: nothing to do)"
+        return f"{'; '.join(said)}; {_unblock(name, list(failed))}"
+    part, answer = maybe
+    said.append(
+        f"the part {part} may be stored: its upload reached the store, whose answer {answer} "
+        "(stored by this publish, or by another of the version that stored it first)"
+    )
+    # Another publish's part: its model's once its manifest is stored, so removed by a command
+    # handed out unconditioned it broke every load of that model (PART_MISSING). The parts
+    # this publish stored are its own (their answers said so), but one command form covers
+    # them all. The part that may be stored has the highest index: it comes last.
+    return (
+        f"{'; '.join(said)}. {_once_no_publish(name, version)}, "
+        f"{_unblock(name, [*failed, part])} (a part that is not stored is NOT_FOUND: nothing to do)"
+    )
+
+
+def _once_no_publish(name: str, version: str) -> str:
+    """When removing parts of ``name``/``version`` that a publish may have stored is safe: a
+    part of a publish still running, or of one that completed, is its model's."""
+    return f"Once no publish of it is running and {name}/{version} is still not stored"
 
 
 def _unblock(name: str, left: Sequence[str]) -> str:
@@ -833,8 +847,7 @@ def _check_version_free(
             f"{name}/{version} has no manifest, but {len(left)} part(s) a publish of it stored "
             f"are left ({_versions(left)}, the last stored at "
             f"{last.isoformat(timespec='seconds')}): that publish failed, or "
-            "is still running; nothing was published. Once no publish of it is running and "
-            f"{name}/{version} is still not stored (a publish that completes makes them its "
-            f"model's parts), {_unblock(name, left)}",
+            f"is still running; nothing was published. {_once_no_publish(name, version)} (a "
+            f"publish that completes makes them its model's parts), {_unblock(name, left)}",
             reason=Reason.PARTS_LEFT_BEHIND,
         )

@@ -33,6 +33,7 @@ from strongroom.artifact.manifest import header_digest
 from strongroom.client.busy import CLIENT_RETRY, BusyRetry, retrying_busy
 from strongroom.client.mechanisms import header_mechanism
 from strongroom.client.remote import TRANSIENT, outages_raised_as_errors
+from strongroom.client.server_evidence import ConnectionEnded
 from strongroom.client.signing import BUNDLE_MEDIA_TYPE, sign_model, signed_digest
 from strongroom.errors import DataLoss, FailedPrecondition, StrongroomError
 from strongroom.identifiers import MAX_KEY_VERSION
@@ -221,21 +222,36 @@ def publish_model(
     return Published(response.model, time.perf_counter() - started, header_digest(header).hex())
 
 
+ANSWER_LOST = "was lost"
+"""What :func:`unanswered` says of the store's answer to an upload an outage ended: the one
+wording of it, in every publisher's message ("..., whose answer was lost")."""
+
+ANSWER_ABOUT_ANOTHER = "did not describe it"
+"""What :func:`unanswered` says of an answer OK about another artifact (STORE_ANSWER_MISMATCH)."""
+
+
 def unanswered(exc: BaseException) -> str | None:
     """How the store's answer left open whether it stored an upload whose last byte was sent:
-    ``"was lost"`` (an outage, :data:`~strongroom.client.remote.TRANSIENT`: a deadline passing,
-    the connection dropping, as the store committed) or ``"did not describe it"`` (DATA_LOSS
-    STORE_ANSWER_MISMATCH: the store answered OK, about another artifact); None for anything
-    else, above all a refusal of the store's (its word that it stored nothing).
+    :data:`ANSWER_LOST` (an outage, :data:`~strongroom.client.remote.TRANSIENT`: a deadline
+    passing, the connection dropping, as the store committed; or a
+    :class:`~strongroom.client.server_evidence.ConnectionEnded`, a ``ServerConnection``'s
+    channel lost) or :data:`ANSWER_ABOUT_ANOTHER` (DATA_LOSS STORE_ANSWER_MISMATCH: the store
+    answered OK, about another artifact); None for anything else, above all a refusal of the
+    store's (its word that it stored nothing).
 
     Every publisher's one rule for what "may be stored" (a version, a part, a manifest): the
     multi-part publisher named a part answered about another artifact as may be stored while
     the single-artifact ones said nothing of it, and deleted the parts of a version whose
     manifest was answered so (stored, a published model whose loads all failed)."""
+    if isinstance(exc, ConnectionEnded):
+        # The connection's end in place of gRPC's UNAVAILABLE (a StrongroomError, so not read
+        # as one below): after the last byte it is that outage, the store's answer lost with
+        # the connection. A library caller publishing over a ServerConnection was not told.
+        return ANSWER_LOST
     if isinstance(exc, StrongroomError):
-        return "did not describe it" if exc.reason == Reason.STORE_ANSWER_MISMATCH else None
+        return ANSWER_ABOUT_ANOTHER if exc.reason == Reason.STORE_ANSWER_MISMATCH else None
     if isinstance(exc, grpc.Call) and exc.code() in TRANSIENT:
-        return "was lost"
+        return ANSWER_LOST
     return None
 
 
@@ -265,7 +281,7 @@ def _unanswered_noted(name: str, version: str, whole: SentWhole, done: str) -> I
 def _outage_what(name: str, version: str, whole: SentWhole, done: str) -> str:
     if not whole.is_set():
         return f"{name}/{version} was not {done}"
-    return _may_be_stored(name, version, "was lost")
+    return _may_be_stored(name, version, ANSWER_LOST)
 
 
 def _may_be_stored(name: str, version: str, answer: str) -> str:

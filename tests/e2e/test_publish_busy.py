@@ -48,6 +48,7 @@ from strongroom.client.multipart import (
 )
 from strongroom.client.publish import Published, publish_model, upload_artifact
 from strongroom.client.remote import peer_reason
+from strongroom.client.server_evidence import ConnectionEnded
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
@@ -985,20 +986,24 @@ def test_parts_left_and_a_part_that_may_be_stored_are_one_note_with_one_command_
     """Each case alone keeps its wording; together, what is blocked until when is said once,
     and every part is in one command form: one loop for more than three."""
     unblock = "the version cannot be published again until an admin removes them "
-    assert _left_note("org/m", {"1+part.0": "PERMISSION_DENIED"}) == (
+    assert _left_note("org/m", "1", {"1+part.0": "PERMISSION_DENIED"}) == (
         "1 part(s) it stored could not be removed (a publisher may not delete): 1+part.0; "
         f"{unblock}(PARTS_LEFT_BEHIND until then): `strongroom model rm org/m 1+part.0`"
     )
-    assert _left_note("org/m", {}, "1+part.0") == (
-        "the part 1+part.0 may be stored: its upload reached the store, whose answer was lost; "
-        f"{unblock}(PARTS_LEFT_BEHIND until then): `strongroom model rm org/m 1+part.0` (a part "
-        "that is not stored is NOT_FOUND: nothing to do)"
+    assert _left_note("org/m", "1", {}, ("1+part.0", publish.ANSWER_LOST)) == (
+        "the part 1+part.0 may be stored: its upload reached the store, whose answer was lost "
+        "(stored by this publish, or by another of the version that stored it first). Once no "
+        f"publish of it is running and org/m/1 is still not stored, {unblock}(PARTS_LEFT_BEHIND "
+        "until then): `strongroom model rm org/m 1+part.0` (a part that is not stored is "
+        "NOT_FOUND: nothing to do)"
     )
     failed = {f"1+part.{i}": "UNAVAILABLE" for i in range(3)}
-    assert _left_note("org/m", failed, "1+part.3") == (
+    assert _left_note("org/m", "1", failed, ("1+part.3", publish.ANSWER_LOST)) == (
         "3 part(s) it stored could not be removed (deleting them failed: UNAVAILABLE): 1+part.0, "
         "1+part.1, 1+part.2; the part 1+part.3 may be stored: its upload reached the store, "
-        f"whose answer was lost; {unblock}(PARTS_LEFT_BEHIND until then): "
+        "whose answer was lost (stored by this publish, or by another of the version that "
+        "stored it first). Once no publish of it is running and org/m/1 is still not stored, "
+        f"{unblock}(PARTS_LEFT_BEHIND until then): "
         '`for n in $(seq 0 3); do strongroom model rm org/m "1+part.$n"; done` (a part that is '
         "not stored is NOT_FOUND: nothing to do)"
     )
@@ -1914,8 +1919,10 @@ def test_a_part_whose_answer_was_lost_to_an_outage_is_named_as_maybe_stored(
     assert info.value.message == (
         "busy/part-lost/1 was not published (DEADLINE_EXCEEDED: Deadline Exceeded); 1 part(s) it "
         "stored could not be removed (a publisher may not delete): 1+part.0; the part 1+part.1 "
-        "may be stored: its upload reached the store, whose answer was lost; the version cannot "
-        "be published again until an admin removes them (PARTS_LEFT_BEHIND until then): "
+        "may be stored: its upload reached the store, whose answer was lost (stored by this "
+        "publish, or by another of the version that stored it first). Once no publish of it is "
+        "running and busy/part-lost/1 is still not stored, the version cannot be published "
+        "again until an admin removes them (PARTS_LEFT_BEHIND until then): "
         "`strongroom model rm busy/part-lost 1+part.0`; `strongroom model rm busy/part-lost "
         "1+part.1` (a part that is not stored is NOT_FOUND: nothing to do)"
     )
@@ -1925,6 +1932,173 @@ def test_a_part_whose_answer_was_lost_to_an_outage_is_named_as_maybe_stored(
     ]
     for version in ("1+part.0", "1+part.1"):
         _admin_rm(stack, "busy/part-lost", version)
+
+
+class WinnerFirstAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """The publisher's upload numbered ``at`` (from 0) is read whole (its last byte handed over)
+    while ``winner``, another publish of the same version, runs to its end; the call then ends
+    UNAVAILABLE for the publisher, never reaching the store (had it, the store's refusal,
+    MODEL_EXISTS, was the answer the outage lost)."""
+
+    def __init__(self, at: int, winner: Callable[[], object]) -> None:
+        self._at = at
+        self._winner = winner
+        self.uploads = 0
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        self.uploads += 1
+        if self.uploads - 1 != self._at:
+            return continuation(details, request_iterator)
+        for _request in request_iterator:
+            pass
+        self._winner()
+        return _Ended(_Lost(grpc.StatusCode.UNAVAILABLE, "connection reset"))
+
+
+def test_a_part_that_may_be_another_publishs_is_removed_only_once_none_is_running(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """Two publishes of one version race: the winner stores its parts and its manifest while the
+    loser's first part is sent whole, and the loser's call then ends in an outage. The loser
+    named that part as may be stored with its `strongroom model rm` and no condition: an admin
+    following it removed the winner's part, and every load of the published model failed
+    PART_MISSING. The command now comes with the condition the check and the interrupt give:
+    once no publish of the version is running and it is still not stored."""
+    shards = _shards(tmp_path / "shards", 2)
+    own = stack.channel(publisher, "modelstore")
+    race = WinnerFirstAt(0, lambda: _publish(stack, publisher, shards, "busy/race", own))
+    store = grpc.intercept_channel(stack.channel(publisher, "modelstore"), race)
+    with pytest.raises(Unavailable) as info:
+        _publish(stack, publisher, shards, "busy/race", store)
+    message = info.value.message
+    assert message.startswith(
+        "busy/race/1 was not published (UNAVAILABLE: connection reset); the part 1+part.0 may be "
+        "stored: its upload reached the store, whose answer was lost (stored by this publish, or "
+        "by another of the version that stored it first). Once no publish of it is running and "
+        "busy/race/1 is still not stored, the version cannot be published again until an admin "
+        "removes them (PARTS_LEFT_BEHIND until then): `strongroom model rm busy/race 1+part.0`"
+    ), message
+    # The winner's model, whole: the condition (busy/race/1 is stored) says to remove nothing.
+    assert _records(stack, "busy/race") == [
+        ("busy/race", "1"),
+        ("busy/race", "1+part.0"),
+        ("busy/race", "1+part.1"),
+    ]
+    for version in ("1", "1+part.0", "1+part.1"):
+        _admin_rm(stack, "busy/race", version)
+
+
+class _Raising:
+    """A finished call's outcome that raises ``error``, as a ``ServerConnection``'s does."""
+
+    def __init__(self, error: BaseException) -> None:
+        self._error = error
+
+    def result(self, timeout: float | None = None) -> Any:
+        raise self._error
+
+    def exception(self, timeout: float | None = None) -> BaseException:
+        return self._error
+
+
+class ConnectionEndedAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """The publisher's upload numbered ``at`` (from 0) reaches the real store, which stores it;
+    the call then ends for the publisher as one on a ``ServerConnection`` whose connection ended
+    meanwhile: ``ConnectionEnded``, in place of gRPC's UNAVAILABLE."""
+
+    def __init__(self, at: int) -> None:
+        self._at = at
+        self.uploads = 0
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        outcome = continuation(details, request_iterator)
+        self.uploads += 1
+        if self.uploads - 1 != self._at:
+            return outcome
+        assert outcome.exception() is None  # stored
+        return _Raising(ConnectionEnded("the connection to the store has ended"))
+
+
+def test_a_lost_server_connection_is_an_answer_lost() -> None:
+    """ConnectionEnded (a StrongroomError, so not read by its status) said nothing may be
+    stored; its answer was lost with the connection, as an outage's."""
+    assert publish.unanswered(ConnectionEnded("ended")) == publish.ANSWER_LOST
+
+
+def test_a_part_whose_server_connection_ended_is_named_as_maybe_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The second part reached the store, which stored it, and the connection then ended
+    (ConnectionEnded, a ServerConnection's channel): the error named only the first part, the
+    second blocking the version unnamed. It is now named as may be stored, as after an outage."""
+    shards = _shards(tmp_path / "shards", 3)
+    store = grpc.intercept_channel(stack.channel(publisher, "modelstore"), ConnectionEndedAt(1))
+    with pytest.raises(ConnectionEnded) as info:
+        _publish(stack, publisher, shards, "busy/part-ended", store)
+    assert info.value.message.endswith(
+        "; 1 part(s) it stored could not be removed (a publisher may not delete): 1+part.0; the "
+        "part 1+part.1 may be stored: its upload reached the store, whose answer was lost (stored "
+        "by this publish, or by another of the version that stored it first). Once no publish "
+        "of it is running and busy/part-ended/1 is still not stored, the version cannot be "
+        "published again until an admin removes them (PARTS_LEFT_BEHIND until then): "
+        "`strongroom model rm busy/part-ended 1+part.0`; `strongroom model rm busy/part-ended "
+        "1+part.1` (a part that is not stored is NOT_FOUND: nothing to do)"
+    ), info.value.message
+    assert _records(stack, "busy/part-ended") == [
+        ("busy/part-ended", "1+part.0"),
+        ("busy/part-ended", "1+part.1"),
+    ]
+    for version in ("1+part.0", "1+part.1"):
+        _admin_rm(stack, "busy/part-ended", version)
+
+
+def test_a_manifest_whose_server_connection_ended_keeps_its_parts(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The manifest reached the store, which stored it (the version published), and the
+    connection then ended: the parts were deleted (or handed to an admin to remove), breaking the
+    published model. Now nothing is deleted and the error says the version may be published."""
+    shards = _shards(tmp_path / "shards", 2)
+    counted = CountCalls()
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), ConnectionEndedAt(2), counted
+    )
+    with pytest.raises(ConnectionEnded) as info:
+        _publish(stack, publisher, shards, "busy/manifest-ended", store)
+    assert "DeleteModel" not in counted.methods
+    assert (
+        "; busy/manifest-ended/1 may be published: its manifest reached the store, whose answer "
+        "was lost; `strongroom model ls busy/manifest-ended` lists it if so"
+    ) in info.value.message
+    assert _records(stack, "busy/manifest-ended") == [
+        ("busy/manifest-ended", "1"),
+        ("busy/manifest-ended", "1+part.0"),
+        ("busy/manifest-ended", "1+part.1"),
+    ]
+    for version in ("1", "1+part.0", "1+part.1"):
+        _admin_rm(stack, "busy/manifest-ended", version)
+
+
+def test_a_single_publish_whose_server_connection_ended_says_it_may_be_stored(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """publish_model's whole artifact reached the store, which stored it, and the connection then
+    ended: ConnectionEnded said nothing of the version, which the store held."""
+    store = grpc.intercept_channel(stack.channel(publisher, "modelstore"), ConnectionEndedAt(0))
+    with pytest.raises(ConnectionEnded) as info:
+        _publish_one(
+            stack, publisher, _model_file(tmp_path, 3000), "busy/single-ended", store=store
+        )
+    assert info.value.message.endswith(
+        "; busy/single-ended/1 may be stored (`strongroom model ls busy/single-ended` lists it if "
+        "so): its whole artifact was sent, and the store's answer was lost"
+    ), info.value.message
+    assert _records(stack, "busy/single-ended") == [("busy/single-ended", "1")]
+    _admin_rm(stack, "busy/single-ended", "1")
 
 
 class _Answered:
@@ -2008,7 +2182,9 @@ def test_a_part_whose_answer_describes_another_artifact_is_named_as_maybe_stored
     assert message.endswith(
         "; 1 part(s) it stored could not be removed (a publisher may not delete): 1+part.0; the "
         "part 1+part.1 may be stored: its upload reached the store, whose answer did not describe "
-        "it; the version cannot be published again until an admin removes them "
+        "it (stored by this publish, or by another of the version that stored it first). Once "
+        "no publish of it is running and busy/part-mismatch/1 is still not stored, the version "
+        "cannot be published again until an admin removes them "
         "(PARTS_LEFT_BEHIND until then): `strongroom model rm busy/part-mismatch 1+part.0`; "
         "`strongroom model rm busy/part-mismatch 1+part.1` (a part that is not stored is "
         "NOT_FOUND: nothing to do)"
