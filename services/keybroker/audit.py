@@ -861,11 +861,13 @@ class AuditLog(Closing):
         return self._closed
 
     def close(self) -> None:
-        """Closes the file descriptors (after any commit under way); idempotent."""
+        """Closes the file descriptors (after any commit under way); idempotent. A failure's
+        refused commits not yet logged are said (:meth:`OutageLines.closing`)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            self._outage.closing()
             self._head.close()
             for fd in (self._fd, self._dir_fd):
                 with contextlib.suppress(OSError):

@@ -8,6 +8,8 @@ once whenever the message changes: another file, another errno), then, while it 
 once per :data:`REPEAT_SECONDS` with the number of commits it refused since its last line; the
 first commit that succeeds after it says (INFO) how many went unlogged. A commit refused because
 the log was closed (the broker stopping) is not the operator's to fix: logged at WARNING, once.
+Commits a failure refused after its last line are said when the log closes (:meth:`closing`), not
+lost with a broker stopped during the outage; a count is logged with its own failure's ``reason``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class OutageLines:
         self._clock = clock
         self._lock = threading.Lock()
         self._failure: str | None = None  # the message of the failure under way
+        self._reason = ""  # and its reason, for the line that counts what it refused unlogged
         self._logged_at = 0.0
         self._unlogged = 0  # commits it refused since its last line
         self._closed_logged = False
@@ -51,20 +54,18 @@ class OutageLines:
         now = self._clock()
         with self._lock:
             previous, unlogged, since = self._failure, self._unlogged, now - self._logged_at
+            previous_reason = self._reason
             if error.message == previous and since < REPEAT_SECONDS:
                 self._unlogged += 1
                 return
             self._failure, self._logged_at, self._unlogged = error.message, now, 0
+            self._reason = error.reason
         extra = {"reason": error.reason}
         if error.message != previous:
             if previous is not None and unlogged:
                 # What the failure before this one did since its last line is not lost.
-                self._log.error(
-                    "the audit log's previous failure refused %d more commits after its last "
-                    "line: %s",
-                    unlogged,
-                    previous,
-                    extra=extra,
+                self._count_line(
+                    "the audit log's previous failure", unlogged, previous, previous_reason
                 )
             self._log.error("%s", error.message, extra=extra)
         else:
@@ -93,3 +94,21 @@ class OutageLines:
                 unlogged,
                 extra={"failure": failure},
             )
+
+    def closing(self) -> None:
+        """The log closes: the commits the failure under way refused since its last line are
+        said now (nothing would say them later: a broker stopped during an outage, to free the
+        disk, said only its first line)."""
+        with self._lock:
+            failure, unlogged, self._unlogged = self._failure, self._unlogged, 0
+        if failure is not None and unlogged:
+            self._count_line("the audit log closes: its failure", unlogged, failure, self._reason)
+
+    def _count_line(self, whose: str, unlogged: int, failure: str, reason: str) -> None:
+        self._log.error(
+            "%s refused %d more commits after its last line: %s",
+            whose,
+            unlogged,
+            failure,
+            extra={"reason": reason},
+        )

@@ -115,3 +115,65 @@ def test_records_after_the_log_closed_are_refused_with_one_warning_no_error(
             "the audit log is closed: records still arriving are refused (not logged again)",
         )
     ]
+
+
+def test_a_failure_s_count_is_said_when_the_log_closes_with_its_own_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Commits a failure refused after its last line were said only by a later line (the next
+    failure's, the first commit after it, a refusal a period later): a broker stopped during an
+    outage (to free the disk, say) never said how many decisions it refused since. And the count
+    of a failure a new one follows carried the new one's reason: an alert on ``AUDIT_LOG_FULL``
+    missed the full log's count, one on the other reason counted it."""
+    full = AuditUnavailable("the audit log has reached its size cap", reason="AUDIT_LOG_FULL")
+    lines = OutageLines(logging.getLogger(_LOGGER), clock=lambda: 100.0)
+    caplog.set_level(logging.INFO, _LOGGER)
+    for _ in range(3):
+        lines.refused(full)
+    lines.refused(LOCKED)
+    counted = [r for r in caplog.records if r.getMessage().startswith("the audit log's previous")]
+    assert [getattr(r, "reason", None) for r in counted] == ["AUDIT_LOG_FULL"]
+    caplog.clear()
+    lines.refused(LOCKED)
+    lines.closing()
+    lines.closing()  # said once
+    assert [(r.levelname, r.getMessage(), getattr(r, "reason", None)) for r in caplog.records] == [
+        (
+            "ERROR",
+            "the audit log closes: its failure refused 1 more commits after its last line: "
+            + LOCKED.message,
+            "AUDIT_UNAVAILABLE",
+        )
+    ]
+    caplog.clear()
+    lines = OutageLines(logging.getLogger(_LOGGER), clock=lambda: 100.0)
+    lines.refused(LOCKED)
+    lines.closing()  # nothing refused unsaid: no line
+    assert _lines(caplog) == [("ERROR", LOCKED.message)]
+
+
+def test_a_real_log_closed_during_an_outage_says_what_it_refused_unlogged(
+    log_path: Path, key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real log at its size cap (AUDIT_LOG_FULL): the first refusal is logged, the rest are
+    counted, and closing the log says the count."""
+    log = AuditLog.open(log_path, key, max_bytes=8 * 1024)
+    caplog.set_level(logging.INFO, _LOGGER)
+    refused = 0
+    for n in range(200):
+        try:
+            log.append(event(n))
+        except AuditUnavailable:
+            refused += 1
+    assert refused > 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "size cap" in errors[0]
+    caplog.clear()
+    log.close()
+    assert _lines(caplog) == [
+        (
+            "ERROR",
+            f"the audit log closes: its failure refused {refused - 1} more commits after its "
+            f"last line: {errors[0]}",
+        )
+    ]
