@@ -38,6 +38,7 @@ from strongroom.keybroker.refusals import (
     REFUSAL_RATE,
     RefusalRecords,
     callers_fault,
+    log_unaudited,
     record_counts,
 )
 from strongroom.keybroker.release import Caller
@@ -57,10 +58,12 @@ def _naming(policy: StoredPolicy | None) -> dict[str, object]:
 def _unrecorded_refusal(action: str, refusal: StrongroomError, failure: StrongroomError) -> None:
     """Logs a refusal the audit log would not take (full, failing, tampered with): its caller
     still hears the refusal itself, and the record's count is carried by the next one."""
-    _log.error(
-        "could not audit a refused %s",
-        action,
-        extra={"reason": refusal.reason, "audit_failure": failure.reason},
+    log_unaudited(
+        _log,
+        f"refused {action}",
+        refusal.reason,
+        budgeted=callers_fault(refusal),
+        audit_failure=failure.reason,
     )
 
 

@@ -36,7 +36,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from strongroom.errors import StrongroomError, caused_by_caller
+from strongroom.errors import REFUSAL_LINE, StrongroomError, caused_by_caller
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.errors import PolicyUnreadable, StoredPolicyInvalid
 from strongroom.reasons import Reason
@@ -67,6 +67,23 @@ def callers_fault(refusal: StrongroomError) -> bool:
     burst, or leave the broker's own failures counted instead of recorded."""
     return caused_by_caller(refusal) and not isinstance(
         refusal, PolicyUnreadable | StoredPolicyInvalid
+    )
+
+
+def log_unaudited(
+    log: logging.Logger, refused: str, reason: str, *, budgeted: bool, **fields: object
+) -> None:
+    """Logs, to the refusing module's ``log``, a refusal (``refused``: ``denied key release``,
+    ``refused generate_data_key``; its ``reason``) the audit log would not record: a WARNING,
+    within its caller's budget of refusal lines when ``budgeted`` (the refusal was its own:
+    :func:`callers_fault`). The audit
+    log's failure has its own line (an outage's bounded ERROR, a tamper's CRITICAL when found);
+    an ERROR here per refused call let a caller flood the log while the disk was full. One rule
+    for every refusal the broker audits, the key release's and the key service's alike."""
+    log.warning(
+        "could not audit a %s",
+        refused,
+        extra={"reason": reason, **fields, REFUSAL_LINE: budgeted},
     )
 
 

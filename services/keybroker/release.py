@@ -58,6 +58,7 @@ from strongroom.keybroker.refusals import (
     BROKER_REFUSAL_BURST,
     RefusalRecords,
     callers_fault,
+    log_unaudited,
     record_counts,
 )
 from strongroom.keybroker.unwrap_first import UnwrapFirst
@@ -580,7 +581,7 @@ class ReleaseEngine:
             self._audit.append(AuditEvent(decision=Decision.DENIED, reason=reason, **context))
             return True
         except AuditUnavailable:
-            self._unaudited(reason, who, budgeted=budgeted)
+            log_unaudited(log, "denied key release", reason, budgeted=budgeted, **who)
             return False
         except StrongroomError:
             pass  # a field the log does not take: the refusal is recorded without the request's
@@ -596,17 +597,6 @@ class ReleaseEngine:
                 )
             )
         except StrongroomError:
-            self._unaudited(reason, who, budgeted=budgeted)
+            log_unaudited(log, "denied key release", reason, budgeted=budgeted, **who)
             return False
         return True
-
-    @staticmethod
-    def _unaudited(reason: str, who: dict[str, Any], *, budgeted: bool) -> None:
-        """Logs a denial the audit log refused to record. A WARNING, within the caller's budget
-        of lines when it chose the refusal: the audit log logs the failure itself at ERROR
-        (bounded), and an ERROR here per refused caller let anyone with a certificate flood the
-        log while the disk was full."""
-        log.warning(
-            "could not audit a denied key release",
-            extra={"reason": reason, **who, REFUSAL_LINE: budgeted},
-        )
