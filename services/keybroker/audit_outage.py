@@ -99,10 +99,15 @@ class OutageLines:
         """The log closes: the commits the failure under way refused since its last line are
         said now (nothing would say them later: a broker stopped during an outage, to free the
         disk, said only its first line)."""
-        with self._lock:
-            failure, unlogged, self._unlogged = self._failure, self._unlogged, 0
+        with self._lock:  # a commit refused as the log closes may be logging (it is unlocked)
+            failure, reason, unlogged, self._unlogged = (
+                self._failure,
+                self._reason,
+                self._unlogged,
+                0,
+            )
         if failure is not None and unlogged:
-            self._count_line("the audit log closes: its failure", unlogged, failure, self._reason)
+            self._count_line("the audit log closes: its failure", unlogged, failure, reason)
 
     def _count_line(self, whose: str, unlogged: int, failure: str, reason: str) -> None:
         self._log.error(
