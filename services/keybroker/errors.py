@@ -95,7 +95,6 @@ class AuditLogClosed(AuditUnavailable):
     record the log cannot keep, but nothing for the operator to fix (logged once, at WARNING)."""
 
     def __init__(self, message: str = "the audit log is closed") -> None:
-        # ``message``: each caller is raised a copy, made by calling the class with it.
         super().__init__(
             message, public="the key broker is stopping: its audit log takes no more records"
         )
