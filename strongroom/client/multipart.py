@@ -393,6 +393,7 @@ def publish_parts(
     whole = SentWhole()  # the last begun part's current try handed over its last byte
     progress_of = TryProgress(progress)  # a try's progress ends with it, every part's alike
     manifest_begun = False
+    manifest_whole = SentWhole()  # the manifest's current try handed over its last byte
     try:
         for plan in planned:
             begun += 1
@@ -456,6 +457,7 @@ def publish_parts(
                 name=name,
                 version=version,
                 timeout=timeout,
+                sent_whole=manifest_whole.next_try(),
             ),
             retry,
             what=f"the manifest of {name}/{version}",
@@ -467,8 +469,12 @@ def publish_parts(
         interrupt.add_note(_interrupted_note(name, version, may_be_left, manifest_begun))
         raise
     except BaseException as exc:
-        # The one rule (unanswered) for the manifest as for a part and a single artifact.
-        answer = unanswered(exc) if manifest_begun else None
+        # The one rule (unanswered) for the manifest as for a part and a single artifact: only
+        # once its last byte was handed over. A call that ended before (refused as the
+        # connection had ended, ConnectionEnded, or UNAVAILABLE before it connected) cannot have
+        # stored it (no final chunk): the version was not published, and its parts are removed
+        # as after any failure, where "may be published" kept them and said it reached the store.
+        answer = unanswered(exc) if manifest_begun and manifest_whole.is_set() else None
         if answer is not None:
             # An outage ends a call the store may have committed (a deadline passing, or the
             # connection dropping, as it stored the manifest), and an answer OK about another

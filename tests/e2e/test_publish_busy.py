@@ -2083,6 +2083,67 @@ def test_a_manifest_whose_server_connection_ended_keeps_its_parts(
         _admin_rm(stack, "busy/manifest-ended", version)
 
 
+class EndedBeforeSentAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """The publisher's upload numbered ``at`` (from 0) ends with ``error`` before a byte of it is
+    sent (its requests never read): a ``ServerConnection``'s call made once its connection had
+    ended (``ConnectionEnded``), or a channel's that could not connect (UNAVAILABLE)."""
+
+    def __init__(self, at: int, error: BaseException) -> None:
+        self._at = at
+        self._error = error
+        self.uploads = 0
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        self.uploads += 1
+        if self.uploads - 1 != self._at:
+            return continuation(details, request_iterator)
+        return _Raising(self._error)
+
+
+@pytest.mark.parametrize(
+    ("error", "raised"),
+    [
+        (ConnectionEnded("the connection to the store has ended"), ConnectionEnded),
+        (_CallError(_Lost(grpc.StatusCode.UNAVAILABLE, "failed to connect")), Unavailable),
+    ],
+    ids=["connection-ended", "unavailable"],
+)
+def test_a_manifest_call_that_ended_before_its_last_byte_removes_the_parts(
+    stack: DevStack,
+    publisher: WorkloadIdentity,
+    tmp_path: Path,
+    error: BaseException,
+    raised: type[Exception],
+) -> None:
+    """The manifest's call ended before any of it was sent (the ServerConnection's connection
+    had ended as the last part was answered, or the store could not be reached): no store can
+    have stored it, yet the publisher said the version may be published, "its manifest reached
+    the store", and kept the parts it could have removed. Now, as after any failure, the version
+    was not published and the parts it stored are removed or named with their commands."""
+    shards = _shards(tmp_path / "shards", 2)
+    counted = CountCalls()
+    name = f"busy/manifest-unsent-{raised.__name__.lower()}"
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), EndedBeforeSentAt(2, error), counted
+    )
+    with pytest.raises(raised) as info:
+        _publish(stack, publisher, shards, name, store)
+    assert counted.methods.count("DeleteModel") == 2
+    message = str(info.value)
+    assert "may be published" not in message and "reached the store" not in message, message
+    assert message.endswith(
+        f"2 part(s) it stored could not be removed (a publisher may not delete): 1+part.0, "
+        f"1+part.1; the version cannot be published again until an admin removes them "
+        f"(PARTS_LEFT_BEHIND until then): `strongroom model rm {name} 1+part.0`; "
+        f"`strongroom model rm {name} 1+part.1`"
+    ), message
+    assert _records(stack, name) == [(name, "1+part.0"), (name, "1+part.1")]
+    for version in ("1+part.0", "1+part.1"):
+        _admin_rm(stack, name, version)
+
+
 def test_a_single_publish_whose_server_connection_ended_says_it_may_be_stored(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
