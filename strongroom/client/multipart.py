@@ -689,8 +689,13 @@ def _left_note(
 
 def _once_no_publish(name: str, version: str) -> str:
     """When removing parts of ``name``/``version`` that a publish may have stored is safe: a
-    part of a publish still running, or of one that completed, is its model's."""
-    return f"Once no publish of it is running and {name}/{version} is still not stored"
+    part of a publish still running, or of one that completed, is its model's. With the command
+    that shows the second half (as the single-file interrupt note and a manifest's lost answer
+    give it): without it the admin had a condition and no way named to check it."""
+    return (
+        f"Once no publish of it is running and {name}/{version} is still not stored "
+        f"(`strongroom model ls {shlex.quote(name)}` lists it if so)"
+    )
 
 
 def _unblock(name: str, left: Sequence[str]) -> str:
@@ -852,8 +857,8 @@ def _check_version_free(
         raise FailedPrecondition(
             f"{name}/{version} has no manifest, but {len(left)} part(s) a publish of it stored "
             f"are left ({_versions(left)}, the last stored at "
-            f"{last.isoformat(timespec='seconds')}): that publish failed, or "
-            f"is still running; nothing was published. {_once_no_publish(name, version)} (a "
-            f"publish that completes makes them its model's parts), {_unblock(name, left)}",
+            f"{last.isoformat(timespec='seconds')}): that publish failed, or is still running "
+            "(a publish that completes makes them its model's parts); nothing was published. "
+            f"{_once_no_publish(name, version)}, {_unblock(name, left)}",
             reason=Reason.PARTS_LEFT_BEHIND,
         )

@@ -942,7 +942,12 @@ def test_parts_left_by_a_publish_out_of_retries_are_named_with_their_command_and
     # it then failed). They come with the condition, and when the last part was stored.
     stored_at = admin_stat("1+part.0").stored_at.ToDatetime(tzinfo=UTC)
     assert f"the last stored at {stored_at.isoformat(timespec='seconds')}" in message
-    assert "Once no publish of it is running and busy/left/1 is still not stored" in message
+    assert (
+        "that publish failed, or is still running (a publish that completes makes them its "
+        "model's parts); nothing was published. Once no publish of it is running and "
+        "busy/left/1 is still not stored (`strongroom model ls busy/left` lists it if so), the "
+        "version cannot be published again until an admin removes them"
+    ) in message
 
     admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/left", version="1+part.0"))
     _publish(stack, publisher, shards, "busy/left", stack.channel(publisher, "modelstore"))
@@ -993,17 +998,17 @@ def test_parts_left_and_a_part_that_may_be_stored_are_one_note_with_one_command_
     assert _left_note("org/m", "1", {}, ("1+part.0", publish.ANSWER_LOST)) == (
         "the part 1+part.0 may be stored: its upload reached the store, whose answer was lost "
         "(stored by this publish, or by another of the version that stored it first). Once no "
-        f"publish of it is running and org/m/1 is still not stored, {unblock}(PARTS_LEFT_BEHIND "
-        "until then): `strongroom model rm org/m 1+part.0` (a part that is not stored is "
-        "NOT_FOUND: nothing to do)"
+        "publish of it is running and org/m/1 is still not stored (`strongroom model ls org/m` "
+        f"lists it if so), {unblock}(PARTS_LEFT_BEHIND until then): `strongroom model rm org/m "
+        "1+part.0` (a part that is not stored is NOT_FOUND: nothing to do)"
     )
     failed = {f"1+part.{i}": "UNAVAILABLE" for i in range(3)}
     assert _left_note("org/m", "1", failed, ("1+part.3", publish.ANSWER_LOST)) == (
         "3 part(s) it stored could not be removed (deleting them failed: UNAVAILABLE): 1+part.0, "
         "1+part.1, 1+part.2; the part 1+part.3 may be stored: its upload reached the store, "
         "whose answer was lost (stored by this publish, or by another of the version that "
-        "stored it first). Once no publish of it is running and org/m/1 is still not stored, "
-        f"{unblock}(PARTS_LEFT_BEHIND until then): "
+        "stored it first). Once no publish of it is running and org/m/1 is still not stored "
+        f"(`strongroom model ls org/m` lists it if so), {unblock}(PARTS_LEFT_BEHIND until then): "
         '`for n in $(seq 0 3); do strongroom model rm org/m "1+part.$n"; done` (a part that is '
         "not stored is NOT_FOUND: nothing to do)"
     )
@@ -1048,7 +1053,10 @@ def test_parts_left_with_a_gap_are_all_named_and_refused_before_any_data_key(
     assert "4 part(s) a publish of it stored are left (1+part.1 to 1+part.5, with gaps" in message
     command = '`for n in 1 $(seq 3 5); do strongroom model rm busy/gap "1+part.$n"; done`'
     assert command in message
-    assert "Once no publish of it is running and busy/gap/1 is still not stored" in message
+    assert (
+        "Once no publish of it is running and busy/gap/1 is still not stored (`strongroom model "
+        "ls busy/gap` lists it if so), the version cannot be published again"
+    ) in message
     assert _records(stack, "busy/gap") == [("busy/gap", f"1+part.{i}") for i in (1, 3, 4, 5)]
 
     # What the command removes (1, 3, 4, 5) frees the version.
@@ -1355,6 +1363,12 @@ def test_an_interrupted_publish_stops_at_once_and_names_what_may_be_left(
     assert note.startswith("interrupted: busy/interrupted/1 was not published; ")
     assert "whose upload had begun may be stored (1+part.0" in note
     assert "nothing was deleted: an interrupt does not wait for deletes" in note
+    # Part 0 may be another publish's of the version: its command only under the condition.
+    assert (
+        "Once no publish of it is running and busy/interrupted/1 is still not stored "
+        "(`strongroom model ls busy/interrupted` lists it if so), the version cannot be "
+        "published again until an admin removes them"
+    ) in note
     assert "`strongroom model rm busy/interrupted 1+part.0`" in note
     assert _records(stack, "busy/interrupted") == [("busy/interrupted", "1+part.0")]
     _admin_rm(stack, "busy/interrupted", "1+part.0")
@@ -1921,8 +1935,9 @@ def test_a_part_whose_answer_was_lost_to_an_outage_is_named_as_maybe_stored(
         "stored could not be removed (a publisher may not delete): 1+part.0; the part 1+part.1 "
         "may be stored: its upload reached the store, whose answer was lost (stored by this "
         "publish, or by another of the version that stored it first). Once no publish of it is "
-        "running and busy/part-lost/1 is still not stored, the version cannot be published "
-        "again until an admin removes them (PARTS_LEFT_BEHIND until then): "
+        "running and busy/part-lost/1 is still not stored (`strongroom model ls busy/part-lost` "
+        "lists it if so), the version cannot be published again until an admin removes them "
+        "(PARTS_LEFT_BEHIND until then): "
         "`strongroom model rm busy/part-lost 1+part.0`; `strongroom model rm busy/part-lost "
         "1+part.1` (a part that is not stored is NOT_FOUND: nothing to do)"
     )
@@ -1977,8 +1992,9 @@ def test_a_part_that_may_be_another_publishs_is_removed_only_once_none_is_runnin
         "busy/race/1 was not published (UNAVAILABLE: connection reset); the part 1+part.0 may be "
         "stored: its upload reached the store, whose answer was lost (stored by this publish, or "
         "by another of the version that stored it first). Once no publish of it is running and "
-        "busy/race/1 is still not stored, the version cannot be published again until an admin "
-        "removes them (PARTS_LEFT_BEHIND until then): `strongroom model rm busy/race 1+part.0`"
+        "busy/race/1 is still not stored (`strongroom model ls busy/race` lists it if so), the "
+        "version cannot be published again until an admin removes them (PARTS_LEFT_BEHIND until "
+        "then): `strongroom model rm busy/race 1+part.0`"
     ), message
     # The winner's model, whole: the condition (busy/race/1 is stored) says to remove nothing.
     assert _records(stack, "busy/race") == [
@@ -2043,8 +2059,9 @@ def test_a_part_whose_server_connection_ended_is_named_as_maybe_stored(
         "; 1 part(s) it stored could not be removed (a publisher may not delete): 1+part.0; the "
         "part 1+part.1 may be stored: its upload reached the store, whose answer was lost (stored "
         "by this publish, or by another of the version that stored it first). Once no publish "
-        "of it is running and busy/part-ended/1 is still not stored, the version cannot be "
-        "published again until an admin removes them (PARTS_LEFT_BEHIND until then): "
+        "of it is running and busy/part-ended/1 is still not stored (`strongroom model ls "
+        "busy/part-ended` lists it if so), the version cannot be published again until an "
+        "admin removes them (PARTS_LEFT_BEHIND until then): "
         "`strongroom model rm busy/part-ended 1+part.0`; `strongroom model rm busy/part-ended "
         "1+part.1` (a part that is not stored is NOT_FOUND: nothing to do)"
     ), info.value.message
@@ -2244,8 +2261,9 @@ def test_a_part_whose_answer_describes_another_artifact_is_named_as_maybe_stored
         "; 1 part(s) it stored could not be removed (a publisher may not delete): 1+part.0; the "
         "part 1+part.1 may be stored: its upload reached the store, whose answer did not describe "
         "it (stored by this publish, or by another of the version that stored it first). Once "
-        "no publish of it is running and busy/part-mismatch/1 is still not stored, the version "
-        "cannot be published again until an admin removes them "
+        "no publish of it is running and busy/part-mismatch/1 is still not stored (`strongroom "
+        "model ls busy/part-mismatch` lists it if so), the version cannot be published again "
+        "until an admin removes them "
         "(PARTS_LEFT_BEHIND until then): `strongroom model rm busy/part-mismatch 1+part.0`; "
         "`strongroom model rm busy/part-mismatch 1+part.1` (a part that is not stored is "
         "NOT_FOUND: nothing to do)"
