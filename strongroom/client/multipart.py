@@ -499,11 +499,21 @@ def publish_parts(
             assert lost is not None  # an outage: unanswered() read its status in TRANSIENT
             amend(lost, kept)
             raise lost from exc
+        # The part's whole artifact was sent, and the call ended as unanswered() says leaves
+        # open whether it was stored (an answer lost to an outage, or one about another
+        # artifact): the part may be stored, and then blocks the version as any part left
+        # does, though neither the deletes nor the note knew of it (the next publish's check
+        # did). Not deleted: no answer says this publish stored it, and a part another publish
+        # of the version stored is its own.
+        answer = unanswered(exc) if begun > len(stored) and whole.is_set() else None
+        maybe = None if answer is None else (planned[begun - 1].header.model_version, answer)
         try:
             failed = _delete_best_effort(stub, stored)
         except KeyboardInterrupt as interrupt:
-            # Ctrl-C while the deletes wait: any part stored may still be there.
-            left = [info.version for info in stored]
+            # Ctrl-C while the deletes wait: any part stored may still be there, and so may the
+            # one whose answer was lost (its note named only the parts stored, so the version
+            # stayed blocked by a part no message named).
+            left = [info.version for info in stored] + ([] if maybe is None else [maybe[0]])
             interrupt.add_note(_interrupted_note(name, version, left, manifest=False))
             raise interrupt from exc
         # One rule for what is an outage (remote.TRANSIENT), parts left or not: the store down,
@@ -516,14 +526,6 @@ def publish_parts(
         error = (
             None if ended is None else outage_error(ended, f"{name}/{version} was not published")
         )
-        # The part's whole artifact was sent, and the call ended as unanswered() says leaves
-        # open whether it was stored (an answer lost to an outage, or one about another
-        # artifact): the part may be stored, and then blocks the version as any part left
-        # does, though neither the deletes nor the note knew of it (the next publish's check
-        # did). Not deleted: no answer says this publish stored it, and a part another publish
-        # of the version stored is its own.
-        answer = unanswered(exc) if begun > len(stored) and whole.is_set() else None
-        maybe = None if answer is None else (planned[begun - 1].header.model_version, answer)
         # Until they are gone, publishing this version again is refused (PARTS_LEFT_BEHIND):
         # the publisher must know which to have removed.
         note = _left_note(name, version, failed, maybe) if failed or maybe else None

@@ -1949,6 +1949,49 @@ def test_a_part_whose_answer_was_lost_to_an_outage_is_named_as_maybe_stored(
         _admin_rm(stack, "busy/part-lost", version)
 
 
+class InterruptedDeletes(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """Ctrl-C as the publisher's first DeleteModel waits (raised in the publishing thread, where
+    Python delivers SIGINT); every other call goes through."""
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        if details.method.endswith("/DeleteModel"):
+            raise KeyboardInterrupt
+        return continuation(details, request)
+
+
+def test_an_interrupt_of_the_deletes_names_the_part_whose_answer_was_lost(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The second part was stored and its answer lost (DEADLINE_EXCEEDED), and Ctrl-C came while
+    the publisher deleted the first: the interrupt's note named the first part alone, the second
+    blocking the version unnamed until the next publish's check found it. It is named too, under
+    the same condition."""
+    shards = _shards(tmp_path / "shards", 3)
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"),
+        AnswerLostAt(1, grpc.StatusCode.DEADLINE_EXCEEDED),
+        InterruptedDeletes(),
+    )
+    with pytest.raises(KeyboardInterrupt) as info:
+        _publish(stack, publisher, shards, "busy/deletes-stopped", store)
+    (note,) = info.value.__notes__
+    assert note.startswith(
+        "interrupted: busy/deletes-stopped/1 was not published; 2 part(s) whose upload had begun "
+        "may be stored (1+part.0, 1+part.1; nothing was deleted: an interrupt does not wait for "
+        "deletes). Once no publish of it is running and busy/deletes-stopped/1 is still not "
+        "stored (`strongroom model ls busy/deletes-stopped` lists it if so), "
+    ), note
+    assert "`strongroom model rm busy/deletes-stopped 1+part.1`" in note
+    assert _records(stack, "busy/deletes-stopped") == [
+        ("busy/deletes-stopped", "1+part.0"),
+        ("busy/deletes-stopped", "1+part.1"),
+    ]
+    for version in ("1+part.0", "1+part.1"):
+        _admin_rm(stack, "busy/deletes-stopped", version)
+
+
 class WinnerFirstAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
     """The publisher's upload numbered ``at`` (from 0) is read whole (its last byte handed over)
     while ``winner``, another publish of the same version, runs to its end; the call then ends
