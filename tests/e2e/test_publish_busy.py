@@ -48,7 +48,7 @@ from strongroom.client.multipart import (
 )
 from strongroom.client.publish import Published, publish_model, upload_artifact
 from strongroom.client.remote import peer_reason
-from strongroom.client.server_evidence import ConnectionEnded
+from strongroom.client.server_evidence import ConnectionEnded, ServerConnection
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
@@ -2202,6 +2202,67 @@ def test_a_manifest_call_that_ended_before_its_last_byte_removes_the_parts(
     assert _records(stack, name) == [(name, "1+part.0"), (name, "1+part.1")]
     for version in ("1+part.0", "1+part.1"):
         _admin_rm(stack, name, version)
+
+
+def test_a_manifest_refused_by_a_real_ended_server_connection_does_not_say_it_may_be_published(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """A real ServerConnection to the store, which stops once both parts are stored: the
+    connection ends, and the manifest's call is refused at once (ConnectionEnded, not a byte
+    sent). The publisher said the version may be published, its manifest having reached the
+    store; now it says which parts it stored and could not remove, and their commands."""
+    shards = _shards(tmp_path / "shards", 2)
+    connection = ServerConnection.of_identity(
+        publisher,
+        stack.address("modelstore"),
+        server_name="modelstore",
+        server_id=stack.spiffe_id("modelstore"),
+    )
+    probe = store_grpc.ModelStoreServiceStub(connection.channel)
+
+    def ended() -> bool:
+        try:
+            probe.StatModel(store_pb.StatModelRequest(name="x", version="1"), timeout=1)
+        except ConnectionEnded:
+            return True
+        except grpc.RpcError:
+            pass
+        return False
+
+    stops = StopStoreBefore(stack, 2)
+
+    class Wait(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+        """The manifest's call (the store stopped) goes on once the connection has ended."""
+
+        def intercept_stream_unary(
+            self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+        ) -> Any:
+            if stops.uploads == 3:
+                assert settled(ended)
+            return continuation(details, request_iterator)
+
+    with connection, _store_restarted(stack), pytest.raises(ConnectionEnded) as info:
+        _publish(
+            stack,
+            publisher,
+            shards,
+            "busy/manifest-refused",
+            grpc.intercept_channel(connection.channel, stops, Wait()),
+        )
+    message = str(info.value)
+    assert "may be published" not in message, message
+    assert message.endswith(
+        "2 part(s) it stored could not be removed (deleting them failed: UNAVAILABLE): 1+part.0, "
+        "1+part.1; the version cannot be published again until an admin removes them "
+        "(PARTS_LEFT_BEHIND until then): `strongroom model rm busy/manifest-refused 1+part.0`; "
+        "`strongroom model rm busy/manifest-refused 1+part.1`"
+    ), message
+    assert _records(stack, "busy/manifest-refused") == [
+        ("busy/manifest-refused", "1+part.0"),
+        ("busy/manifest-refused", "1+part.1"),
+    ]
+    for version in ("1+part.0", "1+part.1"):
+        _admin_rm(stack, "busy/manifest-refused", version)
 
 
 def test_a_single_publish_whose_server_connection_ended_says_it_may_be_stored(
