@@ -17,6 +17,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -56,6 +57,41 @@ class RaisedAsRpcError(grpc.RpcError):
     def trailing_metadata(self) -> tuple[Any, ...]:
         """None was received."""
         return ()
+
+    # A finished call's outcome too, as gRPC's own errors are: a channel wrapped again in
+    # grpc.intercept_channel returns the RpcError its inner channel raised as the outcome, and
+    # calls result() on it; without these that was an AttributeError in place of this error.
+    def result(self, timeout: float | None = None) -> Any:
+        """Raises this error: the call failed."""
+        raise self
+
+    def exception(self, timeout: float | None = None) -> BaseException:
+        """This error."""
+        return self
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        """Where this error was raised."""
+        return self.__traceback__
+
+    def done(self) -> bool:
+        """Done: failed."""
+        return True
+
+    def running(self) -> bool:
+        """Not running."""
+        return False
+
+    def cancelled(self) -> bool:
+        """Not cancelled: failed."""
+        return False
+
+    def cancel(self) -> bool:
+        """Already ended."""
+        return False
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        """Calls ``fn`` at once: the call is done."""
+        fn(self)
 
 
 class _RefusedBeforeTheCall(PeerUnauthenticated, RaisedAsRpcError):

@@ -393,6 +393,7 @@ def publish_parts(
     whole = SentWhole()  # the last begun part's current try handed over its last byte
     progress_of = TryProgress(progress)  # a try's progress ends with it, every part's alike
     manifest_begun = False
+    manifest_whole = SentWhole()  # the manifest's current try handed over its last byte
     try:
         for plan in planned:
             begun += 1
@@ -456,6 +457,7 @@ def publish_parts(
                 name=name,
                 version=version,
                 timeout=timeout,
+                sent_whole=manifest_whole.next_try(),
             ),
             retry,
             what=f"the manifest of {name}/{version}",
@@ -467,8 +469,12 @@ def publish_parts(
         interrupt.add_note(_interrupted_note(name, version, may_be_left, manifest_begun))
         raise
     except BaseException as exc:
-        # The one rule (unanswered) for the manifest as for a part and a single artifact.
-        answer = unanswered(exc) if manifest_begun else None
+        # The one rule (unanswered) for the manifest as for a part and a single artifact: only
+        # once its last byte was handed over. A call that ended before (refused as the
+        # connection had ended, ConnectionEnded, or UNAVAILABLE before it connected) cannot have
+        # stored it (no final chunk): the version was not published, and its parts are removed
+        # as after any failure, where "may be published" kept them and said it reached the store.
+        answer = unanswered(exc) if manifest_begun and manifest_whole.is_set() else None
         if answer is not None:
             # An outage ends a call the store may have committed (a deadline passing, or the
             # connection dropping, as it stored the manifest), and an answer OK about another
@@ -493,11 +499,21 @@ def publish_parts(
             assert lost is not None  # an outage: unanswered() read its status in TRANSIENT
             amend(lost, kept)
             raise lost from exc
+        # The part's whole artifact was sent, and the call ended as unanswered() says leaves
+        # open whether it was stored (an answer lost to an outage, or one about another
+        # artifact): the part may be stored, and then blocks the version as any part left
+        # does, though neither the deletes nor the note knew of it (the next publish's check
+        # did). Not deleted: no answer says this publish stored it, and a part another publish
+        # of the version stored is its own.
+        answer = unanswered(exc) if begun > len(stored) and whole.is_set() else None
+        maybe = None if answer is None else (planned[begun - 1].header.model_version, answer)
         try:
             failed = _delete_best_effort(stub, stored)
         except KeyboardInterrupt as interrupt:
-            # Ctrl-C while the deletes wait: any part stored may still be there.
-            left = [info.version for info in stored]
+            # Ctrl-C while the deletes wait: any part stored may still be there, and so may the
+            # one whose answer was lost (its note named only the parts stored, so the version
+            # stayed blocked by a part no message named).
+            left = [info.version for info in stored] + ([] if maybe is None else [maybe[0]])
             interrupt.add_note(_interrupted_note(name, version, left, manifest=False))
             raise interrupt from exc
         # One rule for what is an outage (remote.TRANSIENT), parts left or not: the store down,
@@ -510,14 +526,6 @@ def publish_parts(
         error = (
             None if ended is None else outage_error(ended, f"{name}/{version} was not published")
         )
-        # The part's whole artifact was sent, and the call ended as unanswered() says leaves
-        # open whether it was stored (an answer lost to an outage, or one about another
-        # artifact): the part may be stored, and then blocks the version as any part left
-        # does, though neither the deletes nor the note knew of it (the next publish's check
-        # did). Not deleted: no answer says this publish stored it, and a part another publish
-        # of the version stored is its own.
-        answer = unanswered(exc) if begun > len(stored) and whole.is_set() else None
-        maybe = None if answer is None else (planned[begun - 1].header.model_version, answer)
         # Until they are gone, publishing this version again is refused (PARTS_LEFT_BEHIND):
         # the publisher must know which to have removed.
         note = _left_note(name, version, failed, maybe) if failed or maybe else None
@@ -683,8 +691,13 @@ def _left_note(
 
 def _once_no_publish(name: str, version: str) -> str:
     """When removing parts of ``name``/``version`` that a publish may have stored is safe: a
-    part of a publish still running, or of one that completed, is its model's."""
-    return f"Once no publish of it is running and {name}/{version} is still not stored"
+    part of a publish still running, or of one that completed, is its model's. With the command
+    that shows the second half (as the single-file interrupt note and a manifest's lost answer
+    give it): without it the admin had a condition and no way named to check it."""
+    return (
+        f"Once no publish of it is running and {name}/{version} is still not stored "
+        f"(`strongroom model ls {shlex.quote(name)}` lists it if so)"
+    )
 
 
 def _unblock(name: str, left: Sequence[str]) -> str:
@@ -846,8 +859,8 @@ def _check_version_free(
         raise FailedPrecondition(
             f"{name}/{version} has no manifest, but {len(left)} part(s) a publish of it stored "
             f"are left ({_versions(left)}, the last stored at "
-            f"{last.isoformat(timespec='seconds')}): that publish failed, or "
-            f"is still running; nothing was published. {_once_no_publish(name, version)} (a "
-            f"publish that completes makes them its model's parts), {_unblock(name, left)}",
+            f"{last.isoformat(timespec='seconds')}): that publish failed, or is still running "
+            "(a publish that completes makes them its model's parts); nothing was published. "
+            f"{_once_no_publish(name, version)}, {_unblock(name, left)}",
             reason=Reason.PARTS_LEFT_BEHIND,
         )

@@ -48,7 +48,7 @@ from strongroom.client.multipart import (
 )
 from strongroom.client.publish import Published, publish_model, upload_artifact
 from strongroom.client.remote import peer_reason
-from strongroom.client.server_evidence import ConnectionEnded
+from strongroom.client.server_evidence import ConnectionEnded, ServerConnection
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
 from strongroom.dev.simulated import SimulatedAuthority
@@ -942,7 +942,12 @@ def test_parts_left_by_a_publish_out_of_retries_are_named_with_their_command_and
     # it then failed). They come with the condition, and when the last part was stored.
     stored_at = admin_stat("1+part.0").stored_at.ToDatetime(tzinfo=UTC)
     assert f"the last stored at {stored_at.isoformat(timespec='seconds')}" in message
-    assert "Once no publish of it is running and busy/left/1 is still not stored" in message
+    assert (
+        "that publish failed, or is still running (a publish that completes makes them its "
+        "model's parts); nothing was published. Once no publish of it is running and "
+        "busy/left/1 is still not stored (`strongroom model ls busy/left` lists it if so), the "
+        "version cannot be published again until an admin removes them"
+    ) in message
 
     admin.DeleteModel(store_pb.DeleteModelRequest(name="busy/left", version="1+part.0"))
     _publish(stack, publisher, shards, "busy/left", stack.channel(publisher, "modelstore"))
@@ -993,17 +998,17 @@ def test_parts_left_and_a_part_that_may_be_stored_are_one_note_with_one_command_
     assert _left_note("org/m", "1", {}, ("1+part.0", publish.ANSWER_LOST)) == (
         "the part 1+part.0 may be stored: its upload reached the store, whose answer was lost "
         "(stored by this publish, or by another of the version that stored it first). Once no "
-        f"publish of it is running and org/m/1 is still not stored, {unblock}(PARTS_LEFT_BEHIND "
-        "until then): `strongroom model rm org/m 1+part.0` (a part that is not stored is "
-        "NOT_FOUND: nothing to do)"
+        "publish of it is running and org/m/1 is still not stored (`strongroom model ls org/m` "
+        f"lists it if so), {unblock}(PARTS_LEFT_BEHIND until then): `strongroom model rm org/m "
+        "1+part.0` (a part that is not stored is NOT_FOUND: nothing to do)"
     )
     failed = {f"1+part.{i}": "UNAVAILABLE" for i in range(3)}
     assert _left_note("org/m", "1", failed, ("1+part.3", publish.ANSWER_LOST)) == (
         "3 part(s) it stored could not be removed (deleting them failed: UNAVAILABLE): 1+part.0, "
         "1+part.1, 1+part.2; the part 1+part.3 may be stored: its upload reached the store, "
         "whose answer was lost (stored by this publish, or by another of the version that "
-        "stored it first). Once no publish of it is running and org/m/1 is still not stored, "
-        f"{unblock}(PARTS_LEFT_BEHIND until then): "
+        "stored it first). Once no publish of it is running and org/m/1 is still not stored "
+        f"(`strongroom model ls org/m` lists it if so), {unblock}(PARTS_LEFT_BEHIND until then): "
         '`for n in $(seq 0 3); do strongroom model rm org/m "1+part.$n"; done` (a part that is '
         "not stored is NOT_FOUND: nothing to do)"
     )
@@ -1048,7 +1053,10 @@ def test_parts_left_with_a_gap_are_all_named_and_refused_before_any_data_key(
     assert "4 part(s) a publish of it stored are left (1+part.1 to 1+part.5, with gaps" in message
     command = '`for n in 1 $(seq 3 5); do strongroom model rm busy/gap "1+part.$n"; done`'
     assert command in message
-    assert "Once no publish of it is running and busy/gap/1 is still not stored" in message
+    assert (
+        "Once no publish of it is running and busy/gap/1 is still not stored (`strongroom model "
+        "ls busy/gap` lists it if so), the version cannot be published again"
+    ) in message
     assert _records(stack, "busy/gap") == [("busy/gap", f"1+part.{i}") for i in (1, 3, 4, 5)]
 
     # What the command removes (1, 3, 4, 5) frees the version.
@@ -1355,6 +1363,12 @@ def test_an_interrupted_publish_stops_at_once_and_names_what_may_be_left(
     assert note.startswith("interrupted: busy/interrupted/1 was not published; ")
     assert "whose upload had begun may be stored (1+part.0" in note
     assert "nothing was deleted: an interrupt does not wait for deletes" in note
+    # Part 0 may be another publish's of the version: its command only under the condition.
+    assert (
+        "Once no publish of it is running and busy/interrupted/1 is still not stored "
+        "(`strongroom model ls busy/interrupted` lists it if so), the version cannot be "
+        "published again until an admin removes them"
+    ) in note
     assert "`strongroom model rm busy/interrupted 1+part.0`" in note
     assert _records(stack, "busy/interrupted") == [("busy/interrupted", "1+part.0")]
     _admin_rm(stack, "busy/interrupted", "1+part.0")
@@ -1921,8 +1935,9 @@ def test_a_part_whose_answer_was_lost_to_an_outage_is_named_as_maybe_stored(
         "stored could not be removed (a publisher may not delete): 1+part.0; the part 1+part.1 "
         "may be stored: its upload reached the store, whose answer was lost (stored by this "
         "publish, or by another of the version that stored it first). Once no publish of it is "
-        "running and busy/part-lost/1 is still not stored, the version cannot be published "
-        "again until an admin removes them (PARTS_LEFT_BEHIND until then): "
+        "running and busy/part-lost/1 is still not stored (`strongroom model ls busy/part-lost` "
+        "lists it if so), the version cannot be published again until an admin removes them "
+        "(PARTS_LEFT_BEHIND until then): "
         "`strongroom model rm busy/part-lost 1+part.0`; `strongroom model rm busy/part-lost "
         "1+part.1` (a part that is not stored is NOT_FOUND: nothing to do)"
     )
@@ -1932,6 +1947,49 @@ def test_a_part_whose_answer_was_lost_to_an_outage_is_named_as_maybe_stored(
     ]
     for version in ("1+part.0", "1+part.1"):
         _admin_rm(stack, "busy/part-lost", version)
+
+
+class InterruptedDeletes(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """Ctrl-C as the publisher's first DeleteModel waits (raised in the publishing thread, where
+    Python delivers SIGINT); every other call goes through."""
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        if details.method.endswith("/DeleteModel"):
+            raise KeyboardInterrupt
+        return continuation(details, request)
+
+
+def test_an_interrupt_of_the_deletes_names_the_part_whose_answer_was_lost(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The second part was stored and its answer lost (DEADLINE_EXCEEDED), and Ctrl-C came while
+    the publisher deleted the first: the interrupt's note named the first part alone, the second
+    blocking the version unnamed until the next publish's check found it. It is named too, under
+    the same condition."""
+    shards = _shards(tmp_path / "shards", 3)
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"),
+        AnswerLostAt(1, grpc.StatusCode.DEADLINE_EXCEEDED),
+        InterruptedDeletes(),
+    )
+    with pytest.raises(KeyboardInterrupt) as info:
+        _publish(stack, publisher, shards, "busy/deletes-stopped", store)
+    (note,) = info.value.__notes__
+    assert note.startswith(
+        "interrupted: busy/deletes-stopped/1 was not published; 2 part(s) whose upload had begun "
+        "may be stored (1+part.0, 1+part.1; nothing was deleted: an interrupt does not wait for "
+        "deletes). Once no publish of it is running and busy/deletes-stopped/1 is still not "
+        "stored (`strongroom model ls busy/deletes-stopped` lists it if so), "
+    ), note
+    assert "`strongroom model rm busy/deletes-stopped 1+part.1`" in note
+    assert _records(stack, "busy/deletes-stopped") == [
+        ("busy/deletes-stopped", "1+part.0"),
+        ("busy/deletes-stopped", "1+part.1"),
+    ]
+    for version in ("1+part.0", "1+part.1"):
+        _admin_rm(stack, "busy/deletes-stopped", version)
 
 
 class WinnerFirstAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
@@ -1977,8 +2035,9 @@ def test_a_part_that_may_be_another_publishs_is_removed_only_once_none_is_runnin
         "busy/race/1 was not published (UNAVAILABLE: connection reset); the part 1+part.0 may be "
         "stored: its upload reached the store, whose answer was lost (stored by this publish, or "
         "by another of the version that stored it first). Once no publish of it is running and "
-        "busy/race/1 is still not stored, the version cannot be published again until an admin "
-        "removes them (PARTS_LEFT_BEHIND until then): `strongroom model rm busy/race 1+part.0`"
+        "busy/race/1 is still not stored (`strongroom model ls busy/race` lists it if so), the "
+        "version cannot be published again until an admin removes them (PARTS_LEFT_BEHIND until "
+        "then): `strongroom model rm busy/race 1+part.0`"
     ), message
     # The winner's model, whole: the condition (busy/race/1 is stored) says to remove nothing.
     assert _records(stack, "busy/race") == [
@@ -2043,8 +2102,9 @@ def test_a_part_whose_server_connection_ended_is_named_as_maybe_stored(
         "; 1 part(s) it stored could not be removed (a publisher may not delete): 1+part.0; the "
         "part 1+part.1 may be stored: its upload reached the store, whose answer was lost (stored "
         "by this publish, or by another of the version that stored it first). Once no publish "
-        "of it is running and busy/part-ended/1 is still not stored, the version cannot be "
-        "published again until an admin removes them (PARTS_LEFT_BEHIND until then): "
+        "of it is running and busy/part-ended/1 is still not stored (`strongroom model ls "
+        "busy/part-ended` lists it if so), the version cannot be published again until an "
+        "admin removes them (PARTS_LEFT_BEHIND until then): "
         "`strongroom model rm busy/part-ended 1+part.0`; `strongroom model rm busy/part-ended "
         "1+part.1` (a part that is not stored is NOT_FOUND: nothing to do)"
     ), info.value.message
@@ -2081,6 +2141,128 @@ def test_a_manifest_whose_server_connection_ended_keeps_its_parts(
     ]
     for version in ("1", "1+part.0", "1+part.1"):
         _admin_rm(stack, "busy/manifest-ended", version)
+
+
+class EndedBeforeSentAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """The publisher's upload numbered ``at`` (from 0) ends with ``error`` before a byte of it is
+    sent (its requests never read): a ``ServerConnection``'s call made once its connection had
+    ended (``ConnectionEnded``), or a channel's that could not connect (UNAVAILABLE)."""
+
+    def __init__(self, at: int, error: BaseException) -> None:
+        self._at = at
+        self._error = error
+        self.uploads = 0
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        self.uploads += 1
+        if self.uploads - 1 != self._at:
+            return continuation(details, request_iterator)
+        return _Raising(self._error)
+
+
+@pytest.mark.parametrize(
+    ("error", "raised"),
+    [
+        (ConnectionEnded("the connection to the store has ended"), ConnectionEnded),
+        (_CallError(_Lost(grpc.StatusCode.UNAVAILABLE, "failed to connect")), Unavailable),
+    ],
+    ids=["connection-ended", "unavailable"],
+)
+def test_a_manifest_call_that_ended_before_its_last_byte_removes_the_parts(
+    stack: DevStack,
+    publisher: WorkloadIdentity,
+    tmp_path: Path,
+    error: BaseException,
+    raised: type[Exception],
+) -> None:
+    """The manifest's call ended before any of it was sent (the ServerConnection's connection
+    had ended as the last part was answered, or the store could not be reached): no store can
+    have stored it, yet the publisher said the version may be published, "its manifest reached
+    the store", and kept the parts it could have removed. Now, as after any failure, the version
+    was not published and the parts it stored are removed or named with their commands."""
+    shards = _shards(tmp_path / "shards", 2)
+    counted = CountCalls()
+    name = f"busy/manifest-unsent-{raised.__name__.lower()}"
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), EndedBeforeSentAt(2, error), counted
+    )
+    with pytest.raises(raised) as info:
+        _publish(stack, publisher, shards, name, store)
+    assert counted.methods.count("DeleteModel") == 2
+    message = str(info.value)
+    assert "may be published" not in message and "reached the store" not in message, message
+    assert message.endswith(
+        f"2 part(s) it stored could not be removed (a publisher may not delete): 1+part.0, "
+        f"1+part.1; the version cannot be published again until an admin removes them "
+        f"(PARTS_LEFT_BEHIND until then): `strongroom model rm {name} 1+part.0`; "
+        f"`strongroom model rm {name} 1+part.1`"
+    ), message
+    assert _records(stack, name) == [(name, "1+part.0"), (name, "1+part.1")]
+    for version in ("1+part.0", "1+part.1"):
+        _admin_rm(stack, name, version)
+
+
+def test_a_manifest_refused_by_a_real_ended_server_connection_does_not_say_it_may_be_published(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """A real ServerConnection to the store, which stops once both parts are stored: the
+    connection ends, and the manifest's call is refused at once (ConnectionEnded, not a byte
+    sent). The publisher said the version may be published, its manifest having reached the
+    store; now it says which parts it stored and could not remove, and their commands."""
+    shards = _shards(tmp_path / "shards", 2)
+    connection = ServerConnection.of_identity(
+        publisher,
+        stack.address("modelstore"),
+        server_name="modelstore",
+        server_id=stack.spiffe_id("modelstore"),
+    )
+    probe = store_grpc.ModelStoreServiceStub(connection.channel)
+
+    def ended() -> bool:
+        try:
+            probe.StatModel(store_pb.StatModelRequest(name="x", version="1"), timeout=1)
+        except ConnectionEnded:
+            return True
+        except grpc.RpcError:
+            pass
+        return False
+
+    stops = StopStoreBefore(stack, 2)
+
+    class Wait(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+        """The manifest's call (the store stopped) goes on once the connection has ended."""
+
+        def intercept_stream_unary(
+            self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+        ) -> Any:
+            if stops.uploads == 3:
+                assert settled(ended)
+            return continuation(details, request_iterator)
+
+    with connection, _store_restarted(stack), pytest.raises(ConnectionEnded) as info:
+        _publish(
+            stack,
+            publisher,
+            shards,
+            "busy/manifest-refused",
+            grpc.intercept_channel(connection.channel, stops, Wait()),
+        )
+    message = str(info.value)
+    assert "may be published" not in message, message
+    assert message.endswith(
+        "2 part(s) it stored could not be removed (deleting them failed: UNAVAILABLE): 1+part.0, "
+        "1+part.1; the version cannot be published again until an admin removes them "
+        "(PARTS_LEFT_BEHIND until then): `strongroom model rm busy/manifest-refused 1+part.0`; "
+        "`strongroom model rm busy/manifest-refused 1+part.1`"
+    ), message
+    assert _records(stack, "busy/manifest-refused") == [
+        ("busy/manifest-refused", "1+part.0"),
+        ("busy/manifest-refused", "1+part.1"),
+    ]
+    for version in ("1+part.0", "1+part.1"):
+        _admin_rm(stack, "busy/manifest-refused", version)
 
 
 def test_a_single_publish_whose_server_connection_ended_says_it_may_be_stored(
@@ -2183,8 +2365,9 @@ def test_a_part_whose_answer_describes_another_artifact_is_named_as_maybe_stored
         "; 1 part(s) it stored could not be removed (a publisher may not delete): 1+part.0; the "
         "part 1+part.1 may be stored: its upload reached the store, whose answer did not describe "
         "it (stored by this publish, or by another of the version that stored it first). Once "
-        "no publish of it is running and busy/part-mismatch/1 is still not stored, the version "
-        "cannot be published again until an admin removes them "
+        "no publish of it is running and busy/part-mismatch/1 is still not stored (`strongroom "
+        "model ls busy/part-mismatch` lists it if so), the version cannot be published again "
+        "until an admin removes them "
         "(PARTS_LEFT_BEHIND until then): `strongroom model rm busy/part-mismatch 1+part.0`; "
         "`strongroom model rm busy/part-mismatch 1+part.1` (a part that is not stored is "
         "NOT_FOUND: nothing to do)"
