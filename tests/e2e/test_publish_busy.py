@@ -12,6 +12,7 @@ tried, records and blobs stored.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import signal
@@ -636,32 +637,78 @@ class OneAhead(BusyBefore):
         return super().intercept_stream_unary(continuation, details, ahead())
 
 
+class HeldReads:
+    """Every file the publisher opens (``publish._open_readable``), its reads in gRPC's feeding
+    threads put in the order in which tries sharing one handle lost bytes: the refused try's
+    feeding thread, at its second read (one made, one to come in the same ``next()`` when the
+    store's refusal ends the call, :class:`OneAhead`), waits until the retry's feeding thread is
+    about to make its first, which waits until that held read has returned. With one handle the
+    retry sought back, the held read took the retry's bytes.
+
+    Held at the read, not in ``progress``: the retry starts only once the refused try's call of
+    ``progress`` has returned (:class:`~strongroom.client.publish.TryProgress`), so a thread held
+    there until the retry began held both until the bound (30 s) and read after it, in no set
+    order with the retry."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.refused_try: threading.Thread | None = None
+        self._reads = 0
+        self.retry_reads = threading.Event()  # the retry's feeding thread is about to read
+        self.held_read = threading.Event()  # the refused try's held read has returned
+        hold = self
+
+        class Held(io.BufferedReader):
+            def read(self, size: int | None = -1) -> bytes:
+                with hold.ordered():
+                    return super().read(size)
+
+            def readinto(self, buffer: Any) -> int:
+                with hold.ordered():
+                    return super().readinto(buffer)
+
+        def opened(path: Path) -> BinaryIO:
+            return Held(io.FileIO(path))
+
+        monkeypatch.setattr(publish, "_open_readable", opened)
+
+    @contextmanager
+    def ordered(self) -> Iterator[None]:
+        """One read, held as the class says (the main thread's reads are not a try's)."""
+        me = threading.current_thread()
+        if me is threading.main_thread():
+            yield
+            return
+        if self.refused_try is None:
+            self.refused_try = me
+        if me is not self.refused_try:
+            if not self.retry_reads.is_set():
+                self.retry_reads.set()
+                self.held_read.wait(30)
+            yield
+            return
+        self._reads += 1
+        if self._reads != 2:
+            yield
+            return
+        self.retry_reads.wait(30)
+        try:
+            yield
+        finally:
+            self.held_read.set()
+
+
 def test_a_refused_try_still_reading_does_not_move_the_retry_s_read_position(
-    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The refused try's feeding thread is inside next() when the store's refusal ends the call
-    (:class:`OneAhead`); it is held there (in ``progress``, between the two reads of a file
-    shorter than a chunk) until the retry has begun, and let go before the retry reads. The tries
-    shared one file handle: the held thread read from where the retry had just sought back to,
-    and the retry found the unchanged file short (PLAINTEXT_SIZE_MISMATCH)."""
+    (:class:`OneAhead`), between the two reads of a file shorter than a chunk; its second read is
+    held until the retry is about to read (:class:`HeldReads`). The tries shared one file handle:
+    the held thread read from where the retry had just sought back to, and the retry found the
+    unchanged file short (PLAINTEXT_SIZE_MISMATCH)."""
     path = tmp_path / "model.bin"
     content = os.urandom(5000)
     path.write_bytes(content)
-    held, retried = threading.Event(), threading.Event()
-    threads: list[threading.Thread] = []
-
-    def progress(done: int, total: int) -> None:
-        me = threading.current_thread()
-        if not threads:
-            threads.append(me)
-        if me is threads[0]:
-            if done and not held.is_set():  # read once, a read to come in this next()
-                held.set()
-                retried.wait(30)
-        elif not retried.is_set():  # the retry's first call, before it reads
-            retried.set()
-            threads[0].join(30)
-
+    reads = HeldReads(monkeypatch)
     uploads = OneAhead(stack, publisher, refused={0})
     published = _publish_one(
         stack,
@@ -669,10 +716,9 @@ def test_a_refused_try_still_reading_does_not_move_the_retry_s_read_position(
         path,
         "busy/position",
         store=_store(stack, publisher, uploads),
-        progress=progress,
         retry=BusyRetry(sleep=lambda _seconds: None),
     )
-    assert held.is_set() and retried.is_set()  # the race was run, not missed
+    assert reads.retry_reads.is_set() and reads.held_read.is_set()  # the race was run, not missed
     assert uploads.outcomes == [REFUSED, ("OK", None)]
     assert published.model.artifact_size > len(content)
     reader = stack.identity("inference")
@@ -682,36 +728,21 @@ def test_a_refused_try_still_reading_does_not_move_the_retry_s_read_position(
 
 
 def test_a_refused_upload_still_reading_does_not_move_the_retry_s_read_position(
-    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`strongroom model upload`: as for a publish, the refused try's feeding thread, held in
-    next() (``progress``, before its second read) until the retry has read its first block, read
-    the second from the handle the tries shared; the retry missed it and ended MODEL_FILE_CHANGED
-    for a file nobody changed."""
+    next() before its second read until the retry is about to read its first block
+    (:class:`HeldReads`), read the second from the handle the tries shared; the retry missed it
+    and ended MODEL_FILE_CHANGED for a file nobody changed."""
     path = _artifact_file(tmp_path, "busy/reread", 3 * 1024 * 1024)
-    held, retried = threading.Event(), threading.Event()
-    threads: list[threading.Thread] = []
-
-    def progress(done: int, total: int) -> None:
-        me = threading.current_thread()
-        if not threads:
-            threads.append(me)
-        if me is threads[0]:
-            if not held.is_set():  # sent one block, a read to come in this next()
-                held.set()
-                retried.wait(30)
-        elif not retried.is_set():  # the retry has read one block
-            retried.set()
-            threads[0].join(30)
-
+    reads = HeldReads(monkeypatch)
     uploads = OneAhead(stack, publisher, refused={0})
     uploaded = upload_artifact(
         path,
         store=_store(stack, publisher, uploads),
-        progress=progress,
         retry=BusyRetry(sleep=lambda _seconds: None),
     )
-    assert held.is_set() and retried.is_set()  # the race was run, not missed
+    assert reads.retry_reads.is_set() and reads.held_read.is_set()  # the race was run, not missed
     assert uploads.outcomes == [REFUSED, ("OK", None)]
     assert uploaded.model.artifact_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -478,9 +478,10 @@ def test_a_load_refused_past_its_certificates_release_budget_is_retried(
     RESOURCE_EXHAUSTED RELEASES_RATE_LIMITED and failed at once, although a grant came back
     within the retry window. It is retried with the busy refusals' back-off now; a refused
     release takes no grant, so the retries cannot spend the budget they wait for."""
-    # One grant per certificate at once, then one each 10 s: the first load spends it, and the
-    # second's release is refused until it is back, well within the 60 s given to its retries.
-    with _one_grant_each(stack, tmp_path, "granted", ("first", "second"), 0.1) as inference:
+    # One grant per certificate at once, then one each 4 s: the first load spends it, and the
+    # second's release is refused until it is back, well within the 60 s given to its retries
+    # (the first load, a small model, ends well within the 4 s: its grant is not back before).
+    with _one_grant_each(stack, tmp_path, "granted", ("first", "second"), 0.25) as inference:
         inference.loader.load("first", "1")
         with caplog.at_level(logging.WARNING, logger="strongroom.inference.loader"):
             inference.loader.load_with_retry("second", "1", within=60)

@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -76,19 +77,23 @@ def _writes_in(trace: Path) -> list[str]:
 
 
 def _files_with(canary: bytes, roots: list[Path], since: float) -> list[str]:
+    # One stat a file, no Path per name: /tmp holds every test's files (274,000 on a shared
+    # host, 6.4 s a walk with a stat, an is_file stat and a Path each; three walks a run).
     hits = []
     for root in roots:
+        recent_only = root == Path("/tmp")
         for dirpath, _dirs, files in os.walk(root, onerror=lambda _e: None):
             for name in files:
-                path = Path(dirpath) / name
+                path = os.path.join(dirpath, name)
                 try:
-                    stat = path.stat()
-                    if root == Path("/tmp") and stat.st_mtime < since:
+                    info = os.stat(path)
+                    if recent_only and info.st_mtime < since:
                         continue
-                    if not path.is_file() or stat.st_size > 512 << 20:
+                    if not stat.S_ISREG(info.st_mode) or info.st_size > 512 << 20:
                         continue
-                    if canary in path.read_bytes():
-                        hits.append(str(path))
+                    with open(path, "rb") as file:
+                        if canary in file.read():
+                            hits.append(path)
                 except OSError:
                     continue
     return hits
