@@ -3,11 +3,10 @@ closed are refused, and that is one WARNING, not an operator's ERROR per refused
 
 The stop drains the handlers before it closes the log (``ServiceHost.stop``), but only for
 ``HANDLER_DRAIN_SECONDS``: a handler still deciding past that (stuck storage, a slow HSM) met a
-closed log, and each of its batches logged ERROR ``the audit log is closed``. Here the storage is
-made slow for real: the child holds the audit log's ``flock``, so the releases in flight queue on
-the log behind a commit waiting for it; the broker is stopped with the drain bound 0 (its
-``close`` then waits for that commit), and the lock let go: the commit under way ends, and the
-batches queued behind it meet the closed log. The broker is real, over real mTLS.
+closed log, and each of its batches logged ERROR ``the audit log is closed``. Here four releases
+are held inside their handlers (at the evidence's verification) while the broker is stopped
+with the drain bound 0, which leaves them running and closes the log; let go once it is closed,
+each meets the closed log. The broker is real, over real mTLS.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from tests.conftest import REPO
 
 SCRIPT = textwrap.dedent(
     """
-    import fcntl, json, logging, os, sys, threading, time
+    import json, logging, sys, threading, time
     from pathlib import Path
     import grpc
     from strongroom.api.keybroker.v1 import keybroker_pb2 as pb, keybroker_pb2_grpc as pb_grpc
@@ -34,11 +33,10 @@ SCRIPT = textwrap.dedent(
     from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
     from strongroom.attesters import SimulatedAttester, TeeType
     from strongroom.client.keyrelease import KeyReleaseClient
-    from strongroom.keybroker import audit as audit_module
     from strongroom.runtime import server as host_module
+    from strongroom.keybroker import release as release_module
 
     host_module.HANDLER_DRAIN_SECONDS = 0.0  # the handlers in flight are left running
-    audit_module.LOG_LOCK_WAIT_SECONDS = 60.0  # the commit waits until the lock is let go
     out = {"released": 0}
 
     class Kept(logging.Handler):
@@ -61,40 +59,41 @@ SCRIPT = textwrap.dedent(
                                      claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)})
         client = KeyReleaseClient(stack.channel(inference, "keybroker"), attester,
                                   inference.public_key_der, verifier=stack.release_verifier())
-        stopping = threading.Event()
-        def keep_releasing():
-            while not stopping.is_set():
-                try:
-                    client.release("k", generated.key_version, generated.wrapped_data_key)
-                    out["released"] += 1
-                except grpc.RpcError:
-                    pass
+        # Releases held inside their handlers (at the evidence's verification, before any audit
+        # record) while the stop runs to its end: with the drain bound 0 the stop leaves them
+        # running and closes the audit log; let go then, each meets the closed log. Holding them
+        # there makes it so every run (queued on the log's lock instead, the commit under way
+        # could take the queued records before the close took the lock, and nothing was refused).
+        holding, gate, held = threading.Event(), threading.Event(), []
+        verify = release_module.verify_evidence
+        def held_verify(*args, **kwargs):
+            if holding.is_set():
+                held.append(threading.current_thread().name)
+                gate.wait(60)
+            return verify(*args, **kwargs)
+        release_module.verify_evidence = held_verify
         client.release("k", generated.key_version, generated.wrapped_data_key)
         audit = running.handle.audit
-        held = os.open(stack.root / "state" / "keybroker" / "audit.log", os.O_RDONLY)
-        fcntl.flock(held, fcntl.LOCK_EX)
-        threads = [threading.Thread(target=keep_releasing) for _ in range(8)]
+        holding.set()
+        def release_once():
+            try:
+                client.release("k", generated.key_version, generated.wrapped_data_key)
+                out["released"] += 1
+            except grpc.RpcError:
+                pass
+        threads = [threading.Thread(target=release_once) for _ in range(4)]
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + 60
-        while len(audit._queue) < 4 and time.monotonic() < deadline:
-            time.sleep(0.02)  # until releases wait behind the commit that waits for the lock
-        out["queued"] = len(audit._queue)
+        while len(held) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        out["held"] = len(held)
         closing = threading.Thread(target=running.handle.close, kwargs={"grace": 0})
         closing.start()
-        def closing_waits_for_the_log():
-            # Past the drain, inside AuditLog.close waiting for the commit under way: the
-            # closing thread's stack holds close's frame (a fixed sleep here could end before).
-            frame = sys._current_frames().get(closing.ident)
-            while frame is not None and frame.f_code is not type(audit).close.__code__:
-                frame = frame.f_back
-            return frame is not None
-        deadline = time.monotonic() + 60
-        while not closing_waits_for_the_log() and time.monotonic() < deadline:
+        while not audit.closed and time.monotonic() < deadline:
             time.sleep(0.02)
-        out["closing_waited"] = closing_waits_for_the_log()
-        stopping.set()
-        os.close(held)
+        out["closed_first"] = audit.closed
+        gate.set()
         closing.join()
         for thread in threads:
             thread.join()
@@ -121,8 +120,8 @@ def outcome(tmp_path_factory: pytest.TempPathFactory, step_ca_binary: Path) -> d
 
 
 def test_releases_refused_by_the_stop_are_one_warning(outcome: dict[str, Any]) -> None:
-    assert outcome["queued"] >= 4
-    assert outcome["closing_waited"], "the stop never reached the audit log's close"
+    assert outcome["held"] == 4, outcome["held"]
+    assert outcome["closed_first"], "the stop never closed the audit log"
     lines = outcome["lines"]
     closed = [line for line in lines if line[1].startswith("the audit log is closed")]
     assert closed == [
