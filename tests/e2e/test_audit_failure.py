@@ -7,16 +7,13 @@ run of the stack serves the module's tests.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+from tests.e2e.broker_child import outcome as run_child
 
 SCRIPT = textwrap.dedent(
     """
@@ -74,17 +71,7 @@ SCRIPT = textwrap.dedent(
 def outcome(tmp_path_factory: pytest.TempPathFactory, step_ca_binary: Path) -> dict[str, Any]:
     """What the child saw: releases before, during and after the failure, what the refused
     caller was told, the broker's ERROR lines, the stack's state directory."""
-    run = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path_factory.mktemp("audit-failure") / "stack")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    found: dict[str, Any] = json.loads(run.stdout.strip().splitlines()[-1])
-    return found
+    return run_child(SCRIPT, str(tmp_path_factory.mktemp("audit-failure") / "stack"), timeout=180)
 
 
 def test_release_is_refused_when_the_audit_log_cannot_be_written(outcome: dict[str, Any]) -> None:

@@ -12,16 +12,13 @@ repeated the path: one certified caller set the broker's ERROR rate.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+from tests.e2e.broker_child import outcome as run_child
 
 RELEASES = 64  # on the full disk (~96 ERROR lines before); a few more in each later phase
 
@@ -36,6 +33,7 @@ SCRIPT = textwrap.dedent(
     from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
     from strongroom.attesters import SimulatedAttester, TeeType
     from strongroom.client.keyrelease import KeyReleaseClient
+    from tests.e2e.broker_child import KeptLines
     from strongroom.keybroker import audit as audit_module
 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -43,15 +41,7 @@ SCRIPT = textwrap.dedent(
     releases = int(sys.argv[2])
     out = {"refused": {}}
 
-    class Kept(logging.Handler):
-        lines = []
-        def emit(self, record):
-            if record.name.startswith("strongroom.keybroker"):
-                self.lines.append([record.levelname, record.getMessage(),
-                                   getattr(record, "detail", None)])
-
-    logging.getLogger().addHandler(Kept())
-    logging.getLogger().setLevel(logging.INFO)
+    Kept = KeptLines.install()
     with DevStack(Path(sys.argv[1])) as stack:
         stack.start_in_process("keybroker")
         stack.create_release_key(stack.identity("admin"), "k", policy_version="1")
@@ -102,23 +92,9 @@ SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def outcome(tmp_path_factory: pytest.TempPathFactory, step_ca_binary: Path) -> dict[str, Any]:
     """The broker's log lines (level, message, detail) of each phase, the refusals' reasons."""
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            SCRIPT,
-            str(tmp_path_factory.mktemp("audit-lines") / "stack"),
-            str(RELEASES),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    return run_child(
+        SCRIPT, str(tmp_path_factory.mktemp("audit-lines") / "stack"), str(RELEASES), timeout=600
     )
-    assert run.returncode == 0, run.stderr[-3000:]
-    found: dict[str, Any] = json.loads(run.stdout.strip().splitlines()[-1])
-    return found
 
 
 def _errors(lines: list[list[Any]]) -> list[str]:

@@ -11,16 +11,13 @@ each meets the closed log. The broker is real, over real mTLS.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+from tests.e2e.broker_child import outcome as run_child
 
 SCRIPT = textwrap.dedent(
     """
@@ -33,21 +30,14 @@ SCRIPT = textwrap.dedent(
     from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
     from strongroom.attesters import SimulatedAttester, TeeType
     from strongroom.client.keyrelease import KeyReleaseClient
+    from tests.e2e.broker_child import KeptLines
     from strongroom.runtime import server as host_module
     from strongroom.keybroker import release as release_module
 
     host_module.HANDLER_DRAIN_SECONDS = 0.0  # the handlers in flight are left running
     out = {"released": 0}
 
-    class Kept(logging.Handler):
-        lines = []
-        def emit(self, record):
-            if record.name.startswith("strongroom.keybroker"):
-                self.lines.append([record.levelname, record.getMessage(),
-                                   getattr(record, "detail", None)])
-
-    logging.getLogger().addHandler(Kept())
-    logging.getLogger().setLevel(logging.INFO)
+    Kept = KeptLines.install()
     with DevStack(Path(sys.argv[1])) as stack:
         running = stack.start_in_process("keybroker")
         stack.create_release_key(stack.identity("admin"), "k", policy_version="1")
@@ -106,17 +96,7 @@ SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def outcome(tmp_path_factory: pytest.TempPathFactory, step_ca_binary: Path) -> dict[str, Any]:
     """The broker's log lines (level, message, detail) and how many releases it granted."""
-    run = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path_factory.mktemp("stop-lines") / "stack")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    found: dict[str, Any] = json.loads(run.stdout.strip().splitlines()[-1])
-    return found
+    return run_child(SCRIPT, str(tmp_path_factory.mktemp("stop-lines") / "stack"), timeout=300)
 
 
 def test_releases_refused_by_the_stop_are_one_warning(outcome: dict[str, Any]) -> None:
