@@ -56,7 +56,6 @@ from strongroom.client.publish import (
     check_generated,
     put_model,
     rm_command,
-    unanswered,
     upload_pieces,
 )
 from strongroom.client.remote import outage_error, outages_raised_as_errors, refusal_text
@@ -424,6 +423,7 @@ def publish_parts(
                 what=f"part {plan.part.name!r} of {name}/{version}",
                 attempts=len(plan.writers),
             )
+            whole.answered()  # stored: from here no failure leaves this part open
             stored.append(response.model)
             digests.append(footer)  # the part's plaintext SHA-256
             done_before += plan.header.plaintext_size
@@ -469,12 +469,13 @@ def publish_parts(
         interrupt.add_note(_interrupted_note(name, version, may_be_left, manifest_begun))
         raise
     except BaseException as exc:
-        # The one rule (unanswered) for the manifest as for a part and a single artifact: only
-        # once its last byte was handed over. A call that ended before (refused as the
-        # connection had ended, ConnectionEnded, or UNAVAILABLE before it connected) cannot have
-        # stored it (no final chunk): the version was not published, and its parts are removed
-        # as after any failure, where "may be published" kept them and said it reached the store.
-        answer = unanswered(exc) if manifest_begun and manifest_whole.is_set() else None
+        # The one rule (SentWhole.left_open) for the manifest as for a part and a single
+        # artifact: only once its last byte was handed over, unanswered. A call that ended
+        # before (refused as the connection had ended, ConnectionEnded, or UNAVAILABLE before it
+        # connected) cannot have stored it (no final chunk): the version was not published, and
+        # its parts are removed as after any failure, where "may be published" kept them and
+        # said it reached the store.
+        answer = manifest_whole.left_open(exc)
         if answer is not None:
             # An outage ends a call the store may have committed (a deadline passing, or the
             # connection dropping, as it stored the manifest), and an answer OK about another
@@ -505,7 +506,7 @@ def publish_parts(
         # does, though neither the deletes nor the note knew of it (the next publish's check
         # did). Not deleted: no answer says this publish stored it, and a part another publish
         # of the version stored is its own.
-        answer = unanswered(exc) if begun > len(stored) and whole.is_set() else None
+        answer = whole.left_open(exc)
         maybe = None if answer is None else (planned[begun - 1].header.model_version, answer)
         try:
             failed = _delete_best_effort(stub, stored)

@@ -81,6 +81,21 @@ class SentWhole:
         """Whether the current try handed over its last byte."""
         return self._current.is_set()
 
+    def answered(self) -> None:
+        """The store answered the current try, describing the upload: nothing is left open
+        (until the next try's last byte)."""
+        self._current = threading.Event()
+
+    def left_open(self, exc: BaseException) -> str | None:
+        """How ``exc``, ending the upload, left open whether the store stored it: what
+        :func:`unanswered` says, once the current try handed over its last byte and was not
+        answered; None before (no store takes an artifact without its final chunk).
+
+        The one place every publisher asks it (a single artifact's, a part's, a manifest's
+        failure, and an outage's message): each checked the last byte on its own, and the
+        manifest's check had once missed it."""
+        return unanswered(exc) if self.is_set() else None
+
 
 class TryProgress:
     """The caller's ``progress`` as the tries of an upload call it: each try's calls go through a
@@ -268,20 +283,21 @@ def _unanswered_noted(name: str, version: str, whole: SentWhole, done: str) -> I
     # byte was sent it, and an answer about another artifact alike (unanswered), may end a call
     # the store has stored: "was not published" was then untrue, or nothing was said, and the
     # publisher's next try was refused MODEL_EXISTS, unexplained.
-    with outages_raised_as_errors(lambda: _outage_what(name, version, whole, done)):
+    with outages_raised_as_errors(lambda exc: _outage_what(name, version, whole, done, exc)):
         try:
             yield
         except StrongroomError as exc:
-            answer = unanswered(exc)
-            if answer is not None and whole.is_set():
+            answer = whole.left_open(exc)
+            if answer is not None:
                 amend(exc, _may_be_stored(name, version, answer))
             raise
 
 
-def _outage_what(name: str, version: str, whole: SentWhole, done: str) -> str:
-    if not whole.is_set():
+def _outage_what(name: str, version: str, whole: SentWhole, done: str, exc: grpc.RpcError) -> str:
+    answer = whole.left_open(exc)
+    if answer is None:
         return f"{name}/{version} was not {done}"
-    return _may_be_stored(name, version, ANSWER_LOST)
+    return _may_be_stored(name, version, answer)
 
 
 def _may_be_stored(name: str, version: str, answer: str) -> str:

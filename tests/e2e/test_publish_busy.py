@@ -47,7 +47,7 @@ from strongroom.client.multipart import (
     files_parts,
     publish_parts,
 )
-from strongroom.client.publish import Published, publish_model, upload_artifact
+from strongroom.client.publish import Published, SentWhole, publish_model, upload_artifact
 from strongroom.client.remote import peer_reason
 from strongroom.client.server_evidence import ConnectionEnded, ServerConnection
 from strongroom.dev.devstack import DevStack
@@ -2117,6 +2117,24 @@ def test_a_lost_server_connection_is_an_answer_lost() -> None:
     """ConnectionEnded (a StrongroomError, so not read by its status) said nothing may be
     stored; its answer was lost with the connection, as an outage's."""
     assert publish.unanswered(ConnectionEnded("ended")) == publish.ANSWER_LOST
+
+
+def test_an_upload_is_left_open_only_once_its_last_byte_went_and_until_it_is_answered() -> None:
+    """The one rule every publisher's path asks (SentWhole.left_open): a part's, a manifest's
+    and a single artifact's each checked the last byte on their own, and the manifest's check
+    had once missed it."""
+    lost = ConnectionEnded("ended")
+    whole = SentWhole()
+    assert whole.left_open(lost) is None  # no try yet
+    sent = whole.next_try()
+    assert whole.left_open(lost) is None  # its last byte not yet handed over
+    sent()
+    assert whole.left_open(lost) == publish.ANSWER_LOST
+    assert whole.left_open(InvalidArgument("refused")) is None  # the store's word: nothing stored
+    whole.answered()
+    assert whole.left_open(lost) is None  # stored, its answer read: a later failure is another's
+    sent()  # an answered try's late mark changes nothing
+    assert whole.left_open(lost) is None
 
 
 def test_a_part_whose_server_connection_ended_is_named_as_maybe_stored(
