@@ -54,6 +54,7 @@ from strongroom.client.publish import (
     UploadMessage,
     amend,
     check_generated,
+    once_no_publish,
     put_model,
     rm_command,
     upload_pieces,
@@ -487,10 +488,12 @@ def publish_parts(
                 f"{name}/{version} may be published: its manifest reached the store, whose "
                 f"answer {answer}"
             )
+            # Its commands under the parts' guard: the store may commit a manifest after the
+            # answer was lost (past the client's deadline), and "if it is not stored" alone had
+            # an admin remove the parts of a version a publish was still committing.
             kept = (
-                f"`strongroom model ls {shlex.quote(name)}` lists it if so (its parts are then "
-                f"its own: keep them); if it is not stored, {len(versions)} part(s) it stored "
-                f"are left ({_versions(versions)}): {_unblock(name, versions)}"
+                f"if it is, its {len(versions)} part(s) ({_versions(versions)}) are its own: "
+                f"keep them. {once_no_publish(name, version)}, {_unblock(name, versions)}"
             )
             # The answer about another artifact, or a ServerConnection's end: raised as they came.
             if isinstance(exc, StrongroomError):
@@ -620,7 +623,7 @@ def _interrupted_note(name: str, version: str, left: Sequence[str], manifest: bo
     return (
         f"interrupted: {maybe}{len(left)} part(s) whose upload had begun may be stored "
         f"({_versions(left)}; nothing was deleted: an interrupt does not wait for deletes). "
-        f"{_once_no_publish(name, version)}, {_unblock(name, left)} (a part that is not stored "
+        f"{once_no_publish(name, version)}, {_unblock(name, left)} (a part that is not stored "
         "is NOT_FOUND: nothing to do)"
     )
 
@@ -685,19 +688,8 @@ def _left_note(
     # this publish stored are its own (their answers said so), but one command form covers
     # them all. The part that may be stored has the highest index: it comes last.
     return (
-        f"{'; '.join(said)}. {_once_no_publish(name, version)}, "
+        f"{'; '.join(said)}. {once_no_publish(name, version)}, "
         f"{_unblock(name, [*failed, part])} (a part that is not stored is NOT_FOUND: nothing to do)"
-    )
-
-
-def _once_no_publish(name: str, version: str) -> str:
-    """When removing parts of ``name``/``version`` that a publish may have stored is safe: a
-    part of a publish still running, or of one that completed, is its model's. With the command
-    that shows the second half (as the single-file interrupt note and a manifest's lost answer
-    give it): without it the admin had a condition and no way named to check it."""
-    return (
-        f"Once no publish of it is running and {name}/{version} is still not stored "
-        f"(`strongroom model ls {shlex.quote(name)}` lists it if so)"
     )
 
 
@@ -862,6 +854,6 @@ def _check_version_free(
             f"are left ({_versions(left)}, the last stored at "
             f"{last.isoformat(timespec='seconds')}): that publish failed, or is still running "
             "(a publish that completes makes them its model's parts); nothing was published. "
-            f"{_once_no_publish(name, version)}, {_unblock(name, left)}",
+            f"{once_no_publish(name, version)}, {_unblock(name, left)}",
             reason=Reason.PARTS_LEFT_BEHIND,
         )

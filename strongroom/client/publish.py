@@ -307,6 +307,18 @@ def _may_be_stored(name: str, version: str, answer: str) -> str:
     )
 
 
+def once_no_publish(name: str, version: str) -> str:
+    """When what a publish of ``name``/``version`` may have stored can be taken as not stored
+    (its parts removed, the version published again): a publish still running, the store still
+    committing one whose answer was lost, or one that completed, made it its model's. With the
+    command that shows the second half: without it the admin had a condition and no way named
+    to check it. Every publisher's note says it in these words."""
+    return (
+        f"Once no publish of it is running and {name}/{version} is still not stored "
+        f"(`strongroom model ls {shlex.quote(name)}` lists it if so)"
+    )
+
+
 def rm_command(name: str, version: str) -> str:
     """The ``strongroom model rm`` command that removes ``name``/``version``, shell-quoted."""
     return f"`strongroom model rm {shlex.quote(name)} {shlex.quote(version)}`"
@@ -336,11 +348,10 @@ def interrupt_noted(name: str, version: str, upload: threading.Event) -> Iterato
                 f"interrupted: its upload had begun, so {name}/{version} may be stored, whole "
                 "and loadable: this publish's, if its last byte was sent, or another "
                 "publish's of the same version (the store's refusal of this one, MODEL_EXISTS, "
-                "lost to the interrupt). Once no publish of it is running and "
-                f"`strongroom model ls {shlex.quote(name)}` lists it, keep it (publishing it "
-                "again is refused MODEL_EXISTS); only to replace it with another model does an "
-                f"admin remove it: {rm_command(name, version)}. If it is still not stored, "
-                "nothing was: publish it again"
+                f"lost to the interrupt). {once_no_publish(name, version)}, nothing was "
+                "stored: publish it again; if it is stored, keep it (publishing it again is refused "
+                "MODEL_EXISTS): only to replace it with another model does an admin remove it: "
+                f"{rm_command(name, version)}"
             )
         raise
 

@@ -1774,7 +1774,8 @@ def test_a_single_publish_interrupted_after_its_upload_says_the_version_may_be_s
     """An interrupted single-file publish said nothing, though an interrupt after its last byte
     leaves the version stored (the publisher's next try refused MODEL_EXISTS, unexplained). Now
     the interrupt carries a note, as a multi-part publish's does: it may be stored, when to keep
-    it, and the command that removes it."""
+    it, and the command that removes it; its condition in the words every publisher's note uses
+    (the note kept its own second clause)."""
     model = _model_file(tmp_path, 3000)
     with pytest.raises(KeyboardInterrupt) as info:
         _publish_one(
@@ -1791,10 +1792,10 @@ def test_a_single_publish_interrupted_after_its_upload_says_the_version_may_be_s
         "interrupted: its upload had begun, so busy/single-stopped/1 may be stored, whole and "
         "loadable: this publish's, if its last byte was sent, or another publish's of the same "
         "version (the store's refusal of this one, MODEL_EXISTS, lost to the interrupt). Once no "
-        "publish of it is running and `strongroom model ls busy/single-stopped` lists it, keep "
-        "it (publishing it again is refused MODEL_EXISTS); only to replace it with another model "
-        "does an admin remove it: `strongroom model rm busy/single-stopped 1`. If it is still "
-        "not stored, nothing was: publish it again"
+        "publish of it is running and busy/single-stopped/1 is still not stored (`strongroom "
+        "model ls busy/single-stopped` lists it if so), nothing was stored: publish it again; if "
+        "it is stored, keep it (publishing it again is refused MODEL_EXISTS): only to replace it "
+        "with another model does an admin remove it: `strongroom model rm busy/single-stopped 1`"
     )
     assert _records(stack, "busy/single-stopped") == [("busy/single-stopped", "1")]
     _admin_rm(stack, "busy/single-stopped", "1")
@@ -1831,9 +1832,13 @@ def test_an_upload_interrupted_after_the_store_answered_says_it_may_be_stored(
         )
     (note,) = info.value.__notes__
     assert note.startswith("interrupted: its upload had begun, so busy/upload-stopped/1 may be ")
-    assert "Once no publish of it is running and `strongroom model ls busy/upload-stopped` " in note
-    assert ", keep it (publishing it again is refused MODEL_EXISTS); only to replace it " in note
-    assert "admin remove it: `strongroom model rm busy/upload-stopped 1`. If it is still " in note
+    assert (
+        "Once no publish of it is running and busy/upload-stopped/1 is still not stored "
+        "(`strongroom model ls busy/upload-stopped` lists it if so), nothing was stored: publish "
+        "it again; if it is stored, keep it (publishing it again is refused MODEL_EXISTS): only "
+        "to replace it with another model does an admin remove it: `strongroom model rm "
+        "busy/upload-stopped 1`"
+    ) in note
     assert _records(stack, "busy/upload-stopped") == [("busy/upload-stopped", "1")]
     _admin_rm(stack, "busy/upload-stopped", "1")
 
@@ -1859,8 +1864,8 @@ def test_an_interrupted_single_publish_command_prints_what_may_be_stored(
     code, err = _publish_command(stack, capsys, [_model_file(tmp_path, 3000)], "busy/cli-single")
     assert code == 130
     assert "strongroom: interrupted: its upload had begun, so busy/cli-single/1 may be " in err
-    assert "`strongroom model ls busy/cli-single` lists it, keep it " in err
-    assert "admin remove it: `strongroom model rm busy/cli-single 1`. If it is still not " in err
+    assert "`strongroom model ls busy/cli-single` lists it if so), nothing was stored: " in err
+    assert "admin remove it: `strongroom model rm busy/cli-single 1`" in err
     assert _records(stack, "busy/cli-single") == [("busy/cli-single", "1")]
     _admin_rm(stack, "busy/cli-single", "1")
 
@@ -1914,7 +1919,9 @@ def test_a_manifest_whose_answer_was_lost_to_an_outage_keeps_its_parts_and_says_
     was not published, deleted its parts (a publisher that may delete broke the published model
     for every load: PartMissing), and where it could not, handed the admin the commands that
     would. Now an outage at the manifest deletes nothing and says the version may be published:
-    its parts are its own if it is; the commands only for the case it is not."""
+    its parts are its own if it is; the commands only for the case it is not, once no publish
+    of it runs (the store may commit the manifest after its answer was lost: "if it is not
+    stored" alone could hand out the removal of the parts of a version being committed)."""
     shards = _shards(tmp_path / "shards", 3)
     counted = CountCalls()
     store = grpc.intercept_channel(
@@ -1931,10 +1938,17 @@ def test_a_manifest_whose_answer_was_lost_to_an_outage_keeps_its_parts_and_says_
         "lost (DEADLINE_EXCEEDED: Deadline Exceeded)"
     ), message
     assert "was not published" not in message
-    assert "`strongroom model ls busy/manifest-lost` lists it if so" in message
-    assert "its parts are then its own: keep them" in message
-    assert "if it is not stored, 3 part(s) it stored are left" in message
-    assert "`strongroom model rm busy/manifest-lost 1+part.0`" in message
+    # The store may commit the manifest after the answer was lost: the parts' commands come
+    # under the guard a part's and an interrupt's do ("if it is not stored" alone handed out the
+    # removal of a version's parts while the store could still be committing it).
+    assert message.endswith(
+        "; if it is, its 3 part(s) (1+part.0, 1+part.1, 1+part.2) are its own: keep them. Once no "
+        "publish of it is running and busy/manifest-lost/1 is still not stored (`strongroom model "
+        "ls busy/manifest-lost` lists it if so), the version cannot be published again until an "
+        "admin removes them (PARTS_LEFT_BEHIND until then): `strongroom model rm "
+        "busy/manifest-lost 1+part.0`; `strongroom model rm busy/manifest-lost 1+part.1`; "
+        "`strongroom model rm busy/manifest-lost 1+part.2`"
+    ), message
     assert _records(stack, "busy/manifest-lost") == [
         ("busy/manifest-lost", "1"),
         ("busy/manifest-lost", "1+part.0"),
@@ -2181,7 +2195,9 @@ def test_a_manifest_whose_server_connection_ended_keeps_its_parts(
     assert "DeleteModel" not in counted.methods
     assert (
         "; busy/manifest-ended/1 may be published: its manifest reached the store, whose answer "
-        "was lost; `strongroom model ls busy/manifest-ended` lists it if so"
+        "was lost; if it is, its 2 part(s) (1+part.0, 1+part.1) are its own: keep them. Once no "
+        "publish of it is running and busy/manifest-ended/1 is still not stored (`strongroom "
+        "model ls busy/manifest-ended` lists it if so), the version cannot be published again "
     ) in info.value.message
     assert _records(stack, "busy/manifest-ended") == [
         ("busy/manifest-ended", "1"),
@@ -2496,10 +2512,11 @@ def test_a_manifest_answered_about_another_artifact_keeps_the_parts(
     message = info.value.message
     assert message.endswith(
         "; busy/manifest-mismatch/1 may be published: its manifest reached the store, whose "
-        "answer did not describe it; `strongroom model ls busy/manifest-mismatch` lists it if so "
-        "(its parts are then its own: keep them); if it is not stored, 2 part(s) it stored are "
-        "left (1+part.0, 1+part.1): the version cannot be published again until an admin "
-        "removes them (PARTS_LEFT_BEHIND until then): `strongroom model rm "
+        "answer did not describe it; if it is, its 2 part(s) (1+part.0, 1+part.1) are its own: "
+        "keep them. Once no publish of it is running and busy/manifest-mismatch/1 is still not "
+        "stored (`strongroom model ls busy/manifest-mismatch` lists it if so), the version cannot "
+        "be published again until an admin removes them (PARTS_LEFT_BEHIND until then): "
+        "`strongroom model rm "
         "busy/manifest-mismatch 1+part.0`; `strongroom model rm busy/manifest-mismatch 1+part.1`"
     ), message
     assert "DeleteModel" not in counted.methods
