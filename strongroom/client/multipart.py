@@ -60,6 +60,7 @@ from strongroom.client.publish import (
     upload_pieces,
 )
 from strongroom.client.remote import outage_error, outages_raised_as_errors, refusal_text
+from strongroom.client.server_evidence import ConnectionEnded
 from strongroom.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -270,8 +271,9 @@ def publish_parts(
     Each part is read once. ``progress`` is called with (bytes of all parts read so far, total),
     by one try at a time (:class:`~strongroom.client.publish.TryProgress`).
     Every artifact of the version carries the same ``created_at`` (default: now).
-    If an upload fails, the parts already stored are deleted when this caller may (best effort),
-    and the manifest is never written, so the version is never half-loadable.
+    If an upload fails, the parts already stored are deleted when this caller may (best effort;
+    none is tried over a ``ServerConnection`` whose connection ended, ``ConnectionEnded``: they
+    are named), and the manifest is never written, so the version is never half-loadable.
 
     The parts are uploaded one at a time: one stream of the store's at once (a publisher's
     certificate has a share of several; README, "Limits"). A call the broker or the store refuses
@@ -511,14 +513,24 @@ def publish_parts(
         # of the version stored is its own.
         answer = whole.left_open(exc)
         maybe = None if answer is None else (planned[begun - 1].header.model_version, answer)
+        deleted: list[str] = []
         try:
-            failed = _delete_best_effort(stub, stored)
+            # A ServerConnection whose connection ended refuses every call from then on: the
+            # deletes went over it, each failed, and the note said "deleting them failed".
+            failed = _delete_best_effort(
+                stub, stored, deleted, ended=isinstance(exc, ConnectionEnded)
+            )
         except KeyboardInterrupt as interrupt:
-            # Ctrl-C while the deletes wait: any part stored may still be there, and so may the
-            # one whose answer was lost (its note named only the parts stored, so the version
-            # stayed blocked by a part no message named).
-            left = [info.version for info in stored] + ([] if maybe is None else [maybe[0]])
-            interrupt.add_note(_interrupted_note(name, version, left, manifest=False))
+            # Ctrl-C while the deletes wait: any part stored and not yet deleted may still be
+            # there (the one whose delete was under way too), and so may the one whose answer
+            # was lost (its note named only the parts stored, so the version stayed blocked by a
+            # part no message named). The parts deleted are said: "nothing was deleted" was
+            # untrue once a delete had completed.
+            left = [info.version for info in stored if info.version not in deleted]
+            left += [] if maybe is None else [maybe[0]]
+            interrupt.add_note(
+                _interrupted_note(name, version, left, manifest=False, deleted=deleted)
+            )
             raise interrupt from exc
         # One rule for what is an outage (remote.TRANSIENT), parts left or not: the store down,
         # draining (CANCELLED) or the call out of time is what whoever runs the publish acts on
@@ -609,9 +621,28 @@ def _put_part(
         return response, bytes(tail)
 
 
-def _interrupted_note(name: str, version: str, left: Sequence[str], manifest: bool) -> str:
+def _interrupted_note(
+    name: str,
+    version: str,
+    left: Sequence[str],
+    manifest: bool,
+    deleted: Sequence[str] | None = None,
+) -> str:
     """What an interrupted publish may have left (``left``: store versions of parts) and how to
-    remove it; ``manifest``: the manifest's upload had begun, so the version may be whole."""
+    remove it; ``manifest``: the manifest's upload had begun, so the version may be whole;
+    ``deleted``: the interrupt came as a failed publish removed the parts it stored, these
+    removed (None: before any delete)."""
+    if deleted is None:
+        deletes = "nothing was deleted: an interrupt does not wait for deletes"
+    elif deleted:
+        deletes = f"removed before the interrupt: {_versions(deleted)}"
+    else:
+        deletes = "none was removed before the interrupt"
+    if not left and deleted:
+        return (
+            f"interrupted: {name}/{version} was not published; the {len(deleted)} part(s) it "
+            f"stored were removed ({_versions(deleted)})"
+        )
     if not left:
         return f"interrupted: {name}/{version} was not published; no part was stored"
     maybe = (
@@ -622,24 +653,46 @@ def _interrupted_note(name: str, version: str, left: Sequence[str], manifest: bo
     )
     return (
         f"interrupted: {maybe}{len(left)} part(s) whose upload had begun may be stored "
-        f"({_versions(left)}; nothing was deleted: an interrupt does not wait for deletes). "
+        f"({_versions(left)}; {deletes}). "
         f"{once_no_publish(name, version)}, {_unblock(name, left)} (a part that is not stored "
         "is NOT_FOUND: nothing to do)"
     )
 
 
 def _delete_best_effort(
-    stub: store_grpc.ModelStoreServiceStub, stored: Sequence[store_pb.ModelInfo]
+    stub: store_grpc.ModelStoreServiceStub,
+    stored: Sequence[store_pb.ModelInfo],
+    deleted: list[str],
+    *,
+    ended: bool,
 ) -> dict[str, str]:
-    """Removes the parts a failed publish stored; returns the store versions of those it could
-    not, each with the status its delete failed with (PERMISSION_DENIED: a publisher may not
-    delete; UNAVAILABLE: the store went away)."""
+    """Removes the parts a failed publish stored, appending to ``deleted`` the store version of
+    each as its delete completes; returns the store versions of those it did not remove, each
+    with the status its delete failed with (PERMISSION_DENIED: a publisher may not delete;
+    UNAVAILABLE: the store went away) or :data:`CONNECTION_ENDED`: none is tried once the
+    channel's connection has ended (``ended``, or a delete's ``ConnectionEnded``), as no call
+    over it can reach the store."""
     failed: dict[str, str] = {}
     for info in stored:
+        if ended:
+            failed[info.version] = CONNECTION_ENDED
+            log.warning(
+                "did not try to remove the part %s version %s a failed publish stored (the "
+                "connection to the store had ended): an admin removes it with `strongroom "
+                "model rm`",
+                info.name,
+                info.version,
+                extra={"model": info.name, "version": info.version, "code": CONNECTION_ENDED},
+            )
+            continue
         try:
             stub.DeleteModel(
                 store_pb.DeleteModelRequest(name=info.name, version=info.version), timeout=30
             )
+            deleted.append(info.version)
+        except ConnectionEnded:
+            ended = True
+            failed[info.version] = CONNECTION_ENDED
         except grpc.RpcError as exc:
             failed[info.version] = exc.code().name
             # Harmless (no manifest names them), but they block a retry of this version.
@@ -652,6 +705,11 @@ def _delete_best_effort(
                 extra={"model": info.name, "version": info.version, "code": exc.code().name},
             )
     return failed
+
+
+CONNECTION_ENDED = str(Reason.SERVER_CONNECTION_ENDED)
+"""What :func:`_delete_best_effort` records of a part it did not try to delete, the channel's
+connection having ended (:class:`~strongroom.client.server_evidence.ConnectionEnded`)."""
 
 
 def _left_note(
@@ -675,7 +733,13 @@ def _left_note(
             else f"deleting them failed: {', '.join(codes)}"
         )
         versions = _versions(list(failed))
-        said.append(f"{len(failed)} part(s) it stored could not be removed ({why}): {versions}")
+        if codes == [CONNECTION_ENDED]:
+            said.append(
+                f"{len(failed)} part(s) it stored were not removed (the connection to the store "
+                f"had ended, so no delete was tried): {versions}"
+            )
+        else:
+            said.append(f"{len(failed)} part(s) it stored could not be removed ({why}): {versions}")
     if maybe is None:
         return f"{'; '.join(said)}; {_unblock(name, list(failed))}"
     part, answer = maybe

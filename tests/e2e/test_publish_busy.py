@@ -2024,8 +2024,8 @@ def test_an_interrupt_of_the_deletes_names_the_part_whose_answer_was_lost(
     (note,) = info.value.__notes__
     assert note.startswith(
         "interrupted: busy/deletes-stopped/1 was not published; 2 part(s) whose upload had begun "
-        "may be stored (1+part.0, 1+part.1; nothing was deleted: an interrupt does not wait for "
-        "deletes). Once no publish of it is running and busy/deletes-stopped/1 is still not "
+        "may be stored (1+part.0, 1+part.1; none was removed before the interrupt). Once no "
+        "publish of it is running and busy/deletes-stopped/1 is still not "
         "stored (`strongroom model ls busy/deletes-stopped` lists it if so), "
     ), note
     assert "`strongroom model rm busy/deletes-stopped 1+part.1`" in note
@@ -2035,6 +2035,60 @@ def test_an_interrupt_of_the_deletes_names_the_part_whose_answer_was_lost(
     ]
     for version in ("1+part.0", "1+part.1"):
         _admin_rm(stack, "busy/deletes-stopped", version)
+
+
+class DeletesAsAdminUntil(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """The publisher's deletes made as a caller that may delete: each goes to the real store over
+    the admin's channel, until the one numbered ``at`` (from 0), where Ctrl-C comes (raised in
+    the publishing thread); every other call goes through."""
+
+    def __init__(self, admin: grpc.Channel, at: int) -> None:
+        self._admin = store_grpc.ModelStoreServiceStub(admin)
+        self._at = at
+        self.deletes = 0
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        if not details.method.endswith("/DeleteModel"):
+            return continuation(details, request)
+        self.deletes += 1
+        if self.deletes - 1 == self._at:
+            raise KeyboardInterrupt
+        return self._admin.DeleteModel.future(request, timeout=details.timeout)
+
+
+def test_an_interrupt_of_the_deletes_says_which_parts_were_removed(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """A caller that may delete: the third part was stored and its answer lost, and Ctrl-C came
+    as the second part's delete waited, the first's done. The note said "nothing was deleted",
+    and named the first part, gone, with its command. It now says which were removed before the
+    interrupt, and names only those that may be left."""
+    shards = _shards(tmp_path / "shards", 3)
+    deletes = DeletesAsAdminUntil(stack.channel(stack.identity("admin"), "modelstore"), 1)
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"),
+        AnswerLostAt(2, grpc.StatusCode.DEADLINE_EXCEEDED),
+        deletes,
+    )
+    with pytest.raises(KeyboardInterrupt) as info:
+        _publish(stack, publisher, shards, "busy/deletes-half", store)
+    assert deletes.deletes == 2
+    (note,) = info.value.__notes__
+    assert note.startswith(
+        "interrupted: busy/deletes-half/1 was not published; 2 part(s) whose upload had begun "
+        "may be stored (1+part.1, 1+part.2; removed before the interrupt: 1+part.0). Once no "
+        "publish of it is running and busy/deletes-half/1 is still not stored "
+    ), note
+    assert "nothing was deleted" not in note
+    assert "busy/deletes-half 1+part.0" not in note
+    assert _records(stack, "busy/deletes-half") == [
+        ("busy/deletes-half", "1+part.1"),
+        ("busy/deletes-half", "1+part.2"),
+    ]
+    for version in ("1+part.1", "1+part.2"):
+        _admin_rm(stack, "busy/deletes-half", version)
 
 
 class WinnerFirstAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
@@ -2156,13 +2210,20 @@ def test_a_part_whose_server_connection_ended_is_named_as_maybe_stored(
 ) -> None:
     """The second part reached the store, which stored it, and the connection then ended
     (ConnectionEnded, a ServerConnection's channel): the error named only the first part, the
-    second blocking the version unnamed. It is now named as may be stored, as after an outage."""
+    second blocking the version unnamed. It is now named as may be stored, as after an outage.
+    And the first is not deleted over the connection that ended (each delete failed there): the
+    note says none was tried, and why."""
     shards = _shards(tmp_path / "shards", 3)
-    store = grpc.intercept_channel(stack.channel(publisher, "modelstore"), ConnectionEndedAt(1))
+    counted = CountCalls()
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), ConnectionEndedAt(1), counted
+    )
     with pytest.raises(ConnectionEnded) as info:
         _publish(stack, publisher, shards, "busy/part-ended", store)
+    assert "DeleteModel" not in counted.methods
     assert info.value.message.endswith(
-        "; 1 part(s) it stored could not be removed (a publisher may not delete): 1+part.0; the "
+        "; 1 part(s) it stored were not removed (the connection to the store had ended, so no "
+        "delete was tried): 1+part.0; the "
         "part 1+part.1 may be stored: its upload reached the store, whose answer was lost (stored "
         "by this publish, or by another of the version that stored it first). Once no publish "
         "of it is running and busy/part-ended/1 is still not stored (`strongroom model ls "
@@ -2228,10 +2289,20 @@ class EndedBeforeSentAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc
 
 
 @pytest.mark.parametrize(
-    ("error", "raised"),
+    ("error", "raised", "deletes", "why"),
     [
-        (ConnectionEnded("the connection to the store has ended"), ConnectionEnded),
-        (_CallError(_Lost(grpc.StatusCode.UNAVAILABLE, "failed to connect")), Unavailable),
+        (
+            ConnectionEnded("the connection to the store has ended"),
+            ConnectionEnded,
+            0,
+            "were not removed (the connection to the store had ended, so no delete was tried)",
+        ),
+        (
+            _CallError(_Lost(grpc.StatusCode.UNAVAILABLE, "failed to connect")),
+            Unavailable,
+            2,
+            "could not be removed (a publisher may not delete)",
+        ),
     ],
     ids=["connection-ended", "unavailable"],
 )
@@ -2241,12 +2312,15 @@ def test_a_manifest_call_that_ended_before_its_last_byte_removes_the_parts(
     tmp_path: Path,
     error: BaseException,
     raised: type[Exception],
+    deletes: int,
+    why: str,
 ) -> None:
     """The manifest's call ended before any of it was sent (the ServerConnection's connection
     had ended as the last part was answered, or the store could not be reached): no store can
     have stored it, yet the publisher said the version may be published, "its manifest reached
     the store", and kept the parts it could have removed. Now, as after any failure, the version
-    was not published and the parts it stored are removed or named with their commands."""
+    was not published and the parts it stored are removed or named with their commands (over a
+    connection that ended, none is tried: each failed there)."""
     shards = _shards(tmp_path / "shards", 2)
     counted = CountCalls()
     name = f"busy/manifest-unsent-{raised.__name__.lower()}"
@@ -2255,11 +2329,11 @@ def test_a_manifest_call_that_ended_before_its_last_byte_removes_the_parts(
     )
     with pytest.raises(raised) as info:
         _publish(stack, publisher, shards, name, store)
-    assert counted.methods.count("DeleteModel") == 2
+    assert counted.methods.count("DeleteModel") == deletes
     message = str(info.value)
     assert "may be published" not in message and "reached the store" not in message, message
     assert message.endswith(
-        f"2 part(s) it stored could not be removed (a publisher may not delete): 1+part.0, "
+        f"2 part(s) it stored {why}: 1+part.0, "
         f"1+part.1; the version cannot be published again until an admin removes them "
         f"(PARTS_LEFT_BEHIND until then): `strongroom model rm {name} 1+part.0`; "
         f"`strongroom model rm {name} 1+part.1`"
@@ -2275,7 +2349,9 @@ def test_a_manifest_refused_by_a_real_ended_server_connection_does_not_say_it_ma
     """A real ServerConnection to the store, which stops once both parts are stored: the
     connection ends, and the manifest's call is refused at once (ConnectionEnded, not a byte
     sent). The publisher said the version may be published, its manifest having reached the
-    store; now it says which parts it stored and could not remove, and their commands."""
+    store; now it says which parts it stored and did not remove, and their commands. Its deletes
+    went over the ended connection, each refused there ("deleting them failed: UNAVAILABLE"):
+    none is tried now, and the note says why."""
     shards = _shards(tmp_path / "shards", 2)
     connection = ServerConnection.of_identity(
         publisher,
@@ -2295,6 +2371,7 @@ def test_a_manifest_refused_by_a_real_ended_server_connection_does_not_say_it_ma
         return False
 
     stops = StopStoreBefore(stack, 2)
+    counted = CountCalls()
 
     class Wait(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
         """The manifest's call (the store stopped) goes on once the connection has ended."""
@@ -2312,13 +2389,14 @@ def test_a_manifest_refused_by_a_real_ended_server_connection_does_not_say_it_ma
             publisher,
             shards,
             "busy/manifest-refused",
-            grpc.intercept_channel(connection.channel, stops, Wait()),
+            grpc.intercept_channel(connection.channel, stops, Wait(), counted),
         )
+    assert "DeleteModel" not in counted.methods
     message = str(info.value)
     assert "may be published" not in message, message
     assert message.endswith(
-        "2 part(s) it stored could not be removed (deleting them failed: UNAVAILABLE): 1+part.0, "
-        "1+part.1; the version cannot be published again until an admin removes them "
+        "2 part(s) it stored were not removed (the connection to the store had ended, so no "
+        "delete was tried): 1+part.0, 1+part.1; the version cannot be published again until an admin removes them "
         "(PARTS_LEFT_BEHIND until then): `strongroom model rm busy/manifest-refused 1+part.0`; "
         "`strongroom model rm busy/manifest-refused 1+part.1`"
     ), message
