@@ -54,12 +54,13 @@ from strongroom.client.publish import (
     UploadMessage,
     amend,
     check_generated,
+    once_no_publish,
     put_model,
     rm_command,
-    unanswered,
     upload_pieces,
 )
 from strongroom.client.remote import outage_error, outages_raised_as_errors, refusal_text
+from strongroom.client.server_evidence import ConnectionEnded
 from strongroom.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -270,8 +271,9 @@ def publish_parts(
     Each part is read once. ``progress`` is called with (bytes of all parts read so far, total),
     by one try at a time (:class:`~strongroom.client.publish.TryProgress`).
     Every artifact of the version carries the same ``created_at`` (default: now).
-    If an upload fails, the parts already stored are deleted when this caller may (best effort),
-    and the manifest is never written, so the version is never half-loadable.
+    If an upload fails, the parts already stored are deleted when this caller may (best effort;
+    none is tried over a ``ServerConnection`` whose connection ended, ``ConnectionEnded``: they
+    are named), and the manifest is never written, so the version is never half-loadable.
 
     The parts are uploaded one at a time: one stream of the store's at once (a publisher's
     certificate has a share of several; README, "Limits"). A call the broker or the store refuses
@@ -424,6 +426,7 @@ def publish_parts(
                 what=f"part {plan.part.name!r} of {name}/{version}",
                 attempts=len(plan.writers),
             )
+            whole.answered()  # stored: from here no failure leaves this part open
             stored.append(response.model)
             digests.append(footer)  # the part's plaintext SHA-256
             done_before += plan.header.plaintext_size
@@ -469,12 +472,13 @@ def publish_parts(
         interrupt.add_note(_interrupted_note(name, version, may_be_left, manifest_begun))
         raise
     except BaseException as exc:
-        # The one rule (unanswered) for the manifest as for a part and a single artifact: only
-        # once its last byte was handed over. A call that ended before (refused as the
-        # connection had ended, ConnectionEnded, or UNAVAILABLE before it connected) cannot have
-        # stored it (no final chunk): the version was not published, and its parts are removed
-        # as after any failure, where "may be published" kept them and said it reached the store.
-        answer = unanswered(exc) if manifest_begun and manifest_whole.is_set() else None
+        # The one rule (SentWhole.left_open) for the manifest as for a part and a single
+        # artifact: only once its last byte was handed over, unanswered. A call that ended
+        # before (refused as the connection had ended, ConnectionEnded, or UNAVAILABLE before it
+        # connected) cannot have stored it (no final chunk): the version was not published, and
+        # its parts are removed as after any failure, where "may be published" kept them and
+        # said it reached the store.
+        answer = manifest_whole.left_open(exc)
         if answer is not None:
             # An outage ends a call the store may have committed (a deadline passing, or the
             # connection dropping, as it stored the manifest), and an answer OK about another
@@ -486,10 +490,12 @@ def publish_parts(
                 f"{name}/{version} may be published: its manifest reached the store, whose "
                 f"answer {answer}"
             )
+            # Its commands under the parts' guard: the store may commit a manifest after the
+            # answer was lost (past the client's deadline), and "if it is not stored" alone had
+            # an admin remove the parts of a version a publish was still committing.
             kept = (
-                f"`strongroom model ls {shlex.quote(name)}` lists it if so (its parts are then "
-                f"its own: keep them); if it is not stored, {len(versions)} part(s) it stored "
-                f"are left ({_versions(versions)}): {_unblock(name, versions)}"
+                f"if it is, its {len(versions)} part(s) ({_versions(versions)}) are its own: "
+                f"keep them. {once_no_publish(name, version)}, {_unblock(name, versions)}"
             )
             # The answer about another artifact, or a ServerConnection's end: raised as they came.
             if isinstance(exc, StrongroomError):
@@ -505,16 +511,26 @@ def publish_parts(
         # does, though neither the deletes nor the note knew of it (the next publish's check
         # did). Not deleted: no answer says this publish stored it, and a part another publish
         # of the version stored is its own.
-        answer = unanswered(exc) if begun > len(stored) and whole.is_set() else None
+        answer = whole.left_open(exc)
         maybe = None if answer is None else (planned[begun - 1].header.model_version, answer)
+        deleted: list[str] = []
         try:
-            failed = _delete_best_effort(stub, stored)
+            # A ServerConnection whose connection ended refuses every call from then on: the
+            # deletes went over it, each failed, and the note said "deleting them failed".
+            failed = _delete_best_effort(
+                stub, stored, deleted, ended=isinstance(exc, ConnectionEnded)
+            )
         except KeyboardInterrupt as interrupt:
-            # Ctrl-C while the deletes wait: any part stored may still be there, and so may the
-            # one whose answer was lost (its note named only the parts stored, so the version
-            # stayed blocked by a part no message named).
-            left = [info.version for info in stored] + ([] if maybe is None else [maybe[0]])
-            interrupt.add_note(_interrupted_note(name, version, left, manifest=False))
+            # Ctrl-C while the deletes wait: any part stored and not yet deleted may still be
+            # there (the one whose delete was under way too), and so may the one whose answer
+            # was lost (its note named only the parts stored, so the version stayed blocked by a
+            # part no message named). The parts deleted are said: "nothing was deleted" was
+            # untrue once a delete had completed.
+            left = [info.version for info in stored if info.version not in deleted]
+            left += [] if maybe is None else [maybe[0]]
+            interrupt.add_note(
+                _interrupted_note(name, version, left, manifest=False, deleted=deleted)
+            )
             raise interrupt from exc
         # One rule for what is an outage (remote.TRANSIENT), parts left or not: the store down,
         # draining (CANCELLED) or the call out of time is what whoever runs the publish acts on
@@ -605,9 +621,28 @@ def _put_part(
         return response, bytes(tail)
 
 
-def _interrupted_note(name: str, version: str, left: Sequence[str], manifest: bool) -> str:
+def _interrupted_note(
+    name: str,
+    version: str,
+    left: Sequence[str],
+    manifest: bool,
+    deleted: Sequence[str] | None = None,
+) -> str:
     """What an interrupted publish may have left (``left``: store versions of parts) and how to
-    remove it; ``manifest``: the manifest's upload had begun, so the version may be whole."""
+    remove it; ``manifest``: the manifest's upload had begun, so the version may be whole;
+    ``deleted``: the interrupt came as a failed publish removed the parts it stored, these
+    removed (None: before any delete)."""
+    if deleted is None:
+        deletes = "nothing was deleted: an interrupt does not wait for deletes"
+    elif deleted:
+        deletes = f"removed before the interrupt: {_versions(deleted)}"
+    else:
+        deletes = "none was removed before the interrupt"
+    if not left and deleted:
+        return (
+            f"interrupted: {name}/{version} was not published; the {len(deleted)} part(s) it "
+            f"stored were removed ({_versions(deleted)})"
+        )
     if not left:
         return f"interrupted: {name}/{version} was not published; no part was stored"
     maybe = (
@@ -618,24 +653,46 @@ def _interrupted_note(name: str, version: str, left: Sequence[str], manifest: bo
     )
     return (
         f"interrupted: {maybe}{len(left)} part(s) whose upload had begun may be stored "
-        f"({_versions(left)}; nothing was deleted: an interrupt does not wait for deletes). "
-        f"{_once_no_publish(name, version)}, {_unblock(name, left)} (a part that is not stored "
+        f"({_versions(left)}; {deletes}). "
+        f"{once_no_publish(name, version)}, {_unblock(name, left)} (a part that is not stored "
         "is NOT_FOUND: nothing to do)"
     )
 
 
 def _delete_best_effort(
-    stub: store_grpc.ModelStoreServiceStub, stored: Sequence[store_pb.ModelInfo]
+    stub: store_grpc.ModelStoreServiceStub,
+    stored: Sequence[store_pb.ModelInfo],
+    deleted: list[str],
+    *,
+    ended: bool,
 ) -> dict[str, str]:
-    """Removes the parts a failed publish stored; returns the store versions of those it could
-    not, each with the status its delete failed with (PERMISSION_DENIED: a publisher may not
-    delete; UNAVAILABLE: the store went away)."""
+    """Removes the parts a failed publish stored, appending to ``deleted`` the store version of
+    each as its delete completes; returns the store versions of those it did not remove, each
+    with the status its delete failed with (PERMISSION_DENIED: a publisher may not delete;
+    UNAVAILABLE: the store went away) or :data:`CONNECTION_ENDED`: none is tried once the
+    channel's connection has ended (``ended``, or a delete's ``ConnectionEnded``), as no call
+    over it can reach the store."""
     failed: dict[str, str] = {}
     for info in stored:
+        if ended:
+            failed[info.version] = CONNECTION_ENDED
+            log.warning(
+                "did not try to remove the part %s version %s a failed publish stored (the "
+                "connection to the store had ended): an admin removes it with `strongroom "
+                "model rm`",
+                info.name,
+                info.version,
+                extra={"model": info.name, "version": info.version, "code": CONNECTION_ENDED},
+            )
+            continue
         try:
             stub.DeleteModel(
                 store_pb.DeleteModelRequest(name=info.name, version=info.version), timeout=30
             )
+            deleted.append(info.version)
+        except ConnectionEnded:
+            ended = True
+            failed[info.version] = CONNECTION_ENDED
         except grpc.RpcError as exc:
             failed[info.version] = exc.code().name
             # Harmless (no manifest names them), but they block a retry of this version.
@@ -648,6 +705,11 @@ def _delete_best_effort(
                 extra={"model": info.name, "version": info.version, "code": exc.code().name},
             )
     return failed
+
+
+CONNECTION_ENDED = str(Reason.SERVER_CONNECTION_ENDED)
+"""What :func:`_delete_best_effort` records of a part it did not try to delete, the channel's
+connection having ended (:class:`~strongroom.client.server_evidence.ConnectionEnded`)."""
 
 
 def _left_note(
@@ -671,7 +733,13 @@ def _left_note(
             else f"deleting them failed: {', '.join(codes)}"
         )
         versions = _versions(list(failed))
-        said.append(f"{len(failed)} part(s) it stored could not be removed ({why}): {versions}")
+        if codes == [CONNECTION_ENDED]:
+            said.append(
+                f"{len(failed)} part(s) it stored were not removed (the connection to the store "
+                f"had ended, so no delete was tried): {versions}"
+            )
+        else:
+            said.append(f"{len(failed)} part(s) it stored could not be removed ({why}): {versions}")
     if maybe is None:
         return f"{'; '.join(said)}; {_unblock(name, list(failed))}"
     part, answer = maybe
@@ -684,19 +752,8 @@ def _left_note(
     # this publish stored are its own (their answers said so), but one command form covers
     # them all. The part that may be stored has the highest index: it comes last.
     return (
-        f"{'; '.join(said)}. {_once_no_publish(name, version)}, "
+        f"{'; '.join(said)}. {once_no_publish(name, version)}, "
         f"{_unblock(name, [*failed, part])} (a part that is not stored is NOT_FOUND: nothing to do)"
-    )
-
-
-def _once_no_publish(name: str, version: str) -> str:
-    """When removing parts of ``name``/``version`` that a publish may have stored is safe: a
-    part of a publish still running, or of one that completed, is its model's. With the command
-    that shows the second half (as the single-file interrupt note and a manifest's lost answer
-    give it): without it the admin had a condition and no way named to check it."""
-    return (
-        f"Once no publish of it is running and {name}/{version} is still not stored "
-        f"(`strongroom model ls {shlex.quote(name)}` lists it if so)"
     )
 
 
@@ -861,6 +918,6 @@ def _check_version_free(
             f"are left ({_versions(left)}, the last stored at "
             f"{last.isoformat(timespec='seconds')}): that publish failed, or is still running "
             "(a publish that completes makes them its model's parts); nothing was published. "
-            f"{_once_no_publish(name, version)}, {_unblock(name, left)}",
+            f"{once_no_publish(name, version)}, {_unblock(name, left)}",
             reason=Reason.PARTS_LEFT_BEHIND,
         )

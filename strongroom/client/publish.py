@@ -81,6 +81,21 @@ class SentWhole:
         """Whether the current try handed over its last byte."""
         return self._current.is_set()
 
+    def answered(self) -> None:
+        """The store answered the current try, describing the upload: nothing is left open
+        (until the next try's last byte)."""
+        self._current = threading.Event()
+
+    def left_open(self, exc: BaseException) -> str | None:
+        """How ``exc``, ending the upload, left open whether the store stored it: what
+        :func:`unanswered` says, once the current try handed over its last byte and was not
+        answered; None before (no store takes an artifact without its final chunk).
+
+        The one place every publisher asks it (a single artifact's, a part's, a manifest's
+        failure, and an outage's message): each checked the last byte on its own, and the
+        manifest's check had once missed it."""
+        return unanswered(exc) if self.is_set() else None
+
 
 class TryProgress:
     """The caller's ``progress`` as the tries of an upload call it: each try's calls go through a
@@ -268,26 +283,39 @@ def _unanswered_noted(name: str, version: str, whole: SentWhole, done: str) -> I
     # byte was sent it, and an answer about another artifact alike (unanswered), may end a call
     # the store has stored: "was not published" was then untrue, or nothing was said, and the
     # publisher's next try was refused MODEL_EXISTS, unexplained.
-    with outages_raised_as_errors(lambda: _outage_what(name, version, whole, done)):
+    with outages_raised_as_errors(lambda exc: _outage_what(name, version, whole, done, exc)):
         try:
             yield
         except StrongroomError as exc:
-            answer = unanswered(exc)
-            if answer is not None and whole.is_set():
+            answer = whole.left_open(exc)
+            if answer is not None:
                 amend(exc, _may_be_stored(name, version, answer))
             raise
 
 
-def _outage_what(name: str, version: str, whole: SentWhole, done: str) -> str:
-    if not whole.is_set():
+def _outage_what(name: str, version: str, whole: SentWhole, done: str, exc: grpc.RpcError) -> str:
+    answer = whole.left_open(exc)
+    if answer is None:
         return f"{name}/{version} was not {done}"
-    return _may_be_stored(name, version, ANSWER_LOST)
+    return _may_be_stored(name, version, answer)
 
 
 def _may_be_stored(name: str, version: str, answer: str) -> str:
     return (
         f"{name}/{version} may be stored (`strongroom model ls {shlex.quote(name)}` lists it if "
         f"so): its whole artifact was sent, and the store's answer {answer}"
+    )
+
+
+def once_no_publish(name: str, version: str) -> str:
+    """When what a publish of ``name``/``version`` may have stored can be taken as not stored
+    (its parts removed, the version published again): a publish still running, the store still
+    committing one whose answer was lost, or one that completed, made it its model's. With the
+    command that shows the second half: without it the admin had a condition and no way named
+    to check it. Every publisher's note says it in these words."""
+    return (
+        f"Once no publish of it is running and {name}/{version} is still not stored "
+        f"(`strongroom model ls {shlex.quote(name)}` lists it if so)"
     )
 
 
@@ -320,11 +348,10 @@ def interrupt_noted(name: str, version: str, upload: threading.Event) -> Iterato
                 f"interrupted: its upload had begun, so {name}/{version} may be stored, whole "
                 "and loadable: this publish's, if its last byte was sent, or another "
                 "publish's of the same version (the store's refusal of this one, MODEL_EXISTS, "
-                "lost to the interrupt). Once no publish of it is running and "
-                f"`strongroom model ls {shlex.quote(name)}` lists it, keep it (publishing it "
-                "again is refused MODEL_EXISTS); only to replace it with another model does an "
-                f"admin remove it: {rm_command(name, version)}. If it is still not stored, "
-                "nothing was: publish it again"
+                f"lost to the interrupt). {once_no_publish(name, version)}, nothing was "
+                "stored: publish it again; if it is stored, keep it (publishing it again is refused "
+                "MODEL_EXISTS): only to replace it with another model does an admin remove it: "
+                f"{rm_command(name, version)}"
             )
         raise
 

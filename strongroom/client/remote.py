@@ -125,15 +125,15 @@ def outage_error(exc: grpc.RpcError, what: str) -> StrongroomError | None:
 
 
 @contextmanager
-def outages_raised_as_errors(what: str | Callable[[], str]) -> Iterator[None]:
+def outages_raised_as_errors(what: str | Callable[[grpc.RpcError], str]) -> Iterator[None]:
     """Raises a ``grpc.RpcError`` of an outage from the block as :func:`outage_error` makes it
-    (``what``, or what it returns when the outage comes, then the status: ``Unavailable``,
+    (``what``, or what it returns for the outage when it comes, then the status: ``Unavailable``,
     ``DeadlineExceeded``); any other is raised as it came. The publishers' one rule, single and
     multi-part alike."""
     try:
         yield
     except grpc.RpcError as exc:
-        error = outage_error(exc, what if isinstance(what, str) else what())
+        error = outage_error(exc, what if isinstance(what, str) else what(exc))
         if error is None:
             raise
         raise error from exc

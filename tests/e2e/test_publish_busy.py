@@ -47,7 +47,7 @@ from strongroom.client.multipart import (
     files_parts,
     publish_parts,
 )
-from strongroom.client.publish import Published, publish_model, upload_artifact
+from strongroom.client.publish import Published, SentWhole, publish_model, upload_artifact
 from strongroom.client.remote import peer_reason
 from strongroom.client.server_evidence import ConnectionEnded, ServerConnection
 from strongroom.dev.devstack import DevStack
@@ -1774,7 +1774,8 @@ def test_a_single_publish_interrupted_after_its_upload_says_the_version_may_be_s
     """An interrupted single-file publish said nothing, though an interrupt after its last byte
     leaves the version stored (the publisher's next try refused MODEL_EXISTS, unexplained). Now
     the interrupt carries a note, as a multi-part publish's does: it may be stored, when to keep
-    it, and the command that removes it."""
+    it, and the command that removes it; its condition in the words every publisher's note uses
+    (the note kept its own second clause)."""
     model = _model_file(tmp_path, 3000)
     with pytest.raises(KeyboardInterrupt) as info:
         _publish_one(
@@ -1791,10 +1792,10 @@ def test_a_single_publish_interrupted_after_its_upload_says_the_version_may_be_s
         "interrupted: its upload had begun, so busy/single-stopped/1 may be stored, whole and "
         "loadable: this publish's, if its last byte was sent, or another publish's of the same "
         "version (the store's refusal of this one, MODEL_EXISTS, lost to the interrupt). Once no "
-        "publish of it is running and `strongroom model ls busy/single-stopped` lists it, keep "
-        "it (publishing it again is refused MODEL_EXISTS); only to replace it with another model "
-        "does an admin remove it: `strongroom model rm busy/single-stopped 1`. If it is still "
-        "not stored, nothing was: publish it again"
+        "publish of it is running and busy/single-stopped/1 is still not stored (`strongroom "
+        "model ls busy/single-stopped` lists it if so), nothing was stored: publish it again; if "
+        "it is stored, keep it (publishing it again is refused MODEL_EXISTS): only to replace it "
+        "with another model does an admin remove it: `strongroom model rm busy/single-stopped 1`"
     )
     assert _records(stack, "busy/single-stopped") == [("busy/single-stopped", "1")]
     _admin_rm(stack, "busy/single-stopped", "1")
@@ -1831,9 +1832,13 @@ def test_an_upload_interrupted_after_the_store_answered_says_it_may_be_stored(
         )
     (note,) = info.value.__notes__
     assert note.startswith("interrupted: its upload had begun, so busy/upload-stopped/1 may be ")
-    assert "Once no publish of it is running and `strongroom model ls busy/upload-stopped` " in note
-    assert ", keep it (publishing it again is refused MODEL_EXISTS); only to replace it " in note
-    assert "admin remove it: `strongroom model rm busy/upload-stopped 1`. If it is still " in note
+    assert (
+        "Once no publish of it is running and busy/upload-stopped/1 is still not stored "
+        "(`strongroom model ls busy/upload-stopped` lists it if so), nothing was stored: publish "
+        "it again; if it is stored, keep it (publishing it again is refused MODEL_EXISTS): only "
+        "to replace it with another model does an admin remove it: `strongroom model rm "
+        "busy/upload-stopped 1`"
+    ) in note
     assert _records(stack, "busy/upload-stopped") == [("busy/upload-stopped", "1")]
     _admin_rm(stack, "busy/upload-stopped", "1")
 
@@ -1859,8 +1864,8 @@ def test_an_interrupted_single_publish_command_prints_what_may_be_stored(
     code, err = _publish_command(stack, capsys, [_model_file(tmp_path, 3000)], "busy/cli-single")
     assert code == 130
     assert "strongroom: interrupted: its upload had begun, so busy/cli-single/1 may be " in err
-    assert "`strongroom model ls busy/cli-single` lists it, keep it " in err
-    assert "admin remove it: `strongroom model rm busy/cli-single 1`. If it is still not " in err
+    assert "`strongroom model ls busy/cli-single` lists it if so), nothing was stored: " in err
+    assert "admin remove it: `strongroom model rm busy/cli-single 1`" in err
     assert _records(stack, "busy/cli-single") == [("busy/cli-single", "1")]
     _admin_rm(stack, "busy/cli-single", "1")
 
@@ -1914,7 +1919,9 @@ def test_a_manifest_whose_answer_was_lost_to_an_outage_keeps_its_parts_and_says_
     was not published, deleted its parts (a publisher that may delete broke the published model
     for every load: PartMissing), and where it could not, handed the admin the commands that
     would. Now an outage at the manifest deletes nothing and says the version may be published:
-    its parts are its own if it is; the commands only for the case it is not."""
+    its parts are its own if it is; the commands only for the case it is not, once no publish
+    of it runs (the store may commit the manifest after its answer was lost: "if it is not
+    stored" alone could hand out the removal of the parts of a version being committed)."""
     shards = _shards(tmp_path / "shards", 3)
     counted = CountCalls()
     store = grpc.intercept_channel(
@@ -1931,10 +1938,17 @@ def test_a_manifest_whose_answer_was_lost_to_an_outage_keeps_its_parts_and_says_
         "lost (DEADLINE_EXCEEDED: Deadline Exceeded)"
     ), message
     assert "was not published" not in message
-    assert "`strongroom model ls busy/manifest-lost` lists it if so" in message
-    assert "its parts are then its own: keep them" in message
-    assert "if it is not stored, 3 part(s) it stored are left" in message
-    assert "`strongroom model rm busy/manifest-lost 1+part.0`" in message
+    # The store may commit the manifest after the answer was lost: the parts' commands come
+    # under the guard a part's and an interrupt's do ("if it is not stored" alone handed out the
+    # removal of a version's parts while the store could still be committing it).
+    assert message.endswith(
+        "; if it is, its 3 part(s) (1+part.0, 1+part.1, 1+part.2) are its own: keep them. Once no "
+        "publish of it is running and busy/manifest-lost/1 is still not stored (`strongroom model "
+        "ls busy/manifest-lost` lists it if so), the version cannot be published again until an "
+        "admin removes them (PARTS_LEFT_BEHIND until then): `strongroom model rm "
+        "busy/manifest-lost 1+part.0`; `strongroom model rm busy/manifest-lost 1+part.1`; "
+        "`strongroom model rm busy/manifest-lost 1+part.2`"
+    ), message
     assert _records(stack, "busy/manifest-lost") == [
         ("busy/manifest-lost", "1"),
         ("busy/manifest-lost", "1+part.0"),
@@ -2010,8 +2024,8 @@ def test_an_interrupt_of_the_deletes_names_the_part_whose_answer_was_lost(
     (note,) = info.value.__notes__
     assert note.startswith(
         "interrupted: busy/deletes-stopped/1 was not published; 2 part(s) whose upload had begun "
-        "may be stored (1+part.0, 1+part.1; nothing was deleted: an interrupt does not wait for "
-        "deletes). Once no publish of it is running and busy/deletes-stopped/1 is still not "
+        "may be stored (1+part.0, 1+part.1; none was removed before the interrupt). Once no "
+        "publish of it is running and busy/deletes-stopped/1 is still not "
         "stored (`strongroom model ls busy/deletes-stopped` lists it if so), "
     ), note
     assert "`strongroom model rm busy/deletes-stopped 1+part.1`" in note
@@ -2021,6 +2035,60 @@ def test_an_interrupt_of_the_deletes_names_the_part_whose_answer_was_lost(
     ]
     for version in ("1+part.0", "1+part.1"):
         _admin_rm(stack, "busy/deletes-stopped", version)
+
+
+class DeletesAsAdminUntil(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """The publisher's deletes made as a caller that may delete: each goes to the real store over
+    the admin's channel, until the one numbered ``at`` (from 0), where Ctrl-C comes (raised in
+    the publishing thread); every other call goes through."""
+
+    def __init__(self, admin: grpc.Channel, at: int) -> None:
+        self._admin = store_grpc.ModelStoreServiceStub(admin)
+        self._at = at
+        self.deletes = 0
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        if not details.method.endswith("/DeleteModel"):
+            return continuation(details, request)
+        self.deletes += 1
+        if self.deletes - 1 == self._at:
+            raise KeyboardInterrupt
+        return self._admin.DeleteModel.future(request, timeout=details.timeout)
+
+
+def test_an_interrupt_of_the_deletes_says_which_parts_were_removed(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """A caller that may delete: the third part was stored and its answer lost, and Ctrl-C came
+    as the second part's delete waited, the first's done. The note said "nothing was deleted",
+    and named the first part, gone, with its command. It now says which were removed before the
+    interrupt, and names only those that may be left."""
+    shards = _shards(tmp_path / "shards", 3)
+    deletes = DeletesAsAdminUntil(stack.channel(stack.identity("admin"), "modelstore"), 1)
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"),
+        AnswerLostAt(2, grpc.StatusCode.DEADLINE_EXCEEDED),
+        deletes,
+    )
+    with pytest.raises(KeyboardInterrupt) as info:
+        _publish(stack, publisher, shards, "busy/deletes-half", store)
+    assert deletes.deletes == 2
+    (note,) = info.value.__notes__
+    assert note.startswith(
+        "interrupted: busy/deletes-half/1 was not published; 2 part(s) whose upload had begun "
+        "may be stored (1+part.1, 1+part.2; removed before the interrupt: 1+part.0). Once no "
+        "publish of it is running and busy/deletes-half/1 is still not stored "
+    ), note
+    assert "nothing was deleted" not in note
+    assert "busy/deletes-half 1+part.0" not in note
+    assert _records(stack, "busy/deletes-half") == [
+        ("busy/deletes-half", "1+part.1"),
+        ("busy/deletes-half", "1+part.2"),
+    ]
+    for version in ("1+part.1", "1+part.2"):
+        _admin_rm(stack, "busy/deletes-half", version)
 
 
 class WinnerFirstAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
@@ -2119,18 +2187,43 @@ def test_a_lost_server_connection_is_an_answer_lost() -> None:
     assert publish.unanswered(ConnectionEnded("ended")) == publish.ANSWER_LOST
 
 
+def test_an_upload_is_left_open_only_once_its_last_byte_went_and_until_it_is_answered() -> None:
+    """The one rule every publisher's path asks (SentWhole.left_open): a part's, a manifest's
+    and a single artifact's each checked the last byte on their own, and the manifest's check
+    had once missed it."""
+    lost = ConnectionEnded("ended")
+    whole = SentWhole()
+    assert whole.left_open(lost) is None  # no try yet
+    sent = whole.next_try()
+    assert whole.left_open(lost) is None  # its last byte not yet handed over
+    sent()
+    assert whole.left_open(lost) == publish.ANSWER_LOST
+    assert whole.left_open(InvalidArgument("refused")) is None  # the store's word: nothing stored
+    whole.answered()
+    assert whole.left_open(lost) is None  # stored, its answer read: a later failure is another's
+    sent()  # an answered try's late mark changes nothing
+    assert whole.left_open(lost) is None
+
+
 def test_a_part_whose_server_connection_ended_is_named_as_maybe_stored(
     stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
 ) -> None:
     """The second part reached the store, which stored it, and the connection then ended
     (ConnectionEnded, a ServerConnection's channel): the error named only the first part, the
-    second blocking the version unnamed. It is now named as may be stored, as after an outage."""
+    second blocking the version unnamed. It is now named as may be stored, as after an outage.
+    And the first is not deleted over the connection that ended (each delete failed there): the
+    note says none was tried, and why."""
     shards = _shards(tmp_path / "shards", 3)
-    store = grpc.intercept_channel(stack.channel(publisher, "modelstore"), ConnectionEndedAt(1))
+    counted = CountCalls()
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), ConnectionEndedAt(1), counted
+    )
     with pytest.raises(ConnectionEnded) as info:
         _publish(stack, publisher, shards, "busy/part-ended", store)
+    assert "DeleteModel" not in counted.methods
     assert info.value.message.endswith(
-        "; 1 part(s) it stored could not be removed (a publisher may not delete): 1+part.0; the "
+        "; 1 part(s) it stored were not removed (the connection to the store had ended, so no "
+        "delete was tried): 1+part.0; the "
         "part 1+part.1 may be stored: its upload reached the store, whose answer was lost (stored "
         "by this publish, or by another of the version that stored it first). Once no publish "
         "of it is running and busy/part-ended/1 is still not stored (`strongroom model ls "
@@ -2163,7 +2256,9 @@ def test_a_manifest_whose_server_connection_ended_keeps_its_parts(
     assert "DeleteModel" not in counted.methods
     assert (
         "; busy/manifest-ended/1 may be published: its manifest reached the store, whose answer "
-        "was lost; `strongroom model ls busy/manifest-ended` lists it if so"
+        "was lost; if it is, its 2 part(s) (1+part.0, 1+part.1) are its own: keep them. Once no "
+        "publish of it is running and busy/manifest-ended/1 is still not stored (`strongroom "
+        "model ls busy/manifest-ended` lists it if so), the version cannot be published again "
     ) in info.value.message
     assert _records(stack, "busy/manifest-ended") == [
         ("busy/manifest-ended", "1"),
@@ -2194,10 +2289,20 @@ class EndedBeforeSentAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc
 
 
 @pytest.mark.parametrize(
-    ("error", "raised"),
+    ("error", "raised", "deletes", "why"),
     [
-        (ConnectionEnded("the connection to the store has ended"), ConnectionEnded),
-        (_CallError(_Lost(grpc.StatusCode.UNAVAILABLE, "failed to connect")), Unavailable),
+        (
+            ConnectionEnded("the connection to the store has ended"),
+            ConnectionEnded,
+            0,
+            "were not removed (the connection to the store had ended, so no delete was tried)",
+        ),
+        (
+            _CallError(_Lost(grpc.StatusCode.UNAVAILABLE, "failed to connect")),
+            Unavailable,
+            2,
+            "could not be removed (a publisher may not delete)",
+        ),
     ],
     ids=["connection-ended", "unavailable"],
 )
@@ -2207,12 +2312,15 @@ def test_a_manifest_call_that_ended_before_its_last_byte_removes_the_parts(
     tmp_path: Path,
     error: BaseException,
     raised: type[Exception],
+    deletes: int,
+    why: str,
 ) -> None:
     """The manifest's call ended before any of it was sent (the ServerConnection's connection
     had ended as the last part was answered, or the store could not be reached): no store can
     have stored it, yet the publisher said the version may be published, "its manifest reached
     the store", and kept the parts it could have removed. Now, as after any failure, the version
-    was not published and the parts it stored are removed or named with their commands."""
+    was not published and the parts it stored are removed or named with their commands (over a
+    connection that ended, none is tried: each failed there)."""
     shards = _shards(tmp_path / "shards", 2)
     counted = CountCalls()
     name = f"busy/manifest-unsent-{raised.__name__.lower()}"
@@ -2221,11 +2329,11 @@ def test_a_manifest_call_that_ended_before_its_last_byte_removes_the_parts(
     )
     with pytest.raises(raised) as info:
         _publish(stack, publisher, shards, name, store)
-    assert counted.methods.count("DeleteModel") == 2
+    assert counted.methods.count("DeleteModel") == deletes
     message = str(info.value)
     assert "may be published" not in message and "reached the store" not in message, message
     assert message.endswith(
-        f"2 part(s) it stored could not be removed (a publisher may not delete): 1+part.0, "
+        f"2 part(s) it stored {why}: 1+part.0, "
         f"1+part.1; the version cannot be published again until an admin removes them "
         f"(PARTS_LEFT_BEHIND until then): `strongroom model rm {name} 1+part.0`; "
         f"`strongroom model rm {name} 1+part.1`"
@@ -2241,7 +2349,9 @@ def test_a_manifest_refused_by_a_real_ended_server_connection_does_not_say_it_ma
     """A real ServerConnection to the store, which stops once both parts are stored: the
     connection ends, and the manifest's call is refused at once (ConnectionEnded, not a byte
     sent). The publisher said the version may be published, its manifest having reached the
-    store; now it says which parts it stored and could not remove, and their commands."""
+    store; now it says which parts it stored and did not remove, and their commands. Its deletes
+    went over the ended connection, each refused there ("deleting them failed: UNAVAILABLE"):
+    none is tried now, and the note says why."""
     shards = _shards(tmp_path / "shards", 2)
     connection = ServerConnection.of_identity(
         publisher,
@@ -2261,6 +2371,7 @@ def test_a_manifest_refused_by_a_real_ended_server_connection_does_not_say_it_ma
         return False
 
     stops = StopStoreBefore(stack, 2)
+    counted = CountCalls()
 
     class Wait(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
         """The manifest's call (the store stopped) goes on once the connection has ended."""
@@ -2278,13 +2389,14 @@ def test_a_manifest_refused_by_a_real_ended_server_connection_does_not_say_it_ma
             publisher,
             shards,
             "busy/manifest-refused",
-            grpc.intercept_channel(connection.channel, stops, Wait()),
+            grpc.intercept_channel(connection.channel, stops, Wait(), counted),
         )
+    assert "DeleteModel" not in counted.methods
     message = str(info.value)
     assert "may be published" not in message, message
     assert message.endswith(
-        "2 part(s) it stored could not be removed (deleting them failed: UNAVAILABLE): 1+part.0, "
-        "1+part.1; the version cannot be published again until an admin removes them "
+        "2 part(s) it stored were not removed (the connection to the store had ended, so no "
+        "delete was tried): 1+part.0, 1+part.1; the version cannot be published again until an admin removes them "
         "(PARTS_LEFT_BEHIND until then): `strongroom model rm busy/manifest-refused 1+part.0`; "
         "`strongroom model rm busy/manifest-refused 1+part.1`"
     ), message
@@ -2478,10 +2590,11 @@ def test_a_manifest_answered_about_another_artifact_keeps_the_parts(
     message = info.value.message
     assert message.endswith(
         "; busy/manifest-mismatch/1 may be published: its manifest reached the store, whose "
-        "answer did not describe it; `strongroom model ls busy/manifest-mismatch` lists it if so "
-        "(its parts are then its own: keep them); if it is not stored, 2 part(s) it stored are "
-        "left (1+part.0, 1+part.1): the version cannot be published again until an admin "
-        "removes them (PARTS_LEFT_BEHIND until then): `strongroom model rm "
+        "answer did not describe it; if it is, its 2 part(s) (1+part.0, 1+part.1) are its own: "
+        "keep them. Once no publish of it is running and busy/manifest-mismatch/1 is still not "
+        "stored (`strongroom model ls busy/manifest-mismatch` lists it if so), the version cannot "
+        "be published again until an admin removes them (PARTS_LEFT_BEHIND until then): "
+        "`strongroom model rm "
         "busy/manifest-mismatch 1+part.0`; `strongroom model rm busy/manifest-mismatch 1+part.1`"
     ), message
     assert "DeleteModel" not in counted.methods
