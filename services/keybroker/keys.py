@@ -566,17 +566,28 @@ class KeyManager:
     ) -> KeyInfo:
         """Runs a creation ``op`` (``fresh`` false); if it met another attempt's claim
         (:class:`_RereadFirst`), once more on a token re-read first (``fresh`` true), where it
-        may reap what is really abandoned. Each run has ``timeout``."""
+        may reap what is really abandoned. Both runs share one deadline, ``timeout`` (default
+        the HSM's ``operation_timeout``) from now: each had all of it, so a caller could wait
+        twice it (four times with a started change's wait, :meth:`_call`). The second run has
+        what the first left; none left, HSM_TIMEOUT, and the second run is not queued (the
+        first published nothing: meeting a claim, it destroys its own before it raises)."""
+        limit = self._hsm.config.operation_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
         try:
-            return self._call(
-                key_id, functools.partial(op, fresh=False), timeout, name, change=gate
-            )
+            return self._call(key_id, functools.partial(op, fresh=False), limit, name, change=gate)
         except _RereadFirst:
             pass
+        left = deadline - time.monotonic()
+        if not left > 0:
+            raise HsmUnavailable(
+                f"{name} met another attempt's claim and had no time left within its {limit:g}s "
+                "to run again on a re-read token; nothing was changed; retry",
+                reason=Reason.HSM_TIMEOUT,
+            )
         return self._call(
             key_id,
             functools.partial(op, fresh=True),
-            timeout,
+            left,
             name,
             change=gate,
             reread_token=True,
