@@ -4,7 +4,8 @@ Every failure is one of the shared :mod:`strongroom.errors` classes (so the one 
 maps it to a gRPC status) with a reason from :class:`strongroom.reasons.Reason`. Two infrastructure failures get their
 own subclasses because callers branch on them: :class:`HsmUnavailable` and :class:`AuditUnavailable`;
 so do a stored policy the broker cannot read or load (:class:`PolicyUnreadable`,
-:class:`StoredPolicyInvalid`), a policy change whose expected version is no longer the live one
+:class:`StoredPolicyInvalid`), a key version its replicas kept disabling under an operation
+(:class:`KeyStateMoving`), a policy change whose expected version is no longer the live one
 (:class:`PolicyChanged`) and the one refusal a caller hears for every way it may not release a
 key (:class:`ReleaseNotPermitted`).
 """
@@ -129,6 +130,16 @@ class StoredPolicyInvalid(FailedPrecondition):
     a directory deployment configuration manages): the broker's configuration error, not the
     request's. Its reason is the loader's (``POLICY_BAD_VALUE``, ``POLICY_DEBUG_IN_PRODUCTION``,
     ...)."""
+
+
+class KeyStateMoving(FailedPrecondition):
+    """An operation refused ``KEY_DISABLED`` because its key version was disabled under it on
+    every attempt the broker made (another replica changing the version's state): the broker's
+    own replicas moved the state, not the caller, who can neither disable nor enable a version
+    (an admin's command disables; only a program using the library enables). Fail closed, as
+    each attempt met a disable, but not the caller's fault: its grant is given back."""
+
+    default_reason = Reason.KEY_DISABLED
 
 
 class PolicyChanged(FailedPrecondition):

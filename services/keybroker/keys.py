@@ -85,7 +85,7 @@ from strongroom.identifiers import validate_version as validate_model_version
 from strongroom.keybroker import _kek
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker.ephemeral import EphemeralPublicKey, ReleaseTarget
-from strongroom.keybroker.errors import HsmUnavailable
+from strongroom.keybroker.errors import HsmUnavailable, KeyStateMoving
 from strongroom.keybroker.hsm import Hsm, HsmCall, HsmSession
 from strongroom.keybroker.p11direct import (
     LENGTH_UNREPORTED,
@@ -97,6 +97,7 @@ from strongroom.keybroker.p11direct import (
     Template,
     UnwrapFailed,
 )
+from strongroom.keybroker.state_lines import StateMoveLines
 from strongroom.oaep import OaepHash, negotiate
 from strongroom.reasons import Reason
 
@@ -492,6 +493,7 @@ class KeyManager:
         self._cache: dict[str, tuple[int, float, list[_kek.KekVersion]]] = {}
         # monotonic time before which no release re-reads the token for a missed version
         self._next_missed_reread = 0.0
+        self._state_lines = StateMoveLines(_log)
 
     @property
     def hsm(self) -> Hsm:
@@ -564,17 +566,28 @@ class KeyManager:
     ) -> KeyInfo:
         """Runs a creation ``op`` (``fresh`` false); if it met another attempt's claim
         (:class:`_RereadFirst`), once more on a token re-read first (``fresh`` true), where it
-        may reap what is really abandoned. Each run has ``timeout``."""
+        may reap what is really abandoned. Both runs share one deadline, ``timeout`` (default
+        the HSM's ``operation_timeout``) from now: each had all of it, so a caller could wait
+        twice it (four times with a started change's wait, :meth:`_call`). The second run has
+        what the first left; none left, HSM_TIMEOUT, and the second run is not queued (the
+        first published nothing: meeting a claim, it destroys its own before it raises)."""
+        limit = self._hsm.config.operation_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
         try:
-            return self._call(
-                key_id, functools.partial(op, fresh=False), timeout, name, change=gate
-            )
+            return self._call(key_id, functools.partial(op, fresh=False), limit, name, change=gate)
         except _RereadFirst:
             pass
+        left = deadline - time.monotonic()
+        if not left > 0:
+            raise HsmUnavailable(
+                f"{name} met another attempt's claim and had no time left within its {limit:g}s "
+                "to run again on a re-read token; nothing was changed; retry",
+                reason=Reason.HSM_TIMEOUT,
+            )
         return self._call(
             key_id,
             functools.partial(op, fresh=True),
-            timeout,
+            left,
             name,
             change=gate,
             reread_token=True,
@@ -1062,26 +1075,45 @@ class KeyManager:
         replica, maybe followed by an enable) is read afresh up to :data:`_STATE_ATTEMPTS` times
         in all, so that a version flapping for a moment gets its state's own answer: the
         operation once a read holds still, KEY_DISABLED once a lookup finds it disabled. A version
-        disabled under every attempt is refused KEY_DISABLED (what each attempt met, and fail
-        closed). Any other stale handle (an object found by the search and gone before its use)
-        is read afresh once; a second is the backend's."""
+        disabled under its last attempt, and under each before it but one stale handle at most,
+        is refused KEY_DISABLED (what the attempts met, and fail closed), as
+        :class:`KeyStateMoving`: the broker's replicas moved the state, not the caller, so its
+        grant is given back; its message counts the disables and the attempts. Any other stale
+        handle (an object found by the search and gone before its use) is read afresh once; a
+        second is the backend's. An operation that retried is one WARNING, bounded
+        (:mod:`~strongroom.keybroker.state_lines`)."""
         if versions is None:
             versions = self._require_versions(hs, key_id)
-        other_stale = False
-        moved = 0
-        for attempts in range(1, _STATE_ATTEMPTS + 1):
-            try:
-                return attempt(hs, versions)
-            except _StateMoved as exc:
-                moved += 1
-                if attempts == _STATE_ATTEMPTS:
-                    raise _disabled_meanwhile(exc, moved) from None
-            except p11x.PKCS11Error as exc:
-                if not errs.is_stale_handle(exc) or other_stale or attempts == _STATE_ATTEMPTS:
-                    raise
-                other_stale = True
-            versions = self._require_versions(hs, key_id)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        moved: _StateMoved | None = None
+        disabled = stale = attempts = 0
+        outcome = "answered"
+        try:
+            for attempts in range(1, _STATE_ATTEMPTS + 1):
+                try:
+                    return attempt(hs, versions)
+                except _StateMoved as exc:
+                    moved, disabled = exc, disabled + 1
+                    if attempts == _STATE_ATTEMPTS:
+                        raise _disabled_meanwhile(exc, disabled, attempts) from None
+                except p11x.PKCS11Error as exc:
+                    if not errs.is_stale_handle(exc) or stale or attempts == _STATE_ATTEMPTS:
+                        raise
+                    stale += 1
+                versions = self._require_versions(hs, key_id)
+            raise AssertionError("unreachable: the last attempt returns or raises")
+        except BaseException as exc:
+            outcome = exc.reason if isinstance(exc, StrongroomError) else type(exc).__name__
+            raise
+        finally:
+            if attempts > 1:  # one line per operation that retried, not one per attempt
+                self._state_lines.retried(
+                    key_id,
+                    moved.version.version if moved is not None else None,
+                    attempts=attempts,
+                    disabled=disabled,
+                    stale=stale,
+                    outcome=outcome,
+                )
 
     def _versions(self, hs: HsmSession, key_id: str) -> list[_kek.KekVersion]:
         self._forget(key_id)
@@ -1410,14 +1442,14 @@ class _StateMoved(p11x.ObjectHandleInvalid):
         self.version = version
 
 
-def _disabled_meanwhile(moved: _StateMoved, times: int) -> FailedPrecondition:
-    """The refusal of an operation whose version was disabled under it ``times`` times in a row."""
+def _disabled_meanwhile(moved: _StateMoved, times: int, attempts: int) -> KeyStateMoving:
+    """The refusal of an operation whose version was disabled under ``times`` of its
+    ``attempts`` (the rest met another handle gone stale): what happened, counted."""
     version = moved.version
-    return FailedPrecondition(
+    return KeyStateMoving(
         f"key {version.key_id!r} version {version.version} was disabled while the HSM used it, "
-        f"{times} times in a row (another replica is changing its state); retry once it holds "
-        "still",
-        reason=Reason.KEY_DISABLED,
+        f"{times} times in {attempts} attempts (another replica is changing its state); retry "
+        "once it holds still"
     )
 
 

@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 from strongroom.errors import REFUSAL_LINE, StrongroomError, caused_by_caller
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
-from strongroom.keybroker.errors import PolicyUnreadable, StoredPolicyInvalid
+from strongroom.keybroker.errors import KeyStateMoving, PolicyUnreadable, StoredPolicyInvalid
 from strongroom.reasons import Reason
 from strongroom.runtime.ratelimit import CallerBuckets
 from strongroom.spiffe import is_workload_id
@@ -63,10 +63,11 @@ _MAX_LIMITED = 1024
 def callers_fault(refusal: StrongroomError) -> bool:
     """Whether a refusal counts against its caller's budget: not when the broker failed (an HSM
     or audit outage, collateral it cannot fetch, a damaged key, a stored policy that does not
-    read or load), or an outage would turn every caller's real reason into a rate limit after a
+    read or load) or its own replicas moved a key version's state under every attempt
+    (:class:`~strongroom.keybroker.errors.KeyStateMoving`), or an outage would turn every caller's real reason into a rate limit after a
     burst, or leave the broker's own failures counted instead of recorded."""
     return caused_by_caller(refusal) and not isinstance(
-        refusal, PolicyUnreadable | StoredPolicyInvalid
+        refusal, KeyStateMoving | PolicyUnreadable | StoredPolicyInvalid
     )
 
 

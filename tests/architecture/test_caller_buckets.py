@@ -49,8 +49,10 @@ KEYED_BY: dict[str, tuple[str, ...]] = {
     "services/keybroker/release.py": (),
     # GenerateDataKey, ReWrap: callers the authoriser admitted, by their SPIFFE ID.
     "services/keybroker/lifecycle.py": (),
-    # Not callers: the signing key ids of an audit log's records, a re-wrap run's outcomes.
+    # Not callers: the signing key ids of an audit log's records, a re-wrap run's outcomes, the
+    # key versions whose state moved under operations (a line budget per version).
     "services/keybroker/audit_verify.py": (),
+    "services/keybroker/state_lines.py": (),
     "strongroom/cli/keys.py": (),
 }
 """Module (repository path) -> the helpers of ``strongroom.runtime.callers`` it must import to

@@ -63,6 +63,15 @@ def km(hsm: Hsm) -> KeyManager:
     return KeyManager(hsm)
 
 
+@pytest.fixture
+def replica(softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm]) -> Callable[[], KeyManager]:
+    """Opens another broker's key manager on the test's token (its own SoftHSM2 instance, as a
+    replica on another host), once the test has made the objects it should see."""
+    return lambda: KeyManager(
+        open_hsm(make_config(softhsm_token, softhsm_token.replica_module("b")))
+    )
+
+
 @pytest.fixture(scope="session")
 def tee_key() -> rsa.RSAPrivateKey:
     """An RSA-3072 key standing in for a TEE's ephemeral key (just a key pair: no HSM state)."""

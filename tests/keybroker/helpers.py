@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pkcs11 import Attribute
@@ -19,8 +20,10 @@ from pkcs11 import Attribute
 from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
 from strongroom.artifact.keybinding import bind_data_key
 from strongroom.dev.softhsm import SoftHsmToken
+from strongroom.keybroker import keys as keys_module
 from strongroom.keybroker import p11direct
 from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
+from strongroom.keybroker.keys import KeyManager
 from strongroom.runtime.secrets import Secret
 
 USER_PIN = Secret(b"user-pin-0042")
@@ -164,3 +167,34 @@ def bound(slot_key: bytes | bytearray, model: tuple[str, str] = MODEL) -> bytes:
 def data_key_request(key_id: str, model: tuple[str, str] = MODEL) -> kb_pb.GenerateDataKeyRequest:
     """GenerateDataKey's request for ``key_id``, bound to ``model``."""
     return kb_pb.GenerateDataKeyRequest(key_id=key_id, model_name=model[0], model_version=model[1])
+
+
+def flap_during(
+    monkeypatch: pytest.MonkeyPatch,
+    step: str,
+    other: KeyManager,
+    key_id: str,
+    version: int,
+    times: int,
+    *,
+    reused: int | None = None,
+) -> list[Any]:
+    """Has ``other`` disable ``version`` and enable it again right before each of this replica's
+    first ``times`` calls of ``step`` (a function of :mod:`keys`), a replica flapping the version
+    while this one uses it: the enabler this replica looked up is gone each time, another in its
+    place. With ``reused``, the gone enabler's handle is then pointed at that object, as a token
+    that gives a destroyed object's handle to a new one leaves it (``step`` takes the version as
+    its second argument). Returns the list that receives each flap's final answer."""
+    real = getattr(keys_module, step)
+    flaps: list[Any] = []
+
+    def flapping(*args: Any) -> Any:
+        if len(flaps) < times:
+            other.disable_key(key_id, version)
+            flaps.append(other.enable_key(key_id, version))
+            if reused is not None:
+                args[1].enablers[0].handle = reused
+        return real(*args)
+
+    monkeypatch.setattr(keys_module, step, flapping)
+    return flaps

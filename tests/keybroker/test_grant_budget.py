@@ -9,7 +9,7 @@ SEV-SNP evidence), with small grant limits and a clock the test drives.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,12 @@ from strongroom.attestation import Evidence
 from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import ResourceExhausted
 from strongroom.keybroker import release as release_module
-from strongroom.keybroker.errors import AuditUnavailable
+from strongroom.keybroker.errors import AuditUnavailable, KeyStateMoving
 from strongroom.keybroker.grant_budget import GrantBudget, GrantLimits
 from strongroom.keybroker.keys import WRAPPED_DEK_BYTES, KeyManager
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.release import Caller
-from tests.keybroker.helpers import POLICY, spki
+from tests.keybroker.helpers import POLICY, flap_during, spki
 from tests.keybroker.test_audit_floods import OAEP_SHA1, Broker, _accounted, _broker, _replica
 
 REASON = "RELEASES_RATE_LIMITED"
@@ -222,6 +222,24 @@ def test_the_budget_refills_and_a_release_refused_for_the_brokers_failure_gives_
     _grant(broker)
     _limited(broker)
     assert len(hsm_calls) == 2 * CERTIFICATE_BURST + 2 + 1
+
+
+def test_a_release_refused_as_its_version_flaps_between_replicas_gives_its_grant_back(
+    broker: Broker, replica: Callable[[], KeyManager], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release whose key version another replica disabled (and enabled again) under each of its
+    attempts is refused KEY_DISABLED, and that refusal spent the caller's grant, as if the caller
+    had chosen it: the broker's own replicas moved the version's state (only an admin disables,
+    no command or RPC enables), and its old answer, HSM_UNAVAILABLE, gave the grant back. Now
+    it is given back (and the caller's releases are not put on the unwrap-first path)."""
+    flap_during(monkeypatch, "_release_with", replica(), "k1", 1, times=1000)
+    for _ in range(CERTIFICATE_BURST + 2):
+        refusal = broker.refuse(broker.request())
+        assert (type(refusal), refusal.reason) == (KeyStateMoving, "KEY_DISABLED")
+    monkeypatch.undo()
+    _grant(broker, CERTIFICATE_BURST)  # before: RELEASES_RATE_LIMITED from the first
+    _limited(broker)
+    assert broker.engine._unwrap_first.certificates_tracked() == 0
 
 
 def test_a_caller_past_its_budget_is_refused_before_its_evidence_is_verified(

@@ -24,18 +24,19 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 from strongroom.dev.softhsm import SoftHsmToken
 from strongroom.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from strongroom.identifiers import MAX_KEY_VERSION
-from strongroom.keybroker import _kek
+from strongroom.keybroker import _kek, state_lines
 from strongroom.keybroker import _pkcs11_errors as errs
 from strongroom.keybroker import keys as keys_module
-from strongroom.keybroker.errors import HsmUnavailable
+from strongroom.keybroker.errors import HsmUnavailable, KeyStateMoving
 from strongroom.keybroker.hsm import Hsm, HsmSession
 from strongroom.keybroker.keys import ALL_VERSIONS, KeyManager, KeyState
 from strongroom.keybroker.p11direct import DirectSession, Template
+from strongroom.keybroker.state_lines import StateMoveLines
 from strongroom.oaep import OaepHash
 from tests.keybroker.helpers import (
     MODEL,
     WRAP_KEY,
-    make_config,
+    flap_during,
     session_objects,
     spki,
     token_call_replaced,
@@ -574,15 +575,6 @@ def _legacy_kek(hs: HsmSession, key_id: str) -> Any:
     )
 
 
-@pytest.fixture
-def replica(softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm]) -> Callable[[], KeyManager]:
-    """Opens another broker's key manager on the test's token (its own SoftHSM2 instance, as a
-    replica on another host), once the test has made the objects it should see."""
-    return lambda: KeyManager(
-        open_hsm(make_config(softhsm_token, softhsm_token.replica_module("b")))
-    )
-
-
 def _disable_during(
     monkeypatch: pytest.MonkeyPatch,
     step: str,
@@ -608,37 +600,6 @@ def _disable_during(
 
     monkeypatch.setattr(keys_module, step, disabled_meanwhile)
     return disabled
-
-
-def _flap_during(
-    monkeypatch: pytest.MonkeyPatch,
-    step: str,
-    other: KeyManager,
-    key_id: str,
-    version: int,
-    times: int,
-    *,
-    reused: int | None = None,
-) -> list[Any]:
-    """Has ``other`` disable ``version`` and enable it again right before each of this replica's
-    first ``times`` calls of ``step`` (a function of :mod:`keys`), a replica flapping the version
-    while this one uses it: the enabler this replica looked up is gone each time, another in its
-    place. With ``reused``, the gone enabler's handle is then pointed at that object, as a token
-    that gives a destroyed object's handle to a new one leaves it (``step`` takes the version as
-    its second argument). Returns the list that receives each flap's final answer."""
-    real = getattr(keys_module, step)
-    flaps: list[Any] = []
-
-    def flapping(*args: Any) -> Any:
-        if len(flaps) < times:
-            other.disable_key(key_id, version)
-            flaps.append(other.enable_key(key_id, version))
-            if reused is not None:
-                args[1].enablers[0].handle = reused
-        return real(*args)
-
-    monkeypatch.setattr(keys_module, step, flapping)
-    return flaps
 
 
 @contextlib.contextmanager
@@ -711,7 +672,7 @@ def test_a_version_flapping_a_few_times_under_an_operation_gets_its_answer(
     km.create_key("flap")
     key = km.generate_data_key("flap", *MODEL)
     step, call = _OPERATIONS[operation]
-    flaps = _flap_during(monkeypatch, step, replica(), "flap", 1, times=2)
+    flaps = flap_during(monkeypatch, step, replica(), "flap", 1, times=2)
     call(km, key, tee_key)
     assert [f.versions[0].state for f in flaps] == [KeyState.ENABLED] * 2
     assert km.unusable_keys() == {}
@@ -737,7 +698,7 @@ def test_a_version_flapping_under_an_operation_on_a_token_reusing_handles_gets_i
     bystander = hsm.call(lambda hs: km._require_versions(hs, "bystander")[0].enablers[0].handle)
     step = "_release_with" if operation == "release" else "_still_enabled"
     other = replica()
-    flaps = _flap_during(monkeypatch, step, other, "flap", 1, times=2, reused=bystander)
+    flaps = flap_during(monkeypatch, step, other, "flap", 1, times=2, reused=bystander)
     _OPERATIONS[operation][1](km, key, tee_key)
     assert [f.versions[0].state for f in flaps] == [KeyState.ENABLED] * 2
     assert other.describe_key("bystander").versions[0].state is KeyState.ENABLED
@@ -760,12 +721,13 @@ def test_a_version_that_keeps_flapping_under_an_operation_is_refused_disabled(
     key = km.generate_data_key("flap", *MODEL)
     step, call = _OPERATIONS[operation]
     before = session_objects(hsm)
-    flaps = _flap_during(monkeypatch, step, replica(), "flap", 1, times=1000)
+    flaps = flap_during(monkeypatch, step, replica(), "flap", 1, times=1000)
     with pytest.raises(FailedPrecondition) as info:
         call(km, key, tee_key)
     assert info.value.reason == "KEY_DISABLED"
+    assert isinstance(info.value, KeyStateMoving)  # the broker's replicas', not the caller's
     assert info.value.message == (
-        f"key 'flap' version 1 was disabled while the HSM used it, {len(flaps)} times in a row "
+        "key 'flap' version 1 was disabled while the HSM used it, 4 times in 4 attempts "
         "(another replica is changing its state); retry once it holds still"
     )
     assert len(flaps) == keys_module._STATE_ATTEMPTS
@@ -773,6 +735,135 @@ def test_a_version_that_keeps_flapping_under_an_operation_is_refused_disabled(
     assert km.unusable_keys() == {}
     monkeypatch.undo()
     call(km, key, tee_key)
+
+
+def _moved_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    """The fields of each ``state moved`` WARNING the key manager logged."""
+    fields = (
+        "key_id",
+        "key_version",
+        "attempts",
+        "disabled_under_it",
+        "stale_handles",
+        "outcome",
+        "operations_not_logged",
+    )
+    return [
+        {f: getattr(r, f) for f in fields}
+        for r in caplog.records
+        if r.name == keys_module.__name__ and "state moved under an operation" in r.getMessage()
+    ]
+
+
+@pytest.mark.parametrize("operation", list(_OPERATIONS))
+def test_an_operation_that_retried_as_its_version_flapped_is_logged_once(
+    km: KeyManager,
+    replica: Callable[[], KeyManager],
+    tee_key: rsa.RSAPrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    operation: str,
+) -> None:
+    """The re-reads of a flapping version logged nothing: an operator could not see a version
+    flapping between replicas. Each operation that retried is one WARNING (not one per attempt)
+    naming the key version, its attempts, what moved and how it ended; one that did not retry
+    logs none."""
+    km.create_key("flap")
+    key = km.generate_data_key("flap", *MODEL)
+    step, call = _OPERATIONS[operation]
+    caplog.set_level(logging.WARNING, logger=keys_module.__name__)
+    call(km, key, tee_key)
+    assert _moved_lines(caplog) == []
+    flap_during(monkeypatch, step, replica(), "flap", 1, times=2)
+    call(km, key, tee_key)
+    answered = {
+        "key_id": "flap",
+        "key_version": 1,
+        "attempts": 3,
+        "disabled_under_it": 2,
+        "stale_handles": 0,
+        "outcome": "answered",
+        "operations_not_logged": 0,
+    }
+    assert _moved_lines(caplog) == [answered]
+
+
+def test_the_lines_of_a_version_that_keeps_flapping_are_bounded_and_count_the_rest(
+    km: KeyManager,
+    replica: Callable[[], KeyManager],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Under load every operation on a flapping version retries: one line each would be
+    unbounded. A key version has one line at once, then one a minute, which counts the
+    operations not logged since; another version has its own."""
+    now = [1000.0]
+    km._state_lines = StateMoveLines(logging.getLogger(keys_module.__name__), lambda: now[0])
+    km.create_key("flap")
+    km.create_key("other")
+    caplog.set_level(logging.WARNING, logger=keys_module.__name__)
+    flaps = flap_during(monkeypatch, "_wrap", replica(), "flap", 1, times=1000)
+    for _ in range(3):
+        with pytest.raises(KeyStateMoving):
+            km.generate_data_key("flap", *MODEL)
+    refused = {
+        "key_id": "flap",
+        "key_version": 1,
+        "attempts": 4,
+        "disabled_under_it": 4,
+        "stale_handles": 0,
+        "outcome": "KEY_DISABLED",
+        "operations_not_logged": 0,
+    }
+    assert len(flaps) == 3 * keys_module._STATE_ATTEMPTS
+    assert _moved_lines(caplog) == [refused]
+    now[0] += state_lines.REPEAT_SECONDS - 1
+    with pytest.raises(KeyStateMoving):
+        km.generate_data_key("flap", *MODEL)
+    assert len(_moved_lines(caplog)) == 1
+    now[0] += 1
+    with pytest.raises(KeyStateMoving):
+        km.generate_data_key("flap", *MODEL)
+    assert _moved_lines(caplog)[1:] == [{**refused, "operations_not_logged": 3}]
+
+
+def test_a_refusal_after_a_stale_kek_and_disables_counts_what_each_attempt_met(
+    km: KeyManager,
+    replica: Callable[[], KeyManager],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A KEK handle gone stale under the first attempt, then a disable under each of the other
+    three: refused KEY_DISABLED after 4 attempts (README upgrade item 94), but told it was
+    disabled "3 times in a row", neither the attempts made nor the rule documented. The message
+    counts both: 3 disables in 4 attempts."""
+    km.create_key("flap")
+    caplog.set_level(logging.WARNING, logger=keys_module.__name__)
+    real = keys_module._wrap
+    flaps = flap_during(monkeypatch, "_wrap", replica(), "flap", 1, times=1000)
+    flapping = keys_module._wrap
+    staled: list[int] = []
+
+    def stale_kek_first(hs: HsmSession, kek: Any, key: int) -> bytes:
+        if staled:
+            return flapping(hs, kek, key)
+        scratch = hs.direct.generate_aes_key(keys_module.SCRATCH_KEY)
+        hs.direct.destroy(scratch)
+        staled.append(scratch)
+        kek.handle = scratch  # the KEK's handle names nothing any more
+        return real(hs, kek, key)
+
+    monkeypatch.setattr(keys_module, "_wrap", stale_kek_first)
+    with pytest.raises(KeyStateMoving) as info:
+        km.generate_data_key("flap", *MODEL)
+    assert info.value.message == (
+        "key 'flap' version 1 was disabled while the HSM used it, 3 times in 4 attempts "
+        "(another replica is changing its state); retry once it holds still"
+    )
+    assert len(flaps) == 3
+    assert [
+        (m["attempts"], m["disabled_under_it"], m["stale_handles"]) for m in _moved_lines(caplog)
+    ] == [(4, 3, 1)]
 
 
 def test_a_disable_that_lands_between_the_wrap_and_the_answer_refuses_the_release(

@@ -320,3 +320,44 @@ def test_releases_naming_versions_that_do_not_exist_reread_the_token_at_most_so_
             km.release_to_ephemeral("few", version, wrapped, spki(tee_key), [OaepHash.SHA1])
         assert refused.value.reason == Reason.KEY_VERSION_NOT_FOUND
     assert km.hsm.status().generation == generation + 1  # one re-read, the first's
+
+
+def test_a_creation_that_runs_again_on_a_reread_token_keeps_to_one_deadline(
+    km: KeyManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rotation whose first run meets another attempt's claim runs again on a re-read token;
+    each run had the whole timeout, so a caller could wait twice it (undocumented). The second
+    run now has what the first left of one deadline: a first run that used it all (and more,
+    waited for as a started change) is answered HSM_TIMEOUT without a second run, nothing
+    changed; one that left some time gives the second run no more than that."""
+    km.create_key("slow")
+    label = _leave_attempt(km.hsm, "slow", 2, _kek.PENDING_TTL_MS / 1000 + 5)
+    real_reap, real_submit = keys_module._reap, km.hsm.submit
+    pause = [1.2]
+    limits: list[float] = []
+    first_run: list[float] = []
+
+    def late(hs: HsmSession, *args: Any, fresh: bool, **kwargs: Any) -> Any:
+        if not fresh and not first_run:  # the first run's first look: it meets the claim
+            started = time.monotonic()
+            time.sleep(pause[0])
+            first_run.append(time.monotonic() - started)
+        return real_reap(hs, *args, fresh=fresh, **kwargs)
+
+    def timed(op: Any, *, timeout: float | None = None, **kwargs: Any) -> Any:
+        limits.append(-1.0 if timeout is None else timeout)
+        return real_submit(op, timeout=timeout, **kwargs)
+
+    monkeypatch.setattr(keys_module, "_reap", late)
+    monkeypatch.setattr(km.hsm, "submit", timed)
+    with pytest.raises(Unavailable) as info:
+        km.rotate_key("slow", timeout=1.0)  # before: rotated, by a second run given 1 s more
+    assert info.value.reason == "HSM_TIMEOUT"
+    assert "no time left within its 1s to run again on a re-read token" in info.value.message
+    assert limits == [1.0]
+    assert km.describe_key("slow").current_version == 1
+    assert label in _enablers(km.hsm, "slow")[2]  # the claim is not reaped either
+    pause[0], first_run[:], limits[:] = 0.3, [], []
+    assert km.rotate_key("slow", timeout=30.0).current_version == 2
+    assert limits[0] == 30.0
+    assert limits[1] <= 30.0 - first_run[0]  # before: 30.0
