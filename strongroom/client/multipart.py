@@ -59,7 +59,12 @@ from strongroom.client.publish import (
     rm_command,
     upload_pieces,
 )
-from strongroom.client.remote import outage_error, outages_raised_as_errors, refusal_text
+from strongroom.client.remote import (
+    TRANSIENT,
+    outage_error,
+    outages_raised_as_errors,
+    refusal_text,
+)
 from strongroom.client.server_evidence import ConnectionEnded
 from strongroom.errors import (
     AlreadyExists,
@@ -669,9 +674,9 @@ def _delete_best_effort(
     """Removes the parts a failed publish stored, appending to ``deleted`` the store version of
     each as its delete completes; returns the store versions of those it did not remove, each
     with the status its delete failed with (PERMISSION_DENIED: a publisher may not delete;
-    UNAVAILABLE: the store went away) or :data:`CONNECTION_ENDED`: none is tried once the
-    channel's connection has ended (``ended``, or a delete's ``ConnectionEnded``), as no call
-    over it can reach the store."""
+    UNAVAILABLE: the store went away, or a delete ``ConnectionEnded`` ended) or
+    :data:`CONNECTION_ENDED`: none is tried once the channel's connection has ended (``ended``,
+    or after a delete's ``ConnectionEnded``), as no call over it can reach the store."""
     failed: dict[str, str] = {}
     for info in stored:
         if ended:
@@ -690,10 +695,11 @@ def _delete_best_effort(
                 store_pb.DeleteModelRequest(name=info.name, version=info.version), timeout=30
             )
             deleted.append(info.version)
-        except ConnectionEnded:
-            ended = True
-            failed[info.version] = CONNECTION_ENDED
         except grpc.RpcError as exc:
+            # A delete ConnectionEnded ended was tried (its status UNAVAILABLE, as an outage's:
+            # it may have removed its part, its answer lost with the connection); recorded as
+            # "no delete was tried", its command went out unguarded. Only the later ones are not.
+            ended = isinstance(exc, ConnectionEnded)
             failed[info.version] = exc.code().name
             # Harmless (no manifest names them), but they block a retry of this version.
             log.warning(
@@ -712,6 +718,12 @@ CONNECTION_ENDED = str(Reason.SERVER_CONNECTION_ENDED)
 connection having ended (:class:`~strongroom.client.server_evidence.ConnectionEnded`)."""
 
 
+_ANSWER_LOST_CODES = frozenset(code.name for code in TRANSIENT)
+"""The statuses of a delete whose failure leaves open whether it removed its part: an outage's,
+the store's answer lost (:func:`~strongroom.client.publish.unanswered`'s rule), a
+``ConnectionEnded`` among them (UNAVAILABLE)."""
+
+
 def _left_note(
     name: str, version: str, failed: dict[str, str], maybe: tuple[str, str] | None = None
 ) -> str:
@@ -724,7 +736,9 @@ def _left_note(
     said it twice, each with its own commands."""
     said = []
     if failed:
-        codes = sorted(set(failed.values()))
+        tried = [v for v, code in failed.items() if code != CONNECTION_ENDED]
+        untried = [v for v, code in failed.items() if code == CONNECTION_ENDED]
+        codes = sorted({failed[v] for v in tried})
         # "may not delete" only when that is what the store said: a delete the store was down
         # for was reported as a publisher's missing right.
         why = (
@@ -732,16 +746,26 @@ def _left_note(
             if codes == ["PERMISSION_DENIED"]
             else f"deleting them failed: {', '.join(codes)}"
         )
-        versions = _versions(list(failed))
-        if codes == [CONNECTION_ENDED]:
+        if tried:
             said.append(
-                f"{len(failed)} part(s) it stored were not removed (the connection to the store "
-                f"had ended, so no delete was tried): {versions}"
+                f"{len(tried)} part(s) it stored could not be removed ({why}): {_versions(tried)}"
             )
-        else:
-            said.append(f"{len(failed)} part(s) it stored could not be removed ({why}): {versions}")
-    if maybe is None:
+        if untried:
+            said.append(
+                f"{len(untried)} part(s) it stored were not removed (the connection to the store "
+                f"had ended, so no delete was tried): {_versions(untried)}"
+            )
+    # A delete an outage ended (unanswered's rule, as for an upload) may have removed its part,
+    # the version then free: another publish may have stored that part since, its model's. Its
+    # command goes under the guard a part that may be stored has.
+    if maybe is None and not any(code in _ANSWER_LOST_CODES for code in failed.values()):
         return f"{'; '.join(said)}; {_unblock(name, list(failed))}"
+    if maybe is None:
+        return (
+            f"{'; '.join(said)}. {once_no_publish(name, version)}, "
+            f"{_unblock(name, list(failed))} (a part that is not stored is NOT_FOUND: nothing to "
+            "do)"
+        )
     part, answer = maybe
     said.append(
         f"the part {part} may be stored: its upload reached the store, whose answer {answer} "

@@ -2091,6 +2091,58 @@ def test_an_interrupt_of_the_deletes_says_which_parts_were_removed(
         _admin_rm(stack, "busy/deletes-half", version)
 
 
+class DeleteDoneThenEnded(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """The publisher's first delete reaches the real store (over the admin's channel), which
+    removes the part; its answer is then lost as the ``ServerConnection``'s connection ends
+    (``ConnectionEnded``). Every delete after it is counted and refused alike."""
+
+    def __init__(self, admin: grpc.Channel) -> None:
+        self._admin = store_grpc.ModelStoreServiceStub(admin)
+        self.deletes = 0
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        if not details.method.endswith("/DeleteModel"):
+            return continuation(details, request)
+        self.deletes += 1
+        if self.deletes == 1:
+            self._admin.DeleteModel(request, timeout=details.timeout)
+        return _Raising(ConnectionEnded("the connection to the store has ended"))
+
+
+def test_a_delete_the_connection_ended_under_is_not_said_untried_and_its_command_is_guarded(
+    stack: DevStack, publisher: WorkloadIdentity, tmp_path: Path
+) -> None:
+    """The third part could not reach the store (UNAVAILABLE); the first part's delete went,
+    removed it, and its answer was lost as the connection ended. The note said "2 part(s) it
+    stored were not removed (..., so no delete was tried)", and handed out the first part's rm
+    unguarded, though the version was then free for another publish to store that part as its
+    model's. It now says the first delete failed (it was tried), the second was not tried, and
+    gives the commands under the once-no-publish guard, a part not stored being NOT_FOUND."""
+    name = "busy/delete-ended"
+    deletes = DeleteDoneThenEnded(stack.channel(stack.identity("admin"), "modelstore"))
+    unreached = _CallError(_Lost(grpc.StatusCode.UNAVAILABLE, "failed to connect"))
+    store = grpc.intercept_channel(
+        stack.channel(publisher, "modelstore"), EndedBeforeSentAt(2, unreached), deletes
+    )
+    with pytest.raises(Unavailable) as info:
+        _publish(stack, publisher, _shards(tmp_path / "shards", 3), name, store)
+    assert deletes.deletes == 1  # none tried after the connection ended
+    assert _records(stack, name) == [(name, "1+part.1")]  # the first delete did remove its part
+    message = str(info.value)
+    assert message.endswith(
+        "1 part(s) it stored could not be removed (deleting them failed: UNAVAILABLE): "
+        "1+part.0; 1 part(s) it stored were not removed (the connection to the store had ended, "
+        f"so no delete was tried): 1+part.1. Once no publish of it is running and {name}/1 is "
+        f"still not stored (`strongroom model ls {name}` lists it if so), the version cannot be "
+        "published again until an admin removes them (PARTS_LEFT_BEHIND until then): "
+        f"`strongroom model rm {name} 1+part.0`; `strongroom model rm {name} 1+part.1` (a part "
+        "that is not stored is NOT_FOUND: nothing to do)"
+    ), message
+    _admin_rm(stack, name, "1+part.1")
+
+
 class WinnerFirstAt(grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
     """The publisher's upload numbered ``at`` (from 0) is read whole (its last byte handed over)
     while ``winner``, another publish of the same version, runs to its end; the call then ends
