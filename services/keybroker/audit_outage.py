@@ -16,7 +16,9 @@ otherwise), says it :data:`REPEAT_SECONDS` after the failure's last line (a brok
 stopped during an outage said it only at the next refusal, the next commit or its stop, maybe
 never). What a refused commit then fails to undo (its records cut back off the log, its refusal
 named in the head: :meth:`failed`) is accounted the same way, each kind on its own: it was an
-ERROR per refused batch, at the pace of the callers whose records the batch held.
+ERROR per refused batch, at the pace of the callers whose records the batch held. So are the HSM's
+failed connection attempts (:class:`~strongroom.keybroker.hsm.Hsm`), an ERROR per attempt before:
+every ``reconnect_max_interval`` while callers kept asking, the module's paths in each.
 """
 
 from __future__ import annotations
@@ -131,28 +133,33 @@ class OutageLines:
                 extra={"reason": error.reason},
             )
 
-    def failed(self, kind: str, message: str) -> None:
-        """Logs at ERROR ``message``, what a refused commit could not undo (``kind``: a stable
-        name of the step, e.g. ``cut back``), unless the same repeats one logged less than
-        :data:`REPEAT_SECONDS` ago (then it is counted, and said as the refused commits are)."""
-        shown = self._tally(kind, message, None)
+    def failed(self, kind: str, message: str, *, reason: str | None = None) -> None:
+        """Logs at ERROR ``message`` (with ``reason``, if any), what a refused commit could not
+        undo (``kind``: a stable name of the step, e.g. ``cut back``) or another failure of the
+        broker's own (the HSM's failed connection attempts: ``connect``), unless the same repeats
+        one logged less than :data:`REPEAT_SECONDS` ago (then it is counted, and said as the
+        refused commits are; :meth:`committed` ends it)."""
+        shown = self._tally(kind, message, reason)
         if shown is None:
             return
         previous, unlogged, since = shown
         if previous is not None and previous.message != message and previous.unlogged:
             self._times_line(previous, previous.unlogged)
+        extra = {} if reason is None else {"reason": reason}
         if previous is None or previous.message != message:
-            self._log.error("%s", message)
+            self._log.error("%s", message, extra=extra)
         else:
             self._log.error(
                 "%s (%d times, this one included, since it was last logged %.0fs ago)",
                 message,
                 unlogged + 1,
                 since,
+                extra=extra,
             )
 
     def committed(self) -> None:
-        """A commit succeeded: a failure under way is over (the next one is logged at once)."""
+        """A commit succeeded (the HSM connected): a failure under way is over (the next one is
+        logged at once)."""
         if not self._tallies:  # the common case, read without the lock: a commit at a time
             return
         with self._lock:
@@ -277,4 +284,7 @@ class OutageLines:
 
     def _times_line(self, tally: _Tally, unlogged: int) -> None:
         """What a refused commit could not undo, said again with how often since its line."""
-        self._log.error("%s (%d more times after its last line)", tally.message, unlogged)
+        extra = {} if tally.reason is None else {"reason": tally.reason}
+        self._log.error(
+            "%s (%d more times after its last line)", tally.message, unlogged, extra=extra
+        )

@@ -80,8 +80,8 @@ def line_budgeted(refusal: BaseException) -> bool:
     is within its caller's budget of refusal lines: when the refusal was its own
     (:func:`callers_fault`), and when the broker refused it for an outage of its audit log or its
     HSM. An outage has lines of its own, bounded and naming its files (the audit log's
-    :class:`~strongroom.keybroker.audit_outage.OutageLines`, the HSM's connection attempts, spaced
-    by their backoff); written every time, its per-call lines let any certified caller set the
+    :class:`~strongroom.keybroker.audit_outage.OutageLines`, which also accounts the HSM's failed
+    connection attempts); written every time, its per-call lines let any certified caller set the
     broker's WARNING rate through it, and drown the outage's own ERROR. Other failures of the
     broker (a bug, a damaged key, a policy that does not load) are written every time."""
     if isinstance(refusal, AuditUnavailable | HsmUnavailable):

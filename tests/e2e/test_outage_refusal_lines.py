@@ -6,7 +6,7 @@ re-wrap then reconnects, or waits out the backoff, and is refused ``HSM_UNAVAILA
 every refused release wrote a ``key release denied`` WARNING outside any budget, its ``detail``
 the operator's message (the configuration's path): one caller with an inference certificate set
 the broker's WARNING rate through the outage, repeating its paths. The outage's own line
-(``cannot connect to the HSM``, one per connection attempt, spaced by the backoff) keeps them.
+(``cannot connect to the HSM``, once per failure and then counted) keeps them.
 """
 
 from __future__ import annotations
