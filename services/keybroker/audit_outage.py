@@ -58,7 +58,7 @@ def threading_timer(delay: float, then: Callable[[], None]) -> Timer | None:
     when no thread is to be had (the count then waits for the next event, as it did before)."""
     timer = threading.Timer(delay, then)
     timer.daemon = True
-    timer.name = "audit-outage-count"
+    timer.name = "outage-count"
     try:
         timer.start()
     except RuntimeError:

@@ -299,7 +299,7 @@ def test_a_real_log_left_alone_during_an_outage_says_its_count_within_the_period
     caplog.clear()
     log.close()
     assert _lines(caplog) == []  # said already
-    assert not [t for t in threading.enumerate() if t.name == "audit-outage-count"]
+    assert not [t for t in threading.enumerate() if t.name == "outage-count"]
 
 
 def _kept(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
