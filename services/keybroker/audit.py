@@ -698,7 +698,8 @@ class AuditLog(Closing):
         # record is cut off, once more were refused there than _REVOKED_MAX (see _revoke).
         self._revoked: dict[str, int] = {}
         self._refused_from: int | None = None
-        self._outage = OutageLines(_log)  # the refused commits' lines, bounded
+        # The refused commits' lines, and those of what their refusals could not undo: bounded.
+        self._outage = OutageLines(_log)
         # The same, durably, for the position the head is at: what its ``void`` names (the
         # refused batches' first records) or, past VOID_MAX of them, everything (``void_all``).
         # A restart forgets the above; the head does not (see _void_refused).
@@ -1128,10 +1129,11 @@ class AuditLog(Closing):
             os.fsync(self._fd)
         except OSError as exc:
             # The words before the file are the line's from before it named one: alerts match them.
-            _log.error(
-                "cannot cut failed audit records back off the log %s: %s",
-                self._path,
-                os_error_cause(exc),
+            # Once per failure, then counted (each refused batch is at its callers' pace).
+            self._outage.failed(
+                "cut back",
+                f"cannot cut failed audit records back off the log {self._path}: "
+                f"{os_error_cause(exc)}",
             )
 
     def _void_refused(self, first_hash: str) -> None:
@@ -1154,11 +1156,11 @@ class AuditLog(Closing):
             self._head.write(head, void=void, void_all=void_all)
         except (OSError, ValueError) as exc:
             # Both lines keep their words from before they named the file (alerts match them).
-            _log.error(
-                "cannot record the refusal of audit records in the head %s (%s): should their "
+            self._outage.failed(
+                "void",
+                f"cannot record the refusal of audit records in the head {self._head_path} "
+                f"({os_error_cause(exc) if isinstance(exc, OSError) else exc}): should their "
                 "lines survive the cut-back, a restarted broker would anchor them",
-                self._head_path,
-                os_error_cause(exc) if isinstance(exc, OSError) else exc,
             )
             return
         self._void, self._void_all = void, void_all
@@ -1169,11 +1171,11 @@ class AuditLog(Closing):
             try:
                 self._head.write(head, void=void, void_all=void_all)
             except OSError as exc:
-                _log.error(
-                    "cannot record the refusal of audit records in the head's other slot (%s: "
-                    "%s): whoever zeroes the newer slot while the broker is stopped undoes it",
-                    self._head_path,
-                    os_error_cause(exc),
+                self._outage.failed(
+                    "void other slot",
+                    "cannot record the refusal of audit records in the head's other slot "
+                    f"({self._head_path}: {os_error_cause(exc)}): whoever zeroes the newer slot "
+                    "while the broker is stopped undoes it",
                 )
 
     def _revoke(self, hashes: list[str]) -> None:

@@ -10,33 +10,97 @@ first commit that succeeds after it says (INFO) how many went unlogged. A commit
 the log was closed (the broker stopping) is not the operator's to fix: logged at WARNING, once.
 Commits a failure refused after its last line are said when the log closes (:meth:`closing`), not
 lost with a broker stopped during the outage; a count is logged with its own failure's ``reason``.
+
+A count does not wait for a later event: a timer, armed only while a count is pending (no thread
+otherwise), says it :data:`REPEAT_SECONDS` after the failure's last line (a broker whose callers
+stopped during an outage said it only at the next refusal, the next commit or its stop, maybe
+never). What a refused commit then fails to undo (its records cut back off the log, its refusal
+named in the head: :meth:`failed`) is accounted the same way, each kind on its own: it was an
+ERROR per refused batch, at the pace of the callers whose records the batch held. So are the HSM's
+failed connection attempts (:class:`~strongroom.keybroker.hsm.Hsm`), an ERROR per attempt before:
+every ``reconnect_max_interval`` while callers kept asking, the module's paths in each.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 from strongroom.keybroker.errors import AuditLogClosed, AuditUnavailable
 
 REPEAT_SECONDS = 60.0
 """A failure that keeps refusing commits is logged again at most this often (with its count)."""
 
+_COMMIT = ""  # the tally of the refused commits themselves; the others are named by their kind
+
+
+class Timer(Protocol):
+    """What :class:`OutageLines` needs of a timer (:class:`threading.Timer` has it)."""
+
+    def cancel(self) -> None:
+        """Stops the timer if it has not run yet."""
+
+    def join(self, timeout: float | None = None) -> None:
+        """Waits for the timer's thread to end."""
+
+
+Schedule = Callable[[float, Callable[[], None]], Timer | None]
+"""Calls a function after a delay, in seconds (its timer), or None when it cannot."""
+
+
+def threading_timer(delay: float, then: Callable[[], None]) -> Timer | None:
+    """A daemon :class:`threading.Timer` calling ``then`` after ``delay`` seconds, started; None
+    when no thread is to be had (the count then waits for the next event, as it did before)."""
+    timer = threading.Timer(delay, then)
+    timer.daemon = True
+    timer.name = "outage-count"
+    try:
+        timer.start()
+    except RuntimeError:
+        return None
+    return timer
+
+
+@dataclass
+class _Tally:
+    """One failure under way: its message, its reason (None for a line that had none), when
+    its last line was written and how many times it failed since."""
+
+    message: str
+    reason: str | None
+    logged_at: float
+    unlogged: int = 0
+
 
 class OutageLines:
-    """Logs the refusals of one audit log's commits to ``log``, bounded (see the module)."""
+    """Logs the refusals of one audit log's commits to ``log``, bounded (see the module);
+    ``clock`` tells the time, ``schedule`` arms the timer that says a pending count."""
 
-    def __init__(self, log: logging.Logger, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        log: logging.Logger,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        schedule: Schedule = threading_timer,
+    ) -> None:
         self._log = log
         self._clock = clock
+        self._schedule = schedule
         self._lock = threading.Lock()
-        self._failure: str | None = None  # the message of the failure under way
-        self._reason = ""  # and its reason, for the line that counts what it refused unlogged
-        self._logged_at = 0.0
-        self._unlogged = 0  # commits it refused since its last line
+        # The failures under way: the refused commits' (_COMMIT), and what each refusal could not
+        # undo, by kind.
+        self._tallies: dict[str, _Tally] = {}
         self._closed_logged = False
+        self._closing = False
+        self._timer: Timer | None = None
+        self._armed = 0  # timers armed so far: the last one's number
+        # Held while a timed count is said: the close waits for it, so no line follows its own.
+        self._saying = threading.Lock()
 
     def refused(self, error: AuditUnavailable) -> None:
         """Logs ``error``, which refused a batch, unless it repeats one logged less than
@@ -51,69 +115,176 @@ class OutageLines:
                     extra={"reason": error.reason},
                 )
             return
-        now = self._clock()
-        with self._lock:
-            previous, unlogged, since = self._failure, self._unlogged, now - self._logged_at
-            previous_reason = self._reason
-            if error.message == previous and since < REPEAT_SECONDS:
-                self._unlogged += 1
-                return
-            self._failure, self._logged_at, self._unlogged = error.message, now, 0
-            self._reason = error.reason
-        extra = {"reason": error.reason}
-        if error.message != previous:
-            if previous is not None and unlogged:
+        shown = self._tally(_COMMIT, error.message, error.reason)
+        if shown is None:
+            return
+        previous, unlogged, since = shown
+        if previous is None or previous.message != error.message:
+            if previous is not None and previous.unlogged:
                 # What the failure before this one did since its last line is not lost.
-                self._count_line(
-                    "the audit log's previous failure", unlogged, previous, previous_reason
-                )
-            self._log.error("%s", error.message, extra=extra)
+                self._count_line("the audit log's previous failure", previous)
+            self._log.error("%s", error.message, extra={"reason": error.reason})
         else:
             self._log.error(
                 "%s (it refused %d commits, this one included, since it was last logged %.0fs ago)",
                 error.message,
                 unlogged + 1,
                 since,
+                extra={"reason": error.reason},
+            )
+
+    def failed(self, kind: str, message: str, *, reason: str | None = None) -> None:
+        """Logs at ERROR ``message`` (with ``reason``, if any), what a refused commit could not
+        undo (``kind``: a stable name of the step, e.g. ``cut back``) or another failure of the
+        broker's own (the HSM's failed connection attempts: ``connect``), unless the same repeats
+        one logged less than :data:`REPEAT_SECONDS` ago (then it is counted, and said as the
+        refused commits are; :meth:`committed` ends it)."""
+        shown = self._tally(kind, message, reason)
+        if shown is None:
+            return
+        previous, unlogged, since = shown
+        if previous is not None and previous.message != message and previous.unlogged:
+            self._times_line(previous, previous.unlogged)
+        extra = {} if reason is None else {"reason": reason}
+        if previous is None or previous.message != message:
+            self._log.error("%s", message, extra=extra)
+        else:
+            self._log.error(
+                "%s (%d times, this one included, since it was last logged %.0fs ago)",
+                message,
+                unlogged + 1,
+                since,
                 extra=extra,
             )
 
     def committed(self) -> None:
-        """A commit succeeded: a failure under way is over (the next one is logged at once)."""
-        if self._failure is None:  # the common case, read without the lock: a commit at a time
+        """A commit succeeded (the HSM connected): a failure under way is over (the next one is
+        logged at once)."""
+        if not self._tallies:  # the common case, read without the lock: a commit at a time
             return
         with self._lock:
-            failure, unlogged, self._failure, self._unlogged = (
-                self._failure,
-                self._unlogged,
-                None,
-                0,
-            )
-        if failure is not None:
+            tallies, self._tallies = self._tallies, {}
+            self._disarm()
+        commits = tallies.pop(_COMMIT, None)
+        for tally in tallies.values():
+            if tally.unlogged:
+                self._times_line(tally, tally.unlogged)
+        if commits is not None:
             self._log.info(
                 "the audit log commits again (%d refused commits not logged one by one)",
-                unlogged,
-                extra={"failure": failure},
+                commits.unlogged,
+                extra={"failure": commits.message},
             )
 
     def closing(self) -> None:
         """The log closes: the commits the failure under way refused since its last line are
         said now (nothing would say them later: a broker stopped during an outage, to free the
-        disk, said only its first line)."""
+        disk, said only its first line), and so is what their refusals could not undo; a timed
+        count being said is waited for, and no timer runs after this."""
         with self._lock:  # a commit refused as the log closes may be logging (it is unlocked)
-            failure, reason, unlogged, self._unlogged = (
-                self._failure,
-                self._reason,
-                self._unlogged,
-                0,
-            )
-        if failure is not None and unlogged:
-            self._count_line("the audit log closes: its failure", unlogged, failure, reason)
+            self._closing = True
+            timer = self._disarm()
+        if timer is not None:  # never this thread: only the log's close closes
+            timer.join()  # cancelled: ends at once, or once the count it is saying is said
+        with self._saying:
+            self._say(every=True)
 
-    def _count_line(self, whose: str, unlogged: int, failure: str, reason: str) -> None:
+    # --- internals ----------------------------------------------------------------------------
+
+    def _tally(
+        self, kind: str, message: str, reason: str | None
+    ) -> tuple[_Tally | None, int, float] | None:
+        """Counts one failure of ``kind``; None when it is only counted (a repeat within the
+        period, the log not closing), else the tally it replaces (None: none), the count it
+        had and the seconds since its last line, for the caller's line."""
+        now = self._clock()
+        with self._lock:
+            previous = self._tallies.get(kind)
+            since = 0.0 if previous is None else now - previous.logged_at
+            if (
+                previous is not None
+                and previous.message == message
+                and since < REPEAT_SECONDS
+                and not self._closing  # nothing would say a count taken now
+            ):
+                previous.unlogged += 1
+                self._arm(previous.logged_at + REPEAT_SECONDS - now)
+                return None
+            self._tallies[kind] = _Tally(message, reason, now)
+            unlogged = 0 if previous is None else previous.unlogged
+            if not any(t.unlogged for t in self._tallies.values()):
+                self._disarm()
+        return previous, unlogged, since
+
+    def _arm(self, delay: float) -> None:
+        """Arms the timer (the lock held) unless it is armed: a count is pending."""
+        if self._timer is None and not self._closing:
+            self._armed += 1
+            armed = self._armed
+            self._timer = self._schedule(max(delay, 0.0), lambda: self._due(armed))
+
+    def _disarm(self) -> Timer | None:
+        """Cancels the timer (the lock held); returns it."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        return timer
+
+    def _due(self, armed: int) -> None:
+        """The timer (the ``armed``-th): says the counts whose period is over, and arms it again
+        for the rest."""
+        with self._saying:
+            with self._lock:
+                if self._closing:
+                    return  # the close says them
+                if armed == self._armed:  # not one armed since (this one cancelled meanwhile)
+                    self._timer = None
+            self._say(every=False)
+
+    def _say(self, *, every: bool) -> None:
+        """Says the pending counts (those whose period is over, or ``every`` one), each taken
+        and its period begun anew; arms the timer for those left."""
+        now = self._clock()
+        taken: list[tuple[str, _Tally]] = []  # each as it was: its count, its last line's time
+        with self._lock:
+            left: float | None = None
+            for kind, tally in self._tallies.items():
+                if not tally.unlogged:
+                    continue
+                wait = tally.logged_at + REPEAT_SECONDS - now
+                if every or wait <= 0:
+                    taken.append((kind, dataclasses.replace(tally)))
+                    tally.unlogged, tally.logged_at = 0, now
+                else:
+                    left = wait if left is None else min(left, wait)
+            if left is not None:
+                self._arm(left)
+        for kind, tally in taken:
+            if kind != _COMMIT:
+                self._times_line(tally, tally.unlogged)
+            elif every:
+                self._count_line("the audit log closes: its failure", tally)
+            else:
+                self._log.error(
+                    "%s (it refused %d more commits since it was last logged %.0fs ago)",
+                    tally.message,
+                    tally.unlogged,
+                    now - tally.logged_at,
+                    extra={"reason": tally.reason},
+                )
+
+    def _count_line(self, whose: str, tally: _Tally) -> None:
         self._log.error(
             "%s refused %d more commits after its last line: %s",
             whose,
-            unlogged,
-            failure,
-            extra={"reason": reason},
+            tally.unlogged,
+            tally.message,
+            extra={"reason": tally.reason},
+        )
+
+    def _times_line(self, tally: _Tally, unlogged: int) -> None:
+        """What a refused commit could not undo, said again with how often since its line."""
+        extra = {} if tally.reason is None else {"reason": tally.reason}
+        self._log.error(
+            "%s (%d more times after its last line)", tally.message, unlogged, extra=extra
         )

@@ -83,6 +83,7 @@ from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.keybroker import _hsm_hints as _hints
 from strongroom.keybroker import _pkcs11_errors as errs
+from strongroom.keybroker.audit_outage import OutageLines
 from strongroom.keybroker.errors import OPERATORS_LOG, HsmUnavailable
 from strongroom.keybroker.p11direct import (
     OAEP_HASHES,
@@ -550,6 +551,9 @@ class Hsm(Closing):
         self._last_error: str | None = None
         self._last_attempt: float | None = None
         self._login_refused = False
+        # The failed connection attempts' lines: each failure once, then counted (an attempt
+        # came every reconnect_max_interval while callers kept asking, each an ERROR).
+        self._outage = OutageLines(_log)
         self._thread = threading.Thread(
             target=self._work, name=f"hsm-{config.token_label}", daemon=True
         )
@@ -684,6 +688,7 @@ class Hsm(Closing):
             self._closing.set()
             self._closed = True
         self._queue.put(None)
+        self._outage.closing()  # the failed attempts counted since their last line, said
         # What is waited for: the worker to return from the PKCS#11 call it is in, then to log
         # out, close the sessions, C_Finalize and unload the module itself. Nothing but the
         # worker may call the module (C_Initialize(NULL) promised no concurrent calls), no call
@@ -818,8 +823,8 @@ class Hsm(Closing):
             self._failed_attempts += 1
             refused = exc.reason == Reason.HSM_LOGIN_FAILED
             if not refused:  # logged as the refusal it is
-                _log.error(
-                    "cannot connect to the HSM: %s", exc.message, extra={"reason": exc.reason}
+                self._outage.failed(
+                    "connect", f"cannot connect to the HSM: {exc.message}", reason=exc.reason
                 )
             # Its message names the module's and the configuration's paths and the token's
             # labels: the operator's, in the line above; a caller is told the failure's class
@@ -829,6 +834,7 @@ class Hsm(Closing):
             ) from exc.__cause__
         self._last_attempt = None
         self._failed_attempts = 0
+        self._outage.committed()  # the failed attempts not yet said, if any, before the lines below
         self._generation += 1
         if self._generation > 1 and not self._recycling:
             _log.warning(

@@ -38,6 +38,7 @@ from strongroom.keybroker.refusals import (
     REFUSAL_RATE,
     RefusalRecords,
     callers_fault,
+    line_budgeted,
     log_unaudited,
     record_counts,
 )
@@ -62,7 +63,7 @@ def _unrecorded_refusal(action: str, refusal: StrongroomError, failure: Strongro
         _log,
         f"refused {action}",
         refusal.reason,
-        budgeted=callers_fault(refusal),
+        budgeted=line_budgeted(refusal),
         audit_failure=failure.reason,
     )
 

@@ -38,7 +38,13 @@ from collections.abc import Callable
 
 from strongroom.errors import REFUSAL_LINE, StrongroomError, caused_by_caller
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
-from strongroom.keybroker.errors import KeyStateMoving, PolicyUnreadable, StoredPolicyInvalid
+from strongroom.keybroker.errors import (
+    AuditUnavailable,
+    HsmUnavailable,
+    KeyStateMoving,
+    PolicyUnreadable,
+    StoredPolicyInvalid,
+)
 from strongroom.reasons import Reason
 from strongroom.runtime.ratelimit import CallerBuckets
 from strongroom.spiffe import is_workload_id
@@ -71,13 +77,26 @@ def callers_fault(refusal: StrongroomError) -> bool:
     )
 
 
+def line_budgeted(refusal: BaseException) -> bool:
+    """Whether a refusal's per-call log line (``key release denied``, ``could not audit a ...``)
+    is within its caller's budget of refusal lines: when the refusal was its own
+    (:func:`callers_fault`), and when the broker refused it for an outage of its audit log or its
+    HSM. An outage has lines of its own, bounded and naming its files (the audit log's
+    :class:`~strongroom.keybroker.audit_outage.OutageLines`, which also accounts the HSM's failed
+    connection attempts); written every time, its per-call lines let any certified caller set the
+    broker's WARNING rate through it, and drown the outage's own ERROR. Other failures of the
+    broker (a bug, a damaged key, a policy that does not load) are written every time."""
+    if isinstance(refusal, AuditUnavailable | HsmUnavailable):
+        return True
+    return isinstance(refusal, StrongroomError) and callers_fault(refusal)
+
+
 def log_unaudited(
     log: logging.Logger, refused: str, reason: str, *, budgeted: bool, **fields: object
 ) -> None:
     """Logs, to the refusing module's ``log``, a refusal (``refused``: ``denied key release``,
     ``refused generate_data_key``; its ``reason``) the audit log would not record: a WARNING,
-    within its caller's budget of refusal lines when ``budgeted`` (the refusal was its own:
-    :func:`callers_fault`). The audit
+    within its caller's budget of refusal lines when ``budgeted`` (:func:`line_budgeted`). The audit
     log's failure has its own line (an outage's bounded ERROR, a tamper's CRITICAL when found);
     an ERROR here per refused call let a caller flood the log while the disk was full. One rule
     for every refusal the broker audits, the key release's and the key service's alike."""

@@ -58,6 +58,7 @@ from strongroom.keybroker.refusals import (
     BROKER_REFUSAL_BURST,
     RefusalRecords,
     callers_fault,
+    line_budgeted,
     log_unaudited,
     record_counts,
 )
@@ -552,18 +553,20 @@ class ReleaseEngine:
         if isinstance(exc, ReleaseNotPermitted):
             exc = exc.cause  # what the caller was not told is what the record keeps
         if isinstance(exc, StrongroomError):
-            # An audit outage's message names the log's files: its own line (the audit log's,
-            # bounded) has them, not one line per refused caller.
-            detail = exc.public if isinstance(exc, AuditUnavailable) else exc.message
+            # What the caller is told: an outage's message names the broker's files (the audit
+            # log's, the HSM module's and SoftHSM2's configuration); the outage's own lines have
+            # it, once and then counted, not one line per refused call.
+            detail = exc.public
             reason, status = exc.reason, exc.status_name
         else:
             # A bug, not a verdict: the caller gets INTERNAL from the interceptor, and the audit
             # log still records that this request was refused.
             reason, status, detail = "INTERNAL", "INTERNAL", type(exc).__name__
         KEY_RELEASES.add(1, {"outcome": "denied", "reason": reason})
-        # Within the log's budget when the caller chose it; the broker's own failures (an HSM or
-        # audit outage) are written every time. The audit record is not budgeted here either way.
-        budgeted = isinstance(exc, StrongroomError) and callers_fault(exc)
+        # Within the log's budget when the caller chose it or an outage with its own lines
+        # refused it; the broker's other failures (a bug) are written every time. The audit
+        # record is not budgeted here either way.
+        budgeted = line_budgeted(exc)
         who = {"caller": context.get("caller_spiffe_id"), "key_id": context.get("key_id")}
         log.warning(
             "key release denied",

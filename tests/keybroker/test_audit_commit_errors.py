@@ -313,3 +313,44 @@ def test_the_refusal_its_heads_other_slot_cannot_take_is_logged_with_its_words_a
         assert log.append(event(0)).seq == 0
     found = _series(log_path, key)
     assert found.intact and (found.first_seq, found.end) == (0, 1), found.message
+
+
+def test_a_refusal_step_that_keeps_failing_is_logged_once_then_counted(
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    dev_full: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Five commits in a row fail their write (the log's descriptor is ``/dev/full``'s: ENOSPC)
+    and then their cut-back (EINVAL). The cut-back's ERROR line was written for each refused
+    batch, at the pace of the callers whose records it held, beside the failure's own line that
+    was once and then counted; it is accounted the same way now: once, its repeats counted and
+    said (with its words first: alerts match them) when the log commits again."""
+    cut_back = (
+        f"cannot cut failed audit records back off the log {log_path}: Invalid argument (EINVAL)"
+    )
+    with AuditLog.open(log_path, key) as log:
+        fill(log, 2)
+        fd = log._fd
+        caplog.set_level(logging.INFO, "strongroom.keybroker.audit")
+        for _ in range(5):
+            saved = os.dup(fd)
+            try:
+                with pytest.raises(AuditUnavailable):
+                    log.append(event(2), on_written=_pointed_at(dev_full, fd))
+            finally:
+                os.dup2(saved, fd, inheritable=False)
+                os.close(saved)
+        refused = f"cannot write the audit log {log_path}: No space left on device (ENOSPC)"
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+            cut_back,
+            refused,
+        ]
+        caplog.clear()
+        assert log.append(event(2)).seq == 2
+        assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+            ("ERROR", f"{cut_back} (4 more times after its last line)"),
+            ("INFO", "the audit log commits again (4 refused commits not logged one by one)"),
+        ]
+    found = _series(log_path, key)
+    assert found.intact and (found.first_seq, found.end) == (0, 3), found.message

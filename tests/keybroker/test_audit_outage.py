@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,128 @@ def test_a_real_log_closed_during_an_outage_says_what_it_refused_unlogged(
             f"last line: {errors[0]}",
         )
     ]
+
+
+class _Timers:
+    """A :data:`~strongroom.keybroker.audit_outage.Schedule` the test runs by hand: each timer
+    armed, its delay, and whether it was cancelled."""
+
+    def __init__(self) -> None:
+        self.armed: list[tuple[float, Callable[[], None], _Timer]] = []
+
+    def __call__(self, delay: float, then: Callable[[], None]) -> _Timer:
+        timer = _Timer()
+
+        def run() -> None:
+            timer.ran = True
+            then()
+
+        self.armed.append((delay, run, timer))
+        return timer
+
+    def live(self) -> list[tuple[float, Callable[[], None], _Timer]]:
+        """The timers armed that neither ran nor were cancelled."""
+        return [armed for armed in self.armed if not (armed[2].cancelled or armed[2].ran)]
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.joined = False
+        self.ran = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def join(self, timeout: float | None = None) -> None:
+        self.joined = True
+
+
+def test_a_pending_count_is_said_by_a_timer_armed_only_while_it_is_pending(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failure's count waited for its next refusal, the first commit after it or the log's
+    close: a broker whose callers stopped during an outage never said how many commits it had
+    refused since its first line. A timer now says it a period after that line; it is armed
+    only while a count is pending (none for a failure that refused one commit, none once the
+    count is said), and the close cancels and waits for it, then says what is left itself."""
+    now = [100.0]
+    timers = _Timers()
+    lines = OutageLines(logging.getLogger(_LOGGER), clock=lambda: now[0], schedule=timers)
+    caplog.set_level(logging.INFO, _LOGGER)
+    lines.refused(FULL)
+    assert timers.armed == []  # nothing pending: no timer
+    now[0] += 10
+    for _ in range(3):
+        lines.refused(FULL)
+    assert _lines(caplog) == [("ERROR", FULL.message)]
+    [(delay, due, _)] = timers.armed  # one timer for the three, a period after the line
+    assert delay == audit_outage.REPEAT_SECONDS - 10
+    now[0] = 100.0 + audit_outage.REPEAT_SECONDS
+    due()
+    assert [(r.levelname, r.getMessage(), getattr(r, "reason", None)) for r in caplog.records] == [
+        (
+            "ERROR",
+            f"{FULL.message} (it refused 3 more commits since it was last logged "
+            f"{audit_outage.REPEAT_SECONDS:.0f}s ago)",
+            "AUDIT_UNAVAILABLE",
+        )
+    ]
+    caplog.clear()
+    assert len(timers.armed) == 1  # nothing pending: not armed again
+    now[0] += 1
+    lines.refused(FULL)  # within the period the timed line began: counted, a timer armed
+    assert _lines(caplog) == []
+    assert len(timers.live()) == 1
+    assert timers.live()[0][0] == audit_outage.REPEAT_SECONDS - 1
+    lines.closing()
+    [(_, late, timer)] = timers.armed[1:]
+    assert timer.cancelled and timer.joined
+    late()  # a timer that ran despite its cancel: the close said the count, nothing more
+    assert _lines(caplog) == [
+        (
+            "ERROR",
+            "the audit log closes: its failure refused 1 more commits after its last line: "
+            + FULL.message,
+        )
+    ]
+    lines.refused(FULL)  # after the close: logged, not counted where nothing would say it
+    assert len(_lines(caplog)) == 1
+    assert timers.live() == []
+
+
+def test_a_real_log_left_alone_during_an_outage_says_its_count_within_the_period(
+    log_path: Path,
+    key: Ed25519PrivateKey,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A real log at its size cap refuses commits, then nothing more comes: the count reaches
+    the log without a later refusal, commit or close (the period shortened to 0.2 s: the wait
+    below is for the line, not a bound on the timer), and the timer's thread is gone after."""
+    monkeypatch.setattr(audit_outage, "REPEAT_SECONDS", 0.2)
+    log = AuditLog.open(log_path, key, max_bytes=8 * 1024)
+    caplog.set_level(logging.INFO, _LOGGER)
+    refused = 0
+    for n in range(200):
+        try:
+            log.append(event(n))
+        except AuditUnavailable:
+            refused += 1
+            if refused == 5:
+                break
+    counted = f"(it refused {refused - 1} more commits since it was last logged"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(counted in m for _, m in _kept(caplog)):
+        time.sleep(0.05)
+    errors = [m for level, m in _kept(caplog) if level == "ERROR"]
+    assert len(errors) == 2 and "size cap" in errors[0], errors
+    assert errors[1] == f"{errors[0]} {counted} {errors[1].split('logged ')[1]}", errors
+    caplog.clear()
+    log.close()
+    assert _lines(caplog) == []  # said already
+    assert not [t for t in threading.enumerate() if t.name == "outage-count"]
+
+
+def _kept(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == _LOGGER]

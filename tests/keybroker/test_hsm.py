@@ -127,6 +127,49 @@ def test_a_wrong_softhsm2_conf_is_named(
     assert f"keybroker.softhsm2_conf {conf} {state}" in info.value.message
 
 
+def test_failed_connection_attempts_are_one_line_then_a_count_said_once_it_connects(
+    tmp_path: Path,
+    softhsm_token: SoftHsmToken,
+    open_hsm: Callable[..., Hsm],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each failed connection attempt was an ERROR naming the module's paths: one every
+    ``reconnect_max_interval`` (5 s by default) for as long as callers kept asking through the
+    outage. The failure is logged once now, its repeats counted and said when the HSM connects
+    again (or a minute after its line, or at the close), with its reason."""
+    conf = tmp_path / "softhsm2.conf"
+    config = make_config(
+        softhsm_token,
+        module_env={"SOFTHSM2_CONF": str(conf)},
+        reconnect_interval=0.001,
+        reconnect_max_interval=0.001,
+    )
+    hsm = open_hsm(config, wait=False)
+    caplog.set_level(logging.INFO, logger="strongroom.keybroker.hsm")
+    attempts: list[HsmUnavailable] = []
+    while len(attempts) < 4:  # calls within the 1 ms backoff are refused without an attempt
+        with pytest.raises(HsmUnavailable) as info:
+            hsm.check_health()
+        if "next attempt in" not in info.value.message:
+            attempts.append(info.value)
+    assert {a.message for a in attempts} == {attempts[0].message}
+    line = f"cannot connect to the HSM: {attempts[0].message}"
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == [line]
+    caplog.clear()
+    conf.write_bytes(softhsm_token.conf_path.read_bytes())
+    while True:  # the next attempt, once its backoff is over, connects
+        try:
+            hsm.check_health()
+            break
+        except HsmUnavailable as exc:
+            assert "next attempt in" in exc.message, exc.message
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [(r.getMessage(), getattr(r, "reason", None)) for r in errors] == [
+        (f"{line} (3 more times after its last line)", "HSM_UNAVAILABLE")
+    ]
+
+
 def test_a_failed_connection_tells_a_caller_its_class_and_the_operator_the_paths(
     tmp_path: Path,
     softhsm_token: SoftHsmToken,

@@ -36,7 +36,13 @@ from strongroom.attestation.release_signature import (
 )
 from strongroom.dev.devstack import read_audit_records
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.errors import InvalidArgument, PermissionDenied, StrongroomError, Unavailable
+from strongroom.errors import (
+    REFUSAL_LINE,
+    InvalidArgument,
+    PermissionDenied,
+    StrongroomError,
+    Unavailable,
+)
 from strongroom.keybroker import audit as audit_module
 from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
 from strongroom.keybroker.audit_verify import verify_audit_log
@@ -575,6 +581,10 @@ def test_a_release_is_refused_while_another_process_holds_the_audit_logs_lock(
     assert engine._keys.calls == []
     [denied] = [r for r in caplog.records if r.getMessage() == "key release denied"]
     assert denied.reason == "AUDIT_UNAVAILABLE"  # type: ignore[attr-defined]
+    # Within the caller's budget of refusal lines: the outage has its own (it was written for
+    # every refused call), and the caller's line has only what the caller was told.
+    assert getattr(denied, REFUSAL_LINE) is True
+    assert denied.detail == refused.value.public  # type: ignore[attr-defined]
     assert read_audit_records(log) == []
     engine.release(_request(engine, authority), CALLER)
     assert [r["decision"] for r in read_audit_records(log)] == ["allowed"]

@@ -1,0 +1,93 @@
+"""A key broker outage's per-call lines: within the caller's budget, and naming none of its files.
+
+A real broker (step-ca, mTLS, SoftHSM2) whose HSM connection is recycled after every operation
+(``hsm_recycle_after_operations: 1``) loses its SoftHSM2 configuration file: each release's
+re-wrap then reconnects, or waits out the backoff, and is refused ``HSM_UNAVAILABLE``. Before,
+every refused release wrote a ``key release denied`` WARNING outside any budget, its ``detail``
+the operator's message (the configuration's path): one caller with an inference certificate set
+the broker's WARNING rate through the outage, repeating its paths. The outage's own line
+(``cannot connect to the HSM``, once per failure and then counted) keeps them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+
+from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
+from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
+from strongroom.attesters import SimulatedAttester, TeeType
+from strongroom.client.keyrelease import KeyReleaseClient
+from strongroom.dev.devstack import DevStack
+from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
+from strongroom.dev.simulated import SimulatedAuthority
+from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
+from tests.conftest import buffered_service_log, refused_calls_not_logged, stack_root
+
+RELEASES = 3 * REFUSED_CALLS_BURST
+
+
+def test_an_hsm_outage_writes_its_paths_in_its_own_lines_and_budgets_the_refused_calls(
+    step_ca_binary: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    simulated_tee_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    restore_logging: None,
+) -> None:
+    handler, stream = buffered_service_log(monkeypatch, "keybroker")
+    root = stack_root(tmp_path_factory, "hsm-outage-lines", simulated_tee_dir)
+    reasons: list[str] = []
+    with DevStack(root, step_ca_binary=step_ca_binary) as dev:
+        section = {**dev.default_section("keybroker"), "hsm_recycle_after_operations": 1}
+        conf = Path(section["softhsm2_conf"])
+        dev.start_in_process("keybroker", section)
+        dev.create_release_key(dev.identity("admin"), "k", policy_version="1")
+        publisher = pb_grpc.KeyBrokerServiceStub(
+            dev.channel(dev.identity("publisher"), "keybroker")
+        )
+        generated = publisher.GenerateDataKey(
+            pb.GenerateDataKeyRequest(key_id="k", model_name="m", model_version="1"), timeout=30
+        )
+        inference = dev.identity("inference")
+        attester = SimulatedAttester(
+            SimulatedAuthority.load(dev.root / "simulated-tee").snp(),
+            TeeType.SEV_SNP,
+            production=False,
+            claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
+        )
+        client = KeyReleaseClient(
+            dev.channel(inference, "keybroker"),
+            attester,
+            inference.public_key_der,
+            verifier=dev.release_verifier(),
+        )
+        client.release("k", generated.key_version, generated.wrapped_data_key)  # the HSM works
+        conf.rename(conf.with_name("softhsm2.conf.away"))
+        try:
+            for _ in range(RELEASES):
+                with pytest.raises(grpc.RpcError) as info:
+                    client.release("k", generated.key_version, generated.wrapped_data_key)
+                reasons.append(info.value.details().split(":")[0])
+        finally:
+            conf.with_name("softhsm2.conf.away").rename(conf)
+        caller = dev.spiffe_id("inference")
+        dev.services["keybroker"].stop()
+    handler.close()
+    assert reasons == ["HSM_UNAVAILABLE"] * RELEASES
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    # The outage's own lines name the configuration's path (the operator's words, in full).
+    outage = [r for r in lines if r["msg"].startswith("cannot connect to the HSM")]
+    assert outage and all(str(conf) in r["msg"] for r in outage), outage
+    assert all(r["level"] == "ERROR" for r in outage), outage
+    # The refused calls' lines: their caller's budget, the rest counted; none names a file.
+    denied = [r for r in lines if r["msg"] == "key release denied"]
+    assert len(denied) == REFUSED_CALLS_BURST, [r.get("detail") for r in denied]
+    assert {(r["reason"], r["level"]) for r in denied} == {("HSM_UNAVAILABLE", "WARNING")}
+    for line in denied:
+        assert str(dev.root) not in json.dumps(line), line
+        assert line["detail"].startswith("the key broker cannot connect to its HSM"), line
+    counted = refused_calls_not_logged(lines)
+    assert counted[(caller, "HSM_UNAVAILABLE")] == RELEASES - REFUSED_CALLS_BURST, counted
