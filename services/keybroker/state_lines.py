@@ -50,8 +50,12 @@ class StateMoveLines:
         name = f"{key_id} {version}"  # a space is in no key id
         if not self._lines.take(name):
             with self._lock:
-                if name in self._unlogged or len(self._unlogged) < _MAX_VERSIONS:
-                    self._unlogged[name] = self._unlogged.get(name, 0) + 1
+                # Moved to the end, and the one counted longest ago forgotten past the bound: a
+                # version that stopped flapping is never logged again, and its count, kept for
+                # good, crowded out those of versions flapping now (their lines then said 0).
+                self._unlogged[name] = self._unlogged.pop(name, 0) + 1
+                if len(self._unlogged) > _MAX_VERSIONS:
+                    del self._unlogged[next(iter(self._unlogged))]
             return
         with self._lock:
             unlogged = self._unlogged.pop(name, 0)
