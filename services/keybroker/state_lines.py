@@ -8,7 +8,9 @@ operation is one WARNING (key id, version, attempts, what moved, how it ended), 
 attempt; and since every operation on a flapping version retries, under load that is bounded as
 the broker's other repeating lines are (:class:`~strongroom.runtime.ratelimit.CallerBuckets`, as
 the refusal budgets): per key version, one line at once, then one per :data:`REPEAT_SECONDS`, the
-operations not logged in between counted on the next line (``operations_not_logged``).
+operations not logged in between counted on the next line (``operations_not_logged``). Both
+remember 1,024 key versions at most, the one counted longest ago forgotten first: a version that
+stopped flapping is never logged again, and its count must not keep a newer one's out.
 """
 
 from __future__ import annotations
