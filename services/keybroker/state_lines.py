@@ -8,7 +8,9 @@ operation is one WARNING (key id, version, attempts, what moved, how it ended), 
 attempt; and since every operation on a flapping version retries, under load that is bounded as
 the broker's other repeating lines are (:class:`~strongroom.runtime.ratelimit.CallerBuckets`, as
 the refusal budgets): per key version, one line at once, then one per :data:`REPEAT_SECONDS`, the
-operations not logged in between counted on the next line (``operations_not_logged``).
+operations not logged in between counted on the next line (``operations_not_logged``). Both
+remember 1,024 key versions at most, the one counted longest ago forgotten first: a version that
+stopped flapping is never logged again, and its count must not keep a newer one's out.
 """
 
 from __future__ import annotations
@@ -50,8 +52,12 @@ class StateMoveLines:
         name = f"{key_id} {version}"  # a space is in no key id
         if not self._lines.take(name):
             with self._lock:
-                if name in self._unlogged or len(self._unlogged) < _MAX_VERSIONS:
-                    self._unlogged[name] = self._unlogged.get(name, 0) + 1
+                # Moved to the end, and the one counted longest ago forgotten past the bound: a
+                # version that stopped flapping is never logged again, and its count, kept for
+                # good, crowded out those of versions flapping now (their lines then said 0).
+                self._unlogged[name] = self._unlogged.pop(name, 0) + 1
+                if len(self._unlogged) > _MAX_VERSIONS:
+                    del self._unlogged[next(iter(self._unlogged))]
             return
         with self._lock:
             unlogged = self._unlogged.pop(name, 0)

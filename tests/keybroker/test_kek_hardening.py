@@ -827,6 +827,28 @@ def test_the_lines_of_a_version_that_keeps_flapping_are_bounded_and_count_the_re
     assert _moved_lines(caplog)[1:] == [{**refused, "operations_not_logged": 3}]
 
 
+def test_the_counts_of_versions_that_stopped_flapping_do_not_crowd_out_a_new_ones(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A version that stopped flapping (an admin's disable met by two operations in a minute,
+    then never again) kept its count of operations not logged for good: once as many versions
+    as the lines remember had left one, a version flapping now had its operations between lines
+    dropped, its next line saying 0. The versions counted longest ago are forgotten first."""
+    now = [1000.0]
+    lines = StateMoveLines(logging.getLogger("state-lines-test"), lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="state-lines-test")
+    met: Any = {"attempts": 2, "disabled": 1, "stale": 0, "outcome": "KEY_DISABLED"}
+    for version in range(1, state_lines._MAX_VERSIONS + 2):
+        lines.retried("old", version, **met)  # logged
+        lines.retried("old", version, **met)  # counted, never logged: it stopped
+    caplog.clear()
+    lines.retried("new", 1, **met)
+    lines.retried("new", 1, **met)
+    now[0] += state_lines.REPEAT_SECONDS
+    lines.retried("new", 1, **met)
+    assert [r.operations_not_logged for r in caplog.records] == [0, 1]  # before: [0, 0]
+
+
 def test_a_refusal_after_a_stale_kek_and_disables_counts_what_each_attempt_met(
     km: KeyManager,
     replica: Callable[[], KeyManager],
