@@ -4,7 +4,7 @@ closed are refused, and that is one WARNING, not an operator's ERROR per refused
 The stop drains the handlers before it closes the log (``ServiceHost.stop``), but only for
 ``HANDLER_DRAIN_SECONDS``: a handler still deciding past that (stuck storage, a slow HSM) met a
 closed log, and each of its batches logged ERROR ``the audit log is closed``. Here four releases
-are held inside their handlers (at the evidence's verification) while the broker is stopped
+are held inside their handlers (right before their first audit record) while the broker is stopped
 with the drain bound 0, which leaves them running and closes the log; let go once it is closed,
 each meets the closed log. The broker is real, over real mTLS.
 """
@@ -32,7 +32,6 @@ SCRIPT = textwrap.dedent(
     from strongroom.client.keyrelease import KeyReleaseClient
     from tests.e2e.broker_child import KeptLines
     from strongroom.runtime import server as host_module
-    from strongroom.keybroker import release as release_module
 
     host_module.HANDLER_DRAIN_SECONDS = 0.0  # the handlers in flight are left running
     out = {"released": 0}
@@ -49,21 +48,23 @@ SCRIPT = textwrap.dedent(
                                      claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)})
         client = KeyReleaseClient(stack.channel(inference, "keybroker"), attester,
                                   inference.public_key_der, verifier=stack.release_verifier())
-        # Releases held inside their handlers (at the evidence's verification, before any audit
-        # record) while the stop runs to its end: with the drain bound 0 the stop leaves them
-        # running and closes the audit log; let go then, each meets the closed log. Holding them
-        # there makes it so every run (queued on the log's lock instead, the commit under way
-        # could take the queued records before the close took the lock, and nothing was refused).
+        # Releases held inside their handlers (once their HSM work is asked for, right before
+        # their first audit record) while the stop runs to its end: with the drain bound 0 the
+        # stop leaves them running and closes the audit log; let go then, each meets the closed
+        # log. Held there, not queued on the log's lock (a commit under way could take queued
+        # records before the close took the lock, and nothing was refused), nor earlier, at the
+        # evidence's verification (the stop could close the HSM before they asked it for their
+        # re-wrap, and they were refused as the HSM's instead).
         holding, gate, held = threading.Event(), threading.Event(), []
-        verify = release_module.verify_evidence
-        def held_verify(*args, **kwargs):
-            if holding.is_set():
+        audit = running.handle.audit
+        append = audit.append
+        def held_append(*args, **kwargs):
+            if holding.is_set() and not gate.is_set():
                 held.append(threading.current_thread().name)
                 gate.wait(60)
-            return verify(*args, **kwargs)
-        release_module.verify_evidence = held_verify
+            return append(*args, **kwargs)
+        audit.append = held_append
         client.release("k", generated.key_version, generated.wrapped_data_key)
-        audit = running.handle.audit
         holding.set()
         def release_once():
             try:
