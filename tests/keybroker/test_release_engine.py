@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -632,6 +633,34 @@ def test_a_release_refused_by_a_tampered_audit_log_logs_within_the_callers_budge
     [critical] = [r for r in caplog.records if r.levelname == "CRITICAL"]
     assert "audit log tampering detected" in critical.getMessage()
     assert getattr(critical, REFUSAL_LINE, None) is None
+
+
+def test_a_tampered_audit_log_refusing_a_policys_record_is_not_said_a_policy_that_does_not_load(
+    authority, tmp_path, caplog
+) -> None:
+    """A release under a policy not yet recorded in force (the first since the broker started, or
+    a document changed on disk) records it first; a tampered log refuses that record with
+    AuditTampered (DATA_LOSS), which the policy lookup took for a policy that does not load: the
+    caller was told PERMISSION_DENIED CALLER_NOT_ALLOWED, not AUDIT_LOG_TAMPERED, and every such
+    call wrote an ERROR ``the release policy of a key does not load`` (outside any budget, naming
+    the tamper) that sent the operator to a policy with nothing wrong. It is the audit log's
+    refusal, as an AuditUnavailable there is."""
+    engine, log = _real_audit_engine(authority, tmp_path, policies_audited=True)
+    engine.deny(InvalidArgument("no", reason="EVIDENCE_MALFORMED"), CALLER, key_id="k", report=b"r")
+    genuine = log.read_bytes()
+    last = json.loads(genuine.splitlines()[-1])
+    forged = {k: v for k, v in last.items() if k not in ("hash", "sig")}
+    forged.update(seq=last["seq"] + 1, prev=last["hash"], decision="allowed", reason="RELEASED")
+    forged["hash"] = record_hash(forged)
+    log.write_bytes(genuine + canonical_json(forged) + b"\n")
+    caplog.clear()
+    for _ in range(3):
+        with pytest.raises(StrongroomError) as refused:
+            engine.release(_request(engine, authority), CALLER)
+        assert isinstance(refused.value, AuditTampered), refused.value
+        assert refused.value.reason == "AUDIT_LOG_TAMPERED"
+    assert not [r for r in caplog.records if "does not load" in r.getMessage()]
+    assert [r.levelname for r in caplog.records if r.levelno >= logging.ERROR] == ["CRITICAL"]
 
 
 @pytest.mark.parametrize("key_id", ["", "Model-A", "a\nb", "k" * 100])
