@@ -39,6 +39,7 @@ from collections.abc import Callable
 from strongroom.errors import REFUSAL_LINE, StrongroomError, caused_by_caller
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.errors import (
+    AuditTampered,
     AuditUnavailable,
     HsmUnavailable,
     KeyStateMoving,
@@ -83,10 +84,12 @@ def line_budgeted(refusal: BaseException) -> bool:
     (:func:`callers_fault`), and when the broker refused it for an outage of its audit log or its
     HSM. An outage has lines of its own, bounded and naming its files (the audit log's
     :class:`~strongroom.keybroker.audit_outage.OutageLines`, which also accounts the HSM's failed
-    connection attempts); written every time, its per-call lines let any certified caller set the
-    broker's WARNING rate through it, and drown the outage's own ERROR. Other failures of the
-    broker (a bug, a damaged key, a policy that does not load) are written every time."""
-    if isinstance(refusal, AuditUnavailable | HsmUnavailable):
+    connection attempts; a tampered log's CRITICAL, once: it refuses every decision until the
+    broker restarts, DATA_LOSS though it is); written every time, its per-call lines let any
+    certified caller set the broker's WARNING rate through it, and drown the outage's own line.
+    Other failures of the broker (a bug, a damaged key, a policy that does not load) are written
+    every time."""
+    if isinstance(refusal, AuditUnavailable | AuditTampered | HsmUnavailable):
         return True
     return isinstance(refusal, StrongroomError) and callers_fault(refusal)
 

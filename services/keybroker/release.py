@@ -43,7 +43,7 @@ from strongroom.identifiers import validate_key_version
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.challenge import Challenge, ChallengeIssuer
 from strongroom.keybroker.ephemeral import ReleaseTarget
-from strongroom.keybroker.errors import AuditUnavailable, ReleaseNotPermitted
+from strongroom.keybroker.errors import AuditTampered, AuditUnavailable, ReleaseNotPermitted
 from strongroom.keybroker.fetch_budget import fetching_for
 from strongroom.keybroker.grant_budget import DEFAULT_GRANT_LIMITS, GrantBudget, GrantLimits
 from strongroom.keybroker.keys import (
@@ -530,8 +530,10 @@ class ReleaseEngine:
         load error. The refusal's real reason is audited."""
         try:
             stored = self._policies.get(key_id)
-        except AuditUnavailable:
-            raise  # recording the document in force failed: an outage, not this key's policy
+        except (AuditUnavailable, AuditTampered):
+            # Recording the document in force failed: an outage (a tampered log's DATA_LOSS
+            # too), not this key's policy; its caller is told so, and its line is the log's.
+            raise
         except StrongroomError as exc:
             if exc.reason != Reason.NO_RELEASE_POLICY:
                 # The broker's configuration, not the caller: the operator must fix it.

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -44,11 +45,18 @@ from strongroom.errors import (
     Unavailable,
 )
 from strongroom.keybroker import audit as audit_module
-from strongroom.keybroker.audit import AuditEvent, AuditLog, AuditRecord, Decision
+from strongroom.keybroker.audit import (
+    AuditEvent,
+    AuditLog,
+    AuditRecord,
+    Decision,
+    canonical_json,
+    record_hash,
+)
 from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.challenge import ChallengeIssuer
 from strongroom.keybroker.ephemeral import EphemeralPublicKey, parse_ephemeral_public_key
-from strongroom.keybroker.errors import AuditUnavailable, HsmUnavailable
+from strongroom.keybroker.errors import AuditTampered, AuditUnavailable, HsmUnavailable
 from strongroom.keybroker.keys import ReleasedKey
 from strongroom.keybroker.policies import PolicyStore
 from strongroom.keybroker.refusals import callers_fault
@@ -589,6 +597,70 @@ def test_a_release_is_refused_while_another_process_holds_the_audit_logs_lock(
     engine.release(_request(engine, authority), CALLER)
     assert [r["decision"] for r in read_audit_records(log)] == ["allowed"]
     assert verify_audit_log(log).intact
+
+
+def test_a_release_refused_by_a_tampered_audit_log_logs_within_the_callers_budget(
+    authority, tmp_path, caplog
+) -> None:
+    """A tampered audit log refuses every decision until the broker restarts, with a CRITICAL of
+    its own (once, naming the file): an outage of the audit log like a full disk. Its refused
+    releases' ``key release denied`` and ``could not audit a denied key release`` were written
+    for every call (DATA_LOSS is not the caller's fault), so any certified caller set the broker's
+    WARNING rate through it; they are within the caller's budget, as an outage's are."""
+    engine, log = _real_audit_engine(authority, tmp_path)
+    engine.release(_request(engine, authority), CALLER)
+    genuine = log.read_bytes()
+    last = json.loads(genuine.splitlines()[-1])
+    forged = {k: v for k, v in last.items() if k not in ("hash", "sig")}
+    forged.update(seq=last["seq"] + 1, prev=last["hash"], decision="allowed", reason="RELEASED")
+    forged["hash"] = record_hash(forged)
+    log.write_bytes(genuine + canonical_json(forged) + b"\n")
+    caplog.clear()
+    with pytest.raises(AuditTampered) as refused:
+        engine.release(_request(engine, authority), CALLER)
+    per_call = [
+        r
+        for r in caplog.records
+        if r.getMessage() in ("key release denied", "could not audit a denied key release")
+    ]
+    assert [r.getMessage() for r in per_call] == [
+        "key release denied",
+        "could not audit a denied key release",
+    ]
+    assert [getattr(r, REFUSAL_LINE) for r in per_call] == [True, True]
+    assert per_call[0].detail == refused.value.public  # type: ignore[attr-defined]
+    # The tamper's own line, once, is what the operator is told (outside any budget).
+    [critical] = [r for r in caplog.records if r.levelname == "CRITICAL"]
+    assert "audit log tampering detected" in critical.getMessage()
+    assert getattr(critical, REFUSAL_LINE, None) is None
+
+
+def test_a_tampered_audit_log_refusing_a_policys_record_is_not_said_a_policy_that_does_not_load(
+    authority, tmp_path, caplog
+) -> None:
+    """A release under a policy not yet recorded in force (the first since the broker started, or
+    a document changed on disk) records it first; a tampered log refuses that record with
+    AuditTampered (DATA_LOSS), which the policy lookup took for a policy that does not load: the
+    caller was told PERMISSION_DENIED CALLER_NOT_ALLOWED, not AUDIT_LOG_TAMPERED, and every such
+    call wrote an ERROR ``the release policy of a key does not load`` (outside any budget, naming
+    the tamper) that sent the operator to a policy with nothing wrong. It is the audit log's
+    refusal, as an AuditUnavailable there is."""
+    engine, log = _real_audit_engine(authority, tmp_path, policies_audited=True)
+    engine.deny(InvalidArgument("no", reason="EVIDENCE_MALFORMED"), CALLER, key_id="k", report=b"r")
+    genuine = log.read_bytes()
+    last = json.loads(genuine.splitlines()[-1])
+    forged = {k: v for k, v in last.items() if k not in ("hash", "sig")}
+    forged.update(seq=last["seq"] + 1, prev=last["hash"], decision="allowed", reason="RELEASED")
+    forged["hash"] = record_hash(forged)
+    log.write_bytes(genuine + canonical_json(forged) + b"\n")
+    caplog.clear()
+    for _ in range(3):
+        with pytest.raises(StrongroomError) as refused:
+            engine.release(_request(engine, authority), CALLER)
+        assert isinstance(refused.value, AuditTampered), refused.value
+        assert refused.value.reason == "AUDIT_LOG_TAMPERED"
+    assert not [r for r in caplog.records if "does not load" in r.getMessage()]
+    assert [r.levelname for r in caplog.records if r.levelno >= logging.ERROR] == ["CRITICAL"]
 
 
 @pytest.mark.parametrize("key_id", ["", "Model-A", "a\nb", "k" * 100])
