@@ -125,6 +125,7 @@ from strongroom.errors import (
 from strongroom.pki.authz import verified_caller
 from strongroom.pki.errors import PeerUnauthenticated
 from strongroom.reasons import Reason
+from strongroom.runtime.call_peer import call_peer
 from strongroom.runtime.grpc_types import HandlerInterceptor, RpcMethodHandler
 from strongroom.spiffe import SpiffeId
 
@@ -216,12 +217,12 @@ SPIFFE ID's bounds; a fleet of up to this many replicas is counted exactly (abou
 def caller_key(context: grpc.ServicerContext, grants: Grants | None = None) -> str:
     """The caller of this RPC for per-identity accounting: its :func:`bucket`, from the SPIFFE ID
     the authoriser verified; a peer without any client certificate (a plaintext host, which only
-    tests run) counts by its address."""
+    tests run) counts by its address, as read while its call lasted (:func:`call_peer`)."""
     try:
         spiffe_id: SpiffeId | None = verified_caller(context).spiffe_id
     except PeerUnauthenticated as exc:
         if exc.reason == Reason.NO_PEER_CERT:
-            return f"peer:{context.peer()}"
+            return f"peer:{call_peer(context)}"
         spiffe_id = None
     return bucket(spiffe_id, grants)
 

@@ -35,6 +35,7 @@ from typing import Any
 import grpc
 
 from strongroom.errors import REFUSAL_CALL, REFUSAL_LINE
+from strongroom.runtime.call_peer import remember_peer
 from strongroom.runtime.callers import Identify, caller_key
 from strongroom.runtime.ratelimit import CallerBuckets
 
@@ -88,7 +89,9 @@ def enter_rpc(
     """Marks the RPC of ``context`` as the one this thread's refusal lines are about (the error
     mapping does, around each call), its caller named by ``identify`` (its host's rule, that of
     its limits: :func:`~strongroom.runtime.callers.bucket`, every role-less caller as one);
-    :func:`leave_rpc` with the token when it ends."""
+    :func:`leave_rpc` with the token when it ends. The call's peer is read now, while it lasts
+    (a caller without a certificate is named by it, and gRPC may answer none once it ended)."""
+    remember_peer(context)
     if identify is not caller_key:
         with _IDENTIFY_LOCK, contextlib.suppress(TypeError):  # TypeError: no weak reference
             _IDENTIFY[context] = identify

@@ -2733,9 +2733,13 @@ class HeldAtItsEnd:
         self._reached.set()
         self._go.wait(60)
 
+    def reached(self) -> None:
+        """Waits until the first call's thread is held in its last next()."""
+        assert self._reached.wait(30), "the first try's last next() was never reached"
+
     def release(self) -> None:
         """Lets the held thread go on (its try then marked sent whole) and waits until it ended."""
-        assert self._reached.wait(30), "the first try's last next() was never reached"
+        self.reached()
         self._go.set()
         self._thread[0].join(30)
         assert not self._thread[0].is_alive()
@@ -2743,7 +2747,7 @@ class HeldAtItsEnd:
 
 def _read_at_once(requests: Iterator[Any]) -> Iterator[Any]:
     """``requests``, every one read in the first next() made of this: by gRPC's feeding thread,
-    which is then in the try's last next() whenever the call ends."""
+    which is then in the try's last next() however early the call ends."""
     yield from list(requests)
 
 
@@ -2755,7 +2759,10 @@ class WholeRefusedThenStopped(BusyBefore):
     With ``held``, a refused upload's requests are read by gRPC's feeding thread instead, all in
     its first next() (:func:`_read_at_once`), where ``held`` keeps it in the try's last next()
     past the refusal; it is let go on (:meth:`HeldAtItsEnd.release`) before the store stops, so
-    after the retry's try had begun."""
+    after the retry's try had begun. The refused upload's answer reaches the publisher only once
+    that thread is held: gRPC's thread may first run after the refusal came (a loaded machine),
+    and the try's file, which the publisher closes once the answer reaches it, was then closed
+    before a byte of it was read."""
 
     def __init__(
         self,
@@ -2779,9 +2786,12 @@ class WholeRefusedThenStopped(BusyBefore):
             return continuation(details, request_iterator)
         if len(self.outcomes) in self._refused:
             if self._held is not None:
-                request_iterator = _read_at_once(request_iterator)
-            else:
-                request_iterator = iter(list(request_iterator))  # its last byte handed over
+                outcome = super().intercept_stream_unary(
+                    continuation, details, _read_at_once(request_iterator)
+                )
+                self._held.reached()  # before put_model learns of the refusal (see above)
+                return outcome
+            request_iterator = iter(list(request_iterator))  # its last byte handed over
         return super().intercept_stream_unary(continuation, details, request_iterator)
 
 
