@@ -3130,12 +3130,22 @@ def test_a_refused_upload_s_feeding_thread_calls_no_progress_once_the_upload_end
 
 def test_a_fetch_out_of_time_is_the_publisher_s_class_of_outage(stack: DevStack) -> None:
     """One table (remote.TRANSIENT) for every client: the fetch library made a store's call out
-    of time Unavailable, the publisher DeadlineExceeded. A real GetModel whose deadline passes."""
+    of time Unavailable, the publisher DeadlineExceeded. A real GetModel whose deadline passes:
+    its 1 µs has passed before the call is sent, but gRPC's timer may fire after the store's
+    answer (NOT_FOUND: no such model) has come back, about one run in 60 under load; such a run
+    says nothing of the deadline's class and is made again."""
     download = grpc_source(stack.channel(stack.identity("inference"), "modelstore"), timeout=1e-6)
-    with pytest.raises(DeadlineExceeded) as info:
-        b"".join(download("busy/fetch-late", "1"))
-    assert info.value.reason == "FETCH_UNAVAILABLE"
-    assert "(DEADLINE_EXCEEDED)" in info.value.message
+    for _ in range(20):
+        try:
+            b"".join(download("busy/fetch-late", "1"))
+        except NotFound:
+            continue  # the store answered before the deadline's timer fired
+        except DeadlineExceeded as exc:
+            assert exc.reason == "FETCH_UNAVAILABLE"
+            assert "(DEADLINE_EXCEEDED)" in exc.message
+            return
+        pytest.fail("a download of a model the store does not hold succeeded")
+    pytest.fail("no call out of 20 met its deadline before the store's answer")
 
 
 def test_a_single_publish_whose_answer_was_lost_says_it_may_be_stored(
