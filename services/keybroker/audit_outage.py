@@ -18,7 +18,9 @@ never). What a refused commit then fails to undo (its records cut back off the l
 named in the head: :meth:`failed`) is accounted the same way, each kind on its own: it was an
 ERROR per refused batch, at the pace of the callers whose records the batch held. So are the HSM's
 failed connection attempts (:class:`~strongroom.keybroker.hsm.Hsm`), an ERROR per attempt before:
-every ``reconnect_max_interval`` while callers kept asking, the module's paths in each.
+every ``reconnect_max_interval`` while callers kept asking, the module's paths in each; and the
+stored release policies that do not read or load (:mod:`~strongroom.keybroker.policy_lines`), an
+ERROR per release naming the key before, each ended on its own (:meth:`OutageLines.ended`).
 """
 
 from __future__ import annotations
@@ -175,6 +177,19 @@ class OutageLines:
                 commits.unlogged,
                 extra={"failure": commits.message},
             )
+
+    def ended(self, kind: str) -> None:
+        """The failure of ``kind`` alone is over (a key's release policy loads again): its
+        repeats not yet said are said, and its next failure is logged at once; the others go
+        on (:meth:`committed` ends them all)."""
+        if kind not in self._tallies:  # the common case, read without the lock: nothing under way
+            return
+        with self._lock:
+            tally = self._tallies.pop(kind, None)
+            if not any(t.unlogged for t in self._tallies.values()):
+                self._disarm()
+        if tally is not None and tally.unlogged:
+            self._times_line(tally, tally.unlogged)
 
     def closing(self) -> None:
         """The log closes: the commits the failure under way refused since its last line are

@@ -305,7 +305,7 @@ class PendingRelease:
         return None if self._call is None else self._call.finished_at
 
     def result(self) -> ReleasedKey:
-        """Waits for the re-wrap (until the deadline counted from :meth:`start`)."""
+        """Waits for the re-wrap (until the release's one deadline, taken when it began)."""
         self.start()
         if self._error is not None:
             raise self._error
@@ -577,17 +577,15 @@ class KeyManager:
             return self._call(key_id, functools.partial(op, fresh=False), limit, name, change=gate)
         except _RereadFirst:
             pass
-        left = deadline - time.monotonic()
-        if not left > 0:
-            raise HsmUnavailable(
-                f"{name} met another attempt's claim and had no time left within its {limit:g}s "
-                "to run again on a re-read token; nothing was changed; retry",
-                reason=Reason.HSM_TIMEOUT,
-            )
         return self._call(
             key_id,
             functools.partial(op, fresh=True),
-            left,
+            _time_left(
+                deadline,
+                limit,
+                f"{name} met another attempt's claim and",
+                "to run again on a re-read token; nothing was changed",
+            ),
             name,
             change=gate,
             reread_token=True,
@@ -805,9 +803,18 @@ class KeyManager:
         hashes are already known (None before its first connection: then only the result tells);
         should the token answer with other hashes by the time the operation runs, the operation
         fails (``Unavailable(HSM_UNAVAILABLE)``) rather than use another hash than announced.
+
+        Its HSM steps (a cold lookup, a re-read of the token, the re-wrap) share one deadline,
+        ``timeout`` (default the HSM's ``operation_timeout``) from now: each had all of it, so a
+        caller could wait three times it. Each has what the steps before it (and, for the
+        re-wrap, the caller's work until :meth:`PendingRelease.start`: the audit record) left;
+        none left, HSM_TIMEOUT and the step is not queued (nothing was released).
         """
+        limit = self._hsm.config.operation_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
         validate_key_id(key_id)
         validate_key_version(version)
+        released = f"the release of key {key_id!r} version {version}"
         blob = WrappedDataKey(wrapped_dek)
         if isinstance(target, ReleaseTarget):
             if accepted_mechanisms:
@@ -836,7 +843,7 @@ class KeyManager:
             looked = self._call(
                 key_id,
                 functools.partial(lookup, forget=stale),
-                timeout,
+                limit,
                 "key lookup",
                 creates_objects=False,
             )
@@ -848,7 +855,12 @@ class KeyManager:
                 looked = self._call(
                     key_id,
                     functools.partial(lookup, forget=True),
-                    timeout,
+                    _time_left(
+                        deadline,
+                        limit,
+                        released,
+                        "to re-read the token for a version it did not find; nothing was released",
+                    ),
                     "key lookup",
                     creates_objects=False,
                     reread_token=True,
@@ -887,10 +899,11 @@ class KeyManager:
                 )
             return ReleasedKey(out, choice)
 
-        return PendingRelease(
-            announced,
-            functools.partial(self._submit, key_id, op, timeout, "release_to_ephemeral", then=then),
-        )
+        def submit() -> _KeyCall[ReleasedKey]:
+            left = _time_left(deadline, limit, released, "for its re-wrap; nothing was released")
+            return self._submit(key_id, op, left, "release_to_ephemeral", then=then)
+
+        return PendingRelease(announced, submit)
 
     def _may_reread_for(self, versions: list[_kek.KekVersion], version: int) -> bool:
         """Whether a release naming ``version``, above every one of ``versions`` (read from the
@@ -1691,6 +1704,20 @@ class _NotTheKeys(HsmUnavailable):
     """The HSM failed an operation in a way that depends on the caller's input (the length of a
     wrap to the caller's ephemeral key): not counted toward the model's key becoming unusable,
     which one caller could otherwise bring about for every caller."""
+
+
+def _time_left(deadline: float, limit: float, who: str, step: str) -> float:
+    """What is left of an operation's one ``deadline`` (``limit`` seconds from its start) for
+    its next step; HSM_TIMEOUT when nothing is (``who`` had no time left within its limit
+    ``step``: what the step is for and what that leaves done). Not the HSM's own "no time left
+    for" refusal: the caller learns which step of which operation was given nothing."""
+    left = deadline - time.monotonic()
+    if not left > 0:
+        raise HsmUnavailable(
+            f"{who} had no time left within its {limit:g}s {step}; retry",
+            reason=Reason.HSM_TIMEOUT,
+        )
+    return left
 
 
 def _short_answer(what: str, got: int, due: int, *, counted: bool = True) -> HsmUnavailable:

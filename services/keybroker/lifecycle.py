@@ -505,6 +505,7 @@ class KeyService:
         except StrongroomError as exc:
             if exc.reason == Reason.NO_RELEASE_POLICY:
                 return None
+            self._policies.does_not_load(key_id, exc)  # the operator's line, once then counted
             refusal: StrongroomError = exc
         else:
             try:

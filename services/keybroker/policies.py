@@ -29,6 +29,7 @@ from strongroom.keybroker.errors import (
 from strongroom.keybroker.keys import validate_key_id
 from strongroom.keybroker.policy_bounds import check_policy_bounds
 from strongroom.keybroker.policy_file import policy_stat, read_policy_text, unreadable
+from strongroom.keybroker.policy_lines import PolicyLoadLines
 from strongroom.reasons import Reason
 
 _log = logging.getLogger(__name__)
@@ -281,6 +282,8 @@ class PolicyStore:
         # once; rare (a policy change), unlike the cache's.
         self._in_force: dict[str, tuple[str, str]] = {}
         self._in_force_lock = threading.Lock()
+        # Each failing policy's ERROR: once, then counted (it was one per call that named it).
+        self._load_lines = PolicyLoadLines(_log)
 
     def _path(self, key_id: str) -> str:
         # A str, not a Path: pathlib interns each part, and a per-request string that is interned
@@ -302,6 +305,7 @@ class PolicyStore:
         reading = self._clock()  # before the stat: a change after it cannot predate it
         st = self._stat(path, key_id)
         if st is None:
+            self._load_lines.loaded(key_id)  # a failure of its file is over: there is none
             raise FailedPrecondition(
                 f"key {key_id!r} has no release policy: nothing can be released",
                 reason=Reason.NO_RELEASE_POLICY,
@@ -332,7 +336,20 @@ class PolicyStore:
             # Cached or not, recorded before anything is judged by it: a record that fails (an
             # audit outage) leaves the document unused, and the next request tries again.
             self._record_in_force(key_id, stored)
+        self._load_lines.loaded(key_id)
         return stored
+
+    def does_not_load(self, key_id: str, exc: StrongroomError) -> None:
+        """Logs that ``key_id``'s stored policy does not read or load (``exc``, from :meth:`get`):
+        at ERROR naming its file, once per failure and then counted
+        (:mod:`~strongroom.keybroker.policy_lines`); NO_RELEASE_POLICY is no failure (nothing
+        logged). Not in :meth:`get`: whoever meets it says whether it is the operator's to fix."""
+        if exc.reason != Reason.NO_RELEASE_POLICY:
+            self._load_lines.failed(key_id, self._path(key_id), exc)
+
+    def close(self) -> None:
+        """The broker stops: the failing policies' repeats not yet logged are logged now."""
+        self._load_lines.closing()
 
     def _stat(self, path: str, key_id: str) -> os.stat_result | None:
         """What ``stat`` says of the key's policy file ``path``, its links resolved within the
@@ -401,16 +418,12 @@ class PolicyStore:
         after the change was made and audited: a stored policy that no longer loads (written for a
         development broker, edited by hand in a policy directory managed by deployment
         configuration, unreadable) must not turn a rotation that happened into an error, nor make
-        every key unlistable. It is logged instead, and releases report it.
+        every key unlistable. It is logged instead (:meth:`does_not_load`), and releases report it.
         """
         try:
             return self.get(key_id, judge=False).policy.version
         except StrongroomError as exc:
-            if exc.reason != Reason.NO_RELEASE_POLICY:
-                _log.warning(
-                    "the release policy of a key does not load",
-                    extra={"key_id": key_id, "reason": exc.reason, "detail": exc.message},
-                )
+            self.does_not_load(key_id, exc)
             return ""
 
     def live(self, key_id: str) -> StoredPolicy | None:

@@ -82,14 +82,18 @@ def line_budgeted(refusal: BaseException) -> bool:
     """Whether a refusal's per-call log line (``key release denied``, ``could not audit a ...``)
     is within its caller's budget of refusal lines: when the refusal was its own
     (:func:`callers_fault`), and when the broker refused it for an outage of its audit log or its
-    HSM. An outage has lines of its own, bounded and naming its files (the audit log's
+    HSM, or for a stored policy that does not read or load. Those have lines of their own,
+    bounded and naming their files (the audit log's
     :class:`~strongroom.keybroker.audit_outage.OutageLines`, which also accounts the HSM's failed
     connection attempts; a tampered log's CRITICAL, once: it refuses every decision until the
-    broker restarts, DATA_LOSS though it is); written every time, its per-call lines let any
-    certified caller set the broker's WARNING rate through it, and drown the outage's own line.
-    Other failures of the broker (a bug, a damaged key, a policy that does not load) are written
-    every time."""
-    if isinstance(refusal, AuditUnavailable | AuditTampered | HsmUnavailable):
+    broker restarts, DATA_LOSS though it is; :mod:`~strongroom.keybroker.policy_lines`); written
+    every time, their per-call lines let any certified caller set the broker's WARNING rate
+    through them, and drown their own line. Other failures of the broker (a bug, a damaged key)
+    are written every time."""
+    if isinstance(
+        refusal,
+        AuditUnavailable | AuditTampered | HsmUnavailable | PolicyUnreadable | StoredPolicyInvalid,
+    ):
         return True
     return isinstance(refusal, StrongroomError) and callers_fault(refusal)
 

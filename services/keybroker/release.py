@@ -535,12 +535,9 @@ class ReleaseEngine:
             # too), not this key's policy; its caller is told so, and its line is the log's.
             raise
         except StrongroomError as exc:
-            if exc.reason != Reason.NO_RELEASE_POLICY:
-                # The broker's configuration, not the caller: the operator must fix it.
-                log.error(
-                    "the release policy of a key does not load; nothing is released under it",
-                    extra={"key_id": key_id, "reason": exc.reason, "detail": exc.message},
-                )
+            # The broker's configuration, not the caller: the operator must fix it. Logged once
+            # and then counted: this runs before the caller is checked, for anyone naming the key.
+            self._policies.does_not_load(key_id, exc)
             raise ReleaseNotPermitted(key_id, exc) from None
         context["policy_version"] = stored.policy.version
         context["policy_sha256"] = stored.sha256

@@ -182,6 +182,7 @@ class KeyBroker:
     keys: KeyManager
     engine: ReleaseEngine
     key_service: KeyService
+    policies: PolicyStore | None = None
     identity: WorkloadIdentity | None = None
     refresher: _Periodic | None = None
     counter: _Periodic | None = None
@@ -205,6 +206,8 @@ class KeyBroker:
             self.counter.stop(wait=True)  # its records go before the log closes
         self.host.stop(grace)
         self.record_counted_refusals(every=True)
+        if self.policies is not None:
+            self.policies.close()  # the failing policies' repeats not yet logged
         self.audit.close()
         self.hsm.close()
 
@@ -380,6 +383,7 @@ def build(
             keys=keys,
             engine=engine,
             key_service=key_service,
+            policies=policies,
             identity=identity,
             refresher=refresher,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import threading
 from typing import Any
 
@@ -600,11 +601,14 @@ def test_a_policy_that_does_not_read_admits_no_publisher(service) -> None:
     assert _records(log)[-1]["decision"] == "denied"
 
 
-def test_data_keys_a_broken_policy_refuses_cannot_fill_the_log(km, tmp_path) -> None:
+def test_data_keys_a_broken_policy_refuses_cannot_fill_the_log(km, tmp_path, caplog) -> None:
     """GenerateDataKey under a key whose stored policy does not load (the broker's error, not
     the caller's) was recorded every time, outside any budget: one publisher calling it in a loop
     wrote a record a call. The broker's failures have a budget of their own per caller and
-    reason now (256, then 1 a second), counted past it and accounted for by count."""
+    reason now (256, then 1 a second), counted past it and accounted for by count. The operator
+    hears of the policy once (an ERROR naming its file; before: nothing), however many publishers'
+    calls and key descriptions (a WARNING each, before) met it."""
+    caplog.set_level(logging.WARNING, "strongroom.keybroker.policies")
     audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
     keys = KeyService(km, PolicyStore(tmp_path / "policies"), audit, clock=lambda: 1000.0)
     log = tmp_path / "audit.log"
@@ -619,6 +623,18 @@ def test_data_keys_a_broken_policy_refuses_cannot_fill_the_log(km, tmp_path) -> 
             assert info.value.reason == "POLICY_SYNTAX"  # the answer never depends on it
         refused = _records(log)[before:]
         assert len(refused) == refusals.BROKER_REFUSAL_BURST + 1  # before: `flood`
+        assert [keys.policy_version("k1") for _ in range(3)] == ["", "", ""]
+        lines = [
+            (r.levelname, r.getMessage())
+            for r in caplog.records
+            if r.name == "strongroom.keybroker.policies"
+        ]
+        assert [level for level, _ in lines] == ["ERROR"], lines  # before: 3 WARNINGs, no ERROR
+        assert lines[0][1].startswith(
+            "the release policy of a key does not load; nothing is released under it: the "
+            "stored release policy of 'k1' does not load: "
+        )
+        assert lines[0][1].endswith(f"(its file: {tmp_path / 'policies' / 'k1.yaml'})")
         keys.record_counted_refusals(every=True)
     finally:
         audit.close()

@@ -361,3 +361,62 @@ def test_a_creation_that_runs_again_on_a_reread_token_keeps_to_one_deadline(
     assert km.rotate_key("slow", timeout=30.0).current_version == 2
     assert limits[0] == 30.0
     assert limits[1] <= 30.0 - first_run[0]  # before: 30.0
+
+
+def test_a_release_keeps_to_one_deadline_across_its_hsm_steps(
+    km: KeyManager, monkeypatch: pytest.MonkeyPatch, tee_key: rsa.RSAPrivateKey
+) -> None:
+    """A release's cold-cache lookup, its re-read of the token (a version it did not find) and
+    its re-wrap each had the whole timeout, so its caller could wait three times it. They now
+    share one deadline: a step that has nothing left is not queued and the caller gets
+    HSM_TIMEOUT saying which; one that has some gets no more than that."""
+    km.create_key("paced")
+    dek, wrapped, version = km.generate_data_key("paced", *MODEL)
+    real_submit = km.hsm.submit
+    limits: list[float] = []
+    pause = [1.2]
+
+    def timed(op: Any, *, timeout: float | None = None, **kwargs: Any) -> Any:
+        limits.append(-1.0 if timeout is None else timeout)
+        return real_submit(op, timeout=timeout, **kwargs)
+
+    def slow_reread(versions: list[_kek.KekVersion], wanted: int) -> bool:
+        time.sleep(pause[0])  # on the caller's thread, between the lookup and the re-read
+        return True
+
+    monkeypatch.setattr(km.hsm, "submit", timed)
+    cold = KeyManager(km.hsm)  # its lookup cache is empty: the release looks the key up first
+    monkeypatch.setattr(cold, "_may_reread_for", slow_reread)
+    target = spki(tee_key)
+    with pytest.raises(Unavailable) as info:  # before: the re-read and the re-wrap had 1 s each
+        cold.release_to_ephemeral("paced", version, wrapped, target, [OaepHash.SHA1], timeout=1.0)
+    assert info.value.reason == "HSM_TIMEOUT"
+    assert info.value.message == (
+        "the release of key 'paced' version 1 had no time left within its 1s to re-read the "
+        "token for a version it did not find; nothing was released; retry"
+    )
+    assert limits == [1.0]  # the lookup; no re-read queued
+    # The re-wrap starts once the caller's audit record is placed: a record that took the whole
+    # deadline leaves it nothing.
+    monkeypatch.setattr(cold, "_may_reread_for", lambda versions, wanted: False)
+    cold._forget("paced")  # cold again, whatever the cache's TTL: one lookup
+    limits.clear()
+    pending = cold.begin_release("paced", version, wrapped, target, [OaepHash.SHA1], timeout=1.0)
+    time.sleep(pause[0])
+    with pytest.raises(Unavailable) as info:  # before: released, with 1 s more
+        pending.result()
+    assert info.value.reason == "HSM_TIMEOUT"
+    assert "within its 1s for its re-wrap; nothing was released; retry" in info.value.message
+    assert limits == [1.0]  # the lookup; no re-wrap queued
+    # Time left: each step has the remainder of the one deadline.
+    pause[0], limits[:] = 0.3, []
+    cold = KeyManager(km.hsm)
+    monkeypatch.setattr(cold, "_may_reread_for", slow_reread)
+    out, _ = cold.release_to_ephemeral(
+        "paced", version, wrapped, target, [OaepHash.SHA1], timeout=30.0
+    )
+    assert bound(tee_key.decrypt(out, _OAEP)) == dek
+    assert len(limits) == 3, limits  # the lookup, the re-read, the re-wrap
+    assert limits[0] == 30.0
+    assert limits[1] <= 30.0 - pause[0]  # before: 30.0
+    assert limits[2] < limits[1]  # before: 30.0

@@ -421,7 +421,8 @@ def test_a_stored_policy_that_no_longer_loads_is_audited_and_told_to_no_caller(
     assert keys.calls == []
     assert [(e.decision, e.reason) for e in audit.events] == [(Decision.DENIED, "POLICY_BAD_VALUE")]
     [logged] = [r for r in caplog.records if r.levelname == "ERROR"]
-    assert "min_reported_tcb" in logged.detail  # type: ignore[attr-defined]
+    assert "min_reported_tcb" in logged.getMessage()  # the cause, and the file
+    assert logged.getMessage().endswith(f"(its file: {Path(engine._policies._dir) / 'k1.yaml'})")
 
 
 @pytest.mark.parametrize(("when", "hsm_calls"), [("before", 0), ("after", 1)])
