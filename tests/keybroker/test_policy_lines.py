@@ -16,6 +16,7 @@ import pytest
 
 from strongroom.errors import StrongroomError
 from strongroom.keybroker import audit_outage, policy_lines
+from strongroom.keybroker.errors import PolicyUnreadable
 from strongroom.keybroker.policies import PolicyStore
 from tests.keybroker.test_policy_store import DOMAIN, document
 
@@ -124,7 +125,9 @@ def test_keys_that_stopped_failing_give_their_place_to_a_real_failure(
     monkeypatch.setattr(
         store, "_load_lines", policy_lines.PolicyLoadLines(store_log(), clock=lambda: now[0])
     )
-    unsearchable = StrongroomError("the policy directory cannot be searched", reason="X")
+    # What every key id meets while the directory cannot be searched (the tests run as root,
+    # whom its mode would not stop).
+    unsearchable = PolicyUnreadable("the policy directory cannot be searched: EACCES")
     for n in range(policy_lines.MAX_KEYS):  # the outage: invented key ids, each named once
         store.does_not_load(f"made-up-{n}", unsearchable)
     assert len(_lines(caplog)) == policy_lines.MAX_KEYS
