@@ -806,9 +806,10 @@ class KeyManager:
 
         Its HSM steps (a cold lookup, a re-read of the token, the re-wrap) share one deadline,
         ``timeout`` (default the HSM's ``operation_timeout``) from now: each had all of it, so a
-        caller could wait three times it. Each has what the steps before it (and, for the
-        re-wrap, the caller's work until :meth:`PendingRelease.start`: the audit record) left;
-        none left, HSM_TIMEOUT and the step is not queued (nothing was released).
+        caller could wait three times it. Each has what the steps before it left (the re-wrap,
+        what was left when this returned, from :meth:`PendingRelease.start`: the caller's work
+        between, its audit record, is not the HSM's); none left, HSM_TIMEOUT and the step is not
+        queued (nothing was released).
         """
         limit = self._hsm.config.operation_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
@@ -899,8 +900,15 @@ class KeyManager:
                 )
             return ReleasedKey(out, choice)
 
+        # The re-wrap's share is what the steps so far left, from when it is queued: the caller's
+        # work before that (its ALLOWED record waiting behind another batch's commit) is not the
+        # HSM's, and counted against it a healthy HSM was refused HSM_TIMEOUT for a slow disk.
+        share = deadline - time.monotonic()
+
         def submit() -> _KeyCall[ReleasedKey]:
-            left = _time_left(deadline, limit, released, "for its re-wrap; nothing was released")
+            left = _time_left(
+                time.monotonic() + share, limit, released, "for its re-wrap; nothing was released"
+            )
             return self._submit(key_id, op, left, "release_to_ephemeral", then=then)
 
         return PendingRelease(announced, submit)

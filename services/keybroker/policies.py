@@ -342,9 +342,12 @@ class PolicyStore:
     def does_not_load(self, key_id: str, exc: StrongroomError) -> None:
         """Logs that ``key_id``'s stored policy does not read or load (``exc``, from :meth:`get`):
         at ERROR naming its file, once per failure and then counted
-        (:mod:`~strongroom.keybroker.policy_lines`); NO_RELEASE_POLICY is no failure (nothing
-        logged). Not in :meth:`get`: whoever meets it says whether it is the operator's to fix."""
-        if exc.reason != Reason.NO_RELEASE_POLICY:
+        (:mod:`~strongroom.keybroker.policy_lines`). Only :class:`PolicyUnreadable` and
+        :class:`StoredPolicyInvalid` are: NO_RELEASE_POLICY is no failure, and an audit log that
+        refused the record of the policy in force (an outage, a tamper) has lines of its own and
+        nothing to do with the file. Not in :meth:`get`: whoever meets it says whether it is the
+        operator's to fix."""
+        if isinstance(exc, PolicyUnreadable | StoredPolicyInvalid):
             self._load_lines.failed(key_id, self._path(key_id), exc)
 
     def close(self) -> None:

@@ -12,16 +12,21 @@ the refusals they cause stay ``CALLER_NOT_ALLOWED`` to every caller, and audited
 
 At most :data:`MAX_KEYS` keys are accounted one by one: a policy directory the broker cannot search
 fails every key id a caller invents, each its own failure; past them, one failure stands for every
-further key (:data:`MORE_KEYS`), logged once and then counted.
+further key (:data:`MORE_KEYS`), logged once and then counted. A key that has not failed for
+:data:`~strongroom.keybroker.audit_outage.REPEAT_SECONDS` gives its place up (its count said) to a
+key failing now: the invented key ids of an outage that ended are named by nobody again, and
+without this kept their places for good, so a real policy failing later was never named.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 
 from strongroom.errors import StrongroomError
-from strongroom.keybroker.audit_outage import OutageLines
+from strongroom.keybroker.audit_outage import REPEAT_SECONDS, OutageLines
 
 MAX_KEYS = 64
 """Keys whose failing policies are logged one by one (a broker holds a few dozen keys)."""
@@ -35,17 +40,28 @@ _MORE = "*"  # their kind: no key id (KEY_ID_PATTERN) is this, nor the audit tal
 class PolicyLoadLines:
     """Logs, to ``log``, the stored policies that do not read or load, bounded (see the module)."""
 
-    def __init__(self, log: logging.Logger) -> None:
-        self._lines = OutageLines(log)
+    def __init__(self, log: logging.Logger, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lines = OutageLines(log, clock)
+        self._clock = clock
         self._lock = threading.Lock()
-        self._keys: set[str] = set()  # the keys whose failure is under way, logged one by one
+        # The keys whose failure is under way, logged one by one: when each last failed.
+        self._keys: dict[str, float] = {}
 
     def failed(self, key_id: str, path: str, exc: StrongroomError) -> None:
         """``key_id``'s policy, its file ``path``, does not read or load (``exc``)."""
+        now = self._clock()
         with self._lock:
             own = key_id in self._keys or len(self._keys) < MAX_KEYS
+            stale = None if own else min(self._keys, key=self._keys.__getitem__)
+            if stale is not None and self._keys[stale] <= now - REPEAT_SECONDS:
+                del self._keys[stale]  # nobody names it any more: its place is this key's
+                own = True
+            else:
+                stale = None
             if own:
-                self._keys.add(key_id)
+                self._keys[key_id] = now
+        if stale is not None:
+            self._lines.ended(stale)
         if not own:
             self._lines.failed(_MORE, MORE_KEYS, reason=exc.reason)
             return
@@ -58,10 +74,10 @@ class PolicyLoadLines:
 
     def loaded(self, key_id: str) -> None:
         """``key_id``'s policy loads again, or it has none: its failure, if any, is over."""
-        if key_id not in self._keys:  # every release's path: one set read, no lock
+        if key_id not in self._keys:  # every release's path: one dict read, no lock
             return
         with self._lock:
-            self._keys.discard(key_id)
+            self._keys.pop(key_id, None)
         self._lines.ended(key_id)
 
     def closing(self) -> None:

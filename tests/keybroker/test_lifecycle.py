@@ -601,6 +601,34 @@ def test_a_policy_that_does_not_read_admits_no_publisher(service) -> None:
     assert _records(log)[-1]["decision"] == "denied"
 
 
+def test_an_audit_outage_is_not_logged_as_a_policy_that_does_not_load(km, tmp_path, caplog) -> None:
+    """GenerateDataKey records a policy in force before judging by it; an audit log that refuses
+    that record (an outage, a tampered log) is no failure of the policy, but the call reported
+    whatever the store's lookup raised as one: an ERROR 'the release policy of a key does not
+    load' naming the audit log's failure and the sound policy's file, sending the operator to a
+    policy with nothing wrong (a release lets these through untouched)."""
+    caplog.set_level(logging.WARNING, "strongroom.keybroker.policies")
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    down = AuditLog.open(tmp_path / "down.log", ed25519.Ed25519PrivateKey.generate())
+    try:
+        _with_publishers(
+            KeyService(km, PolicyStore(tmp_path / "policies"), audit),
+            [{"spiffe_id": PUBLISHER.spiffe_id, "model_names": ["tenant-a/"]}],
+        )
+        down.close()  # the store's records of the policies in force are refused from now on
+        keys = KeyService(km, PolicyStore(tmp_path / "policies", audit=down), audit)
+        for _ in range(3):
+            with pytest.raises(StrongroomError) as info:
+                keys.generate_data_key(PUBLISHER, "k1", "tenant-a/model", "1")
+            assert info.value.status_name == "UNAVAILABLE", info.value
+        lines = [
+            r.getMessage() for r in caplog.records if r.name == "strongroom.keybroker.policies"
+        ]
+        assert lines == []  # before: one ERROR naming the closed audit log and k1.yaml
+    finally:
+        audit.close()
+
+
 def test_data_keys_a_broken_policy_refuses_cannot_fill_the_log(km, tmp_path, caplog) -> None:
     """GenerateDataKey under a key whose stored policy does not load (the broker's error, not
     the caller's) was recorded every time, outside any budget: one publisher calling it in a loop

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from strongroom.errors import StrongroomError
-from strongroom.keybroker import policy_lines
+from strongroom.keybroker import audit_outage, policy_lines
+from strongroom.keybroker.errors import PolicyUnreadable
 from strongroom.keybroker.policies import PolicyStore
 from tests.keybroker.test_policy_store import DOMAIN, document
 
@@ -108,3 +109,51 @@ def test_past_max_keys_one_failure_stands_for_the_further_keys(
     store.close()
     counts = _lines(caplog)
     assert ("ERROR", f"{policy_lines.MORE_KEYS} (9 more times after its last line)") in counts
+
+
+def test_keys_that_stopped_failing_give_their_place_to_a_real_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory the broker could not search for a while failed every key id a caller invented,
+    and each took a place of its own until a release named it again once the directory was back:
+    nobody does, so the places stayed taken and a real policy failing afterwards was logged only
+    as one of the further keys, its key and file never named. A key not failing for
+    REPEAT_SECONDS gives its place up (its count said) to a key that fails now."""
+    caplog.set_level(logging.INFO, _LOGGER)
+    now = [1000.0]
+    store = PolicyStore(tmp_path / "policies", trust_domain=DOMAIN, production=False)
+    monkeypatch.setattr(
+        store, "_load_lines", policy_lines.PolicyLoadLines(store_log(), clock=lambda: now[0])
+    )
+    # What every key id meets while the directory cannot be searched (the tests run as root,
+    # whom its mode would not stop).
+    unsearchable = PolicyUnreadable("the policy directory cannot be searched: EACCES")
+    for n in range(policy_lines.MAX_KEYS):  # the outage: invented key ids, each named once
+        store.does_not_load(f"made-up-{n}", unsearchable)
+    assert len(_lines(caplog)) == policy_lines.MAX_KEYS
+    # The directory is back; a minute on, a real policy is damaged.
+    now[0] += audit_outage.REPEAT_SECONDS + 1
+    store.put("real", document())
+    path = tmp_path / "policies" / "real.yaml"
+    path.write_text("version: [")
+    failure = _meet(store, "real", 3)
+    assert failure is not None
+    lines = _lines(caplog)
+    assert lines == [  # before: [("ERROR", MORE_KEYS)]
+        (
+            "ERROR",
+            "the release policy of a key does not load; nothing is released under it: "
+            f"{failure.message} (its file: {path})",
+        )
+    ]
+    # Keys still failing keep their places: within the minute nobody takes them.
+    for n in range(policy_lines.MAX_KEYS - 1):
+        store.does_not_load(f"fresh-{n}", unsearchable)
+    store.does_not_load("one-too-many", unsearchable)
+    assert _lines(caplog)[-1] == ("ERROR", policy_lines.MORE_KEYS)
+    store.close()
+
+
+def store_log() -> logging.Logger:
+    """The logger a PolicyStore writes to."""
+    return logging.getLogger(_LOGGER)

@@ -7,6 +7,7 @@ every replica, and published a second KEK for the same version."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from strongroom.dev.softhsm import SoftHsmToken
 from strongroom.errors import Internal, NotFound, Unavailable
 from strongroom.keybroker import _kek
 from strongroom.keybroker import keys as keys_module
-from strongroom.keybroker.audit import AuditLog
+from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.hsm import Hsm, HsmSession
 from strongroom.keybroker.keys import ChangeGate, KeyManager, KeyState, Reaped
@@ -396,18 +397,35 @@ def test_a_release_keeps_to_one_deadline_across_its_hsm_steps(
         "token for a version it did not find; nothing was released; retry"
     )
     assert limits == [1.0]  # the lookup; no re-read queued
-    # The re-wrap starts once the caller's audit record is placed: a record that took the whole
-    # deadline leaves it nothing.
+    # The caller's own work between begin_release and the re-wrap's start (its ALLOWED record,
+    # waiting behind another batch's stalled fsync) is not the HSM's: the re-wrap has what the
+    # lookup left, from its start.
     monkeypatch.setattr(cold, "_may_reread_for", lambda versions, wanted: False)
     cold._forget("paced")  # cold again, whatever the cache's TTL: one lookup
     limits.clear()
     pending = cold.begin_release("paced", version, wrapped, target, [OaepHash.SHA1], timeout=1.0)
     time.sleep(pause[0])
-    with pytest.raises(Unavailable) as info:  # before: released, with 1 s more
+    released = pending.result()  # before: HSM_TIMEOUT 'within its 1s for its re-wrap'
+    assert bound(tee_key.decrypt(released.wrapped, _OAEP)) == dek
+    assert len(limits) == 2, limits  # the lookup, the re-wrap
+    assert 0 < limits[1] <= 1.0
+    # A lookup that took the whole deadline leaves the re-wrap nothing: it is not queued.
+    cold._forget("paced")
+    limits.clear()
+
+    def slow_lookup(op: Any, *, timeout: float | None = None, **kwargs: Any) -> Any:
+        if not limits:
+            time.sleep(pause[0])  # on the caller's thread, before the lookup is queued
+        return timed(op, timeout=timeout, **kwargs)
+
+    monkeypatch.setattr(km.hsm, "submit", slow_lookup)
+    pending = cold.begin_release("paced", version, wrapped, target, [OaepHash.SHA1], timeout=1.0)
+    with pytest.raises(Unavailable) as info:
         pending.result()
     assert info.value.reason == "HSM_TIMEOUT"
     assert "within its 1s for its re-wrap; nothing was released; retry" in info.value.message
     assert limits == [1.0]  # the lookup; no re-wrap queued
+    monkeypatch.setattr(km.hsm, "submit", timed)
     # Time left: each step has the remainder of the one deadline.
     pause[0], limits[:] = 0.3, []
     cold = KeyManager(km.hsm)
@@ -420,3 +438,46 @@ def test_a_release_keeps_to_one_deadline_across_its_hsm_steps(
     assert limits[0] == 30.0
     assert limits[1] <= 30.0 - pause[0]  # before: 30.0
     assert limits[2] < limits[1]  # before: 30.0
+
+
+def test_a_release_behind_a_stalled_audit_commit_keeps_its_hsm_share(
+    km: KeyManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tee_key: rsa.RSAPrivateKey
+) -> None:
+    """A release's re-wrap starts once its ALLOWED record has its place in a batch; behind another
+    batch whose fsync stalls, that is later than the HSM deadline. That wait is the disk's, not
+    the HSM's: the re-wrap still has what the release's lookup left (it was refused HSM_TIMEOUT
+    with a healthy HSM: 15 of 16 concurrent releases behind a 1 s stall with a 1 s timeout)."""
+    km.create_key("disk")
+    dek, wrapped, version = km.generate_data_key("disk", *MODEL)
+    audit = AuditLog.open(tmp_path / "audit.log", ed25519.Ed25519PrivateKey.generate())
+    real_fsync = os.fsync
+    stalled, go_on = threading.Event(), threading.Event()
+
+    def stalling_fsync(fd: int) -> None:
+        if threading.current_thread().name == "stalled-commit":
+            stalled.set()
+            go_on.wait(30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", stalling_fsync)
+    event = AuditEvent(decision=Decision.ALLOWED, reason=Reason.RELEASED, key_id="disk")
+    first = threading.Thread(target=audit.append, args=(event,), name="stalled-commit")
+    first.start()
+    try:
+        assert stalled.wait(30)
+        pending = km.begin_release(
+            "disk", version, wrapped, spki(tee_key), [OaepHash.SHA1], timeout=0.5
+        )
+        behind = threading.Thread(
+            target=audit.append, args=(event,), kwargs={"on_written": pending.start}
+        )
+        behind.start()
+        time.sleep(1.0)  # the stall outlasts the release's whole HSM deadline
+        go_on.set()
+        behind.join(30)
+        released = pending.result()  # before: HSM_TIMEOUT 'for its re-wrap'
+    finally:
+        go_on.set()
+        first.join(30)
+        audit.close()
+    assert bound(tee_key.decrypt(released.wrapped, _OAEP)) == dek
