@@ -48,6 +48,7 @@ NOT_REASONS = frozenset(
         "CKA_PRIVATE",
         "CKA_UNWRAP",
         "CKA_WRAP",
+        "CKR_DEVICE_ERROR",
         "CKR_GENERAL_ERROR",
         "DEADLINE_EXCEEDED",
         "DENIED",

@@ -77,6 +77,7 @@ class _Tally:
     reason: str | None
     logged_at: float
     unlogged: int = 0
+    level: int = logging.ERROR
 
 
 class OutageLines:
@@ -135,13 +136,16 @@ class OutageLines:
                 extra={"reason": error.reason},
             )
 
-    def failed(self, kind: str, message: str, *, reason: str | None = None) -> None:
-        """Logs at ERROR ``message`` (with ``reason``, if any), what a refused commit could not
-        undo (``kind``: a stable name of the step, e.g. ``cut back``) or another failure of the
-        broker's own (the HSM's failed connection attempts: ``connect``), unless the same repeats
-        one logged less than :data:`REPEAT_SECONDS` ago (then it is counted, and said as the
-        refused commits are; :meth:`committed` ends it)."""
-        shown = self._tally(kind, message, reason)
+    def failed(
+        self, kind: str, message: str, *, reason: str | None = None, level: int = logging.ERROR
+    ) -> None:
+        """Logs at ``level`` (ERROR unless told) ``message`` (with ``reason``, if any), what a
+        refused commit could not undo (``kind``: a stable name of the step, e.g. ``cut back``) or
+        another failure of the broker's own (the HSM's failed connection attempts: ``connect``;
+        its dropped sessions: ``drop``, at WARNING), unless the same repeats one logged less than
+        :data:`REPEAT_SECONDS` ago (then it is counted, and said as the refused commits are, at
+        the same level; :meth:`committed` ends it)."""
+        shown = self._tally(kind, message, reason, level)
         if shown is None:
             return
         previous, unlogged, since = shown
@@ -149,9 +153,10 @@ class OutageLines:
             self._times_line(previous, previous.unlogged)
         extra = {} if reason is None else {"reason": reason}
         if previous is None or previous.message != message:
-            self._log.error("%s", message, extra=extra)
+            self._log.log(level, "%s", message, extra=extra)
         else:
-            self._log.error(
+            self._log.log(
+                level,
                 "%s (%d times, this one included, since it was last logged %.0fs ago)",
                 message,
                 unlogged + 1,
@@ -207,7 +212,7 @@ class OutageLines:
     # --- internals ----------------------------------------------------------------------------
 
     def _tally(
-        self, kind: str, message: str, reason: str | None
+        self, kind: str, message: str, reason: str | None, level: int = logging.ERROR
     ) -> tuple[_Tally | None, int, float] | None:
         """Counts one failure of ``kind``; None when it is only counted (a repeat within the
         period, the log not closing), else the tally it replaces (None: none), the count it
@@ -225,7 +230,7 @@ class OutageLines:
                 previous.unlogged += 1
                 self._arm(previous.logged_at + REPEAT_SECONDS - now)
                 return None
-            self._tallies[kind] = _Tally(message, reason, now)
+            self._tallies[kind] = _Tally(message, reason, now, level=level)
             unlogged = 0 if previous is None else previous.unlogged
             if not any(t.unlogged for t in self._tallies.values()):
                 self._disarm()
@@ -300,6 +305,10 @@ class OutageLines:
     def _times_line(self, tally: _Tally, unlogged: int) -> None:
         """What a refused commit could not undo, said again with how often since its line."""
         extra = {} if tally.reason is None else {"reason": tally.reason}
-        self._log.error(
-            "%s (%d more times after its last line)", tally.message, unlogged, extra=extra
+        self._log.log(
+            tally.level,
+            "%s (%d more times after its last line)",
+            tally.message,
+            unlogged,
+            extra=extra,
         )

@@ -37,7 +37,10 @@ raises ``HsmUnavailable`` and drops the session. The next operation reconnects: 
 ``C_Initialize`` (SoftHSM2 needs both to see a token whose files came back), find the token by
 label, log in, re-probe the OAEP hashes. Attempts are spaced by ``reconnect_interval``, doubled after
 each failed attempt up to ``reconnect_max_interval``, so a dead HSM costs callers a fast failure,
-not a reconnect each. A ``CKR_GENERAL_ERROR``/``CKR_FUNCTION_FAILED`` from a token that still
+not a reconnect each. A session dropped again before any operation succeeded on its re-established
+connection counts as a failed attempt (an HSM that connects but fails its operations re-initialised
+the module at every call); the back-off ends when an operation succeeds, not when a connection
+does. Drops and failed attempts are logged once per failure, then counted (:class:`OutageLines`). A ``CKR_GENERAL_ERROR``/``CKR_FUNCTION_FAILED`` from a token that still
 answers (a corrupted object file, a token hiccup) also drops the connection — SoftHSM2 re-reads its
 object files only when re-initialised — and is reported as ``HsmUnavailable(HSM_OPERATION_FAILED)``,
 never as INTERNAL; :class:`~strongroom.keybroker.keys.KeyManager` decides whether a key that keeps
@@ -546,13 +549,18 @@ class Hsm(Closing):
         self._recycles = 0
         self._recycling = False  # the connection was dropped on purpose, not by a failure
         self._failed_attempts = 0
+        # Sessions dropped for the HSM's failure since an operation last succeeded: the second
+        # one, on a session re-established after the first, backs the reconnects off.
+        self._drops = 0
+        self._unwell = False  # a drop or a failed connection since an operation last succeeded
         self._generation = 0
         self._oaep_hashes: tuple[OaepHash, ...] = ()
         self._last_error: str | None = None
         self._last_attempt: float | None = None
         self._login_refused = False
-        # The failed connection attempts' lines: each failure once, then counted (an attempt
-        # came every reconnect_max_interval while callers kept asking, each an ERROR).
+        # The failed connection attempts' and the dropped sessions' lines: each failure once,
+        # then counted (an attempt came every reconnect_max_interval while callers kept asking,
+        # each an ERROR; a drop came at the callers' pace, each a WARNING).
         self._outage = OutageLines(_log)
         self._thread = threading.Thread(
             target=self._work, name=f"hsm-{config.token_label}", daemon=True
@@ -736,10 +744,13 @@ class Hsm(Closing):
             self._disconnect(f"cannot open a work session ({what})")
             raise HsmUnavailable(f"the HSM cannot open a session ({what})") from exc
         try:
-            return job.op(hs)
+            result = job.op(hs)
+            if self._unwell:
+                self._operations_succeed()
+            return result
         except HsmUnavailable as exc:
             if exc.reason != Reason.HSM_CLOSED:  # closing: the teardown comes next anyway
-                self._disconnect(exc.message)
+                self._disconnect(exc.message, backs_off=exc.reason != Reason.HSM_OPERATION_FAILED)
             raise
         except StrongroomError:
             raise
@@ -789,8 +800,10 @@ class Hsm(Closing):
             return HsmUnavailable(f"an HSM object changed during {name}; retry")
         if isinstance(exc, errs.AMBIGUOUS):
             # The token answers but failed the operation: a damaged object or a token hiccup.
-            # SoftHSM2 re-reads its object files only when re-initialised, so reconnect.
-            self._disconnect(f"{what} during {name}")
+            # SoftHSM2 re-reads its object files only when re-initialised, so reconnect, at
+            # once: one damaged key must not hold the others back (KeyManager bounds its own
+            # retries of a key that keeps failing).
+            self._disconnect(f"{what} during {name}", backs_off=False)
             return HsmUnavailable(
                 f"the HSM failed {name} ({what}); the session is being re-initialised",
                 reason=Reason.HSM_OPERATION_FAILED,
@@ -821,6 +834,7 @@ class Hsm(Closing):
         except HsmUnavailable as exc:
             self._last_error = exc.message
             self._failed_attempts += 1
+            self._unwell = True
             refused = exc.reason == Reason.HSM_LOGIN_FAILED
             if not refused:  # logged as the refusal it is
                 self._outage.failed(
@@ -832,11 +846,12 @@ class Hsm(Closing):
             raise HsmUnavailable(
                 exc.message, reason=exc.reason, public=PIN_REFUSED if refused else _unreachable()
             ) from exc.__cause__
+        # The failures' tallies and the back-off end once an operation succeeds, not here: a
+        # connection that works for no operation is no recovery (its next failure would be
+        # logged anew and reconnected at once, at the callers' pace).
         self._last_attempt = None
-        self._failed_attempts = 0
-        self._outage.committed()  # the failed attempts not yet said, if any, before the lines below
         self._generation += 1
-        if self._generation > 1 and not self._recycling:
+        if self._generation > 1 and not self._recycling and self._drops <= 1:
             _log.warning(
                 "HSM session re-established",
                 extra={"token": self._config.token_label, "generation": self._generation},
@@ -921,7 +936,8 @@ class Hsm(Closing):
         self._oaep_hashes = tuple(
             h for h in PROBE_ORDER if h in supported and h in cfg.allowed_oaep_hashes
         )
-        _log.info(
+        _log.log(
+            logging.DEBUG if self._drops > 1 else logging.INFO,  # a flap's are counted as drops
             "HSM session open",
             extra={
                 "token": cfg.token_label,
@@ -933,14 +949,40 @@ class Hsm(Closing):
             _log.warning("the HSM supports no allowed OAEP hash: every key release will fail")
         return conn
 
-    def _disconnect(self, why: str) -> None:
+    def _disconnect(self, why: str, *, backs_off: bool = True) -> None:
+        """Drops the connection after a failure. The first drop since an operation last
+        succeeded lets the next call reconnect at once (a transient drop costs nothing more);
+        a drop on a session re-established since (``backs_off``: the HSM's failure, not one
+        object's) spaces the reconnects as failed connection attempts are, so that an HSM that
+        connects but fails its operations is not re-initialised by every call."""
         if self._conn is None:
             return
-        _log.warning("HSM session dropped: %s", why, extra={"token": self._config.token_label})
+        self._outage.failed("drop", f"HSM session dropped: {why}", level=logging.WARNING)
         self._conn.close()
         self._conn = None
         self._last_error = why
-        self._last_attempt = None  # the first call after a failure may reconnect at once
+        self._unwell = True
+        if backs_off:
+            self._drops += 1
+        if backs_off and self._drops > 1:
+            self._failed_attempts += 1
+            self._last_attempt = time.monotonic()
+        else:
+            self._last_attempt = None
+
+    def _operations_succeed(self) -> None:
+        """An operation succeeded after drops or failed connections: the back-off ends, the
+        counts not yet said are said, and the next failure is logged and reconnected at once."""
+        drops, self._drops = self._drops, 0
+        self._failed_attempts = 0
+        self._unwell = False
+        self._outage.committed()
+        if drops > 1:
+            _log.warning(
+                "HSM operations succeed again after %d dropped sessions",
+                drops,
+                extra={"token": self._config.token_label, "generation": self._generation},
+            )
 
     def _teardown(self) -> None:
         if self._conn is not None:

@@ -2,6 +2,9 @@
 
 - Finding 2: SoftHSM2 frees session objects (even destroyed ones) only when the module is
   re-initialised, so the backend recycles its connection after a quota of operations.
+- An HSM that connects but fails its operations (a session lost under every operation): each
+  call re-initialised the module and logged a dropped and a re-established session; a second
+  drop before any operation succeeds now backs the reconnects off, and the drops are counted.
 - Finding 4: a key object the HSM fails to use (a damaged object file, a token hiccup) must not
   leave the broker stuck with INTERNAL: the connection is re-initialised, the caller gets
   UNAVAILABLE the first time and DATA_LOSS if the key keeps failing, the key is listed for
@@ -11,6 +14,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -235,3 +239,102 @@ def test_a_lost_login_is_unavailable_not_a_missing_or_damaged_key(hsm: Hsm, km: 
     hsm.check_health()
     assert km.describe_key("model").current_version == 1
     assert km.unusable_keys() == {}
+
+
+class _LosesItsSession:
+    """An operation the HSM fails as one that connects but loses the session under every
+    operation: it closes its own work session (a real ``C_CloseSession``), and SoftHSM2 then
+    answers its next call ``CKR_SESSION_HANDLE_INVALID``. ``failing`` False: it just succeeds."""
+
+    def __init__(self, hsm: Hsm) -> None:
+        self._library = ctypes.CDLL(str(hsm.config.module_path))
+        self._library.C_CloseSession.argtypes = [ctypes.c_ulong]
+        self._library.C_CloseSession.restype = ctypes.c_ulong
+        self.failing = True
+        self.runs = 0
+
+    def __call__(self, hs: HsmSession) -> bytes:
+        self.runs += 1
+        if self.failing:
+            assert self._library.C_CloseSession(hs.session.handle) == 0
+        return bytes(hs.session.generate_random(64))  # bits: 8 bytes
+
+
+def _lines(caplog: pytest.LogCaptureFixture, text: str, level: int = logging.DEBUG) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage() and r.levelno >= level]
+
+
+def test_an_hsm_that_fails_every_operation_is_not_reinitialised_by_every_call(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every call re-initialised the module (C_Finalize + C_Initialize, log in, probe) and wrote
+    # a dropped and a re-established WARNING and an INFO: at the pace of whoever sent requests.
+    caplog.set_level(logging.DEBUG, logger="strongroom.keybroker.hsm")
+    hsm = open_hsm(make_config(softhsm_token, reconnect_interval=60, reconnect_max_interval=60))
+    op = _LosesItsSession(hsm)
+    reasons = []
+    for _ in range(20):
+        with pytest.raises(HsmUnavailable) as failed:
+            hsm.call(op, name="flap")
+        reasons.append(failed.value.reason)
+    assert reasons == [Reason.HSM_UNAVAILABLE] * 20
+    # The first drop reconnected at once; the drop on that fresh session backs off: the other
+    # 18 calls are answered without touching the module.
+    assert op.runs == 2
+    assert hsm.status().generation == 2
+    assert "next attempt in" in failed.value.message
+    assert len(_lines(caplog, "HSM session dropped", logging.WARNING)) == 1
+    assert len(_lines(caplog, "HSM session re-established", logging.WARNING)) == 1
+    assert len(_lines(caplog, "HSM session open", logging.INFO)) == 2  # the start and one reconnect
+
+
+def test_a_single_drop_reconnects_at_once_every_time_operations_succeed_between(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A back-off that outlasts the test: any wait before a reconnect would fail a call here.
+    caplog.set_level(logging.INFO, logger="strongroom.keybroker.hsm")
+    hsm = open_hsm(make_config(softhsm_token, reconnect_interval=60, reconnect_max_interval=60))
+    op = _LosesItsSession(hsm)
+    for n in range(3):
+        op.failing = True
+        with pytest.raises(HsmUnavailable):
+            hsm.call(op, name="blip")
+        op.failing = False
+        assert len(hsm.call(op, name="blip")) == 8  # reconnected at once
+        assert len(hsm.call(op, name="blip")) == 8
+        assert hsm.status().generation == 2 + n
+    # Each drop followed an operation that succeeded: each is a new failure, logged at once.
+    assert len(_lines(caplog, "HSM session dropped", logging.WARNING)) == 3
+    assert len(_lines(caplog, "HSM session re-established", logging.WARNING)) == 3
+    assert not _lines(caplog, "HSM operations succeed again")
+
+
+def test_a_flapping_hsm_that_heals_says_its_drops_and_reconnects_at_once_again(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="strongroom.keybroker.hsm")
+    hsm = open_hsm(make_config(softhsm_token, reconnect_interval=0.05, reconnect_max_interval=0.05))
+    op = _LosesItsSession(hsm)
+    for _ in range(3):  # the third, at least, waits out a back-off or drops a third session
+        with pytest.raises(HsmUnavailable):
+            hsm.call(op, name="flap")
+    op.failing = False
+
+    def answers() -> bool:
+        try:
+            hsm.call(op, name="flap")
+        except HsmUnavailable as exc:
+            assert "next attempt in" in exc.message
+            return False
+        return True
+
+    _until(answers)
+    assert _lines(caplog, "HSM operations succeed again after", logging.WARNING)
+    # The drops counted after the first one's line are said now, not lost.
+    assert _lines(caplog, "more times after its last line", logging.WARNING)
+    # Recovered: the back-off is over, a new single drop reconnects at once.
+    op.failing = True
+    with pytest.raises(HsmUnavailable):
+        hsm.call(op, name="flap")
+    op.failing = False
+    assert len(hsm.call(op, name="flap")) == 8
