@@ -338,3 +338,47 @@ def test_a_flapping_hsm_that_heals_says_its_drops_and_reconnects_at_once_again(
         hsm.call(op, name="flap")
     op.failing = False
     assert len(hsm.call(op, name="flap")) == 8
+
+
+def test_connections_that_fail_every_operation_do_not_end_the_failed_attempts_count(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A connection that succeeded ended the count of failed attempts: an HSM whose connections
+    # failed and succeeded by turns, and whose operations failed, logged its failure every cycle.
+    caplog.set_level(logging.INFO, logger="strongroom.keybroker.hsm")
+    hsm = open_hsm(make_config(softhsm_token, reconnect_interval=0.05, reconnect_max_interval=0.05))
+    op = _LosesItsSession(hsm)
+    store = softhsm_token.token_store()
+    away = softhsm_token.directory / "away"
+
+    def attempt_fails() -> bool:
+        """A call that reached a connection attempt, and the attempt failed."""
+        try:
+            hsm.call(op, name="flap")
+        except HsmUnavailable as exc:
+            return not exc.message.startswith("the HSM is unavailable (")
+        return False
+
+    with pytest.raises(HsmUnavailable):
+        hsm.call(op, name="flap")  # the session is dropped
+    for _ in range(2):
+        store.rename(away)
+        try:
+            _until(attempt_fails)
+        finally:
+            away.rename(store)
+        runs = op.runs
+        _until(lambda runs=runs: attempt_fails() or op.runs > runs)  # a connection; its op fails
+        assert op.runs > runs
+    assert len(_lines(caplog, "cannot connect to the HSM", logging.ERROR)) == 1
+    op.failing = False
+
+    def succeeds() -> bool:
+        try:
+            hsm.call(op, name="flap")
+        except HsmUnavailable:
+            return False
+        return True
+
+    _until(succeeds)  # the count is said now
+    assert _lines(caplog, "more times after its last line", logging.ERROR)
