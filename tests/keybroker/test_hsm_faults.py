@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -340,6 +341,11 @@ def test_a_flapping_hsm_that_heals_says_its_drops_and_reconnects_at_once_again(
     assert len(hsm.call(op, name="flap")) == 8
 
 
+def _attempt_or_run(attempt_fails: Callable[[], bool], op: _LosesItsSession, runs: int) -> bool:
+    """Whether a connection attempt failed or ``op`` ran once more than ``runs`` times."""
+    return attempt_fails() or op.runs > runs
+
+
 def test_connections_that_fail_every_operation_do_not_end_the_failed_attempts_count(
     softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -368,7 +374,8 @@ def test_connections_that_fail_every_operation_do_not_end_the_failed_attempts_co
         finally:
             away.rename(store)
         runs = op.runs
-        _until(lambda runs=runs: attempt_fails() or op.runs > runs)  # a connection; its op fails
+        # a connection, whose operation fails
+        _until(functools.partial(_attempt_or_run, attempt_fails, op, runs))
         assert op.runs > runs
     assert len(_lines(caplog, "cannot connect to the HSM", logging.ERROR)) == 1
     op.failing = False
