@@ -8,6 +8,7 @@ import importlib.machinery
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from strongroom.artifact.keybinding import bind_data_key
 from strongroom.dev.softhsm import SoftHsmToken
 from strongroom.keybroker import keys as keys_module
 from strongroom.keybroker import p11direct
+from strongroom.keybroker.errors import HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmConfig, HsmSession
 from strongroom.keybroker.keys import KeyManager
 from strongroom.runtime.secrets import Secret
@@ -74,6 +76,20 @@ def session_objects(hsm: Hsm) -> int:
         return len(list(hs.session.get_objects({Attribute.TOKEN: False})))
 
     return hsm.call(op, name="count session objects")
+
+
+def hsm_answers_again(hsm: Hsm, timeout: float = 30.0) -> None:
+    """Waits, as a readiness probe does, until ``hsm`` passes a health check: a session dropped
+    twice with no operation succeeding between has the reconnects backed off meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            hsm.check_health()
+            return
+        except HsmUnavailable:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 @contextlib.contextmanager

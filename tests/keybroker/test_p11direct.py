@@ -52,6 +52,7 @@ from strongroom.keybroker.p11direct import (
 from strongroom.oaep import OaepHash
 from tests.keybroker.helpers import (
     MODEL,
+    hsm_answers_again,
     release_library_stand_in,
     session_objects,
     spki,
@@ -468,6 +469,7 @@ def test_a_failed_length_read_fails_the_release_and_the_rewrap(
             )
         with pytest.raises(HsmUnavailable):
             km.rewrap("model", 1, data_key.wrapped)
+    hsm_answers_again(hsm)  # two drops in a row: the reconnects are backed off a moment
     assert session_objects(hsm) == before
     assert km.rewrap("model", 1, data_key.wrapped).version == 1  # reconnected
 
@@ -494,10 +496,15 @@ def test_a_data_key_that_cannot_be_destroyed_closes_its_session(
             km.release_to_ephemeral(
                 "model", 1, data_key.wrapped, spki(tee_key), hsm.oaep_hashes[:1]
             )
+        # Each failure drops the session; a health check between lets the next call reconnect
+        # at once (two drops in a row back the reconnects off, and the call would not run).
+        hsm_answers_again(hsm)
         with pytest.raises(HsmUnavailable):
             km.rewrap("model", 1, data_key.wrapped)
+        hsm_answers_again(hsm)
         with pytest.raises(HsmUnavailable):
             km.generate_data_key("model", *MODEL)  # its data key is not even sensitive
+    hsm_answers_again(hsm)
     assert session_objects(hsm) == before
 
 
