@@ -18,7 +18,9 @@ never). What a refused commit then fails to undo (its records cut back off the l
 named in the head: :meth:`failed`) is accounted the same way, each kind on its own: it was an
 ERROR per refused batch, at the pace of the callers whose records the batch held. So are the HSM's
 failed connection attempts (:class:`~strongroom.keybroker.hsm.Hsm`), an ERROR per attempt before:
-every ``reconnect_max_interval`` while callers kept asking, the module's paths in each; and the
+every ``reconnect_max_interval`` while callers kept asking, the module's paths in each; its dropped
+sessions (at WARNING, :meth:`failed`'s ``level``), a WARNING per call of an HSM that connects but
+fails its operations before; and the
 stored release policies that do not read or load (:mod:`~strongroom.keybroker.policy_lines`), an
 ERROR per release naming the key before, each ended on its own (:meth:`OutageLines.ended`).
 """
