@@ -760,24 +760,21 @@ def _left_note(
     # command goes under the guard a part that may be stored has.
     if maybe is None and not any(code in _ANSWER_LOST_CODES for code in failed.values()):
         return f"{'; '.join(said)}; {_unblock(name, list(failed))}"
-    if maybe is None:
-        return (
-            f"{'; '.join(said)}. {once_no_publish(name, version)}, "
-            f"{_unblock(name, list(failed))} (a part that is not stored is NOT_FOUND: nothing to "
-            "do)"
+    left = list(failed)
+    if maybe is not None:
+        part, answer = maybe
+        said.append(
+            f"the part {part} may be stored: its upload reached the store, whose answer {answer} "
+            "(stored by this publish, or by another of the version that stored it first)"
         )
-    part, answer = maybe
-    said.append(
-        f"the part {part} may be stored: its upload reached the store, whose answer {answer} "
-        "(stored by this publish, or by another of the version that stored it first)"
-    )
-    # Another publish's part: its model's once its manifest is stored, so removed by a command
-    # handed out unconditioned it broke every load of that model (PART_MISSING). The parts
-    # this publish stored are its own (their answers said so), but one command form covers
-    # them all. The part that may be stored has the highest index: it comes last.
+        # Another publish's part: its model's once its manifest is stored, so removed by a
+        # command handed out unconditioned it broke every load of that model (PART_MISSING). The
+        # parts this publish stored are its own (their answers said so), but one command form
+        # covers them all. The part that may be stored has the highest index: it comes last.
+        left.append(part)
     return (
         f"{'; '.join(said)}. {once_no_publish(name, version)}, "
-        f"{_unblock(name, [*failed, part])} (a part that is not stored is NOT_FOUND: nothing to do)"
+        f"{_unblock(name, left)} (a part that is not stored is NOT_FOUND: nothing to do)"
     )
 
 
