@@ -83,8 +83,10 @@ class _Tally:
 
 
 class OutageLines:
-    """Logs the refusals of one audit log's commits to ``log``, bounded (see the module);
-    ``clock`` tells the time, ``schedule`` arms the timer that says a pending count."""
+    """Logs one owner's repeating failures to ``log``, bounded (see the module): an audit log's
+    refused commits and what they could not undo, the HSM's failed connections and dropped
+    sessions, the failing release policies; ``clock`` tells the time, ``schedule`` arms the timer
+    that says a pending count."""
 
     def __init__(
         self,
@@ -152,7 +154,7 @@ class OutageLines:
             return
         previous, unlogged, since = shown
         if previous is not None and previous.message != message and previous.unlogged:
-            self._times_line(previous, previous.unlogged)
+            self._times_line(previous)
         extra = {} if reason is None else {"reason": reason}
         if previous is None or previous.message != message:
             self._log.log(level, "%s", message, extra=extra)
@@ -177,7 +179,7 @@ class OutageLines:
         commits = tallies.pop(_COMMIT, None)
         for tally in tallies.values():
             if tally.unlogged:
-                self._times_line(tally, tally.unlogged)
+                self._times_line(tally)
         if commits is not None:
             self._log.info(
                 "the audit log commits again (%d refused commits not logged one by one)",
@@ -196,7 +198,7 @@ class OutageLines:
             if not any(t.unlogged for t in self._tallies.values()):
                 self._disarm()
         if tally is not None and tally.unlogged:
-            self._times_line(tally, tally.unlogged)
+            self._times_line(tally)
 
     def closing(self) -> None:
         """The log closes: the commits the failure under way refused since its last line are
@@ -283,7 +285,7 @@ class OutageLines:
                 self._arm(left)
         for kind, tally in taken:
             if kind != _COMMIT:
-                self._times_line(tally, tally.unlogged)
+                self._times_line(tally)
             elif every:
                 self._count_line("the audit log closes: its failure", tally)
             else:
@@ -304,13 +306,13 @@ class OutageLines:
             extra={"reason": tally.reason},
         )
 
-    def _times_line(self, tally: _Tally, unlogged: int) -> None:
-        """What a refused commit could not undo, said again with how often since its line."""
+    def _times_line(self, tally: _Tally) -> None:
+        """A failure of a kind (:meth:`failed`), said again with how often since its line."""
         extra = {} if tally.reason is None else {"reason": tally.reason}
         self._log.log(
             tally.level,
             "%s (%d more times after its last line)",
             tally.message,
-            unlogged,
+            tally.unlogged,
             extra=extra,
         )
