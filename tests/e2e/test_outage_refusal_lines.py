@@ -30,6 +30,30 @@ from tests.conftest import buffered_service_log, refused_calls_not_logged, stack
 RELEASES = 3 * REFUSED_CALLS_BURST
 
 
+def _release_client(dev: DevStack) -> tuple[KeyReleaseClient, pb.GenerateDataKeyResponse]:
+    """Key ``k`` created on ``dev``'s running broker, a data key under it, and an inference
+    server's release client (a simulated SNP VM with the demo measurement) for it."""
+    dev.create_release_key(dev.identity("admin"), "k", policy_version="1")
+    publisher = pb_grpc.KeyBrokerServiceStub(dev.channel(dev.identity("publisher"), "keybroker"))
+    generated = publisher.GenerateDataKey(
+        pb.GenerateDataKeyRequest(key_id="k", model_name="m", model_version="1"), timeout=30
+    )
+    inference = dev.identity("inference")
+    attester = SimulatedAttester(
+        SimulatedAuthority.load(dev.root / "simulated-tee").snp(),
+        TeeType.SEV_SNP,
+        production=False,
+        claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
+    )
+    client = KeyReleaseClient(
+        dev.channel(inference, "keybroker"),
+        attester,
+        inference.public_key_der,
+        verifier=dev.release_verifier(),
+    )
+    return client, generated
+
+
 def test_an_hsm_outage_writes_its_paths_in_its_own_lines_and_budgets_the_refused_calls(
     step_ca_binary: Path,
     tmp_path_factory: pytest.TempPathFactory,
@@ -44,26 +68,7 @@ def test_an_hsm_outage_writes_its_paths_in_its_own_lines_and_budgets_the_refused
         section = {**dev.default_section("keybroker"), "hsm_recycle_after_operations": 1}
         conf = Path(section["softhsm2_conf"])
         dev.start_in_process("keybroker", section)
-        dev.create_release_key(dev.identity("admin"), "k", policy_version="1")
-        publisher = pb_grpc.KeyBrokerServiceStub(
-            dev.channel(dev.identity("publisher"), "keybroker")
-        )
-        generated = publisher.GenerateDataKey(
-            pb.GenerateDataKeyRequest(key_id="k", model_name="m", model_version="1"), timeout=30
-        )
-        inference = dev.identity("inference")
-        attester = SimulatedAttester(
-            SimulatedAuthority.load(dev.root / "simulated-tee").snp(),
-            TeeType.SEV_SNP,
-            production=False,
-            claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
-        )
-        client = KeyReleaseClient(
-            dev.channel(inference, "keybroker"),
-            attester,
-            inference.public_key_der,
-            verifier=dev.release_verifier(),
-        )
+        client, generated = _release_client(dev)
         client.release("k", generated.key_version, generated.wrapped_data_key)  # the HSM works
         conf.rename(conf.with_name("softhsm2.conf.away"))
         try:
@@ -114,26 +119,7 @@ def test_a_policy_that_does_not_load_is_logged_once_and_counted_whoever_names_it
     with DevStack(root, step_ca_binary=step_ca_binary) as dev:
         section = dev.default_section("keybroker")
         dev.start_in_process("keybroker", section)
-        dev.create_release_key(dev.identity("admin"), "k", policy_version="1")
-        publisher = pb_grpc.KeyBrokerServiceStub(
-            dev.channel(dev.identity("publisher"), "keybroker")
-        )
-        generated = publisher.GenerateDataKey(
-            pb.GenerateDataKeyRequest(key_id="k", model_name="m", model_version="1"), timeout=30
-        )
-        inference = dev.identity("inference")
-        attester = SimulatedAttester(
-            SimulatedAuthority.load(dev.root / "simulated-tee").snp(),
-            TeeType.SEV_SNP,
-            production=False,
-            claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
-        )
-        client = KeyReleaseClient(
-            dev.channel(inference, "keybroker"),
-            attester,
-            inference.public_key_der,
-            verifier=dev.release_verifier(),
-        )
+        client, generated = _release_client(dev)
         client.release("k", generated.key_version, generated.wrapped_data_key)  # it loads
         path = Path(section["policies_dir"]) / "k.yaml"
         path.write_text(path.read_text() + "release_to: [\n")  # a hand edit gone wrong
