@@ -370,8 +370,23 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         """
         name, version = validate_name(request.name), validate_version(request.version)
         self._check_read(context, name)
-        end = CallEnd(context)
-        peer = context.peer()  # read while the call lasts: gRPC's is empty once it ended
+        # Made before the open: a caller giving up on a slow backend is logged as well.
+        stop = _StopLine(context, name, version)
+        try:
+            yield from self._download(request, context, name, version, stop)
+        except Exception:
+            stop.answered()  # its failure is answered, and logged, as any RPC's
+            raise
+        stop.answered()
+
+    def _download(
+        self,
+        request: pb.GetModelRequest,
+        context: grpc.ServicerContext,
+        name: str,
+        version: str,
+        stop: _StopLine,
+    ) -> Iterator[bytes]:
         with self._storage.open(
             name, version, offset=request.offset, length=request.length or None
         ) as reader:
@@ -395,21 +410,13 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
                 made.append(message)
                 return view[len(prefix) :]
 
-            try:
-                for data in reader.chunks_into(self._download_chunk, frame):
-                    message = made.popleft()
-                    offset += len(data)  # before the yield: handed to gRPC, whether or not sent
-                    yield message
-                if offset == reader.offset:
-                    yield pb.GetModelResponse(model=info, offset=offset).SerializeToString()
-            except GeneratorExit:
-                # gRPC closes the stream's generator at a yield once the call has ended (its
-                # caller gave up, or the stream guard's watchdog cancelled it), and the guard
-                # does when it ends a stream too slow: a download stopped half way said nothing.
-                _log_stopped(
-                    context, end, peer=peer, name=name, version=version, sent=offset - reader.offset
-                )
-                raise
+            for data in reader.chunks_into(self._download_chunk, frame):
+                message = made.popleft()
+                offset += len(data)
+                stop.sent = offset - reader.offset  # before the yield: handed to gRPC
+                yield message
+            if offset == reader.offset:
+                yield pb.GetModelResponse(model=info, offset=offset).SerializeToString()
 
     def StatModel(
         self, request: pb.StatModelRequest, context: grpc.ServicerContext
@@ -568,43 +575,71 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         return pb.ReplaceKeySlotResponse(model=model_info(record), replaced=replaced)
 
 
-def _log_stopped(
-    context: grpc.ServicerContext, end: CallEnd, *, peer: str, name: str, version: str, sent: int
-) -> None:
-    """Logs, once, a GetModel its caller gave up on, or that the server's own watchdog ended (a
-    client that stopped reading, or read too slowly); nothing for a stream closed otherwise."""
-    ended_by = end.server_reason()
-    why = end.gave_up()
-    if ended_by is not None:
-        # To this generator the watchdog's cancel looked like its caller's (the line said
-        # gave_up CANCELLED), and a stream ended too slow like a stream closed while it lasts.
-        how, reason, fields = f"the server ended it ({ended_by})", ended_by, {"ended_by": "server"}
-    elif why is not None:
-        deadline = why is GaveUp.DEADLINE
-        how = "its caller's deadline passed" if deadline else "its call was cancelled"
-        # The reason its budget counts it under, and the summary of lines not written names
-        # (without one it said reason "", as no other refusal line does).
-        reason = Reason.DEADLINE_EXCEEDED if deadline else Reason.CANCELLED
-        fields = {"gave_up": why.value}
-    else:
-        return
-    log.info(
-        "download stopped: %s",
-        how,
-        extra={
-            "model": name,
-            "version": version,
-            # Handed to gRPC before the end: the caller may not have received the last of them.
-            "bytes_sent": sent,
-            "peer": peer,
-            **fields,
-            "reason": reason,
-            # Its caller chooses how many there are: within its budget of such lines, kept on the
-            # call (the generator may be closed away from the call's own thread).
-            REFUSAL_LINE: True,
-            REFUSAL_CALL: context,
-        },
-    )
+class _StopLine:
+    """The one ``download stopped`` line of a GetModel whose call ended before its stream did: its
+    caller gave up, or the server's own watchdog ended it (a client that stopped reading, or read
+    too slowly). Written when the call ends, on gRPC's thread: gRPC never closes a stream's
+    generator, which only a collection closes once nothing refers to it (the line waited on
+    that, and could come late or never). Nothing for a stream :meth:`answered` first."""
+
+    __slots__ = ("_answered", "_context", "_end", "_name", "_peer", "_version", "sent")
+
+    def __init__(self, context: grpc.ServicerContext, name: str, version: str) -> None:
+        self._context = context
+        self._name = name
+        self._version = version
+        self._peer = context.peer()  # read while the call lasts: gRPC's is empty once it ended
+        self._answered = False
+        self.sent = 0
+        """The artifact's bytes handed to gRPC so far (the caller may not have them all)."""
+        # Judged first: gRPC runs a call's callbacks in the order they were added.
+        self._end = CallEnd(context)
+        if not context.add_callback(self._ended):
+            self._ended()  # the call has already ended
+
+    def answered(self) -> None:
+        """The stream ended here (its last message handed to gRPC, or its failure answered)."""
+        self._answered = True
+
+    def _ended(self) -> None:
+        if self._answered:
+            return
+        ended_by = self._end.server_reason()
+        why = self._end.gave_up()
+        fields: dict[str, object]
+        if ended_by is not None:
+            # To the handler the watchdog's cancel looked like its caller's (the line said
+            # gave_up CANCELLED), and a stream ended too slow like a stream closed while it lasts.
+            how, reason, fields = (
+                f"the server ended it ({ended_by})",
+                ended_by,
+                {"ended_by": "server"},
+            )
+        elif why is not None:
+            deadline = why is GaveUp.DEADLINE
+            how = "its caller's deadline passed" if deadline else "its call was cancelled"
+            # The reason its budget counts it under, and the summary of lines not written names
+            # (without one it said reason "", as no other refusal line does).
+            reason = Reason.DEADLINE_EXCEEDED if deadline else Reason.CANCELLED
+            fields = {"gave_up": why.value}
+        else:
+            return
+        log.info(
+            "download stopped: %s",
+            how,
+            extra={
+                "model": self._name,
+                "version": self._version,
+                "bytes_sent": self.sent,
+                "peer": self._peer,
+                **fields,
+                "reason": reason,
+                # Its caller chooses how many there are: within its budget of such lines, kept on
+                # the call (this runs on gRPC's thread, not the call's).
+                REFUSAL_LINE: True,
+                REFUSAL_CALL: self._context,
+            },
+        )
 
 
 def _pass_through(message: bytes) -> bytes:

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
+from strongroom.modelstore.service import SERVICE_NAME, ModelStoreServicer
 from strongroom.modelstore.storage import FilesystemStorage
 from strongroom.runtime.config import ServerConfig
 from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
@@ -59,29 +61,32 @@ def _stored(served: Served) -> None:
     served.storage.put(chunked(artifact, 1 << 20), StructureValidator())
 
 
-@pytest.mark.parametrize("how", ["CANCELLED", "DEADLINE_EXCEEDED"])
-def test_an_abandoned_download_is_logged_once_with_what_was_sent(
-    fs_served: Served, stopped_lines: _Lines, how: str
-) -> None:
-    """A GetModel whose caller cancelled it, or whose deadline passed, half way through its
-    artifact logged nothing, anywhere: a loader giving up on a slow store, or a client walking
-    away from downloads, left no trace. It is one INFO line now, with the model, version, the
-    bytes handed to gRPC, the peer and how the caller gave up (the runtime's one rule)."""
-    _stored(fs_served)
-    request = pb.GetModelRequest(name="acme/big", version="1")
+def _windowed(port: int) -> grpc.Channel:
+    """A channel whose flow-control window stays at 64 KiB. With BDP probing, a client's
+    transport took ~4 MiB it did not read (more on a loaded machine): a store that handed it the
+    whole artifact had ended its stream before the caller gave up, and logged no stop."""
+    return grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.http2.bdp_probe", 0)])
+
+
+def _give_up(channel: grpc.Channel, how: str) -> None:
+    """Starts a download, takes its first message and gives up on it ``how``."""
+    stub = pb_grpc.ModelStoreServiceStub(channel)
     deadline = 60.0 if how == "CANCELLED" else 2.0
     started = time.monotonic()
-    call = fs_served.stub.GetModel(request, timeout=deadline)
+    call = stub.GetModel(pb.GetModelRequest(name="acme/big", version="1"), timeout=deadline)
     first = next(call)
     assert first.model.name == "acme/big"
     if how == "CANCELLED":
         call.cancel()
-    else:
-        # Read nothing more: gRPC's send waits on flow control until the deadline ends the call.
-        time.sleep(max(0.0, started + deadline + 0.5 - time.monotonic()))
-        with pytest.raises(grpc.RpcError) as info:
-            list(call)
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+        return
+    # Read nothing more: gRPC's send waits on flow control until the deadline ends the call.
+    time.sleep(max(0.0, started + deadline + 0.5 - time.monotonic()))
+    with pytest.raises(grpc.RpcError) as info:
+        list(call)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+
+
+def _one_line(stopped_lines: _Lines, how: str) -> None:
     assert stopped_lines.arrived.wait(30)
     time.sleep(0.2)  # a second line, if any, would come from the same close
     (line,) = stopped_lines.records
@@ -92,6 +97,64 @@ def test_an_abandoned_download_is_logged_once_with_what_was_sent(
     assert 0 < fields["bytes_sent"] < _SIZE
     assert fields["bytes_sent"] % (64 * 1024) == 0  # whole messages handed to gRPC
     assert str(fields["peer"]).startswith(("ipv4:", "ipv6:"))
+
+
+@pytest.mark.parametrize("how", ["CANCELLED", "DEADLINE_EXCEEDED"])
+def test_an_abandoned_download_is_logged_once_with_what_was_sent(
+    fs_storage: FilesystemStorage, stopped_lines: _Lines, how: str
+) -> None:
+    """A GetModel whose caller cancelled it, or whose deadline passed, half way through its
+    artifact logged nothing, anywhere: a loader giving up on a slow store, or a client walking
+    away from downloads, left no trace. It is one INFO line now, with the model, version, the
+    bytes handed to gRPC, the peer and how the caller gave up (the runtime's one rule)."""
+    host, channel = serve(fs_storage, download_chunk=64 * 1024)
+    slow = _windowed(host.port)
+    try:
+        _stored(Served(fs_storage, pb_grpc.ModelStoreServiceStub(channel), channel))
+        _give_up(slow, how)
+        _one_line(stopped_lines, how)
+    finally:
+        slow.close()
+        channel.close()
+        host.stop(0)
+
+
+@pytest.mark.parametrize("how", ["CANCELLED", "DEADLINE_EXCEEDED"])
+def test_a_download_whose_generator_outlives_its_call_is_logged_when_the_call_ends(
+    fs_storage: FilesystemStorage, stopped_lines: _Lines, how: str
+) -> None:
+    """The line was written when the stream's generator was closed, which gRPC never does: a
+    collection closes it once nothing refers to it, so a generator still referred to (a
+    reference cycle through it, a traceback kept) logged nothing. It is written when the call
+    ends, however long its generator lives after."""
+    servicer = ModelStoreServicer(fs_storage, download_chunk=64 * 1024)
+    kept: list[Iterator[bytes]] = []
+
+    def get_model(request: pb.GetModelRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        responses = servicer.GetModel(request, context)
+        kept.append(responses)
+        return responses
+
+    handler = grpc.unary_stream_rpc_method_handler(
+        get_model,
+        request_deserializer=pb.GetModelRequest.FromString,
+        response_serializer=lambda message: message,
+    )
+    server = grpc.server(ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"GetModel": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    slow = _windowed(port)
+    try:
+        _stored(Served(fs_storage, None, None))  # type: ignore[arg-type]  # its storage only
+        _give_up(slow, how)
+        _one_line(stopped_lines, how)
+        assert len(kept) == 1  # still referred to: never closed
+    finally:
+        slow.close()
+        server.stop(0)
 
 
 @pytest.mark.parametrize(
