@@ -16,7 +16,7 @@ REFUSAL_LINE = "_strongroom_refusal"
 """The logging ``extra`` key that marks a line saying why a caller's RPC was refused
 (``extra={"reason": ..., REFUSAL_LINE: True}``): the service's log writes such lines within a
 budget per caller and reason (:mod:`strongroom.runtime.logs`), since callers choose how many there
-are. ``False`` says the opposite: the line is about the service's own failure (:func:`caused_by_caller`),
+are. ``False`` says the opposite: the line is about the service's own failure (:func:`line_budgeted`),
 and it and the call's other lines are written every time. Its leading underscore keeps it out of
 the JSON line."""
 
@@ -42,6 +42,12 @@ class StrongroomError(Exception):
 
     status_name: str = "INTERNAL"
     default_reason: str = Reason.INTERNAL
+    logged_by_service: bool = False
+    """A failure of the service itself that it logs on bounded lines of its own (an outage's line
+    once per failure, then counted; a tampered log's CRITICAL; a stored policy's or a flapping
+    key version's line), whatever status a caller is answered: neither its caller's fault
+    (:func:`caused_by_caller`) nor a reason to write each refused call's lines every time
+    (:func:`line_budgeted`)."""
 
     def __init__(
         self, message: str, *, reason: str | None = None, public: str | None = None
@@ -166,9 +172,24 @@ _CALLER_DRIVEN_UNAVAILABLE = frozenset(
 def caused_by_caller(exc: StrongroomError) -> bool:
     """Whether ``exc`` refuses what its caller sent or asked for, rather than says the service
     failed: a dependency's outage (``UNAVAILABLE``, but for the collateral fetch limits requests
-    use up), a bug (``INTERNAL``) or stored data failing its integrity check (``DATA_LOSS``). A
-    refusal's log lines are within its caller's budget; a failure's are written every time, or a
-    flood of refusals from elsewhere would leave a tampered blob or an outage unsaid."""
+    use up), a bug (``INTERNAL``), stored data failing its integrity check (``DATA_LOSS``) or any
+    failure the service logs itself (:attr:`StrongroomError.logged_by_service`). A refusal counts
+    against its caller's budgets; a failure does not, or an outage would turn every caller's real
+    reason into a rate limit after a burst."""
+    if exc.logged_by_service:
+        return False
     if exc.reason in _CALLER_DRIVEN_UNAVAILABLE:
         return True
     return not isinstance(exc, Unavailable | Internal | DataLoss)
+
+
+def line_budgeted(exc: BaseException) -> bool:
+    """Whether a refused call's per-call lines about ``exc`` (the runtime's ``rpc failed``, the
+    key broker's ``key release denied``) are within its caller's budget of refusal lines
+    (:data:`REFUSAL_LINE`): a refusal the caller caused, and a failure the service logs on lines
+    of its own, which per-call lines written every time would let any caller drown while setting
+    the log's rate. Any other failure (a bug, a damaged blob or key) is written every time, or a
+    flood of refusals from elsewhere would leave it unsaid. One rule for every service."""
+    if not isinstance(exc, StrongroomError):
+        return False
+    return exc.logged_by_service or caused_by_caller(exc)

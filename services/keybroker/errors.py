@@ -31,6 +31,7 @@ class HsmUnavailable(Unavailable):
     """
 
     default_reason = Reason.HSM_UNAVAILABLE
+    logged_by_service = True  # audit_outage.OutageLines: once per failure, then counted
 
 
 OPERATORS_LOG = "; its operator's log has the details"
@@ -84,6 +85,7 @@ class AuditUnavailable(Unavailable):
     raised it: a message naming the log's directory reached every caller of the failed RPC."""
 
     default_reason = Reason.AUDIT_UNAVAILABLE
+    logged_by_service = True  # audit_outage.OutageLines: once per failure, then counted
 
     def __init__(
         self, message: str, *, reason: str | None = None, public: str | None = None
@@ -108,6 +110,7 @@ class AuditTampered(DataLoss):
     that the check failed: the files' names and paths are the broker's own."""
 
     default_reason = Reason.AUDIT_LOG_TAMPERED
+    logged_by_service = True  # its CRITICAL, once: every decision is refused until a restart
 
     def __init__(self, message: str) -> None:
         super().__init__(
@@ -123,6 +126,7 @@ class PolicyUnreadable(FailedPrecondition):
     be fixed; nothing is released under the key until then."""
 
     default_reason = Reason.POLICY_UNREADABLE
+    logged_by_service = True  # policy_lines: once per key, then counted
 
 
 class StoredPolicyInvalid(FailedPrecondition):
@@ -130,6 +134,8 @@ class StoredPolicyInvalid(FailedPrecondition):
     a directory deployment configuration manages): the broker's configuration error, not the
     request's. Its reason is the loader's (``POLICY_BAD_VALUE``, ``POLICY_DEBUG_IN_PRODUCTION``,
     ...)."""
+
+    logged_by_service = True  # policy_lines: once per key, then counted
 
 
 class KeyStateMoving(FailedPrecondition):
@@ -140,6 +146,7 @@ class KeyStateMoving(FailedPrecondition):
     each attempt met a disable, but not the caller's fault: its grant is given back."""
 
     default_reason = Reason.KEY_DISABLED
+    logged_by_service = True  # state_lines: once per version, then counted
 
 
 class PolicyChanged(FailedPrecondition):

@@ -21,8 +21,8 @@ Per reason, a caller's refusals of all reasons together also stay within
 :data:`REASONS_PER_CALLER` reasons' budgets; past that they are counted per reason, and the first
 refusal of a reason past its caller's budget is still recorded in full (with the count, 0): every
 reason a caller provokes has its first refusal in full, and one a minute while it goes on.
-Refusals the broker caused (:func:`callers_fault` false: an HSM outage, collateral it cannot fetch
-or holds back while a fetch is backed off, a stored policy that does not load, a bug) have a budget
+Refusals the broker caused (:func:`~strongroom.errors.caused_by_caller` false: an HSM outage,
+collateral it cannot fetch or holds back while a fetch is backed off, a stored policy that does not load, a bug) have a budget
 of their own, :data:`BROKER_REFUSAL_BURST` per caller and reason, then the same rate: unbudgeted,
 every report naming a chip whose VCEK fetch was backed off (forged or not) was a record at its
 caller's pace. Their own budget, larger and apart from the caller's: an outage's first refusals are
@@ -36,16 +36,8 @@ import logging
 import threading
 from collections.abc import Callable
 
-from strongroom.errors import REFUSAL_LINE, StrongroomError, caused_by_caller
+from strongroom.errors import REFUSAL_LINE, StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
-from strongroom.keybroker.errors import (
-    AuditTampered,
-    AuditUnavailable,
-    HsmUnavailable,
-    KeyStateMoving,
-    PolicyUnreadable,
-    StoredPolicyInvalid,
-)
 from strongroom.reasons import Reason
 from strongroom.runtime.ratelimit import CallerBuckets
 from strongroom.spiffe import is_workload_id
@@ -67,43 +59,13 @@ otherwise have each reason's budget, over a hundred records a second."""
 _MAX_LIMITED = 1024
 
 
-def callers_fault(refusal: StrongroomError) -> bool:
-    """Whether a refusal counts against its caller's budget: not when the broker failed (an HSM
-    or audit outage, collateral it cannot fetch, a damaged key, a stored policy that does not
-    read or load) or its own replicas moved a key version's state under every attempt
-    (:class:`~strongroom.keybroker.errors.KeyStateMoving`), or an outage would turn every caller's real reason into a rate limit after a
-    burst, or leave the broker's own failures counted instead of recorded."""
-    return caused_by_caller(refusal) and not isinstance(
-        refusal, KeyStateMoving | PolicyUnreadable | StoredPolicyInvalid
-    )
-
-
-def line_budgeted(refusal: BaseException) -> bool:
-    """Whether a refusal's per-call log line (``key release denied``, ``could not audit a ...``)
-    is within its caller's budget of refusal lines: when the refusal was its own
-    (:func:`callers_fault`), and when the broker refused it for an outage of its audit log or its
-    HSM, or for a stored policy that does not read or load. Those have lines of their own,
-    bounded and naming their files (the audit log's
-    :class:`~strongroom.keybroker.audit_outage.OutageLines`, which also accounts the HSM's failed
-    connection attempts; a tampered log's CRITICAL, once: it refuses every decision until the
-    broker restarts, DATA_LOSS though it is; :mod:`~strongroom.keybroker.policy_lines`); written
-    every time, their per-call lines let any certified caller set the broker's WARNING rate
-    through them, and drown their own line. Other failures of the broker (a bug, a damaged key)
-    are written every time."""
-    if isinstance(
-        refusal,
-        AuditUnavailable | AuditTampered | HsmUnavailable | PolicyUnreadable | StoredPolicyInvalid,
-    ):
-        return True
-    return isinstance(refusal, StrongroomError) and callers_fault(refusal)
-
-
 def log_unaudited(
     log: logging.Logger, refused: str, reason: str, *, budgeted: bool, **fields: object
 ) -> None:
     """Logs, to the refusing module's ``log``, a refusal (``refused``: ``denied key release``,
     ``refused generate_data_key``; its ``reason``) the audit log would not record: a WARNING,
-    within its caller's budget of refusal lines when ``budgeted`` (:func:`line_budgeted`). The audit
+    within its caller's budget of refusal lines when ``budgeted``
+    (:func:`~strongroom.errors.line_budgeted`). The audit
     log's failure has its own line (an outage's bounded ERROR, a tamper's CRITICAL when found);
     an ERROR here per refused call let a caller flood the log while the disk was full. One rule
     for every refusal the broker audits, the key release's and the key service's alike."""

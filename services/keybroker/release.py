@@ -38,7 +38,13 @@ from strongroom.attestation.release_signature import (
     ReleaseStatement,
     SignedRelease,
 )
-from strongroom.errors import REFUSAL_LINE, InvalidArgument, StrongroomError
+from strongroom.errors import (
+    REFUSAL_LINE,
+    InvalidArgument,
+    StrongroomError,
+    caused_by_caller,
+    line_budgeted,
+)
 from strongroom.identifiers import validate_key_version
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.keybroker.challenge import Challenge, ChallengeIssuer
@@ -57,8 +63,6 @@ from strongroom.keybroker.policies import PolicyStore, StoredPolicy
 from strongroom.keybroker.refusals import (
     BROKER_REFUSAL_BURST,
     RefusalRecords,
-    callers_fault,
-    line_budgeted,
     log_unaudited,
     record_counts,
 )
@@ -242,7 +246,7 @@ class ReleaseEngine:
         when the audit log is what failed (nothing to write it to: it is logged)."""
         refusal = exc.cause if isinstance(exc, ReleaseNotPermitted) else exc
         who = context["caller_spiffe_id"]
-        theirs = isinstance(refusal, StrongroomError) and callers_fault(refusal)
+        theirs = isinstance(refusal, StrongroomError) and caused_by_caller(refusal)
         if "decision_id" in context:
             if theirs:
                 self._unwrap_first.failed(who, int(context["caller_cert_serial"], 16))
@@ -409,7 +413,7 @@ class ReleaseEngine:
             # the caller caused here spends it: a genuine caller sends the wrapped key (made-up
             # ones fail after the take, in the HSM, after an ALLOWED record until they unwrap
             # first) and refunded, they had the HSM and two records a call outside the budget.
-            if not (isinstance(exc, StrongroomError) and callers_fault(exc)):
+            if not (isinstance(exc, StrongroomError) and caused_by_caller(exc)):
                 self._grants.refund(caller.spiffe_id, caller.serial)
             raise
 

@@ -9,7 +9,7 @@ is its outcome). A genuinely attested caller sending a made-up wrapped key on ev
 fsync'd records written per call, without limit.
 
 Each caller's certificate has :data:`~strongroom.keybroker.refusals.REFUSAL_BURST` such failures
-of its own (a refusal :func:`~strongroom.keybroker.refusals.callers_fault` blames on it, after
+of its own (a refusal :func:`~strongroom.errors.caused_by_caller` blames on it, after
 ``ALLOWED``), then :data:`~strongroom.keybroker.refusals.REFUSAL_RATE` a second; its SPIFFE ID,
 :data:`~strongroom.keybroker.refusals.REASONS_PER_CALLER` times that over all its certificates.
 Past either, its releases have the HSM's re-wrap finished before their ``ALLOWED`` record is

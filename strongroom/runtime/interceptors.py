@@ -60,7 +60,7 @@ from strongroom.errors import (
     InvalidArgument,
     ResourceExhausted,
     StrongroomError,
-    caused_by_caller,
+    line_budgeted,
 )
 from strongroom.pki.authz import admitted_caller, verified_as
 from strongroom.reasons import METADATA_KEY as REASON_TRAILER
@@ -126,9 +126,9 @@ def _handle(exc: BaseException, context: grpc.ServicerContext, method: str) -> N
                 "method": method,
                 "reason": exc.reason,
                 "status": exc.status_name,
-                # Within the caller's budget when it is refused; the service's own failure (an
-                # outage, a bug, stored data that fails its check) is written every time.
-                REFUSAL_LINE: caused_by_caller(exc),
+                # Within the caller's budget when it is refused, or when the service logs the
+                # failure on lines of its own (an outage's); a bug or a damaged blob every time.
+                REFUSAL_LINE: line_budgeted(exc),
             },
         )
         abort_with(context, exc)

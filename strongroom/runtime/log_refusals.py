@@ -13,9 +13,10 @@ each caller :data:`REASONS_PER_CALLER` reasons' worth of them over all its reaso
 callers together :data:`REFUSED_CALLS_PER_SECOND` a second (many identities buy no more lines).
 The calls not logged are counted per caller and reason, and said in one WARNING
 (``refused calls not logged``) at most every :data:`SUMMARY_SECONDS`, and when the log closes.
-Only refusals are budgeted: a line about the service's own failure (an outage, a bug, stored data
-that fails its check: :func:`~strongroom.errors.caused_by_caller`, marked ``False``) is written
-every time, and so are its call's other lines. Only the service's log lines are budgeted: the key
+Only refusals, and failures the service logs on bounded lines of its own (an outage's), are
+budgeted: a line about any other failure of the service (a bug, stored data that fails its check:
+:func:`~strongroom.errors.line_budgeted`, marked ``False``) is written every time, and so are its
+call's other lines. Only the service's log lines are budgeted: the key
 broker's audit log is its own (every refused release is recorded there, or counted by its own
 budget, whatever this one does).
 """

@@ -44,8 +44,7 @@ from strongroom.attestation.collateral import crl_issuer_name, parse_qe_identity
 from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.attestation.collateral_fetch import CollateralService, FetchSettings
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.errors import StrongroomError
-from strongroom.keybroker.refusals import callers_fault
+from strongroom.errors import StrongroomError, caused_by_caller
 from strongroom.reasons import Reason
 from tests.attestation.collateral_server import FakeCollateralServer, serve
 from tests.certs import self_signed_pem
@@ -280,7 +279,7 @@ def test_an_upstream_document_whose_names_do_not_parse_is_a_failed_fetch(
         with pytest.raises(CollateralUnavailable) as err:
             verify_evidence(quote, trust=production, now=SPR_TIME, collateral=service)
         assert err.value.reason == Reason.COLLATERAL_MISSING
-        assert not callers_fault(err.value)
+        assert not caused_by_caller(err.value)
         assert server.requests.count(path) == 1  # fetched once, then backed off
     with pytest.raises(MalformedEvidence) as stored:
         service.cache.put_crl(bad, issuer_chain=chain)
@@ -546,7 +545,7 @@ def test_a_kds_404_is_remembered_per_chip_and_tcb(  # type: ignore[no-untyped-de
                 Evidence(TeeType.SEV_SNP, report), trust=sim_trust, now=now, collateral=service
             )
         assert (err.value.reason, err.value.status_name) == ("VCEK_NOT_FOUND", "PERMISSION_DENIED")
-        assert callers_fault(err.value)
+        assert caused_by_caller(err.value)
         return len(server.requests) - before
 
     report = snp.report(RD, measurement=MEAS)
@@ -581,7 +580,7 @@ def test_a_kds_answer_that_is_no_certificate_is_a_failed_fetch(  # type: ignore[
         with pytest.raises(CollateralUnavailable) as err:
             verify_evidence(genuine, trust=sim_trust, now=now, collateral=service)
         assert err.value.reason == reason
-        assert err.value.status_name == "UNAVAILABLE" and not callers_fault(err.value)
+        assert err.value.status_name == "UNAVAILABLE" and not caused_by_caller(err.value)
         assert len([r for r in server.requests if r.startswith(path)]) == 1
     assert _vcek_files(tmp_path) == []
     server.vcek("Milan", snp.chip_id, snp.tcb.components(), snp.certificate_der)
@@ -635,7 +634,7 @@ def _the_brokers_fetch_refused(  # type: ignore[no-untyped-def]
     ):
         verify_evidence(fetched, trust=trust, now=now, collateral=service)
     assert (err.value.reason, err.value.status_name) == (reason, "UNAVAILABLE")
-    assert not callers_fault(err.value)
+    assert not caused_by_caller(err.value)
     assert server.url.removeprefix("http://") not in err.value.message
     assert "the broker's kds_url" in err.value.message
     assert any(getattr(r, "url", "").startswith(url) for r in caplog.records)
@@ -647,7 +646,7 @@ def _the_brokers_fetch_refused(  # type: ignore[no-untyped-def]
     supplied = Evidence(TeeType.SEV_SNP, report, (served,))
     with pytest.raises(VerificationFailed) as theirs:
         verify_evidence(supplied, trust=trust, now=now, collateral=service)
-    assert callers_fault(theirs.value)
+    assert caused_by_caller(theirs.value)
     return err.value.message, theirs.value.reason
 
 
@@ -714,7 +713,7 @@ def test_a_fetched_vcek_outside_its_validity_is_the_brokers_fault(  # type: igno
 
 
 @pytest.mark.filterwarnings("ignore:Parsed a serial number")  # the Azure VCEK's own serial
-def test_a_cached_vcek_past_its_validity_is_fetched_again_not_the_callers_fault(  # type: ignore[no-untyped-def]
+def test_a_cached_vcek_past_its_validity_is_fetched_again_not_the_caused_by_caller(  # type: ignore[no-untyped-def]
     production, vectors, server, tmp_path
 ) -> None:
     """A VCEK the broker cached while it was valid was handed to the verifier once it had aged
@@ -738,7 +737,7 @@ def test_a_cached_vcek_past_its_validity_is_fetched_again_not_the_callers_fault(
         service = CollateralService(cache, fast(server) if fetching else None)
         with pytest.raises(CollateralUnavailable) as err:
             verify_evidence(evidence, trust=production, now=expired, collateral=service)
-        assert err.value.reason == reason and not callers_fault(err.value)
+        assert err.value.reason == reason and not caused_by_caller(err.value)
     assert len([r for r in server.requests if r.startswith("/vcek/v1/Milan/")]) == 1
     held = CollateralCache(tmp_path, production, clock=lambda: valid)
     assert held.snp_key_certificate(parsed) == served  # still held, and served while valid
@@ -767,7 +766,7 @@ def test_a_forged_report_whose_fetched_vcek_is_outside_its_validity_stays_the_ca
         verify_evidence(
             Evidence(TeeType.SEV_SNP, forged), trust=production, now=expired, collateral=service
         )
-    assert err.value.reason == Reason.REPORT_SIGNATURE_INVALID and callers_fault(err.value)
+    assert err.value.reason == Reason.REPORT_SIGNATURE_INVALID and caused_by_caller(err.value)
     assert _vcek_files(tmp_path) == []
     with pytest.raises(CollateralUnavailable) as brokers:
         verify_evidence(
@@ -860,7 +859,7 @@ def test_a_fetched_certificates_own_names_stay_in_the_brokers_log(  # type: igno
         verify_evidence(Evidence(TeeType.SEV_SNP, report), trust=sim_trust, now=now,
                         collateral=service)  # fmt: skip
     expected = "COLLATERAL_FETCH_FAILED" if answer == "no-vcek" else "VCEK_FETCHED_UNTRUSTED"
-    assert err.value.reason == expected and not callers_fault(err.value)
+    assert err.value.reason == expected and not caused_by_caller(err.value)
     assert name not in err.value.message
     assert ("BAD_CERTIFICATE" if answer == "no-vcek" else "ROOT_NOT_TRUSTED") in err.value.message
     assert any(name in str(getattr(r, "detail", "")) for r in caplog.records)
@@ -1541,7 +1540,7 @@ def test_a_cached_document_the_parser_now_refuses_is_named_in_the_refusal(  # ty
     for source in (cache, offline, down):
         with pytest.raises(CollateralUnavailable) as err:
             verify_evidence(quote, trust=sim_trust, now=now, collateral=source)
-        assert err.value.reason == Reason.COLLATERAL_MISSING and not callers_fault(err.value)
+        assert err.value.reason == Reason.COLLATERAL_MISSING and not caused_by_caller(err.value)
         assert f"the cached TDX TCB info for FMSPC {tdx.fmspc.hex()} was refused" in (
             err.value.message
         )

@@ -22,9 +22,8 @@ from strongroom.attestation import collateral_fetch
 from strongroom.attestation.abi.snp import TcbVersion, parse_snp_report
 from strongroom.attestation.collateral_cache import CollateralCache
 from strongroom.attestation.collateral_fetch import CollateralService, FetchSettings
-from strongroom.errors import StrongroomError
+from strongroom.errors import StrongroomError, caused_by_caller
 from strongroom.keybroker import fetch_budget
-from strongroom.keybroker.refusals import callers_fault
 from strongroom.reasons import Reason
 from tests.attestation.collateral_server import FakeCollateralServer, serve
 
@@ -59,7 +58,7 @@ def _together(service: CollateralService, reports: list[bytes]) -> list[str]:
         except StrongroomError as exc:
             # Every refusal here is brought on by the requests (made-up chips): its audit record
             # must count against the caller's budget, or such reports fill the log unbounded.
-            outcomes[i] = exc.reason if callers_fault(exc) else f"{exc.reason} (unbudgeted)"
+            outcomes[i] = exc.reason if caused_by_caller(exc) else f"{exc.reason} (unbudgeted)"
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(reports))]
     for thread in threads:
@@ -126,7 +125,7 @@ def test_a_report_that_does_not_name_its_product_is_refused_without_a_fetch(  # 
         "VCEK_CERTIFICATE_MISSING",
         "INVALID_ARGUMENT",
     )
-    assert callers_fault(refused.value)
+    assert caused_by_caller(refused.value)
     assert server.requests == []
 
 
@@ -152,7 +151,7 @@ def _asker(authority, service: CollateralService) -> Callable[[tuple[str, int] |
             try:
                 service.snp_key_certificate(report)
             except StrongroomError as exc:
-                assert callers_fault(exc)  # recorded against the caller's budget
+                assert caused_by_caller(exc)  # recorded against the caller's budget
                 return exc.reason
         return "vcek"
 

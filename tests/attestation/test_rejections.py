@@ -31,8 +31,7 @@ from strongroom.attestation import (
 from strongroom.attestation.abi.snp import TcbVersion, parse_snp_report
 from strongroom.attestation.encoding import detect_evidence
 from strongroom.dev.simulated import SimulatedAuthority
-from strongroom.errors import StrongroomError
-from strongroom.keybroker.refusals import callers_fault
+from strongroom.errors import StrongroomError, caused_by_caller
 from strongroom.reasons import Reason
 from tests.attestation.test_vectors import NEW_TCB_SIGNING
 
@@ -436,7 +435,7 @@ def test_tdx_collateral_not_yet_valid_is_the_verifiers_problem(vectors, spr, pro
         Reason.COLLATERAL_NOT_YET_VALID,
         lambda: tdx_verify(spr, production, when, collateral),
     )
-    assert not callers_fault(refused)
+    assert not caused_by_caller(refused)
 
 
 def test_tdx_expired_crl(vectors, spr, production) -> None:
@@ -818,7 +817,7 @@ def test_a_family_0x19_model_of_no_sev_snp_part_is_refused(  # type: ignore[no-u
         lambda: snp_verify(report, [vcek], production),
     )
     assert f"family 0x19 model 0x{model:02X}" in err.message
-    assert err.status_name == "INVALID_ARGUMENT" and callers_fault(err)
+    assert err.status_name == "INVALID_ARGUMENT" and caused_by_caller(err)
     for known, product in ((0x00, "Milan"), (0x0F, "Milan"), (0x10, "Genoa"), (0x1F, "Genoa")):
         assert parse_snp_report(genuine[:0x189] + bytes([known]) + genuine[0x18A:]).product == (
             product
@@ -845,7 +844,7 @@ def test_a_family_0x1a_model_of_no_sev_snp_part_is_refused(  # type: ignore[no-u
         lambda: snp_verify(report, [vcek], production),
     )
     assert f"family 0x1A model 0x{model:02X}" in err.message
-    assert err.status_name == "INVALID_ARGUMENT" and callers_fault(err)
+    assert err.status_name == "INVALID_ARGUMENT" and caused_by_caller(err)
     for known in (0x00, 0x0F, 0x10, 0x1F):
         parsed = parse_snp_report(genuine[:0x189] + bytes([known]) + genuine[0x18A:])
         assert parsed.product == "Turin"

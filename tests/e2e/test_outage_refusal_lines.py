@@ -5,8 +5,9 @@ A real broker (step-ca, mTLS, SoftHSM2) whose HSM connection is recycled after e
 re-wrap then reconnects, or waits out the backoff, and is refused ``HSM_UNAVAILABLE``. Before,
 every refused release wrote a ``key release denied`` WARNING outside any budget, its ``detail``
 the operator's message (the configuration's path): one caller with an inference certificate set
-the broker's WARNING rate through the outage, repeating its paths. The outage's own line
-(``cannot connect to the HSM``, once per failure and then counted) keeps them.
+the broker's WARNING rate through the outage, repeating its paths; the runtime's ``rpc failed``
+INFO line of each was written every time too. The outage's own line (``cannot connect to the
+HSM``, once per failure and then counted) keeps them.
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ def test_an_hsm_outage_writes_its_paths_in_its_own_lines_and_budgets_the_refused
     for line in denied:
         assert str(dev.root) not in json.dumps(line), line
         assert line["detail"].startswith("the key broker cannot connect to its HSM"), line
+    # The runtime's "rpc failed" line of each refused call follows the same rule (it was
+    # written every time: the service's own failure, by the runtime's older rule).
+    failed = [r for r in lines if r["msg"] == "rpc failed" and r["reason"] == "HSM_UNAVAILABLE"]
+    assert len(failed) == REFUSED_CALLS_BURST, len(failed)
     counted = refused_calls_not_logged(lines)
     assert counted[(caller, "HSM_UNAVAILABLE")] == RELEASES - REFUSED_CALLS_BURST, counted
 

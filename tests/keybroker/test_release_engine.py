@@ -43,6 +43,7 @@ from strongroom.errors import (
     PermissionDenied,
     StrongroomError,
     Unavailable,
+    caused_by_caller,
 )
 from strongroom.keybroker import audit as audit_module
 from strongroom.keybroker.audit import (
@@ -59,7 +60,6 @@ from strongroom.keybroker.ephemeral import EphemeralPublicKey, parse_ephemeral_p
 from strongroom.keybroker.errors import AuditTampered, AuditUnavailable, HsmUnavailable
 from strongroom.keybroker.keys import ReleasedKey
 from strongroom.keybroker.policies import PolicyStore
-from strongroom.keybroker.refusals import callers_fault
 from strongroom.keybroker.release import Caller, ReleaseEngine, ReleaseRequest
 from strongroom.oaep import OaepHash
 from strongroom.pki.errors import PeerNotAllowed
@@ -962,7 +962,9 @@ def test_a_vcek_the_brokers_kds_url_serves_from_another_chain_is_audited_as_the_
             unsent = dataclasses.replace(request.evidence, certificates=())
             with pytest.raises(Unavailable) as info:
                 engine.release(dataclasses.replace(request, evidence=unsent), CALLER)
-            assert info.value.reason == "VCEK_FETCHED_UNTRUSTED" and not callers_fault(info.value)
+            assert info.value.reason == "VCEK_FETCHED_UNTRUSTED" and not caused_by_caller(
+                info.value
+            )
             # The broker's internal endpoint is its operators' (the log line names it), never
             # the caller's: the message is the gRPC status's.
             assert server.url.removeprefix("http://") not in info.value.message
