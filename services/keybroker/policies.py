@@ -105,6 +105,12 @@ def _racy(stamp: _Stamp, read_at: int) -> bool:
     return read_at - stamp[4] < RACY_WINDOW_NS
 
 
+def _again(invalid: StoredPolicyInvalid) -> StoredPolicyInvalid:
+    """A new exception saying what ``invalid`` says: each call raises its own (a raised
+    exception keeps its traceback, and with it the frames of the call that raised it)."""
+    return StoredPolicyInvalid(invalid.message, reason=invalid.reason)
+
+
 def _read_only(key_id: str, exc: OSError) -> FailedPrecondition:
     return FailedPrecondition(
         f"cannot store the policy of {key_id!r}: {exc.strerror} (is the policy directory "
@@ -277,6 +283,10 @@ class PolicyStore:
         self._clock = clock
         # key id -> (stamp, document, when (clock) the read that gave it started).
         self._cache: dict[str, tuple[_Stamp, StoredPolicy, int]] = {}
+        # key id -> (stamp, why it does not load, when its read started), for a stored document
+        # that does not load: without it each call naming the key parsed the file again, before
+        # its caller was checked. One entry per file in the directory, at most.
+        self._failing: dict[str, tuple[_Stamp, StoredPolicyInvalid, int]] = {}
         # key id -> (SHA-256, version) of the document last recorded in force. Its own lock,
         # held across the record's fsync, so that two requests meeting a new file record it
         # once; rare (a policy change), unlike the cache's.
@@ -313,6 +323,9 @@ class PolicyStore:
         stamp = _stamp(st)
         with self._lock:
             cached = self._cache.get(key_id)
+            failing = self._failing.get(key_id)
+        if failing and failing[0] == stamp and not _racy(stamp, failing[2]):
+            raise _again(failing[1])  # the same file: it still does not load
         if cached and cached[0] == stamp and not _racy(stamp, cached[2]):
             stored = cached[1]
         else:
@@ -326,12 +339,16 @@ class PolicyStore:
                     # A stored policy that no longer loads is the broker's configuration error
                     # (not an INVALID_ARGUMENT of whoever asked); fail closed, with the loader's
                     # reason.
-                    raise StoredPolicyInvalid(
+                    invalid = StoredPolicyInvalid(
                         f"the stored release policy of {key_id!r} does not load: {exc.message}",
                         reason=exc.reason,
-                    ) from None
+                    )
+                    with self._lock:
+                        self._failing[key_id] = (stamp, invalid, reading)
+                    raise _again(invalid) from None
             with self._lock:
                 self._cache[key_id] = (stamp, stored, reading)
+                self._failing.pop(key_id, None)
         if judge:
             # Cached or not, recorded before anything is judged by it: a record that fails (an
             # audit outage) leaves the document unused, and the next request tries again.

@@ -270,6 +270,43 @@ def test_a_policy_rewritten_within_the_clock_tick_of_its_read_is_read_again(
     assert reads == []
 
 
+def test_a_policy_that_does_not_load_is_parsed_once_until_its_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored policy that did not load was read and parsed again by every call naming its key,
+    before the caller was checked: any holder of an inference certificate chose how often the
+    broker parsed YAML. It is parsed once per version of the file now (the same racy-timestamp
+    rule as a policy that loads), each call refused with the same reason and message."""
+    path = tmp_path / "policies" / "k1.yaml"
+    now = [0]
+    policies = PolicyStore(
+        tmp_path / "policies", trust_domain=DOMAIN, production=False, clock=lambda: now[0]
+    )
+    policies.put("k1", document())
+    path.write_text(document() + "release_to: [\n")  # a hand edit gone wrong
+    now[0] = os.stat(path).st_ctime_ns + RACY_WINDOW_NS  # read well after its change
+    reads: list[str] = []
+    real = policies_module.read_policy_text
+
+    def reading(path: str, directory: str, key_id: str) -> str:
+        reads.append(path)
+        return real(path, directory, key_id)
+
+    monkeypatch.setattr(policies_module, "read_policy_text", reading)
+    refusals = []
+    for _ in range(3):
+        with pytest.raises(StoredPolicyInvalid) as info:
+            policies.get("k1")
+        refusals.append((info.value.reason, info.value.message))
+    assert len(reads) == 1, reads  # before: one read and parse per call
+    assert len(set(refusals)) == 1 and "does not load" in refusals[0][1], refusals
+    # Mended, it is read again and loads.
+    path.write_text(document(callers=f"spiffe://{DOMAIN}/inferenz2"))
+    now[0] = os.stat(path).st_ctime_ns + RACY_WINDOW_NS
+    assert policies.get("k1").policy.allowed_spiffe_ids == {f"spiffe://{DOMAIN}/inferenz2"}
+    assert len(reads) == 2
+
+
 @pytest.mark.parametrize(
     "content",
     [
