@@ -210,34 +210,48 @@ def record_counts(
     ``claims.refusals_unrecorded`` and, per reason, the reason counted in
     ``claims.counted_reason``; the count of a bucket callers share (every role-less caller's:
     :data:`~strongroom.runtime.callers.ROLELESS`) names it in ``claims.refusals_bucket`` and no
-    caller. A record that cannot be written (the audit log is failing) is
-    logged, and its count kept for a later pass."""
+    caller. Once the audit log refuses a record (it is failing), that count and every count
+    after it are kept for a later pass, untried, and one ERROR says how many: a line per caller
+    and reason let callers set the number of ERRORs each pass wrote through an audit outage."""
+    failure: StrongroomError | None = None
+    kept = unrecorded = 0
     for caller, counted, count in records.take_counts(every=every):
-        claims: dict[str, object] = {"refusals_unrecorded": count}
-        if counted is not None:
-            claims["counted_reason"] = counted
-        if not is_workload_id(caller):  # a bucket callers share (role-less ones): named
-            claims["refusals_bucket"] = caller
-        try:
-            audit.append(
-                AuditEvent(
-                    decision=Decision.DENIED,
-                    reason=Reason.REFUSALS_COUNTED,
-                    action=action,
-                    caller_spiffe_id=caller if is_workload_id(caller) else None,
-                    claims=claims,
-                )
-            )
-        except StrongroomError as exc:
-            # Taken before the record was written: kept, or those refusals would leave no trace.
-            records.count_unrecorded(caller, counted or "", count)
-            _log.error(
-                "cannot record counted refusals; kept for a later pass",
-                extra={
-                    "what": action,
-                    "caller": caller,
-                    "counted_reason": counted,
-                    "unrecorded": count,
-                    "reason": exc.reason,
-                },
-            )
+        if failure is None:
+            try:
+                _record_count(audit, action, caller, counted, count)
+                continue
+            except StrongroomError as exc:
+                failure = exc
+        # Taken before the record was written: kept, or those refusals would leave no trace.
+        records.count_unrecorded(caller, counted or "", count)
+        kept += 1
+        unrecorded += count
+    if failure is not None:
+        _log.error(
+            "cannot record counted refusals; kept for a later pass",
+            extra={
+                "what": action,
+                "counts": kept,
+                "unrecorded": unrecorded,
+                "reason": failure.reason,
+            },
+        )
+
+
+def _record_count(
+    audit: AuditLog, action: str, caller: str, counted: str | None, count: int
+) -> None:
+    claims: dict[str, object] = {"refusals_unrecorded": count}
+    if counted is not None:
+        claims["counted_reason"] = counted
+    if not is_workload_id(caller):  # a bucket callers share (role-less ones): named
+        claims["refusals_bucket"] = caller
+    audit.append(
+        AuditEvent(
+            decision=Decision.DENIED,
+            reason=Reason.REFUSALS_COUNTED,
+            action=action,
+            caller_spiffe_id=caller if is_workload_id(caller) else None,
+            claims=claims,
+        )
+    )

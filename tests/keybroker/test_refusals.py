@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
 from strongroom.keybroker import refusals
-from strongroom.keybroker.refusals import RefusalRecords
+from strongroom.keybroker.audit import AuditLog, load_signing_key, new_signing_key
+from strongroom.keybroker.refusals import RefusalRecords, record_counts
+from strongroom.runtime.secrets import Secret
 
 
 def test_forgetting_limited_callers_keeps_counts_not_yet_recorded() -> None:
@@ -45,3 +53,35 @@ def test_a_caller_cycling_through_reasons_shares_one_budget_across_them() -> Non
     counts = {reason: count for _, reason, count in records.take_counts()}
     # 10 refusals of each: R0-R55 recorded 3 times and R56-R99 twice, one counting record each.
     assert counts == {reason: 6 if int(reason[1:]) < 56 else 7 for reason in reasons}
+
+
+def test_counts_an_audit_outage_refuses_are_kept_and_said_in_one_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pass recording counted refusals through an audit outage tried every caller's record
+    and wrote one ERROR per caller and reason: callers chose how many ERRORs each pass wrote. The
+    first refused record ends the pass's tries; every count is kept, and one ERROR says how many
+    were kept. The next pass, the log back, records each count in full."""
+    private_pem, _ = new_signing_key()
+    key = load_signing_key(Secret(private_pem))
+    records = RefusalRecords("test refusals", lambda: 0.0)
+    callers = {f"spiffe://strongroom.test/c{index}": index + 1 for index in range(40)}
+    for caller, count in callers.items():
+        records.count_unrecorded(caller, "", count)
+    log = AuditLog.open(tmp_path / "failing.jsonl", key)
+    log.close()  # every record from here on is refused (AUDIT_UNAVAILABLE)
+    with caplog.at_level(logging.ERROR, logger="strongroom.keybroker.refusals"):
+        record_counts(log, records, "key_release", every=True)
+    errors = [r for r in caplog.records if r.getMessage().startswith("cannot record counted")]
+    assert len(errors) == 1, len(errors)  # before: one per caller
+    assert (errors[0].__dict__["counts"], errors[0].__dict__["unrecorded"]) == (
+        len(callers),
+        sum(callers.values()),
+    )
+    path = tmp_path / "audit.jsonl"
+    with AuditLog.open(path, key) as back:
+        record_counts(back, records, "key_release", every=True)
+    written = [json.loads(line) for line in path.read_text().splitlines()]
+    assert {r["caller"]["spiffe_id"]: r["claims"]["refusals_unrecorded"] for r in written} == (
+        callers
+    )
