@@ -522,16 +522,7 @@ class FilesystemStorage(Closing):
             os.close(fd)
             if temp is not None:
                 temp.discard()
-        log.info(
-            "replaced key slot",
-            extra={
-                "model": name,
-                "version": version,
-                "key_id": record.key_id,
-                "from_key_version": record.key_version,
-                "to_key_version": key_version,
-            },
-        )
+        _keyslot.log_replaced(log, name, version, record, key_version)
         return new_record
 
     def _swap(self, temp: TempBlob, old: ModelRecord, new: ModelRecord) -> None:

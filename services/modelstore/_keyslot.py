@@ -28,6 +28,8 @@ broker re-wraps a data key to the same bytes), which the backends recognise by t
 
 from __future__ import annotations
 
+import logging
+
 from strongroom.artifact import ArtifactHeader, KeySlot, with_key_slot
 from strongroom.artifact.format import KEY_SLOT_FORMATS
 from strongroom.errors import InvalidArgument
@@ -93,3 +95,20 @@ def plan(
             reason=Reason.KEY_SLOT_NOT_REWRAPPED,
         )
     return with_key_slot(current, KeySlot(current.key_id, new_key_version, bytes(new_wrapped_dek)))
+
+
+def log_replaced(
+    log: logging.Logger, name: str, version: str, record: ModelRecord, key_version: int
+) -> None:
+    """Logs, to the backend's ``log``, a key slot it replaced: ``record``'s, moved to
+    ``key_version``; one line for every backend."""
+    log.info(
+        "replaced key slot",
+        extra={
+            "model": name,
+            "version": version,
+            "key_id": record.key_id,
+            "from_key_version": record.key_version,
+            "to_key_version": key_version,
+        },
+    )

@@ -1359,16 +1359,7 @@ class S3Storage(Closing):
                 self._discard(writer, blob)
                 raise
         self._delete_blob(entry.blob)
-        log.info(
-            "replaced key slot",
-            extra={
-                "model": name,
-                "version": version,
-                "key_id": record.key_id,
-                "from_key_version": record.key_version,
-                "to_key_version": key_version,
-            },
-        )
+        _keyslot.log_replaced(log, name, version, record, key_version)
         return new_record
 
     def _swap(self, old: _Indexed, new: ModelRecord, blob: str) -> bool:
