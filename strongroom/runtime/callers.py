@@ -890,27 +890,12 @@ class UnaryGuard(HandlerInterceptor):
                         self._stalled.add(context)
                         cancel.append(context)
             for context in cancel:
-                log.warning(
+                self._cancel_waiting(
+                    context,
                     "cancelling a call: no request message while its caller holds its bound",
-                    extra={
-                        "peer": context.peer(),
-                        "reason": Reason.TOO_MANY_WORKERS_PER_IDENTITY,
-                        # Its caller chose how many there are: within its budget, with the
-                        # call's own lines (this thread runs no call of its own).
-                        REFUSAL_LINE: True,
-                        REFUSAL_CALL: context,
-                    },
+                    Reason.TOO_MANY_WORKERS_PER_IDENTITY,
+                    self._stalled,
                 )
-                # Only while it still waits (as the request watchdog does): its message may have
-                # come since (the log line can take long on a slow pipe) and the call, a Watch
-                # now serving its caller, runs on. Its handler takes the message under this lock
-                # (_took), leaving _stalled, so the two cannot both go on.
-                with self._lock:
-                    if context not in self._stalled:
-                        continue
-                    self._cut.add(context)  # the watchdog's, whatever the read returns now
-                    stop: Callable[[], object] = context.cancel  # untyped in grpc-stubs
-                    stop()
 
     def _time(self, context: grpc.ServicerContext, bound: float) -> None:
         """Has the watchdog cancel ``context`` unless its wait ends within ``bound`` seconds."""
@@ -934,29 +919,44 @@ class UnaryGuard(HandlerInterceptor):
                     del self._timed[context]
                     self._late.add(context)
             for context in late:
-                log.warning(
+                self._cancel_waiting(
+                    context,
                     "cancelling a call: no request message",
-                    extra={
-                        "peer": context.peer(),
-                        "reason": Reason.REQUEST_MESSAGE_TIMEOUT,
-                        # Its caller chose how many there are: within its budget, with the
-                        # call's own lines (this thread runs no call of its own).
-                        REFUSAL_LINE: True,
-                        REFUSAL_CALL: context,
-                    },
+                    Reason.REQUEST_MESSAGE_TIMEOUT,
+                    self._late,
                 )
-                # Only while it still waits: its message may have come since (the log line above
-                # can take long on a slow pipe), and the call, a Watch now serving its caller,
-                # runs on. Under the lock its handler takes the message with (_took): a handler
-                # that read it after this cancel refuses the call instead of going on.
-                # (Cancelling only marks the call in gRPC core: its callbacks run on gRPC's
-                # thread later, none under this lock.)
-                with self._lock:
-                    if context not in self._late:
-                        continue
-                    self._cut.add(context)  # the watchdog's, whatever the read returns now
-                    cancel: Callable[[], object] = context.cancel  # untyped in grpc-stubs
-                    cancel()
+
+    def _cancel_waiting(
+        self,
+        context: grpc.ServicerContext,
+        message: str,
+        reason: str,
+        waiting: set[grpc.ServicerContext],
+    ) -> None:
+        """Logs, then cancels, a call a watchdog found waiting for its request message too long
+        (``waiting``: the watchdog's set of such calls), if it still waits then."""
+        log.warning(
+            message,
+            extra={
+                "peer": context.peer(),
+                "reason": reason,
+                # Its caller chose how many there are: within its budget, with the call's own
+                # lines (this thread runs no call of its own).
+                REFUSAL_LINE: True,
+                REFUSAL_CALL: context,
+            },
+        )
+        # Only while it still waits: its message may have come since (the log line can take
+        # long on a slow pipe), and the call, a Watch now serving its caller, runs on. Under the
+        # lock its handler takes the message with (_took), leaving ``waiting``: a handler that
+        # read it after this cancel refuses the call instead of going on. (Cancelling only marks
+        # the call in gRPC core: its callbacks run on gRPC's thread later, none under this lock.)
+        with self._lock:
+            if context not in waiting:
+                return
+            self._cut.add(context)  # the watchdog's, whatever the read returns now
+            cancel: Callable[[], object] = context.cancel  # untyped in grpc-stubs
+            cancel()
 
     def close(self) -> None:
         """Ends the watchdog threads, of timed waits and of trusted ones (the server stopped: no
