@@ -957,7 +957,12 @@ class Hsm(Closing):
         connects but fails its operations is not re-initialised by every call."""
         if self._conn is None:
             return
-        self._outage.failed("drop", f"HSM session dropped: {why}", level=logging.WARNING)
+        self._outage.failed(
+            "drop",
+            f"HSM session dropped: {why}",
+            level=logging.WARNING,
+            fields={"token": self._config.token_label},
+        )
         self._conn.close()
         self._conn = None
         self._last_error = why

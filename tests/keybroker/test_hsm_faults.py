@@ -389,3 +389,34 @@ def test_connections_that_fail_every_operation_do_not_end_the_failed_attempts_co
 
     _until(succeeds)  # the count is said now
     assert _lines(caplog, "more times after its last line", logging.ERROR)
+
+
+def _fails_and_drops(hsm: Hsm, op: _LosesItsSession, times: int) -> None:
+    """``times`` calls of ``op``, each refused (its session lost, or the reconnect backed off)."""
+    for _ in range(times):
+        with pytest.raises(HsmUnavailable):
+            hsm.call(op, name="flap")
+
+
+def test_the_dropped_session_lines_name_the_token(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], caplog: pytest.LogCaptureFixture
+) -> None:
+    # HSM session dropped had its token field until its lines went through OutageLines, whose
+    # lines carried no field but the reason: an operator's filter by token lost them.
+    caplog.set_level(logging.WARNING, logger="strongroom.keybroker.hsm")
+    hsm = open_hsm(make_config(softhsm_token, reconnect_interval=0.05, reconnect_max_interval=0.05))
+    op = _LosesItsSession(hsm)
+    _fails_and_drops(hsm, op, 3)  # the drop's line, then at least one drop counted
+    op.failing = False
+
+    def succeeds() -> bool:
+        try:
+            hsm.call(op, name="flap")
+        except HsmUnavailable:
+            return False
+        return True
+
+    _until(succeeds)  # the count is said now
+    dropped = [r for r in caplog.records if "HSM session dropped" in r.getMessage()]
+    assert "more times after its last line" in dropped[-1].getMessage()
+    assert [getattr(r, "token", None) for r in dropped] == [softhsm_token.label] * len(dropped)
