@@ -107,6 +107,12 @@ def _unreachable(more: str = "") -> str:
     return f"the key broker cannot connect to its HSM{more}{OPERATORS_LOG}"
 
 
+def _failing(more: str = "") -> str:
+    """What a remote caller is told while reconnects are spaced after sessions dropped under
+    operations: the HSM connects, so "cannot connect" would send its operator to another fault."""
+    return f"the key broker's HSM connects but fails its operations{more}{OPERATORS_LOG}"
+
+
 PIN_REFUSED = f"the key broker cannot log in to its HSM: its PIN was refused{OPERATORS_LOG}"
 """What a remote caller is told, at the refusal and at every call after it (nothing is retried
 until the broker is restarted with the right PIN): once it was told a failed connection, then
@@ -553,6 +559,9 @@ class Hsm(Closing):
         # one, on a session re-established after the first, backs the reconnects off.
         self._drops = 0
         self._unwell = False  # a drop or a failed connection since an operation last succeeded
+        # The reconnects are spaced after a dropped session, not a failed connection: what a
+        # caller refused meanwhile is told.
+        self._dropping = False
         self._generation = 0
         self._oaep_hashes: tuple[OaepHash, ...] = ()
         self._last_error: str | None = None
@@ -824,9 +833,10 @@ class Hsm(Closing):
         if self._last_attempt is not None:
             wait = self._last_attempt + self._backoff() - now
             if wait > 0:
+                told = _failing if self._dropping else _unreachable
                 raise HsmUnavailable(
                     f"the HSM is unavailable ({self._last_error}); next attempt in {wait:.2f}s",
-                    public=_unreachable(f"; next attempt in {wait:.2f}s"),
+                    public=told(f"; next attempt in {wait:.2f}s"),
                 )
         self._last_attempt = now
         try:
@@ -835,6 +845,7 @@ class Hsm(Closing):
             self._last_error = exc.message
             self._failed_attempts += 1
             self._unwell = True
+            self._dropping = False
             refused = exc.reason == Reason.HSM_LOGIN_FAILED
             if not refused:  # logged as the refusal it is
                 self._outage.failed(
@@ -972,6 +983,7 @@ class Hsm(Closing):
         if backs_off and self._drops > 1:
             self._failed_attempts += 1
             self._last_attempt = time.monotonic()
+            self._dropping = True
         else:
             self._last_attempt = None
 

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from strongroom.dev.softhsm import SoftHsmToken
 from strongroom.errors import DataLoss, InvalidArgument
-from strongroom.keybroker.errors import HsmUnavailable
+from strongroom.keybroker.errors import OPERATORS_LOG, HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmSession
 from strongroom.keybroker.keys import KeyManager
 from strongroom.oaep import OaepHash
@@ -420,3 +420,52 @@ def test_the_dropped_session_lines_name_the_token(
     dropped = [r for r in caplog.records if "HSM session dropped" in r.getMessage()]
     assert "more times after its last line" in dropped[-1].getMessage()
     assert [getattr(r, "token", None) for r in dropped] == [softhsm_token.label] * len(dropped)
+
+
+def test_a_caller_refused_while_drops_back_off_is_not_told_the_broker_cannot_connect(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm]
+) -> None:
+    # The HSM connects but loses the session under every operation: the calls refused while the
+    # reconnects wait were told 'the key broker cannot connect to its HSM', which sent whoever
+    # read it (a caller, the 'key release denied' line's detail) to the wrong fault.
+    hsm = open_hsm(make_config(softhsm_token, reconnect_interval=0.05, reconnect_max_interval=60))
+    op = _LosesItsSession(hsm)
+    told: list[str] = []
+
+    def refused_without_a_run() -> bool:
+        runs = op.runs
+        with pytest.raises(HsmUnavailable) as failed:
+            hsm.call(op, name="flap")
+        if op.runs == runs:  # within a back-off (they double: one is met)
+            told.append(failed.value.answer())
+        return bool(told)
+
+    _until(refused_without_a_run)
+    assert op.runs >= 2  # the second drop, on the re-established session, backed off
+    assert told[0].startswith(
+        "HSM_UNAVAILABLE: the key broker's HSM connects but fails its operations; next attempt in "
+    ), told
+    assert told[0].endswith(OPERATORS_LOG)
+    # A failed connection attempt since is said as one (the back-offs double: one is met).
+    store = softhsm_token.token_store()
+    away = softhsm_token.directory / "away"
+    attempted: list[bool] = []
+    told_after: list[str] = []
+
+    def refused_after_a_failed_attempt() -> bool:
+        with pytest.raises(HsmUnavailable) as failed:
+            hsm.call(op, name="flap")
+        if not failed.value.message.startswith("the HSM is unavailable ("):
+            attempted.append(True)  # a connection attempt, which failed
+        elif attempted:
+            told_after.append(failed.value.answer())
+        return bool(told_after)
+
+    store.rename(away)
+    try:
+        _until(refused_after_a_failed_attempt)
+    finally:
+        away.rename(store)
+    assert told_after[0].startswith(
+        "HSM_UNAVAILABLE: the key broker cannot connect to its HSM; next attempt in "
+    ), told_after
