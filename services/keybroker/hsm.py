@@ -40,7 +40,9 @@ each failed attempt up to ``reconnect_max_interval``, so a dead HSM costs caller
 not a reconnect each. A session dropped again before any operation succeeded on its re-established
 connection counts as a failed attempt (an HSM that connects but fails its operations re-initialised
 the module at every call); the back-off ends when an operation succeeds, not when a connection
-does. Drops and failed attempts are logged once per failure, then counted (:class:`OutageLines`). A ``CKR_GENERAL_ERROR``/``CKR_FUNCTION_FAILED`` from a token that still
+does, nor, after a drop, when a health check does (a token answers it while it fails every
+operation). Drops and failed attempts are logged once per failure, then counted
+(:class:`OutageLines`). A ``CKR_GENERAL_ERROR``/``CKR_FUNCTION_FAILED`` from a token that still
 answers (a corrupted object file, a token hiccup) also drops the connection — SoftHSM2 re-reads its
 object files only when re-initialised — and is reported as ``HsmUnavailable(HSM_OPERATION_FAILED)``,
 never as INTERNAL; :class:`~strongroom.keybroker.keys.KeyManager` decides whether a key that keeps
@@ -318,6 +320,7 @@ class _Job:
     creates_objects: bool = True  # counts toward ``recycle_after_operations``
     reread_token: bool = False  # re-initialise the module first (:meth:`Hsm.submit`)
     then: Callable[[Any], None] | None = None  # given the result, on the worker (Hsm.submit)
+    ends_failures: bool = True  # its success ends a run of drops (Hsm.submit)
 
 
 class _WorkSessions:
@@ -637,11 +640,15 @@ class Hsm(Closing):
         name: str = "operation",
         creates_objects: bool = True,
         reread_token: bool = False,
+        ends_failures: bool = True,
     ) -> T:
         """Runs ``op`` on the worker thread with the logged-in session; returns its result.
 
         ``creates_objects`` False marks an operation that creates no PKCS#11 objects (a health
-        check): it does not count toward the recycle quota (module doc). ``reread_token`` re-
+        check): it does not count toward the recycle quota (module doc). ``ends_failures`` False
+        marks one whose success says nothing of the HSM's operations (a health check: a token
+        answers it while it fails every operation): it does not end a run of dropped sessions
+        nor their back-off (a run of failed connections alone, it does). ``reread_token`` re-
         initialises the module before ``op`` (a few milliseconds, as a recycle), so that its
         searches find every object in the token: a SoftHSM2 instance re-reads the token's object
         files only when initialised or when another instance has written to the token since its
@@ -658,6 +665,7 @@ class Hsm(Closing):
             name=name,
             creates_objects=creates_objects,
             reread_token=reread_token,
+            ends_failures=ends_failures,
         ).result()
 
     def submit(
@@ -669,13 +677,15 @@ class Hsm(Closing):
         creates_objects: bool = True,
         reread_token: bool = False,
         then: Callable[[T], None] | None = None,
+        ends_failures: bool = True,
     ) -> HsmCall[T]:
         """Queues ``op`` as :meth:`call` does and returns at once; :meth:`HsmCall.result` waits
         for it, so the caller can do other work (the key broker's audit commit) meanwhile.
         ``then`` is called with its result on the worker, once the module's part is done (the
         session given back), before the caller hears of it: work of the caller's own (no
         PKCS#11: the worker is the module's only thread) that needs the result while the caller
-        is still busy elsewhere. It runs only for a result, never for a failure."""
+        is still busy elsewhere. It runs only for a result, never for a failure.
+        ``ends_failures`` as for :meth:`call`."""
         limit = self._config.operation_timeout if timeout is None else timeout
         if not limit > 0:
             raise HsmUnavailable(f"no time left for {name}", reason=Reason.HSM_TIMEOUT)
@@ -683,14 +693,23 @@ class Hsm(Closing):
             raise HsmUnavailable("the HSM backend is closed", reason=Reason.HSM_CLOSED)
         deadline = time.monotonic() + limit
         call: HsmCall[T] = HsmCall(name, limit, deadline)
-        self._queue.put(_Job(op, call, deadline, name, creates_objects, reread_token, then))
+        self._queue.put(
+            _Job(op, call, deadline, name, creates_objects, reread_token, then, ends_failures)
+        )
         return call
 
     def check_health(self, *, timeout: float | None = None) -> None:
         """Raises ``HsmUnavailable`` unless the token is reachable and logged in (reconnecting if
-        needed). Suitable for a readiness probe."""
+        needed). Suitable for a readiness probe. Its success does not end a run of dropped
+        sessions (:meth:`call`'s ``ends_failures``): the broker's probe, twice a second, ended
+        the back-off of an HSM that answers it but loses the session under every operation. It
+        ends a run of failed connections alone, as any operation does."""
         self.call(
-            lambda s: s.require_token(), timeout=timeout, name="health check", creates_objects=False
+            lambda s: s.require_token(),
+            timeout=timeout,
+            name="health check",
+            creates_objects=False,
+            ends_failures=False,
         )
 
     def close(self, *, timeout: float = 5.0) -> None:
@@ -754,7 +773,9 @@ class Hsm(Closing):
             raise HsmUnavailable(f"the HSM cannot open a session ({what})") from exc
         try:
             result = job.op(hs)
-            if self._unwell:
+            # A health check says the token answers: all a run of failed connections alone was
+            # about, but nothing of the operations a run of drops lost their sessions under.
+            if self._unwell and (job.ends_failures or not self._drops):
                 self._operations_succeed()
             return result
         except HsmUnavailable as exc:

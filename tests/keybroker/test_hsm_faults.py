@@ -4,7 +4,9 @@
   re-initialised, so the backend recycles its connection after a quota of operations.
 - An HSM that connects but fails its operations (a session lost under every operation): each
   call re-initialised the module and logged a dropped and a re-established session; a second
-  drop before any operation succeeds now backs the reconnects off, and the drops are counted.
+  drop before any operation succeeds now backs the reconnects off, and the drops are counted;
+  a health check (the readiness probe's) does not end that run, a caller refused meanwhile is
+  told the HSM fails its operations (not that it cannot connect), and the lines name the token.
 - Finding 4: a key object the HSM fails to use (a damaged object file, a token hiccup) must not
   leave the broker stuck with INTERNAL: the connection is re-initialised, the caller gets
   UNAVAILABLE the first time and DATA_LOSS if the key keeps failing, the key is listed for
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -469,3 +472,51 @@ def test_a_caller_refused_while_drops_back_off_is_not_told_the_broker_cannot_con
     assert told_after[0].startswith(
         "HSM_UNAVAILABLE: the key broker cannot connect to its HSM; next attempt in "
     ), told_after
+
+
+def test_health_checks_between_failing_operations_do_not_end_their_back_off(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The broker's readiness probe checks the HSM twice a second, and a token that loses the
+    # session under every operation still answers it: each check ended the run of drops, so the
+    # next call reconnected at once and its drop was logged anew, a re-initialisation and lines
+    # per check whatever the back-off.
+    caplog.set_level(logging.INFO, logger="strongroom.keybroker.hsm")
+    hsm = open_hsm(make_config(softhsm_token, reconnect_interval=60, reconnect_max_interval=60))
+    op = _LosesItsSession(hsm)
+    for _ in range(10):
+        _fails_and_drops(hsm, op, 1)
+        with contextlib.suppress(HsmUnavailable):
+            hsm.check_health()
+    assert op.runs == 2  # the first drop's reconnect (by a check), then the back-off
+    assert hsm.status().generation == 2
+    assert len(_lines(caplog, "HSM session dropped", logging.WARNING)) == 1
+    assert len(_lines(caplog, "HSM session re-established", logging.WARNING)) == 1
+
+
+def test_a_run_of_drops_ends_at_an_operation_not_at_a_health_check(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A recovered HSM is not refused: the check after the back-off reconnects, and the next
+    # operation runs at once; 'operations succeed again' is said by that operation, once (a
+    # health check said it, of operations that had not run).
+    caplog.set_level(logging.INFO, logger="strongroom.keybroker.hsm")
+    hsm = open_hsm(make_config(softhsm_token, reconnect_interval=0.05, reconnect_max_interval=0.05))
+    op = _LosesItsSession(hsm)
+    _fails_and_drops(hsm, op, 2)
+
+    def checked() -> bool:
+        try:
+            hsm.check_health()
+        except HsmUnavailable:
+            return False
+        return True
+
+    _until(checked)  # the back-off is over; reconnected
+    assert not _lines(caplog, "HSM operations succeed again")
+    op.failing = False
+    assert len(hsm.call(op, name="flap")) == 8
+    assert len(hsm.call(op, name="flap")) == 8
+    assert _lines(caplog, "HSM operations succeed again after 2 dropped sessions") == [
+        "HSM operations succeed again after 2 dropped sessions"
+    ]
