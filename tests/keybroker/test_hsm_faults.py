@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -520,3 +521,34 @@ def test_a_run_of_drops_ends_at_an_operation_not_at_a_health_check(
     assert _lines(caplog, "HSM operations succeed again after 2 dropped sessions") == [
         "HSM operations succeed again after 2 dropped sessions"
     ]
+
+
+def test_concurrent_calls_during_a_run_of_drops_reach_the_module_twice(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Callers on many threads at once while every operation loses its session: the one worker
+    # runs their calls in turn, so the run's state (its drops, its back-off, its counts) has one
+    # writer; the module is reached by the first drop's call and its reconnect only.
+    caplog.set_level(logging.INFO, logger="strongroom.keybroker.hsm")
+    hsm = open_hsm(make_config(softhsm_token, reconnect_interval=60, reconnect_max_interval=60))
+    op = _LosesItsSession(hsm)
+    start = threading.Barrier(16)
+    reasons: list[str] = []
+
+    def caller() -> None:
+        start.wait(timeout=60)
+        for _ in range(5):
+            with pytest.raises(HsmUnavailable) as failed:
+                hsm.call(op, name="flap", timeout=60)
+            reasons.append(failed.value.reason)
+
+    threads = [threading.Thread(target=caller) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert reasons == [Reason.HSM_UNAVAILABLE] * 80
+    assert op.runs == 2
+    assert hsm.status().generation == 2
+    assert len(_lines(caplog, "HSM session dropped", logging.WARNING)) == 1
+    assert len(_lines(caplog, "HSM session re-established", logging.WARNING)) == 1
