@@ -561,6 +561,9 @@ class Hsm(Closing):
         # Sessions dropped for the HSM's failure since an operation last succeeded: the second
         # one, on a session re-established after the first, backs the reconnects off.
         self._drops = 0
+        # Every session dropped since an operation last succeeded, one failing object's included
+        # (those reconnect at once, at the pace of the calls that meet it): their lines.
+        self._dropped = 0
         self._unwell = False  # a drop or a failed connection since an operation last succeeded
         # The reconnects are spaced after a dropped session, not a failed connection: what a
         # caller refused meanwhile is told.
@@ -775,7 +778,7 @@ class Hsm(Closing):
             result = job.op(hs)
             # A health check says the token answers: all a run of failed connections alone was
             # about, but nothing of the operations a run of drops lost their sessions under.
-            if self._unwell and (job.ends_failures or not self._drops):
+            if self._unwell and (job.ends_failures or not self._dropped):
                 self._operations_succeed()
             return result
         except HsmUnavailable as exc:
@@ -883,7 +886,7 @@ class Hsm(Closing):
         # logged anew and reconnected at once, at the callers' pace).
         self._last_attempt = None
         self._generation += 1
-        if self._generation > 1 and not self._recycling and self._drops <= 1:
+        if self._generation > 1 and not self._recycling and self._dropped <= 1:
             _log.warning(
                 "HSM session re-established",
                 extra={"token": self._config.token_label, "generation": self._generation},
@@ -969,7 +972,7 @@ class Hsm(Closing):
             h for h in PROBE_ORDER if h in supported and h in cfg.allowed_oaep_hashes
         )
         _log.log(
-            logging.DEBUG if self._drops > 1 else logging.INFO,  # a flap's are counted as drops
+            logging.DEBUG if self._dropped > 1 else logging.INFO,  # a flap's are counted as drops
             "HSM session open",
             extra={
                 "token": cfg.token_label,
@@ -999,6 +1002,7 @@ class Hsm(Closing):
         self._conn = None
         self._last_error = why
         self._unwell = True
+        self._dropped += 1
         if backs_off:
             self._drops += 1
         if backs_off and self._drops > 1:
@@ -1011,7 +1015,8 @@ class Hsm(Closing):
     def _operations_succeed(self) -> None:
         """An operation succeeded after drops or failed connections: the back-off ends, the
         counts not yet said are said, and the next failure is logged and reconnected at once."""
-        drops, self._drops = self._drops, 0
+        drops, self._dropped = self._dropped, 0
+        self._drops = 0
         self._failed_attempts = 0
         self._unwell = False
         self._outage.committed()

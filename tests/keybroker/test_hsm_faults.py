@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -35,7 +36,15 @@ from strongroom.keybroker.hsm import Hsm, HsmSession
 from strongroom.keybroker.keys import KeyManager
 from strongroom.oaep import OaepHash
 from strongroom.reasons import Reason
-from tests.keybroker.helpers import MODEL, bound, make_config, session_objects, spki
+from tests.keybroker.helpers import (
+    MODEL,
+    WRAP_KEY,
+    bound,
+    make_config,
+    session_objects,
+    spki,
+    token_call_replaced,
+)
 
 _OAEP = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)
 
@@ -552,3 +561,40 @@ def test_concurrent_calls_during_a_run_of_drops_reach_the_module_twice(
     assert hsm.status().generation == 2
     assert len(_lines(caplog, "HSM session dropped", logging.WARNING)) == 1
     assert len(_lines(caplog, "HSM session re-established", logging.WARNING)) == 1
+
+
+def test_a_run_of_failures_of_one_operation_logs_its_reconnections_once(
+    hsm: Hsm, tee_key: rsa.RSAPrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A failure the token answers for one operation while it still answers (a release's OAEP
+    # wrap answered short, as a CKR_GENERAL_ERROR of one damaged key) reconnects at once, and
+    # was not counted in the run: a token that answered every release short wrote 'HSM session
+    # re-established' (WARNING) and 'HSM session open' (INFO) for every release, 19 of each in
+    # 20 releases, at the pace of whoever sent them.
+    km = KeyManager(hsm)
+    km.create_key("model")
+    dek, wrapped, version = km.generate_data_key("model", *MODEL)
+    direct = hsm._direct
+    assert direct is not None
+    token_wrap = WRAP_KEY(direct.entry_points.wrap_key)
+
+    def short(session: int, mechanism: int, key: int, out: int, data: int, length: Any) -> int:
+        rv = int(token_wrap(session, mechanism, key, out, data, length))
+        length[0] = 1
+        return rv
+
+    caplog.set_level(logging.INFO, logger="strongroom.keybroker.hsm")
+    with token_call_replaced(hsm, "wrap_key", WRAP_KEY(short)):
+        for _ in range(20):
+            with pytest.raises(HsmUnavailable) as failed:
+                km.release_to_ephemeral("model", version, wrapped, spki(tee_key), [OaepHash.SHA1])
+            assert failed.value.reason == Reason.HSM_OPERATION_FAILED
+    assert len(_lines(caplog, "HSM session dropped", logging.WARNING)) == 1
+    assert len(_lines(caplog, "HSM session re-established", logging.WARNING)) == 1
+    assert len(_lines(caplog, "HSM session open", logging.INFO)) == 1
+    out, _ = km.release_to_ephemeral("model", version, wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert bound(tee_key.decrypt(out, _OAEP)) == dek
+    assert _lines(caplog, "HSM operations succeed again") == [
+        "HSM operations succeed again after 20 dropped sessions"
+    ]
+    assert _lines(caplog, "(19 more times after its last line)", logging.WARNING)
