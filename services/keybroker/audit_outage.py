@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -80,6 +80,7 @@ class _Tally:
     logged_at: float
     unlogged: int = 0
     level: int = logging.ERROR
+    fields: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
 
 class OutageLines:
@@ -141,21 +142,28 @@ class OutageLines:
             )
 
     def failed(
-        self, kind: str, message: str, *, reason: str | None = None, level: int = logging.ERROR
+        self,
+        kind: str,
+        message: str,
+        *,
+        reason: str | None = None,
+        level: int = logging.ERROR,
+        fields: Mapping[str, object] | None = None,
     ) -> None:
-        """Logs at ``level`` (ERROR unless told) ``message`` (with ``reason``, if any), what a
-        refused commit could not undo (``kind``: a stable name of the step, e.g. ``cut back``) or
-        another failure of the broker's own (the HSM's failed connection attempts: ``connect``;
-        its dropped sessions: ``drop``, at WARNING), unless the same repeats one logged less than
+        """Logs at ``level`` (ERROR unless told) ``message`` (with ``reason``, if any, and the
+        log record's ``fields``, e.g. the HSM's ``token``), what a refused commit could not undo
+        (``kind``: a stable name of the step, e.g. ``cut back``) or another failure of the
+        broker's own (the HSM's failed connection attempts: ``connect``; its dropped sessions:
+        ``drop``, at WARNING), unless the same repeats one logged less than
         :data:`REPEAT_SECONDS` ago (then it is counted, and said as the refused commits are, at
-        the same level; :meth:`committed` ends it)."""
-        shown = self._tally(kind, message, reason, level)
+        the same level, with the same fields; :meth:`committed` ends it)."""
+        shown = self._tally(kind, message, reason, level, fields or {})
         if shown is None:
             return
         previous, unlogged, since = shown
         if previous is not None and previous.message != message and previous.unlogged:
             self._times_line(previous)
-        extra = {} if reason is None else {"reason": reason}
+        extra = _extra(reason, fields or {})
         if previous is None or previous.message != message:
             self._log.log(level, "%s", message, extra=extra)
         else:
@@ -216,7 +224,12 @@ class OutageLines:
     # --- internals ----------------------------------------------------------------------------
 
     def _tally(
-        self, kind: str, message: str, reason: str | None, level: int = logging.ERROR
+        self,
+        kind: str,
+        message: str,
+        reason: str | None,
+        level: int = logging.ERROR,
+        fields: Mapping[str, object] | None = None,
     ) -> tuple[_Tally | None, int, float] | None:
         """Counts one failure of ``kind``; None when it is only counted (a repeat within the
         period, the log not closing), else the tally it replaces (None: none), the count it
@@ -234,7 +247,7 @@ class OutageLines:
                 previous.unlogged += 1
                 self._arm(previous.logged_at + REPEAT_SECONDS - now)
                 return None
-            self._tallies[kind] = _Tally(message, reason, now, level=level)
+            self._tallies[kind] = _Tally(message, reason, now, level=level, fields=fields or {})
             unlogged = 0 if previous is None else previous.unlogged
             if not any(t.unlogged for t in self._tallies.values()):
                 self._disarm()
@@ -308,7 +321,7 @@ class OutageLines:
 
     def _times_line(self, tally: _Tally) -> None:
         """A failure of a kind (:meth:`failed`), said again with how often since its line."""
-        extra = {} if tally.reason is None else {"reason": tally.reason}
+        extra = _extra(tally.reason, tally.fields)
         self._log.log(
             tally.level,
             "%s (%d more times after its last line)",
@@ -316,3 +329,11 @@ class OutageLines:
             tally.unlogged,
             extra=extra,
         )
+
+
+def _extra(reason: str | None, fields: Mapping[str, object]) -> dict[str, object]:
+    """A failure's log record fields: its own (the HSM's ``token``), and ``reason`` if any."""
+    extra = dict(fields)
+    if reason is not None:
+        extra["reason"] = reason
+    return extra

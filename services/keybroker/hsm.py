@@ -40,7 +40,9 @@ each failed attempt up to ``reconnect_max_interval``, so a dead HSM costs caller
 not a reconnect each. A session dropped again before any operation succeeded on its re-established
 connection counts as a failed attempt (an HSM that connects but fails its operations re-initialised
 the module at every call); the back-off ends when an operation succeeds, not when a connection
-does. Drops and failed attempts are logged once per failure, then counted (:class:`OutageLines`). A ``CKR_GENERAL_ERROR``/``CKR_FUNCTION_FAILED`` from a token that still
+does, nor, after a drop, when a health check does (a token answers it while it fails every
+operation). Drops and failed attempts are logged once per failure, then counted
+(:class:`OutageLines`). A ``CKR_GENERAL_ERROR``/``CKR_FUNCTION_FAILED`` from a token that still
 answers (a corrupted object file, a token hiccup) also drops the connection — SoftHSM2 re-reads its
 object files only when re-initialised — and is reported as ``HsmUnavailable(HSM_OPERATION_FAILED)``,
 never as INTERNAL; :class:`~strongroom.keybroker.keys.KeyManager` decides whether a key that keeps
@@ -105,6 +107,12 @@ def _unreachable(more: str = "") -> str:
     """What a remote caller is told of a failed connection to the HSM (its message names the
     PKCS#11 module's path, SoftHSM2's configuration and the token's labels: the operator's)."""
     return f"the key broker cannot connect to its HSM{more}{OPERATORS_LOG}"
+
+
+def _failing(more: str = "") -> str:
+    """What a remote caller is told while reconnects are spaced after sessions dropped under
+    operations: the HSM connects, so "cannot connect" would send its operator to another fault."""
+    return f"the key broker's HSM connects but fails its operations{more}{OPERATORS_LOG}"
 
 
 PIN_REFUSED = f"the key broker cannot log in to its HSM: its PIN was refused{OPERATORS_LOG}"
@@ -312,6 +320,7 @@ class _Job:
     creates_objects: bool = True  # counts toward ``recycle_after_operations``
     reread_token: bool = False  # re-initialise the module first (:meth:`Hsm.submit`)
     then: Callable[[Any], None] | None = None  # given the result, on the worker (Hsm.submit)
+    ends_failures: bool = True  # its success ends a run of drops (Hsm.submit)
 
 
 class _WorkSessions:
@@ -552,7 +561,13 @@ class Hsm(Closing):
         # Sessions dropped for the HSM's failure since an operation last succeeded: the second
         # one, on a session re-established after the first, backs the reconnects off.
         self._drops = 0
+        # Every session dropped since an operation last succeeded, one failing object's included
+        # (those reconnect at once, at the pace of the calls that meet it): their lines.
+        self._dropped = 0
         self._unwell = False  # a drop or a failed connection since an operation last succeeded
+        # The reconnects are spaced after a dropped session, not a failed connection: what a
+        # caller refused meanwhile is told.
+        self._dropping = False
         self._generation = 0
         self._oaep_hashes: tuple[OaepHash, ...] = ()
         self._last_error: str | None = None
@@ -628,11 +643,15 @@ class Hsm(Closing):
         name: str = "operation",
         creates_objects: bool = True,
         reread_token: bool = False,
+        ends_failures: bool = True,
     ) -> T:
         """Runs ``op`` on the worker thread with the logged-in session; returns its result.
 
         ``creates_objects`` False marks an operation that creates no PKCS#11 objects (a health
-        check): it does not count toward the recycle quota (module doc). ``reread_token`` re-
+        check): it does not count toward the recycle quota (module doc). ``ends_failures`` False
+        marks one whose success says nothing of the HSM's operations (a health check: a token
+        answers it while it fails every operation): it does not end a run of dropped sessions
+        nor their back-off (a run of failed connections alone, it does). ``reread_token`` re-
         initialises the module before ``op`` (a few milliseconds, as a recycle), so that its
         searches find every object in the token: a SoftHSM2 instance re-reads the token's object
         files only when initialised or when another instance has written to the token since its
@@ -649,6 +668,7 @@ class Hsm(Closing):
             name=name,
             creates_objects=creates_objects,
             reread_token=reread_token,
+            ends_failures=ends_failures,
         ).result()
 
     def submit(
@@ -660,13 +680,15 @@ class Hsm(Closing):
         creates_objects: bool = True,
         reread_token: bool = False,
         then: Callable[[T], None] | None = None,
+        ends_failures: bool = True,
     ) -> HsmCall[T]:
         """Queues ``op`` as :meth:`call` does and returns at once; :meth:`HsmCall.result` waits
         for it, so the caller can do other work (the key broker's audit commit) meanwhile.
         ``then`` is called with its result on the worker, once the module's part is done (the
         session given back), before the caller hears of it: work of the caller's own (no
         PKCS#11: the worker is the module's only thread) that needs the result while the caller
-        is still busy elsewhere. It runs only for a result, never for a failure."""
+        is still busy elsewhere. It runs only for a result, never for a failure.
+        ``ends_failures`` as for :meth:`call`."""
         limit = self._config.operation_timeout if timeout is None else timeout
         if not limit > 0:
             raise HsmUnavailable(f"no time left for {name}", reason=Reason.HSM_TIMEOUT)
@@ -674,14 +696,23 @@ class Hsm(Closing):
             raise HsmUnavailable("the HSM backend is closed", reason=Reason.HSM_CLOSED)
         deadline = time.monotonic() + limit
         call: HsmCall[T] = HsmCall(name, limit, deadline)
-        self._queue.put(_Job(op, call, deadline, name, creates_objects, reread_token, then))
+        self._queue.put(
+            _Job(op, call, deadline, name, creates_objects, reread_token, then, ends_failures)
+        )
         return call
 
     def check_health(self, *, timeout: float | None = None) -> None:
         """Raises ``HsmUnavailable`` unless the token is reachable and logged in (reconnecting if
-        needed). Suitable for a readiness probe."""
+        needed). Suitable for a readiness probe. Its success does not end a run of dropped
+        sessions (:meth:`call`'s ``ends_failures``): the broker's probe, twice a second, ended
+        the back-off of an HSM that answers it but loses the session under every operation. It
+        ends a run of failed connections alone, as any operation does."""
         self.call(
-            lambda s: s.require_token(), timeout=timeout, name="health check", creates_objects=False
+            lambda s: s.require_token(),
+            timeout=timeout,
+            name="health check",
+            creates_objects=False,
+            ends_failures=False,
         )
 
     def close(self, *, timeout: float = 5.0) -> None:
@@ -745,7 +776,9 @@ class Hsm(Closing):
             raise HsmUnavailable(f"the HSM cannot open a session ({what})") from exc
         try:
             result = job.op(hs)
-            if self._unwell:
+            # A health check says the token answers: all a run of failed connections alone was
+            # about, but nothing of the operations a run of drops lost their sessions under.
+            if self._unwell and (job.ends_failures or not self._dropped):
                 self._operations_succeed()
             return result
         except HsmUnavailable as exc:
@@ -824,9 +857,10 @@ class Hsm(Closing):
         if self._last_attempt is not None:
             wait = self._last_attempt + self._backoff() - now
             if wait > 0:
+                told = _failing if self._dropping else _unreachable
                 raise HsmUnavailable(
                     f"the HSM is unavailable ({self._last_error}); next attempt in {wait:.2f}s",
-                    public=_unreachable(f"; next attempt in {wait:.2f}s"),
+                    public=told(f"; next attempt in {wait:.2f}s"),
                 )
         self._last_attempt = now
         try:
@@ -835,6 +869,7 @@ class Hsm(Closing):
             self._last_error = exc.message
             self._failed_attempts += 1
             self._unwell = True
+            self._dropping = False
             refused = exc.reason == Reason.HSM_LOGIN_FAILED
             if not refused:  # logged as the refusal it is
                 self._outage.failed(
@@ -851,7 +886,7 @@ class Hsm(Closing):
         # logged anew and reconnected at once, at the callers' pace).
         self._last_attempt = None
         self._generation += 1
-        if self._generation > 1 and not self._recycling and self._drops <= 1:
+        if self._generation > 1 and not self._recycling and self._dropped <= 1:
             _log.warning(
                 "HSM session re-established",
                 extra={"token": self._config.token_label, "generation": self._generation},
@@ -937,7 +972,7 @@ class Hsm(Closing):
             h for h in PROBE_ORDER if h in supported and h in cfg.allowed_oaep_hashes
         )
         _log.log(
-            logging.DEBUG if self._drops > 1 else logging.INFO,  # a flap's are counted as drops
+            logging.DEBUG if self._dropped > 1 else logging.INFO,  # a flap's are counted as drops
             "HSM session open",
             extra={
                 "token": cfg.token_label,
@@ -957,23 +992,31 @@ class Hsm(Closing):
         connects but fails its operations is not re-initialised by every call."""
         if self._conn is None:
             return
-        self._outage.failed("drop", f"HSM session dropped: {why}", level=logging.WARNING)
+        self._outage.failed(
+            "drop",
+            f"HSM session dropped: {why}",
+            level=logging.WARNING,
+            fields={"token": self._config.token_label},
+        )
         self._conn.close()
         self._conn = None
         self._last_error = why
         self._unwell = True
+        self._dropped += 1
         if backs_off:
             self._drops += 1
         if backs_off and self._drops > 1:
             self._failed_attempts += 1
             self._last_attempt = time.monotonic()
+            self._dropping = True
         else:
             self._last_attempt = None
 
     def _operations_succeed(self) -> None:
         """An operation succeeded after drops or failed connections: the back-off ends, the
         counts not yet said are said, and the next failure is logged and reconnected at once."""
-        drops, self._drops = self._drops, 0
+        drops, self._dropped = self._dropped, 0
+        self._drops = 0
         self._failed_attempts = 0
         self._unwell = False
         self._outage.committed()

@@ -4,7 +4,9 @@
   re-initialised, so the backend recycles its connection after a quota of operations.
 - An HSM that connects but fails its operations (a session lost under every operation): each
   call re-initialised the module and logged a dropped and a re-established session; a second
-  drop before any operation succeeds now backs the reconnects off, and the drops are counted.
+  drop before any operation succeeds now backs the reconnects off, and the drops are counted;
+  a health check (the readiness probe's) does not end that run, a caller refused meanwhile is
+  told the HSM fails its operations (not that it cannot connect), and the lines name the token.
 - Finding 4: a key object the HSM fails to use (a damaged object file, a token hiccup) must not
   leave the broker stuck with INTERNAL: the connection is re-initialised, the caller gets
   UNAVAILABLE the first time and DATA_LOSS if the key keeps failing, the key is listed for
@@ -13,12 +15,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -26,12 +31,20 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from strongroom.dev.softhsm import SoftHsmToken
 from strongroom.errors import DataLoss, InvalidArgument
-from strongroom.keybroker.errors import HsmUnavailable
+from strongroom.keybroker.errors import OPERATORS_LOG, HsmUnavailable
 from strongroom.keybroker.hsm import Hsm, HsmSession
 from strongroom.keybroker.keys import KeyManager
 from strongroom.oaep import OaepHash
 from strongroom.reasons import Reason
-from tests.keybroker.helpers import MODEL, bound, make_config, session_objects, spki
+from tests.keybroker.helpers import (
+    MODEL,
+    WRAP_KEY,
+    bound,
+    make_config,
+    session_objects,
+    spki,
+    token_call_replaced,
+)
 
 _OAEP = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)
 
@@ -389,3 +402,199 @@ def test_connections_that_fail_every_operation_do_not_end_the_failed_attempts_co
 
     _until(succeeds)  # the count is said now
     assert _lines(caplog, "more times after its last line", logging.ERROR)
+
+
+def _fails_and_drops(hsm: Hsm, op: _LosesItsSession, times: int) -> None:
+    """``times`` calls of ``op``, each refused (its session lost, or the reconnect backed off)."""
+    for _ in range(times):
+        with pytest.raises(HsmUnavailable):
+            hsm.call(op, name="flap")
+
+
+def test_the_dropped_session_lines_name_the_token(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], caplog: pytest.LogCaptureFixture
+) -> None:
+    # HSM session dropped had its token field until its lines went through OutageLines, whose
+    # lines carried no field but the reason: an operator's filter by token lost them.
+    caplog.set_level(logging.WARNING, logger="strongroom.keybroker.hsm")
+    hsm = open_hsm(make_config(softhsm_token, reconnect_interval=0.05, reconnect_max_interval=0.05))
+    op = _LosesItsSession(hsm)
+    _fails_and_drops(hsm, op, 3)  # the drop's line, then at least one drop counted
+    op.failing = False
+
+    def succeeds() -> bool:
+        try:
+            hsm.call(op, name="flap")
+        except HsmUnavailable:
+            return False
+        return True
+
+    _until(succeeds)  # the count is said now
+    dropped = [r for r in caplog.records if "HSM session dropped" in r.getMessage()]
+    assert "more times after its last line" in dropped[-1].getMessage()
+    assert [getattr(r, "token", None) for r in dropped] == [softhsm_token.label] * len(dropped)
+
+
+def test_a_caller_refused_while_drops_back_off_is_not_told_the_broker_cannot_connect(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm]
+) -> None:
+    # The HSM connects but loses the session under every operation: the calls refused while the
+    # reconnects wait were told 'the key broker cannot connect to its HSM', which sent whoever
+    # read it (a caller, the 'key release denied' line's detail) to the wrong fault.
+    hsm = open_hsm(make_config(softhsm_token, reconnect_interval=0.05, reconnect_max_interval=60))
+    op = _LosesItsSession(hsm)
+    told: list[str] = []
+
+    def refused_without_a_run() -> bool:
+        runs = op.runs
+        with pytest.raises(HsmUnavailable) as failed:
+            hsm.call(op, name="flap")
+        if op.runs == runs:  # within a back-off (they double: one is met)
+            told.append(failed.value.answer())
+        return bool(told)
+
+    _until(refused_without_a_run)
+    assert op.runs >= 2  # the second drop, on the re-established session, backed off
+    assert told[0].startswith(
+        "HSM_UNAVAILABLE: the key broker's HSM connects but fails its operations; next attempt in "
+    ), told
+    assert told[0].endswith(OPERATORS_LOG)
+    # A failed connection attempt since is said as one (the back-offs double: one is met).
+    store = softhsm_token.token_store()
+    away = softhsm_token.directory / "away"
+    attempted: list[bool] = []
+    told_after: list[str] = []
+
+    def refused_after_a_failed_attempt() -> bool:
+        with pytest.raises(HsmUnavailable) as failed:
+            hsm.call(op, name="flap")
+        if not failed.value.message.startswith("the HSM is unavailable ("):
+            attempted.append(True)  # a connection attempt, which failed
+        elif attempted:
+            told_after.append(failed.value.answer())
+        return bool(told_after)
+
+    store.rename(away)
+    try:
+        _until(refused_after_a_failed_attempt)
+    finally:
+        away.rename(store)
+    assert told_after[0].startswith(
+        "HSM_UNAVAILABLE: the key broker cannot connect to its HSM; next attempt in "
+    ), told_after
+
+
+def test_health_checks_between_failing_operations_do_not_end_their_back_off(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The broker's readiness probe checks the HSM twice a second, and a token that loses the
+    # session under every operation still answers it: each check ended the run of drops, so the
+    # next call reconnected at once and its drop was logged anew, a re-initialisation and lines
+    # per check whatever the back-off.
+    caplog.set_level(logging.INFO, logger="strongroom.keybroker.hsm")
+    hsm = open_hsm(make_config(softhsm_token, reconnect_interval=60, reconnect_max_interval=60))
+    op = _LosesItsSession(hsm)
+    for _ in range(10):
+        _fails_and_drops(hsm, op, 1)
+        with contextlib.suppress(HsmUnavailable):
+            hsm.check_health()
+    assert op.runs == 2  # the first drop's reconnect (by a check), then the back-off
+    assert hsm.status().generation == 2
+    assert len(_lines(caplog, "HSM session dropped", logging.WARNING)) == 1
+    assert len(_lines(caplog, "HSM session re-established", logging.WARNING)) == 1
+
+
+def test_a_run_of_drops_ends_at_an_operation_not_at_a_health_check(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A recovered HSM is not refused: the check after the back-off reconnects, and the next
+    # operation runs at once; 'operations succeed again' is said by that operation, once (a
+    # health check said it, of operations that had not run).
+    caplog.set_level(logging.INFO, logger="strongroom.keybroker.hsm")
+    hsm = open_hsm(make_config(softhsm_token, reconnect_interval=0.05, reconnect_max_interval=0.05))
+    op = _LosesItsSession(hsm)
+    _fails_and_drops(hsm, op, 2)
+
+    def checked() -> bool:
+        try:
+            hsm.check_health()
+        except HsmUnavailable:
+            return False
+        return True
+
+    _until(checked)  # the back-off is over; reconnected
+    assert not _lines(caplog, "HSM operations succeed again")
+    op.failing = False
+    assert len(hsm.call(op, name="flap")) == 8
+    assert len(hsm.call(op, name="flap")) == 8
+    assert _lines(caplog, "HSM operations succeed again after 2 dropped sessions") == [
+        "HSM operations succeed again after 2 dropped sessions"
+    ]
+
+
+def test_concurrent_calls_during_a_run_of_drops_reach_the_module_twice(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Callers on many threads at once while every operation loses its session: the one worker
+    # runs their calls in turn, so the run's state (its drops, its back-off, its counts) has one
+    # writer; the module is reached by the first drop's call and its reconnect only.
+    caplog.set_level(logging.INFO, logger="strongroom.keybroker.hsm")
+    hsm = open_hsm(make_config(softhsm_token, reconnect_interval=60, reconnect_max_interval=60))
+    op = _LosesItsSession(hsm)
+    start = threading.Barrier(16)
+    reasons: list[str] = []
+
+    def caller() -> None:
+        start.wait(timeout=60)
+        for _ in range(5):
+            with pytest.raises(HsmUnavailable) as failed:
+                hsm.call(op, name="flap", timeout=60)
+            reasons.append(failed.value.reason)
+
+    threads = [threading.Thread(target=caller) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert reasons == [Reason.HSM_UNAVAILABLE] * 80
+    assert op.runs == 2
+    assert hsm.status().generation == 2
+    assert len(_lines(caplog, "HSM session dropped", logging.WARNING)) == 1
+    assert len(_lines(caplog, "HSM session re-established", logging.WARNING)) == 1
+
+
+def test_a_run_of_failures_of_one_operation_logs_its_reconnections_once(
+    hsm: Hsm, tee_key: rsa.RSAPrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A failure the token answers for one operation while it still answers (a release's OAEP
+    # wrap answered short, as a CKR_GENERAL_ERROR of one damaged key) reconnects at once, and
+    # was not counted in the run: a token that answered every release short wrote 'HSM session
+    # re-established' (WARNING) and 'HSM session open' (INFO) for every release, 19 of each in
+    # 20 releases, at the pace of whoever sent them.
+    km = KeyManager(hsm)
+    km.create_key("model")
+    dek, wrapped, version = km.generate_data_key("model", *MODEL)
+    direct = hsm._direct
+    assert direct is not None
+    token_wrap = WRAP_KEY(direct.entry_points.wrap_key)
+
+    def short(session: int, mechanism: int, key: int, out: int, data: int, length: Any) -> int:
+        rv = int(token_wrap(session, mechanism, key, out, data, length))
+        length[0] = 1
+        return rv
+
+    caplog.set_level(logging.INFO, logger="strongroom.keybroker.hsm")
+    with token_call_replaced(hsm, "wrap_key", WRAP_KEY(short)):
+        for _ in range(20):
+            with pytest.raises(HsmUnavailable) as failed:
+                km.release_to_ephemeral("model", version, wrapped, spki(tee_key), [OaepHash.SHA1])
+            assert failed.value.reason == Reason.HSM_OPERATION_FAILED
+    assert len(_lines(caplog, "HSM session dropped", logging.WARNING)) == 1
+    assert len(_lines(caplog, "HSM session re-established", logging.WARNING)) == 1
+    assert len(_lines(caplog, "HSM session open", logging.INFO)) == 1
+    out, _ = km.release_to_ephemeral("model", version, wrapped, spki(tee_key), [OaepHash.SHA1])
+    assert bound(tee_key.decrypt(out, _OAEP)) == dek
+    assert _lines(caplog, "HSM operations succeed again") == [
+        "HSM operations succeed again after 20 dropped sessions"
+    ]
+    assert _lines(caplog, "(19 more times after its last line)", logging.WARNING)

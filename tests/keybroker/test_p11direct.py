@@ -496,8 +496,8 @@ def test_a_data_key_that_cannot_be_destroyed_closes_its_session(
             km.release_to_ephemeral(
                 "model", 1, data_key.wrapped, spki(tee_key), hsm.oaep_hashes[:1]
             )
-        # Each failure drops the session; a health check between lets the next call reconnect
-        # at once (two drops in a row back the reconnects off, and the call would not run).
+        # Each failure drops the session; a health check between waits out the back-off of the
+        # drops before it and reconnects, so that the next call runs (it would be refused).
         hsm_answers_again(hsm)
         with pytest.raises(HsmUnavailable):
             km.rewrap("model", 1, data_key.wrapped)
