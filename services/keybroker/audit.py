@@ -176,7 +176,7 @@ queued, so a caller queued behind a refused commit is not given a second bound):
 any process that can open the log, for reading alone, can take it and keep it (then
 ``AuditUnavailable``, the batch refused as on a failed write, logged as one is: at ERROR naming
 the file, when the failure is new, then with a count of the commits it refused, see
-:mod:`~strongroom.keybroker.audit_outage`).
+:mod:`~strongroom.keybroker.outage_lines`).
 The wait is the kernel's own (:class:`~strongroom.files.BoundedFlock`), so the processes sharing a
 log take turns as they did with a blocking ``flock``; a ``LOCK_NB`` poll would be starved by them. :func:`~strongroom.keybroker.audit_verify.verify_audit_log`
 takes a *shared* ``flock`` only for as long as it reads the head and the log's length, then checks
@@ -239,13 +239,13 @@ from strongroom.keybroker.audit_head import (
 )
 from strongroom.keybroker.audit_head import parse as parse_head
 from strongroom.keybroker.audit_names import list_sealed, open_regular, sealed_log_name
-from strongroom.keybroker.audit_outage import OutageLines
 from strongroom.keybroker.errors import (
     AuditLogClosed,
     AuditTampered,
     AuditUnavailable,
     audit_failure,
 )
+from strongroom.keybroker.outage_lines import OutageLines
 from strongroom.reasons import Reason
 from strongroom.runtime.secrets import Secret
 
@@ -978,7 +978,7 @@ class AuditLog(Closing):
 
     def _refuse(self, batch: list[_Pending], error: AuditUnavailable | DataLoss) -> None:
         """Fails the batch's callers still without an outcome with ``error``. An outage is logged
-        here (:class:`~strongroom.keybroker.audit_outage.OutageLines`: at ERROR when it is new,
+        here (:class:`~strongroom.keybroker.outage_lines.OutageLines`: at ERROR when it is new,
         then with a count of the batches it refused), its message naming the file and the errno:
         the callers hear only its public words
         (:func:`~strongroom.keybroker.errors.audit_failure`), and the operator's only account of

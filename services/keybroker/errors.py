@@ -31,7 +31,7 @@ class HsmUnavailable(Unavailable):
     """
 
     default_reason = Reason.HSM_UNAVAILABLE
-    logged_by_service = True  # audit_outage.OutageLines: once per failure, then counted
+    logged_by_service = True  # outage_lines.OutageLines: once per failure, then counted
 
 
 OPERATORS_LOG = "; its operator's log has the details"
@@ -85,7 +85,7 @@ class AuditUnavailable(Unavailable):
     raised it: a message naming the log's directory reached every caller of the failed RPC."""
 
     default_reason = Reason.AUDIT_UNAVAILABLE
-    logged_by_service = True  # audit_outage.OutageLines: once per failure, then counted
+    logged_by_service = True  # outage_lines.OutageLines: once per failure, then counted
 
     def __init__(
         self, message: str, *, reason: str | None = None, public: str | None = None

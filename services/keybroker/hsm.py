@@ -88,8 +88,8 @@ from strongroom.closing import Closing
 from strongroom.errors import FailedPrecondition, Internal, InvalidArgument, StrongroomError
 from strongroom.keybroker import _hsm_hints as _hints
 from strongroom.keybroker import _pkcs11_errors as errs
-from strongroom.keybroker.audit_outage import OutageLines
 from strongroom.keybroker.errors import OPERATORS_LOG, HsmUnavailable
+from strongroom.keybroker.outage_lines import OutageLines
 from strongroom.keybroker.p11direct import (
     OAEP_HASHES,
     USER_SESSION_STATES,

@@ -5,7 +5,7 @@ file) logged an ERROR on every call, before its caller was checked: any holder o
 the broker admits, naming that key id, wrote one ERROR per call and drowned the line the operator
 needed. Now each key's failure is logged at ERROR once, naming the file and the cause, at once
 again when the cause changes, and while it repeats counted and said a minute after its line
-(:class:`~strongroom.keybroker.audit_outage.OutageLines`, as the HSM's failed connections: ``...
+(:class:`~strongroom.keybroker.outage_lines.OutageLines`, as the HSM's failed connections: ``...
 (N more times after its last line)``); a key whose policy loads again, or has none, ends its
 failure (the next one is logged at once). The failures are the broker's to fix, not a caller's:
 the refusals they cause stay ``CALLER_NOT_ALLOWED`` to every caller, and audited.
@@ -13,7 +13,7 @@ the refusals they cause stay ``CALLER_NOT_ALLOWED`` to every caller, and audited
 At most :data:`MAX_KEYS` keys are accounted one by one: a policy directory the broker cannot search
 fails every key id a caller invents, each its own failure; past them, one failure stands for every
 further key (:data:`MORE_KEYS`), logged once and then counted. A key that has not failed for
-:data:`~strongroom.keybroker.audit_outage.REPEAT_SECONDS` gives its place up (its count said) to a
+:data:`~strongroom.keybroker.outage_lines.REPEAT_SECONDS` gives its place up (its count said) to a
 key failing now: the invented key ids of an outage that ended are named by nobody again, and
 without this kept their places for good, so a real policy failing later was never named.
 """
@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 
 from strongroom.errors import StrongroomError
-from strongroom.keybroker.audit_outage import REPEAT_SECONDS, OutageLines
+from strongroom.keybroker.outage_lines import REPEAT_SECONDS, OutageLines
 
 MAX_KEYS = 64
 """Keys whose failing policies are logged one by one (a broker holds a few dozen keys)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from strongroom.errors import StrongroomError
-from strongroom.keybroker import audit_outage, policy_lines
+from strongroom.keybroker import outage_lines, policy_lines
 from strongroom.keybroker.errors import PolicyUnreadable
 from strongroom.keybroker.policies import PolicyStore
 from tests.keybroker.test_policy_store import DOMAIN, document
@@ -132,7 +132,7 @@ def test_keys_that_stopped_failing_give_their_place_to_a_real_failure(
         store.does_not_load(f"made-up-{n}", unsearchable)
     assert len(_lines(caplog)) == policy_lines.MAX_KEYS
     # The directory is back; a minute on, a real policy is damaged.
-    now[0] += audit_outage.REPEAT_SECONDS + 1
+    now[0] += outage_lines.REPEAT_SECONDS + 1
     store.put("real", document())
     path = tmp_path / "policies" / "real.yaml"
     path.write_text("version: [")

@@ -1,4 +1,9 @@
-"""The broker's log lines for its audit log's refused commits: one per failure, not one per batch.
+"""The key broker's log lines for its own failures that repeat: one per failure, then counted.
+
+Its audit log's refused commits, the HSM's failed connections and dropped sessions, and the
+stored policies that do not load, each at the pace of whoever's calls meet them, are written
+once per failure (again when the failure changes) and their repeats counted, so that no caller
+sets the rate of the broker's ERROR lines. The audit log's account came first:
 
 A refused commit is the operator's only account of an audit outage, and its message names the
 file and the errno. Logged once per refused batch, a full disk made one ERROR line per request:

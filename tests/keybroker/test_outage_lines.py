@@ -1,7 +1,7 @@
 """The lines a refused audit commit leaves in the broker's log: bounded, each failure's first in
 full, and a closed log (the broker stopping) no operator's ERROR.
 
-:class:`~strongroom.keybroker.audit_outage.OutageLines` is driven with a clock the test moves (no
+:class:`~strongroom.keybroker.outage_lines.OutageLines` is driven with a clock the test moves (no
 waiting, no timing threshold); the closed log is a real one. The real broker on a real full disk
 is :mod:`tests.e2e.test_audit_failure_lines`.
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from strongroom.keybroker import audit_outage
+from strongroom.keybroker import outage_lines
 from strongroom.keybroker.audit import AuditLog
-from strongroom.keybroker.audit_outage import OutageLines
 from strongroom.keybroker.errors import AuditUnavailable
+from strongroom.keybroker.outage_lines import OutageLines
 
 from .test_audit import event, fill
 
@@ -45,13 +45,13 @@ def test_a_failure_is_logged_first_then_once_a_period_with_its_count(
         lines.refused(FULL)
         now[0] += 0.5
     assert _lines(caplog) == [("ERROR", FULL.message)]
-    now[0] = 100.0 + audit_outage.REPEAT_SECONDS
+    now[0] = 100.0 + outage_lines.REPEAT_SECONDS
     lines.refused(FULL)
     assert _lines(caplog) == [
         (
             "ERROR",
             f"{FULL.message} (it refused 50 commits, this one included, since it was last "
-            f"logged {audit_outage.REPEAT_SECONDS:.0f}s ago)",
+            f"logged {outage_lines.REPEAT_SECONDS:.0f}s ago)",
         )
     ]
     lines.refused(FULL)
@@ -182,7 +182,7 @@ def test_a_real_log_closed_during_an_outage_says_what_it_refused_unlogged(
 
 
 class _Timers:
-    """A :data:`~strongroom.keybroker.audit_outage.Schedule` the test runs by hand: each timer
+    """A :data:`~strongroom.keybroker.outage_lines.Schedule` the test runs by hand: each timer
     armed, its delay, and whether it was cancelled."""
 
     def __init__(self) -> None:
@@ -235,14 +235,14 @@ def test_a_pending_count_is_said_by_a_timer_armed_only_while_it_is_pending(
         lines.refused(FULL)
     assert _lines(caplog) == [("ERROR", FULL.message)]
     [(delay, due, _)] = timers.armed  # one timer for the three, a period after the line
-    assert delay == audit_outage.REPEAT_SECONDS - 10
-    now[0] = 100.0 + audit_outage.REPEAT_SECONDS
+    assert delay == outage_lines.REPEAT_SECONDS - 10
+    now[0] = 100.0 + outage_lines.REPEAT_SECONDS
     due()
     assert [(r.levelname, r.getMessage(), getattr(r, "reason", None)) for r in caplog.records] == [
         (
             "ERROR",
             f"{FULL.message} (it refused 3 more commits since it was last logged "
-            f"{audit_outage.REPEAT_SECONDS:.0f}s ago)",
+            f"{outage_lines.REPEAT_SECONDS:.0f}s ago)",
             "AUDIT_UNAVAILABLE",
         )
     ]
@@ -252,7 +252,7 @@ def test_a_pending_count_is_said_by_a_timer_armed_only_while_it_is_pending(
     lines.refused(FULL)  # within the period the timed line began: counted, a timer armed
     assert _lines(caplog) == []
     assert len(timers.live()) == 1
-    assert timers.live()[0][0] == audit_outage.REPEAT_SECONDS - 1
+    assert timers.live()[0][0] == outage_lines.REPEAT_SECONDS - 1
     lines.closing()
     [(_, late, timer)] = timers.armed[1:]
     assert timer.cancelled and timer.joined
@@ -278,7 +278,7 @@ def test_a_real_log_left_alone_during_an_outage_says_its_count_within_the_period
     """A real log at its size cap refuses commits, then nothing more comes: the count reaches
     the log without a later refusal, commit or close (the period shortened to 0.2 s: the wait
     below is for the line, not a bound on the timer), and the timer's thread is gone after."""
-    monkeypatch.setattr(audit_outage, "REPEAT_SECONDS", 0.2)
+    monkeypatch.setattr(outage_lines, "REPEAT_SECONDS", 0.2)
     # Logs of earlier tests left open may still have a count's timer armed: only this log's counts.
     before = {t for t in threading.enumerate() if t.name == "outage-count"}
     log = AuditLog.open(log_path, key, max_bytes=8 * 1024)
