@@ -23,6 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from strongroom.attestation.release_signature import ReleaseVerifier
+from strongroom.attesters import Attester, SimulatedAttester, TeeType
+from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.client.store_channel import store_channel
 from strongroom.errors import FailedPrecondition, Unavailable
 from strongroom.pki import StepCa, WorkloadIdentity, init_ca, mint_token
@@ -275,6 +277,34 @@ class DevStack:
     def release_verifier(self) -> ReleaseVerifier:
         """What verifies this stack's broker's release answers (for a KeyReleaseClient)."""
         return ReleaseVerifier.from_files([self.release_public_key])
+
+    def simulated_attester(self, claims: Mapping[str, Any] | None = None) -> SimulatedAttester:
+        """A simulated SEV-SNP VM signed by this stack's simulated TEE chain, its report saying
+        ``claims`` (by default the demo guest's measurement, which the stack's policies allow)."""
+        from strongroom.dev.simulated import SimulatedAuthority
+
+        return SimulatedAttester(
+            SimulatedAuthority.load(self.init_simulated_tee()).snp(),
+            TeeType.SEV_SNP,
+            production=False,
+            claims=claims
+            if claims is not None
+            else {"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
+        )
+
+    def release_client(
+        self, identity: WorkloadIdentity | None = None, attester: Attester | None = None
+    ) -> KeyReleaseClient:
+        """The key release client of an inference server: ``identity`` (this stack's
+        ``inference`` by default) in the VM of ``attester`` (:meth:`simulated_attester` by
+        default), over mTLS to this stack's broker, its answers verified with its key."""
+        identity = identity or self.identity("inference")
+        return KeyReleaseClient(
+            self.channel(identity, "keybroker"),
+            attester or self.simulated_attester(),
+            identity.public_key_der,
+            verifier=self.release_verifier(),
+        )
 
     # ------------------------------------------------------------------ configuration
 

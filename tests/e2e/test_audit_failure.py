@@ -21,11 +21,7 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
     import grpc
     from strongroom.api.keybroker.v1 import keybroker_pb2 as pb, keybroker_pb2_grpc as pb_grpc
-    from strongroom.dev.simulated import SimulatedAuthority
     from strongroom.dev.devstack import DevStack, read_audit_records
-    from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
-    from strongroom.attesters import SimulatedAttester, TeeType
-    from strongroom.client.keyrelease import KeyReleaseClient
     from strongroom.artifact.keybinding import bind_data_key
 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -42,10 +38,7 @@ SCRIPT = textwrap.dedent(
         stack.create_release_key(stack.identity("admin"), "k", policy_version="1")
         publisher = pb_grpc.KeyBrokerServiceStub(stack.channel(stack.identity("publisher"), "keybroker"))
         generated = publisher.GenerateDataKey(pb.GenerateDataKeyRequest(key_id="k", model_name="m", model_version="1"), timeout=30)
-        inference = stack.identity("inference")
-        attester = SimulatedAttester(SimulatedAuthority.load(stack.root / "simulated-tee").snp(),
-            TeeType.SEV_SNP, production=False, claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)})
-        client = KeyReleaseClient(stack.channel(inference, "keybroker"), attester, inference.public_key_der, verifier=stack.release_verifier())
+        client = stack.release_client()
         out["before"] = bind_data_key(client.release("k", generated.key_version, generated.wrapped_data_key).dek, "m", "1") == generated.data_key
         audit = stack.root / "state" / "keybroker" / "audit.log"
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)

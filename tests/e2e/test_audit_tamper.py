@@ -14,12 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
-from strongroom.attesters import SimulatedAttester, TeeType
-from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.client.remote import peer_reason
 from strongroom.dev.devstack import DevStack
-from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
-from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.keybroker.audit import canonical_json, load_public_key, record_hash
 from strongroom.keybroker.audit_verify import verify_audit_log
 from strongroom.keybroker.service import KEYBROKER_SERVICE
@@ -41,19 +37,7 @@ def test_forged_tail_record_refuses_releases_until_repaired(stack: DevStack) -> 
         stack.channel(stack.identity("publisher"), "keybroker")
     )
     generated = publisher.GenerateDataKey(data_key_request("tamper"), timeout=30)
-    inference = stack.identity("inference")
-    attester = SimulatedAttester(
-        SimulatedAuthority.load(stack.root / "simulated-tee").snp(),
-        TeeType.SEV_SNP,
-        production=False,
-        claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
-    )
-    client = KeyReleaseClient(
-        stack.channel(inference, "keybroker"),
-        attester,
-        inference.public_key_der,
-        verifier=stack.release_verifier(),
-    )
+    client = stack.release_client()
 
     def release() -> bytes:
         return bound(

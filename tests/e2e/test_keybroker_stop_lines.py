@@ -25,11 +25,7 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
     import grpc
     from strongroom.api.keybroker.v1 import keybroker_pb2 as pb, keybroker_pb2_grpc as pb_grpc
-    from strongroom.dev.simulated import SimulatedAuthority
     from strongroom.dev.devstack import DevStack
-    from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
-    from strongroom.attesters import SimulatedAttester, TeeType
-    from strongroom.client.keyrelease import KeyReleaseClient
     from tests.e2e.broker_child import KeptLines
     from strongroom.runtime import server as host_module
 
@@ -42,12 +38,7 @@ SCRIPT = textwrap.dedent(
         stack.create_release_key(stack.identity("admin"), "k", policy_version="1")
         publisher = pb_grpc.KeyBrokerServiceStub(stack.channel(stack.identity("publisher"), "keybroker"))
         generated = publisher.GenerateDataKey(pb.GenerateDataKeyRequest(key_id="k", model_name="m", model_version="1"), timeout=30)
-        inference = stack.identity("inference")
-        authority = SimulatedAuthority.load(stack.root / "simulated-tee").snp()
-        attester = SimulatedAttester(authority, TeeType.SEV_SNP, production=False,
-                                     claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)})
-        client = KeyReleaseClient(stack.channel(inference, "keybroker"), attester,
-                                  inference.public_key_der, verifier=stack.release_verifier())
+        client = stack.release_client()
         # Releases held inside their handlers (once their HSM work is asked for, right before
         # their first audit record) while the stop runs to its end: with the drain bound 0 the
         # stop leaves them running and closes the audit log; let go then, each meets the closed

@@ -36,13 +36,11 @@ from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
-from strongroom.attesters import SimulatedAttester, TeeType
-from strongroom.client.keyrelease import EPHEMERAL_KEY_BITS, KeyReleaseClient
+from strongroom.client.keyrelease import EPHEMERAL_KEY_BITS
 from strongroom.client.publish import publish_model
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import TrainedModel, train
 from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
-from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import StrongroomError
 from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import LoadedModel, ModelRepository
@@ -237,17 +235,10 @@ def test_tampered_artifact_is_refused_and_model_stays_unready(life: Lifecycle) -
 def other_vm_loader(life: Lifecycle, **claims: object) -> ModelLoader:
     """The same loader code in another (simulated) VM with different launch claims."""
     identity = life.stack.identity("inference")
-    authority = SimulatedAuthority.load(life.stack.root / "simulated-tee")
-    attester = SimulatedAttester(authority.snp(), TeeType.SEV_SNP, production=False, claims=claims)
     return ModelLoader(
         ModelRepository(),
         store_channel=life.stack.channel(identity, "modelstore"),
-        key_release=KeyReleaseClient(
-            life.stack.channel(identity, "keybroker"),
-            attester,
-            identity.public_key_der,
-            verifier=life.stack.release_verifier(),
-        ),
+        key_release=life.stack.release_client(identity, life.stack.simulated_attester(claims)),
     )
 
 
@@ -491,22 +482,10 @@ def test_signed_model_loads_only_with_a_valid_signature(life: Lifecycle, tmp_pat
 
     def loader(policy: SignaturePolicy) -> ModelLoader:
         identity = life.stack.identity("inference")
-        authority = SimulatedAuthority.load(life.stack.root / "simulated-tee")
-        attester = SimulatedAttester(
-            authority.snp(),
-            TeeType.SEV_SNP,
-            production=False,
-            claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
-        )
         return ModelLoader(
             ModelRepository(),
             store_channel=life.stack.channel(identity, "modelstore"),
-            key_release=KeyReleaseClient(
-                life.stack.channel(identity, "keybroker"),
-                attester,
-                identity.public_key_der,
-                verifier=life.stack.release_verifier(),
-            ),
+            key_release=life.stack.release_client(identity),
             signature=policy,
         )
 

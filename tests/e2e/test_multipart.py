@@ -46,15 +46,12 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.api.oip.v2 import grpc_service_pb2 as oip_pb
 from strongroom.api.oip.v2 import grpc_service_pb2_grpc as oip_grpc
 from strongroom.artifact.manifest import MANIFEST_CONTENT_TYPE, ManifestLayout
-from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.cli import models as cli_models
 from strongroom.cli.main import main as cli_main
 from strongroom.client.fetch import DecryptedModel, DecryptedPart, ModelFetcher
 from strongroom.client.keyrelease import EPHEMERAL_KEY_BITS, KeyReleaseClient
 from strongroom.client.multipart import files_parts, onnx_parts, publish_parts
 from strongroom.dev.devstack import DevStack, read_audit_records
-from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
-from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import StrongroomError
 from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository
@@ -181,19 +178,7 @@ class Env:
         )
 
     def key_release(self) -> KeyReleaseClient:
-        authority = SimulatedAuthority.load(self.stack.root / "simulated-tee")
-        attester = SimulatedAttester(
-            authority.snp(),
-            TeeType.SEV_SNP,
-            production=False,
-            claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
-        )
-        return KeyReleaseClient(
-            self.stack.channel(self.inference, "keybroker"),
-            attester,
-            self.inference.public_key_der,
-            verifier=self.stack.release_verifier(),
-        )
+        return self.stack.release_client(self.inference)
 
 
 @pytest.fixture(scope="module")
@@ -626,13 +611,7 @@ def test_cli_publishes_a_directory_and_fetches_a_part_into_a_pipe(
     assert [p["name"] for p in printed["parts"]] == ["model.onnx", "w1", "b1", "w2", "b2"]
 
     # The CLI asks the VM's hardware for its report; here that is the simulated TEE.
-    authority = SimulatedAuthority.load(env.stack.root / "simulated-tee")
-    simulated = SimulatedAttester(
-        authority.snp(),
-        TeeType.SEV_SNP,
-        production=False,
-        claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
-    )
+    simulated = env.stack.simulated_attester()
     monkeypatch.setattr(cli_models, "select_attester", lambda kind, production: simulated)
     inference = env.stack.write_client_config("inference")
     fetch = ["model", "fetch", NAME, "cli", "--to-memory", "--client-config", str(inference)]

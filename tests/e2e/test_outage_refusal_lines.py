@@ -20,11 +20,8 @@ import pytest
 
 from strongroom.api.keybroker.v1 import keybroker_pb2 as pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as pb_grpc
-from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.dev.devstack import DevStack, read_audit_records
-from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
-from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.runtime.log_refusals import REFUSED_CALLS_BURST
 from tests.conftest import buffered_service_log, refused_calls_not_logged, stack_root
 
@@ -39,20 +36,7 @@ def _release_client(dev: DevStack) -> tuple[KeyReleaseClient, pb.GenerateDataKey
     generated = publisher.GenerateDataKey(
         pb.GenerateDataKeyRequest(key_id="k", model_name="m", model_version="1"), timeout=30
     )
-    inference = dev.identity("inference")
-    attester = SimulatedAttester(
-        SimulatedAuthority.load(dev.root / "simulated-tee").snp(),
-        TeeType.SEV_SNP,
-        production=False,
-        claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
-    )
-    client = KeyReleaseClient(
-        dev.channel(inference, "keybroker"),
-        attester,
-        inference.public_key_der,
-        verifier=dev.release_verifier(),
-    )
-    return client, generated
+    return dev.release_client(), generated
 
 
 def test_an_hsm_outage_writes_its_paths_in_its_own_lines_and_budgets_the_refused_calls(

@@ -33,7 +33,6 @@ from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import parse_header
 from strongroom.artifact.c2sp import PREAMBLE_SIZE, TAG_SIZE
 from strongroom.artifact.manifest import ManifestLayout, PartMissing
-from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.cli.client import Client
 from strongroom.cli.main import main
 from strongroom.client import multipart, publish
@@ -51,8 +50,6 @@ from strongroom.client.publish import Published, SentWhole, publish_model, uploa
 from strongroom.client.remote import peer_reason
 from strongroom.client.server_evidence import ConnectionEnded, ServerConnection
 from strongroom.dev.devstack import DevStack
-from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
-from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import (
     AlreadyExists,
     DataLoss,
@@ -525,18 +522,7 @@ def test_a_part_refused_busy_after_its_bytes_went_out_is_resealed_under_a_new_sa
 
 def _release(stack: DevStack, reader: WorkloadIdentity) -> KeyReleaseClient:
     """A real attested key release for ``reader`` (the simulated TEE the broker trusts)."""
-    authority = SimulatedAuthority.load(stack.root / "simulated-tee")
-    return KeyReleaseClient(
-        stack.channel(reader, "keybroker"),
-        SimulatedAttester(
-            authority.snp(),
-            TeeType.SEV_SNP,
-            production=False,
-            claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
-        ),
-        reader.public_key_der,
-        verifier=stack.release_verifier(),
-    )
+    return stack.release_client(reader)
 
 
 def test_a_part_download_waiting_to_retry_stops_when_another_part_failed(

@@ -21,12 +21,10 @@ from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from strongroom.artifact import ArtifactReader, parse_header, wipe
 from strongroom.artifact.keybinding import body_key
-from strongroom.attesters import SimulatedAttester, TeeType
 from strongroom.cli.main import main
-from strongroom.client.keyrelease import KeyReleaseClient, ReleasedDataKey
+from strongroom.client.keyrelease import ReleasedDataKey
 from strongroom.dev.devstack import DevStack, read_audit_records
 from strongroom.dev.devstack.model import train
-from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.errors import StrongroomError
 from tests.e2e.publishing import data_key, put_encrypted
 
@@ -48,20 +46,9 @@ def run_err(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
 
 
 def release(stack: DevStack, key_id: str, key_version: int, wrapped: bytes) -> ReleasedDataKey:
-    """The data key in ``wrapped``, released to a simulated VM (the caller wipes it)."""
-    inference = stack.identity("inference")
-    authority = SimulatedAuthority.load(stack.root / "simulated-tee")
-    measurement = bytes.fromhex(stack.simulated_policy("x").split('measurements: ["')[1][:96])
-    attester = SimulatedAttester(
-        authority.snp(), TeeType.SEV_SNP, production=False, claims={"measurement": measurement}
-    )
-    client = KeyReleaseClient(
-        stack.channel(inference, "keybroker"),
-        attester,
-        inference.public_key_der,
-        verifier=stack.release_verifier(),
-    )
-    return client.release(key_id, key_version, wrapped)
+    """The data key in ``wrapped``, released to a simulated VM with the demo guest's
+    measurement, which the stack's policies allow (the caller wipes it)."""
+    return stack.release_client().release(key_id, key_version, wrapped)
 
 
 def load(stack: DevStack, name: str, key_id: str = KEY) -> bytes:
