@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 
 from strongroom.errors import REFUSAL_LINE, StrongroomError
@@ -57,6 +58,10 @@ REASONS_PER_CALLER = 4
 together (256 at once, then 4 a second): a caller cycling through the catalogue's reasons would
 otherwise have each reason's budget, over a hundred records a second."""
 _MAX_LIMITED = 1024
+COUNTS_NAMED = 10
+"""How many of the counts the last pass (at shutdown) could not record its ERROR names, the
+largest, by caller and reason (the rest together in ``others``), as the runtime's summary of
+refused calls not logged does."""
 
 
 def log_unaudited(
@@ -212,9 +217,12 @@ def record_counts(
     :data:`~strongroom.runtime.callers.ROLELESS`) names it in ``claims.refusals_bucket`` and no
     caller. Once the audit log refuses a record (it is failing), that count and every count
     after it are kept for a later pass, untried, and one ERROR says how many: a line per caller
-    and reason let callers set the number of ERRORs each pass wrote through an audit outage."""
+    and reason let callers set the number of ERRORs each pass wrote through an audit outage.
+    ``every`` is the last pass (the broker stops): none comes after it, so its ERROR says the
+    counts are not recorded and names the largest (:data:`COUNTS_NAMED`) by caller and reason,
+    the only trace of whose refusals went unrecorded."""
     failure: StrongroomError | None = None
-    kept = unrecorded = 0
+    kept: Counter[tuple[str, str]] = Counter()
     for caller, counted, count in records.take_counts(every=every):
         if failure is None:
             try:
@@ -224,18 +232,28 @@ def record_counts(
                 failure = exc
         # Taken before the record was written: kept, or those refusals would leave no trace.
         records.count_unrecorded(caller, counted or "", count)
-        kept += 1
-        unrecorded += count
-    if failure is not None:
-        _log.error(
-            "cannot record counted refusals; kept for a later pass",
-            extra={
-                "what": action,
-                "counts": kept,
-                "unrecorded": unrecorded,
-                "reason": failure.reason,
-            },
-        )
+        kept[(caller, counted or "")] += count
+    if failure is None:
+        return
+    unrecorded = kept.total()
+    fields: dict[str, object] = {
+        "what": action,
+        "counts": len(kept),
+        "unrecorded": unrecorded,
+        "reason": failure.reason,
+    }
+    if not every:
+        _log.error("cannot record counted refusals; kept for a later pass", extra=fields)
+        return
+    named = kept.most_common(COUNTS_NAMED)
+    _log.error(
+        "cannot record counted refusals; the broker stops with them unrecorded",
+        extra={
+            **fields,
+            "by_caller_and_reason": [[caller, reason, n] for (caller, reason), n in named],
+            "others": unrecorded - sum(n for _, n in named),
+        },
+    )
 
 
 def _record_count(

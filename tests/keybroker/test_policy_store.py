@@ -307,6 +307,47 @@ def test_a_policy_that_does_not_load_is_parsed_once_until_its_file_changes(
     assert len(reads) == 2
 
 
+@pytest.mark.parametrize("how", ["in place", "renamed over", "symlinked", "not utf-8"])
+def test_a_kept_load_failure_never_outlives_a_change_of_its_file(tmp_path: Path, how: str) -> None:
+    """A failure kept by its file's stamp (item 118) is the file's until any change: mended in
+    place or by a rename with the same size and mtime (a tool keeping times), replaced by a link
+    to a good document, or turned unreadable, the next call reads the file again. Passes on the
+    code under review: recorded as checked."""
+    directory = tmp_path / "policies"
+    path = directory / "k1.yaml"
+    now = [0]
+    policies = PolicyStore(directory, trust_domain=DOMAIN, production=False, clock=lambda: now[0])
+    good = document(callers=f"spiffe://{DOMAIN}/inferenz2")
+    policies.put("k1", document())
+    bad = "[" + good[1:]  # the same size as the good one, and no YAML mapping
+    replace_keeping_mtime(path, bad)
+    now[0] = os.stat(path).st_ctime_ns + RACY_WINDOW_NS  # the failure's stamp is trusted
+    for _ in range(2):
+        with pytest.raises(StoredPolicyInvalid):
+            policies.get("k1")
+    before = os.stat(path)
+    time.sleep(0.02)  # past one clock tick, where ctimes are that coarse
+    if how == "in place":
+        path.write_text(good)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert os.stat(path).st_ino == before.st_ino
+    elif how == "renamed over":
+        replace_keeping_mtime(path, good)
+    elif how == "symlinked":
+        (directory / "k1-good.yaml").write_text(good)
+        path.unlink()
+        path.symlink_to("k1-good.yaml")
+    else:
+        path.write_bytes(b"\xff" + good[1:].encode())
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    now[0] = max(now[0], os.stat(path).st_ctime_ns + RACY_WINDOW_NS)
+    if how == "not utf-8":
+        with pytest.raises(PolicyUnreadable):
+            policies.get("k1")
+        return
+    assert policies.get("k1").policy.allowed_spiffe_ids == {f"spiffe://{DOMAIN}/inferenz2"}
+
+
 @pytest.mark.parametrize(
     "content",
     [

@@ -85,3 +85,33 @@ def test_counts_an_audit_outage_refuses_are_kept_and_said_in_one_error(
     assert {r["caller"]["spiffe_id"]: r["claims"]["refusals_unrecorded"] for r in written} == (
         callers
     )
+
+
+def test_counts_the_last_pass_cannot_record_are_named_in_its_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker's last pass (``every``, at shutdown) through an audit outage said one ERROR,
+    ``kept for a later pass``, with only how many records and refusals: no pass comes after it,
+    and the counts die with the process. Before the one ERROR a line per caller and reason named
+    each (caller, reason, count), the only trace of whose refusals went unrecorded. Its ERROR
+    now says they are not recorded and names the largest counts by caller and reason, as the
+    summary of refused calls not logged does, the rest in ``others``."""
+    private_pem, _ = new_signing_key()
+    key = load_signing_key(Secret(private_pem))
+    records = RefusalRecords("test refusals", lambda: 0.0, per_reason=True)
+    callers = {f"spiffe://strongroom.test/c{index}": index + 1 for index in range(40)}
+    for caller, count in callers.items():
+        records.count_unrecorded(caller, "HSM_UNAVAILABLE", count)
+    log = AuditLog.open(tmp_path / "failing.jsonl", key)
+    log.close()  # every record from here on is refused (AUDIT_UNAVAILABLE)
+    with caplog.at_level(logging.ERROR, logger="strongroom.keybroker.refusals"):
+        record_counts(log, records, "key_release", every=True)
+    [error] = [r for r in caplog.records if r.getMessage().startswith("cannot record counted")]
+    assert "later pass" not in error.getMessage()  # there is none
+    fields = error.__dict__
+    assert (fields["counts"], fields["unrecorded"]) == (len(callers), sum(callers.values()))
+    largest = sorted(callers.items(), key=lambda item: -item[1])[: refusals.COUNTS_NAMED]
+    assert fields["by_caller_and_reason"] == [
+        [caller, "HSM_UNAVAILABLE", count] for caller, count in largest
+    ]
+    assert fields["others"] == sum(callers.values()) - sum(count for _, count in largest)

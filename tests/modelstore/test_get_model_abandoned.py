@@ -252,3 +252,65 @@ def test_a_flood_of_abandoned_downloads_is_logged_within_the_callers_budget(
     counted = refused_calls_not_logged(lines)
     assert {reason for _, reason in counted} == {"CANCELLED"}
     assert counted.total() == sent - REFUSED_CALLS_BURST
+
+
+def test_a_download_whose_call_ended_before_its_handler_ran_is_logged_once(
+    fs_storage: FilesystemStorage, stopped_lines: _Lines
+) -> None:
+    """A GetModel whose call had ended (its callbacks run) before the handler got to it: the
+    line is written at once, when the handler asks for the call's end, with nothing sent; the
+    stream's first message, which gRPC then drops, writes no second one. Passes on the code
+    under review: recorded as checked."""
+    servicer = ModelStoreServicer(fs_storage, download_chunk=64 * 1024)
+    started, cancelled, ended = threading.Event(), threading.Event(), threading.Event()
+
+    def get_model(request: pb.GetModelRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        assert context.add_callback(ended.set)
+        started.set()
+        assert cancelled.wait(30) and ended.wait(30)  # the call's callbacks have run
+        yield from servicer.GetModel(request, context)
+
+    handler = grpc.unary_stream_rpc_method_handler(
+        get_model,
+        request_deserializer=pb.GetModelRequest.FromString,
+        response_serializer=lambda message: message,
+    )
+    server = grpc.server(ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"GetModel": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        _stored(Served(fs_storage, None, None))  # type: ignore[arg-type]  # its storage only
+        stub = pb_grpc.ModelStoreServiceStub(channel)
+        call = stub.GetModel(pb.GetModelRequest(name="acme/big", version="1"), timeout=60)
+        assert started.wait(30)  # the server has the call
+        call.cancel()
+        cancelled.set()
+        assert stopped_lines.arrived.wait(30)
+        time.sleep(0.2)  # a second line, if any, would come from the same handler at once
+    finally:
+        channel.close()
+        server.stop(0)
+    (line,) = stopped_lines.records
+    assert line.__dict__["gave_up"] == "CANCELLED"
+    assert line.__dict__["bytes_sent"] == 0
+
+
+def test_a_whole_download_of_an_empty_range_logs_no_stop(
+    fs_served: Served, stopped_lines: _Lines
+) -> None:
+    """A range at the artifact's end is one message (the model, no data): answered, it writes
+    no line. Passes on the code under review: recorded as checked."""
+    _stored(fs_served)
+    size = fs_served.stub.StatModel(
+        pb.StatModelRequest(name="acme/big", version="1"), timeout=60
+    ).model.artifact_size
+    request = pb.GetModelRequest(name="acme/big", version="1", offset=size)
+    (only,) = list(fs_served.stub.GetModel(request, timeout=60))
+    assert only.model.name == "acme/big" and only.data == b""
+    fs_served.channel.close()
+    time.sleep(0.5)
+    assert stopped_lines.records == []
