@@ -223,13 +223,20 @@ def record_counts(
     the only trace of whose refusals went unrecorded."""
     failure: StrongroomError | None = None
     kept: Counter[tuple[str, str]] = Counter()
-    for caller, counted, count in records.take_counts(every=every):
+    due = records.take_counts(every=every)
+    for index, (caller, counted, count) in enumerate(due):
         if failure is None:
             try:
                 _record_count(audit, action, caller, counted, count)
                 continue
             except StrongroomError as exc:
                 failure = exc
+            except BaseException:
+                # A bug, or what a signal raised here: the counts taken and not written go back
+                # for the next pass (they were lost with this one).
+                for rest_caller, rest_counted, rest_count in due[index:]:
+                    records.count_unrecorded(rest_caller, rest_counted or "", rest_count)
+                raise
         # Taken before the record was written: kept, or those refusals would leave no trace.
         records.count_unrecorded(caller, counted or "", count)
         kept[(caller, counted or "")] += count

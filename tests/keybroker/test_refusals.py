@@ -115,3 +115,37 @@ def test_counts_the_last_pass_cannot_record_are_named_in_its_error(
         [caller, "HSM_UNAVAILABLE", count] for caller, count in largest
     ]
     assert fields["others"] == sum(callers.values()) - sum(count for _, count in largest)
+
+
+def test_counts_a_pass_cut_short_by_an_unexpected_exception_go_back_for_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The counts are taken before their records are written: an exception other than the audit
+    log's refusal (a bug; what a signal handler raised during the close) lost the record being
+    written and every one not yet tried. They go back now, and the next pass records them."""
+    private_pem, _ = new_signing_key()
+    key = load_signing_key(Secret(private_pem))
+    records = RefusalRecords("test refusals", lambda: 0.0)
+    callers = {f"spiffe://strongroom.test/c{index}": index + 1 for index in range(5)}
+    for caller, count in callers.items():
+        records.count_unrecorded(caller, "", count)
+    real = refusals._record_count
+    calls = [0]
+
+    def failing_third(*args: object) -> None:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt  # what a Ctrl-C during the broker's close raises here
+        real(*args)  # type: ignore[arg-type]
+
+    path = tmp_path / "audit.jsonl"
+    with AuditLog.open(path, key) as log:
+        monkeypatch.setattr(refusals, "_record_count", failing_third)
+        with pytest.raises(KeyboardInterrupt):
+            record_counts(log, records, "key_release", every=True)
+        monkeypatch.setattr(refusals, "_record_count", real)
+        record_counts(log, records, "key_release", every=True)
+    written = [json.loads(line) for line in path.read_text().splitlines()]
+    assert {r["caller"]["spiffe_id"]: r["claims"]["refusals_unrecorded"] for r in written} == (
+        callers
+    )
