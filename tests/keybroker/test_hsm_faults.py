@@ -597,6 +597,34 @@ def test_a_run_of_drops_ends_at_an_operation_not_at_a_health_check(
     ]
 
 
+def test_a_run_with_an_operation_s_drop_is_not_ended_by_a_check_after_a_check_s_drop(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A run that only checks met ends at a check that passes; one in which an operation lost its
+    # session does not, whatever checks lost since: only an operation says the HSM works again.
+    caplog.set_level(logging.INFO, logger="strongroom.keybroker.hsm")
+    hsm = open_hsm(make_config(softhsm_token, reconnect_interval=0.05, reconnect_max_interval=0.05))
+    op = _LosesItsSession(hsm)
+    _fails_and_drops(hsm, op, 1)
+    with pytest.raises(HsmUnavailable):  # reconnects at once, then a check loses the session
+        _log_out(hsm, ends_failures=False, then_check=True)
+
+    def checked() -> bool:
+        try:
+            hsm.check_health()
+        except HsmUnavailable:
+            return False
+        return True
+
+    _until(checked)  # the back-off is over; reconnected
+    assert not _lines(caplog, "again after")
+    op.failing = False
+    assert len(hsm.call(op, name="flap")) == 8
+    assert _lines(caplog, "again after") == [
+        "HSM operations succeed again after 2 dropped sessions"
+    ]
+
+
 def test_concurrent_calls_during_a_run_of_drops_reach_the_module_twice(
     softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], caplog: pytest.LogCaptureFixture
 ) -> None:
