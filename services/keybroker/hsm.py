@@ -40,9 +40,10 @@ each failed attempt up to ``reconnect_max_interval``, so a dead HSM costs caller
 not a reconnect each. A session dropped again before any operation succeeded on its re-established
 connection counts as a failed attempt (an HSM that connects but fails its operations re-initialised
 the module at every call); the back-off ends when an operation succeeds, not when a connection
-does, nor, after a drop, when a health check does (a token answers it while it fails every
-operation). Drops and failed attempts are logged once per failure, then counted
-(:class:`OutageLines`). A ``CKR_GENERAL_ERROR``/``CKR_FUNCTION_FAILED`` from a token that still
+does, nor, after an operation's drop, when a health check does (a token answers it while it fails
+every operation); a run that only health checks met (failed connections, sessions the HSM lost
+while an idle broker ran only checks) ends at a check that passes. Drops and failed attempts are
+logged once per failure, then counted (:class:`OutageLines`). A ``CKR_GENERAL_ERROR``/``CKR_FUNCTION_FAILED`` from a token that still
 answers (a corrupted object file, a token hiccup) also drops the connection — SoftHSM2 re-reads its
 object files only when re-initialised — and is reported as ``HsmUnavailable(HSM_OPERATION_FAILED)``,
 never as INTERNAL; :class:`~strongroom.keybroker.keys.KeyManager` decides whether a key that keeps
@@ -564,6 +565,10 @@ class Hsm(Closing):
         # Every session dropped since an operation last succeeded, one failing object's included
         # (those reconnect at once, at the pace of the calls that meet it): their lines.
         self._dropped = 0
+        # An operation's session (not a health check's) was among them: only another operation
+        # ends the run then, a check passing on a token that fails every operation. A run only
+        # checks met (an idle broker's HSM timing its session out) ends at a check that passes.
+        self._operation_dropped = False
         self._unwell = False  # a drop or a failed connection since an operation last succeeded
         # The reconnects are spaced after a dropped session, not a failed connection: what a
         # caller refused meanwhile is told.
@@ -650,8 +655,9 @@ class Hsm(Closing):
         ``creates_objects`` False marks an operation that creates no PKCS#11 objects (a health
         check): it does not count toward the recycle quota (module doc). ``ends_failures`` False
         marks one whose success says nothing of the HSM's operations (a health check: a token
-        answers it while it fails every operation): it does not end a run of dropped sessions
-        nor their back-off (a run of failed connections alone, it does). ``reread_token`` re-
+        answers it while it fails every operation): it does not end a run of failures in which
+        an operation's session was dropped, nor its back-off (a run that only such calls met,
+        it does: failed connections, sessions lost under health checks). ``reread_token`` re-
         initialises the module before ``op`` (a few milliseconds, as a recycle), so that its
         searches find every object in the token: a SoftHSM2 instance re-reads the token's object
         files only when initialised or when another instance has written to the token since its
@@ -703,10 +709,12 @@ class Hsm(Closing):
 
     def check_health(self, *, timeout: float | None = None) -> None:
         """Raises ``HsmUnavailable`` unless the token is reachable and logged in (reconnecting if
-        needed). Suitable for a readiness probe. Its success does not end a run of dropped
-        sessions (:meth:`call`'s ``ends_failures``): the broker's probe, twice a second, ended
-        the back-off of an HSM that answers it but loses the session under every operation. It
-        ends a run of failed connections alone, as any operation does."""
+        needed). Suitable for a readiness probe. Its success does not end a run in which an
+        operation's session was dropped (:meth:`call`'s ``ends_failures``): the broker's probe,
+        twice a second, ended the back-off of an HSM that answers it but loses the session under
+        every operation. It ends a run that only checks met (failed connections, sessions the HSM
+        lost while an idle broker ran only checks), as any operation does: otherwise each such
+        loss after the first backed the reconnects off, the probe saying not ready meanwhile."""
         self.call(
             lambda s: s.require_token(),
             timeout=timeout,
@@ -772,23 +780,28 @@ class Hsm(Closing):
             hs = conn.sessions.acquire()
         except p11x.PKCS11Error as exc:
             what = errs.describe(exc)
-            self._disconnect(f"cannot open a work session ({what})")
+            self._disconnect(f"cannot open a work session ({what})", by_operation=job.ends_failures)
             raise HsmUnavailable(f"the HSM cannot open a session ({what})") from exc
         try:
             result = job.op(hs)
-            # A health check says the token answers: all a run of failed connections alone was
-            # about, but nothing of the operations a run of drops lost their sessions under.
-            if self._unwell and (job.ends_failures or not self._dropped):
-                self._operations_succeed()
+            # A health check says the token answers: all a run of failed connections or of
+            # sessions lost under checks was about, but nothing of the operations a run of
+            # drops lost their sessions under.
+            if self._unwell and (job.ends_failures or not self._operation_dropped):
+                self._operations_succeed(by_check=not job.ends_failures)
             return result
         except HsmUnavailable as exc:
             if exc.reason != Reason.HSM_CLOSED:  # closing: the teardown comes next anyway
-                self._disconnect(exc.message, backs_off=exc.reason != Reason.HSM_OPERATION_FAILED)
+                self._disconnect(
+                    exc.message,
+                    backs_off=exc.reason != Reason.HSM_OPERATION_FAILED,
+                    by_operation=job.ends_failures,
+                )
             raise
         except StrongroomError:
             raise
         except p11x.PKCS11Error as exc:
-            raise self._translate(exc, conn, job.name) from exc
+            raise self._translate(exc, conn, job.name, by_operation=job.ends_failures) from exc
         finally:
             if self._conn is conn:
                 conn.sessions.release(hs)
@@ -824,10 +837,12 @@ class Hsm(Closing):
             extra={"token": self._config.token_label, "operation": name},
         )
 
-    def _translate(self, exc: p11x.PKCS11Error, conn: _Connection, name: str) -> StrongroomError:
+    def _translate(
+        self, exc: p11x.PKCS11Error, conn: _Connection, name: str, *, by_operation: bool
+    ) -> StrongroomError:
         what = errs.describe(exc)
         if errs.is_device_failure(exc) or not conn.token_answers():
-            self._disconnect(f"{what} during {name}")
+            self._disconnect(f"{what} during {name}", by_operation=by_operation)
             return HsmUnavailable(f"the HSM failed during {name} ({what})")
         if errs.is_stale_handle(exc):
             return HsmUnavailable(f"an HSM object changed during {name}; retry")
@@ -836,7 +851,7 @@ class Hsm(Closing):
             # SoftHSM2 re-reads its object files only when re-initialised, so reconnect, at
             # once: one damaged key must not hold the others back (KeyManager bounds its own
             # retries of a key that keeps failing).
-            self._disconnect(f"{what} during {name}", backs_off=False)
+            self._disconnect(f"{what} during {name}", backs_off=False, by_operation=by_operation)
             return HsmUnavailable(
                 f"the HSM failed {name} ({what}); the session is being re-initialised",
                 reason=Reason.HSM_OPERATION_FAILED,
@@ -984,12 +999,13 @@ class Hsm(Closing):
             _log.warning("the HSM supports no allowed OAEP hash: every key release will fail")
         return conn
 
-    def _disconnect(self, why: str, *, backs_off: bool = True) -> None:
+    def _disconnect(self, why: str, *, backs_off: bool = True, by_operation: bool = True) -> None:
         """Drops the connection after a failure. The first drop since an operation last
         succeeded lets the next call reconnect at once (a transient drop costs nothing more);
         a drop on a session re-established since (``backs_off``: the HSM's failure, not one
         object's) spaces the reconnects as failed connection attempts are, so that an HSM that
-        connects but fails its operations is not re-initialised by every call."""
+        connects but fails its operations is not re-initialised by every call.
+        ``by_operation`` False: a health check met it (:meth:`call`'s ``ends_failures``)."""
         if self._conn is None:
             return
         self._outage.failed(
@@ -1003,6 +1019,7 @@ class Hsm(Closing):
         self._last_error = why
         self._unwell = True
         self._dropped += 1
+        self._operation_dropped = self._operation_dropped or by_operation
         if backs_off:
             self._drops += 1
         if backs_off and self._drops > 1:
@@ -1012,17 +1029,21 @@ class Hsm(Closing):
         else:
             self._last_attempt = None
 
-    def _operations_succeed(self) -> None:
-        """An operation succeeded after drops or failed connections: the back-off ends, the
-        counts not yet said are said, and the next failure is logged and reconnected at once."""
+    def _operations_succeed(self, *, by_check: bool = False) -> None:
+        """An operation succeeded after drops or failed connections (``by_check``: a health
+        check, after failures only checks met): the back-off ends, the counts not yet said are
+        said, and the next failure is logged and reconnected at once."""
         drops, self._dropped = self._dropped, 0
         self._drops = 0
+        self._operation_dropped = False
         self._failed_attempts = 0
         self._unwell = False
         self._outage.committed()
         if drops > 1:
             _log.warning(
-                "HSM operations succeed again after %d dropped sessions",
+                "HSM health checks pass again after %d dropped sessions"
+                if by_check
+                else "HSM operations succeed again after %d dropped sessions",
                 drops,
                 extra={"token": self._config.token_label, "generation": self._generation},
             )

@@ -87,6 +87,11 @@ class _Tally:
     level: int = logging.ERROR
     fields: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
+    def repeated_by(self, message: str, fields: Mapping[str, object]) -> bool:
+        """Whether a failure of ``message`` with ``fields`` is this one again (its count line
+        says it with this one's fields)."""
+        return self.message == message and self.fields == fields
+
 
 class OutageLines:
     """Logs one owner's repeating failures to ``log``, bounded (see the module): an audit log's
@@ -161,15 +166,17 @@ class OutageLines:
         broker's own (the HSM's failed connection attempts: ``connect``; its dropped sessions:
         ``drop``, at WARNING), unless the same repeats one logged less than
         :data:`REPEAT_SECONDS` ago (then it is counted, and said as the refused commits are, at
-        the same level, with the same fields; :meth:`committed` ends it)."""
+        the same level, with the same fields; :meth:`committed` ends it). The same: its message
+        and its fields (other fields, another token's, are another failure)."""
         shown = self._tally(kind, message, reason, level, fields or {})
         if shown is None:
             return
         previous, unlogged, since = shown
-        if previous is not None and previous.message != message and previous.unlogged:
+        same = previous is not None and previous.repeated_by(message, fields or {})
+        if previous is not None and not same and previous.unlogged:
             self._times_line(previous)
         extra = _extra(reason, fields or {})
-        if previous is None or previous.message != message:
+        if not same:
             self._log.log(level, "%s", message, extra=extra)
         else:
             self._log.log(
@@ -245,14 +252,18 @@ class OutageLines:
             since = 0.0 if previous is None else now - previous.logged_at
             if (
                 previous is not None
-                and previous.message == message
+                and previous.repeated_by(message, fields or {})
                 and since < REPEAT_SECONDS
                 and not self._closing  # nothing would say a count taken now
             ):
                 previous.unlogged += 1
                 self._arm(previous.logged_at + REPEAT_SECONDS - now)
                 return None
-            self._tallies[kind] = _Tally(message, reason, now, level=level, fields=fields or {})
+            # A copy: the caller's mapping may change after the call, and the count line is said
+            # later (the timer's thread) with the fields the failure had.
+            self._tallies[kind] = _Tally(
+                message, reason, now, level=level, fields=dict(fields or {})
+            )
             unlogged = 0 if previous is None else previous.unlogged
             if not any(t.unlogged for t in self._tallies.values()):
                 self._disarm()

@@ -81,8 +81,8 @@ def session_objects(hsm: Hsm) -> int:
 def hsm_answers_again(hsm: Hsm, timeout: float = 30.0) -> None:
     """Waits, as a readiness probe does, until ``hsm`` passes a health check: a session dropped
     twice with no operation succeeding between has the reconnects backed off meanwhile. The check
-    reconnects (the next call runs at once) but does not end the run of drops: the next drop is
-    backed off again."""
+    reconnects (the next call runs at once) but does not end a run of drops in which an
+    operation lost its session: the next drop is backed off again."""
     deadline = time.monotonic() + timeout
     while True:
         try:

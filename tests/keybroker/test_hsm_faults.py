@@ -5,8 +5,10 @@
 - An HSM that connects but fails its operations (a session lost under every operation): each
   call re-initialised the module and logged a dropped and a re-established session; a second
   drop before any operation succeeds now backs the reconnects off, and the drops are counted;
-  a health check (the readiness probe's) does not end that run, a caller refused meanwhile is
-  told the HSM fails its operations (not that it cannot connect), and the lines name the token.
+  a health check (the readiness probe's) does not end that run (it ends one that only checks
+  met: an idle broker's HSM losing its session now and then reconnects at once each time), a
+  caller refused meanwhile is told the HSM fails its operations (not that it cannot connect),
+  and the lines name the token.
 - Finding 4: a key object the HSM fails to use (a damaged object file, a token hiccup) must not
   leave the broker stuck with INTERNAL: the connection is re-initialised, the caller gets
   UNAVAILABLE the first time and DATA_LOSS if the key keeps failing, the key is listed for
@@ -217,18 +219,23 @@ def test_damaged_key_does_not_stop_other_keys(
     assert bound(tee_key.decrypt(out, _OAEP)) == dek
 
 
-def _log_out(hsm: Hsm) -> None:
+def _log_out(hsm: Hsm, *, ends_failures: bool = True, then_check: bool = False) -> None:
     """The application's login goes (C_Logout on the login session, as a network HSM's failover or
-    idle timeout does): every session of the token is then a public one."""
+    idle timeout does): every session of the token is then a public one. ``ends_failures`` False:
+    the call that does it is a health check's, not an operation (an idle broker's HSM times its
+    session out while the broker runs checks only); ``then_check``: that check meets the lost
+    login at once (raises ``HsmUnavailable``; the session is dropped)."""
 
-    def op(_: HsmSession) -> None:
+    def op(hs: HsmSession) -> None:
         assert hsm._conn is not None
         library = ctypes.CDLL(str(hsm.config.module_path))
         library.C_Logout.argtypes = [ctypes.c_ulong]
         library.C_Logout.restype = ctypes.c_ulong
         assert library.C_Logout(hsm._conn.login.handle) == 0
+        if then_check:
+            hs.require_token()
 
-    hsm.call(op, name="log out", creates_objects=False)
+    hsm.call(op, name="log out", creates_objects=False, ends_failures=ends_failures)
 
 
 def test_a_lost_login_is_unavailable_not_a_missing_or_damaged_key(hsm: Hsm, km: KeyManager) -> None:
@@ -253,6 +260,64 @@ def test_a_lost_login_is_unavailable_not_a_missing_or_damaged_key(hsm: Hsm, km: 
     hsm.check_health()
     assert km.describe_key("model").current_version == 1
     assert km.unusable_keys() == {}
+
+
+def test_an_idle_broker_whose_hsm_loses_its_session_now_and_then_reconnects_at_once(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], caplog: pytest.LogCaptureFixture
+) -> None:
+    # An idle broker runs its readiness probe's health checks only. Since a check no longer ended
+    # a run of drops, the HSM's second idle logout, met by a check an hour after the first, was
+    # a drop before any operation succeeded: the reconnects backed off (up to
+    # reconnect_max_interval), the probe said not ready and callers were refused ('connects but
+    # fails its operations') though a reconnect works, and every later loss was counted in the
+    # same run, without its 'HSM session re-established'. A run that only checks met ends at a
+    # check that passes, as a run of failed connections does.
+    caplog.set_level(logging.INFO, logger="strongroom.keybroker.hsm")
+    hsm = open_hsm(make_config(softhsm_token, reconnect_interval=60, reconnect_max_interval=60))
+    km = KeyManager(hsm)
+    km.create_key("model")
+    for _ in range(3):
+        _log_out(hsm, ends_failures=False)
+        with pytest.raises(HsmUnavailable) as lost:
+            hsm.check_health()  # the probe meets the lost login: the session is dropped
+        assert lost.value.message == "the HSM session is no longer logged in"
+        hsm.check_health()  # reconnected at once: ready
+    assert km.describe_key("model").current_version == 1
+    # Each loss is a failure of its own, logged at once with its reconnection.
+    assert len(_lines(caplog, "HSM session dropped", logging.WARNING)) == 3
+    assert len(_lines(caplog, "HSM session re-established", logging.WARNING)) == 3
+    assert not _lines(caplog, "succeed again")
+
+
+def test_a_run_of_drops_only_health_checks_met_ends_at_a_check_that_passes(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The session is lost again on its reconnection (a failover under way): the reconnects back
+    # off, and the check that passes after it ends the run in words of checks, not of operations.
+    caplog.set_level(logging.INFO, logger="strongroom.keybroker.hsm")
+    hsm = open_hsm(make_config(softhsm_token, reconnect_interval=0.05, reconnect_max_interval=0.05))
+    for _ in range(2):  # the second reconnects (the first drop's reconnect) and loses it again
+        with pytest.raises(HsmUnavailable):
+            _log_out(hsm, ends_failures=False, then_check=True)
+
+    def checked() -> bool:
+        try:
+            hsm.check_health()
+        except HsmUnavailable as exc:
+            assert "connects but fails its operations" in exc.answer()
+            return False
+        return True
+
+    _until(checked)
+    assert _lines(caplog, "pass again after") == [
+        "HSM health checks pass again after 2 dropped sessions"
+    ]
+    assert not _lines(caplog, "HSM operations succeed again")
+    # Ended: the next loss reconnects at once.
+    _log_out(hsm, ends_failures=False)
+    with pytest.raises(HsmUnavailable):
+        hsm.check_health()
+    hsm.check_health()
 
 
 class _LosesItsSession:
@@ -528,6 +593,34 @@ def test_a_run_of_drops_ends_at_an_operation_not_at_a_health_check(
     assert len(hsm.call(op, name="flap")) == 8
     assert len(hsm.call(op, name="flap")) == 8
     assert _lines(caplog, "HSM operations succeed again after 2 dropped sessions") == [
+        "HSM operations succeed again after 2 dropped sessions"
+    ]
+
+
+def test_a_run_with_an_operation_s_drop_is_not_ended_by_a_check_after_a_check_s_drop(
+    softhsm_token: SoftHsmToken, open_hsm: Callable[..., Hsm], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A run that only checks met ends at a check that passes; one in which an operation lost its
+    # session does not, whatever checks lost since: only an operation says the HSM works again.
+    caplog.set_level(logging.INFO, logger="strongroom.keybroker.hsm")
+    hsm = open_hsm(make_config(softhsm_token, reconnect_interval=0.05, reconnect_max_interval=0.05))
+    op = _LosesItsSession(hsm)
+    _fails_and_drops(hsm, op, 1)
+    with pytest.raises(HsmUnavailable):  # reconnects at once, then a check loses the session
+        _log_out(hsm, ends_failures=False, then_check=True)
+
+    def checked() -> bool:
+        try:
+            hsm.check_health()
+        except HsmUnavailable:
+            return False
+        return True
+
+    _until(checked)  # the back-off is over; reconnected
+    assert not _lines(caplog, "again after")
+    op.failing = False
+    assert len(hsm.call(op, name="flap")) == 8
+    assert _lines(caplog, "again after") == [
         "HSM operations succeed again after 2 dropped sessions"
     ]
 

@@ -306,3 +306,31 @@ def test_a_real_log_left_alone_during_an_outage_says_its_count_within_the_period
 
 def _kept(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
     return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == _LOGGER]
+
+
+def test_a_failure_with_other_fields_is_not_counted_under_the_first_s(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A repeat was known by its message alone: a later failure with the same message but other
+    # fields (another token's drop) was counted into the first one's tally and said in its count
+    # line with the first one's fields, so a filter by field put it under the wrong one. Its
+    # fields are the caller's mapping, kept as they were when it failed.
+    now = [100.0]
+    lines = OutageLines(logging.getLogger(_LOGGER), clock=lambda: now[0])
+    caplog.set_level(logging.INFO, _LOGGER)
+    first = {"token": "a"}
+    lines.failed("drop", "HSM session dropped", level=logging.WARNING, fields=first)
+    lines.failed("drop", "HSM session dropped", level=logging.WARNING, fields={"token": "a"})
+    first["token"] = "changed after the call"
+    lines.failed("drop", "HSM session dropped", level=logging.WARNING, fields={"token": "b"})
+    lines.failed("drop", "HSM session dropped", level=logging.WARNING, fields={"token": "b"})
+    lines.committed()
+    said = [
+        (r.getMessage(), getattr(r, "token", None)) for r in caplog.records if r.name == _LOGGER
+    ]
+    assert said == [
+        ("HSM session dropped", "a"),
+        ("HSM session dropped (1 more times after its last line)", "a"),
+        ("HSM session dropped", "b"),
+        ("HSM session dropped (1 more times after its last line)", "b"),
+    ]
