@@ -18,6 +18,7 @@ from typing import Any, Literal
 import pytest
 
 from strongroom.dev.simulated import SimulatedAuthority
+from strongroom.keybroker.policies import PolicyStore
 from strongroom.pki import StepCa
 from strongroom.pki.stepca import BINARY_ENV
 from strongroom.runtime.config import LoggingConfig
@@ -44,6 +45,26 @@ def _pytest_keeps_its_exception_hooks() -> Iterator[None]:
     if after != before:
         threading.excepthook, sys.excepthook, sys.unraisablehook = before
         pytest.fail(f"the test left the process's exception hooks changed: {after}")
+
+
+@pytest.fixture(autouse=True)
+def _policy_stores_are_closed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Closes, when a test ends, every key broker :class:`PolicyStore` it made. A store whose
+    failing policy's repeats were still to be counted kept a timer that said them a minute later,
+    in whichever test ran then: a test asserting the policy logger's lines (test_lifecycle's
+    broken-policy test) failed in a CI rehearsal on a line of test_audit_floods' store. Closed,
+    a store says its counts at once and runs no timer after."""
+    made: list[PolicyStore] = []
+    init = PolicyStore.__init__
+
+    def tracked(self: PolicyStore, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(PolicyStore, "__init__", tracked)
+    yield
+    for store in made:
+        store.close()
 
 
 @pytest.fixture(autouse=True)

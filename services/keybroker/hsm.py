@@ -43,10 +43,10 @@ the module at every call); the back-off ends when an operation succeeds, not whe
 does, nor, after an operation's drop, when a health check does (a token answers it while it fails
 every operation); a run that only health checks met (failed connections, sessions the HSM lost
 while an idle broker ran only checks) ends at a check that passes. Drops and failed attempts are
-logged once per failure, then counted (:class:`OutageLines`). A ``CKR_GENERAL_ERROR``/``CKR_FUNCTION_FAILED`` from a token that still
-answers (a corrupted object file, a token hiccup) also drops the connection — SoftHSM2 re-reads its
-object files only when re-initialised — and is reported as ``HsmUnavailable(HSM_OPERATION_FAILED)``,
-never as INTERNAL; :class:`~strongroom.keybroker.keys.KeyManager` decides whether a key that keeps
+logged once per failure, then counted (:class:`OutageLines`). A ``CKR_GENERAL_ERROR`` or
+``CKR_FUNCTION_FAILED`` from a token that still answers (a corrupted object file, a token hiccup)
+also drops the connection — SoftHSM2 re-reads its object files only when re-initialised — and is
+reported as ``HsmUnavailable(HSM_OPERATION_FAILED)``, never as INTERNAL; :class:`~strongroom.keybroker.keys.KeyManager` decides whether a key that keeps
 failing on fresh connections is unusable (``DataLoss``). A refused PIN is never retried automatically
 (that would burn the token's PIN counter): reopen the :class:`Hsm` with a corrected configuration.
 
