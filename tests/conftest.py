@@ -48,7 +48,7 @@ def _pytest_keeps_its_exception_hooks() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def _policy_stores_are_closed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _policy_stores_are_closed() -> Iterator[None]:
     """Closes, when a test ends, every key broker :class:`PolicyStore` it made. A store whose
     failing policy's repeats were still to be counted kept a timer that said them a minute later,
     in whichever test ran then: a test asserting the policy logger's lines (test_lifecycle's
@@ -61,10 +61,15 @@ def _policy_stores_are_closed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
         init(self, *args, **kwargs)
         made.append(self)
 
-    monkeypatch.setattr(PolicyStore, "__init__", tracked)
-    yield
-    for store in made:
-        store.close()
+    # Not through monkeypatch: an autouse fixture using it has it set up before the others,
+    # and torn down after them, so the hooks a test's monkeypatch put back were checked first.
+    setattr(PolicyStore, "__init__", tracked)  # noqa: B010  # mypy: no assigning to a method
+    try:
+        yield
+    finally:
+        setattr(PolicyStore, "__init__", init)  # noqa: B010
+        for store in made:
+            store.close()
 
 
 @pytest.fixture(autouse=True)
