@@ -155,6 +155,19 @@ def _until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
     raise AssertionError("condition not reached")
 
 
+def _until_checked(hsm: Hsm) -> None:
+    """Waits until a health check of ``hsm`` passes (its back-off over, reconnected)."""
+
+    def checked() -> bool:
+        try:
+            hsm.check_health()
+        except HsmUnavailable:
+            return False
+        return True
+
+    _until(checked)
+
+
 @pytest.mark.parametrize("offset", [100, 500], ids=["label-damaged", "object-unreadable"])
 def test_damaged_key_object_is_reported_and_heals_without_restart(
     softhsm_token: SoftHsmToken,
@@ -579,15 +592,7 @@ def test_a_run_of_drops_ends_at_an_operation_not_at_a_health_check(
     hsm = open_hsm(make_config(softhsm_token, reconnect_interval=0.05, reconnect_max_interval=0.05))
     op = _LosesItsSession(hsm)
     _fails_and_drops(hsm, op, 2)
-
-    def checked() -> bool:
-        try:
-            hsm.check_health()
-        except HsmUnavailable:
-            return False
-        return True
-
-    _until(checked)  # the back-off is over; reconnected
+    _until_checked(hsm)  # the back-off is over; reconnected
     assert not _lines(caplog, "HSM operations succeed again")
     op.failing = False
     assert len(hsm.call(op, name="flap")) == 8
@@ -608,15 +613,7 @@ def test_a_run_with_an_operation_s_drop_is_not_ended_by_a_check_after_a_check_s_
     _fails_and_drops(hsm, op, 1)
     with pytest.raises(HsmUnavailable):  # reconnects at once, then a check loses the session
         _log_out(hsm, ends_failures=False, then_check=True)
-
-    def checked() -> bool:
-        try:
-            hsm.check_health()
-        except HsmUnavailable:
-            return False
-        return True
-
-    _until(checked)  # the back-off is over; reconnected
+    _until_checked(hsm)  # the back-off is over; reconnected
     assert not _lines(caplog, "again after")
     op.failing = False
     assert len(hsm.call(op, name="flap")) == 8

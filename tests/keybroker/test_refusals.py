@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from strongroom.keybroker import refusals
 from strongroom.keybroker.audit import AuditLog, load_signing_key, new_signing_key
@@ -55,6 +56,28 @@ def test_a_caller_cycling_through_reasons_shares_one_budget_across_them() -> Non
     assert counts == {reason: 6 if int(reason[1:]) < 56 else 7 for reason in reasons}
 
 
+def _signing_key() -> Ed25519PrivateKey:
+    private_pem, _ = new_signing_key()
+    return load_signing_key(Secret(private_pem))
+
+
+def _counted(callers: int, reason: str = "") -> tuple[RefusalRecords, dict[str, int]]:
+    """Counts not yet recorded of ``callers`` callers (of ``reason``, per reason when given),
+    each one more than the last's; and the counts by caller."""
+    records = RefusalRecords("test refusals", lambda: 0.0, per_reason=bool(reason))
+    counts = {f"spiffe://strongroom.test/c{index}": index + 1 for index in range(callers)}
+    for caller, count in counts.items():
+        records.count_unrecorded(caller, reason, count)
+    return records, counts
+
+
+def _refusing(tmp_path: Path, key: Ed25519PrivateKey) -> AuditLog:
+    """A real audit log that refuses every record from now on (closed: AUDIT_UNAVAILABLE)."""
+    log = AuditLog.open(tmp_path / "failing.jsonl", key)
+    log.close()
+    return log
+
+
 def test_counts_an_audit_outage_refuses_are_kept_and_said_in_one_error(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -62,14 +85,9 @@ def test_counts_an_audit_outage_refuses_are_kept_and_said_in_one_error(
     and wrote one ERROR per caller and reason: callers chose how many ERRORs each pass wrote. The
     first refused record ends the pass's tries; every count is kept, and one ERROR says how many
     were kept. The next pass, the log back, records each count in full."""
-    private_pem, _ = new_signing_key()
-    key = load_signing_key(Secret(private_pem))
-    records = RefusalRecords("test refusals", lambda: 0.0)
-    callers = {f"spiffe://strongroom.test/c{index}": index + 1 for index in range(40)}
-    for caller, count in callers.items():
-        records.count_unrecorded(caller, "", count)
-    log = AuditLog.open(tmp_path / "failing.jsonl", key)
-    log.close()  # every record from here on is refused (AUDIT_UNAVAILABLE)
+    key = _signing_key()
+    records, callers = _counted(40)
+    log = _refusing(tmp_path, key)
     with caplog.at_level(logging.ERROR, logger="strongroom.keybroker.refusals"):
         record_counts(log, records, "key_release", every=True)
     errors = [r for r in caplog.records if r.getMessage().startswith("cannot record counted")]
@@ -96,14 +114,8 @@ def test_counts_the_last_pass_cannot_record_are_named_in_its_error(
     each (caller, reason, count), the only trace of whose refusals went unrecorded. Its ERROR
     now says they are not recorded and names the largest counts by caller and reason, as the
     summary of refused calls not logged does, the rest in ``others``."""
-    private_pem, _ = new_signing_key()
-    key = load_signing_key(Secret(private_pem))
-    records = RefusalRecords("test refusals", lambda: 0.0, per_reason=True)
-    callers = {f"spiffe://strongroom.test/c{index}": index + 1 for index in range(40)}
-    for caller, count in callers.items():
-        records.count_unrecorded(caller, "HSM_UNAVAILABLE", count)
-    log = AuditLog.open(tmp_path / "failing.jsonl", key)
-    log.close()  # every record from here on is refused (AUDIT_UNAVAILABLE)
+    records, callers = _counted(40, "HSM_UNAVAILABLE")
+    log = _refusing(tmp_path, _signing_key())
     with caplog.at_level(logging.ERROR, logger="strongroom.keybroker.refusals"):
         record_counts(log, records, "key_release", every=True)
     [error] = [r for r in caplog.records if r.getMessage().startswith("cannot record counted")]
@@ -123,12 +135,8 @@ def test_counts_a_pass_cut_short_by_an_unexpected_exception_go_back_for_the_next
     """The counts are taken before their records are written: an exception other than the audit
     log's refusal (a bug; what a signal handler raised during the close) lost the record being
     written and every one not yet tried. They go back now, and the next pass records them."""
-    private_pem, _ = new_signing_key()
-    key = load_signing_key(Secret(private_pem))
-    records = RefusalRecords("test refusals", lambda: 0.0)
-    callers = {f"spiffe://strongroom.test/c{index}": index + 1 for index in range(5)}
-    for caller, count in callers.items():
-        records.count_unrecorded(caller, "", count)
+    key = _signing_key()
+    records, callers = _counted(5)
     real = refusals._record_count
     calls = [0]
 

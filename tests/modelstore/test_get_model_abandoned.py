@@ -6,7 +6,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -119,6 +119,25 @@ def test_an_abandoned_download_is_logged_once_with_what_was_sent(
         host.stop(0)
 
 
+def _serving(
+    get_model: Callable[[pb.GetModelRequest, grpc.ServicerContext], Iterator[bytes]],
+) -> tuple[grpc.Server, int]:
+    """A bare gRPC server (no runtime host around it) whose only method is ``get_model``, a
+    stand-in for the servicer's own GetModel; started, with its port."""
+    handler = grpc.unary_stream_rpc_method_handler(
+        get_model,
+        request_deserializer=pb.GetModelRequest.FromString,
+        response_serializer=lambda message: message,
+    )
+    server = grpc.server(ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"GetModel": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
 @pytest.mark.parametrize("how", ["CANCELLED", "DEADLINE_EXCEEDED"])
 def test_a_download_whose_generator_outlives_its_call_is_logged_when_the_call_ends(
     fs_storage: FilesystemStorage, stopped_lines: _Lines, how: str
@@ -135,17 +154,7 @@ def test_a_download_whose_generator_outlives_its_call_is_logged_when_the_call_en
         kept.append(responses)
         return responses
 
-    handler = grpc.unary_stream_rpc_method_handler(
-        get_model,
-        request_deserializer=pb.GetModelRequest.FromString,
-        response_serializer=lambda message: message,
-    )
-    server = grpc.server(ThreadPoolExecutor(4))
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"GetModel": handler}),)
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    server, port = _serving(get_model)
     slow = _windowed(port)
     try:
         _stored(Served(fs_storage, None, None))  # type: ignore[arg-type]  # its storage only
@@ -270,17 +279,7 @@ def test_a_download_whose_call_ended_before_its_handler_ran_is_logged_once(
         assert cancelled.wait(30) and ended.wait(30)  # the call's callbacks have run
         yield from servicer.GetModel(request, context)
 
-    handler = grpc.unary_stream_rpc_method_handler(
-        get_model,
-        request_deserializer=pb.GetModelRequest.FromString,
-        response_serializer=lambda message: message,
-    )
-    server = grpc.server(ThreadPoolExecutor(4))
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"GetModel": handler}),)
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    server, port = _serving(get_model)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         _stored(Served(fs_storage, None, None))  # type: ignore[arg-type]  # its storage only
