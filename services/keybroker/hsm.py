@@ -35,20 +35,21 @@ was queued).
 ``CKR_SESSION_HANDLE_INVALID``, a ``CKR_GENERAL_ERROR`` while the token no longer answers, ...)
 raises ``HsmUnavailable`` and drops the session. The next operation reconnects: ``C_Finalize`` +
 ``C_Initialize`` (SoftHSM2 needs both to see a token whose files came back), find the token by
-label, log in, re-probe the OAEP hashes. Attempts are spaced by ``reconnect_interval``, doubled after
-each failed attempt up to ``reconnect_max_interval``, so a dead HSM costs callers a fast failure,
-not a reconnect each. A session dropped again before any operation succeeded on its re-established
-connection counts as a failed attempt (an HSM that connects but fails its operations re-initialised
-the module at every call); the back-off ends when an operation succeeds, not when a connection
-does, nor, after an operation's drop, when a health check does (a token answers it while it fails
-every operation); a run that only health checks met (failed connections, sessions the HSM lost
-while an idle broker ran only checks) ends at a check that passes. Drops and failed attempts are
-logged once per failure, then counted (:class:`OutageLines`). A ``CKR_GENERAL_ERROR`` or
+label, log in, re-probe the OAEP hashes. Attempts are spaced by ``reconnect_interval``, doubled
+after each failed attempt up to ``reconnect_max_interval``, so a dead HSM costs callers a fast
+failure, not a reconnect each. A session dropped again before any operation succeeded on its
+re-established connection counts as a failed attempt (an HSM that connects but fails its operations
+re-initialised the module at every call); the back-off ends when an operation succeeds, not when a
+connection does, nor, after an operation's drop, when a health check does (a token answers it while
+it fails every operation); a run that only health checks met (failed connections, sessions the HSM
+lost while an idle broker ran only checks) ends at a check that passes. Drops and failed attempts
+are logged once per failure, then counted (:class:`OutageLines`). A ``CKR_GENERAL_ERROR`` or
 ``CKR_FUNCTION_FAILED`` from a token that still answers (a corrupted object file, a token hiccup)
 also drops the connection — SoftHSM2 re-reads its object files only when re-initialised — and is
-reported as ``HsmUnavailable(HSM_OPERATION_FAILED)``, never as INTERNAL; :class:`~strongroom.keybroker.keys.KeyManager` decides whether a key that keeps
-failing on fresh connections is unusable (``DataLoss``). A refused PIN is never retried automatically
-(that would burn the token's PIN counter): reopen the :class:`Hsm` with a corrected configuration.
+reported as ``HsmUnavailable(HSM_OPERATION_FAILED)``, never as INTERNAL;
+:class:`~strongroom.keybroker.keys.KeyManager` decides whether a key that keeps failing on fresh
+connections is unusable (``DataLoss``). A refused PIN is never retried automatically (that would
+burn the token's PIN counter): reopen the :class:`Hsm` with a corrected configuration.
 
 What SoftHSM2 2.6.1 does when its token directory is moved away (measured; the tests rely on it):
 an open session still answers ``C_FindObjects`` but finds only session objects (token objects
@@ -569,7 +570,6 @@ class Hsm(Closing):
         # ends the run then, a check passing on a token that fails every operation. A run only
         # checks met (an idle broker's HSM timing its session out) ends at a check that passes.
         self._operation_dropped = False
-        self._unwell = False  # a drop or a failed connection since an operation last succeeded
         # The reconnects are spaced after a dropped session, not a failed connection: what a
         # caller refused meanwhile is told.
         self._dropping = False
@@ -787,7 +787,7 @@ class Hsm(Closing):
             # A health check says the token answers: all a run of failed connections or of
             # sessions lost under checks was about, but nothing of the operations a run of
             # drops lost their sessions under.
-            if self._unwell and (job.ends_failures or not self._operation_dropped):
+            if self._unwell() and (job.ends_failures or not self._operation_dropped):
                 self._operations_succeed(by_check=not job.ends_failures)
             return result
         except HsmUnavailable as exc:
@@ -883,7 +883,6 @@ class Hsm(Closing):
         except HsmUnavailable as exc:
             self._last_error = exc.message
             self._failed_attempts += 1
-            self._unwell = True
             self._dropping = False
             refused = exc.reason == Reason.HSM_LOGIN_FAILED
             if not refused:  # logged as the refusal it is
@@ -1017,7 +1016,6 @@ class Hsm(Closing):
         self._conn.close()
         self._conn = None
         self._last_error = why
-        self._unwell = True
         self._dropped += 1
         self._operation_dropped = self._operation_dropped or by_operation
         if backs_off:
@@ -1029,6 +1027,11 @@ class Hsm(Closing):
         else:
             self._last_attempt = None
 
+    def _unwell(self) -> bool:
+        """Whether a session was dropped or a connection failed since an operation last
+        succeeded (both counts end together, in :meth:`_operations_succeed`)."""
+        return self._dropped > 0 or self._failed_attempts > 0
+
     def _operations_succeed(self, *, by_check: bool = False) -> None:
         """An operation succeeded after drops or failed connections (``by_check``: a health
         check, after failures only checks met): the back-off ends, the counts not yet said are
@@ -1037,7 +1040,6 @@ class Hsm(Closing):
         self._drops = 0
         self._operation_dropped = False
         self._failed_attempts = 0
-        self._unwell = False
         self._outage.committed()
         if drops > 1:
             _log.warning(
