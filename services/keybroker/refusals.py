@@ -14,20 +14,20 @@ and at shutdown; only a crash loses the last minute's. A record the audit log re
 failing) does not lose the count it carried, nor its refusal when budgeted: they are counted again
 (:meth:`RefusalRecords.count_unrecorded`) for the caller's next counting record.
 
-A budget is per caller, or per caller and reason (``per_reason``: refused key releases whose
-request was read, where an operator needs the first records of each reason in full and then a
-count per reason, and where one flood of one reason must not leave another reason unrecorded).
-Per reason, a caller's refusals of all reasons together also stay within
-:data:`REASONS_PER_CALLER` reasons' budgets; past that they are counted per reason, and the first
-refusal of a reason past its caller's budget is still recorded in full (with the count, 0): every
-reason a caller provokes has its first refusal in full, and one a minute while it goes on.
-Refusals the broker caused (:func:`~strongroom.errors.caused_by_caller` false: an HSM outage,
-collateral it cannot fetch or holds back while a fetch is backed off, a stored policy that does not load, a bug) have a budget
-of their own, :data:`BROKER_REFUSAL_BURST` per caller and reason, then the same rate: unbudgeted,
-every report naming a chip whose VCEK fetch was backed off (forged or not) was a record at its
-caller's pace. Their own budget, larger and apart from the caller's: an outage's first refusals are
-each recorded in full (what an operator must see), and a genuine caller refused through an outage
-has its own budget untouched once it ends.
+A budget is per caller, or per caller and reason (``per_reason``: refused key releases whose request
+was read, where an operator needs the first records of each reason in full and then a count per
+reason, and where one flood of one reason must not leave another reason unrecorded). Per reason, a
+caller's refusals of all reasons together also stay within :data:`REASONS_PER_CALLER` reasons'
+budgets; past that they are counted per reason, and the first refusal of a reason past its caller's
+budget is still recorded in full (with the count, 0): every reason a caller provokes has its first
+refusal in full, and one a minute while it goes on. Refusals the broker caused
+(:func:`~strongroom.errors.caused_by_caller` false: an HSM outage, collateral it cannot fetch or
+holds back while a fetch is backed off, a stored policy that does not load, a bug) have a budget of
+their own, :data:`BROKER_REFUSAL_BURST` per caller and reason, then the same rate: unbudgeted, every
+report naming a chip whose VCEK fetch was backed off (forged or not) was a record at its caller's
+pace. Their own budget, larger and apart from the caller's: an outage's first refusals are each
+recorded in full (what an operator must see), and a genuine caller refused through an outage has its
+own budget untouched once it ends.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from collections.abc import Callable
 from strongroom.errors import REFUSAL_LINE, StrongroomError
 from strongroom.keybroker.audit import AuditEvent, AuditLog, Decision
 from strongroom.reasons import Reason
+from strongroom.runtime.log_refusals import by_caller_and_reason
 from strongroom.runtime.ratelimit import CallerBuckets
 from strongroom.spiffe import is_workload_id
 
@@ -58,10 +59,6 @@ REASONS_PER_CALLER = 4
 together (256 at once, then 4 a second): a caller cycling through the catalogue's reasons would
 otherwise have each reason's budget, over a hundred records a second."""
 _MAX_LIMITED = 1024
-COUNTS_NAMED = 10
-"""How many of the counts the last pass (at shutdown) could not record its ERROR names, the
-largest, by caller and reason (the rest together in ``others``), as the runtime's summary of
-refused calls not logged does."""
 
 
 def log_unaudited(
@@ -219,48 +216,51 @@ def record_counts(
     after it are kept for a later pass, untried, and one ERROR says how many: a line per caller
     and reason let callers set the number of ERRORs each pass wrote through an audit outage.
     ``every`` is the last pass (the broker stops): none comes after it, so its ERROR says the
-    counts are not recorded and names the largest (:data:`COUNTS_NAMED`) by caller and reason,
+    counts are not recorded and names the largest by caller and reason (as the runtime's
+    :func:`~strongroom.runtime.log_refusals.by_caller_and_reason` does),
     the only trace of whose refusals went unrecorded."""
-    failure: StrongroomError | None = None
-    kept: Counter[tuple[str, str]] = Counter()
     due = records.take_counts(every=every)
+    failure: StrongroomError | None = None
     for index, (caller, counted, count) in enumerate(due):
-        if failure is None:
-            try:
-                _record_count(audit, action, caller, counted, count)
-                continue
-            except StrongroomError as exc:
-                failure = exc
-            except BaseException:
-                # A bug, or what a signal raised here: the counts taken and not written go back
-                # for the next pass (they were lost with this one).
-                for rest_caller, rest_counted, rest_count in due[index:]:
-                    records.count_unrecorded(rest_caller, rest_counted or "", rest_count)
-                raise
-        # Taken before the record was written: kept, or those refusals would leave no trace.
-        records.count_unrecorded(caller, counted or "", count)
-        kept[(caller, counted or "")] += count
+        try:
+            _record_count(audit, action, caller, counted, count)
+        except StrongroomError as exc:
+            failure = exc
+            break
+        except BaseException:
+            # A bug, or what a signal raised here: the counts taken and not written go back for
+            # the next pass (they were lost with this one).
+            _keep(records, due[index:])
+            raise
     if failure is None:
         return
-    unrecorded = kept.total()
+    # Taken before their records were written: kept, or those refusals would leave no trace.
+    kept = _keep(records, due[index:])
     fields: dict[str, object] = {
         "what": action,
         "counts": len(kept),
-        "unrecorded": unrecorded,
+        "unrecorded": kept.total(),
         "reason": failure.reason,
     }
     if not every:
         _log.error("cannot record counted refusals; kept for a later pass", extra=fields)
         return
-    named = kept.most_common(COUNTS_NAMED)
     _log.error(
         "cannot record counted refusals; the broker stops with them unrecorded",
-        extra={
-            **fields,
-            "by_caller_and_reason": [[caller, reason, n] for (caller, reason), n in named],
-            "others": unrecorded - sum(n for _, n in named),
-        },
+        extra={**fields, **by_caller_and_reason(kept)},
     )
+
+
+def _keep(
+    records: RefusalRecords, counts: list[tuple[str, str | None, int]]
+) -> Counter[tuple[str, str]]:
+    """Counts ``counts`` (taken for records not written) again, for the next pass; returns them
+    by caller and reason."""
+    kept: Counter[tuple[str, str]] = Counter()
+    for caller, counted, count in counts:
+        records.count_unrecorded(caller, counted or "", count)
+        kept[(caller, counted or "")] += count
+    return kept
 
 
 def _record_count(

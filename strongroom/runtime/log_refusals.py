@@ -114,6 +114,19 @@ def leave_rpc(token: Token[_RpcLog | None]) -> None:
     _RPC.reset(token)
 
 
+def by_caller_and_reason(counted: Counter[tuple[str, str]]) -> dict[str, object]:
+    """A line's fields saying ``counted`` (counts by caller and reason): the largest
+    (:data:`SUMMARY_ENTRIES`, the largest first) one by one in ``by_caller_and_reason`` as
+    ``[caller, reason, count]``, the rest summed in ``others``. One shape for every line that
+    says whose counts they are (the refused calls not logged, the key broker's refusals it could
+    not record)."""
+    named = counted.most_common(SUMMARY_ENTRIES)
+    return {
+        "by_caller_and_reason": [[caller, reason, n] for (caller, reason), n in named],
+        "others": sum(counted.values()) - sum(n for _, n in named),
+    }
+
+
 class RefusalLines(logging.Filter):
     """Lets through every line but refusal lines (:data:`~strongroom.errors.REFUSAL_LINE`), which
     are written within the budget the module describes, keyed on the RPC's caller (the bucket its
@@ -253,14 +266,12 @@ class RefusalLines(logging.Filter):
                 self._timer = None
         if not counted:
             return
-        named = counted.most_common(SUMMARY_ENTRIES)
         log.warning(
             "refused calls not logged",
             extra={
                 "calls": sum(counted.values()),
                 "seconds": round(seconds, 1),
-                "by_caller_and_reason": [[c, r, n] for (c, r), n in named],
-                "others": sum(counted.values()) - sum(n for _, n in named),
+                **by_caller_and_reason(counted),
             },
         )
 

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from strongroom.keybroker import refusals
 from strongroom.keybroker.audit import AuditLog, load_signing_key, new_signing_key
 from strongroom.keybroker.refusals import RefusalRecords, record_counts
+from strongroom.runtime import log_refusals
 from strongroom.runtime.secrets import Secret
 
 
@@ -122,7 +123,7 @@ def test_counts_the_last_pass_cannot_record_are_named_in_its_error(
     assert "later pass" not in error.getMessage()  # there is none
     fields = error.__dict__
     assert (fields["counts"], fields["unrecorded"]) == (len(callers), sum(callers.values()))
-    largest = sorted(callers.items(), key=lambda item: -item[1])[: refusals.COUNTS_NAMED]
+    largest = sorted(callers.items(), key=lambda item: -item[1])[: log_refusals.SUMMARY_ENTRIES]
     assert fields["by_caller_and_reason"] == [
         [caller, "HSM_UNAVAILABLE", count] for caller, count in largest
     ]
