@@ -14,11 +14,11 @@ from strongroom.reasons import Reason
 
 REFUSAL_LINE = "_strongroom_refusal"
 """The logging ``extra`` key that marks a line saying why a caller's RPC was refused
-(``extra={"reason": ..., REFUSAL_LINE: True}``): the service's log writes such lines within a
-budget per caller and reason (:mod:`strongroom.runtime.logs`), since callers choose how many there
-are. ``False`` says the opposite: the line is about the service's own failure (:func:`line_budgeted`),
-and it and the call's other lines are written every time. Its leading underscore keeps it out of
-the JSON line."""
+(``extra={"reason": ..., REFUSAL_LINE: True}``): the service's log writes such lines within a budget
+per caller and reason (:mod:`strongroom.runtime.logs`), since callers choose how many there are.
+``False`` says the opposite: the line is about the service's own failure (:func:`line_budgeted`),
+and it and the call's other lines are written every time. Its leading underscore keeps it out of the
+JSON line."""
 
 REFUSAL_CALL = "_strongroom_refusal_call"
 """The logging ``extra`` key giving the call (its ``grpc.ServicerContext``) that a refusal line

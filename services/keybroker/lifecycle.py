@@ -608,13 +608,13 @@ class KeyService:
         **extra: object,
     ) -> None:
         """Records ``refusal`` on its own (with ``extra`` fields), spending one of ``caller``'s
-        budget when the refusal is its own (:func:`~strongroom.errors.caused_by_caller`), else one of its budget for
-        the broker's failures of that reason (past which it is only counted, and recorded with
-        the count when a counting record is due: each was a record outside any budget, at the
-        caller's pace), with the count of those left unrecorded since the last counting record;
-        should the log refuse the record, that count and this refusal are counted again, not
-        lost, and the failure logged: the caller is answered with its refusal either way, as a refused key
-        release is (one rule for every refusal the broker audits)."""
+        budget when the refusal is its own (:func:`~strongroom.errors.caused_by_caller`), else one
+        of its budget for the broker's failures of that reason (past which it is only counted, and
+        recorded with the count when a counting record is due: each was a record outside any budget,
+        at the caller's pace), with the count of those left unrecorded since the last counting
+        record; should the log refuse the record, that count and this refusal are counted again, not
+        lost, and the failure logged: the caller is answered with its refusal either way, as a
+        refused key release is (one rule for every refusal the broker audits)."""
         budgeted = caused_by_caller(refusal)
         if not budgeted:
             turn = budget.broker_failure(caller, refusal.reason)

@@ -713,7 +713,7 @@ def test_a_fetched_vcek_outside_its_validity_is_the_brokers_fault(  # type: igno
 
 
 @pytest.mark.filterwarnings("ignore:Parsed a serial number")  # the Azure VCEK's own serial
-def test_a_cached_vcek_past_its_validity_is_fetched_again_not_the_caused_by_caller(  # type: ignore[no-untyped-def]
+def test_a_cached_vcek_past_its_validity_is_fetched_again_not_the_callers_fault(  # type: ignore[no-untyped-def]
     production, vectors, server, tmp_path
 ) -> None:
     """A VCEK the broker cached while it was valid was handed to the verifier once it had aged

@@ -160,7 +160,7 @@ def _flip(data: bytes, index: int) -> bytes:
         pytest.param(lambda w: bytes(40), id="zeros"),
     ],
 )
-def test_corrupt_wrapped_keys_are_the_caused_by_caller(
+def test_corrupt_wrapped_keys_are_the_callers_fault(
     hsm: Hsm,
     km: KeyManager,
     model_key: DataKey,
