@@ -69,14 +69,12 @@ import onnxruntime as ort
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.artifact import DEFAULT_DECRYPT_THREADS, decrypt_download, encrypt_stream
 from strongroom.artifact._memory import Prefaulter, output_bytes
-from strongroom.attesters import SimulatedAttester, TeeType
+from strongroom.attesters import SimulatedAttester
 from strongroom.client.keyrelease import KeyReleaseClient
 from strongroom.client.publish import publish_model
 from strongroom.client.store_channel import STORE_CHANNEL_OPTIONS
 from strongroom.dev.devstack import DevStack
 from strongroom.dev.devstack.model import train
-from strongroom.dev.devstack.stack import DEMO_MEASUREMENT
-from strongroom.dev.simulated import SimulatedAuthority
 from strongroom.inference.loader import ModelLoader
 from strongroom.inference.models import ModelRepository
 from strongroom.modelstore.service import SERVICE_NAME
@@ -377,12 +375,7 @@ def measure(
             store=stack.channel(publisher, "modelstore"),
         )
         identity = stack.identity("inference")
-        attester = SimulatedAttester(
-            SimulatedAuthority.load(stack.root / "simulated-tee").snp(),
-            TeeType.SEV_SNP,
-            production=False,
-            claims={"measurement": bytes.fromhex(DEMO_MEASUREMENT)},
-        )
+        attester = stack.simulated_attester()
         plain_server = stream_server.start("plain", model.path)
         # The same bare stream over mTLS, with the stack's certificates: what TLS alone costs.
         ca = stack.start_ca()

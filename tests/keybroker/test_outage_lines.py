@@ -29,6 +29,20 @@ FULL = AuditUnavailable("cannot write the audit log /srv/audit.log: No space lef
 LOCKED = AuditUnavailable("the audit log /srv/audit.log is locked by another process")
 
 
+def _appended_past_the_cap(log: AuditLog, stop_after: int | None = None) -> int:
+    """Appends up to 200 records to ``log`` (at a small size cap), or until it refused
+    ``stop_after``; returns how many it refused."""
+    refused = 0
+    for n in range(200):
+        try:
+            log.append(event(n))
+        except AuditUnavailable:
+            refused += 1
+            if refused == stop_after:
+                break
+    return refused
+
+
 def _lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
     found = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == _LOGGER]
     caplog.clear()
@@ -161,12 +175,7 @@ def test_a_real_log_closed_during_an_outage_says_what_it_refused_unlogged(
     counted, and closing the log says the count."""
     log = AuditLog.open(log_path, key, max_bytes=8 * 1024)
     caplog.set_level(logging.INFO, _LOGGER)
-    refused = 0
-    for n in range(200):
-        try:
-            log.append(event(n))
-        except AuditUnavailable:
-            refused += 1
+    refused = _appended_past_the_cap(log)
     assert refused > 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "size cap" in errors[0]
@@ -283,14 +292,7 @@ def test_a_real_log_left_alone_during_an_outage_says_its_count_within_the_period
     before = {t for t in threading.enumerate() if t.name == "outage-count"}
     log = AuditLog.open(log_path, key, max_bytes=8 * 1024)
     caplog.set_level(logging.INFO, _LOGGER)
-    refused = 0
-    for n in range(200):
-        try:
-            log.append(event(n))
-        except AuditUnavailable:
-            refused += 1
-            if refused == 5:
-                break
+    refused = _appended_past_the_cap(log, stop_after=5)
     counted = f"(it refused {refused - 1} more commits since it was last logged"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not any(counted in m for _, m in _kept(caplog)):
