@@ -101,7 +101,11 @@ def test_a_tampered_chunk_zeroes_the_run_and_ends_the_opener() -> None:
     assert not any(out[2 * CS :])
 
 
-@pytest.mark.parametrize(("key", "ctx"), [(os.urandom(32), b"bulk test"), (None, b"other")])
+@pytest.mark.parametrize(
+    ("key", "ctx"),
+    [(os.urandom(32), b"bulk test"), (None, b"other")],
+    ids=["wrong-key", "wrong-context"],
+)
 def test_a_wrong_key_or_context_fails_at_the_commitment(key: bytes | None, ctx: bytes) -> None:
     right, _ctx, _plain, ct = _message(1)
     with pytest.raises(DecryptionFailed):
