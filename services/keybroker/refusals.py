@@ -14,9 +14,10 @@ and at shutdown; only a crash loses the last minute's. A record the audit log re
 failing) does not lose the count it carried, nor its refusal when budgeted: they are counted again
 (:meth:`RefusalRecords.count_unrecorded`) for the caller's next counting record.
 
-A budget is per caller, or per caller and reason (``per_reason``: refused key releases whose request
-was read, where an operator needs the first records of each reason in full and then a count per
-reason, and where one flood of one reason must not leave another reason unrecorded). Per reason, a
+A budget is per caller, or per caller and reason (``per_reason``: refused key releases, whether
+their request was read or not, where an operator needs the first records of each reason in full
+and then a count per reason, and where one flood of one reason must not leave another reason
+unrecorded). Per reason, a
 caller's refusals of all reasons together also stay within :data:`REASONS_PER_CALLER` reasons'
 budgets; past that they are counted per reason, and the first refusal of a reason past its caller's
 budget is still recorded in full (with the count, 0): every reason a caller provokes has its first

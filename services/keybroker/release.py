@@ -180,7 +180,11 @@ class ReleaseEngine:
         self._collateral_grace = collateral_grace
         self._clock = clock
         self._hsm_timeout = hsm_timeout
-        self._unread_refusals = RefusalRecords("key releases refused unread", monotonic)
+        # Per reason, as refusals of a request that was read: a fleet shares one bucket, and one
+        # replica flooding a cheap refusal left the others' reasons only counted, under none.
+        self._unread_refusals = RefusalRecords(
+            "key releases refused unread", monotonic, per_reason=True
+        )
         self._read_refusals = RefusalRecords("key releases refused", monotonic, per_reason=True)
         self._broker_refusals = RefusalRecords(
             "key releases refused for the broker's failures",
@@ -223,12 +227,16 @@ class ReleaseEngine:
 
         These cost the caller nothing, so each ``bucket`` (the runtime's: the caller's SPIFFE ID,
         or :data:`~strongroom.runtime.callers.ROLELESS` for every caller without a role or a
-        usable certificate together) has 64 of them recorded one by one and then one a second
-        (:mod:`strongroom.keybroker.refusals`); past that they are counted, and a record once a
-        minute, or the bucket's next one recorded on its own, carries the count
-        (``claims.refusals_unrecorded``; ``claims.refusals_bucket`` names a shared bucket, whose
-        count is of all its callers). Refusals of a request that was read have a budget per
-        caller and reason (:meth:`release`)."""
+        usable certificate together) has, per reason, 64 of them recorded one by one and then one
+        a second (within 256 at once, then 4 a second, over its reasons:
+        :mod:`strongroom.keybroker.refusals`); past that they are counted per reason, and a
+        record once a minute, or the bucket's next one of that reason recorded on its own,
+        carries the count (``claims.refusals_unrecorded``; ``claims.counted_reason`` on the
+        broker's ``REFUSALS_COUNTED``; ``claims.refusals_bucket`` names a shared bucket, whose
+        count is of all its callers). Per reason, as refusals of a request that was read
+        (:meth:`release`): one budget for every reason let one replica's flood of a cheap
+        refusal leave its fleet's other refusals (a stalled message, a busy data plane) only
+        counted, in a count that named no reason."""
         context: dict[str, Any] = {}
         if caller is not None:
             context["caller_spiffe_id"] = caller.spiffe_id

@@ -1309,7 +1309,7 @@ def test_refusals_counted_past_a_budget_are_recorded_when_the_broker_stops(
         records = read_audit_records(audit_path)
     refused = [r for r in records if r["caller"]["spiffe_id"] == dev.spiffe_id("publisher")]
     assert [r["reason"] for r in refused] == ["PEER_NOT_ALLOWED"] * 65 + ["REFUSALS_COUNTED"]
-    assert refused[-1]["claims"] == {"refusals_unrecorded": 5}
+    assert refused[-1]["claims"] == {"refusals_unrecorded": 5, "counted_reason": "PEER_NOT_ALLOWED"}
 
 
 def test_callers_without_a_role_share_one_budget_of_audited_refusals(

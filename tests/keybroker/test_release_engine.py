@@ -802,6 +802,39 @@ def test_a_caller_that_stops_while_over_its_budget_has_its_count_recorded(
     assert len(counts()) == 2  # nothing left to record
 
 
+def test_a_flood_of_one_unread_refusal_leaves_another_reason_recorded_and_counted_as_its_own(
+    authority, tmp_path
+) -> None:
+    """Releases refused before their request was read had one budget per caller for every
+    reason, and their counts named none: a replica flooding undecodable requests (its fleet's
+    SPIFFE ID is one bucket) left the fleet's other refusals (here a request whose message never
+    came) only counted, in a count an auditor read as more undecodable requests, and the
+    broker's pass wrote that count naming no reason. Each reason now has its first refusals
+    recorded in full, and each count names the reason it counts."""
+    now = [1000.0]
+    engine, log = _real_audit_engine(authority, tmp_path, monotonic=lambda: now[0])
+    fleet = Caller("spiffe://strongroom.test/inference", 7, b"der")
+
+    def refuse(reason: str, times: int) -> None:
+        for _ in range(times):
+            refusal = InvalidArgument("refused unread", reason=reason)
+            engine.deny_unread(refusal, fleet, fleet.spiffe_id)
+
+    refuse("MALFORMED_REQUEST", 64 + 1 + 30)  # the budget, a counting record, 30 only counted
+    refuse("REQUEST_MESSAGE_TIMEOUT", 2)
+    now[0] += 60.0
+    engine.record_counted_refusals()
+    records = read_audit_records(log)
+    timeouts = [r for r in records if r["reason"] == "REQUEST_MESSAGE_TIMEOUT"]
+    assert len(timeouts) == 2 and timeouts[0]["caller"]["spiffe_id"] == fleet.spiffe_id
+    counted = [
+        (r["claims"].get("counted_reason"), r["claims"]["refusals_unrecorded"])
+        for r in records
+        if r["reason"] == "REFUSALS_COUNTED"
+    ]
+    assert counted == [("MALFORMED_REQUEST", 30)]
+
+
 def test_counts_whose_record_the_audit_log_refuses_are_kept_for_a_later_record(
     authority, tmp_path, monkeypatch
 ) -> None:
@@ -840,7 +873,7 @@ def test_counts_whose_record_the_audit_log_refuses_are_kept_for_a_later_record(
         for r in read_audit_records(log)[written:]
     }
     assert counted == {
-        (stranger.spiffe_id, None): 500 + 1,
+        (stranger.spiffe_id, "PEER_NOT_ALLOWED"): 500 + 1,
         (CALLER.spiffe_id, "NONCE_EXPIRED"): 7 + 1,
     }
 
