@@ -489,8 +489,7 @@ def test_a_token_for_another_identity_is_refused_before_it_replaces_ours(
     root = tmp_path / "root.pem"
     root.write_bytes(ca.root_pem)
     token_file = tmp_path / "inference.token"
-    token_file.write_text(token_for(ca, "inference"))
-    token_file.chmod(0o600)
+    token_file.touch(mode=0o600)
     config = IdentityConfig(
         trust_domain="strongroom.test",
         spiffe_id=sid("inference"),
@@ -499,10 +498,17 @@ def test_a_token_for_another_identity_is_refused_before_it_replaces_ours(
         token_file=token_file,
         state_dir=state,
     )
+    foreign = token_for(ca, "modelstore")
+    token_file.write_text(foreign)
+    # A first start, with nothing persisted yet: refused alike, nothing written.
+    with pytest.raises(FailedPrecondition) as refused:
+        open_identity(config)
+    assert refused.value.reason == Reason.IDENTITY_MISMATCH
+    assert not state.exists()
+    token_file.write_text(token_for(ca, "inference"))
     with open_identity(config) as first:
         ours = first.credentials
     persisted = (state / STATE_FILE).read_bytes()
-    foreign = token_for(ca, "modelstore")
     token_file.write_text(foreign)
     with pytest.raises(FailedPrecondition) as refused:
         open_identity(config)
