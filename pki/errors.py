@@ -46,6 +46,12 @@ class NoIdentity(FailedPrecondition):
     default_reason = Reason.NO_IDENTITY
 
 
+class IdentityMismatch(FailedPrecondition):
+    """An enrolment token asks for another SPIFFE ID than the workload's own (it is not used)."""
+
+    default_reason = Reason.IDENTITY_MISMATCH
+
+
 class IdentityClosed(FailedPrecondition):
     """The workload identity was closed and can no longer be used."""
 

@@ -36,7 +36,7 @@ from strongroom.pki._state import (
     save_superseded,
     superseded_files,
 )
-from strongroom.pki._x509 import all_sans, build_csr, generate_key, verify_chain
+from strongroom.pki._x509 import all_sans, build_csr, generate_key, split_san, verify_chain
 from strongroom.pki.channel import RotatingChannel
 from strongroom.pki.client import REVOCATION_REASONS, CaClient, ClientCertificate
 from strongroom.pki.credentials import Credentials
@@ -44,6 +44,7 @@ from strongroom.pki.errors import (
     CaRejected,
     CertificateInvalid,
     IdentityClosed,
+    IdentityMismatch,
     InvalidPkiConfig,
     NoIdentity,
 )
@@ -143,6 +144,21 @@ def _token_sans(token: str) -> tuple[str, list[str]]:
             "the enrolment token has no usable sub/sans", reason=Reason.BAD_TOKEN
         )
     return subject, list(sans)
+
+
+def _check_token_names(sans: Sequence[str], expected: SpiffeId | str | None) -> None:
+    """Raises :class:`IdentityMismatch` unless the token's ``sans`` carry exactly one URI SAN, the
+    workload's own SPIFFE ID ``expected`` (None: any)."""
+    if expected is None:
+        return
+    uris = [s for s in sans if isinstance(split_san(s), x509.UniformResourceIdentifier)]
+    if uris != [str(expected)]:
+        asked = ", ".join(uris) if uris else "no SPIFFE ID"
+        raise IdentityMismatch(
+            f"the enrolment token asks for {asked}, not for this workload's identity {expected}: "
+            "it was not presented to the CA, and nothing persisted was changed (give "
+            "a token minted for this workload's SPIFFE ID)"
+        )
 
 
 def _persisted_identity(ca: CaClient, state: Path, now: datetime) -> Credentials | None:
@@ -283,12 +299,18 @@ class WorkloadIdentity(Closing):
         policy: RenewalPolicy | None = None,
         clock: Clock = utc_now,
         auto_renew: bool = True,
+        spiffe_id: SpiffeId | str | None = None,
     ) -> WorkloadIdentity:
         """Enrols with a one-time token: fresh P-256 key, CSR with exactly the token's SANs.
 
-        ``lifetime`` asks for a certificate lifetime (the CA's default when None).
+        ``lifetime`` asks for a certificate lifetime (the CA's default when None). ``spiffe_id``,
+        when given, is the workload's own: a token asking for another is refused
+        (:class:`IdentityMismatch`) before it is presented or anything persisted is touched.
         """
         _, sans = _token_sans(token)
+        # A token for another workload (a secret mounted in the wrong place) enrolled, replaced
+        # and revoked the identity persisted here, and only then failed the caller's check.
+        _check_token_names(sans, spiffe_id)
         state = Path(state_dir) if state_dir is not None else None
         if state is not None:
             # Before the token is presented: step-ca takes it once, whatever happens after.
@@ -367,18 +389,23 @@ class WorkloadIdentity(Closing):
         policy: RenewalPolicy | None = None,
         clock: Clock = utc_now,
         auto_renew: bool = True,
+        spiffe_id: SpiffeId | str | None = None,
     ) -> WorkloadIdentity:
         """Resumes from ``state_dir`` when it holds a valid identity, else enrols with ``token``.
 
         A ``token`` that is still valid and asks for other SANs than the persisted identity has
         (another DNS name, another SPIFFE ID) is the operator's replacement for it: it enrols, and
         the identity it replaces is revoked. Renewals copy a certificate's names, so resuming
-        would keep the old ones for ever.
+        would keep the old ones for ever. ``spiffe_id``, when given, is the workload's own: a
+        token for another is refused before it is used (:meth:`enrol`).
         """
         replaced = None
         not_resumed = None
         if state_dir is not None and token is not None:
             replaced = _token_replaces(token, Path(state_dir), clock(), ca.roots)
+            if replaced is not None:
+                # Before the warning that it replaces the persisted identity: it may not.
+                _check_token_names(_token_sans(token)[1], spiffe_id)
         if replaced is not None:
             _log.warning("enrolling with the enrolment token: %s", replaced)
         elif state_dir is not None:
@@ -400,6 +427,7 @@ class WorkloadIdentity(Closing):
                 policy=policy,
                 clock=clock,
                 auto_renew=auto_renew,
+                spiffe_id=spiffe_id,
             )
         except CaRejected as exc:
             if replaced is not None and "(HTTP 401)" in exc.message:

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from strongroom.errors import FailedPrecondition, StrongroomError
 from strongroom.pki.authz import SpiffeAuthorizer
 from strongroom.pki.client import CaClient
-from strongroom.pki.errors import CertificateInvalid, NoIdentity
+from strongroom.pki.errors import CertificateInvalid, IdentityMismatch, NoIdentity
 from strongroom.pki.identity import RenewalPolicy, WorkloadIdentity
 from strongroom.reasons import Reason
 from strongroom.runtime import lifetime, logs, signals, starting, uncaught
@@ -114,7 +114,11 @@ def open_identity(config: IdentityConfig, *, serves: bool = True) -> WorkloadIde
             token=token,
             state_dir=config.state_dir,
             policy=RenewalPolicy(fraction=config.renew_fraction),
+            spiffe_id=config.spiffe_id,
         )
+    except IdentityMismatch as exc:
+        # Only a token can be for another identity: name the file it came from.
+        raise IdentityMismatch(f"identity.token_file {config.token_file}: {exc.message}") from None
     except NoIdentity as exc:
         if token is not None or config.token_file is None:
             raise

@@ -472,3 +472,54 @@ def test_a_refused_state_directory_does_not_use_up_the_token(ca: StepCa, tmp_pat
     os.chown(state, os.geteuid(), os.getegid())
     with WorkloadIdentity.enrol(ca.client(), token, state_dir=state, auto_renew=False) as identity:
         assert str(identity.spiffe_id) == sid("inference")
+
+
+def test_a_token_for_another_identity_is_refused_before_it_replaces_ours(
+    ca: StepCa, tmp_path: Path
+) -> None:
+    """The token file holds a fresh token for another workload (a secret mounted into the wrong
+    pod, or a token file an attacker could write). The start enrolled with it because it asked
+    for other SANs than the persisted identity's: it took the token, wrote the other workload's
+    key and certificate over the service's own, revoked the service's live certificate, and only
+    then refused IDENTITY_MISMATCH; every later start resumed the other identity and failed the
+    same way, until an operator minted a token for the right name. The configured SPIFFE ID is
+    now checked against the token before it is presented: the state, the live certificate and
+    the token stay as they were."""
+    state = tmp_path / "state"
+    root = tmp_path / "root.pem"
+    root.write_bytes(ca.root_pem)
+    token_file = tmp_path / "inference.token"
+    token_file.touch(mode=0o600)
+    config = IdentityConfig(
+        trust_domain="strongroom.test",
+        spiffe_id=sid("inference"),
+        ca_url=ca.url,
+        ca_root_file=root,
+        token_file=token_file,
+        state_dir=state,
+    )
+    foreign = token_for(ca, "modelstore")
+    token_file.write_text(foreign)
+    # A first start, with nothing persisted yet: refused alike, nothing written.
+    with pytest.raises(FailedPrecondition) as refused:
+        open_identity(config)
+    assert refused.value.reason == Reason.IDENTITY_MISMATCH
+    assert not state.exists()
+    token_file.write_text(token_for(ca, "inference"))
+    with open_identity(config) as first:
+        ours = first.credentials
+    persisted = (state / STATE_FILE).read_bytes()
+    token_file.write_text(foreign)
+    with pytest.raises(FailedPrecondition) as refused:
+        open_identity(config)
+    assert refused.value.reason == Reason.IDENTITY_MISMATCH
+    assert sid("modelstore") in refused.value.message
+    assert sid("inference") in refused.value.message
+    assert str(token_file) in refused.value.message
+    assert (state / STATE_FILE).read_bytes() == persisted
+    assert not list(state.glob("superseded-*"))
+    # Still renewable: not revoked at the CA.
+    ca.client().renew(ClientCertificate(ours.key_pem, ours.chain_pem))
+    # And the token was not taken: the workload it is for still enrols with it.
+    with WorkloadIdentity.start(ca.client(), token=foreign, auto_renew=False) as other:
+        assert str(other.spiffe_id) == sid("modelstore")
