@@ -45,7 +45,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -124,7 +124,11 @@ class ModelBusy(Unavailable):
 
 
 class ModelLoader:
-    """Loads model versions into a :class:`ModelRepository`; one load per model at a time."""
+    """Loads model versions into a :class:`ModelRepository`; one load per model at a time.
+
+    ``version_pins`` are the configured pins (``inference.models[].header_sha256``) by (name,
+    version): a load of such a version that names no pin of its own is held to it (see
+    :meth:`load`)."""
 
     def __init__(
         self,
@@ -140,8 +144,10 @@ class ModelLoader:
         max_model_bytes: int | None = None,
         accept_unbound: bool = False,
         key_pins: KeyPins | None = None,
+        version_pins: Mapping[tuple[str, str], bytes] | None = None,
     ) -> None:
         self._repository = repository
+        self._version_pins = dict(version_pins or {})
         self._accept_unbound = accept_unbound
         self._pins = key_pins or KeyPins()
         self._max_model_bytes = max_model_bytes
@@ -217,6 +223,10 @@ class ModelLoader:
         model's manifest's), as ``model publish`` prints it. The header binds the creation time,
         so another artifact of the same name and version (an older one, deleted and published
         again) is refused (FAILED_PRECONDITION HEADER_PIN_MISMATCH) before its key is requested.
+        Without one, a version configured with a pin (``version_pins``) is held to that pin: a
+        LoadModel naming no pin (an operator reloading a configured model that failed) loaded
+        whatever artifact the store served for it, the one its configuration refuses included.
+        A pin the caller names is its own choice and is used instead.
 
         ``scope`` (a LoadModel caller's: :class:`~strongroom.client.cancel.CallScope`) ends the
         load when its caller cancels or its deadline passes: the wait for another load of the
@@ -228,6 +238,8 @@ class ModelLoader:
         (holding a server thread and the model's lock, up to the load timeout).
         """
         scope = scope if scope is not None else CallScope()
+        if header_sha256 is None:
+            header_sha256 = self._version_pins.get((name, version))
         lock = self._lock(name)
         ticket = lock.enter(version)
         try:

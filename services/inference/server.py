@@ -297,6 +297,8 @@ def _build_on(
         max_model_bytes=config.max_model_bytes,
         accept_unbound=config.accept_unbound_artifacts,
         key_pins=config.key_pins,
+        # A configured version's pin holds for every load of it, a LoadModel naming none too.
+        version_pins={(m.name, m.version): m.pin for m in config.models if m.pin is not None},
         signature=(
             SignaturePolicy.from_pem(
                 config.model_signing_public_key.read_bytes(),

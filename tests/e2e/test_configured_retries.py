@@ -15,12 +15,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from strongroom.api.inference.v1 import model_control_pb2 as control_pb
+from strongroom.api.inference.v1 import model_control_pb2_grpc as control_grpc
 from strongroom.api.keybroker.v1 import keybroker_pb2 as kb_pb
 from strongroom.api.keybroker.v1 import keybroker_pb2_grpc as kb_grpc
 from strongroom.api.modelstore.v1 import modelstore_pb2 as store_pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as store_grpc
+from strongroom.client.publish import publish_model
 from strongroom.dev.devstack import DevStack
 from strongroom.errors import FailedPrecondition, PermissionDenied, Unavailable
 from strongroom.files import shared_flock
@@ -304,6 +308,56 @@ def test_a_retry_does_not_replace_the_version_an_operator_loaded_since(
     assert wait_until(lambda: not loader_thread.is_alive(), 30)
     assert inference.repository.status("moved").default_version == "2"
     assert inference.repository.version_state("moved", "1") is not ModelState.READY
+
+
+def test_a_load_naming_no_pin_is_held_to_the_configured_one(
+    stack: DevStack, model_path: Path, stopped: None
+) -> None:
+    """A configured version pinned to its artifact (``inference.models[].header_sha256``) was
+    held to the pin by its own loads only: an operator's LoadModel naming no pin (what reloads a
+    configured model that failed) loaded whatever the store served for the version, here another
+    artifact published for it after the pinned one was deleted (an older one served again
+    alike). Now it is refused before any key is released, unless the operator names a pin."""
+    admin, publisher = stack.identity("admin"), stack.identity("publisher")
+    stack.create_release_key(admin, "pinned", policy_version="1")
+
+    def put() -> str:
+        return publish_model(
+            model_path,
+            name="pinned",
+            version="1",
+            key_id="pinned",
+            broker=stack.channel(publisher, "keybroker"),
+            store=stack.channel(publisher, "modelstore"),
+        ).header_sha256
+
+    pinned = put()
+    store_grpc.ModelStoreServiceStub(stack.channel(admin, "modelstore")).DeleteModel(
+        store_pb.DeleteModelRequest(name="pinned", version="1"), timeout=30
+    )
+    served = put()
+    assert served != pinned  # the header binds its creation time
+    earlier = stack.services.pop("inference", None)
+    if earlier is not None:
+        earlier.stop()
+    section = {
+        **stack.default_section("inference"),
+        "models": [{"name": "pinned", "version": "1", "header_sha256": pinned}],
+    }
+    inference: InferenceServer = stack.start_in_process("inference", section).handle
+    control = control_grpc.ModelControlServiceStub(stack.channel(admin, "inference"))
+    with pytest.raises(grpc.RpcError) as refused:
+        control.LoadModel(control_pb.LoadModelRequest(name="pinned", version="1"), timeout=60)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
+    assert (refused.value.details() or "").startswith("HEADER_PIN_MISMATCH: ")
+    assert pinned in (refused.value.details() or "")
+    assert not inference.repository.is_ready("pinned", "1")
+    assert _released(stack, "pinned") == 0
+    # A pin the operator names is the operator's choice.
+    control.LoadModel(
+        control_pb.LoadModelRequest(name="pinned", version="1", header_sha256=served), timeout=60
+    )
+    assert inference.repository.is_ready("pinned", "1")
 
 
 def test_a_failure_whose_reason_flips_is_logged_once_an_hour_per_reason(
