@@ -236,6 +236,62 @@ def test_service_secrets_are_mounted_only_where_needed(
             assert "hostPath" not in v, f"{component(dep)} mounts a hostPath"
 
 
+#: Settings naming a file a service loads as a secret (``Secret.load``: refused unless private).
+SECRET_FILE_SETTING = re.compile(
+    r"^(token|pin|nonce_key|audit_key|access_key_id|secret_access_key)_file$"
+)
+
+
+def _secret_file_settings(node: Any, where: str = "") -> list[tuple[str, str]]:
+    """(setting, path) of every secret file a rendered service configuration names."""
+    found: list[tuple[str, str]] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if SECRET_FILE_SETTING.match(str(key)) and isinstance(value, str):
+                found.append((f"{where}{key}", value))
+            else:
+                found += _secret_file_settings(value, f"{where}{key}.")
+    return found
+
+
+def test_every_secret_file_a_service_loads_is_the_init_containers_private_copy(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    """The kubelet writes a Secret volume's files root-owned, and with the pod's fsGroup adds the
+    group's read bit (0400 becomes 0440): the service (uid 10001) then either cannot read them or
+    refuses them as not private (``Secret.load``). So every secret file a service's configuration
+    names must be one the bootstrap init container wrote (its ``COPY_FILES`` destinations, 0600
+    and the service's own, or its token) on a memory emptyDir. The model store's S3 key pair was
+    mounted straight from its Secret: with the s3 backend (the production values) every store
+    replica refused to start."""
+    name, docs = rendered
+    configs = _configs(docs)
+    checked = 0
+    for dep in kind(docs, "Deployment"):
+        service = component(dep)
+        if service not in SERVICES:
+            continue
+        pod = dep["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (init,) = [c for c in pod["initContainers"] if c["name"] == "bootstrap"]
+        env = {e["name"]: e.get("value", "") for e in init["env"]}
+        written = {pair.split("=", 1)[1] for pair in env["COPY_FILES"].split()}
+        written.add(env["TOKEN_FILE"])
+        (main,) = [c for c in pod["containers"] if c["name"] == service]
+        mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
+        for setting, path in _secret_file_settings(yaml.safe_load(configs[service])):
+            where = f"{name}: {service} {setting} {path}"
+            mount = max((m for m in mounts if path.startswith(m.rstrip("/") + "/")), key=len)
+            volume = volumes[mounts[mount]]
+            assert volume.get("emptyDir", {}).get("medium") == "Memory", (
+                f"{where} is on volume {mounts[mount]} ({sorted(set(volume) - {'name'})}), "
+                "not a private copy in memory"
+            )
+            assert path in written, f"{where}: the bootstrap init container does not write it"
+            checked += 1
+    assert checked >= 6, checked  # the broker's three, and each service's token
+
+
 def test_each_pod_mounts_only_its_own_provisioner_secret(
     rendered: tuple[str, list[dict[str, Any]]],
 ) -> None:

@@ -9,6 +9,7 @@ directions with the documented set: nothing missing, nothing extra.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -243,3 +244,17 @@ def test_selector_semantics() -> None:
     ]
     for expr, expected in exprs:
         assert selector_matches({"matchExpressions": [expr]}, labels) is expected, expr
+
+
+def test_no_inference_clients_means_nobody_reaches_inference(helm: str, tmp_path: Path) -> None:
+    """An operator with no client peers yet writes ``networkPolicy.clients: []``: the chart
+    rendered ``from: []``, which Kubernetes reads as every source, so any pod of any namespace
+    (and, behind the production load balancer, any address) reached inference's port. No clients
+    now means no ingress to inference at all; every other documented flow stays."""
+    no_clients = tmp_path / "no-clients.yaml"
+    no_clients.write_text("networkPolicy:\n  clients: []\n")
+    docs = render(helm, (*VALUES_SETS["production"], no_clients))
+    extra = compute("production", docs) - DOCUMENTED_PRODUCTION
+    assert not extra, f"with no clients, these still reach inference: {sorted(extra)}"
+    allowed = compute("production", docs)
+    assert allowed == DOCUMENTED_PRODUCTION - {("client", "inference", "7443/TCP")}
