@@ -19,6 +19,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
+from strongroom.errors import InvalidArgument
+from strongroom.modelstore import _pagetoken
 from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.modelstore.errors import StoredDataCorrupt
 from strongroom.modelstore.limits import MAX_PAGE_SIZE
@@ -728,6 +730,24 @@ def test_a_rule_no_name_fits_under_does_not_fail_the_publishers_listing(
             ["team-a/m"] if not prefix else [],
             "",
         )
+
+
+def test_a_forged_page_token_with_a_lone_surrogate_is_invalid_not_internal(
+    served: Served,
+) -> None:
+    """A token's JSON can escape a lone surrogate, which no stored key holds: the storage's
+    encoding of it raised UnicodeEncodeError, so any reader's forged token was INTERNAL, with a
+    traceback logged outside every budget; a scoped publisher's too, naming its own prefix."""
+    served.storage.put([make_artifact("team-a/m", "1", b"w")], StructureValidator())
+    forged = _pagetoken.encode("", "team-a/\ud800", "1")
+    err = rpc_error(served.stub.ListModels, pb.ListModelsRequest(page_token=forged))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
+    caller = "spiffe://t.test/publisher"
+    scopes = PublisherScopes({caller: ("team-a/",)})
+    servicer = ModelStoreServicer(served.storage, publishers=scopes)
+    with pytest.raises(InvalidArgument) as info:
+        servicer._scoped_page("", 10, forged, scopes, caller)
+    assert info.value.reason == "INVALID_PAGE_TOKEN"
 
 
 def test_method_roles_cover_every_rpc() -> None:
