@@ -7,7 +7,10 @@ to the prefix so that reusing it with another listing is an error rather than a 
 Its name and version are a resume point, compared with the index's keys and never looked up, so
 they are held to the grammar's lengths only, not to its characters: a page may end at a corrupt
 filesystem index row whose name an edit put outside the grammar (``acme/m\n``), and the next page
-must resume after that row rather than fail or list it again.
+must resume after that row rather than fail or list it again. They must still name a key a store
+can hold: text that encodes to bytes (a row's bytes that are not UTF-8 read as surrogateescape's
+``\udc80``-``\udcff``), and, for a backend whose keys are all in the grammar (S3's, ``grammar``),
+a key in it: nothing else is any listing's resume point.
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ from collections.abc import Sequence
 
 from strongroom import jsonparse
 from strongroom.errors import InvalidArgument, StrongroomError
-from strongroom.identifiers import MAX_NAME_LENGTH, MAX_VERSION_LENGTH, validate_prefix
+from strongroom.identifiers import (
+    MAX_NAME_LENGTH,
+    MAX_VERSION_LENGTH,
+    validate_name,
+    validate_prefix,
+    validate_version,
+)
 from strongroom.modelstore.limits import MAX_PAGE_SIZE
 from strongroom.modelstore.records import CorruptEntry, ModelPage, ModelRecord
 from strongroom.reasons import Reason
@@ -37,8 +46,9 @@ def encode(prefix: str, name: str, version: str) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
-def decode(token: str, prefix: str) -> tuple[str, str]:
-    """The (name, version) to resume after; InvalidArgument(INVALID_PAGE_TOKEN) if unusable."""
+def decode(token: str, prefix: str, *, grammar: bool = False) -> tuple[str, str]:
+    """The (name, version) to resume after; InvalidArgument(INVALID_PAGE_TOKEN) if unusable
+    (``grammar``: unless both are in the name and version grammar)."""
     try:
         if len(token) > MAX_TOKEN_LENGTH:
             raise ValueError("too long")
@@ -55,6 +65,17 @@ def decode(token: str, prefix: str) -> tuple[str, str]:
         validate_prefix(token_prefix)
         if len(name) > MAX_NAME_LENGTH or len(version) > MAX_VERSION_LENGTH:
             raise ValueError("key too long")
+        # The token is JSON, whose escapes make any code point: a lone surrogate ("\ud800") names
+        # no key, and the backend's encoding of it failed with an untyped UnicodeEncodeError, so
+        # any reader's forged token was INTERNAL, logged with a traceback, outside every budget.
+        name.encode("utf-8", "surrogateescape")
+        version.encode("utf-8", "surrogateescape")
+        if grammar:
+            # Keys outside it are no record of such a backend, never a page's last: one in a
+            # listing's StartAfter (a NUL, U+FFFF) was answered 500 by the object store, UNAVAILABLE
+            # to the caller and an ERROR for the operator, each retried by the client.
+            validate_name(name)
+            validate_version(version)
     except (ValueError, UnicodeError, binascii.Error, StrongroomError):
         raise InvalidArgument(
             "page_token is not a valid token", reason=Reason.INVALID_PAGE_TOKEN
@@ -67,18 +88,21 @@ def decode(token: str, prefix: str) -> tuple[str, str]:
     return name, version
 
 
-def start(prefix: str, page_size: int, page_token: str) -> tuple[str, str] | None:
+def start(
+    prefix: str, page_size: int, page_token: str, *, grammar: bool = False
+) -> tuple[str, str] | None:
     """Checks a listing request; the (name, version) to resume after, None for the first page.
 
     InvalidArgument for a malformed prefix, a ``page_size`` outside 1..MAX_PAGE_SIZE
-    (INVALID_PAGE_SIZE) or an unusable token (INVALID_PAGE_TOKEN).
+    (INVALID_PAGE_SIZE) or an unusable token (INVALID_PAGE_TOKEN; ``grammar``: one naming a key
+    outside the name and version grammar is, see :func:`decode`).
     """
     validate_prefix(prefix)
     if not 1 <= page_size <= MAX_PAGE_SIZE:
         raise InvalidArgument(
             f"page_size must be between 1 and {MAX_PAGE_SIZE}", reason=Reason.INVALID_PAGE_SIZE
         )
-    return decode(page_token, prefix) if page_token else None
+    return decode(page_token, prefix, grammar=grammar) if page_token else None
 
 
 def page_of(prefix: str, entries: Sequence[ModelRecord | CorruptEntry], *, more: bool) -> ModelPage:

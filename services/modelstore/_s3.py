@@ -2112,7 +2112,8 @@ class S3Storage(Closing):
         does not parse is in the page's ``corrupt``, not its models (reads of it stay DATA_LOSS).
         """
         self._check_open()
-        after = _pagetoken.start(prefix, page_size, page_token)
+        # Every key this backend lists is in the grammar (_split_index_key), so is every token's.
+        after = _pagetoken.start(prefix, page_size, page_token, grammar=True)
         start = self._index_key(*after) if after else None
         keys: list[tuple[str, str]] = []
         # page_size + 1 records tell whether another page follows. Objects under index/ that are

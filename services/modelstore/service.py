@@ -457,10 +457,11 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         Only the key ranges its rules name are read (:meth:`PublisherScopes.listing_prefixes`,
         in order), not the whole listing with other tenants' models filtered out: a publisher
         whose names lie among many others' saw its listing stop, and made the store read every
-        other model under the prefix on each page. Within those ranges (an exact name's also
-        holds longer names) others' models are still skipped, boundedly
-        (:data:`MAX_SKIPPED_PER_PAGE`): past it, with nothing to show, the caller is told to
-        narrow the listing rather than be handed a token naming another's.
+        other model under the prefix on each page. A range is read up to the last name its
+        rules cover (an exact name's range also holds longer names, sorted after it); others'
+        models before that are skipped, boundedly (:data:`MAX_SKIPPED_PER_PAGE`): past it, with
+        nothing to show, the caller is told to narrow the listing rather than be handed a token
+        naming another's.
 
         A token names the last model returned, the caller's own; one naming a name outside the
         caller's rules is refused (forged, it would start the skipping anywhere), and a prefix
@@ -479,6 +480,15 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
         entries: list[ModelRecord | CorruptEntry] = []
         skipped = 0
         for sub in ranges:
+            # Past the greatest rule in the range, no name sorts that a rule covers (an exact
+            # name's versions come before its longer names; a prefix rule's names before any
+            # name above it that does not start with it): the range ends at the first model
+            # of another's there. Read on, an exact-name rule's range (``shared/m``) skipped
+            # every other tenant's longer name after the caller's own (``shared/m-b/...``):
+            # past the bound, every walk of its listing ended LISTING_TOO_SPARSE, its later
+            # ranges never listed. None: a narrowed range (a name_prefix under a prefix rule),
+            # whose every name is covered.
+            last = max((r for r in scopes.rules.get(caller, ()) if r.startswith(sub)), default=None)
             sub_token = ""
             if after is not None:
                 if after[0].startswith(sub):
@@ -502,6 +512,8 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
                         if len(entries) == page_size:
                             return _pagetoken.page_of(prefix, entries, more=True)
                         continue
+                    if last is not None and entry.name > last:
+                        break
                     skipped += 1
                     if skipped > MAX_SKIPPED_PER_PAGE:
                         if entries:
@@ -511,9 +523,11 @@ class ModelStoreServicer(pb_grpc.ModelStoreServiceServicer):
                             "here; list with a name_prefix within your own model names",
                             reason=Reason.LISTING_TOO_SPARSE,
                         )
-                if not page.next_page_token:
-                    break
-                sub_token = page.next_page_token
+                else:
+                    if page.next_page_token:
+                        sub_token = page.next_page_token
+                        continue
+                break  # the range is listed to its end, or past its last covered name
         return _pagetoken.page_of(prefix, entries, more=False)
 
     def DeleteModel(

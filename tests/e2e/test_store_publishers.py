@@ -238,27 +238,30 @@ def _store_unscoped(store: ModelStore, *names: str) -> None:
             store.storage.put(chunked(make_artifact(name, "1", b"w")), StructureValidator())
 
 
-def test_a_listing_of_mostly_other_tenants_stops_instead_of_naming_them(
+def test_a_listing_past_an_exact_rules_own_models_ends_without_naming_others(
     stack: DevStack, store: ModelStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Skipping other tenants' models is bounded; with none of its own in reach the caller is
-    told to narrow the listing (a token would have to name a model it may not see). Only an
-    exact-name rule's range can hold others' models (longer names)."""
+    """An exact-name rule's range (``shared/m``) also holds others' longer names, all after the
+    caller's own versions: past the skip bound of them, the page after its own was
+    LISTING_TOO_SPARSE, so every walk of its listing ended there (its ``team-a/`` models never
+    listed). Nothing after the rule's last name is the caller's: the range ends there, naming
+    none of them (the bound on others between its own names: test_service)."""
     if all(m.name != "shared/m" for m in store.storage.records()):
         put(stack, store, stack.identity("publisher"), "shared/m")
+    if all(m.name != "team-a/listed" for m in store.storage.records()):
+        put(stack, store, stack.identity("publisher"), "team-a/listed")
     _store_unscoped(store, "shared/m1", "shared/m2", "shared/m3")
     monkeypatch.setattr(service_module, "MAX_SKIPPED_PER_PAGE", 2)
     with stack.identity("publisher").channel(f"localhost:{store.host.port}") as channel:
         stub = pb_grpc.ModelStoreServiceStub(channel)
         after_own = _pagetoken.encode("shared/", "shared/m", "1")
-        with pytest.raises(grpc.RpcError) as info:
-            stub.ListModels(
-                pb.ListModelsRequest(name_prefix="shared/", page_token=after_own), timeout=30
-            )
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
-        assert peer_reason(info.value) == "LISTING_TOO_SPARSE"
-        own = stub.ListModels(pb.ListModelsRequest(name_prefix="team-a/"), timeout=30)
-        assert all(m.name.startswith("team-a/") for m in own.models)
+        page = stub.ListModels(
+            pb.ListModelsRequest(name_prefix="shared/", page_token=after_own), timeout=30
+        )
+        assert (list(page.models), page.next_page_token) == ([], "")
+    listed = _list_all(stack.identity("publisher"), store, 1)
+    assert {"shared/m", "team-a/listed"} <= set(listed)
+    assert all(n.startswith("team-a/") or n == "shared/m" for n in listed)
 
 
 def test_a_scoped_listing_reads_only_the_ranges_the_callers_rules_name(

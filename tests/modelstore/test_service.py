@@ -19,6 +19,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from strongroom.api.modelstore.v1 import modelstore_pb2 as pb
 from strongroom.api.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from strongroom.artifact import StructureValidator
+from strongroom.errors import InvalidArgument, ResourceExhausted
+from strongroom.modelstore import _pagetoken
+from strongroom.modelstore import service as service_module
 from strongroom.modelstore.config import ModelstoreConfig
 from strongroom.modelstore.errors import StoredDataCorrupt
 from strongroom.modelstore.limits import MAX_PAGE_SIZE
@@ -37,6 +40,7 @@ from strongroom.reasons import METADATA_KEY as REASON_TRAILER
 from strongroom.runtime.config import ConfigError, ServerConfig, build
 from tests.modelstore.artifacts import chunked, make_artifact, with_header
 from tests.modelstore.backends import (
+    AnyStorage,
     assert_clean,
     blob_count,
     edit_index_entry,
@@ -728,6 +732,63 @@ def test_a_rule_no_name_fits_under_does_not_fail_the_publishers_listing(
             ["team-a/m"] if not prefix else [],
             "",
         )
+
+
+def test_a_forged_page_token_with_a_lone_surrogate_is_invalid_not_internal(
+    served: Served,
+) -> None:
+    """A token's JSON can escape a lone surrogate, which no stored key holds: the storage's
+    encoding of it raised UnicodeEncodeError, so any reader's forged token was INTERNAL, with a
+    traceback logged outside every budget; a scoped publisher's too, naming its own prefix."""
+    served.storage.put([make_artifact("team-a/m", "1", b"w")], StructureValidator())
+    forged = _pagetoken.encode("", "team-a/\ud800", "1")
+    err = rpc_error(served.stub.ListModels, pb.ListModelsRequest(page_token=forged))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
+    caller = "spiffe://t.test/publisher"
+    scopes = PublisherScopes({caller: ("team-a/",)})
+    servicer = ModelStoreServicer(served.storage, publishers=scopes)
+    with pytest.raises(InvalidArgument) as info:
+        servicer._scoped_page("", 10, forged, scopes, caller)
+    assert info.value.reason == "INVALID_PAGE_TOKEN"
+
+
+def _scoped_listing(servicer: ModelStoreServicer, caller: str, page_size: int) -> list[str]:
+    """Every name a scoped caller's listing walk shows, page by page."""
+    scopes = servicer._publishers
+    assert scopes is not None
+    names: list[str] = []
+    token = ""
+    while True:
+        page = servicer._scoped_page("", page_size, token, scopes, caller)
+        names += [m.name for m in page.models]
+        if not (token := page.next_page_token):
+            return names
+
+
+@pytest.mark.parametrize("page_size", [1, 1000])
+def test_other_tenants_models_after_an_exact_rules_own_do_not_end_the_listing(
+    storage: AnyStorage, monkeypatch: pytest.MonkeyPatch, page_size: int
+) -> None:
+    """An exact-name rule's range (``shared/m``) also holds longer names, another tenant's
+    (``shared/m-b/...``, under a rule of its own), all after the caller's own versions: more than
+    MAX_SKIPPED_PER_PAGE of them ended every listing walk of the caller with LISTING_TOO_SPARSE
+    after its first page, whatever the name_prefix, and its models in later ranges
+    (``team-a/``) were never listed; each page read that many of the other tenant's records.
+    Past the last name a rule of the range covers, nothing more is the caller's: the range ends
+    there. Others' models between names its rules cover still count towards the bound."""
+    caller = "spiffe://t.test/publisher"
+    for name in ("shared/m", "shared/m-b/1", "shared/m-b/2", "shared/m-b/3", "team-a/x"):
+        storage.put([make_artifact(name, "1", b"w")], StructureValidator())
+    monkeypatch.setattr(service_module, "MAX_SKIPPED_PER_PAGE", 2)
+    scopes = PublisherScopes({caller: ("shared/m", "team-a/")})
+    servicer = ModelStoreServicer(storage, publishers=scopes)
+    assert _scoped_listing(servicer, caller, page_size) == ["shared/m", "team-a/x"]
+    # The bound still holds where the others lie between the caller's own names.
+    between = PublisherScopes({caller: ("shared/m", "shared/m-c", "team-a/")})
+    servicer = ModelStoreServicer(storage, publishers=between)
+    with pytest.raises(ResourceExhausted) as info:
+        _scoped_listing(servicer, caller, page_size)
+    assert info.value.reason == "LISTING_TOO_SPARSE"
 
 
 def test_method_roles_cover_every_rpc() -> None:

@@ -509,6 +509,28 @@ def test_list_rejects_bad_tokens_and_sizes(storage: AnyStorage) -> None:
     assert info.value.reason == "INVALID_NAME_PREFIX"
 
 
+def test_a_page_token_naming_no_key_the_store_can_hold_is_invalid(storage: AnyStorage) -> None:
+    """A token is JSON, whose escapes make any code point, and its key was held to lengths only:
+    a lone surrogate failed both backends' encoding of the resume point with an untyped
+    UnicodeEncodeError (any reader's forged token answered INTERNAL, a traceback logged each
+    time), and on S3 a key no listing of it names (a NUL, U+FFFF) went into ListObjectsV2's
+    StartAfter, answered 500 (UNAVAILABLE, an object-store ERROR, retried). Each is
+    INVALID_PAGE_TOKEN; a filesystem row's bytes that are not UTF-8 still resume a listing."""
+    storage.put([make_artifact("a", "1", b"x")], StructureValidator())
+    refused = [("\ud800", "1"), ("a", "\ud800")]
+    resumable = [("a\udcff", "1"), ("a\x00b", "1"), ("\uffff", "1"), ("a b", "1")]
+    if isinstance(storage, S3Storage):
+        refused += resumable  # S3 lists only keys in the grammar: no token names another
+        resumable = []
+    for name, version in refused:
+        with pytest.raises(InvalidArgument) as info:
+            storage.list(page_token=encode_page_token("", name, version))
+        assert info.value.reason == "INVALID_PAGE_TOKEN", (name, version)
+    for name, version in resumable:
+        page = storage.list(page_token=encode_page_token("", name, version))
+        assert page.models == () and page.next_page_token == ""
+
+
 def test_a_later_page_is_read_from_its_resume_point_not_from_the_start(
     fs_storage: FilesystemStorage,
 ) -> None:
