@@ -598,6 +598,39 @@ def label_lookup(labels: list[str]) -> bytes:
     )
 
 
+def byte_label_lookup(labels: list[bytes], *, text_input: bool = False) -> bytes:
+    """:func:`label_lookup` with labels of any bytes: an ONNX string is bytes, and a publisher's
+    need not be UTF-8 text. ``text_input`` adds a BYTES input ``note`` echoed as ``note_out``,
+    so that ONNX Runtime runs the model through ``run`` (a string input)."""
+    table = numpy_helper.from_array(np.array(labels, dtype=object), "labels")
+    nodes = [
+        helper.make_node("ArgMax", ["x"], ["index"], axis=1, keepdims=0),
+        helper.make_node("Gather", ["labels", "index"], ["label"]),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", len(labels)])]
+    outputs = [_text("label", ["batch"])]
+    if text_input:
+        nodes.append(helper.make_node("Identity", ["note"], ["note_out"]))
+        inputs.append(_text("note", ["n"]))
+        outputs.append(_text("note_out", ["n"]))
+    return _strings_model(nodes, inputs, outputs, [table])
+
+
+def non_utf8_output_name() -> bytes:
+    """``Identity`` whose output is named ``caf\\xe9`` (Latin-1, not UTF-8): written by hand, as
+    the onnx package writes names only from ``str``."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["cafe"])],
+        "names",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("cafe", TensorProto.FLOAT, [1])],
+    )
+    data = _model(graph).SerializeToString()
+    # Same length, so every field's length stays right: each occurrence of the name changes.
+    assert data.count(b"cafe") == 2
+    return data.replace(b"cafe", b"caf\xe9")
+
+
 def string_label_classifier(labels: list[str]) -> bytes:
     """What sklearn-onnx writes for a linear classifier with string classes: ``LinearClassifier``
     (ai.onnx.ml) naming each row's class from its ``classlabels_strings``, and ``ZipMap`` giving

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from strongroom.errors import Cancelled, InvalidArgument, ResourceExhausted
+from strongroom.errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted
 from strongroom.inference.models import (
     LoadedModel,
     ModelLoadError,
@@ -186,6 +186,42 @@ def test_text_a_cast_cannot_parse_is_the_callers_input_not_a_server_failure(
     assert info.value.reason == "INFERENCE_INPUT_REJECTED"
     assert "Cast operator" in info.value.message
     assert [r.levelname for r in caplog.records] == ["WARNING"]
+
+
+@pytest.mark.parametrize("text_input", [False, True], ids=["numeric-inputs", "string-input"])
+def test_a_string_output_that_is_not_utf8_is_the_models_fault_not_a_crash(
+    text_input: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An ONNX string is bytes; ONNX Runtime's Python API hands string outputs over as ``str``,
+    # decoding them as UTF-8. A published model whose labels are not UTF-8 (Latin-1 text, or
+    # crafted) made that decode raise on every request: UnicodeDecodeError out of infer (INTERNAL
+    # and a traceback logged as a bug, per request), or with a string input INFERENCE_FAILED and
+    # an ERROR line every time, any client with the model in scope choosing how many.
+    labels = [b"cat", b"caf\xe9"]  # Latin-1: not UTF-8
+    model = LoadedModel.from_bytes(
+        "labels", "1", onnx_models.byte_label_lookup(labels, text_input=text_input)
+    )
+    feeds = {"x": np.array([[1.0, 0.0]], np.float32)}
+    if text_input:
+        feeds["note"] = np.array([b"hello"], dtype=object)
+    assert model.infer(feeds)["label"].tolist() == [b"cat"]
+    feeds["x"] = np.array([[0.0, 1.0]], np.float32)
+    with caplog.at_level("WARNING"), pytest.raises(FailedPrecondition) as info:
+        model.infer(feeds)
+    assert info.value.reason == "MODEL_OUTPUT_NOT_UTF8"
+    assert "UTF-8" in info.value.message and "labels" in info.value.message
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert caplog.records[0].reason == "MODEL_OUTPUT_NOT_UTF8"
+
+
+def test_a_model_whose_tensor_names_are_not_utf8_is_refused_as_invalid() -> None:
+    # ONNX names are strings the protobuf runtime does not check in a model; ORT loads one
+    # whose output is named in Latin-1, and reading the name raised UnicodeDecodeError out of
+    # the load: MODEL_LOAD_ERROR and a traceback, as a bug, rather than the model's own fault.
+    with pytest.raises(ModelLoadError) as info:
+        LoadedModel.from_bytes("names", "1", onnx_models.non_utf8_output_name())
+    assert info.value.reason == "MODEL_INVALID"
+    assert "UTF-8" in info.value.message
 
 
 def test_ort_rejects_inputs_as_invalid_argument() -> None:
