@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -178,6 +181,14 @@ def adder(value: float) -> bytes:
         [numpy_helper.from_array(np.array([value], dtype=np.float32), "c")],
     )
     return _model(graph).SerializeToString()
+
+
+def with_ort_config(config: Mapping[str, object]) -> bytes:
+    """:func:`adder` whose metadata carries ONNX Runtime session options (``ort_config``), which
+    ORT applies when its environment has ``ORT_LOAD_CONFIG_FROM_MODEL=1``."""
+    model = onnx.load_from_string(adder(1.0))
+    helper.set_model_props(model, {"ort_config": json.dumps(config)})
+    return model.SerializeToString()
 
 
 def bfloat16_identity() -> bytes:

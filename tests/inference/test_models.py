@@ -258,6 +258,25 @@ def test_session_options_never_write_files() -> None:
         RuntimeOptions(graph_optimization="fast")
 
 
+def test_a_models_metadata_never_sets_its_session_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With ORT_LOAD_CONFIG_FROM_MODEL=1 in the service's environment (an ORT debugging switch),
+    # ONNX Runtime took session options from the model's ``ort_config`` metadata over the
+    # service's: a publisher's model turned profiling on (a JSON file of its graph's nodes and
+    # shapes, written to the working directory every run) and chose its own thread counts.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ORT_LOAD_CONFIG_FROM_MODEL", "1")
+    config = {"session_options": {"enable_profiling": 1, "intra_op_num_threads": 7}}
+    with caplog.at_level("WARNING"):
+        model = LoadedModel.from_bytes("configured", "1", onnx_models.with_ort_config(config))
+    model.infer({"x": X})
+    chosen = model._session.get_session_options()
+    assert not chosen.enable_profiling and chosen.intra_op_num_threads == 0
+    assert list(tmp_path.iterdir()) == []
+    assert "ORT_LOAD_CONFIG_FROM_MODEL" in caplog.text
+
+
 # -- repository ---------------------------------------------------------------------------------
 
 

@@ -42,7 +42,7 @@ from strongroom.inference.models._graph import (
     GraphTooLarge,
     walk_model,
 )
-from strongroom.inference.models._ort import ort, ort_state
+from strongroom.inference.models._ort import ignore_config_from_model, ort, ort_state
 from strongroom.inference.models._strings import StringBounds
 from strongroom.reasons import Reason
 from strongroom.runtime.gave_up import GaveUp
@@ -217,6 +217,7 @@ class RuntimeOptions:
 
 def session_options(options: RuntimeOptions) -> ort.SessionOptions:
     """Session options that keep ORT from writing or reading any file for the model."""
+    ignore_config_from_model()  # or the model's metadata would set what follows over ours
     so = ort.SessionOptions()
     so.optimized_model_filepath = ""  # never serialise the optimised graph (it holds the weights)
     so.enable_profiling = False
