@@ -238,16 +238,22 @@ def lookup_external(table: np.ndarray, location: str = "weights.bin") -> tuple[b
     return model.SerializeToString(), data
 
 
-def sized_by_value(operator: str, where: str = "graph") -> bytes:
+def sized_by_value(operator: str, where: str = "graph", domain: str = "") -> bytes:
     """``y = operator(ConstantOfShape(n))``: a request's value ``n`` sizes ``operator``'s input
     (``NonZero`` or ``Unique`` on INT64 ones). ``where``: the node in the ``graph``, in an ``If``
-    branch (``subgraph``), or in a model-local ``function``."""
+    branch (``subgraph``), or in a model-local ``function``. ``domain`` ``com.microsoft``: ONNX
+    Runtime's own (contrib) operator of that name, ``Unique`` on FLOAT ones (the only type its
+    kernel takes; three outputs)."""
+    contrib = [helper.make_opsetid(domain, 1)] if domain else []
+    element = TensorProto.FLOAT if domain else TensorProto.INT64
     n = helper.make_tensor_value_info("n", TensorProto.INT64, [1])
-    y = helper.make_tensor_value_info("y", TensorProto.INT64, None)
+    y = helper.make_tensor_value_info("y", element, None)
     ones = helper.make_node(
-        "ConstantOfShape", ["n"], ["a"], value=helper.make_tensor("v", TensorProto.INT64, [1], [1])
+        "ConstantOfShape", ["n"], ["a"], value=helper.make_tensor("v", element, [1], [1])
     )
-    node = helper.make_node(operator, ["a"], ["y"])
+    node = helper.make_node(
+        operator, ["a"], ["y", "idx", "counts"] if domain else ["y"], domain=domain
+    )
     functions: list[onnx.FunctionProto] = []
     if where == "graph":
         nodes = [ones, node]
@@ -261,14 +267,18 @@ def sized_by_value(operator: str, where: str = "graph") -> bytes:
     else:
         functions.append(
             helper.make_function(
-                "local", "Sized", ["a"], ["y"], [node], [helper.make_opsetid("", OPSET)]
+                "local", "Sized", ["a"], ["y"], [node], [helper.make_opsetid("", OPSET), *contrib]
             )
         )
         nodes = [ones, helper.make_node("Sized", ["a"], ["y"], domain="local")]
     graph = helper.make_graph(nodes, "sized", [n], [y])
     model = helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("local", 1)],
+        opset_imports=[
+            helper.make_opsetid("", OPSET),
+            helper.make_opsetid("local", 1),
+            *contrib,
+        ],
         functions=functions,
     )
     model.ir_version = IR_VERSION

@@ -132,13 +132,16 @@ def inference_memory_cap() -> int | None:
     return _Arena.cap
 
 
-UNCAPPED_OPERATORS = frozenset({"NonZero", "Unique"})
-"""Standard operators whose CPU kernels build their result in memory of their own, outside the
+UNCAPPED_OPERATORS = frozenset({"NonZero", "Unique", "com.microsoft.Unique"})
+"""Operators whose CPU kernels build their result in memory of their own, outside the
 capped arena, before it is copied to an arena tensor: a multiple of their input's size (measured
 under a 16 MiB cap: ``NonZero`` of 12 M booleans held 104 MiB, 8 bytes a coordinate;
-``Unique`` of 1.5 M integers 196 MiB, ~130 bytes an element in its hash map). Their input can
+``Unique`` of 1.5 M integers 196 MiB, ~130 bytes an element in its hash map; under a 64 MiB cap
+ONNX Runtime's own ``com.microsoft.Unique`` of 4 M floats 313 MiB). Their input can
 come from a request's *value* (``ConstantOfShape``, ``Range``), so the cap bounded them at
-several times itself. A model using one is refused unless :attr:`RuntimeOptions.allow_uncapped_operators`."""
+several times itself. A model using one is refused unless :attr:`RuntimeOptions.allow_uncapped_operators`.
+Named as ``models._graph.operator_name`` names them: a standard operator by its type, any other
+with its domain."""
 UNCAPPED_OPERATORS_SETTING = "inference.allow_uncapped_operators"
 """The configuration key that lets models with :data:`UNCAPPED_OPERATORS` load."""
 
@@ -671,8 +674,8 @@ def _refuse_graph_too_large(name: str, version: str, exc: GraphTooLarge) -> NoRe
 
 def _refuse_uncapped_operators(name: str, version: str, operators: frozenset[str]) -> None:
     """Raises ModelLoadError if the model's graph, a subgraph (``If``, ``Loop``, ``Scan``) or a
-    model-local function uses one of :data:`UNCAPPED_OPERATORS` (``operators``: every standard
-    operator type it uses): a request could otherwise make it allocate several times
+    model-local function uses one of :data:`UNCAPPED_OPERATORS` (``operators``: every operator
+    it uses, ``models._graph.operator_name``): a request could otherwise make it allocate several times
     ``max_inference_memory_bytes`` outside the arena and the VM kill the service."""
     found = sorted(operators & UNCAPPED_OPERATORS)
     if not found:
