@@ -81,6 +81,7 @@ NOT_REASONS = frozenset(
         "NOT_SERVING",
         "OK",
         "ONNX_EXTERNAL_DATA",
+        "ORT_LOAD_CONFIG_FROM_MODEL",
         "PIPE_BUF",
         "PYTHONUNBUFFERED",
         "RLIMIT_CORE",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -180,6 +183,14 @@ def adder(value: float) -> bytes:
     return _model(graph).SerializeToString()
 
 
+def with_ort_config(config: Mapping[str, object]) -> bytes:
+    """:func:`adder` whose metadata carries ONNX Runtime session options (``ort_config``), which
+    ORT applies when its environment has ``ORT_LOAD_CONFIG_FROM_MODEL=1``."""
+    model = onnx.load_from_string(adder(1.0))
+    helper.set_model_props(model, {"ort_config": json.dumps(config)})
+    return model.SerializeToString()
+
+
 def bfloat16_identity() -> bytes:
     """A model whose input type OIP cannot carry here (BF16)."""
     graph = helper.make_graph(
@@ -227,16 +238,22 @@ def lookup_external(table: np.ndarray, location: str = "weights.bin") -> tuple[b
     return model.SerializeToString(), data
 
 
-def sized_by_value(operator: str, where: str = "graph") -> bytes:
+def sized_by_value(operator: str, where: str = "graph", domain: str = "") -> bytes:
     """``y = operator(ConstantOfShape(n))``: a request's value ``n`` sizes ``operator``'s input
     (``NonZero`` or ``Unique`` on INT64 ones). ``where``: the node in the ``graph``, in an ``If``
-    branch (``subgraph``), or in a model-local ``function``."""
+    branch (``subgraph``), or in a model-local ``function``. ``domain`` ``com.microsoft``: ONNX
+    Runtime's own (contrib) operator of that name, ``Unique`` on FLOAT ones (the only type its
+    kernel takes; three outputs)."""
+    contrib = [helper.make_opsetid(domain, 1)] if domain else []
+    element = TensorProto.FLOAT if domain else TensorProto.INT64
     n = helper.make_tensor_value_info("n", TensorProto.INT64, [1])
-    y = helper.make_tensor_value_info("y", TensorProto.INT64, None)
+    y = helper.make_tensor_value_info("y", element, None)
     ones = helper.make_node(
-        "ConstantOfShape", ["n"], ["a"], value=helper.make_tensor("v", TensorProto.INT64, [1], [1])
+        "ConstantOfShape", ["n"], ["a"], value=helper.make_tensor("v", element, [1], [1])
     )
-    node = helper.make_node(operator, ["a"], ["y"])
+    node = helper.make_node(
+        operator, ["a"], ["y", "idx", "counts"] if domain else ["y"], domain=domain
+    )
     functions: list[onnx.FunctionProto] = []
     if where == "graph":
         nodes = [ones, node]
@@ -250,14 +267,18 @@ def sized_by_value(operator: str, where: str = "graph") -> bytes:
     else:
         functions.append(
             helper.make_function(
-                "local", "Sized", ["a"], ["y"], [node], [helper.make_opsetid("", OPSET)]
+                "local", "Sized", ["a"], ["y"], [node], [helper.make_opsetid("", OPSET), *contrib]
             )
         )
         nodes = [ones, helper.make_node("Sized", ["a"], ["y"], domain="local")]
     graph = helper.make_graph(nodes, "sized", [n], [y])
     model = helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("local", 1)],
+        opset_imports=[
+            helper.make_opsetid("", OPSET),
+            helper.make_opsetid("local", 1),
+            *contrib,
+        ],
         functions=functions,
     )
     model.ir_version = IR_VERSION
@@ -596,6 +617,39 @@ def label_lookup(labels: list[str]) -> bytes:
         [_text("label", ["batch"])],
         [_labels(labels)],
     )
+
+
+def byte_label_lookup(labels: list[bytes], *, text_input: bool = False) -> bytes:
+    """:func:`label_lookup` with labels of any bytes: an ONNX string is bytes, and a publisher's
+    need not be UTF-8 text. ``text_input`` adds a BYTES input ``note`` echoed as ``note_out``,
+    so that ONNX Runtime runs the model through ``run`` (a string input)."""
+    table = numpy_helper.from_array(np.array(labels, dtype=object), "labels")
+    nodes = [
+        helper.make_node("ArgMax", ["x"], ["index"], axis=1, keepdims=0),
+        helper.make_node("Gather", ["labels", "index"], ["label"]),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", len(labels)])]
+    outputs = [_text("label", ["batch"])]
+    if text_input:
+        nodes.append(helper.make_node("Identity", ["note"], ["note_out"]))
+        inputs.append(_text("note", ["n"]))
+        outputs.append(_text("note_out", ["n"]))
+    return _strings_model(nodes, inputs, outputs, [table])
+
+
+def non_utf8_output_name() -> bytes:
+    """``Identity`` whose output is named ``caf\\xe9`` (Latin-1, not UTF-8): written by hand, as
+    the onnx package writes names only from ``str``."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["cafe"])],
+        "names",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("cafe", TensorProto.FLOAT, [1])],
+    )
+    data = _model(graph).SerializeToString()
+    # Same length, so every field's length stays right: each occurrence of the name changes.
+    assert data.count(b"cafe") == 2
+    return data.replace(b"cafe", b"caf\xe9")
 
 
 def string_label_classifier(labels: list[str]) -> bytes:

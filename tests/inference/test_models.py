@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from strongroom.errors import Cancelled, InvalidArgument, ResourceExhausted
+from strongroom.errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted
 from strongroom.inference.models import (
     LoadedModel,
     ModelLoadError,
@@ -137,20 +137,30 @@ def test_unsupported_io_type_is_a_load_failure() -> None:
 
 
 @pytest.mark.parametrize(
-    ("operator", "where"),
-    [("NonZero", "graph"), ("Unique", "graph"), ("Unique", "subgraph"), ("NonZero", "function")],
+    ("operator", "where", "domain"),
+    [
+        ("NonZero", "graph", ""),
+        ("Unique", "graph", ""),
+        ("Unique", "subgraph", ""),
+        ("NonZero", "function", ""),
+        # ONNX Runtime's contrib Unique (FLOAT) builds the same hash map outside the arena:
+        # measured, 4 M values held 313 MiB under a 64 MiB cap. The check looked at standard
+        # operators only, and a model spelling Unique in ORT's domain loaded and ran.
+        ("Unique", "graph", "com.microsoft"),
+        ("Unique", "function", "com.microsoft"),
+    ],
 )
 def test_a_model_with_an_operator_that_allocates_outside_the_memory_cap_is_refused(
-    operator: str, where: str
+    operator: str, where: str, domain: str
 ) -> None:
     # Measured: under a 16 MiB cap, NonZero of 12 M ones held 104 MiB and Unique of 1.5 M
     # 196 MiB outside the arena before the output's allocation was refused; at the 2 GiB
     # default a request of one INT64 could ask for tens of GiB. Refused, wherever the node is.
-    model = onnx_models.sized_by_value(operator, where)
+    model = onnx_models.sized_by_value(operator, where, domain)
     with pytest.raises(ModelLoadError) as info:
         LoadedModel.from_bytes("sized", "1", model)
     assert info.value.reason == "MODEL_OPERATOR_UNCAPPED"
-    assert operator in info.value.message
+    assert (f"{domain}.{operator}" if domain else operator) in info.value.message
     assert "inference.allow_uncapped_operators" in info.value.message
     # An operator who knows no request can size it lets it load, and it runs.
     allowed = LoadedModel.from_bytes(
@@ -188,6 +198,42 @@ def test_text_a_cast_cannot_parse_is_the_callers_input_not_a_server_failure(
     assert [r.levelname for r in caplog.records] == ["WARNING"]
 
 
+@pytest.mark.parametrize("text_input", [False, True], ids=["numeric-inputs", "string-input"])
+def test_a_string_output_that_is_not_utf8_is_the_models_fault_not_a_crash(
+    text_input: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An ONNX string is bytes; ONNX Runtime's Python API hands string outputs over as ``str``,
+    # decoding them as UTF-8. A published model whose labels are not UTF-8 (Latin-1 text, or
+    # crafted) made that decode raise on every request: UnicodeDecodeError out of infer (INTERNAL
+    # and a traceback logged as a bug, per request), or with a string input INFERENCE_FAILED and
+    # an ERROR line every time, any client with the model in scope choosing how many.
+    labels = [b"cat", b"caf\xe9"]  # Latin-1: not UTF-8
+    model = LoadedModel.from_bytes(
+        "labels", "1", onnx_models.byte_label_lookup(labels, text_input=text_input)
+    )
+    feeds = {"x": np.array([[1.0, 0.0]], np.float32)}
+    if text_input:
+        feeds["note"] = np.array([b"hello"], dtype=object)
+    assert model.infer(feeds)["label"].tolist() == [b"cat"]
+    feeds["x"] = np.array([[0.0, 1.0]], np.float32)
+    with caplog.at_level("WARNING"), pytest.raises(FailedPrecondition) as info:
+        model.infer(feeds)
+    assert info.value.reason == "MODEL_OUTPUT_NOT_UTF8"
+    assert "UTF-8" in info.value.message and "labels" in info.value.message
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert caplog.records[0].reason == "MODEL_OUTPUT_NOT_UTF8"
+
+
+def test_a_model_whose_tensor_names_are_not_utf8_is_refused_as_invalid() -> None:
+    # ONNX names are strings the protobuf runtime does not check in a model; ORT loads one
+    # whose output is named in Latin-1, and reading the name raised UnicodeDecodeError out of
+    # the load: MODEL_LOAD_ERROR and a traceback, as a bug, rather than the model's own fault.
+    with pytest.raises(ModelLoadError) as info:
+        LoadedModel.from_bytes("names", "1", onnx_models.non_utf8_output_name())
+    assert info.value.reason == "MODEL_INVALID"
+    assert "UTF-8" in info.value.message
+
+
 def test_ort_rejects_inputs_as_invalid_argument() -> None:
     model = LoadedModel.from_bytes("clf", "1", onnx_models.classifier())
     with pytest.raises(InvalidArgument) as info:
@@ -220,6 +266,25 @@ def test_session_options_never_write_files() -> None:
     assert so.intra_op_num_threads == 2
     with pytest.raises(ValueError):
         RuntimeOptions(graph_optimization="fast")
+
+
+def test_a_models_metadata_never_sets_its_session_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With ORT_LOAD_CONFIG_FROM_MODEL=1 in the service's environment (an ORT debugging switch),
+    # ONNX Runtime took session options from the model's ``ort_config`` metadata over the
+    # service's: a publisher's model turned profiling on (a JSON file of its graph's nodes and
+    # shapes, written to the working directory every run) and chose its own thread counts.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ORT_LOAD_CONFIG_FROM_MODEL", "1")
+    config = {"session_options": {"enable_profiling": 1, "intra_op_num_threads": 7}}
+    with caplog.at_level("WARNING"):
+        model = LoadedModel.from_bytes("configured", "1", onnx_models.with_ort_config(config))
+    model.infer({"x": X})
+    chosen = model._session.get_session_options()
+    assert not chosen.enable_profiling and chosen.intra_op_num_threads == 0
+    assert list(tmp_path.iterdir()) == []
+    assert "ORT_LOAD_CONFIG_FROM_MODEL" in caplog.text
 
 
 # -- repository ---------------------------------------------------------------------------------

@@ -591,6 +591,21 @@ def test_infer_on_a_model_that_is_loading_or_failed(
     )
 
 
+def test_a_string_output_that_is_not_utf8_is_answered_with_its_reason(
+    own: Running, repository: ModelRepository
+) -> None:
+    # It was INTERNAL "internal error", a traceback logged on every request.
+    repository.load("labels", "1", onnx_models.byte_label_lookup([b"cat", b"caf\xe9"]))
+    fine = raw_request("labels", {"x": ("FP32", np.array([[1.0, 0.0]], np.float32))})
+    assert own.oip.ModelInfer(fine).raw_output_contents[0] == struct.pack("<I", 3) + b"cat"
+    latin = raw_request("labels", {"x": ("FP32", np.array([[0.0, 1.0]], np.float32))})
+    expect_error(
+        lambda: own.oip.ModelInfer(latin),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "MODEL_OUTPUT_NOT_UTF8",
+    )
+
+
 def test_size_limits(start_server: Starter, shared: tuple[ModelRepository, Running]) -> None:
     repository = shared[0]
     limited = start_server(

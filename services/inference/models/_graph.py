@@ -1,7 +1,8 @@
 """The one walk of a model's graph at load: every node of the graph, of its subgraphs and of its
 model-local functions is enumerated here, once, for both load-time checks that read the graph.
 
-* The operators: every standard-domain operator type the walk meets is collected (what
+* The operators: every operator the walk meets is collected, a standard one by its type and
+  any other with its domain (:func:`operator_name`; what
   :data:`~strongroom.inference.models._loaded.UNCAPPED_OPERATORS` is looked up in).
 * The strings: an :class:`Analysis` (``models._strings``) follows the walk node by node, told of
   each graph as it begins and of each node in the order ONNX Runtime runs it.
@@ -40,6 +41,14 @@ from strongroom.wire import WireError, encode_varint, read_varint
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 """The domains of ONNX's standard operators (one name, two spellings)."""
+
+
+def operator_name(domain: str, op_type: str) -> str:
+    """How :func:`walk_model` names an operator: a standard one by its type (``Unique``), any
+    other with its domain (``com.microsoft.Unique``: ONNX Runtime's own, whose kernels can
+    allocate outside the inference memory cap as much as the standard ones)."""
+    return op_type if domain in STANDARD_DOMAINS else f"{domain}.{op_type}"
+
 
 S = TypeVar("S")
 R = TypeVar("R")
@@ -385,8 +394,8 @@ def _scan(message: memoryview) -> list[tuple[int, int, int, memoryview | None]]:
 def walk_model(
     model: bytes, analysis: Analysis[S], *, max_nodes: int = DEFAULT_MAX_GRAPH_NODES
 ) -> frozenset[str]:
-    """Walks every node of ``model`` (serialized ONNX) with ``analysis``; returns the operator
-    types of the standard-domain nodes. ``ValueError`` if ``model`` is not an ONNX model;
+    """Walks every node of ``model`` (serialized ONNX) with ``analysis``; returns the operators
+    of its nodes and declared functions (:func:`operator_name`). ``ValueError`` if ``model`` is not an ONNX model;
     :class:`GraphTooLarge` if it has more than ``max_nodes`` once inlined (counted before
     anything is inlined: :func:`inlined_nodes`)."""
     try:
@@ -404,9 +413,10 @@ def walk_model(
     inlined_nodes(proto, max_nodes)
     functions = list(proto.functions)  # inlining drops them, called or not
     walk = _Walk(analysis)
-    # A function declared in a standard domain is called by nodes of that operator type, which
-    # inlining replaces with its body: its name counts as an operator (declared is enough).
-    walk.operators.update(f.name for f in functions if f.domain in STANDARD_DOMAINS)
+    # A function is called by nodes of its domain and name, which ONNX Runtime runs with its own
+    # operator of that name if it has one (and inlining replaces with the body): its name counts
+    # as an operator (declared is enough).
+    walk.operators.update(operator_name(f.domain, f.name) for f in functions)
     walk.run(lambda: analysis.declared(functions))
     try:
         if proto.functions:
@@ -464,8 +474,7 @@ class _Walk(Generic[S]):
 
     def node(self, node: NodeProto, scope: S | None) -> None:
         """``node`` and every graph inside it."""
-        if node.domain in STANDARD_DOMAINS:
-            self.operators.add(node.op_type)
+        self.operators.add(operator_name(node.domain, node.op_type))
         held = subgraphs(node)
         followed: set[tuple[int, int]] = set()
         analysis = self.analysis

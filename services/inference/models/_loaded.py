@@ -42,7 +42,7 @@ from strongroom.inference.models._graph import (
     GraphTooLarge,
     walk_model,
 )
-from strongroom.inference.models._ort import ort, ort_state
+from strongroom.inference.models._ort import ignore_config_from_model, ort, ort_state
 from strongroom.inference.models._strings import StringBounds
 from strongroom.reasons import Reason
 from strongroom.runtime.gave_up import GaveUp
@@ -132,13 +132,16 @@ def inference_memory_cap() -> int | None:
     return _Arena.cap
 
 
-UNCAPPED_OPERATORS = frozenset({"NonZero", "Unique"})
-"""Standard operators whose CPU kernels build their result in memory of their own, outside the
+UNCAPPED_OPERATORS = frozenset({"NonZero", "Unique", "com.microsoft.Unique"})
+"""Operators whose CPU kernels build their result in memory of their own, outside the
 capped arena, before it is copied to an arena tensor: a multiple of their input's size (measured
 under a 16 MiB cap: ``NonZero`` of 12 M booleans held 104 MiB, 8 bytes a coordinate;
-``Unique`` of 1.5 M integers 196 MiB, ~130 bytes an element in its hash map). Their input can
+``Unique`` of 1.5 M integers 196 MiB, ~130 bytes an element in its hash map; under a 64 MiB cap
+ONNX Runtime's own ``com.microsoft.Unique`` of 4 M floats 313 MiB). Their input can
 come from a request's *value* (``ConstantOfShape``, ``Range``), so the cap bounded them at
-several times itself. A model using one is refused unless :attr:`RuntimeOptions.allow_uncapped_operators`."""
+several times itself. A model using one is refused unless :attr:`RuntimeOptions.allow_uncapped_operators`.
+Named as ``models._graph.operator_name`` names them: a standard operator by its type, any other
+with its domain."""
 UNCAPPED_OPERATORS_SETTING = "inference.allow_uncapped_operators"
 """The configuration key that lets models with :data:`UNCAPPED_OPERATORS` load."""
 
@@ -217,6 +220,7 @@ class RuntimeOptions:
 
 def session_options(options: RuntimeOptions) -> ort.SessionOptions:
     """Session options that keep ORT from writing or reading any file for the model."""
+    ignore_config_from_model()  # or the model's metadata would set what follows over ours
     so = ort.SessionOptions()
     so.optimized_model_filepath = ""  # never serialise the optimised graph (it holds the weights)
     so.enable_profiling = False
@@ -322,9 +326,19 @@ class LoadedModel:
         if getattr(session, "_model_bytes", None) is not None:
             session._model_bytes = None
         load_seconds = time.perf_counter() - started
-        inputs = tuple(_spec(arg, "input") for arg in session.get_inputs())
+        args = session.get_inputs(), session.get_outputs()
+        try:
+            # ORT's Python API reads a name as UTF-8 text; a model's need not be (ONNX protobuf
+            # does not check them), and the decode raised out of the load as a bug.
+            for arg in (*args[0], *args[1]):
+                _ = arg.name
+        except UnicodeDecodeError:
+            raise ModelLoadError(
+                "a tensor name of the model is not UTF-8 text", reason=Reason.MODEL_INVALID
+            ) from None
+        inputs = tuple(_spec(arg, "input") for arg in args[0])
         outputs: list[TensorSpec] = []
-        for arg in session.get_outputs():
+        for arg in args[1]:
             try:
                 outputs.append(_spec(arg, "output"))
             except ModelLoadError as exc:
@@ -418,6 +432,9 @@ class LoadedModel:
                     # The outputs stay ONNX Runtime's tensors (in the capped arena) until checked.
                     values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in feeds.items()}
                     results = _run_with_ort_values(self._session, names, values, run_options)
+            except UnicodeDecodeError:
+                # ``run`` reads the string outputs as ``str`` (it has copied them out).
+                raise self._output_not_text(None) from None
             except Exception as exc:
                 if _ARENA_FULL.search(str(exc)):
                     raise self._out_of_memory(exc) from None
@@ -447,7 +464,10 @@ class LoadedModel:
         """The outputs as numpy arrays of their own, outside ORT's arena (BYTES as ``bytes``)."""
         out: dict[str, np.ndarray] = {}
         for name, value in zip(names, results, strict=True):
-            array = np.asarray(value) if strings_in else value.numpy()
+            try:
+                array = np.asarray(value) if strings_in else value.numpy()
+            except UnicodeDecodeError:
+                raise self._output_not_text(name) from None
             if self._outputs_by_name[name].datatype == "BYTES":
                 array = _from_ort_strings(array)
             else:
@@ -459,6 +479,35 @@ class LoadedModel:
                 array = array.copy()
             out[name] = array
         return out
+
+    def _output_not_text(self, output: str | None) -> FailedPrecondition:
+        """The refusal of a run whose string output (``output``; None: not known) is not UTF-8.
+
+        ONNX strings are bytes, but ONNX Runtime's Python API hands string outputs over only as
+        ``str``, decoded as UTF-8, so this server can return no other: the model's (its
+        publisher's) doing, whatever the request. The decode raised UnicodeDecodeError, which
+        was INTERNAL and a traceback, or an ERROR line, on every request: a line within its
+        caller's budget now, since any caller of the model can repeat it.
+        """
+        which = f"output {output!r}" if output is not None else "a string output"
+        log.warning(
+            "inference refused (%s): the model's %s is not UTF-8 text",
+            Reason.MODEL_OUTPUT_NOT_UTF8,
+            which,
+            extra={
+                "model": self.name,
+                "version": self.version,
+                "output": output,
+                "reason": Reason.MODEL_OUTPUT_NOT_UTF8,
+                REFUSAL_LINE: True,
+            },
+        )
+        return FailedPrecondition(
+            f"model {self.name} version {self.version} gave {which} that is not UTF-8 text: "
+            "ONNX Runtime hands this server strings as text, so a BYTES output must be UTF-8; "
+            "the model must be fixed and published again",
+            reason=Reason.MODEL_OUTPUT_NOT_UTF8,
+        )
 
     def _out_of_memory(self, exc: Exception) -> ResourceExhausted:
         """The refusal of a run that needed more than ONNX Runtime may hold for runs (or than
@@ -625,8 +674,8 @@ def _refuse_graph_too_large(name: str, version: str, exc: GraphTooLarge) -> NoRe
 
 def _refuse_uncapped_operators(name: str, version: str, operators: frozenset[str]) -> None:
     """Raises ModelLoadError if the model's graph, a subgraph (``If``, ``Loop``, ``Scan``) or a
-    model-local function uses one of :data:`UNCAPPED_OPERATORS` (``operators``: every standard
-    operator type it uses): a request could otherwise make it allocate several times
+    model-local function uses one of :data:`UNCAPPED_OPERATORS` (``operators``: every operator
+    it uses, ``models._graph.operator_name``): a request could otherwise make it allocate several times
     ``max_inference_memory_bytes`` outside the arena and the VM kill the service."""
     found = sorted(operators & UNCAPPED_OPERATORS)
     if not found:

@@ -31,4 +31,29 @@ if _IMPORTED_EARLIER:
         "initialised (set ORT_DISABLE_TELEMETRY=1 in the environment)"
     )
 
-__all__ = ["ort", "ort_state"]
+CONFIG_FROM_MODEL = "ORT_LOAD_CONFIG_FROM_MODEL"
+"""The environment variable that makes ONNX Runtime, when it is ``1``, take a session's options
+from the model's own ``ort_config`` metadata over the options it is given (no session option
+turns that off)."""
+
+
+def ignore_config_from_model() -> None:
+    """Removes :data:`CONFIG_FROM_MODEL` from the environment, which ORT reads at each session's
+    load: set (an ORT debugging switch), a publisher's model chose its own session options,
+    over the service's: profiling on (a file of its graph's nodes and shapes written to the
+    working directory, on disk outside the VM's memory), its thread counts, its optimisation.
+
+    Called at import and again before each session is made (``os.environ`` is read as a dict;
+    only a variable set since is removed then)."""
+    if CONFIG_FROM_MODEL in os.environ:
+        del os.environ[CONFIG_FROM_MODEL]
+        logging.getLogger(__name__).warning(
+            "%s is set in the environment: removed, so that no model's metadata sets its "
+            "ONNX Runtime session options",
+            CONFIG_FROM_MODEL,
+        )
+
+
+ignore_config_from_model()
+
+__all__ = ["CONFIG_FROM_MODEL", "ignore_config_from_model", "ort", "ort_state"]
