@@ -17,11 +17,10 @@ failing) does not lose the count it carried, nor its refusal when budgeted: they
 A budget is per caller, or per caller and reason (``per_reason``: refused key releases, whether
 their request was read or not, where an operator needs the first records of each reason in full
 and then a count per reason, and where one flood of one reason must not leave another reason
-unrecorded). Per reason, a
-caller's refusals of all reasons together also stay within :data:`REASONS_PER_CALLER` reasons'
-budgets; past that they are counted per reason, and the first refusal of a reason past its caller's
-budget is still recorded in full (with the count, 0): every reason a caller provokes has its first
-refusal in full, and one a minute while it goes on. Refusals the broker caused
+unrecorded). Per reason, a caller's refusals of all reasons together also stay within
+:data:`REASONS_PER_CALLER` reasons' budgets; past that they are counted per reason, and the first
+refusal of a reason past its caller's budget is still recorded in full (with the count, 0): every
+reason a caller provokes has its first refusal in full, and one a minute while it goes on. Refusals the broker caused
 (:func:`~strongroom.errors.caused_by_caller` false: an HSM outage, collateral it cannot fetch or
 holds back while a fetch is backed off, a stored policy that does not load, a bug) have a budget of
 their own, :data:`BROKER_REFUSAL_BURST` per caller and reason, then the same rate: unbudgeted, every

@@ -326,19 +326,19 @@ class LoadedModel:
         if getattr(session, "_model_bytes", None) is not None:
             session._model_bytes = None
         load_seconds = time.perf_counter() - started
-        args = session.get_inputs(), session.get_outputs()
+        input_args, output_args = session.get_inputs(), session.get_outputs()
         try:
             # ORT's Python API reads a name as UTF-8 text; a model's need not be (ONNX protobuf
             # does not check them), and the decode raised out of the load as a bug.
-            for arg in (*args[0], *args[1]):
+            for arg in (*input_args, *output_args):
                 _ = arg.name
         except UnicodeDecodeError:
             raise ModelLoadError(
                 "a tensor name of the model is not UTF-8 text", reason=Reason.MODEL_INVALID
             ) from None
-        inputs = tuple(_spec(arg, "input") for arg in args[0])
+        inputs = tuple(_spec(arg, "input") for arg in input_args)
         outputs: list[TensorSpec] = []
-        for arg in args[1]:
+        for arg in output_args:
             try:
                 outputs.append(_spec(arg, "output"))
             except ModelLoadError as exc:
